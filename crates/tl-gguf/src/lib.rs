@@ -1,0 +1,15 @@
+//! GGUF reader (memory-mapped, zero-copy tensor views) and writer.
+//!
+//! Format: ggml `docs/gguf.md`. Versions 2 and 3 are read; version 3 is written.
+
+pub mod error;
+pub mod reader;
+pub mod types;
+pub mod value;
+pub mod writer;
+
+pub use error::{GgufError, Result};
+pub use reader::{GgufFile, Metadata, SharedBytes, TensorInfo};
+pub use types::GgmlType;
+pub use value::{Array, Value, ValueType};
+pub use writer::GgufWriter;
