@@ -677,7 +677,7 @@ fn parse(buf: &[u8]) -> Result<Parsed> {
         let start = data_offset.checked_add(t.offset);
         let end = start.and_then(|s| s.checked_add(t.size));
         match (start, end) {
-            (Some(s), Some(e)) if e <= len => {}
+            (Some(_), Some(e)) if e <= len => {}
             _ => {
                 return Err(GgufError::DataPastEnd {
                     name: t.name.clone(),

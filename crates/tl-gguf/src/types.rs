@@ -42,10 +42,12 @@ pub enum GgmlType {
     TQ1_0,
     TQ2_0,
     MXFP4,
+    NVFP4,
+    Q1_0,
 }
 
 /// Every known type, in id order.
-pub const ALL_TYPES: [GgmlType; 32] = [
+pub const ALL_TYPES: [GgmlType; 34] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Q4_0,
@@ -78,6 +80,8 @@ pub const ALL_TYPES: [GgmlType; 32] = [
     GgmlType::TQ1_0,
     GgmlType::TQ2_0,
     GgmlType::MXFP4,
+    GgmlType::NVFP4,
+    GgmlType::Q1_0,
 ];
 
 impl GgmlType {
@@ -117,6 +121,8 @@ impl GgmlType {
             34 => TQ1_0,
             35 => TQ2_0,
             39 => MXFP4,
+            40 => NVFP4,
+            41 => Q1_0,
             _ => return None,
         })
     }
@@ -157,6 +163,8 @@ impl GgmlType {
             TQ1_0 => 34,
             TQ2_0 => 35,
             MXFP4 => 39,
+            NVFP4 => 40,
+            Q1_0 => 41,
         }
     }
 
@@ -166,6 +174,8 @@ impl GgmlType {
         match self {
             F32 | F16 | BF16 | I8 | I16 | I32 | I64 | F64 => 1,
             Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q8_1 | IQ4_NL | MXFP4 => 32,
+            NVFP4 => 64,
+            Q1_0 => 128,
             _ => 256,
         }
     }
@@ -206,6 +216,8 @@ impl GgmlType {
             TQ1_0 => 54,
             TQ2_0 => 66,
             MXFP4 => 17,
+            NVFP4 => 36,
+            Q1_0 => 18,
         }
     }
 
@@ -245,6 +257,8 @@ impl GgmlType {
             TQ1_0 => "TQ1_0",
             TQ2_0 => "TQ2_0",
             MXFP4 => "MXFP4",
+            NVFP4 => "NVFP4",
+            Q1_0 => "Q1_0",
         }
     }
 
@@ -283,7 +297,7 @@ mod tests {
             assert_eq!(GgmlType::from_id(t.id()), Some(t));
             assert_eq!(GgmlType::from_name(t.name()), Some(t));
         }
-        for removed in [4u32, 5, 31, 32, 33, 36, 37, 38, 40, 1000] {
+        for removed in [4u32, 5, 31, 32, 33, 36, 37, 38, 42, 1000] {
             assert_eq!(GgmlType::from_id(removed), None);
         }
     }
