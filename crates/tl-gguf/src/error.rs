@@ -39,7 +39,11 @@ pub enum GgufError {
         offset: u64,
     },
     #[error("arrays nested deeper than {max} levels for key '{key}' at offset {offset}")]
-    NestingTooDeep { key: String, max: usize, offset: u64 },
+    NestingTooDeep {
+        key: String,
+        max: usize,
+        offset: u64,
+    },
     #[error("duplicate metadata key '{key}' at offset {offset}")]
     DuplicateKey { key: String, offset: u64 },
     #[error("duplicate tensor name '{name}' at offset {offset}")]
@@ -58,7 +62,9 @@ pub enum GgufError {
     },
     #[error("invalid general.alignment {alignment} (must be a power of two) at offset {offset}")]
     BadAlignment { alignment: u64, offset: u64 },
-    #[error("tensor '{name}' data offset {data_offset} is not a multiple of the alignment {alignment}")]
+    #[error(
+        "tensor '{name}' data offset {data_offset} is not a multiple of the alignment {alignment}"
+    )]
     Misaligned {
         name: String,
         data_offset: u64,

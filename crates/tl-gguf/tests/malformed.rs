@@ -194,7 +194,10 @@ fn tensor_data_past_end() {
     let off_at = name + 9 + 4 + 8 + 4;
     put_u64(&mut bytes, off_at, 1 << 20);
     let e = parse(bytes).expect_err("past end");
-    assert!(matches!(&e, GgufError::DataPastEnd { name, .. } if name == "b"), "{e}");
+    assert!(
+        matches!(&e, GgufError::DataPastEnd { name, .. } if name == "b"),
+        "{e}"
+    );
     // An offset so large that offset + size overflows u64.
     let mut bytes = valid();
     put_u64(&mut bytes, off_at, u64::MAX - 31);
@@ -236,7 +239,10 @@ fn duplicate_metadata_keys() {
     let at = find(&bytes, b"k2");
     bytes[at + 1] = b'1';
     let e = parse(bytes).expect_err("duplicate");
-    assert!(matches!(&e, GgufError::DuplicateKey { key, .. } if key == "k1"), "{e}");
+    assert!(
+        matches!(&e, GgufError::DuplicateKey { key, .. } if key == "k1"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -259,7 +265,10 @@ fn bad_alignment_and_bool() {
     w.set("general.alignment", Value::U32(24));
     let bytes = w.to_bytes().expect("serializes");
     let e = parse(bytes).expect_err("alignment");
-    assert!(matches!(e, GgufError::BadAlignment { alignment: 24, .. }), "{e}");
+    assert!(
+        matches!(e, GgufError::BadAlignment { alignment: 24, .. }),
+        "{e}"
+    );
 
     let mut w = GgufWriter::new();
     w.set("flag", Value::Bool(true));

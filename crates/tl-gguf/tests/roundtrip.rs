@@ -20,7 +20,10 @@ fn every_value_type() -> GgufWriter<'static> {
     w.set("f64", Value::F64(-2.5e300));
     w.set("arr.f32", Value::Array(Array::F32(vec![1.0, -2.0])));
     w.set("arr.bool", Value::Array(Array::Bool(vec![true, false])));
-    w.set("arr.str", Value::Array(Array::String(vec!["".into(), "x".into()])));
+    w.set(
+        "arr.str",
+        Value::Array(Array::String(vec!["".into(), "x".into()])),
+    );
     w.set(
         "arr.nested",
         Value::Array(Array::Array(vec![
@@ -42,7 +45,10 @@ fn assert_same(a: &GgufFile, b: &GgufFile) {
     assert_eq!(a.metadata, b.metadata);
     assert_eq!(a.tensors.len(), b.tensors.len());
     for (x, y) in a.tensors.iter().zip(&b.tensors) {
-        assert_eq!((&x.name, &x.dims, x.ty, x.size), (&y.name, &y.dims, y.ty, y.size));
+        assert_eq!(
+            (&x.name, &x.dims, x.ty, x.size),
+            (&y.name, &y.dims, y.ty, y.size)
+        );
         assert!(a.tensor_data(x) == b.tensor_data(y), "data of {}", x.name);
     }
 }
@@ -54,7 +60,10 @@ fn synthetic_round_trip() {
     assert_eq!(a.metadata.get_u64("u32").expect("u32"), 4_000_000_000);
     assert_eq!(a.metadata.get_i64("i8").expect("i8"), -100);
     assert_eq!(a.metadata.get_u64("u8").expect("u8 as u64"), 200);
-    assert!(a.metadata.get_u64("i8").is_err(), "negative is not unsigned");
+    assert!(
+        a.metadata.get_u64("i8").is_err(),
+        "negative is not unsigned"
+    );
     assert_eq!(a.metadata.get_str("string").expect("str"), "héllo ✓");
     assert_eq!(a.tensor_data(&a.tensors[1]), &[2u8; 288][..]);
     let again = GgufWriter::from_file(&a).to_bytes().expect("serializes");

@@ -1,0 +1,121 @@
+//! `tl inspect` driven as a user would, on both real models.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn model(name: &str) -> PathBuf {
+    let dir = std::env::var("TL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let cache = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
+                });
+            cache.join("tensorlogic").join("models")
+        });
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `python3 scripts/fetch_models.py`",
+        p.display()
+    );
+    p
+}
+
+fn inspect_json(path: &PathBuf, extra: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_tl"))
+        .arg("inspect")
+        .arg(path)
+        .arg("--json")
+        .args(extra)
+        .output()
+        .expect("runs tl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("valid JSON")
+}
+
+#[test]
+fn qwen_summary() {
+    let j = inspect_json(&model("qwen2.5-coder-0.5b-instruct-q4.gguf"), &[]);
+    assert_eq!(j["architecture"], "qwen2");
+    let h = &j["hyper_parameters"];
+    assert_eq!(h["block_count"], 24);
+    assert_eq!(h["embedding_length"], 896);
+    assert_eq!(h["feed_forward_length"], 4864);
+    assert_eq!(h["attention.head_count"], 14);
+    assert_eq!(h["attention.head_count_kv"], 2);
+    assert_eq!(h["rope.freq_base"], 1_000_000.0);
+    assert_eq!(j["tokenizer"]["model"], "gpt2");
+    assert_eq!(j["tokenizer"]["pre"], "qwen2");
+    assert_eq!(j["tokenizer"]["vocab_size"], 151_936);
+    assert_eq!(j["chat_template"], true);
+    let t = &j["tensor_types"];
+    for (ty, n) in [
+        ("F32", 121),
+        ("Q5_0", 133),
+        ("Q8_0", 13),
+        ("Q6_K", 12),
+        ("Q4_K", 12),
+    ] {
+        assert_eq!(t[ty]["count"], n, "{ty}");
+    }
+    assert_eq!(j["tensor_count"], 291);
+}
+
+#[test]
+fn gemma_summary_and_tensor_list() {
+    let j = inspect_json(&model("gemma-3-270m-q4_k_m.gguf"), &["--tensors"]);
+    assert_eq!(j["architecture"], "gemma3");
+    let h = &j["hyper_parameters"];
+    assert_eq!(h["block_count"], 18);
+    assert_eq!(h["embedding_length"], 640);
+    assert_eq!(h["attention.key_length"], 256);
+    assert_eq!(h["attention.sliding_window"], 512);
+    assert_eq!(j["tokenizer"]["model"], "llama");
+    assert_eq!(j["tokenizer"]["vocab_size"], 262_144);
+    assert_eq!(j["chat_template"], false);
+    let t = &j["tensor_types"];
+    for (ty, n) in [
+        ("F32", 109),
+        ("Q5_0", 81),
+        ("Q4_K", 27),
+        ("Q8_0", 10),
+        ("Q6_K", 9),
+    ] {
+        assert_eq!(t[ty]["count"], n, "{ty}");
+    }
+    let tensors = j["tensors"].as_array().expect("tensor list");
+    assert_eq!(tensors.len(), 236);
+    let embd = tensors
+        .iter()
+        .find(|t| t["name"] == "token_embd.weight")
+        .expect("embedding listed");
+    assert_eq!(embd["type"], "Q8_0");
+    assert_eq!(embd["dims"], serde_json::json!([640, 262144]));
+    assert!(
+        tensors.iter().all(|t| t["name"] != "output.weight"),
+        "tied output"
+    );
+}
+
+#[test]
+fn bad_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("tl-inspect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    let p = dir.join("bad.gguf");
+    std::fs::write(&p, b"GGUF\x07\x00\x00\x00rest").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_tl"))
+        .args(["inspect"])
+        .arg(&p)
+        .output()
+        .expect("runs tl");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unsupported GGUF version 7"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

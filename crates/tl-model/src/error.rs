@@ -1,0 +1,21 @@
+/// Errors of model loading and construction.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("unknown architecture '{name}' (supported: {supported})")]
+    UnknownArchitecture {
+        name: String,
+        supported: &'static str,
+    },
+    #[error("synthetic model: {0}")]
+    Synth(String),
+    #[error("tensor '{tensor}': {source}")]
+    Core {
+        tensor: String,
+        #[source]
+        source: tl_core::CoreError,
+    },
+    #[error(transparent)]
+    Gguf(#[from] tl_gguf::GgufError),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,277 @@
+//! Synthetic random-weight GGUF models of the real architectures' layout:
+//! the same tensor names, metadata keys and block types as converted models,
+//! at any size. Unit tests use tiny ones; GPU benchmarks use full-size ones
+//! written on the GPU machine (real files can't travel there).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tl_gguf::{Array, GgmlType, GgufWriter, Value};
+
+use crate::error::{ModelError, Result};
+
+/// Architectures the synthesizer can lay out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SynthArch {
+    Llama,
+    Qwen2,
+    Gemma3,
+}
+
+impl SynthArch {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "llama" => Ok(Self::Llama),
+            "qwen2" => Ok(Self::Qwen2),
+            "gemma3" => Ok(Self::Gemma3),
+            other => Err(ModelError::UnknownArchitecture {
+                name: other.to_string(),
+                supported: "llama, qwen2, gemma3",
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Qwen2 => "qwen2",
+            Self::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// What to synthesize. `Default` is a tiny Qwen2-shaped model.
+#[derive(Clone, Debug)]
+pub struct SynthSpec {
+    pub arch: SynthArch,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    /// Number of filler tokens after the 3 control and 256 byte tokens.
+    pub extra_vocab: usize,
+    pub context: usize,
+    /// Type of the 2-D weight matrices and the embedding table.
+    pub weight_type: GgmlType,
+    /// Type of the output projection (ignored when tied, as in Gemma 3).
+    pub output_type: GgmlType,
+    pub seed: u64,
+}
+
+impl Default for SynthSpec {
+    fn default() -> Self {
+        SynthSpec {
+            arch: SynthArch::Qwen2,
+            n_layers: 2,
+            d_model: 256,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ffn: 512,
+            extra_vocab: 61,
+            context: 512,
+            weight_type: GgmlType::Q8_0,
+            output_type: GgmlType::Q8_0,
+            seed: 0,
+        }
+    }
+}
+
+impl SynthSpec {
+    /// Vocabulary size: `<unk>`, `<s>`, `</s>`, 256 byte tokens, filler.
+    pub fn vocab(&self) -> usize {
+        3 + 256 + self.extra_vocab
+    }
+}
+
+fn bad(reason: String) -> ModelError {
+    ModelError::Synth(reason)
+}
+
+/// Builds the writer for a synthetic model (call `write_file` or `to_bytes`).
+pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
+    if spec.n_layers == 0 || spec.n_heads == 0 || spec.n_kv_heads == 0 || spec.head_dim == 0 {
+        return Err(bad("layers, heads and head_dim must be positive".into()));
+    }
+    if spec.n_heads % spec.n_kv_heads != 0 {
+        return Err(bad(format!(
+            "{} heads is not a multiple of {} KV heads",
+            spec.n_heads, spec.n_kv_heads
+        )));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    let arch = spec.arch.name();
+    let mut w = GgufWriter::new();
+    let d = spec.d_model;
+    let q_dim = spec.n_heads * spec.head_dim;
+    let kv_dim = spec.n_kv_heads * spec.head_dim;
+    let vocab = spec.vocab();
+    let u32v = |v: usize| Value::U32(v as u32);
+
+    w.set("general.architecture", Value::String(arch.into()));
+    w.set(
+        "general.name",
+        Value::String(format!("synthetic {arch} {}L d{d}", spec.n_layers)),
+    );
+    w.set(format!("{arch}.context_length"), u32v(spec.context));
+    w.set(format!("{arch}.embedding_length"), u32v(d));
+    w.set(format!("{arch}.block_count"), u32v(spec.n_layers));
+    w.set(format!("{arch}.feed_forward_length"), u32v(spec.ffn));
+    w.set(format!("{arch}.attention.head_count"), u32v(spec.n_heads));
+    w.set(
+        format!("{arch}.attention.head_count_kv"),
+        u32v(spec.n_kv_heads),
+    );
+    w.set(
+        format!("{arch}.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-6),
+    );
+    w.set(format!("{arch}.rope.freq_base"), Value::F32(1e6));
+    if spec.arch == SynthArch::Gemma3 || spec.head_dim * spec.n_heads != d {
+        w.set(format!("{arch}.attention.key_length"), u32v(spec.head_dim));
+        w.set(
+            format!("{arch}.attention.value_length"),
+            u32v(spec.head_dim),
+        );
+    }
+    if spec.arch == SynthArch::Gemma3 {
+        w.set(format!("{arch}.attention.sliding_window"), u32v(64));
+    }
+
+    // A SentencePiece-style vocabulary with byte fallback: every string is
+    // encodable, so the synthetic model can run the whole pipeline.
+    let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2i32, 3, 3];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        types.push(6);
+    }
+    let letters = "abcdefghijklmnopqrstuvwxyz";
+    for i in 0..spec.extra_vocab {
+        let mut s = String::from("\u{2581}");
+        let mut n = i;
+        loop {
+            s.push(letters.as_bytes()[n % 26] as char);
+            n /= 26;
+            if n == 0 {
+                break;
+            }
+        }
+        if tokens.contains(&s) {
+            s.push('_');
+        }
+        tokens.push(s);
+        types.push(1);
+    }
+    let scores: Vec<f32> = (0..vocab).map(|i| -(i as f32)).collect();
+    w.set("tokenizer.ggml.model", Value::String("llama".into()));
+    w.set("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)));
+    w.set("tokenizer.ggml.scores", Value::Array(Array::F32(scores)));
+    w.set("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
+    w.set("tokenizer.ggml.unknown_token_id", Value::U32(0));
+    w.set("tokenizer.ggml.bos_token_id", Value::U32(1));
+    w.set("tokenizer.ggml.eos_token_id", Value::U32(2));
+    w.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
+    w.set("tokenizer.ggml.add_eos_token", Value::Bool(false));
+
+    let mut matrix = |w: &mut GgufWriter<'static>,
+                      name: String,
+                      cols: usize,
+                      rows: usize,
+                      ty: GgmlType,
+                      scale: f32|
+     -> Result<()> {
+        let vals: Vec<f32> = (0..cols * rows)
+            .map(|_| rng.gen_range(-scale..scale))
+            .collect();
+        add_tensor(w, name, vec![cols as u64, rows as u64], ty, &vals)
+    };
+    let norm = |w: &mut GgufWriter<'static>, name: String, n: usize| -> Result<()> {
+        let vals: Vec<f32> = (0..n)
+            .map(|i| 1.0 + 0.01 * ((i % 7) as f32 - 3.0))
+            .collect();
+        add_tensor(w, name, vec![n as u64], GgmlType::F32, &vals)
+    };
+
+    let wt = spec.weight_type;
+    let s_in = 1.0 / (d as f32).sqrt();
+    matrix(&mut w, "token_embd.weight".into(), d, vocab, wt, 1.0)?;
+    for i in 0..spec.n_layers {
+        let b = format!("blk.{i}");
+        norm(&mut w, format!("{b}.attn_norm.weight"), d)?;
+        matrix(&mut w, format!("{b}.attn_q.weight"), d, q_dim, wt, s_in)?;
+        matrix(&mut w, format!("{b}.attn_k.weight"), d, kv_dim, wt, s_in)?;
+        matrix(&mut w, format!("{b}.attn_v.weight"), d, kv_dim, wt, s_in)?;
+        if spec.arch == SynthArch::Qwen2 {
+            for (n, len) in [("q", q_dim), ("k", kv_dim), ("v", kv_dim)] {
+                matrix(
+                    &mut w,
+                    format!("{b}.attn_{n}.bias"),
+                    len,
+                    1,
+                    GgmlType::F32,
+                    0.1,
+                )?;
+            }
+        }
+        if spec.arch == SynthArch::Gemma3 {
+            norm(&mut w, format!("{b}.attn_q_norm.weight"), spec.head_dim)?;
+            norm(&mut w, format!("{b}.attn_k_norm.weight"), spec.head_dim)?;
+            norm(&mut w, format!("{b}.post_attention_norm.weight"), d)?;
+            norm(&mut w, format!("{b}.post_ffw_norm.weight"), d)?;
+        }
+        let s_o = 1.0 / (q_dim as f32).sqrt();
+        matrix(&mut w, format!("{b}.attn_output.weight"), q_dim, d, wt, s_o)?;
+        norm(&mut w, format!("{b}.ffn_norm.weight"), d)?;
+        matrix(
+            &mut w,
+            format!("{b}.ffn_gate.weight"),
+            d,
+            spec.ffn,
+            wt,
+            s_in,
+        )?;
+        matrix(&mut w, format!("{b}.ffn_up.weight"), d, spec.ffn, wt, s_in)?;
+        let s_f = 1.0 / (spec.ffn as f32).sqrt();
+        matrix(&mut w, format!("{b}.ffn_down.weight"), spec.ffn, d, wt, s_f)?;
+    }
+    norm(&mut w, "output_norm.weight".into(), d)?;
+    if spec.arch != SynthArch::Gemma3 {
+        matrix(
+            &mut w,
+            "output.weight".into(),
+            d,
+            vocab,
+            spec.output_type,
+            s_in,
+        )?;
+    }
+    Ok(w)
+}
+
+fn add_tensor(
+    w: &mut GgufWriter<'static>,
+    name: String,
+    dims: Vec<u64>,
+    ty: GgmlType,
+    vals: &[f32],
+) -> Result<()> {
+    let row = dims.first().copied().unwrap_or(1) as usize;
+    if row % ty.block_size() != 0 {
+        return Err(bad(format!(
+            "tensor '{name}': rows of {row} values are not a whole number of {ty} blocks of {}",
+            ty.block_size()
+        )));
+    }
+    let n_bytes = ty
+        .bytes_for(vals.len() as u64)
+        .ok_or_else(|| bad(format!("tensor '{name}': size overflows")))?;
+    let mut bytes = vec![0u8; n_bytes as usize];
+    tl_core::quant::quantize(ty, vals, &mut bytes).map_err(|e| ModelError::Core {
+        tensor: name.clone(),
+        source: e,
+    })?;
+    w.add_tensor(name, dims, ty, bytes)?;
+    Ok(())
+}
