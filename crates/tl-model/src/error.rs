@@ -8,11 +8,10 @@ pub enum ModelError {
     },
     #[error("synthetic model: {0}")]
     Synth(String),
-    #[error("tensor '{tensor}': {source}")]
+    #[error("tensor '{tensor}': {err}")]
     Core {
         tensor: String,
-        #[source]
-        source: tl_core::CoreError,
+        err: tl_core::CoreError,
     },
     #[error(transparent)]
     Gguf(#[from] tl_gguf::GgufError),

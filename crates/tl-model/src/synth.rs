@@ -270,7 +270,7 @@ fn add_tensor(
     let mut bytes = vec![0u8; n_bytes as usize];
     tl_core::quant::quantize(ty, vals, &mut bytes).map_err(|e| ModelError::Core {
         tensor: name.clone(),
-        source: e,
+        err: e,
     })?;
     w.add_tensor(name, dims, ty, bytes)?;
     Ok(())
