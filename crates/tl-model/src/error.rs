@@ -6,6 +6,14 @@ pub enum ModelError {
         name: String,
         supported: &'static str,
     },
+    #[error("invalid model configuration: {0}")]
+    BadConfig(String),
+    #[error("invalid sampling parameter: {0}")]
+    BadSampling(String),
+    #[error("KV cache full: {needed} more blocks needed, {free} free")]
+    KvFull { needed: usize, free: usize },
+    #[error("KV cache: {0}")]
+    Kv(String),
     #[error("synthetic model: {0}")]
     Synth(String),
     #[error("tensor '{tensor}': {err}")]

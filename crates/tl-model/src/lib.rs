@@ -1,6 +1,9 @@
 //! Architectures, weight loading by GGUF name, and synthetic model files.
 
+pub mod config;
 pub mod error;
+pub mod kv;
+pub mod sampler;
 pub mod synth;
 
 pub use error::{ModelError, Result};

@@ -1,0 +1,221 @@
+//! Typed model configuration, read once from GGUF metadata. Nothing in a
+//! forward pass looks at a metadata key or compares an architecture string.
+
+use tl_gguf::Metadata;
+
+use crate::error::{ModelError, Result};
+
+/// Supported architectures (`general.architecture`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Gemma3,
+}
+
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, gemma3";
+
+impl Arch {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            "gemma3" => Ok(Arch::Gemma3),
+            other => Err(ModelError::UnknownArchitecture {
+                name: other.to_string(),
+                supported: SUPPORTED_ARCHS,
+            }),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// How rotary embeddings pair dimensions (ggml `rope_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama.
+    Normal,
+    /// Half split (x[i], x[i + n/2]): qwen2, gemma3.
+    Neox,
+}
+
+/// Feed-forward activation of the gated FFN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FfnAct {
+    Silu,
+    /// Tanh-approximated GELU (gemma).
+    Gelu,
+}
+
+/// Everything the forward pass needs to know about a model's shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub arch: Arch,
+    pub name: String,
+    pub n_layers: usize,
+    pub d_model: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub head_dim_v: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    /// Rope base of sliding-window layers (gemma3: 10,000).
+    pub rope_base_swa: f32,
+    pub rope_dims: usize,
+    pub rope_layout: RopeLayout,
+    pub ffn_act: FfnAct,
+    /// Sliding window size for windowed layers; `None` when all layers are global.
+    pub sliding_window: Option<usize>,
+    /// Every `swa_period`-th layer (index % period == period - 1) is global.
+    pub swa_period: usize,
+    /// Multiply embeddings by this (gemma: sqrt(d_model)).
+    pub embed_scale: f32,
+    /// Attention score scale (1/sqrt(head_dim) unless the architecture says otherwise).
+    pub attn_scale: f32,
+    pub final_logit_softcap: Option<f32>,
+}
+
+impl Config {
+    /// Whether layer `il` uses the sliding window.
+    pub fn is_swa_layer(&self, il: usize) -> bool {
+        self.sliding_window.is_some()
+            && self.swa_period > 0
+            && il % self.swa_period < self.swa_period - 1
+    }
+
+    pub fn rope_base_for(&self, il: usize) -> f32 {
+        if self.is_swa_layer(il) {
+            self.rope_base_swa
+        } else {
+            self.rope_base
+        }
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Reads the config from metadata; `vocab` comes from the embedding table
+    /// when the tokenizer array is absent.
+    pub fn from_metadata(m: &Metadata, vocab_from_tensors: Option<usize>) -> Result<Self> {
+        let arch_name = m.get_str("general.architecture")?;
+        let arch = Arch::from_name(arch_name)?;
+        let a = arch.name();
+        let k = |s: &str| format!("{a}.{s}");
+        let usize_of = |key: String| -> Result<usize> { Ok(m.get_u64(&key)? as usize) };
+        let d_model = usize_of(k("embedding_length"))?;
+        let n_heads = usize_of(k("attention.head_count"))?;
+        let n_kv_heads = match m.opt_u64(&k("attention.head_count_kv"))? {
+            Some(v) => v as usize,
+            None => n_heads,
+        };
+        if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
+            return Err(ModelError::BadConfig(format!(
+                "{n_heads} attention heads / {n_kv_heads} KV heads: heads must be a positive multiple of KV heads"
+            )));
+        }
+        let head_dim = match m.opt_u64(&k("attention.key_length"))? {
+            Some(v) => v as usize,
+            None => d_model / n_heads,
+        };
+        let head_dim_v = match m.opt_u64(&k("attention.value_length"))? {
+            Some(v) => v as usize,
+            None => head_dim,
+        };
+        if head_dim != head_dim_v {
+            return Err(ModelError::BadConfig(format!(
+                "key length {head_dim} != value length {head_dim_v} is not supported"
+            )));
+        }
+        let vocab = match m.opt_array("tokenizer.ggml.tokens")? {
+            Some(t) => t.len(),
+            None => vocab_from_tensors.ok_or_else(|| {
+                ModelError::BadConfig("no tokenizer.ggml.tokens and no embedding table".into())
+            })?,
+        };
+        let rope_dims = match m.opt_u64(&k("rope.dimension_count"))? {
+            Some(v) => v as usize,
+            None => head_dim,
+        };
+        if rope_dims > head_dim || rope_dims % 2 != 0 {
+            return Err(ModelError::BadConfig(format!(
+                "rope dimension count {rope_dims} must be even and at most the head size {head_dim}"
+            )));
+        }
+        let rope_base = m.opt_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0);
+        let rms_eps = m
+            .opt_f32(&k("attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
+        let (rope_layout, ffn_act) = match arch {
+            Arch::Llama => (RopeLayout::Normal, FfnAct::Silu),
+            Arch::Qwen2 => (RopeLayout::Neox, FfnAct::Silu),
+            Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
+        };
+        // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th
+        // layer is global, the others use the sliding window with rope base
+        // 10,000; queries are scaled by 1/sqrt(head_dim) except for the 27B
+        // model (62 layers), which uses 1/sqrt(d_model / n_heads).
+        let n_layers = usize_of(k("block_count"))?;
+        let (sliding_window, swa_period, rope_base_swa, embed_scale, attn_scale) = match arch {
+            Arch::Gemma3 => {
+                let swa = m
+                    .opt_u64(&k("attention.sliding_window"))?
+                    .map(|v| v as usize);
+                let scale = if n_layers == 62 {
+                    1.0 / ((d_model / n_heads) as f32).sqrt()
+                } else {
+                    1.0 / (head_dim as f32).sqrt()
+                };
+                (swa, 6, 10_000.0, (d_model as f32).sqrt(), scale)
+            }
+            _ => (None, 0, rope_base, 1.0, 1.0 / (head_dim as f32).sqrt()),
+        };
+        let final_logit_softcap = match arch {
+            // Without a sliding window llama.cpp builds the non-iSWA Gemma 3
+            // graph, which caps the final logits.
+            Arch::Gemma3 if sliding_window.is_none() => m
+                .opt_f32(&k("final_logit_softcapping"))?
+                .filter(|v| *v > 0.0),
+            _ => None,
+        };
+        Ok(Config {
+            arch,
+            name: m.opt_str("general.name")?.unwrap_or("").to_string(),
+            n_layers,
+            d_model,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            head_dim_v,
+            ffn: usize_of(k("feed_forward_length"))?,
+            vocab,
+            context: usize_of(k("context_length"))?,
+            rms_eps,
+            rope_base,
+            rope_base_swa,
+            rope_dims,
+            rope_layout,
+            ffn_act,
+            sliding_window,
+            swa_period,
+            embed_scale,
+            attn_scale,
+            final_logit_softcap,
+        })
+    }
+}
