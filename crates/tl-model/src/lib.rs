@@ -1,5 +1,6 @@
 //! Architectures, weight loading by GGUF name, and synthetic model files.
 
+pub mod attention;
 pub mod config;
 pub mod error;
 pub mod kv;

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Golden fixtures for the forward pass, made with llama.cpp (llama-cpp-python).
+
+For each real model and each prompt: the prompt's token ids, llama.cpp's
+greedy 32-token continuation, and under teacher forcing (prompt +
+continuation) the top-5 logits at every position. Also the perplexity of a
+fixed text computed the way llama.cpp's perplexity tool does (non-overlapping
+chunks of CTX tokens, BOS at each chunk start when the model adds one, the
+second half of each chunk scored).
+
+Run with the reference venv (see docs/BENCHMARKS.md / MODELS):
+    ~/.cache/tensorlogic/llama-venv/bin/python scripts/make_forward_fixtures.py
+Writes crates/tl-model/tests/fixtures/forward_<model>.json.
+"""
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from llama_cpp import Llama
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+OUT = os.path.join(ROOT, "crates", "tl-model", "tests", "fixtures")
+MODEL_DIR = os.environ.get(
+    "TL_MODEL_DIR",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tensorlogic", "models"),
+)
+MODELS = {
+    "qwen": "qwen2.5-coder-0.5b-instruct-q4.gguf",
+    "gemma": "gemma-3-270m-q4_k_m.gguf",
+}
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "Once upon a time, in a small village by the sea,",
+    "Here is a list of five fruits:\n1.",
+    "Q: What is 17 times 23?\nA:",
+    "The three laws of thermodynamics are",
+    "import numpy as np\n\n# Compute the mean of each row\n",
+    "In 1969, astronauts first",
+    "SELECT name, COUNT(*) FROM orders",
+    "Photosynthesis is the process by which",
+]
+N_GEN = 32
+TOPK = 5
+PPL_CTX = 128
+PPL_TEXT_FILE = os.path.join(OUT, "perplexity_text.txt")
+
+
+def greedy(llm, prompt_ids, n):
+    llm.reset()
+    llm.eval(prompt_ids)
+    out = []
+    for _ in range(n):
+        logits = llm.scores[llm.n_tokens - 1]
+        tok = int(np.argmax(logits))
+        out.append(tok)
+        if tok == llm.token_eos():
+            break
+        llm.eval([tok])
+    return out
+
+
+def teacher_forced_topk(llm, ids):
+    llm.reset()
+    llm.eval(ids)
+    rows = []
+    for i in range(len(ids)):
+        logits = np.asarray(llm.scores[i], dtype=np.float32)
+        top = np.argsort(-logits, kind="stable")[:TOPK]
+        rows.append({"ids": [int(t) for t in top], "logits": [float(logits[t]) for t in top]})
+    return rows
+
+
+def perplexity(llm, text, n_ctx, add_bos):
+    toks = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+    n_chunk = len(toks) // n_ctx
+    first = n_ctx // 2
+    nll = 0.0
+    count = 0
+    for c in range(n_chunk):
+        batch = list(toks[c * n_ctx:(c + 1) * n_ctx])
+        if add_bos:
+            batch[0] = llm.token_bos()
+        llm.reset()
+        llm.eval(batch)
+        for j in range(first, n_ctx - 1):
+            logits = np.asarray(llm.scores[j], dtype=np.float64)
+            m = logits.max()
+            lse = m + math.log(np.exp(logits - m).sum())
+            nll += lse - logits[toks[c * n_ctx + j + 1]]
+            count += 1
+    return {"ctx": n_ctx, "chunks": n_chunk, "tokens": len(toks), "scored": count, "ppl": math.exp(nll / count)}
+
+
+def main():
+    which = sys.argv[1:] or list(MODELS)
+    text = open(PPL_TEXT_FILE, encoding="utf-8").read()
+    for key in which:
+        path = os.path.join(MODEL_DIR, MODELS[key])
+        llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False)
+        add_bos = llm._model.add_bos_token() if hasattr(llm._model, "add_bos_token") else key == "gemma"
+        cases = []
+        for p in PROMPTS:
+            ids = llm.tokenize(p.encode("utf-8"), add_bos=add_bos, special=False)
+            cont = greedy(llm, ids, N_GEN)
+            tf = teacher_forced_topk(llm, ids + cont)
+            cases.append({"prompt": p, "prompt_ids": ids, "greedy": cont, "teacher_forced_top": tf})
+            print(key, repr(p[:30]), llm.detokenize(cont).decode("utf-8", "replace")[:60].replace("\n", "\\n"), file=sys.stderr)
+        ppl = perplexity(llm, text, PPL_CTX, add_bos)
+        print(key, "perplexity", ppl, file=sys.stderr)
+        out = {
+            "model": MODELS[key],
+            "reference": "llama.cpp via llama-cpp-python 0.3.36, f16 KV cache, 2 threads",
+            "add_bos": bool(add_bos),
+            "n_gen": N_GEN,
+            "cases": cases,
+            "perplexity": ppl,
+        }
+        with open(os.path.join(OUT, f"forward_{key}.json"), "w") as f:
+            json.dump(out, f, separators=(",", ":"))
+        del llm
+
+
+if __name__ == "__main__":
+    main()
