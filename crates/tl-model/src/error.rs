@@ -14,6 +14,18 @@ pub enum ModelError {
     KvFull { needed: usize, free: usize },
     #[error("KV cache: {0}")]
     Kv(String),
+    #[error("missing tensor '{0}'")]
+    MissingTensor(String),
+    #[error("tensor '{name}' has GGML dims {found:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("context overflow: {needed} tokens needed, the model's context is {context}")]
+    ContextOverflow { needed: usize, context: usize },
+    #[error("token id {token} is outside the vocabulary of {vocab}")]
+    BadToken { token: u32, vocab: usize },
     #[error("synthetic model: {0}")]
     Synth(String),
     #[error("tensor '{tensor}': {err}")]

@@ -4,7 +4,10 @@ pub mod attention;
 pub mod config;
 pub mod error;
 pub mod kv;
+pub mod model;
+mod ops;
 pub mod sampler;
+pub mod weights;
 pub mod synth;
 
 pub use error::{ModelError, Result};

@@ -1,0 +1,373 @@
+//! A loaded model and its forward pass over a ragged batch.
+//!
+//! Input: several sequences, each a run of new tokens starting at some
+//! position, with the block table of its KV cache. All tokens of all
+//! sequences go through each weight matrix together (one matmul per weight
+//! per step), then attention runs per token over its own sequence's cache.
+//! A single prompt is a batch of one; prefill and decode tokens can share a
+//! step.
+
+use rayon::prelude::*;
+use tl_gguf::GgufFile;
+
+use crate::attention::{attend, AttnParams, AttnScratch};
+use crate::config::{Arch, Config, FfnAct, RopeLayout};
+use crate::error::{ModelError, Result};
+use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
+use crate::ops;
+use crate::weights::{Weight, Weights};
+
+/// Which logits a sequence wants back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's part of a batch.
+pub struct SeqBatch<'a> {
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`: the number of tokens already cached.
+    pub pos: usize,
+    /// Block table; must already cover `pos + tokens.len()` tokens.
+    pub kv: &'a SeqKv,
+    pub logits: Logits,
+}
+
+/// Per-layer vectors (norm scales, biases) dequantized once at load.
+struct LayerVecs {
+    attn_norm: Vec<f32>,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
+    post_ffn_norm: Option<Vec<f32>>,
+}
+
+pub struct Model {
+    pub config: Config,
+    pub file: GgufFile,
+    weights: Weights,
+    vecs: Vec<LayerVecs>,
+    output_norm: Vec<f32>,
+}
+
+/// Buffers reused across forward calls; they grow to the largest batch seen
+/// and are never shrunk, so steady-state decoding allocates nothing.
+#[derive(Default)]
+pub struct ForwardState {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    /// (sequence index, position) of each flattened token.
+    meta: Vec<(usize, usize)>,
+    out_rows: Vec<usize>,
+    hidden_out: Vec<f32>,
+    logits: Vec<f32>,
+    attn: Vec<AttnScratch>,
+}
+
+fn opt_vec(w: &Option<Weight>, f: &GgufFile) -> Result<Option<Vec<f32>>> {
+    w.as_ref().map(|w| ops::vector(w, f)).transpose()
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl Model {
+    /// Loads a model from a GGUF file: config from metadata, weights by name.
+    pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        Self::from_file(file)
+    }
+
+    pub fn from_file(file: GgufFile) -> Result<Self> {
+        let vocab_hint = file
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).map(|&v| v as usize));
+        let config = Config::from_metadata(&file.metadata, vocab_hint)?;
+        let weights = Weights::load(&file, &config)?;
+        let mut vecs = Vec::with_capacity(config.n_layers);
+        for l in &weights.layers {
+            vecs.push(LayerVecs {
+                attn_norm: ops::vector(&l.attn_norm, &file)?,
+                bq: opt_vec(&l.bq, &file)?,
+                bk: opt_vec(&l.bk, &file)?,
+                bv: opt_vec(&l.bv, &file)?,
+                q_norm: opt_vec(&l.q_norm, &file)?,
+                k_norm: opt_vec(&l.k_norm, &file)?,
+                post_attn_norm: opt_vec(&l.post_attn_norm, &file)?,
+                ffn_norm: ops::vector(&l.ffn_norm, &file)?,
+                post_ffn_norm: opt_vec(&l.post_ffn_norm, &file)?,
+            });
+        }
+        let output_norm = ops::vector(&weights.output_norm, &file)?;
+        Ok(Model {
+            config,
+            file,
+            weights,
+            vecs,
+            output_norm,
+        })
+    }
+
+    /// A KV cache for `n_tokens` tokens in total (rounded up to whole blocks).
+    pub fn new_cache(&self, n_tokens: usize) -> Result<KvCache> {
+        let c = &self.config;
+        KvCache::new(
+            c.n_layers,
+            c.n_kv_heads,
+            c.head_dim,
+            n_tokens.div_ceil(BLOCK_SIZE).max(1),
+        )
+    }
+
+    /// Scans every weight for NaN/Inf; returns the names of the bad ones.
+    pub fn check_tensors(&self) -> Result<Vec<String>> {
+        let mut bad = Vec::new();
+        for t in &self.file.tensors {
+            if !tl_core::quant::is_supported(t.ty) {
+                continue;
+            }
+            let mut buf = vec![0.0f32; t.n_elements() as usize];
+            tl_core::quant::dequantize(t.ty, self.file.tensor_data(t), &mut buf).map_err(|e| {
+                ModelError::Core {
+                    tensor: t.name.clone(),
+                    err: e,
+                }
+            })?;
+            if buf.iter().any(|v| !v.is_finite()) {
+                bad.push(t.name.clone());
+            }
+        }
+        Ok(bad)
+    }
+
+    fn mm(&self, w: &Weight, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        ops::linear(x, m, w, w.bytes(&self.file), out)
+    }
+
+    /// Runs one step over a ragged batch, writing K/V of every token into
+    /// `cache`, and returns the requested logits rows (sequence order; one
+    /// row per token for `Logits::All`, one for `Logits::Last`).
+    pub fn forward<'s>(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqBatch],
+        st: &'s mut ForwardState,
+    ) -> Result<&'s [f32]> {
+        let c = &self.config;
+        let (d, qd, kvd, hd) = (c.d_model, c.q_dim(), c.kv_dim(), c.head_dim);
+        st.meta.clear();
+        st.out_rows.clear();
+        for (si, s) in batch.iter().enumerate() {
+            let end = s.pos + s.tokens.len();
+            if s.kv.blocks.len() * BLOCK_SIZE < end {
+                return Err(ModelError::Kv(format!(
+                    "sequence {si}: block table covers {} tokens, step needs {end}",
+                    s.kv.blocks.len() * BLOCK_SIZE
+                )));
+            }
+            if end > c.context {
+                return Err(ModelError::ContextOverflow {
+                    needed: end,
+                    context: c.context,
+                });
+            }
+            for (j, &t) in s.tokens.iter().enumerate() {
+                if t as usize >= c.vocab {
+                    return Err(ModelError::BadToken {
+                        token: t,
+                        vocab: c.vocab,
+                    });
+                }
+                let row = st.meta.len();
+                st.meta.push((si, s.pos + j));
+                let last = j + 1 == s.tokens.len();
+                if s.logits == Logits::All || (s.logits == Logits::Last && last) {
+                    st.out_rows.push(row);
+                }
+            }
+        }
+        let n = st.meta.len();
+        if n == 0 {
+            return Ok(&st.logits[..0]);
+        }
+        for b in [&mut st.x, &mut st.xn, &mut st.o] {
+            grow(b, n * d);
+        }
+        grow(&mut st.q, n * qd);
+        grow(&mut st.att, n * qd);
+        grow(&mut st.k, n * kvd);
+        grow(&mut st.v, n * kvd);
+        grow(&mut st.gate, n * c.ffn);
+        grow(&mut st.up, n * c.ffn);
+        if st.attn.len() < n {
+            st.attn.resize_with(n, AttnScratch::default);
+        }
+
+        // Embeddings.
+        let emb = &self.weights.token_embd;
+        let eb = emb.bytes(&self.file);
+        let rb = emb.row_bytes();
+        for (i, &(si, pos)) in st.meta.iter().enumerate() {
+            let row = &mut st.x[i * d..(i + 1) * d];
+            let t = batch[si].tokens[pos - batch[si].pos] as usize;
+            tl_core::quant::dequantize(emb.ty, &eb[t * rb..(t + 1) * rb], row).map_err(|e| {
+                ModelError::Core {
+                    tensor: emb.name.clone(),
+                    err: e,
+                }
+            })?;
+            if c.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embed_scale);
+            }
+        }
+
+        let neox = c.rope_layout == RopeLayout::Neox;
+        for (il, (lw, lv)) in self.weights.layers.iter().zip(&self.vecs).enumerate() {
+            for i in 0..n {
+                ops::rms_norm(
+                    &st.x[i * d..(i + 1) * d],
+                    &lv.attn_norm,
+                    c.rms_eps,
+                    &mut st.xn[i * d..(i + 1) * d],
+                );
+            }
+            self.mm(&lw.wq, &st.xn, n, &mut st.q)?;
+            self.mm(&lw.wk, &st.xn, n, &mut st.k)?;
+            self.mm(&lw.wv, &st.xn, n, &mut st.v)?;
+            for (buf, bias, w) in [(&mut st.q, &lv.bq, qd), (&mut st.k, &lv.bk, kvd), (&mut st.v, &lv.bv, kvd)] {
+                if let Some(b) = bias {
+                    for i in 0..n {
+                        buf[i * w..(i + 1) * w].iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    }
+                }
+            }
+            let base = c.rope_base_for(il);
+            for i in 0..n {
+                let pos = st.meta[i].1;
+                for h in 0..c.n_heads {
+                    let head = &mut st.q[i * qd + h * hd..i * qd + (h + 1) * hd];
+                    if let Some(qn) = &lv.q_norm {
+                        ops::rms_norm_inplace(head, qn, c.rms_eps);
+                    }
+                    ops::rope_head(head, pos, c.rope_dims, base, neox);
+                    if c.arch == Arch::Gemma3 {
+                        head.iter_mut().for_each(|v| *v *= c.attn_scale);
+                    }
+                }
+                for h in 0..c.n_kv_heads {
+                    let head = &mut st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
+                    if let Some(kn) = &lv.k_norm {
+                        ops::rms_norm_inplace(head, kn, c.rms_eps);
+                    }
+                    ops::rope_head(head, pos, c.rope_dims, base, neox);
+                }
+                let (si, pos) = st.meta[i];
+                let Some((block, slot)) = batch[si].kv.slot(pos) else {
+                    return Err(ModelError::Kv(format!("no block for position {pos}")));
+                };
+                cache.write(
+                    il,
+                    block,
+                    slot,
+                    &st.k[i * kvd..(i + 1) * kvd],
+                    &st.v[i * kvd..(i + 1) * kvd],
+                );
+            }
+            let params = AttnParams {
+                n_heads: c.n_heads,
+                n_kv_heads: c.n_kv_heads,
+                head_dim: hd,
+                scale: if c.arch == Arch::Gemma3 { 1.0 } else { c.attn_scale },
+                window: if c.is_swa_layer(il) { c.sliding_window } else { None },
+            };
+            {
+                let cache_ref: &KvCache = cache;
+                let meta = &st.meta;
+                let q = &st.q;
+                st.att[..n * qd]
+                    .par_chunks_mut(qd)
+                    .zip(st.attn[..n].par_iter_mut())
+                    .enumerate()
+                    .for_each(|(i, (out, scratch))| {
+                        let (si, pos) = meta[i];
+                        attend(
+                            cache_ref,
+                            il,
+                            batch[si].kv,
+                            pos,
+                            &params,
+                            &q[i * qd..(i + 1) * qd],
+                            out,
+                            scratch,
+                        );
+                    });
+            }
+            self.mm(&lw.wo, &st.att, n, &mut st.o)?;
+            for i in 0..n {
+                let o = &mut st.o[i * d..(i + 1) * d];
+                if let Some(pn) = &lv.post_attn_norm {
+                    ops::rms_norm_inplace(o, pn, c.rms_eps);
+                }
+                st.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+                ops::rms_norm(
+                    &st.x[i * d..(i + 1) * d],
+                    &lv.ffn_norm,
+                    c.rms_eps,
+                    &mut st.xn[i * d..(i + 1) * d],
+                );
+            }
+            self.mm(&lw.gate, &st.xn, n, &mut st.gate)?;
+            self.mm(&lw.up, &st.xn, n, &mut st.up)?;
+            let f = c.ffn;
+            match c.ffn_act {
+                FfnAct::Silu => ops::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+                FfnAct::Gelu => ops::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+            }
+            self.mm(&lw.down, &st.gate, n, &mut st.o)?;
+            for i in 0..n {
+                let o = &mut st.o[i * d..(i + 1) * d];
+                if let Some(pn) = &lv.post_ffn_norm {
+                    ops::rms_norm_inplace(o, pn, c.rms_eps);
+                }
+                st.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+            }
+        }
+
+        // Final norm and output projection, only for rows that want logits.
+        let m = st.out_rows.len();
+        grow(&mut st.hidden_out, m * d);
+        grow(&mut st.logits, m * c.vocab);
+        for (j, &r) in st.out_rows.iter().enumerate() {
+            ops::rms_norm(
+                &st.x[r * d..(r + 1) * d],
+                &self.output_norm,
+                c.rms_eps,
+                &mut st.hidden_out[j * d..(j + 1) * d],
+            );
+        }
+        let out_w = self.weights.output.as_ref().unwrap_or(&self.weights.token_embd);
+        ops::linear(&st.hidden_out, m, out_w, out_w.bytes(&self.file), &mut st.logits)?;
+        if let Some(cap) = c.final_logit_softcap {
+            for v in st.logits[..m * c.vocab].iter_mut() {
+                *v = (*v / cap).tanh() * cap;
+            }
+        }
+        Ok(&st.logits[..m * c.vocab])
+    }
+}

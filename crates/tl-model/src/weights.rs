@@ -1,0 +1,170 @@
+//! Weights looked up by their GGUF names, validated against the config's
+//! shapes at load. A weight borrows its bytes from the memory-mapped file.
+
+use tl_gguf::{GgmlType, GgufFile, TensorInfo};
+
+use crate::config::{Arch, Config};
+use crate::error::{ModelError, Result};
+
+/// A 2-D weight of `rows` output rows by `cols` inputs (GGML dims `[cols, rows]`),
+/// or a 1-D vector (`rows == 1`).
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub name: String,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    start: usize,
+    len: usize,
+}
+
+impl Weight {
+    /// The raw (block-format) bytes.
+    pub fn bytes<'a>(&self, file: &'a GgufFile) -> &'a [u8] {
+        file.bytes().get(self.start..self.start + self.len).unwrap_or(&[])
+    }
+
+    /// Bytes of one row.
+    pub fn row_bytes(&self) -> usize {
+        self.len / self.rows.max(1)
+    }
+}
+
+pub struct LayerWeights {
+    pub attn_norm: Weight,
+    pub wq: Weight,
+    pub wk: Weight,
+    pub wv: Weight,
+    pub bq: Option<Weight>,
+    pub bk: Option<Weight>,
+    pub bv: Option<Weight>,
+    pub q_norm: Option<Weight>,
+    pub k_norm: Option<Weight>,
+    pub wo: Weight,
+    pub post_attn_norm: Option<Weight>,
+    pub ffn_norm: Weight,
+    pub gate: Weight,
+    pub up: Weight,
+    pub down: Weight,
+    pub post_ffn_norm: Option<Weight>,
+}
+
+pub struct Weights {
+    pub token_embd: Weight,
+    pub output_norm: Weight,
+    /// `None` when tied to the embedding table.
+    pub output: Option<Weight>,
+    pub layers: Vec<LayerWeights>,
+}
+
+struct Loader<'a> {
+    file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo> {
+        self.file
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.to_string()))
+    }
+
+    /// A tensor that must have GGML dims exactly `dims`.
+    fn get(&self, name: &str, dims: &[usize]) -> Result<Weight> {
+        let t = self.info(name)?;
+        let got: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        // A trailing 1 is the same shape (some converters write [n, 1]).
+        let trimmed: Vec<usize> = {
+            let mut g = got.clone();
+            while g.len() > dims.len() && g.last() == Some(&1) {
+                g.pop();
+            }
+            g
+        };
+        if trimmed != dims {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: dims.to_vec(),
+                found: got,
+            });
+        }
+        if !tl_core::quant::is_supported(t.ty) {
+            return Err(ModelError::Core {
+                tensor: name.to_string(),
+                err: tl_core::CoreError::UnsupportedType {
+                    ty: t.ty,
+                    tensor: name.to_string(),
+                },
+            });
+        }
+        let start = (self.file.data_offset + t.offset) as usize;
+        Ok(Weight {
+            name: name.to_string(),
+            ty: t.ty,
+            rows: dims.get(1).copied().unwrap_or(1),
+            cols: dims[0],
+            start,
+            len: t.size as usize,
+        })
+    }
+
+    fn opt(&self, name: &str, dims: &[usize]) -> Result<Option<Weight>> {
+        if self.file.tensor(name).is_none() {
+            return Ok(None);
+        }
+        self.get(name, dims).map(Some)
+    }
+}
+
+impl Weights {
+    pub fn load(file: &GgufFile, c: &Config) -> Result<Self> {
+        let l = Loader { file };
+        let d = c.d_model;
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let gemma = c.arch == Arch::Gemma3;
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            let req = |s: &str, dims: &[usize]| l.get(&n(s), dims);
+            let gemma_only = |s: &str, dims: &[usize]| -> Result<Option<Weight>> {
+                if gemma {
+                    req(s, dims).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(LayerWeights {
+                attn_norm: req("attn_norm.weight", &[d])?,
+                wq: req("attn_q.weight", &[d, qd])?,
+                wk: req("attn_k.weight", &[d, kvd])?,
+                wv: req("attn_v.weight", &[d, kvd])?,
+                bq: l.opt(&n("attn_q.bias"), &[qd])?,
+                bk: l.opt(&n("attn_k.bias"), &[kvd])?,
+                bv: l.opt(&n("attn_v.bias"), &[kvd])?,
+                q_norm: gemma_only("attn_q_norm.weight", &[c.head_dim])?,
+                k_norm: gemma_only("attn_k_norm.weight", &[c.head_dim])?,
+                wo: req("attn_output.weight", &[qd, d])?,
+                post_attn_norm: gemma_only("post_attention_norm.weight", &[d])?,
+                ffn_norm: req("ffn_norm.weight", &[d])?,
+                gate: req("ffn_gate.weight", &[d, c.ffn])?,
+                up: req("ffn_up.weight", &[d, c.ffn])?,
+                down: req("ffn_down.weight", &[c.ffn, d])?,
+                post_ffn_norm: gemma_only("post_ffw_norm.weight", &[d])?,
+            });
+        }
+        if c.arch == Arch::Qwen2 {
+            for (i, lw) in layers.iter().enumerate() {
+                if lw.bq.is_none() || lw.bk.is_none() || lw.bv.is_none() {
+                    return Err(ModelError::MissingTensor(format!(
+                        "blk.{i}.attn_q/k/v.bias (qwen2 has Q/K/V biases)"
+                    )));
+                }
+            }
+        }
+        Ok(Weights {
+            token_embd: l.get("token_embd.weight", &[d, c.vocab])?,
+            output_norm: l.get("output_norm.weight", &[d])?,
+            output: l.opt("output.weight", &[d, c.vocab])?,
+            layers,
+        })
+    }
+}
