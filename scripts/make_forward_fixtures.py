@@ -92,7 +92,7 @@ def perplexity(llm, text, n_ctx, add_bos):
             lse = m + math.log(np.exp(logits - m).sum())
             nll += lse - logits[toks[c * n_ctx + j + 1]]
             count += 1
-    return {"ctx": n_ctx, "chunks": n_chunk, "tokens": len(toks), "scored": count, "ppl": math.exp(nll / count)}
+    return {"ctx": n_ctx, "chunks": n_chunk, "token_ids": [int(t) for t in toks], "scored": count, "ppl": math.exp(nll / count)}
 
 
 def main():

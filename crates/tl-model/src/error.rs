@@ -26,6 +26,8 @@ pub enum ModelError {
     ContextOverflow { needed: usize, context: usize },
     #[error("token id {token} is outside the vocabulary of {vocab}")]
     BadToken { token: u32, vocab: usize },
+    #[error("prompt {0} is empty")]
+    EmptyPrompt(usize),
     #[error("synthetic model: {0}")]
     Synth(String),
     #[error("tensor '{tensor}': {err}")]

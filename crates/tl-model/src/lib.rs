@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod kv;
 pub mod model;
 mod ops;

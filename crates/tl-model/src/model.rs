@@ -74,7 +74,16 @@ pub struct ForwardState {
     out_rows: Vec<usize>,
     hidden_out: Vec<f32>,
     logits: Vec<f32>,
+    last_logits: usize,
     attn: Vec<AttnScratch>,
+}
+
+impl ForwardState {
+    /// The logits rows of the last forward call, for in-place sampling.
+    pub fn logits_mut(&mut self) -> &mut [f32] {
+        let n = self.last_logits;
+        &mut self.logits[..n]
+    }
 }
 
 fn opt_vec(w: &Option<Weight>, f: &GgufFile) -> Result<Option<Vec<f32>>> {
@@ -203,6 +212,7 @@ impl Model {
             }
         }
         let n = st.meta.len();
+        st.last_logits = 0;
         if n == 0 {
             return Ok(&st.logits[..0]);
         }
@@ -368,6 +378,7 @@ impl Model {
                 *v = (*v / cap).tanh() * cap;
             }
         }
+        st.last_logits = m * c.vocab;
         Ok(&st.logits[..m * c.vocab])
     }
 }

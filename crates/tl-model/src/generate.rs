@@ -1,0 +1,233 @@
+//! Token-level generation on top of the forward pass: chunked prefill, then
+//! decode steps in which every live sequence contributes one token to a
+//! single ragged batch.
+
+use crate::error::{ModelError, Result};
+use crate::kv::{BlockManager, KvCache, SeqKv};
+use crate::model::{ForwardState, Logits, Model, SeqBatch};
+use crate::sampler::{Sampler, SamplingParams};
+
+/// Token-level stop conditions and limits.
+#[derive(Clone, Debug)]
+pub struct TokenOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation stops after emitting one of these (it is not returned).
+    pub stop_ids: Vec<u32>,
+    /// Tokens per prefill chunk: long prompts are fed in pieces of this size.
+    pub prefill_chunk: usize,
+}
+
+impl Default for TokenOptions {
+    fn default() -> Self {
+        TokenOptions {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_ids: Vec::new(),
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// Why a sequence stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finish {
+    Stop,
+    Length,
+    /// The callback asked to stop.
+    Cancelled,
+}
+
+/// Owns a KV cache, its block manager and the forward buffers.
+pub struct Runner<'m> {
+    pub model: &'m Model,
+    pub cache: KvCache,
+    pub blocks: BlockManager,
+    state: ForwardState,
+}
+
+struct Live {
+    kv: SeqKv,
+    history: Vec<u32>,
+    generated: Vec<u32>,
+    sampler: Sampler,
+    next: Option<u32>,
+    finish: Option<Finish>,
+}
+
+impl<'m> Runner<'m> {
+    /// A runner whose cache holds `ctx_tokens` tokens in total across all
+    /// sequences.
+    pub fn new(model: &'m Model, ctx_tokens: usize) -> Result<Self> {
+        let cache = model.new_cache(ctx_tokens)?;
+        let blocks = BlockManager::new(cache.n_blocks);
+        Ok(Runner {
+            model,
+            cache,
+            blocks,
+            state: ForwardState::default(),
+        })
+    }
+
+    /// Feeds `tokens` to a sequence in chunks; returns the last token's logits.
+    fn prefill(&mut self, kv: &mut SeqKv, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
+        kv.reserve(&mut self.blocks, tokens.len())?;
+        let mut last = Vec::new();
+        let chunk = chunk.max(1);
+        for (ci, piece) in tokens.chunks(chunk).enumerate() {
+            let is_last = (ci + 1) * chunk >= tokens.len();
+            let b = [SeqBatch {
+                tokens: piece,
+                pos: kv.len,
+                kv,
+                logits: if is_last { Logits::Last } else { Logits::None },
+            }];
+            let out = self.model.forward(&mut self.cache, &b, &mut self.state)?;
+            if is_last {
+                last = out.to_vec();
+            }
+            kv.len += piece.len();
+        }
+        Ok(last)
+    }
+
+    /// Logits of every position of `tokens` (one fresh sequence, freed after).
+    pub fn all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut kv = SeqKv::new();
+        kv.reserve(&mut self.blocks, tokens.len())?;
+        let b = [SeqBatch {
+            tokens,
+            pos: 0,
+            kv: &kv,
+            logits: Logits::All,
+        }];
+        let out = self.model.forward(&mut self.cache, &b, &mut self.state).map(|l| l.to_vec());
+        kv.free(&mut self.blocks)?;
+        out
+    }
+
+    /// Generates for several prompts at once. After each prompt's prefill,
+    /// all unfinished sequences decode together, one token each per step.
+    /// `on_token(seq, token)` sees every generated token as it is produced
+    /// and may return `false` to stop that sequence.
+    pub fn generate_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        opts: &TokenOptions,
+        mut on_token: impl FnMut(usize, u32) -> bool,
+    ) -> Result<Vec<(Vec<u32>, Finish)>> {
+        let mut live = Vec::with_capacity(prompts.len());
+        let result = self.run_batch(prompts, opts, &mut on_token, &mut live);
+        for l in live.iter_mut() {
+            l.kv.free(&mut self.blocks)?;
+        }
+        result?;
+        Ok(live
+            .into_iter()
+            .map(|l| (l.generated, l.finish.unwrap_or(Finish::Length)))
+            .collect())
+    }
+
+    fn run_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        opts: &TokenOptions,
+        on_token: &mut impl FnMut(usize, u32) -> bool,
+        live: &mut Vec<Live>,
+    ) -> Result<()> {
+        let ctx = self.model.config.context;
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(ModelError::EmptyPrompt(i));
+            }
+            if p.len() > ctx {
+                return Err(ModelError::ContextOverflow {
+                    needed: p.len(),
+                    context: ctx,
+                });
+            }
+            let mut kv = SeqKv::new();
+            let mut logits = self.prefill(&mut kv, p, opts.prefill_chunk)?;
+            let mut sampler = Sampler::new(opts.sampling.clone())?;
+            let mut l = Live {
+                kv,
+                history: p.clone(),
+                generated: Vec::new(),
+                sampler: Sampler::new(SamplingParams::default())?,
+                next: None,
+                finish: None,
+            };
+            if opts.max_tokens == 0 {
+                l.finish = Some(Finish::Length);
+            } else {
+                let t = sampler.sample(&mut logits, &l.history);
+                l.sampler = sampler;
+                Self::accept(i, &mut l, t, opts, on_token);
+            }
+            live.push(l);
+        }
+        let vocab = self.model.config.vocab;
+        loop {
+            let active: Vec<usize> = (0..live.len()).filter(|&i| live[i].finish.is_none()).collect();
+            if active.is_empty() {
+                return Ok(());
+            }
+            for &i in &active {
+                if live[i].kv.len + 1 > ctx {
+                    live[i].finish = Some(Finish::Length);
+                    continue;
+                }
+                live[i].kv.reserve(&mut self.blocks, 1)?;
+            }
+            let active: Vec<usize> = active.into_iter().filter(|&i| live[i].finish.is_none()).collect();
+            if active.is_empty() {
+                return Ok(());
+            }
+            let toks: Vec<[u32; 1]> = active.iter().map(|&i| [live[i].next.unwrap_or(0)]).collect();
+            let batch: Vec<SeqBatch> = active
+                .iter()
+                .zip(&toks)
+                .map(|(&i, t)| SeqBatch {
+                    tokens: t,
+                    pos: live[i].kv.len,
+                    kv: &live[i].kv,
+                    logits: Logits::Last,
+                })
+                .collect();
+            self.model.forward(&mut self.cache, &batch, &mut self.state)?;
+            drop(batch);
+            let rows = self.state.logits_mut();
+            for (j, &i) in active.iter().enumerate() {
+                let l = &mut live[i];
+                l.kv.len += 1;
+                let t = l.sampler.sample(&mut rows[j * vocab..(j + 1) * vocab], &l.history);
+                Self::accept(i, l, t, opts, on_token);
+            }
+        }
+    }
+
+    fn accept(
+        i: usize,
+        l: &mut Live,
+        t: u32,
+        opts: &TokenOptions,
+        on_token: &mut impl FnMut(usize, u32) -> bool,
+    ) {
+        l.next = None;
+        if opts.stop_ids.contains(&t) {
+            l.finish = Some(Finish::Stop);
+            return;
+        }
+        l.generated.push(t);
+        l.history.push(t);
+        if !on_token(i, t) {
+            l.finish = Some(Finish::Cancelled);
+            return;
+        }
+        if l.generated.len() >= opts.max_tokens {
+            l.finish = Some(Finish::Length);
+            return;
+        }
+        l.next = Some(t);
+    }
+}
