@@ -231,3 +231,61 @@ impl<'m> Runner<'m> {
         l.next = Some(t);
     }
 }
+
+/// Result of [`Runner::perplexity`].
+#[derive(Clone, Debug)]
+pub struct Perplexity {
+    pub ppl: f64,
+    pub chunks: usize,
+    pub scored: usize,
+}
+
+impl Runner<'_> {
+    /// Perplexity the way llama.cpp's `perplexity` tool computes it: the
+    /// tokens are cut into non-overlapping chunks of `ctx`; each chunk starts
+    /// with `bos` when the model adds one; the second half of each chunk is
+    /// scored (`-log p(next token)` at positions ctx/2 … ctx-2).
+    /// `progress(done, total, running_ppl)` is called after each chunk.
+    pub fn perplexity(
+        &mut self,
+        tokens: &[u32],
+        ctx: usize,
+        bos: Option<u32>,
+        mut progress: impl FnMut(usize, usize, f64),
+    ) -> Result<Perplexity> {
+        if ctx < 4 {
+            return Err(ModelError::BadConfig(format!("perplexity context {ctx} is too small (≥ 4)")));
+        }
+        let n_chunks = tokens.len() / ctx;
+        if n_chunks == 0 {
+            return Err(ModelError::BadConfig(format!(
+                "the text has {} tokens, fewer than one chunk of {ctx}",
+                tokens.len()
+            )));
+        }
+        let vocab = self.model.config.vocab;
+        let (mut nll, mut count) = (0f64, 0usize);
+        let mut chunk = Vec::with_capacity(ctx);
+        for c in 0..n_chunks {
+            chunk.clear();
+            chunk.extend_from_slice(&tokens[c * ctx..(c + 1) * ctx]);
+            if let Some(b) = bos {
+                chunk[0] = b;
+            }
+            let logits = self.all_logits(&chunk)?;
+            for j in ctx / 2..ctx - 1 {
+                let row = &logits[j * vocab..(j + 1) * vocab];
+                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+                nll += lse - row[tokens[c * ctx + j + 1] as usize] as f64;
+                count += 1;
+            }
+            progress(c + 1, n_chunks, (nll / count as f64).exp());
+        }
+        Ok(Perplexity {
+            ppl: (nll / count as f64).exp(),
+            chunks: n_chunks,
+            scored: count,
+        })
+    }
+}

@@ -69,23 +69,8 @@ fn check_model(fixture: &str) {
     let toks = common::ids(&p["token_ids"]);
     let ctx = p["ctx"].as_u64().expect("ctx") as usize;
     let add_bos = fx["add_bos"].as_bool().expect("add_bos");
-    let bos = toks[0];
-    let (mut nll, mut count) = (0f64, 0usize);
-    for c in 0..toks.len() / ctx {
-        let mut chunk = toks[c * ctx..(c + 1) * ctx].to_vec();
-        if add_bos {
-            chunk[0] = bos;
-        }
-        let logits = runner.all_logits(&chunk).expect("logits");
-        for j in ctx / 2..ctx - 1 {
-            let row = &logits[j * vocab..(j + 1) * vocab];
-            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-            nll += lse - row[toks[c * ctx + j + 1] as usize] as f64;
-            count += 1;
-        }
-    }
-    let ppl = (nll / count as f64).exp();
+    let bos = if add_bos { Some(toks[0]) } else { None };
+    let ppl = runner.perplexity(&toks, ctx, bos, |_, _, _| {}).expect("ppl").ppl;
     let want = p["ppl"].as_f64().expect("ppl");
     eprintln!("{fixture}: perplexity {ppl:.4} vs llama.cpp {want:.4}");
     assert!((ppl / want - 1.0).abs() < 0.01, "perplexity {ppl} vs {want}");
