@@ -14,6 +14,10 @@ Three kinds of fixture, one JSON file each, in crates/tl-core/tests/fixtures/qua
 Every number is stored as the hex of its little-endian bytes so that the
 comparison is bit for bit (NaN payloads and signed zeros included).
 
+snapshot_k_quants.json in the same folder is not written by this script: it
+holds the output of ggml's C K-quant reference quantizers, which gguf-py lacks
+(see `k_quant_quantize_matches_ggml_c_reference` in the test).
+
 Run with the project's Python environment (gguf + numpy):
   /root/.cache/tensorlogic/venv/bin/python scripts/make_quant_fixtures.py
 """
@@ -58,8 +62,12 @@ def hexs(a: np.ndarray) -> str:
     return np.ascontiguousarray(a).tobytes().hex()
 
 
+WRITTEN: list[str] = []
+
+
 def write(name: str, obj: dict) -> None:
     path = os.path.join(OUT_DIR, name)
+    WRITTEN.append(path)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
@@ -207,8 +215,8 @@ def main() -> int:
     for ty in [T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]:
         write(f"quantize_{ty.name}.json", quantize_fixture(rng, ty))
 
-    total = sum(os.path.getsize(os.path.join(OUT_DIR, f)) for f in os.listdir(OUT_DIR))
-    print(f"wrote {len(os.listdir(OUT_DIR))} fixtures, {total} bytes, to {OUT_DIR}")
+    total = sum(os.path.getsize(p) for p in WRITTEN)
+    print(f"wrote {len(WRITTEN)} fixtures, {total} bytes, to {OUT_DIR}")
     return 0
 
 

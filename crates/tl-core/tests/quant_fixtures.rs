@@ -8,8 +8,9 @@
 //!    order as numpy (`d * sc` first, then `* q`, then `- m`, unfused), and
 //!    f16/bf16 conversions are exact or round-to-nearest-even on both sides.
 //! 2. The types without a numpy quantizer (Q8_1, Q8_K, all K-quants): the
-//!    round-trip error bounds of ggml `tests/test-quantize-fns.cpp`, plus the
-//!    structural invariants of Q8_1 (`s`) and Q8_K (`bsums`).
+//!    round-trip error bounds of ggml `tests/test-quantize-fns.cpp`, the
+//!    structural invariants of Q8_1 (`s`) and Q8_K (`bsums`), and a byte
+//!    snapshot (`snapshot_k_quants.json`) of ggml's own C reference output.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -24,7 +25,7 @@ fn fixture_dir() -> PathBuf {
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    assert!(s.len() % 2 == 0, "odd hex length");
+    assert_eq!(s.len() % 2, 0, "odd hex length");
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex digit"))
@@ -60,7 +61,11 @@ fn load_fixtures() -> Vec<Fixture> {
     let mut entries: Vec<_> = std::fs::read_dir(fixture_dir())
         .expect("fixture dir")
         .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .filter(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.ends_with(".json")
+                && (name.starts_with("dequant_") || name.starts_with("quantize_"))
+        })
         .collect();
     entries.sort();
     for path in entries {
@@ -328,4 +333,82 @@ fn quantize_is_deterministic_whatever_the_buffer_held() {
         quant::quantize(ty, &[0.0; 512], &mut z0).unwrap();
         assert_eq!(z, z0, "{ty} zeros");
     }
+}
+
+/// Deterministic input for the K-quant byte snapshot: real weights (the
+/// dequantized values of four model fixtures, four super-blocks each) and
+/// synthetic blocks built from an integer LCG with exact float steps only, so
+/// that no libm function can make it differ between platforms.
+fn snapshot_input(fixtures: &[Fixture]) -> Vec<f32> {
+    let mut x = Vec::new();
+    for file in [
+        "dequant_qwen_Q4_K.json",
+        "dequant_gemma_Q6_K.json",
+        "dequant_qwen_Q8_0.json",
+        "dequant_gemma_Q5_0.json",
+    ] {
+        let fx = fixtures.iter().find(|f| f.file == file).expect(file);
+        x.extend_from_slice(&f32s(&fx.field("values_f32"))[..4 * 256]);
+    }
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut uniform = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        // 24 random bits -> [-1, 1), exactly.
+        ((state >> 40) as f32) / 8_388_608.0 - 1.0
+    };
+    let mut block = |f: &mut dyn FnMut(usize, f32) -> f32| {
+        for i in 0..256 {
+            let u = uniform();
+            x.push(f(i, u));
+        }
+    };
+    for _ in 0..4 {
+        block(&mut |_, u| u + 0.5 * u * u * u);
+    }
+    block(&mut |_, u| u * 1e-3);
+    block(&mut |i, u| if i % 37 == 0 { u * 1000.0 } else { u * 40.0 });
+    block(&mut |_, u| u.abs() + 0.5);
+    block(&mut |_, u| -u.abs() - 0.5);
+    block(&mut |_, _| 0.0);
+    block(&mut |i, _| if i == 17 { 3.0 } else { 0.0 });
+    block(&mut |i, u| if i < 128 { 0.0 } else { u });
+    block(&mut |_, _| 0.75);
+    x
+}
+
+/// `snapshot_k_quants.json` holds the bytes that ggml's C
+/// `quantize_row_{q8_1,q2_K,q3_K,q4_K,q5_K,q6_K,q8_K}_ref` (ggml-quants.c)
+/// produced for [`snapshot_input`], built with `-ffp-contract=off` so that
+/// `a * b + c` is rounded twice as here and in gguf-py (a build that fuses
+/// them into FMAs picks different levels in some near-ties). gguf-py has no
+/// K-quant quantizer, so this is the only byte-level reference for them; to
+/// rebuild it, dump [`snapshot_input`] to raw f32 and run those functions
+/// over it.
+#[test]
+fn k_quant_quantize_matches_ggml_c_reference() {
+    let fixtures = load_fixtures();
+    let x = snapshot_input(&fixtures);
+    let path = fixture_dir().join("snapshot_k_quants.json");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("snapshot")).expect("json");
+    assert_eq!(json["n_values"].as_u64(), Some(x.len() as u64));
+    let outputs = json["bytes"].as_object().expect("bytes");
+    assert_eq!(outputs.len(), 7);
+    let mut failures = Vec::new();
+    for (name, want) in outputs {
+        let ty = GgmlType::from_name(name).expect("type");
+        let want = hex(want.as_str().expect("hex"));
+        let mut got = vec![0u8; want.len()];
+        quant::quantize(ty, &x, &mut got).unwrap();
+        let bs = ty.type_size();
+        let bad: Vec<usize> = (0..want.len() / bs)
+            .filter(|&b| got[b * bs..(b + 1) * bs] != want[b * bs..(b + 1) * bs])
+            .collect();
+        if !bad.is_empty() {
+            failures.push(format!("{name}: blocks {bad:?} differ from ggml"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
