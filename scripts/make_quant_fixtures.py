@@ -14,6 +14,10 @@ Three kinds of fixture, one JSON file each, in crates/tl-core/tests/fixtures/qua
 Every number is stored as the hex of its little-endian bytes so that the
 comparison is bit for bit (NaN payloads and signed zeros included).
 
+snapshot_k_quants.json in the same folder is not written by this script: it
+holds the output of ggml's C K-quant reference quantizers, which gguf-py lacks
+(see `k_quant_quantize_matches_ggml_c_reference` in the test).
+
 Run with the project's Python environment (gguf + numpy):
   /root/.cache/tensorlogic/venv/bin/python scripts/make_quant_fixtures.py
 """
@@ -48,7 +52,8 @@ F16_FIELDS = {
     T.Q5_K: [0, 2],
     T.Q6_K: [208],
 }
-RANDOM_BLOCKS = 4
+# Random blocks per type: more of the small 32-value blocks, fewer super-blocks.
+RANDOM_BLOCKS = {32: 16, 256: 4}
 # Scalar types have one value per "block"; use enough of them to hit edge cases.
 RANDOM_SCALARS = 256
 
@@ -57,8 +62,12 @@ def hexs(a: np.ndarray) -> str:
     return np.ascontiguousarray(a).tobytes().hex()
 
 
+WRITTEN: list[str] = []
+
+
 def write(name: str, obj: dict) -> None:
     path = os.path.join(OUT_DIR, name)
+    WRITTEN.append(path)
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
         f.write("\n")
@@ -102,14 +111,15 @@ def random_blocks(rng: np.random.Generator, ty: T) -> np.ndarray:
         bits = rng.integers(0, 1 << 16, size=RANDOM_SCALARS, dtype=np.uint16)
         bits[:6] = [0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 0x0001]
         return bits.view(np.uint8)
-    _, size = GGML_QUANT_SIZES[ty]
-    raw = rng.integers(0, 256, size=(RANDOM_BLOCKS, size), dtype=np.uint8)
+    block, size = GGML_QUANT_SIZES[ty]
+    n_blocks = RANDOM_BLOCKS[block]
+    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     for off in F16_FIELDS[ty]:
-        scales = random_f16_scales(rng, RANDOM_BLOCKS)
+        scales = random_f16_scales(rng, n_blocks)
         # One subnormal and one zero scale to cover the f16 edge cases.
         scales[0] = np.uint16(0x0123).view(np.float16)
         scales[1] = np.float16(0.0)
-        raw[:, off:off + 2] = scales.view(np.uint8).reshape(RANDOM_BLOCKS, 2)
+        raw[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
     return raw.reshape(-1)
 
 
@@ -171,7 +181,8 @@ def quantize_fixture(rng: np.random.Generator, ty: T) -> dict:
         x = np.concatenate([x, np.array([np.inf, -np.inf, 6.1e-5, 3e-8, 65504.0, 65519.0],
                                         dtype=np.float32)]).astype(np.float32)
     assert x.size % block == 0
-    q = np.asarray(quants.quantize(x, ty)).reshape(-1).view(np.uint8)
+    with np.errstate(over="ignore"):  # F16 overflow to inf is one of the cases
+        q = np.asarray(quants.quantize(x, ty)).reshape(-1).view(np.uint8)
     return {
         "kind": "quantize",
         "type": ty.name,
@@ -204,8 +215,8 @@ def main() -> int:
     for ty in [T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]:
         write(f"quantize_{ty.name}.json", quantize_fixture(rng, ty))
 
-    total = sum(os.path.getsize(os.path.join(OUT_DIR, f)) for f in os.listdir(OUT_DIR))
-    print(f"wrote {len(os.listdir(OUT_DIR))} fixtures, {total} bytes, to {OUT_DIR}")
+    total = sum(os.path.getsize(p) for p in WRITTEN)
+    print(f"wrote {len(WRITTEN)} fixtures, {total} bytes, to {OUT_DIR}")
     return 0
 
 

@@ -21,10 +21,12 @@ pub(crate) fn dequantize_f16(src: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// ggml's `GGML_BF16_TO_FP32`: the 16 bits become the high half of an f32.
+/// ggml `ggml_compute_bf16_to_fp32`: the 16 bits become the high half of an
+/// f32. Done by hand because `half`'s `bf16::to_f32` sets the quiet bit of a
+/// signalling NaN, which ggml (and gguf-py) pass through unchanged.
 pub(crate) fn dequantize_bf16(src: &[u8], dst: &mut [f32]) {
     for (b, y) in src.chunks_exact(2).zip(dst.iter_mut()) {
-        *y = bf16::from_le_bytes([b[0], b[1]]).to_f32();
+        *y = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16);
     }
 }
 

@@ -214,6 +214,7 @@ pub fn make_qkx2_quants(
     nstep: i32,
     use_mad: bool,
 ) -> (f32, f32) {
+    debug_assert!(x.len() <= QKX2_MAX_GROUP);
     let n = x.len().min(QKX2_MAX_GROUP);
     let mut laux = [0u8; QKX2_MAX_GROUP];
     let mut min = x[0];

@@ -42,6 +42,10 @@ pub const UNNAMED: &str = "<unnamed>";
 /// `dequantize` writes exactly `VALUES` floats and `quantize` reads exactly
 /// `VALUES` floats; the dispatch below only ever hands them slices of that
 /// length.
+///
+/// # Panics
+///
+/// Both panic (out-of-bounds index) if given fewer than `VALUES` floats.
 pub trait Block: bytemuck::Pod {
     const TYPE: GgmlType;
     /// Elements per block (ggml's `blck_size`).
