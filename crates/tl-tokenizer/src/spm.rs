@@ -1,0 +1,156 @@
+//! SentencePiece-style BPE: merge the adjacent pair whose concatenation is
+//! the highest-scoring token, until none is left; characters that never
+//! became a token fall back to byte tokens `<0xXX>`.
+//!
+//! Ported from llama.cpp `src/llama-vocab.cpp` (`llm_tokenizer_spm_session`).
+//! This is why the HF `tokenizers` BPE model is not used for these
+//! vocabularies: it merges by a merge list's rank, and these GGUF files carry
+//! scores and no merges; llama.cpp's result depends on score order with ties
+//! broken leftmost-first, which only this loop reproduces.
+
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
+
+use crate::error::Result;
+use crate::vocab::Vocab;
+use crate::TokenId;
+
+#[derive(Clone, Copy)]
+struct Symbol {
+    start: u32,
+    len: u32,
+    prev: i32,
+    next: i32,
+}
+
+struct Bigram {
+    score: f32,
+    left: i32,
+    right: i32,
+    size: u32,
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, o: &Self) -> bool {
+        self.cmp(o) == Ordering::Equal
+    }
+}
+impl Eq for Bigram {}
+
+impl Ord for Bigram {
+    // Highest score first, then leftmost (llama.cpp `llm_bigram_spm::comparator`,
+    // which uses `<` on the scores: incomparable scores count as a tie).
+    fn cmp(&self, o: &Self) -> Ordering {
+        let by_score = if self.score < o.score {
+            Ordering::Less
+        } else if self.score > o.score {
+            Ordering::Greater
+        } else {
+            Ordering::Equal
+        };
+        by_score.then(o.left.cmp(&self.left))
+    }
+}
+
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct SpmScratch {
+    symbols: Vec<Symbol>,
+    heap: BinaryHeap<Bigram>,
+}
+
+/// Tokenizes `text` (spaces already replaced by `▁`) and appends the tokens.
+pub(crate) fn encode(
+    vocab: &Vocab,
+    text: &str,
+    scratch: &mut SpmScratch,
+    out: &mut Vec<TokenId>,
+) -> Result<()> {
+    let syms = &mut scratch.symbols;
+    syms.clear();
+    for (i, (off, c)) in text.char_indices().enumerate() {
+        syms.push(Symbol {
+            start: off as u32,
+            len: c.len_utf8() as u32,
+            prev: i as i32 - 1,
+            next: i as i32 + 1,
+        });
+    }
+    let Some(last) = syms.last_mut() else {
+        return Ok(());
+    };
+    last.next = -1;
+
+    let heap = &mut scratch.heap;
+    heap.clear();
+    for i in 1..syms.len() {
+        try_add_bigram(vocab, text, syms, heap, i as i32 - 1, i as i32);
+    }
+    while let Some(bg) = heap.pop() {
+        let (l, r) = (bg.left as usize, bg.right as usize);
+        if syms[l].len == 0 || syms[r].len == 0 || syms[l].len + syms[r].len != bg.size {
+            continue;
+        }
+        syms[l].len += syms[r].len;
+        syms[r].len = 0;
+        syms[l].next = syms[r].next;
+        if syms[r].next >= 0 {
+            let n = syms[r].next as usize;
+            syms[n].prev = bg.left;
+        }
+        let (prev, next) = (syms[l].prev, syms[l].next);
+        try_add_bigram(vocab, text, syms, heap, prev, bg.left);
+        try_add_bigram(vocab, text, syms, heap, bg.left, next);
+    }
+
+    // llama.cpp's `resegment` also consults a reverse-merge map, but a symbol
+    // only grows by a merge whose text is a token, so a symbol that is not a
+    // token is a single character, which no merge key (two or more
+    // characters) can name: it always goes to byte fallback.
+    let mut i = 0i32;
+    while i != -1 {
+        let s = syms[i as usize];
+        let piece = &text[s.start as usize..(s.start + s.len) as usize];
+        match vocab.text_to_id.get(piece) {
+            Some(&id) => out.push(id),
+            None => {
+                for &b in piece.as_bytes() {
+                    out.push(vocab.spm_byte_token(b)?);
+                }
+            }
+        }
+        i = s.next;
+    }
+    Ok(())
+}
+
+fn try_add_bigram(
+    vocab: &Vocab,
+    text: &str,
+    syms: &[Symbol],
+    heap: &mut BinaryHeap<Bigram>,
+    left: i32,
+    right: i32,
+) {
+    if left < 0 || right < 0 {
+        return;
+    }
+    let (l, r) = (syms[left as usize], syms[right as usize]);
+    let size = l.len + r.len;
+    let Some(piece) = text.get(l.start as usize..(l.start + size) as usize) else {
+        return;
+    };
+    if let Some(&token) = vocab.text_to_id.get(piece) {
+        heap.push(Bigram {
+            score: vocab.scores[token as usize],
+            left,
+            right,
+            size,
+        });
+    }
+}
