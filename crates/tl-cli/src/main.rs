@@ -2,7 +2,9 @@
 
 use clap::{Parser, Subcommand};
 
+mod cmd_generate;
 mod cmd_inspect;
+mod cmd_perplexity;
 mod cmd_synth;
 
 #[derive(Parser)]
@@ -22,6 +24,12 @@ enum Command {
     Inspect(cmd_inspect::InspectArgs),
     /// Write a small random-weight GGUF model of a given architecture.
     Synth(cmd_synth::SynthArgs),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(cmd_generate::GenerateArgs),
+    /// Interactive chat with the model's chat template.
+    Chat(cmd_generate::ChatArgs),
+    /// Perplexity of a text file, computed as llama.cpp's perplexity tool does.
+    Perplexity(cmd_perplexity::PerplexityArgs),
 }
 
 fn main() {
@@ -29,6 +37,9 @@ fn main() {
     let result = match &cli.command {
         Command::Inspect(a) => cmd_inspect::run(a),
         Command::Synth(a) => cmd_synth::run(a),
+        Command::Generate(a) => cmd_generate::run_generate(a),
+        Command::Chat(a) => cmd_generate::run_chat(a),
+        Command::Perplexity(a) => cmd_perplexity::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -150,9 +150,17 @@ mod tests {
             }
         }
         seq.len = n_tok;
-        let q: Vec<f32> = (0..n_heads * hd).map(|i| ((i % 5) as f32 - 2.0) / 4.0).collect();
+        let q: Vec<f32> = (0..n_heads * hd)
+            .map(|i| ((i % 5) as f32 - 2.0) / 4.0)
+            .collect();
         let mut s = AttnScratch::default();
-        for (pos, window) in [(0, None), (17, None), (39, None), (39, Some(5)), (20, Some(30))] {
+        for (pos, window) in [
+            (0, None),
+            (17, None),
+            (39, None),
+            (39, Some(5)),
+            (20, Some(30)),
+        ] {
             let p = AttnParams {
                 n_heads,
                 n_kv_heads: n_kv,
@@ -172,7 +180,10 @@ mod tests {
                     0.35,
                 );
                 for (a, b) in out[h * hd..(h + 1) * hd].iter().zip(&want) {
-                    assert!((a - b).abs() < 1e-5, "pos {pos} window {window:?}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() < 1e-5,
+                        "pos {pos} window {window:?}: {a} vs {b}"
+                    );
                 }
             }
         }

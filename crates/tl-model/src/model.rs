@@ -260,10 +260,17 @@ impl Model {
             self.mm(&lw.wq, &st.xn, n, &mut st.q)?;
             self.mm(&lw.wk, &st.xn, n, &mut st.k)?;
             self.mm(&lw.wv, &st.xn, n, &mut st.v)?;
-            for (buf, bias, w) in [(&mut st.q, &lv.bq, qd), (&mut st.k, &lv.bk, kvd), (&mut st.v, &lv.bv, kvd)] {
+            for (buf, bias, w) in [
+                (&mut st.q, &lv.bq, qd),
+                (&mut st.k, &lv.bk, kvd),
+                (&mut st.v, &lv.bv, kvd),
+            ] {
                 if let Some(b) = bias {
                     for i in 0..n {
-                        buf[i * w..(i + 1) * w].iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        buf[i * w..(i + 1) * w]
+                            .iter_mut()
+                            .zip(b)
+                            .for_each(|(x, y)| *x += y);
                     }
                 }
             }
@@ -303,8 +310,16 @@ impl Model {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
                 head_dim: hd,
-                scale: if c.arch == Arch::Gemma3 { 1.0 } else { c.attn_scale },
-                window: if c.is_swa_layer(il) { c.sliding_window } else { None },
+                scale: if c.arch == Arch::Gemma3 {
+                    1.0
+                } else {
+                    c.attn_scale
+                },
+                window: if c.is_swa_layer(il) {
+                    c.sliding_window
+                } else {
+                    None
+                },
             };
             {
                 let cache_ref: &KvCache = cache;
@@ -334,7 +349,10 @@ impl Model {
                 if let Some(pn) = &lv.post_attn_norm {
                     ops::rms_norm_inplace(o, pn, c.rms_eps);
                 }
-                st.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+                st.x[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(x, y)| *x += y);
                 ops::rms_norm(
                     &st.x[i * d..(i + 1) * d],
                     &lv.ffn_norm,
@@ -355,7 +373,10 @@ impl Model {
                 if let Some(pn) = &lv.post_ffn_norm {
                     ops::rms_norm_inplace(o, pn, c.rms_eps);
                 }
-                st.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+                st.x[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(x, y)| *x += y);
             }
         }
 
@@ -371,8 +392,18 @@ impl Model {
                 &mut st.hidden_out[j * d..(j + 1) * d],
             );
         }
-        let out_w = self.weights.output.as_ref().unwrap_or(&self.weights.token_embd);
-        ops::linear(&st.hidden_out, m, out_w, out_w.bytes(&self.file), &mut st.logits)?;
+        let out_w = self
+            .weights
+            .output
+            .as_ref()
+            .unwrap_or(&self.weights.token_embd);
+        ops::linear(
+            &st.hidden_out,
+            m,
+            out_w,
+            out_w.bytes(&self.file),
+            &mut st.logits,
+        )?;
         if let Some(cap) = c.final_logit_softcap {
             for v in st.logits[..m * c.vocab].iter_mut() {
                 *v = (*v / cap).tanh() * cap;

@@ -37,7 +37,11 @@ pub fn rope_head(x: &mut [f32], pos: usize, n_rot: usize, base: f32, neox: bool)
     let half = n_rot / 2;
     for i in 0..half {
         let (s, c) = theta.sin_cos();
-        let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+        let (a, b) = if neox {
+            (i, i + half)
+        } else {
+            (2 * i, 2 * i + 1)
+        };
         let x0 = x[a];
         let x1 = x[b];
         x[a] = x0 * c - x1 * s;
@@ -117,11 +121,15 @@ pub fn linear(x: &[f32], m: usize, w: &Weight, wbytes: &[u8], out: &mut [f32]) -
             |row, c| -> Result<()> {
                 let p = ptr;
                 for r in c * chunk..((c + 1) * chunk).min(n) {
-                    tl_core::quant::dequantize(ty, &wbytes[r * row_bytes..(r + 1) * row_bytes], row)
-                        .map_err(|e| ModelError::Core {
-                            tensor: w.name.clone(),
-                            err: e,
-                        })?;
+                    tl_core::quant::dequantize(
+                        ty,
+                        &wbytes[r * row_bytes..(r + 1) * row_bytes],
+                        row,
+                    )
+                    .map_err(|e| ModelError::Core {
+                        tensor: w.name.clone(),
+                        err: e,
+                    })?;
                     for i in 0..m {
                         let xr = &x[i * k..(i + 1) * k];
                         let mut acc = 0.0f32;

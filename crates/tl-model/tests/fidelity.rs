@@ -19,7 +19,8 @@ fn argmax(v: &[f32]) -> u32 {
 
 fn check_model(fixture: &str) {
     let fx = common::fixture(fixture);
-    let model = Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
+    let model =
+        Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
     let vocab = model.config.vocab;
     let mut runner = Runner::new(&model, 1024).expect("cache");
     let cases = fx["cases"].as_array().expect("cases");
@@ -38,18 +39,29 @@ fn check_model(fixture: &str) {
         if *got == want {
             greedy_ok += 1;
         } else {
-            eprintln!("greedy differs for {:?}:\n  ours {got:?}\n  ref  {want:?}", case["prompt"]);
+            eprintln!(
+                "greedy differs for {:?}:\n  ours {got:?}\n  ref  {want:?}",
+                case["prompt"]
+            );
         }
         let all: Vec<u32> = prompt.iter().chain(&want).copied().collect();
         let logits = runner.all_logits(&all).expect("logits");
-        for (i, row) in case["teacher_forced_top"].as_array().expect("rows").iter().enumerate() {
+        for (i, row) in case["teacher_forced_top"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .enumerate()
+        {
             let ours = &logits[i * vocab..(i + 1) * vocab];
             let ref_ids = common::ids(&row["ids"]);
             tf_total += 1;
             if argmax(ours) == ref_ids[0] {
                 tf_agree += 1;
             }
-            for (id, l) in ref_ids.iter().zip(row["logits"].as_array().expect("logits")) {
+            for (id, l) in ref_ids
+                .iter()
+                .zip(row["logits"].as_array().expect("logits"))
+            {
                 let d = (ours[*id as usize] - l.as_f64().expect("f") as f32).abs();
                 max_diff = max_diff.max(d);
             }
@@ -61,7 +73,11 @@ fn check_model(fixture: &str) {
         cases.len(),
         100.0 * rate
     );
-    assert!(greedy_ok * 10 >= cases.len() * 9, "greedy matches {greedy_ok}/{}", cases.len());
+    assert!(
+        greedy_ok * 10 >= cases.len() * 9,
+        "greedy matches {greedy_ok}/{}",
+        cases.len()
+    );
     assert!(rate >= 0.99, "teacher-forced top-1 agreement {rate}");
 
     // Perplexity the way llama.cpp's tool computes it.
@@ -70,10 +86,16 @@ fn check_model(fixture: &str) {
     let ctx = p["ctx"].as_u64().expect("ctx") as usize;
     let add_bos = fx["add_bos"].as_bool().expect("add_bos");
     let bos = if add_bos { Some(toks[0]) } else { None };
-    let ppl = runner.perplexity(&toks, ctx, bos, |_, _, _| {}).expect("ppl").ppl;
+    let ppl = runner
+        .perplexity(&toks, ctx, bos, |_, _, _| {})
+        .expect("ppl")
+        .ppl;
     let want = p["ppl"].as_f64().expect("ppl");
     eprintln!("{fixture}: perplexity {ppl:.4} vs llama.cpp {want:.4}");
-    assert!((ppl / want - 1.0).abs() < 0.01, "perplexity {ppl} vs {want}");
+    assert!(
+        (ppl / want - 1.0).abs() < 0.01,
+        "perplexity {ppl} vs {want}"
+    );
 }
 
 #[test]
@@ -89,7 +111,8 @@ fn gemma_matches_llama_cpp() {
 #[test]
 fn batch_invariance() {
     let fx = common::fixture("forward_qwen.json");
-    let model = Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
+    let model =
+        Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
     let prompts: Vec<Vec<u32>> = fx["cases"]
         .as_array()
         .expect("cases")
@@ -102,12 +125,18 @@ fn batch_invariance() {
         ..Default::default()
     };
     let mut runner = Runner::new(&model, 2048).expect("cache");
-    let together = runner.generate_batch(&prompts, &opts, |_, _| true).expect("batch");
+    let together = runner
+        .generate_batch(&prompts, &opts, |_, _| true)
+        .expect("batch");
     for (p, t) in prompts.iter().zip(&together) {
         let alone = runner
             .generate_batch(std::slice::from_ref(p), &opts, |_, _| true)
             .expect("alone");
         assert_eq!(alone[0].0, t.0, "batched and alone differ");
     }
-    assert_eq!(runner.blocks.n_free(), runner.blocks.n_total(), "all blocks freed");
+    assert_eq!(
+        runner.blocks.n_free(),
+        runner.blocks.n_total(),
+        "all blocks freed"
+    );
 }
