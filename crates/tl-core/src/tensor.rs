@@ -34,8 +34,12 @@ pub struct Tensor {
 }
 
 impl Tensor {
-    /// A contiguous tensor over `storage`, which must hold exactly the
-    /// shape's element count.
+    /// A contiguous tensor over `storage` (for backends that fill storage
+    /// themselves), which must hold exactly the shape's element count.
+    pub fn from_storage(storage: Storage, dims: &[usize]) -> Result<Self> {
+        Self::new("from_storage", storage, dims)
+    }
+
     fn new(op: &'static str, storage: Storage, dims: &[usize]) -> Result<Self> {
         let shape = Shape::checked(op, dims)?;
         let dtype = storage.dtype();
@@ -415,9 +419,9 @@ pub(crate) fn block_row<'a>(
 ) -> Result<&'a [u8]> {
     let (bs, ts) = (ty.block_size(), ty.type_size());
     let start = row / bs * ts;
-    let len = row_len / bs * ts;
+    let end = start.saturating_add(row_len / bs * ts);
     s.bytes()
-        .get(start..start + len)
+        .get(start..end)
         .ok_or_else(|| CoreError::SizeMismatch {
             op,
             what: format!(
@@ -505,6 +509,12 @@ mod tests {
     fn info<'a>(f: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
         f.tensor(name).ok_or_else(|| gguf_err(name))
     }
+
+    // Tensors cross threads (engine workers, parallel kernels).
+    const _: fn() = || {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Tensor>();
+    };
 
     #[test]
     fn constructors_check_sizes() -> Result<()> {

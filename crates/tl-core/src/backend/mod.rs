@@ -340,3 +340,6 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(out)
     }
 }
+
+// The trait must stay usable as `dyn Backend`.
+const _: Option<&dyn Backend> = None;

@@ -243,6 +243,18 @@ mod tests {
     }
 
     #[test]
+    fn one_tensor_as_both_inputs() -> Result<()> {
+        // Both inputs share one read lock; locking twice could deadlock.
+        let x = t(&[1., 2., 3., 4.], &[2, 2])?;
+        assert_close(&B.mul(&x, &x)?.to_vec_f32()?, &[1., 4., 9., 16.], 0.0)?;
+        assert_close(
+            &B.add(&x, &x.transpose(0, 1)?)?.to_vec_f32()?,
+            &[2., 5., 5., 8.],
+            0.0,
+        )
+    }
+
+    #[test]
     fn strided_inputs_and_in_place_views() -> Result<()> {
         let x = t(&[1., 2., 3., 4.], &[2, 2])?;
         let xt = x.transpose(0, 1)?;
