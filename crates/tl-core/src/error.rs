@@ -1,6 +1,5 @@
 use tl_gguf::GgmlType;
 
-use crate::device::Device;
 use crate::dtype::DType;
 
 /// Errors of the tensor core: unsupported types, shape and size mismatches.
@@ -65,12 +64,6 @@ pub enum CoreError {
     },
     #[error("{op}: the output shares storage with an input; use the in-place form of the op")]
     Aliasing { op: &'static str },
-    #[error("{op}: tensor is on {got}, the backend runs on {expected}")]
-    DeviceMismatch {
-        op: &'static str,
-        expected: Device,
-        got: Device,
-    },
     #[error("{op}: tensor storage is read-only (borrowed from a model file)")]
     ReadOnly { op: &'static str },
     #[error("{op}: a thread panicked while writing this tensor; its contents are unreliable")]
