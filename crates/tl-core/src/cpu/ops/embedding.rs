@@ -95,7 +95,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs quant::dequantize (lands with the quant module)"]
+
     fn quantized_rows() -> Result<()> {
         let table = Tensor::from_quantized(GgmlType::Q8_0, q8_table(), &[2, 32])?;
         let out = B.embedding(&table, &ids(&[1, 0])?)?.to_vec_f32()?;
@@ -105,7 +105,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs quant::dequantize (lands with the quant module)"]
+
     fn quantized_rows_from_a_gguf_file() -> Result<()> {
         let mut w = GgufWriter::new();
         // GGML dims are innermost first: 2 rows of 32.

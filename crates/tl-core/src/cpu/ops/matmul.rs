@@ -176,7 +176,7 @@ mod tests {
     }
 
     #[test]
-    #[ignore = "needs quant::dequantize (lands with the quant module)"]
+
     fn q8_0_weight() -> Result<()> {
         // Two rows of one Q8_0 block each: row 0 = 0.5 * [1, 2, …, 32],
         // row 1 = 2 * [-1, 0, 0, …].
