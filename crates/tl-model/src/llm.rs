@@ -1,6 +1,33 @@
 //! The embedding API: a model with its tokenizer and chat template, text in,
 //! text out, streamed through a callback.
 //!
+//! A runnable example on a tiny random-weight model (the output is noise,
+//! the mechanics are real):
+//!
+//! ```
+//! use tl_model::llm::{GenerateOptions, Llm};
+//! use tl_model::synth::{synthesize, SynthSpec};
+//!
+//! let path = std::env::temp_dir().join(format!("tl-doc-{}.gguf", std::process::id()));
+//! synthesize(&SynthSpec::default())?.write_file(&path)?;
+//! let llm = Llm::load(&path)?;
+//! let opts = GenerateOptions { max_tokens: 4, ignore_eos: true, ..Default::default() };
+//! let mut streamed = String::new();
+//! let out = llm.generate("hello", &opts, |piece| {
+//!     streamed.push_str(piece);
+//!     true
+//! })?;
+//! assert_eq!(out.tokens.len(), 4);
+//! assert_eq!(streamed, out.text);
+//! // Greedy decoding is deterministic, alone or in a batch.
+//! let again = llm.generate_batch(&["hello", "other"], &opts)?;
+//! assert_eq!(again[0].tokens, out.tokens);
+//! # std::fs::remove_file(&path).ok();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! With a real model:
+//!
 //! ```no_run
 //! use tl_model::llm::{GenerateOptions, Llm};
 //!

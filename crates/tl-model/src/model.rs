@@ -16,6 +16,8 @@ use crate::error::{ModelError, Result};
 use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
 use crate::ops;
 use crate::weights::{Weight, Weights};
+use tl_core::cpu::kernels;
+use tl_core::RopeMode;
 
 /// Which logits a sequence wants back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +75,7 @@ pub struct ForwardState {
     meta: Vec<(usize, usize)>,
     out_rows: Vec<usize>,
     hidden_out: Vec<f32>,
+    rope: Vec<f32>,
     logits: Vec<f32>,
     last_logits: usize,
     attn: Vec<AttnScratch>,
@@ -247,10 +250,14 @@ impl Model {
             }
         }
 
-        let neox = c.rope_layout == RopeLayout::Neox;
+        let rope_mode = match c.rope_layout {
+            RopeLayout::Neox => RopeMode::Neox,
+            RopeLayout::Normal => RopeMode::Normal,
+        };
+        grow(&mut st.rope, c.rope_dims);
         for (il, (lw, lv)) in self.weights.layers.iter().zip(&self.vecs).enumerate() {
             for i in 0..n {
-                ops::rms_norm(
+                kernels::rms_norm_row(
                     &st.x[i * d..(i + 1) * d],
                     &lv.attn_norm,
                     c.rms_eps,
@@ -277,12 +284,14 @@ impl Model {
             let base = c.rope_base_for(il);
             for i in 0..n {
                 let pos = st.meta[i].1;
+                let cache_cs = &mut st.rope[..c.rope_dims];
+                kernels::rope_cache(pos as f32, base, 1.0, None, cache_cs);
                 for h in 0..c.n_heads {
                     let head = &mut st.q[i * qd + h * hd..i * qd + (h + 1) * hd];
                     if let Some(qn) = &lv.q_norm {
-                        ops::rms_norm_inplace(head, qn, c.rms_eps);
+                        kernels::rms_norm_row_inplace(head, qn, c.rms_eps);
                     }
-                    ops::rope_head(head, pos, c.rope_dims, base, neox);
+                    kernels::rope_rotate(head, cache_cs, rope_mode);
                     if c.arch == Arch::Gemma3 {
                         head.iter_mut().for_each(|v| *v *= c.attn_scale);
                     }
@@ -290,9 +299,9 @@ impl Model {
                 for h in 0..c.n_kv_heads {
                     let head = &mut st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
                     if let Some(kn) = &lv.k_norm {
-                        ops::rms_norm_inplace(head, kn, c.rms_eps);
+                        kernels::rms_norm_row_inplace(head, kn, c.rms_eps);
                     }
-                    ops::rope_head(head, pos, c.rope_dims, base, neox);
+                    kernels::rope_rotate(head, cache_cs, rope_mode);
                 }
                 let (si, pos) = st.meta[i];
                 let Some((block, slot)) = batch[si].kv.slot(pos) else {
@@ -347,13 +356,13 @@ impl Model {
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 if let Some(pn) = &lv.post_attn_norm {
-                    ops::rms_norm_inplace(o, pn, c.rms_eps);
+                    kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
                 }
                 st.x[i * d..(i + 1) * d]
                     .iter_mut()
                     .zip(o.iter())
                     .for_each(|(x, y)| *x += y);
-                ops::rms_norm(
+                kernels::rms_norm_row(
                     &st.x[i * d..(i + 1) * d],
                     &lv.ffn_norm,
                     c.rms_eps,
@@ -364,14 +373,14 @@ impl Model {
             self.mm(&lw.up, &st.xn, n, &mut st.up)?;
             let f = c.ffn;
             match c.ffn_act {
-                FfnAct::Silu => ops::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
-                FfnAct::Gelu => ops::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+                FfnAct::Silu => kernels::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+                FfnAct::Gelu => kernels::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
             }
             self.mm(&lw.down, &st.gate, n, &mut st.o)?;
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 if let Some(pn) = &lv.post_ffn_norm {
-                    ops::rms_norm_inplace(o, pn, c.rms_eps);
+                    kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
                 }
                 st.x[i * d..(i + 1) * d]
                     .iter_mut()
@@ -385,7 +394,7 @@ impl Model {
         grow(&mut st.hidden_out, m * d);
         grow(&mut st.logits, m * c.vocab);
         for (j, &r) in st.out_rows.iter().enumerate() {
-            ops::rms_norm(
+            kernels::rms_norm_row(
                 &st.x[r * d..(r + 1) * d],
                 &self.output_norm,
                 c.rms_eps,

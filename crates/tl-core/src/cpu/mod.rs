@@ -11,6 +11,7 @@
 //! never a hidden copy.
 
 pub(crate) mod buffers;
+pub mod kernels;
 pub(crate) mod ops;
 
 use crate::backend::checks;

@@ -7,23 +7,7 @@ use crate::backend::{Activation, BinaryOp, UnaryOp};
 use crate::error::Result;
 use crate::layout::Layout;
 
-/// `sqrt(2/π)` and the cubic coefficient of the tanh GELU, as ggml names
-/// them (`SQRT_2_OVER_PI`, `GELU_COEF_A` in ggml-cpu `vec.h`); ggml's longer
-/// literal rounds to the same f32.
-const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-const GELU_COEF_A: f32 = 0.044715;
-
-/// `x * sigmoid(x)`, as ggml's `ggml_silu_f32`.
-pub(crate) fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))`, as ggml's
-/// `ggml_gelu_f32`. (ggml's CPU path may instead read an f16 lookup table
-/// of this function; this is the exact formula it tabulates.)
-pub(crate) fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
-}
+pub(crate) use crate::cpu::kernels::{gelu, silu};
 
 pub(crate) fn unary_into(op: UnaryOp, x: &[f32], xl: &Layout, out: &mut [f32]) {
     match op {
@@ -202,7 +186,8 @@ fn zip_inplace(
 mod tests {
     use proptest::prelude::*;
 
-    use super::{gelu, silu, SQRT_2_OVER_PI};
+    use super::{gelu, silu};
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     use crate::backend::{Activation, Backend};
     use crate::cpu::ops::test_util::{assert_close, t};
     use crate::cpu::CpuBackend;

@@ -18,13 +18,7 @@ pub(crate) fn rms_norm(
         return Ok(());
     }
     for (off, o_row) in rows.zip(out.chunks_exact_mut(d)) {
-        let row = &x[off..off + d];
-        let sum: f64 = row.iter().map(|&v| f64::from(v * v)).sum();
-        let mean = (sum / d as f64) as f32;
-        let scale = 1.0 / (mean + eps).sqrt();
-        for ((o, &v), &wv) in o_row.iter_mut().zip(row).zip(w) {
-            *o = v * scale * wv;
-        }
+        crate::cpu::kernels::rms_norm_row(&x[off..off + d], w, eps, o_row);
     }
     Ok(())
 }

@@ -4,42 +4,11 @@
 //! is built by repeated f32 multiplication, `θ_i = pos · base^(-2/n_rot)^i`,
 //! divided by the pair's frequency factor and scaled by `freq_scale`.
 
-use crate::backend::{RopeConfig, RopeMode};
+use crate::backend::RopeConfig;
 use crate::cpu::buffers::with_scratch;
+use crate::cpu::kernels::{rope_cache, rope_rotate as rotate};
 use crate::error::Result;
 use crate::layout::Layout;
-
-/// Fills `cache` (`n_rot` long) with `[cos θ_0, sin θ_0, cos θ_1, …]`.
-fn fill_cache(pos: i32, freq_factors: Option<&[f32]>, cfg: &RopeConfig, cache: &mut [f32]) {
-    let theta_scale = cfg.base.powf(-2.0 / cfg.n_rot as f32);
-    let mut theta = pos as f32;
-    for (i, cs) in cache.chunks_exact_mut(2).enumerate() {
-        let ff = freq_factors.map_or(1.0, |f| f[i]);
-        let angle = cfg.freq_scale * (theta / ff);
-        cs[0] = angle.cos();
-        cs[1] = angle.sin();
-        theta *= theta_scale;
-    }
-}
-
-/// Rotates the first `n_rot` values of one head; the rest pass through.
-fn rotate(row: &mut [f32], cache: &[f32], mode: RopeMode) {
-    let n_rot = cache.len();
-    let rot = |x0: f32, x1: f32, cs: &[f32]| (x0 * cs[0] - x1 * cs[1], x0 * cs[1] + x1 * cs[0]);
-    match mode {
-        RopeMode::Normal => {
-            for (pair, cs) in row[..n_rot].chunks_exact_mut(2).zip(cache.chunks_exact(2)) {
-                (pair[0], pair[1]) = rot(pair[0], pair[1], cs);
-            }
-        }
-        RopeMode::Neox => {
-            let (lo, hi) = row[..n_rot].split_at_mut(n_rot / 2);
-            for ((a, b), cs) in lo.iter_mut().zip(hi).zip(cache.chunks_exact(2)) {
-                (*a, *b) = rot(*a, *b, cs);
-            }
-        }
-    }
-}
 
 /// Calls `f(r, off, cache)` for each head row `r` of
 /// `x [n_tokens, n_heads, head_dim]` (storage offset `off`) with that
@@ -58,7 +27,13 @@ fn for_each_head(
         for (r, off) in rows.enumerate() {
             // No rows exist when n_heads is 0, so the modulo is safe.
             if r % n_heads == 0 {
-                fill_cache(positions[r / n_heads], freq_factors, cfg, cache);
+                rope_cache(
+                    positions[r / n_heads] as f32,
+                    cfg.base,
+                    cfg.freq_scale,
+                    freq_factors,
+                    cache,
+                );
             }
             f(r, off, cache);
         }
