@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Fidelity against llama.cpp (fixtures from scripts/make_forward_fixtures.py):
 //! greedy continuations, top-1 agreement under teacher forcing, largest logit
 //! difference, perplexity, and batch invariance.
