@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod cmd_bench;
 mod cmd_generate;
 mod cmd_inspect;
 mod cmd_perplexity;
@@ -30,6 +31,8 @@ enum Command {
     Chat(cmd_generate::ChatArgs),
     /// Perplexity of a text file, computed as llama.cpp's perplexity tool does.
     Perplexity(cmd_perplexity::PerplexityArgs),
+    /// Prompt-processing and generation throughput (llama-bench-like table).
+    Bench(cmd_bench::BenchArgs),
 }
 
 fn main() {
@@ -40,6 +43,7 @@ fn main() {
         Command::Generate(a) => cmd_generate::run_generate(a),
         Command::Chat(a) => cmd_generate::run_chat(a),
         Command::Perplexity(a) => cmd_perplexity::run(a),
+        Command::Bench(a) => cmd_bench::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -305,3 +305,14 @@ impl Runner<'_> {
         })
     }
 }
+
+impl Runner<'_> {
+    /// Prefills `tokens` as one fresh sequence (last logits only), then frees
+    /// it: the unit of work of a prompt-processing benchmark.
+    pub fn prefill_only(&mut self, tokens: &[u32], chunk: usize) -> Result<()> {
+        let mut kv = SeqKv::new();
+        let r = self.prefill(&mut kv, tokens, chunk);
+        kv.free(&mut self.blocks)?;
+        r.map(|_| ())
+    }
+}
