@@ -53,16 +53,13 @@ print(json.dumps(out))
 
 def tl_once(model, p, n, threads):
     res = {}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     r = subprocess.run(
         [TL, "bench", "-m", model, "-p", str(p), "-n", str(n), "-t", str(threads), "-r", "1", "--json"],
         capture_output=True, text=True, check=True,
     )
     for row in json.loads(r.stdout):
         res["pp" if row["test"].startswith("pp") else "tg"] = row["tokens_per_s"]
-    res["rss_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    if res["rss_mib"] < before / 1024:
-        res["rss_mib"] = float("nan")
+        res["rss_mib"] = row.get("peak_rss_mib") or float("nan")
     return res
 
 

@@ -34,6 +34,14 @@ pub struct BenchArgs {
     pub json: bool,
 }
 
+/// Peak resident set size of this process in MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
 fn mean_sd(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let m = v.iter().sum::<f64>() / n;
@@ -102,7 +110,7 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         let out: Vec<_> = rows
             .iter()
             .map(|(test, b, (m, sd))| {
-                json!({"model": name, "size_mib": size, "threads": threads, "test": test, "batch": b, "tokens_per_s": m, "stddev": sd})
+                json!({"model": name, "size_mib": size, "threads": threads, "test": test, "batch": b, "tokens_per_s": m, "stddev": sd, "peak_rss_mib": peak_rss_mib()})
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
