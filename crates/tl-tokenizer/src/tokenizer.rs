@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use rustc_hash::FxHashMap;
 use tl_gguf::{GgufFile, Metadata};
 
 use crate::bpe::{BpeModel, BpeScratch};
@@ -13,6 +14,10 @@ use crate::stream::StreamDecoder;
 use crate::unicode::cp_to_byte;
 use crate::vocab::{TokenAttr, Vocab, VocabKind};
 use crate::TokenId;
+
+/// Words longer than this are not remembered within one `encode` call
+/// (long words rarely repeat, and the map would grow with the text).
+const MAX_CACHED_WORD: usize = 64;
 
 /// How to encode (llama.cpp `llama_tokenize`'s `add_special` / `parse_special`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -187,6 +192,7 @@ impl Tokenizer {
                     out.push(bos()?);
                 }
                 let mut scratch = BpeScratch::default();
+                let mut seen: FxHashMap<&str, (usize, usize)> = FxHashMap::default();
                 let mut cpts = Vec::new();
                 let mut offs = Vec::new();
                 let mut lens = Vec::new();
@@ -206,13 +212,19 @@ impl Tokenizer {
                             // Word lengths are in code points.
                             let mut at = 0;
                             for &n in &lens {
-                                bpe.encode_word(
-                                    v,
-                                    &frag[offs[at]..offs[at + n]],
-                                    &mut scratch,
-                                    &mut out,
-                                );
+                                let word = &frag[offs[at]..offs[at + n]];
                                 at += n;
+                                // A word always merges the same way, so repeats copy
+                                // the tokens of its first occurrence.
+                                if let Some(&(s, len)) = seen.get(word) {
+                                    out.extend_from_within(s..s + len);
+                                    continue;
+                                }
+                                let s = out.len();
+                                bpe.encode_word(v, word, &mut scratch, &mut out);
+                                if word.len() <= MAX_CACHED_WORD {
+                                    seen.insert(word, (s, out.len() - s));
+                                }
                             }
                         }
                     }
