@@ -69,6 +69,8 @@ CORPUS = [
     ("json", '{"key": "value", "list": [1, 2.5, null, true], "nested": {"a": "b"}}'),
     ("markdown", "# Title\n\n* item one\n* item two\n\n```python\nprint('hi')\n```\n"),
     ("html", "<div class=\"x\"><p>Hello &amp; welcome</p><br/></div>"),
+    ("html_spaces", "<p> </p> <b>  </b>\n<i> text </i>"),
+    ("literal_lower_one_eighth_block", "x\u2581y \u2581\u2581z>\u2581</a>"),
     ("rare_unicode", "\U0001F9D1\u200D\U0001F680 \u2603 \u2122 \u00BD \u2460 \U0001D400 \uFFFD \U000E0041"),
 ]
 

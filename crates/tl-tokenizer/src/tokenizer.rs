@@ -9,7 +9,7 @@ use crate::bpe::{BpeModel, BpeScratch};
 use crate::error::{Result, TokenizerError};
 use crate::pretok;
 use crate::special::{partition, Fragment, SpecialMatcher};
-use crate::spm::{self, SpmScratch};
+use crate::spm::{SpmScratch, SpmSplitter};
 use crate::stream::StreamDecoder;
 use crate::unicode::cp_to_byte;
 use crate::vocab::{TokenAttr, Vocab, VocabKind};
@@ -51,6 +51,7 @@ pub struct DecodeOptions {
 pub struct Tokenizer {
     vocab: Vocab,
     bpe: Option<BpeModel>,
+    spm: Option<SpmSplitter>,
     matcher: SpecialMatcher,
     /// Every token's piece as rendered with special tokens shown
     /// (llama.cpp `cache_token_to_piece`), concatenated; `piece_ends[i]` ends piece i.
@@ -86,6 +87,7 @@ impl Tokenizer {
 
     pub fn from_vocab(vocab: Vocab) -> Result<Tokenizer> {
         let bpe = (vocab.kind == VocabKind::Bpe).then(|| BpeModel::new(&vocab));
+        let spm = (vocab.kind == VocabKind::Spm).then(|| SpmSplitter::new(&vocab));
         let matcher = SpecialMatcher::new(&vocab);
         let mut piece_bytes = Vec::new();
         let mut piece_ends = Vec::with_capacity(vocab.len());
@@ -101,6 +103,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             vocab,
             bpe,
+            spm,
             matcher,
             piece_bytes,
             piece_ends,
@@ -234,29 +237,41 @@ impl Tokenizer {
                 }
             }
             _ => {
-                let mut scratch = SpmScratch::default();
-                let mut prev_special = true;
                 if opts.add_special && v.add_bos {
                     out.push(bos()?);
                 }
-                let mut buf = String::new();
-                for f in frags {
-                    match f {
-                        Fragment::Token(id) => {
-                            out.push(id);
+                // Escape every text fragment first: the per-call piece cache
+                // borrows from these strings.
+                let mut prev_special = true;
+                let escaped: Vec<Option<String>> = frags
+                    .iter()
+                    .map(|f| match *f {
+                        Fragment::Token(_) => {
                             prev_special = true;
+                            None
                         }
                         Fragment::Text { start, end } => {
-                            buf.clear();
+                            let mut buf = String::with_capacity(end - start + 3);
                             if v.add_space_prefix && prev_special {
                                 buf.push('▁');
                             }
                             for c in text[start..end].chars() {
                                 buf.push(if c == ' ' { '▁' } else { c });
                             }
-                            spm::encode(v, &buf, &mut scratch, &mut out)?;
                             prev_special = false;
+                            Some(buf)
                         }
+                    })
+                    .collect();
+                let mut scratch = SpmScratch::default();
+                let mut seen = FxHashMap::default();
+                for (f, esc) in frags.iter().zip(&escaped) {
+                    match (f, esc, &self.spm) {
+                        (Fragment::Token(id), _, _) => out.push(*id),
+                        (_, Some(t), Some(spm)) => {
+                            spm.encode(v, t, &mut scratch, &mut seen, &mut out)?
+                        }
+                        _ => {}
                     }
                 }
                 if opts.add_special && v.add_eos {

@@ -202,7 +202,12 @@ fn round_trip_and_stream(fixture: &str) {
                 },
             )
             .unwrap();
-        assert_eq!(dec, text, "{fixture} {name}: decode(encode(x)) != x");
+        // SentencePiece vocabularies write spaces as U+2581, so a literal
+        // U+2581 in the input decodes to a space (llama.cpp does the same;
+        // the parity test holds the exact output).
+        if !(tok.vocab().kind() == tl_tokenizer::VocabKind::Spm && text.contains('\u{2581}')) {
+            assert_eq!(dec, text, "{fixture} {name}: decode(encode(x)) != x");
+        }
 
         let enc = tok
             .encode(
