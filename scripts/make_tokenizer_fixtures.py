@@ -69,8 +69,38 @@ CORPUS = [
     ("json", '{"key": "value", "list": [1, 2.5, null, true], "nested": {"a": "b"}}'),
     ("markdown", "# Title\n\n* item one\n* item two\n\n```python\nprint('hi')\n```\n"),
     ("html", "<div class=\"x\"><p>Hello &amp; welcome</p><br/></div>"),
+    ("html_spaces", "<p> </p> <b>  </b>\n<i> text </i>"),
+    ("literal_lower_one_eighth_block", "x\u2581y \u2581\u2581z>\u2581</a>"),
     ("rare_unicode", "\U0001F9D1\u200D\U0001F680 \u2603 \u2122 \u00BD \u2460 \U0001D400 \uFFFD \U000E0041"),
 ]
+
+
+POOLS = [
+    list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+    ["the", "The", " and", "ing", "tion", "'s", "'T", "'ll", "'RE", "n't", "I'm", "http://", "foo_bar", "camelCase"],
+    list("0123456789"), ["1234567", "3.14", "1e10", "2024-01-01"],
+    list("!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"),
+    [" ", " ", " ", "  ", "   ", "\t", "\n", "\n\n", "\r\n", "\u00a0", "\u3000", "\u2009", "\u200b", "\u2581"],
+    list("中文日本語한국어テキスト漢字"), list("абвгдеёжзПривет"), list("αβγδεΩ"), list("مرحباשלום"), list("नमस्ते"),
+    ["😀", "🦀", "👍🏽", "👨\u200d👩\u200d👧", "❤\ufe0f", "🇯🇵", "\U0001F9D1\u200d\U0001F680"],
+    ["e\u0301", "n\u0303", "\u0308", "\u0323\u0307", "é", "ñ", "ü", "ß", "ﬁ", "Å"],
+    ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>",
+     "<unk>", "<pad>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|im_start", "<start_of", "<unused5>"],
+    ["\x00", "\x07", "\x1b", "\x7f", "\ufffd", "\U0010FFFD", "\ue000", "\u2028", "\u0085"],
+]
+
+
+def random_corpus(n: int, seed: int):
+    import random
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        parts = []
+        for _ in range(rng.randint(1, 40)):
+            pool = rng.choice(POOLS)
+            parts.append(rng.choice(pool) * (1 if rng.random() < 0.9 else rng.randint(2, 6)))
+        out.append("".join(parts))
+    return out
 
 
 def tokenize(vocab, data: bytes, add_special: bool, parse_special: bool):
@@ -134,6 +164,14 @@ def token_fixture(key: str):
             "detok_parse_special_unparse": detokenize(vocab, ids_special, False, True),
             "detok_parse_special": detokenize(vocab, ids_special, False, False),
         })
+    fx["random"] = []
+    for text in random_corpus(150, seed=7):
+        data = text.encode("utf-8")
+        fx["random"].append({
+            "text": text,
+            "ids": tokenize(vocab, data, True, False),
+            "ids_parse_special": tokenize(vocab, data, True, True),
+        })
     return llm, fx
 
 
@@ -191,7 +229,10 @@ def main():
     chat = {"reference": f"llama-cpp-python {llama_cpp.__version__}", "qwen": [], "gemma": []}
     for key in MODELS:
         llm, fx = token_fixture(key)
+        random_entries = fx.pop("random")
         (OUT / f"{key}_tokenizer.json").write_text(json.dumps(fx, ensure_ascii=False, indent=1) + "\n")
+        (OUT / f"{key}_random.json").write_text(
+            json.dumps({"model": fx["model"], "entries": random_entries}, ensure_ascii=False) + "\n")
         print(f"{key}: {len(fx['entries'])} corpus entries")
         if key == "qwen":
             md = llm.metadata

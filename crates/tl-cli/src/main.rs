@@ -7,6 +7,7 @@ mod cmd_generate;
 mod cmd_inspect;
 mod cmd_perplexity;
 mod cmd_synth;
+mod cmd_tokenize;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +34,8 @@ enum Command {
     Perplexity(cmd_perplexity::PerplexityArgs),
     /// Prompt-processing and generation throughput (llama-bench-like table).
     Bench(cmd_bench::BenchArgs),
+    /// Print the token ids and pieces of a text.
+    Tokenize(cmd_tokenize::TokenizeArgs),
 }
 
 fn main() {
@@ -44,6 +47,7 @@ fn main() {
         Command::Chat(a) => cmd_generate::run_chat(a),
         Command::Perplexity(a) => cmd_perplexity::run(a),
         Command::Bench(a) => cmd_bench::run(a),
+        Command::Tokenize(a) => cmd_tokenize::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

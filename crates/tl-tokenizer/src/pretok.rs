@@ -35,6 +35,15 @@ pub(crate) fn split(pre: PreTokenizer, cpts: &[u32], out: &mut Vec<usize>) {
     }
 }
 
+/// `re`, `ve` or `ll` after an apostrophe.
+#[inline]
+fn two_letter_suffix(a: u32, b: u32) -> bool {
+    matches!(
+        (char::from_u32(a), char::from_u32(b)),
+        (Some('r' | 'v'), Some('e')) | (Some('l'), Some('l'))
+    )
+}
+
 /// Sub-slice of `cpts` seen by llama.cpp's `_get_cpt`/`_get_flags` lambdas.
 struct Segment<'a> {
     cpts: &'a [u32],
@@ -111,10 +120,7 @@ fn split_gpt2(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
                 }
                 if pos + 2 < seg.end {
                     let next2 = seg.cpt(pos + 2);
-                    if (next == 'r' as u32 && next2 == 'e' as u32)
-                        || (next == 'v' as u32 && next2 == 'e' as u32)
-                        || (next == 'l' as u32 && next2 == 'l' as u32)
-                    {
+                    if two_letter_suffix(next, next2) {
                         pos += em.add(pos + 3);
                         continue;
                     }
@@ -206,10 +212,7 @@ fn split_llama3(cpts: &[u32], offsets: &[usize], max_digits: usize, out: &mut Ve
                 }
                 if pos + 2 < seg.end {
                     let next2 = to_lower_ascii(seg.cpt(pos + 2));
-                    if (next == 'r' as u32 && next2 == 'e' as u32)
-                        || (next == 'v' as u32 && next2 == 'e' as u32)
-                        || (next == 'l' as u32 && next2 == 'l' as u32)
-                    {
+                    if two_letter_suffix(next, next2) {
                         pos += em.add(pos + 3);
                         continue;
                     }

@@ -11,6 +11,8 @@
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
+use rustc_hash::FxHashMap;
+
 use crate::error::Result;
 use crate::vocab::Vocab;
 use crate::TokenId;
@@ -154,3 +156,80 @@ fn try_add_bigram(
         });
     }
 }
+
+/// Where a text may be cut into pieces that tokenize independently.
+///
+/// A symbol only grows by merging into a vocabulary token, so no symbol can
+/// span two adjacent characters `a b` that occur next to each other in no
+/// token; merges on either side of such a place never meet, and the
+/// leftmost-first tie-break keeps the same relative order on each side. The
+/// pieces therefore tokenize exactly as the whole. Only places before `▁`
+/// are used (word starts), which is where SentencePiece vocabularies nearly
+/// never join characters (Gemma 3: one token, `>▁</`).
+pub(crate) struct SpmSplitter {
+    /// Characters that some token has right before a `▁`.
+    joins_space: rustc_hash::FxHashSet<char>,
+}
+
+impl SpmSplitter {
+    pub(crate) fn new(vocab: &Vocab) -> SpmSplitter {
+        let mut joins_space = rustc_hash::FxHashSet::default();
+        for t in &vocab.texts {
+            let mut prev = None;
+            for c in t.chars() {
+                if c == '▁' {
+                    if let Some(p) = prev {
+                        joins_space.insert(p);
+                    }
+                }
+                prev = Some(c);
+            }
+        }
+        SpmSplitter { joins_space }
+    }
+
+    /// Tokenizes `text` (spaces already `▁`) piece by piece; pieces seen
+    /// before in this call reuse their tokens.
+    pub(crate) fn encode<'t>(
+        &self,
+        vocab: &Vocab,
+        text: &'t str,
+        scratch: &mut SpmScratch,
+        seen: &mut FxHashMap<&'t str, (usize, usize)>,
+        out: &mut Vec<TokenId>,
+    ) -> Result<()> {
+        let mut start = 0;
+        let mut prev: Option<char> = None;
+        for (i, c) in text.char_indices() {
+            if c == '▁' && i > start && prev.is_some_and(|p| !self.joins_space.contains(&p)) {
+                self.encode_piece(vocab, &text[start..i], scratch, seen, out)?;
+                start = i;
+            }
+            prev = Some(c);
+        }
+        self.encode_piece(vocab, &text[start..], scratch, seen, out)
+    }
+
+    fn encode_piece<'t>(
+        &self,
+        vocab: &Vocab,
+        piece: &'t str,
+        scratch: &mut SpmScratch,
+        seen: &mut FxHashMap<&'t str, (usize, usize)>,
+        out: &mut Vec<TokenId>,
+    ) -> Result<()> {
+        if let Some(&(s, len)) = seen.get(piece) {
+            out.extend_from_within(s..s + len);
+            return Ok(());
+        }
+        let s = out.len();
+        encode(vocab, piece, scratch, out)?;
+        if piece.len() <= MAX_CACHED_PIECE {
+            seen.insert(piece, (s, out.len() - s));
+        }
+        Ok(())
+    }
+}
+
+/// Longer pieces are not remembered (they rarely repeat).
+const MAX_CACHED_PIECE: usize = 64;

@@ -2,17 +2,22 @@
 
 use std::path::Path;
 
+use rustc_hash::FxHashMap;
 use tl_gguf::{GgufFile, Metadata};
 
 use crate::bpe::{BpeModel, BpeScratch};
 use crate::error::{Result, TokenizerError};
 use crate::pretok;
 use crate::special::{partition, Fragment, SpecialMatcher};
-use crate::spm::{self, SpmScratch};
+use crate::spm::{SpmScratch, SpmSplitter};
 use crate::stream::StreamDecoder;
 use crate::unicode::cp_to_byte;
 use crate::vocab::{TokenAttr, Vocab, VocabKind};
 use crate::TokenId;
+
+/// Words longer than this are not remembered within one `encode` call
+/// (long words rarely repeat, and the map would grow with the text).
+const MAX_CACHED_WORD: usize = 64;
 
 /// How to encode (llama.cpp `llama_tokenize`'s `add_special` / `parse_special`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +51,7 @@ pub struct DecodeOptions {
 pub struct Tokenizer {
     vocab: Vocab,
     bpe: Option<BpeModel>,
+    spm: Option<SpmSplitter>,
     matcher: SpecialMatcher,
     /// Every token's piece as rendered with special tokens shown
     /// (llama.cpp `cache_token_to_piece`), concatenated; `piece_ends[i]` ends piece i.
@@ -81,6 +87,7 @@ impl Tokenizer {
 
     pub fn from_vocab(vocab: Vocab) -> Result<Tokenizer> {
         let bpe = (vocab.kind == VocabKind::Bpe).then(|| BpeModel::new(&vocab));
+        let spm = (vocab.kind == VocabKind::Spm).then(|| SpmSplitter::new(&vocab));
         let matcher = SpecialMatcher::new(&vocab);
         let mut piece_bytes = Vec::new();
         let mut piece_ends = Vec::with_capacity(vocab.len());
@@ -96,6 +103,7 @@ impl Tokenizer {
         Ok(Tokenizer {
             vocab,
             bpe,
+            spm,
             matcher,
             piece_bytes,
             piece_ends,
@@ -187,6 +195,7 @@ impl Tokenizer {
                     out.push(bos()?);
                 }
                 let mut scratch = BpeScratch::default();
+                let mut seen: FxHashMap<&str, (usize, usize)> = FxHashMap::default();
                 let mut cpts = Vec::new();
                 let mut offs = Vec::new();
                 let mut lens = Vec::new();
@@ -206,13 +215,19 @@ impl Tokenizer {
                             // Word lengths are in code points.
                             let mut at = 0;
                             for &n in &lens {
-                                bpe.encode_word(
-                                    v,
-                                    &frag[offs[at]..offs[at + n]],
-                                    &mut scratch,
-                                    &mut out,
-                                );
+                                let word = &frag[offs[at]..offs[at + n]];
                                 at += n;
+                                // A word always merges the same way, so repeats copy
+                                // the tokens of its first occurrence.
+                                if let Some(&(s, len)) = seen.get(word) {
+                                    out.extend_from_within(s..s + len);
+                                    continue;
+                                }
+                                let s = out.len();
+                                bpe.encode_word(v, word, &mut scratch, &mut out);
+                                if word.len() <= MAX_CACHED_WORD {
+                                    seen.insert(word, (s, out.len() - s));
+                                }
                             }
                         }
                     }
@@ -222,29 +237,41 @@ impl Tokenizer {
                 }
             }
             _ => {
-                let mut scratch = SpmScratch::default();
-                let mut prev_special = true;
                 if opts.add_special && v.add_bos {
                     out.push(bos()?);
                 }
-                let mut buf = String::new();
-                for f in frags {
-                    match f {
-                        Fragment::Token(id) => {
-                            out.push(id);
+                // Escape every text fragment first: the per-call piece cache
+                // borrows from these strings.
+                let mut prev_special = true;
+                let escaped: Vec<Option<String>> = frags
+                    .iter()
+                    .map(|f| match *f {
+                        Fragment::Token(_) => {
                             prev_special = true;
+                            None
                         }
                         Fragment::Text { start, end } => {
-                            buf.clear();
+                            let mut buf = String::with_capacity(end - start + 3);
                             if v.add_space_prefix && prev_special {
                                 buf.push('▁');
                             }
                             for c in text[start..end].chars() {
                                 buf.push(if c == ' ' { '▁' } else { c });
                             }
-                            spm::encode(v, &buf, &mut scratch, &mut out)?;
                             prev_special = false;
+                            Some(buf)
                         }
+                    })
+                    .collect();
+                let mut scratch = SpmScratch::default();
+                let mut seen = FxHashMap::default();
+                for (f, esc) in frags.iter().zip(&escaped) {
+                    match (f, esc, &self.spm) {
+                        (Fragment::Token(id), _, _) => out.push(*id),
+                        (_, Some(t), Some(spm)) => {
+                            spm.encode(v, t, &mut scratch, &mut seen, &mut out)?
+                        }
+                        _ => {}
                     }
                 }
                 if opts.add_special && v.add_eos {
