@@ -150,7 +150,14 @@ impl<'m> Runner<'m> {
                 });
             }
             let mut kv = SeqKv::new();
-            let mut logits = self.prefill(&mut kv, p, opts.prefill_chunk)?;
+            let mut logits = match self.prefill(&mut kv, p, opts.prefill_chunk) {
+                Ok(l) => l,
+                Err(e) => {
+                    // The sequence is not in `live` yet: free its blocks here.
+                    kv.free(&mut self.blocks)?;
+                    return Err(e);
+                }
+            };
             let mut sampler = Sampler::new(opts.sampling.clone())?;
             let mut l = Live {
                 kv,
