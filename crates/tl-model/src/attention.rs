@@ -27,10 +27,11 @@ pub struct AttnParams {
     pub window: Option<usize>,
 }
 
-/// Attends the queries `q` (`n_heads * head_dim`, head-major) of the token at
-/// position `pos` over positions `[lo, pos]` of `seq` in `layer`, writing
-/// `n_heads * head_dim` values to `out`. Position `pos` must already be in
-/// the cache.
+/// Attends query heads `heads` of the token at position `pos` over
+/// positions `[lo, pos]` of `seq` in `layer`. `q` and `out` hold just those
+/// heads (`heads.len() * head_dim`, head-major). Position `pos` must already
+/// be in the cache. Callers split work by (token, head range) so that decode
+/// of a single token still spreads over threads.
 #[allow(clippy::too_many_arguments)] // the per-token hot call; a struct would be rebuilt per token
 pub fn attend(
     cache: &KvCache,
@@ -38,6 +39,7 @@ pub fn attend(
     seq: &SeqKv,
     pos: usize,
     p: &AttnParams,
+    heads: std::ops::Range<usize>,
     q: &[f32],
     out: &mut [f32],
     s: &mut AttnScratch,
@@ -51,9 +53,11 @@ pub fn attend(
     let n = pos + 1 - lo;
     s.scores.resize(n, 0.0);
     s.q16.resize(hd, 0.0);
-    for h in 0..p.n_heads {
+    let h0 = heads.start;
+    for h in heads {
         let g = h / group;
-        for (d, &x) in s.q16.iter_mut().zip(&q[h * hd..(h + 1) * hd]) {
+        let hl = h - h0;
+        for (d, &x) in s.q16.iter_mut().zip(&q[hl * hd..(hl + 1) * hd]) {
             *d = f16::from_f32(x).to_f32();
         }
         // Q·K over the blocks covering [lo, pos].
@@ -83,7 +87,7 @@ pub fn attend(
             sum += *sc;
         }
         let inv = 1.0 / sum;
-        let o = &mut out[h * hd..(h + 1) * hd];
+        let o = &mut out[hl * hd..(hl + 1) * hd];
         o.fill(0.0);
         let mut t = lo;
         while t <= pos {
@@ -170,7 +174,7 @@ mod tests {
                 window,
             };
             let mut out = vec![0.0; n_heads * hd];
-            attend(&cache, 0, &seq, pos, &p, &q, &mut out, &mut s);
+            attend(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut out, &mut s);
             let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
             for h in 0..n_heads {
                 let g = h / 2;

@@ -228,8 +228,8 @@ impl Model {
         grow(&mut st.v, n * kvd);
         grow(&mut st.gate, n * c.ffn);
         grow(&mut st.up, n * c.ffn);
-        if st.attn.len() < n {
-            st.attn.resize_with(n, AttnScratch::default);
+        if st.attn.len() < n * c.n_kv_heads {
+            st.attn.resize_with(n * c.n_kv_heads, AttnScratch::default);
         }
 
         // Embeddings.
@@ -334,19 +334,26 @@ impl Model {
                 let cache_ref: &KvCache = cache;
                 let meta = &st.meta;
                 let q = &st.q;
+                // One task per (token, KV head group): the group's query heads
+                // are contiguous, so each task owns a disjoint output slice.
+                let group = c.n_heads / c.n_kv_heads;
+                let n_kv = c.n_kv_heads;
                 st.att[..n * qd]
-                    .par_chunks_mut(qd)
-                    .zip(st.attn[..n].par_iter_mut())
+                    .par_chunks_mut(group * hd)
+                    .zip(st.attn[..n * n_kv].par_iter_mut())
                     .enumerate()
-                    .for_each(|(i, (out, scratch))| {
+                    .for_each(|(idx, (out, scratch))| {
+                        let (i, g) = (idx / n_kv, idx % n_kv);
                         let (si, pos) = meta[i];
+                        let heads = g * group..(g + 1) * group;
                         attend(
                             cache_ref,
                             il,
                             batch[si].kv,
                             pos,
                             &params,
-                            &q[i * qd..(i + 1) * qd],
+                            heads.clone(),
+                            &q[i * qd + heads.start * hd..i * qd + heads.end * hd],
                             out,
                             scratch,
                         );
