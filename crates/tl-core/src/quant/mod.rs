@@ -19,6 +19,7 @@
 //! alignment, so each block is copied out with `bytemuck::pod_read_unaligned`
 //! (a fixed-size copy onto the stack) rather than reinterpreting the slice.
 
+pub mod dot;
 pub mod float;
 pub mod k_quants;
 pub mod k_search;

@@ -1,0 +1,226 @@
+//! x86-64 kernels: AVX2 (+FMA, F16C) in [`avx2`], AVX-512 (F, BW, VL,
+//! VNNI) in [`avx512`]. Every kernel here is `unsafe` to call for one reason
+//! only: the CPU must run its instruction set. The table in the parent
+//! module holds them only after `is_x86_feature_detected!` said so.
+//!
+//! The 32-value ("legacy") weight types share one kernel shape, written once
+//! by [`legacy_kernel!`] and instantiated per instruction set:
+//!
+//! - weights are unpacked to unsigned levels `u` with `value = u - offset`
+//!   (Q4_0: 8, Q5_0: 16, Q8_0 under VNNI: 128 after flipping the sign bit);
+//! - `u8 x i8` products are summed per block (`vpmaddubsw` + `vpmaddwd`, or
+//!   VNNI `vpdpbusd`), and `offset * sum(activation quants)` is taken off,
+//!   which is ggml's trick in `ggml_vec_dot_q4_0_q8_0` turned from a sign
+//!   flip into a subtraction so that VNNI's unsigned-by-signed product fits;
+//! - eight blocks are done at a time and their eight partial-sum vectors
+//!   are reduced to one vector of eight exact block sums (a transpose by
+//!   `vphaddd`), which is converted to f32 and scaled by the eight products
+//!   `d_w * d_a`. The float accumulation runs one lane per block, the only
+//!   reordering relative to ggml's generic code;
+//! - several activation rows share each unpacked weight group (the tile).
+//!
+//! The activation quants must lie in -127..=127 (what
+//! [`super::quantize_activations`] produces and ggml assumes).
+
+use tl_gguf::GgmlType;
+
+use super::{Kernel, SimdLevel};
+
+mod avx2;
+mod avx512;
+
+/// Fills the table with the kernels of `level` (which the CPU runs).
+pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
+    if level >= SimdLevel::Avx2 {
+        avx2::install(set);
+    }
+    if level >= SimdLevel::Avx512Vnni {
+        avx512::install(set);
+    }
+}
+
+/// AVX2 versions of ggml's x86 `quantize_row_q8_0`/`quantize_row_q8_1` and
+/// of `quantize_row_q8_K_ref`, byte for byte.
+///
+/// # Safety
+///
+/// The CPU runs AVX2, FMA and F16C; `x` is whole blocks of `act_ty` and
+/// `out` holds exactly their bytes.
+pub(crate) unsafe fn quantize_q8_avx2(act_ty: GgmlType, x: &[f32], out: &mut [u8]) {
+    match act_ty {
+        GgmlType::Q8_0 => avx2::quantize_q8_0(x, out),
+        GgmlType::Q8_1 => avx2::quantize_q8_1(x, out),
+        _ => avx2::quantize_q8_k(x, out),
+    }
+}
+
+/// The legacy weight kinds, as const-generic tags.
+pub(super) mod kind {
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q5_0: u8 = 2;
+    pub const Q5_1: u8 = 3;
+    pub const Q8_0: u8 = 4;
+
+    /// Bytes per weight block.
+    pub const fn w_bytes(t: u8) -> usize {
+        match t {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            Q5_0 => 22,
+            Q5_1 => 24,
+            _ => 34,
+        }
+    }
+
+    /// Q4_1/Q5_1: `value = d * u + m`, dotted with Q8_1 (`+ m * s`).
+    pub const fn has_min(t: u8) -> bool {
+        matches!(t, Q4_1 | Q5_1)
+    }
+
+    /// Bytes per activation block (Q8_1 or Q8_0) and where its quants start.
+    pub const fn act_bytes(t: u8) -> usize {
+        if has_min(t) {
+            36
+        } else {
+            34
+        }
+    }
+
+    pub const fn act_qs(t: u8) -> usize {
+        if has_min(t) {
+            4
+        } else {
+            2
+        }
+    }
+}
+
+/// Runs `$f::<T, R>` with `R` = the tile height `out.len()` (1..=4).
+macro_rules! tile_dispatch {
+    ($f:ident, $t:expr, $k:expr, $w:expr, $acts:expr, $row0:expr, $out:expr) => {
+        match $out.len() {
+            1 => $f::<{ $t }, 1>($k, $w, $acts, $row0, $out),
+            2 => $f::<{ $t }, 2>($k, $w, $acts, $row0, $out),
+            3 => $f::<{ $t }, 3>($k, $w, $acts, $row0, $out),
+            _ => $f::<{ $t }, 4>($k, $w, $acts, $row0, $out),
+        }
+    };
+}
+pub(super) use tile_dispatch;
+
+/// The legacy kernel body (see the module docs), for the instruction set
+/// `$feat`. The module that invokes it provides, for weight kind `T`:
+/// `unpack::<T>(block) -> __m256i` (unsigned levels, or for `OFFSET_SHIFT
+/// == None` under AVX2's Q8_0 the signed quants), `block_dot::<T>(w, a)`
+/// (eight i32 partial sums of one block), `offset_shift::<T>()` (log2 of the
+/// offset, if any), `f16x8`, `reduce8`, `hsum_i32`, `hsum_ps`.
+macro_rules! legacy_kernel {
+    ($feat:literal) => {
+        /// One weight row of legacy kind `T` against `R` activation rows.
+        ///
+        /// # Safety
+        ///
+        /// The CPU runs `$feat`; the arguments passed `check_kernel_args`
+        /// (whole weight row, rows `row0..row0 + R` with their extras), and
+        /// `out.len() >= R`.
+        #[target_feature(enable = $feat)]
+        unsafe fn legacy<const T: u8, const R: usize>(
+            k: usize,
+            w: &[u8],
+            acts: &Acts<'_>,
+            row0: usize,
+            out: &mut [f32],
+        ) {
+            use $crate::quant::dot::x86::kind;
+            let nb = k / 32;
+            let wb = kind::w_bytes(T);
+            let ab = kind::act_bytes(T);
+            let aq = kind::act_qs(T);
+            let wp = w.as_ptr();
+            // Row pointers and per-block arrays of each activation row; all
+            // in bounds by the checked contract.
+            let mut arow = [wp; R];
+            let mut drow = [acts.d.as_ptr(); R];
+            let mut srow = [acts.s.as_ptr(); R];
+            let mut sumrow = [acts.sums.as_ptr(); R];
+            for r in 0..R {
+                arow[r] = acts.bytes.as_ptr().add((row0 + r) * acts.row_bytes);
+                drow[r] = acts.d.as_ptr().add((row0 + r) * nb);
+                sumrow[r] = acts.sums.as_ptr().add((row0 + r) * nb);
+                if kind::has_min(T) {
+                    srow[r] = acts.s.as_ptr().add((row0 + r) * nb);
+                }
+            }
+            let mut acc = [_mm256_setzero_ps(); R];
+            let mut accm = [_mm256_setzero_ps(); R];
+            let groups = nb / 8;
+            for g in 0..groups {
+                let b0 = 8 * g;
+                let wblk = wp.add(b0 * wb);
+                let mut wq = [_mm256_setzero_si256(); 8];
+                for j in 0..8 {
+                    wq[j] = unpack::<T>(wblk.add(j * wb));
+                }
+                let dw = f16x8(wblk, wb);
+                let mw = if kind::has_min(T) {
+                    f16x8(wblk.add(2), wb)
+                } else {
+                    _mm256_setzero_ps()
+                };
+                for r in 0..R {
+                    let a = arow[r].add(b0 * ab + aq);
+                    let mut p = [_mm256_setzero_si256(); 8];
+                    for j in 0..8 {
+                        let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
+                        p[j] = block_dot::<T>(wq[j], av);
+                    }
+                    let mut s = reduce8(&p);
+                    if let Some(sh) = offset_shift::<T>() {
+                        let sums = _mm256_loadu_si256(sumrow[r].add(b0) as *const __m256i);
+                        s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
+                    }
+                    let d = _mm256_mul_ps(dw, _mm256_loadu_ps(drow[r].add(b0)));
+                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r]);
+                    if kind::has_min(T) {
+                        let sa = _mm256_loadu_ps(srow[r].add(b0));
+                        accm[r] = _mm256_fmadd_ps(mw, sa, accm[r]);
+                    }
+                }
+            }
+            // The last nb % 8 blocks one by one, each block sum reduced
+            // horizontally (still exact), scaled and added in f32.
+            let mut tail = [0f32; R];
+            for b in groups * 8..nb {
+                let wblk = wp.add(b * wb);
+                let wq = unpack::<T>(wblk);
+                let dw = f16_at(wblk);
+                for r in 0..R {
+                    let av = _mm256_loadu_si256(arow[r].add(b * ab + aq) as *const __m256i);
+                    let mut sumi = hsum_i32(block_dot::<T>(wq, av));
+                    if let Some(sh) = offset_shift::<T>() {
+                        sumi -= *sumrow[r].add(b) << sh;
+                    }
+                    tail[r] += (dw * *drow[r].add(b)) * sumi as f32;
+                    if kind::has_min(T) {
+                        tail[r] += f16_at(wblk.add(2)) * *srow[r].add(b);
+                    }
+                }
+            }
+            for r in 0..R {
+                out[r] = hsum_ps(_mm256_add_ps(acc[r], accm[r])) + tail[r];
+            }
+        }
+    };
+}
+pub(super) use legacy_kernel;
+
+/// An f16 at `p` (any alignment) as f32.
+///
+/// # Safety
+///
+/// `p` points at two readable bytes.
+#[inline(always)]
+pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
+    half::f16::from_bits(std::ptr::read_unaligned(p as *const u16)).to_f32()
+}
