@@ -76,6 +76,8 @@ pub struct ForwardState {
     out_rows: Vec<usize>,
     hidden_out: Vec<f32>,
     rope: Vec<f32>,
+    /// Activations quantized to the weights' vec-dot type.
+    act: Vec<u8>,
     logits: Vec<f32>,
     last_logits: usize,
     attn: Vec<AttnScratch>,
@@ -168,8 +170,15 @@ impl Model {
         Ok(bad)
     }
 
-    fn mm(&self, w: &Weight, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        ops::linear(x, m, w, w.bytes(&self.file), out)
+    fn mm(
+        &self,
+        w: &Weight,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        act: &mut Vec<u8>,
+    ) -> Result<()> {
+        ops::linear(x, m, w, w.bytes(&self.file), out, act)
     }
 
     /// Runs one step over a ragged batch, writing K/V of every token into
@@ -264,9 +273,9 @@ impl Model {
                     &mut st.xn[i * d..(i + 1) * d],
                 );
             }
-            self.mm(&lw.wq, &st.xn, n, &mut st.q)?;
-            self.mm(&lw.wk, &st.xn, n, &mut st.k)?;
-            self.mm(&lw.wv, &st.xn, n, &mut st.v)?;
+            self.mm(&lw.wq, &st.xn, n, &mut st.q, &mut st.act)?;
+            self.mm(&lw.wk, &st.xn, n, &mut st.k, &mut st.act)?;
+            self.mm(&lw.wv, &st.xn, n, &mut st.v, &mut st.act)?;
             for (buf, bias, w) in [
                 (&mut st.q, &lv.bq, qd),
                 (&mut st.k, &lv.bk, kvd),
@@ -359,7 +368,7 @@ impl Model {
                         );
                     });
             }
-            self.mm(&lw.wo, &st.att, n, &mut st.o)?;
+            self.mm(&lw.wo, &st.att, n, &mut st.o, &mut st.act)?;
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 if let Some(pn) = &lv.post_attn_norm {
@@ -376,14 +385,14 @@ impl Model {
                     &mut st.xn[i * d..(i + 1) * d],
                 );
             }
-            self.mm(&lw.gate, &st.xn, n, &mut st.gate)?;
-            self.mm(&lw.up, &st.xn, n, &mut st.up)?;
+            self.mm(&lw.gate, &st.xn, n, &mut st.gate, &mut st.act)?;
+            self.mm(&lw.up, &st.xn, n, &mut st.up, &mut st.act)?;
             let f = c.ffn;
             match c.ffn_act {
                 FfnAct::Silu => kernels::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
                 FfnAct::Gelu => kernels::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
             }
-            self.mm(&lw.down, &st.gate, n, &mut st.o)?;
+            self.mm(&lw.down, &st.gate, n, &mut st.o, &mut st.act)?;
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 if let Some(pn) = &lv.post_ffn_norm {
@@ -419,6 +428,7 @@ impl Model {
             out_w,
             out_w.bytes(&self.file),
             &mut st.logits,
+            &mut st.act,
         )?;
         if let Some(cap) = c.final_logit_softcap {
             for v in st.logits[..m * c.vocab].iter_mut() {

