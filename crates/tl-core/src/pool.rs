@@ -238,7 +238,7 @@ fn worker(s: &Shared) {
                 return;
             }
             spins = spins.wrapping_add(1);
-            if spins % 256 != 0 || spin_from.elapsed() < SPIN {
+            if !spins.is_multiple_of(256) || spin_from.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }

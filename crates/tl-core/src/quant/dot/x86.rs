@@ -114,7 +114,7 @@ pub(super) use tile_dispatch;
 /// `unpack::<T>(block) -> __m256i` (unsigned levels, or for `OFFSET_SHIFT
 /// == None` under AVX2's Q8_0 the signed quants), `block_dot::<T>(w, a)`
 /// (eight i32 partial sums of one block), `offset_shift::<T>()` (log2 of the
-/// offset, if any), `f16x8`, `reduce8`, `hsum_i32`, `hsum_ps`.
+/// offset, if any), `f16x8`, `reduce8`, `hsum_ps`.
 macro_rules! legacy_kernel {
     ($feat:literal) => {
         /// One weight row of legacy kind `T` against `R` activation rows.
@@ -132,88 +132,212 @@ macro_rules! legacy_kernel {
             row0: usize,
             out: &mut [f32],
         ) {
-            use $crate::quant::dot::x86::kind;
             let nb = k / 32;
-            let wb = kind::w_bytes(T);
-            let ab = kind::act_bytes(T);
-            let aq = kind::act_qs(T);
-            let wp = w.as_ptr();
-            // Row pointers and per-block arrays of each activation row; all
-            // in bounds by the checked contract.
-            let mut arow = [wp; R];
-            let mut drow = [acts.d.as_ptr(); R];
-            let mut srow = [acts.s.as_ptr(); R];
-            let mut sumrow = [acts.sums.as_ptr(); R];
+            // Row pointers into the activations and their per-block arrays;
+            // all in bounds by the checked contract.
+            let mut rows = [$crate::quant::dot::x86::ActRow::EMPTY; R];
             for r in 0..R {
-                arow[r] = acts.bytes.as_ptr().add((row0 + r) * acts.row_bytes);
-                drow[r] = acts.d.as_ptr().add((row0 + r) * nb);
-                sumrow[r] = acts.sums.as_ptr().add((row0 + r) * nb);
-                if kind::has_min(T) {
-                    srow[r] = acts.s.as_ptr().add((row0 + r) * nb);
-                }
+                rows[r] = $crate::quant::dot::x86::ActRow::new(acts, row0 + r);
             }
             let mut acc = [_mm256_setzero_ps(); R];
             let mut accm = [_mm256_setzero_ps(); R];
-            let groups = nb / 8;
-            for g in 0..groups {
-                let b0 = 8 * g;
-                let wblk = wp.add(b0 * wb);
-                let mut wq = [_mm256_setzero_si256(); 8];
-                for j in 0..8 {
+            let full = nb / 8;
+            for g in 0..full {
+                legacy_group::<T, R, true>(w.as_ptr(), 8 * g, 8, &rows, &mut acc, &mut accm);
+            }
+            if nb % 8 != 0 {
+                legacy_group::<T, R, false>(
+                    w.as_ptr(),
+                    8 * full,
+                    nb % 8,
+                    &rows,
+                    &mut acc,
+                    &mut accm,
+                );
+            }
+            for r in 0..R {
+                out[r] = hsum_ps(_mm256_add_ps(acc[r], accm[r]));
+            }
+        }
+
+        /// Blocks `b0..b0 + cnt` (`cnt == 8` when `FULL`) of one weight row
+        /// against `R` activation rows: eight exact block sums per row,
+        /// scaled and accumulated one lane per block. A partial group reads
+        /// only its `cnt` blocks; the other lanes get zero scales.
+        ///
+        /// # Safety
+        ///
+        /// As for `legacy`, with blocks `b0..b0 + cnt` inside the row.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn legacy_group<const T: u8, const R: usize, const FULL: bool>(
+            w: *const u8,
+            b0: usize,
+            cnt: usize,
+            rows: &[$crate::quant::dot::x86::ActRow; R],
+            acc: &mut [__m256; R],
+            accm: &mut [__m256; R],
+        ) {
+            use $crate::quant::dot::x86::{kind, part8_f16, part8_f32, part8_i32};
+            let wb = kind::w_bytes(T);
+            let ab = kind::act_bytes(T);
+            let aq = kind::act_qs(T);
+            let wblk = w.add(b0 * wb);
+            let mut wq = [_mm256_setzero_si256(); 8];
+            for j in 0..8 {
+                if FULL || j < cnt {
                     wq[j] = unpack::<T>(wblk.add(j * wb));
                 }
-                let dw = f16x8(wblk, wb);
+            }
+            let (dw, mw) = if FULL {
                 let mw = if kind::has_min(T) {
                     f16x8(wblk.add(2), wb)
                 } else {
                     _mm256_setzero_ps()
                 };
-                for r in 0..R {
-                    let a = arow[r].add(b0 * ab + aq);
-                    let mut p = [_mm256_setzero_si256(); 8];
-                    for j in 0..8 {
+                (f16x8(wblk, wb), mw)
+            } else {
+                let mw = if kind::has_min(T) {
+                    part8_f16(wblk.add(2), wb, cnt)
+                } else {
+                    _mm256_setzero_ps()
+                };
+                (part8_f16(wblk, wb, cnt), mw)
+            };
+            for r in 0..R {
+                let row = &rows[r];
+                let a = row.bytes.add(b0 * ab + aq);
+                let mut p = [_mm256_setzero_si256(); 8];
+                for j in 0..8 {
+                    if FULL || j < cnt {
                         let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
                         p[j] = block_dot::<T>(wq[j], av);
                     }
-                    let mut s = reduce8(&p);
-                    if let Some(sh) = offset_shift::<T>() {
-                        let sums = _mm256_loadu_si256(sumrow[r].add(b0) as *const __m256i);
-                        s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
-                    }
-                    let d = _mm256_mul_ps(dw, _mm256_loadu_ps(drow[r].add(b0)));
-                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r]);
-                    if kind::has_min(T) {
-                        let sa = _mm256_loadu_ps(srow[r].add(b0));
-                        accm[r] = _mm256_fmadd_ps(mw, sa, accm[r]);
-                    }
                 }
-            }
-            // The last nb % 8 blocks one by one, each block sum reduced
-            // horizontally (still exact), scaled and added in f32.
-            let mut tail = [0f32; R];
-            for b in groups * 8..nb {
-                let wblk = wp.add(b * wb);
-                let wq = unpack::<T>(wblk);
-                let dw = f16_at(wblk);
-                for r in 0..R {
-                    let av = _mm256_loadu_si256(arow[r].add(b * ab + aq) as *const __m256i);
-                    let mut sumi = hsum_i32(block_dot::<T>(wq, av));
-                    if let Some(sh) = offset_shift::<T>() {
-                        sumi -= *sumrow[r].add(b) << sh;
-                    }
-                    tail[r] += (dw * *drow[r].add(b)) * sumi as f32;
-                    if kind::has_min(T) {
-                        tail[r] += f16_at(wblk.add(2)) * *srow[r].add(b);
-                    }
+                let mut s = reduce8(&p);
+                if let Some(sh) = offset_shift::<T>() {
+                    let sums = if FULL {
+                        _mm256_loadu_si256(row.sums.add(b0) as *const __m256i)
+                    } else {
+                        part8_i32(row.sums.add(b0), cnt)
+                    };
+                    s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
                 }
-            }
-            for r in 0..R {
-                out[r] = hsum_ps(_mm256_add_ps(acc[r], accm[r])) + tail[r];
+                let da = if FULL {
+                    _mm256_loadu_ps(row.d.add(b0))
+                } else {
+                    part8_f32(row.d.add(b0), cnt)
+                };
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s), acc[r]);
+                if kind::has_min(T) {
+                    let sa = if FULL {
+                        _mm256_loadu_ps(row.s.add(b0))
+                    } else {
+                        part8_f32(row.s.add(b0), cnt)
+                    };
+                    accm[r] = _mm256_fmadd_ps(mw, sa, accm[r]);
+                }
             }
         }
     };
 }
 pub(super) use legacy_kernel;
+
+/// Where one activation row and its per-block arrays start.
+#[derive(Clone, Copy)]
+pub(super) struct ActRow {
+    pub bytes: *const u8,
+    pub d: *const f32,
+    pub s: *const f32,
+    pub sums: *const i32,
+}
+
+impl ActRow {
+    pub const EMPTY: ActRow = ActRow {
+        bytes: std::ptr::null(),
+        d: std::ptr::null(),
+        s: std::ptr::null(),
+        sums: std::ptr::null(),
+    };
+
+    /// Row `i` of `acts`. Pointers past the arrays are never formed: an
+    /// empty extra array (other activation types) gives its base pointer.
+    pub fn new(acts: &super::Acts<'_>, i: usize) -> ActRow {
+        let at = |len: usize| (i * acts.nb).min(len);
+        ActRow {
+            bytes: acts.bytes[(i * acts.row_bytes).min(acts.bytes.len())..].as_ptr(),
+            d: acts.d[at(acts.d.len())..].as_ptr(),
+            s: acts.s[at(acts.s.len())..].as_ptr(),
+            sums: acts.sums[at(acts.sums.len())..].as_ptr(),
+        }
+    }
+}
+
+/// `cnt` (< 8) f16 values `stride` bytes apart as the low lanes of an f32
+/// vector, zeros above: the scales of a partial group.
+///
+/// # Safety
+///
+/// `cnt` values are readable there; the CPU runs AVX2 and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn part8_f16(
+    p: *const u8,
+    stride: usize,
+    cnt: usize,
+) -> core::arch::x86_64::__m256 {
+    let mut v = [0f32; 8];
+    for (j, o) in v.iter_mut().enumerate().take(cnt) {
+        *o = f16_at(p.add(j * stride));
+    }
+    core::arch::x86_64::_mm256_loadu_ps(v.as_ptr())
+}
+
+/// `cnt` (< 8) contiguous f32 as the low lanes of a vector, zeros above.
+///
+/// # Safety
+///
+/// `cnt` values readable at `p`; the CPU runs AVX.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn part8_f32(p: *const f32, cnt: usize) -> core::arch::x86_64::__m256 {
+    let mut v = [0f32; 8];
+    std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), cnt);
+    core::arch::x86_64::_mm256_loadu_ps(v.as_ptr())
+}
+
+/// `cnt` (< 8) contiguous i32 as the low lanes of a vector, zeros above.
+///
+/// # Safety
+///
+/// `cnt` values readable at `p`; the CPU runs AVX.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn part8_i32(p: *const i32, cnt: usize) -> core::arch::x86_64::__m256i {
+    let mut v = [0i32; 8];
+    std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), cnt);
+    core::arch::x86_64::_mm256_loadu_si256(v.as_ptr() as *const core::arch::x86_64::__m256i)
+}
+
+/// Scales and mins of a Q4_K/Q5_K block by ggml's `utmp` word shuffle
+/// (`ggml_vec_dot_q4_K_q8_K`): the same values as
+/// [`crate::quant::k_quants::get_scale_min_k4`] for j = 0..8, in a few
+/// integer operations instead of eight branchy extractions.
+#[inline(always)]
+pub(super) fn k4_utmp(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u0 = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    let u1 = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+    let u2 = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+    let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mins_lo = u1 & KMASK1;
+    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let scales_lo = u0 & KMASK1;
+    let join = |a: u32, b: u32| (u64::from(a) | (u64::from(b) << 32)).to_le_bytes();
+    (join(scales_lo, scales_hi), join(mins_lo, u3))
+}
 
 /// An f16 at `p` (any alignment) as f32.
 ///
@@ -223,4 +347,21 @@ pub(super) use legacy_kernel;
 #[inline(always)]
 pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     half::f16::from_bits(std::ptr::read_unaligned(p as *const u16)).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn utmp_shuffle_is_get_scale_min_k4() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..2000 {
+            let s: [u8; 12] = rng.gen();
+            assert_eq!(
+                super::k4_utmp(&s),
+                crate::quant::dot::scalar::k4_scales_mins(&s)
+            );
+        }
+    }
 }

@@ -61,20 +61,43 @@ pub(super) fn hsum_ps(v: __m256) -> f32 {
 }
 
 /// Eight vectors of eight i32 partial sums to one vector of their eight
-/// totals, in order: a transpose by horizontal adds.
+/// totals, in order: a transpose whose three levels each pair vectors with
+/// two blends and one in-lane shuffle (half the port-5 shuffles of a
+/// `vphaddd` tree, which is what bounds the prefill loop).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(super) fn reduce8(p: &[__m256i; 8]) -> __m256i {
-    let t0 = _mm256_hadd_epi32(p[0], p[1]);
-    let t1 = _mm256_hadd_epi32(p[2], p[3]);
-    let t2 = _mm256_hadd_epi32(p[4], p[5]);
-    let t3 = _mm256_hadd_epi32(p[6], p[7]);
-    // u0 = [s0 s1 s2 s3 (low halves) | s0 s1 s2 s3 (high halves)].
-    let u0 = _mm256_hadd_epi32(t0, t1);
-    let u1 = _mm256_hadd_epi32(t2, t3);
-    let lo = _mm256_permute2x128_si256::<0x20>(u0, u1);
-    let hi = _mm256_permute2x128_si256::<0x31>(u0, u1);
-    _mm256_add_epi32(lo, hi)
+    // Level 1 (`pair!(.., 0b1010_1010, 0b1011_0001)`): [a0+a1, b0+b1,
+    // a2+a3, b2+b3, ...] for pairs (a, b); level 2 (`0b1100_1100`,
+    // `0b0100_1110`): the same on 64-bit halves of each 128-bit lane.
+    macro_rules! pair {
+        ($a:expr, $b:expr, $blend:literal, $swap:literal) => {{
+            let x = _mm256_blend_epi32::<$blend>($a, $b);
+            let y = _mm256_blend_epi32::<$blend>($b, $a);
+            _mm256_add_epi32(x, _mm256_shuffle_epi32::<$swap>(y))
+        }};
+    }
+    macro_rules! pair32 {
+        ($a:expr, $b:expr) => {
+            pair!($a, $b, 0b1010_1010, 0b1011_0001)
+        };
+    }
+    macro_rules! pair64 {
+        ($a:expr, $b:expr) => {
+            pair!($a, $b, 0b1100_1100, 0b0100_1110)
+        };
+    }
+    let q01 = pair32!(p[0], p[1]);
+    let q23 = pair32!(p[2], p[3]);
+    let q45 = pair32!(p[4], p[5]);
+    let q67 = pair32!(p[6], p[7]);
+    // r0 = [s0 s1 s2 s3 (low 128-bit halves) | s0 s1 s2 s3 (high halves)].
+    let r0 = pair64!(q01, q23);
+    let r1 = pair64!(q45, q67);
+    // Level 3: the two 128-bit halves.
+    let x = _mm256_blend_epi32::<0b1111_0000>(r0, r1);
+    let y = _mm256_permute2x128_si256::<0x21>(r0, r1);
+    _mm256_add_epi32(x, y)
 }
 
 /// Eight f16 scales `stride` bytes apart, starting at `p`, as f32.
@@ -214,8 +237,7 @@ const Q8K_BSUMS: usize = 4 + 256;
 /// 12 readable bytes at `p`.
 #[inline(always)]
 unsafe fn k4_scales(p: *const u8) -> ([u8; 8], [u8; 8]) {
-    let s: [u8; 12] = std::ptr::read_unaligned(p as *const [u8; 12]);
-    crate::quant::dot::scalar::k4_scales_mins(&s)
+    super::k4_utmp(&std::ptr::read_unaligned(p as *const [u8; 12]))
 }
 
 /// The mins of a Q4_K/Q5_K block, each repeated twice as i16, to meet the

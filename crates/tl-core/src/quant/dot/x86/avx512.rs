@@ -186,7 +186,7 @@ unsafe fn k4<const FIVE: bool, const R: usize>(
         let dx = f16_at(x);
         let dminx = f16_at(x.add(2));
         let s: [u8; 12] = std::ptr::read_unaligned(x.add(4) as *const [u8; 12]);
-        let (sc, mn) = crate::quant::dot::scalar::k4_scales_mins(&s);
+        let (sc, mn) = super::k4_utmp(&s);
         let scz =
             _mm512_zextsi128_si512(_mm_cvtepu8_epi16(_mm_set1_epi64x(i64::from_le_bytes(sc))));
         let qh = if FIVE {
