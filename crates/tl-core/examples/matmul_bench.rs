@@ -50,6 +50,12 @@ fn random_weights(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
     bytes
 }
 
+/// Nanoseconds this thread has spent on a CPU (Linux schedstat), if known.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let threading = if args.iter().any(|a| a == "rayon") {
@@ -78,8 +84,8 @@ fn main() {
         }
     );
     println!(
-        "{:>6} {:>7} {:>5} {:>3} {:>10} {:>10} {:>9} {:>8}",
-        "k", "n", "type", "m", "p10 us", "median us", "GFLOP/s", "GB/s"
+        "{:>6} {:>7} {:>5} {:>3} {:>10} {:>10} {:>10} {:>9} {:>8}",
+        "k", "n", "type", "m", "p10 us", "median us", "cpu us", "GFLOP/s", "GB/s"
     );
     let shapes = [
         (896, 896, GgmlType::Q5_0),
@@ -123,19 +129,28 @@ fn main() {
             // typical call.
             let budget = Duration::from_millis(if m == 1 { 800 } else { 1500 });
             let start = Instant::now();
+            let cpu0 = thread_cpu_ns();
             let mut times = Vec::new();
             while start.elapsed() < budget || times.len() < 7 {
                 let t0 = Instant::now();
                 call(times.len());
                 times.push(t0.elapsed().as_secs_f64());
             }
+            // On-CPU time of this thread per call: immune to being
+            // descheduled, meaningful for single-threaded runs only.
+            let cpu = match (cpu0, thread_cpu_ns()) {
+                (Some(a), Some(b)) if threading == Threading::Single => {
+                    format!("{:>10.1}", (b - a) as f64 / 1e3 / times.len() as f64)
+                }
+                _ => format!("{:>10}", "-"),
+            };
             times.sort_by(f64::total_cmp);
             let p10 = times[times.len() / 10];
             let med = times[times.len() / 2];
             let flops = 2.0 * (m * n * k) as f64 / p10 / 1e9;
             let gbs = wbytes as f64 / p10 / 1e9;
             println!(
-                "{k:>6} {n:>7} {:>5} {m:>3} {:>10.1} {:>10.1} {flops:>9.1} {gbs:>8.2}",
+                "{k:>6} {n:>7} {:>5} {m:>3} {:>10.1} {:>10.1} {cpu} {flops:>9.1} {gbs:>8.2}",
                 ty.name(),
                 p10 * 1e6,
                 med * 1e6

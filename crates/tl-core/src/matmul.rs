@@ -192,7 +192,7 @@ pub fn matmul_with(
         Threading::Rayon => rayon::current_num_threads(),
         Threading::Single => 1,
     };
-    let rows_per_chunk = chunk_rows(n, m, threads);
+    let rows_per_chunk = chunk_rows(n, m, threads, wb);
     let n_chunks = n.div_ceil(rows_per_chunk);
     let outp = OutPtr(out.as_mut_ptr());
     let job = |c: usize| {
@@ -237,14 +237,18 @@ fn run(threading: Threading, n: usize, f: &(dyn Fn(usize) + Sync)) {
     }
 }
 
-/// Weight rows per claimed chunk: about 16 chunks per thread, so the last
-/// chunks to finish are short, but at least 4 rows (and 1 for tiny n) so
-/// that claiming stays negligible; with many activation rows a weight row
-/// is already a lot of work and chunks shrink accordingly.
-fn chunk_rows(n: usize, m: usize, threads: usize) -> usize {
-    let target = n.div_ceil(16 * threads);
-    let min_rows = if m >= 16 { 1 } else { 4 };
-    target.clamp(min_rows.min(n), 1024)
+/// Weight rows per claimed chunk. For one activation row (decode) about 16
+/// chunks per thread, so the last chunks to finish are short, but at least
+/// 4 rows so that claiming stays negligible. With more activation rows a
+/// chunk is sized to stay in L1 (about 16 KiB of weights) while every
+/// activation tile passes over it.
+fn chunk_rows(n: usize, m: usize, threads: usize, wb: usize) -> usize {
+    let balanced = n.div_ceil(16 * threads).max(1);
+    if m <= MAX_TILE {
+        return balanced.clamp(4.min(n), 1024);
+    }
+    let l1 = ((16 << 10) / wb.max(1)).max(1);
+    balanced.min(l1)
 }
 
 /// Dots weight rows `rows` with all `m` activation rows, writing
@@ -269,10 +273,12 @@ unsafe fn rows_into(
     out: OutPtr,
 ) {
     let mut tile = [0f32; MAX_TILE];
-    for r in rows {
-        let w_row = &w[r * wb..(r + 1) * wb];
-        for i0 in (0..m).step_by(MAX_TILE) {
-            let t = (m - i0).min(MAX_TILE);
+    // Activation tiles outside, weight rows inside: the chunk's weights and
+    // one tile of activations both stay in L1.
+    for i0 in (0..m).step_by(MAX_TILE) {
+        let t = (m - i0).min(MAX_TILE);
+        for r in rows.clone() {
+            let w_row = &w[r * wb..(r + 1) * wb];
             kernel(k, w_row, acts, i0, &mut tile[..t]);
             for (j, &v) in tile[..t].iter().enumerate() {
                 *out.get().add((i0 + j) * n + r) = v;

@@ -114,7 +114,8 @@ pub(super) use tile_dispatch;
 /// `unpack::<T>(block) -> __m256i` (unsigned levels, or for `OFFSET_SHIFT
 /// == None` under AVX2's Q8_0 the signed quants), `block_dot::<T>(w, a)`
 /// (eight i32 partial sums of one block), `offset_shift::<T>()` (log2 of the
-/// offset, if any), `f16x8`, `reduce8`, `hsum_ps`.
+/// offset, if any), `f16xn`, `reduce8`, `reduce4`, `loadn_f32`, `loadn_i32`,
+/// `hsum_i32`, `hsum_ps`.
 macro_rules! legacy_kernel {
     ($feat:literal) => {
         /// One weight row of legacy kind `T` against `R` activation rows.
@@ -132,110 +133,98 @@ macro_rules! legacy_kernel {
             row0: usize,
             out: &mut [f32],
         ) {
+            use $crate::quant::dot::x86::{kind, ActRow};
             let nb = k / 32;
             // Row pointers into the activations and their per-block arrays;
             // all in bounds by the checked contract.
-            let mut rows = [$crate::quant::dot::x86::ActRow::EMPTY; R];
+            let mut rows = [ActRow::EMPTY; R];
             for r in 0..R {
-                rows[r] = $crate::quant::dot::x86::ActRow::new(acts, row0 + r);
+                rows[r] = ActRow::new(acts, row0 + r);
             }
             let mut acc = [_mm256_setzero_ps(); R];
             let mut accm = [_mm256_setzero_ps(); R];
-            let full = nb / 8;
-            for g in 0..full {
-                legacy_group::<T, R, true>(w.as_ptr(), 8 * g, 8, &rows, &mut acc, &mut accm);
+            let mut b0 = 0;
+            while b0 + 8 <= nb {
+                legacy_group::<T, R, 8>(w.as_ptr(), b0, &rows, &mut acc, &mut accm);
+                b0 += 8;
             }
-            if nb % 8 != 0 {
-                legacy_group::<T, R, false>(
-                    w.as_ptr(),
-                    8 * full,
-                    nb % 8,
-                    &rows,
-                    &mut acc,
-                    &mut accm,
-                );
+            if b0 + 4 <= nb {
+                legacy_group::<T, R, 4>(w.as_ptr(), b0, &rows, &mut acc, &mut accm);
+                b0 += 4;
+            }
+            // At most three blocks left (none for k a multiple of 128): each
+            // block sum reduced on its own, still exact.
+            let mut tail = [0f32; R];
+            let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
+            for b in b0..nb {
+                let wblk = w.as_ptr().add(b * wb);
+                let wq = unpack::<T>(wblk);
+                for r in 0..R {
+                    let row = &rows[r];
+                    let av = _mm256_loadu_si256(row.bytes.add(b * ab + aq) as *const __m256i);
+                    let mut sumi = hsum_i32(block_dot::<T>(wq, av));
+                    if let Some(sh) = offset_shift::<T>() {
+                        sumi -= *row.sums.add(b) << sh;
+                    }
+                    tail[r] += (f16_at(wblk) * *row.d.add(b)) * sumi as f32;
+                    if kind::has_min(T) {
+                        tail[r] += f16_at(wblk.add(2)) * *row.s.add(b);
+                    }
+                }
             }
             for r in 0..R {
-                out[r] = hsum_ps(_mm256_add_ps(acc[r], accm[r]));
+                out[r] = hsum_ps(_mm256_add_ps(acc[r], accm[r])) + tail[r];
             }
         }
 
-        /// Blocks `b0..b0 + cnt` (`cnt == 8` when `FULL`) of one weight row
-        /// against `R` activation rows: eight exact block sums per row,
-        /// scaled and accumulated one lane per block. A partial group reads
-        /// only its `cnt` blocks; the other lanes get zero scales.
+        /// Blocks `b0..b0 + N` (N = 8 or 4) of one weight row against `R`
+        /// activation rows: N exact block sums per row, scaled and
+        /// accumulated one lane per block (lanes past N get zero scales).
         ///
         /// # Safety
         ///
-        /// As for `legacy`, with blocks `b0..b0 + cnt` inside the row.
+        /// As for `legacy`, with blocks `b0..b0 + N` inside the row.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn legacy_group<const T: u8, const R: usize, const FULL: bool>(
+        unsafe fn legacy_group<const T: u8, const R: usize, const N: usize>(
             w: *const u8,
             b0: usize,
-            cnt: usize,
             rows: &[$crate::quant::dot::x86::ActRow; R],
             acc: &mut [__m256; R],
             accm: &mut [__m256; R],
         ) {
-            use $crate::quant::dot::x86::{kind, part8_f16, part8_f32, part8_i32};
+            use $crate::quant::dot::x86::kind;
             let wb = kind::w_bytes(T);
             let ab = kind::act_bytes(T);
             let aq = kind::act_qs(T);
             let wblk = w.add(b0 * wb);
             let mut wq = [_mm256_setzero_si256(); 8];
-            for j in 0..8 {
-                if FULL || j < cnt {
-                    wq[j] = unpack::<T>(wblk.add(j * wb));
-                }
+            for j in 0..N {
+                wq[j] = unpack::<T>(wblk.add(j * wb));
             }
-            let (dw, mw) = if FULL {
-                let mw = if kind::has_min(T) {
-                    f16x8(wblk.add(2), wb)
-                } else {
-                    _mm256_setzero_ps()
-                };
-                (f16x8(wblk, wb), mw)
+            let dw = f16xn::<N>(wblk, wb);
+            let mw = if kind::has_min(T) {
+                f16xn::<N>(wblk.add(2), wb)
             } else {
-                let mw = if kind::has_min(T) {
-                    part8_f16(wblk.add(2), wb, cnt)
-                } else {
-                    _mm256_setzero_ps()
-                };
-                (part8_f16(wblk, wb, cnt), mw)
+                _mm256_setzero_ps()
             };
             for r in 0..R {
                 let row = &rows[r];
                 let a = row.bytes.add(b0 * ab + aq);
                 let mut p = [_mm256_setzero_si256(); 8];
-                for j in 0..8 {
-                    if FULL || j < cnt {
-                        let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
-                        p[j] = block_dot::<T>(wq[j], av);
-                    }
+                for j in 0..N {
+                    let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
+                    p[j] = block_dot::<T>(wq[j], av);
                 }
-                let mut s = reduce8(&p);
+                let mut s = if N == 8 { reduce8(&p) } else { reduce4(&p) };
                 if let Some(sh) = offset_shift::<T>() {
-                    let sums = if FULL {
-                        _mm256_loadu_si256(row.sums.add(b0) as *const __m256i)
-                    } else {
-                        part8_i32(row.sums.add(b0), cnt)
-                    };
+                    let sums = loadn_i32::<N>(row.sums.add(b0));
                     s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
                 }
-                let da = if FULL {
-                    _mm256_loadu_ps(row.d.add(b0))
-                } else {
-                    part8_f32(row.d.add(b0), cnt)
-                };
+                let da = loadn_f32::<N>(row.d.add(b0));
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s), acc[r]);
                 if kind::has_min(T) {
-                    let sa = if FULL {
-                        _mm256_loadu_ps(row.s.add(b0))
-                    } else {
-                        part8_f32(row.s.add(b0), cnt)
-                    };
-                    accm[r] = _mm256_fmadd_ps(mw, sa, accm[r]);
+                    accm[r] = _mm256_fmadd_ps(mw, loadn_f32::<N>(row.s.add(b0)), accm[r]);
                 }
             }
         }
@@ -271,52 +260,6 @@ impl ActRow {
             sums: acts.sums[at(acts.sums.len())..].as_ptr(),
         }
     }
-}
-
-/// `cnt` (< 8) f16 values `stride` bytes apart as the low lanes of an f32
-/// vector, zeros above: the scales of a partial group.
-///
-/// # Safety
-///
-/// `cnt` values are readable there; the CPU runs AVX2 and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-pub(super) unsafe fn part8_f16(
-    p: *const u8,
-    stride: usize,
-    cnt: usize,
-) -> core::arch::x86_64::__m256 {
-    let mut v = [0f32; 8];
-    for (j, o) in v.iter_mut().enumerate().take(cnt) {
-        *o = f16_at(p.add(j * stride));
-    }
-    core::arch::x86_64::_mm256_loadu_ps(v.as_ptr())
-}
-
-/// `cnt` (< 8) contiguous f32 as the low lanes of a vector, zeros above.
-///
-/// # Safety
-///
-/// `cnt` values readable at `p`; the CPU runs AVX.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-pub(super) unsafe fn part8_f32(p: *const f32, cnt: usize) -> core::arch::x86_64::__m256 {
-    let mut v = [0f32; 8];
-    std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), cnt);
-    core::arch::x86_64::_mm256_loadu_ps(v.as_ptr())
-}
-
-/// `cnt` (< 8) contiguous i32 as the low lanes of a vector, zeros above.
-///
-/// # Safety
-///
-/// `cnt` values readable at `p`; the CPU runs AVX.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-pub(super) unsafe fn part8_i32(p: *const i32, cnt: usize) -> core::arch::x86_64::__m256i {
-    let mut v = [0i32; 8];
-    std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), cnt);
-    core::arch::x86_64::_mm256_loadu_si256(v.as_ptr() as *const core::arch::x86_64::__m256i)
 }
 
 /// Scales and mins of a Q4_K/Q5_K block by ggml's `utmp` word shuffle

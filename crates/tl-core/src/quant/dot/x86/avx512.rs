@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 
 use tl_gguf::GgmlType;
 
-use super::avx2::{f16x8, hsum_i32, hsum_ps, reduce8};
+use super::avx2::{f16xn, hsum_i32, hsum_ps, loadn_f32, loadn_i32, reduce4, reduce8};
 use super::kind::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::{f16_at, legacy_kernel, tile_dispatch};
 use crate::quant::dot::{Acts, Kernel};
