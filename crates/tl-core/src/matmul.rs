@@ -44,6 +44,9 @@ pub struct MatmulScratch {
     d: Vec<f32>,
     s: Vec<f32>,
     sums: Vec<i32>,
+    /// Activations in the packed layout of the AVX-512 prefill path.
+    #[cfg(target_arch = "x86_64")]
+    packed: crate::quant::dot::x86::gemm::PackedActs,
 }
 
 impl MatmulScratch {
@@ -187,16 +190,59 @@ pub fn matmul_with(
         check_kernel_args(ty, k, &w[..wb], &acts, i0, (m - i0).min(MAX_TILE))?;
     }
 
+    // Prefill of the 32-value types under VNNI: the packed micro-kernel.
+    #[cfg(target_arch = "x86_64")]
+    let packed = if legacy
+        && m > MAX_TILE
+        && table.level >= dot::SimdLevel::Avx512Vnni
+        && packed_prefill_enabled()
+    {
+        let q8_1 = act_ty == GgmlType::Q8_1;
+        crate::quant::dot::x86::gemm::pack_acts(&acts, m, q8_1, &mut scratch.packed);
+        Some(&scratch.packed)
+    } else {
+        None
+    };
+
     let threads = match threading {
         Threading::Pool => ThreadPool::global().threads(),
         Threading::Rayon => rayon::current_num_threads(),
         Threading::Single => 1,
     };
     let rows_per_chunk = chunk_rows(n, m, threads, wb);
+    #[cfg(target_arch = "x86_64")]
+    let rows_per_chunk = if packed.is_some() {
+        let panel = crate::quant::dot::x86::gemm::PANEL;
+        n.div_ceil(16 * threads).div_ceil(panel).max(1) * panel
+    } else {
+        rows_per_chunk
+    };
     let n_chunks = n.div_ceil(rows_per_chunk);
     let outp = OutPtr(out.as_mut_ptr());
     let job = |c: usize| {
         let rows = c * rows_per_chunk..((c + 1) * rows_per_chunk).min(n);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = packed {
+            // SAFETY: the level is AVX-512 VNNI (checked above, from the
+            // detected features); `acts` passed the checks for all m rows
+            // and `p` was packed from it; chunks hold disjoint rows.
+            let done = unsafe {
+                crate::quant::dot::x86::gemm::legacy_rows_for(
+                    ty,
+                    k,
+                    w,
+                    &acts,
+                    p,
+                    m,
+                    n,
+                    rows.clone(),
+                    outp.get(),
+                )
+            };
+            if done {
+                return;
+            }
+        }
         // SAFETY: see `rows_into`.
         unsafe { rows_into(kernel, k, w, wb, &acts, m, n, rows, outp) };
     };
@@ -206,6 +252,14 @@ pub fn matmul_with(
         (0..n_chunks).for_each(job);
     }
     Ok(())
+}
+
+#[cfg(target_arch = "x86_64")]
+/// The packed prefill path is on unless `TL_PACKED_PREFILL=0` (for
+/// comparisons).
+fn packed_prefill_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_PACKED_PREFILL").map_or(true, |v| v != "0"))
 }
 
 #[derive(Clone, Copy)]
@@ -317,10 +371,15 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         for (ty, k) in [
             (Q5_0, 96),
+            (Q5_0, 896),
             (Q8_0, 64),
+            (Q8_0, 448),
             (Q4_0, 320),
+            (Q4_0, 128),
             (Q4_1, 32),
+            (Q4_1, 384),
             (Q5_1, 64),
+            (Q5_1, 480),
             (Q4_K, 512),
             (Q6_K, 256),
             (Q5_K, 256),
@@ -352,7 +411,7 @@ mod tests {
                         assert_eq!(
                             g.to_bits(),
                             e.to_bits(),
-                            "{ty} {threading:?} m={m} n={n} #{j}"
+                            "{ty} k={k} {threading:?} m={m} n={n} #{j}"
                         );
                     }
                     assert!(out[m * n..].iter().all(|v| v.is_nan()), "wrote past m * n");

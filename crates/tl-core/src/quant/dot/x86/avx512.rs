@@ -72,7 +72,7 @@ unsafe fn add_high_bits(q: __m256i, qh: *const u8) -> __m256i {
 /// One whole block of kind `T` is readable at `p`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn unpack<const T: u8>(p: *const u8) -> __m256i {
+pub(super) unsafe fn unpack<const T: u8>(p: *const u8) -> __m256i {
     match T {
         Q4_0 => nibbles(p.add(2)),
         Q4_1 => nibbles(p.add(4)),
