@@ -122,6 +122,8 @@ pub struct ChatArgs {
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     if let Some(t) = threads {
         anyhow::ensure!(t > 0, "--threads must be positive");
+        // The matmul pool and rayon (attention, row ops) get the same count.
+        tl_core::pool::configure_global_threads(t);
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)
             .build_global()

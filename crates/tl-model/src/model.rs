@@ -76,8 +76,8 @@ pub struct ForwardState {
     out_rows: Vec<usize>,
     hidden_out: Vec<f32>,
     rope: Vec<f32>,
-    /// Activations quantized to the weights' vec-dot type.
-    act: Vec<u8>,
+    /// Quantized activations and other matmul buffers.
+    act: tl_core::MatmulScratch,
     logits: Vec<f32>,
     last_logits: usize,
     attn: Vec<AttnScratch>,
@@ -176,7 +176,7 @@ impl Model {
         x: &[f32],
         m: usize,
         out: &mut [f32],
-        act: &mut Vec<u8>,
+        act: &mut tl_core::MatmulScratch,
     ) -> Result<()> {
         ops::linear(x, m, w, w.bytes(&self.file), out, act)
     }

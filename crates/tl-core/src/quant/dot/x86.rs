@@ -28,6 +28,7 @@ use super::{Kernel, SimdLevel};
 
 mod avx2;
 mod avx512;
+pub(crate) mod gemm;
 
 /// Fills the table with the kernels of `level` (which the CPU runs).
 pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
@@ -114,7 +115,8 @@ pub(super) use tile_dispatch;
 /// `unpack::<T>(block) -> __m256i` (unsigned levels, or for `OFFSET_SHIFT
 /// == None` under AVX2's Q8_0 the signed quants), `block_dot::<T>(w, a)`
 /// (eight i32 partial sums of one block), `offset_shift::<T>()` (log2 of the
-/// offset, if any), `f16x8`, `reduce8`, `hsum_i32`, `hsum_ps`.
+/// offset, if any), `f16xn`, `reduce8`, `reduce4`, `loadn_f32`, `loadn_i32`,
+/// `hsum_i32`, `hsum_ps`.
 macro_rules! legacy_kernel {
     ($feat:literal) => {
         /// One weight row of legacy kind `T` against `R` activation rows.
@@ -132,78 +134,42 @@ macro_rules! legacy_kernel {
             row0: usize,
             out: &mut [f32],
         ) {
-            use $crate::quant::dot::x86::kind;
+            use $crate::quant::dot::x86::{kind, ActRow};
             let nb = k / 32;
-            let wb = kind::w_bytes(T);
-            let ab = kind::act_bytes(T);
-            let aq = kind::act_qs(T);
-            let wp = w.as_ptr();
-            // Row pointers and per-block arrays of each activation row; all
-            // in bounds by the checked contract.
-            let mut arow = [wp; R];
-            let mut drow = [acts.d.as_ptr(); R];
-            let mut srow = [acts.s.as_ptr(); R];
-            let mut sumrow = [acts.sums.as_ptr(); R];
+            // Row pointers into the activations and their per-block arrays;
+            // all in bounds by the checked contract.
+            let mut rows = [ActRow::EMPTY; R];
             for r in 0..R {
-                arow[r] = acts.bytes.as_ptr().add((row0 + r) * acts.row_bytes);
-                drow[r] = acts.d.as_ptr().add((row0 + r) * nb);
-                sumrow[r] = acts.sums.as_ptr().add((row0 + r) * nb);
-                if kind::has_min(T) {
-                    srow[r] = acts.s.as_ptr().add((row0 + r) * nb);
-                }
+                rows[r] = ActRow::new(acts, row0 + r);
             }
             let mut acc = [_mm256_setzero_ps(); R];
             let mut accm = [_mm256_setzero_ps(); R];
-            let groups = nb / 8;
-            for g in 0..groups {
-                let b0 = 8 * g;
-                let wblk = wp.add(b0 * wb);
-                let mut wq = [_mm256_setzero_si256(); 8];
-                for j in 0..8 {
-                    wq[j] = unpack::<T>(wblk.add(j * wb));
-                }
-                let dw = f16x8(wblk, wb);
-                let mw = if kind::has_min(T) {
-                    f16x8(wblk.add(2), wb)
-                } else {
-                    _mm256_setzero_ps()
-                };
-                for r in 0..R {
-                    let a = arow[r].add(b0 * ab + aq);
-                    let mut p = [_mm256_setzero_si256(); 8];
-                    for j in 0..8 {
-                        let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
-                        p[j] = block_dot::<T>(wq[j], av);
-                    }
-                    let mut s = reduce8(&p);
-                    if let Some(sh) = offset_shift::<T>() {
-                        let sums = _mm256_loadu_si256(sumrow[r].add(b0) as *const __m256i);
-                        s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
-                    }
-                    let d = _mm256_mul_ps(dw, _mm256_loadu_ps(drow[r].add(b0)));
-                    acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s), acc[r]);
-                    if kind::has_min(T) {
-                        let sa = _mm256_loadu_ps(srow[r].add(b0));
-                        accm[r] = _mm256_fmadd_ps(mw, sa, accm[r]);
-                    }
-                }
+            let mut b0 = 0;
+            while b0 + 8 <= nb {
+                legacy_group::<T, R, 8>(w.as_ptr(), b0, &rows, &mut acc, &mut accm);
+                b0 += 8;
             }
-            // The last nb % 8 blocks one by one, each block sum reduced
-            // horizontally (still exact), scaled and added in f32.
+            if b0 + 4 <= nb {
+                legacy_group::<T, R, 4>(w.as_ptr(), b0, &rows, &mut acc, &mut accm);
+                b0 += 4;
+            }
+            // At most three blocks left (none for k a multiple of 128): each
+            // block sum reduced on its own, still exact.
             let mut tail = [0f32; R];
-            for b in groups * 8..nb {
-                let wblk = wp.add(b * wb);
+            let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
+            for b in b0..nb {
+                let wblk = w.as_ptr().add(b * wb);
                 let wq = unpack::<T>(wblk);
-                let dw = f16_at(wblk);
                 for r in 0..R {
-                    let av = _mm256_loadu_si256(arow[r].add(b * ab + aq) as *const __m256i);
+                    let row = &rows[r];
+                    let av = _mm256_loadu_si256(row.bytes.add(b * ab + aq) as *const __m256i);
                     let mut sumi = hsum_i32(block_dot::<T>(wq, av));
                     if let Some(sh) = offset_shift::<T>() {
-                        sumi -= *sumrow[r].add(b) << sh;
+                        sumi -= *row.sums.add(b) << sh;
                     }
-                    tail[r] += (dw * *drow[r].add(b)) * sumi as f32;
+                    tail[r] += (f16_at(wblk) * *row.d.add(b)) * sumi as f32;
                     if kind::has_min(T) {
-                        tail[r] += f16_at(wblk.add(2)) * *srow[r].add(b);
+                        tail[r] += f16_at(wblk.add(2)) * *row.s.add(b);
                     }
                 }
             }
@@ -211,9 +177,111 @@ macro_rules! legacy_kernel {
                 out[r] = hsum_ps(_mm256_add_ps(acc[r], accm[r])) + tail[r];
             }
         }
+
+        /// Blocks `b0..b0 + N` (N = 8 or 4) of one weight row against `R`
+        /// activation rows: N exact block sums per row, scaled and
+        /// accumulated one lane per block (lanes past N get zero scales).
+        ///
+        /// # Safety
+        ///
+        /// As for `legacy`, with blocks `b0..b0 + N` inside the row.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn legacy_group<const T: u8, const R: usize, const N: usize>(
+            w: *const u8,
+            b0: usize,
+            rows: &[$crate::quant::dot::x86::ActRow; R],
+            acc: &mut [__m256; R],
+            accm: &mut [__m256; R],
+        ) {
+            use $crate::quant::dot::x86::kind;
+            let wb = kind::w_bytes(T);
+            let ab = kind::act_bytes(T);
+            let aq = kind::act_qs(T);
+            let wblk = w.add(b0 * wb);
+            let mut wq = [_mm256_setzero_si256(); 8];
+            for j in 0..N {
+                wq[j] = unpack::<T>(wblk.add(j * wb));
+            }
+            let dw = f16xn::<N>(wblk, wb);
+            let mw = if kind::has_min(T) {
+                f16xn::<N>(wblk.add(2), wb)
+            } else {
+                _mm256_setzero_ps()
+            };
+            for r in 0..R {
+                let row = &rows[r];
+                let a = row.bytes.add(b0 * ab + aq);
+                let mut p = [_mm256_setzero_si256(); 8];
+                for j in 0..N {
+                    let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
+                    p[j] = block_dot::<T>(wq[j], av);
+                }
+                let mut s = if N == 8 { reduce8(&p) } else { reduce4(&p) };
+                if let Some(sh) = offset_shift::<T>() {
+                    let sums = loadn_i32::<N>(row.sums.add(b0));
+                    s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
+                }
+                let da = loadn_f32::<N>(row.d.add(b0));
+                acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s), acc[r]);
+                if kind::has_min(T) {
+                    accm[r] = _mm256_fmadd_ps(mw, loadn_f32::<N>(row.s.add(b0)), accm[r]);
+                }
+            }
+        }
     };
 }
 pub(super) use legacy_kernel;
+
+/// Where one activation row and its per-block arrays start.
+#[derive(Clone, Copy)]
+pub(super) struct ActRow {
+    pub bytes: *const u8,
+    pub d: *const f32,
+    pub s: *const f32,
+    pub sums: *const i32,
+}
+
+impl ActRow {
+    pub const EMPTY: ActRow = ActRow {
+        bytes: std::ptr::null(),
+        d: std::ptr::null(),
+        s: std::ptr::null(),
+        sums: std::ptr::null(),
+    };
+
+    /// Row `i` of `acts`. Pointers past the arrays are never formed: an
+    /// empty extra array (other activation types) gives its base pointer.
+    pub fn new(acts: &super::Acts<'_>, i: usize) -> ActRow {
+        let at = |len: usize| (i * acts.nb).min(len);
+        ActRow {
+            bytes: acts.bytes[(i * acts.row_bytes).min(acts.bytes.len())..].as_ptr(),
+            d: acts.d[at(acts.d.len())..].as_ptr(),
+            s: acts.s[at(acts.s.len())..].as_ptr(),
+            sums: acts.sums[at(acts.sums.len())..].as_ptr(),
+        }
+    }
+}
+
+/// Scales and mins of a Q4_K/Q5_K block by ggml's `utmp` word shuffle
+/// (`ggml_vec_dot_q4_K_q8_K`): the same values as
+/// [`crate::quant::k_quants::get_scale_min_k4`] for j = 0..8, in a few
+/// integer operations instead of eight branchy extractions.
+#[inline(always)]
+pub(super) fn k4_utmp(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
+    const KMASK1: u32 = 0x3f3f_3f3f;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    const KMASK3: u32 = 0x0303_0303;
+    let u0 = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    let u1 = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+    let u2 = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+    let u3 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let mins_lo = u1 & KMASK1;
+    let scales_hi = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let scales_lo = u0 & KMASK1;
+    let join = |a: u32, b: u32| (u64::from(a) | (u64::from(b) << 32)).to_le_bytes();
+    (join(scales_lo, scales_hi), join(mins_lo, u3))
+}
 
 /// An f16 at `p` (any alignment) as f32.
 ///
@@ -223,4 +291,21 @@ pub(super) use legacy_kernel;
 #[inline(always)]
 pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     half::f16::from_bits(std::ptr::read_unaligned(p as *const u16)).to_f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn utmp_shuffle_is_get_scale_min_k4() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..2000 {
+            let s: [u8; 12] = rng.gen();
+            assert_eq!(
+                super::k4_utmp(&s),
+                crate::quant::dot::scalar::k4_scales_mins(&s)
+            );
+        }
+    }
 }

@@ -61,31 +61,69 @@ pub(super) fn hsum_ps(v: __m256) -> f32 {
 }
 
 /// Eight vectors of eight i32 partial sums to one vector of their eight
-/// totals, in order: a transpose by horizontal adds.
+/// totals, in order: a three-level transpose. Level 1 pairs vectors with
+/// 64-bit shifts, adds and a blend (no shuffle-port work, and a form LLVM
+/// does not fold back into `vphaddd`, whose two shuffles per use are what
+/// bounds the prefill loop); levels 2 and 3 take one shuffle per pair.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(super) fn reduce8(p: &[__m256i; 8]) -> __m256i {
-    let t0 = _mm256_hadd_epi32(p[0], p[1]);
-    let t1 = _mm256_hadd_epi32(p[2], p[3]);
-    let t2 = _mm256_hadd_epi32(p[4], p[5]);
-    let t3 = _mm256_hadd_epi32(p[6], p[7]);
-    // u0 = [s0 s1 s2 s3 (low halves) | s0 s1 s2 s3 (high halves)].
-    let u0 = _mm256_hadd_epi32(t0, t1);
-    let u1 = _mm256_hadd_epi32(t2, t3);
-    let lo = _mm256_permute2x128_si256::<0x20>(u0, u1);
-    let hi = _mm256_permute2x128_si256::<0x31>(u0, u1);
-    _mm256_add_epi32(lo, hi)
+    // [a0+a1, b0+b1, a2+a3, b2+b3, ...]: a + (a >> 32) is right in the even
+    // lanes, b + (b << 32) in the odd ones.
+    macro_rules! pair32 {
+        ($a:expr, $b:expr) => {{
+            let x = _mm256_add_epi32($a, _mm256_srli_epi64::<32>($a));
+            let y = _mm256_add_epi32($b, _mm256_slli_epi64::<32>($b));
+            _mm256_blend_epi32::<0b1010_1010>(x, y)
+        }};
+    }
+    // The same on the 64-bit halves of each 128-bit lane.
+    macro_rules! pair64 {
+        ($a:expr, $b:expr) => {{
+            let x = _mm256_blend_epi32::<0b1100_1100>($a, $b);
+            let y = _mm256_blend_epi32::<0b1100_1100>($b, $a);
+            _mm256_add_epi32(x, _mm256_shuffle_epi32::<0b0100_1110>(y))
+        }};
+    }
+    let q01 = pair32!(p[0], p[1]);
+    let q23 = pair32!(p[2], p[3]);
+    let q45 = pair32!(p[4], p[5]);
+    let q67 = pair32!(p[6], p[7]);
+    // r0 = [s0 s1 s2 s3 (low 128-bit halves) | s0 s1 s2 s3 (high halves)].
+    let r0 = pair64!(q01, q23);
+    let r1 = pair64!(q45, q67);
+    // Level 3: the two 128-bit halves.
+    let x = _mm256_blend_epi32::<0b1111_0000>(r0, r1);
+    let y = _mm256_permute2x128_si256::<0x21>(r0, r1);
+    _mm256_add_epi32(x, y)
 }
 
-/// Eight f16 scales `stride` bytes apart, starting at `p`, as f32.
+/// Four such vectors to one vector whose low four lanes are their totals
+/// (high lanes zero).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) fn reduce4(p: &[__m256i; 8]) -> __m256i {
+    let z = _mm256_setzero_si256();
+    let r = reduce8(&[p[0], p[1], p[2], p[3], z, z, z, z]);
+    _mm256_blend_epi32::<0b1111_0000>(r, z)
+}
+
+/// `N` (8 or 4) f16 scales `stride` bytes apart, starting at `p`, as f32
+/// (lanes past `N` zero).
 ///
 /// # Safety
 ///
-/// `p + 7 * stride + 2` is within one readable allocation.
+/// `p + (N - 1) * stride + 2` is within one readable allocation.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-pub(super) unsafe fn f16x8(p: *const u8, stride: usize) -> __m256 {
-    let g = |j: usize| std::ptr::read_unaligned(p.add(j * stride) as *const i16);
+pub(super) unsafe fn f16xn<const N: usize>(p: *const u8, stride: usize) -> __m256 {
+    let g = |j: usize| {
+        if j < N {
+            std::ptr::read_unaligned(p.add(j * stride) as *const i16)
+        } else {
+            0
+        }
+    };
     _mm256_cvtph_ps(_mm_setr_epi16(
         g(0),
         g(1),
@@ -96,6 +134,36 @@ pub(super) unsafe fn f16x8(p: *const u8, stride: usize) -> __m256 {
         g(6),
         g(7),
     ))
+}
+
+/// `N` (8 or 4) f32 at `p` as a vector (lanes past `N` zero).
+///
+/// # Safety
+///
+/// `N` values readable at `p`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn loadn_f32<const N: usize>(p: *const f32) -> __m256 {
+    if N == 8 {
+        _mm256_loadu_ps(p)
+    } else {
+        _mm256_zextps128_ps256(_mm_loadu_ps(p))
+    }
+}
+
+/// `N` (8 or 4) i32 at `p` as a vector (lanes past `N` zero).
+///
+/// # Safety
+///
+/// `N` values readable at `p`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) unsafe fn loadn_i32<const N: usize>(p: *const i32) -> __m256i {
+    if N == 8 {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        _mm256_zextsi128_si256(_mm_loadu_si128(p as *const __m128i))
+    }
 }
 
 /// ggml `bytes_from_nibbles_32`: 16 bytes to 32 nibbles, low nibbles first.
@@ -214,8 +282,7 @@ const Q8K_BSUMS: usize = 4 + 256;
 /// 12 readable bytes at `p`.
 #[inline(always)]
 unsafe fn k4_scales(p: *const u8) -> ([u8; 8], [u8; 8]) {
-    let s: [u8; 12] = std::ptr::read_unaligned(p as *const [u8; 12]);
-    crate::quant::dot::scalar::k4_scales_mins(&s)
+    super::k4_utmp(&std::ptr::read_unaligned(p as *const [u8; 12]))
 }
 
 /// The mins of a Q4_K/Q5_K block, each repeated twice as i16, to meet the

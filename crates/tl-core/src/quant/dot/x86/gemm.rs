@@ -1,0 +1,435 @@
+//! Prefill path for the 32-value weight types under AVX-512 VNNI: a packed
+//! GEMM micro-kernel that needs no horizontal reductions.
+//!
+//! The tile kernels (`legacy_kernel!`) reduce each block's eight partial
+//! sums across lanes, which costs as much as the products themselves once
+//! a weight block is shared by several activation rows. Here both operands
+//! are repacked per group of eight blocks into a *dword-transposed* layout:
+//! 32-byte vector `t` of a group holds bytes `4t..4t + 4` of blocks 0..7, one
+//! block per 32-bit lane. Eight `vpdpbusd` over `t = 0..8` then leave block
+//! `l`'s exact integer sum in lane `l`, ready for the per-block scales.
+//!
+//! Activations are packed once per matmul ([`pack_acts`]); weights one
+//! panel of [`PANEL`] rows at a time into a per-thread buffer, and each
+//! panel meets every pair of activation rows in a 2 x 4 register tile.
+//!
+//! The lanes, the groups and their order, the zero-scaled padding of a
+//! final group of 4 and the per-block tail are exactly those of the tile
+//! kernel, so both paths give the same bits (checked by the matmul tests).
+
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+use super::avx2::{f16xn, hsum_ps};
+use super::kind::{self, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::{f16_at, ActRow};
+use crate::quant::dot::Acts;
+
+/// Weight rows per packed panel (the micro-kernel's columns).
+pub(crate) const PANEL: usize = 4;
+/// Activation rows per micro-kernel call.
+const ROWS: usize = 2;
+
+/// Blocks of a row that go through packed groups: whole groups of 8, then
+/// one group of 4 if at least 4 remain; the last `nb % 4` blocks are the
+/// tail, done one by one as in the tile kernel.
+pub(crate) fn packed_blocks(nb: usize) -> (usize, usize) {
+    let full = nb / 8;
+    let half = usize::from(nb % 8 >= 4);
+    let groups = full + half;
+    (groups, 8 * full + 4 * half)
+}
+
+/// The packed activations of one matmul.
+#[derive(Default)]
+pub(crate) struct PackedActs {
+    /// `m * groups` groups of 256 bytes.
+    pub q: Vec<u8>,
+    /// `m * groups * 8` scales, block sums and (Q8_1) `s`, zero past the
+    /// blocks of a final group of 4.
+    pub d: Vec<f32>,
+    pub sums: Vec<i32>,
+    pub s: Vec<f32>,
+    pub groups: usize,
+}
+
+/// Packs `m` activation rows of `acts` (Q8_0 or Q8_1, `nb` blocks each).
+pub(crate) fn pack_acts(acts: &Acts<'_>, m: usize, q8_1: bool, out: &mut PackedActs) {
+    let nb = acts.nb;
+    let (groups, nbp) = packed_blocks(nb);
+    let (ab, aq) = if q8_1 { (36, 4) } else { (34, 2) };
+    out.groups = groups;
+    out.q.resize(m * groups * 256, 0);
+    out.d.resize(m * groups * 8, 0.0);
+    out.sums.resize(m * groups * 8, 0);
+    out.s.resize(m * groups * 8, 0.0);
+    for i in 0..m {
+        let row = &acts.bytes[i * acts.row_bytes..(i + 1) * acts.row_bytes];
+        let q = &mut out.q[i * groups * 256..(i + 1) * groups * 256];
+        let lanes = i * groups * 8..(i + 1) * groups * 8;
+        let (d, sums, s) = (
+            &mut out.d[lanes.clone()],
+            &mut out.sums[lanes.clone()],
+            &mut out.s[lanes],
+        );
+        for g in 0..groups {
+            for l in 0..8 {
+                let b = 8 * g + l;
+                let at = g * 256 + 4 * l;
+                if b < nbp {
+                    let blk = &row[b * ab + aq..b * ab + aq + 32];
+                    for t in 0..8 {
+                        q[at + 32 * t..at + 32 * t + 4].copy_from_slice(&blk[4 * t..4 * t + 4]);
+                    }
+                    d[8 * g + l] = acts.d[i * nb + b];
+                    sums[8 * g + l] = acts.sums[i * nb + b];
+                    if q8_1 {
+                        s[8 * g + l] = acts.s[i * nb + b];
+                    }
+                } else {
+                    for t in 0..8 {
+                        q[at + 32 * t..at + 32 * t + 4].fill(0);
+                    }
+                    d[8 * g + l] = 0.0;
+                    sums[8 * g + l] = 0;
+                    s[8 * g + l] = 0.0;
+                }
+            }
+        }
+    }
+}
+
+/// Transposes eight rows of eight dwords: vector `t` of the result holds
+/// dword `t` of rows 0..7.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+fn transpose8(r: &[__m256i; 8]) -> [__m256i; 8] {
+    let t0 = _mm256_unpacklo_epi32(r[0], r[1]);
+    let t1 = _mm256_unpackhi_epi32(r[0], r[1]);
+    let t2 = _mm256_unpacklo_epi32(r[2], r[3]);
+    let t3 = _mm256_unpackhi_epi32(r[2], r[3]);
+    let t4 = _mm256_unpacklo_epi32(r[4], r[5]);
+    let t5 = _mm256_unpackhi_epi32(r[4], r[5]);
+    let t6 = _mm256_unpacklo_epi32(r[6], r[7]);
+    let t7 = _mm256_unpackhi_epi32(r[6], r[7]);
+    let u0 = _mm256_unpacklo_epi64(t0, t2);
+    let u1 = _mm256_unpackhi_epi64(t0, t2);
+    let u2 = _mm256_unpacklo_epi64(t1, t3);
+    let u3 = _mm256_unpackhi_epi64(t1, t3);
+    let u4 = _mm256_unpacklo_epi64(t4, t6);
+    let u5 = _mm256_unpackhi_epi64(t4, t6);
+    let u6 = _mm256_unpacklo_epi64(t5, t7);
+    let u7 = _mm256_unpackhi_epi64(t5, t7);
+    [
+        _mm256_permute2x128_si256::<0x20>(u0, u4),
+        _mm256_permute2x128_si256::<0x20>(u1, u5),
+        _mm256_permute2x128_si256::<0x20>(u2, u6),
+        _mm256_permute2x128_si256::<0x20>(u3, u7),
+        _mm256_permute2x128_si256::<0x31>(u0, u4),
+        _mm256_permute2x128_si256::<0x31>(u1, u5),
+        _mm256_permute2x128_si256::<0x31>(u2, u6),
+        _mm256_permute2x128_si256::<0x31>(u3, u7),
+    ]
+}
+
+/// One packed weight row: levels, scales `dw` and mins `mw` per lane.
+#[derive(Clone, Copy)]
+struct WRow {
+    q: *const u8,
+    d: *const f32,
+    m: *const f32,
+}
+
+/// Packs weight row `w` (kind `T`) into `q` (`groups * 256` bytes), `d`
+/// and `m` (`groups * 8` lanes each).
+///
+/// # Safety
+///
+/// The CPU runs the features; `w` holds the whole row of `nb` blocks and
+/// the outputs have the sizes above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn pack_weight_row<const T: u8>(
+    w: *const u8,
+    nb: usize,
+    q: *mut u8,
+    d: *mut f32,
+    m: *mut f32,
+) {
+    let (groups, nbp) = packed_blocks(nb);
+    let wb = kind::w_bytes(T);
+    for g in 0..groups {
+        let cnt = (nbp - 8 * g).min(8);
+        let wblk = w.add(8 * g * wb);
+        let mut r = [_mm256_setzero_si256(); 8];
+        for l in 0..cnt {
+            r[l] = super::avx512::unpack::<T>(wblk.add(l * wb));
+        }
+        let cols = transpose8(&r);
+        for t in 0..8 {
+            _mm256_storeu_si256(q.add(g * 256 + 32 * t) as *mut __m256i, cols[t]);
+        }
+        let (dv, mv) = if cnt == 8 {
+            (f16xn::<8>(wblk, wb), f16xn::<8>(wblk.add(2), wb))
+        } else {
+            (f16xn::<4>(wblk, wb), f16xn::<4>(wblk.add(2), wb))
+        };
+        _mm256_storeu_ps(d.add(8 * g), dv);
+        let mv = if kind::has_min(T) {
+            mv
+        } else {
+            _mm256_setzero_ps()
+        };
+        _mm256_storeu_ps(m.add(8 * g), mv);
+    }
+}
+
+/// `R` packed activation rows against `C` packed weight rows over `groups`
+/// groups: `out[r][c]` = the sum over all packed blocks, as the tile kernel
+/// forms it before its tail.
+///
+/// # Safety
+///
+/// The CPU runs the features; every pointer covers `groups` groups.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn micro<const T: u8, const R: usize, const C: usize>(
+    groups: usize,
+    a: &[ActRow; R],
+    w: &[WRow; C],
+) -> [[f32; C]; R] {
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut accm = [[_mm256_setzero_ps(); C]; R];
+    let shift = offset_shift::<T>();
+    for g in 0..groups {
+        let mut p = [[_mm256_setzero_si256(); C]; R];
+        for t in 0..8 {
+            let mut wv = [_mm256_setzero_si256(); C];
+            for c in 0..C {
+                wv[c] = _mm256_loadu_si256(w[c].q.add(g * 256 + 32 * t) as *const __m256i);
+            }
+            for r in 0..R {
+                let av = _mm256_loadu_si256(a[r].bytes.add(g * 256 + 32 * t) as *const __m256i);
+                for c in 0..C {
+                    p[r][c] = _mm256_dpbusd_epi32(p[r][c], wv[c], av);
+                }
+            }
+        }
+        for r in 0..R {
+            let da = _mm256_loadu_ps(a[r].d.add(8 * g));
+            let off = if let Some(sh) = shift {
+                let sums = _mm256_loadu_si256(a[r].sums.add(8 * g) as *const __m256i);
+                _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh))
+            } else {
+                _mm256_setzero_si256()
+            };
+            for c in 0..C {
+                let s = if shift.is_some() {
+                    _mm256_sub_epi32(p[r][c], off)
+                } else {
+                    p[r][c]
+                };
+                let dw = _mm256_loadu_ps(w[c].d.add(8 * g));
+                acc[r][c] =
+                    _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s), acc[r][c]);
+                if kind::has_min(T) {
+                    let sa = _mm256_loadu_ps(a[r].s.add(8 * g));
+                    let mw = _mm256_loadu_ps(w[c].m.add(8 * g));
+                    accm[r][c] = _mm256_fmadd_ps(mw, sa, accm[r][c]);
+                }
+            }
+        }
+    }
+    let mut out = [[0f32; C]; R];
+    for r in 0..R {
+        for c in 0..C {
+            out[r][c] = hsum_ps(_mm256_add_ps(acc[r][c], accm[r][c]));
+        }
+    }
+    out
+}
+
+/// log2 of the level offset (see the `avx512` unpacking).
+const fn offset_shift<const T: u8>() -> Option<i32> {
+    match T {
+        Q4_0 => Some(3),
+        Q5_0 => Some(4),
+        Q8_0 => Some(7),
+        _ => None,
+    }
+}
+
+/// The signed values of one weight block (level minus offset; Q4_1/Q5_1
+/// levels as they are), for the tail blocks.
+fn block_values<const T: u8>(b: &[u8]) -> [i32; 32] {
+    let mut v = [0i32; 32];
+    let nib = |qs: &[u8], j: usize| {
+        if j < 16 {
+            i32::from(qs[j] & 0xF)
+        } else {
+            i32::from(qs[j - 16] >> 4)
+        }
+    };
+    let hbit = |qh: &[u8], j: usize| {
+        let h = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+        (((h >> j) & 1) as i32) << 4
+    };
+    for j in 0..32 {
+        v[j] = match T {
+            Q4_0 => nib(&b[2..], j) - 8,
+            Q4_1 => nib(&b[4..], j),
+            Q5_0 => (nib(&b[6..], j) | hbit(&b[2..], j)) - 16,
+            Q5_1 => nib(&b[8..], j) | hbit(&b[4..], j),
+            _ => i32::from(b[2 + j] as i8),
+        };
+    }
+    v
+}
+
+thread_local! {
+    /// Per-thread packed weight panel: levels, scales, mins. Grows to the
+    /// largest panel seen, then is reused.
+    static PANEL_BUF: RefCell<(Vec<u8>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Weight rows `rows` (kind `T`, `k` values, `wb` bytes each, in `w`)
+/// against all `m` activation rows: `out[i * n + r]`.
+///
+/// # Safety
+///
+/// The CPU runs AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; `acts` passed
+/// `check_kernel_args` for all `m` rows and `packed` was packed from it;
+/// `rows` lies within the `n` rows of `w`; `out` points at `m * n`
+/// writable f32 of which no other thread writes the columns `rows`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn legacy_rows<const T: u8>(
+    k: usize,
+    w: &[u8],
+    acts: &Acts<'_>,
+    packed: &PackedActs,
+    m: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    let nb = k / 32;
+    let wb = kind::w_bytes(T);
+    let row_bytes = nb * wb;
+    let (groups, nbp) = packed_blocks(nb);
+    PANEL_BUF.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        let (bq, bd, bm) = &mut *buf;
+        bq.resize(PANEL * groups * 256, 0);
+        bd.resize(PANEL * groups * 8, 0.0);
+        bm.resize(PANEL * groups * 8, 0.0);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let cols = (rows.end - r0).min(PANEL);
+            let mut wrows = [WRow {
+                q: bq.as_ptr(),
+                d: bd.as_ptr(),
+                m: bm.as_ptr(),
+            }; PANEL];
+            for c in 0..cols {
+                let (q, d, mm) = (
+                    bq.as_mut_ptr().add(c * groups * 256),
+                    bd.as_mut_ptr().add(c * groups * 8),
+                    bm.as_mut_ptr().add(c * groups * 8),
+                );
+                pack_weight_row::<T>(w.as_ptr().add((r0 + c) * row_bytes), nb, q, d, mm);
+                wrows[c] = WRow { q, d, m: mm };
+            }
+            let mut i0 = 0;
+            while i0 < m {
+                let rr = (m - i0).min(ROWS);
+                let mut a = [ActRow::EMPTY; ROWS];
+                for r in 0..rr {
+                    let i = i0 + r;
+                    a[r] = ActRow {
+                        bytes: packed.q.as_ptr().add(i * groups * 256),
+                        d: packed.d.as_ptr().add(i * groups * 8),
+                        s: packed.s.as_ptr().add(i * groups * 8),
+                        sums: packed.sums.as_ptr().add(i * groups * 8),
+                    };
+                }
+                let mut res = [[0f32; PANEL]; ROWS];
+                macro_rules! call {
+                    ($r:literal, $c:literal) => {{
+                        let ar: &[ActRow; $r] = &*(a.as_ptr() as *const [ActRow; $r]);
+                        let wr: &[WRow; $c] = &*(wrows.as_ptr() as *const [WRow; $c]);
+                        let o = micro::<T, $r, $c>(groups, ar, wr);
+                        for r in 0..$r {
+                            res[r][..$c].copy_from_slice(&o[r]);
+                        }
+                    }};
+                }
+                match (rr, cols) {
+                    (2, 4) => call!(2, 4),
+                    (2, 3) => call!(2, 3),
+                    (2, 2) => call!(2, 2),
+                    (2, _) => call!(2, 1),
+                    (_, 4) => call!(1, 4),
+                    (_, 3) => call!(1, 3),
+                    (_, 2) => call!(1, 2),
+                    (_, _) => call!(1, 1),
+                }
+                // The tail blocks, as the tile kernel adds them.
+                for r in 0..rr {
+                    let i = i0 + r;
+                    let arow = ActRow::new(acts, i);
+                    for c in 0..cols {
+                        let wrow = w.as_ptr().add((r0 + c) * row_bytes);
+                        let mut tail = 0f32;
+                        for b in nbp..nb {
+                            let wblk = std::slice::from_raw_parts(wrow.add(b * wb), wb);
+                            let v = block_values::<T>(wblk);
+                            let aq = arow.bytes.add(b * kind::act_bytes(T) + kind::act_qs(T));
+                            let mut sumi = 0i32;
+                            for (j, &x) in v.iter().enumerate() {
+                                sumi += x * i32::from(*aq.add(j) as i8);
+                            }
+                            tail += (f16_at(wblk.as_ptr()) * *arow.d.add(b)) * sumi as f32;
+                            if kind::has_min(T) {
+                                tail += f16_at(wblk.as_ptr().add(2)) * *arow.s.add(b);
+                            }
+                        }
+                        *out.add(i * n + r0 + c) = res[r][c] + tail;
+                    }
+                }
+                i0 += rr;
+            }
+            r0 += cols;
+        }
+    });
+}
+
+/// [`legacy_rows`] for weight kind `ty`, or `false` if this path does not
+/// take it.
+///
+/// # Safety
+///
+/// As for [`legacy_rows`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn legacy_rows_for(
+    ty: tl_gguf::GgmlType,
+    k: usize,
+    w: &[u8],
+    acts: &Acts<'_>,
+    packed: &PackedActs,
+    m: usize,
+    n: usize,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+) -> bool {
+    use tl_gguf::GgmlType as G;
+    match ty {
+        G::Q4_0 => legacy_rows::<Q4_0>(k, w, acts, packed, m, n, rows, out),
+        G::Q4_1 => legacy_rows::<Q4_1>(k, w, acts, packed, m, n, rows, out),
+        G::Q5_0 => legacy_rows::<Q5_0>(k, w, acts, packed, m, n, rows, out),
+        G::Q5_1 => legacy_rows::<Q5_1>(k, w, acts, packed, m, n, rows, out),
+        G::Q8_0 => legacy_rows::<Q8_0>(k, w, acts, packed, m, n, rows, out),
+        _ => return false,
+    }
+    true
+}
