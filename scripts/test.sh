@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 scripts/fetch_models.py all >/dev/null
-cargo test --workspace --locked "$@"
+cargo test --workspace --release --locked "$@"

@@ -2,8 +2,12 @@
 
 use clap::{Parser, Subcommand};
 
+mod cmd_bench;
+mod cmd_generate;
 mod cmd_inspect;
+mod cmd_perplexity;
 mod cmd_synth;
+mod cmd_tokenize;
 
 #[derive(Parser)]
 #[command(
@@ -22,6 +26,16 @@ enum Command {
     Inspect(cmd_inspect::InspectArgs),
     /// Write a small random-weight GGUF model of a given architecture.
     Synth(cmd_synth::SynthArgs),
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(cmd_generate::GenerateArgs),
+    /// Interactive chat with the model's chat template.
+    Chat(cmd_generate::ChatArgs),
+    /// Perplexity of a text file, computed as llama.cpp's perplexity tool does.
+    Perplexity(cmd_perplexity::PerplexityArgs),
+    /// Prompt-processing and generation throughput (llama-bench-like table).
+    Bench(cmd_bench::BenchArgs),
+    /// Print the token ids and pieces of a text.
+    Tokenize(cmd_tokenize::TokenizeArgs),
 }
 
 fn main() {
@@ -29,6 +43,11 @@ fn main() {
     let result = match &cli.command {
         Command::Inspect(a) => cmd_inspect::run(a),
         Command::Synth(a) => cmd_synth::run(a),
+        Command::Generate(a) => cmd_generate::run_generate(a),
+        Command::Chat(a) => cmd_generate::run_chat(a),
+        Command::Perplexity(a) => cmd_perplexity::run(a),
+        Command::Bench(a) => cmd_bench::run(a),
+        Command::Tokenize(a) => cmd_tokenize::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

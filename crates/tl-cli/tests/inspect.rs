@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! `tl inspect` driven as a user would, on both real models.
 
 use std::path::PathBuf;

@@ -216,7 +216,18 @@ impl Drop for ThreadPool {
     }
 }
 
+static REQUESTED_THREADS: OnceLock<usize> = OnceLock::new();
+
+/// Sets the size of the global pool (e.g. from a `--threads` flag). Must be
+/// called before the pool's first use; returns false if it is too late.
+pub fn configure_global_threads(threads: usize) -> bool {
+    threads > 0 && REQUESTED_THREADS.set(threads).is_ok()
+}
+
 fn default_threads() -> usize {
+    if let Some(&n) = REQUESTED_THREADS.get() {
+        return n;
+    }
     std::env::var("TL_NUM_THREADS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Malformed files: each gives an error naming the problem (and the byte
 //! offset where one applies), never a panic and never an allocation sized by
 //! an unchecked count.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! read → write → read gives equal metadata and byte-identical tensor data,
 //! on a synthetic file with every value type and on the real models when
 //! present (CI fetches them; see scripts/fetch_models.py).

@@ -28,6 +28,12 @@ pub enum ModelError {
     BadToken { token: u32, vocab: usize },
     #[error("prompt {0} is empty")]
     EmptyPrompt(usize),
+    #[error("prompt of {prompt} tokens does not fit the context of {context} (use a larger --ctx-size or truncation)")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error(transparent)]
+    Tokenizer(#[from] tl_tokenizer::TokenizerError),
+    #[error(transparent)]
+    Template(#[from] tl_tokenizer::TemplateError),
     #[error("synthetic model: {0}")]
     Synth(String),
     #[error("tensor '{tensor}': {err}")]

@@ -101,7 +101,10 @@ impl<'m> Runner<'m> {
             kv: &kv,
             logits: Logits::All,
         }];
-        let out = self.model.forward(&mut self.cache, &b, &mut self.state).map(|l| l.to_vec());
+        let out = self
+            .model
+            .forward(&mut self.cache, &b, &mut self.state)
+            .map(|l| l.to_vec());
         kv.free(&mut self.blocks)?;
         out
     }
@@ -147,7 +150,14 @@ impl<'m> Runner<'m> {
                 });
             }
             let mut kv = SeqKv::new();
-            let mut logits = self.prefill(&mut kv, p, opts.prefill_chunk)?;
+            let mut logits = match self.prefill(&mut kv, p, opts.prefill_chunk) {
+                Ok(l) => l,
+                Err(e) => {
+                    // The sequence is not in `live` yet: free its blocks here.
+                    kv.free(&mut self.blocks)?;
+                    return Err(e);
+                }
+            };
             let mut sampler = Sampler::new(opts.sampling.clone())?;
             let mut l = Live {
                 kv,
@@ -168,7 +178,9 @@ impl<'m> Runner<'m> {
         }
         let vocab = self.model.config.vocab;
         loop {
-            let active: Vec<usize> = (0..live.len()).filter(|&i| live[i].finish.is_none()).collect();
+            let active: Vec<usize> = (0..live.len())
+                .filter(|&i| live[i].finish.is_none())
+                .collect();
             if active.is_empty() {
                 return Ok(());
             }
@@ -179,11 +191,17 @@ impl<'m> Runner<'m> {
                 }
                 live[i].kv.reserve(&mut self.blocks, 1)?;
             }
-            let active: Vec<usize> = active.into_iter().filter(|&i| live[i].finish.is_none()).collect();
+            let active: Vec<usize> = active
+                .into_iter()
+                .filter(|&i| live[i].finish.is_none())
+                .collect();
             if active.is_empty() {
                 return Ok(());
             }
-            let toks: Vec<[u32; 1]> = active.iter().map(|&i| [live[i].next.unwrap_or(0)]).collect();
+            let toks: Vec<[u32; 1]> = active
+                .iter()
+                .map(|&i| [live[i].next.unwrap_or(0)])
+                .collect();
             let batch: Vec<SeqBatch> = active
                 .iter()
                 .zip(&toks)
@@ -194,13 +212,16 @@ impl<'m> Runner<'m> {
                     logits: Logits::Last,
                 })
                 .collect();
-            self.model.forward(&mut self.cache, &batch, &mut self.state)?;
+            self.model
+                .forward(&mut self.cache, &batch, &mut self.state)?;
             drop(batch);
             let rows = self.state.logits_mut();
             for (j, &i) in active.iter().enumerate() {
                 let l = &mut live[i];
                 l.kv.len += 1;
-                let t = l.sampler.sample(&mut rows[j * vocab..(j + 1) * vocab], &l.history);
+                let t = l
+                    .sampler
+                    .sample(&mut rows[j * vocab..(j + 1) * vocab], &l.history);
                 Self::accept(i, l, t, opts, on_token);
             }
         }
@@ -254,7 +275,9 @@ impl Runner<'_> {
         mut progress: impl FnMut(usize, usize, f64),
     ) -> Result<Perplexity> {
         if ctx < 4 {
-            return Err(ModelError::BadConfig(format!("perplexity context {ctx} is too small (≥ 4)")));
+            return Err(ModelError::BadConfig(format!(
+                "perplexity context {ctx} is too small (≥ 4)"
+            )));
         }
         let n_chunks = tokens.len() / ctx;
         if n_chunks == 0 {
@@ -287,5 +310,16 @@ impl Runner<'_> {
             chunks: n_chunks,
             scored: count,
         })
+    }
+}
+
+impl Runner<'_> {
+    /// Prefills `tokens` as one fresh sequence (last logits only), then frees
+    /// it: the unit of work of a prompt-processing benchmark.
+    pub fn prefill_only(&mut self, tokens: &[u32], chunk: usize) -> Result<()> {
+        let mut kv = SeqKv::new();
+        let r = self.prefill(&mut kv, tokens, chunk);
+        kv.free(&mut self.blocks)?;
+        r.map(|_| ())
     }
 }

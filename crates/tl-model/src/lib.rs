@@ -5,10 +5,11 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod kv;
+pub mod llm;
 pub mod model;
 mod ops;
 pub mod sampler;
-pub mod weights;
 pub mod synth;
+pub mod weights;
 
 pub use error::{ModelError, Result};

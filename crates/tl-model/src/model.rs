@@ -16,6 +16,8 @@ use crate::error::{ModelError, Result};
 use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
 use crate::ops;
 use crate::weights::{Weight, Weights};
+use tl_core::cpu::kernels;
+use tl_core::RopeMode;
 
 /// Which logits a sequence wants back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +75,9 @@ pub struct ForwardState {
     meta: Vec<(usize, usize)>,
     out_rows: Vec<usize>,
     hidden_out: Vec<f32>,
+    rope: Vec<f32>,
+    /// Quantized activations and other matmul buffers.
+    act: tl_core::MatmulScratch,
     logits: Vec<f32>,
     last_logits: usize,
     attn: Vec<AttnScratch>,
@@ -165,8 +170,15 @@ impl Model {
         Ok(bad)
     }
 
-    fn mm(&self, w: &Weight, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        ops::linear(x, m, w, w.bytes(&self.file), out)
+    fn mm(
+        &self,
+        w: &Weight,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        act: &mut tl_core::MatmulScratch,
+    ) -> Result<()> {
+        ops::linear(x, m, w, w.bytes(&self.file), out, act)
     }
 
     /// Runs one step over a ragged batch, writing K/V of every token into
@@ -225,8 +237,8 @@ impl Model {
         grow(&mut st.v, n * kvd);
         grow(&mut st.gate, n * c.ffn);
         grow(&mut st.up, n * c.ffn);
-        if st.attn.len() < n {
-            st.attn.resize_with(n, AttnScratch::default);
+        if st.attn.len() < n * c.n_kv_heads {
+            st.attn.resize_with(n * c.n_kv_heads, AttnScratch::default);
         }
 
         // Embeddings.
@@ -247,35 +259,48 @@ impl Model {
             }
         }
 
-        let neox = c.rope_layout == RopeLayout::Neox;
+        let rope_mode = match c.rope_layout {
+            RopeLayout::Neox => RopeMode::Neox,
+            RopeLayout::Normal => RopeMode::Normal,
+        };
+        grow(&mut st.rope, c.rope_dims);
         for (il, (lw, lv)) in self.weights.layers.iter().zip(&self.vecs).enumerate() {
             for i in 0..n {
-                ops::rms_norm(
+                kernels::rms_norm_row(
                     &st.x[i * d..(i + 1) * d],
                     &lv.attn_norm,
                     c.rms_eps,
                     &mut st.xn[i * d..(i + 1) * d],
                 );
             }
-            self.mm(&lw.wq, &st.xn, n, &mut st.q)?;
-            self.mm(&lw.wk, &st.xn, n, &mut st.k)?;
-            self.mm(&lw.wv, &st.xn, n, &mut st.v)?;
-            for (buf, bias, w) in [(&mut st.q, &lv.bq, qd), (&mut st.k, &lv.bk, kvd), (&mut st.v, &lv.bv, kvd)] {
+            self.mm(&lw.wq, &st.xn, n, &mut st.q, &mut st.act)?;
+            self.mm(&lw.wk, &st.xn, n, &mut st.k, &mut st.act)?;
+            self.mm(&lw.wv, &st.xn, n, &mut st.v, &mut st.act)?;
+            for (buf, bias, w) in [
+                (&mut st.q, &lv.bq, qd),
+                (&mut st.k, &lv.bk, kvd),
+                (&mut st.v, &lv.bv, kvd),
+            ] {
                 if let Some(b) = bias {
                     for i in 0..n {
-                        buf[i * w..(i + 1) * w].iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        buf[i * w..(i + 1) * w]
+                            .iter_mut()
+                            .zip(b)
+                            .for_each(|(x, y)| *x += y);
                     }
                 }
             }
             let base = c.rope_base_for(il);
             for i in 0..n {
                 let pos = st.meta[i].1;
+                let cache_cs = &mut st.rope[..c.rope_dims];
+                kernels::rope_cache(pos as f32, base, 1.0, None, cache_cs);
                 for h in 0..c.n_heads {
                     let head = &mut st.q[i * qd + h * hd..i * qd + (h + 1) * hd];
                     if let Some(qn) = &lv.q_norm {
-                        ops::rms_norm_inplace(head, qn, c.rms_eps);
+                        kernels::rms_norm_row_inplace(head, qn, c.rms_eps);
                     }
-                    ops::rope_head(head, pos, c.rope_dims, base, neox);
+                    kernels::rope_rotate(head, cache_cs, rope_mode);
                     if c.arch == Arch::Gemma3 {
                         head.iter_mut().for_each(|v| *v *= c.attn_scale);
                     }
@@ -283,9 +308,9 @@ impl Model {
                 for h in 0..c.n_kv_heads {
                     let head = &mut st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
                     if let Some(kn) = &lv.k_norm {
-                        ops::rms_norm_inplace(head, kn, c.rms_eps);
+                        kernels::rms_norm_row_inplace(head, kn, c.rms_eps);
                     }
-                    ops::rope_head(head, pos, c.rope_dims, base, neox);
+                    kernels::rope_rotate(head, cache_cs, rope_mode);
                 }
                 let (si, pos) = st.meta[i];
                 let Some((block, slot)) = batch[si].kv.slot(pos) else {
@@ -303,59 +328,80 @@ impl Model {
                 n_heads: c.n_heads,
                 n_kv_heads: c.n_kv_heads,
                 head_dim: hd,
-                scale: if c.arch == Arch::Gemma3 { 1.0 } else { c.attn_scale },
-                window: if c.is_swa_layer(il) { c.sliding_window } else { None },
+                scale: if c.arch == Arch::Gemma3 {
+                    1.0
+                } else {
+                    c.attn_scale
+                },
+                window: if c.is_swa_layer(il) {
+                    c.sliding_window
+                } else {
+                    None
+                },
             };
             {
                 let cache_ref: &KvCache = cache;
                 let meta = &st.meta;
                 let q = &st.q;
+                // One task per (token, KV head group): the group's query heads
+                // are contiguous, so each task owns a disjoint output slice.
+                let group = c.n_heads / c.n_kv_heads;
+                let n_kv = c.n_kv_heads;
                 st.att[..n * qd]
-                    .par_chunks_mut(qd)
-                    .zip(st.attn[..n].par_iter_mut())
+                    .par_chunks_mut(group * hd)
+                    .zip(st.attn[..n * n_kv].par_iter_mut())
                     .enumerate()
-                    .for_each(|(i, (out, scratch))| {
+                    .for_each(|(idx, (out, scratch))| {
+                        let (i, g) = (idx / n_kv, idx % n_kv);
                         let (si, pos) = meta[i];
+                        let heads = g * group..(g + 1) * group;
                         attend(
                             cache_ref,
                             il,
                             batch[si].kv,
                             pos,
                             &params,
-                            &q[i * qd..(i + 1) * qd],
+                            heads.clone(),
+                            &q[i * qd + heads.start * hd..i * qd + heads.end * hd],
                             out,
                             scratch,
                         );
                     });
             }
-            self.mm(&lw.wo, &st.att, n, &mut st.o)?;
+            self.mm(&lw.wo, &st.att, n, &mut st.o, &mut st.act)?;
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 if let Some(pn) = &lv.post_attn_norm {
-                    ops::rms_norm_inplace(o, pn, c.rms_eps);
+                    kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
                 }
-                st.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
-                ops::rms_norm(
+                st.x[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(x, y)| *x += y);
+                kernels::rms_norm_row(
                     &st.x[i * d..(i + 1) * d],
                     &lv.ffn_norm,
                     c.rms_eps,
                     &mut st.xn[i * d..(i + 1) * d],
                 );
             }
-            self.mm(&lw.gate, &st.xn, n, &mut st.gate)?;
-            self.mm(&lw.up, &st.xn, n, &mut st.up)?;
+            self.mm(&lw.gate, &st.xn, n, &mut st.gate, &mut st.act)?;
+            self.mm(&lw.up, &st.xn, n, &mut st.up, &mut st.act)?;
             let f = c.ffn;
             match c.ffn_act {
-                FfnAct::Silu => ops::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
-                FfnAct::Gelu => ops::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+                FfnAct::Silu => kernels::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+                FfnAct::Gelu => kernels::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
             }
-            self.mm(&lw.down, &st.gate, n, &mut st.o)?;
+            self.mm(&lw.down, &st.gate, n, &mut st.o, &mut st.act)?;
             for i in 0..n {
                 let o = &mut st.o[i * d..(i + 1) * d];
                 if let Some(pn) = &lv.post_ffn_norm {
-                    ops::rms_norm_inplace(o, pn, c.rms_eps);
+                    kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
                 }
-                st.x[i * d..(i + 1) * d].iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+                st.x[i * d..(i + 1) * d]
+                    .iter_mut()
+                    .zip(o.iter())
+                    .for_each(|(x, y)| *x += y);
             }
         }
 
@@ -364,15 +410,26 @@ impl Model {
         grow(&mut st.hidden_out, m * d);
         grow(&mut st.logits, m * c.vocab);
         for (j, &r) in st.out_rows.iter().enumerate() {
-            ops::rms_norm(
+            kernels::rms_norm_row(
                 &st.x[r * d..(r + 1) * d],
                 &self.output_norm,
                 c.rms_eps,
                 &mut st.hidden_out[j * d..(j + 1) * d],
             );
         }
-        let out_w = self.weights.output.as_ref().unwrap_or(&self.weights.token_embd);
-        ops::linear(&st.hidden_out, m, out_w, out_w.bytes(&self.file), &mut st.logits)?;
+        let out_w = self
+            .weights
+            .output
+            .as_ref()
+            .unwrap_or(&self.weights.token_embd);
+        ops::linear(
+            &st.hidden_out,
+            m,
+            out_w,
+            out_w.bytes(&self.file),
+            &mut st.logits,
+            &mut st.act,
+        )?;
         if let Some(cap) = c.final_logit_softcap {
             for v in st.logits[..m * c.vocab].iter_mut() {
                 *v = (*v / cap).tanh() * cap;

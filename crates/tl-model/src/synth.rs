@@ -94,7 +94,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
     if spec.n_layers == 0 || spec.n_heads == 0 || spec.n_kv_heads == 0 || spec.head_dim == 0 {
         return Err(bad("layers, heads and head_dim must be positive".into()));
     }
-    if spec.n_heads % spec.n_kv_heads != 0 {
+    if !spec.n_heads.is_multiple_of(spec.n_kv_heads) {
         return Err(bad(format!(
             "{} heads is not a multiple of {} KV heads",
             spec.n_heads, spec.n_kv_heads
@@ -258,7 +258,7 @@ fn add_tensor(
     vals: &[f32],
 ) -> Result<()> {
     let row = dims.first().copied().unwrap_or(1) as usize;
-    if row % ty.block_size() != 0 {
+    if !row.is_multiple_of(ty.block_size()) {
         return Err(bad(format!(
             "tensor '{name}': rows of {row} values are not a whole number of {ty} blocks of {}",
             ty.block_size()

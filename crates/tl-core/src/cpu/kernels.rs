@@ -1,0 +1,150 @@
+//! Row kernels on plain slices, shared by the CPU backend's tensor ops and by
+//! the model forward pass (which works on preallocated slices). Numerics are
+//! ggml's: f64 sums in RMS norm, rope angles by repeated f32 multiplication
+//! (`ggml_rope_cache_init`), and an f16-quantized GELU matching ggml-cpu's
+//! lookup table.
+
+use half::f16;
+
+use crate::backend::RopeMode;
+
+/// `sqrt(2/π)` and the cubic coefficient of the tanh GELU (ggml-cpu `vec.h`).
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+const GELU_COEF_A: f32 = 0.044715;
+
+/// `x * sigmoid(x)` (ggml `ggml_silu_f32`).
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `0.5·x·(1 + tanh(sqrt(2/π)·(x + 0.044715·x³)))` (ggml `ggml_gelu_f32`).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+}
+
+/// GELU as ggml's CPU backend evaluates it (`ggml_vec_gelu_f32` with
+/// `GGML_GELU_FP16`): the input rounded to f16, looked up in a table of
+/// f16-rounded `gelu` values, saturating beyond ±10.
+#[inline]
+pub fn gelu_ggml_cpu(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        f16::from_f32(gelu(f16::from_f32(x).to_f32())).to_f32()
+    }
+}
+
+/// `1 / sqrt(mean(x²) + eps)` with the sum in f64, as ggml's `rms_norm`.
+#[inline]
+pub fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
+    let mean = (sum / x.len().max(1) as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+/// `out = x * rms_scale(x) * w`.
+pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let scale = rms_scale(x, eps);
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * scale * g;
+    }
+}
+
+/// In-place [`rms_norm_row`].
+pub fn rms_norm_row_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let scale = rms_scale(x, eps);
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * scale * g;
+    }
+}
+
+/// Fills `cache` (`n_rot` values) with `[cos θ_0, sin θ_0, cos θ_1, …]` for
+/// position `pos`: `θ_i = freq_scale · pos · base^(-2/n_rot)^i / ff_i`.
+pub fn rope_cache(
+    pos: f32,
+    base: f32,
+    freq_scale: f32,
+    freq_factors: Option<&[f32]>,
+    cache: &mut [f32],
+) {
+    let n_rot = cache.len();
+    let theta_scale = base.powf(-2.0 / n_rot as f32);
+    let mut theta = pos;
+    for (i, cs) in cache.chunks_exact_mut(2).enumerate() {
+        let ff = freq_factors.and_then(|f| f.get(i).copied()).unwrap_or(1.0);
+        let angle = freq_scale * (theta / ff);
+        cs[0] = angle.cos();
+        cs[1] = angle.sin();
+        theta *= theta_scale;
+    }
+}
+
+/// Rotates the first `cache.len()` values of one head by a [`rope_cache`].
+pub fn rope_rotate(row: &mut [f32], cache: &[f32], mode: RopeMode) {
+    let n_rot = cache.len();
+    let rot = |x0: f32, x1: f32, cs: &[f32]| (x0 * cs[0] - x1 * cs[1], x0 * cs[1] + x1 * cs[0]);
+    match mode {
+        RopeMode::Normal => {
+            for (pair, cs) in row[..n_rot].chunks_exact_mut(2).zip(cache.chunks_exact(2)) {
+                (pair[0], pair[1]) = rot(pair[0], pair[1], cs);
+            }
+        }
+        RopeMode::Neox => {
+            let (lo, hi) = row[..n_rot].split_at_mut(n_rot / 2);
+            for ((a, b), cs) in lo.iter_mut().zip(hi).zip(cache.chunks_exact(2)) {
+                (*a, *b) = rot(*a, *b, cs);
+            }
+        }
+    }
+}
+
+/// `g = silu(g) * u`.
+pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    for (a, &b) in g.iter_mut().zip(u) {
+        *a = silu(*a) * b;
+    }
+}
+
+/// `g = gelu_ggml_cpu(g) * u`.
+pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
+    for (a, &b) in g.iter_mut().zip(u) {
+        *a = gelu_ggml_cpu(*a) * b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_by_hand() {
+        let mut out = [0.0; 4];
+        rms_norm_row(&[1.0, 2.0, 3.0, 4.0], &[1.0; 4], 0.0, &mut out);
+        let s = 1.0 / 7.5f32.sqrt();
+        assert_eq!(out, [s, 2.0 * s, 3.0 * s, 4.0 * s]);
+    }
+
+    #[test]
+    fn gelu_table_semantics() {
+        assert_eq!(gelu_ggml_cpu(-11.0), 0.0);
+        assert_eq!(gelu_ggml_cpu(12.5), 12.5);
+        // Within f16 rounding of the exact formula.
+        for x in [-3.0f32, -0.5, 0.0, 0.7, 2.0] {
+            assert!((gelu_ggml_cpu(x) - gelu(x)).abs() <= 2e-3 * (1.0 + gelu(x).abs()));
+        }
+        assert_eq!(gelu_ggml_cpu(0.0), 0.0);
+    }
+
+    #[test]
+    fn rope_position_one_rotates_by_one_radian() {
+        let mut cache = [0.0; 2];
+        rope_cache(1.0, 10000.0, 1.0, None, &mut cache);
+        let mut row = [1.0, 0.0];
+        rope_rotate(&mut row, &cache, RopeMode::Normal);
+        assert_eq!(row, [1f32.cos(), 1f32.sin()]);
+    }
+}

@@ -1,0 +1,591 @@
+//! The vocabulary as read from GGUF metadata: token texts, scores, attributes,
+//! special ids and the per-model switches. Ported from llama.cpp
+//! `src/llama-vocab.cpp` (`llama_vocab::impl::load`), including its
+//! text-based fix-ups of special tokens, because those change how text is
+//! split and rendered.
+
+use rustc_hash::FxHashMap;
+use tl_gguf::{Array, Metadata};
+
+use crate::error::{Result, TokenizerError};
+use crate::TokenId;
+
+/// Per-token attributes, bit for bit llama.cpp's `llama_token_attr`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TokenAttr(pub u32);
+
+impl TokenAttr {
+    pub const UNDEFINED: TokenAttr = TokenAttr(0);
+    pub const UNKNOWN: TokenAttr = TokenAttr(1 << 0);
+    pub const UNUSED: TokenAttr = TokenAttr(1 << 1);
+    pub const NORMAL: TokenAttr = TokenAttr(1 << 2);
+    pub const CONTROL: TokenAttr = TokenAttr(1 << 3);
+    pub const USER_DEFINED: TokenAttr = TokenAttr(1 << 4);
+    pub const BYTE: TokenAttr = TokenAttr(1 << 5);
+    pub const NORMALIZED: TokenAttr = TokenAttr(1 << 6);
+    pub const LSTRIP: TokenAttr = TokenAttr(1 << 7);
+    pub const RSTRIP: TokenAttr = TokenAttr(1 << 8);
+    pub const SINGLE_WORD: TokenAttr = TokenAttr(1 << 9);
+
+    /// Whether any bit of `other` is set.
+    pub fn has(self, other: TokenAttr) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    fn with(self, other: TokenAttr) -> TokenAttr {
+        TokenAttr(self.0 | other.0)
+    }
+
+    /// From a GGUF `tokenizer.ggml.token_type` value (llama.cpp `llama_token_type`).
+    fn from_gguf_type(t: i64) -> TokenAttr {
+        match t {
+            1 => TokenAttr::NORMAL,
+            2 => TokenAttr::UNKNOWN,
+            3 => TokenAttr::CONTROL,
+            4 => TokenAttr::USER_DEFINED,
+            5 => TokenAttr::UNUSED,
+            6 => TokenAttr::BYTE,
+            _ => TokenAttr::UNDEFINED,
+        }
+    }
+}
+
+/// Which tokenization algorithm the vocabulary uses (`tokenizer.ggml.model`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VocabKind {
+    /// `llama`: SentencePiece-style merges by score with byte fallback.
+    Spm,
+    /// `gpt2`: byte-level BPE merges by rank after a regex-like pre-split.
+    Bpe,
+}
+
+/// How BPE text is split into words before merging (`tokenizer.ggml.pre`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PreTokenizer {
+    /// llama.cpp `LLAMA_VOCAB_PRE_TYPE_DEFAULT`: four regexes in sequence.
+    Default,
+    /// GPT-2's regex.
+    Gpt2,
+    /// Llama 3's regex (digits in groups of up to three).
+    Llama3,
+    /// Qwen 2's regex (digits one by one).
+    Qwen2,
+}
+
+impl PreTokenizer {
+    /// The llama.cpp name → type table, restricted to the types implemented
+    /// here. Returns the type plus (clean_spaces, ignore_merges, add_bos) as
+    /// llama.cpp sets them for it.
+    fn from_name(name: &str) -> Result<(PreTokenizer, bool, bool, Option<bool>)> {
+        Ok(match name {
+            "" | "default" => (PreTokenizer::Default, true, false, None),
+            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
+            | "midm-2.0" | "lfm2" | "jina-v5-nano" => {
+                (PreTokenizer::Llama3, true, true, Some(true))
+            }
+            "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" => {
+                (PreTokenizer::Qwen2, false, false, None)
+            }
+            "megrez" => (PreTokenizer::Qwen2, true, false, None),
+            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "a.x-4.0" | "mellum"
+            | "roberta-bpe" | "exaone4" => (PreTokenizer::Gpt2, true, false, None),
+            other => return Err(TokenizerError::UnknownPreTokenizer(other.to_string())),
+        })
+    }
+}
+
+/// Special token ids; `None` where the model has none.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos: Option<TokenId>,
+    pub eos: Option<TokenId>,
+    pub eot: Option<TokenId>,
+    pub eom: Option<TokenId>,
+    pub unk: Option<TokenId>,
+    pub sep: Option<TokenId>,
+    pub pad: Option<TokenId>,
+    pub mask: Option<TokenId>,
+    pub fim_pre: Option<TokenId>,
+    pub fim_suf: Option<TokenId>,
+    pub fim_mid: Option<TokenId>,
+    pub fim_pad: Option<TokenId>,
+    pub fim_rep: Option<TokenId>,
+    pub fim_sep: Option<TokenId>,
+}
+
+/// The vocabulary and the switches that steer encoding and decoding.
+#[derive(Clone, Debug)]
+pub struct Vocab {
+    pub(crate) kind: VocabKind,
+    pub(crate) pre: PreTokenizer,
+    pub(crate) texts: Vec<String>,
+    pub(crate) scores: Vec<f32>,
+    pub(crate) attrs: Vec<TokenAttr>,
+    pub(crate) text_to_id: FxHashMap<String, TokenId>,
+    /// BPE merges as (left, right) → rank; first occurrence wins, as with
+    /// llama.cpp's `bpe_ranks.emplace`.
+    pub(crate) merges: Vec<(String, String)>,
+    pub(crate) special: SpecialTokens,
+    /// End-of-generation ids, sorted.
+    pub(crate) eog: Vec<TokenId>,
+    pub(crate) add_bos: bool,
+    pub(crate) add_eos: bool,
+    pub(crate) add_space_prefix: bool,
+    pub(crate) clean_spaces: bool,
+    pub(crate) ignore_merges: bool,
+    /// Ids whose text is split out of the input before tokenizing (control,
+    /// user-defined and unknown), longest text first.
+    pub(crate) special_cache: Vec<TokenId>,
+}
+
+const KEY_MODEL: &str = "tokenizer.ggml.model";
+const KEY_PRE: &str = "tokenizer.ggml.pre";
+const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
+const KEY_SCORES: &str = "tokenizer.ggml.scores";
+const KEY_TYPES: &str = "tokenizer.ggml.token_type";
+const KEY_MERGES: &str = "tokenizer.ggml.merges";
+
+fn bad(key: &'static str, reason: impl Into<String>) -> TokenizerError {
+    TokenizerError::BadMetadata {
+        key,
+        reason: reason.into(),
+    }
+}
+
+impl Vocab {
+    /// Reads the vocabulary from GGUF metadata.
+    pub fn from_metadata(md: &Metadata) -> Result<Vocab> {
+        let model = md.get_str(KEY_MODEL)?;
+        let pre_name = md.opt_str(KEY_PRE)?.unwrap_or("");
+
+        let texts_raw = md
+            .get_array(KEY_TOKENS)?
+            .as_strings()
+            .ok_or_else(|| bad(KEY_TOKENS, "expected an array of strings"))?;
+        let n = texts_raw.len();
+        if n == 0 {
+            return Err(bad(KEY_TOKENS, "the vocabulary is empty"));
+        }
+        if u32::try_from(n).is_err() {
+            return Err(bad(KEY_TOKENS, format!("{n} tokens do not fit 32-bit ids")));
+        }
+
+        let mut v = Vocab {
+            kind: VocabKind::Spm,
+            pre: PreTokenizer::Default,
+            texts: Vec::with_capacity(n),
+            scores: vec![0.0; n],
+            attrs: vec![TokenAttr::NORMAL; n],
+            text_to_id: FxHashMap::default(),
+            merges: Vec::new(),
+            special: SpecialTokens::default(),
+            eog: Vec::new(),
+            add_bos: false,
+            add_eos: false,
+            add_space_prefix: false,
+            clean_spaces: false,
+            ignore_merges: false,
+            special_cache: Vec::new(),
+        };
+
+        // Defaults per model type, then the pre-tokenizer switches.
+        let (bos, eos, unk): (i64, i64, i64) = match model {
+            "llama" => {
+                v.kind = VocabKind::Spm;
+                v.add_space_prefix = true;
+                v.add_bos = true;
+                (1, 2, 0)
+            }
+            "gpt2" => {
+                v.kind = VocabKind::Bpe;
+                let (pre, clean, ignore, add_bos) = PreTokenizer::from_name(pre_name)?;
+                v.pre = pre;
+                v.clean_spaces = clean;
+                v.ignore_merges = ignore;
+                if let Some(b) = add_bos {
+                    v.add_bos = b;
+                }
+                let merges = md
+                    .get_array(KEY_MERGES)?
+                    .as_strings()
+                    .ok_or_else(|| bad(KEY_MERGES, "expected an array of strings"))?;
+                v.merges = merges
+                    .iter()
+                    .map(|m| {
+                        // llama.cpp splits at the first space after the first byte.
+                        let space = m.as_bytes().iter().skip(1).position(|&b| b == b' ');
+                        match space {
+                            // The space is ASCII, so both sides are on character boundaries.
+                            Some(p) => (m[..p + 1].to_string(), m[p + 2..].to_string()),
+                            None => (String::new(), String::new()),
+                        }
+                    })
+                    .collect();
+                (11, 11, -1)
+            }
+            other => return Err(TokenizerError::UnknownModel(other.to_string())),
+        };
+        if let Some(b) = md.opt_bool("tokenizer.ggml.add_space_prefix")? {
+            v.add_space_prefix = b;
+        }
+
+        let scores = md.opt_array(KEY_SCORES)?;
+        if let Some(a) = scores {
+            if a.len() < n {
+                return Err(bad(
+                    KEY_SCORES,
+                    format!("{} scores for {n} tokens", a.len()),
+                ));
+            }
+            match a {
+                Array::F32(s) => v.scores.copy_from_slice(&s[..n]),
+                Array::I32(s) => {
+                    for (d, &x) in v.scores.iter_mut().zip(s) {
+                        *d = x as f32;
+                    }
+                }
+                _ => return Err(bad(KEY_SCORES, "expected an array of f32 or i32")),
+            }
+        }
+        if let Some(a) = md.opt_array(KEY_TYPES)? {
+            if a.len() < n {
+                return Err(bad(
+                    KEY_TYPES,
+                    format!("{} token types for {n} tokens", a.len()),
+                ));
+            }
+            let types = match a {
+                Array::I32(t) => t,
+                _ => return Err(bad(KEY_TYPES, "expected an array of i32")),
+            };
+            for (d, &t) in v.attrs.iter_mut().zip(types) {
+                *d = TokenAttr::from_gguf_type(i64::from(t));
+            }
+        }
+
+        v.text_to_id.reserve(n);
+        for (i, t) in texts_raw.iter().enumerate() {
+            let text = if t.is_empty() {
+                format!("[EMPTY_{i}]")
+            } else {
+                t.clone()
+            };
+            // Later duplicates win, as with llama.cpp's `token_to_id[word] = i`.
+            v.text_to_id.insert(text.clone(), i as TokenId);
+            v.texts.push(text);
+        }
+
+        // Special ids: model defaults (dropped when out of range), then metadata.
+        let in_range = |id: i64| -> Option<TokenId> {
+            if id >= 0 && (id as u64) < n as u64 {
+                Some(id as TokenId)
+            } else {
+                None
+            }
+        };
+        let read = |key: &str, default: Option<TokenId>| -> Result<Option<TokenId>> {
+            match md.get(key).and_then(|val| val.as_i64()) {
+                Some(id) if id >= 0 => Ok(in_range(id).or(default)),
+                _ => Ok(default),
+            }
+        };
+        let s = &mut v.special;
+        s.bos = read("tokenizer.ggml.bos_token_id", in_range(bos))?;
+        s.eos = read("tokenizer.ggml.eos_token_id", in_range(eos))?;
+        s.eot = read("tokenizer.ggml.eot_token_id", None)?;
+        s.eom = read("tokenizer.ggml.eom_token_id", None)?;
+        s.unk = read("tokenizer.ggml.unknown_token_id", in_range(unk))?;
+        s.sep = read("tokenizer.ggml.seperator_token_id", None)?;
+        s.pad = read("tokenizer.ggml.padding_token_id", None)?;
+        s.mask = read("tokenizer.ggml.mask_token_id", None)?;
+        s.fim_pre = read("tokenizer.ggml.fim_pre_token_id", None)?;
+        s.fim_suf = read("tokenizer.ggml.fim_suf_token_id", None)?;
+        s.fim_mid = read("tokenizer.ggml.fim_mid_token_id", None)?;
+        s.fim_pad = read("tokenizer.ggml.fim_pad_token_id", None)?;
+        s.fim_rep = read("tokenizer.ggml.fim_rep_token_id", None)?;
+        s.fim_sep = read("tokenizer.ggml.fim_sep_token_id", None)?;
+        s.fim_pre = read("tokenizer.ggml.prefix_token_id", s.fim_pre)?;
+        s.fim_suf = read("tokenizer.ggml.suffix_token_id", s.fim_suf)?;
+        s.fim_mid = read("tokenizer.ggml.middle_token_id", s.fim_mid)?;
+
+        if let Some(b) = md.opt_bool("tokenizer.ggml.add_bos_token")? {
+            v.add_bos = b;
+        }
+        if let Some(b) = md.opt_bool("tokenizer.ggml.add_eos_token")? {
+            v.add_eos = b;
+        }
+
+        v.fix_up_special_tokens();
+        v.build_special_cache();
+        Ok(v)
+    }
+
+    /// llama.cpp finds EOT/FIM/EOG tokens by their text and forces them to
+    /// CONTROL. It walks an `unordered_map`, so where several texts match
+    /// (Qwen has both `<|im_end|>` and `<|endoftext|>`) its pick depends on
+    /// hashing; here the first text in llama.cpp's list wins, which is what
+    /// llama.cpp reports for the models in the fixtures.
+    fn fix_up_special_tokens(&mut self) {
+        const EOT: &[&str] = &[
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|end_of_text|>",
+            "<EOT>",
+            "_<EOT>",
+            "[EOT]",
+            "<｜end▁of▁sentence｜>",
+            "<end_of_utterance>",
+        ];
+        const EOM: &[&str] = &["<|eom_id|>"];
+        const FIM_PRE: &[&str] = &[
+            "<|fim_prefix|>",
+            "<fim-prefix>",
+            "<fim_prefix>",
+            "<｜fim▁begin｜>",
+            "<PRE>",
+            "▁<PRE>",
+            "<|code_prefix|>",
+            "<|prefix|>",
+        ];
+        const FIM_SUF: &[&str] = &[
+            "<|fim_suffix|>",
+            "<fim-suffix>",
+            "<fim_suffix>",
+            "<｜fim▁hole｜>",
+            "<SUF>",
+            "▁<SUF>",
+            "<|code_suffix|>",
+            "<|suffix|>",
+        ];
+        const FIM_MID: &[&str] = &[
+            "<|fim_middle|>",
+            "<fim-middle>",
+            "<fim_middle>",
+            "<｜fim▁end｜>",
+            "<MID>",
+            "▁<MID>",
+            "<|code_middle|>",
+            "<|middle|>",
+        ];
+        const FIM_PAD: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
+        const FIM_REP: &[&str] = &[
+            "<|fim_repo|>",
+            "<|repo_name|>",
+            "<fim-repo>",
+            "<REPO>",
+            "<reponame>",
+        ];
+        const FIM_SEP: &[&str] = &["<|file_sep|>"];
+        const EOG: &[&str] = &[
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<|return|>",
+            "<|call|>",
+            "<|flush|>",
+            "<|calls|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "</s>",
+            "<|eom_id|>",
+            "<EOT>",
+            "_<EOT>",
+            "[EOT]",
+            "[EOS]",
+            "<|end_of_text|>",
+            "<end_of_utterance>",
+            "<eos>",
+            "<turn|>",
+            "<|tool_response>",
+            "<｜end▁of▁sentence｜>",
+            "[e~[",
+        ];
+
+        let lookup = |texts: &[&str], map: &FxHashMap<String, TokenId>| {
+            texts.iter().find_map(|t| map.get(*t).copied())
+        };
+        let mut force_control = Vec::new();
+        let s = &mut self.special;
+        for (slot, list) in [
+            (&mut s.eot, EOT),
+            (&mut s.eom, EOM),
+            (&mut s.fim_pre, FIM_PRE),
+            (&mut s.fim_suf, FIM_SUF),
+            (&mut s.fim_mid, FIM_MID),
+            (&mut s.fim_pad, FIM_PAD),
+            (&mut s.fim_rep, FIM_REP),
+            (&mut s.fim_sep, FIM_SEP),
+        ] {
+            if slot.is_none() {
+                if let Some(id) = lookup(list, &self.text_to_id) {
+                    *slot = Some(id);
+                    force_control.push(id);
+                }
+            }
+        }
+        for id in force_control {
+            self.attrs[id as usize] = self.attrs[id as usize].with(TokenAttr::CONTROL);
+        }
+
+        // Control tokens whose text says "unused" are marked unused.
+        for (text, &id) in &self.text_to_id {
+            let a = &mut self.attrs[id as usize];
+            if a.has(TokenAttr::CONTROL) && text.contains("unused") {
+                *a = a.with(TokenAttr::UNUSED);
+            }
+        }
+
+        let mut eog: Vec<TokenId> = [
+            self.special.fim_pad,
+            self.special.fim_rep,
+            self.special.fim_sep,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for t in EOG {
+            if let Some(&id) = self.text_to_id.get(*t) {
+                eog.push(id);
+                self.attrs[id as usize] = self.attrs[id as usize].with(TokenAttr::CONTROL);
+            }
+        }
+        for t in ["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"] {
+            if let Some(&id) = self.text_to_id.get(t) {
+                self.attrs[id as usize] = TokenAttr::USER_DEFINED;
+            }
+        }
+        eog.extend(
+            [self.special.eos, self.special.eot, self.special.eom]
+                .into_iter()
+                .flatten(),
+        );
+        eog.sort_unstable();
+        eog.dedup();
+
+        // With <|return|> and <|call|> (or <|calls|> and <|flush|>), <|end|> is not EOG.
+        let has = |eog: &[TokenId], t: &str| eog.iter().any(|&id| self.texts[id as usize] == t);
+        let has_call = has(&eog, "<|call|>") || has(&eog, "<|calls|>");
+        if has(&eog, "<|end|>") && has_call && (has(&eog, "<|return|>") || has(&eog, "<|flush|>")) {
+            if let Some(pos) = eog
+                .iter()
+                .position(|&id| self.texts[id as usize] == "<|end|>")
+            {
+                let id = eog.remove(pos);
+                self.attrs[id as usize] = TokenAttr::USER_DEFINED;
+            }
+        }
+        // Where </s> is an ordinary token (gemma4, plamo), it is not EOG.
+        if has(&eog, "<|tool_response>") || has(&eog, "<|plamo:eos|>") {
+            if let Some(pos) = eog.iter().position(|&id| self.texts[id as usize] == "</s>") {
+                let id = eog.remove(pos);
+                self.attrs[id as usize] = TokenAttr::NORMAL;
+            }
+        }
+        self.eog = eog;
+    }
+
+    fn build_special_cache(&mut self) {
+        let mask =
+            TokenAttr(TokenAttr::CONTROL.0 | TokenAttr::USER_DEFINED.0 | TokenAttr::UNKNOWN.0);
+        let mut cache: Vec<TokenId> = (0..self.texts.len() as TokenId)
+            .filter(|&id| self.attrs[id as usize].has(mask))
+            .collect();
+        // llama.cpp sorts by length only (std::sort, unstable); ties keep id order here.
+        cache.sort_by(|&a, &b| {
+            self.texts[b as usize]
+                .len()
+                .cmp(&self.texts[a as usize].len())
+        });
+        self.special_cache = cache;
+    }
+
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.texts.len()
+    }
+
+    /// Always false for a loaded vocabulary (loading refuses an empty one).
+    pub fn is_empty(&self) -> bool {
+        self.texts.is_empty()
+    }
+
+    pub fn kind(&self) -> VocabKind {
+        self.kind
+    }
+
+    /// The pre-tokenizer (meaningful for BPE vocabularies).
+    pub fn pre_tokenizer(&self) -> PreTokenizer {
+        self.pre
+    }
+
+    pub fn special(&self) -> &SpecialTokens {
+        &self.special
+    }
+
+    /// Token ids that end generation, sorted.
+    pub fn eog_ids(&self) -> &[TokenId] {
+        &self.eog
+    }
+
+    pub fn is_eog(&self, id: TokenId) -> bool {
+        self.eog.binary_search(&id).is_ok()
+    }
+
+    /// Whether encoding with `add_special` prepends BOS.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// Whether encoding with `add_special` appends EOS.
+    pub fn add_eos(&self) -> bool {
+        self.add_eos
+    }
+
+    /// The stored text of a token (with `▁` or GPT-2 byte characters as in the file).
+    pub fn text(&self, id: TokenId) -> Option<&str> {
+        self.texts.get(id as usize).map(String::as_str)
+    }
+
+    pub fn score(&self, id: TokenId) -> Option<f32> {
+        self.scores.get(id as usize).copied()
+    }
+
+    pub fn attr(&self, id: TokenId) -> Option<TokenAttr> {
+        self.attrs.get(id as usize).copied()
+    }
+
+    /// The id of a token with exactly this stored text.
+    pub fn id_of(&self, text: &str) -> Option<TokenId> {
+        self.text_to_id.get(text).copied()
+    }
+
+    /// The id for a raw byte in SPM vocabularies (llama.cpp `byte_to_token`):
+    /// `<0xXX>`, else the byte itself as a one-character token.
+    pub(crate) fn spm_byte_token(&self, byte: u8) -> Result<TokenId> {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let name = [
+            b'<',
+            b'0',
+            b'x',
+            HEX[(byte >> 4) as usize],
+            HEX[(byte & 15) as usize],
+            b'>',
+        ];
+        let name = std::str::from_utf8(&name).unwrap_or_default();
+        if let Some(&id) = self.text_to_id.get(name) {
+            return Ok(id);
+        }
+        let mut buf = [0u8; 4];
+        let single = if byte < 0x80 {
+            Some(char::from(byte).encode_utf8(&mut buf) as &str)
+        } else {
+            None
+        };
+        single
+            .and_then(|s| self.text_to_id.get(s).copied())
+            .ok_or(TokenizerError::NoByteToken { byte })
+    }
+}
