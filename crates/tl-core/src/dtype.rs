@@ -102,7 +102,7 @@ impl DType {
     /// not a whole number of blocks or the size overflows `usize`.
     pub fn size_in_bytes(self, n_elements: usize) -> Option<usize> {
         let bs = self.block_size();
-        if n_elements % bs != 0 {
+        if !n_elements.is_multiple_of(bs) {
             return None;
         }
         (n_elements / bs).checked_mul(self.type_size())

@@ -125,7 +125,7 @@ impl Layout {
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Self> {
         self.check_dim("narrow", dim)?;
         let size = self.dims()[dim];
-        if start.checked_add(len).map_or(true, |end| end > size) {
+        if start.checked_add(len).is_none_or(|end| end > size) {
             return Err(CoreError::Invalid {
                 op: "narrow",
                 reason: format!(

@@ -47,6 +47,10 @@ pub struct MatmulScratch {
     /// Activations in the packed layout of the AVX-512 prefill path.
     #[cfg(target_arch = "x86_64")]
     packed: crate::quant::dot::x86::gemm::PackedActs,
+    /// One packed weight panel per thread of the packed path; a chunk takes
+    /// whichever is free.
+    #[cfg(target_arch = "x86_64")]
+    panels: Vec<std::sync::Mutex<crate::quant::dot::x86::gemm::PanelBuf>>,
 }
 
 impl MatmulScratch {
@@ -209,6 +213,16 @@ pub fn matmul_with(
         Threading::Rayon => rayon::current_num_threads(),
         Threading::Single => 1,
     };
+    #[cfg(target_arch = "x86_64")]
+    if packed.is_some() {
+        // At most `threads` chunks run at once, so one panel each suffices.
+        scratch.panels.resize_with(threads.max(1), Default::default);
+        for p in &mut scratch.panels {
+            p.get_mut().unwrap_or_else(|e| e.into_inner()).size_for(nb);
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    let panels = &scratch.panels;
     let rows_per_chunk = chunk_rows(n, m, threads, wb);
     #[cfg(target_arch = "x86_64")]
     let rows_per_chunk = if packed.is_some() {
@@ -223,11 +237,26 @@ pub fn matmul_with(
         let rows = c * rows_per_chunk..((c + 1) * rows_per_chunk).min(n);
         #[cfg(target_arch = "x86_64")]
         if let Some(p) = packed {
+            // A free panel buffer: there are as many as threads, and a
+            // thread holds one only while it runs a chunk.
+            let mut buf = loop {
+                if let Some(b) = panels.iter().find_map(|b| match b.try_lock() {
+                    Ok(g) => Some(g),
+                    // A panel is rewritten before each use, so a poisoned
+                    // one is as good as any.
+                    Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+                    Err(std::sync::TryLockError::WouldBlock) => None,
+                }) {
+                    break b;
+                }
+                std::hint::spin_loop();
+            };
             // SAFETY: the level is AVX-512 VNNI (checked above, from the
             // detected features); `acts` passed the checks for all m rows
             // and `p` was packed from it; chunks hold disjoint rows.
             let done = unsafe {
                 crate::quant::dot::x86::gemm::legacy_rows_for(
+                    &mut buf,
                     ty,
                     k,
                     w,

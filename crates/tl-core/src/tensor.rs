@@ -85,7 +85,7 @@ impl Tensor {
             reason: format!("{ty} is not a block format"),
         })?;
         let block_bytes = ty.type_size();
-        if data.len() % block_bytes != 0 {
+        if !data.len().is_multiple_of(block_bytes) {
             return Err(CoreError::SizeMismatch {
                 op,
                 what: format!(
@@ -448,7 +448,7 @@ fn check_whole_blocks(op: &'static str, dtype: DType, shape: &Shape) -> Result<(
         return Ok(());
     };
     let row = shape.last_dim();
-    if shape.rank() == 0 || row % ty.block_size() != 0 {
+    if shape.rank() == 0 || !row.is_multiple_of(ty.block_size()) {
         return Err(CoreError::PartialBlock {
             op,
             ty: ty.ggml_type(),
@@ -470,7 +470,7 @@ fn check_block_layout(op: &'static str, dtype: DType, layout: &Layout) -> Result
     let rank = layout.rank();
     let inner_ok = layout.dims()[rank - 1] == 0 || layout.strides()[rank - 1] == 1;
     let outer_ok = layout.strides()[..rank - 1].iter().all(|s| s % bs == 0);
-    if inner_ok && outer_ok && layout.offset() % bs == 0 {
+    if inner_ok && outer_ok && layout.offset().is_multiple_of(bs) {
         Ok(())
     } else {
         Err(CoreError::Invalid {

@@ -217,7 +217,7 @@ pub fn rope(
             rhs: positions.dims().to_vec(),
         });
     }
-    if cfg.n_rot == 0 || cfg.n_rot % 2 != 0 || cfg.n_rot > head_dim {
+    if cfg.n_rot == 0 || !cfg.n_rot.is_multiple_of(2) || cfg.n_rot > head_dim {
         return Err(CoreError::Invalid {
             op,
             reason: format!(

@@ -167,6 +167,9 @@ pub(super) unsafe fn loadn_i32<const N: usize>(p: *const i32) -> __m256i {
 }
 
 /// ggml `bytes_from_nibbles_32`: 16 bytes to 32 nibbles, low nibbles first.
+/// The upper copy of a broadcast load is shifted per dword (`vpsrlvd`):
+/// bits that cross a byte boundary land in the high nibble, which the mask
+/// drops, and no lane insert on the shuffle port is needed.
 ///
 /// # Safety
 ///
@@ -174,9 +177,9 @@ pub(super) unsafe fn loadn_i32<const N: usize>(p: *const i32) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn nibbles(p: *const u8) -> __m256i {
-    let tmp = _mm_loadu_si128(p as *const __m128i);
-    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    let split = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+    _mm256_and_si256(split, _mm256_set1_epi8(0x0F))
 }
 
 /// ggml `bytes_from_bits_32`: bit j of the u32 at `p` to byte j (0 or 0xFF).

@@ -38,7 +38,8 @@ pub(super) fn install(set: &mut dyn FnMut(GgmlType, Kernel)) {
 // Legacy (32-value) weights, VNNI.
 
 /// 16 bytes at `p` to 32 nibbles, low nibbles first (ggml
-/// `bytes_from_nibbles_32`).
+/// `bytes_from_nibbles_32`): a broadcast load and a shift of the upper
+/// half under a mask, instead of a lane insert on the shuffle port.
 ///
 /// # Safety
 ///
@@ -46,9 +47,9 @@ pub(super) fn install(set: &mut dyn FnMut(GgmlType, Kernel)) {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
 unsafe fn nibbles(p: *const u8) -> __m256i {
-    let tmp = _mm_loadu_si128(p as *const __m128i);
-    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p as *const __m128i));
+    let split = _mm256_mask_srli_epi16::<4>(both, 0xFF00, both);
+    _mm256_and_si256(split, _mm256_set1_epi8(0x0F))
 }
 
 /// `q + 16` where bit j of the u32 at `qh` is set, for byte j of `q`.

@@ -10,7 +10,7 @@
 //! `l`'s exact integer sum in lane `l`, ready for the per-block scales.
 //!
 //! Activations are packed once per matmul ([`pack_acts`]); weights one
-//! panel of [`PANEL`] rows at a time into a per-thread buffer, and each
+//! panel of [`PANEL`] rows at a time into a per-thread [`PanelBuf`], and each
 //! panel meets every pair of activation rows in a 2 x 4 register tile.
 //!
 //! The lanes, the groups and their order, the zero-scaled padding of a
@@ -20,7 +20,6 @@
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
-use std::cell::RefCell;
 
 use super::avx2::{f16xn, hsum_ps};
 use super::kind::{self, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
@@ -286,11 +285,24 @@ fn block_values<const T: u8>(b: &[u8]) -> [i32; 32] {
     v
 }
 
-thread_local! {
-    /// Per-thread packed weight panel: levels, scales, mins. Grows to the
-    /// largest panel seen, then is reused.
-    static PANEL_BUF: RefCell<(Vec<u8>, Vec<f32>, Vec<f32>)> =
-        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+/// One thread's packed weight panel: levels, scales, mins of [`PANEL`]
+/// rows. Owned by the matmul scratch (one per thread) so that the steady
+/// state allocates nothing.
+#[derive(Default)]
+pub(crate) struct PanelBuf {
+    q: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+impl PanelBuf {
+    /// Sizes the buffer for rows of `nb` blocks (grows, never shrinks).
+    pub(crate) fn size_for(&mut self, nb: usize) {
+        let (groups, _) = packed_blocks(nb);
+        self.q.resize(PANEL * groups * 256, 0);
+        self.d.resize(PANEL * groups * 8, 0.0);
+        self.m.resize(PANEL * groups * 8, 0.0);
+    }
 }
 
 /// Weight rows `rows` (kind `T`, `k` values, `wb` bytes each, in `w`)
@@ -304,6 +316,7 @@ thread_local! {
 /// writable f32 of which no other thread writes the columns `rows`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn legacy_rows<const T: u8>(
+    buf: &mut PanelBuf,
     k: usize,
     w: &[u8],
     acts: &Acts<'_>,
@@ -317,12 +330,13 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
     let wb = kind::w_bytes(T);
     let row_bytes = nb * wb;
     let (groups, nbp) = packed_blocks(nb);
-    PANEL_BUF.with(|buf| {
-        let mut buf = buf.borrow_mut();
-        let (bq, bd, bm) = &mut *buf;
-        bq.resize(PANEL * groups * 256, 0);
-        bd.resize(PANEL * groups * 8, 0.0);
-        bm.resize(PANEL * groups * 8, 0.0);
+    buf.size_for(nb);
+    {
+        let PanelBuf {
+            q: bq,
+            d: bd,
+            m: bm,
+        } = buf;
         let mut r0 = rows.start;
         while r0 < rows.end {
             let cols = (rows.end - r0).min(PANEL);
@@ -401,7 +415,7 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
             }
             r0 += cols;
         }
-    });
+    }
 }
 
 /// [`legacy_rows`] for weight kind `ty`, or `false` if this path does not
@@ -412,6 +426,7 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
 /// As for [`legacy_rows`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn legacy_rows_for(
+    buf: &mut PanelBuf,
     ty: tl_gguf::GgmlType,
     k: usize,
     w: &[u8],
@@ -424,11 +439,11 @@ pub(crate) unsafe fn legacy_rows_for(
 ) -> bool {
     use tl_gguf::GgmlType as G;
     match ty {
-        G::Q4_0 => legacy_rows::<Q4_0>(k, w, acts, packed, m, n, rows, out),
-        G::Q4_1 => legacy_rows::<Q4_1>(k, w, acts, packed, m, n, rows, out),
-        G::Q5_0 => legacy_rows::<Q5_0>(k, w, acts, packed, m, n, rows, out),
-        G::Q5_1 => legacy_rows::<Q5_1>(k, w, acts, packed, m, n, rows, out),
-        G::Q8_0 => legacy_rows::<Q8_0>(k, w, acts, packed, m, n, rows, out),
+        G::Q4_0 => legacy_rows::<Q4_0>(buf, k, w, acts, packed, m, n, rows, out),
+        G::Q4_1 => legacy_rows::<Q4_1>(buf, k, w, acts, packed, m, n, rows, out),
+        G::Q5_0 => legacy_rows::<Q5_0>(buf, k, w, acts, packed, m, n, rows, out),
+        G::Q5_1 => legacy_rows::<Q5_1>(buf, k, w, acts, packed, m, n, rows, out),
+        G::Q8_0 => legacy_rows::<Q8_0>(buf, k, w, acts, packed, m, n, rows, out),
         _ => return false,
     }
     true
