@@ -1,0 +1,299 @@
+//! The engine handle: a dedicated OS thread runs the [`Scheduler`] (the
+//! model is CPU-bound and parallel inside, so it must not sit on the async
+//! runtime's workers) and takes [`Command`]s over a channel; each request
+//! gets its own stream of [`Event`]s back.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tl_model::kv::{KvCache, BLOCK_SIZE};
+use tl_model::llm::Llm;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, info_span, warn};
+
+use crate::error::{EngineError, Result};
+use crate::request::{Event, GenerationRequest, ValidRequest, Validator};
+use crate::scheduler::{RequestId, Scheduler, SchedulerConfig, Stats};
+
+/// How the engine is sized.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub scheduler: SchedulerConfig,
+    /// Bytes of KV cache (K and V, all layers).
+    pub kv_bytes: usize,
+    /// Most requests waiting to start; more are refused with `QueueFull`.
+    pub max_queue: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            scheduler: SchedulerConfig::default(),
+            kv_bytes: 512 << 20,
+            max_queue: 64,
+        }
+    }
+}
+
+/// What the engine thread is told.
+pub enum Command {
+    Submit {
+        id: RequestId,
+        req: ValidRequest,
+        tx: mpsc::UnboundedSender<Event>,
+    },
+    Cancel(RequestId),
+    Stats(oneshot::Sender<Stats>),
+    Shutdown,
+}
+
+struct Shared {
+    queued: Arc<AtomicUsize>,
+    accepting: AtomicBool,
+    next_id: AtomicU64,
+    /// Published after every step, for metrics that must not wait on a step.
+    stats: Mutex<Stats>,
+}
+
+/// A running engine. Dropping it shuts the thread down.
+pub struct Engine {
+    tx: mpsc::UnboundedSender<Command>,
+    validator: Validator,
+    shared: Arc<Shared>,
+    max_queue: usize,
+    kv_blocks: usize,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The events of one request. Dropping it cancels the request (a client
+/// that went away frees its blocks at the next step).
+pub struct RequestStream {
+    id: RequestId,
+    rx: mpsc::UnboundedReceiver<Event>,
+    cancel: mpsc::UnboundedSender<Command>,
+}
+
+impl RequestStream {
+    pub fn id(&self) -> RequestId {
+        self.id
+    }
+
+    /// The next event; `None` once every choice has finished.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// Blocking variant for code outside an async runtime.
+    pub fn blocking_next(&mut self) -> Option<Event> {
+        self.rx.blocking_recv()
+    }
+}
+
+impl Drop for RequestStream {
+    fn drop(&mut self) {
+        // Harmless when the request already finished.
+        let _ = self.cancel.send(Command::Cancel(self.id));
+    }
+}
+
+impl Engine {
+    /// Allocates the KV cache and starts the engine thread.
+    pub fn start(llm: Arc<Llm>, cfg: EngineConfig) -> Result<Engine> {
+        let c = &llm.model.config;
+        let per_block = KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * BLOCK_SIZE;
+        let kv_blocks = cfg.kv_bytes / per_block.max(1);
+        if kv_blocks == 0 {
+            return Err(EngineError::Setup(format!(
+                "{} bytes of KV memory hold no block of {per_block} bytes",
+                cfg.kv_bytes
+            )));
+        }
+        let cache = KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, kv_blocks)
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        info!(
+            kv_blocks,
+            kv_tokens = kv_blocks * BLOCK_SIZE,
+            bytes = kv_blocks * per_block,
+            "KV cache allocated"
+        );
+        let validator = Validator::new(llm.clone(), kv_blocks * BLOCK_SIZE);
+        let shared = Arc::new(Shared {
+            queued: Arc::new(AtomicUsize::new(0)),
+            accepting: AtomicBool::new(true),
+            next_id: AtomicU64::new(1),
+            stats: Mutex::new(Stats {
+                kv_blocks_total: kv_blocks,
+                kv_blocks_free: kv_blocks,
+                ..Default::default()
+            }),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sh = shared.clone();
+        let sched_cfg = cfg.scheduler.clone();
+        let thread = std::thread::Builder::new()
+            .name("tl-engine".into())
+            .spawn(move || {
+                let mut sched = Scheduler::with_cache(&llm, sched_cfg, cache);
+                sched.set_queue_counter(sh.queued.clone());
+                run_loop(&mut sched, rx, &sh);
+            })
+            .map_err(|e| EngineError::Setup(format!("spawning the engine thread: {e}")))?;
+        Ok(Engine {
+            tx,
+            validator,
+            shared,
+            max_queue: cfg.max_queue,
+            kv_blocks,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+
+    pub fn llm(&self) -> &Arc<Llm> {
+        self.validator.llm()
+    }
+
+    pub fn kv_blocks(&self) -> usize {
+        self.kv_blocks
+    }
+
+    pub fn validate(&self, r: GenerationRequest) -> Result<ValidRequest> {
+        self.validator.validate(r)
+    }
+
+    /// Queues a validated request. Fails at once when the queue is full or
+    /// the engine is shutting down.
+    pub fn submit(&self, req: ValidRequest) -> Result<RequestStream> {
+        if !self.shared.accepting.load(Ordering::Acquire) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let q = &self.shared.queued;
+        if q.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
+            q.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::QueueFull {
+                max: self.max_queue,
+            });
+        }
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::unbounded_channel();
+        if self.tx.send(Command::Submit { id, req, tx }).is_err() {
+            q.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(RequestStream {
+            id,
+            rx,
+            cancel: self.tx.clone(),
+        })
+    }
+
+    pub fn cancel(&self, id: RequestId) {
+        let _ = self.tx.send(Command::Cancel(id));
+    }
+
+    /// Requests submitted and not yet started.
+    pub fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::Acquire)
+    }
+
+    /// Exact stats, answered between two steps.
+    pub async fn stats(&self) -> Result<Stats> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Command::Stats(tx))
+            .map_err(|_| EngineError::ShuttingDown)?;
+        rx.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// Stats as of the last step, without waiting for the engine.
+    pub fn last_stats(&self) -> Stats {
+        match self.shared.stats.lock() {
+            Ok(s) => *s,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    /// Refuse new requests from now on; the ones in flight go on.
+    pub fn stop_accepting(&self) {
+        self.shared.accepting.store(false, Ordering::Release);
+    }
+
+    /// Stops the thread; requests still in flight get `ShuttingDown`.
+    pub fn shutdown(&self) {
+        self.stop_accepting();
+        let _ = self.tx.send(Command::Shutdown);
+        let handle = match self.thread.lock() {
+            Ok(mut t) => t.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                warn!("the engine thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Returns `false` on shutdown.
+fn handle(sched: &mut Scheduler, cmd: Command) -> bool {
+    match cmd {
+        Command::Submit { id, req, tx } => {
+            info_span!("request", id).in_scope(|| {
+                tracing::debug!(prompt = req.prompt.len(), n = req.n, "queued");
+            });
+            sched.add(id, req, tx);
+        }
+        Command::Cancel(id) => sched.cancel(id),
+        Command::Stats(tx) => {
+            let _ = tx.send(sched.stats());
+        }
+        Command::Shutdown => return false,
+    }
+    true
+}
+
+fn publish(sched: &Scheduler, sh: &Shared) {
+    let s = sched.stats();
+    match sh.stats.lock() {
+        Ok(mut g) => *g = s,
+        Err(p) => *p.into_inner() = s,
+    }
+}
+
+fn run_loop(sched: &mut Scheduler, mut rx: mpsc::UnboundedReceiver<Command>, sh: &Shared) {
+    'outer: loop {
+        if sched.is_idle() {
+            publish(sched, sh);
+            match rx.blocking_recv() {
+                Some(cmd) => {
+                    if !handle(sched, cmd) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            if !handle(sched, cmd) {
+                break 'outer;
+            }
+        }
+        if !sched.is_idle() {
+            sched.step();
+        }
+        publish(sched, sh);
+    }
+    sched.abort_all(EngineError::ShuttingDown);
+    publish(sched, sh);
+    info!("engine stopped");
+}

@@ -1,0 +1,674 @@
+//! The continuous-batching scheduler: one [`Scheduler::step`] = one
+//! `Model::forward` over a ragged batch.
+//!
+//! Policy (after vLLM's scheduler, simplified):
+//!
+//! 1. **Decoders first.** Every running sequence whose prompt is computed
+//!    contributes its next token. If the pool cannot give each of them a
+//!    slot, the most recently admitted running sequence is *preempted by
+//!    recompute*: its blocks go back (full ones stay in the prefix cache)
+//!    and it returns to the head of the queue with all its tokens, prompt
+//!    and generated, to be prefilled again later. Its sampler and the text
+//!    it already streamed are kept, so the client sees nothing but a pause.
+//! 2. **Chunked prefill.** What is left of the per-step token budget
+//!    (`max_batch_tokens`) goes to running sequences still prefilling, in
+//!    admission order, a chunk each; a long prompt thus takes several steps
+//!    while the decoders keep getting one token per step.
+//! 3. **Admission.** While the batch has room (`max_batch` sequences) and
+//!    budget is left, queued sequences are admitted in arrival order: the
+//!    prefix cache supplies the KV of the longest cached run of full blocks,
+//!    and blocks for the whole rest of the prompt are reserved up front (so
+//!    an admitted prompt never stalls half-way). A sequence that does not
+//!    fit blocks the ones behind it (no starvation of long prompts).
+//!    Choices 2..n of a request wait until choice 1 has computed the prompt,
+//!    then join through the prefix cache and compute only the prompt's last,
+//!    partial block.
+//! 4. Finished sequences (stop token, stop string, `max_tokens`) leave at
+//!    once and free their blocks; cancelled or disconnected requests are
+//!    dropped at the start of the next step.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tl_model::kv::{KvCache, SeqKv, BLOCK_SIZE};
+use tl_model::llm::Llm;
+use tl_model::model::{ForwardState, Logits, SeqBatch};
+use tl_model::sampler::Sampler;
+use tl_tokenizer::StreamDecoder;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, warn};
+
+use crate::error::{EngineError, Result};
+use crate::pool::BlockPool;
+use crate::request::{Event, FinishReason, TokenLogprob, ValidRequest};
+use crate::stop::StopFilter;
+
+/// Request id, unique per engine.
+pub type RequestId = u64;
+
+/// Limits of one step.
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Most sequences in one batch.
+    pub max_batch: usize,
+    /// Most tokens in one forward call (decode tokens + prefill chunks).
+    pub max_batch_tokens: usize,
+    pub prefix_caching: bool,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch: 16,
+            max_batch_tokens: 256,
+            prefix_caching: true,
+        }
+    }
+}
+
+/// A snapshot of the scheduler's state and counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub running_requests: usize,
+    pub waiting_requests: usize,
+    pub running_seqs: usize,
+    pub waiting_seqs: usize,
+    pub kv_blocks_total: usize,
+    /// Referenced by live sequences.
+    pub kv_blocks_used: usize,
+    /// On the free list.
+    pub kv_blocks_free: usize,
+    /// Held by the prefix cache (some may also be used).
+    pub kv_blocks_cached: usize,
+    pub prefix_queried_tokens: u64,
+    pub prefix_hit_tokens: u64,
+    /// Prompt (and recomputed) tokens run through the model.
+    pub prefill_tokens: u64,
+    pub generated_tokens: u64,
+    pub preemptions: u64,
+    pub steps: u64,
+}
+
+struct ReqState {
+    tx: UnboundedSender<Event>,
+    stop_ids: Vec<u32>,
+    logprobs: Option<usize>,
+    /// Choices not finished yet.
+    live: usize,
+    /// Some choice has been admitted once (the request left the queue).
+    started: bool,
+}
+
+struct Seq<'a> {
+    req: RequestId,
+    choice: usize,
+    /// Prompt and generated tokens; `kv.len` of them are in the cache.
+    tokens: Vec<u32>,
+    prompt_len: usize,
+    kv: SeqKv,
+    /// Leading full blocks already registered in the prefix cache.
+    hashed: usize,
+    last_hash: u64,
+    sampler: Sampler,
+    max_tokens: usize,
+    generated: usize,
+    decoder: StreamDecoder<'a>,
+    stop: StopFilter,
+    cached_tokens: usize,
+    admitted_once: bool,
+}
+
+impl Seq<'_> {
+    fn is_decoding(&self) -> bool {
+        self.tokens.len() - self.kv.len == 1
+    }
+}
+
+enum Outcome {
+    Continue,
+    Finished(FinishReason),
+    /// The client is gone.
+    Closed,
+}
+
+/// Owns the model's KV cache and every live sequence.
+pub struct Scheduler<'a> {
+    llm: &'a Llm,
+    cfg: SchedulerConfig,
+    cache: KvCache,
+    pool: BlockPool,
+    state: ForwardState,
+    reqs: HashMap<RequestId, ReqState>,
+    waiting: VecDeque<Seq<'a>>,
+    running: Vec<Seq<'a>>,
+    /// Requests submitted but not started; decremented here on start.
+    queued: Option<Arc<AtomicUsize>>,
+    stats: Stats,
+    raw: Vec<f32>,
+}
+
+impl<'a> Scheduler<'a> {
+    /// A scheduler over a cache of `kv_blocks` blocks.
+    pub fn new(llm: &'a Llm, cfg: SchedulerConfig, kv_blocks: usize) -> Result<Self> {
+        let c = &llm.model.config;
+        let cache = KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, kv_blocks.max(1))
+            .map_err(|e| EngineError::Setup(e.to_string()))?;
+        Ok(Self::with_cache(llm, cfg, cache))
+    }
+
+    pub fn with_cache(llm: &'a Llm, mut cfg: SchedulerConfig, cache: KvCache) -> Self {
+        cfg.max_batch = cfg.max_batch.max(1);
+        cfg.max_batch_tokens = cfg.max_batch_tokens.max(cfg.max_batch);
+        let pool = BlockPool::new(cache.n_blocks, cfg.prefix_caching);
+        Scheduler {
+            llm,
+            cfg,
+            cache,
+            pool,
+            state: ForwardState::default(),
+            reqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            queued: None,
+            stats: Stats::default(),
+            raw: Vec::new(),
+        }
+    }
+
+    /// Shares the counter of not-yet-started requests with the submitter.
+    pub fn set_queue_counter(&mut self, c: Arc<AtomicUsize>) {
+        self.queued = Some(c);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats;
+        s.running_seqs = self.running.len();
+        s.waiting_seqs = self.waiting.len();
+        s.running_requests = self.reqs.values().filter(|r| r.started).count();
+        s.waiting_requests = self.reqs.len() - s.running_requests;
+        s.kv_blocks_total = self.pool.n_total();
+        s.kv_blocks_used = self.pool.n_used();
+        s.kv_blocks_free = self.pool.n_free();
+        s.kv_blocks_cached = self.pool.n_cached();
+        s.prefix_queried_tokens = self.pool.stats.queried;
+        s.prefix_hit_tokens = self.pool.stats.hit;
+        s
+    }
+
+    /// Queues a request; its events go to `tx`.
+    pub fn add(&mut self, id: RequestId, req: ValidRequest, tx: UnboundedSender<Event>) {
+        let mut seqs = Vec::with_capacity(req.n);
+        for choice in 0..req.n {
+            let mut params = req.sampling.clone();
+            params.seed = params.seed.wrapping_add(choice as u64);
+            let sampler = match Sampler::new(params) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Event::Error(EngineError::InvalidParam {
+                        param: "temperature",
+                        message: e.to_string(),
+                    }));
+                    self.dequeued(1);
+                    return;
+                }
+            };
+            seqs.push(Seq {
+                req: id,
+                choice,
+                tokens: req.prompt.clone(),
+                prompt_len: req.prompt.len(),
+                kv: SeqKv::new(),
+                hashed: 0,
+                last_hash: 0,
+                sampler,
+                max_tokens: req.max_tokens,
+                generated: 0,
+                decoder: self.llm.tokenizer.stream_decoder(false),
+                stop: StopFilter::new(req.stop.clone()),
+                cached_tokens: 0,
+                admitted_once: false,
+            });
+        }
+        self.reqs.insert(
+            id,
+            ReqState {
+                tx,
+                stop_ids: req.stop_ids,
+                logprobs: req.logprobs,
+                live: req.n,
+                started: false,
+            },
+        );
+        self.waiting.extend(seqs);
+    }
+
+    fn dequeued(&self, n: usize) {
+        if let Some(q) = &self.queued {
+            let _ = q.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_sub(n))
+            });
+        }
+    }
+
+    /// Drops a request wherever it is and frees its blocks. Unknown ids are
+    /// ignored (the request may have finished already).
+    pub fn cancel(&mut self, id: RequestId) {
+        let Some(r) = self.reqs.remove(&id) else {
+            return;
+        };
+        if !r.started {
+            self.dequeued(1);
+        }
+        for s in self.waiting.iter_mut().chain(self.running.iter_mut()) {
+            if s.req == id {
+                if let Err(e) = self.pool.free_seq(&mut s.kv) {
+                    warn!(request = id, error = %e, "freeing blocks of a cancelled request");
+                }
+            }
+        }
+        self.waiting.retain(|s| s.req != id);
+        self.running.retain(|s| s.req != id);
+        debug!(request = id, "cancelled");
+    }
+
+    /// Fails every request (shutdown).
+    pub fn abort_all(&mut self, err: EngineError) {
+        let ids: Vec<RequestId> = self.reqs.keys().copied().collect();
+        for id in ids {
+            if let Some(r) = self.reqs.get(&id) {
+                let _ = r.tx.send(Event::Error(err.clone()));
+            }
+            self.cancel(id);
+        }
+    }
+
+    fn fail(&mut self, id: RequestId, err: EngineError) {
+        if let Some(r) = self.reqs.get(&id) {
+            let _ = r.tx.send(Event::Error(err));
+        }
+        self.cancel(id);
+    }
+
+    fn reap_closed(&mut self) {
+        let closed: Vec<RequestId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in closed {
+            self.cancel(id);
+        }
+    }
+
+    fn preempt(&mut self, mut s: Seq<'a>) -> Result<()> {
+        self.pool.free_seq(&mut s.kv)?;
+        s.hashed = 0;
+        s.last_hash = 0;
+        self.stats.preemptions += 1;
+        debug!(
+            request = s.req,
+            choice = s.choice,
+            tokens = s.tokens.len(),
+            "preempted"
+        );
+        self.waiting.push_front(s);
+        Ok(())
+    }
+
+    /// Choices after the first wait for the first to compute the prompt, so
+    /// they can share its full blocks.
+    fn gated(&self, s: &Seq) -> bool {
+        if s.choice == 0
+            || s.admitted_once
+            || !self.cfg.prefix_caching
+            || s.prompt_len <= BLOCK_SIZE
+        {
+            return false;
+        }
+        let leader_pending = |o: &Seq| o.req == s.req && o.choice == 0;
+        self.waiting.iter().any(leader_pending)
+            || self
+                .running
+                .iter()
+                .any(|o| leader_pending(o) && o.kv.len < o.prompt_len)
+    }
+
+    /// Runs one step; returns the number of tokens that went through the
+    /// model (0 when there was nothing to do).
+    pub fn step(&mut self) -> usize {
+        match self.try_step() {
+            Ok(n) => n,
+            Err(e) => {
+                // A broken invariant of the block pool: fail what is running
+                // rather than the process.
+                warn!(error = %e, "scheduler step failed");
+                let ids: Vec<RequestId> = self.running.iter().map(|s| s.req).collect();
+                for id in ids {
+                    self.fail(id, e.clone());
+                }
+                0
+            }
+        }
+    }
+
+    fn try_step(&mut self) -> Result<usize> {
+        self.reap_closed();
+
+        // 1. Room for every decoder, preempting the newest when short.
+        loop {
+            let need: usize = self
+                .running
+                .iter()
+                .filter(|s| s.is_decoding())
+                .map(|s| BlockPool::blocks_needed(&s.kv, 1))
+                .sum();
+            if need <= self.pool.available() {
+                break;
+            }
+            match self.running.pop() {
+                Some(victim) => self.preempt(victim)?,
+                None => break,
+            }
+        }
+        let mut budget = self.cfg.max_batch_tokens;
+        // (index into running, tokens this step)
+        let mut plan: Vec<(usize, usize)> = Vec::new();
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if s.is_decoding() {
+                if !self.pool.reserve(&mut s.kv, 1)? {
+                    return Err(EngineError::Model("no KV block for a decoder".into()));
+                }
+                plan.push((i, 1));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        // 2. Chunks of prompts in progress.
+        for (i, s) in self.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if !s.is_decoding() {
+                let n = (s.tokens.len() - s.kv.len).min(budget);
+                plan.push((i, n));
+                budget -= n;
+            }
+        }
+        // 3. Admission.
+        let mut idx = 0;
+        while budget > 0 && self.running.len() < self.cfg.max_batch && idx < self.waiting.len() {
+            if self.gated(&self.waiting[idx]) {
+                idx += 1;
+                continue;
+            }
+            let Some(mut s) = self.waiting.remove(idx) else {
+                break;
+            };
+            let (matched, last_hash) = self.pool.lookup(&s.tokens, &mut s.kv)?;
+            let rest = s.tokens.len() - s.kv.len;
+            let watermark = usize::from(!self.running.is_empty());
+            if BlockPool::blocks_needed(&s.kv, rest) + watermark > self.pool.available()
+                || !self.pool.reserve(&mut s.kv, rest)?
+            {
+                self.pool.free_seq(&mut s.kv)?;
+                self.waiting.insert(idx, s);
+                break;
+            }
+            s.hashed = matched;
+            s.last_hash = last_hash;
+            if !s.admitted_once {
+                s.admitted_once = true;
+                s.cached_tokens = s.kv.len.min(s.prompt_len);
+            }
+            if let Some(r) = self.reqs.get_mut(&s.req) {
+                if !r.started {
+                    r.started = true;
+                    self.dequeued(1);
+                }
+            }
+            let n = rest.min(budget);
+            budget -= n;
+            debug!(
+                request = s.req,
+                choice = s.choice,
+                cached = s.kv.len,
+                rest,
+                "admitted"
+            );
+            self.running.push(s);
+            plan.push((self.running.len() - 1, n));
+        }
+        if plan.is_empty() {
+            return Ok(0);
+        }
+        self.run_plan(&plan)
+    }
+
+    fn run_plan(&mut self, plan: &[(usize, usize)]) -> Result<usize> {
+        let n_tokens: usize = plan.iter().map(|p| p.1).sum();
+        let span = tracing::debug_span!("step", seqs = plan.len(), tokens = n_tokens);
+        let _g = span.enter();
+        let batch: Vec<SeqBatch> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &self.running[i];
+                let end = s.kv.len + n;
+                SeqBatch {
+                    tokens: &s.tokens[s.kv.len..end],
+                    pos: s.kv.len,
+                    kv: &s.kv,
+                    logits: if end == s.tokens.len() {
+                        Logits::Last
+                    } else {
+                        Logits::None
+                    },
+                }
+            })
+            .collect();
+        let model = &self.llm.model;
+        let cache = &mut self.cache;
+        let state = &mut self.state;
+        // A panic inside the model must not take the other requests' server
+        // down with it: the batch fails, the engine goes on.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.forward(cache, &batch, state).map(|_| ())
+        }));
+        drop(batch);
+        let err = match res {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(EngineError::Model(e.to_string())),
+            Err(_) => Some(EngineError::Model("the forward pass panicked".into())),
+        };
+        if let Some(e) = err {
+            warn!(error = %e, "forward failed; failing its batch");
+            let mut ids: Vec<RequestId> = plan.iter().map(|&(i, _)| self.running[i].req).collect();
+            ids.dedup();
+            for id in ids {
+                self.fail(id, e.clone());
+            }
+            return Ok(0);
+        }
+        self.stats.steps += 1;
+
+        let vocab = self.llm.model.config.vocab;
+        let mut row = 0;
+        let mut done: Vec<(usize, Outcome)> = Vec::new();
+        let logits = self.state.logits_mut();
+        for &(i, n) in plan {
+            let s = &mut self.running[i];
+            if n > 1 || !s.is_decoding() {
+                self.stats.prefill_tokens += n as u64;
+            }
+            s.kv.len += n;
+            // Register newly completed blocks in the prefix cache.
+            while (s.hashed + 1) * BLOCK_SIZE <= s.kv.len {
+                let b = s.hashed;
+                let Some(&block) = s.kv.blocks.get(b) else {
+                    break;
+                };
+                s.last_hash = self.pool.register(
+                    s.last_hash,
+                    &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE],
+                    block,
+                )?;
+                s.hashed += 1;
+            }
+            if s.kv.len < s.tokens.len() {
+                continue;
+            }
+            let Some(lrow) = logits.get_mut(row * vocab..(row + 1) * vocab) else {
+                return Err(EngineError::Model("missing logits row".into()));
+            };
+            row += 1;
+            let Some(r) = self.reqs.get(&s.req) else {
+                done.push((i, Outcome::Closed));
+                continue;
+            };
+            let before = s.generated;
+            let out = advance(self.llm, s, r, lrow, &mut self.raw);
+            self.stats.generated_tokens += (s.generated - before) as u64;
+            if !matches!(out, Outcome::Continue) {
+                done.push((i, out));
+            }
+        }
+        // Remove back to front so indices stay valid.
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        let mut closed = Vec::new();
+        for (i, out) in done {
+            let mut s = self.running.remove(i);
+            self.pool.free_seq(&mut s.kv)?;
+            match out {
+                Outcome::Finished(reason) => {
+                    if let Some(r) = self.reqs.get_mut(&s.req) {
+                        let _ = r.tx.send(Event::Finished {
+                            choice: s.choice,
+                            reason,
+                            completion_tokens: s.generated,
+                            cached_tokens: s.cached_tokens,
+                        });
+                        r.live = r.live.saturating_sub(1);
+                        if r.live == 0 {
+                            self.reqs.remove(&s.req);
+                        }
+                    }
+                }
+                Outcome::Closed => closed.push(s.req),
+                Outcome::Continue => {}
+            }
+        }
+        for id in closed {
+            self.cancel(id);
+        }
+        Ok(n_tokens)
+    }
+}
+
+/// Samples the next token of `s` from its logits row, streams it, and says
+/// whether the sequence goes on.
+fn advance<'a>(
+    llm: &'a Llm,
+    s: &mut Seq<'a>,
+    r: &ReqState,
+    row: &mut [f32],
+    raw: &mut Vec<f32>,
+) -> Outcome {
+    if r.logprobs.is_some() {
+        raw.clear();
+        raw.extend_from_slice(row);
+    }
+    let t = s.sampler.sample(row, &s.tokens);
+    if r.stop_ids.contains(&t) {
+        return finish(llm, s, r, FinishReason::Stop);
+    }
+    let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
+    s.tokens.push(t);
+    s.generated += 1;
+    let piece = s.decoder.push(t).unwrap_or_default();
+    let (text, hit) = s.stop.push(&piece);
+    if r.tx
+        .send(Event::Delta {
+            choice: s.choice,
+            text,
+            token: Some(t),
+            logprob,
+        })
+        .is_err()
+    {
+        return Outcome::Closed;
+    }
+    if hit {
+        return Outcome::Finished(FinishReason::Stop);
+    }
+    if s.generated >= s.max_tokens || s.tokens.len() >= llm.model.config.context {
+        return finish(llm, s, r, FinishReason::Length);
+    }
+    Outcome::Continue
+}
+
+/// Flushes held-back text before a finish that was not a stop string.
+fn finish<'a>(llm: &'a Llm, s: &mut Seq<'a>, r: &ReqState, reason: FinishReason) -> Outcome {
+    let dec = std::mem::replace(&mut s.decoder, llm.tokenizer.stream_decoder(false));
+    let (mut text, hit) = s.stop.push(&dec.finish());
+    if !hit {
+        text.push_str(&s.stop.finish());
+    }
+    if !text.is_empty()
+        && r.tx
+            .send(Event::Delta {
+                choice: s.choice,
+                text,
+                token: None,
+                logprob: None,
+            })
+            .is_err()
+    {
+        return Outcome::Closed;
+    }
+    Outcome::Finished(if hit { FinishReason::Stop } else { reason })
+}
+
+/// Log-softmax of the model's own distribution (before penalties and
+/// temperature, as OpenAI reports it) at `token`, plus the `k` most likely.
+fn token_logprob(llm: &Llm, raw: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + raw.iter().map(|&x| (x - max).exp()).sum::<f32>().ln();
+    let mut top: Vec<(f32, u32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (i, &x) in raw.iter().enumerate() {
+            if top.len() < k || top.last().is_some_and(|l| x > l.0) {
+                let at = top.partition_point(|p| p.0 >= x);
+                top.insert(at, (x, i as u32));
+                top.truncate(k);
+            }
+        }
+    }
+    let piece = |t: u32| -> (String, Vec<u8>) {
+        let b = llm
+            .tokenizer
+            .token_to_piece(t, false)
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
+        (String::from_utf8_lossy(&b).into_owned(), b)
+    };
+    let (text, bytes) = piece(token);
+    TokenLogprob {
+        token,
+        text,
+        bytes,
+        logprob: raw
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&x| x - lse),
+        top: top
+            .into_iter()
+            .map(|(x, t)| {
+                let (s, b) = piece(t);
+                (t, s, b, x - lse)
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,370 @@
+//! The engine on a tiny synthetic model: batching must not change greedy
+//! output, the prefix cache and preemption must be invisible to clients,
+//! and every way out of a request must give its blocks back.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tl_engine::{
+    Engine, EngineConfig, EngineError, Event, FinishReason, GenerationRequest, PromptInput,
+    RequestStream, SchedulerConfig,
+};
+use tl_model::generate::{Runner, TokenOptions};
+use tl_model::llm::Llm;
+use tl_model::synth::{synthesize, SynthSpec};
+use tl_tokenizer::ChatMessage;
+
+fn llm() -> Arc<Llm> {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("tl-engine-test-{}.gguf", std::process::id()));
+        synthesize(&SynthSpec::default())
+            .expect("synth")
+            .write_file(&p)
+            .expect("write");
+        p
+    });
+    Arc::new(Llm::load(path).expect("load"))
+}
+
+fn engine(llm: Arc<Llm>, max_batch: usize, max_batch_tokens: usize, kv_blocks: usize) -> Engine {
+    let c = &llm.model.config;
+    let per_block =
+        tl_model::kv::KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * 16;
+    Engine::start(
+        llm,
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch,
+                max_batch_tokens,
+                prefix_caching: true,
+            },
+            kv_bytes: kv_blocks * per_block,
+            max_queue: 64,
+        },
+    )
+    .expect("engine")
+}
+
+fn prompt(len: usize, seed: u32) -> Vec<u32> {
+    (0..len as u32)
+        .map(|i| 3 + (i * 31 + seed * 17) % 300)
+        .collect()
+}
+
+fn greedy(tokens: Vec<u32>, max_tokens: usize) -> GenerationRequest {
+    let mut r = GenerationRequest::new(PromptInput::Tokens(tokens));
+    r.max_tokens = Some(max_tokens);
+    r.temperature = Some(0.0);
+    r.ignore_eos = true;
+    r
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Choice {
+    tokens: Vec<u32>,
+    text: String,
+    finish: Option<FinishReason>,
+    cached: usize,
+}
+
+fn collect(mut s: RequestStream, n: usize) -> Vec<Choice> {
+    let mut out = vec![
+        Choice {
+            tokens: vec![],
+            text: String::new(),
+            finish: None,
+            cached: 0
+        };
+        n
+    ];
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            Event::Delta {
+                choice,
+                text,
+                token,
+                ..
+            } => {
+                out[choice].text.push_str(&text);
+                out[choice].tokens.extend(token);
+            }
+            Event::Finished {
+                choice,
+                reason,
+                cached_tokens,
+                ..
+            } => {
+                out[choice].finish = Some(reason);
+                out[choice].cached = cached_tokens;
+            }
+            Event::Error(e) => panic!("request failed: {e}"),
+        }
+    }
+    out
+}
+
+fn run(e: &Engine, r: GenerationRequest) -> Vec<Choice> {
+    let v = e.validate(r).expect("valid");
+    let n = v.n();
+    collect(e.submit(v).expect("submit"), n)
+}
+
+fn wait_idle(e: &Engine) -> tl_engine::Stats {
+    let t = Instant::now();
+    loop {
+        let s = e.last_stats();
+        if s.running_seqs == 0 && s.waiting_seqs == 0 {
+            return s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "engine never idled: {s:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn greedy_matches_the_reference_runner_and_is_batch_invariant() {
+    let llm = llm();
+    let prompts: Vec<Vec<u32>> = (0..8).map(|i| prompt(5 + i * 9, i as u32)).collect();
+    // Reference: the plain runner, one prompt at a time, whole-prompt prefill.
+    let mut reference = Vec::new();
+    for p in &prompts {
+        let mut runner = Runner::new(&llm.model, 512).expect("runner");
+        let opts = TokenOptions {
+            max_tokens: 12,
+            ..Default::default()
+        };
+        let out = runner
+            .generate_batch(std::slice::from_ref(p), &opts, |_, _| true)
+            .expect("generate");
+        reference.push(out[0].0.clone());
+    }
+    // Alone, with a small token budget so prompts are chunked.
+    let e = engine(llm.clone(), 8, 16, 256);
+    for (p, want) in prompts.iter().zip(&reference) {
+        let got = run(&e, greedy(p.clone(), 12));
+        assert_eq!(&got[0].tokens, want, "alone");
+        assert_eq!(got[0].finish, Some(FinishReason::Length));
+    }
+    // All eight at once, from different threads.
+    let e = Arc::new(engine(llm.clone(), 8, 64, 256));
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let e = e.clone();
+            std::thread::spawn(move || run(&e, greedy(p, 12)))
+        })
+        .collect();
+    for (h, want) in handles.into_iter().zip(&reference) {
+        assert_eq!(
+            &h.join().expect("thread")[0].tokens,
+            want,
+            "in a batch of 8"
+        );
+    }
+    let s = wait_idle(&e);
+    assert_eq!(s.kv_blocks_used, 0);
+}
+
+#[test]
+fn repeated_prompt_hits_the_prefix_cache() {
+    let llm = llm();
+    let e = engine(llm, 4, 64, 64);
+    let p = prompt(70, 3);
+    let first = run(&e, greedy(p.clone(), 6));
+    assert_eq!(first[0].cached, 0);
+    let second = run(&e, greedy(p.clone(), 6));
+    assert_eq!(
+        second[0].cached, 64,
+        "4 full blocks reused, the rest computed"
+    );
+    assert_eq!(first[0].tokens, second[0].tokens);
+    // A prompt that extends the first one's prompt and output reuses those too.
+    let mut longer = p.clone();
+    longer.extend(&first[0].tokens);
+    longer.extend(prompt(20, 9));
+    let third = run(&e, greedy(longer, 3));
+    assert_eq!(third[0].cached, 64);
+    let s = wait_idle(&e);
+    assert!(s.prefix_hit_tokens >= 128, "{s:?}");
+    assert_eq!(s.kv_blocks_used, 0);
+    assert!(s.kv_blocks_cached >= 4);
+}
+
+#[test]
+fn preemption_by_recompute_is_invisible() {
+    let llm = llm();
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(30 + i, 10 + i as u32)).collect();
+    let roomy = engine(llm.clone(), 4, 64, 256);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run(&roomy, greedy(p.clone(), 40))[0].tokens.clone())
+        .collect();
+    // 12 blocks for 4 sequences that each grow to 5 blocks.
+    let tight = Arc::new(engine(llm, 4, 64, 12));
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let e = tight.clone();
+            std::thread::spawn(move || run(&e, greedy(p, 40)))
+        })
+        .collect();
+    for (h, w) in handles.into_iter().zip(&want) {
+        assert_eq!(&h.join().expect("thread")[0].tokens, w);
+    }
+    let s = wait_idle(&tight);
+    assert!(s.preemptions > 0, "the pool was meant to run dry: {s:?}");
+    assert_eq!(s.kv_blocks_used, 0);
+}
+
+#[test]
+fn n_choices_share_the_prompt_blocks() {
+    let llm = llm();
+    let e = engine(llm, 8, 64, 64);
+    let mut r = greedy(prompt(50, 4), 5);
+    r.n = Some(3);
+    let out = run(&e, r);
+    assert_eq!(out.len(), 3);
+    assert!(
+        out.iter().all(|c| c.tokens == out[0].tokens),
+        "greedy choices agree"
+    );
+    assert_eq!(out[0].cached, 0);
+    assert_eq!(out[1].cached, 48);
+    assert_eq!(out[2].cached, 48);
+    // Sampled choices differ from each other but repeat with the same seed.
+    let sampled = |seed| {
+        let mut r = GenerationRequest::new(PromptInput::Tokens(prompt(20, 5)));
+        r.max_tokens = Some(8);
+        r.temperature = Some(1.5);
+        r.seed = Some(seed);
+        r.n = Some(2);
+        r.ignore_eos = true;
+        run(&e, r).into_iter().map(|c| c.tokens).collect::<Vec<_>>()
+    };
+    let a = sampled(42);
+    assert_eq!(a, sampled(42));
+    assert_ne!(a[0], a[1]);
+    assert_ne!(a, sampled(43));
+}
+
+#[test]
+fn cancellation_frees_blocks() {
+    let llm = llm();
+    let e = engine(llm, 4, 64, 64);
+    let v = e.validate(greedy(prompt(40, 1), 400)).expect("valid");
+    let mut s = e.submit(v).expect("submit");
+    for _ in 0..3 {
+        assert!(matches!(s.blocking_next(), Some(Event::Delta { .. })));
+    }
+    assert!(e.last_stats().kv_blocks_used > 0);
+    drop(s);
+    let st = wait_idle(&e);
+    assert_eq!(st.kv_blocks_used, 0);
+    assert!(st.generated_tokens < 400);
+}
+
+#[test]
+fn stop_strings_and_eos() {
+    let llm = llm();
+    let e = engine(llm.clone(), 4, 64, 64);
+    let free = run(&e, greedy(prompt(10, 2), 30));
+    let text = free[0].text.clone();
+    // Stop at a piece of text from the middle of the free-running output.
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 6, "{text:?}");
+    let stop: String = chars[4..6].iter().collect();
+    let mut r = greedy(prompt(10, 2), 30);
+    r.stop = vec![stop.clone()];
+    let out = run(&e, r);
+    assert_eq!(out[0].finish, Some(FinishReason::Stop));
+    let at = text.find(&stop).expect("present");
+    assert_eq!(out[0].text, text[..at]);
+}
+
+#[test]
+fn validation_rejects_bad_requests() {
+    let llm = llm();
+    let e = engine(llm, 4, 64, 64);
+    let check = |r: GenerationRequest, param: &str| {
+        let err = e.validate(r).expect_err("invalid");
+        assert!(err.is_invalid_request(), "{err}");
+        assert_eq!(err.param(), Some(param), "{err}");
+    };
+    let mut r = greedy(prompt(10, 1), 5);
+    r.temperature = Some(-1.0);
+    check(r, "temperature");
+    let mut r = greedy(prompt(10, 1), 5);
+    r.top_p = Some(1.5);
+    check(r, "top_p");
+    let mut r = greedy(prompt(10, 1), 5);
+    r.n = Some(0);
+    check(r, "n");
+    check(greedy(prompt(10, 1), 5000), "max_tokens");
+    check(greedy(vec![], 5), "prompt");
+    check(greedy(vec![100_000], 5), "prompt");
+    check(
+        GenerationRequest::new(PromptInput::Chat(vec![])),
+        "messages",
+    );
+    check(
+        GenerationRequest::new(PromptInput::Chat(vec![ChatMessage::new("wizard", "hi")])),
+        "messages",
+    );
+    // The default max_tokens fills what is left of the limit.
+    let v = e
+        .validate(GenerationRequest::new(PromptInput::Text("hello".into())))
+        .expect("valid");
+    assert_eq!(v.prompt_tokens().len() + v.max_tokens(), 512);
+}
+
+#[test]
+fn full_queue_is_refused_and_shutdown_fails_in_flight() {
+    let llm = llm();
+    let c = &llm.model.config;
+    let per_block =
+        tl_model::kv::KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * 16;
+    let e = Engine::start(
+        llm.clone(),
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch: 1,
+                ..Default::default()
+            },
+            kv_bytes: 64 * per_block,
+            max_queue: 1,
+        },
+    )
+    .expect("engine");
+    let mut a = e
+        .submit(e.validate(greedy(prompt(8, 1), 400)).expect("valid"))
+        .expect("first");
+    assert!(matches!(a.blocking_next(), Some(Event::Delta { .. })));
+    let _b = e
+        .submit(e.validate(greedy(prompt(8, 2), 4)).expect("valid"))
+        .expect("second waits in the queue");
+    let err = e
+        .submit(e.validate(greedy(prompt(8, 3), 4)).expect("valid"))
+        .err()
+        .expect("third is refused");
+    assert_eq!(err, EngineError::QueueFull { max: 1 });
+    e.shutdown();
+    let mut last = None;
+    while let Some(ev) = a.blocking_next() {
+        last = Some(ev);
+    }
+    assert!(matches!(
+        last,
+        Some(Event::Error(EngineError::ShuttingDown))
+    ));
+    assert!(e
+        .submit(e.validate(greedy(prompt(8, 3), 4)).expect("valid"))
+        .is_err());
+}
