@@ -28,8 +28,10 @@ pub fn linear(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) -> Result<()> {
-    tl_core::matmul(x, m, w.cols, wbytes, w.ty, w.rows, out, scratch).map_err(|e| ModelError::Core {
-        tensor: w.name.clone(),
-        err: e,
+    tl_core::matmul(x, m, w.cols, wbytes, w.ty, w.rows, out, scratch).map_err(|e| {
+        ModelError::Core {
+            tensor: w.name.clone(),
+            err: e,
+        }
     })
 }
