@@ -6,6 +6,7 @@ mod cmd_bench;
 mod cmd_generate;
 mod cmd_inspect;
 mod cmd_perplexity;
+mod cmd_serve;
 mod cmd_synth;
 mod cmd_tokenize;
 
@@ -36,6 +37,8 @@ enum Command {
     Bench(cmd_bench::BenchArgs),
     /// Print the token ids and pieces of a text.
     Tokenize(cmd_tokenize::TokenizeArgs),
+    /// OpenAI-compatible HTTP server with continuous batching.
+    Serve(cmd_serve::ServeArgs),
 }
 
 fn main() {
@@ -48,6 +51,7 @@ fn main() {
         Command::Perplexity(a) => cmd_perplexity::run(a),
         Command::Bench(a) => cmd_bench::run(a),
         Command::Tokenize(a) => cmd_tokenize::run(a),
+        Command::Serve(a) => cmd_serve::run(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -46,6 +46,8 @@ pub struct GenerationRequest {
     /// Alternatives per token to report; `Some(0)` = only the chosen token.
     pub logprobs: Option<usize>,
     pub ignore_eos: bool,
+    /// OpenAI-style tool definitions, passed to chat templates that use them.
+    pub tools: Option<serde_json::Value>,
 }
 
 impl GenerationRequest {
@@ -65,6 +67,7 @@ impl GenerationRequest {
             stop: Vec::new(),
             logprobs: None,
             ignore_eos: false,
+            tools: None,
         }
     }
 }
@@ -152,7 +155,11 @@ impl Validator {
         self.limit
     }
 
-    fn tokenize(&self, prompt: &PromptInput) -> Result<Vec<u32>> {
+    fn tokenize(
+        &self,
+        prompt: &PromptInput,
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>> {
         let llm = &*self.llm;
         let text = match prompt {
             PromptInput::Tokens(t) => {
@@ -186,7 +193,7 @@ impl Validator {
                         m.role = "system".into();
                     }
                 }
-                llm.chat_prompt(&msgs)
+                llm.chat_prompt_with_tools(&msgs, tools)
                     .map_err(|e| EngineError::Template(e.to_string()))?
             }
         };
@@ -250,7 +257,7 @@ impl Validator {
                 });
             }
         }
-        let prompt = self.tokenize(&r.prompt)?;
+        let prompt = self.tokenize(&r.prompt, r.tools.as_ref())?;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }

@@ -197,8 +197,19 @@ impl Llm {
     /// Renders a conversation with the chat template, ending with the
     /// opening of the assistant's turn.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.chat_prompt_with_tools(messages, None)
+    }
+
+    /// [`Llm::chat_prompt`] with OpenAI-style tool definitions, for
+    /// templates that render them.
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<String> {
         let opts = RenderOptions {
             add_generation_prompt: true,
+            tools: tools.cloned(),
             ..Default::default()
         };
         Ok(self.template.render(messages, &opts)?)

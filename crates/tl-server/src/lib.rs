@@ -1,1 +1,797 @@
-pub fn _x() {}
+//! The OpenAI-compatible HTTP server over a [`tl_engine::Engine`].
+//!
+//! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or
+//! SSE streams ending in `data: [DONE]`), `GET /v1/models`, `GET /health`
+//! (200 only once the model is loaded and while not draining),
+//! `GET /metrics` (Prometheus text) and the web chat page at `/`.
+//!
+//! Each generation request is read with a size limit, parsed and validated
+//! at the edge ([`api::parse`], then the engine's `Validator`), submitted to
+//! the engine (a bounded queue: 429 with `Retry-After` when full), and
+//! answered from the engine's event stream. Every failure goes through one
+//! mapping to OpenAI's error JSON ([`error::ApiError`]). A streaming client
+//! that goes away cancels its request at once (the forwarding task watches
+//! the body channel); every request has a deadline. On SIGTERM or SIGINT
+//! the server stops accepting connections and requests, lets the streams in
+//! flight finish, then stops the engine.
+
+pub mod api;
+pub mod error;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use futures_util::stream::{self, SelectAll, StreamExt};
+use serde_json::{json, Value};
+use tl_engine::{Engine, EngineConfig, Event, RequestStream, TokenLogprob};
+use tl_model::llm::Llm;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::api::{Endpoint, Parsed, Usage};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+
+/// How the HTTP side is set up.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Required as `Authorization: Bearer KEY` on `/v1/*` when set.
+    pub api_key: Option<String>,
+    /// The id `/v1/models` lists and requests must name (or omit).
+    pub model_id: String,
+    pub max_body_bytes: usize,
+    /// Longest a request may run, queueing included.
+    pub request_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: None,
+            model_id: "model".into(),
+            max_body_bytes: 4 << 20,
+            request_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Errors that stop the server (never a request's error).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("loading the model: {0}")]
+    Load(String),
+    #[error("starting the engine: {0}")]
+    Engine(#[from] tl_engine::EngineError),
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Everything a handler needs.
+pub struct AppState {
+    cfg: ServerConfig,
+    engine: OnceLock<Arc<Engine>>,
+    draining: AtomicBool,
+    metrics: Metrics,
+    created: u64,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(cfg: ServerConfig) -> Result<Arc<Self>, ServerError> {
+        Ok(Arc::new(AppState {
+            cfg,
+            engine: OnceLock::new(),
+            draining: AtomicBool::new(false),
+            metrics: Metrics::new()?,
+            created: now_secs(),
+            next_id: AtomicU64::new(1),
+        }))
+    }
+
+    /// Makes the server ready (once).
+    pub fn set_engine(&self, e: Arc<Engine>) {
+        let _ = self.engine.set(e);
+    }
+
+    pub fn engine(&self) -> Option<&Arc<Engine>> {
+        self.engine.get()
+    }
+
+    /// Stop taking generation requests (`/health` turns 503); streams in
+    /// flight go on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        if let Some(e) = self.engine.get() {
+            e.stop_accepting();
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains: no new
+/// connections or requests, streams in flight run to their end.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let st = state.clone();
+    let signal = async move {
+        shutdown.await;
+        info!("shutting down: draining requests in flight");
+        st.start_draining();
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(signal)
+        .await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// `tl serve`: listens at once (so `/health` can say "loading"), loads the
+/// model on a blocking thread, serves until SIGTERM/SIGINT, drains, stops
+/// the engine. A model that fails to load ends the server with that error.
+pub fn run(
+    cfg: ServerConfig,
+    engine_cfg: EngineConfig,
+    load: impl FnOnce() -> Result<Llm, String> + Send + 'static,
+) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tl-http")
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local = listener.local_addr()?;
+        let state = AppState::new(cfg)?;
+        info!(%local, "listening; loading the model");
+        eprintln!("tl serve: listening on http://{local} (loading the model)");
+        let st = state.clone();
+        let loader = tokio::task::spawn_blocking(move || -> Result<(), ServerError> {
+            let t = Instant::now();
+            let llm = load().map_err(ServerError::Load)?;
+            let engine = Engine::start(Arc::new(llm), engine_cfg)?;
+            eprintln!(
+                "tl serve: model loaded in {:.1} s, {} KV blocks; ready",
+                t.elapsed().as_secs_f64(),
+                engine.kv_blocks()
+            );
+            st.set_engine(Arc::new(engine));
+            Ok(())
+        });
+        let server = serve(listener, state.clone(), shutdown_signal());
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r?,
+            l = loader => {
+                match l {
+                    Ok(Ok(())) => server.await?,
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => return Err(ServerError::Load(format!("the loader thread failed: {e}"))),
+                }
+            }
+        }
+        if let Some(e) = state.engine() {
+            let e = e.clone();
+            let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
+        }
+        eprintln!("tl serve: stopped");
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Small handlers
+
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "no such endpoint (see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics)",
+    )
+}
+
+async fn health(State(st): State<Arc<AppState>>) -> Response {
+    let (code, status) = if st.draining.load(Ordering::Acquire) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if st.engine().is_some() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading")
+    };
+    (code, axum::Json(json!({ "status": status }))).into_response()
+}
+
+async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
+    let stats = st.engine().map(|e| e.last_stats());
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        st.metrics.render(stats),
+    )
+        .into_response()
+}
+
+fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    use subtle::ConstantTimeEq;
+    let Some(key) = &st.cfg.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Constant time in the content; the key's length is not secret.
+    if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized())
+    }
+}
+
+async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = authorize(&st, &headers) {
+        return e.into_response();
+    }
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.cfg.model_id,
+            "object": "model",
+            "created": st.created,
+            "owned_by": "tensorlogic",
+        }]
+    }))
+    .into_response()
+}
+
+async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    generate(st, Endpoint::Chat, headers, body).await
+}
+
+async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    generate(st, Endpoint::Completions, headers, body).await
+}
+
+// ---------------------------------------------------------------------------
+// Generation
+
+/// One choice of the answer, as it accumulates.
+#[derive(Default)]
+struct ChoiceAcc {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<&'static str>,
+    last_token: Option<Instant>,
+}
+
+/// The engine streams of one HTTP request, tagged with their prompt index.
+type Merged = SelectAll<stream::BoxStream<'static, (usize, Event)>>;
+
+fn merge(streams: Vec<RequestStream>) -> Merged {
+    stream::select_all(streams.into_iter().enumerate().map(|(p, rs)| {
+        stream::unfold(rs, move |mut rs| async move {
+            rs.next().await.map(|e| ((p, e), rs))
+        })
+        .boxed()
+    }))
+}
+
+/// What the handler keeps while a request runs.
+struct Run {
+    st: Arc<AppState>,
+    endpoint: Endpoint,
+    id: String,
+    n: usize,
+    start: Instant,
+    first_token: bool,
+    usage: Usage,
+    choices: Vec<ChoiceAcc>,
+    logprobs: bool,
+}
+
+impl Run {
+    /// Records a token's timing; returns nothing.
+    fn on_token(&mut self, idx: usize) {
+        let now = Instant::now();
+        if !self.first_token {
+            self.first_token = true;
+            self.st
+                .metrics
+                .ttft
+                .observe(now.duration_since(self.start).as_secs_f64());
+        }
+        if let Some(c) = self.choices.get_mut(idx) {
+            if let Some(t) = c.last_token {
+                self.st
+                    .metrics
+                    .itl
+                    .observe(now.duration_since(t).as_secs_f64());
+            }
+            c.last_token = Some(now);
+        }
+    }
+
+    fn done(&self, status: StatusCode) {
+        let m = &self.st.metrics;
+        m.requests
+            .with_label_values(&[self.endpoint.name(), status.as_str()])
+            .inc();
+        m.prompt_tokens.inc_by(self.usage.prompt as u64);
+        m.completion_tokens.inc_by(self.usage.completion as u64);
+        m.e2e.observe(self.start.elapsed().as_secs_f64());
+    }
+
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.endpoint, chunk) {
+            (Endpoint::Chat, false) => "chat.completion",
+            (Endpoint::Chat, true) => "chat.completion.chunk",
+            (Endpoint::Completions, _) => "text_completion",
+        }
+    }
+
+    fn envelope(&self, chunk: bool, choices: Vec<Value>) -> serde_json::Map<String, Value> {
+        let mut m = serde_json::Map::new();
+        m.insert("id".into(), self.id.clone().into());
+        m.insert("object".into(), self.object(chunk).into());
+        m.insert("created".into(), now_secs().into());
+        m.insert("model".into(), self.st.cfg.model_id.clone().into());
+        m.insert("system_fingerprint".into(), FINGERPRINT.into());
+        m.insert("choices".into(), Value::Array(choices));
+        m
+    }
+}
+
+const FINGERPRINT: &str = concat!("tl-", env!("CARGO_PKG_VERSION"));
+
+async fn generate(
+    st: Arc<AppState>,
+    endpoint: Endpoint,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let start = Instant::now();
+    let count = |status: StatusCode| {
+        st.metrics
+            .requests
+            .with_label_values(&[endpoint.name(), status.as_str()])
+            .inc();
+    };
+    let prepared = prepare(&st, endpoint, &headers, body).await;
+    let (parsed, streams, prompt_lens) = match prepared {
+        Ok(p) => p,
+        Err(e) => {
+            count(e.status);
+            return e.into_response();
+        }
+    };
+    let seq = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completions => "cmpl",
+    };
+    let n_choices = parsed.n * prompt_lens.len();
+    let mut run = Run {
+        st: st.clone(),
+        endpoint,
+        id: format!("{prefix}-{:x}{seq:06x}", st.created),
+        n: parsed.n,
+        start,
+        first_token: false,
+        usage: Usage {
+            prompt: prompt_lens.iter().sum(),
+            ..Default::default()
+        },
+        choices: (0..n_choices).map(|_| ChoiceAcc::default()).collect(),
+        logprobs: parsed.logprobs.is_some(),
+    };
+    if let Some(echo) = &parsed.echo {
+        for (i, c) in run.choices.iter_mut().enumerate() {
+            c.text = echo.get(i / parsed.n).cloned().unwrap_or_default();
+        }
+    }
+    let deadline = tokio::time::Instant::from_std(start + st.cfg.request_timeout);
+    let merged = merge(streams);
+    if parsed.stream {
+        stream_response(run, merged, deadline, parsed.include_usage)
+    } else {
+        collect_response(run, merged, deadline).await
+    }
+}
+
+/// Auth, readiness, body, parsing, validation and submission.
+async fn prepare(
+    st: &Arc<AppState>,
+    endpoint: Endpoint,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Parsed, Vec<RequestStream>, Vec<usize>), ApiError> {
+    authorize(st, headers)?;
+    if st.draining.load(Ordering::Acquire) {
+        return Err(tl_engine::EngineError::ShuttingDown.into());
+    }
+    let engine = st.engine().ok_or_else(ApiError::loading)?.clone();
+    let limit = st.cfg.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than the limit of {limit} bytes (or was cut off)"),
+        )
+        .with_code("body_too_large")
+    })?;
+    let parsed = api::parse(endpoint, &bytes)?;
+    if let Some(m) = &parsed.model {
+        if !m.is_empty() && *m != st.cfg.model_id {
+            return Err(ApiError::unknown_model(m, &st.cfg.model_id));
+        }
+    }
+    // Tokenizing and template rendering are CPU work: off the async workers.
+    let reqs = parsed.requests.clone();
+    let eng = engine.clone();
+    let valid = tokio::task::spawn_blocking(move || {
+        reqs.into_iter()
+            .map(|r| eng.validate(r))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            format!("validation task failed: {e}"),
+        )
+    })??;
+    let lens = valid.iter().map(|v| v.prompt_tokens().len()).collect();
+    let mut streams = Vec::with_capacity(valid.len());
+    for v in valid {
+        // On failure the streams already submitted drop, cancelling them.
+        streams.push(engine.submit(v)?);
+    }
+    Ok((parsed, streams, lens))
+}
+
+/// Applies one event; returns an error event's error.
+fn apply(run: &mut Run, prompt: usize, ev: Event) -> Result<(), ApiError> {
+    match ev {
+        Event::Delta {
+            choice,
+            text,
+            token,
+            logprob,
+        } => {
+            let idx = prompt * run.n + choice;
+            if token.is_some() {
+                run.usage.completion += 1;
+                run.on_token(idx);
+            }
+            if let Some(c) = run.choices.get_mut(idx) {
+                c.text.push_str(&text);
+                if let Some(l) = logprob {
+                    c.logprobs.push(l);
+                }
+            }
+            Ok(())
+        }
+        Event::Finished {
+            choice,
+            reason,
+            cached_tokens,
+            ..
+        } => {
+            if choice == 0 {
+                run.usage.cached += cached_tokens;
+            }
+            if let Some(c) = run.choices.get_mut(prompt * run.n + choice) {
+                c.finish = Some(reason.as_str());
+            }
+            Ok(())
+        }
+        Event::Error(e) => Err(e.into()),
+    }
+}
+
+async fn collect_response(
+    mut run: Run,
+    mut merged: Merged,
+    deadline: tokio::time::Instant,
+) -> Response {
+    loop {
+        let next = tokio::time::timeout_at(deadline, merged.next()).await;
+        match next {
+            Err(_) => {
+                let e = ApiError::timeout(run.st.cfg.request_timeout.as_secs_f64());
+                run.done(e.status);
+                return e.into_response();
+            }
+            Ok(None) => break,
+            Ok(Some((p, ev))) => {
+                if let Err(e) = apply(&mut run, p, ev) {
+                    run.done(e.status);
+                    return e.into_response();
+                }
+            }
+        }
+    }
+    let choices: Vec<Value> = run
+        .choices
+        .iter()
+        .enumerate()
+        .map(|(i, c)| match run.endpoint {
+            Endpoint::Chat => json!({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": if run.logprobs {
+                    json!({"content": c.logprobs.iter().map(api::chat_logprob).collect::<Vec<_>>()})
+                } else { Value::Null },
+                "finish_reason": c.finish.unwrap_or("stop"),
+            }),
+            Endpoint::Completions => json!({
+                "index": i,
+                "text": c.text,
+                "logprobs": if run.logprobs {
+                    api::completion_logprobs(&c.logprobs, 0)
+                } else { Value::Null },
+                "finish_reason": c.finish.unwrap_or("stop"),
+            }),
+        })
+        .collect();
+    let mut body = run.envelope(false, choices);
+    body.insert("usage".into(), run.usage.json());
+    run.done(StatusCode::OK);
+    axum::Json(Value::Object(body)).into_response()
+}
+
+fn sse(v: &Value) -> Bytes {
+    Bytes::from(format!("data: {v}\n\n"))
+}
+
+fn stream_response(
+    run: Run,
+    merged: Merged,
+    deadline: tokio::time::Instant,
+    include_usage: bool,
+) -> Response {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(64);
+    tokio::spawn(forward(run, merged, deadline, include_usage, tx));
+    let body = stream::poll_fn(move |cx| rx.poll_recv(cx).map(|o| o.map(Ok::<_, Infallible>)));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .header(header::CACHE_CONTROL, "no-cache")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Builds one streamed choice object.
+fn chunk_choice(
+    run: &Run,
+    index: usize,
+    text: Option<&str>,
+    role: bool,
+    lp: Option<&TokenLogprob>,
+    finish: Option<&str>,
+) -> Value {
+    match run.endpoint {
+        Endpoint::Chat => {
+            let mut delta = serde_json::Map::new();
+            if role {
+                delta.insert("role".into(), "assistant".into());
+            }
+            if let Some(t) = text {
+                delta.insert("content".into(), t.into());
+            }
+            json!({
+                "index": index,
+                "delta": delta,
+                "logprobs": lp.map_or(Value::Null, |l| json!({"content": [api::chat_logprob(l)]})),
+                "finish_reason": finish,
+            })
+        }
+        Endpoint::Completions => {
+            let offset = run.choices.get(index).map_or(0, |c| c.text.len());
+            json!({
+                "index": index,
+                "text": text.unwrap_or(""),
+                "logprobs": lp.map_or(Value::Null, |l| api::completion_logprobs(std::slice::from_ref(l), offset)),
+                "finish_reason": finish,
+            })
+        }
+    }
+}
+
+/// Drives one streaming request: engine events → SSE frames on `tx`. Ends
+/// (dropping the engine streams, which cancels them) as soon as the client
+/// is gone, the deadline passes or every choice finished.
+async fn forward(
+    mut run: Run,
+    mut merged: Merged,
+    deadline: tokio::time::Instant,
+    include_usage: bool,
+    tx: mpsc::Sender<Bytes>,
+) {
+    // With include_usage, OpenAI's chunks carry `"usage": null` until the
+    // last one.
+    let usage_field = |m: &mut serde_json::Map<String, Value>| {
+        if include_usage {
+            m.insert("usage".into(), Value::Null);
+        }
+    };
+    // Opening chunk of every choice (the role; echo text for completions).
+    let mut opening = Vec::new();
+    for i in 0..run.choices.len() {
+        let echo = run.choices[i].text.clone();
+        let c = match run.endpoint {
+            Endpoint::Chat => chunk_choice(&run, i, Some(""), true, None, None),
+            Endpoint::Completions => {
+                if echo.is_empty() {
+                    continue;
+                }
+                let mut c = chunk_choice(&run, i, Some(&echo), false, None, None);
+                c["logprobs"] = Value::Null;
+                c
+            }
+        };
+        opening.push(c);
+    }
+    if !opening.is_empty() {
+        let mut m = run.envelope(true, opening);
+        usage_field(&mut m);
+        if tx.send(sse(&Value::Object(m))).await.is_err() {
+            run.done(StatusCode::from_u16(499).unwrap_or(StatusCode::OK));
+            return;
+        }
+    }
+    let status = loop {
+        let ev = tokio::select! {
+            ev = merged.next() => ev,
+            _ = tx.closed() => break StatusCode::from_u16(499).unwrap_or(StatusCode::OK),
+            _ = tokio::time::sleep_until(deadline) => {
+                let e = ApiError::timeout(run.st.cfg.request_timeout.as_secs_f64());
+                let _ = tx.send(sse(&e.body())).await;
+                break e.status;
+            }
+        };
+        let Some((p, ev)) = ev else {
+            break StatusCode::OK;
+        };
+        let frame = match &ev {
+            Event::Delta {
+                choice,
+                text,
+                logprob,
+                ..
+            } => {
+                let idx = p * run.n + choice;
+                if text.is_empty() && logprob.is_none() {
+                    None
+                } else {
+                    Some(chunk_choice(
+                        &run,
+                        idx,
+                        Some(text),
+                        false,
+                        logprob.as_ref(),
+                        None,
+                    ))
+                }
+            }
+            Event::Finished { choice, reason, .. } => {
+                let idx = p * run.n + choice;
+                let text = match run.endpoint {
+                    Endpoint::Chat => None,
+                    Endpoint::Completions => Some(""),
+                };
+                Some(chunk_choice(
+                    &run,
+                    idx,
+                    text,
+                    false,
+                    None,
+                    Some(reason.as_str()),
+                ))
+            }
+            Event::Error(_) => None,
+        };
+        if let Err(e) = apply(&mut run, p, ev) {
+            let _ = tx.send(sse(&e.body())).await;
+            break e.status;
+        }
+        if let Some(c) = frame {
+            let mut m = run.envelope(true, vec![c]);
+            usage_field(&mut m);
+            if tx.send(sse(&Value::Object(m))).await.is_err() {
+                break StatusCode::from_u16(499).unwrap_or(StatusCode::OK);
+            }
+        }
+    };
+    if status == StatusCode::OK {
+        if include_usage {
+            let mut m = run.envelope(true, Vec::new());
+            m.insert("usage".into(), run.usage.json());
+            let _ = tx.send(sse(&Value::Object(m))).await;
+        }
+    } else if status.as_u16() == 499 {
+        warn!(id = %run.id, "client went away; request cancelled");
+    }
+    if status.as_u16() != 499 {
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    }
+    run.done(status);
+}

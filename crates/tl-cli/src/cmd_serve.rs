@@ -1,0 +1,148 @@
+//! `tl serve`: the OpenAI-compatible HTTP server.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tl_engine::{EngineConfig, SchedulerConfig};
+use tl_server::ServerConfig;
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: crate::cmd_generate::ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Most sequences decoded together in one step.
+    #[arg(long, default_value_t = 16)]
+    pub max_batch: usize,
+    /// Most tokens in one step (decode tokens plus prompt chunks).
+    #[arg(long, default_value_t = 256)]
+    pub max_batch_tokens: usize,
+    /// KV cache memory, e.g. 512M, 2G (bytes without a suffix).
+    #[arg(long, default_value = "512M")]
+    pub kv_memory: String,
+    /// Requests waiting beyond the running batch before 429 answers.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Require `Authorization: Bearer KEY` on /v1/* (also read from TL_API_KEY).
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// The model id served (default: the file name without .gguf).
+    #[arg(long)]
+    pub alias: Option<String>,
+    /// Seconds a request may take, queueing included.
+    #[arg(long, default_value_t = 600)]
+    pub request_timeout: u64,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body: usize,
+    /// Disable the prefix cache.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Log level: error, warn, info, debug, trace.
+    #[arg(long, default_value = "info")]
+    pub log_level: String,
+}
+
+/// "512M", "2G", "1.5GiB", "1048576" → bytes.
+pub fn parse_size(s: &str) -> anyhow::Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let v: f64 = num
+        .parse()
+        .with_context(|| format!("'{s}' is not a size (examples: 512M, 2G, 1048576)"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kb" | "kib" => 1024.0,
+        "m" | "mb" | "mib" => 1024.0 * 1024.0,
+        "g" | "gb" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        other => anyhow::bail!("unknown size unit '{other}' in '{s}' (use K, M or G)"),
+    };
+    let bytes = v * mult;
+    anyhow::ensure!(
+        bytes.is_finite() && bytes >= 1.0 && bytes < 1e15,
+        "size '{s}' is out of range"
+    );
+    Ok(bytes as usize)
+}
+
+pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
+    let level: tracing::Level = a
+        .log_level
+        .parse()
+        .map_err(|_| anyhow::anyhow!("unknown --log-level '{}'", a.log_level))?;
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    anyhow::ensure!(a.max_batch > 0, "--max-batch must be positive");
+    anyhow::ensure!(a.max_queue > 0, "--max-queue must be positive");
+    anyhow::ensure!(a.request_timeout > 0, "--request-timeout must be positive");
+    let kv_bytes = parse_size(&a.kv_memory).context("--kv-memory")?;
+    anyhow::ensure!(
+        a.model.model.is_file(),
+        "model file {} not found",
+        a.model.model.display()
+    );
+    let model_id = a
+        .alias
+        .clone()
+        .unwrap_or_else(|| default_id(&a.model.model));
+    let api_key = a
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("TL_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let cfg = ServerConfig {
+        host: a.host.clone(),
+        port: a.port,
+        api_key,
+        model_id,
+        max_body_bytes: a.max_body,
+        request_timeout: Duration::from_secs(a.request_timeout),
+    };
+    let engine = EngineConfig {
+        scheduler: SchedulerConfig {
+            max_batch: a.max_batch,
+            max_batch_tokens: a.max_batch_tokens,
+            prefix_caching: !a.no_prefix_cache,
+        },
+        kv_bytes,
+        max_queue: a.max_queue,
+    };
+    let margs = a.model.clone();
+    tl_server::run(cfg, engine, move || {
+        crate::cmd_generate::load(&margs).map_err(|e| format!("{e:#}"))
+    })?;
+    Ok(())
+}
+
+fn default_id(p: &std::path::Path) -> String {
+    let name = p
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    name.strip_suffix(".gguf").unwrap_or(&name).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").ok(), Some(512 << 20));
+        assert_eq!(parse_size("2G").ok(), Some(2 << 30));
+        assert_eq!(parse_size("1.5GiB").ok(), Some(3 << 29));
+        assert_eq!(parse_size("4096").ok(), Some(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("0").is_err());
+    }
+}
