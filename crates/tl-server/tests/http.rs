@@ -1,0 +1,814 @@
+//! The server driven over real HTTP on loopback, on a tiny synthetic model:
+//! response shapes, SSE framing, every error case, auth, backpressure,
+//! timeouts, disconnects and graceful shutdown.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tl_engine::{Engine, EngineConfig, SchedulerConfig};
+use tl_model::llm::Llm;
+use tl_model::synth::{synthesize, SynthSpec};
+use tl_server::{AppState, ServerConfig};
+
+fn llm() -> Arc<Llm> {
+    static PATH: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("tl-server-test-{}.gguf", std::process::id()));
+        synthesize(&SynthSpec::default())
+            .expect("synth")
+            .write_file(&p)
+            .expect("write");
+        p
+    });
+    Arc::new(Llm::load(path).expect("load"))
+}
+
+struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Server {
+    fn start(cfg: ServerConfig, max_batch: usize, max_queue: usize) -> Server {
+        Self::start_with(cfg, max_batch, max_queue, true)
+    }
+
+    fn start_with(cfg: ServerConfig, max_batch: usize, max_queue: usize, ready: bool) -> Server {
+        let state = AppState::new(cfg).expect("state");
+        if ready {
+            let engine = Engine::start(
+                llm(),
+                EngineConfig {
+                    scheduler: SchedulerConfig {
+                        max_batch,
+                        max_batch_tokens: 256,
+                        prefix_caching: true,
+                    },
+                    kv_bytes: 8 << 20,
+                    max_queue,
+                },
+            )
+            .expect("engine");
+            state.set_engine(Arc::new(engine));
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (atx, arx) = std::sync::mpsc::channel();
+        let st = state.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                atx.send(l.local_addr().expect("addr")).expect("send");
+                tl_server::serve(l, st, async {
+                    let _ = rx.await;
+                })
+                .await
+                .expect("serve");
+            });
+        });
+        let addr = arx.recv().expect("addr");
+        Server {
+            addr,
+            state,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn engine(&self) -> &Arc<Engine> {
+        self.state.engine().expect("engine")
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("server thread");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// The `data:` payloads of an SSE body.
+    fn events(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.body)
+            .split("\n\n")
+            .filter_map(|f| f.strip_prefix("data: ").map(str::to_string))
+            .collect()
+    }
+}
+
+fn send_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> TcpStream {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    s
+}
+
+fn read_reply(s: TcpStream) -> Reply {
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let mut body = Vec::new();
+    if chunked {
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            let n = usize::from_str_radix(line.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            body.extend_from_slice(&chunk[..n]);
+            if n == 0 {
+                break;
+            }
+        }
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    read_reply(send_request(addr, method, path, headers, body))
+}
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
+    request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+fn get(addr: SocketAddr, path: &str) -> Reply {
+    request(addr, "GET", path, &[], b"")
+}
+
+fn cfg() -> ServerConfig {
+    ServerConfig {
+        model_id: "synthetic".into(),
+        ..Default::default()
+    }
+}
+
+fn chat_body(max_tokens: usize) -> Value {
+    json!({
+        "model": "synthetic",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": true,
+    })
+}
+
+fn assert_error(r: &Reply, status: u16, param: Option<&str>) -> Value {
+    assert_eq!(
+        r.status,
+        status,
+        "body: {}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let j = r.json();
+    let e = &j["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{j}");
+    assert!(e["type"].is_string(), "{j}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{j}");
+    }
+    j
+}
+
+#[test]
+fn health_models_and_page() {
+    let mut s = Server::start_with(cfg(), 4, 8, false);
+    let h = get(s.addr, "/health");
+    assert_eq!(h.status, 503);
+    assert_eq!(h.json()["status"], "loading");
+    assert_error(
+        &post(s.addr, "/v1/chat/completions", chat_body(4)),
+        503,
+        None,
+    );
+    s.shutdown();
+
+    let s = Server::start(cfg(), 4, 8);
+    let h = get(s.addr, "/health");
+    assert_eq!(h.status, 200);
+    assert_eq!(h.json()["status"], "ok");
+    let m = get(s.addr, "/v1/models").json();
+    assert_eq!(m["object"], "list");
+    assert_eq!(m["data"][0]["id"], "synthetic");
+    let p = get(s.addr, "/");
+    assert_eq!(p.status, 200);
+    let page = String::from_utf8_lossy(&p.body);
+    assert!(page.contains("/v1/chat/completions") && page.contains("id=\"send\""));
+    assert_error(&get(s.addr, "/v2/nothing"), 404, None);
+}
+
+#[test]
+fn chat_completion_shape_and_usage() {
+    let s = Server::start(cfg(), 4, 8);
+    let r = post(s.addr, "/v1/chat/completions", chat_body(7));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["object"], "chat.completion");
+    assert!(j["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(j["model"], "synthetic");
+    let c = &j["choices"][0];
+    assert_eq!(c["index"], 0);
+    assert_eq!(c["message"]["role"], "assistant");
+    assert!(c["message"]["content"].is_string());
+    assert_eq!(c["finish_reason"], "length");
+    assert_eq!(j["usage"]["completion_tokens"], 7);
+    let p = j["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(p > 4);
+    assert_eq!(j["usage"]["total_tokens"], p + 7);
+
+    // The same request again: greedy output is the same, and the prompt's
+    // full blocks come from the prefix cache.
+    let again = post(s.addr, "/v1/chat/completions", chat_body(7)).json();
+    assert_eq!(again["choices"][0]["message"], c["message"]);
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        cached,
+        p / 16 * 16,
+        "cached tokens {cached} of a {p}-token prompt"
+    );
+
+    // max_completion_tokens is the newer name of max_tokens.
+    let mut b = chat_body(0);
+    b.as_object_mut().unwrap().remove("max_tokens");
+    b["max_completion_tokens"] = json!(3);
+    assert_eq!(
+        post(s.addr, "/v1/chat/completions", b).json()["usage"]["completion_tokens"],
+        3
+    );
+
+    // Content given as parts.
+    let parts = json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hello there"}]}],
+        "max_tokens": 2, "temperature": 0});
+    assert_eq!(post(s.addr, "/v1/chat/completions", parts).status, 200);
+}
+
+#[test]
+fn streaming_chat_and_completions() {
+    let s = Server::start(cfg(), 4, 8);
+    let mut b = chat_body(6);
+    b["stream"] = json!(true);
+    b["stream_options"] = json!({"include_usage": true});
+    let r = post(s.addr, "/v1/chat/completions", b.clone());
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let ev = r.events();
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = ev[..ev.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["object"], "chat.completion.chunk");
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .filter(|c| !c["choices"][0]["finish_reason"].is_null())
+        .collect();
+    assert_eq!(finish.len(), 1);
+    assert_eq!(finish[0]["choices"][0]["finish_reason"], "length");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(usage["usage"]["completion_tokens"], 6);
+    assert!(chunks[1]["usage"].is_null() && chunks[1].get("usage").is_some());
+    // Streamed text equals the non-streamed answer.
+    b["stream"] = json!(false);
+    let whole = post(s.addr, "/v1/chat/completions", b).json();
+    assert_eq!(whole["choices"][0]["message"]["content"], text.as_str());
+
+    // Completions, token prompt, n = 2, logprobs, echo.
+    let body = json!({"prompt": [5, 6, 7, 8, 9], "max_tokens": 4, "n": 2, "temperature": 0.8,
+        "seed": 11, "logprobs": 3, "stream": true, "ignore_eos": true});
+    let ev = post(s.addr, "/v1/completions", body).events();
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let mut per_choice = [0, 0];
+    for e in &ev[..ev.len() - 1] {
+        let c: Value = serde_json::from_str(e).unwrap();
+        assert_eq!(c["object"], "text_completion");
+        let ch = &c["choices"][0];
+        let i = ch["index"].as_u64().unwrap() as usize;
+        if ch["finish_reason"].is_null() {
+            per_choice[i] += 1;
+            let lp = &ch["logprobs"];
+            assert_eq!(lp["tokens"].as_array().unwrap().len(), 1);
+            assert_eq!(
+                lp["top_logprobs"][0].as_object().unwrap().len().min(3),
+                lp["top_logprobs"][0].as_object().unwrap().len()
+            );
+            assert!(lp["token_logprobs"][0].as_f64().unwrap() <= 0.0);
+        }
+    }
+    assert_eq!(per_choice, [4, 4]);
+}
+
+#[test]
+fn completions_n_logprobs_seed_and_stop() {
+    let s = Server::start(cfg(), 4, 8);
+    let body = json!({"model": "synthetic", "prompt": "abc def", "max_tokens": 8, "n": 3,
+        "temperature": 1.0, "seed": 42, "logprobs": 2, "ignore_eos": true});
+    let a = post(s.addr, "/v1/completions", body.clone()).json();
+    let b = post(s.addr, "/v1/completions", body).json();
+    assert_eq!(a["object"], "text_completion");
+    let ch = a["choices"].as_array().unwrap();
+    assert_eq!(ch.len(), 3);
+    for (i, c) in ch.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let lp = &c["logprobs"];
+        assert_eq!(lp["tokens"].as_array().unwrap().len(), 8);
+        assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+        let offs: Vec<u64> = lp["text_offset"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert!(offs.windows(2).all(|w| w[0] <= w[1]));
+    }
+    // Same seed, same choices.
+    for (x, y) in ch.iter().zip(b["choices"].as_array().unwrap()) {
+        assert_eq!(x["text"], y["text"]);
+    }
+    assert_eq!(a["usage"]["completion_tokens"], 24);
+
+    // A stop string cuts the text before it and finishes with "stop".
+    let greedy =
+        json!({"prompt": "abc def", "max_tokens": 24, "temperature": 0, "ignore_eos": true});
+    let full = post(s.addr, "/v1/completions", greedy.clone()).json();
+    let text = full["choices"][0]["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() >= 6 {
+        let stop: String = chars[3..5].iter().collect();
+        let mut with_stop = greedy;
+        with_stop["stop"] = json!([stop.clone()]);
+        let cut = post(s.addr, "/v1/completions", with_stop).json();
+        let got = cut["choices"][0]["text"].as_str().unwrap();
+        assert_eq!(got, &text[..text.find(&stop).unwrap()]);
+        assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    }
+
+    // Several prompts in one request: choices indexed prompt-major.
+    let multi = json!({"prompt": ["abc", "def ghi"], "max_tokens": 2, "n": 2, "temperature": 0, "ignore_eos": true});
+    let m = post(s.addr, "/v1/completions", multi).json();
+    assert_eq!(m["choices"].as_array().unwrap().len(), 4);
+    assert_eq!(m["usage"]["completion_tokens"], 8);
+    // echo puts the prompt first.
+    let e = post(
+        s.addr,
+        "/v1/completions",
+        json!({"prompt": "abc", "max_tokens": 2, "echo": true, "temperature": 0}),
+    )
+    .json();
+    assert!(e["choices"][0]["text"].as_str().unwrap().starts_with("abc"));
+}
+
+#[test]
+fn bad_requests_get_openai_errors() {
+    let s = Server::start(cfg(), 4, 8);
+    let a = s.addr;
+    let raw = |body: &[u8]| {
+        request(
+            a,
+            "POST",
+            "/v1/chat/completions",
+            &[("Content-Type", "application/json")],
+            body,
+        )
+    };
+    assert_error(&raw(b"{not json"), 400, Some("body"));
+    assert_error(&raw(b"[1, 2]"), 400, Some("body"));
+    assert_error(&raw(b"{\"messages\": \"hi\"}"), 400, Some("body"));
+    assert_error(
+        &post(a, "/v1/chat/completions", json!({"max_tokens": 3})),
+        400,
+        Some("messages"),
+    );
+    assert_error(
+        &post(a, "/v1/chat/completions", json!({"messages": []})),
+        400,
+        Some("messages"),
+    );
+    let j = assert_error(
+        &post(
+            a,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+        ),
+        400,
+        Some("messages"),
+    );
+    assert!(j["error"]["message"].as_str().unwrap().contains("wizard"));
+    let j = assert_error(
+        &post(
+            a,
+            "/v1/chat/completions",
+            json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}),
+        ),
+        404,
+        Some("model"),
+    );
+    assert_eq!(j["error"]["code"], "model_not_found");
+    let j = assert_error(
+        &post(
+            a,
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 100000}),
+        ),
+        400,
+        Some("max_tokens"),
+    );
+    assert_eq!(j["error"]["code"], "context_length_exceeded");
+    for (field, value) in [
+        ("temperature", json!(3.5)),
+        ("top_p", json!(0)),
+        ("top_p", json!(1.5)),
+        ("presence_penalty", json!(-3)),
+        ("frequency_penalty", json!(9)),
+        ("min_p", json!(2)),
+        ("n", json!(0)),
+        ("n", json!(99)),
+        ("max_tokens", json!(-1)),
+        ("top_k", json!(-5)),
+    ] {
+        let mut b = json!({"messages": [{"role": "user", "content": "x"}]});
+        b[field] = value.clone();
+        assert_error(&post(a, "/v1/chat/completions", b), 400, Some(field));
+    }
+    let mut b = json!({"messages": [{"role": "user", "content": "x"}]});
+    b["temperature"] = json!("hot");
+    assert_error(&post(a, "/v1/chat/completions", b), 400, Some("body"));
+    assert_error(
+        &post(a, "/v1/completions", json!({"prompt": ""})),
+        400,
+        Some("prompt"),
+    );
+    assert_error(
+        &post(a, "/v1/completions", json!({"prompt": [1, "x"]})),
+        400,
+        Some("prompt"),
+    );
+    assert_error(
+        &post(a, "/v1/completions", json!({"prompt": [999999]})),
+        400,
+        Some("prompt"),
+    );
+    assert_error(&post(a, "/v1/completions", json!({})), 400, Some("prompt"));
+    assert_error(
+        &post(
+            a,
+            "/v1/completions",
+            json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}),
+        ),
+        400,
+        Some("stop"),
+    );
+    // Oversized body.
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(5 << 20));
+    let r = request(
+        a,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        big.as_bytes(),
+    );
+    assert_error(&r, 413, None);
+    // Nothing above broke the server.
+    assert_eq!(post(a, "/v1/chat/completions", chat_body(2)).status, 200);
+    let st = s.engine().last_stats();
+    assert_eq!(st.kv_blocks_used, 0);
+}
+
+#[test]
+fn api_key_is_required_when_set() {
+    let s = Server::start(
+        ServerConfig {
+            api_key: Some("s3cret".into()),
+            ..cfg()
+        },
+        4,
+        8,
+    );
+    let body = chat_body(2).to_string();
+    let send =
+        |h: &[(&str, &str)]| request(s.addr, "POST", "/v1/chat/completions", h, body.as_bytes());
+    let j = assert_error(&send(&[]), 401, None);
+    assert_eq!(j["error"]["code"], "invalid_api_key");
+    assert_error(&send(&[("Authorization", "Bearer wrong")]), 401, None);
+    assert_error(&send(&[("Authorization", "Bearer s3cre")]), 401, None);
+    assert_error(&send(&[("Authorization", "s3cret")]), 401, None);
+    assert_eq!(send(&[("Authorization", "Bearer s3cret")]).status, 200);
+    assert_error(&get(s.addr, "/v1/models"), 401, None);
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(get(s.addr, "/health").status, 200);
+    assert_eq!(get(s.addr, "/metrics").status, 200);
+}
+
+#[test]
+fn full_queue_answers_429_with_retry_after() {
+    let s = Server::start(cfg(), 1, 2);
+    let addr = s.addr;
+    let threads: Vec<_> = (0..12)
+        .map(|_| {
+            std::thread::spawn(move || {
+                post(
+                    addr,
+                    "/v1/completions",
+                    json!({"prompt": [5, 6, 7], "max_tokens": 400,
+                    "temperature": 0, "ignore_eos": true}),
+                )
+            })
+        })
+        .collect();
+    let replies: Vec<Reply> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let full: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert!(ok >= 1, "some requests are served");
+    assert!(
+        !full.is_empty(),
+        "statuses: {:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(ok + full.len(), 12);
+    for r in full {
+        assert_error(r, 429, None);
+        assert_eq!(r.header("retry-after"), Some("1"));
+    }
+    let st = s.engine().last_stats();
+    assert_eq!((st.kv_blocks_used, st.running_requests), (0, 0));
+}
+
+#[test]
+fn slow_requests_time_out() {
+    let s = Server::start(
+        ServerConfig {
+            request_timeout: Duration::from_millis(5),
+            ..cfg()
+        },
+        4,
+        8,
+    );
+    let long =
+        json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true});
+    let j = assert_error(&post(s.addr, "/v1/completions", long.clone()), 504, None);
+    assert_eq!(j["error"]["code"], "timeout");
+    let mut streamed = long;
+    streamed["stream"] = json!(true);
+    let ev = post(s.addr, "/v1/completions", streamed).events();
+    assert_eq!(ev.last().unwrap(), "[DONE]");
+    let err: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "timeout");
+    wait_idle(s.engine());
+}
+
+fn wait_idle(e: &Engine) {
+    let t = Instant::now();
+    loop {
+        let st = e.last_stats();
+        if st.running_requests == 0 && st.waiting_requests == 0 && st.kv_blocks_used == 0 {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "engine not idle: {st:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn disconnected_stream_is_cancelled_and_frees_blocks() {
+    let s = Server::start(cfg(), 4, 8);
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true, "stream": true});
+    let conn = send_request(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    let mut r = BufReader::new(conn);
+    let mut line = String::new();
+    while !line.starts_with("data: ") && !line.contains("\r\ndata: ") {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        line = l;
+    }
+    drop(r);
+    wait_idle(s.engine());
+    let generated = s.engine().last_stats().generated_tokens;
+    assert!(
+        generated < 480,
+        "the request ran to its end ({generated} tokens)"
+    );
+    let m = String::from_utf8(get(s.addr, "/metrics").body).unwrap();
+    assert!(
+        m.contains("tl_requests_total{endpoint=\"completions\",status=\"499\"} 1"),
+        "{m}"
+    );
+}
+
+#[test]
+fn metrics_report_requests_latency_and_kv() {
+    let s = Server::start(cfg(), 4, 8);
+    let mut b = chat_body(5);
+    b["stream"] = json!(true);
+    assert_eq!(post(s.addr, "/v1/chat/completions", b).status, 200);
+    assert_eq!(
+        post(s.addr, "/v1/chat/completions", chat_body(5)).status,
+        200
+    );
+    let r = get(s.addr, "/metrics");
+    assert!(r.header("content-type").unwrap().starts_with("text/plain"));
+    let m = String::from_utf8(r.body).unwrap();
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .unwrap_or_else(|| panic!("{name} missing in\n{m}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(
+        value("tl_requests_total{endpoint=\"chat_completions\",status=\"200\"}"),
+        2.0
+    );
+    assert_eq!(value("tl_generation_tokens_total"), 10.0);
+    assert!(value("tl_prompt_tokens_total") > 0.0);
+    assert_eq!(value("tl_time_to_first_token_seconds_count"), 2.0);
+    assert_eq!(value("tl_inter_token_latency_seconds_count"), 8.0);
+    assert_eq!(value("tl_requests_running"), 0.0);
+    assert_eq!(value("tl_requests_waiting"), 0.0);
+    assert_eq!(value("tl_kv_blocks_used"), 0.0);
+    assert!(value("tl_kv_blocks_free") > 0.0);
+    assert!(value("tl_kv_blocks_total") >= value("tl_kv_blocks_free"));
+    let rate = value("tl_prefix_cache_hit_rate");
+    assert!(
+        rate > 0.0 && rate <= 1.0,
+        "the second request reuses the first's prompt blocks"
+    );
+}
+
+#[test]
+fn shutdown_finishes_streams_in_flight() {
+    let mut s = Server::start(cfg(), 4, 8);
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 300, "temperature": 0, "ignore_eos": true, "stream": true});
+    let conn = send_request(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    let addr = s.addr;
+    let reader = std::thread::spawn(move || read_reply(conn));
+    std::thread::sleep(Duration::from_millis(20));
+    s.state.start_draining();
+    // Draining: health says so, new requests are refused.
+    assert_eq!(get(addr, "/health").status, 503);
+    assert_error(
+        &post(
+            addr,
+            "/v1/completions",
+            json!({"prompt": "x", "max_tokens": 2}),
+        ),
+        503,
+        None,
+    );
+    s.shutdown();
+    let r = reader.join().unwrap();
+    let ev = r.events();
+    assert_eq!(
+        ev.last().unwrap(),
+        "[DONE]",
+        "the stream in flight ran to its end"
+    );
+    let fin: Value = serde_json::from_str(&ev[ev.len() - 2]).unwrap();
+    assert_eq!(fin["choices"][0]["finish_reason"], "length");
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "no new connections after shutdown"
+    );
+}
+
+#[test]
+fn disconnected_plain_request_is_cancelled() {
+    let s = Server::start(cfg(), 4, 8);
+    let body =
+        json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true});
+    let conn = send_request(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    let t = Instant::now();
+    while s.engine().last_stats().generated_tokens == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the request never started"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(conn);
+    wait_idle(s.engine());
+    let generated = s.engine().last_stats().generated_tokens;
+    assert!(
+        generated < 480,
+        "the request ran to its end ({generated} tokens)"
+    );
+}
