@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. The tests need the real models of
-# docs (fetched once into ~/.cache/tensorlogic/models, sha256-verified);
-# a missing model is a failure, never a skip.
+# Runs every test: the workspace's Rust tests, then the end-to-end tests of
+# `tl serve` (openai client, curl, headless Chromium) on the real model.
+# The tests need the real models (fetched once into
+# ~/.cache/tensorlogic/models, sha256-verified) and the e2e tools
+# (scripts/setup_e2e.sh); anything missing is a failure, never a skip.
+# Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 scripts/fetch_models.py all >/dev/null
+py=$(bash scripts/setup_e2e.sh)
 cargo test --workspace --release --locked "$@"
+cargo build --release --locked -p tl-cli
+echo "test.sh: end-to-end tests of tl serve"
+(cd tests/e2e && "$py" -m pytest -q -p no:cacheprovider)

@@ -1,0 +1,77 @@
+"""Fixtures for the end-to-end tests: the release `tl` binary and real
+models (scripts/fetch_models.py), servers started on free loopback ports."""
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TL = os.path.join(ROOT, "target", "release", "tl")
+MODEL_DIR = os.environ.get(
+    "TL_MODEL_DIR",
+    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tensorlogic", "models"),
+)
+QWEN = os.path.join(MODEL_DIR, "qwen2.5-coder-0.5b-instruct-q4.gguf")
+QWEN_ID = "qwen2.5-coder-0.5b-instruct-q4"
+OUT = os.path.join(ROOT, "target", "e2e")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args, model=QWEN):
+        assert os.path.exists(TL), f"{TL} is missing: build with cargo build --release -p tl-cli"
+        assert os.path.exists(model), f"{model} is missing: run scripts/fetch_models.py"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        os.makedirs(OUT, exist_ok=True)
+        self.log_path = os.path.join(OUT, f"server-{self.port}.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [TL, "serve", "-m", model, "--port", str(self.port), "-t", "2", *args],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 120
+        while True:
+            assert self.proc.poll() is None, f"tl serve exited: {open(self.log_path).read()}"
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except Exception:
+                pass
+            assert time.time() < deadline, "server not ready in 120 s"
+            time.sleep(0.1)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    s = Server("--max-batch", "8")
+    yield s
+    s.stop()
+    assert s.proc.returncode == 0, open(s.log_path).read()
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)

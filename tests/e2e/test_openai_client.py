@@ -1,0 +1,238 @@
+"""`tl serve` on the real Qwen2.5 0.5B model, driven by the official
+`openai` Python client, curl and raw HTTP, as a user would."""
+import concurrent.futures as cf
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from conftest import QWEN, QWEN_ID, TL, Server
+
+MSGS = [
+    {"role": "system", "content": "You are a terse assistant."},
+    {"role": "user", "content": "Name three primary colors."},
+]
+
+
+def chat(client, **kw):
+    args = dict(model=QWEN_ID, messages=MSGS, max_tokens=16, temperature=0)
+    args.update(kw)
+    return client.chat.completions.create(**args)
+
+
+def test_models(client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [QWEN_ID]
+
+
+def test_chat_and_usage(client):
+    r = chat(client)
+    c = r.choices[0]
+    assert c.message.role == "assistant"
+    assert c.message.content.strip()
+    assert c.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens <= 16
+    assert r.usage.prompt_tokens > 10
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_equals_plain(client):
+    plain = chat(client, max_tokens=20).choices[0].message.content
+    stream = chat(client, max_tokens=20, stream=True, stream_options={"include_usage": True})
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            if c.delta.content:
+                parts.append(c.delta.content)
+            if c.finish_reason:
+                finish = c.finish_reason
+    assert "".join(parts) == plain
+    assert finish in ("stop", "length")
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_completions_equal_tl_generate(client):
+    prompt = "def fibonacci(n):"
+    r = client.completions.create(model=QWEN_ID, prompt=prompt, max_tokens=24, temperature=0)
+    out = subprocess.run(
+        [TL, "generate", "-m", QWEN, "-p", prompt, "-n", "24", "--temp", "0", "-t", "2"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    # `tl generate` ends its output with a newline.
+    assert r.choices[0].text + "\n" == out
+
+
+def test_n_and_seed_determinism(client):
+    kw = dict(model=QWEN_ID, messages=MSGS, max_tokens=12, temperature=0.9, n=3, seed=1234)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    c = client.chat.completions.create(**{**kw, "seed": 99})
+    assert [x.message.content for x in c.choices] != [x.message.content for x in a.choices]
+
+
+def test_stop(client):
+    r = client.completions.create(model=QWEN_ID, prompt="1, 2, 3, 4,", max_tokens=30, temperature=0,
+                                  stop=[" 7"])
+    assert r.choices[0].finish_reason == "stop"
+    assert " 7" not in r.choices[0].text
+    assert r.choices[0].text.startswith(" 5, 6,")
+
+
+def test_logprobs(client):
+    r = chat(client, max_tokens=5, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for t in content:
+        assert len(t.top_logprobs) == 3
+        # Greedy picks the most likely token.
+        assert abs(t.logprob - t.top_logprobs[0].logprob) < 1e-4
+        assert t.logprob <= 0
+
+
+def test_batch_gives_same_greedy_output(client):
+    prompts = [f"Write a haiku about the number {i}." for i in range(8)]
+
+    def one(p):
+        return client.chat.completions.create(
+            model=QWEN_ID, messages=[{"role": "user", "content": p}], max_tokens=16, temperature=0
+        ).choices[0].message.content
+
+    alone = [one(p) for p in prompts]
+    with cf.ThreadPoolExecutor(8) as ex:
+        together = list(ex.map(one, prompts))
+    assert together == alone
+
+
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        (dict(messages=[]), "messages"),
+        (dict(messages=[{"role": "robot", "content": "hi"}]), "messages"),
+        (dict(max_tokens=10**6), "max_tokens"),
+        (dict(temperature=5), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(presence_penalty=3), "presence_penalty"),
+        (dict(n=0), "n"),
+    ],
+)
+def test_bad_requests(client, kw, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, **kw)
+    assert e.value.body["param"] == param
+    assert e.value.body["message"]
+
+
+def test_unknown_model(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        chat(client, model="gpt-4o")
+    assert e.value.body["code"] == "model_not_found"
+
+
+def raw_post(url, body: bytes, headers=None):
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def test_malformed_and_oversized_bodies(server):
+    st, _, body = raw_post(server.url + "/v1/chat/completions", b"{\"messages\": [")
+    assert st == 400 and json.loads(body)["error"]["type"] == "invalid_request_error"
+    st, _, body = raw_post(server.url + "/v1/completions",
+                           json.dumps({"prompt": "x" * (5 << 20)}).encode())
+    assert st == 413 and json.loads(body)["error"]["code"] == "body_too_large"
+
+
+def test_curl_sse(server):
+    body = json.dumps({"model": QWEN_ID, "messages": MSGS, "max_tokens": 8, "temperature": 0,
+                       "stream": True})
+    out = subprocess.run(
+        ["curl", "-sN", "-H", "Content-Type: application/json", "-d", body,
+         server.url + "/v1/chat/completions"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout
+    frames = [f for f in out.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames), out
+    assert frames[-1] == "data: [DONE]"
+    chunks = [json.loads(f[6:]) for f in frames[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_metrics(server, client):
+    chat(client, max_tokens=4)
+    with urllib.request.urlopen(server.url + "/metrics") as r:
+        text = r.read().decode()
+    for name in ["tl_requests_running", "tl_requests_waiting", "tl_prompt_tokens_total",
+                 "tl_generation_tokens_total", "tl_time_to_first_token_seconds_bucket",
+                 "tl_inter_token_latency_seconds_bucket", "tl_kv_blocks_used", "tl_kv_blocks_free",
+                 "tl_prefix_cache_hit_rate"]:
+        assert name in text, name
+
+
+def test_api_key_and_queue_limit():
+    s = Server("--api-key", "k-123", "--max-batch", "1", "--max-queue", "1")
+    try:
+        bad = openai.OpenAI(base_url=s.url + "/v1", api_key="nope", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        good = openai.OpenAI(base_url=s.url + "/v1", api_key="k-123", max_retries=0, timeout=300)
+        assert good.models.list().data[0].id == QWEN_ID
+
+        def one(_):
+            try:
+                good.completions.create(model=QWEN_ID, prompt="Once upon a time", max_tokens=24,
+                                        temperature=0)
+                return 200
+            except openai.RateLimitError as e:
+                assert e.response.headers.get("retry-after") == "1"
+                return 429
+
+        with cf.ThreadPoolExecutor(6) as ex:
+            codes = list(ex.map(one, range(6)))
+        assert 200 in codes and 429 in codes, codes
+    finally:
+        s.stop()
+
+
+def test_sigterm_drains_streams():
+    s = Server()
+    got = {}
+
+    def reader():
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        parts, finish = [], None
+        for ch in c.chat.completions.create(model=QWEN_ID, messages=MSGS, max_tokens=24,
+                                            temperature=0, stream=True):
+            for x in ch.choices:
+                parts.append(x.delta.content or "")
+                finish = x.finish_reason or finish
+        got["text"], got["finish"] = "".join(parts), finish
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(1.0)
+    s.proc.send_signal(signal.SIGTERM)
+    t.join(120)
+    rc = s.proc.wait(60)
+    s.stop()
+    assert got.get("finish") in ("stop", "length"), got
+    assert got["text"]
+    assert rc == 0
+    log = open(s.log_path).read()
+    assert "stopped" in log
