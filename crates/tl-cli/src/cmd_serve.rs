@@ -65,7 +65,7 @@ pub fn parse_size(s: &str) -> anyhow::Result<usize> {
     };
     let bytes = v * mult;
     anyhow::ensure!(
-        bytes.is_finite() && bytes >= 1.0 && bytes < 1e15,
+        (1.0..1e15).contains(&bytes),
         "size '{s}' is out of range"
     );
     Ok(bytes as usize)
