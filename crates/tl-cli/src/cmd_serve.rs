@@ -64,10 +64,7 @@ pub fn parse_size(s: &str) -> anyhow::Result<usize> {
         other => anyhow::bail!("unknown size unit '{other}' in '{s}' (use K, M or G)"),
     };
     let bytes = v * mult;
-    anyhow::ensure!(
-        (1.0..1e15).contains(&bytes),
-        "size '{s}' is out of range"
-    );
+    anyhow::ensure!((1.0..1e15).contains(&bytes), "size '{s}' is out of range");
     Ok(bytes as usize)
 }
 

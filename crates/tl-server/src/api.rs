@@ -191,6 +191,39 @@ fn prompts(v: Value) -> Result<Vec<PromptInput>, ApiError> {
     }
 }
 
+/// Fields whose meaning this server does not implement are refused rather
+/// than silently ignored (their default values pass).
+fn unsupported(v: &Value) -> Result<(), ApiError> {
+    let refuse = |param: &str, why: &str| {
+        Err(ApiError::invalid(
+            param,
+            format!("'{param}' is not supported by this server{why}"),
+        ))
+    };
+    if v.get("logit_bias")
+        .is_some_and(|b| b.as_object().is_some_and(|o| !o.is_empty()))
+    {
+        return refuse("logit_bias", "");
+    }
+    if v.get("best_of")
+        .and_then(Value::as_u64)
+        .is_some_and(|b| b > 1)
+    {
+        return refuse("best_of", " (use n)");
+    }
+    if v.get("suffix")
+        .is_some_and(|s| s.as_str().is_some_and(|s| !s.is_empty()))
+    {
+        return refuse("suffix", "");
+    }
+    if let Some(rf) = v.get("response_format").filter(|r| !r.is_null()) {
+        if rf.get("type").and_then(Value::as_str) != Some("text") {
+            return refuse("response_format", " (only {\"type\": \"text\"})");
+        }
+    }
+    Ok(())
+}
+
 /// Most prompts in one completions request.
 pub const MAX_PROMPTS: usize = 16;
 
@@ -201,6 +234,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
         return Err(ApiError::invalid("body", "the body must be a JSON object"));
     }
     let c = Common::deserialize(&v).map_err(shape_error)?;
+    unsupported(&v)?;
     let (inputs, tools, logprobs, echo) = match endpoint {
         Endpoint::Chat => {
             let b = ChatBody::deserialize(&v).map_err(shape_error)?;

@@ -554,6 +554,19 @@ fn bad_requests_get_openai_errors() {
         400,
         Some("stop"),
     );
+    for (field, value) in [
+        ("logit_bias", json!({"5": 10})),
+        ("best_of", json!(3)),
+        ("response_format", json!({"type": "json_object"})),
+    ] {
+        let mut b = json!({"prompt": "x", "max_tokens": 2});
+        b[field] = value;
+        assert_error(&post(a, "/v1/completions", b), 400, Some(field));
+    }
+    // Their neutral values are accepted.
+    let neutral = json!({"prompt": "x", "max_tokens": 2, "logit_bias": {}, "best_of": 1,
+        "response_format": {"type": "text"}, "user": "u1"});
+    assert_eq!(post(a, "/v1/completions", neutral).status, 200);
     // Oversized body.
     let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(5 << 20));
     let r = request(
