@@ -62,7 +62,7 @@ fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     crate::cmd_generate::init_threads(a.threads)?;
-    let threads = rayon::current_num_threads();
+    let threads = tl_core::pool::ThreadPool::global().threads();
     let model = Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let c = &model.config;
     let vocab = c.vocab;

@@ -122,7 +122,8 @@ pub struct ChatArgs {
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     if let Some(t) = threads {
         anyhow::ensure!(t > 0, "--threads must be positive");
-        // The matmul pool and rayon (attention, row ops) get the same count.
+        // The pool runs matmuls and attention; rayon (only the comparison
+        // modes of tl_core::matmul_with) gets the same count.
         tl_core::pool::configure_global_threads(t);
         rayon::ThreadPoolBuilder::new()
             .num_threads(t)

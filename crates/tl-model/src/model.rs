@@ -7,7 +7,6 @@
 //! A single prompt is a batch of one; prefill and decode tokens can share a
 //! step.
 
-use rayon::prelude::*;
 use tl_gguf::GgufFile;
 
 use crate::attention::{attend, AttnParams, AttnScratch};
@@ -347,26 +346,39 @@ impl Model {
                 // are contiguous, so each task owns a disjoint output slice.
                 let group = c.n_heads / c.n_kv_heads;
                 let n_kv = c.n_kv_heads;
-                st.att[..n * qd]
-                    .par_chunks_mut(group * hd)
-                    .zip(st.attn[..n * n_kv].par_iter_mut())
-                    .enumerate()
-                    .for_each(|(idx, (out, scratch))| {
-                        let (i, g) = (idx / n_kv, idx % n_kv);
-                        let (si, pos) = meta[i];
-                        let heads = g * group..(g + 1) * group;
-                        attend(
-                            cache_ref,
-                            il,
-                            batch[si].kv,
-                            pos,
-                            &params,
-                            heads.clone(),
-                            &q[i * qd + heads.start * hd..i * qd + heads.end * hd],
-                            out,
-                            scratch,
-                        );
-                    });
+                let out_len = group * hd;
+                let att = SyncPtr(st.att[..n * qd].as_mut_ptr());
+                let scr = SyncPtr(st.attn[..n * n_kv].as_mut_ptr());
+                // On the matmul pool, not rayon: two pools on the same cores
+                // spin against each other between the ops of a step.
+                tl_core::pool::ThreadPool::global().run(n * n_kv, &|idx| {
+                    let (i, g) = (idx / n_kv, idx % n_kv);
+                    let (si, pos) = meta[i];
+                    let heads = g * group..(g + 1) * group;
+                    // SAFETY: task `idx` alone touches output elements
+                    // `idx * out_len..(idx + 1) * out_len` (inside the
+                    // `n * qd` = `n * n_kv * out_len` sliced above) and
+                    // scratch `idx` (inside `n * n_kv`); the pool returns
+                    // only after every task is done, before `st` is used
+                    // again.
+                    let (out, scratch) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(att.get().add(idx * out_len), out_len),
+                            &mut *scr.get().add(idx),
+                        )
+                    };
+                    attend(
+                        cache_ref,
+                        il,
+                        batch[si].kv,
+                        pos,
+                        &params,
+                        heads.clone(),
+                        &q[i * qd + heads.start * hd..i * qd + heads.end * hd],
+                        out,
+                        scratch,
+                    );
+                });
             }
             self.mm(&lw.wo, &st.att, n, &mut st.o, &mut st.act)?;
             for i in 0..n {
@@ -437,5 +449,24 @@ impl Model {
         }
         st.last_logits = m * c.vocab;
         Ok(&st.logits[..m * c.vocab])
+    }
+}
+
+/// A pointer handed to pool tasks that each touch a disjoint part of what
+/// it points at.
+struct SyncPtr<T>(*mut T);
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
+// SAFETY: users guarantee disjoint access per task (see the attention
+// dispatch in `Model::forward`).
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
     }
 }
