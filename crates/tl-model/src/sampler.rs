@@ -143,51 +143,43 @@ impl Sampler {
 
     /// Picks the next token from `logits` (modified in place by penalties).
     /// `history` is the sequence so far (prompt and generated tokens).
+    ///
+    /// Never sorts the whole vocabulary: with nothing to truncate the draw
+    /// is one pass in index order; otherwise only the sorted prefix that
+    /// top-k / top-p / min-p can keep is built (see [`Sampler::kept_prefix`]).
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
         self.apply_penalties(logits, history);
         if self.params.is_greedy() {
             return argmax(logits);
         }
-        let p = self.params.clone();
-        self.cand.clear();
-        self.cand
-            .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
-        let by_logit_desc =
-            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        if p.top_k > 0 && p.top_k < self.cand.len() {
-            self.cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
-            self.cand.truncate(p.top_k);
-        }
-        self.cand.sort_unstable_by(by_logit_desc);
-        if self.cand.is_empty() {
+        if logits.is_empty() {
             return 0;
         }
-        // Softmax over the survivors (at the unscaled logits, as llama.cpp's
-        // top-p and min-p see them before temperature).
-        let max = self.cand[0].0;
-        let mut sum = 0.0f64;
-        for c in &self.cand {
-            sum += ((c.0 - max) as f64).exp();
-        }
-        if p.top_p < 1.0 {
-            let mut cum = 0.0f64;
-            let mut keep = self.cand.len();
-            for (i, c) in self.cand.iter().enumerate() {
-                cum += ((c.0 - max) as f64).exp() / sum;
-                if cum >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let truncating = (p.top_k > 0 && p.top_k < logits.len()) || p.top_p < 1.0 || p.min_p > 0.0;
+        if !truncating {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let total: f64 = logits
+                .iter()
+                .map(|&l| (((l - max) * inv_t) as f64).exp())
+                .sum();
+            let mut r = self.rng.gen::<f64>() * total;
+            let mut last = 0;
+            for (i, &l) in logits.iter().enumerate() {
+                let w = (((l - max) * inv_t) as f64).exp();
+                if w > 0.0 {
+                    last = i;
+                }
+                r -= w;
+                if r <= 0.0 && w > 0.0 {
+                    return i as u32;
                 }
             }
-            self.cand.truncate(keep.max(1));
+            return last as u32;
         }
-        if p.min_p > 0.0 {
-            // p_i / p_max >= min_p  ⇔  l_i - l_max >= ln(min_p)
-            let cut = max + p.min_p.ln();
-            let keep = self.cand.iter().take_while(|c| c.0 >= cut).count();
-            self.cand.truncate(keep.max(1));
-        }
-        let inv_t = 1.0 / p.temperature;
+        self.kept_prefix(logits);
+        let max = self.cand[0].0;
         let mut total = 0.0f64;
         for c in self.cand.iter_mut() {
             c.0 = (((c.0 - max) * inv_t) as f64).exp() as f32;
@@ -201,6 +193,79 @@ impl Sampler {
             }
         }
         self.cand[self.cand.len() - 1].1
+    }
+
+    /// Leaves in `cand`, sorted by logit (descending, ties by id), the
+    /// tokens that survive top-k → top-p → min-p, as llama.cpp's chain
+    /// keeps them: top-p and min-p see the softmax of the top-k survivors
+    /// at the unscaled logits; at least one token is kept.
+    ///
+    /// Only a prefix is sorted: the first `PREFIX` survivors are selected
+    /// in O(n) and sorted; if top-p's mass is not reached within them (and
+    /// min-p does not cut earlier) the rest is sorted too. The result is
+    /// the same as sorting everything.
+    fn kept_prefix(&mut self, logits: &[f32]) {
+        const PREFIX: usize = 512;
+        let p = &self.params;
+        let by_logit_desc =
+            |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
+        self.cand.clear();
+        self.cand
+            .extend(logits.iter().enumerate().map(|(i, &l)| (l, i as u32)));
+        if p.top_k > 0 && p.top_k < self.cand.len() {
+            self.cand.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            self.cand.truncate(p.top_k);
+        }
+        let max = self
+            .cand
+            .iter()
+            .map(|c| c.0)
+            .fold(f32::NEG_INFINITY, f32::max);
+        // min-p keeps p_i / p_max >= min_p  ⇔  l_i - l_max >= ln(min_p).
+        let cut = if p.min_p > 0.0 {
+            max + p.min_p.ln()
+        } else {
+            f32::NEG_INFINITY
+        };
+        let n_min_p = self.cand.iter().filter(|c| c.0 >= cut).count();
+        let sum: f64 = if p.top_p < 1.0 {
+            self.cand.iter().map(|c| ((c.0 - max) as f64).exp()).sum()
+        } else {
+            0.0
+        };
+        // Everything past the min-p count goes anyway, so only that many
+        // (and at first at most PREFIX) need sorting.
+        let want = if p.top_p < 1.0 {
+            n_min_p.min(PREFIX)
+        } else {
+            n_min_p
+        };
+        let mut sorted = want.max(1).min(self.cand.len());
+        loop {
+            if sorted < self.cand.len() {
+                self.cand.select_nth_unstable_by(sorted - 1, by_logit_desc);
+            }
+            self.cand[..sorted].sort_unstable_by(by_logit_desc);
+            let mut keep = sorted.min(n_min_p);
+            let mut reached = p.top_p >= 1.0;
+            if !reached {
+                let mut cum = 0.0f64;
+                for (i, c) in self.cand[..sorted].iter().enumerate() {
+                    cum += ((c.0 - max) as f64).exp() / sum;
+                    if cum >= p.top_p as f64 {
+                        keep = keep.min(i + 1);
+                        reached = true;
+                        break;
+                    }
+                }
+            }
+            if reached || sorted >= n_min_p.min(self.cand.len()) {
+                self.cand.truncate(keep.max(1));
+                return;
+            }
+            // top-p needs more than the prefix: sort up to the min-p count.
+            sorted = n_min_p.min(self.cand.len());
+        }
     }
 }
 
@@ -218,6 +283,7 @@ pub fn argmax(v: &[f32]) -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -311,6 +377,84 @@ mod tests {
         assert_ne!(a, draw(8));
         let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
         assert!((ones - 2.0 / 3.0).abs() < 0.04, "{ones}");
+    }
+
+    /// The survivors as a full sort finds them (llama.cpp's chain, literally).
+    fn reference_kept(logits: &[f32], p: &SamplingParams) -> Vec<(f32, u32)> {
+        let mut c: Vec<(f32, u32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i as u32))
+            .collect();
+        c.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        if p.top_k > 0 {
+            c.truncate(p.top_k);
+        }
+        let max = c[0].0;
+        let sum: f64 = c.iter().map(|x| ((x.0 - max) as f64).exp()).sum();
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = c.len();
+            for (i, x) in c.iter().enumerate() {
+                cum += ((x.0 - max) as f64).exp() / sum;
+                if cum >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            c.truncate(keep.max(1));
+        }
+        if p.min_p > 0.0 {
+            let cut = max + p.min_p.ln();
+            let keep = c.iter().take_while(|x| x.0 >= cut).count();
+            c.truncate(keep.max(1));
+        }
+        c
+    }
+
+    #[test]
+    fn partial_sort_keeps_what_a_full_sort_keeps() {
+        let mut rng = ChaCha8Rng::seed_from_u64(17);
+        for case in 0..300 {
+            let n = [3usize, 100, 600, 5000][case % 4];
+            // Peaked and flat distributions, with ties.
+            let spread = [0.1f32, 1.0, 8.0][case % 3];
+            let logits: Vec<f32> = (0..n)
+                .map(|_| (rng.gen_range(-1.0f32..1.0) * spread * 8.0).round() / 8.0)
+                .collect();
+            let p = SamplingParams {
+                temperature: 0.8,
+                top_k: [0, 1, 40, 700][rng.gen_range(0..4)],
+                top_p: [1.0, 0.5, 0.9, 0.999][rng.gen_range(0..4)],
+                min_p: [0.0, 0.05, 0.001][rng.gen_range(0..3)],
+                ..Default::default()
+            };
+            let mut s = Sampler::new(p.clone()).expect("valid");
+            if !((p.top_k > 0 && p.top_k < n) || p.top_p < 1.0 || p.min_p > 0.0) {
+                continue;
+            }
+            s.kept_prefix(&logits);
+            let want = reference_kept(&logits, &p);
+            assert_eq!(s.cand.len(), want.len(), "case {case} n={n} {p:?}");
+            assert!(s.cand == want, "case {case} n={n} {p:?}");
+        }
+    }
+
+    #[test]
+    fn untruncated_draws_follow_the_distribution() {
+        // No top-k/top-p/min-p: the one-pass draw in index order.
+        let logits = [0.0f32, (3.0f32).ln(), f32::NEG_INFINITY];
+        let mut s = Sampler::new(SamplingParams {
+            seed: 5,
+            ..params()
+        })
+        .expect("valid");
+        let draws: Vec<u32> = (0..4000)
+            .map(|_| s.sample(&mut logits.clone(), &[]))
+            .collect();
+        assert!(draws.iter().all(|&t| t < 2), "a -inf logit is never drawn");
+        let ones = draws.iter().filter(|&&t| t == 1).count() as f64 / draws.len() as f64;
+        assert!((ones - 0.75).abs() < 0.03, "{ones}");
     }
 
     #[test]
