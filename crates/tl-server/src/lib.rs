@@ -781,6 +781,9 @@ async fn forward(
             }
         }
     };
+    // Counted before the last frames go out, so a client that has seen
+    // `[DONE]` also sees the request in the metrics.
+    run.done(status);
     if status == StatusCode::OK {
         if include_usage {
             let mut m = run.envelope(true, Vec::new());
@@ -793,5 +796,4 @@ async fn forward(
     if status.as_u16() != 499 {
         let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
     }
-    run.done(status);
 }

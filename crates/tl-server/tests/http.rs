@@ -579,8 +579,7 @@ fn bad_requests_get_openai_errors() {
     assert_error(&r, 413, None);
     // Nothing above broke the server.
     assert_eq!(post(a, "/v1/chat/completions", chat_body(2)).status, 200);
-    let st = s.engine().last_stats();
-    assert_eq!(st.kv_blocks_used, 0);
+    wait_idle(s.engine());
 }
 
 #[test]
@@ -638,8 +637,7 @@ fn full_queue_answers_429_with_retry_after() {
         assert_error(r, 429, None);
         assert_eq!(r.header("retry-after"), Some("1"));
     }
-    let st = s.engine().last_stats();
-    assert_eq!((st.kv_blocks_used, st.running_requests), (0, 0));
+    wait_idle(s.engine());
 }
 
 #[test]
@@ -722,6 +720,8 @@ fn metrics_report_requests_latency_and_kv() {
         post(s.addr, "/v1/chat/completions", chat_body(5)).status,
         200
     );
+    // The engine publishes its stats after the step that answered.
+    wait_idle(s.engine());
     let r = get(s.addr, "/metrics");
     assert!(r.header("content-type").unwrap().starts_with("text/plain"));
     let m = String::from_utf8(r.body).unwrap();
@@ -743,7 +743,12 @@ fn metrics_report_requests_latency_and_kv() {
     assert!(value("tl_prompt_tokens_total") > 0.0);
     assert_eq!(value("tl_time_to_first_token_seconds_count"), 2.0);
     assert_eq!(value("tl_inter_token_latency_seconds_count"), 8.0);
-    assert_eq!(value("tl_requests_running"), 0.0);
+    assert_eq!(
+        value("tl_requests_running"),
+        0.0,
+        "{:?}\n{m}",
+        s.engine().last_stats()
+    );
     assert_eq!(value("tl_requests_waiting"), 0.0);
     assert_eq!(value("tl_kv_blocks_used"), 0.0);
     assert!(value("tl_kv_blocks_free") > 0.0);
