@@ -197,7 +197,7 @@ pub fn matmul_with(
     // Prefill of the 32-value types under VNNI: the packed micro-kernel.
     #[cfg(target_arch = "x86_64")]
     let packed = if legacy
-        && m > MAX_TILE
+        && m > PACKED_FROM
         && table.level >= dot::SimdLevel::Avx512Vnni
         && packed_prefill_enabled()
     {
@@ -282,6 +282,14 @@ pub fn matmul_with(
     }
     Ok(())
 }
+
+/// Above this many activation rows the 32-value types take the packed path:
+/// measured with `examples/matmul_bench` at m = 8 (2026-12), packing beats
+/// 8-row tiles there (Q8_0 896 x 151936: 18 ms against 24 ms), while the
+/// K-quants, which have no packed path, gain from 8-row tiles over two of 4
+/// (Q6_K 4864 x 896: 620 us against 850 us).
+#[cfg(target_arch = "x86_64")]
+const PACKED_FROM: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 /// The packed prefill path is on unless `TL_PACKED_PREFILL=0` (for

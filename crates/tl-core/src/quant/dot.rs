@@ -174,7 +174,7 @@ pub(crate) type Kernel =
 
 /// Most activation rows one kernel call takes: each weight block is loaded
 /// and unpacked once for all of them.
-pub(crate) const MAX_TILE: usize = 4;
+pub(crate) const MAX_TILE: usize = 8;
 
 /// The kernel per weight type for one level.
 pub(crate) struct Table {

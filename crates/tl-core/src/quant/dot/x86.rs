@@ -97,14 +97,18 @@ pub(super) mod kind {
     }
 }
 
-/// Runs `$f::<T, R>` with `R` = the tile height `out.len()` (1..=4).
+/// Runs `$f::<T, R>` with `R` = the tile height `out.len()` (1..=8).
 macro_rules! tile_dispatch {
     ($f:ident, $t:expr, $k:expr, $w:expr, $acts:expr, $row0:expr, $out:expr) => {
         match $out.len() {
             1 => $f::<{ $t }, 1>($k, $w, $acts, $row0, $out),
             2 => $f::<{ $t }, 2>($k, $w, $acts, $row0, $out),
             3 => $f::<{ $t }, 3>($k, $w, $acts, $row0, $out),
-            _ => $f::<{ $t }, 4>($k, $w, $acts, $row0, $out),
+            4 => $f::<{ $t }, 4>($k, $w, $acts, $row0, $out),
+            5 => $f::<{ $t }, 5>($k, $w, $acts, $row0, $out),
+            6 => $f::<{ $t }, 6>($k, $w, $acts, $row0, $out),
+            7 => $f::<{ $t }, 7>($k, $w, $acts, $row0, $out),
+            _ => $f::<{ $t }, 8>($k, $w, $acts, $row0, $out),
         }
     };
 }

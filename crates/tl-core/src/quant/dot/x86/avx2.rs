@@ -305,7 +305,11 @@ macro_rules! k_entry {
                 1 => $body::<1>(k, w, acts, row0, out),
                 2 => $body::<2>(k, w, acts, row0, out),
                 3 => $body::<3>(k, w, acts, row0, out),
-                _ => $body::<4>(k, w, acts, row0, out),
+                4 => $body::<4>(k, w, acts, row0, out),
+                5 => $body::<5>(k, w, acts, row0, out),
+                6 => $body::<6>(k, w, acts, row0, out),
+                7 => $body::<7>(k, w, acts, row0, out),
+                _ => $body::<8>(k, w, acts, row0, out),
             }
         }
     };
