@@ -45,6 +45,28 @@ pub fn attend(
     out: &mut [f32],
     s: &mut AttnScratch,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if p.head_dim % 16 == 0 && p.head_dim <= simd::MAX_HEAD_DIM && simd::available() {
+        // SAFETY: `available` checked the CPU features the function uses.
+        unsafe { simd::attend(cache, layer, seq, pos, p, heads, q, out, s) };
+        return;
+    }
+    attend_scalar(cache, layer, seq, pos, p, heads, q, out, s);
+}
+
+/// The portable reference of [`attend`] (and its fallback).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_scalar(
+    cache: &KvCache,
+    layer: usize,
+    seq: &SeqKv,
+    pos: usize,
+    p: &AttnParams,
+    heads: std::ops::Range<usize>,
+    q: &[f32],
+    out: &mut [f32],
+    s: &mut AttnScratch,
+) {
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
     let lo = match p.window {
@@ -86,15 +108,7 @@ pub fn attend(
         // scale by the f32 reciprocal. The probabilities are rounded to f16
         // because ggml multiplies them with the f16 V cache in f16 (the f32
         // operand of an f16 matmul is converted to f16).
-        let mut sum = 0.0f64;
-        for sc in s.scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += f64::from(*sc);
-        }
-        let inv = (1.0 / sum) as f32;
-        for sc in s.scores.iter_mut() {
-            *sc = f16::from_f32(*sc * inv).to_f32();
-        }
+        softmax_f16(&mut s.scores, max);
         let o = &mut out[hl * hd..(hl + 1) * hd];
         o.fill(0.0);
         let mut t = lo;
@@ -111,6 +125,132 @@ pub fn attend(
                 }
             }
             t += end_slot - slot0;
+        }
+    }
+}
+
+/// Softmax of `scores` in place with ggml's numerics (see the module docs),
+/// ending with the probabilities rounded to f16.
+fn softmax_f16(scores: &mut [f32], max: f32) {
+    let mut sum = 0.0f64;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += f64::from(*sc);
+    }
+    let inv = (1.0 / sum) as f32;
+    for sc in scores.iter_mut() {
+        *sc = f16::from_f32(*sc * inv).to_f32();
+    }
+}
+
+/// AVX-512 attention: the f16 cache converted 16 values at a time
+/// (`vcvtph2ps`), Q·K as 16-lane FMAs over the head dimension then one
+/// horizontal sum (the shape of llamafile's tinyBLAS kernel that llama.cpp
+/// uses for these products), and the P·V sum as 16-lane FMAs over the head
+/// dimension, slot after slot. Same softmax as the scalar path.
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::{softmax_f16, AttnParams, AttnScratch};
+    use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
+
+    /// Largest head dimension kept in registers (Gemma 3 uses 256).
+    pub(super) const MAX_HEAD_DIM: usize = 256;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("f16c")
+            && is_x86_feature_detected!("fma")
+    }
+
+    /// As [`super::attend`].
+    ///
+    /// # Safety
+    ///
+    /// The CPU runs AVX-512F, F16C and FMA; `p.head_dim` is a multiple of 16
+    /// and at most [`MAX_HEAD_DIM`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    pub(super) unsafe fn attend(
+        cache: &KvCache,
+        layer: usize,
+        seq: &SeqKv,
+        pos: usize,
+        p: &AttnParams,
+        heads: std::ops::Range<usize>,
+        q: &[f32],
+        out: &mut [f32],
+        s: &mut AttnScratch,
+    ) {
+        let hd = p.head_dim;
+        let nc = hd / 16;
+        let group = p.n_heads / p.n_kv_heads;
+        let lo = match p.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        let n = pos + 1 - lo;
+        s.scores.resize(n, 0.0);
+        s.q16.resize(hd, 0.0);
+        let h0 = heads.start;
+        for h in heads {
+            let g = h / group;
+            let hl = h - h0;
+            let qh = &q[hl * hd..(hl + 1) * hd];
+            // The query rounded to f16, as ggml converts it.
+            for c in 0..nc {
+                let v = _mm512_loadu_ps(qh.as_ptr().add(16 * c));
+                let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
+                _mm512_storeu_ps(s.q16.as_mut_ptr().add(16 * c), r);
+            }
+            let qp = s.q16.as_ptr();
+            let mut max = f32::NEG_INFINITY;
+            let mut t = lo;
+            while t <= pos {
+                let Some((block, slot0)) = seq.slot(t) else {
+                    break;
+                };
+                let kb = cache.k_head(layer, block, g);
+                let end_slot = BLOCK_SIZE.min(slot0 + (pos + 1 - t));
+                debug_assert!(kb.len() >= end_slot * hd);
+                for slot in slot0..end_slot {
+                    let kp = kb.as_ptr().add(slot * hd) as *const __m256i;
+                    let mut acc = _mm512_setzero_ps();
+                    for c in 0..nc {
+                        let k = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c)));
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(16 * c)), k, acc);
+                    }
+                    let sc = _mm512_reduce_add_ps(acc) * p.scale;
+                    *s.scores.get_unchecked_mut(t - lo + slot - slot0) = sc;
+                    max = max.max(sc);
+                }
+                t += end_slot - slot0;
+            }
+            softmax_f16(&mut s.scores[..n], max);
+            let mut o = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
+            let mut t = lo;
+            while t <= pos {
+                let Some((block, slot0)) = seq.slot(t) else {
+                    break;
+                };
+                let vb = cache.v_head(layer, block, g);
+                let end_slot = BLOCK_SIZE.min(slot0 + (pos + 1 - t));
+                debug_assert!(vb.len() >= end_slot * hd);
+                for slot in slot0..end_slot {
+                    let w = _mm512_set1_ps(*s.scores.get_unchecked(t - lo + slot - slot0));
+                    let vp = vb.as_ptr().add(slot * hd) as *const __m256i;
+                    for (c, oc) in o.iter_mut().enumerate().take(nc) {
+                        let v = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
+                        *oc = _mm512_fmadd_ps(w, v, *oc);
+                    }
+                }
+                t += end_slot - slot0;
+            }
+            let op = out[hl * hd..(hl + 1) * hd].as_mut_ptr();
+            for (c, oc) in o.iter().enumerate().take(nc) {
+                _mm512_storeu_ps(op.add(16 * c), *oc);
+            }
         }
     }
 }
@@ -199,6 +339,66 @@ mod tests {
                     assert!(
                         (a - b).abs() < 1e-3,
                         "pos {pos} window {window:?}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The SIMD path (where the CPU has it) agrees with the scalar reference
+    /// up to float summation order: both round q and the probabilities to
+    /// f16 the same way; only the order of the f32 sums differs.
+    #[test]
+    fn simd_path_matches_scalar_reference() {
+        for (hd, n_heads, n_kv) in [(64usize, 14usize, 2usize), (256, 4, 1), (48, 2, 1)] {
+            let n_blocks = 40;
+            let mut cache = KvCache::new(1, n_kv, hd, n_blocks).expect("alloc");
+            let mut mgr = BlockManager::new(n_blocks);
+            let mut seq = SeqKv::new();
+            let n_tok = 600;
+            seq.reserve(&mut mgr, n_tok).expect("fits");
+            let mut x = 12345u64;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+            };
+            for t in 0..n_tok {
+                let k: Vec<f32> = (0..n_kv * hd).map(|_| rnd() * 3.0).collect();
+                let v: Vec<f32> = (0..n_kv * hd).map(|_| rnd()).collect();
+                let (b, slot) = seq.slot(t).expect("reserved");
+                cache.write(0, b, slot, &k, &v);
+            }
+            seq.len = n_tok;
+            let q: Vec<f32> = (0..n_heads * hd).map(|_| rnd() * 2.0).collect();
+            let (mut s1, mut s2) = (AttnScratch::default(), AttnScratch::default());
+            for (pos, window) in [
+                (0, None),
+                (15, None),
+                (16, None),
+                (599, None),
+                (599, Some(512)),
+                (300, Some(7)),
+            ] {
+                let p = AttnParams {
+                    n_heads,
+                    n_kv_heads: n_kv,
+                    head_dim: hd,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    window,
+                };
+                let mut a = vec![f32::NAN; n_heads * hd];
+                let mut b = vec![f32::NAN; n_heads * hd];
+                attend(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut a, &mut s1);
+                attend_scalar(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut b, &mut s2);
+                for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                    // Outputs are convex combinations of values in [-1, 1];
+                    // a score that moves by an f32 ulp can flip one f16
+                    // rounding of a probability (2^-11 relative).
+                    assert!(
+                        (x - y).abs() < 2e-3,
+                        "hd {hd} pos {pos} {window:?} #{i}: {x} vs {y}"
                     );
                 }
             }
