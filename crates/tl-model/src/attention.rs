@@ -46,7 +46,7 @@ pub fn attend(
     s: &mut AttnScratch,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if p.head_dim % 16 == 0 && p.head_dim <= simd::MAX_HEAD_DIM && simd::available() {
+    if p.head_dim.is_multiple_of(16) && p.head_dim <= simd::MAX_HEAD_DIM && simd::available() {
         // SAFETY: `available` checked the CPU features the function uses.
         unsafe { simd::attend(cache, layer, seq, pos, p, heads, q, out, s) };
         return;
