@@ -184,8 +184,12 @@ unsafe fn k4<const FIVE: bool, const R: usize>(
             _mm512_set1_epi8((1u8 << (2 * j + 1)) as i8),
         );
     }
-    let mut accd = [0f32; R];
-    let mut accm = [0f32; R];
+    // Per-row float accumulators kept as vectors across super-blocks: one
+    // horizontal sum per row at the end instead of two per super-block.
+    // Every integer lane is exact in f32 (|lane| < 2^21 here), so only the
+    // order of the float sums changes.
+    let mut accd = [_mm512_setzero_ps(); R];
+    let mut accm = [_mm256_setzero_ps(); R];
     for b in 0..nb {
         let x = w.as_ptr().add(b * bytes);
         let dx = f16_at(x);
@@ -227,14 +231,17 @@ unsafe fn k4<const FIVE: bool, const R: usize>(
                 acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q[j], a), scv[j]);
             }
             let bsums = _mm256_loadu_si256(y.add(Q8K_BSUMS) as *const __m256i);
-            let isum = _mm512_reduce_add_epi32(acc);
-            let summ = hsum_i32(_mm256_madd_epi16(bsums, mins));
-            accd[r] += (dx * yd) * isum as f32;
-            accm[r] += (dminx * yd) * summ as f32;
+            let summ = _mm256_madd_epi16(bsums, mins);
+            accd[r] = _mm512_fmadd_ps(_mm512_set1_ps(dx * yd), _mm512_cvtepi32_ps(acc), accd[r]);
+            accm[r] = _mm256_fmadd_ps(
+                _mm256_set1_ps(dminx * yd),
+                _mm256_cvtepi32_ps(summ),
+                accm[r],
+            );
         }
     }
     for r in 0..R {
-        out[r] = accd[r] - accm[r];
+        out[r] = _mm512_reduce_add_ps(accd[r]) - hsum_ps(accm[r]);
     }
 }
 
@@ -290,7 +297,8 @@ unsafe fn k6<const R: usize>(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, o
             ),
         );
     }
-    let mut accd = [0f32; R];
+    // As in `k4`: vector accumulators, one horizontal sum per row.
+    let mut accd = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let x = w.as_ptr().add(b * 210);
         let d = f16_at(x.add(208));
@@ -328,10 +336,12 @@ unsafe fn k6<const R: usize>(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, o
                 let a = _mm512_loadu_si512(yq.add(64 * c) as *const __m512i);
                 acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q[c], a), scv[c]);
             }
-            accd[r] += (d * yd) * _mm512_reduce_add_epi32(acc) as f32;
+            accd[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * yd), _mm512_cvtepi32_ps(acc), accd[r]);
         }
     }
-    out[..R].copy_from_slice(&accd);
+    for r in 0..R {
+        out[r] = _mm512_reduce_add_ps(accd[r]);
+    }
 }
 k_entry!(q6_k, k6);
 
