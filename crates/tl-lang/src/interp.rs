@@ -730,11 +730,15 @@ fn region(shape: &[usize], idx: &[Idx], args: &[IndexArg], span: Span) -> Result
             Some(Idx::Range(lo, hi)) => {
                 let lo = lo.unwrap_or(0);
                 let hi = hi.unwrap_or(n as i64);
+                let hi_span = match args.get(k) {
+                    Some(IndexArg::Range(_, Some(e))) => e.span,
+                    _ => arg_span(k),
+                };
                 if lo < 0 || lo as usize > n {
                     return Err(LangError::Index { span: arg_span(k), index: lo, len: n });
                 }
                 if hi < lo || hi as usize > n {
-                    return Err(LangError::Index { span: arg_span(k), index: hi, len: n });
+                    return Err(LangError::Index { span: hi_span, index: hi, len: n });
                 }
                 ranges.push((lo as usize, (hi - lo) as usize, true));
             }

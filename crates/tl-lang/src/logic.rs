@@ -329,14 +329,18 @@ impl LogicDb {
                     )
                 });
                 // Report the relation that was still growing.
+                // Report a recursive rule of a relation still growing.
+                let growing_rel = |r: &&CRule| {
+                    self.relations
+                        .get(r.head.rel)
+                        .is_some_and(|x| x.tuples.len() > delta_start[r.head.rel])
+                };
                 let growing = self
                     .rules
                     .iter()
-                    .find(|r| {
-                        self.relations
-                            .get(r.head.rel)
-                            .is_some_and(|x| x.tuples.len() > delta_start[r.head.rel])
-                    })
+                    .filter(growing_rel)
+                    .find(|r| r.body.iter().any(|b| b.rel == r.head.rel))
+                    .or_else(|| self.rules.iter().find(growing_rel))
                     .map(|r| {
                         (
                             r.span,
