@@ -673,3 +673,62 @@ fn show(n: &Node, names: &[String], s: &mut String) {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::ast::StmtKind;
+
+    fn eq(src: &str) -> Equation {
+        let mut prog = crate::parser::parse(0, src).unwrap();
+        let mut c = crate::check::Checker::new();
+        c.check_program(&mut prog).unwrap();
+        prog.items
+            .into_iter()
+            .find_map(|i| match i {
+                crate::ast::Item::Stmt(crate::ast::Stmt {
+                    kind: StmtKind::Equation(e),
+                    ..
+                }) => Some(e),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn sums_sit_at_the_smallest_subexpression() {
+        let e = eq("let w = zeros(2, 2);\nlet x = zeros(2);\nlet b = zeros(2);\nH[i] = relu(w[i, j] x[j] + b[i]);");
+        assert_eq!(explain_equation(&e).unwrap(), "H[i] = relu((sum_{j}(w[i, j] x[j]) + b[i]))");
+        let e = eq("let a = zeros(2, 2);\nlet b = zeros(2, 2);\nY[i] = a[i, j] + b[i, j];");
+        assert_eq!(explain_equation(&e).unwrap(), "Y[i] = sum_{j}((a[i, j] + b[i, j]))");
+        let e = eq("let a = zeros(2, 2, 2);\nt[] = a[i, j, k];");
+        assert_eq!(explain_equation(&e).unwrap(), "t[] = sum_{i,j,k}(a[i, j, k])");
+    }
+
+    #[test]
+    fn matmul_path_equals_loop_nest() {
+        let a: Vec<f32> = (0..6).map(|x| x as f32).collect();
+        let b: Vec<f32> = (0..12).map(|x| (x as f32) * 0.5 - 1.0).collect();
+        let e = eq("let a = zeros(2, 3);\nlet b = zeros(3, 4);\nC[i, k] = a[i, j] b[j, k];");
+        let lookup = |n: &str| match n {
+            "a" => Some(Value::tensor(Tens::f32(vec![2, 3], a.clone()))),
+            "b" => Some(Value::tensor(Tens::f32(vec![3, 4], b.clone()))),
+            _ => None,
+        };
+        let fast = eval_equation(&e, &lookup).unwrap();
+        let ev = Eval { sizes: &[2, 3, 4], span: Span::default() };
+        let slow = ev
+            .sum_product(
+                &[
+                    Dense { vars: vec![0, 1], data: a.clone() },
+                    Dense { vars: vec![1, 2], data: b.clone() },
+                ],
+                &[1],
+            )
+            .unwrap();
+        assert_eq!(fast.shape, vec![2, 4]);
+        let TData::F32(f) = &fast.data else { panic!() };
+        assert_eq!(f, &slow.data);
+    }
+}

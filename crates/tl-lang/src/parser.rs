@@ -9,9 +9,11 @@ use crate::diag::Span;
 use crate::error::{LangError, Result};
 use crate::lexer::{lex, Tok, Token};
 
-/// Deeper nesting than this is refused: the parser recurses once per
-/// level and a hostile input must not overflow the stack.
-const MAX_DEPTH: usize = 200;
+/// Deeper nesting than this is refused: the parser, the checker and the
+/// runtime recurse once per level of the tree, and a hostile input must
+/// not overflow the stack. Each operator of a chain `a + b + …` counts as
+/// a level, since it nests the tree as deeply as parentheses do.
+const MAX_DEPTH: usize = 256;
 
 pub fn parse(file: u32, src: &str) -> Result<Program> {
     let toks = lex(file, src)?;
@@ -154,7 +156,7 @@ impl Parser {
             Tok::Ident(_) if self.peek_at(1) == &Tok::LParen => {
                 // A fact `R(a, b).` or a rule `R(x) :- …` — or else a call
                 // statement `f(x);`: parse an atom and look at what follows.
-                let save = self.pos;
+                let (save, depth) = (self.pos, self.depth);
                 if let Ok(atom) = self.atom() {
                     if self.eat(&Tok::Dot) {
                         return Ok(Item::Fact(atom));
@@ -173,6 +175,7 @@ impl Parser {
                     }
                 }
                 self.pos = save;
+                self.depth = depth;
                 self.stmt().map(Item::Stmt)
             }
             _ => self.stmt().map(Item::Stmt),
@@ -491,11 +494,13 @@ impl Parser {
             return self.juxt();
         };
         let mut lhs = self.binary(level + 1)?;
+        let depth = self.depth;
         loop {
             let Some(op) = ops.iter().find(|(t, _)| t == self.peek()).map(|(_, o)| *o) else {
                 break;
             };
             self.bump();
+            self.enter()?;
             let rhs = self.binary(level + 1)?;
             let span = lhs.span.to(rhs.span);
             lhs = Expr {
@@ -503,6 +508,7 @@ impl Parser {
                 span,
             };
         }
+        self.depth = depth;
         Ok(lhs)
     }
 
@@ -665,5 +671,72 @@ impl Parser {
             }
         };
         Ok(Expr { kind, span })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn one_stmt(src: &str) -> StmtKind {
+        let p = parse(0, src).unwrap();
+        match p.items.into_iter().next() {
+            Some(Item::Stmt(s)) => s.kind,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn precedence_and_juxtaposition() {
+        let StmtKind::Assign { value, .. } = one_stmt("Y[i] = W[i, j] X[j] + b[i] * 2;") else {
+            panic!()
+        };
+        let ExprKind::Binary(BinOp::Add, l, r) = value.kind else {
+            panic!("{value:?}")
+        };
+        assert!(matches!(l.kind, ExprKind::Juxt(ref f) if f.len() == 2));
+        assert!(matches!(r.kind, ExprKind::Binary(BinOp::Mul, _, _)));
+        // `a - b` is a subtraction, not `a` times `-b`.
+        let StmtKind::Expr(e) = one_stmt("a - b;") else { panic!() };
+        assert!(matches!(e.kind, ExprKind::Binary(BinOp::Sub, _, _)));
+    }
+
+    #[test]
+    fn items_facts_rules_queries() {
+        let p = parse(
+            0,
+            "relation P(x: T, y: T)\nP(a, b).\nQ(x) :- P(x, _).\n?- Q(X).\nprint(1);\n",
+        )
+        .unwrap();
+        assert!(matches!(p.items[0], Item::Relation(_)));
+        assert!(matches!(p.items[1], Item::Fact(_)));
+        assert!(matches!(&p.items[2], Item::Rule(r) if r.body.len() == 1));
+        assert!(matches!(&p.items[3], Item::Stmt(Stmt { kind: StmtKind::Query(_), .. })));
+        assert!(matches!(&p.items[4], Item::Stmt(Stmt { kind: StmtKind::Expr(_), .. })));
+    }
+
+    #[test]
+    fn types_and_ranges() {
+        let p = parse(0, "fn f(x: f32[n, 4, ?], w: q[d, d]) -> i32[n] { return x[0, 1..2, ..]; }").unwrap();
+        let Item::Fn(f) = &p.items[0] else { panic!() };
+        assert_eq!(
+            f.params[0].ty,
+            TypeExpr::Tensor(ElemType::F32, vec![Dim::Named("n".into()), Dim::Lit(4), Dim::Unknown])
+        );
+        assert_eq!(f.params[1].ty, TypeExpr::Tensor(ElemType::Quant, vec![Dim::Named("d".into()); 2]));
+        let StmtKind::Return(Some(e)) = &f.body.stmts[0].kind else { panic!() };
+        let ExprKind::Index(_, args) = &e.kind else { panic!() };
+        assert!(matches!(args[1], IndexArg::Range(Some(_), Some(_))));
+        assert!(matches!(args[2], IndexArg::Range(None, None)));
+    }
+
+    #[test]
+    fn long_chains_are_bounded() {
+        let ok = format!("let x = {}1;", "1 + ".repeat(200));
+        assert!(parse(0, &ok).is_ok());
+        let deep = format!("let x = {}1;", "1 + ".repeat(100_000));
+        let e = parse(0, &deep).unwrap_err();
+        assert!(e.to_string().contains("too deep"));
     }
 }
