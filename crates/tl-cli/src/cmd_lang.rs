@@ -80,7 +80,13 @@ pub fn check(a: &CheckArgs) -> Result<()> {
         let r = it
             .load_file(&file)
             .and_then(|mut p| it.check(&mut p).map(|()| p))
-            .and_then(|p| if explain { it.explain(&p).map(Some) } else { Ok(None) });
+            .and_then(|p| {
+                if explain {
+                    it.explain(&p).map(Some)
+                } else {
+                    Ok(None)
+                }
+            });
         match r {
             Ok(Some(text)) => print!("{text}"),
             Ok(None) => println!("{}: ok", file.display()),
@@ -161,7 +167,9 @@ pub fn repl(_a: &ReplArgs) -> Result<()> {
         let stdin = std::io::stdin();
         let mut buf = String::new();
         let mut n = 0;
-        println!("TensorLogic REPL: statements, fn, relation, facts, rules, ?- queries; Ctrl-D quits.");
+        println!(
+            "TensorLogic REPL: statements, fn, relation, facts, rules, ?- queries; Ctrl-D quits."
+        );
         loop {
             print!("{}", if buf.is_empty() { "tl> " } else { "... " });
             let _ = std::io::stdout().flush();

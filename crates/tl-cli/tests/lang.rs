@@ -24,9 +24,17 @@ fn ok(out: &Output) -> String {
 
 #[test]
 fn run_examples() {
-    let out = ok(&tl().arg("run").arg(examples().join("mlp.tl")).output().unwrap());
+    let out = ok(&tl()
+        .arg("run")
+        .arg(examples().join("mlp.tl"))
+        .output()
+        .unwrap());
     assert!(out.starts_with("y = [[7.1, 2.55], [0.1, -0.2]]\n"), "{out}");
-    let out = ok(&tl().arg("run").arg(examples().join("ancestors.tl")).output().unwrap());
+    let out = ok(&tl()
+        .arg("run")
+        .arg(examples().join("ancestors.tl"))
+        .output()
+        .unwrap());
     assert!(out.contains("?- Ancestor(alice, Z).\nZ = bob\n"), "{out}");
     let out = ok(&tl()
         .arg("run")
@@ -46,7 +54,10 @@ fn check_reports_file_line_col_and_caret() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines[0], format!("{}:2:7: error: undefined variable `y`", p.display()));
+    assert_eq!(
+        lines[0],
+        format!("{}:2:7: error: undefined variable `y`", p.display())
+    );
     assert_eq!(lines[2], "2 | print(y + x);");
     assert_eq!(lines[3], "  |       ^");
     // Nothing ran: checking comes first.
@@ -56,7 +67,11 @@ fn check_reports_file_line_col_and_caret() {
     assert_eq!(text(&out.stdout), "");
     assert!(text(&out.stderr).contains(":2:13: error: division by zero"));
 
-    let good = ok(&tl().arg("check").arg(examples().join("mlp.tl")).output().unwrap());
+    let good = ok(&tl()
+        .arg("check")
+        .arg(examples().join("mlp.tl"))
+        .output()
+        .unwrap());
     assert!(good.ends_with("mlp.tl: ok\n"), "{good}");
 }
 
@@ -68,7 +83,9 @@ fn check_explain_prints_tensor_forms() {
         .output()
         .unwrap());
     assert!(
-        out.contains("Ancestor[x, y] = step(Ancestor[x, y] + Parent[x, y] + Parent[x, y'] Ancestor[y', y])"),
+        out.contains(
+            "Ancestor[x, y] = step(Ancestor[x, y] + Parent[x, y] + Parent[x, y'] Ancestor[y', y])"
+        ),
         "{out}"
     );
     let out = ok(&tl()
@@ -76,13 +93,19 @@ fn check_explain_prints_tensor_forms() {
         .arg(examples().join("mlp.tl"))
         .output()
         .unwrap());
-    assert!(out.contains("H[s, i] = relu((sum_{j}(w1[i, j] x[s, j]) + b1[i]))"), "{out}");
+    assert!(
+        out.contains("H[s, i] = relu((sum_{j}(w1[i, j] x[s, j]) + b1[i]))"),
+        "{out}"
+    );
 }
 
 #[test]
 fn test_runs_test_blocks() {
     let out = ok(&tl().arg("test").arg(examples()).output().unwrap());
-    assert!(out.contains("mlp matches hand-computed values ... ok"), "{out}");
+    assert!(
+        out.contains("mlp matches hand-computed values ... ok"),
+        "{out}"
+    );
     assert!(out.ends_with("test result: 2 passed; 0 failed\n"), "{out}");
 
     let dir = tempfile::tempdir().unwrap();
@@ -94,9 +117,14 @@ fn test_runs_test_blocks() {
     let out = tl().arg("test").arg(dir.path()).output().unwrap();
     assert!(!out.status.success());
     let so = text(&out.stdout);
-    assert!(so.contains(":: good ... ok") && so.contains(":: bad ... FAILED"), "{so}");
+    assert!(
+        so.contains(":: good ... ok") && so.contains(":: bad ... FAILED"),
+        "{so}"
+    );
     assert!(so.contains("test result: 1 passed; 1 failed"), "{so}");
-    assert!(text(&out.stderr).contains("t.tl:2:21: error: assertion failed: one is not more than two"));
+    assert!(
+        text(&out.stderr).contains("t.tl:2:21: error: assertion failed: one is not more than two")
+    );
 }
 
 #[test]
@@ -121,5 +149,9 @@ fn repl_session() {
     assert!(so.contains("tl> ... ... tl> 42\n"), "{so}");
     assert!(so.contains("[1.0, 4.0]\n"), "{so}");
     assert!(so.contains("X = 1, Y = 2\n(1 answer)\n"), "{so}");
-    assert!(text(&out.stderr).contains("<repl:5>:1:7: error: undefined variable `nope`"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("<repl:5>:1:7: error: undefined variable `nope`"),
+        "{}",
+        text(&out.stderr)
+    );
 }

@@ -223,7 +223,10 @@ pub struct TestDef {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    Import { path: String, span: Span },
+    Import {
+        path: String,
+        span: Span,
+    },
     Fn(FnDef),
     Relation(RelDecl),
     Fact(Atom),

@@ -223,8 +223,7 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             scalar(&a[1], Type::Int)?;
             Type::Unit
         }
-        "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu"
-        | "gelu" => {
+        "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu" | "gelu" => {
             ar(1, 1)?;
             match &a[0].0 {
                 Type::Int | Type::Float => Type::Float,
@@ -280,7 +279,11 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             let dx = float_tensor(&a[0], "f32 tensor")?;
             let (we, dw) = tensor_of(&a[1], "a weight tensor [n, k]")?;
             if matches!(we, ElemType::I32 | ElemType::Bool) {
-                return Err(LangError::ty(a[1].1, "a float or quantized weight", &a[1].0));
+                return Err(LangError::ty(
+                    a[1].1,
+                    "a float or quantized weight",
+                    &a[1].0,
+                ));
             }
             rank_at_least(dx, 1, &a[0], "linear's input")?;
             rank_is(dw, 2, &a[1], "linear's weight")?;
@@ -396,7 +399,11 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             ar(1, 1)?;
             let (e, _) = tensor_of(&a[0], "a tensor")?;
             if e == ElemType::Quant {
-                return Err(LangError::ty(a[0].1, "a tensor that is not quantized", &a[0].0));
+                return Err(LangError::ty(
+                    a[0].1,
+                    "a tensor that is not quantized",
+                    &a[0].0,
+                ));
             }
             Type::Float
         }
@@ -485,7 +492,11 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             ar(1, 1)?;
             let (e, d) = tensor_of(&a[0], "a tensor")?;
             if e == ElemType::Quant {
-                return Err(LangError::ty(a[0].1, "a tensor that is not quantized", &a[0].0));
+                return Err(LangError::ty(
+                    a[0].1,
+                    "a tensor that is not quantized",
+                    &a[0].0,
+                ));
             }
             let to = match name {
                 "f32" => ElemType::F32,
@@ -589,7 +600,8 @@ fn string(v: &Value, span: Span) -> Result<Rc<str>> {
 
 fn usize_arg(v: &Value, span: Span) -> Result<usize> {
     let i = int(v, span)?;
-    usize::try_from(i).map_err(|_| LangError::invalid(span, format!("expected a count ≥ 0, found {i}")))
+    usize::try_from(i)
+        .map_err(|_| LangError::invalid(span, format!("expected a count ≥ 0, found {i}")))
 }
 
 fn io(e: std::io::Error) -> LangError {
@@ -636,12 +648,10 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             }
             Value::Unit
         }
-        "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu"
-        | "gelu" => {
+        "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu" | "gelu" => {
             let (v, s) = arg(0)?;
-            let f = crate::einsum::scalar_fn(name).ok_or_else(|| {
-                LangError::invalid(span, format!("`{name}` is not elementwise"))
-            })?;
+            let f = crate::einsum::scalar_fn(name)
+                .ok_or_else(|| LangError::invalid(span, format!("`{name}` is not elementwise")))?;
             match v {
                 Value::Int(_) | Value::Float(_) => Value::Float(f(float(v, *s)? as f32) as f64),
                 _ => {
@@ -653,7 +663,9 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                             Activation::Gelu
                         };
                         let x = t.to_core(*s, "activation")?;
-                        let y = cpu.unary(UnaryOp::Act(act), &x).map_err(kernel("activation"))?;
+                        let y = cpu
+                            .unary(UnaryOp::Act(act), &x)
+                            .map_err(kernel("activation"))?;
                         core_out(&y, span, "activation")?
                     } else {
                         let data = t.to_f32(*s)?.into_iter().map(f).collect();
@@ -664,18 +676,30 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         }
         "softmax" => {
             let x = t0()?.to_core(span, "softmax")?;
-            core_out(&cpu.softmax(&x).map_err(kernel("softmax"))?, span, "softmax")?
+            core_out(
+                &cpu.softmax(&x).map_err(kernel("softmax"))?,
+                span,
+                "softmax",
+            )?
         }
         "matmul" => {
             let a = t0()?;
             let (bv, bs) = arg(1)?;
             let b = tens(bv, *bs)?;
             let ka = a.shape.last().copied().unwrap_or(0);
-            let kb = b.shape.len().checked_sub(2).and_then(|i| b.shape.get(i)).copied();
+            let kb = b
+                .shape
+                .len()
+                .checked_sub(2)
+                .and_then(|i| b.shape.get(i))
+                .copied();
             if Some(ka) != kb {
                 return Err(LangError::shape(
                     span,
-                    format!("matmul of {:?} and {:?}: inner dimensions differ", a.shape, b.shape),
+                    format!(
+                        "matmul of {:?} and {:?}: inner dimensions differ",
+                        a.shape, b.shape
+                    ),
                 ));
             }
             let ta = a.to_core(span, "matmul")?;
@@ -690,7 +714,11 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 let y = y.reshape(&dims).map_err(kernel("matmul"))?;
                 core_out(&y, span, "matmul")?
             } else {
-                core_out(&cpu.matmul_f32(&ta, &tb).map_err(kernel("matmul"))?, span, "matmul")?
+                core_out(
+                    &cpu.matmul_f32(&ta, &tb).map_err(kernel("matmul"))?,
+                    span,
+                    "matmul",
+                )?
             }
         }
         "linear" => {
@@ -701,7 +729,10 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             if w.shape.len() != 2 || w.shape[1] != k {
                 return Err(LangError::shape(
                     span,
-                    format!("linear: input {:?} against weight {:?} (expected [n, {k}])", x.shape, w.shape),
+                    format!(
+                        "linear: input {:?} against weight {:?} (expected [n, {k}])",
+                        x.shape, w.shape
+                    ),
                 ));
             }
             let m = numel(&x.shape[..x.shape.len().saturating_sub(1)]);
@@ -714,7 +745,10 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             if let Some((bv, bs)) = args.get(2) {
                 let b = tens(bv, *bs)?;
                 if b.shape != [w.shape[0]] {
-                    return Err(LangError::shape(*bs, format!("linear: bias {:?} for {} outputs", b.shape, w.shape[0])));
+                    return Err(LangError::shape(
+                        *bs,
+                        format!("linear: bias {:?} for {} outputs", b.shape, w.shape[0]),
+                    ));
                 }
                 let tb = b.to_core(*bs, "linear")?;
                 cpu.add_inplace(&mut y, &tb).map_err(kernel("linear"))?;
@@ -727,7 +761,11 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             let x = t0()?.to_core(span, "rms_norm")?;
             let w = tens(&arg(1)?.0, arg(1)?.1)?.to_core(arg(1)?.1, "rms_norm")?;
             let eps = float(&arg(2)?.0, arg(2)?.1)? as f32;
-            core_out(&cpu.rms_norm(&x, &w, eps).map_err(kernel("rms_norm"))?, span, "rms_norm")?
+            core_out(
+                &cpu.rms_norm(&x, &w, eps).map_err(kernel("rms_norm"))?,
+                span,
+                "rms_norm",
+            )?
         }
         "layer_norm" => {
             let x = t0()?.to_core(span, "layer_norm")?;
@@ -759,7 +797,11 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             };
             let head_dim = xt.shape.last().copied().unwrap_or(0);
             let cfg = RopeConfig::new(mode, head_dim, base);
-            core_out(&cpu.rope(&x, &pos, None, &cfg).map_err(kernel("rope"))?, span, "rope")?
+            core_out(
+                &cpu.rope(&x, &pos, None, &cfg).map_err(kernel("rope"))?,
+                span,
+                "rope",
+            )?
         }
         "embedding" => {
             let table = t0()?;
@@ -776,7 +818,11 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             }
             let t = table.to_core(span, "embedding")?;
             let i = ids.to_core(arg(1)?.1, "embedding")?;
-            core_out(&cpu.embedding(&t, &i).map_err(kernel("embedding"))?, span, "embedding")?
+            core_out(
+                &cpu.embedding(&t, &i).map_err(kernel("embedding"))?,
+                span,
+                "embedding",
+            )?
         }
         "argmax" => {
             let t = t0()?;
@@ -823,7 +869,10 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             let t = t0()?;
             let v = t.to_f32(span)?;
             if v.is_empty() && name != "sum" {
-                return Err(LangError::invalid(span, format!("{name} of an empty tensor")));
+                return Err(LangError::invalid(
+                    span,
+                    format!("{name} of an empty tensor"),
+                ));
             }
             let s: f64 = match name {
                 "sum" => v.iter().map(|&x| f64::from(x)).sum(),
@@ -840,14 +889,15 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         "dim" => {
             let t = t0()?;
             let k = int(&arg(1)?.0, arg(1)?.1)?;
-            let d = usize::try_from(k)
-                .ok()
-                .and_then(|k| t.shape.get(k))
-                .ok_or(LangError::Index {
-                    span: arg(1)?.1,
-                    index: k,
-                    len: t.shape.len(),
-                })?;
+            let d =
+                usize::try_from(k)
+                    .ok()
+                    .and_then(|k| t.shape.get(k))
+                    .ok_or(LangError::Index {
+                        span: arg(1)?.1,
+                        index: k,
+                        len: t.shape.len(),
+                    })?;
             Value::Int(*d as i64)
         }
         "zeros" | "ones" | "reshape" => {
@@ -866,7 +916,11 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 if t.len() != n {
                     return Err(LangError::shape(
                         span,
-                        format!("cannot reshape {:?} ({} elements) to {dims:?} ({n} elements)", t.shape, t.len()),
+                        format!(
+                            "cannot reshape {:?} ({} elements) to {dims:?} ({n} elements)",
+                            t.shape,
+                            t.len()
+                        ),
                     ));
                 }
                 let data = match &t.data {
@@ -882,14 +936,20 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         "arange" => {
             let n = usize_arg(&arg(0)?.0, arg(0)?.1)?;
             if n > 1 << 32 {
-                return Err(LangError::invalid(span, format!("arange({n}) is too large")));
+                return Err(LangError::invalid(
+                    span,
+                    format!("arange({n}) is too large"),
+                ));
             }
             Value::tensor(Tens::f32(vec![n], (0..n).map(|i| i as f32).collect()))
         }
         "transpose" => {
             let t = t0()?;
             let [m, n] = t.shape[..] else {
-                return Err(LangError::shape(span, format!("transpose needs a matrix, found {:?}", t.shape)));
+                return Err(LangError::shape(
+                    span,
+                    format!("transpose needs a matrix, found {:?}", t.shape),
+                ));
             };
             let v = t.to_f32(span)?;
             let mut out = Vec::with_capacity(m * n);
@@ -948,13 +1008,19 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         "parse_int" => {
             let s = string(&arg(0)?.0, arg(0)?.1)?;
             Value::Int(s.trim().parse().map_err(|_| {
-                LangError::invalid(arg(0).map_or(span, |a| a.1), format!("{s:?} is not an integer"))
+                LangError::invalid(
+                    arg(0).map_or(span, |a| a.1),
+                    format!("{s:?} is not an integer"),
+                )
             })?)
         }
         "parse_float" => {
             let s = string(&arg(0)?.0, arg(0)?.1)?;
             Value::Float(s.trim().parse().map_err(|_| {
-                LangError::invalid(arg(0).map_or(span, |a| a.1), format!("{s:?} is not a number"))
+                LangError::invalid(
+                    arg(0).map_or(span, |a| a.1),
+                    format!("{s:?} is not a number"),
+                )
             })?)
         }
         "fixpoint_limit" => {

@@ -72,25 +72,22 @@ impl Checker {
             }
         }
         for item in &prog.items {
-            match item {
-                Item::Fact(a) => {
+            if let Item::Fact(a) = item {
+                {
                     let info = self.relation(a)?;
                     for (arg, dom) in a.args.iter().zip(&info.domains) {
                         let key = match &arg.kind {
                             ExprKind::Var(s) => ConstKey::Sym(s.clone()),
                             ExprKind::Str(s) => ConstKey::Sym(s.clone()),
                             ExprKind::Int(i) => ConstKey::Int(*i),
-                            _ => {
-                                return Err(LangError::invalid(
-                                    arg.span,
-                                    "a fact's arguments must be constants (names, integers or strings)",
-                                ))
-                            }
+                            _ => return Err(LangError::invalid(
+                                arg.span,
+                                "a fact's arguments must be constants (names, integers or strings)",
+                            )),
                         };
                         self.constants.entry(dom.clone()).or_default().insert(key);
                     }
                 }
-                _ => {}
             }
         }
         // Pass 2: bodies, in order.
@@ -224,7 +221,10 @@ impl Checker {
         self.ret = Some(ret.clone());
         let mut scope = HashMap::new();
         for p in &f.params {
-            if scope.insert(p.name.clone(), Type::from_expr(&p.ty)).is_some() {
+            if scope
+                .insert(p.name.clone(), Type::from_expr(&p.ty))
+                .is_some()
+            {
                 return Err(LangError::invalid(
                     p.span,
                     format!("parameter `{}` appears twice", p.name),
@@ -388,7 +388,11 @@ impl Checker {
                 let ret = self.ret.clone().unwrap_or(Type::Unit);
                 let at = v.as_ref().map_or(span, |e| e.span);
                 if ret == Type::Unit && vt != Type::Unit {
-                    return Err(LangError::ty(at, "no value (the function has no result type)", vt));
+                    return Err(LangError::ty(
+                        at,
+                        "no value (the function has no result type)",
+                        vt,
+                    ));
                 }
                 self.assignable(&ret, &vt, at)?;
                 return Ok(true);
@@ -495,11 +499,14 @@ impl Checker {
                         "a tensor equation indexes variables only",
                     ));
                 };
-                let t = self.lookup(name).cloned().ok_or_else(|| LangError::Undefined {
-                    span: base.span,
-                    what: "variable",
-                    name: name.clone(),
-                })?;
+                let t = self
+                    .lookup(name)
+                    .cloned()
+                    .ok_or_else(|| LangError::Undefined {
+                        span: base.span,
+                        what: "variable",
+                        name: name.clone(),
+                    })?;
                 let tdims = match &t {
                     Type::Tensor(ElemType::Quant, _) => {
                         return Err(LangError::ty(
@@ -564,9 +571,7 @@ impl Checker {
                 Ok(())
             }
             ExprKind::Unary(UnOp::Neg, x) => self.eq_expr(x, dims),
-            ExprKind::Binary(op, a, b)
-                if matches!(op, BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div) =>
-            {
+            ExprKind::Binary(BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div, a, b) => {
                 self.eq_expr(a, dims)?;
                 self.eq_expr(b, dims)
             }
@@ -985,7 +990,10 @@ fn call_type(name: &str, sig: &FnSig, args: &[(Type, Span)], span: Span) -> Resu
                     let bad = || {
                         LangError::shape(
                             *sp,
-                            format!("argument {} of `{name}`: expected {want}, found {found}", k + 1),
+                            format!(
+                                "argument {} of `{name}`: expected {want}, found {found}",
+                                k + 1
+                            ),
                         )
                     };
                     match w {

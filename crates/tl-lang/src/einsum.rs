@@ -158,7 +158,10 @@ impl Builder<'_> {
                 Some(v) => {
                     return Err(LangError::invalid(
                         e.span,
-                        format!("`{name}` ({}) needs indices in a tensor equation", v.type_name()),
+                        format!(
+                            "`{name}` ({}) needs indices in a tensor equation",
+                            v.type_name()
+                        ),
                     ))
                 }
                 None => {
@@ -171,7 +174,10 @@ impl Builder<'_> {
             },
             ExprKind::Index(base, args) => {
                 let ExprKind::Var(name) = &base.kind else {
-                    return Err(LangError::invalid(base.span, "a tensor equation indexes variables only"));
+                    return Err(LangError::invalid(
+                        base.span,
+                        "a tensor equation indexes variables only",
+                    ));
                 };
                 if self.explain {
                     let mut vars = Vec::new();
@@ -219,7 +225,10 @@ impl Builder<'_> {
                         span,
                     }) = a
                     else {
-                        return Err(LangError::invalid(e.span, "indices in a tensor equation must be index names"));
+                        return Err(LangError::invalid(
+                            e.span,
+                            "indices in a tensor equation must be index names",
+                        ));
                     };
                     let id = self.var(v);
                     let n = t.shape.get(k).copied().unwrap_or(0);
@@ -275,9 +284,16 @@ impl Builder<'_> {
                 }
                 Node::Prod(out)
             }
-            ExprKind::Call { name, args, name_span } => {
+            ExprKind::Call {
+                name,
+                args,
+                name_span,
+            } => {
                 let f = scalar_fn(name).ok_or_else(|| {
-                    LangError::invalid(*name_span, format!("`{name}` cannot be used inside a tensor equation"))
+                    LangError::invalid(
+                        *name_span,
+                        format!("`{name}` cannot be used inside a tensor equation"),
+                    )
                 })?;
                 let [arg] = args.as_slice() else {
                     return Err(LangError::Arity {
@@ -289,7 +305,12 @@ impl Builder<'_> {
                 };
                 Node::Func(name.clone(), f, Box::new(self.build(arg)?))
             }
-            _ => return Err(LangError::invalid(e.span, "this expression cannot appear in a tensor equation")),
+            _ => {
+                return Err(LangError::invalid(
+                    e.span,
+                    "this expression cannot appear in a tensor equation",
+                ))
+            }
         })
     }
 }
@@ -478,7 +499,11 @@ impl Eval<'_> {
     /// indices inner.
     fn sum_product(&self, factors: &[Dense], summed: &[usize]) -> Result<Dense> {
         let all = Self::union(factors);
-        let out_vars: Vec<usize> = all.iter().copied().filter(|v| !summed.contains(v)).collect();
+        let out_vars: Vec<usize> = all
+            .iter()
+            .copied()
+            .filter(|v| !summed.contains(v))
+            .collect();
         let mut loop_vars = out_vars.clone();
         loop_vars.extend(summed.iter().copied().filter(|v| all.contains(v)));
         self.check_size(&loop_vars)?;
@@ -488,7 +513,10 @@ impl Eval<'_> {
             .map(|&v| self.sizes[v])
             .product();
         let sizes: Vec<usize> = loop_vars.iter().map(|&v| self.sizes[v]).collect();
-        let strides: Vec<Vec<usize>> = factors.iter().map(|d| self.strides_over(d, &loop_vars)).collect();
+        let strides: Vec<Vec<usize>> = factors
+            .iter()
+            .map(|d| self.strides_over(d, &loop_vars))
+            .collect();
         let mut data = vec![0f32; numel(&out_sizes)];
         let mut k = 0usize;
         for_each(&sizes, &strides, |offs| {
@@ -673,7 +701,6 @@ fn show(n: &Node, names: &[String], s: &mut String) {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -699,11 +726,20 @@ mod tests {
     #[test]
     fn sums_sit_at_the_smallest_subexpression() {
         let e = eq("let w = zeros(2, 2);\nlet x = zeros(2);\nlet b = zeros(2);\nH[i] = relu(w[i, j] x[j] + b[i]);");
-        assert_eq!(explain_equation(&e).unwrap(), "H[i] = relu((sum_{j}(w[i, j] x[j]) + b[i]))");
+        assert_eq!(
+            explain_equation(&e).unwrap(),
+            "H[i] = relu((sum_{j}(w[i, j] x[j]) + b[i]))"
+        );
         let e = eq("let a = zeros(2, 2);\nlet b = zeros(2, 2);\nY[i] = a[i, j] + b[i, j];");
-        assert_eq!(explain_equation(&e).unwrap(), "Y[i] = sum_{j}((a[i, j] + b[i, j]))");
+        assert_eq!(
+            explain_equation(&e).unwrap(),
+            "Y[i] = sum_{j}((a[i, j] + b[i, j]))"
+        );
         let e = eq("let a = zeros(2, 2, 2);\nt[] = a[i, j, k];");
-        assert_eq!(explain_equation(&e).unwrap(), "t[] = sum_{i,j,k}(a[i, j, k])");
+        assert_eq!(
+            explain_equation(&e).unwrap(),
+            "t[] = sum_{i,j,k}(a[i, j, k])"
+        );
     }
 
     #[test]
@@ -717,12 +753,21 @@ mod tests {
             _ => None,
         };
         let fast = eval_equation(&e, &lookup).unwrap();
-        let ev = Eval { sizes: &[2, 3, 4], span: Span::default() };
+        let ev = Eval {
+            sizes: &[2, 3, 4],
+            span: Span::default(),
+        };
         let slow = ev
             .sum_product(
                 &[
-                    Dense { vars: vec![0, 1], data: a.clone() },
-                    Dense { vars: vec![1, 2], data: b.clone() },
+                    Dense {
+                        vars: vec![0, 1],
+                        data: a.clone(),
+                    },
+                    Dense {
+                        vars: vec![1, 2],
+                        data: b.clone(),
+                    },
                 ],
                 &[1],
             )

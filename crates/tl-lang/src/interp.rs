@@ -189,7 +189,10 @@ impl Interp {
             s.push_str("// tensor equations (sum_{j} sums over j)\n");
             for eq in eqs {
                 let (line, _) = self.sources.line_col(eq.target_span);
-                s.push_str(&format!("{}    // line {line}\n", einsum::explain_equation(eq)?));
+                s.push_str(&format!(
+                    "{}    // line {line}\n",
+                    einsum::explain_equation(eq)?
+                ));
             }
         }
         Ok(s)
@@ -275,7 +278,9 @@ impl Interp {
 
     fn exec(&mut self, env: &mut Env, s: &Stmt) -> Result<Flow> {
         match &s.kind {
-            StmtKind::Let { name, ty, value, .. } => {
+            StmtKind::Let {
+                name, ty, value, ..
+            } => {
                 let v = self.eval(env, value)?;
                 let v = match ty {
                     Some(t) => convert(v, t, value.span)?,
@@ -300,7 +305,10 @@ impl Interp {
                     }
                     ExprKind::Index(base, args) => {
                         let ExprKind::Var(name) = &base.kind else {
-                            return Err(LangError::invalid(target.span, "only a variable's elements can be assigned"));
+                            return Err(LangError::invalid(
+                                target.span,
+                                "only a variable's elements can be assigned",
+                            ));
                         };
                         let idx = self.eval_index_args(env, args)?;
                         let slot = env.get_mut(name).ok_or_else(|| LangError::Undefined {
@@ -354,7 +362,8 @@ impl Interp {
                 let a = self.eval_int(env, start)?;
                 let b = self.eval_int(env, end)?;
                 for i in a..b {
-                    env.scopes.push(HashMap::from([(var.clone(), Value::Int(i))]));
+                    env.scopes
+                        .push(HashMap::from([(var.clone(), Value::Int(i))]));
                     let r = self.block(env, body);
                     env.scopes.pop();
                     if let Flow::Return(v) = r? {
@@ -373,7 +382,9 @@ impl Interp {
                 if !self.eval_bool(env, cond)? {
                     return Err(LangError::Assert {
                         span: cond.span,
-                        message: message.clone().unwrap_or_else(|| "condition is false".into()),
+                        message: message
+                            .clone()
+                            .unwrap_or_else(|| "condition is false".into()),
                     });
                 }
             }
@@ -390,7 +401,13 @@ impl Interp {
                     args.push(match self.eval(env, e)? {
                         Value::Int(i) => ConstKey::Int(i),
                         Value::Str(s) => ConstKey::Sym(s.to_string()),
-                        other => return Err(LangError::ty(e.span, "an int or string", other.type_name())),
+                        other => {
+                            return Err(LangError::ty(
+                                e.span,
+                                "an int or string",
+                                other.type_name(),
+                            ))
+                        }
                     });
                 }
                 self.logic.add_fact(rel, args)?;
@@ -409,21 +426,34 @@ impl Interp {
                     .collect();
                 text.push_str(&format!("?- {}({}).\n", a.name, head.join(", ")));
                 if vars.is_empty() {
-                    text.push_str(if rows.is_empty() { "false.\n" } else { "true.\n" });
+                    text.push_str(if rows.is_empty() {
+                        "false.\n"
+                    } else {
+                        "true.\n"
+                    });
                 } else {
                     for row in &rows {
-                        let parts: Vec<String> =
-                            vars.iter().zip(row).map(|(v, c)| format!("{v} = {c}")).collect();
+                        let parts: Vec<String> = vars
+                            .iter()
+                            .zip(row)
+                            .map(|(v, c)| format!("{v} = {c}"))
+                            .collect();
                         text.push_str(&parts.join(", "));
                         text.push('\n');
                     }
-                    text.push_str(&format!("({} answer{})\n", rows.len(), if rows.len() == 1 { "" } else { "s" }));
+                    text.push_str(&format!(
+                        "({} answer{})\n",
+                        rows.len(),
+                        if rows.len() == 1 { "" } else { "s" }
+                    ));
                 }
-                self.out.write_all(text.as_bytes()).map_err(|e| LangError::Io {
-                    span: None,
-                    path: "<stdout>".into(),
-                    message: e.to_string(),
-                })?;
+                self.out
+                    .write_all(text.as_bytes())
+                    .map_err(|e| LangError::Io {
+                        span: None,
+                        path: "<stdout>".into(),
+                        message: e.to_string(),
+                    })?;
             }
         }
         Ok(Flow::Next)
@@ -484,7 +514,10 @@ impl Interp {
             ExprKind::Unary(op, x) => {
                 let v = self.eval(env, x)?;
                 match (op, v) {
-                    (UnOp::Neg, Value::Int(i)) => Value::Int(i.checked_neg().ok_or_else(|| LangError::invalid(e.span, "integer overflow"))?),
+                    (UnOp::Neg, Value::Int(i)) => Value::Int(
+                        i.checked_neg()
+                            .ok_or_else(|| LangError::invalid(e.span, "integer overflow"))?,
+                    ),
                     (UnOp::Neg, Value::Float(f)) => Value::Float(-f),
                     (UnOp::Neg, Value::Tensor(t)) => {
                         let z = Value::tensor(Tens::f32(vec![], vec![0.0]));
@@ -496,7 +529,13 @@ impl Interp {
                             shape: t.shape.clone(),
                             data: TData::Bool(v.iter().map(|b| !b).collect()),
                         }),
-                        _ => return Err(LangError::ty(x.span, "bool tensor", Value::Tensor(t.clone()).type_name())),
+                        _ => {
+                            return Err(LangError::ty(
+                                x.span,
+                                "bool tensor",
+                                Value::Tensor(t.clone()).type_name(),
+                            ))
+                        }
                     },
                     (_, v) => return Err(LangError::ty(x.span, "a number or bool", v.type_name())),
                 }
@@ -514,9 +553,16 @@ impl Interp {
                 binary(*op, l, r, e.span, b.span)?
             }
             ExprKind::Juxt(_) => {
-                return Err(LangError::invalid(e.span, "juxtaposed factors outside a tensor equation"))
+                return Err(LangError::invalid(
+                    e.span,
+                    "juxtaposed factors outside a tensor equation",
+                ))
             }
-            ExprKind::Call { name, name_span, args } => {
+            ExprKind::Call {
+                name,
+                name_span,
+                args,
+            } => {
                 let mut vals = Vec::with_capacity(args.len());
                 for a in args {
                     vals.push((self.eval(env, a)?, a.span));
@@ -582,7 +628,9 @@ impl Interp {
             };
             scope.insert(p.name.clone(), v);
         }
-        let mut env = Env { scopes: vec![scope] };
+        let mut env = Env {
+            scopes: vec![scope],
+        };
         self.depth += 1;
         let r = self.block(&mut env, &f.body);
         self.depth -= 1;
@@ -636,7 +684,11 @@ fn check_shape(
     let bad = || {
         LangError::shape(
             span,
-            format!("`{fname}` expects {}, found {:?}", crate::types::dims_string(dims), x.shape),
+            format!(
+                "`{fname}` expects {}, found {:?}",
+                crate::types::dims_string(dims),
+                x.shape
+            ),
         )
     };
     if dims.len() != x.shape.len() {
@@ -676,7 +728,11 @@ fn convert(v: Value, t: &TypeExpr, span: Span) -> Result<Value> {
             {
                 return Err(LangError::shape(
                     span,
-                    format!("expected {}, found {:?}", crate::types::dims_string(dims), x.shape),
+                    format!(
+                        "expected {}, found {:?}",
+                        crate::types::dims_string(dims),
+                        x.shape
+                    ),
                 ));
             }
             if *el != ElemType::Quant && x.elem() != *el {
@@ -697,7 +753,12 @@ enum Idx {
 
 /// The shape and flat offsets of `shape[idx…]` (negative or too large
 /// indices are errors).
-fn region(shape: &[usize], idx: &[Idx], args: &[IndexArg], span: Span) -> Result<(Vec<usize>, Vec<usize>)> {
+fn region(
+    shape: &[usize],
+    idx: &[Idx],
+    args: &[IndexArg],
+    span: Span,
+) -> Result<(Vec<usize>, Vec<usize>)> {
     if idx.len() > shape.len() {
         return Err(LangError::shape(
             span,
@@ -723,7 +784,11 @@ fn region(shape: &[usize], idx: &[Idx], args: &[IndexArg], span: Span) -> Result
             None => ranges.push((0usize, n, true)),
             Some(Idx::At(i)) => {
                 if *i < 0 || *i as usize >= n {
-                    return Err(LangError::Index { span: arg_span(k), index: *i, len: n });
+                    return Err(LangError::Index {
+                        span: arg_span(k),
+                        index: *i,
+                        len: n,
+                    });
                 }
                 ranges.push((*i as usize, 1, false));
             }
@@ -735,10 +800,18 @@ fn region(shape: &[usize], idx: &[Idx], args: &[IndexArg], span: Span) -> Result
                     _ => arg_span(k),
                 };
                 if lo < 0 || lo as usize > n {
-                    return Err(LangError::Index { span: arg_span(k), index: lo, len: n });
+                    return Err(LangError::Index {
+                        span: arg_span(k),
+                        index: lo,
+                        len: n,
+                    });
                 }
                 if hi < lo || hi as usize > n {
-                    return Err(LangError::Index { span: hi_span, index: hi, len: n });
+                    return Err(LangError::Index {
+                        span: hi_span,
+                        index: hi,
+                        len: n,
+                    });
                 }
                 ranges.push((lo as usize, (hi - lo) as usize, true));
             }
@@ -762,21 +835,30 @@ fn gather(t: &Tens, shape: Vec<usize>, offs: &[usize], span: Span) -> Result<Val
     let scalar = shape.is_empty();
     let data = match &t.data {
         TData::F32(v) => {
-            let d: Vec<f32> = offs.iter().map(|&o| v.get(o).copied().unwrap_or(0.0)).collect();
+            let d: Vec<f32> = offs
+                .iter()
+                .map(|&o| v.get(o).copied().unwrap_or(0.0))
+                .collect();
             if scalar {
                 return Ok(Value::Float(f64::from(d.first().copied().unwrap_or(0.0))));
             }
             TData::F32(d)
         }
         TData::I32(v) => {
-            let d: Vec<i32> = offs.iter().map(|&o| v.get(o).copied().unwrap_or(0)).collect();
+            let d: Vec<i32> = offs
+                .iter()
+                .map(|&o| v.get(o).copied().unwrap_or(0))
+                .collect();
             if scalar {
                 return Ok(Value::Int(i64::from(d.first().copied().unwrap_or(0))));
             }
             TData::I32(d)
         }
         TData::Bool(v) => {
-            let d: Vec<bool> = offs.iter().map(|&o| v.get(o).copied().unwrap_or(false)).collect();
+            let d: Vec<bool> = offs
+                .iter()
+                .map(|&o| v.get(o).copied().unwrap_or(false))
+                .collect();
             if scalar {
                 return Ok(Value::Bool(d.first().copied().unwrap_or(false)));
             }
@@ -784,7 +866,10 @@ fn gather(t: &Tens, shape: Vec<usize>, offs: &[usize], span: Span) -> Result<Val
         }
         TData::Core(_) => {
             let f = t.to_f32(span)?;
-            let d: Vec<f32> = offs.iter().map(|&o| f.get(o).copied().unwrap_or(0.0)).collect();
+            let d: Vec<f32> = offs
+                .iter()
+                .map(|&o| f.get(o).copied().unwrap_or(0.0))
+                .collect();
             if scalar {
                 return Ok(Value::Float(f64::from(d.first().copied().unwrap_or(0.0))));
             }
@@ -804,14 +889,24 @@ fn store(t: &mut Tens, offs: &[usize], v: &Value, span: Span) -> Result<()> {
             if x.len() != offs.len() {
                 return Err(LangError::shape(
                     span,
-                    format!("assigning {:?} to a region of {} elements", x.shape, offs.len()),
+                    format!(
+                        "assigning {:?} to a region of {} elements",
+                        x.shape,
+                        offs.len()
+                    ),
                 ));
             }
             x.to_f32(span)?.into_iter().map(f64::from).collect()
         }
         other => return Err(LangError::ty(span, "a number or tensor", other.type_name())),
     };
-    let at = |k: usize| if src.len() == 1 { src[0] } else { src.get(k).copied().unwrap_or(0.0) };
+    let at = |k: usize| {
+        if src.len() == 1 {
+            src[0]
+        } else {
+            src.get(k).copied().unwrap_or(0.0)
+        }
+    };
     match &mut t.data {
         TData::F32(d) => {
             for (k, &o) in offs.iter().enumerate() {
@@ -856,14 +951,26 @@ fn tensor_literal(vals: Vec<(Value, Span)>, span: Span) -> Result<Value> {
         let mut d = Vec::with_capacity(n);
         for (v, s) in &vals {
             if let Value::Int(i) = v {
-                d.push(i32::try_from(*i).map_err(|_| LangError::invalid(*s, format!("{i} does not fit i32")))?);
+                d.push(
+                    i32::try_from(*i)
+                        .map_err(|_| LangError::invalid(*s, format!("{i} does not fit i32")))?,
+                );
             }
         }
-        return Ok(Value::tensor(Tens { shape: vec![n], data: TData::I32(d) }));
+        return Ok(Value::tensor(Tens {
+            shape: vec![n],
+            data: TData::I32(d),
+        }));
     }
     if all_bool {
-        let d = vals.iter().map(|(v, _)| matches!(v, Value::Bool(true))).collect();
-        return Ok(Value::tensor(Tens { shape: vec![n], data: TData::Bool(d) }));
+        let d = vals
+            .iter()
+            .map(|(v, _)| matches!(v, Value::Bool(true)))
+            .collect();
+        return Ok(Value::tensor(Tens {
+            shape: vec![n],
+            data: TData::Bool(d),
+        }));
     }
     let mut inner: Option<Vec<usize>> = None;
     let mut data = Vec::new();
@@ -891,7 +998,11 @@ fn tensor_literal(vals: Vec<(Value, Span)>, span: Span) -> Result<Value> {
     let mut shape = vec![n];
     shape.extend(inner.unwrap_or_default());
     let t = Tens::f32(shape, data);
-    Ok(Value::tensor(if all_i32 { t.cast(ElemType::I32, span)? } else { t }))
+    Ok(Value::tensor(if all_i32 {
+        t.cast(ElemType::I32, span)?
+    } else {
+        t
+    }))
 }
 
 fn check_row(inner: &mut Option<Vec<usize>>, shape: &[usize], span: Span) -> Result<()> {
@@ -941,7 +1052,13 @@ fn binary(op: BinOp, l: Value, r: Value, span: Span, rspan: Span) -> Result<Valu
             Add => Value::Str(format!("{a}{b}").into()),
             Eq => Value::Bool(a == b),
             Ne => Value::Bool(a != b),
-            _ => return Err(LangError::ty(span, "operands that accept strings", "string")),
+            _ => {
+                return Err(LangError::ty(
+                    span,
+                    "operands that accept strings",
+                    "string",
+                ))
+            }
         },
         (Value::Bool(a), Value::Bool(b)) => match op {
             Eq => Value::Bool(a == b),
@@ -978,7 +1095,10 @@ fn tensor_binary(op: BinOp, l: &Value, r: &Value, span: Span) -> Result<Value> {
     let as_t = |v: &Value| -> Result<Rc<Tens>> {
         Ok(match v {
             Value::Tensor(t) => t.clone(),
-            Value::Int(i) => Rc::new(Tens { shape: vec![], data: TData::I32(vec![*i as i32]) }),
+            Value::Int(i) => Rc::new(Tens {
+                shape: vec![],
+                data: TData::I32(vec![*i as i32]),
+            }),
             Value::Float(f) => Rc::new(Tens::f32(vec![], vec![*f as f32])),
             other => return Err(LangError::ty(span, "a number or tensor", other.type_name())),
         })
@@ -996,7 +1116,12 @@ fn tensor_binary(op: BinOp, l: &Value, r: &Value, span: Span) -> Result<Value> {
             _ => {
                 return Err(LangError::shape(
                     span,
-                    format!("`{}` of {:?} and {:?} (shapes must be equal or broadcast)", op.symbol(), a.shape, b.shape),
+                    format!(
+                        "`{}` of {:?} and {:?} (shapes must be equal or broadcast)",
+                        op.symbol(),
+                        a.shape,
+                        b.shape
+                    ),
                 ))
             }
         });
@@ -1021,10 +1146,16 @@ fn tensor_binary(op: BinOp, l: &Value, r: &Value, span: Span) -> Result<Value> {
     };
     let total = numel(&shape);
     let both_int = a.elem() == ElemType::I32 && b.elem() == ElemType::I32;
-    let is_cmp = matches!(op, BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge);
+    let is_cmp = matches!(
+        op,
+        BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
+    );
     let (x, y) = (a.to_f32(span)?, b.to_f32(span)?);
     if both_int && !is_cmp {
-        let (xi, yi): (Vec<i64>, Vec<i64>) = (x.iter().map(|&v| v as i64).collect(), y.iter().map(|&v| v as i64).collect());
+        let (xi, yi): (Vec<i64>, Vec<i64>) = (
+            x.iter().map(|&v| v as i64).collect(),
+            y.iter().map(|&v| v as i64).collect(),
+        );
         let mut out = Vec::with_capacity(total);
         for f in 0..total {
             let (p, q) = (xi[idx_of(&a, f)], yi[idx_of(&b, f)]);
@@ -1032,12 +1163,17 @@ fn tensor_binary(op: BinOp, l: &Value, r: &Value, span: Span) -> Result<Value> {
                 BinOp::Add => p + q,
                 BinOp::Sub => p - q,
                 BinOp::Mul => p * q,
-                BinOp::Div | BinOp::Rem if q == 0 => return Err(LangError::DivisionByZero { span }),
+                BinOp::Div | BinOp::Rem if q == 0 => {
+                    return Err(LangError::DivisionByZero { span })
+                }
                 BinOp::Div => p / q,
                 _ => p % q,
             } as i32);
         }
-        return Ok(Value::tensor(Tens { shape, data: TData::I32(out) }));
+        return Ok(Value::tensor(Tens {
+            shape,
+            data: TData::I32(out),
+        }));
     }
     if is_cmp {
         let mut out = Vec::with_capacity(total);
@@ -1048,7 +1184,10 @@ fn tensor_binary(op: BinOp, l: &Value, r: &Value, span: Span) -> Result<Value> {
                 None => op == BinOp::Ne,
             });
         }
-        return Ok(Value::tensor(Tens { shape, data: TData::Bool(out) }));
+        return Ok(Value::tensor(Tens {
+            shape,
+            data: TData::Bool(out),
+        }));
     }
     let mut out = Vec::with_capacity(total);
     for f in 0..total {

@@ -154,7 +154,10 @@ pub fn lex(file: u32, src: &str) -> Result<Vec<Token>> {
             i += 2;
             loop {
                 if i + 1 >= b.len() {
-                    return Err(LangError::syntax(sp(start, start + 2), "unterminated comment"));
+                    return Err(LangError::syntax(
+                        sp(start, start + 2),
+                        "unterminated comment",
+                    ));
                 }
                 if b[i] == b'*' && b[i + 1] == b'/' {
                     i += 2;
@@ -200,10 +203,7 @@ pub fn lex(file: u32, src: &str) -> Result<Vec<Token>> {
             }
             let mut float = false;
             // `0..n` is a range, not the float `0.`.
-            if i < b.len()
-                && b[i] == b'.'
-                && b.get(i + 1).is_some_and(|d| d.is_ascii_digit())
-            {
+            if i < b.len() && b[i] == b'.' && b.get(i + 1).is_some_and(|d| d.is_ascii_digit()) {
                 float = true;
                 i += 1;
                 while i < b.len() && b[i].is_ascii_digit() {
@@ -224,15 +224,16 @@ pub fn lex(file: u32, src: &str) -> Result<Vec<Token>> {
                 }
             }
             let text = &src[start..i];
-            let tok = if float {
-                Tok::Float(text.parse().map_err(|_| {
-                    LangError::syntax(sp(start, i), format!("bad number `{text}`"))
-                })?)
-            } else {
-                Tok::Int(text.parse().map_err(|_| {
-                    LangError::syntax(sp(start, i), format!("integer `{text}` is too large"))
-                })?)
-            };
+            let tok =
+                if float {
+                    Tok::Float(text.parse().map_err(|_| {
+                        LangError::syntax(sp(start, i), format!("bad number `{text}`"))
+                    })?)
+                } else {
+                    Tok::Int(text.parse().map_err(|_| {
+                        LangError::syntax(sp(start, i), format!("integer `{text}` is too large"))
+                    })?)
+                };
             out.push(Token {
                 tok,
                 span: sp(start, i),
@@ -244,7 +245,10 @@ pub fn lex(file: u32, src: &str) -> Result<Vec<Token>> {
             let mut s = String::new();
             loop {
                 let Some(ch) = src.get(i..).and_then(|r| r.chars().next()) else {
-                    return Err(LangError::syntax(sp(start, start + 1), "unterminated string"));
+                    return Err(LangError::syntax(
+                        sp(start, start + 1),
+                        "unterminated string",
+                    ));
                 };
                 i += ch.len_utf8();
                 match ch {

@@ -285,7 +285,10 @@ impl Parser {
                 ElemType::I32 => TypeExpr::Int,
                 ElemType::Bool => TypeExpr::Bool,
                 ElemType::Quant => {
-                    return Err(LangError::syntax(span, "`q` needs a shape, as in `q[n, k]`"))
+                    return Err(LangError::syntax(
+                        span,
+                        "`q` needs a shape, as in `q[n, k]`",
+                    ))
                 }
             });
         }
@@ -495,10 +498,7 @@ impl Parser {
         };
         let mut lhs = self.binary(level + 1)?;
         let depth = self.depth;
-        loop {
-            let Some(op) = ops.iter().find(|(t, _)| t == self.peek()).map(|(_, o)| *o) else {
-                break;
-            };
+        while let Some(op) = ops.iter().find(|(t, _)| t == self.peek()).map(|(_, o)| *o) {
             self.bump();
             self.enter()?;
             let rhs = self.binary(level + 1)?;
@@ -698,7 +698,9 @@ mod tests {
         assert!(matches!(l.kind, ExprKind::Juxt(ref f) if f.len() == 2));
         assert!(matches!(r.kind, ExprKind::Binary(BinOp::Mul, _, _)));
         // `a - b` is a subtraction, not `a` times `-b`.
-        let StmtKind::Expr(e) = one_stmt("a - b;") else { panic!() };
+        let StmtKind::Expr(e) = one_stmt("a - b;") else {
+            panic!()
+        };
         assert!(matches!(e.kind, ExprKind::Binary(BinOp::Sub, _, _)));
     }
 
@@ -712,21 +714,47 @@ mod tests {
         assert!(matches!(p.items[0], Item::Relation(_)));
         assert!(matches!(p.items[1], Item::Fact(_)));
         assert!(matches!(&p.items[2], Item::Rule(r) if r.body.len() == 1));
-        assert!(matches!(&p.items[3], Item::Stmt(Stmt { kind: StmtKind::Query(_), .. })));
-        assert!(matches!(&p.items[4], Item::Stmt(Stmt { kind: StmtKind::Expr(_), .. })));
+        assert!(matches!(
+            &p.items[3],
+            Item::Stmt(Stmt {
+                kind: StmtKind::Query(_),
+                ..
+            })
+        ));
+        assert!(matches!(
+            &p.items[4],
+            Item::Stmt(Stmt {
+                kind: StmtKind::Expr(_),
+                ..
+            })
+        ));
     }
 
     #[test]
     fn types_and_ranges() {
-        let p = parse(0, "fn f(x: f32[n, 4, ?], w: q[d, d]) -> i32[n] { return x[0, 1..2, ..]; }").unwrap();
+        let p = parse(
+            0,
+            "fn f(x: f32[n, 4, ?], w: q[d, d]) -> i32[n] { return x[0, 1..2, ..]; }",
+        )
+        .unwrap();
         let Item::Fn(f) = &p.items[0] else { panic!() };
         assert_eq!(
             f.params[0].ty,
-            TypeExpr::Tensor(ElemType::F32, vec![Dim::Named("n".into()), Dim::Lit(4), Dim::Unknown])
+            TypeExpr::Tensor(
+                ElemType::F32,
+                vec![Dim::Named("n".into()), Dim::Lit(4), Dim::Unknown]
+            )
         );
-        assert_eq!(f.params[1].ty, TypeExpr::Tensor(ElemType::Quant, vec![Dim::Named("d".into()); 2]));
-        let StmtKind::Return(Some(e)) = &f.body.stmts[0].kind else { panic!() };
-        let ExprKind::Index(_, args) = &e.kind else { panic!() };
+        assert_eq!(
+            f.params[1].ty,
+            TypeExpr::Tensor(ElemType::Quant, vec![Dim::Named("d".into()); 2])
+        );
+        let StmtKind::Return(Some(e)) = &f.body.stmts[0].kind else {
+            panic!()
+        };
+        let ExprKind::Index(_, args) = &e.kind else {
+            panic!()
+        };
         assert!(matches!(args[1], IndexArg::Range(Some(_), Some(_))));
         assert!(matches!(args[2], IndexArg::Range(None, None)));
     }

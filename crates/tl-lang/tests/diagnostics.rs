@@ -24,13 +24,41 @@ fn assert_diag(src: &str, at_check: bool, want: &str) {
 
 #[test]
 fn syntax_errors() {
-    assert_diag("let x = 1 +;\n", true, "t.tl:1:12: error: expected an expression, found `;`");
-    assert_diag("let x = 1\nlet y = 2;\n", true, "t.tl:2:1: error: expected `;`, found `let`");
-    assert_diag("fn f( { }\n", true, "t.tl:1:7: error: expected a parameter name, found `{`");
-    assert_diag("let s = \"abc;\n", true, "t.tl:1:9: error: unterminated string");
-    assert_diag("let x = 3 @ 4;\n", true, "t.tl:1:11: error: unexpected character `@`");
-    assert_diag("fn f(x: tensor) {}\n", true, "t.tl:1:9: error: unknown type `tensor`");
-    assert_diag("Parent(a, b) :- .\n", true, "t.tl:1:17: error: expected a relation name, found `.`");
+    assert_diag(
+        "let x = 1 +;\n",
+        true,
+        "t.tl:1:12: error: expected an expression, found `;`",
+    );
+    assert_diag(
+        "let x = 1\nlet y = 2;\n",
+        true,
+        "t.tl:2:1: error: expected `;`, found `let`",
+    );
+    assert_diag(
+        "fn f( { }\n",
+        true,
+        "t.tl:1:7: error: expected a parameter name, found `{`",
+    );
+    assert_diag(
+        "let s = \"abc;\n",
+        true,
+        "t.tl:1:9: error: unterminated string",
+    );
+    assert_diag(
+        "let x = 3 @ 4;\n",
+        true,
+        "t.tl:1:11: error: unexpected character `@`",
+    );
+    assert_diag(
+        "fn f(x: tensor) {}\n",
+        true,
+        "t.tl:1:9: error: unknown type `tensor`",
+    );
+    assert_diag(
+        "Parent(a, b) :- .\n",
+        true,
+        "t.tl:1:17: error: expected a relation name, found `.`",
+    );
 }
 
 #[test]
@@ -42,10 +70,26 @@ fn deep_nesting_is_an_error_not_a_crash() {
 
 #[test]
 fn undefined_names() {
-    assert_diag("let x = 1;\nprint(y);\n", true, "t.tl:2:7: error: undefined variable `y`");
-    assert_diag("let x = frob(1);\n", true, "t.tl:1:9: error: undefined function `frob`");
-    assert_diag("?- Nope(X).\n", true, "t.tl:1:4: error: undefined relation `Nope`");
-    assert_diag("fn f() -> int { return q; }\n", true, "t.tl:1:24: error: undefined variable `q`");
+    assert_diag(
+        "let x = 1;\nprint(y);\n",
+        true,
+        "t.tl:2:7: error: undefined variable `y`",
+    );
+    assert_diag(
+        "let x = frob(1);\n",
+        true,
+        "t.tl:1:9: error: undefined function `frob`",
+    );
+    assert_diag(
+        "?- Nope(X).\n",
+        true,
+        "t.tl:1:4: error: undefined relation `Nope`",
+    );
+    assert_diag(
+        "fn f() -> int { return q; }\n",
+        true,
+        "t.tl:1:24: error: undefined variable `q`",
+    );
 }
 
 #[test]
@@ -55,7 +99,11 @@ fn wrong_arity() {
         true,
         "t.tl:2:9: error: `f` takes 1 argument, got 2",
     );
-    assert_diag("let z = softmax();\n", true, "t.tl:1:9: error: `softmax` takes 1 argument, got 0");
+    assert_diag(
+        "let z = softmax();\n",
+        true,
+        "t.tl:1:9: error: `softmax` takes 1 argument, got 0",
+    );
     assert_diag(
         "relation P(a: T, b: T)\nP(x).\n",
         true,
@@ -105,7 +153,11 @@ fn type_mismatches() {
         true,
         "t.tl:2:9: error: type mismatch: expected operands that `+` accepts, found string and int",
     );
-    assert_diag("if 1 { }\n", true, "t.tl:1:4: error: type mismatch: expected bool, found int");
+    assert_diag(
+        "if 1 { }\n",
+        true,
+        "t.tl:1:4: error: type mismatch: expected bool, found int",
+    );
     assert_diag(
         "fn f(x: int) -> int { return x; }\nlet y = f(\"no\");\n",
         true,
@@ -149,7 +201,11 @@ fn out_of_range_indices() {
 
 #[test]
 fn division_by_zero() {
-    assert_diag("let a = 4 / 0;\n", true, "t.tl:1:13: error: division by zero");
+    assert_diag(
+        "let a = 4 / 0;\n",
+        true,
+        "t.tl:1:13: error: division by zero",
+    );
     assert_diag(
         "let a = 4;\nlet b = 0;\nprint(a / b);\n",
         false,
@@ -186,7 +242,10 @@ fn not_yet_implemented_builtins() {
         ("let m = load_model(\"x.gguf\");\n", "load_model"),
         ("let t = tokenize(1, \"hi\");\n", "tokenize"),
         ("let s = detokenize(1, [1]);\n", "detokenize"),
-        ("let s = apply_chat_template(1, \"user\", \"hi\");\n", "apply_chat_template"),
+        (
+            "let s = apply_chat_template(1, \"user\", \"hi\");\n",
+            "apply_chat_template",
+        ),
         ("let a = attention(1, 2, 3, 4);\n", "attention"),
     ] {
         let got = diag(src, true);

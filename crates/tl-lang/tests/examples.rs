@@ -93,7 +93,15 @@ fn ancestors_answers() {
     let (out, _, _) = run("ancestors.tl", &[]);
     assert_eq!(
         answers(&out, "?- Ancestor(alice, Z)."),
-        ["Z = bob", "Z = carol", "Z = dave", "Z = eve", "Z = frank", "Z = grace", "(6 answers)"]
+        [
+            "Z = bob",
+            "Z = carol",
+            "Z = dave",
+            "Z = eve",
+            "Z = frank",
+            "Z = grace",
+            "(6 answers)"
+        ]
     );
     assert_eq!(
         answers(&out, "?- Ancestor(X, dave)."),
@@ -137,9 +145,18 @@ fn check_reachability(args: &[&str], n: i64, m: i64, seed: i64) {
         .collect();
     let (want, distinct_edges) = bfs_reach(n, m, seed);
     assert!(distinct_edges >= 10_000, "only {distinct_edges} edges");
-    let edge_rel = it.logic.relations.iter().find(|r| r.name == "Edge").unwrap();
+    let edge_rel = it
+        .logic
+        .relations
+        .iter()
+        .find(|r| r.name == "Edge")
+        .unwrap();
     assert_eq!(edge_rel.tuples.len(), distinct_edges);
-    assert!(want.len() > 1000, "a trivial graph: {} reachable", want.len());
+    assert!(
+        want.len() > 1000,
+        "a trivial graph: {} reachable",
+        want.len()
+    );
     assert_eq!(got, want);
     assert!(out.contains(&format!("({} answers)", want.len())));
 }

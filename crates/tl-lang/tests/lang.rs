@@ -92,7 +92,10 @@ fn einsum_forms_agree_with_reference() {
         let cols = v.len() / rows;
         let r: Vec<String> = (0..rows)
             .map(|i| {
-                let c: Vec<String> = v[i * cols..(i + 1) * cols].iter().map(|x| format!("{x:?}")).collect();
+                let c: Vec<String> = v[i * cols..(i + 1) * cols]
+                    .iter()
+                    .map(|x| format!("{x:?}"))
+                    .collect();
                 format!("[{}]", c.join(", "))
             })
             .collect();
@@ -130,7 +133,10 @@ fn einsum_forms_agree_with_reference() {
     close(&tensor_of(&it, lines[1]), &want_t);
     close(&tensor_of(&it, lines[2]), &want);
     assert_eq!(lines[3], "[1.0, 4.0] 5.0");
-    assert_eq!(lines[4], "[[[1.0, 2.0], [2.0, 4.0]], [[9.0, 12.0], [12.0, 16.0]]]");
+    assert_eq!(
+        lines[4],
+        "[[[1.0, 2.0], [2.0, 4.0]], [[9.0, 12.0], [12.0, 16.0]]]"
+    );
     close(&tensor_of(&it, lines[5]), &want);
 }
 
@@ -204,17 +210,31 @@ fn test_blocks_run_with_failures_reported() {
     assert_eq!(r.len(), 3);
     assert!(r[0].1.is_ok());
     let e1 = r[1].1.as_ref().unwrap_err().render(&it.sources);
-    assert!(e1.starts_with("t.tl:4:10: error: assertion failed: two squared"), "{e1}");
+    assert!(
+        e1.starts_with("t.tl:4:10: error: assertion failed: two squared"),
+        "{e1}"
+    );
     let e2 = r[2].1.as_ref().unwrap_err().render(&it.sources);
-    assert!(e2.starts_with("t.tl:6:51: error: index 3 out of range"), "{e2}");
+    assert!(
+        e2.starts_with("t.tl:6:51: error: index 3 out of range"),
+        "{e2}"
+    );
 }
 
 #[test]
 fn imports_and_repl_style_sessions() {
     let dir = std::env::temp_dir().join(format!("tl-lang-import-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("lib.tl"), "import \"main.tl\";\nfn double(x: f32[n]) -> f32[n] { return x * 2.0; }\n").unwrap();
-    std::fs::write(dir.join("main.tl"), "import \"lib.tl\";\nprint(double([1.0, 2.5]));\n").unwrap();
+    std::fs::write(
+        dir.join("lib.tl"),
+        "import \"main.tl\";\nfn double(x: f32[n]) -> f32[n] { return x * 2.0; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("main.tl"),
+        "import \"lib.tl\";\nprint(double([1.0, 2.5]));\n",
+    )
+    .unwrap();
     let buf = SharedBuf::default();
     let mut it = Interp::new(Box::new(buf.clone()));
     let p = it.load_file(&dir.join("main.tl")).unwrap();
@@ -225,7 +245,10 @@ fn imports_and_repl_style_sessions() {
     // A missing import points at the import line.
     std::fs::write(dir.join("bad.tl"), "let a = 1;\nimport \"nope.tl\";\n").unwrap();
     let mut it2 = Interp::new(Box::new(std::io::sink()));
-    let e = it2.load_file(&dir.join("bad.tl")).unwrap_err().render(&it2.sources);
+    let e = it2
+        .load_file(&dir.join("bad.tl"))
+        .unwrap_err()
+        .render(&it2.sources);
     assert!(e.contains("bad.tl:2:1: error: cannot read"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 
@@ -243,10 +266,16 @@ fn imports_and_repl_style_sessions() {
     let v = step(&mut it, "a * 2;").unwrap();
     assert_eq!(v.to_string(), "84");
     step(&mut it, "relation E(a: N, b: N)\nE(1, 2).\nE(2, 3).");
-    step(&mut it, "relation P(a: N, b: N)\nP(x, y) :- E(x, y).\nP(x, z) :- E(x, y), P(y, z).");
+    step(
+        &mut it,
+        "relation P(a: N, b: N)\nP(x, y) :- E(x, y).\nP(x, z) :- E(x, y), P(y, z).",
+    );
     step(&mut it, "fact E(3, a);");
     step(&mut it, "?- P(1, X).");
-    assert_eq!(buf.text(), "?- P(1, X).\nX = 2\nX = 3\nX = 42\n(3 answers)\n");
+    assert_eq!(
+        buf.text(),
+        "?- P(1, X).\nX = 2\nX = 3\nX = 42\n(3 answers)\n"
+    );
 }
 
 #[test]
@@ -262,6 +291,12 @@ fn explain_shows_rules_and_equations() {
         .unwrap();
     it.check(&mut p).unwrap();
     let s = it.explain(&p).unwrap();
-    assert!(s.contains("T[x, y] = step(T[x, y] + E[x, y] + T[x, y'] E[y', y])"), "{s}");
-    assert!(s.contains("H[k] = relu((sum_{j}(w[k, j] x[j]) + b[k]))"), "{s}");
+    assert!(
+        s.contains("T[x, y] = step(T[x, y] + E[x, y] + T[x, y'] E[y', y])"),
+        "{s}"
+    );
+    assert!(
+        s.contains("H[k] = relu((sum_{j}(w[k, j] x[j]) + b[k]))"),
+        "{s}"
+    );
 }
