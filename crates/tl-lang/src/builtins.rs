@@ -126,6 +126,10 @@ fn arity(name: &str, span: Span, got: usize, min: usize, max: usize) -> Result<(
 
 type Ta = (Type, Span);
 
+/// The largest tensor `zeros`, `ones` and `arange` build (1 GiB of f32):
+/// a typo in a dimension should be an error, not an out-of-memory kill.
+const MAX_ELEMENTS: usize = 1 << 28;
+
 fn tensor_of<'a>(a: &'a Ta, what: &str) -> Result<(ElemType, Option<&'a [Dim]>)> {
     match &a.0 {
         Type::Tensor(e, d) => Ok((*e, d.as_deref())),
@@ -909,7 +913,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             let n = dims
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .filter(|&n| n <= 1 << 32)
+                .filter(|&n| n <= MAX_ELEMENTS)
                 .ok_or_else(|| LangError::invalid(span, format!("shape {dims:?} is too large")))?;
             if name == "reshape" {
                 let t = t0()?;
@@ -935,7 +939,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         }
         "arange" => {
             let n = usize_arg(&arg(0)?.0, arg(0)?.1)?;
-            if n > 1 << 32 {
+            if n > MAX_ELEMENTS {
                 return Err(LangError::invalid(
                     span,
                     format!("arange({n}) is too large"),

@@ -1042,3 +1042,62 @@ fn call_type(name: &str, sig: &FnSig, args: &[(Type, Span)], span: Span) -> Resu
         other => other.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn global(src: &str, name: &str) -> Type {
+        let mut prog = crate::parser::parse(0, src).unwrap();
+        let mut c = Checker::new();
+        c.check_program(&mut prog).unwrap();
+        c.global_type(name).unwrap().clone()
+    }
+
+    #[test]
+    fn named_dims_flow_through_calls() {
+        let src = "fn f(a: f32[n, d], b: f32[d]) -> f32[n] { Y[i] = a[i, j] b[j]; return Y; }\n\
+                   let y = f(zeros(5, 3), zeros(3));";
+        assert_eq!(
+            global(src, "y"),
+            Type::tensor(ElemType::F32, vec![Dim::Lit(5)])
+        );
+    }
+
+    #[test]
+    fn inferred_types() {
+        assert_eq!(
+            global("let x = [[1, 2], [3, 4]];", "x"),
+            Type::tensor(ElemType::I32, vec![Dim::Lit(2), Dim::Lit(2)])
+        );
+        assert_eq!(
+            global("let x = [1.0, 2.0] * 3;", "x"),
+            Type::tensor(ElemType::F32, vec![Dim::Lit(2)])
+        );
+        assert_eq!(
+            global("let x = zeros(2, 3)[0, 1..3];", "x"),
+            Type::tensor(ElemType::F32, vec![Dim::Lit(2)])
+        );
+        assert_eq!(global("let x = argmax(zeros(4));", "x"), Type::Int);
+        assert_eq!(
+            global("let a = zeros(2, 3);\nY[j, i] = a[i, j];", "Y"),
+            Type::tensor(ElemType::F32, vec![Dim::Lit(3), Dim::Lit(2)])
+        );
+        assert_eq!(
+            global("let x: f16[2] = [1.0, 2.0];", "x"),
+            Type::tensor(ElemType::F16, vec![Dim::Lit(2)])
+        );
+    }
+
+    #[test]
+    fn assignment_with_bound_index_is_not_an_equation() {
+        let mut prog =
+            crate::parser::parse(0, "let t = zeros(3);\nlet i = 1;\nt[i] = 2.0;").unwrap();
+        Checker::new().check_program(&mut prog).unwrap();
+        let Item::Stmt(s) = &prog.items[2] else {
+            panic!()
+        };
+        assert!(matches!(s.kind, StmtKind::Assign { .. }));
+    }
+}

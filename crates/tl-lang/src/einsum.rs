@@ -23,8 +23,9 @@ use crate::diag::Span;
 use crate::error::{LangError, Result};
 use crate::value::{numel, TData, Tens, Value};
 
-/// Loop nests longer than this are refused rather than run for hours.
-const MAX_ITERATIONS: u128 = 1 << 36;
+/// Loop nests longer than this are refused rather than run for hours (or
+/// allocate an intermediate of that many elements).
+const MAX_ITERATIONS: u128 = 1 << 34;
 
 /// The elementwise functions allowed inside an equation.
 pub fn scalar_fn(name: &str) -> Option<fn(f32) -> f32> {

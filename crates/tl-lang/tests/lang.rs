@@ -300,3 +300,27 @@ fn explain_shows_rules_and_equations() {
         "{s}"
     );
 }
+
+#[test]
+fn language_reference_lists_every_builtin() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/LANGUAGE.md"
+    ))
+    .unwrap();
+    for b in tl_lang::builtins::BUILTINS {
+        assert!(
+            doc.contains(&format!("`{}`", b.name)),
+            "docs/LANGUAGE.md does not list `{}`",
+            b.name
+        );
+        if let tl_lang::builtins::Status::Later(_) = b.status {
+            let at = doc.find("**Not yet implemented**").unwrap();
+            assert!(
+                doc[at..].contains(&format!("| `{}` |", b.name)),
+                "`{}` not marked not-yet-implemented",
+                b.name
+            );
+        }
+    }
+}
