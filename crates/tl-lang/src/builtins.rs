@@ -126,10 +126,6 @@ fn arity(name: &str, span: Span, got: usize, min: usize, max: usize) -> Result<(
 
 type Ta = (Type, Span);
 
-/// The largest tensor `zeros`, `ones` and `arange` build (1 GiB of f32):
-/// a typo in a dimension should be an error, not an out-of-memory kill.
-const MAX_ELEMENTS: usize = 1 << 28;
-
 fn tensor_of<'a>(a: &'a Ta, what: &str) -> Result<(ElemType, Option<&'a [Dim]>)> {
     match &a.0 {
         Type::Tensor(e, d) => Ok((*e, d.as_deref())),
@@ -571,6 +567,15 @@ pub struct Ctx<'a> {
     pub out: &'a mut dyn Write,
     pub args: &'a [String],
     pub fixpoint_limit: &'a mut usize,
+    /// [`crate::Limits::max_elements`]
+    pub max_elements: usize,
+}
+
+fn too_big(span: Span, what: &str, n: usize, max: usize) -> LangError {
+    LangError::Limit {
+        span,
+        message: format!("{what} would have {n} elements, over the limit of {max}"),
+    }
 }
 
 fn tens(v: &Value, span: Span) -> Result<Rc<Tens>> {
@@ -706,6 +711,11 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                     ),
                 ));
             }
+            let out_n = numel(&a.shape[..a.shape.len().saturating_sub(1)])
+                .saturating_mul(b.shape.last().copied().unwrap_or(0));
+            if out_n > ctx.max_elements {
+                return Err(too_big(span, "matmul's result", out_n, ctx.max_elements));
+            }
             let ta = a.to_core(span, "matmul")?;
             let tb = b.to_core(*bs, "matmul")?;
             if b.shape.len() == 2 && a.shape.len() > 2 {
@@ -740,6 +750,14 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 ));
             }
             let m = numel(&x.shape[..x.shape.len().saturating_sub(1)]);
+            if m.saturating_mul(w.shape[0]) > ctx.max_elements {
+                return Err(too_big(
+                    span,
+                    "linear's result",
+                    m.saturating_mul(w.shape[0]),
+                    ctx.max_elements,
+                ));
+            }
             let tx = x
                 .to_core(span, "linear")?
                 .reshape(&[m, k])
@@ -819,6 +837,12 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                         len: vocab,
                     });
                 }
+            }
+            let out_n = ids
+                .len()
+                .saturating_mul(table.shape.get(1).copied().unwrap_or(0));
+            if out_n > ctx.max_elements {
+                return Err(too_big(span, "embedding's result", out_n, ctx.max_elements));
             }
             let t = table.to_core(span, "embedding")?;
             let i = ids.to_core(arg(1)?.1, "embedding")?;
@@ -913,7 +937,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             let n = dims
                 .iter()
                 .try_fold(1usize, |a, &d| a.checked_mul(d))
-                .filter(|&n| n <= MAX_ELEMENTS)
+                .filter(|&n| n <= ctx.max_elements)
                 .ok_or_else(|| LangError::invalid(span, format!("shape {dims:?} is too large")))?;
             if name == "reshape" {
                 let t = t0()?;
@@ -939,11 +963,8 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         }
         "arange" => {
             let n = usize_arg(&arg(0)?.0, arg(0)?.1)?;
-            if n > MAX_ELEMENTS {
-                return Err(LangError::invalid(
-                    span,
-                    format!("arange({n}) is too large"),
-                ));
+            if n > ctx.max_elements {
+                return Err(too_big(span, "arange", n, ctx.max_elements));
             }
             Value::tensor(Tens::f32(vec![n], (0..n).map(|i| i as f32).collect()))
         }

@@ -23,10 +23,6 @@ use crate::diag::Span;
 use crate::error::{LangError, Result};
 use crate::value::{numel, TData, Tens, Value};
 
-/// Loop nests longer than this are refused rather than run for hours (or
-/// allocate an intermediate of that many elements).
-const MAX_ITERATIONS: u128 = 1 << 34;
-
 /// The elementwise functions allowed inside an equation.
 pub fn scalar_fn(name: &str) -> Option<fn(f32) -> f32> {
     Some(match name {
@@ -365,16 +361,22 @@ fn row_major_strides(shape: &[usize]) -> Vec<usize> {
 struct Eval<'a> {
     sizes: &'a [usize],
     span: Span,
+    /// Loop nests longer than this are refused rather than run for hours
+    /// (or allocate an intermediate of that many elements).
+    max_iterations: u128,
 }
 
 impl Eval<'_> {
     fn check_size(&self, vars: &[usize]) -> Result<()> {
         let total: u128 = vars.iter().map(|&v| self.sizes[v] as u128).product();
-        if total > MAX_ITERATIONS {
-            return Err(LangError::invalid(
-                self.span,
-                format!("tensor equation needs {total} loop iterations, over the limit of {MAX_ITERATIONS}"),
-            ));
+        if total > self.max_iterations {
+            return Err(LangError::Limit {
+                span: self.span,
+                message: format!(
+                    "tensor equation needs {total} loop iterations, over the limit of {}",
+                    self.max_iterations
+                ),
+            });
         }
         Ok(())
     }
@@ -555,6 +557,8 @@ impl Eval<'_> {
         if i.is_some() && i == k {
             return Ok(None); // a batch index: not a plain matrix product
         }
+        let loop_vars: Vec<usize> = i.into_iter().chain([j]).chain(k).collect();
+        self.check_size(&loop_vars)?;
         let kernel = |source| LangError::Kernel {
             span: self.span,
             op: "matmul",
@@ -620,11 +624,16 @@ fn compile(
 }
 
 /// Evaluates an equation's right side to the left side's tensor.
-pub fn eval_equation(eq: &Equation, lookup: &dyn Fn(&str) -> Option<Value>) -> Result<Tens> {
+pub fn eval_equation(
+    eq: &Equation,
+    lookup: &dyn Fn(&str) -> Option<Value>,
+    max_iterations: u128,
+) -> Result<Tens> {
     let (root, names, sizes) = compile(eq, lookup, false)?;
     let ev = Eval {
         sizes: &sizes,
         span: eq.rhs.span,
+        max_iterations,
     };
     let d = ev.eval(&root)?;
     let out_vars: Vec<usize> = eq
@@ -753,10 +762,11 @@ mod tests {
             "b" => Some(Value::tensor(Tens::f32(vec![3, 4], b.clone()))),
             _ => None,
         };
-        let fast = eval_equation(&e, &lookup).unwrap();
+        let fast = eval_equation(&e, &lookup, 1 << 20).unwrap();
         let ev = Eval {
             sizes: &[2, 3, 4],
             span: Span::default(),
+            max_iterations: 1 << 20,
         };
         let slow = ev
             .sum_product(

@@ -45,6 +45,8 @@ pub enum LangError {
         name: String,
         reason: &'static str,
     },
+    #[error("resource limit: {message}")]
+    Limit { span: Span, message: String },
     #[error("assertion failed: {message}")]
     Assert { span: Span, message: String },
     #[error("{message}")]
@@ -80,6 +82,7 @@ impl LangError {
             | Fixpoint { span, .. }
             | NotImplemented { span, .. }
             | Assert { span, .. }
+            | Limit { span, .. }
             | Invalid { span, .. }
             | Kernel { span, .. } => Some(*span),
             Io { span, .. } => *span,

@@ -14,11 +14,18 @@ use crate::diag::{SourceMap, Span};
 use crate::einsum;
 use crate::error::{LangError, Result};
 use crate::logic::{ConstKey, ConstOracle, LogicDb};
-use crate::value::{numel, TData, Tens, Value};
+use crate::value::{TData, Tens, Value};
+use crate::Limits;
 
 /// Deeper user-function recursion than this is an error, not a stack
 /// overflow.
 const MAX_CALL_DEPTH: usize = 150;
+
+/// Nested expression evaluations across all active calls (each call's
+/// expressions are bounded by the parser, but a recursive call inside a
+/// deep expression multiplies them). The `tl` binary runs the interpreter
+/// on a 256 MiB stack, which this keeps far from full.
+const MAX_EVAL_DEPTH: usize = 4096;
 
 impl ConstOracle for Checker {
     fn is_var(&self, name: &str, domain: &str) -> bool {
@@ -67,6 +74,9 @@ pub struct Interp {
     out: Box<dyn Write>,
     loaded: HashSet<PathBuf>,
     depth: usize,
+    limits: Limits,
+    steps: u64,
+    eval_depth: usize,
 }
 
 impl Interp {
@@ -85,6 +95,27 @@ impl Interp {
             out,
             loaded: HashSet::new(),
             depth: 0,
+            limits: Limits::default(),
+            steps: 0,
+            eval_depth: 0,
+        }
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.logic.max_tuples = limits.max_tuples;
+    }
+
+    /// Counts one statement or loop iteration against
+    /// [`Limits::max_steps`].
+    fn step(&mut self, span: Span) -> Result<()> {
+        self.steps += 1;
+        match self.limits.max_steps {
+            Some(max) if self.steps > max => Err(LangError::Limit {
+                span,
+                message: format!("the program ran more than {max} steps"),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -156,7 +187,7 @@ impl Interp {
                             _ => ConstKey::Sym(String::new()),
                         })
                         .collect();
-                    self.logic.add_fact(rel, args)?;
+                    self.logic.add_fact(rel, args, a.span)?;
                 }
                 Item::Rule(r) => {
                     self.logic.add_rule(r, &self.checker)?;
@@ -277,6 +308,7 @@ impl Interp {
     }
 
     fn exec(&mut self, env: &mut Env, s: &Stmt) -> Result<Flow> {
+        self.step(s.span)?;
         match &s.kind {
             StmtKind::Let {
                 name, ty, value, ..
@@ -328,7 +360,7 @@ impl Interp {
             StmtKind::Equation(eq) => {
                 let t = {
                     let lookup = |n: &str| env.get(n).cloned();
-                    einsum::eval_equation(eq, &lookup)?
+                    einsum::eval_equation(eq, &lookup, self.limits.max_equation_iterations)?
                 };
                 match env.get_mut(&eq.target) {
                     Some(slot) => *slot = Value::tensor(t),
@@ -347,6 +379,7 @@ impl Interp {
             }
             StmtKind::While { cond, body } => {
                 while self.eval_bool(env, cond)? {
+                    self.step(s.span)?;
                     if let Flow::Return(v) = self.block(env, body)? {
                         return Ok(Flow::Return(v));
                     }
@@ -362,6 +395,7 @@ impl Interp {
                 let a = self.eval_int(env, start)?;
                 let b = self.eval_int(env, end)?;
                 for i in a..b {
+                    self.step(s.span)?;
                     env.scopes
                         .push(HashMap::from([(var.clone(), Value::Int(i))]));
                     let r = self.block(env, body);
@@ -410,7 +444,7 @@ impl Interp {
                         }
                     });
                 }
-                self.logic.add_fact(rel, args)?;
+                self.logic.add_fact(rel, args, a.span)?;
             }
             StmtKind::Query(a) => {
                 let (vars, rows) = self.logic.query(a, &self.checker)?;
@@ -494,6 +528,19 @@ impl Interp {
     }
 
     fn eval(&mut self, env: &mut Env, e: &Expr) -> Result<Value> {
+        if self.eval_depth >= MAX_EVAL_DEPTH {
+            return Err(LangError::Limit {
+                span: e.span,
+                message: format!("expressions and calls nested deeper than {MAX_EVAL_DEPTH}"),
+            });
+        }
+        self.eval_depth += 1;
+        let r = self.eval_inner(env, e);
+        self.eval_depth -= 1;
+        r
+    }
+
+    fn eval_inner(&mut self, env: &mut Env, e: &Expr) -> Result<Value> {
         Ok(match &e.kind {
             ExprKind::Int(i) => Value::Int(*i),
             ExprKind::Float(f) => Value::Float(*f),
@@ -521,7 +568,7 @@ impl Interp {
                     (UnOp::Neg, Value::Float(f)) => Value::Float(-f),
                     (UnOp::Neg, Value::Tensor(t)) => {
                         let z = Value::tensor(Tens::f32(vec![], vec![0.0]));
-                        tensor_binary(BinOp::Sub, &z, &Value::Tensor(t), e.span)?
+                        tensor_binary(BinOp::Sub, &z, &Value::Tensor(t), e.span, usize::MAX)?
                     }
                     (UnOp::Not, Value::Bool(b)) => Value::Bool(!b),
                     (UnOp::Not, Value::Tensor(t)) => match &t.data {
@@ -550,7 +597,7 @@ impl Interp {
                 }
                 let l = self.eval(env, a)?;
                 let r = self.eval(env, b)?;
-                binary(*op, l, r, e.span, b.span)?
+                binary(*op, l, r, e.span, b.span, self.limits.max_elements)?
             }
             ExprKind::Juxt(_) => {
                 return Err(LangError::invalid(
@@ -581,6 +628,7 @@ impl Interp {
                     out: &mut *self.out,
                     args: &self.args,
                     fixpoint_limit: &mut self.logic.limit,
+                    max_elements: self.limits.max_elements,
                 };
                 builtins::call(name, e.span, &vals, &mut ctx)?
             }
@@ -1019,7 +1067,14 @@ fn check_row(inner: &mut Option<Vec<usize>>, shape: &[usize], span: Span) -> Res
     Ok(())
 }
 
-fn binary(op: BinOp, l: Value, r: Value, span: Span, rspan: Span) -> Result<Value> {
+fn binary(
+    op: BinOp,
+    l: Value,
+    r: Value,
+    span: Span,
+    rspan: Span,
+    max_elements: usize,
+) -> Result<Value> {
     use BinOp::*;
     let overflow = || LangError::invalid(span, "integer overflow");
     Ok(match (l, r) {
@@ -1049,7 +1104,15 @@ fn binary(op: BinOp, l: Value, r: Value, span: Span, rspan: Span) -> Result<Valu
             }
         }
         (Value::Str(a), Value::Str(b)) => match op {
-            Add => Value::Str(format!("{a}{b}").into()),
+            Add => {
+                if a.len() + b.len() > max_elements {
+                    return Err(LangError::Limit {
+                        span,
+                        message: format!("a string of more than {max_elements} bytes"),
+                    });
+                }
+                Value::Str(format!("{a}{b}").into())
+            }
             Eq => Value::Bool(a == b),
             Ne => Value::Bool(a != b),
             _ => {
@@ -1065,7 +1128,7 @@ fn binary(op: BinOp, l: Value, r: Value, span: Span, rspan: Span) -> Result<Valu
             Ne => Value::Bool(a != b),
             _ => return Err(LangError::ty(span, "numbers", "bool")),
         },
-        (l, r) => tensor_binary(op, &l, &r, span)?,
+        (l, r) => tensor_binary(op, &l, &r, span, max_elements)?,
     })
 }
 
@@ -1091,7 +1154,13 @@ fn cmp(op: BinOp, o: std::cmp::Ordering) -> bool {
 }
 
 /// Elementwise op with numpy broadcasting; i32 op i32 stays i32.
-fn tensor_binary(op: BinOp, l: &Value, r: &Value, span: Span) -> Result<Value> {
+fn tensor_binary(
+    op: BinOp,
+    l: &Value,
+    r: &Value,
+    span: Span,
+    max_elements: usize,
+) -> Result<Value> {
     let as_t = |v: &Value| -> Result<Rc<Tens>> {
         Ok(match v {
             Value::Tensor(t) => t.clone(),
@@ -1144,7 +1213,21 @@ fn tensor_binary(op: BinOp, l: &Value, r: &Value, span: Span) -> Result<Value> {
         }
         off
     };
-    let total = numel(&shape);
+    let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let total = match total {
+        Some(t) if t <= max_elements => t,
+        _ => {
+            return Err(LangError::Limit {
+                span,
+                message: format!(
+                    "`{}` of {:?} and {:?} would exceed {max_elements} elements",
+                    op.symbol(),
+                    a.shape,
+                    b.shape
+                ),
+            })
+        }
+    };
     let both_int = a.elem() == ElemType::I32 && b.elem() == ElemType::I32;
     let is_cmp = matches!(
         op,

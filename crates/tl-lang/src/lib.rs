@@ -23,6 +23,35 @@ pub mod types;
 pub mod value;
 
 pub use diag::{SourceMap, Span};
+
+/// Bounds on what one run may use, so that no program — however wrong —
+/// hangs or exhausts memory instead of getting a diagnostic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Statements and loop iterations one run may execute (`None`: no
+    /// bound; `tl run` sets none, the fuzzer a small one).
+    pub max_steps: Option<u64>,
+    /// Elements of any one tensor built at run time (and characters of
+    /// any one string).
+    pub max_elements: usize,
+    /// Iterations of one tensor equation's loop nest.
+    pub max_equation_iterations: u128,
+    /// Tuples all relations may hold together.
+    pub max_tuples: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_steps: None,
+            // 1 GiB of f32: a typo in a dimension is an error, not an
+            // out-of-memory kill.
+            max_elements: 1 << 28,
+            max_equation_iterations: 1 << 34,
+            max_tuples: 50_000_000,
+        }
+    }
+}
 pub use error::{LangError, Result};
 pub use interp::Interp;
 pub use value::Value;

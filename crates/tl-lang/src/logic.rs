@@ -151,6 +151,9 @@ pub struct LogicDb {
     /// Whether facts or rules changed since the last fixpoint.
     dirty: bool,
     pub limit: usize,
+    /// [`crate::Limits::max_tuples`]
+    pub max_tuples: usize,
+    total_tuples: usize,
 }
 
 /// Decides variable or constant for an identifier in a rule or query
@@ -163,6 +166,7 @@ impl LogicDb {
     pub fn new() -> LogicDb {
         LogicDb {
             limit: DEFAULT_FIXPOINT_LIMIT,
+            max_tuples: crate::Limits::default().max_tuples,
             ..LogicDb::default()
         }
     }
@@ -195,8 +199,8 @@ impl LogicDb {
             })
     }
 
-    /// Adds a fact given as constants.
-    pub fn add_fact(&mut self, rel: usize, args: Vec<ConstKey>) -> Result<()> {
+    /// Adds a fact given as constants (`span`: where, for a limit error).
+    pub fn add_fact(&mut self, rel: usize, args: Vec<ConstKey>, span: Span) -> Result<()> {
         let Some(r) = self.relations.get(rel) else {
             return Ok(());
         };
@@ -208,6 +212,10 @@ impl LogicDb {
         if let Some(r) = self.relations.get_mut(rel) {
             if r.insert(t) {
                 self.dirty = true;
+                self.total_tuples += 1;
+                if self.total_tuples > self.max_tuples {
+                    return Err(self.too_many(span));
+                }
             }
         }
         Ok(())
@@ -307,12 +315,23 @@ impl LogicDb {
                     }
                 }
             }
+            if new.len() > self.max_tuples {
+                let span = self.rules.first().map_or(Span::default(), |r| r.span);
+                return Err(self.too_many(span));
+            }
             let mut changed = false;
             delta_start.clone_from(&ends);
             for (rel, t) in new {
                 if let Some(r) = self.relations.get_mut(rel) {
-                    changed |= r.insert(t);
+                    if r.insert(t) {
+                        changed = true;
+                        self.total_tuples += 1;
+                    }
                 }
+            }
+            if self.total_tuples > self.max_tuples {
+                let span = self.rules.first().map_or(Span::default(), |r| r.span);
+                return Err(self.too_many(span));
             }
             if !changed {
                 break;
@@ -361,6 +380,13 @@ impl LogicDb {
         Ok(())
     }
 
+    fn too_many(&self, span: Span) -> LangError {
+        LangError::Limit {
+            span,
+            message: format!("relations hold more than {} tuples", self.max_tuples),
+        }
+    }
+
     /// Extends `binding` through the body atoms other than `skip`
     /// (`skip` is the one bound from the delta), in order.
     #[allow(clippy::too_many_arguments)]
@@ -386,7 +412,10 @@ impl LogicDb {
                     Term::Any => return,
                 }
             }
-            out.push((rule.head.rel, t));
+            // Past the limit the round fails anyway; stop collecting.
+            if out.len() <= self.max_tuples {
+                out.push((rule.head.rel, t));
+            }
             return;
         }
         if at == skip {

@@ -313,3 +313,55 @@ fn unbounded_recursion_is_a_diagnostic() {
         .unwrap();
     assert!(e.contains("calls nested deeper than"), "{e}");
 }
+
+/// Runs `src` under `limits`; the first line of the diagnostic.
+fn limited(src: &str, limits: tl_lang::Limits) -> String {
+    let mut it = tl_lang::Interp::new(Box::new(std::io::sink()));
+    it.set_limits(limits);
+    let r = it
+        .load_source_in("t.tl", src, std::path::Path::new("."))
+        .and_then(|mut p| it.check(&mut p).map(|()| p))
+        .and_then(|p| it.run(&p));
+    let e = r.expect_err("must hit a limit");
+    e.render(&it.sources).lines().next().unwrap().to_string()
+}
+
+#[test]
+fn resource_limits_are_diagnostics() {
+    let small = tl_lang::Limits {
+        max_steps: Some(1000),
+        max_elements: 1 << 12,
+        max_equation_iterations: 1 << 14,
+        max_tuples: 500,
+    };
+    assert_eq!(
+        limited("let i = 0;\nwhile true { i = i + 1; }\n", small),
+        "t.tl:2:1: error: resource limit: the program ran more than 1000 steps"
+    );
+    assert_eq!(
+        limited("let a = zeros(100, 100);\n", small),
+        "t.tl:1:9: error: shape [100, 100] is too large"
+    );
+    assert_eq!(
+        limited(
+            "let a = zeros(65);\nlet b = zeros(65, 1);\nlet c = a + b;\n",
+            small
+        ),
+        "t.tl:3:9: error: resource limit: `+` of [65] and [65, 1] would exceed 4096 elements"
+    );
+    assert_eq!(
+        limited("let a = zeros(64, 64);\nY[i, k] = a[i, j] a[j, k];\n", small),
+        "t.tl:2:11: error: resource limit: tensor equation needs 262144 loop iterations, over the limit of 16384"
+    );
+    assert_eq!(
+        limited(
+            "relation E(a: N, b: N)\nrelation P(a: N, b: N)\nP(x, y) :- E(x, y).\nP(x, z) :- P(x, y), E(y, z).\nfor i in 0..40 { fact E(i, i + 1); }\n?- P(0, X).\n",
+            small
+        ),
+        "t.tl:3:1: error: resource limit: relations hold more than 500 tuples"
+    );
+    assert_eq!(
+        limited("let s = \"ab\";\nfor i in 0..20 { s = s + s; }\n", small),
+        "t.tl:2:22: error: resource limit: a string of more than 4096 bytes"
+    );
+}
