@@ -455,15 +455,19 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
                         .collect();
                     if let Some(l) = lits {
                         let (from, to) = l.split_at(d.len());
-                        if numel(from) != numel(to) {
+                        // Literal dims may be huge: count without overflow.
+                        let count = |x: &[usize]| {
+                            x.iter().try_fold(1u128, |a, &n| a.checked_mul(n as u128))
+                        };
+                        if count(from) != count(to) {
                             return Err(LangError::shape(
                                 span,
                                 format!(
                                     "cannot reshape {} ({} elements) to {} ({} elements)",
                                     a[0].0,
-                                    numel(from),
+                                    count(from).map_or("too many".into(), |n| n.to_string()),
                                     dims_string(&dims),
-                                    numel(to)
+                                    count(to).map_or("too many".into(), |n| n.to_string())
                                 ),
                             ));
                         }

@@ -63,6 +63,17 @@ impl Checker {
                     self.fns.insert(f.name.clone(), sig);
                 }
                 Item::Relation(r) => {
+                    // Join indexes key argument positions by a 64-bit mask.
+                    if r.args.len() > 64 {
+                        return Err(LangError::invalid(
+                            r.span,
+                            format!(
+                                "`{}` has {} arguments; relations have at most 64",
+                                r.name,
+                                r.args.len()
+                            ),
+                        ));
+                    }
                     let info = RelInfo {
                         domains: r.args.iter().map(|(_, t)| t.clone()).collect(),
                     };

@@ -365,3 +365,19 @@ fn resource_limits_are_diagnostics() {
         "t.tl:2:22: error: resource limit: a string of more than 4096 bytes"
     );
 }
+
+#[test]
+fn huge_literal_dims_and_wide_relations() {
+    assert_diag(
+        "let a = zeros(4);\nlet b = reshape(a, 4294967296, 4294967296, 4294967296, 4294967296, 4294967296);\n",
+        true,
+        "t.tl:2:9: error: shape mismatch: cannot reshape f32[4] (4 elements) to [4294967296, 4294967296, 4294967296, 4294967296, 4294967296] (too many elements)",
+    );
+    let args: Vec<String> = (0..65).map(|i| format!("a{i}: T")).collect();
+    let src = format!("relation W({})\n", args.join(", "));
+    assert_diag(
+        &src,
+        true,
+        "t.tl:1:1: error: `W` has 65 arguments; relations have at most 64",
+    );
+}
