@@ -324,3 +324,67 @@ fn language_reference_lists_every_builtin() {
         }
     }
 }
+
+/// The semantics of rules is their tensor equation iterated densely to a
+/// fixpoint; the runtime evaluates them sparsely. Both, on the same random
+/// graph, must give the same relation.
+#[test]
+fn rules_match_their_dense_tensor_equations() {
+    let src = r#"
+        relation E(a: N, b: N)
+        relation T(a: N, b: N)
+        T(x, y) :- E(x, y).
+        T(x, z) :- T(x, y), E(y, z).
+
+        fn closure(e: f32[n, n]) -> f32[n, n] {
+            R[x, y] = e[x, y];
+            let changed = true;
+            while changed {
+                S[x, y] = step(R[x, y] + e[x, y] + R[x, w] e[w, y]);
+                changed = !allclose(S, R, 0.0);
+                R = S;
+            }
+            return R;
+        }
+
+        let n = 40;
+        let e = zeros(n, n);
+        let s = 11;
+        for k in 0..50 {
+            s = (s * 1103515245 + 12345) % 2147483648;
+            let a = (s / 65536) % n;
+            s = (s * 1103515245 + 12345) % 2147483648;
+            let b = (s / 65536) % n;
+            e[a, b] = 1.0;
+            fact E(a, b);
+        }
+        let r = closure(e);
+        for x in 0..n {
+            for y in 0..n {
+                if r[x, y] > 0.5 { print("dense", x, y); }
+            }
+        }
+        ?- T(X, Y).
+    "#;
+    let out = run(src);
+    let mut dense: Vec<(i64, i64)> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("dense "))
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    let mut sparse: Vec<(i64, i64)> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("X = "))
+        .map(|l| {
+            let (a, b) = l.split_once(", Y = ").unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    dense.sort();
+    sparse.sort();
+    assert!(dense.len() > 50, "a trivial closure: {}", dense.len());
+    assert_eq!(dense, sparse);
+}
