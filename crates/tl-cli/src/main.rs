@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 mod cmd_bench;
 mod cmd_generate;
 mod cmd_inspect;
+mod cmd_lang;
 mod cmd_perplexity;
 mod cmd_serve;
 mod cmd_synth;
@@ -39,6 +40,14 @@ enum Command {
     Tokenize(cmd_tokenize::TokenizeArgs),
     /// OpenAI-compatible HTTP server with continuous batching.
     Serve(cmd_serve::ServeArgs),
+    /// Run a TensorLogic (.tl) program.
+    Run(cmd_lang::RunArgs),
+    /// Parse, resolve and type/shape-check a .tl program without running it.
+    Check(cmd_lang::CheckArgs),
+    /// Run the `test` blocks of .tl files.
+    Test(cmd_lang::TestArgs),
+    /// Interactive TensorLogic session.
+    Repl(cmd_lang::ReplArgs),
 }
 
 fn main() {
@@ -52,6 +61,10 @@ fn main() {
         Command::Bench(a) => cmd_bench::run(a),
         Command::Tokenize(a) => cmd_tokenize::run(a),
         Command::Serve(a) => cmd_serve::run(a),
+        Command::Run(a) => cmd_lang::run(a),
+        Command::Check(a) => cmd_lang::check(a),
+        Command::Test(a) => cmd_lang::test(a),
+        Command::Repl(a) => cmd_lang::repl(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

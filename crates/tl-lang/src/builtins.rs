@@ -1,0 +1,1115 @@
+//! The builtin function table: each entry's signature and status (the
+//! table is what docs/LANGUAGE.md lists), its type/shape rule, and its
+//! implementation on tl-core's CPU kernels.
+
+use std::io::Write;
+use std::rc::Rc;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tl_core::{Activation, Backend, CpuBackend, RopeConfig, RopeMode, Tensor, UnaryOp};
+
+use crate::ast::{Dim, ElemType, Expr, ExprKind};
+use crate::diag::Span;
+use crate::error::{LangError, Result};
+use crate::types::{dims_agree, dims_string, Type};
+use crate::value::{numel, TData, Tens, Value};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    Ready,
+    /// Parsed and listed, but a call is a "not yet implemented" diagnostic.
+    Later(&'static str),
+}
+
+pub struct Builtin {
+    pub name: &'static str,
+    pub signature: &'static str,
+    pub doc: &'static str,
+    pub status: Status,
+}
+
+const fn ready(name: &'static str, signature: &'static str, doc: &'static str) -> Builtin {
+    Builtin {
+        name,
+        signature,
+        doc,
+        status: Status::Ready,
+    }
+}
+
+const fn later(name: &'static str, signature: &'static str, doc: &'static str) -> Builtin {
+    Builtin {
+        name,
+        signature,
+        doc,
+        status: Status::Later("the whole-model builtins come in a later step"),
+    }
+}
+
+pub static BUILTINS: &[Builtin] = &[
+    ready("print", "print(x, ...) -> ()", "Prints its arguments separated by spaces."),
+    ready("print_top_k", "print_top_k(x: f32[n], k: int) -> ()", "Prints the k largest entries as `index: value`, largest first."),
+    ready("relu", "relu(x: float | f32[..]) -> same", "max(x, 0), elementwise."),
+    ready("sigmoid", "sigmoid(x: float | f32[..]) -> same", "1 / (1 + e^-x), elementwise."),
+    ready("exp", "exp(x: float | f32[..]) -> same", "e^x, elementwise."),
+    ready("log", "log(x: float | f32[..]) -> same", "Natural logarithm, elementwise."),
+    ready("tanh", "tanh(x: float | f32[..]) -> same", "Hyperbolic tangent, elementwise."),
+    ready("sqrt", "sqrt(x: float | f32[..]) -> same", "Square root, elementwise."),
+    ready("abs", "abs(x: float | f32[..]) -> same", "Absolute value, elementwise."),
+    ready("step", "step(x: float | f32[..]) -> same", "1 where x > 0, else 0 (the threshold rules compile to)."),
+    ready("silu", "silu(x: float | f32[..]) -> same", "x * sigmoid(x) (tl-core kernel)."),
+    ready("gelu", "gelu(x: float | f32[..]) -> same", "GELU, tanh approximation (tl-core kernel)."),
+    ready("softmax", "softmax(x: f32[.., n]) -> f32[.., n]", "Softmax over the last axis (tl-core kernel)."),
+    ready("matmul", "matmul(a: f32[.., m, k], b: f32[k, n] | f32[.., k, n]) -> f32[.., m, n]", "Matrix product (tl-core kernel); a 2-D `b` is shared by all leading dims of `a`."),
+    ready("linear", "linear(x: f32[.., k], w: f32|f16|bf16|q[n, k], bias: f32[n]?) -> f32[.., n]", "x · wᵀ (+ bias) with the weight stored one output per row, as in GGUF (tl-core kernel; quantized weights stay quantized)."),
+    ready("rms_norm", "rms_norm(x: f32[.., d], w: f32[d], eps: float) -> f32[.., d]", "x / sqrt(mean(x²) + eps) * w over the last axis (tl-core kernel)."),
+    ready("layer_norm", "layer_norm(x: f32[.., d], w: f32[d], b: f32[d], eps: float) -> f32[.., d]", "(x - mean) / sqrt(var + eps) * w + b over the last axis (tl-core kernel)."),
+    ready("rope", "rope(x: f32[t, h, d], pos: i32[t], base: float, mode: string?) -> f32[t, h, d]", "Rotary position embedding; mode \"neox\" (default, qwen2/gemma) or \"normal\" (llama) (tl-core kernel)."),
+    ready("embedding", "embedding(table: f32|f16|bf16|q[v, d], ids: i32[n]) -> f32[n, d]", "Rows `ids` of the table (tl-core kernel)."),
+    ready("argmax", "argmax(x: f32[n]) -> int; argmax(x: f32[.., n]) -> i32[..]", "Index of the largest entry along the last axis, the first on ties."),
+    ready("topk", "topk(x: f32[n], k: int) -> i32[k]", "Indices of the k largest entries, largest first."),
+    ready("sample", "sample(logits: f32[n], temperature: float, top_k: int, top_p: float, seed: int) -> int", "Samples a token id: temperature ≤ 0 is greedy; else softmax(logits / temperature) restricted to the top_k (0: all) and to the smallest set of mass ≥ top_p, drawn with a ChaCha8 RNG seeded by `seed`."),
+    ready("sum", "sum(x: tensor) -> float", "Sum of all entries."),
+    ready("mean", "mean(x: tensor) -> float", "Mean of all entries."),
+    ready("max", "max(x: tensor) -> float", "Largest entry."),
+    ready("min", "min(x: tensor) -> float", "Smallest entry."),
+    ready("len", "len(x: tensor | string) -> int", "Size of the first dimension (characters of a string)."),
+    ready("dim", "dim(x: tensor, k: int) -> int", "Size of dimension k."),
+    ready("zeros", "zeros(d0: int, ...) -> f32[d0, ...]", "A tensor of zeros."),
+    ready("ones", "ones(d0: int, ...) -> f32[d0, ...]", "A tensor of ones."),
+    ready("arange", "arange(n: int) -> f32[n]", "0, 1, …, n-1."),
+    ready("reshape", "reshape(x: T[..], d0: int, ...) -> T[d0, ...]", "Same elements, new shape (element counts must match)."),
+    ready("transpose", "transpose(x: T[m, n]) -> T[n, m]", "Swaps the two axes of a matrix."),
+    ready("f32", "f32(x: tensor) -> f32[..]", "Converts the elements to f32."),
+    ready("f16", "f16(x: tensor) -> f16[..]", "Converts the elements to f16."),
+    ready("bf16", "bf16(x: tensor) -> bf16[..]", "Converts the elements to bf16."),
+    ready("i32", "i32(x: tensor) -> i32[..]", "Converts the elements to i32 (truncating)."),
+    ready("int", "int(x: float | int | bool) -> int", "Truncates a float; true is 1."),
+    ready("float", "float(x: int | float) -> float", "Widens an int."),
+    ready("str", "str(x) -> string", "The value as `print` shows it."),
+    ready("allclose", "allclose(a: tensor, b: tensor, tol: float) -> bool", "Same shape and every |a - b| ≤ tol."),
+    ready("nargs", "nargs() -> int", "Number of arguments after the file name of `tl run FILE [ARGS]`."),
+    ready("arg", "arg(i: int) -> string", "Argument i of `tl run`."),
+    ready("parse_int", "parse_int(s: string) -> int", "Parses a decimal integer."),
+    ready("parse_float", "parse_float(s: string) -> float", "Parses a number."),
+    ready("fixpoint_limit", "fixpoint_limit(n: int) -> ()", "Sets the most rounds the rules may take to reach their fixpoint (default 100000); more is an error."),
+    later("load_model", "load_model(path: string) -> model", "Opens a GGUF model; fields `model.blk[i].attn_q.weight` are its tensors (quantized weights stay quantized)."),
+    later("tokenize", "tokenize(model, text: string) -> i32[n]", "Token ids of a text with the model's tokenizer."),
+    later("detokenize", "detokenize(model, ids: i32[n]) -> string", "Text of token ids."),
+    later("apply_chat_template", "apply_chat_template(model, role: string, text: string) -> string", "The model's chat template applied to a message."),
+    later("attention", "attention(q: f32[t, h, d], model, layer: int, pos: i32[t]) -> f32[t, h, d]", "Attention over the paged KV cache, writing this step's keys and values in place."),
+];
+
+pub fn lookup(name: &str) -> Option<&'static Builtin> {
+    BUILTINS.iter().find(|b| b.name == name)
+}
+
+fn arity(name: &str, span: Span, got: usize, min: usize, max: usize) -> Result<()> {
+    if got < min || got > max {
+        let expected = if min == max {
+            min.to_string()
+        } else if max == usize::MAX {
+            format!("at least {min}")
+        } else {
+            format!("{min} to {max}")
+        };
+        return Err(LangError::Arity {
+            span,
+            name: name.to_string(),
+            expected,
+            got,
+        });
+    }
+    Ok(())
+}
+
+type Ta = (Type, Span);
+
+fn tensor_of<'a>(a: &'a Ta, what: &str) -> Result<(ElemType, Option<&'a [Dim]>)> {
+    match &a.0 {
+        Type::Tensor(e, d) => Ok((*e, d.as_deref())),
+        Type::Any => Ok((ElemType::F32, None)),
+        other => Err(LangError::ty(a.1, what, other)),
+    }
+}
+
+fn float_tensor<'a>(a: &'a Ta, what: &str) -> Result<Option<&'a [Dim]>> {
+    let (e, d) = tensor_of(a, what)?;
+    if e != ElemType::F32 {
+        return Err(LangError::ty(a.1, what, &a.0));
+    }
+    Ok(d)
+}
+
+fn scalar(a: &Ta, want: Type) -> Result<()> {
+    let ok = match (&want, &a.0) {
+        (_, Type::Any) => true,
+        (Type::Float, Type::Int) => true,
+        (w, f) => w == f,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(LangError::ty(a.1, want, &a.0))
+    }
+}
+
+fn same_dim(a: Option<&Dim>, b: Option<&Dim>, span: Span, what: &str) -> Result<()> {
+    if let (Some(x), Some(y)) = (a, b) {
+        if !dims_agree(x, y) {
+            return Err(LangError::shape(span, format!("{what}: {x} vs {y}")));
+        }
+    }
+    Ok(())
+}
+
+fn rank_at_least(d: Option<&[Dim]>, n: usize, a: &Ta, what: &str) -> Result<()> {
+    if let Some(d) = d {
+        if d.len() < n {
+            return Err(LangError::shape(
+                a.1,
+                format!("{what} needs rank ≥ {n}, found {}", a.0),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn rank_is(d: Option<&[Dim]>, n: usize, a: &Ta, what: &str) -> Result<()> {
+    if let Some(d) = d {
+        if d.len() != n {
+            return Err(LangError::shape(
+                a.1,
+                format!("{what} must have rank {n}, found {}", a.0),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn lit_dims(exprs: &[Expr]) -> Vec<Dim> {
+    exprs
+        .iter()
+        .map(|e| match e.kind {
+            ExprKind::Int(n) if n >= 0 => Dim::Lit(n as usize),
+            _ => Dim::Unknown,
+        })
+        .collect()
+}
+
+/// The result type of a builtin call, checking its arguments.
+pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) -> Result<Type> {
+    let b = lookup(name).ok_or_else(|| LangError::Undefined {
+        span: name_span,
+        what: "function",
+        name: name.to_string(),
+    })?;
+    if let Status::Later(reason) = b.status {
+        return Err(LangError::NotImplemented {
+            span: name_span,
+            name: name.to_string(),
+            reason,
+        });
+    }
+    let n = a.len();
+    let ar = |min, max| arity(name, span, n, min, max);
+    Ok(match name {
+        "print" => Type::Unit,
+        "print_top_k" => {
+            ar(2, 2)?;
+            let d = float_tensor(&a[0], "f32[n]")?;
+            rank_is(d, 1, &a[0], "print_top_k's input")?;
+            scalar(&a[1], Type::Int)?;
+            Type::Unit
+        }
+        "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu" | "gelu" => {
+            ar(1, 1)?;
+            match &a[0].0 {
+                Type::Int | Type::Float => Type::Float,
+                Type::Any => Type::Any,
+                _ => {
+                    float_tensor(&a[0], "float or f32 tensor")?;
+                    a[0].0.clone()
+                }
+            }
+        }
+        "softmax" => {
+            ar(1, 1)?;
+            let d = float_tensor(&a[0], "f32 tensor")?;
+            rank_at_least(d, 1, &a[0], "softmax's input")?;
+            a[0].0.clone()
+        }
+        "matmul" => {
+            ar(2, 2)?;
+            let da = float_tensor(&a[0], "f32 tensor")?;
+            let db = float_tensor(&a[1], "f32 tensor")?;
+            rank_at_least(da, 2, &a[0], "matmul's left side")?;
+            rank_at_least(db, 2, &a[1], "matmul's right side")?;
+            match (da, db) {
+                (Some(x), Some(y)) => {
+                    let k1 = x.last();
+                    let k2 = y.get(y.len() - 2);
+                    if let (Some(p), Some(q)) = (k1, k2) {
+                        if !dims_agree(p, q) {
+                            return Err(LangError::shape(
+                                span,
+                                format!(
+                                    "matmul of {} and {}: inner dimensions {p} and {q} differ",
+                                    a[0].0, a[1].0
+                                ),
+                            ));
+                        }
+                    }
+                    if y.len() > 2 && y.len() != x.len() {
+                        return Err(LangError::shape(
+                            span,
+                            format!("matmul of {} and {}: batch ranks differ", a[0].0, a[1].0),
+                        ));
+                    }
+                    let mut out: Vec<Dim> = x[..x.len() - 1].to_vec();
+                    out.push(y[y.len() - 1].clone());
+                    Type::tensor(ElemType::F32, out)
+                }
+                _ => Type::Tensor(ElemType::F32, None),
+            }
+        }
+        "linear" => {
+            ar(2, 3)?;
+            let dx = float_tensor(&a[0], "f32 tensor")?;
+            let (we, dw) = tensor_of(&a[1], "a weight tensor [n, k]")?;
+            if matches!(we, ElemType::I32 | ElemType::Bool) {
+                return Err(LangError::ty(
+                    a[1].1,
+                    "a float or quantized weight",
+                    &a[1].0,
+                ));
+            }
+            rank_at_least(dx, 1, &a[0], "linear's input")?;
+            rank_is(dw, 2, &a[1], "linear's weight")?;
+            same_dim(
+                dx.and_then(|d| d.last()),
+                dw.and_then(|d| d.get(1)),
+                span,
+                "linear: input features vs weight columns",
+            )?;
+            if n == 3 {
+                let db = float_tensor(&a[2], "f32[n]")?;
+                rank_is(db, 1, &a[2], "linear's bias")?;
+                same_dim(
+                    db.and_then(|d| d.first()),
+                    dw.and_then(|d| d.first()),
+                    a[2].1,
+                    "linear: bias vs weight rows",
+                )?;
+            }
+            match (dx, dw) {
+                (Some(x), Some(w)) => {
+                    let mut out = x[..x.len() - 1].to_vec();
+                    out.push(w[0].clone());
+                    Type::tensor(ElemType::F32, out)
+                }
+                _ => Type::Tensor(ElemType::F32, None),
+            }
+        }
+        "rms_norm" | "layer_norm" => {
+            let params = if name == "rms_norm" { 1 } else { 2 };
+            ar(params + 2, params + 2)?;
+            let dx = float_tensor(&a[0], "f32 tensor")?;
+            rank_at_least(dx, 1, &a[0], "the normalized input")?;
+            for p in &a[1..=params] {
+                let dw = float_tensor(p, "f32[d]")?;
+                rank_is(dw, 1, p, "a norm weight")?;
+                same_dim(
+                    dx.and_then(|d| d.last()),
+                    dw.and_then(|d| d.first()),
+                    p.1,
+                    "norm weight vs the input's last dimension",
+                )?;
+            }
+            scalar(&a[params + 1], Type::Float)?;
+            a[0].0.clone()
+        }
+        "rope" => {
+            ar(3, 4)?;
+            let dx = float_tensor(&a[0], "f32[t, h, d]")?;
+            rank_is(dx, 3, &a[0], "rope's input [tokens, heads, head_dim]")?;
+            let (pe, dp) = tensor_of(&a[1], "i32[t]")?;
+            if pe != ElemType::I32 {
+                return Err(LangError::ty(a[1].1, "i32[t]", &a[1].0));
+            }
+            rank_is(dp, 1, &a[1], "rope's positions")?;
+            same_dim(
+                dx.and_then(|d| d.first()),
+                dp.and_then(|d| d.first()),
+                a[1].1,
+                "rope: tokens vs positions",
+            )?;
+            scalar(&a[2], Type::Float)?;
+            if n == 4 {
+                scalar(&a[3], Type::Str)?;
+            }
+            a[0].0.clone()
+        }
+        "embedding" => {
+            ar(2, 2)?;
+            let (te, dt) = tensor_of(&a[0], "a table [vocab, d]")?;
+            if matches!(te, ElemType::I32 | ElemType::Bool) {
+                return Err(LangError::ty(a[0].1, "a float or quantized table", &a[0].0));
+            }
+            rank_is(dt, 2, &a[0], "the embedding table")?;
+            let (ie, di) = tensor_of(&a[1], "i32[n]")?;
+            if ie != ElemType::I32 {
+                return Err(LangError::ty(a[1].1, "i32[n]", &a[1].0));
+            }
+            rank_is(di, 1, &a[1], "embedding ids")?;
+            match (dt, di) {
+                (Some(t), Some(i)) => Type::tensor(ElemType::F32, vec![i[0].clone(), t[1].clone()]),
+                _ => Type::Tensor(ElemType::F32, None),
+            }
+        }
+        "argmax" => {
+            ar(1, 1)?;
+            let d = float_tensor(&a[0], "f32 tensor")?;
+            rank_at_least(d, 1, &a[0], "argmax's input")?;
+            match d {
+                Some(d) if d.len() == 1 => Type::Int,
+                Some(d) => Type::tensor(ElemType::I32, d[..d.len() - 1].to_vec()),
+                None => Type::Any,
+            }
+        }
+        "topk" => {
+            ar(2, 2)?;
+            let d = float_tensor(&a[0], "f32[n]")?;
+            rank_is(d, 1, &a[0], "topk's input")?;
+            scalar(&a[1], Type::Int)?;
+            Type::tensor(ElemType::I32, lit_dims(&exprs[1..2]))
+        }
+        "sample" => {
+            ar(5, 5)?;
+            let d = float_tensor(&a[0], "f32[n] logits")?;
+            rank_is(d, 1, &a[0], "sample's logits")?;
+            scalar(&a[1], Type::Float)?;
+            scalar(&a[2], Type::Int)?;
+            scalar(&a[3], Type::Float)?;
+            scalar(&a[4], Type::Int)?;
+            Type::Int
+        }
+        "sum" | "mean" | "max" | "min" => {
+            ar(1, 1)?;
+            let (e, _) = tensor_of(&a[0], "a tensor")?;
+            if e == ElemType::Quant {
+                return Err(LangError::ty(
+                    a[0].1,
+                    "a tensor that is not quantized",
+                    &a[0].0,
+                ));
+            }
+            Type::Float
+        }
+        "len" => {
+            ar(1, 1)?;
+            if a[0].0 != Type::Str {
+                let (_, d) = tensor_of(&a[0], "a tensor or string")?;
+                rank_at_least(d, 1, &a[0], "len's input")?;
+            }
+            Type::Int
+        }
+        "dim" => {
+            ar(2, 2)?;
+            let (_, d) = tensor_of(&a[0], "a tensor")?;
+            scalar(&a[1], Type::Int)?;
+            if let (Some(d), ExprKind::Int(k)) = (d, &exprs[1].kind) {
+                if *k < 0 || *k as usize >= d.len() {
+                    return Err(LangError::Index {
+                        span: exprs[1].span,
+                        index: *k,
+                        len: d.len(),
+                    });
+                }
+            }
+            Type::Int
+        }
+        "zeros" | "ones" | "reshape" => {
+            let first = usize::from(name == "reshape");
+            ar(first + 1, usize::MAX)?;
+            for x in &a[first..] {
+                scalar(x, Type::Int)?;
+            }
+            for e in &exprs[first..] {
+                if let ExprKind::Unary(crate::ast::UnOp::Neg, _) = e.kind {
+                    return Err(LangError::invalid(e.span, "a dimension cannot be negative"));
+                }
+            }
+            let dims = lit_dims(&exprs[first..]);
+            if name == "reshape" {
+                let (e, d) = tensor_of(&a[0], "a tensor")?;
+                if let Some(d) = d {
+                    let lits: Option<Vec<usize>> = d
+                        .iter()
+                        .chain(&dims)
+                        .map(|x| match x {
+                            Dim::Lit(n) => Some(*n),
+                            _ => None,
+                        })
+                        .collect();
+                    if let Some(l) = lits {
+                        let (from, to) = l.split_at(d.len());
+                        // Literal dims may be huge: count without overflow.
+                        let count = |x: &[usize]| {
+                            x.iter().try_fold(1u128, |a, &n| a.checked_mul(n as u128))
+                        };
+                        if count(from) != count(to) {
+                            return Err(LangError::shape(
+                                span,
+                                format!(
+                                    "cannot reshape {} ({} elements) to {} ({} elements)",
+                                    a[0].0,
+                                    count(from).map_or("too many".into(), |n| n.to_string()),
+                                    dims_string(&dims),
+                                    count(to).map_or("too many".into(), |n| n.to_string())
+                                ),
+                            ));
+                        }
+                    }
+                }
+                Type::tensor(e, dims)
+            } else {
+                Type::tensor(ElemType::F32, dims)
+            }
+        }
+        "arange" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Int)?;
+            Type::tensor(ElemType::F32, lit_dims(exprs))
+        }
+        "transpose" => {
+            ar(1, 1)?;
+            let (e, d) = tensor_of(&a[0], "a matrix")?;
+            rank_is(d, 2, &a[0], "transpose's input")?;
+            match d {
+                Some(d) => Type::tensor(e, vec![d[1].clone(), d[0].clone()]),
+                None => Type::Tensor(e, None),
+            }
+        }
+        "f32" | "f16" | "bf16" | "i32" => {
+            ar(1, 1)?;
+            let (e, d) = tensor_of(&a[0], "a tensor")?;
+            if e == ElemType::Quant {
+                return Err(LangError::ty(
+                    a[0].1,
+                    "a tensor that is not quantized",
+                    &a[0].0,
+                ));
+            }
+            let to = match name {
+                "f32" => ElemType::F32,
+                "f16" => ElemType::F16,
+                "bf16" => ElemType::BF16,
+                _ => ElemType::I32,
+            };
+            Type::Tensor(to, d.map(<[Dim]>::to_vec))
+        }
+        "int" => {
+            ar(1, 1)?;
+            if !matches!(a[0].0, Type::Int | Type::Float | Type::Bool | Type::Any) {
+                return Err(LangError::ty(a[0].1, "int, float or bool", &a[0].0));
+            }
+            Type::Int
+        }
+        "float" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Float)?;
+            Type::Float
+        }
+        "str" => {
+            ar(1, 1)?;
+            Type::Str
+        }
+        "allclose" => {
+            ar(3, 3)?;
+            tensor_of(&a[0], "a tensor")?;
+            tensor_of(&a[1], "a tensor")?;
+            scalar(&a[2], Type::Float)?;
+            Type::Bool
+        }
+        "nargs" => {
+            ar(0, 0)?;
+            Type::Int
+        }
+        "arg" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Int)?;
+            Type::Str
+        }
+        "parse_int" | "parse_float" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Str)?;
+            if name == "parse_int" {
+                Type::Int
+            } else {
+                Type::Float
+            }
+        }
+        "fixpoint_limit" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Int)?;
+            Type::Unit
+        }
+        _ => {
+            return Err(LangError::NotImplemented {
+                span: name_span,
+                name: name.to_string(),
+                reason: "no implementation",
+            })
+        }
+    })
+}
+
+/// What a builtin may touch of the interpreter.
+pub struct Ctx<'a> {
+    pub out: &'a mut dyn Write,
+    pub args: &'a [String],
+    pub fixpoint_limit: &'a mut usize,
+    /// [`crate::Limits::max_elements`]
+    pub max_elements: usize,
+}
+
+fn too_big(span: Span, what: &str, n: usize, max: usize) -> LangError {
+    LangError::Limit {
+        span,
+        message: format!("{what} would have {n} elements, over the limit of {max}"),
+    }
+}
+
+fn tens(v: &Value, span: Span) -> Result<Rc<Tens>> {
+    match v {
+        Value::Tensor(t) => Ok(t.clone()),
+        other => Err(LangError::ty(span, "a tensor", other.type_name())),
+    }
+}
+
+fn int(v: &Value, span: Span) -> Result<i64> {
+    match v {
+        Value::Int(i) => Ok(*i),
+        other => Err(LangError::ty(span, "int", other.type_name())),
+    }
+}
+
+fn float(v: &Value, span: Span) -> Result<f64> {
+    match v {
+        Value::Int(i) => Ok(*i as f64),
+        Value::Float(f) => Ok(*f),
+        other => Err(LangError::ty(span, "float", other.type_name())),
+    }
+}
+
+fn string(v: &Value, span: Span) -> Result<Rc<str>> {
+    match v {
+        Value::Str(s) => Ok(s.clone()),
+        other => Err(LangError::ty(span, "string", other.type_name())),
+    }
+}
+
+fn usize_arg(v: &Value, span: Span) -> Result<usize> {
+    let i = int(v, span)?;
+    usize::try_from(i)
+        .map_err(|_| LangError::invalid(span, format!("expected a count ≥ 0, found {i}")))
+}
+
+fn io(e: std::io::Error) -> LangError {
+    LangError::Io {
+        span: None,
+        path: "<stdout>".into(),
+        message: e.to_string(),
+    }
+}
+
+fn core_out(t: &Tensor, span: Span, op: &'static str) -> Result<Value> {
+    Ok(Value::tensor(Tens::from_core(t, span, op)?))
+}
+
+/// Runs builtin `name` on evaluated arguments (types already checked;
+/// shapes are checked again here because `?` dims are known only now).
+pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -> Result<Value> {
+    let kernel = |op: &'static str| move |source| LangError::Kernel { span, op, source };
+    let arg = |k: usize| -> Result<&(Value, Span)> {
+        args.get(k).ok_or_else(|| LangError::Arity {
+            span,
+            name: name.to_string(),
+            expected: format!("at least {}", k + 1),
+            got: args.len(),
+        })
+    };
+    let t0 = || -> Result<Rc<Tens>> {
+        let (v, s) = arg(0)?;
+        tens(v, *s)
+    };
+    let cpu = CpuBackend;
+    Ok(match name {
+        "print" => {
+            let parts: Vec<String> = args.iter().map(|(v, _)| v.to_string()).collect();
+            writeln!(ctx.out, "{}", parts.join(" ")).map_err(io)?;
+            Value::Unit
+        }
+        "print_top_k" => {
+            let t = t0()?;
+            let k = usize_arg(&arg(1)?.0, arg(1)?.1)?;
+            let v = t.to_f32(span)?;
+            for i in top_indices(&v, k) {
+                writeln!(ctx.out, "{i}: {}", v[i]).map_err(io)?;
+            }
+            Value::Unit
+        }
+        "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu" | "gelu" => {
+            let (v, s) = arg(0)?;
+            let f = crate::einsum::scalar_fn(name)
+                .ok_or_else(|| LangError::invalid(span, format!("`{name}` is not elementwise")))?;
+            match v {
+                Value::Int(_) | Value::Float(_) => Value::Float(f(float(v, *s)? as f32) as f64),
+                _ => {
+                    let t = tens(v, *s)?;
+                    if name == "silu" || name == "gelu" {
+                        let act = if name == "silu" {
+                            Activation::Silu
+                        } else {
+                            Activation::Gelu
+                        };
+                        let x = t.to_core(*s, "activation")?;
+                        let y = cpu
+                            .unary(UnaryOp::Act(act), &x)
+                            .map_err(kernel("activation"))?;
+                        core_out(&y, span, "activation")?
+                    } else {
+                        let data = t.to_f32(*s)?.into_iter().map(f).collect();
+                        Value::tensor(Tens::f32(t.shape.clone(), data))
+                    }
+                }
+            }
+        }
+        "softmax" => {
+            let x = t0()?.to_core(span, "softmax")?;
+            core_out(
+                &cpu.softmax(&x).map_err(kernel("softmax"))?,
+                span,
+                "softmax",
+            )?
+        }
+        "matmul" => {
+            let a = t0()?;
+            let (bv, bs) = arg(1)?;
+            let b = tens(bv, *bs)?;
+            let ka = a.shape.last().copied().unwrap_or(0);
+            let kb = b
+                .shape
+                .len()
+                .checked_sub(2)
+                .and_then(|i| b.shape.get(i))
+                .copied();
+            if Some(ka) != kb {
+                return Err(LangError::shape(
+                    span,
+                    format!(
+                        "matmul of {:?} and {:?}: inner dimensions differ",
+                        a.shape, b.shape
+                    ),
+                ));
+            }
+            let out_n = numel(&a.shape[..a.shape.len().saturating_sub(1)])
+                .saturating_mul(b.shape.last().copied().unwrap_or(0));
+            if out_n > ctx.max_elements {
+                return Err(too_big(span, "matmul's result", out_n, ctx.max_elements));
+            }
+            let ta = a.to_core(span, "matmul")?;
+            let tb = b.to_core(*bs, "matmul")?;
+            if b.shape.len() == 2 && a.shape.len() > 2 {
+                // Fold the leading dims of `a` into its rows.
+                let m = numel(&a.shape[..a.shape.len() - 1]);
+                let flat = ta.reshape(&[m, ka]).map_err(kernel("matmul"))?;
+                let y = cpu.matmul_f32(&flat, &tb).map_err(kernel("matmul"))?;
+                let mut dims = a.shape[..a.shape.len() - 1].to_vec();
+                dims.push(b.shape[1]);
+                let y = y.reshape(&dims).map_err(kernel("matmul"))?;
+                core_out(&y, span, "matmul")?
+            } else {
+                core_out(
+                    &cpu.matmul_f32(&ta, &tb).map_err(kernel("matmul"))?,
+                    span,
+                    "matmul",
+                )?
+            }
+        }
+        "linear" => {
+            let x = t0()?;
+            let (wv, ws) = arg(1)?;
+            let w = tens(wv, *ws)?;
+            let k = x.shape.last().copied().unwrap_or(0);
+            if w.shape.len() != 2 || w.shape[1] != k {
+                return Err(LangError::shape(
+                    span,
+                    format!(
+                        "linear: input {:?} against weight {:?} (expected [n, {k}])",
+                        x.shape, w.shape
+                    ),
+                ));
+            }
+            let m = numel(&x.shape[..x.shape.len().saturating_sub(1)]);
+            if m.saturating_mul(w.shape[0]) > ctx.max_elements {
+                return Err(too_big(
+                    span,
+                    "linear's result",
+                    m.saturating_mul(w.shape[0]),
+                    ctx.max_elements,
+                ));
+            }
+            let tx = x
+                .to_core(span, "linear")?
+                .reshape(&[m, k])
+                .map_err(kernel("linear"))?;
+            let tw = w.to_core(*ws, "linear")?;
+            let mut y = cpu.matmul(&tx, &tw).map_err(kernel("linear"))?;
+            if let Some((bv, bs)) = args.get(2) {
+                let b = tens(bv, *bs)?;
+                if b.shape != [w.shape[0]] {
+                    return Err(LangError::shape(
+                        *bs,
+                        format!("linear: bias {:?} for {} outputs", b.shape, w.shape[0]),
+                    ));
+                }
+                let tb = b.to_core(*bs, "linear")?;
+                cpu.add_inplace(&mut y, &tb).map_err(kernel("linear"))?;
+            }
+            let mut dims = x.shape[..x.shape.len().saturating_sub(1)].to_vec();
+            dims.push(w.shape[0]);
+            core_out(&y.reshape(&dims).map_err(kernel("linear"))?, span, "linear")?
+        }
+        "rms_norm" => {
+            let x = t0()?.to_core(span, "rms_norm")?;
+            let w = tens(&arg(1)?.0, arg(1)?.1)?.to_core(arg(1)?.1, "rms_norm")?;
+            let eps = float(&arg(2)?.0, arg(2)?.1)? as f32;
+            core_out(
+                &cpu.rms_norm(&x, &w, eps).map_err(kernel("rms_norm"))?,
+                span,
+                "rms_norm",
+            )?
+        }
+        "layer_norm" => {
+            let x = t0()?.to_core(span, "layer_norm")?;
+            let w = tens(&arg(1)?.0, arg(1)?.1)?.to_core(arg(1)?.1, "layer_norm")?;
+            let b = tens(&arg(2)?.0, arg(2)?.1)?.to_core(arg(2)?.1, "layer_norm")?;
+            let eps = float(&arg(3)?.0, arg(3)?.1)? as f32;
+            let y = cpu
+                .layer_norm(&x, Some(&w), Some(&b), eps)
+                .map_err(kernel("layer_norm"))?;
+            core_out(&y, span, "layer_norm")?
+        }
+        "rope" => {
+            let xt = t0()?;
+            let x = xt.to_core(span, "rope")?;
+            let pos = tens(&arg(1)?.0, arg(1)?.1)?.to_core(arg(1)?.1, "rope")?;
+            let base = float(&arg(2)?.0, arg(2)?.1)? as f32;
+            let mode = match args.get(3) {
+                Some((v, s)) => match &*string(v, *s)? {
+                    "neox" => RopeMode::Neox,
+                    "normal" => RopeMode::Normal,
+                    other => {
+                        return Err(LangError::invalid(
+                            *s,
+                            format!("rope mode must be \"neox\" or \"normal\", found {other:?}"),
+                        ))
+                    }
+                },
+                None => RopeMode::Neox,
+            };
+            let head_dim = xt.shape.last().copied().unwrap_or(0);
+            let cfg = RopeConfig::new(mode, head_dim, base);
+            core_out(
+                &cpu.rope(&x, &pos, None, &cfg).map_err(kernel("rope"))?,
+                span,
+                "rope",
+            )?
+        }
+        "embedding" => {
+            let table = t0()?;
+            let ids = tens(&arg(1)?.0, arg(1)?.1)?;
+            if let TData::I32(v) = &ids.data {
+                let vocab = table.shape.first().copied().unwrap_or(0);
+                if let Some(&bad) = v.iter().find(|&&i| i < 0 || i as usize >= vocab) {
+                    return Err(LangError::Index {
+                        span: arg(1)?.1,
+                        index: i64::from(bad),
+                        len: vocab,
+                    });
+                }
+            }
+            let out_n = ids
+                .len()
+                .saturating_mul(table.shape.get(1).copied().unwrap_or(0));
+            if out_n > ctx.max_elements {
+                return Err(too_big(span, "embedding's result", out_n, ctx.max_elements));
+            }
+            let t = table.to_core(span, "embedding")?;
+            let i = ids.to_core(arg(1)?.1, "embedding")?;
+            core_out(
+                &cpu.embedding(&t, &i).map_err(kernel("embedding"))?,
+                span,
+                "embedding",
+            )?
+        }
+        "argmax" => {
+            let t = t0()?;
+            if t.shape.len() == 1 {
+                let v = t.to_f32(span)?;
+                if v.is_empty() {
+                    return Err(LangError::invalid(span, "argmax of an empty tensor"));
+                }
+                Value::Int(top_indices(&v, 1).first().copied().unwrap_or(0) as i64)
+            } else {
+                let x = t.to_core(span, "argmax")?;
+                core_out(&cpu.argmax(&x).map_err(kernel("argmax"))?, span, "argmax")?
+            }
+        }
+        "topk" => {
+            let t = t0()?;
+            let k = usize_arg(&arg(1)?.0, arg(1)?.1)?;
+            let v = t.to_f32(span)?;
+            if k > v.len() {
+                return Err(LangError::Index {
+                    span: arg(1)?.1,
+                    index: k as i64,
+                    len: v.len(),
+                });
+            }
+            let idx: Vec<i32> = top_indices(&v, k).into_iter().map(|i| i as i32).collect();
+            Value::tensor(Tens {
+                shape: vec![idx.len()],
+                data: TData::I32(idx),
+            })
+        }
+        "sample" => {
+            let v = t0()?.to_f32(span)?;
+            let temp = float(&arg(1)?.0, arg(1)?.1)?;
+            let top_k = usize_arg(&arg(2)?.0, arg(2)?.1)?;
+            let top_p = float(&arg(3)?.0, arg(3)?.1)?;
+            let seed = int(&arg(4)?.0, arg(4)?.1)?;
+            if v.is_empty() {
+                return Err(LangError::invalid(span, "sample from empty logits"));
+            }
+            Value::Int(sample(&v, temp, top_k, top_p, seed as u64) as i64)
+        }
+        "sum" | "mean" | "max" | "min" => {
+            let t = t0()?;
+            let v = t.to_f32(span)?;
+            if v.is_empty() && name != "sum" {
+                return Err(LangError::invalid(
+                    span,
+                    format!("{name} of an empty tensor"),
+                ));
+            }
+            let s: f64 = match name {
+                "sum" => v.iter().map(|&x| f64::from(x)).sum(),
+                "mean" => v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64,
+                "max" => f64::from(v.iter().copied().fold(f32::NEG_INFINITY, f32::max)),
+                _ => f64::from(v.iter().copied().fold(f32::INFINITY, f32::min)),
+            };
+            Value::Float(s)
+        }
+        "len" => match &arg(0)?.0 {
+            Value::Str(s) => Value::Int(s.chars().count() as i64),
+            _ => Value::Int(t0()?.shape.first().copied().unwrap_or(0) as i64),
+        },
+        "dim" => {
+            let t = t0()?;
+            let k = int(&arg(1)?.0, arg(1)?.1)?;
+            let d =
+                usize::try_from(k)
+                    .ok()
+                    .and_then(|k| t.shape.get(k))
+                    .ok_or(LangError::Index {
+                        span: arg(1)?.1,
+                        index: k,
+                        len: t.shape.len(),
+                    })?;
+            Value::Int(*d as i64)
+        }
+        "zeros" | "ones" | "reshape" => {
+            let first = usize::from(name == "reshape");
+            let mut dims = Vec::new();
+            for (v, s) in &args[first..] {
+                dims.push(usize_arg(v, *s)?);
+            }
+            let n = dims
+                .iter()
+                .try_fold(1usize, |a, &d| a.checked_mul(d))
+                .filter(|&n| n <= ctx.max_elements)
+                .ok_or_else(|| LangError::invalid(span, format!("shape {dims:?} is too large")))?;
+            if name == "reshape" {
+                let t = t0()?;
+                if t.len() != n {
+                    return Err(LangError::shape(
+                        span,
+                        format!(
+                            "cannot reshape {:?} ({} elements) to {dims:?} ({n} elements)",
+                            t.shape,
+                            t.len()
+                        ),
+                    ));
+                }
+                let data = match &t.data {
+                    TData::Core(c) => TData::Core(c.reshape(&dims).map_err(kernel("reshape"))?),
+                    other => other.clone(),
+                };
+                Value::tensor(Tens { shape: dims, data })
+            } else {
+                let fill = if name == "ones" { 1.0 } else { 0.0 };
+                Value::tensor(Tens::f32(dims, vec![fill; n]))
+            }
+        }
+        "arange" => {
+            let n = usize_arg(&arg(0)?.0, arg(0)?.1)?;
+            if n > ctx.max_elements {
+                return Err(too_big(span, "arange", n, ctx.max_elements));
+            }
+            Value::tensor(Tens::f32(vec![n], (0..n).map(|i| i as f32).collect()))
+        }
+        "transpose" => {
+            let t = t0()?;
+            let [m, n] = t.shape[..] else {
+                return Err(LangError::shape(
+                    span,
+                    format!("transpose needs a matrix, found {:?}", t.shape),
+                ));
+            };
+            let v = t.to_f32(span)?;
+            let mut out = Vec::with_capacity(m * n);
+            for j in 0..n {
+                for i in 0..m {
+                    out.push(v[i * n + j]);
+                }
+            }
+            Value::tensor(Tens::f32(vec![n, m], out).cast(t.elem(), span)?)
+        }
+        "f32" | "f16" | "bf16" | "i32" => {
+            let to = match name {
+                "f32" => ElemType::F32,
+                "f16" => ElemType::F16,
+                "bf16" => ElemType::BF16,
+                _ => ElemType::I32,
+            };
+            Value::tensor(t0()?.cast(to, span)?)
+        }
+        "int" => match &arg(0)?.0 {
+            Value::Int(i) => Value::Int(*i),
+            Value::Float(f) => {
+                if !f.is_finite() || f.abs() > 9.2e18 {
+                    return Err(LangError::invalid(span, format!("{f} does not fit an int")));
+                }
+                Value::Int(*f as i64)
+            }
+            Value::Bool(b) => Value::Int(i64::from(*b)),
+            other => return Err(LangError::ty(span, "int, float or bool", other.type_name())),
+        },
+        "float" => Value::Float(float(&arg(0)?.0, arg(0)?.1)?),
+        "str" => Value::Str(arg(0)?.0.to_string().into()),
+        "allclose" => {
+            let a = t0()?;
+            let b = tens(&arg(1)?.0, arg(1)?.1)?;
+            let tol = float(&arg(2)?.0, arg(2)?.1)? as f32;
+            let ok = a.shape == b.shape && {
+                let (x, y) = (a.to_f32(span)?, b.to_f32(span)?);
+                x.iter().zip(&y).all(|(p, q)| (p - q).abs() <= tol)
+            };
+            Value::Bool(ok)
+        }
+        "nargs" => Value::Int(ctx.args.len() as i64),
+        "arg" => {
+            let i = int(&arg(0)?.0, arg(0)?.1)?;
+            let s = usize::try_from(i)
+                .ok()
+                .and_then(|i| ctx.args.get(i))
+                .ok_or(LangError::Index {
+                    span: arg(0)?.1,
+                    index: i,
+                    len: ctx.args.len(),
+                })?;
+            Value::Str(s.as_str().into())
+        }
+        "parse_int" => {
+            let s = string(&arg(0)?.0, arg(0)?.1)?;
+            Value::Int(s.trim().parse().map_err(|_| {
+                LangError::invalid(
+                    arg(0).map_or(span, |a| a.1),
+                    format!("{s:?} is not an integer"),
+                )
+            })?)
+        }
+        "parse_float" => {
+            let s = string(&arg(0)?.0, arg(0)?.1)?;
+            Value::Float(s.trim().parse().map_err(|_| {
+                LangError::invalid(
+                    arg(0).map_or(span, |a| a.1),
+                    format!("{s:?} is not a number"),
+                )
+            })?)
+        }
+        "fixpoint_limit" => {
+            *ctx.fixpoint_limit = usize_arg(&arg(0)?.0, arg(0)?.1)?.max(1);
+            Value::Unit
+        }
+        other => {
+            return Err(LangError::NotImplemented {
+                span,
+                name: other.to_string(),
+                reason: "not available yet",
+            })
+        }
+    })
+}
+
+/// Indices of the `k` largest values, largest first (lower index on ties).
+fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
+    idx.truncate(k);
+    idx
+}
+
+/// Temperature, top-k and top-p (nucleus; Holtzman et al. 2019) sampling.
+fn sample(logits: &[f32], temp: f64, top_k: usize, top_p: f64, seed: u64) -> usize {
+    if temp <= 0.0 {
+        return top_indices(logits, 1).first().copied().unwrap_or(0);
+    }
+    let mut idx = top_indices(logits, if top_k == 0 { logits.len() } else { top_k });
+    let maxv = idx.first().map_or(0.0, |&i| f64::from(logits[i]));
+    let mut p: Vec<f64> = idx
+        .iter()
+        .map(|&i| ((f64::from(logits[i]) - maxv) / temp).exp())
+        .collect();
+    let z: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= z);
+    if top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = p.len();
+        for (k, x) in p.iter().enumerate() {
+            acc += x;
+            if acc >= top_p {
+                keep = k + 1;
+                break;
+            }
+        }
+        idx.truncate(keep);
+        p.truncate(keep);
+        let z: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= z);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let r: f64 = rng.gen();
+    let mut acc = 0.0;
+    for (k, x) in p.iter().enumerate() {
+        acc += x;
+        if r < acc {
+            return idx[k];
+        }
+    }
+    idx.last().copied().unwrap_or(0)
+}

@@ -1,0 +1,1287 @@
+//! The tree-walking runtime. It runs only programs the checker accepted;
+//! it still checks every shape it depends on (`?` dims are known only
+//! now), from host metadata — never by reading a device.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use crate::ast::*;
+use crate::builtins::{self, Ctx};
+use crate::check::Checker;
+use crate::diag::{SourceMap, Span};
+use crate::einsum;
+use crate::error::{LangError, Result};
+use crate::logic::{ConstKey, ConstOracle, LogicDb};
+use crate::value::{TData, Tens, Value};
+use crate::Limits;
+
+/// Deeper user-function recursion than this is an error, not a stack
+/// overflow.
+const MAX_CALL_DEPTH: usize = 150;
+
+/// Nested expression evaluations across all active calls (each call's
+/// expressions are bounded by the parser, but a recursive call inside a
+/// deep expression multiplies them). The `tl` binary runs the interpreter
+/// on a 256 MiB stack, which this keeps far from full.
+const MAX_EVAL_DEPTH: usize = 4096;
+
+impl ConstOracle for Checker {
+    fn is_var(&self, name: &str, domain: &str) -> bool {
+        Checker::is_var(self, name, domain)
+    }
+}
+
+enum Flow {
+    Next,
+    Return(Value),
+}
+
+#[derive(Default)]
+struct Env {
+    scopes: Vec<HashMap<String, Value>>,
+}
+
+impl Env {
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.scopes.iter().rev().find_map(|s| s.get(name))
+    }
+
+    fn get_mut(&mut self, name: &str) -> Option<&mut Value> {
+        self.scopes.iter_mut().rev().find_map(|s| s.get_mut(name))
+    }
+
+    fn set_new(&mut self, name: &str, v: Value) {
+        if let Some(s) = self.scopes.last_mut() {
+            s.insert(name.to_string(), v);
+        }
+    }
+}
+
+/// A program being checked and run: sources, checker state, runtime
+/// state. One per `tl run`/`tl check`/`tl test`, and one for a whole REPL
+/// session.
+pub struct Interp {
+    pub sources: SourceMap,
+    pub checker: Checker,
+    pub logic: LogicDb,
+    pub args: Vec<String>,
+    fns: HashMap<String, Rc<FnDef>>,
+    rules: Vec<Rule>,
+    tests: Vec<TestDef>,
+    globals: Env,
+    out: Box<dyn Write>,
+    loaded: HashSet<PathBuf>,
+    depth: usize,
+    limits: Limits,
+    steps: u64,
+    eval_depth: usize,
+}
+
+impl Interp {
+    pub fn new(out: Box<dyn Write>) -> Interp {
+        Interp {
+            sources: SourceMap::default(),
+            checker: Checker::new(),
+            logic: LogicDb::new(),
+            args: Vec::new(),
+            fns: HashMap::new(),
+            rules: Vec::new(),
+            tests: Vec::new(),
+            globals: Env {
+                scopes: vec![HashMap::new()],
+            },
+            out,
+            loaded: HashSet::new(),
+            depth: 0,
+            limits: Limits::default(),
+            steps: 0,
+            eval_depth: 0,
+        }
+    }
+
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.logic.max_tuples = limits.max_tuples;
+    }
+
+    /// Counts one statement or loop iteration against
+    /// [`Limits::max_steps`].
+    fn step(&mut self, span: Span) -> Result<()> {
+        self.steps += 1;
+        match self.limits.max_steps {
+            Some(max) if self.steps > max => Err(LangError::Limit {
+                span,
+                message: format!("the program ran more than {max} steps"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads and parses a file and, recursively, its imports (each file
+    /// once; imported items come first).
+    pub fn load_file(&mut self, path: &Path) -> Result<Program> {
+        self.load_file_at(path, None)
+    }
+
+    fn load_file_at(&mut self, path: &Path, from: Option<Span>) -> Result<Program> {
+        let text = std::fs::read_to_string(path).map_err(|e| LangError::Io {
+            span: from,
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        let canon = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        self.loaded.insert(canon);
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        self.load_source_in(&path.display().to_string(), &text, &dir)
+    }
+
+    /// Parses source text (imports resolved against `dir`).
+    pub fn load_source_in(&mut self, name: &str, text: &str, dir: &Path) -> Result<Program> {
+        let file = self.sources.add(name, text);
+        let prog = crate::parser::parse(file, text)?;
+        let mut items = Vec::new();
+        for item in &prog.items {
+            if let Item::Import { path, span } = item {
+                let p = dir.join(path);
+                let canon = p.canonicalize().unwrap_or_else(|_| p.clone());
+                if self.loaded.contains(&canon) {
+                    continue;
+                }
+                let sub = self.load_file_at(&p, Some(*span))?;
+                items.extend(sub.items);
+            }
+        }
+        items.extend(prog.items);
+        Ok(Program { items })
+    }
+
+    /// Type- and shape-checks a program, then registers its functions,
+    /// relations, facts, rules and tests (nothing runs).
+    pub fn check(&mut self, prog: &mut Program) -> Result<()> {
+        self.checker.check_program(prog)?;
+        for item in &prog.items {
+            match item {
+                Item::Fn(f) => {
+                    self.fns.insert(f.name.clone(), Rc::new(f.clone()));
+                }
+                Item::Relation(r) => {
+                    self.logic
+                        .declare(&r.name, r.args.iter().map(|(_, t)| t.clone()).collect());
+                }
+                Item::Test(t) => self.tests.push(t.clone()),
+                _ => {}
+            }
+        }
+        for item in &prog.items {
+            match item {
+                Item::Fact(a) => {
+                    let rel = self.logic.rel_id(&a.name, a.name_span)?;
+                    let args = a
+                        .args
+                        .iter()
+                        .map(|e| match &e.kind {
+                            ExprKind::Int(i) => ConstKey::Int(*i),
+                            ExprKind::Var(s) | ExprKind::Str(s) => ConstKey::Sym(s.clone()),
+                            _ => ConstKey::Sym(String::new()),
+                        })
+                        .collect();
+                    self.logic.add_fact(rel, args, a.span)?;
+                }
+                Item::Rule(r) => {
+                    self.logic.add_rule(r, &self.checker)?;
+                    self.rules.push(r.clone());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The tensor form of the program: the equations its rules compile to
+    /// and its tensor equations with their sums made explicit.
+    pub fn explain(&self, prog: &Program) -> Result<String> {
+        let mut s = String::new();
+        if !self.rules.is_empty() {
+            s.push_str("// rules as tensor equations (step(x) = 1 if x > 0 else 0)\n");
+            s.push_str(&self.logic.explain(&self.rules, &self.checker));
+        }
+        let mut eqs = Vec::new();
+        for item in &prog.items {
+            match item {
+                Item::Fn(f) => collect_eqs(&f.body.stmts, &mut eqs),
+                Item::Test(t) => collect_eqs(&t.body.stmts, &mut eqs),
+                Item::Stmt(st) => collect_eqs(std::slice::from_ref(st), &mut eqs),
+                _ => {}
+            }
+        }
+        if !eqs.is_empty() {
+            s.push_str("// tensor equations (sum_{j} sums over j)\n");
+            for eq in eqs {
+                let (line, _) = self.sources.line_col(eq.target_span);
+                s.push_str(&format!(
+                    "{}    // line {line}\n",
+                    einsum::explain_equation(eq)?
+                ));
+            }
+        }
+        Ok(s)
+    }
+
+    /// Runs the top-level statements in order, then `main()` if defined.
+    pub fn run(&mut self, prog: &Program) -> Result<Option<Value>> {
+        let mut env = std::mem::take(&mut self.globals);
+        let mut last = None;
+        let mut result = Ok(());
+        for item in &prog.items {
+            if let Item::Stmt(s) = item {
+                last = None;
+                if let StmtKind::Expr(e) = &s.kind {
+                    match self.eval(&mut env, e) {
+                        Ok(v) => last = Some(v),
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                match self.exec(&mut env, s) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        self.globals = env;
+        result?;
+        let has_main = prog
+            .items
+            .iter()
+            .any(|i| matches!(i, Item::Fn(f) if f.name == "main" && f.params.is_empty()));
+        if has_main {
+            if let Some(f) = self.fns.get("main").cloned() {
+                self.call_fn(&f, Vec::new(), f.name_span)?;
+            }
+        }
+        let _ = self.out.flush();
+        Ok(last)
+    }
+
+    /// Runs every `test` block registered so far, each in a fresh scope.
+    pub fn run_tests(&mut self) -> Vec<(String, Result<()>)> {
+        let tests = self.tests.clone();
+        let mut out = Vec::new();
+        for t in tests {
+            let mut env = Env {
+                scopes: vec![HashMap::new()],
+            };
+            let r = self.block(&mut env, &t.body).map(|_| ());
+            out.push((t.name.clone(), r));
+        }
+        let _ = self.out.flush();
+        out
+    }
+
+    pub fn write_out(&mut self, s: &str) {
+        let _ = self.out.write_all(s.as_bytes());
+        let _ = self.out.flush();
+    }
+
+    fn block(&mut self, env: &mut Env, b: &Block) -> Result<Flow> {
+        env.scopes.push(HashMap::new());
+        let mut r = Ok(Flow::Next);
+        for s in &b.stmts {
+            match self.exec(env, s) {
+                Ok(Flow::Next) => {}
+                other => {
+                    r = other;
+                    break;
+                }
+            }
+        }
+        env.scopes.pop();
+        r
+    }
+
+    fn exec(&mut self, env: &mut Env, s: &Stmt) -> Result<Flow> {
+        self.step(s.span)?;
+        match &s.kind {
+            StmtKind::Let {
+                name, ty, value, ..
+            } => {
+                let v = self.eval(env, value)?;
+                let v = match ty {
+                    Some(t) => convert(v, t, value.span)?,
+                    None => v,
+                };
+                env.set_new(name, v);
+            }
+            StmtKind::Assign { target, value } => {
+                let v = self.eval(env, value)?;
+                match &target.kind {
+                    ExprKind::Var(name) => {
+                        let slot = env.get_mut(name).ok_or_else(|| LangError::Undefined {
+                            span: target.span,
+                            what: "variable",
+                            name: name.clone(),
+                        })?;
+                        let v = match (&*slot, v) {
+                            (Value::Float(_), Value::Int(i)) => Value::Float(i as f64),
+                            (_, v) => v,
+                        };
+                        *slot = v;
+                    }
+                    ExprKind::Index(base, args) => {
+                        let ExprKind::Var(name) = &base.kind else {
+                            return Err(LangError::invalid(
+                                target.span,
+                                "only a variable's elements can be assigned",
+                            ));
+                        };
+                        let idx = self.eval_index_args(env, args)?;
+                        let slot = env.get_mut(name).ok_or_else(|| LangError::Undefined {
+                            span: base.span,
+                            what: "variable",
+                            name: name.clone(),
+                        })?;
+                        let Value::Tensor(t) = slot else {
+                            return Err(LangError::ty(base.span, "a tensor", slot.type_name()));
+                        };
+                        let (_, offs) = region(&t.shape, &idx, args, target.span)?;
+                        store(Rc::make_mut(t), &offs, &v, value.span)?;
+                    }
+                    _ => return Err(LangError::invalid(target.span, "cannot assign to this")),
+                }
+            }
+            StmtKind::Equation(eq) => {
+                let t = {
+                    let lookup = |n: &str| env.get(n).cloned();
+                    einsum::eval_equation(eq, &lookup, self.limits.max_equation_iterations)?
+                };
+                match env.get_mut(&eq.target) {
+                    Some(slot) => *slot = Value::tensor(t),
+                    None => env.set_new(&eq.target, Value::tensor(t)),
+                }
+            }
+            StmtKind::Expr(e) => {
+                self.eval(env, e)?;
+            }
+            StmtKind::If { cond, then, els } => {
+                if self.eval_bool(env, cond)? {
+                    return self.block(env, then);
+                } else if let Some(e) = els {
+                    return self.block(env, e);
+                }
+            }
+            StmtKind::While { cond, body } => {
+                while self.eval_bool(env, cond)? {
+                    self.step(s.span)?;
+                    if let Flow::Return(v) = self.block(env, body)? {
+                        return Ok(Flow::Return(v));
+                    }
+                }
+            }
+            StmtKind::For {
+                var,
+                start,
+                end,
+                body,
+                ..
+            } => {
+                let a = self.eval_int(env, start)?;
+                let b = self.eval_int(env, end)?;
+                for i in a..b {
+                    self.step(s.span)?;
+                    env.scopes
+                        .push(HashMap::from([(var.clone(), Value::Int(i))]));
+                    let r = self.block(env, body);
+                    env.scopes.pop();
+                    if let Flow::Return(v) = r? {
+                        return Ok(Flow::Return(v));
+                    }
+                }
+            }
+            StmtKind::Return(v) => {
+                let v = match v {
+                    Some(e) => self.eval(env, e)?,
+                    None => Value::Unit,
+                };
+                return Ok(Flow::Return(v));
+            }
+            StmtKind::Assert { cond, message } => {
+                if !self.eval_bool(env, cond)? {
+                    return Err(LangError::Assert {
+                        span: cond.span,
+                        message: message
+                            .clone()
+                            .unwrap_or_else(|| "condition is false".into()),
+                    });
+                }
+            }
+            StmtKind::Fact(a) => {
+                let rel = self.logic.rel_id(&a.name, a.name_span)?;
+                let mut args = Vec::new();
+                for e in &a.args {
+                    if let ExprKind::Var(v) = &e.kind {
+                        if env.get(v).is_none() {
+                            args.push(ConstKey::Sym(v.clone()));
+                            continue;
+                        }
+                    }
+                    args.push(match self.eval(env, e)? {
+                        Value::Int(i) => ConstKey::Int(i),
+                        Value::Str(s) => ConstKey::Sym(s.to_string()),
+                        other => {
+                            return Err(LangError::ty(
+                                e.span,
+                                "an int or string",
+                                other.type_name(),
+                            ))
+                        }
+                    });
+                }
+                self.logic.add_fact(rel, args, a.span)?;
+            }
+            StmtKind::Query(a) => {
+                let (vars, rows) = self.logic.query(a, &self.checker)?;
+                let mut text = String::new();
+                let head: Vec<String> = a
+                    .args
+                    .iter()
+                    .map(|e| match &e.kind {
+                        ExprKind::Var(v) | ExprKind::Str(v) => v.clone(),
+                        ExprKind::Int(i) => i.to_string(),
+                        _ => "?".into(),
+                    })
+                    .collect();
+                text.push_str(&format!("?- {}({}).\n", a.name, head.join(", ")));
+                if vars.is_empty() {
+                    text.push_str(if rows.is_empty() {
+                        "false.\n"
+                    } else {
+                        "true.\n"
+                    });
+                } else {
+                    for row in &rows {
+                        let parts: Vec<String> = vars
+                            .iter()
+                            .zip(row)
+                            .map(|(v, c)| format!("{v} = {c}"))
+                            .collect();
+                        text.push_str(&parts.join(", "));
+                        text.push('\n');
+                    }
+                    text.push_str(&format!(
+                        "({} answer{})\n",
+                        rows.len(),
+                        if rows.len() == 1 { "" } else { "s" }
+                    ));
+                }
+                self.out
+                    .write_all(text.as_bytes())
+                    .map_err(|e| LangError::Io {
+                        span: None,
+                        path: "<stdout>".into(),
+                        message: e.to_string(),
+                    })?;
+            }
+        }
+        Ok(Flow::Next)
+    }
+
+    fn eval_bool(&mut self, env: &mut Env, e: &Expr) -> Result<bool> {
+        match self.eval(env, e)? {
+            Value::Bool(b) => Ok(b),
+            other => Err(LangError::ty(e.span, "bool", other.type_name())),
+        }
+    }
+
+    fn eval_int(&mut self, env: &mut Env, e: &Expr) -> Result<i64> {
+        match self.eval(env, e)? {
+            Value::Int(i) => Ok(i),
+            other => Err(LangError::ty(e.span, "int", other.type_name())),
+        }
+    }
+
+    fn eval_index_args(&mut self, env: &mut Env, args: &[IndexArg]) -> Result<Vec<Idx>> {
+        let mut out = Vec::new();
+        for a in args {
+            out.push(match a {
+                IndexArg::At(e) => Idx::At(self.eval_int(env, e)?),
+                IndexArg::Range(lo, hi) => Idx::Range(
+                    match lo {
+                        Some(e) => Some(self.eval_int(env, e)?),
+                        None => None,
+                    },
+                    match hi {
+                        Some(e) => Some(self.eval_int(env, e)?),
+                        None => None,
+                    },
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    fn eval(&mut self, env: &mut Env, e: &Expr) -> Result<Value> {
+        if self.eval_depth >= MAX_EVAL_DEPTH {
+            return Err(LangError::Limit {
+                span: e.span,
+                message: format!("expressions and calls nested deeper than {MAX_EVAL_DEPTH}"),
+            });
+        }
+        self.eval_depth += 1;
+        let r = self.eval_inner(env, e);
+        self.eval_depth -= 1;
+        r
+    }
+
+    fn eval_inner(&mut self, env: &mut Env, e: &Expr) -> Result<Value> {
+        Ok(match &e.kind {
+            ExprKind::Int(i) => Value::Int(*i),
+            ExprKind::Float(f) => Value::Float(*f),
+            ExprKind::Bool(b) => Value::Bool(*b),
+            ExprKind::Str(s) => Value::Str(s.as_str().into()),
+            ExprKind::Var(name) => env.get(name).cloned().ok_or_else(|| LangError::Undefined {
+                span: e.span,
+                what: "variable",
+                name: name.clone(),
+            })?,
+            ExprKind::TensorLit(elems) => {
+                let mut vals = Vec::with_capacity(elems.len());
+                for el in elems {
+                    vals.push((self.eval(env, el)?, el.span));
+                }
+                tensor_literal(vals, e.span)?
+            }
+            ExprKind::Unary(op, x) => {
+                let v = self.eval(env, x)?;
+                match (op, v) {
+                    (UnOp::Neg, Value::Int(i)) => Value::Int(
+                        i.checked_neg()
+                            .ok_or_else(|| LangError::invalid(e.span, "integer overflow"))?,
+                    ),
+                    (UnOp::Neg, Value::Float(f)) => Value::Float(-f),
+                    (UnOp::Neg, Value::Tensor(t)) => {
+                        let z = Value::tensor(Tens::f32(vec![], vec![0.0]));
+                        tensor_binary(BinOp::Sub, &z, &Value::Tensor(t), e.span, usize::MAX)?
+                    }
+                    (UnOp::Not, Value::Bool(b)) => Value::Bool(!b),
+                    (UnOp::Not, Value::Tensor(t)) => match &t.data {
+                        TData::Bool(v) => Value::tensor(Tens {
+                            shape: t.shape.clone(),
+                            data: TData::Bool(v.iter().map(|b| !b).collect()),
+                        }),
+                        _ => {
+                            return Err(LangError::ty(
+                                x.span,
+                                "bool tensor",
+                                Value::Tensor(t.clone()).type_name(),
+                            ))
+                        }
+                    },
+                    (_, v) => return Err(LangError::ty(x.span, "a number or bool", v.type_name())),
+                }
+            }
+            ExprKind::Binary(op, a, b) => {
+                if matches!(op, BinOp::And | BinOp::Or) {
+                    let l = self.eval_bool(env, a)?;
+                    if (*op == BinOp::And && !l) || (*op == BinOp::Or && l) {
+                        return Ok(Value::Bool(l));
+                    }
+                    return Ok(Value::Bool(self.eval_bool(env, b)?));
+                }
+                let l = self.eval(env, a)?;
+                let r = self.eval(env, b)?;
+                binary(*op, l, r, e.span, b.span, self.limits.max_elements)?
+            }
+            ExprKind::Juxt(_) => {
+                return Err(LangError::invalid(
+                    e.span,
+                    "juxtaposed factors outside a tensor equation",
+                ))
+            }
+            ExprKind::Call {
+                name,
+                name_span,
+                args,
+            } => {
+                let mut vals = Vec::with_capacity(args.len());
+                for a in args {
+                    vals.push((self.eval(env, a)?, a.span));
+                }
+                if let Some(f) = self.fns.get(name).cloned() {
+                    return self.call_fn(&f, vals, e.span);
+                }
+                if builtins::lookup(name).is_none() {
+                    return Err(LangError::Undefined {
+                        span: *name_span,
+                        what: "function",
+                        name: name.clone(),
+                    });
+                }
+                let mut ctx = Ctx {
+                    out: &mut *self.out,
+                    args: &self.args,
+                    fixpoint_limit: &mut self.logic.limit,
+                    max_elements: self.limits.max_elements,
+                };
+                builtins::call(name, e.span, &vals, &mut ctx)?
+            }
+            ExprKind::Index(base, args) => {
+                let b = self.eval(env, base)?;
+                let idx = self.eval_index_args(env, args)?;
+                let Value::Tensor(t) = b else {
+                    return Err(LangError::ty(base.span, "a tensor", b.type_name()));
+                };
+                let (shape, offs) = region(&t.shape, &idx, args, e.span)?;
+                gather(&t, shape, &offs, e.span)?
+            }
+            ExprKind::Field(_, field) => {
+                return Err(LangError::NotImplemented {
+                    span: e.span,
+                    name: format!(".{field}"),
+                    reason: "model field access comes with load_model",
+                })
+            }
+        })
+    }
+
+    fn call_fn(&mut self, f: &FnDef, args: Vec<(Value, Span)>, span: Span) -> Result<Value> {
+        if args.len() != f.params.len() {
+            return Err(LangError::Arity {
+                span,
+                name: f.name.clone(),
+                expected: f.params.len().to_string(),
+                got: args.len(),
+            });
+        }
+        if self.depth >= MAX_CALL_DEPTH {
+            return Err(LangError::invalid(
+                span,
+                format!("calls nested deeper than {MAX_CALL_DEPTH} (unbounded recursion?)"),
+            ));
+        }
+        let mut bind: HashMap<String, usize> = HashMap::new();
+        let mut scope = HashMap::new();
+        for (p, (v, sp)) in f.params.iter().zip(args) {
+            check_shape(&p.ty, &v, &mut bind, sp, &f.name)?;
+            let v = match (&p.ty, v) {
+                (TypeExpr::Float, Value::Int(i)) => Value::Float(i as f64),
+                (_, v) => v,
+            };
+            scope.insert(p.name.clone(), v);
+        }
+        let mut env = Env {
+            scopes: vec![scope],
+        };
+        self.depth += 1;
+        let r = self.block(&mut env, &f.body);
+        self.depth -= 1;
+        let v = match r? {
+            Flow::Return(v) => v,
+            Flow::Next => Value::Unit,
+        };
+        if let Some(rt) = &f.ret {
+            check_shape(rt, &v, &mut bind, span, &f.name)?;
+            return match (rt, v) {
+                (TypeExpr::Float, Value::Int(i)) => Ok(Value::Float(i as f64)),
+                (_, v) => Ok(v),
+            };
+        }
+        Ok(v)
+    }
+}
+
+fn collect_eqs<'a>(stmts: &'a [Stmt], out: &mut Vec<&'a Equation>) {
+    for s in stmts {
+        match &s.kind {
+            StmtKind::Equation(eq) => out.push(eq),
+            StmtKind::If { then, els, .. } => {
+                collect_eqs(&then.stmts, out);
+                if let Some(e) = els {
+                    collect_eqs(&e.stmts, out);
+                }
+            }
+            StmtKind::While { body, .. } | StmtKind::For { body, .. } => {
+                collect_eqs(&body.stmts, out)
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runtime check of a value against a declared type, binding named dims.
+fn check_shape(
+    t: &TypeExpr,
+    v: &Value,
+    bind: &mut HashMap<String, usize>,
+    span: Span,
+    fname: &str,
+) -> Result<()> {
+    let TypeExpr::Tensor(_, dims) = t else {
+        return Ok(());
+    };
+    let Value::Tensor(x) = v else {
+        return Err(LangError::ty(span, "a tensor", v.type_name()));
+    };
+    let bad = || {
+        LangError::shape(
+            span,
+            format!(
+                "`{fname}` expects {}, found {:?}",
+                crate::types::dims_string(dims),
+                x.shape
+            ),
+        )
+    };
+    if dims.len() != x.shape.len() {
+        return Err(bad());
+    }
+    for (d, &n) in dims.iter().zip(&x.shape) {
+        match d {
+            Dim::Lit(m) if *m != n => return Err(bad()),
+            Dim::Named(name) => match bind.get(name) {
+                Some(&m) if m != n => {
+                    return Err(LangError::shape(
+                        span,
+                        format!("dimension `{name}` of `{fname}` is {m} from an earlier argument but {n} here"),
+                    ))
+                }
+                _ => {
+                    bind.insert(name.clone(), n);
+                }
+            },
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A `let` with a declared type: widen ints, convert tensor dtypes, check
+/// literal dims.
+fn convert(v: Value, t: &TypeExpr, span: Span) -> Result<Value> {
+    Ok(match (t, v) {
+        (TypeExpr::Float, Value::Int(i)) => Value::Float(i as f64),
+        (TypeExpr::Tensor(el, dims), Value::Tensor(x)) => {
+            if dims.len() != x.shape.len()
+                || dims
+                    .iter()
+                    .zip(&x.shape)
+                    .any(|(d, &n)| matches!(d, Dim::Lit(m) if *m != n))
+            {
+                return Err(LangError::shape(
+                    span,
+                    format!(
+                        "expected {}, found {:?}",
+                        crate::types::dims_string(dims),
+                        x.shape
+                    ),
+                ));
+            }
+            if *el != ElemType::Quant && x.elem() != *el {
+                Value::tensor(x.cast(*el, span)?)
+            } else {
+                Value::Tensor(x)
+            }
+        }
+        (_, v) => v,
+    })
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Idx {
+    At(i64),
+    Range(Option<i64>, Option<i64>),
+}
+
+/// The shape and flat offsets of `shape[idx…]` (negative or too large
+/// indices are errors).
+fn region(
+    shape: &[usize],
+    idx: &[Idx],
+    args: &[IndexArg],
+    span: Span,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    if idx.len() > shape.len() {
+        return Err(LangError::shape(
+            span,
+            format!("{} indices into a tensor of shape {shape:?}", idx.len()),
+        ));
+    }
+    let strides = {
+        let mut s = vec![1usize; shape.len()];
+        for k in (0..shape.len().saturating_sub(1)).rev() {
+            s[k] = s[k + 1] * shape[k + 1];
+        }
+        s
+    };
+    let arg_span = |k: usize| match args.get(k) {
+        Some(IndexArg::At(e)) => e.span,
+        Some(IndexArg::Range(Some(e), _)) => e.span,
+        _ => span,
+    };
+    // Per dim: (start, len, keep_dim)
+    let mut ranges = Vec::new();
+    for (k, &n) in shape.iter().enumerate() {
+        match idx.get(k) {
+            None => ranges.push((0usize, n, true)),
+            Some(Idx::At(i)) => {
+                if *i < 0 || *i as usize >= n {
+                    return Err(LangError::Index {
+                        span: arg_span(k),
+                        index: *i,
+                        len: n,
+                    });
+                }
+                ranges.push((*i as usize, 1, false));
+            }
+            Some(Idx::Range(lo, hi)) => {
+                let lo = lo.unwrap_or(0);
+                let hi = hi.unwrap_or(n as i64);
+                let hi_span = match args.get(k) {
+                    Some(IndexArg::Range(_, Some(e))) => e.span,
+                    _ => arg_span(k),
+                };
+                if lo < 0 || lo as usize > n {
+                    return Err(LangError::Index {
+                        span: arg_span(k),
+                        index: lo,
+                        len: n,
+                    });
+                }
+                if hi < lo || hi as usize > n {
+                    return Err(LangError::Index {
+                        span: hi_span,
+                        index: hi,
+                        len: n,
+                    });
+                }
+                ranges.push((lo as usize, (hi - lo) as usize, true));
+            }
+        }
+    }
+    let out_shape: Vec<usize> = ranges.iter().filter(|r| r.2).map(|r| r.1).collect();
+    let mut offs = vec![0usize];
+    for (k, &(start, len, _)) in ranges.iter().enumerate() {
+        let mut next = Vec::with_capacity(offs.len() * len);
+        for &o in &offs {
+            for j in 0..len {
+                next.push(o + (start + j) * strides[k]);
+            }
+        }
+        offs = next;
+    }
+    Ok((out_shape, offs))
+}
+
+fn gather(t: &Tens, shape: Vec<usize>, offs: &[usize], span: Span) -> Result<Value> {
+    let scalar = shape.is_empty();
+    let data = match &t.data {
+        TData::F32(v) => {
+            let d: Vec<f32> = offs
+                .iter()
+                .map(|&o| v.get(o).copied().unwrap_or(0.0))
+                .collect();
+            if scalar {
+                return Ok(Value::Float(f64::from(d.first().copied().unwrap_or(0.0))));
+            }
+            TData::F32(d)
+        }
+        TData::I32(v) => {
+            let d: Vec<i32> = offs
+                .iter()
+                .map(|&o| v.get(o).copied().unwrap_or(0))
+                .collect();
+            if scalar {
+                return Ok(Value::Int(i64::from(d.first().copied().unwrap_or(0))));
+            }
+            TData::I32(d)
+        }
+        TData::Bool(v) => {
+            let d: Vec<bool> = offs
+                .iter()
+                .map(|&o| v.get(o).copied().unwrap_or(false))
+                .collect();
+            if scalar {
+                return Ok(Value::Bool(d.first().copied().unwrap_or(false)));
+            }
+            TData::Bool(d)
+        }
+        TData::Core(_) => {
+            let f = t.to_f32(span)?;
+            let d: Vec<f32> = offs
+                .iter()
+                .map(|&o| f.get(o).copied().unwrap_or(0.0))
+                .collect();
+            if scalar {
+                return Ok(Value::Float(f64::from(d.first().copied().unwrap_or(0.0))));
+            }
+            let elem = t.elem();
+            return Ok(Value::tensor(Tens::f32(shape, d).cast(elem, span)?));
+        }
+    };
+    Ok(Value::tensor(Tens { shape, data }))
+}
+
+fn store(t: &mut Tens, offs: &[usize], v: &Value, span: Span) -> Result<()> {
+    let src: Vec<f64> = match v {
+        Value::Int(i) => vec![*i as f64],
+        Value::Float(f) => vec![*f],
+        Value::Bool(b) => vec![f64::from(u8::from(*b))],
+        Value::Tensor(x) => {
+            if x.len() != offs.len() {
+                return Err(LangError::shape(
+                    span,
+                    format!(
+                        "assigning {:?} to a region of {} elements",
+                        x.shape,
+                        offs.len()
+                    ),
+                ));
+            }
+            x.to_f32(span)?.into_iter().map(f64::from).collect()
+        }
+        other => return Err(LangError::ty(span, "a number or tensor", other.type_name())),
+    };
+    let at = |k: usize| {
+        if src.len() == 1 {
+            src[0]
+        } else {
+            src.get(k).copied().unwrap_or(0.0)
+        }
+    };
+    match &mut t.data {
+        TData::F32(d) => {
+            for (k, &o) in offs.iter().enumerate() {
+                if let Some(x) = d.get_mut(o) {
+                    *x = at(k) as f32;
+                }
+            }
+        }
+        TData::I32(d) => {
+            for (k, &o) in offs.iter().enumerate() {
+                if let Some(x) = d.get_mut(o) {
+                    *x = at(k) as i32;
+                }
+            }
+        }
+        TData::Bool(d) => {
+            for (k, &o) in offs.iter().enumerate() {
+                if let Some(x) = d.get_mut(o) {
+                    *x = at(k) != 0.0;
+                }
+            }
+        }
+        TData::Core(_) => {
+            let elem = t.elem();
+            let mut f = t.to_f32(span)?;
+            for (k, &o) in offs.iter().enumerate() {
+                if let Some(x) = f.get_mut(o) {
+                    *x = at(k) as f32;
+                }
+            }
+            *t = Tens::f32(t.shape.clone(), f).cast(elem, span)?;
+        }
+    }
+    Ok(())
+}
+
+fn tensor_literal(vals: Vec<(Value, Span)>, span: Span) -> Result<Value> {
+    let n = vals.len();
+    let all_int = vals.iter().all(|(v, _)| matches!(v, Value::Int(_)));
+    let all_bool = vals.iter().all(|(v, _)| matches!(v, Value::Bool(_)));
+    if all_int {
+        let mut d = Vec::with_capacity(n);
+        for (v, s) in &vals {
+            if let Value::Int(i) = v {
+                d.push(
+                    i32::try_from(*i)
+                        .map_err(|_| LangError::invalid(*s, format!("{i} does not fit i32")))?,
+                );
+            }
+        }
+        return Ok(Value::tensor(Tens {
+            shape: vec![n],
+            data: TData::I32(d),
+        }));
+    }
+    if all_bool {
+        let d = vals
+            .iter()
+            .map(|(v, _)| matches!(v, Value::Bool(true)))
+            .collect();
+        return Ok(Value::tensor(Tens {
+            shape: vec![n],
+            data: TData::Bool(d),
+        }));
+    }
+    let mut inner: Option<Vec<usize>> = None;
+    let mut data = Vec::new();
+    let mut all_i32 = true;
+    for (v, s) in &vals {
+        match v {
+            Value::Int(i) => {
+                check_row(&mut inner, &[], *s)?;
+                data.push(*i as f32);
+                all_i32 = false;
+            }
+            Value::Float(f) => {
+                check_row(&mut inner, &[], *s)?;
+                data.push(*f as f32);
+                all_i32 = false;
+            }
+            Value::Tensor(t) => {
+                check_row(&mut inner, &t.shape, *s)?;
+                all_i32 &= t.elem() == ElemType::I32;
+                data.extend(t.to_f32(*s)?);
+            }
+            other => return Err(LangError::ty(*s, "a number or tensor", other.type_name())),
+        }
+    }
+    let mut shape = vec![n];
+    shape.extend(inner.unwrap_or_default());
+    let t = Tens::f32(shape, data);
+    Ok(Value::tensor(if all_i32 {
+        t.cast(ElemType::I32, span)?
+    } else {
+        t
+    }))
+}
+
+fn check_row(inner: &mut Option<Vec<usize>>, shape: &[usize], span: Span) -> Result<()> {
+    match inner {
+        None => *inner = Some(shape.to_vec()),
+        Some(s) if s == shape => {}
+        Some(s) => {
+            return Err(LangError::shape(
+                span,
+                format!("tensor literal rows differ: {s:?} and {shape:?}"),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn binary(
+    op: BinOp,
+    l: Value,
+    r: Value,
+    span: Span,
+    rspan: Span,
+    max_elements: usize,
+) -> Result<Value> {
+    use BinOp::*;
+    let overflow = || LangError::invalid(span, "integer overflow");
+    Ok(match (l, r) {
+        (Value::Int(a), Value::Int(b)) => match op {
+            Add => Value::Int(a.checked_add(b).ok_or_else(overflow)?),
+            Sub => Value::Int(a.checked_sub(b).ok_or_else(overflow)?),
+            Mul => Value::Int(a.checked_mul(b).ok_or_else(overflow)?),
+            Div | Rem if b == 0 => return Err(LangError::DivisionByZero { span: rspan }),
+            Div => Value::Int(a.checked_div(b).ok_or_else(overflow)?),
+            Rem => Value::Int(a.checked_rem(b).ok_or_else(overflow)?),
+            _ => Value::Bool(cmp(op, a.cmp(&b))),
+        },
+        (a @ (Value::Int(_) | Value::Float(_)), b @ (Value::Int(_) | Value::Float(_))) => {
+            let x = num(&a);
+            let y = num(&b);
+            match op {
+                Add => Value::Float(x + y),
+                Sub => Value::Float(x - y),
+                Mul => Value::Float(x * y),
+                Div | Rem if y == 0.0 => return Err(LangError::DivisionByZero { span: rspan }),
+                Div => Value::Float(x / y),
+                Rem => Value::Float(x % y),
+                _ => Value::Bool(match x.partial_cmp(&y) {
+                    Some(o) => cmp(op, o),
+                    None => op == Ne,
+                }),
+            }
+        }
+        (Value::Str(a), Value::Str(b)) => match op {
+            Add => {
+                if a.len() + b.len() > max_elements {
+                    return Err(LangError::Limit {
+                        span,
+                        message: format!("a string of more than {max_elements} bytes"),
+                    });
+                }
+                Value::Str(format!("{a}{b}").into())
+            }
+            Eq => Value::Bool(a == b),
+            Ne => Value::Bool(a != b),
+            _ => {
+                return Err(LangError::ty(
+                    span,
+                    "operands that accept strings",
+                    "string",
+                ))
+            }
+        },
+        (Value::Bool(a), Value::Bool(b)) => match op {
+            Eq => Value::Bool(a == b),
+            Ne => Value::Bool(a != b),
+            _ => return Err(LangError::ty(span, "numbers", "bool")),
+        },
+        (l, r) => tensor_binary(op, &l, &r, span, max_elements)?,
+    })
+}
+
+fn num(v: &Value) -> f64 {
+    match v {
+        Value::Int(i) => *i as f64,
+        Value::Float(f) => *f,
+        _ => 0.0,
+    }
+}
+
+fn cmp(op: BinOp, o: std::cmp::Ordering) -> bool {
+    use std::cmp::Ordering::*;
+    match op {
+        BinOp::Eq => o == Equal,
+        BinOp::Ne => o != Equal,
+        BinOp::Lt => o == Less,
+        BinOp::Le => o != Greater,
+        BinOp::Gt => o == Greater,
+        BinOp::Ge => o != Less,
+        _ => false,
+    }
+}
+
+/// Elementwise op with numpy broadcasting; i32 op i32 stays i32.
+fn tensor_binary(
+    op: BinOp,
+    l: &Value,
+    r: &Value,
+    span: Span,
+    max_elements: usize,
+) -> Result<Value> {
+    let as_t = |v: &Value| -> Result<Rc<Tens>> {
+        Ok(match v {
+            Value::Tensor(t) => t.clone(),
+            Value::Int(i) => Rc::new(Tens {
+                shape: vec![],
+                data: TData::I32(vec![*i as i32]),
+            }),
+            Value::Float(f) => Rc::new(Tens::f32(vec![], vec![*f as f32])),
+            other => return Err(LangError::ty(span, "a number or tensor", other.type_name())),
+        })
+    };
+    let (a, b) = (as_t(l)?, as_t(r)?);
+    let n = a.shape.len().max(b.shape.len());
+    let mut shape = Vec::with_capacity(n);
+    for k in 0..n {
+        let da = (k + a.shape.len()).checked_sub(n).map_or(1, |i| a.shape[i]);
+        let db = (k + b.shape.len()).checked_sub(n).map_or(1, |i| b.shape[i]);
+        shape.push(match (da, db) {
+            (x, y) if x == y => x,
+            (1, y) => y,
+            (x, 1) => x,
+            _ => {
+                return Err(LangError::shape(
+                    span,
+                    format!(
+                        "`{}` of {:?} and {:?} (shapes must be equal or broadcast)",
+                        op.symbol(),
+                        a.shape,
+                        b.shape
+                    ),
+                ))
+            }
+        });
+    }
+    let idx_of = |t: &Tens, flat: usize| -> usize {
+        // Map an output position to the operand's, broadcasting size-1 dims.
+        let mut rem = flat;
+        let mut off = 0;
+        let mut stride = 1;
+        for k in (0..n).rev() {
+            let i = rem % shape[k];
+            rem /= shape[k];
+            if let Some(tk) = (k + t.shape.len()).checked_sub(n) {
+                let d = t.shape[tk];
+                if d != 1 {
+                    off += i * stride;
+                }
+                stride *= d;
+            }
+        }
+        off
+    };
+    let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let total = match total {
+        Some(t) if t <= max_elements => t,
+        _ => {
+            return Err(LangError::Limit {
+                span,
+                message: format!(
+                    "`{}` of {:?} and {:?} would exceed {max_elements} elements",
+                    op.symbol(),
+                    a.shape,
+                    b.shape
+                ),
+            })
+        }
+    };
+    let both_int = a.elem() == ElemType::I32 && b.elem() == ElemType::I32;
+    let is_cmp = matches!(
+        op,
+        BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
+    );
+    let (x, y) = (a.to_f32(span)?, b.to_f32(span)?);
+    if both_int && !is_cmp {
+        let (xi, yi): (Vec<i64>, Vec<i64>) = (
+            x.iter().map(|&v| v as i64).collect(),
+            y.iter().map(|&v| v as i64).collect(),
+        );
+        let mut out = Vec::with_capacity(total);
+        for f in 0..total {
+            let (p, q) = (xi[idx_of(&a, f)], yi[idx_of(&b, f)]);
+            out.push(match op {
+                BinOp::Add => p + q,
+                BinOp::Sub => p - q,
+                BinOp::Mul => p * q,
+                BinOp::Div | BinOp::Rem if q == 0 => {
+                    return Err(LangError::DivisionByZero { span })
+                }
+                BinOp::Div => p / q,
+                _ => p % q,
+            } as i32);
+        }
+        return Ok(Value::tensor(Tens {
+            shape,
+            data: TData::I32(out),
+        }));
+    }
+    if is_cmp {
+        let mut out = Vec::with_capacity(total);
+        for f in 0..total {
+            let (p, q) = (x[idx_of(&a, f)], y[idx_of(&b, f)]);
+            out.push(match p.partial_cmp(&q) {
+                Some(o) => cmp(op, o),
+                None => op == BinOp::Ne,
+            });
+        }
+        return Ok(Value::tensor(Tens {
+            shape,
+            data: TData::Bool(out),
+        }));
+    }
+    let mut out = Vec::with_capacity(total);
+    for f in 0..total {
+        let (p, q) = (x[idx_of(&a, f)], y[idx_of(&b, f)]);
+        out.push(match op {
+            BinOp::Add => p + q,
+            BinOp::Sub => p - q,
+            BinOp::Mul => p * q,
+            BinOp::Div => p / q,
+            _ => p % q,
+        });
+    }
+    Ok(Value::tensor(Tens::f32(shape, out)))
+}

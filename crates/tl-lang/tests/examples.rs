@@ -1,0 +1,172 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The examples under examples/, run as the CLI runs them and checked
+//! against values computed another way.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+
+use tl_lang::{Interp, SharedBuf};
+
+fn example(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../examples")
+        .join(name)
+}
+
+/// Loads, checks and runs an example with `args`; its output and the
+/// interpreter (for its test blocks).
+fn run(name: &str, args: &[&str]) -> (String, Interp, SharedBuf) {
+    let buf = SharedBuf::default();
+    let mut it = Interp::new(Box::new(buf.clone()));
+    it.args = args.iter().map(|s| s.to_string()).collect();
+    let r = it
+        .load_file(&example(name))
+        .and_then(|mut p| it.check(&mut p).map(|()| p))
+        .and_then(|p| it.run(&p));
+    if let Err(e) = r {
+        panic!("{}", e.render(&it.sources));
+    }
+    (buf.text(), it, buf)
+}
+
+fn parse_matrix(s: &str) -> Vec<Vec<f32>> {
+    s.trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split("], [")
+        .map(|row| {
+            row.split(", ")
+                .map(|x| x.trim_matches(|c| c == '[' || c == ']').parse().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn line<'a>(out: &'a str, prefix: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"))
+}
+
+#[test]
+fn mlp_matches_hand_computed_values() {
+    let (out, mut it, _) = run("mlp.tl", &[]);
+    // See the comment at the top of examples/mlp.tl for the arithmetic.
+    let want = [[7.1f32, 2.55], [0.1, -0.2]];
+    for prefix in ["y = ", "via linear = "] {
+        let got = parse_matrix(line(&out, prefix));
+        for (g, w) in got.iter().zip(&want) {
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() < 1e-5, "{prefix}{got:?}");
+            }
+        }
+    }
+    assert_eq!(line(&out, "row sums = "), "[9.65, -0.1]");
+    assert_eq!(line(&out, "total = "), "9.55");
+    assert_eq!(
+        line(&out, "outer = "),
+        "[[0.0, -0.0], [-0.1, 0.2], [0.05, -0.1]]"
+    );
+    let tests = it.run_tests();
+    assert_eq!(tests.len(), 2);
+    for (name, r) in tests {
+        assert!(r.is_ok(), "test {name}: {:?}", r.err());
+    }
+}
+
+/// The answers printed for a query: the lines after `?- …` up to the count.
+fn answers(out: &str, query: &str) -> Vec<String> {
+    let mut lines = out.lines().skip_while(|l| *l != query).skip(1);
+    let mut v = Vec::new();
+    for l in lines.by_ref() {
+        if l.starts_with('(') || l == "true." || l == "false." {
+            v.push(l.to_string());
+            break;
+        }
+        v.push(l.to_string());
+    }
+    v
+}
+
+#[test]
+fn ancestors_answers() {
+    let (out, _, _) = run("ancestors.tl", &[]);
+    assert_eq!(
+        answers(&out, "?- Ancestor(alice, Z)."),
+        [
+            "Z = bob",
+            "Z = carol",
+            "Z = dave",
+            "Z = eve",
+            "Z = frank",
+            "Z = grace",
+            "(6 answers)"
+        ]
+    );
+    assert_eq!(
+        answers(&out, "?- Ancestor(X, dave)."),
+        ["X = alice", "X = bob", "X = carol", "(3 answers)"]
+    );
+    assert_eq!(answers(&out, "?- Ancestor(bob, frank)."), ["false."]);
+    assert_eq!(answers(&out, "?- Ancestor(eve, grace)."), ["true."]);
+}
+
+/// The generator of examples/reachability.tl, and a plain BFS.
+fn bfs_reach(n: i64, m: i64, mut s: i64) -> (BTreeSet<i64>, usize) {
+    let next = |s: i64| (s * 1103515245 + 12345) % 2147483648;
+    let mut adj: HashMap<i64, Vec<i64>> = HashMap::new();
+    let mut edges = BTreeSet::new();
+    for _ in 0..m {
+        s = next(s);
+        let a = (s / 65536) % n;
+        s = next(s);
+        let b = (s / 65536) % n;
+        adj.entry(a).or_default().push(b);
+        edges.insert((a, b));
+    }
+    let mut seen = BTreeSet::from([0]);
+    let mut q = VecDeque::from([0]);
+    while let Some(u) = q.pop_front() {
+        for &v in adj.get(&u).map(Vec::as_slice).unwrap_or(&[]) {
+            if seen.insert(v) {
+                q.push_back(v);
+            }
+        }
+    }
+    (seen, edges.len())
+}
+
+fn check_reachability(args: &[&str], n: i64, m: i64, seed: i64) {
+    let (out, it, _) = run("reachability.tl", args);
+    let got: BTreeSet<i64> = answers(&out, "?- Reach(X).")
+        .iter()
+        .filter_map(|l| l.strip_prefix("X = "))
+        .map(|x| x.parse().unwrap())
+        .collect();
+    let (want, distinct_edges) = bfs_reach(n, m, seed);
+    assert!(distinct_edges >= 10_000, "only {distinct_edges} edges");
+    let edge_rel = it
+        .logic
+        .relations
+        .iter()
+        .find(|r| r.name == "Edge")
+        .unwrap();
+    assert_eq!(edge_rel.tuples.len(), distinct_edges);
+    assert!(
+        want.len() > 1000,
+        "a trivial graph: {} reachable",
+        want.len()
+    );
+    assert_eq!(got, want);
+    assert!(out.contains(&format!("({} answers)", want.len())));
+}
+
+#[test]
+fn reachability_matches_bfs() {
+    check_reachability(&[], 10_000, 20_000, 7);
+}
+
+#[test]
+fn reachability_matches_bfs_on_another_graph() {
+    check_reachability(&["12000", "30000", "3"], 12_000, 30_000, 3);
+}
