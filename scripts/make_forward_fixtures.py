@@ -8,6 +8,18 @@ fixed text computed the way llama.cpp's perplexity tool does (non-overlapping
 chunks of CTX tokens, BOS at each chunk start when the model adds one, the
 second half of each chunk scored).
 
+The reference settings are llama-cpp-python's defaults for a CPU user: f16
+KV cache, no flash attention, n_batch = n_ubatch = 512 (each prompt, and
+each teacher-forced sequence, is one batch), 2 threads.
+
+Alongside, llama.cpp against itself with another batch shape
+(`self_consistency`): the same greedy decoding and teacher forcing with
+n_batch = n_ubatch = 1, i.e. the prompt fed one token at a time. Nothing
+changes but the float summation order of ggml's kernels (which kernel a
+matmul or attention product uses depends on the number of tokens in the
+batch), so this measures how far llama.cpp's own output moves from float
+order alone: the floor any other implementation can be held to.
+
 Run with the reference venv (see docs/BENCHMARKS.md / MODELS):
     ~/.cache/tensorlogic/llama-venv/bin/python scripts/make_forward_fixtures.py
 Writes crates/tl-model/tests/fixtures/forward_<model>.json.
@@ -74,6 +86,23 @@ def teacher_forced_topk(llm, ids):
     return rows
 
 
+def self_consistency(path, cases):
+    """Each case's greedy continuation and teacher-forced top-1 from llama.cpp
+    with n_batch = n_ubatch = 1 (one token per decode call)."""
+    llm = Llama(model_path=path, n_ctx=512, n_batch=1, n_ubatch=1, n_threads=2, flash_attn=False, logits_all=True, verbose=False)
+    for case in cases:
+        ids = case["prompt_ids"]
+        cont = greedy(llm, ids, N_GEN)
+        llm.reset()
+        llm.eval(ids + case["greedy"])
+        n = len(ids) + len(case["greedy"])
+        top1 = [int(np.argmax(llm.scores[i])) for i in range(n)]
+        # Logits at the reference's top-5 ids, to measure llama.cpp's own movement.
+        at_ref = [[float(llm.scores[i][t]) for t in row["ids"]] for i, row in zip(range(n), case["teacher_forced_top"])]
+        case["llama_cpp_n_batch_1"] = {"greedy": cont, "teacher_forced_top1": top1, "logits_at_reference_top": at_ref}
+    del llm
+
+
 def perplexity(llm, text, n_ctx, add_bos):
     toks = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
     n_chunk = len(toks) // n_ctx
@@ -100,7 +129,7 @@ def main():
     text = open(PPL_TEXT_FILE, encoding="utf-8").read()
     for key in which:
         path = os.path.join(MODEL_DIR, MODELS[key])
-        llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_threads=2, logits_all=True, verbose=False)
+        llm = Llama(model_path=path, n_ctx=512, n_batch=512, n_ubatch=512, n_threads=2, flash_attn=False, logits_all=True, verbose=False)
         add_bos = llm._model.add_bos_token() if hasattr(llm._model, "add_bos_token") else key == "gemma"
         cases = []
         for p in PROMPTS:
@@ -111,9 +140,19 @@ def main():
             print(key, repr(p[:30]), llm.detokenize(cont).decode("utf-8", "replace")[:60].replace("\n", "\\n"), file=sys.stderr)
         ppl = perplexity(llm, text, PPL_CTX, add_bos)
         print(key, "perplexity", ppl, file=sys.stderr)
+        del llm
+        self_consistency(path, cases)
+        same = sum(c["llama_cpp_n_batch_1"]["greedy"] == c["greedy"] for c in cases)
+        agree = sum(
+            t == row["ids"][0]
+            for c in cases
+            for t, row in zip(c["llama_cpp_n_batch_1"]["teacher_forced_top1"], c["teacher_forced_top"])
+        )
+        total = sum(len(c["teacher_forced_top"]) for c in cases)
+        print(key, f"llama.cpp n_batch=1 vs 512: greedy {same}/{len(cases)}, teacher-forced top-1 {agree}/{total}", file=sys.stderr)
         out = {
             "model": MODELS[key],
-            "reference": "llama.cpp via llama-cpp-python 0.3.36, f16 KV cache, 2 threads",
+            "reference": "llama.cpp via llama-cpp-python 0.3.36, f16 KV cache, no flash attention, n_batch=n_ubatch=512, 2 threads",
             "add_bos": bool(add_bos),
             "n_gen": N_GEN,
             "cases": cases,
@@ -121,7 +160,6 @@ def main():
         }
         with open(os.path.join(OUT, f"forward_{key}.json"), "w") as f:
             json.dump(out, f, separators=(",", ":"))
-        del llm
 
 
 if __name__ == "__main__":

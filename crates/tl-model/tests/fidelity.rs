@@ -3,22 +3,35 @@
 //! greedy continuations, top-1 agreement under teacher forcing, largest logit
 //! difference, perplexity, and batch invariance.
 //!
-//! Tolerances. llama.cpp is not self-consistent to better than ~0.2 logits:
-//! the same position evaluated in batches of different sizes moves by up to
-//! 0.06 (Qwen) and 0.21 (Gemma), and its batched teacher-forced top-1
-//! disagrees with its own incremental greedy choice at 3/301 (Qwen) and
-//! 6/320 (Gemma) positions of these fixtures. Our logits differ from the
-//! reference's by 0.1–0.3 typically (ggml's quantized dot products are
-//! reproduced exactly; the rest is float order, exp/GELU approximations and
-//! batch-shape effects). A position whose reference top-2 margin is below
-//! `NEAR_TIE` = 0.5 (about twice the reference's own largest cross-batch
-//! movement) is therefore a coin toss. The checks:
+//! Tolerances. The reference is llama.cpp with each prompt or teacher-forced
+//! sequence evaluated as one batch of up to 512 tokens. The fixtures also
+//! hold llama.cpp against itself with one token per batch
+//! (`llama_cpp_n_batch_1`): same weights, same code, only the float order of
+//! ggml's kernels differs (which matmul and attention kernels run depends on
+//! the batch's token count). That moves llama.cpp's own logits by up to 0.43
+//! (Qwen) and 1.47 (Gemma), keeps its greedy continuations fully equal on
+//! only 7/10 (Qwen) and 3/10 (Gemma) prompts, and its teacher-forced top-1
+//! on 390/399 and 422/434 positions. The cause is chaotic amplification, not
+//! a bug: Q·K logits reach the thousands (Qwen) so an ulp of difference in
+//! Q or K flips the f16 rounding of a softmax probability, and each
+//! quantization of activations to Q8 turns small differences into whole
+//! quantization steps; Qwen's massive activations (one residual channel
+//! grows to ~80 within layers 3-5 at some tokens) amplify further. Without
+//! cross-token attention (position 0) our hidden states agree with
+//! llama.cpp's to ~1e-7 relative through every layer of both models.
+//! A position whose reference top-2 margin is below `NEAR_TIE` = 0.5 is
+//! therefore a coin toss. The checks:
 //! - greedy: every continuation equals llama.cpp's up to the first position
 //!   whose reference margin is below `NEAR_TIE` (a divergence at a clear
-//!   margin fails); the count of fully equal continuations is printed;
+//!   margin fails), and at least as many are fully equal as llama.cpp's own
+//!   one-token-batch run, less `GREEDY_SLACK`;
 //! - teacher forcing: top-1 agrees on ≥ 99% of positions with a clear
-//!   margin (the raw rate over all positions is printed);
+//!   margin, and over all positions on at least llama.cpp's own
+//!   one-token-batch rate less `TF_SLACK`;
 //! - perplexity within 1% of llama.cpp's.
+//!
+//! The largest logit difference on the reference top-5 is printed next to
+//! llama.cpp's own.
 
 mod common;
 
@@ -27,6 +40,12 @@ use tl_model::model::Model;
 
 /// Reference top-2 margins below this are within llama.cpp's own noise.
 const NEAR_TIE: f64 = 0.5;
+/// Fully equal greedy continuations may fall short of llama.cpp's own
+/// one-token-batch count by this many (a count out of 10 of coin tosses).
+const GREEDY_SLACK: usize = 2;
+/// Teacher-forced top-1 agreement over all positions may fall short of
+/// llama.cpp's own one-token-batch rate by this much.
+const TF_SLACK: f64 = 0.01;
 
 fn margin(row: &serde_json::Value) -> f64 {
     let l = row["logits"].as_array().expect("logits");
@@ -46,7 +65,33 @@ fn check_model(fixture: &str) {
     let cases = fx["cases"].as_array().expect("cases");
     let (mut greedy_ok, mut tf_agree, mut tf_total, mut max_diff) = (0, 0usize, 0usize, 0f32);
     let (mut clear_agree, mut clear_total) = (0usize, 0usize);
+    // llama.cpp against itself, evaluated one token per batch.
+    let (mut self_greedy, mut self_tf, mut self_max) = (0usize, 0usize, 0f64);
     for case in cases {
+        let own = &case["llama_cpp_n_batch_1"];
+        if own["greedy"] == case["greedy"] {
+            self_greedy += 1;
+        }
+        let own_top1 = common::ids(&own["teacher_forced_top1"]);
+        for ((row, &t), at) in case["teacher_forced_top"]
+            .as_array()
+            .expect("rows")
+            .iter()
+            .zip(&own_top1)
+            .zip(own["logits_at_reference_top"].as_array().expect("logits"))
+        {
+            if t == common::ids(&row["ids"])[0] {
+                self_tf += 1;
+            }
+            for (a, b) in at
+                .as_array()
+                .expect("logits")
+                .iter()
+                .zip(row["logits"].as_array().expect("logits"))
+            {
+                self_max = self_max.max((a.as_f64().expect("f") - b.as_f64().expect("f")).abs());
+            }
+        }
         let prompt = common::ids(&case["prompt_ids"]);
         let want = common::ids(&case["greedy"]);
         let opts = TokenOptions {
@@ -111,9 +156,23 @@ fn check_model(fixture: &str) {
         100.0 * rate,
         100.0 * clear
     );
+    let self_rate = self_tf as f64 / tf_total as f64;
+    eprintln!(
+        "{fixture}: llama.cpp against itself (one token per batch): greedy {self_greedy}/{} fully equal; teacher-forced top-1 {self_tf}/{tf_total} ({:.2}%); max |logit diff| on reference top-5 {self_max:.4}",
+        cases.len(),
+        100.0 * self_rate
+    );
     assert!(
         clear >= 0.99,
         "teacher-forced top-1 agreement at clear margins {clear}"
+    );
+    assert!(
+        greedy_ok + GREEDY_SLACK >= self_greedy,
+        "{fixture}: {greedy_ok} greedy continuations fully equal, llama.cpp's own one-token-batch run has {self_greedy}"
+    );
+    assert!(
+        rate >= self_rate - TF_SLACK,
+        "{fixture}: teacher-forced top-1 agreement {rate:.4} below llama.cpp's own one-token-batch {self_rate:.4}"
     );
 
     // Perplexity the way llama.cpp's tool computes it.
