@@ -184,12 +184,8 @@ unsafe fn k4<const FIVE: bool, const R: usize>(
             _mm512_set1_epi8((1u8 << (2 * j + 1)) as i8),
         );
     }
-    // Per-row float accumulators kept as vectors across super-blocks: one
-    // horizontal sum per row at the end instead of two per super-block.
-    // Every integer lane is exact in f32 (|lane| < 2^21 here), so only the
-    // order of the float sums changes.
-    let mut accd = [_mm512_setzero_ps(); R];
-    let mut accm = [_mm256_setzero_ps(); R];
+    let mut accd = [0f32; R];
+    let mut accm = [0f32; R];
     for b in 0..nb {
         let x = w.as_ptr().add(b * bytes);
         let dx = f16_at(x);
@@ -231,17 +227,14 @@ unsafe fn k4<const FIVE: bool, const R: usize>(
                 acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q[j], a), scv[j]);
             }
             let bsums = _mm256_loadu_si256(y.add(Q8K_BSUMS) as *const __m256i);
-            let summ = _mm256_madd_epi16(bsums, mins);
-            accd[r] = _mm512_fmadd_ps(_mm512_set1_ps(dx * yd), _mm512_cvtepi32_ps(acc), accd[r]);
-            accm[r] = _mm256_fmadd_ps(
-                _mm256_set1_ps(dminx * yd),
-                _mm256_cvtepi32_ps(summ),
-                accm[r],
-            );
+            let isum = _mm512_reduce_add_epi32(acc);
+            let summ = hsum_i32(_mm256_madd_epi16(bsums, mins));
+            accd[r] += (dx * yd) * isum as f32;
+            accm[r] += (dminx * yd) * summ as f32;
         }
     }
     for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(accd[r]) - hsum_ps(accm[r]);
+        out[r] = accd[r] - accm[r];
     }
 }
 
@@ -297,8 +290,7 @@ unsafe fn k6<const R: usize>(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, o
             ),
         );
     }
-    // As in `k4`: vector accumulators, one horizontal sum per row.
-    let mut accd = [_mm512_setzero_ps(); R];
+    let mut accd = [0f32; R];
     for b in 0..nb {
         let x = w.as_ptr().add(b * 210);
         let d = f16_at(x.add(208));
@@ -336,12 +328,10 @@ unsafe fn k6<const R: usize>(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, o
                 let a = _mm512_loadu_si512(yq.add(64 * c) as *const __m512i);
                 acc = _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(q[c], a), scv[c]);
             }
-            accd[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * yd), _mm512_cvtepi32_ps(acc), accd[r]);
+            accd[r] += (d * yd) * _mm512_reduce_add_epi32(acc) as f32;
         }
     }
-    for r in 0..R {
-        out[r] = _mm512_reduce_add_ps(accd[r]);
-    }
+    out[..R].copy_from_slice(&accd);
 }
 k_entry!(q6_k, k6);
 
