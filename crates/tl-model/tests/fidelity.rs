@@ -22,9 +22,11 @@
 //! A position whose reference top-2 margin is below `NEAR_TIE` = 0.5 is
 //! therefore a coin toss. The checks:
 //! - greedy: every continuation equals llama.cpp's up to the first position
-//!   whose reference margin is below `NEAR_TIE` (a divergence at a clear
-//!   margin fails), and at least as many are fully equal as llama.cpp's own
-//!   one-token-batch run, less `GREEDY_SLACK`;
+//!   whose reference margin is below `NEAR_TIE`, or up to a token that
+//!   llama.cpp's own one-token-batch run chose as we did (a divergence at a
+//!   clear margin that llama.cpp itself did not make fails), and at least as
+//!   many are fully equal as llama.cpp's own one-token-batch run, less
+//!   `GREEDY_SLACK`; the count equal to either llama.cpp run is printed;
 //! - teacher forcing: top-1 agrees on ≥ 99% of positions with a clear
 //!   margin, and over all positions on at least llama.cpp's own
 //!   one-token-batch rate less `TF_SLACK`;
@@ -64,6 +66,7 @@ fn check_model(fixture: &str) {
     let mut runner = Runner::new(&model, 1024).expect("cache");
     let cases = fx["cases"].as_array().expect("cases");
     let (mut greedy_ok, mut tf_agree, mut tf_total, mut max_diff) = (0, 0usize, 0usize, 0f32);
+    let mut greedy_either = 0usize;
     let (mut clear_agree, mut clear_total) = (0usize, 0usize);
     // llama.cpp against itself, evaluated one token per batch.
     let (mut self_greedy, mut self_tf, mut self_max) = (0usize, 0usize, 0f64);
@@ -103,17 +106,25 @@ fn check_model(fixture: &str) {
             .expect("generates");
         let got = &got[0].0;
         let tf = case["teacher_forced_top"].as_array().expect("rows");
+        let own_greedy = common::ids(&own["greedy"]);
+        if *got == want || *got == own_greedy {
+            greedy_either += 1;
+        }
         if *got == want {
             greedy_ok += 1;
         } else {
             let j = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
             let m = tf.get(prompt.len() - 1 + j).map(margin).unwrap_or(0.0);
+            // llama.cpp itself made our choice at this point when only its
+            // batch shape changed: the divergence is within its own noise.
+            let as_own = j < got.len() && j < own_greedy.len() && got[..=j] == own_greedy[..=j];
             eprintln!(
-                "greedy differs for {:?} at generated token {j} (reference margin {m:.3}):\n  ours {got:?}\n  ref  {want:?}",
-                case["prompt"]
+                "greedy differs for {:?} at generated token {j} (reference margin {m:.3}{}):\n  ours {got:?}\n  ref  {want:?}",
+                case["prompt"],
+                if as_own { "; llama.cpp with one token per batch chose as we did" } else { "" }
             );
             assert!(
-                m < NEAR_TIE,
+                m < NEAR_TIE || as_own,
                 "{fixture}: greedy diverges at a clear reference margin {m:.3} for {:?}",
                 case["prompt"]
             );
@@ -151,7 +162,7 @@ fn check_model(fixture: &str) {
     let rate = tf_agree as f64 / tf_total as f64;
     let clear = clear_agree as f64 / clear_total as f64;
     eprintln!(
-        "{fixture}: greedy {greedy_ok}/{} fully equal; teacher-forced top-1 {tf_agree}/{tf_total} ({:.2}%) overall, {clear_agree}/{clear_total} ({:.2}%) where the reference margin >= {NEAR_TIE}; max |logit diff| on reference top-5 {max_diff:.4}",
+        "{fixture}: greedy {greedy_ok}/{} fully equal ({greedy_either} equal to one of llama.cpp's two runs); teacher-forced top-1 {tf_agree}/{tf_total} ({:.2}%) overall, {clear_agree}/{clear_total} ({:.2}%) where the reference margin >= {NEAR_TIE}; max |logit diff| on reference top-5 {max_diff:.4}",
         cases.len(),
         100.0 * rate,
         100.0 * clear
