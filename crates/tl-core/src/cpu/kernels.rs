@@ -34,8 +34,22 @@ pub fn gelu_ggml_cpu(x: f32) -> f32 {
     } else if x >= 10.0 {
         x
     } else {
-        f16::from_f32(gelu(f16::from_f32(x).to_f32())).to_f32()
+        gelu_table()[usize::from(f16::from_f32(x).to_bits())]
     }
+}
+
+/// `f16(gelu(f16 value))` for every f16 bit pattern, built once: the table
+/// ggml-cpu keeps (`ggml_table_gelu_f16`), so a lookup replaces a `tanh`.
+fn gelu_table() -> &'static [f32; 1 << 16] {
+    static TABLE: std::sync::OnceLock<Box<[f32; 1 << 16]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Box::new([0f32; 1 << 16]);
+        for (bits, v) in t.iter_mut().enumerate() {
+            let x = f16::from_bits(bits as u16).to_f32();
+            *v = f16::from_f32(gelu(x)).to_f32();
+        }
+        t
+    })
 }
 
 /// `1 / sqrt(mean(x²) + eps)` with the sum in f64, as ggml's `rms_norm`.
@@ -102,18 +116,47 @@ pub fn rope_rotate(row: &mut [f32], cache: &[f32], mode: RopeMode) {
     }
 }
 
-/// `g = silu(g) * u`.
+/// `g = silu(g) * u`, spread over the thread pool when long (prefill).
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
-    for (a, &b) in g.iter_mut().zip(u) {
-        *a = silu(*a) * b;
-    }
+    par_pairs(g, u, &|a, b| {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a = silu(*a) * b;
+        }
+    });
 }
 
-/// `g = gelu_ggml_cpu(g) * u`.
+/// `g = gelu_ggml_cpu(g) * u`, spread over the thread pool when long.
 pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
-    for (a, &b) in g.iter_mut().zip(u) {
-        *a = gelu_ggml_cpu(*a) * b;
+    par_pairs(g, u, &|a, b| {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a = gelu_ggml_cpu(*a) * b;
+        }
+    });
+}
+
+/// Runs `f` on matching chunks of `g` and `u` (up to the shorter length),
+/// on the pool for long slices. Element-wise, so the result does not depend
+/// on the split.
+fn par_pairs(g: &mut [f32], u: &[f32], f: &(dyn Fn(&mut [f32], &[f32]) + Sync)) {
+    const CHUNK: usize = 1 << 14;
+    let n = g.len().min(u.len());
+    if n < 2 * CHUNK {
+        f(&mut g[..n], &u[..n]);
+        return;
     }
+    struct Ptr(*mut f32);
+    // SAFETY: every task writes only its own chunk of `g` (disjoint
+    // ranges of `CHUNK` elements), and `run` returns after all of them.
+    unsafe impl Sync for Ptr {}
+    let gp = Ptr(g.as_mut_ptr());
+    let gp = &gp;
+    crate::pool::ThreadPool::global().run(n.div_ceil(CHUNK), &|c| {
+        let lo = c * CHUNK;
+        let hi = (lo + CHUNK).min(n);
+        // SAFETY: see `Ptr`; `lo..hi` lies within `g[..n]`.
+        let a = unsafe { std::slice::from_raw_parts_mut(gp.0.add(lo), hi - lo) };
+        f(a, &u[lo..hi]);
+    });
 }
 
 #[cfg(test)]
@@ -137,6 +180,30 @@ mod tests {
             assert!((gelu_ggml_cpu(x) - gelu(x)).abs() <= 2e-3 * (1.0 + gelu(x).abs()));
         }
         assert_eq!(gelu_ggml_cpu(0.0), 0.0);
+        // The table holds exactly f16(gelu(f16(x))) for every f16 input.
+        for x in [-9.99f32, -1.234, -0.001, 1e-5, 0.333, 3.75, 9.99] {
+            let direct = f16::from_f32(gelu(f16::from_f32(x).to_f32())).to_f32();
+            assert_eq!(gelu_ggml_cpu(x).to_bits(), direct.to_bits(), "{x}");
+        }
+    }
+
+    #[test]
+    fn long_gated_products_match_the_serial_loop() {
+        let n = 100_003;
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 37) % 1001) as f32 / 100.0 - 5.0)
+            .collect();
+        let u: Vec<f32> = (0..n)
+            .map(|i| ((i * 11) % 97) as f32 / 50.0 - 1.0)
+            .collect();
+        let mut a = g.clone();
+        silu_mul(&mut a, &u);
+        let mut b = g.clone();
+        gelu_mul(&mut b, &u);
+        for i in 0..n {
+            assert_eq!(a[i].to_bits(), (silu(g[i]) * u[i]).to_bits());
+            assert_eq!(b[i].to_bits(), (gelu_ggml_cpu(g[i]) * u[i]).to_bits());
+        }
     }
 
     #[test]
