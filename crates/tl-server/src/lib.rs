@@ -72,18 +72,18 @@ impl Default for ServerConfig {
 /// Errors that stop the server (never a request's error).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         addr: String,
         source: std::io::Error,
     },
     #[error("loading the model: {0}")]
     Load(String),
-    #[error("starting the engine: {0}")]
+    #[error("starting the engine")]
     Engine(#[from] tl_engine::EngineError),
-    #[error("server: {0}")]
+    #[error("server I/O")]
     Io(#[from] std::io::Error),
-    #[error("metrics: {0}")]
+    #[error("metrics registry")]
     Metrics(#[from] prometheus::Error),
 }
 
