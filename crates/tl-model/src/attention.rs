@@ -85,24 +85,18 @@ pub fn attend_scalar(
         }
         // Q·K over the blocks covering [lo, pos].
         let mut max = f32::NEG_INFINITY;
-        let mut t = lo;
-        while t <= pos {
-            let Some((block, slot0)) = seq.slot(t) else {
-                break;
-            };
+        for (block, slots, i0) in Runs::new(seq, lo, pos) {
             let kb = cache.k_head(layer, block, g);
-            let end_slot = BLOCK_SIZE.min(slot0 + (pos + 1 - t));
-            for slot in slot0..end_slot {
+            for (i, slot) in slots.clone().enumerate() {
                 let k = &kb[slot * hd..(slot + 1) * hd];
                 let mut dot = 0.0f32;
                 for (a, b) in s.q16.iter().zip(k) {
                     dot += a * b.to_f32();
                 }
                 let sc = dot * p.scale;
-                s.scores[t - lo + slot - slot0] = sc;
+                s.scores[i0 + i] = sc;
                 max = max.max(sc);
             }
-            t += end_slot - slot0;
         }
         // ggml `soft_max`: exponentials in f32, their sum in f64, then a
         // scale by the f32 reciprocal. The probabilities are rounded to f16
@@ -111,21 +105,50 @@ pub fn attend_scalar(
         softmax_f16(&mut s.scores, max);
         let o = &mut out[hl * hd..(hl + 1) * hd];
         o.fill(0.0);
-        let mut t = lo;
-        while t <= pos {
-            let Some((block, slot0)) = seq.slot(t) else {
-                break;
-            };
+        for (block, slots, i0) in Runs::new(seq, lo, pos) {
             let vb = cache.v_head(layer, block, g);
-            let end_slot = BLOCK_SIZE.min(slot0 + (pos + 1 - t));
-            for slot in slot0..end_slot {
-                let w = s.scores[t - lo + slot - slot0];
+            for (i, slot) in slots.clone().enumerate() {
+                let w = s.scores[i0 + i];
                 for (acc, v) in o.iter_mut().zip(&vb[slot * hd..(slot + 1) * hd]) {
                     *acc += w * v.to_f32();
                 }
             }
-            t += end_slot - slot0;
         }
+    }
+}
+
+/// The runs of cache slots holding positions `[lo, pos]` of a sequence:
+/// `(block, slots, i0)` with `slots` the slots of `block` in order and `i0`
+/// the index (from `lo`) of the first.
+struct Runs<'a> {
+    seq: &'a SeqKv,
+    t: usize,
+    lo: usize,
+    end: usize,
+}
+
+impl<'a> Runs<'a> {
+    fn new(seq: &'a SeqKv, lo: usize, pos: usize) -> Self {
+        Runs {
+            seq,
+            t: lo,
+            lo,
+            end: pos + 1,
+        }
+    }
+}
+
+impl Iterator for Runs<'_> {
+    type Item = (u32, std::ops::Range<usize>, usize);
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.t >= self.end {
+            return None;
+        }
+        let (block, slot0) = self.seq.slot(self.t)?;
+        let end_slot = BLOCK_SIZE.min(slot0 + (self.end - self.t));
+        let i0 = self.t - self.lo;
+        self.t += end_slot - slot0;
+        Some((block, slot0..end_slot, i0))
     }
 }
 
@@ -152,8 +175,8 @@ fn softmax_f16(scores: &mut [f32], max: f32) {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{softmax_f16, AttnParams, AttnScratch};
-    use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
+    use super::{softmax_f16, AttnParams, AttnScratch, Runs};
+    use crate::kv::{KvCache, SeqKv};
 
     /// Largest head dimension kept in registers (Gemma 3 uses 256).
     pub(super) const MAX_HEAD_DIM: usize = 256;
@@ -206,15 +229,11 @@ mod simd {
             }
             let qp = s.q16.as_ptr();
             let mut max = f32::NEG_INFINITY;
-            let mut t = lo;
-            while t <= pos {
-                let Some((block, slot0)) = seq.slot(t) else {
-                    break;
-                };
+            for (block, slots, i0) in Runs::new(seq, lo, pos) {
                 let kb = cache.k_head(layer, block, g);
-                let end_slot = BLOCK_SIZE.min(slot0 + (pos + 1 - t));
-                debug_assert!(kb.len() >= end_slot * hd);
-                for slot in slot0..end_slot {
+                // The block holds BLOCK_SIZE rows of `hd` values.
+                debug_assert!(kb.len() >= slots.end * hd);
+                for (i, slot) in slots.clone().enumerate() {
                     let kp = kb.as_ptr().add(slot * hd) as *const __m256i;
                     let mut acc = _mm512_setzero_ps();
                     for c in 0..nc {
@@ -222,30 +241,23 @@ mod simd {
                         acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(16 * c)), k, acc);
                     }
                     let sc = _mm512_reduce_add_ps(acc) * p.scale;
-                    *s.scores.get_unchecked_mut(t - lo + slot - slot0) = sc;
+                    s.scores[i0 + i] = sc;
                     max = max.max(sc);
                 }
-                t += end_slot - slot0;
             }
             softmax_f16(&mut s.scores[..n], max);
             let mut o = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
-            let mut t = lo;
-            while t <= pos {
-                let Some((block, slot0)) = seq.slot(t) else {
-                    break;
-                };
+            for (block, slots, i0) in Runs::new(seq, lo, pos) {
                 let vb = cache.v_head(layer, block, g);
-                let end_slot = BLOCK_SIZE.min(slot0 + (pos + 1 - t));
-                debug_assert!(vb.len() >= end_slot * hd);
-                for slot in slot0..end_slot {
-                    let w = _mm512_set1_ps(*s.scores.get_unchecked(t - lo + slot - slot0));
+                debug_assert!(vb.len() >= slots.end * hd);
+                for (i, slot) in slots.clone().enumerate() {
+                    let w = _mm512_set1_ps(s.scores[i0 + i]);
                     let vp = vb.as_ptr().add(slot * hd) as *const __m256i;
                     for (c, oc) in o.iter_mut().enumerate().take(nc) {
                         let v = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
                         *oc = _mm512_fmadd_ps(w, v, *oc);
                     }
                 }
-                t += end_slot - slot0;
             }
             let op = out[hl * hd..(hl + 1) * hd].as_mut_ptr();
             for (c, oc) in o.iter().enumerate().take(nc) {
