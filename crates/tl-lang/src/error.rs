@@ -58,6 +58,13 @@ pub enum LangError {
         #[source]
         source: tl_core::CoreError,
     },
+    #[error("{op}: {source}")]
+    Model {
+        span: Span,
+        op: &'static str,
+        #[source]
+        source: tl_model::ModelError,
+    },
     #[error("cannot read {path}: {message}")]
     Io {
         span: Option<Span>,
@@ -84,7 +91,8 @@ impl LangError {
             | Assert { span, .. }
             | Limit { span, .. }
             | Invalid { span, .. }
-            | Kernel { span, .. } => Some(*span),
+            | Kernel { span, .. }
+            | Model { span, .. } => Some(*span),
             Io { span, .. } => *span,
         }
     }

@@ -635,19 +635,32 @@ impl Interp {
             ExprKind::Index(base, args) => {
                 let b = self.eval(env, base)?;
                 let idx = self.eval_index_args(env, args)?;
+                if let Value::Node(m, path) = &b {
+                    let [Idx::At(i)] = idx[..] else {
+                        return Err(LangError::invalid(
+                            e.span,
+                            format!("`model.{path}[…]` takes one integer index"),
+                        ));
+                    };
+                    return m.index(path, i, e.span);
+                }
                 let Value::Tensor(t) = b else {
                     return Err(LangError::ty(base.span, "a tensor", b.type_name()));
                 };
                 let (shape, offs) = region(&t.shape, &idx, args, e.span)?;
                 gather(&t, shape, &offs, e.span)?
             }
-            ExprKind::Field(_, field) => {
-                return Err(LangError::NotImplemented {
-                    span: e.span,
-                    name: format!(".{field}"),
-                    reason: "model field access comes with load_model",
-                })
-            }
+            ExprKind::Field(base, field) => match self.eval(env, base)? {
+                Value::Model(m) => m.field(None, field, e.span)?,
+                Value::Node(m, path) => m.field(Some(&path), field, e.span)?,
+                other => {
+                    return Err(LangError::ty(
+                        base.span,
+                        format!("a model (to read `.{field}`)"),
+                        other.type_name(),
+                    ))
+                }
+            },
         })
     }
 

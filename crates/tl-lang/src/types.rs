@@ -14,7 +14,7 @@ pub enum Type {
     Str,
     /// Dims `None`: rank unknown until the program runs.
     Tensor(ElemType, Option<Vec<Dim>>),
-    /// A loaded model (`load_model`); not produced yet, see LANGUAGE.md.
+    /// A loaded model (`load_model`); its fields are checked when read.
     Model,
     /// Unknown (the result of a builtin whose type depends on values).
     Any,
