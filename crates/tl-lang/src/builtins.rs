@@ -87,6 +87,7 @@ pub static BUILTINS: &[Builtin] = &[
     ready("parse_int", "parse_int(s: string) -> int", "Parses a decimal integer."),
     ready("parse_float", "parse_float(s: string) -> float", "Parses a number."),
     ready("fixpoint_limit", "fixpoint_limit(n: int) -> ()", "Sets the most rounds the rules may take to reach their fixpoint (default 100000); more is an error."),
+    ready("clock", "clock() -> float", "Seconds on a monotonic clock (differences time a part of a program)."),
     ready("load_model", "load_model(path: string) -> model", "Opens a GGUF model. `model.blk[i].attn_q.weight` (any GGUF tensor name, `blk.i.` written `blk[i].`) is its tensor, a zero-copy view that keeps its block format; `model.config.<field>` is a hyper-parameter: n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn, vocab, context (int), rope_base, rms_eps, embed_scale (float), arch (string)."),
     ready("tokenize", "tokenize(model, text: string) -> i32[n]", "Token ids of a text with the model's tokenizer, as `tl generate` encodes a prompt (BOS where the model adds one, special tokens parsed)."),
     ready("detokenize", "detokenize(model, ids: i32[n] | int) -> string", "Text of token ids (control tokens render as nothing)."),
@@ -558,6 +559,10 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             scalar(&a[0], Type::Int)?;
             Type::Unit
         }
+        "clock" => {
+            ar(0, 0)?;
+            Type::Float
+        }
         "load_model" => {
             ar(1, 1)?;
             scalar(&a[0], Type::Str)?;
@@ -622,6 +627,8 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
 }
 
 thread_local! {
+    /// The origin of `clock()`.
+    static CLOCK_START: std::time::Instant = std::time::Instant::now();
     /// Quantized activations and other buffers of the weight matmul,
     /// reused across calls so a decode step does not regrow them.
     static MM_SCRATCH: RefCell<tl_core::MatmulScratch> = RefCell::new(tl_core::MatmulScratch::default());
@@ -1227,6 +1234,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             *ctx.fixpoint_limit = usize_arg(&arg(0)?.0, arg(0)?.1)?.max(1);
             Value::Unit
         }
+        "clock" => Value::Float(CLOCK_START.with(|t| t.elapsed().as_secs_f64())),
         "load_model" => {
             let path = string(&arg(0)?.0, arg(0)?.1)?;
             Value::Model(Rc::new(ModelVal::load(&path, span)?))
@@ -1240,7 +1248,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 .map_err(|source| LangError::Model {
                     span,
                     op: "tokenize",
-                    source,
+                    source: Box::new(source),
                 })?;
             let ids: Vec<i32> = ids.into_iter().map(|i| i as i32).collect();
             Value::tensor(Tens {
@@ -1284,7 +1292,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 .map_err(|source| LangError::Model {
                     span,
                     op: "apply_chat_template",
-                    source,
+                    source: Box::new(source),
                 })?;
             Value::Str(p.into())
         }
@@ -1353,6 +1361,17 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
 
 /// Indices of the `k` largest values, largest first (lower index on ties).
 fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
+    if k == 1 {
+        // argmax and greedy sampling: one pass over the logits, not a sort
+        // of the whole vocabulary per token.
+        let mut best = 0;
+        for (i, x) in v.iter().enumerate().skip(1) {
+            if x.total_cmp(&v[best]) == std::cmp::Ordering::Greater {
+                best = i;
+            }
+        }
+        return if v.is_empty() { Vec::new() } else { vec![best] };
+    }
     let mut idx: Vec<usize> = (0..v.len()).collect();
     idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
     idx.truncate(k);

@@ -62,8 +62,10 @@ pub enum LangError {
     Model {
         span: Span,
         op: &'static str,
+        /// Boxed: a model error is large and rare; every other result
+        /// stays small.
         #[source]
-        source: tl_model::ModelError,
+        source: Box<tl_model::ModelError>,
     },
     #[error("cannot read {path}: {message}")]
     Io {

@@ -1241,6 +1241,22 @@ fn tensor_binary(
             })
         }
     };
+    if let (TData::F32(x), TData::F32(y), BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div) =
+        (&a.data, &b.data, op)
+    {
+        if a.shape == b.shape {
+            // Same-shape f32 arithmetic (residuals, gated products): one
+            // pass, no index mapping, no copies of the operands.
+            let f: fn(f32, f32) -> f32 = match op {
+                BinOp::Add => |p, q| p + q,
+                BinOp::Sub => |p, q| p - q,
+                BinOp::Mul => |p, q| p * q,
+                _ => |p, q| p / q,
+            };
+            let out = x.iter().zip(y).map(|(&p, &q)| f(p, q)).collect();
+            return Ok(Value::tensor(Tens::f32(shape, out)));
+        }
+    }
     let both_int = a.elem() == ElemType::I32 && b.elem() == ElemType::I32;
     let is_cmp = matches!(
         op,

@@ -37,7 +37,11 @@ impl fmt::Debug for ModelVal {
 }
 
 fn model_err(span: Span, op: &'static str) -> impl Fn(tl_model::ModelError) -> LangError {
-    move |source| LangError::Model { span, op, source }
+    move |source| LangError::Model {
+        span,
+        op,
+        source: Box::new(source),
+    }
 }
 
 impl ModelVal {
