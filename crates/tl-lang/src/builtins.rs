@@ -764,6 +764,12 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 Value::Int(_) | Value::Float(_) => Value::Float(f(float(v, *s)? as f32) as f64),
                 _ => {
                     let t = tens(v, *s)?;
+                    if let (TData::F32(x), "silu") = (&t.data, name) {
+                        // The native forward's scalar silu, without a copy
+                        // into and out of a core tensor.
+                        let y = x.iter().map(|&v| tl_core::cpu::kernels::silu(v)).collect();
+                        return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+                    }
                     if name == "silu" || name == "gelu" {
                         let act = if name == "silu" {
                             Activation::Silu

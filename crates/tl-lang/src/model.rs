@@ -25,9 +25,15 @@ use crate::value::{TData, Tens, Value};
 pub struct ModelVal {
     pub path: String,
     pub llm: Llm,
-    /// Weights already looked up, so a loop reading `model.blk[i]…` each
-    /// step builds each view once.
-    weights: RefCell<HashMap<String, Rc<Tens>>>,
+    /// Names already resolved, so a loop reading `model.blk[i]…` every
+    /// step builds each view once and scans the tensor list once per name.
+    resolved: RefCell<HashMap<String, Resolved>>,
+}
+
+#[derive(Clone)]
+enum Resolved {
+    Tensor(Rc<Tens>),
+    Prefix,
 }
 
 impl fmt::Debug for ModelVal {
@@ -60,7 +66,7 @@ impl ModelVal {
         Ok(ModelVal {
             path: path.to_string(),
             llm,
-            weights: RefCell::new(HashMap::new()),
+            resolved: RefCell::new(HashMap::new()),
         })
     }
 
@@ -80,8 +86,11 @@ impl ModelVal {
             Some(p) => format!("{p}.{field}"),
             None => field.to_string(),
         };
-        if let Some(t) = self.weights.borrow().get(&name) {
-            return Ok(Value::Tensor(t.clone()));
+        let hit = self.resolved.borrow().get(&name).cloned();
+        match hit {
+            Some(Resolved::Tensor(t)) => return Ok(Value::Tensor(t)),
+            Some(Resolved::Prefix) => return Ok(Value::Node(self.clone(), name.into())),
+            None => {}
         }
         let file = &self.llm.model.file;
         if let Some(info) = file.tensor(&name) {
@@ -94,11 +103,16 @@ impl ModelVal {
                 shape: t.dims().to_vec(),
                 data: TData::Core(t),
             });
-            self.weights.borrow_mut().insert(name, tens.clone());
+            self.resolved
+                .borrow_mut()
+                .insert(name, Resolved::Tensor(tens.clone()));
             return Ok(Value::Tensor(tens));
         }
         let prefix = format!("{name}.");
         if file.tensors.iter().any(|t| t.name.starts_with(&prefix)) {
+            self.resolved
+                .borrow_mut()
+                .insert(name.clone(), Resolved::Prefix);
             return Ok(Value::Node(self.clone(), name.into()));
         }
         Err(LangError::Undefined {
