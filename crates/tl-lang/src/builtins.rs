@@ -52,7 +52,7 @@ pub static BUILTINS: &[Builtin] = &[
     ready("abs", "abs(x: float | f32[..]) -> same", "Absolute value, elementwise."),
     ready("step", "step(x: float | f32[..]) -> same", "1 where x > 0, else 0 (the threshold rules compile to)."),
     ready("silu", "silu(x: float | f32[..]) -> same", "x * sigmoid(x) (tl-core kernel)."),
-    ready("gelu", "gelu(x: float | f32[..]) -> same", "GELU, tanh approximation (tl-core kernel)."),
+    ready("gelu", "gelu(x: float | f32[..], mode: string?) -> same", "GELU, tanh approximation (tl-core kernel); mode \"ggml\" on a tensor: ggml's CPU GELU (input rounded to f16, f16 table), as the native Gemma forward computes it."),
     ready("softmax", "softmax(x: f32[.., n]) -> f32[.., n]", "Softmax over the last axis (tl-core kernel)."),
     ready("matmul", "matmul(a: f32[.., m, k], b: f32[k, n] | f32[.., k, n]) -> f32[.., m, n]", "Matrix product (tl-core kernel); a 2-D `b` is shared by all leading dims of `a`."),
     ready("linear", "linear(x: f32[.., k], w: f32|f16|bf16|q[n, k], bias: f32[n]?) -> f32[.., n]", "x · wᵀ (+ bias) with the weight stored one output per row, as in GGUF (tl-core kernel; quantized weights stay quantized)."),
@@ -227,7 +227,14 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             Type::Unit
         }
         "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu" | "gelu" => {
-            ar(1, 1)?;
+            if name == "gelu" {
+                ar(1, 2)?;
+                if n == 2 {
+                    scalar(&a[1], Type::Str)?;
+                }
+            } else {
+                ar(1, 1)?;
+            }
             match &a[0].0 {
                 Type::Int | Type::Float => Type::Float,
                 Type::Any => Type::Any,
@@ -764,6 +771,24 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 Value::Int(_) | Value::Float(_) => Value::Float(f(float(v, *s)? as f32) as f64),
                 _ => {
                     let t = tens(v, *s)?;
+                    if let (TData::F32(x), Some((mv, ms))) = (&t.data, args.get(1)) {
+                        let y = match &*string(mv, *ms)? {
+                            "tanh" => x.iter().map(|&v| tl_core::cpu::kernels::gelu(v)).collect(),
+                            "ggml" => x
+                                .iter()
+                                .map(|&v| tl_core::cpu::kernels::gelu_ggml_cpu(v))
+                                .collect(),
+                            other => {
+                                return Err(LangError::invalid(
+                                    *ms,
+                                    format!(
+                                        "gelu mode must be \"tanh\" or \"ggml\", found {other:?}"
+                                    ),
+                                ))
+                            }
+                        };
+                        return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+                    }
                     if let (TData::F32(x), "silu") = (&t.data, name) {
                         // The native forward's scalar silu, without a copy
                         // into and out of a core tensor.

@@ -75,6 +75,7 @@ impl ModelVal {
     }
 
     /// `model.<path>.<field>`: a config value, a tensor, or a longer prefix.
+    /// Config fields are listed in docs/LANGUAGE.md.
     pub fn field(self: &Rc<Self>, path: Option<&str>, field: &str, span: Span) -> Result<Value> {
         if path == Some("config") {
             return self.config_field(field, span);
@@ -138,6 +139,9 @@ impl ModelVal {
     fn config_field(&self, field: &str, span: Span) -> Result<Value> {
         let c = self.config();
         let int = |n: usize| Value::Int(n as i64);
+        // The f64 nearest the f32's shortest decimal (1e-6, not
+        // 9.99999997e-7); it converts back to the same f32.
+        let float = |x: f32| Value::Float(x.to_string().parse().unwrap_or(f64::from(x)));
         Ok(match field {
             "n_layers" => int(c.n_layers),
             "d_model" => int(c.d_model),
@@ -147,9 +151,12 @@ impl ModelVal {
             "ffn" => int(c.ffn),
             "vocab" => int(c.vocab),
             "context" => int(c.context),
-            "rope_base" => Value::Float(f64::from(c.rope_base)),
-            "rms_eps" => Value::Float(f64::from(c.rms_eps)),
-            "embed_scale" => Value::Float(f64::from(c.embed_scale)),
+            "rope_base" => float(c.rope_base),
+            "rope_base_swa" => float(c.rope_base_swa),
+            "sliding_window" => int(c.sliding_window.unwrap_or(0)),
+            "swa_period" => int(c.swa_period),
+            "rms_eps" => float(c.rms_eps),
+            "embed_scale" => float(c.embed_scale),
             "arch" => Value::Str(c.arch.name().into()),
             other => {
                 return Err(LangError::Undefined {
@@ -283,14 +290,28 @@ impl CacheVal {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: hd,
-            // Gemma 3's query scale is folded into q by the native forward;
-            // here the program's q is unscaled, so the scale applies here.
             scale: c.attn_scale,
             window: if gemma && c.is_swa_layer(layer) {
                 c.sliding_window
             } else {
                 None
             },
+        };
+        // Gemma 3: the native forward scales the queries before attention
+        // (and attends with scale 1); doing the same keeps the f16 rounding
+        // of the scaled queries, so the numbers agree exactly.
+        let scaled: Vec<f32>;
+        let (q, params) = if gemma {
+            scaled = q.iter().map(|v| v * c.attn_scale).collect();
+            (
+                scaled.as_slice(),
+                AttnParams {
+                    scale: 1.0,
+                    ..params
+                },
+            )
+        } else {
+            (q, params)
         };
         let mut out = vec![0.0f32; t * qd];
         for i in 0..t {
