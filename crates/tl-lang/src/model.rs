@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::Mutex;
 
 use tl_core::Tensor;
 use tl_model::attention::{attend, AttnParams, AttnScratch};
@@ -175,7 +176,8 @@ pub struct CacheVal {
     kv: KvCache,
     mgr: BlockManager,
     seq: SeqKv,
-    scratch: AttnScratch,
+    /// One per (token, KV head) task of a step, reused across steps.
+    scratch: Vec<Mutex<AttnScratch>>,
     capacity: usize,
 }
 
@@ -198,7 +200,7 @@ impl CacheVal {
             kv,
             mgr,
             seq: SeqKv::new(),
-            scratch: AttnScratch::default(),
+            scratch: Vec::new(),
             capacity: n_tokens,
         })
     }
@@ -280,11 +282,9 @@ impl CacheVal {
                 &v[i * kvd..(i + 1) * kvd],
             );
         }
-        // The sequence length counts positions whose K/V every layer holds:
-        // programs run layer 0 first, so the last layer closes the step.
-        if layer + 1 == c.n_layers {
-            self.seq.len = self.seq.len.max(end);
-        }
+        // Positions cached so far, by any layer: a program runs each step's
+        // layers in turn, each at the same `pos`.
+        self.seq.len = self.seq.len.max(end);
         let gemma = c.arch == Arch::Gemma3;
         let params = AttnParams {
             n_heads: c.n_heads,
@@ -313,19 +313,41 @@ impl CacheVal {
         } else {
             (q, params)
         };
+        // One task per (token, KV head group), on the matmul thread pool as
+        // the native forward does: a group's query heads are contiguous, so
+        // each task owns one output chunk (locks are never contended).
+        let group = c.n_heads / c.n_kv_heads.max(1);
+        let chunk = group * hd;
+        let n_tasks = t * c.n_kv_heads;
+        if self.scratch.len() < n_tasks {
+            self.scratch
+                .resize_with(n_tasks, || Mutex::new(AttnScratch::default()));
+        }
         let mut out = vec![0.0f32; t * qd];
-        for i in 0..t {
-            attend(
-                &self.kv,
-                layer,
-                &self.seq,
-                pos + i,
-                &params,
-                0..c.n_heads,
-                &q[i * qd..(i + 1) * qd],
-                &mut out[i * qd..(i + 1) * qd],
-                &mut self.scratch,
-            );
+        if chunk > 0 {
+            let outs: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk).map(Mutex::new).collect();
+            let (kv, seq, scratch, params) = (&self.kv, &self.seq, &self.scratch, &params);
+            tl_core::pool::ThreadPool::global().run(n_tasks, &|idx| {
+                let (i, g) = (idx / c.n_kv_heads, idx % c.n_kv_heads);
+                let heads = g * group..(g + 1) * group;
+                let (Some(o), Some(sc)) = (outs.get(idx), scratch.get(idx)) else {
+                    return;
+                };
+                let (Ok(mut o), Ok(mut sc)) = (o.lock(), sc.lock()) else {
+                    return;
+                };
+                attend(
+                    kv,
+                    layer,
+                    seq,
+                    pos + i,
+                    params,
+                    heads.clone(),
+                    &q[i * qd + heads.start * hd..i * qd + heads.end * hd],
+                    &mut o,
+                    &mut sc,
+                );
+            });
         }
         Ok(out)
     }
