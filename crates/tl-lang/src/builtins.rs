@@ -611,13 +611,16 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             ar(2, 2)?;
             model_arg(&a[0])?;
             scalar(&a[1], Type::Int)?;
-            Type::Any
+            Type::Cache
         }
         "attention" => {
             ar(6, 6)?;
             for (x, what) in a[..3].iter().zip(["q", "k", "v"]) {
                 let d = float_tensor(x, "f32[t, heads, head_dim]")?;
                 rank_is(d, 3, x, what)?;
+            }
+            if !matches!(a[3].0, Type::Cache | Type::Any) {
+                return Err(LangError::ty(a[3].1, "a kv_cache", &a[3].0));
             }
             scalar(&a[4], Type::Int)?;
             scalar(&a[5], Type::Int)?;

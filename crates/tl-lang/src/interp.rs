@@ -736,6 +736,20 @@ fn check_shape(
     span: Span,
     fname: &str,
 ) -> Result<()> {
+    match (t, v) {
+        (TypeExpr::Model, Value::Model(_)) | (TypeExpr::Cache, Value::Cache(_)) => return Ok(()),
+        (TypeExpr::Model | TypeExpr::Cache, _) => {
+            return Err(LangError::ty(
+                span,
+                format!(
+                    "{} (argument of `{fname}`)",
+                    crate::types::Type::from_expr(t)
+                ),
+                v.type_name(),
+            ))
+        }
+        _ => {}
+    }
     let TypeExpr::Tensor(_, dims) = t else {
         return Ok(());
     };

@@ -254,6 +254,11 @@ fn model_builtin_errors() {
         true,
         "t.tl:1:9: error: `attention` takes 6 arguments, got 4",
     );
+    assert_diag(
+        "fn w(m: model) -> int {\n    return 1;\n}\nlet x = w(3);\n",
+        true,
+        "t.tl:4:11: error: type mismatch: expected model, found int",
+    );
     // A missing file is an error at the call, naming the file.
     let got = diag("let m = load_model(\"/nonexistent/x.gguf\");\n", false);
     assert!(
