@@ -686,6 +686,15 @@ fn token_id(i: i64, m: &ModelVal, span: Span) -> Result<u32> {
     }
 }
 
+/// A core tensor that is a whole, contiguous storage (model weights and
+/// their reshapes), whose raw bytes the block matmul can read as they are.
+fn whole_weight(t: &Tens) -> Option<&Tensor> {
+    match &t.data {
+        TData::Core(c) if c.is_contiguous() && c.elem_count() == t.len() => Some(c),
+        _ => None,
+    }
+}
+
 /// The elements as f32, borrowed when they already are.
 fn f32_data(t: &Tens, span: Span) -> Result<std::borrow::Cow<'_, [f32]>> {
     Ok(match &t.data {
@@ -891,7 +900,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                     ctx.max_elements,
                 ));
             }
-            if let TData::Core(tw) = &w.data {
+            if let Some(tw) = whole_weight(&w) {
                 // Model weights: straight to the block-format matmul the
                 // native forward uses (activations quantized once, SIMD
                 // block dots, the thread pool).
@@ -902,6 +911,12 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                     let guard = tw.read_storage("linear").map_err(kernel("linear"))?;
                     let tl_core::Storage::Cpu(st) = &*guard;
                     let bytes = st.bytes();
+                    if tw.dtype().size_in_bytes(n * k) != Some(bytes.len()) {
+                        return Err(LangError::invalid(
+                            *ws,
+                            format!("linear: weight storage does not hold exactly {:?}", w.shape),
+                        ));
+                    }
                     MM_SCRATCH
                         .with(|sc| {
                             tl_core::matmul(
