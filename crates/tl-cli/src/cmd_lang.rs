@@ -15,6 +15,9 @@ const STACK_BYTES: usize = 256 << 20;
 
 #[derive(Args)]
 pub struct RunArgs {
+    /// Worker threads of the kernels (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
     /// The `.tl` program.
     pub file: PathBuf,
     /// Arguments for the program (`nargs()`, `arg(i)`).
@@ -57,6 +60,7 @@ fn fail(it: &Interp, e: &LangError) -> ! {
 }
 
 pub fn run(a: &RunArgs) -> Result<()> {
+    crate::cmd_generate::init_threads(a.threads)?;
     let file = a.file.clone();
     let args = a.args.clone();
     on_big_stack(move || {

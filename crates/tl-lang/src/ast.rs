@@ -28,6 +28,10 @@ pub enum TypeExpr {
     Bool,
     Str,
     Tensor(ElemType, Vec<Dim>),
+    /// `model`: a loaded model (`load_model`).
+    Model,
+    /// `kv_cache`: a paged KV cache (`kv_cache`).
+    Cache,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -2,6 +2,7 @@
 //! table is what docs/LANGUAGE.md lists), its type/shape rule, and its
 //! implementation on tl-core's CPU kernels.
 
+use std::cell::RefCell;
 use std::io::Write;
 use std::rc::Rc;
 
@@ -12,6 +13,7 @@ use tl_core::{Activation, Backend, CpuBackend, RopeConfig, RopeMode, Tensor, Una
 use crate::ast::{Dim, ElemType, Expr, ExprKind};
 use crate::diag::Span;
 use crate::error::{LangError, Result};
+use crate::model::{CacheVal, ModelVal};
 use crate::types::{dims_agree, dims_string, Type};
 use crate::value::{numel, TData, Tens, Value};
 
@@ -38,15 +40,6 @@ const fn ready(name: &'static str, signature: &'static str, doc: &'static str) -
     }
 }
 
-const fn later(name: &'static str, signature: &'static str, doc: &'static str) -> Builtin {
-    Builtin {
-        name,
-        signature,
-        doc,
-        status: Status::Later("the whole-model builtins come in a later step"),
-    }
-}
-
 pub static BUILTINS: &[Builtin] = &[
     ready("print", "print(x, ...) -> ()", "Prints its arguments separated by spaces."),
     ready("print_top_k", "print_top_k(x: f32[n], k: int) -> ()", "Prints the k largest entries as `index: value`, largest first."),
@@ -59,7 +52,7 @@ pub static BUILTINS: &[Builtin] = &[
     ready("abs", "abs(x: float | f32[..]) -> same", "Absolute value, elementwise."),
     ready("step", "step(x: float | f32[..]) -> same", "1 where x > 0, else 0 (the threshold rules compile to)."),
     ready("silu", "silu(x: float | f32[..]) -> same", "x * sigmoid(x) (tl-core kernel)."),
-    ready("gelu", "gelu(x: float | f32[..]) -> same", "GELU, tanh approximation (tl-core kernel)."),
+    ready("gelu", "gelu(x: float | f32[..], mode: string?) -> same", "GELU, tanh approximation (tl-core kernel); mode \"ggml\" on a tensor: ggml's CPU GELU (input rounded to f16, f16 table), as the native Gemma forward computes it."),
     ready("softmax", "softmax(x: f32[.., n]) -> f32[.., n]", "Softmax over the last axis (tl-core kernel)."),
     ready("matmul", "matmul(a: f32[.., m, k], b: f32[k, n] | f32[.., k, n]) -> f32[.., m, n]", "Matrix product (tl-core kernel); a 2-D `b` is shared by all leading dims of `a`."),
     ready("linear", "linear(x: f32[.., k], w: f32|f16|bf16|q[n, k], bias: f32[n]?) -> f32[.., n]", "x · wᵀ (+ bias) with the weight stored one output per row, as in GGUF (tl-core kernel; quantized weights stay quantized)."),
@@ -94,11 +87,14 @@ pub static BUILTINS: &[Builtin] = &[
     ready("parse_int", "parse_int(s: string) -> int", "Parses a decimal integer."),
     ready("parse_float", "parse_float(s: string) -> float", "Parses a number."),
     ready("fixpoint_limit", "fixpoint_limit(n: int) -> ()", "Sets the most rounds the rules may take to reach their fixpoint (default 100000); more is an error."),
-    later("load_model", "load_model(path: string) -> model", "Opens a GGUF model; fields `model.blk[i].attn_q.weight` are its tensors (quantized weights stay quantized)."),
-    later("tokenize", "tokenize(model, text: string) -> i32[n]", "Token ids of a text with the model's tokenizer."),
-    later("detokenize", "detokenize(model, ids: i32[n]) -> string", "Text of token ids."),
-    later("apply_chat_template", "apply_chat_template(model, role: string, text: string) -> string", "The model's chat template applied to a message."),
-    later("attention", "attention(q: f32[t, h, d], model, layer: int, pos: i32[t]) -> f32[t, h, d]", "Attention over the paged KV cache, writing this step's keys and values in place."),
+    ready("clock", "clock() -> float", "Seconds on a monotonic clock (differences time a part of a program)."),
+    ready("load_model", "load_model(path: string) -> model", "Opens a GGUF model. `model.blk[i].attn_q.weight` (any GGUF tensor name, `blk.i.` written `blk[i].`) is its tensor, a zero-copy view that keeps its block format; `model.config.<field>` is a hyper-parameter: n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn, vocab, context (int), rope_base, rms_eps, embed_scale (float), arch (string)."),
+    ready("tokenize", "tokenize(model, text: string) -> i32[n]", "Token ids of a text with the model's tokenizer, as `tl generate` encodes a prompt (BOS where the model adds one, special tokens parsed)."),
+    ready("detokenize", "detokenize(model, ids: i32[n] | int) -> string", "Text of token ids (control tokens render as nothing)."),
+    ready("apply_chat_template", "apply_chat_template(model, text: string, system: string?) -> string", "The model's chat template applied to one user message (and a system message), ending with the opening of the assistant's turn."),
+    ready("is_eog", "is_eog(model, id: int) -> bool", "Whether a token id ends generation (EOS, EOT, …)."),
+    ready("kv_cache", "kv_cache(model, n_tokens: int) -> kv_cache", "A paged KV cache (blocks of 16 tokens, f16) for one sequence of up to n_tokens tokens."),
+    ready("attention", "attention(q: f32[t, h, d], k: f32[t, hk, d], v: f32[t, hk, d], cache: kv_cache, layer: int, pos: int) -> f32[t, h, d]", "Writes k and v of the tokens at positions pos..pos+t of `layer` into the paged cache in place, then attends each token causally over the cache (tl-model's attention; grouped heads; the model's score scale)."),
 ];
 
 pub fn lookup(name: &str) -> Option<&'static Builtin> {
@@ -188,6 +184,13 @@ fn rank_is(d: Option<&[Dim]>, n: usize, a: &Ta, what: &str) -> Result<()> {
     Ok(())
 }
 
+fn model_arg(a: &Ta) -> Result<()> {
+    match a.0 {
+        Type::Model | Type::Any => Ok(()),
+        ref other => Err(LangError::ty(a.1, "a model (from load_model)", other)),
+    }
+}
+
 fn lit_dims(exprs: &[Expr]) -> Vec<Dim> {
     exprs
         .iter()
@@ -224,7 +227,14 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             Type::Unit
         }
         "relu" | "sigmoid" | "exp" | "log" | "tanh" | "sqrt" | "abs" | "step" | "silu" | "gelu" => {
-            ar(1, 1)?;
+            if name == "gelu" {
+                ar(1, 2)?;
+                if n == 2 {
+                    scalar(&a[1], Type::Str)?;
+                }
+            } else {
+                ar(1, 1)?;
+            }
             match &a[0].0 {
                 Type::Int | Type::Float => Type::Float,
                 Type::Any => Type::Any,
@@ -556,6 +566,66 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             scalar(&a[0], Type::Int)?;
             Type::Unit
         }
+        "clock" => {
+            ar(0, 0)?;
+            Type::Float
+        }
+        "load_model" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Str)?;
+            Type::Model
+        }
+        "tokenize" => {
+            ar(2, 2)?;
+            model_arg(&a[0])?;
+            scalar(&a[1], Type::Str)?;
+            Type::tensor(ElemType::I32, vec![Dim::Unknown])
+        }
+        "detokenize" => {
+            ar(2, 2)?;
+            model_arg(&a[0])?;
+            if !matches!(a[1].0, Type::Int | Type::Any) {
+                let (e, d) = tensor_of(&a[1], "i32[n] or int")?;
+                if e != ElemType::I32 {
+                    return Err(LangError::ty(a[1].1, "i32[n] or int", &a[1].0));
+                }
+                rank_is(d, 1, &a[1], "token ids")?;
+            }
+            Type::Str
+        }
+        "apply_chat_template" => {
+            ar(2, 3)?;
+            model_arg(&a[0])?;
+            for x in &a[1..] {
+                scalar(x, Type::Str)?;
+            }
+            Type::Str
+        }
+        "is_eog" => {
+            ar(2, 2)?;
+            model_arg(&a[0])?;
+            scalar(&a[1], Type::Int)?;
+            Type::Bool
+        }
+        "kv_cache" => {
+            ar(2, 2)?;
+            model_arg(&a[0])?;
+            scalar(&a[1], Type::Int)?;
+            Type::Cache
+        }
+        "attention" => {
+            ar(6, 6)?;
+            for (x, what) in a[..3].iter().zip(["q", "k", "v"]) {
+                let d = float_tensor(x, "f32[t, heads, head_dim]")?;
+                rank_is(d, 3, x, what)?;
+            }
+            if !matches!(a[3].0, Type::Cache | Type::Any) {
+                return Err(LangError::ty(a[3].1, "a kv_cache", &a[3].0));
+            }
+            scalar(&a[4], Type::Int)?;
+            scalar(&a[5], Type::Int)?;
+            a[0].0.clone()
+        }
         _ => {
             return Err(LangError::NotImplemented {
                 span: name_span,
@@ -564,6 +634,14 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             })
         }
     })
+}
+
+thread_local! {
+    /// The origin of `clock()`.
+    static CLOCK_START: std::time::Instant = std::time::Instant::now();
+    /// Quantized activations and other buffers of the weight matmul,
+    /// reused across calls so a decode step does not regrow them.
+    static MM_SCRATCH: RefCell<tl_core::MatmulScratch> = RefCell::new(tl_core::MatmulScratch::default());
 }
 
 /// What a builtin may touch of the interpreter.
@@ -587,6 +665,42 @@ fn tens(v: &Value, span: Span) -> Result<Rc<Tens>> {
         Value::Tensor(t) => Ok(t.clone()),
         other => Err(LangError::ty(span, "a tensor", other.type_name())),
     }
+}
+
+fn model(v: &Value, span: Span) -> Result<Rc<ModelVal>> {
+    match v {
+        Value::Model(m) => Ok(m.clone()),
+        other => Err(LangError::ty(span, "a model", other.type_name())),
+    }
+}
+
+fn token_id(i: i64, m: &ModelVal, span: Span) -> Result<u32> {
+    let vocab = m.config().vocab;
+    match u32::try_from(i) {
+        Ok(t) if (t as usize) < vocab => Ok(t),
+        _ => Err(LangError::Index {
+            span,
+            index: i,
+            len: vocab,
+        }),
+    }
+}
+
+/// A core tensor that is a whole, contiguous storage (model weights and
+/// their reshapes), whose raw bytes the block matmul can read as they are.
+fn whole_weight(t: &Tens) -> Option<&Tensor> {
+    match &t.data {
+        TData::Core(c) if c.is_contiguous() && c.elem_count() == t.len() => Some(c),
+        _ => None,
+    }
+}
+
+/// The elements as f32, borrowed when they already are.
+fn f32_data(t: &Tens, span: Span) -> Result<std::borrow::Cow<'_, [f32]>> {
+    Ok(match &t.data {
+        TData::F32(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+        _ => std::borrow::Cow::Owned(t.to_f32(span)?),
+    })
 }
 
 fn int(v: &Value, span: Span) -> Result<i64> {
@@ -669,6 +783,30 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 Value::Int(_) | Value::Float(_) => Value::Float(f(float(v, *s)? as f32) as f64),
                 _ => {
                     let t = tens(v, *s)?;
+                    if let (TData::F32(x), Some((mv, ms))) = (&t.data, args.get(1)) {
+                        let y = match &*string(mv, *ms)? {
+                            "tanh" => x.iter().map(|&v| tl_core::cpu::kernels::gelu(v)).collect(),
+                            "ggml" => x
+                                .iter()
+                                .map(|&v| tl_core::cpu::kernels::gelu_ggml_cpu(v))
+                                .collect(),
+                            other => {
+                                return Err(LangError::invalid(
+                                    *ms,
+                                    format!(
+                                        "gelu mode must be \"tanh\" or \"ggml\", found {other:?}"
+                                    ),
+                                ))
+                            }
+                        };
+                        return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+                    }
+                    if let (TData::F32(x), "silu") = (&t.data, name) {
+                        // The native forward's scalar silu, without a copy
+                        // into and out of a core tensor.
+                        let y = x.iter().map(|&v| tl_core::cpu::kernels::silu(v)).collect();
+                        return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+                    }
                     if name == "silu" || name == "gelu" {
                         let act = if name == "silu" {
                             Activation::Silu
@@ -762,6 +900,55 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                     ctx.max_elements,
                 ));
             }
+            if let Some(tw) = whole_weight(&w) {
+                // Model weights: straight to the block-format matmul the
+                // native forward uses (activations quantized once, SIMD
+                // block dots, the thread pool).
+                let n = w.shape[0];
+                let xf = f32_data(&x, span)?;
+                let mut y = vec![0.0f32; m * n];
+                {
+                    let guard = tw.read_storage("linear").map_err(kernel("linear"))?;
+                    let tl_core::Storage::Cpu(st) = &*guard;
+                    let bytes = st.bytes();
+                    if tw.dtype().size_in_bytes(n * k) != Some(bytes.len()) {
+                        return Err(LangError::invalid(
+                            *ws,
+                            format!("linear: weight storage does not hold exactly {:?}", w.shape),
+                        ));
+                    }
+                    MM_SCRATCH
+                        .with(|sc| {
+                            tl_core::matmul(
+                                &xf,
+                                m,
+                                k,
+                                bytes,
+                                tw.dtype().to_ggml(),
+                                n,
+                                &mut y,
+                                &mut sc.borrow_mut(),
+                            )
+                        })
+                        .map_err(kernel("linear"))?;
+                }
+                if let Some((bv, bs)) = args.get(2) {
+                    let b = tens(bv, *bs)?;
+                    if b.shape != [n] {
+                        return Err(LangError::shape(
+                            *bs,
+                            format!("linear: bias {:?} for {n} outputs", b.shape),
+                        ));
+                    }
+                    let bf = f32_data(&b, *bs)?;
+                    for row in y.chunks_exact_mut(n) {
+                        row.iter_mut().zip(bf.iter()).for_each(|(a, b)| *a += b);
+                    }
+                }
+                let mut dims = x.shape[..x.shape.len().saturating_sub(1)].to_vec();
+                dims.push(n);
+                return Ok(Value::tensor(Tens::f32(dims, y)));
+            }
             let tx = x
                 .to_core(span, "linear")?
                 .reshape(&[m, k])
@@ -784,14 +971,28 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             core_out(&y.reshape(&dims).map_err(kernel("linear"))?, span, "linear")?
         }
         "rms_norm" => {
-            let x = t0()?.to_core(span, "rms_norm")?;
-            let w = tens(&arg(1)?.0, arg(1)?.1)?.to_core(arg(1)?.1, "rms_norm")?;
+            // The row kernel of the native forward, so that a program's
+            // numerics match it bit for bit.
+            let xt = t0()?;
+            let (wv, ws) = arg(1)?;
+            let wt = tens(wv, *ws)?;
+            let d = xt.shape.last().copied().unwrap_or(0);
+            if wt.shape != [d] {
+                return Err(LangError::shape(
+                    *ws,
+                    format!("rms_norm: weight {:?} for rows of {d}", wt.shape),
+                ));
+            }
             let eps = float(&arg(2)?.0, arg(2)?.1)? as f32;
-            core_out(
-                &cpu.rms_norm(&x, &w, eps).map_err(kernel("rms_norm"))?,
-                span,
-                "rms_norm",
-            )?
+            let xf = f32_data(&xt, span)?;
+            let wf = f32_data(&wt, *ws)?;
+            let mut out = vec![0.0f32; xf.len()];
+            if d > 0 {
+                for (o, r) in out.chunks_exact_mut(d).zip(xf.chunks_exact(d)) {
+                    tl_core::cpu::kernels::rms_norm_row(r, &wf, eps, o);
+                }
+            }
+            return Ok(Value::tensor(Tens::f32(xt.shape.clone(), out)));
         }
         "layer_norm" => {
             let x = t0()?.to_core(span, "layer_norm")?;
@@ -822,6 +1023,32 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 None => RopeMode::Neox,
             };
             let head_dim = xt.shape.last().copied().unwrap_or(0);
+            if let (TData::F32(xv), TData::I32(pv), [t, h, _]) =
+                (&xt.data, &tens(&arg(1)?.0, arg(1)?.1)?.data, &xt.shape[..])
+            {
+                // The native forward's kernels: one cos/sin table per
+                // position, rotated into every head in place.
+                if pv.len() != *t || head_dim % 2 != 0 {
+                    return Err(LangError::shape(
+                        span,
+                        format!("rope: {} positions for {:?}", pv.len(), xt.shape),
+                    ));
+                }
+                let mut out = xv.clone();
+                let mut cs = vec![0.0f32; head_dim];
+                let km = match mode {
+                    RopeMode::Neox => RopeMode::Neox,
+                    _ => RopeMode::Normal,
+                };
+                for (i, &p) in pv.iter().enumerate() {
+                    tl_core::cpu::kernels::rope_cache(p as f32, base, 1.0, None, &mut cs);
+                    let row = &mut out[i * h * head_dim..(i + 1) * h * head_dim];
+                    for head in row.chunks_exact_mut(head_dim.max(1)) {
+                        tl_core::cpu::kernels::rope_rotate(head, &cs, km);
+                    }
+                }
+                return Ok(Value::tensor(Tens::f32(xt.shape.clone(), out)));
+            }
             let cfg = RopeConfig::new(mode, head_dim, base);
             core_out(
                 &cpu.rope(&x, &pos, None, &cfg).map_err(kernel("rope"))?,
@@ -1056,6 +1283,121 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             *ctx.fixpoint_limit = usize_arg(&arg(0)?.0, arg(0)?.1)?.max(1);
             Value::Unit
         }
+        "clock" => Value::Float(CLOCK_START.with(|t| t.elapsed().as_secs_f64())),
+        "load_model" => {
+            let path = string(&arg(0)?.0, arg(0)?.1)?;
+            Value::Model(Rc::new(ModelVal::load(&path, span)?))
+        }
+        "tokenize" => {
+            let m = model(&arg(0)?.0, arg(0)?.1)?;
+            let text = string(&arg(1)?.0, arg(1)?.1)?;
+            let ids = m
+                .llm
+                .encode_prompt(&text, true)
+                .map_err(|source| LangError::Model {
+                    span,
+                    op: "tokenize",
+                    source: Box::new(source),
+                })?;
+            let ids: Vec<i32> = ids.into_iter().map(|i| i as i32).collect();
+            Value::tensor(Tens {
+                shape: vec![ids.len()],
+                data: TData::I32(ids),
+            })
+        }
+        "detokenize" => {
+            let m = model(&arg(0)?.0, arg(0)?.1)?;
+            let (v, s) = arg(1)?;
+            let ids: Vec<u32> = match v {
+                Value::Int(i) => vec![token_id(*i, &m, *s)?],
+                _ => {
+                    let t = tens(v, *s)?;
+                    let TData::I32(x) = &t.data else {
+                        return Err(LangError::ty(*s, "i32[n] or int", v.type_name()));
+                    };
+                    x.iter()
+                        .map(|&i| token_id(i64::from(i), &m, *s))
+                        .collect::<Result<_>>()?
+                }
+            };
+            let text = m
+                .llm
+                .tokenizer
+                .decode(&ids, Default::default())
+                .map_err(|e| LangError::invalid(span, format!("detokenize: {e}")))?;
+            Value::Str(text.into())
+        }
+        "apply_chat_template" => {
+            let m = model(&arg(0)?.0, arg(0)?.1)?;
+            let text = string(&arg(1)?.0, arg(1)?.1)?;
+            let mut msgs = Vec::new();
+            if let Some((v, s)) = args.get(2) {
+                msgs.push(tl_tokenizer::ChatMessage::new("system", &*string(v, *s)?));
+            }
+            msgs.push(tl_tokenizer::ChatMessage::new("user", &*text));
+            let p = m
+                .llm
+                .chat_prompt(&msgs)
+                .map_err(|source| LangError::Model {
+                    span,
+                    op: "apply_chat_template",
+                    source: Box::new(source),
+                })?;
+            Value::Str(p.into())
+        }
+        "is_eog" => {
+            let m = model(&arg(0)?.0, arg(0)?.1)?;
+            let id = int(&arg(1)?.0, arg(1)?.1)?;
+            Value::Bool(u32::try_from(id).is_ok_and(|i| m.llm.tokenizer.is_eog(i)))
+        }
+        "kv_cache" => {
+            let m = model(&arg(0)?.0, arg(0)?.1)?;
+            let n = usize_arg(&arg(1)?.0, arg(1)?.1)?;
+            if n == 0 || n > m.config().context {
+                return Err(LangError::invalid(
+                    arg(1)?.1,
+                    format!(
+                        "kv_cache size {n} must be in 1..={} (the model's context)",
+                        m.config().context
+                    ),
+                ));
+            }
+            Value::Cache(Rc::new(RefCell::new(CacheVal::new(&m, n, span)?)))
+        }
+        "attention" => {
+            let q = t0()?;
+            let k = tens(&arg(1)?.0, arg(1)?.1)?;
+            let v = tens(&arg(2)?.0, arg(2)?.1)?;
+            let Value::Cache(c) = &arg(3)?.0 else {
+                return Err(LangError::ty(
+                    arg(3)?.1,
+                    "a kv_cache",
+                    arg(3)?.0.type_name(),
+                ));
+            };
+            let layer = usize_arg(&arg(4)?.0, arg(4)?.1)?;
+            let pos = usize_arg(&arg(5)?.0, arg(5)?.1)?;
+            let t = q.shape.first().copied().unwrap_or(0);
+            if k.shape.first() != Some(&t) || v.shape.first() != Some(&t) {
+                return Err(LangError::shape(
+                    span,
+                    format!(
+                        "attention: q {:?}, k {:?}, v {:?} differ in tokens",
+                        q.shape, k.shape, v.shape
+                    ),
+                ));
+            }
+            let out = {
+                let (qf, kf, vf) = (
+                    f32_data(&q, span)?,
+                    f32_data(&k, span)?,
+                    f32_data(&v, span)?,
+                );
+                c.borrow_mut()
+                    .attention(&qf, &kf, &vf, t, layer, pos, span)?
+            };
+            Value::tensor(Tens::f32(q.shape.clone(), out))
+        }
         other => {
             return Err(LangError::NotImplemented {
                 span,
@@ -1068,6 +1410,17 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
 
 /// Indices of the `k` largest values, largest first (lower index on ties).
 fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
+    if k == 1 {
+        // argmax and greedy sampling: one pass over the logits, not a sort
+        // of the whole vocabulary per token.
+        let mut best = 0;
+        for (i, x) in v.iter().enumerate().skip(1) {
+            if x.total_cmp(&v[best]) == std::cmp::Ordering::Greater {
+                best = i;
+            }
+        }
+        return if v.is_empty() { Vec::new() } else { vec![best] };
+    }
     let mut idx: Vec<usize> = (0..v.len()).collect();
     idx.sort_by(|&a, &b| v[b].total_cmp(&v[a]).then(a.cmp(&b)));
     idx.truncate(k);

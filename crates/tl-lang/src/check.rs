@@ -846,14 +846,12 @@ impl Checker {
             }
             ExprKind::Field(base, field) => {
                 let bt = self.expr(base)?;
-                return Err(match bt {
-                    Type::Model => LangError::NotImplemented {
-                        span,
-                        name: format!(".{field}"),
-                        reason: "model field access comes with load_model",
-                    },
-                    other => LangError::ty(base.span, format!("a model (to read `.{field}`)"), other),
-                });
+                // Which GGUF tensors a model has is known only once it is
+                // open: fields of a model are checked when they are read.
+                match bt {
+                    Type::Model | Type::Any => Type::Any,
+                    other => return Err(LangError::ty(base.span, format!("a model (to read `.{field}`)"), other)),
+                }
             }
         })
     }

@@ -58,6 +58,15 @@ pub enum LangError {
         #[source]
         source: tl_core::CoreError,
     },
+    #[error("{op}: {source}")]
+    Model {
+        span: Span,
+        op: &'static str,
+        /// Boxed: a model error is large and rare; every other result
+        /// stays small.
+        #[source]
+        source: Box<tl_model::ModelError>,
+    },
     #[error("cannot read {path}: {message}")]
     Io {
         span: Option<Span>,
@@ -84,7 +93,8 @@ impl LangError {
             | Assert { span, .. }
             | Limit { span, .. }
             | Invalid { span, .. }
-            | Kernel { span, .. } => Some(*span),
+            | Kernel { span, .. }
+            | Model { span, .. } => Some(*span),
             Io { span, .. } => *span,
         }
     }

@@ -635,19 +635,32 @@ impl Interp {
             ExprKind::Index(base, args) => {
                 let b = self.eval(env, base)?;
                 let idx = self.eval_index_args(env, args)?;
+                if let Value::Node(m, path) = &b {
+                    let [Idx::At(i)] = idx[..] else {
+                        return Err(LangError::invalid(
+                            e.span,
+                            format!("`model.{path}[…]` takes one integer index"),
+                        ));
+                    };
+                    return m.index(path, i, e.span);
+                }
                 let Value::Tensor(t) = b else {
                     return Err(LangError::ty(base.span, "a tensor", b.type_name()));
                 };
                 let (shape, offs) = region(&t.shape, &idx, args, e.span)?;
                 gather(&t, shape, &offs, e.span)?
             }
-            ExprKind::Field(_, field) => {
-                return Err(LangError::NotImplemented {
-                    span: e.span,
-                    name: format!(".{field}"),
-                    reason: "model field access comes with load_model",
-                })
-            }
+            ExprKind::Field(base, field) => match self.eval(env, base)? {
+                Value::Model(m) => m.field(None, field, e.span)?,
+                Value::Node(m, path) => m.field(Some(&path), field, e.span)?,
+                other => {
+                    return Err(LangError::ty(
+                        base.span,
+                        format!("a model (to read `.{field}`)"),
+                        other.type_name(),
+                    ))
+                }
+            },
         })
     }
 
@@ -723,6 +736,20 @@ fn check_shape(
     span: Span,
     fname: &str,
 ) -> Result<()> {
+    match (t, v) {
+        (TypeExpr::Model, Value::Model(_)) | (TypeExpr::Cache, Value::Cache(_)) => return Ok(()),
+        (TypeExpr::Model | TypeExpr::Cache, _) => {
+            return Err(LangError::ty(
+                span,
+                format!(
+                    "{} (argument of `{fname}`)",
+                    crate::types::Type::from_expr(t)
+                ),
+                v.type_name(),
+            ))
+        }
+        _ => {}
+    }
     let TypeExpr::Tensor(_, dims) = t else {
         return Ok(());
     };
@@ -1228,6 +1255,22 @@ fn tensor_binary(
             })
         }
     };
+    if let (TData::F32(x), TData::F32(y), BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div) =
+        (&a.data, &b.data, op)
+    {
+        if a.shape == b.shape {
+            // Same-shape f32 arithmetic (residuals, gated products): one
+            // pass, no index mapping, no copies of the operands.
+            let f: fn(f32, f32) -> f32 = match op {
+                BinOp::Add => |p, q| p + q,
+                BinOp::Sub => |p, q| p - q,
+                BinOp::Mul => |p, q| p * q,
+                _ => |p, q| p / q,
+            };
+            let out = x.iter().zip(y).map(|(&p, &q)| f(p, q)).collect();
+            return Ok(Value::tensor(Tens::f32(shape, out)));
+        }
+    }
     let both_int = a.elem() == ElemType::I32 && b.elem() == ElemType::I32;
     let is_cmp = matches!(
         op,

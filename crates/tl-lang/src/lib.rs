@@ -18,6 +18,7 @@ pub mod error;
 pub mod interp;
 pub mod lexer;
 pub mod logic;
+pub mod model;
 pub mod parser;
 pub mod types;
 pub mod value;

@@ -277,6 +277,8 @@ impl Parser {
             "int" => return Ok(TypeExpr::Int),
             "float" => return Ok(TypeExpr::Float),
             "string" => return Ok(TypeExpr::Str),
+            "model" => return Ok(TypeExpr::Model),
+            "kv_cache" => return Ok(TypeExpr::Cache),
             _ => return Err(LangError::syntax(span, format!("unknown type `{name}`"))),
         };
         if !self.eat(&Tok::LBracket) {

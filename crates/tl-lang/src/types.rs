@@ -14,8 +14,10 @@ pub enum Type {
     Str,
     /// Dims `None`: rank unknown until the program runs.
     Tensor(ElemType, Option<Vec<Dim>>),
-    /// A loaded model (`load_model`); not produced yet, see LANGUAGE.md.
+    /// A loaded model (`load_model`); its fields are checked when read.
     Model,
+    /// A paged KV cache (`kv_cache`).
+    Cache,
     /// Unknown (the result of a builtin whose type depends on values).
     Any,
 }
@@ -28,6 +30,8 @@ impl Type {
             TypeExpr::Bool => Type::Bool,
             TypeExpr::Str => Type::Str,
             TypeExpr::Tensor(e, d) => Type::Tensor(*e, Some(d.clone())),
+            TypeExpr::Model => Type::Model,
+            TypeExpr::Cache => Type::Cache,
         }
     }
 
@@ -93,6 +97,7 @@ impl fmt::Display for Type {
             Type::Tensor(e, Some(d)) => write!(f, "{}{}", elem_name(*e), dims_string(d)),
             Type::Tensor(e, None) => write!(f, "{}[..]", elem_name(*e)),
             Type::Model => write!(f, "model"),
+            Type::Cache => write!(f, "kv_cache"),
             Type::Any => write!(f, "any"),
         }
     }

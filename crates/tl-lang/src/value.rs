@@ -19,8 +19,13 @@ pub enum Value {
     Bool(bool),
     Str(Rc<str>),
     Tensor(Rc<Tens>),
-    // A model handle (`load_model`) and its weight tree are the next step;
-    // weights will be `TData::Core` tensors that keep their GGUF blocks.
+    /// A loaded model (`load_model`).
+    Model(Rc<crate::model::ModelVal>),
+    /// A prefix of GGUF tensor names (`model.blk`, `model.blk[3].attn_q`)
+    /// or `model.config`; the leaf `.weight` / `.bias` is a tensor.
+    Node(Rc<crate::model::ModelVal>, Rc<str>),
+    /// A paged KV cache (`kv_cache`), written in place by `attention`.
+    Cache(Rc<std::cell::RefCell<crate::model::CacheVal>>),
 }
 
 /// A tensor value: row-major, contiguous, shape on the host.
@@ -164,6 +169,9 @@ impl Value {
             Value::Bool(_) => "bool".into(),
             Value::Str(_) => "string".into(),
             Value::Tensor(t) => format!("{}{:?}", crate::types::elem_name(t.elem()), t.shape),
+            Value::Model(_) => "model".into(),
+            Value::Node(_, p) => format!("model.{p}"),
+            Value::Cache(_) => "kv_cache".into(),
         }
     }
 }
@@ -210,6 +218,9 @@ impl fmt::Display for Value {
             }
             Value::Bool(b) => write!(f, "{b}"),
             Value::Str(s) => write!(f, "{s}"),
+            Value::Model(m) => write!(f, "<model {}>", m.path),
+            Value::Node(m, p) => write!(f, "<model {} .{p}>", m.path),
+            Value::Cache(c) => write!(f, "<kv_cache of {} tokens>", c.borrow().capacity()),
             Value::Tensor(t) => {
                 let elems: Vec<String> = match &t.data {
                     TData::F32(v) => v.iter().map(|&x| fmt_f32(x)).collect(),

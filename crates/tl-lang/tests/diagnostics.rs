@@ -237,23 +237,34 @@ fn fixpoint_limit_exceeded() {
 }
 
 #[test]
-fn not_yet_implemented_builtins() {
-    for (src, name) in [
-        ("let m = load_model(\"x.gguf\");\n", "load_model"),
-        ("let t = tokenize(1, \"hi\");\n", "tokenize"),
-        ("let s = detokenize(1, [1]);\n", "detokenize"),
-        (
-            "let s = apply_chat_template(1, \"user\", \"hi\");\n",
-            "apply_chat_template",
-        ),
-        ("let a = attention(1, 2, 3, 4);\n", "attention"),
-    ] {
-        let got = diag(src, true);
-        assert_eq!(
-            got,
-            format!("t.tl:1:9: error: `{name}` is not yet implemented (the whole-model builtins come in a later step)")
-        );
-    }
+fn model_builtin_errors() {
+    // Checked before anything runs: a model argument must be a model.
+    assert_diag(
+        "let t = tokenize(1, \"hi\");\n",
+        true,
+        "t.tl:1:18: error: type mismatch: expected a model (from load_model), found int",
+    );
+    assert_diag(
+        "let x = 3;\nlet w = x.weight;\n",
+        true,
+        "t.tl:2:9: error: type mismatch: expected a model (to read `.weight`), found int",
+    );
+    assert_diag(
+        "let a = attention(1, 2, 3, 4);\n",
+        true,
+        "t.tl:1:9: error: `attention` takes 6 arguments, got 4",
+    );
+    assert_diag(
+        "fn w(m: model) -> int {\n    return 1;\n}\nlet x = w(3);\n",
+        true,
+        "t.tl:4:11: error: type mismatch: expected model, found int",
+    );
+    // A missing file is an error at the call, naming the file.
+    let got = diag("let m = load_model(\"/nonexistent/x.gguf\");\n", false);
+    assert!(
+        got.starts_with("t.tl:1:9: error: cannot read /nonexistent/x.gguf:"),
+        "{got}"
+    );
 }
 
 #[test]
