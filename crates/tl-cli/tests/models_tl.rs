@@ -77,17 +77,8 @@ fn same_greedy_tokens(example: &str, model_file: &str, prompt: &str) {
     );
     let opts = GenerateOptions {
         max_tokens: N,
-        sampling: SamplingParams {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            min_p: 0.0,
-            repeat_penalty: 1.0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            penalty_last_n: 64,
-            seed: 0,
-        },
+        // Greedy, no penalties: `tl generate --temp 0`'s settings.
+        sampling: SamplingParams::default(),
         ..Default::default()
     };
     let native = llm.generate(prompt, &opts, |_| true).unwrap();

@@ -28,6 +28,16 @@ pub struct AttnParams {
     pub window: Option<usize>,
 }
 
+impl AttnParams {
+    /// The first position a token at `pos` attends to.
+    pub fn first_visible(&self, pos: usize) -> usize {
+        match self.window {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        }
+    }
+}
+
 /// Attends query heads `heads` of the token at position `pos` over
 /// positions `[lo, pos]` of `seq` in `layer`. `q` and `out` hold just those
 /// heads (`heads.len() * head_dim`, head-major). Position `pos` must already
@@ -69,10 +79,7 @@ pub fn attend_scalar(
 ) {
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
-    let lo = match p.window {
-        Some(w) => (pos + 1).saturating_sub(w),
-        None => 0,
-    };
+    let lo = p.first_visible(pos);
     let n = pos + 1 - lo;
     s.scores.resize(n, 0.0);
     s.q16.resize(hd, 0.0);
@@ -209,10 +216,7 @@ mod simd {
         let hd = p.head_dim;
         let nc = hd / 16;
         let group = p.n_heads / p.n_kv_heads;
-        let lo = match p.window {
-            Some(w) => (pos + 1).saturating_sub(w),
-            None => 0,
-        };
+        let lo = p.first_visible(pos);
         let n = pos + 1 - lo;
         s.scores.resize(n, 0.0);
         s.q16.resize(hd, 0.0);
@@ -335,7 +339,7 @@ mod tests {
             };
             let mut out = vec![0.0; n_heads * hd];
             attend(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut out, &mut s);
-            let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+            let lo = p.first_visible(pos);
             for h in 0..n_heads {
                 let g = h / 2;
                 let want = naive(

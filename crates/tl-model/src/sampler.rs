@@ -89,6 +89,8 @@ pub struct Sampler {
     params: SamplingParams,
     rng: ChaCha8Rng,
     cand: Vec<(f32, u32)>,
+    /// Unnormalised probabilities of the untruncated draw.
+    weights: Vec<f64>,
     counts: Vec<(u32, u32)>,
 }
 
@@ -100,6 +102,7 @@ impl Sampler {
             params,
             rng,
             cand: Vec::new(),
+            weights: Vec::new(),
             counts: Vec::new(),
         })
     }
@@ -160,14 +163,13 @@ impl Sampler {
         let truncating = (p.top_k > 0 && p.top_k < logits.len()) || p.top_p < 1.0 || p.min_p > 0.0;
         if !truncating {
             let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let total: f64 = logits
-                .iter()
-                .map(|&l| (((l - max) * inv_t) as f64).exp())
-                .sum();
+            self.weights.clear();
+            self.weights
+                .extend(logits.iter().map(|&l| (((l - max) * inv_t) as f64).exp()));
+            let total: f64 = self.weights.iter().sum();
             let mut r = self.rng.gen::<f64>() * total;
             let mut last = 0;
-            for (i, &l) in logits.iter().enumerate() {
-                let w = (((l - max) * inv_t) as f64).exp();
+            for (i, &w) in self.weights.iter().enumerate() {
                 if w > 0.0 {
                     last = i;
                 }

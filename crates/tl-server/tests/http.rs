@@ -152,8 +152,21 @@ fn send_request(
     }
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
+    // A server that refuses a body (413) may answer and close before all of
+    // it is written; the reply is read all the same.
+    let _ = s.write_all(body);
     s
+}
+
+/// Sends a JSON POST and returns the open connection, reply unread.
+fn send_json(addr: SocketAddr, path: &str, body: &Value) -> TcpStream {
+    send_request(
+        addr,
+        "POST",
+        path,
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
 }
 
 fn read_reply(s: TcpStream) -> Reply {
@@ -209,13 +222,7 @@ fn request(
 }
 
 fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
-    request(
-        addr,
-        "POST",
-        path,
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
+    read_reply(send_json(addr, path, &body))
 }
 
 fn get(addr: SocketAddr, path: &str) -> Reply {
@@ -682,13 +689,7 @@ fn wait_idle(e: &Engine) {
 fn disconnected_stream_is_cancelled_and_frees_blocks() {
     let s = Server::start(cfg(), 4, 8);
     let body = json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true, "stream": true});
-    let conn = send_request(
-        s.addr,
-        "POST",
-        "/v1/completions",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    );
+    let conn = send_json(s.addr, "/v1/completions", &body);
     let mut r = BufReader::new(conn);
     let mut line = String::new();
     while !line.starts_with("data: ") && !line.contains("\r\ndata: ") {
@@ -764,13 +765,7 @@ fn metrics_report_requests_latency_and_kv() {
 fn shutdown_finishes_streams_in_flight() {
     let mut s = Server::start(cfg(), 4, 8);
     let body = json!({"prompt": [5, 6, 7], "max_tokens": 300, "temperature": 0, "ignore_eos": true, "stream": true});
-    let conn = send_request(
-        s.addr,
-        "POST",
-        "/v1/completions",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    );
+    let conn = send_json(s.addr, "/v1/completions", &body);
     let addr = s.addr;
     let reader = std::thread::spawn(move || read_reply(conn));
     std::thread::sleep(Duration::from_millis(20));
@@ -807,13 +802,7 @@ fn disconnected_plain_request_is_cancelled() {
     let s = Server::start(cfg(), 4, 8);
     let body =
         json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true});
-    let conn = send_request(
-        s.addr,
-        "POST",
-        "/v1/completions",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    );
+    let conn = send_json(s.addr, "/v1/completions", &body);
     let t = Instant::now();
     while s.engine().last_stats().generated_tokens == 0 {
         assert!(

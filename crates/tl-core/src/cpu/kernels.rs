@@ -29,12 +29,17 @@ pub fn gelu(x: f32) -> f32 {
 /// f16-rounded `gelu` values, saturating beyond ±10.
 #[inline]
 pub fn gelu_ggml_cpu(x: f32) -> f32 {
+    gelu_lookup(gelu_table(), x)
+}
+
+#[inline]
+fn gelu_lookup(table: &[f32; 1 << 16], x: f32) -> f32 {
     if x <= -10.0 {
         0.0
     } else if x >= 10.0 {
         x
     } else {
-        gelu_table()[usize::from(f16::from_f32(x).to_bits())]
+        table[usize::from(f16::from_f32(x).to_bits())]
     }
 }
 
@@ -127,9 +132,10 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
 
 /// `g = gelu_ggml_cpu(g) * u`, spread over the thread pool when long.
 pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
+    let table = gelu_table();
     par_pairs(g, u, &|a, b| {
         for (a, &b) in a.iter_mut().zip(b) {
-            *a = gelu_ggml_cpu(*a) * b;
+            *a = gelu_lookup(table, *a) * b;
         }
     });
 }
