@@ -40,17 +40,17 @@ use crate::quant::dot::{
 /// so a steady decode or prefill loop allocates nothing.
 #[derive(Default)]
 pub struct MatmulScratch {
-    act: Vec<u8>,
-    d: Vec<f32>,
-    s: Vec<f32>,
-    sums: Vec<i32>,
+    pub(crate) act: Vec<u8>,
+    pub(crate) d: Vec<f32>,
+    pub(crate) s: Vec<f32>,
+    pub(crate) sums: Vec<i32>,
     /// Activations in the packed layout of the AVX-512 prefill path.
     #[cfg(target_arch = "x86_64")]
-    packed: crate::quant::dot::x86::gemm::PackedActs,
+    pub(crate) packed: crate::quant::dot::x86::gemm::PackedActs,
     /// One packed weight panel per thread of the packed path; a chunk takes
     /// whichever is free.
     #[cfg(target_arch = "x86_64")]
-    panels: Vec<std::sync::Mutex<crate::quant::dot::x86::gemm::PanelBuf>>,
+    pub(crate) panels: Vec<std::sync::Mutex<crate::quant::dot::x86::gemm::PanelBuf>>,
 }
 
 impl MatmulScratch {
@@ -90,7 +90,7 @@ pub fn matmul(
 /// A raw output pointer shared by the threads; each writes only the
 /// columns of its own weight rows.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(crate) struct OutPtr(pub(crate) *mut f32);
 // SAFETY: the threads write disjoint elements (distinct weight rows `r`
 // give distinct `i * n + r`), and `matmul_with` does not touch `out` until
 // they are all done.
@@ -155,32 +155,7 @@ pub fn matmul_with(
     // Quantize the activations once (in parallel when there are many).
     let legacy = matches!(act_ty, GgmlType::Q8_0 | GgmlType::Q8_1);
     let nb = if legacy { k / 32 } else { 0 };
-    scratch.act.resize(m * ab, 0);
-    scratch.d.resize(m * nb, 0.0);
-    scratch.s.resize(m * nb, 0.0);
-    scratch.sums.resize(m * nb, 0);
-    {
-        let act = OutBytes(scratch.act.as_mut_ptr());
-        let quantize_row = |i: usize| {
-            // SAFETY: row `i` of `act` (`ab` bytes at `i * ab`, inside the
-            // `m * ab` just sized) is written by this call only.
-            let row = unsafe { std::slice::from_raw_parts_mut(act.get().add(i * ab), ab) };
-            // Sizes were checked above, so this cannot fail.
-            let _ = dot::quantize_activations(ty, &x[i * k..(i + 1) * k], row);
-        };
-        if m * k >= 1 << 15 && threading != Threading::Single {
-            run(threading, m, &quantize_row);
-        } else {
-            (0..m).for_each(quantize_row);
-        }
-    }
-    prepare_extras(
-        act_ty,
-        &scratch.act,
-        &mut scratch.d,
-        &mut scratch.s,
-        &mut scratch.sums,
-    );
+    quantize_acts(threading, x, m, k, ty, ab, nb, scratch);
     let acts = Acts {
         bytes: &scratch.act,
         row_bytes: ab,
@@ -216,10 +191,7 @@ pub fn matmul_with(
     #[cfg(target_arch = "x86_64")]
     if packed.is_some() {
         // At most `threads` chunks run at once, so one panel each suffices.
-        scratch.panels.resize_with(threads.max(1), Default::default);
-        for p in &mut scratch.panels {
-            p.get_mut().unwrap_or_else(|e| e.into_inner()).size_for(nb);
-        }
+        size_panels(&mut scratch.panels, threads, nb);
     }
     #[cfg(target_arch = "x86_64")]
     let panels = &scratch.panels;
@@ -237,29 +209,15 @@ pub fn matmul_with(
         let rows = c * rows_per_chunk..((c + 1) * rows_per_chunk).min(n);
         #[cfg(target_arch = "x86_64")]
         if let Some(p) = packed {
-            // A free panel buffer: there are as many as threads, and a
-            // thread holds one only while it runs a chunk.
-            let mut buf = loop {
-                if let Some(b) = panels.iter().find_map(|b| match b.try_lock() {
-                    Ok(g) => Some(g),
-                    // A panel is rewritten before each use, so a poisoned
-                    // one is as good as any.
-                    Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
-                    Err(std::sync::TryLockError::WouldBlock) => None,
-                }) {
-                    break b;
-                }
-                std::hint::spin_loop();
-            };
             // SAFETY: the level is AVX-512 VNNI (checked above, from the
             // detected features); `acts` passed the checks for all m rows
             // and `p` was packed from it; chunks hold disjoint rows.
-            let done = unsafe {
+            let done = with_free_panel(panels, |buf| unsafe {
                 crate::quant::dot::x86::gemm::legacy_rows_for(
-                    &mut buf,
+                    buf,
                     ty,
                     k,
-                    w,
+                    crate::quant::dot::x86::gemm::Src::Blocks(w),
                     &acts,
                     p,
                     m,
@@ -267,7 +225,7 @@ pub fn matmul_with(
                     rows.clone(),
                     outp.get(),
                 )
-            };
+            });
             if done {
                 return;
             }
@@ -283,13 +241,91 @@ pub fn matmul_with(
     Ok(())
 }
 
+/// Runs `f` on a free panel buffer of `panels`: there are as many as
+/// threads, and a thread holds one only while it runs a chunk.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn with_free_panel<R>(
+    panels: &[std::sync::Mutex<crate::quant::dot::x86::gemm::PanelBuf>],
+    f: impl FnOnce(&mut crate::quant::dot::x86::gemm::PanelBuf) -> R,
+) -> R {
+    let mut buf = loop {
+        if let Some(b) = panels.iter().find_map(|b| match b.try_lock() {
+            Ok(g) => Some(g),
+            // A panel is rewritten before each use, so a poisoned one is
+            // as good as any.
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }) {
+            break b;
+        }
+        std::hint::spin_loop();
+    };
+    f(&mut buf)
+}
+
+/// Sizes one panel buffer per thread for rows of `nb` blocks.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn size_panels(
+    panels: &mut Vec<std::sync::Mutex<crate::quant::dot::x86::gemm::PanelBuf>>,
+    threads: usize,
+    nb: usize,
+) {
+    panels.resize_with(threads.max(1), Default::default);
+    for p in panels.iter_mut() {
+        p.get_mut().unwrap_or_else(|e| e.into_inner()).size_for(nb);
+    }
+}
+
+/// Quantizes the `m` rows of `k` values of `x` into `scratch` for weight
+/// type `ty` (`ab` bytes per row; `nb` blocks of extras per row for the
+/// 32-value types, else 0), with their per-block extras. The caller checked
+/// that `x` holds `m * k` values of whole blocks.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn quantize_acts(
+    threading: Threading,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    ty: GgmlType,
+    ab: usize,
+    nb: usize,
+    scratch: &mut MatmulScratch,
+) {
+    scratch.act.resize(m * ab, 0);
+    scratch.d.resize(m * nb, 0.0);
+    scratch.s.resize(m * nb, 0.0);
+    scratch.sums.resize(m * nb, 0);
+    {
+        let act = OutBytes(scratch.act.as_mut_ptr());
+        let quantize_row = |i: usize| {
+            // SAFETY: row `i` of `act` (`ab` bytes at `i * ab`, inside the
+            // `m * ab` just sized) is written by this call only.
+            let row = unsafe { std::slice::from_raw_parts_mut(act.get().add(i * ab), ab) };
+            // Sizes were checked by the caller, so this cannot fail.
+            let _ = dot::quantize_activations(ty, &x[i * k..(i + 1) * k], row);
+        };
+        if m * k >= 1 << 15 && threading != Threading::Single {
+            run(threading, m, &quantize_row);
+        } else {
+            (0..m).for_each(quantize_row);
+        }
+    }
+    prepare_extras(
+        vec_dot_type(ty),
+        &scratch.act,
+        &mut scratch.d,
+        &mut scratch.s,
+        &mut scratch.sums,
+    );
+}
+
 /// Above this many activation rows the 32-value types take the packed path:
 /// measured with `examples/matmul_bench` at m = 8 (2026-12), packing beats
 /// 8-row tiles there (Q8_0 896 x 151936: 18 ms against 24 ms), while the
 /// K-quants, which have no packed path, gain from 8-row tiles over two of 4
 /// (Q6_K 4864 x 896: 620 us against 850 us).
 #[cfg(target_arch = "x86_64")]
-const PACKED_FROM: usize = 4;
+pub(crate) const PACKED_FROM: usize = 4;
 
 #[cfg(target_arch = "x86_64")]
 /// The packed prefill path is on unless `TL_PACKED_PREFILL=0` (for
@@ -312,12 +348,12 @@ impl OutBytes {
 }
 
 impl OutPtr {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }
 
-fn run(threading: Threading, n: usize, f: &(dyn Fn(usize) + Sync)) {
+pub(crate) fn run(threading: Threading, n: usize, f: &(dyn Fn(usize) + Sync)) {
     match threading {
         Threading::Pool => ThreadPool::global().run(n, f),
         Threading::Rayon => {
@@ -333,7 +369,7 @@ fn run(threading: Threading, n: usize, f: &(dyn Fn(usize) + Sync)) {
 /// 4 rows so that claiming stays negligible. With more activation rows a
 /// chunk is sized to stay in L1 (about 16 KiB of weights) while every
 /// activation tile passes over it.
-fn chunk_rows(n: usize, m: usize, threads: usize, wb: usize) -> usize {
+pub(crate) fn chunk_rows(n: usize, m: usize, threads: usize, wb: usize) -> usize {
     let balanced = n.div_ceil(16 * threads).max(1);
     if m <= MAX_TILE {
         return balanced.clamp(4.min(n), 1024);

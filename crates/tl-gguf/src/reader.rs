@@ -302,6 +302,30 @@ impl GgufFile {
         self.backing.bytes()
     }
 
+    /// Gives back the pages of the byte range `start..start + len` to the
+    /// kernel (a memory-mapped file only; page-aligned inside the range, so
+    /// no byte outside it is affected). The bytes stay readable and
+    /// unchanged: a later read faults them in again from the file. Used
+    /// once a weight's bytes were copied elsewhere, so that they stop
+    /// counting in the process's resident memory.
+    pub fn release_pages(&self, start: usize, len: usize) {
+        #[cfg(unix)]
+        if let Backing::Mmap(m) = &*self.backing {
+            const PAGE: usize = 4096;
+            let end = start.saturating_add(len).min(m.len());
+            let (a, b) = (start.div_ceil(PAGE) * PAGE, end / PAGE * PAGE);
+            if a < b {
+                // SAFETY: the map is read-only and file-backed, so dropping
+                // its pages loses nothing: the next access reads the same
+                // bytes from the file (no private or anonymous pages).
+                let _ = unsafe {
+                    m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                };
+            }
+        }
+        let _ = (start, len);
+    }
+
     pub fn file_len(&self) -> u64 {
         self.bytes().len() as u64
     }

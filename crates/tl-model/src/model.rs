@@ -112,7 +112,8 @@ impl Model {
             .tensor("token_embd.weight")
             .and_then(|t| t.dims.get(1).map(|&v| v as usize));
         let config = Config::from_metadata(&file.metadata, vocab_hint)?;
-        let weights = Weights::load(&file, &config)?;
+        let mut weights = Weights::load(&file, &config)?;
+        weights.repack(&file)?;
         let mut vecs = Vec::with_capacity(config.n_layers);
         for l in &weights.layers {
             vecs.push(LayerVecs {

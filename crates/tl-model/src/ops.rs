@@ -28,7 +28,11 @@ pub fn linear(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) -> Result<()> {
-    tl_core::matmul(x, m, w.cols, wbytes, w.ty, w.rows, out, scratch).map_err(|e| {
+    let r = match &w.packed {
+        Some(p) => tl_core::matmul_packed(x, m, p, out, scratch),
+        None => tl_core::matmul(x, m, w.cols, wbytes, w.ty, w.rows, out, scratch),
+    };
+    r.map_err(|e| {
         ModelError::Core {
             tensor: w.name.clone(),
             err: e,

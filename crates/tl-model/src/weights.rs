@@ -16,6 +16,9 @@ pub struct Weight {
     pub cols: usize,
     start: usize,
     len: usize,
+    /// The same weight repacked for this CPU's kernels (see
+    /// [`Weights::repack`]); the matmul then reads this copy.
+    pub packed: Option<std::sync::Arc<tl_core::PackedWeight>>,
 }
 
 impl Weight {
@@ -106,6 +109,7 @@ impl Loader<'_> {
             cols: dims[0],
             start,
             len: t.size as usize,
+            packed: None,
         })
     }
 
@@ -118,6 +122,49 @@ impl Loader<'_> {
 }
 
 impl Weights {
+    /// Repacks every matmul weight that this CPU has a packed kernel for
+    /// (`tl_core::PackedWeight`: same bytes, same results bit for bit) and
+    /// gives the mapped pages of the original back to the kernel, so the
+    /// weight is resident once. Returns the bytes repacked.
+    pub fn repack(&mut self, file: &GgufFile) -> Result<usize> {
+        let mut total = 0;
+        let mut one = |w: &mut Weight| -> Result<()> {
+            let bytes = w.bytes(file);
+            let p = tl_core::PackedWeight::pack(w.ty, w.cols, w.rows, bytes).map_err(|e| {
+                ModelError::Core {
+                    tensor: w.name.clone(),
+                    err: e,
+                }
+            })?;
+            if let Some(p) = p {
+                total += w.len;
+                w.packed = Some(std::sync::Arc::new(p));
+                file.release_pages(w.start, w.len);
+            }
+            Ok(())
+        };
+        for l in &mut self.layers {
+            for w in [
+                &mut l.wq,
+                &mut l.wk,
+                &mut l.wv,
+                &mut l.wo,
+                &mut l.gate,
+                &mut l.up,
+                &mut l.down,
+            ] {
+                one(w)?;
+            }
+        }
+        match &mut self.output {
+            Some(o) => one(o)?,
+            // Tied: the table is the output matmul's weight; embedding
+            // lookups read its few rows from the file again.
+            None => one(&mut self.token_embd)?,
+        }
+        Ok(total)
+    }
+
     pub fn load(file: &GgufFile, c: &Config) -> Result<Self> {
         let l = Loader { file };
         let d = c.d_model;

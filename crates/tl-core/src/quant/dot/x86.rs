@@ -29,6 +29,7 @@ use super::{Kernel, SimdLevel};
 mod avx2;
 mod avx512;
 pub(crate) mod gemm;
+pub(crate) mod repack;
 
 /// Fills the table with the kernels of `level` (which the CPU runs).
 pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {

@@ -260,7 +260,7 @@ const fn offset_shift<const T: u8>() -> Option<i32> {
 
 /// The signed values of one weight block (level minus offset; Q4_1/Q5_1
 /// levels as they are), for the tail blocks.
-fn block_values<const T: u8>(b: &[u8]) -> [i32; 32] {
+pub(crate) fn block_values<const T: u8>(b: &[u8]) -> [i32; 32] {
     let mut v = [0i32; 32];
     let nib = |qs: &[u8], j: usize| {
         if j < 16 {
@@ -305,6 +305,15 @@ impl PanelBuf {
     }
 }
 
+/// Where the weight rows of [`legacy_rows`] come from.
+#[derive(Clone, Copy)]
+pub(crate) enum Src<'a> {
+    /// GGUF blocks, `n` rows.
+    Blocks(&'a [u8]),
+    /// The load-time layout of [`super::repack`].
+    Repacked(&'a super::repack::Repacked),
+}
+
 /// Weight rows `rows` (kind `T`, `k` values, `wb` bytes each, in `w`)
 /// against all `m` activation rows: `out[i * n + r]`.
 ///
@@ -318,7 +327,7 @@ impl PanelBuf {
 pub(crate) unsafe fn legacy_rows<const T: u8>(
     buf: &mut PanelBuf,
     k: usize,
-    w: &[u8],
+    w: Src<'_>,
     acts: &Acts<'_>,
     packed: &PackedActs,
     m: usize,
@@ -351,7 +360,12 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                     bd.as_mut_ptr().add(c * groups * 8),
                     bm.as_mut_ptr().add(c * groups * 8),
                 );
-                pack_weight_row::<T>(w.as_ptr().add((r0 + c) * row_bytes), nb, q, d, mm);
+                match w {
+                    Src::Blocks(w) => {
+                        pack_weight_row::<T>(w.as_ptr().add((r0 + c) * row_bytes), nb, q, d, mm)
+                    }
+                    Src::Repacked(rp) => super::repack::fill_panel_row::<T>(rp, nb, r0 + c, q, d, mm),
+                }
                 wrows[c] = WRow { q, d, m: mm };
             }
             let mut i0 = 0;
@@ -393,10 +407,15 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                     let i = i0 + r;
                     let arow = ActRow::new(acts, i);
                     for c in 0..cols {
-                        let wrow = w.as_ptr().add((r0 + c) * row_bytes);
+                        let row = r0 + c;
                         let mut tail = 0f32;
                         for b in nbp..nb {
-                            let wblk = std::slice::from_raw_parts(wrow.add(b * wb), wb);
+                            let wblk = match w {
+                                Src::Blocks(w) => &w[row * row_bytes + b * wb..][..wb],
+                                Src::Repacked(rp) => {
+                                    &rp.tail[(row * (nb - nbp) + b - nbp) * wb..][..wb]
+                                }
+                            };
                             let v = block_values::<T>(wblk);
                             let aq = arow.bytes.add(b * kind::act_bytes(T) + kind::act_qs(T));
                             let mut sumi = 0i32;
@@ -429,7 +448,7 @@ pub(crate) unsafe fn legacy_rows_for(
     buf: &mut PanelBuf,
     ty: tl_gguf::GgmlType,
     k: usize,
-    w: &[u8],
+    w: Src<'_>,
     acts: &Acts<'_>,
     packed: &PackedActs,
     m: usize,

@@ -1,0 +1,435 @@
+//! Weights repacked once for this CPU's matmul kernels, and the matmul that
+//! reads them.
+//!
+//! [`PackedWeight::pack`] rearranges a weight of a 32-value block type
+//! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) into the row-pair interleaved layout of the
+//! AVX-512 VNNI kernels (the same bits, the same size: see
+//! `quant::dot::x86::repack`), so that no matmul has to unpack and transpose
+//! weight blocks again; ggml's CPU backend repacks some types at load for the
+//! same reason. [`matmul_packed`] then gives, for every `m`, the same bits as
+//! [`crate::matmul`] on the original blocks (and as `vec_dot`), so a model
+//! computes the same tokens with or without repacking, alone or in a batch.
+//!
+//! Where the CPU lacks AVX-512 VNNI, or for other types, `pack` answers
+//! `None` and the caller keeps the GGUF blocks.
+
+use tl_gguf::GgmlType;
+
+use crate::error::{CoreError, Result};
+use crate::matmul::{MatmulScratch, Threading};
+
+/// A weight of `n` rows of `k` values in the layout of this CPU's packed
+/// kernels. Owns its bytes (as many as the GGUF blocks).
+pub struct PackedWeight {
+    ty: GgmlType,
+    k: usize,
+    n: usize,
+    #[cfg(target_arch = "x86_64")]
+    kind: u8,
+    #[cfg(target_arch = "x86_64")]
+    rp: crate::quant::dot::x86::repack::Repacked,
+}
+
+impl std::fmt::Debug for PackedWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackedWeight")
+            .field("ty", &self.ty)
+            .field("k", &self.k)
+            .field("n", &self.n)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether repacking is on: unless `TL_REPACK=0` (for comparisons).
+fn repack_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_REPACK").map_or(true, |v| v != "0"))
+}
+
+impl PackedWeight {
+    /// Repacks `w` (`n` rows of `k` values of `ty`, exactly), or `None` when
+    /// this CPU has no packed kernel for `ty` (or `TL_REPACK=0`).
+    pub fn pack(ty: GgmlType, k: usize, n: usize, w: &[u8]) -> Result<Option<PackedWeight>> {
+        let size = |what: String| CoreError::SizeMismatch {
+            op: "pack weight",
+            what,
+        };
+        if k % 32 != 0 || k == 0 || n == 0 {
+            return Ok(None);
+        }
+        match crate::quant::dot::row_bytes(ty, k) {
+            Some(wb) if n.checked_mul(wb) == Some(w.len()) => {}
+            _ => {
+                return Err(size(format!(
+                    "weight of {n} rows of {k} {ty} values, got {} bytes",
+                    w.len()
+                )))
+            }
+        }
+        if !repack_enabled() {
+            return Ok(None);
+        }
+        Self::pack_x86(ty, k, n, w)
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn pack_x86(_: GgmlType, _: usize, _: usize, _: &[u8]) -> Result<Option<PackedWeight>> {
+        Ok(None)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn pack_x86(ty: GgmlType, k: usize, n: usize, w: &[u8]) -> Result<Option<PackedWeight>> {
+        use crate::quant::dot::x86::gemm::packed_blocks;
+        use crate::quant::dot::x86::repack::{self, Line, Repacked};
+        if crate::quant::dot::simd_level() < crate::quant::dot::SimdLevel::Avx512Vnni {
+            return Ok(None);
+        }
+        let Some(kind) = repack::kind_of(ty) else {
+            return Ok(None);
+        };
+        let nb = k / 32;
+        let (groups, _) = packed_blocks(nb);
+        let pairs = n.div_ceil(2);
+        let (nl, sw) = (repack::lines(kind), repack::scale_words(kind));
+        let mut q = vec![Line([0; 64]); pairs * groups * nl];
+        let mut d = vec![0u16; pairs * groups * sw];
+        // Pairs in chunks over the pool: each chunk writes its own slices.
+        let per = 256usize;
+        let chunks = pairs.div_ceil(per);
+        {
+            let qp = SendPtr(q.as_mut_ptr());
+            let dp = SendPtr(d.as_mut_ptr() as *mut Line);
+            let job = |c: usize| {
+                let ps = c * per..((c + 1) * per).min(pairs);
+                let len = ps.len();
+                // SAFETY: chunk `c` owns pairs `ps`, whose lines and scale
+                // words are these disjoint ranges of `q` and `d`.
+                let (qs, ds) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(
+                            qp.get().add(ps.start * groups * nl),
+                            len * groups * nl,
+                        ),
+                        std::slice::from_raw_parts_mut(
+                            (dp.get() as *mut u16).add(ps.start * groups * sw),
+                            len * groups * sw,
+                        ),
+                    )
+                };
+                repack::repack_pairs(kind, w, n, nb, ps, qs, ds);
+            };
+            if chunks > 1 {
+                crate::matmul::run(Threading::Pool, chunks, &job);
+            } else {
+                (0..chunks).for_each(job);
+            }
+        }
+        let tail = repack::tail_of(kind, w, n, nb);
+        Ok(Some(PackedWeight {
+            ty,
+            k,
+            n,
+            kind,
+            rp: Repacked { q, d, tail },
+        }))
+    }
+
+    /// The block type of the original weight.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Values per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Rows.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Bytes held.
+    pub fn size_in_bytes(&self) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self.rp.q.len() * 64 + self.rp.d.len() * 2 + self.rp.tail.len()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            0
+        }
+    }
+
+    /// Row `r` as GGUF blocks, exactly the bytes it was packed from.
+    pub fn row_blocks(&self, r: usize, out: &mut Vec<u8>) -> Result<()> {
+        if r >= self.n {
+            return Err(CoreError::SizeMismatch {
+                op: "packed row",
+                what: format!("row {r} of a weight of {} rows", self.n),
+            });
+        }
+        out.clear();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let nb = self.k / 32;
+            for b in 0..nb {
+                out.extend_from_slice(&crate::quant::dot::x86::repack::block_of(
+                    self.kind, &self.rp, nb, r, b,
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand disjoint ranges of one buffer to the pool's
+// threads (see `pack_x86`).
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// `out[i * n + r] = dot(x[i * k..][..k], W row r)` for `i < m`, `r < n`,
+/// for a repacked weight: the same bits as [`crate::matmul`] on the blocks
+/// it was packed from. `x` and `out` may be longer than `m * k`, `m * n`.
+pub fn matmul_packed(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) -> Result<()> {
+    let (k, n) = (w.k, w.n);
+    let too_small = |what: String| CoreError::SizeMismatch { op: "matmul", what };
+    if m.checked_mul(k).is_none_or(|need| x.len() < need) {
+        return Err(too_small(format!(
+            "x holds {} values, [{m}, {k}] needed",
+            x.len()
+        )));
+    }
+    if m.checked_mul(n).is_none_or(|need| out.len() < need) {
+        return Err(too_small(format!(
+            "out holds {} values, [{m}, {n}] needed",
+            out.len()
+        )));
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    run_packed(x, m, w, out, scratch)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn run_packed(_: &[f32], _: usize, _: &PackedWeight, _: &mut [f32], _: &mut MatmulScratch) -> Result<()> {
+    Err(CoreError::SizeMismatch {
+        op: "matmul",
+        what: "packed weights exist only on x86-64".into(),
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+fn run_packed(
+    x: &[f32],
+    m: usize,
+    w: &PackedWeight,
+    out: &mut [f32],
+    scratch: &mut MatmulScratch,
+) -> Result<()> {
+    use crate::matmul::{chunk_rows, quantize_acts, run, size_panels, with_free_panel, OutPtr};
+    use crate::pool::ThreadPool;
+    use crate::quant::dot::x86::gemm::pack_acts;
+    use crate::quant::dot::x86::repack;
+    use crate::quant::dot::{row_bytes, vec_dot_type, Acts};
+
+    let (k, n) = (w.k, w.n);
+    let act_ty = vec_dot_type(w.ty);
+    let ab = row_bytes(act_ty, k).ok_or_else(|| CoreError::PartialBlock {
+        op: "matmul",
+        ty: act_ty,
+        len: k,
+        block: act_ty.block_size(),
+    })?;
+    let nb = k / 32;
+    quantize_acts(Threading::Pool, x, m, k, w.ty, ab, nb, scratch);
+    let MatmulScratch {
+        act,
+        d,
+        s,
+        sums,
+        packed,
+        panels,
+    } = scratch;
+    let acts = Acts {
+        bytes: act,
+        row_bytes: ab,
+        nb,
+        d,
+        s,
+        sums,
+    };
+    pack_acts(&acts, m, act_ty == GgmlType::Q8_1, packed);
+    let packed = &*packed;
+    let threads = ThreadPool::global().threads();
+    let outp = OutPtr(out.as_mut_ptr());
+    if m > PAIRS_UP_TO {
+        // Many rows: the per-matmul panel micro-kernel, its panels filled
+        // from the repacked layout (no transpose left to do).
+        use crate::quant::dot::x86::gemm::{legacy_rows_for, Src, PANEL};
+        size_panels(panels, threads, nb);
+        let panels = &*panels;
+        let per = n.div_ceil(16 * threads).div_ceil(PANEL).max(1) * PANEL;
+        let chunks = n.div_ceil(per);
+        let job = |c: usize| {
+            let rows = c * per..((c + 1) * per).min(n);
+            // SAFETY: as below; `legacy_rows_for` takes every 32-value type,
+            // which are the only ones packed.
+            with_free_panel(panels, |buf| unsafe {
+                legacy_rows_for(
+                    buf,
+                    w.ty,
+                    k,
+                    Src::Repacked(&w.rp),
+                    &acts,
+                    packed,
+                    m,
+                    n,
+                    rows,
+                    outp.get(),
+                )
+            });
+        };
+        if threads > 1 && chunks > 1 {
+            run(Threading::Pool, chunks, &job);
+        } else {
+            (0..chunks).for_each(job);
+        }
+        return Ok(());
+    }
+    let pairs = n.div_ceil(2);
+    let wb = row_bytes(w.ty, k).unwrap_or(1);
+    let per = chunk_rows(n, m, threads, wb).div_ceil(2).max(1);
+    let chunks = pairs.div_ceil(per);
+    let job = |c: usize| {
+        let ps = c * per..((c + 1) * per).min(pairs);
+        // SAFETY: `w` was packed on this CPU, which runs AVX-512 VNNI
+        // (`pack_x86` checked the level); `acts` holds the `m` rows of `nb`
+        // blocks just quantized and `packed` was packed from them; chunks
+        // hold disjoint pairs, whose columns of `out` (sized above) only
+        // this chunk writes.
+        unsafe {
+            repack::pairs_into_for(w.kind, &w.rp, nb, n, &acts, packed, m, ps, outp.get());
+        }
+    };
+    if threads > 1 && chunks > 1 {
+        run(Threading::Pool, chunks, &job);
+    } else {
+        (0..chunks).for_each(job);
+    }
+    Ok(())
+}
+
+/// Up to this many activation rows the row-pair kernel runs; above it the
+/// panel micro-kernel (measured with `examples/packed_bench`).
+#[cfg(target_arch = "x86_64")]
+const PAIRS_UP_TO: usize = 8;
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::quant::dot::row_bytes;
+
+    /// Random blocks: random level bytes, finite scales and mins of either
+    /// sign (the GGUF bytes of any real weight are a special case).
+    fn weights(ty: GgmlType, n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+        let wb = row_bytes(ty, k).unwrap();
+        let mut w: Vec<u8> = (0..n * wb).map(|_| rng.gen()).collect();
+        let min_at = match ty {
+            GgmlType::Q4_1 | GgmlType::Q5_1 => Some(2),
+            _ => None,
+        };
+        for blk in w.chunks_exact_mut(ty.type_size()) {
+            let d = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
+            blk[..2].copy_from_slice(&d.to_le_bytes());
+            if let Some(at) = min_at {
+                let m = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
+                blk[at..at + 2].copy_from_slice(&m.to_le_bytes());
+            }
+        }
+        w
+    }
+
+    /// Every output of the packed matmul is the bits of the plain matmul on
+    /// the original blocks, for odd sizes, tails, odd row counts and every
+    /// tile height; rows read back are the original bytes.
+    #[test]
+    fn packed_matmul_is_the_plain_matmul_bit_for_bit() {
+        use GgmlType::*;
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let mut checked = 0;
+        for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0] {
+            for blocks in [1usize, 3, 4, 5, 8, 9, 12, 13, 28] {
+                let k = 32 * blocks;
+                for (m, n) in [(1, 1), (1, 37), (2, 9), (3, 6), (8, 21), (9, 13), (17, 4)] {
+                    let w = weights(ty, n, k, &mut rng);
+                    let Some(p) = PackedWeight::pack(ty, k, n, &w).unwrap() else {
+                        // Only a CPU without AVX-512 VNNI (or TL_REPACK=0)
+                        // has nothing to compare.
+                        assert!(
+                            crate::quant::dot::simd_level()
+                                < crate::quant::dot::SimdLevel::Avx512Vnni
+                                || std::env::var("TL_REPACK").is_ok_and(|v| v == "0")
+                        );
+                        eprintln!("no packed kernels on this CPU: nothing to compare");
+                        return;
+                    };
+                    assert!(p.size_in_bytes() >= w.len());
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+                    let mut want = vec![0f32; m * n];
+                    let mut s = MatmulScratch::new();
+                    crate::matmul(&x, m, k, &w, ty, n, &mut want, &mut s).unwrap();
+                    let mut got = vec![f32::NAN; m * n + 2];
+                    matmul_packed(&x, m, &p, &mut got, &mut s).unwrap();
+                    for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(g.to_bits(), e.to_bits(), "{ty} k={k} m={m} n={n} #{j}");
+                    }
+                    assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past m * n");
+                    let wb = row_bytes(ty, k).unwrap();
+                    let mut row = Vec::new();
+                    for r in 0..n {
+                        p.row_blocks(r, &mut row).unwrap();
+                        assert_eq!(row, &w[r * wb..(r + 1) * wb], "{ty} k={k} row {r}");
+                    }
+                    checked += 1;
+                }
+            }
+        }
+        assert_eq!(checked, 5 * 9 * 7);
+    }
+
+    #[test]
+    fn bad_sizes_are_errors_and_other_types_are_not_packed() {
+        let w = vec![0u8; 34 * 2];
+        assert!(PackedWeight::pack(GgmlType::Q8_0, 32, 3, &w).is_err());
+        assert!(PackedWeight::pack(GgmlType::Q6_K, 256, 1, &[0u8; 210])
+            .unwrap()
+            .is_none());
+        if let Some(p) = PackedWeight::pack(GgmlType::Q8_0, 32, 2, &w).unwrap() {
+            let mut s = MatmulScratch::new();
+            let mut out = vec![0f32; 4];
+            assert!(matmul_packed(&[0.0; 31], 1, &p, &mut out, &mut s).is_err());
+            assert!(matmul_packed(&[0.0; 64], 2, &p, &mut out[..3], &mut s).is_err());
+            assert!(p.row_blocks(2, &mut Vec::new()).is_err());
+        }
+    }
+}

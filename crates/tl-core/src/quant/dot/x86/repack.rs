@@ -1,0 +1,496 @@
+//! Weights of the 32-value types repacked once, at load, for the AVX-512
+//! VNNI kernels: the same bits as the GGUF blocks, rearranged so that a
+//! 512-bit vector holds four level bytes of eight blocks of *two* weight
+//! rows, the dword-transposed layout of [`super::gemm`] with no packing left
+//! to do per matmul.
+//!
+//! Layout, per pair of weight rows `2p, 2p + 1` and group `g` of eight
+//! blocks (lanes `8h + l`: row `2p + h`, block `8g + l`):
+//!
+//! - Q8_0: eight lines of 64 bytes; line `t` holds quants `4t..4t + 4` of
+//!   each lane's block with the sign bit flipped (`+ 128`, the unsigned
+//!   levels of `vpdpbusd`);
+//! - Q4_0, Q4_1: four lines; line `j` holds quant bytes `4j..4j + 4` (low
+//!   nibbles: values `4j..`, high nibbles: values `16 + 4j..`);
+//! - Q5_0, Q5_1: those four lines and a fifth of high bits, one dword per
+//!   lane, with bit `8b + t` = the high bit of value `4t + b`, so that vector
+//!   `t`'s bits are one shift and a mask away;
+//!
+//! and, apart, 16 f16 scales per pair and group (and 16 mins for Q4_1 and
+//! Q5_1). A final group of four blocks has zero levels and scales in lanes
+//! `4..8`; blocks past the last group of four (`nb % 4`, none for `k` a
+//! multiple of 128) stay as GGUF blocks in a tail array, and a missing
+//! second row of an odd `n` is zero.
+//!
+//! The kernel forms every lane, group and sum exactly as the tile kernel and
+//! the per-matmul packed path do, so the outputs are the same bits as
+//! `vec_dot` (checked by the tests of [`crate::packed`]).
+
+#![allow(clippy::needless_range_loop)]
+
+use std::arch::x86_64::*;
+
+use super::avx2::hsum_ps;
+use super::gemm::{block_values, packed_blocks, PackedActs};
+use super::kind::{self, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use super::{f16_at, ActRow};
+use crate::quant::dot::Acts;
+
+/// Activation rows per kernel call.
+pub(crate) const ROWS: usize = 8;
+
+/// 64-byte lines of levels per pair and group.
+pub(crate) const fn lines(t: u8) -> usize {
+    match t {
+        Q8_0 => 8,
+        Q4_0 | Q4_1 => 4,
+        _ => 5,
+    }
+}
+
+/// One 64-byte, 64-aligned line of levels.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub(crate) struct Line(pub [u8; 64]);
+
+/// Repacked levels, scales and tail of one weight.
+pub(crate) struct Repacked {
+    pub q: Vec<Line>,
+    /// Per pair and group: 16 scales, then (Q4_1/Q5_1) 16 mins.
+    pub d: Vec<u16>,
+    /// `n` rows of `nb - nbp` raw blocks.
+    pub tail: Vec<u8>,
+}
+
+/// The kind tag of `ty`, if it is a 32-value type.
+pub(crate) fn kind_of(ty: tl_gguf::GgmlType) -> Option<u8> {
+    use tl_gguf::GgmlType as G;
+    Some(match ty {
+        G::Q4_0 => Q4_0,
+        G::Q4_1 => Q4_1,
+        G::Q5_0 => Q5_0,
+        G::Q5_1 => Q5_1,
+        G::Q8_0 => Q8_0,
+        _ => return None,
+    })
+}
+
+/// Where the quants, high bits and min of a block of kind `t` start.
+const fn fields(t: u8) -> (usize, usize, usize) {
+    // (qs, qh, m)
+    match t {
+        Q4_0 => (2, 0, 0),
+        Q4_1 => (4, 0, 2),
+        Q5_0 => (6, 2, 0),
+        Q5_1 => (8, 4, 2),
+        _ => (2, 0, 0),
+    }
+}
+
+/// Scale words per pair and group.
+pub(crate) const fn scale_words(t: u8) -> usize {
+    if kind::has_min(t) {
+        32
+    } else {
+        16
+    }
+}
+
+/// Repacks `n` rows of `nb` blocks of kind `t` (`w` holds exactly them).
+/// Pairs `pairs` only: the caller splits the work and owns disjoint slices
+/// `q`, `d` of those pairs.
+pub(crate) fn repack_pairs(
+    t: u8,
+    w: &[u8],
+    n: usize,
+    nb: usize,
+    pairs: std::ops::Range<usize>,
+    q: &mut [Line],
+    d: &mut [u16],
+) {
+    let (groups, nbp) = packed_blocks(nb);
+    let wb = kind::w_bytes(t);
+    let nl = lines(t);
+    let sw = scale_words(t);
+    let (qs, qh, mo) = fields(t);
+    let p0 = pairs.start;
+    for p in pairs {
+        for g in 0..groups {
+            let lq = &mut q[((p - p0) * groups + g) * nl..][..nl];
+            let ld = &mut d[((p - p0) * groups + g) * sw..][..sw];
+            for line in lq.iter_mut() {
+                line.0 = [0; 64];
+            }
+            ld.fill(0);
+            for h in 0..2 {
+                let r = 2 * p + h;
+                if r >= n {
+                    continue;
+                }
+                for l in 0..8 {
+                    let b = 8 * g + l;
+                    if b >= nbp {
+                        continue;
+                    }
+                    let blk = &w[(r * nb + b) * wb..][..wb];
+                    let at = 32 * h + 4 * l;
+                    ld[8 * h + l] = u16::from_le_bytes([blk[0], blk[1]]);
+                    if kind::has_min(t) {
+                        ld[16 + 8 * h + l] = u16::from_le_bytes([blk[mo], blk[mo + 1]]);
+                    }
+                    if t == Q8_0 {
+                        for (tt, line) in lq.iter_mut().enumerate() {
+                            for i in 0..4 {
+                                line.0[at + i] = blk[qs + 4 * tt + i] ^ 0x80;
+                            }
+                        }
+                        continue;
+                    }
+                    for j in 0..4 {
+                        lq[j].0[at..at + 4].copy_from_slice(&blk[qs + 4 * j..qs + 4 * j + 4]);
+                    }
+                    if matches!(t, Q5_0 | Q5_1) {
+                        let hb = u32::from_le_bytes([blk[qh], blk[qh + 1], blk[qh + 2], blk[qh + 3]]);
+                        let mut perm = 0u32;
+                        for tt in 0..8 {
+                            for bb in 0..4 {
+                                perm |= ((hb >> (4 * tt + bb)) & 1) << (8 * bb + tt);
+                            }
+                        }
+                        lq[4].0[at..at + 4].copy_from_slice(&perm.to_le_bytes());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The tail blocks (`nbp..nb`) of every row, as GGUF blocks.
+pub(crate) fn tail_of(t: u8, w: &[u8], n: usize, nb: usize) -> Vec<u8> {
+    let (_, nbp) = packed_blocks(nb);
+    let wb = kind::w_bytes(t);
+    let mut out = Vec::with_capacity(n * (nb - nbp) * wb);
+    for r in 0..n {
+        out.extend_from_slice(&w[(r * nb + nbp) * wb..(r + 1) * nb * wb]);
+    }
+    out
+}
+
+/// The GGUF block `b` of row `r`, rebuilt from the repacked arrays.
+pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize) -> Vec<u8> {
+    let (groups, nbp) = packed_blocks(nb);
+    let wb = kind::w_bytes(t);
+    if b >= nbp {
+        let tl = nb - nbp;
+        return rp.tail[(r * tl + b - nbp) * wb..][..wb].to_vec();
+    }
+    let (p, h, g, l) = (r / 2, r % 2, b / 8, b % 8);
+    let nl = lines(t);
+    let sw = scale_words(t);
+    let lq = &rp.q[(p * groups + g) * nl..][..nl];
+    let ld = &rp.d[(p * groups + g) * sw..][..sw];
+    let (qs, qh, mo) = fields(t);
+    let at = 32 * h + 4 * l;
+    let mut blk = vec![0u8; wb];
+    blk[..2].copy_from_slice(&ld[8 * h + l].to_le_bytes());
+    if kind::has_min(t) {
+        blk[mo..mo + 2].copy_from_slice(&ld[16 + 8 * h + l].to_le_bytes());
+    }
+    if t == Q8_0 {
+        for (tt, line) in lq.iter().enumerate() {
+            for i in 0..4 {
+                blk[qs + 4 * tt + i] = line.0[at + i] ^ 0x80;
+            }
+        }
+        return blk;
+    }
+    for j in 0..4 {
+        blk[qs + 4 * j..qs + 4 * j + 4].copy_from_slice(&lq[j].0[at..at + 4]);
+    }
+    if matches!(t, Q5_0 | Q5_1) {
+        let perm = u32::from_le_bytes([
+            lq[4].0[at],
+            lq[4].0[at + 1],
+            lq[4].0[at + 2],
+            lq[4].0[at + 3],
+        ]);
+        let mut hb = 0u32;
+        for tt in 0..8 {
+            for bb in 0..4 {
+                hb |= ((perm >> (8 * bb + tt)) & 1) << (4 * tt + bb);
+            }
+        }
+        blk[qh..qh + 4].copy_from_slice(&hb.to_le_bytes());
+    }
+    blk
+}
+
+/// Vector `t` (0..8) of unsigned levels of one pair and group.
+///
+/// # Safety
+///
+/// The CPU runs the features; `q` points at the group's `lines(T)` lines.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn levels<const T: u8>(q: *const Line, t: usize) -> __m512i {
+    let line = |j: usize| _mm512_load_si512(q.add(j) as *const __m512i);
+    if T == Q8_0 {
+        return line(t);
+    }
+    let low = _mm512_set1_epi8(0x0F);
+    let nib = if t < 4 {
+        _mm512_and_si512(line(t), low)
+    } else {
+        _mm512_and_si512(_mm512_srli_epi16::<4>(line(t - 4)), low)
+    };
+    if !matches!(T, Q5_0 | Q5_1) {
+        return nib;
+    }
+    let h = line(4);
+    let moved = if t <= 4 {
+        _mm512_sll_epi32(h, _mm_cvtsi32_si128(4 - t as i32))
+    } else {
+        _mm512_srl_epi32(h, _mm_cvtsi32_si128(t as i32 - 4))
+    };
+    // nib | (moved & 0x10): ternary-logic table A | (B & C).
+    _mm512_ternarylogic_epi32::<0xF8>(nib, moved, _mm512_set1_epi8(0x10))
+}
+
+/// Row `r`'s levels, scales and mins in the per-matmul panel layout of
+/// [`super::gemm`] (`q`: `groups * 256` bytes, `d`, `m`: `groups * 8`).
+///
+/// # Safety
+///
+/// The CPU runs the features; `rp` holds a weight of `nb` blocks per row
+/// with row `r`; the outputs have the sizes above.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+pub(crate) unsafe fn fill_panel_row<const T: u8>(
+    rp: &Repacked,
+    nb: usize,
+    r: usize,
+    q: *mut u8,
+    d: *mut f32,
+    m: *mut f32,
+) {
+    let (groups, _) = packed_blocks(nb);
+    let (nl, sw) = (lines(T), scale_words(T));
+    let (p, h) = (r / 2, r % 2);
+    for g in 0..groups {
+        let qg = rp.q.as_ptr().add((p * groups + g) * nl);
+        for t in 0..8 {
+            let v = levels::<T>(qg, t);
+            let half = if h == 0 {
+                _mm512_castsi512_si256(v)
+            } else {
+                _mm512_extracti64x4_epi64::<1>(v)
+            };
+            _mm256_storeu_si256(q.add(g * 256 + 32 * t) as *mut __m256i, half);
+        }
+        let dg = rp.d.as_ptr().add((p * groups + g) * sw + 8 * h);
+        _mm256_storeu_ps(d.add(8 * g), _mm256_cvtph_ps(_mm_loadu_si128(dg as *const __m128i)));
+        let mv = if kind::has_min(T) {
+            _mm256_cvtph_ps(_mm_loadu_si128(dg.add(16) as *const __m128i))
+        } else {
+            _mm256_setzero_ps()
+        };
+        _mm256_storeu_ps(m.add(8 * g), mv);
+    }
+}
+
+/// Both halves of one 256-bit vector.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn both_i(p: *const u8) -> __m512i {
+    _mm512_broadcast_i64x4(_mm256_loadu_si256(p as *const __m256i))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn both_f(p: *const f32) -> __m512 {
+    _mm512_castsi512_ps(both_i(p as *const u8))
+}
+
+/// log2 of the level offset taken off through the activation sums.
+const fn offset_shift<const T: u8>() -> Option<i32> {
+    match T {
+        Q4_0 => Some(3),
+        Q5_0 => Some(4),
+        Q8_0 => Some(7),
+        _ => None,
+    }
+}
+
+/// `R` packed activation rows against one repacked pair of weight rows:
+/// `out[r][h]`, the sum over all packed blocks as the tile kernel forms it
+/// before its tail (including its final `hsum(acc + accm)`).
+///
+/// # Safety
+///
+/// The CPU runs the features; `q` and `d` cover the pair's `groups` groups,
+/// `a` holds packed rows `i0..i0 + R`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn micro<const T: u8, const R: usize>(
+    groups: usize,
+    q: *const Line,
+    d: *const u16,
+    a: &PackedActs,
+    i0: usize,
+) -> [[f32; 2]; R] {
+    let nl = lines(T);
+    let sw = scale_words(T);
+    // Activation row `i0 + r` starts `r * groups` groups after row `i0`.
+    let ab = a.q.as_ptr().add(i0 * groups * 256);
+    let ad = a.d.as_ptr().add(i0 * groups * 8);
+    let asm = a.sums.as_ptr().add(i0 * groups * 8);
+    let ass = a.s.as_ptr().add(i0 * groups * 8);
+    let mut acc = [_mm512_setzero_ps(); R];
+    let mut accm = [_mm512_setzero_ps(); R];
+    for g in 0..groups {
+        let qg = q.add(g * nl);
+        // Each lane's sum starts at minus its offset times the activation
+        // sum: the same exact integer as subtracting it afterwards.
+        let mut p = [_mm512_setzero_si512(); R];
+        if let Some(sh) = offset_shift::<T>() {
+            for r in 0..R {
+                let sums = both_i(asm.add((r * groups + g) * 8) as *const u8);
+                p[r] = _mm512_sub_epi32(p[r], _mm512_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
+            }
+        }
+        for t in 0..8 {
+            let w = levels::<T>(qg, t);
+            for r in 0..R {
+                let av = both_i(ab.add((r * groups + g) * 256 + 32 * t));
+                p[r] = _mm512_dpbusd_epi32(p[r], w, av);
+            }
+        }
+        let dg = d.add(g * sw);
+        let dw = _mm512_cvtph_ps(_mm256_loadu_si256(dg as *const __m256i));
+        for r in 0..R {
+            let lane = (r * groups + g) * 8;
+            let da = both_f(ad.add(lane));
+            acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(p[r]), acc[r]);
+            if kind::has_min(T) {
+                let mw = _mm512_cvtph_ps(_mm256_loadu_si256(dg.add(16) as *const __m256i));
+                accm[r] = _mm512_fmadd_ps(mw, both_f(ass.add(lane)), accm[r]);
+            }
+        }
+    }
+    let mut out = [[0f32; 2]; R];
+    for r in 0..R {
+        let lo = _mm256_add_ps(
+            _mm512_castps512_ps256(acc[r]),
+            _mm512_castps512_ps256(accm[r]),
+        );
+        let hi = _mm256_add_ps(
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r]))),
+            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(accm[r]))),
+        );
+        out[r] = [hsum_ps(lo), hsum_ps(hi)];
+    }
+    out
+}
+
+/// Weight row pairs `pairs` of a repacked weight (kind `T`, `nb` blocks,
+/// `n` rows) against all `m` activation rows: `out[i * n + r]`.
+///
+/// # Safety
+///
+/// The CPU runs AVX-512 F/BW/VL/VNNI, AVX2, FMA and F16C; `rp` was built by
+/// [`repack_pairs`] and [`tail_of`] for this weight; `acts` holds `m` rows
+/// of `nb` blocks of the weight's activation type with their extras, and
+/// `packed` was packed from it; `pairs` lies within the `n.div_ceil(2)`
+/// pairs; `out` points at `m * n` writable f32 of which no other thread
+/// writes the columns of `pairs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pairs_into<const T: u8>(
+    rp: &Repacked,
+    nb: usize,
+    n: usize,
+    acts: &Acts<'_>,
+    packed: &PackedActs,
+    m: usize,
+    pairs: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    let (groups, nbp) = packed_blocks(nb);
+    let nl = lines(T);
+    let sw = scale_words(T);
+    let wb = kind::w_bytes(T);
+    let tl = nb - nbp;
+    for p in pairs {
+        let q = rp.q.as_ptr().add(p * groups * nl);
+        let d = rp.d.as_ptr().add(p * groups * sw);
+        let cols = (n - 2 * p).min(2);
+        let mut i0 = 0;
+        while i0 < m {
+            let rr = (m - i0).min(ROWS);
+            let mut res = [[0f32; 2]; ROWS];
+            macro_rules! call {
+                ($r:literal) => {{
+                    let o = micro::<T, $r>(groups, q, d, packed, i0);
+                    res[..$r].copy_from_slice(&o);
+                }};
+            }
+            match rr {
+                8 => call!(8),
+                7 => call!(7),
+                6 => call!(6),
+                5 => call!(5),
+                4 => call!(4),
+                3 => call!(3),
+                2 => call!(2),
+                _ => call!(1),
+            }
+            for r in 0..rr {
+                let i = i0 + r;
+                let arow = ActRow::new(acts, i);
+                for h in 0..cols {
+                    let row = 2 * p + h;
+                    // The tail blocks, as the tile kernel adds them.
+                    let mut tail = 0f32;
+                    for b in nbp..nb {
+                        let wblk = &rp.tail[(row * tl + b - nbp) * wb..][..wb];
+                        let v = block_values::<T>(wblk);
+                        let aq = arow.bytes.add(b * kind::act_bytes(T) + kind::act_qs(T));
+                        let mut sumi = 0i32;
+                        for (j, &x) in v.iter().enumerate() {
+                            sumi += x * i32::from(*aq.add(j) as i8);
+                        }
+                        tail += (f16_at(wblk.as_ptr()) * *arow.d.add(b)) * sumi as f32;
+                        if kind::has_min(T) {
+                            tail += f16_at(wblk.as_ptr().add(2)) * *arow.s.add(b);
+                        }
+                    }
+                    *out.add(i * n + row) = res[r][h] + tail;
+                }
+            }
+            i0 += rr;
+        }
+    }
+}
+
+/// [`pairs_into`] for kind tag `t`.
+///
+/// # Safety
+///
+/// As for [`pairs_into`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pairs_into_for(
+    t: u8,
+    rp: &Repacked,
+    nb: usize,
+    n: usize,
+    acts: &Acts<'_>,
+    packed: &PackedActs,
+    m: usize,
+    pairs: std::ops::Range<usize>,
+    out: *mut f32,
+) {
+    match t {
+        Q4_0 => pairs_into::<Q4_0>(rp, nb, n, acts, packed, m, pairs, out),
+        Q4_1 => pairs_into::<Q4_1>(rp, nb, n, acts, packed, m, pairs, out),
+        Q5_0 => pairs_into::<Q5_0>(rp, nb, n, acts, packed, m, pairs, out),
+        Q5_1 => pairs_into::<Q5_1>(rp, nb, n, acts, packed, m, pairs, out),
+        _ => pairs_into::<Q8_0>(rp, nb, n, acts, packed, m, pairs, out),
+    }
+}
