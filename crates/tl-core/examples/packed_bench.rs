@@ -53,12 +53,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let w = weights(ty, n, k);
         let p = PackedWeight::pack(ty, k, n, &w)?.ok_or("no packed kernels on this CPU")?;
         for m in [1usize, 8, 64] {
-            let x: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0).collect();
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
+                .collect();
             let mut out = vec![0f32; m * n];
             let mut s = MatmulScratch::new();
             let reps = if m == 64 { 20 } else { 200 };
-            let a = median_us(|| matmul(&x, m, k, &w, ty, n, &mut out, &mut s).unwrap_or(()), reps);
-            let b = median_us(|| matmul_packed(&x, m, &p, &mut out, &mut s).unwrap_or(()), reps);
+            let a = median_us(
+                || matmul(&x, m, k, &w, ty, n, &mut out, &mut s).unwrap_or(()),
+                reps,
+            );
+            let b = median_us(
+                || matmul_packed(&x, m, &p, &mut out, &mut s).unwrap_or(()),
+                reps,
+            );
             println!("| {k} x {n} {ty} | {m} | {a:.1} | {b:.1} | {:.2}x |", a / b);
         }
     }

@@ -50,11 +50,26 @@ impl PackedWeight {
     /// Repacks `w` (`n` rows of `k` values of `ty`, exactly), or `None` when
     /// this CPU has no packed kernel for `ty` (or `TL_REPACK=0`).
     pub fn pack(ty: GgmlType, k: usize, n: usize, w: &[u8]) -> Result<Option<PackedWeight>> {
+        Self::pack_releasing(ty, k, n, w, &|_| {})
+    }
+
+    /// [`PackedWeight::pack`], calling `done(range)` for byte ranges of `w`
+    /// that will not be read again, as soon as they are repacked (so that a
+    /// caller can give a mapped file's pages back while a large weight is
+    /// still being repacked). The ranges are disjoint and cover `w` when
+    /// the weight is packed; nothing is called when it is not.
+    pub fn pack_releasing(
+        ty: GgmlType,
+        k: usize,
+        n: usize,
+        w: &[u8],
+        done: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Result<Option<PackedWeight>> {
         let size = |what: String| CoreError::SizeMismatch {
             op: "pack weight",
             what,
         };
-        if k % 32 != 0 || k == 0 || n == 0 {
+        if !k.is_multiple_of(32) || k == 0 || n == 0 {
             return Ok(None);
         }
         match crate::quant::dot::row_bytes(ty, k) {
@@ -69,16 +84,28 @@ impl PackedWeight {
         if !repack_enabled() {
             return Ok(None);
         }
-        Self::pack_x86(ty, k, n, w)
+        Self::pack_x86(ty, k, n, w, done)
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn pack_x86(_: GgmlType, _: usize, _: usize, _: &[u8]) -> Result<Option<PackedWeight>> {
+    fn pack_x86(
+        _: GgmlType,
+        _: usize,
+        _: usize,
+        _: &[u8],
+        _: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Result<Option<PackedWeight>> {
         Ok(None)
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn pack_x86(ty: GgmlType, k: usize, n: usize, w: &[u8]) -> Result<Option<PackedWeight>> {
+    fn pack_x86(
+        ty: GgmlType,
+        k: usize,
+        n: usize,
+        w: &[u8],
+        done: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Result<Option<PackedWeight>> {
         use crate::quant::dot::x86::gemm::packed_blocks;
         use crate::quant::dot::x86::repack::{self, Line, Repacked};
         if crate::quant::dot::simd_level() < crate::quant::dot::SimdLevel::Avx512Vnni {
@@ -88,10 +115,14 @@ impl PackedWeight {
             return Ok(None);
         };
         let nb = k / 32;
+        let wb = crate::quant::dot::x86::kind_bytes(kind);
         let (groups, _) = packed_blocks(nb);
         let pairs = n.div_ceil(2);
-        let (nl, sw) = (repack::lines(kind), repack::scale_words(kind));
-        let mut q = vec![Line([0; 64]); pairs * groups * nl];
+        let (pl, sw) = (
+            repack::Geom::new(kind, nb).pair_lines,
+            repack::scale_words(kind),
+        );
+        let mut q = vec![Line([0; 64]); pairs * pl];
         let mut d = vec![0u16; pairs * groups * sw];
         // Pairs in chunks over the pool: each chunk writes its own slices.
         let per = 256usize;
@@ -106,17 +137,19 @@ impl PackedWeight {
                 // words are these disjoint ranges of `q` and `d`.
                 let (qs, ds) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(
-                            qp.get().add(ps.start * groups * nl),
-                            len * groups * nl,
-                        ),
+                        std::slice::from_raw_parts_mut(qp.get().add(ps.start * pl), len * pl),
                         std::slice::from_raw_parts_mut(
                             (dp.get() as *mut u16).add(ps.start * groups * sw),
                             len * groups * sw,
                         ),
                     )
                 };
+                let rows = 2 * ps.start..(2 * ps.end).min(n);
                 repack::repack_pairs(kind, w, n, nb, ps, qs, ds);
+                // The tail blocks of these rows are read once more below.
+                if nb.is_multiple_of(4) {
+                    done(rows.start * nb * wb..rows.end * nb * wb);
+                }
             };
             if chunks > 1 {
                 crate::matmul::run(Threading::Pool, chunks, &job);
@@ -125,6 +158,9 @@ impl PackedWeight {
             }
         }
         let tail = repack::tail_of(kind, w, n, nb);
+        if !nb.is_multiple_of(4) {
+            done(0..w.len());
+        }
         Ok(Some(PackedWeight {
             ty,
             k,
@@ -226,7 +262,13 @@ pub fn matmul_packed(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn run_packed(_: &[f32], _: usize, _: &PackedWeight, _: &mut [f32], _: &mut MatmulScratch) -> Result<()> {
+fn run_packed(
+    _: &[f32],
+    _: usize,
+    _: &PackedWeight,
+    _: &mut [f32],
+    _: &mut MatmulScratch,
+) -> Result<()> {
     Err(CoreError::SizeMismatch {
         op: "matmul",
         what: "packed weights exist only on x86-64".into(),

@@ -32,10 +32,8 @@ pub fn linear(
         Some(p) => tl_core::matmul_packed(x, m, p, out, scratch),
         None => tl_core::matmul(x, m, w.cols, wbytes, w.ty, w.rows, out, scratch),
     };
-    r.map_err(|e| {
-        ModelError::Core {
-            tensor: w.name.clone(),
-            err: e,
-        }
+    r.map_err(|e| ModelError::Core {
+        tensor: w.name.clone(),
+        err: e,
     })
 }

@@ -130,15 +130,19 @@ impl Weights {
         let mut total = 0;
         let mut one = |w: &mut Weight| -> Result<()> {
             let bytes = w.bytes(file);
-            let p = tl_core::PackedWeight::pack(w.ty, w.cols, w.rows, bytes).map_err(|e| {
-                ModelError::Core {
+            let start = w.start;
+            // Pages are given back as soon as their rows are repacked, so a
+            // large weight is never resident twice.
+            let release = |r: std::ops::Range<usize>| file.release_pages(start + r.start, r.len());
+            let p = tl_core::PackedWeight::pack_releasing(w.ty, w.cols, w.rows, bytes, &release)
+                .map_err(|e| ModelError::Core {
                     tensor: w.name.clone(),
                     err: e,
-                }
-            })?;
+                })?;
             if let Some(p) = p {
                 total += w.len;
                 w.packed = Some(std::sync::Arc::new(p));
+                // Pages straddling two chunks of rows.
                 file.release_pages(w.start, w.len);
             }
             Ok(())

@@ -56,6 +56,11 @@ pub(crate) unsafe fn quantize_q8_avx2(act_ty: GgmlType, x: &[f32], out: &mut [u8
     }
 }
 
+/// Bytes per weight block of kind tag `t`.
+pub(crate) const fn kind_bytes(t: u8) -> usize {
+    kind::w_bytes(t)
+}
+
 /// The legacy weight kinds, as const-generic tags.
 pub(super) mod kind {
     pub const Q4_0: u8 = 0;

@@ -364,7 +364,9 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                     Src::Blocks(w) => {
                         pack_weight_row::<T>(w.as_ptr().add((r0 + c) * row_bytes), nb, q, d, mm)
                     }
-                    Src::Repacked(rp) => super::repack::fill_panel_row::<T>(rp, nb, r0 + c, q, d, mm),
+                    Src::Repacked(rp) => {
+                        super::repack::fill_panel_row::<T>(rp, nb, r0 + c, q, d, mm)
+                    }
                 }
                 wrows[c] = WRow { q, d, m: mm };
             }

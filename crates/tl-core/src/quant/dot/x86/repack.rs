@@ -17,10 +17,13 @@
 //!   `t`'s bits are one shift and a mask away;
 //!
 //! and, apart, 16 f16 scales per pair and group (and 16 mins for Q4_1 and
-//! Q5_1). A final group of four blocks has zero levels and scales in lanes
-//! `4..8`; blocks past the last group of four (`nb % 4`, none for `k` a
-//! multiple of 128) stay as GGUF blocks in a tail array, and a missing
-//! second row of an odd `n` is zero.
+//! Q5_1). A final group of four blocks is stored in half lines of 32 bytes
+//! (lanes `4h + l`, `l < 4`), so no padding is streamed (k = 896 and 640,
+//! the real models' widths, end in one), and its scales have zeros in lanes
+//! `4..8`; each pair's bytes are rounded up to whole 64-byte lines. Blocks
+//! past the last group of four (`nb % 4`, none for `k` a multiple of 128)
+//! stay as GGUF blocks in a tail array, and a missing second row of an odd
+//! `n` is zero.
 //!
 //! The kernel forms every lane, group and sum exactly as the tile kernel and
 //! the per-matmul packed path do, so the outputs are the same bits as
@@ -96,6 +99,43 @@ pub(crate) const fn scale_words(t: u8) -> usize {
     }
 }
 
+/// Byte geometry of one weight's repacked levels.
+#[derive(Clone, Copy)]
+pub(crate) struct Geom {
+    /// Whole groups of eight blocks.
+    pub full: usize,
+    /// Whether a group of four follows them.
+    pub half: bool,
+    /// Lines per group.
+    pub nl: usize,
+    /// 64-byte lines per pair.
+    pub pair_lines: usize,
+}
+
+impl Geom {
+    pub(crate) fn new(t: u8, nb: usize) -> Geom {
+        let (full, half, nl) = (nb / 8, nb % 8 >= 4, lines(t));
+        let bytes = full * nl * 64 + usize::from(half) * nl * 32;
+        Geom {
+            full,
+            half,
+            nl,
+            pair_lines: bytes.div_ceil(64),
+        }
+    }
+
+    /// Byte offset, within the levels, of byte `i` of lane `(h, l)` of line
+    /// `j` of group `g` of pair `p`.
+    pub(crate) fn at(&self, p: usize, g: usize, j: usize, h: usize, l: usize, i: usize) -> usize {
+        let base = p * self.pair_lines * 64;
+        if g < self.full {
+            base + (g * self.nl + j) * 64 + 32 * h + 4 * l + i
+        } else {
+            base + self.full * self.nl * 64 + j * 32 + 16 * h + 4 * l + i
+        }
+    }
+}
+
 /// Repacks `n` rows of `nb` blocks of kind `t` (`w` holds exactly them).
 /// Pairs `pairs` only: the caller splits the work and owns disjoint slices
 /// `q`, `d` of those pairs.
@@ -109,19 +149,24 @@ pub(crate) fn repack_pairs(
     d: &mut [u16],
 ) {
     let (groups, nbp) = packed_blocks(nb);
+    let geo = Geom::new(t, nb);
     let wb = kind::w_bytes(t);
-    let nl = lines(t);
     let sw = scale_words(t);
     let (qs, qh, mo) = fields(t);
     let p0 = pairs.start;
+    for line in q.iter_mut() {
+        line.0 = [0; 64];
+    }
+    d.fill(0);
     for p in pairs {
-        for g in 0..groups {
-            let lq = &mut q[((p - p0) * groups + g) * nl..][..nl];
-            let ld = &mut d[((p - p0) * groups + g) * sw..][..sw];
-            for line in lq.iter_mut() {
-                line.0 = [0; 64];
+        let mut put = |g: usize, j: usize, h: usize, l: usize, bytes: [u8; 4]| {
+            for (i, &v) in bytes.iter().enumerate() {
+                let at = geo.at(p - p0, g, j, h, l, i);
+                q[at / 64].0[at % 64] = v;
             }
-            ld.fill(0);
+        };
+        for g in 0..groups {
+            let ld = &mut d[((p - p0) * groups + g) * sw..][..sw];
             for h in 0..2 {
                 let r = 2 * p + h;
                 if r >= n {
@@ -133,31 +178,29 @@ pub(crate) fn repack_pairs(
                         continue;
                     }
                     let blk = &w[(r * nb + b) * wb..][..wb];
-                    let at = 32 * h + 4 * l;
+                    let word = |at: usize| [blk[at], blk[at + 1], blk[at + 2], blk[at + 3]];
                     ld[8 * h + l] = u16::from_le_bytes([blk[0], blk[1]]);
                     if kind::has_min(t) {
                         ld[16 + 8 * h + l] = u16::from_le_bytes([blk[mo], blk[mo + 1]]);
                     }
                     if t == Q8_0 {
-                        for (tt, line) in lq.iter_mut().enumerate() {
-                            for i in 0..4 {
-                                line.0[at + i] = blk[qs + 4 * tt + i] ^ 0x80;
-                            }
+                        for j in 0..8 {
+                            put(g, j, h, l, word(qs + 4 * j).map(|v| v ^ 0x80));
                         }
                         continue;
                     }
                     for j in 0..4 {
-                        lq[j].0[at..at + 4].copy_from_slice(&blk[qs + 4 * j..qs + 4 * j + 4]);
+                        put(g, j, h, l, word(qs + 4 * j));
                     }
                     if matches!(t, Q5_0 | Q5_1) {
-                        let hb = u32::from_le_bytes([blk[qh], blk[qh + 1], blk[qh + 2], blk[qh + 3]]);
+                        let hb = u32::from_le_bytes(word(qh));
                         let mut perm = 0u32;
                         for tt in 0..8 {
                             for bb in 0..4 {
                                 perm |= ((hb >> (4 * tt + bb)) & 1) << (8 * bb + tt);
                             }
                         }
-                        lq[4].0[at..at + 4].copy_from_slice(&perm.to_le_bytes());
+                        put(g, 4, h, l, perm.to_le_bytes());
                     }
                 }
             }
@@ -185,35 +228,33 @@ pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize) -> V
         return rp.tail[(r * tl + b - nbp) * wb..][..wb].to_vec();
     }
     let (p, h, g, l) = (r / 2, r % 2, b / 8, b % 8);
-    let nl = lines(t);
+    let geo = Geom::new(t, nb);
     let sw = scale_words(t);
-    let lq = &rp.q[(p * groups + g) * nl..][..nl];
     let ld = &rp.d[(p * groups + g) * sw..][..sw];
+    let get = |j: usize| -> [u8; 4] {
+        std::array::from_fn(|i| {
+            let at = geo.at(p, g, j, h, l, i);
+            rp.q[at / 64].0[at % 64]
+        })
+    };
     let (qs, qh, mo) = fields(t);
-    let at = 32 * h + 4 * l;
     let mut blk = vec![0u8; wb];
     blk[..2].copy_from_slice(&ld[8 * h + l].to_le_bytes());
     if kind::has_min(t) {
         blk[mo..mo + 2].copy_from_slice(&ld[16 + 8 * h + l].to_le_bytes());
     }
     if t == Q8_0 {
-        for (tt, line) in lq.iter().enumerate() {
-            for i in 0..4 {
-                blk[qs + 4 * tt + i] = line.0[at + i] ^ 0x80;
-            }
+        for j in 0..8 {
+            let v = get(j).map(|v| v ^ 0x80);
+            blk[qs + 4 * j..qs + 4 * j + 4].copy_from_slice(&v);
         }
         return blk;
     }
     for j in 0..4 {
-        blk[qs + 4 * j..qs + 4 * j + 4].copy_from_slice(&lq[j].0[at..at + 4]);
+        blk[qs + 4 * j..qs + 4 * j + 4].copy_from_slice(&get(j));
     }
     if matches!(t, Q5_0 | Q5_1) {
-        let perm = u32::from_le_bytes([
-            lq[4].0[at],
-            lq[4].0[at + 1],
-            lq[4].0[at + 2],
-            lq[4].0[at + 3],
-        ]);
+        let perm = u32::from_le_bytes(get(4));
         let mut hb = 0u32;
         for tt in 0..8 {
             for bb in 0..4 {
@@ -225,15 +266,15 @@ pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize) -> V
     blk
 }
 
-/// Vector `t` (0..8) of unsigned levels of one pair and group.
+/// Vector `t` (0..8) of unsigned levels of one pair and whole group.
 ///
 /// # Safety
 ///
 /// The CPU runs the features; `q` points at the group's `lines(T)` lines.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn levels<const T: u8>(q: *const Line, t: usize) -> __m512i {
-    let line = |j: usize| _mm512_load_si512(q.add(j) as *const __m512i);
+unsafe fn levels<const T: u8>(q: *const u8, t: usize) -> __m512i {
+    let line = |j: usize| _mm512_loadu_si512(q.add(64 * j) as *const __m512i);
     if T == Q8_0 {
         return line(t);
     }
@@ -256,6 +297,36 @@ unsafe fn levels<const T: u8>(q: *const Line, t: usize) -> __m512i {
     _mm512_ternarylogic_epi32::<0xF8>(nib, moved, _mm512_set1_epi8(0x10))
 }
 
+/// [`levels`] of a half group: lanes `4h + l` of 32-byte half lines.
+///
+/// # Safety
+///
+/// As for [`levels`], with `lines(T)` half lines at `q`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn levels_half<const T: u8>(q: *const u8, t: usize) -> __m256i {
+    let line = |j: usize| _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
+    if T == Q8_0 {
+        return line(t);
+    }
+    let low = _mm256_set1_epi8(0x0F);
+    let nib = if t < 4 {
+        _mm256_and_si256(line(t), low)
+    } else {
+        _mm256_and_si256(_mm256_srli_epi16::<4>(line(t - 4)), low)
+    };
+    if !matches!(T, Q5_0 | Q5_1) {
+        return nib;
+    }
+    let h = line(4);
+    let moved = if t <= 4 {
+        _mm256_sll_epi32(h, _mm_cvtsi32_si128(4 - t as i32))
+    } else {
+        _mm256_srl_epi32(h, _mm_cvtsi32_si128(t as i32 - 4))
+    };
+    _mm256_ternarylogic_epi32::<0xF8>(nib, moved, _mm256_set1_epi8(0x10))
+}
+
 /// Row `r`'s levels, scales and mins in the per-matmul panel layout of
 /// [`super::gemm`] (`q`: `groups * 256` bytes, `d`, `m`: `groups * 8`).
 ///
@@ -273,21 +344,36 @@ pub(crate) unsafe fn fill_panel_row<const T: u8>(
     m: *mut f32,
 ) {
     let (groups, _) = packed_blocks(nb);
-    let (nl, sw) = (lines(T), scale_words(T));
+    let geo = Geom::new(T, nb);
+    let sw = scale_words(T);
     let (p, h) = (r / 2, r % 2);
+    let base = rp.q.as_ptr() as *const u8;
     for g in 0..groups {
-        let qg = rp.q.as_ptr().add((p * groups + g) * nl);
+        let qg = base.add(geo.at(p, g, 0, 0, 0, 0));
         for t in 0..8 {
-            let v = levels::<T>(qg, t);
-            let half = if h == 0 {
-                _mm512_castsi512_si256(v)
+            let half = if g < geo.full {
+                let v = levels::<T>(qg, t);
+                if h == 0 {
+                    _mm512_castsi512_si256(v)
+                } else {
+                    _mm512_extracti64x4_epi64::<1>(v)
+                }
             } else {
-                _mm512_extracti64x4_epi64::<1>(v)
+                let v = levels_half::<T>(qg, t);
+                let x = if h == 0 {
+                    _mm256_castsi256_si128(v)
+                } else {
+                    _mm256_extracti128_si256::<1>(v)
+                };
+                _mm256_zextsi128_si256(x)
             };
             _mm256_storeu_si256(q.add(g * 256 + 32 * t) as *mut __m256i, half);
         }
         let dg = rp.d.as_ptr().add((p * groups + g) * sw + 8 * h);
-        _mm256_storeu_ps(d.add(8 * g), _mm256_cvtph_ps(_mm_loadu_si128(dg as *const __m128i)));
+        _mm256_storeu_ps(
+            d.add(8 * g),
+            _mm256_cvtph_ps(_mm_loadu_si128(dg as *const __m128i)),
+        );
         let mv = if kind::has_min(T) {
             _mm256_cvtph_ps(_mm_loadu_si128(dg.add(16) as *const __m128i))
         } else {
@@ -326,18 +412,19 @@ const fn offset_shift<const T: u8>() -> Option<i32> {
 ///
 /// # Safety
 ///
-/// The CPU runs the features; `q` and `d` cover the pair's `groups` groups,
+/// The CPU runs the features; `q` and `d` cover the pair's groups,
 /// `a` holds packed rows `i0..i0 + R`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 unsafe fn micro<const T: u8, const R: usize>(
-    groups: usize,
-    q: *const Line,
+    geo: Geom,
+    q: *const u8,
     d: *const u16,
     a: &PackedActs,
     i0: usize,
 ) -> [[f32; 2]; R] {
-    let nl = lines(T);
+    let nl = geo.nl;
     let sw = scale_words(T);
+    let groups = geo.full + usize::from(geo.half);
     // Activation row `i0 + r` starts `r * groups` groups after row `i0`.
     let ab = a.q.as_ptr().add(i0 * groups * 256);
     let ad = a.d.as_ptr().add(i0 * groups * 8);
@@ -346,21 +433,51 @@ unsafe fn micro<const T: u8, const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm512_setzero_ps(); R];
     for g in 0..groups {
-        let qg = q.add(g * nl);
-        // Each lane's sum starts at minus its offset times the activation
-        // sum: the same exact integer as subtracting it afterwards.
         let mut p = [_mm512_setzero_si512(); R];
-        if let Some(sh) = offset_shift::<T>() {
-            for r in 0..R {
-                let sums = both_i(asm.add((r * groups + g) * 8) as *const u8);
-                p[r] = _mm512_sub_epi32(p[r], _mm512_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
+        if g < geo.full {
+            let qg = q.add(g * nl * 64);
+            // Each lane's sum starts at minus its offset times the
+            // activation sum: the same exact integer as subtracting it
+            // afterwards.
+            if let Some(sh) = offset_shift::<T>() {
+                for r in 0..R {
+                    let sums = both_i(asm.add((r * groups + g) * 8) as *const u8);
+                    p[r] = _mm512_sub_epi32(p[r], _mm512_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
+                }
             }
-        }
-        for t in 0..8 {
-            let w = levels::<T>(qg, t);
+            for t in 0..8 {
+                let w = levels::<T>(qg, t);
+                for r in 0..R {
+                    let av = both_i(ab.add((r * groups + g) * 256 + 32 * t));
+                    p[r] = _mm512_dpbusd_epi32(p[r], w, av);
+                }
+            }
+        } else {
+            // The half group: lanes 0..4 of each row in one 256-bit vector,
+            // then spread to lanes 8h + l (zero elsewhere, as the padded
+            // lanes of the full layout would be).
+            let qg = q.add(geo.full * nl * 64);
+            let mut ph = [_mm256_setzero_si256(); R];
+            if let Some(sh) = offset_shift::<T>() {
+                for r in 0..R {
+                    let sums = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                        asm.add((r * groups + g) * 8) as *const __m128i,
+                    ));
+                    ph[r] = _mm256_sub_epi32(ph[r], _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
+                }
+            }
+            for t in 0..8 {
+                let w = levels_half::<T>(qg, t);
+                for r in 0..R {
+                    let av = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                        ab.add((r * groups + g) * 256 + 32 * t) as *const __m128i,
+                    ));
+                    ph[r] = _mm256_dpbusd_epi32(ph[r], w, av);
+                }
+            }
+            let idx = _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 4, 5, 6, 7, 0, 0, 0, 0);
             for r in 0..R {
-                let av = both_i(ab.add((r * groups + g) * 256 + 32 * t));
-                p[r] = _mm512_dpbusd_epi32(p[r], w, av);
+                p[r] = _mm512_maskz_permutexvar_epi32(0x0F0F, idx, _mm512_castsi256_si512(ph[r]));
             }
         }
         let dg = d.add(g * sw);
@@ -413,12 +530,12 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
     out: *mut f32,
 ) {
     let (groups, nbp) = packed_blocks(nb);
-    let nl = lines(T);
+    let geo = Geom::new(T, nb);
     let sw = scale_words(T);
     let wb = kind::w_bytes(T);
     let tl = nb - nbp;
     for p in pairs {
-        let q = rp.q.as_ptr().add(p * groups * nl);
+        let q = rp.q.as_ptr().add(p * geo.pair_lines) as *const u8;
         let d = rp.d.as_ptr().add(p * groups * sw);
         let cols = (n - 2 * p).min(2);
         let mut i0 = 0;
@@ -427,7 +544,7 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
             let mut res = [[0f32; 2]; ROWS];
             macro_rules! call {
                 ($r:literal) => {{
-                    let o = micro::<T, $r>(groups, q, d, packed, i0);
+                    let o = micro::<T, $r>(geo, q, d, packed, i0);
                     res[..$r].copy_from_slice(&o);
                 }};
             }
