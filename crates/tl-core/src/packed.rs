@@ -205,16 +205,18 @@ impl PackedWeight {
                 what: format!("row {r} of a weight of {} rows", self.n),
             });
         }
-        out.clear();
         #[cfg(target_arch = "x86_64")]
         {
             let nb = self.k / 32;
-            for b in 0..nb {
-                out.extend_from_slice(&crate::quant::dot::x86::repack::block_of(
-                    self.kind, &self.rp, nb, r, b,
-                ));
+            let wb = self.ty.type_size();
+            // Sized once; a caller's buffer is reused without allocating.
+            out.resize(nb * wb, 0);
+            for (b, blk) in out.chunks_exact_mut(wb).enumerate() {
+                crate::quant::dot::x86::repack::block_of(self.kind, &self.rp, nb, r, b, blk);
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        out.clear();
         Ok(())
     }
 }

@@ -80,6 +80,8 @@ pub struct ForwardState {
     logits: Vec<f32>,
     last_logits: usize,
     attn: Vec<AttnScratch>,
+    /// One embedding row's blocks, read back from a repacked table.
+    emb_row: Vec<u8>,
 }
 
 impl ForwardState {
@@ -248,12 +250,21 @@ impl Model {
         for (i, &(si, pos)) in st.meta.iter().enumerate() {
             let row = &mut st.x[i * d..(i + 1) * d];
             let t = batch[si].tokens[pos - batch[si].pos] as usize;
-            tl_core::quant::dequantize(emb.ty, &eb[t * rb..(t + 1) * rb], row).map_err(|e| {
-                ModelError::Core {
-                    tensor: emb.name.clone(),
-                    err: e,
+            let core = |e| ModelError::Core {
+                tensor: emb.name.clone(),
+                err: e,
+            };
+            // A table repacked for the output matmul (tied embeddings) is
+            // read from its copy: the file's pages were given back, and
+            // faulting rows in again maps whole runs of pages around each.
+            let blocks = match &emb.packed {
+                Some(p) => {
+                    p.row_blocks(t, &mut st.emb_row).map_err(core)?;
+                    &st.emb_row[..]
                 }
-            })?;
+                None => &eb[t * rb..(t + 1) * rb],
+            };
+            tl_core::quant::dequantize(emb.ty, blocks, row).map_err(core)?;
             if c.embed_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= c.embed_scale);
             }

@@ -219,13 +219,15 @@ pub(crate) fn tail_of(t: u8, w: &[u8], n: usize, nb: usize) -> Vec<u8> {
     out
 }
 
-/// The GGUF block `b` of row `r`, rebuilt from the repacked arrays.
-pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize) -> Vec<u8> {
+/// The GGUF block `b` of row `r`, rebuilt from the repacked arrays into
+/// `blk` (one block's bytes).
+pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize, blk: &mut [u8]) {
     let (groups, nbp) = packed_blocks(nb);
     let wb = kind::w_bytes(t);
     if b >= nbp {
         let tl = nb - nbp;
-        return rp.tail[(r * tl + b - nbp) * wb..][..wb].to_vec();
+        blk.copy_from_slice(&rp.tail[(r * tl + b - nbp) * wb..][..wb]);
+        return;
     }
     let (p, h, g, l) = (r / 2, r % 2, b / 8, b % 8);
     let geo = Geom::new(t, nb);
@@ -238,7 +240,7 @@ pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize) -> V
         })
     };
     let (qs, qh, mo) = fields(t);
-    let mut blk = vec![0u8; wb];
+    blk.fill(0);
     blk[..2].copy_from_slice(&ld[8 * h + l].to_le_bytes());
     if kind::has_min(t) {
         blk[mo..mo + 2].copy_from_slice(&ld[16 + 8 * h + l].to_le_bytes());
@@ -248,7 +250,7 @@ pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize) -> V
             let v = get(j).map(|v| v ^ 0x80);
             blk[qs + 4 * j..qs + 4 * j + 4].copy_from_slice(&v);
         }
-        return blk;
+        return;
     }
     for j in 0..4 {
         blk[qs + 4 * j..qs + 4 * j + 4].copy_from_slice(&get(j));
@@ -263,7 +265,6 @@ pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize) -> V
         }
         blk[qh..qh + 4].copy_from_slice(&hb.to_le_bytes());
     }
-    blk
 }
 
 /// Vector `t` (0..8) of unsigned levels of one pair and whole group.
