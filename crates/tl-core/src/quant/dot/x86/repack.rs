@@ -154,16 +154,15 @@ pub(crate) fn repack_pairs(
     let sw = scale_words(t);
     let (qs, qh, mo) = fields(t);
     let p0 = pairs.start;
-    for line in q.iter_mut() {
-        line.0 = [0; 64];
-    }
+    // SAFETY: `Line` is `repr(C)` over `[u8; 64]` (no padding), so the
+    // lines are exactly `64 * q.len()` initialized bytes.
+    let qb = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut u8, q.len() * 64) };
+    qb.fill(0);
     d.fill(0);
     for p in pairs {
         let mut put = |g: usize, j: usize, h: usize, l: usize, bytes: [u8; 4]| {
-            for (i, &v) in bytes.iter().enumerate() {
-                let at = geo.at(p - p0, g, j, h, l, i);
-                q[at / 64].0[at % 64] = v;
-            }
+            let at = geo.at(p - p0, g, j, h, l, 0);
+            qb[at..at + 4].copy_from_slice(&bytes);
         };
         for g in 0..groups {
             let ld = &mut d[((p - p0) * groups + g) * sw..][..sw];
