@@ -536,6 +536,13 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
     let tl = nb - nbp;
     for p in pairs {
         let q = rp.q.as_ptr().add(p * geo.pair_lines) as *const u8;
+        // The weight streams through once per call: ask for the pair after
+        // next while this one is computed (a hint; past the end it is
+        // dropped, never faulted).
+        let ahead = q.wrapping_add(2 * geo.pair_lines * 64) as *const i8;
+        for j in 0..geo.pair_lines {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * j));
+        }
         let d = rp.d.as_ptr().add(p * groups * sw);
         let cols = (n - 2 * p).min(2);
         let mut i0 = 0;
