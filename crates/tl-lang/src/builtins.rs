@@ -642,6 +642,28 @@ thread_local! {
     /// Quantized activations and other buffers of the weight matmul,
     /// reused across calls so a decode step does not regrow them.
     static MM_SCRATCH: RefCell<tl_core::MatmulScratch> = RefCell::new(tl_core::MatmulScratch::default());
+    /// Model weights the native loader repacked, by the address and length
+    /// of their bytes in the mapped file (see [`register_packed`]).
+    static PACKED: RefCell<std::collections::HashMap<(usize, usize), std::sync::Arc<tl_core::PackedWeight>>> =
+        RefCell::new(std::collections::HashMap::new());
+}
+
+/// Records that the model weight whose mapped bytes are `bytes` has the
+/// repacked copy `p`: `linear` then multiplies by the copy (the same bits,
+/// and the file's pages of the weight stay given back).
+pub fn register_packed(bytes: &[u8], p: std::sync::Arc<tl_core::PackedWeight>) {
+    PACKED.with(|m| {
+        m.borrow_mut()
+            .insert((bytes.as_ptr() as usize, bytes.len()), p)
+    });
+}
+
+fn packed_for(bytes: &[u8]) -> Option<std::sync::Arc<tl_core::PackedWeight>> {
+    PACKED.with(|m| {
+        m.borrow()
+            .get(&(bytes.as_ptr() as usize, bytes.len()))
+            .cloned()
+    })
 }
 
 /// What a builtin may touch of the interpreter.
@@ -917,9 +939,13 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                             format!("linear: weight storage does not hold exactly {:?}", w.shape),
                         ));
                     }
+                    let packed = packed_for(bytes).filter(|p| p.k() == k && p.n() == n);
                     MM_SCRATCH
-                        .with(|sc| {
-                            tl_core::matmul(
+                        .with(|sc| match &packed {
+                            Some(p) => {
+                                tl_core::matmul_packed(&xf, m, p, &mut y, &mut sc.borrow_mut())
+                            }
+                            None => tl_core::matmul(
                                 &xf,
                                 m,
                                 k,
@@ -928,7 +954,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                                 n,
                                 &mut y,
                                 &mut sc.borrow_mut(),
-                            )
+                            ),
                         })
                         .map_err(kernel("linear"))?;
                 }

@@ -101,6 +101,9 @@ impl ModelVal {
                 op: "model weight",
                 source,
             })?;
+            if let Some(p) = self.llm.model.packed_weight(&name) {
+                crate::builtins::register_packed(file.tensor_data(info), p);
+            }
             let tens = Rc::new(Tens {
                 shape: t.dims().to_vec(),
                 data: TData::Core(t),

@@ -140,6 +140,19 @@ impl Model {
         })
     }
 
+    /// The repacked copy of the matmul weight named `name` (its GGUF name),
+    /// if the load repacked it (see [`Weights::repack`]).
+    pub fn packed_weight(&self, name: &str) -> Option<std::sync::Arc<tl_core::PackedWeight>> {
+        let w = &self.weights;
+        let mut all = w
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .chain(w.output.as_ref())
+            .chain(std::iter::once(&w.token_embd));
+        all.find(|x| x.name == name).and_then(|x| x.packed.clone())
+    }
+
     /// A KV cache for `n_tokens` tokens in total (rounded up to whole blocks).
     pub fn new_cache(&self, n_tokens: usize) -> Result<KvCache> {
         let c = &self.config;

@@ -1,5 +1,7 @@
 //! Weights looked up by their GGUF names, validated against the config's
-//! shapes at load. A weight borrows its bytes from the memory-mapped file.
+//! shapes at load. A weight borrows its bytes from the memory-mapped file;
+//! [`Weights::repack`] gives the matmul weights of the 32-value types an
+//! owned copy in the layout of this CPU's kernels instead.
 
 use tl_gguf::{GgmlType, GgufFile, TensorInfo};
 
