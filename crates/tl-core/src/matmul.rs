@@ -87,6 +87,24 @@ pub fn matmul(
     matmul_with(Threading::Pool, x, m, k, w, ty, n, out, scratch)
 }
 
+/// Checks that `x` holds `[m, k]` and `out` `[m, n]` values (or more).
+pub(crate) fn check_x_out(x: &[f32], m: usize, k: usize, out: &[f32], n: usize) -> Result<()> {
+    let too_small = |what: String| CoreError::SizeMismatch { op: "matmul", what };
+    if m.checked_mul(k).is_none_or(|need| x.len() < need) {
+        return Err(too_small(format!(
+            "x holds {} values, [{m}, {k}] needed",
+            x.len()
+        )));
+    }
+    if m.checked_mul(n).is_none_or(|need| out.len() < need) {
+        return Err(too_small(format!(
+            "out holds {} values, [{m}, {n}] needed",
+            out.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A raw output pointer shared by the threads; each writes only the
 /// columns of its own weight rows.
 #[derive(Clone, Copy)]
@@ -124,19 +142,8 @@ pub fn matmul_with(
     };
     let wb = row_bytes(ty, k).ok_or_else(|| partial(ty))?;
     let ab = row_bytes(act_ty, k).ok_or_else(|| partial(act_ty))?;
+    check_x_out(x, m, k, out, n)?;
     let too_small = |what: String| CoreError::SizeMismatch { op: "matmul", what };
-    if m.checked_mul(k).is_none_or(|need| x.len() < need) {
-        return Err(too_small(format!(
-            "x holds {} values, [{m}, {k}] needed",
-            x.len()
-        )));
-    }
-    if m.checked_mul(n).is_none_or(|need| out.len() < need) {
-        return Err(too_small(format!(
-            "out holds {} values, [{m}, {n}] needed",
-            out.len()
-        )));
-    }
     if n.checked_mul(wb) != Some(w.len()) {
         return Err(too_small(format!(
             "weight of {n} rows of {k} {ty} values takes {} bytes, got {}",

@@ -243,20 +243,7 @@ pub fn matmul_packed(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) -> Result<()> {
-    let (k, n) = (w.k, w.n);
-    let too_small = |what: String| CoreError::SizeMismatch { op: "matmul", what };
-    if m.checked_mul(k).is_none_or(|need| x.len() < need) {
-        return Err(too_small(format!(
-            "x holds {} values, [{m}, {k}] needed",
-            x.len()
-        )));
-    }
-    if m.checked_mul(n).is_none_or(|need| out.len() < need) {
-        return Err(too_small(format!(
-            "out holds {} values, [{m}, {n}] needed",
-            out.len()
-        )));
-    }
+    crate::matmul::check_x_out(x, m, w.k, out, w.n)?;
     if m == 0 {
         return Ok(());
     }

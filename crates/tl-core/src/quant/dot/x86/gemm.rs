@@ -249,7 +249,7 @@ unsafe fn micro<const T: u8, const R: usize, const C: usize>(
 }
 
 /// log2 of the level offset (see the `avx512` unpacking).
-const fn offset_shift<const T: u8>() -> Option<i32> {
+pub(super) const fn offset_shift<const T: u8>() -> Option<i32> {
     match T {
         Q4_0 => Some(3),
         Q5_0 => Some(4),
@@ -283,6 +283,25 @@ pub(crate) fn block_values<const T: u8>(b: &[u8]) -> [i32; 32] {
         };
     }
     v
+}
+
+/// Adds weight block `wblk` (kind `T`) dotted with block `b` of `arow` to
+/// `tail`, as the tile kernel adds the blocks past its last group.
+///
+/// # Safety
+///
+/// `arow` covers block `b` of an activation row with its extras.
+pub(super) unsafe fn tail_block<const T: u8>(wblk: &[u8], arow: &ActRow, b: usize, tail: &mut f32) {
+    let v = block_values::<T>(wblk);
+    let aq = arow.bytes.add(b * kind::act_bytes(T) + kind::act_qs(T));
+    let mut sumi = 0i32;
+    for (j, &x) in v.iter().enumerate() {
+        sumi += x * i32::from(*aq.add(j) as i8);
+    }
+    *tail += (f16_at(wblk.as_ptr()) * *arow.d.add(b)) * sumi as f32;
+    if kind::has_min(T) {
+        *tail += f16_at(wblk.as_ptr().add(2)) * *arow.s.add(b);
+    }
 }
 
 /// One thread's packed weight panel: levels, scales, mins of [`PANEL`]
@@ -418,16 +437,7 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                                     &rp.tail[(row * (nb - nbp) + b - nbp) * wb..][..wb]
                                 }
                             };
-                            let v = block_values::<T>(wblk);
-                            let aq = arow.bytes.add(b * kind::act_bytes(T) + kind::act_qs(T));
-                            let mut sumi = 0i32;
-                            for (j, &x) in v.iter().enumerate() {
-                                sumi += x * i32::from(*aq.add(j) as i8);
-                            }
-                            tail += (f16_at(wblk.as_ptr()) * *arow.d.add(b)) * sumi as f32;
-                            if kind::has_min(T) {
-                                tail += f16_at(wblk.as_ptr().add(2)) * *arow.s.add(b);
-                            }
+                            tail_block::<T>(wblk, &arow, b, &mut tail);
                         }
                         *out.add(i * n + r0 + c) = res[r][c] + tail;
                     }

@@ -34,9 +34,9 @@
 use std::arch::x86_64::*;
 
 use super::avx2::hsum_ps;
-use super::gemm::{block_values, packed_blocks, PackedActs};
+use super::gemm::{offset_shift, packed_blocks, tail_block, PackedActs};
 use super::kind::{self, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
-use super::{f16_at, ActRow};
+use super::ActRow;
 use crate::quant::dot::Acts;
 
 /// Activation rows per kernel call.
@@ -396,16 +396,6 @@ unsafe fn both_f(p: *const f32) -> __m512 {
     _mm512_castsi512_ps(both_i(p as *const u8))
 }
 
-/// log2 of the level offset taken off through the activation sums.
-const fn offset_shift<const T: u8>() -> Option<i32> {
-    match T {
-        Q4_0 => Some(3),
-        Q5_0 => Some(4),
-        Q8_0 => Some(7),
-        _ => None,
-    }
-}
-
 /// `R` packed activation rows against one repacked pair of weight rows:
 /// `out[r][h]`, the sum over all packed blocks as the tile kernel forms it
 /// before its tail (including its final `hsum(acc + accm)`).
@@ -574,16 +564,7 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
                     let mut tail = 0f32;
                     for b in nbp..nb {
                         let wblk = &rp.tail[(row * tl + b - nbp) * wb..][..wb];
-                        let v = block_values::<T>(wblk);
-                        let aq = arow.bytes.add(b * kind::act_bytes(T) + kind::act_qs(T));
-                        let mut sumi = 0i32;
-                        for (j, &x) in v.iter().enumerate() {
-                            sumi += x * i32::from(*aq.add(j) as i8);
-                        }
-                        tail += (f16_at(wblk.as_ptr()) * *arow.d.add(b)) * sumi as f32;
-                        if kind::has_min(T) {
-                            tail += f16_at(wblk.as_ptr().add(2)) * *arow.s.add(b);
-                        }
+                        tail_block::<T>(wblk, &arow, b, &mut tail);
                     }
                     *out.add(i * n + row) = res[r][h] + tail;
                 }
