@@ -1,5 +1,5 @@
 //! Times `tl_core::matmul` on GGUF blocks against `tl_core::matmul_packed`
-//! on the same weight repacked, for the 32-value shapes of the real models,
+//! on the same weight repacked, for the Q5_0, Q8_0, Q6_K and Q4_K shapes of the real models,
 //! at m = 1, 8 and 64 (weights hot in cache: this compares the kernels, not
 //! memory). Prints the median microseconds per call of each and the ratio.
 //!
@@ -22,8 +22,15 @@ fn weights(ty: GgmlType, n: usize, k: usize) -> Vec<u8> {
         })
         .collect();
     let scale = half::f16::from_f32(0.01).to_le_bytes();
+    let fields: &[usize] = match ty {
+        GgmlType::Q6_K => &[208],
+        GgmlType::Q4_K => &[0, 2],
+        _ => &[0],
+    };
     for b in w.chunks_exact_mut(ty.type_size()) {
-        b[..2].copy_from_slice(&scale);
+        for &at in fields {
+            b[at..at + 2].copy_from_slice(&scale);
+        }
     }
     w
 }
@@ -45,6 +52,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("| shape (k x n, type) | m | blocks us | packed us | blocks / packed |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     for (ty, k, n) in [
+        (GgmlType::Q6_K, 4864, 896),
+        (GgmlType::Q4_K, 4864, 896),
         (GgmlType::Q5_0, 896, 4864),
         (GgmlType::Q5_0, 896, 896),
         (GgmlType::Q8_0, 896, 128),

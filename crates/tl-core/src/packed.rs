@@ -28,7 +28,17 @@ pub struct PackedWeight {
     kind: u8,
     #[cfg(target_arch = "x86_64")]
     rp: crate::quant::dot::x86::repack::Repacked,
+    /// Q6_K in the 16-row layout of `repack_k` (empty for the other types).
+    #[cfg(target_arch = "x86_64")]
+    k6: Vec<crate::quant::dot::x86::repack_k::Line>,
 }
+
+/// The kind tags of Q6_K and Q4_K weights (the 32-value types use
+/// `repack`'s).
+#[cfg(target_arch = "x86_64")]
+const K6: u8 = 255;
+#[cfg(target_arch = "x86_64")]
+const K4: u8 = 254;
 
 impl std::fmt::Debug for PackedWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,6 +121,9 @@ impl PackedWeight {
         if crate::quant::dot::simd_level() < crate::quant::dot::SimdLevel::Avx512Vnni {
             return Ok(None);
         }
+        if matches!(ty, GgmlType::Q6_K | GgmlType::Q4_K) {
+            return Ok(Self::pack_k(ty, k, n, w, done));
+        }
         let Some(kind) = repack::kind_of(ty) else {
             return Ok(None);
         };
@@ -167,7 +180,74 @@ impl PackedWeight {
             n,
             kind,
             rp: Repacked { q, d, tail },
+            k6: Vec::new(),
         }))
+    }
+
+    /// Q6_K or Q4_K (`k` a multiple of 256, `w` checked) into the 16-row
+    /// layout.
+    #[cfg(target_arch = "x86_64")]
+    fn pack_k(
+        ty: GgmlType,
+        k: usize,
+        n: usize,
+        w: &[u8],
+        done: &(dyn Fn(std::ops::Range<usize>) + Sync),
+    ) -> Option<PackedWeight> {
+        use crate::quant::dot::x86::repack_k::{self, Line, GROUP4_BYTES, GROUP_BYTES};
+        if !k.is_multiple_of(256) {
+            return None;
+        }
+        let four = ty == GgmlType::Q4_K;
+        let (gb, wb) = if four {
+            (GROUP4_BYTES, 144)
+        } else {
+            (GROUP_BYTES, 210)
+        };
+        let nb = k / 256;
+        let groups = n.div_ceil(16);
+        let per_group = nb * gb;
+        let mut q = vec![Line([0; 64]); (groups * per_group).div_ceil(64)];
+        let per = 16usize;
+        let chunks = groups.div_ceil(per);
+        {
+            let qp = SendPtr(q.as_mut_ptr() as *mut u8);
+            let job = |c: usize| {
+                let gs = c * per..((c + 1) * per).min(groups);
+                // SAFETY: chunk `c` owns row groups `gs`, whose bytes are
+                // this range of `q` (sized above for all groups).
+                let qs = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        qp.get().add(gs.start * per_group),
+                        gs.len() * per_group,
+                    )
+                };
+                let rows = 16 * gs.start..(16 * gs.end).min(n);
+                if four {
+                    repack_k::repack4_groups(w, n, nb, gs, qs);
+                } else {
+                    repack_k::repack_groups(w, n, nb, gs, qs);
+                }
+                done(rows.start * nb * wb..rows.end * nb * wb);
+            };
+            if chunks > 1 {
+                crate::matmul::run(Threading::Pool, chunks, &job);
+            } else {
+                (0..chunks).for_each(job);
+            }
+        }
+        Some(PackedWeight {
+            ty,
+            k,
+            n,
+            kind: if four { K4 } else { K6 },
+            rp: crate::quant::dot::x86::repack::Repacked {
+                q: Vec::new(),
+                d: Vec::new(),
+                tail: Vec::new(),
+            },
+            k6: q,
+        })
     }
 
     /// The block type of the original weight.
@@ -189,7 +269,7 @@ impl PackedWeight {
     pub fn size_in_bytes(&self) -> usize {
         #[cfg(target_arch = "x86_64")]
         {
-            self.rp.q.len() * 64 + self.rp.d.len() * 2 + self.rp.tail.len()
+            self.rp.q.len() * 64 + self.rp.d.len() * 2 + self.rp.tail.len() + self.k6.len() * 64
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -204,6 +284,22 @@ impl PackedWeight {
                 op: "packed row",
                 what: format!("row {r} of a weight of {} rows", self.n),
             });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if self.kind == K6 || self.kind == K4 {
+            let nb = self.k / 256;
+            out.resize(nb * self.ty.type_size(), 0);
+            // SAFETY: the lines are `repr(C)` over `[u8; 64]`, so exactly
+            // `64 * len` initialized bytes.
+            let q = unsafe {
+                std::slice::from_raw_parts(self.k6.as_ptr() as *const u8, self.k6.len() * 64)
+            };
+            if self.kind == K4 {
+                crate::quant::dot::x86::repack_k::row4_of(q, nb, r, out);
+            } else {
+                crate::quant::dot::x86::repack_k::row_of(q, nb, r, out);
+            }
+            return Ok(());
         }
         #[cfg(target_arch = "x86_64")]
         {
@@ -286,6 +382,49 @@ fn run_packed(
         len: k,
         block: act_ty.block_size(),
     })?;
+    let threads = ThreadPool::global().threads();
+    if w.kind == K6 || w.kind == K4 {
+        quantize_acts(Threading::Pool, x, m, k, w.ty, ab, 0, scratch);
+        let acts = Acts {
+            bytes: &scratch.act,
+            row_bytes: ab,
+            nb: 0,
+            d: &[],
+            s: &[],
+            sums: &[],
+        };
+        let groups = n.div_ceil(16);
+        let per = chunk_rows(
+            n,
+            m.min(crate::quant::dot::MAX_TILE),
+            threads,
+            k / 256 * w.ty.type_size(),
+        )
+        .div_ceil(16)
+        .max(1);
+        let chunks = groups.div_ceil(per);
+        let outp = OutPtr(out.as_mut_ptr());
+        let job = |c: usize| {
+            let gs = c * per..((c + 1) * per).min(groups);
+            // SAFETY: packed on this CPU, which runs AVX-512 VNNI; `acts`
+            // holds the `m` rows just quantized to Q8_K; chunks hold
+            // disjoint row groups, whose columns of `out` only they write.
+            unsafe {
+                use crate::quant::dot::x86::repack_k::groups_into;
+                if w.kind == K4 {
+                    groups_into::<true>(&w.k6, k / 256, n, &acts, m, gs, outp.get());
+                } else {
+                    groups_into::<false>(&w.k6, k / 256, n, &acts, m, gs, outp.get());
+                }
+            }
+        };
+        if threads > 1 && chunks > 1 {
+            run(Threading::Pool, chunks, &job);
+        } else {
+            (0..chunks).for_each(job);
+        }
+        return Ok(());
+    }
     let nb = k / 32;
     quantize_acts(Threading::Pool, x, m, k, w.ty, ab, nb, scratch);
     let MatmulScratch {
@@ -306,7 +445,6 @@ fn run_packed(
     };
     pack_acts(&acts, m, act_ty == GgmlType::Q8_1, packed);
     let packed = &*packed;
-    let threads = ThreadPool::global().threads();
     let outp = OutPtr(out.as_mut_ptr());
     if m > PAIRS_UP_TO {
         // Many rows: the per-matmul panel micro-kernel, its panels filled
@@ -448,11 +586,61 @@ mod tests {
         assert_eq!(checked, 5 * 9 * 7);
     }
 
+    /// Q6_K and Q4_K in their 16-row layouts: the same bits as the plain matmul for row
+    /// counts around 16, one and several super-blocks, every tile height.
+    #[test]
+    fn packed_k_quants_are_the_plain_matmul_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for (ty, blocks) in [GgmlType::Q6_K, GgmlType::Q4_K]
+            .into_iter()
+            .flat_map(|t| [1usize, 2, 3].map(|b| (t, b)))
+        {
+            let k = 256 * blocks;
+            for (m, n) in [(1, 1), (1, 17), (3, 16), (8, 33), (9, 15), (17, 40)] {
+                let wb = row_bytes(ty, k).unwrap();
+                let mut w: Vec<u8> = (0..n * wb).map(|_| rng.gen()).collect();
+                let fields: &[usize] = if ty == GgmlType::Q6_K {
+                    &[208]
+                } else {
+                    &[0, 2]
+                };
+                for blk in w.chunks_exact_mut(ty.type_size()) {
+                    for &at in fields {
+                        let d = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
+                        blk[at..at + 2].copy_from_slice(&d.to_le_bytes());
+                    }
+                }
+                let Some(p) = PackedWeight::pack(ty, k, n, &w).unwrap() else {
+                    assert!(
+                        crate::quant::dot::simd_level() < crate::quant::dot::SimdLevel::Avx512Vnni
+                            || std::env::var("TL_REPACK").is_ok_and(|v| v == "0")
+                    );
+                    return;
+                };
+                let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+                let mut want = vec![0f32; m * n];
+                let mut s = MatmulScratch::new();
+                crate::matmul(&x, m, k, &w, ty, n, &mut want, &mut s).unwrap();
+                let mut got = vec![f32::NAN; m * n + 2];
+                matmul_packed(&x, m, &p, &mut got, &mut s).unwrap();
+                for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), e.to_bits(), "{ty} k={k} m={m} n={n} #{j}");
+                }
+                assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past m * n");
+                let mut row = Vec::new();
+                for r in 0..n {
+                    p.row_blocks(r, &mut row).unwrap();
+                    assert_eq!(row, &w[r * wb..(r + 1) * wb], "{ty} k={k} row {r}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn bad_sizes_are_errors_and_other_types_are_not_packed() {
         let w = vec![0u8; 34 * 2];
         assert!(PackedWeight::pack(GgmlType::Q8_0, 32, 3, &w).is_err());
-        assert!(PackedWeight::pack(GgmlType::Q6_K, 256, 1, &[0u8; 210])
+        assert!(PackedWeight::pack(GgmlType::Q3_K, 256, 1, &[0u8; 110])
             .unwrap()
             .is_none());
         if let Some(p) = PackedWeight::pack(GgmlType::Q8_0, 32, 2, &w).unwrap() {

@@ -30,6 +30,7 @@ mod avx2;
 mod avx512;
 pub(crate) mod gemm;
 pub(crate) mod repack;
+pub(crate) mod repack_k;
 
 /// Fills the table with the kernels of `level` (which the CPU runs).
 pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
