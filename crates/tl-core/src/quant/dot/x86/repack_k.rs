@@ -150,7 +150,7 @@ pub(crate) fn row_of(q: &[u8], nb: usize, r: usize, out: &mut [u8]) {
 #[inline]
 unsafe fn levels(o: *const u8, grp: usize) -> __m512i {
     let nl = _mm512_loadu_si512(o.add(NIB + 64 * (grp / 2)) as *const __m512i);
-    let nib = if grp % 2 == 0 {
+    let nib = if grp.is_multiple_of(2) {
         _mm512_and_si512(nl, _mm512_set1_epi8(0x0F))
     } else {
         _mm512_and_si512(_mm512_srli_epi16::<4>(nl), _mm512_set1_epi8(0x0F))
