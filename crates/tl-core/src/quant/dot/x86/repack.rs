@@ -193,11 +193,25 @@ pub(crate) fn repack_pairs(
                     }
                     if matches!(t, Q5_0 | Q5_1) {
                         let hb = u32::from_le_bytes(word(qh));
+                        // Nibble t of `hb` (bits b) to bit t of bytes b.
+                        const SPREAD: [u32; 16] = {
+                            let mut t = [0u32; 16];
+                            let mut v = 0;
+                            while v < 16 {
+                                let mut b = 0;
+                                while b < 4 {
+                                    if v >> b & 1 == 1 {
+                                        t[v] |= 1 << (8 * b);
+                                    }
+                                    b += 1;
+                                }
+                                v += 1;
+                            }
+                            t
+                        };
                         let mut perm = 0u32;
                         for tt in 0..8 {
-                            for bb in 0..4 {
-                                perm |= ((hb >> (4 * tt + bb)) & 1) << (8 * bb + tt);
-                            }
+                            perm |= SPREAD[((hb >> (4 * tt)) & 0xF) as usize] << tt;
                         }
                         put(g, 4, h, l, perm.to_le_bytes());
                     }

@@ -82,6 +82,15 @@ fn block_from(u: &[u8; 256], scales: &[u8], d: [u8; 2], blk: &mut [u8]) {
     blk[208..210].copy_from_slice(&d);
 }
 
+/// Lane `r` of the 32 nibble lines of `o` from 256 levels (low four bits).
+fn put_nibbles(o: &mut [u8], u: &[u8; 256], r: usize) {
+    for i in 0..32 {
+        for c in 0..4 {
+            o[NIB + 64 * i + 4 * r + c] = (u[8 * i + c] & 0xF) | ((u[8 * i + 4 + c] & 0xF) << 4);
+        }
+    }
+}
+
 /// Repacks row groups `groups` (16 rows each) of `n` rows of `nb`
 /// super-blocks (`w` holds exactly them) into `q`, which holds those
 /// groups' `nb * GROUP_BYTES` bytes each.
@@ -104,12 +113,15 @@ pub(crate) fn repack_groups(
                 }
                 let blk = &w[(row * nb + b) * W_BYTES..][..W_BYTES];
                 let u = levels_of(blk);
-                for v in 0..256 {
-                    let (grp, c) = (v / 4, v % 4);
-                    let (line, high_nib) = (grp / 2, grp % 2);
-                    o[NIB + 64 * line + 4 * r + c] |= (u[v] & 0xF) << (4 * high_nib);
-                    let (hl, k) = (grp / 4, grp % 4);
-                    o[HIGH + 64 * hl + 4 * r + c] |= (u[v] >> 4) << (2 * k);
+                put_nibbles(o, &u, r);
+                for i in 0..16 {
+                    for c in 0..4 {
+                        let mut hb = 0u8;
+                        for k in 0..4 {
+                            hb |= (u[16 * i + 4 * k + c] >> 4) << (2 * k);
+                        }
+                        o[HIGH + 64 * i + 4 * r + c] = hb;
+                    }
                 }
                 for j in 0..16 {
                     o[SCALES + 16 * j + r] = blk[192 + j];
@@ -341,10 +353,7 @@ pub(crate) fn repack4_groups(
                 }
                 let blk = &w[(row * nb + b) * W4_BYTES..][..W4_BYTES];
                 let u = levels4_of(blk);
-                for v in 0..256 {
-                    let (grp, c) = (v / 4, v % 4);
-                    o[NIB + 64 * (grp / 2) + 4 * r + c] |= u[v] << (4 * (grp % 2));
-                }
+                put_nibbles(o, &u, r);
                 let s: &[u8; 12] = blk[4..16].try_into().unwrap_or(&[0; 12]);
                 for j in 0..8 {
                     let (sc, mn) = crate::quant::k_quants::get_scale_min_k4(j, s);
