@@ -4,8 +4,10 @@
 //! [`PackedWeight::pack`] rearranges a weight of a 32-value block type
 //! (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) into the row-pair interleaved layout of the
 //! AVX-512 VNNI kernels (the same bits, the same size: see
-//! `quant::dot::x86::repack`), so that no matmul has to unpack and transpose
-//! weight blocks again; ggml's CPU backend repacks some types at load for the
+//! `quant::dot::x86::repack`), and a Q6_K or Q4_K weight into sixteen
+//! interleaved rows per super-block (`quant::dot::x86::repack_k`; Q4_K's
+//! scales kept decoded, +3%), so that no matmul has to unpack, transpose or
+//! reduce across lanes again; ggml's CPU backend repacks some types at load for the
 //! same reason. [`matmul_packed`] then gives, for every `m`, the same bits as
 //! [`crate::matmul`] on the original blocks (and as `vec_dot`), so a model
 //! computes the same tokens with or without repacking, alone or in a batch.
@@ -19,7 +21,7 @@ use crate::error::{CoreError, Result};
 use crate::matmul::{MatmulScratch, Threading};
 
 /// A weight of `n` rows of `k` values in the layout of this CPU's packed
-/// kernels. Owns its bytes (as many as the GGUF blocks).
+/// kernels. Owns its bytes (as many as the GGUF blocks; Q4_K 3% more).
 pub struct PackedWeight {
     ty: GgmlType,
     k: usize,
