@@ -17,38 +17,14 @@
 use std::time::{Duration, Instant};
 
 use tl_core::quant::dot::{row_bytes, simd_level};
+
+#[path = "support/random_weights.rs"]
+mod random_weights;
+use random_weights::random_weights;
 use tl_core::{matmul_with, GgmlType, MatmulScratch, Threading};
 
 /// Bytes of weights rotated for cold reads: well above the L3 cache.
 const COLD_BYTES: usize = 512 << 20;
-
-fn random_weights(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
-    // Random level bytes, then small finite scales where the block format
-    // keeps its f16 fields (so the timings see ordinary values).
-    let wb = row_bytes(ty, k).unwrap_or(0);
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut bytes: Vec<u8> = (0..wb * n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect();
-    let fields: &[usize] = match ty {
-        GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
-        GgmlType::Q4_K => &[0, 2],
-        GgmlType::Q6_K => &[208],
-        _ => &[],
-    };
-    let scale = half::f16::from_f32(0.01).to_le_bytes();
-    for block in bytes.chunks_exact_mut(ty.type_size()) {
-        for &at in fields {
-            block[at..at + 2].copy_from_slice(&scale);
-        }
-    }
-    bytes
-}
 
 /// Nanoseconds this thread has spent on a CPU (Linux schedstat), if known.
 fn thread_cpu_ns() -> Option<u64> {

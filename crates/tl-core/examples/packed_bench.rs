@@ -7,33 +7,10 @@
 
 use std::time::Instant;
 
-use tl_core::quant::dot::row_bytes;
+#[path = "support/random_weights.rs"]
+mod random_weights;
+use random_weights::random_weights;
 use tl_core::{matmul, matmul_packed, GgmlType, MatmulScratch, PackedWeight};
-
-fn weights(ty: GgmlType, n: usize, k: usize) -> Vec<u8> {
-    let wb = row_bytes(ty, k).unwrap_or(0);
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut w: Vec<u8> = (0..wb * n)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect();
-    let scale = half::f16::from_f32(0.01).to_le_bytes();
-    let fields: &[usize] = match ty {
-        GgmlType::Q6_K => &[208],
-        GgmlType::Q4_K => &[0, 2],
-        _ => &[0],
-    };
-    for b in w.chunks_exact_mut(ty.type_size()) {
-        for &at in fields {
-            b[at..at + 2].copy_from_slice(&scale);
-        }
-    }
-    w
-}
 
 fn median_us(mut f: impl FnMut(), reps: usize) -> f64 {
     f();
@@ -62,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // from memory at every call.
         (GgmlType::Q8_0, 896, 151936),
     ] {
-        let w = weights(ty, n, k);
+        let w = random_weights(ty, n, k, 1);
         let p = PackedWeight::pack(ty, k, n, &w)?.ok_or("no packed kernels on this CPU")?;
         for m in [1usize, 8, 64] {
             let x: Vec<f32> = (0..m * k)

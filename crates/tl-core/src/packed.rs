@@ -19,6 +19,7 @@ use tl_gguf::GgmlType;
 
 use crate::error::{CoreError, Result};
 use crate::matmul::{MatmulScratch, Threading};
+use crate::pool::ThreadPool;
 
 /// A weight of `n` rows of `k` values in the layout of this CPU's packed
 /// kernels. Owns its bytes (as many as the GGUF blocks; Q4_K 3% more).
@@ -166,11 +167,8 @@ impl PackedWeight {
                     done(rows.start * nb * wb..rows.end * nb * wb);
                 }
             };
-            if chunks > 1 {
-                crate::matmul::run(Threading::Pool, chunks, &job);
-            } else {
-                (0..chunks).for_each(job);
-            }
+            // The pool runs a single chunk (or a one-thread pool) inline.
+            ThreadPool::global().run(chunks, &job);
         }
         let tail = repack::tail_of(kind, w, n, nb);
         if !nb.is_multiple_of(4) {
@@ -232,11 +230,8 @@ impl PackedWeight {
                 }
                 done(rows.start * nb * wb..rows.end * nb * wb);
             };
-            if chunks > 1 {
-                crate::matmul::run(Threading::Pool, chunks, &job);
-            } else {
-                (0..chunks).for_each(job);
-            }
+            // The pool runs a single chunk (or a one-thread pool) inline.
+            ThreadPool::global().run(chunks, &job);
         }
         Some(PackedWeight {
             ty,
@@ -370,8 +365,7 @@ fn run_packed(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) -> Result<()> {
-    use crate::matmul::{chunk_rows, quantize_acts, run, size_panels, with_free_panel, OutPtr};
-    use crate::pool::ThreadPool;
+    use crate::matmul::{chunk_rows, quantize_acts, size_panels, with_free_panel, OutPtr};
     use crate::quant::dot::x86::gemm::pack_acts;
     use crate::quant::dot::x86::repack;
     use crate::quant::dot::{row_bytes, vec_dot_type, Acts};
@@ -420,11 +414,7 @@ fn run_packed(
                 }
             }
         };
-        if threads > 1 && chunks > 1 {
-            run(Threading::Pool, chunks, &job);
-        } else {
-            (0..chunks).for_each(job);
-        }
+        ThreadPool::global().run(chunks, &job);
         return Ok(());
     }
     let nb = k / 32;
@@ -475,11 +465,7 @@ fn run_packed(
                 )
             });
         };
-        if threads > 1 && chunks > 1 {
-            run(Threading::Pool, chunks, &job);
-        } else {
-            (0..chunks).for_each(job);
-        }
+        ThreadPool::global().run(chunks, &job);
         return Ok(());
     }
     let pairs = n.div_ceil(2);
@@ -497,11 +483,7 @@ fn run_packed(
             repack::pairs_into_for(w.kind, &w.rp, nb, n, &acts, packed, m, ps, outp.get());
         }
     };
-    if threads > 1 && chunks > 1 {
-        run(Threading::Pool, chunks, &job);
-    } else {
-        (0..chunks).for_each(job);
-    }
+    ThreadPool::global().run(chunks, &job);
     Ok(())
 }
 
@@ -525,24 +507,56 @@ mod tests {
     fn weights(ty: GgmlType, n: usize, k: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
         let wb = row_bytes(ty, k).unwrap();
         let mut w: Vec<u8> = (0..n * wb).map(|_| rng.gen()).collect();
-        let min_at = match ty {
-            GgmlType::Q4_1 | GgmlType::Q5_1 => Some(2),
-            _ => None,
+        let fields: &[usize] = match ty {
+            GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K => &[0, 2],
+            GgmlType::Q6_K => &[208],
+            _ => &[0],
         };
         for blk in w.chunks_exact_mut(ty.type_size()) {
-            let d = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
-            blk[..2].copy_from_slice(&d.to_le_bytes());
-            if let Some(at) = min_at {
-                let m = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
-                blk[at..at + 2].copy_from_slice(&m.to_le_bytes());
+            for &at in fields {
+                let d = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
+                blk[at..at + 2].copy_from_slice(&d.to_le_bytes());
             }
         }
         w
     }
 
-    /// Every output of the packed matmul is the bits of the plain matmul on
-    /// the original blocks, for odd sizes, tails, odd row counts and every
-    /// tile height; rows read back are the original bytes.
+    /// Packs a random weight and checks every output of the packed matmul
+    /// against the bits of the plain matmul on the original blocks, and the
+    /// rows read back against the original bytes. `false` when this CPU has
+    /// no packed kernels (only without AVX-512 VNNI, or with TL_REPACK=0).
+    fn same_bits(ty: GgmlType, k: usize, m: usize, n: usize, rng: &mut ChaCha8Rng) -> bool {
+        let w = weights(ty, n, k, rng);
+        let Some(p) = PackedWeight::pack(ty, k, n, &w).unwrap() else {
+            assert!(
+                crate::quant::dot::simd_level() < crate::quant::dot::SimdLevel::Avx512Vnni
+                    || std::env::var("TL_REPACK").is_ok_and(|v| v == "0")
+            );
+            eprintln!("no packed kernels on this CPU: nothing to compare");
+            return false;
+        };
+        assert!(p.size_in_bytes() >= w.len());
+        let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+        let mut want = vec![0f32; m * n];
+        let mut s = MatmulScratch::new();
+        crate::matmul(&x, m, k, &w, ty, n, &mut want, &mut s).unwrap();
+        let mut got = vec![f32::NAN; m * n + 2];
+        matmul_packed(&x, m, &p, &mut got, &mut s).unwrap();
+        for (j, (g, e)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), e.to_bits(), "{ty} k={k} m={m} n={n} #{j}");
+        }
+        assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past m * n");
+        let wb = row_bytes(ty, k).unwrap();
+        let mut row = Vec::new();
+        for r in 0..n {
+            p.row_blocks(r, &mut row).unwrap();
+            assert_eq!(row, &w[r * wb..(r + 1) * wb], "{ty} k={k} row {r}");
+        }
+        true
+    }
+
+    /// The 32-value types: odd sizes, tails, odd row counts and every tile
+    /// height.
     #[test]
     fn packed_matmul_is_the_plain_matmul_bit_for_bit() {
         use GgmlType::*;
@@ -550,36 +564,9 @@ mod tests {
         let mut checked = 0;
         for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0] {
             for blocks in [1usize, 3, 4, 5, 8, 9, 12, 13, 28] {
-                let k = 32 * blocks;
                 for (m, n) in [(1, 1), (1, 37), (2, 9), (3, 6), (8, 21), (9, 13), (17, 4)] {
-                    let w = weights(ty, n, k, &mut rng);
-                    let Some(p) = PackedWeight::pack(ty, k, n, &w).unwrap() else {
-                        // Only a CPU without AVX-512 VNNI (or TL_REPACK=0)
-                        // has nothing to compare.
-                        assert!(
-                            crate::quant::dot::simd_level()
-                                < crate::quant::dot::SimdLevel::Avx512Vnni
-                                || std::env::var("TL_REPACK").is_ok_and(|v| v == "0")
-                        );
-                        eprintln!("no packed kernels on this CPU: nothing to compare");
+                    if !same_bits(ty, 32 * blocks, m, n, &mut rng) {
                         return;
-                    };
-                    assert!(p.size_in_bytes() >= w.len());
-                    let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
-                    let mut want = vec![0f32; m * n];
-                    let mut s = MatmulScratch::new();
-                    crate::matmul(&x, m, k, &w, ty, n, &mut want, &mut s).unwrap();
-                    let mut got = vec![f32::NAN; m * n + 2];
-                    matmul_packed(&x, m, &p, &mut got, &mut s).unwrap();
-                    for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                        assert_eq!(g.to_bits(), e.to_bits(), "{ty} k={k} m={m} n={n} #{j}");
-                    }
-                    assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past m * n");
-                    let wb = row_bytes(ty, k).unwrap();
-                    let mut row = Vec::new();
-                    for r in 0..n {
-                        p.row_blocks(r, &mut row).unwrap();
-                        assert_eq!(row, &w[r * wb..(r + 1) * wb], "{ty} k={k} row {r}");
                     }
                     checked += 1;
                 }
@@ -588,51 +575,17 @@ mod tests {
         assert_eq!(checked, 5 * 9 * 7);
     }
 
-    /// Q6_K and Q4_K in their 16-row layouts: the same bits as the plain matmul for row
-    /// counts around 16, one and several super-blocks, every tile height.
+    /// Q6_K and Q4_K in their 16-row layouts: row counts around 16, one and
+    /// several super-blocks, every tile height.
     #[test]
     fn packed_k_quants_are_the_plain_matmul_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        for (ty, blocks) in [GgmlType::Q6_K, GgmlType::Q4_K]
-            .into_iter()
-            .flat_map(|t| [1usize, 2, 3].map(|b| (t, b)))
-        {
-            let k = 256 * blocks;
-            for (m, n) in [(1, 1), (1, 17), (3, 16), (8, 33), (9, 15), (17, 40)] {
-                let wb = row_bytes(ty, k).unwrap();
-                let mut w: Vec<u8> = (0..n * wb).map(|_| rng.gen()).collect();
-                let fields: &[usize] = if ty == GgmlType::Q6_K {
-                    &[208]
-                } else {
-                    &[0, 2]
-                };
-                for blk in w.chunks_exact_mut(ty.type_size()) {
-                    for &at in fields {
-                        let d = half::f16::from_f32(rng.gen_range(-0.05f32..0.05));
-                        blk[at..at + 2].copy_from_slice(&d.to_le_bytes());
+        for ty in [GgmlType::Q6_K, GgmlType::Q4_K] {
+            for blocks in [1usize, 2, 3] {
+                for (m, n) in [(1, 1), (1, 17), (3, 16), (8, 33), (9, 15), (17, 40)] {
+                    if !same_bits(ty, 256 * blocks, m, n, &mut rng) {
+                        return;
                     }
-                }
-                let Some(p) = PackedWeight::pack(ty, k, n, &w).unwrap() else {
-                    assert!(
-                        crate::quant::dot::simd_level() < crate::quant::dot::SimdLevel::Avx512Vnni
-                            || std::env::var("TL_REPACK").is_ok_and(|v| v == "0")
-                    );
-                    return;
-                };
-                let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
-                let mut want = vec![0f32; m * n];
-                let mut s = MatmulScratch::new();
-                crate::matmul(&x, m, k, &w, ty, n, &mut want, &mut s).unwrap();
-                let mut got = vec![f32::NAN; m * n + 2];
-                matmul_packed(&x, m, &p, &mut got, &mut s).unwrap();
-                for (j, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert_eq!(g.to_bits(), e.to_bits(), "{ty} k={k} m={m} n={n} #{j}");
-                }
-                assert!(got[m * n..].iter().all(|v| v.is_nan()), "wrote past m * n");
-                let mut row = Vec::new();
-                for r in 0..n {
-                    p.row_blocks(r, &mut row).unwrap();
-                    assert_eq!(row, &w[r * wb..(r + 1) * wb], "{ty} k={k} row {r}");
                 }
             }
         }

@@ -121,6 +121,24 @@ macro_rules! tile_dispatch {
 }
 pub(super) use tile_dispatch;
 
+/// `$call!(R)` for the literal `R` equal to `$rr` (1..=8), for
+/// kernels that take the number of activation rows as a const generic.
+macro_rules! by_rows {
+    ($rr:expr, $call:ident) => {
+        match $rr {
+            8 => $call!(8),
+            7 => $call!(7),
+            6 => $call!(6),
+            5 => $call!(5),
+            4 => $call!(4),
+            3 => $call!(3),
+            2 => $call!(2),
+            _ => $call!(1),
+        }
+    };
+}
+pub(super) use by_rows;
+
 /// The legacy kernel body (see the module docs), for the instruction set
 /// `$feat`. The module that invokes it provides, for weight kind `T`:
 /// `unpack::<T>(block) -> __m256i` (unsigned levels, or for `OFFSET_SHIFT

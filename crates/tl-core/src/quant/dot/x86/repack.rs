@@ -138,7 +138,7 @@ impl Geom {
 
 /// Repacks `n` rows of `nb` blocks of kind `t` (`w` holds exactly them).
 /// Pairs `pairs` only: the caller splits the work and owns disjoint slices
-/// `q`, `d` of those pairs.
+/// `q`, `d` of those pairs, which arrive zeroed (padding lanes stay zero).
 pub(crate) fn repack_pairs(
     t: u8,
     w: &[u8],
@@ -157,8 +157,6 @@ pub(crate) fn repack_pairs(
     // SAFETY: `Line` is `repr(C)` over `[u8; 64]` (no padding), so the
     // lines are exactly `64 * q.len()` initialized bytes.
     let qb = unsafe { std::slice::from_raw_parts_mut(q.as_mut_ptr() as *mut u8, q.len() * 64) };
-    qb.fill(0);
-    d.fill(0);
     for p in pairs {
         let mut put = |g: usize, j: usize, h: usize, l: usize, bytes: [u8; 4]| {
             let at = geo.at(p - p0, g, j, h, l, 0);
@@ -288,7 +286,30 @@ pub(crate) fn block_of(t: u8, rp: &Repacked, nb: usize, r: usize, b: usize, blk:
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
 unsafe fn levels<const T: u8>(q: *const u8, t: usize) -> __m512i {
-    let line = |j: usize| _mm512_loadu_si512(q.add(64 * j) as *const __m512i);
+    levels_from::<T>(|j| _mm512_loadu_si512(q.add(64 * j) as *const __m512i), t)
+}
+
+/// [`levels`] of a half group: lanes `4h + l` of 32-byte half lines. Every
+/// step works within 32-bit lanes, so the 512-bit body on zero-extended
+/// half lines gives them in its low half.
+///
+/// # Safety
+///
+/// As for [`levels`], with `lines(T)` half lines at `q`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn levels_half<const T: u8>(q: *const u8, t: usize) -> __m256i {
+    let line =
+        |j: usize| _mm512_zextsi256_si512(_mm256_loadu_si256(q.add(32 * j) as *const __m256i));
+    _mm512_castsi512_si256(levels_from::<T>(line, t))
+}
+
+/// Vector `t` of levels from the group's lines (`line(j)`): Q8_0's as they
+/// are; nibbles of lines `t % 4`, low for `t < 4`; Q5's fifth bits from
+/// line 4 (bit `8b + t` of each lane to bit 4 of byte `b`).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn levels_from<const T: u8>(line: impl Fn(usize) -> __m512i, t: usize) -> __m512i {
     if T == Q8_0 {
         return line(t);
     }
@@ -309,36 +330,6 @@ unsafe fn levels<const T: u8>(q: *const u8, t: usize) -> __m512i {
     };
     // nib | (moved & 0x10): ternary-logic table A | (B & C).
     _mm512_ternarylogic_epi32::<0xF8>(nib, moved, _mm512_set1_epi8(0x10))
-}
-
-/// [`levels`] of a half group: lanes `4h + l` of 32-byte half lines.
-///
-/// # Safety
-///
-/// As for [`levels`], with `lines(T)` half lines at `q`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-#[inline]
-unsafe fn levels_half<const T: u8>(q: *const u8, t: usize) -> __m256i {
-    let line = |j: usize| _mm256_loadu_si256(q.add(32 * j) as *const __m256i);
-    if T == Q8_0 {
-        return line(t);
-    }
-    let low = _mm256_set1_epi8(0x0F);
-    let nib = if t < 4 {
-        _mm256_and_si256(line(t), low)
-    } else {
-        _mm256_and_si256(_mm256_srli_epi16::<4>(line(t - 4)), low)
-    };
-    if !matches!(T, Q5_0 | Q5_1) {
-        return nib;
-    }
-    let h = line(4);
-    let moved = if t <= 4 {
-        _mm256_sll_epi32(h, _mm_cvtsi32_si128(4 - t as i32))
-    } else {
-        _mm256_srl_epi32(h, _mm_cvtsi32_si128(t as i32 - 4))
-    };
-    _mm256_ternarylogic_epi32::<0xF8>(nib, moved, _mm256_set1_epi8(0x10))
 }
 
 /// Row `r`'s levels, scales and mins in the per-matmul panel layout of
@@ -559,26 +550,21 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
                     res[..$r].copy_from_slice(&o);
                 }};
             }
-            match rr {
-                8 => call!(8),
-                7 => call!(7),
-                6 => call!(6),
-                5 => call!(5),
-                4 => call!(4),
-                3 => call!(3),
-                2 => call!(2),
-                _ => call!(1),
-            }
+            super::by_rows!(rr, call);
             for r in 0..rr {
                 let i = i0 + r;
-                let arow = ActRow::new(acts, i);
+                // Only a width not a multiple of 128 has tail blocks.
+                let arow = (tl > 0).then(|| ActRow::new(acts, i));
                 for h in 0..cols {
                     let row = 2 * p + h;
-                    // The tail blocks, as the tile kernel adds them.
+                    // The tail blocks, as the tile kernel adds them (its
+                    // `+ 0.0` included when there are none).
                     let mut tail = 0f32;
-                    for b in nbp..nb {
-                        let wblk = &rp.tail[(row * tl + b - nbp) * wb..][..wb];
-                        tail_block::<T>(wblk, &arow, b, &mut tail);
+                    if let Some(arow) = &arow {
+                        for b in nbp..nb {
+                            let wblk = &rp.tail[(row * tl + b - nbp) * wb..][..wb];
+                            tail_block::<T>(wblk, arow, b, &mut tail);
+                        }
                     }
                     *out.add(i * n + row) = res[r][h] + tail;
                 }

@@ -91,9 +91,34 @@ fn put_nibbles(o: &mut [u8], u: &[u8; 256], r: usize) {
     }
 }
 
-/// Repacks row groups `groups` (16 rows each) of `n` rows of `nb`
-/// super-blocks (`w` holds exactly them) into `q`, which holds those
-/// groups' `nb * GROUP_BYTES` bytes each.
+/// Runs `put(o, blk, r)` for every row `r < 16` of row groups `groups`
+/// (of `n` rows of `nb` super-blocks of `wb` bytes in `w`) and every
+/// super-block: `blk` is the GGUF block, `o` its group's `gb` bytes of
+/// `q`, which holds those groups' bytes and arrives zeroed (rows past `n`
+/// stay zero).
+fn each_row_block(
+    w: &[u8],
+    n: usize,
+    nb: usize,
+    (wb, gb): (usize, usize),
+    groups: std::ops::Range<usize>,
+    q: &mut [u8],
+    mut put: impl FnMut(&mut [u8], &[u8], usize),
+) {
+    let g0 = groups.start;
+    for g in groups {
+        for b in 0..nb {
+            let o = &mut q[((g - g0) * nb + b) * gb..][..gb];
+            for r in 0..(n - 16 * g).min(16) {
+                put(o, &w[((16 * g + r) * nb + b) * wb..][..wb], r);
+            }
+        }
+    }
+}
+
+/// Repacks Q6_K row groups `groups` (16 rows each) of `n` rows of `nb`
+/// super-blocks (`w` holds exactly them) into `q`, zeroed, which holds
+/// those groups' `nb * GROUP_BYTES` bytes each.
 pub(crate) fn repack_groups(
     w: &[u8],
     n: usize,
@@ -101,35 +126,32 @@ pub(crate) fn repack_groups(
     groups: std::ops::Range<usize>,
     q: &mut [u8],
 ) {
-    q.fill(0);
-    let g0 = groups.start;
-    for g in groups {
-        for b in 0..nb {
-            let o = &mut q[((g - g0) * nb + b) * GROUP_BYTES..][..GROUP_BYTES];
-            for r in 0..16 {
-                let row = 16 * g + r;
-                if row >= n {
-                    break;
+    each_row_block(w, n, nb, (W_BYTES, GROUP_BYTES), groups, q, |o, blk, r| {
+        let u = levels_of(blk);
+        put_nibbles(o, &u, r);
+        for i in 0..16 {
+            for c in 0..4 {
+                let mut hb = 0u8;
+                for k in 0..4 {
+                    hb |= (u[16 * i + 4 * k + c] >> 4) << (2 * k);
                 }
-                let blk = &w[(row * nb + b) * W_BYTES..][..W_BYTES];
-                let u = levels_of(blk);
-                put_nibbles(o, &u, r);
-                for i in 0..16 {
-                    for c in 0..4 {
-                        let mut hb = 0u8;
-                        for k in 0..4 {
-                            hb |= (u[16 * i + 4 * k + c] >> 4) << (2 * k);
-                        }
-                        o[HIGH + 64 * i + 4 * r + c] = hb;
-                    }
-                }
-                for j in 0..16 {
-                    o[SCALES + 16 * j + r] = blk[192 + j];
-                }
-                o[DS + 2 * r..DS + 2 * r + 2].copy_from_slice(&blk[208..210]);
+                o[HIGH + 64 * i + 4 * r + c] = hb;
             }
         }
-    }
+        for j in 0..16 {
+            o[SCALES + 16 * j + r] = blk[192 + j];
+        }
+        o[DS + 2 * r..DS + 2 * r + 2].copy_from_slice(&blk[208..210]);
+    });
+}
+
+/// Lane `r`'s 256 low nibbles from the 32 nibble lines of `o` (the inverse
+/// of [`put_nibbles`]).
+fn lane_nibbles(o: &[u8], r: usize) -> [u8; 256] {
+    std::array::from_fn(|v| {
+        let (grp, c) = (v / 4, v % 4);
+        (o[NIB + 64 * (grp / 2) + 4 * r + c] >> (4 * (grp % 2))) & 0xF
+    })
 }
 
 /// Row `r`'s GGUF blocks, rebuilt from the repacked bytes `q` into `out`
@@ -138,14 +160,10 @@ pub(crate) fn row_of(q: &[u8], nb: usize, r: usize, out: &mut [u8]) {
     let (g, lane) = (r / 16, r % 16);
     for b in 0..nb {
         let o = &q[(g * nb + b) * GROUP_BYTES..][..GROUP_BYTES];
-        let mut u = [0u8; 256];
-        for v in 0..256 {
+        let mut u = lane_nibbles(o, lane);
+        for (v, u) in u.iter_mut().enumerate() {
             let (grp, c) = (v / 4, v % 4);
-            let (line, high_nib) = (grp / 2, grp % 2);
-            let nib = (o[NIB + 64 * line + 4 * lane + c] >> (4 * high_nib)) & 0xF;
-            let (hl, k) = (grp / 4, grp % 4);
-            let hi = (o[HIGH + 64 * hl + 4 * lane + c] >> (2 * k)) & 3;
-            u[v] = nib | (hi << 4);
+            *u |= ((o[HIGH + 64 * (grp / 4) + 4 * lane + c] >> (2 * (grp % 4))) & 3) << 4;
         }
         let scales: [u8; 16] = std::array::from_fn(|j| o[SCALES + 16 * j + lane]);
         let d = [o[DS + 2 * lane], o[DS + 2 * lane + 1]];
@@ -285,16 +303,7 @@ pub(crate) unsafe fn groups_into<const FOUR: bool>(
                     }
                 }};
             }
-            match rr {
-                8 => call!(8),
-                7 => call!(7),
-                6 => call!(6),
-                5 => call!(5),
-                4 => call!(4),
-                3 => call!(3),
-                2 => call!(2),
-                _ => call!(1),
-            }
+            super::by_rows!(rr, call);
             for r in 0..rr {
                 for l in 0..rows {
                     *out.add((i0 + r) * n + 16 * g + l) = res[r][l];
@@ -341,30 +350,25 @@ pub(crate) fn repack4_groups(
     groups: std::ops::Range<usize>,
     q: &mut [u8],
 ) {
-    q.fill(0);
-    let g0 = groups.start;
-    for g in groups {
-        for b in 0..nb {
-            let o = &mut q[((g - g0) * nb + b) * GROUP4_BYTES..][..GROUP4_BYTES];
-            for r in 0..16 {
-                let row = 16 * g + r;
-                if row >= n {
-                    break;
-                }
-                let blk = &w[(row * nb + b) * W4_BYTES..][..W4_BYTES];
-                let u = levels4_of(blk);
-                put_nibbles(o, &u, r);
-                let s: &[u8; 12] = blk[4..16].try_into().unwrap_or(&[0; 12]);
-                for j in 0..8 {
-                    let (sc, mn) = crate::quant::k_quants::get_scale_min_k4(j, s);
-                    o[SC4 + 16 * j + r] = sc;
-                    o[MN4 + 16 * j + r] = mn;
-                }
-                o[D4 + 2 * r..D4 + 2 * r + 2].copy_from_slice(&blk[0..2]);
-                o[DMIN4 + 2 * r..DMIN4 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+    each_row_block(
+        w,
+        n,
+        nb,
+        (W4_BYTES, GROUP4_BYTES),
+        groups,
+        q,
+        |o, blk, r| {
+            put_nibbles(o, &levels4_of(blk), r);
+            let s: &[u8; 12] = blk[4..16].try_into().unwrap_or(&[0; 12]);
+            for j in 0..8 {
+                let (sc, mn) = crate::quant::k_quants::get_scale_min_k4(j, s);
+                o[SC4 + 16 * j + r] = sc;
+                o[MN4 + 16 * j + r] = mn;
             }
-        }
-    }
+            o[D4 + 2 * r..D4 + 2 * r + 2].copy_from_slice(&blk[0..2]);
+            o[DMIN4 + 2 * r..DMIN4 + 2 * r + 2].copy_from_slice(&blk[2..4]);
+        },
+    );
 }
 
 /// Row `r`'s GGUF Q4_K blocks from the repacked bytes (`nb * 144` bytes).
@@ -390,9 +394,7 @@ pub(crate) fn row4_of(q: &[u8], nb: usize, r: usize, out: &mut [u8]) {
                 s[j] |= (lm >> 4) << 6;
             }
         }
-        for v in 0..256 {
-            let (grp, c) = (v / 4, v % 4);
-            let u = (o[NIB + 64 * (grp / 2) + 4 * lane + c] >> (4 * (grp % 2))) & 0xF;
+        for (v, &u) in lane_nibbles(o, lane).iter().enumerate() {
             let (j, w) = (v / 64, v % 64);
             blk[16 + 32 * j + w % 32] |= if w < 32 { u } else { u << 4 };
         }
