@@ -56,7 +56,7 @@ pub fn attend(
     s: &mut AttnScratch,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if p.head_dim.is_multiple_of(16) && p.head_dim <= simd::MAX_HEAD_DIM && simd::available() {
+    if p.head_dim.is_multiple_of(16) && simd::available() {
         // SAFETY: `available` checked the CPU features the function uses.
         unsafe { simd::attend(cache, layer, seq, pos, p, heads, q, out, s) };
         return;
@@ -159,13 +159,32 @@ impl Iterator for Runs<'_> {
     }
 }
 
-/// Softmax of `scores` in place with ggml's numerics (see the module docs),
-/// ending with the probabilities rounded to f16.
-fn softmax_f16(scores: &mut [f32], max: f32) {
+/// Softmax of `scores` in place with the numerics of ggml's AVX-512
+/// `soft_max` (see the module docs): exponentials by [`v_expf`] 16 at a
+/// time, each 16-value chunk (from the start of the row, a partial last one
+/// padded with zeros) summed in f32 by the halving tree of
+/// `_mm512_reduce_add_ps`, the chunk sums accumulated in f64, then a scale by
+/// the f32 reciprocal; the probabilities end rounded to f16.
+pub(crate) fn softmax_f16(scores: &mut [f32], max: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if simd::available() {
+        // SAFETY: `available` checked the CPU features the function uses.
+        unsafe { simd::softmax_f16(scores, max) };
+        return;
+    }
+    softmax_f16_scalar(scores, max);
+}
+
+/// The portable reference of [`softmax_f16`], the same bits.
+fn softmax_f16_scalar(scores: &mut [f32], max: f32) {
     let mut sum = 0.0f64;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        sum += f64::from(*sc);
+    for chunk in scores.chunks_mut(16) {
+        let mut lanes = [0.0f32; 16];
+        for (l, sc) in lanes.iter_mut().zip(chunk.iter_mut()) {
+            *sc = v_expf(*sc - max);
+            *l = *sc;
+        }
+        sum += f64::from(tree_sum16(&lanes));
     }
     let inv = (1.0 / sum) as f32;
     for sc in scores.iter_mut() {
@@ -173,20 +192,69 @@ fn softmax_f16(scores: &mut [f32], max: f32) {
     }
 }
 
-/// AVX-512 attention: the f16 cache converted 16 values at a time
-/// (`vcvtph2ps`), Q·K as 16-lane FMAs over the head dimension then one
-/// horizontal sum (the shape of llamafile's tinyBLAS kernel that llama.cpp
-/// uses for these products), and the P·V sum as 16-lane FMAs over the head
-/// dimension, slot after slot. Same softmax as the scalar path.
+/// The lanes of a vector added as `_mm512_reduce_add_ps` adds them.
+fn tree_sum16(l: &[f32; 16]) -> f32 {
+    let a: [f32; 8] = std::array::from_fn(|i| l[i] + l[i + 8]);
+    let b: [f32; 4] = std::array::from_fn(|i| a[i] + a[i + 4]);
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// Constants of ggml's vector `expf` (bit patterns of its hex literals).
+mod expc {
+    pub const ROUND: u32 = 0x4b40_0000; // 0x1.8p23
+    pub const LOG2E: u32 = 0x3fb8_aa3b; // 0x1.715476p+0
+    pub const LN2_LO: u32 = 0x35bf_be8e; // 0x1.7f7d1cp-20
+    pub const LN2_HI: u32 = 0x3f31_7200; // 0x1.62e4p-1
+    pub const P5: u32 = 0x3c07_2010; // 0x1.0e4020p-7
+    pub const P4: u32 = 0x3d2b_9f17; // 0x1.573e2ep-5
+    pub const P3: u32 = 0x3e2a_af33; // 0x1.555e66p-3
+    pub const P2: u32 = 0x3eff_fedb; // 0x1.fffdb6p-2
+    pub const P1: u32 = 0x3f7f_fff6; // 0x1.ffffecp-1
+}
+
+/// One lane of ggml's AVX-512 `ggml_v_expf`: `x = n·ln2 + b` with `n`
+/// rounded by the 1.5·2^23 trick, a degree-5 polynomial in `b` by FMAs, and
+/// `2^n` applied with a single rounding (`vscalefps`); `|n| > 192` gives 0 or
+/// infinity. Within 1.5 ulp of `exp`.
+pub fn v_expf(x: f32) -> f32 {
+    use expc::*;
+    let c = f32::from_bits;
+    let z = x.mul_add(c(LOG2E), c(ROUND));
+    let n = z - c(ROUND);
+    let b = (-n).mul_add(c(LN2_LO), (-n).mul_add(c(LN2_HI), x));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    let u = b * b;
+    let j = c(P5)
+        .mul_add(b, c(P4))
+        .mul_add(u, c(P3).mul_add(b, c(P2)))
+        .mul_add(u, c(P1).mul_add(b, 1.0));
+    if n.is_nan() {
+        return f32::NAN;
+    }
+    // j · 2^n in f64 is exact (|n| ≤ 192); one rounding to f32, as scalef.
+    (f64::from(j) * 2f64.powi(n as i32)) as f32
+}
+
+/// AVX-512 attention. Each output is computed with exactly the operations
+/// of the plain 16-lane kernel (the shape of llamafile's tinyBLAS kernel that
+/// llama.cpp uses for these products): per score, 16-lane FMAs over the head
+/// dimension then the halving horizontal sum of `_mm512_reduce_add_ps`; per
+/// output lane, FMAs slot after slot. What changes is the blocking: the query
+/// heads of a KV group share each converted K and V vector (tiles of up to 4
+/// heads × 4 slots), and the 16 sums of a tile are reduced together by a
+/// transposed tree that pairs the lanes as the single-vector sum does. Same
+/// softmax as the scalar path.
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{softmax_f16, AttnParams, AttnScratch, Runs};
+    use super::{expc, AttnParams, AttnScratch, Runs};
     use crate::kv::{KvCache, SeqKv};
 
-    /// Largest head dimension kept in registers (Gemma 3 uses 256).
-    pub(super) const MAX_HEAD_DIM: usize = 256;
+    /// Query heads per tile.
+    const TILE: usize = 4;
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -198,8 +266,7 @@ mod simd {
     ///
     /// # Safety
     ///
-    /// The CPU runs AVX-512F, F16C and FMA; `p.head_dim` is a multiple of 16
-    /// and at most [`MAX_HEAD_DIM`].
+    /// The CPU runs AVX-512F, F16C and FMA; `p.head_dim` is a multiple of 16.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,f16c,fma")]
     pub(super) unsafe fn attend(
@@ -214,60 +281,284 @@ mod simd {
         s: &mut AttnScratch,
     ) {
         let hd = p.head_dim;
-        let nc = hd / 16;
         let group = p.n_heads / p.n_kv_heads;
         let lo = p.first_visible(pos);
         let n = pos + 1 - lo;
-        s.scores.resize(n, 0.0);
-        s.q16.resize(hd, 0.0);
-        let h0 = heads.start;
-        for h in heads {
+        let rows = heads.len();
+        debug_assert!(q.len() >= rows * hd && out.len() >= rows * hd);
+        s.scores.resize(rows * n, 0.0);
+        s.q16.resize(rows * hd, 0.0);
+        // The queries rounded to f16, as ggml converts them.
+        for i in 0..rows * hd / 16 {
+            let v = _mm512_loadu_ps(q.as_ptr().add(16 * i));
+            let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
+            _mm512_storeu_ps(s.q16.as_mut_ptr().add(16 * i), r);
+        }
+        let t = Tile {
+            cache,
+            layer,
+            seq,
+            lo,
+            pos,
+            hd,
+            n,
+            scale: p.scale,
+        };
+        let mut h = heads.start;
+        while h < heads.end {
             let g = h / group;
-            let hl = h - h0;
-            let qh = &q[hl * hd..(hl + 1) * hd];
-            // The query rounded to f16, as ggml converts it.
-            for c in 0..nc {
-                let v = _mm512_loadu_ps(qh.as_ptr().add(16 * c));
-                let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
-                _mm512_storeu_ps(s.q16.as_mut_ptr().add(16 * c), r);
+            let r = ((g + 1) * group).min(heads.end).min(h + TILE) - h;
+            let hl = h - heads.start;
+            let qp = s.q16.as_ptr().add(hl * hd);
+            let sp = s.scores.as_mut_ptr().add(hl * n);
+            let op = out.as_mut_ptr().add(hl * hd);
+            match r {
+                1 => t.run::<1>(g, qp, sp, op),
+                2 => t.run::<2>(g, qp, sp, op),
+                3 => t.run::<3>(g, qp, sp, op),
+                _ => t.run::<4>(g, qp, sp, op),
             }
-            let qp = s.q16.as_ptr();
-            let mut max = f32::NEG_INFINITY;
-            for (block, slots, i0) in Runs::new(seq, lo, pos) {
-                let kb = cache.k_head(layer, block, g);
-                // The block holds BLOCK_SIZE rows of `hd` values.
+            h += r;
+        }
+    }
+
+    /// What the heads of one tile share.
+    struct Tile<'a> {
+        cache: &'a KvCache,
+        layer: usize,
+        seq: &'a SeqKv,
+        lo: usize,
+        pos: usize,
+        hd: usize,
+        n: usize,
+        scale: f32,
+    }
+
+    impl Tile<'_> {
+        /// Attends `R` heads of KV group `g`: queries at `q` (rows of `hd`),
+        /// scores at `sc` (rows of `n`), outputs at `out` (rows of `hd`).
+        #[inline]
+        #[target_feature(enable = "avx512f,f16c,fma")]
+        unsafe fn run<const R: usize>(&self, g: usize, q: *const f32, sc: *mut f32, out: *mut f32) {
+            let (hd, n) = (self.hd, self.n);
+            let nc = hd / 16;
+            let scale = _mm512_set1_ps(self.scale);
+            // Q·K, four slots at a time.
+            for (block, slots, i0) in Runs::new(self.seq, self.lo, self.pos) {
+                let kb = self.cache.k_head(self.layer, block, g);
                 debug_assert!(kb.len() >= slots.end * hd);
-                for (i, slot) in slots.clone().enumerate() {
-                    let kp = kb.as_ptr().add(slot * hd) as *const __m256i;
-                    let mut acc = _mm512_setzero_ps();
+                let mut j = slots.start;
+                while j < slots.end {
+                    let cnt = (slots.end - j).min(4);
+                    // Missing slots repeat the last one; their sums are dropped.
+                    let mut kp = [std::ptr::null::<__m256i>(); 4];
+                    for (s, k) in kp.iter_mut().enumerate() {
+                        *k = kb.as_ptr().add((j + s.min(cnt - 1)) * hd) as *const __m256i;
+                    }
+                    let mut acc = [[_mm512_setzero_ps(); 4]; R];
                     for c in 0..nc {
-                        let k = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c)));
-                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(16 * c)), k, acc);
+                        let mut k = [_mm512_setzero_ps(); 4];
+                        for (kv, p) in k.iter_mut().zip(&kp) {
+                            *kv = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(c)));
+                        }
+                        for (r, ar) in acc.iter_mut().enumerate() {
+                            let qv = _mm512_loadu_ps(q.add(r * hd + 16 * c));
+                            for (a, kv) in ar.iter_mut().zip(&k) {
+                                *a = _mm512_fmadd_ps(qv, *kv, *a);
+                            }
+                        }
                     }
-                    let sc = _mm512_reduce_add_ps(acc) * p.scale;
-                    s.scores[i0 + i] = sc;
-                    max = max.max(sc);
+                    let mut all = [_mm512_setzero_ps(); 16];
+                    for (r, ar) in acc.iter().enumerate() {
+                        all[4 * r..4 * r + 4].copy_from_slice(ar);
+                    }
+                    let z = _mm512_mul_ps(reduce16(&all), scale);
+                    let m = (1u8 << cnt) - 1;
+                    let at = i0 + (j - slots.start);
+                    for r in 0..R {
+                        let part = match r {
+                            0 => _mm512_extractf32x4_ps::<0>(z),
+                            1 => _mm512_extractf32x4_ps::<1>(z),
+                            2 => _mm512_extractf32x4_ps::<2>(z),
+                            _ => _mm512_extractf32x4_ps::<3>(z),
+                        };
+                        _mm_mask_storeu_ps(sc.add(r * n + at), m, part);
+                    }
+                    j += cnt;
                 }
             }
-            softmax_f16(&mut s.scores[..n], max);
-            let mut o = [_mm512_setzero_ps(); MAX_HEAD_DIM / 16];
-            for (block, slots, i0) in Runs::new(seq, lo, pos) {
-                let vb = cache.v_head(layer, block, g);
-                debug_assert!(vb.len() >= slots.end * hd);
-                for (i, slot) in slots.clone().enumerate() {
-                    let w = _mm512_set1_ps(s.scores[i0 + i]);
-                    let vp = vb.as_ptr().add(slot * hd) as *const __m256i;
-                    for (c, oc) in o.iter_mut().enumerate().take(nc) {
-                        let v = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
-                        *oc = _mm512_fmadd_ps(w, v, *oc);
-                    }
-                }
+            for r in 0..R {
+                let row = std::slice::from_raw_parts_mut(sc.add(r * n), n);
+                let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                softmax_f16(row, max);
             }
-            let op = out[hl * hd..(hl + 1) * hd].as_mut_ptr();
-            for (c, oc) in o.iter().enumerate().take(nc) {
-                _mm512_storeu_ps(op.add(16 * c), *oc);
+            // P·V, four 16-lane chunks of the head dimension at a time.
+            let mut c0 = 0;
+            while c0 < nc {
+                match nc - c0 {
+                    1 => self.pv::<R, 1>(g, c0, sc, out),
+                    2 => self.pv::<R, 2>(g, c0, sc, out),
+                    3 => self.pv::<R, 3>(g, c0, sc, out),
+                    _ => self.pv::<R, 4>(g, c0, sc, out),
+                }
+                c0 += 4;
             }
         }
+
+        /// Chunks `c0..c0 + C` of the `R` outputs: Σ over slots, in order,
+        /// of probability × V.
+        #[inline]
+        #[target_feature(enable = "avx512f,f16c,fma")]
+        unsafe fn pv<const R: usize, const C: usize>(
+            &self,
+            g: usize,
+            c0: usize,
+            sc: *const f32,
+            out: *mut f32,
+        ) {
+            let (hd, n) = (self.hd, self.n);
+            let mut acc = [[_mm512_setzero_ps(); C]; R];
+            for (block, slots, i0) in Runs::new(self.seq, self.lo, self.pos) {
+                let vb = self.cache.v_head(self.layer, block, g);
+                debug_assert!(vb.len() >= slots.end * hd);
+                for (i, slot) in slots.enumerate() {
+                    let vp = (vb.as_ptr().add(slot * hd) as *const __m256i).add(c0);
+                    let mut v = [_mm512_setzero_ps(); C];
+                    for (c, vv) in v.iter_mut().enumerate() {
+                        *vv = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
+                    }
+                    for (r, ar) in acc.iter_mut().enumerate() {
+                        let w = _mm512_set1_ps(*sc.add(r * n + i0 + i));
+                        for (a, vv) in ar.iter_mut().zip(&v) {
+                            *a = _mm512_fmadd_ps(w, *vv, *a);
+                        }
+                    }
+                }
+            }
+            for (r, ar) in acc.iter().enumerate() {
+                for (c, a) in ar.iter().enumerate() {
+                    _mm512_storeu_ps(out.add(r * hd + 16 * (c0 + c)), *a);
+                }
+            }
+        }
+    }
+
+    /// As [`super::softmax_f16`].
+    ///
+    /// # Safety
+    ///
+    /// The CPU runs AVX-512F and F16C.
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    pub(super) unsafe fn softmax_f16(scores: &mut [f32], max: f32) {
+        let n = scores.len();
+        let p = scores.as_mut_ptr();
+        let mx = _mm512_set1_ps(max);
+        let mut sum = 0.0f64;
+        let mut i = 0;
+        while i < n {
+            let m = lanes(n - i);
+            let x = _mm512_maskz_loadu_ps(m, p.add(i));
+            let e = _mm512_maskz_mov_ps(m, v_expf(_mm512_sub_ps(x, mx)));
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+            sum += f64::from(_mm512_reduce_add_ps(e));
+            i += 16;
+        }
+        let inv = _mm512_set1_ps((1.0 / sum) as f32);
+        let mut i = 0;
+        while i < n {
+            let m = lanes(n - i);
+            let y = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv);
+            let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(y));
+            _mm512_mask_storeu_ps(p.add(i), m, r);
+            i += 16;
+        }
+    }
+
+    /// The first `left` lanes (all 16 when `left >= 16`).
+    fn lanes(left: usize) -> __mmask16 {
+        if left >= 16 {
+            0xffff
+        } else {
+            (1u16 << left) - 1
+        }
+    }
+
+    /// ggml's AVX-512 `ggml_v_expf`, 16 lanes (see [`super::v_expf`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn v_expf(x: __m512) -> __m512 {
+        use expc::*;
+        let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
+        let r = c(ROUND);
+        let z = _mm512_fmadd_ps(x, c(LOG2E), r);
+        let n = _mm512_sub_ps(z, r);
+        let b = _mm512_fnmadd_ps(n, c(LN2_LO), _mm512_fnmadd_ps(n, c(LN2_HI), x));
+        let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(c(P5), b, c(P4)),
+                u,
+                _mm512_fmadd_ps(c(P3), b, c(P2)),
+            ),
+            u,
+            _mm512_fmadd_ps(c(P1), b, _mm512_set1_ps(1.0)),
+        );
+        let res = _mm512_scalef_ps(j, n);
+        if d == 0 {
+            return res;
+        }
+        let zero = _mm512_setzero_ps();
+        let alt = _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero),
+            _mm512_set1_ps(f32::INFINITY),
+            zero,
+        );
+        _mm512_mask_blend_ps(d, res, alt)
+    }
+
+    /// Lane `j` of the result is the horizontal sum of `a[j]`, with the
+    /// additions of `_mm512_reduce_add_ps` (lane i + lane i+8, then i + i+4,
+    /// i + i+2, i + i+1), done for all 16 vectors at once.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
+        // i + i+8: the 256-bit halves of a pair side by side, then added.
+        let mut w = [_mm512_setzero_ps(); 8];
+        for (i, wi) in w.iter_mut().enumerate() {
+            let (x, y) = (a[2 * i], a[2 * i + 1]);
+            *wi = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(x, y),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(x, y),
+            );
+        }
+        // i + i+4 inside each half: w[k] holds vectors 2k, 2k+1; x[k] holds
+        // 4k..4k+3, one 128-bit chunk each.
+        let mut x = [_mm512_setzero_ps(); 4];
+        for (k, xk) in x.iter_mut().enumerate() {
+            let (u, v) = (w[2 * k], w[2 * k + 1]);
+            *xk = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(u, v),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(u, v),
+            );
+        }
+        // i + i+2 inside each chunk: y[0] holds chunk c = vectors c and 4+c
+        // (two lanes each), y[1] vectors 8+c and 12+c.
+        let mut y = [_mm512_setzero_ps(); 2];
+        for (k, yk) in y.iter_mut().enumerate() {
+            let (u, v) = (_mm512_castps_pd(x[2 * k]), _mm512_castps_pd(x[2 * k + 1]));
+            *yk = _mm512_add_ps(
+                _mm512_castpd_ps(_mm512_unpacklo_pd(u, v)),
+                _mm512_castpd_ps(_mm512_unpackhi_pd(u, v)),
+            );
+        }
+        // i + i+1: lane 4c + m now holds vector 4m + c.
+        let z = _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(y[0], y[1]),
+            _mm512_shuffle_ps::<0b11_01_11_01>(y[0], y[1]),
+        );
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(idx, z)
     }
 }
 
@@ -356,6 +647,274 @@ mod tests {
                         (a - b).abs() < 1e-3,
                         "pos {pos} window {window:?}: {a} vs {b}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The plain 16-lane kernel, one head and one slot at a time: the blocked
+    /// kernel must give its results bit for bit.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,f16c,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn one_head_at_a_time(
+        cache: &KvCache,
+        layer: usize,
+        seq: &SeqKv,
+        pos: usize,
+        p: &AttnParams,
+        heads: std::ops::Range<usize>,
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let hd = p.head_dim;
+        let nc = hd / 16;
+        let group = p.n_heads / p.n_kv_heads;
+        let lo = p.first_visible(pos);
+        let n = pos + 1 - lo;
+        let mut scores = vec![0.0f32; n];
+        let mut q16 = vec![0.0f32; hd];
+        for h in heads.clone() {
+            let (g, hl) = (h / group, h - heads.start);
+            for c in 0..nc {
+                let v = _mm512_loadu_ps(q.as_ptr().add(hl * hd + 16 * c));
+                let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
+                _mm512_storeu_ps(q16.as_mut_ptr().add(16 * c), r);
+            }
+            let mut max = f32::NEG_INFINITY;
+            for (block, slots, i0) in Runs::new(seq, lo, pos) {
+                let kb = cache.k_head(layer, block, g);
+                for (i, slot) in slots.clone().enumerate() {
+                    let kp = kb.as_ptr().add(slot * hd) as *const __m256i;
+                    let mut acc = _mm512_setzero_ps();
+                    for c in 0..nc {
+                        let k = _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(c)));
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q16.as_ptr().add(16 * c)), k, acc);
+                    }
+                    let sc = _mm512_reduce_add_ps(acc) * p.scale;
+                    scores[i0 + i] = sc;
+                    max = max.max(sc);
+                }
+            }
+            softmax_f16(&mut scores, max);
+            for c in 0..nc {
+                let mut o = _mm512_setzero_ps();
+                for (block, slots, i0) in Runs::new(seq, lo, pos) {
+                    let vb = cache.v_head(layer, block, g);
+                    for (i, slot) in slots.clone().enumerate() {
+                        let w = _mm512_set1_ps(scores[i0 + i]);
+                        let vp = vb.as_ptr().add(slot * hd) as *const __m256i;
+                        o = _mm512_fmadd_ps(w, _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c))), o);
+                    }
+                }
+                _mm512_storeu_ps(out.as_mut_ptr().add(hl * hd + 16 * c), o);
+            }
+        }
+    }
+
+    /// The scalar `v_expf` is an exponential (within 2 ulp of libm's over
+    /// the range a softmax feeds it, 0 below ggml's cutoff) and the 16-lane
+    /// one gives its bits, special values included.
+    #[test]
+    fn vector_expf_is_exp_and_lanes_agree_with_the_scalar_one() {
+        let mut xs: Vec<f32> = vec![
+            0.0, -0.0, -1e-30, -87.3, -88.7, -103.9, -104.1, -150.0, -1e4,
+        ];
+        xs.extend([
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            f32::NAN,
+            1.0,
+            10.0,
+            88.0,
+            89.0,
+            200.0,
+        ]);
+        // Every 61st bit pattern of the negative floats down to -2^7.
+        let mut b = 0x8000_0000u32;
+        while b < 0xc300_0000 {
+            xs.push(f32::from_bits(b));
+            b += 61;
+        }
+        for &x in &xs {
+            let y = v_expf(x);
+            if x.is_nan() {
+                assert!(y.is_nan());
+                continue;
+            }
+            let e = x.exp();
+            if e >= f32::MIN_POSITIVE && e.is_finite() {
+                let ulps = (y.to_bits() as i64 - e.to_bits() as i64).abs();
+                assert!(ulps <= 2, "exp({x}): {y} vs {e}");
+            } else if x < -104.0 {
+                assert_eq!(y, 0.0, "exp({x})");
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if simd::available() {
+            use std::arch::x86_64::*;
+            for ch in xs.chunks(16) {
+                let mut lane = [0.0f32; 16];
+                lane[..ch.len()].copy_from_slice(ch);
+                let mut got = [0.0f32; 16];
+                // SAFETY: the features were checked above.
+                unsafe {
+                    _mm512_storeu_ps(
+                        got.as_mut_ptr(),
+                        simd::v_expf(_mm512_loadu_ps(lane.as_ptr())),
+                    )
+                };
+                for (x, g) in lane.iter().zip(&got) {
+                    let want = v_expf(*x);
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "exp({x}): lanes {g} vs scalar {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The vector softmax gives the scalar reference's bits for rows of
+    /// every length around the 16-lane chunks.
+    #[test]
+    fn softmax_paths_agree_bit_for_bit() {
+        let mut x = 4242u64;
+        for n in (1..70).chain([511, 512, 513]) {
+            let row: Vec<f32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 * 40.0 - 30.0
+                })
+                .collect();
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut a = row.clone();
+            let mut b = row.clone();
+            softmax_f16(&mut a, max);
+            softmax_f16_scalar(&mut b, max);
+            assert_eq!(
+                a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "n {n}"
+            );
+            let total: f32 = a.iter().sum();
+            assert!(
+                (total - 1.0).abs() < 1e-2,
+                "n {n}: probabilities sum to {total}"
+            );
+        }
+    }
+
+    /// The transposed reduction adds the lanes exactly as
+    /// `_mm512_reduce_add_ps` does, for every one of the 16 vectors.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transposed_reduction_is_the_single_vector_sum() {
+        use std::arch::x86_64::*;
+        if !simd::available() {
+            eprintln!("skipped: no AVX-512F/F16C/FMA on this CPU");
+            return;
+        }
+        let mut x = 99u64;
+        for _ in 0..2000 {
+            let mut v = [[0.0f32; 16]; 16];
+            for l in v.iter_mut().flatten() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Wide exponents so that the order of the additions shows.
+                let m = ((x >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+                *l = m * 2f32.powi(((x >> 8) % 40) as i32 - 20);
+            }
+            // SAFETY: the features were checked above.
+            unsafe {
+                let a: [__m512; 16] = std::array::from_fn(|j| _mm512_loadu_ps(v[j].as_ptr()));
+                let mut got = [0.0f32; 16];
+                _mm512_storeu_ps(got.as_mut_ptr(), simd::reduce16(&a));
+                for j in 0..16 {
+                    let want = _mm512_reduce_add_ps(a[j]);
+                    assert_eq!(got[j].to_bits(), want.to_bits(), "vector {j}");
+                }
+            }
+        }
+    }
+
+    /// The blocked kernel gives the plain kernel's bits: head counts that
+    /// leave partial tiles (7 = 4 + 3, 5, 2), head dims with partial chunk
+    /// groups (48, 80) and the 256 of Gemma 3, runs that end mid-tile,
+    /// windows, and head ranges crossing KV groups.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn blocked_kernel_is_bit_identical_to_one_head_at_a_time() {
+        if !simd::available() {
+            eprintln!("skipped: no AVX-512F/F16C/FMA on this CPU");
+            return;
+        }
+        for (hd, n_heads, n_kv) in [
+            (64usize, 14usize, 2usize),
+            (256, 4, 1),
+            (48, 5, 1),
+            (80, 4, 2),
+            (16, 2, 2),
+        ] {
+            let n_blocks = 12;
+            let mut cache = KvCache::new(1, n_kv, hd, n_blocks).expect("alloc");
+            let mut mgr = BlockManager::new(n_blocks);
+            let mut seq = SeqKv::new();
+            let n_tok = 181;
+            seq.reserve(&mut mgr, n_tok).expect("fits");
+            let mut x = 777u64;
+            let mut rnd = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+            };
+            for t in 0..n_tok {
+                let k: Vec<f32> = (0..n_kv * hd).map(|_| rnd() * 3.0).collect();
+                let v: Vec<f32> = (0..n_kv * hd).map(|_| rnd()).collect();
+                let (b, slot) = seq.slot(t).expect("reserved");
+                cache.write(0, b, slot, &k, &v);
+            }
+            seq.len = n_tok;
+            let q: Vec<f32> = (0..n_heads * hd).map(|_| rnd() * 2.0).collect();
+            let mut s = AttnScratch::default();
+            let group = n_heads / n_kv;
+            for (pos, window) in [
+                (0, None),
+                (2, None),
+                (17, None),
+                (180, None),
+                (180, Some(37)),
+                (99, Some(6)),
+            ] {
+                let p = AttnParams {
+                    n_heads,
+                    n_kv_heads: n_kv,
+                    head_dim: hd,
+                    scale: 1.0 / (hd as f32).sqrt(),
+                    window,
+                };
+                for heads in [0..n_heads, 0..group, (group - 1)..n_heads] {
+                    let rows = heads.len();
+                    let qs = &q[heads.start * hd..heads.end * hd];
+                    let mut a = vec![f32::NAN; rows * hd];
+                    let mut b = vec![f32::NAN; rows * hd];
+                    attend(&cache, 0, &seq, pos, &p, heads.clone(), qs, &mut a, &mut s);
+                    // SAFETY: the features were checked above.
+                    unsafe {
+                        one_head_at_a_time(&cache, 0, &seq, pos, &p, heads.clone(), qs, &mut b)
+                    };
+                    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                        assert_eq!(
+                            x.to_bits(),
+                            y.to_bits(),
+                            "hd {hd} heads {heads:?} pos {pos} {window:?} #{i}: {x} vs {y}"
+                        );
+                    }
                 }
             }
         }
