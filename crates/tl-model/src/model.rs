@@ -96,6 +96,32 @@ fn opt_vec(w: &Option<Weight>, f: &GgufFile) -> Result<Option<Vec<f32>>> {
     w.as_ref().map(|w| ops::vector(w, f)).transpose()
 }
 
+/// Runs `f(i)` for rows `0..n`: on the matmul pool in a few chunks per
+/// thread when there are enough rows to pay for the hand-off (prefill),
+/// inline otherwise (decode).
+fn each_row(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    const PAR_ROWS: usize = 16;
+    let pool = tl_core::pool::ThreadPool::global();
+    if n < PAR_ROWS || pool.threads() < 2 {
+        (0..n).for_each(f);
+        return;
+    }
+    let per = n.div_ceil(4 * pool.threads());
+    pool.run(n.div_ceil(per), &|ch| {
+        (ch * per..((ch + 1) * per).min(n)).for_each(f)
+    });
+}
+
+/// Row `i` (of `w` values) of the buffer behind `p`.
+///
+/// # Safety
+///
+/// The buffer holds at least `(i + 1) * w` values, and nothing else
+/// touches that row while the slice lives.
+unsafe fn row_mut<'a>(p: SyncPtr<f32>, i: usize, w: usize) -> &'a mut [f32] {
+    std::slice::from_raw_parts_mut(p.get().add(i * w), w)
+}
+
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
@@ -287,55 +313,67 @@ impl Model {
             RopeLayout::Neox => RopeMode::Neox,
             RopeLayout::Normal => RopeMode::Normal,
         };
-        grow(&mut st.rope, c.rope_dims);
+        let rd = c.rope_dims;
+        grow(&mut st.rope, n * rd);
         for (il, (lw, lv)) in self.weights.layers.iter().zip(&self.vecs).enumerate() {
-            for i in 0..n {
-                kernels::rms_norm_row(
-                    &st.x[i * d..(i + 1) * d],
-                    &lv.attn_norm,
-                    c.rms_eps,
-                    &mut st.xn[i * d..(i + 1) * d],
-                );
+            {
+                let (x, xn) = (&st.x, SyncPtr(st.xn.as_mut_ptr()));
+                each_row(n, &|i| {
+                    // SAFETY: row `i` of `xn` (sized `n * d` above) is
+                    // written by this call only.
+                    let out = unsafe { row_mut(xn, i, d) };
+                    kernels::rms_norm_row(&x[i * d..(i + 1) * d], &lv.attn_norm, c.rms_eps, out);
+                });
             }
             self.mm(&lw.wq, &st.xn, n, &mut st.q, &mut st.act)?;
             self.mm(&lw.wk, &st.xn, n, &mut st.k, &mut st.act)?;
             self.mm(&lw.wv, &st.xn, n, &mut st.v, &mut st.act)?;
-            for (buf, bias, w) in [
-                (&mut st.q, &lv.bq, qd),
-                (&mut st.k, &lv.bk, kvd),
-                (&mut st.v, &lv.bv, kvd),
-            ] {
-                if let Some(b) = bias {
-                    for i in 0..n {
-                        buf[i * w..(i + 1) * w]
-                            .iter_mut()
-                            .zip(b)
-                            .for_each(|(x, y)| *x += y);
+            {
+                // Biases, q/k norms and rotations, row by row.
+                let (qp, kp, vp) = (
+                    SyncPtr(st.q.as_mut_ptr()),
+                    SyncPtr(st.k.as_mut_ptr()),
+                    SyncPtr(st.v.as_mut_ptr()),
+                );
+                let rope = SyncPtr(st.rope.as_mut_ptr());
+                let meta = &st.meta;
+                let base = c.rope_base_for(il);
+                each_row(n, &|i| {
+                    // SAFETY: rows `i` of q, k, v (sized `n * qd`, `n * kvd`)
+                    // and of the rotation table (`n * rd`) are touched by
+                    // this call only.
+                    let (q, k, v, cs) = unsafe {
+                        (
+                            row_mut(qp, i, qd),
+                            row_mut(kp, i, kvd),
+                            row_mut(vp, i, kvd),
+                            row_mut(rope, i, rd),
+                        )
+                    };
+                    for (buf, bias) in [(&mut *q, &lv.bq), (&mut *k, &lv.bk), (&mut *v, &lv.bv)] {
+                        if let Some(b) = bias {
+                            buf.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                        }
                     }
-                }
+                    kernels::rope_cache(meta[i].1 as f32, base, 1.0, None, cs);
+                    for head in q.chunks_exact_mut(hd) {
+                        if let Some(qn) = &lv.q_norm {
+                            kernels::rms_norm_row_inplace(head, qn, c.rms_eps);
+                        }
+                        kernels::rope_rotate(head, cs, rope_mode);
+                        if c.arch == Arch::Gemma3 {
+                            head.iter_mut().for_each(|v| *v *= c.attn_scale);
+                        }
+                    }
+                    for head in k.chunks_exact_mut(hd) {
+                        if let Some(kn) = &lv.k_norm {
+                            kernels::rms_norm_row_inplace(head, kn, c.rms_eps);
+                        }
+                        kernels::rope_rotate(head, cs, rope_mode);
+                    }
+                });
             }
-            let base = c.rope_base_for(il);
             for i in 0..n {
-                let pos = st.meta[i].1;
-                let cache_cs = &mut st.rope[..c.rope_dims];
-                kernels::rope_cache(pos as f32, base, 1.0, None, cache_cs);
-                for h in 0..c.n_heads {
-                    let head = &mut st.q[i * qd + h * hd..i * qd + (h + 1) * hd];
-                    if let Some(qn) = &lv.q_norm {
-                        kernels::rms_norm_row_inplace(head, qn, c.rms_eps);
-                    }
-                    kernels::rope_rotate(head, cache_cs, rope_mode);
-                    if c.arch == Arch::Gemma3 {
-                        head.iter_mut().for_each(|v| *v *= c.attn_scale);
-                    }
-                }
-                for h in 0..c.n_kv_heads {
-                    let head = &mut st.k[i * kvd + h * hd..i * kvd + (h + 1) * hd];
-                    if let Some(kn) = &lv.k_norm {
-                        kernels::rms_norm_row_inplace(head, kn, c.rms_eps);
-                    }
-                    kernels::rope_rotate(head, cache_cs, rope_mode);
-                }
                 let (si, pos) = st.meta[i];
                 let Some((block, slot)) = batch[si].kv.slot(pos) else {
                     return Err(ModelError::Kv(format!("no block for position {pos}")));
@@ -406,21 +444,23 @@ impl Model {
                 });
             }
             self.mm(&lw.wo, &st.att, n, &mut st.o, &mut st.act)?;
-            for i in 0..n {
-                let o = &mut st.o[i * d..(i + 1) * d];
-                if let Some(pn) = &lv.post_attn_norm {
-                    kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
-                }
-                st.x[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .zip(o.iter())
-                    .for_each(|(x, y)| *x += y);
-                kernels::rms_norm_row(
-                    &st.x[i * d..(i + 1) * d],
-                    &lv.ffn_norm,
-                    c.rms_eps,
-                    &mut st.xn[i * d..(i + 1) * d],
+            {
+                let (xp, xnp, op) = (
+                    SyncPtr(st.x.as_mut_ptr()),
+                    SyncPtr(st.xn.as_mut_ptr()),
+                    SyncPtr(st.o.as_mut_ptr()),
                 );
+                each_row(n, &|i| {
+                    // SAFETY: rows `i` of x, xn and o (each sized `n * d`)
+                    // are touched by this call only.
+                    let (x, xn, o) =
+                        unsafe { (row_mut(xp, i, d), row_mut(xnp, i, d), row_mut(op, i, d)) };
+                    if let Some(pn) = &lv.post_attn_norm {
+                        kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
+                    }
+                    x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+                    kernels::rms_norm_row(x, &lv.ffn_norm, c.rms_eps, xn);
+                });
             }
             self.mm(&lw.gate, &st.xn, n, &mut st.gate, &mut st.act)?;
             self.mm(&lw.up, &st.xn, n, &mut st.up, &mut st.act)?;
@@ -430,15 +470,17 @@ impl Model {
                 FfnAct::Gelu => kernels::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
             }
             self.mm(&lw.down, &st.gate, n, &mut st.o, &mut st.act)?;
-            for i in 0..n {
-                let o = &mut st.o[i * d..(i + 1) * d];
-                if let Some(pn) = &lv.post_ffn_norm {
-                    kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
-                }
-                st.x[i * d..(i + 1) * d]
-                    .iter_mut()
-                    .zip(o.iter())
-                    .for_each(|(x, y)| *x += y);
+            {
+                let (xp, op) = (SyncPtr(st.x.as_mut_ptr()), SyncPtr(st.o.as_mut_ptr()));
+                each_row(n, &|i| {
+                    // SAFETY: rows `i` of x and o (each sized `n * d`) are
+                    // touched by this call only.
+                    let (x, o) = unsafe { (row_mut(xp, i, d), row_mut(op, i, d)) };
+                    if let Some(pn) = &lv.post_ffn_norm {
+                        kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
+                    }
+                    x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+                });
             }
         }
 
