@@ -6,7 +6,8 @@ same thread count, same prompt and generation lengths, runs interleaved.
         MODEL.gguf [-p 512] [-n 128] [-t 2] [-r 3]
 
 llama.cpp is measured through llama-cpp-python (built without AMX; see
-MODELS.md): pp = one `eval` of P prompt tokens (n_batch = P), tg = N
+MODELS.md): pp = one `eval` of P prompt tokens (n_batch = P) after a
+warm-up `eval` of the same prompt (`tl bench` warms up the same way), tg = N
 single-token `eval` calls after one BOS token, as llama-bench does. Prints a
 table with both figures and the ratio tl / llama.cpp, plus peak RSS of each
 measured in a fresh subprocess.
@@ -35,7 +36,7 @@ vocab = llm.n_vocab()
 toks = [1000 + (i * 7919) % (vocab - 1000) for i in range({p})]
 out = {{}}
 if {p} > 0:
-    llm.reset(); llm.eval(toks[:16]); llm.reset()
+    llm.reset(); llm.eval(toks); llm.reset()  # warm-up with the whole prompt, as llama-bench does
     t0 = time.perf_counter(); llm.eval(toks); out["pp"] = {p} / (time.perf_counter() - t0)
 if {n} > 0:
     llm.reset(); llm.eval([llm.token_bos() if llm.token_bos() >= 0 else 1000])

@@ -73,7 +73,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let reps = a.reps.max(1);
     if a.prompt > 0 {
         let toks = tokens(a.prompt, vocab, 0);
-        runner.prefill_only(&toks[..a.prompt.min(16)], a.ubatch)?; // warm-up
+        // Warm-up with the whole prompt, as llama-bench does: buffers sized
+        // and first touched, caches filled, outside the timed runs.
+        runner.prefill_only(&toks, a.ubatch)?;
         let mut rates = Vec::new();
         for _ in 0..reps {
             let t0 = Instant::now();
