@@ -355,22 +355,28 @@ mod simd {
                     for (s, k) in kp.iter_mut().enumerate() {
                         *k = kb.as_ptr().add((j + s.min(cnt - 1)) * hd) as *const __m256i;
                     }
-                    let mut acc = [[_mm512_setzero_ps(); 4]; R];
-                    for c in 0..nc {
-                        let mut k = [_mm512_setzero_ps(); 4];
-                        for (kv, p) in k.iter_mut().zip(&kp) {
-                            *kv = _mm512_cvtph_ps(_mm256_loadu_si256(p.add(c)));
-                        }
-                        for (r, ar) in acc.iter_mut().enumerate() {
-                            let qv = _mm512_loadu_ps(q.add(r * hd + 16 * c));
-                            for (a, kv) in ar.iter_mut().zip(&k) {
-                                *a = _mm512_fmadd_ps(qv, *kv, *a);
-                            }
-                        }
-                    }
+                    // Two slots per pass keep the accumulators of a pass in
+                    // registers (the compiler spills a 4 x 4 tile).
                     let mut all = [_mm512_setzero_ps(); 16];
-                    for (r, ar) in acc.iter().enumerate() {
-                        all[4 * r..4 * r + 4].copy_from_slice(ar);
+                    for half in 0..2 {
+                        let (ka, kb) = (kp[2 * half], kp[2 * half + 1]);
+                        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                        let mut qc = q;
+                        for c in 0..nc {
+                            let k0 = _mm512_cvtph_ps(_mm256_loadu_si256(ka.add(c)));
+                            let k1 = _mm512_cvtph_ps(_mm256_loadu_si256(kb.add(c)));
+                            for ar in acc.iter_mut() {
+                                let qv = _mm512_loadu_ps(qc);
+                                ar[0] = _mm512_fmadd_ps(qv, k0, ar[0]);
+                                ar[1] = _mm512_fmadd_ps(qv, k1, ar[1]);
+                                qc = qc.add(hd);
+                            }
+                            qc = qc.sub(R * hd).add(16);
+                        }
+                        for (r, ar) in acc.iter().enumerate() {
+                            all[4 * r + 2 * half] = ar[0];
+                            all[4 * r + 2 * half + 1] = ar[1];
+                        }
                     }
                     let z = _mm512_mul_ps(reduce16(&all), scale);
                     let m = (1u8 << cnt) - 1;
