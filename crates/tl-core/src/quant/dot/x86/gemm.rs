@@ -240,12 +240,62 @@ unsafe fn micro<const T: u8, const R: usize, const C: usize>(
         }
     }
     let mut out = [[0f32; C]; R];
+    if R * C == 8 {
+        // A full tile: the eight sums reduced together, lanes paired as
+        // `hsum_ps` pairs them.
+        let mut v = [_mm256_setzero_ps(); 8];
+        for r in 0..R {
+            for c in 0..C {
+                v[r * C + c] = _mm256_add_ps(acc[r][c], accm[r][c]);
+            }
+        }
+        let mut flat = [0f32; 8];
+        _mm256_storeu_ps(flat.as_mut_ptr(), hsum8(&v));
+        for r in 0..R {
+            for c in 0..C {
+                out[r][c] = flat[r * C + c];
+            }
+        }
+        return out;
+    }
     for r in 0..R {
         for c in 0..C {
             out[r][c] = hsum_ps(_mm256_add_ps(acc[r][c], accm[r][c]));
         }
     }
     out
+}
+
+/// Lane `j` of the result is `hsum_ps(v[j])` with the same additions (lane
+/// i + i+4, then i + i+2, then i + i+1), for eight vectors at once.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) fn hsum8(v: &[__m256; 8]) -> __m256 {
+    // i + i+4: w[k] holds the four sums of v[2k], then of v[2k + 1].
+    let mut w = [_mm256_setzero_ps(); 4];
+    for k in 0..4 {
+        let (a, b) = (v[2 * k], v[2 * k + 1]);
+        w[k] = _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(a, b),
+            _mm256_permute2f128_ps::<0x31>(a, b),
+        );
+    }
+    // i + i+2 in each 128-bit half: x[0] holds v0..v3 (half h: v[h], v[2 + h]),
+    // x[1] holds v4..v7.
+    let mut x = [_mm256_setzero_ps(); 2];
+    for k in 0..2 {
+        let (a, b) = (_mm256_castps_pd(w[2 * k]), _mm256_castps_pd(w[2 * k + 1]));
+        x[k] = _mm256_add_ps(
+            _mm256_castpd_ps(_mm256_unpacklo_pd(a, b)),
+            _mm256_castpd_ps(_mm256_unpackhi_pd(a, b)),
+        );
+    }
+    // i + i+1: element 4h + m now holds v[2m + h].
+    let z = _mm256_add_ps(
+        _mm256_shuffle_ps::<0b10_00_10_00>(x[0], x[1]),
+        _mm256_shuffle_ps::<0b11_01_11_01>(x[0], x[1]),
+    );
+    _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
 }
 
 /// log2 of the level offset (see the `avx512` unpacking).
@@ -478,4 +528,38 @@ pub(crate) unsafe fn legacy_rows_for(
         _ => return false,
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `hsum8` adds each vector's lanes exactly as `hsum_ps` does.
+    #[test]
+    fn transposed_hsum_is_hsum_ps() {
+        if !is_x86_feature_detected!("avx2") || !is_x86_feature_detected!("fma") {
+            eprintln!("skipped: no AVX2/FMA on this CPU");
+            return;
+        }
+        let mut x = 5u64;
+        for _ in 0..2000 {
+            let mut v = [[0f32; 8]; 8];
+            for l in v.iter_mut().flatten() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let m = (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                *l = m * 2f32.powi(((x >> 8) % 40) as i32 - 20);
+            }
+            // SAFETY: the features were checked above.
+            unsafe {
+                let a: [__m256; 8] = std::array::from_fn(|j| _mm256_loadu_ps(v[j].as_ptr()));
+                let mut got = [0f32; 8];
+                _mm256_storeu_ps(got.as_mut_ptr(), hsum8(&a));
+                for j in 0..8 {
+                    assert_eq!(got[j].to_bits(), hsum_ps(a[j]).to_bits(), "vector {j}");
+                }
+            }
+        }
+    }
 }
