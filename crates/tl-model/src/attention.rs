@@ -3,9 +3,10 @@
 //!
 //! Numerics follow llama.cpp's CPU path (without flash attention) with an
 //! f16 cache: the query is rounded to f16 before the Q·K dot products (ggml
-//! converts the f32 operand of an f16 matmul to f16), the softmax is f32 with
-//! an f64 sum, the probabilities are rounded to f16 for the product with V,
-//! and that weighted sum accumulates in f32.
+//! converts the f32 operand of an f16 matmul to f16), the softmax is ggml's
+//! AVX-512 one (its vector `expf`, f32 sums per 16 values accumulated in
+//! f64), the probabilities are rounded to f16 for the product with V, and
+//! that weighted sum accumulates in f32.
 
 use half::f16;
 
