@@ -273,6 +273,17 @@ impl Sampler {
 
 /// Index of the largest value; the first one on ties (as ggml's argmax).
 pub fn argmax(v: &[f32]) -> u32 {
+    #[cfg(target_arch = "x86_64")]
+    if v.len() >= 64 && is_x86_feature_detected!("avx512f") {
+        // SAFETY: the feature was just checked.
+        return unsafe { argmax_avx512(v) };
+    }
+    argmax_scalar(v)
+}
+
+/// [`argmax`] one value at a time: the first index of the largest value,
+/// NaN never chosen, 0 when nothing beats negative infinity.
+fn argmax_scalar(v: &[f32]) -> u32 {
     let mut best = 0usize;
     let mut best_v = f32::NEG_INFINITY;
     for (i, &x) in v.iter().enumerate() {
@@ -284,10 +295,84 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// [`argmax_scalar`] 16 lanes at a time: each lane keeps its first largest
+/// value (a strict `>`, so NaN never wins), then the lanes' best are
+/// compared by value and, on equal values, by index.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn argmax_avx512(v: &[f32]) -> u32 {
+    use std::arch::x86_64::*;
+    let n = v.len();
+    let mut best = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut bidx = _mm512_setzero_si512();
+    let mut idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    let step = _mm512_set1_epi32(16);
+    let mut i = 0;
+    while i + 16 <= n {
+        let x = _mm512_loadu_ps(v.as_ptr().add(i));
+        let gt = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, best);
+        best = _mm512_mask_mov_ps(best, gt, x);
+        bidx = _mm512_mask_mov_epi32(bidx, gt, idx);
+        idx = _mm512_add_epi32(idx, step);
+        i += 16;
+    }
+    let mut bv = [0f32; 16];
+    let mut bi = [0u32; 16];
+    _mm512_storeu_ps(bv.as_mut_ptr(), best);
+    _mm512_storeu_si512(bi.as_mut_ptr() as *mut __m512i, bidx);
+    let (mut best_v, mut best_i) = (f32::NEG_INFINITY, 0u32);
+    for (&x, &j) in bv.iter().zip(&bi) {
+        if x > best_v || (x == best_v && x > f32::NEG_INFINITY && j < best_i) {
+            best_v = x;
+            best_i = j;
+        }
+    }
+    for (j, &x) in v.iter().enumerate().skip(i) {
+        if x > best_v {
+            best_v = x;
+            best_i = j as u32;
+        }
+    }
+    best_i
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// The vector argmax picks what the scalar loop picks: first index of
+    /// the largest, ties, NaN and infinities included, any length.
+    #[test]
+    fn vector_argmax_is_the_scalar_one() {
+        let mut x = 31u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for len in (1..100).chain([1000, 4099]) {
+            for case in 0..6 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        let r = rnd();
+                        match (case, r % 13) {
+                            (0, _) => (r % 1000) as f32 / 7.0,
+                            (1, _) => (r % 5) as f32, // many ties
+                            (2, 0) => f32::NAN,
+                            (3, _) => f32::NEG_INFINITY,
+                            (4, 0) => f32::INFINITY,
+                            (5, 1) => f32::NAN,
+                            (5, _) => f32::NEG_INFINITY,
+                            _ => -((r % 1000) as f32),
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&v), argmax_scalar(&v), "len {len} case {case}");
+            }
+        }
+    }
 
     fn params() -> SamplingParams {
         SamplingParams {

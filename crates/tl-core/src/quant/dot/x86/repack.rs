@@ -488,16 +488,35 @@ unsafe fn micro<const T: u8, const R: usize>(
         }
     }
     let mut out = [[0f32; 2]; R];
+    if R < 4 {
+        for r in 0..R {
+            let lo = _mm256_add_ps(
+                _mm512_castps512_ps256(acc[r]),
+                _mm512_castps512_ps256(accm[r]),
+            );
+            let hi = _mm256_add_ps(
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r]))),
+                _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(accm[r]))),
+            );
+            out[r] = [hsum_ps(lo), hsum_ps(hi)];
+        }
+        return out;
+    }
+    // Both rows of every activation row reduced together, lanes paired as
+    // `hsum_ps` pairs them (`hsum8`); unused inputs are zero and dropped.
+    let mut lo = [_mm256_setzero_ps(); 8];
+    let mut hi = [_mm256_setzero_ps(); 8];
     for r in 0..R {
-        let lo = _mm256_add_ps(
-            _mm512_castps512_ps256(acc[r]),
-            _mm512_castps512_ps256(accm[r]),
-        );
-        let hi = _mm256_add_ps(
-            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(acc[r]))),
-            _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(accm[r]))),
-        );
-        out[r] = [hsum_ps(lo), hsum_ps(hi)];
+        let t = _mm512_add_ps(acc[r], accm[r]);
+        lo[r] = _mm512_castps512_ps256(t);
+        hi[r] = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(t)));
+    }
+    let mut sl = [0f32; 8];
+    let mut sh = [0f32; 8];
+    _mm256_storeu_ps(sl.as_mut_ptr(), super::gemm::hsum8(&lo));
+    _mm256_storeu_ps(sh.as_mut_ptr(), super::gemm::hsum8(&hi));
+    for r in 0..R {
+        out[r] = [sl[r], sh[r]];
     }
     out
 }
