@@ -34,7 +34,7 @@ pub use dtype::{DType, Element, QuantType};
 pub use error::{CoreError, Result};
 pub use layout::Layout;
 pub use matmul::{matmul, matmul_with, MatmulScratch, Threading};
-pub use packed::{matmul_packed, PackedWeight};
+pub use packed::{matmul_packed, matmul_packed_many, PackedWeight};
 pub use shape::{Shape, MAX_RANK};
 pub use storage::{CpuStorage, Storage};
 pub use tensor::{CpuSlice, Tensor};

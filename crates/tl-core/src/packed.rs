@@ -487,6 +487,151 @@ fn run_packed(
     Ok(())
 }
 
+/// Several repacked weights applied to the same activations, as if by one
+/// [`matmul_packed`] each (the same bits in every output): `outs[j]` gets
+/// `x · ws[j]ᵀ`. For a few rows (decode) of 32-value weights with the same
+/// input width and activation type (Q, K and V; gate and up) the
+/// activations are quantized and packed once and all the weights' row
+/// pairs are spread over the pool in one dispatch, so the small products
+/// balance against the large ones; otherwise the weights run one by one.
+pub fn matmul_packed_many(
+    x: &[f32],
+    m: usize,
+    ws: &[&PackedWeight],
+    outs: &mut [&mut [f32]],
+    scratch: &mut MatmulScratch,
+) -> Result<()> {
+    if ws.len() != outs.len() {
+        return Err(CoreError::SizeMismatch {
+            op: "matmul",
+            what: format!("{} weights for {} outputs", ws.len(), outs.len()),
+        });
+    }
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        crate::matmul::check_x_out(x, m, w.k, out, w.n)?;
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    #[cfg(target_arch = "x86_64")]
+    if fused_ok(m, ws) {
+        fused_pairs(x, m, ws, outs, scratch);
+        return Ok(());
+    }
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        run_packed(x, m, w, out, scratch)?;
+    }
+    Ok(())
+}
+
+/// Most weights [`matmul_packed_many`] fuses in one dispatch.
+#[cfg(target_arch = "x86_64")]
+const MANY: usize = 4;
+
+/// Whether [`matmul_packed_many`] can share one quantization and dispatch.
+#[cfg(target_arch = "x86_64")]
+fn fused_ok(m: usize, ws: &[&PackedWeight]) -> bool {
+    use crate::quant::dot::vec_dot_type;
+    let Some(first) = ws.first() else {
+        return false;
+    };
+    m <= PAIRS_UP_TO
+        && ws.len() > 1
+        && ws.len() <= MANY
+        && ws.iter().all(|w| {
+            w.kind != K6
+                && w.kind != K4
+                && w.k == first.k
+                && vec_dot_type(w.ty) == vec_dot_type(first.ty)
+        })
+}
+
+/// The shared path of [`matmul_packed_many`] (checked by `fused_ok` and the
+/// size checks).
+#[cfg(target_arch = "x86_64")]
+fn fused_pairs(
+    x: &[f32],
+    m: usize,
+    ws: &[&PackedWeight],
+    outs: &mut [&mut [f32]],
+    scratch: &mut MatmulScratch,
+) {
+    use crate::matmul::{chunk_rows, quantize_acts, OutPtr};
+    use crate::quant::dot::x86::gemm::pack_acts;
+    use crate::quant::dot::x86::repack;
+    use crate::quant::dot::{row_bytes, vec_dot_type, Acts};
+
+    let first = ws[0];
+    let k = first.k;
+    let act_ty = vec_dot_type(first.ty);
+    // `check_x_out` accepted `k` for every weight, so it is whole blocks.
+    let ab = row_bytes(act_ty, k).unwrap_or(0);
+    let nb = k / 32;
+    let threads = ThreadPool::global().threads();
+    quantize_acts(Threading::Pool, x, m, k, first.ty, ab, nb, scratch);
+    let MatmulScratch {
+        act,
+        d,
+        s,
+        sums,
+        packed,
+        ..
+    } = scratch;
+    let acts = Acts {
+        bytes: act,
+        row_bytes: ab,
+        nb,
+        d,
+        s,
+        sums,
+    };
+    pack_acts(&acts, m, act_ty == GgmlType::Q8_1, packed);
+    let packed = &*packed;
+    // The pair chunks of every weight in one list: (weight, first pair,
+    // end pair); chunk sizes as `matmul_packed` picks them, from the total
+    // width so that all chunks are about equal.
+    let total: usize = ws.iter().map(|w| w.n).sum();
+    let wb = row_bytes(first.ty, k).unwrap_or(1);
+    let per = chunk_rows(total, m, threads, wb).div_ceil(2).max(1);
+    // Chunks `ends[j - 1]..ends[j]` belong to weight `j` (at most
+    // `MANY` weights, so nothing is allocated per call).
+    let mut ends = [0usize; MANY];
+    let mut outp = [OutPtr(std::ptr::null_mut()); MANY];
+    let mut acc = 0;
+    for (j, (w, o)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+        acc += w.n.div_ceil(2).div_ceil(per);
+        ends[j] = acc;
+        outp[j] = OutPtr(o.as_mut_ptr());
+    }
+    let job = |c: usize| {
+        let j = ends.iter().position(|&e| c < e).unwrap_or(0);
+        let w = ws[j];
+        let c0 = if j == 0 { 0 } else { ends[j - 1] };
+        let pairs = w.n.div_ceil(2);
+        let p0 = (c - c0) * per;
+        let p1 = (p0 + per).min(pairs);
+        // SAFETY: as in `run_packed`: `w` was packed on this CPU (AVX-512
+        // VNNI), `acts`/`packed` hold the `m` rows quantized for its
+        // activation type (the same for every weight here), and chunks hold
+        // disjoint pairs of one weight, whose columns of that weight's
+        // output (size-checked) only this chunk writes.
+        unsafe {
+            repack::pairs_into_for(
+                w.kind,
+                &w.rp,
+                nb,
+                w.n,
+                &acts,
+                packed,
+                m,
+                p0..p1,
+                outp[j].get(),
+            );
+        }
+    };
+    ThreadPool::global().run(acc, &job);
+}
+
 /// Up to this many activation rows the row-pair kernel runs; above it the
 /// panel micro-kernel (measured with `examples/packed_bench`).
 #[cfg(target_arch = "x86_64")]
@@ -573,6 +718,60 @@ mod tests {
             }
         }
         assert_eq!(checked, 5 * 9 * 7);
+    }
+
+    /// Several weights on the same activations give what each gives alone:
+    /// fused (same width and activation type: Q5_0/Q8_0 mixed, odd and tiny
+    /// widths, every decode row count) and not (Q4_1 beside Q5_0, K-quants,
+    /// prefill row counts); mismatched lists are errors.
+    #[test]
+    fn many_weights_are_each_weight_alone_bit_for_bit() {
+        use GgmlType::*;
+        let mut rng = ChaCha8Rng::seed_from_u64(13);
+        let k = 32 * 28;
+        for set in [
+            vec![(Q5_0, 64), (Q5_0, 7), (Q5_0, 9)],
+            vec![(Q8_0, 33), (Q5_0, 2), (Q4_0, 1)],
+            vec![(Q4_1, 10), (Q5_0, 12)],
+            vec![(Q5_1, 5), (Q4_1, 31), (Q5_1, 6), (Q4_1, 3)],
+        ] {
+            let ws: Vec<_> = set
+                .iter()
+                .map(|&(ty, n)| (ty, n, weights(ty, n, k, &mut rng)))
+                .collect();
+            let mut packs = Vec::new();
+            for (ty, n, w) in &ws {
+                match PackedWeight::pack(*ty, k, *n, w).unwrap() {
+                    Some(p) => packs.push(p),
+                    None => return eprintln!("no packed kernels on this CPU: nothing to compare"),
+                }
+            }
+            let refs: Vec<&PackedWeight> = packs.iter().collect();
+            for m in [1usize, 2, 3, 5, 8, 9, 16] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
+                let mut s = MatmulScratch::new();
+                let want: Vec<Vec<f32>> = packs
+                    .iter()
+                    .map(|p| {
+                        let mut o = vec![0f32; m * p.n];
+                        matmul_packed(&x, m, p, &mut o, &mut s).unwrap();
+                        o
+                    })
+                    .collect();
+                let mut got: Vec<Vec<f32>> =
+                    packs.iter().map(|p| vec![f32::NAN; m * p.n]).collect();
+                let mut outs: Vec<&mut [f32]> = got.iter_mut().map(|o| o.as_mut_slice()).collect();
+                matmul_packed_many(&x, m, &refs, &mut outs, &mut s).unwrap();
+                for (j, (g, w)) in got.iter().zip(&want).enumerate() {
+                    for (i, (a, b)) in g.iter().zip(w).enumerate() {
+                        assert_eq!(a.to_bits(), b.to_bits(), "{set:?} m={m} weight {j} #{i}");
+                    }
+                }
+                let mut short: Vec<&mut [f32]> =
+                    got.iter_mut().skip(1).map(|o| o.as_mut_slice()).collect();
+                assert!(matmul_packed_many(&x, m, &refs, &mut short, &mut s).is_err());
+            }
+        }
     }
 
     /// Q6_K and Q4_K in their 16-row layouts: row counts around 16, one and

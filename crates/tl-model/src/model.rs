@@ -222,6 +222,39 @@ impl Model {
         ops::linear(x, m, w, w.bytes(&self.file), out, act)
     }
 
+    /// Weights applied to the same input (Q, K, V; gate, up): with every one
+    /// repacked, one shared quantization and pool dispatch for decode
+    /// (`tl_core::matmul_packed_many`, the same bits); otherwise one by one.
+    fn mm_many(
+        &self,
+        ws: &[&Weight],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [f32]],
+        act: &mut tl_core::MatmulScratch,
+    ) -> Result<()> {
+        let p = |i: usize| ws.get(i).and_then(|w| w.packed.as_deref());
+        if (2..=3).contains(&ws.len()) && ws.iter().all(|w| w.packed.is_some()) {
+            if let (Some(a), Some(b)) = (p(0), p(1)) {
+                let all = [a, b, p(2).unwrap_or(a)];
+                return tl_core::matmul_packed_many(x, m, &all[..ws.len()], outs, act).map_err(
+                    |e| ModelError::Core {
+                        tensor: ws
+                            .iter()
+                            .map(|w| w.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join("+"),
+                        err: e,
+                    },
+                );
+            }
+        }
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            self.mm(w, x, m, out, act)?;
+        }
+        Ok(())
+    }
+
     /// Runs one step over a ragged batch, writing K/V of every token into
     /// `cache`, and returns the requested logits rows (sequence order; one
     /// row per token for `Logits::All`, one for `Logits::Last`).
@@ -325,9 +358,17 @@ impl Model {
                     kernels::rms_norm_row(&x[i * d..(i + 1) * d], &lv.attn_norm, c.rms_eps, out);
                 });
             }
-            self.mm(&lw.wq, &st.xn, n, &mut st.q, &mut st.act)?;
-            self.mm(&lw.wk, &st.xn, n, &mut st.k, &mut st.act)?;
-            self.mm(&lw.wv, &st.xn, n, &mut st.v, &mut st.act)?;
+            self.mm_many(
+                &[&lw.wq, &lw.wk, &lw.wv],
+                &st.xn,
+                n,
+                &mut [
+                    &mut st.q[..n * qd],
+                    &mut st.k[..n * kvd],
+                    &mut st.v[..n * kvd],
+                ],
+                &mut st.act,
+            )?;
             {
                 // Biases, q/k norms and rotations, row by row.
                 let (qp, kp, vp) = (
@@ -462,8 +503,13 @@ impl Model {
                     kernels::rms_norm_row(x, &lv.ffn_norm, c.rms_eps, xn);
                 });
             }
-            self.mm(&lw.gate, &st.xn, n, &mut st.gate, &mut st.act)?;
-            self.mm(&lw.up, &st.xn, n, &mut st.up, &mut st.act)?;
+            self.mm_many(
+                &[&lw.gate, &lw.up],
+                &st.xn,
+                n,
+                &mut [&mut st.gate[..n * c.ffn], &mut st.up[..n * c.ffn]],
+                &mut st.act,
+            )?;
             let f = c.ffn;
             match c.ffn_act {
                 FfnAct::Silu => kernels::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
