@@ -489,11 +489,12 @@ fn run_packed(
 
 /// Several repacked weights applied to the same activations, as if by one
 /// [`matmul_packed`] each (the same bits in every output): `outs[j]` gets
-/// `x · ws[j]ᵀ`. For a few rows (decode) of 32-value weights with the same
-/// input width and activation type (Q, K and V; gate and up) the
-/// activations are quantized and packed once and all the weights' row
-/// pairs are spread over the pool in one dispatch, so the small products
-/// balance against the large ones; otherwise the weights run one by one.
+/// `x · ws[j]ᵀ`. For 32-value weights with the same input width and
+/// activation type (Q, K and V; gate and up) the activations are quantized
+/// and packed once and the rows (row pairs, for a few activation rows) of
+/// all the weights are spread over the pool in one dispatch, so the small
+/// products balance against the large ones; otherwise the weights run one
+/// by one.
 pub fn matmul_packed_many(
     x: &[f32],
     m: usize,
@@ -514,7 +515,7 @@ pub fn matmul_packed_many(
         return Ok(());
     }
     #[cfg(target_arch = "x86_64")]
-    if fused_ok(m, ws) {
+    if fused_ok(ws) {
         fused_pairs(x, m, ws, outs, scratch);
         return Ok(());
     }
@@ -530,13 +531,12 @@ const MANY: usize = 4;
 
 /// Whether [`matmul_packed_many`] can share one quantization and dispatch.
 #[cfg(target_arch = "x86_64")]
-fn fused_ok(m: usize, ws: &[&PackedWeight]) -> bool {
+fn fused_ok(ws: &[&PackedWeight]) -> bool {
     use crate::quant::dot::vec_dot_type;
     let Some(first) = ws.first() else {
         return false;
     };
-    m <= PAIRS_UP_TO
-        && ws.len() > 1
+    ws.len() > 1
         && ws.len() <= MANY
         && ws.iter().all(|w| {
             w.kind != K6
@@ -556,8 +556,8 @@ fn fused_pairs(
     outs: &mut [&mut [f32]],
     scratch: &mut MatmulScratch,
 ) {
-    use crate::matmul::{chunk_rows, quantize_acts, OutPtr};
-    use crate::quant::dot::x86::gemm::pack_acts;
+    use crate::matmul::{chunk_rows, quantize_acts, size_panels, with_free_panel, OutPtr};
+    use crate::quant::dot::x86::gemm::{legacy_rows_for, pack_acts, Src, PANEL};
     use crate::quant::dot::x86::repack;
     use crate::quant::dot::{row_bytes, vec_dot_type, Acts};
 
@@ -575,7 +575,7 @@ fn fused_pairs(
         s,
         sums,
         packed,
-        ..
+        panels,
     } = scratch;
     let acts = Acts {
         bytes: act,
@@ -587,19 +587,31 @@ fn fused_pairs(
     };
     pack_acts(&acts, m, act_ty == GgmlType::Q8_1, packed);
     let packed = &*packed;
-    // The pair chunks of every weight in one list: (weight, first pair,
-    // end pair); chunk sizes as `matmul_packed` picks them, from the total
-    // width so that all chunks are about equal.
+    // Work units: row pairs for the row-pair kernel (few rows), rows for
+    // the panel kernel (prefill), chunked as `matmul_packed` chunks one
+    // weight but from the total width, so that all chunks are about equal.
+    let pairs_mode = m <= PAIRS_UP_TO;
     let total: usize = ws.iter().map(|w| w.n).sum();
-    let wb = row_bytes(first.ty, k).unwrap_or(1);
-    let per = chunk_rows(total, m, threads, wb).div_ceil(2).max(1);
+    let (per, units): (usize, fn(usize) -> usize) = if pairs_mode {
+        let wb = row_bytes(first.ty, k).unwrap_or(1);
+        (chunk_rows(total, m, threads, wb).div_ceil(2).max(1), |n| {
+            n.div_ceil(2)
+        })
+    } else {
+        size_panels(panels, threads, nb);
+        (
+            total.div_ceil(16 * threads).div_ceil(PANEL).max(1) * PANEL,
+            |n| n,
+        )
+    };
+    let panels = &*panels;
     // Chunks `ends[j - 1]..ends[j]` belong to weight `j` (at most
     // `MANY` weights, so nothing is allocated per call).
     let mut ends = [0usize; MANY];
     let mut outp = [OutPtr(std::ptr::null_mut()); MANY];
     let mut acc = 0;
     for (j, (w, o)) in ws.iter().zip(outs.iter_mut()).enumerate() {
-        acc += w.n.div_ceil(2).div_ceil(per);
+        acc += units(w.n).div_ceil(per);
         ends[j] = acc;
         outp[j] = OutPtr(o.as_mut_ptr());
     }
@@ -607,26 +619,42 @@ fn fused_pairs(
         let j = ends.iter().position(|&e| c < e).unwrap_or(0);
         let w = ws[j];
         let c0 = if j == 0 { 0 } else { ends[j - 1] };
-        let pairs = w.n.div_ceil(2);
-        let p0 = (c - c0) * per;
-        let p1 = (p0 + per).min(pairs);
+        let u0 = (c - c0) * per;
+        let u1 = (u0 + per).min(units(w.n));
         // SAFETY: as in `run_packed`: `w` was packed on this CPU (AVX-512
         // VNNI), `acts`/`packed` hold the `m` rows quantized for its
         // activation type (the same for every weight here), and chunks hold
-        // disjoint pairs of one weight, whose columns of that weight's
-        // output (size-checked) only this chunk writes.
-        unsafe {
-            repack::pairs_into_for(
-                w.kind,
-                &w.rp,
-                nb,
-                w.n,
-                &acts,
-                packed,
-                m,
-                p0..p1,
-                outp[j].get(),
-            );
+        // disjoint pairs or rows of one weight, whose columns of that
+        // weight's output (size-checked) only this chunk writes.
+        if pairs_mode {
+            unsafe {
+                repack::pairs_into_for(
+                    w.kind,
+                    &w.rp,
+                    nb,
+                    w.n,
+                    &acts,
+                    packed,
+                    m,
+                    u0..u1,
+                    outp[j].get(),
+                );
+            }
+        } else {
+            with_free_panel(panels, |buf| unsafe {
+                legacy_rows_for(
+                    buf,
+                    w.ty,
+                    k,
+                    Src::Repacked(&w.rp),
+                    &acts,
+                    packed,
+                    m,
+                    w.n,
+                    u0..u1,
+                    outp[j].get(),
+                )
+            });
         }
     };
     ThreadPool::global().run(acc, &job);
@@ -722,8 +750,8 @@ mod tests {
 
     /// Several weights on the same activations give what each gives alone:
     /// fused (same width and activation type: Q5_0/Q8_0 mixed, odd and tiny
-    /// widths, every decode row count) and not (Q4_1 beside Q5_0, K-quants,
-    /// prefill row counts); mismatched lists are errors.
+    /// widths, decode and prefill row counts) and not (Q4_1 beside Q5_0);
+    /// mismatched lists are errors.
     #[test]
     fn many_weights_are_each_weight_alone_bit_for_bit() {
         use GgmlType::*;
