@@ -486,7 +486,18 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                     (_, 2) => call!(1, 2),
                     (_, _) => call!(1, 1),
                 }
-                // The tail blocks, as the tile kernel adds them.
+                // The tail blocks, as the tile kernel adds them (its `+ 0.0`
+                // included when there are none).
+                if nbp == nb {
+                    for r in 0..rr {
+                        let o = out.add((i0 + r) * n + r0);
+                        for c in 0..cols {
+                            *o.add(c) = res[r][c] + 0.0;
+                        }
+                    }
+                    i0 += rr;
+                    continue;
+                }
                 for r in 0..rr {
                     let i = i0 + r;
                     let arow = ActRow::new(acts, i);
