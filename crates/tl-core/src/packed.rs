@@ -365,9 +365,7 @@ fn run_packed(
     out: &mut [f32],
     scratch: &mut MatmulScratch,
 ) -> Result<()> {
-    use crate::matmul::{chunk_rows, quantize_acts, size_panels, with_free_panel, OutPtr};
-    use crate::quant::dot::x86::gemm::pack_acts;
-    use crate::quant::dot::x86::repack;
+    use crate::matmul::{chunk_rows, quantize_acts, OutPtr};
     use crate::quant::dot::{row_bytes, vec_dot_type, Acts};
 
     let (k, n) = (w.k, w.n);
@@ -417,73 +415,7 @@ fn run_packed(
         ThreadPool::global().run(chunks, &job);
         return Ok(());
     }
-    let nb = k / 32;
-    quantize_acts(Threading::Pool, x, m, k, w.ty, ab, nb, scratch);
-    let MatmulScratch {
-        act,
-        d,
-        s,
-        sums,
-        packed,
-        panels,
-    } = scratch;
-    let acts = Acts {
-        bytes: act,
-        row_bytes: ab,
-        nb,
-        d,
-        s,
-        sums,
-    };
-    pack_acts(&acts, m, act_ty == GgmlType::Q8_1, packed);
-    let packed = &*packed;
-    let outp = OutPtr(out.as_mut_ptr());
-    if m > PAIRS_UP_TO {
-        // Many rows: the per-matmul panel micro-kernel, its panels filled
-        // from the repacked layout (no transpose left to do).
-        use crate::quant::dot::x86::gemm::{legacy_rows_for, Src, PANEL};
-        size_panels(panels, threads, nb);
-        let panels = &*panels;
-        let per = n.div_ceil(16 * threads).div_ceil(PANEL).max(1) * PANEL;
-        let chunks = n.div_ceil(per);
-        let job = |c: usize| {
-            let rows = c * per..((c + 1) * per).min(n);
-            // SAFETY: as below; `legacy_rows_for` takes every 32-value type,
-            // which are the only ones packed.
-            with_free_panel(panels, |buf| unsafe {
-                legacy_rows_for(
-                    buf,
-                    w.ty,
-                    k,
-                    Src::Repacked(&w.rp),
-                    &acts,
-                    packed,
-                    m,
-                    n,
-                    rows,
-                    outp.get(),
-                )
-            });
-        };
-        ThreadPool::global().run(chunks, &job);
-        return Ok(());
-    }
-    let pairs = n.div_ceil(2);
-    let wb = row_bytes(w.ty, k).unwrap_or(1);
-    let per = chunk_rows(n, m, threads, wb).div_ceil(2).max(1);
-    let chunks = pairs.div_ceil(per);
-    let job = |c: usize| {
-        let ps = c * per..((c + 1) * per).min(pairs);
-        // SAFETY: `w` was packed on this CPU, which runs AVX-512 VNNI
-        // (`pack_x86` checked the level); `acts` holds the `m` rows of `nb`
-        // blocks just quantized and `packed` was packed from them; chunks
-        // hold disjoint pairs, whose columns of `out` (sized above) only
-        // this chunk writes.
-        unsafe {
-            repack::pairs_into_for(w.kind, &w.rp, nb, n, &acts, packed, m, ps, outp.get());
-        }
-    };
-    ThreadPool::global().run(chunks, &job);
+    run_32(x, m, &[w], &mut [out], scratch);
     Ok(())
 }
 
@@ -516,7 +448,7 @@ pub fn matmul_packed_many(
     }
     #[cfg(target_arch = "x86_64")]
     if fused_ok(ws) {
-        fused_pairs(x, m, ws, outs, scratch);
+        run_32(x, m, ws, outs, scratch);
         return Ok(());
     }
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
@@ -546,10 +478,12 @@ fn fused_ok(ws: &[&PackedWeight]) -> bool {
         })
 }
 
-/// The shared path of [`matmul_packed_many`] (checked by `fused_ok` and the
-/// size checks).
+/// The 32-value types: `outs[j] = x · ws[j]ᵀ` for weights of one width and
+/// activation type (one weight from [`matmul_packed`], several from
+/// [`matmul_packed_many`] once `fused_ok` and the size checks passed), with
+/// the activations quantized and packed once and one pool dispatch.
 #[cfg(target_arch = "x86_64")]
-fn fused_pairs(
+fn run_32(
     x: &[f32],
     m: usize,
     ws: &[&PackedWeight],

@@ -659,6 +659,38 @@ mod tests {
         }
     }
 
+    /// A sequence of `n_tok` random K rows (in ±3) and V rows (±1) in a fresh
+    /// single-layer cache, and random queries (±2) for `n_heads` heads.
+    fn random_context(
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        n_tok: usize,
+        seed: u64,
+    ) -> (KvCache, SeqKv, Vec<f32>) {
+        let n_blocks = n_tok.div_ceil(BLOCK_SIZE);
+        let mut cache = KvCache::new(1, n_kv, hd, n_blocks).expect("alloc");
+        let mut mgr = BlockManager::new(n_blocks);
+        let mut seq = SeqKv::new();
+        seq.reserve(&mut mgr, n_tok).expect("fits");
+        let mut x = seed;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
+        };
+        for t in 0..n_tok {
+            let k: Vec<f32> = (0..n_kv * hd).map(|_| rnd() * 3.0).collect();
+            let v: Vec<f32> = (0..n_kv * hd).map(|_| rnd()).collect();
+            let (b, slot) = seq.slot(t).expect("reserved");
+            cache.write(0, b, slot, &k, &v);
+        }
+        seq.len = n_tok;
+        let q: Vec<f32> = (0..n_heads * hd).map(|_| rnd() * 2.0).collect();
+        (cache, seq, q)
+    }
+
     /// The plain 16-lane kernel, one head and one slot at a time: the blocked
     /// kernel must give its results bit for bit.
     #[cfg(target_arch = "x86_64")]
@@ -867,27 +899,7 @@ mod tests {
             (80, 4, 2),
             (16, 2, 2),
         ] {
-            let n_blocks = 12;
-            let mut cache = KvCache::new(1, n_kv, hd, n_blocks).expect("alloc");
-            let mut mgr = BlockManager::new(n_blocks);
-            let mut seq = SeqKv::new();
-            let n_tok = 181;
-            seq.reserve(&mut mgr, n_tok).expect("fits");
-            let mut x = 777u64;
-            let mut rnd = move || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
-            };
-            for t in 0..n_tok {
-                let k: Vec<f32> = (0..n_kv * hd).map(|_| rnd() * 3.0).collect();
-                let v: Vec<f32> = (0..n_kv * hd).map(|_| rnd()).collect();
-                let (b, slot) = seq.slot(t).expect("reserved");
-                cache.write(0, b, slot, &k, &v);
-            }
-            seq.len = n_tok;
-            let q: Vec<f32> = (0..n_heads * hd).map(|_| rnd() * 2.0).collect();
+            let (cache, seq, q) = random_context(n_heads, n_kv, hd, 181, 777);
             let mut s = AttnScratch::default();
             let group = n_heads / n_kv;
             for (pos, window) in [
@@ -933,27 +945,7 @@ mod tests {
     #[test]
     fn simd_path_matches_scalar_reference() {
         for (hd, n_heads, n_kv) in [(64usize, 14usize, 2usize), (256, 4, 1), (48, 2, 1)] {
-            let n_blocks = 40;
-            let mut cache = KvCache::new(1, n_kv, hd, n_blocks).expect("alloc");
-            let mut mgr = BlockManager::new(n_blocks);
-            let mut seq = SeqKv::new();
-            let n_tok = 600;
-            seq.reserve(&mut mgr, n_tok).expect("fits");
-            let mut x = 12345u64;
-            let mut rnd = move || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                ((x >> 11) as f64 / (1u64 << 53) as f64) as f32 * 2.0 - 1.0
-            };
-            for t in 0..n_tok {
-                let k: Vec<f32> = (0..n_kv * hd).map(|_| rnd() * 3.0).collect();
-                let v: Vec<f32> = (0..n_kv * hd).map(|_| rnd()).collect();
-                let (b, slot) = seq.slot(t).expect("reserved");
-                cache.write(0, b, slot, &k, &v);
-            }
-            seq.len = n_tok;
-            let q: Vec<f32> = (0..n_heads * hd).map(|_| rnd() * 2.0).collect();
+            let (cache, seq, q) = random_context(n_heads, n_kv, hd, 600, 12345);
             let (mut s1, mut s2) = (AttnScratch::default(), AttnScratch::default());
             for (pos, window) in [
                 (0, None),

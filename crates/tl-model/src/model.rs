@@ -225,28 +225,24 @@ impl Model {
     /// Weights applied to the same input (Q, K, V; gate, up): with every one
     /// repacked, one shared quantization and pool dispatch for decode
     /// (`tl_core::matmul_packed_many`, the same bits); otherwise one by one.
-    fn mm_many(
+    fn mm_many<const N: usize>(
         &self,
-        ws: &[&Weight],
+        ws: [&Weight; N],
         x: &[f32],
         m: usize,
-        outs: &mut [&mut [f32]],
+        mut outs: [&mut [f32]; N],
         act: &mut tl_core::MatmulScratch,
     ) -> Result<()> {
-        let p = |i: usize| ws.get(i).and_then(|w| w.packed.as_deref());
-        if (2..=3).contains(&ws.len()) && ws.iter().all(|w| w.packed.is_some()) {
-            if let (Some(a), Some(b)) = (p(0), p(1)) {
-                let all = [a, b, p(2).unwrap_or(a)];
-                return tl_core::matmul_packed_many(x, m, &all[..ws.len()], outs, act).map_err(
-                    |e| ModelError::Core {
-                        tensor: ws
-                            .iter()
-                            .map(|w| w.name.as_str())
-                            .collect::<Vec<_>>()
-                            .join("+"),
+        let packed = ws.map(|w| w.packed.as_deref());
+        if let Some(first) = packed[0] {
+            if packed.iter().all(Option::is_some) {
+                let all = packed.map(|p| p.unwrap_or(first));
+                return tl_core::matmul_packed_many(x, m, &all, &mut outs, act).map_err(|e| {
+                    ModelError::Core {
+                        tensor: ws.map(|w| w.name.as_str()).join("+"),
                         err: e,
-                    },
-                );
+                    }
+                });
             }
         }
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
@@ -359,10 +355,10 @@ impl Model {
                 });
             }
             self.mm_many(
-                &[&lw.wq, &lw.wk, &lw.wv],
+                [&lw.wq, &lw.wk, &lw.wv],
                 &st.xn,
                 n,
-                &mut [
+                [
                     &mut st.q[..n * qd],
                     &mut st.k[..n * kvd],
                     &mut st.v[..n * kvd],
@@ -504,10 +500,10 @@ impl Model {
                 });
             }
             self.mm_many(
-                &[&lw.gate, &lw.up],
+                [&lw.gate, &lw.up],
                 &st.xn,
                 n,
-                &mut [&mut st.gate[..n * c.ffn], &mut st.up[..n * c.ffn]],
+                [&mut st.gate[..n * c.ffn], &mut st.up[..n * c.ffn]],
                 &mut st.act,
             )?;
             let f = c.ffn;
