@@ -197,6 +197,21 @@ unsafe fn levels(o: *const u8, grp: usize) -> __m512i {
     _mm512_ternarylogic_epi32::<0xF8>(nib, moved, _mm512_set1_epi8(0x30))
 }
 
+/// Asks for the `bytes` bytes at `at` (rounded to whole 64-byte lines): a
+/// hint, dropped past the end of the weight, never faulted. The kernels
+/// stream a weight once per call and the hardware prefetcher alone falls
+/// behind once several activation rows make each super-block slower, so
+/// they ask for the super-block after next while they compute this one.
+#[inline(always)]
+fn prefetch_ahead(at: *const u8, bytes: usize) {
+    let p = at as *const i8;
+    for l in 0..bytes.div_ceil(64) {
+        // SAFETY: a prefetch hint reads nothing and never faults, whatever
+        // the address; `wrapping_add` keeps the pointer arithmetic defined.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l)) };
+    }
+}
+
 /// `R` activation rows (`row0..`) against one group of 16 weight rows:
 /// the 16 lane totals per activation row.
 ///
@@ -214,6 +229,7 @@ unsafe fn micro<const R: usize>(
     let mut tot = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let o = q.add(b * GROUP_BYTES);
+        prefetch_ahead(o.wrapping_add(2 * GROUP_BYTES), GROUP_BYTES);
         let mut isum = [_mm512_setzero_si512(); R];
         for j in 0..16 {
             let sc =
@@ -418,6 +434,7 @@ unsafe fn micro4<const R: usize>(
     let low = _mm512_set1_epi8(0x0F);
     for b in 0..nb {
         let o = q.add(b * GROUP4_BYTES);
+        prefetch_ahead(o.wrapping_add(2 * GROUP4_BYTES), GROUP4_BYTES);
         let mut isum = [_mm512_setzero_si512(); R];
         let mut summ = [_mm512_setzero_si512(); R];
         for j in 0..8 {
