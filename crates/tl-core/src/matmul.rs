@@ -479,7 +479,16 @@ mod tests {
             (F32, 19),
             (BF16, 8),
         ] {
-            for (m, n) in [(1, 1), (1, 37), (2, 9), (3, 5), (6, 70), (8, 21), (9, 13)] {
+            for (m, n) in [
+                (1, 1),
+                (1, 37),
+                (2, 9),
+                (3, 5),
+                (6, 70),
+                (8, 21),
+                (9, 13),
+                (15, 35),
+            ] {
                 let w = weights(ty, n, k, &mut rng);
                 let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-3.0f32..3.0)).collect();
                 let act_ty = vec_dot_type(ty);

@@ -3,33 +3,41 @@
 //!
 //! The tile kernels (`legacy_kernel!`) reduce each block's eight partial
 //! sums across lanes, which costs as much as the products themselves once
-//! a weight block is shared by several activation rows. Here both operands
-//! are repacked per group of eight blocks into a *dword-transposed* layout:
-//! 32-byte vector `t` of a group holds bytes `4t..4t + 4` of blocks 0..7, one
-//! block per 32-bit lane. Eight `vpdpbusd` over `t = 0..8` then leave block
-//! `l`'s exact integer sum in lane `l`, ready for the per-block scales.
+//! a weight block is shared by several activation rows. Here activations
+//! are repacked per group of eight blocks into a *dword-transposed* layout
+//! (32-byte vector `t` of a group holds bytes `4t..4t + 4` of blocks 0..7,
+//! one block per 32-bit lane), and weight rows first into the same layout,
+//! then into panels with one row per lane: eight `vpdpbusd` over
+//! `t = 0..8` leave each row's exact integer sum of a block in its lane,
+//! ready for the per-block scales.
 //!
-//! Activations are packed once per matmul ([`pack_acts`]); weights one
-//! panel of [`PANEL`] rows at a time into a per-thread [`PanelBuf`], and each
-//! panel meets every pair of activation rows in a 2 x 4 register tile.
+//! Activations are packed once per matmul ([`pack_acts`]). Weights go one
+//! panel of [`PANEL`] = 16 rows at a time into a per-thread [`PanelBuf`],
+//! one weight row per 32-bit lane, so that a `vpdpbusd` against four
+//! broadcast activation bytes advances 16 rows at once and every panel
+//! meets eight activation rows per micro-kernel call (the lane-per-row
+//! shape of the K-quant kernels; it replaced a 2 x 4 tile whose loads and
+//! per-call setup cost as much as its products).
 //!
-//! The lanes, the groups and their order, the zero-scaled padding of a
-//! final group of 4 and the per-block tail are exactly those of the tile
-//! kernel, so both paths give the same bits (checked by the matmul tests).
+//! The per-block float products, their order within each of the tile
+//! kernel's eight lanes, its final pairwise lane sum and the per-block tail
+//! are exactly those of the tile kernel, so both paths give the same bits
+//! (checked by the matmul and packed tests).
 
 #![allow(clippy::needless_range_loop)]
 
 use std::arch::x86_64::*;
 
-use super::avx2::{f16xn, hsum_ps};
+use super::avx2::f16xn;
 use super::kind::{self, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 use super::{f16_at, ActRow};
 use crate::quant::dot::Acts;
 
-/// Weight rows per packed panel (the micro-kernel's columns).
-pub(crate) const PANEL: usize = 4;
-/// Activation rows per micro-kernel call.
-const ROWS: usize = 2;
+/// Weight rows per packed panel (the micro-kernel's columns): one per
+/// 32-bit lane of a 512-bit vector.
+pub(crate) const PANEL: usize = 16;
+/// Most activation rows per micro-kernel call.
+const ROWS: usize = 8;
 
 /// Blocks of a row that go through packed groups: whole groups of 8, then
 /// one group of 4 if at least 4 remain; the last `nb % 4` blocks are the
@@ -133,14 +141,6 @@ fn transpose8(r: &[__m256i; 8]) -> [__m256i; 8] {
     ]
 }
 
-/// One packed weight row: levels, scales `dw` and mins `mw` per lane.
-#[derive(Clone, Copy)]
-struct WRow {
-    q: *const u8,
-    d: *const f32,
-    m: *const f32,
-}
-
 /// Packs weight row `w` (kind `T`) into `q` (`groups * 256` bytes), `d`
 /// and `m` (`groups * 8` lanes each).
 ///
@@ -184,97 +184,92 @@ unsafe fn pack_weight_row<const T: u8>(
     }
 }
 
-/// `R` packed activation rows against `C` packed weight rows over `groups`
-/// groups: `out[r][c]` = the sum over all packed blocks, as the tile kernel
-/// forms it before its tail.
+/// `R` packed activation rows (from `i0`) against one wide panel of
+/// [`PANEL`] weight rows, one row per 32-bit lane: `out[r]` holds the 16
+/// rows' sums over all packed blocks, as the tile kernel forms them before
+/// its tail.
+///
+/// Every block's exact integer sum lands in its row's lane after eight
+/// `vpdpbusd` against broadcast activation dwords (the level offset enters
+/// first, through the activation block sums: the same integer). The float
+/// side keeps the tile kernel's order: its lane `l` accumulates the blocks
+/// `8g + l` group after group, so here blocks run with `l` outer and `g`
+/// inner, one accumulator per activation row, and the eight lane totals
+/// are then added pairwise as `hsum_ps` adds them, for 16 rows at once.
+/// The missing blocks of a final group of four add the tile kernel's zero
+/// lanes, which change nothing, so they are skipped.
 ///
 /// # Safety
 ///
-/// The CPU runs the features; every pointer covers `groups` groups.
+/// The CPU runs the features; `pq`, `pd`, `pm` hold the panel's `nbp`
+/// packed blocks (see [`PanelBuf`]); `a` holds packed rows
+/// `i0..i0 + R` of `groups` groups.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn micro<const T: u8, const R: usize, const C: usize>(
+unsafe fn micro<const T: u8, const R: usize>(
     groups: usize,
-    a: &[ActRow; R],
-    w: &[WRow; C],
-) -> [[f32; C]; R] {
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let mut accm = [[_mm256_setzero_ps(); C]; R];
+    nbp: usize,
+    pq: *const u8,
+    pd: *const f32,
+    pm: *const f32,
+    a: &PackedActs,
+    i0: usize,
+) -> [__m512; R] {
     let shift = offset_shift::<T>();
-    for g in 0..groups {
-        // Vectors t and t + 1 of a group side by side in one 512-bit
-        // register (512-bit `vpdpbusd` moves a third more bytes per cycle
-        // here than two 256-bit ones); lanes l and l + 8 then hold two
-        // parts of block l's sum, added exactly in integers below.
-        let mut pw = [[_mm512_setzero_si512(); C]; R];
-        for t in 0..4 {
-            let mut wv = [_mm512_setzero_si512(); C];
-            for c in 0..C {
-                wv[c] = _mm512_loadu_si512(w[c].q.add(g * 256 + 64 * t) as *const __m512i);
+    let aq = a.q.as_ptr().add(i0 * groups * 256);
+    let ad = a.d.as_ptr().add(i0 * groups * 8);
+    let asu = a.sums.as_ptr().add(i0 * groups * 8);
+    let ass = a.s.as_ptr().add(i0 * groups * 8);
+    let mut lanes = [[_mm512_setzero_ps(); R]; 8];
+    for l in 0..8 {
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut accm = [_mm512_setzero_ps(); R];
+        let mut g = 0;
+        while g < groups && 8 * g + l < nbp {
+            let b = 8 * g + l;
+            // Activation row `r`'s lane `l` of group `g`.
+            let at = |r: usize| (r * groups + g) * 8 + l;
+            let mut p = [_mm512_setzero_si512(); R];
+            if let Some(sh) = shift {
+                for r in 0..R {
+                    p[r] =
+                        _mm512_set1_epi32((*asu.add(at(r))).wrapping_shl(sh as u32).wrapping_neg());
+                }
             }
+            let wq = pq.add(b * 512);
+            for t in 0..8 {
+                let w = _mm512_loadu_si512(wq.add(64 * t) as *const __m512i);
+                for r in 0..R {
+                    let x = std::ptr::read_unaligned(
+                        aq.add((r * groups + g) * 256 + 32 * t + 4 * l) as *const i32,
+                    );
+                    p[r] = _mm512_dpbusd_epi32(p[r], w, _mm512_set1_epi32(x));
+                }
+            }
+            let dw = _mm512_loadu_ps(pd.add(16 * b));
             for r in 0..R {
-                let av = _mm512_loadu_si512(a[r].bytes.add(g * 256 + 64 * t) as *const __m512i);
-                for c in 0..C {
-                    pw[r][c] = _mm512_dpbusd_epi32(pw[r][c], wv[c], av);
+                let da = _mm512_set1_ps(*ad.add(at(r)));
+                acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dw, da), _mm512_cvtepi32_ps(p[r]), acc[r]);
+            }
+            if kind::has_min(T) {
+                let mw = _mm512_loadu_ps(pm.add(16 * b));
+                for r in 0..R {
+                    accm[r] = _mm512_fmadd_ps(mw, _mm512_set1_ps(*ass.add(at(r))), accm[r]);
                 }
             }
-        }
-        let mut p = [[_mm256_setzero_si256(); C]; R];
-        for r in 0..R {
-            for c in 0..C {
-                p[r][c] = _mm256_add_epi32(
-                    _mm512_castsi512_si256(pw[r][c]),
-                    _mm512_extracti64x4_epi64::<1>(pw[r][c]),
-                );
-            }
+            g += 1;
         }
         for r in 0..R {
-            let da = _mm256_loadu_ps(a[r].d.add(8 * g));
-            let off = if let Some(sh) = shift {
-                let sums = _mm256_loadu_si256(a[r].sums.add(8 * g) as *const __m256i);
-                _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh))
-            } else {
-                _mm256_setzero_si256()
-            };
-            for c in 0..C {
-                let s = if shift.is_some() {
-                    _mm256_sub_epi32(p[r][c], off)
-                } else {
-                    p[r][c]
-                };
-                let dw = _mm256_loadu_ps(w[c].d.add(8 * g));
-                acc[r][c] =
-                    _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s), acc[r][c]);
-                if kind::has_min(T) {
-                    let sa = _mm256_loadu_ps(a[r].s.add(8 * g));
-                    let mw = _mm256_loadu_ps(w[c].m.add(8 * g));
-                    accm[r][c] = _mm256_fmadd_ps(mw, sa, accm[r][c]);
-                }
-            }
+            lanes[l][r] = _mm512_add_ps(acc[r], accm[r]);
         }
     }
-    let mut out = [[0f32; C]; R];
-    if R * C == 8 {
-        // A full tile: the eight sums reduced together, lanes paired as
-        // `hsum_ps` pairs them.
-        let mut v = [_mm256_setzero_ps(); 8];
-        for r in 0..R {
-            for c in 0..C {
-                v[r * C + c] = _mm256_add_ps(acc[r][c], accm[r][c]);
-            }
-        }
-        let mut flat = [0f32; 8];
-        _mm256_storeu_ps(flat.as_mut_ptr(), hsum8(&v));
-        for r in 0..R {
-            for c in 0..C {
-                out[r][c] = flat[r * C + c];
-            }
-        }
-        return out;
-    }
+    let mut out = [_mm512_setzero_ps(); R];
     for r in 0..R {
-        for c in 0..C {
-            out[r][c] = hsum_ps(_mm256_add_ps(acc[r][c], accm[r][c]));
-        }
+        let v = |l: usize| lanes[l][r];
+        let u0 = _mm512_add_ps(v(0), v(4));
+        let u1 = _mm512_add_ps(v(1), v(5));
+        let u2 = _mm512_add_ps(v(2), v(6));
+        let u3 = _mm512_add_ps(v(3), v(7));
+        out[r] = _mm512_add_ps(_mm512_add_ps(u0, u2), _mm512_add_ps(u1, u3));
     }
     out
 }
@@ -367,23 +362,33 @@ pub(super) unsafe fn tail_block<const T: u8>(wblk: &[u8], arow: &ActRow, b: usiz
     }
 }
 
-/// One thread's packed weight panel: levels, scales, mins of [`PANEL`]
-/// rows. Owned by the matmul scratch (one per thread) so that the steady
-/// state allocates nothing.
+/// One thread's packed weight panel: levels, scales and mins of [`PANEL`]
+/// rows, one row per 32-bit lane. Block `b`'s levels are eight 64-byte
+/// vectors (vector `t`: bytes `4t..4t + 4` of the block of rows 0..16),
+/// its scales and mins 16 f32 each. Owned by the matmul scratch (one per
+/// thread) so that the steady state allocates nothing; `row_*` hold one
+/// row in the per-row layout on its way in.
 #[derive(Default)]
 pub(crate) struct PanelBuf {
     q: Vec<u8>,
     d: Vec<f32>,
     m: Vec<f32>,
+    row_q: Vec<u8>,
+    row_d: Vec<f32>,
+    row_m: Vec<f32>,
 }
 
 impl PanelBuf {
     /// Sizes the buffer for rows of `nb` blocks (grows, never shrinks).
     pub(crate) fn size_for(&mut self, nb: usize) {
         let (groups, _) = packed_blocks(nb);
-        self.q.resize(PANEL * groups * 256, 0);
-        self.d.resize(PANEL * groups * 8, 0.0);
-        self.m.resize(PANEL * groups * 8, 0.0);
+        let g = groups.max(self.row_d.len() / 8);
+        self.q.resize(g * 8 * 512, 0);
+        self.d.resize(g * 8 * PANEL, 0.0);
+        self.m.resize(g * 8 * PANEL, 0.0);
+        self.row_q.resize(g * 256, 0);
+        self.row_d.resize(g * 8, 0.0);
+        self.row_m.resize(g * 8, 0.0);
     }
 }
 
@@ -422,26 +427,22 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
     let row_bytes = nb * wb;
     let (groups, nbp) = packed_blocks(nb);
     buf.size_for(nb);
-    {
-        let PanelBuf {
-            q: bq,
-            d: bd,
-            m: bm,
-        } = buf;
-        let mut r0 = rows.start;
-        while r0 < rows.end {
-            let cols = (rows.end - r0).min(PANEL);
-            let mut wrows = [WRow {
-                q: bq.as_ptr(),
-                d: bd.as_ptr(),
-                m: bm.as_ptr(),
-            }; PANEL];
-            for c in 0..cols {
-                let (q, d, mm) = (
-                    bq.as_mut_ptr().add(c * groups * 256),
-                    bd.as_mut_ptr().add(c * groups * 8),
-                    bm.as_mut_ptr().add(c * groups * 8),
-                );
+    let PanelBuf {
+        q: pq,
+        d: pd,
+        m: pm,
+        row_q,
+        row_d,
+        row_m,
+    } = buf;
+    let mut r0 = rows.start;
+    while r0 < rows.end {
+        let cols = (rows.end - r0).min(PANEL);
+        // The panel: each row in the per-row layout, then dword by dword
+        // into its lane (rows past `cols` are zero and dropped).
+        for c in 0..PANEL {
+            if c < cols {
+                let (q, d, mm) = (row_q.as_mut_ptr(), row_d.as_mut_ptr(), row_m.as_mut_ptr());
                 match w {
                     Src::Blocks(w) => {
                         pack_weight_row::<T>(w.as_ptr().add((r0 + c) * row_bytes), nb, q, d, mm)
@@ -450,76 +451,79 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                         super::repack::fill_panel_row::<T>(rp, nb, r0 + c, q, d, mm)
                     }
                 }
-                wrows[c] = WRow { q, d, m: mm };
+            } else {
+                row_q.fill(0);
+                row_d.fill(0.0);
+                row_m.fill(0.0);
             }
-            let mut i0 = 0;
-            while i0 < m {
-                let rr = (m - i0).min(ROWS);
-                let mut a = [ActRow::EMPTY; ROWS];
-                for r in 0..rr {
-                    let i = i0 + r;
-                    a[r] = ActRow {
-                        bytes: packed.q.as_ptr().add(i * groups * 256),
-                        d: packed.d.as_ptr().add(i * groups * 8),
-                        s: packed.s.as_ptr().add(i * groups * 8),
-                        sums: packed.sums.as_ptr().add(i * groups * 8),
-                    };
+            let (rq, rd, rm) = (row_q.as_ptr() as *const u32, row_d.as_ptr(), row_m.as_ptr());
+            let dst = pq.as_mut_ptr() as *mut u32;
+            for b in 0..nbp {
+                let (g, l) = (b / 8, b % 8);
+                for t in 0..8 {
+                    *dst.add((b * 8 + t) * PANEL + c) = *rq.add(g * 64 + 8 * t + l);
                 }
-                let mut res = [[0f32; PANEL]; ROWS];
-                macro_rules! call {
-                    ($r:literal, $c:literal) => {{
-                        let ar: &[ActRow; $r] = &*(a.as_ptr() as *const [ActRow; $r]);
-                        let wr: &[WRow; $c] = &*(wrows.as_ptr() as *const [WRow; $c]);
-                        let o = micro::<T, $r, $c>(groups, ar, wr);
-                        for r in 0..$r {
-                            res[r][..$c].copy_from_slice(&o[r]);
-                        }
-                    }};
-                }
-                match (rr, cols) {
-                    (2, 4) => call!(2, 4),
-                    (2, 3) => call!(2, 3),
-                    (2, 2) => call!(2, 2),
-                    (2, _) => call!(2, 1),
-                    (_, 4) => call!(1, 4),
-                    (_, 3) => call!(1, 3),
-                    (_, 2) => call!(1, 2),
-                    (_, _) => call!(1, 1),
-                }
-                // The tail blocks, as the tile kernel adds them (its `+ 0.0`
-                // included when there are none).
-                if nbp == nb {
-                    for r in 0..rr {
-                        let o = out.add((i0 + r) * n + r0);
-                        for c in 0..cols {
-                            *o.add(c) = res[r][c] + 0.0;
-                        }
+                pd[b * PANEL + c] = *rd.add(8 * g + l);
+                pm[b * PANEL + c] = *rm.add(8 * g + l);
+            }
+        }
+        let mut i0 = 0;
+        while i0 < m {
+            let rr = (m - i0).min(ROWS);
+            let mut res = [[0f32; PANEL]; ROWS];
+            macro_rules! call {
+                ($r:literal) => {{
+                    let o = micro::<T, $r>(
+                        groups,
+                        nbp,
+                        pq.as_ptr(),
+                        pd.as_ptr(),
+                        pm.as_ptr(),
+                        packed,
+                        i0,
+                    );
+                    for r in 0..$r {
+                        _mm512_storeu_ps(res[r].as_mut_ptr(), o[r]);
                     }
-                    i0 += rr;
+                    $r
+                }};
+            }
+            let done = match rr {
+                8.. => call!(8),
+                4..=7 => call!(4),
+                2 | 3 => call!(2),
+                _ => call!(1),
+            };
+            // The tail blocks, as the tile kernel adds them (its `+ 0.0`
+            // included when there are none).
+            for r in 0..done {
+                let i = i0 + r;
+                let o = out.add(i * n + r0);
+                if nbp == nb {
+                    for c in 0..cols {
+                        *o.add(c) = res[r][c] + 0.0;
+                    }
                     continue;
                 }
-                for r in 0..rr {
-                    let i = i0 + r;
-                    let arow = ActRow::new(acts, i);
-                    for c in 0..cols {
-                        let row = r0 + c;
-                        let mut tail = 0f32;
-                        for b in nbp..nb {
-                            let wblk = match w {
-                                Src::Blocks(w) => &w[row * row_bytes + b * wb..][..wb],
-                                Src::Repacked(rp) => {
-                                    &rp.tail[(row * (nb - nbp) + b - nbp) * wb..][..wb]
-                                }
-                            };
-                            tail_block::<T>(wblk, &arow, b, &mut tail);
-                        }
-                        *out.add(i * n + r0 + c) = res[r][c] + tail;
+                let arow = ActRow::new(acts, i);
+                for c in 0..cols {
+                    let row = r0 + c;
+                    let mut tail = 0f32;
+                    for b in nbp..nb {
+                        let wblk = match w {
+                            Src::Blocks(w) => &w[row * row_bytes + b * wb..][..wb],
+                            Src::Repacked(rp) => {
+                                &rp.tail[(row * (nb - nbp) + b - nbp) * wb..][..wb]
+                            }
+                        };
+                        tail_block::<T>(wblk, &arow, b, &mut tail);
                     }
+                    *o.add(c) = res[r][c] + tail;
                 }
-                i0 += rr;
             }
-            r0 += cols;
+            i0 += done;
         }
+        r0 += cols;
     }
 }
 
@@ -556,6 +560,7 @@ pub(crate) unsafe fn legacy_rows_for(
 
 #[cfg(test)]
 mod tests {
+    use super::super::avx2::hsum_ps;
     use super::*;
 
     /// `hsum8` adds each vector's lanes exactly as `hsum_ps` does.
