@@ -259,6 +259,7 @@ mod simd {
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("f16c")
             && is_x86_feature_detected!("fma")
     }
@@ -267,9 +268,9 @@ mod simd {
     ///
     /// # Safety
     ///
-    /// The CPU runs AVX-512F, F16C and FMA; `p.head_dim` is a multiple of 16.
+    /// The CPU runs AVX-512F/VL, F16C and FMA; `p.head_dim` is a multiple of 16.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,f16c,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
     pub(super) unsafe fn attend(
         cache: &KvCache,
         layer: usize,
@@ -339,7 +340,7 @@ mod simd {
         /// Attends `R` heads of KV group `g`: queries at `q` (rows of `hd`),
         /// scores at `sc` (rows of `n`), outputs at `out` (rows of `hd`).
         #[inline]
-        #[target_feature(enable = "avx512f,f16c,fma")]
+        #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
         unsafe fn run<const R: usize>(&self, g: usize, q: *const f32, sc: *mut f32, out: *mut f32) {
             let (hd, n) = (self.hd, self.n);
             let nc = hd / 16;
@@ -415,7 +416,7 @@ mod simd {
         /// Chunks `c0..c0 + C` of the `R` outputs: Σ over slots, in order,
         /// of probability × V.
         #[inline]
-        #[target_feature(enable = "avx512f,f16c,fma")]
+        #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
         unsafe fn pv<const R: usize, const C: usize>(
             &self,
             g: usize,
@@ -454,8 +455,8 @@ mod simd {
     ///
     /// # Safety
     ///
-    /// The CPU runs AVX-512F and F16C.
-    #[target_feature(enable = "avx512f,f16c,fma")]
+    /// The CPU runs AVX-512F/VL and F16C.
+    #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
     pub(super) unsafe fn softmax_f16(scores: &mut [f32], max: f32) {
         let n = scores.len();
         let p = scores.as_mut_ptr();
@@ -492,7 +493,7 @@ mod simd {
 
     /// ggml's AVX-512 `ggml_v_expf`, 16 lanes (see [`super::v_expf`]).
     #[inline]
-    #[target_feature(enable = "avx512f,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,fma")]
     pub(super) unsafe fn v_expf(x: __m512) -> __m512 {
         use expc::*;
         let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
@@ -528,7 +529,7 @@ mod simd {
     /// additions of `_mm512_reduce_add_ps` (lane i + lane i+8, then i + i+4,
     /// i + i+2, i + i+1), done for all 16 vectors at once.
     #[inline]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx512vl")]
     pub(super) unsafe fn reduce16(a: &[__m512; 16]) -> __m512 {
         // i + i+8: the 256-bit halves of a pair side by side, then added.
         let mut w = [_mm512_setzero_ps(); 8];
@@ -694,7 +695,7 @@ mod tests {
     /// The plain 16-lane kernel, one head and one slot at a time: the blocked
     /// kernel must give its results bit for bit.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,f16c,fma")]
+    #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn one_head_at_a_time(
         cache: &KvCache,
@@ -854,7 +855,7 @@ mod tests {
     fn transposed_reduction_is_the_single_vector_sum() {
         use std::arch::x86_64::*;
         if !simd::available() {
-            eprintln!("skipped: no AVX-512F/F16C/FMA on this CPU");
+            eprintln!("skipped: no AVX-512F/VL, F16C or FMA on this CPU");
             return;
         }
         let mut x = 99u64;
@@ -889,7 +890,7 @@ mod tests {
     #[test]
     fn blocked_kernel_is_bit_identical_to_one_head_at_a_time() {
         if !simd::available() {
-            eprintln!("skipped: no AVX-512F/F16C/FMA on this CPU");
+            eprintln!("skipped: no AVX-512F/VL, F16C or FMA on this CPU");
             return;
         }
         for (hd, n_heads, n_kv) in [

@@ -410,6 +410,7 @@ pub(crate) enum Src<'a> {
 /// `check_kernel_args` for all `m` rows and `packed` was packed from it;
 /// `rows` lies within the `n` rows of `w`; `out` points at `m * n`
 /// writable f32 of which no other thread writes the columns `rows`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn legacy_rows<const T: u8>(
     buf: &mut PanelBuf,
@@ -470,6 +471,14 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
         let mut i0 = 0;
         while i0 < m {
             let rr = (m - i0).min(ROWS);
+            // Rows with no tail blocks are written straight from the
+            // vectors (the tile kernel's `+ 0.0` included); the others
+            // add their tail blocks one by one, as the tile kernel does.
+            let mask: __mmask16 = if cols == PANEL {
+                !0
+            } else {
+                (1u16 << cols) - 1
+            };
             let mut res = [[0f32; PANEL]; ROWS];
             macro_rules! call {
                 ($r:literal) => {{
@@ -483,7 +492,12 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                         i0,
                     );
                     for r in 0..$r {
-                        _mm512_storeu_ps(res[r].as_mut_ptr(), o[r]);
+                        if nbp == nb {
+                            let v = _mm512_add_ps(o[r], _mm512_setzero_ps());
+                            _mm512_mask_storeu_ps(out.add((i0 + r) * n + r0), mask, v);
+                        } else {
+                            _mm512_storeu_ps(res[r].as_mut_ptr(), o[r]);
+                        }
                     }
                     $r
                 }};
@@ -494,31 +508,25 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
                 2 | 3 => call!(2),
                 _ => call!(1),
             };
-            // The tail blocks, as the tile kernel adds them (its `+ 0.0`
-            // included when there are none).
-            for r in 0..done {
-                let i = i0 + r;
-                let o = out.add(i * n + r0);
-                if nbp == nb {
+            if nbp < nb {
+                for r in 0..done {
+                    let i = i0 + r;
+                    let o = out.add(i * n + r0);
+                    let arow = ActRow::new(acts, i);
                     for c in 0..cols {
-                        *o.add(c) = res[r][c] + 0.0;
+                        let row = r0 + c;
+                        let mut tail = 0f32;
+                        for b in nbp..nb {
+                            let wblk = match w {
+                                Src::Blocks(w) => &w[row * row_bytes + b * wb..][..wb],
+                                Src::Repacked(rp) => {
+                                    &rp.tail[(row * (nb - nbp) + b - nbp) * wb..][..wb]
+                                }
+                            };
+                            tail_block::<T>(wblk, &arow, b, &mut tail);
+                        }
+                        *o.add(c) = res[r][c] + tail;
                     }
-                    continue;
-                }
-                let arow = ActRow::new(acts, i);
-                for c in 0..cols {
-                    let row = r0 + c;
-                    let mut tail = 0f32;
-                    for b in nbp..nb {
-                        let wblk = match w {
-                            Src::Blocks(w) => &w[row * row_bytes + b * wb..][..wb],
-                            Src::Repacked(rp) => {
-                                &rp.tail[(row * (nb - nbp) + b - nbp) * wb..][..wb]
-                            }
-                        };
-                        tail_block::<T>(wblk, &arow, b, &mut tail);
-                    }
-                    *o.add(c) = res[r][c] + tail;
                 }
             }
             i0 += done;

@@ -532,6 +532,7 @@ unsafe fn micro<const T: u8, const R: usize>(
 /// `packed` was packed from it; `pairs` lies within the `n.div_ceil(2)`
 /// pairs; `out` points at `m * n` writable f32 of which no other thread
 /// writes the columns of `pairs`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn pairs_into<const T: u8>(
     rp: &Repacked,

@@ -288,6 +288,7 @@ unsafe fn micro<const R: usize>(
 /// [`repack_groups`] for this weight; `acts` holds `m` rows of
 /// `nb` Q8_K blocks; `groups` lies within `n.div_ceil(16)`; `out` points at
 /// `m * n` writable f32 of which no other thread writes these groups' rows.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn groups_into<const FOUR: bool>(
     q: &[Line],
