@@ -41,7 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ] {
         let w = random_weights(ty, n, k, 1);
         let p = PackedWeight::pack(ty, k, n, &w)?.ok_or("no packed kernels on this CPU")?;
-        for m in [1usize, 8, 64] {
+        for m in [1usize, 8, 16, 24, 32, 64] {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0)
                 .collect();

@@ -439,33 +439,42 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
     let mut r0 = rows.start;
     while r0 < rows.end {
         let cols = (rows.end - r0).min(PANEL);
-        // The panel: each row in the per-row layout, then dword by dword
-        // into its lane (rows past `cols` are zero and dropped).
-        for c in 0..PANEL {
-            if c < cols {
-                let (q, d, mm) = (row_q.as_mut_ptr(), row_d.as_mut_ptr(), row_m.as_mut_ptr());
-                match w {
-                    Src::Blocks(w) => {
-                        pack_weight_row::<T>(w.as_ptr().add((r0 + c) * row_bytes), nb, q, d, mm)
+        match w {
+            // Repacked rows: straight from the pair lines, 16 at a time.
+            Src::Repacked(rp) => super::repack::fill_panel16::<T>(
+                rp,
+                nb,
+                n,
+                r0,
+                pq.as_mut_ptr(),
+                pd.as_mut_ptr(),
+                pm.as_mut_ptr(),
+            ),
+            // GGUF blocks: each row in the per-row layout, then dword by
+            // dword into its lane (rows past `cols` are zero and dropped).
+            Src::Blocks(w) => {
+                for c in 0..PANEL {
+                    if c < cols {
+                        let (q, d, mm) =
+                            (row_q.as_mut_ptr(), row_d.as_mut_ptr(), row_m.as_mut_ptr());
+                        pack_weight_row::<T>(w.as_ptr().add((r0 + c) * row_bytes), nb, q, d, mm);
+                    } else {
+                        row_q.fill(0);
+                        row_d.fill(0.0);
+                        row_m.fill(0.0);
                     }
-                    Src::Repacked(rp) => {
-                        super::repack::fill_panel_row::<T>(rp, nb, r0 + c, q, d, mm)
+                    let (rq, rd, rm) =
+                        (row_q.as_ptr() as *const u32, row_d.as_ptr(), row_m.as_ptr());
+                    let dst = pq.as_mut_ptr() as *mut u32;
+                    for b in 0..nbp {
+                        let (g, l) = (b / 8, b % 8);
+                        for t in 0..8 {
+                            *dst.add((b * 8 + t) * PANEL + c) = *rq.add(g * 64 + 8 * t + l);
+                        }
+                        pd[b * PANEL + c] = *rd.add(8 * g + l);
+                        pm[b * PANEL + c] = *rm.add(8 * g + l);
                     }
                 }
-            } else {
-                row_q.fill(0);
-                row_d.fill(0.0);
-                row_m.fill(0.0);
-            }
-            let (rq, rd, rm) = (row_q.as_ptr() as *const u32, row_d.as_ptr(), row_m.as_ptr());
-            let dst = pq.as_mut_ptr() as *mut u32;
-            for b in 0..nbp {
-                let (g, l) = (b / 8, b % 8);
-                for t in 0..8 {
-                    *dst.add((b * 8 + t) * PANEL + c) = *rq.add(g * 64 + 8 * t + l);
-                }
-                pd[b * PANEL + c] = *rd.add(8 * g + l);
-                pm[b * PANEL + c] = *rm.add(8 * g + l);
             }
         }
         let mut i0 = 0;

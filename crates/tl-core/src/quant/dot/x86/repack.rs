@@ -332,60 +332,114 @@ unsafe fn levels_from<const T: u8>(line: impl Fn(usize) -> __m512i, t: usize) ->
     _mm512_ternarylogic_epi32::<0xF8>(nib, moved, _mm512_set1_epi8(0x10))
 }
 
-/// Row `r`'s levels, scales and mins in the per-matmul panel layout of
-/// [`super::gemm`] (`q`: `groups * 256` bytes, `d`, `m`: `groups * 8`).
+/// Eight vectors of eight qwords transposed: qword `j` of result `l` is
+/// qword `l` of input `j`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn transpose_qwords(w: &[__m512i; 8]) -> [__m512i; 8] {
+    let mut a = [_mm512_setzero_si512(); 8];
+    for k in 0..4 {
+        a[2 * k] = _mm512_unpacklo_epi64(w[2 * k], w[2 * k + 1]);
+        a[2 * k + 1] = _mm512_unpackhi_epi64(w[2 * k], w[2 * k + 1]);
+    }
+    // a[2k + e] holds qwords e, e + 2, e + 4, e + 6 of inputs 2k, 2k + 1.
+    let lo = _mm512_setr_epi64(0, 1, 8, 9, 4, 5, 12, 13);
+    let hi = _mm512_setr_epi64(2, 3, 10, 11, 6, 7, 14, 15);
+    let mut b = [_mm512_setzero_si512(); 8];
+    for half in 0..2 {
+        for e in 0..2 {
+            let (x, y) = (a[4 * half + e], a[4 * half + 2 + e]);
+            b[4 * half + e] = _mm512_permutex2var_epi64(x, lo, y);
+            b[4 * half + 2 + e] = _mm512_permutex2var_epi64(x, hi, y);
+        }
+    }
+    // b[4 * half + f] holds qwords f and f + 4 of inputs 4 * half .. + 4.
+    let first = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    let second = _mm512_setr_epi64(4, 5, 6, 7, 12, 13, 14, 15);
+    let mut out = [_mm512_setzero_si512(); 8];
+    for f in 0..4 {
+        out[f] = _mm512_permutex2var_epi64(b[f], first, b[4 + f]);
+        out[f + 4] = _mm512_permutex2var_epi64(b[f], second, b[4 + f]);
+    }
+    out
+}
+
+/// Sixteen rows `r0..r0 + 16` (`r0` even; rows past `n` zero) in the wide
+/// panel layout of [`super::gemm`]: for packed block `b`, vector `t` at
+/// `q + (8b + t) * 64` holds the unsigned levels `4t..4t + 4` of the
+/// block of each row in lane `row - r0`; `d + 16b`, `m + 16b` its scales
+/// and mins as f32. The same bytes the per-row path writes, from the
+/// pair lines by a dword transpose (lanes `8h + l` of pair `j` go to lane
+/// `2j + h` of block `l`'s vector).
 ///
 /// # Safety
 ///
 /// The CPU runs the features; `rp` holds a weight of `nb` blocks per row
-/// with row `r`; the outputs have the sizes above.
+/// and `n` rows; `q` has `nbp * 512` bytes, `d` and `m` `nbp * 16` f32.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-pub(crate) unsafe fn fill_panel_row<const T: u8>(
+pub(crate) unsafe fn fill_panel16<const T: u8>(
     rp: &Repacked,
     nb: usize,
-    r: usize,
+    n: usize,
+    r0: usize,
     q: *mut u8,
     d: *mut f32,
     m: *mut f32,
 ) {
-    let (groups, _) = packed_blocks(nb);
+    let (groups, nbp) = packed_blocks(nb);
     let geo = Geom::new(T, nb);
     let sw = scale_words(T);
-    let (p, h) = (r / 2, r % 2);
+    let pairs = n.div_ceil(2);
+    let p0 = r0 / 2;
     let base = rp.q.as_ptr() as *const u8;
-    for g in 0..groups {
-        let qg = base.add(geo.at(p, g, 0, 0, 0, 0));
-        for t in 0..8 {
-            let half = if g < geo.full {
-                let v = levels::<T>(qg, t);
-                if h == 0 {
-                    _mm512_castsi512_si256(v)
-                } else {
-                    _mm512_extracti64x4_epi64::<1>(v)
-                }
-            } else {
-                let v = levels_half::<T>(qg, t);
-                let x = if h == 0 {
-                    _mm256_castsi256_si128(v)
-                } else {
-                    _mm256_extracti128_si256::<1>(v)
-                };
-                _mm256_zextsi128_si256(x)
-            };
-            _mm256_storeu_si256(q.add(g * 256 + 32 * t) as *mut __m256i, half);
-        }
-        let dg = rp.d.as_ptr().add((p * groups + g) * sw + 8 * h);
-        _mm256_storeu_ps(
-            d.add(8 * g),
-            _mm256_cvtph_ps(_mm_loadu_si128(dg as *const __m128i)),
-        );
-        let mv = if kind::has_min(T) {
-            _mm256_cvtph_ps(_mm_loadu_si128(dg.add(16) as *const __m128i))
-        } else {
-            _mm256_setzero_ps()
-        };
-        _mm256_storeu_ps(m.add(8 * g), mv);
+    // Pair `j`'s lane `8h + l` to qword `l`, dword `h`.
+    let spread = _mm512_setr_epi32(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+    // The same from a half group's lanes `4h + l` (`l < 4`; the rest zero).
+    let spread_half = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 8, 8, 8, 8, 8, 8, 8);
+    let live = pairs.saturating_sub(p0).min(8);
+    // The weight streams through once per call: ask for the next panel's
+    // lines while this one is transposed and multiplied (a hint; past the
+    // end it is dropped, never faulted).
+    let next = base.wrapping_add((p0 + 8) * geo.pair_lines * 64) as *const i8;
+    for j in 0..8 * geo.pair_lines {
+        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * j));
     }
+    for g in 0..groups {
+        let full = g < geo.full;
+        let blocks = if full { 8 } else { 4 };
+        for t in 0..8 {
+            let mut w = [_mm512_setzero_si512(); 8];
+            for j in 0..live {
+                let qg = base.add(geo.at(p0 + j, g, 0, 0, 0, 0));
+                w[j] = if full {
+                    _mm512_permutexvar_epi32(spread, levels::<T>(qg, t))
+                } else {
+                    let v = _mm512_zextsi256_si512(levels_half::<T>(qg, t));
+                    _mm512_maskz_permutexvar_epi32(0x00FF, spread_half, v)
+                };
+            }
+            let cols = transpose_qwords(&w);
+            for l in 0..blocks {
+                _mm512_storeu_si512(q.add(((8 * g + l) * 8 + t) * 64) as *mut __m512i, cols[l]);
+            }
+        }
+        let mut sv = [[_mm512_setzero_si512(); 8]; 2];
+        let kinds = if kind::has_min(T) { 2 } else { 1 };
+        for (e, v) in sv.iter_mut().enumerate().take(kinds) {
+            for j in 0..live {
+                let dg = rp.d.as_ptr().add(((p0 + j) * groups + g) * sw + 16 * e);
+                let x = _mm512_cvtph_ps(_mm256_loadu_si256(dg as *const __m256i));
+                v[j] = _mm512_permutexvar_epi32(spread, _mm512_castps_si512(x));
+            }
+        }
+        let dv = transpose_qwords(&sv[0]);
+        let mv = transpose_qwords(&sv[1]);
+        for l in 0..blocks {
+            _mm512_storeu_si512(d.add((8 * g + l) * 16) as *mut __m512i, dv[l]);
+            _mm512_storeu_si512(m.add((8 * g + l) * 16) as *mut __m512i, mv[l]);
+        }
+    }
+    debug_assert!(8 * geo.full + 4 * usize::from(geo.half) == nbp);
 }
 
 /// Both halves of one 256-bit vector.
