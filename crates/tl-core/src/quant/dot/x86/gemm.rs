@@ -436,6 +436,9 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
         row_d,
         row_m,
     } = buf;
+    // Sums of rows with tail blocks, on their way to the tail (zeroed once
+    // per call, not per tile).
+    let mut res = [[0f32; PANEL]; ROWS];
     let mut r0 = rows.start;
     while r0 < rows.end {
         let cols = (rows.end - r0).min(PANEL);
@@ -488,7 +491,6 @@ pub(crate) unsafe fn legacy_rows<const T: u8>(
             } else {
                 (1u16 << cols) - 1
             };
-            let mut res = [[0f32; PANEL]; ROWS];
             macro_rules! call {
                 ($r:literal) => {{
                     let o = micro::<T, $r>(
