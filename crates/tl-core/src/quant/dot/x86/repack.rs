@@ -470,6 +470,7 @@ unsafe fn micro<const T: u8, const R: usize>(
     d: *const u16,
     a: &PackedActs,
     i0: usize,
+    ahead: *const i8,
 ) -> [[f32; 2]; R] {
     let nl = geo.nl;
     let sw = scale_words(T);
@@ -482,6 +483,12 @@ unsafe fn micro<const T: u8, const R: usize>(
     let mut acc = [_mm512_setzero_ps(); R];
     let mut accm = [_mm512_setzero_ps(); R];
     for g in 0..groups {
+        // A group's share of the pair fetched ahead (see `pairs_into`),
+        // spread over the work so that the requests never queue up in one
+        // burst.
+        for j in 0..nl {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * (g * nl + j)));
+        }
         let mut p = [_mm512_setzero_si512(); R];
         if g < geo.full {
             let qg = q.add(g * nl * 64);
@@ -605,13 +612,10 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
     let tl = nb - nbp;
     for p in pairs {
         let q = rp.q.as_ptr().add(p * geo.pair_lines) as *const u8;
-        // The weight streams through once per call: ask for the pair after
-        // next while this one is computed (a hint; past the end it is
-        // dropped, never faulted).
+        // The weight streams through once per call: the kernel asks for
+        // the pair after next while it computes this one (a hint; past the
+        // end it is dropped, never faulted). The first call of a pair asks.
         let ahead = q.wrapping_add(2 * geo.pair_lines * 64) as *const i8;
-        for j in 0..geo.pair_lines {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * j));
-        }
         let d = rp.d.as_ptr().add(p * groups * sw);
         let cols = (n - 2 * p).min(2);
         let mut i0 = 0;
@@ -620,7 +624,7 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
             let mut res = [[0f32; 2]; ROWS];
             macro_rules! call {
                 ($r:literal) => {{
-                    let o = micro::<T, $r>(geo, q, d, packed, i0);
+                    let o = micro::<T, $r>(geo, q, d, packed, i0, ahead);
                     res[..$r].copy_from_slice(&o);
                 }};
             }
