@@ -393,19 +393,19 @@ impl Model {
                         }
                     }
                     kernels::rope_cache(meta[i].1 as f32, base, 1.0, None, cs);
+                    if let Some(qn) = &lv.q_norm {
+                        kernels::rms_norm_rows_inplace(q, hd, qn, c.rms_eps);
+                    }
+                    if let Some(kn) = &lv.k_norm {
+                        kernels::rms_norm_rows_inplace(k, hd, kn, c.rms_eps);
+                    }
                     for head in q.chunks_exact_mut(hd) {
-                        if let Some(qn) = &lv.q_norm {
-                            kernels::rms_norm_row_inplace(head, qn, c.rms_eps);
-                        }
                         kernels::rope_rotate(head, cs, rope_mode);
                         if c.arch == Arch::Gemma3 {
                             head.iter_mut().for_each(|v| *v *= c.attn_scale);
                         }
                     }
                     for head in k.chunks_exact_mut(hd) {
-                        if let Some(kn) = &lv.k_norm {
-                            kernels::rms_norm_row_inplace(head, kn, c.rms_eps);
-                        }
                         kernels::rope_rotate(head, cs, rope_mode);
                     }
                 });

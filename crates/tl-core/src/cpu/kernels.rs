@@ -159,6 +159,36 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// [`rms_norm_row_inplace`] on each row of `width` values of `x` (a whole
+/// number of rows): the same bits, with the scales of four rows summed
+/// side by side so that their sequential f64 sums overlap instead of
+/// waiting on one another (one row's sum is a chain of dependent adds).
+pub fn rms_norm_rows_inplace(x: &mut [f32], width: usize, w: &[f32], eps: f32) {
+    if width == 0 {
+        return;
+    }
+    let mut quads = x.chunks_exact_mut(4 * width);
+    for q in &mut quads {
+        let mut sum = [0f64; 4];
+        for i in 0..width {
+            for (j, s) in sum.iter_mut().enumerate() {
+                let v = q[j * width + i];
+                *s += f64::from(v * v);
+            }
+        }
+        for (row, s) in q.chunks_exact_mut(width).zip(sum) {
+            let mean = (s / width as f64) as f32;
+            let scale = 1.0 / (mean + eps).sqrt();
+            for (v, &g) in row.iter_mut().zip(w) {
+                *v = *v * scale * g;
+            }
+        }
+    }
+    for row in quads.into_remainder().chunks_exact_mut(width) {
+        rms_norm_row_inplace(row, w, eps);
+    }
+}
+
 /// In-place [`rms_norm_row`].
 pub fn rms_norm_row_inplace(x: &mut [f32], w: &[f32], eps: f32) {
     let scale = rms_scale(x, eps);
@@ -506,6 +536,31 @@ mod tests {
             differ, 0,
             "expf differs from the platform's on {differ} inputs"
         );
+    }
+
+    /// Rows normed four at a time are the rows normed one by one, bit for
+    /// bit, for 1 to 9 rows (a remainder included) and odd widths.
+    #[test]
+    fn rows_normed_together_are_rows_normed_alone() {
+        for width in [1usize, 7, 64, 256] {
+            let w: Vec<f32> = (0..width).map(|i| 0.5 + (i % 13) as f32 / 7.0).collect();
+            for rows in 1..10 {
+                let x: Vec<f32> = (0..rows * width)
+                    .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / 1e6 - 8.0)
+                    .collect();
+                let mut a = x.clone();
+                rms_norm_rows_inplace(&mut a, width, &w, 1e-6);
+                let mut b = x.clone();
+                for row in b.chunks_exact_mut(width) {
+                    rms_norm_row_inplace(row, &w, 1e-6);
+                }
+                assert_eq!(
+                    a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "width {width}, {rows} rows"
+                );
+            }
+        }
     }
 
     /// The vector SiLU gives the scalar loop's bits: large and tiny inputs,
