@@ -437,10 +437,8 @@ unsafe fn micro4<const R: usize>(
         let o = q.add(b * GROUP4_BYTES);
         prefetch_ahead(o.wrapping_add(2 * GROUP4_BYTES), GROUP4_BYTES);
         let mut isum = [_mm512_setzero_si512(); R];
-        let mut summ = [_mm512_setzero_si512(); R];
         for j in 0..8 {
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(o.add(SC4 + 16 * j) as *const __m128i));
-            let mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(o.add(MN4 + 16 * j) as *const __m128i));
             let mut p = [_mm512_setzero_si512(); R];
             for k in 0..8 {
                 let grp = 8 * j + k;
@@ -462,16 +460,35 @@ unsafe fn micro4<const R: usize>(
                 }
             }
             for r in 0..R {
-                let y = acts
-                    .bytes
-                    .as_ptr()
-                    .add((row0 + r) * acts.row_bytes + b * A_BYTES);
-                let bs = y.add(A_BSUMS + 4 * j) as *const i16;
-                let pair = i32::from(std::ptr::read_unaligned(bs))
-                    + i32::from(std::ptr::read_unaligned(bs.add(1)));
                 isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(p[r], sc));
-                summ[r] =
-                    _mm512_add_epi32(summ[r], _mm512_mullo_epi32(mn, _mm512_set1_epi32(pair)));
+            }
+        }
+        // The mins' integer sum, sum_j min_j * (bsum_2j + bsum_2j+1), two
+        // sub-blocks per `vpdpwssd`: each lane holds min_2i and min_2i+1
+        // as 16-bit halves, the activation word the two block-sum pairs
+        // (all within 16 bits: mins < 64, a pair's sum |.| <= 4096). The
+        // same exact integer as one product per sub-block.
+        let mut mnw = [_mm512_setzero_si512(); 4];
+        for (i, v) in mnw.iter_mut().enumerate() {
+            let m0 = _mm_loadu_si128(o.add(MN4 + 32 * i) as *const __m128i);
+            let m1 = _mm_loadu_si128(o.add(MN4 + 32 * i + 16) as *const __m128i);
+            let both = _mm256_set_m128i(_mm_unpackhi_epi8(m0, m1), _mm_unpacklo_epi8(m0, m1));
+            *v = _mm512_cvtepu8_epi16(both);
+        }
+        let mut summ = [_mm512_setzero_si512(); R];
+        for r in 0..R {
+            let y = acts
+                .bytes
+                .as_ptr()
+                .add((row0 + r) * acts.row_bytes + b * A_BYTES);
+            let bs = y.add(A_BSUMS) as *const i16;
+            let pair = |j: usize| {
+                i32::from(std::ptr::read_unaligned(bs.add(2 * j)))
+                    + i32::from(std::ptr::read_unaligned(bs.add(2 * j + 1)))
+            };
+            for (i, &m) in mnw.iter().enumerate() {
+                let word = (pair(2 * i) & 0xFFFF) | (pair(2 * i + 1) << 16);
+                summ[r] = _mm512_dpwssd_epi32(summ[r], m, _mm512_set1_epi32(word));
             }
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(o.add(D4) as *const __m256i));
