@@ -235,17 +235,6 @@ unsafe fn micro<const R: usize>(
             let sc =
                 _mm512_cvtepi8_epi32(_mm_loadu_si128(o.add(SCALES + 16 * j) as *const __m128i));
             let mut p = [_mm512_setzero_si512(); R];
-            for r in 0..R {
-                let y = acts
-                    .bytes
-                    .as_ptr()
-                    .add((row0 + r) * acts.row_bytes + b * A_BYTES);
-                let bs = i32::from(std::ptr::read_unaligned(
-                    y.add(A_BSUMS + 2 * j) as *const i16
-                ));
-                // The level offset 32 through the block sum, exactly.
-                p[r] = _mm512_set1_epi32(-32 * bs);
-            }
             for k in 0..4 {
                 let grp = 4 * j + k;
                 let wv = levels(o, grp);
@@ -263,6 +252,30 @@ unsafe fn micro<const R: usize>(
             for r in 0..R {
                 isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(p[r], sc));
             }
+        }
+        // The level offset 32 through the block sums, exactly: minus
+        // 32 * sum_j scale_j * bsum_j, two sub-blocks per `vpdpwssd` (each
+        // lane holds scale_2i and scale_2i+1 as 16-bit halves; the block
+        // sums of a pair are one 32-bit word). The same integer as
+        // starting each sub-block's sum at -32 * bsum_j.
+        let mut scw = [_mm512_setzero_si512(); 8];
+        for (i, v) in scw.iter_mut().enumerate() {
+            let s0 = _mm_loadu_si128(o.add(SCALES + 32 * i) as *const __m128i);
+            let s1 = _mm_loadu_si128(o.add(SCALES + 32 * i + 16) as *const __m128i);
+            let both = _mm256_set_m128i(_mm_unpackhi_epi8(s0, s1), _mm_unpacklo_epi8(s0, s1));
+            *v = _mm512_cvtepi8_epi16(both);
+        }
+        for r in 0..R {
+            let y = acts
+                .bytes
+                .as_ptr()
+                .add((row0 + r) * acts.row_bytes + b * A_BYTES);
+            let mut off = _mm512_setzero_si512();
+            for (i, &sv) in scw.iter().enumerate() {
+                let word = std::ptr::read_unaligned(y.add(A_BSUMS + 4 * i) as *const i32);
+                off = _mm512_dpwssd_epi32(off, sv, _mm512_set1_epi32(word));
+            }
+            isum[r] = _mm512_sub_epi32(isum[r], _mm512_slli_epi32::<5>(off));
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(o.add(DS) as *const __m256i));
         for r in 0..R {
