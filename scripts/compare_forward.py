@@ -9,7 +9,9 @@ the top-1 differs (with the reference's top-2 margin there).
     cargo build --release -p tl-model --example dump_logits
     python3 scripts/compare_forward.py qwen|gemma
 
-Needs only numpy (the fixtures hold the reference logits).
+Needs only numpy (the fixtures hold the reference logits). With
+TL_DUMP_ONE_BY_ONE=1 in the environment, tl's logits come from one token
+per forward call (the decode path) instead of one batch.
 """
 import json
 import os
