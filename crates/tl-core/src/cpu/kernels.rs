@@ -27,7 +27,7 @@ pub fn silu(x: f32) -> f32 {
 /// (checked by the tests), which the engine used before.
 pub fn expf(x: f32) -> f32 {
     let ax = x.to_bits() & 0x7fff_ffff;
-    if ax >= 0x42b0_0000 {
+    if ax >= EXPF_SPECIAL {
         // |x| >= 88 or NaN: glibc's special cases.
         if x == f32::NEG_INFINITY {
             return 0.0;
@@ -58,6 +58,8 @@ pub fn expf(x: f32) -> f32 {
     (y * f64::from_bits(t)) as f32
 }
 
+/// Bits of |x| from which (88.0) [`expf`] takes glibc's special cases.
+const EXPF_SPECIAL: u32 = 0x42b0_0000;
 /// `32 / ln 2`, the rounding shift `1.5·2^52`, and the cubic's
 /// coefficients (scaled for `r` in units of 1/32).
 const EXPF_INV_LN2_N: f64 = f64::from_bits(0x4047_1547_652b_82fe);
@@ -147,7 +149,12 @@ fn gelu_table() -> &'static [f32; 1 << 16] {
 #[inline]
 pub fn rms_scale(x: &[f32], eps: f32) -> f32 {
     let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
-    let mean = (sum / x.len().max(1) as f64) as f32;
+    scale_of_sum(sum, x.len(), eps)
+}
+
+/// `1 / sqrt(sum / len + eps)`, the mean taken in f64 and rounded to f32.
+fn scale_of_sum(sum: f64, len: usize, eps: f32) -> f32 {
+    let mean = (sum / len.max(1) as f64) as f32;
     1.0 / (mean + eps).sqrt()
 }
 
@@ -177,11 +184,7 @@ pub fn rms_norm_rows_inplace(x: &mut [f32], width: usize, w: &[f32], eps: f32) {
             }
         }
         for (row, s) in q.chunks_exact_mut(width).zip(sum) {
-            let mean = (s / width as f64) as f32;
-            let scale = 1.0 / (mean + eps).sqrt();
-            for (v, &g) in row.iter_mut().zip(w) {
-                *v = *v * scale * g;
-            }
+            scale_row(row, scale_of_sum(s, width, eps), w);
         }
     }
     for row in quads.into_remainder().chunks_exact_mut(width) {
@@ -191,7 +194,11 @@ pub fn rms_norm_rows_inplace(x: &mut [f32], width: usize, w: &[f32], eps: f32) {
 
 /// In-place [`rms_norm_row`].
 pub fn rms_norm_row_inplace(x: &mut [f32], w: &[f32], eps: f32) {
-    let scale = rms_scale(x, eps);
+    scale_row(x, rms_scale(x, eps), w);
+}
+
+/// `x = x * scale * w`, element by element.
+fn scale_row(x: &mut [f32], scale: f32, w: &[f32]) {
     for (v, &g) in x.iter_mut().zip(w) {
         *v = *v * scale * g;
     }
@@ -252,6 +259,18 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
     });
 }
 
+/// The mask of the first `min(left, 16)` of 16 lanes, for the last
+/// vector of a slice.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn lanes_left(left: usize) -> u16 {
+    if left >= 16 {
+        0xffff
+    } else {
+        (1u16 << left) - 1
+    }
+}
+
 /// [`silu`] times `u`, 16 lanes at a time: [`expf`]'s steps on two
 /// vectors of 8 doubles (the table read by two 16-entry permutes), then the
 /// f32 add, divide and multiply of the scalar form. The same bits as the
@@ -261,7 +280,7 @@ pub fn silu_mul(g: &mut [f32], u: &[f32]) {
 mod silu_x86 {
     use std::arch::x86_64::*;
 
-    use super::{EXPF_C, EXPF_INV_LN2_N, EXPF_SHIFT, EXPF_TAB};
+    use super::{EXPF_C, EXPF_INV_LN2_N, EXPF_SHIFT, EXPF_SPECIAL, EXPF_TAB};
 
     pub(super) fn available() -> bool {
         is_x86_feature_detected!("avx512f")
@@ -302,15 +321,11 @@ mod silu_x86 {
         let tab: [__m512i; 4] =
             std::array::from_fn(|i| _mm512_loadu_si512(EXPF_TAB.as_ptr().add(8 * i) as *const _));
         let abs = _mm512_set1_epi32(0x7fff_ffff);
-        let big = _mm512_set1_epi32(0x42b0_0000);
+        let big = _mm512_set1_epi32(EXPF_SPECIAL as i32);
         let one = _mm512_set1_ps(1.0);
         let mut i = 0;
         while i < n {
-            let m: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - i)) - 1
-            };
+            let m = super::lanes_left(n - i);
             let x = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
             // `-x` exactly (the sign flipped, as the scalar negation).
             let neg = _mm512_xor_ps(x, _mm512_set1_ps(-0.0));
@@ -377,11 +392,7 @@ mod gelu_x86 {
         let (lo, hi) = (_mm512_set1_ps(-10.0), _mm512_set1_ps(10.0));
         let mut i = 0;
         while i < n {
-            let m: __mmask16 = if n - i >= 16 {
-                0xffff
-            } else {
-                (1u16 << (n - i)) - 1
-            };
+            let m = super::lanes_left(n - i);
             let x = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
             let y = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
             let bits = _mm512_cvtepu16_epi32(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x));

@@ -317,6 +317,25 @@ pub(super) fn k4_utmp(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 /// # Safety
 ///
 /// `p` points at two readable bytes.
+/// Asks for the `bytes` bytes at `at` (rounded to whole 64-byte lines):
+/// a hint, dropped past the end of a weight, never faulted. The kernels
+/// stream a weight once per call and the hardware prefetcher alone falls
+/// behind once several activation rows make each step slower, so they ask
+/// for data a step or two ahead while they compute.
+#[inline(always)]
+pub(super) fn prefetch(at: *const u8, bytes: usize) {
+    let p = at as *const i8;
+    for l in 0..bytes.div_ceil(64) {
+        // SAFETY: a prefetch hint reads nothing and never faults, whatever
+        // the address; `wrapping_add` keeps the pointer arithmetic defined.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                p.wrapping_add(64 * l),
+            )
+        };
+    }
+}
+
 #[inline(always)]
 pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
     half::f16::from_bits(std::ptr::read_unaligned(p as *const u16)).to_f32()

@@ -400,10 +400,10 @@ pub(crate) unsafe fn fill_panel16<const T: u8>(
     // The weight streams through once per call: ask for the next panel's
     // lines while this one is transposed and multiplied (a hint; past the
     // end it is dropped, never faulted).
-    let next = base.wrapping_add((p0 + 8) * geo.pair_lines * 64) as *const i8;
-    for j in 0..8 * geo.pair_lines {
-        _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(64 * j));
-    }
+    super::prefetch(
+        base.wrapping_add((p0 + 8) * geo.pair_lines * 64),
+        8 * geo.pair_lines * 64,
+    );
     for g in 0..groups {
         let full = g < geo.full;
         let blocks = if full { 8 } else { 4 };
@@ -470,7 +470,7 @@ unsafe fn micro<const T: u8, const R: usize>(
     d: *const u16,
     a: &PackedActs,
     i0: usize,
-    ahead: *const i8,
+    ahead: *const u8,
 ) -> [[f32; 2]; R] {
     let nl = geo.nl;
     let sw = scale_words(T);
@@ -486,9 +486,7 @@ unsafe fn micro<const T: u8, const R: usize>(
         // A group's share of the pair fetched ahead (see `pairs_into`),
         // spread over the work so that the requests never queue up in one
         // burst.
-        for j in 0..nl {
-            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * (g * nl + j)));
-        }
+        super::prefetch(ahead.wrapping_add(g * nl * 64), nl * 64);
         let mut p = [_mm512_setzero_si512(); R];
         if g < geo.full {
             let qg = q.add(g * nl * 64);
@@ -614,8 +612,8 @@ pub(crate) unsafe fn pairs_into<const T: u8>(
         let q = rp.q.as_ptr().add(p * geo.pair_lines) as *const u8;
         // The weight streams through once per call: the kernel asks for
         // the pair after next while it computes this one (a hint; past the
-        // end it is dropped, never faulted). The first call of a pair asks.
-        let ahead = q.wrapping_add(2 * geo.pair_lines * 64) as *const i8;
+        // end it is dropped, never faulted).
+        let ahead = q.wrapping_add(2 * geo.pair_lines * 64);
         let d = rp.d.as_ptr().add(p * groups * sw);
         let cols = (n - 2 * p).min(2);
         let mut i0 = 0;

@@ -197,19 +197,17 @@ unsafe fn levels(o: *const u8, grp: usize) -> __m512i {
     _mm512_ternarylogic_epi32::<0xF8>(nib, moved, _mm512_set1_epi8(0x30))
 }
 
-/// Asks for the `bytes` bytes at `at` (rounded to whole 64-byte lines): a
-/// hint, dropped past the end of the weight, never faulted. The kernels
-/// stream a weight once per call and the hardware prefetcher alone falls
-/// behind once several activation rows make each super-block slower, so
-/// they ask for the super-block after next while they compute this one.
-#[inline(always)]
-fn prefetch_ahead(at: *const u8, bytes: usize) {
-    let p = at as *const i8;
-    for l in 0..bytes.div_ceil(64) {
-        // SAFETY: a prefetch hint reads nothing and never faults, whatever
-        // the address; `wrapping_add` keeps the pointer arithmetic defined.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l)) };
-    }
+/// Bytes `i` of two 16-byte rows at `at` and `at + 16`, interleaved
+/// (`[a0, b0, a1, b1, ..]`): widened to 16 bits, lane `i` of a 512-bit
+/// vector then holds the pair as the two halves `vpdpwssd` multiplies.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[inline]
+unsafe fn byte_pairs(at: *const u8) -> __m256i {
+    let (a, b) = (
+        _mm_loadu_si128(at as *const __m128i),
+        _mm_loadu_si128(at.add(16) as *const __m128i),
+    );
+    _mm256_set_m128i(_mm_unpackhi_epi8(a, b), _mm_unpacklo_epi8(a, b))
 }
 
 /// `R` activation rows (`row0..`) against one group of 16 weight rows:
@@ -229,7 +227,8 @@ unsafe fn micro<const R: usize>(
     let mut tot = [_mm512_setzero_ps(); R];
     for b in 0..nb {
         let o = q.add(b * GROUP_BYTES);
-        prefetch_ahead(o.wrapping_add(2 * GROUP_BYTES), GROUP_BYTES);
+        // The super-block after next, while this one is computed.
+        super::prefetch(o.wrapping_add(2 * GROUP_BYTES), GROUP_BYTES);
         let mut isum = [_mm512_setzero_si512(); R];
         for j in 0..16 {
             let sc =
@@ -260,10 +259,7 @@ unsafe fn micro<const R: usize>(
         // starting each sub-block's sum at -32 * bsum_j.
         let mut scw = [_mm512_setzero_si512(); 8];
         for (i, v) in scw.iter_mut().enumerate() {
-            let s0 = _mm_loadu_si128(o.add(SCALES + 32 * i) as *const __m128i);
-            let s1 = _mm_loadu_si128(o.add(SCALES + 32 * i + 16) as *const __m128i);
-            let both = _mm256_set_m128i(_mm_unpackhi_epi8(s0, s1), _mm_unpacklo_epi8(s0, s1));
-            *v = _mm512_cvtepi8_epi16(both);
+            *v = _mm512_cvtepi8_epi16(byte_pairs(o.add(SCALES + 32 * i)));
         }
         for r in 0..R {
             let y = acts
@@ -448,7 +444,7 @@ unsafe fn micro4<const R: usize>(
     let low = _mm512_set1_epi8(0x0F);
     for b in 0..nb {
         let o = q.add(b * GROUP4_BYTES);
-        prefetch_ahead(o.wrapping_add(2 * GROUP4_BYTES), GROUP4_BYTES);
+        super::prefetch(o.wrapping_add(2 * GROUP4_BYTES), GROUP4_BYTES);
         let mut isum = [_mm512_setzero_si512(); R];
         for j in 0..8 {
             let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(o.add(SC4 + 16 * j) as *const __m128i));
@@ -483,10 +479,7 @@ unsafe fn micro4<const R: usize>(
         // same exact integer as one product per sub-block.
         let mut mnw = [_mm512_setzero_si512(); 4];
         for (i, v) in mnw.iter_mut().enumerate() {
-            let m0 = _mm_loadu_si128(o.add(MN4 + 32 * i) as *const __m128i);
-            let m1 = _mm_loadu_si128(o.add(MN4 + 32 * i + 16) as *const __m128i);
-            let both = _mm256_set_m128i(_mm_unpackhi_epi8(m0, m1), _mm_unpacklo_epi8(m0, m1));
-            *v = _mm512_cvtepu8_epi16(both);
+            *v = _mm512_cvtepu8_epi16(byte_pairs(o.add(MN4 + 32 * i)));
         }
         let mut summ = [_mm512_setzero_si512(); R];
         for r in 0..R {
