@@ -23,6 +23,16 @@ order alone: the floor any other implementation can be held to.
 Run with the reference venv (see docs/BENCHMARKS.md / MODELS):
     ~/.cache/tensorlogic/llama-venv/bin/python scripts/make_forward_fixtures.py
 Writes crates/tl-model/tests/fixtures/forward_<model>.json.
+
+With `--portable`, run with a llama-cpp-python built for the x86-64
+baseline (every GGML_AVX*/FMA/F16C/SSE42 option and GGML_LLAMAFILE off, see
+docs/FIDELITY.md), it writes forward_<model>_portable.json instead: the same
+cases, greedy continuations, top-5 logits and perplexity from llama.cpp's
+portable CPU code, whose float order is fixed by its C source rather than
+by the SIMD kernels a build picks. tl's reference numerics
+(`TL_NUMERICS=reference`) must reproduce those bit for bit. The portable
+fixture records both batch shapes too (n_batch = 512 and 1), which agree
+there exactly.
 """
 import json
 import math
@@ -30,6 +40,7 @@ import os
 import sys
 
 import numpy as np
+import llama_cpp
 from llama_cpp import Llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -125,7 +136,14 @@ def perplexity(llm, text, n_ctx, add_bos):
 
 
 def main():
-    which = sys.argv[1:] or list(MODELS)
+    args = sys.argv[1:]
+    portable = "--portable" in args
+    args = [a for a in args if a != "--portable"]
+    which = args or list(MODELS)
+    if portable:
+        info = llama_cpp.llama_print_system_info().decode()
+        if "AVX" in info or "SSE3" in info or "LLAMAFILE" in info:
+            sys.exit(f"--portable needs a llama.cpp built without SIMD; this one has: {info}")
     text = open(PPL_TEXT_FILE, encoding="utf-8").read()
     for key in which:
         path = os.path.join(MODEL_DIR, MODELS[key])
@@ -150,15 +168,17 @@ def main():
         )
         total = sum(len(c["teacher_forced_top"]) for c in cases)
         print(key, f"llama.cpp n_batch=1 vs 512: greedy {same}/{len(cases)}, teacher-forced top-1 {agree}/{total}", file=sys.stderr)
+        build = "portable x86-64 build (no SIMD, no FMA, no llamafile)" if portable else "AVX-512 build"
         out = {
             "model": MODELS[key],
-            "reference": "llama.cpp via llama-cpp-python 0.3.36, f16 KV cache, no flash attention, n_batch=n_ubatch=512, 2 threads",
+            "reference": f"llama.cpp via llama-cpp-python 0.3.36 ({build}), f16 KV cache, no flash attention, n_batch=n_ubatch=512, 2 threads",
             "add_bos": bool(add_bos),
             "n_gen": N_GEN,
             "cases": cases,
             "perplexity": ppl,
         }
-        with open(os.path.join(OUT, f"forward_{key}.json"), "w") as f:
+        name = f"forward_{key}_portable.json" if portable else f"forward_{key}.json"
+        with open(os.path.join(OUT, name), "w") as f:
             json.dump(out, f, separators=(",", ":"))
 
 

@@ -18,6 +18,11 @@ mod cmd_tokenize;
     about = "TensorLogic: GGUF LLM inference engine and tensor language"
 )]
 struct Cli {
+    /// Kernel arithmetic: `fast` (SIMD kernels, the default) or `reference`
+    /// (llama.cpp's portable CPU code bit for bit: scalar matmuls, much
+    /// slower). Also `TL_NUMERICS=reference`.
+    #[arg(long, global = true, value_name = "MODE")]
+    numerics: Option<tl_core::Numerics>,
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +57,12 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if let Some(mode) = cli.numerics {
+        if let Err(now) = tl_core::set_numerics(mode) {
+            eprintln!("error: --numerics {mode:?}: the numerics are already {now:?}");
+            std::process::exit(1);
+        }
+    }
     let result = match &cli.command {
         Command::Inspect(a) => cmd_inspect::run(a),
         Command::Synth(a) => cmd_synth::run(a),

@@ -349,7 +349,10 @@ pub(crate) const PACKED_FROM: usize = 4;
 /// comparisons).
 fn packed_prefill_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TL_PACKED_PREFILL").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| {
+        !crate::numerics::reference()
+            && std::env::var("TL_PACKED_PREFILL").map_or(true, |v| v != "0")
+    })
 }
 
 #[derive(Clone, Copy)]

@@ -53,10 +53,13 @@ impl std::fmt::Debug for PackedWeight {
     }
 }
 
-/// Whether repacking is on: unless `TL_REPACK=0` (for comparisons).
+/// Whether repacking is on: unless `TL_REPACK=0` (for comparisons) or the
+/// reference numerics (whose generic kernels read the GGUF blocks).
 fn repack_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TL_REPACK").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| {
+        !crate::numerics::reference() && std::env::var("TL_REPACK").map_or(true, |v| v != "0")
+    })
 }
 
 impl PackedWeight {

@@ -17,6 +17,8 @@ use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
 pub struct AttnScratch {
     scores: Vec<f32>,
     q16: Vec<f32>,
+    /// f64 sums of the reference numerics' weighted V.
+    acc64: Vec<f64>,
 }
 
 /// Parameters shared by every token of a layer.
@@ -56,6 +58,10 @@ pub fn attend(
     out: &mut [f32],
     s: &mut AttnScratch,
 ) {
+    if tl_core::numerics::reference() {
+        attend_reference(cache, layer, seq, pos, p, heads, q, out, s);
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if p.head_dim.is_multiple_of(16) && simd::available() {
         // SAFETY: `available` checked the CPU features the function uses.
@@ -63,6 +69,96 @@ pub fn attend(
         return;
     }
     attend_scalar(cache, layer, seq, pos, p, heads, q, out, s);
+}
+
+/// [`attend`] under the reference numerics (`tl_core::numerics`): what
+/// llama.cpp's portable CPU code computes without flash attention. The
+/// query is rounded to f16; each Q·K is `ggml_vec_dot_f16`'s generic loop
+/// (the products of the f16 values, exact in f32, summed in f64 in order),
+/// rounded to f32 and scaled; the softmax is [`softmax_reference`]; each
+/// output value is again `ggml_vec_dot_f16`, of the f16 probabilities with
+/// the values of one dimension, summed in f64 in position order (the
+/// positions ggml masks add exact zeros, which change nothing).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_reference(
+    cache: &KvCache,
+    layer: usize,
+    seq: &SeqKv,
+    pos: usize,
+    p: &AttnParams,
+    heads: std::ops::Range<usize>,
+    q: &[f32],
+    out: &mut [f32],
+    s: &mut AttnScratch,
+) {
+    let hd = p.head_dim;
+    let group = p.n_heads / p.n_kv_heads;
+    let lo = p.first_visible(pos);
+    let n = pos + 1 - lo;
+    s.scores.resize(n, 0.0);
+    s.q16.resize(hd, 0.0);
+    s.acc64.resize(hd, 0.0);
+    let h0 = heads.start;
+    for h in heads {
+        let g = h / group;
+        let hl = h - h0;
+        for (d, &x) in s.q16.iter_mut().zip(&q[hl * hd..(hl + 1) * hd]) {
+            *d = f16::from_f32(x).to_f32();
+        }
+        let mut max = f32::NEG_INFINITY;
+        for (block, slots, i0) in Runs::new(seq, lo, pos) {
+            let kb = cache.k_head(layer, block, g);
+            for (i, slot) in slots.clone().enumerate() {
+                let k = &kb[slot * hd..(slot + 1) * hd];
+                let mut dot = 0.0f64;
+                for (a, b) in s.q16.iter().zip(k) {
+                    dot += f64::from(a * b.to_f32());
+                }
+                let sc = dot as f32 * p.scale;
+                s.scores[i0 + i] = sc;
+                max = max.max(sc);
+            }
+        }
+        softmax_reference(&mut s.scores, max);
+        s.acc64.fill(0.0);
+        for (block, slots, i0) in Runs::new(seq, lo, pos) {
+            let vb = cache.v_head(layer, block, g);
+            for (i, slot) in slots.clone().enumerate() {
+                let w = s.scores[i0 + i];
+                for (acc, v) in s.acc64.iter_mut().zip(&vb[slot * hd..(slot + 1) * hd]) {
+                    *acc += f64::from(w * v.to_f32());
+                }
+            }
+        }
+        for (o, a) in out[hl * hd..(hl + 1) * hd].iter_mut().zip(&s.acc64) {
+            *o = *a as f32;
+        }
+    }
+}
+
+/// ggml's `soft_max` as llama.cpp's portable x86-64 build computes it
+/// (`ggml_vec_soft_max_f32`, its `__SSE2__` branch): exponentials by
+/// ggml's vector `expf` without FMA ([`tl_core::cpu::kernels::vexpf`]), each
+/// group of four (from the row's start, a partial last group padded with
+/// the exact zeros of masked positions) added as `(e0 + e1) + (e2 + e3)` in
+/// f32, the group sums accumulated in f64, then a scale by the f32
+/// reciprocal; the probabilities end rounded to f16 (the operand of the
+/// f16 product with V).
+pub fn softmax_reference(scores: &mut [f32], max: f32) {
+    use tl_core::cpu::kernels::vexpf;
+    let mut sum = 0.0f64;
+    for chunk in scores.chunks_mut(4) {
+        let mut e = [0.0f32; 4];
+        for (l, sc) in e.iter_mut().zip(chunk.iter_mut()) {
+            *sc = vexpf(*sc - max);
+            *l = *sc;
+        }
+        sum += f64::from((e[0] + e[1]) + (e[2] + e[3]));
+    }
+    let inv = (1.0 / sum) as f32;
+    for sc in scores.iter_mut() {
+        *sc = f16::from_f32(*sc * inv).to_f32();
+    }
 }
 
 /// The portable reference of [`attend`] (and its fallback).

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod config;
+mod dump;
 pub mod error;
 pub mod generate;
 pub mod kv;

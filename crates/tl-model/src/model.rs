@@ -337,6 +337,10 @@ impl Model {
                 row.iter_mut().for_each(|v| *v *= c.embed_scale);
             }
         }
+        let dump = crate::dump::enabled();
+        if dump {
+            crate::dump::write("embd", None, &st.x[..n * d]);
+        }
 
         let rope_mode = match c.rope_layout {
             RopeLayout::Neox => RopeMode::Neox,
@@ -354,6 +358,9 @@ impl Model {
                     kernels::rms_norm_row(&x[i * d..(i + 1) * d], &lv.attn_norm, c.rms_eps, out);
                 });
             }
+            if dump {
+                crate::dump::write("attn_norm", Some(il), &st.xn[..n * d]);
+            }
             self.mm_many(
                 [&lw.wq, &lw.wk, &lw.wv],
                 &st.xn,
@@ -365,6 +372,11 @@ impl Model {
                 ],
                 &mut st.act,
             )?;
+            if dump {
+                crate::dump::write("Qcur-matmul", Some(il), &st.q[..n * qd]);
+                crate::dump::write("Kcur-matmul", Some(il), &st.k[..n * kvd]);
+                crate::dump::write("Vcur-matmul", Some(il), &st.v[..n * kvd]);
+            }
             {
                 // Biases, q/k norms and rotations, row by row.
                 let (qp, kp, vp) = (
@@ -409,6 +421,11 @@ impl Model {
                         kernels::rope_rotate(head, cs, rope_mode);
                     }
                 });
+            }
+            if dump {
+                crate::dump::write("Qcur", Some(il), &st.q[..n * qd]);
+                crate::dump::write("Kcur", Some(il), &st.k[..n * kvd]);
+                crate::dump::write("Vcur", Some(il), &st.v[..n * kvd]);
             }
             for i in 0..n {
                 let (si, pos) = st.meta[i];
@@ -481,6 +498,10 @@ impl Model {
                 });
             }
             self.mm(&lw.wo, &st.att, n, &mut st.o, &mut st.act)?;
+            if dump {
+                crate::dump::write("kqv_out", Some(il), &st.att[..n * qd]);
+                crate::dump::write("attn_out", Some(il), &st.o[..n * d]);
+            }
             {
                 let (xp, xnp, op) = (
                     SyncPtr(st.x.as_mut_ptr()),
@@ -499,6 +520,10 @@ impl Model {
                     kernels::rms_norm_row(x, &lv.ffn_norm, c.rms_eps, xn);
                 });
             }
+            if dump {
+                crate::dump::write("ffn_inp", Some(il), &st.x[..n * d]);
+                crate::dump::write("ffn_norm", Some(il), &st.xn[..n * d]);
+            }
             self.mm_many(
                 [&lw.gate, &lw.up],
                 &st.xn,
@@ -507,11 +532,21 @@ impl Model {
                 &mut st.act,
             )?;
             let f = c.ffn;
+            if dump {
+                crate::dump::write("ffn_gate", Some(il), &st.gate[..n * f]);
+                crate::dump::write("ffn_up", Some(il), &st.up[..n * f]);
+            }
             match c.ffn_act {
                 FfnAct::Silu => kernels::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
                 FfnAct::Gelu => kernels::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
             }
+            if dump {
+                crate::dump::write("ffn_act", Some(il), &st.gate[..n * f]);
+            }
             self.mm(&lw.down, &st.gate, n, &mut st.o, &mut st.act)?;
+            if dump {
+                crate::dump::write("ffn_out", Some(il), &st.o[..n * d]);
+            }
             {
                 let (xp, op) = (SyncPtr(st.x.as_mut_ptr()), SyncPtr(st.o.as_mut_ptr()));
                 each_row(n, &|i| {
@@ -523,6 +558,9 @@ impl Model {
                     }
                     x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
                 });
+            }
+            if dump {
+                crate::dump::write("l_out", Some(il), &st.x[..n * d]);
             }
         }
 
@@ -537,6 +575,9 @@ impl Model {
                 c.rms_eps,
                 &mut st.hidden_out[j * d..(j + 1) * d],
             );
+        }
+        if dump {
+            crate::dump::write("result_norm", None, &st.hidden_out[..m * d]);
         }
         let out_w = self
             .weights

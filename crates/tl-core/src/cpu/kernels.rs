@@ -12,10 +12,70 @@ use crate::backend::RopeMode;
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_COEF_A: f32 = 0.044715;
 
-/// `x * sigmoid(x)` (ggml `ggml_silu_f32`).
+/// `x * sigmoid(x)`. Fast numerics: ggml's `ggml_silu_f32`, `x / (1 +
+/// expf(-x))` with libm's `expf` ([`expf`]). Reference numerics: what
+/// llama.cpp's portable x86-64 build applies to each group of four values of
+/// a row in `ggml_vec_silu_f32`/`ggml_vec_swiglu_f32`, the same division
+/// with ggml's vector exponential ([`vexpf`]). (There a row's last `len % 4`
+/// values take libm's `expf`; the rows of Llama-family models are multiples
+/// of 4 long.)
 #[inline]
 pub fn silu(x: f32) -> f32 {
-    x / (1.0 + expf(-x))
+    if crate::numerics::reference() {
+        silu_vexpf(x)
+    } else {
+        x / (1.0 + expf(-x))
+    }
+}
+
+/// `x / (1 + e^-x)` with ggml's vector exponential (see [`silu`]).
+#[inline]
+pub fn silu_vexpf(x: f32) -> f32 {
+    x / (1.0 + vexpf(0.0 - x))
+}
+
+/// Constants of ggml's vector `expf` (bit patterns of its hex literals).
+pub mod vexp {
+    pub const ROUND: u32 = 0x4b40_0000; // 0x1.8p23
+    pub const LOG2E: u32 = 0x3fb8_aa3b; // 0x1.715476p+0
+    pub const LN2_LO: u32 = 0x35bf_be8e; // 0x1.7f7d1cp-20
+    pub const LN2_HI: u32 = 0x3f31_7200; // 0x1.62e4p-1
+    pub const P5: u32 = 0x3c07_2010; // 0x1.0e4020p-7
+    pub const P4: u32 = 0x3d2b_9f17; // 0x1.573e2ep-5
+    pub const P3: u32 = 0x3e2a_af33; // 0x1.555e66p-3
+    pub const P2: u32 = 0x3eff_fedb; // 0x1.fffdb6p-2
+    pub const P1: u32 = 0x3f7f_fff6; // 0x1.ffffecp-1
+}
+
+/// One lane of ggml's vector `ggml_v_expf` in its x86-64 form without FMA
+/// (`vec.h`, the `__SSE2__` branch with `MADD128 = mul + add`): `x = n·ln2 +
+/// b` with `n` rounded by the 1.5·2^23 trick, a degree-5 polynomial in `b`,
+/// `2^n` put into the exponent bits, and for `|n| > 126` the two-factor
+/// scaling that reaches subnormals and infinity (`|n| > 192`: 0 or ∞).
+/// Every product and sum rounds on its own, as the code it follows. Within
+/// 2 ulp of `exp`; `exp(-∞) = 0`.
+#[inline]
+pub fn vexpf(x: f32) -> f32 {
+    use vexp::*;
+    let c = f32::from_bits;
+    let z = x * c(LOG2E) + c(ROUND);
+    let n = z - c(ROUND);
+    let b = (x - n * c(LN2_HI)) - n * c(LN2_LO);
+    let e = z.to_bits() << 23;
+    let k = f32::from_bits(e.wrapping_add(1.0f32.to_bits()));
+    let u = b * b;
+    let j = ((c(P5) * b + c(P4)) * u + (c(P3) * b + c(P2))) * u + c(P1) * b;
+    let an = n.abs();
+    if !(an > 126.0) {
+        return j * k + k;
+    }
+    let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+    let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+    if an > 192.0 {
+        return s1 * s1;
+    }
+    let s2 = f32::from_bits(e.wrapping_sub(g));
+    (s2 * j + s2) * s1
 }
 
 /// Single-precision `e^x` by the algorithm of glibc's `expf` (2.28 and
@@ -128,6 +188,17 @@ fn gelu_lookup(table: &[f32; 1 << 16], x: f32) -> f32 {
         x
     } else {
         table[usize::from(f16::from_f32(x).to_bits())]
+    }
+}
+
+/// One value of ggml's `ggml_vec_geglu_f32`: `gelu(x) * g`, except that
+/// `x <= -10` gives +0 whatever the sign of `g` (ggml stores `0.0f` there).
+#[inline]
+fn gelu_gated(table: &[f32; 1 << 16], x: f32, g: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else {
+        gelu_lookup(table, x) * g
     }
 }
 
@@ -246,6 +317,20 @@ pub fn rope_rotate(row: &mut [f32], cache: &[f32], mode: RopeMode) {
 
 /// `g = silu(g) * u`, spread over the thread pool when long (prefill).
 pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+    if crate::numerics::reference() {
+        par_pairs(g, u, &|a, b| {
+            #[cfg(target_arch = "x86_64")]
+            if vexp_x86::available() {
+                // SAFETY: `available` checked the CPU features.
+                unsafe { vexp_x86::silu_mul(a, b) };
+                return;
+            }
+            for (a, &b) in a.iter_mut().zip(b) {
+                *a = silu_vexpf(*a) * b;
+            }
+        });
+        return;
+    }
     par_pairs(g, u, &|a, b| {
         #[cfg(target_arch = "x86_64")]
         if silu_x86::available() {
@@ -356,6 +441,94 @@ mod silu_x86 {
     }
 }
 
+/// [`silu_vexpf`] times `u`, 16 lanes at a time: [`vexpf`]'s steps in 16 lanes
+/// (separate multiplies and adds, no FMA), then the f32 add, divide and
+/// multiply of the scalar form. The same bits as the scalar loop.
+#[cfg(target_arch = "x86_64")]
+mod vexp_x86 {
+    use std::arch::x86_64::*;
+
+    pub(super) fn available() -> bool {
+        is_x86_feature_detected!("avx512f")
+    }
+
+    /// [`super::vexpf`] of 16 lanes.
+    ///
+    /// # Safety
+    ///
+    /// The CPU runs AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(crate) unsafe fn vexpf16(x: __m512) -> __m512 {
+        use super::vexp::*;
+        let c = |b: u32| _mm512_set1_ps(f32::from_bits(b));
+        let round = c(ROUND);
+        let z = _mm512_add_ps(_mm512_mul_ps(x, c(LOG2E)), round);
+        let n = _mm512_sub_ps(z, round);
+        let b = _mm512_sub_ps(
+            _mm512_sub_ps(x, _mm512_mul_ps(n, c(LN2_HI))),
+            _mm512_mul_ps(n, c(LN2_LO)),
+        );
+        let e = _mm512_slli_epi32::<23>(_mm512_castps_si512(z));
+        let k = _mm512_castsi512_ps(_mm512_add_epi32(e, _mm512_set1_epi32(0x3f80_0000)));
+        let u = _mm512_mul_ps(b, b);
+        let p54 = _mm512_add_ps(_mm512_mul_ps(c(P5), b), c(P4));
+        let p32 = _mm512_add_ps(_mm512_mul_ps(c(P3), b), c(P2));
+        let j = _mm512_add_ps(
+            _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(p54, u), p32), u),
+            _mm512_mul_ps(c(P1), b),
+        );
+        let fast = _mm512_add_ps(_mm512_mul_ps(j, k), k);
+        let an = _mm512_castsi512_ps(_mm512_and_si512(
+            _mm512_castps_si512(n),
+            _mm512_set1_epi32(0x7fff_ffff),
+        ));
+        let big = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(an, _mm512_set1_ps(126.0));
+        if big == 0 {
+            return fast;
+        }
+        let neg = _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, _mm512_setzero_ps());
+        let g = _mm512_maskz_mov_epi32(neg, _mm512_set1_epi32(0x8200_0000u32 as i32));
+        let s1 = _mm512_castsi512_ps(_mm512_add_epi32(g, _mm512_set1_epi32(0x7f00_0000)));
+        let s2 = _mm512_castsi512_ps(_mm512_sub_epi32(e, g));
+        let mid = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(s2, j), s2), s1);
+        let huge = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(an, _mm512_set1_ps(192.0));
+        let r = _mm512_mask_mov_ps(fast, big, mid);
+        _mm512_mask_mov_ps(r, huge, _mm512_mul_ps(s1, s1))
+    }
+
+    /// # Safety
+    ///
+    /// The CPU runs AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn silu_mul(g: &mut [f32], u: &[f32]) {
+        let n = g.len().min(u.len());
+        let one = _mm512_set1_ps(1.0);
+        let mut i = 0;
+        while i < n {
+            let m = super::lanes_left(n - i);
+            let x = _mm512_maskz_loadu_ps(m, g.as_ptr().add(i));
+            let e = vexpf16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+            let s = _mm512_div_ps(x, _mm512_add_ps(one, e));
+            let y = _mm512_maskz_loadu_ps(m, u.as_ptr().add(i));
+            _mm512_mask_storeu_ps(g.as_mut_ptr().add(i), m, _mm512_mul_ps(s, y));
+            i += 16;
+        }
+    }
+}
+
+/// [`vexpf`] of 16 lanes (AVX-512F), for other vector kernels.
+///
+/// # Safety
+///
+/// The CPU runs AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+pub unsafe fn vexpf16(x: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    vexp_x86::vexpf16(x)
+}
+
 /// `g = gelu_ggml_cpu(g) * u`, spread over the thread pool when long.
 pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
     let table = gelu_table();
@@ -367,7 +540,7 @@ pub fn gelu_mul(g: &mut [f32], u: &[f32]) {
             return;
         }
         for (a, &b) in a.iter_mut().zip(b) {
-            *a = gelu_lookup(table, *a) * b;
+            *a = gelu_gated(table, *a, b);
         }
     });
 }
@@ -400,12 +573,13 @@ mod gelu_x86 {
             // x >= 10 gives x, x <= -10 gives 0 (NaN fails both, as in the
             // scalar comparisons, and takes the table's NaN).
             let t = _mm512_mask_mov_ps(t, _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, hi), x);
-            let t = _mm512_mask_mov_ps(
-                t,
+            // x <= -10 stores +0 after the product, as ggml's `0.0f`.
+            let r = _mm512_mask_mov_ps(
+                _mm512_mul_ps(t, y),
                 _mm512_cmp_ps_mask::<_CMP_LE_OQ>(x, lo),
                 _mm512_setzero_ps(),
             );
-            _mm512_mask_storeu_ps(g.as_mut_ptr().add(i), m, _mm512_mul_ps(t, y));
+            _mm512_mask_storeu_ps(g.as_mut_ptr().add(i), m, r);
             i += 16;
         }
     }
@@ -479,7 +653,10 @@ mod tests {
         gelu_mul(&mut b, &u);
         for i in 0..n {
             assert_eq!(a[i].to_bits(), (silu(g[i]) * u[i]).to_bits());
-            assert_eq!(b[i].to_bits(), (gelu_ggml_cpu(g[i]) * u[i]).to_bits());
+            assert_eq!(
+                b[i].to_bits(),
+                gelu_gated(gelu_table(), g[i], u[i]).to_bits()
+            );
         }
     }
 
@@ -528,6 +705,56 @@ mod tests {
             (v - (i as f64 / 32.0).exp2()).abs() <= f64::EPSILON
         });
         assert!(table_ok, "2^(i/32) table");
+    }
+
+    /// The 16-lane [`vexpf`] is the scalar one on a sample of the whole f32
+    /// range (every 97th bit pattern, both signs, the branch bounds |n| = 126
+    /// and 192 included), and it stays an exponential.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vexpf_lanes_are_the_scalar_vexpf() {
+        if !vexp_x86::available() {
+            eprintln!("skipped: no AVX-512F");
+            return;
+        }
+        let mut xs: Vec<f32> = (0..=u32::MAX).step_by(97).map(f32::from_bits).collect();
+        xs.extend([
+            f32::NEG_INFINITY,
+            f32::INFINITY,
+            0.0,
+            -0.0,
+            87.3,
+            88.8,
+            -87.5,
+            -88.0,
+        ]);
+        xs.extend((0..4000).map(|i| -140.0 + i as f32 * 0.061));
+        for ch in xs.chunks(16) {
+            let mut lanes = [0.0f32; 16];
+            lanes[..ch.len()].copy_from_slice(ch);
+            let mut got = [0.0f32; 16];
+            // SAFETY: AVX-512F was checked above.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm512_storeu_ps(got.as_mut_ptr(), vexpf16(_mm512_loadu_ps(lanes.as_ptr())));
+            }
+            for (g, &x) in got.iter().zip(&lanes) {
+                let want = vexpf(x);
+                assert!(
+                    g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                    "vexpf({x:e}): lanes {g:e}, scalar {want:e}"
+                );
+            }
+        }
+        // Normal results (below about -87.3 they are subnormal, with fewer bits).
+        for x in [-87.0f32, -20.0, -1.0, -1e-3, 0.0, 0.5, 1.0, 10.0, 80.0] {
+            let (got, want) = (f64::from(vexpf(x)), f64::from(x).exp());
+            assert!(
+                (got - want).abs() <= 3e-7 * want,
+                "vexpf({x}) = {got}, exp {want}"
+            );
+        }
+        assert_eq!(vexpf(f32::NEG_INFINITY), 0.0);
     }
 
     /// Every one of the 2^32 inputs (about a minute in release: run with
@@ -621,7 +848,7 @@ mod tests {
             let mut a = g[..len].to_vec();
             gelu_mul(&mut a, &u);
             for i in 0..len {
-                let want = gelu_ggml_cpu(g[i]) * u[i];
+                let want = gelu_gated(gelu_table(), g[i], u[i]);
                 assert!(
                     a[i].to_bits() == want.to_bits() || (a[i].is_nan() && want.is_nan()),
                     "len {len} gelu({}) * {}: {} vs {want}",

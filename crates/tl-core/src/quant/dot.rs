@@ -241,6 +241,10 @@ pub(crate) fn table() -> &'static Table {
     static TABLE: OnceLock<Table> = OnceLock::new();
     TABLE.get_or_init(|| {
         let best = SimdLevel::detect();
+        if crate::numerics::reference() {
+            // ggml's generic kernels, in their float order.
+            return Table::for_level(SimdLevel::Scalar);
+        }
         let wanted = match std::env::var("TL_SIMD").ok().as_deref() {
             Some("scalar") => SimdLevel::Scalar,
             Some("avx2") => SimdLevel::Avx2,
@@ -421,7 +425,9 @@ pub(crate) fn vec_dot_with(
 /// produce. The x86 code scales by `127 / amax` where the reference
 /// multiplies by `1 / (amax / 127)`, and rounds halves to even
 /// (`_mm256_round_ps`) where the reference rounds them away from zero
-/// (`roundf`). Q8_K is `quantize_row_q8_K_ref`, which x86 ggml uses as is.
+/// (`roundf`). Under [`crate::numerics::Numerics::Reference`] Q8_0 and Q8_1
+/// are the reference quantizers instead (what llama.cpp's portable code
+/// runs). Q8_K is `quantize_row_q8_K_ref`, which every ggml build uses.
 /// F32/F16/BF16 are plain conversions (round to nearest even).
 pub fn quantize_activations(ty_w: GgmlType, x: &[f32], out: &mut [u8]) -> Result<()> {
     use GgmlType::*;
@@ -452,6 +458,16 @@ pub fn quantize_activations(ty_w: GgmlType, x: &[f32], out: &mut [u8]) -> Result
         F32 => float::quantize_f32(x, out),
         F16 => float::quantize_f16(x, out),
         BF16 => float::quantize_bf16(x, out),
+        Q8_0 if crate::numerics::reference() => {
+            for (x, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
+                o.copy_from_slice(bytemuck::bytes_of(&BlockQ8_0::quantize(x)));
+            }
+        }
+        Q8_1 if crate::numerics::reference() => {
+            for (x, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(36)) {
+                o.copy_from_slice(bytemuck::bytes_of(&BlockQ8_1::quantize(x)));
+            }
+        }
         Q8_0 | Q8_1 | Q8_K => quantize_q8(table().level, act_ty, x, out),
         _ => {
             return Err(CoreError::UnsupportedType {
