@@ -231,6 +231,22 @@ impl Table {
         Table { level, kernels }
     }
 
+    /// The reference numerics' kernels: ggml's generic ones, in their
+    /// float order, some with their exact integer sums on SIMD (`detected`
+    /// is the CPU's level). The table says `Scalar`, so no packed or panel
+    /// path (with its own float order) is taken.
+    pub(crate) fn for_reference(detected: SimdLevel) -> Table {
+        let mut t = Table::for_level(SimdLevel::Scalar);
+        #[cfg(target_arch = "x86_64")]
+        x86::install_reference(detected, &mut |ty, k| {
+            if let Some(i) = slot(ty) {
+                t.kernels[i] = k;
+            }
+        });
+        let _ = detected;
+        t
+    }
+
     pub(crate) fn kernel(&self, ty: GgmlType) -> Option<Kernel> {
         slot(ty).map(|i| self.kernels[i])
     }
@@ -242,8 +258,7 @@ pub(crate) fn table() -> &'static Table {
     TABLE.get_or_init(|| {
         let best = SimdLevel::detect();
         if crate::numerics::reference() {
-            // ggml's generic kernels, in their float order.
-            return Table::for_level(SimdLevel::Scalar);
+            return Table::for_reference(best);
         }
         let wanted = match std::env::var("TL_SIMD").ok().as_deref() {
             Some("scalar") => SimdLevel::Scalar,

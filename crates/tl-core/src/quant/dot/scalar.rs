@@ -205,11 +205,17 @@ pub fn dot_q2_k(w: &[u8], a: &[u8]) -> f32 {
 
 /// The eight-lane accumulation shared by ggml's generic Q3_K..Q6_K dots:
 /// `aux32[l] += scale * (q8[l] * a[l])` over groups of eight values, where
-/// `scale_of(g)` is the scale of group `g` of 8 (0..32); returns `aux32`.
-fn lanes8(q8: &[i8; QK_K], a: &[i8; QK_K], scale_of: impl Fn(usize) -> i32) -> [i32; 8] {
+/// `sc16[j]` is the scale of values `16 j..16 j + 16`; returns `aux32`.
+/// Integer arithmetic only, so any implementation with these sums (see
+/// [`Lanes8`]) gives the same lanes.
+///
+/// # Safety
+///
+/// None (an `unsafe fn` to share [`Lanes8`]'s type).
+pub(crate) unsafe fn lanes8(q8: &[i8; QK_K], a: &[i8; QK_K], sc16: &[i32; 16]) -> [i32; 8] {
     let mut aux32 = [0i32; 8];
     for g in 0..QK_K / 8 {
-        let scale = scale_of(g);
+        let scale = sc16[g / 2];
         for l in 0..8 {
             // ggml keeps the product in an int16_t; |q8 * a| <= 128 * 64 fits.
             let aux16 = i32::from(q8[8 * g + l]) * i32::from(a[8 * g + l]);
@@ -219,8 +225,22 @@ fn lanes8(q8: &[i8; QK_K], a: &[i8; QK_K], scale_of: impl Fn(usize) -> i32) -> [
     aux32
 }
 
+/// An implementation of [`lanes8`] (the scalar one, or a SIMD one whose
+/// instruction set the CPU runs: the safety contract of calling it).
+pub(crate) type Lanes8 = unsafe fn(&[i8; QK_K], &[i8; QK_K], &[i32; 16]) -> [i32; 8];
+
 /// ggml `ggml_vec_dot_q3_K_q8_K_generic`.
 pub fn dot_q3_k(w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: the scalar lanes need nothing.
+    unsafe { dot_q3_k_with(w, a, lanes8) }
+}
+
+/// [`dot_q3_k`] with the lane sums of `lanes`.
+///
+/// # Safety
+///
+/// The CPU runs `lanes`' instruction set.
+pub(crate) unsafe fn dot_q3_k_with(w: &[u8], a: &[u8], lanes: Lanes8) -> f32 {
     let mut sums = [0.0f32; 8];
     for (x, y) in blocks::<BlockQ3K>(w).zip(blocks::<BlockQ8K>(a)) {
         let mut aux8 = [0i8; QK_K];
@@ -239,7 +259,8 @@ pub fn dot_q3_k(w: &[u8], a: &[u8]) -> f32 {
             }
         }
         let scales = crate::quant::k_quants::unpack_q3_scales(&x.scales);
-        let aux32 = lanes8(&y.qs, &aux8, |g| i32::from(scales[g / 2]) - 32);
+        let sc16: [i32; 16] = std::array::from_fn(|j| i32::from(scales[j]) - 32);
+        let aux32 = lanes(&y.qs, &aux8, &sc16);
         let d = x.d.to_f32() * y.d;
         for l in 0..8 {
             sums[l] += d * aux32[l] as f32;
@@ -265,7 +286,13 @@ pub(crate) fn k4_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
 
 /// The common tail of ggml's generic Q4_K/Q5_K dots, given the unpacked
 /// levels of one super-block.
-fn k4_block(
+///
+/// # Safety
+///
+/// The CPU runs `lanes`' instruction set.
+#[allow(clippy::too_many_arguments)]
+unsafe fn k4_block(
+    lanes: Lanes8,
     aux8: &[i8; QK_K],
     scales: &[u8; 12],
     d: f16,
@@ -279,7 +306,8 @@ fn k4_block(
     for j in 0..QK_K / 16 {
         sumi += i32::from(y.bsums[j]) * i32::from(mn[j / 2]);
     }
-    let aux32 = lanes8(&y.qs, aux8, |g| i32::from(sc[g / 4]));
+    let sc16: [i32; 16] = std::array::from_fn(|j| i32::from(sc[j / 2]));
+    let aux32 = lanes(&y.qs, aux8, &sc16);
     let d = d.to_f32() * y.d;
     for l in 0..8 {
         sums[l] += d * aux32[l] as f32;
@@ -290,6 +318,16 @@ fn k4_block(
 
 /// ggml `ggml_vec_dot_q4_K_q8_K_generic`.
 pub fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: the scalar lanes need nothing.
+    unsafe { dot_q4_k_with(w, a, lanes8) }
+}
+
+/// [`dot_q4_k`] with the lane sums of `lanes`.
+///
+/// # Safety
+///
+/// The CPU runs `lanes`' instruction set.
+pub(crate) unsafe fn dot_q4_k_with(w: &[u8], a: &[u8], lanes: Lanes8) -> f32 {
     let mut sums = [0.0f32; 8];
     let mut sumf = 0.0f32;
     for (x, y) in blocks::<BlockQ4K>(w).zip(blocks::<BlockQ8K>(a)) {
@@ -300,7 +338,7 @@ pub fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
                 aux8[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i8;
             }
         }
-        k4_block(&aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf);
+        k4_block(lanes, &aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf);
     }
     for s in sums {
         sumf += s;
@@ -310,6 +348,16 @@ pub fn dot_q4_k(w: &[u8], a: &[u8]) -> f32 {
 
 /// ggml `ggml_vec_dot_q5_K_q8_K_generic`.
 pub fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: the scalar lanes need nothing.
+    unsafe { dot_q5_k_with(w, a, lanes8) }
+}
+
+/// [`dot_q5_k`] with the lane sums of `lanes`.
+///
+/// # Safety
+///
+/// The CPU runs `lanes`' instruction set.
+pub(crate) unsafe fn dot_q5_k_with(w: &[u8], a: &[u8], lanes: Lanes8) -> f32 {
     let mut sums = [0.0f32; 8];
     let mut sumf = 0.0f32;
     for (x, y) in blocks::<BlockQ5K>(w).zip(blocks::<BlockQ8K>(a)) {
@@ -327,7 +375,7 @@ pub fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
             }
             m <<= 1;
         }
-        k4_block(&aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf);
+        k4_block(lanes, &aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf);
     }
     for s in sums {
         sumf += s;
@@ -337,6 +385,16 @@ pub fn dot_q5_k(w: &[u8], a: &[u8]) -> f32 {
 
 /// ggml `ggml_vec_dot_q6_K_q8_K_generic`.
 pub fn dot_q6_k(w: &[u8], a: &[u8]) -> f32 {
+    // SAFETY: the scalar lanes need nothing.
+    unsafe { dot_q6_k_with(w, a, lanes8) }
+}
+
+/// [`dot_q6_k`] with the lane sums of `lanes`.
+///
+/// # Safety
+///
+/// The CPU runs `lanes`' instruction set.
+pub(crate) unsafe fn dot_q6_k_with(w: &[u8], a: &[u8], lanes: Lanes8) -> f32 {
     let mut sums = [0.0f32; 8];
     for (x, y) in blocks::<BlockQ6K>(w).zip(blocks::<BlockQ8K>(a)) {
         let mut aux8 = [0i8; QK_K];
@@ -351,7 +409,8 @@ pub fn dot_q6_k(w: &[u8], a: &[u8]) -> f32 {
                 a[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
             }
         }
-        let aux32 = lanes8(&y.qs, &aux8, |g| i32::from(x.scales[g / 2]));
+        let sc16: [i32; 16] = std::array::from_fn(|j| i32::from(x.scales[j]));
+        let aux32 = lanes(&y.qs, &aux8, &sc16);
         let d = x.d.to_f32() * y.d;
         for l in 0..8 {
             sums[l] += d * aux32[l] as f32;

@@ -457,3 +457,30 @@ fn vec_dot_types_are_ggml_s() {
         assert!(supports_dot(w));
     }
 }
+
+/// The reference numerics' kernels give the generic kernels' bits, for
+/// every type, on random (not exactly summable) data, 1..=8 rows at a time.
+#[test]
+fn reference_kernels_are_the_generic_kernels_bit_for_bit() {
+    let table = Table::for_reference(SimdLevel::detect());
+    for ty in ALL {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for blocks in [1usize, 3, 28] {
+            let k = k_for(ty, blocks);
+            let w = weight_row(ty, k, &mut rng, false);
+            for rows in [1usize, 3, MAX_TILE] {
+                let acts: Vec<Vec<u8>> =
+                    (0..rows).map(|_| act_row(ty, k, &mut rng, false)).collect();
+                let got = kernel_rows(&table, ty, k, &w, &acts);
+                for (r, a) in acts.iter().enumerate() {
+                    let want = vec_dot_ref(ty, k, &w, a);
+                    assert_eq!(
+                        got[r].to_bits(),
+                        want.to_bits(),
+                        "{ty} k={k} rows={rows} row {r}"
+                    );
+                }
+            }
+        }
+    }
+}

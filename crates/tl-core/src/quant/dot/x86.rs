@@ -57,6 +57,14 @@ pub(crate) unsafe fn quantize_q8_avx2(act_ty: GgmlType, x: &[f32], out: &mut [u8
     }
 }
 
+/// Replaces the kernels that have a reference-numerics version (ggml's
+/// generic float order, SIMD integer sums) when the CPU runs AVX2.
+pub(crate) fn install_reference(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
+    if level >= SimdLevel::Avx2 {
+        avx2::install_reference(set);
+    }
+}
+
 /// Bytes per weight block of kind tag `t`.
 pub(crate) const fn kind_bytes(t: u8) -> usize {
     kind::w_bytes(t)

@@ -268,6 +268,125 @@ legacy_entry!(q5_0, Q5_0);
 legacy_entry!(q5_1, Q5_1);
 legacy_entry!(q8_0, Q8_0);
 
+/// The kernels of the reference numerics (`crate::numerics`): the
+/// 32-value types with ggml's generic float order, their exact integer
+/// block sums done with AVX2.
+pub(super) fn install_reference(set: &mut dyn FnMut(GgmlType, Kernel)) {
+    set(GgmlType::Q4_0, q4_0_seq);
+    set(GgmlType::Q4_1, q4_1_seq);
+    set(GgmlType::Q5_0, q5_0_seq);
+    set(GgmlType::Q5_1, q5_1_seq);
+    set(GgmlType::Q8_0, q8_0_seq);
+    set(GgmlType::Q3_K, q3_k_seq);
+    set(GgmlType::Q4_K, q4_k_seq);
+    set(GgmlType::Q5_K, q5_k_seq);
+    set(GgmlType::Q6_K, q6_k_seq);
+}
+
+/// [`scalar::lanes8`](crate::quant::dot::scalar::lanes8) with AVX2: the
+/// products of 16 values in i16 (exact), the two groups of eight added
+/// lane by lane in i32 and multiplied by their shared scale.
+///
+/// # Safety
+///
+/// The CPU runs AVX2.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn lanes8_avx2(q8: &[i8; 256], a: &[i8; 256], sc16: &[i32; 16]) -> [i32; 8] {
+    let mut acc = _mm256_setzero_si256();
+    for j in 0..16 {
+        let x = _mm256_cvtepi8_epi16(_mm_loadu_si128(q8.as_ptr().add(16 * j) as *const __m128i));
+        let y = _mm256_cvtepi8_epi16(_mm_loadu_si128(a.as_ptr().add(16 * j) as *const __m128i));
+        let p = _mm256_mullo_epi16(x, y);
+        let lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p));
+        let hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(p));
+        let both = _mm256_add_epi32(lo, hi);
+        acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(both, _mm256_set1_epi32(sc16[j])));
+    }
+    let mut out = [0i32; 8];
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, acc);
+    out
+}
+
+macro_rules! k_seq_entry {
+    ($name:ident, $dot:ident) => {
+        /// Reference-numerics kernel entry for one K-quant: ggml's generic
+        /// dot with [`lanes8_avx2`]; see [`Kernel`] for the contract.
+        unsafe fn $name(_k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
+            for (t, o) in out.iter_mut().enumerate() {
+                let start = (row0 + t) * acts.row_bytes;
+                let a = acts.bytes.get(start..start + acts.row_bytes).unwrap_or(&[]);
+                *o = crate::quant::dot::scalar::$dot(w, a, lanes8_avx2);
+            }
+        }
+    };
+}
+k_seq_entry!(q3_k_seq, dot_q3_k_with);
+k_seq_entry!(q4_k_seq, dot_q4_k_with);
+k_seq_entry!(q5_k_seq, dot_q5_k_with);
+k_seq_entry!(q6_k_seq, dot_q6_k_with);
+
+/// One weight row of legacy kind `T` against `R` activation rows in the
+/// float order of ggml's `ggml_vec_dot_*_generic`: block after block,
+/// `sumf += (d_w * d_a) * sumi` (plus `m_w * s_a` in the same sum for the
+/// kinds with a min), one f32 accumulator per activation row. The block
+/// sums `sumi` are the tile kernel's exact ones.
+///
+/// # Safety
+///
+/// As for `legacy`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn legacy_seq<const T: u8, const R: usize>(
+    k: usize,
+    w: &[u8],
+    acts: &Acts<'_>,
+    row0: usize,
+    out: &mut [f32],
+) {
+    use super::{kind, ActRow};
+    let nb = k / 32;
+    let mut rows = [ActRow::EMPTY; R];
+    for r in 0..R {
+        rows[r] = ActRow::new(acts, row0 + r);
+    }
+    let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
+    let mut acc = [0f32; R];
+    for b in 0..nb {
+        let wblk = w.as_ptr().add(b * wb);
+        let wq = unpack::<T>(wblk);
+        let dw = f16_at(wblk);
+        for r in 0..R {
+            let row = &rows[r];
+            let av = _mm256_loadu_si256(row.bytes.add(b * ab + aq) as *const __m256i);
+            let mut sumi = hsum_i32(block_dot::<T>(wq, av));
+            if let Some(sh) = offset_shift::<T>() {
+                sumi -= *row.sums.add(b) << sh;
+            }
+            let term = (dw * *row.d.add(b)) * sumi as f32;
+            acc[r] += if kind::has_min(T) {
+                term + f16_at(wblk.add(2)) * *row.s.add(b)
+            } else {
+                term
+            };
+        }
+    }
+    out[..R].copy_from_slice(&acc);
+}
+
+macro_rules! legacy_seq_entry {
+    ($name:ident, $t:expr) => {
+        /// Reference-numerics kernel entry for one legacy kind; see
+        /// [`Kernel`] for the contract.
+        unsafe fn $name(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
+            tile_dispatch!(legacy_seq, $t, k, w, acts, row0, out)
+        }
+    };
+}
+legacy_seq_entry!(q4_0_seq, Q4_0);
+legacy_seq_entry!(q4_1_seq, Q4_1);
+legacy_seq_entry!(q5_0_seq, Q5_0);
+legacy_seq_entry!(q5_1_seq, Q5_1);
+legacy_seq_entry!(q8_0_seq, Q8_0);
+
 // ---------------------------------------------------------------------------
 // K-quants. One super-block of 256 weights at a time: its levels are
 // unpacked once into eight vectors of 32, then each activation row of the
