@@ -11,7 +11,10 @@ the top-1 differs (with the reference's top-2 margin there).
 
 Needs only numpy (the fixtures hold the reference logits). With
 TL_DUMP_ONE_BY_ONE=1 in the environment, tl's logits come from one token
-per forward call (the decode path) instead of one batch.
+per forward call (the decode path) instead of one batch. `qwen_portable`
+or `gemma_portable` compares with the portable llama.cpp build's fixtures;
+with TL_NUMERICS=reference tl runs its reference numerics (every
+difference is then 0).
 """
 import json
 import os

@@ -66,7 +66,8 @@ pub fn vexpf(x: f32) -> f32 {
     let u = b * b;
     let j = ((c(P5) * b + c(P4)) * u + (c(P3) * b + c(P2))) * u + c(P1) * b;
     let an = n.abs();
-    if !(an > 126.0) {
+    // `|n| > 126` is false for NaN too, which takes the main path as in ggml.
+    if an <= 126.0 || an.is_nan() {
         return j * k + k;
     }
     let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };

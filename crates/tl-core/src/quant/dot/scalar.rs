@@ -338,7 +338,9 @@ pub(crate) unsafe fn dot_q4_k_with(w: &[u8], a: &[u8], lanes: Lanes8) -> f32 {
                 aux8[64 * j + 32 + l] = (x.qs[32 * j + l] >> 4) as i8;
             }
         }
-        k4_block(lanes, &aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf);
+        k4_block(
+            lanes, &aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf,
+        );
     }
     for s in sums {
         sumf += s;
@@ -375,7 +377,9 @@ pub(crate) unsafe fn dot_q5_k_with(w: &[u8], a: &[u8], lanes: Lanes8) -> f32 {
             }
             m <<= 1;
         }
-        k4_block(lanes, &aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf);
+        k4_block(
+            lanes, &aux8, &x.scales, x.d, x.dmin, &y, &mut sums, &mut sumf,
+        );
     }
     for s in sums {
         sumf += s;
