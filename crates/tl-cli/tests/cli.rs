@@ -204,3 +204,37 @@ fn check_tensors_names_the_bad_tensor() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("output_norm.weight"), "{err}");
 }
+
+/// `--numerics reference` runs (the synthetic model's Q8_0 weights through
+/// the generic kernels) and a bad mode is a clear error naming the choices.
+#[test]
+fn numerics_flag() {
+    let (_d, m) = synth_model("num");
+    let run = |mode: &str| {
+        tl().args([
+            "--numerics",
+            mode,
+            "generate",
+            "-p",
+            "hello",
+            "-n",
+            "4",
+            "--ignore-eos",
+            "-m",
+        ])
+        .arg(&m)
+        .output()
+        .expect("runs")
+    };
+    let out = run("reference");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("decode: 4 tokens"));
+    let bad = run("exact");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("fast") && err.contains("reference"), "{err}");
+}

@@ -43,9 +43,12 @@ static MODE: OnceLock<Numerics> = OnceLock::new();
 
 /// The process's numerics (fixed from here on).
 pub fn numerics() -> Numerics {
-    *MODE.get_or_init(|| match std::env::var("TL_NUMERICS").as_deref() {
-        Ok("reference") => Numerics::Reference,
-        _ => Numerics::Fast,
+    *MODE.get_or_init(|| match std::env::var("TL_NUMERICS") {
+        Err(_) => Numerics::Fast,
+        Ok(v) => v.parse().unwrap_or_else(|e: String| {
+            eprintln!("tl: TL_NUMERICS: {e}; using fast");
+            Numerics::Fast
+        }),
     })
 }
 

@@ -12,7 +12,8 @@
 //! position has the same top-1 token, the reference's top-5 logits are
 //! equal bit for bit, and the perplexity (computed from those logits, tl
 //! in f64 like the script) agrees to 1e-9 relative, the slack of a
-//! different order of f64 summation.
+//! different order of f64 summation. The ten prompts generated together in
+//! one ragged batch give the same continuations.
 //!
 //! The speed of this mode is that of scalar matmuls, which is why only
 //! this test and the CLI's `--numerics reference` use it.
@@ -88,6 +89,37 @@ fn check_model(fixture: &str) {
             }
         }
     }
+    // All ten prompts as one ragged batch: the same continuations (the
+    // reference numerics do not depend on the batch's shape).
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|c| common::ids(&c["prompt_ids"]))
+        .collect();
+    let n_gen = fx["n_gen"].as_u64().expect("n_gen") as usize;
+    let together = runner
+        .generate_batch(
+            &prompts,
+            &TokenOptions {
+                max_tokens: n_gen,
+                ..Default::default()
+            },
+            |_, _| true,
+        )
+        .expect("batch");
+    let mut batch_equal = 0;
+    for (t, c) in together.iter().zip(cases) {
+        // A reference continuation ends early at the end-of-sequence token;
+        // the batch runs every sequence to `n_gen` tokens.
+        let want = common::ids(&c["greedy"]);
+        if t.0.get(..want.len()) == Some(&want[..]) {
+            batch_equal += 1;
+        } else {
+            eprintln!(
+                "in the batch, greedy differs for {:?}:\n  ours {:?}\n  ref  {want:?}",
+                c["prompt"], t.0
+            );
+        }
+    }
     let p = &fx["perplexity"];
     let toks = common::ids(&p["token_ids"]);
     let ctx = p["ctx"].as_u64().expect("ctx") as usize;
@@ -102,10 +134,15 @@ fn check_model(fixture: &str) {
         .ppl;
     let want_ppl = p["ppl"].as_f64().expect("ppl");
     eprintln!(
-        "{fixture}: greedy {greedy_ok}/{} equal; teacher-forced top-1 {tf_agree}/{tf_total}; reference top-5 logits bit-equal {logits_equal}/{logits_total} (max |diff| {max_diff:e}); perplexity {ppl:.6} vs llama.cpp {want_ppl:.6}",
+        "{fixture}: greedy {greedy_ok}/{} equal ({batch_equal} in one ragged batch); teacher-forced top-1 {tf_agree}/{tf_total}; reference top-5 logits bit-equal {logits_equal}/{logits_total} (max |diff| {max_diff:e}); perplexity {ppl:.6} vs llama.cpp {want_ppl:.6}",
         cases.len()
     );
     assert_eq!(greedy_ok, cases.len(), "{fixture}: greedy continuations");
+    assert_eq!(
+        batch_equal,
+        cases.len(),
+        "{fixture}: greedy continuations in one batch"
+    );
     assert_eq!(tf_agree, tf_total, "{fixture}: teacher-forced top-1");
     assert_eq!(logits_equal, logits_total, "{fixture}: top-5 logits");
     assert!(
