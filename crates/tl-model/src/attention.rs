@@ -91,49 +91,7 @@ pub fn attend_reference(
     out: &mut [f32],
     s: &mut AttnScratch,
 ) {
-    let hd = p.head_dim;
-    let group = p.n_heads / p.n_kv_heads;
-    let lo = p.first_visible(pos);
-    let n = pos + 1 - lo;
-    s.scores.resize(n, 0.0);
-    s.q16.resize(hd, 0.0);
-    s.acc64.resize(hd, 0.0);
-    let h0 = heads.start;
-    for h in heads {
-        let g = h / group;
-        let hl = h - h0;
-        for (d, &x) in s.q16.iter_mut().zip(&q[hl * hd..(hl + 1) * hd]) {
-            *d = f16::from_f32(x).to_f32();
-        }
-        let mut max = f32::NEG_INFINITY;
-        for (block, slots, i0) in Runs::new(seq, lo, pos) {
-            let kb = cache.k_head(layer, block, g);
-            for (i, slot) in slots.clone().enumerate() {
-                let k = &kb[slot * hd..(slot + 1) * hd];
-                let mut dot = 0.0f64;
-                for (a, b) in s.q16.iter().zip(k) {
-                    dot += f64::from(a * b.to_f32());
-                }
-                let sc = dot as f32 * p.scale;
-                s.scores[i0 + i] = sc;
-                max = max.max(sc);
-            }
-        }
-        softmax_reference(&mut s.scores, max);
-        s.acc64.fill(0.0);
-        for (block, slots, i0) in Runs::new(seq, lo, pos) {
-            let vb = cache.v_head(layer, block, g);
-            for (i, slot) in slots.clone().enumerate() {
-                let w = s.scores[i0 + i];
-                for (acc, v) in s.acc64.iter_mut().zip(&vb[slot * hd..(slot + 1) * hd]) {
-                    *acc += f64::from(w * v.to_f32());
-                }
-            }
-        }
-        for (o, a) in out[hl * hd..(hl + 1) * hd].iter_mut().zip(&s.acc64) {
-            *o = *a as f32;
-        }
-    }
+    attend_plain(cache, layer, seq, pos, p, heads, q, out, s, true);
 }
 
 /// ggml's `soft_max` as llama.cpp's portable x86-64 build computes it
@@ -174,12 +132,31 @@ pub fn attend_scalar(
     out: &mut [f32],
     s: &mut AttnScratch,
 ) {
+    attend_plain(cache, layer, seq, pos, p, heads, q, out, s, false);
+}
+
+/// The plain loops of [`attend_scalar`] (f32 sums, [`softmax_f16`]) and of
+/// [`attend_reference`] (`f64_sums`: f64 sums, [`softmax_reference`]).
+#[allow(clippy::too_many_arguments)]
+fn attend_plain(
+    cache: &KvCache,
+    layer: usize,
+    seq: &SeqKv,
+    pos: usize,
+    p: &AttnParams,
+    heads: std::ops::Range<usize>,
+    q: &[f32],
+    out: &mut [f32],
+    s: &mut AttnScratch,
+    f64_sums: bool,
+) {
     let hd = p.head_dim;
     let group = p.n_heads / p.n_kv_heads;
     let lo = p.first_visible(pos);
     let n = pos + 1 - lo;
     s.scores.resize(n, 0.0);
     s.q16.resize(hd, 0.0);
+    s.acc64.resize(hd, 0.0);
     let h0 = heads.start;
     for h in heads {
         let g = h / group;
@@ -192,11 +169,12 @@ pub fn attend_scalar(
         for (block, slots, i0) in Runs::new(seq, lo, pos) {
             let kb = cache.k_head(layer, block, g);
             for (i, slot) in slots.clone().enumerate() {
-                let k = &kb[slot * hd..(slot + 1) * hd];
-                let mut dot = 0.0f32;
-                for (a, b) in s.q16.iter().zip(k) {
-                    dot += a * b.to_f32();
-                }
+                let k = s.q16.iter().zip(&kb[slot * hd..(slot + 1) * hd]);
+                let dot = if f64_sums {
+                    k.fold(0.0f64, |acc, (a, b)| acc + f64::from(a * b.to_f32())) as f32
+                } else {
+                    k.fold(0.0f32, |acc, (a, b)| acc + a * b.to_f32())
+                };
                 let sc = dot * p.scale;
                 s.scores[i0 + i] = sc;
                 max = max.max(sc);
@@ -206,16 +184,33 @@ pub fn attend_scalar(
         // scale by the f32 reciprocal. The probabilities are rounded to f16
         // because ggml multiplies them with the f16 V cache in f16 (the f32
         // operand of an f16 matmul is converted to f16).
-        softmax_f16(&mut s.scores, max);
+        if f64_sums {
+            softmax_reference(&mut s.scores, max);
+        } else {
+            softmax_f16(&mut s.scores, max);
+        }
         let o = &mut out[hl * hd..(hl + 1) * hd];
         o.fill(0.0);
+        s.acc64.fill(0.0);
         for (block, slots, i0) in Runs::new(seq, lo, pos) {
             let vb = cache.v_head(layer, block, g);
             for (i, slot) in slots.clone().enumerate() {
                 let w = s.scores[i0 + i];
-                for (acc, v) in o.iter_mut().zip(&vb[slot * hd..(slot + 1) * hd]) {
-                    *acc += w * v.to_f32();
+                let v = &vb[slot * hd..(slot + 1) * hd];
+                if f64_sums {
+                    for (acc, v) in s.acc64.iter_mut().zip(v) {
+                        *acc += f64::from(w * v.to_f32());
+                    }
+                } else {
+                    for (acc, v) in o.iter_mut().zip(v) {
+                        *acc += w * v.to_f32();
+                    }
                 }
+            }
+        }
+        if f64_sums {
+            for (o, a) in o.iter_mut().zip(&s.acc64) {
+                *o = *a as f32;
             }
         }
     }
@@ -296,18 +291,8 @@ fn tree_sum16(l: &[f32; 16]) -> f32 {
     (b[0] + b[2]) + (b[1] + b[3])
 }
 
-/// Constants of ggml's vector `expf` (bit patterns of its hex literals).
-mod expc {
-    pub const ROUND: u32 = 0x4b40_0000; // 0x1.8p23
-    pub const LOG2E: u32 = 0x3fb8_aa3b; // 0x1.715476p+0
-    pub const LN2_LO: u32 = 0x35bf_be8e; // 0x1.7f7d1cp-20
-    pub const LN2_HI: u32 = 0x3f31_7200; // 0x1.62e4p-1
-    pub const P5: u32 = 0x3c07_2010; // 0x1.0e4020p-7
-    pub const P4: u32 = 0x3d2b_9f17; // 0x1.573e2ep-5
-    pub const P3: u32 = 0x3e2a_af33; // 0x1.555e66p-3
-    pub const P2: u32 = 0x3eff_fedb; // 0x1.fffdb6p-2
-    pub const P1: u32 = 0x3f7f_fff6; // 0x1.ffffecp-1
-}
+/// Constants of ggml's vector `expf`, shared with tl-core's copy of it.
+use tl_core::cpu::kernels::vexp as expc;
 
 /// One lane of ggml's AVX-512 `ggml_v_expf`: `x = n·ln2 + b` with `n`
 /// rounded by the 1.5·2^23 trick, a degree-5 polynomial in `b` by FMAs, and
