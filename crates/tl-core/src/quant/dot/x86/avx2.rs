@@ -329,7 +329,9 @@ k_seq_entry!(q6_k_seq, dot_q6_k_with);
 /// float order of ggml's `ggml_vec_dot_*_generic`: block after block,
 /// `sumf += (d_w * d_a) * sumi` (plus `m_w * s_a` in the same sum for the
 /// kinds with a min), one f32 accumulator per activation row. The block
-/// sums `sumi` are the tile kernel's exact ones.
+/// sums `sumi` are the tile kernel's exact ones, and so are the terms,
+/// formed eight (or four) blocks at a time in vector lanes; only their
+/// additions run one by one, in block order.
 ///
 /// # Safety
 ///
@@ -348,9 +350,18 @@ unsafe fn legacy_seq<const T: u8, const R: usize>(
     for r in 0..R {
         rows[r] = ActRow::new(acts, row0 + r);
     }
-    let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
     let mut acc = [0f32; R];
-    for b in 0..nb {
+    let mut b0 = 0;
+    while b0 + 8 <= nb {
+        legacy_seq_group::<T, R, 8>(w.as_ptr(), b0, &rows, &mut acc);
+        b0 += 8;
+    }
+    if b0 + 4 <= nb {
+        legacy_seq_group::<T, R, 4>(w.as_ptr(), b0, &rows, &mut acc);
+        b0 += 4;
+    }
+    let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
+    for b in b0..nb {
         let wblk = w.as_ptr().add(b * wb);
         let wq = unpack::<T>(wblk);
         let dw = f16_at(wblk);
@@ -370,6 +381,63 @@ unsafe fn legacy_seq<const T: u8, const R: usize>(
         }
     }
     out[..R].copy_from_slice(&acc);
+}
+
+/// Blocks `b0..b0 + N` (N = 8 or 4) of [`legacy_seq`]: the `N` terms of
+/// each activation row in lanes (the same operations, so the same bits, as
+/// the one-block loop), then added to the row's sum in block order.
+///
+/// # Safety
+///
+/// As for `legacy`, with blocks `b0..b0 + N` inside the row.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn legacy_seq_group<const T: u8, const R: usize, const N: usize>(
+    w: *const u8,
+    b0: usize,
+    rows: &[super::ActRow; R],
+    acc: &mut [f32; R],
+) {
+    use super::kind;
+    let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
+    let wblk = w.add(b0 * wb);
+    // The weights stream from memory once (decode): ask for the blocks
+    // eight groups ahead, past the row's end into the next rows'.
+    super::prefetch(wblk.add(8 * 8 * wb), N * wb);
+    let mut wq = [_mm256_setzero_si256(); 8];
+    for j in 0..N {
+        wq[j] = unpack::<T>(wblk.add(j * wb));
+    }
+    let dw = f16xn::<N>(wblk, wb);
+    let mw = if kind::has_min(T) {
+        f16xn::<N>(wblk.add(2), wb)
+    } else {
+        _mm256_setzero_ps()
+    };
+    for r in 0..R {
+        let row = &rows[r];
+        let a = row.bytes.add(b0 * ab + aq);
+        let mut p = [_mm256_setzero_si256(); 8];
+        for j in 0..N {
+            let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
+            p[j] = block_dot::<T>(wq[j], av);
+        }
+        let mut s = if N == 8 { reduce8(&p) } else { reduce4(&p) };
+        if let Some(sh) = offset_shift::<T>() {
+            let sums = loadn_i32::<N>(row.sums.add(b0));
+            s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
+        }
+        let da = loadn_f32::<N>(row.d.add(b0));
+        let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s));
+        if kind::has_min(T) {
+            t = _mm256_add_ps(t, _mm256_mul_ps(mw, loadn_f32::<N>(row.s.add(b0))));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), t);
+        for &x in &lanes[..N] {
+            acc[r] += x;
+        }
+    }
 }
 
 macro_rules! legacy_seq_entry {
