@@ -59,7 +59,7 @@ pub fn attend(
     s: &mut AttnScratch,
 ) {
     if tl_core::numerics::reference() {
-        attend_reference(cache, layer, seq, pos, p, heads, q, out, s);
+        attend_plain(cache, layer, seq, pos, p, heads, q, out, s, true);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -69,29 +69,6 @@ pub fn attend(
         return;
     }
     attend_scalar(cache, layer, seq, pos, p, heads, q, out, s);
-}
-
-/// [`attend`] under the reference numerics (`tl_core::numerics`): what
-/// llama.cpp's portable CPU code computes without flash attention. The
-/// query is rounded to f16; each Q·K is `ggml_vec_dot_f16`'s generic loop
-/// (the products of the f16 values, exact in f32, summed in f64 in order),
-/// rounded to f32 and scaled; the softmax is [`softmax_reference`]; each
-/// output value is again `ggml_vec_dot_f16`, of the f16 probabilities with
-/// the values of one dimension, summed in f64 in position order (the
-/// positions ggml masks add exact zeros, which change nothing).
-#[allow(clippy::too_many_arguments)]
-pub fn attend_reference(
-    cache: &KvCache,
-    layer: usize,
-    seq: &SeqKv,
-    pos: usize,
-    p: &AttnParams,
-    heads: std::ops::Range<usize>,
-    q: &[f32],
-    out: &mut [f32],
-    s: &mut AttnScratch,
-) {
-    attend_plain(cache, layer, seq, pos, p, heads, q, out, s, true);
 }
 
 /// ggml's `soft_max` as llama.cpp's portable x86-64 build computes it
@@ -135,8 +112,16 @@ pub fn attend_scalar(
     attend_plain(cache, layer, seq, pos, p, heads, q, out, s, false);
 }
 
-/// The plain loops of [`attend_scalar`] (f32 sums, [`softmax_f16`]) and of
-/// [`attend_reference`] (`f64_sums`: f64 sums, [`softmax_reference`]).
+/// The plain loops of [`attend_scalar`] (f32 sums, [`softmax_f16`]) and,
+/// with `f64_sums`, of [`attend`] under the reference numerics
+/// (`tl_core::numerics`): what llama.cpp's portable CPU code computes
+/// without flash attention. There the query is rounded to f16; each Q·K is
+/// `ggml_vec_dot_f16`'s generic loop (the products of the f16 values, exact
+/// in f32, summed in f64 in order), rounded to f32 and scaled; the softmax is
+/// [`softmax_reference`]; each output value is again `ggml_vec_dot_f16`, of
+/// the f16 probabilities with the values of one dimension, summed in f64 in
+/// position order (the positions ggml masks add exact zeros, which change
+/// nothing).
 #[allow(clippy::too_many_arguments)]
 fn attend_plain(
     cache: &KvCache,

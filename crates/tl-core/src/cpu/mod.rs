@@ -13,6 +13,7 @@
 pub(crate) mod buffers;
 pub mod kernels;
 pub(crate) mod ops;
+pub(crate) mod vexp;
 
 use crate::backend::checks;
 use crate::backend::{Activation, Backend, BinaryOp, RopeConfig, UnaryOp};

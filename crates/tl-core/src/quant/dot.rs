@@ -134,6 +134,14 @@ pub(crate) struct Acts<'a> {
     pub sums: &'a [i32],
 }
 
+impl Acts<'_> {
+    /// The bytes of row `i` (empty past the end).
+    pub(crate) fn row(&self, i: usize) -> &[u8] {
+        let start = i * self.row_bytes;
+        self.bytes.get(start..start + self.row_bytes).unwrap_or(&[])
+    }
+}
+
 /// Fills the per-block arrays of [`Acts`] for `rows` rows of Q8_0 or Q8_1
 /// activations (`bytes`); other types have none.
 pub(crate) fn prepare_extras(
@@ -290,9 +298,7 @@ unsafe fn scalar_kernel<const S: usize>(
 ) {
     let ty = SCALAR_TYPES[S];
     for (t, o) in out.iter_mut().enumerate() {
-        let start = (row0 + t) * acts.row_bytes;
-        let a = acts.bytes.get(start..start + acts.row_bytes).unwrap_or(&[]);
-        *o = vec_dot_ref(ty, k, w, a);
+        *o = vec_dot_ref(ty, k, w, acts.row(row0 + t));
     }
 }
 
@@ -473,16 +479,6 @@ pub fn quantize_activations(ty_w: GgmlType, x: &[f32], out: &mut [u8]) -> Result
         F32 => float::quantize_f32(x, out),
         F16 => float::quantize_f16(x, out),
         BF16 => float::quantize_bf16(x, out),
-        Q8_0 if crate::numerics::reference() => {
-            for (x, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
-                o.copy_from_slice(bytemuck::bytes_of(&BlockQ8_0::quantize(x)));
-            }
-        }
-        Q8_1 if crate::numerics::reference() => {
-            for (x, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(36)) {
-                o.copy_from_slice(bytemuck::bytes_of(&BlockQ8_1::quantize(x)));
-            }
-        }
         Q8_0 | Q8_1 | Q8_K => quantize_q8(table().level, act_ty, x, out),
         _ => {
             return Err(CoreError::UnsupportedType {
@@ -495,7 +491,8 @@ pub fn quantize_activations(ty_w: GgmlType, x: &[f32], out: &mut [u8]) -> Result
 }
 
 /// Q8_0/Q8_1/Q8_K rows with the kernels of `level`; every level writes the
-/// same bytes.
+/// same bytes. The reference numerics' table is of level `Scalar`, whose
+/// Q8_0/Q8_1 are then ggml's reference quantizers instead of its x86 ones.
 pub(crate) fn quantize_q8(level: SimdLevel, act_ty: GgmlType, x: &[f32], out: &mut [u8]) {
     #[cfg(target_arch = "x86_64")]
     if level >= SimdLevel::Avx2 {
@@ -505,15 +502,26 @@ pub(crate) fn quantize_q8(level: SimdLevel, act_ty: GgmlType, x: &[f32], out: &m
         return;
     }
     let _ = level;
+    let reference = crate::numerics::reference();
     match act_ty {
         GgmlType::Q8_0 => {
+            let block: fn(&[f32]) -> BlockQ8_0 = if reference {
+                BlockQ8_0::quantize
+            } else {
+                q8_0_block_x86
+            };
             for (x, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(34)) {
-                o.copy_from_slice(bytemuck::bytes_of(&q8_0_block_x86(x)));
+                o.copy_from_slice(bytemuck::bytes_of(&block(x)));
             }
         }
         GgmlType::Q8_1 => {
+            let block: fn(&[f32]) -> BlockQ8_1 = if reference {
+                BlockQ8_1::quantize
+            } else {
+                q8_1_block_x86
+            };
             for (x, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(36)) {
-                o.copy_from_slice(bytemuck::bytes_of(&q8_1_block_x86(x)));
+                o.copy_from_slice(bytemuck::bytes_of(&block(x)));
             }
         }
         _ => {

@@ -183,11 +183,25 @@ macro_rules! legacy_kernel {
             let mut accm = [_mm256_setzero_ps(); R];
             let mut b0 = 0;
             while b0 + 8 <= nb {
-                legacy_group::<T, R, 8>(w.as_ptr(), b0, &rows, &mut acc, &mut accm);
+                legacy_group::<T, R, 8, false>(
+                    w.as_ptr(),
+                    b0,
+                    &rows,
+                    &mut acc,
+                    &mut accm,
+                    &mut [0.0; R],
+                );
                 b0 += 8;
             }
             if b0 + 4 <= nb {
-                legacy_group::<T, R, 4>(w.as_ptr(), b0, &rows, &mut acc, &mut accm);
+                legacy_group::<T, R, 4, false>(
+                    w.as_ptr(),
+                    b0,
+                    &rows,
+                    &mut acc,
+                    &mut accm,
+                    &mut [0.0; R],
+                );
                 b0 += 4;
             }
             // At most three blocks left (none for k a multiple of 128): each
@@ -217,25 +231,35 @@ macro_rules! legacy_kernel {
 
         /// Blocks `b0..b0 + N` (N = 8 or 4) of one weight row against `R`
         /// activation rows: N exact block sums per row, scaled and
-        /// accumulated one lane per block (lanes past N get zero scales).
+        /// accumulated one lane per block into `acc`/`accm` (lanes past N
+        /// get zero scales). With `SEQ` (the reference numerics' order), the
+        /// N terms of each row are formed in lanes instead and added to
+        /// `seq` one by one in block order, and the weight stream is
+        /// prefetched (that kernel reads it once, in decode).
         ///
         /// # Safety
         ///
         /// As for `legacy`, with blocks `b0..b0 + N` inside the row.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn legacy_group<const T: u8, const R: usize, const N: usize>(
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn legacy_group<const T: u8, const R: usize, const N: usize, const SEQ: bool>(
             w: *const u8,
             b0: usize,
             rows: &[$crate::quant::dot::x86::ActRow; R],
             acc: &mut [__m256; R],
             accm: &mut [__m256; R],
+            seq: &mut [f32; R],
         ) {
             use $crate::quant::dot::x86::kind;
             let wb = kind::w_bytes(T);
             let ab = kind::act_bytes(T);
             let aq = kind::act_qs(T);
             let wblk = w.add(b0 * wb);
+            if SEQ {
+                // Eight groups ahead, past the row's end into the next rows'.
+                $crate::quant::dot::x86::prefetch(wblk.add(8 * 8 * wb), N * wb);
+            }
             let mut wq = [_mm256_setzero_si256(); 8];
             for j in 0..N {
                 wq[j] = unpack::<T>(wblk.add(j * wb));
@@ -260,6 +284,18 @@ macro_rules! legacy_kernel {
                     s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
                 }
                 let da = loadn_f32::<N>(row.d.add(b0));
+                if SEQ {
+                    let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s));
+                    if kind::has_min(T) {
+                        t = _mm256_add_ps(t, _mm256_mul_ps(mw, loadn_f32::<N>(row.s.add(b0))));
+                    }
+                    let mut lanes = [0f32; 8];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), t);
+                    for &x in &lanes[..N] {
+                        seq[r] += x;
+                    }
+                    continue;
+                }
                 acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s), acc[r]);
                 if kind::has_min(T) {
                     accm[r] = _mm256_fmadd_ps(mw, loadn_f32::<N>(row.s.add(b0)), accm[r]);

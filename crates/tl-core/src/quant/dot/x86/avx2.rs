@@ -313,9 +313,7 @@ macro_rules! k_seq_entry {
         /// dot with [`lanes8_avx2`]; see [`Kernel`] for the contract.
         unsafe fn $name(_k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
             for (t, o) in out.iter_mut().enumerate() {
-                let start = (row0 + t) * acts.row_bytes;
-                let a = acts.bytes.get(start..start + acts.row_bytes).unwrap_or(&[]);
-                *o = crate::quant::dot::scalar::$dot(w, a, lanes8_avx2);
+                *o = crate::quant::dot::scalar::$dot(w, acts.row(row0 + t), lanes8_avx2);
             }
         }
     };
@@ -351,13 +349,16 @@ unsafe fn legacy_seq<const T: u8, const R: usize>(
         rows[r] = ActRow::new(acts, row0 + r);
     }
     let mut acc = [0f32; R];
+    // The tile kernel's group step in its `SEQ` form (its vector
+    // accumulators stay unused).
+    let (mut va, mut vm) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
     let mut b0 = 0;
     while b0 + 8 <= nb {
-        legacy_seq_group::<T, R, 8>(w.as_ptr(), b0, &rows, &mut acc);
+        legacy_group::<T, R, 8, true>(w.as_ptr(), b0, &rows, &mut va, &mut vm, &mut acc);
         b0 += 8;
     }
     if b0 + 4 <= nb {
-        legacy_seq_group::<T, R, 4>(w.as_ptr(), b0, &rows, &mut acc);
+        legacy_group::<T, R, 4, true>(w.as_ptr(), b0, &rows, &mut va, &mut vm, &mut acc);
         b0 += 4;
     }
     let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
@@ -381,63 +382,6 @@ unsafe fn legacy_seq<const T: u8, const R: usize>(
         }
     }
     out[..R].copy_from_slice(&acc);
-}
-
-/// Blocks `b0..b0 + N` (N = 8 or 4) of [`legacy_seq`]: the `N` terms of
-/// each activation row in lanes (the same operations, so the same bits, as
-/// the one-block loop), then added to the row's sum in block order.
-///
-/// # Safety
-///
-/// As for `legacy`, with blocks `b0..b0 + N` inside the row.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn legacy_seq_group<const T: u8, const R: usize, const N: usize>(
-    w: *const u8,
-    b0: usize,
-    rows: &[super::ActRow; R],
-    acc: &mut [f32; R],
-) {
-    use super::kind;
-    let (wb, ab, aq) = (kind::w_bytes(T), kind::act_bytes(T), kind::act_qs(T));
-    let wblk = w.add(b0 * wb);
-    // The weights stream from memory once (decode): ask for the blocks
-    // eight groups ahead, past the row's end into the next rows'.
-    super::prefetch(wblk.add(8 * 8 * wb), N * wb);
-    let mut wq = [_mm256_setzero_si256(); 8];
-    for j in 0..N {
-        wq[j] = unpack::<T>(wblk.add(j * wb));
-    }
-    let dw = f16xn::<N>(wblk, wb);
-    let mw = if kind::has_min(T) {
-        f16xn::<N>(wblk.add(2), wb)
-    } else {
-        _mm256_setzero_ps()
-    };
-    for r in 0..R {
-        let row = &rows[r];
-        let a = row.bytes.add(b0 * ab + aq);
-        let mut p = [_mm256_setzero_si256(); 8];
-        for j in 0..N {
-            let av = _mm256_loadu_si256(a.add(j * ab) as *const __m256i);
-            p[j] = block_dot::<T>(wq[j], av);
-        }
-        let mut s = if N == 8 { reduce8(&p) } else { reduce4(&p) };
-        if let Some(sh) = offset_shift::<T>() {
-            let sums = loadn_i32::<N>(row.sums.add(b0));
-            s = _mm256_sub_epi32(s, _mm256_sll_epi32(sums, _mm_cvtsi32_si128(sh)));
-        }
-        let da = loadn_f32::<N>(row.d.add(b0));
-        let mut t = _mm256_mul_ps(_mm256_mul_ps(dw, da), _mm256_cvtepi32_ps(s));
-        if kind::has_min(T) {
-            t = _mm256_add_ps(t, _mm256_mul_ps(mw, loadn_f32::<N>(row.s.add(b0))));
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), t);
-        for &x in &lanes[..N] {
-            acc[r] += x;
-        }
-    }
 }
 
 macro_rules! legacy_seq_entry {
