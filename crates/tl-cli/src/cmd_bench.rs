@@ -63,7 +63,9 @@ fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     crate::cmd_generate::init_threads(a.threads)?;
     let threads = tl_core::pool::ThreadPool::global().threads();
-    let model = Model::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let model = Model::load_on(&a.model, crate::device())
+        .with_context(|| format!("loading {} on {}", a.model.display(), crate::device()))?;
+    crate::log_device(&model);
     let c = &model.config;
     let vocab = c.vocab;
     let max_b = a.batch.iter().copied().max().unwrap_or(1).max(1);

@@ -135,7 +135,9 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
 
 pub fn load(a: &ModelArgs) -> anyhow::Result<Llm> {
     init_threads(a.threads)?;
-    let mut llm = Llm::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let mut llm = Llm::load_on(&a.model, crate::device())
+        .with_context(|| format!("loading {} on {}", a.model.display(), crate::device()))?;
+    crate::log_device(&llm.model);
     if let Some(t) = &a.chat_template {
         llm.set_template_file(t)?;
     }

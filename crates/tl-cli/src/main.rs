@@ -23,6 +23,10 @@ struct Cli {
     /// slower). Also `TL_NUMERICS=reference`.
     #[arg(long, global = true, value_name = "MODE")]
     numerics: Option<tl_core::Numerics>,
+    /// Where the model runs: `cpu` (the default), `cuda` or `cuda:N`.
+    /// Also `TL_DEVICE`.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -55,12 +59,41 @@ enum Command {
     Repl(cmd_lang::ReplArgs),
 }
 
+static DEVICE: std::sync::OnceLock<tl_core::Device> = std::sync::OnceLock::new();
+
+/// The device chosen by `--device` / `TL_DEVICE` (the CPU by default).
+pub fn device() -> tl_core::Device {
+    DEVICE.get().copied().unwrap_or_default()
+}
+
+/// Prints where the model runs (a line on stderr) when it is not the CPU.
+pub fn log_device(m: &tl_model::model::Model) {
+    if m.device() != tl_core::Device::Cpu {
+        eprintln!("device: {}", m.device_summary());
+    }
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Some(mode) = cli.numerics {
         if let Err(now) = tl_core::set_numerics(mode) {
             eprintln!("error: --numerics {mode:?}: the numerics are already {now:?}");
             std::process::exit(1);
+        }
+    }
+    let dev = cli
+        .device
+        .clone()
+        .or_else(|| std::env::var("TL_DEVICE").ok().filter(|s| !s.is_empty()));
+    if let Some(d) = dev {
+        match d.parse::<tl_core::Device>() {
+            Ok(d) => {
+                let _ = DEVICE.set(d);
+            }
+            Err(e) => {
+                eprintln!("error: --device: {e}");
+                std::process::exit(1);
+            }
         }
     }
     let result = match &cli.command {

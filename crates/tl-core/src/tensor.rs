@@ -103,6 +103,14 @@ impl Tensor {
         check_whole_blocks("zeros", dtype, &shape)?;
         let storage = match device {
             Device::Cpu => Storage::Cpu(CpuStorage::zeros(dtype, shape.elem_count())?),
+            // Device memory of the GPU path belongs to the model's executor
+            // (tl-model's CUDA executor over tl-cuda), not to tensors.
+            Device::Cuda(_) => {
+                return Err(CoreError::Invalid {
+                    op: "zeros",
+                    reason: format!("generic tensors live on the host, not on {device}"),
+                })
+            }
         };
         Self::new("zeros", storage, dims)
     }

@@ -109,7 +109,9 @@ impl Engine {
                 cfg.kv_bytes
             )));
         }
-        let cache = KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, kv_blocks)
+        let cache = llm
+            .model
+            .new_cache_blocks(kv_blocks)
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         info!(
             kv_blocks,

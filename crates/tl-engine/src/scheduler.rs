@@ -151,8 +151,9 @@ pub struct Scheduler<'a> {
 impl<'a> Scheduler<'a> {
     /// A scheduler over a cache of `kv_blocks` blocks.
     pub fn new(llm: &'a Llm, cfg: SchedulerConfig, kv_blocks: usize) -> Result<Self> {
-        let c = &llm.model.config;
-        let cache = KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, kv_blocks.max(1))
+        let cache = llm
+            .model
+            .new_cache_blocks(kv_blocks.max(1))
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         Ok(Self::with_cache(llm, cfg, cache))
     }

@@ -32,6 +32,27 @@ pub struct AttnParams {
 }
 
 impl AttnParams {
+    /// The parameters of layer `il` (Gemma scales the query before
+    /// attention, so its score scale is 1; sliding-window layers get the
+    /// window).
+    pub fn for_layer(c: &crate::config::Config, il: usize) -> Self {
+        AttnParams {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            scale: if c.arch == crate::config::Arch::Gemma3 {
+                1.0
+            } else {
+                c.attn_scale
+            },
+            window: if c.is_swa_layer(il) {
+                c.sliding_window
+            } else {
+                None
+            },
+        }
+    }
+
     /// The first position a token at `pos` attends to.
     pub fn first_visible(&self, pos: usize) -> usize {
         match self.window {

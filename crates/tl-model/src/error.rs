@@ -43,6 +43,9 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Gguf(#[from] tl_gguf::GgufError),
+    /// A GPU failure (driver, kernel compile, memory), with its reason.
+    #[error("{0}")]
+    Device(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -212,6 +212,20 @@ impl<'m> Runner<'m> {
                     logits: Logits::Last,
                 })
                 .collect();
+            // On a GPU, plain greedy decoding takes the argmax there and
+            // reads back only the ids.
+            if self.model.device() != tl_core::Device::Cpu && opts.sampling.is_plain_argmax() {
+                let ids = self
+                    .model
+                    .forward_greedy(&mut self.cache, &batch, &mut self.state)?;
+                drop(batch);
+                for (&i, &t) in active.iter().zip(&ids) {
+                    let l = &mut live[i];
+                    l.kv.len += 1;
+                    Self::accept(i, l, t, opts, on_token);
+                }
+                continue;
+            }
             self.model
                 .forward(&mut self.cache, &batch, &mut self.state)?;
             drop(batch);

@@ -135,7 +135,8 @@ impl SeqKv {
     }
 }
 
-/// The K and V pools of every layer.
+/// The K and V pools of every layer, in host memory or (for a model on a
+/// GPU) in device memory with the same block layout.
 pub struct KvCache {
     pub n_layers: usize,
     pub n_kv_heads: usize,
@@ -143,6 +144,7 @@ pub struct KvCache {
     pub n_blocks: usize,
     k: Vec<f16>,
     v: Vec<f16>,
+    pub(crate) device: Option<crate::cuda::DeviceKv>,
 }
 
 impl KvCache {
@@ -175,7 +177,48 @@ impl KvCache {
             n_blocks,
             k,
             v,
+            device: None,
         })
+    }
+
+    /// A cache whose pools live in device memory.
+    pub(crate) fn new_on_device(
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        n_blocks: usize,
+        device: crate::cuda::DeviceKv,
+    ) -> Result<Self> {
+        Ok(KvCache {
+            n_layers,
+            n_kv_heads,
+            head_dim,
+            n_blocks,
+            k: Vec::new(),
+            v: Vec::new(),
+            device: Some(device),
+        })
+    }
+
+    /// Whether the pools are in host memory (readable by the CPU kernels).
+    pub fn is_host(&self) -> bool {
+        self.device.is_none()
+    }
+
+    /// This cache, if its pools are in host memory.
+    pub fn host(&self) -> Result<&Self> {
+        match self.device {
+            None => Ok(self),
+            Some(_) => Err(ModelError::Kv(
+                "this KV cache is in GPU memory; the CPU kernels cannot read it".into(),
+            )),
+        }
+    }
+
+    /// This cache, mutably, if its pools are in host memory.
+    pub fn host_mut(&mut self) -> Result<&mut Self> {
+        self.host()?;
+        Ok(self)
     }
 
     fn block_elems_for(n_kv_heads: usize, head_dim: usize) -> usize {

@@ -2,8 +2,11 @@
 
 pub mod attention;
 pub mod config;
+mod cuda;
 mod dump;
 pub mod error;
+mod exec_cpu;
+pub mod forward;
 pub mod generate;
 pub mod kv;
 pub mod llm;

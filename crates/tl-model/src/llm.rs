@@ -171,7 +171,12 @@ impl Llm {
     /// Loads weights, tokenizer and chat template (the file's, or a built-in
     /// one chosen by architecture) from one GGUF file.
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Self> {
-        let model = Model::load(path)?;
+        Self::load_on(path, tl_core::Device::Cpu)
+    }
+
+    /// [`Llm::load`] with the model's weights and forward on `device`.
+    pub fn load_on(path: impl AsRef<std::path::Path>, device: tl_core::Device) -> Result<Self> {
+        let model = Model::load_on(path, device)?;
         let tokenizer = Tokenizer::from_gguf(&model.file)?;
         let template = ChatTemplate::from_metadata(&model.file.metadata, &tokenizer)?;
         if tokenizer.n_vocab() != model.config.vocab {

@@ -82,6 +82,15 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+
+    /// Greedy with no penalty: the pick is the plain argmax of the logits,
+    /// so it can be taken where the logits are (on the GPU).
+    pub fn is_plain_argmax(&self) -> bool {
+        self.is_greedy()
+            && (self.repeat_penalty == 1.0 || self.penalty_last_n == 0)
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+    }
 }
 
 /// A stateful sampler (its RNG advances with each draw).

@@ -268,10 +268,36 @@ fn add_tensor(
         .bytes_for(vals.len() as u64)
         .ok_or_else(|| bad(format!("tensor '{name}': size overflows")))?;
     let mut bytes = vec![0u8; n_bytes as usize];
-    tl_core::quant::quantize(ty, vals, &mut bytes).map_err(|e| ModelError::Core {
-        tensor: name.clone(),
-        err: e,
-    })?;
+    // Rows are quantized independently: split them over the cores (the
+    // full-size benchmark shapes took minutes on one). Same bytes.
+    let rows = vals.len() / row.max(1);
+    let row_bytes = n_bytes as usize / rows.max(1);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = rows.div_ceil(threads).max(1);
+    let results: Vec<tl_core::Result<()>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = bytes
+            .chunks_mut(per * row_bytes.max(1))
+            .zip(vals.chunks(per * row))
+            .map(|(out, src)| sc.spawn(move || tl_core::quant::quantize(ty, src, out)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(tl_core::CoreError::Invalid {
+                        op: "quantize",
+                        reason: "a quantization thread panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    });
+    for r in results {
+        r.map_err(|e| ModelError::Core {
+            tensor: name.clone(),
+            err: e,
+        })?;
+    }
     w.add_tensor(name, dims, ty, bytes)?;
     Ok(())
 }

@@ -22,7 +22,8 @@
 //! A position whose reference top-2 margin is below `NEAR_TIE` = 0.5 is
 //! therefore a coin toss. The checks:
 //! - greedy: every continuation equals llama.cpp's up to the first position
-//!   whose reference margin is below `NEAR_TIE`, or up to a token that
+//!   whose reference margin is below `NEAR_TIE` (or below llama.cpp's own
+//!   largest logit movement between its batch shapes on that model), or up to a token that
 //!   llama.cpp's own one-token-batch run chose as we did (a divergence at a
 //!   clear margin that llama.cpp itself did not make fails), and at least as
 //!   many are fully equal as llama.cpp's own one-token-batch run, less
@@ -76,6 +77,7 @@ fn check_model(fixture: &str) {
     let (mut clear_agree, mut clear_total) = (0usize, 0usize);
     // llama.cpp against itself, evaluated one token per batch.
     let (mut self_greedy, mut self_tf, mut self_max) = (0usize, 0usize, 0f64);
+    let mut divergences = Vec::new();
     for case in cases {
         let own = &case["llama_cpp_n_batch_1"];
         if own["greedy"] == case["greedy"] {
@@ -129,11 +131,7 @@ fn check_model(fixture: &str) {
                 case["prompt"],
                 if as_own { "; llama.cpp with one token per batch chose as we did" } else { "" }
             );
-            assert!(
-                m < NEAR_TIE || as_own,
-                "{fixture}: greedy diverges at a clear reference margin {m:.3} for {:?}",
-                case["prompt"]
-            );
+            divergences.push((m, as_own, case["prompt"].to_string()));
         }
         let all: Vec<u32> = prompt.iter().chain(&want).copied().collect();
         let logits = runner.all_logits(&all).expect("logits");
@@ -164,6 +162,20 @@ fn check_model(fixture: &str) {
                 max_diff = max_diff.max(d);
             }
         }
+    }
+    // A greedy divergence must be at a near tie: below NEAR_TIE, or below
+    // the largest logit movement llama.cpp itself shows between its two
+    // batch shapes on this model (1.47 on Gemma). The wider bound matters
+    // where this machine's SIMD kernels are not the ones the fixtures'
+    // llama.cpp build ran (an AVX2-only CPU against an AVX-512 build): the
+    // float order then differs from llama.cpp's as much as llama.cpp's
+    // builds differ from each other.
+    let tie = NEAR_TIE.max(self_max);
+    for (m, as_own, prompt) in &divergences {
+        assert!(
+            *m < tie || *as_own,
+            "{fixture}: greedy diverges at a clear reference margin {m:.3} (llama.cpp's own noise {self_max:.3}) for {prompt}"
+        );
     }
     let rate = tf_agree as f64 / tf_total as f64;
     let clear = clear_agree as f64 / clear_total as f64;

@@ -1,0 +1,633 @@
+// TensorLogic CUDA kernels, compiled at run time by NVRTC for the card's
+// architecture (see `lib.rs`: the PTX is cached on disk by source hash and
+// arch). Every kernel here has a CPU counterpart in tl-core / tl-model that
+// the GPU tests hold it to.
+//
+// Weight layouts on the device (repacked at upload from the GGUF blocks so
+// that every load is aligned and vectorised; N output rows of K inputs):
+//   Q8_0: p0 int8 qs[N*K]                 p1 half d[N*K/32]
+//   Q4_0: p0 u8   qs[N*K/2] (16 B/block)  p1 half d[N*K/32]
+//   Q5_0: p0 u8   qs[N*K/2]  p2 u32 qh[N*K/32]  p1 half d
+//   Q4_K: p0 the GGML blocks as they are (144 B, 16-byte aligned)
+//   Q6_K: p0 ql[N*K/2]  p2 qh[N*K/4]  p3 int8 scales[N*K/16]  p1 half d[N*K/256]
+//   F16 : p0 half w[N*K] (every other GGML type is converted to this at load)
+// Activations of the quantized products: int8 xq[M*K] with one float scale
+// per 32 values, xd[M*K/32] (ggml's q8_1 without the sum: the offsets of
+// Q4_0/Q5_0/Q4_K are taken from a dp4a with ones instead).
+
+#include <cuda_fp16.h>
+
+#define T_F16 0
+#define T_Q8_0 1
+#define T_Q4_0 2
+#define T_Q5_0 3
+#define T_Q4_K 4
+#define T_Q6_K 5
+
+struct W {
+    const unsigned char* p0;
+    const unsigned char* p1;
+    const unsigned char* p2;
+    const unsigned char* p3;
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float h2f(const unsigned char* p, long i) {
+    return __half2float(((const __half*)p)[i]);
+}
+
+__device__ __forceinline__ int ld_int(const unsigned char* p, long byte_off) {
+    return *(const int*)(p + byte_off);
+}
+
+// ggml get_scale_min_k4.
+__device__ __forceinline__ void scale_min_k4(int j, const unsigned char* q, int* sc, int* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Dequantization of one 32-value block (row r, block b of K/32).
+
+template <int T>
+__device__ __forceinline__ void dequant32(const W& w, long r, int b, int K, float* v) {
+    const long nb = K / 32;
+    if (T == T_F16) {
+        const __half* p = (const __half*)w.p0 + r * K + b * 32;
+        for (int i = 0; i < 32; i++) v[i] = __half2float(p[i]);
+    } else if (T == T_Q8_0) {
+        const signed char* q = (const signed char*)w.p0 + r * K + b * 32;
+        float d = h2f(w.p1, r * nb + b);
+        for (int i = 0; i < 32; i++) v[i] = d * q[i];
+    } else if (T == T_Q4_0) {
+        const unsigned char* q = w.p0 + (r * nb + b) * 16;
+        float d = h2f(w.p1, r * nb + b);
+        for (int i = 0; i < 16; i++) {
+            v[i] = d * ((q[i] & 0xF) - 8);
+            v[i + 16] = d * ((q[i] >> 4) - 8);
+        }
+    } else if (T == T_Q5_0) {
+        const unsigned char* q = w.p0 + (r * nb + b) * 16;
+        unsigned qh = ((const unsigned*)w.p2)[r * nb + b];
+        float d = h2f(w.p1, r * nb + b);
+        for (int i = 0; i < 16; i++) {
+            int lo = (q[i] & 0xF) | (((qh >> i) & 1) << 4);
+            int hi = (q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+            v[i] = d * (lo - 16);
+            v[i + 16] = d * (hi - 16);
+        }
+    } else if (T == T_Q4_K) {
+        const long nbk = K / 256;
+        const unsigned char* blk = w.p0 + (r * nbk + b / 8) * 144;
+        int j = b % 8;
+        float d = __half2float(((const __half*)blk)[0]);
+        float dmin = __half2float(((const __half*)blk)[1]);
+        int sc, m;
+        scale_min_k4(j, blk + 4, &sc, &m);
+        const unsigned char* q = blk + 16 + 32 * (j / 2);
+        float d1 = d * sc, m1 = dmin * m;
+        for (int i = 0; i < 32; i++) {
+            int n = (j & 1) ? (q[i] >> 4) : (q[i] & 0xF);
+            v[i] = d1 * n - m1;
+        }
+    } else if (T == T_Q6_K) {
+        const long nbk = K / 256;
+        long sb = r * nbk + b / 8;
+        int j = b % 8, n = j / 4, k = j % 4;
+        const unsigned char* ql = w.p0 + sb * 128 + n * 64 + (k & 1) * 32;
+        const unsigned char* qh = w.p2 + sb * 64 + n * 32;
+        const signed char* sc = (const signed char*)w.p3 + sb * 16 + n * 8;
+        float d = h2f(w.p1, sb);
+        for (int l = 0; l < 32; l++) {
+            int lo = (k >= 2) ? (ql[l] >> 4) : (ql[l] & 0xF);
+            int q = (lo | (((qh[l] >> (2 * k)) & 3) << 4)) - 32;
+            v[l] = d * sc[l / 16 + 2 * k] * q;
+        }
+    }
+}
+
+// out[r, :] (f16, row-major [N, K]) = the dequantized weight; one thread per
+// 32-value block.
+template <int T>
+__device__ void dequant_f16(W w, __half* out, int N, int K) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    long nb = K / 32;
+    if (i >= (long)N * nb) return;
+    long r = i / nb;
+    int b = (int)(i % nb);
+    float v[32];
+    dequant32<T>(w, r, b, K, v);
+    __half2* o = (__half2*)(out + r * K + b * 32);
+#pragma unroll
+    for (int k = 0; k < 16; k++) o[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
+}
+
+extern "C" __global__ void dequant_f16_q8_0(W w, __half* o, int N, int K) { dequant_f16<T_Q8_0>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q4_0(W w, __half* o, int N, int K) { dequant_f16<T_Q4_0>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q5_0(W w, __half* o, int N, int K) { dequant_f16<T_Q5_0>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q4_k(W w, __half* o, int N, int K) { dequant_f16<T_Q4_K>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q6_k(W w, __half* o, int N, int K) { dequant_f16<T_Q6_K>(w, o, N, K); }
+
+// Embedding rows: out[t, :] = scale * table[ids[t], :]; grid.x = tokens,
+// threads over the row's 32-value blocks.
+template <int T>
+__device__ void embed(W w, const int* ids, float* out, int K, float scale) {
+    int t = blockIdx.x;
+    long r = ids[t];
+    for (int b = threadIdx.x; b < K / 32; b += blockDim.x) {
+        float v[32];
+        dequant32<T>(w, r, b, K, v);
+        float* o = out + (long)t * K + b * 32;
+        for (int i = 0; i < 32; i++) o[i] = v[i] * scale;
+    }
+}
+
+extern "C" __global__ void embed_f16(W w, const int* ids, float* o, int K, float s) { embed<T_F16>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q8_0(W w, const int* ids, float* o, int K, float s) { embed<T_Q8_0>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q4_0(W w, const int* ids, float* o, int K, float s) { embed<T_Q4_0>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q5_0(W w, const int* ids, float* o, int K, float s) { embed<T_Q5_0>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q4_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q4_K>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q6_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q6_K>(w, ids, o, K, s); }
+
+// ---------------------------------------------------------------------------
+// Activation quantization: one warp per 32 values (lane = value).
+
+extern "C" __global__ void quantize_q8(const float* x, signed char* xq, float* xd, long n_blocks) {
+    long blk = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    int lane = threadIdx.x & 31;
+    if (blk >= n_blocks) return;
+    float v = x[blk * 32 + lane];
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    xq[blk * 32 + lane] = (signed char)__float2int_rn(v * id);
+    if (lane == 0) xd[blk] = d;
+}
+
+extern "C" __global__ void to_f16(const float* x, __half* y, long n) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = __float2half_rn(x[i]);
+}
+
+// ---------------------------------------------------------------------------
+// Quantized matrix-vector products for 1..8 activation rows: one warp per
+// output row, lanes over "units" of the row (a unit is one 32-bit word of
+// quantized weights and the activations it meets), the weight word loaded
+// once for all M rows. out[m * ldo + row].
+
+template <int T>
+__device__ __forceinline__ int units_per_row(int K) {
+    if (T == T_Q8_0) return K / 8;
+    if (T == T_Q4_0 || T == T_Q5_0) return K / 8;
+    if (T == T_Q4_K) return K / 8;
+    if (T == T_Q6_K) return K / 16;
+    return K / 8;
+}
+
+template <int T, int M>
+__device__ __forceinline__ void unit_dot(const W& w, long r, int u, int K, const signed char* xq,
+                                         const float* xd, float* acc) {
+    const long nb = K / 32;
+    if (T == T_Q8_0) {
+        int b = u / 4, off = (u % 4) * 8;
+        const unsigned char* qp = w.p0 + r * K + b * 32 + off;
+        int2 q = *(const int2*)qp;
+        float d = h2f(w.p1, r * nb + b);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const int2 x = *(const int2*)(xq + (long)m * K + b * 32 + off);
+            int s = __dp4a(q.x, x.x, __dp4a(q.y, x.y, 0));
+            acc[m] += d * xd[(long)m * nb + b] * s;
+        }
+    } else if (T == T_Q4_0 || T == T_Q5_0) {
+        int b = u / 4, j = (u % 4) * 4;
+        int q = ld_int(w.p0, (r * nb + b) * 16 + j);
+        int lo = q & 0x0F0F0F0F, hi = (q >> 4) & 0x0F0F0F0F;
+        int off = 8;
+        if (T == T_Q5_0) {
+            unsigned qh = ((const unsigned*)w.p2)[r * nb + b];
+            unsigned hl = (qh >> j) & 0xF, hh = (qh >> (j + 16)) & 0xF;
+            // Spread 4 bits to bit 4 of 4 bytes.
+            lo |= (int)(((hl & 1) << 4) | ((hl & 2) << 11) | ((hl & 4) << 18) | ((hl & 8) << 25));
+            hi |= (int)(((hh & 1) << 4) | ((hh & 2) << 11) | ((hh & 4) << 18) | ((hh & 8) << 25));
+            off = 16;
+        }
+        float d = h2f(w.p1, r * nb + b);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const signed char* xb = xq + (long)m * K + b * 32;
+            int x0 = *(const int*)(xb + j), x1 = *(const int*)(xb + 16 + j);
+            int s = __dp4a(lo, x0, __dp4a(hi, x1, 0));
+            int sx = __dp4a(0x01010101, x0, __dp4a(0x01010101, x1, 0));
+            acc[m] += d * xd[(long)m * nb + b] * (s - off * sx);
+        }
+    } else if (T == T_Q4_K) {
+        const long nbk = K / 256;
+        int sb = u / 32, l = u % 32, g = l / 8, p = 4 * (l % 8);
+        const unsigned char* blk = w.p0 + (r * nbk + sb) * 144;
+        int q = ld_int(blk, 16 + 32 * g + p);
+        int lo = q & 0x0F0F0F0F, hi = (q >> 4) & 0x0F0F0F0F;
+        __half2 dm = *(const __half2*)blk;
+        float d = __low2float(dm), dmin = __high2float(dm);
+        int sc0, m0, sc1, m1;
+        scale_min_k4(2 * g, blk + 4, &sc0, &m0);
+        scale_min_k4(2 * g + 1, blk + 4, &sc1, &m1);
+        int b0 = sb * 8 + 2 * g, b1 = b0 + 1;
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const signed char* xr = xq + (long)m * K;
+            int x0 = *(const int*)(xr + b0 * 32 + p), x1 = *(const int*)(xr + b1 * 32 + p);
+            float dx0 = xd[(long)m * nb + b0], dx1 = xd[(long)m * nb + b1];
+            int s0 = __dp4a(lo, x0, 0), s1 = __dp4a(hi, x1, 0);
+            int sx0 = __dp4a(0x01010101, x0, 0), sx1 = __dp4a(0x01010101, x1, 0);
+            acc[m] += d * (sc0 * s0 * dx0 + sc1 * s1 * dx1) - dmin * (m0 * sx0 * dx0 + m1 * sx1 * dx1);
+        }
+    } else if (T == T_Q6_K) {
+        const long nbk = K / 256;
+        int sb = u / 16, rr = u % 16, n = rr / 8, l = 4 * (rr % 8);
+        long sbi = r * nbk + sb;
+        int ql0 = ld_int(w.p0, sbi * 128 + n * 64 + l);
+        int ql1 = ld_int(w.p0, sbi * 128 + n * 64 + 32 + l);
+        int qh = ld_int(w.p2, sbi * 64 + n * 32 + l);
+        int q[4];
+        q[0] = __vsubss4((ql0 & 0x0F0F0F0F) | (((qh >> 0) & 0x03030303) << 4), 0x20202020);
+        q[1] = __vsubss4((ql1 & 0x0F0F0F0F) | (((qh >> 2) & 0x03030303) << 4), 0x20202020);
+        q[2] = __vsubss4(((ql0 >> 4) & 0x0F0F0F0F) | (((qh >> 4) & 0x03030303) << 4), 0x20202020);
+        q[3] = __vsubss4(((ql1 >> 4) & 0x0F0F0F0F) | (((qh >> 6) & 0x03030303) << 4), 0x20202020);
+        const signed char* sc = (const signed char*)w.p3 + sbi * 16 + n * 8 + l / 16;
+        float d = h2f(w.p1, sbi);
+        int xb = sb * 8 + n * 4;
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const signed char* xr = xq + (long)m * K;
+            float s = 0.0f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int x = *(const int*)(xr + (xb + k) * 32 + l);
+                s += (float)(sc[2 * k] * __dp4a(q[k], x, 0)) * xd[(long)m * nb + xb + k];
+            }
+            acc[m] += d * s;
+        }
+    }
+}
+
+template <int T, int M>
+__device__ void gemv_q(W w, const signed char* xq, const float* xd, float* out, int N, int K, int ldo) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / 32) + warp;
+    if (r >= N) return;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    int units = units_per_row<T>(K);
+    for (int u = lane; u < units; u += 32) unit_dot<T, M>(w, r, u, K, xq, xd, acc);
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float s = warp_sum(acc[m]);
+        if (lane == 0) out[(long)m * ldo + r] = s;
+    }
+}
+
+// f16 weights against f32 activations.
+template <int M>
+__device__ void gemv_h(W w, const float* x, float* out, int N, int K, int ldo) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * (blockDim.x / 32) + warp;
+    if (r >= N) return;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = 0.0f;
+    const __half* wr = (const __half*)w.p0 + r * K;
+    for (int c = lane * 8; c < K; c += 256) {
+        uint4 raw = *(const uint4*)(wr + c);
+        const __half2* h = (const __half2*)&raw;
+        float wf[8];
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __half22float2(h[k]);
+            wf[2 * k] = f.x;
+            wf[2 * k + 1] = f.y;
+        }
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const float4* xp = (const float4*)(x + (long)m * K + c);
+            float4 a = xp[0], b = xp[1];
+            acc[m] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y +
+                      wf[6] * b.z + wf[7] * b.w;
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+        float s = warp_sum(acc[m]);
+        if (lane == 0) out[(long)m * ldo + r] = s;
+    }
+}
+
+#define GEMV_Q(name, T)                                                                                  \
+    extern "C" __global__ void name##_1(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 1>(w, xq, xd, o, N, K, ld); } \
+    extern "C" __global__ void name##_2(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 2>(w, xq, xd, o, N, K, ld); } \
+    extern "C" __global__ void name##_3(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 3>(w, xq, xd, o, N, K, ld); } \
+    extern "C" __global__ void name##_4(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 4>(w, xq, xd, o, N, K, ld); } \
+    extern "C" __global__ void name##_5(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 5>(w, xq, xd, o, N, K, ld); } \
+    extern "C" __global__ void name##_6(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 6>(w, xq, xd, o, N, K, ld); } \
+    extern "C" __global__ void name##_7(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 7>(w, xq, xd, o, N, K, ld); } \
+    extern "C" __global__ void name##_8(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 8>(w, xq, xd, o, N, K, ld); }
+
+GEMV_Q(gemv_q8_0, T_Q8_0)
+GEMV_Q(gemv_q4_0, T_Q4_0)
+GEMV_Q(gemv_q5_0, T_Q5_0)
+GEMV_Q(gemv_q4_k, T_Q4_K)
+GEMV_Q(gemv_q6_k, T_Q6_K)
+
+extern "C" __global__ void gemv_f16_1(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<1>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_2(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<2>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_3(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<3>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_4(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<4>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_5(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<5>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_6(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<6>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_7(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<7>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_8(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<8>(w, x, o, N, K, ld); }
+
+// ---------------------------------------------------------------------------
+// Norms and element-wise epilogues. One block per row, blockDim a multiple
+// of 32 (≤ 1024).
+
+__device__ float block_sum(float v, float* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(t);
+}
+
+// out[row] = x[src] / sqrt(mean(x[src]^2) + eps) * w, with src = rows ? rows[row] : row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, const int* rows, int d, float eps) {
+    __shared__ float sh[32];
+    long src = rows ? rows[blockIdx.x] : blockIdx.x;
+    const float* xr = x + src * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss, sh);
+    float sc = rsqrtf(ss / d + eps);
+    float* o = out + (long)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = xr[i] * sc * w[i];
+}
+
+// x += (pw ? rms_norm(o) * pw : o); then, with nw, xn = rms_norm(x) * nw.
+extern "C" __global__ void add_norm(float* x, const float* o, const float* pw, const float* nw, float* xn, int d, float eps) {
+    __shared__ float sh[32];
+    float* xr = x + (long)blockIdx.x * d;
+    const float* orow = o + (long)blockIdx.x * d;
+    float psc = 1.0f;
+    if (pw) {
+        float ss = 0.0f;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) ss += orow[i] * orow[i];
+        ss = block_sum(ss, sh);
+        psc = rsqrtf(ss / d + eps);
+    }
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = xr[i] + (pw ? orow[i] * psc * pw[i] : orow[i]);
+        xr[i] = v;
+        ss += v * v;
+    }
+    if (!nw) return;
+    ss = block_sum(ss, sh);
+    float sc = rsqrtf(ss / d + eps);
+    float* xo = xn + (long)blockIdx.x * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) xo[i] = xr[i] * sc * nw[i];
+}
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    // ggml's GELU (tanh approximation); ggml stores 0 below -10.
+    if (x <= -10.0f) return 0.0f;
+    const float c = 0.7978845608028654f;
+    return 0.5f * x * (1.0f + tanhf(c * x * (1.0f + 0.044715f * x * x)));
+}
+
+// out[t, i] = act(gu[t, i]) * gu[t, f + i]; act 0 = SiLU, 1 = GELU.
+extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int act) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    long t = i / f, c = i % f;
+    float g = gu[t * 2 * f + c], u = gu[t * 2 * f + f + c];
+    float a = act == 0 ? g / (1.0f + expf(-g)) : gelu_tanh(g);
+    out[i] = a * u;
+}
+
+extern "C" __global__ void softcap(float* x, long n, float cap) {
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = tanhf(x[i] / cap) * cap;
+}
+
+// ids[row] = argmax(x[row, :]) (first on ties). One block per row.
+extern "C" __global__ void argmax_rows(const float* x, int n, int* ids) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float* r = x + (long)blockIdx.x * n;
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = r[i];
+        if (v > best) { best = v; bi = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffff, best, o);
+        int oi = __shfl_xor_sync(0xffffffff, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        int nw = blockDim.x / 32;
+        best = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffff, best, o);
+            int oi = __shfl_xor_sync(0xffffffff, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (lane == 0) ids[blockIdx.x] = bi;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Q/K/V epilogue: biases, Gemma's per-head q/k RMS norms, RoPE (the angle
+// built as ggml builds it: theta *= base^(-2/n_rot) pair after pair), the
+// query scale, and the K/V write into the paged f16 cache.
+// qkv: [n, qd + 2 kvd] (the fused projection); q_out: [n, qd].
+// Cache layout per layer: [block][kv_head][16 slots][hd] f16.
+// grid.x = tokens, grid.y = n_heads + n_kv_heads (query heads, then key
+// heads; a key head's block also writes its V head). blockDim = hd / 2.
+struct RopeArgs {
+    int n_heads, n_kv_heads, hd, n_rot, neox;
+    float base, eps, q_scale;
+};
+
+__device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const float* norm_w) {
+    int i = threadIdx.x;  // pair index, 0 .. hd/2
+    int hd = a.hd;
+    if (norm_w) {
+        float v0 = h[2 * i], v1 = h[2 * i + 1];
+        float ss = block_sum(v0 * v0 + v1 * v1, sh);
+        float sc = rsqrtf(ss / hd + a.eps);
+        __syncthreads();
+        h[2 * i] = v0 * sc * norm_w[2 * i];
+        h[2 * i + 1] = v1 * sc * norm_w[2 * i + 1];
+    }
+    __syncthreads();
+    int npairs = a.n_rot / 2;
+    float x0 = 0, x1 = 0;
+    int i0 = 0, i1 = 0;
+    if (i < npairs) {
+        float theta_scale = powf(a.base, -2.0f / a.n_rot);
+        float theta = (float)pos;
+        for (int k = 0; k < i; k++) theta *= theta_scale;
+        float c = cosf(theta), s = sinf(theta);
+        if (a.neox) { i0 = i; i1 = i + npairs; } else { i0 = 2 * i; i1 = 2 * i + 1; }
+        float a0 = h[i0], a1 = h[i1];
+        x0 = a0 * c - a1 * s;
+        x1 = a0 * s + a1 * c;
+    }
+    __syncthreads();
+    if (i < npairs) { h[i0] = x0; h[i1] = x1; }
+    __syncthreads();
+}
+
+extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, const float* bk, const float* bv,
+                                          const float* qn, const float* kn, const int* pos, const int* slots,
+                                          __half* kc, __half* vc, float* q_out, RopeArgs a) {
+    extern __shared__ float smem[];  // hd floats + 32
+    float* h = smem;
+    float* sh = smem + a.hd;
+    int t = blockIdx.x, head = blockIdx.y, hd = a.hd;
+    int qd = a.n_heads * hd, kvd = a.n_kv_heads * hd;
+    const float* row = qkv + (long)t * (qd + 2 * kvd);
+    int i = threadIdx.x;
+    bool is_q = head < a.n_heads;
+    int kh = head - a.n_heads;
+    const float* src = is_q ? row + head * hd : row + qd + kh * hd;
+    const float* bias = is_q ? (bq ? bq + head * hd : 0) : (bk ? bk + kh * hd : 0);
+    for (int k = 2 * i; k < 2 * i + 2; k++) h[k] = src[k] + (bias ? bias[k] : 0.0f);
+    __syncthreads();
+    rope_head(h, pos[t], a, sh, is_q ? qn : kn);
+    if (is_q) {
+        float* o = q_out + (long)t * qd + head * hd;
+        o[2 * i] = h[2 * i] * a.q_scale;
+        o[2 * i + 1] = h[2 * i + 1] * a.q_scale;
+    } else {
+        long slot = slots[t];
+        long off = ((slot / 16) * a.n_kv_heads + kh) * 16 * hd + (slot % 16) * hd;
+        const float* vs = row + qd + kvd + kh * hd;
+        for (int k = 2 * i; k < 2 * i + 2; k++) {
+            kc[off + k] = __float2half_rn(h[k]);
+            vc[off + k] = __float2half_rn(vs[k] + (bv ? bv[kh * hd + k] : 0.0f));
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Attention of each token's query heads over its sequence's paged f16 KV
+// cache (causal, GQA, optional sliding window), online softmax in f32.
+// A group of HD/8 lanes handles one key position at a time (8 dims a lane,
+// one 16-byte load of K and of V); groups and warps take positions in turn
+// and their partial softmax states are merged in shared memory at the end.
+// grid = (n_heads, n_tokens), blockDim = 256.
+struct AttnArgs {
+    int n_heads, n_kv_heads, max_blocks, window;
+    float scale;
+};
+
+template <int HD>
+__device__ void attention(const float* q, const __half* kc, const __half* vc, const int* tok_pos,
+                          const int* tok_seq, const int* tables, float* out, AttnArgs a) {
+    constexpr int LP = HD / 8;     // lanes per position
+    constexpr int GPW = 32 / LP;   // groups per warp
+    extern __shared__ float sm[];
+    int head = blockIdx.x, t = blockIdx.y;
+    int kvh = head / (a.n_heads / a.n_kv_heads);
+    int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    int gl = lane / LP, sub = lane % LP;
+    int G = nw * GPW, g = warp * GPW + gl;
+    int pos = tok_pos[t];
+    const int* table = tables + (long)tok_seq[t] * a.max_blocks;
+    int lo = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
+    const float* qh = q + ((long)t * a.n_heads + head) * HD + sub * 8;
+    float qv[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) qv[k] = qh[k] * a.scale;
+    float m = -INFINITY, l = 0.0f, acc[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) acc[k] = 0.0f;
+    for (int p = lo + g; p <= pos; p += G) {
+        long blk = table[p / 16];
+        long off = ((blk * a.n_kv_heads + kvh) * 16 + (p % 16)) * HD + sub * 8;
+        uint4 kraw = *(const uint4*)(kc + off);
+        const __half2* kh2 = (const __half2*)&kraw;
+        float s = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __half22float2(kh2[k]);
+            s += qv[2 * k] * f.x + qv[2 * k + 1] * f.y;
+        }
+#pragma unroll
+        for (int o = LP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        float mn = fmaxf(m, s);
+        float corr = expf(m - mn), e = expf(s - mn);
+        l = l * corr + e;
+        uint4 vraw = *(const uint4*)(vc + off);
+        const __half2* vh2 = (const __half2*)&vraw;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __half22float2(vh2[k]);
+            acc[2 * k] = acc[2 * k] * corr + e * f.x;
+            acc[2 * k + 1] = acc[2 * k + 1] * corr + e * f.y;
+        }
+        m = mn;
+    }
+    // Merge the G partial states: sm = [G] m, [G] l, [G][HD] acc.
+    float* sm_m = sm;
+    float* sm_l = sm + G;
+    float* sm_a = sm + 2 * G;
+    if (sub == 0) { sm_m[g] = m; sm_l[g] = l; }
+#pragma unroll
+    for (int k = 0; k < 8; k++) sm_a[g * HD + sub * 8 + k] = acc[k];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int i = 0; i < G; i++) M = fmaxf(M, sm_m[i]);
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float L = 0.0f, o = 0.0f;
+        for (int i = 0; i < G; i++) {
+            if (sm_m[i] == -INFINITY) continue;
+            float c = expf(sm_m[i] - M);
+            L += sm_l[i] * c;
+            o += sm_a[i * HD + d] * c;
+        }
+        out[((long)t * a.n_heads + head) * HD + d] = L > 0.0f ? o / L : 0.0f;
+    }
+}
+
+extern "C" __global__ void attention_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a) { attention<64>(q, kc, vc, tp, ts, tb, o, a); }
+extern "C" __global__ void attention_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a) { attention<128>(q, kc, vc, tp, ts, tb, o, a); }
+extern "C" __global__ void attention_256(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a) { attention<256>(q, kc, vc, tp, ts, tb, o, a); }

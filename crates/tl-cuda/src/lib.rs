@@ -1,0 +1,694 @@
+//! The CUDA device: context and stream, device memory, the kernels of
+//! `kernels.cu` compiled at run time by NVRTC for the card (PTX cached on
+//! disk, keyed by source hash and architecture), cuBLAS, and CUDA graphs.
+//!
+//! Everything is loaded at run time (cudarc with dynamic loading), so one
+//! binary built without a CUDA toolkit runs on machines with and without a
+//! GPU. cudarc panics when a library is missing; [`probe`] checks for the
+//! driver, NVRTC and cuBLAS first, and [`Gpu::new`] refuses with a clear
+//! reason instead.
+//!
+//! The model code (tl-model's CUDA executor) drives this crate through raw
+//! device pointers ([`DevBuf`]) and named kernel launches: that keeps the
+//! launch path free of per-call bookkeeping, so a decode step can be
+//! captured once as a graph and replayed.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cudarc::cublas::sys as blas_sys;
+use cudarc::driver::sys as drv;
+use cudarc::driver::{result as drv_res, CudaContext, CudaModule, CudaStream};
+
+/// The kernel sources, compiled by NVRTC at first use.
+pub const KERNELS_CU: &str = include_str!("kernels.cu");
+
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("CUDA not available: {0}")]
+    Unavailable(String),
+    #[error("CUDA driver error in {op}: {err}")]
+    Driver { op: String, err: String },
+    #[error("NVRTC could not compile the kernels for {arch}: {log}")]
+    Compile { arch: String, log: String },
+    #[error("cuBLAS error in {op}: {err}")]
+    Blas { op: String, err: String },
+    #[error("no CUDA kernel named {0}")]
+    NoKernel(String),
+    #[error(
+        "out of GPU memory: {what} needs {need} bytes, {free} of {total} bytes are free on {device}"
+    )]
+    OutOfMemory {
+        what: String,
+        need: usize,
+        free: usize,
+        total: usize,
+        device: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, CudaError>;
+
+fn drv_err(op: &str) -> impl FnOnce(drv_res::DriverError) -> CudaError + '_ {
+    move |e| CudaError::Driver {
+        op: op.to_string(),
+        err: format!("{e:?}"),
+    }
+}
+
+/// Checks that the CUDA driver, NVRTC and cuBLAS libraries can be loaded and
+/// that a device exists, without letting cudarc panic.
+pub fn probe() -> Result<()> {
+    // SAFETY: these only try to dlopen the libraries (libloading) and drop
+    // the handles; no symbol is called.
+    let (cu, rtc, blas) = unsafe {
+        (
+            drv::is_culib_present(),
+            cudarc::nvrtc::sys::is_culib_present(),
+            blas_sys::is_culib_present(),
+        )
+    };
+    if !cu {
+        return Err(CudaError::Unavailable(
+            "the CUDA driver library (libcuda.so) could not be loaded: no NVIDIA driver on this machine"
+                .into(),
+        ));
+    }
+    if !rtc {
+        return Err(CudaError::Unavailable(
+            "the NVRTC library (libnvrtc.so) could not be loaded: install the CUDA runtime libraries"
+                .into(),
+        ));
+    }
+    if !blas {
+        return Err(CudaError::Unavailable(
+            "the cuBLAS library (libcublas.so) could not be loaded: install the CUDA runtime libraries"
+                .into(),
+        ));
+    }
+    drv_res::init().map_err(|e| CudaError::Unavailable(format!("cuInit failed: {e:?}")))?;
+    let n = CudaContext::device_count()
+        .map_err(|e| CudaError::Unavailable(format!("cannot count devices: {e:?}")))?;
+    if n == 0 {
+        return Err(CudaError::Unavailable("the driver reports no GPU".into()));
+    }
+    Ok(())
+}
+
+/// Number of CUDA devices, after a successful [`probe`].
+pub fn device_count() -> Result<usize> {
+    probe()?;
+    CudaContext::device_count()
+        .map(|n| n as usize)
+        .map_err(drv_err("device_count"))
+}
+
+/// A device allocation, freed on drop. `ptr` is the raw device address.
+#[derive(Debug)]
+pub struct DevBuf {
+    pub ptr: u64,
+    pub bytes: usize,
+    ctx: Arc<CudaContext>,
+}
+
+impl DevBuf {
+    /// The address `off` bytes in.
+    pub fn at(&self, off: usize) -> u64 {
+        self.ptr + off as u64
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            // SAFETY: `ptr` came from `malloc_sync` in this context and is
+            // freed once; errors on teardown can only be ignored.
+            let _ = self.ctx.bind_to_thread();
+            let _ = unsafe { drv_res::free_sync(self.ptr) };
+        }
+    }
+}
+
+/// Page-locked host memory (for fast, asynchronous read-back).
+pub struct PinnedBuf {
+    ptr: *mut c_void,
+    bytes: usize,
+}
+
+// SAFETY: plain host memory owned by this value.
+unsafe impl Send for PinnedBuf {}
+unsafe impl Sync for PinnedBuf {}
+
+impl PinnedBuf {
+    pub fn as_slice<T: bytemuck_like::Pod>(&self) -> &[T] {
+        // SAFETY: the allocation holds `bytes` bytes, page-aligned.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const T, self.bytes / size_of::<T>()) }
+    }
+    pub fn as_mut_slice<T: bytemuck_like::Pod>(&mut self) -> &mut [T] {
+        // SAFETY: as above, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, self.bytes / size_of::<T>()) }
+    }
+    pub fn len_bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for PinnedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_host`, freed once.
+        let _ = unsafe { drv_res::free_host(self.ptr) };
+    }
+}
+
+/// Plain-old-data element types that may be viewed in pinned memory.
+pub mod bytemuck_like {
+    /// # Safety
+    /// Every bit pattern is a valid value.
+    pub unsafe trait Pod: Copy {}
+    unsafe impl Pod for f32 {}
+    unsafe impl Pod for i32 {}
+    unsafe impl Pod for u32 {}
+    unsafe impl Pod for u8 {}
+}
+
+/// One kernel argument, by value.
+pub enum Arg {
+    Ptr(u64),
+    I32(i32),
+    I64(i64),
+    F32(f32),
+    /// A `#[repr(C)]` struct passed by value, as its bytes.
+    Raw(Vec<u8>),
+}
+
+/// Bytes of a `#[repr(C)]` value for [`Arg::Raw`].
+pub fn raw_arg<T: Copy>(v: &T) -> Arg {
+    // SAFETY: reads the `size_of::<T>()` bytes of a `Copy` value; the
+    // structs passed have no padding (all 4- or 8-byte fields in order).
+    let b = unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) };
+    Arg::Raw(b.to_vec())
+}
+
+/// A captured CUDA graph, replayed with [`Gpu::replay`].
+pub struct Graph {
+    exec: drv::CUgraphExec,
+    graph: drv::CUgraph,
+}
+
+// SAFETY: graph handles are driver objects usable from any thread bound to
+// their context.
+unsafe impl Send for Graph {}
+unsafe impl Sync for Graph {}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: created by `end_capture`/`instantiate`, destroyed once.
+        unsafe {
+            let _ = drv_res::graph::exec_destroy(self.exec);
+            let _ = drv_res::graph::destroy(self.graph);
+        }
+    }
+}
+
+/// One GPU: context, stream, the compiled kernels and a cuBLAS handle.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    _module: Arc<CudaModule>,
+    funcs: HashMap<String, drv::CUfunction>,
+    blas: blas_sys::cublasHandle_t,
+    pub name: String,
+    pub ordinal: usize,
+    pub total_mem: usize,
+    pub arch: (i32, i32),
+    pub sm_count: usize,
+}
+
+// SAFETY: the raw handles (functions, cuBLAS) belong to the context, which
+// is bound to the calling thread before every use; launches are serialised
+// on the one stream by the owner (`&self` methods only enqueue work).
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl std::fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({} #{})", self.name, self.ordinal)
+    }
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("TL_CUDA_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("tensorlogic").join("cuda"))
+}
+
+/// FNV-1a 64 of the source: a stable key across builds and runs.
+fn source_hash(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+impl Gpu {
+    /// Opens device `ordinal`, compiling (or loading from the disk cache)
+    /// the kernels for its architecture.
+    pub fn new(ordinal: usize) -> Result<Arc<Gpu>> {
+        probe()?;
+        let n = device_count()?;
+        if ordinal >= n {
+            return Err(CudaError::Unavailable(format!(
+                "device cuda:{ordinal} requested, {n} device(s) present"
+            )));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(drv_err("context"))?;
+        // SAFETY: this crate synchronises through its single stream and
+        // never relies on cudarc's per-slice events (it uses raw pointers).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(drv_err("stream"))?;
+        let name = ctx.name().map_err(drv_err("device name"))?;
+        let total_mem = ctx.total_mem().map_err(drv_err("total_mem"))?;
+        let arch = ctx
+            .compute_capability()
+            .map_err(drv_err("compute capability"))?;
+        let sm_count = ctx
+            .attribute(drv::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv_err("SM count"))? as usize;
+        let arch_s = format!("sm_{}{}", arch.0, arch.1);
+        let ptx = Self::compile(&arch_s)?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+            .map_err(drv_err("load module"))?;
+        let mut funcs = HashMap::new();
+        for name in kernel_names(KERNELS_CU) {
+            let f = module
+                .load_function(&name)
+                .map_err(drv_err("load function"))?;
+            funcs.insert(name, f.cu_function());
+        }
+        let mut blas: blas_sys::cublasHandle_t = std::ptr::null_mut();
+        // SAFETY: cublasCreate writes a handle; it is bound to our stream
+        // and destroyed in Drop.
+        unsafe {
+            let st = blas_sys::cublasCreate_v2(&mut blas);
+            if st != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Blas {
+                    op: "create".into(),
+                    err: format!("{st:?}"),
+                });
+            }
+            blas_sys::cublasSetStream_v2(blas, stream.cu_stream() as _);
+        }
+        Ok(Arc::new(Gpu {
+            ctx,
+            stream,
+            _module: module,
+            funcs,
+            blas,
+            name,
+            ordinal,
+            total_mem,
+            arch,
+            sm_count,
+        }))
+    }
+
+    fn compile(arch: &str) -> Result<String> {
+        let key = format!("{:016x}-{arch}.ptx", source_hash(KERNELS_CU));
+        let path = cache_dir().map(|d| d.join(&key));
+        if let Some(p) = &path {
+            if let Ok(s) = std::fs::read_to_string(p) {
+                return Ok(s);
+            }
+        }
+        let arch_static: &'static str = Box::leak(arch.to_string().into_boxed_str());
+        let opts = cudarc::nvrtc::CompileOptions {
+            arch: Some(arch_static),
+            options: vec!["--std=c++17".into(), "-default-device".into()],
+            ..Default::default()
+        };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(KERNELS_CU, opts).map_err(|e| {
+            CudaError::Compile {
+                arch: arch.to_string(),
+                log: format!("{e}"),
+            }
+        })?;
+        let src = ptx.to_src();
+        if let Some(p) = &path {
+            // The cache is an optimisation: a read-only home still works.
+            if let Some(dir) = p.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+            if std::fs::write(&tmp, &src).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
+            }
+        }
+        Ok(src)
+    }
+
+    /// Binds the context to the calling thread (cheap; call before work on
+    /// a thread that did not create the device).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(drv_err("bind"))
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        drv_res::mem_get_info().map_err(drv_err("mem_get_info"))
+    }
+
+    /// Allocates `bytes` (at least 1) of device memory, checking free memory
+    /// first so that a too-large request fails with both sizes named.
+    pub fn alloc(&self, bytes: usize, what: &str) -> Result<DevBuf> {
+        self.bind()?;
+        let bytes = bytes.max(1).next_multiple_of(256);
+        let (free, total) = self.mem_info()?;
+        if bytes > free {
+            return Err(CudaError::OutOfMemory {
+                what: what.to_string(),
+                need: bytes,
+                free,
+                total,
+                device: self.name.clone(),
+            });
+        }
+        // SAFETY: a plain device allocation, owned by the returned DevBuf.
+        let ptr = unsafe { drv_res::malloc_sync(bytes) }.map_err(|e| CudaError::OutOfMemory {
+            what: format!("{what} ({e:?})"),
+            need: bytes,
+            free,
+            total,
+            device: self.name.clone(),
+        })?;
+        Ok(DevBuf {
+            ptr,
+            bytes,
+            ctx: self.ctx.clone(),
+        })
+    }
+
+    /// Allocates and zero-fills.
+    pub fn alloc_zeroed(&self, bytes: usize, what: &str) -> Result<DevBuf> {
+        let b = self.alloc(bytes, what)?;
+        // SAFETY: `b` holds `b.bytes` bytes.
+        unsafe { drv_res::memset_d8_sync(b.ptr, 0, b.bytes) }.map_err(drv_err("memset"))?;
+        Ok(b)
+    }
+
+    /// Copies host bytes into a new device buffer (synchronously).
+    pub fn upload(&self, data: &[u8], what: &str) -> Result<DevBuf> {
+        let b = self.alloc(data.len(), what)?;
+        // SAFETY: `b` holds at least `data.len()` bytes.
+        unsafe { drv_res::memcpy_htod_sync(b.ptr, data) }.map_err(drv_err("upload"))?;
+        Ok(b)
+    }
+
+    /// Asynchronous host-to-device copy on the stream. The host memory must
+    /// stay unchanged until the stream passes this point (callers copy from
+    /// buffers they keep until the next synchronisation).
+    pub fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `dst` points at device memory of at least `src.len()`
+        // bytes (the caller's buffer sizing); `src` outlives the copy (see
+        // above).
+        unsafe { drv_res::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(drv_err("htod"))
+    }
+
+    /// Device-to-host copy; synchronises the stream first so that all work
+    /// before it is done.
+    pub fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: `src` holds at least `dst.len()` bytes (caller sizing).
+        unsafe { drv_res::memcpy_dtoh_async(dst, src, self.stream.cu_stream()) }
+            .map_err(drv_err("dtoh"))?;
+        self.sync()
+    }
+
+    /// Device-to-device copy on the stream.
+    pub fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        // SAFETY: both ranges are device memory of `bytes` (caller sizing).
+        unsafe { drv_res::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+            .map_err(drv_err("dtod"))
+    }
+
+    /// Page-locked host memory.
+    pub fn pinned(&self, bytes: usize) -> Result<PinnedBuf> {
+        self.bind()?;
+        // SAFETY: plain pinned allocation, owned by the returned value.
+        let ptr = unsafe { drv_res::malloc_host(bytes.max(64), 0) }.map_err(drv_err("pinned"))?;
+        Ok(PinnedBuf {
+            ptr,
+            bytes: bytes.max(64),
+        })
+    }
+
+    /// Waits for all work on the stream.
+    pub fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(drv_err("synchronize"))
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::NoKernel(name.to_string()))?;
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        // Each argument's bytes, kept alive across the call.
+        let mut store: Vec<[u64; 8]> = Vec::with_capacity(args.len());
+        for a in args {
+            let mut slot = [0u64; 8];
+            {
+                // SAFETY: viewing a local [u64; 8] as 64 bytes.
+                let bytes: &mut [u8; 64] = unsafe { &mut *(slot.as_mut_ptr() as *mut [u8; 64]) };
+                match a {
+                    Arg::Ptr(p) => bytes[..8].copy_from_slice(&p.to_ne_bytes()),
+                    Arg::I32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
+                    Arg::I64(v) => bytes[..8].copy_from_slice(&v.to_ne_bytes()),
+                    Arg::F32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
+                    Arg::Raw(r) => {
+                        if r.len() > 64 {
+                            return Err(CudaError::Invalid(format!(
+                                "kernel {name}: a by-value argument of {} bytes (64 at most)",
+                                r.len()
+                            )));
+                        }
+                        bytes[..r.len()].copy_from_slice(r)
+                    }
+                }
+            }
+            store.push(slot);
+        }
+        let mut params: Vec<*mut c_void> = store
+            .iter_mut()
+            .map(|s| s.as_mut_ptr() as *mut c_void)
+            .collect();
+        // SAFETY: `f` is a function of the loaded module; `params` points at
+        // one value per kernel parameter, laid out as the kernel declares
+        // them (the callers in tl-model pass them in declaration order),
+        // alive until cuLaunchKernel returns (it copies them).
+        unsafe {
+            drv_res::launch_kernel(
+                f,
+                grid,
+                (block, 1, 1),
+                smem,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| CudaError::Driver {
+            op: format!("launch {name}"),
+            err: format!("{e:?}"),
+        })
+    }
+
+    /// Raises a kernel's dynamic shared-memory limit.
+    pub fn set_max_smem(&self, name: &str, bytes: u32) -> Result<()> {
+        let f = *self
+            .funcs
+            .get(name)
+            .ok_or_else(|| CudaError::NoKernel(name.to_string()))?;
+        // SAFETY: a valid function handle; attribute setting only.
+        unsafe {
+            drv_res::function::set_function_attribute(
+                f,
+                drv::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                bytes as i32,
+            )
+        }
+        .map_err(drv_err("set smem"))
+    }
+
+    /// Row-major `c[m, n] = a[m, k] · b[n, k]ᵀ` with f16 inputs, f32
+    /// accumulation and f32 output (cuBLAS GemmEx on tensor cores).
+    pub fn gemm_f16_nt(
+        &self,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        b: u64,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        // Column-major view: cᵀ[n, m] = b[n, k] · a[m, k]ᵀ, i.e. op(B) = Bᵀ
+        // of the column-major [k, n] B.
+        // SAFETY: the pointers are device buffers of the stated shapes
+        // (caller sizing); cuBLAS runs on our stream.
+        let st = unsafe {
+            blas_sys::cublasGemmEx(
+                self.blas,
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n as i32,
+                m as i32,
+                k as i32,
+                &alpha as *const f32 as *const c_void,
+                b as *const c_void,
+                blas_sys::cudaDataType_t::CUDA_R_16F,
+                k as i32,
+                a as *const c_void,
+                blas_sys::cudaDataType_t::CUDA_R_16F,
+                k as i32,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                blas_sys::cudaDataType_t::CUDA_R_32F,
+                ldc as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if st != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(CudaError::Blas {
+                op: format!("gemm {m}x{n}x{k}"),
+                err: format!("{st:?}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts capturing the stream's work into a graph.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: our stream; ended by `end_capture`.
+        unsafe {
+            drv_res::stream::begin_capture(
+                self.stream.cu_stream(),
+                drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
+        }
+        .map_err(drv_err("begin capture"))
+    }
+
+    /// Ends a capture and instantiates the graph.
+    pub fn end_capture(&self) -> Result<Graph> {
+        // SAFETY: ends the capture begun by `begin_capture` on our stream.
+        let graph = unsafe { drv_res::stream::end_capture(self.stream.cu_stream()) }
+            .map_err(drv_err("end capture"))?;
+        if graph.is_null() {
+            return Err(CudaError::Invalid("graph capture produced no graph".into()));
+        }
+        // SAFETY: a graph just captured.
+        let exec = unsafe { drv_res::graph::instantiate(graph, drv::CUgraphInstantiate_flags(0)) }
+            .map_err(drv_err("instantiate graph"))?;
+        Ok(Graph { exec, graph })
+    }
+
+    /// Replays a captured graph on the stream.
+    pub fn replay(&self, g: &Graph) -> Result<()> {
+        // SAFETY: an instantiated graph of this context.
+        unsafe { drv_res::graph::launch(g.exec, self.stream.cu_stream()) }
+            .map_err(drv_err("graph launch"))
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            blas_sys::cublasDestroy_v2(self.blas);
+        }
+    }
+}
+
+/// The `extern "C" __global__` kernel names of a source.
+fn kernel_names(src: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in src.lines() {
+        let l = line.trim_start();
+        if let Some(rest) = l.strip_prefix("extern \"C\" __global__ void ") {
+            if let Some(name) = rest.split('(').next() {
+                out.push(name.trim().to_string());
+            }
+        }
+        // Names generated by the GEMV_Q macro.
+        if let Some(rest) = l.strip_prefix("GEMV_Q(") {
+            if let Some(base) = rest.split(',').next() {
+                for m in 1..=8 {
+                    out.push(format!("{}_{m}", base.trim()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_names_found() {
+        let names = kernel_names(KERNELS_CU);
+        for n in [
+            "gemv_q8_0_1",
+            "gemv_q6_k_8",
+            "gemv_f16_3",
+            "attention_128",
+            "qkv_rope_store",
+            "rms_norm",
+            "argmax_rows",
+        ] {
+            assert!(names.iter().any(|x| x == n), "{n} missing");
+        }
+    }
+
+    #[test]
+    fn probe_never_panics() {
+        // On a machine without a driver this is an error naming the reason;
+        // with one, Ok. Either way no panic.
+        match probe() {
+            Ok(()) => {}
+            Err(e) => assert!(e.to_string().starts_with("CUDA not available")),
+        }
+    }
+}

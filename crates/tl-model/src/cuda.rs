@@ -1,0 +1,1123 @@
+//! The CUDA executor of the forward stages (see `forward.rs`): weights,
+//! activations and the paged KV cache in device memory, the kernels of
+//! `tl-cuda/src/kernels.cu`, and one CUDA-graph replay per decode step.
+//!
+//! Weights are uploaded once, repacked per block type so that every load
+//! is aligned (layouts in `kernels.cu`); Q/K/V and gate/up of the same type
+//! are concatenated row-wise into one matrix, so each is one product.
+//! Products of up to 8 rows (decode) run as quantized GEMVs on 8-bit
+//! activations (dp4a); larger ones (prefill) dequantize the weight to f16
+//! and run cuBLAS on tensor cores. Types without a quantized kernel here
+//! (F32, BF16, Q4_1, Q5_1, Q2_K, Q3_K, Q5_K) are converted to f16 at load.
+//!
+//! Only the step's token metadata goes up (one copy) and only the requested
+//! logits rows, or just the greedy token ids, come back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use half::f16;
+use tl_cuda::{raw_arg, Arg, DevBuf, Gpu, Graph};
+use tl_gguf::GgmlType;
+
+use crate::attention::AttnParams;
+use crate::config::{Arch, FfnAct, RopeLayout};
+use crate::error::{ModelError, Result};
+use crate::forward::{Exec, Plan, Probe};
+use crate::kv::{KvCache, BLOCK_SIZE};
+use crate::model::{ForwardState, Model, SeqBatch};
+use crate::weights::Weight;
+
+fn cuda_err(e: tl_cuda::CudaError) -> ModelError {
+    ModelError::Device(e.to_string())
+}
+
+/// The device kernels' weight layouts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    F16,
+    Q8_0,
+    Q4_0,
+    Q5_0,
+    Q4K,
+    Q6K,
+}
+
+impl Kind {
+    fn of(ty: GgmlType) -> Kind {
+        match ty {
+            GgmlType::Q8_0 => Kind::Q8_0,
+            GgmlType::Q4_0 => Kind::Q4_0,
+            GgmlType::Q5_0 => Kind::Q5_0,
+            GgmlType::Q4_K => Kind::Q4K,
+            GgmlType::Q6_K => Kind::Q6K,
+            _ => Kind::F16,
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Kind::F16 => "f16",
+            Kind::Q8_0 => "q8_0",
+            Kind::Q4_0 => "q4_0",
+            Kind::Q5_0 => "q5_0",
+            Kind::Q4K => "q4_k",
+            Kind::Q6K => "q6_k",
+        }
+    }
+}
+
+/// A weight's component arrays on the host, before upload (see the layouts
+/// in `kernels.cu`).
+struct HostParts {
+    kind: Kind,
+    rows: usize,
+    cols: usize,
+    parts: [Vec<u8>; 4],
+}
+
+/// Splits GGML blocks into the device layout of their kind.
+fn repack(w: &Weight, bytes: &[u8]) -> Result<HostParts> {
+    let kind = Kind::of(w.ty);
+    let (rows, cols) = (w.rows, w.cols);
+    let mut parts: [Vec<u8>; 4] = Default::default();
+    let bad = |what: &str| ModelError::Device(format!("tensor '{}': {what}", w.name));
+    let blocks = |bs: usize| -> Result<std::slice::ChunksExact<'_, u8>> {
+        if bytes.len() % bs != 0 {
+            return Err(bad("data is not a whole number of blocks"));
+        }
+        Ok(bytes.chunks_exact(bs))
+    };
+    match kind {
+        Kind::Q8_0 => {
+            for b in blocks(34)? {
+                parts[1].extend_from_slice(&b[..2]);
+                parts[0].extend_from_slice(&b[2..34]);
+            }
+        }
+        Kind::Q4_0 => {
+            for b in blocks(18)? {
+                parts[1].extend_from_slice(&b[..2]);
+                parts[0].extend_from_slice(&b[2..18]);
+            }
+        }
+        Kind::Q5_0 => {
+            for b in blocks(22)? {
+                parts[1].extend_from_slice(&b[..2]);
+                parts[2].extend_from_slice(&b[2..6]);
+                parts[0].extend_from_slice(&b[6..22]);
+            }
+        }
+        Kind::Q4K => parts[0].extend_from_slice(bytes),
+        Kind::Q6K => {
+            for b in blocks(210)? {
+                parts[0].extend_from_slice(&b[..128]);
+                parts[2].extend_from_slice(&b[128..192]);
+                parts[3].extend_from_slice(&b[192..208]);
+                parts[1].extend_from_slice(&b[208..210]);
+            }
+        }
+        Kind::F16 => {
+            let mut row = vec![0.0f32; cols];
+            let rb = bytes.len() / rows.max(1);
+            parts[0].reserve(rows * cols * 2);
+            for r in 0..rows {
+                tl_core::quant::dequantize_named(
+                    w.ty,
+                    &w.name,
+                    &bytes[r * rb..(r + 1) * rb],
+                    &mut row,
+                )
+                .map_err(|e| ModelError::Core {
+                    tensor: w.name.clone(),
+                    err: e,
+                })?;
+                for v in &row {
+                    parts[0].extend_from_slice(&f16::from_f32(*v).to_le_bytes());
+                }
+            }
+        }
+    }
+    Ok(HostParts {
+        kind,
+        rows,
+        cols,
+        parts,
+    })
+}
+
+/// A weight matrix in device memory.
+struct DevMat {
+    kind: Kind,
+    n: usize,
+    k: usize,
+    bufs: Vec<DevBuf>,
+    ptrs: [u64; 4],
+}
+
+impl DevMat {
+    fn upload(gpu: &Gpu, hp: HostParts, name: &str) -> Result<DevMat> {
+        let mut bufs = Vec::new();
+        let mut ptrs = [0u64; 4];
+        for (i, p) in hp.parts.iter().enumerate() {
+            if p.is_empty() {
+                continue;
+            }
+            let b = gpu.upload(p, name).map_err(cuda_err)?;
+            ptrs[i] = b.ptr;
+            bufs.push(b);
+        }
+        Ok(DevMat {
+            kind: hp.kind,
+            n: hp.rows,
+            k: hp.cols,
+            bufs,
+            ptrs,
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        self.bufs.iter().map(|b| b.bytes).sum()
+    }
+
+    fn arg(&self) -> Arg {
+        raw_arg(&self.ptrs)
+    }
+}
+
+/// Weights applied to one input, their outputs side by side: one matrix
+/// when the parts share a type (rows concatenated), else one per part.
+struct DevMats {
+    mats: Vec<DevMat>,
+}
+
+impl DevMats {
+    fn upload(gpu: &Gpu, ws: &[&Weight], file: &tl_gguf::GgufFile) -> Result<DevMats> {
+        let name = ws
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect::<Vec<_>>()
+            .join("+");
+        let hps = ws
+            .iter()
+            .map(|w| repack(w, w.bytes(file)))
+            .collect::<Result<Vec<_>>>()?;
+        let same = hps
+            .iter()
+            .all(|h| h.kind == hps[0].kind && h.cols == hps[0].cols);
+        if same {
+            let mut it = hps.into_iter();
+            let mut acc = it
+                .next()
+                .ok_or_else(|| ModelError::Device("no weights".into()))?;
+            for h in it {
+                acc.rows += h.rows;
+                for (a, p) in acc.parts.iter_mut().zip(h.parts) {
+                    a.extend_from_slice(&p);
+                }
+            }
+            return Ok(DevMats {
+                mats: vec![DevMat::upload(gpu, acc, &name)?],
+            });
+        }
+        let mats = hps
+            .into_iter()
+            .zip(ws)
+            .map(|(h, w)| DevMat::upload(gpu, h, &w.name))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DevMats { mats })
+    }
+
+    fn n(&self) -> usize {
+        self.mats.iter().map(|m| m.n).sum()
+    }
+}
+
+fn upload_f32(gpu: &Gpu, v: &[f32], what: &str) -> Result<DevBuf> {
+    gpu.upload(bytemuck_f32(v), what).map_err(cuda_err)
+}
+
+fn upload_opt(gpu: &Gpu, v: &Option<Vec<f32>>, what: &str) -> Result<Option<DevBuf>> {
+    v.as_ref().map(|v| upload_f32(gpu, v, what)).transpose()
+}
+
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte view of it is valid.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+struct DevLayer {
+    attn_norm: DevBuf,
+    ffn_norm: DevBuf,
+    bq: Option<DevBuf>,
+    bk: Option<DevBuf>,
+    bv: Option<DevBuf>,
+    q_norm: Option<DevBuf>,
+    k_norm: Option<DevBuf>,
+    post_attn_norm: Option<DevBuf>,
+    post_ffn_norm: Option<DevBuf>,
+    qkv: DevMats,
+    wo: DevMat,
+    gate_up: DevMats,
+    down: DevMat,
+}
+
+/// The model's weights on one GPU.
+pub(crate) struct CudaModel {
+    gpu: Arc<Gpu>,
+    embd: DevMat,
+    output: Option<DevMat>,
+    output_norm: DevBuf,
+    layers: Vec<DevLayer>,
+    weight_bytes: usize,
+    /// Elements of the largest matrix (the f16 scratch of prefill products).
+    max_mat: usize,
+}
+
+/// The paged K and V pools of every layer in device memory, laid out as the
+/// host cache: per layer `[block][kv_head][slot][dim]` f16.
+pub(crate) struct DeviceKv {
+    k: DevBuf,
+    v: DevBuf,
+    layer_bytes: usize,
+}
+
+fn ptr(b: &Option<DevBuf>) -> u64 {
+    b.as_ref().map_or(0, |b| b.ptr)
+}
+
+impl CudaModel {
+    pub fn upload(m: &Model, ordinal: usize) -> Result<CudaModel> {
+        let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
+        let file = &m.file;
+        // Fail before allocating when the weights can't fit.
+        let need: usize = file.tensors.iter().map(|t| t.size as usize).sum();
+        let (free, total) = gpu.mem_info().map_err(cuda_err)?;
+        if need > free {
+            return Err(ModelError::Device(format!(
+                "the model's weights need {need} bytes ({:.2} GiB), {free} bytes ({:.2} GiB) of {total} are free on {}",
+                need as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64,
+                gpu.name
+            )));
+        }
+        let w = &m.weights;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        let mut max_mat = 0usize;
+        for (lw, lv) in w.layers.iter().zip(&m.vecs) {
+            let l = DevLayer {
+                attn_norm: upload_f32(&gpu, &lv.attn_norm, "attn_norm")?,
+                ffn_norm: upload_f32(&gpu, &lv.ffn_norm, "ffn_norm")?,
+                bq: upload_opt(&gpu, &lv.bq, "bq")?,
+                bk: upload_opt(&gpu, &lv.bk, "bk")?,
+                bv: upload_opt(&gpu, &lv.bv, "bv")?,
+                q_norm: upload_opt(&gpu, &lv.q_norm, "q_norm")?,
+                k_norm: upload_opt(&gpu, &lv.k_norm, "k_norm")?,
+                post_attn_norm: upload_opt(&gpu, &lv.post_attn_norm, "post_attn_norm")?,
+                post_ffn_norm: upload_opt(&gpu, &lv.post_ffn_norm, "post_ffn_norm")?,
+                qkv: DevMats::upload(&gpu, &[&lw.wq, &lw.wk, &lw.wv], file)?,
+                wo: DevMat::upload(&gpu, repack(&lw.wo, lw.wo.bytes(file))?, &lw.wo.name)?,
+                gate_up: DevMats::upload(&gpu, &[&lw.gate, &lw.up], file)?,
+                down: DevMat::upload(&gpu, repack(&lw.down, lw.down.bytes(file))?, &lw.down.name)?,
+            };
+            for mm in l
+                .qkv
+                .mats
+                .iter()
+                .chain(&l.gate_up.mats)
+                .chain([&l.wo, &l.down])
+            {
+                max_mat = max_mat.max(mm.n * mm.k);
+            }
+            layers.push(l);
+        }
+        let embd = DevMat::upload(
+            &gpu,
+            repack(&w.token_embd, w.token_embd.bytes(file))?,
+            &w.token_embd.name,
+        )?;
+        let output = match &w.output {
+            Some(o) => Some(DevMat::upload(&gpu, repack(o, o.bytes(file))?, &o.name)?),
+            None => None,
+        };
+        let output_norm = upload_f32(&gpu, &m.output_norm, "output_norm")?;
+        let mut weight_bytes = embd.bytes() + output.as_ref().map_or(0, DevMat::bytes);
+        for l in &layers {
+            weight_bytes += l
+                .qkv
+                .mats
+                .iter()
+                .chain(&l.gate_up.mats)
+                .map(DevMat::bytes)
+                .sum::<usize>();
+            weight_bytes += l.wo.bytes() + l.down.bytes();
+        }
+        Ok(CudaModel {
+            gpu,
+            embd,
+            output,
+            output_norm,
+            layers,
+            weight_bytes,
+            max_mat,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.gpu.ordinal
+    }
+
+    pub fn summary(&self) -> String {
+        let (free, total) = self.gpu.mem_info().unwrap_or((0, self.gpu.total_mem));
+        format!(
+            "cuda:{} {} (sm_{}{}, {} SMs), {:.1} GiB memory, weights {:.1} MiB, {:.1} GiB free",
+            self.gpu.ordinal,
+            self.gpu.name,
+            self.gpu.arch.0,
+            self.gpu.arch.1,
+            self.gpu.sm_count,
+            total as f64 / (1u64 << 30) as f64,
+            self.weight_bytes as f64 / (1u64 << 20) as f64,
+            free as f64 / (1u64 << 30) as f64,
+        )
+    }
+
+    pub fn alloc_kv(
+        &self,
+        n_layers: usize,
+        n_kv: usize,
+        hd: usize,
+        n_blocks: usize,
+    ) -> Result<DeviceKv> {
+        let layer_bytes = n_blocks * n_kv * BLOCK_SIZE * hd * 2;
+        let total = layer_bytes * n_layers;
+        let k = self
+            .gpu
+            .alloc_zeroed(total, "KV cache (K)")
+            .map_err(cuda_err)?;
+        let v = self
+            .gpu
+            .alloc_zeroed(total, "KV cache (V)")
+            .map_err(cuda_err)?;
+        Ok(DeviceKv { k, v, layer_bytes })
+    }
+
+    pub fn forward(
+        &self,
+        m: &Model,
+        cache: &mut KvCache,
+        batch: &[SeqBatch],
+        plan: &Plan,
+        st: &mut ForwardState,
+        greedy: bool,
+    ) -> Result<()> {
+        let gpu = &*self.gpu;
+        gpu.bind().map_err(cuda_err)?;
+        let kv = cache.device.as_ref().ok_or_else(|| {
+            ModelError::Kv("the model is on a GPU but this KV cache is in host memory".into())
+        })?;
+        let c = &m.config;
+        let n = plan.n_tokens();
+        let n_out = plan.out_rows.len();
+        let stride = batch
+            .iter()
+            .map(|s| s.kv.blocks.len())
+            .max()
+            .unwrap_or(1)
+            .next_power_of_two();
+        let cs = st.cuda.get_or_insert_with(CudaState::default);
+        cs.ensure(gpu, m, self, n, n_out.max(1), batch.len() * stride)?;
+        // Step metadata, one upload: ids | pos | slots | seq | out_rows | tables.
+        let h = &mut cs.host_meta;
+        h.clear();
+        for &(si, pos) in &plan.meta {
+            h.push(batch[si].tokens[pos - batch[si].pos] as i32);
+        }
+        for &(_, pos) in &plan.meta {
+            h.push(pos as i32);
+        }
+        for &(si, pos) in &plan.meta {
+            let (b, s) = batch[si]
+                .kv
+                .slot(pos)
+                .ok_or_else(|| ModelError::Kv(format!("no block for position {pos}")))?;
+            if b as usize >= cache.n_blocks {
+                return Err(ModelError::Kv(format!(
+                    "block {b} outside the cache of {}",
+                    cache.n_blocks
+                )));
+            }
+            h.push((b as usize * BLOCK_SIZE + s) as i32);
+        }
+        for &(si, _) in &plan.meta {
+            h.push(si as i32);
+        }
+        for &r in &plan.out_rows {
+            h.push(r as i32);
+        }
+        for s in batch {
+            for i in 0..stride {
+                h.push(s.kv.blocks.get(i).map_or(0, |&b| b as i32));
+            }
+        }
+        let lay = MetaLayout::new(n, n_out, batch.len() * stride);
+        if h.len() * 4 > cs.meta.as_ref().map_or(0, |b| b.bytes) {
+            cs.meta = Some(
+                gpu.alloc(h.len() * 4 * 2, "step metadata")
+                    .map_err(cuda_err)?,
+            );
+            cs.graphs.clear();
+        }
+        let meta_ptr = cs.meta.as_ref().map_or(0, |b| b.ptr);
+        // SAFETY: i32 slice viewed as bytes.
+        let hb = unsafe { std::slice::from_raw_parts(h.as_ptr() as *const u8, h.len() * 4) };
+        gpu.htod(meta_ptr, hb).map_err(cuda_err)?;
+
+        let decode = n == batch.len() && n <= 8 && graphs_enabled() && !crate::dump::enabled();
+        let key = GraphKey {
+            n,
+            n_out,
+            stride,
+            greedy,
+            kv: kv.k.ptr,
+        };
+        let mut ex = CudaExec {
+            gpu,
+            cm: self,
+            m,
+            kv,
+            cs,
+            n,
+            n_out,
+            stride,
+            meta: meta_ptr,
+            lay,
+            greedy,
+        };
+        if decode {
+            if let Some(g) = ex.cs.graphs.get(&key) {
+                gpu.replay(g).map_err(cuda_err)?;
+            } else {
+                gpu.begin_capture().map_err(cuda_err)?;
+                let r = crate::forward::run(c, &mut ex).and_then(|_| ex.finish());
+                let g = gpu.end_capture().map_err(cuda_err);
+                r?;
+                let g = g?;
+                gpu.replay(&g).map_err(cuda_err)?;
+                ex.cs.graphs.insert(key, g);
+            }
+        } else {
+            crate::forward::run(c, &mut ex)?;
+            ex.finish()?;
+        }
+        // Read back what the caller asked for.
+        let cs = st
+            .cuda
+            .as_mut()
+            .ok_or_else(|| ModelError::Device("lost state".into()))?;
+        if greedy {
+            let mut ids = vec![0u8; n_out * 4];
+            gpu.dtoh(&mut ids, cs.ids_ptr()).map_err(cuda_err)?;
+            cs.last_ids = ids
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            st.last_logits = 0;
+        } else {
+            let len = n_out * c.vocab;
+            if st.logits.len() < len {
+                st.logits.resize(len, 0.0);
+            }
+            // SAFETY: f32 slice viewed as bytes for the copy.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(st.logits.as_mut_ptr() as *mut u8, len * 4)
+            };
+            gpu.dtoh(dst, cs.logits_ptr()).map_err(cuda_err)?;
+            st.last_logits = len;
+        }
+        Ok(())
+    }
+}
+
+fn graphs_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_CUDA_GRAPHS").map_or(true, |v| v != "0"))
+}
+
+/// Offsets (in i32s) of the metadata arrays in the step's upload.
+#[derive(Clone, Copy)]
+struct MetaLayout {
+    ids: usize,
+    pos: usize,
+    slots: usize,
+    seq: usize,
+    out_rows: usize,
+    tables: usize,
+}
+
+impl MetaLayout {
+    fn new(n: usize, n_out: usize, _tables: usize) -> Self {
+        MetaLayout {
+            ids: 0,
+            pos: n,
+            slots: 2 * n,
+            seq: 3 * n,
+            out_rows: 4 * n,
+            tables: 4 * n + n_out,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct GraphKey {
+    n: usize,
+    n_out: usize,
+    stride: usize,
+    greedy: bool,
+    kv: u64,
+}
+
+/// Device buffers of the forward, sized for the largest step seen.
+#[derive(Default)]
+pub(crate) struct CudaState {
+    cap_tokens: usize,
+    cap_out: usize,
+    x: Option<DevBuf>,
+    xn: Option<DevBuf>,
+    qkv: Option<DevBuf>,
+    q: Option<DevBuf>,
+    att: Option<DevBuf>,
+    o: Option<DevBuf>,
+    gu: Option<DevBuf>,
+    act: Option<DevBuf>,
+    hidden: Option<DevBuf>,
+    logits: Option<DevBuf>,
+    ids: Option<DevBuf>,
+    xq: Option<DevBuf>,
+    xd: Option<DevBuf>,
+    xh: Option<DevBuf>,
+    wh: Option<DevBuf>,
+    meta: Option<DevBuf>,
+    host_meta: Vec<i32>,
+    last_ids: Vec<u32>,
+    graphs: HashMap<GraphKey, Graph>,
+}
+
+impl CudaState {
+    fn ensure(
+        &mut self,
+        gpu: &Gpu,
+        m: &Model,
+        cm: &CudaModel,
+        n: usize,
+        n_out: usize,
+        _tables: usize,
+    ) -> Result<()> {
+        let c = &m.config;
+        if n > self.cap_tokens {
+            let n = n.next_power_of_two().max(8);
+            let (d, qd, kvd, f) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn);
+            let maxk = d.max(qd).max(f);
+            let a = |bytes: usize, what: &str| gpu.alloc(bytes, what).map(Some).map_err(cuda_err);
+            self.x = a(n * d * 4, "activations x")?;
+            self.xn = a(n * d * 4, "activations xn")?;
+            self.qkv = a(n * (qd + 2 * kvd) * 4, "activations qkv")?;
+            self.q = a(n * qd * 4, "activations q")?;
+            self.att = a(n * qd * 4, "activations att")?;
+            self.o = a(n * d * 4, "activations o")?;
+            self.gu = a(n * 2 * f * 4, "activations gate/up")?;
+            self.act = a(n * f * 4, "activations act")?;
+            self.xq = a(n * maxk, "quantized activations")?;
+            self.xd = a(n * maxk / 32 * 4, "activation scales")?;
+            self.xh = a(n * maxk * 2, "f16 activations")?;
+            if n > 8 && self.wh.is_none() {
+                self.wh = a(cm.max_mat.max(1) * 2, "f16 weight scratch")?;
+            }
+            self.cap_tokens = n;
+            self.graphs.clear();
+        }
+        if n_out > self.cap_out {
+            let n_out = n_out.next_power_of_two().max(8);
+            let a = |bytes: usize, what: &str| gpu.alloc(bytes, what).map(Some).map_err(cuda_err);
+            self.hidden = a(n_out * c.d_model * 4, "final hidden")?;
+            self.logits = a(n_out * c.vocab * 4, "logits")?;
+            self.ids = a(n_out * 4, "token ids")?;
+            // The LM head's f16 scratch for more than 8 rows.
+            if n_out > 8 {
+                let lm = c.vocab * c.d_model;
+                if self.wh.as_ref().map_or(0, |b| b.bytes) < lm * 2 {
+                    self.wh = a(lm.max(cm.max_mat) * 2, "f16 weight scratch")?;
+                }
+            }
+            self.cap_out = n_out;
+            self.graphs.clear();
+        }
+        if n > 8 && self.wh.as_ref().map_or(0, |b| b.bytes) < cm.max_mat * 2 {
+            self.wh = gpu
+                .alloc(cm.max_mat * 2, "f16 weight scratch")
+                .map(Some)
+                .map_err(cuda_err)?;
+        }
+        Ok(())
+    }
+
+    fn logits_ptr(&self) -> u64 {
+        ptr(&self.logits)
+    }
+
+    fn ids_ptr(&self) -> u64 {
+        ptr(&self.ids)
+    }
+
+    /// The greedy ids of the last forward.
+    pub fn greedy_ids(&self) -> Vec<u32> {
+        self.last_ids.clone()
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeArgs {
+    n_heads: i32,
+    n_kv_heads: i32,
+    hd: i32,
+    n_rot: i32,
+    neox: i32,
+    base: f32,
+    eps: f32,
+    q_scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnArgs {
+    n_heads: i32,
+    n_kv_heads: i32,
+    max_blocks: i32,
+    window: i32,
+    scale: f32,
+}
+
+struct CudaExec<'a> {
+    gpu: &'a Gpu,
+    cm: &'a CudaModel,
+    m: &'a Model,
+    kv: &'a DeviceKv,
+    cs: &'a mut CudaState,
+    n: usize,
+    n_out: usize,
+    stride: usize,
+    meta: u64,
+    lay: MetaLayout,
+    greedy: bool,
+}
+
+fn grid1(n: usize, per: usize) -> (u32, u32, u32) {
+    (n.div_ceil(per) as u32, 1, 1)
+}
+
+impl CudaExec<'_> {
+    fn l(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.gpu
+            .launch(name, grid, block, smem, args)
+            .map_err(cuda_err)
+    }
+
+    fn meta_at(&self, off: usize) -> u64 {
+        self.meta + (off * 4) as u64
+    }
+
+    /// `out[m, ..] (row stride ldo) = x[m, K] · Wᵀ` for each matrix of
+    /// `mats`, their outputs side by side.
+    fn matmul(&self, mats: &[&DevMat], x: u64, m: usize, out: u64, ldo: usize) -> Result<()> {
+        let k = mats[0].k;
+        let mut col = 0usize;
+        let small = m <= 8;
+        let needs_q = mats.iter().any(|w| w.kind != Kind::F16);
+        let (xq, xd, xh, wh) = (
+            ptr(&self.cs.xq),
+            ptr(&self.cs.xd),
+            ptr(&self.cs.xh),
+            ptr(&self.cs.wh),
+        );
+        if small && needs_q {
+            let nb = m * k / 32;
+            self.l(
+                "quantize_q8",
+                grid1(nb * 32, 256),
+                256,
+                0,
+                &[Arg::Ptr(x), Arg::Ptr(xq), Arg::Ptr(xd), Arg::I64(nb as i64)],
+            )?;
+        }
+        if !small {
+            let n = m * k;
+            self.l(
+                "to_f16",
+                grid1(n, 256),
+                256,
+                0,
+                &[Arg::Ptr(x), Arg::Ptr(xh), Arg::I64(n as i64)],
+            )?;
+        }
+        for w in mats {
+            let o = out + (col * 4) as u64;
+            if small {
+                let grid = grid1(w.n, 4);
+                if w.kind == Kind::F16 {
+                    self.l(
+                        &format!("gemv_f16_{m}"),
+                        grid,
+                        128,
+                        0,
+                        &[
+                            w.arg(),
+                            Arg::Ptr(x),
+                            Arg::Ptr(o),
+                            Arg::I32(w.n as i32),
+                            Arg::I32(k as i32),
+                            Arg::I32(ldo as i32),
+                        ],
+                    )?;
+                } else {
+                    self.l(
+                        &format!("gemv_{}_{m}", w.kind.suffix()),
+                        grid,
+                        128,
+                        0,
+                        &[
+                            w.arg(),
+                            Arg::Ptr(xq),
+                            Arg::Ptr(xd),
+                            Arg::Ptr(o),
+                            Arg::I32(w.n as i32),
+                            Arg::I32(k as i32),
+                            Arg::I32(ldo as i32),
+                        ],
+                    )?;
+                }
+            } else {
+                let wp = if w.kind == Kind::F16 {
+                    w.ptrs[0]
+                } else {
+                    let nb = w.n * w.k / 32;
+                    self.l(
+                        &format!("dequant_f16_{}", w.kind.suffix()),
+                        grid1(nb, 256),
+                        256,
+                        0,
+                        &[
+                            w.arg(),
+                            Arg::Ptr(wh),
+                            Arg::I32(w.n as i32),
+                            Arg::I32(w.k as i32),
+                        ],
+                    )?;
+                    wh
+                };
+                self.gpu
+                    .gemm_f16_nt(m, w.n, k, xh, wp, o, ldo)
+                    .map_err(cuda_err)?;
+            }
+            col += w.n;
+        }
+        Ok(())
+    }
+
+    fn norm_threads(d: usize) -> u32 {
+        (d.div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+
+    /// Everything after the stages: the greedy argmax.
+    fn finish(&mut self) -> Result<()> {
+        if self.greedy {
+            let v = self.m.config.vocab;
+            self.l(
+                "argmax_rows",
+                (self.n_out as u32, 1, 1),
+                1024,
+                0,
+                &[
+                    Arg::Ptr(ptr(&self.cs.logits)),
+                    Arg::I32(v as i32),
+                    Arg::Ptr(ptr(&self.cs.ids)),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, p: u64, len: usize) -> Result<Vec<f32>> {
+        let mut v = vec![0.0f32; len];
+        // SAFETY: f32 slice viewed as bytes for the copy.
+        let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len * 4) };
+        self.gpu.dtoh(dst, p).map_err(cuda_err)?;
+        Ok(v)
+    }
+}
+
+impl Exec for CudaExec<'_> {
+    fn embed(&mut self) -> Result<()> {
+        let c = &self.m.config;
+        let e = &self.cm.embd;
+        self.l(
+            &format!("embed_{}", e.kind.suffix()),
+            (self.n as u32, 1, 1),
+            64,
+            0,
+            &[
+                e.arg(),
+                Arg::Ptr(self.meta_at(self.lay.ids)),
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.embed_scale),
+            ],
+        )
+    }
+
+    fn attn_norm(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        self.l(
+            "rms_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(self.cm.layers[il].attn_norm.ptr),
+                Arg::Ptr(ptr(&self.cs.xn)),
+                Arg::Ptr(0),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+            ],
+        )
+    }
+
+    fn qkv(&mut self, il: usize) -> Result<()> {
+        let mats: Vec<&DevMat> = self.cm.layers[il].qkv.mats.iter().collect();
+        let ld = self.cm.layers[il].qkv.n();
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.qkv), ld)
+    }
+
+    fn rope_store_kv(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let l = &self.cm.layers[il];
+        let hd = c.head_dim;
+        let args = RopeArgs {
+            n_heads: c.n_heads as i32,
+            n_kv_heads: c.n_kv_heads as i32,
+            hd: hd as i32,
+            n_rot: c.rope_dims as i32,
+            neox: i32::from(c.rope_layout == RopeLayout::Neox),
+            base: c.rope_base_for(il),
+            eps: c.rms_eps,
+            q_scale: if c.arch == Arch::Gemma3 {
+                c.attn_scale
+            } else {
+                1.0
+            },
+        };
+        let off = (il * self.kv.layer_bytes) as u64;
+        self.l(
+            "qkv_rope_store",
+            (self.n as u32, (c.n_heads + c.n_kv_heads) as u32, 1),
+            (hd / 2) as u32,
+            ((hd + 32) * 4) as u32,
+            &[
+                Arg::Ptr(ptr(&self.cs.qkv)),
+                Arg::Ptr(ptr(&l.bq)),
+                Arg::Ptr(ptr(&l.bk)),
+                Arg::Ptr(ptr(&l.bv)),
+                Arg::Ptr(ptr(&l.q_norm)),
+                Arg::Ptr(ptr(&l.k_norm)),
+                Arg::Ptr(self.meta_at(self.lay.pos)),
+                Arg::Ptr(self.meta_at(self.lay.slots)),
+                Arg::Ptr(self.kv.k.ptr + off),
+                Arg::Ptr(self.kv.v.ptr + off),
+                Arg::Ptr(ptr(&self.cs.q)),
+                raw_arg(&args),
+            ],
+        )
+    }
+
+    fn attention(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let p = AttnParams::for_layer(c, il);
+        let hd = c.head_dim;
+        if !matches!(hd, 64 | 128 | 256) {
+            return Err(ModelError::Device(format!(
+                "attention kernel: head dim {hd} (64, 128 or 256 supported)"
+            )));
+        }
+        let args = AttnArgs {
+            n_heads: c.n_heads as i32,
+            n_kv_heads: c.n_kv_heads as i32,
+            max_blocks: self.stride as i32,
+            window: p.window.map_or(0, |w| w as i32),
+            scale: p.scale,
+        };
+        let threads = 256usize;
+        let groups = threads / 32 * (32 / (hd / 8));
+        let smem = ((2 * groups + groups * hd) * 4) as u32;
+        let off = (il * self.kv.layer_bytes) as u64;
+        self.l(
+            &format!("attention_{hd}"),
+            (c.n_heads as u32, self.n as u32, 1),
+            threads as u32,
+            smem,
+            &[
+                Arg::Ptr(ptr(&self.cs.q)),
+                Arg::Ptr(self.kv.k.ptr + off),
+                Arg::Ptr(self.kv.v.ptr + off),
+                Arg::Ptr(self.meta_at(self.lay.pos)),
+                Arg::Ptr(self.meta_at(self.lay.seq)),
+                Arg::Ptr(self.meta_at(self.lay.tables)),
+                Arg::Ptr(ptr(&self.cs.att)),
+                raw_arg(&args),
+            ],
+        )
+    }
+
+    fn attn_out(&mut self, il: usize) -> Result<()> {
+        let w = &self.cm.layers[il].wo;
+        self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n)
+    }
+
+    fn attn_residual(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let l = &self.cm.layers[il];
+        self.l(
+            "add_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(ptr(&self.cs.o)),
+                Arg::Ptr(ptr(&l.post_attn_norm)),
+                Arg::Ptr(l.ffn_norm.ptr),
+                Arg::Ptr(ptr(&self.cs.xn)),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+            ],
+        )
+    }
+
+    fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
+        let mats: Vec<&DevMat> = self.cm.layers[il].gate_up.mats.iter().collect();
+        let ld = self.cm.layers[il].gate_up.n();
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld)
+    }
+
+    fn ffn_act(&mut self) -> Result<()> {
+        let c = &self.m.config;
+        let total = self.n * c.ffn;
+        let act = i32::from(c.ffn_act == FfnAct::Gelu);
+        self.l(
+            "gated",
+            grid1(total, 256),
+            256,
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.gu)),
+                Arg::Ptr(ptr(&self.cs.act)),
+                Arg::I32(c.ffn as i32),
+                Arg::I64(total as i64),
+                Arg::I32(act),
+            ],
+        )
+    }
+
+    fn ffn_down(&mut self, il: usize) -> Result<()> {
+        let w = &self.cm.layers[il].down;
+        self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n)
+    }
+
+    fn ffn_residual(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let l = &self.cm.layers[il];
+        self.l(
+            "add_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(ptr(&self.cs.o)),
+                Arg::Ptr(ptr(&l.post_ffn_norm)),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+            ],
+        )
+    }
+
+    fn logits(&mut self) -> Result<()> {
+        let c = &self.m.config;
+        let m = self.n_out;
+        self.l(
+            "rms_norm",
+            (m as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(self.cm.output_norm.ptr),
+                Arg::Ptr(ptr(&self.cs.hidden)),
+                Arg::Ptr(self.meta_at(self.lay.out_rows)),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+            ],
+        )?;
+        let w = self.cm.output.as_ref().unwrap_or(&self.cm.embd);
+        self.matmul(&[w], ptr(&self.cs.hidden), m, ptr(&self.cs.logits), c.vocab)?;
+        if let Some(cap) = c.final_logit_softcap {
+            let total = m * c.vocab;
+            self.l(
+                "softcap",
+                grid1(total, 256),
+                256,
+                0,
+                &[
+                    Arg::Ptr(ptr(&self.cs.logits)),
+                    Arg::I64(total as i64),
+                    Arg::F32(cap),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn dump(&mut self, what: Probe, il: Option<usize>) -> Result<()> {
+        use crate::dump::write;
+        let c = &self.m.config;
+        let (n, d, qd, f) = (self.n, c.d_model, c.q_dim(), c.ffn);
+        let cs = &*self.cs;
+        let (name, p, len) = match what {
+            Probe::Embd => ("embd", ptr(&cs.x), n * d),
+            Probe::AttnNorm => ("attn_norm", ptr(&cs.xn), n * d),
+            Probe::QkvMatmul => ("qkv-matmul", ptr(&cs.qkv), n * (qd + 2 * c.kv_dim())),
+            Probe::QkvRoped => ("Qcur", ptr(&cs.q), n * qd),
+            Probe::KqvOut => ("kqv_out", ptr(&cs.att), n * qd),
+            Probe::AttnOut => ("attn_out", ptr(&cs.o), n * d),
+            Probe::FfnInp => ("ffn_inp", ptr(&cs.x), n * d),
+            Probe::FfnNorm => ("ffn_norm", ptr(&cs.xn), n * d),
+            Probe::FfnGateUp => ("ffn_gate_up", ptr(&cs.gu), n * 2 * f),
+            Probe::FfnAct => ("ffn_act", ptr(&cs.act), n * f),
+            Probe::FfnOut => ("ffn_out", ptr(&cs.o), n * d),
+            Probe::LOut => ("l_out", ptr(&cs.x), n * d),
+            Probe::ResultNorm => ("result_norm", ptr(&cs.hidden), self.n_out * d),
+        };
+        let v = self.read(p, len)?;
+        write(name, il, &v);
+        Ok(())
+    }
+}

@@ -1,0 +1,476 @@
+//! The CPU executor of the forward stages: host buffers, the SIMD
+//! quantized matmuls of tl-core (repacked weights, shared activation
+//! quantization for Q/K/V and gate/up), per-row norms and RoPE on the
+//! thread pool, and attention over the paged host cache per (token, KV
+//! head group). In `--numerics reference` every kernel follows ggml's
+//! portable float order, bit for bit.
+
+use crate::attention::{attend, AttnParams};
+use crate::config::{Arch, FfnAct, RopeLayout};
+use crate::error::{ModelError, Result};
+use crate::forward::{Exec, Plan, Probe};
+use crate::kv::KvCache;
+use crate::model::{ForwardState, Model, SeqBatch};
+use crate::ops;
+use crate::weights::Weight;
+use tl_core::cpu::kernels;
+use tl_core::RopeMode;
+
+pub(crate) struct CpuExec<'a> {
+    pub m: &'a Model,
+    pub cache: &'a mut KvCache,
+    pub batch: &'a [SeqBatch<'a>],
+    pub plan: &'a Plan,
+    pub st: &'a mut ForwardState,
+}
+
+/// Runs `f(i)` for rows `0..n`: on the matmul pool in a few chunks per
+/// thread when there are enough rows to pay for the hand-off (prefill),
+/// inline otherwise (decode).
+fn each_row(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    const PAR_ROWS: usize = 16;
+    let pool = tl_core::pool::ThreadPool::global();
+    if n < PAR_ROWS || pool.threads() < 2 {
+        (0..n).for_each(f);
+        return;
+    }
+    let per = n.div_ceil(4 * pool.threads());
+    pool.run(n.div_ceil(per), &|ch| {
+        (ch * per..((ch + 1) * per).min(n)).for_each(f)
+    });
+}
+
+/// Row `i` (of `w` values) of the buffer behind `p`.
+///
+/// # Safety
+///
+/// The buffer holds at least `(i + 1) * w` values, and nothing else
+/// touches that row while the slice lives.
+unsafe fn row_mut<'a>(p: SyncPtr<f32>, i: usize, w: usize) -> &'a mut [f32] {
+    std::slice::from_raw_parts_mut(p.get().add(i * w), w)
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl CpuExec<'_> {
+    fn n(&self) -> usize {
+        self.plan.n_tokens()
+    }
+
+    /// Sizes the buffers for this step (they only grow).
+    pub fn prepare(&mut self) {
+        let c = &self.m.config;
+        let (n, d, qd, kvd) = (self.n(), c.d_model, c.q_dim(), c.kv_dim());
+        let st = &mut *self.st;
+        for b in [&mut st.x, &mut st.xn, &mut st.o] {
+            grow(b, n * d);
+        }
+        grow(&mut st.q, n * qd);
+        grow(&mut st.att, n * qd);
+        grow(&mut st.k, n * kvd);
+        grow(&mut st.v, n * kvd);
+        grow(&mut st.gate, n * c.ffn);
+        grow(&mut st.up, n * c.ffn);
+        grow(&mut st.rope, n * c.rope_dims);
+        if st.attn.len() < n * c.n_kv_heads {
+            st.attn
+                .resize_with(n * c.n_kv_heads, crate::attention::AttnScratch::default);
+        }
+    }
+}
+
+impl Exec for CpuExec<'_> {
+    fn embed(&mut self) -> Result<()> {
+        let c = &self.m.config;
+        let d = c.d_model;
+        let emb = &self.m.weights.token_embd;
+        let eb = emb.bytes(&self.m.file);
+        let rb = emb.row_bytes();
+        let st = &mut *self.st;
+        for (i, &(si, pos)) in self.plan.meta.iter().enumerate() {
+            let row = &mut st.x[i * d..(i + 1) * d];
+            let t = self.batch[si].tokens[pos - self.batch[si].pos] as usize;
+            let core = |e| ModelError::Core {
+                tensor: emb.name.clone(),
+                err: e,
+            };
+            // A table repacked for the output matmul (tied embeddings) is
+            // read from its copy: the file's pages were given back, and
+            // faulting rows in again maps whole runs of pages around each.
+            let blocks = match &emb.packed {
+                Some(p) => {
+                    p.row_blocks(t, &mut st.emb_row).map_err(core)?;
+                    &st.emb_row[..]
+                }
+                None => &eb[t * rb..(t + 1) * rb],
+            };
+            tl_core::quant::dequantize(emb.ty, blocks, row).map_err(core)?;
+            if c.embed_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embed_scale);
+            }
+        }
+        Ok(())
+    }
+
+    fn attn_norm(&mut self, il: usize) -> Result<()> {
+        let (n, d, eps) = (self.n(), self.m.config.d_model, self.m.config.rms_eps);
+        let lv = &self.m.vecs[il];
+        let (x, xn) = (&self.st.x, SyncPtr(self.st.xn.as_mut_ptr()));
+        each_row(n, &|i| {
+            // SAFETY: row `i` of `xn` (sized `n * d` in `prepare`) is
+            // written by this call only.
+            let out = unsafe { row_mut(xn, i, d) };
+            kernels::rms_norm_row(&x[i * d..(i + 1) * d], &lv.attn_norm, eps, out);
+        });
+        Ok(())
+    }
+
+    fn qkv(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let (n, qd, kvd) = (self.n(), c.q_dim(), c.kv_dim());
+        let lw = &self.m.weights.layers[il];
+        let st = &mut *self.st;
+        self.m.exec_cpu_mm_many(
+            [&lw.wq, &lw.wk, &lw.wv],
+            &st.xn,
+            n,
+            [
+                &mut st.q[..n * qd],
+                &mut st.k[..n * kvd],
+                &mut st.v[..n * kvd],
+            ],
+            &mut st.act,
+        )
+    }
+
+    fn rope_store_kv(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let (n, qd, kvd, hd, rd) = (self.n(), c.q_dim(), c.kv_dim(), c.head_dim, c.rope_dims);
+        let lv = &self.m.vecs[il];
+        let rope_mode = match c.rope_layout {
+            RopeLayout::Neox => RopeMode::Neox,
+            RopeLayout::Normal => RopeMode::Normal,
+        };
+        let st = &mut *self.st;
+        {
+            // Biases, q/k norms and rotations, row by row.
+            let (qp, kp, vp) = (
+                SyncPtr(st.q.as_mut_ptr()),
+                SyncPtr(st.k.as_mut_ptr()),
+                SyncPtr(st.v.as_mut_ptr()),
+            );
+            let rope = SyncPtr(st.rope.as_mut_ptr());
+            let meta = &self.plan.meta;
+            let base = c.rope_base_for(il);
+            each_row(n, &|i| {
+                // SAFETY: rows `i` of q, k, v (sized `n * qd`, `n * kvd`)
+                // and of the rotation table (`n * rd`) are touched by
+                // this call only.
+                let (q, k, v, cs) = unsafe {
+                    (
+                        row_mut(qp, i, qd),
+                        row_mut(kp, i, kvd),
+                        row_mut(vp, i, kvd),
+                        row_mut(rope, i, rd),
+                    )
+                };
+                for (buf, bias) in [(&mut *q, &lv.bq), (&mut *k, &lv.bk), (&mut *v, &lv.bv)] {
+                    if let Some(b) = bias {
+                        buf.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    }
+                }
+                kernels::rope_cache(meta[i].1 as f32, base, 1.0, None, cs);
+                if let Some(qn) = &lv.q_norm {
+                    kernels::rms_norm_rows_inplace(q, hd, qn, c.rms_eps);
+                }
+                if let Some(kn) = &lv.k_norm {
+                    kernels::rms_norm_rows_inplace(k, hd, kn, c.rms_eps);
+                }
+                for head in q.chunks_exact_mut(hd) {
+                    kernels::rope_rotate(head, cs, rope_mode);
+                    if c.arch == Arch::Gemma3 {
+                        head.iter_mut().for_each(|v| *v *= c.attn_scale);
+                    }
+                }
+                for head in k.chunks_exact_mut(hd) {
+                    kernels::rope_rotate(head, cs, rope_mode);
+                }
+            });
+        }
+        let kv = self.cache.host_mut()?;
+        for i in 0..n {
+            let (si, pos) = self.plan.meta[i];
+            let Some((block, slot)) = self.batch[si].kv.slot(pos) else {
+                return Err(ModelError::Kv(format!("no block for position {pos}")));
+            };
+            kv.write(
+                il,
+                block,
+                slot,
+                &st.k[i * kvd..(i + 1) * kvd],
+                &st.v[i * kvd..(i + 1) * kvd],
+            );
+        }
+        Ok(())
+    }
+
+    fn attention(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let (n, qd, hd) = (self.n(), c.q_dim(), c.head_dim);
+        let params = AttnParams::for_layer(c, il);
+        let cache_ref: &KvCache = self.cache;
+        cache_ref.host()?;
+        let meta = &self.plan.meta;
+        let batch = self.batch;
+        let st = &mut *self.st;
+        let q = &st.q;
+        // One task per (token, KV head group): the group's query heads
+        // are contiguous, so each task owns a disjoint output slice.
+        let group = c.n_heads / c.n_kv_heads;
+        let n_kv = c.n_kv_heads;
+        let out_len = group * hd;
+        let att = SyncPtr(st.att[..n * qd].as_mut_ptr());
+        let scr = SyncPtr(st.attn[..n * n_kv].as_mut_ptr());
+        // On the matmul pool, not rayon: two pools on the same cores
+        // spin against each other between the ops of a step.
+        tl_core::pool::ThreadPool::global().run(n * n_kv, &|idx| {
+            let (i, g) = (idx / n_kv, idx % n_kv);
+            let (si, pos) = meta[i];
+            let heads = g * group..(g + 1) * group;
+            // SAFETY: task `idx` alone touches output elements
+            // `idx * out_len..(idx + 1) * out_len` (inside the
+            // `n * qd` = `n * n_kv * out_len` sliced above) and
+            // scratch `idx` (inside `n * n_kv`); the pool returns
+            // only after every task is done, before `st` is used
+            // again.
+            let (out, scratch) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(att.get().add(idx * out_len), out_len),
+                    &mut *scr.get().add(idx),
+                )
+            };
+            attend(
+                cache_ref,
+                il,
+                batch[si].kv,
+                pos,
+                &params,
+                heads.clone(),
+                &q[i * qd + heads.start * hd..i * qd + heads.end * hd],
+                out,
+                scratch,
+            );
+        });
+        Ok(())
+    }
+
+    fn attn_out(&mut self, il: usize) -> Result<()> {
+        let n = self.n();
+        let st = &mut *self.st;
+        let w = &self.m.weights.layers[il].wo;
+        ops::linear(&st.att, n, w, w.bytes(&self.m.file), &mut st.o, &mut st.act)
+    }
+
+    fn attn_residual(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let (n, d) = (self.n(), c.d_model);
+        let lv = &self.m.vecs[il];
+        let st = &mut *self.st;
+        let (xp, xnp, op) = (
+            SyncPtr(st.x.as_mut_ptr()),
+            SyncPtr(st.xn.as_mut_ptr()),
+            SyncPtr(st.o.as_mut_ptr()),
+        );
+        each_row(n, &|i| {
+            // SAFETY: rows `i` of x, xn and o (each sized `n * d`)
+            // are touched by this call only.
+            let (x, xn, o) = unsafe { (row_mut(xp, i, d), row_mut(xnp, i, d), row_mut(op, i, d)) };
+            if let Some(pn) = &lv.post_attn_norm {
+                kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
+            }
+            x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+            kernels::rms_norm_row(x, &lv.ffn_norm, c.rms_eps, xn);
+        });
+        Ok(())
+    }
+
+    fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
+        let (n, f) = (self.n(), self.m.config.ffn);
+        let lw = &self.m.weights.layers[il];
+        let st = &mut *self.st;
+        self.m.exec_cpu_mm_many(
+            [&lw.gate, &lw.up],
+            &st.xn,
+            n,
+            [&mut st.gate[..n * f], &mut st.up[..n * f]],
+            &mut st.act,
+        )
+    }
+
+    fn ffn_act(&mut self) -> Result<()> {
+        let (n, f) = (self.n(), self.m.config.ffn);
+        let st = &mut *self.st;
+        match self.m.config.ffn_act {
+            FfnAct::Silu => kernels::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+            FfnAct::Gelu => kernels::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
+        }
+        Ok(())
+    }
+
+    fn ffn_down(&mut self, il: usize) -> Result<()> {
+        let n = self.n();
+        let st = &mut *self.st;
+        let w = &self.m.weights.layers[il].down;
+        ops::linear(
+            &st.gate,
+            n,
+            w,
+            w.bytes(&self.m.file),
+            &mut st.o,
+            &mut st.act,
+        )
+    }
+
+    fn ffn_residual(&mut self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let (n, d) = (self.n(), c.d_model);
+        let lv = &self.m.vecs[il];
+        let st = &mut *self.st;
+        let (xp, op) = (SyncPtr(st.x.as_mut_ptr()), SyncPtr(st.o.as_mut_ptr()));
+        each_row(n, &|i| {
+            // SAFETY: rows `i` of x and o (each sized `n * d`) are
+            // touched by this call only.
+            let (x, o) = unsafe { (row_mut(xp, i, d), row_mut(op, i, d)) };
+            if let Some(pn) = &lv.post_ffn_norm {
+                kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
+            }
+            x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
+        });
+        Ok(())
+    }
+
+    fn logits(&mut self) -> Result<()> {
+        // Final norm and output projection, only for rows that want logits.
+        let c = &self.m.config;
+        let d = c.d_model;
+        let m = self.plan.out_rows.len();
+        let st = &mut *self.st;
+        grow(&mut st.hidden_out, m * d);
+        grow(&mut st.logits, m * c.vocab);
+        for (j, &r) in self.plan.out_rows.iter().enumerate() {
+            kernels::rms_norm_row(
+                &st.x[r * d..(r + 1) * d],
+                &self.m.output_norm,
+                c.rms_eps,
+                &mut st.hidden_out[j * d..(j + 1) * d],
+            );
+        }
+        let out_w = self.m.output_weight();
+        ops::linear(
+            &st.hidden_out,
+            m,
+            out_w,
+            out_w.bytes(&self.m.file),
+            &mut st.logits,
+            &mut st.act,
+        )?;
+        if let Some(cap) = c.final_logit_softcap {
+            for v in st.logits[..m * c.vocab].iter_mut() {
+                *v = (*v / cap).tanh() * cap;
+            }
+        }
+        st.last_logits = m * c.vocab;
+        Ok(())
+    }
+
+    fn dump(&mut self, what: Probe, il: Option<usize>) -> Result<()> {
+        use crate::dump::write;
+        let c = &self.m.config;
+        let (n, d, qd, kvd, f) = (self.n(), c.d_model, c.q_dim(), c.kv_dim(), c.ffn);
+        let st = &*self.st;
+        match what {
+            Probe::Embd => write("embd", il, &st.x[..n * d]),
+            Probe::AttnNorm => write("attn_norm", il, &st.xn[..n * d]),
+            Probe::QkvMatmul | Probe::QkvRoped => {
+                let sfx = if matches!(what, Probe::QkvMatmul) {
+                    "-matmul"
+                } else {
+                    ""
+                };
+                write(&format!("Qcur{sfx}"), il, &st.q[..n * qd]);
+                write(&format!("Kcur{sfx}"), il, &st.k[..n * kvd]);
+                write(&format!("Vcur{sfx}"), il, &st.v[..n * kvd]);
+            }
+            Probe::KqvOut => write("kqv_out", il, &st.att[..n * qd]),
+            Probe::AttnOut => write("attn_out", il, &st.o[..n * d]),
+            Probe::FfnInp => write("ffn_inp", il, &st.x[..n * d]),
+            Probe::FfnNorm => write("ffn_norm", il, &st.xn[..n * d]),
+            Probe::FfnGateUp => {
+                write("ffn_gate", il, &st.gate[..n * f]);
+                write("ffn_up", il, &st.up[..n * f]);
+            }
+            Probe::FfnAct => write("ffn_act", il, &st.gate[..n * f]),
+            Probe::FfnOut => write("ffn_out", il, &st.o[..n * d]),
+            Probe::LOut => write("l_out", il, &st.x[..n * d]),
+            Probe::ResultNorm => {
+                let m = self.plan.out_rows.len();
+                write("result_norm", il, &st.hidden_out[..m * d])
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Model {
+    /// Weights applied to the same input (Q, K, V; gate, up): with every one
+    /// repacked, one shared quantization and pool dispatch for decode
+    /// (`tl_core::matmul_packed_many`, the same bits); otherwise one by one.
+    pub(crate) fn exec_cpu_mm_many<const N: usize>(
+        &self,
+        ws: [&Weight; N],
+        x: &[f32],
+        m: usize,
+        mut outs: [&mut [f32]; N],
+        act: &mut tl_core::MatmulScratch,
+    ) -> Result<()> {
+        let packed = ws.map(|w| w.packed.as_deref());
+        if let Some(first) = packed[0] {
+            if packed.iter().all(Option::is_some) {
+                let all = packed.map(|p| p.unwrap_or(first));
+                return tl_core::matmul_packed_many(x, m, &all, &mut outs, act).map_err(|e| {
+                    ModelError::Core {
+                        tensor: ws.map(|w| w.name.as_str()).join("+"),
+                        err: e,
+                    }
+                });
+            }
+        }
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            ops::linear(x, m, w, w.bytes(&self.file), out, act)?;
+        }
+        Ok(())
+    }
+}
+
+/// A pointer handed to pool tasks that each touch a disjoint part of what
+/// it points at.
+struct SyncPtr<T>(*mut T);
+impl<T> Clone for SyncPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for SyncPtr<T> {}
+// SAFETY: users guarantee disjoint access per task (see the attention
+// dispatch above).
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    fn get(self) -> *mut T {
+        self.0
+    }
+}

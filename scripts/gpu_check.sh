@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# GPU correctness and benchmarks, run on a machine with an NVIDIA GPU.
+#
+#   bash scripts/gpu_check.sh test    # CUDA kernels and forward against the CPU backend
+#   bash scripts/gpu_check.sh bench   # tl bench --device cuda beside llama.cpp CUDA
+#   bash scripts/gpu_check.sh all
+#   bash scripts/gpu_check.sh prepare # only synthesize the models and build llama.cpp
+#                                     # (start it detached with setsid; bench waits for it)
+#
+# Binaries: TL_BIN (default .gpu/tl) and TL_CUDA_TEST (default .gpu/cuda_test, the
+# tl-model `cuda` integration test built with `cargo test --release -p tl-model
+# --test cuda --no-run`). Both are built on any machine (cudarc loads CUDA at run
+# time) and carried over; scripts/gpu_prepare.sh builds and strips them.
+# Models: full-size random-weight files of the Qwen2.5 0.5B and 1.5B shapes are
+# synthesized into $W (default /tmp/tlgpu) once and reused.
+# llama.cpp CUDA: built from LLAMA_SRC (default .gpu/llama.cpp-src.tar.xz) by
+# .gpu/build-llamacpp-cuda.sh into /tmp/llamacpp when present.
+# Without a GPU the script says so and exits 0 (CI never has one).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:-all}
+BIN=${TL_BIN:-.gpu/tl}
+TEST=${TL_CUDA_TEST:-.gpu/cuda_test}
+W=${W:-/tmp/tlgpu}
+mkdir -p "$W"
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi >/dev/null 2>&1; then
+  echo "gpu_check: SKIPPED: no NVIDIA GPU on this machine"
+  exit 0
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+export TL_CUDA_CACHE=$W/kernel-cache
+status=0
+
+if [ "$mode" = test ] || [ "$mode" = all ]; then
+  echo "== CUDA against CPU (synthetic models, every architecture and weight type)"
+  "$TEST" --test-threads=1 --nocapture 2>&1 | grep -vE '^(running|$)' || status=1
+fi
+
+synth() { # name args...
+  local out=$W/$1.gguf; shift
+  [ -s "$out" ] && return 0
+  "$BIN" synth -o "$out.tmp" "$@" >/dev/null && mv "$out.tmp" "$out" || { echo "synth $out failed"; status=1; }
+}
+QWEN05="--arch qwen2 --layers 24 --d-model 896 --heads 14 --kv-heads 2 --head-dim 64 --ffn 4864 --extra-vocab 151677 --context 32768"
+QWEN15="--arch qwen2 --layers 28 --d-model 1536 --heads 12 --kv-heads 2 --head-dim 128 --ffn 8960 --extra-vocab 151677 --context 32768"
+
+if [ "$mode" = prepare ]; then touch "$W/prepare.running"; fi
+if [ "$mode" = bench ] || [ "$mode" = all ]; then
+  while [ -f "$W/prepare.running" ]; do sleep 2; done
+fi
+if [ "$mode" = bench ] || [ "$mode" = all ] || [ "$mode" = prepare ]; then
+  synth q05_q8_0 $QWEN05 --weight-type Q8_0 --output-type Q8_0 &
+  synth q05_q4_0 $QWEN05 --weight-type Q4_0 --output-type Q8_0 &
+  synth q15_q4_k $QWEN15 --weight-type Q4_K --output-type Q6_K &
+  if [ -f .gpu/build-llamacpp-cuda.sh ]; then
+    bash .gpu/build-llamacpp-cuda.sh /tmp/llamacpp >"$W/llamacpp-build.log" 2>&1 &
+  fi
+  wait
+  rm -f "$W/prepare.running"
+  tail -1 "$W/llamacpp-build.log" 2>/dev/null
+fi
+if [ "$mode" = bench ] || [ "$mode" = all ]; then
+  LB=/tmp/llamacpp/build/bin
+  for m in q05_q8_0 q05_q4_0 q15_q4_k; do
+    f=$W/$m.gguf
+    echo "== $m: tl (cuda)"
+    "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r ${REPS:-5} --batch ${BATCH:-1} 2>&1 | grep -vE '^\s*$' || status=1
+    if [ -x "$LB/llama-bench" ]; then
+      echo "== $m: llama.cpp CUDA"
+      LD_LIBRARY_PATH=$LB "$LB/llama-bench" -m "$f" -p 512 -n 128 -ngl 99 -fa 1 -r ${REPS:-5} 2>&1 | grep -E '^\|' || status=1
+    fi
+  done
+fi
+exit $status

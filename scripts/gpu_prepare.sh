@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Builds what scripts/gpu_check.sh runs on the GPU machine into .gpu/ (ignored by
+# git): the stripped `tl` binary and the tl-model `cuda` test binary, plus the
+# llama.cpp CUDA build script and sources when ../shared/gpu has them. No CUDA
+# toolkit is needed here: cudarc loads the libraries at run time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mkdir -p .gpu
+grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
+cargo build --release -p tl-cli
+cp target/release/tl .gpu/tl && strip .gpu/tl
+t=$(cargo test --release -p tl-model --test cuda --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import sys,json
+for l in sys.stdin:
+    try: m=json.loads(l)
+    except Exception: continue
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="cuda": print(m["executable"])' | tail -1)
+[ -n "$t" ] || { echo "gpu_prepare: the cuda test binary was not built" >&2; exit 1; }
+cp "$t" .gpu/cuda_test && strip .gpu/cuda_test
+if [ -d ../shared/gpu ]; then cp ../shared/gpu/build-llamacpp-cuda.sh ../shared/gpu/llama.cpp-src.tar.xz .gpu/; fi
+du -sh .gpu/*
