@@ -378,8 +378,22 @@ __device__ float block_sum(float v, float* sh) {
     return warp_sum(t);
 }
 
-// out[row] = x[src] / sqrt(mean(x[src]^2) + eps) * w, with src = rows ? rows[row] : row.
-extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, const int* rows, int d, float eps) {
+// Stores value `v` of element `i` (of a row-major activation whose rows are
+// whole 32-value blocks) quantized to 8 bits: the 32 lanes of the calling
+// warp must hold 32 consecutive elements of one block (loops that stride by
+// a multiple of 32 from the thread index give that).
+__device__ __forceinline__ void store_q8(float v, long i, signed char* xq, float* xd) {
+    float amax = warp_max(fabsf(v));
+    float d = amax / 127.0f;
+    float id = d != 0.0f ? 1.0f / d : 0.0f;
+    xq[i] = (signed char)__float2int_rn(v * id);
+    if ((threadIdx.x & 31) == 0) xd[i / 32] = d;
+}
+
+// out[row] = x[src] / sqrt(mean(x[src]^2) + eps) * w, with src = rows ? rows[row] : row;
+// with xq, also the 8-bit quantized row (d a multiple of 32).
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, const int* rows, int d, float eps,
+                                    signed char* xq, float* xd) {
     __shared__ float sh[32];
     long src = rows ? rows[blockIdx.x] : blockIdx.x;
     const float* xr = x + src * d;
@@ -388,11 +402,17 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
     ss = block_sum(ss, sh);
     float sc = rsqrtf(ss / d + eps);
     float* o = out + (long)blockIdx.x * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) o[i] = xr[i] * sc * w[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = xr[i] * sc * w[i];
+        o[i] = v;
+        if (xq) store_q8(v, (long)blockIdx.x * d + i, xq, xd);
+    }
 }
 
-// x += (pw ? rms_norm(o) * pw : o); then, with nw, xn = rms_norm(x) * nw.
-extern "C" __global__ void add_norm(float* x, const float* o, const float* pw, const float* nw, float* xn, int d, float eps) {
+// x += (pw ? rms_norm(o) * pw : o); then, with nw, xn = rms_norm(x) * nw
+// (and, with xq, xn quantized to 8 bits).
+extern "C" __global__ void add_norm(float* x, const float* o, const float* pw, const float* nw, float* xn, int d, float eps,
+                                    signed char* xq, float* xd) {
     __shared__ float sh[32];
     float* xr = x + (long)blockIdx.x * d;
     const float* orow = o + (long)blockIdx.x * d;
@@ -413,7 +433,11 @@ extern "C" __global__ void add_norm(float* x, const float* o, const float* pw, c
     ss = block_sum(ss, sh);
     float sc = rsqrtf(ss / d + eps);
     float* xo = xn + (long)blockIdx.x * d;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) xo[i] = xr[i] * sc * nw[i];
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = xr[i] * sc * nw[i];
+        xo[i] = v;
+        if (xq) store_q8(v, (long)blockIdx.x * d + i, xq, xd);
+    }
 }
 
 __device__ __forceinline__ float gelu_tanh(float x) {
@@ -423,14 +447,16 @@ __device__ __forceinline__ float gelu_tanh(float x) {
     return 0.5f * x * (1.0f + tanhf(c * x * (1.0f + 0.044715f * x * x)));
 }
 
-// out[t, i] = act(gu[t, i]) * gu[t, f + i]; act 0 = SiLU, 1 = GELU.
-extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int act) {
+// out[t, i] = act(gu[t, i]) * gu[t, f + i]; act 0 = SiLU, 1 = GELU; with xq,
+// also quantized to 8 bits (f a multiple of 32, blockDim a multiple of 32).
+extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int act, signed char* xq, float* xd) {
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long t = i / f, c = i % f;
     float g = gu[t * 2 * f + c], u = gu[t * 2 * f + f + c];
     float a = act == 0 ? g / (1.0f + expf(-g)) : gelu_tanh(g);
     out[i] = a * u;
+    if (xq) store_q8(a * u, i, xq, xd);
 }
 
 extern "C" __global__ void softcap(float* x, long n, float cap) {

@@ -493,6 +493,7 @@ impl CudaModel {
             meta: meta_ptr,
             lay,
             greedy,
+            pending_ffn: None,
         };
         if decode {
             if let Some(g) = ex.cs.graphs.get(&key) {
@@ -710,6 +711,8 @@ struct CudaExec<'a> {
     meta: u64,
     lay: MetaLayout,
     greedy: bool,
+    /// A layer whose FFN residual add is left to the next norm kernel.
+    pending_ffn: Option<usize>,
 }
 
 fn grid1(n: usize, per: usize) -> (u32, u32, u32) {
@@ -735,8 +738,17 @@ impl CudaExec<'_> {
     }
 
     /// `out[m, ..] (row stride ldo) = x[m, K] · Wᵀ` for each matrix of
-    /// `mats`, their outputs side by side.
-    fn matmul(&self, mats: &[&DevMat], x: u64, m: usize, out: u64, ldo: usize) -> Result<()> {
+    /// `mats`, their outputs side by side. `prequant`: the kernel that
+    /// wrote `x` also left it quantized to 8 bits in the activation buffers.
+    fn matmul(
+        &self,
+        mats: &[&DevMat],
+        x: u64,
+        m: usize,
+        out: u64,
+        ldo: usize,
+        prequant: bool,
+    ) -> Result<()> {
         let k = mats[0].k;
         let mut col = 0usize;
         let small = m <= 8;
@@ -747,7 +759,7 @@ impl CudaExec<'_> {
             ptr(&self.cs.xh),
             ptr(&self.cs.wh),
         );
-        if small && needs_q {
+        if small && needs_q && !prequant {
             let nb = m * k / 32;
             self.l(
                 "quantize_q8",
@@ -831,8 +843,41 @@ impl CudaExec<'_> {
         Ok(())
     }
 
+    /// The 8-bit activation buffers as kernel arguments when this step's
+    /// products take quantized activations (≤ 8 rows), else null pointers.
+    fn q8_args(&self) -> [Arg; 2] {
+        if self.n <= 8 {
+            [Arg::Ptr(ptr(&self.cs.xq)), Arg::Ptr(ptr(&self.cs.xd))]
+        } else {
+            [Arg::Ptr(0), Arg::Ptr(0)]
+        }
+    }
+
     fn norm_threads(d: usize) -> u32 {
         (d.div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+
+    /// `x += post_ffn_norm?(o)` of layer `il`.
+    fn flush_residual(&self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let l = &self.cm.layers[il];
+        self.l(
+            "add_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(ptr(&self.cs.o)),
+                Arg::Ptr(ptr(&l.post_ffn_norm)),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+            ],
+        )
     }
 
     /// Everything after the stages: the greedy argmax.
@@ -884,6 +929,29 @@ impl Exec for CudaExec<'_> {
 
     fn attn_norm(&mut self, il: usize) -> Result<()> {
         let c = &self.m.config;
+        let [q0, q1] = self.q8_args();
+        let norm = self.cm.layers[il].attn_norm.ptr;
+        if let Some(pl) = self.pending_ffn.take() {
+            // The previous layer's FFN residual, fused with this norm.
+            let pw = ptr(&self.cm.layers[pl].post_ffn_norm);
+            return self.l(
+                "add_norm",
+                (self.n as u32, 1, 1),
+                Self::norm_threads(c.d_model),
+                0,
+                &[
+                    Arg::Ptr(ptr(&self.cs.x)),
+                    Arg::Ptr(ptr(&self.cs.o)),
+                    Arg::Ptr(pw),
+                    Arg::Ptr(norm),
+                    Arg::Ptr(ptr(&self.cs.xn)),
+                    Arg::I32(c.d_model as i32),
+                    Arg::F32(c.rms_eps),
+                    q0,
+                    q1,
+                ],
+            );
+        }
         self.l(
             "rms_norm",
             (self.n as u32, 1, 1),
@@ -891,11 +959,13 @@ impl Exec for CudaExec<'_> {
             0,
             &[
                 Arg::Ptr(ptr(&self.cs.x)),
-                Arg::Ptr(self.cm.layers[il].attn_norm.ptr),
+                Arg::Ptr(norm),
                 Arg::Ptr(ptr(&self.cs.xn)),
                 Arg::Ptr(0),
                 Arg::I32(c.d_model as i32),
                 Arg::F32(c.rms_eps),
+                q0,
+                q1,
             ],
         )
     }
@@ -903,7 +973,7 @@ impl Exec for CudaExec<'_> {
     fn qkv(&mut self, il: usize) -> Result<()> {
         let mats: Vec<&DevMat> = self.cm.layers[il].qkv.mats.iter().collect();
         let ld = self.cm.layers[il].qkv.n();
-        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.qkv), ld)
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.qkv), ld, true)
     }
 
     fn rope_store_kv(&mut self, il: usize) -> Result<()> {
@@ -987,12 +1057,13 @@ impl Exec for CudaExec<'_> {
 
     fn attn_out(&mut self, il: usize) -> Result<()> {
         let w = &self.cm.layers[il].wo;
-        self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n)
+        self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n, false)
     }
 
     fn attn_residual(&mut self, il: usize) -> Result<()> {
         let c = &self.m.config;
         let l = &self.cm.layers[il];
+        let [q0, q1] = self.q8_args();
         self.l(
             "add_norm",
             (self.n as u32, 1, 1),
@@ -1006,6 +1077,8 @@ impl Exec for CudaExec<'_> {
                 Arg::Ptr(ptr(&self.cs.xn)),
                 Arg::I32(c.d_model as i32),
                 Arg::F32(c.rms_eps),
+                q0,
+                q1,
             ],
         )
     }
@@ -1013,13 +1086,14 @@ impl Exec for CudaExec<'_> {
     fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
         let mats: Vec<&DevMat> = self.cm.layers[il].gate_up.mats.iter().collect();
         let ld = self.cm.layers[il].gate_up.n();
-        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld)
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld, true)
     }
 
     fn ffn_act(&mut self) -> Result<()> {
         let c = &self.m.config;
         let total = self.n * c.ffn;
         let act = i32::from(c.ffn_act == FfnAct::Gelu);
+        let [q0, q1] = self.q8_args();
         self.l(
             "gated",
             grid1(total, 256),
@@ -1031,38 +1105,37 @@ impl Exec for CudaExec<'_> {
                 Arg::I32(c.ffn as i32),
                 Arg::I64(total as i64),
                 Arg::I32(act),
+                q0,
+                q1,
             ],
         )
     }
 
     fn ffn_down(&mut self, il: usize) -> Result<()> {
         let w = &self.cm.layers[il].down;
-        self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n)
+        self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n, true)
     }
 
     fn ffn_residual(&mut self, il: usize) -> Result<()> {
-        let c = &self.m.config;
-        let l = &self.cm.layers[il];
-        self.l(
-            "add_norm",
-            (self.n as u32, 1, 1),
-            Self::norm_threads(c.d_model),
-            0,
-            &[
-                Arg::Ptr(ptr(&self.cs.x)),
-                Arg::Ptr(ptr(&self.cs.o)),
-                Arg::Ptr(ptr(&l.post_ffn_norm)),
-                Arg::Ptr(0),
-                Arg::Ptr(0),
-                Arg::I32(c.d_model as i32),
-                Arg::F32(c.rms_eps),
-            ],
-        )
+        if !crate::dump::enabled() {
+            // Done by the next norm (the next layer's, or the final one).
+            self.pending_ffn = Some(il);
+            return Ok(());
+        }
+        self.flush_residual(il)
     }
 
     fn logits(&mut self) -> Result<()> {
         let c = &self.m.config;
         let m = self.n_out;
+        if let Some(pl) = self.pending_ffn.take() {
+            self.flush_residual(pl)?;
+        }
+        let (q0, q1) = if m <= 8 {
+            (ptr(&self.cs.xq), ptr(&self.cs.xd))
+        } else {
+            (0, 0)
+        };
         self.l(
             "rms_norm",
             (m as u32, 1, 1),
@@ -1075,10 +1148,19 @@ impl Exec for CudaExec<'_> {
                 Arg::Ptr(self.meta_at(self.lay.out_rows)),
                 Arg::I32(c.d_model as i32),
                 Arg::F32(c.rms_eps),
+                Arg::Ptr(q0),
+                Arg::Ptr(q1),
             ],
         )?;
         let w = self.cm.output.as_ref().unwrap_or(&self.cm.embd);
-        self.matmul(&[w], ptr(&self.cs.hidden), m, ptr(&self.cs.logits), c.vocab)?;
+        self.matmul(
+            &[w],
+            ptr(&self.cs.hidden),
+            m,
+            ptr(&self.cs.logits),
+            c.vocab,
+            true,
+        )?;
         if let Some(cap) = c.final_logit_softcap {
             let total = m * c.vocab;
             self.l(
