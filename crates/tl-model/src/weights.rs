@@ -24,6 +24,21 @@ pub struct Weight {
 }
 
 impl Weight {
+    /// A weight description over `len` bytes at offset 0 (unit tests that
+    /// hold the bytes themselves).
+    #[cfg(test)]
+    pub(crate) fn for_test(name: &str, ty: GgmlType, rows: usize, cols: usize, len: usize) -> Self {
+        Weight {
+            name: name.to_string(),
+            ty,
+            rows,
+            cols,
+            start: 0,
+            len,
+            packed: None,
+        }
+    }
+
     /// The raw (block-format) bytes.
     pub fn bytes<'a>(&self, file: &'a GgufFile) -> &'a [u8] {
         file.bytes()
