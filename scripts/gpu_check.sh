@@ -65,6 +65,11 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     f=$W/$m.gguf
     echo "== $m: tl (cuda)"
     "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r ${REPS:-5} --batch ${BATCH:-1} 2>&1 | grep -vE '^\s*$' || status=1
+    if [ -n "${PROFILE:-}" ]; then
+      echo "== $m: tl stage profile, decode (batch 1) and prefill (512)"
+      TL_CUDA_PROFILE=1 "$BIN" --device cuda bench -m "$f" -p 0 -n 64 -r 1 2>&1 | grep -E '^\|' | tail -n +3
+      TL_CUDA_PROFILE=1 "$BIN" --device cuda bench -m "$f" -p 512 -n 0 -r 1 2>&1 | grep -E '^\|' | tail -n +3
+    fi
     if [ -x "$LB/llama-bench" ]; then
       echo "== $m: llama.cpp CUDA"
       LD_LIBRARY_PATH=$LB "$LB/llama-bench" -m "$f" -p 512 -n 128 -ngl 99 -fa 1 -r ${REPS:-5} 2>&1 | grep -E '^\|' || status=1

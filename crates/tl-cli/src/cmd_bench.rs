@@ -119,10 +119,28 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             .collect();
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
-        println!("| model | size | threads | test | batch | t/s |");
+        let dev = model.device();
+        let (col, val) = match dev {
+            tl_core::Device::Cpu => ("threads", threads.to_string()),
+            d => ("device", d.to_string()),
+        };
+        println!("| model | size | {col} | test | batch | t/s |");
         println!("| --- | ---: | ---: | --- | ---: | ---: |");
         for (test, b, (m, sd)) in &rows {
-            println!("| {name} | {size:.1} MiB | {threads} | {test} | {b} | {m:.2} ± {sd:.2} |");
+            println!("| {name} | {size:.1} MiB | {val} | {test} | {b} | {m:.2} ± {sd:.2} |");
+        }
+    }
+    if let Some(p) = model.device_profile() {
+        let total: f64 = p.iter().map(|t| t.1).sum();
+        println!("\nGPU time by stage (TL_CUDA_PROFILE=1, all timed and untimed runs):");
+        println!("| stage | ms | calls | µs/call | share |");
+        println!("| --- | ---: | ---: | ---: | ---: |");
+        for (label, ms, n) in &p {
+            println!(
+                "| {label} | {ms:.2} | {n} | {:.1} | {:.1}% |",
+                1000.0 * ms / (*n).max(1) as f64,
+                100.0 * ms / total.max(1e-9)
+            );
         }
     }
     Ok(())

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use cudarc::cublas::sys as blas_sys;
 use cudarc::driver::sys as drv;
-use cudarc::driver::{result as drv_res, CudaContext, CudaModule, CudaStream};
+use cudarc::driver::{result as drv_res, CudaContext, CudaEvent, CudaModule, CudaStream};
 
 /// The kernel sources, compiled by NVRTC at first use.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
@@ -226,6 +226,15 @@ pub struct Gpu {
     pub total_mem: usize,
     pub arch: (i32, i32),
     pub sm_count: usize,
+    profile: std::sync::Mutex<Profile>,
+}
+
+/// Per-stage GPU time, from events recorded between stages
+/// (`TL_CUDA_PROFILE=1`; the forward then runs without graphs).
+#[derive(Default)]
+struct Profile {
+    marks: Vec<(&'static str, CudaEvent)>,
+    totals: Vec<(&'static str, f64, usize)>,
 }
 
 // SAFETY: the raw handles (functions, cuBLAS) belong to the context, which
@@ -320,6 +329,7 @@ impl Gpu {
             total_mem,
             arch,
             sm_count,
+            profile: Default::default(),
         }))
     }
 
@@ -527,6 +537,54 @@ impl Gpu {
             op: format!("launch {name}"),
             err: format!("{e:?}"),
         })
+    }
+
+    /// Records a timing event: the GPU time until the next mark is charged
+    /// to `label`.
+    pub fn mark(&self, label: &'static str) -> Result<()> {
+        let ev = self
+            .ctx
+            .new_event(Some(drv::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv_err("event"))?;
+        ev.record(&self.stream).map_err(drv_err("event record"))?;
+        if let Ok(mut p) = self.profile.lock() {
+            p.marks.push((label, ev));
+        }
+        Ok(())
+    }
+
+    /// Adds the intervals between the marks recorded so far to the totals
+    /// (synchronises).
+    pub fn profile_flush(&self) -> Result<()> {
+        let Ok(mut p) = self.profile.lock() else {
+            return Ok(());
+        };
+        let marks = std::mem::take(&mut p.marks);
+        for w in marks.windows(2) {
+            let ms = w[0]
+                .1
+                .elapsed_ms(&w[1].1)
+                .map_err(drv_err("event elapsed"))? as f64;
+            match p.totals.iter_mut().find(|t| t.0 == w[0].0) {
+                Some(t) => {
+                    t.1 += ms;
+                    t.2 += 1;
+                }
+                None => p.totals.push((w[0].0, ms, 1)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The per-label totals so far, largest first: (label, ms, count).
+    pub fn profile_report(&self) -> Vec<(&'static str, f64, usize)> {
+        let mut t = self
+            .profile
+            .lock()
+            .map(|p| p.totals.clone())
+            .unwrap_or_default();
+        t.sort_by(|a, b| b.1.total_cmp(&a.1));
+        t
     }
 
     /// Raises a kernel's dynamic shared-memory limit.

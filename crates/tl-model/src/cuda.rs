@@ -367,6 +367,10 @@ impl CudaModel {
         self.gpu.ordinal
     }
 
+    pub fn profile_report(&self) -> Vec<(&'static str, f64, usize)> {
+        self.gpu.profile_report()
+    }
+
     pub fn summary(&self) -> String {
         let (free, total) = self.gpu.mem_info().unwrap_or((0, self.gpu.total_mem));
         format!(
@@ -473,7 +477,11 @@ impl CudaModel {
         let hb = unsafe { std::slice::from_raw_parts(h.as_ptr() as *const u8, h.len() * 4) };
         gpu.htod(meta_ptr, hb).map_err(cuda_err)?;
 
-        let decode = n == batch.len() && n <= 8 && graphs_enabled() && !crate::dump::enabled();
+        let decode = n == batch.len()
+            && n <= 8
+            && graphs_enabled()
+            && !crate::dump::enabled()
+            && !profiling();
         let key = GraphKey {
             n,
             n_out,
@@ -510,6 +518,9 @@ impl CudaModel {
         } else {
             crate::forward::run(c, &mut ex)?;
             ex.finish()?;
+            if profiling() {
+                gpu.profile_flush().map_err(cuda_err)?;
+            }
         }
         // Read back what the caller asked for.
         let cs = st
@@ -538,6 +549,12 @@ impl CudaModel {
         }
         Ok(())
     }
+}
+
+/// `TL_CUDA_PROFILE=1`: time every stage with events (graphs off).
+pub(crate) fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_CUDA_PROFILE").is_ok_and(|v| v == "1"))
 }
 
 fn graphs_enabled() -> bool {
@@ -853,6 +870,14 @@ impl CudaExec<'_> {
         }
     }
 
+    /// Charges the GPU time from here to the next mark to `label`.
+    fn mark(&self, label: &'static str) -> Result<()> {
+        if profiling() {
+            self.gpu.mark(label).map_err(cuda_err)?;
+        }
+        Ok(())
+    }
+
     fn norm_threads(d: usize) -> u32 {
         (d.div_ceil(32) * 32).clamp(32, 1024) as u32
     }
@@ -882,6 +907,13 @@ impl CudaExec<'_> {
 
     /// Everything after the stages: the greedy argmax.
     fn finish(&mut self) -> Result<()> {
+        self.mark("argmax")?;
+        let r = self.finish_argmax();
+        self.mark("end")?;
+        r
+    }
+
+    fn finish_argmax(&mut self) -> Result<()> {
         if self.greedy {
             let v = self.m.config.vocab;
             self.l(
@@ -910,6 +942,7 @@ impl CudaExec<'_> {
 
 impl Exec for CudaExec<'_> {
     fn embed(&mut self) -> Result<()> {
+        self.mark("embed")?;
         let c = &self.m.config;
         let e = &self.cm.embd;
         self.l(
@@ -928,6 +961,7 @@ impl Exec for CudaExec<'_> {
     }
 
     fn attn_norm(&mut self, il: usize) -> Result<()> {
+        self.mark("norm (+residual, q8)")?;
         let c = &self.m.config;
         let [q0, q1] = self.q8_args();
         let norm = self.cm.layers[il].attn_norm.ptr;
@@ -971,12 +1005,14 @@ impl Exec for CudaExec<'_> {
     }
 
     fn qkv(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul qkv")?;
         let mats: Vec<&DevMat> = self.cm.layers[il].qkv.mats.iter().collect();
         let ld = self.cm.layers[il].qkv.n();
         self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.qkv), ld, true)
     }
 
     fn rope_store_kv(&mut self, il: usize) -> Result<()> {
+        self.mark("rope + kv store")?;
         let c = &self.m.config;
         let l = &self.cm.layers[il];
         let hd = c.head_dim;
@@ -1018,6 +1054,7 @@ impl Exec for CudaExec<'_> {
     }
 
     fn attention(&mut self, il: usize) -> Result<()> {
+        self.mark("attention")?;
         let c = &self.m.config;
         let p = AttnParams::for_layer(c, il);
         let hd = c.head_dim;
@@ -1056,11 +1093,13 @@ impl Exec for CudaExec<'_> {
     }
 
     fn attn_out(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul attn_out")?;
         let w = &self.cm.layers[il].wo;
         self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n, false)
     }
 
     fn attn_residual(&mut self, il: usize) -> Result<()> {
+        self.mark("residual + norm")?;
         let c = &self.m.config;
         let l = &self.cm.layers[il];
         let [q0, q1] = self.q8_args();
@@ -1084,12 +1123,14 @@ impl Exec for CudaExec<'_> {
     }
 
     fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul gate_up")?;
         let mats: Vec<&DevMat> = self.cm.layers[il].gate_up.mats.iter().collect();
         let ld = self.cm.layers[il].gate_up.n();
         self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld, true)
     }
 
     fn ffn_act(&mut self) -> Result<()> {
+        self.mark("gated act")?;
         let c = &self.m.config;
         let total = self.n * c.ffn;
         let act = i32::from(c.ffn_act == FfnAct::Gelu);
@@ -1112,6 +1153,7 @@ impl Exec for CudaExec<'_> {
     }
 
     fn ffn_down(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul down")?;
         let w = &self.cm.layers[il].down;
         self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n, true)
     }
@@ -1126,6 +1168,7 @@ impl Exec for CudaExec<'_> {
     }
 
     fn logits(&mut self) -> Result<()> {
+        self.mark("lm head")?;
         let c = &self.m.config;
         let m = self.n_out;
         if let Some(pl) = self.pending_ffn.take() {

@@ -177,6 +177,15 @@ impl Model {
         }
     }
 
+    /// GPU time per forward stage, when the model runs on a GPU with
+    /// `TL_CUDA_PROFILE=1`: (stage, milliseconds, calls), largest first.
+    pub fn device_profile(&self) -> Option<Vec<(&'static str, f64, usize)>> {
+        match &self.cuda {
+            Some(c) if crate::cuda::profiling() => Some(c.profile_report()),
+            _ => None,
+        }
+    }
+
     /// The LM head's weight (the embedding table when tied).
     pub(crate) fn output_weight(&self) -> &Weight {
         self.weights
