@@ -10,7 +10,10 @@
 //   Q5_0: p0 u8   qs[N*K/2]  p2 u32 qh[N*K/32]  p1 half d
 //   Q4_K: p0 the GGML blocks as they are (144 B, 16-byte aligned)
 //   Q6_K: p0 ql[N*K/2]  p2 qh[N*K/4]  p3 int8 scales[N*K/16]  p1 half d[N*K/256]
-//   F16 : p0 half w[N*K] (every other GGML type is converted to this at load)
+//   Q4_1: p0 u8   qs[N*K/2]  p1 half d  p3 half m
+//   Q5_1: p0 u8   qs[N*K/2]  p2 u32 qh  p1 half d  p3 half m
+//   Q5_K: p0 the GGML blocks as they are (176 B, 16-byte aligned)
+//   F16 : p0 half w[N*K] (F32, BF16, Q2_K and Q3_K are converted to this at load)
 // Activations of the quantized products: int8 xq[M*K] with one float scale
 // per 32 values, xd[M*K/32] (ggml's q8_1 without the sum: the offsets of
 // Q4_0/Q5_0/Q4_K are taken from a dp4a with ones instead).
@@ -23,6 +26,9 @@
 #define T_Q5_0 3
 #define T_Q4_K 4
 #define T_Q6_K 5
+#define T_Q4_1 6
+#define T_Q5_1 7
+#define T_Q5_K 8
 
 struct W {
     const unsigned char* p0;
@@ -92,6 +98,31 @@ __device__ __forceinline__ void dequant32(const W& w, long r, int b, int K, floa
             v[i] = d * (lo - 16);
             v[i + 16] = d * (hi - 16);
         }
+    } else if (T == T_Q4_1 || T == T_Q5_1) {
+        const unsigned char* q = w.p0 + (r * nb + b) * 16;
+        unsigned qh = T == T_Q5_1 ? ((const unsigned*)w.p2)[r * nb + b] : 0;
+        float d = h2f(w.p1, r * nb + b), mn = h2f(w.p3, r * nb + b);
+        for (int i = 0; i < 16; i++) {
+            int lo = (q[i] & 0xF) | (((qh >> i) & 1) << 4);
+            int hi = (q[i] >> 4) | (((qh >> (i + 16)) & 1) << 4);
+            v[i] = d * lo + mn;
+            v[i + 16] = d * hi + mn;
+        }
+    } else if (T == T_Q5_K) {
+        const long nbk = K / 256;
+        const unsigned char* blk = w.p0 + (r * nbk + b / 8) * 176;
+        int j = b % 8;
+        float d = __half2float(((const __half*)blk)[0]);
+        float dmin = __half2float(((const __half*)blk)[1]);
+        int sc, m;
+        scale_min_k4(j, blk + 4, &sc, &m);
+        const unsigned char* qh = blk + 16;
+        const unsigned char* q = blk + 48 + 32 * (j / 2);
+        float d1 = d * sc, m1 = dmin * m;
+        for (int i = 0; i < 32; i++) {
+            int n = ((j & 1) ? (q[i] >> 4) : (q[i] & 0xF)) | (((qh[i] >> j) & 1) << 4);
+            v[i] = d1 * n - m1;
+        }
     } else if (T == T_Q4_K) {
         const long nbk = K / 256;
         const unsigned char* blk = w.p0 + (r * nbk + b / 8) * 144;
@@ -143,6 +174,9 @@ extern "C" __global__ void dequant_f16_q4_0(W w, __half* o, int N, int K) { dequ
 extern "C" __global__ void dequant_f16_q5_0(W w, __half* o, int N, int K) { dequant_f16<T_Q5_0>(w, o, N, K); }
 extern "C" __global__ void dequant_f16_q4_k(W w, __half* o, int N, int K) { dequant_f16<T_Q4_K>(w, o, N, K); }
 extern "C" __global__ void dequant_f16_q6_k(W w, __half* o, int N, int K) { dequant_f16<T_Q6_K>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q4_1(W w, __half* o, int N, int K) { dequant_f16<T_Q4_1>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q5_1(W w, __half* o, int N, int K) { dequant_f16<T_Q5_1>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q5_k(W w, __half* o, int N, int K) { dequant_f16<T_Q5_K>(w, o, N, K); }
 
 // Embedding rows: out[t, :] = scale * table[ids[t], :]; grid.x = tokens,
 // threads over the row's 32-value blocks.
@@ -164,6 +198,9 @@ extern "C" __global__ void embed_q4_0(W w, const int* ids, float* o, int K, floa
 extern "C" __global__ void embed_q5_0(W w, const int* ids, float* o, int K, float s) { embed<T_Q5_0>(w, ids, o, K, s); }
 extern "C" __global__ void embed_q4_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q4_K>(w, ids, o, K, s); }
 extern "C" __global__ void embed_q6_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q6_K>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q4_1(W w, const int* ids, float* o, int K, float s) { embed<T_Q4_1>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q5_1(W w, const int* ids, float* o, int K, float s) { embed<T_Q5_1>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q5_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q5_K>(w, ids, o, K, s); }
 
 // ---------------------------------------------------------------------------
 // Activation quantization: one warp per 32 values (lane = value).
@@ -193,11 +230,7 @@ extern "C" __global__ void to_f16(const float* x, __half* y, long n) {
 
 template <int T>
 __device__ __forceinline__ int units_per_row(int K) {
-    if (T == T_Q8_0) return K / 8;
-    if (T == T_Q4_0 || T == T_Q5_0) return K / 8;
-    if (T == T_Q4_K) return K / 8;
-    if (T == T_Q6_K) return K / 16;
-    return K / 8;
+    return T == T_Q6_K ? K / 16 : K / 8;
 }
 
 template <int T, int M>
@@ -215,34 +248,41 @@ __device__ __forceinline__ void unit_dot(const W& w, long r, int u, int K, const
             int s = __dp4a(q.x, x.x, __dp4a(q.y, x.y, 0));
             acc[m] += d * xd[(long)m * nb + b] * s;
         }
-    } else if (T == T_Q4_0 || T == T_Q5_0) {
+    } else if (T == T_Q4_0 || T == T_Q5_0 || T == T_Q4_1 || T == T_Q5_1) {
         int b = u / 4, j = (u % 4) * 4;
         int q = ld_int(w.p0, (r * nb + b) * 16 + j);
         int lo = q & 0x0F0F0F0F, hi = (q >> 4) & 0x0F0F0F0F;
-        int off = 8;
-        if (T == T_Q5_0) {
+        int off = (T == T_Q4_0) ? 8 : (T == T_Q5_0 ? 16 : 0);
+        if (T == T_Q5_0 || T == T_Q5_1) {
             unsigned qh = ((const unsigned*)w.p2)[r * nb + b];
             unsigned hl = (qh >> j) & 0xF, hh = (qh >> (j + 16)) & 0xF;
             // Spread 4 bits to bit 4 of 4 bytes.
             lo |= (int)(((hl & 1) << 4) | ((hl & 2) << 11) | ((hl & 4) << 18) | ((hl & 8) << 25));
             hi |= (int)(((hh & 1) << 4) | ((hh & 2) << 11) | ((hh & 4) << 18) | ((hh & 8) << 25));
-            off = 16;
         }
         float d = h2f(w.p1, r * nb + b);
+        float mn = (T == T_Q4_1 || T == T_Q5_1) ? h2f(w.p3, r * nb + b) : 0.0f;
 #pragma unroll
         for (int m = 0; m < M; m++) {
             const signed char* xb = xq + (long)m * K + b * 32;
             int x0 = *(const int*)(xb + j), x1 = *(const int*)(xb + 16 + j);
             int s = __dp4a(lo, x0, __dp4a(hi, x1, 0));
             int sx = __dp4a(0x01010101, x0, __dp4a(0x01010101, x1, 0));
-            acc[m] += d * xd[(long)m * nb + b] * (s - off * sx);
+            float dx = xd[(long)m * nb + b];
+            acc[m] += d * dx * (s - off * sx) + mn * dx * sx;
         }
-    } else if (T == T_Q4_K) {
+    } else if (T == T_Q4_K || T == T_Q5_K) {
         const long nbk = K / 256;
         int sb = u / 32, l = u % 32, g = l / 8, p = 4 * (l % 8);
-        const unsigned char* blk = w.p0 + (r * nbk + sb) * 144;
-        int q = ld_int(blk, 16 + 32 * g + p);
+        const int bs = T == T_Q4_K ? 144 : 176, qs = T == T_Q4_K ? 16 : 48;
+        const unsigned char* blk = w.p0 + (r * nbk + sb) * bs;
+        int q = ld_int(blk, qs + 32 * g + p);
         int lo = q & 0x0F0F0F0F, hi = (q >> 4) & 0x0F0F0F0F;
+        if (T == T_Q5_K) {
+            int qh = ld_int(blk, 16 + p);
+            lo |= ((qh >> (2 * g)) & 0x01010101) << 4;
+            hi |= ((qh >> (2 * g + 1)) & 0x01010101) << 4;
+        }
         __half2 dm = *(const __half2*)blk;
         float d = __low2float(dm), dmin = __high2float(dm);
         int sc0, m0, sc1, m1;
@@ -354,6 +394,9 @@ GEMV_Q(gemv_q4_0, T_Q4_0)
 GEMV_Q(gemv_q5_0, T_Q5_0)
 GEMV_Q(gemv_q4_k, T_Q4_K)
 GEMV_Q(gemv_q6_k, T_Q6_K)
+GEMV_Q(gemv_q4_1, T_Q4_1)
+GEMV_Q(gemv_q5_1, T_Q5_1)
+GEMV_Q(gemv_q5_k, T_Q5_K)
 
 extern "C" __global__ void gemv_f16_1(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<1>(w, x, o, N, K, ld); }
 extern "C" __global__ void gemv_f16_2(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<2>(w, x, o, N, K, ld); }

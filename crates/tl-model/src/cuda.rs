@@ -8,7 +8,7 @@
 //! Products of up to 8 rows (decode) run as quantized GEMVs on 8-bit
 //! activations (dp4a); larger ones (prefill) dequantize the weight to f16
 //! and run cuBLAS on tensor cores. Types without a quantized kernel here
-//! (F32, BF16, Q4_1, Q5_1, Q2_K, Q3_K, Q5_K) are converted to f16 at load.
+//! (F32, BF16, Q2_K, Q3_K) are converted to f16 at load.
 //!
 //! Only the step's token metadata goes up (one copy) and only the requested
 //! logits rows, or just the greedy token ids, come back.
@@ -41,6 +41,9 @@ enum Kind {
     Q5_0,
     Q4K,
     Q6K,
+    Q4_1,
+    Q5_1,
+    Q5K,
 }
 
 impl Kind {
@@ -51,6 +54,9 @@ impl Kind {
             GgmlType::Q5_0 => Kind::Q5_0,
             GgmlType::Q4_K => Kind::Q4K,
             GgmlType::Q6_K => Kind::Q6K,
+            GgmlType::Q4_1 => Kind::Q4_1,
+            GgmlType::Q5_1 => Kind::Q5_1,
+            GgmlType::Q5_K => Kind::Q5K,
             _ => Kind::F16,
         }
     }
@@ -63,6 +69,9 @@ impl Kind {
             Kind::Q5_0 => "q5_0",
             Kind::Q4K => "q4_k",
             Kind::Q6K => "q6_k",
+            Kind::Q4_1 => "q4_1",
+            Kind::Q5_1 => "q5_1",
+            Kind::Q5K => "q5_k",
         }
     }
 }
@@ -108,7 +117,22 @@ fn repack(w: &Weight, bytes: &[u8]) -> Result<HostParts> {
                 parts[0].extend_from_slice(&b[6..22]);
             }
         }
-        Kind::Q4K => parts[0].extend_from_slice(bytes),
+        Kind::Q4_1 => {
+            for b in blocks(20)? {
+                parts[1].extend_from_slice(&b[..2]);
+                parts[3].extend_from_slice(&b[2..4]);
+                parts[0].extend_from_slice(&b[4..20]);
+            }
+        }
+        Kind::Q5_1 => {
+            for b in blocks(24)? {
+                parts[1].extend_from_slice(&b[..2]);
+                parts[3].extend_from_slice(&b[2..4]);
+                parts[2].extend_from_slice(&b[4..8]);
+                parts[0].extend_from_slice(&b[8..24]);
+            }
+        }
+        Kind::Q4K | Kind::Q5K => parts[0].extend_from_slice(bytes),
         Kind::Q6K => {
             for b in blocks(210)? {
                 parts[0].extend_from_slice(&b[..128]);
@@ -1283,6 +1307,34 @@ mod tests {
                 let d = h(&p[1], r * nb + b);
                 (0..32).for_each(|i| v[i] = d * (p[0][r * k + b * 32 + i] as i8) as f32);
             }
+            Kind::Q4_1 | Kind::Q5_1 => {
+                let q = &p[0][(r * nb + b) * 16..][..16];
+                let (d, mn) = (h(&p[1], r * nb + b), h(&p[3], r * nb + b));
+                let qh = if hp.kind == Kind::Q5_1 {
+                    u32::from_le_bytes(p[2][(r * nb + b) * 4..][..4].try_into().unwrap())
+                } else {
+                    0
+                };
+                for i in 0..16 {
+                    let lo = (q[i] & 0xF) as i32 | ((((qh >> i) & 1) << 4) as i32);
+                    let hi = (q[i] >> 4) as i32 | ((((qh >> (i + 16)) & 1) << 4) as i32);
+                    v[i] = d * lo as f32 + mn;
+                    v[i + 16] = d * hi as f32 + mn;
+                }
+            }
+            Kind::Q5K => {
+                let blk = &p[0][(r * (k / 256) + b / 8) * 176..][..176];
+                let j = b % 8;
+                let (d, dmin) = (h(blk, 0), h(blk, 1));
+                let (sc, m) = scale_min_k4(j, &blk[4..16]);
+                let qh = &blk[16..48];
+                let q = &blk[48 + 32 * (j / 2)..][..32];
+                for i in 0..32 {
+                    let n =
+                        if j & 1 == 1 { q[i] >> 4 } else { q[i] & 0xF } | (((qh[i] >> j) & 1) << 4);
+                    v[i] = d * sc as f32 * n as f32 - dmin * m as f32;
+                }
+            }
             Kind::Q4_0 | Kind::Q5_0 => {
                 let q = &p[0][(r * nb + b) * 16..][..16];
                 let d = h(&p[1], r * nb + b);
@@ -1367,12 +1419,16 @@ mod tests {
                         + dp4a(word(&p[0], base + 4), xw(b * 32 + off + 4));
                     acc += h(&p[1], r * nb + b) * xd[b] * s as f32;
                 }
-                Kind::Q4_0 | Kind::Q5_0 => {
+                Kind::Q4_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Q5_1 => {
                     let (b, j) = (u / 4, (u % 4) * 4);
                     let q = word(&p[0], (r * nb + b) * 16 + j);
                     let (mut lo, mut hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
-                    let mut off = 8;
-                    if hp.kind == Kind::Q5_0 {
+                    let off = match hp.kind {
+                        Kind::Q4_0 => 8,
+                        Kind::Q5_0 => 16,
+                        _ => 0,
+                    };
+                    if matches!(hp.kind, Kind::Q5_0 | Kind::Q5_1) {
                         let qh = word(&p[2], (r * nb + b) * 4) as u32;
                         let (hl, hh) = ((qh >> j) & 0xF, (qh >> (j + 16)) & 0xF);
                         let spread = |x: u32| {
@@ -1381,19 +1437,34 @@ mod tests {
                         };
                         lo |= spread(hl);
                         hi |= spread(hh);
-                        off = 16;
                     }
                     let (x0, x1) = (xw(b * 32 + j), xw(b * 32 + 16 + j));
                     let s = dp4a(lo, x0) + dp4a(hi, x1);
                     let sx = dp4a(0x0101_0101, x0) + dp4a(0x0101_0101, x1);
-                    acc += h(&p[1], r * nb + b) * xd[b] * (s - off * sx) as f32;
+                    let mn = if matches!(hp.kind, Kind::Q4_1 | Kind::Q5_1) {
+                        h(&p[3], r * nb + b)
+                    } else {
+                        0.0
+                    };
+                    acc += h(&p[1], r * nb + b) * xd[b] * (s - off * sx) as f32
+                        + mn * xd[b] * sx as f32;
                 }
-                Kind::Q4K => {
+                Kind::Q4K | Kind::Q5K => {
                     let (sb, l) = (u / 32, u % 32);
                     let (g, pp) = (l / 8, 4 * (l % 8));
-                    let blk = &p[0][(r * (k / 256) + sb) * 144..][..144];
-                    let q = word(blk, 16 + 32 * g + pp);
-                    let (lo, hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
+                    let (bs, qs) = if hp.kind == Kind::Q4K {
+                        (144, 16)
+                    } else {
+                        (176, 48)
+                    };
+                    let blk = &p[0][(r * (k / 256) + sb) * bs..][..bs];
+                    let q = word(blk, qs + 32 * g + pp);
+                    let (mut lo, mut hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
+                    if hp.kind == Kind::Q5K {
+                        let qh = word(blk, 16 + pp);
+                        lo |= ((qh >> (2 * g)) & 0x0101_0101) << 4;
+                        hi |= ((qh >> (2 * g + 1)) & 0x0101_0101) << 4;
+                    }
                     let (d, dmin) = (h(blk, 0), h(blk, 1));
                     let (sc0, m0) = scale_min_k4(2 * g, &blk[4..16]);
                     let (sc1, m1) = scale_min_k4(2 * g + 1, &blk[4..16]);
