@@ -64,11 +64,25 @@ pub struct SamplingArgs {
     /// Drop the oldest prompt tokens when the prompt does not fit the context.
     #[arg(long)]
     pub truncate: bool,
+    /// Speculative decoding: `ngram` (prompt lookup). The output
+    /// distribution is unchanged (greedy: the same text).
+    #[arg(long, value_name = "METHOD")]
+    pub spec: Option<tl_model::spec::SpecMethod>,
+    /// Most tokens drafted per speculative round (1..=32).
+    #[arg(long, default_value_t = 8)]
+    pub spec_k: usize,
 }
 
 impl SamplingArgs {
-    fn options(&self, ctx_size: usize) -> GenerateOptions {
-        GenerateOptions {
+    fn options(&self, ctx_size: usize) -> anyhow::Result<GenerateOptions> {
+        let spec = match &self.spec {
+            Some(m) => Some(
+                tl_model::spec::SpecConfig::new(m.clone(), self.spec_k)
+                    .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(GenerateOptions {
             max_tokens: self.max_tokens,
             sampling: SamplingParams {
                 temperature: self.temp,
@@ -86,8 +100,9 @@ impl SamplingArgs {
             ignore_eos: self.ignore_eos,
             ctx_size,
             truncate_prompt: self.truncate,
+            spec,
             ..Default::default()
-        }
+        })
     }
 }
 
@@ -168,7 +183,7 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         a.prompt.clone()
     };
-    let opts = a.sampling.options(a.model.ctx_size);
+    let opts = a.sampling.options(a.model.ctx_size)?;
     let mut stdout = std::io::stdout().lock();
     let out = llm.generate(&prompt, &opts, |piece| {
         let _ = stdout.write_all(piece.as_bytes());
@@ -184,6 +199,15 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         out.decode_tok_per_s(),
         out.finish
     );
+    if opts.spec.is_some() {
+        eprintln!(
+            "speculation: {} rounds, {} drafted, {} accepted ({:.1}%)",
+            out.spec.rounds,
+            out.spec.drafted,
+            out.spec.accepted,
+            100.0 * out.spec.acceptance()
+        );
+    }
     Ok(())
 }
 
@@ -197,7 +221,7 @@ pub fn run_chat(a: &ChatArgs) -> anyhow::Result<()> {
     } else {
         a.model.ctx_size
     };
-    let opts = a.sampling.options(ctx);
+    let opts = a.sampling.options(ctx)?;
     let interactive = std::io::stdin().is_terminal();
     let mut system = a.system.clone();
     let mut history: Vec<ChatMessage> = Vec::new();

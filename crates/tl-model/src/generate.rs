@@ -16,6 +16,8 @@ pub struct TokenOptions {
     pub stop_ids: Vec<u32>,
     /// Tokens per prefill chunk: long prompts are fed in pieces of this size.
     pub prefill_chunk: usize,
+    /// Speculative decoding (same output distribution, fewer target steps).
+    pub spec: Option<crate::spec::SpecConfig>,
 }
 
 impl Default for TokenOptions {
@@ -25,6 +27,7 @@ impl Default for TokenOptions {
             sampling: SamplingParams::default(),
             stop_ids: Vec::new(),
             prefill_chunk: 512,
+            spec: None,
         }
     }
 }
@@ -44,6 +47,8 @@ pub struct Runner<'m> {
     pub cache: KvCache,
     pub blocks: BlockManager,
     state: ForwardState,
+    /// Speculation counts since the runner was made.
+    pub spec_stats: crate::spec::SpecStats,
 }
 
 struct Live {
@@ -53,6 +58,8 @@ struct Live {
     sampler: Sampler,
     next: Option<u32>,
     finish: Option<Finish>,
+    /// Drafts per speculative round, adapted to the acceptance.
+    k: usize,
 }
 
 impl<'m> Runner<'m> {
@@ -66,6 +73,7 @@ impl<'m> Runner<'m> {
             cache,
             blocks,
             state: ForwardState::default(),
+            spec_stats: Default::default(),
         })
     }
 
@@ -166,6 +174,7 @@ impl<'m> Runner<'m> {
                 sampler: Sampler::new(SamplingParams::default())?,
                 next: None,
                 finish: None,
+                k: opts.spec.as_ref().map_or(0, |s| s.k),
             };
             if opts.max_tokens == 0 {
                 l.finish = Some(Finish::Length);
@@ -198,6 +207,10 @@ impl<'m> Runner<'m> {
             if active.is_empty() {
                 return Ok(());
             }
+            if let Some(sc) = &opts.spec {
+                self.spec_step(&active, live, sc, opts, on_token)?;
+                continue;
+            }
             let toks: Vec<[u32; 1]> = active
                 .iter()
                 .map(|&i| [live[i].next.unwrap_or(0)])
@@ -214,7 +227,10 @@ impl<'m> Runner<'m> {
                 .collect();
             // On a GPU, plain greedy decoding takes the argmax there and
             // reads back only the ids.
-            if self.model.device() != tl_core::Device::Cpu && opts.sampling.is_plain_argmax() {
+            if self.model.device() != tl_core::Device::Cpu
+                && opts.sampling.is_plain_argmax()
+                && opts.spec.is_none()
+            {
                 let ids = self
                     .model
                     .forward_greedy(&mut self.cache, &batch, &mut self.state)?;
@@ -239,6 +255,89 @@ impl<'m> Runner<'m> {
                 Self::accept(i, l, t, opts, on_token);
             }
         }
+    }
+
+    /// One speculative decode step for the `active` sequences: each feeds
+    /// its chosen token and its drafts, all in one ragged forward with
+    /// logits for every position; [`crate::spec::verify`] decides what is
+    /// emitted; the cache length moves past the accepted tokens only.
+    fn spec_step(
+        &mut self,
+        active: &[usize],
+        live: &mut [Live],
+        sc: &crate::spec::SpecConfig,
+        opts: &TokenOptions,
+        on_token: &mut impl FnMut(usize, u32) -> bool,
+    ) -> Result<()> {
+        let ctx = self.model.config.context;
+        let vocab = self.model.config.vocab;
+        let drafter = crate::spec::NgramDrafter {
+            n_max: sc.ngram_max,
+            n_min: sc.ngram_min,
+        };
+        let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(active.len());
+        let mut drafts = Vec::new();
+        for &i in active {
+            let l = &mut live[i];
+            let remaining = opts.max_tokens.saturating_sub(l.generated.len());
+            let room = (self.model.config.context).saturating_sub(l.kv.len + 1);
+            let k = l.k.min(remaining.saturating_sub(1)).min(room);
+            drafter.draft(&l.history, k, &mut drafts);
+            let mut feed = Vec::with_capacity(1 + drafts.len());
+            feed.push(l.next.unwrap_or(0));
+            feed.extend_from_slice(&drafts);
+            debug_assert!(l.kv.len + feed.len() <= ctx);
+            l.kv.reserve(&mut self.blocks, feed.len())?;
+            feeds.push(feed);
+        }
+        let batch: Vec<SeqBatch> = active
+            .iter()
+            .zip(&feeds)
+            .map(|(&i, f)| SeqBatch {
+                tokens: f,
+                pos: live[i].kv.len,
+                kv: &live[i].kv,
+                logits: Logits::All,
+            })
+            .collect();
+        self.model
+            .forward(&mut self.cache, &batch, &mut self.state)?;
+        drop(batch);
+        let rows = self.state.logits_mut();
+        let mut off = 0;
+        for (&i, feed) in active.iter().zip(&feeds) {
+            let l = &mut live[i];
+            let n = feed.len();
+            let d = &feed[1..];
+            let v = crate::spec::verify(
+                &mut l.sampler,
+                &mut rows[off * vocab..(off + n) * vocab],
+                vocab,
+                d,
+                &l.history,
+            );
+            off += n;
+            l.kv.len += 1 + v.accepted;
+            if !d.is_empty() {
+                self.spec_stats.rounds += 1;
+                self.spec_stats.drafted += d.len();
+                self.spec_stats.accepted += v.accepted;
+                l.k = if v.accepted == d.len() {
+                    (l.k + 1).min(sc.k)
+                } else if v.accepted == 0 {
+                    (l.k / 2).max(1)
+                } else {
+                    l.k
+                };
+            }
+            for t in v.tokens {
+                Self::accept(i, l, t, opts, on_token);
+                if l.finish.is_some() {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     fn accept(

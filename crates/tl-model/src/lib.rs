@@ -13,6 +13,7 @@ pub mod llm;
 pub mod model;
 mod ops;
 pub mod sampler;
+pub mod spec;
 pub mod synth;
 pub mod weights;
 

@@ -70,6 +70,8 @@ pub struct GenerateOptions {
     /// Parse special-token text (`<|im_start|>`) in the prompt as tokens.
     pub parse_special: bool,
     pub prefill_chunk: usize,
+    /// Speculative decoding (the output distribution is unchanged).
+    pub spec: Option<crate::spec::SpecConfig>,
 }
 
 impl Default for GenerateOptions {
@@ -84,6 +86,7 @@ impl Default for GenerateOptions {
             truncate_prompt: false,
             parse_special: true,
             prefill_chunk: 512,
+            spec: None,
         }
     }
 }
@@ -98,6 +101,8 @@ pub struct Generation {
     /// Seconds spent in prefill (until the first token) and in decoding.
     pub prefill_s: f64,
     pub decode_s: f64,
+    /// Drafted and accepted tokens when speculation was on.
+    pub spec: crate::spec::SpecStats,
 }
 
 impl Generation {
@@ -241,6 +246,7 @@ impl Llm {
             sampling: o.sampling.clone(),
             stop_ids,
             prefill_chunk: o.prefill_chunk,
+            spec: o.spec.clone(),
         }
     }
 
@@ -344,6 +350,7 @@ impl Llm {
             finish,
             prefill_s: (first - start).as_secs_f64(),
             decode_s: (end - first).as_secs_f64(),
+            spec: runner.spec_stats,
         })
     }
 
@@ -382,6 +389,7 @@ impl Llm {
                 finish,
                 prefill_s: 0.0,
                 decode_s: secs,
+                spec: runner.spec_stats,
             });
         }
         Ok(out)

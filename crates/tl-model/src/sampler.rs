@@ -206,6 +206,63 @@ impl Sampler {
         self.cand[self.cand.len() - 1].1
     }
 
+    /// The distribution [`Sampler::sample`] draws from, as `(token, p)`
+    /// pairs with p > 0 summing to 1: penalties applied to `logits` in
+    /// place, then greedy (a point mass on the argmax) or the temperature
+    /// softmax over the tokens that survive top-k / top-p / min-p.
+    pub fn distribution(&mut self, logits: &mut [f32], history: &[u32], out: &mut Vec<(u32, f64)>) {
+        out.clear();
+        self.apply_penalties(logits, history);
+        if logits.is_empty() {
+            return;
+        }
+        if self.params.is_greedy() {
+            out.push((argmax(logits), 1.0));
+            return;
+        }
+        let p = &self.params;
+        let inv_t = 1.0 / p.temperature;
+        let truncating = (p.top_k > 0 && p.top_k < logits.len()) || p.top_p < 1.0 || p.min_p > 0.0;
+        if truncating {
+            self.kept_prefix(logits);
+            let max = self.cand[0].0;
+            out.extend(
+                self.cand
+                    .iter()
+                    .map(|c| (c.1, (((c.0 - max) * inv_t) as f64).exp())),
+            );
+        } else {
+            let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            out.extend(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| (i as u32, (((l - max) * inv_t) as f64).exp())),
+            );
+        }
+        out.retain(|c| c.1 > 0.0);
+        let total: f64 = out.iter().map(|c| c.1).sum();
+        out.iter_mut().for_each(|c| c.1 /= total);
+    }
+
+    /// A uniform draw in [0, 1) from the sampler's generator.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.gen::<f64>()
+    }
+
+    /// A draw from `(token, weight)` pairs (weights need not sum to 1).
+    pub fn draw(&mut self, dist: &[(u32, f64)]) -> u32 {
+        let total: f64 = dist.iter().map(|c| c.1).sum();
+        let mut r = self.rng.gen::<f64>() * total;
+        for c in dist {
+            r -= c.1;
+            if r <= 0.0 && c.1 > 0.0 {
+                return c.0;
+            }
+        }
+        dist.iter().rev().find(|c| c.1 > 0.0).map_or(0, |c| c.0)
+    }
+
     /// Leaves in `cand`, sorted by logit (descending, ties by id), the
     /// tokens that survive top-k → top-p → min-p, as llama.cpp's chain
     /// keeps them: top-p and min-p see the softmax of the top-k survivors
