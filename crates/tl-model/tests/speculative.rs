@@ -1,0 +1,170 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Speculative decoding is exact: greedy output is token-identical with
+//! and without it (synthetic models of every architecture, batched; the real
+//! Qwen model on code-editing and free-generation prompts), and at
+//! temperature > 0 the first token of a verification round follows the real
+//! model's processed next-token distribution (chi-square over 10,000 draws).
+
+#[allow(dead_code)]
+mod common;
+
+use tl_gguf::{GgmlType, GgufFile};
+use tl_model::generate::{Runner, TokenOptions};
+use tl_model::llm::{GenerateOptions, Llm};
+use tl_model::model::Model;
+use tl_model::sampler::{Sampler, SamplingParams};
+use tl_model::spec::{verify, SpecConfig, SpecMethod};
+use tl_model::synth::{synthesize, SynthArch, SynthSpec};
+
+fn ngram(k: usize) -> Option<SpecConfig> {
+    Some(SpecConfig::new(SpecMethod::Ngram, k).expect("config"))
+}
+
+#[test]
+fn greedy_is_identical_with_prompt_lookup_on_every_architecture() {
+    for arch in [SynthArch::Qwen2, SynthArch::Llama, SynthArch::Gemma3] {
+        let s = SynthSpec {
+            arch,
+            weight_type: GgmlType::Q8_0,
+            output_type: GgmlType::Q8_0,
+            seed: 2,
+            ..Default::default()
+        };
+        let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+        let m = Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads");
+        // Repetitive prompts so that lookups find matches.
+        let prompts: Vec<Vec<u32>> = vec![
+            [5u32, 6, 7, 8, 9].repeat(6),
+            (0..40).map(|i| 3 + (i % 11) as u32).collect(),
+            vec![1, 40, 41, 42, 40, 41],
+        ];
+        let mut r = Runner::new(&m, 2048).expect("cache");
+        let plain = TokenOptions {
+            max_tokens: 40,
+            ..Default::default()
+        };
+        let want = r
+            .generate_batch(&prompts, &plain, |_, _| true)
+            .expect("plain");
+        for k in [1, 4, 8] {
+            let spec = TokenOptions {
+                spec: ngram(k),
+                ..plain.clone()
+            };
+            let got = r
+                .generate_batch(&prompts, &spec, |_, _| true)
+                .expect("spec");
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(a.0, b.0, "{arch:?} k={k}: speculative output differs");
+            }
+        }
+        assert!(r.spec_stats.drafted > 0, "{arch:?}: nothing was drafted");
+        assert_eq!(
+            r.blocks.n_free(),
+            r.blocks.n_total(),
+            "{arch:?}: leaked blocks"
+        );
+    }
+}
+
+#[test]
+fn greedy_is_identical_with_prompt_lookup_on_qwen() {
+    let llm = Llm::load(common::model_path("qwen2.5-coder-0.5b-instruct-q4.gguf")).expect("loads");
+    let code = "def summarize(values, weights=None):\n    total = 0.0\n    count = 0\n    for i, v in enumerate(values):\n        w = 1.0 if weights is None else weights[i]\n        total += v * w\n        count += 1\n    if count == 0:\n        return 0.0\n    return total / count\n";
+    let prompts = [
+        format!("<|im_start|>user\nRename `total` to `acc` in this function; output only the code.\n```python\n{code}```<|im_end|>\n<|im_start|>assistant\n"),
+        format!("<|im_start|>user\nAdd a docstring to this function; output only the code.\n```python\n{code}```<|im_end|>\n<|im_start|>assistant\n"),
+        "Write a Python function that checks whether a number is prime.".to_string(),
+    ];
+    let mut stats = tl_model::spec::SpecStats::default();
+    for p in &prompts {
+        let plain = GenerateOptions {
+            max_tokens: 64,
+            ..Default::default()
+        };
+        let a = llm.generate(p, &plain, |_| true).expect("plain");
+        let spec = GenerateOptions {
+            spec: ngram(8),
+            ..plain
+        };
+        let b = llm.generate(p, &spec, |_| true).expect("spec");
+        assert_eq!(a.tokens, b.tokens, "prompt {p:?}");
+        stats.add(&b.spec);
+    }
+    eprintln!(
+        "qwen prompt lookup: {} drafted, {} accepted ({:.1}%)",
+        stats.drafted,
+        stats.accepted,
+        100.0 * stats.acceptance()
+    );
+    assert!(stats.accepted > 0);
+}
+
+/// Critical chi-square at significance 0.001 for `df` degrees of freedom
+/// (Wilson–Hilferty approximation; within 1% of the table for df >= 3).
+fn chi2_critical(df: f64) -> f64 {
+    let z = 3.090_232; // the 0.999 normal quantile
+    let a = 2.0 / (9.0 * df);
+    df * (1.0 - a + z * a.sqrt()).powi(3)
+}
+
+#[test]
+fn sampling_stays_exact_on_a_real_next_token_distribution() {
+    let model =
+        Model::load(common::model_path("qwen2.5-coder-0.5b-instruct-q4.gguf")).expect("loads");
+    let vocab = model.config.vocab;
+    let mut r = Runner::new(&model, 64).expect("cache");
+    let prompt: Vec<u32> = vec![785, 6722, 315, 9625, 374]; // "The capital of France is"
+    let logits = r.all_logits(&prompt).expect("logits");
+    let row = logits[(prompt.len() - 1) * vocab..].to_vec();
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_k: 12,
+        seed: 9,
+        ..Default::default()
+    };
+    let mut s = Sampler::new(params).expect("sampler");
+    let mut dist = Vec::new();
+    s.distribution(&mut row.clone(), &[], &mut dist);
+    assert!(dist.len() >= 2);
+    // Draft the second most likely token: rejected often, accepted often.
+    let mut sorted = dist.clone();
+    sorted.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let draft = sorted[1].0;
+    let n = 10_000;
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..n {
+        let mut rows: Vec<f32> = row.iter().chain(&row).copied().collect();
+        let v = verify(&mut s, &mut rows, vocab, &[draft], &[]);
+        *counts.entry(v.tokens[0]).or_insert(0usize) += 1;
+    }
+    // Tokens expected fewer than 5 times are pooled into one bin (the
+    // chi-square approximation needs expected counts of at least 5).
+    let (mut x, mut bins) = (0.0, 0usize);
+    let (mut pool_e, mut pool_c) = (0.0, 0.0);
+    for &(t, p) in &dist {
+        let e = p * n as f64;
+        let c = counts.get(&t).copied().unwrap_or(0) as f64;
+        if e < 5.0 {
+            pool_e += e;
+            pool_c += c;
+            continue;
+        }
+        x += (c - e) * (c - e) / e;
+        bins += 1;
+    }
+    if pool_e > 0.0 {
+        x += (pool_c - pool_e) * (pool_c - pool_e) / pool_e;
+        bins += 1;
+    }
+    assert!(
+        counts.keys().all(|t| dist.iter().any(|d| d.0 == *t)),
+        "a token outside the target's support was emitted"
+    );
+    let crit = chi2_critical((bins.max(2) - 1) as f64);
+    eprintln!(
+        "real-model chi2 {x:.2} (critical {crit:.2}, {} tokens)",
+        dist.len()
+    );
+    assert!(x < crit, "chi2 {x:.2} >= {crit:.2}");
+}
