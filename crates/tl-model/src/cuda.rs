@@ -92,7 +92,7 @@ fn repack(w: &Weight, bytes: &[u8]) -> Result<HostParts> {
     let mut parts: [Vec<u8>; 4] = Default::default();
     let bad = |what: &str| ModelError::Device(format!("tensor '{}': {what}", w.name));
     let blocks = |bs: usize| -> Result<std::slice::ChunksExact<'_, u8>> {
-        if bytes.len() % bs != 0 {
+        if !bytes.len().is_multiple_of(bs) {
             return Err(bad("data is not a whole number of blocks"));
         }
         Ok(bytes.chunks_exact(bs))
