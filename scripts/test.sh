@@ -10,6 +10,9 @@ cd "$(dirname "$0")/.."
 python3 scripts/fetch_models.py all >/dev/null
 py=$(bash scripts/setup_e2e.sh)
 cargo test --workspace --release --locked "$@"
+# The GPU tests pass without a GPU by skipping; say so where it shows.
+echo "test.sh: GPU tests (tl-model --test cuda):"
+cargo test --release --locked -p tl-model --test cuda -- --nocapture 2>&1 | grep -E 'SKIPPED|max rel diff|greedy agreement|test result' || true
 cargo build --release --locked -p tl-cli
 echo "test.sh: end-to-end tests of tl serve"
 (cd tests/e2e && "$py" -m pytest -q -p no:cacheprovider)
