@@ -4,7 +4,7 @@
 //! (qwen2, llama, gemma3) as a sequence of calls on an [`Exec`]: the model
 //! says *what* each stage computes; the executor of the model's device
 //! decides *how* (the CPU's SIMD kernels and thread pool in
-//! `exec_cpu.rs`, CUDA kernels and graphs in `cuda.rs`). Architecture
+//! `exec_cpu.rs`, CUDA kernels and graphs in `cuda/`). Architecture
 //! differences (Gemma's extra norms, query scale, sliding window, softcap)
 //! are data in the config and the weights, read by every executor the same
 //! way.

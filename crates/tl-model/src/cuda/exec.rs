@@ -1,0 +1,567 @@
+//! The CUDA executor: each forward stage as kernel launches on the step's
+//! device buffers (see `forward.rs` for the stages, tl-cuda's
+//! `kernels.cu` for the kernels).
+
+use tl_cuda::{raw_arg, Arg, Gpu};
+
+use super::weights::{DevMat, Kind};
+use super::{cuda_err, profiling, ptr, CudaModel, CudaState, DeviceKv, MetaLayout};
+use crate::attention::AttnParams;
+use crate::config::{Arch, FfnAct, RopeLayout};
+use crate::error::{ModelError, Result};
+use crate::forward::{Exec, Probe};
+use crate::model::Model;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeArgs {
+    n_heads: i32,
+    n_kv_heads: i32,
+    hd: i32,
+    n_rot: i32,
+    neox: i32,
+    base: f32,
+    eps: f32,
+    q_scale: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnArgs {
+    n_heads: i32,
+    n_kv_heads: i32,
+    max_blocks: i32,
+    window: i32,
+    scale: f32,
+}
+
+pub(super) struct CudaExec<'a> {
+    pub(super) gpu: &'a Gpu,
+    pub(super) cm: &'a CudaModel,
+    pub(super) m: &'a Model,
+    pub(super) kv: &'a DeviceKv,
+    pub(super) cs: &'a mut CudaState,
+    pub(super) n: usize,
+    pub(super) n_out: usize,
+    pub(super) stride: usize,
+    pub(super) meta: u64,
+    pub(super) lay: MetaLayout,
+    pub(super) greedy: bool,
+    /// A layer whose FFN residual add is left to the next norm kernel.
+    pub(super) pending_ffn: Option<usize>,
+}
+
+fn grid1(n: usize, per: usize) -> (u32, u32, u32) {
+    (n.div_ceil(per) as u32, 1, 1)
+}
+
+impl CudaExec<'_> {
+    fn l(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        self.gpu
+            .launch(name, grid, block, smem, args)
+            .map_err(cuda_err)
+    }
+
+    fn meta_at(&self, off: usize) -> u64 {
+        self.meta + (off * 4) as u64
+    }
+
+    /// `out[m, ..] (row stride ldo) = x[m, K] · Wᵀ` for each matrix of
+    /// `mats`, their outputs side by side. `prequant`: the kernel that
+    /// wrote `x` also left it quantized to 8 bits in the activation buffers.
+    fn matmul(
+        &self,
+        mats: &[&DevMat],
+        x: u64,
+        m: usize,
+        out: u64,
+        ldo: usize,
+        prequant: bool,
+    ) -> Result<()> {
+        let k = mats[0].k;
+        let mut col = 0usize;
+        let small = m <= 8;
+        let needs_q = mats.iter().any(|w| w.kind != Kind::F16);
+        let (xq, xd, xh, wh) = (
+            ptr(&self.cs.xq),
+            ptr(&self.cs.xd),
+            ptr(&self.cs.xh),
+            ptr(&self.cs.wh),
+        );
+        if small && needs_q && !prequant {
+            let nb = m * k / 32;
+            self.l(
+                "quantize_q8",
+                grid1(nb * 32, 256),
+                256,
+                0,
+                &[Arg::Ptr(x), Arg::Ptr(xq), Arg::Ptr(xd), Arg::I64(nb as i64)],
+            )?;
+        }
+        if !small {
+            let n = m * k;
+            self.l(
+                "to_f16",
+                grid1(n, 256),
+                256,
+                0,
+                &[Arg::Ptr(x), Arg::Ptr(xh), Arg::I64(n as i64)],
+            )?;
+        }
+        for w in mats {
+            let o = out + (col * 4) as u64;
+            if small {
+                let grid = grid1(w.n, 4);
+                if w.kind == Kind::F16 {
+                    self.l(
+                        &format!("gemv_f16_{m}"),
+                        grid,
+                        128,
+                        0,
+                        &[
+                            w.arg(),
+                            Arg::Ptr(x),
+                            Arg::Ptr(o),
+                            Arg::I32(w.n as i32),
+                            Arg::I32(k as i32),
+                            Arg::I32(ldo as i32),
+                        ],
+                    )?;
+                } else {
+                    self.l(
+                        &format!("gemv_{}_{m}", w.kind.suffix()),
+                        grid,
+                        128,
+                        0,
+                        &[
+                            w.arg(),
+                            Arg::Ptr(xq),
+                            Arg::Ptr(xd),
+                            Arg::Ptr(o),
+                            Arg::I32(w.n as i32),
+                            Arg::I32(k as i32),
+                            Arg::I32(ldo as i32),
+                        ],
+                    )?;
+                }
+            } else {
+                let wp = if w.kind == Kind::F16 {
+                    w.ptrs[0]
+                } else {
+                    let nb = w.n * w.k / 32;
+                    self.l(
+                        &format!("dequant_f16_{}", w.kind.suffix()),
+                        grid1(nb, 256),
+                        256,
+                        0,
+                        &[
+                            w.arg(),
+                            Arg::Ptr(wh),
+                            Arg::I32(w.n as i32),
+                            Arg::I32(w.k as i32),
+                        ],
+                    )?;
+                    wh
+                };
+                self.gpu
+                    .gemm_f16_nt(m, w.n, k, xh, wp, o, ldo)
+                    .map_err(cuda_err)?;
+            }
+            col += w.n;
+        }
+        Ok(())
+    }
+
+    /// The 8-bit activation buffers as kernel arguments when this step's
+    /// products take quantized activations (≤ 8 rows), else null pointers.
+    fn q8_args(&self) -> [Arg; 2] {
+        if self.n <= 8 {
+            [Arg::Ptr(ptr(&self.cs.xq)), Arg::Ptr(ptr(&self.cs.xd))]
+        } else {
+            [Arg::Ptr(0), Arg::Ptr(0)]
+        }
+    }
+
+    /// Charges the GPU time from here to the next mark to `label`.
+    fn mark(&self, label: &'static str) -> Result<()> {
+        if profiling() {
+            self.gpu.mark(label).map_err(cuda_err)?;
+        }
+        Ok(())
+    }
+
+    fn norm_threads(d: usize) -> u32 {
+        (d.div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+
+    /// `x += post_ffn_norm?(o)` of layer `il`.
+    fn flush_residual(&self, il: usize) -> Result<()> {
+        let c = &self.m.config;
+        let l = &self.cm.layers[il];
+        self.l(
+            "add_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(ptr(&self.cs.o)),
+                Arg::Ptr(ptr(&l.post_ffn_norm)),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+                Arg::Ptr(0),
+                Arg::Ptr(0),
+            ],
+        )
+    }
+
+    /// Everything after the stages: the greedy argmax.
+    pub(super) fn finish(&mut self) -> Result<()> {
+        self.mark("argmax")?;
+        let r = self.finish_argmax();
+        self.mark("end")?;
+        r
+    }
+
+    fn finish_argmax(&mut self) -> Result<()> {
+        if self.greedy {
+            let v = self.m.config.vocab;
+            self.l(
+                "argmax_rows",
+                (self.n_out as u32, 1, 1),
+                1024,
+                0,
+                &[
+                    Arg::Ptr(ptr(&self.cs.logits)),
+                    Arg::I32(v as i32),
+                    Arg::Ptr(ptr(&self.cs.ids)),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn read(&self, p: u64, len: usize) -> Result<Vec<f32>> {
+        let mut v = vec![0.0f32; len];
+        // SAFETY: f32 slice viewed as bytes for the copy.
+        let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len * 4) };
+        self.gpu.dtoh(dst, p).map_err(cuda_err)?;
+        Ok(v)
+    }
+}
+
+impl Exec for CudaExec<'_> {
+    fn embed(&mut self) -> Result<()> {
+        self.mark("embed")?;
+        let c = &self.m.config;
+        let e = &self.cm.embd;
+        self.l(
+            &format!("embed_{}", e.kind.suffix()),
+            (self.n as u32, 1, 1),
+            64,
+            0,
+            &[
+                e.arg(),
+                Arg::Ptr(self.meta_at(self.lay.ids)),
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.embed_scale),
+            ],
+        )
+    }
+
+    fn attn_norm(&mut self, il: usize) -> Result<()> {
+        self.mark("norm (+residual, q8)")?;
+        let c = &self.m.config;
+        let [q0, q1] = self.q8_args();
+        let norm = self.cm.layers[il].attn_norm.ptr;
+        if let Some(pl) = self.pending_ffn.take() {
+            // The previous layer's FFN residual, fused with this norm.
+            let pw = ptr(&self.cm.layers[pl].post_ffn_norm);
+            return self.l(
+                "add_norm",
+                (self.n as u32, 1, 1),
+                Self::norm_threads(c.d_model),
+                0,
+                &[
+                    Arg::Ptr(ptr(&self.cs.x)),
+                    Arg::Ptr(ptr(&self.cs.o)),
+                    Arg::Ptr(pw),
+                    Arg::Ptr(norm),
+                    Arg::Ptr(ptr(&self.cs.xn)),
+                    Arg::I32(c.d_model as i32),
+                    Arg::F32(c.rms_eps),
+                    q0,
+                    q1,
+                ],
+            );
+        }
+        self.l(
+            "rms_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(norm),
+                Arg::Ptr(ptr(&self.cs.xn)),
+                Arg::Ptr(0),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+                q0,
+                q1,
+            ],
+        )
+    }
+
+    fn qkv(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul qkv")?;
+        let mats: Vec<&DevMat> = self.cm.layers[il].qkv.mats.iter().collect();
+        let ld = self.cm.layers[il].qkv.n();
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.qkv), ld, true)
+    }
+
+    fn rope_store_kv(&mut self, il: usize) -> Result<()> {
+        self.mark("rope + kv store")?;
+        let c = &self.m.config;
+        let l = &self.cm.layers[il];
+        let hd = c.head_dim;
+        let args = RopeArgs {
+            n_heads: c.n_heads as i32,
+            n_kv_heads: c.n_kv_heads as i32,
+            hd: hd as i32,
+            n_rot: c.rope_dims as i32,
+            neox: i32::from(c.rope_layout == RopeLayout::Neox),
+            base: c.rope_base_for(il),
+            eps: c.rms_eps,
+            q_scale: if c.arch == Arch::Gemma3 {
+                c.attn_scale
+            } else {
+                1.0
+            },
+        };
+        let off = (il * self.kv.layer_bytes) as u64;
+        self.l(
+            "qkv_rope_store",
+            (self.n as u32, (c.n_heads + c.n_kv_heads) as u32, 1),
+            (hd / 2) as u32,
+            ((hd + 32) * 4) as u32,
+            &[
+                Arg::Ptr(ptr(&self.cs.qkv)),
+                Arg::Ptr(ptr(&l.bq)),
+                Arg::Ptr(ptr(&l.bk)),
+                Arg::Ptr(ptr(&l.bv)),
+                Arg::Ptr(ptr(&l.q_norm)),
+                Arg::Ptr(ptr(&l.k_norm)),
+                Arg::Ptr(self.meta_at(self.lay.pos)),
+                Arg::Ptr(self.meta_at(self.lay.slots)),
+                Arg::Ptr(self.kv.k.ptr + off),
+                Arg::Ptr(self.kv.v.ptr + off),
+                Arg::Ptr(ptr(&self.cs.q)),
+                raw_arg(&args),
+            ],
+        )
+    }
+
+    fn attention(&mut self, il: usize) -> Result<()> {
+        self.mark("attention")?;
+        let c = &self.m.config;
+        let p = AttnParams::for_layer(c, il);
+        let hd = c.head_dim;
+        if !matches!(hd, 64 | 128 | 256) {
+            return Err(ModelError::Device(format!(
+                "attention kernel: head dim {hd} (64, 128 or 256 supported)"
+            )));
+        }
+        let args = AttnArgs {
+            n_heads: c.n_heads as i32,
+            n_kv_heads: c.n_kv_heads as i32,
+            max_blocks: self.stride as i32,
+            window: p.window.map_or(0, |w| w as i32),
+            scale: p.scale,
+        };
+        let threads = 256usize;
+        let groups = threads / 32 * (32 / (hd / 8));
+        let smem = ((2 * groups + groups * hd) * 4) as u32;
+        let off = (il * self.kv.layer_bytes) as u64;
+        self.l(
+            &format!("attention_{hd}"),
+            (c.n_heads as u32, self.n as u32, 1),
+            threads as u32,
+            smem,
+            &[
+                Arg::Ptr(ptr(&self.cs.q)),
+                Arg::Ptr(self.kv.k.ptr + off),
+                Arg::Ptr(self.kv.v.ptr + off),
+                Arg::Ptr(self.meta_at(self.lay.pos)),
+                Arg::Ptr(self.meta_at(self.lay.seq)),
+                Arg::Ptr(self.meta_at(self.lay.tables)),
+                Arg::Ptr(ptr(&self.cs.att)),
+                raw_arg(&args),
+            ],
+        )
+    }
+
+    fn attn_out(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul attn_out")?;
+        let w = &self.cm.layers[il].wo;
+        self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n, false)
+    }
+
+    fn attn_residual(&mut self, il: usize) -> Result<()> {
+        self.mark("residual + norm")?;
+        let c = &self.m.config;
+        let l = &self.cm.layers[il];
+        let [q0, q1] = self.q8_args();
+        self.l(
+            "add_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(ptr(&self.cs.o)),
+                Arg::Ptr(ptr(&l.post_attn_norm)),
+                Arg::Ptr(l.ffn_norm.ptr),
+                Arg::Ptr(ptr(&self.cs.xn)),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+                q0,
+                q1,
+            ],
+        )
+    }
+
+    fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul gate_up")?;
+        let mats: Vec<&DevMat> = self.cm.layers[il].gate_up.mats.iter().collect();
+        let ld = self.cm.layers[il].gate_up.n();
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld, true)
+    }
+
+    fn ffn_act(&mut self) -> Result<()> {
+        self.mark("gated act")?;
+        let c = &self.m.config;
+        let total = self.n * c.ffn;
+        let act = i32::from(c.ffn_act == FfnAct::Gelu);
+        let [q0, q1] = self.q8_args();
+        self.l(
+            "gated",
+            grid1(total, 256),
+            256,
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.gu)),
+                Arg::Ptr(ptr(&self.cs.act)),
+                Arg::I32(c.ffn as i32),
+                Arg::I64(total as i64),
+                Arg::I32(act),
+                q0,
+                q1,
+            ],
+        )
+    }
+
+    fn ffn_down(&mut self, il: usize) -> Result<()> {
+        self.mark("matmul down")?;
+        let w = &self.cm.layers[il].down;
+        self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n, true)
+    }
+
+    fn ffn_residual(&mut self, il: usize) -> Result<()> {
+        if !crate::dump::enabled() {
+            // Done by the next norm (the next layer's, or the final one).
+            self.pending_ffn = Some(il);
+            return Ok(());
+        }
+        self.flush_residual(il)
+    }
+
+    fn logits(&mut self) -> Result<()> {
+        self.mark("lm head")?;
+        let c = &self.m.config;
+        let m = self.n_out;
+        if let Some(pl) = self.pending_ffn.take() {
+            self.flush_residual(pl)?;
+        }
+        let (q0, q1) = if m <= 8 {
+            (ptr(&self.cs.xq), ptr(&self.cs.xd))
+        } else {
+            (0, 0)
+        };
+        self.l(
+            "rms_norm",
+            (m as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(ptr(&self.cs.x)),
+                Arg::Ptr(self.cm.output_norm.ptr),
+                Arg::Ptr(ptr(&self.cs.hidden)),
+                Arg::Ptr(self.meta_at(self.lay.out_rows)),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+                Arg::Ptr(q0),
+                Arg::Ptr(q1),
+            ],
+        )?;
+        let w = self.cm.output.as_ref().unwrap_or(&self.cm.embd);
+        self.matmul(
+            &[w],
+            ptr(&self.cs.hidden),
+            m,
+            ptr(&self.cs.logits),
+            c.vocab,
+            true,
+        )?;
+        if let Some(cap) = c.final_logit_softcap {
+            let total = m * c.vocab;
+            self.l(
+                "softcap",
+                grid1(total, 256),
+                256,
+                0,
+                &[
+                    Arg::Ptr(ptr(&self.cs.logits)),
+                    Arg::I64(total as i64),
+                    Arg::F32(cap),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn dump(&mut self, what: Probe, il: Option<usize>) -> Result<()> {
+        use crate::dump::write;
+        let c = &self.m.config;
+        let (n, d, qd, f) = (self.n, c.d_model, c.q_dim(), c.ffn);
+        let cs = &*self.cs;
+        let (name, p, len) = match what {
+            Probe::Embd => ("embd", ptr(&cs.x), n * d),
+            Probe::AttnNorm => ("attn_norm", ptr(&cs.xn), n * d),
+            Probe::QkvMatmul => ("qkv-matmul", ptr(&cs.qkv), n * (qd + 2 * c.kv_dim())),
+            Probe::QkvRoped => ("Qcur", ptr(&cs.q), n * qd),
+            Probe::KqvOut => ("kqv_out", ptr(&cs.att), n * qd),
+            Probe::AttnOut => ("attn_out", ptr(&cs.o), n * d),
+            Probe::FfnInp => ("ffn_inp", ptr(&cs.x), n * d),
+            Probe::FfnNorm => ("ffn_norm", ptr(&cs.xn), n * d),
+            Probe::FfnGateUp => ("ffn_gate_up", ptr(&cs.gu), n * 2 * f),
+            Probe::FfnAct => ("ffn_act", ptr(&cs.act), n * f),
+            Probe::FfnOut => ("ffn_out", ptr(&cs.o), n * d),
+            Probe::LOut => ("l_out", ptr(&cs.x), n * d),
+            Probe::ResultNorm => ("result_norm", ptr(&cs.hidden), self.n_out * d),
+        };
+        let v = self.read(p, len)?;
+        write(name, il, &v);
+        Ok(())
+    }
+}

@@ -1,0 +1,483 @@
+//! The CUDA executor of the forward stages (see `forward.rs`): weights,
+//! activations and the paged KV cache in device memory, the kernels of
+//! `tl-cuda/src/kernels.cu`, and one CUDA-graph replay per decode step.
+//!
+//! Weights are uploaded once, repacked per block type so that every load
+//! is aligned (layouts in `kernels.cu`); Q/K/V and gate/up of the same type
+//! are concatenated row-wise into one matrix, so each is one product.
+//! Products of up to 8 rows (decode) run as quantized GEMVs on 8-bit
+//! activations (dp4a); larger ones (prefill) dequantize the weight to f16
+//! and run cuBLAS on tensor cores. Types without a quantized kernel here
+//! (F32, BF16, Q2_K, Q3_K) are converted to f16 at load.
+//!
+//! Only the step's token metadata goes up (one copy) and only the requested
+//! logits rows, or just the greedy token ids, come back.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tl_cuda::{DevBuf, Gpu, Graph};
+
+use crate::error::{ModelError, Result};
+use crate::forward::Plan;
+use crate::kv::{KvCache, BLOCK_SIZE};
+use crate::model::{ForwardState, Model, SeqBatch};
+
+mod exec;
+#[cfg(test)]
+mod tests;
+mod weights;
+
+use exec::CudaExec;
+use weights::{repack, upload_f32, upload_opt, DevMat, DevMats};
+
+fn cuda_err(e: tl_cuda::CudaError) -> ModelError {
+    ModelError::Device(e.to_string())
+}
+
+struct DevLayer {
+    attn_norm: DevBuf,
+    ffn_norm: DevBuf,
+    bq: Option<DevBuf>,
+    bk: Option<DevBuf>,
+    bv: Option<DevBuf>,
+    q_norm: Option<DevBuf>,
+    k_norm: Option<DevBuf>,
+    post_attn_norm: Option<DevBuf>,
+    post_ffn_norm: Option<DevBuf>,
+    qkv: DevMats,
+    wo: DevMat,
+    gate_up: DevMats,
+    down: DevMat,
+}
+
+/// The model's weights on one GPU.
+pub(crate) struct CudaModel {
+    gpu: Arc<Gpu>,
+    embd: DevMat,
+    output: Option<DevMat>,
+    output_norm: DevBuf,
+    layers: Vec<DevLayer>,
+    weight_bytes: usize,
+    /// Elements of the largest matrix (the f16 scratch of prefill products).
+    max_mat: usize,
+}
+
+/// The paged K and V pools of every layer in device memory, laid out as the
+/// host cache: per layer `[block][kv_head][slot][dim]` f16.
+pub(crate) struct DeviceKv {
+    k: DevBuf,
+    v: DevBuf,
+    layer_bytes: usize,
+}
+
+fn ptr(b: &Option<DevBuf>) -> u64 {
+    b.as_ref().map_or(0, |b| b.ptr)
+}
+
+impl CudaModel {
+    pub fn upload(m: &Model, ordinal: usize) -> Result<CudaModel> {
+        let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
+        let file = &m.file;
+        // Fail before allocating when the weights can't fit.
+        let need: usize = file.tensors.iter().map(|t| t.size as usize).sum();
+        let (free, total) = gpu.mem_info().map_err(cuda_err)?;
+        if need > free {
+            return Err(ModelError::Device(format!(
+                "the model's weights need {need} bytes ({:.2} GiB), {free} bytes ({:.2} GiB) of {total} are free on {}",
+                need as f64 / (1u64 << 30) as f64,
+                free as f64 / (1u64 << 30) as f64,
+                gpu.name
+            )));
+        }
+        let w = &m.weights;
+        let mut layers = Vec::with_capacity(w.layers.len());
+        let mut max_mat = 0usize;
+        for (lw, lv) in w.layers.iter().zip(&m.vecs) {
+            let l = DevLayer {
+                attn_norm: upload_f32(&gpu, &lv.attn_norm, "attn_norm")?,
+                ffn_norm: upload_f32(&gpu, &lv.ffn_norm, "ffn_norm")?,
+                bq: upload_opt(&gpu, &lv.bq, "bq")?,
+                bk: upload_opt(&gpu, &lv.bk, "bk")?,
+                bv: upload_opt(&gpu, &lv.bv, "bv")?,
+                q_norm: upload_opt(&gpu, &lv.q_norm, "q_norm")?,
+                k_norm: upload_opt(&gpu, &lv.k_norm, "k_norm")?,
+                post_attn_norm: upload_opt(&gpu, &lv.post_attn_norm, "post_attn_norm")?,
+                post_ffn_norm: upload_opt(&gpu, &lv.post_ffn_norm, "post_ffn_norm")?,
+                qkv: DevMats::upload(&gpu, &[&lw.wq, &lw.wk, &lw.wv], file)?,
+                wo: DevMat::upload(&gpu, repack(&lw.wo, lw.wo.bytes(file))?, &lw.wo.name)?,
+                gate_up: DevMats::upload(&gpu, &[&lw.gate, &lw.up], file)?,
+                down: DevMat::upload(&gpu, repack(&lw.down, lw.down.bytes(file))?, &lw.down.name)?,
+            };
+            for mm in l
+                .qkv
+                .mats
+                .iter()
+                .chain(&l.gate_up.mats)
+                .chain([&l.wo, &l.down])
+            {
+                max_mat = max_mat.max(mm.n * mm.k);
+            }
+            layers.push(l);
+        }
+        let embd = DevMat::upload(
+            &gpu,
+            repack(&w.token_embd, w.token_embd.bytes(file))?,
+            &w.token_embd.name,
+        )?;
+        let output = match &w.output {
+            Some(o) => Some(DevMat::upload(&gpu, repack(o, o.bytes(file))?, &o.name)?),
+            None => None,
+        };
+        let output_norm = upload_f32(&gpu, &m.output_norm, "output_norm")?;
+        let mut weight_bytes = embd.bytes() + output.as_ref().map_or(0, DevMat::bytes);
+        for l in &layers {
+            weight_bytes += l
+                .qkv
+                .mats
+                .iter()
+                .chain(&l.gate_up.mats)
+                .map(DevMat::bytes)
+                .sum::<usize>();
+            weight_bytes += l.wo.bytes() + l.down.bytes();
+        }
+        Ok(CudaModel {
+            gpu,
+            embd,
+            output,
+            output_norm,
+            layers,
+            weight_bytes,
+            max_mat,
+        })
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.gpu.ordinal
+    }
+
+    pub fn profile_report(&self) -> Vec<(&'static str, f64, usize)> {
+        self.gpu.profile_report()
+    }
+
+    pub fn summary(&self) -> String {
+        let (free, total) = self.gpu.mem_info().unwrap_or((0, self.gpu.total_mem));
+        format!(
+            "cuda:{} {} (sm_{}{}, {} SMs), {:.1} GiB memory, weights {:.1} MiB, {:.1} GiB free",
+            self.gpu.ordinal,
+            self.gpu.name,
+            self.gpu.arch.0,
+            self.gpu.arch.1,
+            self.gpu.sm_count,
+            total as f64 / (1u64 << 30) as f64,
+            self.weight_bytes as f64 / (1u64 << 20) as f64,
+            free as f64 / (1u64 << 30) as f64,
+        )
+    }
+
+    pub fn alloc_kv(
+        &self,
+        n_layers: usize,
+        n_kv: usize,
+        hd: usize,
+        n_blocks: usize,
+    ) -> Result<DeviceKv> {
+        let layer_bytes = n_blocks * n_kv * BLOCK_SIZE * hd * 2;
+        let total = layer_bytes * n_layers;
+        let k = self
+            .gpu
+            .alloc_zeroed(total, "KV cache (K)")
+            .map_err(cuda_err)?;
+        let v = self
+            .gpu
+            .alloc_zeroed(total, "KV cache (V)")
+            .map_err(cuda_err)?;
+        Ok(DeviceKv { k, v, layer_bytes })
+    }
+
+    pub fn forward(
+        &self,
+        m: &Model,
+        cache: &mut KvCache,
+        batch: &[SeqBatch],
+        plan: &Plan,
+        st: &mut ForwardState,
+        greedy: bool,
+    ) -> Result<()> {
+        let gpu = &*self.gpu;
+        gpu.bind().map_err(cuda_err)?;
+        let kv = cache.device.as_ref().ok_or_else(|| {
+            ModelError::Kv("the model is on a GPU but this KV cache is in host memory".into())
+        })?;
+        let c = &m.config;
+        let n = plan.n_tokens();
+        let n_out = plan.out_rows.len();
+        let stride = batch
+            .iter()
+            .map(|s| s.kv.blocks.len())
+            .max()
+            .unwrap_or(1)
+            .next_power_of_two();
+        let cs = st.cuda.get_or_insert_with(CudaState::default);
+        cs.ensure(gpu, m, self, n, n_out.max(1), batch.len() * stride)?;
+        // Step metadata, one upload: ids | pos | slots | seq | out_rows | tables.
+        let h = &mut cs.host_meta;
+        h.clear();
+        for &(si, pos) in &plan.meta {
+            h.push(batch[si].tokens[pos - batch[si].pos] as i32);
+        }
+        for &(_, pos) in &plan.meta {
+            h.push(pos as i32);
+        }
+        for &(si, pos) in &plan.meta {
+            let (b, s) = batch[si]
+                .kv
+                .slot(pos)
+                .ok_or_else(|| ModelError::Kv(format!("no block for position {pos}")))?;
+            if b as usize >= cache.n_blocks {
+                return Err(ModelError::Kv(format!(
+                    "block {b} outside the cache of {}",
+                    cache.n_blocks
+                )));
+            }
+            h.push((b as usize * BLOCK_SIZE + s) as i32);
+        }
+        for &(si, _) in &plan.meta {
+            h.push(si as i32);
+        }
+        for &r in &plan.out_rows {
+            h.push(r as i32);
+        }
+        for s in batch {
+            for i in 0..stride {
+                h.push(s.kv.blocks.get(i).map_or(0, |&b| b as i32));
+            }
+        }
+        let lay = MetaLayout::new(n, n_out, batch.len() * stride);
+        if h.len() * 4 > cs.meta.as_ref().map_or(0, |b| b.bytes) {
+            cs.meta = Some(
+                gpu.alloc(h.len() * 4 * 2, "step metadata")
+                    .map_err(cuda_err)?,
+            );
+            cs.graphs.clear();
+        }
+        let meta_ptr = cs.meta.as_ref().map_or(0, |b| b.ptr);
+        // SAFETY: i32 slice viewed as bytes.
+        let hb = unsafe { std::slice::from_raw_parts(h.as_ptr() as *const u8, h.len() * 4) };
+        gpu.htod(meta_ptr, hb).map_err(cuda_err)?;
+
+        let decode = n == batch.len()
+            && n <= 8
+            && graphs_enabled()
+            && !crate::dump::enabled()
+            && !profiling();
+        let key = GraphKey {
+            n,
+            n_out,
+            stride,
+            greedy,
+            kv: kv.k.ptr,
+        };
+        let mut ex = CudaExec {
+            gpu,
+            cm: self,
+            m,
+            kv,
+            cs,
+            n,
+            n_out,
+            stride,
+            meta: meta_ptr,
+            lay,
+            greedy,
+            pending_ffn: None,
+        };
+        if decode {
+            if let Some(g) = ex.cs.graphs.get(&key) {
+                gpu.replay(g).map_err(cuda_err)?;
+            } else {
+                gpu.begin_capture().map_err(cuda_err)?;
+                let r = crate::forward::run(c, &mut ex).and_then(|_| ex.finish());
+                let g = gpu.end_capture().map_err(cuda_err);
+                r?;
+                let g = g?;
+                gpu.replay(&g).map_err(cuda_err)?;
+                ex.cs.graphs.insert(key, g);
+            }
+        } else {
+            crate::forward::run(c, &mut ex)?;
+            ex.finish()?;
+            if profiling() {
+                gpu.profile_flush().map_err(cuda_err)?;
+            }
+        }
+        // Read back what the caller asked for.
+        let cs = st
+            .cuda
+            .as_mut()
+            .ok_or_else(|| ModelError::Device("lost state".into()))?;
+        if greedy {
+            let mut ids = vec![0u8; n_out * 4];
+            gpu.dtoh(&mut ids, cs.ids_ptr()).map_err(cuda_err)?;
+            cs.last_ids = ids
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            st.last_logits = 0;
+        } else {
+            let len = n_out * c.vocab;
+            if st.logits.len() < len {
+                st.logits.resize(len, 0.0);
+            }
+            // SAFETY: f32 slice viewed as bytes for the copy.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(st.logits.as_mut_ptr() as *mut u8, len * 4)
+            };
+            gpu.dtoh(dst, cs.logits_ptr()).map_err(cuda_err)?;
+            st.last_logits = len;
+        }
+        Ok(())
+    }
+}
+
+/// `TL_CUDA_PROFILE=1`: time every stage with events (graphs off).
+pub(crate) fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_CUDA_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+fn graphs_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_CUDA_GRAPHS").map_or(true, |v| v != "0"))
+}
+
+/// Offsets (in i32s) of the metadata arrays in the step's upload.
+#[derive(Clone, Copy)]
+struct MetaLayout {
+    ids: usize,
+    pos: usize,
+    slots: usize,
+    seq: usize,
+    out_rows: usize,
+    tables: usize,
+}
+
+impl MetaLayout {
+    fn new(n: usize, n_out: usize, _tables: usize) -> Self {
+        MetaLayout {
+            ids: 0,
+            pos: n,
+            slots: 2 * n,
+            seq: 3 * n,
+            out_rows: 4 * n,
+            tables: 4 * n + n_out,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct GraphKey {
+    n: usize,
+    n_out: usize,
+    stride: usize,
+    greedy: bool,
+    kv: u64,
+}
+
+/// Device buffers of the forward, sized for the largest step seen.
+#[derive(Default)]
+pub(crate) struct CudaState {
+    cap_tokens: usize,
+    cap_out: usize,
+    x: Option<DevBuf>,
+    xn: Option<DevBuf>,
+    qkv: Option<DevBuf>,
+    q: Option<DevBuf>,
+    att: Option<DevBuf>,
+    o: Option<DevBuf>,
+    gu: Option<DevBuf>,
+    act: Option<DevBuf>,
+    hidden: Option<DevBuf>,
+    logits: Option<DevBuf>,
+    ids: Option<DevBuf>,
+    xq: Option<DevBuf>,
+    xd: Option<DevBuf>,
+    xh: Option<DevBuf>,
+    wh: Option<DevBuf>,
+    meta: Option<DevBuf>,
+    host_meta: Vec<i32>,
+    last_ids: Vec<u32>,
+    graphs: HashMap<GraphKey, Graph>,
+}
+
+impl CudaState {
+    fn ensure(
+        &mut self,
+        gpu: &Gpu,
+        m: &Model,
+        cm: &CudaModel,
+        n: usize,
+        n_out: usize,
+        _tables: usize,
+    ) -> Result<()> {
+        let c = &m.config;
+        if n > self.cap_tokens {
+            let n = n.next_power_of_two().max(8);
+            let (d, qd, kvd, f) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn);
+            let maxk = d.max(qd).max(f);
+            let a = |bytes: usize, what: &str| gpu.alloc(bytes, what).map(Some).map_err(cuda_err);
+            self.x = a(n * d * 4, "activations x")?;
+            self.xn = a(n * d * 4, "activations xn")?;
+            self.qkv = a(n * (qd + 2 * kvd) * 4, "activations qkv")?;
+            self.q = a(n * qd * 4, "activations q")?;
+            self.att = a(n * qd * 4, "activations att")?;
+            self.o = a(n * d * 4, "activations o")?;
+            self.gu = a(n * 2 * f * 4, "activations gate/up")?;
+            self.act = a(n * f * 4, "activations act")?;
+            self.xq = a(n * maxk, "quantized activations")?;
+            self.xd = a(n * maxk / 32 * 4, "activation scales")?;
+            self.xh = a(n * maxk * 2, "f16 activations")?;
+            if n > 8 && self.wh.is_none() {
+                self.wh = a(cm.max_mat.max(1) * 2, "f16 weight scratch")?;
+            }
+            self.cap_tokens = n;
+            self.graphs.clear();
+        }
+        if n_out > self.cap_out {
+            let n_out = n_out.next_power_of_two().max(8);
+            let a = |bytes: usize, what: &str| gpu.alloc(bytes, what).map(Some).map_err(cuda_err);
+            self.hidden = a(n_out * c.d_model * 4, "final hidden")?;
+            self.logits = a(n_out * c.vocab * 4, "logits")?;
+            self.ids = a(n_out * 4, "token ids")?;
+            // The LM head's f16 scratch for more than 8 rows.
+            if n_out > 8 {
+                let lm = c.vocab * c.d_model;
+                if self.wh.as_ref().map_or(0, |b| b.bytes) < lm * 2 {
+                    self.wh = a(lm.max(cm.max_mat) * 2, "f16 weight scratch")?;
+                }
+            }
+            self.cap_out = n_out;
+            self.graphs.clear();
+        }
+        if n > 8 && self.wh.as_ref().map_or(0, |b| b.bytes) < cm.max_mat * 2 {
+            self.wh = gpu
+                .alloc(cm.max_mat * 2, "f16 weight scratch")
+                .map(Some)
+                .map_err(cuda_err)?;
+        }
+        Ok(())
+    }
+
+    fn logits_ptr(&self) -> u64 {
+        ptr(&self.logits)
+    }
+
+    fn ids_ptr(&self) -> u64 {
+        ptr(&self.ids)
+    }
+
+    /// The greedy ids of the last forward.
+    pub fn greedy_ids(&self) -> Vec<u32> {
+        self.last_ids.clone()
+    }
+}

@@ -1,0 +1,319 @@
+//! Host emulations of the device kernels' index arithmetic (`dequant32` and
+//! `unit_dot` in `kernels.cu`), held to tl-core's dequantization and to a
+//! plain f32 dot product on every quantized kind: the layouts and the dp4a
+//! unit decomposition are checked on machines without a GPU too.
+use super::weights::*;
+use crate::weights::Weight;
+use half::f16;
+use rand::{Rng, SeedableRng};
+use tl_gguf::GgmlType;
+
+fn h(p: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([p[2 * i], p[2 * i + 1]]).to_f32()
+}
+
+fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
+    if j < 4 {
+        ((q[j] & 63) as i32, (q[j + 4] & 63) as i32)
+    } else {
+        (
+            ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4)) as i32,
+            ((q[j + 4] >> 4) | ((q[j] >> 6) << 4)) as i32,
+        )
+    }
+}
+
+/// `dequant32<T>` of kernels.cu.
+fn dequant32(hp: &HostParts, r: usize, b: usize) -> [f32; 32] {
+    let k = hp.cols;
+    let nb = k / 32;
+    let p = &hp.parts;
+    let mut v = [0f32; 32];
+    match hp.kind {
+        Kind::F16 => (0..32).for_each(|i| v[i] = h(&p[0], r * k + b * 32 + i)),
+        Kind::Q8_0 => {
+            let d = h(&p[1], r * nb + b);
+            (0..32).for_each(|i| v[i] = d * (p[0][r * k + b * 32 + i] as i8) as f32);
+        }
+        Kind::Q4_1 | Kind::Q5_1 => {
+            let q = &p[0][(r * nb + b) * 16..][..16];
+            let (d, mn) = (h(&p[1], r * nb + b), h(&p[3], r * nb + b));
+            let qh = if hp.kind == Kind::Q5_1 {
+                u32::from_le_bytes(p[2][(r * nb + b) * 4..][..4].try_into().unwrap())
+            } else {
+                0
+            };
+            for i in 0..16 {
+                let lo = (q[i] & 0xF) as i32 | ((((qh >> i) & 1) << 4) as i32);
+                let hi = (q[i] >> 4) as i32 | ((((qh >> (i + 16)) & 1) << 4) as i32);
+                v[i] = d * lo as f32 + mn;
+                v[i + 16] = d * hi as f32 + mn;
+            }
+        }
+        Kind::Q5K => {
+            let blk = &p[0][(r * (k / 256) + b / 8) * 176..][..176];
+            let j = b % 8;
+            let (d, dmin) = (h(blk, 0), h(blk, 1));
+            let (sc, m) = scale_min_k4(j, &blk[4..16]);
+            let qh = &blk[16..48];
+            let q = &blk[48 + 32 * (j / 2)..][..32];
+            for i in 0..32 {
+                let n = if j & 1 == 1 { q[i] >> 4 } else { q[i] & 0xF } | (((qh[i] >> j) & 1) << 4);
+                v[i] = d * sc as f32 * n as f32 - dmin * m as f32;
+            }
+        }
+        Kind::Q4_0 | Kind::Q5_0 => {
+            let q = &p[0][(r * nb + b) * 16..][..16];
+            let d = h(&p[1], r * nb + b);
+            let qh = if hp.kind == Kind::Q5_0 {
+                u32::from_le_bytes(p[2][(r * nb + b) * 4..][..4].try_into().unwrap())
+            } else {
+                0
+            };
+            let off = if hp.kind == Kind::Q5_0 { 16 } else { 8 };
+            for i in 0..16 {
+                let lo = (q[i] & 0xF) as i32 | ((((qh >> i) & 1) << 4) as i32);
+                let hi = (q[i] >> 4) as i32 | ((((qh >> (i + 16)) & 1) << 4) as i32);
+                v[i] = d * (lo - off) as f32;
+                v[i + 16] = d * (hi - off) as f32;
+            }
+        }
+        Kind::Q4K => {
+            let blk = &p[0][(r * (k / 256) + b / 8) * 144..][..144];
+            let j = b % 8;
+            let (d, dmin) = (h(blk, 0), h(blk, 1));
+            let (sc, m) = scale_min_k4(j, &blk[4..16]);
+            let q = &blk[16 + 32 * (j / 2)..][..32];
+            for i in 0..32 {
+                let n = if j & 1 == 1 { q[i] >> 4 } else { q[i] & 0xF };
+                v[i] = d * sc as f32 * n as f32 - dmin * m as f32;
+            }
+        }
+        Kind::Q6K => {
+            let sb = r * (k / 256) + b / 8;
+            let (j, n) = (b % 8, (b % 8) / 4);
+            let kk = j % 4;
+            let ql = &p[0][sb * 128 + n * 64 + (kk & 1) * 32..][..32];
+            let qh = &p[2][sb * 64 + n * 32..][..32];
+            let sc = &p[3][sb * 16 + n * 8..][..8];
+            let d = h(&p[1], sb);
+            for l in 0..32 {
+                let lo = if kk >= 2 { ql[l] >> 4 } else { ql[l] & 0xF };
+                let q = (lo | (((qh[l] >> (2 * kk)) & 3) << 4)) as i32 - 32;
+                v[l] = d * (sc[l / 16 + 2 * kk] as i8) as f32 * q as f32;
+            }
+        }
+    }
+    v
+}
+
+fn dp4a(a: i32, b: i32) -> i32 {
+    let (a, b) = (a.to_le_bytes(), b.to_le_bytes());
+    (0..4)
+        .map(|i| (a[i] as i8) as i32 * (b[i] as i8) as i32)
+        .sum()
+}
+
+fn word(p: &[u8], off: usize) -> i32 {
+    i32::from_le_bytes(p[off..off + 4].try_into().unwrap())
+}
+
+fn vsubss4_32(x: i32) -> i32 {
+    i32::from_le_bytes(x.to_le_bytes().map(|b| (b as i8 - 32) as u8))
+}
+
+/// `gemv_q` of kernels.cu for one row and one activation row.
+fn row_dot(hp: &HostParts, r: usize, xq: &[i8], xd: &[f32]) -> f32 {
+    let k = hp.cols;
+    let nb = k / 32;
+    let p = &hp.parts;
+    let xw = |pos: usize| {
+        i32::from_le_bytes([
+            xq[pos] as u8,
+            xq[pos + 1] as u8,
+            xq[pos + 2] as u8,
+            xq[pos + 3] as u8,
+        ])
+    };
+    let units = if hp.kind == Kind::Q6K { k / 16 } else { k / 8 };
+    let mut acc = 0f32;
+    for u in 0..units {
+        match hp.kind {
+            Kind::Q8_0 => {
+                let (b, off) = (u / 4, (u % 4) * 8);
+                let base = r * k + b * 32 + off;
+                let s = dp4a(word(&p[0], base), xw(b * 32 + off))
+                    + dp4a(word(&p[0], base + 4), xw(b * 32 + off + 4));
+                acc += h(&p[1], r * nb + b) * xd[b] * s as f32;
+            }
+            Kind::Q4_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Q5_1 => {
+                let (b, j) = (u / 4, (u % 4) * 4);
+                let q = word(&p[0], (r * nb + b) * 16 + j);
+                let (mut lo, mut hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
+                let off = match hp.kind {
+                    Kind::Q4_0 => 8,
+                    Kind::Q5_0 => 16,
+                    _ => 0,
+                };
+                if matches!(hp.kind, Kind::Q5_0 | Kind::Q5_1) {
+                    let qh = word(&p[2], (r * nb + b) * 4) as u32;
+                    let (hl, hh) = ((qh >> j) & 0xF, (qh >> (j + 16)) & 0xF);
+                    let spread = |x: u32| {
+                        (((x & 1) << 4) | ((x & 2) << 11) | ((x & 4) << 18) | ((x & 8) << 25))
+                            as i32
+                    };
+                    lo |= spread(hl);
+                    hi |= spread(hh);
+                }
+                let (x0, x1) = (xw(b * 32 + j), xw(b * 32 + 16 + j));
+                let s = dp4a(lo, x0) + dp4a(hi, x1);
+                let sx = dp4a(0x0101_0101, x0) + dp4a(0x0101_0101, x1);
+                let mn = if matches!(hp.kind, Kind::Q4_1 | Kind::Q5_1) {
+                    h(&p[3], r * nb + b)
+                } else {
+                    0.0
+                };
+                acc +=
+                    h(&p[1], r * nb + b) * xd[b] * (s - off * sx) as f32 + mn * xd[b] * sx as f32;
+            }
+            Kind::Q4K | Kind::Q5K => {
+                let (sb, l) = (u / 32, u % 32);
+                let (g, pp) = (l / 8, 4 * (l % 8));
+                let (bs, qs) = if hp.kind == Kind::Q4K {
+                    (144, 16)
+                } else {
+                    (176, 48)
+                };
+                let blk = &p[0][(r * (k / 256) + sb) * bs..][..bs];
+                let q = word(blk, qs + 32 * g + pp);
+                let (mut lo, mut hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
+                if hp.kind == Kind::Q5K {
+                    let qh = word(blk, 16 + pp);
+                    lo |= ((qh >> (2 * g)) & 0x0101_0101) << 4;
+                    hi |= ((qh >> (2 * g + 1)) & 0x0101_0101) << 4;
+                }
+                let (d, dmin) = (h(blk, 0), h(blk, 1));
+                let (sc0, m0) = scale_min_k4(2 * g, &blk[4..16]);
+                let (sc1, m1) = scale_min_k4(2 * g + 1, &blk[4..16]);
+                let (b0, b1) = (sb * 8 + 2 * g, sb * 8 + 2 * g + 1);
+                let (x0, x1) = (xw(b0 * 32 + pp), xw(b1 * 32 + pp));
+                let (s0, s1) = (dp4a(lo, x0), dp4a(hi, x1));
+                let (sx0, sx1) = (dp4a(0x0101_0101, x0), dp4a(0x0101_0101, x1));
+                acc += d * (sc0 as f32 * s0 as f32 * xd[b0] + sc1 as f32 * s1 as f32 * xd[b1])
+                    - dmin * (m0 as f32 * sx0 as f32 * xd[b0] + m1 as f32 * sx1 as f32 * xd[b1]);
+            }
+            Kind::Q6K => {
+                let (sb, rr) = (u / 16, u % 16);
+                let (n, l) = (rr / 8, 4 * (rr % 8));
+                let sbi = r * (k / 256) + sb;
+                let ql0 = word(&p[0], sbi * 128 + n * 64 + l);
+                let ql1 = word(&p[0], sbi * 128 + n * 64 + 32 + l);
+                let qh = word(&p[2], sbi * 64 + n * 32 + l);
+                let q = [
+                    vsubss4_32((ql0 & 0x0F0F_0F0F) | ((qh & 0x0303_0303) << 4)),
+                    vsubss4_32((ql1 & 0x0F0F_0F0F) | (((qh >> 2) & 0x0303_0303) << 4)),
+                    vsubss4_32(((ql0 >> 4) & 0x0F0F_0F0F) | (((qh >> 4) & 0x0303_0303) << 4)),
+                    vsubss4_32(((ql1 >> 4) & 0x0F0F_0F0F) | (((qh >> 6) & 0x0303_0303) << 4)),
+                ];
+                let sc = &p[3][sbi * 16 + n * 8 + l / 16..];
+                let xb = sb * 8 + n * 4;
+                let mut s = 0f32;
+                for kk in 0..4 {
+                    let x = xw((xb + kk) * 32 + l);
+                    s += ((sc[2 * kk] as i8) as i32 * dp4a(q[kk], x)) as f32 * xd[xb + kk];
+                }
+                acc += h(&p[1], sbi) * s;
+            }
+            Kind::F16 => unreachable!(),
+        }
+    }
+    acc
+}
+
+fn weight(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Weight, Vec<u8>, Vec<f32>) {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let vals: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.gen_range(-1.0f32..1.0))
+        .collect();
+    let mut bytes = vec![0u8; ty.bytes_for((rows * cols) as u64).unwrap() as usize];
+    tl_core::quant::quantize(ty, &vals, &mut bytes).unwrap();
+    let mut deq = vec![0f32; rows * cols];
+    tl_core::quant::dequantize(ty, &bytes, &mut deq).unwrap();
+    let w = Weight::for_test("w", ty, rows, cols, bytes.len());
+    (w, bytes, deq)
+}
+
+#[test]
+fn device_layouts_dequantize_as_ggml() {
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q5_K,
+        GgmlType::F32,
+    ] {
+        let (rows, cols) = (3, 512);
+        let (w, bytes, deq) = weight(ty, rows, cols, 7);
+        let hp = repack(&w, &bytes).unwrap();
+        for r in 0..rows {
+            for b in 0..cols / 32 {
+                let v = dequant32(&hp, r, b);
+                for i in 0..32 {
+                    let want = deq[r * cols + b * 32 + i];
+                    let tol = if hp.kind == Kind::F16 {
+                        want.abs() * 1e-3 + 1e-6
+                    } else {
+                        1e-6
+                    };
+                    assert!(
+                        (v[i] - want).abs() <= tol,
+                        "{ty}: row {r} block {b} value {i}: {} vs {want}",
+                        v[i]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn device_gemv_units_sum_to_the_dot_product() {
+    let cols = 512;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let x: Vec<f32> = (0..cols).map(|_| rng.gen_range(-2.0f32..2.0)).collect();
+    // The activation quantization of kernels.cu (`store_q8`).
+    let mut xq = vec![0i8; cols];
+    let mut xd = vec![0f32; cols / 32];
+    for b in 0..cols / 32 {
+        let amax = x[b * 32..b * 32 + 32]
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        xd[b] = d;
+        for i in 0..32 {
+            xq[b * 32 + i] = (x[b * 32 + i] * id).round_ties_even() as i8;
+        }
+    }
+    let xdeq: Vec<f32> = (0..cols).map(|i| xq[i] as f32 * xd[i / 32]).collect();
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let (w, bytes, deq) = weight(ty, 2, cols, 9);
+        let hp = repack(&w, &bytes).unwrap();
+        for r in 0..2 {
+            let got = row_dot(&hp, r, &xq, &xd);
+            let want: f32 = (0..cols).map(|i| deq[r * cols + i] * xdeq[i]).sum();
+            assert!(
+                (got - want).abs() <= 1e-3 * (1.0 + want.abs()),
+                "{ty} row {r}: {got} vs {want}"
+            );
+        }
+    }
+}
