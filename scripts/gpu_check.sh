@@ -42,6 +42,9 @@ synth() { # name args...
   "$BIN" synth -o "$out.tmp" "$@" >/dev/null && mv "$out.tmp" "$out" || { echo "synth $out failed"; status=1; }
 }
 QWEN05="--arch qwen2 --layers 24 --d-model 896 --heads 14 --kv-heads 2 --head-dim 64 --ffn 4864 --extra-vocab 151677 --context 32768"
+# Which benchmark models (MODELS="q05_q8_0" for a quick run); SKIP_LLAMA=1
+# skips building llama.cpp.
+MODELS=${MODELS:-q05_q8_0 q05_q4_0 q15_q4_k}
 QWEN15="--arch qwen2 --layers 28 --d-model 1536 --heads 12 --kv-heads 2 --head-dim 128 --ffn 8960 --extra-vocab 151677 --context 32768"
 
 if [ "$mode" = prepare ]; then touch "$W/prepare.running"; fi
@@ -49,10 +52,14 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
   while [ -f "$W/prepare.running" ]; do sleep 2; done
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ] || [ "$mode" = prepare ]; then
-  synth q05_q8_0 $QWEN05 --weight-type Q8_0 --output-type Q8_0 &
-  synth q05_q4_0 $QWEN05 --weight-type Q4_0 --output-type Q8_0 &
-  synth q15_q4_k $QWEN15 --weight-type Q4_K --output-type Q6_K &
-  if [ -f .gpu/build-llamacpp-cuda.sh ]; then
+  for m in $MODELS; do
+    case $m in
+      q05_q8_0) synth q05_q8_0 $QWEN05 --weight-type Q8_0 --output-type Q8_0 & ;;
+      q05_q4_0) synth q05_q4_0 $QWEN05 --weight-type Q4_0 --output-type Q8_0 & ;;
+      q15_q4_k) synth q15_q4_k $QWEN15 --weight-type Q4_K --output-type Q6_K & ;;
+    esac
+  done
+  if [ -z "${SKIP_LLAMA:-}" ] && [ -f .gpu/build-llamacpp-cuda.sh ]; then
     bash .gpu/build-llamacpp-cuda.sh /tmp/llamacpp >"$W/llamacpp-build.log" 2>&1 &
   fi
   wait
@@ -61,7 +68,7 @@ if [ "$mode" = bench ] || [ "$mode" = all ] || [ "$mode" = prepare ]; then
 fi
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   LB=/tmp/llamacpp/build/bin
-  for m in q05_q8_0 q05_q4_0 q15_q4_k; do
+  for m in $MODELS; do
     f=$W/$m.gguf
     echo "== $m: tl (cuda)"
     "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r ${REPS:-5} --batch ${BATCH:-1} 2>&1 | grep -vE '^\s*$' || status=1
