@@ -71,6 +71,9 @@ pub struct SamplingArgs {
     /// Most tokens drafted per speculative round (1..=32).
     #[arg(long, default_value_t = 8)]
     pub spec_k: usize,
+    /// The draft model for `--spec draft` (same vocabulary as the model).
+    #[arg(long, value_name = "FILE")]
+    pub draft_model: Option<PathBuf>,
 }
 
 impl SamplingArgs {
@@ -171,6 +174,20 @@ pub fn load(a: &ModelArgs) -> anyhow::Result<Llm> {
     Ok(llm)
 }
 
+/// The draft model of `--spec draft --draft-model FILE`, on the same device.
+fn load_draft(a: &SamplingArgs) -> anyhow::Result<Option<Llm>> {
+    use tl_model::spec::SpecMethod;
+    match (&a.spec, &a.draft_model) {
+        (Some(SpecMethod::Draft), Some(p)) => Ok(Some(
+            Llm::load_on(p, crate::device())
+                .with_context(|| format!("loading the draft model {}", p.display()))?,
+        )),
+        (Some(SpecMethod::Draft), None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
+        (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
+        _ => Ok(None),
+    }
+}
+
 pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let llm = load(&a.model)?;
     let prompt = if a.chat {
@@ -184,12 +201,17 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         a.prompt.clone()
     };
     let opts = a.sampling.options(a.model.ctx_size)?;
+    let draft = load_draft(&a.sampling)?;
     let mut stdout = std::io::stdout().lock();
-    let out = llm.generate(&prompt, &opts, |piece| {
+    let print = |piece: &str| {
         let _ = stdout.write_all(piece.as_bytes());
         let _ = stdout.flush();
         true
-    })?;
+    };
+    let out = match &draft {
+        Some(d) => llm.generate_with_draft(&prompt, &opts, d, print)?,
+        None => llm.generate(&prompt, &opts, print)?,
+    };
     let _ = writeln!(stdout);
     eprintln!(
         "prompt: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | finish: {:?}",
@@ -222,6 +244,7 @@ pub fn run_chat(a: &ChatArgs) -> anyhow::Result<()> {
         a.model.ctx_size
     };
     let opts = a.sampling.options(ctx)?;
+    let draft = load_draft(&a.sampling)?;
     let interactive = std::io::stdin().is_terminal();
     let mut system = a.system.clone();
     let mut history: Vec<ChatMessage> = Vec::new();
@@ -260,11 +283,15 @@ pub fn run_chat(a: &ChatArgs) -> anyhow::Result<()> {
         }
         msgs.extend(history.iter().cloned());
         let prompt = llm.chat_prompt(&msgs)?;
-        let out = llm.generate(&prompt, &opts, |piece| {
+        let print = |piece: &str| {
             print!("{piece}");
             let _ = std::io::stdout().flush();
             true
-        });
+        };
+        let out = match &draft {
+            Some(d) => llm.generate_with_draft(&prompt, &opts, d, print),
+            None => llm.generate(&prompt, &opts, print),
+        };
         println!();
         match out {
             Ok(g) => history.push(ChatMessage::new("assistant", g.text)),

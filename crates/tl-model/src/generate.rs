@@ -49,6 +49,16 @@ pub struct Runner<'m> {
     state: ForwardState,
     /// Speculation counts since the runner was made.
     pub spec_stats: crate::spec::SpecStats,
+    /// A draft model for `SpecMethod::Draft`, with its own cache.
+    draft: Option<Box<DraftRunner<'m>>>,
+}
+
+/// The draft model's side of speculation: its own paged cache and buffers.
+struct DraftRunner<'m> {
+    model: &'m Model,
+    cache: KvCache,
+    blocks: BlockManager,
+    state: ForwardState,
 }
 
 struct Live {
@@ -60,6 +70,8 @@ struct Live {
     finish: Option<Finish>,
     /// Drafts per speculative round, adapted to the acceptance.
     k: usize,
+    /// The draft model's cache of this sequence (`SpecMethod::Draft`).
+    dkv: SeqKv,
 }
 
 impl<'m> Runner<'m> {
@@ -74,7 +86,28 @@ impl<'m> Runner<'m> {
             blocks,
             state: ForwardState::default(),
             spec_stats: Default::default(),
+            draft: None,
         })
+    }
+
+    /// Attaches a draft model (same vocabulary) for `SpecMethod::Draft`,
+    /// with a cache of `ctx_tokens` tokens.
+    pub fn with_draft(mut self, draft: &'m Model, ctx_tokens: usize) -> Result<Self> {
+        if draft.config.vocab != self.model.config.vocab {
+            return Err(ModelError::BadConfig(format!(
+                "the draft model has {} tokens, the target {}",
+                draft.config.vocab, self.model.config.vocab
+            )));
+        }
+        let cache = draft.new_cache(ctx_tokens)?;
+        let blocks = BlockManager::new(cache.n_blocks);
+        self.draft = Some(Box::new(DraftRunner {
+            model: draft,
+            cache,
+            blocks,
+            state: ForwardState::default(),
+        }));
+        Ok(self)
     }
 
     /// Feeds `tokens` to a sequence in chunks; returns the last token's logits.
@@ -131,6 +164,9 @@ impl<'m> Runner<'m> {
         let result = self.run_batch(prompts, opts, &mut on_token, &mut live);
         for l in live.iter_mut() {
             l.kv.free(&mut self.blocks)?;
+            if let Some(d) = self.draft.as_mut() {
+                l.dkv.free(&mut d.blocks)?;
+            }
         }
         result?;
         Ok(live
@@ -175,6 +211,7 @@ impl<'m> Runner<'m> {
                 next: None,
                 finish: None,
                 k: opts.spec.as_ref().map_or(0, |s| s.k),
+                dkv: SeqKv::new(),
             };
             if opts.max_tokens == 0 {
                 l.finish = Some(Finish::Length);
@@ -275,17 +312,31 @@ impl<'m> Runner<'m> {
             n_max: sc.ngram_max,
             n_min: sc.ngram_min,
         };
-        let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(active.len());
-        let mut drafts = Vec::new();
+        let mut ks = Vec::with_capacity(active.len());
         for &i in active {
-            let l = &mut live[i];
+            let l = &live[i];
             let remaining = opts.max_tokens.saturating_sub(l.generated.len());
             let room = (self.model.config.context).saturating_sub(l.kv.len + 1);
-            let k = l.k.min(remaining.saturating_sub(1)).min(room);
-            drafter.draft(&l.history, k, &mut drafts);
+            ks.push(l.k.min(remaining.saturating_sub(1)).min(room));
+        }
+        let mut all_drafts: Vec<Vec<u32>> = match sc.method {
+            crate::spec::SpecMethod::Ngram => active
+                .iter()
+                .zip(&ks)
+                .map(|(&i, &k)| {
+                    let mut d = Vec::new();
+                    drafter.draft(&live[i].history, k, &mut d);
+                    d
+                })
+                .collect(),
+            crate::spec::SpecMethod::Draft => self.draft_model_tokens(active, live, &ks)?,
+        };
+        let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(active.len());
+        for (&i, drafts) in active.iter().zip(all_drafts.iter_mut()) {
+            let l = &mut live[i];
             let mut feed = Vec::with_capacity(1 + drafts.len());
             feed.push(l.next.unwrap_or(0));
-            feed.extend_from_slice(&drafts);
+            feed.extend_from_slice(drafts);
             debug_assert!(l.kv.len + feed.len() <= ctx);
             l.kv.reserve(&mut self.blocks, feed.len())?;
             feeds.push(feed);
@@ -318,6 +369,12 @@ impl<'m> Runner<'m> {
             );
             off += n;
             l.kv.len += 1 + v.accepted;
+            // The draft cache holds the old history (through `next`) and
+            // d1..d(k-1): keep what the accepted text shares with it.
+            if self.draft.is_some() {
+                let keep = l.history.len() + v.accepted.min(d.len().saturating_sub(1));
+                l.dkv.len = l.dkv.len.min(keep);
+            }
             if !d.is_empty() {
                 self.spec_stats.rounds += 1;
                 self.spec_stats.drafted += d.len();
@@ -338,6 +395,56 @@ impl<'m> Runner<'m> {
             }
         }
         Ok(())
+    }
+
+    /// Greedy drafts of up to `ks[j]` tokens from the draft model for each
+    /// active sequence: its cache catches up with the sequence's history in
+    /// one ragged forward, then one token per forward for all sequences.
+    fn draft_model_tokens(
+        &mut self,
+        active: &[usize],
+        live: &mut [Live],
+        ks: &[usize],
+    ) -> Result<Vec<Vec<u32>>> {
+        let d = self.draft.as_mut().ok_or_else(|| {
+            ModelError::BadConfig("speculation with a draft model needs one attached".into())
+        })?;
+        let mut out: Vec<Vec<u32>> = vec![Vec::new(); active.len()];
+        let kmax = ks.iter().copied().max().unwrap_or(0);
+        // Tokens each sequence feeds this iteration (owned copies: the
+        // batch borrows the caches).
+        let mut feeds: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&i| live[i].history[live[i].dkv.len..].to_vec())
+            .collect();
+        for it in 0..kmax {
+            let idx: Vec<usize> = (0..active.len())
+                .filter(|&j| ks[j] > it && !feeds[j].is_empty())
+                .collect();
+            if idx.is_empty() {
+                break;
+            }
+            for &j in &idx {
+                live[active[j]].dkv.reserve(&mut d.blocks, feeds[j].len())?;
+            }
+            let batch: Vec<SeqBatch> = idx
+                .iter()
+                .map(|&j| SeqBatch {
+                    tokens: &feeds[j],
+                    pos: live[active[j]].dkv.len,
+                    kv: &live[active[j]].dkv,
+                    logits: Logits::Last,
+                })
+                .collect();
+            let ids = d.model.forward_greedy(&mut d.cache, &batch, &mut d.state)?;
+            drop(batch);
+            for (&j, &t) in idx.iter().zip(&ids) {
+                live[active[j]].dkv.len += feeds[j].len();
+                out[j].push(t);
+                feeds[j] = vec![t];
+            }
+        }
+        Ok(out)
     }
 
     fn accept(

@@ -291,8 +291,66 @@ impl Llm {
         o: &GenerateOptions,
         on_text: &mut dyn FnMut(&str) -> bool,
     ) -> Result<Generation> {
+        self.generate_inner(ids, o, on_text, None)
+    }
+
+    /// [`Llm::generate`] with `draft` drafting for speculative decoding
+    /// (`o.spec` with `SpecMethod::Draft`). The draft must have the same
+    /// vocabulary, token for token ([`Llm::check_draft`]).
+    pub fn generate_with_draft(
+        &self,
+        prompt: &str,
+        o: &GenerateOptions,
+        draft: &Llm,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        self.check_draft(draft)?;
+        let ids = self.encode_prompt(prompt, o.parse_special)?;
+        self.generate_inner(ids, o, &mut on_text, Some(draft))
+    }
+
+    /// Checks that `draft` can draft for this model: the same token text at
+    /// every id (equal sizes are not enough: a different tokenizer of the
+    /// same size would draft nonsense ids).
+    pub fn check_draft(&self, draft: &Llm) -> Result<()> {
+        let (a, b) = (&self.tokenizer, &draft.tokenizer);
+        if a.n_vocab() != b.n_vocab() {
+            return Err(ModelError::BadConfig(format!(
+                "the draft model's vocabulary has {} tokens, the target's {}",
+                b.n_vocab(),
+                a.n_vocab()
+            )));
+        }
+        for id in 0..a.n_vocab() as u32 {
+            if a.token_text(id) != b.token_text(id) {
+                return Err(ModelError::BadConfig(format!(
+                    "the draft model's token {id} is {:?}, the target's {:?}: the vocabularies differ",
+                    b.token_text(id).unwrap_or(""),
+                    a.token_text(id).unwrap_or("")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn generate_inner(
+        &self,
+        ids: Vec<u32>,
+        o: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+        draft: Option<&Llm>,
+    ) -> Result<Generation> {
         let (ids, ctx) = self.fit_prompt(ids, o)?;
         let mut runner = Runner::new(&self.model, ctx)?;
+        if matches!(
+            o.spec.as_ref().map(|s| &s.method),
+            Some(crate::spec::SpecMethod::Draft)
+        ) {
+            let d = draft.ok_or_else(|| {
+                ModelError::BadConfig("speculation with a draft model needs a draft model".into())
+            })?;
+            runner = runner.with_draft(&d.model, ctx)?;
+        }
         let topts = self.token_options(o);
         let mut dec = self.tokenizer.stream_decoder(false);
         let mut filt = StopFilter {

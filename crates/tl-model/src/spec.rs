@@ -22,8 +22,11 @@
 //!
 //! Draft sources: prompt lookup ([`NgramDrafter`], no second model: the
 //! last n tokens are looked up earlier in the prompt and the text so far,
-//! and what followed them is proposed), whose draft distribution is a
-//! point mass (`q(di) = 1`).
+//! and what followed them is proposed) and a draft model decoding greedily
+//! (`Runner::with_draft`, its own paged cache kept in step with the accepted
+//! text). Both draft deterministically, so the draft distribution is a
+//! point mass (`q(di) = 1`) and the rule above stays exact at any
+//! temperature.
 
 use crate::sampler::Sampler;
 
@@ -32,6 +35,9 @@ use crate::sampler::Sampler;
 pub enum SpecMethod {
     /// Prompt lookup: n-gram matches in the prompt and the output so far.
     Ngram,
+    /// A smaller model of the same vocabulary drafts greedily (attach it
+    /// with `Runner::with_draft` / `Llm::generate_with_draft`).
+    Draft,
 }
 
 impl std::str::FromStr for SpecMethod {
@@ -39,8 +45,9 @@ impl std::str::FromStr for SpecMethod {
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
             "ngram" | "lookup" | "prompt-lookup" => Ok(SpecMethod::Ngram),
+            "draft" => Ok(SpecMethod::Draft),
             other => Err(format!(
-                "unknown speculation method '{other}' (supported: ngram)"
+                "unknown speculation method '{other}' (supported: ngram, draft)"
             )),
         }
     }

@@ -168,3 +168,58 @@ fn sampling_stays_exact_on_a_real_next_token_distribution() {
     );
     assert!(x < crit, "chi2 {x:.2} >= {crit:.2}");
 }
+
+#[test]
+fn greedy_is_identical_with_a_draft_model() {
+    let mk = |seed: u64, layers: usize| {
+        let s = SynthSpec {
+            arch: SynthArch::Qwen2,
+            weight_type: GgmlType::Q8_0,
+            output_type: GgmlType::Q8_0,
+            n_layers: layers,
+            seed,
+            ..Default::default()
+        };
+        let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+        Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads")
+    };
+    let target = mk(2, 3);
+    // The target drafting for itself (every draft accepted) and a different,
+    // smaller model of the same vocabulary (few accepted): same output.
+    for (draft, all_accepted) in [(mk(2, 3), true), (mk(7, 1), false)] {
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![1, 40, 41, 42],
+            (0..23).map(|i| 3 + (i * 7 % 50) as u32).collect(),
+        ];
+        let plain = TokenOptions {
+            max_tokens: 30,
+            ..Default::default()
+        };
+        let want = Runner::new(&target, 512)
+            .expect("cache")
+            .generate_batch(&prompts, &plain, |_, _| true)
+            .expect("plain");
+        let spec = TokenOptions {
+            spec: Some(SpecConfig::new(SpecMethod::Draft, 5).expect("config")),
+            ..plain
+        };
+        let mut r = Runner::new(&target, 512)
+            .expect("cache")
+            .with_draft(&draft, 512)
+            .expect("draft");
+        let got = r
+            .generate_batch(&prompts, &spec, |_, _| true)
+            .expect("spec");
+        for (a, b) in want.iter().zip(&got) {
+            assert_eq!(a.0, b.0, "draft-model speculation changed the output");
+        }
+        assert!(r.spec_stats.drafted > 0);
+        if all_accepted {
+            assert_eq!(
+                r.spec_stats.accepted, r.spec_stats.drafted,
+                "self-drafts must all be accepted"
+            );
+        }
+        assert_eq!(r.blocks.n_free(), r.blocks.n_total());
+    }
+}
