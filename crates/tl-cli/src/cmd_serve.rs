@@ -41,6 +41,16 @@ pub struct ServeArgs {
     /// Disable the prefix cache.
     #[arg(long)]
     pub no_prefix_cache: bool,
+    /// Speculative decoding by default: `ngram` (prompt lookup). Requests
+    /// opt out (or in, without this flag) with `"speculative": false|true`.
+    #[arg(long, value_name = "METHOD")]
+    pub spec: Option<tl_model::spec::SpecMethod>,
+    /// Most tokens drafted per round.
+    #[arg(long, default_value_t = 8)]
+    pub spec_k: usize,
+    /// Speculate only while at most this many sequences decode.
+    #[arg(long, default_value_t = 4)]
+    pub spec_max_batch: usize,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -104,11 +114,23 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         max_body_bytes: a.max_body,
         request_timeout: Duration::from_secs(a.request_timeout),
     };
+    let spec = match &a.spec {
+        Some(tl_model::spec::SpecMethod::Draft) => {
+            anyhow::bail!("--spec draft is not available in the server yet (use ngram)")
+        }
+        Some(m) => Some(
+            tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)
+                .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?,
+        ),
+        None => None,
+    };
     let engine = EngineConfig {
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
             max_batch_tokens: a.max_batch_tokens,
             prefix_caching: !a.no_prefix_cache,
+            spec,
+            spec_max_batch: a.spec_max_batch,
         },
         kv_bytes,
         max_queue: a.max_queue,

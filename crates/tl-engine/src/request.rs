@@ -48,6 +48,9 @@ pub struct GenerationRequest {
     pub ignore_eos: bool,
     /// OpenAI-style tool definitions, passed to chat templates that use them.
     pub tools: Option<serde_json::Value>,
+    /// Speculative decoding for this request: `None` takes the server's
+    /// default.
+    pub speculative: Option<bool>,
 }
 
 impl GenerationRequest {
@@ -68,6 +71,7 @@ impl GenerationRequest {
             logprobs: None,
             ignore_eos: false,
             tools: None,
+            speculative: None,
         }
     }
 }
@@ -83,6 +87,7 @@ pub struct ValidRequest {
     pub(crate) stop: Vec<String>,
     pub(crate) stop_ids: Vec<u32>,
     pub(crate) logprobs: Option<usize>,
+    pub(crate) speculative: Option<bool>,
 }
 
 impl ValidRequest {
@@ -297,6 +302,7 @@ impl Validator {
             stop: r.stop,
             stop_ids,
             logprobs: r.logprobs,
+            speculative: r.speculative,
         })
     }
 }

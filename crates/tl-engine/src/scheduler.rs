@@ -35,6 +35,7 @@ use tl_model::kv::{KvCache, SeqKv, BLOCK_SIZE};
 use tl_model::llm::Llm;
 use tl_model::model::{ForwardState, Logits, SeqBatch};
 use tl_model::sampler::Sampler;
+use tl_model::spec::{verify, NgramDrafter, SpecConfig};
 use tl_tokenizer::StreamDecoder;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
@@ -55,6 +56,12 @@ pub struct SchedulerConfig {
     /// Most tokens in one forward call (decode tokens + prefill chunks).
     pub max_batch_tokens: usize,
     pub prefix_caching: bool,
+    /// Speculative decoding by default (requests opt out with
+    /// `speculative: false`, or in with `true` when this is `None`).
+    pub spec: Option<SpecConfig>,
+    /// Speculate only while at most this many sequences decode: a larger
+    /// batch already uses the weights it reads.
+    pub spec_max_batch: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -63,6 +70,8 @@ impl Default for SchedulerConfig {
             max_batch: 16,
             max_batch_tokens: 256,
             prefix_caching: true,
+            spec: None,
+            spec_max_batch: 4,
         }
     }
 }
@@ -88,6 +97,9 @@ pub struct Stats {
     pub generated_tokens: u64,
     pub preemptions: u64,
     pub steps: u64,
+    /// Speculative decoding: tokens drafted and drafts accepted.
+    pub spec_drafted: u64,
+    pub spec_accepted: u64,
 }
 
 struct ReqState {
@@ -117,6 +129,11 @@ struct Seq<'a> {
     stop: StopFilter,
     cached_tokens: usize,
     admitted_once: bool,
+    /// Most drafts per speculative round (0: this sequence does not
+    /// speculate); adapted to the acceptance.
+    spec_k: usize,
+    /// This step's speculative feed: the last token, then the drafts.
+    feed: Vec<u32>,
 }
 
 impl Seq<'_> {
@@ -204,6 +221,15 @@ impl<'a> Scheduler<'a> {
     /// Queues a request; its events go to `tx`.
     pub fn add(&mut self, id: RequestId, req: ValidRequest, tx: UnboundedSender<Event>) {
         let mut seqs = Vec::with_capacity(req.n);
+        // Logprobs report the plain step's distribution: such requests
+        // decode one token at a time.
+        let spec_k = match (req.speculative, &self.cfg.spec) {
+            _ if req.logprobs.is_some() => 0,
+            (Some(false), _) => 0,
+            (Some(true), None) => 8,
+            (_, Some(c)) => c.k,
+            (None, None) => 0,
+        };
         for choice in 0..req.n {
             let mut params = req.sampling.clone();
             params.seed = params.seed.wrapping_add(choice as u64);
@@ -233,6 +259,8 @@ impl<'a> Scheduler<'a> {
                 stop: StopFilter::new(req.stop.clone()),
                 cached_tokens: 0,
                 admitted_once: false,
+                spec_k,
+                feed: Vec::new(),
             });
         }
         self.reqs.insert(
@@ -380,13 +408,36 @@ impl<'a> Scheduler<'a> {
         let mut budget = self.cfg.max_batch_tokens;
         // (index into running, tokens this step)
         let mut plan: Vec<(usize, usize)> = Vec::new();
+        let n_dec = self.running.iter().filter(|s| s.is_decoding()).count();
+        let speculate = n_dec <= self.cfg.spec_max_batch;
+        let drafter = NgramDrafter {
+            n_max: self.cfg.spec.as_ref().map_or(4, |c| c.ngram_max),
+            n_min: self.cfg.spec.as_ref().map_or(2, |c| c.ngram_min),
+        };
+        let ctx = self.llm.model.config.context;
+        let mut drafts = Vec::new();
         for (i, s) in self.running.iter_mut().enumerate() {
             if s.is_decoding() {
                 if !self.pool.reserve(&mut s.kv, 1)? {
                     return Err(EngineError::Model("no KV block for a decoder".into()));
                 }
-                plan.push((i, 1));
-                budget = budget.saturating_sub(1);
+                s.feed.clear();
+                if speculate && s.spec_k > 0 {
+                    let k = s
+                        .spec_k
+                        .min(s.max_tokens.saturating_sub(s.generated + 1))
+                        .min(ctx.saturating_sub(s.kv.len + 1))
+                        .min(budget.saturating_sub(1));
+                    drafter.draft(&s.tokens, k, &mut drafts);
+                    // Drafts only where the blocks are there; else plain.
+                    if !drafts.is_empty() && self.pool.reserve(&mut s.kv, 1 + drafts.len())? {
+                        s.feed.push(s.tokens[s.kv.len]);
+                        s.feed.extend_from_slice(&drafts);
+                    }
+                }
+                let n = s.feed.len().max(1);
+                plan.push((i, n));
+                budget = budget.saturating_sub(n);
             }
         }
         // 2. Chunks of prompts in progress.
@@ -458,6 +509,14 @@ impl<'a> Scheduler<'a> {
             .iter()
             .map(|&(i, n)| {
                 let s = &self.running[i];
+                if !s.feed.is_empty() {
+                    return SeqBatch {
+                        tokens: &s.feed,
+                        pos: s.kv.len,
+                        kv: &s.kv,
+                        logits: Logits::All,
+                    };
+                }
                 let end = s.kv.len + n;
                 SeqBatch {
                     tokens: &s.tokens[s.kv.len..end],
@@ -502,23 +561,49 @@ impl<'a> Scheduler<'a> {
         let logits = self.state.logits_mut();
         for &(i, n) in plan {
             let s = &mut self.running[i];
+            if !s.feed.is_empty() {
+                // A speculative round: verify the drafts, keep the cache
+                // past the accepted tokens only, emit them one by one.
+                let Some(rows) = logits.get_mut(row * vocab..(row + n) * vocab) else {
+                    return Err(EngineError::Model("missing logits rows".into()));
+                };
+                row += n;
+                let feed = std::mem::take(&mut s.feed);
+                let drafts = &feed[1..];
+                let v = verify(&mut s.sampler, rows, vocab, drafts, &s.tokens);
+                s.kv.len += 1 + v.accepted;
+                self.stats.spec_drafted += drafts.len() as u64;
+                self.stats.spec_accepted += v.accepted as u64;
+                let max_k = self.cfg.spec.as_ref().map_or(8, |c| c.k);
+                s.spec_k = if v.accepted == drafts.len() {
+                    (s.spec_k + 1).min(max_k)
+                } else if v.accepted == 0 {
+                    (s.spec_k / 2).max(1)
+                } else {
+                    s.spec_k
+                };
+                let Some(r) = self.reqs.get(&s.req) else {
+                    done.push((i, Outcome::Closed));
+                    continue;
+                };
+                let before = s.generated;
+                for t in v.tokens {
+                    let out = emit(self.llm, s, r, t, None);
+                    if !matches!(out, Outcome::Continue) {
+                        done.push((i, out));
+                        break;
+                    }
+                }
+                self.stats.generated_tokens += (s.generated - before) as u64;
+                // After the emits: the accepted tokens are in `tokens` now.
+                register_blocks(&mut self.pool, s)?;
+                continue;
+            }
             if n > 1 || !s.is_decoding() {
                 self.stats.prefill_tokens += n as u64;
             }
             s.kv.len += n;
-            // Register newly completed blocks in the prefix cache.
-            while (s.hashed + 1) * BLOCK_SIZE <= s.kv.len {
-                let b = s.hashed;
-                let Some(&block) = s.kv.blocks.get(b) else {
-                    break;
-                };
-                s.last_hash = self.pool.register(
-                    s.last_hash,
-                    &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE],
-                    block,
-                )?;
-                s.hashed += 1;
-            }
+            register_blocks(&mut self.pool, s)?;
             if s.kv.len < s.tokens.len() {
                 continue;
             }
@@ -583,10 +668,40 @@ fn advance<'a>(
         raw.extend_from_slice(row);
     }
     let t = s.sampler.sample(row, &s.tokens);
+    let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
+    emit(llm, s, r, t, logprob)
+}
+
+/// Registers the sequence's newly completed blocks in the prefix cache
+/// (only tokens in the cache: rejected drafts never are).
+fn register_blocks(pool: &mut BlockPool, s: &mut Seq<'_>) -> Result<()> {
+    while (s.hashed + 1) * BLOCK_SIZE <= s.kv.len.min(s.tokens.len()) {
+        let b = s.hashed;
+        let Some(&block) = s.kv.blocks.get(b) else {
+            break;
+        };
+        s.last_hash = pool.register(
+            s.last_hash,
+            &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE],
+            block,
+        )?;
+        s.hashed += 1;
+    }
+    Ok(())
+}
+
+/// Appends the chosen token `t`: stop checks, the text delta, the length
+/// limit.
+fn emit<'a>(
+    llm: &'a Llm,
+    s: &mut Seq<'a>,
+    r: &ReqState,
+    t: u32,
+    logprob: Option<TokenLogprob>,
+) -> Outcome {
     if r.stop_ids.contains(&t) {
         return finish(llm, s, r, FinishReason::Stop);
     }
-    let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
     s.tokens.push(t);
     s.generated += 1;
     let piece = s.decoder.push(t).unwrap_or_default();

@@ -30,6 +30,16 @@ fn llm() -> Arc<Llm> {
 }
 
 fn engine(llm: Arc<Llm>, max_batch: usize, max_batch_tokens: usize, kv_blocks: usize) -> Engine {
+    engine_with(llm, max_batch, max_batch_tokens, kv_blocks, None)
+}
+
+fn engine_with(
+    llm: Arc<Llm>,
+    max_batch: usize,
+    max_batch_tokens: usize,
+    kv_blocks: usize,
+    spec: Option<tl_model::spec::SpecConfig>,
+) -> Engine {
     let c = &llm.model.config;
     let per_block =
         tl_model::kv::KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * 16;
@@ -40,6 +50,8 @@ fn engine(llm: Arc<Llm>, max_batch: usize, max_batch_tokens: usize, kv_blocks: u
                 max_batch,
                 max_batch_tokens,
                 prefix_caching: true,
+                spec,
+                spec_max_batch: 4,
             },
             kv_bytes: kv_blocks * per_block,
             max_queue: 64,
@@ -367,4 +379,47 @@ fn full_queue_is_refused_and_shutdown_fails_in_flight() {
     assert!(e
         .submit(e.validate(greedy(prompt(8, 3), 4)).expect("valid"))
         .is_err());
+}
+
+/// Speculative decoding in the server: greedy output equal to the plain
+/// engine's, whether requests run alone or several at once (above the
+/// speculation batch limit part of the time), with prefix-cache hits, and
+/// every block given back; a request that opts out never drafts.
+#[test]
+fn speculative_decoding_keeps_greedy_output_and_frees_blocks() {
+    let llm = llm();
+    // Repetitive prompts, so prompt lookup finds drafts.
+    let prompts: Vec<Vec<u32>> = (0..6u32)
+        .map(|i| (0..30u32).map(|j| 3 + (j % (5 + i)) * 13).collect())
+        .collect();
+    let plain = engine(llm.clone(), 8, 64, 256);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run(&plain, greedy(p.clone(), 24))[0].tokens.clone())
+        .collect();
+    let cfg = tl_model::spec::SpecConfig::new(tl_model::spec::SpecMethod::Ngram, 6).expect("cfg");
+    let e = Arc::new(engine_with(llm.clone(), 8, 64, 256, Some(cfg)));
+    for (p, w) in prompts.iter().zip(&want) {
+        assert_eq!(&run(&e, greedy(p.clone(), 24))[0].tokens, w, "alone");
+    }
+    let alone = wait_idle(&e);
+    assert!(alone.spec_drafted > 0, "nothing drafted");
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let e = e.clone();
+            std::thread::spawn(move || run(&e, greedy(p, 24))[0].tokens.clone())
+        })
+        .collect();
+    for (h, w) in handles.into_iter().zip(&want) {
+        assert_eq!(&h.join().expect("thread"), w, "together");
+    }
+    let s = wait_idle(&e);
+    assert_eq!(s.kv_blocks_used, 0);
+    // Opting out: no drafts for this request.
+    let mut r = greedy(prompts[0].clone(), 24);
+    r.speculative = Some(false);
+    assert_eq!(run(&e, r)[0].tokens, want[0]);
+    assert_eq!(wait_idle(&e).spec_drafted, s.spec_drafted);
 }

@@ -71,6 +71,9 @@ struct Common {
     stream: Option<bool>,
     stream_options: Option<StreamOptions>,
     ignore_eos: Option<bool>,
+    /// Opt this request in or out of speculative decoding (the server's
+    /// `--spec` sets the default).
+    speculative: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -326,6 +329,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
             r.stop = stop.clone();
             r.logprobs = logprobs;
             r.ignore_eos = c.ignore_eos.unwrap_or(false);
+            r.speculative = c.speculative;
             r.tools = tools.clone();
             r
         })

@@ -38,6 +38,8 @@ struct EngineCounters {
     generated: IntCounter,
     preemptions: IntCounter,
     steps: IntCounter,
+    spec_drafted: IntCounter,
+    spec_accepted: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -168,6 +170,16 @@ impl Metrics {
                     "tl_engine_steps_total",
                     "Forward passes run by the engine",
                 )?,
+                spec_drafted: counter(
+                    &r,
+                    "tl_spec_drafted_tokens_total",
+                    "Tokens drafted for speculative decoding",
+                )?,
+                spec_accepted: counter(
+                    &r,
+                    "tl_spec_accepted_tokens_total",
+                    "Drafted tokens accepted by verification (acceptance rate = accepted / drafted)",
+                )?,
             }),
             requests,
             registry: r,
@@ -199,6 +211,8 @@ impl Metrics {
             bump(&c.generated, s.generated_tokens);
             bump(&c.preemptions, s.preemptions);
             bump(&c.steps, s.steps);
+            bump(&c.spec_drafted, s.spec_drafted);
+            bump(&c.spec_accepted, s.spec_accepted);
         }
         let mut buf = Vec::new();
         if TextEncoder::new()
