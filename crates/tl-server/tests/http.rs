@@ -50,6 +50,7 @@ impl Server {
                         max_batch,
                         max_batch_tokens: 256,
                         prefix_caching: true,
+                        ..Default::default()
                     },
                     kv_bytes: 8 << 20,
                     max_queue,
