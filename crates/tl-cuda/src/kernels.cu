@@ -18,7 +18,46 @@
 // per 32 values, xd[M*K/32] (ggml's q8_1 without the sum: the offsets of
 // Q4_0/Q5_0/Q4_K are taken from a dp4a with ones instead).
 
+// Half precision: the toolkit's header when the machine has it (lib.rs
+// passes TL_FP16_HEADER and its include path), else the few conversions
+// used here, written on PTX's cvt instructions, so a machine with only the
+// driver and NVRTC compiles the kernels too.
+#ifdef TL_FP16_HEADER
 #include <cuda_fp16.h>
+#else
+struct alignas(2) __half {
+    unsigned short x;
+};
+struct alignas(4) __half2 {
+    __half x, y;
+};
+__device__ __forceinline__ float __half2float(__half h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.x));
+    return f;
+}
+__device__ __forceinline__ __half __float2half_rn(float f) {
+    __half h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.x) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float2 __half22float2(__half2 h) {
+    float2 r;
+    r.x = __half2float(h.x);
+    r.y = __half2float(h.y);
+    return r;
+}
+__device__ __forceinline__ __half2 __floats2half2_rn(float a, float b) {
+    __half2 r;
+    r.x = __float2half_rn(a);
+    r.y = __float2half_rn(b);
+    return r;
+}
+__device__ __forceinline__ float __low2float(__half2 h) { return __half2float(h.x); }
+__device__ __forceinline__ float __high2float(__half2 h) { return __half2float(h.y); }
+#endif
+
+#define TL_INF __int_as_float(0x7f800000)
 
 #define T_F16 0
 #define T_Q8_0 1
@@ -512,7 +551,7 @@ extern "C" __global__ void argmax_rows(const float* x, int n, int* ids) {
     __shared__ float sv[32];
     __shared__ int si[32];
     const float* r = x + (long)blockIdx.x * n;
-    float best = -INFINITY;
+    float best = -TL_INF;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = r[i];
@@ -529,7 +568,7 @@ extern "C" __global__ void argmax_rows(const float* x, int n, int* ids) {
     __syncthreads();
     if (warp == 0) {
         int nw = blockDim.x / 32;
-        best = lane < nw ? sv[lane] : -INFINITY;
+        best = lane < nw ? sv[lane] : -TL_INF;
         bi = lane < nw ? si[lane] : 0x7fffffff;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
@@ -646,7 +685,7 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
     float qv[8];
 #pragma unroll
     for (int k = 0; k < 8; k++) qv[k] = qh[k] * a.scale;
-    float m = -INFINITY, l = 0.0f, acc[8];
+    float m = -TL_INF, l = 0.0f, acc[8];
 #pragma unroll
     for (int k = 0; k < 8; k++) acc[k] = 0.0f;
     for (int p = lo + g; p <= pos; p += G) {
@@ -683,12 +722,12 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
 #pragma unroll
     for (int k = 0; k < 8; k++) sm_a[g * HD + sub * 8 + k] = acc[k];
     __syncthreads();
-    float M = -INFINITY;
+    float M = -TL_INF;
     for (int i = 0; i < G; i++) M = fmaxf(M, sm_m[i]);
     for (int d = threadIdx.x; d < HD; d += blockDim.x) {
         float L = 0.0f, o = 0.0f;
         for (int i = 0; i < G; i++) {
-            if (sm_m[i] == -INFINITY) continue;
+            if (sm_m[i] == -TL_INF) continue;
             float c = expf(sm_m[i] - M);
             L += sm_l[i] * c;
             o += sm_a[i * HD + d] * c;
