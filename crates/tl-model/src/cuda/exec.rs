@@ -201,10 +201,16 @@ impl CudaExec<'_> {
         (d.div_ceil(32) * 32).clamp(32, 1024) as u32
     }
 
-    /// `x += post_ffn_norm?(o)` of layer `il`.
-    fn flush_residual(&self, il: usize) -> Result<()> {
+    /// `x += post_norm?(o)` (`post` 0 for none), then with `norm` (not 0)
+    /// `xn = rms_norm(x) · norm`, quantized to 8 bits too when `quant`.
+    fn add_norm(&self, post: u64, norm: u64, quant: bool) -> Result<()> {
         let c = &self.m.config;
-        let l = &self.cm.layers[il];
+        let [q0, q1] = if quant {
+            self.q8_args()
+        } else {
+            [Arg::Ptr(0), Arg::Ptr(0)]
+        };
+        let xn = if norm == 0 { 0 } else { ptr(&self.cs.xn) };
         self.l(
             "add_norm",
             (self.n as u32, 1, 1),
@@ -213,15 +219,20 @@ impl CudaExec<'_> {
             &[
                 Arg::Ptr(ptr(&self.cs.x)),
                 Arg::Ptr(ptr(&self.cs.o)),
-                Arg::Ptr(ptr(&l.post_ffn_norm)),
-                Arg::Ptr(0),
-                Arg::Ptr(0),
+                Arg::Ptr(post),
+                Arg::Ptr(norm),
+                Arg::Ptr(xn),
                 Arg::I32(c.d_model as i32),
                 Arg::F32(c.rms_eps),
-                Arg::Ptr(0),
-                Arg::Ptr(0),
+                q0,
+                q1,
             ],
         )
+    }
+
+    /// `x += post_ffn_norm?(o)` of layer `il`.
+    fn flush_residual(&self, il: usize) -> Result<()> {
+        self.add_norm(ptr(&self.cm.layers[il].post_ffn_norm), 0, false)
     }
 
     /// Everything after the stages: the greedy argmax.
@@ -286,24 +297,7 @@ impl Exec for CudaExec<'_> {
         let norm = self.cm.layers[il].attn_norm.ptr;
         if let Some(pl) = self.pending_ffn.take() {
             // The previous layer's FFN residual, fused with this norm.
-            let pw = ptr(&self.cm.layers[pl].post_ffn_norm);
-            return self.l(
-                "add_norm",
-                (self.n as u32, 1, 1),
-                Self::norm_threads(c.d_model),
-                0,
-                &[
-                    Arg::Ptr(ptr(&self.cs.x)),
-                    Arg::Ptr(ptr(&self.cs.o)),
-                    Arg::Ptr(pw),
-                    Arg::Ptr(norm),
-                    Arg::Ptr(ptr(&self.cs.xn)),
-                    Arg::I32(c.d_model as i32),
-                    Arg::F32(c.rms_eps),
-                    q0,
-                    q1,
-                ],
-            );
+            return self.add_norm(ptr(&self.cm.layers[pl].post_ffn_norm), norm, true);
         }
         self.l(
             "rms_norm",
@@ -419,26 +413,8 @@ impl Exec for CudaExec<'_> {
 
     fn attn_residual(&mut self, il: usize) -> Result<()> {
         self.mark("residual + norm")?;
-        let c = &self.m.config;
         let l = &self.cm.layers[il];
-        let [q0, q1] = self.q8_args();
-        self.l(
-            "add_norm",
-            (self.n as u32, 1, 1),
-            Self::norm_threads(c.d_model),
-            0,
-            &[
-                Arg::Ptr(ptr(&self.cs.x)),
-                Arg::Ptr(ptr(&self.cs.o)),
-                Arg::Ptr(ptr(&l.post_attn_norm)),
-                Arg::Ptr(l.ffn_norm.ptr),
-                Arg::Ptr(ptr(&self.cs.xn)),
-                Arg::I32(c.d_model as i32),
-                Arg::F32(c.rms_eps),
-                q0,
-                q1,
-            ],
-        )
+        self.add_norm(ptr(&l.post_attn_norm), l.ffn_norm.ptr, true)
     }
 
     fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
