@@ -688,19 +688,28 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
     float m = -TL_INF, l = 0.0f, acc[8];
 #pragma unroll
     for (int k = 0; k < 8; k++) acc[k] = 0.0f;
-    for (int p = lo + g; p <= pos; p += G) {
-        long blk = table[p / 16];
-        long off = ((blk * a.n_kv_heads + kvh) * 16 + (p % 16)) * HD + sub * 8;
-        uint4 kraw = *(const uint4*)(kc + off);
-        const __half2* kh2 = (const __half2*)&kraw;
+    // The loop bound is uniform across the warp (p0 depends on the warp
+    // only): every lane reaches the shuffles, as __shfl_xor_sync with a
+    // full mask requires; lanes past `pos` only skip the update.
+    for (int p0 = lo + warp * GPW; p0 <= pos; p0 += G) {
+        int p = p0 + gl;
+        bool valid = p <= pos;
+        long off = 0;
         float s = 0.0f;
+        if (valid) {
+            long blk = table[p / 16];
+            off = ((blk * a.n_kv_heads + kvh) * 16 + (p % 16)) * HD + sub * 8;
+            uint4 kraw = *(const uint4*)(kc + off);
+            const __half2* kh2 = (const __half2*)&kraw;
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            float2 f = __half22float2(kh2[k]);
-            s += qv[2 * k] * f.x + qv[2 * k + 1] * f.y;
+            for (int k = 0; k < 4; k++) {
+                float2 f = __half22float2(kh2[k]);
+                s += qv[2 * k] * f.x + qv[2 * k + 1] * f.y;
+            }
         }
 #pragma unroll
         for (int o = LP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
+        if (!valid) continue;
         float mn = fmaxf(m, s);
         float corr = expf(m - mn), e = expf(s - mn);
         l = l * corr + e;

@@ -49,6 +49,15 @@ pub enum CudaError {
     },
     #[error("{0}")]
     Invalid(String),
+    #[error(
+        "GPU work did not finish within {secs} s on {device} (last kernel launched: {last}); \
+         the device is stuck and this process cannot use it any more"
+    )]
+    Timeout {
+        secs: u64,
+        device: String,
+        last: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, CudaError>;
@@ -176,6 +185,7 @@ pub mod bytemuck_like {
 }
 
 /// One kernel argument, by value.
+#[derive(Debug)]
 pub enum Arg {
     Ptr(u64),
     I32(i32),
@@ -227,6 +237,14 @@ pub struct Gpu {
     pub arch: (i32, i32),
     pub sm_count: usize,
     profile: std::sync::Mutex<Profile>,
+    /// `TL_CUDA_TRACE=1`: every launch is printed and waited for.
+    trace: bool,
+    /// How long `sync` waits before giving up (`TL_CUDA_TIMEOUT` seconds).
+    timeout: std::time::Duration,
+    /// The last kernel launched (for the timeout message).
+    last: std::sync::Mutex<&'static str>,
+    /// Kernel names, leaked once so `last` can hold them.
+    names: HashMap<String, &'static str>,
 }
 
 /// Per-stage GPU time, from events recorded between stages
@@ -299,12 +317,22 @@ impl Gpu {
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(drv_err("load module"))?;
         let mut funcs = HashMap::new();
+        let mut names = HashMap::new();
         for name in kernel_names(KERNELS_CU) {
             let f = module
                 .load_function(&name)
                 .map_err(drv_err("load function"))?;
-            funcs.insert(name, f.cu_function());
+            funcs.insert(name.clone(), f.cu_function());
+            let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
+            names.insert(name, leaked);
         }
+        let trace = std::env::var("TL_CUDA_TRACE").is_ok_and(|v| v == "1");
+        let timeout = std::time::Duration::from_secs(
+            std::env::var("TL_CUDA_TIMEOUT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(120),
+        );
         let mut blas: blas_sys::cublasHandle_t = std::ptr::null_mut();
         // SAFETY: cublasCreate writes a handle; it is bound to our stream
         // and destroyed in Drop.
@@ -330,6 +358,10 @@ impl Gpu {
             arch,
             sm_count,
             profile: Default::default(),
+            trace,
+            timeout,
+            last: std::sync::Mutex::new("(none)"),
+            names,
         }))
     }
 
@@ -401,6 +433,12 @@ impl Gpu {
             }
         }
         Ok(src)
+    }
+
+    /// Whether `TL_CUDA_TRACE=1` is on (every launch printed and waited
+    /// for; callers must not capture graphs then).
+    pub fn tracing(&self) -> bool {
+        self.trace
     }
 
     /// Binds the context to the calling thread (cheap; call before work on
@@ -505,9 +543,53 @@ impl Gpu {
         })
     }
 
-    /// Waits for all work on the stream.
+    /// Waits for all work on the stream, at most `TL_CUDA_TIMEOUT` seconds
+    /// (default 120): a kernel that never ends becomes an error naming the
+    /// last kernel launched instead of a hang. Polls `cuStreamQuery`,
+    /// spinning for the first 50 µs (a decode step's readback) and yielding
+    /// after that.
     pub fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(drv_err("synchronize"))
+        let t0 = std::time::Instant::now();
+        let mut spins = 0u32;
+        loop {
+            // SAFETY: a query of our own live stream.
+            let r = unsafe { drv::cuStreamQuery(self.stream.cu_stream()) };
+            match r {
+                drv::CUresult::CUDA_SUCCESS => return Ok(()),
+                drv::CUresult::CUDA_ERROR_NOT_READY => {}
+                e => {
+                    return Err(CudaError::Driver {
+                        op: format!(
+                            "synchronize (after kernel {})",
+                            self.last.lock().map(|l| *l).unwrap_or("?")
+                        ),
+                        err: format!("{e:?}"),
+                    })
+                }
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let el = t0.elapsed();
+            if el > self.timeout {
+                // A kernel that never ends can't be stopped from the host:
+                // freeing memory or destroying the context would wait for
+                // it forever. Say so and end the process (a supervisor
+                // restarts it) rather than hang.
+                let e = CudaError::Timeout {
+                    secs: self.timeout.as_secs(),
+                    device: self.name.clone(),
+                    last: self.last.lock().map(|l| l.to_string()).unwrap_or_default(),
+                };
+                eprintln!("tl: fatal: {e}");
+                std::process::exit(70);
+            }
+            if el.as_micros() > 50 {
+                std::thread::yield_now();
+            }
+        }
     }
 
     /// Launches kernel `name` on the stream.
@@ -572,7 +654,24 @@ impl Gpu {
         .map_err(|e| CudaError::Driver {
             op: format!("launch {name}"),
             err: format!("{e:?}"),
-        })
+        })?;
+        if let (Some(n), Ok(mut l)) = (self.names.get(name), self.last.lock()) {
+            *l = n;
+        }
+        if self.trace {
+            let t0 = std::time::Instant::now();
+            eprintln!(
+                "tl-cuda: launch {name} grid {grid:?} block {block} smem {smem} args {args:?}"
+            );
+            let r = self.sync();
+            eprintln!(
+                "tl-cuda:   {name} {} in {:.3} ms",
+                if r.is_ok() { "done" } else { "FAILED" },
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            r?;
+        }
+        Ok(())
     }
 
     /// Records a timing event: the GPU time until the next mark is charged

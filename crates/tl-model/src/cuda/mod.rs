@@ -270,6 +270,7 @@ impl CudaModel {
             && n <= 8
             && graphs_enabled()
             && !crate::dump::enabled()
+            && !gpu.tracing()
             && !profiling();
         let key = GraphKey {
             n,
