@@ -12,8 +12,9 @@ pub enum TokenizerError {
     UnknownModel(String),
 
     #[error(
-        "unknown pre-tokenizer '{0}' (tokenizer.ggml.pre); supported: default, gpt-2 and its \
-         aliases, llama3/llama-bpe and aliases, qwen2 and aliases"
+        "unknown pre-tokenizer '{name}' (tokenizer.ggml.pre); known: {known}",
+        name = .0,
+        known = crate::PreTokenizer::known_names().join(", ")
     )]
     UnknownPreTokenizer(String),
 

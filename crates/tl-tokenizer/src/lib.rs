@@ -44,6 +44,7 @@ mod bpe;
 pub mod chat;
 mod error;
 mod pretok;
+mod pretok_regex;
 mod special;
 mod spm;
 mod stream;
@@ -54,6 +55,7 @@ mod vocab;
 
 pub use chat::{builtin_template, ChatMessage, ChatTemplate, RenderOptions, TemplateError};
 pub use error::{Result, TokenizerError};
+pub use pretok_regex::RegexSet;
 pub use stream::StreamDecoder;
 pub use tokenizer::{DecodeOptions, EncodeOptions, Tokenizer};
 pub use vocab::{PreTokenizer, SpecialTokens, TokenAttr, Vocab, VocabKind};

@@ -22,6 +22,11 @@ pub(crate) fn split(pre: PreTokenizer, cpts: &[u32], out: &mut Vec<usize>) {
         PreTokenizer::Gpt2 => split_gpt2(cpts, &[cpts.len()], out),
         PreTokenizer::Llama3 => split_llama3(cpts, &[cpts.len()], 3, out),
         PreTokenizer::Qwen2 => split_llama3(cpts, &[cpts.len()], 1, out),
+        PreTokenizer::Regex(set) => match crate::pretok_regex::compiled(set) {
+            Ok(stages) => crate::pretok_regex::split(stages, cpts, out),
+            // Compiled (and checked) when the vocabulary was loaded.
+            Err(_) => out.push(cpts.len()),
+        },
         PreTokenizer::Default => {
             // "[\p{P}\$\+<=>\^~\|]+", then GPT-2, then "\p{N}+", then "[0-9][0-9][0-9]".
             let mut a = Vec::new();
@@ -33,6 +38,21 @@ pub(crate) fn split(pre: PreTokenizer, cpts: &[u32], out: &mut Vec<usize>) {
             split_ascii_digit_triples(cpts, &a, out);
         }
     }
+}
+
+/// The GPT-2 splitter for the regex sets that use it as one stage.
+pub(crate) fn split_gpt2_pub(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
+    split_gpt2(cpts, offsets, out)
+}
+
+/// The Llama 3 / Qwen 2 splitter for the regex sets that use it as a stage.
+pub(crate) fn split_llama3_pub(
+    cpts: &[u32],
+    offsets: &[usize],
+    max_digits: usize,
+    out: &mut Vec<usize>,
+) {
+    split_llama3(cpts, offsets, max_digits, out)
 }
 
 /// `re`, `ve` or `ll` after an apostrophe.

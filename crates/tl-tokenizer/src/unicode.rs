@@ -8,10 +8,8 @@ use crate::unicode_data::{LOWER_TO_ASCII, RANGES, WHITESPACE};
 pub(crate) const UNDEFINED: u16 = 0x0001;
 pub(crate) const NUMBER: u16 = 0x0002;
 pub(crate) const LETTER: u16 = 0x0004;
-#[cfg(test)]
 pub(crate) const ACCENT_MARK: u16 = 0x0010;
 pub(crate) const PUNCTUATION: u16 = 0x0020;
-#[cfg(test)]
 pub(crate) const SYMBOL: u16 = 0x0040;
 pub(crate) const WHITESPACE_FLAG: u16 = 0x0100;
 const MASK_CATEGORIES: u16 = 0x00FF;

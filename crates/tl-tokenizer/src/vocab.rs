@@ -8,6 +8,7 @@ use rustc_hash::FxHashMap;
 use tl_gguf::{Array, Metadata};
 
 use crate::error::{Result, TokenizerError};
+use crate::pretok_regex::RegexSet;
 use crate::TokenId;
 
 /// Per-token attributes, bit for bit llama.cpp's `llama_token_attr`.
@@ -70,27 +71,183 @@ pub enum PreTokenizer {
     Llama3,
     /// Qwen 2's regex (digits one by one).
     Qwen2,
+    /// A set of expressions run through the general regex path.
+    Regex(RegexSet),
 }
 
+/// What a `tokenizer.ggml.pre` name sets, as llama.cpp's vocabulary loader
+/// sets it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PreInfo {
+    pub pre: PreTokenizer,
+    pub clean_spaces: bool,
+    pub ignore_merges: bool,
+    /// `Some` where the name forces BOS on or off by default.
+    pub add_bos: Option<bool>,
+    /// The model's default BOS id is cleared (ChatGLM/GLM-4).
+    pub no_bos: bool,
+}
+
+/// Every `tokenizer.ggml.pre` name llama.cpp accepts that tl runs, with its
+/// type and switches: (name, type, clean_spaces, ignore_merges, add_bos,
+/// no default BOS).
+#[rustfmt::skip]
+const PRE_NAMES: &[(&str, PreTokenizer, bool, bool, Option<bool>, bool)] = {
+    use PreTokenizer::*;
+    use RegexSet as R;
+    &[
+        ("default", Default, true, false, None, false),
+        ("minicpm5", Regex(R::Minicpm5), true, true, None, false),
+        ("llama3", Llama3, true, true, Some(true), false),
+        ("llama-v3", Llama3, true, true, Some(true), false),
+        ("llama-bpe", Llama3, true, true, Some(true), false),
+        ("falcon3", Llama3, true, true, Some(true), false),
+        ("falcon-h1", Llama3, true, true, Some(true), false),
+        ("pixtral", Llama3, true, true, Some(true), false),
+        ("midm-2.0", Llama3, true, true, Some(true), false),
+        ("lfm2", Llama3, true, true, Some(true), false),
+        ("jina-v5-nano", Llama3, true, true, Some(true), false),
+        ("deepseek-llm", Regex(R::DeepseekLlm), false, false, None, false),
+        ("deepseek-coder", Regex(R::DeepseekCoder), false, false, None, false),
+        ("deepseek-v3", Regex(R::Deepseek3), false, false, None, false),
+        ("spark2_5", Regex(R::Spark25), false, false, None, false),
+        ("youtu", Regex(R::Youtu), false, true, None, false),
+        ("falcon", Regex(R::Falcon), true, false, None, false),
+        ("mpt", Gpt2, true, false, None, false),
+        ("starcoder", Regex(R::Starcoder), true, false, None, false),
+        ("gpt-2", Gpt2, true, false, None, false),
+        ("phi-2", Gpt2, true, false, None, false),
+        ("jina-es", Gpt2, true, false, None, false),
+        ("jina-de", Gpt2, true, false, None, false),
+        ("gigachat", Gpt2, true, false, None, false),
+        ("jina-v2-es", Gpt2, true, false, None, false),
+        ("jina-v2-de", Gpt2, true, false, None, false),
+        ("a.x-4.0", Gpt2, true, false, None, false),
+        ("mellum", Gpt2, true, false, None, false),
+        ("modern-bert", Gpt2, true, false, None, false),
+        ("jais-2", Regex(R::Jais2), true, false, None, false),
+        ("roberta-bpe", Gpt2, true, false, None, false),
+        ("refact", Regex(R::Starcoder), true, false, None, false),
+        ("command-r", Regex(R::Starcoder), false, false, None, false),
+        ("qwen2", Qwen2, false, false, None, false),
+        ("deepseek-r1-qwen", Qwen2, false, false, None, false),
+        ("kormo", Qwen2, false, false, None, false),
+        ("f2llmv2", Qwen2, false, false, None, false),
+        ("stablelm2", Qwen2, true, false, None, false),
+        ("olmo", Gpt2, true, false, None, false),
+        ("dbrx", Llama3, true, false, None, false),
+        ("smaug-bpe", Llama3, true, false, None, false),
+        ("poro-chat", Regex(R::Poro), false, false, None, false),
+        ("chatglm-bpe", Llama3, true, false, None, true),
+        ("glm4", Llama3, true, true, None, true),
+        ("glm5", Llama3, true, true, None, true),
+        ("viking", Regex(R::Viking), false, false, None, false),
+        ("jais", Gpt2, true, false, None, false),
+        ("tekken", Regex(R::Tekken), false, true, Some(true), false),
+        ("smollm", Regex(R::Starcoder), false, false, None, false),
+        ("codeshell", Regex(R::Starcoder), true, false, None, false),
+        ("bloom", Regex(R::Poro), true, false, None, false),
+        ("gpt3-finnish", Regex(R::Poro), true, false, None, false),
+        ("exaone", Regex(R::Starcoder), true, false, None, false),
+        ("exaone4", Gpt2, true, false, None, false),
+        ("exaone-moe", Regex(R::ExaoneMoe), true, false, None, false),
+        ("chameleon", Regex(R::Chameleon), false, false, Some(true), false),
+        ("minerva-7b", Regex(R::Starcoder), true, false, None, false),
+        ("megrez", Qwen2, true, false, None, false),
+        ("gpt-4o", Regex(R::Gpt4o), false, false, None, false),
+        ("llama4", Regex(R::Gpt4o), false, false, None, false),
+        ("kanana2", Regex(R::Gpt4o), false, false, None, false),
+        ("talkie", Regex(R::Gpt4o), false, false, None, false),
+        ("granite-embed-multi-97m", Regex(R::GraniteEmbMulti), false, true, None, false),
+        ("superbpe", Regex(R::Superbpe), false, false, None, false),
+        ("trillion", Gpt2, false, false, None, false),
+        ("granite-docling", Gpt2, false, false, None, false),
+        ("bailingmoe", Regex(R::Bailingmoe), false, false, None, false),
+        ("bailingmoe2", Regex(R::Bailingmoe), false, false, None, false),
+        ("llada-moe", Regex(R::Bailingmoe), false, false, None, false),
+        ("seed-coder", Regex(R::SeedCoder), false, false, None, false),
+        ("hunyuan", Qwen2, false, false, None, false),
+        ("hunyuan-dense", Regex(R::Deepseek3), false, false, None, false),
+        ("hy_v4", Regex(R::Deepseek3), false, false, None, false),
+        ("joyai-llm", Regex(R::Deepseek3), false, false, None, false),
+        ("ufakzeka", Regex(R::Ufakzeka), false, false, None, false),
+        ("grok-2", Qwen2, false, false, None, false),
+        ("laguna", Regex(R::Laguna), false, false, None, false),
+        ("minimax-m2", Regex(R::Gpt4o), false, false, None, false),
+        ("solar-open", Qwen2, false, false, None, false),
+        ("mellum2", Regex(R::Starcoder), true, false, None, false),
+    ]
+};
+
+/// Names llama.cpp accepts that tl does not run yet, with what is missing.
+const PRE_UNSUPPORTED: &[(&str, &str)] = &[
+    (
+        "qwen35",
+        "its hand-written splitter (Qwen 3.5) is not ported",
+    ),
+    (
+        "kimi-k2",
+        "its hand-written splitter (Kimi K2) is not ported",
+    ),
+    ("afmoe", "its digit-grouping splitter (AFMoE) is not ported"),
+    ("tiny_aya", "its digit-grouping splitter is not ported"),
+    ("cohere2moe", "its digit-grouping splitter is not ported"),
+    ("gemma4", "SPM-style BPE on raw UTF-8 is not implemented"),
+    (
+        "granite-embed-multi-311m",
+        "SPM-style BPE on raw UTF-8 is not implemented",
+    ),
+    (
+        "sarvam-moe",
+        "SPM-style BPE on raw UTF-8 is not implemented",
+    ),
+    ("whitespace", "BPE on raw UTF-8 is not implemented"),
+    (
+        "jina-v1-en",
+        "the separator token appended by its encoder is not implemented",
+    ),
+    (
+        "jina-v2-code",
+        "the separator token appended by its encoder is not implemented",
+    ),
+];
+
 impl PreTokenizer {
-    /// The llama.cpp name → type table, restricted to the types implemented
-    /// here. Returns the type plus (clean_spaces, ignore_merges, add_bos) as
-    /// llama.cpp sets them for it.
-    fn from_name(name: &str) -> Result<(PreTokenizer, bool, bool, Option<bool>)> {
-        Ok(match name {
-            "" | "default" => (PreTokenizer::Default, true, false, None),
-            "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral"
-            | "midm-2.0" | "lfm2" | "jina-v5-nano" => {
-                (PreTokenizer::Llama3, true, true, Some(true))
+    /// Every name tl runs (for error messages and docs).
+    pub fn known_names() -> Vec<&'static str> {
+        PRE_NAMES.iter().map(|e| e.0).collect()
+    }
+
+    /// Names llama.cpp knows that tl does not run yet, with the reason.
+    pub fn unsupported_names() -> &'static [(&'static str, &'static str)] {
+        PRE_UNSUPPORTED
+    }
+
+    /// The llama.cpp name → type table. An empty name falls back to
+    /// `default`, as in llama.cpp (the caller warns).
+    pub(crate) fn from_name(name: &str) -> Result<PreInfo> {
+        let name = if name.is_empty() { "default" } else { name };
+        if let Some(&(_, pre, clean_spaces, ignore_merges, add_bos, no_bos)) =
+            PRE_NAMES.iter().find(|e| e.0 == name)
+        {
+            if let PreTokenizer::Regex(set) = pre {
+                crate::pretok_regex::compiled(set).map_err(|e| bad(KEY_PRE, e))?;
             }
-            "qwen2" | "deepseek-r1-qwen" | "kormo" | "f2llmv2" => {
-                (PreTokenizer::Qwen2, false, false, None)
-            }
-            "megrez" => (PreTokenizer::Qwen2, true, false, None),
-            "gpt-2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "a.x-4.0" | "mellum"
-            | "roberta-bpe" | "exaone4" => (PreTokenizer::Gpt2, true, false, None),
-            other => return Err(TokenizerError::UnknownPreTokenizer(other.to_string())),
-        })
+            return Ok(PreInfo {
+                pre,
+                clean_spaces,
+                ignore_merges,
+                add_bos,
+                no_bos,
+            });
+        }
+        if let Some((_, why)) = PRE_UNSUPPORTED.iter().find(|e| e.0 == name) {
+            return Err(bad(
+                KEY_PRE,
+                format!("pre-tokenizer '{name}' is not supported by tl yet: {why}"),
+            ));
+        }
+        Err(TokenizerError::UnknownPreTokenizer(name.to_string()))
     }
 }
 
@@ -198,13 +355,20 @@ impl Vocab {
             }
             "gpt2" => {
                 v.kind = VocabKind::Bpe;
-                let (pre, clean, ignore, add_bos) = PreTokenizer::from_name(pre_name)?;
-                v.pre = pre;
-                v.clean_spaces = clean;
-                v.ignore_merges = ignore;
-                if let Some(b) = add_bos {
+                if pre_name.is_empty() {
+                    eprintln!(
+                        "tl: warning: the GGUF has no tokenizer.ggml.pre; using the 'default' \
+                         pre-tokenizer as llama.cpp does (generation quality may suffer)"
+                    );
+                }
+                let info = PreTokenizer::from_name(pre_name)?;
+                v.pre = info.pre;
+                v.clean_spaces = info.clean_spaces;
+                v.ignore_merges = info.ignore_merges;
+                if let Some(b) = info.add_bos {
                     v.add_bos = b;
                 }
+
                 let merges = md
                     .get_array(KEY_MERGES)?
                     .as_strings()
@@ -221,7 +385,7 @@ impl Vocab {
                         }
                     })
                     .collect();
-                (11, 11, -1)
+                (if info.no_bos { -1 } else { 11 }, 11, -1)
             }
             other => return Err(TokenizerError::UnknownModel(other.to_string())),
         };
