@@ -111,10 +111,24 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
+/// Why tl cannot run the file (empty when it can): the model's
+/// architecture, shapes and tensor types, then the tokenizer.
+fn blockers(f: &GgufFile) -> Vec<String> {
+    let mut why = Vec::new();
+    if let Err(e) = tl_model::model::Model::check_file(f) {
+        why.push(format!("model: {e}"));
+    }
+    if let Err(e) = tl_tokenizer::Tokenizer::from_gguf(f) {
+        why.push(format!("tokenizer: {e}"));
+    }
+    why
+}
+
 pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let f =
         GgufFile::open(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
     let s = summarize(&f);
+    let blockers = blockers(&f);
     if args.json {
         let mut out = json!({
             "file": args.model.display().to_string(),
@@ -129,6 +143,8 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             "tensor_types": s.per_type.iter().map(|(k, (n, b))| (k.clone(), json!({"count": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
             "parameters": s.n_params,
             "total_bytes": s.total_bytes,
+            "runnable": blockers.is_empty(),
+            "not_runnable_because": blockers,
         });
         if args.tensors {
             out["tensors"] = f
@@ -151,6 +167,14 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     println!("file:          {}", args.model.display());
     println!("gguf version:  {} (alignment {})", f.version, f.alignment);
     println!("architecture:  {}", s.architecture);
+    if blockers.is_empty() {
+        println!("runs in tl:    yes");
+    } else {
+        println!("runs in tl:    no");
+        for b in &blockers {
+            println!("  - {b}");
+        }
+    }
     println!("name:          {}", s.name.as_deref().unwrap_or("(none)"));
     println!(
         "tokenizer:     {} (pre: {}), vocab {}",

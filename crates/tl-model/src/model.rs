@@ -115,6 +115,18 @@ impl Model {
         Self::from_file_on(file, device)
     }
 
+    /// Whether `file` can be loaded, without reading its weights: the
+    /// architecture and hyper-parameters, every tensor's name, shape and
+    /// block type. The error names the missing piece.
+    pub fn check_file(file: &GgufFile) -> Result<()> {
+        let vocab_hint = file
+            .tensor("token_embd.weight")
+            .and_then(|t| t.dims.get(1).map(|&v| v as usize));
+        let config = crate::config::Config::from_metadata(&file.metadata, vocab_hint)?;
+        crate::weights::Weights::load(file, &config)?;
+        Ok(())
+    }
+
     pub fn from_file(file: GgufFile) -> Result<Self> {
         Self::from_file_on(file, Device::Cpu)
     }
