@@ -10,16 +10,20 @@ use crate::error::{ModelError, Result};
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen 3 (dense): Qwen 2 without Q/K/V biases, with per-head RMS norms
+    /// of Q and K before RoPE.
+    Qwen3,
     Gemma3,
 }
 
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, gemma3";
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma3";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
             "gemma3" => Ok(Arch::Gemma3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
@@ -32,6 +36,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -163,7 +168,7 @@ impl Config {
             .unwrap_or(1e-5);
         let (rope_layout, ffn_act) = match arch {
             Arch::Llama => (RopeLayout::Normal, FfnAct::Silu),
-            Arch::Qwen2 => (RopeLayout::Neox, FfnAct::Silu),
+            Arch::Qwen2 | Arch::Qwen3 => (RopeLayout::Neox, FfnAct::Silu),
             Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
         };
         // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th

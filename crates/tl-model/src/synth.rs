@@ -14,6 +14,7 @@ use crate::error::{ModelError, Result};
 pub enum SynthArch {
     Llama,
     Qwen2,
+    Qwen3,
     Gemma3,
 }
 
@@ -22,10 +23,11 @@ impl SynthArch {
         match s {
             "llama" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
+            "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
-                supported: "llama, qwen2, gemma3",
+                supported: "llama, qwen2, qwen3, gemma3",
             }),
         }
     }
@@ -34,6 +36,7 @@ impl SynthArch {
         match self {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
         }
     }
@@ -215,9 +218,11 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
                 )?;
             }
         }
-        if spec.arch == SynthArch::Gemma3 {
+        if matches!(spec.arch, SynthArch::Gemma3 | SynthArch::Qwen3) {
             norm(&mut w, format!("{b}.attn_q_norm.weight"), spec.head_dim)?;
             norm(&mut w, format!("{b}.attn_k_norm.weight"), spec.head_dim)?;
+        }
+        if spec.arch == SynthArch::Gemma3 {
             norm(&mut w, format!("{b}.post_attention_norm.weight"), d)?;
             norm(&mut w, format!("{b}.post_ffw_norm.weight"), d)?;
         }

@@ -191,6 +191,7 @@ impl Weights {
         let d = c.d_model;
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         let gemma = c.arch == Arch::Gemma3;
+        let qk_norm = matches!(c.arch, Arch::Gemma3 | Arch::Qwen3);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -210,8 +211,16 @@ impl Weights {
                 bq: l.opt(&n("attn_q.bias"), &[qd])?,
                 bk: l.opt(&n("attn_k.bias"), &[kvd])?,
                 bv: l.opt(&n("attn_v.bias"), &[kvd])?,
-                q_norm: gemma_only("attn_q_norm.weight", &[c.head_dim])?,
-                k_norm: gemma_only("attn_k_norm.weight", &[c.head_dim])?,
+                q_norm: if qk_norm {
+                    Some(req("attn_q_norm.weight", &[c.head_dim])?)
+                } else {
+                    None
+                },
+                k_norm: if qk_norm {
+                    Some(req("attn_k_norm.weight", &[c.head_dim])?)
+                } else {
+                    None
+                },
                 wo: req("attn_output.weight", &[qd, d])?,
                 post_attn_norm: gemma_only("post_attention_norm.weight", &[d])?,
                 ffn_norm: req("ffn_norm.weight", &[d])?,

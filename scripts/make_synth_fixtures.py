@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""llama.cpp's logits on `tl synth` models of every architecture.
+
+For each case (architecture, weight type, shape), writes the model with
+`tl synth` (deterministic from its seed), evaluates a fixed token sequence
+in llama.cpp (one batch, logits at every position) and stores every logit
+in crates/tl-model/tests/fixtures/synth_logits.json. Alongside, llama.cpp
+against itself with one token per batch (`self_max_abs`): how far its own
+logits move from float order alone, the floor a tolerance can be set on.
+The Rust test (tests/synth_vs_llama.rs) synthesizes the same model in
+memory and compares.
+
+    cargo build --release -p tl-cli
+    ~/.cache/tensorlogic/llama-venv/bin/python scripts/make_synth_fixtures.py
+"""
+import json
+import pathlib
+import subprocess
+import tempfile
+
+import llama_cpp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+OUT = ROOT / "crates/tl-model/tests/fixtures/synth_logits.json"
+TL = ROOT / "target/release/tl"
+
+SHAPE = {"layers": 2, "d_model": 256, "heads": 4, "kv_heads": 2, "head_dim": 64,
+         "ffn": 512, "extra_vocab": 61, "context": 512}
+CASES = [
+    {"arch": "llama", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 11},
+    {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 12},
+    {"arch": "qwen3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 13},
+    {"arch": "qwen3", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 14, "head_dim": 128},
+    {"arch": "gemma3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 15},
+]
+TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(31)]
+
+
+def logits(path, n_batch):
+    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=n_batch, n_ubatch=n_batch,
+                          logits_all=True, n_threads=2, verbose=False)
+    llm.eval(TOKENS)
+    out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
+    del llm
+    return out
+
+
+def main():
+    fx = {"reference": f"llama-cpp-python {llama_cpp.__version__}", "tokens": TOKENS, "cases": []}
+    with tempfile.TemporaryDirectory() as d:
+        for case in CASES:
+            c = dict(SHAPE, **case)
+            path = pathlib.Path(d) / f"{c['arch']}-{c['weight_type']}.gguf"
+            args = [str(TL), "synth", "-o", str(path)]
+            for k, v in c.items():
+                args += [f"--{k.replace('_', '-')}", str(v)]
+            subprocess.run(args, check=True, capture_output=True)
+            a = logits(path, 512)
+            b = logits(path, 1)
+            self_max = float(np.abs(a - b).max())
+            c["self_max_abs"] = self_max
+            c["logits"] = [[round(float(x), 5) for x in row] for row in a]
+            fx["cases"].append(c)
+            print(f"{c['arch']} {c['weight_type']}: |logit| max {np.abs(a).max():.3f}, "
+                  f"llama.cpp batch 512 vs 1 max diff {self_max:.5f}")
+    OUT.write_text(json.dumps(fx, separators=(",", ":")) + "\n")
+    print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()
