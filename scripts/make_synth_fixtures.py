@@ -29,6 +29,7 @@ SHAPE = {"layers": 2, "d_model": 256, "heads": 4, "kv_heads": 2, "head_dim": 64,
          "ffn": 512, "extra_vocab": 61, "context": 512}
 CASES = [
     {"arch": "llama", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 11},
+    {"arch": "llama", "weight_type": "Q4_0", "output_type": "Q8_0", "seed": 16, "rope_freqs": True},
     {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 12},
     {"arch": "qwen3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 13},
     {"arch": "qwen3", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 14, "head_dim": 128},
@@ -54,7 +55,10 @@ def main():
             path = pathlib.Path(d) / f"{c['arch']}-{c['weight_type']}.gguf"
             args = [str(TL), "synth", "-o", str(path)]
             for k, v in c.items():
-                args += [f"--{k.replace('_', '-')}", str(v)]
+                if v is True:
+                    args.append(f"--{k.replace('_', '-')}")
+                else:
+                    args += [f"--{k.replace('_', '-')}", str(v)]
             subprocess.run(args, check=True, capture_output=True)
             a = logits(path, 512)
             b = logits(path, 1)

@@ -40,6 +40,9 @@ pub struct SynthArgs {
     pub output_type: String,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Write Llama 3.1-style RoPE frequency factors (`rope_freqs.weight`).
+    #[arg(long)]
+    pub rope_freqs: bool,
 }
 
 fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
@@ -60,6 +63,7 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         weight_type: parse_type(&a.weight_type)?,
         output_type: parse_type(&a.output_type)?,
         seed: a.seed,
+        rope_freqs: a.rope_freqs,
     };
     let w = synthesize(&spec)?;
     w.write_file(&a.out)

@@ -593,7 +593,7 @@ struct RopeArgs {
     float base, eps, q_scale;
 };
 
-__device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const float* norm_w) {
+__device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const float* norm_w, const float* ff) {
     int i = threadIdx.x;  // pair index, 0 .. hd/2
     int hd = a.hd;
     if (norm_w) {
@@ -612,6 +612,7 @@ __device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const
         float theta_scale = powf(a.base, -2.0f / a.n_rot);
         float theta = (float)pos;
         for (int k = 0; k < i; k++) theta *= theta_scale;
+        if (ff) theta /= ff[i];  // rope_freqs (Llama 3.1+)
         float c = cosf(theta), s = sinf(theta);
         if (a.neox) { i0 = i; i1 = i + npairs; } else { i0 = 2 * i; i1 = 2 * i + 1; }
         float a0 = h[i0], a1 = h[i1];
@@ -624,7 +625,8 @@ __device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const
 }
 
 extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, const float* bk, const float* bv,
-                                          const float* qn, const float* kn, const int* pos, const int* slots,
+                                          const float* qn, const float* kn, const float* ff, const int* pos,
+                                          const int* slots,
                                           __half* kc, __half* vc, float* q_out, RopeArgs a) {
     extern __shared__ float smem[];  // hd floats + 32
     float* h = smem;
@@ -639,7 +641,7 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
     const float* bias = is_q ? (bq ? bq + head * hd : 0) : (bk ? bk + kh * hd : 0);
     for (int k = 2 * i; k < 2 * i + 2; k++) h[k] = src[k] + (bias ? bias[k] : 0.0f);
     __syncthreads();
-    rope_head(h, pos[t], a, sh, is_q ? qn : kn);
+    rope_head(h, pos[t], a, sh, is_q ? qn : kn, ff);
     if (is_q) {
         float* o = q_out + (long)t * qd + head * hd;
         o[2 * i] = h[2 * i] * a.q_scale;

@@ -55,6 +55,8 @@ pub struct Model {
     pub(crate) weights: Weights,
     pub(crate) vecs: Vec<LayerVecs>,
     pub(crate) output_norm: Vec<f32>,
+    /// RoPE frequency factors (one per rotated pair), when the file has them.
+    pub(crate) rope_freqs: Option<Vec<f32>>,
     /// The weights in device memory when the model runs on a GPU.
     pub(crate) cuda: Option<crate::cuda::CudaModel>,
 }
@@ -155,12 +157,14 @@ impl Model {
             });
         }
         let output_norm = ops::vector(&weights.output_norm, &file)?;
+        let rope_freqs = opt_vec(&weights.rope_freqs, &file)?;
         let mut model = Model {
             config,
             file,
             weights,
             vecs,
             output_norm,
+            rope_freqs,
             cuda: None,
         };
         if let Device::Cuda(ordinal) = device {

@@ -60,6 +60,8 @@ pub struct SynthSpec {
     /// Type of the output projection (ignored when tied, as in Gemma 3).
     pub output_type: GgmlType,
     pub seed: u64,
+    /// Write Llama 3.1-style RoPE frequency factors (`rope_freqs.weight`).
+    pub rope_freqs: bool,
 }
 
 impl Default for SynthSpec {
@@ -77,6 +79,7 @@ impl Default for SynthSpec {
             weight_type: GgmlType::Q8_0,
             output_type: GgmlType::Q8_0,
             seed: 0,
+            rope_freqs: false,
         }
     }
 }
@@ -242,6 +245,24 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         matrix(&mut w, format!("{b}.ffn_down.weight"), spec.ffn, d, wt, s_f)?;
     }
     norm(&mut w, "output_norm.weight".into(), d)?;
+    if spec.rope_freqs {
+        // Llama 3.1's shape: high-frequency pairs kept (1), low-frequency
+        // ones slowed (up to 8), a ramp between.
+        let n = spec.head_dim / 2;
+        let vals: Vec<f32> = (0..n)
+            .map(|i| {
+                let t = i as f32 / (n.max(2) - 1) as f32;
+                if t < 0.4 {
+                    1.0
+                } else if t > 0.8 {
+                    8.0
+                } else {
+                    1.0 + 7.0 * (t - 0.4) / 0.4
+                }
+            })
+            .collect();
+        add_tensor(&mut w, "rope_freqs.weight".into(), vec![n as u64], GgmlType::F32, &vals)?;
+    }
     if spec.arch != SynthArch::Gemma3 {
         matrix(
             &mut w,

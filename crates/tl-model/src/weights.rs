@@ -76,6 +76,9 @@ pub struct Weights {
     pub output_norm: Weight,
     /// `None` when tied to the embedding table.
     pub output: Option<Weight>,
+    /// RoPE frequency factors (`rope_freqs.weight`, Llama 3.1+ context
+    /// extension): each pair's angle is divided by its factor.
+    pub rope_freqs: Option<Weight>,
     pub layers: Vec<LayerWeights>,
 }
 
@@ -243,6 +246,7 @@ impl Weights {
             token_embd: l.get("token_embd.weight", &[d, c.vocab])?,
             output_norm: l.get("output_norm.weight", &[d])?,
             output: l.opt("output.weight", &[d, c.vocab])?,
+            rope_freqs: l.opt("rope_freqs.weight", &[c.rope_dims / 2])?,
             layers,
         })
     }

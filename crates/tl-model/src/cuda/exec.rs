@@ -356,6 +356,7 @@ impl Exec for CudaExec<'_> {
                 Arg::Ptr(ptr(&l.bv)),
                 Arg::Ptr(ptr(&l.q_norm)),
                 Arg::Ptr(ptr(&l.k_norm)),
+                Arg::Ptr(ptr(&self.cm.rope_freqs)),
                 Arg::Ptr(self.meta_at(self.lay.pos)),
                 Arg::Ptr(self.meta_at(self.lay.slots)),
                 Arg::Ptr(self.kv.k.ptr + off),

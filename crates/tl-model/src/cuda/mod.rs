@@ -57,6 +57,8 @@ pub(crate) struct CudaModel {
     embd: DevMat,
     output: Option<DevMat>,
     output_norm: DevBuf,
+    /// RoPE frequency factors, when the model has them.
+    rope_freqs: Option<DevBuf>,
     layers: Vec<DevLayer>,
     weight_bytes: usize,
     /// Elements of the largest matrix (the f16 scratch of prefill products).
@@ -130,6 +132,7 @@ impl CudaModel {
             None => None,
         };
         let output_norm = upload_f32(&gpu, &m.output_norm, "output_norm")?;
+        let rope_freqs = upload_opt(&gpu, &m.rope_freqs, "rope_freqs")?;
         let mut weight_bytes = embd.bytes() + output.as_ref().map_or(0, DevMat::bytes);
         for l in &layers {
             weight_bytes += l
@@ -146,6 +149,7 @@ impl CudaModel {
             embd,
             output,
             output_norm,
+            rope_freqs,
             layers,
             weight_bytes,
             max_mat,

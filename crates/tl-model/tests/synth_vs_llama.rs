@@ -1,0 +1,114 @@
+//! Every architecture against llama.cpp on `tl synth` models: the fixture
+//! (scripts/make_synth_fixtures.py) holds llama.cpp's logits at every
+//! position of a fixed token sequence on models written by `tl synth`; the
+//! same spec synthesized here (the synthesizer is deterministic from its
+//! seed) must give the same logits.
+//!
+//! Tolerance: the fast numerics compute in another float order than
+//! llama.cpp's build, so the bound is on how far logits may move from order
+//! alone. The fixture records llama.cpp against itself (one batch of 32
+//! tokens vs one token at a time: nothing changes but which kernels run);
+//! tl may differ by up to 4× that movement, and at least by 2% of the
+//! sequence's largest |logit| (random models have small logits, where a
+//! pure multiple of a tiny movement would demand bit-equality). A wrong
+//! architecture detail (a missing norm, a bias, the RoPE layout) moves
+//! logits by their own size. Greedy tokens must match wherever llama.cpp's
+//! top two logits are further apart than that bound.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[allow(dead_code)]
+mod common;
+
+use tl_gguf::{GgmlType, GgufFile};
+use tl_model::kv::{BlockManager, SeqKv};
+use tl_model::model::{ForwardState, Logits, Model, SeqBatch};
+use tl_model::synth::{synthesize, SynthArch, SynthSpec};
+
+#[test]
+fn synthetic_models_of_every_architecture_match_llama_cpp() {
+    let fx = common::fixture("synth_logits.json");
+    let tokens: Vec<u32> = common::ids(&fx["tokens"]);
+    let mut report = Vec::new();
+    let mut failed = Vec::new();
+    for c in fx["cases"].as_array().unwrap() {
+        let u = |k: &str| c[k].as_u64().unwrap() as usize;
+        let ty = |k: &str| GgmlType::from_name(c[k].as_str().unwrap()).unwrap();
+        let spec = SynthSpec {
+            arch: SynthArch::parse(c["arch"].as_str().unwrap()).unwrap(),
+            n_layers: u("layers"),
+            d_model: u("d_model"),
+            n_heads: u("heads"),
+            n_kv_heads: u("kv_heads"),
+            head_dim: u("head_dim"),
+            ffn: u("ffn"),
+            extra_vocab: u("extra_vocab"),
+            context: u("context"),
+            weight_type: ty("weight_type"),
+            output_type: ty("output_type"),
+            seed: c["seed"].as_u64().unwrap(),
+            rope_freqs: c.get("rope_freqs").is_some_and(|v| v.as_bool() == Some(true)),
+        };
+        let label = format!("{} {}", c["arch"], c["weight_type"]);
+        let bytes = synthesize(&spec).unwrap().to_bytes().unwrap();
+        let m = Model::from_file(GgufFile::from_bytes(bytes).unwrap()).unwrap();
+        let mut cache = m.new_cache(512).unwrap();
+        let mut blocks = BlockManager::new(cache.n_blocks);
+        let mut kv = SeqKv::new();
+        kv.reserve(&mut blocks, tokens.len()).unwrap();
+        let mut st = ForwardState::default();
+        let batch = [SeqBatch {
+            tokens: &tokens,
+            pos: 0,
+            kv: &kv,
+            logits: Logits::All,
+        }];
+        let ours = m.forward(&mut cache, &batch, &mut st).unwrap().to_vec();
+        let want: Vec<Vec<f32>> = c["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect();
+        let vocab = want[0].len();
+        assert_eq!(ours.len(), want.len() * vocab, "{label}: logits size");
+        let scale = want
+            .iter()
+            .flatten()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        let self_max = c["self_max_abs"].as_f64().unwrap() as f32;
+        let tol = (4.0 * self_max).max(0.02 * scale);
+        let mut worst = 0f32;
+        let mut greedy_checked = 0;
+        for (p, (row, w)) in ours.chunks_exact(vocab).zip(&want).enumerate() {
+            let d = row
+                .iter()
+                .zip(w)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            worst = worst.max(d);
+            let mut idx: Vec<usize> = (0..vocab).collect();
+            idx.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
+            if w[idx[0]] - w[idx[1]] > 2.0 * tol {
+                greedy_checked += 1;
+                let ours_best = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+                if ours_best != idx[0] {
+                    failed.push(format!("{label}: position {p}: greedy {ours_best} vs {}", idx[0]));
+                }
+            }
+        }
+        report.push(format!(
+            "{label}: max |diff| {worst:.5} (bound {tol:.5}; llama.cpp self {self_max:.5}, scale {scale:.3}), greedy checked at {greedy_checked} positions"
+        ));
+        if worst > tol {
+            failed.push(format!("{label}: logits differ by {worst} > {tol}"));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
