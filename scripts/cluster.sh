@@ -77,7 +77,8 @@ for u in "${urls[@]}"; do wait_healthy "$u" replica; done
 "$router" --host "$host" --port "$rport" --worker-urls "${urls[@]}" --policy "$policy" \
   --prometheus-host "$host" --prometheus-port "$mport" \
   --health-check-interval-secs 2 --health-failure-threshold 2 --health-success-threshold 1 \
-  --health-check-timeout-secs 2 --worker-startup-check-interval 1 \
+  --health-check-timeout-secs 2 --worker-startup-check-interval 1 --cb-timeout-duration-secs 3 \
+  --retry-max-retries 8 --retry-initial-backoff-ms 100 --retry-max-backoff-ms 1000 \
   >"$logs/router.log" 2>&1 &
 pids+=($!)
 echo "$!" > "$logs/router.pid"

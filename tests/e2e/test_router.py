@@ -74,15 +74,20 @@ class Router:
     def __init__(self, workers, policy="cache_aware"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_url = f"http://127.0.0.1:{free_port()}"
         self.log_path = os.path.join(OUT, f"router-{self.port}.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [router_bin(), "--host", "127.0.0.1", "--port", str(self.port),
              "--worker-urls", *[w.url for w in workers], "--policy", policy,
-             "--prometheus-port", str(free_port()),
+             "--prometheus-port", self.metrics_url.rsplit(":", 1)[1],
              "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
              "--health-success-threshold", "1", "--health-check-timeout-secs", "2",
-             "--worker-startup-check-interval", "1"],
+             "--cb-timeout-duration-secs", "3", "--worker-startup-check-interval", "1",
+             # Retries outlast the health check's detection of a dead replica,
+             # so a request sent there just before is retried on another.
+             "--retry-max-retries", "8", "--retry-initial-backoff-ms", "100",
+             "--retry-max-backoff-ms", "1000"],
             stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.time() + 60
         while True:
@@ -95,6 +100,13 @@ class Router:
                 pass
             assert time.time() < deadline, f"vllm-router not ready in 60 s: {open(self.log_path).read()}"
             time.sleep(0.2)
+
+    def worker_health(self, worker_url):
+        """The router's own view (vllm_router_worker_health) of one worker."""
+        for k, v in metrics(self.metrics_url, timeout=2).items():
+            if k.startswith("vllm_router_worker_health{") and f'"{worker_url}"' in k:
+                return v
+        return None
 
     def stop(self):
         if self.proc.poll() is None:
@@ -124,6 +136,8 @@ def one(client, rng, t0):
     chat = rng.random() < 0.6
     long = rng.random() < 0.3
     topic = rng.choice(TOPICS)
+    if rng.random() < 0.5:  # a prefix no replica has seen
+        topic = f"{topic} (note {rng.randrange(10**9)})"
     mt = rng.randint(*MAX_TOKENS)
     r = Result(time.time() - t0, stream)
     try:
@@ -184,6 +198,18 @@ def test_replicas_behind_router_survive_kill_and_drain():
         for t in threads:
             t.start()
         events = {}
+        health = []  # (t, the router's health value for replica 1)
+
+        def watch():
+            while time.time() < stop:
+                try:
+                    health.append((time.time() - t0, router.worker_health(replicas[1].url)))
+                except Exception:
+                    pass
+                time.sleep(0.2)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
 
         def at(t):
             time.sleep(max(0.0, t0 + t - time.time()))
@@ -191,9 +217,16 @@ def test_replicas_behind_router_survive_kill_and_drain():
         # SIGKILL replica 1: what it had in flight may fail, nothing else.
         victim = replicas[1]
         at(KILL_AT)
-        m = metrics(victim.url, timeout=2)
-        inflight = m.get(f'vllm:num_requests_running{{engine="0",model_name="{QWEN_ID}"}}', 0) + \
-            m.get(f'vllm:num_requests_waiting{{engine="0",model_name="{QWEN_ID}"}}', 0)
+        # Kill it while it has requests in flight, so the failure path runs.
+        labels = f'{{engine="0",model_name="{QWEN_ID}"}}'
+        while True:
+            m = metrics(victim.url, timeout=2)
+            inflight = m.get("vllm:num_requests_running" + labels, 0) + \
+                m.get("vllm:num_requests_waiting" + labels, 0)
+            if inflight > 0:
+                break
+            assert time.time() - t0 < KILL_AT + 8, "the router sent nothing to replica 1 for 8 s"
+            time.sleep(0.05)
         victim.proc.send_signal(signal.SIGKILL)
         events["kill"] = time.time() - t0
         victim.proc.wait(10)
@@ -219,16 +252,28 @@ def test_replicas_behind_router_survive_kill_and_drain():
             t.join(180)
             assert not t.is_alive(), "a client hung"
         events["end"] = time.time() - t0
+        watcher.join(10)
+        # The router's failover: when it marked the killed replica down, and
+        # when it took the restarted one back.
+        down_at = next((t for t, h in health if t > events["kill"] and h == 0), None)
+        up_at = next((t for t, h in health if t > events["restarted"] - 1 and h == 1), None)
+        events["router_marked_down"] = down_at
+        events["router_marked_up"] = up_at
 
         ok = [r for r in results if r.ok]
         failed = [r for r in results if not r.ok]
-        summary = (f"{len(results)} requests, {len(ok)} ok, {len(failed)} failed; events {events}; "
+        ttfts = sorted(r.end - r.start for r in ok) or [float("nan")]
+        summary = (f"p50 latency {ttfts[len(ttfts) // 2]:.2f} s, p99 {ttfts[int(len(ttfts) * 0.99)]:.2f} s; "
+                   f"{len(results)} requests, {len(ok)} ok, {len(failed)} failed; events {events}; "
                    f"killed replica had {inflight:.0f} in flight; failures: "
                    + "; ".join(f"[{r.start:.1f}-{r.end:.1f} s] {r.error}" for r in failed[:10]))
         print(summary)
         with open(os.path.join(OUT, "router-fault-test.txt"), "w") as f:
             f.write(summary + "\n")
         assert len(results) >= 3 * CLIENTS, summary
+        assert any(h == 1 for t, h in health if t < events["kill"]), f"no router health samples: {health[:5]}"
+        assert down_at is not None and down_at - events["kill"] < 5, summary
+        assert up_at is not None and up_at < events["end"], summary
         # Only requests in flight on the killed replica may fail, and only then.
         for r in failed:
             assert r.start <= events["kill"] <= r.end + 0.5, f"unexpected failure: {summary}"
@@ -255,3 +300,35 @@ def test_replicas_behind_router_survive_kill_and_drain():
             router.stop()
         for s in replicas:
             s.stop()
+
+
+def test_router_reads_probe_endpoints_and_metrics():
+    """What vllm-router asks a worker for, through the router: models, model
+    and server info; and the vLLM-named metrics of a replica."""
+    import openai
+
+    s = Server("--max-batch", "4", threads=2)
+    router = None
+    try:
+        router = Router([s])
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [QWEN_ID]
+        r = client.chat.completions.create(model=QWEN_ID, max_tokens=4,
+                                           messages=[{"role": "user", "content": "Hi"}])
+        assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens > 0
+        for path in ("/get_model_info", "/get_server_info"):
+            with urllib.request.urlopen(router.url + path, timeout=10) as resp:
+                body = resp.read().decode()
+            assert resp.status == 200 and QWEN_ID in body, (path, body)
+        assert router.worker_health(s.url) == 1
+        m = metrics(s.url)
+        lab = f'{{engine="0",model_name="{QWEN_ID}"}}'
+        assert m["vllm:generation_tokens_total" + lab] == r.usage.completion_tokens
+        assert m["vllm:e2e_request_latency_seconds_count" + lab] == 1
+        assert m["vllm:kv_cache_usage_perc" + lab] == 0
+        reason = f'vllm:request_success_total{{engine="0",finished_reason="{r.choices[0].finish_reason}",model_name="{QWEN_ID}"}}'
+        assert m[reason] == 1
+    finally:
+        if router:
+            router.stop()
+        s.stop()
