@@ -100,25 +100,31 @@ pub async fn model_info(State(st): State<Arc<AppState>>) -> Response {
     .into_response()
 }
 
-/// Requests running plus waiting (0 until loaded).
-fn load_now(st: &AppState) -> (usize, usize) {
-    st.engine().map_or((0, 0), |e| {
+/// Requests running, waiting, and token slots of KV held by live
+/// sequences (all 0 until loaded).
+fn load_now(st: &AppState) -> (usize, usize, usize) {
+    st.engine().map_or((0, 0, 0), |e| {
         let s = e.last_stats();
-        (s.running_requests, s.waiting_requests)
+        (
+            s.running_requests,
+            s.waiting_requests,
+            s.kv_blocks_used * tl_model::kv::BLOCK_SIZE,
+        )
     })
 }
 
 pub async fn get_load(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let (running, waiting) = load_now(&st);
+    let (running, waiting, tokens) = load_now(&st);
     Json(json!({
         "load": running + waiting,
         "num_reqs": running,
         "num_waiting_reqs": waiting,
+        "num_tokens": tokens,
     }))
 }
 
 pub async fn load(State(st): State<Arc<AppState>>) -> Json<Value> {
-    let (running, waiting) = load_now(&st);
+    let (running, waiting, _) = load_now(&st);
     Json(json!({ "server_load": running + waiting }))
 }
 
