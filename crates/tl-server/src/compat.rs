@@ -140,8 +140,8 @@ pub async fn health_generate(State(st): State<Arc<AppState>>) -> Response {
     req.max_tokens = Some(1);
     req.temperature = Some(0.0);
     let eng = e.clone();
-    let stream = tokio::task::spawn_blocking(move || eng.validate(req).and_then(|v| eng.submit(v)))
-        .await;
+    let stream =
+        tokio::task::spawn_blocking(move || eng.validate(req).and_then(|v| eng.submit(v))).await;
     let mut stream = match stream {
         Ok(Ok(s)) => s,
         Ok(Err(err)) => return ApiError::from(err).into_response(),
@@ -225,11 +225,7 @@ struct TokenizeBody {
 /// vLLM's `POST /tokenize`: `{"prompt": "..."}` or `{"messages": [...]}`
 /// (rendered with the chat template) → `{"count", "max_model_len",
 /// "tokens"}` (and `"token_strs"` with `return_token_strs`).
-pub async fn tokenize(
-    State(st): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: Body,
-) -> Response {
+pub async fn tokenize(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
     match tokenize_inner(&st, &headers, body).await {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -333,7 +329,10 @@ pub async fn detokenize(
         let v = read_json(&st, body).await?;
         check_model(&st, &v)?;
         let b = DetokenizeBody::deserialize(&v).map_err(|err| {
-            ApiError::invalid("tokens", format!("'tokens' must be a list of token ids: {err}"))
+            ApiError::invalid(
+                "tokens",
+                format!("'tokens' must be a list of token ids: {err}"),
+            )
         })?;
         let vocab = e.llm().tokenizer.n_vocab();
         let ids = b

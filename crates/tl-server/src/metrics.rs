@@ -102,7 +102,10 @@ fn vllm_histogram(
     buckets: Vec<f64>,
     l: &[&str; 2],
 ) -> prometheus::Result<Histogram> {
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &VLLM_LABELS)?;
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &VLLM_LABELS,
+    )?;
     r.register(Box::new(h.clone()))?;
     Ok(h.with_label_values(l))
 }

@@ -840,7 +840,12 @@ fn vllm_named_metrics_for_routers() {
     b["stream"] = json!(true);
     assert_eq!(post(s.addr, "/v1/chat/completions", b).status, 200);
     assert_eq!(
-        post(s.addr, "/v1/completions", json!({"prompt": [5, 6], "max_tokens": 3})).status,
+        post(
+            s.addr,
+            "/v1/completions",
+            json!({"prompt": [5, 6], "max_tokens": 3})
+        )
+        .status,
         200
     );
     wait_idle(s.engine());
@@ -929,7 +934,10 @@ fn router_probe_endpoints() {
             assert_eq!(get(s.addr, "/load").json()["server_load"], 1);
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "load never showed: {l}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "load never showed: {l}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     drop(conn);
@@ -940,7 +948,11 @@ fn router_probe_endpoints() {
 #[test]
 fn tokenize_and_detokenize() {
     let s = Server::start(cfg(), 4, 8);
-    let t = post(s.addr, "/tokenize", json!({"prompt": "hello world", "return_token_strs": true}));
+    let t = post(
+        s.addr,
+        "/tokenize",
+        json!({"prompt": "hello world", "return_token_strs": true}),
+    );
     assert_eq!(t.status, 200, "{}", String::from_utf8_lossy(&t.body));
     let j = t.json();
     let ids = j["tokens"].as_array().unwrap().clone();
@@ -950,7 +962,10 @@ fn tokenize_and_detokenize() {
     let d = post(s.addr, "/detokenize", json!({"tokens": ids}));
     assert_eq!(d.status, 200);
     assert!(
-        d.json()["prompt"].as_str().unwrap().ends_with("hello world"),
+        d.json()["prompt"]
+            .as_str()
+            .unwrap()
+            .ends_with("hello world"),
         "{}",
         d.json()
     );
@@ -993,7 +1008,11 @@ fn tokenize_and_detokenize() {
         None,
     );
     assert_error(
-        &post(s.addr, "/tokenize", json!({"prompt": "a", "model": "other"})),
+        &post(
+            s.addr,
+            "/tokenize",
+            json!({"prompt": "a", "model": "other"}),
+        ),
         404,
         None,
     );
@@ -1022,7 +1041,8 @@ fn tokenize_and_detokenize() {
 #[test]
 fn per_request_timeout_header() {
     let s = Server::start(cfg(), 4, 8);
-    let body = json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true});
+    let body =
+        json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true});
     let b = body.to_string();
     for bad in ["abc", "0", "-1", "inf"] {
         let r = request(
@@ -1049,7 +1069,9 @@ fn per_request_timeout_header() {
         "POST",
         "/v1/completions",
         &[("X-Request-Timeout", "60")],
-        json!({"prompt": [5, 6], "max_tokens": 2}).to_string().as_bytes(),
+        json!({"prompt": [5, 6], "max_tokens": 2})
+            .to_string()
+            .as_bytes(),
     );
     assert_eq!(ok.status, 200);
 }
