@@ -23,7 +23,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
 
 from conftest import OUT, QWEN_ID, ROOT, Server, free_port
 
