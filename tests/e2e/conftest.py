@@ -27,16 +27,16 @@ def free_port():
 
 
 class Server:
-    def __init__(self, *args, model=QWEN):
+    def __init__(self, *args, model=QWEN, port=None, threads=2):
         assert os.path.exists(TL), f"{TL} is missing: build with cargo build --release -p tl-cli"
         assert os.path.exists(model), f"{model} is missing: run scripts/fetch_models.py"
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         os.makedirs(OUT, exist_ok=True)
         self.log_path = os.path.join(OUT, f"server-{self.port}.log")
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [TL, "serve", "-m", model, "--port", str(self.port), "-t", "2", *args],
+            [TL, "serve", "-m", model, "--port", str(self.port), "-t", str(threads), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )

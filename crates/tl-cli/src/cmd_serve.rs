@@ -113,6 +113,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         model_id,
         max_body_bytes: a.max_body,
         request_timeout: Duration::from_secs(a.request_timeout),
+        model_path: a.model.model.display().to_string(),
     };
     let spec = match &a.spec {
         Some(tl_model::spec::SpecMethod::Draft) => {

@@ -160,7 +160,9 @@ impl Validator {
         self.limit
     }
 
-    fn tokenize(
+    /// The prompt's token ids, as a generation request would see them
+    /// (chat template applied, BOS added where the model adds one).
+    pub fn tokenize(
         &self,
         prompt: &PromptInput,
         tools: Option<&serde_json::Value>,

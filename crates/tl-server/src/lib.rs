@@ -3,7 +3,11 @@
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or
 //! SSE streams ending in `data: [DONE]`), `GET /v1/models`, `GET /health`
 //! (200 only once the model is loaded and while not draining),
-//! `GET /metrics` (Prometheus text) and the web chat page at `/`.
+//! `GET /metrics` (Prometheus text) and the web chat page at `/`, plus the
+//! endpoints routers and autoscalers built for vLLM and SGLang probe:
+//! `GET /version`, `/get_server_info` (`/server_info`), `/get_model_info`,
+//! `/get_load`, `/load`, `/health_generate`, `POST /tokenize` and
+//! `/detokenize`.
 //!
 //! Each generation request is read with a size limit, parsed and validated
 //! at the edge ([`api::parse`], then the engine's `Validator`), submitted to
@@ -16,6 +20,7 @@
 //! flight finish, then stops the engine.
 
 pub mod api;
+mod compat;
 pub mod error;
 pub mod metrics;
 
@@ -52,8 +57,11 @@ pub struct ServerConfig {
     /// The id `/v1/models` lists and requests must name (or omit).
     pub model_id: String,
     pub max_body_bytes: usize,
-    /// Longest a request may run, queueing included.
+    /// Longest a request may run, queueing included (a request may ask
+    /// for less with `X-Request-Timeout`).
     pub request_timeout: Duration,
+    /// The model file, for `/get_model_info` and `/get_server_info`.
+    pub model_path: String,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +73,7 @@ impl Default for ServerConfig {
             model_id: "model".into(),
             max_body_bytes: 4 << 20,
             request_timeout: Duration::from_secs(600),
+            model_path: String::new(),
         }
     }
 }
@@ -95,23 +104,40 @@ pub struct AppState {
     metrics: Metrics,
     created: u64,
     next_id: AtomicU64,
+    /// The engine's settings as `/get_server_info` reports them.
+    engine_args: OnceLock<Value>,
 }
 
 impl AppState {
     pub fn new(cfg: ServerConfig) -> Result<Arc<Self>, ServerError> {
+        let metrics = Metrics::new(&cfg.model_id)?;
         Ok(Arc::new(AppState {
             cfg,
             engine: OnceLock::new(),
             draining: AtomicBool::new(false),
-            metrics: Metrics::new()?,
+            metrics,
             created: now_secs(),
             next_id: AtomicU64::new(1),
+            engine_args: OnceLock::new(),
         }))
     }
 
     /// Makes the server ready (once).
     pub fn set_engine(&self, e: Arc<Engine>) {
         let _ = self.engine.set(e);
+    }
+
+    /// Records the engine's settings for `/get_server_info`.
+    pub fn set_engine_args(&self, cfg: &EngineConfig) {
+        let s = &cfg.scheduler;
+        let _ = self.engine_args.set(json!({
+            "max_running_requests": s.max_batch,
+            "max_batch_tokens": s.max_batch_tokens,
+            "max_queued_requests": cfg.max_queue,
+            "kv_cache_bytes": cfg.kv_bytes,
+            "enable_prefix_caching": s.prefix_caching,
+            "speculative": s.spec.is_some(),
+        }));
     }
 
     pub fn engine(&self) -> Option<&Arc<Engine>> {
@@ -143,6 +169,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/version", get(compat::version))
+        .route("/get_server_info", get(compat::server_info))
+        .route("/server_info", get(compat::server_info))
+        .route("/get_model_info", get(compat::model_info))
+        .route("/get_load", get(compat::get_load))
+        .route("/load", get(compat::load))
+        .route("/health_generate", get(compat::health_generate))
+        .route("/tokenize", post(compat::tokenize))
+        .route("/detokenize", post(compat::detokenize))
         .fallback(not_found)
         .with_state(state)
 }
@@ -211,6 +246,7 @@ pub fn run(
             })?;
         let local = listener.local_addr()?;
         let state = AppState::new(cfg)?;
+        state.set_engine_args(&engine_cfg);
         info!(%local, "listening; loading the model");
         eprintln!("tl serve: listening on http://{local} (loading the model)");
         let st = state.clone();
@@ -260,7 +296,7 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "no such endpoint (see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics)",
+        "no such endpoint (see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics, /tokenize, /detokenize, /version, /get_server_info, /get_model_info, /get_load)",
     )
 }
 
@@ -360,7 +396,10 @@ struct Run {
     id: String,
     n: usize,
     start: Instant,
-    first_token: bool,
+    /// Seconds to the first generated token, once there is one.
+    ttft: Option<f64>,
+    /// This request's deadline (the server's, or less if it asked).
+    timeout: Duration,
     usage: Usage,
     choices: Vec<ChoiceAcc>,
     logprobs: bool,
@@ -370,19 +409,17 @@ impl Run {
     /// Records a token's timing; returns nothing.
     fn on_token(&mut self, idx: usize) {
         let now = Instant::now();
-        if !self.first_token {
-            self.first_token = true;
-            self.st
-                .metrics
-                .ttft
-                .observe(now.duration_since(self.start).as_secs_f64());
+        if self.ttft.is_none() {
+            let t = now.duration_since(self.start).as_secs_f64();
+            self.ttft = Some(t);
+            self.st.metrics.ttft.observe(t);
+            self.st.metrics.vllm.ttft.observe(t);
         }
         if let Some(c) = self.choices.get_mut(idx) {
             if let Some(t) = c.last_token {
-                self.st
-                    .metrics
-                    .itl
-                    .observe(now.duration_since(t).as_secs_f64());
+                let d = now.duration_since(t).as_secs_f64();
+                self.st.metrics.itl.observe(d);
+                self.st.metrics.vllm.itl.observe(d);
             }
             c.last_token = Some(now);
         }
@@ -393,9 +430,28 @@ impl Run {
         m.requests
             .with_label_values(&[self.endpoint.name(), status.as_str()])
             .inc();
+        let e2e = self.start.elapsed().as_secs_f64();
         m.prompt_tokens.inc_by(self.usage.prompt as u64);
         m.completion_tokens.inc_by(self.usage.completion as u64);
-        m.e2e.observe(self.start.elapsed().as_secs_f64());
+        m.e2e.observe(e2e);
+        let v = &m.vllm;
+        v.prompt_tokens.inc_by(self.usage.prompt as u64);
+        v.generation_tokens.inc_by(self.usage.completion as u64);
+        v.e2e.observe(e2e);
+        if let (Some(ttft), true) = (self.ttft, self.usage.completion > 1) {
+            v.tpot
+                .observe((e2e - ttft).max(0.0) / (self.usage.completion - 1) as f64);
+        }
+        // vLLM counts every finished request here, aborted ones as "abort".
+        let reason = if status == StatusCode::OK {
+            self.choices
+                .first()
+                .and_then(|c| c.finish)
+                .unwrap_or("stop")
+        } else {
+            "abort"
+        };
+        v.success(reason);
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -433,6 +489,13 @@ async fn generate(
             .with_label_values(&[endpoint.name(), status.as_str()])
             .inc();
     };
+    let timeout = match request_timeout(&st, &headers) {
+        Ok(t) => t,
+        Err(e) => {
+            count(e.status);
+            return e.into_response();
+        }
+    };
     let prepared = prepare(&st, endpoint, &headers, body).await;
     let (parsed, streams, prompt_lens) = match prepared {
         Ok(p) => p,
@@ -453,7 +516,8 @@ async fn generate(
         id: format!("{prefix}-{:x}{seq:06x}", st.created),
         n: parsed.n,
         start,
-        first_token: false,
+        ttft: None,
+        timeout,
         usage: Usage {
             prompt: prompt_lens.iter().sum(),
             ..Default::default()
@@ -466,13 +530,34 @@ async fn generate(
             c.text = echo.get(i / parsed.n).cloned().unwrap_or_default();
         }
     }
-    let deadline = tokio::time::Instant::from_std(start + st.cfg.request_timeout);
+    let deadline = tokio::time::Instant::from_std(start + timeout);
     let merged = merge(streams);
     if parsed.stream {
         stream_response(run, merged, deadline, parsed.include_usage)
     } else {
         collect_response(run, merged, deadline).await
     }
+}
+
+/// The request's deadline: the server's `--request-timeout`, or less when
+/// the `X-Request-Timeout` header (seconds) asks for less.
+fn request_timeout(st: &AppState, headers: &HeaderMap) -> Result<Duration, ApiError> {
+    let max = st.cfg.request_timeout;
+    let Some(v) = headers.get("x-request-timeout") else {
+        return Ok(max);
+    };
+    let secs = v
+        .to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "X-Request-Timeout",
+                "the X-Request-Timeout header must be a positive number of seconds",
+            )
+        })?;
+    Ok(Duration::from_secs_f64(secs.min(max.as_secs_f64())))
 }
 
 /// Auth, readiness, body, parsing, validation and submission.
@@ -576,7 +661,7 @@ async fn collect_response(
         let next = tokio::time::timeout_at(deadline, merged.next()).await;
         match next {
             Err(_) => {
-                let e = ApiError::timeout(run.st.cfg.request_timeout.as_secs_f64());
+                let e = ApiError::timeout(run.timeout.as_secs_f64());
                 run.done(e.status);
                 return e.into_response();
             }
@@ -723,7 +808,7 @@ async fn forward(
             ev = merged.next() => ev,
             _ = tx.closed() => break StatusCode::from_u16(499).unwrap_or(StatusCode::OK),
             _ = tokio::time::sleep_until(deadline) => {
-                let e = ApiError::timeout(run.st.cfg.request_timeout.as_secs_f64());
+                let e = ApiError::timeout(run.timeout.as_secs_f64());
                 let _ = tx.send(sse(&e.body())).await;
                 break e.status;
             }

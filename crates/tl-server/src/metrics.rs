@@ -2,12 +2,18 @@
 //! outcomes) are recorded by the handlers as they happen; engine-level ones
 //! (queue, KV blocks, prefix cache) are read from the engine's last
 //! published stats at scrape time, so a scrape never waits for a step.
+//!
+//! Next to the `tl_*` families the same figures are published under the
+//! names vLLM uses (`vllm:num_requests_running`, `vllm:kv_cache_usage_perc`,
+//! `vllm:time_to_first_token_seconds`, …), labelled `model_name` and
+//! `engine` as vLLM labels them, so routers and autoscalers written for vLLM
+//! read a `tl serve` replica unchanged.
 
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tl_engine::Stats;
 
@@ -27,6 +33,193 @@ pub struct Metrics {
     kv_cached: IntGauge,
     prefix_hit_rate: prometheus::Gauge,
     engine_counters: Mutex<EngineCounters>,
+    pub vllm: VllmMetrics,
+}
+
+/// The vLLM-named families, each already bound to this server's labels.
+pub struct VllmMetrics {
+    running: IntGauge,
+    waiting: IntGauge,
+    kv_usage: Gauge,
+    gpu_cache_usage: Gauge,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub tpot: Histogram,
+    pub e2e: Histogram,
+    success: IntCounterVec,
+    preemptions: IntCounter,
+    prefix_queries: IntCounter,
+    prefix_hits: IntCounter,
+    labels: [String; 2],
+}
+
+impl VllmMetrics {
+    /// Counts a finished request by why it finished (`stop`, `length`,
+    /// `abort`), as `vllm:request_success_total` does.
+    pub fn success(&self, finished_reason: &str) {
+        self.success
+            .with_label_values(&[&self.labels[0], &self.labels[1], finished_reason])
+            .inc();
+    }
+}
+
+const VLLM_LABELS: [&str; 2] = ["model_name", "engine"];
+
+fn vllm_gauge(r: &Registry, name: &str, help: &str, l: &[&str; 2]) -> prometheus::Result<Gauge> {
+    let g = GaugeVec::new(Opts::new(name, help), &VLLM_LABELS)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g.with_label_values(l))
+}
+
+fn vllm_int_gauge(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    l: &[&str; 2],
+) -> prometheus::Result<IntGauge> {
+    let g = IntGaugeVec::new(Opts::new(name, help), &VLLM_LABELS)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g.with_label_values(l))
+}
+
+fn vllm_counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    l: &[&str; 2],
+) -> prometheus::Result<IntCounter> {
+    let c = IntCounterVec::new(Opts::new(name, help), &VLLM_LABELS)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c.with_label_values(l))
+}
+
+fn vllm_histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+    l: &[&str; 2],
+) -> prometheus::Result<Histogram> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets),
+        &VLLM_LABELS,
+    )?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h.with_label_values(l))
+}
+
+impl VllmMetrics {
+    fn new(r: &Registry, model_name: &str) -> prometheus::Result<Self> {
+        let l = [model_name, "0"];
+        let lat = vec![
+            0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+            10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+        ];
+        let tok = vec![
+            0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+            10.0, 20.0, 40.0, 80.0,
+        ];
+        let e2e = vec![
+            0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+        ];
+        let success = IntCounterVec::new(
+            Opts::new(
+                "vllm:request_success_total",
+                "Count of successfully processed requests.",
+            ),
+            &["model_name", "engine", "finished_reason"],
+        )?;
+        r.register(Box::new(success.clone()))?;
+        Ok(VllmMetrics {
+            running: vllm_int_gauge(
+                r,
+                "vllm:num_requests_running",
+                "Number of requests in model execution batches.",
+                &l,
+            )?,
+            waiting: vllm_int_gauge(
+                r,
+                "vllm:num_requests_waiting",
+                "Number of requests waiting to be processed.",
+                &l,
+            )?,
+            kv_usage: vllm_gauge(
+                r,
+                "vllm:kv_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage.",
+                &l,
+            )?,
+            gpu_cache_usage: vllm_gauge(
+                r,
+                "vllm:gpu_cache_usage_perc",
+                "KV-cache usage. 1 means 100 percent usage (the older name of vllm:kv_cache_usage_perc).",
+                &l,
+            )?,
+            prompt_tokens: vllm_counter(
+                r,
+                "vllm:prompt_tokens_total",
+                "Number of prefill tokens processed.",
+                &l,
+            )?,
+            generation_tokens: vllm_counter(
+                r,
+                "vllm:generation_tokens_total",
+                "Number of generation tokens processed.",
+                &l,
+            )?,
+            ttft: vllm_histogram(
+                r,
+                "vllm:time_to_first_token_seconds",
+                "Histogram of time to first token in seconds.",
+                lat,
+                &l,
+            )?,
+            itl: vllm_histogram(
+                r,
+                "vllm:inter_token_latency_seconds",
+                "Histogram of inter-token latency in seconds.",
+                tok.clone(),
+                &l,
+            )?,
+            tpot: vllm_histogram(
+                r,
+                "vllm:time_per_output_token_seconds",
+                "Histogram of time per output token in seconds.",
+                tok,
+                &l,
+            )?,
+            e2e: vllm_histogram(
+                r,
+                "vllm:e2e_request_latency_seconds",
+                "Histogram of e2e request latency in seconds.",
+                e2e,
+                &l,
+            )?,
+            success,
+            preemptions: vllm_counter(
+                r,
+                "vllm:num_preemptions_total",
+                "Cumulative number of preemption from the engine.",
+                &l,
+            )?,
+            prefix_queries: vllm_counter(
+                r,
+                "vllm:prefix_cache_queries_total",
+                "Prefix cache queries, in terms of number of queried tokens.",
+                &l,
+            )?,
+            prefix_hits: vllm_counter(
+                r,
+                "vllm:prefix_cache_hits_total",
+                "Prefix cache hits, in terms of number of cached tokens.",
+                &l,
+            )?,
+            labels: [model_name.to_string(), "0".to_string()],
+        })
+    }
 }
 
 /// Engine totals mirrored into Prometheus counters (which only go up by
@@ -73,8 +266,10 @@ fn bump(c: &IntCounter, total: u64) {
 }
 
 impl Metrics {
-    pub fn new() -> prometheus::Result<Self> {
+    /// `model_name` is the label of the vLLM-named families (the served id).
+    pub fn new(model_name: &str) -> prometheus::Result<Self> {
         let r = Registry::new();
+        let vllm = VllmMetrics::new(&r, model_name)?;
         let requests = IntCounterVec::new(
             Opts::new(
                 "tl_requests_total",
@@ -182,6 +377,7 @@ impl Metrics {
                 )?,
             }),
             requests,
+            vllm,
             registry: r,
         })
     }
@@ -201,6 +397,19 @@ impl Metrics {
                 s.prefix_hit_tokens as f64 / s.prefix_queried_tokens as f64
             };
             self.prefix_hit_rate.set(rate);
+            let v = &self.vllm;
+            v.running.set(s.running_requests as i64);
+            v.waiting.set(s.waiting_requests as i64);
+            let usage = if s.kv_blocks_total == 0 {
+                0.0
+            } else {
+                s.kv_blocks_used as f64 / s.kv_blocks_total as f64
+            };
+            v.kv_usage.set(usage);
+            v.gpu_cache_usage.set(usage);
+            bump(&v.preemptions, s.preemptions);
+            bump(&v.prefix_queries, s.prefix_queried_tokens);
+            bump(&v.prefix_hits, s.prefix_hit_tokens);
             let c = match self.engine_counters.lock() {
                 Ok(c) => c,
                 Err(p) => p.into_inner(),

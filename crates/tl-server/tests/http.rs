@@ -820,3 +820,258 @@ fn disconnected_plain_request_is_cancelled() {
         "the request ran to its end ({generated} tokens)"
     );
 }
+
+/// The value of one exact series (name with labels) in a metrics text.
+fn series(m: &str, name: &str) -> f64 {
+    m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .unwrap_or_else(|| panic!("{name} missing in\n{m}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn vllm_named_metrics_for_routers() {
+    let s = Server::start(cfg(), 4, 8);
+    let mut b = chat_body(5);
+    b["stream"] = json!(true);
+    assert_eq!(post(s.addr, "/v1/chat/completions", b).status, 200);
+    assert_eq!(
+        post(
+            s.addr,
+            "/v1/completions",
+            json!({"prompt": [5, 6], "max_tokens": 3})
+        )
+        .status,
+        200
+    );
+    wait_idle(s.engine());
+    let m = String::from_utf8(get(s.addr, "/metrics").body).unwrap();
+    let l = "{engine=\"0\",model_name=\"synthetic\"}";
+    assert_eq!(series(&m, &format!("vllm:num_requests_running{l}")), 0.0);
+    assert_eq!(series(&m, &format!("vllm:num_requests_waiting{l}")), 0.0);
+    assert_eq!(series(&m, &format!("vllm:kv_cache_usage_perc{l}")), 0.0);
+    assert_eq!(series(&m, &format!("vllm:gpu_cache_usage_perc{l}")), 0.0);
+    assert_eq!(series(&m, &format!("vllm:generation_tokens_total{l}")), 8.0);
+    assert_eq!(
+        series(&m, &format!("vllm:prompt_tokens_total{l}")),
+        series(&m, "tl_prompt_tokens_total")
+    );
+    assert_eq!(
+        series(&m, &format!("vllm:time_to_first_token_seconds_count{l}")),
+        2.0
+    );
+    assert_eq!(
+        series(&m, &format!("vllm:e2e_request_latency_seconds_count{l}")),
+        2.0
+    );
+    assert_eq!(
+        series(
+            &m,
+            "vllm:request_success_total{engine=\"0\",finished_reason=\"length\",model_name=\"synthetic\"}"
+        ),
+        2.0
+    );
+    assert!(series(&m, &format!("vllm:prefix_cache_queries_total{l}")) > 0.0);
+    // KV usage is a fraction of the pool while a request holds blocks.
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": true});
+    let conn = send_json(s.addr, "/v1/completions", &body);
+    let t = Instant::now();
+    loop {
+        let m = String::from_utf8(get(s.addr, "/metrics").body).unwrap();
+        let u = series(&m, &format!("vllm:kv_cache_usage_perc{l}"));
+        if u > 0.0 {
+            assert!(u <= 1.0, "{u}");
+            assert_eq!(series(&m, &format!("vllm:num_requests_running{l}")), 1.0);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "KV usage never rose");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(conn);
+    wait_idle(s.engine());
+}
+
+#[test]
+fn router_probe_endpoints() {
+    let mut s = Server::start_with(cfg(), 4, 8, false);
+    let i = get(s.addr, "/get_server_info");
+    assert_eq!(i.status, 200);
+    assert_eq!(i.json()["status"], "loading");
+    assert_error(&get(s.addr, "/get_model_info"), 503, None);
+    assert_error(&get(s.addr, "/health_generate"), 503, None);
+    assert_eq!(get(s.addr, "/get_load").json()["load"], 0);
+    s.shutdown();
+
+    let s = Server::start(cfg(), 4, 8);
+    let v = get(s.addr, "/version");
+    assert_eq!(v.status, 200);
+    assert!(v.json()["version"].as_str().is_some_and(|v| !v.is_empty()));
+    for path in ["/get_server_info", "/server_info"] {
+        let j = get(s.addr, path).json();
+        assert_eq!(j["status"], "ok", "{j}");
+        assert_eq!(j["served_model_name"], "synthetic", "{j}");
+        assert!(j["max_total_num_tokens"].as_u64().unwrap() > 0, "{j}");
+        assert!(j["max_model_len"].as_u64().unwrap() > 0, "{j}");
+    }
+    let j = get(s.addr, "/get_model_info").json();
+    assert_eq!(j["is_generation"], true, "{j}");
+    assert!(j["model_type"].is_string(), "{j}");
+    assert!(j.get("model_path").is_some(), "{j}");
+    let h = get(s.addr, "/health_generate");
+    assert_eq!(h.status, 200, "{}", String::from_utf8_lossy(&h.body));
+    // Load: running + waiting, while a request runs.
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 400, "temperature": 0, "ignore_eos": true, "stream": true});
+    let conn = send_json(s.addr, "/v1/completions", &body);
+    let t = Instant::now();
+    loop {
+        let l = get(s.addr, "/get_load").json();
+        if l["load"] == 1 {
+            assert_eq!(l["num_reqs"], 1);
+            assert_eq!(get(s.addr, "/load").json()["server_load"], 1);
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "load never showed: {l}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    drop(conn);
+    wait_idle(s.engine());
+    assert_eq!(get(s.addr, "/get_load").json()["load"], 0);
+}
+
+#[test]
+fn tokenize_and_detokenize() {
+    let s = Server::start(cfg(), 4, 8);
+    let t = post(
+        s.addr,
+        "/tokenize",
+        json!({"prompt": "hello world", "return_token_strs": true}),
+    );
+    assert_eq!(t.status, 200, "{}", String::from_utf8_lossy(&t.body));
+    let j = t.json();
+    let ids = j["tokens"].as_array().unwrap().clone();
+    assert_eq!(j["count"], ids.len());
+    assert!(!ids.is_empty() && j["max_model_len"].as_u64().unwrap() > 0);
+    assert_eq!(j["token_strs"].as_array().unwrap().len(), ids.len());
+    let d = post(s.addr, "/detokenize", json!({"tokens": ids}));
+    assert_eq!(d.status, 200);
+    assert!(
+        d.json()["prompt"]
+            .as_str()
+            .unwrap()
+            .ends_with("hello world"),
+        "{}",
+        d.json()
+    );
+    // No special tokens: the text alone.
+    let plain = post(
+        s.addr,
+        "/tokenize",
+        json!({"prompt": "hello world", "add_special_tokens": false}),
+    )
+    .json();
+    let text = post(s.addr, "/detokenize", json!({"tokens": plain["tokens"]})).json();
+    assert_eq!(text["prompt"], "hello world");
+    // A conversation goes through the chat template: longer than its text.
+    let c = post(
+        s.addr,
+        "/tokenize",
+        json!({"messages": [{"role": "user", "content": "hello world"}]}),
+    )
+    .json();
+    assert!(c["count"].as_u64().unwrap() > plain["count"].as_u64().unwrap());
+    // Bad requests: clear errors.
+    assert_error(&post(s.addr, "/tokenize", json!({})), 400, Some("prompt"));
+    assert_error(
+        &post(s.addr, "/tokenize", json!({"prompt": "a", "messages": []})),
+        400,
+        Some("prompt"),
+    );
+    assert_error(
+        &post(s.addr, "/tokenize", json!({"prompt": 5})),
+        400,
+        Some("body"),
+    );
+    assert_error(
+        &post(
+            s.addr,
+            "/tokenize",
+            json!({"messages": [{"role": "robot", "content": "x"}]}),
+        ),
+        400,
+        None,
+    );
+    assert_error(
+        &post(
+            s.addr,
+            "/tokenize",
+            json!({"prompt": "a", "model": "other"}),
+        ),
+        404,
+        None,
+    );
+    assert_error(
+        &request(s.addr, "POST", "/tokenize", &[], b"{not json"),
+        400,
+        Some("body"),
+    );
+    assert_error(
+        &post(s.addr, "/detokenize", json!({"tokens": [1, -1]})),
+        400,
+        Some("tokens"),
+    );
+    assert_error(
+        &post(s.addr, "/detokenize", json!({"tokens": [1u64 << 40]})),
+        400,
+        Some("tokens"),
+    );
+    assert_error(
+        &post(s.addr, "/detokenize", json!({"tokens": "abc"})),
+        400,
+        Some("tokens"),
+    );
+}
+
+#[test]
+fn per_request_timeout_header() {
+    let s = Server::start(cfg(), 4, 8);
+    let body =
+        json!({"prompt": [5, 6, 7], "max_tokens": 480, "temperature": 0, "ignore_eos": true});
+    let b = body.to_string();
+    for bad in ["abc", "0", "-1", "inf"] {
+        let r = request(
+            s.addr,
+            "POST",
+            "/v1/completions",
+            &[("X-Request-Timeout", bad)],
+            b.as_bytes(),
+        );
+        assert_error(&r, 400, Some("X-Request-Timeout"));
+    }
+    let r = request(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        &[("X-Request-Timeout", "0.005")],
+        b.as_bytes(),
+    );
+    let j = assert_error(&r, 504, None);
+    assert_eq!(j["error"]["code"], "timeout");
+    wait_idle(s.engine());
+    let ok = request(
+        s.addr,
+        "POST",
+        "/v1/completions",
+        &[("X-Request-Timeout", "60")],
+        json!({"prompt": [5, 6], "max_tokens": 2})
+            .to_string()
+            .as_bytes(),
+    );
+    assert_eq!(ok.status, 200);
+}
