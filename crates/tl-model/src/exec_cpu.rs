@@ -183,7 +183,13 @@ impl Exec for CpuExec<'_> {
                         buf.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                     }
                 }
-                kernels::rope_cache(meta[i].1 as f32, base, 1.0, self.m.rope_freqs.as_deref(), cs);
+                kernels::rope_cache(
+                    meta[i].1 as f32,
+                    base,
+                    1.0,
+                    self.m.rope_freqs.as_deref(),
+                    cs,
+                );
                 if let Some(qn) = &lv.q_norm {
                     kernels::rms_norm_rows_inplace(q, hd, qn, c.rms_eps);
                 }

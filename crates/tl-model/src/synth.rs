@@ -261,7 +261,13 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
                 }
             })
             .collect();
-        add_tensor(&mut w, "rope_freqs.weight".into(), vec![n as u64], GgmlType::F32, &vals)?;
+        add_tensor(
+            &mut w,
+            "rope_freqs.weight".into(),
+            vec![n as u64],
+            GgmlType::F32,
+            &vals,
+        )?;
     }
     if spec.arch != SynthArch::Gemma3 {
         matrix(

@@ -47,7 +47,9 @@ fn synthetic_models_of_every_architecture_match_llama_cpp() {
             weight_type: ty("weight_type"),
             output_type: ty("output_type"),
             seed: c["seed"].as_u64().unwrap(),
-            rope_freqs: c.get("rope_freqs").is_some_and(|v| v.as_bool() == Some(true)),
+            rope_freqs: c
+                .get("rope_freqs")
+                .is_some_and(|v| v.as_bool() == Some(true)),
         };
         let label = format!("{} {}", c["arch"], c["weight_type"]);
         let bytes = synthesize(&spec).unwrap().to_bytes().unwrap();
@@ -78,10 +80,7 @@ fn synthetic_models_of_every_architecture_match_llama_cpp() {
             .collect();
         let vocab = want[0].len();
         assert_eq!(ours.len(), want.len() * vocab, "{label}: logits size");
-        let scale = want
-            .iter()
-            .flatten()
-            .fold(0f32, |m, v| m.max(v.abs()));
+        let scale = want.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
         let self_max = c["self_max_abs"].as_f64().unwrap() as f32;
         let tol = (4.0 * self_max).max(0.02 * scale);
         let mut worst = 0f32;
@@ -96,9 +95,14 @@ fn synthetic_models_of_every_architecture_match_llama_cpp() {
             idx.sort_by(|&a, &b| w[b].total_cmp(&w[a]));
             if w[idx[0]] - w[idx[1]] > 2.0 * tol {
                 greedy_checked += 1;
-                let ours_best = (0..vocab).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap();
+                let ours_best = (0..vocab)
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap();
                 if ours_best != idx[0] {
-                    failed.push(format!("{label}: position {p}: greedy {ours_best} vs {}", idx[0]));
+                    failed.push(format!(
+                        "{label}: position {p}: greedy {ours_best} vs {}",
+                        idx[0]
+                    ));
                 }
             }
         }

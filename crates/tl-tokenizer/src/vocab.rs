@@ -88,11 +88,13 @@ pub(crate) struct PreInfo {
     pub no_bos: bool,
 }
 
+/// (name, type, clean_spaces, ignore_merges, add_bos, no default BOS).
+type PreEntry = (&'static str, PreTokenizer, bool, bool, Option<bool>, bool);
+
 /// Every `tokenizer.ggml.pre` name llama.cpp accepts that tl runs, with its
-/// type and switches: (name, type, clean_spaces, ignore_merges, add_bos,
-/// no default BOS).
+/// type and switches.
 #[rustfmt::skip]
-const PRE_NAMES: &[(&str, PreTokenizer, bool, bool, Option<bool>, bool)] = {
+const PRE_NAMES: &[PreEntry] = {
     use PreTokenizer::*;
     use RegexSet as R;
     &[
