@@ -29,13 +29,20 @@ SHAPE = {"layers": 2, "d_model": 256, "heads": 4, "kv_heads": 2, "head_dim": 64,
          "ffn": 512, "extra_vocab": 61, "context": 512}
 CASES = [
     {"arch": "llama", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 11},
-    {"arch": "llama", "weight_type": "Q4_0", "output_type": "Q8_0", "seed": 16, "rope_freqs": True},
+    {"arch": "llama", "weight_type": "Q4_0", "output_type": "Q8_0", "seed": 16, "rope_freqs": True,
+     "qk_scale": 6.0},
+    {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 19, "qk_scale": 6.0},
     {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 12},
     {"arch": "qwen3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 13},
     {"arch": "qwen3", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 14, "head_dim": 128},
     {"arch": "gemma3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 15},
+    {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 17},
+    {"arch": "phi3", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 18, "heads": 2, "head_dim": 128},
 ]
-TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(31)]
+TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(159)]
+# Rows stored: every 16th position and the last four (far positions make
+# RoPE details such as frequency factors visible).
+ROWS = [p for p in range(len(TOKENS)) if p % 16 == 15 or p >= len(TOKENS) - 4]
 
 
 def logits(path, n_batch):
@@ -48,7 +55,8 @@ def logits(path, n_batch):
 
 
 def main():
-    fx = {"reference": f"llama-cpp-python {llama_cpp.__version__}", "tokens": TOKENS, "cases": []}
+    fx = {"reference": f"llama-cpp-python {llama_cpp.__version__}", "tokens": TOKENS, "rows": ROWS,
+          "cases": []}
     with tempfile.TemporaryDirectory() as d:
         for case in CASES:
             c = dict(SHAPE, **case)
@@ -62,6 +70,7 @@ def main():
             subprocess.run(args, check=True, capture_output=True)
             a = logits(path, 512)
             b = logits(path, 1)
+            a, b = a[ROWS], b[ROWS]
             self_max = float(np.abs(a - b).max())
             c["self_max_abs"] = self_max
             c["logits"] = [[round(float(x), 5) for x in row] for row in a]

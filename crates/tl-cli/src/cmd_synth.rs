@@ -43,6 +43,9 @@ pub struct SynthArgs {
     /// Write Llama 3.1-style RoPE frequency factors (`rope_freqs.weight`).
     #[arg(long)]
     pub rope_freqs: bool,
+    /// Scale of the Q and K weights (above 1: peaked attention).
+    #[arg(long, default_value_t = 1.0)]
+    pub qk_scale: f32,
 }
 
 fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
@@ -64,6 +67,7 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         output_type: parse_type(&a.output_type)?,
         seed: a.seed,
         rope_freqs: a.rope_freqs,
+        qk_scale: a.qk_scale,
     };
     let w = synthesize(&spec)?;
     w.write_file(&a.out)

@@ -40,11 +40,7 @@ impl AttnParams {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
-            scale: if c.arch == crate::config::Arch::Gemma3 {
-                1.0
-            } else {
-                c.attn_scale
-            },
+            scale: if c.prescale_q() { 1.0 } else { c.attn_scale },
             window: if c.is_swa_layer(il) {
                 c.sliding_window
             } else {

@@ -14,9 +14,12 @@ pub enum Arch {
     /// of Q and K before RoPE.
     Qwen3,
     Gemma3,
+    /// Phi-3: fused QKV and gate/up matrices, the query scaled before
+    /// attention; its sliding window is not applied (as in llama.cpp).
+    Phi3,
 }
 
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma3";
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma3, phi3";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -24,6 +27,7 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "phi3" => Ok(Arch::Phi3),
             "gemma3" => Ok(Arch::Gemma3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
@@ -37,6 +41,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -107,6 +112,13 @@ impl Config {
         }
     }
 
+    /// Whether the query is multiplied by the attention scale after RoPE
+    /// (and the scores then by 1), as llama.cpp's graph does for these
+    /// architectures; the same product, in llama.cpp's float order.
+    pub fn prescale_q(&self) -> bool {
+        matches!(self.arch, Arch::Gemma3 | Arch::Phi3)
+    }
+
     pub fn q_dim(&self) -> usize {
         self.n_heads * self.head_dim
     }
@@ -168,7 +180,7 @@ impl Config {
             .unwrap_or(1e-5);
         let (rope_layout, ffn_act) = match arch {
             Arch::Llama => (RopeLayout::Normal, FfnAct::Silu),
-            Arch::Qwen2 | Arch::Qwen3 => (RopeLayout::Neox, FfnAct::Silu),
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => (RopeLayout::Neox, FfnAct::Silu),
             Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
         };
         // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th

@@ -6,7 +6,7 @@
 //! portable float order, bit for bit.
 
 use crate::attention::{attend, AttnParams};
-use crate::config::{Arch, FfnAct, RopeLayout};
+use crate::config::{FfnAct, RopeLayout};
 use crate::error::{ModelError, Result};
 use crate::forward::{Exec, Plan, Probe};
 use crate::kv::KvCache;
@@ -198,7 +198,7 @@ impl Exec for CpuExec<'_> {
                 }
                 for head in q.chunks_exact_mut(hd) {
                     kernels::rope_rotate(head, cs, rope_mode);
-                    if c.arch == Arch::Gemma3 {
+                    if c.prescale_q() {
                         head.iter_mut().for_each(|v| *v *= c.attn_scale);
                     }
                 }

@@ -16,6 +16,8 @@ pub enum SynthArch {
     Qwen2,
     Qwen3,
     Gemma3,
+    /// Phi-3: fused `attn_qkv` and `ffn_up` (gate rows, then up rows).
+    Phi3,
 }
 
 impl SynthArch {
@@ -25,9 +27,10 @@ impl SynthArch {
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
+            "phi3" => Ok(Self::Phi3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
-                supported: "llama, qwen2, qwen3, gemma3",
+                supported: "llama, qwen2, qwen3, gemma3, phi3",
             }),
         }
     }
@@ -38,6 +41,7 @@ impl SynthArch {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
+            Self::Phi3 => "phi3",
         }
     }
 }
@@ -62,6 +66,10 @@ pub struct SynthSpec {
     pub seed: u64,
     /// Write Llama 3.1-style RoPE frequency factors (`rope_freqs.weight`).
     pub rope_freqs: bool,
+    /// Scale of the Q and K weights relative to the default: above 1 the
+    /// attention is peaked instead of near uniform, so position encoding
+    /// details show in the logits.
+    pub qk_scale: f32,
 }
 
 impl Default for SynthSpec {
@@ -80,14 +88,17 @@ impl Default for SynthSpec {
             output_type: GgmlType::Q8_0,
             seed: 0,
             rope_freqs: false,
+            qk_scale: 1.0,
         }
     }
 }
 
 impl SynthSpec {
-    /// Vocabulary size: `<unk>`, `<s>`, `</s>`, 256 byte tokens, filler.
+    /// Vocabulary size: `<unk>`, `<s>`, `</s>`, 256 byte tokens, filler
+    /// (and Phi-3's `<|endoftext|>`, which llama.cpp's loader requires of a
+    /// model named Phi-3).
     pub fn vocab(&self) -> usize {
-        3 + 256 + self.extra_vocab
+        3 + 256 + self.extra_vocab + usize::from(self.arch == SynthArch::Phi3)
     }
 }
 
@@ -170,6 +181,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         tokens.push(s);
         types.push(1);
     }
+    if spec.arch == SynthArch::Phi3 {
+        tokens.push("<|endoftext|>".into());
+        types.push(3);
+    }
     let scores: Vec<f32> = (0..vocab).map(|i| -(i as f32)).collect();
     w.set("tokenizer.ggml.model", Value::String("llama".into()));
     w.set("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)));
@@ -206,9 +221,15 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
     for i in 0..spec.n_layers {
         let b = format!("blk.{i}");
         norm(&mut w, format!("{b}.attn_norm.weight"), d)?;
-        matrix(&mut w, format!("{b}.attn_q.weight"), d, q_dim, wt, s_in)?;
-        matrix(&mut w, format!("{b}.attn_k.weight"), d, kv_dim, wt, s_in)?;
-        matrix(&mut w, format!("{b}.attn_v.weight"), d, kv_dim, wt, s_in)?;
+        let s_qk = s_in * spec.qk_scale;
+        if spec.arch == SynthArch::Phi3 {
+            let rows = q_dim + 2 * kv_dim;
+            matrix(&mut w, format!("{b}.attn_qkv.weight"), d, rows, wt, s_qk)?;
+        } else {
+            matrix(&mut w, format!("{b}.attn_q.weight"), d, q_dim, wt, s_qk)?;
+            matrix(&mut w, format!("{b}.attn_k.weight"), d, kv_dim, wt, s_qk)?;
+            matrix(&mut w, format!("{b}.attn_v.weight"), d, kv_dim, wt, s_in)?;
+        }
         if spec.arch == SynthArch::Qwen2 {
             for (n, len) in [("q", q_dim), ("k", kv_dim), ("v", kv_dim)] {
                 matrix(
@@ -232,15 +253,20 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         let s_o = 1.0 / (q_dim as f32).sqrt();
         matrix(&mut w, format!("{b}.attn_output.weight"), q_dim, d, wt, s_o)?;
         norm(&mut w, format!("{b}.ffn_norm.weight"), d)?;
-        matrix(
-            &mut w,
-            format!("{b}.ffn_gate.weight"),
-            d,
-            spec.ffn,
-            wt,
-            s_in,
-        )?;
-        matrix(&mut w, format!("{b}.ffn_up.weight"), d, spec.ffn, wt, s_in)?;
+        if spec.arch == SynthArch::Phi3 {
+            let rows = 2 * spec.ffn;
+            matrix(&mut w, format!("{b}.ffn_up.weight"), d, rows, wt, s_in)?;
+        } else {
+            matrix(
+                &mut w,
+                format!("{b}.ffn_gate.weight"),
+                d,
+                spec.ffn,
+                wt,
+                s_in,
+            )?;
+            matrix(&mut w, format!("{b}.ffn_up.weight"), d, spec.ffn, wt, s_in)?;
+        }
         let s_f = 1.0 / (spec.ffn as f32).sqrt();
         matrix(&mut w, format!("{b}.ffn_down.weight"), spec.ffn, d, wt, s_f)?;
     }

@@ -46,6 +46,22 @@ impl Weight {
             .unwrap_or(&[])
     }
 
+    /// Rows `r0..r0 + n` of a matrix, as a weight of its own (the rows of
+    /// a fused matrix: Q, K and V of `attn_qkv`, gate and up of Phi-3's
+    /// `ffn_up`). Block rows are independent, so this is a byte range.
+    fn row_range(&self, suffix: &str, r0: usize, n: usize) -> Weight {
+        let rb = self.row_bytes();
+        Weight {
+            name: format!("{}[{suffix}]", self.name),
+            ty: self.ty,
+            rows: n,
+            cols: self.cols,
+            start: self.start + r0 * rb,
+            len: n * rb,
+            packed: None,
+        }
+    }
+
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
         self.len / self.rows.max(1)
@@ -206,11 +222,38 @@ impl Weights {
                     Ok(None)
                 }
             };
+            // Q/K/V: separate, or fused in `attn_qkv` (Phi-3 and some
+            // llama conversions); gate/up: separate, or fused in Phi-3's
+            // `ffn_up` (gate rows first).
+            let (wq, wk, wv) = match l.opt(&n("attn_qkv.weight"), &[d, qd + 2 * kvd])? {
+                Some(f) => (
+                    f.row_range("q", 0, qd),
+                    f.row_range("k", qd, kvd),
+                    f.row_range("v", qd + kvd, kvd),
+                ),
+                None => (
+                    req("attn_q.weight", &[d, qd])?,
+                    req("attn_k.weight", &[d, kvd])?,
+                    req("attn_v.weight", &[d, kvd])?,
+                ),
+            };
+            let (gate, up) = if c.arch == Arch::Phi3 {
+                let f = req("ffn_up.weight", &[d, 2 * c.ffn])?;
+                (
+                    f.row_range("gate", 0, c.ffn),
+                    f.row_range("up", c.ffn, c.ffn),
+                )
+            } else {
+                (
+                    req("ffn_gate.weight", &[d, c.ffn])?,
+                    req("ffn_up.weight", &[d, c.ffn])?,
+                )
+            };
             layers.push(LayerWeights {
                 attn_norm: req("attn_norm.weight", &[d])?,
-                wq: req("attn_q.weight", &[d, qd])?,
-                wk: req("attn_k.weight", &[d, kvd])?,
-                wv: req("attn_v.weight", &[d, kvd])?,
+                wq,
+                wk,
+                wv,
                 bq: l.opt(&n("attn_q.bias"), &[qd])?,
                 bk: l.opt(&n("attn_k.bias"), &[kvd])?,
                 bv: l.opt(&n("attn_v.bias"), &[kvd])?,
@@ -227,11 +270,18 @@ impl Weights {
                 wo: req("attn_output.weight", &[qd, d])?,
                 post_attn_norm: gemma_only("post_attention_norm.weight", &[d])?,
                 ffn_norm: req("ffn_norm.weight", &[d])?,
-                gate: req("ffn_gate.weight", &[d, c.ffn])?,
-                up: req("ffn_up.weight", &[d, c.ffn])?,
+                gate,
+                up,
                 down: req("ffn_down.weight", &[c.ffn, d])?,
                 post_ffn_norm: gemma_only("post_ffw_norm.weight", &[d])?,
             });
+        }
+        for long in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+            if file.tensor(long).is_some() {
+                return Err(ModelError::BadConfig(format!(
+                    "the model has LongRoPE frequency factors ({long}), which tl does not apply yet"
+                )));
+            }
         }
         if c.arch == Arch::Qwen2 {
             for (i, lw) in layers.iter().enumerate() {

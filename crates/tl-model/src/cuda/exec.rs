@@ -7,7 +7,7 @@ use tl_cuda::{raw_arg, Arg, Gpu};
 use super::weights::{DevMat, Kind};
 use super::{cuda_err, profiling, ptr, CudaModel, CudaState, DeviceKv, MetaLayout};
 use crate::attention::AttnParams;
-use crate::config::{Arch, FfnAct, RopeLayout};
+use crate::config::{FfnAct, RopeLayout};
 use crate::error::{ModelError, Result};
 use crate::forward::{Exec, Probe};
 use crate::model::Model;
@@ -337,11 +337,7 @@ impl Exec for CudaExec<'_> {
             neox: i32::from(c.rope_layout == RopeLayout::Neox),
             base: c.rope_base_for(il),
             eps: c.rms_eps,
-            q_scale: if c.arch == Arch::Gemma3 {
-                c.attn_scale
-            } else {
-                1.0
-            },
+            q_scale: if c.prescale_q() { c.attn_scale } else { 1.0 },
         };
         let off = (il * self.kv.layer_bytes) as u64;
         self.l(
