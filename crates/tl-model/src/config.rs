@@ -17,9 +17,12 @@ pub enum Arch {
     /// Phi-3: fused QKV and gate/up matrices, the query scaled before
     /// attention; its sliding window is not applied (as in llama.cpp).
     Phi3,
+    /// Granite (dense): llama's layout with embedding, attention,
+    /// residual and logit scales.
+    Granite,
 }
 
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma3, phi3";
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma3, phi3, granite";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -28,6 +31,7 @@ impl Arch {
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
             "phi3" => Ok(Arch::Phi3),
+            "granite" => Ok(Arch::Granite),
             "gemma3" => Ok(Arch::Gemma3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
@@ -42,6 +46,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Granite => "granite",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -94,6 +99,11 @@ pub struct Config {
     /// Attention score scale (1/sqrt(head_dim) unless the architecture says otherwise).
     pub attn_scale: f32,
     pub final_logit_softcap: Option<f32>,
+    /// Each sub-layer's output is multiplied by this before the residual
+    /// add (granite's `residual_scale`; 1 elsewhere).
+    pub residual_scale: f32,
+    /// Logits are divided by this (granite's `logit_scale`; 1 elsewhere).
+    pub logit_scale: f32,
 }
 
 impl Config {
@@ -179,7 +189,7 @@ impl Config {
             .opt_f32(&k("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5);
         let (rope_layout, ffn_act) = match arch {
-            Arch::Llama => (RopeLayout::Normal, FfnAct::Silu),
+            Arch::Llama | Arch::Granite => (RopeLayout::Normal, FfnAct::Silu),
             Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => (RopeLayout::Neox, FfnAct::Silu),
             Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
         };
@@ -200,8 +210,33 @@ impl Config {
                 };
                 (swa, 6, 10_000.0, (d_model as f32).sqrt(), scale)
             }
+            Arch::Granite => {
+                let emb = m.opt_f32(&k("embedding_scale"))?.filter(|v| *v != 0.0);
+                let att = m.opt_f32(&k("attention.scale"))?.filter(|v| *v != 0.0);
+                (
+                    None,
+                    0,
+                    rope_base,
+                    emb.unwrap_or(1.0),
+                    att.unwrap_or(1.0 / (head_dim as f32).sqrt()),
+                )
+            }
             _ => (None, 0, rope_base, 1.0, 1.0 / (head_dim as f32).sqrt()),
         };
+        let (residual_scale, logit_scale) = match arch {
+            Arch::Granite => (
+                m.opt_f32(&k("residual_scale"))?
+                    .filter(|v| *v != 0.0)
+                    .unwrap_or(1.0),
+                m.get_f32(&k("logit_scale"))?,
+            ),
+            _ => (1.0, 1.0),
+        };
+        if logit_scale == 0.0 || !logit_scale.is_finite() {
+            return Err(ModelError::BadConfig(format!(
+                "logit scale {logit_scale} (must be finite and non-zero)"
+            )));
+        }
         let final_logit_softcap = match arch {
             // Without a sliding window llama.cpp builds the non-iSWA Gemma 3
             // graph, which caps the final logits.
@@ -233,6 +268,8 @@ impl Config {
             embed_scale,
             attn_scale,
             final_logit_softcap,
+            residual_scale,
+            logit_scale,
         })
     }
 }

@@ -298,6 +298,9 @@ impl Exec for CpuExec<'_> {
             if let Some(pn) = &lv.post_attn_norm {
                 kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
             }
+            if c.residual_scale != 1.0 {
+                o.iter_mut().for_each(|v| *v *= c.residual_scale);
+            }
             x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
             kernels::rms_norm_row(x, &lv.ffn_norm, c.rms_eps, xn);
         });
@@ -354,6 +357,9 @@ impl Exec for CpuExec<'_> {
             if let Some(pn) = &lv.post_ffn_norm {
                 kernels::rms_norm_row_inplace(o, pn, c.rms_eps);
             }
+            if c.residual_scale != 1.0 {
+                o.iter_mut().for_each(|v| *v *= c.residual_scale);
+            }
             x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
         });
         Ok(())
@@ -384,6 +390,10 @@ impl Exec for CpuExec<'_> {
             &mut st.logits,
             &mut st.act,
         )?;
+        if c.logit_scale != 1.0 {
+            let s = 1.0 / c.logit_scale;
+            st.logits[..m * c.vocab].iter_mut().for_each(|v| *v *= s);
+        }
         if let Some(cap) = c.final_logit_softcap {
             for v in st.logits[..m * c.vocab].iter_mut() {
                 *v = (*v / cap).tanh() * cap;

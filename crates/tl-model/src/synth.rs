@@ -18,6 +18,9 @@ pub enum SynthArch {
     Gemma3,
     /// Phi-3: fused `attn_qkv` and `ffn_up` (gate rows, then up rows).
     Phi3,
+    /// Granite: llama's tensors plus embedding, attention, residual and
+    /// logit scales in the metadata.
+    Granite,
 }
 
 impl SynthArch {
@@ -28,9 +31,10 @@ impl SynthArch {
             "qwen3" => Ok(Self::Qwen3),
             "gemma3" => Ok(Self::Gemma3),
             "phi3" => Ok(Self::Phi3),
+            "granite" => Ok(Self::Granite),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
-                supported: "llama, qwen2, qwen3, gemma3, phi3",
+                supported: "llama, qwen2, qwen3, gemma3, phi3, granite",
             }),
         }
     }
@@ -42,6 +46,7 @@ impl SynthArch {
             Self::Qwen3 => "qwen3",
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
+            Self::Granite => "granite",
         }
     }
 }
@@ -154,6 +159,14 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
     }
     if spec.arch == SynthArch::Gemma3 {
         w.set(format!("{arch}.attention.sliding_window"), u32v(64));
+    }
+    if spec.arch == SynthArch::Granite {
+        // Granite 3's kind of values (embedding 12, residual 0.22,
+        // attention 1/128, logits 8).
+        w.set(format!("{arch}.embedding_scale"), Value::F32(12.0));
+        w.set(format!("{arch}.residual_scale"), Value::F32(0.22));
+        w.set(format!("{arch}.attention.scale"), Value::F32(0.0078125));
+        w.set(format!("{arch}.logit_scale"), Value::F32(8.0));
     }
 
     // A SentencePiece-style vocabulary with byte fallback: every string is

@@ -79,6 +79,14 @@ fn ptr(b: &Option<DevBuf>) -> u64 {
 
 impl CudaModel {
     pub fn upload(m: &Model, ordinal: usize) -> Result<CudaModel> {
+        let c = &m.config;
+        if c.residual_scale != 1.0 || c.logit_scale != 1.0 {
+            return Err(ModelError::Device(format!(
+                "{}: the residual and logit scales of this architecture are not in the CUDA \
+                 executor yet (run it with --device cpu)",
+                c.arch.name()
+            )));
+        }
         let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
         let file = &m.file;
         // Fail before allocating when the weights can't fit.
