@@ -288,7 +288,7 @@ impl CacheVal {
         // Positions cached so far, by any layer: a program runs each step's
         // layers in turn, each at the same `pos`.
         self.seq.len = self.seq.len.max(end);
-        let gemma = c.arch == Arch::Gemma3;
+        let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
         let params = AttnParams {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
@@ -299,6 +299,7 @@ impl CacheVal {
             } else {
                 None
             },
+            softcap: c.attn_logit_softcap,
         };
         // Gemma 3: the native forward scales the queries before attention
         // (and attends with scale 1); doing the same keeps the f16 rounding

@@ -29,6 +29,8 @@ pub struct AttnParams {
     pub scale: f32,
     /// Sliding window: a token at position p sees positions > p - window.
     pub window: Option<usize>,
+    /// Scores soft-capped to `tanh(s / cap) * cap` before the softmax.
+    pub softcap: Option<f32>,
 }
 
 impl AttnParams {
@@ -46,6 +48,7 @@ impl AttnParams {
             } else {
                 None
             },
+            softcap: c.attn_logit_softcap,
         }
     }
 
@@ -75,8 +78,10 @@ pub fn attend(
     out: &mut [f32],
     s: &mut AttnScratch,
 ) {
-    if tl_core::numerics::reference() {
-        attend_plain(cache, layer, seq, pos, p, heads, q, out, s, true);
+    if tl_core::numerics::reference() || p.softcap.is_some() {
+        // Soft-capped scores (gemma2) take the plain path.
+        let reference = tl_core::numerics::reference();
+        attend_plain(cache, layer, seq, pos, p, heads, q, out, s, reference);
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -177,7 +182,11 @@ fn attend_plain(
                 } else {
                     k.fold(0.0f32, |acc, (a, b)| acc + a * b.to_f32())
                 };
-                let sc = dot * p.scale;
+                let mut sc = dot * p.scale;
+                if let Some(cap) = p.softcap {
+                    // ggml: scale by 1/cap, tanh, scale by cap.
+                    sc = (sc * (1.0 / cap)).tanh() * cap;
+                }
                 s.scores[i0 + i] = sc;
                 max = max.max(sc);
             }
@@ -718,6 +727,7 @@ mod tests {
                 head_dim: hd,
                 scale: 0.35,
                 window,
+                softcap: None,
             };
             let mut out = vec![0.0; n_heads * hd];
             attend(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut out, &mut s);
@@ -1000,6 +1010,7 @@ mod tests {
                     head_dim: hd,
                     scale: 1.0 / (hd as f32).sqrt(),
                     window,
+                    softcap: None,
                 };
                 for heads in [0..n_heads, 0..group, (group - 1)..n_heads] {
                     let rows = heads.len();
@@ -1045,6 +1056,7 @@ mod tests {
                     head_dim: hd,
                     scale: 1.0 / (hd as f32).sqrt(),
                     window,
+                    softcap: None,
                 };
                 let mut a = vec![f32::NAN; n_heads * hd];
                 let mut b = vec![f32::NAN; n_heads * hd];

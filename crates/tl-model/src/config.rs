@@ -13,6 +13,9 @@ pub enum Arch {
     /// Qwen 3 (dense): Qwen 2 without Q/K/V biases, with per-head RMS norms
     /// of Q and K before RoPE.
     Qwen3,
+    /// Gemma 2: Gemma 3's norms without the Q/K norms, attention and final
+    /// logit soft-capping, every other layer windowed.
+    Gemma2,
     Gemma3,
     /// Phi-3: fused QKV and gate/up matrices, the query scaled before
     /// attention; its sliding window is not applied (as in llama.cpp).
@@ -22,7 +25,7 @@ pub enum Arch {
     Granite,
 }
 
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma3, phi3, granite";
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -30,6 +33,7 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "gemma2" => Ok(Arch::Gemma2),
             "phi3" => Ok(Arch::Phi3),
             "granite" => Ok(Arch::Granite),
             "gemma3" => Ok(Arch::Gemma3),
@@ -45,6 +49,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma2 => "gemma2",
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
             Arch::Gemma3 => "gemma3",
@@ -99,6 +104,8 @@ pub struct Config {
     /// Attention score scale (1/sqrt(head_dim) unless the architecture says otherwise).
     pub attn_scale: f32,
     pub final_logit_softcap: Option<f32>,
+    /// Attention scores are soft-capped: `tanh(s / cap) * cap` (gemma2).
+    pub attn_logit_softcap: Option<f32>,
     /// Each sub-layer's output is multiplied by this before the residual
     /// add (granite's `residual_scale`; 1 elsewhere).
     pub residual_scale: f32,
@@ -126,7 +133,7 @@ impl Config {
     /// (and the scores then by 1), as llama.cpp's graph does for these
     /// architectures; the same product, in llama.cpp's float order.
     pub fn prescale_q(&self) -> bool {
-        matches!(self.arch, Arch::Gemma3 | Arch::Phi3)
+        matches!(self.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3)
     }
 
     pub fn q_dim(&self) -> usize {
@@ -191,7 +198,7 @@ impl Config {
         let (rope_layout, ffn_act) = match arch {
             Arch::Llama | Arch::Granite => (RopeLayout::Normal, FfnAct::Silu),
             Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => (RopeLayout::Neox, FfnAct::Silu),
-            Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
+            Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
         };
         // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th
         // layer is global, the others use the sliding window with rope base
@@ -209,6 +216,20 @@ impl Config {
                     1.0 / (head_dim as f32).sqrt()
                 };
                 (swa, 6, 10_000.0, (d_model as f32).sqrt(), scale)
+            }
+            // Gemma 2 (llama.cpp `models/gemma2.cpp`): even layers windowed
+            // (4096 unless the file says), the same rope base for both.
+            Arch::Gemma2 => {
+                let swa = m
+                    .opt_u64(&k("attention.sliding_window"))?
+                    .map_or(4096, |v| v as usize);
+                let scale = if n_layers == 46 {
+                    1.0 / ((d_model / n_heads) as f32).sqrt()
+                } else {
+                    1.0 / (head_dim as f32).sqrt()
+                };
+                let base_swa = m.opt_f32(&k("rope.freq_base_swa"))?.unwrap_or(rope_base);
+                (Some(swa), 2, base_swa, (d_model as f32).sqrt(), scale)
             }
             Arch::Granite => {
                 let emb = m.opt_f32(&k("embedding_scale"))?.filter(|v| *v != 0.0);
@@ -243,6 +264,15 @@ impl Config {
             Arch::Gemma3 if sliding_window.is_none() => m
                 .opt_f32(&k("final_logit_softcapping"))?
                 .filter(|v| *v > 0.0),
+            Arch::Gemma2 => {
+                Some(m.opt_f32(&k("final_logit_softcapping"))?.unwrap_or(30.0)).filter(|v| *v > 0.0)
+            }
+            _ => None,
+        };
+        let attn_logit_softcap = match arch {
+            Arch::Gemma2 => {
+                Some(m.opt_f32(&k("attn_logit_softcapping"))?.unwrap_or(50.0)).filter(|v| *v > 0.0)
+            }
             _ => None,
         };
         Ok(Config {
@@ -268,6 +298,7 @@ impl Config {
             embed_scale,
             attn_scale,
             final_logit_softcap,
+            attn_logit_softcap,
             residual_scale,
             logit_scale,
         })

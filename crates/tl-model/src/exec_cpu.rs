@@ -396,7 +396,7 @@ impl Exec for CpuExec<'_> {
         }
         if let Some(cap) = c.final_logit_softcap {
             for v in st.logits[..m * c.vocab].iter_mut() {
-                *v = (*v / cap).tanh() * cap;
+                *v = (*v * (1.0 / cap)).tanh() * cap;
             }
         }
         st.last_logits = m * c.vocab;

@@ -15,6 +15,7 @@ pub enum SynthArch {
     Llama,
     Qwen2,
     Qwen3,
+    Gemma2,
     Gemma3,
     /// Phi-3: fused `attn_qkv` and `ffn_up` (gate rows, then up rows).
     Phi3,
@@ -29,12 +30,13 @@ impl SynthArch {
             "llama" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
+            "gemma2" => Ok(Self::Gemma2),
             "gemma3" => Ok(Self::Gemma3),
             "phi3" => Ok(Self::Phi3),
             "granite" => Ok(Self::Granite),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
-                supported: "llama, qwen2, qwen3, gemma3, phi3, granite",
+                supported: "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite",
             }),
         }
     }
@@ -44,6 +46,7 @@ impl SynthArch {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma2 => "gemma2",
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
             Self::Granite => "granite",
@@ -150,15 +153,21 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         Value::F32(1e-6),
     );
     w.set(format!("{arch}.rope.freq_base"), Value::F32(1e6));
-    if spec.arch == SynthArch::Gemma3 || spec.head_dim * spec.n_heads != d {
+    let gemma = matches!(spec.arch, SynthArch::Gemma2 | SynthArch::Gemma3);
+    if gemma || spec.head_dim * spec.n_heads != d {
         w.set(format!("{arch}.attention.key_length"), u32v(spec.head_dim));
         w.set(
             format!("{arch}.attention.value_length"),
             u32v(spec.head_dim),
         );
     }
-    if spec.arch == SynthArch::Gemma3 {
+    if gemma {
         w.set(format!("{arch}.attention.sliding_window"), u32v(64));
+    }
+    if spec.arch == SynthArch::Gemma2 {
+        // Caps low enough to bite on a random model's scores and logits.
+        w.set(format!("{arch}.attn_logit_softcapping"), Value::F32(5.0));
+        w.set(format!("{arch}.final_logit_softcapping"), Value::F32(30.0));
     }
     if spec.arch == SynthArch::Granite {
         // Granite 3's kind of values (embedding 12, residual 0.22,
@@ -259,7 +268,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             norm(&mut w, format!("{b}.attn_q_norm.weight"), spec.head_dim)?;
             norm(&mut w, format!("{b}.attn_k_norm.weight"), spec.head_dim)?;
         }
-        if spec.arch == SynthArch::Gemma3 {
+        if gemma {
             norm(&mut w, format!("{b}.post_attention_norm.weight"), d)?;
             norm(&mut w, format!("{b}.post_ffw_norm.weight"), d)?;
         }
@@ -308,7 +317,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             &vals,
         )?;
     }
-    if spec.arch != SynthArch::Gemma3 {
+    if !gemma {
         matrix(
             &mut w,
             "output.weight".into(),

@@ -209,7 +209,7 @@ impl Weights {
         let l = Loader { file };
         let d = c.d_model;
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let gemma = c.arch == Arch::Gemma3;
+        let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
         let qk_norm = matches!(c.arch, Arch::Gemma3 | Arch::Qwen3);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
