@@ -120,3 +120,40 @@ fn bad_file_is_a_clear_error() {
     assert!(err.contains("unsupported GGUF version 7"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn runnable_verdict_names_the_missing_piece() {
+    assert_eq!(
+        inspect_json(&model("qwen2.5-coder-0.5b-instruct-q4.gguf"), &[])["runnable"],
+        true
+    );
+    // A synthetic file of a supported architecture runs; the same file
+    // with an architecture tl lacks, or a tokenizer it lacks, does not,
+    // and the verdict says which piece is missing.
+    let dir = tempfile::tempdir().unwrap();
+    let ok = dir.path().join("ok.gguf");
+    let st = Command::new(env!("CARGO_BIN_EXE_tl"))
+        .args(["synth", "--arch", "phi3", "-o"])
+        .arg(&ok)
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert_eq!(inspect_json(&ok, &[])["runnable"], true);
+    let bytes = std::fs::read(&ok).unwrap();
+    let mut g = tl_gguf::GgufFile::from_bytes(bytes).unwrap();
+    g.metadata.insert(
+        "general.architecture",
+        tl_gguf::Value::String("mamba".into()),
+    );
+    let mut w = tl_gguf::GgufWriter::from_file(&g);
+    let bad = dir.path().join("bad.gguf");
+    w.write_file(&bad).unwrap();
+    let j = inspect_json(&bad, &[]);
+    assert_eq!(j["runnable"], false);
+    let why = j["not_runnable_because"].to_string();
+    assert!(why.contains("mamba"), "{why}");
+}
