@@ -130,3 +130,21 @@ fn synthetic_models_of_every_architecture_match_llama_cpp() {
     eprintln!("{}", report.join("\n"));
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+#[test]
+fn readme_lists_exactly_the_supported_architectures() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let tag = "<!-- architectures: ";
+    let at = readme.find(tag).expect("architectures marker in README.md");
+    let line = &readme[at + tag.len()..];
+    let listed = &line[..line.find(" -->").expect("marker end")];
+    assert_eq!(listed, tl_model::config::SUPPORTED_ARCHS);
+    for a in listed.split(", ") {
+        assert!(
+            readme.contains(&format!("`{a}`")),
+            "README names no `{a}` in its architecture list"
+        );
+        tl_model::config::Arch::from_name(a).expect("listed architecture parses");
+    }
+}
