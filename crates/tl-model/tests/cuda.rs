@@ -323,6 +323,8 @@ fn cuda_matches_cpu_on_every_architecture_and_weight_type() {
         (SynthArch::Llama, GgmlType::Q2_K, GgmlType::BF16, 64),
         (SynthArch::Gemma3, GgmlType::Q4_K, GgmlType::Q4_K, 256),
         (SynthArch::Gemma3, GgmlType::Q8_0, GgmlType::Q8_0, 64),
+        (SynthArch::Qwen3, GgmlType::Q8_0, GgmlType::Q8_0, 128),
+        (SynthArch::Phi3, GgmlType::Q4_K, GgmlType::Q6_K, 64),
     ];
     // Every case runs (a failing one does not hide the others), then the
     // failures are listed together.
@@ -375,4 +377,24 @@ fn cuda_device_out_of_range_is_a_clear_error() {
     .err()
     .expect("no such device");
     assert!(err.to_string().contains("cuda:99"), "{err}");
+}
+
+/// Architectures whose features the CUDA executor lacks are refused with
+/// the reason before any GPU work (so this runs without a GPU too).
+#[test]
+fn cuda_refuses_what_it_cannot_run_yet() {
+    for (arch, what) in [
+        (SynthArch::Gemma2, "soft-capping"),
+        (SynthArch::Granite, "residual and logit scales"),
+    ] {
+        let s = spec(arch, GgmlType::Q8_0, GgmlType::Q8_0, 64);
+        let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+        let err = Model::from_file_on(
+            GgufFile::from_bytes(bytes).expect("parses"),
+            Device::Cuda(0),
+        )
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains(what), "{arch:?}: {err}");
+    }
 }
