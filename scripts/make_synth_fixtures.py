@@ -38,6 +38,8 @@ CASES = [
     {"arch": "gemma3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 15},
     {"arch": "gemma2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 21, "qk_scale": 6.0},
     {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 17},
+    {"arch": "smollm3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 22, "qk_scale": 3.0,
+     "layers": 4},
     {"arch": "granite", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 20, "qk_scale": 6.0},
     {"arch": "phi3", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 18, "heads": 2, "head_dim": 128},
 ]

@@ -12,7 +12,7 @@ pub struct SynthArgs {
     /// Output file.
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Architecture: llama, qwen2, qwen3, gemma2, gemma3, phi3 or granite.
+    /// Architecture: llama, qwen2, qwen3, gemma2, gemma3, phi3, granite or smollm3.
     #[arg(long, default_value = "qwen2")]
     pub arch: String,
     #[arg(long, default_value_t = 2)]

@@ -23,9 +23,11 @@ pub enum Arch {
     /// Granite (dense): llama's layout with embedding, attention,
     /// residual and logit scales.
     Granite,
+    /// SmolLM3: llama's layout, every 4th layer without RoPE (NoPE).
+    Smollm3,
 }
 
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite";
+pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite, smollm3";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -36,6 +38,7 @@ impl Arch {
             "gemma2" => Ok(Arch::Gemma2),
             "phi3" => Ok(Arch::Phi3),
             "granite" => Ok(Arch::Granite),
+            "smollm3" => Ok(Arch::Smollm3),
             "gemma3" => Ok(Arch::Gemma3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
@@ -52,6 +55,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
+            Arch::Smollm3 => "smollm3",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -132,6 +136,12 @@ impl Config {
     /// Whether the query is multiplied by the attention scale after RoPE
     /// (and the scores then by 1), as llama.cpp's graph does for these
     /// architectures; the same product, in llama.cpp's float order.
+    /// Whether layer `il` rotates Q and K (SmolLM3 leaves every 4th
+    /// layer without position encoding).
+    pub fn rope_in_layer(&self, il: usize) -> bool {
+        self.arch != Arch::Smollm3 || (il + 1) % 4 != 0
+    }
+
     pub fn prescale_q(&self) -> bool {
         matches!(self.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3)
     }
@@ -196,7 +206,7 @@ impl Config {
             .opt_f32(&k("attention.layer_norm_rms_epsilon"))?
             .unwrap_or(1e-5);
         let (rope_layout, ffn_act) = match arch {
-            Arch::Llama | Arch::Granite => (RopeLayout::Normal, FfnAct::Silu),
+            Arch::Llama | Arch::Granite | Arch::Smollm3 => (RopeLayout::Normal, FfnAct::Silu),
             Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => (RopeLayout::Neox, FfnAct::Silu),
             Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
         };

@@ -166,6 +166,7 @@ impl Exec for CpuExec<'_> {
             let rope = SyncPtr(st.rope.as_mut_ptr());
             let meta = &self.plan.meta;
             let base = c.rope_base_for(il);
+            let use_rope = c.rope_in_layer(il);
             each_row(n, &|i| {
                 // SAFETY: rows `i` of q, k, v (sized `n * qd`, `n * kvd`)
                 // and of the rotation table (`n * rd`) are touched by
@@ -183,13 +184,10 @@ impl Exec for CpuExec<'_> {
                         buf.iter_mut().zip(b).for_each(|(x, y)| *x += y);
                     }
                 }
-                kernels::rope_cache(
-                    meta[i].1 as f32,
-                    base,
-                    1.0,
-                    self.m.rope_freqs.as_deref(),
-                    cs,
-                );
+                if use_rope {
+                    let ff = self.m.rope_freqs.as_deref();
+                    kernels::rope_cache(meta[i].1 as f32, base, 1.0, ff, cs);
+                }
                 if let Some(qn) = &lv.q_norm {
                     kernels::rms_norm_rows_inplace(q, hd, qn, c.rms_eps);
                 }
@@ -197,13 +195,17 @@ impl Exec for CpuExec<'_> {
                     kernels::rms_norm_rows_inplace(k, hd, kn, c.rms_eps);
                 }
                 for head in q.chunks_exact_mut(hd) {
-                    kernels::rope_rotate(head, cs, rope_mode);
+                    if use_rope {
+                        kernels::rope_rotate(head, cs, rope_mode);
+                    }
                     if c.prescale_q() {
                         head.iter_mut().for_each(|v| *v *= c.attn_scale);
                     }
                 }
-                for head in k.chunks_exact_mut(hd) {
-                    kernels::rope_rotate(head, cs, rope_mode);
+                if use_rope {
+                    for head in k.chunks_exact_mut(hd) {
+                        kernels::rope_rotate(head, cs, rope_mode);
+                    }
                 }
             });
         }

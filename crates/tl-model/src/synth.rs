@@ -22,6 +22,8 @@ pub enum SynthArch {
     /// Granite: llama's tensors plus embedding, attention, residual and
     /// logit scales in the metadata.
     Granite,
+    /// SmolLM3: llama's tensors (NoPE every 4th layer is implied).
+    Smollm3,
 }
 
 impl SynthArch {
@@ -34,9 +36,10 @@ impl SynthArch {
             "gemma3" => Ok(Self::Gemma3),
             "phi3" => Ok(Self::Phi3),
             "granite" => Ok(Self::Granite),
+            "smollm3" => Ok(Self::Smollm3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
-                supported: "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite",
+                supported: "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite, smollm3",
             }),
         }
     }
@@ -50,6 +53,7 @@ impl SynthArch {
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
             Self::Granite => "granite",
+            Self::Smollm3 => "smollm3",
         }
     }
 }

@@ -97,7 +97,8 @@ fn malformed_models_name_the_problem() {
         .expect("unknown arch");
     let msg = e.to_string();
     assert!(
-        msg.contains("mamba") && msg.contains("llama, qwen2, qwen3, gemma2, gemma3, phi3, granite"),
+        msg.contains("mamba")
+            && msg.contains("llama, qwen2, qwen3, gemma2, gemma3, phi3, granite, smollm3"),
         "{msg}"
     );
 

@@ -333,7 +333,12 @@ impl Exec for CudaExec<'_> {
             n_heads: c.n_heads as i32,
             n_kv_heads: c.n_kv_heads as i32,
             hd: hd as i32,
-            n_rot: c.rope_dims as i32,
+            // n_rot 0: no pair is rotated (NoPE layers).
+            n_rot: if c.rope_in_layer(il) {
+                c.rope_dims as i32
+            } else {
+                0
+            },
             neox: i32::from(c.rope_layout == RopeLayout::Neox),
             base: c.rope_base_for(il),
             eps: c.rms_eps,
