@@ -12,7 +12,7 @@ pub struct SynthArgs {
     /// Output file.
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Architecture: llama, qwen2, qwen3, gemma2, gemma3, phi3, granite or smollm3.
+    /// Architecture: llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite or smollm3.
     #[arg(long, default_value = "qwen2")]
     pub arch: String,
     #[arg(long, default_value_t = 2)]
@@ -46,6 +46,12 @@ pub struct SynthArgs {
     /// Scale of the Q and K weights (above 1: peaked attention).
     #[arg(long, default_value_t = 1.0)]
     pub qk_scale: f32,
+    /// Experts per layer (qwen3moe; `--ffn` is then one expert's).
+    #[arg(long, default_value_t = 8)]
+    pub experts: usize,
+    /// Experts each token uses (qwen3moe).
+    #[arg(long, default_value_t = 2)]
+    pub experts_used: usize,
 }
 
 fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
@@ -68,6 +74,8 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         seed: a.seed,
         rope_freqs: a.rope_freqs,
         qk_scale: a.qk_scale,
+        n_expert: a.experts,
+        n_expert_used: a.experts_used,
     };
     let w = synthesize(&spec)?;
     w.write_file(&a.out)

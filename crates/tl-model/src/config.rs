@@ -25,9 +25,13 @@ pub enum Arch {
     Granite,
     /// SmolLM3: llama's layout, every 4th layer without RoPE (NoPE).
     Smollm3,
+    /// Qwen 3 MoE: qwen3's attention; every FFN a mixture of experts
+    /// (softmax router, top-k, weights renormalised).
+    Qwen3Moe,
 }
 
-pub const SUPPORTED_ARCHS: &str = "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite, smollm3";
+pub const SUPPORTED_ARCHS: &str =
+    "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -39,6 +43,7 @@ impl Arch {
             "phi3" => Ok(Arch::Phi3),
             "granite" => Ok(Arch::Granite),
             "smollm3" => Ok(Arch::Smollm3),
+            "qwen3moe" => Ok(Arch::Qwen3Moe),
             "gemma3" => Ok(Arch::Gemma3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
@@ -56,6 +61,7 @@ impl Arch {
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
             Arch::Smollm3 => "smollm3",
+            Arch::Qwen3Moe => "qwen3moe",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -115,6 +121,10 @@ pub struct Config {
     pub residual_scale: f32,
     /// Logits are divided by this (granite's `logit_scale`; 1 elsewhere).
     pub logit_scale: f32,
+    /// Experts per MoE layer (0: dense FFN); `ffn` is then one expert's.
+    pub n_expert: usize,
+    /// Experts each token uses.
+    pub n_expert_used: usize,
 }
 
 impl Config {
@@ -207,7 +217,9 @@ impl Config {
             .unwrap_or(1e-5);
         let (rope_layout, ffn_act) = match arch {
             Arch::Llama | Arch::Granite | Arch::Smollm3 => (RopeLayout::Normal, FfnAct::Silu),
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Phi3 => (RopeLayout::Neox, FfnAct::Silu),
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Phi3 => {
+                (RopeLayout::Neox, FfnAct::Silu)
+            }
             Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
         };
         // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th
@@ -285,6 +297,19 @@ impl Config {
             }
             _ => None,
         };
+        let (n_expert, n_expert_used, ffn) = match arch {
+            Arch::Qwen3Moe => {
+                let ne = usize_of(k("expert_count"))?;
+                let nu = usize_of(k("expert_used_count"))?;
+                if ne == 0 || nu == 0 || nu > ne {
+                    return Err(ModelError::BadConfig(format!(
+                        "{nu} experts used of {ne}: need 0 < used <= count"
+                    )));
+                }
+                (ne, nu, usize_of(k("expert_feed_forward_length"))?)
+            }
+            _ => (0, 0, usize_of(k("feed_forward_length"))?),
+        };
         Ok(Config {
             arch,
             name: m.opt_str("general.name")?.unwrap_or("").to_string(),
@@ -294,7 +319,7 @@ impl Config {
             n_kv_heads,
             head_dim,
             head_dim_v,
-            ffn: usize_of(k("feed_forward_length"))?,
+            ffn,
             vocab,
             context: usize_of(k("context_length"))?,
             rms_eps,
@@ -311,6 +336,8 @@ impl Config {
             attn_logit_softcap,
             residual_scale,
             logit_scale,
+            n_expert,
+            n_expert_used,
         })
     }
 }

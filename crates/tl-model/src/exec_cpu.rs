@@ -22,6 +22,9 @@ pub(crate) struct CpuExec<'a> {
     pub batch: &'a [SeqBatch<'a>],
     pub plan: &'a Plan,
     pub st: &'a mut ForwardState,
+    /// The current layer's FFN was a mixture of experts, computed whole
+    /// in `ffn_gate_up` (its result in `st.o`).
+    pub moe: bool,
 }
 
 /// Runs `f(i)` for rows `0..n`: on the matmul pool in a few chunks per
@@ -57,6 +60,95 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 }
 
 impl CpuExec<'_> {
+    /// A mixture-of-experts FFN over the step's rows (`st.xn` → `st.o`),
+    /// as llama.cpp's `build_moe_ffn` with softmax gating: router logits,
+    /// softmax, the top `n_expert_used` experts by probability, their
+    /// probabilities renormalised to sum 1 (the sum clamped below at
+    /// 2^-14); each expert runs once over the rows that chose it (its
+    /// weights read once per step), and each row's output is the
+    /// weighted sum of its experts' outputs in rank order.
+    fn moe_ffn(&mut self, moe: &crate::weights::MoeWeights) -> Result<()> {
+        let c = &self.m.config;
+        let (n, d, f, ne, k) = (self.n(), c.d_model, c.ffn, c.n_expert, c.n_expert_used);
+        let file = &self.m.file;
+        let st = &mut *self.st;
+        let mut logits = vec![0f32; n * ne];
+        ops::linear(
+            &st.xn[..n * d],
+            n,
+            &moe.router,
+            moe.router.bytes(file),
+            &mut logits,
+            &mut st.act,
+        )?;
+        // Per row: the chosen experts (rank order) and their weights.
+        let mut chosen = vec![(0usize, 0f32); n * k];
+        let mut order: Vec<usize> = Vec::with_capacity(ne);
+        for t in 0..n {
+            let l = &mut logits[t * ne..(t + 1) * ne];
+            let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in l.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            l.iter_mut().for_each(|v| *v /= sum);
+            order.clear();
+            order.extend(0..ne);
+            order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+            let wsum: f32 = order[..k]
+                .iter()
+                .map(|&e| l[e])
+                .sum::<f32>()
+                .max(6.103_515_6e-5);
+            for (j, &e) in order[..k].iter().enumerate() {
+                chosen[t * k + j] = (e, l[e] / wsum);
+            }
+        }
+        // Expert by expert over the rows that chose it.
+        let mut outs = vec![0f32; n * k * d];
+        let (mut x, mut g, mut u, mut y) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (e, [wg, wu, wd]) in moe.experts.iter().enumerate() {
+            let slots: Vec<usize> = (0..n * k).filter(|&s| chosen[s].0 == e).collect();
+            if slots.is_empty() {
+                continue;
+            }
+            let m = slots.len();
+            x.clear();
+            for &s in &slots {
+                let t = s / k;
+                x.extend_from_slice(&st.xn[t * d..(t + 1) * d]);
+            }
+            g.resize(m * f, 0.0);
+            u.resize(m * f, 0.0);
+            y.resize(m * d, 0.0);
+            ops::linear(&x, m, wg, wg.bytes(file), &mut g, &mut st.act)?;
+            ops::linear(&x, m, wu, wu.bytes(file), &mut u, &mut st.act)?;
+            kernels::silu_mul(&mut g, &u);
+            ops::linear(&g, m, wd, wd.bytes(file), &mut y, &mut st.act)?;
+            for (i, &s) in slots.iter().enumerate() {
+                let w = chosen[s].1;
+                for (o, v) in outs[s * d..(s + 1) * d]
+                    .iter_mut()
+                    .zip(&y[i * d..(i + 1) * d])
+                {
+                    *o = v * w;
+                }
+            }
+        }
+        for t in 0..n {
+            let o = &mut st.o[t * d..(t + 1) * d];
+            o.copy_from_slice(&outs[t * k * d..(t * k + 1) * d]);
+            for j in 1..k {
+                let s = t * k + j;
+                o.iter_mut()
+                    .zip(&outs[s * d..(s + 1) * d])
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        Ok(())
+    }
+
     fn n(&self) -> usize {
         self.plan.n_tokens()
     }
@@ -312,6 +404,10 @@ impl Exec for CpuExec<'_> {
     fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
         let (n, f) = (self.n(), self.m.config.ffn);
         let lw = &self.m.weights.layers[il];
+        self.moe = lw.moe.is_some();
+        if let Some(moe) = &lw.moe {
+            return self.moe_ffn(moe);
+        }
         let st = &mut *self.st;
         self.m.exec_cpu_mm_many(
             [&lw.gate, &lw.up],
@@ -323,6 +419,9 @@ impl Exec for CpuExec<'_> {
     }
 
     fn ffn_act(&mut self) -> Result<()> {
+        if self.moe {
+            return Ok(());
+        }
         let (n, f) = (self.n(), self.m.config.ffn);
         let st = &mut *self.st;
         match self.m.config.ffn_act {
@@ -333,6 +432,9 @@ impl Exec for CpuExec<'_> {
     }
 
     fn ffn_down(&mut self, il: usize) -> Result<()> {
+        if self.moe {
+            return Ok(());
+        }
         let n = self.n();
         let st = &mut *self.st;
         let w = &self.m.weights.layers[il].down;

@@ -336,6 +336,7 @@ impl Model {
                     batch,
                     plan,
                     st,
+                    moe: false,
                 };
                 ex.prepare();
                 crate::forward::run(c, &mut ex)

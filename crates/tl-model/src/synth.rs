@@ -24,6 +24,8 @@ pub enum SynthArch {
     Granite,
     /// SmolLM3: llama's tensors (NoPE every 4th layer is implied).
     Smollm3,
+    /// Qwen 3 MoE: qwen3's attention, stacked expert tensors and a router.
+    Qwen3Moe,
 }
 
 impl SynthArch {
@@ -37,9 +39,10 @@ impl SynthArch {
             "phi3" => Ok(Self::Phi3),
             "granite" => Ok(Self::Granite),
             "smollm3" => Ok(Self::Smollm3),
+            "qwen3moe" => Ok(Self::Qwen3Moe),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
-                supported: "llama, qwen2, qwen3, gemma2, gemma3, phi3, granite, smollm3",
+                supported: "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3",
             }),
         }
     }
@@ -54,6 +57,7 @@ impl SynthArch {
             Self::Phi3 => "phi3",
             Self::Granite => "granite",
             Self::Smollm3 => "smollm3",
+            Self::Qwen3Moe => "qwen3moe",
         }
     }
 }
@@ -82,6 +86,10 @@ pub struct SynthSpec {
     /// attention is peaked instead of near uniform, so position encoding
     /// details show in the logits.
     pub qk_scale: f32,
+    /// Experts per layer and experts per token (MoE architectures only;
+    /// `ffn` is then one expert's).
+    pub n_expert: usize,
+    pub n_expert_used: usize,
 }
 
 impl Default for SynthSpec {
@@ -101,6 +109,8 @@ impl Default for SynthSpec {
             seed: 0,
             rope_freqs: false,
             qk_scale: 1.0,
+            n_expert: 8,
+            n_expert_used: 2,
         }
     }
 }
@@ -129,7 +139,8 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             spec.n_heads, spec.n_kv_heads
         )));
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(spec.seed);
+    // Shared by the tensor closures below (one stream, drawn in order).
+    let rng = std::cell::RefCell::new(ChaCha8Rng::seed_from_u64(spec.seed));
     let arch = spec.arch.name();
     let mut w = GgufWriter::new();
     let d = spec.d_model;
@@ -172,6 +183,14 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         // Caps low enough to bite on a random model's scores and logits.
         w.set(format!("{arch}.attn_logit_softcapping"), Value::F32(5.0));
         w.set(format!("{arch}.final_logit_softcapping"), Value::F32(30.0));
+    }
+    if spec.arch == SynthArch::Qwen3Moe {
+        w.set(format!("{arch}.expert_count"), u32v(spec.n_expert));
+        w.set(
+            format!("{arch}.expert_used_count"),
+            u32v(spec.n_expert_used),
+        );
+        w.set(format!("{arch}.expert_feed_forward_length"), u32v(spec.ffn));
     }
     if spec.arch == SynthArch::Granite {
         // Granite 3's kind of values (embedding 12, residual 0.22,
@@ -222,15 +241,15 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
     w.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
     w.set("tokenizer.ggml.add_eos_token", Value::Bool(false));
 
-    let mut matrix = |w: &mut GgufWriter<'static>,
-                      name: String,
-                      cols: usize,
-                      rows: usize,
-                      ty: GgmlType,
-                      scale: f32|
+    let matrix = |w: &mut GgufWriter<'static>,
+                  name: String,
+                  cols: usize,
+                  rows: usize,
+                  ty: GgmlType,
+                  scale: f32|
      -> Result<()> {
         let vals: Vec<f32> = (0..cols * rows)
-            .map(|_| rng.gen_range(-scale..scale))
+            .map(|_| rng.borrow_mut().gen_range(-scale..scale))
             .collect();
         add_tensor(w, name, vec![cols as u64, rows as u64], ty, &vals)
     };
@@ -268,7 +287,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
                 )?;
             }
         }
-        if matches!(spec.arch, SynthArch::Gemma3 | SynthArch::Qwen3) {
+        if matches!(
+            spec.arch,
+            SynthArch::Gemma3 | SynthArch::Qwen3 | SynthArch::Qwen3Moe
+        ) {
             norm(&mut w, format!("{b}.attn_q_norm.weight"), spec.head_dim)?;
             norm(&mut w, format!("{b}.attn_k_norm.weight"), spec.head_dim)?;
         }
@@ -279,7 +301,28 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         let s_o = 1.0 / (q_dim as f32).sqrt();
         matrix(&mut w, format!("{b}.attn_output.weight"), q_dim, d, wt, s_o)?;
         norm(&mut w, format!("{b}.ffn_norm.weight"), d)?;
-        if spec.arch == SynthArch::Phi3 {
+        if spec.arch == SynthArch::Qwen3Moe {
+            let (ne, ff) = (spec.n_expert, spec.ffn);
+            matrix(
+                &mut w,
+                format!("{b}.ffn_gate_inp.weight"),
+                d,
+                ne,
+                GgmlType::F32,
+                s_in,
+            )?;
+            for (name, cols, rows, scale) in [
+                ("ffn_gate_exps", d, ff, s_in),
+                ("ffn_up_exps", d, ff, s_in),
+                ("ffn_down_exps", ff, d, 1.0 / (ff as f32).sqrt()),
+            ] {
+                let vals: Vec<f32> = (0..cols * rows * ne)
+                    .map(|_| rng.borrow_mut().gen_range(-scale..scale))
+                    .collect();
+                let dims = vec![cols as u64, rows as u64, ne as u64];
+                add_tensor(&mut w, format!("{b}.{name}.weight"), dims, wt, &vals)?;
+            }
+        } else if spec.arch == SynthArch::Phi3 {
             let rows = 2 * spec.ffn;
             matrix(&mut w, format!("{b}.ffn_up.weight"), d, rows, wt, s_in)?;
         } else {
@@ -293,8 +336,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             )?;
             matrix(&mut w, format!("{b}.ffn_up.weight"), d, spec.ffn, wt, s_in)?;
         }
-        let s_f = 1.0 / (spec.ffn as f32).sqrt();
-        matrix(&mut w, format!("{b}.ffn_down.weight"), spec.ffn, d, wt, s_f)?;
+        if spec.arch != SynthArch::Qwen3Moe {
+            let s_f = 1.0 / (spec.ffn as f32).sqrt();
+            matrix(&mut w, format!("{b}.ffn_down.weight"), spec.ffn, d, wt, s_f)?;
+        }
     }
     norm(&mut w, "output_norm.weight".into(), d)?;
     if spec.rope_freqs {

@@ -68,6 +68,14 @@ impl Weight {
     }
 }
 
+/// A mixture-of-experts FFN: the router and each expert's gate, up and
+/// down matrices (row ranges of the stacked `*_exps` tensors, still in
+/// their block format).
+pub struct MoeWeights {
+    pub router: Weight,
+    pub experts: Vec<[Weight; 3]>,
+}
+
 pub struct LayerWeights {
     pub attn_norm: Weight,
     pub wq: Weight,
@@ -85,6 +93,8 @@ pub struct LayerWeights {
     pub up: Weight,
     pub down: Weight,
     pub post_ffn_norm: Option<Weight>,
+    /// Set for MoE layers (`gate`, `up`, `down` are then expert 0's).
+    pub moe: Option<MoeWeights>,
 }
 
 pub struct Weights {
@@ -210,7 +220,7 @@ impl Weights {
         let d = c.d_model;
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
         let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
-        let qk_norm = matches!(c.arch, Arch::Gemma3 | Arch::Qwen3);
+        let qk_norm = matches!(c.arch, Arch::Gemma3 | Arch::Qwen3 | Arch::Qwen3Moe);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -237,7 +247,36 @@ impl Weights {
                     req("attn_v.weight", &[d, kvd])?,
                 ),
             };
-            let (gate, up) = if c.arch == Arch::Phi3 {
+            let moe = if c.n_expert > 0 {
+                let ne = c.n_expert;
+                let g = l.get(&n("ffn_gate_exps.weight"), &[d, c.ffn, ne])?;
+                let u = l.get(&n("ffn_up_exps.weight"), &[d, c.ffn, ne])?;
+                let dn = l.get(&n("ffn_down_exps.weight"), &[c.ffn, d, ne])?;
+                // As 2-D: expert e is rows e·ffn.. of gate/up, e·d.. of down.
+                let as2d = |w: Weight, rows: usize| Weight {
+                    rows: rows * ne,
+                    ..w
+                };
+                let (g, u, dn) = (as2d(g, c.ffn), as2d(u, c.ffn), as2d(dn, d));
+                Some(MoeWeights {
+                    router: req("ffn_gate_inp.weight", &[d, ne])?,
+                    experts: (0..ne)
+                        .map(|e| {
+                            let s = format!("expert {e}");
+                            [
+                                g.row_range(&s, e * c.ffn, c.ffn),
+                                u.row_range(&s, e * c.ffn, c.ffn),
+                                dn.row_range(&s, e * d, d),
+                            ]
+                        })
+                        .collect(),
+                })
+            } else {
+                None
+            };
+            let (gate, up) = if let Some(m) = &moe {
+                (m.experts[0][0].clone(), m.experts[0][1].clone())
+            } else if c.arch == Arch::Phi3 {
                 let f = req("ffn_up.weight", &[d, 2 * c.ffn])?;
                 (
                     f.row_range("gate", 0, c.ffn),
@@ -272,8 +311,12 @@ impl Weights {
                 ffn_norm: req("ffn_norm.weight", &[d])?,
                 gate,
                 up,
-                down: req("ffn_down.weight", &[c.ffn, d])?,
+                down: match &moe {
+                    Some(m) => m.experts[0][2].clone(),
+                    None => req("ffn_down.weight", &[c.ffn, d])?,
+                },
                 post_ffn_norm: gemma_only("post_ffw_norm.weight", &[d])?,
+                moe,
             });
         }
         for long in ["rope_factors_long.weight", "rope_factors_short.weight"] {

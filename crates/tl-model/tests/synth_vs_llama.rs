@@ -62,6 +62,8 @@ fn synthetic_models_of_every_architecture_match_llama_cpp() {
                 .get("rope_freqs")
                 .is_some_and(|v| v.as_bool() == Some(true)),
             qk_scale: c.get("qk_scale").and_then(|v| v.as_f64()).unwrap_or(1.0) as f32,
+            n_expert: c.get("experts").and_then(|v| v.as_u64()).unwrap_or(8) as usize,
+            n_expert_used: c.get("experts_used").and_then(|v| v.as_u64()).unwrap_or(2) as usize,
         };
         let label = format!("{} {}", c["arch"], c["weight_type"]);
         let bytes = synthesize(&spec).unwrap().to_bytes().unwrap();

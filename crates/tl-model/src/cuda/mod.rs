@@ -80,6 +80,13 @@ fn ptr(b: &Option<DevBuf>) -> u64 {
 impl CudaModel {
     pub fn upload(m: &Model, ordinal: usize) -> Result<CudaModel> {
         let c = &m.config;
+        if c.n_expert > 0 {
+            return Err(ModelError::Device(format!(
+                "{}: mixture-of-experts layers are not in the CUDA executor yet (run it with \
+                 --device cpu)",
+                c.arch.name()
+            )));
+        }
         if c.attn_logit_softcap.is_some() {
             return Err(ModelError::Device(format!(
                 "{}: attention soft-capping is not in the CUDA attention kernel yet (run it with \
