@@ -149,7 +149,7 @@ fn runnable_verdict_names_the_missing_piece() {
         "general.architecture",
         tl_gguf::Value::String("mamba".into()),
     );
-    let mut w = tl_gguf::GgufWriter::from_file(&g);
+    let w = tl_gguf::GgufWriter::from_file(&g);
     let bad = dir.path().join("bad.gguf");
     w.write_file(&bad).unwrap();
     let j = inspect_json(&bad, &[]);

@@ -149,7 +149,7 @@ impl Config {
     /// Whether layer `il` rotates Q and K (SmolLM3 leaves every 4th
     /// layer without position encoding).
     pub fn rope_in_layer(&self, il: usize) -> bool {
-        self.arch != Arch::Smollm3 || (il + 1) % 4 != 0
+        self.arch != Arch::Smollm3 || !(il + 1).is_multiple_of(4)
     }
 
     pub fn prescale_q(&self) -> bool {
