@@ -115,8 +115,8 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(a.request_timeout),
     };
     let spec = match &a.spec {
-        Some(tl_model::spec::SpecMethod::Draft) => {
-            anyhow::bail!("--spec draft is not available in the server yet (use ngram)")
+        Some(m @ (tl_model::spec::SpecMethod::Draft | tl_model::spec::SpecMethod::SelfDraft)) => {
+            anyhow::bail!("--spec {m} is not available in the server yet (use ngram)")
         }
         Some(m) => Some(
             tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)

@@ -38,6 +38,19 @@ pub enum SpecMethod {
     /// A smaller model of the same vocabulary drafts greedily (attach it
     /// with `Runner::with_draft` / `Llm::generate_with_draft`).
     Draft,
+    /// Self-speculation: the target drafts for itself with a subset of its
+    /// layers (see [`self_draft_layers`]); no second model.
+    SelfDraft,
+}
+
+impl std::fmt::Display for SpecMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SpecMethod::Ngram => "ngram",
+            SpecMethod::Draft => "draft",
+            SpecMethod::SelfDraft => "self",
+        })
+    }
 }
 
 impl std::str::FromStr for SpecMethod {
@@ -46,8 +59,9 @@ impl std::str::FromStr for SpecMethod {
         match s {
             "ngram" | "lookup" | "prompt-lookup" => Ok(SpecMethod::Ngram),
             "draft" => Ok(SpecMethod::Draft),
+            "self" => Ok(SpecMethod::SelfDraft),
             other => Err(format!(
-                "unknown speculation method '{other}' (supported: ngram, draft)"
+                "unknown speculation method '{other}' (supported: ngram, draft, self)"
             )),
         }
     }
@@ -82,6 +96,31 @@ impl SpecConfig {
             ngram_min: 2,
         })
     }
+}
+
+/// The layers the self-speculation draft leaves out (`skip[il]`) for a
+/// model of `n_layers`: a run of middle layers, the first and last layers
+/// kept (they map tokens in and out of the residual stream and matter
+/// most). `TL_SELF_SKIP=a-b,c` overrides the choice (layer ranges).
+pub fn self_draft_layers(n_layers: usize) -> Vec<bool> {
+    let mut skip = vec![false; n_layers];
+    if let Ok(v) = std::env::var("TL_SELF_SKIP") {
+        for part in v.split(',').filter(|p| !p.is_empty()) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            if let (Ok(a), Ok(b)) = (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+                for s in skip.iter_mut().take(b + 1).skip(a) {
+                    *s = true;
+                }
+            }
+        }
+        return skip;
+    }
+    // Every other layer of the middle half.
+    let (from, to) = (n_layers / 4, n_layers - n_layers / 4);
+    for il in (from..to).step_by(2) {
+        skip[il] = true;
+    }
+    skip
 }
 
 /// Drafted and accepted counts.
