@@ -345,7 +345,11 @@ impl<'m> Runner<'m> {
             let l = &live[i];
             let remaining = opts.max_tokens.saturating_sub(l.generated.len());
             let room = (self.model.config.context).saturating_sub(l.kv.len + 1);
-            ks.push(l.k.min(remaining.saturating_sub(1)).min(room));
+            ks.push(
+                crate::spec::tile_k(l.k)
+                    .min(remaining.saturating_sub(1))
+                    .min(room),
+            );
         }
         let mut all_drafts: Vec<Vec<u32>> = match sc.method {
             crate::spec::SpecMethod::Ngram => active
@@ -428,13 +432,7 @@ impl<'m> Runner<'m> {
                 self.spec_stats.rounds += 1;
                 self.spec_stats.drafted += d.len();
                 self.spec_stats.accepted += v.accepted;
-                l.k = if v.accepted == d.len() {
-                    (l.k + 1).min(sc.k)
-                } else if v.accepted == 0 {
-                    (l.k / 2).max(1)
-                } else {
-                    l.k
-                };
+                l.k = crate::spec::adapt_k(l.k, d.len(), v.accepted, sc.k);
             }
             for t in v.tokens {
                 Self::accept(i, l, t, opts, on_token);
