@@ -71,7 +71,7 @@ impl Default for SchedulerConfig {
             max_batch_tokens: 256,
             prefix_caching: true,
             spec: None,
-            spec_max_batch: 4,
+            spec_max_batch: 2,
         }
     }
 }
