@@ -181,6 +181,11 @@ fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
     let method = a.spec.clone().unwrap_or(SpecMethod::Ngram);
     let cfg =
         SpecConfig::new(method.clone(), a.spec_k).map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?;
+    match (&method, &a.draft_model) {
+        (SpecMethod::Draft, None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
+        (SpecMethod::Draft, Some(_)) | (_, None) => {}
+        (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
+    }
     let pf = a
         .prompt_file
         .as_ref()
