@@ -12,6 +12,13 @@ tokens/s, p50/p99 time-to-first-token and inter-token latency, errors, and
 
 --disconnect F makes that share of requests hang up mid-stream (after a
 random number of tokens), to check that cancellation frees their blocks.
+
+Speculative decoding by batch size (a code-editing workload whose answers
+copy the prompt, greedy, stopping at end of text; the server speculates at
+any batch size, each request opts in or out):
+
+  scripts/loadtest.py --model MODEL.gguf --sweep 1,2,4,8 --requests 3 --max-tokens 96 \
+      --workload code-edit --serve-arg=--spec=ngram --serve-arg=--spec-max-batch=64 --speculative on
 Standard library only.
 """
 import argparse
@@ -32,6 +39,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOPICS = ["rivers", "prime numbers", "sorting algorithms", "the moon", "bread", "volcanoes",
           "chess", "bicycles", "owls", "compilers", "tea", "glaciers", "jazz", "bridges",
           "magnets", "deserts"]
+# Code-editing requests (answers mostly copy the code: prompt lookup's case).
+CODE = ("def summarize(values, weights=None):\n    total = 0.0\n    count = 0\n"
+        "    for i, v in enumerate(values):\n        w = 1.0 if weights is None else weights[i]\n"
+        "        total += v * w\n        count += 1\n    if count == 0:\n        return 0.0\n"
+        "    return total / count\n")
+RENAMES = [("total", "acc"), ("count", "n"), ("values", "xs"), ("weights", "ws"), ("w", "weight"),
+           ("v", "value"), ("i", "idx"), ("total", "running_sum")]
 
 
 def pct(xs, p):
@@ -130,7 +144,8 @@ def one_request(host, port, body, stats, hang_up_after, deadline):
         conn.close()
 
 
-def run(url, clients, requests, duration, max_tokens, disconnect, seed, model):
+def run(url, clients, requests, duration, max_tokens, disconnect, seed, model,
+        workload="chat", speculative=None):
     u = urllib.parse.urlparse(url)
     host, port = u.hostname, u.port
     assert host in ("127.0.0.1", "localhost", "::1"), "load tests target loopback only"
@@ -143,10 +158,20 @@ def run(url, clients, requests, duration, max_tokens, disconnect, seed, model):
         k = 0
         while k < requests and time.time() < deadline:
             topic = TOPICS[(ci + k) % len(TOPICS)]
-            body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}, "ignore_eos": True,
-                    "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                                 {"role": "user", "content": f"Tell me about {topic} (request {k})."}]}
+            if workload == "code-edit":
+                a, b = RENAMES[(ci + k) % len(RENAMES)]
+                body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True},
+                        "messages": [{"role": "user", "content":
+                                      f"Rename `{a}` to `{b}` in this function; output only the code.\n"
+                                      f"```python\n{CODE}```"}]}
+            else:
+                body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True}, "ignore_eos": True,
+                        "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                                     {"role": "user", "content": f"Tell me about {topic} (request {k})."}]}
+            if speculative is not None:
+                body["speculative"] = speculative
             hang = r.randint(1, max(1, max_tokens - 1)) if r.random() < disconnect else None
             one_request(host, port, body, stats, hang, deadline)
             k += 1
@@ -176,6 +201,11 @@ def main():
     ap.add_argument("--disconnect", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--workload", choices=["chat", "code-edit"], default="chat")
+    ap.add_argument("--speculative", choices=["on", "off"],
+                    help="send \"speculative\": true/false with every request")
+    ap.add_argument("--serve-arg", action="append", default=[],
+                    help="extra argument for the spawned `tl serve` (repeatable)")
     a = ap.parse_args()
     if a.requests * max(a.clients, 1) > 100000 or a.duration > 3600:
         sys.exit("loadtest: refusing more than 100000 requests or 1 hour")
@@ -187,7 +217,7 @@ def main():
         url = f"http://127.0.0.1:{port}"
         log = open(os.path.join(ROOT, "target", f"loadtest-server-{port}.log"), "wb")
         proc = subprocess.Popen([a.tl, "serve", "-m", a.model, "--port", str(port), "-t", str(a.threads),
-                                 "--max-batch", str(a.max_batch), "--max-queue", "256"],
+                                 "--max-batch", str(a.max_batch), "--max-queue", "256"] + a.serve_arg,
                                 stdout=log, stderr=subprocess.STDOUT)
         for _ in range(1200):
             try:
@@ -216,7 +246,10 @@ def main():
     results = []
     try:
         for c in ([int(x) for x in a.sweep.split(",")] if a.sweep else [a.clients]):
-            st, wall = run(url, c, a.requests, a.duration, a.max_tokens, a.disconnect, a.seed, model)
+            spec = None if a.speculative is None else a.speculative == "on"
+            spec0 = metric(url, "tl_spec_drafted_tokens_total"), metric(url, "tl_spec_accepted_tokens_total")
+            st, wall = run(url, c, a.requests, a.duration, a.max_tokens, a.disconnect, a.seed, model,
+                           a.workload, spec)
             res = {
                 "clients": c, "wall_s": round(wall, 2), "ok": st.ok, "errors": st.errors,
                 "rejected": st.rejected, "disconnects": st.disconnects, "tokens": st.tokens,
@@ -226,6 +259,9 @@ def main():
                 "error_samples": st.error_samples[:5],
             }
             time.sleep(0.5)
+            drafted = metric(url, "tl_spec_drafted_tokens_total") - spec0[0]
+            accepted = metric(url, "tl_spec_accepted_tokens_total") - spec0[1]
+            res["spec_drafted"], res["spec_accepted"] = drafted, accepted
             res["kv_blocks_used_after"] = metric(url, "tl_kv_blocks_used")
             res["requests_running_after"] = metric(url, "tl_requests_running")
             res["server_5xx"] = sum(1 for e in st.error_samples if e[:1] == "5")
@@ -235,7 +271,8 @@ def main():
                       f"tokens={st.tokens} wall={wall:.1f}s -> {res['tok_per_s']:.2f} tok/s | "
                       f"TTFT p50 {res['ttft_p50_s']:.3f}s p99 {res['ttft_p99_s']:.3f}s | "
                       f"ITL p50 {res['itl_p50_s'] * 1000:.1f}ms p99 {res['itl_p99_s'] * 1000:.1f}ms | "
-                      f"KV blocks used after: {res['kv_blocks_used_after']:.0f}", flush=True)
+                      f"KV blocks used after: {res['kv_blocks_used_after']:.0f} | "
+                      f"spec drafted {drafted:.0f} accepted {accepted:.0f}", flush=True)
                 for e in st.error_samples[:5]:
                     print("  error:", e)
     finally:

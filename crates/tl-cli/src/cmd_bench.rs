@@ -1,5 +1,7 @@
 //! `tl bench`: prompt-processing and generation throughput, printed as a
-//! llama-bench-like table (mean ± stddev over repetitions).
+//! llama-bench-like table (mean ± stddev over repetitions); with `--spec`,
+//! decode speed on a prompt file with and without speculative decoding,
+//! side by side, with the acceptance rate.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -32,6 +34,20 @@ pub struct BenchArgs {
     pub ubatch: usize,
     #[arg(long)]
     pub json: bool,
+    /// Compare decoding with and without speculation (`ngram`, `draft`,
+    /// `self`) on `--prompt-file`, greedy, instead of the pp/tg tests.
+    #[arg(long, value_name = "METHOD")]
+    pub spec: Option<tl_model::spec::SpecMethod>,
+    /// Most tokens drafted per speculative round (1..=32).
+    #[arg(long, default_value_t = 8)]
+    pub spec_k: usize,
+    /// The draft model for `--spec draft` (same vocabulary as the model).
+    #[arg(long, value_name = "FILE")]
+    pub draft_model: Option<PathBuf>,
+    /// The prompt of the `--spec` comparison: the file's text as is
+    /// (special-token text such as `<|im_start|>` is parsed as tokens).
+    #[arg(long, value_name = "FILE")]
+    pub prompt_file: Option<PathBuf>,
 }
 
 /// Peak resident set size of this process in MiB (Linux `VmHWM`).
@@ -61,6 +77,13 @@ fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 }
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.spec.is_some() {
+        return run_spec(a);
+    }
+    anyhow::ensure!(
+        a.draft_model.is_none() && a.prompt_file.is_none(),
+        "--draft-model and --prompt-file are used with --spec"
+    );
     crate::cmd_generate::init_threads(a.threads)?;
     let threads = tl_core::pool::ThreadPool::global().threads();
     let model = Model::load_on(&a.model, crate::device())
@@ -143,5 +166,120 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// `tl bench --spec`: the prompt file generated greedily `reps` times
+/// without and `reps` times with speculation, alternating (after one
+/// untimed warm-up of each), so that both see the same machine state.
+/// Decode tok/s counts the tokens after the first over the time after the
+/// first (prefill excluded). Every speculative output is checked against
+/// the plain one.
+fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
+    use tl_model::llm::{GenerateOptions, Llm};
+    use tl_model::spec::{SpecConfig, SpecMethod, SpecStats};
+    let method = a.spec.clone().unwrap_or(SpecMethod::Ngram);
+    let cfg =
+        SpecConfig::new(method.clone(), a.spec_k).map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?;
+    match (&method, &a.draft_model) {
+        (SpecMethod::Draft, None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
+        (SpecMethod::Draft, Some(_)) | (_, None) => {}
+        (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
+    }
+    let pf = a
+        .prompt_file
+        .as_ref()
+        .context("--spec needs --prompt-file FILE (the prompt to decode)")?;
+    let prompt = std::fs::read_to_string(pf)
+        .with_context(|| format!("reading the prompt file {}", pf.display()))?;
+    anyhow::ensure!(a.gen > 0, "--spec needs -n > 0 tokens to generate");
+    let margs = crate::cmd_generate::ModelArgs {
+        model: a.model.clone(),
+        threads: a.threads,
+        ctx_size: 0,
+        check_tensors: false,
+        chat_template: None,
+    };
+    let llm = crate::cmd_generate::load(&margs)?;
+    let draft = match (&method, &a.draft_model) {
+        (SpecMethod::Draft, Some(p)) => {
+            let d = Llm::load_on(p, crate::device())
+                .with_context(|| format!("loading the draft model {}", p.display()))?;
+            llm.check_draft(&d)?;
+            Some(d)
+        }
+        (SpecMethod::Draft, None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
+        (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
+        _ => None,
+    };
+    let plain = GenerateOptions {
+        max_tokens: a.gen,
+        prefill_chunk: a.ubatch,
+        ..Default::default()
+    };
+    let spec = GenerateOptions {
+        spec: Some(cfg),
+        ..plain.clone()
+    };
+    let run = |o: &GenerateOptions| -> anyhow::Result<tl_model::llm::Generation> {
+        Ok(match &draft {
+            Some(d) if o.spec.is_some() => llm.generate_with_draft(&prompt, o, d, |_| true)?,
+            _ => llm.generate(&prompt, o, |_| true)?,
+        })
+    };
+    // Warm-up: buffers sized, caches filled, both paths once.
+    let want = run(&plain)?;
+    run(&spec)?;
+    let reps = a.reps.max(1);
+    let (mut base, mut fast) = (Vec::new(), Vec::new());
+    let mut stats = SpecStats::default();
+    let mut identical = true;
+    for _ in 0..reps {
+        let p = run(&plain)?;
+        base.push(p.decode_tok_per_s());
+        let s = run(&spec)?;
+        fast.push(s.decode_tok_per_s());
+        stats.add(&s.spec);
+        identical &= s.tokens == want.tokens && p.tokens == want.tokens;
+    }
+    let (bm, bsd) = mean_sd(&base);
+    let (fm, fsd) = mean_sd(&fast);
+    let c = &llm.model.config;
+    let name = if c.name.is_empty() {
+        c.arch.name().to_string()
+    } else {
+        c.name.clone()
+    };
+    let threads = tl_core::pool::ThreadPool::global().threads();
+    let test = format!("{} k≤{}", method, a.spec_k);
+    if a.json {
+        let out = json!({
+            "model": name, "threads": threads, "prompt_file": pf.display().to_string(),
+            "prompt_tokens": want.prompt_tokens, "generated_tokens": want.tokens.len(),
+            "method": method.to_string(), "spec_k": a.spec_k, "reps": reps,
+            "plain_tokens_per_s": bm, "plain_stddev": bsd,
+            "spec_tokens_per_s": fm, "spec_stddev": fsd, "speedup": fm / bm.max(1e-9),
+            "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,
+            "acceptance": stats.acceptance(), "identical_output": identical,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "| model | threads | test | tokens | plain t/s | spec t/s | speedup | drafted | accepted |"
+        );
+        println!("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+        println!(
+            "| {name} | {threads} | {test} | {} | {bm:.2} ± {bsd:.2} | {fm:.2} ± {fsd:.2} | {:.2}× | {} | {} ({:.1}%) |",
+            want.tokens.len(),
+            fm / bm.max(1e-9),
+            stats.drafted,
+            stats.accepted,
+            100.0 * stats.acceptance()
+        );
+        if !identical {
+            println!("\nWARNING: the speculative output differed from the plain one");
+        }
+    }
+    anyhow::ensure!(identical, "speculative decoding changed the greedy output");
     Ok(())
 }

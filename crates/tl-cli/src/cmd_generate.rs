@@ -64,8 +64,10 @@ pub struct SamplingArgs {
     /// Drop the oldest prompt tokens when the prompt does not fit the context.
     #[arg(long)]
     pub truncate: bool,
-    /// Speculative decoding: `ngram` (prompt lookup). The output
-    /// distribution is unchanged (greedy: the same text).
+    /// Speculative decoding: `ngram` (prompt lookup), `draft` (a draft
+    /// model, `--draft-model`) or `self` (the model drafts with a subset of
+    /// its layers). The output distribution is unchanged (greedy: the same
+    /// text).
     #[arg(long, value_name = "METHOD")]
     pub spec: Option<tl_model::spec::SpecMethod>,
     /// Most tokens drafted per speculative round (1..=32).

@@ -48,8 +48,11 @@ pub struct ServeArgs {
     /// Most tokens drafted per round.
     #[arg(long, default_value_t = 8)]
     pub spec_k: usize,
-    /// Speculate only while at most this many sequences decode.
-    #[arg(long, default_value_t = 4)]
+    /// Speculate only while at most this many sequences decode. 2 is
+    /// where prompt lookup still paid on a chat workload (45% accepted) on
+    /// the 2-core CPU; on code editing (78% accepted) it paid up to 12
+    /// (docs/BENCHMARKS.md): raise it for such traffic.
+    #[arg(long, default_value_t = 2)]
     pub spec_max_batch: usize,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
@@ -116,8 +119,8 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         model_path: a.model.model.display().to_string(),
     };
     let spec = match &a.spec {
-        Some(tl_model::spec::SpecMethod::Draft) => {
-            anyhow::bail!("--spec draft is not available in the server yet (use ngram)")
+        Some(m @ (tl_model::spec::SpecMethod::Draft | tl_model::spec::SpecMethod::SelfDraft)) => {
+            anyhow::bail!("--spec {m} is not available in the server yet (use ngram)")
         }
         Some(m) => Some(
             tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)

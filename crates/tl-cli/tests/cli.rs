@@ -238,3 +238,58 @@ fn numerics_flag() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("fast") && err.contains("reference"), "{err}");
 }
+
+/// `tl bench --spec`: plain and speculative decoding side by side on a
+/// prompt file (the output checked identical), for every method without a
+/// second model; bad speculation flags are clear errors.
+#[test]
+fn bench_compares_speculation_on_a_prompt_file() {
+    let (d, m) = synth_model("spec");
+    let prompt = d.path().join("prompt.txt");
+    std::fs::write(&prompt, "a b c d a b c d a b c d a b").expect("write");
+    for method in ["ngram", "self"] {
+        let out = tl()
+            .args([
+                "bench", "--spec", method, "--spec-k", "4", "-n", "12", "-r", "1",
+            ])
+            .args(["-t", "1", "--prompt-file"])
+            .arg(&prompt)
+            .arg("-m")
+            .arg(&m)
+            .output()
+            .expect("runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{method}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("plain t/s"), "{stdout}");
+        assert!(stdout.contains(&format!("{method} k≤4")), "{stdout}");
+    }
+    for (args, want) in [
+        (&["--spec", "ngram"][..], "--prompt-file"),
+        (
+            &["--spec", "ngram", "--spec-k", "33", "--prompt-file", "p"][..],
+            "out of range",
+        ),
+        (
+            &["--spec", "draft", "--prompt-file", "p"][..],
+            "--draft-model",
+        ),
+        (&["--spec", "bogus"][..], "unknown speculation method"),
+        (&["--prompt-file", "p"][..], "used with --spec"),
+    ] {
+        let out = tl()
+            .arg("bench")
+            .args(args)
+            .arg("-m")
+            .arg(&m)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

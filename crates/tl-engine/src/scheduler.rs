@@ -71,7 +71,7 @@ impl Default for SchedulerConfig {
             max_batch_tokens: 256,
             prefix_caching: true,
             spec: None,
-            spec_max_batch: 4,
+            spec_max_batch: 2,
         }
     }
 }
@@ -423,8 +423,7 @@ impl<'a> Scheduler<'a> {
                 }
                 s.feed.clear();
                 if speculate && s.spec_k > 0 {
-                    let k = s
-                        .spec_k
+                    let k = tl_model::spec::tile_k(s.spec_k)
                         .min(s.max_tokens.saturating_sub(s.generated + 1))
                         .min(ctx.saturating_sub(s.kv.len + 1))
                         .min(budget.saturating_sub(1));
@@ -575,13 +574,7 @@ impl<'a> Scheduler<'a> {
                 self.stats.spec_drafted += drafts.len() as u64;
                 self.stats.spec_accepted += v.accepted as u64;
                 let max_k = self.cfg.spec.as_ref().map_or(8, |c| c.k);
-                s.spec_k = if v.accepted == drafts.len() {
-                    (s.spec_k + 1).min(max_k)
-                } else if v.accepted == 0 {
-                    (s.spec_k / 2).max(1)
-                } else {
-                    s.spec_k
-                };
+                s.spec_k = tl_model::spec::adapt_k(s.spec_k, drafts.len(), v.accepted, max_k);
                 let Some(r) = self.reqs.get(&s.req) else {
                     done.push((i, Outcome::Closed));
                     continue;

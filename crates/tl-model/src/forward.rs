@@ -125,6 +125,12 @@ pub trait Exec {
 
 /// One forward step: the same sequence of stages on every device.
 pub fn run<E: Exec>(c: &Config, ex: &mut E) -> Result<()> {
+    run_layers(c, ex, &[])
+}
+
+/// [`run`] with the layers `il` where `skip[il]` is true left out (the
+/// residual stream passes them unchanged): the self-speculation draft.
+pub fn run_layers<E: Exec>(c: &Config, ex: &mut E, skip: &[bool]) -> Result<()> {
     let dump = crate::dump::enabled();
     let probe = |ex: &mut E, p: Probe, il: Option<usize>| -> Result<()> {
         if dump {
@@ -135,6 +141,9 @@ pub fn run<E: Exec>(c: &Config, ex: &mut E) -> Result<()> {
     ex.embed()?;
     probe(ex, Probe::Embd, None)?;
     for il in 0..c.n_layers {
+        if skip.get(il).copied().unwrap_or(false) {
+            continue;
+        }
         let l = Some(il);
         ex.attn_norm(il)?;
         probe(ex, Probe::AttnNorm, l)?;

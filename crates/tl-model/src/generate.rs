@@ -7,6 +7,10 @@ use crate::kv::{BlockManager, KvCache, SeqKv};
 use crate::model::{ForwardState, Logits, Model, SeqBatch};
 use crate::sampler::{Sampler, SamplingParams};
 
+/// Most tokens the layer-skipping self-draft proposes per round (its
+/// acceptance is low: each drafted token costs most of a target step).
+const SELF_K: usize = 2;
+
 /// Token-level stop conditions and limits.
 #[derive(Clone, Debug)]
 pub struct TokenOptions {
@@ -106,6 +110,30 @@ impl<'m> Runner<'m> {
             cache,
             blocks,
             state: ForwardState::default(),
+        }));
+        Ok(self)
+    }
+
+    /// Attaches the self-speculation draft (`SpecMethod::SelfDraft`): the
+    /// target itself with the layers of [`crate::spec::self_draft_layers`]
+    /// left out, with its own cache of `ctx_tokens` tokens. CPU only.
+    pub fn with_self_draft(mut self, ctx_tokens: usize) -> Result<Self> {
+        if self.model.device() != tl_core::Device::Cpu {
+            return Err(ModelError::BadConfig(
+                "self-speculation (layer skipping) runs on the CPU only".into(),
+            ));
+        }
+        let cache = self.model.new_cache(ctx_tokens)?;
+        let blocks = BlockManager::new(cache.n_blocks);
+        let state = ForwardState {
+            skip_layers: crate::spec::self_draft_layers(self.model.config.n_layers),
+            ..Default::default()
+        };
+        self.draft = Some(Box::new(DraftRunner {
+            model: self.model,
+            cache,
+            blocks,
+            state,
         }));
         Ok(self)
     }
@@ -317,7 +345,11 @@ impl<'m> Runner<'m> {
             let l = &live[i];
             let remaining = opts.max_tokens.saturating_sub(l.generated.len());
             let room = (self.model.config.context).saturating_sub(l.kv.len + 1);
-            ks.push(l.k.min(remaining.saturating_sub(1)).min(room));
+            ks.push(
+                crate::spec::tile_k(l.k)
+                    .min(remaining.saturating_sub(1))
+                    .min(room),
+            );
         }
         let mut all_drafts: Vec<Vec<u32>> = match sc.method {
             crate::spec::SpecMethod::Ngram => active
@@ -330,6 +362,27 @@ impl<'m> Runner<'m> {
                 })
                 .collect(),
             crate::spec::SpecMethod::Draft => self.draft_model_tokens(active, live, &ks)?,
+            crate::spec::SpecMethod::SelfDraft => {
+                // Prompt lookup where it finds a match (free), the
+                // layer-skipping draft elsewhere, at most `SELF_K` tokens.
+                let mut out: Vec<Vec<u32>> = Vec::with_capacity(active.len());
+                let mut rest = ks.clone();
+                for (j, (&i, &k)) in active.iter().zip(&ks).enumerate() {
+                    let mut d = Vec::new();
+                    drafter.draft(&live[i].history, k, &mut d);
+                    rest[j] = if d.is_empty() { k.min(SELF_K) } else { 0 };
+                    out.push(d);
+                }
+                if rest.iter().any(|&k| k > 0) {
+                    let skip = self.draft_model_tokens(active, live, &rest)?;
+                    for (o, d) in out.iter_mut().zip(skip) {
+                        if o.is_empty() {
+                            *o = d;
+                        }
+                    }
+                }
+                out
+            }
         };
         let mut feeds: Vec<Vec<u32>> = Vec::with_capacity(active.len());
         for (&i, drafts) in active.iter().zip(all_drafts.iter_mut()) {
@@ -379,13 +432,7 @@ impl<'m> Runner<'m> {
                 self.spec_stats.rounds += 1;
                 self.spec_stats.drafted += d.len();
                 self.spec_stats.accepted += v.accepted;
-                l.k = if v.accepted == d.len() {
-                    (l.k + 1).min(sc.k)
-                } else if v.accepted == 0 {
-                    (l.k / 2).max(1)
-                } else {
-                    l.k
-                };
+                l.k = crate::spec::adapt_k(l.k, d.len(), v.accepted, sc.k);
             }
             for t in v.tokens {
                 Self::accept(i, l, t, opts, on_token);
@@ -407,7 +454,10 @@ impl<'m> Runner<'m> {
         ks: &[usize],
     ) -> Result<Vec<Vec<u32>>> {
         let d = self.draft.as_mut().ok_or_else(|| {
-            ModelError::BadConfig("speculation with a draft model needs one attached".into())
+            ModelError::BadConfig(
+                "speculation with a draft model needs one attached (Runner::with_draft or with_self_draft)"
+                    .into(),
+            )
         })?;
         let mut out: Vec<Vec<u32>> = vec![Vec::new(); active.len()];
         let kmax = ks.iter().copied().max().unwrap_or(0);

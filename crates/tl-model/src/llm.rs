@@ -351,6 +351,12 @@ impl Llm {
             })?;
             runner = runner.with_draft(&d.model, ctx)?;
         }
+        if matches!(
+            o.spec.as_ref().map(|s| &s.method),
+            Some(crate::spec::SpecMethod::SelfDraft)
+        ) {
+            runner = runner.with_self_draft(ctx)?;
+        }
         let topts = self.token_options(o);
         let mut dec = self.tokenizer.stream_decoder(false);
         let mut filt = StopFilter {
@@ -422,6 +428,12 @@ impl Llm {
             all.push(ids);
         }
         let mut runner = Runner::new(&self.model, total_ctx)?;
+        if matches!(
+            o.spec.as_ref().map(|s| &s.method),
+            Some(crate::spec::SpecMethod::SelfDraft)
+        ) {
+            runner = runner.with_self_draft(total_ctx)?;
+        }
         let topts = self.token_options(o);
         let start = Instant::now();
         let res = runner.generate_batch(&all, &topts, |_, _| true)?;

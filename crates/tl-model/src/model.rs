@@ -90,6 +90,9 @@ pub struct ForwardState {
     pub(crate) emb_row: Vec<u8>,
     /// Device buffers and captured graphs of a model on a GPU.
     pub(crate) cuda: Option<crate::cuda::CudaState>,
+    /// Layers this state's forward leaves out (`skip[il]`; empty: none).
+    /// Set only for the self-speculation draft, which runs on the CPU.
+    pub(crate) skip_layers: Vec<bool>,
 }
 
 impl ForwardState {
@@ -328,8 +331,12 @@ impl Model {
             return Ok(());
         }
         match &self.cuda {
+            Some(_) if st.skip_layers.iter().any(|&s| s) => Err(ModelError::BadConfig(
+                "self-speculation (layer skipping) runs on the CPU only".into(),
+            )),
             Some(cm) => cm.forward(self, cache, batch, plan, st, greedy),
             None => {
+                let skip = std::mem::take(&mut st.skip_layers);
                 let mut ex = crate::exec_cpu::CpuExec {
                     m: self,
                     cache,
@@ -339,7 +346,9 @@ impl Model {
                     moe: false,
                 };
                 ex.prepare();
-                crate::forward::run(c, &mut ex)
+                let r = crate::forward::run_layers(c, &mut ex, &skip);
+                st.skip_layers = skip;
+                r
             }
         }
     }

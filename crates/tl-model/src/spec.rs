@@ -38,6 +38,19 @@ pub enum SpecMethod {
     /// A smaller model of the same vocabulary drafts greedily (attach it
     /// with `Runner::with_draft` / `Llm::generate_with_draft`).
     Draft,
+    /// Self-speculation: the target drafts for itself with a subset of its
+    /// layers (see [`self_draft_layers`]); no second model.
+    SelfDraft,
+}
+
+impl std::fmt::Display for SpecMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SpecMethod::Ngram => "ngram",
+            SpecMethod::Draft => "draft",
+            SpecMethod::SelfDraft => "self",
+        })
+    }
 }
 
 impl std::str::FromStr for SpecMethod {
@@ -46,8 +59,9 @@ impl std::str::FromStr for SpecMethod {
         match s {
             "ngram" | "lookup" | "prompt-lookup" => Ok(SpecMethod::Ngram),
             "draft" => Ok(SpecMethod::Draft),
+            "self" => Ok(SpecMethod::SelfDraft),
             other => Err(format!(
-                "unknown speculation method '{other}' (supported: ngram, draft)"
+                "unknown speculation method '{other}' (supported: ngram, draft, self)"
             )),
         }
     }
@@ -81,6 +95,69 @@ impl SpecConfig {
             ngram_max: 4,
             ngram_min: 2,
         })
+    }
+}
+
+/// The layers the self-speculation draft leaves out (`skip[il]`) for a
+/// model of `n_layers`: a run of middle layers, the first and last layers
+/// kept (they map tokens in and out of the residual stream and matter
+/// most). `TL_SELF_SKIP=a-b,c` overrides the choice (layer ranges).
+pub fn self_draft_layers(n_layers: usize) -> Vec<bool> {
+    let mut skip = vec![false; n_layers];
+    if let Ok(v) = std::env::var("TL_SELF_SKIP") {
+        for part in v.split(',').filter(|p| !p.is_empty()) {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            if let (Ok(a), Ok(b)) = (a.trim().parse::<usize>(), b.trim().parse::<usize>()) {
+                for s in skip.iter_mut().take(b + 1).skip(a) {
+                    *s = true;
+                }
+            }
+        }
+        return skip;
+    }
+    // Every other layer of the middle half.
+    let (from, to) = (n_layers / 4, n_layers - n_layers / 4);
+    for il in (from..to).step_by(2) {
+        skip[il] = true;
+    }
+    skip
+}
+
+/// Activation rows the CPU's quantized matmul kernels carry through one
+/// pass over a weight (tl-core's tile of 8 rows): a verify step over 8
+/// tokens costs about 2 one-token steps on the 2-core AVX-512 machine, one
+/// over 9 about 3 (a second pass over every weight). Draft lengths are
+/// chosen so that the verify feed (the drafts and the token before them)
+/// fills whole tiles.
+pub const VERIFY_TILE: usize = 8;
+
+/// Drafts to ask for in a round whose budget is `k`: `k` itself while the
+/// feed fits one tile, else the largest count whose feed fills whole tiles.
+pub fn tile_k(k: usize) -> usize {
+    if k < VERIFY_TILE {
+        k
+    } else {
+        (k + 1) / VERIFY_TILE * VERIFY_TILE - 1
+    }
+}
+
+/// The next round's budget after one that drafted `drafted` tokens and
+/// had `accepted` of them accepted, at most `max_k`: one more after a fully
+/// accepted round (past one tile: up to the next whole tile, so that
+/// [`tile_k`] can use it), half after a round that accepted nothing, the
+/// same otherwise.
+pub fn adapt_k(k: usize, drafted: usize, accepted: usize, max_k: usize) -> usize {
+    if accepted >= drafted {
+        let next = if k + 1 < VERIFY_TILE {
+            k + 1
+        } else {
+            (k + 1) / VERIFY_TILE * VERIFY_TILE + VERIFY_TILE - 1
+        };
+        next.min(max_k).max(1)
+    } else if accepted == 0 {
+        (k / 2).max(1)
+    } else {
+        k
     }
 }
 
@@ -224,6 +301,27 @@ mod tests {
         // Shorter n-gram when the long one does not recur; the latest match.
         d.draft(&[5, 9, 6, 5, 8, 6, 5], 2, &mut out);
         assert_eq!(out, vec![8, 6]);
+    }
+
+    #[test]
+    fn draft_lengths_fill_whole_verify_tiles() {
+        assert_eq!(tile_k(1), 1);
+        assert_eq!(tile_k(7), 7);
+        // 9..=15 rows would need a second pass over the weights for
+        // fewer than 16 rows: stay at one tile.
+        assert_eq!(tile_k(8), 7);
+        assert_eq!(tile_k(14), 7);
+        assert_eq!(tile_k(15), 15);
+        assert_eq!(tile_k(32), 31);
+        // Growth: one at a time within the first tile, then tile by tile.
+        assert_eq!(adapt_k(3, 3, 3, 32), 4);
+        assert_eq!(adapt_k(7, 7, 7, 32), 15);
+        assert_eq!(adapt_k(8, 7, 7, 32), 15);
+        assert_eq!(adapt_k(15, 15, 15, 32), 23);
+        assert_eq!(adapt_k(7, 7, 7, 8), 8);
+        assert_eq!(adapt_k(8, 3, 0, 8), 4);
+        assert_eq!(adapt_k(1, 1, 0, 8), 1);
+        assert_eq!(adapt_k(6, 6, 2, 8), 6);
     }
 
     #[test]

@@ -223,3 +223,95 @@ fn greedy_is_identical_with_a_draft_model() {
         assert_eq!(r.blocks.n_free(), r.blocks.n_total());
     }
 }
+
+/// Self-speculation (prompt lookup, else the target with a subset of its
+/// layers drafting): greedy output token-identical to plain decoding on
+/// every architecture, batched, and on the real Qwen model.
+#[test]
+fn greedy_is_identical_with_self_speculation() {
+    for arch in [SynthArch::Qwen2, SynthArch::Llama, SynthArch::Gemma3] {
+        let s = SynthSpec {
+            arch,
+            weight_type: GgmlType::Q8_0,
+            output_type: GgmlType::Q8_0,
+            n_layers: 6,
+            seed: 5,
+            ..Default::default()
+        };
+        let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+        let m = Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads");
+        let prompts: Vec<Vec<u32>> = vec![
+            vec![1, 40, 41, 42],
+            (0..23).map(|i| 3 + (i * 7 % 50) as u32).collect(),
+            [5u32, 6, 7, 8, 9].repeat(4),
+        ];
+        let plain = TokenOptions {
+            max_tokens: 30,
+            ..Default::default()
+        };
+        let want = Runner::new(&m, 1024)
+            .expect("cache")
+            .generate_batch(&prompts, &plain, |_, _| true)
+            .expect("plain");
+        for k in [1, 4, 16] {
+            let spec = TokenOptions {
+                spec: Some(SpecConfig::new(SpecMethod::SelfDraft, k).expect("config")),
+                ..plain.clone()
+            };
+            let mut r = Runner::new(&m, 1024)
+                .expect("cache")
+                .with_self_draft(1024)
+                .expect("self draft");
+            let got = r
+                .generate_batch(&prompts, &spec, |_, _| true)
+                .expect("spec");
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(
+                    a.0, b.0,
+                    "{arch:?} k={k}: self-speculation changed the output"
+                );
+            }
+            assert!(r.spec_stats.drafted > 0);
+            assert_eq!(r.blocks.n_free(), r.blocks.n_total());
+        }
+    }
+    // Without the draft attached: a clear error, not a panic.
+    let s = SynthSpec::default();
+    let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+    let m = Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads");
+    let spec = TokenOptions {
+        max_tokens: 8,
+        spec: Some(SpecConfig::new(SpecMethod::SelfDraft, 4).expect("config")),
+        ..Default::default()
+    };
+    let err = Runner::new(&m, 256)
+        .expect("cache")
+        .generate_batch(&[vec![1, 2, 3]], &spec, |_, _| true)
+        .expect_err("no draft attached");
+    assert!(err.to_string().contains("draft"), "{err}");
+    assert!("selfish".parse::<SpecMethod>().is_err());
+    assert_eq!("self".parse::<SpecMethod>(), Ok(SpecMethod::SelfDraft));
+}
+
+#[test]
+fn greedy_is_identical_with_self_speculation_on_qwen() {
+    let llm = Llm::load(common::model_path("qwen2.5-coder-0.5b-instruct-q4.gguf")).expect("loads");
+    let prompts = [
+        "<|im_start|>user\nRename `x` to `value` in this function; output only the code.\n```python\ndef f(x):\n    y = x * 2\n    return x + y\n```<|im_end|>\n<|im_start|>assistant\n",
+        "Write a Python function that checks whether a number is prime.",
+    ];
+    for p in prompts {
+        let plain = GenerateOptions {
+            max_tokens: 32,
+            ..Default::default()
+        };
+        let a = llm.generate(p, &plain, |_| true).expect("plain");
+        let spec = GenerateOptions {
+            spec: Some(SpecConfig::new(SpecMethod::SelfDraft, 8).expect("config")),
+            ..plain
+        };
+        let b = llm.generate(p, &spec, |_| true).expect("spec");
+        assert_eq!(a.tokens, b.tokens, "prompt {p:?}");
+        assert!(b.spec.drafted > 0);
+    }
+}
