@@ -205,6 +205,15 @@ impl Weights {
             ] {
                 one(w)?;
             }
+            // Every expert's slices too (a MoE layer's gate/up/down above
+            // are expert 0's copies).
+            if let Some(m) = &mut l.moe {
+                for e in &mut m.experts {
+                    for w in e.iter_mut() {
+                        one(w)?;
+                    }
+                }
+            }
         }
         match &mut self.output {
             Some(o) => one(o)?,
