@@ -105,27 +105,64 @@ impl CpuExec<'_> {
                 chosen[t * k + j] = (e, l[e] / wsum);
             }
         }
-        // Expert by expert over the rows that chose it.
+        // Each expert once, over the rows that chose it. With few rows
+        // (decode) the experts run side by side on the pool, each one's
+        // products on its thread (a nested `run` is inline); with many
+        // (prefill) one after another, each product spread over the pool.
+        let active: Vec<(usize, Vec<usize>)> = (0..ne)
+            .filter_map(|e| {
+                let slots: Vec<usize> = (0..n * k).filter(|&s| chosen[s].0 == e).collect();
+                (!slots.is_empty()).then_some((e, slots))
+            })
+            .collect();
+        let xn = &st.xn;
+        let expert =
+            |e: usize, slots: &[usize], act: &mut tl_core::MatmulScratch| -> Result<Vec<f32>> {
+                let [wg, wu, wd] = &moe.experts[e];
+                let m = slots.len();
+                let mut x = Vec::with_capacity(m * d);
+                for &s in slots {
+                    let t = s / k;
+                    x.extend_from_slice(&xn[t * d..(t + 1) * d]);
+                }
+                let (mut g, mut u, mut y) =
+                    (vec![0f32; m * f], vec![0f32; m * f], vec![0f32; m * d]);
+                ops::linear(&x, m, wg, wg.bytes(file), &mut g, act)?;
+                ops::linear(&x, m, wu, wu.bytes(file), &mut u, act)?;
+                kernels::silu_mul(&mut g, &u);
+                ops::linear(&g, m, wd, wd.bytes(file), &mut y, act)?;
+                Ok(y)
+            };
+        let ys: Vec<Result<Vec<f32>>> = if n <= 4 {
+            let cells: Vec<std::sync::Mutex<Option<Result<Vec<f32>>>>> =
+                active.iter().map(|_| std::sync::Mutex::new(None)).collect();
+            tl_core::pool::ThreadPool::global().run(active.len(), &|i| {
+                let mut act = tl_core::MatmulScratch::default();
+                let r = expert(active[i].0, &active[i].1, &mut act);
+                if let Ok(mut c) = cells[i].lock() {
+                    *c = Some(r);
+                }
+            });
+            cells
+                .into_iter()
+                .map(|c| {
+                    c.into_inner().ok().flatten().unwrap_or_else(|| {
+                        Err(ModelError::Device("an expert's product did not run".into()))
+                    })
+                })
+                .collect()
+        } else {
+            let mut act = std::mem::take(&mut st.act);
+            let r = active
+                .iter()
+                .map(|(e, slots)| expert(*e, slots, &mut act))
+                .collect();
+            st.act = act;
+            r
+        };
         let mut outs = vec![0f32; n * k * d];
-        let (mut x, mut g, mut u, mut y) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for (e, [wg, wu, wd]) in moe.experts.iter().enumerate() {
-            let slots: Vec<usize> = (0..n * k).filter(|&s| chosen[s].0 == e).collect();
-            if slots.is_empty() {
-                continue;
-            }
-            let m = slots.len();
-            x.clear();
-            for &s in &slots {
-                let t = s / k;
-                x.extend_from_slice(&st.xn[t * d..(t + 1) * d]);
-            }
-            g.resize(m * f, 0.0);
-            u.resize(m * f, 0.0);
-            y.resize(m * d, 0.0);
-            ops::linear(&x, m, wg, wg.bytes(file), &mut g, &mut st.act)?;
-            ops::linear(&x, m, wu, wu.bytes(file), &mut u, &mut st.act)?;
-            kernels::silu_mul(&mut g, &u);
-            ops::linear(&g, m, wd, wd.bytes(file), &mut y, &mut st.act)?;
+        for ((_, slots), y) in active.iter().zip(ys) {
+            let y = y?;
             for (i, &s) in slots.iter().enumerate() {
                 let w = chosen[s].1;
                 for (o, v) in outs[s * d..(s + 1) * d]
