@@ -308,6 +308,17 @@ impl Config {
                 }
                 (ne, nu, usize_of(k("expert_feed_forward_length"))?)
             }
+            // Mixtral-style llama MoE: `feed_forward_length` is one expert's.
+            Arch::Llama if m.opt_u64(&k("expert_count"))?.unwrap_or(0) > 0 => {
+                let ne = usize_of(k("expert_count"))?;
+                let nu = usize_of(k("expert_used_count"))?;
+                if nu == 0 || nu > ne {
+                    return Err(ModelError::BadConfig(format!(
+                        "{nu} experts used of {ne}: need 0 < used <= count"
+                    )));
+                }
+                (ne, nu, usize_of(k("feed_forward_length"))?)
+            }
             _ => (0, 0, usize_of(k("feed_forward_length"))?),
         };
         Ok(Config {

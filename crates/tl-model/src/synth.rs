@@ -26,6 +26,8 @@ pub enum SynthArch {
     Smollm3,
     /// Qwen 3 MoE: qwen3's attention, stacked expert tensors and a router.
     Qwen3Moe,
+    /// Mixtral-style MoE in the `llama` architecture (stacked experts).
+    Mixtral,
 }
 
 impl SynthArch {
@@ -40,9 +42,11 @@ impl SynthArch {
             "granite" => Ok(Self::Granite),
             "smollm3" => Ok(Self::Smollm3),
             "qwen3moe" => Ok(Self::Qwen3Moe),
+            "mixtral" => Ok(Self::Mixtral),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
-                supported: "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3",
+                supported:
+                    "llama, mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3",
             }),
         }
     }
@@ -58,6 +62,8 @@ impl SynthArch {
             Self::Granite => "granite",
             Self::Smollm3 => "smollm3",
             Self::Qwen3Moe => "qwen3moe",
+            // A llama file with experts.
+            Self::Mixtral => "llama",
         }
     }
 }
@@ -184,12 +190,15 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         w.set(format!("{arch}.attn_logit_softcapping"), Value::F32(5.0));
         w.set(format!("{arch}.final_logit_softcapping"), Value::F32(30.0));
     }
-    if spec.arch == SynthArch::Qwen3Moe {
+    let moe = matches!(spec.arch, SynthArch::Qwen3Moe | SynthArch::Mixtral);
+    if moe {
         w.set(format!("{arch}.expert_count"), u32v(spec.n_expert));
         w.set(
             format!("{arch}.expert_used_count"),
             u32v(spec.n_expert_used),
         );
+    }
+    if spec.arch == SynthArch::Qwen3Moe {
         w.set(format!("{arch}.expert_feed_forward_length"), u32v(spec.ffn));
     }
     if spec.arch == SynthArch::Granite {
@@ -301,7 +310,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         let s_o = 1.0 / (q_dim as f32).sqrt();
         matrix(&mut w, format!("{b}.attn_output.weight"), q_dim, d, wt, s_o)?;
         norm(&mut w, format!("{b}.ffn_norm.weight"), d)?;
-        if spec.arch == SynthArch::Qwen3Moe {
+        if moe {
             let (ne, ff) = (spec.n_expert, spec.ffn);
             matrix(
                 &mut w,
@@ -336,7 +345,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             )?;
             matrix(&mut w, format!("{b}.ffn_up.weight"), d, spec.ffn, wt, s_in)?;
         }
-        if spec.arch != SynthArch::Qwen3Moe {
+        if !moe {
             let s_f = 1.0 / (spec.ffn as f32).sqrt();
             matrix(&mut w, format!("{b}.ffn_down.weight"), spec.ffn, d, wt, s_f)?;
         }
