@@ -44,6 +44,8 @@ CASES = [
      "experts": 8, "experts_used": 2},
     {"arch": "qwen3moe", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 24, "ffn": 256,
      "experts": 16, "experts_used": 4, "qk_scale": 3.0},
+    {"arch": "qwen2moe", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 26, "ffn": 256,
+     "experts": 8, "experts_used": 2},
     {"arch": "mixtral", "weight_type": "Q4_0", "output_type": "Q8_0", "seed": 25, "experts": 8,
      "experts_used": 2, "qk_scale": 3.0},
     {"arch": "granite", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 20, "qk_scale": 6.0},

@@ -12,7 +12,7 @@ pub struct SynthArgs {
     /// Output file.
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Architecture: llama, mixtral (llama with experts), qwen2, qwen3, qwen3moe, gemma2, gemma3,
+    /// Architecture: llama, mixtral (llama with experts), qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3,
     /// phi3, granite or smollm3.
     #[arg(long, default_value = "qwen2")]
     pub arch: String,
@@ -47,7 +47,7 @@ pub struct SynthArgs {
     /// Scale of the Q and K weights (above 1: peaked attention).
     #[arg(long, default_value_t = 1.0)]
     pub qk_scale: f32,
-    /// Experts per layer (qwen3moe, mixtral; `--ffn` is then one expert's).
+    /// Experts per layer (qwen3moe, qwen2moe, mixtral; `--ffn` is then one expert's).
     #[arg(long, default_value_t = 8)]
     pub experts: usize,
     /// Experts each token uses (qwen3moe).

@@ -28,10 +28,13 @@ pub enum Arch {
     /// Qwen 3 MoE: qwen3's attention; every FFN a mixture of experts
     /// (softmax router, top-k, weights renormalised).
     Qwen3Moe,
+    /// Qwen 2 MoE: qwen2's attention; experts (weights not renormalised)
+    /// plus a shared expert behind a sigmoid gate.
+    Qwen2Moe,
 }
 
 pub const SUPPORTED_ARCHS: &str =
-    "llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3";
+    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -44,6 +47,7 @@ impl Arch {
             "granite" => Ok(Arch::Granite),
             "smollm3" => Ok(Arch::Smollm3),
             "qwen3moe" => Ok(Arch::Qwen3Moe),
+            "qwen2moe" => Ok(Arch::Qwen2Moe),
             "gemma3" => Ok(Arch::Gemma3),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
@@ -62,6 +66,7 @@ impl Arch {
             Arch::Granite => "granite",
             Arch::Smollm3 => "smollm3",
             Arch::Qwen3Moe => "qwen3moe",
+            Arch::Qwen2Moe => "qwen2moe",
             Arch::Gemma3 => "gemma3",
         }
     }
@@ -125,6 +130,10 @@ pub struct Config {
     pub n_expert: usize,
     /// Experts each token uses.
     pub n_expert_used: usize,
+    /// The chosen experts' weights are renormalised to sum 1.
+    pub moe_norm_weights: bool,
+    /// The shared expert's FFN size (qwen2moe; 0 without one).
+    pub ffn_shared: usize,
 }
 
 impl Config {
@@ -217,7 +226,7 @@ impl Config {
             .unwrap_or(1e-5);
         let (rope_layout, ffn_act) = match arch {
             Arch::Llama | Arch::Granite | Arch::Smollm3 => (RopeLayout::Normal, FfnAct::Silu),
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Phi3 => {
+            Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Phi3 => {
                 (RopeLayout::Neox, FfnAct::Silu)
             }
             Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
@@ -298,7 +307,7 @@ impl Config {
             _ => None,
         };
         let (n_expert, n_expert_used, ffn) = match arch {
-            Arch::Qwen3Moe => {
+            Arch::Qwen3Moe | Arch::Qwen2Moe => {
                 let ne = usize_of(k("expert_count"))?;
                 let nu = usize_of(k("expert_used_count"))?;
                 if ne == 0 || nu == 0 || nu > ne {
@@ -349,6 +358,14 @@ impl Config {
             logit_scale,
             n_expert,
             n_expert_used,
+            moe_norm_weights: arch != Arch::Qwen2Moe,
+            ffn_shared: match arch {
+                Arch::Qwen2Moe => match m.opt_u64(&k("expert_shared_feed_forward_length"))? {
+                    Some(v) => v as usize,
+                    None => usize_of(k("feed_forward_length"))?,
+                },
+                _ => 0,
+            },
         })
     }
 }

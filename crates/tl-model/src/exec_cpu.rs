@@ -96,11 +96,15 @@ impl CpuExec<'_> {
             order.clear();
             order.extend(0..ne);
             order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
-            let wsum: f32 = order[..k]
-                .iter()
-                .map(|&e| l[e])
-                .sum::<f32>()
-                .max(6.103_515_6e-5);
+            let wsum: f32 = if !c.moe_norm_weights {
+                1.0
+            } else {
+                order[..k]
+                    .iter()
+                    .map(|&e| l[e])
+                    .sum::<f32>()
+                    .max(6.103_515_6e-5)
+            };
             for (j, &e) in order[..k].iter().enumerate() {
                 chosen[t * k + j] = (e, l[e] / wsum);
             }
@@ -181,6 +185,27 @@ impl CpuExec<'_> {
                 o.iter_mut()
                     .zip(&outs[s * d..(s + 1) * d])
                     .for_each(|(a, b)| *a += b);
+            }
+        }
+        // The shared expert (qwen2moe), gated per row by
+        // sigmoid(x · w), computed as ggml does: silu(z) / z.
+        if let Some(([wg, wu, wd], wgate)) = &moe.shared {
+            let fs = c.ffn_shared;
+            let (mut g, mut u, mut y) = (vec![0f32; n * fs], vec![0f32; n * fs], vec![0f32; n * d]);
+            let mut z = vec![0f32; n];
+            let x = &st.xn[..n * d];
+            ops::linear(x, n, wg, wg.bytes(file), &mut g, &mut st.act)?;
+            ops::linear(x, n, wu, wu.bytes(file), &mut u, &mut st.act)?;
+            kernels::silu_mul(&mut g, &u);
+            ops::linear(&g, n, wd, wd.bytes(file), &mut y, &mut st.act)?;
+            ops::linear(x, n, wgate, wgate.bytes(file), &mut z, &mut st.act)?;
+            for t in 0..n {
+                let zt = z[t];
+                let gate = (zt / (1.0 + (-zt).exp())) / zt;
+                st.o[t * d..(t + 1) * d]
+                    .iter_mut()
+                    .zip(&y[t * d..(t + 1) * d])
+                    .for_each(|(o, v)| *o += v * gate);
             }
         }
         Ok(())

@@ -28,6 +28,9 @@ pub enum SynthArch {
     Qwen3Moe,
     /// Mixtral-style MoE in the `llama` architecture (stacked experts).
     Mixtral,
+    /// Qwen 2 MoE: qwen2's attention, experts and a gated shared expert
+    /// (twice an expert's FFN size).
+    Qwen2Moe,
 }
 
 impl SynthArch {
@@ -43,10 +46,11 @@ impl SynthArch {
             "smollm3" => Ok(Self::Smollm3),
             "qwen3moe" => Ok(Self::Qwen3Moe),
             "mixtral" => Ok(Self::Mixtral),
+            "qwen2moe" => Ok(Self::Qwen2Moe),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported:
-                    "llama, mixtral, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3",
+                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3",
             }),
         }
     }
@@ -64,6 +68,7 @@ impl SynthArch {
             Self::Qwen3Moe => "qwen3moe",
             // A llama file with experts.
             Self::Mixtral => "llama",
+            Self::Qwen2Moe => "qwen2moe",
         }
     }
 }
@@ -190,7 +195,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         w.set(format!("{arch}.attn_logit_softcapping"), Value::F32(5.0));
         w.set(format!("{arch}.final_logit_softcapping"), Value::F32(30.0));
     }
-    let moe = matches!(spec.arch, SynthArch::Qwen3Moe | SynthArch::Mixtral);
+    let moe = matches!(
+        spec.arch,
+        SynthArch::Qwen3Moe | SynthArch::Mixtral | SynthArch::Qwen2Moe
+    );
     if moe {
         w.set(format!("{arch}.expert_count"), u32v(spec.n_expert));
         w.set(
@@ -198,8 +206,14 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             u32v(spec.n_expert_used),
         );
     }
-    if spec.arch == SynthArch::Qwen3Moe {
+    if matches!(spec.arch, SynthArch::Qwen3Moe | SynthArch::Qwen2Moe) {
         w.set(format!("{arch}.expert_feed_forward_length"), u32v(spec.ffn));
+    }
+    if spec.arch == SynthArch::Qwen2Moe {
+        w.set(
+            format!("{arch}.expert_shared_feed_forward_length"),
+            u32v(2 * spec.ffn),
+        );
     }
     if spec.arch == SynthArch::Granite {
         // Granite 3's kind of values (embedding 12, residual 0.22,
@@ -284,7 +298,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             matrix(&mut w, format!("{b}.attn_k.weight"), d, kv_dim, wt, s_qk)?;
             matrix(&mut w, format!("{b}.attn_v.weight"), d, kv_dim, wt, s_in)?;
         }
-        if spec.arch == SynthArch::Qwen2 {
+        if matches!(spec.arch, SynthArch::Qwen2 | SynthArch::Qwen2Moe) {
             for (n, len) in [("q", q_dim), ("k", kv_dim), ("v", kv_dim)] {
                 matrix(
                     &mut w,
@@ -330,6 +344,35 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
                     .collect();
                 let dims = vec![cols as u64, rows as u64, ne as u64];
                 add_tensor(&mut w, format!("{b}.{name}.weight"), dims, wt, &vals)?;
+            }
+            if spec.arch == SynthArch::Qwen2Moe {
+                let fs = 2 * ff;
+                let s_fs = 1.0 / (fs as f32).sqrt();
+                matrix(
+                    &mut w,
+                    format!("{b}.ffn_gate_inp_shexp.weight"),
+                    d,
+                    1,
+                    GgmlType::F32,
+                    s_in,
+                )?;
+                matrix(
+                    &mut w,
+                    format!("{b}.ffn_gate_shexp.weight"),
+                    d,
+                    fs,
+                    wt,
+                    s_in,
+                )?;
+                matrix(&mut w, format!("{b}.ffn_up_shexp.weight"), d, fs, wt, s_in)?;
+                matrix(
+                    &mut w,
+                    format!("{b}.ffn_down_shexp.weight"),
+                    fs,
+                    d,
+                    wt,
+                    s_fs,
+                )?;
             }
         } else if spec.arch == SynthArch::Phi3 {
             let rows = 2 * spec.ffn;

@@ -74,6 +74,9 @@ impl Weight {
 pub struct MoeWeights {
     pub router: Weight,
     pub experts: Vec<[Weight; 3]>,
+    /// The shared expert (gate, up, down) and its gate's input weight
+    /// (qwen2moe).
+    pub shared: Option<([Weight; 3], Weight)>,
 }
 
 pub struct LayerWeights {
@@ -213,6 +216,11 @@ impl Weights {
                         one(w)?;
                     }
                 }
+                if let Some((sh, _)) = &mut m.shared {
+                    for w in sh.iter_mut() {
+                        one(w)?;
+                    }
+                }
             }
         }
         match &mut self.output {
@@ -267,7 +275,21 @@ impl Weights {
                     ..w
                 };
                 let (g, u, dn) = (as2d(g, c.ffn), as2d(u, c.ffn), as2d(dn, d));
+                let shared = if c.ffn_shared > 0 {
+                    let fs = c.ffn_shared;
+                    Some((
+                        [
+                            req("ffn_gate_shexp.weight", &[d, fs])?,
+                            req("ffn_up_shexp.weight", &[d, fs])?,
+                            req("ffn_down_shexp.weight", &[fs, d])?,
+                        ],
+                        req("ffn_gate_inp_shexp.weight", &[d])?,
+                    ))
+                } else {
+                    None
+                };
                 Some(MoeWeights {
+                    shared,
                     router: req("ffn_gate_inp.weight", &[d, ne])?,
                     experts: (0..ne)
                         .map(|e| {

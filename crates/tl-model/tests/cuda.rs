@@ -387,6 +387,8 @@ fn cuda_refuses_what_it_cannot_run_yet() {
         (SynthArch::Gemma2, "soft-capping"),
         (SynthArch::Granite, "residual and logit scales"),
         (SynthArch::Qwen3Moe, "mixture-of-experts"),
+        (SynthArch::Qwen2Moe, "mixture-of-experts"),
+        (SynthArch::Mixtral, "mixture-of-experts"),
     ] {
         let s = spec(arch, GgmlType::Q8_0, GgmlType::Q8_0, 64);
         let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");

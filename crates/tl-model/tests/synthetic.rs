@@ -98,8 +98,9 @@ fn malformed_models_name_the_problem() {
     let msg = e.to_string();
     assert!(
         msg.contains("mamba")
-            && msg
-                .contains("llama, qwen2, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3"),
+            && msg.contains(
+                "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3"
+            ),
         "{msg}"
     );
 
