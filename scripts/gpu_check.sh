@@ -6,6 +6,11 @@
 #   bash scripts/gpu_check.sh all
 #   bash scripts/gpu_check.sh prepare # only synthesize the models and build llama.cpp
 #                                     # (start it detached with setsid; bench waits for it)
+#   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
+#                                     # call of under 10 minutes: prepare in the
+#                                     # background, the tests with stage dumps and a
+#                                     # per-kernel deadline, then tl and llama.cpp
+#                                     # benchmarks with the stage profile; logs to $OUT
 #
 # Binaries: TL_BIN (default .gpu/tl) and TL_CUDA_TEST (default .gpu/cuda_test, the
 # tl-model `cuda` integration test built with `cargo test --release -p tl-model
@@ -35,6 +40,36 @@ status=0
 if [ "$mode" = all ] && [ ! -f "$W/prepare.done" ]; then
   touch "$W/prepare.running"
   setsid bash "$0" prepare >"$W/prepare.log" 2>&1 &
+fi
+
+if [ "$mode" = session ]; then
+  # One cold machine, one call: every step bounded so the logs come back.
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT"
+  MODELS="${MODELS:-q05_q8_0 q15_q4_k q05_q4_0}" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  sleep 1
+  TL_DUMP_TENSORS=$W/dump TL_CUDA_TIMEOUT=10 timeout 150 "$TEST" --test-threads=1 --nocapture \
+    >"$OUT/test.log" 2>&1
+  echo "tests: exit $? (t=${SECONDS}s)"
+  grep -vE '^    stage|^\s+[0-9]+:|^\s+at ' "$OUT/test.log" | tail -40 | cut -c1-250
+  LB=/tmp/llamacpp/build/bin
+  for m in ${MODELS:-q05_q8_0 q15_q4_k q05_q4_0}; do
+    f=$W/$m.gguf
+    while [ ! -s "$f" ] && [ $SECONDS -lt 330 ]; do sleep 2; done
+    [ -s "$f" ] || { echo "$m: not synthesized in time"; continue; }
+    echo "== $m: tl (cuda) t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r 3 2>&1 | grep -vE '^\s*$' | tail -8
+    echo "-- stage profile, decode"
+    TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 0 -n 64 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -24
+    echo "-- stage profile, prefill 512"
+    TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 512 -n 0 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -24
+    while [ ! -x "$LB/llama-bench" ] && [ $SECONDS -lt 450 ]; do sleep 3; done
+    if [ -x "$LB/llama-bench" ]; then
+      echo "== $m: llama.cpp CUDA t=${SECONDS}s"
+      LD_LIBRARY_PATH=$LB timeout 60 "$LB/llama-bench" -m "$f" -p 512 -n 128 -ngl 99 -fa 1 -r 3 2>&1 | grep -E '^\|' | tail -2
+    fi
+  done
+  echo "session done t=${SECONDS}s"
+  exit 0
 fi
 
 if [ "$mode" = test ] || [ "$mode" = all ]; then
