@@ -181,15 +181,7 @@ pub async fn health_generate(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn read_json(st: &AppState, body: Body) -> Result<Value, ApiError> {
-    let limit = st.cfg.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!("the request body is larger than the limit of {limit} bytes (or was cut off)"),
-        )
-        .with_code("body_too_large")
-    })?;
+    let bytes = crate::read_body(st, body).await?;
     let v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::invalid("body", format!("the body is not valid JSON: {e}")))?;
     if !v.is_object() {

@@ -323,6 +323,19 @@ async fn metrics_text(State(st): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
+/// The request body, at most `max_body_bytes` (413 beyond that).
+pub(crate) async fn read_body(st: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let limit = st.cfg.max_body_bytes;
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than the limit of {limit} bytes (or was cut off)"),
+        )
+        .with_code("body_too_large")
+    })
+}
+
 fn authorize(st: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     use subtle::ConstantTimeEq;
     let Some(key) = &st.cfg.api_key else {
@@ -572,15 +585,7 @@ async fn prepare(
         return Err(tl_engine::EngineError::ShuttingDown.into());
     }
     let engine = st.engine().ok_or_else(ApiError::loading)?.clone();
-    let limit = st.cfg.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request_error",
-            format!("the request body is larger than the limit of {limit} bytes (or was cut off)"),
-        )
-        .with_code("body_too_large")
-    })?;
+    let bytes = read_body(st, body).await?;
     let parsed = api::parse(endpoint, &bytes)?;
     if let Some(m) = &parsed.model {
         if !m.is_empty() && *m != st.cfg.model_id {
