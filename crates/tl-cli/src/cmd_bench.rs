@@ -34,17 +34,11 @@ pub struct BenchArgs {
     pub ubatch: usize,
     #[arg(long)]
     pub json: bool,
-    /// Compare decoding with and without speculation (`ngram`, `draft`,
-    /// `self`) on `--prompt-file`, greedy, instead of the pp/tg tests.
-    #[arg(long, value_name = "METHOD")]
-    pub spec: Option<tl_model::spec::SpecMethod>,
-    /// Most tokens drafted per speculative round (1..=32).
-    #[arg(long, default_value_t = 8)]
-    pub spec_k: usize,
-    /// The draft model for `--spec draft` (same vocabulary as the model).
-    #[arg(long, value_name = "FILE")]
-    pub draft_model: Option<PathBuf>,
-    /// The prompt of the `--spec` comparison: the file's text as is
+    #[command(flatten)]
+    pub spec: crate::cmd_generate::SpecArgs,
+    /// With `--spec`, decoding with and without speculation is compared on
+    /// this prompt (greedy) instead of the pp/tg tests. The prompt of the
+    /// `--spec` comparison: the file's text as is
     /// (special-token text such as `<|im_start|>` is parsed as tokens).
     #[arg(long, value_name = "FILE")]
     pub prompt_file: Option<PathBuf>,
@@ -77,11 +71,11 @@ fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 }
 
 pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
-    if a.spec.is_some() {
+    if a.spec.spec.is_some() {
         return run_spec(a);
     }
     anyhow::ensure!(
-        a.draft_model.is_none() && a.prompt_file.is_none(),
+        a.spec.draft_model.is_none() && a.prompt_file.is_none(),
         "--draft-model and --prompt-file are used with --spec"
     );
     crate::cmd_generate::init_threads(a.threads)?;
@@ -176,12 +170,12 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
 /// first (prefill excluded). Every speculative output is checked against
 /// the plain one.
 fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
-    use tl_model::llm::{GenerateOptions, Llm};
-    use tl_model::spec::{SpecConfig, SpecMethod, SpecStats};
-    let method = a.spec.clone().unwrap_or(SpecMethod::Ngram);
-    let cfg =
-        SpecConfig::new(method.clone(), a.spec_k).map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?;
-    match (&method, &a.draft_model) {
+    use tl_model::llm::GenerateOptions;
+    use tl_model::spec::{SpecMethod, SpecStats};
+    let cfg = a.spec.config()?.context("--spec METHOD")?;
+    let method = cfg.method.clone();
+    // The flags are checked before the prompt file is read.
+    match (&method, &a.spec.draft_model) {
         (SpecMethod::Draft, None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
         (SpecMethod::Draft, Some(_)) | (_, None) => {}
         (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
@@ -201,17 +195,10 @@ fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
         chat_template: None,
     };
     let llm = crate::cmd_generate::load(&margs)?;
-    let draft = match (&method, &a.draft_model) {
-        (SpecMethod::Draft, Some(p)) => {
-            let d = Llm::load_on(p, crate::device())
-                .with_context(|| format!("loading the draft model {}", p.display()))?;
-            llm.check_draft(&d)?;
-            Some(d)
-        }
-        (SpecMethod::Draft, None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
-        (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
-        _ => None,
-    };
+    let draft = a.spec.load_draft()?;
+    if let Some(d) = &draft {
+        llm.check_draft(d)?;
+    }
     let plain = GenerateOptions {
         max_tokens: a.gen,
         prefill_chunk: a.ubatch,
@@ -251,12 +238,12 @@ fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
         c.name.clone()
     };
     let threads = tl_core::pool::ThreadPool::global().threads();
-    let test = format!("{} k≤{}", method, a.spec_k);
+    let test = format!("{} k≤{}", method, a.spec.spec_k);
     if a.json {
         let out = json!({
             "model": name, "threads": threads, "prompt_file": pf.display().to_string(),
             "prompt_tokens": want.prompt_tokens, "generated_tokens": want.tokens.len(),
-            "method": method.to_string(), "spec_k": a.spec_k, "reps": reps,
+            "method": method.to_string(), "spec_k": a.spec.spec_k, "reps": reps,
             "plain_tokens_per_s": bm, "plain_stddev": bsd,
             "spec_tokens_per_s": fm, "spec_stddev": fsd, "speedup": fm / bm.max(1e-9),
             "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,

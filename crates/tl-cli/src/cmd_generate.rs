@@ -64,6 +64,13 @@ pub struct SamplingArgs {
     /// Drop the oldest prompt tokens when the prompt does not fit the context.
     #[arg(long)]
     pub truncate: bool,
+    #[command(flatten)]
+    pub spec: SpecArgs,
+}
+
+/// The speculative-decoding flags of `generate`, `chat` and `bench`.
+#[derive(clap::Args, Clone)]
+pub struct SpecArgs {
     /// Speculative decoding: `ngram` (prompt lookup), `draft` (a draft
     /// model, `--draft-model`) or `self` (the model drafts with a subset of
     /// its layers). The output distribution is unchanged (greedy: the same
@@ -78,15 +85,39 @@ pub struct SamplingArgs {
     pub draft_model: Option<PathBuf>,
 }
 
+impl SpecArgs {
+    /// The speculation settings, `None` without `--spec`.
+    pub fn config(&self) -> anyhow::Result<Option<tl_model::spec::SpecConfig>> {
+        self.spec
+            .as_ref()
+            .map(|m| {
+                tl_model::spec::SpecConfig::new(m.clone(), self.spec_k)
+                    .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))
+            })
+            .transpose()
+    }
+
+    /// The draft model of `--spec draft --draft-model FILE`, on the same
+    /// device; the flags checked against each other.
+    pub fn load_draft(&self) -> anyhow::Result<Option<Llm>> {
+        use tl_model::spec::SpecMethod;
+        match (&self.spec, &self.draft_model) {
+            (Some(SpecMethod::Draft), Some(p)) => Ok(Some(
+                Llm::load_on(p, crate::device())
+                    .with_context(|| format!("loading the draft model {}", p.display()))?,
+            )),
+            (Some(SpecMethod::Draft), None) => {
+                anyhow::bail!("--spec draft needs --draft-model FILE")
+            }
+            (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
+            _ => Ok(None),
+        }
+    }
+}
+
 impl SamplingArgs {
     fn options(&self, ctx_size: usize) -> anyhow::Result<GenerateOptions> {
-        let spec = match &self.spec {
-            Some(m) => Some(
-                tl_model::spec::SpecConfig::new(m.clone(), self.spec_k)
-                    .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?,
-            ),
-            None => None,
-        };
+        let spec = self.spec.config()?;
         Ok(GenerateOptions {
             max_tokens: self.max_tokens,
             sampling: SamplingParams {
@@ -176,20 +207,6 @@ pub fn load(a: &ModelArgs) -> anyhow::Result<Llm> {
     Ok(llm)
 }
 
-/// The draft model of `--spec draft --draft-model FILE`, on the same device.
-fn load_draft(a: &SamplingArgs) -> anyhow::Result<Option<Llm>> {
-    use tl_model::spec::SpecMethod;
-    match (&a.spec, &a.draft_model) {
-        (Some(SpecMethod::Draft), Some(p)) => Ok(Some(
-            Llm::load_on(p, crate::device())
-                .with_context(|| format!("loading the draft model {}", p.display()))?,
-        )),
-        (Some(SpecMethod::Draft), None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
-        (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
-        _ => Ok(None),
-    }
-}
-
 pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     let llm = load(&a.model)?;
     let prompt = if a.chat {
@@ -203,7 +220,7 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         a.prompt.clone()
     };
     let opts = a.sampling.options(a.model.ctx_size)?;
-    let draft = load_draft(&a.sampling)?;
+    let draft = a.sampling.spec.load_draft()?;
     let mut stdout = std::io::stdout().lock();
     let print = |piece: &str| {
         let _ = stdout.write_all(piece.as_bytes());
@@ -246,7 +263,7 @@ pub fn run_chat(a: &ChatArgs) -> anyhow::Result<()> {
         a.model.ctx_size
     };
     let opts = a.sampling.options(ctx)?;
-    let draft = load_draft(&a.sampling)?;
+    let draft = a.sampling.spec.load_draft()?;
     let interactive = std::io::stdin().is_terminal();
     let mut system = a.system.clone();
     let mut history: Vec<ChatMessage> = Vec::new();
