@@ -20,6 +20,22 @@ QWEN_ID = "qwen2.5-coder-0.5b-instruct-q4"
 OUT = os.path.join(ROOT, "target", "e2e")
 
 
+def wait_healthy(proc, url, log_path, name, timeout, not_ready, step):
+    """Polls `url`/health until it answers 200; fails if `proc` exits first
+    (with its log) or after `timeout` seconds (with `not_ready()`)."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, f"{name} exited: {open(log_path).read()}"
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            pass
+        assert time.time() < deadline, not_ready()
+        time.sleep(step)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,17 +56,8 @@ class Server:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.time() + 120
-        while True:
-            assert self.proc.poll() is None, f"tl serve exited: {open(self.log_path).read()}"
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                pass
-            assert time.time() < deadline, "server not ready in 120 s"
-            time.sleep(0.1)
+        wait_healthy(self.proc, self.url, self.log_path, "tl serve", 120,
+                     lambda: "server not ready in 120 s", 0.1)
 
     def stop(self):
         if self.proc.poll() is None:

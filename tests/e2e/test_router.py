@@ -24,7 +24,7 @@ import time
 import urllib.request
 
 
-from conftest import OUT, QWEN_ID, ROOT, Server, free_port
+from conftest import OUT, QWEN_ID, ROOT, Server, free_port, wait_healthy
 
 THREADS = 1  # per replica: 3 replicas + router + clients share 2 cores here
 CLIENTS = 16
@@ -88,17 +88,8 @@ class Router:
              "--retry-max-retries", "8", "--retry-initial-backoff-ms", "100",
              "--retry-max-backoff-ms", "1000"],
             stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            assert self.proc.poll() is None, f"vllm-router exited: {open(self.log_path).read()}"
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                pass
-            assert time.time() < deadline, f"vllm-router not ready in 60 s: {open(self.log_path).read()}"
-            time.sleep(0.2)
+        wait_healthy(self.proc, self.url, self.log_path, "vllm-router", 60,
+                     lambda: f"vllm-router not ready in 60 s: {open(self.log_path).read()}", 0.2)
 
     def worker_health(self, worker_url):
         """The router's own view (vllm_router_worker_health) of one worker."""
