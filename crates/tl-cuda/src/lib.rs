@@ -229,7 +229,10 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     _module: Arc<CudaModule>,
-    funcs: HashMap<String, drv::CUfunction>,
+    /// Each kernel's handle and its index in `kernels`.
+    funcs: HashMap<String, (drv::CUfunction, usize)>,
+    /// Kernel names in load order.
+    kernels: Vec<String>,
     blas: blas_sys::cublasHandle_t,
     pub name: String,
     pub ordinal: usize,
@@ -241,10 +244,9 @@ pub struct Gpu {
     trace: bool,
     /// How long `sync` waits before giving up (`TL_CUDA_TIMEOUT` seconds).
     timeout: std::time::Duration,
-    /// The last kernel launched (for the timeout message).
-    last: std::sync::Mutex<&'static str>,
-    /// Kernel names, leaked once so `last` can hold them.
-    names: HashMap<String, &'static str>,
+    /// Index in `kernels` of the last kernel launched, plus one (0: none),
+    /// for the timeout message.
+    last: std::sync::atomic::AtomicUsize,
 }
 
 /// Per-stage GPU time, from events recorded between stages
@@ -316,15 +318,13 @@ impl Gpu {
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
             .map_err(drv_err("load module"))?;
+        let kernels = kernel_names(KERNELS_CU);
         let mut funcs = HashMap::new();
-        let mut names = HashMap::new();
-        for name in kernel_names(KERNELS_CU) {
+        for (i, name) in kernels.iter().enumerate() {
             let f = module
-                .load_function(&name)
+                .load_function(name)
                 .map_err(drv_err("load function"))?;
-            funcs.insert(name.clone(), f.cu_function());
-            let leaked: &'static str = Box::leak(name.clone().into_boxed_str());
-            names.insert(name, leaked);
+            funcs.insert(name.clone(), (f.cu_function(), i));
         }
         let trace = std::env::var("TL_CUDA_TRACE").is_ok_and(|v| v == "1");
         let timeout = std::time::Duration::from_secs(
@@ -351,6 +351,7 @@ impl Gpu {
             stream,
             _module: module,
             funcs,
+            kernels,
             blas,
             name,
             ordinal,
@@ -360,8 +361,7 @@ impl Gpu {
             profile: Default::default(),
             trace,
             timeout,
-            last: std::sync::Mutex::new("(none)"),
-            names,
+            last: Default::default(),
         }))
     }
 
@@ -559,10 +559,7 @@ impl Gpu {
                 drv::CUresult::CUDA_ERROR_NOT_READY => {}
                 e => {
                     return Err(CudaError::Driver {
-                        op: format!(
-                            "synchronize (after kernel {})",
-                            self.last.lock().map(|l| *l).unwrap_or("?")
-                        ),
+                        op: format!("synchronize (after kernel {})", self.last_kernel()),
                         err: format!("{e:?}"),
                     })
                 }
@@ -581,7 +578,7 @@ impl Gpu {
                 let e = CudaError::Timeout {
                     secs: self.timeout.as_secs(),
                     device: self.name.clone(),
-                    last: self.last.lock().map(|l| l.to_string()).unwrap_or_default(),
+                    last: self.last_kernel().to_string(),
                 };
                 eprintln!("tl: fatal: {e}");
                 std::process::exit(70);
@@ -601,7 +598,7 @@ impl Gpu {
         smem: u32,
         args: &[Arg],
     ) -> Result<()> {
-        let f = *self
+        let (f, idx) = *self
             .funcs
             .get(name)
             .ok_or_else(|| CudaError::NoKernel(name.to_string()))?;
@@ -655,9 +652,8 @@ impl Gpu {
             op: format!("launch {name}"),
             err: format!("{e:?}"),
         })?;
-        if let (Some(n), Ok(mut l)) = (self.names.get(name), self.last.lock()) {
-            *l = n;
-        }
+        self.last
+            .store(idx + 1, std::sync::atomic::Ordering::Relaxed);
         if self.trace {
             let t0 = std::time::Instant::now();
             eprintln!(
@@ -722,9 +718,17 @@ impl Gpu {
         t
     }
 
+    /// The name of the last kernel launched (`(none)` before the first).
+    fn last_kernel(&self) -> &str {
+        let i = self.last.load(std::sync::atomic::Ordering::Relaxed);
+        i.checked_sub(1)
+            .and_then(|i| self.kernels.get(i))
+            .map_or("(none)", String::as_str)
+    }
+
     /// Raises a kernel's dynamic shared-memory limit.
     pub fn set_max_smem(&self, name: &str, bytes: u32) -> Result<()> {
-        let f = *self
+        let (f, _) = *self
             .funcs
             .get(name)
             .ok_or_else(|| CudaError::NoKernel(name.to_string()))?;
