@@ -40,21 +40,6 @@ pub(crate) fn split(pre: PreTokenizer, cpts: &[u32], out: &mut Vec<usize>) {
     }
 }
 
-/// The GPT-2 splitter for the regex sets that use it as one stage.
-pub(crate) fn split_gpt2_pub(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
-    split_gpt2(cpts, offsets, out)
-}
-
-/// The Llama 3 / Qwen 2 splitter for the regex sets that use it as a stage.
-pub(crate) fn split_llama3_pub(
-    cpts: &[u32],
-    offsets: &[usize],
-    max_digits: usize,
-    out: &mut Vec<usize>,
-) {
-    split_llama3(cpts, offsets, max_digits, out)
-}
-
 /// `re`, `ve` or `ll` after an apostrophe.
 #[inline]
 fn two_letter_suffix(a: u32, b: u32) -> bool {
@@ -110,7 +95,7 @@ impl Emitter<'_> {
 
 /// GPT-2: `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`
 /// (llama.cpp `unicode_regex_split_custom_gpt2`).
-fn split_gpt2(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
+pub(crate) fn split_gpt2(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
     let mut start = 0;
     for &len in offsets {
         let seg = Segment {
@@ -201,7 +186,12 @@ fn split_gpt2(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
 /// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`
 /// (llama.cpp `unicode_regex_split_custom_llama3` / `_qwen2`, which differ only in the digit rule;
 /// one digit at a time and runs of single digits give the same words).
-fn split_llama3(cpts: &[u32], offsets: &[usize], max_digits: usize, out: &mut Vec<usize>) {
+pub(crate) fn split_llama3(
+    cpts: &[u32],
+    offsets: &[usize],
+    max_digits: usize,
+    out: &mut Vec<usize>,
+) {
     let is_crlf = |c: u32| c == '\r' as u32 || c == '\n' as u32;
     let mut start = 0;
     for &len in offsets {

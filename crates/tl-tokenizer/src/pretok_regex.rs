@@ -64,6 +64,7 @@ pub enum RegexSet {
     Minicpm5,
 }
 
+/// Every set, in declaration order.
 const ALL: [RegexSet; 21] = [
     RegexSet::Falcon,
     RegexSet::Starcoder,
@@ -271,9 +272,11 @@ pub(crate) enum Compiled {
 
 /// The compiled stages of `set` (compiled once per process).
 pub(crate) fn compiled(set: RegexSet) -> Result<&'static [Compiled], String> {
-    static CELLS: [OnceLock<Result<Vec<Compiled>, String>>; 21] = [const { OnceLock::new() }; 21];
-    let idx = ALL.iter().position(|s| *s == set).unwrap_or(0);
-    CELLS[idx]
+    static CELLS: [OnceLock<Result<Vec<Compiled>, String>>; ALL.len()] =
+        [const { OnceLock::new() }; ALL.len()];
+    // The variants are declared in `ALL`'s order, so the discriminant is
+    // the index.
+    CELLS[set as usize]
         .get_or_init(|| {
             set.stages()
                 .into_iter()
@@ -408,8 +411,8 @@ pub(crate) fn split(stages: &[Compiled], cpts: &[u32], out: &mut Vec<usize>) {
     for st in stages {
         next.clear();
         match st {
-            Compiled::Gpt2 => pretok::split_gpt2_pub(cpts, &offs, &mut next),
-            Compiled::Qwen2 => pretok::split_llama3_pub(cpts, &offs, 1, &mut next),
+            Compiled::Gpt2 => pretok::split_gpt2(cpts, &offs, &mut next),
+            Compiled::Qwen2 => pretok::split_llama3(cpts, &offs, 1, &mut next),
             Compiled::Newlines => split_newlines(cpts, &offs, &mut next),
             Compiled::Re { re, collapsed } => {
                 let t = texts[usize::from(*collapsed)]
@@ -426,6 +429,13 @@ pub(crate) fn split(stages: &[Compiled], cpts: &[u32], out: &mut Vec<usize>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_lists_the_sets_in_declaration_order() {
+        for (i, s) in ALL.iter().enumerate() {
+            assert_eq!(*s as usize, i, "{s:?}");
+        }
+    }
 
     #[test]
     fn every_set_compiles() {
