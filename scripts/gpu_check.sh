@@ -58,12 +58,14 @@ if [ "$mode" = session ]; then
     [ -s "$f" ] || { echo "$m: not synthesized in time"; continue; }
     echo "== $m: tl (cuda) t=${SECONDS}s"
     TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r 3 2>&1 | grep -vE '^\s*$' | tail -8
+    echo "-- without programmatic dependent launch (TL_CUDA_PDL=0)"
+    TL_CUDA_PDL=0 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 3 2>&1 | grep -E 'tg128'
     echo "-- stage profile, decode"
     TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 0 -n 64 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -24
     echo "-- stage profile, prefill 512"
     TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 512 -n 0 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -24
-    while [ ! -x "$LB/llama-bench" ] && [ $SECONDS -lt 450 ]; do sleep 3; done
-    if [ -x "$LB/llama-bench" ]; then
+    while [ -z "${SKIP_LLAMA:-}" ] && [ ! -x "$LB/llama-bench" ] && [ $SECONDS -lt 450 ]; do sleep 3; done
+    if [ -z "${SKIP_LLAMA:-}" ] && [ -x "$LB/llama-bench" ]; then
       echo "== $m: llama.cpp CUDA t=${SECONDS}s"
       LD_LIBRARY_PATH=$LB timeout 60 "$LB/llama-bench" -m "$f" -p 512 -n 128 -ngl 99 -fa 1 -r 3 2>&1 | grep -E '^\|' | tail -2
     fi

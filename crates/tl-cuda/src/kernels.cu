@@ -59,6 +59,18 @@ __device__ __forceinline__ float __high2float(__half2 h) { return __half2float(h
 
 #define TL_INF __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (Hopper+): lib.rs launches every kernel
+// with programmatic stream serialisation, so a kernel may start while the
+// previous one is finishing; each kernel therefore first waits for its
+// predecessors to complete and their writes to be visible (unconditionally,
+// before any early return, so "this grid done" still implies "every earlier
+// grid done"), then lets its successor launch.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TL_PDL() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define TL_PDL()
+#endif
+
 #define T_F16 0
 #define T_Q8_0 1
 #define T_Q4_0 2
@@ -208,14 +220,14 @@ __device__ void dequant_f16(W w, __half* out, int N, int K) {
     for (int k = 0; k < 16; k++) o[k] = __floats2half2_rn(v[2 * k], v[2 * k + 1]);
 }
 
-extern "C" __global__ void dequant_f16_q8_0(W w, __half* o, int N, int K) { dequant_f16<T_Q8_0>(w, o, N, K); }
-extern "C" __global__ void dequant_f16_q4_0(W w, __half* o, int N, int K) { dequant_f16<T_Q4_0>(w, o, N, K); }
-extern "C" __global__ void dequant_f16_q5_0(W w, __half* o, int N, int K) { dequant_f16<T_Q5_0>(w, o, N, K); }
-extern "C" __global__ void dequant_f16_q4_k(W w, __half* o, int N, int K) { dequant_f16<T_Q4_K>(w, o, N, K); }
-extern "C" __global__ void dequant_f16_q6_k(W w, __half* o, int N, int K) { dequant_f16<T_Q6_K>(w, o, N, K); }
-extern "C" __global__ void dequant_f16_q4_1(W w, __half* o, int N, int K) { dequant_f16<T_Q4_1>(w, o, N, K); }
-extern "C" __global__ void dequant_f16_q5_1(W w, __half* o, int N, int K) { dequant_f16<T_Q5_1>(w, o, N, K); }
-extern "C" __global__ void dequant_f16_q5_k(W w, __half* o, int N, int K) { dequant_f16<T_Q5_K>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q8_0(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q8_0>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q4_0(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q4_0>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q5_0(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q5_0>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q4_k(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q4_K>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q6_k(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q6_K>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q4_1(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q4_1>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q5_1(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q5_1>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q5_k(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q5_K>(w, o, N, K); }
 
 // Embedding rows: out[t, :] = scale * table[ids[t], :]; grid.x = tokens,
 // threads over the row's 32-value blocks.
@@ -231,45 +243,45 @@ __device__ void embed(W w, const int* ids, float* out, int K, float scale) {
     }
 }
 
-extern "C" __global__ void embed_f16(W w, const int* ids, float* o, int K, float s) { embed<T_F16>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q8_0(W w, const int* ids, float* o, int K, float s) { embed<T_Q8_0>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q4_0(W w, const int* ids, float* o, int K, float s) { embed<T_Q4_0>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q5_0(W w, const int* ids, float* o, int K, float s) { embed<T_Q5_0>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q4_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q4_K>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q6_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q6_K>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q4_1(W w, const int* ids, float* o, int K, float s) { embed<T_Q4_1>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q5_1(W w, const int* ids, float* o, int K, float s) { embed<T_Q5_1>(w, ids, o, K, s); }
-extern "C" __global__ void embed_q5_k(W w, const int* ids, float* o, int K, float s) { embed<T_Q5_K>(w, ids, o, K, s); }
+extern "C" __global__ void embed_f16(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_F16>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q8_0(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q8_0>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q4_0(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q4_0>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q5_0(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q5_0>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q4_k(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q4_K>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q6_k(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q6_K>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q4_1(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q4_1>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q5_1(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q5_1>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q5_k(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q5_K>(w, ids, o, K, s); }
 
 // ---------------------------------------------------------------------------
-// Activation quantization: one warp per 32 values (lane = value).
-
-extern "C" __global__ void quantize_q8(const float* x, signed char* xq, float* xd, long n_blocks) {
-    long blk = ((long)blockIdx.x * blockDim.x + threadIdx.x) / 32;
-    int lane = threadIdx.x & 31;
-    if (blk >= n_blocks) return;
-    float v = x[blk * 32 + lane];
-    float amax = warp_max(fabsf(v));
-    float d = amax / 127.0f;
-    float id = d != 0.0f ? 1.0f / d : 0.0f;
-    xq[blk * 32 + lane] = (signed char)__float2int_rn(v * id);
-    if (lane == 0) xd[blk] = d;
-}
-
-extern "C" __global__ void to_f16(const float* x, __half* y, long n) {
+extern "C" __global__ void to_f16(const float* x, __half* y, long n) { TL_PDL();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] = __float2half_rn(x[i]);
 }
 
 // ---------------------------------------------------------------------------
-// Quantized matrix-vector products for 1..8 activation rows: one warp per
-// output row, lanes over "units" of the row (a unit is one 32-bit word of
-// quantized weights and the activations it meets), the weight word loaded
-// once for all M rows. out[m * ldo + row].
+// Quantized matrix-vector products for 1..8 activation rows: one warp (or
+// `split` warps) per output row, lanes over "units" of the row (a unit is
+// 16 bytes of quantized weights where the layout allows, 8 for the 4/5-bit
+// 32-value blocks, and the activations they meet), each weight load used
+// for all M rows. out[m * ldo + row].
 
 template <int T>
 __device__ __forceinline__ int units_per_row(int K) {
-    return T == T_Q6_K ? K / 16 : K / 8;
+    return (T == T_Q4_K || T == T_Q5_K) ? K / 32 : K / 16;
+}
+
+__device__ __forceinline__ int dot4(int4 a, int4 b) {
+    return __dp4a(a.x, b.x, __dp4a(a.y, b.y, __dp4a(a.z, b.z, __dp4a(a.w, b.w, 0))));
+}
+
+__device__ __forceinline__ int sum4(int4 b) {
+    return __dp4a(0x01010101, b.x, __dp4a(0x01010101, b.y, __dp4a(0x01010101, b.z, __dp4a(0x01010101, b.w, 0))));
+}
+
+// Bits 0..3 of x to bit 4 of bytes 0..3.
+__device__ __forceinline__ int spread4(unsigned x) {
+    return (int)(((x & 1) << 4) | ((x & 2) << 11) | ((x & 4) << 18) | ((x & 8) << 25));
 }
 
 template <int T, int M>
@@ -277,50 +289,64 @@ __device__ __forceinline__ void unit_dot(const W& w, long r, int u, int K, const
                                          const float* xd, float* acc) {
     const long nb = K / 32;
     if (T == T_Q8_0) {
-        int b = u / 4, off = (u % 4) * 8;
-        const unsigned char* qp = w.p0 + r * K + b * 32 + off;
-        int2 q = *(const int2*)qp;
+        int b = u / 2, off = (u % 2) * 16;
+        int4 q = *(const int4*)(w.p0 + r * K + b * 32 + off);
         float d = h2f(w.p1, r * nb + b);
 #pragma unroll
         for (int m = 0; m < M; m++) {
-            const int2 x = *(const int2*)(xq + (long)m * K + b * 32 + off);
-            int s = __dp4a(q.x, x.x, __dp4a(q.y, x.y, 0));
-            acc[m] += d * xd[(long)m * nb + b] * s;
+            int4 x = *(const int4*)(xq + (long)m * K + b * 32 + off);
+            acc[m] += d * xd[(long)m * nb + b] * dot4(q, x);
         }
     } else if (T == T_Q4_0 || T == T_Q5_0 || T == T_Q4_1 || T == T_Q5_1) {
-        int b = u / 4, j = (u % 4) * 4;
-        int q = ld_int(w.p0, (r * nb + b) * 16 + j);
-        int lo = q & 0x0F0F0F0F, hi = (q >> 4) & 0x0F0F0F0F;
+        // 8 bytes at j of a block's 16: values j..j+7 (low nibbles) and
+        // j+16..j+23 (high nibbles).
+        int b = u / 2, j = (u % 2) * 8;
+        int2 q = *(const int2*)(w.p0 + (r * nb + b) * 16 + j);
+        int4 lh;  // lo(j), lo(j+4), hi(j+16), hi(j+20)
+        lh.x = q.x & 0x0F0F0F0F;
+        lh.y = q.y & 0x0F0F0F0F;
+        lh.z = (q.x >> 4) & 0x0F0F0F0F;
+        lh.w = (q.y >> 4) & 0x0F0F0F0F;
         int off = (T == T_Q4_0) ? 8 : (T == T_Q5_0 ? 16 : 0);
         if (T == T_Q5_0 || T == T_Q5_1) {
             unsigned qh = ((const unsigned*)w.p2)[r * nb + b];
-            unsigned hl = (qh >> j) & 0xF, hh = (qh >> (j + 16)) & 0xF;
-            // Spread 4 bits to bit 4 of 4 bytes.
-            lo |= (int)(((hl & 1) << 4) | ((hl & 2) << 11) | ((hl & 4) << 18) | ((hl & 8) << 25));
-            hi |= (int)(((hh & 1) << 4) | ((hh & 2) << 11) | ((hh & 4) << 18) | ((hh & 8) << 25));
+            unsigned hl = (qh >> j) & 0xFF, hh = (qh >> (j + 16)) & 0xFF;
+            lh.x |= spread4(hl & 0xF);
+            lh.y |= spread4(hl >> 4);
+            lh.z |= spread4(hh & 0xF);
+            lh.w |= spread4(hh >> 4);
         }
         float d = h2f(w.p1, r * nb + b);
         float mn = (T == T_Q4_1 || T == T_Q5_1) ? h2f(w.p3, r * nb + b) : 0.0f;
 #pragma unroll
         for (int m = 0; m < M; m++) {
             const signed char* xb = xq + (long)m * K + b * 32;
-            int x0 = *(const int*)(xb + j), x1 = *(const int*)(xb + 16 + j);
-            int s = __dp4a(lo, x0, __dp4a(hi, x1, 0));
-            int sx = __dp4a(0x01010101, x0, __dp4a(0x01010101, x1, 0));
+            int2 x0 = *(const int2*)(xb + j), x1 = *(const int2*)(xb + 16 + j);
+            int4 x = make_int4(x0.x, x0.y, x1.x, x1.y);
+            int s = dot4(lh, x), sx = sum4(x);
             float dx = xd[(long)m * nb + b];
             acc[m] += d * dx * (s - off * sx) + mn * dx * sx;
         }
     } else if (T == T_Q4_K || T == T_Q5_K) {
+        // 16 bytes of a super-block's quants: group g's (two 32-value
+        // sub-blocks, low and high nibbles) values 16h..16h+15.
         const long nbk = K / 256;
-        int sb = u / 32, l = u % 32, g = l / 8, p = 4 * (l % 8);
+        int sb = u / 8, l = u % 8, g = l / 2, hq = 16 * (l % 2);
         const int bs = T == T_Q4_K ? 144 : 176, qs = T == T_Q4_K ? 16 : 48;
         const unsigned char* blk = w.p0 + (r * nbk + sb) * bs;
-        int q = ld_int(blk, qs + 32 * g + p);
-        int lo = q & 0x0F0F0F0F, hi = (q >> 4) & 0x0F0F0F0F;
+        int4 q = *(const int4*)(blk + qs + 32 * g + hq);
+        int4 lo, hi;
+        lo.x = q.x & 0x0F0F0F0F; hi.x = (q.x >> 4) & 0x0F0F0F0F;
+        lo.y = q.y & 0x0F0F0F0F; hi.y = (q.y >> 4) & 0x0F0F0F0F;
+        lo.z = q.z & 0x0F0F0F0F; hi.z = (q.z >> 4) & 0x0F0F0F0F;
+        lo.w = q.w & 0x0F0F0F0F; hi.w = (q.w >> 4) & 0x0F0F0F0F;
         if (T == T_Q5_K) {
-            int qh = ld_int(blk, 16 + p);
-            lo |= ((qh >> (2 * g)) & 0x01010101) << 4;
-            hi |= ((qh >> (2 * g + 1)) & 0x01010101) << 4;
+            int4 qh = *(const int4*)(blk + 16 + hq);
+            int s0 = 2 * g, s1 = 2 * g + 1;
+            lo.x |= ((qh.x >> s0) & 0x01010101) << 4; hi.x |= ((qh.x >> s1) & 0x01010101) << 4;
+            lo.y |= ((qh.y >> s0) & 0x01010101) << 4; hi.y |= ((qh.y >> s1) & 0x01010101) << 4;
+            lo.z |= ((qh.z >> s0) & 0x01010101) << 4; hi.z |= ((qh.z >> s1) & 0x01010101) << 4;
+            lo.w |= ((qh.w >> s0) & 0x01010101) << 4; hi.w |= ((qh.w >> s1) & 0x01010101) << 4;
         }
         __half2 dm = *(const __half2*)blk;
         float d = __low2float(dm), dmin = __high2float(dm);
@@ -331,10 +357,10 @@ __device__ __forceinline__ void unit_dot(const W& w, long r, int u, int K, const
 #pragma unroll
         for (int m = 0; m < M; m++) {
             const signed char* xr = xq + (long)m * K;
-            int x0 = *(const int*)(xr + b0 * 32 + p), x1 = *(const int*)(xr + b1 * 32 + p);
+            int4 x0 = *(const int4*)(xr + b0 * 32 + hq), x1 = *(const int4*)(xr + b1 * 32 + hq);
             float dx0 = xd[(long)m * nb + b0], dx1 = xd[(long)m * nb + b1];
-            int s0 = __dp4a(lo, x0, 0), s1 = __dp4a(hi, x1, 0);
-            int sx0 = __dp4a(0x01010101, x0, 0), sx1 = __dp4a(0x01010101, x1, 0);
+            int s0 = dot4(lo, x0), s1 = dot4(hi, x1);
+            int sx0 = sum4(x0), sx1 = sum4(x1);
             acc[m] += d * (sc0 * s0 * dx0 + sc1 * s1 * dx1) - dmin * (m0 * sx0 * dx0 + m1 * sx1 * dx1);
         }
     } else if (T == T_Q6_K) {
@@ -366,67 +392,95 @@ __device__ __forceinline__ void unit_dot(const W& w, long r, int u, int K, const
     }
 }
 
-template <int T, int M>
-__device__ void gemv_q(W w, const signed char* xq, const float* xd, float* out, int N, int K, int ldo) {
+// Rows of length K are split over `split` warps (1, 2 or 4 of the block's
+// 4) when K is long, so a short, wide product (ffn_down of a small model)
+// still has enough loads in flight; the loop is unrolled for the same
+// reason. The partial sums of a row meet in shared memory.
+template <int M>
+__device__ __forceinline__ void gemv_store(float* acc, float* out, long r, bool valid, int N, int ldo,
+                                           int split) {
+    __shared__ float red[4][8];
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    long r = (long)blockIdx.x * (blockDim.x / 32) + warp;
-    if (r >= N) return;
+#pragma unroll
+    for (int m = 0; m < M; m++) acc[m] = warp_sum(acc[m]);
+    if (split == 1) {
+        if (valid && lane == 0) {
+#pragma unroll
+            for (int m = 0; m < M; m++) out[(long)m * ldo + r] = acc[m];
+        }
+        return;
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int m = 0; m < M; m++) red[warp][m] = acc[m];
+    }
+    __syncthreads();
+    if (valid && warp % split == 0 && lane < M) {
+        float s = 0.0f;
+        for (int p = 0; p < split; p++) s += red[warp + p][lane];
+        out[(long)lane * ldo + r] = s;
+    }
+}
+
+template <int T, int M>
+__device__ void gemv_q(W w, const signed char* xq, const float* xd, float* out, int N, int K, int ldo, int split) {
+    int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * ((blockDim.x / 32) / split) + warp / split;
+    bool valid = r < N;
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; m++) acc[m] = 0.0f;
-    int units = units_per_row<T>(K);
-    for (int u = lane; u < units; u += 32) unit_dot<T, M>(w, r, u, K, xq, xd, acc);
-#pragma unroll
-    for (int m = 0; m < M; m++) {
-        float s = warp_sum(acc[m]);
-        if (lane == 0) out[(long)m * ldo + r] = s;
+    if (valid) {
+        int units = units_per_row<T>(K);
+#pragma unroll 4
+        for (int u = (warp % split) * 32 + lane; u < units; u += 32 * split) unit_dot<T, M>(w, r, u, K, xq, xd, acc);
     }
+    gemv_store<M>(acc, out, r, valid, N, ldo, split);
 }
 
 // f16 weights against f32 activations.
 template <int M>
-__device__ void gemv_h(W w, const float* x, float* out, int N, int K, int ldo) {
+__device__ void gemv_h(W w, const float* x, float* out, int N, int K, int ldo, int split) {
     int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-    long r = (long)blockIdx.x * (blockDim.x / 32) + warp;
-    if (r >= N) return;
+    long r = (long)blockIdx.x * ((blockDim.x / 32) / split) + warp / split;
+    bool valid = r < N;
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; m++) acc[m] = 0.0f;
-    const __half* wr = (const __half*)w.p0 + r * K;
-    for (int c = lane * 8; c < K; c += 256) {
-        uint4 raw = *(const uint4*)(wr + c);
-        const __half2* h = (const __half2*)&raw;
-        float wf[8];
+    if (valid) {
+        const __half* wr = (const __half*)w.p0 + r * K;
+#pragma unroll 4
+        for (int c = ((warp % split) * 32 + lane) * 8; c < K; c += 256 * split) {
+            uint4 raw = *(const uint4*)(wr + c);
+            const __half2* h = (const __half2*)&raw;
+            float wf[8];
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            float2 f = __half22float2(h[k]);
-            wf[2 * k] = f.x;
-            wf[2 * k + 1] = f.y;
-        }
+            for (int k = 0; k < 4; k++) {
+                float2 f = __half22float2(h[k]);
+                wf[2 * k] = f.x;
+                wf[2 * k + 1] = f.y;
+            }
 #pragma unroll
-        for (int m = 0; m < M; m++) {
-            const float4* xp = (const float4*)(x + (long)m * K + c);
-            float4 a = xp[0], b = xp[1];
-            acc[m] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y +
-                      wf[6] * b.z + wf[7] * b.w;
+            for (int m = 0; m < M; m++) {
+                const float4* xp = (const float4*)(x + (long)m * K + c);
+                float4 a = xp[0], b = xp[1];
+                acc[m] += wf[0] * a.x + wf[1] * a.y + wf[2] * a.z + wf[3] * a.w + wf[4] * b.x + wf[5] * b.y +
+                          wf[6] * b.z + wf[7] * b.w;
+            }
         }
     }
-#pragma unroll
-    for (int m = 0; m < M; m++) {
-        float s = warp_sum(acc[m]);
-        if (lane == 0) out[(long)m * ldo + r] = s;
-    }
+    gemv_store<M>(acc, out, r, valid, N, ldo, split);
 }
 
 #define GEMV_Q(name, T)                                                                                  \
-    extern "C" __global__ void name##_1(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 1>(w, xq, xd, o, N, K, ld); } \
-    extern "C" __global__ void name##_2(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 2>(w, xq, xd, o, N, K, ld); } \
-    extern "C" __global__ void name##_3(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 3>(w, xq, xd, o, N, K, ld); } \
-    extern "C" __global__ void name##_4(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 4>(w, xq, xd, o, N, K, ld); } \
-    extern "C" __global__ void name##_5(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 5>(w, xq, xd, o, N, K, ld); } \
-    extern "C" __global__ void name##_6(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 6>(w, xq, xd, o, N, K, ld); } \
-    extern "C" __global__ void name##_7(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 7>(w, xq, xd, o, N, K, ld); } \
-    extern "C" __global__ void name##_8(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld) { gemv_q<T, 8>(w, xq, xd, o, N, K, ld); }
+    extern "C" __global__ void name##_1(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 1>(w, xq, xd, o, N, K, ld, sp); } \
+    extern "C" __global__ void name##_2(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 2>(w, xq, xd, o, N, K, ld, sp); } \
+    extern "C" __global__ void name##_3(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 3>(w, xq, xd, o, N, K, ld, sp); } \
+    extern "C" __global__ void name##_4(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 4>(w, xq, xd, o, N, K, ld, sp); } \
+    extern "C" __global__ void name##_5(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 5>(w, xq, xd, o, N, K, ld, sp); } \
+    extern "C" __global__ void name##_6(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 6>(w, xq, xd, o, N, K, ld, sp); } \
+    extern "C" __global__ void name##_7(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 7>(w, xq, xd, o, N, K, ld, sp); } \
+    extern "C" __global__ void name##_8(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 8>(w, xq, xd, o, N, K, ld, sp); }
 
 GEMV_Q(gemv_q8_0, T_Q8_0)
 GEMV_Q(gemv_q4_0, T_Q4_0)
@@ -437,14 +491,14 @@ GEMV_Q(gemv_q4_1, T_Q4_1)
 GEMV_Q(gemv_q5_1, T_Q5_1)
 GEMV_Q(gemv_q5_k, T_Q5_K)
 
-extern "C" __global__ void gemv_f16_1(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<1>(w, x, o, N, K, ld); }
-extern "C" __global__ void gemv_f16_2(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<2>(w, x, o, N, K, ld); }
-extern "C" __global__ void gemv_f16_3(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<3>(w, x, o, N, K, ld); }
-extern "C" __global__ void gemv_f16_4(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<4>(w, x, o, N, K, ld); }
-extern "C" __global__ void gemv_f16_5(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<5>(w, x, o, N, K, ld); }
-extern "C" __global__ void gemv_f16_6(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<6>(w, x, o, N, K, ld); }
-extern "C" __global__ void gemv_f16_7(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<7>(w, x, o, N, K, ld); }
-extern "C" __global__ void gemv_f16_8(W w, const float* x, float* o, int N, int K, int ld) { gemv_h<8>(w, x, o, N, K, ld); }
+extern "C" __global__ void gemv_f16_1(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<1>(w, x, o, N, K, ld, sp); }
+extern "C" __global__ void gemv_f16_2(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<2>(w, x, o, N, K, ld, sp); }
+extern "C" __global__ void gemv_f16_3(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<3>(w, x, o, N, K, ld, sp); }
+extern "C" __global__ void gemv_f16_4(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<4>(w, x, o, N, K, ld, sp); }
+extern "C" __global__ void gemv_f16_5(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<5>(w, x, o, N, K, ld, sp); }
+extern "C" __global__ void gemv_f16_6(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<6>(w, x, o, N, K, ld, sp); }
+extern "C" __global__ void gemv_f16_7(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<7>(w, x, o, N, K, ld, sp); }
+extern "C" __global__ void gemv_f16_8(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<8>(w, x, o, N, K, ld, sp); }
 
 // ---------------------------------------------------------------------------
 // Norms and element-wise epilogues. One block per row, blockDim a multiple
@@ -475,7 +529,7 @@ __device__ __forceinline__ void store_q8(float v, long i, signed char* xq, float
 // out[row] = x[src] / sqrt(mean(x[src]^2) + eps) * w, with src = rows ? rows[row] : row;
 // with xq, also the 8-bit quantized row (d a multiple of 32).
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, const int* rows, int d, float eps,
-                                    signed char* xq, float* xd) {
+                                    signed char* xq, float* xd) { TL_PDL();
     __shared__ float sh[32];
     long src = rows ? rows[blockIdx.x] : blockIdx.x;
     const float* xr = x + src * d;
@@ -494,7 +548,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 // x += (pw ? rms_norm(o) * pw : o); then, with nw, xn = rms_norm(x) * nw
 // (and, with xq, xn quantized to 8 bits).
 extern "C" __global__ void add_norm(float* x, const float* o, const float* pw, const float* nw, float* xn, int d, float eps,
-                                    signed char* xq, float* xd) {
+                                    signed char* xq, float* xd) { TL_PDL();
     __shared__ float sh[32];
     float* xr = x + (long)blockIdx.x * d;
     const float* orow = o + (long)blockIdx.x * d;
@@ -531,7 +585,7 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 
 // out[t, i] = act(gu[t, i]) * gu[t, f + i]; act 0 = SiLU, 1 = GELU; with xq,
 // also quantized to 8 bits (f a multiple of 32, blockDim a multiple of 32).
-extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int act, signed char* xq, float* xd) {
+extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int act, signed char* xq, float* xd) { TL_PDL();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     long t = i / f, c = i % f;
@@ -541,28 +595,39 @@ extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int
     if (xq) store_q8(a * u, i, xq, xd);
 }
 
-extern "C" __global__ void softcap(float* x, long n, float cap) {
+extern "C" __global__ void softcap(float* x, long n, float cap) { TL_PDL();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = tanhf(x[i] / cap) * cap;
 }
 
-// ids[row] = argmax(x[row, :]) (first on ties). One block per row.
-extern "C" __global__ void argmax_rows(const float* x, int n, int* ids) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    const float* r = x + (long)blockIdx.x * n;
-    float best = -TL_INF;
-    int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = r[i];
-        if (v > best) { best = v; bi = i; }
-    }
+// Greedy argmax of each logits row (first index on ties), in two passes so
+// a 150k-entry row is read by many blocks at once: argmax_part's block
+// (b, row) reduces chunk b of the row to pv/pi[row * P + b]; argmax_final
+// (one warp per row) reduces the P partials. blockDim 256.
+__device__ __forceinline__ void arg_best(float& best, int& bi, float ov, int oi) {
+    if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+}
+
+__device__ __forceinline__ void warp_arg_best(float& best, int& bi) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffff, best, o);
         int oi = __shfl_xor_sync(0xffffffff, bi, o);
-        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        arg_best(best, bi, ov, oi);
     }
+}
+
+extern "C" __global__ void argmax_part(const float* x, int n, float* pv, int* pi) { TL_PDL();
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    int P = gridDim.x, row = blockIdx.y;
+    int chunk = (n + P - 1) / P;
+    int lo = blockIdx.x * chunk, hi = min(n, lo + chunk);
+    const float* r = x + (long)row * n;
+    float best = -TL_INF;
+    int bi = 0x7fffffff;
+    for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) arg_best(best, bi, r[i], i);
+    warp_arg_best(best, bi);
     int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
     if (lane == 0) { sv[warp] = best; si[warp] = bi; }
     __syncthreads();
@@ -570,14 +635,19 @@ extern "C" __global__ void argmax_rows(const float* x, int n, int* ids) {
         int nw = blockDim.x / 32;
         best = lane < nw ? sv[lane] : -TL_INF;
         bi = lane < nw ? si[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            float ov = __shfl_xor_sync(0xffffffff, best, o);
-            int oi = __shfl_xor_sync(0xffffffff, bi, o);
-            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
-        }
-        if (lane == 0) ids[blockIdx.x] = bi;
+        warp_arg_best(best, bi);
+        if (lane == 0) { pv[(long)row * P + blockIdx.x] = best; pi[(long)row * P + blockIdx.x] = bi; }
     }
+}
+
+extern "C" __global__ void argmax_final(const float* pv, const int* pi, int P, int* ids) { TL_PDL();
+    int row = blockIdx.x, lane = threadIdx.x;
+    float best = -TL_INF;
+    int bi = 0x7fffffff;
+    for (int i = lane; i < P; i += 32) arg_best(best, bi, pv[(long)row * P + i], pi[(long)row * P + i]);
+    warp_arg_best(best, bi);
+    // A row of NaNs only: index 0, as the CPU's argmax.
+    if (lane == 0) ids[row] = bi == 0x7fffffff ? 0 : bi;
 }
 
 // ---------------------------------------------------------------------------
@@ -627,7 +697,7 @@ __device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const
 extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, const float* bk, const float* bv,
                                           const float* qn, const float* kn, const float* ff, const int* pos,
                                           const int* slots,
-                                          __half* kc, __half* vc, float* q_out, RopeArgs a) {
+                                          __half* kc, __half* vc, float* q_out, RopeArgs a) { TL_PDL();
     extern __shared__ float smem[];  // hd floats + 32
     float* h = smem;
     float* sh = smem + a.hd;
@@ -662,7 +732,8 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
 // cache (causal, GQA, optional sliding window), online softmax in f32.
 // A group of HD/8 lanes handles one key position at a time (8 dims a lane,
 // one 16-byte load of K and of V); groups and warps take positions in turn
-// and their partial softmax states are merged in shared memory at the end.
+// and their partial softmax states are merged in shared memory at the end;
+// with xq, the output is also left quantized to 8 bits for the next product.
 // grid = (n_heads, n_tokens), blockDim = 256.
 struct AttnArgs {
     int n_heads, n_kv_heads, max_blocks, window;
@@ -671,7 +742,8 @@ struct AttnArgs {
 
 template <int HD>
 __device__ void attention(const float* q, const __half* kc, const __half* vc, const int* tok_pos,
-                          const int* tok_seq, const int* tables, float* out, AttnArgs a) {
+                          const int* tok_seq, const int* tables, float* out, AttnArgs a, signed char* xq,
+                          float* xd) {
     constexpr int LP = HD / 8;     // lanes per position
     constexpr int GPW = 32 / LP;   // groups per warp
     extern __shared__ float sm[];
@@ -743,10 +815,14 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
             L += sm_l[i] * c;
             o += sm_a[i * HD + d] * c;
         }
-        out[((long)t * a.n_heads + head) * HD + d] = L > 0.0f ? o / L : 0.0f;
+        long i = ((long)t * a.n_heads + head) * HD + d;
+        float v = L > 0.0f ? o / L : 0.0f;
+        out[i] = v;
+        // (HD is a multiple of 32 and ≤ blockDim: whole warps store.)
+        if (xq) store_q8(v, i, xq, xd);
     }
 }
 
-extern "C" __global__ void attention_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a) { attention<64>(q, kc, vc, tp, ts, tb, o, a); }
-extern "C" __global__ void attention_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a) { attention<128>(q, kc, vc, tp, ts, tb, o, a); }
-extern "C" __global__ void attention_256(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a) { attention<256>(q, kc, vc, tp, ts, tb, o, a); }
+extern "C" __global__ void attention_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd) { TL_PDL(); attention<64>(q, kc, vc, tp, ts, tb, o, a, xq, xd); }
+extern "C" __global__ void attention_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd) { TL_PDL(); attention<128>(q, kc, vc, tp, ts, tb, o, a, xq, xd); }
+extern "C" __global__ void attention_256(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd) { TL_PDL(); attention<256>(q, kc, vc, tp, ts, tb, o, a, xq, xd); }

@@ -247,10 +247,16 @@ pub struct Gpu {
     /// Index in `kernels` of the last kernel launched, plus one (0: none),
     /// for the timeout message.
     last: std::sync::atomic::AtomicUsize,
+    /// Whether the stream is being captured into a graph.
+    capturing: std::sync::atomic::AtomicBool,
+    /// Kernels launched with programmatic dependent launch (sm_90+, unless
+    /// `TL_CUDA_PDL=0`).
+    pdl: bool,
 }
 
 /// Per-stage GPU time, from events recorded between stages
-/// (`TL_CUDA_PROFILE=1`; the forward then runs without graphs).
+/// (`TL_CUDA_PROFILE=1`; a decode step is then captured afresh each time,
+/// the events as nodes of its graph, so the times are those of a replay).
 #[derive(Default)]
 struct Profile {
     marks: Vec<(&'static str, CudaEvent)>,
@@ -362,6 +368,8 @@ impl Gpu {
             trace,
             timeout,
             last: Default::default(),
+            capturing: Default::default(),
+            pdl: arch.0 >= 9 && std::env::var("TL_CUDA_PDL").map_or(true, |v| v != "0"),
         }))
     }
 
@@ -638,20 +646,55 @@ impl Gpu {
         // one value per kernel parameter, laid out as the kernel declares
         // them (the callers in tl-model pass them in declaration order),
         // alive until cuLaunchKernel returns (it copies them).
-        unsafe {
-            drv_res::launch_kernel(
-                f,
-                grid,
-                (block, 1, 1),
-                smem,
-                self.stream.cu_stream(),
-                &mut params,
-            )
+        if self.pdl {
+            // Programmatic stream serialisation: the kernel may launch
+            // while its predecessor drains (each kernel waits for its
+            // predecessors with griddepcontrol.wait first; kernels.cu).
+            let mut attr = drv::CUlaunchAttribute {
+                id: drv::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                pad: [0; 4],
+                value: drv::CUlaunchAttributeValue {
+                    programmaticStreamSerializationAllowed: 1,
+                },
+            };
+            let cfg = drv::CUlaunchConfig {
+                gridDimX: grid.0,
+                gridDimY: grid.1,
+                gridDimZ: grid.2,
+                blockDimX: block,
+                blockDimY: 1,
+                blockDimZ: 1,
+                sharedMemBytes: smem,
+                hStream: self.stream.cu_stream(),
+                attrs: &mut attr,
+                numAttrs: 1,
+            };
+            // SAFETY: as below; `cfg` and `attr` outlive the call.
+            let r = unsafe {
+                drv::cuLaunchKernelEx(&cfg, f, params.as_mut_ptr(), std::ptr::null_mut())
+            };
+            if r != drv::CUresult::CUDA_SUCCESS {
+                return Err(CudaError::Driver {
+                    op: format!("launch {name}"),
+                    err: format!("{r:?}"),
+                });
+            }
+        } else {
+            unsafe {
+                drv_res::launch_kernel(
+                    f,
+                    grid,
+                    (block, 1, 1),
+                    smem,
+                    self.stream.cu_stream(),
+                    &mut params,
+                )
+            }
+            .map_err(|e| CudaError::Driver {
+                op: format!("launch {name}"),
+                err: format!("{e:?}"),
+            })?;
         }
-        .map_err(|e| CudaError::Driver {
-            op: format!("launch {name}"),
-            err: format!("{e:?}"),
-        })?;
         self.last
             .store(idx + 1, std::sync::atomic::Ordering::Relaxed);
         if self.trace {
@@ -677,7 +720,23 @@ impl Gpu {
             .ctx
             .new_event(Some(drv::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(drv_err("event"))?;
-        ev.record(&self.stream).map_err(drv_err("event record"))?;
+        // While the stream is being captured, "external" makes the record a
+        // node of the graph (timed on every replay) instead of a
+        // capture-internal dependency; the flag is invalid outside capture.
+        let flags = if self.capturing.load(std::sync::atomic::Ordering::Relaxed) {
+            drv::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32
+        } else {
+            0
+        };
+        // SAFETY: an event of this context recorded on our stream.
+        let r =
+            unsafe { drv::cuEventRecordWithFlags(ev.cu_event(), self.stream.cu_stream(), flags) };
+        if r != drv::CUresult::CUDA_SUCCESS {
+            return Err(CudaError::Driver {
+                op: "event record".into(),
+                err: format!("{r:?}"),
+            });
+        }
         if let Ok(mut p) = self.profile.lock() {
             p.marks.push((label, ev));
         }
@@ -803,14 +862,19 @@ impl Gpu {
                 drv::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
             )
         }
-        .map_err(drv_err("begin capture"))
+        .map_err(drv_err("begin capture"))?;
+        self.capturing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Ends a capture and instantiates the graph.
     pub fn end_capture(&self) -> Result<Graph> {
         // SAFETY: ends the capture begun by `begin_capture` on our stream.
-        let graph = unsafe { drv_res::stream::end_capture(self.stream.cu_stream()) }
-            .map_err(drv_err("end capture"))?;
+        let graph = unsafe { drv_res::stream::end_capture(self.stream.cu_stream()) };
+        self.capturing
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let graph = graph.map_err(drv_err("end capture"))?;
         if graph.is_null() {
             return Err(CudaError::Invalid("graph capture produced no graph".into()));
         }
@@ -878,7 +942,8 @@ mod tests {
             "attention_128",
             "qkv_rope_store",
             "rms_norm",
-            "argmax_rows",
+            "argmax_part",
+            "argmax_final",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing");
         }

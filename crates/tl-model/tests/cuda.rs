@@ -216,8 +216,8 @@ fn stage_report(cpu: &std::path::Path, gpu: &std::path::Path, layers: usize) {
 /// Returns a description of the first failed check.
 fn compare(s: &SynthSpec) -> Result<(), String> {
     let label = format!(
-        "{:?} {} / {} hd {}",
-        s.arch, s.weight_type, s.output_type, s.head_dim
+        "{:?} {} / {} hd {} d {} ffn {}",
+        s.arch, s.weight_type, s.output_type, s.head_dim, s.d_model, s.ffn
     );
     let vocab = s.vocab();
     let mut cpu = Side::new(s, Device::Cpu, 3);
@@ -326,11 +326,46 @@ fn cuda_matches_cpu_on_every_architecture_and_weight_type() {
         (SynthArch::Qwen3, GgmlType::Q8_0, GgmlType::Q8_0, 128),
         (SynthArch::Phi3, GgmlType::Q4_K, GgmlType::Q6_K, 64),
     ];
+    // Wider shapes, so the decode products split long rows over 2 and 4
+    // warps (rows of ≥ 1536 and ≥ 3072 values) as on full-size models.
+    let wide = [
+        (
+            SynthArch::Qwen2,
+            GgmlType::Q8_0,
+            GgmlType::Q8_0,
+            64,
+            1024,
+            4864,
+        ),
+        (
+            SynthArch::Qwen2,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+            128,
+            1536,
+            4608,
+        ),
+        (
+            SynthArch::Llama,
+            GgmlType::F16,
+            GgmlType::Q4_0,
+            128,
+            512,
+            2048,
+        ),
+    ];
+    let all = cases
+        .iter()
+        .map(|&(a, t, o, hd)| (a, t, o, hd, 0, 0))
+        .chain(wide);
     // Every case runs (a failing one does not hide the others), then the
     // failures are listed together.
     let mut failed = Vec::new();
-    for (arch, ty, out, hd) in cases {
-        let s = spec(arch, ty, out, hd);
+    for (arch, ty, out, hd, d, ffn) in all {
+        let mut s = spec(arch, ty, out, hd);
+        if d > 0 {
+            (s.d_model, s.ffn, s.n_layers) = (d, ffn, 2);
+        }
         match std::panic::catch_unwind(|| compare(&s)) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => failed.push(e),

@@ -51,6 +51,11 @@ pub(super) struct CudaExec<'a> {
     pub(super) pending_ffn: Option<usize>,
 }
 
+/// How many blocks share one row of the greedy argmax (≈1024 logits each).
+pub(super) fn argmax_parts(vocab: usize) -> usize {
+    vocab.div_ceil(1024).clamp(1, 128)
+}
+
 fn grid1(n: usize, per: usize) -> (u32, u32, u32) {
     (n.div_ceil(per) as u32, 1, 1)
 }
@@ -74,37 +79,19 @@ impl CudaExec<'_> {
     }
 
     /// `out[m, ..] (row stride ldo) = x[m, K] · Wᵀ` for each matrix of
-    /// `mats`, their outputs side by side. `prequant`: the kernel that
-    /// wrote `x` also left it quantized to 8 bits in the activation buffers.
-    fn matmul(
-        &self,
-        mats: &[&DevMat],
-        x: u64,
-        m: usize,
-        out: u64,
-        ldo: usize,
-        prequant: bool,
-    ) -> Result<()> {
+    /// `mats`, their outputs side by side. Up to 8 rows, the quantized
+    /// products read `x` as the kernel that wrote it also left it: 8-bit
+    /// values in the activation buffers (`q8_args`).
+    fn matmul(&self, mats: &[&DevMat], x: u64, m: usize, out: u64, ldo: usize) -> Result<()> {
         let k = mats[0].k;
         let mut col = 0usize;
         let small = m <= 8;
-        let needs_q = mats.iter().any(|w| w.kind != Kind::F16);
         let (xq, xd, xh, wh) = (
             ptr(&self.cs.xq),
             ptr(&self.cs.xd),
             ptr(&self.cs.xh),
             ptr(&self.cs.wh),
         );
-        if small && needs_q && !prequant {
-            let nb = m * k / 32;
-            self.l(
-                "quantize_q8",
-                grid1(nb * 32, 256),
-                256,
-                0,
-                &[Arg::Ptr(x), Arg::Ptr(xq), Arg::Ptr(xd), Arg::I64(nb as i64)],
-            )?;
-        }
         if !small {
             let n = m * k;
             self.l(
@@ -118,7 +105,21 @@ impl CudaExec<'_> {
         for w in mats {
             let o = out + (col * 4) as u64;
             if small {
-                let grid = grid1(w.n, 4);
+                // Warps per row: long rows are split so that each warp's
+                // share is at most ~4 iterations of its unrolled loop.
+                // (units_per_row in kernels.cu; f16 rows are read 8 values
+                // a lane.)
+                let units = match w.kind {
+                    Kind::Q4K | Kind::Q5K => k / 32,
+                    Kind::F16 => k / 8,
+                    _ => k / 16,
+                };
+                let split = match units.div_ceil(32) {
+                    0..=4 => 1usize,
+                    5..=8 => 2,
+                    _ => 4,
+                };
+                let grid = grid1(w.n, 4 / split);
                 if w.kind == Kind::F16 {
                     self.l(
                         &format!("gemv_f16_{m}"),
@@ -132,6 +133,7 @@ impl CudaExec<'_> {
                             Arg::I32(w.n as i32),
                             Arg::I32(k as i32),
                             Arg::I32(ldo as i32),
+                            Arg::I32(split as i32),
                         ],
                     )?;
                 } else {
@@ -148,6 +150,7 @@ impl CudaExec<'_> {
                             Arg::I32(w.n as i32),
                             Arg::I32(k as i32),
                             Arg::I32(ldo as i32),
+                            Arg::I32(split as i32),
                         ],
                     )?;
                 }
@@ -246,14 +249,29 @@ impl CudaExec<'_> {
     fn finish_argmax(&mut self) -> Result<()> {
         if self.greedy {
             let v = self.m.config.vocab;
+            let parts = argmax_parts(v);
+            let (pv, pi) = (ptr(&self.cs.arg_v), ptr(&self.cs.arg_i));
             self.l(
-                "argmax_rows",
-                (self.n_out as u32, 1, 1),
-                1024,
+                "argmax_part",
+                (parts as u32, self.n_out as u32, 1),
+                256,
                 0,
                 &[
                     Arg::Ptr(ptr(&self.cs.logits)),
                     Arg::I32(v as i32),
+                    Arg::Ptr(pv),
+                    Arg::Ptr(pi),
+                ],
+            )?;
+            self.l(
+                "argmax_final",
+                (self.n_out as u32, 1, 1),
+                32,
+                0,
+                &[
+                    Arg::Ptr(pv),
+                    Arg::Ptr(pi),
+                    Arg::I32(parts as i32),
                     Arg::Ptr(ptr(&self.cs.ids)),
                 ],
             )?;
@@ -321,7 +339,7 @@ impl Exec for CudaExec<'_> {
         self.mark("matmul qkv")?;
         let mats: Vec<&DevMat> = self.cm.layers[il].qkv.mats.iter().collect();
         let ld = self.cm.layers[il].qkv.n();
-        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.qkv), ld, true)
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.qkv), ld)
     }
 
     fn rope_store_kv(&mut self, il: usize) -> Result<()> {
@@ -389,6 +407,7 @@ impl Exec for CudaExec<'_> {
         let groups = threads / 32 * (32 / (hd / 8));
         let smem = ((2 * groups + groups * hd) * 4) as u32;
         let off = (il * self.kv.layer_bytes) as u64;
+        let [q0, q1] = self.q8_args();
         self.l(
             &format!("attention_{hd}"),
             (c.n_heads as u32, self.n as u32, 1),
@@ -403,6 +422,8 @@ impl Exec for CudaExec<'_> {
                 Arg::Ptr(self.meta_at(self.lay.tables)),
                 Arg::Ptr(ptr(&self.cs.att)),
                 raw_arg(&args),
+                q0,
+                q1,
             ],
         )
     }
@@ -410,7 +431,7 @@ impl Exec for CudaExec<'_> {
     fn attn_out(&mut self, il: usize) -> Result<()> {
         self.mark("matmul attn_out")?;
         let w = &self.cm.layers[il].wo;
-        self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n, false)
+        self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n)
     }
 
     fn attn_residual(&mut self, il: usize) -> Result<()> {
@@ -423,7 +444,7 @@ impl Exec for CudaExec<'_> {
         self.mark("matmul gate_up")?;
         let mats: Vec<&DevMat> = self.cm.layers[il].gate_up.mats.iter().collect();
         let ld = self.cm.layers[il].gate_up.n();
-        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld, true)
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld)
     }
 
     fn ffn_act(&mut self) -> Result<()> {
@@ -452,7 +473,7 @@ impl Exec for CudaExec<'_> {
     fn ffn_down(&mut self, il: usize) -> Result<()> {
         self.mark("matmul down")?;
         let w = &self.cm.layers[il].down;
-        self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n, true)
+        self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n)
     }
 
     fn ffn_residual(&mut self, il: usize) -> Result<()> {
@@ -493,14 +514,7 @@ impl Exec for CudaExec<'_> {
             ],
         )?;
         let w = self.cm.output.as_ref().unwrap_or(&self.cm.embd);
-        self.matmul(
-            &[w],
-            ptr(&self.cs.hidden),
-            m,
-            ptr(&self.cs.logits),
-            c.vocab,
-            true,
-        )?;
+        self.matmul(&[w], ptr(&self.cs.hidden), m, ptr(&self.cs.logits), c.vocab)?;
         if let Some(cap) = c.final_logit_softcap {
             let total = m * c.vocab;
             self.l(

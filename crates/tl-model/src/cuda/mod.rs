@@ -296,8 +296,7 @@ impl CudaModel {
             && n <= 8
             && graphs_enabled()
             && !crate::dump::enabled()
-            && !gpu.tracing()
-            && !profiling();
+            && !gpu.tracing();
         let key = GraphKey {
             n,
             n_out,
@@ -319,7 +318,18 @@ impl CudaModel {
             greedy,
             pending_ffn: None,
         };
-        if decode {
+        if decode && profiling() {
+            // A fresh capture each step: its timing events are nodes of the
+            // graph, read after this replay.
+            gpu.begin_capture().map_err(cuda_err)?;
+            let r = crate::forward::run(c, &mut ex).and_then(|_| ex.finish());
+            let g = gpu.end_capture().map_err(cuda_err);
+            r?;
+            let g = g?;
+            gpu.replay(&g).map_err(cuda_err)?;
+            gpu.sync().map_err(cuda_err)?;
+            gpu.profile_flush().map_err(cuda_err)?;
+        } else if decode {
             if let Some(g) = ex.cs.graphs.get(&key) {
                 gpu.replay(g).map_err(cuda_err)?;
             } else {
@@ -427,6 +437,9 @@ pub(crate) struct CudaState {
     hidden: Option<DevBuf>,
     logits: Option<DevBuf>,
     ids: Option<DevBuf>,
+    /// The greedy argmax's per-block partial maxima and their indices.
+    arg_v: Option<DevBuf>,
+    arg_i: Option<DevBuf>,
     xq: Option<DevBuf>,
     xd: Option<DevBuf>,
     xh: Option<DevBuf>,
@@ -476,6 +489,9 @@ impl CudaState {
             self.hidden = a(n_out * c.d_model * 4, "final hidden")?;
             self.logits = a(n_out * c.vocab * 4, "logits")?;
             self.ids = a(n_out * 4, "token ids")?;
+            let parts = exec::argmax_parts(c.vocab);
+            self.arg_v = a(n_out * parts * 4, "argmax partial maxima")?;
+            self.arg_i = a(n_out * parts * 4, "argmax partial indices")?;
             // The LM head's f16 scratch for more than 8 rows.
             if n_out > 8 {
                 let lm = c.vocab * c.d_model;

@@ -135,21 +135,33 @@ fn row_dot(hp: &HostParts, r: usize, xq: &[i8], xd: &[f32]) -> f32 {
             xq[pos + 3] as u8,
         ])
     };
-    let units = if hp.kind == Kind::Q6K { k / 16 } else { k / 8 };
+    let units = match hp.kind {
+        Kind::Q4K | Kind::Q5K => k / 32,
+        _ => k / 16,
+    };
+    let spread =
+        |x: u32| (((x & 1) << 4) | ((x & 2) << 11) | ((x & 4) << 18) | ((x & 8) << 25)) as i32;
     let mut acc = 0f32;
     for u in 0..units {
         match hp.kind {
             Kind::Q8_0 => {
-                let (b, off) = (u / 4, (u % 4) * 8);
+                let (b, off) = (u / 2, (u % 2) * 16);
                 let base = r * k + b * 32 + off;
-                let s = dp4a(word(&p[0], base), xw(b * 32 + off))
-                    + dp4a(word(&p[0], base + 4), xw(b * 32 + off + 4));
+                let s: i32 = (0..4)
+                    .map(|i| dp4a(word(&p[0], base + 4 * i), xw(b * 32 + off + 4 * i)))
+                    .sum();
                 acc += h(&p[1], r * nb + b) * xd[b] * s as f32;
             }
             Kind::Q4_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Q5_1 => {
-                let (b, j) = (u / 4, (u % 4) * 4);
-                let q = word(&p[0], (r * nb + b) * 16 + j);
-                let (mut lo, mut hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
+                let (b, j) = (u / 2, (u % 2) * 8);
+                let qa = word(&p[0], (r * nb + b) * 16 + j);
+                let qb = word(&p[0], (r * nb + b) * 16 + j + 4);
+                let mut lh = [
+                    qa & 0x0F0F_0F0F,
+                    qb & 0x0F0F_0F0F,
+                    (qa >> 4) & 0x0F0F_0F0F,
+                    (qb >> 4) & 0x0F0F_0F0F,
+                ];
                 let off = match hp.kind {
                     Kind::Q4_0 => 8,
                     Kind::Q5_0 => 16,
@@ -157,17 +169,20 @@ fn row_dot(hp: &HostParts, r: usize, xq: &[i8], xd: &[f32]) -> f32 {
                 };
                 if matches!(hp.kind, Kind::Q5_0 | Kind::Q5_1) {
                     let qh = word(&p[2], (r * nb + b) * 4) as u32;
-                    let (hl, hh) = ((qh >> j) & 0xF, (qh >> (j + 16)) & 0xF);
-                    let spread = |x: u32| {
-                        (((x & 1) << 4) | ((x & 2) << 11) | ((x & 4) << 18) | ((x & 8) << 25))
-                            as i32
-                    };
-                    lo |= spread(hl);
-                    hi |= spread(hh);
+                    let (hl, hh) = ((qh >> j) & 0xFF, (qh >> (j + 16)) & 0xFF);
+                    lh[0] |= spread(hl & 0xF);
+                    lh[1] |= spread(hl >> 4);
+                    lh[2] |= spread(hh & 0xF);
+                    lh[3] |= spread(hh >> 4);
                 }
-                let (x0, x1) = (xw(b * 32 + j), xw(b * 32 + 16 + j));
-                let s = dp4a(lo, x0) + dp4a(hi, x1);
-                let sx = dp4a(0x0101_0101, x0) + dp4a(0x0101_0101, x1);
+                let x = [
+                    xw(b * 32 + j),
+                    xw(b * 32 + j + 4),
+                    xw(b * 32 + 16 + j),
+                    xw(b * 32 + 20 + j),
+                ];
+                let s: i32 = (0..4).map(|i| dp4a(lh[i], x[i])).sum();
+                let sx: i32 = (0..4).map(|i| dp4a(0x0101_0101, x[i])).sum();
                 let mn = if matches!(hp.kind, Kind::Q4_1 | Kind::Q5_1) {
                     h(&p[3], r * nb + b)
                 } else {
@@ -177,28 +192,33 @@ fn row_dot(hp: &HostParts, r: usize, xq: &[i8], xd: &[f32]) -> f32 {
                     h(&p[1], r * nb + b) * xd[b] * (s - off * sx) as f32 + mn * xd[b] * sx as f32;
             }
             Kind::Q4K | Kind::Q5K => {
-                let (sb, l) = (u / 32, u % 32);
-                let (g, pp) = (l / 8, 4 * (l % 8));
+                let (sb, l) = (u / 8, u % 8);
+                let (g, hq) = (l / 2, 16 * (l % 2));
                 let (bs, qs) = if hp.kind == Kind::Q4K {
                     (144, 16)
                 } else {
                     (176, 48)
                 };
                 let blk = &p[0][(r * (k / 256) + sb) * bs..][..bs];
-                let q = word(blk, qs + 32 * g + pp);
-                let (mut lo, mut hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
-                if hp.kind == Kind::Q5K {
-                    let qh = word(blk, 16 + pp);
-                    lo |= ((qh >> (2 * g)) & 0x0101_0101) << 4;
-                    hi |= ((qh >> (2 * g + 1)) & 0x0101_0101) << 4;
-                }
                 let (d, dmin) = (h(blk, 0), h(blk, 1));
                 let (sc0, m0) = scale_min_k4(2 * g, &blk[4..16]);
                 let (sc1, m1) = scale_min_k4(2 * g + 1, &blk[4..16]);
                 let (b0, b1) = (sb * 8 + 2 * g, sb * 8 + 2 * g + 1);
-                let (x0, x1) = (xw(b0 * 32 + pp), xw(b1 * 32 + pp));
-                let (s0, s1) = (dp4a(lo, x0), dp4a(hi, x1));
-                let (sx0, sx1) = (dp4a(0x0101_0101, x0), dp4a(0x0101_0101, x1));
+                let (mut s0, mut s1, mut sx0, mut sx1) = (0, 0, 0, 0);
+                for i in 0..4 {
+                    let q = word(blk, qs + 32 * g + hq + 4 * i);
+                    let (mut lo, mut hi) = (q & 0x0F0F_0F0F, (q >> 4) & 0x0F0F_0F0F);
+                    if hp.kind == Kind::Q5K {
+                        let qh = word(blk, 16 + hq + 4 * i);
+                        lo |= ((qh >> (2 * g)) & 0x0101_0101) << 4;
+                        hi |= ((qh >> (2 * g + 1)) & 0x0101_0101) << 4;
+                    }
+                    let (x0, x1) = (xw(b0 * 32 + hq + 4 * i), xw(b1 * 32 + hq + 4 * i));
+                    s0 += dp4a(lo, x0);
+                    s1 += dp4a(hi, x1);
+                    sx0 += dp4a(0x0101_0101, x0);
+                    sx1 += dp4a(0x0101_0101, x1);
+                }
                 acc += d * (sc0 as f32 * s0 as f32 * xd[b0] + sc1 as f32 * s1 as f32 * xd[b1])
                     - dmin * (m0 as f32 * sx0 as f32 * xd[b0] + m1 as f32 * sx1 as f32 * xd[b1]);
             }
@@ -302,7 +322,10 @@ fn device_gemv_units_sum_to_the_dot_product() {
         GgmlType::Q8_0,
         GgmlType::Q4_0,
         GgmlType::Q5_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_1,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
     ] {
         let (w, bytes, deq) = weight(ty, 2, cols, 9);
