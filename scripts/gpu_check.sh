@@ -44,32 +44,49 @@ fi
 
 if [ "$mode" = session ]; then
   # One cold machine, one call: every step bounded so the logs come back.
-  OUT=${OUT:-$W/out}; mkdir -p "$OUT"
-  MODELS="${MODELS:-q05_q8_0 q15_q4_k q05_q4_0}" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  # The tests run while the models are synthesized and llama.cpp builds;
+  # the benchmarks wait for both, so no build competes with them.
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
+  SM="${MODELS:-q05_q8_0 q15_q4_k q05_q4_0}"
+  MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
   TL_DUMP_TENSORS=$W/dump TL_CUDA_TIMEOUT=10 timeout 150 "$TEST" --test-threads=1 --nocapture \
     >"$OUT/test.log" 2>&1
   echo "tests: exit $? (t=${SECONDS}s)"
-  grep -vE '^    stage|^\s+[0-9]+:|^\s+at ' "$OUT/test.log" | tail -40 | cut -c1-250
+  grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-200
+  while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 400 ]; do sleep 2; done
+  echo "prepared (t=${SECONDS}s)"
   LB=/tmp/llamacpp/build/bin
-  for m in ${MODELS:-q05_q8_0 q15_q4_k q05_q4_0}; do
+  [ -z "${SKIP_LLAMA:-}" ] && [ -x "$LB/llama-bench" ] || LB=
+  for m in $SM; do
     f=$W/$m.gguf
-    while [ ! -s "$f" ] && [ $SECONDS -lt 330 ]; do sleep 2; done
-    [ -s "$f" ] || { echo "$m: not synthesized in time"; continue; }
+    [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
     echo "== $m: tl (cuda) t=${SECONDS}s"
-    TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r 3 2>&1 | grep -vE '^\s*$' | tail -8
+    TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r 5 2>&1 | grep -E '^(\||device)' | grep -v -- '---'
     echo "-- without programmatic dependent launch (TL_CUDA_PDL=0)"
     TL_CUDA_PDL=0 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 3 2>&1 | grep -E 'tg128'
-    echo "-- stage profile, decode"
-    TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 0 -n 64 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -24
-    echo "-- stage profile, prefill 512"
-    TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 512 -n 0 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -24
-    while [ -z "${SKIP_LLAMA:-}" ] && [ ! -x "$LB/llama-bench" ] && [ $SECONDS -lt 450 ]; do sleep 3; done
-    if [ -z "${SKIP_LLAMA:-}" ] && [ -x "$LB/llama-bench" ]; then
+    if [ -n "$LB" ]; then
       echo "== $m: llama.cpp CUDA t=${SECONDS}s"
-      LD_LIBRARY_PATH=$LB timeout 60 "$LB/llama-bench" -m "$f" -p 512 -n 128 -ngl 99 -fa 1 -r 3 2>&1 | grep -E '^\|' | tail -2
+      LD_LIBRARY_PATH=$LB timeout 60 "$LB/llama-bench" -m "$f" -p 512 -n 128 -ngl 99 -fa 1 -r 5 2>&1 | grep -E '^\|' | tail -2
     fi
   done
+  m=${SM%% *}; f=$W/$m.gguf
+  if [ -s "$f" ] && [ $SECONDS -lt 450 ]; then
+    echo "-- stage profile, decode ($m)"
+    TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 0 -n 64 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -16
+    echo "== $m: batched decode, tl t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch 1,8,32,64 2>&1 | grep -E 'tg128'
+    if [ -n "$LB" ]; then
+      echo "== $m: batched decode, llama-batched-bench t=${SECONDS}s"
+      LD_LIBRARY_PATH=$LB timeout 90 "$LB/llama-batched-bench" -m "$f" -ngl 99 -fa 1 -npp 128 -ntg 128 \
+        -npl 1,8,32,64 -c 20000 2>&1 | grep -E '^\|' | tail -4
+    fi
+  fi
+  if [ -s "$f" ] && [ $SECONDS -lt 480 ] && command -v python3 >/dev/null; then
+    echo "== $m: tl serve --device cuda under load t=${SECONDS}s"
+    TL_DEVICE=cuda TL_CUDA_TIMEOUT=10 timeout 100 python3 scripts/loadtest.py --model "$f" --tl "$BIN" \
+      --sweep 1,16,64 --requests 2 --max-tokens 64 --max-batch 64 --duration 30 2>&1 | tail -8 | cut -c1-400
+  fi
   echo "session done t=${SECONDS}s"
   exit 0
 fi

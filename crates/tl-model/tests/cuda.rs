@@ -231,31 +231,44 @@ fn compare(s: &SynthSpec) -> Result<(), String> {
                 .collect()
         })
         .collect();
-    let a = cpu.step(&prompts, Logits::All);
-    let dump_cpu = stash_dump("cpu");
-    let b = gpu.step(&prompts, Logits::All);
-    let dump_gpu = stash_dump("gpu");
-    if a.len() != b.len() {
-        return Err(format!("{label}: logits rows {} vs {}", a.len(), b.len()));
-    }
-    let mut worst = 0f32;
-    for (ra, rb) in a.chunks_exact(vocab).zip(b.chunks_exact(vocab)) {
-        worst = worst.max(rel_diff(ra, rb));
-    }
-    eprintln!("{label}: prefill max rel diff {worst:.4}");
-    if let (Some(c), Some(g)) = (&dump_cpu, &dump_gpu) {
-        stage_report(c, g, s.n_layers);
-    }
-    if worst.is_nan() || worst >= 0.05 {
-        return Err(format!("{label}: prefill logits differ by {worst}"));
+    // Two prefill chunks: 62 rows (the quantized products, 8 rows a launch)
+    // and then 90 (dequantized weights and cuBLAS).
+    let more: Vec<Vec<u32>> = (0..3)
+        .map(|i| {
+            (0..30)
+                .map(|j| (3 + (i * 13 + j * 29 + 7) % (vocab - 3)) as u32)
+                .collect()
+        })
+        .collect();
+    let mut last = Vec::new();
+    for (chunk, toks) in [&prompts, &more].into_iter().enumerate() {
+        let a = cpu.step(toks, Logits::All);
+        let dump_cpu = stash_dump("cpu");
+        let b = gpu.step(toks, Logits::All);
+        let dump_gpu = stash_dump("gpu");
+        if a.len() != b.len() {
+            return Err(format!("{label}: logits rows {} vs {}", a.len(), b.len()));
+        }
+        let mut worst = 0f32;
+        for (ra, rb) in a.chunks_exact(vocab).zip(b.chunks_exact(vocab)) {
+            worst = worst.max(rel_diff(ra, rb));
+        }
+        let rows = a.len() / vocab;
+        eprintln!("{label}: prefill chunk {chunk} ({rows} rows) max rel diff {worst:.4}");
+        if let (Some(c), Some(g)) = (&dump_cpu, &dump_gpu) {
+            stage_report(c, g, s.n_layers);
+        }
+        if worst.is_nan() || worst >= 0.05 {
+            return Err(format!(
+                "{label}: prefill chunk {chunk} logits differ by {worst}"
+            ));
+        }
+        last = a;
     }
     // Decode: the CPU's argmax feeds both, so the sequences stay equal.
+    let a = last;
     let mut next: Vec<Vec<u32>> = (0..3)
-        .map(|i| {
-            vec![argmax(
-                &a[(prompts[..=i].iter().map(Vec::len).sum::<usize>() - 1) * vocab..][..vocab],
-            ) as u32]
-        })
+        .map(|i| vec![argmax(&a[((i + 1) * 30 - 1) * vocab..][..vocab]) as u32])
         .collect();
     let (mut agree, mut steps, mut worst) = (0, 0, 0f32);
     for step in 0..24 {

@@ -51,6 +51,12 @@ pub(super) struct CudaExec<'a> {
     pub(super) pending_ffn: Option<usize>,
 }
 
+/// Products of up to this many rows run as quantized matrix-vector
+/// kernels (8 rows a launch) on 8-bit activations, and such steps are
+/// captured as graphs; larger ones (prefill) dequantize the weight to f16
+/// for cuBLAS.
+pub(super) const GEMV_ROWS: usize = 64;
+
 /// How many blocks share one row of the greedy argmax (≈1024 logits each).
 pub(super) fn argmax_parts(vocab: usize) -> usize {
     vocab.div_ceil(1024).clamp(1, 128)
@@ -85,7 +91,7 @@ impl CudaExec<'_> {
     fn matmul(&self, mats: &[&DevMat], x: u64, m: usize, out: u64, ldo: usize) -> Result<()> {
         let k = mats[0].k;
         let mut col = 0usize;
-        let small = m <= 8;
+        let small = m <= GEMV_ROWS;
         let (xq, xd, xh, wh) = (
             ptr(&self.cs.xq),
             ptr(&self.cs.xd),
@@ -120,39 +126,45 @@ impl CudaExec<'_> {
                     _ => 4,
                 };
                 let grid = grid1(w.n, 4 / split);
-                if w.kind == Kind::F16 {
-                    self.l(
-                        &format!("gemv_f16_{m}"),
-                        grid,
-                        128,
-                        0,
-                        &[
-                            w.arg(),
-                            Arg::Ptr(x),
-                            Arg::Ptr(o),
-                            Arg::I32(w.n as i32),
-                            Arg::I32(k as i32),
-                            Arg::I32(ldo as i32),
-                            Arg::I32(split as i32),
-                        ],
-                    )?;
-                } else {
-                    self.l(
-                        &format!("gemv_{}_{m}", w.kind.suffix()),
-                        grid,
-                        128,
-                        0,
-                        &[
-                            w.arg(),
-                            Arg::Ptr(xq),
-                            Arg::Ptr(xd),
-                            Arg::Ptr(o),
-                            Arg::I32(w.n as i32),
-                            Arg::I32(k as i32),
-                            Arg::I32(ldo as i32),
-                            Arg::I32(split as i32),
-                        ],
-                    )?;
+                // Up to 8 rows a launch; the launches of one weight follow
+                // each other, so after the first its blocks come from L2.
+                for r0 in (0..m).step_by(8) {
+                    let mc = (m - r0).min(8);
+                    let o = o + (r0 * ldo * 4) as u64;
+                    if w.kind == Kind::F16 {
+                        self.l(
+                            &format!("gemv_f16_{mc}"),
+                            grid,
+                            128,
+                            0,
+                            &[
+                                w.arg(),
+                                Arg::Ptr(x + (r0 * k * 4) as u64),
+                                Arg::Ptr(o),
+                                Arg::I32(w.n as i32),
+                                Arg::I32(k as i32),
+                                Arg::I32(ldo as i32),
+                                Arg::I32(split as i32),
+                            ],
+                        )?;
+                    } else {
+                        self.l(
+                            &format!("gemv_{}_{mc}", w.kind.suffix()),
+                            grid,
+                            128,
+                            0,
+                            &[
+                                w.arg(),
+                                Arg::Ptr(xq + (r0 * k) as u64),
+                                Arg::Ptr(xd + (r0 * k / 32 * 4) as u64),
+                                Arg::Ptr(o),
+                                Arg::I32(w.n as i32),
+                                Arg::I32(k as i32),
+                                Arg::I32(ldo as i32),
+                                Arg::I32(split as i32),
+                            ],
+                        )?;
+                    }
                 }
             } else {
                 let wp = if w.kind == Kind::F16 {
@@ -185,7 +197,7 @@ impl CudaExec<'_> {
     /// The 8-bit activation buffers as kernel arguments when this step's
     /// products take quantized activations (≤ 8 rows), else null pointers.
     fn q8_args(&self) -> [Arg; 2] {
-        if self.n <= 8 {
+        if self.n <= GEMV_ROWS {
             [Arg::Ptr(ptr(&self.cs.xq)), Arg::Ptr(ptr(&self.cs.xd))]
         } else {
             [Arg::Ptr(0), Arg::Ptr(0)]
@@ -492,7 +504,7 @@ impl Exec for CudaExec<'_> {
         if let Some(pl) = self.pending_ffn.take() {
             self.flush_residual(pl)?;
         }
-        let (q0, q1) = if m <= 8 {
+        let (q0, q1) = if m <= GEMV_ROWS {
             (ptr(&self.cs.xq), ptr(&self.cs.xd))
         } else {
             (0, 0)

@@ -5,9 +5,9 @@
 //! Weights are uploaded once, repacked per block type so that every load
 //! is aligned (layouts in `kernels.cu`); Q/K/V and gate/up of the same type
 //! are concatenated row-wise into one matrix, so each is one product.
-//! Products of up to 8 rows (decode) run as quantized GEMVs on 8-bit
-//! activations (dp4a); larger ones (prefill) dequantize the weight to f16
-//! and run cuBLAS on tensor cores. Types without a quantized kernel here
+//! Products of up to 64 rows (decode, small batches) run as quantized
+//! GEMVs on 8-bit activations (dp4a, 8 rows a launch); larger ones
+//! (prefill) dequantize the weight to f16 and run cuBLAS on tensor cores. Types without a quantized kernel here
 //! (F32, BF16, Q2_K, Q3_K) are converted to f16 at load.
 //!
 //! Only the step's token metadata goes up (one copy) and only the requested
@@ -293,7 +293,7 @@ impl CudaModel {
         gpu.htod(meta_ptr, hb).map_err(cuda_err)?;
 
         let decode = n == batch.len()
-            && n <= 8
+            && n <= exec::GEMV_ROWS
             && graphs_enabled()
             && !crate::dump::enabled()
             && !gpu.tracing();
@@ -477,7 +477,7 @@ impl CudaState {
             self.xq = a(n * maxk, "quantized activations")?;
             self.xd = a(n * maxk / 32 * 4, "activation scales")?;
             self.xh = a(n * maxk * 2, "f16 activations")?;
-            if n > 8 && self.wh.is_none() {
+            if n > exec::GEMV_ROWS && self.wh.is_none() {
                 self.wh = a(cm.max_mat.max(1) * 2, "f16 weight scratch")?;
             }
             self.cap_tokens = n;
@@ -492,8 +492,8 @@ impl CudaState {
             let parts = exec::argmax_parts(c.vocab);
             self.arg_v = a(n_out * parts * 4, "argmax partial maxima")?;
             self.arg_i = a(n_out * parts * 4, "argmax partial indices")?;
-            // The LM head's f16 scratch for more than 8 rows.
-            if n_out > 8 {
+            // The LM head's f16 scratch for more than GEMV_ROWS rows.
+            if n_out > exec::GEMV_ROWS {
                 let lm = c.vocab * c.d_model;
                 if self.wh.as_ref().map_or(0, |b| b.bytes) < lm * 2 {
                     self.wh = a(lm.max(cm.max_mat) * 2, "f16 weight scratch")?;
@@ -502,7 +502,7 @@ impl CudaState {
             self.cap_out = n_out;
             self.graphs.clear();
         }
-        if n > 8 && self.wh.as_ref().map_or(0, |b| b.bytes) < cm.max_mat * 2 {
+        if n > exec::GEMV_ROWS && self.wh.as_ref().map_or(0, |b| b.bytes) < cm.max_mat * 2 {
             self.wh = gpu
                 .alloc(cm.max_mat * 2, "f16 weight scratch")
                 .map(Some)
