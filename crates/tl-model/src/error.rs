@@ -12,6 +12,8 @@ pub enum ModelError {
     BadSampling(String),
     #[error("KV cache full: {needed} more blocks needed, {free} free")]
     KvFull { needed: usize, free: usize },
+    #[error("grammar: {0}")]
+    Constraint(String),
     #[error("KV cache: {0}")]
     Kv(String),
     #[error("missing tensor '{0}'")]

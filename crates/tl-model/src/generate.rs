@@ -22,6 +22,9 @@ pub struct TokenOptions {
     pub prefill_chunk: usize,
     /// Speculative decoding (same output distribution, fewer target steps).
     pub spec: Option<crate::spec::SpecConfig>,
+    /// A grammar every sequence's output must follow (each sequence gets
+    /// its own copy of this start state).
+    pub constraint: Option<crate::constrain::Constraint>,
 }
 
 impl Default for TokenOptions {
@@ -32,6 +35,7 @@ impl Default for TokenOptions {
             stop_ids: Vec::new(),
             prefill_chunk: 512,
             spec: None,
+            constraint: None,
         }
     }
 }
@@ -76,6 +80,8 @@ struct Live {
     k: usize,
     /// The draft model's cache of this sequence (`SpecMethod::Draft`).
     dkv: SeqKv,
+    /// This sequence's grammar state.
+    constraint: Option<crate::constrain::Constraint>,
 }
 
 impl<'m> Runner<'m> {
@@ -230,7 +236,7 @@ impl<'m> Runner<'m> {
                     return Err(e);
                 }
             };
-            let mut sampler = Sampler::new(opts.sampling.clone())?;
+            let sampler = Sampler::new(opts.sampling.clone())?;
             let mut l = Live {
                 kv,
                 history: p.clone(),
@@ -240,13 +246,13 @@ impl<'m> Runner<'m> {
                 finish: None,
                 k: opts.spec.as_ref().map_or(0, |s| s.k),
                 dkv: SeqKv::new(),
+                constraint: opts.constraint.clone(),
             };
             if opts.max_tokens == 0 {
                 l.finish = Some(Finish::Length);
             } else {
-                let t = sampler.sample(&mut logits, &l.history);
                 l.sampler = sampler;
-                Self::accept(i, &mut l, t, opts, on_token);
+                Self::sample_accept(i, &mut l, &mut logits, opts, on_token)?;
             }
             live.push(l);
         }
@@ -272,7 +278,7 @@ impl<'m> Runner<'m> {
             if active.is_empty() {
                 return Ok(());
             }
-            if let Some(sc) = &opts.spec {
+            if let Some(sc) = opts.spec.as_ref().filter(|_| opts.constraint.is_none()) {
                 self.spec_step(&active, live, sc, opts, on_token)?;
                 continue;
             }
@@ -295,6 +301,7 @@ impl<'m> Runner<'m> {
             if self.model.device() != tl_core::Device::Cpu
                 && opts.sampling.is_plain_argmax()
                 && opts.spec.is_none()
+                && opts.constraint.is_none()
             {
                 let ids = self
                     .model
@@ -314,10 +321,7 @@ impl<'m> Runner<'m> {
             for (j, &i) in active.iter().enumerate() {
                 let l = &mut live[i];
                 l.kv.len += 1;
-                let t = l
-                    .sampler
-                    .sample(&mut rows[j * vocab..(j + 1) * vocab], &l.history);
-                Self::accept(i, l, t, opts, on_token);
+                Self::sample_accept(i, l, &mut rows[j * vocab..(j + 1) * vocab], opts, on_token)?;
             }
         }
     }
@@ -495,6 +499,31 @@ impl<'m> Runner<'m> {
             }
         }
         Ok(out)
+    }
+
+    /// Samples from `logits` (masked by the sequence's grammar, if any)
+    /// and accepts the token; a grammar that allows nothing more ends the
+    /// sequence with `Stop`.
+    fn sample_accept(
+        i: usize,
+        l: &mut Live,
+        logits: &mut [f32],
+        opts: &TokenOptions,
+        on_token: &mut impl FnMut(usize, u32) -> bool,
+    ) -> Result<()> {
+        if let Some(c) = l.constraint.as_mut() {
+            if !c.apply(logits).map_err(ModelError::Constraint)? {
+                l.next = None;
+                l.finish = Some(Finish::Stop);
+                return Ok(());
+            }
+        }
+        let t = l.sampler.sample(logits, &l.history);
+        if let Some(c) = l.constraint.as_mut() {
+            c.commit(t).map_err(ModelError::Constraint)?;
+        }
+        Self::accept(i, l, t, opts, on_token);
+        Ok(())
     }
 
     fn accept(

@@ -2,11 +2,13 @@
 
 pub mod attention;
 pub mod config;
+pub mod constrain;
 mod cuda;
 mod dump;
 pub mod error;
 mod exec_cpu;
 pub mod forward;
+pub mod gbnf;
 pub mod generate;
 pub mod kv;
 pub mod llm;

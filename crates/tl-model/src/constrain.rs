@@ -1,0 +1,246 @@
+//! Constrained decoding: JSON schemas, GBNF and Lark grammars and regular
+//! expressions, enforced token by token with llguidance.
+//!
+//! [`Grammars`] is built once per model from its vocabulary (the token
+//! trie llguidance walks to compute masks): every token's bytes as
+//! `llama_token_to_piece` gives them; a control token, which has no text,
+//! is entered as llama.cpp's llguidance integration enters it, its text
+//! behind llguidance's special-token marker byte (0xFF), so grammars can
+//! name it and free text never produces it. [`Grammars::compile`] turns a
+//! [`GrammarSpec`] into a per-sequence [`Constraint`]: before each sample
+//! [`Constraint::apply`] sets the logits of every token the grammar does
+//! not allow next to −∞ (the end-of-generation tokens are allowed exactly
+//! when the grammar may end), and [`Constraint::commit`] advances it by the
+//! chosen token.
+
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{self, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use tl_tokenizer::{EncodeOptions, Tokenizer};
+
+/// What a generation is constrained to.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GrammarSpec {
+    /// Any JSON object (OpenAI's `{"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against this JSON schema.
+    JsonSchema(serde_json::Value),
+    /// A llama.cpp GBNF grammar (root rule `root`).
+    Gbnf(String),
+    /// A grammar in llguidance's Lark syntax (root rule `start`).
+    Lark(String),
+    /// Text matching this regular expression.
+    Regex(String),
+}
+
+impl GrammarSpec {
+    fn to_top(&self) -> Result<TopLevelGrammar, String> {
+        Ok(match self {
+            GrammarSpec::JsonObject => {
+                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+            }
+            GrammarSpec::JsonSchema(v) => TopLevelGrammar::from_json_schema(v.clone()),
+            GrammarSpec::Gbnf(g) => TopLevelGrammar::from_lark(crate::gbnf::to_lark(g)?),
+            GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
+            GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
+        })
+    }
+
+    /// What kind of constraint this is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GrammarSpec::JsonObject => "JSON object",
+            GrammarSpec::JsonSchema(_) => "JSON schema",
+            GrammarSpec::Gbnf(_) => "GBNF grammar",
+            GrammarSpec::Lark(_) => "Lark grammar",
+            GrammarSpec::Regex(_) => "regular expression",
+        }
+    }
+}
+
+/// The tokenizer as llguidance sees it: the trie of token bytes, and our
+/// tokenizer for the text it needs tokenized (forced prefixes).
+struct Env {
+    trie: TokTrie,
+    tok: Tokenizer,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<toktrie::TokenId> {
+        // As llama.cpp's integration: no BOS, control-token text parsed.
+        let text = String::from_utf8_lossy(s);
+        self.tok
+            .encode(
+                &text,
+                EncodeOptions {
+                    add_special: false,
+                    parse_special: true,
+                },
+            )
+            .unwrap_or_else(|_| self.trie.greedy_tokenize(s))
+    }
+}
+
+/// Compiles grammars for one model's vocabulary.
+pub struct Grammars {
+    factory: ParserFactory,
+    /// Tokens that end generation: allowed when the grammar may end.
+    stop_ids: Arc<Vec<u32>>,
+    eos: u32,
+}
+
+impl Grammars {
+    /// `tok` must be the model's tokenizer (a second copy: llguidance keeps
+    /// it); `n_vocab` the width of the logits rows.
+    pub fn new(tok: Tokenizer, n_vocab: usize) -> Result<Grammars, String> {
+        let stop: Vec<u32> = tok.eog_ids().to_vec();
+        let eos = tok
+            .eot()
+            .or(tok.eos())
+            .or(stop.first().copied())
+            .ok_or("the model has no end-of-generation token")?;
+        let mut words = Vec::with_capacity(n_vocab);
+        for id in 0..n_vocab as u32 {
+            let plain = tok.token_to_piece(id, false).unwrap_or(&[]);
+            if !plain.is_empty() {
+                words.push(plain.to_vec());
+                continue;
+            }
+            let special = tok.token_to_piece(id, true).unwrap_or(&[]);
+            if special.is_empty() {
+                words.push(Vec::new());
+            } else {
+                let mut w = Vec::with_capacity(special.len() + 1);
+                w.push(TokTrie::SPECIAL_TOKEN_MARKER);
+                w.extend_from_slice(special);
+                words.push(w);
+            }
+        }
+        let mut info = TokRxInfo::new(n_vocab as u32, eos);
+        info.tok_bos = tok.bos();
+        info.tok_end_of_turn = tok.eot();
+        let trie = TokTrie::from(&info, &words);
+        let env: TokEnv = Arc::new(Env { trie, tok });
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| e.to_string())?;
+        factory.set_stderr_log_level(0);
+        Ok(Grammars {
+            factory,
+            stop_ids: Arc::new(stop),
+            eos,
+        })
+    }
+
+    /// A constraint in its start state; an invalid schema or grammar is an
+    /// error saying what is wrong and where.
+    pub fn compile(&self, spec: &GrammarSpec) -> Result<Constraint, String> {
+        let top = spec.to_top()?;
+        let parser = self
+            .factory
+            .create_parser(top)
+            .map_err(|e| format!("invalid {}: {e}", spec.kind()))?;
+        let m = Matcher::new(Ok(parser));
+        if let Some(e) = m.get_error() {
+            return Err(format!("invalid {}: {e}", spec.kind()));
+        }
+        Ok(Constraint {
+            m,
+            stop_ids: self.stop_ids.clone(),
+            eos: self.eos,
+            done: false,
+        })
+    }
+}
+
+/// One sequence's grammar state.
+pub struct Constraint {
+    m: Matcher,
+    stop_ids: Arc<Vec<u32>>,
+    eos: u32,
+    done: bool,
+}
+
+impl Clone for Constraint {
+    fn clone(&self) -> Self {
+        Constraint {
+            m: self.m.deep_clone(),
+            stop_ids: self.stop_ids.clone(),
+            eos: self.eos,
+            done: self.done,
+        }
+    }
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint")
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl Constraint {
+    /// Sets every logit the grammar does not allow next to −∞. Returns
+    /// `false` when nothing but ending is allowed (the text is complete):
+    /// the caller then ends the sequence.
+    pub fn apply(&mut self, logits: &mut [f32]) -> Result<bool, String> {
+        if self.done || self.m.is_stopped() {
+            self.done = true;
+            return Ok(false);
+        }
+        let mask = self.m.compute_mask().map_err(|e| e.to_string())?;
+        let may_end = mask.is_allowed(self.eos);
+        let mut any = false;
+        for (i, l) in logits.iter_mut().enumerate() {
+            let id = i as u32;
+            let ok = if self.stop_ids.contains(&id) {
+                may_end
+            } else {
+                id != self.eos && mask.is_allowed(id)
+            };
+            if ok {
+                any |= l.is_finite() || *l == f32::INFINITY;
+            } else {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        if !any {
+            self.done = true;
+        }
+        Ok(any)
+    }
+
+    /// Advances by the chosen token (end-of-generation tokens end it).
+    pub fn commit(&mut self, t: u32) -> Result<(), String> {
+        if self.stop_ids.contains(&t) {
+            self.done = true;
+            return Ok(());
+        }
+        self.m.consume_token(t).map_err(|e| e.to_string())?;
+        if self.m.is_stopped() {
+            self.done = true;
+        }
+        Ok(())
+    }
+
+    /// Whether the grammar is complete and allows nothing more.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Whether the text so far is a complete match (ending is allowed).
+    pub fn is_accepting(&mut self) -> bool {
+        self.m.is_accepting().unwrap_or(false)
+    }
+
+    /// How many of `tokens` the grammar accepts from its current state
+    /// (the state is left unchanged).
+    pub fn validate(&mut self, tokens: &[u32]) -> usize {
+        self.m.validate_tokens(tokens).unwrap_or(0)
+    }
+}
