@@ -133,6 +133,37 @@ def test_bad_requests(client, kw, param):
     assert e.value.body["message"]
 
 
+def test_structured_output_parse(client):
+    """`chat.completions.parse` with a Pydantic model: the client sends a
+    strict JSON schema; the reply parses into the model."""
+    from pydantic import BaseModel
+
+    class Colors(BaseModel):
+        colors: list[str]
+        count: int
+
+    for temperature in (0, 0.9):
+        r = client.chat.completions.parse(
+            model=QWEN_ID, messages=MSGS, response_format=Colors, max_tokens=80,
+            temperature=temperature, seed=3)
+        m = r.choices[0].message
+        assert r.choices[0].finish_reason == "stop", m.content
+        assert isinstance(m.parsed, Colors), m.content
+        assert json.loads(m.content) == m.parsed.model_dump()
+
+
+def test_json_object_and_invalid_schema(client):
+    r = chat(client, max_tokens=120, response_format={"type": "json_object"})
+    c = r.choices[0]
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.message.content), dict)
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, response_format={"type": "json_schema",
+                                      "json_schema": {"name": "x", "schema": {"type": "bogus"}}})
+    assert e.value.body["param"] == "response_format"
+    assert "JSON schema" in e.value.body["message"]
+
+
 def test_unknown_model(client):
     with pytest.raises(openai.NotFoundError) as e:
         chat(client, model="gpt-4o")

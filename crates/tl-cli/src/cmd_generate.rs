@@ -155,8 +155,40 @@ pub struct GenerateArgs {
     /// System message (with --chat).
     #[arg(long)]
     pub system: Option<String>,
+    /// Constrain the output to JSON valid against the JSON schema in FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "grammar")]
+    pub json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to the grammar in FILE: llama.cpp's GBNF, or
+    /// llguidance's Lark syntax when the file name ends in `.lark`.
+    #[arg(long, value_name = "FILE")]
+    pub grammar: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub sampling: SamplingArgs,
+}
+
+impl GenerateArgs {
+    /// The grammar of --json-schema / --grammar, read and checked.
+    fn grammar_spec(&self) -> anyhow::Result<Option<tl_model::constrain::GrammarSpec>> {
+        use tl_model::constrain::GrammarSpec;
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        if let Some(p) = &self.json_schema {
+            let v: serde_json::Value = serde_json::from_str(&read(p)?)
+                .with_context(|| format!("{}: not valid JSON", p.display()))?;
+            return Ok(Some(GrammarSpec::JsonSchema(v)));
+        }
+        if let Some(p) = &self.grammar {
+            let g = read(p)?;
+            let lark = p.extension().is_some_and(|e| e == "lark");
+            return Ok(Some(if lark {
+                GrammarSpec::Lark(g)
+            } else {
+                GrammarSpec::Gbnf(g)
+            }));
+        }
+        Ok(None)
+    }
 }
 
 #[derive(clap::Args)]
@@ -219,7 +251,20 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
     } else {
         a.prompt.clone()
     };
-    let opts = a.sampling.options(a.model.ctx_size)?;
+    let mut opts = a.sampling.options(a.model.ctx_size)?;
+    if let Some(spec) = a.grammar_spec()? {
+        anyhow::ensure!(
+            opts.spec.is_none(),
+            "--spec does not combine with --json-schema / --grammar"
+        );
+        let what = a.json_schema.as_ref().or(a.grammar.as_ref());
+        opts.constraint = Some(llm.constraint(&spec).with_context(|| {
+            format!(
+                "{}",
+                what.map(|p| p.display().to_string()).unwrap_or_default()
+            )
+        })?);
+    }
     let draft = a.sampling.spec.load_draft()?;
     let mut stdout = std::io::stdout().lock();
     let print = |piece: &str| {

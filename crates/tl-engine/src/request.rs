@@ -51,6 +51,9 @@ pub struct GenerationRequest {
     /// Speculative decoding for this request: `None` takes the server's
     /// default.
     pub speculative: Option<bool>,
+    /// The output must follow this grammar; the name is the request field
+    /// it came from (for the error message when it does not compile).
+    pub grammar: Option<(&'static str, tl_model::constrain::GrammarSpec)>,
 }
 
 impl GenerationRequest {
@@ -71,6 +74,7 @@ impl GenerationRequest {
             logprobs: None,
             ignore_eos: false,
             tools: None,
+            grammar: None,
             speculative: None,
         }
     }
@@ -88,6 +92,8 @@ pub struct ValidRequest {
     pub(crate) stop_ids: Vec<u32>,
     pub(crate) logprobs: Option<usize>,
     pub(crate) speculative: Option<bool>,
+    /// The compiled grammar's start state (each choice gets a copy).
+    pub(crate) constraint: Option<tl_model::constrain::Constraint>,
 }
 
 impl ValidRequest {
@@ -264,6 +270,22 @@ impl Validator {
                 });
             }
         }
+        let constraint = match &r.grammar {
+            None => None,
+            Some((param, spec)) => {
+                Some(
+                    self.llm
+                        .constraint(spec)
+                        .map_err(|e| EngineError::InvalidParam {
+                            param,
+                            message: match e {
+                                tl_model::ModelError::Constraint(m) => m,
+                                e => e.to_string(),
+                            },
+                        })?,
+                )
+            }
+        };
         let prompt = self.tokenize(&r.prompt, r.tools.as_ref())?;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
@@ -305,6 +327,7 @@ impl Validator {
             stop_ids,
             logprobs: r.logprobs,
             speculative: r.speculative,
+            constraint,
         })
     }
 }

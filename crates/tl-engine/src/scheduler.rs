@@ -134,6 +134,8 @@ struct Seq<'a> {
     spec_k: usize,
     /// This step's speculative feed: the last token, then the drafts.
     feed: Vec<u32>,
+    /// The grammar state of a constrained choice.
+    constraint: Option<tl_model::constrain::Constraint>,
 }
 
 impl Seq<'_> {
@@ -224,7 +226,7 @@ impl<'a> Scheduler<'a> {
         // Logprobs report the plain step's distribution: such requests
         // decode one token at a time.
         let spec_k = match (req.speculative, &self.cfg.spec) {
-            _ if req.logprobs.is_some() => 0,
+            _ if req.logprobs.is_some() || req.constraint.is_some() => 0,
             (Some(false), _) => 0,
             (Some(true), None) => 8,
             (_, Some(c)) => c.k,
@@ -261,6 +263,7 @@ impl<'a> Scheduler<'a> {
                 admitted_once: false,
                 spec_k,
                 feed: Vec::new(),
+                constraint: req.constraint.clone(),
             });
         }
         self.reqs.insert(
@@ -660,7 +663,23 @@ fn advance<'a>(
         raw.clear();
         raw.extend_from_slice(row);
     }
+    if let Some(c) = s.constraint.as_mut() {
+        match c.apply(row) {
+            Ok(true) => {}
+            // The grammar is complete: nothing more may follow.
+            Ok(false) => return finish(llm, s, r, FinishReason::Stop),
+            Err(e) => {
+                warn!(request = s.req, error = %e, "grammar failed; ending the choice");
+                return finish(llm, s, r, FinishReason::Stop);
+            }
+        }
+    }
     let t = s.sampler.sample(row, &s.tokens);
+    if let Some(c) = s.constraint.as_mut() {
+        if let Err(e) = c.commit(t) {
+            warn!(request = s.req, error = %e, "grammar rejected the sampled token");
+        }
+    }
     let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
     emit(llm, s, r, t, logprob)
 }

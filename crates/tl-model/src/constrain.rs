@@ -39,9 +39,9 @@ impl GrammarSpec {
     fn to_top(&self) -> Result<TopLevelGrammar, String> {
         Ok(match self {
             GrammarSpec::JsonObject => {
-                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+                TopLevelGrammar::from_json_schema(compact(serde_json::json!({"type": "object"})))
             }
-            GrammarSpec::JsonSchema(v) => TopLevelGrammar::from_json_schema(v.clone()),
+            GrammarSpec::JsonSchema(v) => TopLevelGrammar::from_json_schema(compact(v.clone())),
             GrammarSpec::Gbnf(g) => TopLevelGrammar::from_lark(crate::gbnf::to_lark(g)?),
             GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
@@ -60,6 +60,23 @@ impl GrammarSpec {
     }
 }
 
+/// JSON is generated in the one layout `json.dumps` writes (`", "` and
+/// `": "`, no other whitespace) unless the schema sets llguidance's
+/// `x-guidance` options itself: free whitespace lets a model pad its
+/// answer with blank lines until it runs out of tokens.
+fn compact(mut schema: serde_json::Value) -> serde_json::Value {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+            })
+        });
+    }
+    schema
+}
+
 /// The tokenizer as llguidance sees it: the trie of token bytes, and our
 /// tokenizer for the text it needs tokenized (forced prefixes).
 struct Env {
@@ -74,8 +91,12 @@ impl TokenizerEnv for Env {
 
     fn tokenize_bytes(&self, s: &[u8]) -> Vec<toktrie::TokenId> {
         // As llama.cpp's integration: no BOS, control-token text parsed.
+        // llguidance needs tokens that spell exactly `s`; where the model's
+        // tokenizer changes the text (SentencePiece's leading space), the
+        // trie's greedy tokenization is used instead.
         let text = String::from_utf8_lossy(s);
-        self.tok
+        let ids = self
+            .tok
             .encode(
                 &text,
                 EncodeOptions {
@@ -83,7 +104,16 @@ impl TokenizerEnv for Env {
                     parse_special: true,
                 },
             )
-            .unwrap_or_else(|_| self.trie.greedy_tokenize(s))
+            .unwrap_or_default();
+        let mut spelled = Vec::with_capacity(s.len());
+        for &id in &ids {
+            spelled.extend_from_slice(self.trie.token(id));
+        }
+        if spelled == s {
+            ids
+        } else {
+            self.trie.greedy_tokenize(s)
+        }
     }
 }
 

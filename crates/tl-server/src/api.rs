@@ -6,6 +6,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tl_engine::{GenerationRequest, PromptInput, TokenLogprob};
+use tl_model::constrain::GrammarSpec;
 use tl_tokenizer::ChatMessage;
 
 use crate::error::ApiError;
@@ -219,12 +220,83 @@ fn unsupported(v: &Value) -> Result<(), ApiError> {
     {
         return refuse("suffix", "");
     }
+    Ok(())
+}
+
+/// The grammar a request asks for: OpenAI's `response_format`
+/// (`json_object`, `json_schema`), or llama.cpp's `json_schema` (a schema)
+/// and `grammar` (GBNF). At most one of them.
+fn grammar(v: &Value) -> Result<Option<(&'static str, GrammarSpec)>, ApiError> {
+    let mut found: Vec<(&'static str, GrammarSpec)> = Vec::new();
     if let Some(rf) = v.get("response_format").filter(|r| !r.is_null()) {
-        if rf.get("type").and_then(Value::as_str) != Some("text") {
-            return refuse("response_format", " (only {\"type\": \"text\"})");
+        let ty = rf.get("type").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::invalid("response_format", "'response_format' needs a string 'type'")
+        })?;
+        match ty {
+            "text" => {}
+            "json_object" => found.push((
+                "response_format",
+                // llama.cpp also takes a schema here.
+                match rf.get("schema").filter(|s| !s.is_null()) {
+                    Some(s) => GrammarSpec::JsonSchema(s.clone()),
+                    None => GrammarSpec::JsonObject,
+                },
+            )),
+            "json_schema" => {
+                let js = rf.get("json_schema").ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format",
+                        "'response_format' of type 'json_schema' needs a 'json_schema' object",
+                    )
+                })?;
+                let schema = js
+                    .get("schema")
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "response_format.json_schema.schema",
+                            "'response_format.json_schema' needs a 'schema' (a JSON schema object)",
+                        )
+                    })?;
+                found.push(("response_format", GrammarSpec::JsonSchema(schema.clone())));
+            }
+            t => {
+                return Err(ApiError::invalid(
+                    "response_format",
+                    format!(
+                        "unknown 'response_format' type '{t}' (text, json_object or json_schema)"
+                    ),
+                ))
+            }
         }
     }
-    Ok(())
+    if let Some(s) = v.get("json_schema").filter(|s| !s.is_null()) {
+        if !s.is_object() && !s.is_boolean() {
+            return Err(ApiError::invalid(
+                "json_schema",
+                "'json_schema' must be a JSON schema object",
+            ));
+        }
+        found.push(("json_schema", GrammarSpec::JsonSchema(s.clone())));
+    }
+    if let Some(g) = v.get("grammar").filter(|g| !g.is_null()) {
+        let g = g.as_str().ok_or_else(|| {
+            ApiError::invalid("grammar", "'grammar' must be a string (a GBNF grammar)")
+        })?;
+        if !g.trim().is_empty() {
+            found.push(("grammar", GrammarSpec::Gbnf(g.to_string())));
+        }
+    }
+    if found.len() > 1 {
+        return Err(ApiError::invalid(
+            found[1].0,
+            format!(
+                "'{}' and '{}' both constrain the output; give one",
+                found[0].0, found[1].0
+            ),
+        ));
+    }
+    Ok(found.pop())
 }
 
 /// Most prompts in one completions request.
@@ -238,6 +310,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
     }
     let c = Common::deserialize(&v).map_err(shape_error)?;
     unsupported(&v)?;
+    let grammar = grammar(&v)?;
     let (inputs, tools, logprobs, echo) = match endpoint {
         Endpoint::Chat => {
             let b = ChatBody::deserialize(&v).map_err(shape_error)?;
@@ -331,6 +404,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
             r.ignore_eos = c.ignore_eos.unwrap_or(false);
             r.speculative = c.speculative;
             r.tools = tools.clone();
+            r.grammar = grammar.clone();
             r
         })
         .collect();

@@ -565,7 +565,15 @@ fn bad_requests_get_openai_errors() {
     for (field, value) in [
         ("logit_bias", json!({"5": 10})),
         ("best_of", json!(3)),
-        ("response_format", json!({"type": "json_object"})),
+        ("response_format", json!({"type": "xml"})),
+        ("response_format", json!({"type": "json_schema"})),
+        (
+            "response_format",
+            json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+        ),
+        ("grammar", json!("root ::= undefined-rule")),
+        ("grammar", json!(5)),
+        ("json_schema", json!("not a schema")),
     ] {
         let mut b = json!({"prompt": "x", "max_tokens": 2});
         b[field] = value;
@@ -587,6 +595,89 @@ fn bad_requests_get_openai_errors() {
     assert_error(&r, 413, None);
     // Nothing above broke the server.
     assert_eq!(post(a, "/v1/chat/completions", chat_body(2)).status, 200);
+    wait_idle(s.engine());
+}
+
+/// Structured output: whatever the (random-weight) model would say, the
+/// text follows the schema or grammar; streaming and non-streaming.
+#[test]
+fn response_format_json_schema_and_grammar() {
+    let s = Server::start(cfg(), 4, 16);
+    let a = s.addr;
+    let schema = json!({"type": "object", "properties": {
+        "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        "color": {"enum": ["red", "green"]}},
+        "required": ["ok", "n", "color"], "additionalProperties": false});
+    let bodies = [
+        json!({"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": true}}}),
+        json!({"json_schema": schema}),
+    ];
+    for (i, extra) in bodies.iter().enumerate() {
+        for seed in 0..3 {
+            let mut b = chat_body(64);
+            b["temperature"] = json!(1.0);
+            b["seed"] = json!(seed);
+            for (k, v) in extra.as_object().unwrap() {
+                b[k] = v.clone();
+            }
+            let r = post(a, "/v1/chat/completions", b);
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            let j = r.json();
+            let text = j["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let v: Value = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("body {i} seed {seed}: {e}: {text:?}"));
+            assert!(
+                v["ok"].is_boolean() && v["n"].as_u64().is_some_and(|n| n <= 9),
+                "{text}"
+            );
+            assert!(v["color"] == "red" || v["color"] == "green", "{text}");
+            assert_eq!(v.as_object().unwrap().len(), 3, "{text}");
+            assert_eq!(j["choices"][0]["finish_reason"], "stop", "{j}");
+        }
+    }
+    // Any JSON object.
+    let mut b = chat_body(48);
+    b["response_format"] = json!({"type": "json_object"});
+    b["max_tokens"] = json!(400);
+    b["temperature"] = json!(0.5);
+    let r = post(a, "/v1/chat/completions", b);
+    assert_eq!(r.status, 200);
+    let text = r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    if r.json()["choices"][0]["finish_reason"] == "stop" {
+        assert!(
+            serde_json::from_str::<Value>(&text).is_ok_and(|v| v.is_object()),
+            "{text:?}"
+        );
+    } else {
+        assert!(text.starts_with('{'), "{text:?}");
+    }
+    // GBNF on completions, n = 2.
+    let r = post(
+        a,
+        "/v1/completions",
+        json!({"prompt": "answer:", "max_tokens": 32, "n": 2, "temperature": 1.0, "seed": 4,
+               "grammar": "root ::= (\"yes\" | \"no\") (\",\" ws (\"yes\" | \"no\")){0,2}\nws ::= \" \"?\n"}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    for c in r.json()["choices"].as_array().unwrap() {
+        let t = c["text"].as_str().unwrap();
+        let parts: Vec<&str> = t.split(',').map(str::trim).collect();
+        assert!(
+            (1..=3).contains(&parts.len()) && parts.iter().all(|p| *p == "yes" || *p == "no"),
+            "{t:?}"
+        );
+    }
+    // Two constraints at once is an error.
+    let mut b = chat_body(8);
+    b["grammar"] = json!("root ::= \"a\"");
+    b["response_format"] = json!({"type": "json_object"});
+    assert_error(&post(a, "/v1/chat/completions", b), 400, Some("grammar"));
     wait_idle(s.engine());
 }
 
