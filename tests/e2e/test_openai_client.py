@@ -164,6 +164,50 @@ def test_json_object_and_invalid_schema(client):
     assert "JSON schema" in e.value.body["message"]
 
 
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris right now?"}]
+
+
+def test_tool_calls_required_named_streaming_and_results(client):
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        r = client.chat.completions.create(model=QWEN_ID, messages=ASK, tools=WEATHER,
+                                           tool_choice=choice, max_tokens=60, temperature=0)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls", c.message
+        call = c.message.tool_calls[0]
+        assert call.type == "function" and call.function.name == "get_weather"
+        assert isinstance(json.loads(call.function.arguments)["city"], str)
+    # Streaming gives the same call as deltas.
+    stream = client.chat.completions.create(model=QWEN_ID, messages=ASK, tools=WEATHER,
+                                            tool_choice="required", max_tokens=60,
+                                            temperature=0, stream=True)
+    name, args, finish = "", "", None
+    for chunk in stream:
+        for ch in chunk.choices:
+            for tc in ch.delta.tool_calls or []:
+                name += tc.function.name or ""
+                args += tc.function.arguments or ""
+            finish = ch.finish_reason or finish
+    assert (name, json.loads(args)) == ("get_weather", json.loads(call.function.arguments))
+    assert finish == "tool_calls"
+    # The result goes back as a `tool` message.
+    msgs = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C, sunny"},
+    ]
+    r = client.chat.completions.create(model=QWEN_ID, messages=msgs, tools=WEATHER,
+                                       max_tokens=40, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # tool_choice naming an unknown function is a 400.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=QWEN_ID, messages=ASK, tools=WEATHER,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert e.value.body["param"] == "tool_choice"
+
+
 def test_unknown_model(client):
     with pytest.raises(openai.NotFoundError) as e:
         chat(client, model="gpt-4o")

@@ -258,12 +258,10 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
             "--spec does not combine with --json-schema / --grammar"
         );
         let what = a.json_schema.as_ref().or(a.grammar.as_ref());
-        opts.constraint = Some(llm.constraint(&spec).with_context(|| {
-            format!(
-                "{}",
-                what.map(|p| p.display().to_string()).unwrap_or_default()
-            )
-        })?);
+        opts.constraint = Some(
+            llm.constraint(&spec)
+                .with_context(|| what.map(|p| p.display().to_string()).unwrap_or_default())?,
+        );
     }
     let draft = a.sampling.spec.load_draft()?;
     let mut stdout = std::io::stdout().lock();

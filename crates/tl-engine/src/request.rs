@@ -93,7 +93,7 @@ pub struct ValidRequest {
     pub(crate) logprobs: Option<usize>,
     pub(crate) speculative: Option<bool>,
     /// The compiled grammar's start state (each choice gets a copy).
-    pub(crate) constraint: Option<tl_model::constrain::Constraint>,
+    pub(crate) constraint: Option<Box<tl_model::constrain::Constraint>>,
 }
 
 impl ValidRequest {
@@ -327,7 +327,7 @@ impl Validator {
             stop_ids,
             logprobs: r.logprobs,
             speculative: r.speculative,
-            constraint,
+            constraint: constraint.map(Box::new),
         })
     }
 }

@@ -263,7 +263,7 @@ impl<'a> Scheduler<'a> {
                 admitted_once: false,
                 spec_k,
                 feed: Vec::new(),
-                constraint: req.constraint.clone(),
+                constraint: req.constraint.as_deref().cloned(),
             });
         }
         self.reqs.insert(

@@ -133,7 +133,7 @@ fn invalid_grammars_are_clear_errors() {
         ),
         (GrammarSpec::Lark("start: (".into()), "invalid Lark grammar"),
     ] {
-        let e = llm.constraint(&spec).err().expect("an error").to_string();
+        let e = llm.constraint(&spec).expect_err("an error").to_string();
         assert!(e.contains(want), "{spec:?}: {e}");
     }
 }

@@ -10,6 +10,7 @@ use tl_model::constrain::GrammarSpec;
 use tl_tokenizer::ChatMessage;
 
 use crate::error::ApiError;
+use crate::tools::{self, ToolChoice};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Endpoint {
@@ -37,6 +38,17 @@ pub struct Parsed {
     /// Completions' `echo`: the prompt text, per prompt, to put first.
     pub echo: Option<Vec<String>>,
     pub logprobs: Option<usize>,
+    /// Chat with tools the model may (or must) call; `None` when the
+    /// request has no tools or `tool_choice` is `none`.
+    pub tools: Option<ToolRequest>,
+}
+
+/// The tool side of a chat request.
+#[derive(Clone, Debug)]
+pub struct ToolRequest {
+    pub tools: Value,
+    pub choice: ToolChoice,
+    pub parallel: bool,
 }
 
 #[derive(Deserialize)]
@@ -102,6 +114,10 @@ struct ChatBody {
     top_logprobs: Option<i64>,
     #[serde(default)]
     tools: Option<Value>,
+    #[serde(default)]
+    tool_choice: Option<Value>,
+    #[serde(default)]
+    parallel_tool_calls: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -311,6 +327,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
     let c = Common::deserialize(&v).map_err(shape_error)?;
     unsupported(&v)?;
     let grammar = grammar(&v)?;
+    let mut tool_req = None;
     let (inputs, tools, logprobs, echo) = match endpoint {
         Endpoint::Chat => {
             let b = ChatBody::deserialize(&v).map_err(shape_error)?;
@@ -340,7 +357,27 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
                 }
                 (false, _) => None,
             };
-            (vec![PromptInput::Chat(out)], b.tools, lp, false)
+            let choice = tools::parse_choice(b.tool_choice.as_ref(), b.tools.as_ref())?;
+            // With `none` the tools are not shown to the model at all.
+            let shown = if choice == ToolChoice::None {
+                None
+            } else {
+                b.tools
+            };
+            if let Some(t) = &shown {
+                if choice != ToolChoice::Auto && grammar.is_some() {
+                    return Err(ApiError::invalid(
+                        "tool_choice",
+                        "'tool_choice' that forces a call does not combine with 'response_format' or 'grammar'",
+                    ));
+                }
+                tool_req = Some(ToolRequest {
+                    tools: t.clone(),
+                    choice,
+                    parallel: b.parallel_tool_calls.unwrap_or(true),
+                });
+            }
+            (vec![PromptInput::Chat(out)], shown, lp, false)
         }
         Endpoint::Completions => {
             let b = CompletionBody::deserialize(&v).map_err(shape_error)?;
@@ -419,6 +456,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
             .unwrap_or(false),
         echo,
         logprobs,
+        tools: tool_req,
     })
 }
 

@@ -23,6 +23,7 @@ pub mod api;
 mod compat;
 pub mod error;
 pub mod metrics;
+pub mod tools;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -385,6 +386,9 @@ async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: 
 #[derive(Default)]
 struct ChoiceAcc {
     text: String,
+    /// Bytes of `text` already streamed (text that may be a tool call is
+    /// held back).
+    sent: usize,
     logprobs: Vec<TokenLogprob>,
     finish: Option<&'static str>,
     last_token: Option<Instant>,
@@ -416,9 +420,69 @@ struct Run {
     usage: Usage,
     choices: Vec<ChoiceAcc>,
     logprobs: bool,
+    /// The model's tool-call format, when this chat request has tools.
+    tool_format: Option<tools::ToolFormat>,
 }
 
 impl Run {
+    /// The id of tool call `k` of choice `i`.
+    fn call_id(&self, i: usize, k: usize) -> String {
+        format!("call_{}_{i}_{k}", self.id.rsplit('-').next().unwrap_or(""))
+    }
+
+    /// Streaming with tools: the frame for choice `idx` after its text
+    /// grew — the part that cannot begin a tool call; at `finish`, the
+    /// held text as tool calls (or as content when it is none).
+    fn tool_frame(
+        &mut self,
+        idx: usize,
+        fmt: tools::ToolFormat,
+        finish: Option<&str>,
+    ) -> Vec<Value> {
+        let Some(c) = self.choices.get(idx) else {
+            return Vec::new();
+        };
+        let rest = &c.text[c.sent..];
+        let mut out = Vec::new();
+        let Some(finish) = finish else {
+            let end = tools::hold_from(fmt, rest).map_or(c.text.len(), |p| c.sent + p);
+            if end > c.sent {
+                let t = c.text[c.sent..end].to_string();
+                out.push(chunk_choice(self, idx, Some(&t), false, None, None));
+                if let Some(c) = self.choices.get_mut(idx) {
+                    c.sent = end;
+                }
+            }
+            return out;
+        };
+        let finish = match tools::parse_calls(fmt, rest) {
+            Some((before, calls)) => {
+                if !before.is_empty() {
+                    out.push(chunk_choice(self, idx, Some(&before), false, None, None));
+                }
+                for (k, t) in calls.iter().enumerate() {
+                    let mut call = t.json(&self.call_id(idx, k));
+                    call["index"] = k.into();
+                    out.push(json!({"index": idx, "delta": {"tool_calls": [call]},
+                                    "logprobs": Value::Null, "finish_reason": Value::Null}));
+                }
+                "tool_calls"
+            }
+            None => {
+                if !rest.is_empty() {
+                    let t = rest.to_string();
+                    out.push(chunk_choice(self, idx, Some(&t), false, None, None));
+                }
+                finish
+            }
+        };
+        if let Some(c) = self.choices.get_mut(idx) {
+            c.sent = c.text.len();
+        }
+        out.push(chunk_choice(self, idx, None, false, None, Some(finish)));
+        out
+    }
+
     /// Records a token's timing; returns nothing.
     fn on_token(&mut self, idx: usize) {
         let now = Instant::now();
@@ -537,6 +601,10 @@ async fn generate(
         },
         choices: (0..n_choices).map(|_| ChoiceAcc::default()).collect(),
         logprobs: parsed.logprobs.is_some(),
+        tool_format: parsed.tools.as_ref().and_then(|_| {
+            st.engine()
+                .map(|e| tools::ToolFormat::detect(&e.llm().tokenizer))
+        }),
     };
     if let Some(echo) = &parsed.echo {
         for (i, c) in run.choices.iter_mut().enumerate() {
@@ -586,7 +654,18 @@ async fn prepare(
     }
     let engine = st.engine().ok_or_else(ApiError::loading)?.clone();
     let bytes = read_body(st, body).await?;
-    let parsed = api::parse(endpoint, &bytes)?;
+    let mut parsed = api::parse(endpoint, &bytes)?;
+    // `required` or a named function: a grammar in the model's own
+    // tool-call format makes the reply a call.
+    if let Some(t) = &parsed.tools {
+        if t.choice != tools::ToolChoice::Auto {
+            let fmt = tools::ToolFormat::detect(&engine.llm().tokenizer);
+            let g = tools::grammar(fmt, &t.tools, &t.choice, t.parallel)?;
+            for r in &mut parsed.requests {
+                r.grammar = Some(("tool_choice", g.clone()));
+            }
+        }
+    }
     if let Some(m) = &parsed.model {
         if !m.is_empty() && *m != st.cfg.model_id {
             return Err(ApiError::unknown_model(m, &st.cfg.model_id));
@@ -684,14 +763,33 @@ async fn collect_response(
         .iter()
         .enumerate()
         .map(|(i, c)| match run.endpoint {
-            Endpoint::Chat => json!({
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": if run.logprobs {
-                    json!({"content": c.logprobs.iter().map(api::chat_logprob).collect::<Vec<_>>()})
-                } else { Value::Null },
-                "finish_reason": c.finish.unwrap_or("stop"),
-            }),
+            Endpoint::Chat => {
+                let calls = run
+                    .tool_format
+                    .and_then(|f| tools::parse_calls(f, &c.text));
+                let (message, finish) = match calls {
+                    Some((before, calls)) => (
+                        json!({"role": "assistant",
+                               "content": if before.is_empty() { Value::Null } else { before.into() },
+                               "tool_calls": calls.iter().enumerate()
+                                   .map(|(k, t)| t.json(&run.call_id(i, k)))
+                                   .collect::<Vec<_>>()}),
+                        "tool_calls",
+                    ),
+                    None => (
+                        json!({"role": "assistant", "content": c.text}),
+                        c.finish.unwrap_or("stop"),
+                    ),
+                };
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if run.logprobs {
+                        json!({"content": c.logprobs.iter().map(api::chat_logprob).collect::<Vec<_>>()})
+                    } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }
             Endpoint::Completions => json!({
                 "index": i,
                 "text": c.text,
@@ -821,6 +919,36 @@ async fn forward(
         let Some((p, ev)) = ev else {
             break StatusCode::OK;
         };
+        if let (Some(fmt), Endpoint::Chat) = (run.tool_format, run.endpoint) {
+            let (idx, finish) = match &ev {
+                Event::Delta { choice, .. } => (p * run.n + choice, None),
+                Event::Finished { choice, reason, .. } => {
+                    (p * run.n + choice, Some(reason.as_str()))
+                }
+                Event::Error(_) => (0, None),
+            };
+            let is_err = matches!(ev, Event::Error(_));
+            if let Err(e) = apply(&mut run, p, ev) {
+                let _ = tx.send(sse(&e.body())).await;
+                break e.status;
+            }
+            if is_err {
+                continue;
+            }
+            let mut gone = false;
+            for c in run.tool_frame(idx, fmt, finish) {
+                let mut m = run.envelope(true, vec![c]);
+                usage_field(&mut m);
+                if tx.send(sse(&Value::Object(m))).await.is_err() {
+                    gone = true;
+                    break;
+                }
+            }
+            if gone {
+                break StatusCode::from_u16(499).unwrap_or(StatusCode::OK);
+            }
+            continue;
+        }
         let frame = match &ev {
             Event::Delta {
                 choice,

@@ -1,0 +1,343 @@
+//! Tool calling: the model's tool-call format read back into OpenAI's
+//! `tool_calls`, `tool_choice` checked, and the grammar that forces a call
+//! for `required` or a named function.
+//!
+//! Formats (chosen by the vocabulary, as the chat templates that render
+//! `tools` write them):
+//! - Hermes (Qwen2.5 and others with a `<tool_call>` token):
+//!   `<tool_call>\n{"name": …, "arguments": {…}}\n</tool_call>`, one block
+//!   per call;
+//! - Mistral (`[TOOL_CALLS]` token): `[TOOL_CALLS] [{"name": …, "arguments": {…}}, …]`;
+//! - JSON (Llama 3.x): the whole reply is `{"name": …, "parameters": {…}}`
+//!   (or a list of them).
+
+use serde_json::{json, Value};
+use tl_model::constrain::GrammarSpec;
+use tl_tokenizer::Tokenizer;
+
+use crate::error::ApiError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ToolFormat {
+    Hermes,
+    Mistral,
+    Json,
+}
+
+impl ToolFormat {
+    pub fn detect(tok: &Tokenizer) -> ToolFormat {
+        if tok.token_id("<tool_call>").is_some() {
+            ToolFormat::Hermes
+        } else if tok.token_id("[TOOL_CALLS]").is_some() {
+            ToolFormat::Mistral
+        } else {
+            ToolFormat::Json
+        }
+    }
+
+    fn marker(self) -> Option<&'static str> {
+        match self {
+            ToolFormat::Hermes => Some("<tool_call>"),
+            ToolFormat::Mistral => Some("[TOOL_CALLS]"),
+            ToolFormat::Json => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToolChoice {
+    None,
+    Auto,
+    Required,
+    Named(String),
+}
+
+/// One parsed call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ToolCall {
+    pub name: String,
+    /// The arguments as a JSON string (OpenAI's shape).
+    pub arguments: String,
+}
+
+impl ToolCall {
+    pub fn json(&self, id: &str) -> Value {
+        json!({"id": id, "type": "function",
+               "function": {"name": self.name, "arguments": self.arguments}})
+    }
+}
+
+/// The names and parameter schemas of `tools`, checked.
+fn functions(tools: &Value) -> Result<Vec<(String, Value)>, ApiError> {
+    let arr = tools
+        .as_array()
+        .ok_or_else(|| ApiError::invalid("tools", "'tools' must be an array"))?;
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, t) in arr.iter().enumerate() {
+        let f = t
+            .get("function")
+            .filter(|_| t.get("type").and_then(Value::as_str) == Some("function"))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    format!("tools[{i}]"),
+                    "each tool must be {\"type\": \"function\", \"function\": {…}}",
+                )
+            })?;
+        let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::invalid(
+                format!("tools[{i}].function.name"),
+                "a function needs a 'name'",
+            )
+        })?;
+        let params = f
+            .get("parameters")
+            .cloned()
+            .unwrap_or_else(|| json!({"type": "object"}));
+        out.push((name.to_string(), params));
+    }
+    Ok(out)
+}
+
+/// `tool_choice` against `tools`.
+pub fn parse_choice(choice: Option<&Value>, tools: Option<&Value>) -> Result<ToolChoice, ApiError> {
+    let names = match tools {
+        Some(t) if !t.is_null() => functions(t)?.into_iter().map(|f| f.0).collect(),
+        _ => Vec::new(),
+    };
+    let c = match choice.filter(|c| !c.is_null()) {
+        None if names.is_empty() => ToolChoice::None,
+        None => ToolChoice::Auto,
+        Some(Value::String(s)) => match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" => ToolChoice::Required,
+            s => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    format!("unknown 'tool_choice' '{s}' (none, auto, required or a function)"),
+                ))
+            }
+        },
+        Some(v) => {
+            let name = v
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "tool_choice",
+                        "'tool_choice' must be a string or {\"type\": \"function\", \"function\": {\"name\": …}}",
+                    )
+                })?;
+            ToolChoice::Named(name.to_string())
+        }
+    };
+    match &c {
+        ToolChoice::Required | ToolChoice::Named(_) if names.is_empty() => Err(ApiError::invalid(
+            "tool_choice",
+            "'tool_choice' asks for a tool call but the request has no 'tools'",
+        )),
+        ToolChoice::Named(n) if !names.contains(n) => Err(ApiError::invalid(
+            "tool_choice",
+            format!("'tool_choice' names '{n}', which is not among the tools"),
+        )),
+        _ => Ok(c),
+    }
+}
+
+/// The grammar that makes the reply one call (or, with `parallel`, one or
+/// more) of the chosen tools in `fmt`.
+pub fn grammar(
+    fmt: ToolFormat,
+    tools: &Value,
+    choice: &ToolChoice,
+    parallel: bool,
+) -> Result<GrammarSpec, ApiError> {
+    let args_key = if fmt == ToolFormat::Json {
+        "parameters"
+    } else {
+        "arguments"
+    };
+    let one = |name: &str, params: &Value| {
+        json!({"type": "object", "properties": {"name": {"const": name}, args_key: params},
+               "required": ["name", args_key], "additionalProperties": false})
+    };
+    let calls: Vec<Value> = functions(tools)?
+        .iter()
+        .filter(|(n, _)| match choice {
+            ToolChoice::Named(want) => n == want,
+            _ => true,
+        })
+        .map(|(n, p)| one(n, p))
+        .collect();
+    let call = if calls.len() == 1 {
+        calls[0].clone()
+    } else {
+        json!({"anyOf": calls})
+    };
+    let compact =
+        json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
+    Ok(match fmt {
+        ToolFormat::Hermes => {
+            let mut schema = call;
+            if let Some(o) = schema.as_object_mut() {
+                o.insert("x-guidance".into(), compact);
+            }
+            let s = serde_json::to_string(&schema).unwrap_or_default();
+            let rep = if parallel { " (\"\\n\" call)*" } else { "" };
+            GrammarSpec::Lark(format!(
+                "start: call{rep}\ncall: \"<tool_call>\\n\" %json {s} \"\\n</tool_call>\"\n"
+            ))
+        }
+        ToolFormat::Mistral | ToolFormat::Json => {
+            let mut schema = if parallel && fmt == ToolFormat::Mistral {
+                json!({"type": "array", "items": call, "minItems": 1})
+            } else {
+                call
+            };
+            if let Some(o) = schema.as_object_mut() {
+                o.insert("x-guidance".into(), compact);
+            }
+            GrammarSpec::JsonSchema(schema)
+        }
+    })
+}
+
+/// One call object: `{"name", "arguments"|"parameters"}`.
+fn call_of(v: &Value) -> Option<ToolCall> {
+    let name = v.get("name")?.as_str()?.to_string();
+    let args = v
+        .get("arguments")
+        .or_else(|| v.get("parameters"))
+        .cloned()
+        .unwrap_or_else(|| json!({}));
+    let arguments = match args {
+        Value::String(s) => s,
+        a => a.to_string(),
+    };
+    Some(ToolCall { name, arguments })
+}
+
+fn calls_of(v: &Value) -> Option<Vec<ToolCall>> {
+    match v {
+        Value::Array(a) => a.iter().map(call_of).collect(),
+        v => call_of(v).map(|c| vec![c]),
+    }
+}
+
+/// The calls in a finished reply and the text before them; `None` when
+/// the reply holds no well-formed call (it is then plain content).
+pub fn parse_calls(fmt: ToolFormat, text: &str) -> Option<(String, Vec<ToolCall>)> {
+    match fmt {
+        ToolFormat::Hermes => {
+            let start = text.find("<tool_call>")?;
+            let mut calls = Vec::new();
+            let mut rest = &text[start..];
+            while let Some(p) = rest.find("<tool_call>") {
+                let body = &rest[p + "<tool_call>".len()..];
+                let (inner, next) = match body.find("</tool_call>") {
+                    Some(e) => (&body[..e], &body[e + "</tool_call>".len()..]),
+                    None => (body, ""),
+                };
+                let v: Value = serde_json::from_str(inner.trim()).ok()?;
+                calls.extend(calls_of(&v)?);
+                rest = next;
+            }
+            (!calls.is_empty()).then(|| (text[..start].trim().to_string(), calls))
+        }
+        ToolFormat::Mistral => {
+            let (before, body) = match text.find("[TOOL_CALLS]") {
+                Some(p) => (&text[..p], &text[p + "[TOOL_CALLS]".len()..]),
+                None if text.trim_start().starts_with('[') => ("", text),
+                None => return None,
+            };
+            let v: Value = serde_json::from_str(body.trim()).ok()?;
+            let calls = calls_of(&v)?;
+            (!calls.is_empty()).then(|| (before.trim().to_string(), calls))
+        }
+        ToolFormat::Json => {
+            let v: Value = serde_json::from_str(text.trim()).ok()?;
+            let calls = calls_of(&v)?;
+            (!calls.is_empty()).then(|| (String::new(), calls))
+        }
+    }
+}
+
+/// Where, in streamed text not yet sent, a tool call may begin: text from
+/// there on is held back until the choice ends (a marker's first
+/// characters at the end are held too, until they turn out otherwise).
+pub fn hold_from(fmt: ToolFormat, text: &str) -> Option<usize> {
+    match fmt.marker() {
+        Some(m) => {
+            if let Some(p) = text.find(m) {
+                return Some(p);
+            }
+            (1..m.len())
+                .rev()
+                .find(|&k| text.ends_with(&m[..k]))
+                .map(|k| text.len() - k)
+        }
+        // A JSON reply is a call only as a whole.
+        None => {
+            let t = text.trim_start();
+            (t.is_empty() || t.starts_with('{') || t.starts_with('[')).then_some(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_each_format() {
+        let h = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"time\", \"arguments\": {}}\n</tool_call>";
+        let (before, calls) = parse_calls(ToolFormat::Hermes, h).unwrap();
+        assert_eq!(before, "Let me check.");
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, "{\"city\":\"Paris\"}");
+        let m = "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"x\": 1}}]";
+        assert_eq!(parse_calls(ToolFormat::Mistral, m).unwrap().1[0].name, "f");
+        let j = "{\"name\": \"f\", \"parameters\": {\"x\": 1}}";
+        assert_eq!(
+            parse_calls(ToolFormat::Json, j).unwrap().1[0].arguments,
+            "{\"x\":1}"
+        );
+        assert!(parse_calls(ToolFormat::Hermes, "no call here").is_none());
+        assert!(parse_calls(ToolFormat::Json, "{\"answer\": 4}").is_none());
+        assert!(parse_calls(ToolFormat::Hermes, "<tool_call>\n{broken").is_none());
+    }
+
+    #[test]
+    fn holds_back_a_possible_marker() {
+        assert_eq!(hold_from(ToolFormat::Hermes, "Hello <tool"), Some(6));
+        assert_eq!(hold_from(ToolFormat::Hermes, "Hello <b>"), None);
+        assert_eq!(hold_from(ToolFormat::Hermes, "a<tool_call>{"), Some(1));
+        assert_eq!(hold_from(ToolFormat::Json, "  {\"name\""), Some(0));
+        assert_eq!(hold_from(ToolFormat::Json, "Sure"), None);
+    }
+
+    #[test]
+    fn tool_choice_is_checked() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
+        assert_eq!(parse_choice(None, Some(&tools)).unwrap(), ToolChoice::Auto);
+        assert_eq!(parse_choice(None, None).unwrap(), ToolChoice::None);
+        assert_eq!(
+            parse_choice(
+                Some(&json!({"type": "function", "function": {"name": "f"}})),
+                Some(&tools)
+            )
+            .unwrap(),
+            ToolChoice::Named("f".into())
+        );
+        assert!(parse_choice(
+            Some(&json!({"type": "function", "function": {"name": "g"}})),
+            Some(&tools)
+        )
+        .is_err());
+        assert!(parse_choice(Some(&json!("required")), None).is_err());
+        assert!(parse_choice(Some(&json!("sometimes")), Some(&tools)).is_err());
+        assert!(parse_choice(None, Some(&json!([{"type": "function"}]))).is_err());
+    }
+}
