@@ -6,7 +6,7 @@
 set -euo pipefail
 cache="${XDG_CACHE_HOME:-$HOME/.cache}/tensorlogic"
 venv="$cache/e2e-venv"
-reqs="openai==3.57.0 pytest==9.2.0 selenium==4.51.0"
+reqs="openai==3.57.0 pytest==9.2.0 selenium==4.51.0 jsonschema==4.23.0"
 stamp="$venv/.tl-reqs"
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$reqs" ]; then
   echo "setup_e2e: creating $venv ($reqs)" >&2

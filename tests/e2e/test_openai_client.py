@@ -311,3 +311,44 @@ def test_sigterm_drains_streams():
     assert rc == 0
     log = open(s.log_path).read()
     assert "stopped" in log
+
+
+def test_schema_suite(client):
+    """Every schema of tests/e2e/schemas.json (scripts/make_schema_suite.py):
+    the reply validates (the `jsonschema` package); the refused ones are
+    400s naming what is unsupported."""
+    import jsonschema
+
+    suite = json.load(open(os.path.join(os.path.dirname(__file__), "schemas.json")))
+    ask = [{"role": "user", "content": "Fill in the requested JSON with realistic values."}]
+
+    def one(i_schema):
+        i, schema = i_schema
+        r = client.chat.completions.create(
+            model=QWEN_ID, messages=ask, max_tokens=400, temperature=0.7, seed=i,
+            response_format={"type": "json_schema",
+                             "json_schema": {"name": f"s{i}", "schema": schema, "strict": True}})
+        return i, r.choices[0]
+
+    # A grammar can't make a model stop: a number's fraction or a free
+    # string may run to max_tokens (then the JSON is unfinished, not
+    # invalid). Every finished reply must validate; at most 10 may run out.
+    failures, ran_out = [], []
+    with cf.ThreadPoolExecutor(8) as ex:
+        for i, c in ex.map(one, enumerate(suite["schemas"])):
+            if c.finish_reason == "length":
+                ran_out.append(i)
+                continue
+            try:
+                assert c.finish_reason == "stop", f"finish {c.finish_reason}"
+                jsonschema.validate(json.loads(c.message.content), suite["schemas"][i])
+            except Exception as e:  # collected, so one report lists them all
+                failures.append(f"schema {i}: {e!s:.300}: {c.message.content!r:.300}")
+    assert not failures, "\n".join(failures)
+    assert len(ran_out) <= 10, f"ran out of tokens: {ran_out}"
+    for schema in suite["refused"]:
+        with pytest.raises(openai.BadRequestError) as e:
+            chat(client, response_format={"type": "json_schema",
+                                           "json_schema": {"name": "x", "schema": schema}})
+        assert e.value.body["param"] == "response_format"
+        assert "invalid JSON schema" in e.value.body["message"]
