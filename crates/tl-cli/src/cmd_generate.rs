@@ -252,7 +252,11 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         a.prompt.clone()
     };
     let mut opts = a.sampling.options(a.model.ctx_size)?;
+    let mut compile_ms = 0.0;
     if let Some(spec) = a.grammar_spec()? {
+        // The vocabulary's trie is built once per model, before compiling.
+        llm.grammars()?;
+        let t0 = std::time::Instant::now();
         anyhow::ensure!(
             opts.spec.is_none(),
             "--spec does not combine with --json-schema / --grammar"
@@ -262,6 +266,7 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
             llm.constraint(&spec)
                 .with_context(|| what.map(|p| p.display().to_string()).unwrap_or_default())?,
         );
+        compile_ms = t0.elapsed().as_secs_f64() * 1e3;
     }
     let draft = a.sampling.spec.load_draft()?;
     let mut stdout = std::io::stdout().lock();
@@ -283,6 +288,20 @@ pub fn run_generate(a: &GenerateArgs) -> anyhow::Result<()> {
         out.decode_tok_per_s(),
         out.finish
     );
+    if let Some(c) = &opts.constraint {
+        let mut t = c.mask_times();
+        t.sort_unstable();
+        if !t.is_empty() {
+            let p = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+            eprintln!(
+                "grammar: compiled in {:.1} ms; {} masks, p50 {} µs, p99 {} µs",
+                compile_ms,
+                t.len(),
+                p(0.5),
+                p(0.99)
+            );
+        }
+    }
     if opts.spec.is_some() {
         eprintln!(
             "speculation: {} rounds, {} drafted, {} accepted ({:.1}%)",

@@ -183,6 +183,7 @@ impl Grammars {
             stop_ids: self.stop_ids.clone(),
             eos: self.eos,
             done: false,
+            mask_us: Default::default(),
         })
     }
 }
@@ -193,6 +194,9 @@ pub struct Constraint {
     stop_ids: Arc<Vec<u32>>,
     eos: u32,
     done: bool,
+    /// Microseconds of each mask (compute + apply), shared by the copies
+    /// made from one compiled constraint ([`Constraint::mask_times`]).
+    mask_us: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
 impl Clone for Constraint {
@@ -202,6 +206,7 @@ impl Clone for Constraint {
             stop_ids: self.stop_ids.clone(),
             eos: self.eos,
             done: self.done,
+            mask_us: self.mask_us.clone(),
         }
     }
 }
@@ -223,26 +228,46 @@ impl Constraint {
             self.done = true;
             return Ok(false);
         }
+        let t0 = std::time::Instant::now();
         let mask = self.m.compute_mask().map_err(|e| e.to_string())?;
         let may_end = mask.is_allowed(self.eos);
-        let mut any = false;
-        for (i, l) in logits.iter_mut().enumerate() {
-            let id = i as u32;
-            let ok = if self.stop_ids.contains(&id) {
-                may_end
-            } else {
-                id != self.eos && mask.is_allowed(id)
-            };
-            if ok {
-                any |= l.is_finite() || *l == f32::INFINITY;
-            } else {
-                *l = f32::NEG_INFINITY;
+        // The stop tokens follow `may_end` (llguidance knows one EOS).
+        let keep: Vec<(usize, f32)> = self
+            .stop_ids
+            .iter()
+            .filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l)))
+            .collect();
+        // 32 logits a mask word: whole words allowed or refused at once.
+        let words = mask.as_slice();
+        for (w, chunk) in logits.chunks_mut(32).enumerate() {
+            match words.get(w).copied().unwrap_or(0) {
+                u32::MAX => {}
+                0 => chunk.fill(f32::NEG_INFINITY),
+                d => {
+                    for (bit, l) in chunk.iter_mut().enumerate() {
+                        if d & (1 << bit) == 0 {
+                            *l = f32::NEG_INFINITY;
+                        }
+                    }
+                }
             }
         }
+        for (t, l) in keep {
+            logits[t] = if may_end { l } else { f32::NEG_INFINITY };
+        }
+        let any = may_end || mask.num_set() > 0;
         if !any {
             self.done = true;
         }
+        if let Ok(mut v) = self.mask_us.lock() {
+            v.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        }
         Ok(any)
+    }
+
+    /// The mask times (µs) of this constraint and every copy of it so far.
+    pub fn mask_times(&self) -> Vec<u32> {
+        self.mask_us.lock().map(|v| v.clone()).unwrap_or_default()
     }
 
     /// Advances by the chosen token (end-of-generation tokens end it).
