@@ -64,7 +64,7 @@ impl GrammarSpec {
 /// `": "`, no other whitespace) unless the schema sets llguidance's
 /// `x-guidance` options itself: free whitespace lets a model pad its
 /// answer with blank lines until it runs out of tokens.
-fn compact(mut schema: serde_json::Value) -> serde_json::Value {
+pub fn compact(mut schema: serde_json::Value) -> serde_json::Value {
     if let Some(o) = schema.as_object_mut() {
         o.entry("x-guidance").or_insert_with(|| {
             serde_json::json!({

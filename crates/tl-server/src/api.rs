@@ -49,6 +49,8 @@ pub struct ToolRequest {
     pub tools: Value,
     pub choice: ToolChoice,
     pub parallel: bool,
+    /// The model's tool-call format (set once the model is known).
+    pub format: Option<tools::ToolFormat>,
 }
 
 #[derive(Deserialize)]
@@ -375,6 +377,7 @@ pub fn parse(endpoint: Endpoint, body: &[u8]) -> Result<Parsed, ApiError> {
                     tools: t.clone(),
                     choice,
                     parallel: b.parallel_tool_calls.unwrap_or(true),
+                    format: None,
                 });
             }
             (vec![PromptInput::Chat(out)], shown, lp, false)

@@ -601,10 +601,7 @@ async fn generate(
         },
         choices: (0..n_choices).map(|_| ChoiceAcc::default()).collect(),
         logprobs: parsed.logprobs.is_some(),
-        tool_format: parsed.tools.as_ref().and_then(|_| {
-            st.engine()
-                .map(|e| tools::ToolFormat::detect(&e.llm().tokenizer))
-        }),
+        tool_format: parsed.tools.as_ref().and_then(|t| t.format),
     };
     if let Some(echo) = &parsed.echo {
         for (i, c) in run.choices.iter_mut().enumerate() {
@@ -657,9 +654,10 @@ async fn prepare(
     let mut parsed = api::parse(endpoint, &bytes)?;
     // `required` or a named function: a grammar in the model's own
     // tool-call format makes the reply a call.
-    if let Some(t) = &parsed.tools {
+    if let Some(t) = &mut parsed.tools {
+        let fmt = tools::ToolFormat::detect(&engine.llm().tokenizer);
+        t.format = Some(fmt);
         if t.choice != tools::ToolChoice::Auto {
-            let fmt = tools::ToolFormat::detect(&engine.llm().tokenizer);
             let g = tools::grammar(fmt, &t.tools, &t.choice, t.parallel)?;
             for r in &mut parsed.requests {
                 r.grammar = Some(("tool_choice", g.clone()));

@@ -12,7 +12,7 @@
 //!   (or a list of them).
 
 use serde_json::{json, Value};
-use tl_model::constrain::GrammarSpec;
+use tl_model::constrain::{compact, GrammarSpec};
 use tl_tokenizer::Tokenizer;
 
 use crate::error::ApiError;
@@ -175,30 +175,22 @@ pub fn grammar(
     } else {
         json!({"anyOf": calls})
     };
-    let compact =
-        json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "});
     Ok(match fmt {
         ToolFormat::Hermes => {
-            let mut schema = call;
-            if let Some(o) = schema.as_object_mut() {
-                o.insert("x-guidance".into(), compact);
-            }
-            let s = serde_json::to_string(&schema).unwrap_or_default();
+            // (A JSON-schema spec gets the compact layout when compiled; a
+            // schema inside Lark needs it here.)
+            let s = serde_json::to_string(&compact(call)).unwrap_or_default();
             let rep = if parallel { " (\"\\n\" call)*" } else { "" };
             GrammarSpec::Lark(format!(
                 "start: call{rep}\ncall: \"<tool_call>\\n\" %json {s} \"\\n</tool_call>\"\n"
             ))
         }
         ToolFormat::Mistral | ToolFormat::Json => {
-            let mut schema = if parallel && fmt == ToolFormat::Mistral {
+            GrammarSpec::JsonSchema(if parallel && fmt == ToolFormat::Mistral {
                 json!({"type": "array", "items": call, "minItems": 1})
             } else {
                 call
-            };
-            if let Some(o) = schema.as_object_mut() {
-                o.insert("x-guidance".into(), compact);
-            }
-            GrammarSpec::JsonSchema(schema)
+            })
         }
     })
 }

@@ -131,40 +131,29 @@ impl CudaExec<'_> {
                 for r0 in (0..m).step_by(8) {
                     let mc = (m - r0).min(8);
                     let o = o + (r0 * ldo * 4) as u64;
+                    // f16 weights read the f32 rows; the others the 8-bit
+                    // rows and their scales.
+                    let mut args = vec![w.arg()];
                     if w.kind == Kind::F16 {
-                        self.l(
-                            &format!("gemv_f16_{mc}"),
-                            grid,
-                            128,
-                            0,
-                            &[
-                                w.arg(),
-                                Arg::Ptr(x + (r0 * k * 4) as u64),
-                                Arg::Ptr(o),
-                                Arg::I32(w.n as i32),
-                                Arg::I32(k as i32),
-                                Arg::I32(ldo as i32),
-                                Arg::I32(split as i32),
-                            ],
-                        )?;
+                        args.push(Arg::Ptr(x + (r0 * k * 4) as u64));
                     } else {
-                        self.l(
-                            &format!("gemv_{}_{mc}", w.kind.suffix()),
-                            grid,
-                            128,
-                            0,
-                            &[
-                                w.arg(),
-                                Arg::Ptr(xq + (r0 * k) as u64),
-                                Arg::Ptr(xd + (r0 * k / 32 * 4) as u64),
-                                Arg::Ptr(o),
-                                Arg::I32(w.n as i32),
-                                Arg::I32(k as i32),
-                                Arg::I32(ldo as i32),
-                                Arg::I32(split as i32),
-                            ],
-                        )?;
+                        args.push(Arg::Ptr(xq + (r0 * k) as u64));
+                        args.push(Arg::Ptr(xd + (r0 * k / 32 * 4) as u64));
                     }
+                    args.extend([
+                        Arg::Ptr(o),
+                        Arg::I32(w.n as i32),
+                        Arg::I32(k as i32),
+                        Arg::I32(ldo as i32),
+                        Arg::I32(split as i32),
+                    ]);
+                    self.l(
+                        &format!("gemv_{}_{mc}", w.kind.suffix()),
+                        grid,
+                        128,
+                        0,
+                        &args,
+                    )?;
                 }
             } else {
                 let wp = if w.kind == Kind::F16 {

@@ -318,19 +318,10 @@ impl CudaModel {
             greedy,
             pending_ffn: None,
         };
-        if decode && profiling() {
-            // A fresh capture each step: its timing events are nodes of the
-            // graph, read after this replay.
-            gpu.begin_capture().map_err(cuda_err)?;
-            let r = crate::forward::run(c, &mut ex).and_then(|_| ex.finish());
-            let g = gpu.end_capture().map_err(cuda_err);
-            r?;
-            let g = g?;
-            gpu.replay(&g).map_err(cuda_err)?;
-            gpu.sync().map_err(cuda_err)?;
-            gpu.profile_flush().map_err(cuda_err)?;
-        } else if decode {
-            if let Some(g) = ex.cs.graphs.get(&key) {
+        if decode {
+            // With the profiler, a fresh capture each step: its timing
+            // events are nodes of the graph, read after this replay.
+            if let Some(g) = ex.cs.graphs.get(&key).filter(|_| !profiling()) {
                 gpu.replay(g).map_err(cuda_err)?;
             } else {
                 gpu.begin_capture().map_err(cuda_err)?;
@@ -339,7 +330,12 @@ impl CudaModel {
                 r?;
                 let g = g?;
                 gpu.replay(&g).map_err(cuda_err)?;
-                ex.cs.graphs.insert(key, g);
+                if profiling() {
+                    gpu.sync().map_err(cuda_err)?;
+                    gpu.profile_flush().map_err(cuda_err)?;
+                } else {
+                    ex.cs.graphs.insert(key, g);
+                }
             }
         } else {
             crate::forward::run(c, &mut ex)?;
