@@ -6,6 +6,10 @@
 #   bash scripts/gpu_check.sh all
 #   bash scripts/gpu_check.sh prepare # only synthesize the models and build llama.cpp
 #                                     # (start it detached with setsid; bench waits for it)
+#   bash scripts/gpu_check.sh serve   # tl serve against llama-server under load on one
+#                                     # fresh machine (mixed prompt lengths, 1-128
+#                                     # streams; JSON and an SVG plot to $OUT), the
+#                                     # GPU tests while llama.cpp builds
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
 #                                     # background, the tests with stage dumps and a
@@ -26,6 +30,7 @@ cd "$(dirname "$0")/.."
 mode=${1:-all}
 BIN=${TL_BIN:-.gpu/tl}
 TEST=${TL_CUDA_TEST:-.gpu/cuda_test}
+ETEST=${TL_CUDA_ENGINE_TEST:-.gpu/cuda_engine_test}
 W=${W:-/tmp/tlgpu}
 mkdir -p "$W"
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi >/dev/null 2>&1; then
@@ -42,6 +47,42 @@ if [ "$mode" = all ] && [ ! -f "$W/prepare.done" ]; then
   setsid bash "$0" prepare >"$W/prepare.log" 2>&1 &
 fi
 
+if [ "$mode" = serve ]; then
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
+  MODELS=q05_q8_0 setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  sleep 1
+  TL_CUDA_TIMEOUT=10 timeout 200 "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
+  echo "tests: exit $? (t=${SECONDS}s)"
+  grep -E 'test result|FAILED|panicked' "$OUT/test.log" | cut -c1-200
+  if [ -x "$ETEST" ]; then
+    TL_CUDA_TIMEOUT=10 timeout 150 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
+    echo "engine tests: exit $? (t=${SECONDS}s)"
+    grep -E 'requests equal|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
+  fi
+  while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 330 ]; do sleep 2; done
+  echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
+  f=$W/q05_q8_0.gguf
+  LS=/tmp/llamacpp/build/bin/llama-server
+  L="--sweep ${SWEEP:-1,16,64,128} --requests 3 --max-tokens 128 --max-batch 64 --workload mixed --duration 40 --json"
+  echo "== tl serve --device cuda (max batch 64), mixed prompts t=${SECONDS}s"
+  TL_DEVICE=cuda timeout 200 python3 scripts/loadtest.py --model "$f" --tl "$BIN" $L >"$OUT/load-tl.json" 2>"$W/load-tl.err"; tail -3 "$W/load-tl.err"
+  python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-tl.json" | cut -c1-330
+  if [ -x "$LS" ] && [ $SECONDS -lt 450 ]; then
+    echo "== llama-server -np 64 -cb -fa, mixed prompts t=${SECONDS}s"
+    LD_LIBRARY_PATH=/tmp/llamacpp/build/bin timeout 140 python3 scripts/loadtest.py --model "$f" --llama-server "$LS" $L \
+      >"$OUT/load-llama.json" 2>"$W/load-llama.err"
+    python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama.json" | cut -c1-330
+    tail -3 "$W/load-llama.err"
+    python3 scripts/plot_load.py "tl serve (cuda)=$OUT/load-tl.json" "llama-server=$OUT/load-llama.json" \
+      -o "$OUT/load.svg" --title "Qwen2.5-0.5B shape Q8_0 on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), mixed prompts, 128 tokens out"
+  fi
+  for l in target/loadtest-server-*.log; do echo "-- $l"; grep -iE 'error|warn|KV cache|fit|device' "$l" | head -5 | cut -c1-250; done; ls "$OUT"
+  echo "serve done t=${SECONDS}s"
+  exit 0
+fi
+
 if [ "$mode" = session ]; then
   # One cold machine, one call: every step bounded so the logs come back.
   # The tests run while the models are synthesized and llama.cpp builds;
@@ -50,10 +91,15 @@ if [ "$mode" = session ]; then
   SM="${MODELS:-q05_q8_0 q15_q4_k q05_q4_0}"
   MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
-  TL_DUMP_TENSORS=$W/dump TL_CUDA_TIMEOUT=10 timeout 150 "$TEST" --test-threads=1 --nocapture \
+  TL_DUMP_TENSORS=$W/dump TL_CUDA_TIMEOUT=10 timeout 200 "$TEST" --test-threads=1 --nocapture \
     >"$OUT/test.log" 2>&1
   echo "tests: exit $? (t=${SECONDS}s)"
   grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-200
+  if [ -x "$ETEST" ]; then
+    TL_CUDA_TIMEOUT=10 timeout 120 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
+    echo "engine tests: exit $? (t=${SECONDS}s)"
+    grep -E 'requests equal|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
+  fi
   while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 400 ]; do sleep 2; done
   echo "prepared (t=${SECONDS}s)"
   LB=/tmp/llamacpp/build/bin
@@ -71,6 +117,19 @@ if [ "$mode" = session ]; then
     fi
   done
   m=${SM%% *}; f=$W/$m.gguf
+  if [ -s "$f" ] && [ -n "${DEPTHS:-512,4096,16384,32768}" ] && [ $SECONDS -lt 400 ]; then
+    D=${DEPTHS:-512,4096,16384,32768}
+    echo "== $m: long context, tg128 at depth $D, tl t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=30 timeout 150 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 -d "$D" 2>&1 | grep -E 'tg128|rror'
+    if [ -n "$LB" ]; then
+      echo "== $m: long context, llama.cpp t=${SECONDS}s"
+      LD_LIBRARY_PATH=$LB timeout 150 "$LB/llama-bench" -m "$f" -p 0 -n 128 -d "$D" -ngl 99 -fa 1 -r 2 2>&1 | grep -E '^\|' | tail -n +3
+    fi
+  fi
+  if [ -s "$f" ] && [ $SECONDS -lt 430 ]; then
+    echo "== $m: decode with sampling on the device (temperature 1, top-p 0.9) t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
+  fi
   if [ -s "$f" ] && [ $SECONDS -lt 450 ]; then
     echo "-- stage profile, decode ($m)"
     TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 40 "$BIN" --device cuda bench -m "$f" -p 0 -n 64 -r 1 2>&1 | grep -E '^\|' | tail -n +3 | head -16
@@ -86,6 +145,9 @@ if [ "$mode" = session ]; then
     echo "== $m: tl serve --device cuda under load t=${SECONDS}s"
     TL_DEVICE=cuda TL_CUDA_TIMEOUT=10 timeout 100 python3 scripts/loadtest.py --model "$f" --tl "$BIN" \
       --sweep 1,16,64 --requests 2 --max-tokens 64 --max-batch 64 --duration 30 2>&1 | tail -8 | cut -c1-400
+    echo "-- the same at temperature 0.8, top-p 0.95 (picks on the device) t=${SECONDS}s"
+    TL_DEVICE=cuda TL_CUDA_TIMEOUT=10 timeout 60 python3 scripts/loadtest.py --model "$f" --tl "$BIN" \
+      --sweep 64 --requests 2 --max-tokens 64 --max-batch 64 --duration 30 --temperature 0.8 --top-p 0.95 2>&1 | tail -3 | cut -c1-400
   fi
   echo "session done t=${SECONDS}s"
   exit 0
@@ -94,6 +156,8 @@ fi
 if [ "$mode" = test ] || [ "$mode" = all ]; then
   echo "== CUDA against CPU (synthetic models, every architecture and weight type)"
   "$TEST" --test-threads=1 --nocapture 2>&1 | grep -vE '^(running|$)' || status=1
+  echo "== the engine on the GPU (batching, prefix cache, preemption)"
+  "$ETEST" --test-threads=1 --nocapture 2>&1 | grep -vE '^(running|$)' || status=1
 fi
 
 synth() { # name args...
@@ -101,7 +165,7 @@ synth() { # name args...
   [ -s "$out" ] && return 0
   "$BIN" synth -o "$out.tmp" "$@" >/dev/null && mv "$out.tmp" "$out" || { echo "synth $out failed"; status=1; }
 }
-QWEN05="--arch qwen2 --layers 24 --d-model 896 --heads 14 --kv-heads 2 --head-dim 64 --ffn 4864 --extra-vocab 151677 --context 32768"
+QWEN05="--arch qwen2 --layers 24 --d-model 896 --heads 14 --kv-heads 2 --head-dim 64 --ffn 4864 --extra-vocab 151677 --context 40960"
 # Which benchmark models (MODELS="q05_q8_0" for a quick run); SKIP_LLAMA=1
 # skips building llama.cpp.
 MODELS=${MODELS:-q05_q8_0 q05_q4_0 q15_q4_k}

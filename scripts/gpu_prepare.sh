@@ -9,13 +9,20 @@ mkdir -p .gpu
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
 cargo build --release -p tl-cli
 cp target/release/tl .gpu/tl && strip .gpu/tl
-t=$(cargo test --release -p tl-model --test cuda --no-run --message-format=json 2>/dev/null \
-  | python3 -c 'import sys,json
+# The GPU test binaries: tl-model's `cuda` (kernels and forward against the
+# CPU) and tl-engine's `cuda_engine` (the scheduler on the GPU).
+test_bin() { # crate test-name out
+  local t
+  t=$(cargo test --release -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null \
+    | python3 -c 'import sys,json
 for l in sys.stdin:
     try: m=json.loads(l)
     except Exception: continue
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="cuda": print(m["executable"])' | tail -1)
-[ -n "$t" ] || { echo "gpu_prepare: the cuda test binary was not built" >&2; exit 1; }
-cp "$t" .gpu/cuda_test && strip .gpu/cuda_test
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]==sys.argv[1]: print(m["executable"])' "$2" | tail -1)
+  [ -n "$t" ] || { echo "gpu_prepare: the $1 $2 test binary was not built" >&2; exit 1; }
+  cp "$t" "$3" && strip "$3"
+}
+test_bin tl-model cuda .gpu/cuda_test
+test_bin tl-engine cuda_engine .gpu/cuda_engine_test
 if [ -d ../shared/gpu ]; then cp ../shared/gpu/build-llamacpp-cuda.sh ../shared/gpu/llama.cpp-src.tar.xz .gpu/; fi
 du -sh .gpu/*

@@ -19,6 +19,11 @@ any batch size, each request opts in or out):
 
   scripts/loadtest.py --model MODEL.gguf --sweep 1,2,4,8 --requests 3 --max-tokens 96 \
       --workload code-edit --serve-arg=--spec=ngram --serve-arg=--spec-max-batch=64 --speculative on
+Against llama-server on the same model and GPU (its own port; mixed prompt
+lengths of about 30 to 1,000 tokens; JSON for scripts/plot_load.py):
+
+  scripts/loadtest.py --model M.gguf --llama-server /tmp/llamacpp/build/bin/llama-server \
+      --max-batch 64 --sweep 1,16,64,128 --workload mixed --json
 Standard library only.
 """
 import argparse
@@ -68,10 +73,14 @@ def rss_kib(pid):
 
 
 def metric(url, name):
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
+    """A gauge or counter of the server's /metrics (NaN where it has none)."""
+    try:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            for line in r.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[-1])
+    except Exception:
+        pass
     return float("nan")
 
 
@@ -145,7 +154,7 @@ def one_request(host, port, body, stats, hang_up_after, deadline):
 
 
 def run(url, clients, requests, duration, max_tokens, disconnect, seed, model,
-        workload="chat", speculative=None):
+        workload="chat", speculative=None, temperature=0.0, top_p=1.0):
     u = urllib.parse.urlparse(url)
     host, port = u.hostname, u.port
     assert host in ("127.0.0.1", "localhost", "::1"), "load tests target loopback only"
@@ -158,7 +167,15 @@ def run(url, clients, requests, duration, max_tokens, disconnect, seed, model,
         k = 0
         while k < requests and time.time() < deadline:
             topic = TOPICS[(ci + k) % len(TOPICS)]
-            if workload == "code-edit":
+            if workload == "mixed":
+                # Prompts of about 30 to 1,000 tokens.
+                words = r.choice([20, 80, 300, 700])
+                notes = " ".join(r.choice(TOPICS).split()[0] for _ in range(words))
+                body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True}, "ignore_eos": True,
+                        "messages": [{"role": "user", "content":
+                                      f"Summarize these notes (request {k}): {notes}"}]}
+            elif workload == "code-edit":
                 a, b = RENAMES[(ci + k) % len(RENAMES)]
                 body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                         "stream_options": {"include_usage": True},
@@ -170,6 +187,9 @@ def run(url, clients, requests, duration, max_tokens, disconnect, seed, model,
                         "stream_options": {"include_usage": True}, "ignore_eos": True,
                         "messages": [{"role": "system", "content": "You are a helpful assistant."},
                                      {"role": "user", "content": f"Tell me about {topic} (request {k})."}]}
+            body["temperature"] = temperature
+            if top_p < 1.0:
+                body["top_p"] = top_p
             if speculative is not None:
                 body["speculative"] = speculative
             hang = r.randint(1, max(1, max_tokens - 1)) if r.random() < disconnect else None
@@ -200,8 +220,15 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--disconnect", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature of every request (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--workload", choices=["chat", "code-edit"], default="chat")
+    ap.add_argument("--workload", choices=["chat", "code-edit", "mixed"], default="chat")
+    ap.add_argument("--llama-server", metavar="PATH",
+                    help="spawn this llama-server on --model instead of `tl serve` "
+                         "(-np MAX_BATCH, continuous batching, all layers on the GPU, flash attention)")
+    ap.add_argument("--llama-ctx", type=int, default=2048, help="llama-server context per slot")
     ap.add_argument("--speculative", choices=["on", "off"],
                     help="send \"speculative\": true/false with every request")
     ap.add_argument("--serve-arg", action="append", default=[],
@@ -216,18 +243,35 @@ def main():
             port = s.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
         log = open(os.path.join(ROOT, "target", f"loadtest-server-{port}.log"), "wb")
-        proc = subprocess.Popen([a.tl, "serve", "-m", a.model, "--port", str(port), "-t", str(a.threads),
-                                 "--max-batch", str(a.max_batch), "--max-queue", "256"] + a.serve_arg,
-                                stdout=log, stderr=subprocess.STDOUT)
-        for _ in range(1200):
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except Exception:
-                time.sleep(0.1)
+        if a.llama_server:
+            # Flash attention is spelled `-fa on` by newer llama-servers and
+            # `-fa` by older ones: try both.
+            base = [a.llama_server, "-m", a.model, "--port", str(port), "--host", "127.0.0.1",
+                    "-np", str(a.max_batch), "-c", str(a.max_batch * a.llama_ctx), "-ngl", "99",
+                    "-cb", "--no-warmup"]
+            tries = [base + ["-fa", "on"] + a.serve_arg, base + ["-fa"] + a.serve_arg]
         else:
-            sys.exit("loadtest: server did not become ready")
+            tries = [[a.tl, "serve", "-m", a.model, "--port", str(port), "-t", str(a.threads),
+                      "--max-batch", str(a.max_batch), "--max-queue", "256"] + a.serve_arg]
+        for cmd in tries:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            ready = False
+            for _ in range(1200):
+                if proc.poll() is not None:
+                    break
+                try:
+                    with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                        if r.status == 200:
+                            ready = True
+                            break
+                except Exception:
+                    time.sleep(0.1)
+            if ready:
+                break
+            proc.kill()
+            proc.wait(30)
+        else:
+            sys.exit("loadtest: server did not become ready (log: " + log.name + ")")
     elif a.url:
         url = a.url
     else:
@@ -249,11 +293,11 @@ def main():
             spec = None if a.speculative is None else a.speculative == "on"
             spec0 = metric(url, "tl_spec_drafted_tokens_total"), metric(url, "tl_spec_accepted_tokens_total")
             st, wall = run(url, c, a.requests, a.duration, a.max_tokens, a.disconnect, a.seed, model,
-                           a.workload, spec)
+                           a.workload, spec, a.temperature, a.top_p)
             res = {
                 "clients": c, "wall_s": round(wall, 2), "ok": st.ok, "errors": st.errors,
                 "rejected": st.rejected, "disconnects": st.disconnects, "tokens": st.tokens,
-                "tok_per_s": round(st.tokens / wall, 2),
+                "tok_per_s": round(st.tokens / wall, 2), "req_per_s": round(st.ok / wall, 3),
                 "ttft_p50_s": round(pct(st.ttft, 50), 4), "ttft_p99_s": round(pct(st.ttft, 99), 4),
                 "itl_p50_s": round(pct(st.itl, 50), 4), "itl_p99_s": round(pct(st.itl, 99), 4),
                 "error_samples": st.error_samples[:5],
@@ -268,7 +312,8 @@ def main():
             results.append(res)
             if not a.json:
                 print(f"clients={c:3d} ok={st.ok} err={st.errors} 429/503={st.rejected} hangups={st.disconnects} "
-                      f"tokens={st.tokens} wall={wall:.1f}s -> {res['tok_per_s']:.2f} tok/s | "
+                      f"tokens={st.tokens} wall={wall:.1f}s -> {res['tok_per_s']:.2f} tok/s "
+                      f"{res['req_per_s']:.2f} req/s | "
                       f"TTFT p50 {res['ttft_p50_s']:.3f}s p99 {res['ttft_p99_s']:.3f}s | "
                       f"ITL p50 {res['itl_p50_s'] * 1000:.1f}ms p99 {res['itl_p99_s'] * 1000:.1f}ms | "
                       f"KV blocks used after: {res['kv_blocks_used_after']:.0f} | "

@@ -29,6 +29,19 @@ pub struct BenchArgs {
     /// Batch sizes for generation (sequences decoding together), e.g. 1,4,8.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     pub batch: Vec<usize>,
+    /// Context depths for the tg test, as llama-bench's `-d`: each sequence
+    /// first prefills this many tokens (untimed), then decodes.
+    #[arg(short = 'd', long, value_delimiter = ',', default_value = "0")]
+    pub depth: Vec<usize>,
+    /// Sampling temperature of the tg test (0: greedy).
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Top-p of the tg test (with --temp > 0).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Top-k of the tg test (with --temp > 0; 0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = 512)]
     pub ubatch: usize,
@@ -86,7 +99,8 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     let c = &model.config;
     let vocab = c.vocab;
     let max_b = a.batch.iter().copied().max().unwrap_or(1).max(1);
-    let ctx = (a.prompt.max(1) + a.gen + 1) * max_b;
+    let max_d = a.depth.iter().copied().max().unwrap_or(0);
+    let ctx = (a.prompt.max(max_d + 1) + a.gen + 1) * max_b;
     let mut runner = Runner::new(&model, ctx)?;
     let mut rows = Vec::new();
     let reps = a.reps.max(1);
@@ -104,21 +118,48 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
         rows.push((format!("pp{}", a.prompt), 1usize, mean_sd(&rates)));
     }
     if a.gen > 0 {
-        for &b in &a.batch {
-            let b = b.max(1);
-            let prompts: Vec<Vec<u32>> = (0..b).map(|s| tokens(1, vocab, s + 1)).collect();
-            let opts = TokenOptions {
-                max_tokens: a.gen,
-                ..Default::default()
-            };
-            let mut rates = Vec::new();
-            for _ in 0..reps {
-                let t0 = Instant::now();
-                let out = runner.generate_batch(&prompts, &opts, |_, _| true)?;
-                let n: usize = out.iter().map(|(t, _)| t.len()).sum();
-                rates.push(n as f64 / t0.elapsed().as_secs_f64());
+        let sampling = tl_model::sampler::SamplingParams {
+            temperature: a.temp,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: 42,
+            ..Default::default()
+        };
+        sampling.validate()?;
+        for &d in &a.depth {
+            for &b in &a.batch {
+                let b = b.max(1);
+                let prompts: Vec<Vec<u32>> = (0..b).map(|s| tokens(d + 1, vocab, s + 1)).collect();
+                let opts = TokenOptions {
+                    max_tokens: a.gen,
+                    sampling: sampling.clone(),
+                    ..Default::default()
+                };
+                // Decode only, as llama-bench's tg: timed from the moment
+                // every sequence has its first token (prefill done) to the
+                // end, over the tokens after the first.
+                let mut rates = Vec::new();
+                for _ in 0..reps {
+                    let mut seen = 0usize;
+                    let mut t_first = Instant::now();
+                    let out = runner.generate_batch(&prompts, &opts, |_, _| {
+                        seen += 1;
+                        if seen == b {
+                            t_first = Instant::now();
+                        }
+                        true
+                    })?;
+                    let n: usize = out.iter().map(|(t, _)| t.len()).sum();
+                    let dt = t_first.elapsed().as_secs_f64();
+                    rates.push(n.saturating_sub(b) as f64 / dt.max(1e-9));
+                }
+                let test = if d > 0 {
+                    format!("tg{} @ d{d}", a.gen)
+                } else {
+                    format!("tg{}", a.gen)
+                };
+                rows.push((test, b, mean_sd(&rates)));
             }
-            rows.push((format!("tg{}", a.gen), b, mean_sd(&rates)));
         }
     }
     let name = if c.name.is_empty() {

@@ -20,9 +20,16 @@ pub struct ServeArgs {
     /// Most tokens in one step (decode tokens plus prompt chunks).
     #[arg(long, default_value_t = 256)]
     pub max_batch_tokens: usize,
-    /// KV cache memory, e.g. 512M, 2G (bytes without a suffix).
-    #[arg(long, default_value = "512M")]
-    pub kv_memory: String,
+    /// KV cache memory, e.g. 512M, 2G (bytes without a suffix). Default:
+    /// 512M on the CPU; on a GPU the cache is sized by
+    /// --gpu-memory-utilization instead.
+    #[arg(long)]
+    pub kv_memory: Option<String>,
+    /// On a GPU, the fraction of the card's memory this server may use
+    /// (weights, step buffers and KV cache; vLLM's meaning); the KV cache
+    /// takes what the weights and steps leave. Default 0.9 on a GPU.
+    #[arg(long, value_name = "F")]
+    pub gpu_memory_utilization: Option<f64>,
     /// Requests waiting beyond the running batch before 429 answers.
     #[arg(long, default_value_t = 64)]
     pub max_queue: usize,
@@ -94,7 +101,20 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.max_batch > 0, "--max-batch must be positive");
     anyhow::ensure!(a.max_queue > 0, "--max-queue must be positive");
     anyhow::ensure!(a.request_timeout > 0, "--request-timeout must be positive");
-    let kv_bytes = parse_size(&a.kv_memory).context("--kv-memory")?;
+    let kv_bytes = parse_size(a.kv_memory.as_deref().unwrap_or("512M")).context("--kv-memory")?;
+    anyhow::ensure!(
+        a.kv_memory.is_none() || a.gpu_memory_utilization.is_none(),
+        "--kv-memory and --gpu-memory-utilization are alternatives: give one"
+    );
+    let on_gpu = crate::device().is_gpu();
+    anyhow::ensure!(
+        on_gpu || a.gpu_memory_utilization.is_none(),
+        "--gpu-memory-utilization applies to --device cuda (use --kv-memory on the CPU)"
+    );
+    let gpu_memory_utilization = match (on_gpu, a.kv_memory.is_some()) {
+        (true, false) => Some(a.gpu_memory_utilization.unwrap_or(0.9)),
+        _ => None,
+    };
     anyhow::ensure!(
         a.model.model.is_file(),
         "model file {} not found",
@@ -137,6 +157,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
             spec_max_batch: a.spec_max_batch,
         },
         kv_bytes,
+        gpu_memory_utilization,
         max_queue: a.max_queue,
     };
     let margs = a.model.clone();

@@ -10,6 +10,13 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl Device {
+    /// Whether this is a GPU.
+    pub fn is_gpu(self) -> bool {
+        !matches!(self, Device::Cpu)
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

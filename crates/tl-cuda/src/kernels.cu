@@ -734,20 +734,39 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
 // one 16-byte load of K and of V); groups and warps take positions in turn
 // and their partial softmax states are merged in shared memory at the end;
 // with xq, the output is also left quantized to 8 bits for the next product.
-// grid = (n_heads, n_tokens), blockDim = 256.
+//
+// Split-KV (flash-decoding): with `chunk` > 0 (decode steps), each (token,
+// head) pair's keys are cut into chunks of `chunk` positions from the
+// window's start, one block each (grid.z, enough for the longest context
+// the block tables hold). A block writes its partial state (max, sum,
+// unnormalised output) to `part`; the last block of the pair to finish
+// (counted in `cnt`, which it resets to 0) merges them in chunk order. The
+// chunks depend on the context length only, never on the batch, so a
+// sequence's attention is the same arithmetic alone or among others; one
+// captured graph serves every length, and a context of one chunk writes
+// its output directly. With `chunk` 0 (prefill) a pair is one block.
+// grid = (n_heads, n_tokens, chunks), blockDim = 256.
+// A load that bypasses L1 (other blocks' writes, seen after a fence).
+__device__ __forceinline__ float ld_cg(const float* p) {
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+}
 struct AttnArgs {
     int n_heads, n_kv_heads, max_blocks, window;
     float scale;
+    int chunk;
 };
 
 template <int HD>
 __device__ void attention(const float* q, const __half* kc, const __half* vc, const int* tok_pos,
                           const int* tok_seq, const int* tables, float* out, AttnArgs a, signed char* xq,
-                          float* xd) {
+                          float* xd, float* part, unsigned int* cnt) {
     constexpr int LP = HD / 8;     // lanes per position
     constexpr int GPW = 32 / LP;   // groups per warp
     extern __shared__ float sm[];
-    int head = blockIdx.x, t = blockIdx.y;
+    __shared__ int s_last;
+    int head = blockIdx.x, t = blockIdx.y, z = blockIdx.z;
     int kvh = head / (a.n_heads / a.n_kv_heads);
     int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     int gl = lane / LP, sub = lane % LP;
@@ -755,6 +774,11 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
     int pos = tok_pos[t];
     const int* table = tables + (long)tok_seq[t] * a.max_blocks;
     int lo = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
+    int len = pos + 1 - lo;
+    int chunk = a.chunk > 0 ? a.chunk : len;
+    int ns = (len + chunk - 1) / chunk;
+    if (z >= ns) return;  // uniform over the block
+    int p_lo = lo + z * chunk, p_hi = min(pos, lo + (z + 1) * chunk - 1);
     const float* qh = q + ((long)t * a.n_heads + head) * HD + sub * 8;
     float qv[8];
 #pragma unroll
@@ -764,10 +788,10 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
     for (int k = 0; k < 8; k++) acc[k] = 0.0f;
     // The loop bound is uniform across the warp (p0 depends on the warp
     // only): every lane reaches the shuffles, as __shfl_xor_sync with a
-    // full mask requires; lanes past `pos` only skip the update.
-    for (int p0 = lo + warp * GPW; p0 <= pos; p0 += G) {
+    // full mask requires; lanes past `p_hi` only skip the update.
+    for (int p0 = p_lo + warp * GPW; p0 <= p_hi; p0 += G) {
         int p = p0 + gl;
-        bool valid = p <= pos;
+        bool valid = p <= p_hi;
         long off = 0;
         float s = 0.0f;
         if (valid) {
@@ -807,22 +831,383 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
     __syncthreads();
     float M = -TL_INF;
     for (int i = 0; i < G; i++) M = fmaxf(M, sm_m[i]);
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-        float L = 0.0f, o = 0.0f;
-        for (int i = 0; i < G; i++) {
-            if (sm_m[i] == -TL_INF) continue;
-            float c = expf(sm_m[i] - M);
-            L += sm_l[i] * c;
-            o += sm_a[i * HD + d] * c;
+    float L = 0.0f;
+    for (int i = 0; i < G; i++)
+        if (sm_m[i] != -TL_INF) L += sm_l[i] * expf(sm_m[i] - M);
+    long pair = (long)t * a.n_heads + head;
+    if (ns == 1) {
+        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+            float o = 0.0f;
+            for (int i = 0; i < G; i++)
+                if (sm_m[i] != -TL_INF) o += sm_a[i * HD + d] * expf(sm_m[i] - M);
+            long i = pair * HD + d;
+            float v = L > 0.0f ? o / L : 0.0f;
+            out[i] = v;
+            // (HD is a multiple of 32 and ≤ blockDim: whole warps store.)
+            if (xq) store_q8(v, i, xq, xd);
         }
-        long i = ((long)t * a.n_heads + head) * HD + d;
-        float v = L > 0.0f ? o / L : 0.0f;
+        return;
+    }
+    // This chunk's state to `part` ([pair][gridDim.z][2 + HD]), then the
+    // last block of the pair merges every chunk's.
+    float* pz = part + (pair * gridDim.z + z) * (2 + HD);
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float o = 0.0f;
+        for (int i = 0; i < G; i++)
+            if (sm_m[i] != -TL_INF) o += sm_a[i * HD + d] * expf(sm_m[i] - M);
+        pz[2 + d] = o;
+    }
+    if (threadIdx.x == 0) { pz[0] = M; pz[1] = L; }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(cnt + pair, 1u) == (unsigned)(ns - 1);
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    const float* p0 = part + pair * gridDim.z * (2 + HD);
+    float MM = -TL_INF;
+    for (int i = 0; i < ns; i++) MM = fmaxf(MM, ld_cg(p0 + i * (2 + HD)));
+    float LL = 0.0f;
+    for (int i = 0; i < ns; i++) {
+        float mi = ld_cg(p0 + i * (2 + HD));
+        if (mi != -TL_INF) LL += ld_cg(p0 + i * (2 + HD) + 1) * expf(mi - MM);
+    }
+    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+        float o = 0.0f;
+        for (int i = 0; i < ns; i++) {
+            float mi = ld_cg(p0 + i * (2 + HD));
+            if (mi != -TL_INF) o += ld_cg(p0 + i * (2 + HD) + 2 + d) * expf(mi - MM);
+        }
+        long i = pair * HD + d;
+        float v = LL > 0.0f ? o / LL : 0.0f;
         out[i] = v;
-        // (HD is a multiple of 32 and ≤ blockDim: whole warps store.)
         if (xq) store_q8(v, i, xq, xd);
     }
+    if (threadIdx.x == 0) cnt[pair] = 0;
 }
 
-extern "C" __global__ void attention_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd) { TL_PDL(); attention<64>(q, kc, vc, tp, ts, tb, o, a, xq, xd); }
-extern "C" __global__ void attention_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd) { TL_PDL(); attention<128>(q, kc, vc, tp, ts, tb, o, a, xq, xd); }
-extern "C" __global__ void attention_256(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd) { TL_PDL(); attention<256>(q, kc, vc, tp, ts, tb, o, a, xq, xd); }
+extern "C" __global__ void attention_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64>(q, kc, vc, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128>(q, kc, vc, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_256(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256>(q, kc, vc, tp, ts, tb, o, a, xq, xd, part, cnt); }
+
+// ---------------------------------------------------------------------------
+// Sampling on the device, one block of 1024 threads (32 warps) per logits
+// row, the chain of the CPU sampler (tl-model's sampler.rs, llama.cpp's
+// default): penalties → top-k → top-p → min-p → temperature → draw.
+// Nothing is sorted: top-k's k-th largest logit and top-p's boundary are
+// found by radix selection over the logits' order-preserving 32-bit keys
+// (4 passes of 8 bits, histograms in shared memory); ties at a boundary are
+// kept in token order, first ids first, as the CPU's sort by (logit desc,
+// id asc) keeps them. Top-p's masses are fixed point (exp(l - max) · 2^40,
+// summed as integers), so every sum is exact and the result does not depend
+// on the order of the atomics. The draw is the inverse CDF in token order
+// at the host's uniform u: the same distribution as the CPU's, not the same
+// pick for a given seed.
+// Layout: warp w owns a contiguous span of the row and reads it 32
+// consecutive logits (one 128-byte line) at a time, so every read is
+// coalesced and token order is (warp, step, lane) order; ranks among equal
+// keys come from ballots.
+#define FP_ONE 1099511627776.0  // 2^40
+#define FULL 0xffffffffu
+struct SampleRow {
+    double u;
+    float temp, top_p, min_p, rep, pres, freq;
+    int top_k, n_pen, pen_off, pad;
+};
+
+__device__ __forceinline__ unsigned f2key(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float key2f(unsigned k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ __forceinline__ unsigned match_any(unsigned v) {
+    unsigned m;
+    asm volatile("match.any.sync.b32 %0, %1, 0xffffffff;" : "=r"(m) : "r"(v));
+    return m;
+}
+
+__device__ __forceinline__ unsigned long long fp_mass(float l, float M) {
+    return (unsigned long long)((double)expf(l - M) * FP_ONE);
+}
+
+struct KeepRule {
+    bool tk, tp;
+    unsigned tkey, trem;  // top-k: keys > tkey, and the first trem ids with key == tkey
+    unsigned pkey, prem;  // top-p: the same over the top-k survivors
+    float cut;            // min-p: logits ≥ cut
+};
+
+// Whether each lane's token (ok: inside the row) survives top-k; ek, the
+// warp's count of tokens of key tkey so far, advances over the 32.
+__device__ __forceinline__ bool tile_in_top_k(unsigned k, bool ok, const KeepRule& R, unsigned& ek,
+                                              unsigned lt) {
+    if (!R.tk) return ok;
+    bool eq = ok && k == R.tkey;
+    unsigned b = __ballot_sync(FULL, eq);
+    unsigned rank = ek + __popc(b & lt);
+    ek += __popc(b);
+    return ok && (k > R.tkey || (eq && rank < R.trem));
+}
+
+// ... and top-p (ep: the count of top-k survivors of key pkey so far) and
+// min-p: the kept set.
+__device__ __forceinline__ bool tile_kept(float l, bool ok, const KeepRule& R, unsigned& ek, unsigned& ep,
+                                          unsigned lt) {
+    unsigned k = f2key(l);
+    bool in = tile_in_top_k(k, ok, R, ek, lt);
+    if (R.tp) {
+        bool eq = in && k == R.pkey;
+        unsigned b = __ballot_sync(FULL, eq);
+        unsigned rank = ep + __popc(b & lt);
+        ep += __popc(b);
+        in = in && (k > R.pkey || (eq && rank < R.prem));
+    }
+    return in && l >= R.cut;
+}
+
+// Exclusive prefix of per-warp values in warp order (sh: 32 entries, each
+// warp's lane 0 has written its own); returns the calling warp's prefix,
+// *total the sum.
+template <typename T>
+__device__ T warp_prefix(const T* sh, int warp, T* total) {
+    T pre = 0, t = 0;
+    for (int w = 0; w < 32; w++) {
+        if (w == warp) pre = t;
+        t += sh[w];
+    }
+    *total = t;
+    return pre;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum_t(T v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL, v, o);
+    return v;
+}
+
+extern "C" __global__ void sample_rows(float* logits, int V, const SampleRow* rows, const int* pens,
+                                       int* ids) { TL_PDL();
+    __shared__ unsigned hc[256];
+    __shared__ unsigned long long hm[256];
+    __shared__ double shd[32];
+    __shared__ unsigned long long shu[32];
+    __shared__ unsigned shc[32];
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ unsigned s_prefix, s_rem;
+    __shared__ unsigned long long s_acc;
+    __shared__ int s_pick, s_arg;
+    int r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
+    unsigned lt = (1u << lane) - 1u;
+    SampleRow P = rows[r];
+    float* x = logits + (long)r * V;
+    // This warp's span [wb, we), a whole number of 32-token steps.
+    int span = ((V + 1023) / 1024) * 32;
+    int wb = min(V, warp * span), we = min(V, wb + span);
+    // Penalties: the host sends each distinct token of the window once,
+    // with its count; the arithmetic is the CPU's, unfused.
+    for (int i = tid; i < P.n_pen; i += blockDim.x) {
+        int tok = pens[2 * (P.pen_off + i)], cnt = pens[2 * (P.pen_off + i) + 1];
+        if (tok >= 0 && tok < V) {
+            float l = x[tok];
+            l = l > 0.0f ? __fdiv_rn(l, P.rep) : __fmul_rn(l, P.rep);
+            x[tok] = __fsub_rn(l, __fadd_rn(__fmul_rn((float)cnt, P.freq), P.pres));
+        }
+    }
+    __syncthreads();
+    // The largest logit and its first index (NaN counts as -inf).
+    float best = -TL_INF;
+    int bi = 0x7fffffff;
+#pragma unroll 4
+    for (int t0 = wb; t0 < we; t0 += 32) {
+        int i = t0 + lane;
+        if (i < we) {
+            float l = x[i];
+            if (l != l) { l = -TL_INF; x[i] = l; }
+            arg_best(best, bi, l, i);
+        }
+    }
+    warp_arg_best(best, bi);
+    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        best = sv[lane];
+        bi = si[lane];
+        warp_arg_best(best, bi);
+        if (lane == 0) { sv[0] = best; s_arg = bi == 0x7fffffff ? 0 : bi; }
+    }
+    __syncthreads();
+    float M = sv[0];
+    if (P.temp <= 0.0f || M == -TL_INF) {
+        if (tid == 0) ids[r] = s_arg;
+        return;
+    }
+    KeepRule R;
+    R.tk = P.top_k > 0 && P.top_k < V;
+    R.tp = P.top_p < 1.0f;
+    R.cut = P.min_p > 0.0f ? M + logf(P.min_p) : -TL_INF;
+    R.tkey = 0; R.trem = 0; R.pkey = 0; R.prem = 0;
+    unsigned ek0 = 0, ep0 = 0;  // this warp's first ranks
+    // Radix selection: 4 passes from the top byte of the key. By count
+    // (top-k: the k-th largest) or, with `mass`, by fixed-point mass over
+    // the top-k survivors (top-p: where the mass from the top reaches the
+    // target).
+    for (int which = 0; which < 2; which++) {
+        bool mass = which == 1;
+        if (!(mass ? R.tp : R.tk)) continue;
+        unsigned long long target = 0;
+        if (mass) {
+            unsigned ek = ek0;
+            unsigned long long s = 0;
+            for (int t0 = wb; t0 < we; t0 += 32) {
+                int i = t0 + lane;
+                bool ok = i < we;
+                float l = ok ? x[i] : -TL_INF;
+                if (tile_in_top_k(f2key(l), ok, R, ek, lt)) s += fp_mass(l, M);
+            }
+            s = warp_sum_t(s);
+            if (lane == 0) shu[warp] = s;
+            __syncthreads();
+            unsigned long long S;
+            warp_prefix(shu, warp, &S);
+            target = (unsigned long long)ceil((double)P.top_p * (double)S);
+            if (target < 1) target = 1;
+        }
+        unsigned prefix = 0, mask = 0, rem = P.top_k;
+        unsigned long long acc = 0;
+        for (int shift = 24; shift >= 0; shift -= 8) {
+            for (int i = tid; i < 256; i += blockDim.x) { hc[i] = 0; hm[i] = 0; }
+            __syncthreads();
+            unsigned ek = ek0;
+#pragma unroll 4
+            for (int t0 = wb; t0 < we; t0 += 32) {
+                int i = t0 + lane;
+                bool ok = i < we;
+                float l = ok ? x[i] : -TL_INF;
+                unsigned k = f2key(l);
+                bool in = mass ? tile_in_top_k(k, ok, R, ek, lt) : ok;
+                in = in && (k & mask) == prefix;
+                unsigned b = in ? (k >> shift) & 255 : 256u;
+                unsigned peers = match_any(b);
+                bool leader = (peers & lt) == 0;
+                if (mass) {
+                    unsigned long long f = in ? fp_mass(l, M) : 0ull;
+                    if (peers == FULL) {
+                        // The usual case: the whole step in one bin.
+                        f = warp_sum_t(f);
+                        if (lane == 0 && in && f) atomicAdd(&hm[b], f);
+                    } else if (in && f) {
+                        atomicAdd(&hm[b], f);
+                    }
+                } else if (in && leader) {
+                    atomicAdd(&hc[b], (unsigned)__popc(peers));
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                int b = 255;
+                if (mass) {
+                    for (; b > 0; b--) { if (acc + hm[b] >= target) break; acc += hm[b]; }
+                    s_acc = acc;
+                } else {
+                    unsigned a = 0;
+                    for (; b > 0; b--) { if (a + hc[b] >= rem) break; a += hc[b]; }
+                    s_rem = rem - a;
+                }
+                s_prefix = prefix | ((unsigned)b << shift);
+            }
+            __syncthreads();
+            prefix = s_prefix;
+            mask |= 255u << shift;
+            if (mass) acc = s_acc; else rem = s_rem;
+        }
+        // The boundary key is `prefix`: how many of its tokens (in id
+        // order) stay, and each warp's first rank among them.
+        unsigned ek = ek0, c = 0;
+        for (int t0 = wb; t0 < we; t0 += 32) {
+            int i = t0 + lane;
+            bool ok = i < we;
+            unsigned k = f2key(ok ? x[i] : -TL_INF);
+            bool in = mass ? tile_in_top_k(k, ok, R, ek, lt) : ok;
+            c += __popc(__ballot_sync(FULL, in && k == prefix));
+        }
+        __syncthreads();
+        if (lane == 0) shc[warp] = c;
+        __syncthreads();
+        unsigned tot;
+        unsigned base = warp_prefix(shc, warp, &tot);
+        if (mass) {
+            // The fewest tokens of the boundary key that reach the target.
+            double f = (double)fp_mass(key2f(prefix), M);
+            unsigned long long need = target - acc;
+            unsigned j = f > 0.0 ? (unsigned)ceil((double)need / f) : 1u;
+            R.pkey = prefix; R.prem = max(1u, min(j, tot)); ep0 = base;
+        } else {
+            R.tkey = prefix; R.trem = rem; ek0 = base;
+        }
+        __syncthreads();
+    }
+    // The draw: weights exp((l - M) / T) of the kept tokens, summed per
+    // warp, in warp order; the warp holding u · total walks its span.
+    float inv_t = 1.0f / P.temp;
+    double s = 0.0;
+    int last = -1;
+    {
+        unsigned ek = ek0, ep = ep0;
+#pragma unroll 4
+        for (int t0 = wb; t0 < we; t0 += 32) {
+            int i = t0 + lane;
+            bool ok = i < we;
+            float l = ok ? x[i] : -TL_INF;
+            if (tile_kept(l, ok, R, ek, ep, lt)) {
+                double w = exp((double)__fmul_rn(__fsub_rn(l, M), inv_t));
+                s += w;
+                if (w > 0.0) last = i;
+            }
+        }
+    }
+    s = warp_sum_t(s);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(FULL, last, o));
+    if (lane == 0) { shd[warp] = s; si[warp] = last; }
+    __syncthreads();
+    double total;
+    double pre = warp_prefix(shd, warp, &total);
+    if (tid == 0) {
+        // The fallback (rounding past the end): the last kept token.
+        int m = -1;
+        for (int w = 0; w < 32; w++) m = max(m, si[w]);
+        s_pick = m < 0 ? s_arg : m;
+    }
+    __syncthreads();
+    double target = P.u * total;
+    if (s > 0.0 && target >= pre && target < pre + s) {
+        // This warp's span holds the pick: walk it 32 tokens at a time.
+        double rr = target - pre;
+        unsigned ek = ek0, ep = ep0;
+        int pick = last;
+        for (int t0 = wb; t0 < we; t0 += 32) {
+            int i = t0 + lane;
+            bool ok = i < we;
+            float l = ok ? x[i] : -TL_INF;
+            double w = tile_kept(l, ok, R, ek, ep, lt) ? exp((double)__fmul_rn(__fsub_rn(l, M), inv_t)) : 0.0;
+            double inc = w;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                double y = __shfl_up_sync(FULL, inc, o);
+                if (lane >= o) inc += y;
+            }
+            unsigned hit = __ballot_sync(FULL, w > 0.0 && inc > rr);
+            if (hit) { pick = t0 + __ffs(hit) - 1; break; }
+            rr -= __shfl_sync(FULL, inc, 31);
+        }
+        if (lane == 0) s_pick = pick;
+    }
+    __syncthreads();
+    if (tid == 0) ids[r] = s_pick;
+}

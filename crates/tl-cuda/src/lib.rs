@@ -195,12 +195,16 @@ pub enum Arg {
     Raw(Vec<u8>),
 }
 
+/// The bytes of a `#[repr(C)]` value, as the kernels read the struct.
+pub fn raw_bytes<T: Copy>(v: &T) -> &[u8] {
+    // SAFETY: reads the `size_of::<T>()` bytes of a `Copy` value; the
+    // structs passed have no padding (4- and 8-byte fields, each aligned).
+    unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) }
+}
+
 /// Bytes of a `#[repr(C)]` value for [`Arg::Raw`].
 pub fn raw_arg<T: Copy>(v: &T) -> Arg {
-    // SAFETY: reads the `size_of::<T>()` bytes of a `Copy` value; the
-    // structs passed have no padding (all 4- or 8-byte fields in order).
-    let b = unsafe { std::slice::from_raw_parts(v as *const T as *const u8, size_of::<T>()) };
-    Arg::Raw(b.to_vec())
+    Arg::Raw(raw_bytes(v).to_vec())
 }
 
 /// A captured CUDA graph, replayed with [`Gpu::replay`].
@@ -944,6 +948,7 @@ mod tests {
             "rms_norm",
             "argmax_part",
             "argmax_final",
+            "sample_rows",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing");
         }

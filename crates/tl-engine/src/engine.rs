@@ -22,6 +22,12 @@ pub struct EngineConfig {
     pub scheduler: SchedulerConfig,
     /// Bytes of KV cache (K and V, all layers).
     pub kv_bytes: usize,
+    /// On a GPU: size the KV cache so that the process uses this fraction
+    /// of the card's memory (vLLM's `--gpu-memory-utilization`): the
+    /// fraction of the total, less what is in use once the weights are
+    /// loaded (by this process and any other), less the largest step's
+    /// activations and a margin. Overrides `kv_bytes`.
+    pub gpu_memory_utilization: Option<f64>,
     /// Most requests waiting to start; more are refused with `QueueFull`.
     pub max_queue: usize,
 }
@@ -31,6 +37,7 @@ impl Default for EngineConfig {
         EngineConfig {
             scheduler: SchedulerConfig::default(),
             kv_bytes: 512 << 20,
+            gpu_memory_utilization: None,
             max_queue: 64,
         }
     }
@@ -97,16 +104,68 @@ impl Drop for RequestStream {
     }
 }
 
+/// The KV cache's bytes: `kv_bytes`, or on a GPU with
+/// `gpu_memory_utilization` what the fraction leaves.
+fn kv_budget(llm: &Llm, cfg: &EngineConfig) -> Result<usize> {
+    let Some(f) = cfg.gpu_memory_utilization else {
+        return Ok(cfg.kv_bytes);
+    };
+    if !(f > 0.0 && f <= 1.0) {
+        return Err(EngineError::Setup(format!(
+            "--gpu-memory-utilization {f}: must be in (0, 1]"
+        )));
+    }
+    let Some((free, total)) = llm.model.device_memory() else {
+        return Err(EngineError::Setup(
+            "--gpu-memory-utilization applies to a model on a GPU (use --kv-memory on the CPU)"
+                .into(),
+        ));
+    };
+    // The step buffers of the largest step, and a margin for the CUDA
+    // context's own allocations (cuBLAS workspace, graphs).
+    let step = llm
+        .model
+        .step_bytes(cfg.scheduler.max_batch_tokens.max(cfg.scheduler.max_batch));
+    let margin = 256usize << 20;
+    let in_use = total - free.min(total);
+    let budget = (f * total as f64) as usize;
+    let kv = budget
+        .checked_sub(in_use + step + margin)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| {
+            EngineError::Setup(format!(
+                "--gpu-memory-utilization {f}: {:.2} GiB of the card's {:.2} GiB leave nothing \
+                 for the KV cache ({:.2} GiB in use after loading, {:.2} GiB for step buffers \
+                 and margin)",
+                budget as f64 / GIB,
+                total as f64 / GIB,
+                in_use as f64 / GIB,
+                (step + margin) as f64 / GIB
+            ))
+        })?;
+    info!(
+        fraction = f,
+        total_gib = total as f64 / GIB,
+        in_use_gib = in_use as f64 / GIB,
+        step_gib = step as f64 / GIB,
+        kv_gib = kv as f64 / GIB,
+        "KV cache sized from the GPU's memory"
+    );
+    Ok(kv)
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
 impl Engine {
     /// Allocates the KV cache and starts the engine thread.
     pub fn start(llm: Arc<Llm>, cfg: EngineConfig) -> Result<Engine> {
         let c = &llm.model.config;
         let per_block = KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * BLOCK_SIZE;
-        let kv_blocks = cfg.kv_bytes / per_block.max(1);
+        let kv_bytes = kv_budget(&llm, &cfg)?;
+        let kv_blocks = kv_bytes / per_block.max(1);
         if kv_blocks == 0 {
             return Err(EngineError::Setup(format!(
-                "{} bytes of KV memory hold no block of {per_block} bytes",
-                cfg.kv_bytes
+                "{kv_bytes} bytes of KV memory hold no block of {per_block} bytes"
             )));
         }
         let cache = llm
@@ -114,10 +173,12 @@ impl Engine {
             .new_cache_blocks(kv_blocks)
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         info!(
+            device = %llm.model.device(),
             kv_blocks,
             kv_tokens = kv_blocks * BLOCK_SIZE,
             bytes = kv_blocks * per_block,
-            "KV cache allocated"
+            "KV cache allocated: {} tokens fit",
+            kv_blocks * BLOCK_SIZE
         );
         let validator = Validator::new(llm.clone(), kv_blocks * BLOCK_SIZE);
         let shared = Arc::new(Shared {

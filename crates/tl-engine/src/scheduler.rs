@@ -34,7 +34,7 @@ use std::sync::Arc;
 use tl_model::kv::{KvCache, SeqKv, BLOCK_SIZE};
 use tl_model::llm::Llm;
 use tl_model::model::{ForwardState, Logits, SeqBatch};
-use tl_model::sampler::Sampler;
+use tl_model::sampler::{DeviceDraw, Sampler};
 use tl_model::spec::{verify, NgramDrafter, SpecConfig};
 use tl_tokenizer::StreamDecoder;
 use tokio::sync::mpsc::UnboundedSender;
@@ -503,8 +503,38 @@ impl<'a> Scheduler<'a> {
         self.run_plan(&plan)
     }
 
+    /// On a GPU, the draws of a step whose every pick can be taken there
+    /// (no speculative round, no grammar, no logprobs): one per sequence
+    /// that ends its input this step, in plan order. `None` on the CPU or
+    /// when some pick needs the logits on the host.
+    fn device_draws(&mut self, plan: &[(usize, usize)]) -> Option<Vec<DeviceDraw>> {
+        if !self.llm.model.device().is_gpu() {
+            return None;
+        }
+        let picks = |s: &Seq<'_>, n: usize| s.feed.is_empty() && s.kv.len + n == s.tokens.len();
+        for &(i, n) in plan {
+            let s = &self.running[i];
+            if !s.feed.is_empty() {
+                return None;
+            }
+            let logprobs = self.reqs.get(&s.req).is_some_and(|r| r.logprobs.is_some());
+            if picks(s, n) && (s.constraint.is_some() || logprobs) {
+                return None;
+            }
+        }
+        let mut draws = Vec::new();
+        for &(i, n) in plan {
+            let s = &mut self.running[i];
+            if picks(s, n) {
+                draws.push(s.sampler.device_draw(&s.tokens));
+            }
+        }
+        Some(draws)
+    }
+
     fn run_plan(&mut self, plan: &[(usize, usize)]) -> Result<usize> {
         let n_tokens: usize = plan.iter().map(|p| p.1).sum();
+        let draws = self.device_draws(plan);
         let span = tracing::debug_span!("step", seqs = plan.len(), tokens = n_tokens);
         let _g = span.enter();
         let batch: Vec<SeqBatch> = plan
@@ -537,14 +567,18 @@ impl<'a> Scheduler<'a> {
         let state = &mut self.state;
         // A panic inside the model must not take the other requests' server
         // down with it: the batch fails, the engine goes on.
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model.forward(cache, &batch, state).map(|_| ())
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &draws {
+            Some(d) => model.forward_sampled(cache, &batch, state, d).map(Some),
+            None => model.forward(cache, &batch, state).map(|_| None),
         }));
         drop(batch);
-        let err = match res {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(EngineError::Model(e.to_string())),
-            Err(_) => Some(EngineError::Model("the forward pass panicked".into())),
+        let (ids, err) = match res {
+            Ok(Ok(ids)) => (ids, None),
+            Ok(Err(e)) => (None, Some(EngineError::Model(e.to_string()))),
+            Err(_) => (
+                None,
+                Some(EngineError::Model("the forward pass panicked".into())),
+            ),
         };
         if let Some(e) = err {
             warn!(error = %e, "forward failed; failing its batch");
@@ -601,6 +635,24 @@ impl<'a> Scheduler<'a> {
             s.kv.len += n;
             register_blocks(&mut self.pool, s)?;
             if s.kv.len < s.tokens.len() {
+                continue;
+            }
+            if let Some(ids) = &ids {
+                // Picked on the device.
+                let Some(&t) = ids.get(row) else {
+                    return Err(EngineError::Model("missing sampled id".into()));
+                };
+                row += 1;
+                let Some(r) = self.reqs.get(&s.req) else {
+                    done.push((i, Outcome::Closed));
+                    continue;
+                };
+                let before = s.generated;
+                let out = emit(self.llm, s, r, t, None);
+                self.stats.generated_tokens += (s.generated - before) as u64;
+                if !matches!(out, Outcome::Continue) {
+                    done.push((i, out));
+                }
                 continue;
             }
             let Some(lrow) = logits.get_mut(row * vocab..(row + 1) * vocab) else {

@@ -54,6 +54,7 @@ fn engine_with(
                 spec_max_batch: 4,
             },
             kv_bytes: kv_blocks * per_block,
+            gpu_memory_utilization: None,
             max_queue: 64,
         },
     )
@@ -351,6 +352,7 @@ fn full_queue_is_refused_and_shutdown_fails_in_flight() {
                 ..Default::default()
             },
             kv_bytes: 64 * per_block,
+            gpu_memory_utilization: None,
             max_queue: 1,
         },
     )

@@ -286,6 +286,19 @@ impl<'m> Runner<'m> {
                 .iter()
                 .map(|&i| [live[i].next.unwrap_or(0)])
                 .collect();
+            // On a GPU the pick is taken there (the argmax, or the whole
+            // sampler chain) and only the ids are read back.
+            let draws: Option<Vec<_>> = (self.model.device() != tl_core::Device::Cpu
+                && opts.constraint.is_none())
+            .then(|| {
+                active
+                    .iter()
+                    .map(|&i| {
+                        let l = &mut live[i];
+                        l.sampler.device_draw(&l.history)
+                    })
+                    .collect()
+            });
             let batch: Vec<SeqBatch> = active
                 .iter()
                 .zip(&toks)
@@ -296,16 +309,10 @@ impl<'m> Runner<'m> {
                     logits: Logits::Last,
                 })
                 .collect();
-            // On a GPU, plain greedy decoding takes the argmax there and
-            // reads back only the ids.
-            if self.model.device() != tl_core::Device::Cpu
-                && opts.sampling.is_plain_argmax()
-                && opts.spec.is_none()
-                && opts.constraint.is_none()
-            {
-                let ids = self
-                    .model
-                    .forward_greedy(&mut self.cache, &batch, &mut self.state)?;
+            if let Some(draws) = draws {
+                let ids =
+                    self.model
+                        .forward_sampled(&mut self.cache, &batch, &mut self.state, &draws)?;
                 drop(batch);
                 for (&i, &t) in active.iter().zip(&ids) {
                     let l = &mut live[i];

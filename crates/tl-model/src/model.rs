@@ -12,10 +12,12 @@ use tl_gguf::GgufFile;
 
 use crate::attention::AttnScratch;
 use crate::config::Config;
+use crate::cuda::Out;
 use crate::error::{ModelError, Result};
 use crate::forward::Plan;
 use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
 use crate::ops;
+use crate::sampler::DeviceDraw;
 use crate::weights::{Weight, Weights};
 
 /// Which logits a sequence wants back.
@@ -59,6 +61,33 @@ pub struct Model {
     pub(crate) rope_freqs: Option<Vec<f32>>,
     /// The weights in device memory when the model runs on a GPU.
     pub(crate) cuda: Option<crate::cuda::CudaModel>,
+}
+
+/// One pick per row of `logits` (rows of `vocab` values) as `draws` say,
+/// taken on `device`: the CUDA sampling kernel on its own on a GPU,
+/// [`crate::sampler::pick`] on the CPU. For tests and measurements of the
+/// sampler; a forward's picks go through [`Model::forward_sampled`].
+pub fn sample_rows_on(
+    device: Device,
+    logits: &[f32],
+    vocab: usize,
+    draws: &[DeviceDraw],
+) -> Result<Vec<u32>> {
+    if vocab == 0 || logits.len() != vocab * draws.len() {
+        return Err(ModelError::BadConfig(format!(
+            "{} logits for {} rows of {vocab}",
+            logits.len(),
+            draws.len()
+        )));
+    }
+    match device {
+        Device::Cuda(n) => crate::cuda::sample_rows(n, logits, vocab, draws),
+        Device::Cpu => Ok(logits
+            .chunks_exact(vocab)
+            .zip(draws)
+            .map(|(row, d)| crate::sampler::pick(&mut row.to_vec(), d))
+            .collect()),
+    }
 }
 
 /// Buffers reused across forward calls; they grow to the largest batch seen
@@ -196,6 +225,23 @@ impl Model {
         }
     }
 
+    /// Free and total memory of the model's GPU, in bytes (`None` on the
+    /// CPU).
+    pub fn device_memory(&self) -> Option<(usize, usize)> {
+        self.cuda.as_ref().and_then(|c| c.mem_info().ok())
+    }
+
+    /// Device memory a forward of up to `tokens` tokens (as many logits
+    /// rows) takes besides the weights and the KV cache: activations,
+    /// their 8-bit and f16 copies, the logits, the f16 weight scratch of
+    /// prefill products. 0 on the CPU.
+    pub fn step_bytes(&self, tokens: usize) -> usize {
+        match &self.cuda {
+            Some(c) => c.step_bytes(&self.config, tokens),
+            None => 0,
+        }
+    }
+
     /// GPU time per forward stage, when the model runs on a GPU with
     /// `TL_CUDA_PROFILE=1`: (stage, milliseconds, calls), largest first.
     pub fn device_profile(&self) -> Option<Vec<(&'static str, f64, usize)>> {
@@ -277,10 +323,43 @@ impl Model {
         st: &'s mut ForwardState,
     ) -> Result<&'s [f32]> {
         let mut plan = std::mem::take(&mut st.plan);
-        let r = self.forward_planned(cache, batch, st, &mut plan, false);
+        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Logits);
         st.plan = plan;
         r?;
         Ok(&st.logits[..st.last_logits])
+    }
+
+    /// Like [`Model::forward`], then one token picked per requested logits
+    /// row as `draws` (one per row, in row order; see
+    /// [`crate::sampler::Sampler::device_draw`]) say. On a GPU the pick is
+    /// taken there (penalties, top-k/top-p/min-p, temperature, the draw)
+    /// and only the ids cross to the host; on the CPU it is
+    /// [`crate::sampler::pick`] on the host rows.
+    pub fn forward_sampled(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqBatch],
+        st: &mut ForwardState,
+        draws: &[DeviceDraw],
+    ) -> Result<Vec<u32>> {
+        if draws.iter().all(DeviceDraw::is_plain_argmax) {
+            return self.forward_greedy(cache, batch, st);
+        }
+        let mut plan = std::mem::take(&mut st.plan);
+        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Sample(draws));
+        st.plan = plan;
+        r?;
+        if self.cuda.is_some() {
+            if let Some(cs) = &st.cuda {
+                return Ok(cs.greedy_ids());
+            }
+        }
+        let v = self.config.vocab;
+        Ok(st.logits[..st.last_logits]
+            .chunks_exact_mut(v)
+            .zip(draws)
+            .map(|(row, d)| crate::sampler::pick(row, d))
+            .collect())
     }
 
     /// Like [`Model::forward`] for greedy decoding: returns the argmax token
@@ -293,7 +372,7 @@ impl Model {
         st: &mut ForwardState,
     ) -> Result<Vec<u32>> {
         let mut plan = std::mem::take(&mut st.plan);
-        let r = self.forward_planned(cache, batch, st, &mut plan, true);
+        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Greedy);
         st.plan = plan;
         r?;
         if let Some(cs) = &st.cuda {
@@ -322,11 +401,20 @@ impl Model {
         batch: &[SeqBatch],
         st: &mut ForwardState,
         plan: &mut Plan,
-        greedy: bool,
+        out: Out<'_>,
     ) -> Result<()> {
         let c = &self.config;
         plan.build(c, batch)?;
         st.last_logits = 0;
+        if let Out::Sample(d) = out {
+            if d.len() != plan.out_rows.len() {
+                return Err(ModelError::BadConfig(format!(
+                    "{} draws for {} logits rows",
+                    d.len(),
+                    plan.out_rows.len()
+                )));
+            }
+        }
         if plan.n_tokens() == 0 {
             return Ok(());
         }
@@ -334,7 +422,7 @@ impl Model {
             Some(_) if st.skip_layers.iter().any(|&s| s) => Err(ModelError::BadConfig(
                 "self-speculation (layer skipping) runs on the CPU only".into(),
             )),
-            Some(cm) => cm.forward(self, cache, batch, plan, st, greedy),
+            Some(cm) => cm.forward(self, cache, batch, plan, st, out),
             None => {
                 let skip = std::mem::take(&mut st.skip_layers);
                 let mut ex = crate::exec_cpu::CpuExec {

@@ -93,6 +93,29 @@ impl SamplingParams {
     }
 }
 
+/// One pick to be taken on the device (see [`Sampler::device_draw`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceDraw {
+    pub temperature: f32,
+    pub top_k: i32,
+    pub top_p: f32,
+    pub min_p: f32,
+    pub repeat_penalty: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// Uniform in [0, 1).
+    pub u: f64,
+    /// The penalty window's distinct tokens with their counts.
+    pub penalties: Vec<(u32, u32)>,
+}
+
+impl DeviceDraw {
+    /// Greedy without penalties: the plain argmax.
+    pub fn is_plain_argmax(&self) -> bool {
+        self.temperature <= 0.0 && self.penalties.is_empty()
+    }
+}
+
 /// A stateful sampler (its RNG advances with each draw).
 pub struct Sampler {
     params: SamplingParams,
@@ -120,10 +143,10 @@ impl Sampler {
         &self.params
     }
 
-    /// Applies repetition, presence and frequency penalties in place
-    /// (llama.cpp `llama_sampler_penalties_apply`: positive logits are divided
-    /// by the repeat penalty, negative ones multiplied).
-    fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
+    /// The penalty window's distinct tokens and their counts into
+    /// `self.counts` (empty when no penalty applies).
+    fn count_penalties(&mut self, history: &[u32]) {
+        self.counts.clear();
         let p = &self.params;
         if p.repeat_penalty == 1.0 && p.presence_penalty == 0.0 && p.frequency_penalty == 0.0 {
             return;
@@ -133,13 +156,20 @@ impl Sampler {
             0 => return,
             n => &history[history.len().saturating_sub(n as usize)..],
         };
-        self.counts.clear();
         for &t in window {
             match self.counts.iter_mut().find(|(id, _)| *id == t) {
                 Some((_, c)) => *c += 1,
                 None => self.counts.push((t, 1)),
             }
         }
+    }
+
+    /// Applies repetition, presence and frequency penalties in place
+    /// (llama.cpp `llama_sampler_penalties_apply`: positive logits are divided
+    /// by the repeat penalty, negative ones multiplied).
+    fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
+        self.count_penalties(history);
+        let p = &self.params;
         for &(t, c) in &self.counts {
             let Some(l) = logits.get_mut(t as usize) else {
                 continue;
@@ -150,6 +180,35 @@ impl Sampler {
                 *l *= p.repeat_penalty;
             }
             *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
+        }
+    }
+
+    /// What a device needs to take this sampler's next pick where the
+    /// logits are: the parameters, the penalty window's counts over
+    /// `history`, and a uniform draw from this sampler's generator (one
+    /// per pick, as [`Sampler::sample`] takes; none when greedy). The
+    /// device draws from the same distribution as [`Sampler::sample`] by
+    /// the inverse CDF in token order, so a seed gives a different (equally
+    /// distributed) sequence than on the CPU.
+    pub fn device_draw(&mut self, history: &[u32]) -> DeviceDraw {
+        self.count_penalties(history);
+        let p = &self.params;
+        let u = if p.is_greedy() {
+            0.0
+        } else {
+            self.rng.gen::<f64>()
+        };
+        let p = &self.params;
+        DeviceDraw {
+            temperature: p.temperature,
+            top_k: p.top_k.min(i32::MAX as usize) as i32,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repeat_penalty: p.repeat_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            u,
+            penalties: self.counts.clone(),
         }
     }
 
@@ -335,6 +394,78 @@ impl Sampler {
             sorted = n_min_p.min(self.cand.len());
         }
     }
+}
+
+/// The pick a device takes for `d` from one logits row (modified in place
+/// by the penalties): penalties, then greedy or the kept set of the
+/// sampler chain, then the inverse CDF of the temperature softmax in token
+/// order at `d.u`. The host reference of the CUDA sampling kernel, and
+/// the same distribution as [`Sampler::sample`] (tested below).
+pub fn pick(logits: &mut [f32], d: &DeviceDraw) -> u32 {
+    for &(t, c) in &d.penalties {
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
+        if *l > 0.0 {
+            *l /= d.repeat_penalty;
+        } else {
+            *l *= d.repeat_penalty;
+        }
+        *l -= c as f32 * d.frequency_penalty + d.presence_penalty;
+    }
+    for l in logits.iter_mut() {
+        if l.is_nan() {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if d.temperature <= 0.0 || logits.is_empty() || max == f32::NEG_INFINITY {
+        return argmax(logits);
+    }
+    let params = SamplingParams {
+        temperature: d.temperature,
+        top_k: d.top_k.max(0) as usize,
+        top_p: d.top_p,
+        min_p: d.min_p,
+        ..Default::default()
+    };
+    let truncating = (params.top_k > 0 && params.top_k < logits.len())
+        || params.top_p < 1.0
+        || params.min_p > 0.0;
+    let mut kept: Vec<(f32, u32)> = if truncating {
+        let mut s = Sampler {
+            params: params.clone(),
+            rng: ChaCha8Rng::seed_from_u64(0),
+            cand: Vec::new(),
+            weights: Vec::new(),
+            counts: Vec::new(),
+        };
+        s.kept_prefix(logits);
+        s.cand
+    } else {
+        logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (l, i as u32))
+            .collect()
+    };
+    kept.sort_unstable_by_key(|c| c.1);
+    let inv_t = 1.0 / d.temperature;
+    let w = |l: f32| (((l - max) * inv_t) as f64).exp();
+    let total: f64 = kept.iter().map(|c| w(c.0)).sum();
+    let mut r = d.u * total;
+    let mut last = kept.first().map_or(0, |c| c.1);
+    for c in &kept {
+        let x = w(c.0);
+        if x > 0.0 {
+            last = c.1;
+            r -= x;
+            if r < 0.0 {
+                return c.1;
+            }
+        }
+    }
+    last
 }
 
 /// Index of the largest value; the first one on ties (as ggml's argmax).
@@ -608,6 +739,65 @@ mod tests {
         assert!(draws.iter().all(|&t| t < 2), "a -inf logit is never drawn");
         let ones = draws.iter().filter(|&&t| t == 1).count() as f64 / draws.len() as f64;
         assert!((ones - 0.75).abs() < 0.03, "{ones}");
+    }
+
+    /// The device pick over a grid of u values draws each token as often
+    /// as [`Sampler::distribution`] gives it (within one grid step), with
+    /// and without truncation, penalties included.
+    #[test]
+    fn device_pick_follows_the_sampler_distribution() {
+        let mut x = 7u64;
+        let mut rnd = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % 10_000) as f32 / 1000.0 - 5.0
+        };
+        let logits: Vec<f32> = (0..300).map(|_| rnd()).collect();
+        let history: Vec<u32> = vec![3, 3, 17, 250, 4];
+        for (t, k, tp, mp, rep) in [
+            (1.0, 0, 1.0, 0.0, 1.0),
+            (0.7, 40, 1.0, 0.0, 1.0),
+            (1.3, 0, 0.9, 0.0, 1.1),
+            (0.8, 20, 0.5, 0.05, 1.0),
+            (1.0, 0, 1.0, 0.2, 1.3),
+        ] {
+            let p = SamplingParams {
+                temperature: t,
+                top_k: k,
+                top_p: tp,
+                min_p: mp,
+                repeat_penalty: rep,
+                presence_penalty: 0.1,
+                ..Default::default()
+            };
+            let mut s = Sampler::new(p.clone()).unwrap();
+            let mut dist = Vec::new();
+            s.distribution(&mut logits.clone(), &history, &mut dist);
+            let draw = s.device_draw(&history);
+            let n = 20_000;
+            let mut counts = std::collections::HashMap::new();
+            for i in 0..n {
+                let d = DeviceDraw {
+                    u: (i as f64 + 0.5) / n as f64,
+                    ..draw.clone()
+                };
+                *counts
+                    .entry(pick(&mut logits.clone(), &d))
+                    .or_insert(0usize) += 1;
+            }
+            for &(tok, pr) in &dist {
+                let got = counts.remove(&tok).unwrap_or(0) as f64 / n as f64;
+                assert!(
+                    (got - pr).abs() <= 1.5 / n as f64,
+                    "{p:?}: token {tok} p {pr} got {got}"
+                );
+            }
+            assert!(
+                counts.is_empty(),
+                "{p:?}: picked outside the distribution: {counts:?}"
+            );
+        }
     }
 
     #[test]

@@ -135,7 +135,8 @@ impl AppState {
             "max_running_requests": s.max_batch,
             "max_batch_tokens": s.max_batch_tokens,
             "max_queued_requests": cfg.max_queue,
-            "kv_cache_bytes": cfg.kv_bytes,
+            "kv_cache_bytes": if cfg.gpu_memory_utilization.is_some() { serde_json::Value::Null } else { cfg.kv_bytes.into() },
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
             "enable_prefix_caching": s.prefix_caching,
             "speculative": s.spec.is_some(),
         }));

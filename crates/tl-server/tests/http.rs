@@ -53,6 +53,7 @@ impl Server {
                         ..Default::default()
                     },
                     kv_bytes: 8 << 20,
+                    gpu_memory_utilization: None,
                     max_queue,
                 },
             )

@@ -33,6 +33,7 @@ struct AttnArgs {
     max_blocks: i32,
     window: i32,
     scale: f32,
+    chunk: i32,
 }
 
 pub(super) struct CudaExec<'a> {
@@ -56,6 +57,23 @@ pub(super) struct CudaExec<'a> {
 /// captured as graphs; larger ones (prefill) dequantize the weight to f16
 /// for cuBLAS.
 pub(super) const GEMV_ROWS: usize = 64;
+
+/// Positions per block of the split-KV decode attention (`chunk` of
+/// kernels.cu): a 4k context is 16 blocks per (token, head) pair.
+pub(super) const ATTN_CHUNK: usize = 256;
+
+/// The chunk size of a step's attention (0: unsplit, for prefill steps,
+/// which have blocks enough) and the grid's chunks per pair, enough for
+/// the longest context `stride` table entries hold.
+pub(super) fn attn_chunks(n: usize, stride: usize) -> (usize, usize) {
+    if n > GEMV_ROWS {
+        return (0, 1);
+    }
+    (
+        ATTN_CHUNK,
+        (stride * crate::kv::BLOCK_SIZE).div_ceil(ATTN_CHUNK).max(1),
+    )
+}
 
 /// How many blocks share one row of the greedy argmax (≈1024 logits each).
 pub(super) fn argmax_parts(vocab: usize) -> usize {
@@ -403,7 +421,9 @@ impl Exec for CudaExec<'_> {
             max_blocks: self.stride as i32,
             window: p.window.map_or(0, |w| w as i32),
             scale: p.scale,
+            chunk: attn_chunks(self.n, self.stride).0 as i32,
         };
+        let zs = attn_chunks(self.n, self.stride).1;
         let threads = 256usize;
         let groups = threads / 32 * (32 / (hd / 8));
         let smem = ((2 * groups + groups * hd) * 4) as u32;
@@ -411,7 +431,7 @@ impl Exec for CudaExec<'_> {
         let [q0, q1] = self.q8_args();
         self.l(
             &format!("attention_{hd}"),
-            (c.n_heads as u32, self.n as u32, 1),
+            (c.n_heads as u32, self.n as u32, zs as u32),
             threads as u32,
             smem,
             &[
@@ -425,6 +445,8 @@ impl Exec for CudaExec<'_> {
                 raw_arg(&args),
                 q0,
                 q1,
+                Arg::Ptr(ptr(&self.cs.attn_part)),
+                Arg::Ptr(ptr(&self.cs.attn_cnt)),
             ],
         )
     }

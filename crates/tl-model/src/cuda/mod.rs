@@ -22,6 +22,7 @@ use crate::error::{ModelError, Result};
 use crate::forward::Plan;
 use crate::kv::{KvCache, BLOCK_SIZE};
 use crate::model::{ForwardState, Model, SeqBatch};
+use crate::sampler::DeviceDraw;
 
 mod exec;
 #[cfg(test)]
@@ -201,6 +202,26 @@ impl CudaModel {
         )
     }
 
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.gpu.mem_info().map_err(cuda_err)
+    }
+
+    /// What [`CudaState::ensure`] allocates for a step of `n` tokens and
+    /// as many logits rows (rounded up as it rounds), in bytes.
+    pub fn step_bytes(&self, c: &crate::config::Config, n: usize) -> usize {
+        let n = n.next_power_of_two().max(8);
+        let (d, qd, kvd, f) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn);
+        let maxk = d.max(qd).max(f);
+        let per_token = 4 * (3 * d + (qd + 2 * kvd) + 2 * qd + 3 * f) + maxk + maxk / 8 + 2 * maxk;
+        let out = n * (c.d_model + c.vocab + 2 * exec::argmax_parts(c.vocab) + 1) * 4;
+        let scratch = if n > exec::GEMV_ROWS {
+            2 * self.max_mat.max(c.vocab * c.d_model)
+        } else {
+            0
+        };
+        n * per_token + out + scratch
+    }
+
     pub fn alloc_kv(
         &self,
         n_layers: usize,
@@ -228,8 +249,9 @@ impl CudaModel {
         batch: &[SeqBatch],
         plan: &Plan,
         st: &mut ForwardState,
-        greedy: bool,
+        out: Out<'_>,
     ) -> Result<()> {
+        let greedy = matches!(out, Out::Greedy);
         let gpu = &*self.gpu;
         gpu.bind().map_err(cuda_err)?;
         let kv = cache.device.as_ref().ok_or_else(|| {
@@ -246,6 +268,18 @@ impl CudaModel {
             .next_power_of_two();
         let cs = st.cuda.get_or_insert_with(CudaState::default);
         cs.ensure(gpu, m, self, n, n_out.max(1), batch.len() * stride)?;
+        // The split-KV attention's partial states for this step's grid.
+        let (chunk, zs) = exec::attn_chunks(n, stride);
+        if chunk > 0 {
+            let need = n * c.n_heads * zs * (c.head_dim + 2) * 4;
+            if cs.attn_part.as_ref().map_or(0, |b| b.bytes) < need {
+                cs.attn_part = Some(
+                    gpu.alloc(need.next_power_of_two(), "attention partial states")
+                        .map_err(cuda_err)?,
+                );
+                cs.graphs.clear();
+            }
+        }
         // Step metadata, one upload: ids | pos | slots | seq | out_rows | tables.
         let h = &mut cs.host_meta;
         h.clear();
@@ -349,7 +383,10 @@ impl CudaModel {
             .cuda
             .as_mut()
             .ok_or_else(|| ModelError::Device("lost state".into()))?;
-        if greedy {
+        if let Out::Sample(draws) = out {
+            cs.sample(gpu, draws, c.vocab)?;
+        }
+        if !matches!(out, Out::Logits) {
             let mut ids = vec![0u8; n_out * 4];
             gpu.dtoh(&mut ids, cs.ids_ptr()).map_err(cuda_err)?;
             cs.last_ids = ids
@@ -371,6 +408,62 @@ impl CudaModel {
         }
         Ok(())
     }
+}
+
+/// What a forward leaves for the host.
+#[derive(Clone, Copy)]
+pub(crate) enum Out<'a> {
+    /// The requested logits rows.
+    Logits,
+    /// The argmax of each row (in the captured graph).
+    Greedy,
+    /// One pick per row, sampled on the device.
+    Sample(&'a [DeviceDraw]),
+}
+
+/// `SampleRow` of kernels.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct SampleRow {
+    u: f64,
+    temp: f32,
+    top_p: f32,
+    min_p: f32,
+    rep: f32,
+    pres: f32,
+    freq: f32,
+    top_k: i32,
+    n_pen: i32,
+    pen_off: i32,
+    pad: i32,
+}
+
+/// The sampling kernel on its own: one pick per row of `logits` (rows of
+/// `vocab`) on GPU `ordinal`.
+pub(crate) fn sample_rows(
+    ordinal: usize,
+    logits: &[f32],
+    vocab: usize,
+    draws: &[DeviceDraw],
+) -> Result<Vec<u32>> {
+    let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
+    gpu.bind().map_err(cuda_err)?;
+    let rows = draws.len();
+    let mut cs = CudaState {
+        logits: Some(gpu.alloc(logits.len() * 4, "logits").map_err(cuda_err)?),
+        ids: Some(gpu.alloc(rows * 4, "token ids").map_err(cuda_err)?),
+        ..Default::default()
+    };
+    // SAFETY: f32 slice viewed as bytes.
+    let lb = unsafe { std::slice::from_raw_parts(logits.as_ptr() as *const u8, logits.len() * 4) };
+    gpu.htod(cs.logits_ptr(), lb).map_err(cuda_err)?;
+    cs.sample(&gpu, draws, vocab)?;
+    let mut ids = vec![0u8; rows * 4];
+    gpu.dtoh(&mut ids, cs.ids_ptr()).map_err(cuda_err)?;
+    Ok(ids
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// `TL_CUDA_PROFILE=1`: time every stage with events (graphs off).
@@ -438,10 +531,18 @@ pub(crate) struct CudaState {
     arg_i: Option<DevBuf>,
     xq: Option<DevBuf>,
     xd: Option<DevBuf>,
+    /// Split-KV attention: each chunk's partial state, and per (token,
+    /// head) pair the count of chunks done (zeroed; the merging block
+    /// resets it).
+    attn_part: Option<DevBuf>,
+    attn_cnt: Option<DevBuf>,
     xh: Option<DevBuf>,
     wh: Option<DevBuf>,
     meta: Option<DevBuf>,
     host_meta: Vec<i32>,
+    /// The sampling kernel's per-row parameters and penalty pairs.
+    samp: Option<DevBuf>,
+    host_samp: Vec<u8>,
     last_ids: Vec<u32>,
     graphs: HashMap<GraphKey, Graph>,
 }
@@ -473,6 +574,13 @@ impl CudaState {
             self.xq = a(n * maxk, "quantized activations")?;
             self.xd = a(n * maxk / 32 * 4, "activation scales")?;
             self.xh = a(n * maxk * 2, "f16 activations")?;
+            self.attn_cnt = Some(
+                gpu.alloc_zeroed(
+                    n.min(exec::GEMV_ROWS) * c.n_heads * 4,
+                    "attention chunk counters",
+                )
+                .map_err(cuda_err)?,
+            );
             if n > exec::GEMV_ROWS && self.wh.is_none() {
                 self.wh = a(cm.max_mat.max(1) * 2, "f16 weight scratch")?;
             }
@@ -505,6 +613,61 @@ impl CudaState {
                 .map_err(cuda_err)?;
         }
         Ok(())
+    }
+
+    /// Samples one token per logits row on the device (`sample_rows`),
+    /// leaving the ids where the greedy argmax leaves them.
+    fn sample(&mut self, gpu: &Gpu, draws: &[DeviceDraw], vocab: usize) -> Result<()> {
+        let rows = draws.len();
+        let h = &mut self.host_samp;
+        h.clear();
+        let mut off = 0usize;
+        for d in draws {
+            let r = SampleRow {
+                u: d.u,
+                temp: d.temperature,
+                top_p: d.top_p,
+                min_p: d.min_p,
+                rep: d.repeat_penalty,
+                pres: d.presence_penalty,
+                freq: d.frequency_penalty,
+                top_k: d.top_k,
+                n_pen: d.penalties.len() as i32,
+                pen_off: off as i32,
+                pad: 0,
+            };
+            h.extend_from_slice(tl_cuda::raw_bytes(&r));
+            off += d.penalties.len();
+        }
+        let pen_at = h.len();
+        for d in draws {
+            for &(t, c) in &d.penalties {
+                h.extend_from_slice(&(t as i32).to_le_bytes());
+                h.extend_from_slice(&(c as i32).to_le_bytes());
+            }
+        }
+        if h.len() > self.samp.as_ref().map_or(0, |b| b.bytes) {
+            self.samp = Some(
+                gpu.alloc(h.len().next_power_of_two().max(4096), "sampling parameters")
+                    .map_err(cuda_err)?,
+            );
+        }
+        let base = ptr(&self.samp);
+        gpu.htod(base, h).map_err(cuda_err)?;
+        gpu.launch(
+            "sample_rows",
+            (rows as u32, 1, 1),
+            1024,
+            0,
+            &[
+                tl_cuda::Arg::Ptr(ptr(&self.logits)),
+                tl_cuda::Arg::I32(vocab as i32),
+                tl_cuda::Arg::Ptr(base),
+                tl_cuda::Arg::Ptr(base + pen_at as u64),
+                tl_cuda::Arg::Ptr(ptr(&self.ids)),
+            ],
+        )
+        .map_err(cuda_err)
     }
 
     fn logits_ptr(&self) -> u64 {
