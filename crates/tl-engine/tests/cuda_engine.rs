@@ -175,9 +175,9 @@ fn cuda_engine_output_is_batch_prefix_and_preemption_invariant() {
         let s = wait_idle(&e);
         assert_eq!(s.kv_blocks_used, 0);
         drop(e);
-        // A pool of 96 blocks for 64 sequences of up to 8 blocks each:
+        // A pool of 24 blocks for 64 sequences of up to 8 blocks each:
         // sequences are preempted and recomputed.
-        let tight = engine(llm.clone(), 64, 96);
+        let tight = engine(llm.clone(), 64, 24);
         let squeezed = together(&tight, n, sampled);
         let s = wait_idle(&tight);
         assert!(
