@@ -170,17 +170,13 @@ impl Sampler {
     fn apply_penalties(&mut self, logits: &mut [f32], history: &[u32]) {
         self.count_penalties(history);
         let p = &self.params;
-        for &(t, c) in &self.counts {
-            let Some(l) = logits.get_mut(t as usize) else {
-                continue;
-            };
-            if *l > 0.0 {
-                *l /= p.repeat_penalty;
-            } else {
-                *l *= p.repeat_penalty;
-            }
-            *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
-        }
+        penalize(
+            logits,
+            &self.counts,
+            p.repeat_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+        );
     }
 
     /// What a device needs to take this sampler's next pick where the
@@ -396,23 +392,36 @@ impl Sampler {
     }
 }
 
+/// Repetition, presence and frequency penalties over `(token, count)`
+/// pairs, in place (llama.cpp `llama_sampler_penalties_apply`: positive
+/// logits are divided by the repeat penalty, negative ones multiplied).
+fn penalize(logits: &mut [f32], counts: &[(u32, u32)], rep: f32, pres: f32, freq: f32) {
+    for &(t, c) in counts {
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
+        if *l > 0.0 {
+            *l /= rep;
+        } else {
+            *l *= rep;
+        }
+        *l -= c as f32 * freq + pres;
+    }
+}
+
 /// The pick a device takes for `d` from one logits row (modified in place
 /// by the penalties): penalties, then greedy or the kept set of the
 /// sampler chain, then the inverse CDF of the temperature softmax in token
 /// order at `d.u`. The host reference of the CUDA sampling kernel, and
 /// the same distribution as [`Sampler::sample`] (tested below).
 pub fn pick(logits: &mut [f32], d: &DeviceDraw) -> u32 {
-    for &(t, c) in &d.penalties {
-        let Some(l) = logits.get_mut(t as usize) else {
-            continue;
-        };
-        if *l > 0.0 {
-            *l /= d.repeat_penalty;
-        } else {
-            *l *= d.repeat_penalty;
-        }
-        *l -= c as f32 * d.frequency_penalty + d.presence_penalty;
-    }
+    penalize(
+        logits,
+        &d.penalties,
+        d.repeat_penalty,
+        d.presence_penalty,
+        d.frequency_penalty,
+    );
     for l in logits.iter_mut() {
         if l.is_nan() {
             *l = f32::NEG_INFINITY;
