@@ -93,8 +93,9 @@ pub fn run(a: &BenchArgs) -> anyhow::Result<()> {
     );
     crate::cmd_generate::init_threads(a.threads)?;
     let threads = tl_core::pool::ThreadPool::global().threads();
-    let model = Model::load_on(&a.model, crate::device())
+    let mut model = Model::load_on(&a.model, crate::device())
         .with_context(|| format!("loading {} on {}", a.model.display(), crate::device()))?;
+    crate::configure(&mut model)?;
     crate::log_device(&model);
     let c = &model.config;
     let vocab = c.vocab;

@@ -102,10 +102,12 @@ impl SpecArgs {
     pub fn load_draft(&self) -> anyhow::Result<Option<Llm>> {
         use tl_model::spec::SpecMethod;
         match (&self.spec, &self.draft_model) {
-            (Some(SpecMethod::Draft), Some(p)) => Ok(Some(
-                Llm::load_on(p, crate::device())
-                    .with_context(|| format!("loading the draft model {}", p.display()))?,
-            )),
+            (Some(SpecMethod::Draft), Some(p)) => {
+                let mut d = Llm::load_on(p, crate::device())
+                    .with_context(|| format!("loading the draft model {}", p.display()))?;
+                crate::configure(&mut d.model)?;
+                Ok(Some(d))
+            }
             (Some(SpecMethod::Draft), None) => {
                 anyhow::bail!("--spec draft needs --draft-model FILE")
             }
@@ -220,6 +222,7 @@ pub fn load(a: &ModelArgs) -> anyhow::Result<Llm> {
     init_threads(a.threads)?;
     let mut llm = Llm::load_on(&a.model, crate::device())
         .with_context(|| format!("loading {} on {}", a.model.display(), crate::device()))?;
+    crate::configure(&mut llm.model)?;
     crate::log_device(&llm.model);
     if let Some(t) = &a.chat_template {
         llm.set_template_file(t)?;

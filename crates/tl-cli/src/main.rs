@@ -27,6 +27,10 @@ struct Cli {
     /// Also `TL_DEVICE`.
     #[arg(long, global = true, value_name = "DEVICE")]
     device: Option<String>,
+    /// KV cache element type: `f16` (the default), `q8_0`, `q4_0` or `fp8`
+    /// (E4M3). Also `TL_KV_TYPE`.
+    #[arg(long, global = true, value_name = "TYPE")]
+    kv_type: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,6 +70,19 @@ pub fn device() -> tl_core::Device {
     DEVICE.get().copied().unwrap_or_default()
 }
 
+static KV_TYPE: std::sync::OnceLock<tl_model::kv::KvType> = std::sync::OnceLock::new();
+
+/// The KV cache type chosen by `--kv-type` / `TL_KV_TYPE` (f16 by default).
+pub fn kv_type() -> tl_model::kv::KvType {
+    KV_TYPE.get().copied().unwrap_or_default()
+}
+
+/// Gives a freshly loaded model the chosen KV cache type.
+pub fn configure(m: &mut tl_model::model::Model) -> anyhow::Result<()> {
+    m.set_kv_type(kv_type())
+        .map_err(|e| anyhow::anyhow!("--kv-type {}: {e}", kv_type()))
+}
+
 /// Prints where the model runs (a line on stderr) when it is not the CPU.
 pub fn log_device(m: &tl_model::model::Model) {
     if m.device() != tl_core::Device::Cpu {
@@ -92,6 +109,21 @@ fn main() {
             }
             Err(e) => {
                 eprintln!("error: --device: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    let kv = cli
+        .kv_type
+        .clone()
+        .or_else(|| std::env::var("TL_KV_TYPE").ok().filter(|s| !s.is_empty()));
+    if let Some(k) = kv {
+        match k.parse::<tl_model::kv::KvType>() {
+            Ok(k) => {
+                let _ = KV_TYPE.set(k);
+            }
+            Err(e) => {
+                eprintln!("error: --kv-type: {e}");
                 std::process::exit(1);
             }
         }

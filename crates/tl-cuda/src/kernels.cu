@@ -661,7 +661,142 @@ extern "C" __global__ void argmax_final(const float* pv, const int* pi, int P, i
 struct RopeArgs {
     int n_heads, n_kv_heads, hd, n_rot, neox;
     float base, eps, q_scale;
+    int kv_type;
 };
+
+// ---------------------------------------------------------------------------
+// KV cache element types (tl-model's kv.rs, `KvType`). A head row of hd
+// values is stored as its type's values (`data`, row r at r * row_bytes)
+// and, quantized, f16 scales (`sc`, row r at r * row_scales):
+//   f16 : half[hd]
+//   q8_0: int8[hd], one scale per 32 (d = amax / 127, q = round(x / d))
+//   q4_0: per 32 values 16 bytes, byte j = q[j] | q[j + 16] << 4, one scale
+//         per 32 (d = max / -8 of the largest magnitude, x = (q - 8) d)
+//   fp8 : E4M3 codes[hd], one scale per row (d = amax / 448)
+// The writer computes the bytes the CPU's `KvType::quantize_row` does.
+#define KV_F16 0
+#define KV_Q8_0 1
+#define KV_Q4_0 2
+#define KV_FP8 3
+
+// FP8 E4M3 (e4m3fn) code of x: round to nearest even, saturating at ±448
+// (tl-model's `fp8_e4m3`).
+__device__ __forceinline__ unsigned int fp8_e4m3(float x) {
+    unsigned int sign = (__float_as_uint(x) >> 24) & 0x80u;
+    float a = fabsf(x);
+    if (a != a) return 0u;
+    if (a >= 448.0f) return sign | 0x7eu;
+    if (a < 0.015625f) return sign | (unsigned int)rintf(__fmul_rn(a, 512.0f));
+    int e = (int)(__float_as_uint(a) >> 23) - 127;
+    int m = (int)rintf(__fmul_rn(a, __uint_as_float((unsigned int)(127 + 3 - e) << 23)));
+    if (m == 16) { m = 8; e += 1; }
+    return sign | (unsigned int)min(((e + 7) << 3) | (m - 8), 0x7e);
+}
+
+// The value of an FP8 E4M3 code (the NaN codes read as 0).
+__device__ __forceinline__ float fp8_val(unsigned int c) {
+    unsigned int e = (c >> 3) & 15u, m = c & 7u;
+    float mag = e == 0 ? (float)m * 0.001953125f : __uint_as_float(((e + 120u) << 23) | (m << 20));
+    if (e == 15u && m == 7u) mag = 0.0f;
+    return (c & 0x80u) ? -mag : mag;
+}
+
+// Writes one head row into the cache in its type. Thread i (blockDim =
+// hd / 2) holds values 2i and 2i + 1; `row` is the head row's index in the
+// layer's pool; `sh` 32 floats of shared scratch.
+__device__ void kv_store(float x0, float x1, long row, const RopeArgs& a, void* data, __half* sc, float* sh) {
+    int i = threadIdx.x, hd = a.hd;
+    unsigned int mask = hd / 2 >= 32 ? 0xffffffffu : (1u << (hd / 2)) - 1u;
+    if (a.kv_type == KV_F16) {
+        __half* d = (__half*)data + row * hd;
+        d[2 * i] = __float2half_rn(x0);
+        d[2 * i + 1] = __float2half_rn(x1);
+    } else if (a.kv_type == KV_Q8_0) {
+        // 16 threads hold a group of 32.
+        float am = fmaxf(fabsf(x0), fabsf(x1));
+        for (int o = 8; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(mask, am, o));
+        float d = am / 127.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        signed char* q = (signed char*)data + row * hd;
+        q[2 * i] = (signed char)roundf(__fmul_rn(x0, id));
+        q[2 * i + 1] = (signed char)roundf(__fmul_rn(x1, id));
+        if ((i & 15) == 0) sc[row * (hd / 32) + i / 16] = __float2half_rn(d);
+    } else if (a.kv_type == KV_Q4_0) {
+        // The value of largest magnitude, the first on ties (llama.cpp's loop).
+        float am = fabsf(x0), mx = x0;
+        int at = 2 * i;
+        if (fabsf(x1) > am) { am = fabsf(x1); mx = x1; at = 2 * i + 1; }
+        for (int o = 8; o > 0; o >>= 1) {
+            float am2 = __shfl_xor_sync(mask, am, o), mx2 = __shfl_xor_sync(mask, mx, o);
+            int at2 = __shfl_xor_sync(mask, at, o);
+            if (am2 > am || (am2 == am && at2 < at)) { am = am2; mx = mx2; at = at2; }
+        }
+        float d = mx / -8.0f;
+        float id = d != 0.0f ? 1.0f / d : 0.0f;
+        int q0 = min(15, (int)__fadd_rn(__fmul_rn(x0, id), 8.5f));
+        int q1 = min(15, (int)__fadd_rn(__fmul_rn(x1, id), 8.5f));
+        // Thread i + 8 holds values j + 16 of this thread's j.
+        int p0 = __shfl_xor_sync(mask, q0, 8), p1 = __shfl_xor_sync(mask, q1, 8);
+        int l = 2 * (i & 15);
+        if (l < 16) {
+            unsigned char* q = (unsigned char*)data + row * (hd / 2) + (i / 16) * 16;
+            q[l] = (unsigned char)(q0 | (p0 << 4));
+            q[l + 1] = (unsigned char)(q1 | (p1 << 4));
+        }
+        if ((i & 15) == 0) sc[row * (hd / 32) + i / 16] = __float2half_rn(d);
+    } else {
+        float am = fmaxf(fabsf(x0), fabsf(x1));
+        am = warp_max(am);
+        __syncthreads();
+        if ((i & 31) == 0) sh[i / 32] = am;
+        __syncthreads();
+        float m = 0.0f;
+        for (int w = 0; w < (hd / 2 + 31) / 32; w++) m = fmaxf(m, sh[w]);
+        __half dh = __float2half_rn(m / 448.0f);
+        float d = __half2float(dh);
+        float id = d > 0.0f ? 1.0f / d : 0.0f;
+        unsigned char* q = (unsigned char*)data + row * hd;
+        q[2 * i] = (unsigned char)fp8_e4m3(__fmul_rn(x0, id));
+        q[2 * i + 1] = (unsigned char)fp8_e4m3(__fmul_rn(x1, id));
+        if (i == 0) sc[row] = dh;
+        __syncthreads();
+    }
+}
+
+// Values sub*8 .. sub*8 + 7 of head row `row` of a cache of type KT.
+template <int KT, int HD>
+__device__ __forceinline__ void kv_load8(const void* data, const __half* sc, long row, int sub, float* f) {
+    if (KT == KV_F16) {
+        uint4 raw = *(const uint4*)((const __half*)data + row * HD + sub * 8);
+        const __half2* h2 = (const __half2*)&raw;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 v = __half22float2(h2[k]);
+            f[2 * k] = v.x;
+            f[2 * k + 1] = v.y;
+        }
+    } else if (KT == KV_Q8_0) {
+        uint2 raw = *(const uint2*)((const signed char*)data + row * HD + sub * 8);
+        const signed char* c = (const signed char*)&raw;
+        float d = __half2float(sc[row * (HD / 32) + sub / 4]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) f[k] = (float)c[k] * d;
+    } else if (KT == KV_Q4_0) {
+        int j0 = (sub & 3) * 8;  // position within the group of 32
+        uint2 raw = *(const uint2*)((const unsigned char*)data + row * (HD / 2) + (sub / 4) * 16 + (j0 & 15));
+        const unsigned char* c = (const unsigned char*)&raw;
+        int sh = j0 >= 16 ? 4 : 0;
+        float d = __half2float(sc[row * (HD / 32) + sub / 4]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) f[k] = (float)(((c[k] >> sh) & 15) - 8) * d;
+    } else {
+        uint2 raw = *(const uint2*)((const unsigned char*)data + row * HD + sub * 8);
+        const unsigned char* c = (const unsigned char*)&raw;
+        float d = __half2float(sc[row]);
+#pragma unroll
+        for (int k = 0; k < 8; k++) f[k] = fp8_val(c[k]) * d;
+    }
+}
 
 __device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const float* norm_w, const float* ff) {
     int i = threadIdx.x;  // pair index, 0 .. hd/2
@@ -696,8 +831,8 @@ __device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const
 
 extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, const float* bk, const float* bv,
                                           const float* qn, const float* kn, const float* ff, const int* pos,
-                                          const int* slots,
-                                          __half* kc, __half* vc, float* q_out, RopeArgs a) { TL_PDL();
+                                          const int* slots, void* kc, void* vc, __half* ks, __half* vs,
+                                          float* q_out, RopeArgs a) { TL_PDL();
     extern __shared__ float smem[];  // hd floats + 32
     float* h = smem;
     float* sh = smem + a.hd;
@@ -718,12 +853,12 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
         o[2 * i + 1] = h[2 * i + 1] * a.q_scale;
     } else {
         long slot = slots[t];
-        long off = ((slot / 16) * a.n_kv_heads + kh) * 16 * hd + (slot % 16) * hd;
-        const float* vs = row + qd + kvd + kh * hd;
-        for (int k = 2 * i; k < 2 * i + 2; k++) {
-            kc[off + k] = __float2half_rn(h[k]);
-            vc[off + k] = __float2half_rn(vs[k] + (bv ? bv[kh * hd + k] : 0.0f));
-        }
+        long r = ((slot / 16) * a.n_kv_heads + kh) * 16 + (slot % 16);
+        const float* vsrc = row + qd + kvd + kh * hd;
+        float v0 = vsrc[2 * i] + (bv ? bv[kh * hd + 2 * i] : 0.0f);
+        float v1 = vsrc[2 * i + 1] + (bv ? bv[kh * hd + 2 * i + 1] : 0.0f);
+        kv_store(h[2 * i], h[2 * i + 1], r, a, kc, ks, sh);
+        kv_store(v0, v1, r, a, vc, vs, sh);
     }
 }
 
@@ -758,8 +893,8 @@ struct AttnArgs {
     int chunk;
 };
 
-template <int HD>
-__device__ void attention(const float* q, const __half* kc, const __half* vc, const int* tok_pos,
+template <int HD, int KT>
+__device__ void attention(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tok_pos,
                           const int* tok_seq, const int* tables, float* out, AttnArgs a, signed char* xq,
                           float* xd, float* part, unsigned int* cnt) {
     constexpr int LP = HD / 8;     // lanes per position
@@ -792,18 +927,15 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
     for (int p0 = p_lo + warp * GPW; p0 <= p_hi; p0 += G) {
         int p = p0 + gl;
         bool valid = p <= p_hi;
-        long off = 0;
+        long row = 0;
         float s = 0.0f;
         if (valid) {
             long blk = table[p / 16];
-            off = ((blk * a.n_kv_heads + kvh) * 16 + (p % 16)) * HD + sub * 8;
-            uint4 kraw = *(const uint4*)(kc + off);
-            const __half2* kh2 = (const __half2*)&kraw;
+            row = (blk * a.n_kv_heads + kvh) * 16 + (p % 16);
+            float kf[8];
+            kv_load8<KT, HD>(kc, ks, row, sub, kf);
 #pragma unroll
-            for (int k = 0; k < 4; k++) {
-                float2 f = __half22float2(kh2[k]);
-                s += qv[2 * k] * f.x + qv[2 * k + 1] * f.y;
-            }
+            for (int k = 0; k < 4; k++) s += qv[2 * k] * kf[2 * k] + qv[2 * k + 1] * kf[2 * k + 1];
         }
 #pragma unroll
         for (int o = LP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
@@ -811,14 +943,10 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
         float mn = fmaxf(m, s);
         float corr = expf(m - mn), e = expf(s - mn);
         l = l * corr + e;
-        uint4 vraw = *(const uint4*)(vc + off);
-        const __half2* vh2 = (const __half2*)&vraw;
+        float vf[8];
+        kv_load8<KT, HD>(vc, vs, row, sub, vf);
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            float2 f = __half22float2(vh2[k]);
-            acc[2 * k] = acc[2 * k] * corr + e * f.x;
-            acc[2 * k + 1] = acc[2 * k + 1] * corr + e * f.y;
-        }
+        for (int k = 0; k < 8; k++) acc[k] = acc[k] * corr + e * vf[k];
         m = mn;
     }
     // Merge the G partial states: sm = [G] m, [G] l, [G][HD] acc.
@@ -886,9 +1014,18 @@ __device__ void attention(const float* q, const __half* kc, const __half* vc, co
     if (threadIdx.x == 0) cnt[pair] = 0;
 }
 
-extern "C" __global__ void attention_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64>(q, kc, vc, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128>(q, kc, vc, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_256(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256>(q, kc, vc, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_F16>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128, KV_F16>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_F16>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_64_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_Q8_0>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_128_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128, KV_Q8_0>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_256_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_Q8_0>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_64_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_Q4_0>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_128_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128, KV_Q4_0>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_256_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_Q4_0>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 
 // ---------------------------------------------------------------------------
 // Sampling on the device, one block of 1024 threads (32 warps) per logits

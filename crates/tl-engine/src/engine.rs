@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use tl_model::kv::{KvCache, BLOCK_SIZE};
+use tl_model::kv::BLOCK_SIZE;
 use tl_model::llm::Llm;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, info_span, warn};
@@ -159,8 +159,7 @@ const GIB: f64 = (1u64 << 30) as f64;
 impl Engine {
     /// Allocates the KV cache and starts the engine thread.
     pub fn start(llm: Arc<Llm>, cfg: EngineConfig) -> Result<Engine> {
-        let c = &llm.model.config;
-        let per_block = KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * BLOCK_SIZE;
+        let per_block = llm.model.kv_bytes_per_token() * BLOCK_SIZE;
         let kv_bytes = kv_budget(&llm, &cfg)?;
         let kv_blocks = kv_bytes / per_block.max(1);
         if kv_blocks == 0 {
@@ -174,6 +173,7 @@ impl Engine {
             .map_err(|e| EngineError::Setup(e.to_string()))?;
         info!(
             device = %llm.model.device(),
+            kv_type = %llm.model.kv_type(),
             kv_blocks,
             kv_tokens = kv_blocks * BLOCK_SIZE,
             bytes = kv_blocks * per_block,

@@ -19,6 +19,9 @@ pub struct AttnScratch {
     q16: Vec<f32>,
     /// f64 sums of the reference numerics' weighted V.
     acc64: Vec<f64>,
+    /// One block's K and V rows dequantized from a quantized cache.
+    kbuf: Vec<f32>,
+    vbuf: Vec<f32>,
 }
 
 /// Parameters shared by every token of a layer.
@@ -174,13 +177,17 @@ fn attend_plain(
         // Q·K over the blocks covering [lo, pos].
         let mut max = f32::NEG_INFINITY;
         for (block, slots, i0) in Runs::new(seq, lo, pos) {
-            let kb = cache.k_head(layer, block, g);
+            let kb = cache.k_rows(layer, block, g, slots.clone(), &mut s.kbuf);
             for (i, slot) in slots.clone().enumerate() {
-                let k = s.q16.iter().zip(&kb[slot * hd..(slot + 1) * hd]);
+                let k = s
+                    .q16
+                    .iter()
+                    .enumerate()
+                    .map(|(d, a)| (a, kb.at(slot * hd + d)));
                 let dot = if f64_sums {
-                    k.fold(0.0f64, |acc, (a, b)| acc + f64::from(a * b.to_f32())) as f32
+                    k.fold(0.0f64, |acc, (a, b)| acc + f64::from(a * b)) as f32
                 } else {
-                    k.fold(0.0f32, |acc, (a, b)| acc + a * b.to_f32())
+                    k.fold(0.0f32, |acc, (a, b)| acc + a * b)
                 };
                 let mut sc = dot * p.scale;
                 if let Some(cap) = p.softcap {
@@ -204,17 +211,17 @@ fn attend_plain(
         o.fill(0.0);
         s.acc64.fill(0.0);
         for (block, slots, i0) in Runs::new(seq, lo, pos) {
-            let vb = cache.v_head(layer, block, g);
+            let vb = cache.v_rows(layer, block, g, slots.clone(), &mut s.vbuf);
             for (i, slot) in slots.clone().enumerate() {
                 let w = s.scores[i0 + i];
-                let v = &vb[slot * hd..(slot + 1) * hd];
+                let v = (0..hd).map(|d| vb.at(slot * hd + d));
                 if f64_sums {
                     for (acc, v) in s.acc64.iter_mut().zip(v) {
-                        *acc += f64::from(w * v.to_f32());
+                        *acc += f64::from(w * v);
                     }
                 } else {
                     for (acc, v) in o.iter_mut().zip(v) {
-                        *acc += w * v.to_f32();
+                        *acc += w * v;
                     }
                 }
             }
@@ -344,7 +351,7 @@ mod simd {
     use std::arch::x86_64::*;
 
     use super::{expc, AttnParams, AttnScratch, Runs};
-    use crate::kv::{KvCache, SeqKv};
+    use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
 
     /// Query heads per tile.
     const TILE: usize = 4;
@@ -388,6 +395,12 @@ mod simd {
             let r = _mm512_cvtph_ps(_mm512_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v));
             _mm512_storeu_ps(s.q16.as_mut_ptr().add(16 * i), r);
         }
+        // A quantized cache is read block by block, dequantized to f32.
+        let quant = cache.kv_type != crate::kv::KvType::F16;
+        if quant {
+            s.kbuf.resize(BLOCK_SIZE * hd, 0.0);
+            s.vbuf.resize(BLOCK_SIZE * hd, 0.0);
+        }
         let t = Tile {
             cache,
             layer,
@@ -397,6 +410,8 @@ mod simd {
             hd,
             n,
             scale: p.scale,
+            kbuf: s.kbuf.as_mut_ptr(),
+            vbuf: s.vbuf.as_mut_ptr(),
         };
         let mut h = heads.start;
         while h < heads.end {
@@ -406,11 +421,15 @@ mod simd {
             let qp = s.q16.as_ptr().add(hl * hd);
             let sp = s.scores.as_mut_ptr().add(hl * n);
             let op = out.as_mut_ptr().add(hl * hd);
-            match r {
-                1 => t.run::<1>(g, qp, sp, op),
-                2 => t.run::<2>(g, qp, sp, op),
-                3 => t.run::<3>(g, qp, sp, op),
-                _ => t.run::<4>(g, qp, sp, op),
+            match (r, quant) {
+                (1, false) => t.run::<1, false>(g, qp, sp, op),
+                (2, false) => t.run::<2, false>(g, qp, sp, op),
+                (3, false) => t.run::<3, false>(g, qp, sp, op),
+                (_, false) => t.run::<4, false>(g, qp, sp, op),
+                (1, true) => t.run::<1, true>(g, qp, sp, op),
+                (2, true) => t.run::<2, true>(g, qp, sp, op),
+                (3, true) => t.run::<3, true>(g, qp, sp, op),
+                (_, true) => t.run::<4, true>(g, qp, sp, op),
             }
             h += r;
         }
@@ -426,28 +445,72 @@ mod simd {
         hd: usize,
         n: usize,
         scale: f32,
+        /// Scratch for one block's K and V head rows (a quantized cache).
+        kbuf: *mut f32,
+        vbuf: *mut f32,
+    }
+
+    /// 16 values of a head row: f16 in place, or f32 when `F32` (rows
+    /// dequantized from a quantized cache).
+    #[inline(always)]
+    unsafe fn ld<const F32: bool>(row: *const u8, c: usize) -> __m512 {
+        if F32 {
+            _mm512_loadu_ps((row as *const f32).add(16 * c))
+        } else {
+            _mm512_cvtph_ps(_mm256_loadu_si256((row as *const __m256i).add(c)))
+        }
     }
 
     impl Tile<'_> {
+        /// The rows `slots` of KV head `g` in `block`: the f16 cache in
+        /// place, or (`F32`) dequantized into the scratch. Row `j` starts
+        /// `j * hd` elements in.
+        #[inline]
+        unsafe fn rows<const F32: bool>(
+            &self,
+            v: bool,
+            block: u32,
+            g: usize,
+            slots: std::ops::Range<usize>,
+        ) -> *const u8 {
+            if F32 {
+                let buf = if v { self.vbuf } else { self.kbuf };
+                let out = std::slice::from_raw_parts_mut(buf, BLOCK_SIZE * self.hd);
+                self.cache
+                    .dequantize_rows(v, self.layer, block, g, slots, out);
+                buf as *const u8
+            } else if v {
+                self.cache.v_head(self.layer, block, g).as_ptr() as *const u8
+            } else {
+                self.cache.k_head(self.layer, block, g).as_ptr() as *const u8
+            }
+        }
+
         /// Attends `R` heads of KV group `g`: queries at `q` (rows of `hd`),
         /// scores at `sc` (rows of `n`), outputs at `out` (rows of `hd`).
         #[inline]
         #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
-        unsafe fn run<const R: usize>(&self, g: usize, q: *const f32, sc: *mut f32, out: *mut f32) {
+        unsafe fn run<const R: usize, const F32: bool>(
+            &self,
+            g: usize,
+            q: *const f32,
+            sc: *mut f32,
+            out: *mut f32,
+        ) {
             let (hd, n) = (self.hd, self.n);
+            let es = if F32 { 4 } else { 2 };
             let nc = hd / 16;
             let scale = _mm512_set1_ps(self.scale);
             // Q·K, four slots at a time.
             for (block, slots, i0) in Runs::new(self.seq, self.lo, self.pos) {
-                let kb = self.cache.k_head(self.layer, block, g);
-                debug_assert!(kb.len() >= slots.end * hd);
+                let kb = self.rows::<F32>(false, block, g, slots.clone());
                 let mut j = slots.start;
                 while j < slots.end {
                     let cnt = (slots.end - j).min(4);
                     // Missing slots repeat the last one; their sums are dropped.
-                    let mut kp = [std::ptr::null::<__m256i>(); 4];
+                    let mut kp = [std::ptr::null::<u8>(); 4];
                     for (s, k) in kp.iter_mut().enumerate() {
-                        *k = kb.as_ptr().add((j + s.min(cnt - 1)) * hd) as *const __m256i;
+                        *k = kb.add((j + s.min(cnt - 1)) * hd * es);
                     }
                     // Two slots per pass keep the accumulators of a pass in
                     // registers (the compiler spills a 4 x 4 tile).
@@ -457,8 +520,8 @@ mod simd {
                         let mut acc = [[_mm512_setzero_ps(); 2]; R];
                         let mut qc = q;
                         for c in 0..nc {
-                            let k0 = _mm512_cvtph_ps(_mm256_loadu_si256(ka.add(c)));
-                            let k1 = _mm512_cvtph_ps(_mm256_loadu_si256(kb.add(c)));
+                            let k0 = ld::<F32>(ka, c);
+                            let k1 = ld::<F32>(kb, c);
                             for ar in acc.iter_mut() {
                                 let qv = _mm512_loadu_ps(qc);
                                 ar[0] = _mm512_fmadd_ps(qv, k0, ar[0]);
@@ -496,10 +559,10 @@ mod simd {
             let mut c0 = 0;
             while c0 < nc {
                 match nc - c0 {
-                    1 => self.pv::<R, 1>(g, c0, sc, out),
-                    2 => self.pv::<R, 2>(g, c0, sc, out),
-                    3 => self.pv::<R, 3>(g, c0, sc, out),
-                    _ => self.pv::<R, 4>(g, c0, sc, out),
+                    1 => self.pv::<R, 1, F32>(g, c0, sc, out),
+                    2 => self.pv::<R, 2, F32>(g, c0, sc, out),
+                    3 => self.pv::<R, 3, F32>(g, c0, sc, out),
+                    _ => self.pv::<R, 4, F32>(g, c0, sc, out),
                 }
                 c0 += 4;
             }
@@ -509,7 +572,7 @@ mod simd {
         /// of probability × V.
         #[inline]
         #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
-        unsafe fn pv<const R: usize, const C: usize>(
+        unsafe fn pv<const R: usize, const C: usize, const F32: bool>(
             &self,
             g: usize,
             c0: usize,
@@ -517,15 +580,15 @@ mod simd {
             out: *mut f32,
         ) {
             let (hd, n) = (self.hd, self.n);
+            let es = if F32 { 4 } else { 2 };
             let mut acc = [[_mm512_setzero_ps(); C]; R];
             for (block, slots, i0) in Runs::new(self.seq, self.lo, self.pos) {
-                let vb = self.cache.v_head(self.layer, block, g);
-                debug_assert!(vb.len() >= slots.end * hd);
+                let vb = self.rows::<F32>(true, block, g, slots.clone());
                 for (i, slot) in slots.enumerate() {
-                    let vp = (vb.as_ptr().add(slot * hd) as *const __m256i).add(c0);
+                    let vp = vb.add(slot * hd * es);
                     let mut v = [_mm512_setzero_ps(); C];
                     for (c, vv) in v.iter_mut().enumerate() {
-                        *vv = _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(c)));
+                        *vv = ld::<F32>(vp, c0 + c);
                     }
                     for (r, ar) in acc.iter_mut().enumerate() {
                         let w = _mm512_set1_ps(*sc.add(r * n + i0 + i));
@@ -762,8 +825,20 @@ mod tests {
         n_tok: usize,
         seed: u64,
     ) -> (KvCache, SeqKv, Vec<f32>) {
+        random_context_of(crate::kv::KvType::F16, n_heads, n_kv, hd, n_tok, seed)
+    }
+
+    /// [`random_context`] in a cache of type `ty`.
+    fn random_context_of(
+        ty: crate::kv::KvType,
+        n_heads: usize,
+        n_kv: usize,
+        hd: usize,
+        n_tok: usize,
+        seed: u64,
+    ) -> (KvCache, SeqKv, Vec<f32>) {
         let n_blocks = n_tok.div_ceil(BLOCK_SIZE);
-        let mut cache = KvCache::new(1, n_kv, hd, n_blocks).expect("alloc");
+        let mut cache = KvCache::new_typed(ty, 1, n_kv, hd, n_blocks).expect("alloc");
         let mut mgr = BlockManager::new(n_blocks);
         let mut seq = SeqKv::new();
         seq.reserve(&mut mgr, n_tok).expect("fits");
@@ -1070,6 +1145,73 @@ mod tests {
                         (x - y).abs() < 2e-3,
                         "hd {hd} pos {pos} {window:?} #{i}: {x} vs {y}"
                     );
+                }
+            }
+        }
+    }
+
+    /// With a quantized cache, the SIMD and the scalar kernels both attend
+    /// over the cache's dequantized rows: each equals naive attention (f64)
+    /// over those rows, up to the f16 roundings of the query and the
+    /// probabilities that every path makes.
+    #[test]
+    fn quantized_caches_attend_over_their_dequantized_rows() {
+        use crate::kv::KvType;
+        for ty in [KvType::Q8_0, KvType::Q4_0, KvType::Fp8] {
+            for (hd, n_heads, n_kv) in [(64usize, 14usize, 2usize), (256, 4, 1)] {
+                let n_tok = 300;
+                let (cache, seq, q) = random_context_of(ty, n_heads, n_kv, hd, n_tok, 777);
+                // The dequantized rows, per KV head.
+                let rows = |v: bool, g: usize| -> Vec<Vec<f32>> {
+                    let mut buf = Vec::new();
+                    (0..n_tok)
+                        .map(|t| {
+                            let (b, slot) = seq.slot(t).expect("reserved");
+                            let r = if v {
+                                cache.v_rows(0, b, g, slot..slot + 1, &mut buf)
+                            } else {
+                                cache.k_rows(0, b, g, slot..slot + 1, &mut buf)
+                            };
+                            (0..hd).map(|d| r.at(slot * hd + d)).collect()
+                        })
+                        .collect()
+                };
+                let (mut s1, mut s2) = (AttnScratch::default(), AttnScratch::default());
+                for (pos, window) in [(0, None), (17, None), (299, None), (299, Some(40))] {
+                    let p = AttnParams {
+                        n_heads,
+                        n_kv_heads: n_kv,
+                        head_dim: hd,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        window,
+                        softcap: None,
+                    };
+                    let mut a = vec![f32::NAN; n_heads * hd];
+                    let mut b = vec![f32::NAN; n_heads * hd];
+                    attend(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut a, &mut s1);
+                    attend_scalar(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut b, &mut s2);
+                    let lo = p.first_visible(pos);
+                    let group = n_heads / n_kv;
+                    for h in 0..n_heads {
+                        let g = h / group;
+                        let (ks, vs) = (rows(false, g), rows(true, g));
+                        let want = naive(
+                            &q[h * hd..(h + 1) * hd],
+                            &ks[lo..=pos],
+                            &vs[lo..=pos],
+                            p.scale,
+                        );
+                        for d in 0..hd {
+                            let (x, y, w) = (a[h * hd + d], b[h * hd + d], want[d]);
+                            // Values in ±1: the f16 query (2^-11 relative on
+                            // scores of magnitude ≲ 4) and the f16
+                            // probabilities keep the outputs within 4e-3.
+                            assert!(
+                                (x - w).abs() < 4e-3 && (y - w).abs() < 4e-3,
+                                "{ty} hd {hd} pos {pos} {window:?} head {h} dim {d}: simd {x} scalar {y} naive {w}"
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -135,6 +135,252 @@ impl SeqKv {
     }
 }
 
+/// The element type of the KV cache (`--kv-type`).
+///
+/// Quantized rows keep their values and their scales in separate pools with
+/// the cache's block layout, so the attention kernels read both with plain
+/// aligned loads:
+/// - `q8_0`: int8 values, one f16 scale per 32 (llama.cpp's `q8_0`:
+///   `d = amax / 127`, `q = round(x / d)`);
+/// - `q4_0`: 4-bit values packed as llama.cpp's `q4_0` (byte `j` of a group
+///   of 32 holds value `j` in its low nibble and `j + 16` in its high one),
+///   one f16 scale per 32 (`d = max / -8` of the value with the largest
+///   magnitude, `x = (q - 8) d`);
+/// - `fp8`: FP8 E4M3 values (round to nearest even, saturating at ±448),
+///   one f16 scale per head row (per token and KV head, `d = amax / 448`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum KvType {
+    #[default]
+    F16,
+    Q8_0,
+    Q4_0,
+    Fp8,
+}
+
+impl std::str::FromStr for KvType {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(KvType::F16),
+            "q8_0" => Ok(KvType::Q8_0),
+            "q4_0" => Ok(KvType::Q4_0),
+            "fp8" | "fp8_e4m3" | "e4m3" => Ok(KvType::Fp8),
+            _ => Err(format!(
+                "unknown KV cache type '{s}' (expected f16, q8_0, q4_0 or fp8)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for KvType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl KvType {
+    pub const ALL: [KvType; 4] = [KvType::F16, KvType::Q8_0, KvType::Q4_0, KvType::Fp8];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvType::F16 => "f16",
+            KvType::Q8_0 => "q8_0",
+            KvType::Q4_0 => "q4_0",
+            KvType::Fp8 => "fp8",
+        }
+    }
+
+    /// Bytes of values in one head row of `hd` values (scales apart).
+    pub fn row_bytes(self, hd: usize) -> usize {
+        match self {
+            KvType::F16 => 2 * hd,
+            KvType::Q8_0 | KvType::Fp8 => hd,
+            KvType::Q4_0 => hd / 2,
+        }
+    }
+
+    /// f16 scales of one head row.
+    pub fn row_scales(self, hd: usize) -> usize {
+        match self {
+            KvType::F16 => 0,
+            KvType::Q8_0 | KvType::Q4_0 => hd / 32,
+            KvType::Fp8 => 1,
+        }
+    }
+
+    /// Bytes of one head row, scales included.
+    pub fn row_total(self, hd: usize) -> usize {
+        self.row_bytes(hd) + 2 * self.row_scales(hd)
+    }
+
+    /// Whether a head dimension can be stored in this type.
+    pub fn check_head_dim(self, hd: usize) -> Result<()> {
+        let ok = match self {
+            KvType::F16 => true,
+            KvType::Q8_0 | KvType::Q4_0 => hd.is_multiple_of(32),
+            KvType::Fp8 => hd.is_multiple_of(2),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ModelError::Kv(format!(
+                "KV cache type {self} needs a head dimension divisible by 32; this model's is {hd}"
+            )))
+        }
+    }
+
+    /// Quantizes one head row `x` into `q` (`row_bytes`) and `d`
+    /// (`row_scales`). The CUDA cache writer computes the same bytes.
+    pub fn quantize_row(self, x: &[f32], q: &mut [u8], d: &mut [f16]) {
+        match self {
+            KvType::F16 => {
+                for (c, v) in q.chunks_exact_mut(2).zip(x) {
+                    c.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+                }
+            }
+            KvType::Q8_0 => {
+                for ((xs, qs), dd) in x.chunks_exact(32).zip(q.chunks_exact_mut(32)).zip(d) {
+                    let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    let s = amax / 127.0;
+                    let id = if s != 0.0 { 1.0 / s } else { 0.0 };
+                    *dd = f16::from_f32(s);
+                    for (o, v) in qs.iter_mut().zip(xs) {
+                        *o = (v * id).round() as i8 as u8;
+                    }
+                }
+            }
+            KvType::Q4_0 => {
+                for ((xs, qs), dd) in x.chunks_exact(32).zip(q.chunks_exact_mut(16)).zip(d) {
+                    let (mut amax, mut max) = (0.0f32, 0.0f32);
+                    for &v in xs {
+                        if amax < v.abs() {
+                            amax = v.abs();
+                            max = v;
+                        }
+                    }
+                    let s = max / -8.0;
+                    let id = if s != 0.0 { 1.0 / s } else { 0.0 };
+                    *dd = f16::from_f32(s);
+                    let nib = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+                    for (j, o) in qs.iter_mut().enumerate() {
+                        *o = nib(xs[j]) | (nib(xs[j + 16]) << 4);
+                    }
+                }
+            }
+            KvType::Fp8 => {
+                let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                let s = f16::from_f32(amax / 448.0);
+                d[0] = s;
+                let s = s.to_f32();
+                let id = if s > 0.0 { 1.0 / s } else { 0.0 };
+                for (o, v) in q.iter_mut().zip(x) {
+                    *o = fp8_e4m3(v * id);
+                }
+            }
+        }
+    }
+
+    /// Dequantizes one head row into `out` (`hd` values).
+    pub fn dequantize_row(self, q: &[u8], d: &[f16], out: &mut [f32]) {
+        match self {
+            KvType::F16 => {
+                for (o, c) in out.iter_mut().zip(q.chunks_exact(2)) {
+                    *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                }
+            }
+            KvType::Q8_0 => {
+                for ((os, qs), dd) in out.chunks_exact_mut(32).zip(q.chunks_exact(32)).zip(d) {
+                    let s = dd.to_f32();
+                    for (o, &v) in os.iter_mut().zip(qs) {
+                        *o = f32::from(v as i8) * s;
+                    }
+                }
+            }
+            KvType::Q4_0 => {
+                for ((os, qs), dd) in out.chunks_exact_mut(32).zip(q.chunks_exact(16)).zip(d) {
+                    let s = dd.to_f32();
+                    for (j, &b) in qs.iter().enumerate() {
+                        os[j] = f32::from((b & 15) as i8 - 8) * s;
+                        os[j + 16] = f32::from((b >> 4) as i8 - 8) * s;
+                    }
+                }
+            }
+            KvType::Fp8 => {
+                let s = d[0].to_f32();
+                for (o, &v) in out.iter_mut().zip(q) {
+                    *o = FP8_E4M3[v as usize] * s;
+                }
+            }
+        }
+    }
+}
+
+/// `x` as FP8 E4M3 (OCP `e4m3fn`: bias 7, no infinities), rounded to
+/// nearest even and saturated at ±448. The CUDA writer (`fp8_e4m3` in
+/// kernels.cu) computes the same code.
+pub fn fp8_e4m3(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 0x80 } else { 0 };
+    let a = x.abs();
+    if a.is_nan() {
+        return 0;
+    }
+    if a >= 448.0 {
+        return sign | 0x7e;
+    }
+    if a < 0.015625 {
+        // Subnormals: multiples of 2^-9 (code 8 is the smallest normal).
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    let e = ((a.to_bits() >> 23) as i32) - 127; // -6 ..= 8
+    let mut m = (a * f32::from_bits(((127 + 3 - e) as u32) << 23)).round_ties_even() as i32; // 8 ..= 16
+    let mut e = e;
+    if m == 16 {
+        m = 8;
+        e += 1;
+    }
+    let code = (((e + 7) << 3) | (m - 8)) as u8;
+    sign | code.min(0x7e)
+}
+
+/// The values of the 256 FP8 E4M3 codes (the two NaN codes read as 0).
+pub static FP8_E4M3: [f32; 256] = {
+    let mut t = [0.0f32; 256];
+    let mut c = 0;
+    while c < 256 {
+        let e = (c >> 3) & 15;
+        let m = (c & 7) as u32;
+        let mag = if e == 0 {
+            // m * 2^-9, exact in f32.
+            f32::from_bits(((127 - 9) << 23) as u32) * m as f32
+        } else if e == 15 && m == 7 {
+            0.0
+        } else {
+            f32::from_bits(((e as u32 + 120) << 23) | (m << 20))
+        };
+        t[c] = if c & 0x80 != 0 { -mag } else { mag };
+        c += 1;
+    }
+    t
+};
+
+/// The rows of one KV head in one block as the attention kernels read them.
+pub enum HeadRows<'a> {
+    /// f16 values in place.
+    F16(&'a [f16]),
+    /// Values dequantized into the caller's scratch.
+    F32(&'a [f32]),
+}
+
+impl HeadRows<'_> {
+    #[inline]
+    pub fn at(&self, i: usize) -> f32 {
+        match self {
+            HeadRows::F16(r) => r[i].to_f32(),
+            HeadRows::F32(r) => r[i],
+        }
+    }
+}
+
 /// The K and V pools of every layer, in host memory or (for a model on a
 /// GPU) in device memory with the same block layout.
 pub struct KvCache {
@@ -142,47 +388,100 @@ pub struct KvCache {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub n_blocks: usize,
+    pub kv_type: KvType,
+    /// f16 pools (type f16).
     k: Vec<f16>,
     v: Vec<f16>,
+    /// Quantized pools: values (`row_bytes` per head row) and scales.
+    kq: Vec<u8>,
+    vq: Vec<u8>,
+    kd: Vec<f16>,
+    vd: Vec<f16>,
     pub(crate) device: Option<crate::cuda::DeviceKv>,
 }
 
 impl KvCache {
-    /// Bytes one token occupies across all layers (K and V).
+    /// Bytes one token occupies across all layers (K and V) in an f16 cache.
     pub fn bytes_per_token(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
-        2 * n_layers * n_kv_heads * head_dim * std::mem::size_of::<f16>()
+        Self::bytes_per_token_of(KvType::F16, n_layers, n_kv_heads, head_dim)
     }
 
+    /// Bytes one token occupies across all layers (K and V), scales included.
+    pub fn bytes_per_token_of(
+        ty: KvType,
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+    ) -> usize {
+        2 * n_layers * n_kv_heads * ty.row_total(head_dim)
+    }
+
+    /// An f16 cache in host memory.
     pub fn new(
         n_layers: usize,
         n_kv_heads: usize,
         head_dim: usize,
         n_blocks: usize,
     ) -> Result<Self> {
-        let n = n_layers
+        Self::new_typed(KvType::F16, n_layers, n_kv_heads, head_dim, n_blocks)
+    }
+
+    /// A cache of type `ty` in host memory.
+    pub fn new_typed(
+        ty: KvType,
+        n_layers: usize,
+        n_kv_heads: usize,
+        head_dim: usize,
+        n_blocks: usize,
+    ) -> Result<Self> {
+        ty.check_head_dim(head_dim)?;
+        let rows = n_layers
             .checked_mul(n_blocks)
-            .and_then(|x| x.checked_mul(Self::block_elems_for(n_kv_heads, head_dim)))
+            .and_then(|x| x.checked_mul(n_kv_heads * BLOCK_SIZE))
             .ok_or_else(|| ModelError::Kv("cache size overflows".into()))?;
-        let mut k = Vec::new();
-        let mut v = Vec::new();
-        k.try_reserve_exact(n)
-            .and_then(|_| v.try_reserve_exact(n))
-            .map_err(|_| ModelError::Kv(format!("cannot allocate {} bytes of KV cache", 4 * n)))?;
-        k.resize(n, f16::ZERO);
-        v.resize(n, f16::ZERO);
-        Ok(KvCache {
+        let mut c = KvCache {
             n_layers,
             n_kv_heads,
             head_dim,
             n_blocks,
-            k,
-            v,
+            kv_type: ty,
+            k: Vec::new(),
+            v: Vec::new(),
+            kq: Vec::new(),
+            vq: Vec::new(),
+            kd: Vec::new(),
+            vd: Vec::new(),
             device: None,
-        })
+        };
+        let bytes = rows.saturating_mul(2 * ty.row_total(head_dim));
+        let oom = || ModelError::Kv(format!("cannot allocate {bytes} bytes of KV cache"));
+        fn zeroed<T: Clone>(v: &mut Vec<T>, n: usize, z: T) -> std::result::Result<(), ()> {
+            v.try_reserve_exact(n).map_err(|_| ())?;
+            v.resize(n, z);
+            Ok(())
+        }
+        if ty == KvType::F16 {
+            let n = rows * head_dim;
+            zeroed(&mut c.k, n, f16::ZERO)
+                .and_then(|_| zeroed(&mut c.v, n, f16::ZERO))
+                .map_err(|_| oom())?;
+        } else {
+            let (nq, nd) = (
+                rows * ty.row_bytes(head_dim),
+                rows * ty.row_scales(head_dim),
+            );
+            zeroed(&mut c.kq, nq, 0)
+                .and_then(|_| zeroed(&mut c.vq, nq, 0))
+                .and_then(|_| zeroed(&mut c.kd, nd, f16::ZERO))
+                .and_then(|_| zeroed(&mut c.vd, nd, f16::ZERO))
+                .map_err(|_| oom())?;
+        }
+        Ok(c)
     }
 
     /// A cache whose pools live in device memory.
     pub(crate) fn new_on_device(
+        ty: KvType,
         n_layers: usize,
         n_kv_heads: usize,
         head_dim: usize,
@@ -194,8 +493,13 @@ impl KvCache {
             n_kv_heads,
             head_dim,
             n_blocks,
+            kv_type: ty,
             k: Vec::new(),
             v: Vec::new(),
+            kq: Vec::new(),
+            vq: Vec::new(),
+            kd: Vec::new(),
+            vd: Vec::new(),
             device: Some(device),
         })
     }
@@ -221,50 +525,137 @@ impl KvCache {
         Ok(self)
     }
 
-    fn block_elems_for(n_kv_heads: usize, head_dim: usize) -> usize {
-        n_kv_heads * BLOCK_SIZE * head_dim
-    }
-
     pub fn block_elems(&self) -> usize {
-        Self::block_elems_for(self.n_kv_heads, self.head_dim)
+        self.n_kv_heads * BLOCK_SIZE * self.head_dim
     }
 
-    fn block_start(&self, layer: usize, block: u32) -> usize {
-        (layer * self.n_blocks + block as usize) * self.block_elems()
+    /// Index of the first head row of `head` in `block` of `layer`.
+    fn head_row(&self, layer: usize, block: u32, head: usize) -> usize {
+        ((layer * self.n_blocks + block as usize) * self.n_kv_heads + head) * BLOCK_SIZE
     }
 
     /// Writes one token's K and V rows (`n_kv_heads * head_dim` values each,
     /// head-major) into `block`/`slot` of `layer`.
     pub fn write(&mut self, layer: usize, block: u32, slot: usize, k_row: &[f32], v_row: &[f32]) {
-        let base = self.block_start(layer, block);
         let hd = self.head_dim;
+        let ty = self.kv_type;
+        let (rb, rs) = (ty.row_bytes(hd), ty.row_scales(hd));
         for h in 0..self.n_kv_heads {
-            let dst = base + (h * BLOCK_SIZE + slot) * hd;
-            for (d, s) in self.k[dst..dst + hd]
-                .iter_mut()
-                .zip(&k_row[h * hd..(h + 1) * hd])
-            {
-                *d = f16::from_f32(*s);
-            }
-            for (d, s) in self.v[dst..dst + hd]
-                .iter_mut()
-                .zip(&v_row[h * hd..(h + 1) * hd])
-            {
-                *d = f16::from_f32(*s);
+            let row = self.head_row(layer, block, h) + slot;
+            let (ks, vs) = (&k_row[h * hd..(h + 1) * hd], &v_row[h * hd..(h + 1) * hd]);
+            if ty == KvType::F16 {
+                let dst = row * hd;
+                for (d, s) in self.k[dst..dst + hd].iter_mut().zip(ks) {
+                    *d = f16::from_f32(*s);
+                }
+                for (d, s) in self.v[dst..dst + hd].iter_mut().zip(vs) {
+                    *d = f16::from_f32(*s);
+                }
+            } else {
+                ty.quantize_row(
+                    ks,
+                    &mut self.kq[row * rb..(row + 1) * rb],
+                    &mut self.kd[row * rs..(row + 1) * rs],
+                );
+                ty.quantize_row(
+                    vs,
+                    &mut self.vq[row * rb..(row + 1) * rb],
+                    &mut self.vd[row * rs..(row + 1) * rs],
+                );
             }
         }
     }
 
-    /// K of one head in one block: `BLOCK_SIZE` rows of `head_dim`.
+    /// K of one head in one block of an f16 cache: `BLOCK_SIZE` rows of
+    /// `head_dim` (empty for a quantized cache; see [`Self::k_rows`]).
     pub fn k_head(&self, layer: usize, block: u32, head: usize) -> &[f16] {
-        let s = self.block_start(layer, block) + head * BLOCK_SIZE * self.head_dim;
-        &self.k[s..s + BLOCK_SIZE * self.head_dim]
+        self.f16_head(&self.k, layer, block, head)
     }
 
-    /// V of one head in one block: `BLOCK_SIZE` rows of `head_dim`.
+    /// V of one head in one block of an f16 cache, as [`Self::k_head`].
     pub fn v_head(&self, layer: usize, block: u32, head: usize) -> &[f16] {
-        let s = self.block_start(layer, block) + head * BLOCK_SIZE * self.head_dim;
-        &self.v[s..s + BLOCK_SIZE * self.head_dim]
+        self.f16_head(&self.v, layer, block, head)
+    }
+
+    fn f16_head<'a>(&self, pool: &'a [f16], layer: usize, block: u32, head: usize) -> &'a [f16] {
+        let s = self.head_row(layer, block, head) * self.head_dim;
+        pool.get(s..s + BLOCK_SIZE * self.head_dim).unwrap_or(&[])
+    }
+
+    /// K rows of one head in one block: in place for f16, dequantized into
+    /// `scratch` (rows `slots`) otherwise.
+    pub fn k_rows<'a>(
+        &'a self,
+        layer: usize,
+        block: u32,
+        head: usize,
+        slots: std::ops::Range<usize>,
+        scratch: &'a mut Vec<f32>,
+    ) -> HeadRows<'a> {
+        self.rows(false, layer, block, head, slots, scratch)
+    }
+
+    /// V rows of one head in one block, as [`Self::k_rows`].
+    pub fn v_rows<'a>(
+        &'a self,
+        layer: usize,
+        block: u32,
+        head: usize,
+        slots: std::ops::Range<usize>,
+        scratch: &'a mut Vec<f32>,
+    ) -> HeadRows<'a> {
+        self.rows(true, layer, block, head, slots, scratch)
+    }
+
+    fn rows<'a>(
+        &'a self,
+        is_v: bool,
+        layer: usize,
+        block: u32,
+        head: usize,
+        slots: std::ops::Range<usize>,
+        scratch: &'a mut Vec<f32>,
+    ) -> HeadRows<'a> {
+        let ty = self.kv_type;
+        if ty == KvType::F16 {
+            return HeadRows::F16(if is_v {
+                self.v_head(layer, block, head)
+            } else {
+                self.k_head(layer, block, head)
+            });
+        }
+        scratch.resize(BLOCK_SIZE * self.head_dim, 0.0);
+        self.dequantize_rows(is_v, layer, block, head, slots, scratch);
+        HeadRows::F32(scratch)
+    }
+
+    /// Dequantizes rows `slots` of one head in one block of a quantized
+    /// cache into `out` (`BLOCK_SIZE * head_dim`, row `s` at `s * head_dim`).
+    pub fn dequantize_rows(
+        &self,
+        is_v: bool,
+        layer: usize,
+        block: u32,
+        head: usize,
+        slots: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
+        let (ty, hd) = (self.kv_type, self.head_dim);
+        let (q, d) = if is_v {
+            (&self.vq, &self.vd)
+        } else {
+            (&self.kq, &self.kd)
+        };
+        let (rb, rs) = (ty.row_bytes(hd), ty.row_scales(hd));
+        let r0 = self.head_row(layer, block, head);
+        for s in slots {
+            let row = r0 + s;
+            ty.dequantize_row(
+                &q[row * rb..(row + 1) * rb],
+                &d[row * rs..(row + 1) * rs],
+                &mut out[s * hd..(s + 1) * hd],
+            );
+        }
     }
 }
 
@@ -325,5 +716,158 @@ mod tests {
             c.k_head(0, 2, 1).iter().all(|x| x.to_f32() == 0.0),
             "other layer untouched"
         );
+    }
+
+    /// A deterministic spread of values: magnitudes over several octaves,
+    /// both signs, exact ties of the largest magnitude.
+    fn sample_rows(n: usize) -> Vec<Vec<f32>> {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        let mut rows: Vec<Vec<f32>> = (0..n)
+            .map(|r| {
+                let scale = 2f32.powi(r as i32 % 12 - 6);
+                (0..64).map(|_| rnd() * scale).collect()
+            })
+            .collect();
+        rows.push(vec![0.0; 64]);
+        let mut tie = vec![0.25f32; 64];
+        tie[3] = -1.0;
+        tie[7] = 1.0;
+        tie[40] = 1.0;
+        tie[33] = -1.0;
+        rows.push(tie);
+        rows
+    }
+
+    /// q8_0 and q4_0 rows hold exactly llama.cpp's block bytes (tl-core's
+    /// quantizers, which the committed llama.cpp fixtures check), values
+    /// and scales in their separate pools.
+    #[test]
+    fn legacy_quant_rows_are_llama_cpp_blocks() {
+        use tl_core::GgmlType;
+        for (ty, g, qb) in [
+            (KvType::Q8_0, GgmlType::Q8_0, 32),
+            (KvType::Q4_0, GgmlType::Q4_0, 16),
+        ] {
+            for x in sample_rows(40) {
+                let mut q = vec![0u8; ty.row_bytes(64)];
+                let mut d = vec![f16::ZERO; ty.row_scales(64)];
+                ty.quantize_row(&x, &mut q, &mut d);
+                let mut blocks = vec![0u8; 2 * (2 + qb)];
+                tl_core::quant::quantize(g, &x, &mut blocks).expect("quantize");
+                for b in 0..2 {
+                    let blk = &blocks[b * (2 + qb)..(b + 1) * (2 + qb)];
+                    assert_eq!(d[b].to_le_bytes(), [blk[0], blk[1]], "{ty} scale");
+                    assert_eq!(&q[b * qb..(b + 1) * qb], &blk[2..], "{ty} values");
+                }
+                let mut back = vec![0.0f32; 64];
+                ty.dequantize_row(&q, &d, &mut back);
+                let mut want = vec![0.0f32; 64];
+                tl_core::quant::dequantize(g, &blocks, &mut want).expect("dequantize");
+                assert_eq!(back, want, "{ty} dequantized");
+            }
+        }
+    }
+
+    /// Every finite E4M3 code decodes and encodes back to itself, and the
+    /// encoder picks the nearest code (ties to the even one), saturating.
+    #[test]
+    fn fp8_e4m3_round_trips_and_rounds_to_nearest() {
+        for c in 0..=255u8 {
+            if c & 0x7f == 0x7f {
+                continue; // NaN
+            }
+            let v = FP8_E4M3[c as usize];
+            let back = fp8_e4m3(v);
+            if v == 0.0 {
+                assert_eq!(back & 0x7f, 0);
+            } else {
+                assert_eq!(back, c, "code {c:#x} = {v}");
+            }
+        }
+        assert_eq!(FP8_E4M3[0x7e], 448.0);
+        assert_eq!(FP8_E4M3[0x01], 2f32.powi(-9));
+        assert_eq!(FP8_E4M3[0x08], 2f32.powi(-6));
+        assert_eq!(fp8_e4m3(1e9), 0x7e);
+        assert_eq!(fp8_e4m3(-500.0), 0xfe);
+        let finite: Vec<f32> = (0..=0x7eu8).map(|c| FP8_E4M3[c as usize]).collect();
+        for x in sample_rows(24).into_iter().flatten() {
+            let x = x * 300.0;
+            let got = FP8_E4M3[fp8_e4m3(x) as usize];
+            let best = finite
+                .iter()
+                .map(|v| (v - x.abs()).abs())
+                .fold(f32::INFINITY, f32::min);
+            assert_eq!((got.abs() - x.abs()).abs(), best, "{x} -> {got}");
+            assert!(got == 0.0 || got.signum() == x.signum());
+        }
+        // Halfway between 1.0 (mantissa 0) and 1.125 (mantissa 1): even.
+        assert_eq!(FP8_E4M3[fp8_e4m3(1.0625) as usize], 1.0);
+        assert_eq!(FP8_E4M3[fp8_e4m3(1.1875) as usize], 1.25);
+    }
+
+    /// Each type's round trip error is within its step: half a quantization
+    /// step of the row's or group's scale.
+    #[test]
+    fn quantized_rows_round_trip_within_their_step() {
+        for ty in KvType::ALL {
+            for x in sample_rows(30) {
+                let mut q = vec![0u8; ty.row_bytes(64)];
+                let mut d = vec![f16::ZERO; ty.row_scales(64)];
+                ty.quantize_row(&x, &mut q, &mut d);
+                let mut back = vec![0.0f32; 64];
+                ty.dequantize_row(&q, &d, &mut back);
+                for (g, (xs, bs)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+                    let amax = xs.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                    for (a, b) in xs.iter().zip(bs) {
+                        let err = (a - b).abs();
+                        let bound = match ty {
+                            KvType::F16 => a.abs() * 2f32.powi(-11) + 1e-7,
+                            // Half a step of d = amax/127, d rounded to f16.
+                            KvType::Q8_0 => amax / 127.0 * 0.502 + amax * 2e-3,
+                            // A step of d = amax/8 (the negative side of the
+                            // range is one step longer), d rounded to f16.
+                            KvType::Q4_0 => amax / 8.0 * 1.01,
+                            // Relative 2^-4 (3 mantissa bits) of the value,
+                            // or the subnormal step of the row's scale.
+                            KvType::Fp8 => a.abs() / 16.0 + d[0].to_f32() * 2f32.powi(-9),
+                        };
+                        assert!(err <= bound, "{ty} group {g}: {a} -> {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A quantized cache stores and reads back rows at their slots.
+    #[test]
+    fn quantized_cache_rows_land_in_their_slots() {
+        for ty in [KvType::Q8_0, KvType::Q4_0, KvType::Fp8] {
+            let mut c = KvCache::new_typed(ty, 2, 2, 32, 3).expect("alloc");
+            let k: Vec<f32> = (0..64).map(|x| x as f32 / 8.0).collect();
+            let v: Vec<f32> = (0..64).map(|x| -(x as f32) / 8.0).collect();
+            c.write(1, 2, 5, &k, &v);
+            let mut buf = Vec::new();
+            let kr = c.k_rows(1, 2, 1, 5..6, &mut buf);
+            let got: Vec<f32> = (0..32).map(|d| kr.at(5 * 32 + d)).collect();
+            for (g, w) in got.iter().zip(&k[32..]) {
+                // Within a q4_0 step of the largest value (7.875 / 8).
+                assert!((g - w).abs() <= 1.0, "{ty}");
+            }
+            let vr = c.v_rows(1, 2, 0, 5..6, &mut buf);
+            assert!((vr.at(5 * 32 + 31) - v[31]).abs() < 0.3, "{ty}");
+            let mut other = Vec::new();
+            let z = c.k_rows(0, 2, 1, 0..16, &mut other);
+            assert!(
+                (0..16 * 32).all(|i| z.at(i) == 0.0),
+                "other layer untouched"
+            );
+        }
+        assert!(KvCache::new_typed(KvType::Q8_0, 1, 1, 48, 1).is_err());
     }
 }

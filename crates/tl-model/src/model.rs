@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::cuda::Out;
 use crate::error::{ModelError, Result};
 use crate::forward::Plan;
-use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
+use crate::kv::{KvCache, KvType, SeqKv, BLOCK_SIZE};
 use crate::ops;
 use crate::sampler::DeviceDraw;
 use crate::weights::{Weight, Weights};
@@ -61,6 +61,8 @@ pub struct Model {
     pub(crate) rope_freqs: Option<Vec<f32>>,
     /// The weights in device memory when the model runs on a GPU.
     pub(crate) cuda: Option<crate::cuda::CudaModel>,
+    /// The element type of the caches [`Model::new_cache`] makes.
+    kv_type: KvType,
 }
 
 /// One pick per row of `logits` (rows of `vocab` values) as `draws` say,
@@ -198,6 +200,7 @@ impl Model {
             output_norm,
             rope_freqs,
             cuda: None,
+            kv_type: KvType::F16,
         };
         if let Device::Cuda(ordinal) = device {
             model.cuda = Some(crate::cuda::CudaModel::upload(&model, ordinal)?);
@@ -272,6 +275,26 @@ impl Model {
         all.find(|x| x.name == name).and_then(|x| x.packed.clone())
     }
 
+    /// Sets the element type of the KV caches this model makes from now on
+    /// (f16 by default); fails when the head dimension does not fit it.
+    pub fn set_kv_type(&mut self, ty: KvType) -> Result<()> {
+        ty.check_head_dim(self.config.head_dim)?;
+        self.kv_type = ty;
+        Ok(())
+    }
+
+    /// The element type of the KV caches this model makes.
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Bytes one token of context occupies in this model's KV cache (all
+    /// layers, K and V, scales included).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        let c = &self.config;
+        KvCache::bytes_per_token_of(self.kv_type, c.n_layers, c.n_kv_heads, c.head_dim)
+    }
+
     /// A KV cache for `n_tokens` tokens in total (rounded up to whole blocks).
     pub fn new_cache(&self, n_tokens: usize) -> Result<KvCache> {
         self.new_cache_blocks(n_tokens.div_ceil(BLOCK_SIZE).max(1))
@@ -282,13 +305,16 @@ impl Model {
         let c = &self.config;
         match &self.cuda {
             Some(cm) => KvCache::new_on_device(
+                self.kv_type,
                 c.n_layers,
                 c.n_kv_heads,
                 c.head_dim,
                 n_blocks,
-                cm.alloc_kv(c.n_layers, c.n_kv_heads, c.head_dim, n_blocks)?,
+                cm.alloc_kv(self.kv_type, c.n_layers, c.n_kv_heads, c.head_dim, n_blocks)?,
             ),
-            None => KvCache::new(c.n_layers, c.n_kv_heads, c.head_dim, n_blocks),
+            None => {
+                KvCache::new_typed(self.kv_type, c.n_layers, c.n_kv_heads, c.head_dim, n_blocks)
+            }
         }
     }
 

@@ -10,6 +10,7 @@ use crate::attention::AttnParams;
 use crate::config::{FfnAct, RopeLayout};
 use crate::error::{ModelError, Result};
 use crate::forward::{Exec, Probe};
+use crate::kv::KvType;
 use crate::model::Model;
 
 #[repr(C)]
@@ -23,6 +24,8 @@ struct RopeArgs {
     base: f32,
     eps: f32,
     q_scale: f32,
+    /// The KV cache type: 0 f16, 1 q8_0, 2 q4_0, 3 fp8.
+    kv_type: i32,
 }
 
 #[repr(C)]
@@ -380,8 +383,15 @@ impl Exec for CudaExec<'_> {
             base: c.rope_base_for(il),
             eps: c.rms_eps,
             q_scale: if c.prescale_q() { c.attn_scale } else { 1.0 },
+            kv_type: match self.kv.ty {
+                KvType::F16 => 0,
+                KvType::Q8_0 => 1,
+                KvType::Q4_0 => 2,
+                KvType::Fp8 => 3,
+            },
         };
         let off = (il * self.kv.layer_bytes) as u64;
+        let soff = (il * self.kv.layer_scale_bytes) as u64;
         self.l(
             "qkv_rope_store",
             (self.n as u32, (c.n_heads + c.n_kv_heads) as u32, 1),
@@ -399,6 +409,8 @@ impl Exec for CudaExec<'_> {
                 Arg::Ptr(self.meta_at(self.lay.slots)),
                 Arg::Ptr(self.kv.k.ptr + off),
                 Arg::Ptr(self.kv.v.ptr + off),
+                Arg::Ptr(ptr(&self.kv.ks).wrapping_add(soff)),
+                Arg::Ptr(ptr(&self.kv.vs).wrapping_add(soff)),
                 Arg::Ptr(ptr(&self.cs.q)),
                 raw_arg(&args),
             ],
@@ -428,9 +440,16 @@ impl Exec for CudaExec<'_> {
         let groups = threads / 32 * (32 / (hd / 8));
         let smem = ((2 * groups + groups * hd) * 4) as u32;
         let off = (il * self.kv.layer_bytes) as u64;
+        let soff = (il * self.kv.layer_scale_bytes) as u64;
         let [q0, q1] = self.q8_args();
+        let suffix = match self.kv.ty {
+            KvType::F16 => "",
+            KvType::Q8_0 => "_q8_0",
+            KvType::Q4_0 => "_q4_0",
+            KvType::Fp8 => "_fp8",
+        };
         self.l(
-            &format!("attention_{hd}"),
+            &format!("attention_{hd}{suffix}"),
             (c.n_heads as u32, self.n as u32, zs as u32),
             threads as u32,
             smem,
@@ -438,6 +457,8 @@ impl Exec for CudaExec<'_> {
                 Arg::Ptr(ptr(&self.cs.q)),
                 Arg::Ptr(self.kv.k.ptr + off),
                 Arg::Ptr(self.kv.v.ptr + off),
+                Arg::Ptr(ptr(&self.kv.ks).wrapping_add(soff)),
+                Arg::Ptr(ptr(&self.kv.vs).wrapping_add(soff)),
                 Arg::Ptr(self.meta_at(self.lay.pos)),
                 Arg::Ptr(self.meta_at(self.lay.seq)),
                 Arg::Ptr(self.meta_at(self.lay.tables)),

@@ -67,11 +67,17 @@ pub(crate) struct CudaModel {
 }
 
 /// The paged K and V pools of every layer in device memory, laid out as the
-/// host cache: per layer `[block][kv_head][slot][dim]` f16.
+/// host cache: per layer `[block][kv_head][slot]` head rows of the cache
+/// type's values (f16, int8, packed 4-bit or FP8), and for a quantized type
+/// a second pool of the rows' f16 scales in the same order.
 pub(crate) struct DeviceKv {
+    ty: crate::kv::KvType,
     k: DevBuf,
     v: DevBuf,
+    ks: Option<DevBuf>,
+    vs: Option<DevBuf>,
     layer_bytes: usize,
+    layer_scale_bytes: usize,
 }
 
 fn ptr(b: &Option<DevBuf>) -> u64 {
@@ -224,12 +230,16 @@ impl CudaModel {
 
     pub fn alloc_kv(
         &self,
+        ty: crate::kv::KvType,
         n_layers: usize,
         n_kv: usize,
         hd: usize,
         n_blocks: usize,
     ) -> Result<DeviceKv> {
-        let layer_bytes = n_blocks * n_kv * BLOCK_SIZE * hd * 2;
+        let rows = n_blocks * n_kv * BLOCK_SIZE;
+        // Rows of scales padded so every layer's pool starts 16-byte aligned.
+        let layer_bytes = (rows * ty.row_bytes(hd)).next_multiple_of(16);
+        let layer_scale_bytes = (rows * 2 * ty.row_scales(hd)).next_multiple_of(16);
         let total = layer_bytes * n_layers;
         let k = self
             .gpu
@@ -239,7 +249,32 @@ impl CudaModel {
             .gpu
             .alloc_zeroed(total, "KV cache (V)")
             .map_err(cuda_err)?;
-        Ok(DeviceKv { k, v, layer_bytes })
+        let (ks, vs) = if layer_scale_bytes > 0 {
+            let n = layer_scale_bytes * n_layers;
+            (
+                Some(
+                    self.gpu
+                        .alloc_zeroed(n, "KV cache (K scales)")
+                        .map_err(cuda_err)?,
+                ),
+                Some(
+                    self.gpu
+                        .alloc_zeroed(n, "KV cache (V scales)")
+                        .map_err(cuda_err)?,
+                ),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(DeviceKv {
+            ty,
+            k,
+            v,
+            ks,
+            vs,
+            layer_bytes,
+            layer_scale_bytes,
+        })
     }
 
     pub fn forward(
