@@ -10,6 +10,9 @@
 #                                     # fresh machine (mixed prompt lengths, 1-128
 #                                     # streams; JSON and an SVG plot to $OUT), the
 #                                     # GPU tests while llama.cpp builds
+#   bash scripts/gpu_check.sh kv      # KV cache types (tg per type, batch 1 and 64,
+#                                     # at depth) and the depth sweep beside
+#                                     # llama-bench -d, after the GPU tests
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
 #                                     # background, the tests with stage dumps and a
@@ -80,6 +83,46 @@ for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama.jso
   fi
   for l in target/loadtest-server-*.log; do echo "-- $l"; grep -iE 'error|warn|KV cache|fit|device' "$l" | head -5 | cut -c1-250; done; ls "$OUT"
   echo "serve done t=${SECONDS}s"
+  exit 0
+fi
+
+if [ "$mode" = kv ]; then
+  # KV cache types and long context on one fresh machine: the tests while
+  # the 0.5B file is synthesized and llama.cpp builds, then tg128 per cache
+  # type (batch 1 at depth 512 and 16k, batch 64) and the depth sweep
+  # beside llama-bench -d (f16 and q8_0 caches).
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
+  MODELS=q05_q8_0 setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  sleep 1
+  TL_CUDA_TIMEOUT=10 timeout 240 "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
+  echo "tests: exit $? (t=${SECONDS}s)"
+  grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-200
+  if [ -x "$ETEST" ]; then
+    TL_CUDA_TIMEOUT=10 timeout 120 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
+    echo "engine tests: exit $? (t=${SECONDS}s)"
+    grep -E 'requests equal|preempt|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
+  fi
+  while [ ! -s "$W/q05_q8_0.gguf" ] && [ $SECONDS -lt 300 ]; do sleep 2; done
+  f=$W/q05_q8_0.gguf
+  for t in f16 q8_0 q4_0 fp8; do
+    echo "== kv $t: tg128 batch 1 at depth 512 and 16384; batch 64 t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda --kv-type $t bench -m "$f" -p 0 -n 128 -r 2 -d 512,16384 2>&1 | grep -E 'tg128|rror'
+    TL_CUDA_TIMEOUT=30 timeout 40 "$BIN" --device cuda --kv-type $t bench -m "$f" -p 0 -n 128 -r 1 --batch 64 2>&1 | grep -E 'tg128|rror'
+  done
+  while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 380 ]; do sleep 2; done
+  echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
+  D=${DEPTHS:-512,4096,16384,32768}
+  echo "== tl f16: tg128 at depth $D t=${SECONDS}s"
+  TL_CUDA_TIMEOUT=30 timeout 120 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 -d "$D" 2>&1 | grep -E 'tg128|rror'
+  LB=/tmp/llamacpp/build/bin
+  if [ -x "$LB/llama-bench" ]; then
+    echo "== llama-bench -d $D (f16 cache, then q8_0 and q4_0 at 512,16384) t=${SECONDS}s"
+    LD_LIBRARY_PATH=$LB timeout 120 "$LB/llama-bench" -m "$f" -p 0 -n 128 -d "$D" -ngl 99 -fa 1 -r 2 2>&1 | grep -E '^\|' | tail -n +3
+    for t in q8_0 q4_0; do
+      LD_LIBRARY_PATH=$LB timeout 60 "$LB/llama-bench" -m "$f" -p 0 -n 128 -d 512,16384 -ngl 99 -fa 1 -r 2 -ctk $t -ctv $t 2>&1 | grep -E '^\|' | tail -n +3
+    done
+  fi
+  echo "kv done t=${SECONDS}s"
   exit 0
 fi
 

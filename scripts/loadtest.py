@@ -169,7 +169,7 @@ def run(url, clients, requests, duration, max_tokens, disconnect, seed, model,
             topic = TOPICS[(ci + k) % len(TOPICS)]
             if workload == "mixed":
                 # Prompts of about 30 to 1,000 tokens.
-                words = r.choice([20, 80, 300, 700])
+                words = r.choice([20, 80, 250, 500])
                 notes = " ".join(r.choice(TOPICS).split()[0] for _ in range(words))
                 body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                         "stream_options": {"include_usage": True}, "ignore_eos": True,
@@ -228,7 +228,7 @@ def main():
     ap.add_argument("--llama-server", metavar="PATH",
                     help="spawn this llama-server on --model instead of `tl serve` "
                          "(-np MAX_BATCH, continuous batching, all layers on the GPU, flash attention)")
-    ap.add_argument("--llama-ctx", type=int, default=2048, help="llama-server context per slot")
+    ap.add_argument("--llama-ctx", type=int, default=4096, help="llama-server context per slot")
     ap.add_argument("--speculative", choices=["on", "off"],
                     help="send \"speculative\": true/false with every request")
     ap.add_argument("--serve-arg", action="append", default=[],
