@@ -662,7 +662,28 @@ struct RopeArgs {
     int n_heads, n_kv_heads, hd, n_rot, neox;
     float base, eps, q_scale;
     int kv_type;
+    int k_rot, v_rot;  // Hadamard block sizes of K/queries and V (0: none)
 };
+
+// Rotates each block of nb values of the hd values at x (shared memory) by
+// the orthonormal Walsh-Hadamard matrix (tl-model's `kv::hadamard`: the
+// same butterflies in the same order, then the scale 1/sqrt(nb) rounded
+// to f32, so the bits equal the CPU's). Every thread of the block calls it.
+__device__ void hadamard_sh(float* x, int hd, int nb) {
+    for (int s = 1; s < nb; s *= 2) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < hd / 2; i += blockDim.x) {
+            int j = (i / s) * 2 * s + (i % s);
+            float a = x[j], d = x[j + s];
+            x[j] = __fadd_rn(a, d);
+            x[j + s] = __fsub_rn(a, d);
+        }
+    }
+    __syncthreads();
+    float c = (float)(1.0 / sqrt((double)nb));
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) x[i] = __fmul_rn(x[i], c);
+    __syncthreads();
+}
 
 // ---------------------------------------------------------------------------
 // KV cache element types (tl-model's kv.rs, `KvType`). A head row of hd
@@ -833,9 +854,10 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
                                           const float* qn, const float* kn, const float* ff, const int* pos,
                                           const int* slots, void* kc, void* vc, __half* ks, __half* vs,
                                           float* q_out, RopeArgs a) { TL_PDL();
-    extern __shared__ float smem[];  // hd floats + 32
+    extern __shared__ float smem[];  // 2 hd floats + 32
     float* h = smem;
     float* sh = smem + a.hd;
+    float* vsh = smem + a.hd + 32;
     int t = blockIdx.x, head = blockIdx.y, hd = a.hd;
     int qd = a.n_heads * hd, kvd = a.n_kv_heads * hd;
     const float* row = qkv + (long)t * (qd + 2 * kvd);
@@ -847,6 +869,8 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
     for (int k = 2 * i; k < 2 * i + 2; k++) h[k] = src[k] + (bias ? bias[k] : 0.0f);
     __syncthreads();
     rope_head(h, pos[t], a, sh, is_q ? qn : kn, ff);
+    // A quantized cache holds K rotated, so the queries are rotated alike.
+    if (a.k_rot) hadamard_sh(h, hd, a.k_rot);
     if (is_q) {
         float* o = q_out + (long)t * qd + head * hd;
         o[2 * i] = h[2 * i] * a.q_scale;
@@ -857,6 +881,13 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
         const float* vsrc = row + qd + kvd + kh * hd;
         float v0 = vsrc[2 * i] + (bv ? bv[kh * hd + 2 * i] : 0.0f);
         float v1 = vsrc[2 * i + 1] + (bv ? bv[kh * hd + 2 * i + 1] : 0.0f);
+        if (a.v_rot) {
+            vsh[2 * i] = v0;
+            vsh[2 * i + 1] = v1;
+            hadamard_sh(vsh, hd, a.v_rot);
+            v0 = vsh[2 * i];
+            v1 = vsh[2 * i + 1];
+        }
         kv_store(h[2 * i], h[2 * i + 1], r, a, kc, ks, sh);
         kv_store(v0, v1, r, a, vc, vs, sh);
     }
@@ -891,7 +922,22 @@ struct AttnArgs {
     int n_heads, n_kv_heads, max_blocks, window;
     float scale;
     int chunk;
+    int v_rot;  // the output is rotated back by this Hadamard block (V was rotated); 0: none
 };
+
+// Writes one (token, head) pair's attention output from shared memory,
+// rotated back first when the cache's V is rotated, and its 8-bit copy.
+__device__ void store_attn_out(float* so, int hd, int v_rot, long pair, float* out, signed char* xq, float* xd) {
+    if (v_rot) hadamard_sh(so, hd, v_rot);
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        long i = pair * hd + d;
+        float v = so[d];
+        out[i] = v;
+        // (hd is a multiple of 32 and ≤ blockDim: whole warps store.)
+        if (xq) store_q8(v, i, xq, xd);
+    }
+}
 
 template <int HD, int KT>
 __device__ void attention(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tok_pos,
@@ -901,6 +947,7 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
     constexpr int GPW = 32 / LP;   // groups per warp
     extern __shared__ float sm[];
     __shared__ int s_last;
+    __shared__ float s_out[HD];
     int head = blockIdx.x, t = blockIdx.y, z = blockIdx.z;
     int kvh = head / (a.n_heads / a.n_kv_heads);
     int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
@@ -968,12 +1015,9 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
             float o = 0.0f;
             for (int i = 0; i < G; i++)
                 if (sm_m[i] != -TL_INF) o += sm_a[i * HD + d] * expf(sm_m[i] - M);
-            long i = pair * HD + d;
-            float v = L > 0.0f ? o / L : 0.0f;
-            out[i] = v;
-            // (HD is a multiple of 32 and ≤ blockDim: whole warps store.)
-            if (xq) store_q8(v, i, xq, xd);
+            s_out[d] = L > 0.0f ? o / L : 0.0f;
         }
+        store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
         return;
     }
     // This chunk's state to `part` ([pair][gridDim.z][2 + HD]), then the
@@ -1006,11 +1050,9 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
             float mi = ld_cg(p0 + i * (2 + HD));
             if (mi != -TL_INF) o += ld_cg(p0 + i * (2 + HD) + 2 + d) * expf(mi - MM);
         }
-        long i = pair * HD + d;
-        float v = LL > 0.0f ? o / LL : 0.0f;
-        out[i] = v;
-        if (xq) store_q8(v, i, xq, xd);
+        s_out[d] = LL > 0.0f ? o / LL : 0.0f;
     }
+    store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
     if (threadIdx.x == 0) cnt[pair] = 0;
 }
 

@@ -22,6 +22,8 @@ pub struct AttnScratch {
     /// One block's K and V rows dequantized from a quantized cache.
     kbuf: Vec<f32>,
     vbuf: Vec<f32>,
+    /// The queries rotated as a quantized cache's K is.
+    qrot: Vec<f32>,
 }
 
 /// Parameters shared by every token of a layer.
@@ -69,8 +71,56 @@ impl AttnParams {
 /// heads (`heads.len() * head_dim`, head-major). Position `pos` must already
 /// be in the cache. Callers split work by (token, head range) so that decode
 /// of a single token still spreads over threads.
+///
+/// A quantized cache holds K and V rotated (`kv::rotations`): the queries
+/// are rotated as K is, and the output rotated back as V was.
 #[allow(clippy::too_many_arguments)] // the per-token hot call; a struct would be rebuilt per token
 pub fn attend(
+    cache: &KvCache,
+    layer: usize,
+    seq: &SeqKv,
+    pos: usize,
+    p: &AttnParams,
+    heads: std::ops::Range<usize>,
+    q: &[f32],
+    out: &mut [f32],
+    s: &mut AttnScratch,
+) {
+    rotated(cache, p, heads, q, out, s, |heads, q, out, s| {
+        attend_unrotated(cache, layer, seq, pos, p, heads, q, out, s)
+    });
+}
+
+/// Runs `f` with the queries rotated as the cache's K is, then rotates the
+/// output back as its V was (nothing for an f16 cache).
+fn rotated(
+    cache: &KvCache,
+    p: &AttnParams,
+    heads: std::ops::Range<usize>,
+    q: &[f32],
+    out: &mut [f32],
+    s: &mut AttnScratch,
+    f: impl FnOnce(std::ops::Range<usize>, &[f32], &mut [f32], &mut AttnScratch),
+) {
+    let (kr, vr) = cache.rotations();
+    let n = heads.len() * p.head_dim;
+    if kr > 0 {
+        let mut qr = std::mem::take(&mut s.qrot);
+        qr.clear();
+        qr.extend_from_slice(&q[..n]);
+        crate::kv::hadamard(&mut qr, kr);
+        f(heads, &qr, out, s);
+        s.qrot = qr;
+    } else {
+        f(heads, q, out, s);
+    }
+    if vr > 0 {
+        crate::kv::hadamard(&mut out[..n], vr);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_unrotated(
     cache: &KvCache,
     layer: usize,
     seq: &SeqKv,
@@ -134,7 +184,9 @@ pub fn attend_scalar(
     out: &mut [f32],
     s: &mut AttnScratch,
 ) {
-    attend_plain(cache, layer, seq, pos, p, heads, q, out, s, false);
+    rotated(cache, p, heads, q, out, s, |heads, q, out, s| {
+        attend_plain(cache, layer, seq, pos, p, heads, q, out, s, false)
+    });
 }
 
 /// The plain loops of [`attend_scalar`] (f32 sums, [`softmax_f16`]) and,
@@ -1151,9 +1203,10 @@ mod tests {
     }
 
     /// With a quantized cache, the SIMD and the scalar kernels both attend
-    /// over the cache's dequantized rows: each equals naive attention (f64)
-    /// over those rows, up to the f16 roundings of the query and the
-    /// probabilities that every path makes.
+    /// over the cache's dequantized rows (rotated back where the type
+    /// rotates them): each equals naive attention over those rows, up to the
+    /// f16 roundings of the query and the probabilities that every path
+    /// makes.
     #[test]
     fn quantized_caches_attend_over_their_dequantized_rows() {
         use crate::kv::KvType;
@@ -1172,7 +1225,15 @@ mod tests {
                             } else {
                                 cache.k_rows(0, b, g, slot..slot + 1, &mut buf)
                             };
-                            (0..hd).map(|d| r.at(slot * hd + d)).collect()
+                            let mut row: Vec<f32> = (0..hd).map(|d| r.at(slot * hd + d)).collect();
+                            // The cache holds rotated rows; the rotation is
+                            // its own inverse.
+                            let (kr, vr) = cache.rotations();
+                            let n = if v { vr } else { kr };
+                            if n > 0 {
+                                crate::kv::hadamard(&mut row, n);
+                            }
+                            row
                         })
                         .collect()
                 };

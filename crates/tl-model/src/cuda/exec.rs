@@ -26,6 +26,9 @@ struct RopeArgs {
     q_scale: f32,
     /// The KV cache type: 0 f16, 1 q8_0, 2 q4_0, 3 fp8.
     kv_type: i32,
+    /// Hadamard rotation block sizes of K/queries and V (`kv::rotations`).
+    k_rot: i32,
+    v_rot: i32,
 }
 
 #[repr(C)]
@@ -37,6 +40,8 @@ struct AttnArgs {
     window: i32,
     scale: f32,
     chunk: i32,
+    /// The output is rotated back by this Hadamard block (V was rotated).
+    v_rot: i32,
 }
 
 pub(super) struct CudaExec<'a> {
@@ -389,6 +394,8 @@ impl Exec for CudaExec<'_> {
                 KvType::Q4_0 => 2,
                 KvType::Fp8 => 3,
             },
+            k_rot: crate::kv::rotations(self.kv.ty, hd).0 as i32,
+            v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
         };
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
@@ -396,7 +403,7 @@ impl Exec for CudaExec<'_> {
             "qkv_rope_store",
             (self.n as u32, (c.n_heads + c.n_kv_heads) as u32, 1),
             (hd / 2) as u32,
-            ((hd + 32) * 4) as u32,
+            ((2 * hd + 32) * 4) as u32,
             &[
                 Arg::Ptr(ptr(&self.cs.qkv)),
                 Arg::Ptr(ptr(&l.bq)),
@@ -434,6 +441,7 @@ impl Exec for CudaExec<'_> {
             window: p.window.map_or(0, |w| w as i32),
             scale: p.scale,
             chunk: attn_chunks(self.n, self.stride).0 as i32,
+            v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
         };
         let zs = attn_chunks(self.n, self.stride).1;
         let threads = 256usize;
