@@ -122,6 +122,8 @@ if [ "$mode" = kv ]; then
       LD_LIBRARY_PATH=$LB timeout 60 "$LB/llama-bench" -m "$f" -p 0 -n 128 -d 512,16384 -ngl 99 -fa 1 -r 2 -ctk $t -ctv $t 2>&1 | grep -E '^\|' | tail -n +3
     done
   fi
+  echo "== decode with sampling on the device (temperature 1, top-p 0.9), f16 cache t=${SECONDS}s"
+  TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
   echo "kv done t=${SECONDS}s"
   exit 0
 fi

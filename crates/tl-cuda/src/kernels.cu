@@ -504,6 +504,16 @@ extern "C" __global__ void gemv_f16_8(W w, const float* x, float* o, int N, int 
 // Norms and element-wise epilogues. One block per row, blockDim a multiple
 // of 32 (≤ 1024).
 
+__device__ float block_max(float v, float* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    float t = lane < nw ? sh[lane] : -TL_INF;
+    return warp_max(t);
+}
+
 __device__ float block_sum(float v, float* sh) {
     int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
     v = warp_sum(v);
@@ -948,6 +958,9 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
     extern __shared__ float sm[];
     __shared__ int s_last;
     __shared__ float s_out[HD];
+    __shared__ float s_w[32];       // the groups' weights (G <= 32)
+    __shared__ float s_red[32];     // block reductions
+    __shared__ float s_slice[256];  // the merge's per-slice sums (blockDim = 256)
     int head = blockIdx.x, t = blockIdx.y, z = blockIdx.z;
     int kvh = head / (a.n_heads / a.n_kv_heads);
     int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
@@ -996,7 +1009,8 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
         for (int k = 0; k < 8; k++) acc[k] = acc[k] * corr + e * vf[k];
         m = mn;
     }
-    // Merge the G partial states: sm = [G] m, [G] l, [G][HD] acc.
+    // Merge the G partial states: sm = [G] m, [G] l, [G][HD] acc; each
+    // group's weight exp(m - M) once, in s_w.
     float* sm_m = sm;
     float* sm_l = sm + G;
     float* sm_a = sm + 2 * G;
@@ -1006,15 +1020,15 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
     __syncthreads();
     float M = -TL_INF;
     for (int i = 0; i < G; i++) M = fmaxf(M, sm_m[i]);
+    if (threadIdx.x < G) s_w[threadIdx.x] = sm_m[threadIdx.x] != -TL_INF ? expf(sm_m[threadIdx.x] - M) : 0.0f;
+    __syncthreads();
     float L = 0.0f;
-    for (int i = 0; i < G; i++)
-        if (sm_m[i] != -TL_INF) L += sm_l[i] * expf(sm_m[i] - M);
+    for (int i = 0; i < G; i++) L += sm_l[i] * s_w[i];
     long pair = (long)t * a.n_heads + head;
     if (ns == 1) {
         for (int d = threadIdx.x; d < HD; d += blockDim.x) {
             float o = 0.0f;
-            for (int i = 0; i < G; i++)
-                if (sm_m[i] != -TL_INF) o += sm_a[i * HD + d] * expf(sm_m[i] - M);
+            for (int i = 0; i < G; i++) o += sm_a[i * HD + d] * s_w[i];
             s_out[d] = L > 0.0f ? o / L : 0.0f;
         }
         store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
@@ -1025,8 +1039,7 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
     float* pz = part + (pair * gridDim.z + z) * (2 + HD);
     for (int d = threadIdx.x; d < HD; d += blockDim.x) {
         float o = 0.0f;
-        for (int i = 0; i < G; i++)
-            if (sm_m[i] != -TL_INF) o += sm_a[i * HD + d] * expf(sm_m[i] - M);
+        for (int i = 0; i < G; i++) o += sm_a[i * HD + d] * s_w[i];
         pz[2 + d] = o;
     }
     if (threadIdx.x == 0) { pz[0] = M; pz[1] = L; }
@@ -1036,21 +1049,39 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
     __syncthreads();
     if (!s_last) return;
     __threadfence();
+    // The merge, with every thread taking a share (one chunk's loads do not
+    // wait on another's): the chunks' maxima and weights in shared memory
+    // (sm, free now; it holds 2G + G*HD >= 2064 floats, while contexts up
+    // to 40960 positions make at most 160 chunks), then each output value
+    // summed over a slice of the chunks by blockDim/HD threads.
     const float* p0 = part + pair * gridDim.z * (2 + HD);
-    float MM = -TL_INF;
-    for (int i = 0; i < ns; i++) MM = fmaxf(MM, ld_cg(p0 + i * (2 + HD)));
-    float LL = 0.0f;
-    for (int i = 0; i < ns; i++) {
+    float* wm = sm;
+    float mloc = -TL_INF;
+    for (int i = threadIdx.x; i < ns; i += blockDim.x) {
         float mi = ld_cg(p0 + i * (2 + HD));
-        if (mi != -TL_INF) LL += ld_cg(p0 + i * (2 + HD) + 1) * expf(mi - MM);
+        wm[i] = mi;
+        mloc = fmaxf(mloc, mi);
     }
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-        float o = 0.0f;
-        for (int i = 0; i < ns; i++) {
-            float mi = ld_cg(p0 + i * (2 + HD));
-            if (mi != -TL_INF) o += ld_cg(p0 + i * (2 + HD) + 2 + d) * expf(mi - MM);
-        }
-        s_out[d] = LL > 0.0f ? o / LL : 0.0f;
+    float MM = block_max(mloc, s_red);
+    float lloc = 0.0f;
+    for (int i = threadIdx.x; i < ns; i += blockDim.x) {
+        float mi = wm[i];
+        float w = mi != -TL_INF ? expf(mi - MM) : 0.0f;
+        wm[i] = w;
+        lloc += ld_cg(p0 + i * (2 + HD) + 1) * w;
+    }
+    float LL = block_sum(lloc, s_red);
+    __syncthreads();
+    int nsl = blockDim.x / HD, d = threadIdx.x % HD, sl = threadIdx.x / HD;
+    float o = 0.0f;
+    if (sl < nsl)
+        for (int i = sl; i < ns; i += nsl) o += ld_cg(p0 + i * (2 + HD) + 2 + d) * wm[i];
+    s_slice[threadIdx.x] = o;
+    __syncthreads();
+    if (threadIdx.x < HD) {
+        float sum = 0.0f;
+        for (int k = 0; k < nsl; k++) sum += s_slice[k * HD + threadIdx.x];
+        s_out[threadIdx.x] = LL > 0.0f ? sum / LL : 0.0f;
     }
     store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
     if (threadIdx.x == 0) cnt[pair] = 0;

@@ -77,10 +77,14 @@ pub(super) fn attn_chunks(n: usize, stride: usize) -> (usize, usize) {
     if n > GEMV_ROWS {
         return (0, 1);
     }
-    (
-        ATTN_CHUNK,
-        (stride * crate::kv::BLOCK_SIZE).div_ceil(ATTN_CHUNK).max(1),
-    )
+    // The kernel's merge keeps every chunk's weight in shared memory (room
+    // for 2048): chunks grow past 256 positions only beyond 512k.
+    let positions = stride * crate::kv::BLOCK_SIZE;
+    let mut chunk = ATTN_CHUNK;
+    while positions.div_ceil(chunk) > 2048 {
+        chunk *= 2;
+    }
+    (chunk, positions.div_ceil(chunk).max(1))
 }
 
 /// How many blocks share one row of the greedy argmax (≈1024 logits each).
