@@ -1140,24 +1140,6 @@ __device__ __forceinline__ unsigned match_any(unsigned v) {
     return m;
 }
 
-// The sum of v over the lanes of `peers` (the calling lane among them; every
-// lane of a group passes the same mask), as sm_80's redux.sync; shuffles of
-// the whole warp before it.
-__device__ __forceinline__ unsigned peer_sum(unsigned peers, unsigned v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    unsigned r;
-    asm volatile("redux.sync.add.u32 %0, %1, %2;" : "=r"(r) : "r"(v), "r"(peers));
-    return r;
-#else
-    unsigned r = 0;
-    for (int o = 0; o < 32; o++) {
-        unsigned x = __shfl_sync(0xffffffffu, v, o);
-        if (peers & (1u << o)) r += x;
-    }
-    return r;
-#endif
-}
-
 __device__ __forceinline__ unsigned long long fp_mass(float l, float M) {
     return (unsigned long long)((double)expf(l - M) * FP_ONE);
 }
@@ -1324,14 +1306,14 @@ extern "C" __global__ void sample_rows(float* logits, int V, const SampleRow* ro
                 unsigned peers = match_any(b);
                 bool leader = (peers & lt) == 0;
                 if (mass) {
-                    // One atomic per bin and step: each bin's masses summed
-                    // over its lanes first (a mass is at most 2^40, so two
-                    // 21-bit halves sum over 32 lanes in 32 bits).
                     unsigned long long f = in ? fp_mass(l, M) : 0ull;
-                    unsigned lo = peer_sum(peers, (unsigned)(f & 0x1fffffull));
-                    unsigned hi = peer_sum(peers, (unsigned)(f >> 21));
-                    unsigned long long tot = ((unsigned long long)hi << 21) + lo;
-                    if (in && leader && tot) atomicAdd(&hm[b], tot);
+                    if (peers == FULL) {
+                        // The usual case: the whole step in one bin.
+                        f = warp_sum_t(f);
+                        if (lane == 0 && in && f) atomicAdd(&hm[b], f);
+                    } else if (in && f) {
+                        atomicAdd(&hm[b], f);
+                    }
                 } else if (in && leader) {
                     atomicAdd(&hc[b], (unsigned)__popc(peers));
                 }
