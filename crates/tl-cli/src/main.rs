@@ -80,7 +80,15 @@ pub fn kv_type() -> tl_model::kv::KvType {
 /// Gives a freshly loaded model the chosen KV cache type.
 pub fn configure(m: &mut tl_model::model::Model) -> anyhow::Result<()> {
     m.set_kv_type(kv_type())
-        .map_err(|e| anyhow::anyhow!("--kv-type {}: {e}", kv_type()))
+        .map_err(|e| anyhow::anyhow!("--kv-type {}: {e}", kv_type()))?;
+    if kv_type() != tl_model::kv::KvType::F16 {
+        eprintln!(
+            "kv cache: {} ({} bytes per token)",
+            kv_type(),
+            m.kv_bytes_per_token()
+        );
+    }
+    Ok(())
 }
 
 /// Prints where the model runs (a line on stderr) when it is not the CPU.
