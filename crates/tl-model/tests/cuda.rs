@@ -99,8 +99,14 @@ impl Side {
         }
     }
 
-    /// One step: `toks[i]` appended to sequence `i`; returns logits rows.
-    fn step(&mut self, toks: &[Vec<u32>], which: Logits) -> Vec<f32> {
+    /// One step: `toks[i]` appended to sequence `i`, run by `f` (one of the
+    /// model's forwards) over the batch; the sequences advance after it.
+    fn run<T>(
+        &mut self,
+        toks: &[Vec<u32>],
+        which: Logits,
+        f: impl FnOnce(&Model, &mut tl_model::kv::KvCache, &[SeqBatch], &mut ForwardState) -> T,
+    ) -> T {
         for (kv, t) in self.seqs.iter_mut().zip(toks) {
             kv.reserve(&mut self.blocks, t.len()).expect("reserve");
         }
@@ -115,65 +121,33 @@ impl Side {
                 logits: which,
             })
             .collect();
-        let out = self
-            .m
-            .forward(&mut self.cache, &batch, &mut self.st)
-            .expect("forward")
-            .to_vec();
+        let out = f(&self.m, &mut self.cache, &batch, &mut self.st);
+        drop(batch);
         for (kv, t) in self.seqs.iter_mut().zip(toks) {
             kv.len += t.len();
         }
         out
     }
 
+    /// One step returning the logits rows `which` selects.
+    fn step(&mut self, toks: &[Vec<u32>], which: Logits) -> Vec<f32> {
+        self.run(toks, which, |m, c, b, st| {
+            m.forward(c, b, st).expect("forward").to_vec()
+        })
+    }
+
+    /// One step returning each sequence's pick made on the device.
     fn step_sampled(&mut self, toks: &[Vec<u32>], draws: &[DeviceDraw]) -> Vec<u32> {
-        for (kv, t) in self.seqs.iter_mut().zip(toks) {
-            kv.reserve(&mut self.blocks, t.len()).expect("reserve");
-        }
-        let batch: Vec<SeqBatch> = self
-            .seqs
-            .iter()
-            .zip(toks)
-            .map(|(kv, t)| SeqBatch {
-                tokens: t,
-                pos: kv.len,
-                kv,
-                logits: Logits::Last,
-            })
-            .collect();
-        let out = self
-            .m
-            .forward_sampled(&mut self.cache, &batch, &mut self.st, draws)
-            .expect("forward");
-        for (kv, t) in self.seqs.iter_mut().zip(toks) {
-            kv.len += t.len();
-        }
-        out
+        self.run(toks, Logits::Last, |m, c, b, st| {
+            m.forward_sampled(c, b, st, draws).expect("forward")
+        })
     }
 
+    /// One step returning each sequence's greedy token.
     fn step_greedy(&mut self, toks: &[Vec<u32>]) -> Vec<u32> {
-        for (kv, t) in self.seqs.iter_mut().zip(toks) {
-            kv.reserve(&mut self.blocks, t.len()).expect("reserve");
-        }
-        let batch: Vec<SeqBatch> = self
-            .seqs
-            .iter()
-            .zip(toks)
-            .map(|(kv, t)| SeqBatch {
-                tokens: t,
-                pos: kv.len,
-                kv,
-                logits: Logits::Last,
-            })
-            .collect();
-        let out = self
-            .m
-            .forward_greedy(&mut self.cache, &batch, &mut self.st)
-            .expect("forward");
-        for (kv, t) in self.seqs.iter_mut().zip(toks) {
-            kv.len += t.len();
-        }
-        out
+        self.run(toks, Logits::Last, |m, c, b, st| {
+            m.forward_greedy(c, b, st).expect("forward")
+        })
     }
 }
 
