@@ -126,6 +126,18 @@ fn main() {
         .clone()
         .or_else(|| std::env::var("TL_KV_TYPE").ok().filter(|s| !s.is_empty()));
     if let Some(k) = kv {
+        let loads_a_model = matches!(
+            cli.command,
+            Command::Generate(_)
+                | Command::Chat(_)
+                | Command::Perplexity(_)
+                | Command::Bench(_)
+                | Command::Serve(_)
+        );
+        if !loads_a_model && cli.kv_type.is_some() {
+            eprintln!("error: --kv-type applies to generate, chat, perplexity, bench and serve");
+            std::process::exit(2);
+        }
         match k.parse::<tl_model::kv::KvType>() {
             Ok(k) => {
                 let _ = KV_TYPE.set(k);

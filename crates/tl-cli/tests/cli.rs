@@ -293,3 +293,45 @@ fn bench_compares_speculation_on_a_prompt_file() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn kv_type_flag() {
+    let (d, m) = synth_model("kvt");
+    let text = d.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog ".repeat(20),
+    )
+    .expect("write");
+    let out = tl()
+        .args(["--kv-type", "q8_0", "perplexity", "--chunk", "64", "-f"])
+        .arg(&text)
+        .arg("-m")
+        .arg(&m)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("kv cache: q8_0"), "{err}");
+    let out = tl()
+        .args(["--kv-type", "q9", "perplexity", "-f"])
+        .arg(&text)
+        .arg("-m")
+        .arg(&m)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("unknown KV cache type 'q9'"), "{err}");
+    let out = tl()
+        .args(["--kv-type", "q8_0", "tokenize", "-m"])
+        .arg(&m)
+        .arg("x")
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--kv-type applies to"),
+        "refused where no model cache is made"
+    );
+}
