@@ -52,9 +52,7 @@ fn gpu_llm() -> Option<Arc<Llm>> {
 }
 
 fn engine(llm: Arc<Llm>, max_batch: usize, kv_blocks: usize) -> Arc<Engine> {
-    let c = &llm.model.config;
-    let per_block =
-        tl_model::kv::KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * 16;
+    let per_block = llm.model.kv_bytes_per_token() * 16;
     Arc::new(
         Engine::start(
             llm,

@@ -40,9 +40,7 @@ fn engine_with(
     kv_blocks: usize,
     spec: Option<tl_model::spec::SpecConfig>,
 ) -> Engine {
-    let c = &llm.model.config;
-    let per_block =
-        tl_model::kv::KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * 16;
+    let per_block = llm.model.kv_bytes_per_token() * 16;
     Engine::start(
         llm,
         EngineConfig {
@@ -341,9 +339,7 @@ fn validation_rejects_bad_requests() {
 #[test]
 fn full_queue_is_refused_and_shutdown_fails_in_flight() {
     let llm = llm();
-    let c = &llm.model.config;
-    let per_block =
-        tl_model::kv::KvCache::bytes_per_token(c.n_layers, c.n_kv_heads, c.head_dim) * 16;
+    let per_block = llm.model.kv_bytes_per_token() * 16;
     let e = Engine::start(
         llm.clone(),
         EngineConfig {

@@ -445,17 +445,14 @@ pub struct KvCache {
     vq: Vec<u8>,
     kd: Vec<f16>,
     vd: Vec<f16>,
+    /// The rotated K and V rows of a write (quantized types).
+    rot: Vec<f32>,
     pub(crate) device: Option<crate::cuda::DeviceKv>,
 }
 
 impl KvCache {
-    /// Bytes one token occupies across all layers (K and V) in an f16 cache.
-    pub fn bytes_per_token(n_layers: usize, n_kv_heads: usize, head_dim: usize) -> usize {
-        Self::bytes_per_token_of(KvType::F16, n_layers, n_kv_heads, head_dim)
-    }
-
     /// Bytes one token occupies across all layers (K and V), scales included.
-    pub fn bytes_per_token_of(
+    pub fn bytes_per_token(
         ty: KvType,
         n_layers: usize,
         n_kv_heads: usize,
@@ -499,6 +496,7 @@ impl KvCache {
             vq: Vec::new(),
             kd: Vec::new(),
             vd: Vec::new(),
+            rot: Vec::new(),
             device: None,
         };
         let bytes = rows.saturating_mul(2 * ty.row_total(head_dim));
@@ -548,6 +546,7 @@ impl KvCache {
             vq: Vec::new(),
             kd: Vec::new(),
             vd: Vec::new(),
+            rot: Vec::new(),
             device: Some(device),
         })
     }
@@ -596,16 +595,20 @@ impl KvCache {
         let ty = self.kv_type;
         let (rb, rs) = (ty.row_bytes(hd), ty.row_scales(hd));
         let (kr, vr) = self.rotations();
-        let rotated = |x: &[f32], n: usize| -> Option<Vec<f32>> {
-            (n > 0).then(|| {
-                let mut v = x.to_vec();
-                hadamard(&mut v, n);
-                v
-            })
+        // Rotated copies of both rows in a buffer kept between calls
+        // (`rotations` gives both blocks or neither).
+        let mut rot = std::mem::take(&mut self.rot);
+        let (k_row, v_row) = if kr > 0 {
+            rot.clear();
+            rot.extend_from_slice(k_row);
+            rot.extend_from_slice(v_row);
+            let (k, v) = rot.split_at_mut(k_row.len());
+            hadamard(k, kr);
+            hadamard(v, vr);
+            (&k[..], &v[..])
+        } else {
+            (k_row, v_row)
         };
-        let (kx, vx) = (rotated(k_row, kr), rotated(v_row, vr));
-        let k_row = kx.as_deref().unwrap_or(k_row);
-        let v_row = vx.as_deref().unwrap_or(v_row);
         for h in 0..self.n_kv_heads {
             let row = self.head_row(layer, block, h) + slot;
             let (ks, vs) = (&k_row[h * hd..(h + 1) * hd], &v_row[h * hd..(h + 1) * hd]);
@@ -630,6 +633,7 @@ impl KvCache {
                 );
             }
         }
+        self.rot = rot;
     }
 
     /// K of one head in one block of an f16 cache: `BLOCK_SIZE` rows of

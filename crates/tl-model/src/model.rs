@@ -292,7 +292,7 @@ impl Model {
     /// layers, K and V, scales included).
     pub fn kv_bytes_per_token(&self) -> usize {
         let c = &self.config;
-        KvCache::bytes_per_token_of(self.kv_type, c.n_layers, c.n_kv_heads, c.head_dim)
+        KvCache::bytes_per_token(self.kv_type, c.n_layers, c.n_kv_heads, c.head_dim)
     }
 
     /// A KV cache for `n_tokens` tokens in total (rounded up to whole blocks).
