@@ -1237,6 +1237,7 @@ mod tests {
                         })
                         .collect()
                 };
+                let kv_rows: Vec<_> = (0..n_kv).map(|g| (rows(false, g), rows(true, g))).collect();
                 let (mut s1, mut s2) = (AttnScratch::default(), AttnScratch::default());
                 for (pos, window) in [(0, None), (17, None), (299, None), (299, Some(40))] {
                     let p = AttnParams {
@@ -1255,7 +1256,7 @@ mod tests {
                     let group = n_heads / n_kv;
                     for h in 0..n_heads {
                         let g = h / group;
-                        let (ks, vs) = (rows(false, g), rows(true, g));
+                        let (ks, vs) = &kv_rows[g];
                         let want = naive(
                             &q[h * hd..(h + 1) * hd],
                             &ks[lo..=pos],
