@@ -15,46 +15,18 @@ Run with the reference venv (docs/BENCHMARKS.md, "KV cache quantization"):
 Writes crates/tl-model/tests/fixtures/kv_quant_ppl.json.
 """
 import json
-import math
 import os
+import sys
 
-import numpy as np
 import llama_cpp
 from llama_cpp import Llama
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-OUT = os.path.join(ROOT, "crates", "tl-model", "tests", "fixtures")
-MODEL_DIR = os.environ.get(
-    "TL_MODEL_DIR",
-    os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "tensorlogic", "models"),
-)
-MODELS = {
-    "qwen": "qwen2.5-coder-0.5b-instruct-q4.gguf",
-    "gemma": "gemma-3-270m-q4_k_m.gguf",
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The same models, paths and perplexity computation as the forward fixtures.
+from make_forward_fixtures import MODEL_DIR, MODELS, OUT, perplexity  # noqa: E402
+
 CTX = 256
 TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
-
-
-def perplexity(llm, toks, n_ctx, add_bos):
-    n_chunk = len(toks) // n_ctx
-    first = n_ctx // 2
-    nll = 0.0
-    count = 0
-    for c in range(n_chunk):
-        batch = list(toks[c * n_ctx:(c + 1) * n_ctx])
-        if add_bos:
-            batch[0] = llm.token_bos()
-        llm.reset()
-        llm.eval(batch)
-        for j in range(first, n_ctx - 1):
-            logits = np.asarray(llm.scores[j], dtype=np.float64)
-            m = logits.max()
-            lse = m + math.log(np.exp(logits - m).sum())
-            nll += lse - logits[toks[c * n_ctx + j + 1]]
-            count += 1
-    return n_chunk, count, math.exp(nll / count)
 
 
 def main():
@@ -73,13 +45,11 @@ def main():
             llm = Llama(model_path=path, n_ctx=CTX, n_batch=CTX, n_ubatch=CTX, n_threads=2,
                         flash_attn=True, type_k=t, type_v=t, logits_all=True, verbose=False)
             add_bos = llm._model.add_bos_token() if hasattr(llm._model, "add_bos_token") else key == "gemma"
-            toks = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
-            rec["token_ids"] = [int(x) for x in toks]
-            rec["add_bos"] = bool(add_bos)
-            chunks, scored, ppl = perplexity(llm, toks, CTX, add_bos)
-            rec["chunks"], rec["scored"] = chunks, scored
-            rec["ppl"][tname] = ppl
-            print(f"{key} {tname}: ppl {ppl:.4f} ({chunks} chunks, {scored} scored)", flush=True)
+            r = perplexity(llm, text, CTX, add_bos)
+            rec["token_ids"], rec["add_bos"] = r["token_ids"], bool(add_bos)
+            rec["chunks"], rec["scored"] = r["chunks"], r["scored"]
+            rec["ppl"][tname] = r["ppl"]
+            print(f"{key} {tname}: ppl {r['ppl']:.4f} ({r['chunks']} chunks, {r['scored']} scored)", flush=True)
             del llm
         out["models"][key] = rec
     with open(os.path.join(OUT, "kv_quant_ppl.json"), "w") as f:
