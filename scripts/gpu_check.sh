@@ -50,18 +50,24 @@ if [ "$mode" = all ] && [ ! -f "$W/prepare.done" ]; then
   setsid bash "$0" prepare >"$W/prepare.log" 2>&1 &
 fi
 
+# The CUDA tests (tl-model's `cuda`, then tl-engine's `cuda_engine`), logs
+# to $OUT, their figures and results printed; $1 and $2 are time limits.
+gpu_tests() {
+  TL_CUDA_TIMEOUT=10 timeout "$1" "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
+  echo "tests: exit $? (t=${SECONDS}s)"
+  grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-200
+  if [ -x "$ETEST" ]; then
+    TL_CUDA_TIMEOUT=10 timeout "$2" "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
+    echo "engine tests: exit $? (t=${SECONDS}s)"
+    grep -E 'requests equal|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
+  fi
+}
+
 if [ "$mode" = serve ]; then
   OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
   MODELS=q05_q8_0 setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
-  TL_CUDA_TIMEOUT=10 timeout 200 "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
-  echo "tests: exit $? (t=${SECONDS}s)"
-  grep -E 'test result|FAILED|panicked' "$OUT/test.log" | cut -c1-200
-  if [ -x "$ETEST" ]; then
-    TL_CUDA_TIMEOUT=10 timeout 150 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
-    echo "engine tests: exit $? (t=${SECONDS}s)"
-    grep -E 'requests equal|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
-  fi
+  gpu_tests 200 150
   while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 330 ]; do sleep 2; done
   echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
   f=$W/q05_q8_0.gguf
@@ -94,14 +100,7 @@ if [ "$mode" = kv ]; then
   OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
   MODELS=q05_q8_0 setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
-  TL_CUDA_TIMEOUT=10 timeout 240 "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
-  echo "tests: exit $? (t=${SECONDS}s)"
-  grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-200
-  if [ -x "$ETEST" ]; then
-    TL_CUDA_TIMEOUT=10 timeout 120 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
-    echo "engine tests: exit $? (t=${SECONDS}s)"
-    grep -E 'requests equal|preempt|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
-  fi
+  gpu_tests 240 120
   while [ ! -s "$W/q05_q8_0.gguf" ] && [ $SECONDS -lt 300 ]; do sleep 2; done
   f=$W/q05_q8_0.gguf
   for t in f16 q8_0 q4_0 fp8; do
@@ -136,15 +135,7 @@ if [ "$mode" = session ]; then
   SM="${MODELS:-q05_q8_0 q15_q4_k q05_q4_0}"
   MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
-  TL_DUMP_TENSORS=$W/dump TL_CUDA_TIMEOUT=10 timeout 200 "$TEST" --test-threads=1 --nocapture \
-    >"$OUT/test.log" 2>&1
-  echo "tests: exit $? (t=${SECONDS}s)"
-  grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-200
-  if [ -x "$ETEST" ]; then
-    TL_CUDA_TIMEOUT=10 timeout 120 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
-    echo "engine tests: exit $? (t=${SECONDS}s)"
-    grep -E 'requests equal|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
-  fi
+  TL_DUMP_TENSORS=$W/dump gpu_tests 200 120
   while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 400 ]; do sleep 2; done
   echo "prepared (t=${SECONDS}s)"
   LB=/tmp/llamacpp/build/bin
