@@ -13,6 +13,9 @@
 #   bash scripts/gpu_check.sh kv      # KV cache types (tg per type, batch 1 and 64,
 #                                     # at depth) and the depth sweep beside
 #                                     # llama-bench -d, after the GPU tests
+#   bash scripts/gpu_check.sh batch   # batched decode (tl bench --batch, tensor-core
+#                                     # products on and off) beside llama-batched-bench,
+#                                     # and device sampling, 0.5B and 1.5B, after the tests
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
 #                                     # background, the tests with stage dumps and a
@@ -124,6 +127,41 @@ if [ "$mode" = kv ]; then
   echo "== decode with sampling on the device (temperature 1, top-p 0.9), f16 cache t=${SECONDS}s"
   TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
   echo "kv done t=${SECONDS}s"
+  exit 0
+fi
+
+if [ "$mode" = batch ]; then
+  # Batched decode on one fresh machine: the tests while the 0.5B and 1.5B
+  # files are synthesized and llama.cpp builds, then per model tl bench
+  # --batch (tensor-core products for 9-64 rows, and with them off:
+  # TL_CUDA_MMQ_MIN=65) beside llama-batched-bench, and decode with
+  # sampling on the device.
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
+  SM="${MODELS:-q05_q8_0 q15_q4_k}"
+  MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  sleep 1
+  gpu_tests 240 120
+  while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 380 ]; do sleep 2; done
+  echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
+  LB=/tmp/llamacpp/build/bin
+  [ -x "$LB/llama-batched-bench" ] || LB=
+  B=${BATCHES:-1,8,16,32,64,128}
+  for m in $SM; do
+    f=$W/$m.gguf
+    [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
+    echo "== $m: tl bench --batch $B t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
+    echo "-- 8-row GEMVs only (TL_CUDA_MMQ_MIN=65), batch 16,64"
+    TL_CUDA_MMQ_MIN=65 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch 16,64 2>&1 | grep -E 'tg128|rror'
+    if [ -n "$LB" ]; then
+      echo "== $m: llama-batched-bench -npl $B t=${SECONDS}s"
+      LD_LIBRARY_PATH=$LB timeout 120 "$LB/llama-batched-bench" -m "$f" -ngl 99 -fa 1 -npp 128 -ntg 128 \
+        -npl "$B" -c 40000 2>&1 | grep -E '^\|' | tail -n +3
+    fi
+    echo "== $m: sampling on the device (temperature 1, top-p 0.9), batch 1,64 t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
+  done
+  echo "batch done t=${SECONDS}s"
   exit 0
 fi
 

@@ -501,6 +501,192 @@ extern "C" __global__ void gemv_f16_7(W w, const float* x, float* o, int N, int 
 extern "C" __global__ void gemv_f16_8(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<8>(w, x, o, N, K, ld, sp); }
 
 // ---------------------------------------------------------------------------
+// Quantized products for 9..64 activation rows on the tensor cores (int8
+// mma.sync), on the same 8-bit activations as the GEMVs. A warp computes
+// 16 output rows × all M (≤ 64) activation rows, 8 at a time (one m16n8
+// tile each): per 32-value block it unpacks its 16 weight rows straight
+// into the A fragment (lane l: rows l/4 and l/4 + 8, values 4(l%4)..+3
+// and 16 + 4(l%4)..+3), reads each tile's B fragment (the same values of
+// activation rows l/4) and scales the exact int32 products by the
+// weight's and the activation's block scales. Each weight byte is read
+// once a step, where the 8-row GEMVs read it once per 8 rows.
+// Blocks of 4 warps; `split` (1, 2, 4) warps share one 16-row tile, each
+// a part of K, their sums meeting in shared memory (narrow products keep
+// enough warps busy that way). grid.x = ceil(N / (16 · 4 / split)).
+
+// Rows g and g + 8's weights for one block: values lo = 4·tig..+3 and
+// hi = 16 + 4·tig..+3 as int8, the scale of each half (s0, s1) and the
+// offset m (w = s · q + m).
+struct APart {
+    int lo, hi;
+    float s0, s1, m;
+};
+
+template <int T>
+__device__ __forceinline__ APart mmq_load(const W& w, long r, int kb, int K, int tig) {
+    APart a;
+    const long nb = K / 32;
+    a.m = 0.0f;
+    if (T == T_Q8_0) {
+        const unsigned char* q = w.p0 + r * K + kb * 32 + 4 * tig;
+        a.lo = ld_int(q, 0);
+        a.hi = ld_int(q, 16);
+        a.s0 = a.s1 = h2f(w.p1, r * nb + kb);
+    } else if (T == T_Q4_0 || T == T_Q5_0 || T == T_Q4_1 || T == T_Q5_1) {
+        // Byte j of the block: value j (low nibble) and j + 16 (high).
+        int q = ld_int(w.p0, (r * nb + kb) * 16 + 4 * tig);
+        a.lo = q & 0x0F0F0F0F;
+        a.hi = (q >> 4) & 0x0F0F0F0F;
+        if (T == T_Q5_0 || T == T_Q5_1) {
+            unsigned qh = ((const unsigned*)w.p2)[r * nb + kb];
+            a.lo |= spread4((qh >> (4 * tig)) & 0xF);
+            a.hi |= spread4((qh >> (16 + 4 * tig)) & 0xF);
+        }
+        if (T == T_Q4_0) { a.lo = __vsubss4(a.lo, 0x08080808); a.hi = __vsubss4(a.hi, 0x08080808); }
+        if (T == T_Q5_0) { a.lo = __vsubss4(a.lo, 0x10101010); a.hi = __vsubss4(a.hi, 0x10101010); }
+        a.s0 = a.s1 = h2f(w.p1, r * nb + kb);
+        if (T == T_Q4_1 || T == T_Q5_1) a.m = h2f(w.p3, r * nb + kb);
+    } else if (T == T_Q4_K || T == T_Q5_K) {
+        const long nbk = K / 256;
+        const int bs = T == T_Q4_K ? 144 : 176, qs = T == T_Q4_K ? 16 : 48;
+        int j = kb % 8;
+        const unsigned char* blk = w.p0 + (r * nbk + kb / 8) * bs;
+        const unsigned char* q = blk + qs + 32 * (j / 2) + 4 * tig;
+        int sh = 4 * (j & 1);
+        a.lo = (ld_int(q, 0) >> sh) & 0x0F0F0F0F;
+        a.hi = (ld_int(q, 16) >> sh) & 0x0F0F0F0F;
+        if (T == T_Q5_K) {
+            a.lo |= ((ld_int(blk, 16 + 4 * tig) >> j) & 0x01010101) << 4;
+            a.hi |= ((ld_int(blk, 32 + 4 * tig) >> j) & 0x01010101) << 4;
+        }
+        __half2 dm = *(const __half2*)blk;
+        int sc, mn;
+        scale_min_k4(j, blk + 4, &sc, &mn);
+        a.s0 = a.s1 = __low2float(dm) * sc;
+        a.m = -__high2float(dm) * mn;
+    } else if (T == T_Q6_K) {
+        const long nbk = K / 256;
+        long sb = r * nbk + kb / 8;
+        int j = kb % 8, n = j / 4, k = j % 4;
+        const unsigned char* ql = w.p0 + sb * 128 + n * 64 + (k & 1) * 32 + 4 * tig;
+        const unsigned char* qh = w.p2 + sb * 64 + n * 32 + 4 * tig;
+        int sh = k >= 2 ? 4 : 0;
+        a.lo = __vsubss4(((ld_int(ql, 0) >> sh) & 0x0F0F0F0F) | (((ld_int(qh, 0) >> (2 * k)) & 0x03030303) << 4),
+                         0x20202020);
+        a.hi = __vsubss4(((ld_int(ql, 16) >> sh) & 0x0F0F0F0F) | (((ld_int(qh, 16) >> (2 * k)) & 0x03030303) << 4),
+                         0x20202020);
+        const signed char* sc = (const signed char*)w.p3 + sb * 16 + n * 8 + 2 * k;
+        float d = h2f(w.p1, sb);
+        a.s0 = d * sc[0];
+        a.s1 = d * sc[1];
+    }
+    return a;
+}
+
+__device__ __forceinline__ void mma_k32(int* c, int a0, int a1, int a2, int a3, int b0, int b1) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%10,%10,%10,%10};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0));
+}
+
+__device__ __forceinline__ void mma_k16(int* c, int a0, int a1, int b) {
+    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%7,%7,%7,%7};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(b), "r"(0));
+}
+
+template <int T>
+__device__ void mmq(W w, const signed char* xq, const float* xd, float* out, int N, int K, int ldo, int M,
+                    int split) {
+    __shared__ float red[4][32][33];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, tig = lane & 3;
+    const long r0 = ((long)blockIdx.x * (4 / split) + warp / split) * 16;
+    const int part = warp % split;
+    const long ra = min(r0 + g, (long)N - 1), rb = min(r0 + g + 8, (long)N - 1);
+    const int nb = K / 32, nt = (M + 7) / 8;
+    const int per = (nb + split - 1) / split, kb0 = part * per, kb1 = min(nb, kb0 + per);
+    const bool has_min = T == T_Q4_1 || T == T_Q5_1 || T == T_Q4_K || T == T_Q5_K;
+    float acc[8][4];
+#pragma unroll
+    for (int t = 0; t < 8; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+#pragma unroll 2
+    for (int kb = kb0; kb < kb1; kb++) {
+        APart pa = mmq_load<T>(w, ra, kb, K, tig), pb = mmq_load<T>(w, rb, kb, K, tig);
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            if (t < nt) {
+                const signed char* xr = xq + (long)min(8 * t + g, M - 1) * K + kb * 32 + 4 * tig;
+                int b0 = *(const int*)xr, b1 = *(const int*)(xr + 16);
+                float d0 = xd[(long)min(8 * t + 2 * tig, M - 1) * nb + kb];
+                float d1 = xd[(long)min(8 * t + 2 * tig + 1, M - 1) * nb + kb];
+                int c[4];
+                if (T == T_Q6_K) {
+                    int e[4];
+                    mma_k16(c, pa.lo, pb.lo, b0);
+                    mma_k16(e, pa.hi, pb.hi, b1);
+                    acc[t][0] += ((float)c[0] * pa.s0 + (float)e[0] * pa.s1) * d0;
+                    acc[t][1] += ((float)c[1] * pa.s0 + (float)e[1] * pa.s1) * d1;
+                    acc[t][2] += ((float)c[2] * pb.s0 + (float)e[2] * pb.s1) * d0;
+                    acc[t][3] += ((float)c[3] * pb.s0 + (float)e[3] * pb.s1) * d1;
+                } else {
+                    mma_k32(c, pa.lo, pb.lo, pa.hi, pb.hi, b0, b1);
+                    acc[t][0] += (float)c[0] * pa.s0 * d0;
+                    acc[t][1] += (float)c[1] * pa.s0 * d1;
+                    acc[t][2] += (float)c[2] * pb.s0 * d0;
+                    acc[t][3] += (float)c[3] * pb.s0 * d1;
+                    if (has_min) {
+                        // The activations' block sums, in the same layout.
+                        int sx[4];
+                        mma_k32(sx, 0x01010101, 0x01010101, 0x01010101, 0x01010101, b0, b1);
+                        acc[t][0] += pa.m * d0 * (float)sx[0];
+                        acc[t][1] += pa.m * d1 * (float)sx[1];
+                        acc[t][2] += pb.m * d0 * (float)sx[0];
+                        acc[t][3] += pb.m * d1 * (float)sx[1];
+                    }
+                }
+            }
+        }
+    }
+    if (split > 1) {
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) red[warp][t * 4 + i][lane] = acc[t][i];
+        __syncthreads();
+        if (part != 0) return;
+#pragma unroll
+        for (int t = 0; t < 8; t++)
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+                for (int p = 1; p < split; p++) acc[t][i] += red[warp + p][t * 4 + i][lane];
+    }
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        int m0 = 8 * t + 2 * tig;
+        if (t < nt) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                long r = r0 + g + (i >= 2 ? 8 : 0);
+                int m = m0 + (i & 1);
+                if (r < N && m < M) out[(long)m * ldo + r] = acc[t][i];
+            }
+        }
+    }
+}
+
+#define MMQ(name, T)                                                                                          \
+    extern "C" __global__ void name(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, \
+                                    int M, int sp) { TL_PDL(); mmq<T>(w, xq, xd, o, N, K, ld, M, sp); }
+MMQ(mmq_q8_0, T_Q8_0)
+MMQ(mmq_q4_0, T_Q4_0)
+MMQ(mmq_q5_0, T_Q5_0)
+MMQ(mmq_q4_k, T_Q4_K)
+MMQ(mmq_q6_k, T_Q6_K)
+MMQ(mmq_q4_1, T_Q4_1)
+MMQ(mmq_q5_1, T_Q5_1)
+MMQ(mmq_q5_k, T_Q5_K)
+
+// ---------------------------------------------------------------------------
 // Norms and element-wise epilogues. One block per row, blockDim a multiple
 // of 32 (≤ 1024).
 
@@ -887,6 +1073,8 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
         o[2 * i + 1] = h[2 * i + 1] * a.q_scale;
     } else {
         long slot = slots[t];
+        // A padding row of a captured decode step writes nothing.
+        if (slot < 0) return;
         long r = ((slot / 16) * a.n_kv_heads + kh) * 16 + (slot % 16);
         const float* vsrc = row + qd + kvd + kh * hd;
         float v0 = vsrc[2 * i] + (bv ? bv[kh * hd + 2 * i] : 0.0f);
@@ -1144,6 +1332,15 @@ __device__ __forceinline__ unsigned long long fp_mass(float l, float M) {
     return (unsigned long long)((double)expf(l - M) * FP_ONE);
 }
 
+// The sum of v over the lanes of `peers` (the calling lane among them):
+// a mass is < 2^41, so its two 21-bit halves sum exactly in 32 bits
+// (32 · 2^21 = 2^26) with the warp's integer reduction.
+__device__ __forceinline__ unsigned long long peer_sum(unsigned peers, unsigned long long v) {
+    unsigned lo = __reduce_add_sync(peers, (unsigned)(v & 0x1fffffull));
+    unsigned hi = __reduce_add_sync(peers, (unsigned)(v >> 21));
+    return ((unsigned long long)hi << 21) + lo;
+}
+
 struct KeepRule {
     bool tk, tp;
     unsigned tkey, trem;  // top-k: keys > tkey, and the first trem ids with key == tkey
@@ -1306,14 +1503,13 @@ extern "C" __global__ void sample_rows(float* logits, int V, const SampleRow* ro
                 unsigned peers = match_any(b);
                 bool leader = (peers & lt) == 0;
                 if (mass) {
+                    // One shared atomic per bin and step: each group of
+                    // lanes with the same bin sums its masses first (one
+                    // lane a 64-bit atomic each made a step's 32 lanes
+                    // contend on a few bins, ≈1 ms a row at V = 152k).
                     unsigned long long f = in ? fp_mass(l, M) : 0ull;
-                    if (peers == FULL) {
-                        // The usual case: the whole step in one bin.
-                        f = warp_sum_t(f);
-                        if (lane == 0 && in && f) atomicAdd(&hm[b], f);
-                    } else if (in && f) {
-                        atomicAdd(&hm[b], f);
-                    }
+                    unsigned long long g = peer_sum(peers, f);
+                    if (in && leader && g) atomicAdd(&hm[b], g);
                 } else if (in && leader) {
                     atomicAdd(&hc[b], (unsigned)__popc(peers));
                 }

@@ -913,9 +913,9 @@ fn kernel_names(src: &str) -> Vec<String> {
         let l = line.trim_start();
         if let Some(rest) = l.strip_prefix("extern \"C\" __global__ void ") {
             if let Some(name) = rest.split('(').next() {
-                // The GEMV_Q macro's own template line (`name##_1`) is not
-                // a kernel; its expansions are added below.
-                if !name.contains('#') {
+                // The GEMV_Q and MMQ macros' own template lines (`name##_1`,
+                // `name`) are not kernels; their expansions are added below.
+                if !name.contains('#') && name.trim() != "name" {
                     out.push(name.trim().to_string());
                 }
             }
@@ -926,6 +926,12 @@ fn kernel_names(src: &str) -> Vec<String> {
                 for m in 1..=8 {
                     out.push(format!("{}_{m}", base.trim()));
                 }
+            }
+        }
+        // ... and by MMQ, one kernel each.
+        if let Some(rest) = l.strip_prefix("MMQ(") {
+            if let Some(base) = rest.split(',').next() {
+                out.push(base.trim().to_string());
             }
         }
     }
@@ -943,6 +949,8 @@ mod tests {
             "gemv_q8_0_1",
             "gemv_q6_k_8",
             "gemv_f16_3",
+            "mmq_q8_0",
+            "mmq_q5_k",
             "attention_128",
             "qkv_rope_store",
             "rms_norm",

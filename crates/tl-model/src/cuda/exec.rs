@@ -70,6 +70,20 @@ pub(super) const GEMV_ROWS: usize = 64;
 /// kernels.cu): a 4k context is 16 blocks per (token, head) pair.
 pub(super) const ATTN_CHUNK: usize = 256;
 
+/// Products of at least this many rows (and at most `GEMV_ROWS`) run on
+/// the tensor cores (`mmq_*` of kernels.cu) instead of the 8-row GEMVs;
+/// `TL_CUDA_MMQ_MIN=N` moves the threshold (`TL_CUDA_MMQ_MIN=65`: off), to
+/// compare the two.
+pub(super) fn mmq_min_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("TL_CUDA_MMQ_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(9)
+    })
+}
+
 /// The chunk size of a step's attention (0: unsplit, for prefill steps,
 /// which have blocks enough) and the grid's chunks per pair, enough for
 /// the longest context `stride` table entries hold.
@@ -140,7 +154,37 @@ impl CudaExec<'_> {
         }
         for w in mats {
             let o = out + (col * 4) as u64;
-            if small {
+            if small && m >= mmq_min_rows() && w.kind != Kind::F16 {
+                // The tensor-core product: all m rows in one launch, each
+                // weight byte read once. Narrow products split K over 2 or
+                // 4 warps so that the card's SMs all have work.
+                let blocks = w.n.div_ceil(64);
+                let sms = self.gpu.sm_count.max(1);
+                let split = if blocks < sms {
+                    4usize
+                } else if blocks < 2 * sms {
+                    2
+                } else {
+                    1
+                };
+                self.l(
+                    &format!("mmq_{}", w.kind.suffix()),
+                    grid1(w.n, 64 / split),
+                    128,
+                    0,
+                    &[
+                        w.arg(),
+                        Arg::Ptr(xq),
+                        Arg::Ptr(xd),
+                        Arg::Ptr(o),
+                        Arg::I32(w.n as i32),
+                        Arg::I32(k as i32),
+                        Arg::I32(ldo as i32),
+                        Arg::I32(m as i32),
+                        Arg::I32(split as i32),
+                    ],
+                )?;
+            } else if small {
                 // Warps per row: long rows are split so that each warp's
                 // share is at most ~4 iterations of its unrolled loop.
                 // (units_per_row in kernels.cu; f16 rows are read 8 values

@@ -293,8 +293,19 @@ impl CudaModel {
             ModelError::Kv("the model is on a GPU but this KV cache is in host memory".into())
         })?;
         let c = &m.config;
-        let n = plan.n_tokens();
-        let n_out = plan.out_rows.len();
+        let n_real = plan.n_tokens();
+        let n_out_real = plan.out_rows.len();
+        // A decode step (one token per sequence) replays a CUDA graph
+        // captured for its batch-size bucket: the step is padded to the
+        // bucket with rows that write no KV and whose outputs are not read.
+        let decode = n_real == batch.len()
+            && n_real <= exec::GEMV_ROWS
+            && graphs_enabled()
+            && !crate::dump::enabled()
+            && !gpu.tracing();
+        let n = if decode { graph_bucket(n_real) } else { n_real };
+        let pad = n - n_real;
+        let n_out = n_out_real + pad;
         let stride = batch
             .iter()
             .map(|s| s.kv.blocks.len())
@@ -321,9 +332,11 @@ impl CudaModel {
         for &(si, pos) in &plan.meta {
             h.push(batch[si].tokens[pos - batch[si].pos] as i32);
         }
+        h.extend(std::iter::repeat_n(0, pad));
         for &(_, pos) in &plan.meta {
             h.push(pos as i32);
         }
+        h.extend(std::iter::repeat_n(0, pad));
         for &(si, pos) in &plan.meta {
             let (b, s) = batch[si]
                 .kv
@@ -337,12 +350,17 @@ impl CudaModel {
             }
             h.push((b as usize * BLOCK_SIZE + s) as i32);
         }
+        // Padding rows: no KV slot, sequence 0's table, position 0 (they
+        // read one cached position and write nothing).
+        h.extend(std::iter::repeat_n(-1, pad));
         for &(si, _) in &plan.meta {
             h.push(si as i32);
         }
+        h.extend(std::iter::repeat_n(0, pad));
         for &r in &plan.out_rows {
             h.push(r as i32);
         }
+        h.extend((n_real..n).map(|r| r as i32));
         for s in batch {
             for i in 0..stride {
                 h.push(s.kv.blocks.get(i).map_or(0, |&b| b as i32));
@@ -361,11 +379,6 @@ impl CudaModel {
         let hb = unsafe { std::slice::from_raw_parts(h.as_ptr() as *const u8, h.len() * 4) };
         gpu.htod(meta_ptr, hb).map_err(cuda_err)?;
 
-        let decode = n == batch.len()
-            && n <= exec::GEMV_ROWS
-            && graphs_enabled()
-            && !crate::dump::enabled()
-            && !gpu.tracing();
         let key = GraphKey {
             n,
             n_out,
@@ -418,6 +431,7 @@ impl CudaModel {
             .cuda
             .as_mut()
             .ok_or_else(|| ModelError::Device("lost state".into()))?;
+        let n_out = n_out_real;
         if let Out::Sample(draws) = out {
             cs.sample(gpu, draws, c.vocab)?;
         }
@@ -505,6 +519,18 @@ pub(crate) fn sample_rows(
 pub(crate) fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TL_CUDA_PROFILE").is_ok_and(|v| v == "1"))
+}
+
+/// The batch size a decode step of `n` sequences is captured (and padded)
+/// at: exact up to 8 (each of those sizes has its own GEMV kernels), then
+/// multiples of 8 (the tensor-core products take any row count at nearly
+/// the same cost), so at most 15 graphs per context-length class.
+pub(crate) fn graph_bucket(n: usize) -> usize {
+    if n <= 8 {
+        n
+    } else {
+        n.div_ceil(8) * 8
+    }
 }
 
 fn graphs_enabled() -> bool {

@@ -340,3 +340,130 @@ fn device_gemv_units_sum_to_the_dot_product() {
         }
     }
 }
+
+fn spread4(x: u32) -> i32 {
+    (((x & 1) << 4) | ((x & 2) << 11) | ((x & 4) << 18) | ((x & 8) << 25)) as i32
+}
+
+fn vsub4(x: i32, v: i8) -> i32 {
+    i32::from_le_bytes(x.to_le_bytes().map(|b| (b as i8).wrapping_sub(v) as u8))
+}
+
+/// `mmq_load<T>` of kernels.cu: lane `tig`'s A-fragment bytes of row `r`,
+/// block `kb` (values 4·tig..+3 and 16 + 4·tig..+3), the scale of each
+/// half and the offset.
+fn mmq_part(hp: &HostParts, r: usize, kb: usize, tig: usize) -> (i32, i32, f32, f32, f32) {
+    let k = hp.cols;
+    let nb = k / 32;
+    let p = &hp.parts;
+    match hp.kind {
+        Kind::Q8_0 => {
+            let o = r * k + kb * 32 + 4 * tig;
+            let d = h(&p[1], r * nb + kb);
+            (word(&p[0], o), word(&p[0], o + 16), d, d, 0.0)
+        }
+        Kind::Q4_0 | Kind::Q5_0 | Kind::Q4_1 | Kind::Q5_1 => {
+            let q = word(&p[0], (r * nb + kb) * 16 + 4 * tig);
+            let (mut lo, mut hi) = (q & 0x0F0F0F0F, (q >> 4) & 0x0F0F0F0F);
+            if matches!(hp.kind, Kind::Q5_0 | Kind::Q5_1) {
+                let qh = word(&p[2], (r * nb + kb) * 4) as u32;
+                lo |= spread4((qh >> (4 * tig)) & 0xF);
+                hi |= spread4((qh >> (16 + 4 * tig)) & 0xF);
+            }
+            let off = match hp.kind {
+                Kind::Q4_0 => 8,
+                Kind::Q5_0 => 16,
+                _ => 0,
+            };
+            let d = h(&p[1], r * nb + kb);
+            let m = if matches!(hp.kind, Kind::Q4_1 | Kind::Q5_1) {
+                h(&p[3], r * nb + kb)
+            } else {
+                0.0
+            };
+            (vsub4(lo, off), vsub4(hi, off), d, d, m)
+        }
+        Kind::Q4K | Kind::Q5K => {
+            let (bs, qs) = if hp.kind == Kind::Q4K {
+                (144, 16)
+            } else {
+                (176, 48)
+            };
+            let j = kb % 8;
+            let blk = &p[0][(r * (k / 256) + kb / 8) * bs..][..bs];
+            let q = qs + 32 * (j / 2) + 4 * tig;
+            let sh = 4 * (j & 1);
+            let mut lo = (word(blk, q) >> sh) & 0x0F0F0F0F;
+            let mut hi = (word(blk, q + 16) >> sh) & 0x0F0F0F0F;
+            if hp.kind == Kind::Q5K {
+                lo |= ((word(blk, 16 + 4 * tig) >> j) & 0x01010101) << 4;
+                hi |= ((word(blk, 32 + 4 * tig) >> j) & 0x01010101) << 4;
+            }
+            let (sc, mn) = scale_min_k4(j, &blk[4..16]);
+            let s = h(blk, 0) * sc as f32;
+            (lo, hi, s, s, -h(blk, 1) * mn as f32)
+        }
+        Kind::Q6K => {
+            let sb = r * (k / 256) + kb / 8;
+            let (j, n) = (kb % 8, (kb % 8) / 4);
+            let kk = j % 4;
+            let ql = sb * 128 + n * 64 + (kk & 1) * 32 + 4 * tig;
+            let qh = sb * 64 + n * 32 + 4 * tig;
+            let sh = if kk >= 2 { 4 } else { 0 };
+            let part = |o: usize| {
+                vsubss4_32(
+                    ((word(&p[0], ql + o) >> sh) & 0x0F0F0F0F)
+                        | (((word(&p[2], qh + o) >> (2 * kk)) & 0x03030303) << 4),
+                )
+            };
+            let sc = &p[3][sb * 16 + n * 8 + 2 * kk..];
+            let d = h(&p[1], sb);
+            (
+                part(0),
+                part(16),
+                d * (sc[0] as i8) as f32,
+                d * (sc[1] as i8) as f32,
+                0.0,
+            )
+        }
+        Kind::F16 => unreachable!(),
+    }
+}
+
+/// The tensor-core products' fragments: every lane's bytes, scales and
+/// offsets give back the dequantized block values, on every kind.
+#[test]
+fn device_mmq_fragments_dequantize_as_ggml() {
+    for ty in [
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q5_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
+        let (rows, cols) = (3, 512);
+        let (w, bytes, deq) = weight(ty, rows, cols, 11);
+        let hp = repack(&w, &bytes).unwrap();
+        for r in 0..rows {
+            for kb in 0..cols / 32 {
+                for tig in 0..4 {
+                    let (lo, hi, s0, s1, m) = mmq_part(&hp, r, kb, tig);
+                    for i in 0..4 {
+                        for (half, q, s) in [(0, lo, s0), (16, hi, s1)] {
+                            let c = half + 4 * tig + i;
+                            let got = s * (q.to_le_bytes()[i] as i8) as f32 + m;
+                            let want = deq[r * cols + kb * 32 + c];
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                                "{ty}: row {r} block {kb} value {c}: {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
