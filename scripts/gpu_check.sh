@@ -62,7 +62,7 @@ gpu_tests() {
   if [ -x "$ETEST" ]; then
     TL_CUDA_TIMEOUT=10 timeout "$2" "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
     echo "engine tests: exit $? (t=${SECONDS}s)"
-    grep -E 'requests equal|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
+    grep -E 'requests equal|out of memory:|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
   fi
 }
 

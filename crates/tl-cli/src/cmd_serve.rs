@@ -61,6 +61,11 @@ pub struct ServeArgs {
     /// (docs/BENCHMARKS.md): raise it for such traffic.
     #[arg(long, default_value_t = 2)]
     pub spec_max_batch: usize,
+    /// Bit-identical output for a request whatever shares its steps: on a
+    /// GPU every product of up to 64 rows then takes the one-row-order
+    /// kernels (slower batched decode; the CPU always is invariant).
+    #[arg(long)]
+    pub batch_invariant: bool,
     /// Log level: error, warn, info, debug, trace.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -161,8 +166,11 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         max_queue: a.max_queue,
     };
     let margs = a.model.clone();
+    let invariant = a.batch_invariant;
     tl_server::run(cfg, engine, move || {
-        crate::cmd_generate::load(&margs).map_err(|e| format!("{e:#}"))
+        let llm = crate::cmd_generate::load(&margs).map_err(|e| format!("{e:#}"))?;
+        llm.model.set_batch_invariant(invariant);
+        Ok(llm)
     })?;
     Ok(())
 }

@@ -96,6 +96,8 @@ pub struct Stats {
     pub prefill_tokens: u64,
     pub generated_tokens: u64,
     pub preemptions: u64,
+    /// Steps the device had no memory for (each halved the step limits).
+    pub oom_events: u64,
     pub steps: u64,
     /// Speculative decoding: tokens drafted and drafts accepted.
     pub spec_drafted: u64,
@@ -532,6 +534,45 @@ impl<'a> Scheduler<'a> {
         Some(draws)
     }
 
+    /// The device ran out of memory in a step of `n_tokens` tokens over
+    /// `plan.len()` sequences: nothing of it was kept. Steps from now on
+    /// take at most half as many tokens (and sequences, when it had more
+    /// than one), the newest sequences past that are preempted (their
+    /// tokens recomputed later), and the step is run again next time. The
+    /// lower limits hold for the engine's life: the memory that was
+    /// missing does not come back by itself.
+    fn shrink_after_oom(
+        &mut self,
+        plan: &[(usize, usize)],
+        n_tokens: usize,
+        msg: &str,
+    ) -> Result<()> {
+        let seqs = plan.len();
+        self.cfg.max_batch_tokens = self.cfg.max_batch_tokens.min((n_tokens / 2).max(1));
+        if seqs > 1 {
+            self.cfg.max_batch = self.cfg.max_batch.min((seqs / 2).max(1));
+        }
+        let mut preempted = 0;
+        while self.running.len() > self.cfg.max_batch {
+            match self.running.pop() {
+                Some(victim) => self.preempt(victim)?,
+                None => break,
+            }
+            preempted += 1;
+        }
+        self.stats.oom_events += 1;
+        warn!(
+            error = msg,
+            step_tokens = n_tokens,
+            step_seqs = seqs,
+            preempted,
+            max_batch = self.cfg.max_batch,
+            max_batch_tokens = self.cfg.max_batch_tokens,
+            "device out of memory: smaller steps from now on"
+        );
+        Ok(())
+    }
+
     fn run_plan(&mut self, plan: &[(usize, usize)]) -> Result<usize> {
         let n_tokens: usize = plan.iter().map(|p| p.1).sum();
         let draws = self.device_draws(plan);
@@ -574,6 +615,10 @@ impl<'a> Scheduler<'a> {
         drop(batch);
         let (ids, err) = match res {
             Ok(Ok(ids)) => (ids, None),
+            Ok(Err(tl_model::ModelError::OutOfMemory(msg))) if n_tokens > 1 => {
+                self.shrink_after_oom(plan, n_tokens, &msg)?;
+                return Ok(0);
+            }
             Ok(Err(e)) => (None, Some(EngineError::Model(e.to_string()))),
             Err(_) => (
                 None,

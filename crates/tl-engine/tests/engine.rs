@@ -235,6 +235,37 @@ fn preemption_by_recompute_is_invisible() {
     assert_eq!(s.kv_blocks_used, 0);
 }
 
+/// A device that runs out of memory mid-serve (here: every step of more
+/// than 5 tokens refused as an allocation failure would be): the scheduler
+/// halves its step limits and preempts until steps fit, and every request
+/// still gets exactly the tokens it gets alone.
+#[test]
+fn device_out_of_memory_shrinks_steps_and_loses_nothing() {
+    let prompts: Vec<Vec<u32>> = (0..5).map(|i| prompt(20 + i, 40 + i as u32)).collect();
+    let roomy = engine(llm(), 8, 64, 256);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run(&roomy, greedy(p.clone(), 12))[0].tokens.clone())
+        .collect();
+    let small = llm();
+    small.model.limit_step_tokens(Some(5));
+    let e = Arc::new(engine(small, 8, 64, 256));
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let e = e.clone();
+            std::thread::spawn(move || run(&e, greedy(p, 12)))
+        })
+        .collect();
+    for (h, w) in handles.into_iter().zip(&want) {
+        assert_eq!(&h.join().expect("thread")[0].tokens, w);
+    }
+    let s = wait_idle(&e);
+    assert!(s.oom_events > 0, "the steps were meant to fail: {s:?}");
+    assert_eq!(s.kv_blocks_used, 0);
+}
+
 #[test]
 fn n_choices_share_the_prompt_blocks() {
     let llm = llm();

@@ -45,9 +45,13 @@ pub enum ModelError {
     },
     #[error(transparent)]
     Gguf(#[from] tl_gguf::GgufError),
-    /// A GPU failure (driver, kernel compile, memory), with its reason.
+    /// A GPU failure (driver, kernel compile), with its reason.
     #[error("{0}")]
     Device(String),
+    /// The device could not allocate what a step needed; nothing of the
+    /// step is kept, and a smaller step may succeed.
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

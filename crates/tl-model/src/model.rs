@@ -63,6 +63,8 @@ pub struct Model {
     pub(crate) cuda: Option<crate::cuda::CudaModel>,
     /// The element type of the caches [`Model::new_cache`] makes.
     kv_type: KvType,
+    /// Steps of more tokens fail as out of memory ([`Model::limit_step_tokens`]).
+    step_limit: std::sync::atomic::AtomicUsize,
 }
 
 /// One pick per row of `logits` (rows of `vocab` values) as `draws` say,
@@ -201,6 +203,7 @@ impl Model {
             rope_freqs,
             cuda: None,
             kv_type: KvType::F16,
+            step_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
         };
         if let Device::Cuda(ordinal) = device {
             model.cuda = Some(crate::cuda::CudaModel::upload(&model, ordinal)?);
@@ -421,6 +424,29 @@ impl Model {
             .collect())
     }
 
+    /// Batch-invariant mode (off by default): a sequence's logits are then
+    /// bit-identical whatever else shares its steps. The CPU always is; on
+    /// a GPU this keeps every product of up to 64 rows on the 8-row GEMVs
+    /// instead of the tensor-core kernels (which sum a row in another
+    /// order, so logits move in the last bits between batch sizes of up to
+    /// 8 and more), at the cost of batched decode speed.
+    pub fn set_batch_invariant(&self, on: bool) {
+        if let Some(c) = &self.cuda {
+            c.set_batch_invariant(on);
+        }
+    }
+
+    /// From now on a step of more than `tokens` tokens fails with
+    /// [`ModelError::OutOfMemory`] before it runs, as a device allocation
+    /// failure would (`None`: no limit). How callers recover from a device
+    /// running out of memory mid-serve is tested with it on every device.
+    pub fn limit_step_tokens(&self, tokens: Option<usize>) {
+        self.step_limit.store(
+            tokens.unwrap_or(usize::MAX),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
     fn forward_planned(
         &self,
         cache: &mut KvCache,
@@ -443,6 +469,13 @@ impl Model {
         }
         if plan.n_tokens() == 0 {
             return Ok(());
+        }
+        let limit = self.step_limit.load(std::sync::atomic::Ordering::Relaxed);
+        if plan.n_tokens() > limit {
+            return Err(ModelError::OutOfMemory(format!(
+                "a step of {} tokens is over this model's limit of {limit}",
+                plan.n_tokens()
+            )));
         }
         match &self.cuda {
             Some(_) if st.skip_layers.iter().any(|&s| s) => Err(ModelError::BadConfig(

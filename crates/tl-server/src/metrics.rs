@@ -229,6 +229,7 @@ struct EngineCounters {
     prefix_hit: IntCounter,
     prefill: IntCounter,
     generated: IntCounter,
+    oom_events: IntCounter,
     preemptions: IntCounter,
     steps: IntCounter,
     spec_drafted: IntCounter,
@@ -360,6 +361,11 @@ impl Metrics {
                     "tl_preemptions_total",
                     "Sequences preempted (recompute) for lack of KV blocks",
                 )?,
+                oom_events: counter(
+                    &r,
+                    "tl_oom_events_total",
+                    "Steps the device had no memory for (each halved the step limits and preempted)",
+                )?,
                 steps: counter(
                     &r,
                     "tl_engine_steps_total",
@@ -419,6 +425,7 @@ impl Metrics {
             bump(&c.prefill, s.prefill_tokens);
             bump(&c.generated, s.generated_tokens);
             bump(&c.preemptions, s.preemptions);
+            bump(&c.oom_events, s.oom_events);
             bump(&c.steps, s.steps);
             bump(&c.spec_drafted, s.spec_drafted);
             bump(&c.spec_accepted, s.spec_accepted);

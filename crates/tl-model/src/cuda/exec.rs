@@ -154,7 +154,10 @@ impl CudaExec<'_> {
         }
         for w in mats {
             let o = out + (col * 4) as u64;
-            if small && m >= mmq_min_rows() && w.kind != Kind::F16 {
+            if small
+                && m >= self.cm.mmq_min.load(std::sync::atomic::Ordering::Relaxed)
+                && w.kind != Kind::F16
+            {
                 // The tensor-core product: all m rows in one launch, each
                 // weight byte read once. Narrow products split K over 2 or
                 // 4 warps so that the card's SMs all have work.

@@ -33,7 +33,10 @@ use exec::CudaExec;
 use weights::{repack, upload_f32, upload_opt, DevMat, DevMats};
 
 fn cuda_err(e: tl_cuda::CudaError) -> ModelError {
-    ModelError::Device(e.to_string())
+    match e {
+        tl_cuda::CudaError::OutOfMemory { .. } => ModelError::OutOfMemory(e.to_string()),
+        _ => ModelError::Device(e.to_string()),
+    }
 }
 
 struct DevLayer {
@@ -64,6 +67,9 @@ pub(crate) struct CudaModel {
     weight_bytes: usize,
     /// Elements of the largest matrix (the f16 scratch of prefill products).
     max_mat: usize,
+    /// Products of this many rows or more (up to `GEMV_ROWS`) run on the
+    /// tensor-core kernels; `GEMV_ROWS + 1` in batch-invariant mode.
+    pub(super) mmq_min: std::sync::atomic::AtomicUsize,
 }
 
 /// The paged K and V pools of every layer in device memory, laid out as the
@@ -182,7 +188,21 @@ impl CudaModel {
             layers,
             weight_bytes,
             max_mat,
+            mmq_min: std::sync::atomic::AtomicUsize::new(exec::mmq_min_rows()),
         })
+    }
+
+    /// Batch-invariant mode: every product of up to `GEMV_ROWS` rows takes
+    /// the 8-row GEMVs, whose arithmetic per row does not depend on the
+    /// other rows, so a sequence's logits are bit-identical alone and in
+    /// any batch (the tensor-core kernels sum a row in another order).
+    pub fn set_batch_invariant(&self, on: bool) {
+        let v = if on {
+            exec::GEMV_ROWS + 1
+        } else {
+            exec::mmq_min_rows()
+        };
+        self.mmq_min.store(v, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn ordinal(&self) -> usize {
@@ -385,6 +405,7 @@ impl CudaModel {
             stride,
             greedy,
             kv: kv.k.ptr,
+            mmq_min: self.mmq_min.load(std::sync::atomic::Ordering::Relaxed),
         };
         let mut ex = CudaExec {
             gpu,
@@ -569,6 +590,7 @@ struct GraphKey {
     stride: usize,
     greedy: bool,
     kv: u64,
+    mmq_min: usize,
 }
 
 /// Device buffers of the forward, sized for the largest step seen.
@@ -620,6 +642,10 @@ impl CudaState {
     ) -> Result<()> {
         let c = &m.config;
         if n > self.cap_tokens {
+            // The captured graphs hold the old buffers' addresses, and each
+            // assignment below frees one: they go first (an allocation may
+            // fail halfway, leaving some buffers replaced).
+            self.graphs.clear();
             let n = n.next_power_of_two().max(8);
             let (d, qd, kvd, f) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn);
             let maxk = d.max(qd).max(f);
@@ -649,6 +675,7 @@ impl CudaState {
             self.graphs.clear();
         }
         if n_out > self.cap_out {
+            self.graphs.clear();
             let n_out = n_out.next_power_of_two().max(8);
             let a = |bytes: usize, what: &str| gpu.alloc(bytes, what).map(Some).map_err(cuda_err);
             self.hidden = a(n_out * c.d_model * 4, "final hidden")?;
