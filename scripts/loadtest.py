@@ -292,6 +292,7 @@ def main():
         for c in ([int(x) for x in a.sweep.split(",")] if a.sweep else [a.clients]):
             spec = None if a.speculative is None else a.speculative == "on"
             spec0 = metric(url, "tl_spec_drafted_tokens_total"), metric(url, "tl_spec_accepted_tokens_total")
+            busy0 = metric(url, "tl_engine_step_microseconds_total"), metric(url, "tl_engine_forward_microseconds_total")
             st, wall = run(url, c, a.requests, a.duration, a.max_tokens, a.disconnect, a.seed, model,
                            a.workload, spec, a.temperature, a.top_p)
             res = {
@@ -306,6 +307,12 @@ def main():
             drafted = metric(url, "tl_spec_drafted_tokens_total") - spec0[0]
             accepted = metric(url, "tl_spec_accepted_tokens_total") - spec0[1]
             res["spec_drafted"], res["spec_accepted"] = drafted, accepted
+            # tl only: the engine's busy time and the share of it outside
+            # the model's forward (scheduling, outputs: the host's part).
+            busy = metric(url, "tl_engine_step_microseconds_total") - busy0[0]
+            fwd = metric(url, "tl_engine_forward_microseconds_total") - busy0[1]
+            res["engine_busy_s"] = round(busy / 1e6, 3) if busy == busy else None
+            res["host_share"] = round(1 - fwd / busy, 4) if busy == busy and busy > 0 else None
             res["kv_blocks_used_after"] = metric(url, "tl_kv_blocks_used")
             res["requests_running_after"] = metric(url, "tl_requests_running")
             res["server_5xx"] = sum(1 for e in st.error_samples if e[:1] == "5")

@@ -99,6 +99,11 @@ pub struct Stats {
     /// Steps the device had no memory for (each halved the step limits).
     pub oom_events: u64,
     pub steps: u64,
+    /// Microseconds spent in steps (scheduling, the forward, the outputs)
+    /// and, of those, in the model's forward (the device's work and the
+    /// wait for it): the rest is the host's share of a step.
+    pub step_us: u64,
+    pub forward_us: u64,
     /// Speculative decoding: tokens drafted and drafts accepted.
     pub spec_drafted: u64,
     pub spec_accepted: u64,
@@ -376,7 +381,10 @@ impl<'a> Scheduler<'a> {
     /// Runs one step; returns the number of tokens that went through the
     /// model (0 when there was nothing to do).
     pub fn step(&mut self) -> usize {
-        match self.try_step() {
+        let t0 = std::time::Instant::now();
+        let r = self.try_step();
+        self.stats.step_us += t0.elapsed().as_micros() as u64;
+        match r {
             Ok(n) => n,
             Err(e) => {
                 // A broken invariant of the block pool: fail what is running
@@ -608,10 +616,12 @@ impl<'a> Scheduler<'a> {
         let state = &mut self.state;
         // A panic inside the model must not take the other requests' server
         // down with it: the batch fails, the engine goes on.
+        let t0 = std::time::Instant::now();
         let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &draws {
             Some(d) => model.forward_sampled(cache, &batch, state, d).map(Some),
             None => model.forward(cache, &batch, state).map(|_| None),
         }));
+        self.stats.forward_us += t0.elapsed().as_micros() as u64;
         drop(batch);
         let (ids, err) = match res {
             Ok(Ok(ids)) => (ids, None),

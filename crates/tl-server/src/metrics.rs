@@ -230,6 +230,8 @@ struct EngineCounters {
     prefill: IntCounter,
     generated: IntCounter,
     oom_events: IntCounter,
+    step_us: IntCounter,
+    forward_us: IntCounter,
     preemptions: IntCounter,
     steps: IntCounter,
     spec_drafted: IntCounter,
@@ -361,6 +363,16 @@ impl Metrics {
                     "tl_preemptions_total",
                     "Sequences preempted (recompute) for lack of KV blocks",
                 )?,
+                step_us: counter(
+                    &r,
+                    "tl_engine_step_microseconds_total",
+                    "Time in engine steps (scheduling, forward, outputs)",
+                )?,
+                forward_us: counter(
+                    &r,
+                    "tl_engine_forward_microseconds_total",
+                    "Time of engine steps inside the model's forward (device work and the wait for it)",
+                )?,
                 oom_events: counter(
                     &r,
                     "tl_oom_events_total",
@@ -426,6 +438,8 @@ impl Metrics {
             bump(&c.generated, s.generated_tokens);
             bump(&c.preemptions, s.preemptions);
             bump(&c.oom_events, s.oom_events);
+            bump(&c.step_us, s.step_us);
+            bump(&c.forward_us, s.forward_us);
             bump(&c.steps, s.steps);
             bump(&c.spec_drafted, s.spec_drafted);
             bump(&c.spec_accepted, s.spec_accepted);
