@@ -56,6 +56,7 @@ fi
 # The CUDA tests (tl-model's `cuda`, then tl-engine's `cuda_engine`), logs
 # to $OUT, their figures and results printed; $1 and $2 are time limits.
 gpu_tests() {
+  if [ -n "${SKIP_TESTS:-}" ]; then echo "tests: skipped (SKIP_TESTS)"; return; fi
   TL_CUDA_TIMEOUT=10 timeout "$1" "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
   echo "tests: exit $? (t=${SECONDS}s)"
   grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-200
@@ -68,28 +69,32 @@ gpu_tests() {
 
 if [ "$mode" = serve ]; then
   OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
-  MODELS=q05_q8_0 setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  SM="${MODELS:-q05_q8_0}"
+  MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
   gpu_tests 200 150
   while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 330 ]; do sleep 2; done
   echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
-  f=$W/q05_q8_0.gguf
   LS=/tmp/llamacpp/build/bin/llama-server
-  L="--sweep ${SWEEP:-1,16,64,128} --requests 3 --max-tokens 128 --max-batch 64 --workload mixed --duration 40 --json"
-  echo "== tl serve --device cuda (max batch 64), mixed prompts t=${SECONDS}s"
-  TL_DEVICE=cuda timeout 200 python3 scripts/loadtest.py --model "$f" --tl "$BIN" $L >"$OUT/load-tl.json" 2>"$W/load-tl.err"; tail -3 "$W/load-tl.err"
-  python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-tl.json" | cut -c1-330
-  if [ -x "$LS" ] && [ $SECONDS -lt 450 ]; then
-    echo "== llama-server -np 64 -cb -fa, mixed prompts t=${SECONDS}s"
-    LD_LIBRARY_PATH=/tmp/llamacpp/build/bin timeout 140 python3 scripts/loadtest.py --model "$f" --llama-server "$LS" $L \
-      >"$OUT/load-llama.json" 2>"$W/load-llama.err"
+  L="--sweep ${SWEEP:-1,16,64,128} --requests 3 --max-tokens 128 --max-batch 64 --workload mixed --duration ${DURATION:-40} --json"
+  for m in $SM; do
+    f=$W/$m.gguf
+    [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
+    echo "== $m: tl serve --device cuda (max batch 64), mixed prompts t=${SECONDS}s"
+    TL_DEVICE=cuda timeout 200 python3 scripts/loadtest.py --model "$f" --tl "$BIN" $L >"$OUT/load-tl-$m.json" 2>"$W/load-tl.err"; tail -3 "$W/load-tl.err"
     python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama.json" | cut -c1-330
-    tail -3 "$W/load-llama.err"
-    python3 scripts/plot_load.py "tl serve (cuda)=$OUT/load-tl.json" "llama-server=$OUT/load-llama.json" \
-      -o "$OUT/load.svg" --title "Qwen2.5-0.5B shape Q8_0 on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), mixed prompts, 128 tokens out"
-  fi
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-tl-$m.json" | cut -c1-420
+    if [ -x "$LS" ] && [ $SECONDS -lt 480 ]; then
+      echo "== $m: llama-server -np 64 -cb -fa, mixed prompts t=${SECONDS}s"
+      LD_LIBRARY_PATH=/tmp/llamacpp/build/bin timeout 140 python3 scripts/loadtest.py --model "$f" --llama-server "$LS" $L \
+        >"$OUT/load-llama-$m.json" 2>"$W/load-llama.err"
+      python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama-$m.json" | cut -c1-330
+      tail -3 "$W/load-llama.err"
+      python3 scripts/plot_load.py "tl serve (cuda)=$OUT/load-tl-$m.json" "llama-server=$OUT/load-llama-$m.json" \
+        -o "$OUT/load-$m.svg" --title "$m on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), mixed prompts, 128 tokens out"
+    fi
+  done
   for l in target/loadtest-server-*.log; do echo "-- $l"; grep -iE 'error|warn|KV cache|fit|device' "$l" | head -5 | cut -c1-250; done; ls "$OUT"
   echo "serve done t=${SECONDS}s"
   exit 0

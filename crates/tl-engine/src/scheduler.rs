@@ -99,6 +99,8 @@ pub struct Stats {
     /// Steps the device had no memory for (each halved the step limits).
     pub oom_events: u64,
     pub steps: u64,
+    /// Tokens a grammar forced (appended without sampling).
+    pub forced_tokens: u64,
     /// Microseconds spent in steps (scheduling, the forward, the outputs)
     /// and, of those, in the model's forward (the device's work and the
     /// wait for it): the rest is the host's share of a step.
@@ -143,6 +145,9 @@ struct Seq<'a> {
     feed: Vec<u32>,
     /// The grammar state of a constrained choice.
     constraint: Option<tl_model::constrain::Constraint>,
+    /// Tokens the grammar forced (appended without sampling), not yet
+    /// counted in the stats.
+    forced: u64,
 }
 
 impl Seq<'_> {
@@ -271,6 +276,7 @@ impl<'a> Scheduler<'a> {
                 spec_k,
                 feed: Vec::new(),
                 constraint: req.constraint.as_deref().cloned(),
+                forced: 0,
             });
         }
         self.reqs.insert(
@@ -402,13 +408,13 @@ impl<'a> Scheduler<'a> {
     fn try_step(&mut self) -> Result<usize> {
         self.reap_closed();
 
-        // 1. Room for every decoder, preempting the newest when short.
+        // 1. Room for every decoder (and for tokens a grammar forced),
+        // preempting the newest when short.
         loop {
             let need: usize = self
                 .running
                 .iter()
-                .filter(|s| s.is_decoding())
-                .map(|s| BlockPool::blocks_needed(&s.kv, 1))
+                .map(|s| BlockPool::blocks_needed(&s.kv, s.tokens.len() - s.kv.len))
                 .sum();
             if need <= self.pool.available() {
                 break;
@@ -452,13 +458,17 @@ impl<'a> Scheduler<'a> {
                 budget = budget.saturating_sub(n);
             }
         }
-        // 2. Chunks of prompts in progress.
-        for (i, s) in self.running.iter().enumerate() {
+        // 2. Chunks of prompts in progress (and of forced tokens, whose
+        // blocks step 1 made room for).
+        for (i, s) in self.running.iter_mut().enumerate() {
             if budget == 0 {
                 break;
             }
             if !s.is_decoding() {
                 let n = (s.tokens.len() - s.kv.len).min(budget);
+                if !self.pool.reserve(&mut s.kv, n)? {
+                    return Err(EngineError::Model("no KV block for a prompt chunk".into()));
+                }
                 plan.push((i, n));
                 budget -= n;
             }
@@ -721,6 +731,7 @@ impl<'a> Scheduler<'a> {
             let before = s.generated;
             let out = advance(self.llm, s, r, lrow, &mut self.raw);
             self.stats.generated_tokens += (s.generated - before) as u64;
+            self.stats.forced_tokens += std::mem::take(&mut s.forced);
             if !matches!(out, Outcome::Continue) {
                 done.push((i, out));
             }
@@ -788,7 +799,25 @@ fn advance<'a>(
         }
     }
     let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
-    emit(llm, s, r, t, logprob)
+    let mut out = emit(llm, s, r, t, logprob);
+    // Tokens the grammar forces next are appended at once (fast-forward)
+    // and computed together in the next step, like a prompt chunk; not
+    // where logprobs were asked for (a forced token has none).
+    if matches!(out, Outcome::Continue) && r.logprobs.is_none() {
+        let forced = s
+            .constraint
+            .as_mut()
+            .map(|c| c.take_forced())
+            .unwrap_or_default();
+        for f in forced {
+            s.forced += 1;
+            out = emit(llm, s, r, f, None);
+            if !matches!(out, Outcome::Continue) {
+                break;
+            }
+        }
+    }
+    out
 }
 
 /// Registers the sequence's newly completed blocks in the prefix cache

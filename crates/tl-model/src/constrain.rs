@@ -283,6 +283,22 @@ impl Constraint {
         Ok(())
     }
 
+    /// The tokens the grammar forces from here (where it allows one
+    /// continuation only, e.g. the fixed keys and punctuation of a JSON
+    /// schema), consumed: the caller appends them without sampling and
+    /// runs them through the model in one step, as a prompt chunk.
+    /// Empty when nothing is forced.
+    pub fn take_forced(&mut self) -> Vec<u32> {
+        if self.done || self.m.is_stopped() {
+            return Vec::new();
+        }
+        let toks = self.m.consume_ff_tokens();
+        if self.m.is_stopped() {
+            self.done = true;
+        }
+        toks
+    }
+
     /// Whether the grammar is complete and allows nothing more.
     pub fn is_done(&self) -> bool {
         self.done

@@ -230,6 +230,7 @@ struct EngineCounters {
     prefill: IntCounter,
     generated: IntCounter,
     oom_events: IntCounter,
+    forced: IntCounter,
     step_us: IntCounter,
     forward_us: IntCounter,
     preemptions: IntCounter,
@@ -363,6 +364,11 @@ impl Metrics {
                     "tl_preemptions_total",
                     "Sequences preempted (recompute) for lack of KV blocks",
                 )?,
+                forced: counter(
+                    &r,
+                    "tl_forced_tokens_total",
+                    "Tokens a grammar forced, appended without sampling (fast-forward)",
+                )?,
                 step_us: counter(
                     &r,
                     "tl_engine_step_microseconds_total",
@@ -438,6 +444,7 @@ impl Metrics {
             bump(&c.generated, s.generated_tokens);
             bump(&c.preemptions, s.preemptions);
             bump(&c.oom_events, s.oom_events);
+            bump(&c.forced, s.forced_tokens);
             bump(&c.step_us, s.step_us);
             bump(&c.forward_us, s.forward_us);
             bump(&c.steps, s.steps);

@@ -639,6 +639,16 @@ fn response_format_json_schema_and_grammar() {
             assert_eq!(j["choices"][0]["finish_reason"], "stop", "{j}");
         }
     }
+    // The schema's fixed keys and punctuation were forced, not sampled.
+    let forced = String::from_utf8_lossy(&get(a, "/metrics").body)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("tl_forced_tokens_total ")
+                .map(str::to_string)
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(forced > 0.0, "no token was fast-forwarded");
     // Any JSON object.
     let mut b = chat_body(48);
     b["response_format"] = json!({"type": "json_object"});
