@@ -82,6 +82,9 @@ struct Live {
     dkv: SeqKv,
     /// This sequence's grammar state.
     constraint: Option<crate::constrain::Constraint>,
+    /// Tokens the grammar forced after `next` (already emitted), fed with
+    /// it in the next step.
+    forced: Vec<u32>,
 }
 
 impl<'m> Runner<'m> {
@@ -247,6 +250,7 @@ impl<'m> Runner<'m> {
                 k: opts.spec.as_ref().map_or(0, |s| s.k),
                 dkv: SeqKv::new(),
                 constraint: opts.constraint.clone(),
+                forced: Vec::new(),
             };
             if opts.max_tokens == 0 {
                 l.finish = Some(Finish::Length);
@@ -265,11 +269,12 @@ impl<'m> Runner<'m> {
                 return Ok(());
             }
             for &i in &active {
-                if live[i].kv.len + 1 > ctx {
+                let n = 1 + live[i].forced.len();
+                if live[i].kv.len + n > ctx {
                     live[i].finish = Some(Finish::Length);
                     continue;
                 }
-                live[i].kv.reserve(&mut self.blocks, 1)?;
+                live[i].kv.reserve(&mut self.blocks, n)?;
             }
             let active: Vec<usize> = active
                 .into_iter()
@@ -282,9 +287,15 @@ impl<'m> Runner<'m> {
                 self.spec_step(&active, live, sc, opts, on_token)?;
                 continue;
             }
-            let toks: Vec<[u32; 1]> = active
+            // The chosen token, then any the grammar forced after it.
+            let toks: Vec<Vec<u32>> = active
                 .iter()
-                .map(|&i| [live[i].next.unwrap_or(0)])
+                .map(|&i| {
+                    let l = &live[i];
+                    let mut v = vec![l.next.unwrap_or(0)];
+                    v.extend_from_slice(&l.forced);
+                    v
+                })
                 .collect();
             // On a GPU the pick is taken there (the argmax, or the whole
             // sampler chain) and only the ids are read back.
@@ -316,7 +327,7 @@ impl<'m> Runner<'m> {
                 drop(batch);
                 for (&i, &t) in active.iter().zip(&ids) {
                     let l = &mut live[i];
-                    l.kv.len += 1;
+                    l.kv.len += 1 + std::mem::take(&mut l.forced).len();
                     Self::accept(i, l, t, opts, on_token);
                 }
                 continue;
@@ -327,7 +338,7 @@ impl<'m> Runner<'m> {
             let rows = self.state.logits_mut();
             for (j, &i) in active.iter().enumerate() {
                 let l = &mut live[i];
-                l.kv.len += 1;
+                l.kv.len += 1 + std::mem::take(&mut l.forced).len();
                 Self::sample_accept(i, l, &mut rows[j * vocab..(j + 1) * vocab], opts, on_token)?;
             }
         }
@@ -530,6 +541,26 @@ impl<'m> Runner<'m> {
             c.commit(t).map_err(ModelError::Constraint)?;
         }
         Self::accept(i, l, t, opts, on_token);
+        // Tokens the grammar forces next are emitted now and computed
+        // with `t` in the next step (fast-forward).
+        let Some(first) = l.next else {
+            return Ok(());
+        };
+        let forced = l
+            .constraint
+            .as_mut()
+            .map(|c| c.take_forced())
+            .unwrap_or_default();
+        for f in forced {
+            Self::accept(i, l, f, opts, on_token);
+            if l.next.is_none() {
+                break;
+            }
+            l.forced.push(f);
+        }
+        if l.next.is_some() {
+            l.next = Some(first);
+        }
         Ok(())
     }
 
