@@ -143,7 +143,9 @@ fn attend_unrotated(
         unsafe { simd::attend(cache, layer, seq, pos, p, heads, q, out, s) };
         return;
     }
-    attend_scalar(cache, layer, seq, pos, p, heads, q, out, s);
+    // The queries are rotated already (`attend` did it): the plain loops,
+    // not `attend_scalar`, which would rotate them a second time.
+    attend_plain(cache, layer, seq, pos, p, heads, q, out, s, false);
 }
 
 /// ggml's `soft_max` as llama.cpp's portable x86-64 build computes it
