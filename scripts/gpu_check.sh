@@ -167,6 +167,24 @@ if [ "$mode" = batch ]; then
     TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
   done
   echo "batch done t=${SECONDS}s"
+  # With SERVE_MODEL, a short tl serve / llama-server load sweep of that
+  # model follows (mixed prompts; SWEEP, DURATION), JSON and a plot to $OUT.
+  if [ -n "${SERVE_MODEL:-}" ] && [ -s "$W/$SERVE_MODEL.gguf" ]; then
+    m=$SERVE_MODEL; f=$W/$m.gguf; LS=/tmp/llamacpp/build/bin/llama-server
+    L="--sweep ${SWEEP:-1,16,64} --requests 3 --max-tokens 128 --max-batch 64 --workload mixed --duration ${DURATION:-20} --json"
+    echo "== $m: tl serve --device cuda, mixed prompts t=${SECONDS}s"
+    TL_DEVICE=cuda timeout 120 python3 scripts/loadtest.py --model "$f" --tl "$BIN" $L >"$OUT/load-tl-$m.json" 2>"$W/load-tl.err"; tail -2 "$W/load-tl.err"
+    python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-tl-$m.json" | cut -c1-420
+    if [ -x "$LS" ]; then
+      echo "== $m: llama-server -np 64 -cb -fa t=${SECONDS}s"
+      LD_LIBRARY_PATH=/tmp/llamacpp/build/bin timeout 120 python3 scripts/loadtest.py --model "$f" --llama-server "$LS" $L \
+        >"$OUT/load-llama-$m.json" 2>"$W/load-llama.err"; tail -2 "$W/load-llama.err"
+      python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama-$m.json" | cut -c1-330
+    fi
+    echo "serve done t=${SECONDS}s"
+  fi
   exit 0
 fi
 

@@ -326,12 +326,18 @@ impl CudaModel {
         let n = if decode { graph_bucket(n_real) } else { n_real };
         let pad = n - n_real;
         let n_out = n_out_real + pad;
+        // Block-table row length: a power of two, at least 64 blocks (1,024
+        // positions), so that a decode graph captured for a batch size
+        // serves every context up to that without a new capture (each
+        // capture of a 64-row step costs milliseconds); the attention's
+        // chunks past a sequence's length return at once.
         let stride = batch
             .iter()
             .map(|s| s.kv.blocks.len())
             .max()
             .unwrap_or(1)
-            .next_power_of_two();
+            .next_power_of_two()
+            .max(MIN_STRIDE);
         let cs = st.cuda.get_or_insert_with(CudaState::default);
         cs.ensure(gpu, m, self, n, n_out.max(1), batch.len() * stride)?;
         // The split-KV attention's partial states for this step's grid.
@@ -541,6 +547,9 @@ pub(crate) fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TL_CUDA_PROFILE").is_ok_and(|v| v == "1"))
 }
+
+/// The shortest block-table row of a step (see `forward`).
+const MIN_STRIDE: usize = 64;
 
 /// The batch size a decode step of `n` sequences is captured (and padded)
 /// at: exact up to 8 (each of those sizes has its own GEMV kernels), then
