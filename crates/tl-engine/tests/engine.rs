@@ -208,6 +208,23 @@ fn repeated_prompt_hits_the_prefix_cache() {
     assert!(s.kv_blocks_cached >= 4);
 }
 
+/// Each prompt's greedy tokens, all requests submitted at once from their
+/// own threads.
+fn greedy_together(e: &Arc<Engine>, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let handles: Vec<_> = prompts
+        .iter()
+        .cloned()
+        .map(|p| {
+            let e = e.clone();
+            std::thread::spawn(move || run(&e, greedy(p, max_tokens)))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("thread")[0].tokens.clone())
+        .collect()
+}
+
 #[test]
 fn preemption_by_recompute_is_invisible() {
     let llm = llm();
@@ -219,17 +236,7 @@ fn preemption_by_recompute_is_invisible() {
         .collect();
     // 12 blocks for 4 sequences that each grow to 5 blocks.
     let tight = Arc::new(engine(llm, 4, 64, 12));
-    let handles: Vec<_> = prompts
-        .iter()
-        .cloned()
-        .map(|p| {
-            let e = tight.clone();
-            std::thread::spawn(move || run(&e, greedy(p, 40)))
-        })
-        .collect();
-    for (h, w) in handles.into_iter().zip(&want) {
-        assert_eq!(&h.join().expect("thread")[0].tokens, w);
-    }
+    assert_eq!(greedy_together(&tight, &prompts, 40), want);
     let s = wait_idle(&tight);
     assert!(s.preemptions > 0, "the pool was meant to run dry: {s:?}");
     assert_eq!(s.kv_blocks_used, 0);
@@ -250,17 +257,7 @@ fn device_out_of_memory_shrinks_steps_and_loses_nothing() {
     let small = llm();
     small.model.limit_step_tokens(Some(5));
     let e = Arc::new(engine(small, 8, 64, 256));
-    let handles: Vec<_> = prompts
-        .iter()
-        .cloned()
-        .map(|p| {
-            let e = e.clone();
-            std::thread::spawn(move || run(&e, greedy(p, 12)))
-        })
-        .collect();
-    for (h, w) in handles.into_iter().zip(&want) {
-        assert_eq!(&h.join().expect("thread")[0].tokens, w);
-    }
+    assert_eq!(greedy_together(&e, &prompts, 12), want);
     let s = wait_idle(&e);
     assert!(s.oom_events > 0, "the steps were meant to fail: {s:?}");
     assert_eq!(s.kv_blocks_used, 0);

@@ -263,6 +263,18 @@ fn weight(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Weight, Vec<u8>
     (w, bytes, deq)
 }
 
+/// The kinds the 8-bit-activation kernels (GEMV and tensor-core) take.
+const QUANTIZED: [GgmlType; 8] = [
+    GgmlType::Q8_0,
+    GgmlType::Q4_0,
+    GgmlType::Q5_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_1,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
 #[test]
 fn device_layouts_dequantize_as_ggml() {
     for ty in [
@@ -318,16 +330,7 @@ fn device_gemv_units_sum_to_the_dot_product() {
         }
     }
     let xdeq: Vec<f32> = (0..cols).map(|i| xq[i] as f32 * xd[i / 32]).collect();
-    for ty in [
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q5_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_1,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ] {
+    for ty in QUANTIZED {
         let (w, bytes, deq) = weight(ty, 2, cols, 9);
         let hp = repack(&w, &bytes).unwrap();
         for r in 0..2 {
@@ -434,16 +437,7 @@ fn mmq_part(hp: &HostParts, r: usize, kb: usize, tig: usize) -> (i32, i32, f32, 
 /// offsets give back the dequantized block values, on every kind.
 #[test]
 fn device_mmq_fragments_dequantize_as_ggml() {
-    for ty in [
-        GgmlType::Q8_0,
-        GgmlType::Q4_0,
-        GgmlType::Q5_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_1,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ] {
+    for ty in QUANTIZED {
         let (rows, cols) = (3, 512);
         let (w, bytes, deq) = weight(ty, rows, cols, 11);
         let hp = repack(&w, &bytes).unwrap();
