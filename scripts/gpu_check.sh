@@ -67,6 +67,27 @@ gpu_tests() {
   fi
 }
 
+# tl serve --device cuda, then llama-server -np 64 -cb -fa (when built and
+# before second $5), under the load sweep $2 on model $1; JSON and a plot
+# to $OUT. $3 and $4 are the two runs' time limits.
+load_sweep() {
+  local m=$1 L=$2 f=$W/$1.gguf LS=/tmp/llamacpp/build/bin/llama-server
+  echo "== $m: tl serve --device cuda (max batch 64), mixed prompts t=${SECONDS}s"
+  TL_DEVICE=cuda timeout "$3" python3 scripts/loadtest.py --model "$f" --tl "$BIN" $L >"$OUT/load-tl-$m.json" 2>"$W/load-tl.err"; tail -3 "$W/load-tl.err"
+  python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-tl-$m.json" | cut -c1-420
+  if [ -x "$LS" ] && [ $SECONDS -lt "$5" ]; then
+    echo "== $m: llama-server -np 64 -cb -fa, mixed prompts t=${SECONDS}s"
+    LD_LIBRARY_PATH=/tmp/llamacpp/build/bin timeout "$4" python3 scripts/loadtest.py --model "$f" --llama-server "$LS" $L \
+      >"$OUT/load-llama-$m.json" 2>"$W/load-llama.err"
+    python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama-$m.json" | cut -c1-330
+    tail -3 "$W/load-llama.err"
+    python3 scripts/plot_load.py "tl serve (cuda)=$OUT/load-tl-$m.json" "llama-server=$OUT/load-llama-$m.json" \
+      -o "$OUT/load-$m.svg" --title "$m on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), mixed prompts, 128 tokens out"
+  fi
+}
+
 if [ "$mode" = serve ]; then
   OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
   SM="${MODELS:-q05_q8_0}"
@@ -75,25 +96,10 @@ if [ "$mode" = serve ]; then
   gpu_tests 200 150
   while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 330 ]; do sleep 2; done
   echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
-  LS=/tmp/llamacpp/build/bin/llama-server
   L="--sweep ${SWEEP:-1,16,64,128} --requests 3 --max-tokens 128 --max-batch 64 --workload mixed --duration ${DURATION:-40} --json"
   for m in $SM; do
-    f=$W/$m.gguf
-    [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
-    echo "== $m: tl serve --device cuda (max batch 64), mixed prompts t=${SECONDS}s"
-    TL_DEVICE=cuda timeout 200 python3 scripts/loadtest.py --model "$f" --tl "$BIN" $L >"$OUT/load-tl-$m.json" 2>"$W/load-tl.err"; tail -3 "$W/load-tl.err"
-    python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-tl-$m.json" | cut -c1-420
-    if [ -x "$LS" ] && [ $SECONDS -lt 480 ]; then
-      echo "== $m: llama-server -np 64 -cb -fa, mixed prompts t=${SECONDS}s"
-      LD_LIBRARY_PATH=/tmp/llamacpp/build/bin timeout 140 python3 scripts/loadtest.py --model "$f" --llama-server "$LS" $L \
-        >"$OUT/load-llama-$m.json" 2>"$W/load-llama.err"
-      python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama-$m.json" | cut -c1-330
-      tail -3 "$W/load-llama.err"
-      python3 scripts/plot_load.py "tl serve (cuda)=$OUT/load-tl-$m.json" "llama-server=$OUT/load-llama-$m.json" \
-        -o "$OUT/load-$m.svg" --title "$m on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), mixed prompts, 128 tokens out"
-    fi
+    [ -s "$W/$m.gguf" ] || { echo "$m: not synthesized"; continue; }
+    load_sweep "$m" "$L" 200 140 480
   done
   for l in target/loadtest-server-*.log; do echo "-- $l"; grep -iE 'error|warn|KV cache|fit|device' "$l" | head -5 | cut -c1-250; done; ls "$OUT"
   echo "serve done t=${SECONDS}s"
@@ -170,19 +176,8 @@ if [ "$mode" = batch ]; then
   # With SERVE_MODEL, a short tl serve / llama-server load sweep of that
   # model follows (mixed prompts; SWEEP, DURATION), JSON and a plot to $OUT.
   if [ -n "${SERVE_MODEL:-}" ] && [ -s "$W/$SERVE_MODEL.gguf" ]; then
-    m=$SERVE_MODEL; f=$W/$m.gguf; LS=/tmp/llamacpp/build/bin/llama-server
     L="--sweep ${SWEEP:-1,16,64} --requests 3 --max-tokens 128 --max-batch 64 --workload mixed --duration ${DURATION:-20} --json"
-    echo "== $m: tl serve --device cuda, mixed prompts t=${SECONDS}s"
-    TL_DEVICE=cuda timeout 120 python3 scripts/loadtest.py --model "$f" --tl "$BIN" $L >"$OUT/load-tl-$m.json" 2>"$W/load-tl.err"; tail -2 "$W/load-tl.err"
-    python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-tl-$m.json" | cut -c1-420
-    if [ -x "$LS" ]; then
-      echo "== $m: llama-server -np 64 -cb -fa t=${SECONDS}s"
-      LD_LIBRARY_PATH=/tmp/llamacpp/build/bin timeout 120 python3 scripts/loadtest.py --model "$f" --llama-server "$LS" $L \
-        >"$OUT/load-llama-$m.json" 2>"$W/load-llama.err"; tail -2 "$W/load-llama.err"
-      python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1]))["results"]: print(r)' "$OUT/load-llama-$m.json" | cut -c1-330
-    fi
+    load_sweep "$SERVE_MODEL" "$L" 120 120 100000
     echo "serve done t=${SECONDS}s"
   fi
   exit 0
