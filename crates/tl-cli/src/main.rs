@@ -7,6 +7,7 @@ mod cmd_generate;
 mod cmd_inspect;
 mod cmd_lang;
 mod cmd_perplexity;
+mod cmd_quantize;
 mod cmd_serve;
 mod cmd_synth;
 mod cmd_tokenize;
@@ -47,6 +48,8 @@ enum Command {
     Chat(cmd_generate::ChatArgs),
     /// Perplexity of a text file, computed as llama.cpp's perplexity tool does.
     Perplexity(cmd_perplexity::PerplexityArgs),
+    /// Quantize a GGUF model (llama-quantize's types and per-tensor mixes).
+    Quantize(cmd_quantize::QuantizeArgs),
     /// Prompt-processing and generation throughput (llama-bench-like table).
     Bench(cmd_bench::BenchArgs),
     /// Print the token ids and pieces of a text.
@@ -155,6 +158,7 @@ fn main() {
         Command::Chat(a) => cmd_generate::run_chat(a),
         Command::Perplexity(a) => cmd_perplexity::run(a),
         Command::Bench(a) => cmd_bench::run(a),
+        Command::Quantize(a) => cmd_quantize::run(a),
         Command::Tokenize(a) => cmd_tokenize::run(a),
         Command::Serve(a) => cmd_serve::run(a),
         Command::Run(a) => cmd_lang::run(a),

@@ -12,4 +12,4 @@ pub use error::{GgufError, Result};
 pub use reader::{GgufFile, Metadata, SharedBytes, TensorInfo};
 pub use types::GgmlType;
 pub use value::{Array, Value, ValueType};
-pub use writer::GgufWriter;
+pub use writer::{GgufStreamWriter, GgufWriter, TensorLayout};

@@ -84,51 +84,22 @@ impl<'a> GgufWriter<'a> {
         Ok(())
     }
 
-    fn alignment(&self) -> u64 {
-        self.metadata
-            .get("general.alignment")
-            .and_then(Value::as_u64)
-            .filter(|a| *a > 0 && a.is_power_of_two())
-            .unwrap_or(DEFAULT_ALIGNMENT)
-    }
-
     /// Serializes the whole file into `out`.
     pub fn write_to(&self, out: &mut impl Write) -> Result<()> {
-        let align = self.alignment();
-        let mut head = Vec::new();
-        head.extend_from_slice(GGUF_MAGIC);
-        head.extend_from_slice(&3u32.to_le_bytes());
-        head.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        head.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
-        for (k, v) in self.metadata.iter() {
-            put_str(&mut head, k);
-            head.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
-            put_value(&mut head, v);
-        }
-        let mut offset = 0u64;
-        let mut offsets = Vec::with_capacity(self.tensors.len());
+        let layouts: Vec<TensorLayout> = self
+            .tensors
+            .iter()
+            .map(|t| TensorLayout {
+                name: t.name.clone(),
+                dims: t.dims.clone(),
+                ty: t.ty,
+            })
+            .collect();
+        let mut stream = GgufStreamWriter::new(out, &self.metadata, layouts)?;
         for t in &self.tensors {
-            put_str(&mut head, &t.name);
-            head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
-            for d in &t.dims {
-                head.extend_from_slice(&d.to_le_bytes());
-            }
-            head.extend_from_slice(&t.ty.id().to_le_bytes());
-            head.extend_from_slice(&offset.to_le_bytes());
-            offsets.push(offset);
-            offset = (offset + t.data.len() as u64).div_ceil(align) * align;
+            stream.write_tensor(&t.data)?;
         }
-        let pad = (head.len() as u64).div_ceil(align) * align - head.len() as u64;
-        head.resize(head.len() + pad as usize, 0);
-        out.write_all(&head)?;
-        let mut written = 0u64;
-        for (t, &off) in self.tensors.iter().zip(&offsets) {
-            let gap = off - written;
-            out.write_all(&vec![0u8; gap as usize])?;
-            out.write_all(&t.data)?;
-            written = off + t.data.len() as u64;
-        }
-        Ok(())
+        stream.finish()
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
@@ -149,6 +120,140 @@ impl<'a> GgufWriter<'a> {
             w.flush()?;
         }
         std::fs::rename(&tmp, path)?;
+        Ok(())
+    }
+}
+
+/// Where a tensor goes in a streamed file: its name, GGML-order dims and type
+/// (its byte size follows from them).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorLayout {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+}
+
+/// Writes a GGUF v3 file whose tensor data is produced one tensor at a time:
+/// [`GgufStreamWriter::new`] writes the header (metadata and every tensor's
+/// offset), then [`GgufStreamWriter::write_tensor`] takes each tensor's bytes
+/// in order (in one call or several), padding between tensors, and
+/// [`GgufStreamWriter::finish`] checks that every tensor was written whole.
+/// Nothing but the current tensor need be in memory.
+pub struct GgufStreamWriter<'w, W: Write> {
+    out: &'w mut W,
+    align: u64,
+    sizes: Vec<u64>,
+    names: Vec<String>,
+    /// Index of the tensor being written and the bytes of it written so far.
+    current: usize,
+    written: u64,
+}
+
+impl<'w, W: Write> GgufStreamWriter<'w, W> {
+    /// Writes the header. Each tensor's dims must be whole blocks of its
+    /// type, and names must be unique.
+    pub fn new(out: &'w mut W, metadata: &Metadata, tensors: Vec<TensorLayout>) -> Result<Self> {
+        let align = metadata
+            .get("general.alignment")
+            .and_then(Value::as_u64)
+            .filter(|a| *a > 0 && a.is_power_of_two())
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        let mut sizes = Vec::with_capacity(tensors.len());
+        let mut seen = std::collections::HashSet::new();
+        for t in &tensors {
+            let n: u64 = t.dims.iter().product();
+            let size = t.ty.bytes_for(n).ok_or_else(|| {
+                GgufError::Writer(format!(
+                    "tensor '{}': {n} elements is not a whole number of {} blocks",
+                    t.name, t.ty
+                ))
+            })?;
+            if !seen.insert(t.name.as_str()) {
+                return Err(GgufError::Writer(format!(
+                    "duplicate tensor name '{}'",
+                    t.name
+                )));
+            }
+            sizes.push(size);
+        }
+        let mut head = Vec::new();
+        head.extend_from_slice(GGUF_MAGIC);
+        head.extend_from_slice(&3u32.to_le_bytes());
+        head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+        head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
+        for (k, v) in metadata.iter() {
+            put_str(&mut head, k);
+            head.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
+            put_value(&mut head, v);
+        }
+        let mut offset = 0u64;
+        for (t, size) in tensors.iter().zip(&sizes) {
+            put_str(&mut head, &t.name);
+            head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
+            for d in &t.dims {
+                head.extend_from_slice(&d.to_le_bytes());
+            }
+            head.extend_from_slice(&t.ty.id().to_le_bytes());
+            head.extend_from_slice(&offset.to_le_bytes());
+            offset = (offset + size).div_ceil(align) * align;
+        }
+        let pad = (head.len() as u64).div_ceil(align) * align - head.len() as u64;
+        head.resize(head.len() + pad as usize, 0);
+        out.write_all(&head)?;
+        let current = sizes.iter().take_while(|&&s| s == 0).count();
+        Ok(GgufStreamWriter {
+            out,
+            align,
+            sizes,
+            names: tensors.into_iter().map(|t| t.name).collect(),
+            current,
+            written: 0,
+        })
+    }
+
+    /// Appends bytes of the current tensor; a tensor's bytes may come in
+    /// several calls. Writing past a tensor's size is an error.
+    pub fn write_tensor(&mut self, data: &[u8]) -> Result<()> {
+        let Some(&size) = self.sizes.get(self.current) else {
+            return Err(GgufError::Writer(format!(
+                "{} bytes of tensor data after the last tensor",
+                data.len()
+            )));
+        };
+        if self.written + data.len() as u64 > size {
+            return Err(GgufError::Writer(format!(
+                "tensor '{}': {} bytes written, its size is {size}",
+                self.names[self.current],
+                self.written + data.len() as u64
+            )));
+        }
+        self.out.write_all(data)?;
+        self.written += data.len() as u64;
+        if self.written == size {
+            let pad = size.div_ceil(self.align) * self.align - size;
+            self.out.write_all(&vec![0u8; pad as usize])?;
+            self.current += 1;
+            self.written = 0;
+            // Zero-sized tensors that follow take no bytes.
+            while self.sizes.get(self.current) == Some(&0) {
+                self.current += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every tensor was written whole.
+    pub fn finish(mut self) -> Result<()> {
+        while self.sizes.get(self.current) == Some(&0) {
+            self.current += 1;
+        }
+        if self.current < self.sizes.len() {
+            return Err(GgufError::Writer(format!(
+                "tensor '{}' was not written whole ({} of {} bytes)",
+                self.names[self.current], self.written, self.sizes[self.current]
+            )));
+        }
+        self.out.flush()?;
         Ok(())
     }
 }

@@ -596,6 +596,23 @@ pub struct Perplexity {
     pub ppl: f64,
     pub chunks: usize,
     pub scored: usize,
+    /// Against a base model ([`Runner::perplexity_vs`]), else `None`.
+    pub vs_base: Option<KlStats>,
+}
+
+/// How far a model's next-token distributions are from a base model's over
+/// the same scored positions (llama.cpp's `--kl-divergence` figures).
+#[derive(Clone, Debug, PartialEq)]
+pub struct KlStats {
+    /// The base model's perplexity on the same tokens.
+    pub base_ppl: f64,
+    /// Mean over positions of KL(base ‖ model) = Σ p_base·(ln p_base − ln p_model), in nats.
+    pub kl_mean: f64,
+    /// Its 99th percentile and maximum over positions.
+    pub kl_p99: f64,
+    pub kl_max: f64,
+    /// Fraction of positions where both models' most likely token is the same.
+    pub top1_agree: f64,
 }
 
 impl Runner<'_> {
@@ -606,6 +623,21 @@ impl Runner<'_> {
     /// `progress(done, total, running_ppl)` is called after each chunk.
     pub fn perplexity(
         &mut self,
+        tokens: &[u32],
+        ctx: usize,
+        bos: Option<u32>,
+        progress: impl FnMut(usize, usize, f64),
+    ) -> Result<Perplexity> {
+        self.perplexity_vs(None, tokens, ctx, bos, progress)
+    }
+
+    /// [`Runner::perplexity`], and with `base` (a runner over a base model
+    /// with the same vocabulary, e.g. the F16 original of a quantized model)
+    /// also how far this model's distributions are from the base's at the
+    /// same positions ([`KlStats`]).
+    pub fn perplexity_vs(
+        &mut self,
+        mut base: Option<&mut Runner<'_>>,
         tokens: &[u32],
         ctx: usize,
         bos: Option<u32>,
@@ -623,8 +655,34 @@ impl Runner<'_> {
                 tokens.len()
             )));
         }
+        if let Some(b) = &base {
+            if b.model.config.vocab != self.model.config.vocab {
+                return Err(ModelError::BadConfig(format!(
+                    "the base model's vocabulary ({}) is not this model's ({})",
+                    b.model.config.vocab, self.model.config.vocab
+                )));
+            }
+        }
         let vocab = self.model.config.vocab;
         let (mut nll, mut count) = (0f64, 0usize);
+        let (mut base_nll, mut agree) = (0f64, 0usize);
+        let mut kls: Vec<f64> = Vec::new();
+        let log_softmax = |row: &[f32], out: &mut Vec<f64>| {
+            let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            out.clear();
+            out.extend(row.iter().map(|&x| x as f64 - lse));
+        };
+        let argmax = |row: &[f32]| {
+            let mut bi = 0;
+            for (i, &x) in row.iter().enumerate() {
+                if x > row[bi] {
+                    bi = i;
+                }
+            }
+            bi
+        };
+        let (mut lp, mut lq) = (Vec::new(), Vec::new());
         let mut chunk = Vec::with_capacity(ctx);
         for c in 0..n_chunks {
             chunk.clear();
@@ -633,19 +691,58 @@ impl Runner<'_> {
                 chunk[0] = b;
             }
             let logits = self.all_logits(&chunk)?;
+            let base_logits = match base.as_deref_mut() {
+                Some(b) => Some(b.all_logits(&chunk)?),
+                None => None,
+            };
             for j in ctx / 2..ctx - 1 {
                 let row = &logits[j * vocab..(j + 1) * vocab];
-                let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
-                nll += lse - row[tokens[c * ctx + j + 1] as usize] as f64;
+                let next = tokens[c * ctx + j + 1] as usize;
+                log_softmax(row, &mut lq);
+                nll -= lq[next];
                 count += 1;
+                if let Some(bl) = &base_logits {
+                    let brow = &bl[j * vocab..(j + 1) * vocab];
+                    log_softmax(brow, &mut lp);
+                    base_nll -= lp[next];
+                    let kl: f64 = lp
+                        .iter()
+                        .zip(&lq)
+                        .map(|(&p, &q)| {
+                            if p > f64::NEG_INFINITY {
+                                p.exp() * (p - q)
+                            } else {
+                                0.0
+                            }
+                        })
+                        .sum();
+                    kls.push(kl.max(0.0));
+                    agree += usize::from(argmax(row) == argmax(brow));
+                }
             }
             progress(c + 1, n_chunks, (nll / count as f64).exp());
         }
+        let vs_base = base.map(|_| {
+            let n = kls.len().max(1) as f64;
+            let mean = kls.iter().sum::<f64>() / n;
+            kls.sort_by(f64::total_cmp);
+            let p99 = kls
+                .get(((kls.len() as f64 * 0.99).ceil() as usize).saturating_sub(1))
+                .copied()
+                .unwrap_or(0.0);
+            KlStats {
+                base_ppl: (base_nll / count as f64).exp(),
+                kl_mean: mean,
+                kl_p99: p99,
+                kl_max: kls.last().copied().unwrap_or(0.0),
+                top1_agree: agree as f64 / n,
+            }
+        });
         Ok(Perplexity {
             ppl: (nll / count as f64).exp(),
             chunks: n_chunks,
             scored: count,
+            vs_base,
         })
     }
 }

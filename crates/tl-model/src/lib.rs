@@ -14,6 +14,7 @@ pub mod kv;
 pub mod llm;
 pub mod model;
 mod ops;
+pub mod quantize;
 pub mod sampler;
 pub mod spec;
 pub mod synth;

@@ -1,0 +1,143 @@
+//! `tl quantize`: rewrites a GGUF model in another block type with
+//! llama-quantize's per-tensor mixes (`tl_model::quantize`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use tl_gguf::{GgmlType, GgufFile};
+use tl_model::quantize::{self, FileType, QuantizeOptions};
+
+#[derive(clap::Args)]
+pub struct QuantizeArgs {
+    /// Input GGUF model (F32/F16/BF16, or quantized with --allow-requantize).
+    pub input: PathBuf,
+    /// Output GGUF file (written to OUTPUT.partial, then renamed).
+    pub output: PathBuf,
+    /// File type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S,
+    /// Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (Q3_K,
+    /// Q4_K and Q5_K mean the _M mixes), or llama.cpp's number for one.
+    #[arg(value_name = "TYPE")]
+    pub ftype: String,
+    /// Worker threads (default: all cores).
+    #[arg(short = 't', long, default_value_t = 0)]
+    pub threads: usize,
+    /// Quantize tensors that are already quantized (dequantizing them first).
+    #[arg(long)]
+    pub allow_requantize: bool,
+    /// Copy output.weight unchanged.
+    #[arg(long)]
+    pub leave_output_tensor: bool,
+    /// Give every quantized tensor the file type's default block type (no mix).
+    #[arg(long)]
+    pub pure: bool,
+    /// Block type of output.weight (and of a tied token_embd).
+    #[arg(long, value_name = "TYPE")]
+    pub output_tensor_type: Option<String>,
+    /// Block type of token_embd.weight.
+    #[arg(long, value_name = "TYPE")]
+    pub token_embedding_type: Option<String>,
+    /// Print each tensor's chosen type and the sizes, and write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+fn block_type(flag: &str, s: &str) -> anyhow::Result<GgmlType> {
+    let ty = GgmlType::from_name(&s.to_ascii_uppercase())
+        .or_else(|| GgmlType::from_name(s))
+        .with_context(|| format!("{flag}: unknown tensor type '{s}'"))?;
+    if !tl_core::quant::is_supported(ty) || matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K) {
+        anyhow::bail!("{flag}: can't write tensors of type {ty}");
+    }
+    Ok(ty)
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
+    let ftype: FileType = a.ftype.parse()?;
+    let mut opts = QuantizeOptions::new(ftype);
+    opts.threads = a.threads;
+    opts.allow_requantize = a.allow_requantize;
+    opts.leave_output_tensor = a.leave_output_tensor;
+    opts.pure = a.pure;
+    opts.output_tensor_type = a
+        .output_tensor_type
+        .as_deref()
+        .map(|s| block_type("--output-tensor-type", s))
+        .transpose()?;
+    opts.token_embedding_type = a
+        .token_embedding_type
+        .as_deref()
+        .map(|s| block_type("--token-embedding-type", s))
+        .transpose()?;
+
+    if a.dry_run {
+        let file =
+            GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+        let plans = quantize::plan(&file, &opts)?;
+        let (mut inb, mut outb) = (0, 0);
+        for p in &plans {
+            println!(
+                "{:<40} {:>22} {:>6} -> {:<6}{} {:>9.2} MiB -> {:>9.2} MiB",
+                p.name,
+                format!("{:?}", p.dims),
+                p.from.name(),
+                p.to.name(),
+                if p.fallback { " (fallback)" } else { "" },
+                mib(p.in_bytes()),
+                mib(p.out_bytes())
+            );
+            inb += p.in_bytes();
+            outb += p.out_bytes();
+        }
+        println!(
+            "{} tensors: {:.2} MiB -> {:.2} MiB ({ftype})",
+            plans.len(),
+            mib(inb),
+            mib(outb)
+        );
+        return Ok(());
+    }
+
+    let total = {
+        let file =
+            GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
+        quantize::plan(&file, &opts)?
+            .iter()
+            .map(|p| p.out_bytes())
+            .sum::<u64>()
+    };
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {elapsed_precise} eta {eta} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let t0 = std::time::Instant::now();
+    let summary = quantize::quantize_file(&a.input, &a.output, &opts, &mut |p, bytes| {
+        bar.set_message(format!("{} {} -> {}", p.name, p.from.name(), p.to.name()));
+        bar.inc(bytes);
+    });
+    bar.finish_and_clear();
+    let summary = summary?;
+    eprintln!(
+        "quantized {} of {} tensors to {ftype}{}: {:.2} MiB -> {:.2} MiB ({:.2} bits per weight) in {:.1} s -> {}",
+        summary.quantized,
+        summary.tensors,
+        if summary.fallbacks > 0 {
+            format!(" ({} by fallback types: rows not whole super-blocks)", summary.fallbacks)
+        } else {
+            String::new()
+        },
+        mib(summary.in_bytes),
+        mib(summary.out_bytes),
+        summary.out_bytes as f64 * 8.0 / summary.elements.max(1) as f64,
+        t0.elapsed().as_secs_f64(),
+        a.output.display()
+    );
+    Ok(())
+}

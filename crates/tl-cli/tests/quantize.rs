@@ -1,0 +1,295 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `tl quantize` against llama.cpp's quantizer: for the inputs, file types
+//! and flags in tests/fixtures/quantize.json (written by
+//! scripts/make_quantize_fixtures.py with llama-cpp-python's
+//! `llama_model_quantize`), every output tensor must have llama.cpp's type
+//! and the same bytes (the first 64 bits of their SHA-256), and the whole
+//! file must be the same (its full SHA-256). No
+//! tolerance: the quantizers are deterministic integer/float code that
+//! follows ggml's reference routines operation by operation.
+//!
+//! Plus bad input: each refusal names what is wrong and leaves no output.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+use tl_gguf::{GgmlType, GgufFile, GgufWriter, Value};
+
+fn tl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tl"))
+}
+
+fn fixtures() -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quantize.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("json")
+}
+
+fn model_path(file: &str) -> PathBuf {
+    let dir = std::env::var_os("TL_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tensorlogic/models")
+        });
+    let p = dir.join(file);
+    assert!(
+        p.exists(),
+        "model file {} is missing: run `python3 scripts/fetch_models.py` (or set TL_MODEL_DIR)",
+        p.display()
+    );
+    p
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn strs(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|s| s.as_str().expect("string").to_owned())
+        .collect()
+}
+
+/// Runs `tl quantize` for one fixture case and returns the differences.
+fn check_case(input: &Path, case: &serde_json::Value, label: &str, tmp: &Path) -> Vec<String> {
+    let ftype = case["ftype"].as_str().unwrap();
+    let flags = strs(&case["flags"]);
+    let out = tmp.join("out.gguf");
+    let run = tl()
+        .arg("quantize")
+        .arg(input)
+        .arg(&out)
+        .arg(ftype)
+        .args(["-t", "2"])
+        .args(&flags)
+        .output()
+        .expect("runs");
+    if !run.status.success() {
+        return vec![format!(
+            "{label} {ftype} {flags:?}: tl quantize failed: {}",
+            String::from_utf8_lossy(&run.stderr)
+        )];
+    }
+    let mut diffs = Vec::new();
+    let file = GgufFile::open(&out).expect("output reads back");
+    let want = case["tensors"].as_object().unwrap();
+    if file.tensors.len() != want.len() {
+        diffs.push(format!(
+            "{label} {ftype} {flags:?}: {} tensors, llama.cpp wrote {}",
+            file.tensors.len(),
+            want.len()
+        ));
+    }
+    for t in &file.tensors {
+        let Some(w) = want.get(&t.name) else {
+            diffs.push(format!("{label} {ftype}: extra tensor {}", t.name));
+            continue;
+        };
+        let (wty, wsha) = (w[0].as_str().unwrap(), w[1].as_str().unwrap());
+        if t.ty.name() != wty {
+            diffs.push(format!(
+                "{label} {ftype} {flags:?}: {} is {}, llama.cpp made it {wty}",
+                t.name,
+                t.ty.name()
+            ));
+        } else if !sha256(file.tensor_data(t)).starts_with(wsha) {
+            diffs.push(format!(
+                "{label} {ftype} {flags:?}: {} ({wty}) bytes differ from llama.cpp's",
+                t.name
+            ));
+        }
+    }
+    if diffs.is_empty() {
+        let whole = sha256(&std::fs::read(&out).unwrap());
+        if whole != case["file_sha256"].as_str().unwrap() {
+            diffs.push(format!(
+                "{label} {ftype} {flags:?}: tensors equal but the file differs (metadata or layout)"
+            ));
+        }
+    }
+    diffs
+}
+
+#[test]
+fn synthetic_models_quantize_like_llama_cpp() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut diffs = Vec::new();
+    let mut n = 0;
+    for entry in fx["synth"].as_array().unwrap() {
+        let name = entry["name"].as_str().unwrap();
+        let input = tmp.path().join(format!("{name}.gguf"));
+        let s = tl()
+            .arg("synth")
+            .args(strs(&entry["synth_args"]))
+            .arg("-o")
+            .arg(&input)
+            .output()
+            .unwrap();
+        assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+        assert_eq!(
+            sha256(&std::fs::read(&input).unwrap()),
+            entry["input_sha256"].as_str().unwrap(),
+            "`tl synth` no longer writes the input of {name}: rerun scripts/make_quantize_fixtures.py"
+        );
+        for case in entry["cases"].as_array().unwrap() {
+            diffs.extend(check_case(&input, case, name, tmp.path()));
+            n += 1;
+        }
+    }
+    assert!(n >= 80, "only {n} cases in the fixture");
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+#[test]
+fn test_models_requantize_like_llama_cpp() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut diffs = Vec::new();
+    for entry in fx["models"].as_array().unwrap() {
+        let model = entry["model"].as_str().unwrap();
+        let input = model_path(model);
+        for case in entry["cases"].as_array().unwrap() {
+            diffs.extend(check_case(&input, case, model, tmp.path()));
+        }
+    }
+    assert!(
+        diffs.is_empty(),
+        "{} differences:\n{}",
+        diffs.len(),
+        diffs.join("\n")
+    );
+}
+
+fn fails_with(args: &[&std::ffi::OsStr], needle: &str) {
+    let out = tl().arg("quantize").args(args).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded: {args:?}");
+    assert!(
+        err.contains(needle),
+        "{args:?}: wanted '{needle}' in: {err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_input_is_refused_by_name_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let out = d.join("out.gguf");
+    let q = model_path("qwen2.5-coder-0.5b-instruct-q4.gguf");
+    // Already quantized without --allow-requantize.
+    fails_with(
+        &[q.as_os_str(), out.as_os_str(), "Q4_0".as_ref()],
+        "--allow-requantize",
+    );
+    // Unknown file type lists the known ones.
+    fails_with(&[q.as_os_str(), out.as_os_str(), "Q9_K".as_ref()], "Q4_K_M");
+    // A mix that needs an importance matrix.
+    let synth = d.join("s.gguf");
+    assert!(tl()
+        .args([
+            "synth",
+            "--weight-type",
+            "F16",
+            "--output-type",
+            "F16",
+            "-o"
+        ])
+        .arg(&synth)
+        .status()
+        .unwrap()
+        .success());
+    fails_with(
+        &[synth.as_os_str(), out.as_os_str(), "Q2_K_S".as_ref()],
+        "importance matrix",
+    );
+    // Not a GGUF file.
+    let junk = d.join("junk.gguf");
+    std::fs::write(&junk, b"not a model").unwrap();
+    fails_with(
+        &[junk.as_os_str(), out.as_os_str(), "Q8_0".as_ref()],
+        "GGUF",
+    );
+    // Output over the input.
+    fails_with(
+        &[synth.as_os_str(), synth.as_os_str(), "Q8_0".as_ref()],
+        "is the input file",
+    );
+    // A NaN in a weight: named by tensor and row; no output, no partial file.
+    let mut w = GgufWriter::new();
+    w.set("general.architecture", Value::String("llama".into()));
+    w.set("llama.block_count", Value::U32(1));
+    let mut vals = vec![0.5f32; 64];
+    vals[40] = f32::NAN;
+    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    w.add_tensor("blk.0.attn_q.weight", vec![32, 2], GgmlType::F32, bytes)
+        .unwrap();
+    let nan = d.join("nan.gguf");
+    w.write_file(&nan).unwrap();
+    fails_with(
+        &[nan.as_os_str(), out.as_os_str(), "Q8_0".as_ref()],
+        "'blk.0.attn_q.weight': row 1",
+    );
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let synth = tmp.path().join("s.gguf");
+    assert!(tl()
+        .args([
+            "synth",
+            "--weight-type",
+            "F32",
+            "--output-type",
+            "F32",
+            "--layers",
+            "8",
+            "-o"
+        ])
+        .arg(&synth)
+        .status()
+        .unwrap()
+        .success());
+    let out = tmp.path().join("o.gguf");
+    let run = tl()
+        .arg("quantize")
+        .arg(&synth)
+        .arg(&out)
+        .args(["Q4_K_M", "--dry-run"])
+        .output()
+        .unwrap();
+    assert!(run.status.success());
+    let text = String::from_utf8_lossy(&run.stdout);
+    // Layer 0 is in the first eighth (Q6_K attn_v and ffn_down); layer 2 is
+    // not among the extra-bit layers (0, 3, 6 and 7 of 8).
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    assert!(line("blk.0.attn_v.weight").contains("-> Q6_K"));
+    assert!(line("blk.0.ffn_down.weight").contains("-> Q6_K"));
+    assert!(line("blk.2.ffn_down.weight").contains("-> Q4_K"));
+    assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
+    assert!(!out.exists());
+}

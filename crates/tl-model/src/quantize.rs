@@ -1,0 +1,962 @@
+//! Model quantization: rewrites a GGUF model with its weight matrices in
+//! another block type, choosing each tensor's type as llama.cpp's
+//! `llama-quantize` does (`src/llama-quant.cpp`), so that for the same input
+//! and file type the output's tensors are byte-identical to llama.cpp's.
+//!
+//! What decides a tensor's type ([`plan`]):
+//! - Only weight matrices are quantized: 2-D or 3-D tensors whose names end in
+//!   `weight`, minus norms, MoE routers, position/token-type embeddings and the
+//!   small special tensors llama.cpp lists ([`allows_quantization`]). Other
+//!   tensors are copied byte for byte.
+//! - A file type ([`FileType`]) has a default block type; mixes (`Q4_K_M`,
+//!   `Q3_K_S`, …) give more bits to the tensors quantization hurts most:
+//!   `output`/tied `token_embd` (Q6_K, or Q8_0 when rows aren't whole
+//!   super-blocks), `attn_v` and `ffn_down` by layer position
+//!   ([`use_more_bits`]), `attn_output`, and Q8_0 for `attn_k`/`attn_v` of
+//!   8-expert models.
+//! - A type whose block does not divide a row falls back to a 32-value type
+//!   (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, Q2_K/Q3_K → Q4_0), and to F16
+//!   when even that does not fit.
+//!
+//! Tensors are written in llama.cpp's order (by layer number, then by name)
+//! and the metadata is the input's with `general.quantization_version` and
+//! `general.file_type` moved to the end, so for the same choices the whole
+//! file is byte-identical, not only its tensors.
+//!
+//! Not here yet: importance matrices (the imatrix-weighted quantizers and
+//! the mixes that need one, e.g. Q2_K_S, are refused with a clear error), the
+//! IQ types, `--tensor-type` overrides and split files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use tl_gguf::{GgmlType, GgufFile, GgufStreamWriter, Metadata, TensorLayout, Value};
+
+/// Errors of quantization; each names the tensor or option at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    #[error("unknown file type '{name}' (known: {known})")]
+    UnknownFileType { name: String, known: String },
+    #[error("tensor '{tensor}': the {ftype} mix quantizes it to {ty}, which needs an importance matrix (not supported yet)")]
+    NeedsImatrix {
+        tensor: String,
+        ty: GgmlType,
+        ftype: FileType,
+    },
+    #[error("tensor '{tensor}' is already quantized ({from}); pass --allow-requantize to quantize it again to {to} (quality drops: quantize from the F16/F32 original when you have it)")]
+    Requantize {
+        tensor: String,
+        from: GgmlType,
+        to: GgmlType,
+    },
+    #[error("tensor '{tensor}': row {row} holds a non-finite value (inf or NaN); refusing to quantize it")]
+    NonFinite { tensor: String, row: usize },
+    #[error("tensor '{tensor}': {reason}")]
+    Tensor { tensor: String, reason: String },
+    #[error("model metadata: {0}")]
+    Metadata(String),
+    #[error("the output {0} is the input file")]
+    SameFile(PathBuf),
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error(transparent)]
+    Gguf(#[from] tl_gguf::GgufError),
+}
+
+pub type Result<T, E = QuantizeError> = std::result::Result<T, E>;
+
+macro_rules! file_types {
+    ($($var:ident = $id:literal, $name:literal, $ty:ident, $doc:literal;)*) => {
+        /// A model file type: llama.cpp's `llama_ftype` (the value stored in
+        /// `general.file_type`), i.e. a default block type plus a rule for
+        /// which tensors get more bits.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[allow(non_camel_case_types)]
+        pub enum FileType {
+            $(#[doc = $doc] $var,)*
+        }
+
+        impl FileType {
+            pub const ALL: &'static [FileType] = &[$(FileType::$var),*];
+
+            /// The `llama_ftype` number written to `general.file_type`.
+            pub fn id(self) -> u32 {
+                match self { $(FileType::$var => $id,)* }
+            }
+
+            /// llama-quantize's name for it (`Q4_K_M`).
+            pub fn name(self) -> &'static str {
+                match self { $(FileType::$var => $name,)* }
+            }
+
+            /// The block type most tensors get.
+            pub fn default_type(self) -> GgmlType {
+                match self { $(FileType::$var => GgmlType::$ty,)* }
+            }
+
+            /// One line of help: name and what it is.
+            pub fn describe(self) -> &'static str {
+                match self { $(FileType::$var => $doc,)* }
+            }
+        }
+    };
+}
+
+file_types! {
+    F32 = 0, "F32", F32, "32-bit floats";
+    F16 = 1, "F16", F16, "16-bit floats";
+    BF16 = 32, "BF16", BF16, "bfloat16";
+    Q8_0 = 7, "Q8_0", Q8_0, "8.5 bits per weight";
+    Q4_0 = 2, "Q4_0", Q4_0, "4.5 bpw, scale per 32";
+    Q4_1 = 3, "Q4_1", Q4_1, "5 bpw, scale and minimum per 32";
+    Q5_0 = 8, "Q5_0", Q5_0, "5.5 bpw, scale per 32";
+    Q5_1 = 9, "Q5_1", Q5_1, "6 bpw, scale and minimum per 32";
+    Q2_K = 10, "Q2_K", Q2_K, "Q2_K with Q3_K/Q4_K attn_v and Q3_K ffn_down, attn_output";
+    Q2_K_S = 21, "Q2_K_S", Q2_K, "Q2_K throughout (needs an importance matrix)";
+    Q3_K_S = 11, "Q3_K_S", Q3_K, "Q3_K throughout";
+    Q3_K_M = 12, "Q3_K_M", Q3_K, "Q3_K with Q4_K/Q5_K attn_v, ffn_down, attn_output";
+    Q3_K_L = 13, "Q3_K_L", Q3_K, "Q3_K with Q5_K attn_v, ffn_down, attn_output";
+    Q4_K_S = 14, "Q4_K_S", Q4_K, "Q4_K with Q5_K in the first attn_v and ffn_down";
+    Q4_K_M = 15, "Q4_K_M", Q4_K, "Q4_K with Q6_K in half of attn_v and ffn_down";
+    Q5_K_S = 16, "Q5_K_S", Q5_K, "Q5_K throughout";
+    Q5_K_M = 17, "Q5_K_M", Q5_K, "Q5_K with Q6_K in half of attn_v and ffn_down";
+    Q6_K = 18, "Q6_K", Q6_K, "6.56 bpw";
+}
+
+impl std::fmt::Display for FileType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for FileType {
+    type Err = QuantizeError;
+
+    /// A name as llama-quantize takes it (any case; `Q4_K` means `Q4_K_M`,
+    /// `Q3_K` means `Q3_K_M`, `Q5_K` means `Q5_K_M`) or its number.
+    fn from_str(s: &str) -> Result<Self> {
+        let up = s.trim().to_ascii_uppercase();
+        let alias = match up.as_str() {
+            "Q3_K" => "Q3_K_M",
+            "Q4_K" => "Q4_K_M",
+            "Q5_K" => "Q5_K_M",
+            other => other,
+        };
+        FileType::ALL
+            .iter()
+            .copied()
+            .find(|t| t.name() == alias || up.parse::<u32>().ok() == Some(t.id()))
+            .ok_or_else(|| QuantizeError::UnknownFileType {
+                name: s.to_owned(),
+                known: FileType::ALL
+                    .iter()
+                    .map(|t| t.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+/// What to do, as llama-quantize's flags say it.
+#[derive(Clone, Debug)]
+pub struct QuantizeOptions {
+    pub ftype: FileType,
+    /// Quantize tensors that are already quantized (dequantized to f32 first).
+    pub allow_requantize: bool,
+    /// Copy `output.weight` as it is.
+    pub leave_output_tensor: bool,
+    /// Every quantized tensor gets the default type (no mix rules; shapes
+    /// that don't fit still fall back).
+    pub pure: bool,
+    pub output_tensor_type: Option<GgmlType>,
+    pub token_embedding_type: Option<GgmlType>,
+    /// Worker threads; 0 uses all cores.
+    pub threads: usize,
+}
+
+impl QuantizeOptions {
+    pub fn new(ftype: FileType) -> Self {
+        QuantizeOptions {
+            ftype,
+            allow_requantize: false,
+            leave_output_tensor: false,
+            pure: false,
+            output_tensor_type: None,
+            token_embedding_type: None,
+            threads: 0,
+        }
+    }
+}
+
+/// One output tensor: where it comes from and the type it gets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorPlan {
+    /// Index in the input file's tensor list.
+    pub input: usize,
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub from: GgmlType,
+    pub to: GgmlType,
+    /// The mix's type did not fit the row length and a fallback was taken.
+    pub fallback: bool,
+}
+
+impl TensorPlan {
+    pub fn in_bytes(&self) -> u64 {
+        self.from.bytes_for(self.n_elements()).unwrap_or(0)
+    }
+
+    pub fn out_bytes(&self) -> u64 {
+        self.to.bytes_for(self.n_elements()).unwrap_or(0)
+    }
+
+    fn n_elements(&self) -> u64 {
+        self.dims.iter().product()
+    }
+}
+
+/// Broad tensor roles, by name, as llama.cpp's quantizer sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Category {
+    TokenEmbd,
+    AttnQ,
+    AttnV,
+    AttnK,
+    AttnQkv,
+    AttnKvB,
+    AttnOutput,
+    FfnUp,
+    FfnGate,
+    FfnDown,
+    Output,
+    Other,
+}
+
+fn category(name: &str) -> Category {
+    use Category::*;
+    if name == "output.weight" {
+        Output
+    } else if name == "token_embd.weight" || name == "per_layer_token_embd.weight" {
+        TokenEmbd
+    } else if name.contains("attn_qkv.weight") {
+        AttnQkv
+    } else if name.contains("attn_kv_b.weight") {
+        AttnKvB
+    } else if name.contains("attn_v.weight") {
+        AttnV
+    } else if name.contains("attn_k.weight") {
+        AttnK
+    } else if name.contains("attn_q.weight") {
+        AttnQ
+    } else if name.contains("attn_output.weight") {
+        AttnOutput
+    } else if name.contains("ffn_up") {
+        FfnUp
+    } else if name.contains("ffn_gate") {
+        FfnGate
+    } else if name.contains("ffn_down") {
+        FfnDown
+    } else {
+        Other
+    }
+}
+
+/// `attn_v`-like tensors, the most sensitive to quantization.
+fn is_attn_v(c: Category) -> bool {
+    matches!(c, Category::AttnV | Category::AttnQkv | Category::AttnKvB)
+}
+
+/// llama.cpp's layer choice for extra bits: the first and last eighth of the
+/// layers, and every third layer between them.
+pub fn use_more_bits(i_layer: i64, n_layers: i64) -> bool {
+    i_layer < n_layers / 8
+        || i_layer >= 7 * n_layers / 8
+        || (i_layer - n_layers / 8).rem_euclid(3) == 2
+}
+
+/// ggml's dimension count: trailing 1s don't count, and it is at least 1.
+fn n_dims(dims: &[u64]) -> usize {
+    dims.iter().rposition(|&d| d > 1).map_or(1, |i| i + 1)
+}
+
+/// Whether llama-quantize would quantize this tensor at all.
+pub fn allows_quantization(name: &str, dims: &[u64], leave_output_tensor: bool) -> bool {
+    if n_dims(dims) < 2 || !name.ends_with("weight") || name.contains("_norm.weight") {
+        return false;
+    }
+    if leave_output_tensor && name == "output.weight" {
+        return false;
+    }
+    const KEPT: &[&str] = &[
+        "ffn_gate_inp.weight",
+        "ffn_gate_tid2eid.weight",
+        "altup",
+        "laurel",
+        "per_layer_model_proj",
+        "ssm_conv1d",
+        "shortconv.conv.weight",
+        "indexer.k_proj.weight",
+        "indexer.q_proj.weight",
+        "time_mix_first.weight",
+        "time_mix_w0.weight",
+        "time_mix_w1.weight",
+        "time_mix_w2.weight",
+        "time_mix_v0.weight",
+        "time_mix_v1.weight",
+        "time_mix_v2.weight",
+        "time_mix_a0.weight",
+        "time_mix_a1.weight",
+        "time_mix_a2.weight",
+        "time_mix_g1.weight",
+        "time_mix_g2.weight",
+        "time_mix_decay_w1.weight",
+        "time_mix_decay_w2.weight",
+        "time_mix_lerp_fused.weight",
+        "attn_rel_b.weight",
+        ".position_embd",
+        "sam.pos_embd",
+        "sam.neck.",
+        "sam.net_",
+        ".rel_pos",
+        ".patch_embd",
+        ".patch_merger",
+        "a.rvq.codebook",
+        "mm.a.code_embd",
+    ];
+    if KEPT.iter().any(|k| name.contains(k)) {
+        return false;
+    }
+    name != "position_embd.weight" && name != "token_types.weight"
+}
+
+/// ggml's `ggml_is_quantized`: block types, not plain floats or integers.
+fn is_quantized(ty: GgmlType) -> bool {
+    !matches!(
+        ty,
+        GgmlType::F32
+            | GgmlType::F16
+            | GgmlType::BF16
+            | GgmlType::F64
+            | GgmlType::I8
+            | GgmlType::I16
+            | GgmlType::I32
+            | GgmlType::I64
+    )
+}
+
+/// The layer of a tensor named `blk.N.…`, or -1 (llama.cpp sorts by it).
+fn layer_of(name: &str) -> i64 {
+    name.strip_prefix("blk.")
+        .and_then(|r| {
+            let end = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+            r[..end].parse::<i64>().ok()
+        })
+        .unwrap_or(-1)
+}
+
+/// The hyper-parameters the mix rules look at.
+#[derive(Clone, Debug)]
+struct ModelInfo {
+    arch: String,
+    n_layer: i64,
+    n_head: u64,
+    n_head_kv: u64,
+    n_expert: u64,
+    /// llama.cpp's `LLM_TYPE_70B` (8 heads share each `attn_v`).
+    is_70b: bool,
+}
+
+/// The first element of a per-layer array, or the number itself.
+fn first_u64(md: &Metadata, key: &str) -> Result<Option<u64>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(Value::Array(a)) => match a {
+            tl_gguf::Array::U32(v) => Ok(v.first().map(|&x| u64::from(x))),
+            tl_gguf::Array::I32(v) => Ok(v.first().and_then(|&x| u64::try_from(x).ok())),
+            tl_gguf::Array::U64(v) => Ok(v.first().copied()),
+            _ => Err(QuantizeError::Metadata(format!(
+                "{key}: expected integers, found {:?}",
+                a.elem_type()
+            ))),
+        },
+        Some(_) => md
+            .get_u64(key)
+            .map(Some)
+            .map_err(|e| QuantizeError::Metadata(e.to_string())),
+    }
+}
+
+impl ModelInfo {
+    fn read(md: &Metadata) -> Result<Self> {
+        let meta = |e: tl_gguf::GgufError| QuantizeError::Metadata(e.to_string());
+        let arch = md.get_str("general.architecture").map_err(meta)?.to_owned();
+        let n_layer = md.get_u64(&format!("{arch}.block_count")).map_err(meta)? as i64;
+        let n_head = first_u64(md, &format!("{arch}.attention.head_count"))?.unwrap_or(0);
+        let n_head_kv =
+            first_u64(md, &format!("{arch}.attention.head_count_kv"))?.unwrap_or(n_head);
+        let n_expert = md
+            .opt_u64(&format!("{arch}.expert_count"))
+            .map_err(meta)?
+            .unwrap_or(0);
+        let is_70b = match arch.as_str() {
+            "llama" => n_layer == 80 && n_head != n_head_kv,
+            "qwen2" | "deci" | "olmo" => n_layer == 80,
+            "jais2" => n_layer == 68,
+            _ => false,
+        };
+        Ok(ModelInfo {
+            arch,
+            n_layer,
+            n_head,
+            n_head_kv,
+            n_expert,
+            is_70b,
+        })
+    }
+
+    fn n_gqa(&self) -> u64 {
+        if self.n_head_kv == 0 {
+            0
+        } else {
+            self.n_head / self.n_head_kv
+        }
+    }
+}
+
+/// The mix rules' running state: counters over the tensors seen so far.
+struct MixState<'a> {
+    info: &'a ModelInfo,
+    opts: &'a QuantizeOptions,
+    n_attention_wv: i64,
+    i_attention_wv: i64,
+    i_ffn_down: i64,
+    i_ffn_gate: i64,
+    i_ffn_up: i64,
+    tied_embeddings: bool,
+}
+
+impl MixState<'_> {
+    /// (layer, layer count) for the layer-position rules: the running
+    /// counter, or, in MoE models, the number in the tensor's name.
+    fn layer_info(&self, counter: i64, name: &str) -> Result<(i64, i64)> {
+        let n = self.info.n_layer;
+        if self.info.n_expert > 1 {
+            let i = layer_of(name);
+            if i < 0 || i >= n {
+                return Err(QuantizeError::Tensor {
+                    tensor: name.to_owned(),
+                    reason: format!("no layer number in [0, {n}) in the name"),
+                });
+            }
+            return Ok((i, n));
+        }
+        Ok((counter, n))
+    }
+
+    /// llama.cpp's `llama_tensor_get_type_impl` for the file types here.
+    fn mix(
+        &mut self,
+        mut ty: GgmlType,
+        name: &str,
+        dims: &[u64],
+        cat: Category,
+    ) -> Result<GgmlType> {
+        use FileType as F;
+        use GgmlType as G;
+        let ft = self.opts.ftype;
+        let falcon = self.info.arch == "falcon";
+        let gqa = self.info.n_gqa();
+        let n_expert = self.info.n_expert;
+        if cat == Category::Output || (self.tied_embeddings && cat == Category::TokenEmbd) {
+            if let Some(t) = self.opts.output_tensor_type {
+                ty = t;
+            } else {
+                let nx = dims.first().copied().unwrap_or(0);
+                let qk = ty.block_size() as u64;
+                if falcon || qk == 0 || nx % qk != 0 {
+                    ty = G::Q8_0;
+                } else if ty != G::Q8_0 {
+                    ty = G::Q6_K;
+                }
+            }
+        } else if cat == Category::TokenEmbd {
+            if let Some(t) = self.opts.token_embedding_type {
+                ty = t;
+            }
+        } else if is_attn_v(cat) {
+            let (i, n) = (self.i_attention_wv, self.n_attention_wv);
+            match ft {
+                F::Q2_K => ty = if gqa >= 4 { G::Q4_K } else { G::Q3_K },
+                F::Q2_K_S if gqa >= 4 => ty = G::Q4_K,
+                F::Q3_K_M => ty = if i < 2 { G::Q5_K } else { G::Q4_K },
+                F::Q3_K_L => ty = G::Q5_K,
+                F::Q4_K_M | F::Q5_K_M if use_more_bits(i, n) => ty = G::Q6_K,
+                F::Q4_K_S if i < 4 => ty = G::Q5_K,
+                _ => {}
+            }
+            if self.info.is_70b && matches!(ty, G::Q3_K | G::Q4_K) {
+                ty = G::Q5_K;
+            }
+            if n_expert == 8 {
+                ty = G::Q8_0;
+            }
+            self.i_attention_wv += 1;
+        } else if cat == Category::AttnK {
+            if n_expert == 8 {
+                ty = G::Q8_0;
+            }
+        } else if cat == Category::AttnQ {
+            // Only the IQ mixes change attn_q.
+        } else if cat == Category::FfnDown {
+            let (i, n) = self.layer_info(self.i_ffn_down, name)?;
+            match ft {
+                F::Q2_K => ty = G::Q3_K,
+                F::Q2_K_S => {
+                    if i < n / 8 {
+                        ty = G::Q4_K;
+                    }
+                }
+                F::Q3_K_M => {
+                    ty = if i < n / 16 {
+                        G::Q5_K
+                    } else if !falcon || use_more_bits(i, n) {
+                        G::Q4_K
+                    } else {
+                        G::Q3_K
+                    }
+                }
+                F::Q3_K_L => ty = if falcon { G::Q4_K } else { G::Q5_K },
+                F::Q4_K_M => {
+                    if falcon {
+                        ty = if i < n / 16 {
+                            G::Q6_K
+                        } else if use_more_bits(i, n) {
+                            G::Q5_K
+                        } else {
+                            G::Q4_K
+                        };
+                    } else if use_more_bits(i, n) {
+                        ty = G::Q6_K;
+                    }
+                }
+                F::Q5_K_M if use_more_bits(i, n) => ty = G::Q6_K,
+                F::Q4_K_S if !falcon && i < n / 8 => ty = G::Q5_K,
+                _ => {}
+            }
+            self.i_ffn_down += 1;
+        } else if cat == Category::AttnOutput {
+            if !falcon {
+                if n_expert == 8 {
+                    if matches!(ft, F::Q2_K | F::Q3_K_S | F::Q3_K_M | F::Q4_K_S | F::Q4_K_M) {
+                        ty = G::Q5_K;
+                    }
+                } else {
+                    match ft {
+                        F::Q2_K => ty = G::Q3_K,
+                        F::Q3_K_M => ty = G::Q4_K,
+                        F::Q3_K_L => ty = G::Q5_K,
+                        _ => {}
+                    }
+                }
+            } else if ft == F::Q3_K_L {
+                ty = G::Q4_K;
+            }
+        } else if cat == Category::FfnGate {
+            // The layer check can fail on a badly named MoE tensor, as in llama.cpp.
+            self.layer_info(self.i_ffn_gate, name)?;
+            self.i_ffn_gate += 1;
+        } else if cat == Category::FfnUp {
+            self.layer_info(self.i_ffn_up, name)?;
+            self.i_ffn_up += 1;
+        }
+        Ok(ty)
+    }
+}
+
+/// llama.cpp's `tensor_type_fallback`: a type whose block doesn't divide the
+/// row length becomes a 32-value type, or F16. Returns (type, fell back).
+fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
+    use GgmlType as G;
+    let qk = ty.block_size() as u64;
+    if qk == 0 || ncols % qk == 0 {
+        return (ty, false);
+    }
+    let mut to = match ty {
+        G::Q2_K | G::Q3_K => G::Q4_0,
+        G::Q4_K => G::Q5_0,
+        G::Q5_K => G::Q5_1,
+        G::Q6_K => G::Q8_0,
+        other => other,
+    };
+    if ncols % (to.block_size() as u64) != 0 {
+        to = G::F16;
+    }
+    (to, true)
+}
+
+/// Chooses every output tensor's type, in output order. Fails on what the
+/// quantization itself would fail on (a needed importance matrix, a
+/// requantization not allowed, a type that can't be produced), before
+/// anything is written.
+pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> {
+    if file
+        .metadata
+        .opt_u64("split.count")
+        .ok()
+        .flatten()
+        .is_some_and(|n| n > 1)
+    {
+        return Err(QuantizeError::Metadata(
+            "split GGUF files are not supported; merge the parts first".into(),
+        ));
+    }
+    let info = ModelInfo::read(&file.metadata)?;
+    let mut order: Vec<usize> = (0..file.tensors.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (na, nb) = (&file.tensors[a].name, &file.tensors[b].name);
+        (layer_of(na), na.as_str()).cmp(&(layer_of(nb), nb.as_str()))
+    });
+    let cats: Vec<Category> = file.tensors.iter().map(|t| category(&t.name)).collect();
+    let mut st = MixState {
+        info: &info,
+        opts,
+        n_attention_wv: cats.iter().filter(|&&c| is_attn_v(c)).count() as i64,
+        i_attention_wv: 0,
+        i_ffn_down: 0,
+        i_ffn_gate: 0,
+        i_ffn_up: 0,
+        tied_embeddings: !cats.contains(&Category::Output),
+    };
+    let default = opts.ftype.default_type();
+    let mut out = Vec::with_capacity(order.len());
+    for i in order {
+        let t = &file.tensors[i];
+        let cat = cats[i];
+        let mut fell_back = false;
+        let to = if !allows_quantization(&t.name, &t.dims, opts.leave_output_tensor) {
+            t.ty
+        } else if let (Some(ty), Category::TokenEmbd) = (opts.token_embedding_type, cat) {
+            ty
+        } else if let (Some(ty), Category::Output) = (opts.output_tensor_type, cat) {
+            ty
+        } else if is_quantized(default) {
+            let mixed = if opts.pure {
+                default
+            } else {
+                st.mix(default, &t.name, &t.dims, cat)?
+            };
+            let (ty, fb) = fallback(mixed, t.dims.first().copied().unwrap_or(0));
+            fell_back = fb;
+            ty
+        } else {
+            default
+        };
+        if to != t.ty {
+            if !tl_core::quant::is_supported(to) || to == GgmlType::Q8_1 || to == GgmlType::Q8_K {
+                return Err(QuantizeError::Tensor {
+                    tensor: t.name.clone(),
+                    reason: format!("can't write type {to}"),
+                });
+            }
+            if to == GgmlType::Q2_K
+                && opts.ftype == FileType::Q2_K_S
+                && !matches!(cat, Category::TokenEmbd | Category::Output)
+            {
+                return Err(QuantizeError::NeedsImatrix {
+                    tensor: t.name.clone(),
+                    ty: to,
+                    ftype: opts.ftype,
+                });
+            }
+            if is_quantized(t.ty) && !opts.allow_requantize {
+                return Err(QuantizeError::Requantize {
+                    tensor: t.name.clone(),
+                    from: t.ty,
+                    to,
+                });
+            }
+            if !tl_core::quant::is_supported(t.ty) {
+                return Err(QuantizeError::Tensor {
+                    tensor: t.name.clone(),
+                    reason: format!("can't read type {} to convert it to {to}", t.ty),
+                });
+            }
+            if to.bytes_for(t.n_elements()).is_none()
+                || t.dims.first().copied().unwrap_or(0) % to.block_size() as u64 != 0
+            {
+                return Err(QuantizeError::Tensor {
+                    tensor: t.name.clone(),
+                    reason: format!("rows of {} values are not whole {to} blocks", t.dims[0]),
+                });
+            }
+        }
+        out.push(TensorPlan {
+            input: i,
+            name: t.name.clone(),
+            // Trailing 1s are dropped, as ggml writes dims (`ggml_n_dims`).
+            dims: t.dims[..n_dims(&t.dims).min(t.dims.len())].to_vec(),
+            from: t.ty,
+            to,
+            fallback: fell_back,
+        });
+    }
+    Ok(out)
+}
+
+/// The output metadata: the input's, with the quantization version and the
+/// file type set last (as llama.cpp re-adds them) and split keys removed.
+pub fn output_metadata(input: &Metadata, ftype: FileType) -> Metadata {
+    let mut md = input.clone();
+    md.remove("general.quantization_version");
+    md.insert("general.quantization_version", Value::U32(2));
+    md.remove("general.file_type");
+    md.insert("general.file_type", Value::U32(ftype.id()));
+    for k in ["split.no", "split.count", "split.tensors.count"] {
+        md.remove(k);
+    }
+    md
+}
+
+/// Totals of a finished quantization.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub tensors: usize,
+    pub quantized: usize,
+    pub fallbacks: usize,
+    pub in_bytes: u64,
+    pub out_bytes: u64,
+    pub elements: u64,
+}
+
+/// Converts rows of `plan.from` to `plan.to`; `src` and `dst` hold the same
+/// whole rows. Rows are independent, so threads split them.
+fn convert_rows(plan: &TensorPlan, src: &[u8], dst: &mut [u8], first_row: usize) -> Result<()> {
+    let n_per_row = plan.dims.first().copied().unwrap_or(0) as usize;
+    let in_row = plan.from.bytes_for(n_per_row as u64).unwrap_or(0) as usize;
+    let out_row = plan.to.bytes_for(n_per_row as u64).unwrap_or(0) as usize;
+    if n_per_row == 0 || in_row == 0 || out_row == 0 {
+        return Ok(());
+    }
+    // Enough rows per task that small rows don't drown in scheduling.
+    let rows_per_task = (16384 / n_per_row).max(1);
+    let core = |e: tl_core::CoreError| QuantizeError::Tensor {
+        tensor: plan.name.clone(),
+        reason: e.to_string(),
+    };
+    src.par_chunks(in_row * rows_per_task)
+        .zip(dst.par_chunks_mut(out_row * rows_per_task))
+        .enumerate()
+        .try_for_each(|(task, (s, d))| {
+            let mut f = vec![0f32; n_per_row];
+            for (r, (si, di)) in s
+                .chunks_exact(in_row)
+                .zip(d.chunks_exact_mut(out_row))
+                .enumerate()
+            {
+                tl_core::quant::dequantize_named(plan.from, &plan.name, si, &mut f)
+                    .map_err(core)?;
+                if f.iter().any(|x| !x.is_finite()) {
+                    return Err(QuantizeError::NonFinite {
+                        tensor: plan.name.clone(),
+                        row: first_row + task * rows_per_task + r,
+                    });
+                }
+                tl_core::quant::quantize(plan.to, &f, di).map_err(core)?;
+            }
+            Ok(())
+        })
+}
+
+/// Writes `plan`'s tensors from `file` as a GGUF stream into `out`; calls
+/// `progress(tensor, bytes of output done)` after each slab.
+fn write_model<W: Write>(
+    file: &GgufFile,
+    plans: &[TensorPlan],
+    metadata: &Metadata,
+    out: &mut W,
+    pool: &rayon::ThreadPool,
+    progress: &mut dyn FnMut(&TensorPlan, u64),
+) -> Result<()> {
+    let layouts = plans
+        .iter()
+        .map(|p| TensorLayout {
+            name: p.name.clone(),
+            dims: p.dims.clone(),
+            ty: p.to,
+        })
+        .collect();
+    let mut w = GgufStreamWriter::new(out, metadata, layouts)?;
+    // Output is produced in slabs of rows so memory stays bounded.
+    const SLAB_BYTES: usize = 256 << 20;
+    let mut buf = Vec::new();
+    for p in plans {
+        let info = &file.tensors[p.input];
+        let data = file.tensor_data(info);
+        if p.from == p.to {
+            for chunk in data.chunks(SLAB_BYTES) {
+                w.write_tensor(chunk)?;
+                progress(p, chunk.len() as u64);
+            }
+            continue;
+        }
+        let n_per_row = p.dims.first().copied().unwrap_or(0);
+        let rows = p.dims.iter().skip(1).product::<u64>() as usize;
+        let in_row = p.from.bytes_for(n_per_row).unwrap_or(0) as usize;
+        let out_row = p.to.bytes_for(n_per_row).unwrap_or(0) as usize;
+        let f32_row = n_per_row as usize * 4;
+        let slab_rows = (SLAB_BYTES / (in_row + out_row + f32_row).max(1)).max(1);
+        let mut row = 0;
+        while row < rows {
+            let n = slab_rows.min(rows - row);
+            buf.clear();
+            buf.resize(n * out_row, 0u8);
+            let src = &data[row * in_row..(row + n) * in_row];
+            pool.install(|| convert_rows(p, src, &mut buf, row))?;
+            w.write_tensor(&buf)?;
+            progress(p, buf.len() as u64);
+            row += n;
+        }
+    }
+    w.finish()?;
+    Ok(())
+}
+
+/// Quantizes the model at `input` into `output` (written to
+/// `output.partial` and renamed, so a failure never leaves a half-written
+/// file under the output's name). `progress` gets each tensor's plan and the
+/// output bytes done for it as they are written.
+pub fn quantize_file(
+    input: &Path,
+    output: &Path,
+    opts: &QuantizeOptions,
+    progress: &mut dyn FnMut(&TensorPlan, u64),
+) -> Result<Summary> {
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            return Err(QuantizeError::SameFile(output.to_owned()));
+        }
+    }
+    let file = GgufFile::open(input)?;
+    let plans = plan(&file, opts)?;
+    let metadata = output_metadata(&file.metadata, opts.ftype);
+    let mut tmp = output.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |err| QuantizeError::Io { path, err }
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .map_err(|e| QuantizeError::Metadata(format!("thread pool: {e}")))?;
+    let result = (|| {
+        let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        write_model(&file, &plans, &metadata, &mut w, &pool, progress)?;
+        let f = w.into_inner().map_err(|e| QuantizeError::Io {
+            path: tmp.clone(),
+            err: e.into_error(),
+        })?;
+        f.sync_all().map_err(io(&tmp))?;
+        std::fs::rename(&tmp, output).map_err(io(output))
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(Summary {
+        tensors: plans.len(),
+        quantized: plans.iter().filter(|p| p.from != p.to).count(),
+        fallbacks: plans.iter().filter(|p| p.fallback).count(),
+        in_bytes: plans.iter().map(TensorPlan::in_bytes).sum(),
+        out_bytes: plans.iter().map(TensorPlan::out_bytes).sum(),
+        elements: plans.iter().map(|p| p.n_elements()).sum(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_type_names_and_aliases() {
+        assert_eq!("q4_k_m".parse::<FileType>().ok(), Some(FileType::Q4_K_M));
+        assert_eq!("Q4_K".parse::<FileType>().ok(), Some(FileType::Q4_K_M));
+        assert_eq!("15".parse::<FileType>().ok(), Some(FileType::Q4_K_M));
+        assert_eq!("f16".parse::<FileType>().ok(), Some(FileType::F16));
+        let e = "Q9_X".parse::<FileType>().err().map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("Q9_X") && e.contains("Q4_K_M")));
+    }
+
+    #[test]
+    fn more_bits_layers_match_llama_cpp() {
+        // 24 layers: n/8 = 3, 7n/8 = 21; between them every third from 5.
+        let got: Vec<i64> = (0..24).filter(|&i| use_more_bits(i, 24)).collect();
+        assert_eq!(got, vec![0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
+    }
+
+    #[test]
+    fn fallbacks() {
+        use GgmlType as G;
+        assert_eq!(fallback(G::Q4_K, 896), (G::Q5_0, true));
+        assert_eq!(fallback(G::Q6_K, 896), (G::Q8_0, true));
+        assert_eq!(fallback(G::Q3_K, 896), (G::Q4_0, true));
+        assert_eq!(fallback(G::Q5_K, 896), (G::Q5_1, true));
+        assert_eq!(fallback(G::Q4_K, 4864), (G::Q4_K, false));
+        assert_eq!(fallback(G::Q4_K, 80), (G::F16, true));
+        assert_eq!(fallback(G::Q8_0, 80), (G::F16, true));
+    }
+
+    #[test]
+    fn which_tensors_are_quantized() {
+        assert!(allows_quantization("blk.0.attn_q.weight", &[64, 64], false));
+        assert!(!allows_quantization("blk.0.attn_q.bias", &[64], false));
+        assert!(!allows_quantization("blk.0.attn_norm.weight", &[64], false));
+        assert!(!allows_quantization(
+            "blk.0.attn_q_norm.weight",
+            &[64, 1],
+            false
+        ));
+        assert!(!allows_quantization(
+            "blk.0.ffn_gate_inp.weight",
+            &[64, 8],
+            false
+        ));
+        assert!(allows_quantization("output.weight", &[64, 100], false));
+        assert!(!allows_quantization("output.weight", &[64, 100], true));
+        assert!(allows_quantization(
+            "blk.3.ffn_down_exps.weight",
+            &[64, 64, 8],
+            false
+        ));
+    }
+
+    #[test]
+    fn layers_sort_numerically() {
+        assert_eq!(layer_of("blk.12.attn_q.weight"), 12);
+        assert_eq!(layer_of("token_embd.weight"), -1);
+        assert_eq!(layer_of("blk.x.weight"), -1);
+    }
+
+    #[test]
+    fn metadata_keys_move_to_the_end() {
+        let mut md = Metadata::new();
+        md.insert("general.architecture", Value::String("llama".into()));
+        md.insert("general.file_type", Value::U32(1));
+        md.insert("llama.block_count", Value::U32(2));
+        let out = output_metadata(&md, FileType::Q4_K_M);
+        let keys: Vec<&str> = out.iter().map(|(k, _)| k).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "general.architecture",
+                "llama.block_count",
+                "general.quantization_version",
+                "general.file_type"
+            ]
+        );
+        assert_eq!(out.get("general.file_type"), Some(&Value::U32(15)));
+    }
+}

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Write the fixtures of `tl quantize`: what llama.cpp's quantizer writes.
+
+The reference is llama.cpp's `llama_model_quantize` (src/llama-quant.cpp of
+the llama.cpp that llama-cpp-python 0.3.36 vendors), called through
+llama-cpp-python. For each case this script quantizes an input file with it
+and records the SHA-256 of every output tensor's bytes, each tensor's type,
+and the SHA-256 of the whole output file. The Rust test
+`crates/tl-cli/tests/quantize.rs` runs `tl quantize` on the same inputs and
+compares, without Python.
+
+Inputs:
+  - synthetic F32/F16 models of several architectures, written by `tl synth`
+    with fixed seeds (their SHA-256 is recorded too, so a change of `tl synth`
+    shows as such rather than as a quantizer difference);
+  - the two real test models (already quantized), requantized
+    (`--allow-requantize`).
+
+Every file type `tl quantize` offers is run on every synthetic model, plus the
+flags `--pure`, `--leave-output-tensor`, `--output-tensor-type` and
+`--token-embedding-type` on one of them.
+
+Run with the reference environment (llama-cpp-python built as
+../shared/MODELS.md says, plus `gguf`):
+  ~/.cache/tensorlogic/venv/bin/python scripts/make_quantize_fixtures.py \
+      --tl target/release/tl
+"""
+import argparse
+import ctypes
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import llama_cpp
+from gguf import GGUFReader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "crates", "tl-cli", "tests", "fixtures", "quantize.json")
+MODEL_DIR = os.environ.get("TL_MODEL_DIR", os.path.expanduser("~/.cache/tensorlogic/models"))
+
+# llama_ftype numbers (llama.h) of the file types `tl quantize` writes.
+FTYPES = {
+    "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8,
+    "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
+    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+}
+# ggml_type numbers for the type flags.
+GGML_TYPES = {"F16": 1, "Q8_0": 8, "Q4_0": 2, "Q5_K": 13, "Q6_K": 14}
+
+# `tl synth` arguments of the synthetic inputs. Eight layers make the
+# layer-position rules pick different layers; 8 query heads over 2 KV heads
+# (GQA 4) and over 8 (GQA 1) take both branches of the attn_v rules; a width
+# of 384 is not a whole number of 256-value super-blocks (the fallbacks);
+# gemma3 ties its embeddings; mixtral has 8 experts; phi3 fuses QKV.
+SYNTH = {
+    "qwen2_f32": ["--arch", "qwen2", "--layers", "8", "--d-model", "256", "--heads", "8",
+                  "--kv-heads", "2", "--head-dim", "32", "--ffn", "512",
+                  "--weight-type", "F32", "--output-type", "F32", "--seed", "11"],
+    "llama_f16": ["--arch", "llama", "--layers", "8", "--d-model", "384", "--heads", "6",
+                  "--kv-heads", "6", "--head-dim", "64", "--ffn", "768",
+                  "--weight-type", "F16", "--output-type", "F16", "--seed", "12"],
+    "gemma3_f32": ["--arch", "gemma3", "--layers", "6", "--d-model", "256", "--heads", "4",
+                   "--kv-heads", "1", "--head-dim", "64", "--ffn", "512",
+                   "--weight-type", "F32", "--output-type", "F32", "--seed", "13"],
+    "mixtral_f16": ["--arch", "mixtral", "--layers", "4", "--d-model", "256", "--heads", "4",
+                    "--kv-heads", "2", "--head-dim", "64", "--ffn", "256", "--experts", "8",
+                    "--weight-type", "F16", "--output-type", "F16", "--seed", "14"],
+    "phi3_f16": ["--arch", "phi3", "--layers", "4", "--d-model", "256", "--heads", "4",
+                 "--kv-heads", "4", "--head-dim", "64", "--ffn", "512",
+                 "--weight-type", "F16", "--output-type", "F16", "--seed", "15"],
+}
+
+# Flag variants, run on qwen2_f32.
+VARIANTS = [
+    ("Q4_K_M", ["--pure"]),
+    ("Q4_K_M", ["--leave-output-tensor"]),
+    ("Q3_K_M", ["--output-tensor-type", "Q5_K", "--token-embedding-type", "Q8_0"]),
+    ("Q5_K_S", ["--token-embedding-type", "F16"]),
+]
+
+# Requantized real models: (model file, file types).
+MODELS = [
+    ("qwen2.5-coder-0.5b-instruct-q4.gguf", ["Q4_K_M", "Q8_0", "Q3_K_M"]),
+    ("gemma-3-270m-q4_k_m.gguf", ["Q4_K_M", "Q6_K"]),
+]
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tensors_of(path):
+    """name -> [type name, the first 16 hex digits of the SHA-256 of its bytes]."""
+    r = GGUFReader(path)
+    out = {}
+    with open(path, "rb") as f:
+        for t in r.tensors:
+            f.seek(t.data_offset)
+            out[t.name] = [t.tensor_type.name,
+                           hashlib.sha256(f.read(int(t.n_bytes))).hexdigest()[:16]]
+    return out
+
+
+def reference_quantize(inp, out, ftype, flags):
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.nthread = 2
+    p.ftype = FTYPES[ftype]
+    it = iter(flags)
+    for f in it:
+        if f == "--pure":
+            p.pure = True
+        elif f == "--leave-output-tensor":
+            p.quantize_output_tensor = False
+        elif f == "--allow-requantize":
+            p.allow_requantize = True
+        elif f == "--output-tensor-type":
+            p.output_tensor_type = GGML_TYPES[next(it)]
+        elif f == "--token-embedding-type":
+            p.token_embedding_type = GGML_TYPES[next(it)]
+        else:
+            raise SystemExit(f"unknown flag {f}")
+    rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(p))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize({inp}, {ftype}, {flags}) failed: {rc}")
+
+
+def case(inp, ftype, flags, tmp):
+    out = os.path.join(tmp, "out.gguf")
+    reference_quantize(inp, out, ftype, flags)
+    c = {"ftype": ftype, "flags": flags, "file_sha256": sha256_file(out), "tensors": tensors_of(out)}
+    os.remove(out)
+    return c
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tl", default=os.path.join(ROOT, "target", "release", "tl"))
+    args = ap.parse_args()
+    fixtures = {"reference": f"llama-cpp-python {llama_cpp.__version__} llama_model_quantize",
+                "synth": [], "models": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, synth_args in SYNTH.items():
+            inp = os.path.join(tmp, name + ".gguf")
+            subprocess.run([args.tl, "synth", *synth_args, "-o", inp], check=True,
+                           stdout=subprocess.DEVNULL)
+            entry = {"name": name, "synth_args": synth_args, "input_sha256": sha256_file(inp),
+                     "cases": []}
+            for ftype in FTYPES:
+                entry["cases"].append(case(inp, ftype, [], tmp))
+            if name == "qwen2_f32":
+                for ftype, flags in VARIANTS:
+                    entry["cases"].append(case(inp, ftype, flags, tmp))
+            fixtures["synth"].append(entry)
+            print(f"{name}: {len(entry['cases'])} cases", file=sys.stderr)
+        for model, ftypes in MODELS:
+            inp = os.path.join(MODEL_DIR, model)
+            entry = {"model": model, "cases": []}
+            for ftype in ftypes:
+                entry["cases"].append(case(inp, ftype, ["--allow-requantize"], tmp))
+            fixtures["models"].append(entry)
+            print(f"{model}: {len(entry['cases'])} cases", file=sys.stderr)
+    os.makedirs(os.path.dirname(OUT), exist_ok=True)
+    with open(OUT, "w") as f:
+        json.dump(fixtures, f, separators=(",", ":"))
+        f.write("\n")
+    print(f"wrote {OUT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
