@@ -9,6 +9,9 @@
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
 //!   `make_qkx2_quants`, `make_q3_quants`, `nearest_int`) that the K-quant
 //!   quantizers share.
+//! - [`lowbit`]: a typed library API apart from the GGML formats: INT8/INT4/INT2
+//!   (symmetric or asymmetric; per-tensor, per-channel or per-group scales)
+//!   with packed codes, and OCP FP8 E4M3/E5M2 conversions and scaled tensors.
 //!
 //! The scalar code here is the reference: it follows ggml's
 //! `dequantize_row_*` and `quantize_row_*_ref` operation by operation, so that
@@ -24,6 +27,7 @@ pub mod float;
 pub mod k_quants;
 pub mod k_search;
 pub mod legacy;
+pub mod lowbit;
 
 use tl_gguf::GgmlType;
 
