@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use tl_model::generate::Runner;
+use tl_model::generate::{KlBase, PerplexityOptions, Runner};
 use tl_tokenizer::EncodeOptions;
 
 use crate::cmd_generate::{load, ModelArgs};
@@ -19,14 +19,22 @@ pub struct PerplexityArgs {
     /// Tokens per chunk (llama.cpp's -c).
     #[arg(long = "chunk", default_value_t = 512)]
     pub chunk: usize,
-    /// A base model (GGUF, same vocabulary; e.g. the F16 original of the
-    /// quantized model under test): also report the base's perplexity, the
-    /// KL divergence of this model's next-token distributions from the
-    /// base's (mean, 99th percentile, max) and how often their top tokens
-    /// agree, over the same scored positions. Both models run here, chunk by
-    /// chunk (llama.cpp's --kl-divergence reads saved base logits instead).
-    #[arg(long, value_name = "MODEL")]
+    /// Score at most this many chunks (llama.cpp's --chunks; default all).
+    #[arg(long, default_value_t = 0)]
+    pub chunks: usize,
+    /// A base to compare with: a GGUF model (same vocabulary; e.g. the F16
+    /// original of the quantized model under test), run here on the same
+    /// chunks, or a file of its log-probabilities saved by --save-logprobs on
+    /// the same text, chunk size and chunk count. Also reports the base's
+    /// perplexity, the KL divergence of this model's next-token
+    /// distributions from the base's (mean, 99th percentile, max) and how
+    /// often their top tokens agree (llama.cpp's --kl-divergence figures).
+    #[arg(long, value_name = "MODEL|FILE")]
     pub kl_divergence_base: Option<PathBuf>,
+    /// Save this model's log-probabilities at the scored positions (f32,
+    /// vocabulary × positions: large) for later --kl-divergence-base runs.
+    #[arg(long, value_name = "FILE")]
+    pub save_logprobs: Option<PathBuf>,
 }
 
 pub fn run(a: &PerplexityArgs) -> anyhow::Result<()> {
@@ -51,19 +59,45 @@ pub fn run(a: &PerplexityArgs) -> anyhow::Result<()> {
         a.chunk
     );
     eprintln!("{} tokens, {n_chunks} chunks of {}", toks.len(), a.chunk);
-    let base = match &a.kl_divergence_base {
-        Some(p) => {
+    // The base: a model when the file is GGUF, else saved log-probabilities.
+    let mut base_model = None;
+    let mut base_file = None;
+    if let Some(p) = &a.kl_divergence_base {
+        let mut magic = [0u8; 4];
+        std::fs::File::open(p)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .with_context(|| format!("reading {}", p.display()))?;
+        if &magic == b"GGUF" {
             let mut b = tl_model::llm::Llm::load_on(p, crate::device())
                 .with_context(|| format!("loading the base model {}", p.display()))?;
             crate::configure(&mut b.model)?;
-            Some(b)
+            base_model = Some(b);
+        } else {
+            let f = std::fs::File::open(p).with_context(|| format!("reading {}", p.display()))?;
+            base_file = Some(std::io::BufReader::with_capacity(1 << 20, f));
         }
+    }
+    let mut save = match &a.save_logprobs {
+        Some(p) => Some(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        )),
         None => None,
     };
     let mut runner = Runner::new(&llm.model, a.chunk)?;
-    let mut base_runner = match &base {
+    let mut base_runner = match &base_model {
         Some(b) => Some(Runner::new(&b.model, a.chunk)?),
         None => None,
+    };
+    let base = match (base_runner.as_mut(), base_file.as_mut()) {
+        (Some(r), _) => Some(KlBase::Model(r)),
+        (None, Some(f)) => Some(KlBase::Saved(f)),
+        _ => None,
+    };
+    let n_chunks = if a.chunks > 0 {
+        n_chunks.min(a.chunks)
+    } else {
+        n_chunks
     };
     let bar = ProgressBar::new(n_chunks as u64);
     bar.set_style(
@@ -72,11 +106,19 @@ pub fn run(a: &PerplexityArgs) -> anyhow::Result<()> {
         )
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let res = runner.perplexity_vs(base_runner.as_mut(), &toks, a.chunk, bos, |_, _, ppl| {
+    let opts = PerplexityOptions {
+        base,
+        save: save.as_mut().map(|w| w as &mut dyn std::io::Write),
+        max_chunks: a.chunks,
+    };
+    let res = runner.perplexity_with(opts, &toks, a.chunk, bos, |_, _, ppl| {
         bar.inc(1);
         bar.set_message(format!("ppl {ppl:.4}"));
     })?;
     bar.finish();
+    if let (Some(w), Some(p)) = (save.as_mut(), &a.save_logprobs) {
+        std::io::Write::flush(w).with_context(|| format!("writing {}", p.display()))?;
+    }
     println!(
         "perplexity: {:.4} ({} chunks of {}, {} tokens scored)",
         res.ppl, res.chunks, a.chunk, res.scored

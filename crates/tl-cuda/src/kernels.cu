@@ -1289,22 +1289,23 @@ extern "C" __global__ void attention_128_fp8(const float* q, const void* kc, con
 extern "C" __global__ void attention_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 
 // ---------------------------------------------------------------------------
-// Sampling on the device, one block of 1024 threads (32 warps) per logits
-// row, the chain of the CPU sampler (tl-model's sampler.rs, llama.cpp's
+// Sampling on the device, each logits row spread over many blocks (see
+// sample_phase below), the chain of the CPU sampler (tl-model's sampler.rs, llama.cpp's
 // default): penalties → top-k → top-p → min-p → temperature → draw.
 // Nothing is sorted: top-k's k-th largest logit and top-p's boundary are
 // found by radix selection over the logits' order-preserving 32-bit keys
-// (4 passes of 8 bits, histograms in shared memory); ties at a boundary are
+// (4 passes of 8 bits, histograms in shared then global memory); ties at a boundary are
 // kept in token order, first ids first, as the CPU's sort by (logit desc,
 // id asc) keeps them. Top-p's masses are fixed point (exp(l - max) · 2^40,
 // summed as integers), so every sum is exact and the result does not depend
 // on the order of the atomics. The draw is the inverse CDF in token order
 // at the host's uniform u: the same distribution as the CPU's, not the same
 // pick for a given seed.
-// Layout: warp w owns a contiguous span of the row and reads it 32
+// Layout: each warp owns a contiguous span of the row and reads it 32
 // consecutive logits (one 128-byte line) at a time, so every read is
-// coalesced and token order is (warp, step, lane) order; ranks among equal
-// keys come from ballots.
+// coalesced; ranks among equal keys come from ballots. (One 1,024-thread
+// block per row, walking a 152k row ten times, took ≈0.8 ms a step at
+// batch 1 on an H100.)
 #define FP_ONE 1099511627776.0  // 2^40
 #define FULL 0xffffffffu
 struct SampleRow {
@@ -1376,20 +1377,6 @@ __device__ __forceinline__ bool tile_kept(float l, bool ok, const KeepRule& R, u
     return in && l >= R.cut;
 }
 
-// Exclusive prefix of per-warp values in warp order (sh: 32 entries, each
-// warp's lane 0 has written its own); returns the calling warp's prefix,
-// *total the sum.
-template <typename T>
-__device__ T warp_prefix(const T* sh, int warp, T* total) {
-    T pre = 0, t = 0;
-    for (int w = 0; w < 32; w++) {
-        if (w == warp) pre = t;
-        t += sh[w];
-    }
-    *total = t;
-    return pre;
-}
-
 template <typename T>
 __device__ __forceinline__ T warp_sum_t(T v) {
 #pragma unroll
@@ -1397,180 +1384,355 @@ __device__ __forceinline__ T warp_sum_t(T v) {
     return v;
 }
 
-extern "C" __global__ void sample_rows(float* logits, int V, const SampleRow* rows, const int* pens,
-                                       int* ids) { TL_PDL();
-    __shared__ unsigned hc[256];
-    __shared__ unsigned long long hm[256];
-    __shared__ double shd[32];
-    __shared__ unsigned long long shu[32];
-    __shared__ unsigned shc[32];
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    __shared__ unsigned s_prefix, s_rem;
-    __shared__ unsigned long long s_acc;
-    __shared__ int s_pick, s_arg;
-    int r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid / 32;
-    unsigned lt = (1u << lane) - 1u;
-    SampleRow P = rows[r];
-    float* x = logits + (long)r * V;
-    // This warp's span [wb, we), a whole number of 32-token steps.
-    int span = ((V + 1023) / 1024) * 32;
-    int wb = min(V, warp * span), we = min(V, wb + span);
-    // Penalties: the host sends each distinct token of the window once,
-    // with its count; the arithmetic is the CPU's, unfused.
-    for (int i = tid; i < P.n_pen; i += blockDim.x) {
-        int tok = pens[2 * (P.pen_off + i)], cnt = pens[2 * (P.pen_off + i) + 1];
-        if (tok >= 0 && tok < V) {
-            float l = x[tok];
-            l = l > 0.0f ? __fdiv_rn(l, P.rep) : __fmul_rn(l, P.rep);
-            x[tok] = __fsub_rn(l, __fadd_rn(__fmul_rn((float)cnt, P.freq), P.pres));
+// The row is spread over G blocks of SB_WARPS warps (G = gridDim.x, up to
+// SB_MAXG; grid.y = rows) and the chain runs as 14 launches of
+// sample_phase (phase = 0 … 13), because each radix pass needs every
+// block's histogram before the next can start. Per row, SampScratch in
+// global memory carries what one launch leaves the next: each block's
+// maximum, the 4 count and 4 mass histograms (integer atomics: the sums do
+// not depend on order), each warp's count of boundary-key tokens, each
+// block's mass and draw-weight sums. At the start of every launch, warp 0
+// of every block replays the decisions of the passes done so far from
+// those (a few 256-bin scans), so all blocks hold the same state without a
+// grid-wide barrier. Token order is (block, warp, step, lane): warp w of
+// block g owns the span [(g·SB_WARPS + w)·span, …), read 32 consecutive
+// logits at a time, so ranks among equal keys and the draw's inverse CDF
+// are in token order as in the CPU sampler.
+//   0      penalties, NaN → -inf, each block's maximum; block 0 clears the histograms
+//   1–4    top-k: count histograms of the 4 key bytes
+//   5      top-k boundary: each warp's count of tokens of the boundary key
+//   6      top-p: each block's fixed-point mass over the top-k survivors
+//   7–10   top-p: mass histograms of the 4 key bytes
+//   11     top-p boundary: each warp's count of survivors of the boundary key
+//   12     the draw: each block's sum of kept weights and last kept token
+//   13     the block whose prefix holds u · total walks its span; block 0
+//          writes the greedy pick or, past the end by rounding, the last kept
+#define SB_WARPS 8
+#define SB_MAXG 64
+struct SampScratch {
+    float bval[SB_MAXG];
+    int bidx[SB_MAXG];
+    unsigned hc[4][256];
+    unsigned long long hm[4][256];
+    unsigned ck[SB_MAXG * SB_WARPS], cp[SB_MAXG * SB_WARPS];
+    unsigned long long msum[SB_MAXG];
+    double wsum[SB_MAXG];
+    int wlast[SB_MAXG];
+};
+static_assert(sizeof(SampScratch) == 18176, "SAMP_SCRATCH_BYTES in tl-model's cuda/mod.rs");
+
+struct SampCtx {
+    float M;
+    int arg;
+    bool done;                 // greedy, or a row of -inf: the pick is arg
+    KeepRule R;
+    unsigned prefix, mask;     // the radix state of the pass being built
+    unsigned long long target; // top-p's mass target
+};
+
+// One radix decision over a 256-bin histogram (shared memory), by the
+// whole warp, every lane getting the result: from bin 255 down, the first
+// bin where the running total reaches `need`, bin 0 if none — the serial
+// `for (b = 255; b > 0; b--) { if (a + h[b] >= need) break; a += h[b]; }`
+// in a few steps (lane L holds bins 255-8L … 248-8L; a scan across lanes
+// finds the lane, which walks its 8). *above gets the total of the bins
+// above the pick.
+template <typename T>
+__device__ unsigned warp_radix_pick(const T* h, T need, T* above) {
+    int lane = threadIdx.x & 31;
+    T v[8], s = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) { v[j] = h[255 - 8 * lane - j]; s += v[j]; }
+    T inc = s;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        T y = __shfl_up_sync(FULL, inc, o);
+        if (lane >= o) inc += y;
+    }
+    unsigned hit = __ballot_sync(FULL, inc >= need);
+    int f = hit ? __ffs(hit) - 1 : 31;
+    T a = __shfl_sync(FULL, inc - s, f);
+    unsigned b = 0;
+    if (lane == f) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            int bin = 255 - 8 * lane - j;
+            if (bin == 0) break;  // bin 0 is taken without a check
+            if (a + v[j] >= need) { b = (unsigned)bin; break; }
+            a += v[j];
         }
     }
+    *above = __shfl_sync(FULL, a, f);
+    return __shfl_sync(FULL, b, f);
+}
+
+// Warp 0 (every lane): the state at the start of `phase` from the row's
+// scratch; hc/hm are the row's histograms staged in shared memory. Lane 0
+// writes *c.
+__device__ void samp_resolve(const SampScratch* S, const unsigned (*hc)[256],
+                             const unsigned long long (*hm)[256], const SampleRow& P, int V, int G,
+                             int phase, SampCtx* c) {
+    int lane = threadIdx.x & 31;
+    SampCtx t;
+    t.M = -TL_INF; t.arg = 0; t.done = false;
+    t.prefix = 0; t.mask = 0; t.target = 0;
+    KeepRule& R = t.R;
+    R.tk = false; R.tp = false; R.tkey = 0; R.trem = 0; R.pkey = 0; R.prem = 0; R.cut = -TL_INF;
+    if (phase > 0) {
+        float best = -TL_INF;
+        int bi = 0x7fffffff;
+        for (int g = lane; g < G; g += 32) arg_best(best, bi, S->bval[g], S->bidx[g]);
+        warp_arg_best(best, bi);
+        t.M = best;
+        t.arg = bi == 0x7fffffff ? 0 : bi;
+        t.done = P.temp <= 0.0f || best == -TL_INF;
+        if (!t.done) {
+            R.tk = P.top_k > 0 && P.top_k < V;
+            R.tp = P.top_p < 1.0f;
+            R.cut = P.min_p > 0.0f ? best + logf(P.min_p) : -TL_INF;
+        }
+        // Top-k: passes 0 … 3 are built in phases 1 … 4.
+        if (R.tk) {
+            unsigned prefix = 0, mask = 0, rem = (unsigned)P.top_k;
+            int passes = min(phase - 1, 4);
+            for (int q = 0; q < passes; q++) {
+                int shift = 24 - 8 * q;
+                unsigned above;
+                prefix |= warp_radix_pick(hc[q], rem, &above) << shift;
+                rem -= above;
+                mask |= 255u << shift;
+            }
+            if (phase <= 4) { t.prefix = prefix; t.mask = mask; }
+            else { R.tkey = prefix; R.trem = rem; }
+        }
+        // Top-p: the mass target from phase 7 on, passes built in 7 … 10.
+        if (R.tp && phase >= 7) {
+            unsigned long long tot = 0;
+            for (int g = lane; g < G; g += 32) tot += S->msum[g];
+            tot = warp_sum_t(tot);
+            unsigned long long target = (unsigned long long)ceil((double)P.top_p * (double)tot);
+            if (target < 1) target = 1;
+            t.target = target;
+            unsigned prefix = 0, mask = 0;
+            unsigned long long acc = 0;
+            int passes = min(phase - 7, 4);
+            for (int q = 0; q < passes; q++) {
+                int shift = 24 - 8 * q;
+                unsigned long long above;
+                prefix |= warp_radix_pick(hm[q], target - acc, &above) << shift;
+                acc += above;
+                mask |= 255u << shift;
+            }
+            if (phase <= 10) { t.prefix = prefix; t.mask = mask; }
+            else {
+                R.pkey = prefix;
+                if (phase >= 12) {
+                    unsigned n = 0;
+                    for (int i = lane; i < G * SB_WARPS; i += 32) n += S->cp[i];
+                    n = warp_sum_t(n);
+                    // The fewest tokens of the boundary key that reach the target.
+                    double f = (double)fp_mass(key2f(prefix), best);
+                    unsigned long long need = target - acc;
+                    unsigned j = f > 0.0 ? (unsigned)ceil((double)need / f) : 1u;
+                    R.prem = max(1u, min(j, n));
+                }
+            }
+        }
+    }
+    if (lane == 0) *c = t;
+}
+
+// The calling warp's first rank among the tokens counted in cnt (warps in
+// token order before it); every lane gets it.
+__device__ __forceinline__ unsigned warp_base(const unsigned* cnt, int gw) {
+    unsigned s = 0;
+    for (int i = threadIdx.x & 31; i < gw; i += 32) s += cnt[i];
+    return warp_sum_t(s);
+}
+
+// Block sum in warp order of one value per warp (lane 0's), to every thread.
+template <typename T>
+__device__ T block_sum_w(T v, T* sh) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    if (lane == 0) sh[warp] = v;
     __syncthreads();
-    // The largest logit and its first index (NaN counts as -inf).
-    float best = -TL_INF;
-    int bi = 0x7fffffff;
-#pragma unroll 4
-    for (int t0 = wb; t0 < we; t0 += 32) {
-        int i = t0 + lane;
-        if (i < we) {
+    T t = 0;
+    for (int w = 0; w < SB_WARPS; w++) t += sh[w];
+    __syncthreads();
+    return t;
+}
+
+extern "C" __global__ void sample_phase(int phase, float* logits, int V, const SampleRow* rows,
+                                        const int* pens, SampScratch* scratch, int* ids) { TL_PDL();
+    __shared__ SampCtx c;
+    __shared__ unsigned hc[256];
+    __shared__ unsigned long long hm[256];
+    __shared__ unsigned rhc[4][256];
+    __shared__ unsigned long long rhm[4][256];
+    __shared__ double shd[SB_WARPS];
+    __shared__ unsigned long long shu[SB_WARPS];
+    __shared__ float sv[SB_WARPS];
+    __shared__ int si[SB_WARPS];
+    int r = blockIdx.y, g = blockIdx.x, G = gridDim.x;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid / 32, gw = g * SB_WARPS + warp;
+    unsigned lt = (1u << lane) - 1u;
+    SampleRow P = rows[r];
+    SampScratch* S = scratch + r;
+    float* x = logits + (long)r * V;
+    int span = ((V + G * SB_WARPS * 32 - 1) / (G * SB_WARPS * 32)) * 32;
+    int wb = min(V, gw * span), we = min(V, wb + span);
+    // The row's histograms of the passes done so far, for warp 0's replay.
+    if (phase >= 2) for (int i = tid; i < 4 * 256; i += blockDim.x) (&rhc[0][0])[i] = (&S->hc[0][0])[i];
+    if (phase >= 8) for (int i = tid; i < 4 * 256; i += blockDim.x) (&rhm[0][0])[i] = (&S->hm[0][0])[i];
+    __syncthreads();
+    if (warp == 0) samp_resolve(S, rhc, rhm, P, V, G, phase, &c);
+    __syncthreads();
+    const KeepRule R = c.R;
+    const float M = c.M;
+    if (phase == 0) {
+        // Penalties on this block's tokens: each distinct token of the
+        // window once, with its count; the CPU's arithmetic, unfused.
+        int bb = min(V, g * SB_WARPS * span), be = min(V, bb + SB_WARPS * span);
+        for (int i = tid; i < P.n_pen; i += blockDim.x) {
+            int tok = pens[2 * (P.pen_off + i)], cnt = pens[2 * (P.pen_off + i) + 1];
+            if (tok >= bb && tok < be) {
+                float l = x[tok];
+                l = l > 0.0f ? __fdiv_rn(l, P.rep) : __fmul_rn(l, P.rep);
+                x[tok] = __fsub_rn(l, __fadd_rn(__fmul_rn((float)cnt, P.freq), P.pres));
+            }
+        }
+        __syncthreads();
+        // The largest logit and its first index (NaN counts as -inf).
+        float best = -TL_INF;
+        int bi = 0x7fffffff;
+        for (int i = wb + lane; i < we; i += 32) {
             float l = x[i];
             if (l != l) { l = -TL_INF; x[i] = l; }
             arg_best(best, bi, l, i);
         }
-    }
-    warp_arg_best(best, bi);
-    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
-    __syncthreads();
-    if (warp == 0) {
-        best = sv[lane];
-        bi = si[lane];
         warp_arg_best(best, bi);
-        if (lane == 0) { sv[0] = best; s_arg = bi == 0x7fffffff ? 0 : bi; }
-    }
-    __syncthreads();
-    float M = sv[0];
-    if (P.temp <= 0.0f || M == -TL_INF) {
-        if (tid == 0) ids[r] = s_arg;
+        if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+        __syncthreads();
+        if (warp == 0) {
+            best = lane < SB_WARPS ? sv[lane] : -TL_INF;
+            bi = lane < SB_WARPS ? si[lane] : 0x7fffffff;
+            warp_arg_best(best, bi);
+            if (lane == 0) { S->bval[g] = best; S->bidx[g] = bi; }
+        }
+        if (g == 0) {
+            for (int i = tid; i < 4 * 256; i += blockDim.x) { (&S->hc[0][0])[i] = 0; (&S->hm[0][0])[i] = 0; }
+        }
         return;
     }
-    KeepRule R;
-    R.tk = P.top_k > 0 && P.top_k < V;
-    R.tp = P.top_p < 1.0f;
-    R.cut = P.min_p > 0.0f ? M + logf(P.min_p) : -TL_INF;
-    R.tkey = 0; R.trem = 0; R.pkey = 0; R.prem = 0;
-    unsigned ek0 = 0, ep0 = 0;  // this warp's first ranks
-    // Radix selection: 4 passes from the top byte of the key. By count
-    // (top-k: the k-th largest) or, with `mass`, by fixed-point mass over
-    // the top-k survivors (top-p: where the mass from the top reaches the
-    // target).
-    for (int which = 0; which < 2; which++) {
-        bool mass = which == 1;
-        if (!(mass ? R.tp : R.tk)) continue;
-        unsigned long long target = 0;
-        if (mass) {
-            unsigned ek = ek0;
-            unsigned long long s = 0;
-            for (int t0 = wb; t0 < we; t0 += 32) {
-                int i = t0 + lane;
-                bool ok = i < we;
-                float l = ok ? x[i] : -TL_INF;
-                if (tile_in_top_k(f2key(l), ok, R, ek, lt)) s += fp_mass(l, M);
+    if (phase == 13) {
+        if (c.done) {
+            if (g == 0 && tid == 0) ids[r] = c.arg;
+            return;
+        }
+        double total = 0.0, pre = 0.0, mine = S->wsum[g];
+        bool found = false;
+        for (int b = 0; b < G; b++) {
+            if (b == g) pre = total;
+            total += S->wsum[b];
+        }
+        double target = P.u * total;
+        {
+            double t = 0.0;
+            for (int b = 0; b < G; b++) {
+                double w = S->wsum[b];
+                if (w > 0.0 && target >= t && target < t + w) found = true;
+                t += w;
             }
-            s = warp_sum_t(s);
-            if (lane == 0) shu[warp] = s;
-            __syncthreads();
-            unsigned long long S;
-            warp_prefix(shu, warp, &S);
-            target = (unsigned long long)ceil((double)P.top_p * (double)S);
-            if (target < 1) target = 1;
         }
-        unsigned prefix = 0, mask = 0, rem = P.top_k;
-        unsigned long long acc = 0;
-        for (int shift = 24; shift >= 0; shift -= 8) {
-            for (int i = tid; i < 256; i += blockDim.x) { hc[i] = 0; hm[i] = 0; }
-            __syncthreads();
-            unsigned ek = ek0;
-#pragma unroll 4
-            for (int t0 = wb; t0 < we; t0 += 32) {
-                int i = t0 + lane;
-                bool ok = i < we;
-                float l = ok ? x[i] : -TL_INF;
-                unsigned k = f2key(l);
-                bool in = mass ? tile_in_top_k(k, ok, R, ek, lt) : ok;
-                in = in && (k & mask) == prefix;
-                unsigned b = in ? (k >> shift) & 255 : 256u;
-                unsigned peers = match_any(b);
-                bool leader = (peers & lt) == 0;
-                if (mass) {
-                    // One shared atomic per bin and step: each group of
-                    // lanes with the same bin sums its masses first (one
-                    // lane a 64-bit atomic each made a step's 32 lanes
-                    // contend on a few bins, ≈1 ms a row at V = 152k).
-                    unsigned long long f = in ? fp_mass(l, M) : 0ull;
-                    unsigned long long g = peer_sum(peers, f);
-                    if (in && leader && g) atomicAdd(&hm[b], g);
-                } else if (in && leader) {
-                    atomicAdd(&hc[b], (unsigned)__popc(peers));
-                }
+        if (!found) {
+            // Rounding past the end: the last kept token.
+            if (g == 0 && tid == 0) {
+                int m = -1;
+                for (int b = 0; b < G; b++) m = max(m, S->wlast[b]);
+                ids[r] = m < 0 ? c.arg : m;
             }
-            __syncthreads();
-            if (tid == 0) {
-                int b = 255;
-                if (mass) {
-                    for (; b > 0; b--) { if (acc + hm[b] >= target) break; acc += hm[b]; }
-                    s_acc = acc;
-                } else {
-                    unsigned a = 0;
-                    for (; b > 0; b--) { if (a + hc[b] >= rem) break; a += hc[b]; }
-                    s_rem = rem - a;
-                }
-                s_prefix = prefix | ((unsigned)b << shift);
-            }
-            __syncthreads();
-            prefix = s_prefix;
-            mask |= 255u << shift;
-            if (mass) acc = s_acc; else rem = s_rem;
+            return;
         }
-        // The boundary key is `prefix`: how many of its tokens (in id
-        // order) stay, and each warp's first rank among them.
-        unsigned ek = ek0, c = 0;
-        for (int t0 = wb; t0 < we; t0 += 32) {
-            int i = t0 + lane;
-            bool ok = i < we;
-            unsigned k = f2key(ok ? x[i] : -TL_INF);
-            bool in = mass ? tile_in_top_k(k, ok, R, ek, lt) : ok;
-            c += __popc(__ballot_sync(FULL, in && k == prefix));
-        }
-        __syncthreads();
-        if (lane == 0) shc[warp] = c;
-        __syncthreads();
-        unsigned tot;
-        unsigned base = warp_prefix(shc, warp, &tot);
-        if (mass) {
-            // The fewest tokens of the boundary key that reach the target.
-            double f = (double)fp_mass(key2f(prefix), M);
-            unsigned long long need = target - acc;
-            unsigned j = f > 0.0 ? (unsigned)ceil((double)need / f) : 1u;
-            R.pkey = prefix; R.prem = max(1u, min(j, tot)); ep0 = base;
-        } else {
-            R.tkey = prefix; R.trem = rem; ek0 = base;
-        }
-        __syncthreads();
+        if (!(mine > 0.0 && target >= pre && target < pre + mine)) return;
     }
-    // The draw: weights exp((l - M) / T) of the kept tokens, summed per
-    // warp, in warp order; the warp holding u · total walks its span.
+    if (c.done) return;
+    if (phase >= 1 && phase <= 5 && !R.tk) return;
+    if (phase >= 6 && phase <= 11 && !R.tp) return;
     float inv_t = 1.0f / P.temp;
-    double s = 0.0;
-    int last = -1;
-    {
-        unsigned ek = ek0, ep = ep0;
-#pragma unroll 4
+    if ((phase >= 1 && phase <= 4) || (phase >= 7 && phase <= 10)) {
+        // One radix pass: this block's histogram, then its non-empty bins
+        // added to the row's.
+        bool mass = phase >= 7;
+        int q = mass ? phase - 7 : phase - 1, shift = 24 - 8 * q;
+        for (int i = tid; i < 256; i += blockDim.x) { hc[i] = 0; hm[i] = 0; }
+        __syncthreads();
+        unsigned ek = mass && R.tk ? warp_base(S->ck, gw) : 0;
+        unsigned prefix = c.prefix, mask = c.mask;
         for (int t0 = wb; t0 < we; t0 += 32) {
             int i = t0 + lane;
             bool ok = i < we;
             float l = ok ? x[i] : -TL_INF;
-            if (tile_kept(l, ok, R, ek, ep, lt)) {
+            unsigned k = f2key(l);
+            bool in = mass ? tile_in_top_k(k, ok, R, ek, lt) : ok;
+            in = in && (k & mask) == prefix;
+            unsigned b = in ? (k >> shift) & 255 : 256u;
+            unsigned peers = match_any(b);
+            bool leader = (peers & lt) == 0;
+            if (mass) {
+                unsigned long long f = in ? fp_mass(l, M) : 0ull;
+                unsigned long long s = peer_sum(peers, f);
+                if (in && leader && s) atomicAdd(&hm[b], s);
+            } else if (in && leader) {
+                atomicAdd(&hc[b], (unsigned)__popc(peers));
+            }
+        }
+        __syncthreads();
+        for (int i = tid; i < 256; i += blockDim.x) {
+            if (mass) { if (hm[i]) atomicAdd(&S->hm[q][i], hm[i]); }
+            else if (hc[i]) atomicAdd(&S->hc[q][i], hc[i]);
+        }
+        return;
+    }
+    if (phase == 5 || phase == 11) {
+        // Each warp's count of boundary-key tokens (top-p: among the top-k
+        // survivors), in order to rank them.
+        bool p = phase == 11;
+        unsigned ek = p && R.tk ? warp_base(S->ck, gw) : 0, n = 0;
+        unsigned key = p ? R.pkey : R.tkey;
+        for (int t0 = wb; t0 < we; t0 += 32) {
+            int i = t0 + lane;
+            bool ok = i < we;
+            unsigned k = f2key(ok ? x[i] : -TL_INF);
+            bool in = p ? tile_in_top_k(k, ok, R, ek, lt) : ok;
+            n += __popc(__ballot_sync(FULL, in && k == key));
+        }
+        if (lane == 0) (p ? S->cp : S->ck)[gw] = n;
+        return;
+    }
+    unsigned ek = R.tk ? warp_base(S->ck, gw) : 0;
+    if (phase == 6) {
+        unsigned long long s = 0;
+        for (int t0 = wb; t0 < we; t0 += 32) {
+            int i = t0 + lane;
+            bool ok = i < we;
+            float l = ok ? x[i] : -TL_INF;
+            if (tile_in_top_k(f2key(l), ok, R, ek, lt)) s += fp_mass(l, M);
+        }
+        s = block_sum_w(warp_sum_t(s), shu);
+        if (tid == 0) S->msum[g] = s;
+        return;
+    }
+    // Phases 12 and 13: the weights exp((l - M) / T) of the kept tokens.
+    unsigned ep0 = R.tp ? warp_base(S->cp, gw) : 0;
+    double s = 0.0;
+    int last = -1;
+    {
+        unsigned ek1 = ek, ep = ep0;
+        for (int t0 = wb; t0 < we; t0 += 32) {
+            int i = t0 + lane;
+            bool ok = i < we;
+            float l = ok ? x[i] : -TL_INF;
+            if (tile_kept(l, ok, R, ek1, ep, lt)) {
                 double w = exp((double)__fmul_rn(__fsub_rn(l, M), inv_t));
                 s += w;
                 if (w > 0.0) last = i;
@@ -1580,40 +1742,61 @@ extern "C" __global__ void sample_rows(float* logits, int V, const SampleRow* ro
     s = warp_sum_t(s);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(FULL, last, o));
+    if (phase == 12) {
+        double bs = block_sum_w(s, shd);
+        if (lane == 0) si[warp] = last;
+        __syncthreads();
+        if (tid == 0) {
+            int m = -1;
+            for (int w = 0; w < SB_WARPS; w++) m = max(m, si[w]);
+            S->wsum[g] = bs;
+            S->wlast[g] = m;
+        }
+        return;
+    }
+    // Phase 13, the block holding the pick: the warp holding it walks its
+    // span 32 tokens at a time.
+    double total = 0.0, pre = 0.0;
+    for (int b = 0; b < G; b++) {
+        if (b == g) pre = total;
+        total += S->wsum[b];
+    }
+    double rr = P.u * total - pre;
     if (lane == 0) { shd[warp] = s; si[warp] = last; }
     __syncthreads();
-    double total;
-    double pre = warp_prefix(shd, warp, &total);
-    if (tid == 0) {
-        // The fallback (rounding past the end): the last kept token.
-        int m = -1;
-        for (int w = 0; w < 32; w++) m = max(m, si[w]);
-        s_pick = m < 0 ? s_arg : m;
+    double wpre = 0.0;
+    int owner = -1;
+    for (int w = 0; w < SB_WARPS; w++) {
+        if (owner < 0 && shd[w] > 0.0 && rr >= wpre && rr < wpre + shd[w]) owner = w;
+        if (owner < 0) wpre += shd[w];
     }
-    __syncthreads();
-    double target = P.u * total;
-    if (s > 0.0 && target >= pre && target < pre + s) {
-        // This warp's span holds the pick: walk it 32 tokens at a time.
-        double rr = target - pre;
-        unsigned ek = ek0, ep = ep0;
-        int pick = last;
-        for (int t0 = wb; t0 < we; t0 += 32) {
-            int i = t0 + lane;
-            bool ok = i < we;
-            float l = ok ? x[i] : -TL_INF;
-            double w = tile_kept(l, ok, R, ek, ep, lt) ? exp((double)__fmul_rn(__fsub_rn(l, M), inv_t)) : 0.0;
-            double inc = w;
-#pragma unroll
-            for (int o = 1; o < 32; o <<= 1) {
-                double y = __shfl_up_sync(FULL, inc, o);
-                if (lane >= o) inc += y;
-            }
-            unsigned hit = __ballot_sync(FULL, w > 0.0 && inc > rr);
-            if (hit) { pick = t0 + __ffs(hit) - 1; break; }
-            rr -= __shfl_sync(FULL, inc, 31);
+    if (owner < 0) {
+        // Rounding between the block's and its warps' sums: its last kept.
+        if (tid == 0) {
+            int m = -1;
+            for (int w = 0; w < SB_WARPS; w++) m = max(m, si[w]);
+            ids[r] = m;
         }
-        if (lane == 0) s_pick = pick;
+        return;
     }
-    __syncthreads();
-    if (tid == 0) ids[r] = s_pick;
+    if (warp != owner) return;
+    rr -= wpre;
+    unsigned ek1 = ek, ep = ep0;
+    int pick = last;
+    for (int t0 = wb; t0 < we; t0 += 32) {
+        int i = t0 + lane;
+        bool ok = i < we;
+        float l = ok ? x[i] : -TL_INF;
+        double w = tile_kept(l, ok, R, ek1, ep, lt) ? exp((double)__fmul_rn(__fsub_rn(l, M), inv_t)) : 0.0;
+        double inc = w;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            double y = __shfl_up_sync(FULL, inc, o);
+            if (lane >= o) inc += y;
+        }
+        unsigned hit = __ballot_sync(FULL, w > 0.0 && inc > rr);
+        if (hit) { pick = t0 + __ffs(hit) - 1; break; }
+        rr -= __shfl_sync(FULL, inc, 31);
+    }
+    if (lane == 0) ids[r] = pick;
 }

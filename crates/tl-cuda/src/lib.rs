@@ -956,7 +956,7 @@ mod tests {
             "rms_norm",
             "argmax_part",
             "argmax_final",
-            "sample_rows",
+            "sample_phase",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing");
         }

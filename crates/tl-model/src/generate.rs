@@ -615,6 +615,52 @@ pub struct KlStats {
     pub top1_agree: f64,
 }
 
+/// Where a perplexity run takes the base distributions it compares with.
+pub enum KlBase<'r, 'm> {
+    /// A base model (same vocabulary) run on the same chunks.
+    Model(&'r mut Runner<'m>),
+    /// Log-probabilities an earlier run saved ([`PerplexityOptions::save`])
+    /// on the same tokens and chunk size.
+    Saved(&'r mut dyn std::io::Read),
+}
+
+/// The extras of [`Runner::perplexity_with`].
+#[derive(Default)]
+pub struct PerplexityOptions<'r, 'm> {
+    /// Compare with a base: fills [`Perplexity::vs_base`].
+    pub base: Option<KlBase<'r, 'm>>,
+    /// Save this model's log-probabilities at every scored position (a
+    /// header, then `vocab` little-endian f32 per position), to be a later
+    /// run's [`KlBase::Saved`].
+    pub save: Option<&'r mut dyn std::io::Write>,
+    /// Score at most this many chunks (llama.cpp's `--chunks`); 0: all.
+    pub max_chunks: usize,
+}
+
+const LOGPROBS_MAGIC: &[u8; 8] = b"TLLOGP01";
+
+/// FNV-1a over the chunking and the tokens, so a saved base is only used
+/// against the same text and chunk size.
+fn logprobs_key(tokens: &[u32], ctx: usize, vocab: usize) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let words = [ctx as u64, vocab as u64, tokens.len() as u64];
+    for w in words
+        .iter()
+        .copied()
+        .chain(tokens.iter().map(|&t| u64::from(t)))
+    {
+        for b in w.to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+fn io_err(what: &str, e: std::io::Error) -> ModelError {
+    ModelError::BadConfig(format!("{what}: {e}"))
+}
+
 impl Runner<'_> {
     /// Perplexity the way llama.cpp's `perplexity` tool computes it: the
     /// tokens are cut into non-overlapping chunks of `ctx`; each chunk starts
@@ -628,16 +674,16 @@ impl Runner<'_> {
         bos: Option<u32>,
         progress: impl FnMut(usize, usize, f64),
     ) -> Result<Perplexity> {
-        self.perplexity_vs(None, tokens, ctx, bos, progress)
+        self.perplexity_with(PerplexityOptions::default(), tokens, ctx, bos, progress)
     }
 
-    /// [`Runner::perplexity`], and with `base` (a runner over a base model
-    /// with the same vocabulary, e.g. the F16 original of a quantized model)
-    /// also how far this model's distributions are from the base's at the
-    /// same positions ([`KlStats`]).
-    pub fn perplexity_vs(
+    /// [`Runner::perplexity`], and with a base (a base model, e.g. the F16
+    /// original of a quantized model, or its saved log-probabilities) also
+    /// how far this model's distributions are from the base's at the same
+    /// positions ([`KlStats`]).
+    pub fn perplexity_with(
         &mut self,
-        mut base: Option<&mut Runner<'_>>,
+        mut opts: PerplexityOptions<'_, '_>,
         tokens: &[u32],
         ctx: usize,
         bos: Option<u32>,
@@ -648,22 +694,48 @@ impl Runner<'_> {
                 "perplexity context {ctx} is too small (≥ 4)"
             )));
         }
-        let n_chunks = tokens.len() / ctx;
+        let mut n_chunks = tokens.len() / ctx;
         if n_chunks == 0 {
             return Err(ModelError::BadConfig(format!(
                 "the text has {} tokens, fewer than one chunk of {ctx}",
                 tokens.len()
             )));
         }
-        if let Some(b) = &base {
-            if b.model.config.vocab != self.model.config.vocab {
-                return Err(ModelError::BadConfig(format!(
-                    "the base model's vocabulary ({}) is not this model's ({})",
-                    b.model.config.vocab, self.model.config.vocab
-                )));
-            }
+        if opts.max_chunks > 0 {
+            n_chunks = n_chunks.min(opts.max_chunks);
         }
         let vocab = self.model.config.vocab;
+        let key = logprobs_key(&tokens[..n_chunks * ctx], ctx, vocab);
+        match &mut opts.base {
+            Some(KlBase::Model(b)) if b.model.config.vocab != vocab => {
+                return Err(ModelError::BadConfig(format!(
+                    "the base model's vocabulary ({}) is not this model's ({vocab})",
+                    b.model.config.vocab
+                )));
+            }
+            Some(KlBase::Saved(r)) => {
+                let mut head = [0u8; 16];
+                r.read_exact(&mut head)
+                    .map_err(|e| io_err("base log-probabilities", e))?;
+                if &head[..8] != LOGPROBS_MAGIC {
+                    return Err(ModelError::BadConfig(
+                        "base log-probabilities: not a file saved by `tl perplexity --save-logprobs`"
+                            .into(),
+                    ));
+                }
+                if head[8..] != key.to_le_bytes() {
+                    return Err(ModelError::BadConfig(
+                        "base log-probabilities were saved for another text, chunk size, chunk count or vocabulary".into(),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if let Some(w) = opts.save.as_mut() {
+            w.write_all(LOGPROBS_MAGIC)
+                .and_then(|_| w.write_all(&key.to_le_bytes()))
+                .map_err(|e| io_err("saving log-probabilities", e))?;
+        }
         let (mut nll, mut count) = (0f64, 0usize);
         let (mut base_nll, mut agree) = (0f64, 0usize);
         let mut kls: Vec<f64> = Vec::new();
@@ -673,16 +745,17 @@ impl Runner<'_> {
             out.clear();
             out.extend(row.iter().map(|&x| x as f64 - lse));
         };
-        let argmax = |row: &[f32]| {
+        fn argmax<T: PartialOrd>(row: &[T]) -> usize {
             let mut bi = 0;
-            for (i, &x) in row.iter().enumerate() {
-                if x > row[bi] {
+            for (i, x) in row.iter().enumerate() {
+                if *x > row[bi] {
                     bi = i;
                 }
             }
             bi
-        };
+        }
         let (mut lp, mut lq) = (Vec::new(), Vec::new());
+        let mut bytes = Vec::new();
         let mut chunk = Vec::with_capacity(ctx);
         for c in 0..n_chunks {
             chunk.clear();
@@ -691,9 +764,9 @@ impl Runner<'_> {
                 chunk[0] = b;
             }
             let logits = self.all_logits(&chunk)?;
-            let base_logits = match base.as_deref_mut() {
-                Some(b) => Some(b.all_logits(&chunk)?),
-                None => None,
+            let base_logits = match &mut opts.base {
+                Some(KlBase::Model(b)) => Some(b.all_logits(&chunk)?),
+                _ => None,
             };
             for j in ctx / 2..ctx - 1 {
                 let row = &logits[j * vocab..(j + 1) * vocab];
@@ -701,28 +774,50 @@ impl Runner<'_> {
                 log_softmax(row, &mut lq);
                 nll -= lq[next];
                 count += 1;
-                if let Some(bl) = &base_logits {
-                    let brow = &bl[j * vocab..(j + 1) * vocab];
-                    log_softmax(brow, &mut lp);
-                    base_nll -= lp[next];
-                    let kl: f64 = lp
-                        .iter()
-                        .zip(&lq)
-                        .map(|(&p, &q)| {
-                            if p > f64::NEG_INFINITY {
-                                p.exp() * (p - q)
-                            } else {
-                                0.0
-                            }
-                        })
-                        .sum();
-                    kls.push(kl.max(0.0));
-                    agree += usize::from(argmax(row) == argmax(brow));
+                if let Some(w) = opts.save.as_mut() {
+                    bytes.clear();
+                    bytes.extend(lq.iter().flat_map(|&x| (x as f32).to_le_bytes()));
+                    w.write_all(&bytes)
+                        .map_err(|e| io_err("saving log-probabilities", e))?;
                 }
+                match &mut opts.base {
+                    None => continue,
+                    Some(KlBase::Model(_)) => {
+                        if let Some(bl) = &base_logits {
+                            log_softmax(&bl[j * vocab..(j + 1) * vocab], &mut lp);
+                        }
+                    }
+                    Some(KlBase::Saved(r)) => {
+                        bytes.resize(vocab * 4, 0);
+                        r.read_exact(&mut bytes).map_err(|e| {
+                            io_err("base log-probabilities (fewer positions than this run)", e)
+                        })?;
+                        lp.clear();
+                        lp.extend(
+                            bytes
+                                .chunks_exact(4)
+                                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+                        );
+                    }
+                }
+                base_nll -= lp[next];
+                let kl: f64 = lp
+                    .iter()
+                    .zip(&lq)
+                    .map(|(&p, &q)| {
+                        if p > f64::NEG_INFINITY {
+                            p.exp() * (p - q)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum();
+                kls.push(kl.max(0.0));
+                agree += usize::from(argmax(row) == argmax(&lp));
             }
             progress(c + 1, n_chunks, (nll / count as f64).exp());
         }
-        let vs_base = base.map(|_| {
+        let vs_base = opts.base.map(|_| {
             let n = kls.len().max(1) as f64;
             let mean = kls.iter().sum::<f64>() / n;
             kls.sort_by(f64::total_cmp);

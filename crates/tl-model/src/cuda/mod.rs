@@ -514,6 +514,12 @@ struct SampleRow {
     pad: i32,
 }
 
+/// Bytes of the kernels' `SampScratch` (one per sampled row; the kernel
+/// source asserts the size).
+const SAMP_SCRATCH_BYTES: usize = 18176;
+/// Blocks per row at most (the kernels' `SB_MAXG`).
+const SAMP_MAX_GROUPS: usize = 64;
+
 /// The sampling kernel on its own: one pick per row of `logits` (rows of
 /// `vocab`) on GPU `ordinal`.
 pub(crate) fn sample_rows(
@@ -634,6 +640,8 @@ pub(crate) struct CudaState {
     host_meta: Vec<i32>,
     /// The sampling kernel's per-row parameters and penalty pairs.
     samp: Option<DevBuf>,
+    /// Per-row state the sampling phases pass on (`SampScratch`).
+    samp_scratch: Option<DevBuf>,
     host_samp: Vec<u8>,
     last_ids: Vec<u32>,
     graphs: HashMap<GraphKey, Graph>,
@@ -751,20 +759,35 @@ impl CudaState {
         }
         let base = ptr(&self.samp);
         gpu.htod(base, h).map_err(cuda_err)?;
-        gpu.launch(
-            "sample_rows",
-            (rows as u32, 1, 1),
-            1024,
-            0,
-            &[
-                tl_cuda::Arg::Ptr(ptr(&self.logits)),
-                tl_cuda::Arg::I32(vocab as i32),
-                tl_cuda::Arg::Ptr(base),
-                tl_cuda::Arg::Ptr(base + pen_at as u64),
-                tl_cuda::Arg::Ptr(ptr(&self.ids)),
-            ],
-        )
-        .map_err(cuda_err)
+        // The multi-block chain (kernels.cu, "Sampling on the device"):
+        // G blocks of 256 threads per row, 14 phases.
+        let groups = vocab.div_ceil(4096).clamp(1, SAMP_MAX_GROUPS) as u32;
+        let need = rows * SAMP_SCRATCH_BYTES;
+        if need > self.samp_scratch.as_ref().map_or(0, |b| b.bytes) {
+            self.samp_scratch = Some(
+                gpu.alloc(need.next_power_of_two(), "sampling scratch")
+                    .map_err(cuda_err)?,
+            );
+        }
+        for phase in 0..14 {
+            gpu.launch(
+                "sample_phase",
+                (groups, rows as u32, 1),
+                256,
+                0,
+                &[
+                    tl_cuda::Arg::I32(phase),
+                    tl_cuda::Arg::Ptr(ptr(&self.logits)),
+                    tl_cuda::Arg::I32(vocab as i32),
+                    tl_cuda::Arg::Ptr(base),
+                    tl_cuda::Arg::Ptr(base + pen_at as u64),
+                    tl_cuda::Arg::Ptr(ptr(&self.samp_scratch)),
+                    tl_cuda::Arg::Ptr(ptr(&self.ids)),
+                ],
+            )
+            .map_err(cuda_err)?;
+        }
+        Ok(())
     }
 
     fn logits_ptr(&self) -> u64 {
