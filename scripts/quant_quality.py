@@ -29,8 +29,6 @@ import re
 import subprocess
 import sys
 
-import llama_cpp
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.environ.get("TL_MODEL_DIR", os.path.expanduser("~/.cache/tensorlogic/models"))
 TEXT = os.path.join(ROOT, "crates", "tl-model", "tests", "fixtures", "kv_ppl_text.txt")
@@ -59,6 +57,8 @@ def run(cmd):
 
 
 def reference_quantize(inp, out, ftype):
+    import llama_cpp  # the reference environment only; --render-only runs without it
+
     p = llama_cpp.llama_model_quantize_default_params()
     p.nthread = 2
     p.ftype = FTYPES[ftype]
@@ -87,7 +87,14 @@ def main():
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "QUANTIZATION.md"))
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "quantization.json"))
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite the Markdown from the JSON of an earlier run")
     args = ap.parse_args()
+    if args.render_only:
+        with open(args.json) as f:
+            d = json.load(f)
+        render(args, d["results"], d["commit"], d["date"], d.get("cpu", "unknown CPU"), d.get("note"))
+        return
     os.makedirs(args.work, exist_ok=True)
     commit = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
     results = {}
@@ -114,20 +121,26 @@ def main():
         results[model] = rows
         os.remove(base)
         os.remove(base_lp)
-    with open(args.json, "w") as f:
-        json.dump({"commit": commit, "date": str(datetime.date.today()), "results": results}, f, indent=1)
-        f.write("\n")
     cpu = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    cpu = f"{cpu}, {os.cpu_count()} threads ({platform.machine()})"
+    date = str(datetime.date.today())
+    with open(args.json, "w") as f:
+        json.dump({"commit": commit, "date": date, "cpu": cpu, "results": results}, f, indent=1)
+        f.write("\n")
+    render(args, results, commit, date, cpu)
+
+
+def render(args, results, commit, date, cpu, note=None):
     lines = [
         "# Quantization: quality and speed per type",
         "",
-        f"Produced by `scripts/quant_quality.py` on {datetime.date.today()}, commit {commit}, "
-        f"{cpu}, {os.cpu_count()} threads ({platform.machine()}). Raw figures: "
+        f"Produced by `scripts/quant_quality.py` on {date}, commit {commit}, "
+        f"{cpu}. Raw figures: "
         "`docs/quantization.json`.",
         "",
         "Method. Each test model is first written as F16 (`tl quantize MODEL base.gguf F16 "
@@ -143,7 +156,17 @@ def main():
         "it does, llama-quantize's output has these same figures. Speed: `tl bench -p 256 -n 64` "
         "(CPU, prompt and generation tok/s, batch 1).",
         "",
+        "Reading it. The test models are themselves quantized files (Qwen: Q5_0, Q8_0, Q6_K and "
+        "Q4_K tensors; Gemma: Q5_0, Q4_K, Q8_0, Q6_K), so the F16 base holds weights that already "
+        "lie on those types' grids: a type whose grid contains a tensor's values (Q4_K for a "
+        "tensor that was Q4_K, Q5_0 for one that was Q5_0) requantizes it almost losslessly, and "
+        "such a type can come out ahead of one with more bits (Q4_K_M against Q5_K_M on Qwen). "
+        "On an F16 original the order would follow the bits. No importance matrix is used "
+        "(`tl imatrix` is not written yet), so the low-bit rows are the no-imatrix figures.",
+        "",
     ]
+    if note:
+        lines += [note, ""]
     for model, rows in results.items():
         base = rows["F16"]["ppl"]
         lines += [f"## {model}", "", f"Base (F16) perplexity {base:.4f}.", "",

@@ -416,11 +416,7 @@ impl ModelInfo {
     }
 
     fn n_gqa(&self) -> u64 {
-        if self.n_head_kv == 0 {
-            0
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(0)
     }
 }
 
@@ -512,11 +508,7 @@ impl MixState<'_> {
             let (i, n) = self.layer_info(self.i_ffn_down, name)?;
             match ft {
                 F::Q2_K => ty = G::Q3_K,
-                F::Q2_K_S => {
-                    if i < n / 8 {
-                        ty = G::Q4_K;
-                    }
-                }
+                F::Q2_K_S if i < n / 8 => ty = G::Q4_K,
                 F::Q3_K_M => {
                     ty = if i < n / 16 {
                         G::Q5_K
@@ -579,7 +571,7 @@ impl MixState<'_> {
 fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
     use GgmlType as G;
     let qk = ty.block_size() as u64;
-    if qk == 0 || ncols % qk == 0 {
+    if qk == 0 || ncols.is_multiple_of(qk) {
         return (ty, false);
     }
     let mut to = match ty {
@@ -589,7 +581,7 @@ fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
         G::Q6_K => G::Q8_0,
         other => other,
     };
-    if ncols % (to.block_size() as u64) != 0 {
+    if !ncols.is_multiple_of(to.block_size() as u64) {
         to = G::F16;
     }
     (to, true)
