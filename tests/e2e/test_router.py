@@ -273,13 +273,15 @@ def test_replicas_behind_router_survive_kill_and_drain():
         # enough for several more requests to arrive: it is reported, not
         # used as the bound.)
         assert len(failed) <= CLIENTS // 2, summary
-        # Requests kept succeeding while it was down: completions inside
-        # the ~9 s it was down (from 3 s after the kill, when the router has
-        # marked it), served by the other two. Counted by when they end:
-        # how many also start in the window depends on the host's speed
-        # (on a 2-core AVX2 host a request takes 5-40 s with three replicas
-        # on its cores).
-        down = [r for r in ok if events["kill"] + 3 < r.end < events["restarted"]]
+        # Requests kept being served while it was down: successes in
+        # flight at some time in the ~9 s it was down (from 3 s after the
+        # kill, when the router has marked it), which only the other two
+        # replicas can have served; that none routed to it failed is the
+        # check above. Counted by overlap, not by completions inside the
+        # window: on a 2-core AVX2 host a request takes 5-40 s with three
+        # replicas on its cores and batched requests finish together, so
+        # completions in a 9 s window depend on the host's speed.
+        down = [r for r in ok if r.start < events["restarted"] and r.end > events["kill"] + 3]
         assert len(down) >= CLIENTS // 4, summary
         # The router took the restarted replica back: it served requests
         # started after its restart (its counters began at zero then).
