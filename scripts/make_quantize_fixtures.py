@@ -26,7 +26,6 @@ Run with the reference environment (llama-cpp-python built as
       --tl target/release/tl
 """
 import argparse
-import ctypes
 import hashlib
 import json
 import os
@@ -34,21 +33,13 @@ import subprocess
 import sys
 import tempfile
 
-import llama_cpp
 from gguf import GGUFReader
+
+from llama_quantize_ref import FTYPES, reference_quantize, reference_version, sha256_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "crates", "tl-cli", "tests", "fixtures", "quantize.json")
 MODEL_DIR = os.environ.get("TL_MODEL_DIR", os.path.expanduser("~/.cache/tensorlogic/models"))
-
-# llama_ftype numbers (llama.h) of the file types `tl quantize` writes.
-FTYPES = {
-    "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8,
-    "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
-    "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-}
-# ggml_type numbers for the type flags.
-GGML_TYPES = {"F16": 1, "Q8_0": 8, "Q4_0": 2, "Q5_K": 13, "Q6_K": 14}
 
 # `tl synth` arguments of the synthetic inputs. Eight layers make the
 # layer-position rules pick different layers; 8 query heads over 2 KV heads
@@ -88,14 +79,6 @@ MODELS = [
 ]
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tensors_of(path):
     """name -> [type name, the first 16 hex digits of the SHA-256 of its bytes]."""
     r = GGUFReader(path)
@@ -106,29 +89,6 @@ def tensors_of(path):
             out[t.name] = [t.tensor_type.name,
                            hashlib.sha256(f.read(int(t.n_bytes))).hexdigest()[:16]]
     return out
-
-
-def reference_quantize(inp, out, ftype, flags):
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.nthread = 2
-    p.ftype = FTYPES[ftype]
-    it = iter(flags)
-    for f in it:
-        if f == "--pure":
-            p.pure = True
-        elif f == "--leave-output-tensor":
-            p.quantize_output_tensor = False
-        elif f == "--allow-requantize":
-            p.allow_requantize = True
-        elif f == "--output-tensor-type":
-            p.output_tensor_type = GGML_TYPES[next(it)]
-        elif f == "--token-embedding-type":
-            p.token_embedding_type = GGML_TYPES[next(it)]
-        else:
-            raise SystemExit(f"unknown flag {f}")
-    rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(p))
-    if rc != 0:
-        raise SystemExit(f"llama_model_quantize({inp}, {ftype}, {flags}) failed: {rc}")
 
 
 def case(inp, ftype, flags, tmp):
@@ -143,7 +103,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tl", default=os.path.join(ROOT, "target", "release", "tl"))
     args = ap.parse_args()
-    fixtures = {"reference": f"llama-cpp-python {llama_cpp.__version__} llama_model_quantize",
+    fixtures = {"reference": reference_version(),
                 "synth": [], "models": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name, synth_args in SYNTH.items():

@@ -19,9 +19,7 @@ builds it):
   ~/.cache/tensorlogic/venv/bin/python scripts/quant_quality.py --tl target/release/tl
 """
 import argparse
-import ctypes
 import datetime
-import hashlib
 import json
 import os
 import platform
@@ -29,24 +27,16 @@ import re
 import subprocess
 import sys
 
+from llama_quantize_ref import reference_quantize, sha256_file
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_DIR = os.environ.get("TL_MODEL_DIR", os.path.expanduser("~/.cache/tensorlogic/models"))
 TEXT = os.path.join(ROOT, "crates", "tl-model", "tests", "fixtures", "kv_ppl_text.txt")
 MODELS = ["qwen2.5-coder-0.5b-instruct-q4.gguf", "gemma-3-270m-q4_k_m.gguf"]
-# llama_ftype numbers; Q2_K_S is left out: it needs an importance matrix.
-FTYPES = {
-    "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16,
-    "Q5_1": 9, "Q5_0": 8, "Q4_K_M": 15, "Q4_K_S": 14, "Q4_1": 3, "Q4_0": 2,
-    "Q3_K_L": 13, "Q3_K_M": 12, "Q3_K_S": 11, "Q2_K": 10,
-}
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# The file types of the table (Q2_K_S is left out: it needs an importance
+# matrix; F32 would repeat F16).
+TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M",
+         "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
 
 
 def run(cmd):
@@ -54,16 +44,6 @@ def run(cmd):
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-2000:]}")
     return r.stdout
-
-
-def reference_quantize(inp, out, ftype):
-    import llama_cpp  # the reference environment only; --render-only runs without it
-
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.nthread = 2
-    p.ftype = FTYPES[ftype]
-    if llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(p)) != 0:
-        raise SystemExit(f"llama_model_quantize {inp} {ftype} failed")
 
 
 def measure(tl, model, base_lp, text, chunk):
@@ -106,7 +86,7 @@ def main():
         run([args.tl, "perplexity", "-m", base, "-f", TEXT, "--chunk", str(args.chunk),
              "--save-logprobs", base_lp])
         rows = {}
-        for ftype in FTYPES:
+        for ftype in TYPES:
             mine = os.path.join(args.work, f"{ftype}.gguf")
             ref = os.path.join(args.work, f"{ftype}-ref.gguf")
             run([args.tl, "quantize", base, mine, ftype])

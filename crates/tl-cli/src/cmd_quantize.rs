@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use tl_gguf::{GgmlType, GgufFile};
+use tl_gguf::GgmlType;
 use tl_model::quantize::{self, FileType, QuantizeOptions};
 
 #[derive(clap::Args)]
@@ -46,7 +46,7 @@ fn block_type(flag: &str, s: &str) -> anyhow::Result<GgmlType> {
     let ty = GgmlType::from_name(&s.to_ascii_uppercase())
         .or_else(|| GgmlType::from_name(s))
         .with_context(|| format!("{flag}: unknown tensor type '{s}'"))?;
-    if !tl_core::quant::is_supported(ty) || matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K) {
+    if !quantize::can_write(ty) {
         anyhow::bail!("{flag}: can't write tensors of type {ty}");
     }
     Ok(ty)
@@ -74,12 +74,11 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         .map(|s| block_type("--token-embedding-type", s))
         .transpose()?;
 
+    let q = quantize::Quantization::prepare(&a.input, &a.output, &opts)
+        .with_context(|| format!("quantizing {}", a.input.display()))?;
     if a.dry_run {
-        let file =
-            GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-        let plans = quantize::plan(&file, &opts)?;
         let (mut inb, mut outb) = (0, 0);
-        for p in &plans {
+        for p in q.plans() {
             println!(
                 "{:<40} {:>22} {:>6} -> {:<6}{} {:>9.2} MiB -> {:>9.2} MiB",
                 p.name,
@@ -95,21 +94,14 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         }
         println!(
             "{} tensors: {:.2} MiB -> {:.2} MiB ({ftype})",
-            plans.len(),
+            q.plans().len(),
             mib(inb),
             mib(outb)
         );
         return Ok(());
     }
 
-    let total = {
-        let file =
-            GgufFile::open(&a.input).with_context(|| format!("reading {}", a.input.display()))?;
-        quantize::plan(&file, &opts)?
-            .iter()
-            .map(|p| p.out_bytes())
-            .sum::<u64>()
-    };
+    let total = q.plans().iter().map(|p| p.out_bytes()).sum::<u64>();
     let bar = ProgressBar::new(total);
     bar.set_style(
         ProgressStyle::with_template(
@@ -118,7 +110,7 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let t0 = std::time::Instant::now();
-    let summary = quantize::quantize_file(&a.input, &a.output, &opts, &mut |p, bytes| {
+    let summary = q.write(&mut |p, bytes| {
         bar.set_message(format!("{} {} -> {}", p.name, p.from.name(), p.to.name()));
         bar.inc(bytes);
     });

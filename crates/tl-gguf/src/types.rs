@@ -168,6 +168,12 @@ impl GgmlType {
         }
     }
 
+    /// A block type (ggml's `ggml_is_quantized`), not a plain float or
+    /// integer type.
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
     /// Elements per block (1 for plain types).
     pub fn block_size(self) -> usize {
         use GgmlType::*;

@@ -739,12 +739,17 @@ impl Runner<'_> {
         let (mut nll, mut count) = (0f64, 0usize);
         let (mut base_nll, mut agree) = (0f64, 0usize);
         let mut kls: Vec<f64> = Vec::new();
-        let log_softmax = |row: &[f32], out: &mut Vec<f64>| {
+        let log_sum_exp = |row: &[f32]| {
             let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-            let lse = m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln();
+            m + row.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln()
+        };
+        let log_softmax = |row: &[f32], out: &mut Vec<f64>| {
+            let lse = log_sum_exp(row);
             out.clear();
             out.extend(row.iter().map(|&x| x as f64 - lse));
         };
+        // The whole distribution is only needed to save it or compare it.
+        let full_rows = opts.save.is_some() || opts.base.is_some();
         fn argmax<T: PartialOrd>(row: &[T]) -> usize {
             let mut bi = 0;
             for (i, x) in row.iter().enumerate() {
@@ -771,9 +776,13 @@ impl Runner<'_> {
             for j in ctx / 2..ctx - 1 {
                 let row = &logits[j * vocab..(j + 1) * vocab];
                 let next = tokens[c * ctx + j + 1] as usize;
+                count += 1;
+                if !full_rows {
+                    nll += log_sum_exp(row) - row[next] as f64;
+                    continue;
+                }
                 log_softmax(row, &mut lq);
                 nll -= lq[next];
-                count += 1;
                 if let Some(w) = opts.save.as_mut() {
                     bytes.clear();
                     bytes.extend(lq.iter().flat_map(|&x| (x as f32).to_le_bytes()));

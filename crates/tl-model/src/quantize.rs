@@ -330,19 +330,10 @@ pub fn allows_quantization(name: &str, dims: &[u64], leave_output_tensor: bool) 
     name != "position_embd.weight" && name != "token_types.weight"
 }
 
-/// ggml's `ggml_is_quantized`: block types, not plain floats or integers.
-fn is_quantized(ty: GgmlType) -> bool {
-    !matches!(
-        ty,
-        GgmlType::F32
-            | GgmlType::F16
-            | GgmlType::BF16
-            | GgmlType::F64
-            | GgmlType::I8
-            | GgmlType::I16
-            | GgmlType::I32
-            | GgmlType::I64
-    )
+/// Whether `tl quantize` can write tensors of type `ty`: the types tl-core
+/// quantizes to, less the activation-only Q8_1 and Q8_K.
+pub fn can_write(ty: GgmlType) -> bool {
+    tl_core::quant::is_supported(ty) && !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K)
 }
 
 /// The layer of a tensor named `blk.N.…`, or -1 (llama.cpp sorts by it).
@@ -632,7 +623,7 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
             ty
         } else if let (Some(ty), Category::Output) = (opts.output_tensor_type, cat) {
             ty
-        } else if is_quantized(default) {
+        } else if default.is_quantized() {
             let mixed = if opts.pure {
                 default
             } else {
@@ -645,7 +636,7 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
             default
         };
         if to != t.ty {
-            if !tl_core::quant::is_supported(to) || to == GgmlType::Q8_1 || to == GgmlType::Q8_K {
+            if !can_write(to) {
                 return Err(QuantizeError::Tensor {
                     tensor: t.name.clone(),
                     reason: format!("can't write type {to}"),
@@ -661,7 +652,7 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
                     ftype: opts.ftype,
                 });
             }
-            if is_quantized(t.ty) && !opts.allow_requantize {
+            if t.ty.is_quantized() && !opts.allow_requantize {
                 return Err(QuantizeError::Requantize {
                     tensor: t.name.clone(),
                     from: t.ty,
@@ -814,58 +805,92 @@ fn write_model<W: Write>(
     Ok(())
 }
 
-/// Quantizes the model at `input` into `output` (written to
-/// `output.partial` and renamed, so a failure never leaves a half-written
-/// file under the output's name). `progress` gets each tensor's plan and the
-/// output bytes done for it as they are written.
+/// A quantization whose plan is made: the input mapped, every tensor's
+/// type chosen ([`plan`]), nothing written yet.
+pub struct Quantization {
+    file: GgufFile,
+    plans: Vec<TensorPlan>,
+    output: PathBuf,
+    opts: QuantizeOptions,
+}
+
+impl Quantization {
+    /// Opens `input` and plans its quantization into `output`; refuses an
+    /// output that is the input file.
+    pub fn prepare(input: &Path, output: &Path, opts: &QuantizeOptions) -> Result<Self> {
+        if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+            if a == b {
+                return Err(QuantizeError::SameFile(output.to_owned()));
+            }
+        }
+        let file = GgufFile::open(input)?;
+        let plans = plan(&file, opts)?;
+        Ok(Quantization {
+            file,
+            plans,
+            output: output.to_owned(),
+            opts: opts.clone(),
+        })
+    }
+
+    /// Every output tensor, in output order.
+    pub fn plans(&self) -> &[TensorPlan] {
+        &self.plans
+    }
+
+    /// Writes the output (to `output.partial`, renamed at the end, so a
+    /// failure never leaves a half-written file under the output's name).
+    /// `progress` gets each tensor's plan and the output bytes done for it
+    /// as they are written.
+    pub fn write(&self, progress: &mut dyn FnMut(&TensorPlan, u64)) -> Result<Summary> {
+        let (output, plans) = (self.output.as_path(), self.plans.as_slice());
+        let metadata = output_metadata(&self.file.metadata, self.opts.ftype);
+        let mut tmp = output.as_os_str().to_owned();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |err| QuantizeError::Io { path, err }
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.opts.threads)
+            .build()
+            .map_err(|e| QuantizeError::Metadata(format!("thread pool: {e}")))?;
+        let result = (|| {
+            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            write_model(&self.file, plans, &metadata, &mut w, &pool, progress)?;
+            let f = w.into_inner().map_err(|e| QuantizeError::Io {
+                path: tmp.clone(),
+                err: e.into_error(),
+            })?;
+            f.sync_all().map_err(io(&tmp))?;
+            std::fs::rename(&tmp, output).map_err(io(output))
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(Summary {
+            tensors: plans.len(),
+            quantized: plans.iter().filter(|p| p.from != p.to).count(),
+            fallbacks: plans.iter().filter(|p| p.fallback).count(),
+            in_bytes: plans.iter().map(TensorPlan::in_bytes).sum(),
+            out_bytes: plans.iter().map(TensorPlan::out_bytes).sum(),
+            elements: plans.iter().map(|p| p.n_elements()).sum(),
+        })
+    }
+}
+
+/// Quantizes the model at `input` into `output`: [`Quantization::prepare`]
+/// then [`Quantization::write`].
 pub fn quantize_file(
     input: &Path,
     output: &Path,
     opts: &QuantizeOptions,
     progress: &mut dyn FnMut(&TensorPlan, u64),
 ) -> Result<Summary> {
-    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
-        if a == b {
-            return Err(QuantizeError::SameFile(output.to_owned()));
-        }
-    }
-    let file = GgufFile::open(input)?;
-    let plans = plan(&file, opts)?;
-    let metadata = output_metadata(&file.metadata, opts.ftype);
-    let mut tmp = output.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |err| QuantizeError::Io { path, err }
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(opts.threads)
-        .build()
-        .map_err(|e| QuantizeError::Metadata(format!("thread pool: {e}")))?;
-    let result = (|| {
-        let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        write_model(&file, &plans, &metadata, &mut w, &pool, progress)?;
-        let f = w.into_inner().map_err(|e| QuantizeError::Io {
-            path: tmp.clone(),
-            err: e.into_error(),
-        })?;
-        f.sync_all().map_err(io(&tmp))?;
-        std::fs::rename(&tmp, output).map_err(io(output))
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(Summary {
-        tensors: plans.len(),
-        quantized: plans.iter().filter(|p| p.from != p.to).count(),
-        fallbacks: plans.iter().filter(|p| p.fallback).count(),
-        in_bytes: plans.iter().map(TensorPlan::in_bytes).sum(),
-        out_bytes: plans.iter().map(TensorPlan::out_bytes).sum(),
-        elements: plans.iter().map(|p| p.n_elements()).sum(),
-    })
+    Quantization::prepare(input, output, opts)?.write(progress)
 }
 
 #[cfg(test)]
