@@ -1137,6 +1137,90 @@ __device__ void store_attn_out(float* so, int hd, int v_rot, long pair, float* o
     }
 }
 
+// One head's block result from its G groups' states (this thread's group
+// `g` holds m, l and acc[8] for values sub*8 ..): sm = [G] m, [G] l,
+// [G][HD] acc; each group's weight exp(m - M) once, in s_w. A context of
+// one chunk (ns == 1) writes the output; otherwise this chunk's state goes
+// to `part` ([pair][gridDim.z][2 + HD]). Every thread of the block calls
+// it; it ends with a barrier, so the next head may reuse shared memory.
+template <int HD>
+__device__ void attn_combine(float m, float l, const float* acc, int g, int sub, int G, int ns, int z, long pair,
+                             const AttnArgs& a, float* sm, float* s_w, float* s_out, float* part, float* out,
+                             signed char* xq, float* xd) {
+    float* sm_m = sm;
+    float* sm_l = sm + G;
+    float* sm_a = sm + 2 * G;
+    if (sub == 0) { sm_m[g] = m; sm_l[g] = l; }
+#pragma unroll
+    for (int k = 0; k < 8; k++) sm_a[g * HD + sub * 8 + k] = acc[k];
+    __syncthreads();
+    float M = -TL_INF;
+    for (int i = 0; i < G; i++) M = fmaxf(M, sm_m[i]);
+    if (threadIdx.x < G) s_w[threadIdx.x] = sm_m[threadIdx.x] != -TL_INF ? expf(sm_m[threadIdx.x] - M) : 0.0f;
+    __syncthreads();
+    float L = 0.0f;
+    for (int i = 0; i < G; i++) L += sm_l[i] * s_w[i];
+    if (ns == 1) {
+        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+            float o = 0.0f;
+            for (int i = 0; i < G; i++) o += sm_a[i * HD + d] * s_w[i];
+            s_out[d] = L > 0.0f ? o / L : 0.0f;
+        }
+        store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
+    } else {
+        float* pz = part + (pair * gridDim.z + z) * (2 + HD);
+        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
+            float o = 0.0f;
+            for (int i = 0; i < G; i++) o += sm_a[i * HD + d] * s_w[i];
+            pz[2 + d] = o;
+        }
+        if (threadIdx.x == 0) { pz[0] = M; pz[1] = L; }
+    }
+    __syncthreads();
+}
+
+// The last block of a pair merges every chunk's state in chunk order, with
+// every thread taking a share (one chunk's loads do not wait on another's):
+// the chunks' maxima and weights in shared memory (sm holds 2G + G*HD >=
+// 2112 floats; attn_chunks keeps a pair at <= 2048 chunks), then each
+// output value summed over a slice of the chunks by blockDim/HD threads.
+// Ends with a barrier, like attn_combine.
+template <int HD>
+__device__ void attn_merge(long pair, int ns, const AttnArgs& a, float* sm, float* s_red, float* s_slice, float* s_out,
+                           const float* part, float* out, signed char* xq, float* xd) {
+    const float* p0 = part + pair * gridDim.z * (2 + HD);
+    float* wm = sm;
+    float mloc = -TL_INF;
+    for (int i = threadIdx.x; i < ns; i += blockDim.x) {
+        float mi = ld_cg(p0 + i * (2 + HD));
+        wm[i] = mi;
+        mloc = fmaxf(mloc, mi);
+    }
+    float MM = block_max(mloc, s_red);
+    float lloc = 0.0f;
+    for (int i = threadIdx.x; i < ns; i += blockDim.x) {
+        float mi = wm[i];
+        float w = mi != -TL_INF ? expf(mi - MM) : 0.0f;
+        wm[i] = w;
+        lloc += ld_cg(p0 + i * (2 + HD) + 1) * w;
+    }
+    float LL = block_sum(lloc, s_red);
+    __syncthreads();
+    int nsl = blockDim.x / HD, d = threadIdx.x % HD, sl = threadIdx.x / HD;
+    float o = 0.0f;
+    if (sl < nsl)
+        for (int i = sl; i < ns; i += nsl) o += ld_cg(p0 + i * (2 + HD) + 2 + d) * wm[i];
+    s_slice[threadIdx.x] = o;
+    __syncthreads();
+    if (threadIdx.x < HD) {
+        float sum = 0.0f;
+        for (int k = 0; k < nsl; k++) sum += s_slice[k * HD + threadIdx.x];
+        s_out[threadIdx.x] = LL > 0.0f ? sum / LL : 0.0f;
+    }
+    store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
+    __syncthreads();
+}
+
 template <int HD, int KT>
 __device__ void attention(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tok_pos,
                           const int* tok_seq, const int* tables, float* out, AttnArgs a, signed char* xq,
@@ -1197,82 +1281,112 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
         for (int k = 0; k < 8; k++) acc[k] = acc[k] * corr + e * vf[k];
         m = mn;
     }
-    // Merge the G partial states: sm = [G] m, [G] l, [G][HD] acc; each
-    // group's weight exp(m - M) once, in s_w.
-    float* sm_m = sm;
-    float* sm_l = sm + G;
-    float* sm_a = sm + 2 * G;
-    if (sub == 0) { sm_m[g] = m; sm_l[g] = l; }
-#pragma unroll
-    for (int k = 0; k < 8; k++) sm_a[g * HD + sub * 8 + k] = acc[k];
-    __syncthreads();
-    float M = -TL_INF;
-    for (int i = 0; i < G; i++) M = fmaxf(M, sm_m[i]);
-    if (threadIdx.x < G) s_w[threadIdx.x] = sm_m[threadIdx.x] != -TL_INF ? expf(sm_m[threadIdx.x] - M) : 0.0f;
-    __syncthreads();
-    float L = 0.0f;
-    for (int i = 0; i < G; i++) L += sm_l[i] * s_w[i];
     long pair = (long)t * a.n_heads + head;
-    if (ns == 1) {
-        for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-            float o = 0.0f;
-            for (int i = 0; i < G; i++) o += sm_a[i * HD + d] * s_w[i];
-            s_out[d] = L > 0.0f ? o / L : 0.0f;
-        }
-        store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
-        return;
-    }
-    // This chunk's state to `part` ([pair][gridDim.z][2 + HD]), then the
-    // last block of the pair merges every chunk's.
-    float* pz = part + (pair * gridDim.z + z) * (2 + HD);
-    for (int d = threadIdx.x; d < HD; d += blockDim.x) {
-        float o = 0.0f;
-        for (int i = 0; i < G; i++) o += sm_a[i * HD + d] * s_w[i];
-        pz[2 + d] = o;
-    }
-    if (threadIdx.x == 0) { pz[0] = M; pz[1] = L; }
+    attn_combine<HD>(m, l, acc, g, sub, G, ns, z, pair, a, sm, s_w, s_out, part, out, xq, xd);
+    if (ns == 1) return;
     __threadfence();
     __syncthreads();
     if (threadIdx.x == 0) s_last = atomicAdd(cnt + pair, 1u) == (unsigned)(ns - 1);
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    // The merge, with every thread taking a share (one chunk's loads do not
-    // wait on another's): the chunks' maxima and weights in shared memory
-    // (sm, free now; it holds 2G + G*HD >= 2064 floats, while contexts up
-    // to 40960 positions make at most 160 chunks), then each output value
-    // summed over a slice of the chunks by blockDim/HD threads.
-    const float* p0 = part + pair * gridDim.z * (2 + HD);
-    float* wm = sm;
-    float mloc = -TL_INF;
-    for (int i = threadIdx.x; i < ns; i += blockDim.x) {
-        float mi = ld_cg(p0 + i * (2 + HD));
-        wm[i] = mi;
-        mloc = fmaxf(mloc, mi);
-    }
-    float MM = block_max(mloc, s_red);
-    float lloc = 0.0f;
-    for (int i = threadIdx.x; i < ns; i += blockDim.x) {
-        float mi = wm[i];
-        float w = mi != -TL_INF ? expf(mi - MM) : 0.0f;
-        wm[i] = w;
-        lloc += ld_cg(p0 + i * (2 + HD) + 1) * w;
-    }
-    float LL = block_sum(lloc, s_red);
-    __syncthreads();
-    int nsl = blockDim.x / HD, d = threadIdx.x % HD, sl = threadIdx.x / HD;
-    float o = 0.0f;
-    if (sl < nsl)
-        for (int i = sl; i < ns; i += nsl) o += ld_cg(p0 + i * (2 + HD) + 2 + d) * wm[i];
-    s_slice[threadIdx.x] = o;
-    __syncthreads();
-    if (threadIdx.x < HD) {
-        float sum = 0.0f;
-        for (int k = 0; k < nsl; k++) sum += s_slice[k * HD + threadIdx.x];
-        s_out[threadIdx.x] = LL > 0.0f ? sum / LL : 0.0f;
-    }
-    store_attn_out(s_out, HD, a.v_rot, pair, out, xq, xd);
+    attn_merge<HD>(pair, ns, a, sm, s_red, s_slice, s_out, part, out, xq, xd);
     if (threadIdx.x == 0) cnt[pair] = 0;
+}
+
+// attention for grouped-query models: a block serves up to NQ query heads
+// of one KV head (grid.x = n_kv_heads * ceil(gq / NQ)), so each K and V
+// row is read once for the group instead of once per query head (7x less
+// cache traffic for Qwen2.5-0.5B's 14/2 heads). Each lane keeps NQ query
+// slices and NQ running states in registers; the chunking, the partial
+// states and the merge are those of `attention`, per query head, with the
+// group's blocks counted on the first head's counter.
+template <int HD, int KT, int NQ>
+__device__ void attention_gqa(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs,
+                              const int* tok_pos, const int* tok_seq, const int* tables, float* out, AttnArgs a,
+                              signed char* xq, float* xd, float* part, unsigned int* cnt) {
+    constexpr int LP = HD / 8;     // lanes per position
+    constexpr int GPW = 32 / LP;   // groups per warp
+    extern __shared__ float sm[];
+    __shared__ int s_last;
+    __shared__ float s_out[HD];
+    __shared__ float s_w[32];
+    __shared__ float s_red[32];
+    __shared__ float s_slice[256];
+    int gq = a.n_heads / a.n_kv_heads, nsub = (gq + NQ - 1) / NQ;
+    int kvh = blockIdx.x / nsub, t = blockIdx.y, z = blockIdx.z;
+    int h0 = kvh * gq + (blockIdx.x % nsub) * NQ;
+    int nq = min(NQ, kvh * gq + gq - h0);
+    int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
+    int gl = lane / LP, sub = lane % LP;
+    int G = nw * GPW, g = warp * GPW + gl;
+    int pos = tok_pos[t];
+    const int* table = tables + (long)tok_seq[t] * a.max_blocks;
+    int lo = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
+    int len = pos + 1 - lo;
+    int chunk = a.chunk > 0 ? a.chunk : len;
+    int ns = (len + chunk - 1) / chunk;
+    if (z >= ns) return;  // uniform over the block
+    int p_lo = lo + z * chunk, p_hi = min(pos, lo + (z + 1) * chunk - 1);
+    float qv[NQ][8], m[NQ], l[NQ], acc[NQ][8];
+#pragma unroll
+    for (int h = 0; h < NQ; h++) {
+        const float* qh = q + ((long)t * a.n_heads + h0 + min(h, nq - 1)) * HD + sub * 8;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            qv[h][k] = qh[k] * a.scale;
+            acc[h][k] = 0.0f;
+        }
+        m[h] = -TL_INF;
+        l[h] = 0.0f;
+    }
+    // As in `attention`, the loop bound is uniform across the warp and every
+    // lane reaches the shuffles. K and V are loaded together so that both
+    // reads are in flight at once.
+    for (int p0 = p_lo + warp * GPW; p0 <= p_hi; p0 += G) {
+        int p = p0 + gl;
+        bool valid = p <= p_hi;
+        float s[NQ], kf[8], vf[8];
+#pragma unroll
+        for (int h = 0; h < NQ; h++) s[h] = 0.0f;
+        if (valid) {
+            long blk = table[p / 16];
+            long row = (blk * a.n_kv_heads + kvh) * 16 + (p % 16);
+            kv_load8<KT, HD>(kc, ks, row, sub, kf);
+            kv_load8<KT, HD>(vc, vs, row, sub, vf);
+#pragma unroll
+            for (int h = 0; h < NQ; h++)
+#pragma unroll
+                for (int k = 0; k < 4; k++) s[h] += qv[h][2 * k] * kf[2 * k] + qv[h][2 * k + 1] * kf[2 * k + 1];
+        }
+#pragma unroll
+        for (int h = 0; h < NQ; h++)
+#pragma unroll
+            for (int o = LP / 2; o > 0; o >>= 1) s[h] += __shfl_xor_sync(0xffffffff, s[h], o);
+        if (!valid) continue;
+#pragma unroll
+        for (int h = 0; h < NQ; h++) {
+            float mn = fmaxf(m[h], s[h]);
+            float corr = expf(m[h] - mn), e = expf(s[h] - mn);
+            l[h] = l[h] * corr + e;
+#pragma unroll
+            for (int k = 0; k < 8; k++) acc[h][k] = acc[h][k] * corr + e * vf[k];
+            m[h] = mn;
+        }
+    }
+    long pair0 = (long)t * a.n_heads + h0;
+#pragma unroll
+    for (int h = 0; h < NQ; h++)
+        if (h < nq) attn_combine<HD>(m[h], l[h], acc[h], g, sub, G, ns, z, pair0 + h, a, sm, s_w, s_out, part, out, xq, xd);
+    if (ns == 1) return;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) s_last = atomicAdd(cnt + pair0, 1u) == (unsigned)(ns - 1);
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();
+    for (int h = 0; h < nq; h++) attn_merge<HD>(pair0 + h, ns, a, sm, s_red, s_slice, s_out, part, out, xq, xd);
+    if (threadIdx.x == 0) cnt[pair0] = 0;
 }
 
 extern "C" __global__ void attention_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_F16>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
@@ -1287,6 +1401,42 @@ extern "C" __global__ void attention_256_q4_0(const float* q, const void* kc, co
 extern "C" __global__ void attention_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 extern "C" __global__ void attention_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 extern "C" __global__ void attention_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_F16, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_64_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q8_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_64_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q4_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_FP8, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_F16, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_128_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q8_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_128_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q4_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_FP8, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_F16, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_256_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q8_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_256_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q4_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa2_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_FP8, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_F16, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_64_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q8_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_64_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q4_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_FP8, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_F16, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_128_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q8_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_128_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q4_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_FP8, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_F16, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_256_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q8_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_256_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q4_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa4_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_FP8, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_F16, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_64_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q8_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_64_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q4_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_FP8, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_F16, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_128_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q8_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_128_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q4_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_FP8, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_F16, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_256_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q8_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_256_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q4_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
+extern "C" __global__ void attention_gqa8_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_FP8, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 
 // ---------------------------------------------------------------------------
 // Sampling on the device, each logits row spread over many blocks (see

@@ -413,14 +413,23 @@ fn cuda_long_context_decode_matches_cpu() {
         return;
     }
     let mut failed = Vec::new();
-    for (arch, ty, hd) in [
-        (SynthArch::Qwen2, GgmlType::Q8_0, 64),
-        (SynthArch::Qwen2, GgmlType::Q4_K, 128),
-        (SynthArch::Gemma3, GgmlType::Q8_0, 256),
+    // Query/KV head counts cover every attention kernel: one head a block
+    // (4/4), and the grouped-query blocks of 2 (4/2), 4 (4/1), 8 with a
+    // padded slot (14/2, Qwen2.5-0.5B's grouping) and two blocks a group
+    // (16/1).
+    for (arch, ty, hd, heads, kv_heads) in [
+        (SynthArch::Qwen2, GgmlType::Q8_0, 64, 4, 2),
+        (SynthArch::Qwen2, GgmlType::Q8_0, 64, 14, 2),
+        (SynthArch::Llama, GgmlType::Q8_0, 64, 4, 4),
+        (SynthArch::Llama, GgmlType::Q4_0, 64, 16, 1),
+        (SynthArch::Qwen2, GgmlType::Q4_K, 128, 12, 2),
+        (SynthArch::Gemma3, GgmlType::Q8_0, 256, 4, 1),
     ] {
         let mut s = spec(arch, ty, GgmlType::Q8_0, hd);
         s.context = 4096;
-        let label = format!("{arch:?} {ty} hd {hd}");
+        s.n_heads = heads;
+        s.n_kv_heads = kv_heads;
+        let label = format!("{arch:?} {ty} hd {hd} heads {heads}/{kv_heads}");
         let vocab = s.vocab();
         for lens in [vec![1800usize, 700], vec![2500]] {
             let n = lens.len();

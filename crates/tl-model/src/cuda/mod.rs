@@ -341,7 +341,8 @@ impl CudaModel {
         let cs = st.cuda.get_or_insert_with(CudaState::default);
         cs.ensure(gpu, m, self, n, n_out.max(1), batch.len() * stride)?;
         // The split-KV attention's partial states for this step's grid.
-        let (chunk, zs) = exec::attn_chunks(n, stride);
+        let grouped = exec::attn_group(c.n_heads, c.n_kv_heads).is_some();
+        let (chunk, zs) = exec::attn_chunks(n, stride, grouped);
         if chunk > 0 {
             let need = n * c.n_heads * zs * (c.head_dim + 2) * 4;
             if cs.attn_part.as_ref().map_or(0, |b| b.bytes) < need {
