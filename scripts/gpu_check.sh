@@ -172,6 +172,14 @@ if [ "$mode" = attn ]; then
       LD_LIBRARY_PATH=$LB timeout 100 "$LB/llama-bench" -m "$f" -p 512 -n 128 -d "$D" -ngl 99 -fa 1 -r 2 2>&1 | grep -E '^\|' | tail -n +3
     fi
   done
+  f=$W/q05_q8_0.gguf
+  if [ -s "$f" ]; then
+    echo "== q05_q8_0: greedy, then sampled (temperature 1, top-p 0.9), batch 1,16,64 t=${SECONDS}s"
+    TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,16,64 2>&1 | grep -E 'tg128|rror'
+    TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,16,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
+    echo "-- sampled, a block per 4,096 logits at every batch (TL_CUDA_SAMPLE_BLOCKS=100000)"
+    TL_CUDA_SAMPLE_BLOCKS=100000 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,16,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
+  fi
   echo "attn done t=${SECONDS}s"
   exit 0
 fi

@@ -521,6 +521,36 @@ const SAMP_SCRATCH_BYTES: usize = 18176;
 /// Blocks per row at most (the kernels' `SB_MAXG`).
 const SAMP_MAX_GROUPS: usize = 64;
 
+/// Blocks per sampled row: one per 4,096 logits (up to 64) for a few rows;
+/// for many, fewer, so that a phase launches about `TL_CUDA_SAMPLE_BLOCKS`
+/// (default 512, ≈4 per SM of an H100) blocks in all. Every block
+/// re-reads the row's radix histograms (12 KiB) and replays the decisions
+/// at each phase, so the blocks' count is the chain's cost at large
+/// batches. The picks do not depend on it (the sums are integers).
+pub(crate) fn sample_groups(vocab: usize, rows: usize) -> usize {
+    static BUDGET: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let budget = *BUDGET.get_or_init(|| {
+        std::env::var("TL_CUDA_SAMPLE_BLOCKS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(512)
+    });
+    let by_vocab = vocab.div_ceil(4096).clamp(1, SAMP_MAX_GROUPS);
+    by_vocab.min((budget / rows.max(1)).max(1))
+}
+
+/// What a captured sampling chain depends on.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct SampKey {
+    rows: usize,
+    groups: u32,
+    vocab: usize,
+    params: u64,
+    scratch: u64,
+    logits: u64,
+    ids: u64,
+}
+
 /// The sampling kernel on its own: one pick per row of `logits` (rows of
 /// `vocab`) on GPU `ordinal`.
 pub(crate) fn sample_rows(
@@ -646,6 +676,8 @@ pub(crate) struct CudaState {
     host_samp: Vec<u8>,
     last_ids: Vec<u32>,
     graphs: HashMap<GraphKey, Graph>,
+    /// The sampling chain's graphs (see `sample`).
+    samp_graphs: HashMap<SampKey, Graph>,
 }
 
 impl CudaState {
@@ -757,37 +789,67 @@ impl CudaState {
                 gpu.alloc(h.len().next_power_of_two().max(4096), "sampling parameters")
                     .map_err(cuda_err)?,
             );
+            self.samp_graphs.clear();
         }
         let base = ptr(&self.samp);
         gpu.htod(base, h).map_err(cuda_err)?;
         // The multi-block chain (kernels.cu, "Sampling on the device"):
         // G blocks of 256 threads per row, 14 phases.
-        let groups = vocab.div_ceil(4096).clamp(1, SAMP_MAX_GROUPS) as u32;
+        let groups = sample_groups(vocab, rows) as u32;
         let need = rows * SAMP_SCRATCH_BYTES;
         if need > self.samp_scratch.as_ref().map_or(0, |b| b.bytes) {
             self.samp_scratch = Some(
                 gpu.alloc(need.next_power_of_two(), "sampling scratch")
                     .map_err(cuda_err)?,
             );
+            self.samp_graphs.clear();
         }
-        for phase in 0..14 {
-            gpu.launch(
-                "sample_phase",
-                (groups, rows as u32, 1),
-                256,
-                0,
-                &[
-                    tl_cuda::Arg::I32(phase),
-                    tl_cuda::Arg::Ptr(ptr(&self.logits)),
-                    tl_cuda::Arg::I32(vocab as i32),
-                    tl_cuda::Arg::Ptr(base),
-                    tl_cuda::Arg::Ptr(base + pen_at as u64),
-                    tl_cuda::Arg::Ptr(ptr(&self.samp_scratch)),
-                    tl_cuda::Arg::Ptr(ptr(&self.ids)),
-                ],
-            )
-            .map_err(cuda_err)?;
+        let key = SampKey {
+            rows,
+            groups,
+            vocab,
+            params: base,
+            scratch: ptr(&self.samp_scratch),
+            logits: ptr(&self.logits),
+            ids: ptr(&self.ids),
+        };
+        let launch = |gpu: &Gpu| -> Result<()> {
+            for phase in 0..14 {
+                gpu.launch(
+                    "sample_phase",
+                    (groups, rows as u32, 1),
+                    256,
+                    0,
+                    &[
+                        tl_cuda::Arg::I32(phase),
+                        tl_cuda::Arg::Ptr(key.logits),
+                        tl_cuda::Arg::I32(vocab as i32),
+                        tl_cuda::Arg::Ptr(base),
+                        tl_cuda::Arg::Ptr(base + pen_at as u64),
+                        tl_cuda::Arg::Ptr(key.scratch),
+                        tl_cuda::Arg::Ptr(key.ids),
+                    ],
+                )
+                .map_err(cuda_err)?;
+            }
+            Ok(())
+        };
+        // The 14 launches replay as one graph per (rows, buffers): the
+        // parameters are read from device memory, uploaded above, so one
+        // capture serves every step of that batch size.
+        if !graphs_enabled() || profiling() || gpu.tracing() {
+            return launch(gpu);
         }
+        if let Some(g) = self.samp_graphs.get(&key) {
+            return gpu.replay(g).map_err(cuda_err);
+        }
+        gpu.begin_capture().map_err(cuda_err)?;
+        let r = launch(gpu);
+        let g = gpu.end_capture().map_err(cuda_err);
+        r?;
+        let g = g?;
+        gpu.replay(&g).map_err(cuda_err)?;
+        self.samp_graphs.insert(key, g);
         Ok(())
     }
 
