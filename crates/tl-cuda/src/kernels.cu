@@ -80,6 +80,8 @@ __device__ __forceinline__ float __high2float(__half2 h) { return __half2float(h
 #define T_Q4_1 6
 #define T_Q5_1 7
 #define T_Q5_K 8
+#define T_Q2_K 9
+#define T_Q3_K 10
 
 struct W {
     const unsigned char* p0;
@@ -117,6 +119,15 @@ __device__ __forceinline__ void scale_min_k4(int j, const unsigned char* q, int*
         *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
         *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
     }
+}
+
+// Q3_K's 6-bit scale i (0..15) from its 12 packed bytes (ggml's kmask
+// unpacking): low 4 bits from byte i (i < 8) or the high nibble of byte
+// i - 8, high 2 bits from byte 8 + i % 4 at bit 2·(i / 4); minus 32.
+__device__ __forceinline__ int q3k_scale(const unsigned char* s, int i) {
+    int lo = i < 8 ? (s[i] & 0xF) : (s[i - 8] >> 4);
+    int hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    return (lo | (hi << 4)) - 32;
 }
 
 // ---------------------------------------------------------------------------
@@ -188,6 +199,34 @@ __device__ __forceinline__ void dequant32(const W& w, long r, int b, int K, floa
             int n = (j & 1) ? (q[i] >> 4) : (q[i] & 0xF);
             v[i] = d1 * n - m1;
         }
+    } else if (T == T_Q2_K || T == T_Q3_K) {
+        // Layouts: p0 = qs (64 bytes a super-block), p1 = d (Q2_K: d, dmin
+        // as a half2), p2 = Q3_K's hmask (32 bytes), p3 = scales (Q2_K 16,
+        // Q3_K 12 bytes). Block b of a super-block: half n = j / 4, shift
+        // j % 4; values l use qs[32 n + l] >> 2 (j % 4) and scale
+        // 8 n + 2 (j % 4) + l / 16.
+        const long nbk = K / 256;
+        long sb = r * nbk + b / 8;
+        int j = b % 8, n = j / 4, sh = j % 4;
+        const unsigned char* q = w.p0 + sb * 64 + n * 32;
+        if (T == T_Q2_K) {
+            __half2 dm = ((const __half2*)w.p1)[sb];
+            float d = __low2float(dm), dmin = __high2float(dm);
+            const unsigned char* sc = w.p3 + sb * 16 + n * 8 + 2 * sh;
+            for (int l = 0; l < 32; l++) {
+                int c = sc[l / 16];
+                v[l] = d * (c & 0xF) * ((q[l] >> (2 * sh)) & 3) - dmin * (c >> 4);
+            }
+        } else {
+            float d = h2f(w.p1, sb);
+            const unsigned char* hm = w.p2 + sb * 32;
+            const unsigned char* sc = w.p3 + sb * 12;
+            int bit = 4 * n + sh;
+            for (int l = 0; l < 32; l++) {
+                int qv = ((q[l] >> (2 * sh)) & 3) - (((hm[l] >> bit) & 1) ? 0 : 4);
+                v[l] = d * q3k_scale(sc, 8 * n + 2 * sh + l / 16) * qv;
+            }
+        }
     } else if (T == T_Q6_K) {
         const long nbk = K / 256;
         long sb = r * nbk + b / 8;
@@ -228,6 +267,8 @@ extern "C" __global__ void dequant_f16_q6_k(W w, __half* o, int N, int K) { TL_P
 extern "C" __global__ void dequant_f16_q4_1(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q4_1>(w, o, N, K); }
 extern "C" __global__ void dequant_f16_q5_1(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q5_1>(w, o, N, K); }
 extern "C" __global__ void dequant_f16_q5_k(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q5_K>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q2_k(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q2_K>(w, o, N, K); }
+extern "C" __global__ void dequant_f16_q3_k(W w, __half* o, int N, int K) { TL_PDL(); dequant_f16<T_Q3_K>(w, o, N, K); }
 
 // Embedding rows: out[t, :] = scale * table[ids[t], :]; grid.x = tokens,
 // threads over the row's 32-value blocks.
@@ -252,6 +293,8 @@ extern "C" __global__ void embed_q6_k(W w, const int* ids, float* o, int K, floa
 extern "C" __global__ void embed_q4_1(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q4_1>(w, ids, o, K, s); }
 extern "C" __global__ void embed_q5_1(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q5_1>(w, ids, o, K, s); }
 extern "C" __global__ void embed_q5_k(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q5_K>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q2_k(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q2_K>(w, ids, o, K, s); }
+extern "C" __global__ void embed_q3_k(W w, const int* ids, float* o, int K, float s) { TL_PDL(); embed<T_Q3_K>(w, ids, o, K, s); }
 
 // ---------------------------------------------------------------------------
 extern "C" __global__ void to_f16(const float* x, __half* y, long n) { TL_PDL();
@@ -268,7 +311,7 @@ extern "C" __global__ void to_f16(const float* x, __half* y, long n) { TL_PDL();
 
 template <int T>
 __device__ __forceinline__ int units_per_row(int K) {
-    return (T == T_Q4_K || T == T_Q5_K) ? K / 32 : K / 16;
+    return (T == T_Q2_K || T == T_Q3_K) ? K / 64 : (T == T_Q4_K || T == T_Q5_K) ? K / 32 : K / 16;
 }
 
 __device__ __forceinline__ int dot4(int4 a, int4 b) {
@@ -362,6 +405,65 @@ __device__ __forceinline__ void unit_dot(const W& w, long r, int u, int K, const
             int s0 = dot4(lo, x0), s1 = dot4(hi, x1);
             int sx0 = sum4(x0), sx1 = sum4(x1);
             acc[m] += d * (sc0 * s0 * dx0 + sc1 * s1 * dx1) - dmin * (m0 * sx0 * dx0 + m1 * sx1 * dx1);
+        }
+    } else if (T == T_Q2_K || T == T_Q3_K) {
+        // 16 bytes of qs (values l0..l0+15 of half n) hold four 2-bit
+        // planes: shift j is the 16 values at 128 n + 32 j + l0, with scale
+        // 8 n + 2 j + l0 / 16 and the activations of 32-block 8 sb + 4 n + j.
+        // Q3_K's third bit comes from hmask bit 4 n + j of the same 16
+        // bytes' positions; its levels are (0..7) - 4.
+        const long nbk = K / 256;
+        int sb = u / 4, n = (u % 4) / 2, l0 = 16 * (u % 2);
+        long sbi = r * nbk + sb;
+        int4 q = *(const int4*)(w.p0 + sbi * 64 + n * 32 + l0);
+        int4 hm = make_int4(0, 0, 0, 0);
+        float d, dmin = 0.0f;
+        if (T == T_Q2_K) {
+            __half2 dm = ((const __half2*)w.p1)[sbi];
+            d = __low2float(dm);
+            dmin = __high2float(dm);
+        } else {
+            hm = *(const int4*)(w.p2 + sbi * 32 + l0);
+            d = h2f(w.p1, sbi);
+        }
+        int4 qj[4];
+        int scj[4], mj[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            qj[j].x = (q.x >> (2 * j)) & 0x03030303;
+            qj[j].y = (q.y >> (2 * j)) & 0x03030303;
+            qj[j].z = (q.z >> (2 * j)) & 0x03030303;
+            qj[j].w = (q.w >> (2 * j)) & 0x03030303;
+            int si = 8 * n + 2 * j + l0 / 16;
+            if (T == T_Q2_K) {
+                int c = w.p3[sbi * 16 + si];
+                scj[j] = c & 0xF;
+                mj[j] = c >> 4;
+            } else {
+                int bit = 4 * n + j;
+                qj[j].x |= ((hm.x >> bit) & 0x01010101) << 2;
+                qj[j].y |= ((hm.y >> bit) & 0x01010101) << 2;
+                qj[j].z |= ((hm.z >> bit) & 0x01010101) << 2;
+                qj[j].w |= ((hm.w >> bit) & 0x01010101) << 2;
+                scj[j] = q3k_scale(w.p3 + sbi * 12, si);
+                mj[j] = 4 * scj[j];
+            }
+        }
+        int xb0 = sb * 8 + n * 4;
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            const signed char* xr = xq + (long)m * K;
+            float s = 0.0f, t = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                int4 x = *(const int4*)(xr + (xb0 + j) * 32 + l0);
+                float dx = xd[(long)m * nb + xb0 + j];
+                s += dx * (float)(scj[j] * dot4(qj[j], x));
+                t += dx * (float)(mj[j] * sum4(x));
+            }
+            // Q2_K: d·Σ sc·q·x − dmin·Σ m·x; Q3_K: d·Σ sc·(q − 4)·x, the
+            // 4·sc·Σx in t.
+            acc[m] += T == T_Q2_K ? d * s - dmin * t : d * (s - t);
         }
     } else if (T == T_Q6_K) {
         const long nbk = K / 256;
@@ -490,6 +592,8 @@ GEMV_Q(gemv_q6_k, T_Q6_K)
 GEMV_Q(gemv_q4_1, T_Q4_1)
 GEMV_Q(gemv_q5_1, T_Q5_1)
 GEMV_Q(gemv_q5_k, T_Q5_K)
+GEMV_Q(gemv_q2_k, T_Q2_K)
+GEMV_Q(gemv_q3_k, T_Q3_K)
 
 extern "C" __global__ void gemv_f16_1(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<1>(w, x, o, N, K, ld, sp); }
 extern "C" __global__ void gemv_f16_2(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<2>(w, x, o, N, K, ld, sp); }

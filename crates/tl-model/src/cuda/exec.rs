@@ -195,7 +195,7 @@ impl CudaExec<'_> {
             };
             if small
                 && m >= self.cm.mmq_min.load(std::sync::atomic::Ordering::Relaxed)
-                && w.kind != Kind::F16
+                && w.kind.has_mmq()
                 && (split == 1 || k / 32 / split <= 16)
             {
                 self.l(
@@ -220,11 +220,7 @@ impl CudaExec<'_> {
                 // share is at most ~4 iterations of its unrolled loop.
                 // (units_per_row in kernels.cu; f16 rows are read 8 values
                 // a lane.)
-                let units = match w.kind {
-                    Kind::Q4K | Kind::Q5K => k / 32,
-                    Kind::F16 => k / 8,
-                    _ => k / 16,
-                };
+                let units = w.kind.units(k);
                 let split = match units.div_ceil(32) {
                     0..=4 => 1usize,
                     5..=8 => 2,

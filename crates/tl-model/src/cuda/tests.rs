@@ -23,6 +23,13 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (i32, i32) {
     }
 }
 
+/// `q3k_scale` of kernels.cu.
+fn q3k_scale(s: &[u8], i: usize) -> i32 {
+    let lo = if i < 8 { s[i] & 0xF } else { s[i - 8] >> 4 };
+    let hi = (s[8 + i % 4] >> (2 * (i / 4))) & 3;
+    (lo | (hi << 4)) as i32 - 32
+}
+
 /// `dequant32<T>` of kernels.cu.
 fn dequant32(hp: &HostParts, r: usize, b: usize) -> [f32; 32] {
     let k = hp.cols;
@@ -89,6 +96,25 @@ fn dequant32(hp: &HostParts, r: usize, b: usize) -> [f32; 32] {
                 v[i] = d * sc as f32 * n as f32 - dmin * m as f32;
             }
         }
+        Kind::Q2K | Kind::Q3K => {
+            let sb = r * (k / 256) + b / 8;
+            let (j, n) = (b % 8, (b % 8) / 4);
+            let sh = j % 4;
+            let q = &p[0][sb * 64 + n * 32..][..32];
+            for l in 0..32 {
+                let si = 8 * n + 2 * sh + l / 16;
+                let low = ((q[l] >> (2 * sh)) & 3) as i32;
+                v[l] = if hp.kind == Kind::Q2K {
+                    let (d, dmin) = (h(&p[1], 2 * sb), h(&p[1], 2 * sb + 1));
+                    let c = p[3][sb * 16 + si];
+                    d * (c & 0xF) as f32 * low as f32 - dmin * (c >> 4) as f32
+                } else {
+                    let hbit = (p[2][sb * 32 + l] >> (4 * n + sh)) & 1;
+                    let qv = low - if hbit == 1 { 0 } else { 4 };
+                    h(&p[1], sb) * q3k_scale(&p[3][sb * 12..], si) as f32 * qv as f32
+                };
+            }
+        }
         Kind::Q6K => {
             let sb = r * (k / 256) + b / 8;
             let (j, n) = (b % 8, (b % 8) / 4);
@@ -135,10 +161,7 @@ fn row_dot(hp: &HostParts, r: usize, xq: &[i8], xd: &[f32]) -> f32 {
             xq[pos + 3] as u8,
         ])
     };
-    let units = match hp.kind {
-        Kind::Q4K | Kind::Q5K => k / 32,
-        _ => k / 16,
-    };
+    let units = hp.kind.units(k);
     let spread =
         |x: u32| (((x & 1) << 4) | ((x & 2) << 11) | ((x & 4) << 18) | ((x & 8) << 25)) as i32;
     let mut acc = 0f32;
@@ -222,6 +245,39 @@ fn row_dot(hp: &HostParts, r: usize, xq: &[i8], xd: &[f32]) -> f32 {
                 acc += d * (sc0 as f32 * s0 as f32 * xd[b0] + sc1 as f32 * s1 as f32 * xd[b1])
                     - dmin * (m0 as f32 * sx0 as f32 * xd[b0] + m1 as f32 * sx1 as f32 * xd[b1]);
             }
+            Kind::Q2K | Kind::Q3K => {
+                let (sb, n, l0) = (u / 4, (u % 4) / 2, 16 * (u % 2));
+                let sbi = r * (k / 256) + sb;
+                let xb0 = sb * 8 + n * 4;
+                let (mut s, mut t) = (0f32, 0f32);
+                for j in 0..4 {
+                    let si = 8 * n + 2 * j + l0 / 16;
+                    let (sc, mj) = if hp.kind == Kind::Q2K {
+                        let c = p[3][sbi * 16 + si] as i32;
+                        (c & 0xF, c >> 4)
+                    } else {
+                        let sc = q3k_scale(&p[3][sbi * 12..], si);
+                        (sc, 4 * sc)
+                    };
+                    let dx = xd[xb0 + j];
+                    for w4 in 0..4 {
+                        let off = sbi * 64 + n * 32 + l0 + 4 * w4;
+                        let mut qj = (word(&p[0], off) >> (2 * j)) & 0x0303_0303;
+                        if hp.kind == Kind::Q3K {
+                            let hm = word(&p[2], sbi * 32 + l0 + 4 * w4);
+                            qj |= ((hm >> (4 * n + j)) & 0x0101_0101) << 2;
+                        }
+                        let x = xw((xb0 + j) * 32 + l0 + 4 * w4);
+                        s += dx * (sc * dp4a(qj, x)) as f32;
+                        t += dx * (mj * dp4a(0x0101_0101, x)) as f32;
+                    }
+                }
+                acc += if hp.kind == Kind::Q2K {
+                    h(&p[1], 2 * sbi) * s - h(&p[1], 2 * sbi + 1) * t
+                } else {
+                    h(&p[1], sbi) * (s - t)
+                };
+            }
             Kind::Q6K => {
                 let (sb, rr) = (u / 16, u % 16);
                 let (n, l) = (rr / 8, 4 * (rr % 8));
@@ -278,6 +334,8 @@ const QUANTIZED: [GgmlType; 8] = [
 #[test]
 fn device_layouts_dequantize_as_ggml() {
     for ty in [
+        GgmlType::Q2_K,
+        GgmlType::Q3_K,
         GgmlType::Q8_0,
         GgmlType::Q4_0,
         GgmlType::Q5_0,
@@ -330,7 +388,10 @@ fn device_gemv_units_sum_to_the_dot_product() {
         }
     }
     let xdeq: Vec<f32> = (0..cols).map(|i| xq[i] as f32 * xd[i / 32]).collect();
-    for ty in QUANTIZED {
+    for ty in QUANTIZED
+        .into_iter()
+        .chain([GgmlType::Q2_K, GgmlType::Q3_K])
+    {
         let (w, bytes, deq) = weight(ty, 2, cols, 9);
         let hp = repack(&w, &bytes).unwrap();
         for r in 0..2 {
@@ -429,7 +490,7 @@ fn mmq_part(hp: &HostParts, r: usize, kb: usize, tig: usize) -> (i32, i32, f32, 
                 0.0,
             )
         }
-        Kind::F16 => unreachable!(),
+        Kind::F16 | Kind::Q2K | Kind::Q3K => unreachable!(),
     }
 }
 

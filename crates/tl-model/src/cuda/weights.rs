@@ -22,6 +22,8 @@ pub(super) enum Kind {
     Q4_1,
     Q5_1,
     Q5K,
+    Q2K,
+    Q3K,
 }
 
 impl Kind {
@@ -35,6 +37,8 @@ impl Kind {
             GgmlType::Q4_1 => Kind::Q4_1,
             GgmlType::Q5_1 => Kind::Q5_1,
             GgmlType::Q5_K => Kind::Q5K,
+            GgmlType::Q2_K => Kind::Q2K,
+            GgmlType::Q3_K => Kind::Q3K,
             _ => Kind::F16,
         }
     }
@@ -50,6 +54,26 @@ impl Kind {
             Kind::Q4_1 => "q4_1",
             Kind::Q5_1 => "q5_1",
             Kind::Q5K => "q5_k",
+            Kind::Q2K => "q2_k",
+            Kind::Q3K => "q3_k",
+        }
+    }
+
+    /// Whether the tensor-core product (`mmq_*`) takes this kind; the
+    /// others run the 8-row GEMVs at every decode batch size.
+    pub(super) fn has_mmq(self) -> bool {
+        !matches!(self, Kind::F16 | Kind::Q2K | Kind::Q3K)
+    }
+
+    /// Quantized units of a row of `k` values that one lane of a GEMV
+    /// takes at a time (`units_per_row` of kernels.cu); f16 rows are read
+    /// 8 values a lane.
+    pub(super) fn units(self, k: usize) -> usize {
+        match self {
+            Kind::Q2K | Kind::Q3K => k / 64,
+            Kind::Q4K | Kind::Q5K => k / 32,
+            Kind::F16 => k / 8,
+            _ => k / 16,
         }
     }
 }
@@ -111,6 +135,23 @@ pub(super) fn repack(w: &Weight, bytes: &[u8]) -> Result<HostParts> {
             }
         }
         Kind::Q4K | Kind::Q5K => parts[0].extend_from_slice(bytes),
+        // ggml block_q2_K: scales[16] | qs[64] | d | dmin.
+        Kind::Q2K => {
+            for b in blocks(84)? {
+                parts[3].extend_from_slice(&b[..16]);
+                parts[0].extend_from_slice(&b[16..80]);
+                parts[1].extend_from_slice(&b[80..84]);
+            }
+        }
+        // ggml block_q3_K: hmask[32] | qs[64] | scales[12] | d.
+        Kind::Q3K => {
+            for b in blocks(110)? {
+                parts[2].extend_from_slice(&b[..32]);
+                parts[0].extend_from_slice(&b[32..96]);
+                parts[3].extend_from_slice(&b[96..108]);
+                parts[1].extend_from_slice(&b[108..110]);
+            }
+        }
         Kind::Q6K => {
             for b in blocks(210)? {
                 parts[0].extend_from_slice(&b[..128]);
