@@ -157,7 +157,7 @@ impl Imatrix {
                 .map(|&c| c.round() as i64)
                 .collect();
             let ncounts = counts.len();
-            if ncounts == 0 || sums.len() % ncounts != 0 {
+            if ncounts == 0 || !sums.len().is_multiple_of(ncounts) {
                 return Err(bad(
                     path,
                     format!(
