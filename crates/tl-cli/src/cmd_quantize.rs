@@ -5,8 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::Arc;
 use tl_gguf::GgmlType;
-use tl_model::quantize::{self, FileType, QuantizeOptions};
+use tl_model::imatrix::Imatrix;
+use tl_model::quantize::{self, FileType, ImatrixUse, QuantizeOptions};
 
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
@@ -40,6 +42,23 @@ pub struct QuantizeArgs {
     /// Print each tensor's chosen type and the sizes, and write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Importance matrix (llama-imatrix's GGUF or legacy .dat format, or
+    /// `tl imatrix`'s output): quantize with the weighted quantizers.
+    #[arg(long, value_name = "FILE")]
+    pub imatrix: Option<PathBuf>,
+    /// Use the importance matrix only for tensors whose name contains NAME
+    /// (repeatable).
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "imatrix",
+        conflicts_with = "exclude_weights"
+    )]
+    pub include_weights: Vec<String>,
+    /// Don't use the importance matrix for tensors whose name contains NAME
+    /// (repeatable).
+    #[arg(long, value_name = "NAME", requires = "imatrix")]
+    pub exclude_weights: Vec<String>,
 }
 
 fn block_type(flag: &str, s: &str) -> anyhow::Result<GgmlType> {
@@ -74,18 +93,64 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         .map(|s| block_type("--token-embedding-type", s))
         .transpose()?;
 
+    if let Some(path) = &a.imatrix {
+        let mut m = Imatrix::load(path)?;
+        let loaded = m.entries.len();
+        m.filter(&a.include_weights, &a.exclude_weights);
+        eprintln!(
+            "importance matrix {}: {} entries{}{}{}",
+            path.display(),
+            m.entries.len(),
+            if m.entries.len() != loaded {
+                format!(" (of {loaded}, filtered)")
+            } else {
+                String::new()
+            },
+            if m.chunk_count > 0 {
+                format!(", computed on {} chunks", m.chunk_count)
+            } else {
+                String::new()
+            },
+            m.datasets
+                .first()
+                .map(|d| format!(" of {d}"))
+                .unwrap_or_default()
+        );
+        if m.entries.is_empty() {
+            eprintln!("warning: no importance-matrix entries left; quantizing without one");
+        }
+        opts.imatrix = Some(Arc::new(m));
+    }
+
     let q = quantize::Quantization::prepare(&a.input, &a.output, &opts)
         .with_context(|| format!("quantizing {}", a.input.display()))?;
+    for p in q.plans() {
+        match p.imatrix {
+            ImatrixUse::NoEntry => {
+                eprintln!("note: no importance-matrix entry for {}", p.name)
+            }
+            ImatrixUse::WrongSizeIgnored { got, want } => eprintln!(
+                "note: the importance-matrix entry for {} has {got} values instead of {want}; not used",
+                p.name
+            ),
+            _ => {}
+        }
+    }
     if a.dry_run {
         let (mut inb, mut outb) = (0, 0);
         for p in q.plans() {
             println!(
-                "{:<40} {:>22} {:>6} -> {:<6}{} {:>9.2} MiB -> {:>9.2} MiB",
+                "{:<40} {:>22} {:>6} -> {:<6}{}{} {:>9.2} MiB -> {:>9.2} MiB",
                 p.name,
                 format!("{:?}", p.dims),
                 p.from.name(),
                 p.to.name(),
                 if p.fallback { " (fallback)" } else { "" },
+                if p.imatrix == ImatrixUse::Used {
+                    " (imatrix)"
+                } else {
+                    ""
+                },
                 mib(p.in_bytes()),
                 mib(p.out_bytes())
             );

@@ -10,6 +10,7 @@ mod exec_cpu;
 pub mod forward;
 pub mod gbnf;
 pub mod generate;
+pub mod imatrix;
 pub mod kv;
 pub mod llm;
 pub mod model;

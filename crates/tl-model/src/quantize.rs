@@ -23,27 +23,58 @@
 //! `general.file_type` moved to the end, so for the same choices the whole
 //! file is byte-identical, not only its tensors.
 //!
-//! Not here yet: importance matrices (the imatrix-weighted quantizers and
-//! the mixes that need one, e.g. Q2_K_S, are refused with a clear error), the
-//! IQ types, `--tensor-type` overrides and split files.
+//! With an importance matrix ([`crate::imatrix`], llama-quantize's
+//! `--imatrix`), each tensor with an entry of the right size is quantized by
+//! the weighted quantizers (`tl_core::quant::quantize_weighted`, one slice of
+//! the matrix per expert), tensors without one as before; the Q2_K_S mix
+//! needs one for all its Q2_K tensors, Q4_0/Q5_0 give the first eighth of
+//! `ffn_down` Q4_1/Q5_1, and the output metadata gets llama-quantize's
+//! `quantize.imatrix.*` keys.
+//!
+//! Not here yet: the IQ types (and the mixes made of them), `--tensor-type`
+//! overrides and split files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use rayon::prelude::*;
 use tl_gguf::{GgmlType, GgufFile, GgufStreamWriter, Metadata, TensorLayout, Value};
+
+use crate::imatrix::Imatrix;
 
 /// Errors of quantization; each names the tensor or option at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantizeError {
     #[error("unknown file type '{name}' (known: {known})")]
     UnknownFileType { name: String, known: String },
-    #[error("tensor '{tensor}': the {ftype} mix quantizes it to {ty}, which needs an importance matrix (not supported yet)")]
+    #[error("file type '{name}': the IQ/TQ/MXFP4 types are not supported by tl quantize (supported: {known})")]
+    UnsupportedFileType { name: String, known: String },
+    #[error("tensor '{tensor}': the {ftype} mix quantizes it to {ty}, which needs an importance matrix; pass one with --imatrix FILE")]
     NeedsImatrix {
         tensor: String,
         ty: GgmlType,
         ftype: FileType,
     },
+    #[error("tensor '{tensor}': the {ftype} mix quantizes it to {ty}, which needs importance-matrix data, and the importance matrix {file} has no entry for it")]
+    MissingImatrixEntry {
+        tensor: String,
+        ty: GgmlType,
+        ftype: FileType,
+        file: String,
+    },
+    #[error("importance matrix {file}: the entry for tensor '{tensor}' has {got} values, the tensor needs {want} ({n_cols} columns x {n_experts} experts)")]
+    ImatrixSize {
+        tensor: String,
+        file: String,
+        got: usize,
+        want: u64,
+        n_cols: u64,
+        n_experts: u64,
+    },
+    #[error("importance matrix {path}: {reason}")]
+    Imatrix { path: PathBuf, reason: String },
     #[error("tensor '{tensor}' is already quantized ({from}); pass --allow-requantize to quantize it again to {to} (quality drops: quantize from the F16/F32 original when you have it)")]
     Requantize {
         tensor: String,
@@ -137,6 +168,19 @@ impl std::str::FromStr for FileType {
     /// `Q3_K` means `Q3_K_M`, `Q5_K` means `Q5_K_M`) or its number.
     fn from_str(s: &str) -> Result<Self> {
         let up = s.trim().to_ascii_uppercase();
+        let known = || {
+            FileType::ALL
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if up.starts_with("IQ") || up.starts_with("TQ") || up.starts_with("MXFP4") {
+            return Err(QuantizeError::UnsupportedFileType {
+                name: s.to_owned(),
+                known: known(),
+            });
+        }
         let alias = match up.as_str() {
             "Q3_K" => "Q3_K_M",
             "Q4_K" => "Q4_K_M",
@@ -149,11 +193,7 @@ impl std::str::FromStr for FileType {
             .find(|t| t.name() == alias || up.parse::<u32>().ok() == Some(t.id()))
             .ok_or_else(|| QuantizeError::UnknownFileType {
                 name: s.to_owned(),
-                known: FileType::ALL
-                    .iter()
-                    .map(|t| t.name())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: known(),
             })
     }
 }
@@ -173,6 +213,10 @@ pub struct QuantizeOptions {
     pub token_embedding_type: Option<GgmlType>,
     /// Worker threads; 0 uses all cores.
     pub threads: usize,
+    /// The importance matrix (already filtered by `--include-weights` /
+    /// `--exclude-weights`); one without entries counts as none, as in
+    /// llama-quantize.
+    pub imatrix: Option<Arc<Imatrix>>,
 }
 
 impl QuantizeOptions {
@@ -185,7 +229,14 @@ impl QuantizeOptions {
             output_tensor_type: None,
             token_embedding_type: None,
             threads: 0,
+            imatrix: None,
         }
+    }
+
+    /// The importance matrix in use: `None` when none was given or it has
+    /// no entries left.
+    pub fn active_imatrix(&self) -> Option<&Imatrix> {
+        self.imatrix.as_deref().filter(|m| !m.entries.is_empty())
     }
 }
 
@@ -200,6 +251,23 @@ pub struct TensorPlan {
     pub to: GgmlType,
     /// The mix's type did not fit the row length and a fallback was taken.
     pub fallback: bool,
+    /// What the importance matrix does for this tensor.
+    pub imatrix: ImatrixUse,
+}
+
+/// Whether a tensor is quantized with importance weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImatrixUse {
+    /// No importance matrix, or the tensor is copied as it is.
+    NotGiven,
+    /// Its entry weights the quantization.
+    Used,
+    /// The matrix has no entry for it: quantized without weights
+    /// (llama-quantize: "did not find weights").
+    NoEntry,
+    /// `token_embd`'s entry has the wrong size: ignored, as llama-quantize
+    /// ignores it (for any other tensor that is an error).
+    WrongSizeIgnored { got: usize, want: u64 },
 }
 
 impl TensorPlan {
@@ -421,6 +489,7 @@ struct MixState<'a> {
     i_ffn_gate: i64,
     i_ffn_up: i64,
     tied_embeddings: bool,
+    has_imatrix: bool,
 }
 
 impl MixState<'_> {
@@ -525,6 +594,10 @@ impl MixState<'_> {
                 }
                 F::Q5_K_M if use_more_bits(i, n) => ty = G::Q6_K,
                 F::Q4_K_S if !falcon && i < n / 8 => ty = G::Q5_K,
+                // With an importance matrix the first eighth of ffn_down of
+                // Q4_0/Q5_0 gets the variant with a minimum.
+                F::Q4_0 if self.has_imatrix && i < n / 8 => ty = G::Q4_1,
+                F::Q5_0 if self.has_imatrix && i < n / 8 => ty = G::Q5_1,
                 _ => {}
             }
             self.i_ffn_down += 1;
@@ -610,7 +683,9 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
         i_ffn_gate: 0,
         i_ffn_up: 0,
         tied_embeddings: !cats.contains(&Category::Output),
+        has_imatrix: opts.active_imatrix().is_some(),
     };
+    let imatrix = opts.active_imatrix();
     let default = opts.ftype.default_type();
     let mut out = Vec::with_capacity(order.len());
     for i in order {
@@ -635,6 +710,7 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
         } else {
             default
         };
+        let mut use_imatrix = ImatrixUse::NotGiven;
         if to != t.ty {
             if !can_write(to) {
                 return Err(QuantizeError::Tensor {
@@ -642,14 +718,47 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
                     reason: format!("can't write type {to}"),
                 });
             }
-            if to == GgmlType::Q2_K
+            if let Some(m) = imatrix {
+                use_imatrix = match m.entries.get(&t.name) {
+                    None => ImatrixUse::NoEntry,
+                    Some(e) => {
+                        let n_cols = t.dims.first().copied().unwrap_or(0);
+                        let n_experts = t.dims.get(2).copied().unwrap_or(1);
+                        let want = n_cols * n_experts;
+                        if e.len() as u64 == want {
+                            ImatrixUse::Used
+                        } else if cat == Category::TokenEmbd {
+                            ImatrixUse::WrongSizeIgnored { got: e.len(), want }
+                        } else {
+                            return Err(QuantizeError::ImatrixSize {
+                                tensor: t.name.clone(),
+                                file: m.file.clone(),
+                                got: e.len(),
+                                want,
+                                n_cols,
+                                n_experts,
+                            });
+                        }
+                    }
+                };
+            }
+            // llama.cpp's tensor_requires_imatrix for the types here.
+            let requires_imatrix = to == GgmlType::Q2_K
                 && opts.ftype == FileType::Q2_K_S
-                && !matches!(cat, Category::TokenEmbd | Category::Output)
-            {
-                return Err(QuantizeError::NeedsImatrix {
-                    tensor: t.name.clone(),
-                    ty: to,
-                    ftype: opts.ftype,
+                && !matches!(cat, Category::TokenEmbd | Category::Output);
+            if requires_imatrix && use_imatrix != ImatrixUse::Used {
+                return Err(match imatrix {
+                    None => QuantizeError::NeedsImatrix {
+                        tensor: t.name.clone(),
+                        ty: to,
+                        ftype: opts.ftype,
+                    },
+                    Some(m) => QuantizeError::MissingImatrixEntry {
+                        tensor: t.name.clone(),
+                        ty: to,
+                        ftype: opts.ftype,
+                        file: m.file.clone(),
+                    },
                 });
             }
             if t.ty.is_quantized() && !opts.allow_requantize {
@@ -682,6 +791,7 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
             from: t.ty,
             to,
             fallback: fell_back,
+            imatrix: use_imatrix,
         });
     }
     Ok(out)
@@ -689,7 +799,9 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
 
 /// The output metadata: the input's, with the quantization version and the
 /// file type set last (as llama.cpp re-adds them) and split keys removed.
-pub fn output_metadata(input: &Metadata, ftype: FileType) -> Metadata {
+/// With an importance matrix, its `quantize.imatrix.*` keys follow (as
+/// llama-quantize's key overrides, set last).
+pub fn output_metadata(input: &Metadata, ftype: FileType, imatrix: Option<&Imatrix>) -> Metadata {
     let mut md = input.clone();
     md.remove("general.quantization_version");
     md.insert("general.quantization_version", Value::U32(2));
@@ -697,6 +809,10 @@ pub fn output_metadata(input: &Metadata, ftype: FileType) -> Metadata {
     md.insert("general.file_type", Value::U32(ftype.id()));
     for k in ["split.no", "split.count", "split.tensors.count"] {
         md.remove(k);
+    }
+    for (k, v) in imatrix.map(Imatrix::metadata).unwrap_or_default() {
+        md.remove(k);
+        md.insert(k, v);
     }
     md
 }
@@ -713,8 +829,17 @@ pub struct Summary {
 }
 
 /// Converts rows of `plan.from` to `plan.to`; `src` and `dst` hold the same
-/// whole rows. Rows are independent, so threads split them.
-fn convert_rows(plan: &TensorPlan, src: &[u8], dst: &mut [u8], first_row: usize) -> Result<()> {
+/// whole rows, from row `first_row` of the tensor on. Rows are independent,
+/// so threads split them. `weights` is the tensor's importance-matrix entry
+/// (one run of `n_per_row` per expert, the rows of expert `e` being
+/// `e * dims[1]..(e + 1) * dims[1]`).
+fn convert_rows(
+    plan: &TensorPlan,
+    src: &[u8],
+    dst: &mut [u8],
+    first_row: usize,
+    weights: Option<&[f32]>,
+) -> Result<()> {
     let n_per_row = plan.dims.first().copied().unwrap_or(0) as usize;
     let in_row = plan.from.bytes_for(n_per_row as u64).unwrap_or(0) as usize;
     let out_row = plan.to.bytes_for(n_per_row as u64).unwrap_or(0) as usize;
@@ -723,6 +848,7 @@ fn convert_rows(plan: &TensorPlan, src: &[u8], dst: &mut [u8], first_row: usize)
     }
     // Enough rows per task that small rows don't drown in scheduling.
     let rows_per_task = (16384 / n_per_row).max(1);
+    let rows_per_expert = plan.dims.get(1).copied().unwrap_or(1).max(1) as usize;
     let core = |e: tl_core::CoreError| QuantizeError::Tensor {
         tensor: plan.name.clone(),
         reason: e.to_string(),
@@ -739,13 +865,22 @@ fn convert_rows(plan: &TensorPlan, src: &[u8], dst: &mut [u8], first_row: usize)
             {
                 tl_core::quant::dequantize_named(plan.from, &plan.name, si, &mut f)
                     .map_err(core)?;
+                let row = first_row + task * rows_per_task + r;
                 if f.iter().any(|x| !x.is_finite()) {
                     return Err(QuantizeError::NonFinite {
                         tensor: plan.name.clone(),
-                        row: first_row + task * rows_per_task + r,
+                        row,
                     });
                 }
-                tl_core::quant::quantize(plan.to, &f, di).map_err(core)?;
+                let expert = row / rows_per_expert;
+                let qw = weights.and_then(|w| w.get(expert * n_per_row..(expert + 1) * n_per_row));
+                if weights.is_some() && qw.is_none() {
+                    return Err(QuantizeError::Tensor {
+                        tensor: plan.name.clone(),
+                        reason: format!("row {row}: no importance weights for expert {expert}"),
+                    });
+                }
+                tl_core::quant::quantize_weighted(plan.to, &f, n_per_row, qw, di).map_err(core)?;
             }
             Ok(())
         })
@@ -756,6 +891,7 @@ fn convert_rows(plan: &TensorPlan, src: &[u8], dst: &mut [u8], first_row: usize)
 fn write_model<W: Write>(
     file: &GgufFile,
     plans: &[TensorPlan],
+    imatrix: Option<&Imatrix>,
     metadata: &Metadata,
     out: &mut W,
     pool: &rayon::ThreadPool,
@@ -783,6 +919,10 @@ fn write_model<W: Write>(
             }
             continue;
         }
+        let weights = match (p.imatrix, imatrix) {
+            (ImatrixUse::Used, Some(m)) => m.entries.get(&p.name).map(Vec::as_slice),
+            _ => None,
+        };
         let n_per_row = p.dims.first().copied().unwrap_or(0);
         let rows = p.dims.iter().skip(1).product::<u64>() as usize;
         let in_row = p.from.bytes_for(n_per_row).unwrap_or(0) as usize;
@@ -795,7 +935,7 @@ fn write_model<W: Write>(
             buf.clear();
             buf.resize(n * out_row, 0u8);
             let src = &data[row * in_row..(row + n) * in_row];
-            pool.install(|| convert_rows(p, src, &mut buf, row))?;
+            pool.install(|| convert_rows(p, src, &mut buf, row, weights))?;
             w.write_tensor(&buf)?;
             progress(p, buf.len() as u64);
             row += n;
@@ -823,6 +963,9 @@ impl Quantization {
                 return Err(QuantizeError::SameFile(output.to_owned()));
             }
         }
+        if let Some(m) = opts.active_imatrix() {
+            m.check_finite()?;
+        }
         let file = GgufFile::open(input)?;
         let plans = plan(&file, opts)?;
         Ok(Quantization {
@@ -844,7 +987,11 @@ impl Quantization {
     /// as they are written.
     pub fn write(&self, progress: &mut dyn FnMut(&TensorPlan, u64)) -> Result<Summary> {
         let (output, plans) = (self.output.as_path(), self.plans.as_slice());
-        let metadata = output_metadata(&self.file.metadata, self.opts.ftype);
+        let metadata = output_metadata(
+            &self.file.metadata,
+            self.opts.ftype,
+            self.opts.active_imatrix(),
+        );
         let mut tmp = output.as_os_str().to_owned();
         tmp.push(".partial");
         let tmp = PathBuf::from(tmp);
@@ -859,7 +1006,15 @@ impl Quantization {
         let result = (|| {
             let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
             let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            write_model(&self.file, plans, &metadata, &mut w, &pool, progress)?;
+            write_model(
+                &self.file,
+                plans,
+                self.opts.active_imatrix(),
+                &metadata,
+                &mut w,
+                &pool,
+                progress,
+            )?;
             let f = w.into_inner().map_err(|e| QuantizeError::Io {
                 path: tmp.clone(),
                 err: e.into_error(),
@@ -963,7 +1118,7 @@ mod tests {
         md.insert("general.architecture", Value::String("llama".into()));
         md.insert("general.file_type", Value::U32(1));
         md.insert("llama.block_count", Value::U32(2));
-        let out = output_metadata(&md, FileType::Q4_K_M);
+        let out = output_metadata(&md, FileType::Q4_K_M, None);
         let keys: Vec<&str> = out.iter().map(|(k, _)| k).collect();
         assert_eq!(
             keys,

@@ -608,6 +608,15 @@ impl Block for BlockQ6K {
 
     /// ggml `quantize_row_q6_K_ref`.
     fn quantize(x: &[f32]) -> Self {
+        Self::quantize_with(x, None)
+    }
+}
+
+impl BlockQ6K {
+    /// ggml `quantize_row_q6_K_impl`: with `qw = None` the same as
+    /// `quantize_row_q6_K_ref`; with the 256 importance weights of this
+    /// super-block they are `make_qx_quants`' error weights.
+    pub fn quantize_with(x: &[f32], qw: Option<&[f32]>) -> Self {
         let x = &x[..QK_K];
         let mut out: Self = bytemuck::Zeroable::zeroed();
         let mut l_all = [0i8; QK_K];
@@ -621,7 +630,7 @@ impl Block for BlockQ6K {
                 &x[16 * ib..16 * ib + 16],
                 &mut l_all[16 * ib..16 * ib + 16],
                 1,
-                None,
+                qw.map(|w| &w[16 * ib..16 * ib + 16]),
             );
             scales[ib] = scale;
             let abs_scale = scale.abs();

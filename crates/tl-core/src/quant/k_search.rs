@@ -1,6 +1,7 @@
 //! The scale searches behind the K-quant quantizers, ported from ggml
 //! `ggml-quants.c` (`nearest_int`, `make_qx_quants`, `make_q3_quants`,
-//! `make_qkx2_quants`).
+//! `make_qkx2_quants`, and for the importance-weighted quantizers
+//! `make_qkx3_quants` and `make_qp_quants`).
 //!
 //! Each search picks, for one small group of values, a scale (and for the
 //! "x2" variant a minimum) and the integer levels that minimise a weighted
@@ -290,6 +291,191 @@ pub fn make_qkx2_quants(
         }
     }
     (scale, -min)
+}
+
+/// ggml `make_qkx3_quants` with weights (the only way the importance-weighted
+/// quantizers call it): [`make_qkx2_quants`]' search, except that a group is
+/// all zeros when `max <= min` and the first candidate's error is the
+/// baseline. Levels `0..=nmax` go to `l_out[..x.len()]`; returns
+/// `(scale, the_min)` with value ≈ scale * L - the_min.
+///
+/// `x` holds at most 32 values and `weights` at least as many as `x`.
+#[allow(clippy::too_many_arguments)]
+pub fn make_qkx3_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l_out: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> (f32, f32) {
+    debug_assert!(x.len() <= QKX2_MAX_GROUP);
+    let n = x.len().min(QKX2_MAX_GROUP);
+    let mut laux = [0u8; QKX2_MAX_GROUP];
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..n {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max <= min {
+        l_out[..n].fill(0);
+        return (0.0, -min);
+    }
+    let error = |diff: f32| if use_mad { diff.abs() } else { diff * diff };
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_mad = 0.0f32;
+    for i in 0..n {
+        let l = nearest_int(iscale * (x[i] - min));
+        l_out[i] = l.clamp(0, nmax) as u8;
+        let diff = scale * f32::from(l_out[i]) + min - x[i];
+        best_mad += weights[i] * error(diff);
+    }
+    if nstep < 1 {
+        return (scale, -min);
+    }
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let mut sum_l = 0.0f32;
+        let mut sum_l2 = 0.0f32;
+        let mut sum_xl = 0.0f32;
+        for i in 0..n {
+            let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            laux[i] = l as u8;
+            let w = weights[i];
+            let l = l as f32;
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut mad = 0.0f32;
+            for i in 0..n {
+                let diff = this_scale * f32::from(laux[i]) + this_min - x[i];
+                mad += weights[i] * error(diff);
+            }
+            if mad < best_mad {
+                l_out[..n].copy_from_slice(&laux[..n]);
+                best_mad = mad;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml `make_qp_quants`: non-negative levels `0..=nmax` for the
+/// non-negative values `x` (the sub-block scales or mins of a super-block),
+/// weighted by `quant_weights`. Picks the best of nine scales around
+/// `nmax / max`, then moves one level at a time (up to 5 sweeps) while the
+/// weighted fit improves. Returns the scale; levels go to `l_out[..x.len()]`.
+///
+/// The levels are `uint8_t` in ggml and the searches assign `int`s to them
+/// unclamped from below; `as u8` wraps the same way, so a negative input
+/// gives the same (odd) bytes as in ggml.
+pub fn make_qp_quants(nmax: i32, x: &[f32], l_out: &mut [u8], quant_weights: &[f32]) -> f32 {
+    let n = x.len();
+    let mut max = 0.0f32;
+    for &v in x {
+        // MAX(max, x[i]) as ggml writes it.
+        max = if max > v { max } else { v };
+    }
+    if max < GROUP_MAX_EPS {
+        l_out[..n].fill(0);
+        return 0.0;
+    }
+    let mut iscale = nmax as f32 / max;
+    for i in 0..n {
+        l_out[i] = nearest_int(iscale * x[i]) as u8;
+    }
+    let scale = 1.0 / iscale;
+    let mut best_mse = 0.0f32;
+    for i in 0..n {
+        let diff = x[i] - scale * f32::from(l_out[i]);
+        let w = quant_weights[i];
+        best_mse += w * diff * diff;
+    }
+    for is in -4..=4 {
+        if is == 0 {
+            continue;
+        }
+        let iscale_is = (0.1 * is as f32 + nmax as f32) / max;
+        let scale_is = 1.0 / iscale_is;
+        let mut mse = 0.0f32;
+        for i in 0..n {
+            let l = nearest_int(iscale_is * x[i]).min(nmax);
+            let diff = x[i] - scale_is * l as f32;
+            let w = quant_weights[i];
+            mse += w * diff * diff;
+        }
+        if mse < best_mse {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    let mut sumlx = 0.0f32;
+    let mut suml2 = 0.0f32;
+    for i in 0..n {
+        let l = nearest_int(iscale * x[i]).min(nmax);
+        l_out[i] = l as u8;
+        let w = quant_weights[i];
+        let l = l as f32;
+        sumlx += w * x[i] * l;
+        suml2 += w * l * l;
+    }
+    for _itry in 0..5 {
+        let mut n_changed = 0;
+        for i in 0..n {
+            let w = quant_weights[i];
+            let li = f32::from(l_out[i]);
+            let mut slx = sumlx - w * x[i] * li;
+            let mut sl2 = suml2 - w * li * li;
+            if slx > 0.0 && sl2 > 0.0 {
+                let new_l = nearest_int(x[i] * sl2 / slx).min(nmax);
+                if new_l != i32::from(l_out[i]) {
+                    slx += w * x[i] * new_l as f32;
+                    sl2 += w * new_l as f32 * new_l as f32;
+                    if slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        l_out[i] = new_l as u8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        n_changed += 1;
+                    }
+                }
+            }
+        }
+        if n_changed == 0 {
+            break;
+        }
+    }
+    if suml2 > 0.0 {
+        sumlx / suml2
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]

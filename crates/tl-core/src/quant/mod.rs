@@ -7,8 +7,10 @@
 //! - [`legacy`]: the 32-value blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1.
 //! - [`k_quants`]: the 256-value super-blocks Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K.
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
-//!   `make_qkx2_quants`, `make_q3_quants`, `nearest_int`) that the K-quant
-//!   quantizers share.
+//!   `make_qkx2_quants`, `make_q3_quants`, `make_qkx3_quants`,
+//!   `make_qp_quants`, `nearest_int`) that the K-quant quantizers share.
+//! - [`weighted`]: the importance-matrix quantizers (`quantize_row_*_impl`),
+//!   reached through [`quantize_weighted`].
 //! - [`lowbit`]: a typed library API apart from the GGML formats: INT8/INT4/INT2
 //!   (symmetric or asymmetric; per-tensor, per-channel or per-group scales)
 //!   with packed codes, and OCP FP8 E4M3/E5M2 conversions and scaled tensors.
@@ -28,6 +30,7 @@ pub mod k_quants;
 pub mod k_search;
 pub mod legacy;
 pub mod lowbit;
+pub mod weighted;
 
 use tl_gguf::GgmlType;
 
@@ -143,6 +146,96 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         _ => return Err(unsupported(ty, UNNAMED)),
     }
     Ok(())
+}
+
+/// Whether [`quantize_weighted`] quantizes to `ty`: the types
+/// `ggml_quantize_chunk` makes that this crate has quantizers for.
+pub fn is_weighted_supported(ty: GgmlType) -> bool {
+    is_supported(ty) && !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K)
+}
+
+/// ggml `ggml_quantize_chunk` (from the first row): quantizes the rows of
+/// `n_per_row` values in `src` into `dst` (exactly
+/// `ty.bytes_for(src.len())` bytes), with the importance matrix `imatrix`
+/// (one weight per column, `n_per_row` of them) when given.
+///
+/// As in ggml, with an importance matrix Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to
+/// Q6_K run the weighted `quantize_row_*_impl` quantizers ([`weighted`]);
+/// F32, F16, BF16 and Q8_0 ignore it; without one every type runs its
+/// reference quantizer, as [`quantize`] does. The same `imatrix` applies to
+/// every row (for a 3-D expert tensor, call this once per expert with that
+/// expert's slice).
+pub fn quantize_weighted(
+    ty: GgmlType,
+    src: &[f32],
+    n_per_row: usize,
+    imatrix: Option<&[f32]>,
+    dst: &mut [u8],
+) -> Result<()> {
+    use GgmlType::*;
+    const OP: &str = "quantize_weighted";
+    if !is_weighted_supported(ty) {
+        return Err(unsupported(ty, UNNAMED));
+    }
+    check_sizes(OP, ty, UNNAMED, src.len(), dst.len())?;
+    if src.is_empty() {
+        return Ok(());
+    }
+    if n_per_row == 0
+        || !src.len().is_multiple_of(n_per_row)
+        || !n_per_row.is_multiple_of(ty.block_size())
+    {
+        return Err(CoreError::Invalid {
+            op: OP,
+            reason: format!(
+                "{} values are not whole rows of {n_per_row} values in whole {ty} blocks of {}",
+                src.len(),
+                ty.block_size()
+            ),
+        });
+    }
+    let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0)) else {
+        return quantize(ty, src, dst);
+    };
+    if qw.len() != n_per_row {
+        return Err(CoreError::SizeMismatch {
+            op: OP,
+            what: format!(
+                "the importance matrix has {} weights for rows of {n_per_row} values",
+                qw.len()
+            ),
+        });
+    }
+    let row_bytes = dst.len() / (src.len() / n_per_row);
+    for (x, y) in src
+        .chunks_exact(n_per_row)
+        .zip(dst.chunks_exact_mut(row_bytes))
+    {
+        match ty {
+            Q4_0 => weighted_row(x, y, qw, weighted::quantize_row_q4_0),
+            Q4_1 => weighted_row(x, y, qw, weighted::quantize_row_q4_1),
+            Q5_0 => weighted_row(x, y, qw, weighted::quantize_row_q5_0),
+            Q5_1 => weighted_row(x, y, qw, weighted::quantize_row_q5_1),
+            Q2_K => weighted_row(x, y, qw, weighted::quantize_row_q2_k),
+            Q3_K => weighted_row(x, y, qw, weighted::quantize_row_q3_k),
+            Q4_K => weighted_row(x, y, qw, weighted::quantize_row_q4_k),
+            Q5_K => weighted_row(x, y, qw, weighted::quantize_row_q5_k),
+            Q6_K => weighted_row(x, y, qw, weighted::quantize_row_q6_k),
+            _ => return Err(unsupported(ty, UNNAMED)),
+        }
+    }
+    Ok(())
+}
+
+/// Runs a weighted row quantizer on one row's blocks, built aside and copied
+/// into the byte row (which need not be aligned for `B`).
+fn weighted_row<B: Block>(x: &[f32], y: &mut [u8], qw: &[f32], f: fn(&[f32], &mut [B], &[f32])) {
+    let size = std::mem::size_of::<B>();
+    let mut blocks = vec![B::zeroed(); y.len() / size];
+    f(x, &mut blocks, qw);
+    for (bytes, b) in y.chunks_exact_mut(size).zip(&blocks) {
+        bytes.copy_from_slice(bytemuck::bytes_of(b));
+    }
 }
 
 fn unsupported(ty: GgmlType, name: &str) -> CoreError {

@@ -1,0 +1,428 @@
+//! Importance matrices ("imatrix") for quantization, read as llama-quantize
+//! reads them (`common/imatrix-loader.cpp` and `load_imatrix` in
+//! `tools/quantize/quantize.cpp` of llama.cpp).
+//!
+//! An importance matrix gives, for each weight matrix a model multiplies
+//! activations by, one weight per input column: the mean of the squared
+//! activations that column met on some calibration text. The quantizers
+//! then spend their precision where the activations are large
+//! (`tl_core::quant::quantize_weighted`).
+//!
+//! Two file formats:
+//! - GGUF (llama-imatrix's default): per matrix `<name>.in_sum2` (F32,
+//!   `[n_cols, n_experts]`, the sums of squared activations) and
+//!   `<name>.counts` (F32, `[1, n_experts]`, how many activations each sum
+//!   has), with the keys `imatrix.datasets`, `imatrix.chunk_count` and
+//!   `imatrix.chunk_size`. A weight is `in_sum2 / count`, or 1 for an
+//!   expert that saw no token.
+//! - The legacy `.dat` format: an `i32` entry count, then per entry the
+//!   name (`i32` length and bytes), `i32` ncall, `i32` value count and the
+//!   f32 values (already averaged, times ncall); optionally an `i32` chunk
+//!   count and a dataset name. A weight is `value / ncall` (the value itself
+//!   when ncall is 0).
+//!
+//! Entries are keyed by the weight's tensor name (`blk.0.attn_q.weight`);
+//! an expert tensor's entry holds one run of `n_cols` weights per expert.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tl_gguf::{GgmlType, GgufFile, Value};
+
+use crate::quantize::QuantizeError;
+
+/// A loaded importance matrix: per-tensor column weights, normalized as
+/// llama-quantize normalizes them, and where they came from.
+#[derive(Clone, Default)]
+pub struct Imatrix {
+    /// The file as it was named on the command line (llama-quantize writes
+    /// this string to `quantize.imatrix.file`).
+    pub file: String,
+    /// Tensor name -> weights (`n_cols * n_experts`).
+    pub entries: BTreeMap<String, Vec<f32>>,
+    /// Calibration data sets named by the file (the first one goes to
+    /// `quantize.imatrix.dataset`).
+    pub datasets: Vec<String>,
+    /// Chunks of calibration text it was computed on (0: not recorded).
+    pub chunk_count: i64,
+    /// Read from the legacy `.dat` format.
+    pub legacy: bool,
+}
+
+impl std::fmt::Debug for Imatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Imatrix")
+            .field("file", &self.file)
+            .field("entries", &self.entries.len())
+            .field("datasets", &self.datasets)
+            .field("chunk_count", &self.chunk_count)
+            .field("legacy", &self.legacy)
+            .finish()
+    }
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> QuantizeError {
+    QuantizeError::Imatrix {
+        path: path.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A C string: the bytes up to the first NUL, as `std::string(char *)` takes them.
+fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+impl Imatrix {
+    /// Reads the importance matrix at `path` (GGUF or legacy, told apart by
+    /// the GGUF magic), normalizing the sums to weights as llama-quantize
+    /// does. `file` is recorded as given.
+    pub fn load(path: &Path) -> Result<Self, QuantizeError> {
+        let bytes = std::fs::read(path).map_err(|err| QuantizeError::Io {
+            path: path.to_owned(),
+            err,
+        })?;
+        let mut m = if bytes.starts_with(b"GGUF") {
+            Self::from_gguf(path, bytes)?
+        } else {
+            Self::from_legacy(path, &bytes)?
+        };
+        m.file = path.to_string_lossy().into_owned();
+        Ok(m)
+    }
+
+    fn from_gguf(path: &Path, bytes: Vec<u8>) -> Result<Self, QuantizeError> {
+        let f = GgufFile::from_bytes(bytes)
+            .map_err(|e| bad(path, format!("not a readable GGUF file: {e}")))?;
+        if f.tensors.is_empty() {
+            return Err(bad(path, "no data (the GGUF file has no tensors)"));
+        }
+        let md = &f.metadata;
+        let (datasets, count_key, size_key) = (
+            md.get("imatrix.datasets"),
+            md.get("imatrix.chunk_count"),
+            md.get("imatrix.chunk_size"),
+        );
+        if datasets.is_none() || count_key.is_none() || size_key.is_none() {
+            return Err(bad(
+                path,
+                "missing imatrix metadata (imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size): is this an importance matrix written by llama-imatrix or tl imatrix?",
+            ));
+        }
+        let mut out = Imatrix::default();
+        if let Some(Value::Array(tl_gguf::Array::String(v))) = datasets {
+            out.datasets.clone_from(v);
+        }
+        out.chunk_count = match count_key {
+            Some(Value::U32(n)) => i64::from(*n),
+            Some(other) => {
+                return Err(bad(
+                    path,
+                    format!("imatrix.chunk_count must be a u32, found {other:?}"),
+                ))
+            }
+            None => 0,
+        };
+
+        // name -> (in_sum2, counts)
+        let mut pairs: BTreeMap<String, (Option<usize>, Option<usize>)> = BTreeMap::new();
+        for (i, t) in f.tensors.iter().enumerate() {
+            if let Some(name) = t.name.strip_suffix(".in_sum2") {
+                pairs.entry(name.to_owned()).or_default().0 = Some(i);
+            } else if let Some(name) = t.name.strip_suffix(".counts") {
+                pairs.entry(name.to_owned()).or_default().1 = Some(i);
+            }
+        }
+        for (name, pair) in pairs {
+            let (Some(si), Some(ci)) = pair else {
+                return Err(bad(
+                    path,
+                    format!("entry '{name}': mismatched sums and counts (needs both {name}.in_sum2 and {name}.counts)"),
+                ));
+            };
+            let (st, ct) = (&f.tensors[si], &f.tensors[ci]);
+            if st.ty != GgmlType::F32 || ct.ty != GgmlType::F32 {
+                return Err(bad(
+                    path,
+                    format!(
+                        "entry '{name}': sums and counts must be F32, found {} and {}",
+                        st.ty, ct.ty
+                    ),
+                ));
+            }
+            let sums = f32s(f.tensor_data(st));
+            let counts: Vec<i64> = f32s(f.tensor_data(ct))
+                .iter()
+                .map(|&c| c.round() as i64)
+                .collect();
+            let ncounts = counts.len();
+            if ncounts == 0 || !sums.len().is_multiple_of(ncounts) {
+                return Err(bad(
+                    path,
+                    format!(
+                        "entry '{name}': {} sums are not a whole number of runs for {ncounts} counts",
+                        sums.len()
+                    ),
+                ));
+            }
+            let ne0 = sums.len() / ncounts;
+            let mut e = vec![0f32; sums.len()];
+            for (j, &c) in counts.iter().enumerate() {
+                let count = c as f32;
+                let run = j * ne0..(j + 1) * ne0;
+                if count > 0.0 {
+                    for (w, &s) in e[run.clone()].iter_mut().zip(&sums[run]) {
+                        *w = s / count;
+                    }
+                } else {
+                    e[run].fill(1.0);
+                }
+            }
+            out.entries.insert(name, e);
+        }
+        Ok(out)
+    }
+
+    fn from_legacy(path: &Path, bytes: &[u8]) -> Result<Self, QuantizeError> {
+        let mut r = Reader { bytes, pos: 0 };
+        let not_imatrix = || {
+            bad(
+                path,
+                "neither GGUF nor the legacy imatrix format (no data or a truncated header)",
+            )
+        };
+        let n_entries = r.i32().ok_or_else(not_imatrix)?;
+        if n_entries < 1 {
+            return Err(not_imatrix());
+        }
+        let mut out = Imatrix {
+            legacy: true,
+            ..Default::default()
+        };
+        for i in 0..n_entries {
+            let trunc = |what: &str| {
+                bad(
+                    path,
+                    format!(
+                        "entry {} of {n_entries}: {what} (truncated or not an imatrix file)",
+                        i + 1
+                    ),
+                )
+            };
+            let len = r.i32().ok_or_else(|| trunc("no name length"))?;
+            let len = usize::try_from(len).map_err(|_| trunc("negative name length"))?;
+            let name = c_string(r.take(len).ok_or_else(|| trunc("name cut short"))?);
+            let ncall = r.i32().ok_or_else(|| trunc("no call count"))?;
+            let nval = r.i32().ok_or_else(|| trunc("no value count"))?;
+            let nval = usize::try_from(nval)
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| trunc(&format!("entry '{name}': bad value count {nval}")))?;
+            let data = r
+                .take(nval.saturating_mul(4))
+                .ok_or_else(|| trunc(&format!("entry '{name}': {nval} values cut short")))?;
+            let sums = f32s(data);
+            let e = if ncall > 0 {
+                let n = i64::from(ncall) as f32;
+                sums.iter().map(|&s| s / n).collect()
+            } else {
+                sums
+            };
+            out.entries.insert(name, e);
+        }
+        // The trailer (chunk count, dataset name) is optional.
+        if let Some(n_calls) = r.i32() {
+            out.chunk_count = i64::from(n_calls);
+            if let Some(len) = r.i32() {
+                if let Ok(len @ 1..) = usize::try_from(len) {
+                    if let Some(name) = r.take(len) {
+                        out.datasets.push(c_string(name));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// llama-quantize's `--exclude-weights` / `--include-weights`: drops
+    /// the entries whose name contains any `exclude` string, or keeps only
+    /// those containing an `include` string.
+    pub fn filter(&mut self, include: &[String], exclude: &[String]) {
+        if !exclude.is_empty() {
+            self.entries
+                .retain(|name, _| !exclude.iter().any(|x| name.contains(x.as_str())));
+        }
+        if !include.is_empty() {
+            self.entries
+                .retain(|name, _| include.iter().any(|x| name.contains(x.as_str())));
+        }
+    }
+
+    /// Fails on the first non-finite weight, as llama.cpp does before
+    /// quantizing anything.
+    pub fn check_finite(&self) -> Result<(), QuantizeError> {
+        for (name, e) in &self.entries {
+            if let Some(i) = e.iter().position(|v| !v.is_finite()) {
+                return Err(bad(
+                    Path::new(&self.file),
+                    format!(
+                        "entry '{name}': weight {i} is {} (non-finite values are refused)",
+                        e[i]
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The metadata llama-quantize adds to a model quantized with this
+    /// matrix, in its order: `quantize.imatrix.file`, `.dataset` (when the
+    /// file names one), `.entries_count`, `.chunks_count` (when known). The
+    /// strings are cut to 127 bytes, as llama-quantize's fixed buffers cut
+    /// them (here at a character boundary).
+    pub fn metadata(&self) -> Vec<(&'static str, Value)> {
+        fn cut(s: &str) -> String {
+            let mut end = s.len().min(127);
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s[..end].to_owned()
+        }
+        let mut kv = vec![("quantize.imatrix.file", Value::String(cut(&self.file)))];
+        if let Some(d) = self.datasets.first() {
+            kv.push(("quantize.imatrix.dataset", Value::String(cut(d))));
+        }
+        // llama.cpp writes integer overrides as u32 of the absolute value.
+        let u32_of = |n: i64| Value::U32(n.unsigned_abs() as u32);
+        kv.push((
+            "quantize.imatrix.entries_count",
+            u32_of(self.entries.len() as i64),
+        ));
+        if self.chunk_count > 0 {
+            kv.push(("quantize.imatrix.chunks_count", u32_of(self.chunk_count)));
+        }
+        kv
+    }
+}
+
+/// Little-endian f32s of `bytes` (whole values only).
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+/// A cursor over the legacy file's bytes.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let end = self.pos.checked_add(n)?;
+        let s = self.bytes.get(self.pos..end)?;
+        self.pos = end;
+        Some(s)
+    }
+
+    fn i32(&mut self) -> Option<i32> {
+        self.take(4)
+            .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+}
+
+/// Writes `m`'s entries in the legacy `.dat` format (ncall 1, so the
+/// weights read back unchanged), with its chunk count and first data set.
+pub fn write_legacy(m: &Imatrix, path: &Path) -> Result<(), QuantizeError> {
+    let mut b = Vec::new();
+    b.extend((m.entries.len() as i32).to_le_bytes());
+    for (name, e) in &m.entries {
+        b.extend((name.len() as i32).to_le_bytes());
+        b.extend(name.as_bytes());
+        b.extend(1i32.to_le_bytes());
+        b.extend((e.len() as i32).to_le_bytes());
+        for v in e {
+            b.extend(v.to_le_bytes());
+        }
+    }
+    b.extend((m.chunk_count as i32).to_le_bytes());
+    let ds = m.datasets.first().map(String::as_str).unwrap_or("");
+    b.extend((ds.len() as i32).to_le_bytes());
+    b.extend(ds.as_bytes());
+    std::fs::write(path, b).map_err(|err| QuantizeError::Io {
+        path: PathBuf::from(path),
+        err,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_round_trip_and_truncations() {
+        let dir = std::env::temp_dir().join(format!("tl-imatrix-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok();
+        let p = dir.join("m.dat");
+        let mut m = Imatrix {
+            chunk_count: 5,
+            datasets: vec!["wiki.txt".into()],
+            ..Default::default()
+        };
+        m.entries
+            .insert("blk.0.attn_q.weight".into(), vec![0.5, 2.0, 3.0]);
+        m.entries.insert("output.weight".into(), vec![1.0; 4]);
+        assert!(write_legacy(&m, &p).is_ok());
+        let back = Imatrix::load(&p).ok();
+        let back = back.as_ref();
+        assert_eq!(back.map(|b| b.entries.clone()), Some(m.entries.clone()));
+        assert_eq!(back.map(|b| b.chunk_count), Some(5));
+        assert_eq!(
+            back.map(|b| b.datasets.clone()),
+            Some(vec!["wiki.txt".into()])
+        );
+        assert_eq!(back.map(|b| b.legacy), Some(true));
+        // Every truncation inside the entries is an error naming the file.
+        let bytes = std::fs::read(&p).unwrap_or_default();
+        let entries_end = bytes.len() - 4 - 4 - "wiki.txt".len();
+        for cut in 0..entries_end {
+            std::fs::write(&p, &bytes[..cut]).ok();
+            let e = Imatrix::load(&p).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref().is_some_and(|e| e.contains("m.dat")),
+                "cut at {cut}: {e:?}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn filters_and_metadata() {
+        let mut m = Imatrix {
+            file: "x".repeat(200),
+            ..Default::default()
+        };
+        for n in [
+            "blk.0.attn_q.weight",
+            "blk.0.ffn_down.weight",
+            "output.weight",
+        ] {
+            m.entries.insert(n.into(), vec![1.0]);
+        }
+        let mut a = m.clone();
+        a.filter(&[], &["ffn".into()]);
+        assert_eq!(a.entries.len(), 2);
+        let mut b = m.clone();
+        b.filter(&["attn".into(), "output".into()], &[]);
+        assert_eq!(b.entries.len(), 2);
+        let kv = m.metadata();
+        assert_eq!(kv.len(), 2);
+        assert_eq!(kv[0].1, Value::String("x".repeat(127)));
+        assert_eq!(kv[1], ("quantize.imatrix.entries_count", Value::U32(3)));
+        m.entries.insert("bad".into(), vec![f32::NAN]);
+        assert!(m.check_finite().is_err());
+    }
+}
