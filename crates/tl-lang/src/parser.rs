@@ -496,6 +496,26 @@ impl Parser {
                 self.expect(&Tok::Semi, "`;`")?;
                 continue;
             }
+            const KEYS: &[&str] = &[
+                "loss",
+                "optimizer",
+                "schedule",
+                "epochs",
+                "batch_size",
+                "clip_norm",
+                "seed",
+                "shuffle",
+                "log_every",
+            ];
+            if !KEYS.contains(&key.as_str()) {
+                return Err(LangError::syntax(
+                    key_span,
+                    format!(
+                        "unknown setting `{key}` of `learn` (data, {})",
+                        KEYS.join(", ")
+                    ),
+                ));
+            }
             if lb.get(&key).is_some() {
                 return Err(LangError::syntax(
                     key_span,
