@@ -567,7 +567,18 @@ impl Tape {
         match name {
             "softmax" => Op::Softmax(inp(0)),
             "log_softmax" => Op::LogSoftmax(inp(0)),
-            "matmul" => Op::Matmul(inp(0), inp(1)),
+            "matmul" => {
+                let (a, b) = (inp(0), inp(1));
+                let (ra, rb) = (a.value.shape.len(), b.value.shape.len());
+                // A 2-D `b` shared by every row of `a`, or equal batch dims.
+                if ra >= 2
+                    && (rb == 2 || (ra == rb && a.value.shape[..ra - 2] == b.value.shape[..rb - 2]))
+                {
+                    Op::Matmul(a, b)
+                } else {
+                    Op::NoGrad("matmul with broadcast batch dimensions".into())
+                }
+            }
             "linear" => Op::Linear(inp(0), inp(1), (args.len() > 2).then(|| inp(2))),
             "rms_norm" => Op::RmsNorm(inp(0), inp(1), num(2)),
             "layer_norm" => Op::LayerNorm(inp(0), inp(1), inp(2), num(3)),
