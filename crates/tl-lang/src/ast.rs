@@ -173,6 +173,52 @@ pub enum StmtKind {
     Fact(Atom),
     /// `?- R(a, X).`
     Query(Atom),
+    /// `learnable w: f32[4, 3] = xavier;`
+    Learnable {
+        name: String,
+        name_span: Span,
+        ty: TypeExpr,
+        init: Expr,
+    },
+    /// `learn { loss = …; optimizer = adam(lr = 0.01); epochs = 10; }`
+    Learn(LearnBlock),
+}
+
+/// The settings of a `learn` block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearnBlock {
+    /// `data xb, yb in X, Y;`: names bound to minibatches (rows along the
+    /// first axis) of the data tensors.
+    pub data: Vec<(String, Span)>,
+    pub sources: Vec<Expr>,
+    /// `key = value;` in the order written.
+    pub settings: Vec<LearnSetting>,
+    pub span: Span,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LearnSetting {
+    pub key: String,
+    pub key_span: Span,
+    pub value: LearnValue,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum LearnValue {
+    Expr(Expr),
+    /// `adam(lr = 0.01, betas = [0.9, 0.999])`, `cosine(warmup = 10)`,
+    /// `constant`: a named choice with named arguments.
+    Choice {
+        name: String,
+        name_span: Span,
+        args: Vec<(String, Span, Expr)>,
+    },
+}
+
+impl LearnBlock {
+    pub fn get(&self, key: &str) -> Option<&LearnSetting> {
+        self.settings.iter().find(|s| s.key == key)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -44,7 +44,7 @@ pub static BUILTINS: &[Builtin] = &[
     ready("print", "print(x, ...) -> ()", "Prints its arguments separated by spaces."),
     ready("print_top_k", "print_top_k(x: f32[n], k: int) -> ()", "Prints the k largest entries as `index: value`, largest first."),
     ready("relu", "relu(x: float | f32[..]) -> same", "max(x, 0), elementwise."),
-    ready("sigmoid", "sigmoid(x: float | f32[..]) -> same", "1 / (1 + e^-x), elementwise."),
+    ready("sigmoid", "sigmoid(x: float | f32[..], t: float?) -> same", "1 / (1 + e^-x), elementwise; with a temperature t, sigmoid(x / t): a differentiable step."),
     ready("exp", "exp(x: float | f32[..]) -> same", "e^x, elementwise."),
     ready("log", "log(x: float | f32[..]) -> same", "Natural logarithm, elementwise."),
     ready("tanh", "tanh(x: float | f32[..]) -> same", "Hyperbolic tangent, elementwise."),
@@ -54,6 +54,10 @@ pub static BUILTINS: &[Builtin] = &[
     ready("silu", "silu(x: float | f32[..]) -> same", "x * sigmoid(x) (tl-core kernel)."),
     ready("gelu", "gelu(x: float | f32[..], mode: string?) -> same", "GELU, tanh approximation (tl-core kernel); mode \"ggml\" on a tensor: ggml's CPU GELU (input rounded to f16, f16 table), as the native Gemma forward computes it."),
     ready("softmax", "softmax(x: f32[.., n]) -> f32[.., n]", "Softmax over the last axis (tl-core kernel)."),
+    ready("log_softmax", "log_softmax(x: f32[.., n]) -> f32[.., n]", "log(softmax(x)) over the last axis, computed stably (x - max - log Σ exp(x - max))."),
+    ready("grad", "grad(loss: float | f32[], x: f32[..]) -> f32[..]", "The gradient of `loss` with respect to `x`, a learnable tensor or one computed from learnable tensors (reverse mode over the operations recorded since; zeros where `loss` does not depend on `x`)."),
+    ready("save", "save(path: string) -> ()", "Writes every learnable tensor in scope to a safetensors file, each under its variable name."),
+    ready("manual_seed", "manual_seed(seed: int) -> ()", "Seeds the generator of the random initializers (normal, uniform, xavier, kaiming); the default seed is 0."),
     ready("matmul", "matmul(a: f32[.., m, k], b: f32[k, n] | f32[.., k, n]) -> f32[.., m, n]", "Matrix product (tl-core kernel); a 2-D `b` is shared by all leading dims of `a`."),
     ready("linear", "linear(x: f32[.., k], w: f32|f16|bf16|q[n, k], bias: f32[n]?) -> f32[.., n]", "x · wᵀ (+ bias) with the weight stored one output per row, as in GGUF (tl-core kernel; quantized weights stay quantized)."),
     ready("rms_norm", "rms_norm(x: f32[.., d], w: f32[d], eps: float) -> f32[.., d]", "x / sqrt(mean(x²) + eps) * w over the last axis (tl-core kernel)."),
@@ -232,6 +236,13 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
                 if n == 2 {
                     scalar(&a[1], Type::Str)?;
                 }
+            } else if name == "sigmoid" {
+                ar(1, 2)?;
+                let rank0 =
+                    |t: &Type| matches!(t, Type::Tensor(ElemType::F32, Some(d)) if d.is_empty());
+                if n == 2 && !a[1].0.is_numeric_scalar() && !rank0(&a[1].0) {
+                    scalar(&a[1], Type::Float)?;
+                }
             } else {
                 ar(1, 1)?;
             }
@@ -244,7 +255,33 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
                 }
             }
         }
-        "softmax" => {
+        "grad" => {
+            ar(2, 2)?;
+            match &a[0].0 {
+                Type::Float | Type::Any | Type::Tensor(ElemType::F32, None) => {}
+                Type::Tensor(ElemType::F32, Some(d)) if d.is_empty() => {}
+                other => {
+                    return Err(LangError::ty(
+                        a[0].1,
+                        "a scalar (float or f32[]) to differentiate",
+                        other,
+                    ))
+                }
+            }
+            float_tensor(&a[1], "an f32 tensor")?;
+            a[1].0.clone()
+        }
+        "save" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Str)?;
+            Type::Unit
+        }
+        "manual_seed" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Int)?;
+            Type::Unit
+        }
+        "softmax" | "log_softmax" => {
             ar(1, 1)?;
             let d = float_tensor(&a[0], "f32 tensor")?;
             rank_at_least(d, 1, &a[0], "softmax's input")?;
@@ -854,6 +891,18 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 span,
                 "softmax",
             )?
+        }
+        "log_softmax" => {
+            let t = t0()?;
+            let n = t.shape.last().copied().unwrap_or(1).max(1);
+            let mut x = t.to_f32(span)?;
+            for row in x.chunks_mut(n) {
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let s: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+                let l = m + s.ln();
+                row.iter_mut().for_each(|v| *v -= l);
+            }
+            Value::tensor(Tens::f32(t.shape.clone(), x))
         }
         "matmul" => {
             let a = t0()?;

@@ -431,8 +431,288 @@ impl Checker {
             StmtKind::Query(a) => {
                 self.check_terms(a, &mut HashMap::new())?;
             }
+            StmtKind::Learnable {
+                name,
+                name_span,
+                ty,
+                init,
+            } => {
+                let t = self.learnable(name_span, ty, init)?;
+                self.declare(name, t);
+            }
+            StmtKind::Learn(lb) => self.learn(lb)?,
         }
         Ok(false)
+    }
+
+    /// `learnable NAME: f32[dims] = INIT;`: the declared type (named dims
+    /// are int variables in scope, known when the declaration runs).
+    fn learnable(&mut self, name_span: &Span, ty: &TypeExpr, init: &mut Expr) -> Result<Type> {
+        let TypeExpr::Tensor(ElemType::F32, dims) = ty else {
+            return Err(LangError::ty(
+                *name_span,
+                "an f32 tensor type for a learnable tensor (`f32[4, 3]`)",
+                Type::from_expr(ty),
+            ));
+        };
+        let mut out = Vec::new();
+        for d in dims {
+            out.push(match d {
+                Dim::Lit(n) => Dim::Lit(*n),
+                Dim::Named(n) => match self.lookup(n) {
+                    Some(Type::Int | Type::Any) => Dim::Unknown,
+                    _ => {
+                        return Err(LangError::invalid(
+                            *name_span,
+                            format!("dimension `{n}` of a learnable tensor must be an int variable in scope or a number"),
+                        ))
+                    }
+                },
+                Dim::Unknown => Dim::Unknown,
+            });
+        }
+        let declared = Type::tensor(ElemType::F32, out);
+        let init_span = init.span;
+        match &mut init.kind {
+            ExprKind::Var(n) if matches!(n.as_str(), "zeros" | "ones" | "xavier" | "kaiming") => {}
+            ExprKind::Call { name, args, .. }
+                if matches!(
+                    name.as_str(),
+                    "normal" | "uniform" | "xavier" | "kaiming" | "load"
+                ) =>
+            {
+                let want: &[Type] = match name.as_str() {
+                    "normal" | "uniform" => &[Type::Float, Type::Float],
+                    "load" => &[Type::Str, Type::Str],
+                    _ => &[],
+                };
+                let min = if name == "load" { 1 } else { want.len() };
+                if args.len() < min || args.len() > want.len() {
+                    return Err(LangError::Arity {
+                        span: init_span,
+                        name: name.clone(),
+                        expected: if min == want.len() {
+                            min.to_string()
+                        } else {
+                            format!("{min} to {}", want.len())
+                        },
+                        got: args.len(),
+                    });
+                }
+                for (a, w) in args.iter_mut().zip(want) {
+                    let t = self.expr(a)?;
+                    let ok = match w {
+                        Type::Float => t.is_numeric_scalar(),
+                        other => t == *other || t == Type::Any,
+                    };
+                    if !ok {
+                        return Err(LangError::ty(a.span, w, t));
+                    }
+                }
+            }
+            _ => {
+                let t = self.expr(init)?;
+                if t.is_numeric_scalar() {
+                    // A constant fill (`learnable t: f32[] = 0.5;`).
+                    return Ok(declared);
+                }
+                if !matches!(t, Type::Tensor(..) | Type::Any) {
+                    return Err(LangError::ty(
+                        init_span,
+                        "an initializer (zeros, ones, normal(mean, std), uniform(lo, hi), xavier, kaiming, load(path)) or a tensor",
+                        t,
+                    ));
+                }
+                self.assignable(&declared, &t, init_span)?;
+            }
+        }
+        let needs_shape = match &init.kind {
+            ExprKind::Var(_) => true,
+            ExprKind::Call { name, .. } => {
+                matches!(name.as_str(), "normal" | "uniform" | "xavier" | "kaiming")
+            }
+            _ => false,
+        };
+        if needs_shape && dims.contains(&Dim::Unknown) {
+            return Err(LangError::invalid(
+                *name_span,
+                "an initializer needs the tensor's whole shape; `?` dims are allowed only with `load` or a tensor value",
+            ));
+        }
+        Ok(declared)
+    }
+
+    fn learn(&mut self, lb: &mut LearnBlock) -> Result<()> {
+        if lb.data.len() != lb.sources.len() {
+            return Err(LangError::invalid(
+                lb.span,
+                format!(
+                    "`data` names {} minibatches for {} tensors",
+                    lb.data.len(),
+                    lb.sources.len()
+                ),
+            ));
+        }
+        let mut batch_types = Vec::new();
+        let mut first: Option<(Dim, Span)> = None;
+        for src in lb.sources.iter_mut() {
+            let t = self.expr(src)?;
+            let bt = match &t {
+                Type::Tensor(e, Some(d)) if !d.is_empty() => {
+                    let d0 = d[0].clone();
+                    if let Some((prev, _)) = &first {
+                        if !dims_agree(prev, &d0) {
+                            return Err(LangError::shape(
+                                src.span,
+                                format!("data tensors must have the same first dimension (the examples): {prev} and {d0}"),
+                            ));
+                        }
+                    } else {
+                        first = Some((d0, src.span));
+                    }
+                    let mut nd = d.clone();
+                    nd[0] = Dim::Unknown;
+                    Type::tensor(*e, nd)
+                }
+                Type::Tensor(_, Some(_)) => {
+                    return Err(LangError::shape(
+                        src.span,
+                        "a data tensor needs a first axis to batch over, found a rank-0 tensor",
+                    ))
+                }
+                Type::Tensor(e, None) => Type::Tensor(*e, None),
+                Type::Any => Type::Any,
+                other => return Err(LangError::ty(src.span, "a data tensor", other)),
+            };
+            batch_types.push(bt);
+        }
+        self.scopes.push(HashMap::new());
+        for ((n, _), t) in lb.data.iter().zip(batch_types) {
+            self.declare(n, t);
+        }
+        let r = self.learn_settings(lb);
+        self.scopes.pop();
+        r
+    }
+
+    fn learn_settings(&mut self, lb: &mut LearnBlock) -> Result<()> {
+        if lb.get("loss").is_none() {
+            return Err(LangError::invalid(
+                lb.span,
+                "`learn` needs the objective to minimize: `loss = …;` (a scalar)",
+            ));
+        }
+        let number = |t: &Type| matches!(t, Type::Int | Type::Float | Type::Any);
+        for st in lb.settings.iter_mut() {
+            match (st.key.as_str(), &mut st.value) {
+                ("loss", LearnValue::Expr(e)) => {
+                    let t = self.expr(e)?;
+                    match &t {
+                        Type::Float | Type::Any | Type::Tensor(ElemType::F32, None) => {}
+                        Type::Tensor(ElemType::F32, Some(d)) if d.is_empty() => {}
+                        Type::Tensor(ElemType::F32, Some(_)) => {
+                            return Err(LangError::shape(
+                                e.span,
+                                format!("the loss must be a scalar (a float or f32[]), found {t}; reduce it, e.g. with mean(…)"),
+                            ))
+                        }
+                        _ => return Err(LangError::ty(e.span, "a scalar loss (float or f32[])", t)),
+                    }
+                }
+                (k @ ("epochs" | "batch_size" | "seed" | "log_every"), LearnValue::Expr(e)) => {
+                    let t = self.expr(e)?;
+                    if !matches!(t, Type::Int | Type::Any) {
+                        return Err(LangError::ty(e.span, format!("an int (`{k}`)"), t));
+                    }
+                }
+                ("clip_norm", LearnValue::Expr(e)) => {
+                    let t = self.expr(e)?;
+                    if !number(&t) {
+                        return Err(LangError::ty(e.span, "a number (`clip_norm`)", t));
+                    }
+                }
+                ("shuffle", LearnValue::Expr(e)) => {
+                    let t = self.expr(e)?;
+                    if !matches!(t, Type::Bool | Type::Any) {
+                        return Err(LangError::ty(e.span, "a bool (`shuffle`)", t));
+                    }
+                }
+                (
+                    k @ ("optimizer" | "schedule"),
+                    LearnValue::Choice {
+                        name,
+                        name_span,
+                        args,
+                    },
+                ) => {
+                    let allowed: &[&str] = match (k, name.as_str()) {
+                        ("optimizer", "sgd") => {
+                            &["lr", "momentum", "dampening", "nesterov", "weight_decay"]
+                        }
+                        ("optimizer", "adam" | "adamw") => &["lr", "betas", "eps", "weight_decay"],
+                        ("schedule", "constant") => &[],
+                        ("schedule", "cosine") => &["warmup", "min_lr"],
+                        ("schedule", "warmup") => &["steps"],
+                        ("optimizer", _) => {
+                            return Err(LangError::invalid(
+                                *name_span,
+                                format!("unknown optimizer `{name}` (sgd, adam, adamw)"),
+                            ))
+                        }
+                        _ => {
+                            return Err(LangError::invalid(
+                                *name_span,
+                                format!("unknown schedule `{name}` (constant, cosine, warmup)"),
+                            ))
+                        }
+                    };
+                    for (an, asp, e) in args.iter_mut() {
+                        if !allowed.contains(&an.as_str()) {
+                            return Err(LangError::invalid(
+                                *asp,
+                                format!(
+                                    "`{name}` has no argument `{an}` (it takes {})",
+                                    if allowed.is_empty() {
+                                        "none".to_string()
+                                    } else {
+                                        allowed.join(", ")
+                                    }
+                                ),
+                            ));
+                        }
+                        let t = self.expr(e)?;
+                        let ok = match an.as_str() {
+                            "betas" => matches!(
+                                &t,
+                                Type::Any | Type::Tensor(ElemType::F32, None)
+                            ) || matches!(&t, Type::Tensor(ElemType::F32, Some(d)) if d.len() == 1 && dims_agree(&d[0], &Dim::Lit(2))),
+                            "nesterov" => matches!(t, Type::Bool | Type::Any),
+                            "warmup" | "steps" => matches!(t, Type::Int | Type::Any),
+                            _ => number(&t),
+                        };
+                        if !ok {
+                            let want = match an.as_str() {
+                                "betas" => "f32[2] (`[0.9, 0.999]`)",
+                                "nesterov" => "bool",
+                                "warmup" | "steps" => "int",
+                                _ => "a number",
+                            };
+                            return Err(LangError::ty(e.span, want, t));
+                        }
+                    }
+                }
+                (k @ ("optimizer" | "schedule"), LearnValue::Expr(e)) => {
+                    return Err(LangError::invalid(e.span, format!("`{k}` takes a name")))
+                }
+                (other, _) => {
+                    return Err(LangError::invalid(
+                        st.key_span,
+                        format!("unknown setting `{other}` of `learn` (loss, optimizer, schedule, epochs, batch_size, clip_norm, seed, shuffle, log_every, data)"),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// `X[i, j] = …` is a tensor equation when every index on the left is
@@ -603,15 +883,19 @@ impl Checker {
                         format!("`{name}` cannot be used inside a tensor equation (only elementwise functions such as relu, exp, sigmoid can)"),
                     ));
                 }
-                if args.len() != 1 {
+                let max = if name == "sigmoid" { 2 } else { 1 };
+                if args.is_empty() || args.len() > max {
                     return Err(LangError::Arity {
                         span: e.span,
                         name: name.clone(),
-                        expected: "1".into(),
+                        expected: if max == 2 { "1 or 2" } else { "1" }.into(),
                         got: args.len(),
                     });
                 }
-                self.eq_expr(&args[0], dims)
+                for a in args {
+                    self.eq_expr(a, dims)?;
+                }
+                Ok(())
             }
             _ => Err(LangError::invalid(
                 e.span,

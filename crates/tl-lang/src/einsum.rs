@@ -149,9 +149,13 @@ impl Builder<'_> {
             ExprKind::Var(name) => match (self.lookup)(name) {
                 Some(Value::Int(i)) => Node::Scalar(i as f32),
                 Some(Value::Float(f)) => Node::Scalar(f as f32),
-                Some(Value::Tensor(t)) if t.shape.is_empty() => {
-                    Node::Scalar(t.to_f32(e.span)?.first().copied().unwrap_or(0.0))
-                }
+                Some(Value::Tensor(t)) if t.shape.is_empty() => Node::Leaf {
+                    // A leaf without indices, so that a gradient can reach it.
+                    name: name.clone(),
+                    data: t.to_f32(e.span)?,
+                    shape: vec![],
+                    vars: vec![],
+                },
                 Some(v) => {
                     return Err(LangError::invalid(
                         e.span,
@@ -292,15 +296,27 @@ impl Builder<'_> {
                         format!("`{name}` cannot be used inside a tensor equation"),
                     )
                 })?;
-                let [arg] = args.as_slice() else {
-                    return Err(LangError::Arity {
-                        span: e.span,
-                        name: name.clone(),
-                        expected: "1".into(),
-                        got: args.len(),
-                    });
-                };
-                Node::Func(name.clone(), f, Box::new(self.build(arg)?))
+                match args.as_slice() {
+                    [arg] => Node::Func(name.clone(), f, Box::new(self.build(arg)?)),
+                    // `sigmoid(x, T)`: a step with temperature T, σ(x / T).
+                    [arg, temp] if name == "sigmoid" => {
+                        let x = self.build(arg)?;
+                        let t = self.build(temp)?;
+                        Node::Func(
+                            name.clone(),
+                            f,
+                            Box::new(Node::Bin(BinOp::Div, Box::new(x), Box::new(t))),
+                        )
+                    }
+                    _ => {
+                        return Err(LangError::Arity {
+                            span: e.span,
+                            name: name.clone(),
+                            expected: if name == "sigmoid" { "1 or 2" } else { "1" }.into(),
+                            got: args.len(),
+                        })
+                    }
+                }
             }
             _ => {
                 return Err(LangError::invalid(
@@ -655,6 +671,267 @@ pub fn eval_equation(
         shape,
         data: TData::F32(data),
     })
+}
+
+/// The gradient of every tensor the right side of `eq` reads, given the
+/// gradient `grad_out` of its left side (in the left side's index order):
+/// (name, gradient in that tensor's layout), one entry per name.
+pub fn equation_grads(
+    eq: &Equation,
+    lookup: &dyn Fn(&str) -> Option<Value>,
+    grad_out: &[f32],
+    max_iterations: u128,
+) -> Result<Vec<(String, Vec<f32>)>> {
+    let (root, names, sizes) = compile(eq, lookup, false)?;
+    let ev = Eval {
+        sizes: &sizes,
+        span: eq.rhs.span,
+        max_iterations,
+    };
+    let out_vars: Vec<usize> = eq
+        .indices
+        .iter()
+        .filter_map(|(n, _)| names.iter().position(|x| x == n))
+        .collect();
+    let g = Dense {
+        vars: out_vars,
+        data: grad_out.to_vec(),
+    };
+    let mut acc: Vec<(String, Vec<f32>)> = Vec::new();
+    ev.back(&root, g, &mut acc)?;
+    Ok(acc)
+}
+
+fn node_vars(n: &Node) -> Vec<usize> {
+    match n {
+        Node::Leaf { vars, .. } => {
+            let mut u = Vec::new();
+            for &v in vars {
+                if !u.contains(&v) {
+                    u.push(v);
+                }
+            }
+            u
+        }
+        Node::Scalar(_) => vec![],
+        Node::Neg(a) | Node::Func(_, _, a) => node_vars(a),
+        Node::Sum(vs, a) => node_vars(a)
+            .into_iter()
+            .filter(|v| !vs.contains(v))
+            .collect(),
+        Node::Bin(_, a, b) => {
+            let mut u = node_vars(a);
+            for v in node_vars(b) {
+                if !u.contains(&v) {
+                    u.push(v);
+                }
+            }
+            u
+        }
+        Node::Prod(fs) => {
+            let mut u = Vec::new();
+            for f in fs {
+                for v in node_vars(f) {
+                    if !u.contains(&v) {
+                        u.push(v);
+                    }
+                }
+            }
+            u
+        }
+    }
+}
+
+impl Eval<'_> {
+    /// `d` laid out over `target` (row-major in that order): axes of `d`
+    /// missing from `target` must already be summed; axes of `target`
+    /// missing from `d` are broadcast.
+    fn permute(&self, d: &Dense, target: &[usize]) -> Dense {
+        if d.vars == target {
+            return Dense {
+                vars: d.vars.clone(),
+                data: d.data.clone(),
+            };
+        }
+        let sizes: Vec<usize> = target.iter().map(|&v| self.sizes[v]).collect();
+        let strides = self.strides_over(d, target);
+        let mut data = Vec::with_capacity(numel(&sizes));
+        for_each(&sizes, &[strides], |o| {
+            data.push(d.data.get(o[0]).copied().unwrap_or(0.0))
+        });
+        Dense {
+            vars: target.to_vec(),
+            data,
+        }
+    }
+
+    /// `Σ Π factors` over the `summed` axes, laid out over `target`.
+    fn contract_to(&self, factors: &[Dense], summed: &[usize], target: &[usize]) -> Result<Dense> {
+        let all = Self::union(factors);
+        let summed: Vec<usize> = summed.iter().copied().filter(|v| all.contains(v)).collect();
+        let d = if summed.is_empty() && factors.len() == 1 {
+            Dense {
+                vars: factors[0].vars.clone(),
+                data: factors[0].data.clone(),
+            }
+        } else if summed.is_empty() {
+            self.combine(factors, |v| v.iter().product())?
+        } else {
+            match self.try_matmul(factors, &summed)? {
+                Some(d) => d,
+                None => self.sum_product(factors, &summed)?,
+            }
+        };
+        Ok(self.permute(&d, target))
+    }
+
+    /// `g` summed down to the axes `target`.
+    fn reduce_to(&self, g: &Dense, target: &[usize]) -> Result<Dense> {
+        let summed: Vec<usize> = g
+            .vars
+            .iter()
+            .copied()
+            .filter(|v| !target.contains(v))
+            .collect();
+        self.contract_to(std::slice::from_ref(g), &summed, target)
+    }
+
+    /// Propagates `g` (the gradient of `n`'s value, possibly missing axes
+    /// of `n` along which it is constant) to the leaves under `n`.
+    fn back(&self, n: &Node, g: Dense, acc: &mut Vec<(String, Vec<f32>)>) -> Result<()> {
+        match n {
+            Node::Scalar(_) => Ok(()),
+            Node::Leaf {
+                name, shape, vars, ..
+            } => {
+                let uniq = node_vars(n);
+                let g = self.reduce_to(&g, &uniq)?;
+                let own = row_major_strides(shape);
+                let strides: Vec<usize> = uniq
+                    .iter()
+                    .map(|u| {
+                        vars.iter()
+                            .zip(&own)
+                            .filter(|(v, _)| *v == u)
+                            .map(|(_, s)| s)
+                            .sum()
+                    })
+                    .collect();
+                let sizes: Vec<usize> = uniq.iter().map(|&v| self.sizes[v]).collect();
+                let total = numel(shape);
+                let slot = match acc.iter().position(|(n2, _)| n2 == name) {
+                    Some(p) => p,
+                    None => {
+                        acc.push((name.clone(), vec![0.0; total]));
+                        acc.len() - 1
+                    }
+                };
+                let dst = &mut acc[slot].1;
+                let mut k = 0usize;
+                for_each(&sizes, &[strides], |o| {
+                    if let (Some(x), Some(&gv)) = (dst.get_mut(o[0]), g.data.get(k)) {
+                        *x += gv;
+                    }
+                    k += 1;
+                });
+                Ok(())
+            }
+            Node::Neg(a) => {
+                let mut g = g;
+                g.data.iter_mut().for_each(|x| *x = -*x);
+                self.back(a, g, acc)
+            }
+            Node::Func(name, _, a) => {
+                let x = self.eval(a)?;
+                let y = self.eval(n)?;
+                let g = self.permute(&g, &x.vars);
+                let mut d = Vec::with_capacity(x.data.len());
+                for ((&gv, &xv), &yv) in g.data.iter().zip(&x.data).zip(&y.data) {
+                    let dv = crate::autodiff::deriv(name, xv, yv).ok_or_else(|| {
+                        LangError::invalid(
+                            self.span,
+                            format!(
+                                "`{name}` has no gradient, but the objective depends on this tensor equation{}",
+                                if name == "step" {
+                                    "; for a differentiable threshold use `sigmoid(x, T)`, a step with temperature T"
+                                } else {
+                                    ""
+                                }
+                            ),
+                        )
+                    })?;
+                    d.push(gv * dv);
+                }
+                self.back(
+                    a,
+                    Dense {
+                        vars: x.vars,
+                        data: d,
+                    },
+                    acc,
+                )
+            }
+            Node::Bin(op, a, b) => {
+                let (va, vb) = (node_vars(a), node_vars(b));
+                match op {
+                    BinOp::Add | BinOp::Sub => {
+                        let ga = self.reduce_to(&g, &va)?;
+                        let mut gb = self.reduce_to(&g, &vb)?;
+                        if *op == BinOp::Sub {
+                            gb.data.iter_mut().for_each(|x| *x = -*x);
+                        }
+                        self.back(a, ga, acc)?;
+                        self.back(b, gb, acc)
+                    }
+                    _ => {
+                        // Division (a product is a `Prod`).
+                        let (xa, xb) = (self.eval(a)?, self.eval(b)?);
+                        let da = self.combine(&[g, xa, xb], |v| v[0] / v[2])?;
+                        let db = self.combine(
+                            &[
+                                Dense {
+                                    vars: da.vars.clone(),
+                                    data: da.data.clone(),
+                                },
+                                self.eval(a)?,
+                                self.eval(b)?,
+                            ],
+                            |v| -v[0] * v[1] / v[2],
+                        )?;
+                        let ga = self.reduce_to(&da, &va)?;
+                        let gb = self.reduce_to(&db, &vb)?;
+                        self.back(a, ga, acc)?;
+                        self.back(b, gb, acc)
+                    }
+                }
+            }
+            Node::Sum(_, c) => self.back(c, g, acc),
+            Node::Prod(fs) => {
+                let vals: Vec<Dense> = fs.iter().map(|f| self.eval(f)).collect::<Result<_>>()?;
+                for (k, f) in fs.iter().enumerate() {
+                    let target = node_vars(f);
+                    let mut factors = vec![Dense {
+                        vars: g.vars.clone(),
+                        data: g.data.clone(),
+                    }];
+                    for (m, v) in vals.iter().enumerate() {
+                        if m != k {
+                            factors.push(Dense {
+                                vars: v.vars.clone(),
+                                data: v.data.clone(),
+                            });
+                        }
+                    }
+                    let all = Self::union(&factors);
+                    let summed: Vec<usize> =
+                        all.into_iter().filter(|v| !target.contains(v)).collect();
+                    let gk = self.contract_to(&factors, &summed, &target)?;
+                    self.back(f, gk, acc)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// The equation with its sums made explicit, e.g.

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use crate::ast::*;
+use crate::autodiff::{Op, Tape};
 use crate::builtins::{self, Ctx};
 use crate::check::Checker;
 use crate::diag::{SourceMap, Span};
@@ -77,6 +78,13 @@ pub struct Interp {
     limits: Limits,
     steps: u64,
     eval_depth: usize,
+    /// Recorded operations on tracked tensors; present once a program
+    /// declares a learnable tensor.
+    tape: Option<Tape>,
+    /// Names declared `learnable`, in order.
+    learnables: Vec<String>,
+    /// The generator of the random initializers (`manual_seed`).
+    init_rng: rand_chacha::ChaCha8Rng,
 }
 
 impl Interp {
@@ -98,6 +106,9 @@ impl Interp {
             limits: Limits::default(),
             steps: 0,
             eval_depth: 0,
+            tape: None,
+            learnables: Vec::new(),
+            init_rng: rand::SeedableRng::seed_from_u64(0),
         }
     }
 
@@ -348,11 +359,19 @@ impl Interp {
                             what: "variable",
                             name: name.clone(),
                         })?;
+                        let tracked = self
+                            .tape
+                            .as_ref()
+                            .is_some_and(|tp| tp.id_of(slot).is_some() || tp.id_of(&v).is_some());
                         let Value::Tensor(t) = slot else {
                             return Err(LangError::ty(base.span, "a tensor", slot.type_name()));
                         };
                         let (_, offs) = region(&t.shape, &idx, args, target.span)?;
                         store(Rc::make_mut(t), &offs, &v, value.span)?;
+                        if let (true, Some(tp)) = (tracked, self.tape.as_mut()) {
+                            let op = Op::NoGrad("assigning elements of a tensor".into());
+                            tp.record(slot.clone(), op, target.span);
+                        }
                     }
                     _ => return Err(LangError::invalid(target.span, "cannot assign to this")),
                 }
@@ -362,11 +381,43 @@ impl Interp {
                     let lookup = |n: &str| env.get(n).cloned();
                     einsum::eval_equation(eq, &lookup, self.limits.max_equation_iterations)?
                 };
+                let mut v = Value::tensor(t);
+                if let Some(tp) = self.tape.as_mut() {
+                    let mut names = Vec::new();
+                    rhs_names(&eq.rhs, &mut names);
+                    let vals: Vec<(String, Value, Option<usize>)> = names
+                        .into_iter()
+                        .filter_map(|n| {
+                            let val = env.get(&n)?.clone();
+                            let id = tp.id_of(&val);
+                            Some((n, val, id))
+                        })
+                        .collect();
+                    if vals.iter().any(|x| x.2.is_some()) {
+                        let op = Op::Einsum(Rc::new(eq.clone()), Rc::new(vals));
+                        v = tp.record(v, op, eq.rhs.span);
+                    }
+                }
                 match env.get_mut(&eq.target) {
-                    Some(slot) => *slot = Value::tensor(t),
-                    None => env.set_new(&eq.target, Value::tensor(t)),
+                    Some(slot) => *slot = v,
+                    None => env.set_new(&eq.target, v),
                 }
             }
+            StmtKind::Learnable {
+                name,
+                name_span,
+                ty,
+                init,
+            } => {
+                let t = self.init_learnable(env, name, ty, init)?;
+                let t = Rc::new(t);
+                self.tape.get_or_insert_with(Tape::new).leaf(&t, *name_span);
+                if !self.learnables.contains(name) {
+                    self.learnables.push(name.clone());
+                }
+                env.set_new(name, Value::Tensor(t));
+            }
+            StmtKind::Learn(lb) => self.run_learn(env, lb)?,
             StmtKind::Expr(e) => {
                 self.eval(env, e)?;
             }
@@ -496,6 +547,10 @@ impl Interp {
     fn eval_bool(&mut self, env: &mut Env, e: &Expr) -> Result<bool> {
         match self.eval(env, e)? {
             Value::Bool(b) => Ok(b),
+            // A comparison of tracked scalars (rank-0 tensors).
+            Value::Tensor(t) if t.shape.is_empty() && matches!(t.data, TData::Bool(_)) => {
+                Ok(matches!(&t.data, TData::Bool(v) if v.first() == Some(&true)))
+            }
             other => Err(LangError::ty(e.span, "bool", other.type_name())),
         }
     }
@@ -556,7 +611,9 @@ impl Interp {
                 for el in elems {
                     vals.push((self.eval(env, el)?, el.span));
                 }
-                tensor_literal(vals, e.span)?
+                let tracked = self.any_tracked(&vals);
+                let v = tensor_literal(vals, e.span)?;
+                self.record_if(tracked, v, || Op::NoGrad("a tensor literal".into()), e.span)
             }
             ExprKind::Unary(op, x) => {
                 let v = self.eval(env, x)?;
@@ -568,7 +625,16 @@ impl Interp {
                     (UnOp::Neg, Value::Float(f)) => Value::Float(-f),
                     (UnOp::Neg, Value::Tensor(t)) => {
                         let z = Value::tensor(Tens::f32(vec![], vec![0.0]));
-                        tensor_binary(BinOp::Sub, &z, &Value::Tensor(t), e.span, usize::MAX)?
+                        let x = Value::Tensor(t);
+                        let out = tensor_binary(BinOp::Sub, &z, &x, e.span, usize::MAX)?;
+                        match self.tape.as_mut() {
+                            Some(tp) if tp.id_of(&x).is_some() => {
+                                let op =
+                                    tp.input(&x).map_or_else(|| Op::NoGrad("-".into()), Op::Neg);
+                                tp.record(out, op, e.span)
+                            }
+                            _ => out,
+                        }
                     }
                     (UnOp::Not, Value::Bool(b)) => Value::Bool(!b),
                     (UnOp::Not, Value::Tensor(t)) => match &t.data {
@@ -597,7 +663,27 @@ impl Interp {
                 }
                 let l = self.eval(env, a)?;
                 let r = self.eval(env, b)?;
-                binary(*op, l, r, e.span, b.span, self.limits.max_elements)?
+                match self.tape.as_mut() {
+                    Some(tp) if tp.id_of(&l).is_some() || tp.id_of(&r).is_some() => {
+                        let bop = *op;
+                        let op = match (bop, tp.input(&l), tp.input(&r)) {
+                            (
+                                BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div,
+                                Some(x),
+                                Some(y),
+                            ) => Some(Op::Binary(bop, x, y)),
+                            (BinOp::Rem, _, _) => Some(Op::NoGrad("%".into())),
+                            // Comparisons are constants.
+                            _ => None,
+                        };
+                        let out = binary(bop, l, r, e.span, b.span, self.limits.max_elements)?;
+                        match (op, self.tape.as_mut()) {
+                            (Some(op), Some(tp)) => tp.record(out, op, e.span),
+                            _ => out,
+                        }
+                    }
+                    _ => binary(*op, l, r, e.span, b.span, self.limits.max_elements)?,
+                }
             }
             ExprKind::Juxt(_) => {
                 return Err(LangError::invalid(
@@ -617,6 +703,52 @@ impl Interp {
                 if let Some(f) = self.fns.get(name).cloned() {
                     return self.call_fn(&f, vals, e.span);
                 }
+                match name.as_str() {
+                    "grad" => return self.grad(&vals, e.span),
+                    "save" => return self.save(env, &vals, e.span),
+                    "manual_seed" => {
+                        let seed = match vals.first() {
+                            Some((Value::Int(i), _)) => *i as u64,
+                            _ => 0,
+                        };
+                        self.init_rng = rand::SeedableRng::seed_from_u64(seed);
+                        return Ok(Value::Unit);
+                    }
+                    "sigmoid" if vals.len() == 2 => {
+                        // sigmoid(x, T) = sigmoid(x / T), recorded as the two
+                        // operations it is.
+                        let mut it = vals.into_iter();
+                        let (x, xs) = it
+                            .next()
+                            .ok_or_else(|| LangError::invalid(e.span, "sigmoid needs x"))?;
+                        let (t, ts) = it
+                            .next()
+                            .ok_or_else(|| LangError::invalid(e.span, "sigmoid needs T"))?;
+                        let tracked = self.any_tracked(&[(x.clone(), xs), (t.clone(), ts)]);
+                        let div = match self.tape.as_ref().filter(|_| tracked) {
+                            Some(tp) => match (tp.input(&x), tp.input(&t)) {
+                                (Some(a), Some(b)) => Some(Op::Binary(BinOp::Div, a, b)),
+                                _ => None,
+                            },
+                            None => None,
+                        };
+                        let q = binary(BinOp::Div, x, t, e.span, ts, self.limits.max_elements)?;
+                        let q = match (div, self.tape.as_mut()) {
+                            (Some(op), Some(tp)) => tp.record(q, op, e.span),
+                            _ => q,
+                        };
+                        let args = vec![(q, xs)];
+                        let mut ctx = Ctx {
+                            out: &mut *self.out,
+                            args: &self.args,
+                            fixpoint_limit: &mut self.logic.limit,
+                            max_elements: self.limits.max_elements,
+                        };
+                        let y = builtins::call("sigmoid", e.span, &args, &mut ctx)?;
+                        return Ok(self.record_builtin("sigmoid", &args, y, e.span));
+                    }
+                    _ => {}
+                }
                 if builtins::lookup(name).is_none() {
                     return Err(LangError::Undefined {
                         span: *name_span,
@@ -630,7 +762,8 @@ impl Interp {
                     fixpoint_limit: &mut self.logic.limit,
                     max_elements: self.limits.max_elements,
                 };
-                builtins::call(name, e.span, &vals, &mut ctx)?
+                let y = builtins::call(name, e.span, &vals, &mut ctx)?;
+                self.record_builtin(name, &vals, y, e.span)
             }
             ExprKind::Index(base, args) => {
                 let b = self.eval(env, base)?;
@@ -648,7 +781,18 @@ impl Interp {
                     return Err(LangError::ty(base.span, "a tensor", b.type_name()));
                 };
                 let (shape, offs) = region(&t.shape, &idx, args, e.span)?;
-                gather(&t, shape, &offs, e.span)?
+                let x = Value::Tensor(t);
+                let Value::Tensor(t) = &x else {
+                    return Err(LangError::ty(base.span, "a tensor", x.type_name()));
+                };
+                let out = gather(t, shape, &offs, e.span)?;
+                match self.tape.as_mut() {
+                    Some(tp) if tp.id_of(&x).is_some() => match tp.input(&x) {
+                        Some(i) => tp.record(out, Op::Gather(i, Rc::new(offs)), e.span),
+                        None => out,
+                    },
+                    _ => out,
+                }
             }
             ExprKind::Field(base, field) => match self.eval(env, base)? {
                 Value::Model(m) => m.field(None, field, e.span)?,
@@ -708,6 +852,681 @@ impl Interp {
         }
         Ok(v)
     }
+}
+
+/// The variables a tensor equation's right side reads.
+fn rhs_names(e: &Expr, out: &mut Vec<String>) {
+    match &e.kind {
+        ExprKind::Var(n) if !out.contains(n) => out.push(n.clone()),
+        ExprKind::Index(b, _) => rhs_names(b, out),
+        ExprKind::Unary(_, a) => rhs_names(a, out),
+        ExprKind::Binary(_, a, b) => {
+            rhs_names(a, out);
+            rhs_names(b, out);
+        }
+        ExprKind::Juxt(fs) => fs.iter().for_each(|f| rhs_names(f, out)),
+        ExprKind::Call { args, .. } => args.iter().for_each(|a| rhs_names(a, out)),
+        _ => {}
+    }
+}
+
+/// Rows `rows` (along the first axis) of `t`, in that order.
+fn take_rows(t: &Tens, rows: &[usize], span: Span) -> Result<Tens> {
+    let inner: usize = t.shape.iter().skip(1).product();
+    let mut shape = t.shape.clone();
+    if let Some(d0) = shape.first_mut() {
+        *d0 = rows.len();
+    }
+    fn pick<T: Copy>(v: &[T], rows: &[usize], inner: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(rows.len() * inner);
+        for &r in rows {
+            out.extend_from_slice(v.get(r * inner..(r + 1) * inner).unwrap_or(&[]));
+        }
+        out
+    }
+    Ok(match &t.data {
+        TData::F32(v) => Tens::f32(shape, pick(v, rows, inner)),
+        TData::I32(v) => Tens {
+            shape,
+            data: TData::I32(pick(v, rows, inner)),
+        },
+        TData::Bool(v) => Tens {
+            shape,
+            data: TData::Bool(pick(v, rows, inner)),
+        },
+        TData::Core(_) => Tens::f32(shape, pick(&t.to_f32(span)?, rows, inner)),
+    })
+}
+
+/// PyTorch's fan-in and fan-out of a weight of this shape (`[out, in,
+/// receptive field…]`; a vector counts its length for both).
+fn fans(shape: &[usize]) -> (f64, f64) {
+    match shape {
+        [] => (1.0, 1.0),
+        [n] => (*n as f64, *n as f64),
+        [o, i, rest @ ..] => {
+            let rf: usize = rest.iter().product();
+            ((i * rf) as f64, (o * rf) as f64)
+        }
+    }
+}
+
+fn normal_sample(rng: &mut rand_chacha::ChaCha8Rng) -> f64 {
+    use rand::Rng;
+    // Box–Muller.
+    let u1: f64 = rng.gen_range(f64::MIN_POSITIVE..1.0);
+    let u2: f64 = rng.gen();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+impl Interp {
+    fn any_tracked(&self, vals: &[(Value, Span)]) -> bool {
+        self.tape
+            .as_ref()
+            .is_some_and(|tp| vals.iter().any(|(v, _)| tp.id_of(v).is_some()))
+    }
+
+    fn record_if(&mut self, tracked: bool, v: Value, op: impl FnOnce() -> Op, span: Span) -> Value {
+        match self.tape.as_mut() {
+            Some(tp) if tracked => tp.record(v, op(), span),
+            _ => v,
+        }
+    }
+
+    /// Records a builtin call that read a tracked tensor.
+    fn record_builtin(
+        &mut self,
+        name: &str,
+        args: &[(Value, Span)],
+        y: Value,
+        span: Span,
+    ) -> Value {
+        if !self.any_tracked(args) {
+            return y;
+        }
+        match self.tape.as_mut() {
+            Some(tp) => {
+                let op = tp.builtin_op(name, args);
+                tp.record(y, op, span)
+            }
+            None => y,
+        }
+    }
+
+    /// `grad(loss, x)`.
+    fn grad(&mut self, vals: &[(Value, Span)], span: Span) -> Result<Value> {
+        let [(loss, ls), (x, xs)] = vals else {
+            return Err(LangError::Arity {
+                span,
+                name: "grad".into(),
+                expected: "2".into(),
+                got: vals.len(),
+            });
+        };
+        let Value::Tensor(xt) = x else {
+            return Err(LangError::ty(*xs, "an f32 tensor", x.type_name()));
+        };
+        let tape = self.tape.as_ref();
+        let Some(xid) = tape.and_then(|tp| tp.id_of(x)) else {
+            return Err(LangError::invalid(
+                *xs,
+                "`grad`: this tensor is neither learnable nor computed from a learnable tensor; declare it with `learnable`",
+            ));
+        };
+        let n = match loss {
+            Value::Tensor(t) => t.len(),
+            Value::Float(_) | Value::Int(_) => 1,
+            other => return Err(LangError::ty(*ls, "a scalar loss", other.type_name())),
+        };
+        if n != 1 {
+            return Err(LangError::shape(
+                *ls,
+                format!("`grad` differentiates a scalar, found {}", loss.type_name()),
+            ));
+        }
+        let zeros = || Value::tensor(Tens::f32(xt.shape.clone(), vec![0.0; xt.len()]));
+        let (Some(tp), Some(lid)) = (tape, tape.and_then(|tp| tp.id_of(loss))) else {
+            return Ok(zeros());
+        };
+        if lid < xid {
+            return Ok(zeros());
+        }
+        let g = tp.backward(lid, &[xid], self.limits.max_equation_iterations)?;
+        let g = g.into_iter().next().unwrap_or_default();
+        Ok(Value::tensor(Tens::f32(xt.shape.clone(), g)))
+    }
+
+    /// The learnable tensors in scope, in declaration order.
+    fn params_in(&self, env: &Env) -> Vec<(String, Rc<Tens>)> {
+        self.learnables
+            .iter()
+            .filter_map(|n| match env.get(n) {
+                Some(Value::Tensor(t)) => Some((n.clone(), t.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// `save(path)`: the learnable tensors in scope, to safetensors.
+    fn save(&mut self, env: &Env, vals: &[(Value, Span)], span: Span) -> Result<Value> {
+        let Some((Value::Str(path), ps)) = vals.first() else {
+            return Err(LangError::ty(span, "a file name", "nothing"));
+        };
+        let params = self.params_in(env);
+        if params.is_empty() {
+            return Err(LangError::invalid(
+                span,
+                "`save`: no learnable tensors in scope",
+            ));
+        }
+        let mut bufs = Vec::new();
+        for (name, t) in &params {
+            let bytes: Vec<u8> = t
+                .to_f32(span)?
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            bufs.push((name.clone(), t.shape.clone(), bytes));
+        }
+        let mut views = Vec::new();
+        for (name, shape, bytes) in &bufs {
+            let v =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                    .map_err(|e| LangError::invalid(span, format!("save: {e}")))?;
+            views.push((name.clone(), v));
+        }
+        let out = safetensors::serialize(views, None)
+            .map_err(|e| LangError::invalid(span, format!("save: {e}")))?;
+        std::fs::write(&**path, out).map_err(|e| LangError::Io {
+            span: Some(*ps),
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Value::Unit)
+    }
+
+    /// The initial value of `learnable name: ty = init;`.
+    fn init_learnable(
+        &mut self,
+        env: &mut Env,
+        name: &str,
+        ty: &TypeExpr,
+        init: &Expr,
+    ) -> Result<Tens> {
+        let TypeExpr::Tensor(_, dims) = ty else {
+            return Err(LangError::ty(
+                init.span,
+                "an f32 tensor type",
+                "another type",
+            ));
+        };
+        let mut shape = Vec::new();
+        let mut known = true;
+        for d in dims {
+            match d {
+                Dim::Lit(n) => shape.push(*n),
+                Dim::Named(n) => match env.get(n) {
+                    Some(Value::Int(i)) if *i >= 0 => shape.push(*i as usize),
+                    _ => {
+                        return Err(LangError::invalid(
+                            init.span,
+                            format!("dimension `{n}` must be an int ≥ 0"),
+                        ))
+                    }
+                },
+                Dim::Unknown => known = false,
+            }
+        }
+        let total = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let n = match total {
+            Some(t) if t <= self.limits.max_elements => t,
+            _ => {
+                return Err(LangError::Limit {
+                    span: init.span,
+                    message: format!("a learnable tensor of shape {shape:?} is too large"),
+                })
+            }
+        };
+        let num = |v: &Value| match v {
+            Value::Int(i) => *i as f64,
+            Value::Float(f) => *f,
+            _ => 0.0,
+        };
+        let (fan_in, fan_out) = fans(&shape);
+        let fill = |rng: &mut rand_chacha::ChaCha8Rng, kind: &str, a: f64, b: f64| -> Vec<f32> {
+            use rand::Rng;
+            (0..n)
+                .map(|_| match kind {
+                    "normal" => (a + b * normal_sample(rng)) as f32,
+                    _ => rng.gen_range(a..=b) as f32,
+                })
+                .collect()
+        };
+        let (kind, args): (&str, Vec<Value>) = match &init.kind {
+            ExprKind::Var(k) if matches!(k.as_str(), "zeros" | "ones" | "xavier" | "kaiming") => {
+                (k.as_str(), Vec::new())
+            }
+            ExprKind::Call { name: k, args, .. }
+                if matches!(
+                    k.as_str(),
+                    "normal" | "uniform" | "xavier" | "kaiming" | "load"
+                ) =>
+            {
+                let mut vs = Vec::new();
+                for a in args {
+                    vs.push(self.eval(env, a)?);
+                }
+                (k.as_str(), vs)
+            }
+            _ => ("value", Vec::new()),
+        };
+        let data = match kind {
+            "zeros" => vec![0.0; n],
+            "ones" => vec![1.0; n],
+            "normal" | "uniform" => {
+                let (a, b) = (args.first().map_or(0.0, num), args.get(1).map_or(1.0, num));
+                if kind == "uniform" && b < a {
+                    return Err(LangError::invalid(
+                        init.span,
+                        "uniform(lo, hi) needs lo ≤ hi",
+                    ));
+                }
+                if kind == "normal" && b < 0.0 {
+                    return Err(LangError::invalid(
+                        init.span,
+                        "normal(mean, std) needs std ≥ 0",
+                    ));
+                }
+                fill(&mut self.init_rng, kind, a, b)
+            }
+            "xavier" => {
+                // xavier_uniform_ (gain 1).
+                let a = (6.0 / (fan_in + fan_out)).sqrt();
+                fill(&mut self.init_rng, "uniform", -a, a)
+            }
+            "kaiming" => {
+                // kaiming_normal_ for ReLU: std = sqrt(2 / fan_in).
+                fill(&mut self.init_rng, "normal", 0.0, (2.0 / fan_in).sqrt())
+            }
+            "load" => {
+                let path = match args.first() {
+                    Some(Value::Str(p)) => p.to_string(),
+                    _ => String::new(),
+                };
+                let key = match args.get(1) {
+                    Some(Value::Str(k)) => k.to_string(),
+                    _ => name.to_string(),
+                };
+                let t = load_safetensor(&path, &key, init.span)?;
+                check_declared(&t, dims, &shape, known, name, init.span)?;
+                return Ok(t);
+            }
+            _ => {
+                let v = self.eval(env, init)?;
+                if let Some(c) = num_value(&v).filter(|_| !matches!(v, Value::Tensor(_))) {
+                    if !known {
+                        return Err(LangError::invalid(
+                            init.span,
+                            "a constant fill needs the tensor's whole shape",
+                        ));
+                    }
+                    return Ok(Tens::f32(shape, vec![c as f32; n]));
+                }
+                let Value::Tensor(t) = v else {
+                    return Err(LangError::ty(init.span, "a tensor", v.type_name()));
+                };
+                let t = Tens::f32(t.shape.clone(), t.to_f32(init.span)?);
+                check_declared(&t, dims, &shape, known, name, init.span)?;
+                return Ok(t);
+            }
+        };
+        Ok(Tens::f32(shape, data))
+    }
+
+    /// Runs a `learn` block: minibatches, forward, backward, updates.
+    fn run_learn(&mut self, env: &mut Env, lb: &LearnBlock) -> Result<()> {
+        use rand::seq::SliceRandom;
+        let params = self.params_in(env);
+        if params.is_empty() {
+            return Err(LangError::invalid(
+                lb.span,
+                "`learn`: no learnable tensors in scope (declare them with `learnable`)",
+            ));
+        }
+        let int_of = |this: &mut Interp, env: &mut Env, key: &str, default: i64| -> Result<i64> {
+            match lb.get(key).map(|s| &s.value) {
+                Some(LearnValue::Expr(e)) => {
+                    let v = this.eval_int(env, e)?;
+                    if v < 0 {
+                        return Err(LangError::invalid(e.span, format!("`{key}` must be ≥ 0")));
+                    }
+                    Ok(v)
+                }
+                _ => Ok(default),
+            }
+        };
+        let epochs = int_of(self, env, "epochs", 1)? as u64;
+        let seed = int_of(self, env, "seed", 0)? as u64;
+        let log_every = int_of(self, env, "log_every", 0)? as u64;
+        let batch_given = int_of(self, env, "batch_size", 0)? as usize;
+        let shuffle = match lb.get("shuffle").map(|s| &s.value) {
+            Some(LearnValue::Expr(e)) => self.eval_bool(env, e)?,
+            _ => true,
+        };
+        let clip = match lb.get("clip_norm").map(|s| &s.value) {
+            Some(LearnValue::Expr(e)) => Some(self.eval_float(env, e)? as f32),
+            _ => None,
+        };
+        // Optimizer.
+        let mut opt = crate::learn::Optimizer::new(
+            crate::learn::Kind::Sgd {
+                momentum: 0.0,
+                dampening: 0.0,
+                nesterov: false,
+            },
+            0.01,
+        );
+        if let Some(LearnValue::Choice { name, args, .. }) = lb.get("optimizer").map(|s| &s.value) {
+            let mut kv: Vec<(&str, Value, Span)> = Vec::new();
+            for (k, _, e) in args {
+                kv.push((k.as_str(), self.eval(env, e)?, e.span));
+            }
+            let f = |k: &str, d: f64| -> f64 {
+                kv.iter()
+                    .find(|(n, _, _)| *n == k)
+                    .map_or(d, |(_, v, _)| num_value(v).unwrap_or(d))
+            };
+            let kind = match name.as_str() {
+                "adam" => crate::learn::Kind::Adam,
+                "adamw" => crate::learn::Kind::AdamW,
+                _ => crate::learn::Kind::Sgd {
+                    momentum: f("momentum", 0.0) as f32,
+                    dampening: f("dampening", 0.0) as f32,
+                    nesterov: kv
+                        .iter()
+                        .any(|(n, v, _)| *n == "nesterov" && matches!(v, Value::Bool(true))),
+                },
+            };
+            opt = crate::learn::Optimizer::new(
+                kind,
+                f("lr", if name == "sgd" { 0.01 } else { 0.001 }) as f32,
+            );
+            opt.eps = f("eps", 1e-8) as f32;
+            opt.weight_decay = f("weight_decay", if name == "adamw" { 0.01 } else { 0.0 }) as f32;
+            if let Some((_, v, sp)) = kv.iter().find(|(n, _, _)| *n == "betas") {
+                let b = match v {
+                    Value::Tensor(t) if t.len() == 2 => t.to_f32(*sp)?,
+                    other => {
+                        return Err(LangError::shape(
+                            *sp,
+                            format!(
+                                "betas must be two numbers `[b1, b2]`, found {}",
+                                other.type_name()
+                            ),
+                        ))
+                    }
+                };
+                opt.betas = (b[0], b[1]);
+            }
+            if opt.lr.is_nan() || opt.lr < 0.0 {
+                return Err(LangError::invalid(lb.span, "the learning rate must be ≥ 0"));
+            }
+        }
+        let schedule = match lb.get("schedule").map(|s| &s.value) {
+            Some(LearnValue::Choice { name, args, .. }) => {
+                let mut kv: Vec<(&str, Value)> = Vec::new();
+                for (k, _, e) in args {
+                    kv.push((k.as_str(), self.eval(env, e)?));
+                }
+                let f = |k: &str, d: f64| -> f64 {
+                    kv.iter()
+                        .find(|(n, _)| *n == k)
+                        .map_or(d, |(_, v)| num_value(v).unwrap_or(d))
+                };
+                match name.as_str() {
+                    "cosine" => crate::learn::Schedule::Cosine {
+                        warmup: f("warmup", 0.0).max(0.0) as u64,
+                        min_lr: f("min_lr", 0.0) as f32,
+                    },
+                    "warmup" => crate::learn::Schedule::Warmup {
+                        steps: f("steps", 0.0).max(0.0) as u64,
+                    },
+                    _ => crate::learn::Schedule::Constant,
+                }
+            }
+            _ => crate::learn::Schedule::Constant,
+        };
+        // Data.
+        let mut data = Vec::new();
+        let mut n_rows: Option<(usize, Span)> = None;
+        for src in &lb.sources {
+            let v = self.eval(env, src)?;
+            let Value::Tensor(t) = v else {
+                return Err(LangError::ty(src.span, "a data tensor", v.type_name()));
+            };
+            let Some(&rows) = t.shape.first() else {
+                return Err(LangError::shape(
+                    src.span,
+                    "a data tensor needs a first axis",
+                ));
+            };
+            match n_rows {
+                Some((m, _)) if m != rows => {
+                    return Err(LangError::shape(
+                        src.span,
+                        format!("data tensors must have the same first dimension: {m} and {rows}"),
+                    ))
+                }
+                _ => n_rows = Some((rows, src.span)),
+            }
+            data.push(t);
+        }
+        let n = n_rows.map_or(1, |(r, _)| r);
+        if n == 0 {
+            return Err(LangError::invalid(
+                lb.span,
+                "`learn`: the data tensors have no rows",
+            ));
+        }
+        let batch = if batch_given == 0 {
+            n
+        } else {
+            batch_given.min(n)
+        };
+        let steps_per_epoch = n.div_ceil(batch) as u64;
+        let total = epochs * steps_per_epoch;
+        let Some(LearnValue::Expr(loss_expr)) = lb.get("loss").map(|s| &s.value) else {
+            return Err(LangError::invalid(lb.span, "`learn` needs `loss = …;`"));
+        };
+        let mut rng: rand_chacha::ChaCha8Rng = rand::SeedableRng::seed_from_u64(seed);
+        let mut order: Vec<usize> = (0..n).collect();
+        let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+        let mut step = 0u64;
+        for epoch in 0..epochs {
+            if shuffle && !lb.data.is_empty() {
+                order.shuffle(&mut rng);
+            }
+            let mut epoch_loss = 0.0f64;
+            for b in 0..steps_per_epoch as usize {
+                self.step(lb.span)?;
+                let rows = &order[b * batch..((b + 1) * batch).min(n)];
+                let mut scope = HashMap::new();
+                for ((name, _), t) in lb.data.iter().zip(&data) {
+                    scope.insert(name.clone(), Value::tensor(take_rows(t, rows, lb.span)?));
+                }
+                // A fresh tape with the parameters as its leaves.
+                let mut tape = Tape::new();
+                let mut ids = Vec::new();
+                for name in &names {
+                    if let Some(Value::Tensor(t)) = env.get(name) {
+                        ids.push(tape.leaf(t, lb.span));
+                    }
+                }
+                self.tape = Some(tape);
+                env.scopes.push(scope);
+                let r = self.eval(env, loss_expr);
+                env.scopes.pop();
+                let loss = r?;
+                let (lval, lid) = match &loss {
+                    Value::Float(f) => (*f, None),
+                    Value::Int(i) => (*i as f64, None),
+                    Value::Tensor(t) if t.len() == 1 => (
+                        f64::from(t.to_f32(loss_expr.span)?.first().copied().unwrap_or(0.0)),
+                        self.tape.as_ref().and_then(|tp| tp.id_of(&loss)),
+                    ),
+                    other => {
+                        return Err(LangError::shape(
+                            loss_expr.span,
+                            format!("the loss must be a scalar, found {}", other.type_name()),
+                        ))
+                    }
+                };
+                if !lval.is_finite() {
+                    return Err(LangError::invalid(
+                        loss_expr.span,
+                        format!(
+                            "the loss is {lval} at epoch {}, step {} (learning rate too high, or log/division of 0?)",
+                            epoch + 1,
+                            b + 1
+                        ),
+                    ));
+                }
+                let Some(lid) = lid else {
+                    return Err(LangError::invalid(
+                        loss_expr.span,
+                        "the loss does not depend on any learnable tensor",
+                    ));
+                };
+                epoch_loss += lval;
+                let mut grads = match self.tape.as_ref() {
+                    Some(tp) => tp.backward(lid, &ids, self.limits.max_equation_iterations)?,
+                    None => Vec::new(),
+                };
+                if grads.iter().flatten().any(|g| !g.is_finite()) {
+                    return Err(LangError::invalid(
+                        loss_expr.span,
+                        format!(
+                            "a gradient of the loss is not finite at epoch {}, step {}",
+                            epoch + 1,
+                            b + 1
+                        ),
+                    ));
+                }
+                if let Some(c) = clip {
+                    crate::learn::clip_norm(&mut grads, c);
+                }
+                let lr = schedule.lr(opt.lr, step, total);
+                let mut values: Vec<Vec<f32>> = Vec::new();
+                let mut shapes = Vec::new();
+                for name in &names {
+                    if let Some(Value::Tensor(t)) = env.get(name) {
+                        values.push(t.to_f32(lb.span)?);
+                        shapes.push(t.shape.clone());
+                    }
+                }
+                opt.step(&mut values, &grads, lr);
+                for ((name, v), shape) in names.iter().zip(values).zip(shapes) {
+                    if let Some(slot) = env.get_mut(name) {
+                        *slot = Value::tensor(Tens::f32(shape, v));
+                    }
+                }
+                step += 1;
+            }
+            if log_every > 0 && (epoch + 1) % log_every == 0 {
+                let mean = epoch_loss / steps_per_epoch.max(1) as f64;
+                self.write_out(&format!("epoch {}: loss {mean:.6}\n", epoch + 1));
+            }
+        }
+        // Afterwards the learned values are the leaves of a fresh tape.
+        let mut tape = Tape::new();
+        for name in &names {
+            if let Some(Value::Tensor(t)) = env.get(name) {
+                tape.leaf(t, lb.span);
+            }
+        }
+        self.tape = Some(tape);
+        Ok(())
+    }
+
+    fn eval_float(&mut self, env: &mut Env, e: &Expr) -> Result<f64> {
+        let v = self.eval(env, e)?;
+        num_value(&v).ok_or_else(|| LangError::ty(e.span, "a number", v.type_name()))
+    }
+}
+
+fn num_value(v: &Value) -> Option<f64> {
+    match v {
+        Value::Int(i) => Some(*i as f64),
+        Value::Float(f) => Some(*f),
+        Value::Tensor(t) if t.len() == 1 => t
+            .to_f32(Span::default())
+            .ok()
+            .and_then(|x| x.first().map(|&y| f64::from(y))),
+        _ => None,
+    }
+}
+
+fn check_declared(
+    t: &Tens,
+    dims: &[Dim],
+    shape: &[usize],
+    known: bool,
+    name: &str,
+    span: Span,
+) -> Result<()> {
+    let ok = t.shape.len() == dims.len()
+        && (!known || t.shape == shape)
+        && dims.iter().zip(&t.shape).all(|(d, &n)| match d {
+            Dim::Lit(m) => *m == n,
+            _ => true,
+        });
+    if ok {
+        Ok(())
+    } else {
+        Err(LangError::shape(
+            span,
+            format!(
+                "`{name}` is declared {} but its initial value is {:?}",
+                crate::types::dims_string(dims),
+                t.shape
+            ),
+        ))
+    }
+}
+
+/// Tensor `key` of a safetensors file, as f32.
+fn load_safetensor(path: &str, key: &str, span: Span) -> Result<Tens> {
+    let io = |m: String| LangError::Io {
+        span: Some(span),
+        path: path.to_string(),
+        message: m,
+    };
+    let bytes = std::fs::read(path).map_err(|e| io(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| io(e.to_string()))?;
+    let v = st
+        .tensor(key)
+        .map_err(|_| io(format!("no tensor named `{key}`")))?;
+    let raw = v.data();
+    let data: Vec<f32> = match v.dtype() {
+        safetensors::Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        safetensors::Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => {
+            return Err(io(format!(
+                "`{key}` is {other:?}; f32, f16 or bf16 expected"
+            )))
+        }
+    };
+    Ok(Tens::f32(v.shape().to_vec(), data))
 }
 
 fn collect_eqs<'a>(stmts: &'a [Stmt], out: &mut Vec<&'a Equation>) {

@@ -10,12 +10,14 @@
 //! The language reference is docs/LANGUAGE.md.
 
 pub mod ast;
+pub mod autodiff;
 pub mod builtins;
 pub mod check;
 pub mod diag;
 pub mod einsum;
 pub mod error;
 pub mod interp;
+pub mod learn;
 pub mod lexer;
 pub mod logic;
 pub mod model;

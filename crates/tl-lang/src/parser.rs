@@ -361,6 +361,26 @@ impl Parser {
                 }
             }
             Tok::If => return self.if_stmt(),
+            // `learnable` and `learn` are keywords only where a declaration
+            // or a block starts, so older programs may still use the names.
+            Tok::Ident(k) if k == "learnable" && matches!(self.peek_at(1), Tok::Ident(_)) => {
+                self.bump();
+                let (name, name_span) = self.ident("a variable name")?;
+                self.expect(&Tok::Colon, "`:` and the tensor's type")?;
+                let ty = self.type_expr()?;
+                self.expect(&Tok::Assign, "`=` and an initializer")?;
+                let init = self.expr()?;
+                self.expect(&Tok::Semi, "`;`")?;
+                StmtKind::Learnable {
+                    name,
+                    name_span,
+                    ty,
+                    init,
+                }
+            }
+            Tok::Ident(k) if k == "learn" && self.peek_at(1) == &Tok::LBrace => {
+                StmtKind::Learn(self.learn_block()?)
+            }
             Tok::While => {
                 self.bump();
                 let cond = self.expr()?;
@@ -442,6 +462,100 @@ impl Parser {
             kind,
             span: start.to(self.prev_span()),
         })
+    }
+
+    fn learn_block(&mut self) -> Result<LearnBlock> {
+        let start = self.bump().span;
+        self.enter()?;
+        self.expect(&Tok::LBrace, "`{`")?;
+        let mut lb = LearnBlock {
+            data: Vec::new(),
+            sources: Vec::new(),
+            settings: Vec::new(),
+            span: start,
+        };
+        while !self.eat(&Tok::RBrace) {
+            let (key, key_span) = self.ident("a setting of `learn` (`loss = …;`)")?;
+            if key == "data" && matches!(self.peek(), Tok::Ident(_)) {
+                if !lb.data.is_empty() {
+                    return Err(LangError::syntax(key_span, "`data` is given twice"));
+                }
+                loop {
+                    lb.data.push(self.ident("a name for a minibatch")?);
+                    if !self.eat(&Tok::Comma) {
+                        break;
+                    }
+                }
+                self.expect(&Tok::In, "`in` and the data tensors")?;
+                loop {
+                    lb.sources.push(self.expr()?);
+                    if !self.eat(&Tok::Comma) {
+                        break;
+                    }
+                }
+                self.expect(&Tok::Semi, "`;`")?;
+                continue;
+            }
+            const KEYS: &[&str] = &[
+                "loss",
+                "optimizer",
+                "schedule",
+                "epochs",
+                "batch_size",
+                "clip_norm",
+                "seed",
+                "shuffle",
+                "log_every",
+            ];
+            if !KEYS.contains(&key.as_str()) {
+                return Err(LangError::syntax(
+                    key_span,
+                    format!(
+                        "unknown setting `{key}` of `learn` (data, {})",
+                        KEYS.join(", ")
+                    ),
+                ));
+            }
+            if lb.get(&key).is_some() {
+                return Err(LangError::syntax(
+                    key_span,
+                    format!("`{key}` is given twice"),
+                ));
+            }
+            self.expect(&Tok::Assign, "`=`")?;
+            let value = if key == "optimizer" || key == "schedule" {
+                let (name, name_span) = self.ident(&format!("the name of the {key}"))?;
+                let mut args = Vec::new();
+                if self.eat(&Tok::LParen) {
+                    while !self.eat(&Tok::RParen) {
+                        let (an, asp) = self.ident("an argument name (`lr = 0.01`)")?;
+                        self.expect(&Tok::Assign, "`=`")?;
+                        let e = self.expr()?;
+                        args.push((an, asp, e));
+                        if !self.eat(&Tok::Comma) {
+                            self.expect(&Tok::RParen, "`)`")?;
+                            break;
+                        }
+                    }
+                }
+                LearnValue::Choice {
+                    name,
+                    name_span,
+                    args,
+                }
+            } else {
+                LearnValue::Expr(self.expr()?)
+            };
+            self.expect(&Tok::Semi, "`;`")?;
+            lb.settings.push(LearnSetting {
+                key,
+                key_span,
+                value,
+            });
+        }
+        self.depth -= 1;
+        lb.span = start.to(self.prev_span());
+        Ok(lb)
     }
 
     fn if_stmt(&mut self) -> Result<Stmt> {

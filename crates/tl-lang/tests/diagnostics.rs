@@ -392,3 +392,110 @@ fn huge_literal_dims_and_wide_relations() {
         "t.tl:1:1: error: `W` has 65 arguments; relations have at most 64",
     );
 }
+
+#[test]
+fn learning_errors() {
+    let data = "let X = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]];\nlet Y = [1.0, 0.0, 1.0];\n";
+    let cases: Vec<(String, bool, &str)> = vec![
+        // The loss is not a scalar.
+        (
+            format!("{data}learnable w: f32[2] = zeros;\nlearn {{\n    data xb, yb in X, Y;\n    loss = xb * w;\n}}\n"),
+            true,
+            "t.tl:6:12: error: shape mismatch: the loss must be a scalar (a float or f32[]), found f32[?, 2]; reduce it, e.g. with mean(…)",
+        ),
+        // Data tensors disagree on the number of examples.
+        (
+            format!("{data}learnable w: f32[2] = zeros;\nlet Z = [1.0, 2.0];\nlearn {{\n    data xb, yb in X, Z;\n    loss = mean(yb);\n}}\n"),
+            true,
+            "t.tl:6:23: error: shape mismatch: data tensors must have the same first dimension (the examples): 3 and 2",
+        ),
+        // A parameter of the wrong shape for the batches: at check time
+        // when the shapes are known, when the program runs otherwise.
+        (
+            format!("{data}learnable w: f32[3] = zeros;\nlearn {{\n    data xb, yb in X, Y;\n    loss = mean(xb * w);\n}}\n"),
+            true,
+            "t.tl:6:17: error: shape mismatch: `*` of f32[?, 2] and f32[3] (shapes must be equal or broadcast)",
+        ),
+        (
+            format!("{data}let n = 3;\nlearnable w: f32[n] = zeros;\nlearn {{\n    data xb, yb in X, Y;\n    loss = mean(xb * w);\n}}\n"),
+            false,
+            "t.tl:7:17: error: shape mismatch: `*` of [3, 2] and [3] (shapes must be equal or broadcast)",
+        ),
+        (
+            "learnable w: f32[2, 2] = [1.0, 2.0];\n".into(),
+            true,
+            "t.tl:1:26: error: shape mismatch: expected f32[2, 2], found f32[2]",
+        ),
+        // A NaN loss, and one that diverges.
+        (
+            format!("{data}learnable w: f32[2] = [-1.0, -1.0];\nlearn {{\n    data xb in X;\n    loss = sum(log(xb * w));\n    epochs = 3;\n}}\n"),
+            false,
+            "t.tl:6:12: error: the loss is NaN at epoch 1, step 1 (learning rate too high, or log/division of 0?)",
+        ),
+        (
+            format!("{data}learnable w: f32[2] = [1.0, 1.0];\nlearn {{\n    loss = sum(exp(w * w));\n    optimizer = sgd(lr = 100.0);\n    epochs = 50;\n}}\n"),
+            false,
+            "t.tl:5:12: error: the loss is inf at epoch 2, step 1 (learning rate too high, or log/division of 0?)",
+        ),
+        // Operations without a gradient on the way to the loss.
+        (
+            "learnable w: f32[2] = [1.0, -1.0];\nlet h = step(w);\nlet loss = sum(h * h);\nprint(grad(loss, w));\n".into(),
+            false,
+            "t.tl:2:9: error: `step` has no gradient, but the objective depends on its result here; for a differentiable threshold use `sigmoid(x, T)`, a step with temperature T",
+        ),
+        (
+            "learnable w: f32[2] = [1.0, -1.0];\nlearn {\n    loss = sum((w % 2.0) * w);\n}\n".into(),
+            false,
+            "t.tl:3:16: error: `%` has no gradient, but the objective depends on its result here",
+        ),
+        (
+            "learnable A: f32[2, 2] = ones;\nP[x, z] = step(A[x, y] A[y, z]);\nlet l = sum(P);\nprint(grad(l, A));\n".into(),
+            false,
+            "t.tl:2:11: error: `step` has no gradient, but the objective depends on this tensor equation; for a differentiable threshold use `sigmoid(x, T)`, a step with temperature T",
+        ),
+        (
+            "let v = [1.0, 2.0];\nlet l = sum(v * v);\nprint(grad(l, v));\n".into(),
+            false,
+            "t.tl:3:15: error: `grad`: this tensor is neither learnable nor computed from a learnable tensor; declare it with `learnable`",
+        ),
+        // Settings.
+        (
+            "learnable w: f32[2] = [1.0, -1.0];\nlearn {\n    loss = sum(w * w);\n    optimizer = adam(lr = 0.1, momentum = 0.9);\n}\n".into(),
+            true,
+            "t.tl:4:32: error: `adam` has no argument `momentum` (it takes lr, betas, eps, weight_decay)",
+        ),
+        (
+            "learnable w: f32[2] = [1.0, -1.0];\nlearn {\n    loss = sum(w * w);\n    optimiser = adam(lr = 0.1);\n}\n".into(),
+            true,
+            "t.tl:4:5: error: unknown setting `optimiser` of `learn` (data, loss, optimizer, schedule, epochs, batch_size, clip_norm, seed, shuffle, log_every)",
+        ),
+        (
+            "learnable w: f32[2] = [1.0, -1.0];\nlearn {\n    epochs = 2;\n}\n".into(),
+            true,
+            "t.tl:2:1: error: `learn` needs the objective to minimize: `loss = …;` (a scalar)",
+        ),
+        (
+            "learnable w: f32[2] = [1.0, -1.0];\nlearn {\n    loss = sum(w);\n    optimizer = adam(betas = 0.9);\n}\n".into(),
+            true,
+            "t.tl:4:30: error: type mismatch: expected f32[2] (`[0.9, 0.999]`), found float",
+        ),
+        (
+            "let v = [1.0];\nlearn {\n    loss = sum(v);\n}\n".into(),
+            false,
+            "t.tl:2:1: error: `learn`: no learnable tensors in scope (declare them with `learnable`)",
+        ),
+        (
+            "learnable w: f32[2] = [1.0, -1.0];\nlet c = [1.0];\nlearn {\n    loss = sum(c);\n}\n".into(),
+            false,
+            "t.tl:4:12: error: the loss does not depend on any learnable tensor",
+        ),
+        (
+            "learnable w: f32[2] = load(\"/nonexistent/w.safetensors\");\n".into(),
+            false,
+            "t.tl:1:23: error: cannot read /nonexistent/w.safetensors: No such file or directory (os error 2)",
+        ),
+    ];
+    for (src, at_check, want) in cases {
+        assert_diag(&src, at_check, want);
+    }
+}

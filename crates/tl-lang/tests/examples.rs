@@ -170,3 +170,50 @@ fn reachability_matches_bfs() {
 fn reachability_matches_bfs_on_another_graph() {
     check_reachability(&["12000", "30000", "3"], 12_000, 30_000, 3);
 }
+
+fn value_after(out: &str, prefix: &str) -> f64 {
+    line(out, prefix).trim().parse().unwrap()
+}
+
+#[test]
+fn logistic_regression_learns_the_separating_line() {
+    let dir = std::env::temp_dir().join(format!("tl-logreg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("w.safetensors");
+    let (out, _, _) = run("logistic_regression.tl", &[path.to_str().unwrap()]);
+    let acc = value_after(&out, "test accuracy = ");
+    assert!(acc >= 0.95, "accuracy {acc}\n{out}");
+    assert!(
+        value_after(&out, "loss after = ") < value_after(&out, "loss before = ") / 3.0,
+        "{out}"
+    );
+    // The learned normal points along (2, -1).
+    let w = parse_matrix(&format!("[{}]", line(&out, "w = ")))[0].clone();
+    let cos = (2.0 * w[0] - w[1]) / (5f32.sqrt() * (w[0] * w[0] + w[1] * w[1]).sqrt());
+    assert!(cos > 0.98, "w = {w:?}");
+    // The same seed gives the same run.
+    let (again, _, _) = run("logistic_regression.tl", &[]);
+    assert_eq!(line(&out, "w = "), line(&again, "w = "));
+    // The saved weights load back.
+    let src = format!(
+        "learnable w: f32[2] = load(\"{0}\");\nlearnable b: f32[] = load(\"{0}\");\nprint(\"w =\", w);\n",
+        path.display()
+    );
+    let loaded = tl_lang::run_source("load.tl", &src).unwrap();
+    assert_eq!(line(&loaded, "w = "), line(&out, "w = "));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn mlp_classifier_learns_xor_like_classes() {
+    let (out, _, _) = run("mlp_classifier.tl", &[]);
+    let acc = value_after(&out, "test accuracy = ");
+    assert!(acc >= 0.95, "accuracy {acc}\n{out}");
+    let losses: Vec<f64> = out
+        .lines()
+        .filter_map(|l| l.split("loss ").nth(1))
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(losses.len(), 3, "{out}");
+    assert!(losses[2] < losses[0], "{out}");
+}

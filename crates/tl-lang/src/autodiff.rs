@@ -1,0 +1,607 @@
+//! Reverse-mode automatic differentiation over the runtime's tensor
+//! values.
+//!
+//! While a program holds `learnable` tensors, the interpreter records a
+//! [`Tape`]: every operation that reads a tracked tensor (a learnable one,
+//! or one computed from one) appends a node holding its inputs and its
+//! output. A tensor value is identified by the address of its shared
+//! storage (`Rc<Tens>`); the tape keeps a reference to each recorded value,
+//! so no address is reused while the tape lives. Operations on untracked
+//! values are never recorded, so programs without learnable tensors pay
+//! nothing.
+//!
+//! [`Tape::backward`] walks the nodes from the objective back to the
+//! tensor asked about (nodes are appended in evaluation order, so that is
+//! a topological order), accumulating vector-Jacobian products. Control
+//! flow (`if`, `for`, function calls) needs nothing special: the tape holds
+//! the operations as they were executed. An operation without a gradient
+//! (`step`, `%`, quantized kernels, …) is recorded as such and is an error
+//! only when the objective depends on it.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use crate::ast::{BinOp, Equation};
+use crate::diag::Span;
+use crate::error::{LangError, Result};
+use crate::value::{numel, TData, Tens, Value};
+
+/// One input of a recorded operation: its tape node (untracked inputs are
+/// constants) and its value.
+#[derive(Clone, Debug)]
+pub struct In {
+    pub id: Option<usize>,
+    pub value: Rc<Tens>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduce {
+    Sum,
+    Mean,
+    Max,
+    Min,
+}
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// A learnable tensor (or one registered as a leaf).
+    Leaf,
+    /// Elementwise `+ - * /` with numpy broadcasting.
+    Binary(BinOp, In, In),
+    Neg(In),
+    /// An elementwise function by name (`relu`, `sigmoid`, …).
+    Unary(&'static str, In),
+    Softmax(In),
+    LogSoftmax(In),
+    /// `matmul(a, b)`: `a[.., m, k]`, `b[k, n]` or `b[.., k, n]`.
+    Matmul(In, In),
+    /// `linear(x, w, bias?)`: `x[.., k] · w[n, k]ᵀ (+ bias[n])`.
+    Linear(In, In, Option<In>),
+    RmsNorm(In, In, f32),
+    LayerNorm(In, In, In, f32),
+    Reduce(Reduce, In),
+    /// Indexing or slicing: output element `k` is input element `offs[k]`.
+    Gather(In, Rc<Vec<usize>>),
+    /// Same elements, another shape (`reshape`, `f32`).
+    Reshape(In),
+    /// `transpose` of a matrix.
+    Transpose(In),
+    /// `embedding(table, ids)`: rows of the table.
+    Embedding(In, Rc<Vec<usize>>),
+    /// A tensor equation, with the values its right side read.
+    /// (name, value, tape node) of each name the right side reads.
+    Einsum(Rc<Equation>, Rc<Vec<(String, Value, Option<usize>)>>),
+    /// An operation that has no gradient.
+    NoGrad(String),
+}
+
+#[derive(Debug)]
+struct TNode {
+    value: Rc<Tens>,
+    op: Op,
+    span: Span,
+}
+
+/// The recorded operations, in evaluation order.
+#[derive(Debug, Default)]
+pub struct Tape {
+    nodes: Vec<TNode>,
+    index: HashMap<*const Tens, usize>,
+}
+
+impl Tape {
+    pub fn new() -> Tape {
+        Tape::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The node of a tensor value, if it is tracked.
+    pub fn id_of(&self, v: &Value) -> Option<usize> {
+        match v {
+            Value::Tensor(t) => self.index.get(&Rc::as_ptr(t)).copied(),
+            _ => None,
+        }
+    }
+
+    pub fn input(&self, v: &Value) -> Option<In> {
+        let value = match v {
+            Value::Tensor(t) => t.clone(),
+            Value::Int(i) => Rc::new(Tens::f32(vec![], vec![*i as f32])),
+            Value::Float(f) => Rc::new(Tens::f32(vec![], vec![*f as f32])),
+            _ => return None,
+        };
+        Some(In {
+            id: self.id_of(v),
+            value,
+        })
+    }
+
+    /// Registers `t` as a leaf (a learnable tensor); its node id.
+    pub fn leaf(&mut self, t: &Rc<Tens>, span: Span) -> usize {
+        self.push(t.clone(), Op::Leaf, span)
+    }
+
+    fn push(&mut self, value: Rc<Tens>, op: Op, span: Span) -> usize {
+        let key = Rc::as_ptr(&value);
+        if let Some(&id) = self.index.get(&key) {
+            return id;
+        }
+        let id = self.nodes.len();
+        self.nodes.push(TNode { value, op, span });
+        self.index.insert(key, id);
+        id
+    }
+
+    /// Records `op` as producing `out`; a float result becomes a rank-0
+    /// tensor, so that it can be tracked. Results that are not numbers
+    /// (ints, bools, strings) are constants and stay as they are.
+    pub fn record(&mut self, out: Value, op: Op, span: Span) -> Value {
+        let t = match out {
+            Value::Float(f) => Rc::new(Tens::f32(vec![], vec![f as f32])),
+            Value::Tensor(t) if matches!(t.data, TData::F32(_) | TData::Core(_)) => t,
+            other => return other,
+        };
+        self.push(t.clone(), op, span);
+        Value::Tensor(t)
+    }
+
+    /// d`root`/d`wrt` for each node in `wrt` (zeros where the root does not
+    /// depend on it). `root` must be a tracked scalar.
+    pub fn backward(&self, root: usize, wrt: &[usize], max_iter: u128) -> Result<Vec<Vec<f32>>> {
+        let stop = wrt.iter().copied().min().unwrap_or(root);
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; root + 1];
+        let n0 = self.nodes.get(root).map_or(0, |n| n.value.len());
+        grads[root] = Some(vec![1.0; n0]);
+        for id in (stop..=root).rev() {
+            let Some(g) = grads[id].take() else {
+                continue;
+            };
+            if wrt.contains(&id) {
+                grads[id] = Some(g.clone());
+            }
+            let Some(node) = self.nodes.get(id) else {
+                continue;
+            };
+            for (k, dg) in vjp(node, &g, max_iter)? {
+                if k < stop {
+                    continue;
+                }
+                match &mut grads[k] {
+                    Some(acc) => acc.iter_mut().zip(&dg).for_each(|(a, b)| *a += b),
+                    slot => *slot = Some(dg),
+                }
+            }
+        }
+        Ok(wrt
+            .iter()
+            .map(|&w| {
+                grads[w]
+                    .clone()
+                    .unwrap_or_else(|| vec![0.0; self.nodes[w].value.len()])
+            })
+            .collect())
+    }
+}
+
+fn data(t: &Tens) -> Vec<f32> {
+    match &t.data {
+        TData::F32(v) => v.clone(),
+        _ => t.to_f32(Span::default()).unwrap_or_default(),
+    }
+}
+
+/// For each output element of a broadcast of `inp` to `out`, the input
+/// element it reads.
+pub fn broadcast_map(out: &[usize], inp: &[usize]) -> Vec<usize> {
+    let n = out.len();
+    let total = numel(out);
+    let mut m = Vec::with_capacity(total);
+    for f in 0..total {
+        let mut rem = f;
+        let mut off = 0;
+        let mut stride = 1;
+        for k in (0..n).rev() {
+            let i = rem % out[k];
+            rem /= out[k];
+            if let Some(tk) = (k + inp.len()).checked_sub(n) {
+                let d = inp[tk];
+                if d != 1 {
+                    off += i * stride;
+                }
+                stride *= d;
+            }
+        }
+        m.push(off);
+    }
+    m
+}
+
+/// The derivative of an elementwise function at `x` (with `y = f(x)`);
+/// `None` for one without a gradient.
+pub fn deriv(name: &str, x: f32, y: f32) -> Option<f32> {
+    Some(match name {
+        "relu" => {
+            if x > 0.0 {
+                1.0
+            } else {
+                0.0
+            }
+        }
+        "sigmoid" => y * (1.0 - y),
+        "exp" => y,
+        "log" => 1.0 / x,
+        "tanh" => 1.0 - y * y,
+        "sqrt" => 0.5 / y,
+        "abs" => {
+            if x > 0.0 {
+                1.0
+            } else if x < 0.0 {
+                -1.0
+            } else {
+                0.0
+            }
+        }
+        "silu" => {
+            let s = 1.0 / (1.0 + (-x).exp());
+            s * (1.0 + x * (1.0 - s))
+        }
+        "gelu" => {
+            const C: f32 = 0.797_884_6;
+            const A: f32 = 0.044_715;
+            let t = (C * (x + A * x * x * x)).tanh();
+            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x)
+        }
+        _ => return None,
+    })
+}
+
+fn no_grad(span: Span, what: &str) -> LangError {
+    let hint = if what == "step" {
+        "; for a differentiable threshold use `sigmoid(x, T)`, a step with temperature T"
+    } else {
+        ""
+    };
+    LangError::invalid(
+        span,
+        format!("`{what}` has no gradient, but the objective depends on its result here{hint}"),
+    )
+}
+
+fn give(out: &mut Vec<(usize, Vec<f32>)>, i: &In, d: Vec<f32>) {
+    if let Some(id) = i.id {
+        out.push((id, d));
+    }
+}
+
+/// The gradient contributions of one node's inputs, given the gradient of
+/// its output.
+fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>> {
+    let mut out = Vec::new();
+    let y = &node.value;
+    match &node.op {
+        Op::Leaf => {}
+        Op::NoGrad(what) => return Err(no_grad(node.span, what)),
+        Op::Binary(op, a, b) => {
+            let (av, bv) = (data(&a.value), data(&b.value));
+            let ma = broadcast_map(&y.shape, &a.value.shape);
+            let mb = broadcast_map(&y.shape, &b.value.shape);
+            let mut ga = vec![0.0f32; av.len()];
+            let mut gb = vec![0.0f32; bv.len()];
+            for (f, &gf) in g.iter().enumerate() {
+                let (ia, ib) = (ma[f], mb[f]);
+                let (p, q) = (av[ia], bv[ib]);
+                let (da, db) = match op {
+                    BinOp::Add => (gf, gf),
+                    BinOp::Sub => (gf, -gf),
+                    BinOp::Mul => (gf * q, gf * p),
+                    BinOp::Div => (gf / q, -gf * p / (q * q)),
+                    _ => return Err(no_grad(node.span, op.symbol())),
+                };
+                ga[ia] += da;
+                gb[ib] += db;
+            }
+            give(&mut out, a, ga);
+            give(&mut out, b, gb);
+        }
+        Op::Neg(a) => give(&mut out, a, g.iter().map(|x| -x).collect()),
+        Op::Unary(name, a) => {
+            let (xv, yv) = (data(&a.value), data(y));
+            let mut d = Vec::with_capacity(g.len());
+            for ((&gi, &x), &yi) in g.iter().zip(&xv).zip(&yv) {
+                d.push(gi * deriv(name, x, yi).ok_or_else(|| no_grad(node.span, name))?);
+            }
+            give(&mut out, a, d);
+        }
+        Op::Softmax(a) => {
+            let yv = data(y);
+            let n = y.shape.last().copied().unwrap_or(1).max(1);
+            let mut d = vec![0.0f32; yv.len()];
+            for ((dr, yr), gr) in d.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
+                let dot: f32 = yr.iter().zip(gr).map(|(p, q)| p * q).sum();
+                for ((o, &p), &q) in dr.iter_mut().zip(yr).zip(gr) {
+                    *o = p * (q - dot);
+                }
+            }
+            give(&mut out, a, d);
+        }
+        Op::LogSoftmax(a) => {
+            let yv = data(y);
+            let n = y.shape.last().copied().unwrap_or(1).max(1);
+            let mut d = vec![0.0f32; yv.len()];
+            for ((dr, yr), gr) in d.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
+                let s: f32 = gr.iter().sum();
+                for ((o, &p), &q) in dr.iter_mut().zip(yr).zip(gr) {
+                    *o = q - p.exp() * s;
+                }
+            }
+            give(&mut out, a, d);
+        }
+        Op::Matmul(a, b) => {
+            let (av, bv) = (data(&a.value), data(&b.value));
+            let k = a.value.shape.last().copied().unwrap_or(0);
+            let n = b.value.shape.last().copied().unwrap_or(0);
+            let m = av.len().checked_div(k).unwrap_or(0);
+            let rows_b = k;
+            let shared_b = b.value.shape.len() == 2;
+            let mut ga = vec![0.0f32; av.len()];
+            let mut gb = vec![0.0f32; bv.len()];
+            // Rows of `a` (all leading dims folded), each against the
+            // matrix of `b` for its batch.
+            let per_batch = a
+                .value
+                .shape
+                .len()
+                .checked_sub(2)
+                .map_or(m, |i| a.value.shape.get(i).copied().unwrap_or(m));
+            for r in 0..m {
+                let boff = if shared_b {
+                    0
+                } else {
+                    (r / per_batch.max(1)) * rows_b * n
+                };
+                for j in 0..n {
+                    let gv = g[r * n + j];
+                    if gv == 0.0 {
+                        continue;
+                    }
+                    for t in 0..k {
+                        ga[r * k + t] += gv * bv[boff + t * n + j];
+                        gb[boff + t * n + j] += gv * av[r * k + t];
+                    }
+                }
+            }
+            give(&mut out, a, ga);
+            give(&mut out, b, gb);
+        }
+        Op::Linear(x, w, bias) => {
+            let (xv, wv) = (data(&x.value), data(&w.value));
+            let k = x.value.shape.last().copied().unwrap_or(0);
+            let n = w.value.shape.first().copied().unwrap_or(0);
+            let m = xv.len().checked_div(k).unwrap_or(0);
+            let mut gx = vec![0.0f32; xv.len()];
+            let mut gw = vec![0.0f32; wv.len()];
+            let mut gbias = vec![0.0f32; n];
+            for r in 0..m {
+                for j in 0..n {
+                    let gv = g[r * n + j];
+                    gbias[j] += gv;
+                    for t in 0..k {
+                        gx[r * k + t] += gv * wv[j * k + t];
+                        gw[j * k + t] += gv * xv[r * k + t];
+                    }
+                }
+            }
+            give(&mut out, x, gx);
+            give(&mut out, w, gw);
+            if let Some(b) = bias {
+                give(&mut out, b, gbias);
+            }
+        }
+        Op::RmsNorm(x, w, eps) => {
+            let (xv, wv) = (data(&x.value), data(&w.value));
+            let d = wv.len().max(1);
+            let mut gx = vec![0.0f32; xv.len()];
+            let mut gw = vec![0.0f32; wv.len()];
+            for ((xr, gr), gxr) in xv.chunks(d).zip(g.chunks(d)).zip(gx.chunks_mut(d)) {
+                let ms: f64 =
+                    xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / d as f64;
+                let r = 1.0 / (ms + f64::from(*eps)).sqrt();
+                let dot: f64 = xr
+                    .iter()
+                    .zip(gr)
+                    .zip(&wv)
+                    .map(|((&a, &b), &c)| f64::from(a) * f64::from(b) * f64::from(c))
+                    .sum();
+                for i in 0..xr.len() {
+                    let gi = f64::from(gr[i]) * f64::from(wv[i]);
+                    gxr[i] = (r * gi - r * r * r * f64::from(xr[i]) * dot / d as f64) as f32;
+                    gw[i] += (f64::from(gr[i]) * f64::from(xr[i]) * r) as f32;
+                }
+            }
+            give(&mut out, x, gx);
+            give(&mut out, w, gw);
+        }
+        Op::LayerNorm(x, w, b, eps) => {
+            let (xv, wv) = (data(&x.value), data(&w.value));
+            let d = wv.len().max(1);
+            let mut gx = vec![0.0f32; xv.len()];
+            let mut gw = vec![0.0f32; wv.len()];
+            let mut gb = vec![0.0f32; wv.len()];
+            for ((xr, gr), gxr) in xv.chunks(d).zip(g.chunks(d)).zip(gx.chunks_mut(d)) {
+                let n = xr.len() as f64;
+                let mean = xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+                let var = xr
+                    .iter()
+                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .sum::<f64>()
+                    / n;
+                let r = 1.0 / (var + f64::from(*eps)).sqrt();
+                let xhat: Vec<f64> = xr.iter().map(|&v| (f64::from(v) - mean) * r).collect();
+                let dxhat: Vec<f64> = gr
+                    .iter()
+                    .zip(&wv)
+                    .map(|(&a, &c)| f64::from(a) * f64::from(c))
+                    .collect();
+                let m1 = dxhat.iter().sum::<f64>() / n;
+                let m2 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+                for i in 0..xr.len() {
+                    gxr[i] = (r * (dxhat[i] - m1 - xhat[i] * m2)) as f32;
+                    gw[i] += (f64::from(gr[i]) * xhat[i]) as f32;
+                    gb[i] += gr[i];
+                }
+            }
+            give(&mut out, x, gx);
+            give(&mut out, w, gw);
+            give(&mut out, b, gb);
+        }
+        Op::Reduce(kind, a) => {
+            let av = data(&a.value);
+            let g0 = g.first().copied().unwrap_or(0.0);
+            let d = match kind {
+                Reduce::Sum => vec![g0; av.len()],
+                Reduce::Mean => vec![g0 / av.len().max(1) as f32; av.len()],
+                Reduce::Max | Reduce::Min => {
+                    // As PyTorch: shared evenly among the entries that attain it.
+                    let best = data(y).first().copied().unwrap_or(0.0);
+                    let ties = av.iter().filter(|&&v| v == best).count().max(1);
+                    av.iter()
+                        .map(|&v| if v == best { g0 / ties as f32 } else { 0.0 })
+                        .collect()
+                }
+            };
+            give(&mut out, a, d);
+        }
+        Op::Gather(a, offs) => {
+            let mut d = vec![0.0f32; a.value.len()];
+            for (&o, &gv) in offs.iter().zip(g) {
+                if let Some(x) = d.get_mut(o) {
+                    *x += gv;
+                }
+            }
+            give(&mut out, a, d);
+        }
+        Op::Reshape(a) => give(&mut out, a, g.to_vec()),
+        Op::Transpose(a) => {
+            let (r, c) = match a.value.shape[..] {
+                [r, c] => (r, c),
+                _ => (a.value.len(), 1),
+            };
+            let mut d = vec![0.0f32; r * c];
+            for i in 0..r {
+                for j in 0..c {
+                    d[i * c + j] = g[j * r + i];
+                }
+            }
+            give(&mut out, a, d);
+        }
+        Op::Embedding(table, ids) => {
+            let dim = table.value.shape.get(1).copied().unwrap_or(0);
+            let mut d = vec![0.0f32; table.value.len()];
+            for (row, &id) in ids.iter().enumerate() {
+                for j in 0..dim {
+                    if let (Some(x), Some(&gv)) = (d.get_mut(id * dim + j), g.get(row * dim + j)) {
+                        *x += gv;
+                    }
+                }
+            }
+            give(&mut out, table, d);
+        }
+        Op::Einsum(eq, vals) => {
+            let lookup = |n: &str| {
+                vals.iter()
+                    .find(|(name, _, _)| name == n)
+                    .map(|(_, v, _)| v.clone())
+            };
+            for (name, d) in crate::einsum::equation_grads(eq, &lookup, g, max_iter)? {
+                if let Some((_, _, Some(id))) = vals.iter().find(|(n, _, _)| *n == name) {
+                    out.push((*id, d));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Tape {
+    /// The operation a builtin call performed, for its tape node.
+    pub fn builtin_op(&self, name: &str, args: &[(Value, Span)]) -> Op {
+        let inp = |k: usize| {
+            args.get(k)
+                .and_then(|(v, _)| self.input(v))
+                .unwrap_or_else(|| In {
+                    id: None,
+                    value: Rc::new(Tens::f32(vec![], vec![0.0])),
+                })
+        };
+        let num = |k: usize| match args.get(k) {
+            Some((Value::Float(f), _)) => *f as f32,
+            Some((Value::Int(i), _)) => *i as f32,
+            _ => 0.0,
+        };
+        let unary: Option<&'static str> = match name {
+            "relu" => Some("relu"),
+            "sigmoid" => Some("sigmoid"),
+            "exp" => Some("exp"),
+            "log" => Some("log"),
+            "tanh" => Some("tanh"),
+            "sqrt" => Some("sqrt"),
+            "abs" => Some("abs"),
+            "silu" => Some("silu"),
+            "gelu" => match args.get(1) {
+                None => Some("gelu"),
+                Some((Value::Str(m), _)) if &**m == "tanh" => Some("gelu"),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(u) = unary {
+            return Op::Unary(u, inp(0));
+        }
+        match name {
+            "softmax" => Op::Softmax(inp(0)),
+            "log_softmax" => Op::LogSoftmax(inp(0)),
+            "matmul" => {
+                let (a, b) = (inp(0), inp(1));
+                let (ra, rb) = (a.value.shape.len(), b.value.shape.len());
+                // A 2-D `b` shared by every row of `a`, or equal batch dims.
+                if ra >= 2
+                    && (rb == 2 || (ra == rb && a.value.shape[..ra - 2] == b.value.shape[..rb - 2]))
+                {
+                    Op::Matmul(a, b)
+                } else {
+                    Op::NoGrad("matmul with broadcast batch dimensions".into())
+                }
+            }
+            "linear" => Op::Linear(inp(0), inp(1), (args.len() > 2).then(|| inp(2))),
+            "rms_norm" => Op::RmsNorm(inp(0), inp(1), num(2)),
+            "layer_norm" => Op::LayerNorm(inp(0), inp(1), inp(2), num(3)),
+            "sum" => Op::Reduce(Reduce::Sum, inp(0)),
+            "mean" => Op::Reduce(Reduce::Mean, inp(0)),
+            "max" => Op::Reduce(Reduce::Max, inp(0)),
+            "min" => Op::Reduce(Reduce::Min, inp(0)),
+            "reshape" | "f32" => Op::Reshape(inp(0)),
+            "transpose" => Op::Transpose(inp(0)),
+            "embedding" => {
+                let ids = match args.get(1) {
+                    Some((Value::Tensor(t), _)) => t
+                        .to_f32(Span::default())
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|&x| x.max(0.0) as usize)
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                Op::Embedding(inp(0), Rc::new(ids))
+            }
+            "gelu" => Op::NoGrad("gelu(x, \"ggml\")".into()),
+            other => Op::NoGrad(other.to_string()),
+        }
+    }
+}
