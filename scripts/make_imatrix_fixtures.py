@@ -127,14 +127,15 @@ class Collector:
         return True
 
 
-def run(model_path, tokens, ctx, n_chunks, bos, collector):
+def run(model_path, tokens, ctx, n_chunks, bos, collector, n_ubatch=None):
     """llama-imatrix's compute loop; returns the running perplexity after
     each chunk."""
     model = L.llama_model_load_from_file(str(model_path).encode(), L.llama_model_default_params())
     assert model, model_path
     cp = L.llama_context_default_params()
     cp.n_ctx = ctx
-    cp.n_batch = cp.n_ubatch = ctx
+    cp.n_batch = ctx
+    cp.n_ubatch = n_ubatch or ctx
     cp.n_threads = cp.n_threads_batch = 2
     cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_DISABLED
     cb = L.ggml_backend_sched_eval_callback(collector)
@@ -187,6 +188,22 @@ def summary(stats):
     return out
 
 
+def self_diff(a, b):
+    """Largest relative difference between two collections, by the Rust
+    test's measure: per sampled column relative to the larger of the column
+    and the matrix's mean column; per matrix total."""
+    col = total = 0.0
+    for name, (v, _) in a.items():
+        w = b[name][0]
+        for r, q in zip(v.astype(np.float64), w.astype(np.float64)):
+            stride = max(1, len(r) // 32)
+            mean = r.sum() / len(r)
+            d = np.abs(r - q)[::stride] / np.maximum(np.abs(r[::stride]), mean)
+            col = max(col, float(d.max()))
+            total = max(total, abs(r.sum() - q.sum()) / abs(r.sum()))
+    return col, total
+
+
 def main():
     L.llama_backend_init()
     fx = {"reference": f"llama-cpp-python {L.__version__}", "cases": []}
@@ -224,8 +241,15 @@ def main():
         L.llama_model_free(model)
         col = Collector(process_output=False)
         ppls = run(GEMMA, tokens, GEMMA_CTX, GEMMA_CHUNKS, bos, col)
+        # llama.cpp against itself: the same chunks in ubatches of 32 rows
+        # (other kernels, another summation order; the same rows summed).
+        col32 = Collector(process_output=False)
+        run(GEMMA, tokens, GEMMA_CTX, GEMMA_CHUNKS, bos, col32, n_ubatch=32)
+        self_col, self_total = self_diff(col.stats, col32.stats)
         fx["cases"].append({"kind": "gemma-3-270m-q4_k_m", "ctx": GEMMA_CTX, "chunks": GEMMA_CHUNKS,
-                            "n_tokens": len(tokens), "ppl": ppls, "tensors": summary(col.stats)})
+                            "n_tokens": len(tokens), "ppl": ppls, "self_col": self_col,
+                            "self_total": self_total, "tensors": summary(col.stats)})
+        print(f"gemma-3-270m: llama.cpp ubatch 128 vs 32: column {self_col:.3e}, total {self_total:.3e}")
         print(f"gemma-3-270m: {len(tokens)} tokens, {len(col.stats)} tensors, ppl {ppls}")
     OUT.write_text(json.dumps(fx, separators=(",", ":")) + "\n")
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")

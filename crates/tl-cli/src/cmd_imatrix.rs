@@ -137,6 +137,10 @@ pub fn run(a: &ImatrixArgs) -> anyhow::Result<()> {
     let collector = runner
         .take_imatrix()
         .context("the importance-matrix collector went missing")?;
+    anyhow::ensure!(
+        !collector.stats.is_empty(),
+        "no weight product was collected (llama-imatrix skips products of fewer than 16 rows): use a larger --ctx-size"
+    );
     let dataset = a.file.to_string_lossy().into_owned();
     match a.output_format {
         OutputFormat::Gguf => collector.write_gguf(&a.output, &[dataset], ctx)?,

@@ -404,9 +404,7 @@ pub(crate) fn tensor_name(name: &str) -> &str {
 
 /// llama-imatrix refuses to go on after non-finite sums.
 fn non_finite(name: &str) -> crate::error::ModelError {
-    crate::error::ModelError::BadConfig(format!(
-        "imatrix: non-finite activations reached {name}"
-    ))
+    crate::error::ModelError::BadConfig(format!("imatrix: non-finite activations reached {name}"))
 }
 
 impl ImatrixCollector {
@@ -662,6 +660,41 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn collector_rules() {
+        let mut c = ImatrixCollector::new(false);
+        let x: Vec<f32> = (0..16 * 4).map(|i| (i % 5) as f32 - 2.0).collect();
+        // Fewer than 16 rows: skipped, as llama-imatrix skips small batches.
+        assert!(c.dense("blk.0.attn_q.weight", &x[..15 * 4], 15).is_ok());
+        assert!(c.stats.is_empty());
+        // Names outside `blk.*` (and output.weight without
+        // process_output) are not collected.
+        assert!(c.dense("output.weight", &x, 16).is_ok());
+        assert!(c.dense("token_embd.weight", &x, 16).is_ok());
+        assert!(c.stats.is_empty());
+        assert!(c.dense("blk.0.attn_qkv.weight[q]", &x, 16).is_ok());
+        let e = &c.stats["blk.0.attn_qkv.weight"];
+        assert_eq!(e.counts, vec![16]);
+        let want: Vec<f32> = (0..4)
+            .map(|j| (0..16).map(|r| x[r * 4 + j] * x[r * 4 + j]).sum())
+            .collect();
+        assert_eq!(e.values, want);
+        // Experts: one run of sums and one count per expert.
+        assert!(c
+            .expert("blk.0.ffn_down_exps.weight[expert 2]", 3, 2, &x[..8], 4)
+            .is_ok());
+        let e = &c.stats["blk.0.ffn_down_exps.weight"];
+        assert_eq!(e.counts, vec![0, 0, 2]);
+        assert_eq!(e.values.len(), 12);
+        assert_eq!(c.chunk_count(8), 2);
+        assert!(c
+            .dense("blk.1.ffn_up.weight", &[f32::INFINITY; 64], 16)
+            .is_err());
+        c.process_output = true;
+        assert!(c.dense("output.weight", &x, 16).is_ok());
+        assert!(c.stats.contains_key("output.weight"));
     }
 
     #[test]

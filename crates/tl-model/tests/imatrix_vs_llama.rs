@@ -144,19 +144,22 @@ fn synthetic_models_imatrix_matches_llama_cpp() {
             }
         }
         let got = r.take_imatrix().unwrap();
-        let (col, total) = compare(
-            &label,
-            &got,
-            c["tensors"].as_object().unwrap(),
-            2e-2,
-            2e-3,
-        );
+        let (col, total) = compare(&label, &got, c["tensors"].as_object().unwrap(), 2e-2, 2e-3);
         let ppl = (nll / count as f64).exp();
-        let want_ppl = c["ppl"].as_array().unwrap().last().unwrap().as_f64().unwrap();
+        let want_ppl = c["ppl"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .as_f64()
+            .unwrap();
         eprintln!(
             "{label}: max relative difference: column {col:.2e}, matrix total {total:.2e}; ppl {ppl:.4} vs {want_ppl:.4}"
         );
-        assert!((ppl / want_ppl - 1.0).abs() < 1e-2, "{label}: ppl {ppl} vs {want_ppl}");
+        assert!(
+            (ppl / want_ppl - 1.0).abs() < 1e-2,
+            "{label}: ppl {ppl} vs {want_ppl}"
+        );
         assert_eq!(got.chunk_count(ctx), chunks as i64);
     }
 }
