@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 
 mod cmd_bench;
 mod cmd_generate;
+mod cmd_imatrix;
 mod cmd_inspect;
 mod cmd_lang;
 mod cmd_perplexity;
@@ -50,6 +51,9 @@ enum Command {
     Perplexity(cmd_perplexity::PerplexityArgs),
     /// Quantize a GGUF model (llama-quantize's types and per-tensor mixes).
     Quantize(cmd_quantize::QuantizeArgs),
+    /// Compute an importance matrix over a text file (llama-imatrix's
+    /// statistics and file formats) for `quantize --imatrix`.
+    Imatrix(cmd_imatrix::ImatrixArgs),
     /// Prompt-processing and generation throughput (llama-bench-like table).
     Bench(cmd_bench::BenchArgs),
     /// Print the token ids and pieces of a text.
@@ -159,6 +163,7 @@ fn main() {
         Command::Perplexity(a) => cmd_perplexity::run(a),
         Command::Bench(a) => cmd_bench::run(a),
         Command::Quantize(a) => cmd_quantize::run(a),
+        Command::Imatrix(a) => cmd_imatrix::run(a),
         Command::Tokenize(a) => cmd_tokenize::run(a),
         Command::Serve(a) => cmd_serve::run(a),
         Command::Run(a) => cmd_lang::run(a),

@@ -53,11 +53,41 @@ unsafe fn row_mut<'a>(p: SyncPtr<f32>, i: usize, w: usize) -> &'a mut [f32] {
     std::slice::from_raw_parts_mut(p.get().add(i * w), w)
 }
 
+/// Adds a product's input `x` (`m` rows) to the importance-matrix sums of
+/// each weight in `ws` that takes it, once per tensor (the row ranges of a
+/// fused matrix are one entry). Nothing when no collector is installed.
+fn collect(
+    c: &mut Option<Box<crate::imatrix::ImatrixCollector>>,
+    ws: &[&Weight],
+    x: &[f32],
+    m: usize,
+) -> Result<()> {
+    let Some(c) = c.as_deref_mut() else {
+        return Ok(());
+    };
+    let cols = ws.first().map_or(0, |w| w.cols);
+    let x = &x[..(m * cols).min(x.len())];
+    for (i, w) in ws.iter().enumerate() {
+        let name = crate::imatrix::tensor_name(&w.name);
+        if ws[..i]
+            .iter()
+            .any(|p| crate::imatrix::tensor_name(&p.name) == name)
+        {
+            continue;
+        }
+        c.dense(&w.name, x, m)?;
+    }
+    Ok(())
+}
+
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
     }
 }
+
+/// An expert's output rows and its down product's input rows.
+type Expert = (Vec<f32>, Vec<f32>);
 
 impl CpuExec<'_> {
     /// A mixture-of-experts FFN over the step's rows (`st.xn` → `st.o`),
@@ -81,6 +111,7 @@ impl CpuExec<'_> {
             &mut logits,
             &mut st.act,
         )?;
+        collect(&mut st.imatrix, &[&moe.router], &st.xn, n)?;
         // Per row: the chosen experts (rank order) and their weights.
         let mut chosen = vec![(0usize, 0f32); n * k];
         let mut order: Vec<usize> = Vec::with_capacity(ne);
@@ -121,7 +152,7 @@ impl CpuExec<'_> {
             .collect();
         let xn = &st.xn;
         let expert =
-            |e: usize, slots: &[usize], act: &mut tl_core::MatmulScratch| -> Result<Vec<f32>> {
+            |e: usize, slots: &[usize], act: &mut tl_core::MatmulScratch| -> Result<Expert> {
                 let [wg, wu, wd] = &moe.experts[e];
                 let m = slots.len();
                 let mut x = Vec::with_capacity(m * d);
@@ -135,10 +166,10 @@ impl CpuExec<'_> {
                 ops::linear(&x, m, wu, wu.bytes(file), &mut u, act)?;
                 kernels::silu_mul(&mut g, &u);
                 ops::linear(&g, m, wd, wd.bytes(file), &mut y, act)?;
-                Ok(y)
+                Ok((y, g))
             };
-        let ys: Vec<Result<Vec<f32>>> = if n <= 4 {
-            let cells: Vec<std::sync::Mutex<Option<Result<Vec<f32>>>>> =
+        let ys: Vec<Result<Expert>> = if n <= 4 {
+            let cells: Vec<std::sync::Mutex<Option<Result<Expert>>>> =
                 active.iter().map(|_| std::sync::Mutex::new(None)).collect();
             tl_core::pool::ThreadPool::global().run(active.len(), &|i| {
                 let mut act = tl_core::MatmulScratch::default();
@@ -165,8 +196,20 @@ impl CpuExec<'_> {
             r
         };
         let mut outs = vec![0f32; n * k * d];
-        for ((_, slots), y) in active.iter().zip(ys) {
-            let y = y?;
+        for ((e, slots), y) in active.iter().zip(ys) {
+            let (y, g) = y?;
+            if let Some(c) = st.imatrix.as_deref_mut() {
+                // The expert's input rows: gate and up take the normed
+                // rows of the tokens that chose it, down its activations.
+                let [wg, wu, wd] = &moe.experts[*e];
+                for &s in slots.iter() {
+                    let t = s / k;
+                    let row = &st.xn[t * d..(t + 1) * d];
+                    c.expert(&wg.name, ne, *e, row, d)?;
+                    c.expert(&wu.name, ne, *e, row, d)?;
+                }
+                c.expert(&wd.name, ne, *e, &g, f)?;
+            }
             for (i, &s) in slots.iter().enumerate() {
                 let w = chosen[s].1;
                 for (o, v) in outs[s * d..(s + 1) * d]
@@ -199,6 +242,8 @@ impl CpuExec<'_> {
             kernels::silu_mul(&mut g, &u);
             ops::linear(&g, n, wd, wd.bytes(file), &mut y, &mut st.act)?;
             ops::linear(x, n, wgate, wgate.bytes(file), &mut z, &mut st.act)?;
+            collect(&mut st.imatrix, &[wg, wu, wgate], x, n)?;
+            collect(&mut st.imatrix, &[wd], &g, n)?;
             for t in 0..n {
                 let zt = z[t];
                 let gate = (zt / (1.0 + (-zt).exp())) / zt;
@@ -298,7 +343,8 @@ impl Exec for CpuExec<'_> {
                 &mut st.v[..n * kvd],
             ],
             &mut st.act,
-        )
+        )?;
+        collect(&mut st.imatrix, &[&lw.wq, &lw.wk, &lw.wv], &st.xn, n)
     }
 
     fn rope_store_kv(&mut self, il: usize) -> Result<()> {
@@ -434,7 +480,8 @@ impl Exec for CpuExec<'_> {
         let n = self.n();
         let st = &mut *self.st;
         let w = &self.m.weights.layers[il].wo;
-        ops::linear(&st.att, n, w, w.bytes(&self.m.file), &mut st.o, &mut st.act)
+        ops::linear(&st.att, n, w, w.bytes(&self.m.file), &mut st.o, &mut st.act)?;
+        collect(&mut st.imatrix, &[w], &st.att, n)
     }
 
     fn attn_residual(&mut self, il: usize) -> Result<()> {
@@ -477,7 +524,8 @@ impl Exec for CpuExec<'_> {
             n,
             [&mut st.gate[..n * f], &mut st.up[..n * f]],
             &mut st.act,
-        )
+        )?;
+        collect(&mut st.imatrix, &[&lw.gate, &lw.up], &st.xn, n)
     }
 
     fn ffn_act(&mut self) -> Result<()> {
@@ -507,7 +555,8 @@ impl Exec for CpuExec<'_> {
             w.bytes(&self.m.file),
             &mut st.o,
             &mut st.act,
-        )
+        )?;
+        collect(&mut st.imatrix, &[w], &st.gate, n)
     }
 
     fn ffn_residual(&mut self, il: usize) -> Result<()> {
@@ -556,6 +605,7 @@ impl Exec for CpuExec<'_> {
             &mut st.logits,
             &mut st.act,
         )?;
+        collect(&mut st.imatrix, &[out_w], &st.hidden_out, m)?;
         if c.logit_scale != 1.0 {
             let s = 1.0 / c.logit_scale;
             st.logits[..m * c.vocab].iter_mut().for_each(|v| *v *= s);

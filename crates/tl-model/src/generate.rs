@@ -170,6 +170,25 @@ impl<'m> Runner<'m> {
     }
 
     /// Logits of every position of `tokens` (one fresh sequence, freed after).
+    /// Installs (or with `None` removes) an importance-matrix collector:
+    /// from then on every forward on the CPU adds its weight products'
+    /// input activations to it (see [`crate::imatrix::ImatrixCollector`]).
+    /// A model on a GPU refuses it.
+    pub fn set_imatrix(&mut self, c: Option<crate::imatrix::ImatrixCollector>) -> Result<()> {
+        if c.is_some() && self.model.device() != tl_core::Device::Cpu {
+            return Err(ModelError::BadConfig(
+                "importance matrices are computed on the CPU only".into(),
+            ));
+        }
+        self.state.imatrix = c.map(Box::new);
+        Ok(())
+    }
+
+    /// The installed importance-matrix collector, removed from the runner.
+    pub fn take_imatrix(&mut self) -> Option<crate::imatrix::ImatrixCollector> {
+        self.state.imatrix.take().map(|b| *b)
+    }
+
     pub fn all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut kv = SeqKv::new();
         kv.reserve(&mut self.blocks, tokens.len())?;

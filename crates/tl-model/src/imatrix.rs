@@ -358,6 +358,269 @@ pub fn write_legacy(m: &Imatrix, path: &Path) -> Result<(), QuantizeError> {
     })
 }
 
+/// The sums one weight matrix (or stack of expert matrices) collects:
+/// per matrix `n_cols` sums of squared input activations, and how many
+/// activation rows went into each matrix's sums.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ImatrixStats {
+    /// `n_cols * n_mat` sums, matrix after matrix.
+    pub values: Vec<f32>,
+    /// One count per matrix (one for a plain weight).
+    pub counts: Vec<i64>,
+}
+
+/// Gathers an importance matrix from the CPU forward, as llama-imatrix's
+/// `collect_imatrix` does (`tools/imatrix/imatrix.cpp`): for each weight
+/// product, the squares of its input activations summed per input column
+/// in f32 (llama.cpp's `std::vector<float>`), row after row, and the
+/// number of rows. As there:
+/// - only weights named `blk.*` are counted, and `output.weight` with
+///   `process_output` (a tied output matrix, `token_embd.weight`, never);
+/// - plain products of fewer than 16 rows are skipped (llama.cpp's
+///   "small batches" rule); expert products are always counted, each
+///   (token, chosen expert) pair adding its row to that expert's sums;
+/// - a fused matrix split into row ranges (`attn_qkv`, Phi-3's `ffn_up`)
+///   is one entry, counted once per product of its input.
+///
+/// Installed on a runner with [`crate::generate::Runner::set_imatrix`];
+/// without one the forward does no extra work.
+#[derive(Clone, Debug, Default)]
+pub struct ImatrixCollector {
+    /// Also count the output projection (`output.weight`).
+    pub process_output: bool,
+    /// Tensor name -> its sums (sorted by name, as llama-imatrix sorts
+    /// the entries it writes).
+    pub stats: BTreeMap<String, ImatrixStats>,
+}
+
+/// A weight's tensor name without the row-range suffix that a part of a
+/// fused or stacked matrix carries (`blk.0.attn_qkv.weight[q]`).
+pub(crate) fn tensor_name(name: &str) -> &str {
+    match name.find('[') {
+        Some(i) => &name[..i],
+        None => name,
+    }
+}
+
+/// llama-imatrix refuses to go on after non-finite sums.
+fn non_finite(name: &str) -> crate::error::ModelError {
+    crate::error::ModelError::BadConfig(format!("imatrix: non-finite activations reached {name}"))
+}
+
+impl ImatrixCollector {
+    pub fn new(process_output: bool) -> Self {
+        ImatrixCollector {
+            process_output,
+            stats: BTreeMap::new(),
+        }
+    }
+
+    /// Whether products with the weight named `name` are counted.
+    pub fn wants(&self, name: &str) -> bool {
+        let name = tensor_name(name);
+        name.starts_with("blk.") || (self.process_output && name == "output.weight")
+    }
+
+    fn entry(
+        &mut self,
+        name: &str,
+        cols: usize,
+        n_mat: usize,
+    ) -> crate::error::Result<&mut ImatrixStats> {
+        let e = self.stats.entry(name.to_owned()).or_default();
+        if e.values.is_empty() {
+            e.values = vec![0.0; cols * n_mat];
+            e.counts = vec![0; n_mat];
+        } else if e.values.len() != cols * n_mat || e.counts.len() != n_mat {
+            return Err(crate::error::ModelError::BadConfig(format!(
+                "imatrix: inconsistent size for {name} ({} vs {})",
+                e.values.len(),
+                cols * n_mat
+            )));
+        }
+        Ok(e)
+    }
+
+    /// A plain product `x[m, cols] · Wᵀ` with the weight named `name`.
+    pub fn dense(&mut self, name: &str, x: &[f32], m: usize) -> crate::error::Result<()> {
+        if m < 16 || !self.wants(name) || m == 0 {
+            return Ok(());
+        }
+        let cols = x.len() / m;
+        let name = tensor_name(name);
+        let e = self.entry(name, cols, 1)?;
+        for row in x[..m * cols].chunks_exact(cols) {
+            for (a, v) in e.values.iter_mut().zip(row) {
+                *a += v * v;
+            }
+        }
+        e.counts[0] += m as i64;
+        if !e.values.iter().all(|v| v.is_finite()) {
+            return Err(non_finite(name));
+        }
+        Ok(())
+    }
+
+    /// Rows `x` (of `cols` each) that went into expert `expert` of the
+    /// `n_expert` stacked in the tensor named `name`.
+    pub fn expert(
+        &mut self,
+        name: &str,
+        n_expert: usize,
+        expert: usize,
+        x: &[f32],
+        cols: usize,
+    ) -> crate::error::Result<()> {
+        if !self.wants(name) || cols == 0 || expert >= n_expert {
+            return Ok(());
+        }
+        let name = tensor_name(name);
+        let e = self.entry(name, cols, n_expert)?;
+        let acc = &mut e.values[expert * cols..(expert + 1) * cols];
+        let mut rows = 0i64;
+        for row in x.chunks_exact(cols) {
+            for (a, v) in acc.iter_mut().zip(row) {
+                *a += v * v;
+            }
+            rows += 1;
+        }
+        e.counts[expert] += rows;
+        if !acc.iter().all(|v| v.is_finite()) {
+            return Err(non_finite(name));
+        }
+        Ok(())
+    }
+
+    /// Chunks the sums cover, as llama-imatrix records them: the largest
+    /// count divided by the chunk size.
+    pub fn chunk_count(&self, chunk_size: usize) -> i64 {
+        let max = self
+            .stats
+            .values()
+            .flat_map(|e| e.counts.iter().copied())
+            .max()
+            .unwrap_or(0);
+        max / chunk_size.max(1) as i64
+    }
+
+    /// The file llama-imatrix writes (GGUF): `general.type` = "imatrix",
+    /// `imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`,
+    /// then per entry (sorted by name) `<name>.in_sum2` (F32
+    /// `[n_cols, n_mat]`) and `<name>.counts` (F32 `[1, n_mat]`).
+    pub fn to_gguf(
+        &self,
+        datasets: &[String],
+        chunk_size: usize,
+    ) -> Result<tl_gguf::GgufWriter<'static>, QuantizeError> {
+        let mut w = tl_gguf::GgufWriter::new();
+        w.set("general.type", Value::String("imatrix".into()));
+        w.set(
+            "imatrix.datasets",
+            Value::Array(tl_gguf::Array::String(datasets.to_vec())),
+        );
+        w.set(
+            "imatrix.chunk_count",
+            Value::U32(self.chunk_count(chunk_size) as u32),
+        );
+        w.set("imatrix.chunk_size", Value::U32(chunk_size as u32));
+        let gguf_err = |e: tl_gguf::GgufError| QuantizeError::Imatrix {
+            path: PathBuf::from("imatrix"),
+            reason: e.to_string(),
+        };
+        for (name, e) in &self.stats {
+            let (nval, nmat) = (e.values.len(), e.counts.len());
+            if nval == 0 || nmat == 0 {
+                continue;
+            }
+            let sums: Vec<u8> = e.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let counts: Vec<u8> = e
+                .counts
+                .iter()
+                .flat_map(|&c| (c as f32).to_le_bytes())
+                .collect();
+            w.add_tensor(
+                format!("{name}.in_sum2"),
+                vec![(nval / nmat) as u64, nmat as u64],
+                GgmlType::F32,
+                sums,
+            )
+            .map_err(gguf_err)?;
+            w.add_tensor(
+                format!("{name}.counts"),
+                vec![1, nmat as u64],
+                GgmlType::F32,
+                counts,
+            )
+            .map_err(gguf_err)?;
+        }
+        Ok(w)
+    }
+
+    /// Writes the GGUF file of [`ImatrixCollector::to_gguf`] to `path`.
+    pub fn write_gguf(
+        &self,
+        path: &Path,
+        datasets: &[String],
+        chunk_size: usize,
+    ) -> Result<(), QuantizeError> {
+        let bytes = self
+            .to_gguf(datasets, chunk_size)?
+            .to_bytes()
+            .map_err(|e| bad(path, e.to_string()))?;
+        std::fs::write(path, bytes).map_err(|err| QuantizeError::Io {
+            path: path.to_owned(),
+            err,
+        })
+    }
+
+    /// Writes the legacy `.dat` file as llama-imatrix's
+    /// `save_imatrix_legacy` does: entries with no data left out; per
+    /// entry ncall = ⌈max count / chunk size⌉ and the values
+    /// `sum / count · ncall` (1 · ncall for an expert that saw nothing);
+    /// then the chunk count and the data set's name.
+    pub fn write_legacy(
+        &self,
+        path: &Path,
+        dataset: &str,
+        chunk_size: usize,
+    ) -> Result<(), QuantizeError> {
+        let cs = chunk_size.max(1) as i64;
+        let stored: Vec<(&String, &ImatrixStats)> = self
+            .stats
+            .iter()
+            .filter(|(_, e)| !e.counts.is_empty() && e.counts.iter().any(|&c| c != 0))
+            .collect();
+        let mut b = Vec::new();
+        b.extend((stored.len() as i32).to_le_bytes());
+        for (name, e) in stored {
+            b.extend((name.len() as i32).to_le_bytes());
+            b.extend(name.as_bytes());
+            let max = e.counts.iter().copied().max().unwrap_or(0);
+            let ncall = ((max + cs - 1) / cs) as i32;
+            b.extend(ncall.to_le_bytes());
+            let nval = e.values.len();
+            b.extend((nval as i32).to_le_bytes());
+            let per = nval / e.counts.len();
+            for (i, &v) in e.values.iter().enumerate() {
+                let mut count = e.counts[i / per.max(1)] as f32;
+                let mut value = v;
+                if count == 0.0 {
+                    value = 1.0;
+                    count = 1.0;
+                }
+                b.extend(((value / count) * ncall as f32).to_le_bytes());
+            }
+        }
+        b.extend((self.chunk_count(chunk_size) as i32).to_le_bytes());
+        b.extend((dataset.len() as i32).to_le_bytes());
+        b.extend(dataset.as_bytes());
+        std::fs::write(path, b).map_err(|err| QuantizeError::Io {
+            path: path.to_owned(),
+            err,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,6 +660,41 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn collector_rules() {
+        let mut c = ImatrixCollector::new(false);
+        let x: Vec<f32> = (0..16 * 4).map(|i| (i % 5) as f32 - 2.0).collect();
+        // Fewer than 16 rows: skipped, as llama-imatrix skips small batches.
+        assert!(c.dense("blk.0.attn_q.weight", &x[..15 * 4], 15).is_ok());
+        assert!(c.stats.is_empty());
+        // Names outside `blk.*` (and output.weight without
+        // process_output) are not collected.
+        assert!(c.dense("output.weight", &x, 16).is_ok());
+        assert!(c.dense("token_embd.weight", &x, 16).is_ok());
+        assert!(c.stats.is_empty());
+        assert!(c.dense("blk.0.attn_qkv.weight[q]", &x, 16).is_ok());
+        let e = &c.stats["blk.0.attn_qkv.weight"];
+        assert_eq!(e.counts, vec![16]);
+        let want: Vec<f32> = (0..4)
+            .map(|j| (0..16).map(|r| x[r * 4 + j] * x[r * 4 + j]).sum())
+            .collect();
+        assert_eq!(e.values, want);
+        // Experts: one run of sums and one count per expert.
+        assert!(c
+            .expert("blk.0.ffn_down_exps.weight[expert 2]", 3, 2, &x[..8], 4)
+            .is_ok());
+        let e = &c.stats["blk.0.ffn_down_exps.weight"];
+        assert_eq!(e.counts, vec![0, 0, 2]);
+        assert_eq!(e.values.len(), 12);
+        assert_eq!(c.chunk_count(8), 2);
+        assert!(c
+            .dense("blk.1.ffn_up.weight", &[f32::INFINITY; 64], 16)
+            .is_err());
+        c.process_output = true;
+        assert!(c.dense("output.weight", &x, 16).is_ok());
+        assert!(c.stats.contains_key("output.weight"));
     }
 
     #[test]

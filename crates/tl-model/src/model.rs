@@ -126,6 +126,9 @@ pub struct ForwardState {
     /// Layers this state's forward leaves out (`skip[il]`; empty: none).
     /// Set only for the self-speculation draft, which runs on the CPU.
     pub(crate) skip_layers: Vec<bool>,
+    /// Importance-matrix sums fed by the CPU forward's weight products
+    /// (`tl imatrix`); `None`: not collected.
+    pub(crate) imatrix: Option<Box<crate::imatrix::ImatrixCollector>>,
 }
 
 impl ForwardState {
