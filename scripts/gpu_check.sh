@@ -13,8 +13,8 @@
 #   bash scripts/gpu_check.sh kv      # KV cache types (tg per type, batch 1 and 64,
 #                                     # at depth) and the depth sweep beside
 #                                     # llama-bench -d, after the GPU tests
-#   bash scripts/gpu_check.sh attn    # decode at depth, grouped-query attention on and
-#                                     # off, beside llama-bench -d, after the tests
+#   bash scripts/gpu_check.sh attn    # decode at depth beside llama-bench -d, and
+#                                     # device sampling at batch 1-64, after the tests
 #   bash scripts/gpu_check.sh batch   # batched decode (tl bench --batch, tensor-core
 #                                     # products on and off) beside llama-batched-bench,
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
@@ -145,10 +145,9 @@ fi
 
 if [ "$mode" = attn ]; then
   # Decode attention at depth on one fresh machine: the tests while the
-  # files are synthesized and llama.cpp builds, then tg128 at each depth with
-  # the grouped-query kernel (default) and with one head a block
-  # (TL_CUDA_ATTN_GQA=0), beside llama-bench -d; the 0.5B shape (14/2 heads,
-  # head dim 64) over DEPTHS, the 1.5B one (12/2, 128) at 512 and 32k.
+  # files are synthesized and llama.cpp builds, then tg128 at each depth
+  # beside llama-bench -d (the 0.5B shape over DEPTHS, the 1.5B one at 512
+  # and 32,000), then device sampling against greedy at batch 1-64.
   OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
   SM="${MODELS:-q05_q8_0 q15_q4_k}"
   MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
@@ -162,11 +161,9 @@ if [ "$mode" = attn ]; then
     f=$W/$m.gguf
     [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
     D=${DEPTHS:-512,4096,16384,32768}
-    [ "$m" = q05_q8_0 ] || D=512,32768
-    echo "== $m: tl tg128 at depth $D, grouped-query attention t=${SECONDS}s"
+    [ "$m" = q05_q8_0 ] || D=512,32000
+    echo "== $m: tl tg128 at depth $D t=${SECONDS}s"
     TL_CUDA_TIMEOUT=30 timeout 100 "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r 2 -d "$D" 2>&1 | grep -E 'pp512|tg128|rror'
-    echo "-- one head a block (TL_CUDA_ATTN_GQA=0) t=${SECONDS}s"
-    TL_CUDA_ATTN_GQA=0 TL_CUDA_TIMEOUT=30 timeout 100 "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r 2 -d "$D" 2>&1 | grep -E 'pp512|tg128|rror'
     if [ -n "$LB" ]; then
       echo "== $m: llama-bench -d $D t=${SECONDS}s"
       LD_LIBRARY_PATH=$LB timeout 100 "$LB/llama-bench" -m "$f" -p 512 -n 128 -d "$D" -ngl 99 -fa 1 -r 2 2>&1 | grep -E '^\|' | tail -n +3

@@ -1398,101 +1398,6 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
     if (threadIdx.x == 0) cnt[pair] = 0;
 }
 
-// attention for grouped-query models: a block serves up to NQ query heads
-// of one KV head (grid.x = n_kv_heads * ceil(gq / NQ)), so each K and V
-// row is read once for the group instead of once per query head (7x less
-// cache traffic for Qwen2.5-0.5B's 14/2 heads). Each lane keeps NQ query
-// slices and NQ running states in registers; the chunking, the partial
-// states and the merge are those of `attention`, per query head, with the
-// group's blocks counted on the first head's counter.
-template <int HD, int KT, int NQ>
-__device__ void attention_gqa(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs,
-                              const int* tok_pos, const int* tok_seq, const int* tables, float* out, AttnArgs a,
-                              signed char* xq, float* xd, float* part, unsigned int* cnt) {
-    constexpr int LP = HD / 8;     // lanes per position
-    constexpr int GPW = 32 / LP;   // groups per warp
-    extern __shared__ float sm[];
-    __shared__ int s_last;
-    __shared__ float s_out[HD];
-    __shared__ float s_w[32];
-    __shared__ float s_red[32];
-    __shared__ float s_slice[256];
-    int gq = a.n_heads / a.n_kv_heads, nsub = (gq + NQ - 1) / NQ;
-    int kvh = blockIdx.x / nsub, t = blockIdx.y, z = blockIdx.z;
-    int h0 = kvh * gq + (blockIdx.x % nsub) * NQ;
-    int nq = min(NQ, kvh * gq + gq - h0);
-    int lane = threadIdx.x & 31, warp = threadIdx.x / 32, nw = blockDim.x / 32;
-    int gl = lane / LP, sub = lane % LP;
-    int G = nw * GPW, g = warp * GPW + gl;
-    int pos = tok_pos[t];
-    const int* table = tables + (long)tok_seq[t] * a.max_blocks;
-    int lo = a.window > 0 ? max(0, pos + 1 - a.window) : 0;
-    int len = pos + 1 - lo;
-    int chunk = a.chunk > 0 ? a.chunk : len;
-    int ns = (len + chunk - 1) / chunk;
-    if (z >= ns) return;  // uniform over the block
-    int p_lo = lo + z * chunk, p_hi = min(pos, lo + (z + 1) * chunk - 1);
-    float qv[NQ][8], m[NQ], l[NQ], acc[NQ][8];
-#pragma unroll
-    for (int h = 0; h < NQ; h++) {
-        const float* qh = q + ((long)t * a.n_heads + h0 + min(h, nq - 1)) * HD + sub * 8;
-#pragma unroll
-        for (int k = 0; k < 8; k++) {
-            qv[h][k] = qh[k] * a.scale;
-            acc[h][k] = 0.0f;
-        }
-        m[h] = -TL_INF;
-        l[h] = 0.0f;
-    }
-    // As in `attention`, the loop bound is uniform across the warp and every
-    // lane reaches the shuffles. K and V are loaded together so that both
-    // reads are in flight at once.
-    for (int p0 = p_lo + warp * GPW; p0 <= p_hi; p0 += G) {
-        int p = p0 + gl;
-        bool valid = p <= p_hi;
-        float s[NQ], kf[8], vf[8];
-#pragma unroll
-        for (int h = 0; h < NQ; h++) s[h] = 0.0f;
-        if (valid) {
-            long blk = table[p / 16];
-            long row = (blk * a.n_kv_heads + kvh) * 16 + (p % 16);
-            kv_load8<KT, HD>(kc, ks, row, sub, kf);
-            kv_load8<KT, HD>(vc, vs, row, sub, vf);
-#pragma unroll
-            for (int h = 0; h < NQ; h++)
-#pragma unroll
-                for (int k = 0; k < 4; k++) s[h] += qv[h][2 * k] * kf[2 * k] + qv[h][2 * k + 1] * kf[2 * k + 1];
-        }
-#pragma unroll
-        for (int h = 0; h < NQ; h++)
-#pragma unroll
-            for (int o = LP / 2; o > 0; o >>= 1) s[h] += __shfl_xor_sync(0xffffffff, s[h], o);
-        if (!valid) continue;
-#pragma unroll
-        for (int h = 0; h < NQ; h++) {
-            float mn = fmaxf(m[h], s[h]);
-            float corr = expf(m[h] - mn), e = expf(s[h] - mn);
-            l[h] = l[h] * corr + e;
-#pragma unroll
-            for (int k = 0; k < 8; k++) acc[h][k] = acc[h][k] * corr + e * vf[k];
-            m[h] = mn;
-        }
-    }
-    long pair0 = (long)t * a.n_heads + h0;
-#pragma unroll
-    for (int h = 0; h < NQ; h++)
-        if (h < nq) attn_combine<HD>(m[h], l[h], acc[h], g, sub, G, ns, z, pair0 + h, a, sm, s_w, s_out, part, out, xq, xd);
-    if (ns == 1) return;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) s_last = atomicAdd(cnt + pair0, 1u) == (unsigned)(ns - 1);
-    __syncthreads();
-    if (!s_last) return;
-    __threadfence();
-    for (int h = 0; h < nq; h++) attn_merge<HD>(pair0 + h, ns, a, sm, s_red, s_slice, s_out, part, out, xq, xd);
-    if (threadIdx.x == 0) cnt[pair0] = 0;
-}
-
 extern "C" __global__ void attention_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_F16>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 extern "C" __global__ void attention_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128, KV_F16>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 extern "C" __global__ void attention_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_F16>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
@@ -1505,42 +1410,6 @@ extern "C" __global__ void attention_256_q4_0(const float* q, const void* kc, co
 extern "C" __global__ void attention_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<64, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 extern "C" __global__ void attention_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<128, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 extern "C" __global__ void attention_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_F16, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_64_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q8_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_64_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q4_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_FP8, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_F16, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_128_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q8_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_128_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q4_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_FP8, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_F16, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_256_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q8_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_256_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q4_0, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa2_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_FP8, 2>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_F16, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_64_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q8_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_64_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q4_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_FP8, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_F16, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_128_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q8_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_128_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q4_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_FP8, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_F16, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_256_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q8_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_256_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q4_0, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa4_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_FP8, 4>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_64(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_F16, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_64_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q8_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_64_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_Q4_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_64_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<64, KV_FP8, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_128(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_F16, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_128_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q8_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_128_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_Q4_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_128_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<128, KV_FP8, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_256(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_F16, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_256_q8_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q8_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_256_q4_0(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_Q4_0, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
-extern "C" __global__ void attention_gqa8_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention_gqa<256, KV_FP8, 8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 
 // ---------------------------------------------------------------------------
 // Sampling on the device, each logits row spread over many blocks (see
@@ -2054,3 +1923,4 @@ extern "C" __global__ void sample_phase(int phase, float* logits, int V, const S
     }
     if (lane == 0) ids[r] = pick;
 }
+

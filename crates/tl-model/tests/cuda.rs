@@ -413,10 +413,8 @@ fn cuda_long_context_decode_matches_cpu() {
         return;
     }
     let mut failed = Vec::new();
-    // Query/KV head counts cover every attention kernel: one head a block
-    // (4/4), and the grouped-query blocks of 2 (4/2), 4 (4/1), 8 with a
-    // padded slot (14/2, Qwen2.5-0.5B's grouping) and two blocks a group
-    // (16/1).
+    // Query/KV head groupings: none (4/4), 2 (4/2), 4 (4/1), 7 (14/2,
+    // Qwen2.5-0.5B's), 16 (16/1) and 6 (12/2, Qwen2.5-1.5B's).
     for (arch, ty, hd, heads, kv_heads) in [
         (SynthArch::Qwen2, GgmlType::Q8_0, 64, 4, 2),
         (SynthArch::Qwen2, GgmlType::Q8_0, 64, 14, 2),

@@ -70,28 +70,6 @@ pub(super) const GEMV_ROWS: usize = 64;
 /// kernels.cu): a 4k context is 16 blocks per (token, head) pair.
 pub(super) const ATTN_CHUNK: usize = 256;
 
-/// The same for the grouped-query kernel (`attention_gqa`), whose blocks
-/// serve a whole group of query heads and are `gq` times fewer: halving
-/// the chunk keeps the GPU's SMs busy at moderate contexts.
-pub(super) const ATTN_CHUNK_GQA: usize = 128;
-
-/// How many query heads one block of the grouped-query attention serves
-/// (a template parameter of `attention_gqa`: 2, 4 or 8), or `None` for
-/// the one-head-a-block kernel: models without grouped queries, and
-/// `TL_CUDA_ATTN_GQA=0` (to compare the two).
-pub(super) fn attn_group(n_heads: usize, n_kv_heads: usize) -> Option<usize> {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("TL_CUDA_ATTN_GQA").is_ok_and(|v| v == "0"));
-    let gq = n_heads / n_kv_heads.max(1);
-    match gq {
-        _ if off => None,
-        0 | 1 => None,
-        2 => Some(2),
-        3 | 4 => Some(4),
-        _ => Some(8),
-    }
-}
-
 /// Products of at least this many rows (and at most `GEMV_ROWS`) run on
 /// the tensor cores (`mmq_*` of kernels.cu) instead of the 8-row GEMVs;
 /// `TL_CUDA_MMQ_MIN=N` moves the threshold (`TL_CUDA_MMQ_MIN=65`: off), to
@@ -108,16 +86,15 @@ pub(super) fn mmq_min_rows() -> usize {
 
 /// The chunk size of a step's attention (0: unsplit, for prefill steps,
 /// which have blocks enough) and the grid's chunks per pair, enough for
-/// the longest context `stride` table entries hold; `grouped`: the
-/// grouped-query kernel's chunk.
-pub(super) fn attn_chunks(n: usize, stride: usize, grouped: bool) -> (usize, usize) {
+/// the longest context `stride` table entries hold.
+pub(super) fn attn_chunks(n: usize, stride: usize) -> (usize, usize) {
     if n > GEMV_ROWS {
         return (0, 1);
     }
     // The kernel's merge keeps every chunk's weight in shared memory (room
-    // for 2048): chunks grow past their size only beyond 256k positions.
+    // for 2048): chunks grow past 256 positions only beyond 512k.
     let positions = stride * crate::kv::BLOCK_SIZE;
-    let mut chunk = if grouped { ATTN_CHUNK_GQA } else { ATTN_CHUNK };
+    let mut chunk = ATTN_CHUNK;
     while positions.div_ceil(chunk) > 2048 {
         chunk *= 2;
     }
@@ -509,17 +486,16 @@ impl Exec for CudaExec<'_> {
                 "attention kernel: head dim {hd} (64, 128 or 256 supported)"
             )));
         }
-        let group = attn_group(c.n_heads, c.n_kv_heads);
         let args = AttnArgs {
             n_heads: c.n_heads as i32,
             n_kv_heads: c.n_kv_heads as i32,
             max_blocks: self.stride as i32,
             window: p.window.map_or(0, |w| w as i32),
             scale: p.scale,
-            chunk: attn_chunks(self.n, self.stride, group.is_some()).0 as i32,
+            chunk: attn_chunks(self.n, self.stride).0 as i32,
             v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
         };
-        let zs = attn_chunks(self.n, self.stride, group.is_some()).1;
+        let zs = attn_chunks(self.n, self.stride).1;
         let threads = 256usize;
         let groups = threads / 32 * (32 / (hd / 8));
         let smem = ((2 * groups + groups * hd) * 4) as u32;
@@ -532,16 +508,9 @@ impl Exec for CudaExec<'_> {
             KvType::Q4_0 => "_q4_0",
             KvType::Fp8 => "_fp8",
         };
-        let (name, blocks) = match group {
-            Some(nq) => (
-                format!("attention_gqa{nq}_{hd}{suffix}"),
-                c.n_kv_heads * (c.n_heads / c.n_kv_heads).div_ceil(nq),
-            ),
-            None => (format!("attention_{hd}{suffix}"), c.n_heads),
-        };
         self.l(
-            &name,
-            (blocks as u32, self.n as u32, zs as u32),
+            &format!("attention_{hd}{suffix}"),
+            (c.n_heads as u32, self.n as u32, zs as u32),
             threads as u32,
             smem,
             &[
