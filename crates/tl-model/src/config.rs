@@ -128,8 +128,8 @@ pub enum NormPlacement {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum QkNorm {
     None,
-    /// Each head on its own, one weight vector of `head_dim` shared by
-    /// the heads (qwen3, gemma3).
+    /// Each head RMS-normed on its own, one weight vector of `head_dim`
+    /// shared by the heads (qwen3, gemma3).
     Head,
     /// Each head on its own with its own weights (`[head_dim, heads]`):
     /// command-r of 64 layers or more.

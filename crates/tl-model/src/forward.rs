@@ -5,9 +5,10 @@
 //! says *what* each stage computes; the executor of the model's device
 //! decides *how* (the CPU's SIMD kernels and thread pool in
 //! `exec_cpu.rs`, CUDA kernels and graphs in `cuda/`). Architecture
-//! differences (Gemma's extra norms, query scale, sliding window, softcap)
-//! are data in the config and the weights, read by every executor the same
-//! way.
+//! differences (Gemma's extra norms, query scale, sliding window, softcap;
+//! OLMo 2's post-only norms; Command-R's LayerNorms and parallel
+//! attention/FFN) are data in the config and the weights, read by every
+//! executor the same way (or refused by one that lacks them).
 //!
 //! Executors own their buffers (on their device), allocated for the
 //! largest batch seen and reused, so a steady decode step allocates nothing.
