@@ -11,9 +11,15 @@ The Rust test (tests/synth_vs_llama.rs) synthesizes the same model in
 memory and compares.
 
     cargo build --release -p tl-cli
-    ~/.cache/tensorlogic/llama-venv/bin/python scripts/make_synth_fixtures.py
+    ~/.cache/tensorlogic/llama-venv/bin/python scripts/make_synth_fixtures.py [--only ARCH,...]
+
+`--only` evaluates just the cases of those architectures and keeps every
+other case as the existing fixture has it (written back unchanged).
+`tl` is taken from $CARGO_TARGET_DIR/release (default target/release).
 """
+import argparse
 import json
+import os
 import pathlib
 import subprocess
 import tempfile
@@ -23,7 +29,7 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "crates/tl-model/tests/fixtures/synth_logits.json"
-TL = ROOT / "target/release/tl"
+TL = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release/tl"
 
 SHAPE = {"layers": 2, "d_model": 256, "heads": 4, "kv_heads": 2, "head_dim": 64,
          "ffn": 512, "extra_vocab": 61, "context": 512}
@@ -50,6 +56,12 @@ CASES = [
      "experts_used": 2, "qk_scale": 3.0},
     {"arch": "granite", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 20, "qk_scale": 6.0},
     {"arch": "phi3", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 18, "heads": 2, "head_dim": 128},
+    {"arch": "olmo2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 27},
+    {"arch": "olmo2", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 28, "heads": 2, "head_dim": 128},
+    {"arch": "command-r", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 29, "qk_scale": 6.0},
+    # 64 layers: llama.cpp's per-head Q/K LayerNorms exist only from there on.
+    {"arch": "command-r", "weight_type": "Q4_0", "output_type": "Q8_0", "seed": 30, "layers": 64,
+     "d_model": 128, "heads": 2, "kv_heads": 1, "ffn": 256},
 ]
 TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(159)]
 # Rows stored: every 16th position and the last four (far positions make
@@ -67,11 +79,31 @@ def logits(path, n_batch):
 
 
 def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", help="comma-separated architectures to evaluate; the other cases "
+                    "are kept from the existing fixture")
+    args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+    old = {}
+    if only is not None:
+        prev = json.loads(OUT.read_text())
+        if prev["tokens"] != TOKENS or prev["rows"] != ROWS:
+            raise SystemExit("the existing fixture has other tokens or rows: regenerate it all")
+        for c in prev["cases"]:
+            spec = {k: v for k, v in c.items() if k not in ("self_max_abs", "logits")}
+            old[json.dumps(spec, sort_keys=True)] = c
     fx = {"reference": f"llama-cpp-python {llama_cpp.__version__}", "tokens": TOKENS, "rows": ROWS,
           "cases": []}
     with tempfile.TemporaryDirectory() as d:
         for case in CASES:
             c = dict(SHAPE, **case)
+            if only is not None and c["arch"] not in only:
+                key = json.dumps(c, sort_keys=True)
+                if key not in old:
+                    raise SystemExit(f"no {c['arch']} {c['weight_type']} case in the existing "
+                                     "fixture: regenerate it all")
+                fx["cases"].append(old[key])
+                continue
             path = pathlib.Path(d) / f"{c['arch']}-{c['weight_type']}.gguf"
             args = [str(TL), "synth", "-o", str(path)]
             for k, v in c.items():

@@ -13,7 +13,7 @@ pub struct SynthArgs {
     #[arg(short, long)]
     pub out: PathBuf,
     /// Architecture: llama, mixtral (llama with experts), qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3,
-    /// phi3, granite or smollm3.
+    /// phi3, granite, smollm3, olmo2 or command-r.
     #[arg(long, default_value = "qwen2")]
     pub arch: String,
     #[arg(long, default_value_t = 2)]

@@ -31,10 +31,17 @@ pub enum Arch {
     /// Qwen 2 MoE: qwen2's attention; experts (weights not renormalised)
     /// plus a shared expert behind a sigmoid gate.
     Qwen2Moe,
+    /// OLMo 2: no pre-norms; each sub-layer's output RMS-normed before the
+    /// residual add; Q and K RMS-normed over the whole projection.
+    Olmo2,
+    /// Command-R (Cohere): LayerNorm without bias, attention and FFN in
+    /// parallel off one norm, logits multiplied by `logit_scale`, per-head
+    /// Q/K LayerNorms in models of 64 layers or more, tied output.
+    CommandR,
 }
 
 pub const SUPPORTED_ARCHS: &str =
-    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3";
+    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -49,6 +56,8 @@ impl Arch {
             "qwen3moe" => Ok(Arch::Qwen3Moe),
             "qwen2moe" => Ok(Arch::Qwen2Moe),
             "gemma3" => Ok(Arch::Gemma3),
+            "olmo2" => Ok(Arch::Olmo2),
+            "command-r" => Ok(Arch::CommandR),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported: SUPPORTED_ARCHS,
@@ -68,6 +77,8 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3moe",
             Arch::Qwen2Moe => "qwen2moe",
             Arch::Gemma3 => "gemma3",
+            Arch::Olmo2 => "olmo2",
+            Arch::CommandR => "command-r",
         }
     }
 }
@@ -89,6 +100,44 @@ pub enum FfnAct {
     Gelu,
 }
 
+/// The kind of every norm of a model (its weight is always applied; no
+/// bias).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormKind {
+    /// `x / sqrt(mean(x²) + eps)`.
+    Rms,
+    /// `(x - mean) / sqrt(var + eps)` (ggml `norm`): command-r.
+    Layer,
+}
+
+/// Where the sub-layers take their norms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NormPlacement {
+    /// A norm before attention and before the FFN (gemma's post-norms,
+    /// where present, come on top).
+    Pre,
+    /// No pre-norms: each sub-layer sees the residual stream itself and
+    /// its output is normed before the residual add (olmo2).
+    Post,
+    /// One norm before attention and FFN, which run side by side off it;
+    /// both outputs are added to the residual (command-r).
+    Parallel,
+}
+
+/// How the Q and K projections are normed before RoPE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkNorm {
+    None,
+    /// Each head RMS-normed on its own, one weight vector of `head_dim`
+    /// shared by the heads (qwen3, gemma3).
+    Head,
+    /// Each head on its own with its own weights (`[head_dim, heads]`):
+    /// command-r of 64 layers or more.
+    HeadWeights,
+    /// The whole projection as one vector (olmo2).
+    Whole,
+}
+
 /// Everything the forward pass needs to know about a model's shape.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -103,7 +152,12 @@ pub struct Config {
     pub ffn: usize,
     pub vocab: usize,
     pub context: usize,
+    /// Epsilon of every norm (`layer_norm_rms_epsilon`, or
+    /// `layer_norm_epsilon` where the norms are LayerNorms).
     pub rms_eps: f32,
+    pub norm: NormKind,
+    pub norm_placement: NormPlacement,
+    pub qk_norm: QkNorm,
     pub rope_base: f32,
     /// Rope base of sliding-window layers (gemma3: 10,000).
     pub rope_base_swa: f32,
@@ -124,8 +178,9 @@ pub struct Config {
     /// Each sub-layer's output is multiplied by this before the residual
     /// add (granite's `residual_scale`; 1 elsewhere).
     pub residual_scale: f32,
-    /// Logits are divided by this (granite's `logit_scale`; 1 elsewhere).
-    pub logit_scale: f32,
+    /// Logits are multiplied by this: `1 / logit_scale` in granite,
+    /// `logit_scale` in command-r, 1 elsewhere.
+    pub logit_mul: f32,
     /// Experts per MoE layer (0: dense FFN); `ffn` is then one expert's.
     pub n_expert: usize,
     /// Experts each token uses.
@@ -221,14 +276,26 @@ impl Config {
             )));
         }
         let rope_base = m.opt_f32(&k("rope.freq_base"))?.unwrap_or(10_000.0);
-        let rms_eps = m
-            .opt_f32(&k("attention.layer_norm_rms_epsilon"))?
-            .unwrap_or(1e-5);
+        let norm = match arch {
+            Arch::CommandR => NormKind::Layer,
+            _ => NormKind::Rms,
+        };
+        let rms_eps = match norm {
+            NormKind::Rms => m
+                .opt_f32(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
+            NormKind::Layer => m.get_f32(&k("attention.layer_norm_epsilon"))?,
+        };
         let (rope_layout, ffn_act) = match arch {
-            Arch::Llama | Arch::Granite | Arch::Smollm3 => (RopeLayout::Normal, FfnAct::Silu),
-            Arch::Qwen2 | Arch::Qwen2Moe | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Phi3 => {
-                (RopeLayout::Neox, FfnAct::Silu)
+            Arch::Llama | Arch::Granite | Arch::Smollm3 | Arch::CommandR => {
+                (RopeLayout::Normal, FfnAct::Silu)
             }
+            Arch::Qwen2
+            | Arch::Qwen2Moe
+            | Arch::Qwen3
+            | Arch::Qwen3Moe
+            | Arch::Phi3
+            | Arch::Olmo2 => (RopeLayout::Neox, FfnAct::Silu),
             Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
         };
         // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th
@@ -236,6 +303,32 @@ impl Config {
         // 10,000; queries are scaled by 1/sqrt(head_dim) except for the 27B
         // model (62 layers), which uses 1/sqrt(d_model / n_heads).
         let n_layers = usize_of(k("block_count"))?;
+        let norm_placement = match arch {
+            Arch::Olmo2 => NormPlacement::Post,
+            Arch::CommandR => NormPlacement::Parallel,
+            _ => NormPlacement::Pre,
+        };
+        // Command-R: llama.cpp reads per-head Q/K norms only in models of
+        // 64 layers or more (`models/command-r.cpp`).
+        let qk_norm = match arch {
+            Arch::Gemma3 | Arch::Qwen3 | Arch::Qwen3Moe => QkNorm::Head,
+            Arch::Olmo2 => QkNorm::Whole,
+            Arch::CommandR if n_layers >= 64 => QkNorm::HeadWeights,
+            _ => QkNorm::None,
+        };
+        if matches!(arch, Arch::Olmo2 | Arch::CommandR) && n_heads * head_dim != d_model {
+            return Err(ModelError::BadConfig(format!(
+                "{a}: {n_heads} heads of {head_dim} must make up the embedding width {d_model}"
+            )));
+        }
+        if arch == Arch::Olmo2
+            && m.opt_u64(&k("attention.sliding_window"))?
+                .is_some_and(|w| w > 0)
+        {
+            return Err(ModelError::BadConfig(
+                "olmo2 with a sliding window (Olmo 3) is not supported yet".into(),
+            ));
+        }
         let (sliding_window, swa_period, rope_base_swa, embed_scale, attn_scale) = match arch {
             Arch::Gemma3 => {
                 let swa = m
@@ -282,6 +375,13 @@ impl Config {
                     .unwrap_or(1.0),
                 m.get_f32(&k("logit_scale"))?,
             ),
+            // llama.cpp scales only by a non-zero `logit_scale`.
+            Arch::CommandR => (
+                1.0,
+                m.opt_f32(&k("logit_scale"))?
+                    .filter(|v| *v != 0.0)
+                    .unwrap_or(1.0),
+            ),
             _ => (1.0, 1.0),
         };
         if logit_scale == 0.0 || !logit_scale.is_finite() {
@@ -289,6 +389,11 @@ impl Config {
                 "logit scale {logit_scale} (must be finite and non-zero)"
             )));
         }
+        // Granite divides (llama.cpp scales by `1 / logit_scale`).
+        let logit_mul = match arch {
+            Arch::Granite => 1.0 / logit_scale,
+            _ => logit_scale,
+        };
         let final_logit_softcap = match arch {
             // Without a sliding window llama.cpp builds the non-iSWA Gemma 3
             // graph, which caps the final logits.
@@ -343,6 +448,9 @@ impl Config {
             vocab,
             context: usize_of(k("context_length"))?,
             rms_eps,
+            norm,
+            norm_placement,
+            qk_norm,
             rope_base,
             rope_base_swa,
             rope_dims,
@@ -355,7 +463,7 @@ impl Config {
             final_logit_softcap,
             attn_logit_softcap,
             residual_scale,
-            logit_scale,
+            logit_mul,
             n_expert,
             n_expert_used,
             moe_norm_weights: arch != Arch::Qwen2Moe,

@@ -6,7 +6,7 @@
 //! portable float order, bit for bit.
 
 use crate::attention::{attend, AttnParams};
-use crate::config::{FfnAct, RopeLayout};
+use crate::config::{Config, FfnAct, NormKind, NormPlacement, QkNorm, RopeLayout};
 use crate::error::{ModelError, Result};
 use crate::forward::{Exec, Plan, Probe};
 use crate::kv::KvCache;
@@ -78,6 +78,37 @@ fn collect(
         c.dense(&w.name, x, m)?;
     }
     Ok(())
+}
+
+/// `out = norm(x) · w` with the model's kind of norm.
+fn norm_row(kind: NormKind, x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    match kind {
+        NormKind::Rms => kernels::rms_norm_row(x, w, eps, out),
+        NormKind::Layer => kernels::layer_norm_row(x, w, eps, out),
+    }
+}
+
+/// In-place [`norm_row`].
+fn norm_row_inplace(kind: NormKind, x: &mut [f32], w: &[f32], eps: f32) {
+    match kind {
+        NormKind::Rms => kernels::rms_norm_row_inplace(x, w, eps),
+        NormKind::Layer => kernels::layer_norm_row_inplace(x, w, eps),
+    }
+}
+
+/// The Q or K norm of one token's projection `x` (all its heads).
+fn qk_norm(c: &Config, x: &mut [f32], w: &[f32]) {
+    let hd = c.head_dim;
+    match c.qk_norm {
+        QkNorm::None => {}
+        QkNorm::Head => kernels::rms_norm_rows_inplace(x, hd, w, c.rms_eps),
+        QkNorm::HeadWeights => {
+            for (head, w) in x.chunks_exact_mut(hd).zip(w.chunks_exact(hd)) {
+                norm_row_inplace(c.norm, head, w, c.rms_eps);
+            }
+        }
+        QkNorm::Whole => norm_row_inplace(c.norm, x, w, c.rms_eps),
+    }
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -275,6 +306,9 @@ impl CpuExec<'_> {
         grow(&mut st.gate, n * c.ffn);
         grow(&mut st.up, n * c.ffn);
         grow(&mut st.rope, n * c.rope_dims);
+        if c.norm_placement == NormPlacement::Parallel {
+            grow(&mut st.attn_o, n * d);
+        }
         if st.attn.len() < n * c.n_kv_heads {
             st.attn
                 .resize_with(n * c.n_kv_heads, crate::attention::AttnScratch::default);
@@ -316,14 +350,20 @@ impl Exec for CpuExec<'_> {
     }
 
     fn attn_norm(&mut self, il: usize) -> Result<()> {
-        let (n, d, eps) = (self.n(), self.m.config.d_model, self.m.config.rms_eps);
-        let lv = &self.m.vecs[il];
+        let c = &self.m.config;
+        let (n, d, eps) = (self.n(), c.d_model, c.rms_eps);
+        let Some(w) = &self.m.vecs[il].attn_norm else {
+            // No pre-norm: attention reads the residual stream.
+            let st = &mut *self.st;
+            st.xn[..n * d].copy_from_slice(&st.x[..n * d]);
+            return Ok(());
+        };
         let (x, xn) = (&self.st.x, SyncPtr(self.st.xn.as_mut_ptr()));
         each_row(n, &|i| {
             // SAFETY: row `i` of `xn` (sized `n * d` in `prepare`) is
             // written by this call only.
             let out = unsafe { row_mut(xn, i, d) };
-            kernels::rms_norm_row(&x[i * d..(i + 1) * d], &lv.attn_norm, eps, out);
+            norm_row(c.norm, &x[i * d..(i + 1) * d], w, eps, out);
         });
         Ok(())
     }
@@ -389,10 +429,10 @@ impl Exec for CpuExec<'_> {
                     kernels::rope_cache(meta[i].1 as f32, base, 1.0, ff, cs);
                 }
                 if let Some(qn) = &lv.q_norm {
-                    kernels::rms_norm_rows_inplace(q, hd, qn, c.rms_eps);
+                    qk_norm(c, q, qn);
                 }
                 if let Some(kn) = &lv.k_norm {
-                    kernels::rms_norm_rows_inplace(k, hd, kn, c.rms_eps);
+                    qk_norm(c, k, kn);
                 }
                 for head in q.chunks_exact_mut(hd) {
                     if use_rope {
@@ -489,6 +529,12 @@ impl Exec for CpuExec<'_> {
         let (n, d) = (self.n(), c.d_model);
         let lv = &self.m.vecs[il];
         let st = &mut *self.st;
+        if c.norm_placement == NormPlacement::Parallel {
+            // The FFN reads the attention's norm (still in `xn`); the
+            // attention output waits for the FFN's in `attn_o`.
+            std::mem::swap(&mut st.o, &mut st.attn_o);
+            return Ok(());
+        }
         let (xp, xnp, op) = (
             SyncPtr(st.x.as_mut_ptr()),
             SyncPtr(st.xn.as_mut_ptr()),
@@ -505,7 +551,10 @@ impl Exec for CpuExec<'_> {
                 o.iter_mut().for_each(|v| *v *= c.residual_scale);
             }
             x.iter_mut().zip(o.iter()).for_each(|(x, y)| *x += y);
-            kernels::rms_norm_row(x, &lv.ffn_norm, c.rms_eps, xn);
+            match &lv.ffn_norm {
+                Some(w) => norm_row(c.norm, x, w, c.rms_eps, xn),
+                None => xn.copy_from_slice(x),
+            }
         });
         Ok(())
     }
@@ -564,6 +613,14 @@ impl Exec for CpuExec<'_> {
         let (n, d) = (self.n(), c.d_model);
         let lv = &self.m.vecs[il];
         let st = &mut *self.st;
+        if c.norm_placement == NormPlacement::Parallel {
+            // llama.cpp's order: (ffn + x) + attn.
+            let (x, o, a) = (&mut st.x[..n * d], &st.o[..n * d], &st.attn_o[..n * d]);
+            for ((x, o), a) in x.iter_mut().zip(o).zip(a) {
+                *x = (*o + *x) + *a;
+            }
+            return Ok(());
+        }
         let (xp, op) = (SyncPtr(st.x.as_mut_ptr()), SyncPtr(st.o.as_mut_ptr()));
         each_row(n, &|i| {
             // SAFETY: rows `i` of x and o (each sized `n * d`) are
@@ -589,7 +646,8 @@ impl Exec for CpuExec<'_> {
         grow(&mut st.hidden_out, m * d);
         grow(&mut st.logits, m * c.vocab);
         for (j, &r) in self.plan.out_rows.iter().enumerate() {
-            kernels::rms_norm_row(
+            norm_row(
+                c.norm,
                 &st.x[r * d..(r + 1) * d],
                 &self.m.output_norm,
                 c.rms_eps,
@@ -606,8 +664,8 @@ impl Exec for CpuExec<'_> {
             &mut st.act,
         )?;
         collect(&mut st.imatrix, &[out_w], &st.hidden_out, m)?;
-        if c.logit_scale != 1.0 {
-            let s = 1.0 / c.logit_scale;
+        if c.logit_mul != 1.0 {
+            let s = c.logit_mul;
             st.logits[..m * c.vocab].iter_mut().for_each(|v| *v *= s);
         }
         if let Some(cap) = c.final_logit_softcap {

@@ -5,9 +5,10 @@
 //! says *what* each stage computes; the executor of the model's device
 //! decides *how* (the CPU's SIMD kernels and thread pool in
 //! `exec_cpu.rs`, CUDA kernels and graphs in `cuda/`). Architecture
-//! differences (Gemma's extra norms, query scale, sliding window, softcap)
-//! are data in the config and the weights, read by every executor the same
-//! way.
+//! differences (Gemma's extra norms, query scale, sliding window, softcap;
+//! OLMo 2's post-only norms; Command-R's LayerNorms and parallel
+//! attention/FFN) are data in the config and the weights, read by every
+//! executor the same way (or refused by one that lacks them).
 //!
 //! Executors own their buffers (on their device), allocated for the
 //! largest batch seen and reused, so a steady decode step allocates nothing.
@@ -93,11 +94,11 @@ pub enum Probe {
 pub trait Exec {
     /// `x = embed(tokens) · embed_scale`.
     fn embed(&mut self) -> Result<()>;
-    /// `xn = rms_norm(x) · attn_norm[il]`.
+    /// `xn = norm(x) · attn_norm[il]` (`xn = x` without pre-norms).
     fn attn_norm(&mut self, il: usize) -> Result<()>;
     /// `q, k, v = xn · W_q, W_k, W_v` (one pass over the input for all three).
     fn qkv(&mut self, il: usize) -> Result<()>;
-    /// Q/K/V biases, Gemma's per-head q/k norms, RoPE at each token's
+    /// Q/K/V biases, Q/K norms (per head or over the projection), RoPE at each token's
     /// position, the query scale; K and V written into the paged cache.
     fn rope_store_kv(&mut self, il: usize) -> Result<()>;
     /// Causal (optionally sliding-window) attention of every query head
@@ -105,7 +106,10 @@ pub trait Exec {
     fn attention(&mut self, il: usize) -> Result<()>;
     /// `o = att · W_o`.
     fn attn_out(&mut self, il: usize) -> Result<()>;
-    /// `x += post_attn_norm?(o)`, then `xn = rms_norm(x) · ffn_norm[il]`.
+    /// `x += post_attn_norm?(o)`, then `xn = norm(x) · ffn_norm[il]`
+    /// (`xn = x` without pre-norms). With attention and FFN in parallel
+    /// `o` is kept for [`Exec::ffn_residual`] and `xn` stays the
+    /// attention's norm.
     fn attn_residual(&mut self, il: usize) -> Result<()>;
     /// `gate, up = xn · W_gate, W_up`.
     fn ffn_gate_up(&mut self, il: usize) -> Result<()>;
@@ -113,10 +117,10 @@ pub trait Exec {
     fn ffn_act(&mut self) -> Result<()>;
     /// `o = act · W_down`.
     fn ffn_down(&mut self, il: usize) -> Result<()>;
-    /// `x += post_ffn_norm?(o)`.
+    /// `x += post_ffn_norm?(o)` (in parallel: `x = (o + x) + attn_o`).
     fn ffn_residual(&mut self, il: usize) -> Result<()>;
-    /// For the rows that want logits: `rms_norm(x) · output_norm`, the
-    /// LM head, the final softcap.
+    /// For the rows that want logits: `norm(x) · output_norm`, the
+    /// LM head, the logit scale, the final softcap.
     fn logits(&mut self) -> Result<()>;
     /// Writes a buffer for `TL_DUMP_TENSORS` (debugging only; may copy
     /// device memory to the host).

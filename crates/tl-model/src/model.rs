@@ -40,14 +40,14 @@ pub struct SeqBatch<'a> {
 
 /// Per-layer vectors (norm scales, biases) dequantized once at load.
 pub(crate) struct LayerVecs {
-    pub(crate) attn_norm: Vec<f32>,
+    pub(crate) attn_norm: Option<Vec<f32>>,
     pub(crate) bq: Option<Vec<f32>>,
     pub(crate) bk: Option<Vec<f32>>,
     pub(crate) bv: Option<Vec<f32>>,
     pub(crate) q_norm: Option<Vec<f32>>,
     pub(crate) k_norm: Option<Vec<f32>>,
     pub(crate) post_attn_norm: Option<Vec<f32>>,
-    pub(crate) ffn_norm: Vec<f32>,
+    pub(crate) ffn_norm: Option<Vec<f32>>,
     pub(crate) post_ffn_norm: Option<Vec<f32>>,
 }
 
@@ -109,6 +109,9 @@ pub struct ForwardState {
     pub(crate) v: Vec<f32>,
     pub(crate) att: Vec<f32>,
     pub(crate) o: Vec<f32>,
+    /// The attention output of a layer whose FFN runs beside it
+    /// (`NormPlacement::Parallel`), kept for the residual add.
+    pub(crate) attn_o: Vec<f32>,
     pub(crate) gate: Vec<f32>,
     pub(crate) up: Vec<f32>,
     pub(crate) plan: Plan,
@@ -184,14 +187,14 @@ impl Model {
         let mut vecs = Vec::with_capacity(config.n_layers);
         for l in &weights.layers {
             vecs.push(LayerVecs {
-                attn_norm: ops::vector(&l.attn_norm, &file)?,
+                attn_norm: opt_vec(&l.attn_norm, &file)?,
                 bq: opt_vec(&l.bq, &file)?,
                 bk: opt_vec(&l.bk, &file)?,
                 bv: opt_vec(&l.bv, &file)?,
                 q_norm: opt_vec(&l.q_norm, &file)?,
                 k_norm: opt_vec(&l.k_norm, &file)?,
                 post_attn_norm: opt_vec(&l.post_attn_norm, &file)?,
-                ffn_norm: ops::vector(&l.ffn_norm, &file)?,
+                ffn_norm: opt_vec(&l.ffn_norm, &file)?,
                 post_ffn_norm: opt_vec(&l.post_ffn_norm, &file)?,
             });
         }

@@ -31,6 +31,13 @@ pub enum SynthArch {
     /// Qwen 2 MoE: qwen2's attention, experts and a gated shared expert
     /// (twice an expert's FFN size).
     Qwen2Moe,
+    /// OLMo 2: post-norms only (`post_attention_norm`, `post_ffw_norm`),
+    /// Q/K norms over the whole projection, untied output.
+    Olmo2,
+    /// Command-R: one LayerNorm (`attn_norm`) per layer, a logit scale,
+    /// tied output; per-head Q/K norms (`[head_dim, heads]`) from 64
+    /// layers on.
+    CommandR,
 }
 
 impl SynthArch {
@@ -47,10 +54,12 @@ impl SynthArch {
             "qwen3moe" => Ok(Self::Qwen3Moe),
             "mixtral" => Ok(Self::Mixtral),
             "qwen2moe" => Ok(Self::Qwen2Moe),
+            "olmo2" => Ok(Self::Olmo2),
+            "command-r" => Ok(Self::CommandR),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported:
-                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3",
+                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r",
             }),
         }
     }
@@ -69,6 +78,8 @@ impl SynthArch {
             // A llama file with experts.
             Self::Mixtral => "llama",
             Self::Qwen2Moe => "qwen2moe",
+            Self::Olmo2 => "olmo2",
+            Self::CommandR => "command-r",
         }
     }
 }
@@ -174,10 +185,18 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         format!("{arch}.attention.head_count_kv"),
         u32v(spec.n_kv_heads),
     );
-    w.set(
-        format!("{arch}.attention.layer_norm_rms_epsilon"),
-        Value::F32(1e-6),
-    );
+    if spec.arch == SynthArch::CommandR {
+        w.set(
+            format!("{arch}.attention.layer_norm_epsilon"),
+            Value::F32(1e-5),
+        );
+        w.set(format!("{arch}.logit_scale"), Value::F32(0.125));
+    } else {
+        w.set(
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-6),
+        );
+    }
     w.set(format!("{arch}.rope.freq_base"), Value::F32(1e6));
     let gemma = matches!(spec.arch, SynthArch::Gemma2 | SynthArch::Gemma3);
     if gemma || spec.head_dim * spec.n_heads != d {
@@ -276,19 +295,26 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             .collect();
         add_tensor(w, name, vec![cols as u64, rows as u64], ty, &vals)
     };
-    let norm = |w: &mut GgufWriter<'static>, name: String, n: usize| -> Result<()> {
+    let norm_dims = |w: &mut GgufWriter<'static>, name: String, dims: &[usize]| -> Result<()> {
+        let n: usize = dims.iter().product();
         let vals: Vec<f32> = (0..n)
             .map(|i| 1.0 + 0.01 * ((i % 7) as f32 - 3.0))
             .collect();
-        add_tensor(w, name, vec![n as u64], GgmlType::F32, &vals)
+        let dims = dims.iter().map(|&v| v as u64).collect();
+        add_tensor(w, name, dims, GgmlType::F32, &vals)
     };
+    let norm = |w: &mut GgufWriter<'static>, name: String, n: usize| norm_dims(w, name, &[n]);
+    let olmo2 = spec.arch == SynthArch::Olmo2;
+    let command_r = spec.arch == SynthArch::CommandR;
 
     let wt = spec.weight_type;
     let s_in = 1.0 / (d as f32).sqrt();
     matrix(&mut w, "token_embd.weight".into(), d, vocab, wt, 1.0)?;
     for i in 0..spec.n_layers {
         let b = format!("blk.{i}");
-        norm(&mut w, format!("{b}.attn_norm.weight"), d)?;
+        if !olmo2 {
+            norm(&mut w, format!("{b}.attn_norm.weight"), d)?;
+        }
         let s_qk = s_in * spec.qk_scale;
         if spec.arch == SynthArch::Phi3 {
             let rows = q_dim + 2 * kv_dim;
@@ -317,13 +343,32 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             norm(&mut w, format!("{b}.attn_q_norm.weight"), spec.head_dim)?;
             norm(&mut w, format!("{b}.attn_k_norm.weight"), spec.head_dim)?;
         }
-        if gemma {
+        if olmo2 {
+            norm(&mut w, format!("{b}.attn_q_norm.weight"), q_dim)?;
+            norm(&mut w, format!("{b}.attn_k_norm.weight"), kv_dim)?;
+        }
+        if command_r && spec.n_layers >= 64 {
+            let hd = spec.head_dim;
+            norm_dims(
+                &mut w,
+                format!("{b}.attn_q_norm.weight"),
+                &[hd, spec.n_heads],
+            )?;
+            norm_dims(
+                &mut w,
+                format!("{b}.attn_k_norm.weight"),
+                &[hd, spec.n_kv_heads],
+            )?;
+        }
+        if gemma || olmo2 {
             norm(&mut w, format!("{b}.post_attention_norm.weight"), d)?;
             norm(&mut w, format!("{b}.post_ffw_norm.weight"), d)?;
         }
         let s_o = 1.0 / (q_dim as f32).sqrt();
         matrix(&mut w, format!("{b}.attn_output.weight"), q_dim, d, wt, s_o)?;
-        norm(&mut w, format!("{b}.ffn_norm.weight"), d)?;
+        if !olmo2 && !command_r {
+            norm(&mut w, format!("{b}.ffn_norm.weight"), d)?;
+        }
         if moe {
             let (ne, ff) = (spec.n_expert, spec.ffn);
             matrix(
@@ -418,7 +463,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             &vals,
         )?;
     }
-    if !gemma {
+    if !gemma && !command_r {
         matrix(
             &mut w,
             "output.weight".into(),

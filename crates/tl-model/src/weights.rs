@@ -5,7 +5,7 @@
 
 use tl_gguf::{GgmlType, GgufFile, TensorInfo};
 
-use crate::config::{Arch, Config};
+use crate::config::{Arch, Config, NormPlacement, QkNorm};
 use crate::error::{ModelError, Result};
 
 /// A 2-D weight of `rows` output rows by `cols` inputs (GGML dims `[cols, rows]`),
@@ -80,7 +80,8 @@ pub struct MoeWeights {
 }
 
 pub struct LayerWeights {
-    pub attn_norm: Weight,
+    /// `None` without pre-norms (olmo2).
+    pub attn_norm: Option<Weight>,
     pub wq: Weight,
     pub wk: Weight,
     pub wv: Weight,
@@ -91,7 +92,9 @@ pub struct LayerWeights {
     pub k_norm: Option<Weight>,
     pub wo: Weight,
     pub post_attn_norm: Option<Weight>,
-    pub ffn_norm: Weight,
+    /// `None` without pre-norms (olmo2) and where the FFN shares the
+    /// attention's norm (command-r).
+    pub ffn_norm: Option<Weight>,
     pub gate: Weight,
     pub up: Weight,
     pub down: Weight,
@@ -236,14 +239,22 @@ impl Weights {
         let l = Loader { file };
         let d = c.d_model;
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
-        let qk_norm = matches!(c.arch, Arch::Gemma3 | Arch::Qwen3 | Arch::Qwen3Moe);
+        let post_norms = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3)
+            || c.norm_placement == NormPlacement::Post;
+        // Q/K norm weights' GGML dims.
+        let (hd, nh, nkv) = (c.head_dim, c.n_heads, c.n_kv_heads);
+        let qk_dims: Option<(Vec<usize>, Vec<usize>)> = match c.qk_norm {
+            QkNorm::None => None,
+            QkNorm::Head => Some((vec![hd], vec![hd])),
+            QkNorm::HeadWeights => Some((vec![hd, nh], vec![hd, nkv])),
+            QkNorm::Whole => Some((vec![qd], vec![kvd])),
+        };
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}");
             let req = |s: &str, dims: &[usize]| l.get(&n(s), dims);
-            let gemma_only = |s: &str, dims: &[usize]| -> Result<Option<Weight>> {
-                if gemma {
+            let if_post = |s: &str, dims: &[usize]| -> Result<Option<Weight>> {
+                if post_norms {
                     req(s, dims).map(Some)
                 } else {
                     Ok(None)
@@ -319,34 +330,39 @@ impl Weights {
                     req("ffn_up.weight", &[d, c.ffn])?,
                 )
             };
+            let pre = |s: &str, yes: bool| -> Result<Option<Weight>> {
+                if yes {
+                    req(s, &[d]).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             layers.push(LayerWeights {
-                attn_norm: req("attn_norm.weight", &[d])?,
+                attn_norm: pre("attn_norm.weight", c.norm_placement != NormPlacement::Post)?,
                 wq,
                 wk,
                 wv,
                 bq: l.opt(&n("attn_q.bias"), &[qd])?,
                 bk: l.opt(&n("attn_k.bias"), &[kvd])?,
                 bv: l.opt(&n("attn_v.bias"), &[kvd])?,
-                q_norm: if qk_norm {
-                    Some(req("attn_q_norm.weight", &[c.head_dim])?)
-                } else {
-                    None
+                q_norm: match &qk_dims {
+                    Some((q, _)) => Some(req("attn_q_norm.weight", q)?),
+                    None => None,
                 },
-                k_norm: if qk_norm {
-                    Some(req("attn_k_norm.weight", &[c.head_dim])?)
-                } else {
-                    None
+                k_norm: match &qk_dims {
+                    Some((_, k)) => Some(req("attn_k_norm.weight", k)?),
+                    None => None,
                 },
                 wo: req("attn_output.weight", &[qd, d])?,
-                post_attn_norm: gemma_only("post_attention_norm.weight", &[d])?,
-                ffn_norm: req("ffn_norm.weight", &[d])?,
+                post_attn_norm: if_post("post_attention_norm.weight", &[d])?,
+                ffn_norm: pre("ffn_norm.weight", c.norm_placement == NormPlacement::Pre)?,
                 gate,
                 up,
                 down: match &moe {
                     Some(m) => m.experts[0][2].clone(),
                     None => req("ffn_down.weight", &[c.ffn, d])?,
                 },
-                post_ffn_norm: gemma_only("post_ffw_norm.weight", &[d])?,
+                post_ffn_norm: if_post("post_ffw_norm.weight", &[d])?,
                 moe,
             });
         }
@@ -369,7 +385,13 @@ impl Weights {
         Ok(Weights {
             token_embd: l.get("token_embd.weight", &[d, c.vocab])?,
             output_norm: l.get("output_norm.weight", &[d])?,
-            output: l.opt("output.weight", &[d, c.vocab])?,
+            // Command-R's LM head is always the embedding table (llama.cpp
+            // reads no `output.weight` for it).
+            output: if c.arch == Arch::CommandR {
+                None
+            } else {
+                l.opt("output.weight", &[d, c.vocab])?
+            },
             rope_freqs: l.opt("rope_freqs.weight", &[c.rope_dims / 2])?,
             layers,
         })

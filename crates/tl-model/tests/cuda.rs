@@ -833,6 +833,11 @@ fn cuda_refuses_what_it_cannot_run_yet() {
         (SynthArch::Qwen3Moe, "mixture-of-experts"),
         (SynthArch::Qwen2Moe, "mixture-of-experts"),
         (SynthArch::Mixtral, "mixture-of-experts"),
+        (
+            SynthArch::Olmo2,
+            "not supported on CUDA yet: sub-layers without pre-norms",
+        ),
+        (SynthArch::CommandR, "not supported on CUDA yet: LayerNorm"),
     ] {
         let s = spec(arch, GgmlType::Q8_0, GgmlType::Q8_0, 64);
         let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");

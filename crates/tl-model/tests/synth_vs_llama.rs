@@ -21,6 +21,13 @@
 //! frequency factors moves its logits by 0.19 against a bound of 0.047;
 //! rotating smollm3's NoPE layers, by 0.65 against 0.060 (its 4-layer case
 //! uses 3: at 6, four peaked layers amplify float order to 0.06).
+//!
+//! The twists of olmo2 and command-r show the same way: norming olmo2's
+//! Q/K per head instead of over the whole projection moves its logits by
+//! 0.34 against 0.078; leaving the attention output out of command-r's
+//! parallel residual, by 4.4 against 0.31; leaving out the per-head Q/K
+//! LayerNorms of its 64-layer case (llama.cpp has them only from 64
+//! layers on), by 0.72 against 0.12.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

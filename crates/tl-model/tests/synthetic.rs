@@ -28,6 +28,8 @@ fn every_architecture_generates_batch_invariantly() {
         (SynthArch::Qwen2, GgmlType::Q8_0),
         (SynthArch::Gemma3, GgmlType::Q4_K),
         (SynthArch::Llama, GgmlType::F16),
+        (SynthArch::Olmo2, GgmlType::Q8_0),
+        (SynthArch::CommandR, GgmlType::Q4_0),
     ] {
         let m = model(arch, ty);
         let prompts: Vec<Vec<u32>> = vec![

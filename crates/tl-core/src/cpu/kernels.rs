@@ -238,6 +238,47 @@ fn scale_row(x: &mut [f32], scale: f32, w: &[f32]) {
     }
 }
 
+/// Mean and `1 / sqrt(var + eps)` of a row as ggml's `norm` computes them
+/// in llama.cpp's portable build: the mean from an f64 sum rounded to f32
+/// and divided in f32; the variance summed in f64 over groups of four
+/// squared deviations, each group added pairwise in f32 (the SSE2 path of
+/// `ggml_vec_cvar_f32`), the last `len % 4` one by one.
+fn layer_norm_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len().max(1);
+    let sum: f64 = x.iter().map(|&v| f64::from(v)).sum();
+    let mean = (sum as f32) / n as f32;
+    let mut var = 0f64;
+    let mut quads = x.chunks_exact(4);
+    for q in &mut quads {
+        let s = [q[0] - mean, q[1] - mean, q[2] - mean, q[3] - mean];
+        var += f64::from((s[0] * s[0] + s[1] * s[1]) + (s[2] * s[2] + s[3] * s[3]));
+    }
+    for &v in quads.remainder() {
+        let s = v - mean;
+        var += f64::from(s * s);
+    }
+    let var = (var / n as f64) as f32;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `out = (x - mean(x)) / sqrt(var(x) + eps) * w`: ggml's `norm` followed
+/// by the weight's `mul` (a LayerNorm without bias), in llama.cpp's float
+/// order (see [`layer_norm_stats`]).
+pub fn layer_norm_row(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let (mean, scale) = layer_norm_stats(x, eps);
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = (v - mean) * scale * g;
+    }
+}
+
+/// In-place [`layer_norm_row`].
+pub fn layer_norm_row_inplace(x: &mut [f32], w: &[f32], eps: f32) {
+    let (mean, scale) = layer_norm_stats(x, eps);
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = (*v - mean) * scale * g;
+    }
+}
+
 /// Fills `cache` (`n_rot` values) with `[cos θ_0, sin θ_0, cos θ_1, …]` for
 /// position `pos`: `θ_i = freq_scale · pos · base^(-2/n_rot)^i / ff_i`.
 pub fn rope_cache(
@@ -491,6 +532,31 @@ mod tests {
         rms_norm_row(&[1.0, 2.0, 3.0, 4.0], &[1.0; 4], 0.0, &mut out);
         let s = 1.0 / 7.5f32.sqrt();
         assert_eq!(out, [s, 2.0 * s, 3.0 * s, 4.0 * s]);
+    }
+
+    #[test]
+    fn layer_norm_by_hand() {
+        let x = [1.0f32, 2.0, 3.0, 4.0, 10.0];
+        let w = [1.0, 2.0, 1.0, 1.0, 0.5];
+        let mut out = [0.0; 5];
+        layer_norm_row(&x, &w, 1e-5, &mut out);
+        let mean = 4.0f64;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / 5.0;
+        for i in 0..5 {
+            let want = (f64::from(x[i]) - mean) / (var + 1e-5).sqrt() * f64::from(w[i]);
+            assert!(
+                (f64::from(out[i]) - want).abs() < 1e-6,
+                "{i}: {} {want}",
+                out[i]
+            );
+        }
+        let mut y = x;
+        layer_norm_row_inplace(&mut y, &w, 1e-5);
+        assert_eq!(y, out);
     }
 
     #[test]

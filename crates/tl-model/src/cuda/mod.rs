@@ -93,6 +93,32 @@ fn ptr(b: &Option<DevBuf>) -> u64 {
 impl CudaModel {
     pub fn upload(m: &Model, ordinal: usize) -> Result<CudaModel> {
         let c = &m.config;
+        let unsupported = |what: &str| {
+            ModelError::Device(format!(
+                "{}: not supported on CUDA yet: {what} (run it with --device cpu)",
+                c.arch.name()
+            ))
+        };
+        if c.norm != crate::config::NormKind::Rms {
+            return Err(unsupported("LayerNorm"));
+        }
+        match c.norm_placement {
+            crate::config::NormPlacement::Pre => {}
+            crate::config::NormPlacement::Post => {
+                return Err(unsupported("sub-layers without pre-norms"))
+            }
+            crate::config::NormPlacement::Parallel => {
+                return Err(unsupported("attention and FFN in parallel"))
+            }
+        }
+        if !matches!(
+            c.qk_norm,
+            crate::config::QkNorm::None | crate::config::QkNorm::Head
+        ) {
+            return Err(unsupported(
+                "Q/K norms other than one shared per-head weight",
+            ));
+        }
         if c.n_expert > 0 {
             return Err(ModelError::Device(format!(
                 "{}: mixture-of-experts layers are not in the CUDA executor yet (run it with \
@@ -107,7 +133,7 @@ impl CudaModel {
                 c.arch.name()
             )));
         }
-        if c.residual_scale != 1.0 || c.logit_scale != 1.0 {
+        if c.residual_scale != 1.0 || c.logit_mul != 1.0 {
             return Err(ModelError::Device(format!(
                 "{}: the residual and logit scales of this architecture are not in the CUDA \
                  executor yet (run it with --device cpu)",
@@ -131,9 +157,12 @@ impl CudaModel {
         let mut layers = Vec::with_capacity(w.layers.len());
         let mut max_mat = 0usize;
         for (lw, lv) in w.layers.iter().zip(&m.vecs) {
+            let (Some(attn_norm), Some(ffn_norm)) = (&lv.attn_norm, &lv.ffn_norm) else {
+                return Err(unsupported("a layer without pre-norms"));
+            };
             let l = DevLayer {
-                attn_norm: upload_f32(&gpu, &lv.attn_norm, "attn_norm")?,
-                ffn_norm: upload_f32(&gpu, &lv.ffn_norm, "ffn_norm")?,
+                attn_norm: upload_f32(&gpu, attn_norm, "attn_norm")?,
+                ffn_norm: upload_f32(&gpu, ffn_norm, "ffn_norm")?,
                 bq: upload_opt(&gpu, &lv.bq, "bq")?,
                 bk: upload_opt(&gpu, &lv.bk, "bk")?,
                 bv: upload_opt(&gpu, &lv.bv, "bv")?,
