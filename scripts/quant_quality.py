@@ -12,7 +12,13 @@ For each test model:
      base.lp holds the base's log-probabilities (`tl perplexity -m base.gguf
      --save-logprobs base.lp`, run once): perplexity, ln(PPL/PPL_base), mean
      and p99 KL divergence from the base, top-1 agreement;
-  4. `tl bench -m T.gguf -p 256 -n 64`: prompt and generation tok/s.
+  4. `tl bench -m T.gguf -p 256 -n 64`: prompt and generation tok/s;
+  5. with an importance matrix (`--imatrix`, or `--imatrix-only` to add
+     these rows to an earlier run's JSON): `tl imatrix -m base.gguf -f
+     CALIBRATION` (README.md: text other than the perplexity text), then per
+     low-bit type `tl quantize --imatrix` and llama.cpp's quantizer with the
+     same importance values (llama_model_quantize's imatrix array), their
+     files compared, and step 3 on tl's.
 
 Run with the reference environment (llama-cpp-python as ../shared/MODELS.md
 builds it):
@@ -37,6 +43,12 @@ MODELS = ["qwen2.5-coder-0.5b-instruct-q4.gguf", "gemma-3-270m-q4_k_m.gguf"]
 # matrix; F32 would repeat F16).
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M",
          "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+# The types measured again with an importance matrix (the low-bit ones,
+# where it matters; Q2_K_S needs one).
+IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K", "Q2_K_S"]
+CALIBRATION = os.path.join(ROOT, "README.md")
+IMATRIX_CTX = 512
+IMATRIX_CHUNKS = 4
 
 
 def run(cmd):
@@ -46,15 +58,76 @@ def run(cmd):
     return r.stdout
 
 
-def measure(tl, model, base_lp, text, chunk):
+def imatrix_weights(path):
+    """quantize.cpp load_imatrix on a GGUF imatrix file: per tensor, the
+    sums of squares over each expert's count (1 where a count is 0)."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    t = {x.name: np.array(x.data, dtype=np.float32).reshape(-1) for x in r.tensors}
+    out = {}
+    for name, sums in t.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[: -len(".in_sum2")]
+        counts = t[base + ".counts"]
+        ne0 = len(sums) // len(counts)
+        w = np.empty_like(sums)
+        for j, c in enumerate(counts):
+            run_ = slice(j * ne0, (j + 1) * ne0)
+            w[run_] = sums[run_] / np.float32(c) if c > 0 else np.float32(1.0)
+        out[base] = w
+    chunks = int(r.fields["imatrix.chunk_count"].parts[-1][0])
+    return out, chunks
+
+
+def imatrix_rows(args, tl, base, base_lp, model):
+    from make_imatrix_quantize_fixtures import reference_quantize_imatrix
+
+    im = os.path.join(args.work, "imatrix.gguf")
+    run([tl, "imatrix", "-m", base, "-f", CALIBRATION, "-o", im, "-c", str(IMATRIX_CTX),
+         "--chunks", str(IMATRIX_CHUNKS)])
+    weights, chunks = imatrix_weights(im)
+    rows = {}
+    for ftype in IMATRIX_TYPES:
+        mine = os.path.join(args.work, f"{ftype}-imatrix.gguf")
+        ref = os.path.join(args.work, f"{ftype}-imatrix-ref.gguf")
+        run([tl, "quantize", "--imatrix", im, base, mine, ftype])
+        reference_quantize_imatrix(base, ref, ftype, weights, im, os.path.basename(CALIBRATION),
+                                   chunks)
+        same = tensor_data(mine) == tensor_data(ref)
+        os.remove(ref)
+        r = measure(tl, mine, base_lp, TEXT, args.chunk, bench=False)
+        r["identical_to_llama_cpp"] = same
+        rows[ftype] = r
+        os.remove(mine)
+        print(f"{model} {ftype} imatrix: {r}", file=sys.stderr, flush=True)
+    os.remove(im)
+    return rows
+
+
+def tensor_data(path):
+    """Every tensor's name, type and bytes: what the quantizers decide (the
+    imatrix file name in the metadata differs between the two runs)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    return [(t.name, int(t.tensor_type), bytes(t.data.tobytes())) for t in r.tensors]
+
+
+def measure(tl, model, base_lp, text, chunk, bench=True):
     out = run([tl, "perplexity", "-m", model, "-f", text, "--chunk", str(chunk),
                "--kl-divergence-base", base_lp])
     ppl = float(re.search(r"perplexity: ([0-9.]+)", out).group(1))
     m = re.search(r"ln\(ppl/base\): ([-+0-9.]+); KL divergence: mean ([0-9.]+), p99 ([0-9.]+), "
                   r"max ([0-9.]+); same top token: ([0-9.]+)%", out)
-    bench = json.loads(run([tl, "bench", "-m", model, "-p", "256", "-n", "64", "-r", "2", "--json"]))
-    pp = next(b["tokens_per_s"] for b in bench if b["test"].startswith("pp"))
-    tg = next(b["tokens_per_s"] for b in bench if b["test"].startswith("tg"))
+    pp = tg = None
+    if bench:
+        bench = json.loads(run([tl, "bench", "-m", model, "-p", "256", "-n", "64", "-r", "2",
+                                "--json"]))
+        pp = next(b["tokens_per_s"] for b in bench if b["test"].startswith("pp"))
+        tg = next(b["tokens_per_s"] for b in bench if b["test"].startswith("tg"))
     return {"ppl": ppl, "ln_ratio": float(m.group(1)), "kl_mean": float(m.group(2)),
             "kl_p99": float(m.group(3)), "kl_max": float(m.group(4)), "top1": float(m.group(5)),
             "size_mib": os.path.getsize(model) / 2**20, "pp": pp, "tg": tg}
@@ -69,22 +142,36 @@ def main():
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "quantization.json"))
     ap.add_argument("--render-only", action="store_true",
                     help="rewrite the Markdown from the JSON of an earlier run")
+    ap.add_argument("--imatrix", action="store_true",
+                    help="also measure IMATRIX_TYPES with an importance matrix")
+    ap.add_argument("--imatrix-only", action="store_true",
+                    help="measure only the importance-matrix rows, into the earlier run's JSON")
     args = ap.parse_args()
-    if args.render_only:
+    if args.render_only or args.imatrix_only:
         with open(args.json) as f:
             d = json.load(f)
-        render(args, d["results"], d["commit"], d["date"], d.get("cpu", "unknown CPU"), d.get("note"))
+        if args.imatrix_only:
+            os.makedirs(args.work, exist_ok=True)
+            d["imatrix"] = {}
+            for model in MODELS:
+                base, base_lp = make_base(args, model)
+                d["imatrix"][model] = imatrix_rows(args, args.tl, base, base_lp, model)
+                os.remove(base)
+                os.remove(base_lp)
+            d["imatrix_commit"] = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
+            d["imatrix_date"] = str(datetime.date.today())
+            with open(args.json, "w") as f:
+                json.dump(d, f, indent=1)
+                f.write("\n")
+        render(args, d["results"], d["commit"], d["date"], d.get("cpu", "unknown CPU"),
+               d.get("note"), d)
         return
     os.makedirs(args.work, exist_ok=True)
     commit = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
     results = {}
+    with_imatrix = {}
     for model in MODELS:
-        src = os.path.join(MODEL_DIR, model)
-        base = os.path.join(args.work, "base-f16.gguf")
-        run([args.tl, "quantize", src, base, "F16", "--allow-requantize"])
-        base_lp = os.path.join(args.work, "base.lp")
-        run([args.tl, "perplexity", "-m", base, "-f", TEXT, "--chunk", str(args.chunk),
-             "--save-logprobs", base_lp])
+        base, base_lp = make_base(args, model)
         rows = {}
         for ftype in TYPES:
             mine = os.path.join(args.work, f"{ftype}.gguf")
@@ -99,6 +186,8 @@ def main():
             os.remove(mine)
             print(f"{model} {ftype}: {r}", file=sys.stderr, flush=True)
         results[model] = rows
+        if args.imatrix:
+            with_imatrix[model] = imatrix_rows(args, args.tl, base, base_lp, model)
         os.remove(base)
         os.remove(base_lp)
     cpu = "unknown CPU"
@@ -109,13 +198,27 @@ def main():
         pass
     cpu = f"{cpu}, {os.cpu_count()} threads ({platform.machine()})"
     date = str(datetime.date.today())
+    d = {"commit": commit, "date": date, "cpu": cpu, "results": results}
+    if args.imatrix:
+        d.update(imatrix=with_imatrix, imatrix_commit=commit, imatrix_date=date)
     with open(args.json, "w") as f:
-        json.dump({"commit": commit, "date": date, "cpu": cpu, "results": results}, f, indent=1)
+        json.dump(d, f, indent=1)
         f.write("\n")
-    render(args, results, commit, date, cpu)
+    render(args, results, commit, date, cpu, None, d)
 
 
-def render(args, results, commit, date, cpu, note=None):
+def make_base(args, model):
+    """The F16 base of a model and its saved log-probabilities."""
+    src = os.path.join(MODEL_DIR, model)
+    base = os.path.join(args.work, "base-f16.gguf")
+    run([args.tl, "quantize", src, base, "F16", "--allow-requantize"])
+    base_lp = os.path.join(args.work, "base.lp")
+    run([args.tl, "perplexity", "-m", base, "-f", TEXT, "--chunk", str(args.chunk),
+         "--save-logprobs", base_lp])
+    return base, base_lp
+
+
+def render(args, results, commit, date, cpu, note=None, d=None):
     lines = [
         "# Quantization: quality and speed per type",
         "",
@@ -141,10 +244,21 @@ def render(args, results, commit, date, cpu, note=None):
         "lie on those types' grids: a type whose grid contains a tensor's values (Q4_K for a "
         "tensor that was Q4_K, Q5_0 for one that was Q5_0) requantizes it almost losslessly, and "
         "such a type can come out ahead of one with more bits (Q4_K_M against Q5_K_M on Qwen). "
-        "On an F16 original the order would follow the bits. No importance matrix is used "
-        "(`tl imatrix` is not written yet), so the low-bit rows are the no-imatrix figures.",
+        "On an F16 original the order would follow the bits. The main tables use no importance "
+        "matrix; the second table of each model repeats the low-bit types with one.",
         "",
     ]
+    im = (d or {}).get("imatrix")
+    if im:
+        lines += [
+            f"With an importance matrix (measured {d.get('imatrix_date')}, commit "
+            f"{d.get('imatrix_commit')}): `tl imatrix -m base.gguf -f README.md -c {IMATRIX_CTX} "
+            f"--chunks {IMATRIX_CHUNKS}` (calibration text other than the perplexity text), then "
+            "`tl quantize --imatrix`; \"= llama.cpp\" compares every tensor's type and bytes with "
+            "llama.cpp's quantizer given the same importance values (`llama_model_quantize` with "
+            "its imatrix array). \"KL without\" is the same type's mean KL from the main table.",
+            "",
+        ]
     if note:
         lines += [note, ""]
     for model, rows in results.items():
@@ -158,6 +272,18 @@ def render(args, results, commit, date, cpu, note=None):
                 f"{r['kl_mean']:.5f} | {r['kl_p99']:.4f} | {r['top1']:.2f}% | "
                 f"{'yes' if r['identical_to_llama_cpp'] else 'NO'} | {r['pp']:.1f} | {r['tg']:.1f} |")
         lines.append("")
+        if im and model in im:
+            lines += [f"With an importance matrix ({model}):", "",
+                      "| type | MiB | PPL | ln(PPL/base) | mean KL | KL without | p99 KL | top-1 | = llama.cpp |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+            for ftype, r in im[model].items():
+                without = rows.get(ftype, {}).get("kl_mean")
+                wo = f"{without:.5f}" if without is not None else "—"
+                lines.append(
+                    f"| {ftype} | {r['size_mib']:.1f} | {r['ppl']:.4f} | {r['ln_ratio']:+.4f} | "
+                    f"{r['kl_mean']:.5f} | {wo} | {r['kl_p99']:.4f} | {r['top1']:.2f}% | "
+                    f"{'yes' if r['identical_to_llama_cpp'] else 'NO'} |")
+            lines.append("")
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     print(f"wrote {args.out}", file=sys.stderr)
