@@ -39,6 +39,7 @@ mode=${1:-all}
 BIN=${TL_BIN:-.gpu/tl}
 TEST=${TL_CUDA_TEST:-.gpu/cuda_test}
 ETEST=${TL_CUDA_ENGINE_TEST:-.gpu/cuda_engine_test}
+LTEST=${TL_CUDA_LANG_TEST:-.gpu/cuda_lang_test}
 W=${W:-/tmp/tlgpu}
 mkdir -p "$W"
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi >/dev/null 2>&1; then
@@ -66,6 +67,11 @@ gpu_tests() {
     TL_CUDA_TIMEOUT=10 timeout "$2" "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
     echo "engine tests: exit $? (t=${SECONDS}s)"
     grep -E 'requests equal|out of memory:|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-300
+  fi
+  if [ -x "$LTEST" ]; then
+    TL_CUDA_TIMEOUT=10 timeout 120 "$LTEST" --test-threads=1 --nocapture >"$OUT/lang-test.log" 2>&1
+    echo "language tests: exit $? (t=${SECONDS}s)"
+    grep -E '^(linear|step) |test result|FAILED|panicked' "$OUT/lang-test.log" | cut -c1-200
   fi
 }
 

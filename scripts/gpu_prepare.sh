@@ -10,7 +10,8 @@ grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/ex
 cargo build --release -p tl-cli
 cp target/release/tl .gpu/tl && strip .gpu/tl
 # The GPU test binaries: tl-model's `cuda` (kernels and forward against the
-# CPU) and tl-engine's `cuda_engine` (the scheduler on the GPU).
+# CPU), tl-engine's `cuda_engine` (the scheduler on the GPU) and tl-lang's
+# `cuda_lang` (programs whose model is on the GPU).
 test_bin() { # crate test-name out
   local t
   t=$(cargo test --release -p "$1" --test "$2" --no-run --message-format=json 2>/dev/null \
@@ -24,5 +25,6 @@ for l in sys.stdin:
 }
 test_bin tl-model cuda .gpu/cuda_test
 test_bin tl-engine cuda_engine .gpu/cuda_engine_test
+test_bin tl-lang cuda_lang .gpu/cuda_lang_test
 if [ -d ../shared/gpu ]; then cp ../shared/gpu/build-llamacpp-cuda.sh ../shared/gpu/llama.cpp-src.tar.xz .gpu/; fi
 du -sh .gpu/*

@@ -55,3 +55,19 @@ for p in "${prompts[@]}"; do
   fi
 done
 echo "greedy continuations equal on $eq of $total prompts ($N tokens each)"
+# The same model written in the language (examples/gemma3_generate.tl, or
+# $TL_PROGRAM): on `--device cuda` its linear and attention calls run on
+# the GPU. Token ids and speed on each device.
+P=${TL_PROGRAM:-examples/gemma3_generate.tl}
+if [ -f "$P" ]; then
+  for d in cpu cuda; do
+    TL_CUDA_TIMEOUT=30 timeout 300 "$BIN" --device $d run "$P" "$M" "The three primary colors are" "$N" >/tmp/prog-$d.txt 2>&1
+    echo "program on $d: exit $? | $(grep -E '^prompt:' /tmp/prog-$d.txt)"
+    grep -E 'error' /tmp/prog-$d.txt | head -3
+  done
+  if [ "$(grep '^ids:' /tmp/prog-cpu.txt)" = "$(grep '^ids:' /tmp/prog-cuda.txt)" ]; then
+    echo "program: token ids equal on both devices"
+  else
+    echo "program: token ids differ"; grep '^ids:' /tmp/prog-cpu.txt /tmp/prog-cuda.txt | cut -c1-300
+  fi
+fi

@@ -63,9 +63,11 @@ pub fn run(a: &RunArgs) -> Result<()> {
     crate::cmd_generate::init_threads(a.threads)?;
     let file = a.file.clone();
     let args = a.args.clone();
+    let device = crate::device();
     on_big_stack(move || {
         let mut it = Interp::new(Box::new(std::io::stdout()));
         it.args = args;
+        it.device = device;
         let r = it
             .load_file(&file)
             .and_then(|mut p| it.check(&mut p).map(|()| p))

@@ -826,6 +826,16 @@ __device__ __forceinline__ void store_q8(float v, long i, signed char* xq, float
     if ((threadIdx.x & 31) == 0) xd[i / 32] = d;
 }
 
+// x[n] (rows of whole 32-value blocks, n a multiple of 32) quantized to 8
+// bits as the norm kernels leave their output for the next product: for a
+// product whose input comes from the host (a program's `linear`).
+extern "C" __global__ void quant_q8(const float* x, signed char* xq, float* xd, long n) { TL_PDL();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    // n and blockDim are multiples of 32: whole warps leave together.
+    if (i >= n) return;
+    store_q8(x[i], i, xq, xd);
+}
+
 // out[row] = x[src] / sqrt(mean(x[src]^2) + eps) * w, with src = rows ? rows[row] : row;
 // with xq, also the 8-bit quantized row (d a multiple of 32).
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, const int* rows, int d, float eps,

@@ -92,7 +92,7 @@ pub static BUILTINS: &[Builtin] = &[
     ready("parse_float", "parse_float(s: string) -> float", "Parses a number."),
     ready("fixpoint_limit", "fixpoint_limit(n: int) -> ()", "Sets the most rounds the rules may take to reach their fixpoint (default 100000); more is an error."),
     ready("clock", "clock() -> float", "Seconds on a monotonic clock (differences time a part of a program)."),
-    ready("load_model", "load_model(path: string) -> model", "Opens a GGUF model. `model.blk[i].attn_q.weight` (any GGUF tensor name, `blk.i.` written `blk[i].`) is its tensor, a zero-copy view that keeps its block format; `model.config.<field>` is a hyper-parameter: n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn, vocab, context (int), rope_base, rms_eps, embed_scale (float), arch (string)."),
+    ready("load_model", "load_model(path: string, device: string?) -> model", "Opens a GGUF model on `device` (\"cpu\", \"cuda\", \"cuda:N\"; default `tl run --device`, else the CPU); on a GPU, `linear` by its weights and `attention` over its caches run there. `model.blk[i].attn_q.weight` (any GGUF tensor name, `blk.i.` written `blk[i].`) is its tensor, a zero-copy view that keeps its block format; `model.config.<field>` is a hyper-parameter: n_layers, d_model, n_heads, n_kv_heads, head_dim, ffn, vocab, context (int), rope_base, rms_eps, embed_scale (float), arch (string)."),
     ready("tokenize", "tokenize(model, text: string) -> i32[n]", "Token ids of a text with the model's tokenizer, as `tl generate` encodes a prompt (BOS where the model adds one, special tokens parsed)."),
     ready("detokenize", "detokenize(model, ids: i32[n] | int) -> string", "Text of token ids (control tokens render as nothing)."),
     ready("apply_chat_template", "apply_chat_template(model, text: string, system: string?) -> string", "The model's chat template applied to one user message (and a system message), ending with the opening of the assistant's turn."),
@@ -608,8 +608,11 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
             Type::Float
         }
         "load_model" => {
-            ar(1, 1)?;
+            ar(1, 2)?;
             scalar(&a[0], Type::Str)?;
+            if let Some(d) = a.get(1) {
+                scalar(d, Type::Str)?;
+            }
             Type::Model
         }
         "tokenize" => {
@@ -683,6 +686,29 @@ thread_local! {
     /// of their bytes in the mapped file (see [`register_packed`]).
     static PACKED: RefCell<std::collections::HashMap<(usize, usize), std::sync::Arc<tl_core::PackedWeight>>> =
         RefCell::new(std::collections::HashMap::new());
+    /// Weights of models on a GPU, by the address and length of their
+    /// mapped bytes: their model and GGUF name (see [`register_device`]).
+    static ON_DEVICE: RefCell<std::collections::HashMap<(usize, usize), (std::rc::Weak<ModelVal>, String)>> =
+        RefCell::new(std::collections::HashMap::new());
+}
+
+/// Records that the weight whose mapped bytes are `bytes` belongs to the
+/// model `m`, which runs on a GPU: `linear` by it then runs there.
+pub fn register_device(bytes: &[u8], m: &Rc<ModelVal>, name: &str) {
+    ON_DEVICE.with(|d| {
+        d.borrow_mut().insert(
+            (bytes.as_ptr() as usize, bytes.len()),
+            (Rc::downgrade(m), name.to_string()),
+        )
+    });
+}
+
+fn device_model_for(bytes: &[u8]) -> Option<(Rc<ModelVal>, String)> {
+    ON_DEVICE.with(|d| {
+        let d = d.borrow();
+        let (w, name) = d.get(&(bytes.as_ptr() as usize, bytes.len()))?;
+        Some((w.upgrade()?, name.clone()))
+    })
 }
 
 /// Records that the model weight whose mapped bytes are `bytes` has the
@@ -710,6 +736,8 @@ pub struct Ctx<'a> {
     pub fixpoint_limit: &'a mut usize,
     /// [`crate::Limits::max_elements`]
     pub max_elements: usize,
+    /// Where `load_model` puts a model unless the program names a device.
+    pub device: tl_core::Device,
 }
 
 fn too_big(span: Span, what: &str, n: usize, max: usize) -> LangError {
@@ -988,24 +1016,41 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                             format!("linear: weight storage does not hold exactly {:?}", w.shape),
                         ));
                     }
-                    let packed = packed_for(bytes).filter(|p| p.k() == k && p.n() == n);
-                    MM_SCRATCH
-                        .with(|sc| match &packed {
-                            Some(p) => {
-                                tl_core::matmul_packed(&xf, m, p, &mut y, &mut sc.borrow_mut())
-                            }
-                            None => tl_core::matmul(
-                                &xf,
-                                m,
-                                k,
-                                bytes,
-                                tw.dtype().to_ggml(),
-                                n,
-                                &mut y,
-                                &mut sc.borrow_mut(),
-                            ),
-                        })
-                        .map_err(kernel("linear"))?;
+                    // A model on a GPU: its product kernels there.
+                    let on_device = match device_model_for(bytes) {
+                        Some((mv, wname)) => mv
+                            .llm
+                            .model
+                            .device_linear(&wname, tw.dtype().to_ggml(), n, k, bytes, &xf, m)
+                            .map_err(|source| LangError::Model {
+                                span,
+                                op: "linear",
+                                source: Box::new(source),
+                            })?,
+                        None => None,
+                    };
+                    if let Some(r) = on_device {
+                        y = r;
+                    } else {
+                        let packed = packed_for(bytes).filter(|p| p.k() == k && p.n() == n);
+                        MM_SCRATCH
+                            .with(|sc| match &packed {
+                                Some(p) => {
+                                    tl_core::matmul_packed(&xf, m, p, &mut y, &mut sc.borrow_mut())
+                                }
+                                None => tl_core::matmul(
+                                    &xf,
+                                    m,
+                                    k,
+                                    bytes,
+                                    tw.dtype().to_ggml(),
+                                    n,
+                                    &mut y,
+                                    &mut sc.borrow_mut(),
+                                ),
+                            })
+                            .map_err(kernel("linear"))?;
+                    }
                 }
                 if let Some((bv, bs)) = args.get(2) {
                     let b = tens(bv, *bs)?;
@@ -1361,7 +1406,13 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         "clock" => Value::Float(CLOCK_START.with(|t| t.elapsed().as_secs_f64())),
         "load_model" => {
             let path = string(&arg(0)?.0, arg(0)?.1)?;
-            Value::Model(Rc::new(ModelVal::load(&path, span)?))
+            let device = match args.get(1) {
+                Some((v, s)) => string(v, *s)?
+                    .parse::<tl_core::Device>()
+                    .map_err(|e| LangError::invalid(*s, format!("load_model: {e}")))?,
+                None => ctx.device,
+            };
+            Value::Model(ModelVal::load(&path, device, span)?)
         }
         "tokenize" => {
             let m = model(&arg(0)?.0, arg(0)?.1)?;

@@ -68,6 +68,9 @@ pub struct Interp {
     pub checker: Checker,
     pub logic: LogicDb,
     pub args: Vec<String>,
+    /// Where `load_model` puts a model unless the program names a device
+    /// (`tl run --device`).
+    pub device: tl_core::Device,
     fns: HashMap<String, Rc<FnDef>>,
     rules: Vec<Rule>,
     tests: Vec<TestDef>,
@@ -94,6 +97,7 @@ impl Interp {
             checker: Checker::new(),
             logic: LogicDb::new(),
             args: Vec::new(),
+            device: tl_core::Device::Cpu,
             fns: HashMap::new(),
             rules: Vec::new(),
             tests: Vec::new(),
@@ -743,6 +747,7 @@ impl Interp {
                             args: &self.args,
                             fixpoint_limit: &mut self.logic.limit,
                             max_elements: self.limits.max_elements,
+                            device: self.device,
                         };
                         let y = builtins::call("sigmoid", e.span, &args, &mut ctx)?;
                         return Ok(self.record_builtin("sigmoid", &args, y, e.span));
@@ -761,6 +766,7 @@ impl Interp {
                     args: &self.args,
                     fixpoint_limit: &mut self.logic.limit,
                     max_elements: self.limits.max_elements,
+                    device: self.device,
                 };
                 let y = builtins::call(name, e.span, &vals, &mut ctx)?;
                 self.record_builtin(name, &vals, y, e.span)

@@ -52,23 +52,23 @@ fn model_err(span: Span, op: &'static str) -> impl Fn(tl_model::ModelError) -> L
 }
 
 impl ModelVal {
-    pub fn load(path: &str, span: Span) -> Result<ModelVal> {
+    pub fn load(path: &str, device: tl_core::Device, span: Span) -> Result<Rc<ModelVal>> {
         // `~/` as a shell would expand it, so programs can name the model
         // cache without knowing the home folder.
         let full = match (path.strip_prefix("~/"), std::env::var_os("HOME")) {
             (Some(rest), Some(home)) => std::path::Path::new(&home).join(rest),
             _ => std::path::PathBuf::from(path),
         };
-        let llm = Llm::load(&full).map_err(|e| LangError::Io {
+        let llm = Llm::load_on(&full, device).map_err(|e| LangError::Io {
             span: Some(span),
             path: path.to_string(),
             message: e.to_string(),
         })?;
-        Ok(ModelVal {
+        Ok(Rc::new(ModelVal {
             path: path.to_string(),
             llm,
             resolved: RefCell::new(HashMap::new()),
-        })
+        }))
     }
 
     pub fn config(&self) -> &Config {
@@ -103,6 +103,9 @@ impl ModelVal {
             })?;
             if let Some(p) = self.llm.model.packed_weight(&name) {
                 crate::builtins::register_packed(file.tensor_data(info), p);
+            }
+            if self.llm.model.device().is_gpu() {
+                crate::builtins::register_device(file.tensor_data(info), self, &name);
             }
             let tens = Rc::new(Tens {
                 shape: t.dims().to_vec(),
@@ -175,6 +178,9 @@ impl ModelVal {
 
 /// A paged KV cache for one sequence of a model.
 pub struct CacheVal {
+    /// The model whose layers the cache holds (its device runs `attention`
+    /// when the cache is in device memory).
+    model: Rc<ModelVal>,
     config: Config,
     kv: KvCache,
     mgr: BlockManager,
@@ -191,7 +197,7 @@ impl fmt::Debug for CacheVal {
 }
 
 impl CacheVal {
-    pub fn new(m: &ModelVal, n_tokens: usize, span: Span) -> Result<CacheVal> {
+    pub fn new(m: &Rc<ModelVal>, n_tokens: usize, span: Span) -> Result<CacheVal> {
         let kv = m
             .llm
             .model
@@ -199,6 +205,7 @@ impl CacheVal {
             .map_err(model_err(span, "kv_cache"))?;
         let mgr = BlockManager::new(kv.n_blocks);
         Ok(CacheVal {
+            model: m.clone(),
             config: m.config().clone(),
             kv,
             mgr,
@@ -206,6 +213,63 @@ impl CacheVal {
             scratch: Vec::new(),
             capacity: n_tokens,
         })
+    }
+
+    /// Gemma 3: the native forward scales the queries before attention
+    /// (and attends with scale 1); doing the same keeps the f16 rounding
+    /// of the scaled queries, so the numbers agree exactly.
+    fn prescaled(&self) -> bool {
+        matches!(self.config.arch, Arch::Gemma2 | Arch::Gemma3)
+    }
+
+    fn params(&self, layer: usize) -> AttnParams {
+        let c = &self.config;
+        AttnParams {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            scale: c.attn_scale,
+            window: if self.prescaled() && c.is_swa_layer(layer) {
+                c.sliding_window
+            } else {
+                None
+            },
+            softcap: c.attn_logit_softcap,
+        }
+    }
+
+    /// [`CacheVal::attention`] on the model's GPU: the positions' blocks
+    /// are already reserved; the device writes K/V and attends.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_on_device(
+        &mut self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+        layer: usize,
+        pos: usize,
+        span: Span,
+    ) -> Result<Vec<f32>> {
+        let end = pos + t;
+        let mut params = self.params(layer);
+        let scaled: Vec<f32>;
+        let q = if self.prescaled() {
+            scaled = q.iter().map(|x| x * self.config.attn_scale).collect();
+            params.scale = 1.0;
+            scaled.as_slice()
+        } else {
+            q
+        };
+        let out = self
+            .model
+            .llm
+            .model
+            .device_attention(&self.kv, layer, &params, pos, &self.seq.blocks, q, k, v, t)
+            .map_err(model_err(span, "attention"))?
+            .ok_or_else(|| LangError::invalid(span, "attention: the KV cache is not on a GPU"))?;
+        self.seq.len = self.seq.len.max(end);
+        Ok(out)
     }
 
     pub fn capacity(&self) -> usize {
@@ -273,6 +337,9 @@ impl CacheVal {
                 .reserve(&mut self.mgr, more)
                 .map_err(model_err(span, "attention"))?;
         }
+        if !self.kv.is_host() {
+            return self.attention_on_device(q, k, v, t, layer, pos, span);
+        }
         for i in 0..t {
             let Some((block, slot)) = self.seq.slot(pos + i) else {
                 return Err(LangError::invalid(span, "attention: no KV block"));
@@ -288,24 +355,9 @@ impl CacheVal {
         // Positions cached so far, by any layer: a program runs each step's
         // layers in turn, each at the same `pos`.
         self.seq.len = self.seq.len.max(end);
-        let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
-        let params = AttnParams {
-            n_heads: c.n_heads,
-            n_kv_heads: c.n_kv_heads,
-            head_dim: hd,
-            scale: c.attn_scale,
-            window: if gemma && c.is_swa_layer(layer) {
-                c.sliding_window
-            } else {
-                None
-            },
-            softcap: c.attn_logit_softcap,
-        };
-        // Gemma 3: the native forward scales the queries before attention
-        // (and attends with scale 1); doing the same keeps the f16 rounding
-        // of the scaled queries, so the numbers agree exactly.
+        let params = self.params(layer);
         let scaled: Vec<f32>;
-        let (q, params) = if gemma {
+        let (q, params) = if self.prescaled() {
             scaled = q.iter().map(|v| v * c.attn_scale).collect();
             (
                 scaled.as_slice(),

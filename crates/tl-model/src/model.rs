@@ -327,6 +327,75 @@ impl Model {
         }
     }
 
+    /// `y[m, n] = x[m, k] · Wᵀ` on the model's GPU for a weight `W` of
+    /// this model given by its mapped bytes (GGML type `ty`, `n` rows of
+    /// `k`): the forward's product kernels, the weight uploaded on first
+    /// use. `Ok(None)` when the model is on the CPU (the caller multiplies
+    /// there). For programs in the language (`linear`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn device_linear(
+        &self,
+        name: &str,
+        ty: tl_gguf::GgmlType,
+        n: usize,
+        k: usize,
+        bytes: &[u8],
+        x: &[f32],
+        m: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        match &self.cuda {
+            Some(cm) => cm.op_linear(name, ty, n, k, bytes, x, m).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes K and V of `t` tokens at positions `pos..pos + t` of
+    /// `layer` into a device cache (its sequence's blocks `table`) and
+    /// attends each token's queries causally over its positions on the
+    /// GPU; `q`, `k`, `v` are `[t, heads · head_dim]` with RoPE applied,
+    /// `p` the layer's attention parameters (soft-capping is not in the
+    /// GPU kernel: an error). `Ok(None)` when the cache is on the host.
+    /// For programs in the language (`attention`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn device_attention(
+        &self,
+        cache: &KvCache,
+        layer: usize,
+        p: &crate::attention::AttnParams,
+        pos: usize,
+        table: &[u32],
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        t: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let (Some(cm), Some(kv)) = (&self.cuda, &cache.device) else {
+            return Ok(None);
+        };
+        if p.softcap.is_some() {
+            return Err(ModelError::Device(
+                "attention soft-capping is not in the CUDA attention kernel yet".into(),
+            ));
+        }
+        if layer >= self.config.n_layers {
+            return Err(ModelError::Kv(format!(
+                "attention: layer {layer} of {}",
+                self.config.n_layers
+            )));
+        }
+        let a = crate::cuda::OpAttn {
+            layer,
+            n_heads: p.n_heads,
+            n_kv_heads: p.n_kv_heads,
+            head_dim: p.head_dim,
+            scale: p.scale,
+            window: p.window.unwrap_or(0),
+            pos,
+            table,
+        };
+        cm.op_attention(kv, &a, q, k, v, t).map(Some)
+    }
+
     /// Scans every weight for NaN/Inf; returns the names of the bad ones.
     pub fn check_tensors(&self) -> Result<Vec<String>> {
         let mut bad = Vec::new();

@@ -24,8 +24,28 @@ pub struct Weight {
 }
 
 impl Weight {
-    /// A weight description over `len` bytes at offset 0 (unit tests that
-    /// hold the bytes themselves).
+    /// A weight description over `len` bytes at offset 0, for callers that
+    /// hold the bytes themselves (a program's `linear` on the device, unit
+    /// tests).
+    pub(crate) fn standalone(
+        name: &str,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        len: usize,
+    ) -> Self {
+        Weight {
+            name: name.to_string(),
+            ty,
+            rows,
+            cols,
+            start: 0,
+            len,
+            packed: None,
+        }
+    }
+
+    /// [`Weight::standalone`], for unit tests.
     #[cfg(test)]
     pub(crate) fn for_test(name: &str, ty: GgmlType, rows: usize, cols: usize, len: usize) -> Self {
         Weight {

@@ -15,33 +15,33 @@ use crate::model::Model;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct RopeArgs {
-    n_heads: i32,
-    n_kv_heads: i32,
-    hd: i32,
-    n_rot: i32,
-    neox: i32,
-    base: f32,
-    eps: f32,
-    q_scale: f32,
+pub(super) struct RopeArgs {
+    pub(super) n_heads: i32,
+    pub(super) n_kv_heads: i32,
+    pub(super) hd: i32,
+    pub(super) n_rot: i32,
+    pub(super) neox: i32,
+    pub(super) base: f32,
+    pub(super) eps: f32,
+    pub(super) q_scale: f32,
     /// The KV cache type: 0 f16, 1 q8_0, 2 q4_0, 3 fp8.
-    kv_type: i32,
+    pub(super) kv_type: i32,
     /// Hadamard rotation block sizes of K/queries and V (`kv::rotations`).
-    k_rot: i32,
-    v_rot: i32,
+    pub(super) k_rot: i32,
+    pub(super) v_rot: i32,
 }
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct AttnArgs {
-    n_heads: i32,
-    n_kv_heads: i32,
-    max_blocks: i32,
-    window: i32,
-    scale: f32,
-    chunk: i32,
+pub(super) struct AttnArgs {
+    pub(super) n_heads: i32,
+    pub(super) n_kv_heads: i32,
+    pub(super) max_blocks: i32,
+    pub(super) window: i32,
+    pub(super) scale: f32,
+    pub(super) chunk: i32,
     /// The output is rotated back by this Hadamard block (V was rotated).
-    v_rot: i32,
+    pub(super) v_rot: i32,
 }
 
 pub(super) struct CudaExec<'a> {
@@ -106,8 +106,169 @@ pub(super) fn argmax_parts(vocab: usize) -> usize {
     vocab.div_ceil(1024).clamp(1, 128)
 }
 
-fn grid1(n: usize, per: usize) -> (u32, u32, u32) {
+pub(super) fn grid1(n: usize, per: usize) -> (u32, u32, u32) {
     (n.div_ceil(per) as u32, 1, 1)
+}
+
+/// The device buffers a product may use besides its input and output: the
+/// 8-bit activations and their scales (read, already written, by products
+/// of up to `GEMV_ROWS` rows), and f16 copies of the input and the weight
+/// (larger products).
+#[derive(Clone, Copy)]
+pub(super) struct MatScratch {
+    pub(super) xq: u64,
+    pub(super) xd: u64,
+    pub(super) xh: u64,
+    pub(super) wh: u64,
+}
+
+fn launch(
+    gpu: &Gpu,
+    name: &str,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &[Arg],
+) -> Result<()> {
+    gpu.launch(name, grid, block, smem, args).map_err(cuda_err)
+}
+
+/// `out[m, ..] (row stride ldo) = x[m, K] · Wᵀ` for each matrix of
+/// `mats`, their outputs side by side. Up to 8 rows, the quantized
+/// products read `x` as the kernel that wrote it also left it: 8-bit
+/// values in the activation buffers (`q8_args`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn matmul_on(
+gpu: &Gpu,
+mmq_min: usize,
+sc: MatScratch,
+mats: &[&DevMat],
+x: u64,
+m: usize,
+out: u64,
+ldo: usize,
+) -> Result<()> {
+    let k = mats[0].k;
+    let mut col = 0usize;
+    let small = m <= GEMV_ROWS;
+    let MatScratch { xq, xd, xh, wh } = sc;
+    if !small {
+        let n = m * k;
+        launch(gpu, 
+            "to_f16",
+            grid1(n, 256),
+            256,
+            0,
+            &[Arg::Ptr(x), Arg::Ptr(xh), Arg::I64(n as i64)],
+        )?;
+    }
+    for w in mats {
+        let o = out + (col * 4) as u64;
+        // The tensor-core product: all m rows in one launch, each weight
+        // byte read once. Narrow products split K over 2 or 4 warps so
+        // that the card's SMs all have work; where a narrow product's
+        // warp would still walk more than 16 blocks of K (ffn_down),
+        // the GEMVs' lanes over K win (measured on an H200,
+        // 0.5B shape at 64 rows: ffn_down 35.6 µs tensor-core, 19.3 µs
+        // GEMV; gate_up 18.7 against 28.1).
+        let blocks = w.n.div_ceil(64);
+        let sms = gpu.sm_count.max(1);
+        let split = if blocks < sms {
+            4usize
+        } else if blocks < 2 * sms {
+            2
+        } else {
+            1
+        };
+        if small
+            && m >= mmq_min
+            && w.kind.has_mmq()
+            && (split == 1 || k / 32 / split <= 16)
+        {
+            launch(gpu, 
+                &format!("mmq_{}", w.kind.suffix()),
+                grid1(w.n, 64 / split),
+                128,
+                0,
+                &[
+                    w.arg(),
+                    Arg::Ptr(xq),
+                    Arg::Ptr(xd),
+                    Arg::Ptr(o),
+                    Arg::I32(w.n as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(ldo as i32),
+                    Arg::I32(m as i32),
+                    Arg::I32(split as i32),
+                ],
+            )?;
+        } else if small {
+            // Warps per row: long rows are split so that each warp's
+            // share is at most ~4 iterations of its unrolled loop.
+            // (units_per_row in kernels.cu; f16 rows are read 8 values
+            // a lane.)
+            let units = w.kind.units(k);
+            let split = match units.div_ceil(32) {
+                0..=4 => 1usize,
+                5..=8 => 2,
+                _ => 4,
+            };
+            let grid = grid1(w.n, 4 / split);
+            // Up to 8 rows a launch; the launches of one weight follow
+            // each other, so after the first its blocks come from L2.
+            for r0 in (0..m).step_by(8) {
+                let mc = (m - r0).min(8);
+                let o = o + (r0 * ldo * 4) as u64;
+                // f16 weights read the f32 rows; the others the 8-bit
+                // rows and their scales.
+                let mut args = vec![w.arg()];
+                if w.kind == Kind::F16 {
+                    args.push(Arg::Ptr(x + (r0 * k * 4) as u64));
+                } else {
+                    args.push(Arg::Ptr(xq + (r0 * k) as u64));
+                    args.push(Arg::Ptr(xd + (r0 * k / 32 * 4) as u64));
+                }
+                args.extend([
+                    Arg::Ptr(o),
+                    Arg::I32(w.n as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(ldo as i32),
+                    Arg::I32(split as i32),
+                ]);
+                launch(gpu, 
+                    &format!("gemv_{}_{mc}", w.kind.suffix()),
+                    grid,
+                    128,
+                    0,
+                    &args,
+                )?;
+            }
+        } else {
+            let wp = if w.kind == Kind::F16 {
+                w.ptrs[0]
+            } else {
+                let nb = w.n * w.k / 32;
+                launch(gpu, 
+                    &format!("dequant_f16_{}", w.kind.suffix()),
+                    grid1(nb, 256),
+                    256,
+                    0,
+                    &[
+                        w.arg(),
+                        Arg::Ptr(wh),
+                        Arg::I32(w.n as i32),
+                        Arg::I32(w.k as i32),
+                    ],
+                )?;
+                wh
+            };
+            gpu
+                .gemm_f16_nt(m, w.n, k, xh, wp, o, ldo)
+                .map_err(cuda_err)?;
+        }
+        col += w.n;
+    }
+    Ok(())
 }
 
 impl CudaExec<'_> {
@@ -129,136 +290,16 @@ impl CudaExec<'_> {
     }
 
     /// `out[m, ..] (row stride ldo) = x[m, K] · Wᵀ` for each matrix of
-    /// `mats`, their outputs side by side. Up to 8 rows, the quantized
-    /// products read `x` as the kernel that wrote it also left it: 8-bit
-    /// values in the activation buffers (`q8_args`).
+    /// `mats` ([`matmul_on`] on this step's buffers).
     fn matmul(&self, mats: &[&DevMat], x: u64, m: usize, out: u64, ldo: usize) -> Result<()> {
-        let k = mats[0].k;
-        let mut col = 0usize;
-        let small = m <= GEMV_ROWS;
-        let (xq, xd, xh, wh) = (
-            ptr(&self.cs.xq),
-            ptr(&self.cs.xd),
-            ptr(&self.cs.xh),
-            ptr(&self.cs.wh),
-        );
-        if !small {
-            let n = m * k;
-            self.l(
-                "to_f16",
-                grid1(n, 256),
-                256,
-                0,
-                &[Arg::Ptr(x), Arg::Ptr(xh), Arg::I64(n as i64)],
-            )?;
-        }
-        for w in mats {
-            let o = out + (col * 4) as u64;
-            // The tensor-core product: all m rows in one launch, each weight
-            // byte read once. Narrow products split K over 2 or 4 warps so
-            // that the card's SMs all have work; where a narrow product's
-            // warp would still walk more than 16 blocks of K (ffn_down),
-            // the GEMVs' lanes over K win (measured on an H200,
-            // 0.5B shape at 64 rows: ffn_down 35.6 µs tensor-core, 19.3 µs
-            // GEMV; gate_up 18.7 against 28.1).
-            let blocks = w.n.div_ceil(64);
-            let sms = self.gpu.sm_count.max(1);
-            let split = if blocks < sms {
-                4usize
-            } else if blocks < 2 * sms {
-                2
-            } else {
-                1
-            };
-            if small
-                && m >= self.cm.mmq_min.load(std::sync::atomic::Ordering::Relaxed)
-                && w.kind.has_mmq()
-                && (split == 1 || k / 32 / split <= 16)
-            {
-                self.l(
-                    &format!("mmq_{}", w.kind.suffix()),
-                    grid1(w.n, 64 / split),
-                    128,
-                    0,
-                    &[
-                        w.arg(),
-                        Arg::Ptr(xq),
-                        Arg::Ptr(xd),
-                        Arg::Ptr(o),
-                        Arg::I32(w.n as i32),
-                        Arg::I32(k as i32),
-                        Arg::I32(ldo as i32),
-                        Arg::I32(m as i32),
-                        Arg::I32(split as i32),
-                    ],
-                )?;
-            } else if small {
-                // Warps per row: long rows are split so that each warp's
-                // share is at most ~4 iterations of its unrolled loop.
-                // (units_per_row in kernels.cu; f16 rows are read 8 values
-                // a lane.)
-                let units = w.kind.units(k);
-                let split = match units.div_ceil(32) {
-                    0..=4 => 1usize,
-                    5..=8 => 2,
-                    _ => 4,
-                };
-                let grid = grid1(w.n, 4 / split);
-                // Up to 8 rows a launch; the launches of one weight follow
-                // each other, so after the first its blocks come from L2.
-                for r0 in (0..m).step_by(8) {
-                    let mc = (m - r0).min(8);
-                    let o = o + (r0 * ldo * 4) as u64;
-                    // f16 weights read the f32 rows; the others the 8-bit
-                    // rows and their scales.
-                    let mut args = vec![w.arg()];
-                    if w.kind == Kind::F16 {
-                        args.push(Arg::Ptr(x + (r0 * k * 4) as u64));
-                    } else {
-                        args.push(Arg::Ptr(xq + (r0 * k) as u64));
-                        args.push(Arg::Ptr(xd + (r0 * k / 32 * 4) as u64));
-                    }
-                    args.extend([
-                        Arg::Ptr(o),
-                        Arg::I32(w.n as i32),
-                        Arg::I32(k as i32),
-                        Arg::I32(ldo as i32),
-                        Arg::I32(split as i32),
-                    ]);
-                    self.l(
-                        &format!("gemv_{}_{mc}", w.kind.suffix()),
-                        grid,
-                        128,
-                        0,
-                        &args,
-                    )?;
-                }
-            } else {
-                let wp = if w.kind == Kind::F16 {
-                    w.ptrs[0]
-                } else {
-                    let nb = w.n * w.k / 32;
-                    self.l(
-                        &format!("dequant_f16_{}", w.kind.suffix()),
-                        grid1(nb, 256),
-                        256,
-                        0,
-                        &[
-                            w.arg(),
-                            Arg::Ptr(wh),
-                            Arg::I32(w.n as i32),
-                            Arg::I32(w.k as i32),
-                        ],
-                    )?;
-                    wh
-                };
-                self.gpu
-                    .gemm_f16_nt(m, w.n, k, xh, wp, o, ldo)
-                    .map_err(cuda_err)?;
-            }
-            col += w.n;
-        }
-        Ok(())
+        let sc = MatScratch {
+            xq: ptr(&self.cs.xq),
+            xd: ptr(&self.cs.xd),
+            xh: ptr(&self.cs.xh),
+            wh: ptr(&self.cs.wh),
+        };
+        let mmq_min = self.cm.mmq_min.load(std::sync::atomic::Ordering::Relaxed);
+        matmul_on(self.gpu, mmq_min, sc, mats, x, m, out, ldo)
     }
 
     /// The 8-bit activation buffers as kernel arguments when this step's

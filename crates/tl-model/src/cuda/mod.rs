@@ -25,11 +25,13 @@ use crate::model::{ForwardState, Model, SeqBatch};
 use crate::sampler::DeviceDraw;
 
 mod exec;
+mod ops;
 #[cfg(test)]
 mod tests;
 mod weights;
 
 use exec::CudaExec;
+pub(crate) use ops::OpAttn;
 use weights::{repack, upload_f32, upload_opt, DevMat, DevMats};
 
 fn cuda_err(e: tl_cuda::CudaError) -> ModelError {
@@ -70,6 +72,8 @@ pub(crate) struct CudaModel {
     /// Products of this many rows or more (up to `GEMV_ROWS`) run on the
     /// tensor-core kernels; `GEMV_ROWS + 1` in batch-invariant mode.
     pub(super) mmq_min: std::sync::atomic::AtomicUsize,
+    /// Weights and scratch of single operations for programs (`ops.rs`).
+    ops: std::sync::Mutex<ops::OpsState>,
 }
 
 /// The paged K and V pools of every layer in device memory, laid out as the
@@ -218,6 +222,7 @@ impl CudaModel {
             weight_bytes,
             max_mat,
             mmq_min: std::sync::atomic::AtomicUsize::new(exec::mmq_min_rows()),
+            ops: std::sync::Mutex::new(ops::OpsState::default()),
         })
     }
 
