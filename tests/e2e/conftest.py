@@ -43,7 +43,7 @@ def free_port():
 
 
 class Server:
-    def __init__(self, *args, model=QWEN, port=None, threads=2):
+    def __init__(self, *args, model=QWEN, port=None, threads=2, env=None):
         assert os.path.exists(TL), f"{TL} is missing: build with cargo build --release -p tl-cli"
         assert os.path.exists(model), f"{model} is missing: run scripts/fetch_models.py"
         self.port = port or free_port()
@@ -55,6 +55,7 @@ class Server:
             [TL, "serve", "-m", model, "--port", str(self.port), "-t", str(threads), *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
         )
         wait_healthy(self.proc, self.url, self.log_path, "tl serve", 120,
                      lambda: "server not ready in 120 s", 0.1)

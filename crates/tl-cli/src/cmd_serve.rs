@@ -167,12 +167,34 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     };
     let margs = a.model.clone();
     let invariant = a.batch_invariant;
+    let fault = injected_fault()?;
     tl_server::run(cfg, engine, move || {
         let llm = crate::cmd_generate::load(&margs).map_err(|e| format!("{e:#}"))?;
         llm.model.set_batch_invariant(invariant);
+        if let Some((after, fatal)) = fault {
+            llm.model.inject_fault(after, fatal);
+        }
         Ok(llm)
     })?;
     Ok(())
+}
+
+/// `TL_INJECT_FAULT=N` or `N:fatal`: the model's step after N more fails
+/// as a GPU fault would (with `fatal`, as a lost device). For the tests of
+/// how the server handles device faults; works on every device.
+fn injected_fault() -> anyhow::Result<Option<(usize, bool)>> {
+    let Ok(v) = std::env::var("TL_INJECT_FAULT") else {
+        return Ok(None);
+    };
+    let (n, fatal) = match v.split_once(':') {
+        Some((n, "fatal")) => (n, true),
+        Some((_, other)) => anyhow::bail!("TL_INJECT_FAULT={v}: '{other}' is not 'fatal'"),
+        None => (v.as_str(), false),
+    };
+    let n = n
+        .parse()
+        .map_err(|_| anyhow::anyhow!("TL_INJECT_FAULT={v}: expected N or N:fatal"))?;
+    Ok(Some((n, fatal)))
 }
 
 fn default_id(p: &std::path::Path) -> String {

@@ -62,6 +62,42 @@ pub enum CudaError {
 
 pub type Result<T> = std::result::Result<T, CudaError>;
 
+/// Driver errors after which the CUDA context is unusable: every later
+/// call of the process fails too (the "sticky" errors of the CUDA driver
+/// API: a kernel faulted, or the device itself did).
+const FATAL_DRIVER_ERRORS: &[&str] = &[
+    "CUDA_ERROR_ILLEGAL_ADDRESS",
+    "CUDA_ERROR_LAUNCH_FAILED",
+    "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS",
+    "CUDA_ERROR_INVALID_ADDRESS_SPACE",
+    "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR",
+    "CUDA_ERROR_ECC_UNCORRECTABLE",
+    "CUDA_ERROR_ASSERT",
+    "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+    "CUDA_ERROR_DEVICE_UNAVAILABLE",
+    "CUDA_ERROR_DEVICE_NOT_LICENSED",
+    "CUDA_ERROR_NVLINK_UNCORRECTABLE",
+    "CUDA_ERROR_LAUNCH_TIMEOUT",
+];
+
+impl CudaError {
+    /// Whether the device (or this process's context on it) is lost: a
+    /// stuck device, or a driver error that leaves the context unusable.
+    /// Other errors (out of memory, a launch refused for its resources)
+    /// fail one call and leave the device working.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            CudaError::Timeout { .. } => true,
+            CudaError::Driver { err, .. } | CudaError::Blas { err, .. } => {
+                FATAL_DRIVER_ERRORS.iter().any(|c| err.contains(c))
+            }
+            _ => false,
+        }
+    }
+}
+
 fn drv_err(op: &str) -> impl FnOnce(drv_res::DriverError) -> CudaError + '_ {
     move |e| CudaError::Driver {
         op: op.to_string(),
@@ -941,6 +977,32 @@ fn kernel_names(src: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sticky_driver_errors_are_fatal() {
+        let drv = |e: &str| CudaError::Driver {
+            op: "sync".into(),
+            err: e.into(),
+        };
+        assert!(
+            drv("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")").is_fatal()
+        );
+        assert!(
+            drv("DriverError(CUDA_ERROR_LAUNCH_FAILED, \"unspecified launch failure\")").is_fatal()
+        );
+        assert!(
+            !drv("DriverError(CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES, \"too many resources\")")
+                .is_fatal()
+        );
+        assert!(!drv("DriverError(CUDA_ERROR_INVALID_VALUE, \"invalid argument\")").is_fatal());
+        let t = CudaError::Timeout {
+            secs: 10,
+            device: "gpu".into(),
+            last: "attention_64".into(),
+        };
+        assert!(t.is_fatal());
+        assert!(!CudaError::Unavailable("no driver".into()).is_fatal());
+    }
 
     #[test]
     fn kernel_names_found() {

@@ -61,6 +61,8 @@ struct Shared {
     next_id: AtomicU64,
     /// Published after every step, for metrics that must not wait on a step.
     stats: Mutex<Stats>,
+    /// Why the device was lost, once a step found it so.
+    lost: Mutex<Option<String>>,
 }
 
 /// A running engine. Dropping it shuts the thread down.
@@ -190,6 +192,7 @@ impl Engine {
                 kv_blocks_free: kv_blocks,
                 ..Default::default()
             }),
+            lost: Mutex::new(None),
         });
         let (tx, rx) = mpsc::unbounded_channel();
         let sh = shared.clone();
@@ -231,6 +234,9 @@ impl Engine {
     /// Queues a validated request. Fails at once when the queue is full or
     /// the engine is shutting down.
     pub fn submit(&self, req: ValidRequest) -> Result<RequestStream> {
+        if let Some(why) = self.device_lost() {
+            return Err(EngineError::DeviceLost(why));
+        }
         if !self.shared.accepting.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
         }
@@ -256,6 +262,17 @@ impl Engine {
 
     pub fn cancel(&self, id: RequestId) {
         let _ = self.tx.send(Command::Cancel(id));
+    }
+
+    /// Why the model's device is lost to this process, once a step found
+    /// it so (every request in the engine then failed with
+    /// [`EngineError::DeviceLost`]; new ones are refused). A server stops
+    /// on it, so that whatever supervises it can start a fresh one.
+    pub fn device_lost(&self) -> Option<String> {
+        match self.shared.lost.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// Requests submitted and not yet started.
@@ -326,6 +343,13 @@ fn handle(sched: &mut Scheduler, cmd: Command) -> bool {
 }
 
 fn publish(sched: &Scheduler, sh: &Shared) {
+    if let Some(why) = sched.device_lost() {
+        sh.accepting.store(false, Ordering::Release);
+        match sh.lost.lock() {
+            Ok(mut g) => *g = Some(why.to_string()),
+            Err(p) => *p.into_inner() = Some(why.to_string()),
+        }
+    }
     let s = sched.stats();
     match sh.stats.lock() {
         Ok(mut g) => *g = s,

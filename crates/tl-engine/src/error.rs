@@ -39,6 +39,9 @@ pub enum EngineError {
     Model(String),
     #[error("KV cache setup: {0}")]
     Setup(String),
+    /// The model's GPU is lost to this process; nothing more can run.
+    #[error("the device failed: {0}")]
+    DeviceLost(String),
 }
 
 impl EngineError {

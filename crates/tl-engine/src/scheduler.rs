@@ -177,6 +177,8 @@ pub struct Scheduler<'a> {
     queued: Option<Arc<AtomicUsize>>,
     stats: Stats,
     raw: Vec<f32>,
+    /// Set once the model's device is lost (see [`Scheduler::device_lost`]).
+    lost: Option<String>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -205,7 +207,15 @@ impl<'a> Scheduler<'a> {
             queued: None,
             stats: Stats::default(),
             raw: Vec::new(),
+            lost: None,
         }
+    }
+
+    /// Why the model's device is lost, once a step found it so: every
+    /// request then failed with [`EngineError::DeviceLost`], and new ones
+    /// fail at once.
+    pub fn device_lost(&self) -> Option<&str> {
+        self.lost.as_deref()
     }
 
     /// Shares the counter of not-yet-started requests with the submitter.
@@ -234,6 +244,11 @@ impl<'a> Scheduler<'a> {
 
     /// Queues a request; its events go to `tx`.
     pub fn add(&mut self, id: RequestId, req: ValidRequest, tx: UnboundedSender<Event>) {
+        if let Some(why) = &self.lost {
+            let _ = tx.send(Event::Error(EngineError::DeviceLost(why.clone())));
+            self.dequeued(1);
+            return;
+        }
         let mut seqs = Vec::with_capacity(req.n);
         // Logprobs report the plain step's distribution: such requests
         // decode one token at a time.
@@ -637,6 +652,17 @@ impl<'a> Scheduler<'a> {
             Ok(Ok(ids)) => (ids, None),
             Ok(Err(tl_model::ModelError::OutOfMemory(msg))) if n_tokens > 1 => {
                 self.shrink_after_oom(plan, n_tokens, &msg)?;
+                return Ok(0);
+            }
+            Ok(Err(tl_model::ModelError::DeviceLost(why))) => {
+                // Nothing can run any more: every request fails with the
+                // reason, and the engine refuses new ones.
+                warn!(error = %why, "the device is lost; failing every request");
+                self.lost = Some(why.clone());
+                let ids: Vec<RequestId> = self.reqs.keys().copied().collect();
+                for id in ids {
+                    self.fail(id, EngineError::DeviceLost(why.clone()));
+                }
                 return Ok(0);
             }
             Ok(Err(e)) => (None, Some(EngineError::Model(e.to_string()))),

@@ -449,3 +449,78 @@ fn speculative_decoding_keeps_greedy_output_and_frees_blocks() {
     assert_eq!(run(&e, r)[0].tokens, want[0]);
     assert_eq!(wait_idle(&e).spec_drafted, s.spec_drafted);
 }
+
+/// Runs a request to its end; `Err` with the error event when it fails.
+fn outcome(s: &mut RequestStream) -> Result<usize, EngineError> {
+    let mut tokens = 0;
+    while let Some(ev) = s.blocking_next() {
+        match ev {
+            Event::Delta { token, .. } => tokens += usize::from(token.is_some()),
+            Event::Finished { .. } => {}
+            Event::Error(e) => return Err(e),
+        }
+    }
+    Ok(tokens)
+}
+
+#[test]
+fn a_failed_device_step_fails_its_requests_and_the_engine_goes_on() {
+    let m = llm();
+    // The fourth step fails as a refused kernel launch would.
+    m.model.inject_fault(3, false);
+    let e = engine(m, 8, 64, 256);
+    let mut streams: Vec<RequestStream> = (0..4)
+        .map(|i| {
+            e.submit(e.validate(greedy(prompt(10, 60 + i), 10)).expect("valid"))
+                .expect("submit")
+        })
+        .collect();
+    let results: Vec<_> = streams.iter_mut().map(outcome).collect();
+    let failed: Vec<&EngineError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        !failed.is_empty(),
+        "the fault was meant to fail a step: {results:?}"
+    );
+    for f in &failed {
+        assert!(
+            matches!(f, EngineError::Model(m) if m.contains("injected fault")),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        wait_idle(&e).kv_blocks_used,
+        0,
+        "the failed requests' blocks came back"
+    );
+    // The device still works: new requests run to their end.
+    assert_eq!(e.device_lost(), None);
+    for i in 0..2 {
+        let out = run(&e, greedy(prompt(12, 70 + i), 6));
+        assert_eq!(out[0].tokens.len(), 6);
+    }
+}
+
+#[test]
+fn a_lost_device_fails_every_request_and_refuses_new_ones() {
+    let m = llm();
+    // The third step finds the device lost (and so would every later one).
+    m.model.inject_fault(2, true);
+    // Room for two sequences at a time: the others wait in the queue.
+    let e = engine(m, 2, 64, 256);
+    let mut streams: Vec<RequestStream> = (0..5)
+        .map(|i| {
+            e.submit(e.validate(greedy(prompt(10, 80 + i), 40)).expect("valid"))
+                .expect("submit")
+        })
+        .collect();
+    for (i, s) in streams.iter_mut().enumerate() {
+        match outcome(s) {
+            Err(EngineError::DeviceLost(why)) => assert!(why.contains("injected fault"), "{why}"),
+            other => panic!("request {i}: {other:?}"),
+        }
+    }
+    let why = e.device_lost().expect("the engine reports the lost device");
+    assert!(why.contains("injected fault"), "{why}");
+    let v = e.validate(greedy(prompt(8, 90), 4)).expect("valid");
+    assert!(matches!(e.submit(v), Err(EngineError::DeviceLost(_))));
+}

@@ -131,7 +131,11 @@ fn run_case(tag: &str, s: &SynthSpec, device: &str) {
         match f.first() {
             Some(&"linear") => {
                 let rel: f32 = f[2].parse().unwrap();
-                assert!(rel <= 0.05, "{tag}: linear at {} rows: rel diff {rel}", f[1]);
+                assert!(
+                    rel <= 0.05,
+                    "{tag}: linear at {} rows: rel diff {rel}",
+                    f[1]
+                );
             }
             Some(&"step") => {
                 let rel: f32 = f[2].parse().unwrap();
@@ -143,7 +147,10 @@ fn run_case(tag: &str, s: &SynthSpec, device: &str) {
         }
     }
     assert_eq!(steps, 9, "{tag}: every step reported");
-    assert!(agree >= 7, "{tag}: greedy picks equal on {agree} of 9 steps");
+    assert!(
+        agree >= 7,
+        "{tag}: greedy picks equal on {agree} of 9 steps"
+    );
 }
 
 #[test]

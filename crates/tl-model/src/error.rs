@@ -52,6 +52,10 @@ pub enum ModelError {
     /// step is kept, and a smaller step may succeed.
     #[error("{0}")]
     OutOfMemory(String),
+    /// The device is lost to this process (a kernel faulted, the device
+    /// hung or failed): no later step can run on it.
+    #[error("the GPU can no longer be used by this process: {0}")]
+    DeviceLost(String),
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -65,6 +65,13 @@ pub struct Model {
     kv_type: KvType,
     /// Steps of more tokens fail as out of memory ([`Model::limit_step_tokens`]).
     step_limit: std::sync::atomic::AtomicUsize,
+    /// Steps left before an injected fault ([`Model::inject_fault`];
+    /// `usize::MAX`: none) and whether it loses the device.
+    fault_in: std::sync::atomic::AtomicUsize,
+    fault_fatal: std::sync::atomic::AtomicBool,
+    /// Why the device was lost, once it was: every later step fails at
+    /// once with it instead of touching the device.
+    lost: std::sync::Mutex<Option<String>>,
 }
 
 /// One pick per row of `logits` (rows of `vocab` values) as `draws` say,
@@ -210,6 +217,9 @@ impl Model {
             cuda: None,
             kv_type: KvType::F16,
             step_limit: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            fault_in: std::sync::atomic::AtomicUsize::new(usize::MAX),
+            fault_fatal: std::sync::atomic::AtomicBool::new(false),
+            lost: std::sync::Mutex::new(None),
         };
         if let Device::Cuda(ordinal) = device {
             model.cuda = Some(crate::cuda::CudaModel::upload(&model, ordinal)?);
@@ -522,6 +532,54 @@ impl Model {
         );
     }
 
+    /// After `after` more steps, the next one fails as a device error
+    /// would: with `fatal`, as a lost device ([`ModelError::DeviceLost`],
+    /// and every later step too), else as one failed step
+    /// ([`ModelError::Device`]). How callers handle GPU faults mid-serve is
+    /// tested with it on every device.
+    pub fn inject_fault(&self, after: usize, fatal: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.fault_fatal.store(fatal, Relaxed);
+        self.fault_in.store(after, Relaxed);
+    }
+
+    /// Why the model's device is lost to this process, once it is.
+    pub fn device_lost(&self) -> Option<String> {
+        self.lost.lock().ok().and_then(|l| l.clone())
+    }
+
+    /// Fails the step when the device is lost or a fault is due.
+    fn check_device(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(why) = self.device_lost() {
+            return Err(ModelError::DeviceLost(why));
+        }
+        let n = self.fault_in.load(Relaxed);
+        if n == usize::MAX {
+            return Ok(());
+        }
+        if n > 0 {
+            self.fault_in.store(n - 1, Relaxed);
+            return Ok(());
+        }
+        self.fault_in.store(usize::MAX, Relaxed);
+        if self.fault_fatal.load(Relaxed) {
+            let why = "injected fault: the device stopped responding".to_string();
+            self.note_lost(&why);
+            Err(ModelError::DeviceLost(why))
+        } else {
+            Err(ModelError::Device(
+                "injected fault: a kernel launch failed".into(),
+            ))
+        }
+    }
+
+    fn note_lost(&self, why: &str) {
+        if let Ok(mut l) = self.lost.lock() {
+            l.get_or_insert_with(|| why.to_string());
+        }
+    }
+
     fn forward_planned(
         &self,
         cache: &mut KvCache,
@@ -552,11 +610,18 @@ impl Model {
                 plan.n_tokens()
             )));
         }
+        self.check_device()?;
         match &self.cuda {
             Some(_) if st.skip_layers.iter().any(|&s| s) => Err(ModelError::BadConfig(
                 "self-speculation (layer skipping) runs on the CPU only".into(),
             )),
-            Some(cm) => cm.forward(self, cache, batch, plan, st, out),
+            Some(cm) => {
+                let r = cm.forward(self, cache, batch, plan, st, out);
+                if let Err(ModelError::DeviceLost(why)) = &r {
+                    self.note_lost(why);
+                }
+                r
+            }
             None => {
                 let skip = std::mem::take(&mut st.skip_layers);
                 let mut ex = crate::exec_cpu::CpuExec {

@@ -124,6 +124,12 @@ impl From<EngineError> for ApiError {
                 a.retry_after = Some(5);
                 a
             }
+            // Another replica can serve it: 503, as a router expects of a
+            // replica that is going away.
+            EngineError::DeviceLost(_) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .with_code("device_lost")
+            }
             _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message),
         }
     }

@@ -95,6 +95,8 @@ pub enum ServerError {
     Io(#[from] std::io::Error),
     #[error("metrics registry")]
     Metrics(#[from] prometheus::Error),
+    #[error("the device failed, so the server stopped: {0}")]
+    DeviceLost(String),
 }
 
 /// Everything a handler needs.
@@ -203,6 +205,18 @@ pub async fn serve(
     Ok(())
 }
 
+/// Resolves once the engine reports its device lost.
+async fn device_lost(st: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if let Some(why) = st.engine().and_then(|e| e.device_lost()) {
+            tracing::error!(error = %why, "the device is lost: stopping the server");
+            eprintln!("tl serve: the device failed ({why}); stopping");
+            return;
+        }
+    }
+}
+
 /// Resolves on SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -264,7 +278,17 @@ pub fn run(
             st.set_engine(Arc::new(engine));
             Ok(())
         });
-        let server = serve(listener, state.clone(), shutdown_signal());
+        // Stop on SIGTERM/SIGINT, or when the engine's device is lost
+        // (after which nothing can run: exit, so that a supervisor or a
+        // router moves the traffic to a working replica).
+        let watched = state.clone();
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown_signal() => {},
+                _ = device_lost(watched) => {},
+            }
+        };
+        let server = serve(listener, state.clone(), stop);
         tokio::pin!(server);
         tokio::select! {
             r = &mut server => r?,
@@ -276,9 +300,13 @@ pub fn run(
                 }
             }
         }
+        let lost = state.engine().and_then(|e| e.device_lost());
         if let Some(e) = state.engine() {
             let e = e.clone();
             let _ = tokio::task::spawn_blocking(move || e.shutdown()).await;
+        }
+        if let Some(why) = lost {
+            return Err(ServerError::DeviceLost(why));
         }
         eprintln!("tl serve: stopped");
         Ok(())

@@ -139,14 +139,14 @@ fn launch(
 /// values in the activation buffers (`q8_args`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn matmul_on(
-gpu: &Gpu,
-mmq_min: usize,
-sc: MatScratch,
-mats: &[&DevMat],
-x: u64,
-m: usize,
-out: u64,
-ldo: usize,
+    gpu: &Gpu,
+    mmq_min: usize,
+    sc: MatScratch,
+    mats: &[&DevMat],
+    x: u64,
+    m: usize,
+    out: u64,
+    ldo: usize,
 ) -> Result<()> {
     let k = mats[0].k;
     let mut col = 0usize;
@@ -154,7 +154,8 @@ ldo: usize,
     let MatScratch { xq, xd, xh, wh } = sc;
     if !small {
         let n = m * k;
-        launch(gpu, 
+        launch(
+            gpu,
             "to_f16",
             grid1(n, 256),
             256,
@@ -180,12 +181,9 @@ ldo: usize,
         } else {
             1
         };
-        if small
-            && m >= mmq_min
-            && w.kind.has_mmq()
-            && (split == 1 || k / 32 / split <= 16)
-        {
-            launch(gpu, 
+        if small && m >= mmq_min && w.kind.has_mmq() && (split == 1 || k / 32 / split <= 16) {
+            launch(
+                gpu,
                 &format!("mmq_{}", w.kind.suffix()),
                 grid1(w.n, 64 / split),
                 128,
@@ -235,7 +233,8 @@ ldo: usize,
                     Arg::I32(ldo as i32),
                     Arg::I32(split as i32),
                 ]);
-                launch(gpu, 
+                launch(
+                    gpu,
                     &format!("gemv_{}_{mc}", w.kind.suffix()),
                     grid,
                     128,
@@ -248,7 +247,8 @@ ldo: usize,
                 w.ptrs[0]
             } else {
                 let nb = w.n * w.k / 32;
-                launch(gpu, 
+                launch(
+                    gpu,
                     &format!("dequant_f16_{}", w.kind.suffix()),
                     grid1(nb, 256),
                     256,
@@ -262,8 +262,7 @@ ldo: usize,
                 )?;
                 wh
             };
-            gpu
-                .gemm_f16_nt(m, w.n, k, xh, wp, o, ldo)
+            gpu.gemm_f16_nt(m, w.n, k, xh, wp, o, ldo)
                 .map_err(cuda_err)?;
         }
         col += w.n;

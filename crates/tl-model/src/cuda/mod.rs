@@ -37,6 +37,7 @@ use weights::{repack, upload_f32, upload_opt, DevMat, DevMats};
 fn cuda_err(e: tl_cuda::CudaError) -> ModelError {
     match e {
         tl_cuda::CudaError::OutOfMemory { .. } => ModelError::OutOfMemory(e.to_string()),
+        _ if e.is_fatal() => ModelError::DeviceLost(e.to_string()),
         _ => ModelError::Device(e.to_string()),
     }
 }
