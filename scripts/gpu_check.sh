@@ -15,6 +15,8 @@
 #                                     # llama-bench -d, after the GPU tests
 #   bash scripts/gpu_check.sh attn    # decode at depth beside llama-bench -d, and
 #                                     # device sampling at batch 1-64, after the tests
+#   bash scripts/gpu_check.sh prefill # prefill at 512, 2048 and 8192 tokens beside
+#                                     # llama-bench, and its stage profile, after the tests
 #   bash scripts/gpu_check.sh batch   # batched decode (tl bench --batch, tensor-core
 #                                     # products on and off) beside llama-batched-bench,
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
@@ -184,6 +186,40 @@ if [ "$mode" = attn ]; then
     TL_CUDA_SAMPLE_BLOCKS=100000 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 2 --batch 1,16,64 --temp 1 --top-p 0.9 2>&1 | grep -E 'tg128|rror'
   fi
   echo "attn done t=${SECONDS}s"
+  exit 0
+fi
+
+if [ "$mode" = prefill ]; then
+  # Prefill at growing prompt lengths on one fresh machine: the tests while
+  # the files are synthesized and llama.cpp builds, then per model tl's
+  # pp at each length beside llama-bench's (-fa 1), and the stage profile
+  # of the longest (how much of prefill is attention).
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
+  SM="${MODELS:-q05_q8_0 q15_q4_k}"
+  MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  sleep 1
+  gpu_tests 240 120
+  while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 360 ]; do sleep 2; done
+  echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
+  LB=/tmp/llamacpp/build/bin
+  [ -z "${SKIP_LLAMA:-}" ] && [ -x "$LB/llama-bench" ] || LB=
+  P=${PROMPTS:-512,2048,8192}
+  for m in $SM; do
+    f=$W/$m.gguf
+    [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
+    echo "== $m: tl pp at $P t=${SECONDS}s"
+    for p in ${P//,/ }; do
+      TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$p" -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
+    done
+    if [ -n "$LB" ]; then
+      echo "== $m: llama-bench -p $P t=${SECONDS}s"
+      LD_LIBRARY_PATH=$LB timeout 100 "$LB/llama-bench" -m "$f" -p "$P" -n 0 -ngl 99 -fa 1 -r 2 2>&1 | grep -E '^\|' | tail -n +3
+    fi
+    last=${P##*,}
+    echo "== $m: stage profile of pp$last t=${SECONDS}s"
+    TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$last" -n 0 -r 1 2>&1 | tail -16
+  done
+  echo "prefill done t=${SECONDS}s"
   exit 0
 fi
 
