@@ -15,8 +15,10 @@
 #                                     # llama-bench -d, after the GPU tests
 #   bash scripts/gpu_check.sh attn    # decode at depth beside llama-bench -d, and
 #                                     # device sampling at batch 1-64, after the tests
-#   bash scripts/gpu_check.sh prefill # prefill at 512, 2048 and 8192 tokens beside
-#                                     # llama-bench, and its stage profile, after the tests
+#   bash scripts/gpu_check.sh prefill # prefill at 512, 2048 and 8192 tokens, the
+#                                     # tensor-core attention off and on (TL_CUDA_FA),
+#                                     # beside llama-bench, and the stage profiles,
+#                                     # after the tests (run with TL_CUDA_FA=1)
 #   bash scripts/gpu_check.sh batch   # batched decode (tl bench --batch, tensor-core
 #                                     # products on and off) beside llama-batched-bench,
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
@@ -198,7 +200,8 @@ if [ "$mode" = prefill ]; then
   SM="${MODELS:-q05_q8_0 q15_q4_k}"
   MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
-  gpu_tests 240 120
+  # The tests with the tensor-core prefill attention on (TL_CUDA_FA=1).
+  TL_CUDA_FA=${TL_CUDA_FA:-1} gpu_tests 240 120
   while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 360 ]; do sleep 2; done
   echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
   LB=/tmp/llamacpp/build/bin
@@ -207,9 +210,11 @@ if [ "$mode" = prefill ]; then
   for m in $SM; do
     f=$W/$m.gguf
     [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
-    echo "== $m: tl pp at $P t=${SECONDS}s"
-    for p in ${P//,/ }; do
-      TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$p" -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
+    for fa in 0 1; do
+      echo "== $m: tl pp at $P, TL_CUDA_FA=$fa t=${SECONDS}s"
+      for p in ${P//,/ }; do
+        TL_CUDA_FA=$fa TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$p" -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
+      done
     done
     if [ -n "$LB" ]; then
       echo "== $m: llama-bench -p $P t=${SECONDS}s"
@@ -217,7 +222,9 @@ if [ "$mode" = prefill ]; then
     fi
     last=${P##*,}
     echo "== $m: stage profile of pp$last t=${SECONDS}s"
-    TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$last" -n 0 -r 1 2>&1 | tail -16
+    for fa in 0 1; do
+      TL_CUDA_FA=$fa TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$last" -n 0 -r 1 2>&1 | grep -iE 'attention|matmul|total|pp' | head -8
+    done
   done
   echo "prefill done t=${SECONDS}s"
   exit 0

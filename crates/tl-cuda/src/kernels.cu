@@ -1422,6 +1422,177 @@ extern "C" __global__ void attention_128_fp8(const float* q, const void* kc, con
 extern "C" __global__ void attention_256_fp8(const float* q, const void* kc, const void* vc, const __half* ks, const __half* vs, const int* tp, const int* ts, const int* tb, float* o, AttnArgs a, signed char* xq, float* xd, float* part, unsigned int* cnt) { TL_PDL(); attention<256, KV_FP8>(q, kc, vc, ks, vs, tp, ts, tb, o, a, xq, xd, part, cnt); }
 
 // ---------------------------------------------------------------------------
+// FlashAttention-style prefill over the paged f16 cache, on the tensor
+// cores (mma.sync m16n8k16, f16 inputs, f32 sums). A block is one tile of
+// up to 64 consecutive query rows of one sequence (`tiles`: row0, rows,
+// built by the host) and one query head; each of its 4 warps owns 16 rows.
+// The block walks the sequence's keys 64 at a time from the tile's window
+// start to its last row's position: K and V tiles go through shared memory
+// (read once per tile and head instead of once per row), S = Q·Kᵀ and
+// O += P·V are MMAs, the softmax is online in f32 per row (causal and
+// sliding-window masks per element). The queries enter as f16 (scaled
+// first, as llama.cpp's FlashAttention does), P as f16.
+// grid = (tiles, n_heads), blockDim = 128.
+__device__ __forceinline__ void mma_f16(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ unsigned int pack_h2(float x, float y) {
+    __half2 h = __floats2half2_rn(x, y);
+    return *(unsigned int*)&h;
+}
+
+template <int HD>
+__device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, const int* tok_pos, const int* tok_seq,
+                           const int* tables, const int* tiles, float* out, AttnArgs a) {
+    constexpr int BK = 64;        // keys per tile
+    constexpr int ST = HD + 8;    // shared row stride in halves (staggers the banks)
+    __shared__ __align__(16) __half sk[BK * ST];
+    __shared__ __align__(16) __half sv[BK * ST];
+    int head = blockIdx.y;
+    int r0 = tiles[2 * blockIdx.x], nr = tiles[2 * blockIdx.x + 1];
+    int kvh = head / (a.n_heads / a.n_kv_heads);
+    int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane >> 2, t4 = lane & 3;
+    const int* table = tables + (long)tok_seq[r0] * a.max_blocks;
+    int pos_first = tok_pos[r0], pos_last = tok_pos[r0 + nr - 1];
+    int lo = a.window > 0 ? max(0, pos_first + 1 - a.window) : 0;
+    int wr = warp * 16;  // this warp's first row in the tile
+    bool active = wr < nr;
+    int ra = wr + g, rb = wr + g + 8;
+    int pa = ra < nr ? tok_pos[r0 + ra] : -1;  // -1: no row (every key masked)
+    int pb = rb < nr ? tok_pos[r0 + rb] : -1;
+    int wlast = active ? tok_pos[r0 + min(wr + 15, nr - 1)] : -1;
+    int qs = a.n_heads * HD;
+    unsigned int qf[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        int d = kk * 16 + t4 * 2;
+        const float* qa = q + (long)(r0 + ra) * qs + head * HD + d;
+        const float* qb = q + (long)(r0 + rb) * qs + head * HD + d;
+        bool va = pa >= 0, vb = pb >= 0;
+        qf[kk][0] = va ? pack_h2(qa[0] * a.scale, qa[1] * a.scale) : 0u;
+        qf[kk][1] = vb ? pack_h2(qb[0] * a.scale, qb[1] * a.scale) : 0u;
+        qf[kk][2] = va ? pack_h2(qa[8] * a.scale, qa[9] * a.scale) : 0u;
+        qf[kk][3] = vb ? pack_h2(qb[8] * a.scale, qb[9] * a.scale) : 0u;
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < HD / 8; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
+    float ma = -TL_INF, mb = -TL_INF, la = 0.0f, lb = 0.0f;
+    for (int k0 = lo; k0 <= pos_last; k0 += BK) {
+        __syncthreads();
+        for (int i = threadIdx.x; i < BK * HD / 8; i += blockDim.x) {
+            int kr = i / (HD / 8), c = i % (HD / 8);
+            int p = k0 + kr;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (p <= pos_last) {
+                long row = ((long)table[p / 16] * a.n_kv_heads + kvh) * 16 + (p % 16);
+                kv4 = *(const uint4*)(kc + row * HD + c * 8);
+                vv4 = *(const uint4*)(vc + row * HD + c * 8);
+            }
+            *(uint4*)(sk + kr * ST + c * 8) = kv4;
+            *(uint4*)(sv + kr * ST + c * 8) = vv4;
+        }
+        __syncthreads();
+        // Keys past this warp's last row, or before its window: nothing to do.
+        if (!active || k0 > wlast) continue;
+        if (a.window > 0 && k0 + BK - 1 < tok_pos[r0 + wr] + 1 - a.window) continue;
+        float sc[BK / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < BK / 8; nb++) {
+            sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < HD / 16; kk++) {
+                const __half* kp = sk + (nb * 8 + g) * ST + kk * 16 + t4 * 2;
+                mma_f16(sc[nb], qf[kk], *(const unsigned int*)kp, *(const unsigned int*)(kp + 8));
+            }
+        }
+        // Masks, then each row's running maximum (a row's 64 keys are
+        // spread over the 4 lanes of a quad).
+        float xa = -TL_INF, xb = -TL_INF;
+#pragma unroll
+        for (int nb = 0; nb < BK / 8; nb++) {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                int kp = k0 + nb * 8 + t4 * 2 + j;
+                bool oka = kp <= pa && (a.window <= 0 || kp > pa - a.window);
+                bool okb = kp <= pb && (a.window <= 0 || kp > pb - a.window);
+                if (!oka) sc[nb][j] = -TL_INF;
+                if (!okb) sc[nb][2 + j] = -TL_INF;
+                xa = fmaxf(xa, sc[nb][j]);
+                xb = fmaxf(xb, sc[nb][2 + j]);
+            }
+        }
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffff, xa, 1));
+        xa = fmaxf(xa, __shfl_xor_sync(0xffffffff, xa, 2));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffff, xb, 1));
+        xb = fmaxf(xb, __shfl_xor_sync(0xffffffff, xb, 2));
+        float na = fmaxf(ma, xa), nb_ = fmaxf(mb, xb);
+        // A row with no key yet keeps 0 (and no NaN from -inf - -inf).
+        float sa = na == -TL_INF ? 0.0f : na, sb = nb_ == -TL_INF ? 0.0f : nb_;
+        float ca = expf(ma - sa), cb = expf(mb - sb);
+        la *= ca;
+        lb *= cb;
+#pragma unroll
+        for (int nd = 0; nd < HD / 8; nd++) {
+            o[nd][0] *= ca;
+            o[nd][1] *= ca;
+            o[nd][2] *= cb;
+            o[nd][3] *= cb;
+        }
+        ma = na;
+        mb = nb_;
+        unsigned int pf[BK / 16][4];
+#pragma unroll
+        for (int nb = 0; nb < BK / 8; nb++) {
+            float p0 = expf(sc[nb][0] - sa), p1 = expf(sc[nb][1] - sa);
+            float p2 = expf(sc[nb][2] - sb), p3 = expf(sc[nb][3] - sb);
+            la += p0 + p1;
+            lb += p2 + p3;
+            // The C fragment of keys nb*8.. is half of P's A fragment.
+            pf[nb / 2][(nb & 1) * 2 + 0] = pack_h2(p0, p1);
+            pf[nb / 2][(nb & 1) * 2 + 1] = pack_h2(p2, p3);
+        }
+#pragma unroll
+        for (int nd = 0; nd < HD / 8; nd++) {
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; kk++) {
+                const __half* vp = sv + (kk * 16 + t4 * 2) * ST + nd * 8 + g;
+                const unsigned short* vh = (const unsigned short*)vp;
+                unsigned int b0 = (unsigned int)vh[0] | ((unsigned int)vh[ST] << 16);
+                unsigned int b1 = (unsigned int)vh[8 * ST] | ((unsigned int)vh[9 * ST] << 16);
+                mma_f16(o[nd], pf[kk], b0, b1);
+            }
+        }
+    }
+    if (!active) return;
+    la += __shfl_xor_sync(0xffffffff, la, 1);
+    la += __shfl_xor_sync(0xffffffff, la, 2);
+    lb += __shfl_xor_sync(0xffffffff, lb, 1);
+    lb += __shfl_xor_sync(0xffffffff, lb, 2);
+    float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
+#pragma unroll
+    for (int nd = 0; nd < HD / 8; nd++) {
+        int d = head * HD + nd * 8 + t4 * 2;
+        if (pa >= 0) {
+            float* oa = out + (long)(r0 + ra) * qs + d;
+            oa[0] = o[nd][0] * ia;
+            oa[1] = o[nd][1] * ia;
+        }
+        if (pb >= 0) {
+            float* ob = out + (long)(r0 + rb) * qs + d;
+            ob[0] = o[nd][2] * ib;
+            ob[1] = o[nd][3] * ib;
+        }
+    }
+}
+
+extern "C" __global__ void fa_prefill_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, const int* tiles, float* o, AttnArgs a) { TL_PDL(); fa_prefill<64>(q, kc, vc, tp, ts, tb, tiles, o, a); }
+extern "C" __global__ void fa_prefill_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, const int* tiles, float* o, AttnArgs a) { TL_PDL(); fa_prefill<128>(q, kc, vc, tp, ts, tb, tiles, o, a); }
+
+// ---------------------------------------------------------------------------
 // Sampling on the device, each logits row spread over many blocks (see
 // sample_phase below), the chain of the CPU sampler (tl-model's sampler.rs, llama.cpp's
 // default): penalties → top-k → top-p → min-p → temperature → draw.

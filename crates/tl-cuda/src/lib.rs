@@ -1019,6 +1019,8 @@ mod tests {
             "argmax_part",
             "argmax_final",
             "sample_phase",
+            "fa_prefill_128",
+            "quant_q8",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing");
         }

@@ -58,6 +58,8 @@ pub(super) struct CudaExec<'a> {
     pub(super) greedy: bool,
     /// A layer whose FFN residual add is left to the next norm kernel.
     pub(super) pending_ffn: Option<usize>,
+    /// Prefill attention tiles in the step metadata (0 on decode steps).
+    pub(super) n_tiles: usize,
 }
 
 /// Products of up to this many rows run as quantized matrix-vector
@@ -100,6 +102,18 @@ pub(super) fn attn_chunks(n: usize, stride: usize) -> (usize, usize) {
     }
     (chunk, positions.div_ceil(chunk).max(1))
 }
+
+/// Whether prefill steps (more than `GEMV_ROWS` rows) attend with the
+/// tensor-core `fa_prefill` kernel (f16 caches, head dims 64 and 128) or
+/// with the row-per-block `attention_*` kernel: `TL_CUDA_FA=0` picks the
+/// latter, to compare the two.
+pub(super) fn fa_prefill() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_CUDA_FA").map_or(FA_DEFAULT, |v| v != "0"))
+}
+
+/// `fa_prefill`'s default until measured on a card.
+const FA_DEFAULT: bool = false;
 
 /// How many blocks share one row of the greedy argmax (≈1024 logits each).
 pub(super) fn argmax_parts(vocab: usize) -> usize {
@@ -541,6 +555,25 @@ impl Exec for CudaExec<'_> {
         let smem = ((2 * groups + groups * hd) * 4) as u32;
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
+        if self.n_tiles > 0 && self.kv.ty == KvType::F16 && matches!(hd, 64 | 128) && fa_prefill() {
+            return self.l(
+                &format!("fa_prefill_{hd}"),
+                (self.n_tiles as u32, c.n_heads as u32, 1),
+                128,
+                0,
+                &[
+                    Arg::Ptr(ptr(&self.cs.q)),
+                    Arg::Ptr(self.kv.k.ptr + off),
+                    Arg::Ptr(self.kv.v.ptr + off),
+                    Arg::Ptr(self.meta_at(self.lay.pos)),
+                    Arg::Ptr(self.meta_at(self.lay.seq)),
+                    Arg::Ptr(self.meta_at(self.lay.tables)),
+                    Arg::Ptr(self.meta_at(self.lay.tiles)),
+                    Arg::Ptr(ptr(&self.cs.att)),
+                    raw_arg(&args),
+                ],
+            );
+        }
         let [q0, q1] = self.q8_args();
         let suffix = match self.kv.ty {
             KvType::F16 => "",

@@ -427,6 +427,23 @@ impl CudaModel {
                 h.push(s.kv.blocks.get(i).map_or(0, |&b| b as i32));
             }
         }
+        // Prefill attention tiles (`fa_prefill`): up to 64 consecutive rows
+        // of one sequence each, as (first row, rows).
+        let mut n_tiles = 0;
+        if n > exec::GEMV_ROWS {
+            let mut r = 0;
+            while r < n_real {
+                let si = plan.meta[r].0;
+                let mut e = r + 1;
+                while e < n_real && e - r < 64 && plan.meta[e].0 == si {
+                    e += 1;
+                }
+                h.push(r as i32);
+                h.push((e - r) as i32);
+                n_tiles += 1;
+                r = e;
+            }
+        }
         let lay = MetaLayout::new(n, n_out, batch.len() * stride);
         if h.len() * 4 > cs.meta.as_ref().map_or(0, |b| b.bytes) {
             cs.meta = Some(
@@ -461,6 +478,7 @@ impl CudaModel {
             lay,
             greedy,
             pending_ffn: None,
+            n_tiles,
         };
         if decode {
             // With the profiler, a fresh capture each step: its timing
@@ -651,10 +669,12 @@ struct MetaLayout {
     seq: usize,
     out_rows: usize,
     tables: usize,
+    /// Prefill attention tiles, after the `tables` entries of the tables.
+    tiles: usize,
 }
 
 impl MetaLayout {
-    fn new(n: usize, n_out: usize, _tables: usize) -> Self {
+    fn new(n: usize, n_out: usize, tables: usize) -> Self {
         MetaLayout {
             ids: 0,
             pos: n,
@@ -662,6 +682,7 @@ impl MetaLayout {
             seq: 3 * n,
             out_rows: 4 * n,
             tables: 4 * n + n_out,
+            tiles: 4 * n + n_out + tables,
         }
     }
 }
