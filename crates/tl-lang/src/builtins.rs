@@ -688,9 +688,12 @@ thread_local! {
         RefCell::new(std::collections::HashMap::new());
     /// Weights of models on a GPU, by the address and length of their
     /// mapped bytes: their model and GGUF name (see [`register_device`]).
-    static ON_DEVICE: RefCell<std::collections::HashMap<(usize, usize), (std::rc::Weak<ModelVal>, String)>> =
-        RefCell::new(std::collections::HashMap::new());
+    static ON_DEVICE: RefCell<DeviceWeights> = RefCell::new(DeviceWeights::new());
 }
+
+/// Model weights on a GPU: (address, length) of their mapped bytes → their
+/// model and GGUF name.
+type DeviceWeights = std::collections::HashMap<(usize, usize), (std::rc::Weak<ModelVal>, String)>;
 
 /// Records that the weight whose mapped bytes are `bytes` belongs to the
 /// model `m`, which runs on a GPU: `linear` by it then runs there.

@@ -108,10 +108,9 @@ impl CudaModel {
         let gpu = &*self.gpu;
         let mut st = self.ops()?;
         let key = (bytes.as_ptr() as usize, bytes.len());
-        if !st.mats.contains_key(&key) {
+        if let std::collections::hash_map::Entry::Vacant(e) = st.mats.entry(key) {
             let w = Weight::standalone(name, ty, n, k, bytes.len());
-            let dm = DevMat::upload(gpu, repack(&w, bytes)?, name)?;
-            st.mats.insert(key, dm);
+            e.insert(DevMat::upload(gpu, repack(&w, bytes)?, name)?);
         }
         let kind = st.mats.get(&key).map_or(Kind::F16, |w| w.kind);
         let small = m <= GEMV_ROWS;
