@@ -68,6 +68,9 @@ pub enum Op {
     Transpose(In),
     /// `embedding(table, ids)`: rows of the table.
     Embedding(In, Rc<Vec<usize>>),
+    /// `rope(x[t, h, d], pos, base, mode)`: each head of token `i` turned
+    /// by the angles of position `pos[i]`; `true` for NeoX pairing.
+    Rope(In, Rc<Vec<f32>>, f32, bool),
     /// A tensor equation, with the values its right side read.
     /// (name, value, tape node) of each name the right side reads.
     Einsum(Rc<Equation>, Rc<Vec<(String, Value, Option<usize>)>>),
@@ -513,6 +516,30 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             }
             give(&mut out, table, d);
         }
+        Op::Rope(x, pos, base, neox) => {
+            // A rotation: its transpose is the rotation by the opposite
+            // angles, i.e. rope at position -p.
+            let d = x.value.shape.last().copied().unwrap_or(0);
+            let t = pos.len();
+            let mode = if *neox {
+                tl_core::RopeMode::Neox
+            } else {
+                tl_core::RopeMode::Normal
+            };
+            let mut dx = g.to_vec();
+            if d == 0 || d % 2 != 0 || t == 0 || dx.len() % t != 0 {
+                return Err(no_grad(node.span, "rope on this shape"));
+            }
+            let per_token = dx.len() / t;
+            let mut cs = vec![0.0f32; d];
+            for (row, &p) in dx.chunks_exact_mut(per_token).zip(pos.iter()) {
+                tl_core::cpu::kernels::rope_cache(-p, *base, 1.0, None, &mut cs);
+                for head in row.chunks_exact_mut(d) {
+                    tl_core::cpu::kernels::rope_rotate(head, &cs, mode);
+                }
+            }
+            give(&mut out, x, dx);
+        }
         Op::Einsum(eq, vals) => {
             let lookup = |n: &str| {
                 vals.iter()
@@ -599,6 +626,14 @@ impl Tape {
                     _ => Vec::new(),
                 };
                 Op::Embedding(inp(0), Rc::new(ids))
+            }
+            "rope" => {
+                let pos = match args.get(1) {
+                    Some((Value::Tensor(t), _)) => t.to_f32(Span::default()).unwrap_or_default(),
+                    _ => Vec::new(),
+                };
+                let neox = !matches!(args.get(3), Some((Value::Str(m), _)) if &**m == "normal");
+                Op::Rope(inp(0), Rc::new(pos), num(2), neox)
             }
             "gelu" => Op::NoGrad("gelu(x, \"ggml\")".into()),
             other => Op::NoGrad(other.to_string()),

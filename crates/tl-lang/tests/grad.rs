@@ -280,6 +280,17 @@ fn causal_attention_equations() {
 }
 
 #[test]
+fn rope() {
+    // Positions up to 9 with base 100: the pairs turn by up to 9 radians,
+    // so the rotation is far from the identity in every pair.
+    check(&[p("a", &[3, 2, 4])], "let o = rope(a, [0, 1, 9], 100.0);");
+    check(
+        &[p("a", &[2, 1, 6])],
+        "let o = rope(a * 2.0, [3, 7], 10.0, \"normal\");",
+    );
+}
+
+#[test]
 fn through_functions_and_control_flow() {
     let body = "fn layer(x: f32[n, d], w: f32[d, d]) -> f32[n, d] {\n\
                     Y[s, i] = tanh(x[s, j] w[i, j]);\n\
