@@ -18,8 +18,11 @@
 //! (`step`, `%`, quantized kernels, …) is recorded as such and is an error
 //! only when the objective depends on it.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::rc::Rc;
+
+use tl_core::{Backend, CpuBackend, Tensor};
 
 use crate::ast::{BinOp, Equation};
 use crate::diag::Span;
@@ -193,11 +196,22 @@ impl Tape {
     }
 }
 
-fn data(t: &Tens) -> Vec<f32> {
+/// The values of `t` as f32, borrowed where they are stored as f32.
+fn data(t: &Tens) -> Cow<'_, [f32]> {
     match &t.data {
-        TData::F32(v) => v.clone(),
-        _ => t.to_f32(Span::default()).unwrap_or_default(),
+        TData::F32(v) => Cow::Borrowed(v.as_slice()),
+        _ => Cow::Owned(t.to_f32(Span::default()).unwrap_or_default()),
     }
+}
+
+/// `a[m, k] · b[k, n]` on tl-core's matmul kernel, with either operand
+/// stored transposed (`ta`: `a` is given as `[k, m]`; `tb`: `b` as `[n, k]`).
+fn mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Option<Vec<f32>> {
+    let at = Tensor::from_vec(a.to_vec(), &if ta { [k, m] } else { [m, k] }).ok()?;
+    let bt = Tensor::from_vec(b.to_vec(), &if tb { [n, k] } else { [k, n] }).ok()?;
+    let at = if ta { at.transpose(0, 1).ok()? } else { at };
+    let bt = if tb { bt.transpose(0, 1).ok()? } else { bt };
+    CpuBackend.matmul_f32(&at, &bt).ok()?.to_vec_f32().ok()
 }
 
 /// For each output element of a broadcast of `inp` to `out`, the input
@@ -317,7 +331,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::Unary(name, a) => {
             let (xv, yv) = (data(&a.value), data(y));
             let mut d = Vec::with_capacity(g.len());
-            for ((&gi, &x), &yi) in g.iter().zip(&xv).zip(&yv) {
+            for ((&gi, &x), &yi) in g.iter().zip(xv.iter()).zip(yv.iter()) {
                 d.push(gi * deriv(name, x, yi).ok_or_else(|| no_grad(node.span, name))?);
             }
             give(&mut out, a, d);
@@ -388,18 +402,13 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let k = x.value.shape.last().copied().unwrap_or(0);
             let n = w.value.shape.first().copied().unwrap_or(0);
             let m = xv.len().checked_div(k).unwrap_or(0);
-            let mut gx = vec![0.0f32; xv.len()];
-            let mut gw = vec![0.0f32; wv.len()];
+            // gx[m, k] = g[m, n] · w[n, k]; gw[n, k] = gᵀ[n, m] · x[m, k].
+            let kernel = || LangError::invalid(node.span, "linear: gradient kernel failed");
+            let gx = mm(g, &wv, m, n, k, false, false).ok_or_else(kernel)?;
+            let gw = mm(g, &xv, n, m, k, true, false).ok_or_else(kernel)?;
             let mut gbias = vec![0.0f32; n];
-            for r in 0..m {
-                for j in 0..n {
-                    let gv = g[r * n + j];
-                    gbias[j] += gv;
-                    for t in 0..k {
-                        gx[r * k + t] += gv * wv[j * k + t];
-                        gw[j * k + t] += gv * xv[r * k + t];
-                    }
-                }
+            for row in g.chunks_exact(n.max(1)) {
+                gbias.iter_mut().zip(row).for_each(|(b, v)| *b += v);
             }
             give(&mut out, x, gx);
             give(&mut out, w, gw);
@@ -419,7 +428,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                 let dot: f64 = xr
                     .iter()
                     .zip(gr)
-                    .zip(&wv)
+                    .zip(wv.iter())
                     .map(|((&a, &b), &c)| f64::from(a) * f64::from(b) * f64::from(c))
                     .sum();
                 for i in 0..xr.len() {
@@ -449,7 +458,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                 let xhat: Vec<f64> = xr.iter().map(|&v| (f64::from(v) - mean) * r).collect();
                 let dxhat: Vec<f64> = gr
                     .iter()
-                    .zip(&wv)
+                    .zip(wv.iter())
                     .map(|(&a, &c)| f64::from(a) * f64::from(c))
                     .collect();
                 let m1 = dxhat.iter().sum::<f64>() / n;
@@ -546,7 +555,9 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                     .find(|(name, _, _)| name == n)
                     .map(|(_, v, _)| v.clone())
             };
-            for (name, d) in crate::einsum::equation_grads(eq, &lookup, g, max_iter)? {
+            // Only the tracked tensors need a gradient.
+            let wanted = |n: &str| vals.iter().any(|(name, _, id)| name == n && id.is_some());
+            for (name, d) in crate::einsum::equation_grads(eq, &lookup, g, max_iter, &wanted)? {
                 if let Some((_, _, Some(id))) = vals.iter().find(|(n, _, _)| *n == name) {
                     out.push((*id, d));
                 }

@@ -72,6 +72,17 @@ impl Node {
         }
     }
 
+    /// Whether a leaf under this node is one `wanted` names.
+    fn reads(&self, wanted: &dyn Fn(&str) -> bool) -> bool {
+        match self {
+            Node::Leaf { name, .. } => wanted(name),
+            Node::Scalar(_) => false,
+            Node::Bin(_, a, b) => a.reads(wanted) || b.reads(wanted),
+            Node::Neg(a) | Node::Func(_, _, a) | Node::Sum(_, a) => a.reads(wanted),
+            Node::Prod(fs) => fs.iter().any(|f| f.reads(wanted)),
+        }
+    }
+
     fn children_mut(&mut self) -> Vec<&mut Node> {
         match self {
             Node::Leaf { .. } | Node::Scalar(_) => vec![],
@@ -781,6 +792,7 @@ pub fn equation_grads(
     lookup: &dyn Fn(&str) -> Option<Value>,
     grad_out: &[f32],
     max_iterations: u128,
+    wanted: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<(String, Vec<f32>)>> {
     let (root, names, sizes) = compile(eq, lookup, false)?;
     let ev = Eval {
@@ -798,7 +810,7 @@ pub fn equation_grads(
         data: grad_out.to_vec(),
     };
     let mut acc: Vec<(String, Vec<f32>)> = Vec::new();
-    ev.back(&root, g, &mut acc)?;
+    ev.back(&root, g, &mut acc, wanted)?;
     Ok(acc)
 }
 
@@ -898,7 +910,18 @@ impl Eval<'_> {
 
     /// Propagates `g` (the gradient of `n`'s value, possibly missing axes
     /// of `n` along which it is constant) to the leaves under `n`.
-    fn back(&self, n: &Node, g: Dense, acc: &mut Vec<(String, Vec<f32>)>) -> Result<()> {
+    /// Only subtrees reading a `wanted` tensor are visited (constants such
+    /// as an attention mask need no gradient).
+    fn back(
+        &self,
+        n: &Node,
+        g: Dense,
+        acc: &mut Vec<(String, Vec<f32>)>,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
+        if !n.reads(wanted) {
+            return Ok(());
+        }
         match n {
             Node::Scalar(_) => Ok(()),
             Node::Leaf {
@@ -939,7 +962,7 @@ impl Eval<'_> {
             Node::Neg(a) => {
                 let mut g = g;
                 g.data.iter_mut().for_each(|x| *x = -*x);
-                self.back(a, g, acc)
+                self.back(a, g, acc, wanted)
             }
             Node::Func(name, _, a) => {
                 let x = self.eval(a)?;
@@ -969,19 +992,25 @@ impl Eval<'_> {
                         data: d,
                     },
                     acc,
+                    wanted,
                 )
             }
             Node::Bin(op, a, b) => {
                 let (va, vb) = (node_vars(a), node_vars(b));
                 match op {
                     BinOp::Add | BinOp::Sub => {
-                        let ga = self.reduce_to(&g, &va)?;
-                        let mut gb = self.reduce_to(&g, &vb)?;
-                        if *op == BinOp::Sub {
-                            gb.data.iter_mut().for_each(|x| *x = -*x);
+                        if a.reads(wanted) {
+                            let ga = self.reduce_to(&g, &va)?;
+                            self.back(a, ga, acc, wanted)?;
                         }
-                        self.back(a, ga, acc)?;
-                        self.back(b, gb, acc)
+                        if b.reads(wanted) {
+                            let mut gb = self.reduce_to(&g, &vb)?;
+                            if *op == BinOp::Sub {
+                                gb.data.iter_mut().for_each(|x| *x = -*x);
+                            }
+                            self.back(b, gb, acc, wanted)?;
+                        }
+                        Ok(())
                     }
                     _ => {
                         // Division (a product is a `Prod`).
@@ -1000,15 +1029,18 @@ impl Eval<'_> {
                         )?;
                         let ga = self.reduce_to(&da, &va)?;
                         let gb = self.reduce_to(&db, &vb)?;
-                        self.back(a, ga, acc)?;
-                        self.back(b, gb, acc)
+                        self.back(a, ga, acc, wanted)?;
+                        self.back(b, gb, acc, wanted)
                     }
                 }
             }
-            Node::Sum(_, c) => self.back(c, g, acc),
+            Node::Sum(_, c) => self.back(c, g, acc, wanted),
             Node::Prod(fs) => {
                 let vals: Vec<Dense> = fs.iter().map(|f| self.eval(f)).collect::<Result<_>>()?;
                 for (k, f) in fs.iter().enumerate() {
+                    if !f.reads(wanted) {
+                        continue;
+                    }
                     let target = node_vars(f);
                     let mut factors = vec![Dense {
                         vars: g.vars.clone(),
@@ -1026,7 +1058,7 @@ impl Eval<'_> {
                     let summed: Vec<usize> =
                         all.into_iter().filter(|v| !target.contains(v)).collect();
                     let gk = self.contract_to(&factors, &summed, &target)?;
-                    self.back(f, gk, acc)?;
+                    self.back(f, gk, acc, wanted)?;
                 }
                 Ok(())
             }
