@@ -294,6 +294,10 @@ fn no_grad(span: Span, what: &str) -> LangError {
     )
 }
 
+/// The gradient of one operand of an elementwise `+ - * /` from (output
+/// gradient, left value, right value).
+type ElemGrad = dyn Fn(f32, f32, f32) -> f32;
+
 fn give(out: &mut Vec<(usize, Vec<f32>)>, i: &In, d: Vec<f32>) {
     if let Some(id) = i.id {
         out.push((id, d));
@@ -311,14 +315,13 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::Binary(op, a, b) if a.value.shape == y.shape && b.value.shape == y.shape => {
             // Equal shapes: no broadcasting to undo; constants get nothing.
             let (av, bv) = (data(&a.value), data(&b.value));
-            let zip = |f: &dyn Fn(f32, f32, f32) -> f32| -> Vec<f32> {
+            let zip = |f: &ElemGrad| -> Vec<f32> {
                 g.iter()
                     .zip(av.iter().zip(bv.iter()))
                     .map(|(&gf, (&p, &q))| f(gf, p, q))
                     .collect()
             };
-            let (fa, fb): (&dyn Fn(f32, f32, f32) -> f32, &dyn Fn(f32, f32, f32) -> f32) = match op
-            {
+            let (fa, fb): (&ElemGrad, &ElemGrad) = match op {
                 BinOp::Add => (&|gf, _, _| gf, &|gf, _, _| gf),
                 BinOp::Sub => (&|gf, _, _| gf, &|gf, _, _| -gf),
                 BinOp::Mul => (&|gf, _, q| gf * q, &|gf, p, _| gf * p),
@@ -563,7 +566,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                 tl_core::RopeMode::Normal
             };
             let mut dx = g.to_vec();
-            if d == 0 || d % 2 != 0 || t == 0 || dx.len() % t != 0 {
+            if d == 0 || d % 2 != 0 || t == 0 || !dx.len().is_multiple_of(t) {
                 return Err(no_grad(node.span, "rope on this shape"));
             }
             let per_token = dx.len() / t;
