@@ -395,35 +395,37 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let k = a.value.shape.last().copied().unwrap_or(0);
             let n = b.value.shape.last().copied().unwrap_or(0);
             let m = av.len().checked_div(k).unwrap_or(0);
-            let rows_b = k;
             let shared_b = b.value.shape.len() == 2;
-            let mut ga = vec![0.0f32; av.len()];
+            let kernel = || LangError::invalid(node.span, "matmul: gradient kernel failed");
+            // Rows of `a` (all leading dims folded) against the matrix of
+            // `b` for their batch: ga = g · bᵀ, gb = aᵀ · g, per batch
+            // (one batch of all rows when `b` is shared), on the kernel.
+            let rows = if shared_b {
+                m
+            } else {
+                a.value
+                    .shape
+                    .len()
+                    .checked_sub(2)
+                    .map_or(m, |i| a.value.shape.get(i).copied().unwrap_or(m))
+            };
+            let mut ga = Vec::with_capacity(av.len());
             let mut gb = vec![0.0f32; bv.len()];
-            // Rows of `a` (all leading dims folded), each against the
-            // matrix of `b` for its batch.
-            let per_batch = a
-                .value
-                .shape
-                .len()
-                .checked_sub(2)
-                .map_or(m, |i| a.value.shape.get(i).copied().unwrap_or(m));
-            for r in 0..m {
-                let boff = if shared_b {
-                    0
-                } else {
-                    (r / per_batch.max(1)) * rows_b * n
-                };
-                for j in 0..n {
-                    let gv = g[r * n + j];
-                    if gv == 0.0 {
-                        continue;
-                    }
-                    for t in 0..k {
-                        ga[r * k + t] += gv * bv[boff + t * n + j];
-                        gb[boff + t * n + j] += gv * av[r * k + t];
-                    }
+            for (bi, (ab, gbat)) in av
+                .chunks(rows.max(1) * k.max(1))
+                .zip(g.chunks(rows.max(1) * n.max(1)))
+                .enumerate()
+            {
+                let r = ab.len().checked_div(k).unwrap_or(0);
+                let boff = if shared_b { 0 } else { bi * k * n };
+                let bmat = bv.get(boff..boff + k * n).ok_or_else(kernel)?;
+                ga.extend(mm(gbat, bmat, r, n, k, false, true).ok_or_else(kernel)?);
+                let d = mm(ab, gbat, k, r, n, true, false).ok_or_else(kernel)?;
+                for (x, v) in gb[boff..boff + k * n].iter_mut().zip(d) {
+                    *x += v;
                 }
             }
+            ga.resize(av.len(), 0.0);
             give(&mut out, a, ga);
             give(&mut out, b, gb);
         }
