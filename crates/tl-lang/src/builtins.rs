@@ -73,6 +73,7 @@ pub static BUILTINS: &[Builtin] = &[
     ready("min", "min(x: tensor) -> float", "Smallest entry."),
     ready("len", "len(x: tensor | string) -> int", "Size of the first dimension (characters of a string)."),
     ready("dim", "dim(x: tensor, k: int) -> int", "Size of dimension k."),
+    ready("bytes", "bytes(s: string) -> i32[n]", "The UTF-8 bytes of a string (0..=255), e.g. the token ids of a byte-level language model."),
     ready("zeros", "zeros(d0: int, ...) -> f32[d0, ...]", "A tensor of zeros."),
     ready("ones", "ones(d0: int, ...) -> f32[d0, ...]", "A tensor of ones."),
     ready("arange", "arange(n: int) -> f32[n]", "0, 1, …, n-1."),
@@ -461,6 +462,11 @@ pub fn check(name: &str, name_span: Span, span: Span, a: &[Ta], exprs: &[Expr]) 
                 rank_at_least(d, 1, &a[0], "len's input")?;
             }
             Type::Int
+        }
+        "bytes" => {
+            ar(1, 1)?;
+            scalar(&a[0], Type::Str)?;
+            Type::tensor(ElemType::I32, vec![Dim::Unknown])
         }
         "dim" => {
             ar(2, 2)?;
@@ -1267,6 +1273,18 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         "len" => match &arg(0)?.0 {
             Value::Str(s) => Value::Int(s.chars().count() as i64),
             _ => Value::Int(t0()?.shape.first().copied().unwrap_or(0) as i64),
+        },
+        "bytes" => match &arg(0)?.0 {
+            Value::Str(s) => Value::tensor(Tens {
+                shape: vec![s.len()],
+                data: TData::I32(s.bytes().map(i32::from).collect()),
+            }),
+            other => {
+                return Err(LangError::invalid(
+                    arg(0)?.1,
+                    format!("`bytes` takes a string, found {other}"),
+                ))
+            }
         },
         "dim" => {
             let t = t0()?;

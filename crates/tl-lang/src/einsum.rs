@@ -72,6 +72,17 @@ impl Node {
         }
     }
 
+    /// Whether a leaf under this node is one `wanted` names.
+    fn reads(&self, wanted: &dyn Fn(&str) -> bool) -> bool {
+        match self {
+            Node::Leaf { name, .. } => wanted(name),
+            Node::Scalar(_) => false,
+            Node::Bin(_, a, b) => a.reads(wanted) || b.reads(wanted),
+            Node::Neg(a) | Node::Func(_, _, a) | Node::Sum(_, a) => a.reads(wanted),
+            Node::Prod(fs) => fs.iter().any(|f| f.reads(wanted)),
+        }
+    }
+
     fn children_mut(&mut self) -> Vec<&mut Node> {
         match self {
             Node::Leaf { .. } | Node::Scalar(_) => vec![],
@@ -554,9 +565,109 @@ impl Eval<'_> {
         })
     }
 
+    /// `Σ_K A[B, I, K] B[B, K, J]` for two factors: the indices both share
+    /// and keep (`B`) are a batch, each factor's own kept indices (`I`,
+    /// `J`) the rows and columns, the summed ones (`K`, in both factors)
+    /// the inner dimension. Both factors are laid out as `[B, I, K]` and
+    /// `[B, K, J]` and multiplied by tl-core's batched `matmul_f32`; the
+    /// result is over `B, I, J`. `None` when the product is not of this
+    /// form (one factor, a summed index in only one factor, nothing
+    /// summed).
+    fn try_batched(&self, fs: &[Dense], summed: &[usize]) -> Result<Option<Dense>> {
+        let [a, b] = fs else {
+            return Ok(None);
+        };
+        let ks: Vec<usize> = summed
+            .iter()
+            .copied()
+            .filter(|v| a.vars.contains(v) || b.vars.contains(v))
+            .collect();
+        if ks.is_empty()
+            || ks
+                .iter()
+                .any(|v| !a.vars.contains(v) || !b.vars.contains(v))
+        {
+            return Ok(None);
+        }
+        let keep = |v: &usize| !ks.contains(v);
+        let bs: Vec<usize> = a
+            .vars
+            .iter()
+            .copied()
+            .filter(|v| keep(v) && b.vars.contains(v))
+            .collect();
+        let is: Vec<usize> = a
+            .vars
+            .iter()
+            .copied()
+            .filter(|v| keep(v) && !bs.contains(v))
+            .collect();
+        let js: Vec<usize> = b
+            .vars
+            .iter()
+            .copied()
+            .filter(|v| keep(v) && !bs.contains(v))
+            .collect();
+        let all: Vec<usize> = bs
+            .iter()
+            .chain(&is)
+            .chain(&ks)
+            .chain(&js)
+            .copied()
+            .collect();
+        self.check_size(&all)?;
+        let size = |vs: &[usize]| vs.iter().map(|&v| self.sizes[v]).product::<usize>();
+        let (nb, ni, nk, nj) = (size(&bs), size(&is), size(&ks), size(&js));
+        let kernel = |source| LangError::Kernel {
+            span: self.span,
+            op: "matmul",
+            source,
+        };
+        let order_a: Vec<usize> = bs.iter().chain(&is).chain(&ks).copied().collect();
+        let order_b: Vec<usize> = bs.iter().chain(&ks).chain(&js).copied().collect();
+        let pa = self.permute(a, &order_a);
+        let pb = self.permute(b, &order_b);
+        let ta = Tensor::from_vec(pa.data, &[nb, ni, nk]).map_err(kernel)?;
+        let tb = Tensor::from_vec(pb.data, &[nb, nk, nj]).map_err(kernel)?;
+        let out = CpuBackend.matmul_f32(&ta, &tb).map_err(kernel)?;
+        Ok(Some(Dense {
+            vars: bs.iter().chain(&is).chain(&js).copied().collect(),
+            data: out.to_vec_f32().map_err(kernel)?,
+        }))
+    }
+
     /// `Σ_j A[i, j] B[j, k]` (either factor may lack its free index or have
-    /// its axes swapped) on the matmul kernel.
+    /// its axes swapped) on the matmul kernel; other two-factor products
+    /// with summed indices shared by both factors on the batched kernel.
+    /// Scalar factors (`* scale`) multiply the result.
     fn try_matmul(&self, fs: &[Dense], summed: &[usize]) -> Result<Option<Dense>> {
+        if fs.len() > 2 && fs.iter().any(|d| d.vars.is_empty()) {
+            let scale: f32 = fs
+                .iter()
+                .filter(|d| d.vars.is_empty())
+                .map(|d| d.data.first().copied().unwrap_or(0.0))
+                .product();
+            let rest: Vec<Dense> = fs
+                .iter()
+                .filter(|d| !d.vars.is_empty())
+                .map(|d| Dense {
+                    vars: d.vars.clone(),
+                    data: d.data.clone(),
+                })
+                .collect();
+            let Some(mut d) = self.try_matmul(&rest, summed)? else {
+                return Ok(None);
+            };
+            d.data.iter_mut().for_each(|x| *x *= scale);
+            return Ok(Some(d));
+        }
+        match self.try_plain_matmul(fs, summed)? {
+            Some(d) => Ok(Some(d)),
+            None => self.try_batched(fs, summed),
+        }
+    }
+
+    fn try_plain_matmul(&self, fs: &[Dense], summed: &[usize]) -> Result<Option<Dense>> {
         let ([a, b], [j]) = (fs, summed) else {
             return Ok(None);
         };
@@ -681,6 +792,7 @@ pub fn equation_grads(
     lookup: &dyn Fn(&str) -> Option<Value>,
     grad_out: &[f32],
     max_iterations: u128,
+    wanted: &dyn Fn(&str) -> bool,
 ) -> Result<Vec<(String, Vec<f32>)>> {
     let (root, names, sizes) = compile(eq, lookup, false)?;
     let ev = Eval {
@@ -698,7 +810,7 @@ pub fn equation_grads(
         data: grad_out.to_vec(),
     };
     let mut acc: Vec<(String, Vec<f32>)> = Vec::new();
-    ev.back(&root, g, &mut acc)?;
+    ev.back(&root, g, &mut acc, wanted)?;
     Ok(acc)
 }
 
@@ -798,7 +910,18 @@ impl Eval<'_> {
 
     /// Propagates `g` (the gradient of `n`'s value, possibly missing axes
     /// of `n` along which it is constant) to the leaves under `n`.
-    fn back(&self, n: &Node, g: Dense, acc: &mut Vec<(String, Vec<f32>)>) -> Result<()> {
+    /// Only subtrees reading a `wanted` tensor are visited (constants such
+    /// as an attention mask need no gradient).
+    fn back(
+        &self,
+        n: &Node,
+        g: Dense,
+        acc: &mut Vec<(String, Vec<f32>)>,
+        wanted: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
+        if !n.reads(wanted) {
+            return Ok(());
+        }
         match n {
             Node::Scalar(_) => Ok(()),
             Node::Leaf {
@@ -839,7 +962,7 @@ impl Eval<'_> {
             Node::Neg(a) => {
                 let mut g = g;
                 g.data.iter_mut().for_each(|x| *x = -*x);
-                self.back(a, g, acc)
+                self.back(a, g, acc, wanted)
             }
             Node::Func(name, _, a) => {
                 let x = self.eval(a)?;
@@ -869,19 +992,25 @@ impl Eval<'_> {
                         data: d,
                     },
                     acc,
+                    wanted,
                 )
             }
             Node::Bin(op, a, b) => {
                 let (va, vb) = (node_vars(a), node_vars(b));
                 match op {
                     BinOp::Add | BinOp::Sub => {
-                        let ga = self.reduce_to(&g, &va)?;
-                        let mut gb = self.reduce_to(&g, &vb)?;
-                        if *op == BinOp::Sub {
-                            gb.data.iter_mut().for_each(|x| *x = -*x);
+                        if a.reads(wanted) {
+                            let ga = self.reduce_to(&g, &va)?;
+                            self.back(a, ga, acc, wanted)?;
                         }
-                        self.back(a, ga, acc)?;
-                        self.back(b, gb, acc)
+                        if b.reads(wanted) {
+                            let mut gb = self.reduce_to(&g, &vb)?;
+                            if *op == BinOp::Sub {
+                                gb.data.iter_mut().for_each(|x| *x = -*x);
+                            }
+                            self.back(b, gb, acc, wanted)?;
+                        }
+                        Ok(())
                     }
                     _ => {
                         // Division (a product is a `Prod`).
@@ -900,15 +1029,18 @@ impl Eval<'_> {
                         )?;
                         let ga = self.reduce_to(&da, &va)?;
                         let gb = self.reduce_to(&db, &vb)?;
-                        self.back(a, ga, acc)?;
-                        self.back(b, gb, acc)
+                        self.back(a, ga, acc, wanted)?;
+                        self.back(b, gb, acc, wanted)
                     }
                 }
             }
-            Node::Sum(_, c) => self.back(c, g, acc),
+            Node::Sum(_, c) => self.back(c, g, acc, wanted),
             Node::Prod(fs) => {
                 let vals: Vec<Dense> = fs.iter().map(|f| self.eval(f)).collect::<Result<_>>()?;
                 for (k, f) in fs.iter().enumerate() {
+                    if !f.reads(wanted) {
+                        continue;
+                    }
                     let target = node_vars(f);
                     let mut factors = vec![Dense {
                         vars: g.vars.clone(),
@@ -926,7 +1058,7 @@ impl Eval<'_> {
                     let summed: Vec<usize> =
                         all.into_iter().filter(|v| !target.contains(v)).collect();
                     let gk = self.contract_to(&factors, &summed, &target)?;
-                    self.back(f, gk, acc)?;
+                    self.back(f, gk, acc, wanted)?;
                 }
                 Ok(())
             }
@@ -1063,5 +1195,75 @@ mod tests {
         assert_eq!(fast.shape, vec![2, 4]);
         let TData::F32(f) = &fast.data else { panic!() };
         assert_eq!(f, &slow.data);
+    }
+
+    /// Two-factor products with batch indices, several summed indices or a
+    /// factor without free indices run on the batched kernel; each equals
+    /// the plain loop nest (up to f32 summation order: the sums here have
+    /// at most 12 terms of size ≤ 30, so 1e-4 relative is ample).
+    #[test]
+    fn batched_path_equals_loop_nest() {
+        let cases: [(&str, &[usize], &[usize]); 5] = [
+            // Attention scores: batch n, k; rows i; cols s; summed j.
+            (
+                "S[n, k, i, s] = a[n, i, k, j] b[n, s, k, j];",
+                &[2, 3, 2, 4],
+                &[2, 3, 2, 4],
+            ),
+            // Two summed indices, one of them the leading axis.
+            ("S[i, m] = a[j, i, l] b[l, m, j];", &[3, 2, 4], &[4, 5, 3]),
+            // No rows: a vector against a batch of matrices.
+            ("S[n, m] = a[n, j] b[n, j, m];", &[2, 3], &[2, 3, 4]),
+            // Batch only (an elementwise product summed over j).
+            ("S[n] = a[n, j] b[j, n];", &[2, 5], &[5, 2]),
+            // A scalar factor.
+            ("S[n, m] = a[n, j] b[n, j, m] * 0.5;", &[2, 3], &[2, 3, 4]),
+        ];
+        for (src, sa, sb) in cases {
+            let na: usize = sa.iter().product();
+            let nb: usize = sb.iter().product();
+            let a: Vec<f32> = (0..na).map(|x| (x as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..nb).map(|x| (x as f32 * 0.21).cos()).collect();
+            let dims = |s: &[usize]| {
+                s.iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let e = eq(&format!(
+                "let a = zeros({});\nlet b = zeros({});\n{src}",
+                dims(sa),
+                dims(sb)
+            ));
+            let (sa, sb) = (sa.to_vec(), sb.to_vec());
+            let lookup = |n: &str| match n {
+                "a" => Some(Value::tensor(Tens::f32(sa.clone(), a.clone()))),
+                "b" => Some(Value::tensor(Tens::f32(sb.clone(), b.clone()))),
+                _ => None,
+            };
+            let (root, _, sizes) = compile(&e, &lookup, false).unwrap();
+            let ev = Eval {
+                sizes: &sizes,
+                span: Span::default(),
+                max_iterations: 1 << 20,
+            };
+            let Node::Sum(vs, c) = &root else {
+                panic!("{src}")
+            };
+            let Node::Prod(fs) = c.as_ref() else {
+                panic!("{src}")
+            };
+            let fs: Vec<Dense> = fs.iter().map(|f| ev.eval(f).unwrap()).collect();
+            let fast = ev.try_matmul(&fs, vs).unwrap().expect(src);
+            let slow = ev.sum_product(&fs, vs).unwrap();
+            let slow = ev.permute(&slow, &fast.vars);
+            assert_eq!(fast.data.len(), slow.data.len(), "{src}");
+            for (x, y) in fast.data.iter().zip(&slow.data) {
+                assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{src}: {x} vs {y}");
+            }
+            // And the whole equation through eval_equation.
+            let whole = eval_equation(&e, &lookup, 1 << 20).unwrap();
+            assert_eq!(whole.len(), fast.data.len(), "{src}");
+        }
     }
 }

@@ -255,6 +255,41 @@ fn tensor_equations() {
     );
 }
 
+/// Causal self-attention as tests/examples' transformer writes it: scores
+/// with batch indices (run on the batched matmul kernel), a causal mask
+/// of -1e9 (masked entries get softmax weight 0 and no gradient), softmax
+/// over the keys, values, output projection.
+#[test]
+fn causal_attention_equations() {
+    let body = "let M = [[0.0, -1.0e9, -1.0e9], [0.0, 0.0, -1.0e9], [0.0, 0.0, 0.0]];\n\
+                Q[i, k, j] = b[k, j, c] a[i, c];\n\
+                K[i, k, j] = d[k, j, c] a[i, c];\n\
+                S[k, i, s] = Q[i, k, j] K[s, k, j] * 0.7 + M[i, s];\n\
+                let A = softmax(S);\n\
+                O[i, k, j] = A[k, i, s] a[s, j];\n\
+                o[i, c] = e[c, k, j] O[i, k, j];";
+    check(
+        &[
+            p("a", &[3, 2]),
+            p("b", &[2, 2, 2]),
+            p("d", &[2, 2, 2]),
+            p("e", &[2, 2, 2]),
+        ],
+        body,
+    );
+}
+
+#[test]
+fn rope() {
+    // Positions up to 9 with base 100: the pairs turn by up to 9 radians,
+    // so the rotation is far from the identity in every pair.
+    check(&[p("a", &[3, 2, 4])], "let o = rope(a, [0, 1, 9], 100.0);");
+    check(
+        &[p("a", &[2, 1, 6])],
+        "let o = rope(a * 2.0, [3, 7], 10.0, \"normal\");",
+    );
+}
+
 #[test]
 fn through_functions_and_control_flow() {
     let body = "fn layer(x: f32[n, d], w: f32[d, d]) -> f32[n, d] {\n\
