@@ -253,6 +253,16 @@ pub struct Encoder {
     layers: Vec<EncLayer>,
 }
 
+/// An encoder's config and weights, read from a file it does not own.
+struct Parts {
+    config: EncoderConfig,
+    token_embd: Weight,
+    type_row0: Option<Vec<f32>>,
+    pos_embd: Option<Vec<f32>>,
+    embd_norm: Ln,
+    layers: Vec<EncLayer>,
+}
+
 /// Whether the file's architecture is an encoder (embedding) model.
 pub fn is_encoder(file: &GgufFile) -> bool {
     file.metadata
@@ -283,8 +293,28 @@ impl Encoder {
     }
 
     pub fn from_file(file: GgufFile) -> Result<Self> {
+        let p = Self::read(&file)?;
+        Ok(Encoder {
+            config: p.config,
+            token_embd: p.token_embd,
+            type_row0: p.type_row0,
+            pos_embd: p.pos_embd,
+            embd_norm: p.embd_norm,
+            layers: p.layers,
+            file,
+        })
+    }
+
+    /// Whether `file` loads as an encoder: the error names the missing or
+    /// misshapen piece.
+    pub fn check_file(file: &GgufFile) -> Result<()> {
+        Self::read(file).map(|_| ())
+    }
+
+    fn read(file: &GgufFile) -> Result<Parts> {
         let c = EncoderConfig::from_metadata(&file.metadata)?;
-        let l = Loader { file: &file };
+        let l = Loader { file };
+        let file = &l.file;
         let (d, f) = (c.d_model, c.ffn);
         let ln = |name: String| -> Result<Ln> {
             Ok(Ln {
@@ -366,14 +396,13 @@ impl Encoder {
                 out_norm: ln(n("layer_output_norm"))?,
             });
         }
-        Ok(Encoder {
+        Ok(Parts {
             config: c,
             token_embd,
             type_row0,
             pos_embd,
             embd_norm,
             layers,
-            file,
         })
     }
 
@@ -595,4 +624,63 @@ pub fn l2_normalize(v: &mut [f32]) {
     let norm = sum.sqrt();
     let inv = if norm > 0.0 { (1.0 / norm) as f32 } else { 0.0 };
     v.iter_mut().for_each(|x| *x *= inv);
+}
+
+/// An encoder with its tokenizer: text in, vectors out.
+pub struct Embedder {
+    pub encoder: Encoder,
+    pub tokenizer: tl_tokenizer::Tokenizer,
+}
+
+impl Embedder {
+    /// Loads an embedding model onto `device` (the CPU only for now).
+    pub fn load_on(path: impl AsRef<std::path::Path>, device: Device) -> Result<Self> {
+        let encoder = Encoder::load_on(path, device)?;
+        let tokenizer = tl_tokenizer::Tokenizer::from_gguf(encoder.file())?;
+        Ok(Embedder { encoder, tokenizer })
+    }
+
+    /// Tokenizes as llama.cpp's embedding path does: special tokens added
+    /// ([CLS] … [SEP] for WordPiece), special-token text left as text.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer.encode(
+            text,
+            tl_tokenizer::EncodeOptions {
+                add_special: true,
+                parse_special: false,
+            },
+        )?)
+    }
+
+    /// Checks token sequences against the model before a forward: not
+    /// empty, within the context, ids in the vocabulary. The error names
+    /// the input (0-based) and what is wrong with it.
+    pub fn check(&self, seqs: &[Vec<u32>]) -> std::result::Result<(), String> {
+        let c = &self.encoder.config;
+        for (i, s) in seqs.iter().enumerate() {
+            if s.is_empty() {
+                return Err(format!("input {i} has no tokens"));
+            }
+            if s.len() > c.context {
+                return Err(format!(
+                    "input {i} has {} tokens, more than the model's context of {}",
+                    s.len(),
+                    c.context
+                ));
+            }
+            if let Some(&t) = s.iter().find(|&&t| t as usize >= c.vocab) {
+                return Err(format!(
+                    "input {i}: token id {t} is outside the vocabulary of {}",
+                    c.vocab
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Embeds token sequences in one batch (see [`Encoder::embed`]).
+    pub fn embed(&self, seqs: &[Vec<u32>], normalize: bool) -> Result<Vec<Vec<f32>>> {
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        self.encoder.embed(&refs, normalize)
+    }
 }
