@@ -314,12 +314,11 @@ impl Encoder {
     fn read(file: &GgufFile) -> Result<Parts> {
         let c = EncoderConfig::from_metadata(&file.metadata)?;
         let l = Loader { file };
-        let file = &l.file;
         let (d, f) = (c.d_model, c.ffn);
         let ln = |name: String| -> Result<Ln> {
             Ok(Ln {
-                w: ops::vector(&l.get(&format!("{name}.weight"), &[d])?, &file)?,
-                b: ops::vector(&l.get(&format!("{name}.bias"), &[d])?, &file)?,
+                w: ops::vector(&l.get(&format!("{name}.weight"), &[d])?, file)?,
+                b: ops::vector(&l.get(&format!("{name}.bias"), &[d])?, file)?,
             })
         };
         let token_embd = l.get("token_embd.weight", &[d, c.vocab])?;
@@ -327,7 +326,7 @@ impl Encoder {
             Some(t) => {
                 let n_types = t.dims.get(1).copied().unwrap_or(1).max(1) as usize;
                 let w = l.get("token_types.weight", &[d, n_types])?;
-                let all = ops::vector(&w, &file)?;
+                let all = ops::vector(&w, file)?;
                 Some(all[..d].to_vec())
             }
             None => None,
@@ -335,7 +334,7 @@ impl Encoder {
         let pos_embd = match c.positions {
             PositionKind::Learned => Some(ops::vector(
                 &l.get("position_embd.weight", &[d, c.context])?,
-                &file,
+                file,
             )?),
             PositionKind::Rope { .. } => None,
         };
@@ -347,7 +346,7 @@ impl Encoder {
                 Some(fw) => {
                     let (bq, bk, bv) = match l.opt(&n("attn_qkv.bias"), &[3 * d])? {
                         Some(b) => {
-                            let b = ops::vector(&b, &file)?;
+                            let b = ops::vector(&b, file)?;
                             (
                                 Some(b[..d].to_vec()),
                                 Some(b[d..2 * d].to_vec()),
@@ -369,9 +368,9 @@ impl Encoder {
                     l.get(&n("attn_q.weight"), &[d, d])?,
                     l.get(&n("attn_k.weight"), &[d, d])?,
                     l.get(&n("attn_v.weight"), &[d, d])?,
-                    vec_of(&l.opt(&n("attn_q.bias"), &[d])?, &file)?,
-                    vec_of(&l.opt(&n("attn_k.bias"), &[d])?, &file)?,
-                    vec_of(&l.opt(&n("attn_v.bias"), &[d])?, &file)?,
+                    vec_of(&l.opt(&n("attn_q.bias"), &[d])?, file)?,
+                    vec_of(&l.opt(&n("attn_k.bias"), &[d])?, file)?,
+                    vec_of(&l.opt(&n("attn_v.bias"), &[d])?, file)?,
                 ),
             };
             let gate = match c.ffn_kind {
@@ -386,13 +385,13 @@ impl Encoder {
                 bk,
                 bv,
                 wo: l.get(&n("attn_output.weight"), &[d, d])?,
-                bo: vec_of(&l.opt(&n("attn_output.bias"), &[d])?, &file)?,
+                bo: vec_of(&l.opt(&n("attn_output.bias"), &[d])?, file)?,
                 attn_out_norm: ln(n("attn_output_norm"))?,
                 up: l.get(&n("ffn_up.weight"), &[d, f])?,
-                up_b: vec_of(&l.opt(&n("ffn_up.bias"), &[f])?, &file)?,
+                up_b: vec_of(&l.opt(&n("ffn_up.bias"), &[f])?, file)?,
                 gate,
                 down: l.get(&n("ffn_down.weight"), &[f, d])?,
-                down_b: vec_of(&l.opt(&n("ffn_down.bias"), &[d])?, &file)?,
+                down_b: vec_of(&l.opt(&n("ffn_down.bias"), &[d])?, file)?,
                 out_norm: ln(n("layer_output_norm"))?,
             });
         }
@@ -489,7 +488,7 @@ impl Encoder {
             add_bias(&mut o, &lw.bo);
             // x = LN(attn + x): the FFN's input.
             for (xr, or) in x.chunks_exact_mut(d).zip(o.chunks_exact(d)) {
-                xr.iter_mut().zip(or).for_each(|(a, b)| *a = *b + *a);
+                xr.iter_mut().zip(or).for_each(|(a, b)| *a += *b);
                 lw.attn_out_norm.apply(xr, c.eps);
             }
             ops::linear(&x, n, &lw.up, lw.up.bytes(file), &mut up, &mut act)?;
@@ -505,7 +504,7 @@ impl Encoder {
             ops::linear(&up, n, &lw.down, lw.down.bytes(file), &mut o, &mut act)?;
             add_bias(&mut o, &lw.down_b);
             for (xr, or) in x.chunks_exact_mut(d).zip(o.chunks_exact(d)) {
-                xr.iter_mut().zip(or).for_each(|(a, b)| *a = *b + *a);
+                xr.iter_mut().zip(or).for_each(|(a, b)| *a += *b);
                 lw.out_norm.apply(xr, c.eps);
             }
         }
@@ -556,7 +555,7 @@ impl Encoder {
                 }
                 if let Some(pe) = &self.pos_embd {
                     let pr = &pe[p * d..(p + 1) * d];
-                    row.iter_mut().zip(pr).for_each(|(a, b)| *a = *b + *a);
+                    row.iter_mut().zip(pr).for_each(|(a, b)| *a += *b);
                 }
                 self.embd_norm.apply(row, self.config.eps);
             }

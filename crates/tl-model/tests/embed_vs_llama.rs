@@ -236,3 +236,54 @@ fn encoder_refuses_bad_input() {
     let e = c.enc.embed(&[&[u32::MAX]], false).unwrap_err().to_string();
     assert!(e.contains("vocabulary"), "{e}");
 }
+
+/// README's list of embedding architectures is the code's.
+#[test]
+fn readme_lists_the_encoder_architectures() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md"))
+        .expect("README.md");
+    let tag = "<!-- encoder architectures: ";
+    let at = readme
+        .find(tag)
+        .expect("encoder architectures marker in README.md")
+        + tag.len();
+    let end = at + readme[at..].find(" -->").expect("marker end");
+    assert_eq!(&readme[at..end], tl_model::encoder::ENCODER_ARCHS);
+}
+
+/// CUDA refuses encoders with the missing feature named, before touching
+/// a GPU (so this holds on machines without one).
+#[test]
+fn cuda_refuses_encoders_before_touching_the_gpu() {
+    for arch in [SynthArch::Bert, SynthArch::NomicBert] {
+        let spec = SynthSpec {
+            arch,
+            d_model: 64,
+            n_heads: 2,
+            n_kv_heads: 2,
+            head_dim: 32,
+            ffn: 64,
+            context: 16,
+            extra_vocab: 0,
+            ..SynthSpec::default()
+        };
+        let p = std::env::temp_dir().join(format!(
+            "tl-embed-cuda-{}-{}.gguf",
+            arch.name(),
+            std::process::id()
+        ));
+        synthesize_encoder(&spec, Pooling::Mean)
+            .unwrap()
+            .write_file(&p)
+            .unwrap();
+        let e = Encoder::load_on(&p, tl_core::Device::Cuda(0))
+            .err()
+            .expect("refused")
+            .to_string();
+        std::fs::remove_file(&p).ok();
+        assert!(
+            e.contains(arch.name()) && e.contains("not supported on CUDA yet: encoder models"),
+            "{e}"
+        );
+    }
+}
