@@ -15,7 +15,8 @@ Two fixtures:
 2. crates/tl-model/tests/fixtures/embed_synth.json: `tl synth --arch bert`
    and `--arch nomic-bert` models (deterministic from their seeds) loaded
    in llama.cpp with `embedding=True`; for several inputs the token ids
-   llama.cpp feeds, the pooled embedding (raw and L2-normalised, as
+   llama.cpp feeds, the pooled embedding (with pooling none: the token
+   vectors, one after another) (raw and L2-normalised, as
    llama.cpp's embedding example prints them) and, as the float-noise
    floor, how far llama.cpp's own vectors move between its attention
    kernels (flash attention on vs off) and batchings (all inputs in one
@@ -154,6 +155,7 @@ CASES = [
     {"arch": "bert", "weight_type": "F16", "pooling": "cls", "seed": 42, "qk_scale": 4.0},
     {"arch": "nomic-bert", "weight_type": "Q8_0", "pooling": "mean", "seed": 43, "qk_scale": 4.0},
     {"arch": "nomic-bert", "weight_type": "F16", "pooling": "last", "seed": 44, "qk_scale": 4.0},
+    {"arch": "nomic-bert", "weight_type": "Q8_0", "pooling": "none", "seed": 45, "qk_scale": 4.0},
 ]
 INPUTS = [
     "hello world",
@@ -167,13 +169,26 @@ INPUTS = [
 def embeddings(path, flash, one_by_one, normalize):
     llm = llama_cpp.Llama(str(path), embedding=True, n_ctx=128, n_batch=128, n_ubatch=128,
                           flash_attn=flash, n_threads=2, verbose=False)
+    if llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+        # One vector per token, flattened per input. One input per call:
+        # llama-cpp-python 0.3.36 reads token vectors of later sequences at
+        # the wrong offset when several share a batch.
+        out = [np.array(llm.embed(t, normalize=normalize)).ravel() for t in INPUTS]
+        del llm
+        toks = None
+        return out, toks
     if one_by_one:
         out = [llm.embed(t, normalize=normalize) for t in INPUTS]
     else:
         out = llm.embed(INPUTS, normalize=normalize)
     toks = [llm.tokenize(t.encode(), add_bos=True, special=False) for t in INPUTS]
     del llm
-    return np.array(out, dtype=np.float64), toks
+    return list(np.array(out, dtype=np.float64)), toks
+
+
+def tokens(path):
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    return [llm.tokenize(t.encode(), add_bos=True, special=False) for t in INPUTS]
 
 
 def embed_fixture(d):
@@ -185,19 +200,20 @@ def embed_fixture(d):
         for k, v in c.items():
             args += [f"--{k.replace('_', '-')}", str(v)]
         subprocess.run(args, check=True, capture_output=True)
-        raw, toks = embeddings(path, False, False, False)
+        raw, _ = embeddings(path, False, False, False)
+        toks = tokens(path)
         norm, _ = embeddings(path, False, False, True)
         alts = [embeddings(path, True, False, False)[0], embeddings(path, False, True, False)[0]]
-        self_max = max(float(np.abs(raw - a).max()) for a in alts)
-        self_cos = min(float((raw[i] @ a[i]) / np.linalg.norm(raw[i]) / np.linalg.norm(a[i]))
-                       for a in alts for i in range(len(INPUTS)))
+        self_max = max(float(np.abs(r - a).max()) for alt in alts for r, a in zip(raw, alt))
+        self_cos = min(float((r @ a) / np.linalg.norm(r) / np.linalg.norm(a))
+                       for alt in alts for r, a in zip(raw, alt))
         c["tokens"] = toks
         c["self_max_abs"] = self_max
         c["self_min_cos"] = self_cos
         c["raw"] = [[round(float(x), 7) for x in row] for row in raw]
         c["normalized"] = [[round(float(x), 7) for x in row] for row in norm]
         fx["cases"].append(c)
-        print(f"{c['arch']} {c['weight_type']} {c['pooling']}: |x| max {np.abs(raw).max():.3f}, "
+        print(f"{c['arch']} {c['weight_type']} {c['pooling']}: |x| max {max(np.abs(r).max() for r in raw):.3f}, "
               f"llama.cpp self max diff {self_max:.2e}, min cos {self_cos:.9f}")
     EMB_OUT.write_text(json.dumps(fx, ensure_ascii=False) + "\n")
     print(f"wrote {EMB_OUT}")
