@@ -565,6 +565,7 @@ impl Encoder {
 
     /// Non-causal attention within each sequence: every query head over
     /// all keys of its own sequence, softmax of `q·k / sqrt(head_dim)`.
+    /// One task per token on the matmul pool, each writing its own row.
     fn attention(
         &self,
         spans: &[(usize, usize)],
@@ -576,35 +577,45 @@ impl Encoder {
         let c = &self.config;
         let (d, hd) = (c.d_model, c.head_dim);
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = Vec::new();
-        for &(start, len) in spans {
-            scores.resize(len, 0f32);
-            for i in start..start + len {
-                for h in 0..c.n_heads {
-                    let qh = &q[i * d + h * hd..i * d + (h + 1) * hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores.iter_mut().enumerate() {
-                        let kh = &k[(start + j) * d + h * hd..(start + j) * d + (h + 1) * hd];
-                        let dot: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
-                        *s = dot * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f64;
-                    for s in scores.iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += f64::from(*s);
-                    }
-                    let inv = (1.0 / sum) as f32;
-                    let oh = &mut out[i * d + h * hd..i * d + (h + 1) * hd];
-                    oh.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let vh = &v[(start + j) * d + h * hd..(start + j) * d + (h + 1) * hd];
-                        oh.iter_mut().zip(vh).for_each(|(o, &x)| *o += p * x);
-                    }
-                    oh.iter_mut().for_each(|o| *o *= inv);
+        // The (start, length) of each token's sequence.
+        let span_of: Vec<(usize, usize)> = spans
+            .iter()
+            .flat_map(|&sp| std::iter::repeat_n(sp, sp.1))
+            .collect();
+        let rows: Vec<std::sync::Mutex<&mut [f32]>> =
+            out.chunks_mut(d).map(std::sync::Mutex::new).collect();
+        tl_core::pool::ThreadPool::global().run(rows.len(), &|i| {
+            let Some(&(start, len)) = span_of.get(i) else {
+                return;
+            };
+            let Ok(mut row) = rows[i].lock() else {
+                return;
+            };
+            let mut scores = vec![0f32; len];
+            for h in 0..c.n_heads {
+                let qh = &q[i * d + h * hd..i * d + (h + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let kh = &k[(start + j) * d + h * hd..(start + j) * d + (h + 1) * hd];
+                    let dot: f32 = qh.iter().zip(kh).map(|(a, b)| a * b).sum();
+                    *s = dot * scale;
+                    max = max.max(*s);
                 }
+                let mut sum = 0f64;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += f64::from(*s);
+                }
+                let inv = (1.0 / sum) as f32;
+                let oh = &mut row[h * hd..(h + 1) * hd];
+                oh.fill(0.0);
+                for (j, &p) in scores.iter().enumerate() {
+                    let vh = &v[(start + j) * d + h * hd..(start + j) * d + (h + 1) * hd];
+                    oh.iter_mut().zip(vh).for_each(|(o, &x)| *o += p * x);
+                }
+                oh.iter_mut().for_each(|o| *o *= inv);
             }
-        }
+        });
     }
 }
 
