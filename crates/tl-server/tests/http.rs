@@ -1227,6 +1227,11 @@ fn floats(v: &Value) -> Vec<f32> {
 fn embeddings_in_openai_shape() {
     let (s, e) = embedding_server();
     assert_eq!(get(s.addr, "/health").status, 200);
+    let info = get(s.addr, "/get_model_info").json();
+    assert_eq!(info["is_generation"], false);
+    assert_eq!(info["model_type"], "bert");
+    assert_eq!(info["pooling"], "mean");
+    assert_eq!(get(s.addr, "/get_server_info").json()["status"], "ok");
     let texts = ["hello world", "the quick brown fox", "a"];
     let seqs: Vec<Vec<u32>> = texts.iter().map(|t| e.tokenize(t).unwrap()).collect();
     let want = e.embed(&seqs, true).unwrap();
