@@ -115,7 +115,12 @@ fn human_bytes(b: u64) -> String {
 /// architecture, shapes and tensor types, then the tokenizer.
 fn blockers(f: &GgufFile) -> Vec<String> {
     let mut why = Vec::new();
-    if let Err(e) = tl_model::model::Model::check_file(f) {
+    let checked = if tl_model::encoder::is_encoder(f) {
+        tl_model::encoder::Encoder::check_file(f)
+    } else {
+        tl_model::model::Model::check_file(f)
+    };
+    if let Err(e) = checked {
         why.push(format!("model: {e}"));
     }
     if let Err(e) = tl_tokenizer::Tokenizer::from_gguf(f) {
@@ -168,7 +173,11 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     println!("gguf version:  {} (alignment {})", f.version, f.alignment);
     println!("architecture:  {}", s.architecture);
     if blockers.is_empty() {
-        println!("runs in tl:    yes");
+        if tl_model::encoder::is_encoder(&f) {
+            println!("runs in tl:    yes (embedding model: tl embed, /v1/embeddings)");
+        } else {
+            println!("runs in tl:    yes");
+        }
     } else {
         println!("runs in tl:    no");
         for b in &blockers {

@@ -143,6 +143,19 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         request_timeout: Duration::from_secs(a.request_timeout),
         model_path: a.model.model.display().to_string(),
     };
+    // An embedding model (bert, nomic-bert) serves /v1/embeddings, without
+    // a generation engine.
+    let is_encoder = tl_gguf::GgufFile::open(&a.model.model)
+        .map(|f| tl_model::encoder::is_encoder(&f))
+        .unwrap_or(false);
+    if is_encoder {
+        let path = a.model.model.clone();
+        tl_server::run_embedding(cfg, move || {
+            tl_model::encoder::Embedder::load_on(&path, crate::device())
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })?;
+        return Ok(());
+    }
     let spec = match &a.spec {
         Some(m @ (tl_model::spec::SpecMethod::Draft | tl_model::spec::SpecMethod::SelfDraft)) => {
             anyhow::bail!("--spec {m} is not available in the server yet (use ngram)")

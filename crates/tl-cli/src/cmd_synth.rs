@@ -5,7 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use tl_gguf::GgmlType;
-use tl_model::synth::{synthesize, SynthArch, SynthSpec};
+use tl_model::encoder::Pooling;
+use tl_model::synth::{synthesize, synthesize_encoder, SynthArch, SynthSpec};
 
 #[derive(clap::Args)]
 pub struct SynthArgs {
@@ -13,7 +14,9 @@ pub struct SynthArgs {
     #[arg(short, long)]
     pub out: PathBuf,
     /// Architecture: llama, mixtral (llama with experts), qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3,
-    /// phi3, granite, smollm3, olmo2 or command-r.
+    /// phi3, granite, smollm3, olmo2, command-r, or the embedding models bert and nomic-bert
+    /// (`--heads` × `--head-dim` must then be `--d-model`; `--extra-vocab` filler words
+    /// follow a small WordPiece vocabulary).
     #[arg(long, default_value = "qwen2")]
     pub arch: String,
     #[arg(long, default_value_t = 2)]
@@ -53,6 +56,9 @@ pub struct SynthArgs {
     /// Experts each token uses (qwen3moe).
     #[arg(long, default_value_t = 2)]
     pub experts_used: usize,
+    /// Pooling of an embedding model (bert, nomic-bert): mean, cls, last or none.
+    #[arg(long, default_value = "mean")]
+    pub pooling: String,
 }
 
 fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
@@ -78,7 +84,18 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         n_expert: a.experts,
         n_expert_used: a.experts_used,
     };
-    let w = synthesize(&spec)?;
+    let w = if spec.arch.is_encoder() {
+        let pooling = match a.pooling.as_str() {
+            "mean" => Pooling::Mean,
+            "cls" => Pooling::Cls,
+            "last" => Pooling::Last,
+            "none" => Pooling::None,
+            other => anyhow::bail!("--pooling {other}: expected mean, cls, last or none"),
+        };
+        synthesize_encoder(&spec, pooling)?
+    } else {
+        synthesize(&spec)?
+    };
     w.write_file(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("wrote {}", a.out.display());

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 mod cmd_bench;
+mod cmd_embed;
 mod cmd_generate;
 mod cmd_imatrix;
 mod cmd_inspect;
@@ -56,6 +57,8 @@ enum Command {
     Imatrix(cmd_imatrix::ImatrixArgs),
     /// Prompt-processing and generation throughput (llama-bench-like table).
     Bench(cmd_bench::BenchArgs),
+    /// Embeddings of texts with an embedding model (bert, nomic-bert).
+    Embed(cmd_embed::EmbedArgs),
     /// Print the token ids and pieces of a text.
     Tokenize(cmd_tokenize::TokenizeArgs),
     /// OpenAI-compatible HTTP server with continuous batching.
@@ -165,6 +168,7 @@ fn main() {
         Command::Quantize(a) => cmd_quantize::run(a),
         Command::Imatrix(a) => cmd_imatrix::run(a),
         Command::Tokenize(a) => cmd_tokenize::run(a),
+        Command::Embed(a) => cmd_embed::run(a),
         Command::Serve(a) => cmd_serve::run(a),
         Command::Run(a) => cmd_lang::run(a),
         Command::Check(a) => cmd_lang::check(a),

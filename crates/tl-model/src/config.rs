@@ -58,6 +58,10 @@ impl Arch {
             "gemma3" => Ok(Arch::Gemma3),
             "olmo2" => Ok(Arch::Olmo2),
             "command-r" => Ok(Arch::CommandR),
+            "bert" | "nomic-bert" => Err(ModelError::BadConfig(format!(
+                "{name} is an embedding (encoder) model, not a text generator: run it with \
+                 `tl embed` or the server's /v1/embeddings"
+            ))),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported: SUPPORTED_ARCHS,

@@ -12,6 +12,11 @@
 //!
 //! Executors own their buffers (on their device), allocated for the
 //! largest batch seen and reused, so a steady decode step allocates nothing.
+//!
+//! Encoder (embedding) models — bert, nomic-bert — do not go through this
+//! forward: no KV cache, non-causal attention over whole sequences,
+//! post-LayerNorms with biases and pooled outputs make a different step,
+//! written with its own typed config in `encoder.rs` (CPU only).
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};

@@ -5,6 +5,7 @@ pub mod config;
 pub mod constrain;
 mod cuda;
 mod dump;
+pub mod encoder;
 pub mod error;
 mod exec_cpu;
 pub mod forward;

@@ -38,6 +38,11 @@ pub enum SynthArch {
     /// tied output; per-head Q/K norms (`[head_dim, heads]`) from 64
     /// layers on.
     CommandR,
+    /// BERT encoder: learned positions, token types, separate Q/K/V with
+    /// biases, post-LayerNorms with biases, GELU FFN; a WordPiece vocab.
+    Bert,
+    /// Nomic BERT encoder: RoPE, fused `attn_qkv`, SwiGLU FFN.
+    NomicBert,
 }
 
 impl SynthArch {
@@ -56,10 +61,12 @@ impl SynthArch {
             "qwen2moe" => Ok(Self::Qwen2Moe),
             "olmo2" => Ok(Self::Olmo2),
             "command-r" => Ok(Self::CommandR),
+            "bert" => Ok(Self::Bert),
+            "nomic-bert" => Ok(Self::NomicBert),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported:
-                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r",
+                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, bert, nomic-bert",
             }),
         }
     }
@@ -80,7 +87,14 @@ impl SynthArch {
             Self::Qwen2Moe => "qwen2moe",
             Self::Olmo2 => "olmo2",
             Self::CommandR => "command-r",
+            Self::Bert => "bert",
+            Self::NomicBert => "nomic-bert",
         }
+    }
+
+    /// Whether this is an encoder (embedding) architecture.
+    pub fn is_encoder(self) -> bool {
+        matches!(self, Self::Bert | Self::NomicBert)
     }
 }
 
@@ -142,6 +156,9 @@ impl SynthSpec {
     /// (and Phi-3's `<|endoftext|>`, which llama.cpp's loader requires of a
     /// model named Phi-3).
     pub fn vocab(&self) -> usize {
+        if self.arch.is_encoder() {
+            return wpm_vocab(self.extra_vocab).0.len();
+        }
         3 + 256 + self.extra_vocab + usize::from(self.arch == SynthArch::Phi3)
     }
 }
@@ -151,7 +168,11 @@ fn bad(reason: String) -> ModelError {
 }
 
 /// Builds the writer for a synthetic model (call `write_file` or `to_bytes`).
+/// Encoders get mean pooling (see [`synthesize_encoder`]).
 pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
+    if spec.arch.is_encoder() {
+        return synthesize_encoder(spec, crate::encoder::Pooling::Mean);
+    }
     if spec.n_layers == 0 || spec.n_heads == 0 || spec.n_kv_heads == 0 || spec.head_dim == 0 {
         return Err(bad("layers, heads and head_dim must be positive".into()));
     }
@@ -472,6 +493,221 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             spec.output_type,
             s_in,
         )?;
+    }
+    Ok(w)
+}
+
+/// A WordPiece vocabulary as llama.cpp's GGUF stores one: `[PAD]`,
+/// `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]`, then word-initial pieces with the
+/// "▁" prefix and continuation pieces bare (BERT's `##` dropped), then
+/// `extra` filler words. Returns (texts, GGUF token types).
+pub fn wpm_vocab(extra: usize) -> (Vec<String>, Vec<i32>) {
+    let mut tokens: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut types = vec![3, 2, 3, 3, 3];
+    let mut push = |t: String, tokens: &mut Vec<String>| {
+        if !tokens.contains(&t) {
+            tokens.push(t);
+            types.push(1);
+        }
+    };
+    for c in ('a'..='z').chain('0'..='9') {
+        push(format!("\u{2581}{c}"), &mut tokens);
+        push(c.to_string(), &mut tokens);
+    }
+    for c in ".,!?'\"-:;()[]{}<>/@#$%^&*+=_~`|\\".chars() {
+        push(format!("\u{2581}{c}"), &mut tokens);
+    }
+    for c in "中文日本語东京的是".chars() {
+        push(format!("\u{2581}{c}"), &mut tokens);
+    }
+    for w in [
+        "the", "quick", "brown", "fox", "jump", "over", "lazy", "dog", "hello", "world", "test",
+        "token", "embed", "un", "cafe", "naive", "resume", "is", "a", "an", "of", "and", "to",
+        "in", "it", "we", "model", "text", "search", "query", "document", "paris", "france",
+        "capital", "city", "cat", "sat", "on", "mat", "zurich", "sao", "paulo",
+    ] {
+        push(format!("\u{2581}{w}"), &mut tokens);
+    }
+    for w in [
+        "s", "ed", "ing", "ly", "er", "est", "izer", "ding", "believ", "able", "tion", "ment",
+        "ness", "ful", "less", "ize", "ise", "ted",
+    ] {
+        push(w.to_string(), &mut tokens);
+    }
+    let letters = "abcdefghijklmnopqrstuvwxyz".as_bytes();
+    for i in 0..extra {
+        let mut s = String::from("\u{2581}x");
+        let mut n = i;
+        loop {
+            s.push(letters[n % 26] as char);
+            n /= 26;
+            if n == 0 {
+                break;
+            }
+        }
+        push(s, &mut tokens);
+    }
+    (tokens, types)
+}
+
+/// A random encoder model (`bert`, `nomic-bert`) with llama.cpp's tensor
+/// names and metadata as `convert_hf_to_gguf.py` writes them, a WordPiece
+/// vocabulary ([`wpm_vocab`]) that lowercases and strips accents, two
+/// token types and the given pooling.
+pub fn synthesize_encoder(
+    spec: &SynthSpec,
+    pooling: crate::encoder::Pooling,
+) -> Result<GgufWriter<'static>> {
+    use crate::encoder::Pooling;
+    let d = spec.d_model;
+    if spec.n_layers == 0 || spec.n_heads == 0 || spec.n_heads * spec.head_dim != d {
+        return Err(bad(format!(
+            "an encoder needs layers and {} heads of {} making up the width {d}",
+            spec.n_heads, spec.head_dim
+        )));
+    }
+    let rng = std::cell::RefCell::new(ChaCha8Rng::seed_from_u64(spec.seed));
+    let arch = spec.arch.name();
+    let nomic = spec.arch == SynthArch::NomicBert;
+    let mut w = GgufWriter::new();
+    let u32v = |v: usize| Value::U32(v as u32);
+    w.set("general.architecture", Value::String(arch.into()));
+    w.set(
+        "general.name",
+        Value::String(format!("synthetic {arch} {}L d{d}", spec.n_layers)),
+    );
+    w.set(format!("{arch}.context_length"), u32v(spec.context));
+    w.set(format!("{arch}.embedding_length"), u32v(d));
+    w.set(format!("{arch}.block_count"), u32v(spec.n_layers));
+    w.set(format!("{arch}.feed_forward_length"), u32v(spec.ffn));
+    w.set(format!("{arch}.attention.head_count"), u32v(spec.n_heads));
+    w.set(
+        format!("{arch}.attention.layer_norm_epsilon"),
+        Value::F32(1e-12),
+    );
+    w.set(format!("{arch}.attention.causal"), Value::Bool(false));
+    let pool = match pooling {
+        Pooling::None => 0,
+        Pooling::Mean => 1,
+        Pooling::Cls => 2,
+        Pooling::Last => 3,
+    };
+    w.set(format!("{arch}.pooling_type"), Value::U32(pool));
+    if nomic {
+        w.set(format!("{arch}.rope.freq_base"), Value::F32(1000.0));
+    }
+    let (tokens, types) = wpm_vocab(spec.extra_vocab);
+    let vocab = tokens.len();
+    w.set("tokenizer.ggml.model", Value::String("bert".into()));
+    w.set("tokenizer.ggml.pre", Value::String("default".into()));
+    w.set("tokenizer.ggml.tokens", Value::Array(Array::String(tokens)));
+    w.set("tokenizer.ggml.token_type", Value::Array(Array::I32(types)));
+    w.set("tokenizer.ggml.token_type_count", Value::U32(2));
+    w.set("tokenizer.ggml.normalizer.lowercase", Value::Bool(true));
+    w.set("tokenizer.ggml.padding_token_id", Value::U32(0));
+    w.set("tokenizer.ggml.unknown_token_id", Value::U32(1));
+    w.set("tokenizer.ggml.bos_token_id", Value::U32(2));
+    w.set("tokenizer.ggml.cls_token_id", Value::U32(2));
+    w.set("tokenizer.ggml.seperator_token_id", Value::U32(3));
+    w.set("tokenizer.ggml.mask_token_id", Value::U32(4));
+
+    let rand = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| rng.borrow_mut().gen_range(-scale..scale))
+            .collect()
+    };
+    let f32t = |w: &mut GgufWriter<'static>, name: String, dims: Vec<u64>, vals: Vec<f32>| {
+        add_tensor(w, name, dims, GgmlType::F32, &vals)
+    };
+    let ln = |w: &mut GgufWriter<'static>, name: &str| -> Result<()> {
+        let g: Vec<f32> = (0..d)
+            .map(|i| 1.0 + 0.05 * ((i % 7) as f32 - 3.0))
+            .collect();
+        f32t(w, format!("{name}.weight"), vec![d as u64], g)?;
+        let b = rand(d, 0.1);
+        f32t(w, format!("{name}.bias"), vec![d as u64], b)
+    };
+    let wt = spec.weight_type;
+    let matrix =
+        |w: &mut GgufWriter<'static>, name: String, cols: usize, rows: usize, scale: f32| {
+            let vals = rand(cols * rows, scale);
+            add_tensor(w, name, vec![cols as u64, rows as u64], wt, &vals)
+        };
+    let s_in = 1.0 / (d as f32).sqrt();
+    let s_qk = s_in * spec.qk_scale;
+    matrix(&mut w, "token_embd.weight".into(), d, vocab, 1.0)?;
+    let types = rand(2 * d, 0.5);
+    f32t(
+        &mut w,
+        "token_types.weight".into(),
+        vec![d as u64, 2],
+        types,
+    )?;
+    if !nomic {
+        let pos = rand(spec.context * d, 0.5);
+        f32t(
+            &mut w,
+            "position_embd.weight".into(),
+            vec![d as u64, spec.context as u64],
+            pos,
+        )?;
+    }
+    ln(&mut w, "token_embd_norm")?;
+    for i in 0..spec.n_layers {
+        let b = format!("blk.{i}");
+        if nomic {
+            // Q and K rows scaled for peaked attention, V rows plain.
+            let mut vals = rand(3 * d * d, s_qk);
+            for v in vals[2 * d * d..].iter_mut() {
+                *v *= s_in / s_qk;
+            }
+            add_tensor(
+                &mut w,
+                format!("{b}.attn_qkv.weight"),
+                vec![d as u64, 3 * d as u64],
+                wt,
+                &vals,
+            )?;
+        } else {
+            matrix(&mut w, format!("{b}.attn_q.weight"), d, d, s_qk)?;
+            let bq = rand(d, 0.1);
+            f32t(&mut w, format!("{b}.attn_q.bias"), vec![d as u64], bq)?;
+            matrix(&mut w, format!("{b}.attn_k.weight"), d, d, s_qk)?;
+            let bk = rand(d, 0.1);
+            f32t(&mut w, format!("{b}.attn_k.bias"), vec![d as u64], bk)?;
+            matrix(&mut w, format!("{b}.attn_v.weight"), d, d, s_in)?;
+            let bv = rand(d, 0.1);
+            f32t(&mut w, format!("{b}.attn_v.bias"), vec![d as u64], bv)?;
+        }
+        matrix(&mut w, format!("{b}.attn_output.weight"), d, d, s_in)?;
+        if !nomic {
+            let bo = rand(d, 0.1);
+            f32t(&mut w, format!("{b}.attn_output.bias"), vec![d as u64], bo)?;
+        }
+        ln(&mut w, &format!("{b}.attn_output_norm"))?;
+        let f = spec.ffn;
+        matrix(&mut w, format!("{b}.ffn_up.weight"), d, f, s_in)?;
+        if nomic {
+            matrix(&mut w, format!("{b}.ffn_gate.weight"), d, f, s_in)?;
+        } else {
+            let bu = rand(f, 0.1);
+            f32t(&mut w, format!("{b}.ffn_up.bias"), vec![f as u64], bu)?;
+        }
+        matrix(
+            &mut w,
+            format!("{b}.ffn_down.weight"),
+            f,
+            d,
+            1.0 / (f as f32).sqrt(),
+        )?;
+        if !nomic {
+            let bd = rand(d, 0.1);
+            f32t(&mut w, format!("{b}.ffn_down.bias"), vec![d as u64], bd)?;
+        }
+        ln(&mut w, &format!("{b}.layer_output_norm"))?;
     }
     Ok(w)
 }

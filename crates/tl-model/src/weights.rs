@@ -69,7 +69,7 @@ impl Weight {
     /// Rows `r0..r0 + n` of a matrix, as a weight of its own (the rows of
     /// a fused matrix: Q, K and V of `attn_qkv`, gate and up of Phi-3's
     /// `ffn_up`). Block rows are independent, so this is a byte range.
-    fn row_range(&self, suffix: &str, r0: usize, n: usize) -> Weight {
+    pub(crate) fn row_range(&self, suffix: &str, r0: usize, n: usize) -> Weight {
         let rb = self.row_bytes();
         Weight {
             name: format!("{}[{suffix}]", self.name),
@@ -134,8 +134,8 @@ pub struct Weights {
     pub layers: Vec<LayerWeights>,
 }
 
-struct Loader<'a> {
-    file: &'a GgufFile,
+pub(crate) struct Loader<'a> {
+    pub(crate) file: &'a GgufFile,
 }
 
 impl Loader<'_> {
@@ -146,7 +146,7 @@ impl Loader<'_> {
     }
 
     /// A tensor that must have GGML dims exactly `dims`.
-    fn get(&self, name: &str, dims: &[usize]) -> Result<Weight> {
+    pub(crate) fn get(&self, name: &str, dims: &[usize]) -> Result<Weight> {
         let t = self.info(name)?;
         let got: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         // A trailing 1 is the same shape (some converters write [n, 1]).
@@ -185,7 +185,7 @@ impl Loader<'_> {
         })
     }
 
-    fn opt(&self, name: &str, dims: &[usize]) -> Result<Option<Weight>> {
+    pub(crate) fn opt(&self, name: &str, dims: &[usize]) -> Result<Option<Weight>> {
         if self.file.tensor(name).is_none() {
             return Ok(None);
         }

@@ -34,7 +34,7 @@ fn ready(st: &AppState) -> Result<Arc<Engine>, ApiError> {
 fn status(st: &AppState) -> &'static str {
     if st.draining.load(Ordering::Acquire) {
         "draining"
-    } else if st.engine().is_some() {
+    } else if st.engine().is_some() || st.embedder().is_some() {
         "ok"
     } else {
         "loading"
@@ -81,6 +81,23 @@ pub async fn server_info(State(st): State<Arc<AppState>>) -> Json<Value> {
 }
 
 pub async fn model_info(State(st): State<Arc<AppState>>) -> Response {
+    if let Some(emb) = st.embedder() {
+        let c = &emb.encoder.config;
+        return Json(json!({
+            "model_path": st.cfg.model_path,
+            "tokenizer_path": st.cfg.model_path,
+            "served_model_name": st.cfg.model_id,
+            "is_generation": false,
+            "preferred_sampling_params": Value::Null,
+            "model_type": c.arch.name(),
+            "architectures": [c.arch.name()],
+            "max_model_len": c.context,
+            "vocab_size": c.vocab,
+            "pooling": c.pooling.name(),
+            "embedding_length": c.d_model,
+        }))
+        .into_response();
+    }
     let e = match st.engine() {
         Some(e) => e.clone(),
         None => return ApiError::loading().into_response(),

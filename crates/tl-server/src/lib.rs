@@ -1,7 +1,9 @@
 //! The OpenAI-compatible HTTP server over a [`tl_engine::Engine`].
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions` (JSON or
-//! SSE streams ending in `data: [DONE]`), `GET /v1/models`, `GET /health`
+//! SSE streams ending in `data: [DONE]`), `POST /v1/embeddings` (served
+//! instead of generation when the model is an embedding model: bert,
+//! nomic-bert; see `embeddings.rs`), `GET /v1/models`, `GET /health`
 //! (200 only once the model is loaded and while not draining),
 //! `GET /metrics` (Prometheus text) and the web chat page at `/`, plus the
 //! endpoints routers and autoscalers built for vLLM and SGLang probe:
@@ -21,6 +23,7 @@
 
 pub mod api;
 mod compat;
+mod embeddings;
 pub mod error;
 pub mod metrics;
 pub mod tools;
@@ -109,6 +112,8 @@ pub struct AppState {
     next_id: AtomicU64,
     /// The engine's settings as `/get_server_info` reports them.
     engine_args: OnceLock<Value>,
+    /// The embedding model, when the server serves one (no engine then).
+    embedder: OnceLock<Arc<tl_model::encoder::Embedder>>,
 }
 
 impl AppState {
@@ -122,6 +127,7 @@ impl AppState {
             created: now_secs(),
             next_id: AtomicU64::new(1),
             engine_args: OnceLock::new(),
+            embedder: OnceLock::new(),
         }))
     }
 
@@ -146,6 +152,15 @@ impl AppState {
 
     pub fn engine(&self) -> Option<&Arc<Engine>> {
         self.engine.get()
+    }
+
+    /// Makes the server ready with an embedding model (once).
+    pub fn set_embedder(&self, e: Arc<tl_model::encoder::Embedder>) {
+        let _ = self.embedder.set(e);
+    }
+
+    pub fn embedder(&self) -> Option<&Arc<tl_model::encoder::Embedder>> {
+        self.embedder.get()
     }
 
     /// Stop taking generation requests (`/health` turns 503); streams in
@@ -173,6 +188,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
         .route("/version", get(compat::version))
         .route("/get_server_info", get(compat::server_info))
         .route("/server_info", get(compat::server_info))
@@ -313,6 +329,56 @@ pub fn run(
     })
 }
 
+/// `tl serve` of an embedding model: as [`run`], with `/v1/embeddings`
+/// served by the loaded encoder and no generation engine.
+pub fn run_embedding(
+    cfg: ServerConfig,
+    load: impl FnOnce() -> Result<tl_model::encoder::Embedder, String> + Send + 'static,
+) -> Result<(), ServerError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tl-http")
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", cfg.host, cfg.port);
+        let listener = tokio::net::TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
+        let local = listener.local_addr()?;
+        let state = AppState::new(cfg)?;
+        eprintln!("tl serve: listening on http://{local} (loading the embedding model)");
+        let st = state.clone();
+        let loader = tokio::task::spawn_blocking(move || -> Result<(), ServerError> {
+            let t = Instant::now();
+            let emb = load().map_err(ServerError::Load)?;
+            eprintln!(
+                "tl serve: embedding model loaded in {:.1} s; ready (/v1/embeddings)",
+                t.elapsed().as_secs_f64()
+            );
+            st.set_embedder(Arc::new(emb));
+            Ok(())
+        });
+        let server = serve(listener, state.clone(), shutdown_signal());
+        tokio::pin!(server);
+        tokio::select! {
+            r = &mut server => r?,
+            l = loader => {
+                match l {
+                    Ok(Ok(())) => server.await?,
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => return Err(ServerError::Load(format!("the loader thread failed: {e}"))),
+                }
+            }
+        }
+        eprintln!("tl serve: stopped");
+        Ok(())
+    })
+}
+
 // ---------------------------------------------------------------------------
 // Small handlers
 
@@ -326,14 +392,14 @@ async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "invalid_request_error",
-        "no such endpoint (see /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics, /tokenize, /detokenize, /version, /get_server_info, /get_model_info, /get_load)",
+        "no such endpoint (see /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings, /health, /metrics, /tokenize, /detokenize, /version, /get_server_info, /get_model_info, /get_load)",
     )
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
     let (code, status) = if st.draining.load(Ordering::Acquire) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
-    } else if st.engine().is_some() {
+    } else if st.engine().is_some() || st.embedder().is_some() {
         (StatusCode::OK, "ok")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "loading")
@@ -400,11 +466,35 @@ async fn models(State(st): State<Arc<AppState>>, headers: HeaderMap) -> Response
     .into_response()
 }
 
+async fn embeddings(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    crate::embeddings::handle(st, headers, body).await
+}
+
+/// The 400 for a generation request to a server of an embedding model.
+fn not_a_generator(st: &AppState) -> Option<Response> {
+    st.embedder().map(|_| {
+        ApiError::invalid(
+            "model",
+            format!(
+                "the model '{}' is an embedding model: use /v1/embeddings",
+                st.cfg.model_id
+            ),
+        )
+        .into_response()
+    })
+}
+
 async fn chat(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(r) = not_a_generator(&st) {
+        return r;
+    }
     generate(st, Endpoint::Chat, headers, body).await
 }
 
 async fn completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(r) = not_a_generator(&st) {
+        return r;
+    }
     generate(st, Endpoint::Completions, headers, body).await
 }
 

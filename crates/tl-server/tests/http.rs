@@ -60,6 +60,10 @@ impl Server {
             .expect("engine");
             state.set_engine(Arc::new(engine));
         }
+        Self::serve_state(state)
+    }
+
+    fn serve_state(state: Arc<AppState>) -> Server {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let (atx, arx) = std::sync::mpsc::channel();
         let st = state.clone();
@@ -1176,4 +1180,206 @@ fn per_request_timeout_header() {
             .as_bytes(),
     );
     assert_eq!(ok.status, 200);
+}
+
+// ---------------------------------------------------------------------------
+// /v1/embeddings
+
+fn embedder() -> Arc<tl_model::encoder::Embedder> {
+    use tl_model::synth::{synthesize_encoder, SynthArch};
+    let p = std::env::temp_dir().join(format!("tl-server-embed-{}.gguf", std::process::id()));
+    let spec = SynthSpec {
+        arch: SynthArch::Bert,
+        d_model: 64,
+        n_heads: 2,
+        n_kv_heads: 2,
+        head_dim: 32,
+        ffn: 128,
+        context: 32,
+        extra_vocab: 10,
+        ..SynthSpec::default()
+    };
+    synthesize_encoder(&spec, tl_model::encoder::Pooling::Mean)
+        .expect("synth")
+        .write_file(&p)
+        .expect("write");
+    let e = tl_model::encoder::Embedder::load_on(&p, tl_core::Device::Cpu).expect("load");
+    std::fs::remove_file(&p).ok();
+    Arc::new(e)
+}
+
+fn embedding_server() -> (Server, Arc<tl_model::encoder::Embedder>) {
+    let state = AppState::new(cfg()).expect("state");
+    let e = embedder();
+    state.set_embedder(e.clone());
+    (Server::serve_state(state), e)
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn embeddings_in_openai_shape() {
+    let (s, e) = embedding_server();
+    assert_eq!(get(s.addr, "/health").status, 200);
+    let info = get(s.addr, "/get_model_info").json();
+    assert_eq!(info["is_generation"], false);
+    assert_eq!(info["model_type"], "bert");
+    assert_eq!(info["pooling"], "mean");
+    assert_eq!(get(s.addr, "/get_server_info").json()["status"], "ok");
+    let texts = ["hello world", "the quick brown fox", "a"];
+    let seqs: Vec<Vec<u32>> = texts.iter().map(|t| e.tokenize(t).unwrap()).collect();
+    let want = e.embed(&seqs, true).unwrap();
+    let n_tokens: usize = seqs.iter().map(Vec::len).sum();
+
+    // An array of strings, batched: one vector per input, in order.
+    let r = post(
+        s.addr,
+        "/v1/embeddings",
+        json!({"model": "synthetic", "input": texts}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["object"], "list");
+    assert_eq!(j["model"], "synthetic");
+    assert_eq!(j["usage"]["prompt_tokens"], n_tokens);
+    assert_eq!(j["usage"]["total_tokens"], n_tokens);
+    let data = j["data"].as_array().unwrap();
+    assert_eq!(data.len(), 3);
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d["object"], "embedding");
+        assert_eq!(d["index"], i);
+        let v = floats(&d["embedding"]);
+        assert_eq!(v, want[i], "input {i}");
+        let len: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((len - 1.0).abs() < 1e-5);
+    }
+
+    // One string; token arrays (one, and several) give the same vectors.
+    let r = post(s.addr, "/v1/embeddings", json!({"input": texts[1]}));
+    assert_eq!(r.status, 200);
+    assert_eq!(floats(&r.json()["data"][0]["embedding"]), want[1]);
+    let r = post(s.addr, "/v1/embeddings", json!({"input": seqs[0]}));
+    assert_eq!(r.status, 200);
+    assert_eq!(floats(&r.json()["data"][0]["embedding"]), want[0]);
+    let r = post(
+        s.addr,
+        "/v1/embeddings",
+        json!({"input": [seqs[2], seqs[0]]}),
+    );
+    assert_eq!(r.status, 200);
+    let j = r.json();
+    assert_eq!(floats(&j["data"][0]["embedding"]), want[2]);
+    assert_eq!(floats(&j["data"][1]["embedding"]), want[0]);
+    assert_eq!(j["usage"]["prompt_tokens"], seqs[2].len() + seqs[0].len());
+
+    // base64: the little-endian f32 bytes.
+    let r = post(
+        s.addr,
+        "/v1/embeddings",
+        json!({"input": texts[0], "encoding_format": "base64"}),
+    );
+    assert_eq!(r.status, 200);
+    let b64 = r.json()["data"][0]["embedding"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes = decode_base64(&b64);
+    let v: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(v, want[0]);
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let val = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        b'/' => 63,
+        _ => panic!("not base64: {c}"),
+    };
+    let mut out = Vec::new();
+    for ch in s.as_bytes().chunks(4) {
+        let n = ch.iter().take_while(|&&c| c != b'=').count();
+        let mut acc = 0u32;
+        for (i, &c) in ch.iter().enumerate() {
+            acc |= u32::from(if c == b'=' { 0 } else { val(c) }) << (18 - 6 * i);
+        }
+        let b = acc.to_be_bytes();
+        out.extend_from_slice(&b[1..n]);
+    }
+    out
+}
+
+#[test]
+fn embeddings_bad_requests_are_400s() {
+    let (s, _e) = embedding_server();
+    let bad = |body: Value, needle: &str| {
+        let r = post(s.addr, "/v1/embeddings", body.clone());
+        assert_eq!(
+            r.status,
+            400,
+            "{body}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(msg.contains(needle), "{body}: {msg}");
+    };
+    bad(json!({}), "'input' is required");
+    bad(json!({"input": []}), "empty array");
+    bad(json!({"input": 5}), "must be a string");
+    bad(json!({"input": [{"a": 1}]}), "input[0]");
+    bad(json!({"input": [[1, -2]]}), "input[0][1]");
+    bad(json!({"input": [1, 99999]}), "outside the vocabulary");
+    bad(json!({"input": [[]]}), "no tokens");
+    bad(
+        json!({"input": "x", "encoding_format": "binary"}),
+        "encoding_format",
+    );
+    // Over the context (32 tokens): a clear 400 naming the input.
+    let long = "word ".repeat(40);
+    let r = post(s.addr, "/v1/embeddings", json!({"input": ["ok", long]}));
+    assert_eq!(r.status, 400);
+    let j = r.json();
+    assert_eq!(j["error"]["code"], "context_length_exceeded");
+    assert!(j["error"]["message"].as_str().unwrap().contains("input 1"));
+    // Another model's name.
+    let r = post(
+        s.addr,
+        "/v1/embeddings",
+        json!({"model": "other", "input": "x"}),
+    );
+    assert_eq!(r.status, 404);
+    // Generation on an embedding model.
+    let r = post(
+        s.addr,
+        "/v1/completions",
+        json!({"prompt": "x", "max_tokens": 1}),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/v1/embeddings"));
+}
+
+#[test]
+fn embeddings_on_a_text_generator_are_a_400() {
+    let s = Server::start(cfg(), 2, 4);
+    let r = post(s.addr, "/v1/embeddings", json!({"input": "hello"}));
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    assert_eq!(j["error"]["code"], "model_not_embedding");
+    assert!(j["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not an embedding model"));
 }

@@ -8,7 +8,7 @@ pub enum TokenizerError {
     #[error("GGUF metadata: {0}")]
     Gguf(#[from] tl_gguf::GgufError),
 
-    #[error("unknown tokenizer model '{0}' (tokenizer.ggml.model); supported: gpt2, llama")]
+    #[error("unknown tokenizer model '{0}' (tokenizer.ggml.model); supported: gpt2, llama, bert")]
     UnknownModel(String),
 
     #[error(

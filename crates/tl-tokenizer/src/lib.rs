@@ -3,7 +3,8 @@
 //!
 //! - [`Tokenizer`]: `tokenizer.ggml.model = gpt2` (byte-level BPE, with the
 //!   pre-tokenizer named by `tokenizer.ggml.pre`) and `llama`
-//!   (SentencePiece-style merges by score, byte fallback). Encode, decode,
+//!   (SentencePiece-style merges by score, byte fallback), and `bert`
+//!   (WordPiece, for BERT-family embedding models). Encode, decode,
 //!   pieces, special ids, and a [`StreamDecoder`] for streaming.
 //! - [`ChatTemplate`]: the model's `tokenizer.chat_template` (Jinja) rendered
 //!   with minijinja, or a built-in template chosen by architecture.
@@ -52,6 +53,7 @@ mod tokenizer;
 mod unicode;
 mod unicode_data;
 mod vocab;
+mod wpm;
 
 pub use chat::{builtin_template, ChatMessage, ChatTemplate, RenderOptions, TemplateError};
 pub use error::{Result, TokenizerError};

@@ -236,6 +236,38 @@ impl Tokenizer {
                     out.push(eos()?);
                 }
             }
+            (_, VocabKind::Wpm) => {
+                // llama.cpp adds [CLS] (the BOS id) and [SEP] with
+                // `add_special`, whatever `add_bos`/`add_eos` say.
+                if opts.add_special {
+                    out.push(bos()?);
+                }
+                for f in frags {
+                    match f {
+                        Fragment::Token(id) => out.push(id),
+                        Fragment::Text { start, end } => {
+                            let unk = v
+                                .special
+                                .unk
+                                .ok_or(TokenizerError::MissingSpecialToken { what: "UNK" });
+                            crate::wpm::encode(
+                                v,
+                                &text[start..end],
+                                v.max_token_len,
+                                unk,
+                                &mut out,
+                            )?;
+                        }
+                    }
+                }
+                if opts.add_special {
+                    out.push(
+                        v.special
+                            .sep
+                            .ok_or(TokenizerError::MissingSpecialToken { what: "SEP" })?,
+                    );
+                }
+            }
             _ => {
                 if opts.add_special && v.add_bos {
                     out.push(bos()?);
@@ -368,7 +400,9 @@ fn render_piece(v: &Vocab, id: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(text.as_bytes());
     } else if attr.has(TokenAttr::NORMAL) {
         match v.kind {
-            VocabKind::Spm => out.extend_from_slice(text.replace('▁', " ").as_bytes()),
+            VocabKind::Spm | VocabKind::Wpm => {
+                out.extend_from_slice(text.replace('▁', " ").as_bytes())
+            }
             VocabKind::Bpe => {
                 // llama.cpp `llama_decode_text`.
                 for c in text.chars() {

@@ -11,6 +11,7 @@ pub(crate) const LETTER: u16 = 0x0004;
 pub(crate) const ACCENT_MARK: u16 = 0x0010;
 pub(crate) const PUNCTUATION: u16 = 0x0020;
 pub(crate) const SYMBOL: u16 = 0x0040;
+pub(crate) const CONTROL: u16 = 0x0080;
 pub(crate) const WHITESPACE_FLAG: u16 = 0x0100;
 const MASK_CATEGORIES: u16 = 0x00FF;
 

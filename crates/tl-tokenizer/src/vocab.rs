@@ -58,6 +58,9 @@ pub enum VocabKind {
     Spm,
     /// `gpt2`: byte-level BPE merges by rank after a regex-like pre-split.
     Bpe,
+    /// `bert`: WordPiece, the longest vocabulary piece first (BERT-family
+    /// embedding models).
+    Wpm,
 }
 
 /// How BPE text is split into words before merging (`tokenizer.ggml.pre`).
@@ -292,6 +295,14 @@ pub struct Vocab {
     pub(crate) add_space_prefix: bool,
     pub(crate) clean_spaces: bool,
     pub(crate) ignore_merges: bool,
+    /// WPM: lowercase the input (`tokenizer.ggml.normalizer.lowercase`,
+    /// default true as in llama.cpp).
+    pub(crate) lowercase: bool,
+    /// WPM: strip accents (`tokenizer.ggml.normalizer.strip_accents`,
+    /// default: as `lowercase`).
+    pub(crate) strip_accents: bool,
+    /// The longest token text, in bytes (WPM's longest-match bound).
+    pub(crate) max_token_len: usize,
     /// Ids whose text is split out of the input before tokenizing (control,
     /// user-defined and unknown), longest text first.
     pub(crate) special_cache: Vec<TokenId>,
@@ -344,6 +355,9 @@ impl Vocab {
             add_space_prefix: false,
             clean_spaces: false,
             ignore_merges: false,
+            lowercase: false,
+            strip_accents: false,
+            max_token_len: 0,
             special_cache: Vec::new(),
         };
 
@@ -389,6 +403,14 @@ impl Vocab {
                     .collect();
                 (if info.no_bos { -1 } else { 11 }, 11, -1)
             }
+            // llama.cpp: [CLS] 101 as BOS, no EOS, [UNK] 100, [SEP] 102,
+            // [PAD] 0, [MASK] 103; BOS added, SEP appended.
+            "bert" => {
+                v.kind = VocabKind::Wpm;
+                v.add_bos = true;
+                v.clean_spaces = true;
+                (101, -1, 100)
+            }
             other => return Err(TokenizerError::UnknownModel(other.to_string())),
         };
         if let Some(b) = md.opt_bool("tokenizer.ggml.add_space_prefix")? {
@@ -429,6 +451,13 @@ impl Vocab {
             }
         }
 
+        v.lowercase = md
+            .opt_bool("tokenizer.ggml.normalizer.lowercase")?
+            .unwrap_or(true);
+        v.strip_accents = md
+            .opt_bool("tokenizer.ggml.normalizer.strip_accents")?
+            .unwrap_or(v.lowercase);
+
         v.text_to_id.reserve(n);
         for (i, t) in texts_raw.iter().enumerate() {
             let text = if t.is_empty() {
@@ -437,6 +466,7 @@ impl Vocab {
                 t.clone()
             };
             // Later duplicates win, as with llama.cpp's `token_to_id[word] = i`.
+            v.max_token_len = v.max_token_len.max(text.len());
             v.text_to_id.insert(text.clone(), i as TokenId);
             v.texts.push(text);
         }
@@ -461,9 +491,19 @@ impl Vocab {
         s.eot = read("tokenizer.ggml.eot_token_id", None)?;
         s.eom = read("tokenizer.ggml.eom_token_id", None)?;
         s.unk = read("tokenizer.ggml.unknown_token_id", in_range(unk))?;
-        s.sep = read("tokenizer.ggml.seperator_token_id", None)?;
-        s.pad = read("tokenizer.ggml.padding_token_id", None)?;
-        s.mask = read("tokenizer.ggml.mask_token_id", None)?;
+        let wpm = v.kind == VocabKind::Wpm;
+        s.sep = read(
+            "tokenizer.ggml.seperator_token_id",
+            if wpm { in_range(102) } else { None },
+        )?;
+        s.pad = read(
+            "tokenizer.ggml.padding_token_id",
+            if wpm { in_range(0) } else { None },
+        )?;
+        s.mask = read(
+            "tokenizer.ggml.mask_token_id",
+            if wpm { in_range(103) } else { None },
+        )?;
         s.fim_pre = read("tokenizer.ggml.fim_pre_token_id", None)?;
         s.fim_suf = read("tokenizer.ggml.fim_suf_token_id", None)?;
         s.fim_mid = read("tokenizer.ggml.fim_mid_token_id", None)?;

@@ -95,6 +95,15 @@ fn ptr(b: &Option<DevBuf>) -> u64 {
     b.as_ref().map_or(0, |b| b.ptr)
 }
 
+/// The error for an encoder (embedding) model asked to run on a GPU:
+/// given before anything touches the device.
+pub(crate) fn refuse_encoder(arch: &str) -> ModelError {
+    ModelError::Device(format!(
+        "{arch}: not supported on CUDA yet: encoder models (non-causal attention, pooled \
+         embeddings) (run it with --device cpu)"
+    ))
+}
+
 impl CudaModel {
     pub fn upload(m: &Model, ordinal: usize) -> Result<CudaModel> {
         let c = &m.config;
