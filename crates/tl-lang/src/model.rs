@@ -7,6 +7,7 @@
 //! `KvCache` with a `SeqKv` block table), so a program attends exactly as
 //! the native forward does.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fmt;
@@ -215,27 +216,31 @@ impl CacheVal {
         })
     }
 
-    /// Gemma 3: the native forward scales the queries before attention
-    /// (and attends with scale 1); doing the same keeps the f16 rounding
-    /// of the scaled queries, so the numbers agree exactly.
-    fn prescaled(&self) -> bool {
-        matches!(self.config.arch, Arch::Gemma2 | Arch::Gemma3)
-    }
-
-    fn params(&self, layer: usize) -> AttnParams {
+    /// The queries and parameters layer `layer` attends with. Gemma: the
+    /// native forward scales the queries before attention (and attends
+    /// with scale 1); doing the same keeps the f16 rounding of the scaled
+    /// queries, so the numbers agree exactly.
+    fn layer_query<'q>(&self, q: &'q [f32], layer: usize) -> (Cow<'q, [f32]>, AttnParams) {
         let c = &self.config;
-        AttnParams {
+        let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
+        let params = AttnParams {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
-            scale: c.attn_scale,
-            window: if self.prescaled() && c.is_swa_layer(layer) {
+            scale: if gemma { 1.0 } else { c.attn_scale },
+            window: if gemma && c.is_swa_layer(layer) {
                 c.sliding_window
             } else {
                 None
             },
             softcap: c.attn_logit_softcap,
-        }
+        };
+        let q = if gemma {
+            Cow::Owned(q.iter().map(|v| v * c.attn_scale).collect())
+        } else {
+            Cow::Borrowed(q)
+        };
+        (q, params)
     }
 
     /// [`CacheVal::attention`] on the model's GPU: the positions' blocks
@@ -251,24 +256,15 @@ impl CacheVal {
         pos: usize,
         span: Span,
     ) -> Result<Vec<f32>> {
-        let end = pos + t;
-        let mut params = self.params(layer);
-        let scaled: Vec<f32>;
-        let q = if self.prescaled() {
-            scaled = q.iter().map(|x| x * self.config.attn_scale).collect();
-            params.scale = 1.0;
-            scaled.as_slice()
-        } else {
-            q
-        };
+        let (q, params) = self.layer_query(q, layer);
         let out = self
             .model
             .llm
             .model
-            .device_attention(&self.kv, layer, &params, pos, &self.seq.blocks, q, k, v, t)
+            .device_attention(&self.kv, layer, &params, pos, &self.seq.blocks, &q, k, v, t)
             .map_err(model_err(span, "attention"))?
             .ok_or_else(|| LangError::invalid(span, "attention: the KV cache is not on a GPU"))?;
-        self.seq.len = self.seq.len.max(end);
+        self.seq.len = self.seq.len.max(pos + t);
         Ok(out)
     }
 
@@ -355,20 +351,8 @@ impl CacheVal {
         // Positions cached so far, by any layer: a program runs each step's
         // layers in turn, each at the same `pos`.
         self.seq.len = self.seq.len.max(end);
-        let params = self.params(layer);
-        let scaled: Vec<f32>;
-        let (q, params) = if self.prescaled() {
-            scaled = q.iter().map(|v| v * c.attn_scale).collect();
-            (
-                scaled.as_slice(),
-                AttnParams {
-                    scale: 1.0,
-                    ..params
-                },
-            )
-        } else {
-            (q, params)
-        };
+        let (q, params) = self.layer_query(q, layer);
+        let q: &[f32] = &q;
         // One task per (token, KV head group), on the matmul thread pool as
         // the native forward does: a group's query heads are contiguous, so
         // each task owns one output chunk (locks are never contended).

@@ -192,16 +192,7 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
     let vocab = spec.vocab();
     let u32v = |v: usize| Value::U32(v as u32);
 
-    w.set("general.architecture", Value::String(arch.into()));
-    w.set(
-        "general.name",
-        Value::String(format!("synthetic {arch} {}L d{d}", spec.n_layers)),
-    );
-    w.set(format!("{arch}.context_length"), u32v(spec.context));
-    w.set(format!("{arch}.embedding_length"), u32v(d));
-    w.set(format!("{arch}.block_count"), u32v(spec.n_layers));
-    w.set(format!("{arch}.feed_forward_length"), u32v(spec.ffn));
-    w.set(format!("{arch}.attention.head_count"), u32v(spec.n_heads));
+    set_shape_keys(&mut w, spec, arch);
     w.set(
         format!("{arch}.attention.head_count_kv"),
         u32v(spec.n_kv_heads),
@@ -573,17 +564,7 @@ pub fn synthesize_encoder(
     let arch = spec.arch.name();
     let nomic = spec.arch == SynthArch::NomicBert;
     let mut w = GgufWriter::new();
-    let u32v = |v: usize| Value::U32(v as u32);
-    w.set("general.architecture", Value::String(arch.into()));
-    w.set(
-        "general.name",
-        Value::String(format!("synthetic {arch} {}L d{d}", spec.n_layers)),
-    );
-    w.set(format!("{arch}.context_length"), u32v(spec.context));
-    w.set(format!("{arch}.embedding_length"), u32v(d));
-    w.set(format!("{arch}.block_count"), u32v(spec.n_layers));
-    w.set(format!("{arch}.feed_forward_length"), u32v(spec.ffn));
-    w.set(format!("{arch}.attention.head_count"), u32v(spec.n_heads));
+    set_shape_keys(&mut w, spec, arch);
     w.set(
         format!("{arch}.attention.layer_norm_epsilon"),
         Value::F32(1e-12),
@@ -710,6 +691,22 @@ pub fn synthesize_encoder(
         ln(&mut w, &format!("{b}.layer_output_norm"))?;
     }
     Ok(w)
+}
+
+/// The architecture, name and shape keys every synthetic file starts with.
+fn set_shape_keys(w: &mut GgufWriter, spec: &SynthSpec, arch: &str) {
+    let u32v = |v: usize| Value::U32(v as u32);
+    let d = spec.d_model;
+    w.set("general.architecture", Value::String(arch.into()));
+    w.set(
+        "general.name",
+        Value::String(format!("synthetic {arch} {}L d{d}", spec.n_layers)),
+    );
+    w.set(format!("{arch}.context_length"), u32v(spec.context));
+    w.set(format!("{arch}.embedding_length"), u32v(d));
+    w.set(format!("{arch}.block_count"), u32v(spec.n_layers));
+    w.set(format!("{arch}.feed_forward_length"), u32v(spec.ffn));
+    w.set(format!("{arch}.attention.head_count"), u32v(spec.n_heads));
 }
 
 fn add_tensor(

@@ -45,20 +45,6 @@ impl Weight {
         }
     }
 
-    /// [`Weight::standalone`], for unit tests.
-    #[cfg(test)]
-    pub(crate) fn for_test(name: &str, ty: GgmlType, rows: usize, cols: usize, len: usize) -> Self {
-        Weight {
-            name: name.to_string(),
-            ty,
-            rows,
-            cols,
-            start: 0,
-            len,
-            packed: None,
-        }
-    }
-
     /// The raw (block-format) bytes.
     pub fn bytes<'a>(&self, file: &'a GgufFile) -> &'a [u8] {
         file.bytes()

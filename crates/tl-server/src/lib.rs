@@ -255,6 +255,47 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// The HTTP server's runtime (two workers: the engine has its own thread).
+fn http_runtime() -> Result<tokio::runtime::Runtime, ServerError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tl-http")
+        .enable_all()
+        .build()?)
+}
+
+/// Binds the configured address.
+async fn listen(
+    cfg: &ServerConfig,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), ServerError> {
+    let addr = format!("{}:{}", cfg.host, cfg.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Runs `server` while `loader` loads the model: a load that fails ends
+/// the server with its error; otherwise the server runs to its end.
+async fn serve_while_loading(
+    server: impl Future<Output = Result<(), ServerError>>,
+    loader: tokio::task::JoinHandle<Result<(), ServerError>>,
+) -> Result<(), ServerError> {
+    tokio::pin!(server);
+    tokio::select! {
+        r = &mut server => r,
+        l = loader => match l {
+            Ok(Ok(())) => server.await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(ServerError::Load(format!("the loader thread failed: {e}"))),
+        },
+    }
+}
+
 /// `tl serve`: listens at once (so `/health` can say "loading"), loads the
 /// model on a blocking thread, serves until SIGTERM/SIGINT, drains, stops
 /// the engine. A model that fails to load ends the server with that error.
@@ -263,20 +304,8 @@ pub fn run(
     engine_cfg: EngineConfig,
     load: impl FnOnce() -> Result<Llm, String> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("tl-http")
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let addr = format!("{}:{}", cfg.host, cfg.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local = listener.local_addr()?;
+    http_runtime()?.block_on(async move {
+        let (listener, local) = listen(&cfg).await?;
         let state = AppState::new(cfg)?;
         state.set_engine_args(&engine_cfg);
         info!(%local, "listening; loading the model");
@@ -304,18 +333,7 @@ pub fn run(
                 _ = device_lost(watched) => {},
             }
         };
-        let server = serve(listener, state.clone(), stop);
-        tokio::pin!(server);
-        tokio::select! {
-            r = &mut server => r?,
-            l = loader => {
-                match l {
-                    Ok(Ok(())) => server.await?,
-                    Ok(Err(e)) => return Err(e),
-                    Err(e) => return Err(ServerError::Load(format!("the loader thread failed: {e}"))),
-                }
-            }
-        }
+        serve_while_loading(serve(listener, state.clone(), stop), loader).await?;
         let lost = state.engine().and_then(|e| e.device_lost());
         if let Some(e) = state.engine() {
             let e = e.clone();
@@ -335,20 +353,8 @@ pub fn run_embedding(
     cfg: ServerConfig,
     load: impl FnOnce() -> Result<tl_model::encoder::Embedder, String> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("tl-http")
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let addr = format!("{}:{}", cfg.host, cfg.port);
-        let listener = tokio::net::TcpListener::bind(&addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local = listener.local_addr()?;
+    http_runtime()?.block_on(async move {
+        let (listener, local) = listen(&cfg).await?;
         let state = AppState::new(cfg)?;
         eprintln!("tl serve: listening on http://{local} (loading the embedding model)");
         let st = state.clone();
@@ -362,18 +368,7 @@ pub fn run_embedding(
             st.set_embedder(Arc::new(emb));
             Ok(())
         });
-        let server = serve(listener, state.clone(), shutdown_signal());
-        tokio::pin!(server);
-        tokio::select! {
-            r = &mut server => r?,
-            l = loader => {
-                match l {
-                    Ok(Ok(())) => server.await?,
-                    Ok(Err(e)) => return Err(e),
-                    Err(e) => return Err(ServerError::Load(format!("the loader thread failed: {e}"))),
-                }
-            }
-        }
+        serve_while_loading(serve(listener, state.clone(), shutdown_signal()), loader).await?;
         eprintln!("tl serve: stopped");
         Ok(())
     })

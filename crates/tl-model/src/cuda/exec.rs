@@ -115,6 +115,26 @@ pub(super) fn fa_prefill() -> bool {
 /// `fa_prefill`'s default until measured on a card.
 const FA_DEFAULT: bool = false;
 
+/// The cache type as `RopeArgs::kv_type` gives it to the kernels.
+pub(super) fn kv_type_code(ty: KvType) -> i32 {
+    match ty {
+        KvType::F16 => 0,
+        KvType::Q8_0 => 1,
+        KvType::Q4_0 => 2,
+        KvType::Fp8 => 3,
+    }
+}
+
+/// The suffix of the `attention_*` kernel that reads a cache of type `ty`.
+pub(super) fn attn_suffix(ty: KvType) -> &'static str {
+    match ty {
+        KvType::F16 => "",
+        KvType::Q8_0 => "_q8_0",
+        KvType::Q4_0 => "_q4_0",
+        KvType::Fp8 => "_fp8",
+    }
+}
+
 /// How many blocks share one row of the greedy argmax (≈1024 logits each).
 pub(super) fn argmax_parts(vocab: usize) -> usize {
     vocab.div_ceil(1024).clamp(1, 128)
@@ -293,9 +313,7 @@ impl CudaExec<'_> {
         smem: u32,
         args: &[Arg],
     ) -> Result<()> {
-        self.gpu
-            .launch(name, grid, block, smem, args)
-            .map_err(cuda_err)
+        launch(self.gpu, name, grid, block, smem, args)
     }
 
     fn meta_at(&self, off: usize) -> u64 {
@@ -413,11 +431,7 @@ impl CudaExec<'_> {
     }
 
     fn read(&self, p: u64, len: usize) -> Result<Vec<f32>> {
-        let mut v = vec![0.0f32; len];
-        // SAFETY: f32 slice viewed as bytes for the copy.
-        let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len * 4) };
-        self.gpu.dtoh(dst, p).map_err(cuda_err)?;
-        Ok(v)
+        super::ops::read_f32(self.gpu, p, len)
     }
 }
 
@@ -494,12 +508,7 @@ impl Exec for CudaExec<'_> {
             base: c.rope_base_for(il),
             eps: c.rms_eps,
             q_scale: if c.prescale_q() { c.attn_scale } else { 1.0 },
-            kv_type: match self.kv.ty {
-                KvType::F16 => 0,
-                KvType::Q8_0 => 1,
-                KvType::Q4_0 => 2,
-                KvType::Fp8 => 3,
-            },
+            kv_type: kv_type_code(self.kv.ty),
             k_rot: crate::kv::rotations(self.kv.ty, hd).0 as i32,
             v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
         };
@@ -575,12 +584,7 @@ impl Exec for CudaExec<'_> {
             );
         }
         let [q0, q1] = self.q8_args();
-        let suffix = match self.kv.ty {
-            KvType::F16 => "",
-            KvType::Q8_0 => "_q8_0",
-            KvType::Q4_0 => "_q4_0",
-            KvType::Fp8 => "_fp8",
-        };
+        let suffix = attn_suffix(self.kv.ty);
         self.l(
             &format!("attention_{hd}{suffix}"),
             (c.n_heads as u32, self.n as u32, zs as u32),

@@ -15,11 +15,12 @@ use std::collections::HashMap;
 use tl_cuda::{raw_arg, Arg, DevBuf, Gpu};
 use tl_gguf::GgmlType;
 
-use super::exec::{grid1, matmul_on, AttnArgs, MatScratch, RopeArgs, GEMV_ROWS};
+use super::exec::{
+    attn_suffix, grid1, kv_type_code, matmul_on, AttnArgs, MatScratch, RopeArgs, GEMV_ROWS,
+};
 use super::weights::{repack, DevMat, Kind};
 use super::{cuda_err, CudaModel, DeviceKv};
 use crate::error::{ModelError, Result};
-use crate::kv::KvType;
 use crate::weights::Weight;
 
 /// The weights and scratch buffers of program operations on one GPU.
@@ -52,7 +53,8 @@ fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn read_f32(gpu: &Gpu, p: u64, len: usize) -> Result<Vec<f32>> {
+/// `len` f32 values from device memory at `p`.
+pub(super) fn read_f32(gpu: &Gpu, p: u64, len: usize) -> Result<Vec<f32>> {
     let mut v = vec![0.0f32; len];
     // SAFETY: f32 slice viewed as bytes for the copy.
     let dst = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, len * 4) };
@@ -233,12 +235,6 @@ impl CudaModel {
         gpu.htod(meta_b, bytes_of(&meta)).map_err(cuda_err)?;
         let at = |i: usize| meta_b + (i * 4) as u64;
         let (k_rot, v_rot) = crate::kv::rotations(kv.ty, hd);
-        let kv_type = match kv.ty {
-            KvType::F16 => 0,
-            KvType::Q8_0 => 1,
-            KvType::Q4_0 => 2,
-            KvType::Fp8 => 3,
-        };
         // RoPE off (n_rot 0: the program rotated), no biases or norms: the
         // kernel only rotates for a quantized cache and stores.
         let ra = RopeArgs {
@@ -250,7 +246,7 @@ impl CudaModel {
             base: 10_000.0,
             eps: 0.0,
             q_scale: 1.0,
-            kv_type,
+            kv_type: kv_type_code(kv.ty),
             k_rot: k_rot as i32,
             v_rot: v_rot as i32,
         };
@@ -296,12 +292,7 @@ impl CudaModel {
         let threads = 256usize;
         let groups = threads / 32 * (32 / (hd / 8));
         let smem = ((2 * groups + groups * hd) * 4) as u32;
-        let suffix = match kv.ty {
-            KvType::F16 => "",
-            KvType::Q8_0 => "_q8_0",
-            KvType::Q4_0 => "_q4_0",
-            KvType::Fp8 => "_fp8",
-        };
+        let suffix = attn_suffix(kv.ty);
         gpu.launch(
             &format!("attention_{hd}{suffix}"),
             (a.n_heads as u32, t as u32, 1),

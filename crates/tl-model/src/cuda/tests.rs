@@ -315,7 +315,7 @@ fn weight(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Weight, Vec<u8>
     tl_core::quant::quantize(ty, &vals, &mut bytes).unwrap();
     let mut deq = vec![0f32; rows * cols];
     tl_core::quant::dequantize(ty, &bytes, &mut deq).unwrap();
-    let w = Weight::for_test("w", ty, rows, cols, bytes.len());
+    let w = Weight::standalone("w", ty, rows, cols, bytes.len());
     (w, bytes, deq)
 }
 
