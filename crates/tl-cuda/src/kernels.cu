@@ -1432,7 +1432,12 @@ extern "C" __global__ void attention_256_fp8(const float* q, const void* kc, con
 // O += P·V are MMAs, the softmax is online in f32 per row (causal and
 // sliding-window masks per element). The queries enter as f16 (scaled
 // first, as llama.cpp's FlashAttention does), P as f16.
-// grid = (tiles, n_heads), blockDim = 128.
+// Long contexts split each tile's keys over gridDim.z blocks of a.chunk
+// keys each (a multiple of 64; 0 with one split) so that short steps over
+// long caches still fill the card: each split leaves its rows' running
+// maximum, sum and unnormalised output in `part` ([row][head][split]
+// [2 + HD]) and `fa_merge` combines them.
+// grid = (tiles, n_heads, splits), blockDim = 128.
 __device__ __forceinline__ void mma_f16(float* c, const unsigned int* a, unsigned int b0, unsigned int b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -1446,7 +1451,7 @@ __device__ __forceinline__ unsigned int pack_h2(float x, float y) {
 
 template <int HD>
 __device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, const int* tok_pos, const int* tok_seq,
-                           const int* tables, const int* tiles, float* out, AttnArgs a) {
+                           const int* tables, const int* tiles, float* out, AttnArgs a, float* part) {
     constexpr int BK = 64;        // keys per tile
     constexpr int ST = HD + 8;    // shared row stride in halves (staggers the banks)
     __shared__ __align__(16) __half sk[BK * ST];
@@ -1458,6 +1463,12 @@ __device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, c
     const int* table = tables + (long)tok_seq[r0] * a.max_blocks;
     int pos_first = tok_pos[r0], pos_last = tok_pos[r0 + nr - 1];
     int lo = a.window > 0 ? max(0, pos_first + 1 - a.window) : 0;
+    // This block's share of the keys: [kb, ke).
+    int ns = gridDim.z, kb = lo, ke = pos_last + 1;
+    if (ns > 1) {
+        kb = lo + blockIdx.z * a.chunk;
+        ke = min(ke, kb + a.chunk);
+    }
     int wr = warp * 16;  // this warp's first row in the tile
     bool active = wr < nr;
     int ra = wr + g, rb = wr + g + 8;
@@ -1481,13 +1492,13 @@ __device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, c
 #pragma unroll
     for (int nd = 0; nd < HD / 8; nd++) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.0f;
     float ma = -TL_INF, mb = -TL_INF, la = 0.0f, lb = 0.0f;
-    for (int k0 = lo; k0 <= pos_last; k0 += BK) {
+    for (int k0 = kb; k0 < ke; k0 += BK) {
         __syncthreads();
         for (int i = threadIdx.x; i < BK * HD / 8; i += blockDim.x) {
             int kr = i / (HD / 8), c = i % (HD / 8);
             int p = k0 + kr;
             uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
-            if (p <= pos_last) {
+            if (p < ke) {
                 long row = ((long)table[p / 16] * a.n_kv_heads + kvh) * 16 + (p % 16);
                 kv4 = *(const uint4*)(kc + row * HD + c * 8);
                 vv4 = *(const uint4*)(vc + row * HD + c * 8);
@@ -1572,6 +1583,26 @@ __device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, c
     la += __shfl_xor_sync(0xffffffff, la, 2);
     lb += __shfl_xor_sync(0xffffffff, lb, 1);
     lb += __shfl_xor_sync(0xffffffff, lb, 2);
+    if (ns > 1) {
+        // This split's state per row: max, sum, unnormalised output (a
+        // split with no key of the row leaves -inf, 0, 0).
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            int r = half ? rb : ra;
+            if ((half ? pb : pa) < 0) continue;
+            float* ps = part + (((long)(r0 + r) * a.n_heads + head) * ns + blockIdx.z) * (HD + 2);
+            if (t4 == 0) {
+                ps[0] = half ? mb : ma;
+                ps[1] = half ? lb : la;
+            }
+#pragma unroll
+            for (int nd = 0; nd < HD / 8; nd++) {
+                ps[2 + nd * 8 + t4 * 2] = o[nd][half * 2];
+                ps[3 + nd * 8 + t4 * 2] = o[nd][half * 2 + 1];
+            }
+        }
+        return;
+    }
     float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
 #pragma unroll
     for (int nd = 0; nd < HD / 8; nd++) {
@@ -1589,8 +1620,30 @@ __device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, c
     }
 }
 
-extern "C" __global__ void fa_prefill_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, const int* tiles, float* o, AttnArgs a) { TL_PDL(); fa_prefill<64>(q, kc, vc, tp, ts, tb, tiles, o, a); }
-extern "C" __global__ void fa_prefill_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, const int* tiles, float* o, AttnArgs a) { TL_PDL(); fa_prefill<128>(q, kc, vc, tp, ts, tb, tiles, o, a); }
+extern "C" __global__ void fa_prefill_64(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, const int* tiles, float* o, AttnArgs a, float* part) { TL_PDL(); fa_prefill<64>(q, kc, vc, tp, ts, tb, tiles, o, a, part); }
+extern "C" __global__ void fa_prefill_128(const float* q, const __half* kc, const __half* vc, const int* tp, const int* ts, const int* tb, const int* tiles, float* o, AttnArgs a, float* part) { TL_PDL(); fa_prefill<128>(q, kc, vc, tp, ts, tb, tiles, o, a, part); }
+
+// Combines `fa_prefill`'s per-split states of each (row, head):
+// out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, M = max_s m_s.
+// grid = (rows, n_heads), blockDim = head dim (one output element each).
+extern "C" __global__ void fa_merge(const float* part, float* out, int n_heads, int hd, int ns) {
+    TL_PDL();
+    long pair = (long)blockIdx.x * n_heads + blockIdx.y;
+    const float* ps = part + pair * ns * (hd + 2);
+    int d = threadIdx.x;
+    float m = -TL_INF;
+    for (int s = 0; s < ns; s++) m = fmaxf(m, ps[s * (hd + 2)]);
+    float l = 0.0f, acc = 0.0f;
+    if (m != -TL_INF) {
+        for (int s = 0; s < ns; s++) {
+            const float* st = ps + s * (hd + 2);
+            float w = expf(st[0] - m);
+            l += w * st[1];
+            acc += w * st[2 + d];
+        }
+    }
+    out[pair * hd + d] = l > 0.0f ? acc / l : 0.0f;
+}
 
 // ---------------------------------------------------------------------------
 // Sampling on the device, each logits row spread over many blocks (see

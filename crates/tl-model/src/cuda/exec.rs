@@ -60,6 +60,30 @@ pub(super) struct CudaExec<'a> {
     pub(super) pending_ffn: Option<usize>,
     /// Prefill attention tiles in the step metadata (0 on decode steps).
     pub(super) n_tiles: usize,
+    /// How `fa_prefill` splits each tile's keys: (splits, keys a split).
+    pub(super) fa_split: (usize, usize),
+}
+
+/// How a prefill step's `fa_prefill` spreads each tile's keys over blocks,
+/// as (splits, keys a split): one split while the step's `blocks` (tiles ×
+/// heads) fill the card (four per multiprocessor), else enough splits of
+/// at least 128 keys (whole 64-key tiles) to fill it. A 512-row chunk of
+/// a 14-head model has 112 blocks, a ninth of the 1,056 an H100 runs at
+/// once, and at 8k tokens of context each of them walks 8k keys.
+pub(super) fn fa_split(blocks: usize, max_keys: usize, sms: usize) -> (usize, usize) {
+    const BK: usize = 64;
+    let target = 4 * sms.max(1);
+    let key_tiles = max_keys.div_ceil(BK);
+    if blocks == 0 || blocks >= target || key_tiles < 4 {
+        return (1, 0);
+    }
+    let want = target.div_ceil(blocks).min(key_tiles / 2).min(64);
+    if want <= 1 {
+        return (1, 0);
+    }
+    // Whole tiles a split, rounded down: at least `want` splits.
+    let per = (key_tiles / want) * BK;
+    (max_keys.div_ceil(per), per)
 }
 
 /// Products of up to this many rows run as quantized matrix-vector
@@ -105,15 +129,18 @@ pub(super) fn attn_chunks(n: usize, stride: usize) -> (usize, usize) {
 
 /// Whether prefill steps (more than `GEMV_ROWS` rows) attend with the
 /// tensor-core `fa_prefill` kernel (f16 caches, head dims 64 and 128) or
-/// with the row-per-block `attention_*` kernel: `TL_CUDA_FA=0` picks the
-/// latter, to compare the two.
+/// with the row-per-block `attention_*` kernel (other caches and head
+/// dims always): `TL_CUDA_FA=0` picks the latter, to compare the two.
 pub(super) fn fa_prefill() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TL_CUDA_FA").map_or(FA_DEFAULT, |v| v != "0"))
 }
 
-/// `fa_prefill`'s default until measured on a card.
-const FA_DEFAULT: bool = false;
+/// `fa_prefill`'s default: on. Measured on an H100 (0.5B Q8_0 shape,
+/// pp512 / pp2048 / pp8192): 86.6k / 73.8k / 43.5k tok/s with it against
+/// 67.9k / 41.9k / 16.1k with the per-row kernel, and the GPU tests pass
+/// with it (docs/BENCHMARKS.md, "Prefill attention on the tensor cores").
+const FA_DEFAULT: bool = true;
 
 /// The cache type as `RopeArgs::kv_type` gives it to the kernels.
 pub(super) fn kv_type_code(ty: KvType) -> i32 {
@@ -555,7 +582,11 @@ impl Exec for CudaExec<'_> {
             max_blocks: self.stride as i32,
             window: p.window.map_or(0, |w| w as i32),
             scale: p.scale,
-            chunk: attn_chunks(self.n, self.stride).0 as i32,
+            chunk: if self.n_tiles > 0 {
+                self.fa_split.1 as i32
+            } else {
+                attn_chunks(self.n, self.stride).0 as i32
+            },
             v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
         };
         let zs = attn_chunks(self.n, self.stride).1;
@@ -565,9 +596,10 @@ impl Exec for CudaExec<'_> {
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
         if self.n_tiles > 0 && self.kv.ty == KvType::F16 && matches!(hd, 64 | 128) && fa_prefill() {
-            return self.l(
+            let splits = self.fa_split.0.max(1);
+            self.l(
                 &format!("fa_prefill_{hd}"),
-                (self.n_tiles as u32, c.n_heads as u32, 1),
+                (self.n_tiles as u32, c.n_heads as u32, splits as u32),
                 128,
                 0,
                 &[
@@ -580,8 +612,25 @@ impl Exec for CudaExec<'_> {
                     Arg::Ptr(self.meta_at(self.lay.tiles)),
                     Arg::Ptr(ptr(&self.cs.att)),
                     raw_arg(&args),
+                    Arg::Ptr(ptr(&self.cs.attn_part)),
                 ],
-            );
+            )?;
+            if splits > 1 {
+                self.l(
+                    "fa_merge",
+                    (self.n as u32, c.n_heads as u32, 1),
+                    hd as u32,
+                    0,
+                    &[
+                        Arg::Ptr(ptr(&self.cs.attn_part)),
+                        Arg::Ptr(ptr(&self.cs.att)),
+                        Arg::I32(c.n_heads as i32),
+                        Arg::I32(hd as i32),
+                        Arg::I32(splits as i32),
+                    ],
+                )?;
+            }
+            return Ok(());
         }
         let [q0, q1] = self.q8_args();
         let suffix = attn_suffix(self.kv.ty);

@@ -439,6 +439,7 @@ impl CudaModel {
         // Prefill attention tiles (`fa_prefill`): up to 64 consecutive rows
         // of one sequence each, as (first row, rows).
         let mut n_tiles = 0;
+        let mut max_keys = 0;
         if n > exec::GEMV_ROWS {
             let mut r = 0;
             while r < n_real {
@@ -450,7 +451,18 @@ impl CudaModel {
                 h.push(r as i32);
                 h.push((e - r) as i32);
                 n_tiles += 1;
+                max_keys = max_keys.max(plan.meta[e - 1].1 + 1);
                 r = e;
+            }
+        }
+        let fa_split = exec::fa_split(n_tiles * c.n_heads, max_keys, gpu.sm_count);
+        if fa_split.0 > 1 {
+            let need = n * c.n_heads * fa_split.0 * (c.head_dim + 2) * 4;
+            if cs.attn_part.as_ref().map_or(0, |b| b.bytes) < need {
+                cs.attn_part = Some(
+                    gpu.alloc(need.next_power_of_two(), "attention partial states")
+                        .map_err(cuda_err)?,
+                );
             }
         }
         let lay = MetaLayout::new(n, n_out, batch.len() * stride);
@@ -488,6 +500,7 @@ impl CudaModel {
             greedy,
             pending_ffn: None,
             n_tiles,
+            fa_split,
         };
         if decode {
             // With the profiler, a fresh capture each step: its timing
