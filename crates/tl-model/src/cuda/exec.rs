@@ -576,13 +576,16 @@ impl Exec for CudaExec<'_> {
                 "attention kernel: head dim {hd} (64, 128 or 256 supported)"
             )));
         }
+        // Prefill of an f16 cache with head dim 64/128 on the tensor cores;
+        // `chunk` then is keys per split, else the per-row kernel's chunk.
+        let fa = self.n_tiles > 0 && self.kv.ty == KvType::F16 && matches!(hd, 64 | 128) && fa_prefill();
         let args = AttnArgs {
             n_heads: c.n_heads as i32,
             n_kv_heads: c.n_kv_heads as i32,
             max_blocks: self.stride as i32,
             window: p.window.map_or(0, |w| w as i32),
             scale: p.scale,
-            chunk: if self.n_tiles > 0 {
+            chunk: if fa {
                 self.fa_split.1 as i32
             } else {
                 attn_chunks(self.n, self.stride).0 as i32
@@ -595,7 +598,7 @@ impl Exec for CudaExec<'_> {
         let smem = ((2 * groups + groups * hd) * 4) as u32;
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
-        if self.n_tiles > 0 && self.kv.ty == KvType::F16 && matches!(hd, 64 | 128) && fa_prefill() {
+        if fa {
             let splits = self.fa_split.0.max(1);
             self.l(
                 &format!("fa_prefill_{hd}"),

@@ -20,7 +20,7 @@ use tl_cuda::{DevBuf, Gpu, Graph};
 
 use crate::error::{ModelError, Result};
 use crate::forward::Plan;
-use crate::kv::{KvCache, BLOCK_SIZE};
+use crate::kv::{KvCache, KvType, BLOCK_SIZE};
 use crate::model::{ForwardState, Model, SeqBatch};
 use crate::sampler::DeviceDraw;
 
@@ -455,7 +455,12 @@ impl CudaModel {
                 r = e;
             }
         }
-        let fa_split = exec::fa_split(n_tiles * c.n_heads, max_keys, gpu.sm_count);
+        let fa = kv.ty == KvType::F16 && matches!(c.head_dim, 64 | 128) && exec::fa_prefill();
+        let fa_split = if fa {
+            exec::fa_split(n_tiles * c.n_heads, max_keys, gpu.sm_count)
+        } else {
+            (1, 0)
+        };
         if fa_split.0 > 1 {
             let need = n * c.n_heads * fa_split.0 * (c.head_dim + 2) * 4;
             if cs.attn_part.as_ref().map_or(0, |b| b.bytes) < need {
