@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// (docs/BENCHMARKS.md): raise it for such traffic.
     #[arg(long, default_value_t = 2)]
     pub spec_max_batch: usize,
+    /// Threads that compute grammar masks (structured output, tool calls)
+    /// while a step's forward runs; 0 computes them after the forward.
+    #[arg(long, default_value_t = 1)]
+    pub mask_threads: usize,
     /// Bit-identical output for a request whatever shares its steps: on a
     /// GPU every product of up to 64 rows then takes the one-row-order
     /// kernels (slower batched decode; the CPU always is invariant).
@@ -173,6 +177,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
             prefix_caching: !a.no_prefix_cache,
             spec,
             spec_max_batch: a.spec_max_batch,
+            mask_threads: a.mask_threads,
         },
         kv_bytes,
         gpu_memory_utilization,
