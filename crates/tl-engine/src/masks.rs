@@ -17,13 +17,13 @@ use tl_model::constrain::{Constraint, MaskTime};
 /// A constraint on its way: `slot` says whose it is.
 pub(crate) struct Job {
     pub slot: usize,
-    pub c: Constraint,
+    pub c: Box<Constraint>,
 }
 
 /// A constraint back, its next mask prepared.
 pub(crate) struct Done {
     pub slot: usize,
-    pub c: Constraint,
+    pub c: Box<Constraint>,
     pub time: MaskTime,
 }
 

@@ -155,7 +155,7 @@ struct Seq<'a> {
     /// This step's speculative feed: the last token, then the drafts.
     feed: Vec<u32>,
     /// The grammar state of a constrained choice.
-    constraint: Option<tl_model::constrain::Constraint>,
+    constraint: Option<Box<tl_model::constrain::Constraint>>,
     /// Tokens the grammar forced (appended without sampling), not yet
     /// counted in the stats.
     forced: u64,
@@ -304,7 +304,7 @@ impl<'a> Scheduler<'a> {
                 admitted_once: false,
                 spec_k,
                 feed: Vec::new(),
-                constraint: req.constraint.as_deref().cloned(),
+                constraint: req.constraint.clone(),
                 forced: 0,
             });
         }

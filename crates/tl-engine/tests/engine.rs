@@ -575,7 +575,7 @@ fn concurrent_constrained_requests_match_with_and_without_mask_threads() {
     let request = |i: usize, spec: &GrammarSpec| {
         let mut r = GenerationRequest::new(PromptInput::Tokens(prompt(9 + i, i as u32)));
         r.max_tokens = Some(48);
-        r.temperature = Some(if i % 2 == 0 { 0.0 } else { 0.9 });
+        r.temperature = Some(if i.is_multiple_of(2) { 0.0 } else { 0.9 });
         r.seed = Some(7 + i as u64);
         r.grammar = Some(("grammar", spec.clone()));
         r

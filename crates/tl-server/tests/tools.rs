@@ -95,7 +95,7 @@ fn drive(llm: &Llm, c: &mut Constraint, script: &str, max: usize) -> Run {
         let mut overruled = false;
         let picked = c
             .pick(&mut row, |row| {
-                masked = row.iter().any(|l| *l == f32::NEG_INFINITY);
+                masked = row.contains(&f32::NEG_INFINITY);
                 overruled = false;
                 if let Some(w) = want.filter(|&w| row[w as usize].is_finite()) {
                     return w;
