@@ -112,6 +112,7 @@ def run(url, clients, constrained, max_tokens):
         "tok_s": toks / wall, "forced": d.get("tl_forced_tokens_total", 0),
         "steps": d.get("tl_engine_steps_total", 0), "masks": masks,
         "mask_us_per_mask": d.get("tl_engine_mask_microseconds_total", 0) / masks if masks else 0,
+        "mask_us_per_token": d.get("tl_engine_mask_microseconds_total", 0) / toks if toks else 0,
         "mask_share_of_work": d.get("tl_engine_mask_microseconds_total", 0) / step if step else 0,
         "mask_share_of_step": d.get("tl_engine_mask_wait_microseconds_total", 0) / step if step else 0,
         "step_ms": step / 1000 / max(1, d.get("tl_engine_steps_total", 0)),
@@ -144,13 +145,15 @@ def main():
             proc.terminate()
             proc.wait(30)
     print("| mask threads | clients | run | output tok/s | steps | step ms | masks "
-          "| mask µs | mask work / step time | masks on the step's path / step time |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| µs per mask | mask µs per output token | mask work / step time "
+          "| masks on the step's path / step time |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         kind = "constrained" if r["constrained"] else "unconstrained"
         print(f"| {r['mask_threads']} | {r['clients']} | {kind} | {r['tok_s']:.1f} | "
               f"{r['steps']:.0f} | {r['step_ms']:.1f} | {r['masks']:.0f} | "
-              f"{r['mask_us_per_mask']:.0f} | {100 * r['mask_share_of_work']:.1f}% | "
+              f"{r['mask_us_per_mask']:.0f} | {r['mask_us_per_token']:.0f} | "
+              f"{100 * r['mask_share_of_work']:.1f}% | "
               f"{100 * r['mask_share_of_step']:.1f}% |")
 
 
