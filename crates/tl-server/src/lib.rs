@@ -800,7 +800,26 @@ async fn prepare(
     let eng = engine.clone();
     let valid = tokio::task::spawn_blocking(move || {
         reqs.into_iter()
-            .map(|r| eng.validate(r))
+            .map(|r| {
+                // `auto`'s lazy call grammar is a help, not a demand: tools
+                // whose schemas it cannot compile leave the reply free.
+                let lazy = r.grammar.as_ref().is_some_and(|g| g.0 == "tools");
+                if !lazy {
+                    return eng.validate(r);
+                }
+                match eng.validate(r.clone()) {
+                    Err(tl_engine::EngineError::InvalidParam {
+                        param: "tools",
+                        message,
+                    }) => {
+                        warn!(error = %message, "tool-call grammar did not compile; the reply is left free");
+                        let mut r = r;
+                        r.grammar = None;
+                        eng.validate(r)
+                    }
+                    v => v,
+                }
+            })
             .collect::<Result<Vec<_>, _>>()
     })
     .await

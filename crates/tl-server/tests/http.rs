@@ -705,7 +705,8 @@ fn response_format_json_schema_and_grammar() {
 /// `tool_choice: "auto"` on the synthetic vocabulary (no tool-call token:
 /// the Llama 3 JSON format, lazy on a reply opening with `{`): whatever the
 /// random weights write, a reply read as a call is valid against the
-/// tool's schema, and anything else comes back as content.
+/// tool's schema, and anything else comes back as content; tools whose
+/// parameters make no grammar leave `auto` free (a forced call is a 400).
 #[test]
 fn auto_tool_choice_compiles_its_lazy_grammar() {
     let s = Server::start(cfg(), 4, 16);
@@ -732,6 +733,18 @@ fn auto_tool_choice_compiles_its_lazy_grammar() {
             assert!(c["message"]["content"].is_string(), "{j}");
         }
     }
+    // Parameters no grammar can be made of: `auto` leaves the reply free,
+    // a forced call is a 400.
+    let bad = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]);
+    let mut b = chat_body(4);
+    b["tools"] = bad;
+    assert_eq!(post(s.addr, "/v1/chat/completions", b.clone()).status, 200);
+    b["tool_choice"] = json!("required");
+    assert_error(
+        &post(s.addr, "/v1/chat/completions", b),
+        400,
+        Some("tool_choice"),
+    );
     wait_idle(s.engine());
 }
 
