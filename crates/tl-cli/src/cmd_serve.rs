@@ -186,6 +186,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
             spec,
             spec_max_batch: a.spec_max_batch,
             mask_threads,
+            device_draws_on_cpu: false,
         },
         kv_bytes,
         gpu_memory_utilization,

@@ -65,6 +65,10 @@ pub struct SchedulerConfig {
     /// Threads that compute the step's grammar masks while its forward
     /// runs; 0 computes each in the sampling loop, after the forward.
     pub mask_threads: usize,
+    /// Take the GPU's sampling path (tokens drawn inside the forward) on
+    /// the CPU too, through the forward's host fallback: for tests of that
+    /// path on machines without a GPU.
+    pub device_draws_on_cpu: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -76,6 +80,7 @@ impl Default for SchedulerConfig {
             spec: None,
             spec_max_batch: 2,
             mask_threads: 1,
+            device_draws_on_cpu: false,
         }
     }
 }
@@ -553,11 +558,11 @@ impl<'a> Scheduler<'a> {
     }
 
     /// On a GPU, the draws of a step whose every pick can be taken there
-    /// (no speculative round, no grammar, no logprobs): one per sequence
+    /// (no speculative round, no grammar mask, no logprobs): one per sequence
     /// that ends its input this step, in plan order. `None` on the CPU or
     /// when some pick needs the logits on the host.
     fn device_draws(&mut self, plan: &[(usize, usize)]) -> Option<Vec<DeviceDraw>> {
-        if !self.llm.model.device().is_gpu() {
+        if !self.llm.model.device().is_gpu() && !self.cfg.device_draws_on_cpu {
             return None;
         }
         let picks = |s: &Seq<'_>, n: usize| s.feed.is_empty() && s.kv.len + n == s.tokens.len();
@@ -567,7 +572,10 @@ impl<'a> Scheduler<'a> {
                 return None;
             }
             let logprobs = self.reqs.get(&s.req).is_some_and(|r| r.logprobs.is_some());
-            if picks(s, n) && (s.constraint.is_some() || logprobs) {
+            // A lazy constraint waiting for its trigger token needs no
+            // mask: its token can be drawn on the device.
+            let masked = s.constraint.as_ref().is_some_and(|c| c.needs_logits());
+            if picks(s, n) && (masked || logprobs) {
                 return None;
             }
         }
@@ -837,8 +845,19 @@ impl<'a> Scheduler<'a> {
                     continue;
                 };
                 let before = s.generated;
-                let out = emit(self.llm, s, r, t, None);
+                // A lazy constraint sees the token: its trigger turns it on
+                // (and may force the tokens that follow).
+                if let Some(c) = s.constraint.as_mut() {
+                    if let Err(e) = c.observe(t) {
+                        warn!(request = s.req, error = %e, "grammar failed on a device draw");
+                    }
+                }
+                let mut out = emit(self.llm, s, r, t, None);
+                if matches!(out, Outcome::Continue) {
+                    out = emit_forced(self.llm, s, r);
+                }
                 self.stats.generated_tokens += (s.generated - before) as u64;
+                self.stats.forced_tokens += std::mem::take(&mut s.forced);
                 if !matches!(out, Outcome::Continue) {
                     done.push((i, out));
                 }
@@ -928,25 +947,33 @@ fn advance<'a>(
         None => s.sampler.sample(row, &s.tokens),
     };
     let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
-    let mut out = emit(llm, s, r, t, logprob);
-    // Tokens the grammar forces next are appended at once (fast-forward)
-    // and computed together in the next step, like a prompt chunk; not
-    // where logprobs were asked for (a forced token has none).
-    if matches!(out, Outcome::Continue) && r.logprobs.is_none() {
-        let forced = s
-            .constraint
-            .as_mut()
-            .map(|c| c.take_forced())
-            .unwrap_or_default();
-        for f in forced {
-            s.forced += 1;
-            out = emit(llm, s, r, f, None);
-            if !matches!(out, Outcome::Continue) {
-                break;
-            }
-        }
+    let out = emit(llm, s, r, t, logprob);
+    if matches!(out, Outcome::Continue) {
+        return emit_forced(llm, s, r);
     }
     out
+}
+
+/// Tokens the grammar forces next are appended at once (fast-forward) and
+/// computed together in the next step, like a prompt chunk; not where
+/// logprobs were asked for (a forced token has none).
+fn emit_forced<'a>(llm: &'a Llm, s: &mut Seq<'a>, r: &ReqState) -> Outcome {
+    if r.logprobs.is_some() {
+        return Outcome::Continue;
+    }
+    let forced = s
+        .constraint
+        .as_mut()
+        .map(|c| c.take_forced())
+        .unwrap_or_default();
+    for f in forced {
+        s.forced += 1;
+        let out = emit(llm, s, r, f, None);
+        if !matches!(out, Outcome::Continue) {
+            return out;
+        }
+    }
+    Outcome::Continue
 }
 
 /// Registers the sequence's newly completed blocks in the prefix cache

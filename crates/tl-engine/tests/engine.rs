@@ -527,6 +527,15 @@ fn a_lost_device_fails_every_request_and_refuses_new_ones() {
 }
 
 fn engine_masks(llm: Arc<Llm>, max_batch: usize, mask_threads: usize) -> Arc<Engine> {
+    engine_draws(llm, max_batch, mask_threads, false)
+}
+
+fn engine_draws(
+    llm: Arc<Llm>,
+    max_batch: usize,
+    mask_threads: usize,
+    device_draws_on_cpu: bool,
+) -> Arc<Engine> {
     let per_block = llm.model.kv_bytes_per_token() * 16;
     Arc::new(
         Engine::start(
@@ -537,6 +546,7 @@ fn engine_masks(llm: Arc<Llm>, max_batch: usize, mask_threads: usize) -> Arc<Eng
                     max_batch_tokens: 256,
                     prefix_caching: true,
                     mask_threads,
+                    device_draws_on_cpu,
                     ..Default::default()
                 },
                 kv_bytes: 256 * per_block,
@@ -663,4 +673,61 @@ fn concurrent_constrained_requests_match_with_and_without_mask_threads() {
         stopped >= 3,
         "too few outputs completed their grammar: {want:?}"
     );
+}
+
+/// A lazy grammar (free until its trigger token, then constrained) at the
+/// engine level: the text before the trigger is the unconstrained text,
+/// the rest follows the grammar, and drawing the free tokens on the
+/// device path (here the forward's host fallback) gives the same output
+/// as drawing them on the host.
+#[test]
+fn lazy_grammar_is_free_until_its_trigger_on_host_and_device_draws() {
+    use tl_model::constrain::{GrammarSpec, Trigger};
+    let llm = llm();
+    let p = prompt(12, 3);
+    let host = engine_draws(llm.clone(), 4, 1, false);
+    let free = run(&host, greedy(p.clone(), 24)).remove(0);
+    // The trigger: a token the model writes unconstrained, after some text.
+    let at = 5;
+    let trigger = free.tokens[at];
+    let first = free.tokens.iter().position(|&t| t == trigger).unwrap();
+    let lazy = |stop_eos: bool| {
+        let mut r = greedy(p.clone(), 24);
+        r.ignore_eos = !stop_eos;
+        r.grammar = Some((
+            "grammar",
+            GrammarSpec::Lazy {
+                trigger: Trigger::Token(trigger),
+                grammar: Box::new(GrammarSpec::Lark(format!(
+                    "start: <[{trigger}]> \"=\" /[0-9]{{2,3}}/ \";\"\n"
+                ))),
+            },
+        ));
+        r
+    };
+    let got = run(&host, lazy(true)).remove(0);
+    assert_eq!(
+        got.tokens[..=first],
+        free.tokens[..=first],
+        "the text before the trigger changed"
+    );
+    let tail = llm
+        .tokenizer
+        .decode(&got.tokens[first + 1..], Default::default())
+        .unwrap();
+    let digits = tail
+        .strip_prefix('=')
+        .and_then(|t| t.strip_suffix(';'))
+        .unwrap_or_else(|| panic!("{tail:?}"));
+    assert!(
+        (2..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()),
+        "{tail:?}"
+    );
+    assert_eq!(got.finish, Some(FinishReason::Stop));
+    let st = wait_idle(&host);
+    assert!(st.forced_tokens > 0 || st.masks > 0, "{st:?}");
+    // The free part drawn in the forward (the GPU's path) changes nothing.
+    let device = engine_draws(llm, 4, 1, true);
+    assert_eq!(run(&device, lazy(true)).remove(0), got);
+    assert_eq!(run(&device, greedy(p, 24)).remove(0), free);
 }

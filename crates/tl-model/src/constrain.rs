@@ -315,6 +315,28 @@ impl Constraint {
         self.state == State::Active && !self.done && !self.m.is_stopped()
     }
 
+    /// Whether the next pick needs the logits on the host: not while a
+    /// lazy constraint waits for its trigger token or can no longer fire
+    /// (the token may be drawn elsewhere, on the GPU, and shown to
+    /// [`Constraint::observe`]).
+    pub fn needs_logits(&self) -> bool {
+        !matches!(self.state, State::WaitToken(_) | State::Off)
+    }
+
+    /// Takes note of a token drawn without this constraint (allowed only
+    /// where [`Constraint::needs_logits`] is false): the trigger token
+    /// turns a lazy constraint on.
+    pub fn observe(&mut self, t: u32) -> Result<(), String> {
+        match self.state {
+            State::WaitToken(trigger) if t == trigger => {
+                self.state = State::Active;
+                self.commit(t)
+            }
+            State::WaitToken(_) | State::Off => Ok(()),
+            _ => Err("a token was drawn without the grammar's mask".into()),
+        }
+    }
+
     /// Computes the next mask ahead (for [`Constraint::apply`] to use),
     /// e.g. on another thread while the model computes the logits: it
     /// depends only on the tokens committed so far. Does nothing when no

@@ -271,3 +271,38 @@ fn a_reply_opening_with_a_brace_is_a_constrained_json_call() {
     );
     check_call(&run.text, ToolFormat::Json);
 }
+
+/// On a GPU a lazy constraint waiting for its trigger token lets the token
+/// be drawn on the device; the scheduler shows it to the constraint, and
+/// the trigger turns the grammar on (with the tokens it forces next).
+#[test]
+fn tokens_drawn_elsewhere_turn_a_lazy_constraint_on() {
+    let llm = qwen();
+    let tok = &llm.tokenizer;
+    let opts = EncodeOptions {
+        add_special: false,
+        parse_special: true,
+    };
+    let mut c = lazy(ToolFormat::Hermes, false);
+    for t in tok.encode("Sure, one moment.\n", opts).unwrap() {
+        assert!(!c.needs_logits());
+        c.observe(t).expect("free text");
+        assert!(c.take_forced().is_empty());
+    }
+    c.observe(tok.token_id("<tool_call>").unwrap())
+        .expect("the trigger");
+    assert!(c.needs_logits() && c.needs_mask());
+    let forced: String = c
+        .take_forced()
+        .iter()
+        .map(|&t| String::from_utf8_lossy(tok.token_to_piece(t, false).unwrap()).into_owned())
+        .collect();
+    assert!(
+        forced.starts_with("\n{\"name\": \"get_weather\", \"arguments\": {"),
+        "{forced:?}"
+    );
+    // Once on, every token needs the mask.
+    assert!(c.observe(tok.encode("x", opts).unwrap()[0]).is_err());
+    // A reply that may open with `{` is decided on the host from the start.
+    assert!(lazy(ToolFormat::Json, false).needs_logits());
+}
