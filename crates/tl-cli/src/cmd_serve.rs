@@ -61,6 +61,14 @@ pub struct ServeArgs {
     /// (docs/BENCHMARKS.md): raise it for such traffic.
     #[arg(long, default_value_t = 2)]
     pub spec_max_batch: usize,
+    /// Threads that compute grammar masks (structured output, tool calls)
+    /// while a step's forward runs; 0 computes them after the forward.
+    /// Default: 1 on a GPU (the host waits during the forward), and on the
+    /// CPU when a core is left beside the forward's threads (-t); else 0
+    /// (on the 2-core CPU with both cores in the forward the overlap did
+    /// not change the step time: docs/BENCHMARKS.md).
+    #[arg(long, value_name = "N")]
+    pub mask_threads: Option<usize>,
     /// Bit-identical output for a request whatever shares its steps: on a
     /// GPU every product of up to 64 rows then takes the one-row-order
     /// kernels (slower batched decode; the CPU always is invariant).
@@ -166,6 +174,10 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let mask_threads = a.mask_threads.unwrap_or_else(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        usize::from(on_gpu || a.model.threads.is_some_and(|t| t < cores))
+    });
     let engine = EngineConfig {
         scheduler: SchedulerConfig {
             max_batch: a.max_batch,
@@ -173,6 +185,8 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
             prefix_caching: !a.no_prefix_cache,
             spec,
             spec_max_batch: a.spec_max_batch,
+            mask_threads,
+            device_draws_on_cpu: false,
         },
         kv_bytes,
         gpu_memory_utilization,

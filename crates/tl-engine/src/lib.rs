@@ -8,9 +8,12 @@
 //! - [`scheduler`]: one step = one forward over every running sequence's
 //!   next token plus prompt chunks (the policy is described there).
 //! - [`engine`]: the scheduler on its own OS thread, driven by commands.
+//! - `masks`: the threads that compute grammar masks while a step's
+//!   forward runs.
 
 pub mod engine;
 pub mod error;
+mod masks;
 pub mod pool;
 pub mod request;
 pub mod scheduler;

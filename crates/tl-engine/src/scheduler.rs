@@ -62,6 +62,13 @@ pub struct SchedulerConfig {
     /// Speculate only while at most this many sequences decode: a larger
     /// batch already uses the weights it reads.
     pub spec_max_batch: usize,
+    /// Threads that compute the step's grammar masks while its forward
+    /// runs; 0 computes each in the sampling loop, after the forward.
+    pub mask_threads: usize,
+    /// Take the GPU's sampling path (tokens drawn inside the forward) on
+    /// the CPU too, through the forward's host fallback: for tests of that
+    /// path on machines without a GPU.
+    pub device_draws_on_cpu: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -72,6 +79,8 @@ impl Default for SchedulerConfig {
             prefix_caching: true,
             spec: None,
             spec_max_batch: 2,
+            mask_threads: 1,
+            device_draws_on_cpu: false,
         }
     }
 }
@@ -109,6 +118,13 @@ pub struct Stats {
     /// Speculative decoding: tokens drafted and drafts accepted.
     pub spec_drafted: u64,
     pub spec_accepted: u64,
+    /// Grammar masks computed, the microseconds spent on them (computing
+    /// and applying, on whichever thread), and of those the ones on the
+    /// step's path: masks computed in the sampling loop, the wait for the
+    /// mask threads after the forward, and applying the masks.
+    pub masks: u64,
+    pub mask_us: u64,
+    pub mask_wait_us: u64,
 }
 
 struct ReqState {
@@ -144,7 +160,7 @@ struct Seq<'a> {
     /// This step's speculative feed: the last token, then the drafts.
     feed: Vec<u32>,
     /// The grammar state of a constrained choice.
-    constraint: Option<tl_model::constrain::Constraint>,
+    constraint: Option<Box<tl_model::constrain::Constraint>>,
     /// Tokens the grammar forced (appended without sampling), not yet
     /// counted in the stats.
     forced: u64,
@@ -179,6 +195,8 @@ pub struct Scheduler<'a> {
     raw: Vec<f32>,
     /// Set once the model's device is lost (see [`Scheduler::device_lost`]).
     lost: Option<String>,
+    /// The mask threads, started with the first constrained step.
+    masks: Option<crate::masks::MaskWorkers>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -208,6 +226,7 @@ impl<'a> Scheduler<'a> {
             stats: Stats::default(),
             raw: Vec::new(),
             lost: None,
+            masks: None,
         }
     }
 
@@ -290,7 +309,7 @@ impl<'a> Scheduler<'a> {
                 admitted_once: false,
                 spec_k,
                 feed: Vec::new(),
-                constraint: req.constraint.as_deref().cloned(),
+                constraint: req.constraint.clone(),
                 forced: 0,
             });
         }
@@ -539,11 +558,11 @@ impl<'a> Scheduler<'a> {
     }
 
     /// On a GPU, the draws of a step whose every pick can be taken there
-    /// (no speculative round, no grammar, no logprobs): one per sequence
+    /// (no speculative round, no grammar mask, no logprobs): one per sequence
     /// that ends its input this step, in plan order. `None` on the CPU or
     /// when some pick needs the logits on the host.
     fn device_draws(&mut self, plan: &[(usize, usize)]) -> Option<Vec<DeviceDraw>> {
-        if !self.llm.model.device().is_gpu() {
+        if !self.llm.model.device().is_gpu() && !self.cfg.device_draws_on_cpu {
             return None;
         }
         let picks = |s: &Seq<'_>, n: usize| s.feed.is_empty() && s.kv.len + n == s.tokens.len();
@@ -553,7 +572,10 @@ impl<'a> Scheduler<'a> {
                 return None;
             }
             let logprobs = self.reqs.get(&s.req).is_some_and(|r| r.logprobs.is_some());
-            if picks(s, n) && (s.constraint.is_some() || logprobs) {
+            // A lazy constraint waiting for its trigger token needs no
+            // mask: its token can be drawn on the device.
+            let masked = s.constraint.as_ref().is_some_and(|c| c.needs_logits());
+            if picks(s, n) && (masked || logprobs) {
                 return None;
             }
         }
@@ -606,9 +628,92 @@ impl<'a> Scheduler<'a> {
         Ok(())
     }
 
+    /// Hands the constraints of the sequences that pick a token this step
+    /// to the mask threads, which compute their next masks while the
+    /// forward runs. Returns the slots (indices into `running`) sent.
+    fn send_masks(&mut self, plan: &[(usize, usize)]) -> Vec<usize> {
+        if self.cfg.mask_threads == 0 {
+            return Vec::new();
+        }
+        let picks: Vec<usize> = plan
+            .iter()
+            .filter(|&&(i, n)| {
+                let s = &self.running[i];
+                s.feed.is_empty()
+                    && s.kv.len + n == s.tokens.len()
+                    && s.constraint.as_ref().is_some_and(|c| c.needs_mask())
+            })
+            .map(|p| p.0)
+            .collect();
+        if picks.is_empty() {
+            return Vec::new();
+        }
+        if self.masks.is_none() {
+            match crate::masks::MaskWorkers::new(self.cfg.mask_threads) {
+                Ok(w) => self.masks = Some(w),
+                Err(e) => {
+                    warn!(error = %e, "no mask threads; masks are computed after the forward");
+                    self.cfg.mask_threads = 0;
+                    return Vec::new();
+                }
+            }
+        }
+        let Some(workers) = self.masks.as_mut() else {
+            return Vec::new();
+        };
+        let mut sent = Vec::with_capacity(picks.len());
+        for i in picks {
+            let Some(c) = self.running[i].constraint.take() else {
+                continue;
+            };
+            match workers.send(crate::masks::Job { slot: i, c }) {
+                Ok(()) => sent.push(i),
+                // The thread is gone: this mask is computed when sampling.
+                Err(job) => self.running[i].constraint = Some(job.c),
+            }
+        }
+        sent
+    }
+
+    /// Takes back the constraints [`Scheduler::send_masks`] sent, masks
+    /// computed; the time waited for them is on the step's path.
+    fn recv_masks(&mut self, sent: &[usize]) -> Result<()> {
+        if sent.is_empty() {
+            return Ok(());
+        }
+        let t0 = std::time::Instant::now();
+        let mut back = 0;
+        if let Some(workers) = &self.masks {
+            while back < sent.len() {
+                let Some(d) = workers.recv() else {
+                    break;
+                };
+                if let Some(s) = self.running.get_mut(d.slot) {
+                    s.constraint = Some(d.c);
+                }
+                self.stats.masks += d.time.masks;
+                self.stats.mask_us += d.time.compute_us + d.time.apply_us;
+                back += 1;
+            }
+        }
+        self.stats.mask_wait_us += t0.elapsed().as_micros() as u64;
+        if back < sent.len() {
+            // Cannot happen short of a thread dying outside the grammar
+            // code: the constraints it held are lost, so their sequences
+            // cannot go on; later masks are computed when sampling.
+            self.masks = None;
+            self.cfg.mask_threads = 0;
+            return Err(EngineError::Model(
+                "a grammar mask thread was lost; its requests cannot go on".into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn run_plan(&mut self, plan: &[(usize, usize)]) -> Result<usize> {
         let n_tokens: usize = plan.iter().map(|p| p.1).sum();
         let draws = self.device_draws(plan);
+        let masking = self.send_masks(plan);
         let span = tracing::debug_span!("step", seqs = plan.len(), tokens = n_tokens);
         let _g = span.enter();
         let batch: Vec<SeqBatch> = plan
@@ -648,6 +753,7 @@ impl<'a> Scheduler<'a> {
         }));
         self.stats.forward_us += t0.elapsed().as_micros() as u64;
         drop(batch);
+        self.recv_masks(&masking)?;
         let (ids, err) = match res {
             Ok(Ok(ids)) => (ids, None),
             Ok(Err(tl_model::ModelError::OutOfMemory(msg))) if n_tokens > 1 => {
@@ -739,8 +845,19 @@ impl<'a> Scheduler<'a> {
                     continue;
                 };
                 let before = s.generated;
-                let out = emit(self.llm, s, r, t, None);
+                // A lazy constraint sees the token: its trigger turns it on
+                // (and may force the tokens that follow).
+                if let Some(c) = s.constraint.as_mut() {
+                    if let Err(e) = c.observe(t) {
+                        warn!(request = s.req, error = %e, "grammar failed on a device draw");
+                    }
+                }
+                let mut out = emit(self.llm, s, r, t, None);
+                if matches!(out, Outcome::Continue) {
+                    out = emit_forced(self.llm, s, r);
+                }
                 self.stats.generated_tokens += (s.generated - before) as u64;
+                self.stats.forced_tokens += std::mem::take(&mut s.forced);
                 if !matches!(out, Outcome::Continue) {
                     done.push((i, out));
                 }
@@ -755,7 +872,7 @@ impl<'a> Scheduler<'a> {
                 continue;
             };
             let before = s.generated;
-            let out = advance(self.llm, s, r, lrow, &mut self.raw);
+            let out = advance(self.llm, s, r, lrow, &mut self.raw, &mut self.stats);
             self.stats.generated_tokens += (s.generated - before) as u64;
             self.stats.forced_tokens += std::mem::take(&mut s.forced);
             if !matches!(out, Outcome::Continue) {
@@ -802,48 +919,61 @@ fn advance<'a>(
     r: &ReqState,
     row: &mut [f32],
     raw: &mut Vec<f32>,
+    stats: &mut Stats,
 ) -> Outcome {
     if r.logprobs.is_some() {
         raw.clear();
         raw.extend_from_slice(row);
     }
-    if let Some(c) = s.constraint.as_mut() {
-        match c.apply(row) {
-            Ok(true) => {}
-            // The grammar is complete: nothing more may follow.
-            Ok(false) => return finish(llm, s, r, FinishReason::Stop),
-            Err(e) => {
-                warn!(request = s.req, error = %e, "grammar failed; ending the choice");
-                return finish(llm, s, r, FinishReason::Stop);
+    let t = match s.constraint.as_mut() {
+        Some(c) => {
+            let (sampler, tokens) = (&mut s.sampler, &s.tokens);
+            let picked = c.pick(row, |row| sampler.sample(row, tokens));
+            // What was not computed ahead was computed here, on the path.
+            let time = c.take_time();
+            stats.masks += time.masks;
+            stats.mask_us += time.compute_us + time.apply_us;
+            stats.mask_wait_us += time.compute_us + time.apply_us;
+            match picked {
+                Ok(Some(t)) => t,
+                // The grammar is complete: nothing more may follow.
+                Ok(None) => return finish(llm, s, r, FinishReason::Stop),
+                Err(e) => {
+                    warn!(request = s.req, error = %e, "grammar failed; ending the choice");
+                    return finish(llm, s, r, FinishReason::Stop);
+                }
             }
         }
-    }
-    let t = s.sampler.sample(row, &s.tokens);
-    if let Some(c) = s.constraint.as_mut() {
-        if let Err(e) = c.commit(t) {
-            warn!(request = s.req, error = %e, "grammar rejected the sampled token");
-        }
-    }
+        None => s.sampler.sample(row, &s.tokens),
+    };
     let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
-    let mut out = emit(llm, s, r, t, logprob);
-    // Tokens the grammar forces next are appended at once (fast-forward)
-    // and computed together in the next step, like a prompt chunk; not
-    // where logprobs were asked for (a forced token has none).
-    if matches!(out, Outcome::Continue) && r.logprobs.is_none() {
-        let forced = s
-            .constraint
-            .as_mut()
-            .map(|c| c.take_forced())
-            .unwrap_or_default();
-        for f in forced {
-            s.forced += 1;
-            out = emit(llm, s, r, f, None);
-            if !matches!(out, Outcome::Continue) {
-                break;
-            }
-        }
+    let out = emit(llm, s, r, t, logprob);
+    if matches!(out, Outcome::Continue) {
+        return emit_forced(llm, s, r);
     }
     out
+}
+
+/// Tokens the grammar forces next are appended at once (fast-forward) and
+/// computed together in the next step, like a prompt chunk; not where
+/// logprobs were asked for (a forced token has none).
+fn emit_forced<'a>(llm: &'a Llm, s: &mut Seq<'a>, r: &ReqState) -> Outcome {
+    if r.logprobs.is_some() {
+        return Outcome::Continue;
+    }
+    let forced = s
+        .constraint
+        .as_mut()
+        .map(|c| c.take_forced())
+        .unwrap_or_default();
+    for f in forced {
+        s.forced += 1;
+        let out = emit(llm, s, r, f, None);
+        if !matches!(out, Outcome::Continue) {
+            return out;
+        }
+    }
+    Outcome::Continue
 }
 
 /// Registers the sequence's newly completed blocks in the prefix cache

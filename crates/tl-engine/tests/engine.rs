@@ -50,6 +50,7 @@ fn engine_with(
                 prefix_caching: true,
                 spec,
                 spec_max_batch: 4,
+                ..Default::default()
             },
             kv_bytes: kv_blocks * per_block,
             gpu_memory_utilization: None,
@@ -523,4 +524,210 @@ fn a_lost_device_fails_every_request_and_refuses_new_ones() {
     assert!(why.contains("injected fault"), "{why}");
     let v = e.validate(greedy(prompt(8, 90), 4)).expect("valid");
     assert!(matches!(e.submit(v), Err(EngineError::DeviceLost(_))));
+}
+
+fn engine_masks(llm: Arc<Llm>, max_batch: usize, mask_threads: usize) -> Arc<Engine> {
+    engine_draws(llm, max_batch, mask_threads, false)
+}
+
+fn engine_draws(
+    llm: Arc<Llm>,
+    max_batch: usize,
+    mask_threads: usize,
+    device_draws_on_cpu: bool,
+) -> Arc<Engine> {
+    let per_block = llm.model.kv_bytes_per_token() * 16;
+    Arc::new(
+        Engine::start(
+            llm,
+            EngineConfig {
+                scheduler: SchedulerConfig {
+                    max_batch,
+                    max_batch_tokens: 256,
+                    prefix_caching: true,
+                    mask_threads,
+                    device_draws_on_cpu,
+                    ..Default::default()
+                },
+                kv_bytes: 256 * per_block,
+                gpu_memory_utilization: None,
+                max_queue: 64,
+            },
+        )
+        .expect("engine"),
+    )
+}
+
+/// Masks computed on the mask threads while the forward runs give the
+/// same outputs as masks computed after it, for several concurrent
+/// constrained requests of different grammars (greedy and sampled), and
+/// each output follows its grammar.
+#[test]
+fn concurrent_constrained_requests_match_with_and_without_mask_threads() {
+    use serde_json::{json, Value};
+    use tl_model::constrain::GrammarSpec;
+    let llm = llm();
+    let specs = [
+        GrammarSpec::JsonSchema(json!({"type": "object", "properties": {
+            "ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+            "required": ["ok", "n"], "additionalProperties": false})),
+        GrammarSpec::JsonSchema(json!({"type": "object", "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3}},
+            "required": ["color", "tags"], "additionalProperties": false})),
+        GrammarSpec::JsonObject,
+        GrammarSpec::Gbnf("root ::= (\"yes\" | \"no\") (\", \" (\"yes\" | \"no\")){0,3}\n".into()),
+        GrammarSpec::Regex("[0-9]{3}-[a-z]{2,5}".into()),
+        GrammarSpec::JsonSchema(
+            json!({"type": "array", "items": {"type": "integer"}, "maxItems": 4}),
+        ),
+    ];
+    let request = |i: usize, spec: &GrammarSpec| {
+        let mut r = GenerationRequest::new(PromptInput::Tokens(prompt(9 + i, i as u32)));
+        r.max_tokens = Some(48);
+        r.temperature = Some(if i.is_multiple_of(2) { 0.0 } else { 0.9 });
+        r.seed = Some(7 + i as u64);
+        r.grammar = Some(("grammar", spec.clone()));
+        r
+    };
+    let together = |e: &Arc<Engine>| -> Vec<Choice> {
+        let streams: Vec<RequestStream> = specs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                e.submit(e.validate(request(i, s)).expect("valid"))
+                    .expect("submit")
+            })
+            .collect();
+        streams
+            .into_iter()
+            .map(|s| collect(s, 1).remove(0))
+            .collect()
+    };
+    let overlapped = engine_masks(llm.clone(), 8, 1);
+    let got = together(&overlapped);
+    let st = wait_idle(&overlapped);
+    assert!(st.masks > 0, "no mask was computed: {st:?}");
+    let inline = engine_masks(llm.clone(), 8, 0);
+    let want = together(&inline);
+    assert_eq!(got, want, "mask threads changed the outputs");
+    let two = engine_masks(llm.clone(), 8, 2);
+    assert_eq!(together(&two), want, "two mask threads changed the outputs");
+    // One at a time (batch of one) as well.
+    let alone = engine_masks(llm, 1, 1);
+    for (i, s) in specs.iter().enumerate() {
+        assert_eq!(run(&alone, request(i, s)).remove(0), want[i], "request {i}");
+    }
+    for (i, c) in want.iter().enumerate() {
+        let t = &c.text;
+        if c.finish != Some(FinishReason::Stop) {
+            continue;
+        }
+        match i {
+            0 => {
+                let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{e}: {t:?}"));
+                assert!(
+                    v["ok"].is_boolean() && v["n"].as_u64().is_some_and(|n| n <= 99),
+                    "{t}"
+                );
+            }
+            1 => {
+                let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{e}: {t:?}"));
+                assert!(
+                    ["red", "green", "blue"].contains(&v["color"].as_str().unwrap_or("")),
+                    "{t}"
+                );
+                assert!(v["tags"].as_array().is_some_and(|a| a.len() <= 3), "{t}");
+            }
+            2 => assert!(
+                serde_json::from_str::<Value>(t).is_ok_and(|v| v.is_object()),
+                "{t:?}"
+            ),
+            3 => assert!(t.split(", ").all(|p| p == "yes" || p == "no"), "{t:?}"),
+            4 => {
+                let (d, l) = t.split_once('-').unwrap_or_else(|| panic!("{t:?}"));
+                assert!(
+                    d.len() == 3 && d.bytes().all(|b| b.is_ascii_digit()),
+                    "{t:?}"
+                );
+                assert!(
+                    (2..=5).contains(&l.len()) && l.bytes().all(|b| b.is_ascii_lowercase()),
+                    "{t:?}"
+                );
+            }
+            _ => {
+                let v: Value = serde_json::from_str(t).unwrap_or_else(|e| panic!("{e}: {t:?}"));
+                assert!(
+                    v.as_array()
+                        .is_some_and(|a| a.len() <= 4 && a.iter().all(Value::is_i64)),
+                    "{t}"
+                );
+            }
+        }
+    }
+    let stopped = want
+        .iter()
+        .filter(|c| c.finish == Some(FinishReason::Stop))
+        .count();
+    assert!(
+        stopped >= 3,
+        "too few outputs completed their grammar: {want:?}"
+    );
+}
+
+/// A lazy grammar (free until its trigger token, then constrained) at the
+/// engine level: the text before the trigger is the unconstrained text,
+/// the rest follows the grammar, and drawing the free tokens on the
+/// device path (here the forward's host fallback) gives the same output
+/// as drawing them on the host.
+#[test]
+fn lazy_grammar_is_free_until_its_trigger_on_host_and_device_draws() {
+    use tl_model::constrain::{GrammarSpec, Trigger};
+    let llm = llm();
+    let p = prompt(12, 3);
+    let host = engine_draws(llm.clone(), 4, 1, false);
+    let free = run(&host, greedy(p.clone(), 24)).remove(0);
+    // The trigger: a token the model writes unconstrained, after some text.
+    let at = 5;
+    let trigger = free.tokens[at];
+    let first = free.tokens.iter().position(|&t| t == trigger).unwrap();
+    let lazy = |stop_eos: bool| {
+        let mut r = greedy(p.clone(), 24);
+        r.ignore_eos = !stop_eos;
+        r.grammar = Some((
+            "grammar",
+            GrammarSpec::Lazy {
+                trigger: Trigger::Token(trigger),
+                grammar: Box::new(GrammarSpec::Lark(format!(
+                    "start: <[{trigger}]> \"=\" /[0-9]{{2,3}}/ \";\"\n"
+                ))),
+            },
+        ));
+        r
+    };
+    let got = run(&host, lazy(true)).remove(0);
+    assert_eq!(
+        got.tokens[..=first],
+        free.tokens[..=first],
+        "the text before the trigger changed"
+    );
+    let tail = llm
+        .tokenizer
+        .decode(&got.tokens[first + 1..], Default::default())
+        .unwrap();
+    let digits = tail
+        .strip_prefix('=')
+        .and_then(|t| t.strip_suffix(';'))
+        .unwrap_or_else(|| panic!("{tail:?}"));
+    assert!(
+        (2..=3).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()),
+        "{tail:?}"
+    );
+    assert_eq!(got.finish, Some(FinishReason::Stop));
+    let st = wait_idle(&host);
+    assert!(st.forced_tokens > 0 || st.masks > 0, "{st:?}");
+    // The free part drawn in the forward (the GPU's path) changes nothing.
+    let device = engine_draws(llm, 4, 1, true);
+    assert_eq!(run(&device, lazy(true)).remove(0), got);
+    assert_eq!(run(&device, greedy(p, 24)).remove(0), free);
 }

@@ -11,12 +11,20 @@
 //! [`Constraint::apply`] sets the logits of every token the grammar does
 //! not allow next to −∞ (the end-of-generation tokens are allowed exactly
 //! when the grammar may end), and [`Constraint::commit`] advances it by the
-//! chosen token.
+//! chosen token ([`Constraint::pick`] does the three around a draw).
+//! [`Constraint::prepare`] computes the next mask ahead, on another thread
+//! if the caller likes (the server's scheduler does it while the step's
+//! forward runs): the mask depends only on the tokens already committed.
+//!
+//! A lazy constraint ([`GrammarSpec::Lazy`], for `tool_choice: "auto"`)
+//! leaves the text free until its trigger appears (a tool-call token, or a
+//! reply that opens with `{`), and from there holds the rest to the grammar,
+//! as llama.cpp's lazy grammars do.
 
 use std::sync::Arc;
 
 use llguidance::api::TopLevelGrammar;
-use llguidance::toktrie::{self, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::toktrie::{self, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
 use llguidance::{Matcher, ParserFactory};
 use tl_tokenizer::{EncodeOptions, Tokenizer};
 
@@ -33,6 +41,26 @@ pub enum GrammarSpec {
     Lark(String),
     /// Text matching this regular expression.
     Regex(String),
+    /// Free text until `trigger` appears, then `grammar` from the trigger
+    /// on (the trigger is its first token or text).
+    Lazy {
+        trigger: Trigger,
+        grammar: Box<GrammarSpec>,
+    },
+}
+
+/// What turns a lazy constraint on.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Trigger {
+    /// This token (Hermes' `<tool_call>`, Mistral's `[TOOL_CALLS]`): the
+    /// grammar starts with it.
+    Token(u32),
+    /// A reply whose first non-blank character is `{` (a Llama 3 JSON
+    /// call is the whole reply): the grammar starts at the reply's start
+    /// and must allow the leading blanks. A token that begins such a reply
+    /// but that the grammar refuses (`{"answer`) is drawn again under the
+    /// grammar.
+    JsonReply,
 }
 
 impl GrammarSpec {
@@ -45,6 +73,7 @@ impl GrammarSpec {
             GrammarSpec::Gbnf(g) => TopLevelGrammar::from_lark(crate::gbnf::to_lark(g)?),
             GrammarSpec::Lark(g) => TopLevelGrammar::from_lark(g.clone()),
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
+            GrammarSpec::Lazy { grammar, .. } => grammar.to_top()?,
         })
     }
 
@@ -56,6 +85,7 @@ impl GrammarSpec {
             GrammarSpec::Gbnf(_) => "GBNF grammar",
             GrammarSpec::Lark(_) => "Lark grammar",
             GrammarSpec::Regex(_) => "regular expression",
+            GrammarSpec::Lazy { grammar, .. } => grammar.kind(),
         }
     }
 }
@@ -120,6 +150,7 @@ impl TokenizerEnv for Env {
 /// Compiles grammars for one model's vocabulary.
 pub struct Grammars {
     factory: ParserFactory,
+    env: TokEnv,
     /// Tokens that end generation: allowed when the grammar may end.
     stop_ids: Arc<Vec<u32>>,
     eos: u32,
@@ -161,6 +192,7 @@ impl Grammars {
         factory.set_stderr_log_level(0);
         Ok(Grammars {
             factory,
+            env,
             stop_ids: Arc::new(stop),
             eos,
         })
@@ -178,22 +210,74 @@ impl Grammars {
         if let Some(e) = m.get_error() {
             return Err(format!("invalid {}: {e}", spec.kind()));
         }
+        let state = match spec {
+            GrammarSpec::Lazy {
+                trigger: Trigger::Token(t),
+                ..
+            } => {
+                if *t as usize >= self.env.tok_trie().vocab_size() {
+                    return Err(format!("the trigger token {t} is not in the vocabulary"));
+                }
+                State::WaitToken(*t)
+            }
+            GrammarSpec::Lazy {
+                trigger: Trigger::JsonReply,
+                ..
+            } => State::WaitJson(Vec::new()),
+            _ => State::Active,
+        };
         Ok(Constraint {
             m,
+            env: self.env.clone(),
+            state,
             stop_ids: self.stop_ids.clone(),
             eos: self.eos,
             done: false,
+            pending: None,
+            time: MaskTime::default(),
             mask_us: Default::default(),
         })
     }
 }
 
+/// Where a constraint stands.
+#[derive(Clone, Debug, PartialEq)]
+enum State {
+    /// Every token is masked.
+    Active,
+    /// Lazy: free until this token.
+    WaitToken(u32),
+    /// Lazy: free until the reply's first non-blank text, which turns it
+    /// on if it begins with `{` (the blank tokens so far are kept: the
+    /// grammar gets them first).
+    WaitJson(Vec<u32>),
+    /// Lazy, and the trigger can no longer come: free to the end.
+    Off,
+}
+
+/// Time spent on masks since the last [`Constraint::take_time`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MaskTime {
+    /// Masks computed.
+    pub masks: u64,
+    /// Computing them (llguidance's `compute_mask`), wherever it ran.
+    pub compute_us: u64,
+    /// Setting refused logits to −∞ (always on the sampling path).
+    pub apply_us: u64,
+}
+
 /// One sequence's grammar state.
 pub struct Constraint {
     m: Matcher,
+    env: TokEnv,
+    state: State,
     stop_ids: Arc<Vec<u32>>,
     eos: u32,
     done: bool,
+    /// The next mask, computed ahead by [`Constraint::prepare`] (with its
+    /// compute time); any step of the grammar drops it.
+    pending: Option<(Result<SimpleVob, String>, u64)>,
+    time: MaskTime,
     /// Microseconds of each mask (compute + apply), shared by the copies
     /// made from one compiled constraint ([`Constraint::mask_times`]).
     mask_us: Arc<std::sync::Mutex<Vec<u32>>>,
@@ -203,9 +287,13 @@ impl Clone for Constraint {
     fn clone(&self) -> Self {
         Constraint {
             m: self.m.deep_clone(),
+            env: self.env.clone(),
+            state: self.state.clone(),
             stop_ids: self.stop_ids.clone(),
             eos: self.eos,
             done: self.done,
+            pending: self.pending.clone(),
+            time: MaskTime::default(),
             mask_us: self.mask_us.clone(),
         }
     }
@@ -214,22 +302,86 @@ impl Clone for Constraint {
 impl std::fmt::Debug for Constraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Constraint")
+            .field("state", &self.state)
             .field("done", &self.done)
             .finish()
     }
 }
 
 impl Constraint {
+    /// Whether the next pick is masked (an active grammar not yet
+    /// complete): a lazy constraint waiting for its trigger has no mask.
+    pub fn needs_mask(&self) -> bool {
+        self.state == State::Active && !self.done && !self.m.is_stopped()
+    }
+
+    /// Whether the next pick needs the logits on the host: not while a
+    /// lazy constraint waits for its trigger token or can no longer fire
+    /// (the token may be drawn elsewhere, on the GPU, and shown to
+    /// [`Constraint::observe`]).
+    pub fn needs_logits(&self) -> bool {
+        !matches!(self.state, State::WaitToken(_) | State::Off)
+    }
+
+    /// Takes note of a token drawn without this constraint (allowed only
+    /// where [`Constraint::needs_logits`] is false): the trigger token
+    /// turns a lazy constraint on.
+    pub fn observe(&mut self, t: u32) -> Result<(), String> {
+        match self.state {
+            State::WaitToken(trigger) if t == trigger => {
+                self.state = State::Active;
+                self.commit(t)
+            }
+            State::WaitToken(_) | State::Off => Ok(()),
+            _ => Err("a token was drawn without the grammar's mask".into()),
+        }
+    }
+
+    /// Computes the next mask ahead (for [`Constraint::apply`] to use),
+    /// e.g. on another thread while the model computes the logits: it
+    /// depends only on the tokens committed so far. Does nothing when no
+    /// mask is needed or one is ready.
+    pub fn prepare(&mut self) {
+        if self.pending.is_some() || !self.needs_mask() {
+            return;
+        }
+        let t0 = std::time::Instant::now();
+        let mask = self.m.compute_mask().map_err(|e| e.to_string());
+        let us = t0.elapsed().as_micros() as u64;
+        self.time.masks += 1;
+        self.time.compute_us += us;
+        self.pending = Some((mask, us));
+    }
+
+    /// Marks the mask being prepared as failed (the thread computing it
+    /// panicked): the next [`Constraint::apply`] returns `msg`.
+    pub fn fail_pending(&mut self, msg: &str) {
+        self.pending = Some((Err(msg.to_string()), 0));
+    }
+
+    /// Time spent on masks since the last call.
+    pub fn take_time(&mut self) -> MaskTime {
+        std::mem::take(&mut self.time)
+    }
+
     /// Sets every logit the grammar does not allow next to −∞. Returns
     /// `false` when nothing but ending is allowed (the text is complete):
-    /// the caller then ends the sequence.
+    /// the caller then ends the sequence. A lazy constraint waiting for
+    /// its trigger leaves the logits alone.
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<bool, String> {
+        if self.state != State::Active {
+            return Ok(true);
+        }
         if self.done || self.m.is_stopped() {
             self.done = true;
             return Ok(false);
         }
+        self.prepare();
+        let Some((mask, compute_us)) = self.pending.take() else {
+            return Err("no mask was computed".into());
+        };
+        let mask = mask?;
         let t0 = std::time::Instant::now();
-        let mask = self.m.compute_mask().map_err(|e| e.to_string())?;
         let may_end = mask.is_allowed(self.eos);
         // The stop tokens follow `may_end` (llguidance knows one EOS).
         let keep: Vec<(usize, f32)> = self
@@ -259,10 +411,84 @@ impl Constraint {
         if !any {
             self.done = true;
         }
+        let apply_us = t0.elapsed().as_micros() as u64;
+        self.time.apply_us += apply_us;
         if let Ok(mut v) = self.mask_us.lock() {
-            v.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+            v.push((compute_us + apply_us).min(u32::MAX as u64) as u32);
         }
         Ok(any)
+    }
+
+    /// One constrained pick: masks `row`, draws a token with `draw` and
+    /// commits it. `Ok(None)`: the grammar is complete and allows nothing
+    /// more (the caller ends the sequence). A lazy constraint draws freely
+    /// until its trigger, which turns it on; a token that fires a
+    /// [`Trigger::JsonReply`] but that the grammar refuses is drawn again
+    /// from the unmasked row under the grammar's mask.
+    pub fn pick(
+        &mut self,
+        row: &mut [f32],
+        mut draw: impl FnMut(&mut [f32]) -> u32,
+    ) -> Result<Option<u32>, String> {
+        match &mut self.state {
+            State::Active => {
+                if !self.apply(row)? {
+                    return Ok(None);
+                }
+                let t = draw(row);
+                self.commit(t)?;
+                Ok(Some(t))
+            }
+            State::Off => Ok(Some(draw(row))),
+            State::WaitToken(trigger) => {
+                let trigger = *trigger;
+                let t = draw(row);
+                if t == trigger {
+                    self.state = State::Active;
+                    self.commit(t)?;
+                }
+                Ok(Some(t))
+            }
+            State::WaitJson(_) => {
+                let saved = row.to_vec();
+                let t = draw(row);
+                let bytes = self.env.tok_trie().token(t);
+                let text = bytes.trim_ascii_start();
+                if self.stop_ids.contains(&t) || (!text.is_empty() && text[0] != b'{') {
+                    self.state = State::Off;
+                    return Ok(Some(t));
+                }
+                let State::WaitJson(lead) = &mut self.state else {
+                    return Ok(Some(t));
+                };
+                if text.is_empty() {
+                    lead.push(t);
+                    return Ok(Some(t));
+                }
+                // The reply opens with `{`: the grammar from its start.
+                let lead = std::mem::take(lead);
+                self.state = State::Active;
+                self.pending = None;
+                if self.m.validate_tokens(&lead).unwrap_or(0) < lead.len() {
+                    // Blanks the grammar does not allow before the call:
+                    // the text stays free.
+                    self.state = State::Off;
+                    return Ok(Some(t));
+                }
+                self.m.consume_tokens(&lead).map_err(|e| e.to_string())?;
+                if self.m.validate_tokens(&[t]).unwrap_or(0) == 1 {
+                    self.commit(t)?;
+                    return Ok(Some(t));
+                }
+                row.copy_from_slice(&saved);
+                if !self.apply(row)? {
+                    return Ok(None);
+                }
+                let t = draw(row);
+                self.commit(t)?;
+                Ok(Some(t))
+            }
+        }
     }
 
     /// The mask times (µs) of this constraint and every copy of it so far.
@@ -272,6 +498,10 @@ impl Constraint {
 
     /// Advances by the chosen token (end-of-generation tokens end it).
     pub fn commit(&mut self, t: u32) -> Result<(), String> {
+        self.pending = None;
+        if self.state != State::Active {
+            return Ok(());
+        }
         if self.stop_ids.contains(&t) {
             self.done = true;
             return Ok(());
@@ -289,10 +519,13 @@ impl Constraint {
     /// runs them through the model in one step, as a prompt chunk.
     /// Empty when nothing is forced.
     pub fn take_forced(&mut self) -> Vec<u32> {
-        if self.done || self.m.is_stopped() {
+        if !self.needs_mask() {
             return Vec::new();
         }
         let toks = self.m.consume_ff_tokens();
+        if !toks.is_empty() {
+            self.pending = None;
+        }
         if self.m.is_stopped() {
             self.done = true;
         }

@@ -548,17 +548,23 @@ impl<'m> Runner<'m> {
         opts: &TokenOptions,
         on_token: &mut impl FnMut(usize, u32) -> bool,
     ) -> Result<()> {
-        if let Some(c) = l.constraint.as_mut() {
-            if !c.apply(logits).map_err(ModelError::Constraint)? {
-                l.next = None;
-                l.finish = Some(Finish::Stop);
-                return Ok(());
+        let t = match l.constraint.as_mut() {
+            Some(c) => {
+                let (sampler, history) = (&mut l.sampler, &l.history);
+                match c
+                    .pick(logits, |row| sampler.sample(row, history))
+                    .map_err(ModelError::Constraint)?
+                {
+                    Some(t) => t,
+                    None => {
+                        l.next = None;
+                        l.finish = Some(Finish::Stop);
+                        return Ok(());
+                    }
+                }
             }
-        }
-        let t = l.sampler.sample(logits, &l.history);
-        if let Some(c) = l.constraint.as_mut() {
-            c.commit(t).map_err(ModelError::Constraint)?;
-        }
+            None => l.sampler.sample(logits, &l.history),
+        };
         Self::accept(i, l, t, opts, on_token);
         // Tokens the grammar forces next are emitted now and computed
         // with `t` in the next step (fast-forward).

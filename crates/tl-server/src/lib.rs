@@ -767,14 +767,26 @@ async fn prepare(
     let bytes = read_body(st, body).await?;
     let mut parsed = api::parse(endpoint, &bytes)?;
     // `required` or a named function: a grammar in the model's own
-    // tool-call format makes the reply a call.
+    // tool-call format makes the reply a call. `auto`: the reply is free
+    // until the format's trigger and a valid call from there (unless the
+    // request constrains the whole reply itself).
     if let Some(t) = &mut parsed.tools {
-        let fmt = tools::ToolFormat::detect(&engine.llm().tokenizer);
+        let tok = &engine.llm().tokenizer;
+        let fmt = tools::ToolFormat::detect(tok);
         t.format = Some(fmt);
-        if t.choice != tools::ToolChoice::Auto {
-            let g = tools::grammar(fmt, &t.tools, &t.choice, t.parallel)?;
+        let g = if t.choice == tools::ToolChoice::Auto {
+            tools::lazy_grammar(fmt, tok, &t.tools, t.parallel)?.map(|g| ("tools", g))
+        } else {
+            Some((
+                "tool_choice",
+                tools::grammar(fmt, &t.tools, &t.choice, t.parallel)?,
+            ))
+        };
+        if let Some(g) = g {
             for r in &mut parsed.requests {
-                r.grammar = Some(("tool_choice", g.clone()));
+                if r.grammar.is_none() {
+                    r.grammar = Some(g.clone());
+                }
             }
         }
     }
@@ -788,7 +800,26 @@ async fn prepare(
     let eng = engine.clone();
     let valid = tokio::task::spawn_blocking(move || {
         reqs.into_iter()
-            .map(|r| eng.validate(r))
+            .map(|r| {
+                // `auto`'s lazy call grammar is a help, not a demand: tools
+                // whose schemas it cannot compile leave the reply free.
+                let lazy = r.grammar.as_ref().is_some_and(|g| g.0 == "tools");
+                if !lazy {
+                    return eng.validate(r);
+                }
+                match eng.validate(r.clone()) {
+                    Err(tl_engine::EngineError::InvalidParam {
+                        param: "tools",
+                        message,
+                    }) => {
+                        warn!(error = %message, "tool-call grammar did not compile; the reply is left free");
+                        let mut r = r;
+                        r.grammar = None;
+                        eng.validate(r)
+                    }
+                    v => v,
+                }
+            })
             .collect::<Result<Vec<_>, _>>()
     })
     .await

@@ -233,6 +233,9 @@ struct EngineCounters {
     forced: IntCounter,
     step_us: IntCounter,
     forward_us: IntCounter,
+    masks: IntCounter,
+    mask_us: IntCounter,
+    mask_wait_us: IntCounter,
     preemptions: IntCounter,
     steps: IntCounter,
     spec_drafted: IntCounter,
@@ -379,6 +382,21 @@ impl Metrics {
                     "tl_engine_forward_microseconds_total",
                     "Time of engine steps inside the model's forward (device work and the wait for it)",
                 )?,
+                masks: counter(
+                    &r,
+                    "tl_engine_masks_total",
+                    "Grammar masks computed for constrained sampling",
+                )?,
+                mask_us: counter(
+                    &r,
+                    "tl_engine_mask_microseconds_total",
+                    "Time computing and applying grammar masks, on whichever thread",
+                )?,
+                mask_wait_us: counter(
+                    &r,
+                    "tl_engine_mask_wait_microseconds_total",
+                    "Time of steps spent on masks: computed after the forward, waited for, applied",
+                )?,
                 oom_events: counter(
                     &r,
                     "tl_oom_events_total",
@@ -447,6 +465,9 @@ impl Metrics {
             bump(&c.forced, s.forced_tokens);
             bump(&c.step_us, s.step_us);
             bump(&c.forward_us, s.forward_us);
+            bump(&c.masks, s.masks);
+            bump(&c.mask_us, s.mask_us);
+            bump(&c.mask_wait_us, s.mask_wait_us);
             bump(&c.steps, s.steps);
             bump(&c.spec_drafted, s.spec_drafted);
             bump(&c.spec_accepted, s.spec_accepted);

@@ -1,6 +1,7 @@
 //! Tool calling: the model's tool-call format read back into OpenAI's
-//! `tool_calls`, `tool_choice` checked, and the grammar that forces a call
-//! for `required` or a named function.
+//! `tool_calls`, `tool_choice` checked, the grammar that forces a call for
+//! `required` or a named function, and the lazy one for `auto` (free text
+//! until the format's trigger, a valid call from there).
 //!
 //! Formats (chosen by the vocabulary, as the chat templates that render
 //! `tools` write them):
@@ -12,7 +13,7 @@
 //!   (or a list of them).
 
 use serde_json::{json, Value};
-use tl_model::constrain::{compact, GrammarSpec};
+use tl_model::constrain::{compact, GrammarSpec, Trigger};
 use tl_tokenizer::Tokenizer;
 
 use crate::error::ApiError;
@@ -153,28 +154,7 @@ pub fn grammar(
     choice: &ToolChoice,
     parallel: bool,
 ) -> Result<GrammarSpec, ApiError> {
-    let args_key = if fmt == ToolFormat::Json {
-        "parameters"
-    } else {
-        "arguments"
-    };
-    let one = |name: &str, params: &Value| {
-        json!({"type": "object", "properties": {"name": {"const": name}, args_key: params},
-               "required": ["name", args_key], "additionalProperties": false})
-    };
-    let calls: Vec<Value> = functions(tools)?
-        .iter()
-        .filter(|(n, _)| match choice {
-            ToolChoice::Named(want) => n == want,
-            _ => true,
-        })
-        .map(|(n, p)| one(n, p))
-        .collect();
-    let call = if calls.len() == 1 {
-        calls[0].clone()
-    } else {
-        json!({"anyOf": calls})
-    };
+    let call = call_schema(fmt, tools, choice)?;
     Ok(match fmt {
         ToolFormat::Hermes => {
             // (A JSON-schema spec gets the compact layout when compiled; a
@@ -192,6 +172,88 @@ pub fn grammar(
                 call
             })
         }
+    })
+}
+
+/// The grammar of `tool_choice: "auto"`: the reply is free until the
+/// format's trigger — the `<tool_call>` token (Hermes), `[TOOL_CALLS]`
+/// (Mistral), a reply opening with `{` (Llama 3 JSON) — and from there one
+/// call (or, with `parallel`, one or more) of any of the tools, valid
+/// against its parameter schema. `None` when the trigger token is not in
+/// the vocabulary.
+pub fn lazy_grammar(
+    fmt: ToolFormat,
+    tok: &Tokenizer,
+    tools: &Value,
+    parallel: bool,
+) -> Result<Option<GrammarSpec>, ApiError> {
+    let call = call_schema(fmt, tools, &ToolChoice::Auto)?;
+    let json = |v: Value| serde_json::to_string(&compact(v)).unwrap_or_default();
+    Ok(Some(match fmt {
+        ToolFormat::Hermes => {
+            let Some(id) = tok.token_id("<tool_call>") else {
+                return Ok(None);
+            };
+            let rep = if parallel { " (\"\\n\" call)*" } else { "" };
+            GrammarSpec::Lazy {
+                trigger: Trigger::Token(id),
+                grammar: Box::new(GrammarSpec::Lark(format!(
+                    "start: call{rep}\ncall: <[{id}]> \"\\n\" %json {} \"\\n</tool_call>\"\n",
+                    json(call)
+                ))),
+            }
+        }
+        ToolFormat::Mistral => {
+            let Some(id) = tok.token_id("[TOOL_CALLS]") else {
+                return Ok(None);
+            };
+            let body = if parallel {
+                json!({"type": "array", "items": call, "minItems": 1})
+            } else {
+                call
+            };
+            GrammarSpec::Lazy {
+                trigger: Trigger::Token(id),
+                grammar: Box::new(GrammarSpec::Lark(format!(
+                    "start: <[{id}]> \" \"? %json {}\n",
+                    json(body)
+                ))),
+            }
+        }
+        ToolFormat::Json => GrammarSpec::Lazy {
+            trigger: Trigger::JsonReply,
+            grammar: Box::new(GrammarSpec::Lark(format!(
+                "start: BLANK? %json {}\nBLANK: /[ \\t\\r\\n]+/\n",
+                json(call)
+            ))),
+        },
+    }))
+}
+
+/// The schema of one call of the chosen tools (any of them, or the named
+/// one).
+fn call_schema(fmt: ToolFormat, tools: &Value, choice: &ToolChoice) -> Result<Value, ApiError> {
+    let args_key = if fmt == ToolFormat::Json {
+        "parameters"
+    } else {
+        "arguments"
+    };
+    let one = |name: &str, params: &Value| {
+        json!({"type": "object", "properties": {"name": {"const": name}, args_key: params},
+               "required": ["name", args_key], "additionalProperties": false})
+    };
+    let mut calls: Vec<Value> = functions(tools)?
+        .iter()
+        .filter(|(n, _)| match choice {
+            ToolChoice::Named(want) => n == want,
+            _ => true,
+        })
+        .map(|(n, p)| one(n, p))
+        .collect();
+    Ok(if calls.len() == 1 {
+        calls.remove(0)
+    } else {
+        json!({"anyOf": calls})
     })
 }
 

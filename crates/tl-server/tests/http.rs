@@ -653,6 +653,12 @@ fn response_format_json_schema_and_grammar() {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(forced > 0.0, "no token was fast-forwarded");
+    let masks = String::from_utf8_lossy(&get(a, "/metrics").body)
+        .lines()
+        .find_map(|l| l.strip_prefix("tl_engine_masks_total ").map(str::to_string))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(masks > 0.0, "no grammar mask was counted");
     // Any JSON object.
     let mut b = chat_body(48);
     b["response_format"] = json!({"type": "json_object"});
@@ -693,6 +699,52 @@ fn response_format_json_schema_and_grammar() {
     b["grammar"] = json!("root ::= \"a\"");
     b["response_format"] = json!({"type": "json_object"});
     assert_error(&post(a, "/v1/chat/completions", b), 400, Some("grammar"));
+    wait_idle(s.engine());
+}
+
+/// `tool_choice: "auto"` on the synthetic vocabulary (no tool-call token:
+/// the Llama 3 JSON format, lazy on a reply opening with `{`): whatever the
+/// random weights write, a reply read as a call is valid against the
+/// tool's schema, and anything else comes back as content; tools whose
+/// parameters make no grammar leave `auto` free (a forced call is a 400).
+#[test]
+fn auto_tool_choice_compiles_its_lazy_grammar() {
+    let s = Server::start(cfg(), 4, 16);
+    let tools = json!([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["x"], "additionalProperties": false}}}]);
+    for seed in 0..4 {
+        let mut b = chat_body(24);
+        b["ignore_eos"] = json!(false);
+        b["temperature"] = json!(1.0);
+        b["seed"] = json!(seed);
+        b["tools"] = tools.clone();
+        b["tool_choice"] = json!("auto");
+        let r = post(s.addr, "/v1/chat/completions", b);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let j = r.json();
+        let c = &j["choices"][0];
+        if c["finish_reason"] == "tool_calls" {
+            let call = &c["message"]["tool_calls"][0]["function"];
+            assert_eq!(call["name"], "f", "{j}");
+            let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+            assert!(args["x"].as_u64().is_some_and(|x| x <= 9), "{j}");
+        } else {
+            assert!(c["message"]["content"].is_string(), "{j}");
+        }
+    }
+    // Parameters no grammar can be made of: `auto` leaves the reply free,
+    // a forced call is a 400.
+    let bad = json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]);
+    let mut b = chat_body(4);
+    b["tools"] = bad;
+    assert_eq!(post(s.addr, "/v1/chat/completions", b.clone()).status, 200);
+    b["tool_choice"] = json!("required");
+    assert_error(
+        &post(s.addr, "/v1/chat/completions", b),
+        400,
+        Some("tool_choice"),
+    );
     wait_idle(s.engine());
 }
 
