@@ -201,6 +201,26 @@ def test_tool_calls_required_named_streaming_and_results(client):
     r = client.chat.completions.create(model=QWEN_ID, messages=msgs, tools=WEATHER,
                                        max_tokens=40, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    # tool_choice auto (the default with tools): Qwen2.5-Coder writes the
+    # call as a fenced JSON object, which becomes a tool call, streamed or
+    # not; a call of a function the request does not have stays content.
+    r = client.chat.completions.create(model=QWEN_ID, messages=ASK, tools=WEATHER,
+                                       max_tokens=60, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls", c.message
+    assert c.message.tool_calls[0].function.name == "get_weather"
+    assert json.loads(c.message.tool_calls[0].function.arguments)["city"] == "Paris"
+    stream = client.chat.completions.create(model=QWEN_ID, messages=ASK, tools=WEATHER,
+                                            max_tokens=60, temperature=0, stream=True)
+    names = [tc.function.name for chunk in stream for ch in chunk.choices
+             for tc in (ch.delta.tool_calls or []) if tc.function.name]
+    assert names == ["get_weather"], names
+    r = client.chat.completions.create(
+        model=QWEN_ID, tools=WEATHER, max_tokens=60, temperature=0,
+        messages=[{"role": "user", "content": "Write a Python function that adds two numbers."}])
+    c = r.choices[0]
+    assert not c.message.tool_calls and c.finish_reason in ("stop", "length"), c.message
+    assert c.message.content
     # tool_choice naming an unknown function is a 400.
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=QWEN_ID, messages=ASK, tools=WEATHER,

@@ -536,6 +536,8 @@ struct Run {
     logprobs: bool,
     /// The model's tool-call format, when this chat request has tools.
     tool_format: Option<tools::ToolFormat>,
+    /// The request's function names (for calls written without a marker).
+    tool_names: Vec<String>,
 }
 
 impl Run {
@@ -559,7 +561,7 @@ impl Run {
         let rest = &c.text[c.sent..];
         let mut out = Vec::new();
         let Some(finish) = finish else {
-            let end = tools::hold_from(fmt, rest).map_or(c.text.len(), |p| c.sent + p);
+            let end = tools::hold_from(fmt, rest, c.sent == 0).map_or(c.text.len(), |p| c.sent + p);
             if end > c.sent {
                 let t = c.text[c.sent..end].to_string();
                 out.push(chunk_choice(self, idx, Some(&t), false, None, None));
@@ -569,7 +571,7 @@ impl Run {
             }
             return out;
         };
-        let finish = match tools::parse_calls(fmt, rest) {
+        let finish = match tools::parse_calls(fmt, rest, &self.tool_names) {
             Some((before, calls)) => {
                 if !before.is_empty() {
                     out.push(chunk_choice(self, idx, Some(&before), false, None, None));
@@ -716,6 +718,10 @@ async fn generate(
         choices: (0..n_choices).map(|_| ChoiceAcc::default()).collect(),
         logprobs: parsed.logprobs.is_some(),
         tool_format: parsed.tools.as_ref().and_then(|t| t.format),
+        tool_names: parsed
+            .tools
+            .as_ref()
+            .map_or_else(Vec::new, |t| tools::names(&t.tools)),
     };
     if let Some(echo) = &parsed.echo {
         for (i, c) in run.choices.iter_mut().enumerate() {
@@ -909,7 +915,7 @@ async fn collect_response(
             Endpoint::Chat => {
                 let calls = run
                     .tool_format
-                    .and_then(|f| tools::parse_calls(f, &c.text));
+                    .and_then(|f| tools::parse_calls(f, &c.text, &run.tool_names));
                 let (message, finish) = match calls {
                     Some((before, calls)) => (
                         json!({"role": "assistant",

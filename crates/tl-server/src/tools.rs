@@ -279,12 +279,30 @@ fn calls_of(v: &Value) -> Option<Vec<ToolCall>> {
     }
 }
 
+/// The names of the request's functions (empty when `tools` is malformed:
+/// the request was refused before it ran).
+pub fn names(tools: &Value) -> Vec<String> {
+    functions(tools).map_or_else(|_| Vec::new(), |f| f.into_iter().map(|(n, _)| n).collect())
+}
+
 /// The calls in a finished reply and the text before them; `None` when
 /// the reply holds no well-formed call (it is then plain content).
-pub fn parse_calls(fmt: ToolFormat, text: &str) -> Option<(String, Vec<ToolCall>)> {
+/// `names`: the request's functions — a Hermes model's call without its
+/// `<tool_call>` marker counts only when it calls one of them.
+pub fn parse_calls(
+    fmt: ToolFormat,
+    text: &str,
+    names: &[String],
+) -> Option<(String, Vec<ToolCall>)> {
     match fmt {
         ToolFormat::Hermes => {
-            let start = text.find("<tool_call>")?;
+            let Some(start) = text.find("<tool_call>") else {
+                let calls = bare_call(text)?;
+                return calls
+                    .iter()
+                    .all(|c| names.contains(&c.name))
+                    .then(|| (String::new(), calls));
+            };
             let mut calls = Vec::new();
             let mut rest = &text[start..];
             while let Some(p) = rest.find("<tool_call>") {
@@ -317,10 +335,48 @@ pub fn parse_calls(fmt: ToolFormat, text: &str) -> Option<(String, Vec<ToolCall>
     }
 }
 
+/// A Hermes-format model that answers with the call alone, as a JSON
+/// object in a Markdown code fence or bare (Qwen2.5-Coder does this
+/// rather than writing `<tool_call>`; llama.cpp's Hermes parser takes the
+/// same forms): the whole reply must be the call (or an array of calls),
+/// each exactly `{"name": …, "arguments": {…}}`, so that ordinary JSON
+/// answers stay content (and the caller keeps only calls of the request's
+/// functions).
+fn bare_call(text: &str) -> Option<Vec<ToolCall>> {
+    let t = text.trim();
+    let body = match t.strip_prefix("```") {
+        Some(f) => {
+            let f = f.strip_prefix("json").unwrap_or(f);
+            f.strip_suffix("```")?
+        }
+        None => t,
+    };
+    let v: Value = serde_json::from_str(body.trim()).ok()?;
+    let one = |c: &Value| {
+        let o = c.as_object()?;
+        (o.len() == 2 && o.get("name")?.is_string() && o.get("arguments")?.is_object())
+            .then_some(())
+    };
+    match &v {
+        Value::Array(a) if !a.is_empty() => a.iter().try_for_each(one)?,
+        Value::Object(_) => one(&v)?,
+        _ => return None,
+    }
+    calls_of(&v)
+}
+
 /// Where, in streamed text not yet sent, a tool call may begin: text from
 /// there on is held back until the choice ends (a marker's first
 /// characters at the end are held too, until they turn out otherwise).
-pub fn hold_from(fmt: ToolFormat, text: &str) -> Option<usize> {
+/// `at_start`: `text` is the reply from its beginning, where a Hermes
+/// model's bare or fenced JSON call ([`bare_call`]) may open.
+pub fn hold_from(fmt: ToolFormat, text: &str, at_start: bool) -> Option<usize> {
+    if fmt == ToolFormat::Hermes && at_start {
+        let t = text.trim_start();
+        if t.is_empty() || t.starts_with('{') || t.starts_with("```") || "```".starts_with(t) {
+            return Some(0);
+        }
+    }
     match fmt.marker() {
         Some(m) => {
             if let Some(p) = text.find(m) {
@@ -346,30 +402,69 @@ mod tests {
     #[test]
     fn parses_each_format() {
         let h = "Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n<tool_call>\n{\"name\": \"time\", \"arguments\": {}}\n</tool_call>";
-        let (before, calls) = parse_calls(ToolFormat::Hermes, h).unwrap();
+        let (before, calls) = parse_calls(ToolFormat::Hermes, h, &[]).unwrap();
         assert_eq!(before, "Let me check.");
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[0].name, "get_weather");
         assert_eq!(calls[0].arguments, "{\"city\":\"Paris\"}");
         let m = "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"x\": 1}}]";
-        assert_eq!(parse_calls(ToolFormat::Mistral, m).unwrap().1[0].name, "f");
+        assert_eq!(
+            parse_calls(ToolFormat::Mistral, m, &[]).unwrap().1[0].name,
+            "f"
+        );
         let j = "{\"name\": \"f\", \"parameters\": {\"x\": 1}}";
         assert_eq!(
-            parse_calls(ToolFormat::Json, j).unwrap().1[0].arguments,
+            parse_calls(ToolFormat::Json, j, &[]).unwrap().1[0].arguments,
             "{\"x\":1}"
         );
-        assert!(parse_calls(ToolFormat::Hermes, "no call here").is_none());
-        assert!(parse_calls(ToolFormat::Json, "{\"answer\": 4}").is_none());
-        assert!(parse_calls(ToolFormat::Hermes, "<tool_call>\n{broken").is_none());
+        assert!(parse_calls(ToolFormat::Hermes, "no call here", &[]).is_none());
+        assert!(parse_calls(ToolFormat::Json, "{\"answer\": 4}", &[]).is_none());
+        assert!(parse_calls(ToolFormat::Hermes, "<tool_call>\n{broken", &[]).is_none());
+        // A Hermes model's call alone, fenced or bare.
+        let f = "```json\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n```";
+        let names: Vec<String> = ["get_weather", "a", "b", "f"].map(String::from).to_vec();
+        let (before, calls) = parse_calls(ToolFormat::Hermes, f, &names).unwrap();
+        assert_eq!(
+            (before.as_str(), calls[0].name.as_str()),
+            ("", "get_weather")
+        );
+        assert_eq!(calls[0].arguments, "{\"city\":\"Paris\"}");
+        let b = " [{\"name\": \"a\", \"arguments\": {}}, {\"name\": \"b\", \"arguments\": {\"x\": 1}}] ";
+        assert_eq!(
+            parse_calls(ToolFormat::Hermes, b, &names).unwrap().1.len(),
+            2
+        );
+        // Ordinary JSON answers and code stay content.
+        for t in [
+            "{\"name\": \"Paris\", \"population\": 2}",
+            "{\"name\": \"f\", \"arguments\": {}, \"extra\": 1}",
+            "{\"name\": \"f\", \"arguments\": \"x\"}",
+            "```python\nprint(1)\n```",
+            "Here: ```json\n{\"name\": \"f\", \"arguments\": {}}\n```",
+            "[]",
+        ] {
+            assert!(parse_calls(ToolFormat::Hermes, t, &names).is_none(), "{t}");
+        }
+        // A call of a function the request does not have is content.
+        assert!(parse_calls(ToolFormat::Hermes, f, &names[1..]).is_none());
     }
 
     #[test]
     fn holds_back_a_possible_marker() {
-        assert_eq!(hold_from(ToolFormat::Hermes, "Hello <tool"), Some(6));
-        assert_eq!(hold_from(ToolFormat::Hermes, "Hello <b>"), None);
-        assert_eq!(hold_from(ToolFormat::Hermes, "a<tool_call>{"), Some(1));
-        assert_eq!(hold_from(ToolFormat::Json, "  {\"name\""), Some(0));
-        assert_eq!(hold_from(ToolFormat::Json, "Sure"), None);
+        assert_eq!(hold_from(ToolFormat::Hermes, "Hello <tool", true), Some(6));
+        assert_eq!(hold_from(ToolFormat::Hermes, "Hello <b>", true), None);
+        assert_eq!(
+            hold_from(ToolFormat::Hermes, "a<tool_call>{", true),
+            Some(1)
+        );
+        assert_eq!(hold_from(ToolFormat::Json, "  {\"name\"", true), Some(0));
+        assert_eq!(hold_from(ToolFormat::Json, "Sure", true), None);
+        // A reply that may be a fenced or bare call is held from its start.
+        assert_eq!(hold_from(ToolFormat::Hermes, "\n``", true), Some(0));
+        assert_eq!(hold_from(ToolFormat::Hermes, "```json\n{", true), Some(0));
+        assert_eq!(hold_from(ToolFormat::Hermes, "{\"na", true), Some(0));
+        assert_eq!(hold_from(ToolFormat::Hermes, "{\"na", false), None);
+        assert_eq!(hold_from(ToolFormat::Hermes, "`x", true), None);
     }
 
     #[test]
