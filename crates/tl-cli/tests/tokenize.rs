@@ -6,21 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn model(file: &str) -> PathBuf {
-    let dir = std::env::var_os("TL_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache"))
-                .join("tensorlogic/models")
-        });
-    let p = dir.join(file);
-    assert!(
-        p.is_file(),
-        "model file {} is missing: run `python3 scripts/fetch_models.py` (or set TL_MODEL_DIR)",
-        p.display()
-    );
-    p
+    tl_gguf::cached_model(file).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn tl(args: &[&str]) -> std::process::Output {

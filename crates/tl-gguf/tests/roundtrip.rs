@@ -87,25 +87,13 @@ fn custom_alignment_is_respected() {
     }
 }
 
-fn model_dir() -> std::path::PathBuf {
-    if let Ok(d) = std::env::var("TL_MODEL_DIR") {
-        return d.into();
-    }
-    let cache = std::env::var("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
-        });
-    cache.join("tensorlogic").join("models")
-}
-
 #[test]
 fn real_models_round_trip() {
     for name in [
         "qwen2.5-coder-0.5b-instruct-q4.gguf",
         "gemma-3-270m-q4_k_m.gguf",
     ] {
-        let path = model_dir().join(name);
+        let path = tl_gguf::model_cache_dir().join(name);
         assert!(
             path.exists(),
             "{} missing: run `python3 scripts/fetch_models.py`",

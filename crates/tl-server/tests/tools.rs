@@ -18,23 +18,7 @@ use tl_server::tools::{lazy_grammar, parse_calls, ToolFormat};
 use tl_tokenizer::EncodeOptions;
 
 fn model_path(name: &str) -> PathBuf {
-    let dir = std::env::var("TL_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            let cache = std::env::var("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|_| {
-                    PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache")
-                });
-            cache.join("tensorlogic").join("models")
-        });
-    let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `python3 scripts/fetch_models.py`",
-        p.display()
-    );
-    p
+    tl_gguf::cached_model(name).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn qwen() -> &'static Llm {
