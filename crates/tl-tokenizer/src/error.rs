@@ -8,7 +8,9 @@ pub enum TokenizerError {
     #[error("GGUF metadata: {0}")]
     Gguf(#[from] tl_gguf::GgufError),
 
-    #[error("unknown tokenizer model '{0}' (tokenizer.ggml.model); supported: gpt2, llama, bert")]
+    #[error(
+        "unknown tokenizer model '{0}' (tokenizer.ggml.model); supported: gpt2, llama, bert, t5"
+    )]
     UnknownModel(String),
 
     #[error(

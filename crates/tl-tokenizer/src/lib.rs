@@ -50,6 +50,7 @@ mod special;
 mod spm;
 mod stream;
 mod tokenizer;
+mod ugm;
 mod unicode;
 mod unicode_data;
 mod vocab;

@@ -52,6 +52,7 @@ pub struct Tokenizer {
     vocab: Vocab,
     bpe: Option<BpeModel>,
     spm: Option<SpmSplitter>,
+    ugm: Option<crate::ugm::Ugm>,
     matcher: SpecialMatcher,
     /// Every token's piece as rendered with special tokens shown
     /// (llama.cpp `cache_token_to_piece`), concatenated; `piece_ends[i]` ends piece i.
@@ -88,6 +89,10 @@ impl Tokenizer {
     pub fn from_vocab(vocab: Vocab) -> Result<Tokenizer> {
         let bpe = (vocab.kind == VocabKind::Bpe).then(|| BpeModel::new(&vocab));
         let spm = (vocab.kind == VocabKind::Spm).then(|| SpmSplitter::new(&vocab));
+        let ugm = match vocab.kind {
+            VocabKind::Ugm => Some(crate::ugm::Ugm::new(&vocab)?),
+            _ => None,
+        };
         let matcher = SpecialMatcher::new(&vocab);
         let mut piece_bytes = Vec::new();
         let mut piece_ends = Vec::with_capacity(vocab.len());
@@ -104,6 +109,7 @@ impl Tokenizer {
             vocab,
             bpe,
             spm,
+            ugm,
             matcher,
             piece_bytes,
             piece_ends,
@@ -229,6 +235,32 @@ impl Tokenizer {
                                     seen.insert(word, (s, out.len() - s));
                                 }
                             }
+                        }
+                    }
+                }
+                if opts.add_special && v.add_eos {
+                    out.push(eos()?);
+                }
+            }
+            (_, VocabKind::Ugm) => {
+                if opts.add_special && v.add_bos {
+                    out.push(bos()?);
+                }
+                let ugm = self
+                    .ugm
+                    .as_ref()
+                    .ok_or(TokenizerError::MissingSpecialToken {
+                        what: "the Unigram model",
+                    })?;
+                let unk = v
+                    .special
+                    .unk
+                    .ok_or(TokenizerError::MissingSpecialToken { what: "UNK" })?;
+                for f in frags {
+                    match f {
+                        Fragment::Token(id) => out.push(id),
+                        Fragment::Text { start, end } => {
+                            ugm.encode(v, &text[start..end], unk, &mut out)?
                         }
                     }
                 }
@@ -400,7 +432,7 @@ fn render_piece(v: &Vocab, id: usize, out: &mut Vec<u8>) {
         out.extend_from_slice(text.as_bytes());
     } else if attr.has(TokenAttr::NORMAL) {
         match v.kind {
-            VocabKind::Spm | VocabKind::Wpm => {
+            VocabKind::Spm | VocabKind::Wpm | VocabKind::Ugm => {
                 out.extend_from_slice(text.replace('▁', " ").as_bytes())
             }
             VocabKind::Bpe => {

@@ -61,6 +61,9 @@ pub enum VocabKind {
     /// `bert`: WordPiece, the longest vocabulary piece first (BERT-family
     /// embedding models).
     Wpm,
+    /// `t5`: Unigram, the best segmentation by token scores after
+    /// SentencePiece's normalization.
+    Ugm,
 }
 
 /// How BPE text is split into words before merging (`tokenizer.ggml.pre`).
@@ -303,6 +306,11 @@ pub struct Vocab {
     pub(crate) strip_accents: bool,
     /// The longest token text, in bytes (WPM's longest-match bound).
     pub(crate) max_token_len: usize,
+    /// UGM: collapse runs of spaces (`tokenizer.ggml.remove_extra_whitespaces`).
+    pub(crate) remove_extra_whitespaces: bool,
+    /// UGM: SentencePiece's compiled normalization rules
+    /// (`tokenizer.ggml.precompiled_charsmap`).
+    pub(crate) charsmap: Option<Vec<u8>>,
     /// Ids whose text is split out of the input before tokenizing (control,
     /// user-defined and unknown), longest text first.
     pub(crate) special_cache: Vec<TokenId>,
@@ -358,6 +366,8 @@ impl Vocab {
             lowercase: false,
             strip_accents: false,
             max_token_len: 0,
+            remove_extra_whitespaces: false,
+            charsmap: None,
             special_cache: Vec::new(),
         };
 
@@ -410,6 +420,27 @@ impl Vocab {
                 v.add_bos = true;
                 v.clean_spaces = true;
                 (101, -1, 100)
+            }
+            // llama.cpp: no BOS, </s> 1 as EOS (appended), <unk> 2, <pad> 0.
+            "t5" => {
+                v.kind = VocabKind::Ugm;
+                v.add_space_prefix = true;
+                v.add_eos = true;
+                v.remove_extra_whitespaces = md
+                    .opt_bool("tokenizer.ggml.remove_extra_whitespaces")?
+                    .unwrap_or(false);
+                v.charsmap = match md.opt_array("tokenizer.ggml.precompiled_charsmap")? {
+                    None => None,
+                    Some(Array::U8(b)) => Some(b.clone()),
+                    Some(Array::I8(b)) => Some(b.iter().map(|&x| x as u8).collect()),
+                    Some(_) => {
+                        return Err(bad(
+                            "tokenizer.ggml.precompiled_charsmap",
+                            "expected an array of u8 or i8",
+                        ))
+                    }
+                };
+                (-1, 1, 2)
             }
             other => return Err(TokenizerError::UnknownModel(other.to_string())),
         };
@@ -498,7 +529,11 @@ impl Vocab {
         )?;
         s.pad = read(
             "tokenizer.ggml.padding_token_id",
-            if wpm { in_range(0) } else { None },
+            if wpm || v.kind == VocabKind::Ugm {
+                in_range(0)
+            } else {
+                None
+            },
         )?;
         s.mask = read(
             "tokenizer.ggml.mask_token_id",
