@@ -421,6 +421,15 @@ fn serve_speculates_with_a_draft_model() {
     assert!(drafted > 0.0, "{metrics}");
     // The model drafts for itself: everything is accepted.
     assert_eq!(accepted, drafted, "{metrics}");
+    assert!(
+        metric(&metrics, "tl_spec_draft_forwards_total") > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "tl_draft_kv_blocks_used"),
+        0.0,
+        "{metrics}"
+    );
     drop(server);
 
     for (args, want) in [
