@@ -315,3 +315,89 @@ fn greedy_is_identical_with_self_speculation_on_qwen() {
         assert!(b.spec.drafted > 0);
     }
 }
+
+/// A draft's truncated LM head (`--draft-vocab`): the first ids' logits
+/// are the full head's, the others -inf, on every row of a batch; greedy
+/// speculation with it keeps the output; out-of-range sizes are errors.
+#[test]
+fn a_truncated_draft_head_keeps_the_first_ids_and_the_output() {
+    use tl_model::kv::SeqKv;
+    use tl_model::model::{ForwardState, Logits, SeqBatch};
+    let s = SynthSpec {
+        arch: SynthArch::Qwen2,
+        weight_type: GgmlType::Q8_0,
+        output_type: GgmlType::Q8_0,
+        n_layers: 2,
+        seed: 5,
+        ..Default::default()
+    };
+    let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+    let m = Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads");
+    let vocab = m.config.vocab;
+    let n = 100;
+    let tokens: Vec<u32> = (0..9).map(|i| 3 + i * 13).collect();
+    let logits = |st: &mut ForwardState| {
+        let mut cache = m.new_cache(64).expect("cache");
+        let mut blocks = tl_model::kv::BlockManager::new(cache.n_blocks);
+        let mut kv = SeqKv::new();
+        kv.reserve(&mut blocks, tokens.len()).expect("blocks");
+        let b = [SeqBatch {
+            tokens: &tokens,
+            pos: 0,
+            kv: &kv,
+            logits: Logits::All,
+        }];
+        m.forward(&mut cache, &b, st).expect("forward").to_vec()
+    };
+    let full = logits(&mut ForwardState::default());
+    let mut st = ForwardState::default();
+    st.set_head(m.truncated_head(n).expect("head"));
+    let cut = logits(&mut st);
+    assert_eq!(cut.len(), full.len());
+    for (r, (a, b)) in full.chunks(vocab).zip(cut.chunks(vocab)).enumerate() {
+        for i in 0..n {
+            assert!(
+                (a[i] - b[i]).abs() <= 1e-4 * a[i].abs().max(1.0),
+                "row {r} id {i}: {} vs {}",
+                a[i],
+                b[i]
+            );
+        }
+        assert!(b[n..].iter().all(|&x| x == f32::NEG_INFINITY), "row {r}");
+    }
+    assert!(m.truncated_head(0).is_err());
+    assert!(m.truncated_head(vocab + 1).is_err());
+
+    let prompts: Vec<Vec<u32>> = vec![vec![1, 40, 41, 42], tokens.clone()];
+    let plain = TokenOptions {
+        max_tokens: 30,
+        ..Default::default()
+    };
+    let want = Runner::new(&m, 512)
+        .expect("cache")
+        .generate_batch(&prompts, &plain, |_, _| true)
+        .expect("plain");
+    let spec = TokenOptions {
+        spec: Some(SpecConfig::new(SpecMethod::Draft, 5).expect("config")),
+        ..plain
+    };
+    let mut r = Runner::new(&m, 512)
+        .expect("cache")
+        .with_draft(&m, 512)
+        .expect("draft");
+    r.set_draft_vocab(n).expect("draft vocab");
+    let got = r
+        .generate_batch(&prompts, &spec, |_, _| true)
+        .expect("spec");
+    for (a, b) in want.iter().zip(&got) {
+        assert_eq!(a.0, b.0, "a truncated draft head changed the output");
+    }
+    assert!(r.spec_stats.drafted > 0);
+    // The target's own ids past the head are never drafted: some rounds
+    // fail where the target chose one (the synthetic output uses ids of
+    // the whole vocabulary).
+    let beyond = want.iter().flat_map(|w| &w.0).any(|&t| t as usize >= n);
+    if beyond {
+        assert!(r.spec_stats.accepted < r.spec_stats.drafted);
+    }
+}
