@@ -83,11 +83,6 @@ pub struct SpecArgs {
     /// The draft model for `--spec draft` (same vocabulary as the model).
     #[arg(long, value_name = "FILE")]
     pub draft_model: Option<PathBuf>,
-    /// The draft's LM head over the first N token ids only (0: all): a
-    /// cheaper draft step that never proposes the other ids (`draft` and
-    /// `self`, CPU only).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub draft_vocab: usize,
 }
 
 impl SpecArgs {
@@ -96,14 +91,8 @@ impl SpecArgs {
         self.spec
             .as_ref()
             .map(|m| {
-                let mut c = tl_model::spec::SpecConfig::new(m.clone(), self.spec_k)
-                    .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?;
-                anyhow::ensure!(
-                    self.draft_vocab == 0 || *m != tl_model::spec::SpecMethod::Ngram,
-                    "--draft-vocab is used with --spec draft or self"
-                );
-                c.draft_vocab = self.draft_vocab;
-                Ok(c)
+                tl_model::spec::SpecConfig::new(m.clone(), self.spec_k)
+                    .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))
             })
             .transpose()
     }

@@ -61,11 +61,6 @@ pub struct ServeArgs {
     /// gets its own KV cache, sharing --kv-memory with the model's).
     #[arg(long, value_name = "FILE")]
     pub draft_model: Option<std::path::PathBuf>,
-    /// The draft's LM head over the first N token ids only (0: all): a
-    /// cheaper draft step that never proposes the other ids (`draft` and
-    /// `self`, CPU only).
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    pub draft_vocab: usize,
     /// Speculate only while at most this many sequences decode. 2 is
     /// where prompt lookup still paid on a chat workload (45% accepted) on
     /// the 2-core CPU; on code editing (78% accepted) it paid up to 12
@@ -178,16 +173,10 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         _ => {}
     }
     let spec = match &a.spec {
-        Some(m) => {
-            let mut c = tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)
-                .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?;
-            anyhow::ensure!(
-                a.draft_vocab == 0 || *m != tl_model::spec::SpecMethod::Ngram,
-                "--draft-vocab is used with --spec draft or self"
-            );
-            c.draft_vocab = a.draft_vocab;
-            Some(c)
-        }
+        Some(m) => Some(
+            tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)
+                .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?,
+        ),
         None => None,
     };
     let engine = EngineConfig {

@@ -176,7 +176,6 @@ impl Engine {
         cfg: EngineConfig,
     ) -> Result<Engine> {
         let method = cfg.scheduler.spec.as_ref().map(|c| c.method.clone());
-        let draft_vocab = cfg.scheduler.spec.as_ref().map_or(0, |c| c.draft_vocab);
         // The model that drafts: a second one, or the target itself.
         let drafter: Option<Arc<Llm>> = match (&method, draft) {
             (Some(tl_model::spec::SpecMethod::Draft), Some(d)) => {
@@ -229,15 +228,6 @@ impl Engine {
             ),
             None => None,
         };
-        // The draft's truncated LM head (`--draft-vocab`).
-        let head = match (&drafter, draft_vocab) {
-            (Some(d), n) if n > 0 => Some(
-                d.model
-                    .truncated_head(n)
-                    .map_err(|e| EngineError::Setup(format!("--draft-vocab {n}: {e}")))?,
-            ),
-            _ => None,
-        };
         if let Some(d) = &drafter {
             info!(
                 method = %method.as_ref().map_or(String::new(), |m| m.to_string()),
@@ -282,11 +272,7 @@ impl Engine {
                             DraftModel::self_draft(&d.model, dc)
                         }
                         _ => Ok(DraftModel::new(&d.model, dc)),
-                    }
-                    .map(|dm| match head {
-                        Some(h) => dm.with_head(h),
-                        None => dm,
-                    });
+                    };
                     match dm {
                         Ok(dm) => sched.set_draft(dm),
                         Err(e) => warn!(error = %e, "no draft model: speculation drafts nothing"),

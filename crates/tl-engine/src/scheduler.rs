@@ -154,13 +154,6 @@ impl<'a> DraftModel<'a> {
         }
     }
 
-    /// Drafts with `head`, an LM head over the first ids only (made by
-    /// `Model::truncated_head` of the draft model; CPU only).
-    pub fn with_head(mut self, head: tl_model::weights::Weight) -> Self {
-        self.state.set_head(head);
-        self
-    }
-
     /// The self-speculation draft of `target` over `cache` (a cache of the
     /// target's shape). CPU only.
     pub fn self_draft(target: &'a Model, cache: KvCache) -> Result<Self> {

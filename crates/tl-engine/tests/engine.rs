@@ -560,27 +560,13 @@ fn spec_engine(
     max_batch: usize,
     kv_blocks: usize,
 ) -> Engine {
-    spec_engine_vocab(llm, draft, method, max_batch, kv_blocks, 0)
-}
-
-/// [`spec_engine`] with the draft's LM head over the first `draft_vocab`
-/// ids (0: all).
-fn spec_engine_vocab(
-    llm: Arc<Llm>,
-    draft: Option<Arc<Llm>>,
-    method: tl_model::spec::SpecMethod,
-    max_batch: usize,
-    kv_blocks: usize,
-    draft_vocab: usize,
-) -> Engine {
     let per_block = |l: &Llm| l.model.kv_bytes_per_token() * 16;
     let drafter = match method {
         tl_model::spec::SpecMethod::SelfDraft => Some(llm.clone()),
         _ => draft.clone(),
     };
     let bytes = kv_blocks * (per_block(&llm) + drafter.as_deref().map_or(0, per_block));
-    let mut cfg = tl_model::spec::SpecConfig::new(method, 4).expect("cfg");
-    cfg.draft_vocab = draft_vocab;
+    let cfg = tl_model::spec::SpecConfig::new(method, 4).expect("cfg");
     Engine::start_with_draft(
         llm,
         draft,
@@ -669,47 +655,6 @@ fn draft_model_speculation_keeps_greedy_output_and_frees_blocks() {
             s.spec_drafted,
             "{name}: opted out"
         );
-    }
-}
-
-/// A draft with a truncated LM head (`--draft-vocab`): output unchanged,
-/// blocks given back; a head larger than the vocabulary is refused.
-#[test]
-fn a_truncated_draft_head_keeps_greedy_output() {
-    let target = llm();
-    let prompts = spec_prompts();
-    let want = plain_outputs(&target, &prompts, 20);
-    let e = Arc::new(spec_engine_vocab(
-        target.clone(),
-        Some(llm()),
-        tl_model::spec::SpecMethod::Draft,
-        8,
-        256,
-        100,
-    ));
-    assert_eq!(greedy_together(&e, &prompts, 20), want);
-    let s = wait_idle(&e);
-    assert!(s.spec_drafted > 0, "{s:?}");
-    assert_eq!(s.kv_blocks_used, 0);
-    assert_eq!(s.draft_kv_blocks_used, 0);
-    let mut cfg =
-        tl_model::spec::SpecConfig::new(tl_model::spec::SpecMethod::Draft, 4).expect("cfg");
-    cfg.draft_vocab = target.model.config.vocab + 1;
-    let r = Engine::start_with_draft(
-        target,
-        Some(llm()),
-        EngineConfig {
-            scheduler: SchedulerConfig {
-                spec: Some(cfg),
-                ..Default::default()
-            },
-            kv_bytes: 8 << 20,
-            ..Default::default()
-        },
-    );
-    match r {
-        Err(EngineError::Setup(m)) => assert!(m.contains("--draft-vocab"), "{m}"),
-        other => panic!("{:?}", other.err()),
     }
 }
 

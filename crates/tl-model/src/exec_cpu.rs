@@ -654,7 +654,7 @@ impl Exec for CpuExec<'_> {
                 &mut st.hidden_out[j * d..(j + 1) * d],
             );
         }
-        let out_w = st.head.as_ref().unwrap_or(self.m.output_weight());
+        let out_w = self.m.output_weight();
         ops::linear(
             &st.hidden_out,
             m,
@@ -664,15 +664,6 @@ impl Exec for CpuExec<'_> {
             &mut st.act,
         )?;
         collect(&mut st.imatrix, &[out_w], &st.hidden_out, m)?;
-        // A truncated head wrote rows of `n` ids: spread them to full
-        // rows (last first, in place), the other ids at -inf.
-        let n = out_w.rows;
-        if n < c.vocab {
-            for j in (0..m).rev() {
-                st.logits.copy_within(j * n..(j + 1) * n, j * c.vocab);
-                st.logits[j * c.vocab + n..(j + 1) * c.vocab].fill(f32::NEG_INFINITY);
-            }
-        }
         if c.logit_mul != 1.0 {
             let s = c.logit_mul;
             st.logits[..m * c.vocab].iter_mut().for_each(|v| *v *= s);

@@ -145,17 +145,6 @@ impl<'m> Runner<'m> {
         Ok(self)
     }
 
-    /// Gives the attached draft (`with_draft`, `with_self_draft`) an LM
-    /// head over the first `n` ids only (see [`Model::truncated_head`]).
-    pub fn set_draft_vocab(&mut self, n: usize) -> Result<()> {
-        let d = self.draft.as_mut().ok_or_else(|| {
-            ModelError::BadConfig("a draft vocabulary needs a draft model attached".into())
-        })?;
-        let head = d.model.truncated_head(n)?;
-        d.state.set_head(head);
-        Ok(())
-    }
-
     /// Feeds `tokens` to a sequence in chunks; returns the last token's logits.
     fn prefill(&mut self, kv: &mut SeqKv, tokens: &[u32], chunk: usize) -> Result<Vec<f32>> {
         kv.reserve(&mut self.blocks, tokens.len())?;

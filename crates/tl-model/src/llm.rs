@@ -387,14 +387,6 @@ impl Llm {
         ) {
             runner = runner.with_self_draft(ctx)?;
         }
-        if let Some(n) = o.spec.as_ref().map(|s| s.draft_vocab).filter(|&n| n > 0) {
-            if !matches!(
-                o.spec.as_ref().map(|s| &s.method),
-                Some(crate::spec::SpecMethod::Ngram)
-            ) {
-                runner.set_draft_vocab(n)?;
-            }
-        }
         let topts = self.token_options(o);
         let mut dec = self.tokenizer.stream_decoder(false);
         let mut filt = StopFilter {

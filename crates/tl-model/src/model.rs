@@ -136,22 +136,12 @@ pub struct ForwardState {
     /// Layers this state's forward leaves out (`skip[il]`; empty: none).
     /// Set only for the self-speculation draft, which runs on the CPU.
     pub(crate) skip_layers: Vec<bool>,
-    /// An output projection over the first rows of the vocabulary only
-    /// (a draft model's cheaper LM head, see [`Model::truncated_head`]):
-    /// the other ids get -inf logits. CPU only (a GPU forward ignores it).
-    pub(crate) head: Option<crate::weights::Weight>,
     /// Importance-matrix sums fed by the CPU forward's weight products
     /// (`tl imatrix`); `None`: not collected.
     pub(crate) imatrix: Option<Box<crate::imatrix::ImatrixCollector>>,
 }
 
 impl ForwardState {
-    /// Computes logits for the first `head.rows` ids only (the rest -inf)
-    /// from now on, with `head` from [`Model::truncated_head`].
-    pub fn set_head(&mut self, head: crate::weights::Weight) {
-        self.head = Some(head);
-    }
-
     /// Buffers for a forward that leaves out the layers `skip[il]` marks
     /// (the self-speculation draft; CPU only: a GPU forward refuses it).
     pub fn skipping(skip: Vec<bool>) -> Self {
@@ -293,25 +283,6 @@ impl Model {
     }
 
     /// The LM head's weight (the embedding table when tied).
-    /// The output projection of the first `n` ids (BPE ids are roughly in
-    /// merge order, so the low ids are the common tokens): a draft model's
-    /// cheaper LM head (drafts never propose the other ids; verification
-    /// keeps the output exact). `n` out of 1..=vocab is an error.
-    pub fn truncated_head(&self, n: usize) -> Result<Weight> {
-        if n == 0 || n > self.config.vocab {
-            return Err(ModelError::BadConfig(format!(
-                "a truncated output head of {n} ids: the vocabulary has {}",
-                self.config.vocab
-            )));
-        }
-        if self.device() != tl_core::Device::Cpu {
-            return Err(ModelError::BadConfig(
-                "a truncated output head runs on the CPU only".into(),
-            ));
-        }
-        self.output_weight().first_rows(n, &self.file)
-    }
-
     pub(crate) fn output_weight(&self) -> &Weight {
         self.weights
             .output

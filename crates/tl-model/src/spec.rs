@@ -76,10 +76,6 @@ pub struct SpecConfig {
     /// Longest and shortest n-gram looked up.
     pub ngram_max: usize,
     pub ngram_min: usize,
-    /// The draft model's LM head over the first this many ids only (0: the
-    /// whole vocabulary): a cheaper draft step that never proposes the
-    /// other ids. CPU only.
-    pub draft_vocab: usize,
 }
 
 impl SpecConfig {
@@ -98,7 +94,6 @@ impl SpecConfig {
             k,
             ngram_max: 4,
             ngram_min: 2,
-            draft_vocab: 0,
         })
     }
 }

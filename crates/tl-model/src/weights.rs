@@ -68,21 +68,6 @@ impl Weight {
         }
     }
 
-    /// The first `n` rows as a weight of their own, repacked (a copy of
-    /// their rows, read again from the file) when this one is.
-    pub(crate) fn first_rows(&self, n: usize, file: &GgufFile) -> Result<Weight> {
-        let mut w = self.row_range("..", 0, n.min(self.rows));
-        if self.packed.is_some() {
-            w.packed = tl_core::PackedWeight::pack(w.ty, w.cols, w.rows, w.bytes(file))
-                .map_err(|e| ModelError::Core {
-                    tensor: w.name.clone(),
-                    err: e,
-                })?
-                .map(std::sync::Arc::new);
-        }
-        Ok(w)
-    }
-
     /// Bytes of one row.
     pub fn row_bytes(&self) -> usize {
         self.len / self.rows.max(1)
