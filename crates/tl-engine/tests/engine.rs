@@ -545,6 +545,9 @@ fn other_llm() -> Arc<Llm> {
         SynthSpec {
             seed: 77,
             n_layers: 1,
+            // Peaked attention: its drafts depend on the whole context, so
+            // a draft cache out of step with the text shows.
+            qk_scale: 8.0,
             ..SynthSpec::default()
         },
     )
@@ -655,6 +658,47 @@ fn draft_model_speculation_keeps_greedy_output_and_frees_blocks() {
             s.spec_drafted,
             "{name}: opted out"
         );
+    }
+}
+
+/// One request alone drafts and accepts exactly what the reference runner
+/// (`Runner::with_draft`, its own draft-cache bookkeeping) does with the
+/// same draft model: a draft cache out of step with the text would draft
+/// other tokens.
+#[test]
+fn draft_model_rounds_match_the_reference_runner() {
+    let target = llm();
+    let draft = other_llm();
+    for p in spec_prompts() {
+        let opts = TokenOptions {
+            max_tokens: 24,
+            spec: Some(
+                tl_model::spec::SpecConfig::new(tl_model::spec::SpecMethod::Draft, 4).expect("cfg"),
+            ),
+            ..Default::default()
+        };
+        let mut r = Runner::new(&target.model, 512)
+            .expect("runner")
+            .with_draft(&draft.model, 512)
+            .expect("draft");
+        let want = r
+            .generate_batch(std::slice::from_ref(&p), &opts, |_, _| true)
+            .expect("generate");
+        let e = spec_engine(
+            target.clone(),
+            Some(draft.clone()),
+            tl_model::spec::SpecMethod::Draft,
+            8,
+            256,
+        );
+        assert_eq!(run(&e, greedy(p.clone(), 24))[0].tokens, want[0].0);
+        let s = wait_idle(&e);
+        assert_eq!(
+            (s.spec_drafted, s.spec_accepted),
+            (r.spec_stats.drafted as u64, r.spec_stats.accepted as u64),
+            "prompt {p:?}"
+        );
+        assert!(s.spec_accepted < s.spec_drafted, "{s:?}");
     }
 }
 
