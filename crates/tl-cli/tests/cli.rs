@@ -335,3 +335,123 @@ fn kv_type_flag() {
         "refused where no model cache is made"
     );
 }
+
+/// One HTTP/1.1 request to `127.0.0.1:port`; the response's status line
+/// and body (`None` when nothing answers).
+fn http(port: u16, method: &str, path: &str, body: &str) -> Option<(String, String)> {
+    use std::io::Read;
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    c.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .ok()?;
+    write!(
+        c,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .ok()?;
+    let mut out = String::new();
+    c.read_to_string(&mut out).ok()?;
+    let (head, rest) = out.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), rest.to_string()))
+}
+
+/// A counter's value in Prometheus text (summed over its label sets).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `tl serve --spec draft --draft-model FILE` answers completions and
+/// reports what it drafted and what was accepted; the draft flags are
+/// checked against each other.
+#[test]
+fn serve_speculates_with_a_draft_model() {
+    let (_d, m) = synth_model("serve-draft");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut server = Kill(
+        tl().args(["serve", "--spec", "draft", "--spec-k", "4", "-t", "1"])
+            .args(["--kv-memory", "16M", "--port", &port.to_string()])
+            .arg("--draft-model")
+            .arg(&m)
+            .arg("-m")
+            .arg(&m)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("runs"),
+    );
+    let t = std::time::Instant::now();
+    loop {
+        if let Some((status, _)) = http(port, "GET", "/health", "") {
+            if status.contains(" 200") {
+                break;
+            }
+        }
+        if let Ok(Some(st)) = server.0.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = server.0.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("tl serve exited ({st}): {err}");
+        }
+        assert!(t.elapsed().as_secs() < 60, "tl serve never got ready");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let body = r#"{"prompt": "a b c d a b c d a b", "max_tokens": 24, "temperature": 0, "ignore_eos": true}"#;
+    let (status, text) = http(port, "POST", "/v1/completions", body).expect("answers");
+    assert!(status.contains(" 200"), "{status}: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["usage"]["completion_tokens"], 24, "{text}");
+    let (_, metrics) = http(port, "GET", "/metrics", "").expect("metrics");
+    let drafted = metric(&metrics, "tl_spec_drafted_tokens_total");
+    let accepted = metric(&metrics, "tl_spec_accepted_tokens_total");
+    assert!(drafted > 0.0, "{metrics}");
+    // The model drafts for itself: everything is accepted.
+    assert_eq!(accepted, drafted, "{metrics}");
+    assert!(
+        metric(&metrics, "tl_spec_draft_forwards_total") > 0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, "tl_draft_kv_blocks_used"),
+        0.0,
+        "{metrics}"
+    );
+    drop(server);
+
+    for (args, want) in [
+        (&["--spec", "draft"][..], "--draft-model"),
+        (
+            &["--spec", "ngram", "--draft-model", "x.gguf"][..],
+            "used with --spec draft",
+        ),
+        (
+            &["--spec", "draft", "--draft-model", "missing.gguf"][..],
+            "not found",
+        ),
+    ] {
+        let out = tl()
+            .arg("serve")
+            .args(args)
+            .arg("-m")
+            .arg(&m)
+            .output()
+            .expect("runs");
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

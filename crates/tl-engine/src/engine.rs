@@ -14,7 +14,7 @@ use tracing::{info, info_span, warn};
 
 use crate::error::{EngineError, Result};
 use crate::request::{Event, GenerationRequest, ValidRequest, Validator};
-use crate::scheduler::{RequestId, Scheduler, SchedulerConfig, Stats};
+use crate::scheduler::{DraftModel, RequestId, Scheduler, SchedulerConfig, Stats};
 
 /// How the engine is sized.
 #[derive(Clone, Debug)]
@@ -161,18 +161,82 @@ const GIB: f64 = (1u64 << 30) as f64;
 impl Engine {
     /// Allocates the KV cache and starts the engine thread.
     pub fn start(llm: Arc<Llm>, cfg: EngineConfig) -> Result<Engine> {
+        Self::start_with_draft(llm, None, cfg)
+    }
+
+    /// As [`Engine::start`], with the draft model that `SpecMethod::Draft`
+    /// speculates with (required for it; its vocabulary must be the
+    /// target's, token text by token text). `SpecMethod::SelfDraft` needs
+    /// none: the target drafts for itself. A draft model gets its own KV
+    /// cache with as many blocks as the target's; the two share the KV
+    /// memory (`kv_bytes` or what `gpu_memory_utilization` leaves).
+    pub fn start_with_draft(
+        llm: Arc<Llm>,
+        draft: Option<Arc<Llm>>,
+        cfg: EngineConfig,
+    ) -> Result<Engine> {
+        let method = cfg.scheduler.spec.as_ref().map(|c| c.method.clone());
+        // The model that drafts: a second one, or the target itself.
+        let drafter: Option<Arc<Llm>> = match (&method, draft) {
+            (Some(tl_model::spec::SpecMethod::Draft), Some(d)) => {
+                llm.check_draft(&d)
+                    .map_err(|e| EngineError::Setup(format!("the draft model: {e}")))?;
+                Some(d)
+            }
+            (Some(tl_model::spec::SpecMethod::Draft), None) => {
+                return Err(EngineError::Setup(
+                    "speculation with a draft model needs a draft model (--draft-model FILE)"
+                        .into(),
+                ))
+            }
+            (Some(tl_model::spec::SpecMethod::SelfDraft), None) => {
+                if llm.model.device().is_gpu() {
+                    return Err(EngineError::Setup(
+                        "--spec self (layer skipping) runs on the CPU only".into(),
+                    ));
+                }
+                Some(llm.clone())
+            }
+            (_, Some(_)) => {
+                return Err(EngineError::Setup(
+                    "a draft model is used with speculation method 'draft' only".into(),
+                ))
+            }
+            (_, None) => None,
+        };
         let per_block = llm.model.kv_bytes_per_token() * BLOCK_SIZE;
+        let draft_per_block = drafter
+            .as_ref()
+            .map_or(0, |d| d.model.kv_bytes_per_token() * BLOCK_SIZE);
         let kv_bytes = kv_budget(&llm, &cfg)?;
-        let kv_blocks = kv_bytes / per_block.max(1);
+        let kv_blocks = kv_bytes / (per_block + draft_per_block).max(1);
         if kv_blocks == 0 {
             return Err(EngineError::Setup(format!(
-                "{kv_bytes} bytes of KV memory hold no block of {per_block} bytes"
+                "{kv_bytes} bytes of KV memory hold no block of {} bytes",
+                per_block + draft_per_block
             )));
         }
         let cache = llm
             .model
             .new_cache_blocks(kv_blocks)
             .map_err(|e| EngineError::Setup(e.to_string()))?;
+        let draft_cache = match &drafter {
+            Some(d) => Some(
+                d.model
+                    .new_cache_blocks(kv_blocks)
+                    .map_err(|e| EngineError::Setup(format!("the draft model's cache: {e}")))?,
+            ),
+            None => None,
+        };
+        if let Some(d) = &drafter {
+            info!(
+                method = %method.as_ref().map_or(String::new(), |m| m.to_string()),
+                kv_blocks,
+                bytes = kv_blocks * draft_per_block,
+                layers = d.model.config.n_layers,
+                "draft KV cache allocated"
+            );
+        }
         info!(
             device = %llm.model.device(),
             kv_type = %llm.model.kv_type(),
@@ -202,6 +266,18 @@ impl Engine {
             .spawn(move || {
                 let mut sched = Scheduler::with_cache(&llm, sched_cfg, cache);
                 sched.set_queue_counter(sh.queued.clone());
+                if let (Some(d), Some(dc)) = (&drafter, draft_cache) {
+                    let dm = match method {
+                        Some(tl_model::spec::SpecMethod::SelfDraft) => {
+                            DraftModel::self_draft(&d.model, dc)
+                        }
+                        _ => Ok(DraftModel::new(&d.model, dc)),
+                    };
+                    match dm {
+                        Ok(dm) => sched.set_draft(dm),
+                        Err(e) => warn!(error = %e, "no draft model: speculation drafts nothing"),
+                    }
+                }
                 run_loop(&mut sched, rx, &sh);
             })
             .map_err(|e| EngineError::Setup(format!("spawning the engine thread: {e}")))?;

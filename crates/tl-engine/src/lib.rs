@@ -24,4 +24,4 @@ pub use error::{EngineError, Result};
 pub use request::{
     Event, FinishReason, GenerationRequest, PromptInput, TokenLogprob, ValidRequest, Validator,
 };
-pub use scheduler::{RequestId, Scheduler, SchedulerConfig, Stats};
+pub use scheduler::{DraftModel, RequestId, Scheduler, SchedulerConfig, Stats};

@@ -26,6 +26,18 @@
 //! 4. Finished sequences (stop token, stop string, `max_tokens`) leave at
 //!    once and free their blocks; cancelled or disconnected requests are
 //!    dropped at the start of the next step.
+//!
+//! **Speculation.** While at most `spec_max_batch` sequences decode, each
+//! decoder that speculates feeds its next token and up to k drafts, with
+//! logits for all of them, in the same ragged forward as everything else;
+//! [`verify`] keeps the accepted prefix. The drafts come from prompt lookup
+//! (`SpecMethod::Ngram`), or from a [`DraftModel`]: a smaller model of the
+//! same vocabulary (`SpecMethod::Draft`) or the target with layers left out
+//! (`SpecMethod::SelfDraft`, after prompt lookup). A draft model has its
+//! own paged cache: every sequence's draft cache holds a prefix of its
+//! tokens, catches up in the draft's first forward of a round, and is cut
+//! back to the accepted text after verification; it is freed with the
+//! sequence (finish, cancel, preemption).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,9 +45,9 @@ use std::sync::Arc;
 
 use tl_model::kv::{KvCache, SeqKv, BLOCK_SIZE};
 use tl_model::llm::Llm;
-use tl_model::model::{ForwardState, Logits, SeqBatch};
+use tl_model::model::{ForwardState, Logits, Model, SeqBatch};
 use tl_model::sampler::{DeviceDraw, Sampler};
-use tl_model::spec::{verify, NgramDrafter, SpecConfig};
+use tl_model::spec::{verify, NgramDrafter, SpecConfig, SpecMethod, SELF_DRAFT_K};
 use tl_tokenizer::StreamDecoder;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
@@ -125,6 +137,51 @@ pub struct Stats {
     pub masks: u64,
     pub mask_us: u64,
     pub mask_wait_us: u64,
+    /// Draft-model forwards (catch-up and one per drafted position) and
+    /// the microseconds they took (part of `step_us`, not of `forward_us`).
+    pub draft_forwards: u64,
+    pub draft_us: u64,
+    /// The draft model's KV blocks in use by live sequences.
+    pub draft_kv_blocks_used: usize,
+}
+
+/// The drafting model of `SpecMethod::Draft` (a smaller model of the same
+/// vocabulary) or `SpecMethod::SelfDraft` (the target itself with a subset
+/// of its layers, see [`tl_model::spec::self_draft_layers`]): its own paged
+/// cache and block pool (no prefix cache), and its forward buffers.
+pub struct DraftModel<'a> {
+    model: &'a Model,
+    cache: KvCache,
+    pool: BlockPool,
+    state: ForwardState,
+}
+
+impl<'a> DraftModel<'a> {
+    /// A draft model over `cache` (made by `model.new_cache_blocks`). The
+    /// caller checks that its vocabulary is the target's
+    /// (`Llm::check_draft`).
+    pub fn new(model: &'a Model, cache: KvCache) -> Self {
+        let pool = BlockPool::new(cache.n_blocks, false);
+        DraftModel {
+            model,
+            cache,
+            pool,
+            state: ForwardState::default(),
+        }
+    }
+
+    /// The self-speculation draft of `target` over `cache` (a cache of the
+    /// target's shape). CPU only.
+    pub fn self_draft(target: &'a Model, cache: KvCache) -> Result<Self> {
+        if target.device().is_gpu() {
+            return Err(EngineError::Setup(
+                "--spec self (layer skipping) runs on the CPU only".into(),
+            ));
+        }
+        let mut d = Self::new(target, cache);
+        d.state = ForwardState::skipping(tl_model::spec::self_draft_layers(target.config.n_layers));
+        Ok(d)
+    }
 }
 
 struct ReqState {
@@ -159,6 +216,9 @@ struct Seq<'a> {
     spec_k: usize,
     /// This step's speculative feed: the last token, then the drafts.
     feed: Vec<u32>,
+    /// This sequence's draft-model cache: `dkv.len` leading tokens of
+    /// `tokens` are in it.
+    dkv: SeqKv,
     /// The grammar state of a constrained choice.
     constraint: Option<Box<tl_model::constrain::Constraint>>,
     /// Tokens the grammar forced (appended without sampling), not yet
@@ -197,6 +257,8 @@ pub struct Scheduler<'a> {
     lost: Option<String>,
     /// The mask threads, started with the first constrained step.
     masks: Option<crate::masks::MaskWorkers>,
+    /// The draft model of `SpecMethod::Draft` / `SelfDraft`.
+    draft: Option<DraftModel<'a>>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -227,7 +289,14 @@ impl<'a> Scheduler<'a> {
             raw: Vec::new(),
             lost: None,
             masks: None,
+            draft: None,
         }
+    }
+
+    /// Attaches the draft model that `SpecMethod::Draft` and `SelfDraft`
+    /// speculate with (without one they draft nothing).
+    pub fn set_draft(&mut self, d: DraftModel<'a>) {
+        self.draft = Some(d);
     }
 
     /// Why the model's device is lost, once a step found it so: every
@@ -258,6 +327,7 @@ impl<'a> Scheduler<'a> {
         s.kv_blocks_cached = self.pool.n_cached();
         s.prefix_queried_tokens = self.pool.stats.queried;
         s.prefix_hit_tokens = self.pool.stats.hit;
+        s.draft_kv_blocks_used = self.draft.as_ref().map_or(0, |d| d.pool.n_used());
         s
     }
 
@@ -309,6 +379,7 @@ impl<'a> Scheduler<'a> {
                 admitted_once: false,
                 spec_k,
                 feed: Vec::new(),
+                dkv: SeqKv::new(),
                 constraint: req.constraint.clone(),
                 forced: 0,
             });
@@ -347,6 +418,9 @@ impl<'a> Scheduler<'a> {
             if s.req == id {
                 if let Err(e) = self.pool.free_seq(&mut s.kv) {
                     warn!(request = id, error = %e, "freeing blocks of a cancelled request");
+                }
+                if let Err(e) = free_draft(&mut self.draft, &mut s.dkv) {
+                    warn!(request = id, error = %e, "freeing draft blocks of a cancelled request");
                 }
             }
         }
@@ -387,6 +461,7 @@ impl<'a> Scheduler<'a> {
 
     fn preempt(&mut self, mut s: Seq<'a>) -> Result<()> {
         self.pool.free_seq(&mut s.kv)?;
+        free_draft(&mut self.draft, &mut s.dkv)?;
         s.hashed = 0;
         s.last_hash = 0;
         self.stats.preemptions += 1;
@@ -463,34 +538,39 @@ impl<'a> Scheduler<'a> {
         let mut plan: Vec<(usize, usize)> = Vec::new();
         let n_dec = self.running.iter().filter(|s| s.is_decoding()).count();
         let speculate = n_dec <= self.cfg.spec_max_batch;
-        let drafter = NgramDrafter {
-            n_max: self.cfg.spec.as_ref().map_or(4, |c| c.ngram_max),
-            n_min: self.cfg.spec.as_ref().map_or(2, |c| c.ngram_min),
-        };
         let ctx = self.llm.model.config.context;
-        let mut drafts = Vec::new();
+        // (index into running, most drafts this step)
+        let mut ks: Vec<(usize, usize)> = Vec::new();
+        let mut left = budget;
         for (i, s) in self.running.iter_mut().enumerate() {
             if s.is_decoding() {
                 if !self.pool.reserve(&mut s.kv, 1)? {
                     return Err(EngineError::Model("no KV block for a decoder".into()));
                 }
                 s.feed.clear();
-                if speculate && s.spec_k > 0 {
-                    let k = tl_model::spec::tile_k(s.spec_k)
+                let k = if speculate && s.spec_k > 0 {
+                    tl_model::spec::tile_k(s.spec_k)
                         .min(s.max_tokens.saturating_sub(s.generated + 1))
                         .min(ctx.saturating_sub(s.kv.len + 1))
-                        .min(budget.saturating_sub(1));
-                    drafter.draft(&s.tokens, k, &mut drafts);
-                    // Drafts only where the blocks are there; else plain.
-                    if !drafts.is_empty() && self.pool.reserve(&mut s.kv, 1 + drafts.len())? {
-                        s.feed.push(s.tokens[s.kv.len]);
-                        s.feed.extend_from_slice(&drafts);
-                    }
-                }
-                let n = s.feed.len().max(1);
-                plan.push((i, n));
-                budget = budget.saturating_sub(n);
+                        .min(left.saturating_sub(1))
+                } else {
+                    0
+                };
+                left = left.saturating_sub(1 + k);
+                ks.push((i, k));
             }
+        }
+        let drafts = self.drafts(&ks);
+        for (&(i, _), d) in ks.iter().zip(drafts) {
+            let s = &mut self.running[i];
+            // Drafts only where the blocks are there; else plain.
+            if !d.is_empty() && self.pool.reserve(&mut s.kv, 1 + d.len())? {
+                s.feed.push(s.tokens[s.kv.len]);
+                s.feed.extend_from_slice(&d);
+            }
+            let n = s.feed.len().max(1);
+            plan.push((i, n));
+            budget = budget.saturating_sub(n);
         }
         // 2. Chunks of prompts in progress (and of forced tokens, whose
         // blocks step 1 made room for).
@@ -555,6 +635,77 @@ impl<'a> Scheduler<'a> {
             return Ok(0);
         }
         self.run_plan(&plan)
+    }
+
+    /// Drafts of up to `k` tokens for each `(running index, k)` of `ks`
+    /// (empty where `k` is 0 or nothing was found), from the configured
+    /// source: prompt lookup, the draft model, or (self-speculation) prompt
+    /// lookup and the layer-skipping draft where the lookup finds nothing.
+    /// A draft model that fails drafts nothing this step (the step goes on
+    /// without drafts: the target's output does not depend on them).
+    fn drafts(&mut self, ks: &[(usize, usize)]) -> Vec<Vec<u32>> {
+        let mut out = vec![Vec::new(); ks.len()];
+        let method = self
+            .cfg
+            .spec
+            .as_ref()
+            .map_or(SpecMethod::Ngram, |c| c.method.clone());
+        let lookup = NgramDrafter {
+            n_max: self.cfg.spec.as_ref().map_or(4, |c| c.ngram_max),
+            n_min: self.cfg.spec.as_ref().map_or(2, |c| c.ngram_min),
+        };
+        // Tokens wanted from the draft model, per entry.
+        let mut want = vec![0usize; ks.len()];
+        for (j, &(i, k)) in ks.iter().enumerate() {
+            if k == 0 {
+                continue;
+            }
+            let Some(s) = self.running.get(i) else {
+                continue;
+            };
+            match method {
+                SpecMethod::Draft => want[j] = k,
+                SpecMethod::SelfDraft => {
+                    lookup.draft(&s.tokens, k, &mut out[j]);
+                    if out[j].is_empty() {
+                        want[j] = k.min(SELF_DRAFT_K);
+                    }
+                }
+                SpecMethod::Ngram => lookup.draft(&s.tokens, k, &mut out[j]),
+            }
+        }
+        if want.iter().all(|&w| w == 0) {
+            return out;
+        }
+        let Some(d) = self.draft.as_mut() else {
+            return out;
+        };
+        let t0 = std::time::Instant::now();
+        let chunk = self.cfg.max_batch_tokens;
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model_drafts(d, &mut self.running, ks, &mut want, &mut out, chunk)
+        }));
+        self.stats.draft_us += t0.elapsed().as_micros() as u64;
+        match r {
+            Ok(Ok(n)) => self.stats.draft_forwards += n,
+            Ok(Err(e)) => {
+                warn!(error = %e, "the draft model failed; this step goes on without its drafts");
+                for (o, &w) in out.iter_mut().zip(&want) {
+                    if w > 0 {
+                        o.clear();
+                    }
+                }
+            }
+            Err(_) => {
+                warn!("the draft model panicked; this step goes on without its drafts");
+                for (o, &w) in out.iter_mut().zip(&want) {
+                    if w > 0 {
+                        o.clear();
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// On a GPU, the draws of a step whose every pick can be taken there
@@ -814,6 +965,9 @@ impl<'a> Scheduler<'a> {
                     continue;
                 };
                 let before = s.generated;
+                // The draft cache holds the tokens so far and maybe drafts
+                // past them: keep what the accepted text shares with it.
+                s.dkv.len = s.dkv.len.min(s.tokens.len() + v.accepted);
                 for t in v.tokens {
                     let out = emit(self.llm, s, r, t, None);
                     if !matches!(out, Outcome::Continue) {
@@ -885,6 +1039,7 @@ impl<'a> Scheduler<'a> {
         for (i, out) in done {
             let mut s = self.running.remove(i);
             self.pool.free_seq(&mut s.kv)?;
+            free_draft(&mut self.draft, &mut s.dkv)?;
             match out {
                 Outcome::Finished(reason) => {
                     if let Some(r) = self.reqs.get_mut(&s.req) {
@@ -909,6 +1064,119 @@ impl<'a> Scheduler<'a> {
         }
         Ok(n_tokens)
     }
+}
+
+/// Gives a sequence's draft-model blocks back.
+fn free_draft(draft: &mut Option<DraftModel<'_>>, dkv: &mut SeqKv) -> Result<()> {
+    match draft {
+        Some(d) => d.pool.free_seq(dkv),
+        None => {
+            dkv.blocks.clear();
+            dkv.len = 0;
+            Ok(())
+        }
+    }
+}
+
+/// Greedy drafts from the draft model: `want[j]` tokens for the sequence
+/// `running[ks[j].0]`, appended to `out[j]`. Each draft cache first catches
+/// up with its sequence's tokens (long gaps in chunks of `chunk` tokens,
+/// the rest in the first ragged forward, which gives the first draft), then
+/// one forward per drafted position for all sequences together. A
+/// sequence whose draft blocks run out drafts nothing (its `want` is set to
+/// 0). Returns the number of forwards.
+fn model_drafts(
+    d: &mut DraftModel<'_>,
+    running: &mut [Seq<'_>],
+    ks: &[(usize, usize)],
+    want: &mut [usize],
+    out: &mut [Vec<u32>],
+    chunk: usize,
+) -> Result<u64> {
+    let dctx = d.model.config.context;
+    let chunk = chunk.max(1);
+    let mut forwards = 0u64;
+    // What each sequence feeds next (owned: the batch borrows the caches).
+    let mut feeds: Vec<Vec<u32>> = vec![Vec::new(); ks.len()];
+    for (j, &(i, _)) in ks.iter().enumerate() {
+        if want[j] == 0 {
+            continue;
+        }
+        let Some(s) = running.get_mut(i) else {
+            want[j] = 0;
+            continue;
+        };
+        let len = s.tokens.len();
+        // Within the draft model's context: positions len .. len+want-1.
+        want[j] = want[j].min((dctx + 1).saturating_sub(len));
+        s.dkv.len = s.dkv.len.min(len.saturating_sub(1));
+        let write = len - s.dkv.len + want[j].saturating_sub(1);
+        if want[j] == 0 || !d.pool.reserve(&mut s.dkv, write)? {
+            want[j] = 0;
+            continue;
+        }
+        // Catch-up beyond one chunk: whole chunks first, no logits.
+        while len - s.dkv.len > chunk {
+            let piece = &s.tokens[s.dkv.len..s.dkv.len + chunk];
+            let b = [SeqBatch {
+                tokens: piece,
+                pos: s.dkv.len,
+                kv: &s.dkv,
+                logits: Logits::None,
+            }];
+            d.model
+                .forward(&mut d.cache, &b, &mut d.state)
+                .map_err(|e| EngineError::Model(format!("draft model: {e}")))?;
+            forwards += 1;
+            s.dkv.len += chunk;
+        }
+        feeds[j] = s.tokens[s.dkv.len..].to_vec();
+    }
+    let kmax = want.iter().copied().max().unwrap_or(0);
+    for it in 0..kmax {
+        let idx: Vec<usize> = (0..ks.len())
+            .filter(|&j| want[j] > it && !feeds[j].is_empty())
+            .collect();
+        if idx.is_empty() {
+            break;
+        }
+        let batch: Vec<SeqBatch> = idx
+            .iter()
+            .filter_map(|&j| {
+                let s = running.get(ks[j].0)?;
+                Some(SeqBatch {
+                    tokens: &feeds[j],
+                    pos: s.dkv.len,
+                    kv: &s.dkv,
+                    logits: Logits::Last,
+                })
+            })
+            .collect();
+        if batch.len() != idx.len() {
+            return Err(EngineError::Model("a drafting sequence is missing".into()));
+        }
+        let ids = d
+            .model
+            .forward_greedy(&mut d.cache, &batch, &mut d.state)
+            .map_err(|e| EngineError::Model(format!("draft model: {e}")))?;
+        forwards += 1;
+        drop(batch);
+        if ids.len() != idx.len() {
+            return Err(EngineError::Model(format!(
+                "the draft model gave {} tokens for {} sequences",
+                ids.len(),
+                idx.len()
+            )));
+        }
+        for (&j, &t) in idx.iter().zip(&ids) {
+            if let Some(s) = running.get_mut(ks[j].0) {
+                s.dkv.len += feeds[j].len();
+            }
+            out[j].push(t);
+            feeds[j] = vec![t];
+        }
+    }
+    Ok(forwards)
 }
 
 /// Samples the next token of `s` from its logits row, streams it, and says

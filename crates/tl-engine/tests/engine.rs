@@ -731,3 +731,300 @@ fn lazy_grammar_is_free_until_its_trigger_on_host_and_device_draws() {
     assert_eq!(run(&device, lazy(true)).remove(0), got);
     assert_eq!(run(&device, greedy(p, 24)).remove(0), free);
 }
+
+/// A synthetic model of `spec`, written once per test process under `tag`.
+fn synth_llm(tag: &str, spec: SynthSpec) -> Arc<Llm> {
+    let p = std::env::temp_dir().join(format!("tl-engine-test-{tag}-{}.gguf", std::process::id()));
+    if !p.exists() {
+        synthesize(&spec)
+            .expect("synth")
+            .write_file(&p)
+            .expect("write");
+    }
+    Arc::new(Llm::load(&p).expect("load"))
+}
+
+/// A model of the default synthetic shape (same vocabulary and token
+/// text) but other weights: it drafts tokens the target often rejects.
+fn other_llm() -> Arc<Llm> {
+    synth_llm(
+        "draft",
+        SynthSpec {
+            seed: 77,
+            n_layers: 1,
+            // Peaked attention: its drafts depend on the whole context, so
+            // a draft cache out of step with the text shows.
+            qk_scale: 8.0,
+            ..SynthSpec::default()
+        },
+    )
+}
+
+/// An engine speculating with `method` (and the draft model, for
+/// `Draft`), room for `kv_blocks` blocks in the model's cache and in the
+/// draft's.
+fn spec_engine(
+    llm: Arc<Llm>,
+    draft: Option<Arc<Llm>>,
+    method: tl_model::spec::SpecMethod,
+    max_batch: usize,
+    kv_blocks: usize,
+) -> Engine {
+    let per_block = |l: &Llm| l.model.kv_bytes_per_token() * 16;
+    let drafter = match method {
+        tl_model::spec::SpecMethod::SelfDraft => Some(llm.clone()),
+        _ => draft.clone(),
+    };
+    let bytes = kv_blocks * (per_block(&llm) + drafter.as_deref().map_or(0, per_block));
+    let cfg = tl_model::spec::SpecConfig::new(method, 4).expect("cfg");
+    Engine::start_with_draft(
+        llm,
+        draft,
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_batch,
+                max_batch_tokens: 64,
+                prefix_caching: true,
+                spec: Some(cfg),
+                spec_max_batch: 4,
+                ..Default::default()
+            },
+            kv_bytes: bytes,
+            gpu_memory_utilization: None,
+            max_queue: 64,
+        },
+    )
+    .expect("engine")
+}
+
+/// Six prompts of varied lengths, a few repetitive (prompt lookup finds
+/// drafts there), the others not.
+fn spec_prompts() -> Vec<Vec<u32>> {
+    (0..6u32)
+        .map(|i| {
+            if i % 2 == 0 {
+                (0..20 + i).map(|j| 3 + (j % (4 + i)) * 11).collect()
+            } else {
+                prompt(15 + 3 * i as usize, 20 + i)
+            }
+        })
+        .collect()
+}
+
+/// Greedy output of each prompt from the plain engine.
+fn plain_outputs(llm: &Arc<Llm>, prompts: &[Vec<u32>], max_tokens: usize) -> Vec<Vec<u32>> {
+    let plain = engine(llm.clone(), 8, 64, 256);
+    prompts
+        .iter()
+        .map(|p| run(&plain, greedy(p.clone(), max_tokens))[0].tokens.clone())
+        .collect()
+}
+
+/// The server's speculation from a draft model: greedy output equal to the
+/// plain engine's alone and six at once (above the speculation batch limit
+/// part of the time), every target and draft block given back. With the
+/// target itself as the draft every draft is accepted (its cache is in step
+/// with the accepted text: a stale entry would make it draft otherwise);
+/// with another model some are rejected. A request that opts out drafts
+/// nothing.
+#[test]
+fn draft_model_speculation_keeps_greedy_output_and_frees_blocks() {
+    let target = llm();
+    let prompts = spec_prompts();
+    let want = plain_outputs(&target, &prompts, 20);
+    for (name, draft) in [("itself", llm()), ("another model", other_llm())] {
+        let e = Arc::new(spec_engine(
+            target.clone(),
+            Some(draft),
+            tl_model::spec::SpecMethod::Draft,
+            8,
+            256,
+        ));
+        for (p, w) in prompts.iter().zip(&want) {
+            assert_eq!(
+                &run(&e, greedy(p.clone(), 20))[0].tokens,
+                w,
+                "{name}, alone"
+            );
+        }
+        assert_eq!(greedy_together(&e, &prompts, 20), want, "{name}, together");
+        let s = wait_idle(&e);
+        assert!(s.spec_drafted > 0, "{name}: nothing drafted: {s:?}");
+        assert!(s.draft_forwards > 0, "{name}: {s:?}");
+        if name == "itself" {
+            assert_eq!(s.spec_accepted, s.spec_drafted, "{name}: {s:?}");
+        } else {
+            assert!(s.spec_accepted < s.spec_drafted, "{name}: {s:?}");
+        }
+        assert_eq!(s.kv_blocks_used, 0, "{name}");
+        assert_eq!(s.draft_kv_blocks_used, 0, "{name}");
+        let mut r = greedy(prompts[1].clone(), 20);
+        r.speculative = Some(false);
+        assert_eq!(run(&e, r)[0].tokens, want[1]);
+        assert_eq!(
+            wait_idle(&e).spec_drafted,
+            s.spec_drafted,
+            "{name}: opted out"
+        );
+    }
+}
+
+/// One request alone drafts and accepts exactly what the reference runner
+/// (`Runner::with_draft`, its own draft-cache bookkeeping) does with the
+/// same draft model: a draft cache out of step with the text would draft
+/// other tokens.
+#[test]
+fn draft_model_rounds_match_the_reference_runner() {
+    let target = llm();
+    let draft = other_llm();
+    for p in spec_prompts() {
+        let opts = TokenOptions {
+            max_tokens: 24,
+            spec: Some(
+                tl_model::spec::SpecConfig::new(tl_model::spec::SpecMethod::Draft, 4).expect("cfg"),
+            ),
+            ..Default::default()
+        };
+        let mut r = Runner::new(&target.model, 512)
+            .expect("runner")
+            .with_draft(&draft.model, 512)
+            .expect("draft");
+        let want = r
+            .generate_batch(std::slice::from_ref(&p), &opts, |_, _| true)
+            .expect("generate");
+        let e = spec_engine(
+            target.clone(),
+            Some(draft.clone()),
+            tl_model::spec::SpecMethod::Draft,
+            8,
+            256,
+        );
+        assert_eq!(run(&e, greedy(p.clone(), 24))[0].tokens, want[0].0);
+        let s = wait_idle(&e);
+        assert_eq!(
+            (s.spec_drafted, s.spec_accepted),
+            (r.spec_stats.drafted as u64, r.spec_stats.accepted as u64),
+            "prompt {p:?}"
+        );
+        assert!(s.spec_accepted < s.spec_drafted, "{s:?}");
+    }
+}
+
+/// Self-speculation in the server (prompt lookup, then the target with a
+/// layer left out): greedy output unchanged, blocks given back.
+#[test]
+fn self_speculation_keeps_greedy_output_and_frees_blocks() {
+    let target = synth_llm(
+        "self",
+        SynthSpec {
+            n_layers: 4,
+            ..SynthSpec::default()
+        },
+    );
+    let prompts = spec_prompts();
+    let want = plain_outputs(&target, &prompts, 20);
+    let e = Arc::new(spec_engine(
+        target,
+        None,
+        tl_model::spec::SpecMethod::SelfDraft,
+        8,
+        256,
+    ));
+    for (p, w) in prompts.iter().zip(&want) {
+        assert_eq!(&run(&e, greedy(p.clone(), 20))[0].tokens, w, "alone");
+    }
+    assert_eq!(greedy_together(&e, &prompts, 20), want, "together");
+    let s = wait_idle(&e);
+    assert!(s.spec_drafted > 0, "nothing drafted: {s:?}");
+    assert!(
+        s.draft_forwards > 0,
+        "the layer-skipping draft never ran: {s:?}"
+    );
+    assert_eq!(s.kv_blocks_used, 0);
+    assert_eq!(s.draft_kv_blocks_used, 0);
+}
+
+/// Preemption and cancellation in the middle of draft-model speculation:
+/// the preempted sequences' output is unchanged, and no block of either
+/// cache stays taken.
+#[test]
+fn draft_model_speculation_survives_preemption_and_cancellation() {
+    let target = llm();
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(30 + i, 10 + i as u32)).collect();
+    let want = plain_outputs(&target, &prompts, 40);
+    // 12 blocks (in each cache) for 4 sequences that each grow to 5.
+    let tight = Arc::new(spec_engine(
+        target.clone(),
+        Some(other_llm()),
+        tl_model::spec::SpecMethod::Draft,
+        4,
+        12,
+    ));
+    assert_eq!(greedy_together(&tight, &prompts, 40), want);
+    let s = wait_idle(&tight);
+    assert!(s.preemptions > 0, "the pool was meant to run dry: {s:?}");
+    assert!(s.spec_drafted > 0, "{s:?}");
+    assert_eq!(s.kv_blocks_used, 0);
+    assert_eq!(s.draft_kv_blocks_used, 0);
+
+    let e = spec_engine(
+        target,
+        Some(llm()),
+        tl_model::spec::SpecMethod::Draft,
+        4,
+        64,
+    );
+    let v = e.validate(greedy(prompt(40, 1), 400)).expect("valid");
+    let mut st = e.submit(v).expect("submit");
+    // Past the second speculative round: the stats published after the
+    // first are in (a step's stats are published before the next step).
+    for _ in 0..12 {
+        assert!(matches!(st.blocking_next(), Some(Event::Delta { .. })));
+    }
+    let mid = e.last_stats();
+    assert!(mid.draft_kv_blocks_used > 0, "{mid:?}");
+    drop(st);
+    let s = wait_idle(&e);
+    assert_eq!(s.kv_blocks_used, 0);
+    assert_eq!(s.draft_kv_blocks_used, 0);
+    assert!(s.generated_tokens < 400);
+}
+
+/// A draft model of another vocabulary, or none for `draft`, is refused
+/// at start with the reason.
+#[test]
+fn draft_model_setup_errors_are_clear() {
+    let target = llm();
+    let other_vocab = synth_llm(
+        "vocab",
+        SynthSpec {
+            extra_vocab: 30,
+            ..SynthSpec::default()
+        },
+    );
+    let start = |draft: Option<Arc<Llm>>| {
+        Engine::start_with_draft(
+            target.clone(),
+            draft,
+            EngineConfig {
+                scheduler: SchedulerConfig {
+                    spec: Some(
+                        tl_model::spec::SpecConfig::new(tl_model::spec::SpecMethod::Draft, 4)
+                            .expect("cfg"),
+                    ),
+                    ..Default::default()
+                },
+                kv_bytes: 8 << 20,
+                ..Default::default()
+            },
+        )
+    };
+    match start(Some(other_vocab)) {
+        Err(EngineError::Setup(m)) => assert!(m.contains("vocabulary"), "{m}"),
+        other => panic!("{:?}", other.err()),
+    }
+    match start(None) {
+        Err(EngineError::Setup(m)) => assert!(m.contains("draft model"), "{m}"),
+        other => panic!("{:?}", other.err()),
+    }
+}

@@ -7,9 +7,7 @@ use crate::kv::{BlockManager, KvCache, SeqKv};
 use crate::model::{ForwardState, Logits, Model, SeqBatch};
 use crate::sampler::{Sampler, SamplingParams};
 
-/// Most tokens the layer-skipping self-draft proposes per round (its
-/// acceptance is low: each drafted token costs most of a target step).
-const SELF_K: usize = 2;
+use crate::spec::SELF_DRAFT_K as SELF_K;
 
 /// Token-level stop conditions and limits.
 #[derive(Clone, Debug)]

@@ -142,6 +142,15 @@ pub struct ForwardState {
 }
 
 impl ForwardState {
+    /// Buffers for a forward that leaves out the layers `skip[il]` marks
+    /// (the self-speculation draft; CPU only: a GPU forward refuses it).
+    pub fn skipping(skip: Vec<bool>) -> Self {
+        ForwardState {
+            skip_layers: skip,
+            ..Default::default()
+        }
+    }
+
     /// The logits rows of the last forward call, for in-place sampling.
     pub fn logits_mut(&mut self) -> &mut [f32] {
         let n = self.last_logits;

@@ -123,6 +123,11 @@ pub fn self_draft_layers(n_layers: usize) -> Vec<bool> {
     skip
 }
 
+/// Most tokens the layer-skipping self-draft proposes per round (its
+/// acceptance is low: each drafted token costs most of a target step).
+/// Prompt lookup drafts first; this draft only where it finds nothing.
+pub const SELF_DRAFT_K: usize = 2;
+
 /// Activation rows the CPU's quantized matmul kernels carry through one
 /// pass over a weight (tl-core's tile of 8 rows): a verify step over 8
 /// tokens costs about 2 one-token steps on the 2-core AVX-512 machine, one

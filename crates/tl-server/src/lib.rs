@@ -147,6 +147,7 @@ impl AppState {
             "gpu_memory_utilization": cfg.gpu_memory_utilization,
             "enable_prefix_caching": s.prefix_caching,
             "speculative": s.spec.is_some(),
+            "speculative_method": s.spec.as_ref().map(|c| c.method.to_string()),
         }));
     }
 
@@ -304,6 +305,16 @@ pub fn run(
     engine_cfg: EngineConfig,
     load: impl FnOnce() -> Result<Llm, String> + Send + 'static,
 ) -> Result<(), ServerError> {
+    run_with_draft(cfg, engine_cfg, move || load().map(|l| (l, None)))
+}
+
+/// As [`run`], where `load` also gives the draft model of speculation
+/// method `draft` (see [`Engine::start_with_draft`]).
+pub fn run_with_draft(
+    cfg: ServerConfig,
+    engine_cfg: EngineConfig,
+    load: impl FnOnce() -> Result<(Llm, Option<Llm>), String> + Send + 'static,
+) -> Result<(), ServerError> {
     http_runtime()?.block_on(async move {
         let (listener, local) = listen(&cfg).await?;
         let state = AppState::new(cfg)?;
@@ -313,8 +324,8 @@ pub fn run(
         let st = state.clone();
         let loader = tokio::task::spawn_blocking(move || -> Result<(), ServerError> {
             let t = Instant::now();
-            let llm = load().map_err(ServerError::Load)?;
-            let engine = Engine::start(Arc::new(llm), engine_cfg)?;
+            let (llm, draft) = load().map_err(ServerError::Load)?;
+            let engine = Engine::start_with_draft(Arc::new(llm), draft.map(Arc::new), engine_cfg)?;
             eprintln!(
                 "tl serve: model loaded in {:.1} s, {} KV blocks; ready",
                 t.elapsed().as_secs_f64(),

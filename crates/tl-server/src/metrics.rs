@@ -31,6 +31,7 @@ pub struct Metrics {
     kv_used: IntGauge,
     kv_free: IntGauge,
     kv_cached: IntGauge,
+    draft_kv_used: IntGauge,
     prefix_hit_rate: prometheus::Gauge,
     engine_counters: Mutex<EngineCounters>,
     pub vllm: VllmMetrics,
@@ -240,6 +241,8 @@ struct EngineCounters {
     steps: IntCounter,
     spec_drafted: IntCounter,
     spec_accepted: IntCounter,
+    draft_forwards: IntCounter,
+    draft_us: IntCounter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str) -> prometheus::Result<IntCounter> {
@@ -337,6 +340,11 @@ impl Metrics {
                 "tl_kv_blocks_cached",
                 "KV blocks held by the prefix cache",
             )?,
+            draft_kv_used: gauge(
+                &r,
+                "tl_draft_kv_blocks_used",
+                "Draft-model KV blocks held by live sequences (--spec draft or self)",
+            )?,
             prefix_hit_rate: {
                 let g = prometheus::Gauge::new(
                     "tl_prefix_cache_hit_rate",
@@ -417,6 +425,16 @@ impl Metrics {
                     "tl_spec_accepted_tokens_total",
                     "Drafted tokens accepted by verification (acceptance rate = accepted / drafted)",
                 )?,
+                draft_forwards: counter(
+                    &r,
+                    "tl_spec_draft_forwards_total",
+                    "Forward passes of the draft model (--spec draft or self)",
+                )?,
+                draft_us: counter(
+                    &r,
+                    "tl_spec_draft_microseconds_total",
+                    "Time of engine steps in the draft model (part of the step time, not of the forward time)",
+                )?,
             }),
             requests,
             vllm,
@@ -471,6 +489,9 @@ impl Metrics {
             bump(&c.steps, s.steps);
             bump(&c.spec_drafted, s.spec_drafted);
             bump(&c.spec_accepted, s.spec_accepted);
+            bump(&c.draft_forwards, s.draft_forwards);
+            bump(&c.draft_us, s.draft_us);
+            self.draft_kv_used.set(s.draft_kv_blocks_used as i64);
         }
         let mut buf = Vec::new();
         if TextEncoder::new()
