@@ -189,6 +189,7 @@ pub fn matmul_with(
     // Prefill of the 32-value types under VNNI: the packed micro-kernel.
     #[cfg(target_arch = "x86_64")]
     let packed = if legacy
+        && ty != GgmlType::IQ4_NL
         && m > PACKED_FROM
         && table.level >= dot::SimdLevel::Avx512Vnni
         && packed_prefill_enabled()
