@@ -578,7 +578,8 @@ impl Exec for CudaExec<'_> {
         }
         // Prefill of an f16 cache with head dim 64/128 on the tensor cores;
         // `chunk` then is keys per split, else the per-row kernel's chunk.
-        let fa = self.n_tiles > 0 && self.kv.ty == KvType::F16 && matches!(hd, 64 | 128) && fa_prefill();
+        let fa =
+            self.n_tiles > 0 && self.kv.ty == KvType::F16 && matches!(hd, 64 | 128) && fa_prefill();
         let args = AttnArgs {
             n_heads: c.n_heads as i32,
             n_kv_heads: c.n_kv_heads as i32,

@@ -532,15 +532,28 @@ fn prefill_attention_splits_cover_the_keys() {
     assert_eq!(fa_split(600, 8192, 132), (1, 0));
     assert_eq!(fa_split(112, 150, 132), (1, 0));
     assert_eq!(fa_split(0, 8192, 132), (1, 0));
-    for &(blocks, keys) in &[(112, 8192), (96, 8192), (112, 512), (32, 1806), (8, 33000), (56, 300)] {
+    for &(blocks, keys) in &[
+        (112, 8192),
+        (96, 8192),
+        (112, 512),
+        (32, 1806),
+        (8, 33000),
+        (56, 300),
+    ] {
         let (splits, per) = fa_split(blocks, keys, 132);
         assert!(splits > 1, "{blocks} blocks, {keys} keys: {splits}");
         assert_eq!(per % 64, 0, "{per}");
         assert!(per >= 128, "{per}");
-        assert!(splits * per >= keys && (splits - 1) * per < keys, "{splits} x {per} for {keys}");
+        assert!(
+            splits * per >= keys && (splits - 1) * per < keys,
+            "{splits} x {per} for {keys}"
+        );
         assert!(splits <= 2 * 64);
         // Enough blocks to fill the card, unless the keys run out first
         // (128-key splits) or the splits reach their cap.
-        assert!(blocks * splits >= 4 * 132 || per == 128 || splits >= 64, "{blocks} x {splits}");
+        assert!(
+            blocks * splits >= 4 * 132 || per == 128 || splits >= 64,
+            "{blocks} x {splits}"
+        );
     }
 }
