@@ -80,7 +80,7 @@ VARIANTS = [
 
 # Requantized real models: (model file, file types).
 MODELS = [
-    ("qwen2.5-coder-0.5b-instruct-q4.gguf", ["Q4_K_M", "Q8_0", "Q3_K_M", "IQ4_NL", "IQ4_XS"]),
+    ("qwen2.5-coder-0.5b-instruct-q4.gguf", ["Q4_K_M", "Q8_0", "Q3_K_M", "IQ4_XS"]),
     ("gemma-3-270m-q4_k_m.gguf", ["Q4_K_M", "Q6_K"]),
 ]
 

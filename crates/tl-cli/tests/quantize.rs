@@ -357,7 +357,11 @@ fn tensor_type_overrides_replace_the_mix_choice() {
         ])
         .output()
         .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let text = String::from_utf8_lossy(&run.stdout);
     let line = |name: &str| {
         text.lines()
@@ -375,4 +379,81 @@ fn tensor_type_overrides_replace_the_mix_choice() {
     // Tensors that are never quantized stay as they are.
     assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
     assert!(!out.exists());
+}
+
+/// A model quantized to IQ4_NL or IQ4_XS runs on the CPU (perplexity), and
+/// its perplexity stays close to the F32 original's.
+#[test]
+fn iq4_models_run_and_stay_close_to_the_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let synth = d.join("s.gguf");
+    assert!(tl()
+        .args([
+            "synth",
+            "--weight-type",
+            "F32",
+            "--output-type",
+            "F32",
+            "--d-model",
+            "256",
+            "-o"
+        ])
+        .arg(&synth)
+        .status()
+        .unwrap()
+        .success());
+    let text = d.join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog ".repeat(20),
+    )
+    .unwrap();
+    let ppl = |m: &Path| -> f64 {
+        let out = tl()
+            .args(["perplexity", "--chunk", "64", "-f"])
+            .arg(&text)
+            .arg("-m")
+            .arg(m)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        s.strip_prefix("perplexity: ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no perplexity in {s}"))
+    };
+    let base = ppl(&synth);
+    assert!(base.is_finite() && base > 1.0, "{base}");
+    for ftype in ["IQ4_NL", "IQ4_XS"] {
+        let out = d.join(format!("{ftype}.gguf"));
+        let run = tl()
+            .arg("quantize")
+            .arg(&synth)
+            .arg(&out)
+            .args([ftype, "-t", "2"])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let file = GgufFile::open(&out).unwrap();
+        let want = GgmlType::from_name(ftype).unwrap();
+        assert!(
+            file.tensors.iter().any(|t| t.ty == want),
+            "{ftype}: no tensor of that type"
+        );
+        let p = ppl(&out);
+        assert!(
+            p.is_finite() && (p.ln() - base.ln()).abs() < 0.02,
+            "{ftype}: perplexity {p} against {base} for F32"
+        );
+    }
 }

@@ -346,7 +346,9 @@ mod tests {
 
     #[test]
     fn round_trip_error_is_small() {
-        let x: Vec<f32> = (0..512).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+        let x: Vec<f32> = (0..512)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
         let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         for xs in [false, true] {
             let mut y = vec![0f32; 512];

@@ -528,7 +528,10 @@ fn iq4_kernels_give_the_reference_bits() {
                 .sum();
             let want = f64::from(vec_dot_ref(ty, k, &w, &acts[0]));
             let tol = bound(ty, k, &w, &acts[0]);
-            assert!((want - exact).abs() <= tol, "{ty} k={k}: {want} vs {exact}, tol {tol:e}");
+            assert!(
+                (want - exact).abs() <= tol,
+                "{ty} k={k}: {want} vs {exact}, tol {tol:e}"
+            );
         }
     }
 }

@@ -28,8 +28,8 @@ use super::{Kernel, SimdLevel};
 
 mod avx2;
 mod avx512;
-mod iq4;
 pub(crate) mod gemm;
+mod iq4;
 pub(crate) mod repack;
 pub(crate) mod repack_k;
 

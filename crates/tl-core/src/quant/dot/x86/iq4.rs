@@ -142,12 +142,7 @@ macro_rules! iq4_kernels {
                         d[j] = f16_at(a) * dw[j];
                         p[j] = $dot(wv[j], _mm256_loadu_si256(a.add(2) as *const __m256i));
                     }
-                    add_lanes(
-                        &mut sumf[r],
-                        _mm256_loadu_ps(d.as_ptr()),
-                        reduce8(&p),
-                        n,
-                    );
+                    add_lanes(&mut sumf[r], _mm256_loadu_ps(d.as_ptr()), reduce8(&p), n);
                 }
                 ib += 8;
             }
