@@ -1168,6 +1168,43 @@ mod tests {
         assert_eq!("f16".parse::<FileType>().ok(), Some(FileType::F16));
         let e = "Q9_X".parse::<FileType>().err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("Q9_X") && e.contains("Q4_K_M")));
+        assert_eq!("iq4_xs".parse::<FileType>().ok(), Some(FileType::IQ4_XS));
+        assert_eq!("25".parse::<FileType>().ok(), Some(FileType::IQ4_NL));
+        for name in ["IQ3_S", "iq2_xxs", "IQ1_M", "TQ1_0", "MXFP4_MOE"] {
+            assert!(
+                matches!(
+                    name.parse::<FileType>(),
+                    Err(QuantizeError::UnsupportedFileType { .. })
+                ),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensor_type_patterns() {
+        let o = TensorTypeOverride::parse("BLK\\.1[0-9]\\.ATTN_V=q8_0").unwrap();
+        assert_eq!(o.ty, GgmlType::Q8_0);
+        assert_eq!(o.pattern, "blk\\.1[0-9]\\.attn_v");
+        assert!(o.matches("blk.12.attn_v.weight"));
+        assert!(!o.matches("blk.2.attn_v.weight"));
+        assert!(!o.matches("blk.12.attn_k.weight"));
+        let all = [
+            TensorTypeOverride::parse("ffn_down=IQ4_NL").unwrap(),
+            TensorTypeOverride::parse("ffn=Q6_K").unwrap(),
+        ];
+        assert_eq!(override_for(&all, "blk.0.ffn_down.weight"), Some(GgmlType::IQ4_NL));
+        assert_eq!(override_for(&all, "blk.0.ffn_up.weight"), Some(GgmlType::Q6_K));
+        assert_eq!(override_for(&all, "blk.0.attn_q.weight"), None);
+        for bad in ["ffn", "=Q8_0", "ffn=", "ffn=Q7_K", "ffn=Q8_K", "(ffn=Q8_0"] {
+            assert!(
+                matches!(
+                    TensorTypeOverride::parse(bad),
+                    Err(QuantizeError::TensorTypePattern { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -1187,6 +1224,9 @@ mod tests {
         assert_eq!(fallback(G::Q4_K, 4864), (G::Q4_K, false));
         assert_eq!(fallback(G::Q4_K, 80), (G::F16, true));
         assert_eq!(fallback(G::Q8_0, 80), (G::F16, true));
+        assert_eq!(fallback(G::IQ4_XS, 896), (G::IQ4_NL, true));
+        assert_eq!(fallback(G::IQ4_XS, 80), (G::F16, true));
+        assert_eq!(fallback(G::IQ4_NL, 896), (G::IQ4_NL, false));
     }
 
     #[test]

@@ -284,7 +284,7 @@ fn quantize_impl(x: &[f32], qw: Option<&[f32]>, q4: &mut [u8]) -> Quantized {
 }
 
 /// One IQ4_NL block of 32 values, with importance weights `qw` (32) if given.
-pub fn quantize_block_nl(x: &[f32], qw: Option<&[f32]>) -> BlockIQ4NL {
+pub(crate) fn quantize_block_nl(x: &[f32], qw: Option<&[f32]>) -> BlockIQ4NL {
     let mut qs = [0u8; QK4_NL / 2];
     let q = quantize_impl(&x[..QK4_NL], qw.map(|w| &w[..QK4_NL]), &mut qs);
     BlockIQ4NL { d: q.dh, qs }
@@ -292,7 +292,7 @@ pub fn quantize_block_nl(x: &[f32], qw: Option<&[f32]>) -> BlockIQ4NL {
 
 /// One IQ4_XS super-block of 256 values, with importance weights `qw` (256)
 /// if given.
-pub fn quantize_block_xs(x: &[f32], qw: Option<&[f32]>) -> BlockIQ4XS {
+pub(crate) fn quantize_block_xs(x: &[f32], qw: Option<&[f32]>) -> BlockIQ4XS {
     let mut qs = [0u8; QK_K / 2];
     let q = quantize_impl(&x[..QK_K], qw.map(|w| &w[..QK_K]), &mut qs);
     BlockIQ4XS {
