@@ -1193,8 +1193,14 @@ mod tests {
             TensorTypeOverride::parse("ffn_down=IQ4_NL").unwrap(),
             TensorTypeOverride::parse("ffn=Q6_K").unwrap(),
         ];
-        assert_eq!(override_for(&all, "blk.0.ffn_down.weight"), Some(GgmlType::IQ4_NL));
-        assert_eq!(override_for(&all, "blk.0.ffn_up.weight"), Some(GgmlType::Q6_K));
+        assert_eq!(
+            override_for(&all, "blk.0.ffn_down.weight"),
+            Some(GgmlType::IQ4_NL)
+        );
+        assert_eq!(
+            override_for(&all, "blk.0.ffn_up.weight"),
+            Some(GgmlType::Q6_K)
+        );
         assert_eq!(override_for(&all, "blk.0.attn_q.weight"), None);
         for bad in ["ffn", "=Q8_0", "ffn=", "ffn=Q7_K", "ffn=Q8_K", "(ffn=Q8_0"] {
             assert!(
