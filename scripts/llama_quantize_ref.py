@@ -14,9 +14,14 @@ FTYPES = {
     "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8,
     "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
     "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
+    "IQ4_NL": 25, "IQ4_XS": 30,
 }
 # ggml_type numbers for the type flags.
-GGML_TYPES = {"F16": 1, "Q8_0": 8, "Q4_0": 2, "Q5_K": 13, "Q6_K": 14}
+GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+              "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20,
+              "IQ4_XS": 23, "BF16": 30}
+
+GGML_TYPE_COUNT = 43
 
 
 def sha256_file(path):
@@ -35,6 +40,7 @@ def reference_quantize(inp, out, ftype, flags=()):
     p = llama_cpp.llama_model_quantize_default_params()
     p.nthread = 2
     p.ftype = FTYPES[ftype]
+    overrides = []
     it = iter(flags)
     for f in it:
         if f == "--pure":
@@ -47,8 +53,21 @@ def reference_quantize(inp, out, ftype, flags=()):
             p.output_tensor_type = GGML_TYPES[next(it)]
         elif f == "--token-embedding-type":
             p.token_embedding_type = GGML_TYPES[next(it)]
+        elif f == "--tensor-type":
+            # llama-quantize's parse_tensor_type: the pattern is lower-cased.
+            pat, ty = next(it).split("=", 1)
+            overrides.append((pat.lower().encode(), GGML_TYPES[ty.upper()]))
         else:
             raise SystemExit(f"unknown flag {f}")
+    if overrides:
+        # llama-quantize's array: the patterns, then a terminator.
+        arr = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+        for i, (pat, ty) in enumerate(overrides):
+            arr[i].pattern = pat
+            arr[i].type = ty
+        arr[len(overrides)].pattern = None
+        arr[len(overrides)].type = GGML_TYPE_COUNT
+        p.tt_overrides = arr
     rc = llama_cpp.llama_model_quantize(inp.encode(), out.encode(), ctypes.byref(p))
     if rc != 0:
         raise SystemExit(f"llama_model_quantize({inp}, {ftype}, {list(flags)}) failed: {rc}")

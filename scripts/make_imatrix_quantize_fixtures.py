@@ -66,6 +66,11 @@ CASES = [
      ["--include-weights", "attn_q", "--include-weights", "output"]),
     ("llama_f16", "dat-partial", ["Q4_K_M", "Q5_0", "Q2_K"], []),
     ("mixtral_f16", "gguf-partial", ["Q4_K_M", "Q3_K_S", "Q4_0"], []),
+    # The IQ4 quantizers with importance weights; llama_f16's 384-wide rows
+    # take IQ4_XS's fallback to IQ4_NL.
+    ("qwen2_f32", "gguf-partial", ["IQ4_NL", "IQ4_XS"], []),
+    ("llama_f16", "dat-partial", ["IQ4_XS"], []),
+    ("mixtral_f16", "gguf-partial", ["IQ4_XS"], []),
 ]
 
 # llama_ftype numbers: those of make_quantize_fixtures.py plus the mix that

@@ -2,7 +2,7 @@
 """Write the golden fixtures for the GGML block formats in tl-core.
 
 The reference is `gguf.quants` (gguf-py 0.19.0), whose numpy code dequantizes
-every block type and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly like
+every block type (IQ4_NL and IQ4_XS included) and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly like
 ggml's `dequantize_row_*` / `quantize_row_*_ref`. The Rust test
 `crates/tl-core/tests/quant_fixtures.rs` replays these files without Python.
 
@@ -51,6 +51,8 @@ F16_FIELDS = {
     T.Q4_K: [0, 2],
     T.Q5_K: [0, 2],
     T.Q6_K: [208],
+    T.IQ4_NL: [0],
+    T.IQ4_XS: [0],
 }
 # Random blocks per type: more of the small 32-value blocks, fewer super-blocks.
 RANDOM_BLOCKS = {32: 16, 256: 4}
@@ -214,6 +216,12 @@ def main() -> int:
 
     for ty in [T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0]:
         write(f"quantize_{ty.name}.json", quantize_fixture(rng, ty))
+
+    # The IQ4 types, from a generator of their own so that the fixtures
+    # above keep their bytes.
+    rng_iq = np.random.default_rng(args.seed + 1)
+    for ty in [T.IQ4_NL, T.IQ4_XS]:
+        write(f"dequant_random_{ty.name}.json", dequant_fixture(ty, "random", random_blocks(rng_iq, ty)))
 
     total = sum(os.path.getsize(p) for p in WRITTEN)
     print(f"wrote {len(WRITTEN)} fixtures, {total} bytes, to {OUT_DIR}")

@@ -70,11 +70,17 @@ VARIANTS = [
     ("Q4_K_M", ["--leave-output-tensor"]),
     ("Q3_K_M", ["--output-tensor-type", "Q5_K", "--token-embedding-type", "Q8_0"]),
     ("Q5_K_S", ["--token-embedding-type", "F16"]),
+    # --tensor-type: a manual type skips the mix rules (and their layer
+    # counters: blk.0.attn_v taken out shifts the attn_v choices of Q4_K_M);
+    # the first matching pattern wins; IQ4_XS on 256-wide rows.
+    ("Q4_K_M", ["--tensor-type", "blk\\.0\\.attn_v=Q8_0",
+                "--tensor-type", "ffn_(up|gate)=iq4_nl", "--tensor-type", "ffn_up=Q5_0"]),
+    ("IQ4_XS", ["--tensor-type", "attn_[qk]=IQ4_XS", "--tensor-type", "blk\\.[67]\\.=Q6_K"]),
 ]
 
 # Requantized real models: (model file, file types).
 MODELS = [
-    ("qwen2.5-coder-0.5b-instruct-q4.gguf", ["Q4_K_M", "Q8_0", "Q3_K_M"]),
+    ("qwen2.5-coder-0.5b-instruct-q4.gguf", ["Q4_K_M", "Q8_0", "Q3_K_M", "IQ4_XS"]),
     ("gemma-3-270m-q4_k_m.gguf", ["Q4_K_M", "Q6_K"]),
 ]
 

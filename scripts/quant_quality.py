@@ -42,7 +42,7 @@ MODELS = ["qwen2.5-coder-0.5b-instruct-q4.gguf", "gemma-3-270m-q4_k_m.gguf"]
 # The file types of the table (Q2_K_S is left out: it needs an importance
 # matrix; F32 would repeat F16).
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M",
-         "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+         "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
 # The types measured again with an importance matrix (the low-bit ones,
 # where it matters; Q2_K_S needs one).
 IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K", "Q2_K_S"]
@@ -146,7 +146,33 @@ def main():
                     help="also measure IMATRIX_TYPES with an importance matrix")
     ap.add_argument("--imatrix-only", action="store_true",
                     help="measure only the importance-matrix rows, into the earlier run's JSON")
+    ap.add_argument("--types",
+                    help="comma-separated file types to measure again (or add), into the "
+                         "earlier run's JSON")
     args = ap.parse_args()
+    if args.types:
+        with open(args.json) as f:
+            d = json.load(f)
+        os.makedirs(args.work, exist_ok=True)
+        types = [t.strip() for t in args.types.split(",") if t.strip()]
+        for model in MODELS:
+            base, base_lp = make_base(args, model)
+            rows = d["results"][model]
+            for ftype in types:
+                rows[ftype] = measure_type(args, base, base_lp, model, ftype)
+            order = {t: i for i, t in enumerate(TYPES)}
+            d["results"][model] = dict(sorted(rows.items(), key=lambda kv: order.get(kv[0], 99)))
+            os.remove(base)
+            os.remove(base_lp)
+        commit = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
+        d["note"] = (f"rows {', '.join(types)} measured {datetime.date.today()}, commit {commit}; "
+                     + (d.get("note") or "")).strip("; ")
+        with open(args.json, "w") as f:
+            json.dump(d, f, indent=1)
+            f.write("\n")
+        render(args, d["results"], d["commit"], d["date"], d.get("cpu", "unknown CPU"),
+               d.get("note"), d)
+        return
     if args.render_only or args.imatrix_only:
         with open(args.json) as f:
             d = json.load(f)
@@ -174,17 +200,7 @@ def main():
         base, base_lp = make_base(args, model)
         rows = {}
         for ftype in TYPES:
-            mine = os.path.join(args.work, f"{ftype}.gguf")
-            ref = os.path.join(args.work, f"{ftype}-ref.gguf")
-            run([args.tl, "quantize", base, mine, ftype])
-            reference_quantize(base, ref, ftype)
-            same = sha256_file(mine) == sha256_file(ref)
-            os.remove(ref)
-            r = measure(args.tl, mine, base_lp, TEXT, args.chunk)
-            r["identical_to_llama_cpp"] = same
-            rows[ftype] = r
-            os.remove(mine)
-            print(f"{model} {ftype}: {r}", file=sys.stderr, flush=True)
+            rows[ftype] = measure_type(args, base, base_lp, model, ftype)
         results[model] = rows
         if args.imatrix:
             with_imatrix[model] = imatrix_rows(args, args.tl, base, base_lp, model)
@@ -205,6 +221,22 @@ def main():
         json.dump(d, f, indent=1)
         f.write("\n")
     render(args, results, commit, date, cpu, None, d)
+
+
+def measure_type(args, base, base_lp, model, ftype):
+    """One row of the main table: tl's and llama.cpp's files of `ftype` from
+    the base compared, and tl's measured."""
+    mine = os.path.join(args.work, f"{ftype}.gguf")
+    ref = os.path.join(args.work, f"{ftype}-ref.gguf")
+    run([args.tl, "quantize", base, mine, ftype])
+    reference_quantize(base, ref, ftype)
+    same = sha256_file(mine) == sha256_file(ref)
+    os.remove(ref)
+    r = measure(args.tl, mine, base_lp, TEXT, args.chunk)
+    r["identical_to_llama_cpp"] = same
+    os.remove(mine)
+    print(f"{model} {ftype}: {r}", file=sys.stderr, flush=True)
+    return r
 
 
 def make_base(args, model):

@@ -59,6 +59,12 @@ pub struct QuantizeArgs {
     /// (repeatable).
     #[arg(long, value_name = "NAME", requires = "imatrix")]
     pub exclude_weights: Vec<String>,
+    /// Give the tensors whose name matches PATTERN (a regular expression
+    /// searched in the name, lower-cased first) the type TYPE instead of
+    /// the mix's choice, as llama-quantize's --tensor-type (repeatable; the
+    /// first matching pattern wins).
+    #[arg(long, value_name = "PATTERN=TYPE")]
+    pub tensor_type: Vec<String>,
 }
 
 fn block_type(flag: &str, s: &str) -> anyhow::Result<GgmlType> {
@@ -92,6 +98,12 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|s| block_type("--token-embedding-type", s))
         .transpose()?;
+
+    opts.tensor_types = a
+        .tensor_type
+        .iter()
+        .map(|s| quantize::TensorTypeOverride::parse(s))
+        .collect::<Result<_, _>>()?;
 
     if let Some(path) = &a.imatrix {
         let mut m = Imatrix::load(path)?;

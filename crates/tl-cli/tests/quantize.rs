@@ -195,6 +195,11 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
     );
     // Unknown file type lists the known ones.
     fails_with(&[q.as_os_str(), out.as_os_str(), "Q9_K".as_ref()], "Q4_K_M");
+    // IQ types without a quantizer yet are named as such.
+    fails_with(
+        &[q.as_os_str(), out.as_os_str(), "IQ3_S".as_ref()],
+        "not supported by tl quantize yet",
+    );
     // A mix that needs an importance matrix.
     let synth = d.join("s.gguf");
     assert!(tl()
@@ -214,6 +219,26 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
         &[synth.as_os_str(), out.as_os_str(), "Q2_K_S".as_ref()],
         "importance matrix",
     );
+    // Malformed --tensor-type arguments.
+    for (arg, needle) in [
+        ("attn_v", "expected PATTERN=TYPE"),
+        ("attn_v=", "missing quantization type"),
+        ("=Q8_0", "missing tensor name pattern"),
+        ("attn_v=Q9_K", "unknown tensor type 'Q9_K'"),
+        ("attn_v=Q8_K", "can't write tensors of type Q8_K"),
+        ("attn_(v=Q8_0", "bad regular expression"),
+    ] {
+        fails_with(
+            &[
+                synth.as_os_str(),
+                out.as_os_str(),
+                "Q4_K_M".as_ref(),
+                "--tensor-type".as_ref(),
+                arg.as_ref(),
+            ],
+            needle,
+        );
+    }
     // Not a GGUF file.
     let junk = d.join("junk.gguf");
     std::fs::write(&junk, b"not a model").unwrap();
@@ -292,4 +317,143 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     assert!(line("blk.2.ffn_down.weight").contains("-> Q4_K"));
     assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
     assert!(!out.exists());
+}
+
+#[test]
+fn tensor_type_overrides_replace_the_mix_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let synth = tmp.path().join("s.gguf");
+    assert!(tl()
+        .args([
+            "synth",
+            "--weight-type",
+            "F32",
+            "--output-type",
+            "F32",
+            "--layers",
+            "8",
+            "-o"
+        ])
+        .arg(&synth)
+        .status()
+        .unwrap()
+        .success());
+    let out = tmp.path().join("o.gguf");
+    let run = tl()
+        .arg("quantize")
+        .arg(&synth)
+        .arg(&out)
+        .args([
+            "IQ4_XS",
+            "--dry-run",
+            "--tensor-type",
+            "BLK\\.[01]\\.ffn_down=q8_0",
+            "--tensor-type",
+            "ffn_down=Q4_K",
+            "--tensor-type",
+            "attn_q=IQ4_NL",
+            "--tensor-type",
+            "attn_norm=Q8_0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let text = String::from_utf8_lossy(&run.stdout);
+    let line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+            .to_owned()
+    };
+    // The pattern is lower-cased; the first match wins.
+    assert!(line("blk.0.ffn_down.weight").contains("-> Q8_0"));
+    assert!(line("blk.1.ffn_down.weight").contains("-> Q8_0"));
+    assert!(line("blk.5.ffn_down.weight").contains("-> Q4_K"));
+    assert!(line("blk.3.attn_q.weight").contains("-> IQ4_NL"));
+    // Without a pattern: the IQ4_XS mix.
+    assert!(line("blk.3.ffn_up.weight").contains("-> IQ4_XS"));
+    // Tensors that are never quantized stay as they are.
+    assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
+    assert!(!out.exists());
+}
+
+/// A model quantized to IQ4_NL or IQ4_XS runs on the CPU (perplexity), and
+/// its perplexity stays close to the F32 original's.
+#[test]
+fn iq4_models_run_and_stay_close_to_the_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let synth = d.join("s.gguf");
+    assert!(tl()
+        .args([
+            "synth",
+            "--weight-type",
+            "F32",
+            "--output-type",
+            "F32",
+            "--d-model",
+            "256",
+            "-o"
+        ])
+        .arg(&synth)
+        .status()
+        .unwrap()
+        .success());
+    let text = d.join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog ".repeat(20),
+    )
+    .unwrap();
+    let ppl = |m: &Path| -> f64 {
+        let out = tl()
+            .args(["perplexity", "--chunk", "64", "-f"])
+            .arg(&text)
+            .arg("-m")
+            .arg(m)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        s.strip_prefix("perplexity: ")
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no perplexity in {s}"))
+    };
+    let base = ppl(&synth);
+    assert!(base.is_finite() && base > 1.0, "{base}");
+    for ftype in ["IQ4_NL", "IQ4_XS"] {
+        let out = d.join(format!("{ftype}.gguf"));
+        let run = tl()
+            .arg("quantize")
+            .arg(&synth)
+            .arg(&out)
+            .args([ftype, "-t", "2"])
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let file = GgufFile::open(&out).unwrap();
+        let want = GgmlType::from_name(ftype).unwrap();
+        assert!(
+            file.tensors.iter().any(|t| t.ty == want),
+            "{ftype}: no tensor of that type"
+        );
+        let p = ppl(&out);
+        assert!(
+            p.is_finite() && (p.ln() - base.ln()).abs() < 0.02,
+            "{ftype}: perplexity {p} against {base} for F32"
+        );
+    }
 }

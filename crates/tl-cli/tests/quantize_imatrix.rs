@@ -273,7 +273,7 @@ fn imatrix_quantization_matches_llama_cpp() {
             }
         }
     }
-    assert!(n >= 20, "only {n} cases in the fixture");
+    assert!(n >= 28, "only {n} cases in the fixture");
     assert!(
         diffs.is_empty(),
         "{} differences:\n{}",

@@ -189,6 +189,7 @@ pub fn matmul_with(
     // Prefill of the 32-value types under VNNI: the packed micro-kernel.
     #[cfg(target_arch = "x86_64")]
     let packed = if legacy
+        && ty != GgmlType::IQ4_NL
         && m > PACKED_FROM
         && table.level >= dot::SimdLevel::Avx512Vnni
         && packed_prefill_enabled()
@@ -478,6 +479,9 @@ mod tests {
             (Q5_K, 256),
             (Q3_K, 256),
             (Q2_K, 256),
+            (IQ4_NL, 96),
+            (IQ4_NL, 320),
+            (IQ4_XS, 512),
             (F16, 37),
             (F32, 19),
             (BF16, 8),

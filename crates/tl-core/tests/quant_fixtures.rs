@@ -100,7 +100,7 @@ fn fixtures_cover_every_case() {
         set("dequantize", &|s| s == "random"),
         names(&[
             "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
-            "Q5_K", "Q6_K"
+            "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"
         ])
     );
     let real = names(&["F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]);
@@ -135,7 +135,7 @@ fn dequantize_matches_reference_bit_for_bit() {
         }
         checked += 1;
     }
-    assert!(checked >= 23, "only {checked} dequantize fixtures");
+    assert!(checked >= 25, "only {checked} dequantize fixtures");
 }
 
 #[test]

@@ -31,8 +31,19 @@
 //! `ffn_down` Q4_1/Q5_1, and the output metadata gets llama-quantize's
 //! `quantize.imatrix.*` keys.
 //!
-//! Not here yet: the IQ types (and the mixes made of them), `--tensor-type`
-//! overrides and split files.
+//! IQ4_NL and IQ4_XS are the IQ file types here, with llama.cpp's rules for
+//! them (Q5_K for `attn_v` of GQA >= 4 models and, without an importance
+//! matrix, for the first eighth of `ffn_down`; IQ4_XS falls back to IQ4_NL
+//! for rows that are not whole 256-value super-blocks).
+//!
+//! `--tensor-type PATTERN=TYPE` ([`QuantizeOptions::tensor_types`]) sets the
+//! type of every quantized tensor whose name the pattern (a regular
+//! expression, searched anywhere in the name, as llama-quantize's
+//! `std::regex_search` does) matches, in place of the mix's choice; the
+//! first matching pattern wins, and the row-length fallback still applies.
+//!
+//! Not here yet: the other IQ types (IQ1_*, IQ2_*, IQ3_*), TQ1_0/TQ2_0,
+//! MXFP4, and split files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -49,7 +60,7 @@ use crate::imatrix::Imatrix;
 pub enum QuantizeError {
     #[error("unknown file type '{name}' (known: {known})")]
     UnknownFileType { name: String, known: String },
-    #[error("file type '{name}': the IQ/TQ/MXFP4 types are not supported by tl quantize (supported: {known})")]
+    #[error("file type '{name}': IQ1_*, IQ2_*, IQ3_*, TQ1_0/TQ2_0 and MXFP4 are not supported by tl quantize yet (supported: {known})")]
     UnsupportedFileType { name: String, known: String },
     #[error("tensor '{tensor}': the {ftype} mix quantizes it to {ty}, which needs an importance matrix; pass one with --imatrix FILE")]
     NeedsImatrix {
@@ -85,6 +96,8 @@ pub enum QuantizeError {
     NonFinite { tensor: String, row: usize },
     #[error("tensor '{tensor}': {reason}")]
     Tensor { tensor: String, reason: String },
+    #[error("--tensor-type {pattern}: {reason}")]
+    TensorTypePattern { pattern: String, reason: String },
     #[error("model metadata: {0}")]
     Metadata(String),
     #[error("the output {0} is the input file")]
@@ -153,6 +166,8 @@ file_types! {
     Q5_K_S = 16, "Q5_K_S", Q5_K, "Q5_K throughout";
     Q5_K_M = 17, "Q5_K_M", Q5_K, "Q5_K with Q6_K in half of attn_v and ffn_down";
     Q6_K = 18, "Q6_K", Q6_K, "6.56 bpw";
+    IQ4_NL = 25, "IQ4_NL", IQ4_NL, "4.5 bpw, non-linear levels, scale per 32";
+    IQ4_XS = 30, "IQ4_XS", IQ4_XS, "4.25 bpw, non-linear levels, 6-bit scales per 32 in blocks of 256";
 }
 
 impl std::fmt::Display for FileType {
@@ -175,7 +190,10 @@ impl std::str::FromStr for FileType {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if up.starts_with("IQ") || up.starts_with("TQ") || up.starts_with("MXFP4") {
+        if (up.starts_with("IQ") && !matches!(up.as_str(), "IQ4_NL" | "IQ4_XS"))
+            || up.starts_with("TQ")
+            || up.starts_with("MXFP4")
+        {
             return Err(QuantizeError::UnsupportedFileType {
                 name: s.to_owned(),
                 known: known(),
@@ -217,6 +235,74 @@ pub struct QuantizeOptions {
     /// `--exclude-weights`); one without entries counts as none, as in
     /// llama-quantize.
     pub imatrix: Option<Arc<Imatrix>>,
+    /// llama-quantize's `--tensor-type PATTERN=TYPE`, in order: a quantized
+    /// tensor whose name the first matching pattern matches gets its type
+    /// instead of the mix's (see [`TensorTypeOverride`]).
+    pub tensor_types: Vec<TensorTypeOverride>,
+}
+
+/// One `--tensor-type PATTERN=TYPE`: a regular expression searched in
+/// tensor names (ECMAScript-like syntax, as `std::regex` takes it), and the
+/// type the matching tensors get.
+#[derive(Clone, Debug)]
+pub struct TensorTypeOverride {
+    /// The pattern as given (lower-cased, as llama-quantize lower-cases it).
+    pub pattern: String,
+    pub ty: GgmlType,
+    regex: fancy_regex::Regex,
+}
+
+impl TensorTypeOverride {
+    /// Compiles `pattern` (lower-cased first) for tensors of type `ty`.
+    pub fn new(pattern: &str, ty: GgmlType) -> Result<Self> {
+        let pattern = pattern.to_ascii_lowercase();
+        if pattern.is_empty() {
+            return Err(QuantizeError::TensorTypePattern {
+                pattern,
+                reason: "missing tensor name pattern".into(),
+            });
+        }
+        if !can_write(ty) {
+            return Err(QuantizeError::TensorTypePattern {
+                pattern,
+                reason: format!("can't write tensors of type {ty}"),
+            });
+        }
+        let regex =
+            fancy_regex::Regex::new(&pattern).map_err(|e| QuantizeError::TensorTypePattern {
+                pattern: pattern.clone(),
+                reason: format!("bad regular expression: {e}"),
+            })?;
+        Ok(TensorTypeOverride { pattern, ty, regex })
+    }
+
+    /// Parses llama-quantize's `PATTERN=TYPE` (the type name in any case).
+    pub fn parse(arg: &str) -> Result<Self> {
+        let bad = |reason: &str| QuantizeError::TensorTypePattern {
+            pattern: arg.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (pat, ty) = arg
+            .split_once('=')
+            .ok_or_else(|| bad("expected PATTERN=TYPE"))?;
+        if ty.is_empty() {
+            return Err(bad("missing quantization type"));
+        }
+        let t = GgmlType::from_name(&ty.to_ascii_uppercase())
+            .or_else(|| GgmlType::from_name(ty))
+            .ok_or_else(|| bad(&format!("unknown tensor type '{ty}'")))?;
+        Self::new(pat, t)
+    }
+
+    /// Whether the pattern is found in `name`.
+    pub fn matches(&self, name: &str) -> bool {
+        self.regex.is_match(name).unwrap_or(false)
+    }
+}
+
+/// The type of the first override whose pattern matches `name`.
+fn override_for(overrides: &[TensorTypeOverride], name: &str) -> Option<GgmlType> {
+    overrides.iter().find(|o| o.matches(name)).map(|o| o.ty)
 }
 
 impl QuantizeOptions {
@@ -230,6 +316,7 @@ impl QuantizeOptions {
             token_embedding_type: None,
             threads: 0,
             imatrix: None,
+            tensor_types: Vec::new(),
         }
     }
 
@@ -547,6 +634,7 @@ impl MixState<'_> {
                 F::Q2_K_S if gqa >= 4 => ty = G::Q4_K,
                 F::Q3_K_M => ty = if i < 2 { G::Q5_K } else { G::Q4_K },
                 F::Q3_K_L => ty = G::Q5_K,
+                F::IQ4_NL | F::IQ4_XS if gqa >= 4 => ty = G::Q5_K,
                 F::Q4_K_M | F::Q5_K_M if use_more_bits(i, n) => ty = G::Q6_K,
                 F::Q4_K_S if i < 4 => ty = G::Q5_K,
                 _ => {}
@@ -592,6 +680,7 @@ impl MixState<'_> {
                         ty = G::Q6_K;
                     }
                 }
+                F::IQ4_NL | F::IQ4_XS if i < n / 8 && !self.has_imatrix => ty = G::Q5_K,
                 F::Q5_K_M if use_more_bits(i, n) => ty = G::Q6_K,
                 F::Q4_K_S if !falcon && i < n / 8 => ty = G::Q5_K,
                 // With an importance matrix the first eighth of ffn_down of
@@ -604,7 +693,16 @@ impl MixState<'_> {
         } else if cat == Category::AttnOutput {
             if !falcon {
                 if n_expert == 8 {
-                    if matches!(ft, F::Q2_K | F::Q3_K_S | F::Q3_K_M | F::Q4_K_S | F::Q4_K_M) {
+                    if matches!(
+                        ft,
+                        F::Q2_K
+                            | F::Q3_K_S
+                            | F::Q3_K_M
+                            | F::Q4_K_S
+                            | F::Q4_K_M
+                            | F::IQ4_NL
+                            | F::IQ4_XS
+                    ) {
                         ty = G::Q5_K;
                     }
                 } else {
@@ -643,6 +741,7 @@ fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
         G::Q4_K => G::Q5_0,
         G::Q5_K => G::Q5_1,
         G::Q6_K => G::Q8_0,
+        G::IQ4_XS => G::IQ4_NL,
         other => other,
     };
     if !ncols.is_multiple_of(to.block_size() as u64) {
@@ -694,12 +793,21 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
         let mut fell_back = false;
         let to = if !allows_quantization(&t.name, &t.dims, opts.leave_output_tensor) {
             t.ty
-        } else if let (Some(ty), Category::TokenEmbd) = (opts.token_embedding_type, cat) {
+        } else if let (Some(ty), Category::TokenEmbd, false) = (
+            opts.token_embedding_type,
+            cat,
+            // An explicit --tensor-type naming per_layer_token_embd wins.
+            t.name == "per_layer_token_embd.weight"
+                && override_for(&opts.tensor_types, &t.name).is_some(),
+        ) {
             ty
         } else if let (Some(ty), Category::Output) = (opts.output_tensor_type, cat) {
             ty
         } else if default.is_quantized() {
-            let mixed = if opts.pure {
+            let mixed = if let Some(ty) = override_for(&opts.tensor_types, &t.name) {
+                // A manual type: the mix rules (and their counters) are skipped.
+                ty
+            } else if opts.pure {
                 default
             } else {
                 st.mix(default, &t.name, &t.dims, cat)?
@@ -1060,6 +1168,49 @@ mod tests {
         assert_eq!("f16".parse::<FileType>().ok(), Some(FileType::F16));
         let e = "Q9_X".parse::<FileType>().err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("Q9_X") && e.contains("Q4_K_M")));
+        assert_eq!("iq4_xs".parse::<FileType>().ok(), Some(FileType::IQ4_XS));
+        assert_eq!("25".parse::<FileType>().ok(), Some(FileType::IQ4_NL));
+        for name in ["IQ3_S", "iq2_xxs", "IQ1_M", "TQ1_0", "MXFP4_MOE"] {
+            assert!(
+                matches!(
+                    name.parse::<FileType>(),
+                    Err(QuantizeError::UnsupportedFileType { .. })
+                ),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn tensor_type_patterns() {
+        let o = TensorTypeOverride::parse("BLK\\.1[0-9]\\.ATTN_V=q8_0").unwrap();
+        assert_eq!(o.ty, GgmlType::Q8_0);
+        assert_eq!(o.pattern, "blk\\.1[0-9]\\.attn_v");
+        assert!(o.matches("blk.12.attn_v.weight"));
+        assert!(!o.matches("blk.2.attn_v.weight"));
+        assert!(!o.matches("blk.12.attn_k.weight"));
+        let all = [
+            TensorTypeOverride::parse("ffn_down=IQ4_NL").unwrap(),
+            TensorTypeOverride::parse("ffn=Q6_K").unwrap(),
+        ];
+        assert_eq!(
+            override_for(&all, "blk.0.ffn_down.weight"),
+            Some(GgmlType::IQ4_NL)
+        );
+        assert_eq!(
+            override_for(&all, "blk.0.ffn_up.weight"),
+            Some(GgmlType::Q6_K)
+        );
+        assert_eq!(override_for(&all, "blk.0.attn_q.weight"), None);
+        for bad in ["ffn", "=Q8_0", "ffn=", "ffn=Q7_K", "ffn=Q8_K", "(ffn=Q8_0"] {
+            assert!(
+                matches!(
+                    TensorTypeOverride::parse(bad),
+                    Err(QuantizeError::TensorTypePattern { .. })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -1079,6 +1230,9 @@ mod tests {
         assert_eq!(fallback(G::Q4_K, 4864), (G::Q4_K, false));
         assert_eq!(fallback(G::Q4_K, 80), (G::F16, true));
         assert_eq!(fallback(G::Q8_0, 80), (G::F16, true));
+        assert_eq!(fallback(G::IQ4_XS, 896), (G::IQ4_NL, true));
+        assert_eq!(fallback(G::IQ4_XS, 80), (G::F16, true));
+        assert_eq!(fallback(G::IQ4_NL, 896), (G::IQ4_NL, false));
     }
 
     #[test]

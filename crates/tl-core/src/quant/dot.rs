@@ -2,7 +2,7 @@
 //!
 //! As in ggml-cpu, a matmul against a quantized weight first quantizes the
 //! f32 activations once to the weight type's [`vec_dot_type`] (Q8_0 for
-//! Q4_0/Q5_0/Q8_0, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, the weight's
+//! Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS, the weight's
 //! own type for F32/F16/BF16), then takes integer dot products block by
 //! block and scales each block's integer sum by the two block scales.
 //!
@@ -43,9 +43,9 @@ use crate::quant::{float, Block};
 pub fn vec_dot_type(ty: GgmlType) -> GgmlType {
     use GgmlType::*;
     match ty {
-        Q4_0 | Q5_0 | Q8_0 => Q8_0,
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Q8_0,
         Q4_1 | Q5_1 => Q8_1,
-        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K => Q8_K,
+        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => Q8_K,
         other => other,
     }
 }
@@ -55,7 +55,20 @@ pub fn supports_dot(ty: GgmlType) -> bool {
     use GgmlType::*;
     matches!(
         ty,
-        F32 | F16 | BF16 | Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2_K | Q3_K | Q4_K | Q5_K | Q6_K
+        F32 | F16
+            | BF16
+            | Q4_0
+            | Q4_1
+            | Q5_0
+            | Q5_1
+            | Q8_0
+            | Q2_K
+            | Q3_K
+            | Q4_K
+            | Q5_K
+            | Q6_K
+            | IQ4_NL
+            | IQ4_XS
     )
 }
 
@@ -190,7 +203,7 @@ pub(crate) struct Table {
     kernels: [Kernel; N_DOT_TYPES],
 }
 
-const N_DOT_TYPES: usize = 13;
+const N_DOT_TYPES: usize = 15;
 
 fn slot(ty: GgmlType) -> Option<usize> {
     use GgmlType::*;
@@ -208,6 +221,8 @@ fn slot(ty: GgmlType) -> Option<usize> {
         Q4_K => 10,
         Q5_K => 11,
         Q6_K => 12,
+        IQ4_NL => 13,
+        IQ4_XS => 14,
         _ => return None,
     })
 }
@@ -229,6 +244,8 @@ impl Table {
             scalar_kernel::<10>,
             scalar_kernel::<11>,
             scalar_kernel::<12>,
+            scalar_kernel::<13>,
+            scalar_kernel::<14>,
         ];
         #[cfg(target_arch = "x86_64")]
         x86::install(level, &mut |ty, k| {
@@ -280,7 +297,7 @@ pub(crate) fn table() -> &'static Table {
 const SCALAR_TYPES: [GgmlType; N_DOT_TYPES] = {
     use GgmlType::*;
     [
-        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
     ]
 };
 
@@ -328,6 +345,8 @@ pub fn vec_dot_ref(ty_w: GgmlType, k: usize, w_row: &[u8], act_row: &[u8]) -> f3
         Q4_K => scalar::dot_q4_k(w, a),
         Q5_K => scalar::dot_q5_k(w, a),
         Q6_K => scalar::dot_q6_k(w, a),
+        IQ4_NL => scalar::dot_iq4_nl(w, a),
+        IQ4_XS => scalar::dot_iq4_xs(w, a),
         _ => f32::NAN,
     }
 }

@@ -6,6 +6,7 @@
 //! - [`float`]: F32, F16, BF16 (one value per element, no block).
 //! - [`legacy`]: the 32-value blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1.
 //! - [`k_quants`]: the 256-value super-blocks Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K.
+//! - [`iq4`]: the non-linear 4-bit IQ4_NL (32 values) and IQ4_XS (256).
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
 //!   `make_qkx2_quants`, `make_q3_quants`, `make_qkx3_quants`,
 //!   `make_qp_quants`, `nearest_int`) that the K-quant quantizers share.
@@ -26,6 +27,7 @@
 
 pub mod dot;
 pub mod float;
+pub mod iq4;
 pub mod k_quants;
 pub mod k_search;
 pub mod legacy;
@@ -82,6 +84,8 @@ pub fn is_supported(ty: GgmlType) -> bool {
             | Q5_K
             | Q6_K
             | Q8_K
+            | IQ4_NL
+            | IQ4_XS
     )
 }
 
@@ -114,6 +118,8 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
         Q5_K => dequantize_blocks::<k_quants::BlockQ5K>(src, dst),
         Q6_K => dequantize_blocks::<k_quants::BlockQ6K>(src, dst),
         Q8_K => dequantize_blocks::<k_quants::BlockQ8K>(src, dst),
+        IQ4_NL => dequantize_blocks::<iq4::BlockIQ4NL>(src, dst),
+        IQ4_XS => dequantize_blocks::<iq4::BlockIQ4XS>(src, dst),
         _ => return Err(unsupported(ty, name)),
     }
     Ok(())
@@ -143,6 +149,8 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         Q5_K => quantize_blocks::<k_quants::BlockQ5K>(src, dst),
         Q6_K => quantize_blocks::<k_quants::BlockQ6K>(src, dst),
         Q8_K => quantize_blocks::<k_quants::BlockQ8K>(src, dst),
+        IQ4_NL => quantize_blocks::<iq4::BlockIQ4NL>(src, dst),
+        IQ4_XS => quantize_blocks::<iq4::BlockIQ4XS>(src, dst),
         _ => return Err(unsupported(ty, UNNAMED)),
     }
     Ok(())
@@ -160,7 +168,7 @@ pub fn is_weighted_supported(ty: GgmlType) -> bool {
 /// (one weight per column, `n_per_row` of them) when given.
 ///
 /// As in ggml, with an importance matrix Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to
-/// Q6_K run the weighted `quantize_row_*_impl` quantizers ([`weighted`]);
+/// Q6_K, IQ4_NL and IQ4_XS run the weighted `quantize_row_*_impl` quantizers ([`weighted`]);
 /// F32, F16, BF16 and Q8_0 ignore it; without one every type runs its
 /// reference quantizer, as [`quantize`] does. The same `imatrix` applies to
 /// every row (for a 3-D expert tensor, call this once per expert with that
@@ -221,6 +229,8 @@ pub fn quantize_weighted(
             Q4_K => weighted_row(x, y, qw, weighted::quantize_row_q4_k),
             Q5_K => weighted_row(x, y, qw, weighted::quantize_row_q5_k),
             Q6_K => weighted_row(x, y, qw, weighted::quantize_row_q6_k),
+            IQ4_NL => weighted_row(x, y, qw, iq4::quantize_row_iq4_nl),
+            IQ4_XS => weighted_row(x, y, qw, iq4::quantize_row_iq4_xs),
             _ => return Err(unsupported(ty, UNNAMED)),
         }
     }
@@ -315,6 +325,8 @@ mod tests {
         check::<k_quants::BlockQ5K>();
         check::<k_quants::BlockQ6K>();
         check::<k_quants::BlockQ8K>();
+        check::<iq4::BlockIQ4NL>();
+        check::<iq4::BlockIQ4XS>();
     }
 
     #[test]

@@ -19,6 +19,7 @@
 use bytemuck::Pod;
 use half::f16;
 
+use crate::quant::iq4::{BlockIQ4NL, BlockIQ4XS, KVALUES_IQ4NL};
 use crate::quant::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
 use crate::quant::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 
@@ -423,6 +424,43 @@ pub(crate) unsafe fn dot_q6_k_with(w: &[u8], a: &[u8], lanes: Lanes8) -> f32 {
     let mut sumf = 0.0f32;
     for s in sums {
         sumf += s;
+    }
+    sumf
+}
+
+/// The integer dot of one 16-byte group of IQ4 indices (32 values: low
+/// nibbles first, then high) with 32 activation quants.
+#[inline]
+fn iq4_group(qs: &[u8], q8: &[i8]) -> i32 {
+    let mut sumi1 = 0i32;
+    let mut sumi2 = 0i32;
+    for j in 0..16 {
+        sumi1 += i32::from(q8[j]) * i32::from(KVALUES_IQ4NL[usize::from(qs[j] & 0xF)]);
+        sumi2 += i32::from(q8[j + 16]) * i32::from(KVALUES_IQ4NL[usize::from(qs[j] >> 4)]);
+    }
+    sumi1 + sumi2
+}
+
+/// ggml `ggml_vec_dot_iq4_nl_q8_0_generic`.
+pub fn dot_iq4_nl(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ4NL>(w).zip(blocks::<BlockQ8_0>(a)) {
+        let d = y.d.to_f32() * x.d.to_f32();
+        sumf += d * iq4_group(&x.qs, &y.qs) as f32;
+    }
+    sumf
+}
+
+/// ggml `ggml_vec_dot_iq4_xs_q8_K_generic`.
+pub fn dot_iq4_xs(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ4XS>(w).zip(blocks::<BlockQ8K>(a)) {
+        let d4d8 = x.d.to_f32() * y.d;
+        for ib in 0..QK_K / 32 {
+            let dl = d4d8 * (x.sub_scale(ib) - 32) as f32;
+            let sumi = iq4_group(&x.qs[16 * ib..16 * ib + 16], &y.qs[32 * ib..32 * ib + 32]);
+            sumf += dl * sumi as f32;
+        }
     }
     sumf
 }

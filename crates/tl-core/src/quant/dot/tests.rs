@@ -35,10 +35,10 @@ use tl_gguf::GgmlType;
 use super::*;
 use crate::quant::{dequantize, quantize};
 
-const ALL: [GgmlType; 13] = {
+const ALL: [GgmlType; 15] = {
     use GgmlType::*;
     [
-        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K,
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
     ]
 };
 
@@ -47,7 +47,7 @@ const ALL: [GgmlType; 13] = {
 fn f16_fields(ty: GgmlType) -> (&'static [usize], f32) {
     use GgmlType::*;
     match ty {
-        Q4_0 | Q5_0 | Q8_0 => (&[0], 0.0),
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS => (&[0], 0.0),
         Q4_1 | Q5_1 => (&[0, 2], 1.0),
         Q2_K => (&[80, 82], 15.0),
         Q3_K => (&[108], 0.0),
@@ -296,7 +296,7 @@ proptest! {
 
     #[test]
     fn integer_sums_are_exact(
-        t in 0usize..13, blocks in 1usize..5, rows in 1usize..=MAX_TILE, seed: u64
+        t in 0usize..15, blocks in 1usize..5, rows in 1usize..=MAX_TILE, seed: u64
     ) {
         check_exact(ALL[t], blocks, rows, seed);
     }
@@ -452,6 +452,8 @@ fn vec_dot_types_are_ggml_s() {
         (Q4_K, Q8_K),
         (Q5_K, Q8_K),
         (Q6_K, Q8_K),
+        (IQ4_NL, Q8_0),
+        (IQ4_XS, Q8_K),
     ] {
         assert_eq!(vec_dot_type(w), a, "{w}");
         assert!(supports_dot(w));
@@ -481,6 +483,55 @@ fn reference_kernels_are_the_generic_kernels_bit_for_bit() {
                     );
                 }
             }
+        }
+    }
+}
+
+/// The IQ4 kernels of every level keep the generic float order: they give
+/// the reference's bits on random data, 1..=8 rows at a time, and the
+/// reference is the dequantize-then-dot to within the rounding bound.
+#[test]
+fn iq4_kernels_give_the_reference_bits() {
+    use GgmlType::*;
+    let mut rng = ChaCha8Rng::seed_from_u64(19);
+    for ty in [IQ4_NL, IQ4_XS] {
+        for blocks in [1usize, 7, 9, 17] {
+            let k = k_for(ty, blocks);
+            let w = weight_row(ty, k, &mut rng, false);
+            let acts: Vec<Vec<u8>> = (0..MAX_TILE)
+                .map(|_| act_row(ty, k, &mut rng, false))
+                .collect();
+            let mut levels = tables();
+            levels.push(Table::for_level(SimdLevel::Scalar));
+            for table in &levels {
+                for rows in 1..=MAX_TILE {
+                    let got = kernel_rows(table, ty, k, &w, &acts[..rows]);
+                    for (r, a) in acts[..rows].iter().enumerate() {
+                        let want = vec_dot_ref(ty, k, &w, a);
+                        assert_eq!(
+                            got[r].to_bits(),
+                            want.to_bits(),
+                            "{ty} {:?} k={k} rows={rows} row {r}",
+                            table.level
+                        );
+                    }
+                }
+            }
+            let mut wd = vec![0f32; k];
+            let mut ad = vec![0f32; k];
+            dequantize(ty, &w, &mut wd).unwrap();
+            dequantize(vec_dot_type(ty), &acts[0], &mut ad).unwrap();
+            let exact: f64 = wd
+                .iter()
+                .zip(&ad)
+                .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                .sum();
+            let want = f64::from(vec_dot_ref(ty, k, &w, &acts[0]));
+            let tol = bound(ty, k, &w, &acts[0]);
+            assert!(
+                (want - exact).abs() <= tol,
+                "{ty} k={k}: {want} vs {exact}, tol {tol:e}"
+            );
         }
     }
 }

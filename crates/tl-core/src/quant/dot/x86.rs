@@ -29,6 +29,7 @@ use super::{Kernel, SimdLevel};
 mod avx2;
 mod avx512;
 pub(crate) mod gemm;
+mod iq4;
 pub(crate) mod repack;
 pub(crate) mod repack_k;
 
@@ -36,9 +37,11 @@ pub(crate) mod repack_k;
 pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
     if level >= SimdLevel::Avx2 {
         avx2::install(set);
+        iq4::install_avx2(set);
     }
     if level >= SimdLevel::Avx512Vnni {
         avx512::install(set);
+        iq4::install_avx512(set);
     }
 }
 
@@ -62,6 +65,8 @@ pub(crate) unsafe fn quantize_q8_avx2(act_ty: GgmlType, x: &[f32], out: &mut [u8
 pub(crate) fn install_reference(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
     if level >= SimdLevel::Avx2 {
         avx2::install_reference(set);
+        // The IQ4 kernels keep the generic float order (see `iq4`).
+        iq4::install_avx2(set);
     }
 }
 
