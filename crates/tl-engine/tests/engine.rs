@@ -520,7 +520,19 @@ fn a_lost_device_fails_every_request_and_refuses_new_ones() {
             other => panic!("request {i}: {other:?}"),
         }
     }
-    let why = e.device_lost().expect("the engine reports the lost device");
+    // The engine publishes the lost device after the step that failed the
+    // requests: wait for it (a generous bound; not a timing assertion).
+    let t0 = std::time::Instant::now();
+    let why = loop {
+        if let Some(why) = e.device_lost() {
+            break why;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(30),
+            "the engine never reported the lost device"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
     assert!(why.contains("injected fault"), "{why}");
     let v = e.validate(greedy(prompt(8, 90), 4)).expect("valid");
     assert!(matches!(e.submit(v), Err(EngineError::DeviceLost(_))));
