@@ -275,8 +275,10 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-#[test]
-fn dry_run_prints_the_plan_and_writes_nothing() {
+/// `tl quantize --dry-run` of an 8-layer F32 synthetic model with `args`
+/// (the type first): the plan's line for a tensor, by name prefix. Nothing
+/// may be written.
+fn dry_run_plan(args: &[&str]) -> impl Fn(&str) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let synth = tmp.path().join("s.gguf");
     assert!(tl()
@@ -299,62 +301,8 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
         .arg("quantize")
         .arg(&synth)
         .arg(&out)
-        .args(["Q4_K_M", "--dry-run"])
-        .output()
-        .unwrap();
-    assert!(run.status.success());
-    let text = String::from_utf8_lossy(&run.stdout);
-    // Layer 0 is in the first eighth (Q6_K attn_v and ffn_down); layer 2 is
-    // not among the extra-bit layers (0, 3, 6 and 7 of 8).
-    let line = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .unwrap_or_else(|| panic!("no {name} in {text}"))
-            .to_owned()
-    };
-    assert!(line("blk.0.attn_v.weight").contains("-> Q6_K"));
-    assert!(line("blk.0.ffn_down.weight").contains("-> Q6_K"));
-    assert!(line("blk.2.ffn_down.weight").contains("-> Q4_K"));
-    assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
-    assert!(!out.exists());
-}
-
-#[test]
-fn tensor_type_overrides_replace_the_mix_choice() {
-    let tmp = tempfile::tempdir().unwrap();
-    let synth = tmp.path().join("s.gguf");
-    assert!(tl()
-        .args([
-            "synth",
-            "--weight-type",
-            "F32",
-            "--output-type",
-            "F32",
-            "--layers",
-            "8",
-            "-o"
-        ])
-        .arg(&synth)
-        .status()
-        .unwrap()
-        .success());
-    let out = tmp.path().join("o.gguf");
-    let run = tl()
-        .arg("quantize")
-        .arg(&synth)
-        .arg(&out)
-        .args([
-            "IQ4_XS",
-            "--dry-run",
-            "--tensor-type",
-            "BLK\\.[01]\\.ffn_down=q8_0",
-            "--tensor-type",
-            "ffn_down=Q4_K",
-            "--tensor-type",
-            "attn_q=IQ4_NL",
-            "--tensor-type",
-            "attn_norm=Q8_0",
-        ])
+        .args(args)
+        .arg("--dry-run")
         .output()
         .unwrap();
     assert!(
@@ -362,13 +310,40 @@ fn tensor_type_overrides_replace_the_mix_choice() {
         "{}",
         String::from_utf8_lossy(&run.stderr)
     );
-    let text = String::from_utf8_lossy(&run.stdout);
-    let line = |name: &str| {
+    assert!(!out.exists());
+    let text = String::from_utf8_lossy(&run.stdout).into_owned();
+    move |name: &str| {
         text.lines()
             .find(|l| l.starts_with(name))
             .unwrap_or_else(|| panic!("no {name} in {text}"))
             .to_owned()
-    };
+    }
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_writes_nothing() {
+    let line = dry_run_plan(&["Q4_K_M"]);
+    // Layer 0 is in the first eighth (Q6_K attn_v and ffn_down); layer 2 is
+    // not among the extra-bit layers (0, 3, 6 and 7 of 8).
+    assert!(line("blk.0.attn_v.weight").contains("-> Q6_K"));
+    assert!(line("blk.0.ffn_down.weight").contains("-> Q6_K"));
+    assert!(line("blk.2.ffn_down.weight").contains("-> Q4_K"));
+    assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
+}
+
+#[test]
+fn tensor_type_overrides_replace_the_mix_choice() {
+    let line = dry_run_plan(&[
+        "IQ4_XS",
+        "--tensor-type",
+        "BLK\\.[01]\\.ffn_down=q8_0",
+        "--tensor-type",
+        "ffn_down=Q4_K",
+        "--tensor-type",
+        "attn_q=IQ4_NL",
+        "--tensor-type",
+        "attn_norm=Q8_0",
+    ]);
     // The pattern is lower-cased; the first match wins.
     assert!(line("blk.0.ffn_down.weight").contains("-> Q8_0"));
     assert!(line("blk.1.ffn_down.weight").contains("-> Q8_0"));
@@ -378,7 +353,6 @@ fn tensor_type_overrides_replace_the_mix_choice() {
     assert!(line("blk.3.ffn_up.weight").contains("-> IQ4_XS"));
     // Tensors that are never quantized stay as they are.
     assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
-    assert!(!out.exists());
 }
 
 /// A model quantized to IQ4_NL or IQ4_XS runs on the CPU (perplexity), and
