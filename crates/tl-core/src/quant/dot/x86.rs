@@ -26,6 +26,27 @@ use tl_gguf::GgmlType;
 
 use super::{Kernel, SimdLevel};
 
+/// A kernel entry `$name` that runs `$body::<R>` for the call's 1..=8
+/// rows (the row count a const generic, so each tile size is its own
+/// unrolled loop). Defined before the kernel modules, which all use it.
+macro_rules! k_entry {
+    ($name:ident, $body:ident) => {
+        /// Kernel entry; see [`Kernel`] for the contract.
+        unsafe fn $name(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
+            match out.len() {
+                1 => $body::<1>(k, w, acts, row0, out),
+                2 => $body::<2>(k, w, acts, row0, out),
+                3 => $body::<3>(k, w, acts, row0, out),
+                4 => $body::<4>(k, w, acts, row0, out),
+                5 => $body::<5>(k, w, acts, row0, out),
+                6 => $body::<6>(k, w, acts, row0, out),
+                7 => $body::<7>(k, w, acts, row0, out),
+                _ => $body::<8>(k, w, acts, row0, out),
+            }
+        }
+    };
+}
+
 mod avx2;
 mod avx512;
 pub(crate) mod gemm;

@@ -428,24 +428,6 @@ fn mins_x2(mn: &[u8; 8]) -> __m256i {
     _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m))
 }
 
-macro_rules! k_entry {
-    ($name:ident, $body:ident) => {
-        /// Kernel entry; see [`Kernel`] for the contract.
-        unsafe fn $name(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
-            match out.len() {
-                1 => $body::<1>(k, w, acts, row0, out),
-                2 => $body::<2>(k, w, acts, row0, out),
-                3 => $body::<3>(k, w, acts, row0, out),
-                4 => $body::<4>(k, w, acts, row0, out),
-                5 => $body::<5>(k, w, acts, row0, out),
-                6 => $body::<6>(k, w, acts, row0, out),
-                7 => $body::<7>(k, w, acts, row0, out),
-                _ => $body::<8>(k, w, acts, row0, out),
-            }
-        }
-    };
-}
-
 /// Q4_K or Q5_K (`FIVE`) against Q8_K: ggml `ggml_vec_dot_q4_K_q8_K` /
 /// `ggml_vec_dot_q5_K_q8_K`, AVX2 branch, with exact per-block sums.
 ///

@@ -129,24 +129,6 @@ const Q8K_BYTES: usize = 292;
 const Q8K_QS: usize = 4;
 const Q8K_BSUMS: usize = 4 + 256;
 
-macro_rules! k_entry {
-    ($name:ident, $body:ident) => {
-        /// Kernel entry; see [`Kernel`] for the contract.
-        unsafe fn $name(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
-            match out.len() {
-                1 => $body::<1>(k, w, acts, row0, out),
-                2 => $body::<2>(k, w, acts, row0, out),
-                3 => $body::<3>(k, w, acts, row0, out),
-                4 => $body::<4>(k, w, acts, row0, out),
-                5 => $body::<5>(k, w, acts, row0, out),
-                6 => $body::<6>(k, w, acts, row0, out),
-                7 => $body::<7>(k, w, acts, row0, out),
-                _ => $body::<8>(k, w, acts, row0, out),
-            }
-        }
-    };
-}
-
 /// 32 lanes of i16 (or bytes, `BYTES`): `lo` in the low half, `hi` in the
 /// high half.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]

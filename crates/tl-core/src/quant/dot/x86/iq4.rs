@@ -197,33 +197,8 @@ macro_rules! iq4_kernels {
             out[..R].copy_from_slice(&sumf);
         }
 
-        /// Kernel entry; see [`Kernel`] for the contract.
-        unsafe fn $nl(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
-            match out.len() {
-                1 => $nl_body::<1>(k, w, acts, row0, out),
-                2 => $nl_body::<2>(k, w, acts, row0, out),
-                3 => $nl_body::<3>(k, w, acts, row0, out),
-                4 => $nl_body::<4>(k, w, acts, row0, out),
-                5 => $nl_body::<5>(k, w, acts, row0, out),
-                6 => $nl_body::<6>(k, w, acts, row0, out),
-                7 => $nl_body::<7>(k, w, acts, row0, out),
-                _ => $nl_body::<8>(k, w, acts, row0, out),
-            }
-        }
-
-        /// Kernel entry; see [`Kernel`] for the contract.
-        unsafe fn $xs(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
-            match out.len() {
-                1 => $xs_body::<1>(k, w, acts, row0, out),
-                2 => $xs_body::<2>(k, w, acts, row0, out),
-                3 => $xs_body::<3>(k, w, acts, row0, out),
-                4 => $xs_body::<4>(k, w, acts, row0, out),
-                5 => $xs_body::<5>(k, w, acts, row0, out),
-                6 => $xs_body::<6>(k, w, acts, row0, out),
-                7 => $xs_body::<7>(k, w, acts, row0, out),
-                _ => $xs_body::<8>(k, w, acts, row0, out),
-            }
-        }
+        k_entry!($nl, $nl_body);
+        k_entry!($xs, $xs_body);
     };
 }
 
