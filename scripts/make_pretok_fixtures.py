@@ -52,19 +52,23 @@ EXTRA = [
 ]
 
 
-def write_vocab_gguf(src: gguf.GGUFReader, pre: str, path: str):
-    arch = src.fields["general.architecture"].contents()
-    w = gguf.GGUFWriter(path, arch)
+def copy_fields(src: gguf.GGUFReader, w: gguf.GGUFWriter, skip):
+    """Every metadata field of `src` but the header ones, the architecture
+    and those `skip(name)` is true for, into `w`."""
     for name, field in src.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture":
-            continue
-        if name == "tokenizer.ggml.pre":
+        if name.startswith("GGUF.") or name == "general.architecture" or skip(name):
             continue
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
             w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
         else:
             w.add_key_value(name, field.contents(), vtype)
+
+
+def write_vocab_gguf(src: gguf.GGUFReader, pre: str, path: str):
+    arch = src.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(path, arch)
+    copy_fields(src, w, lambda name: name == "tokenizer.ggml.pre")
     w.add_key_value("tokenizer.ggml.pre", pre, gguf.GGUFValueType.STRING)
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -30,6 +30,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from make_tokenizer_fixtures import CORPUS, MODEL_DIR, MODELS, random_corpus, tokenize  # noqa: E402
+from make_pretok_fixtures import copy_fields  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "crates/tl-tokenizer/tests/fixtures/ugm_tokenizer.json"
@@ -70,14 +71,7 @@ def train(d: str) -> model_pb2.ModelProto:
 def write_gguf(src: gguf.GGUFReader, m, v, path: str):
     arch = src.fields["general.architecture"].contents()
     w = gguf.GGUFWriter(path, arch)
-    for name, field in src.fields.items():
-        if name.startswith("GGUF.") or name == "general.architecture" or name.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            w.add_key_value(name, field.contents(), vtype, sub_type=field.types[-1])
-        else:
-            w.add_key_value(name, field.contents(), vtype)
+    copy_fields(src, w, lambda name: name.startswith("tokenizer."))
     w.add_tokenizer_model("t5")
     w.add_token_list([p.piece for p in m.pieces])
     w.add_token_scores([p.score for p in m.pieces])
