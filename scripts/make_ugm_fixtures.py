@@ -12,6 +12,8 @@ variants (charsmap + merged spaces; no charsmap, spaces kept; no space
 prefix), tokenizes a corpus with llama.cpp, and stores vocabulary and ids in
 crates/tl-tokenizer/tests/fixtures/ugm_tokenizer.json.
 tests/ugm_parity.rs rebuilds the same metadata and must produce the same ids.
+(SentencePiece trains on several threads, so a rerun may learn a slightly
+different vocabulary; the fixture carries its own, so any run's is valid.)
 
     ~/.cache/tensorlogic/venv/bin/pip install sentencepiece protobuf
     ~/.cache/tensorlogic/venv/bin/python scripts/make_ugm_fixtures.py

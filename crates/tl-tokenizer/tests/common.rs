@@ -14,3 +14,12 @@ pub fn fixture(name: &str) -> serde_json::Value {
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
+
+/// A fixture's array of strings.
+pub fn strs(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not an array: {v}"))
+        .iter()
+        .map(|t| t.as_str().unwrap_or_else(|| panic!("not a string: {t}")))
+        .collect()
+}

@@ -16,12 +16,7 @@ use tl_tokenizer::{EncodeOptions, TokenId, Tokenizer};
 fn every_pre_tokenizer_set_matches_llama_cpp() {
     let fx = common::fixture("pretok.json");
     let gguf = GgufFile::open(common::model_path(fx["vocab_from"].as_str().unwrap())).unwrap();
-    let texts: Vec<&str> = fx["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts: Vec<&str> = common::strs(&fx["texts"]);
     let mut failures = Vec::new();
     let mut checked = 0;
     for (name, entry) in fx["names"].as_object().unwrap() {

@@ -96,12 +96,7 @@ fn tokenizer(fx: &serde_json::Value, v: &serde_json::Value) -> Tokenizer {
 #[test]
 fn unigram_ids_match_llama_cpp() {
     let fx = common::fixture("ugm_tokenizer.json");
-    let texts: Vec<&str> = fx["texts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let texts: Vec<&str> = common::strs(&fx["texts"]);
     let mut failures = Vec::new();
     let mut checked = 0;
     for v in fx["variants"].as_array().unwrap() {

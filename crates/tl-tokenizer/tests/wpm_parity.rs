@@ -55,12 +55,7 @@ fn tokenizer(fx: &serde_json::Value, lowercase: Option<bool>, strip: Option<bool
 #[test]
 fn wordpiece_ids_match_llama_cpp() {
     let fx = common::fixture("wpm_tokenizer.json");
-    let corpus: Vec<&str> = fx["corpus"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let corpus: Vec<&str> = common::strs(&fx["corpus"]);
     let mut failures = Vec::new();
     let mut checked = 0;
     for v in fx["variants"].as_array().unwrap() {
