@@ -60,8 +60,10 @@ pub(super) struct CudaExec<'a> {
     pub(super) pending_ffn: Option<usize>,
     /// Prefill attention tiles in the step metadata (0 on decode steps).
     pub(super) n_tiles: usize,
-    /// How `fa_prefill` splits each tile's keys: (splits, keys a split).
-    pub(super) fa_split: (usize, usize),
+    /// A prefill step whose attention runs on `fa_prefill` (f16 cache,
+    /// head dim 64/128, not turned off): how it splits each tile's keys,
+    /// (splits, keys a split). `None`: the per-row kernel.
+    pub(super) fa_split: Option<(usize, usize)>,
 }
 
 /// How a prefill step's `fa_prefill` spreads each tile's keys over blocks,
@@ -576,20 +578,18 @@ impl Exec for CudaExec<'_> {
                 "attention kernel: head dim {hd} (64, 128 or 256 supported)"
             )));
         }
-        // Prefill of an f16 cache with head dim 64/128 on the tensor cores;
-        // `chunk` then is keys per split, else the per-row kernel's chunk.
-        let fa =
-            self.n_tiles > 0 && self.kv.ty == KvType::F16 && matches!(hd, 64 | 128) && fa_prefill();
+        // On the tensor cores `chunk` is keys per split, else the per-row
+        // kernel's chunk.
+        let fa = self.fa_split;
         let args = AttnArgs {
             n_heads: c.n_heads as i32,
             n_kv_heads: c.n_kv_heads as i32,
             max_blocks: self.stride as i32,
             window: p.window.map_or(0, |w| w as i32),
             scale: p.scale,
-            chunk: if fa {
-                self.fa_split.1 as i32
-            } else {
-                attn_chunks(self.n, self.stride).0 as i32
+            chunk: match fa {
+                Some((_, per)) => per as i32,
+                None => attn_chunks(self.n, self.stride).0 as i32,
             },
             v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
         };
@@ -599,8 +599,8 @@ impl Exec for CudaExec<'_> {
         let smem = ((2 * groups + groups * hd) * 4) as u32;
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
-        if fa {
-            let splits = self.fa_split.0.max(1);
+        if let Some((splits, _)) = fa {
+            let splits = splits.max(1);
             self.l(
                 &format!("fa_prefill_{hd}"),
                 (self.n_tiles as u32, c.n_heads as u32, splits as u32),

@@ -455,14 +455,13 @@ impl CudaModel {
                 r = e;
             }
         }
-        let fa = kv.ty == KvType::F16 && matches!(c.head_dim, 64 | 128) && exec::fa_prefill();
-        let fa_split = if fa {
-            exec::fa_split(n_tiles * c.n_heads, max_keys, gpu.sm_count)
-        } else {
-            (1, 0)
-        };
-        if fa_split.0 > 1 {
-            let need = n * c.n_heads * fa_split.0 * (c.head_dim + 2) * 4;
+        let fa_split = (n_tiles > 0
+            && kv.ty == KvType::F16
+            && matches!(c.head_dim, 64 | 128)
+            && exec::fa_prefill())
+        .then(|| exec::fa_split(n_tiles * c.n_heads, max_keys, gpu.sm_count));
+        if let Some((splits @ 2.., _)) = fa_split {
+            let need = n * c.n_heads * splits * (c.head_dim + 2) * 4;
             if cs.attn_part.as_ref().map_or(0, |b| b.bytes) < need {
                 cs.attn_part = Some(
                     gpu.alloc(need.next_power_of_two(), "attention partial states")
