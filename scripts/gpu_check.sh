@@ -19,8 +19,9 @@
 #                                     # tensor-core attention off and on (TL_CUDA_FA),
 #                                     # beside llama-bench, and the stage profiles,
 #                                     # after the tests (run with TL_CUDA_FA=1)
-#   bash scripts/gpu_check.sh batch   # batched decode (tl bench --batch, tensor-core
-#                                     # products on and off) beside llama-batched-bench,
+#   bash scripts/gpu_check.sh batch   # batched decode (tl bench --batch, staged and direct
+#                                     # tensor-core products, and off; PROFILE=1: stage
+#                                     # profiles at batch 64) beside llama-batched-bench,
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
@@ -251,8 +252,16 @@ if [ "$mode" = batch ]; then
     [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
     echo "== $m: tl bench --batch $B t=${SECONDS}s"
     TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
+    echo "-- direct tensor-core products (TL_CUDA_MMQS=0), batch $B"
+    TL_CUDA_MMQS=0 TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
     echo "-- 8-row GEMVs only (TL_CUDA_MMQ_MIN=65), batch 16,64"
     TL_CUDA_MMQ_MIN=65 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch 16,64 2>&1 | grep -E 'tg128|rror'
+    if [ -n "${PROFILE:-}" ]; then
+      for s in 1 0; do
+        echo "-- stage profile, batch 64, TL_CUDA_MMQS=$s"
+        TL_CUDA_MMQS=$s TL_CUDA_PROFILE=1 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 32 -r 1 --batch 64 2>&1 | grep -E '^\|' | tail -n +3 | head -14
+      done
+    fi
     if [ -n "$LB" ]; then
       echo "== $m: llama-batched-bench -npl $B t=${SECONDS}s"
       LD_LIBRARY_PATH=$LB timeout 120 "$LB/llama-batched-bench" -m "$f" -ngl 99 -fa 1 -npp 128 -ntg 128 \

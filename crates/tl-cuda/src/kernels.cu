@@ -791,6 +791,323 @@ MMQ(mmq_q5_1, T_Q5_1)
 MMQ(mmq_q5_k, T_Q5_K)
 
 // ---------------------------------------------------------------------------
+// The same tensor-core products with their operands staged in shared
+// memory (`mmqs_*`): a block of 4 warps owns 64 weight rows and walks K in
+// chunks (128 values; 256 for the K-quants), copying each chunk of its
+// weight rows (every component array) and of the ≤ 64 activation rows into
+// shared memory with cp.async, three chunks in flight, while its warps
+// multiply the chunk copied before. The direct kernel above issues each
+// lane's 4-byte loads straight from global memory one K block at a time,
+// with too few bytes in flight to cover the memory's latency (1.5B shape,
+// 64 rows: gate_up at ≈10% of the card's bandwidth); here every load is a
+// 16-byte copy issued chunks ahead. Row strides in shared memory are
+// padded (≡ 16 mod 32 bytes) so that the 8 rows a warp reads at once fall
+// in different banks. Narrow products split K over grid.y: each split
+// writes its partial sums, and the last split of a row tile to finish (a
+// counter per tile, reset by that block) adds them in split order and
+// writes the output, so the result does not depend on timing.
+
+template <int T> __device__ __forceinline__ constexpr int mmqs_ch() {
+    return (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) ? 256 : 128;
+}
+
+// Bytes of component array c (p0..p3) per weight row per chunk.
+template <int T> __device__ __forceinline__ constexpr int mmqs_bytes(int c) {
+    return T == T_Q8_0   ? (c == 0 ? 128 : c == 1 ? 8 : 0)
+         : T == T_Q4_0   ? (c == 0 ? 64 : c == 1 ? 8 : 0)
+         : T == T_Q5_0   ? (c == 0 ? 64 : c == 1 ? 8 : c == 2 ? 16 : 0)
+         : T == T_Q4_1   ? (c == 0 ? 64 : c == 1 ? 8 : c == 3 ? 8 : 0)
+         : T == T_Q5_1   ? (c == 0 ? 64 : c == 1 ? 8 : c == 2 ? 16 : 8)
+         : T == T_Q4_K   ? (c == 0 ? 144 : 0)
+         : T == T_Q5_K   ? (c == 0 ? 176 : 0)
+         : /* Q6_K */      (c == 0 ? 128 : c == 1 ? 2 : c == 2 ? 64 : 16);
+}
+
+// Shared-memory row stride of a component of b bytes a row.
+__device__ __forceinline__ constexpr int mmqs_stride(int b) {
+    return b == 0 ? 0 : b < 8 ? 4 : b < 16 ? b : (b % 32 == 16 ? b : b + 16);
+}
+
+#define MMQS_ROWS 64
+#define MMQS_STAGES 3
+
+// Bytes of one stage: the weight components for 64 rows, then mt
+// activation rows and their scales.
+template <int T> __device__ __forceinline__ int mmqs_stage_bytes(int mt) {
+    constexpr int CH = mmqs_ch<T>();
+    int b = 0;
+#pragma unroll
+    for (int c = 0; c < 4; c++) b += MMQS_ROWS * mmqs_stride(mmqs_bytes<T>(c));
+    return b + mt * (CH + 16) + mt * mmqs_stride(CH / 8);
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+    unsigned a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async8(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem_addr(dst)), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Issues the copies of chunk `ck` (rows r0.., activation rows 0..mt) into
+// stage buffer `sm`.
+template <int T>
+__device__ __forceinline__ void mmqs_stage(const W& w, unsigned char* sm, const signed char* xq, const float* xd,
+                                           long r0, int N, int K, int M, int mt, int ck) {
+    constexpr int CH = mmqs_ch<T>();
+    const int tid = threadIdx.x;
+    const unsigned char* src[4] = {w.p0, w.p1, w.p2, w.p3};
+    unsigned char* p = sm;
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        const int b = mmqs_bytes<T>(c), s = mmqs_stride(b);
+        if (b == 0) continue;
+        const long rowb = (long)(K / CH) * b;
+        const unsigned char* g = src[c] + (long)ck * b;
+        if (b % 16 == 0) {
+            const int per = b / 16;
+            for (int i = tid; i < MMQS_ROWS * per; i += 128) {
+                const int r = i / per, u = i - r * per;
+                const long gr = min(r0 + r, (long)N - 1);
+                cp_async16(p + r * s + u * 16, g + gr * rowb + u * 16);
+            }
+        } else if (b == 8) {
+            for (int r = tid; r < MMQS_ROWS; r += 128) {
+                const long gr = min(r0 + r, (long)N - 1);
+                cp_async8(p + r * s, g + gr * rowb);
+            }
+        } else {
+            // Q6_K's one f16 scale a row: a plain copy, visible after the
+            // barrier that precedes this stage's use.
+            for (int r = tid; r < MMQS_ROWS; r += 128) {
+                const long gr = min(r0 + r, (long)N - 1);
+                *(unsigned short*)(p + r * s) = *(const unsigned short*)(g + gr * rowb);
+            }
+        }
+        p += MMQS_ROWS * s;
+    }
+    const int xs = CH + 16, ds = mmqs_stride(CH / 8);
+    for (int i = tid; i < mt * (CH / 16); i += 128) {
+        const int r = i / (CH / 16), u = i - r * (CH / 16);
+        const long gr = min(r, M - 1);
+        cp_async16(p + r * xs + u * 16, xq + gr * K + (long)ck * CH + u * 16);
+    }
+    p += mt * xs;
+    for (int i = tid; i < mt * (CH / 128); i += 128) {
+        const int r = i / (CH / 128), u = i - r * (CH / 128);
+        const long gr = min(r, M - 1);
+        cp_async16(p + r * ds + u * 16, (const unsigned char*)xd + (gr * (K / 32) + (long)ck * (CH / 32)) * 4 + u * 16);
+    }
+}
+
+// mmq_load's unpacking, from a staged chunk: local row r, block kb of the
+// chunk.
+template <int T>
+__device__ __forceinline__ APart mmqs_load(const unsigned char* sm, int r, int kb, int tig) {
+    constexpr int s0 = mmqs_stride(mmqs_bytes<T>(0)), s1 = mmqs_stride(mmqs_bytes<T>(1)),
+                  s2 = mmqs_stride(mmqs_bytes<T>(2)), s3 = mmqs_stride(mmqs_bytes<T>(3));
+    const unsigned char* p0 = sm;
+    const unsigned char* p1 = p0 + MMQS_ROWS * s0;
+    const unsigned char* p2 = p1 + MMQS_ROWS * s1;
+    const unsigned char* p3 = p2 + MMQS_ROWS * s2;
+    APart a;
+    a.m = 0.0f;
+    if (T == T_Q8_0) {
+        const unsigned char* q = p0 + r * s0 + kb * 32 + 4 * tig;
+        a.lo = ld_int(q, 0);
+        a.hi = ld_int(q, 16);
+        a.s0 = a.s1 = h2f(p1 + r * s1, kb);
+    } else if (T == T_Q4_0 || T == T_Q5_0 || T == T_Q4_1 || T == T_Q5_1) {
+        int q = ld_int(p0 + r * s0, kb * 16 + 4 * tig);
+        a.lo = q & 0x0F0F0F0F;
+        a.hi = (q >> 4) & 0x0F0F0F0F;
+        if (T == T_Q5_0 || T == T_Q5_1) {
+            unsigned qh = ((const unsigned*)(p2 + r * s2))[kb];
+            a.lo |= spread4((qh >> (4 * tig)) & 0xF);
+            a.hi |= spread4((qh >> (16 + 4 * tig)) & 0xF);
+        }
+        if (T == T_Q4_0) { a.lo = __vsubss4(a.lo, 0x08080808); a.hi = __vsubss4(a.hi, 0x08080808); }
+        if (T == T_Q5_0) { a.lo = __vsubss4(a.lo, 0x10101010); a.hi = __vsubss4(a.hi, 0x10101010); }
+        a.s0 = a.s1 = h2f(p1 + r * s1, kb);
+        if (T == T_Q4_1 || T == T_Q5_1) a.m = h2f(p3 + r * s3, kb);
+    } else if (T == T_Q4_K || T == T_Q5_K) {
+        const int qs = T == T_Q4_K ? 16 : 48;
+        const unsigned char* blk = p0 + r * s0;
+        const unsigned char* q = blk + qs + 32 * (kb / 2) + 4 * tig;
+        int sh = 4 * (kb & 1);
+        a.lo = (ld_int(q, 0) >> sh) & 0x0F0F0F0F;
+        a.hi = (ld_int(q, 16) >> sh) & 0x0F0F0F0F;
+        if (T == T_Q5_K) {
+            a.lo |= ((ld_int(blk, 16 + 4 * tig) >> kb) & 0x01010101) << 4;
+            a.hi |= ((ld_int(blk, 32 + 4 * tig) >> kb) & 0x01010101) << 4;
+        }
+        __half2 dm = *(const __half2*)blk;
+        int sc, mn;
+        scale_min_k4(kb, blk + 4, &sc, &mn);
+        a.s0 = a.s1 = __low2float(dm) * sc;
+        a.m = -__high2float(dm) * mn;
+    } else if (T == T_Q6_K) {
+        int n = kb / 4, k = kb % 4;
+        const unsigned char* ql = p0 + r * s0 + n * 64 + (k & 1) * 32 + 4 * tig;
+        const unsigned char* qh = p2 + r * s2 + n * 32 + 4 * tig;
+        int sh = k >= 2 ? 4 : 0;
+        a.lo = __vsubss4(((ld_int(ql, 0) >> sh) & 0x0F0F0F0F) | (((ld_int(qh, 0) >> (2 * k)) & 0x03030303) << 4),
+                         0x20202020);
+        a.hi = __vsubss4(((ld_int(ql, 16) >> sh) & 0x0F0F0F0F) | (((ld_int(qh, 16) >> (2 * k)) & 0x03030303) << 4),
+                         0x20202020);
+        const signed char* sc = (const signed char*)(p3 + r * s3) + n * 8 + 2 * k;
+        float d = h2f(p1 + r * s1, 0);
+        a.s0 = d * sc[0];
+        a.s1 = d * sc[1];
+    }
+    return a;
+}
+
+// grid (ceil(N / 64), splits); 128 threads; dynamic shared memory
+// MMQS_STAGES · mmqs_stage_bytes(mt). part: splits · M · N floats, cnt: one
+// zeroed counter per row tile (both unused when splits == 1).
+template <int T>
+__device__ void mmqs(W w, const signed char* xq, const float* xd, float* out, int N, int K, int ldo, int M,
+                     float* part, int* cnt) {
+    extern __shared__ __align__(16) unsigned char mmqs_smem[];
+    constexpr int CH = mmqs_ch<T>(), KB = CH / 32;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, tig = lane & 3;
+    const long r0 = (long)blockIdx.x * MMQS_ROWS;
+    const int mt = min(64, (M + 7) & ~7), nt = mt / 8;
+    const int stage = mmqs_stage_bytes<T>(mt);
+    const int nch = K / CH, splits = gridDim.y;
+    const int per = (nch + splits - 1) / splits, c0 = blockIdx.y * per, c1 = min(nch, c0 + per);
+    const int n = max(c1 - c0, 0);
+    constexpr int wbytes = MMQS_ROWS * (mmqs_stride(mmqs_bytes<T>(0)) + mmqs_stride(mmqs_bytes<T>(1)) +
+                                        mmqs_stride(mmqs_bytes<T>(2)) + mmqs_stride(mmqs_bytes<T>(3)));
+    const int xs = CH + 16, ds = mmqs_stride(CH / 8);
+    const bool has_min = T == T_Q4_1 || T == T_Q5_1 || T == T_Q4_K || T == T_Q5_K;
+    float acc[8][4];
+#pragma unroll
+    for (int t = 0; t < 8; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < MMQS_STAGES - 1; s++) {
+        if (s < n) mmqs_stage<T>(w, mmqs_smem + s * stage, xq, xd, r0, N, K, M, mt, c0 + s);
+        cp_async_commit();
+    }
+    const int ra = warp * 16 + g, rb = ra + 8;
+    for (int i = 0; i < n; i++) {
+        cp_async_wait<MMQS_STAGES - 2>();
+        __syncthreads();
+        if (i + MMQS_STAGES - 1 < n)
+            mmqs_stage<T>(w, mmqs_smem + ((i + MMQS_STAGES - 1) % MMQS_STAGES) * stage, xq, xd, r0, N, K, M, mt,
+                          c0 + i + MMQS_STAGES - 1);
+        cp_async_commit();
+        const unsigned char* sm = mmqs_smem + (i % MMQS_STAGES) * stage;
+        const unsigned char* xs_ = sm + wbytes;
+        const float* xd_ = (const float*)(xs_ + mt * xs);
+#pragma unroll
+        for (int kb = 0; kb < KB; kb++) {
+            APart pa = mmqs_load<T>(sm, ra, kb, tig), pb = mmqs_load<T>(sm, rb, kb, tig);
+#pragma unroll
+            for (int t = 0; t < 8; t++) {
+                if (t < nt) {
+                    const unsigned char* xr = xs_ + (8 * t + g) * xs + kb * 32 + 4 * tig;
+                    int b0 = ld_int(xr, 0), b1 = ld_int(xr, 16);
+                    float d0 = xd_[(8 * t + 2 * tig) * (ds / 4) + kb];
+                    float d1 = xd_[(8 * t + 2 * tig + 1) * (ds / 4) + kb];
+                    int c[4];
+                    if (T == T_Q6_K) {
+                        int e[4];
+                        mma_k16(c, pa.lo, pb.lo, b0);
+                        mma_k16(e, pa.hi, pb.hi, b1);
+                        acc[t][0] += ((float)c[0] * pa.s0 + (float)e[0] * pa.s1) * d0;
+                        acc[t][1] += ((float)c[1] * pa.s0 + (float)e[1] * pa.s1) * d1;
+                        acc[t][2] += ((float)c[2] * pb.s0 + (float)e[2] * pb.s1) * d0;
+                        acc[t][3] += ((float)c[3] * pb.s0 + (float)e[3] * pb.s1) * d1;
+                    } else {
+                        mma_k32(c, pa.lo, pb.lo, pa.hi, pb.hi, b0, b1);
+                        acc[t][0] += (float)c[0] * pa.s0 * d0;
+                        acc[t][1] += (float)c[1] * pa.s0 * d1;
+                        acc[t][2] += (float)c[2] * pb.s0 * d0;
+                        acc[t][3] += (float)c[3] * pb.s0 * d1;
+                        if (has_min) {
+                            int sx[4];
+                            mma_k32(sx, 0x01010101, 0x01010101, 0x01010101, 0x01010101, b0, b1);
+                            acc[t][0] += pa.m * d0 * (float)sx[0];
+                            acc[t][1] += pa.m * d1 * (float)sx[1];
+                            acc[t][2] += pb.m * d0 * (float)sx[0];
+                            acc[t][3] += pb.m * d1 * (float)sx[1];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();
+    const long rw = r0 + warp * 16 + g;
+    if (splits == 1) {
+#pragma unroll
+        for (int t = 0; t < 8; t++) {
+            if (t < nt) {
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    long r = rw + (i >= 2 ? 8 : 0);
+                    int m = 8 * t + 2 * tig + (i & 1);
+                    if (r < N && m < M) out[(long)m * ldo + r] = acc[t][i];
+                }
+            }
+        }
+        return;
+    }
+    // Split K: this split's sums to part[split][m][r]; the tile's last
+    // split adds them up in order.
+    float* mine = part + (long)blockIdx.y * M * N;
+#pragma unroll
+    for (int t = 0; t < 8; t++) {
+        if (t < nt) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                long r = rw + (i >= 2 ? 8 : 0);
+                int m = 8 * t + 2 * tig + (i & 1);
+                if (r < N && m < M) mine[(long)m * N + r] = acc[t][i];
+            }
+        }
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd(&cnt[blockIdx.x], 1) == splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int rows = (int)min((long)MMQS_ROWS, (long)N - r0);
+    for (int i = threadIdx.x; i < rows * M; i += 128) {
+        const int m = i / rows;
+        const long r = r0 + (i - m * rows);
+        float s = 0.0f;
+        for (int p = 0; p < splits; p++) s += ((volatile const float*)part)[((long)p * M + m) * N + r];
+        out[(long)m * ldo + r] = s;
+    }
+    if (threadIdx.x == 0) cnt[blockIdx.x] = 0;
+}
+
+#define MMQS(name, T)                                                                                         \
+    extern "C" __global__ void name(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, \
+                                    int M, float* part, int* cnt) { TL_PDL(); mmqs<T>(w, xq, xd, o, N, K, ld, M, part, cnt); }
+MMQS(mmqs_q8_0, T_Q8_0)
+MMQS(mmqs_q4_0, T_Q4_0)
+MMQS(mmqs_q5_0, T_Q5_0)
+MMQS(mmqs_q4_k, T_Q4_K)
+MMQS(mmqs_q6_k, T_Q6_K)
+MMQS(mmqs_q4_1, T_Q4_1)
+MMQS(mmqs_q5_1, T_Q5_1)
+MMQS(mmqs_q5_k, T_Q5_K)
+
+// ---------------------------------------------------------------------------
 // Norms and element-wise epilogues. One block per row, blockDim a multiple
 // of 32 (≤ 1024).
 

@@ -183,6 +183,104 @@ pub(super) struct MatScratch {
     pub(super) xd: u64,
     pub(super) xh: u64,
     pub(super) wh: u64,
+    /// The staged tensor-core products' split-K partial sums
+    /// (`MMQS_PART_FLOATS` floats) and their per-tile counters
+    /// (`MMQS_TILES`, zeroed); 0 when absent (no split then).
+    pub(super) part: u64,
+    pub(super) cnt: u64,
+}
+
+/// Whether products of 9..=64 rows take the staged tensor-core kernels
+/// (`mmqs_*` of kernels.cu: operands copied into shared memory with
+/// cp.async, chunks ahead) rather than the direct ones (`mmq_*`);
+/// `TL_CUDA_MMQS=0` picks the direct ones, to compare the two.
+pub(super) fn mmqs_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_CUDA_MMQS").map_or(true, |v| v != "0"))
+}
+
+/// Weight rows per block of the staged products (`MMQS_ROWS`).
+pub(super) const MMQS_ROWS: usize = 64;
+/// Chunks in flight (`MMQS_STAGES`).
+const MMQS_STAGES: usize = 3;
+/// At most this many K splits, and at most this many row tiles split.
+pub(super) const MMQS_SPLITS: usize = 8;
+pub(super) const MMQS_TILES: usize = 256;
+/// The partial-sum buffer: every split of every split tile at 64 rows.
+pub(super) const MMQS_PART_FLOATS: usize = MMQS_SPLITS * GEMV_ROWS * MMQS_TILES * MMQS_ROWS;
+
+/// K values per staged chunk (`mmqs_ch`).
+fn mmqs_ch(kind: Kind) -> usize {
+    match kind {
+        Kind::Q4K | Kind::Q5K | Kind::Q6K => 256,
+        _ => 128,
+    }
+}
+
+/// `mmqs_stride` of kernels.cu.
+fn mmqs_stride(b: usize) -> usize {
+    match b {
+        0 => 0,
+        1..=7 => 4,
+        8..=15 => b,
+        _ if b % 32 == 16 => b,
+        _ => b + 16,
+    }
+}
+
+/// Dynamic shared memory of a staged product with `mt` activation rows
+/// (`MMQS_STAGES · mmqs_stage_bytes` of kernels.cu).
+pub(super) fn mmqs_smem(kind: Kind, mt: usize) -> usize {
+    let bytes: [usize; 4] = match kind {
+        Kind::Q8_0 => [128, 8, 0, 0],
+        Kind::Q4_0 => [64, 8, 0, 0],
+        Kind::Q5_0 => [64, 8, 16, 0],
+        Kind::Q4_1 => [64, 8, 0, 8],
+        Kind::Q5_1 => [64, 8, 16, 8],
+        Kind::Q4K => [144, 0, 0, 0],
+        Kind::Q5K => [176, 0, 0, 0],
+        Kind::Q6K => [128, 2, 64, 16],
+        _ => [0; 4],
+    };
+    let ch = mmqs_ch(kind);
+    let w: usize = bytes.iter().map(|&b| MMQS_ROWS * mmqs_stride(b)).sum();
+    MMQS_STAGES * (w + mt * (ch + 16) + mt * mmqs_stride(ch / 8))
+}
+
+/// Raises the staged products' shared-memory limit (once per context).
+pub(super) fn mmqs_prepare(gpu: &Gpu) -> Result<()> {
+    for kind in [
+        Kind::Q8_0,
+        Kind::Q4_0,
+        Kind::Q5_0,
+        Kind::Q4K,
+        Kind::Q6K,
+        Kind::Q4_1,
+        Kind::Q5_1,
+        Kind::Q5K,
+    ] {
+        gpu.set_max_smem(
+            &format!("mmqs_{}", kind.suffix()),
+            mmqs_smem(kind, GEMV_ROWS) as u32,
+        )
+        .map_err(cuda_err)?;
+    }
+    Ok(())
+}
+
+/// K splits of a staged product of `n` rows and `k` inputs: enough row
+/// tiles × splits for two blocks per SM, each split at least two chunks.
+pub(super) fn mmqs_splits(kind: Kind, n: usize, k: usize, sms: usize, have_part: bool) -> usize {
+    let tiles = n.div_ceil(MMQS_ROWS);
+    if !have_part || tiles > MMQS_TILES || tiles >= 2 * sms {
+        return 1;
+    }
+    let chunks = k / mmqs_ch(kind);
+    (2 * sms)
+        .div_ceil(tiles)
+        .min(MMQS_SPLITS)
+        .min(chunks / 2)
+        .max(1)
 }
 
 fn launch(
@@ -214,7 +312,14 @@ pub(super) fn matmul_on(
     let k = mats[0].k;
     let mut col = 0usize;
     let small = m <= GEMV_ROWS;
-    let MatScratch { xq, xd, xh, wh } = sc;
+    let MatScratch {
+        xq,
+        xd,
+        xh,
+        wh,
+        part,
+        cnt,
+    } = sc;
     if !small {
         let n = m * k;
         launch(
@@ -244,7 +349,36 @@ pub(super) fn matmul_on(
         } else {
             1
         };
-        if small && m >= mmq_min && w.kind.has_mmq() && (split == 1 || k / 32 / split <= 16) {
+        if small
+            && m >= mmq_min
+            && w.kind.has_mmq()
+            && mmqs_on()
+            && k.is_multiple_of(mmqs_ch(w.kind))
+            && w.ptrs.iter().all(|p| p % 16 == 0)
+        {
+            let splits = mmqs_splits(w.kind, w.n, k, sms, part != 0);
+            let mt = m.div_ceil(8) * 8;
+            launch(
+                gpu,
+                &format!("mmqs_{}", w.kind.suffix()),
+                (w.n.div_ceil(MMQS_ROWS) as u32, splits as u32, 1),
+                128,
+                mmqs_smem(w.kind, mt) as u32,
+                &[
+                    w.arg(),
+                    Arg::Ptr(xq),
+                    Arg::Ptr(xd),
+                    Arg::Ptr(o),
+                    Arg::I32(w.n as i32),
+                    Arg::I32(k as i32),
+                    Arg::I32(ldo as i32),
+                    Arg::I32(m as i32),
+                    Arg::Ptr(part),
+                    Arg::Ptr(cnt),
+                ],
+            )?;
+        } else if small && m >= mmq_min && w.kind.has_mmq() && (split == 1 || k / 32 / split <= 16)
+        {
             launch(
                 gpu,
                 &format!("mmq_{}", w.kind.suffix()),
@@ -357,6 +491,8 @@ impl CudaExec<'_> {
             xd: ptr(&self.cs.xd),
             xh: ptr(&self.cs.xh),
             wh: ptr(&self.cs.wh),
+            part: ptr(&self.cs.mmqs_part),
+            cnt: ptr(&self.cs.mmqs_cnt),
         };
         let mmq_min = self.cm.mmq_min.load(std::sync::atomic::Ordering::Relaxed);
         matmul_on(self.gpu, mmq_min, sc, mats, x, m, out, ldo)

@@ -155,6 +155,7 @@ impl CudaModel {
             )));
         }
         let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
+        exec::mmqs_prepare(&gpu)?;
         let file = &m.file;
         // Fail before allocating when the weights can't fit.
         let need: usize = file.tensors.iter().map(|t| t.size as usize).sum();
@@ -289,7 +290,7 @@ impl CudaModel {
         } else {
             0
         };
-        n * per_token + out + scratch
+        n * per_token + out + scratch + MMQS_BYTES
     }
 
     pub fn alloc_kv(
@@ -660,6 +661,9 @@ pub(crate) fn sample_rows(
         .collect())
 }
 
+/// Device bytes of the staged products' split-K buffers.
+const MMQS_BYTES: usize = exec::MMQS_PART_FLOATS * 4 + exec::MMQS_TILES * 4;
+
 /// `TL_CUDA_PROFILE=1`: time every stage with events (graphs off).
 pub(crate) fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -751,6 +755,10 @@ pub(crate) struct CudaState {
     attn_cnt: Option<DevBuf>,
     xh: Option<DevBuf>,
     wh: Option<DevBuf>,
+    /// The staged products' split-K partial sums and tile counters
+    /// (`exec::MatScratch::part`, `cnt`).
+    mmqs_part: Option<DevBuf>,
+    mmqs_cnt: Option<DevBuf>,
     meta: Option<DevBuf>,
     host_meta: Vec<i32>,
     /// The sampling kernel's per-row parameters and penalty pairs.
@@ -827,6 +835,17 @@ impl CudaState {
             }
             self.cap_out = n_out;
             self.graphs.clear();
+        }
+        if self.mmqs_part.is_none() && exec::mmqs_on() {
+            self.graphs.clear();
+            self.mmqs_part = Some(
+                gpu.alloc(exec::MMQS_PART_FLOATS * 4, "split-K partial sums")
+                    .map_err(cuda_err)?,
+            );
+            self.mmqs_cnt = Some(
+                gpu.alloc_zeroed(exec::MMQS_TILES * 4, "split-K tile counters")
+                    .map_err(cuda_err)?,
+            );
         }
         if n > exec::GEMV_ROWS && self.wh.as_ref().map_or(0, |b| b.bytes) < cm.max_mat * 2 {
             self.wh = gpu

@@ -145,6 +145,8 @@ impl CudaModel {
             } else {
                 st.buf(gpu, "program wh", n * k * 2)?
             },
+            part: 0,
+            cnt: 0,
         };
         gpu.htod(xb, bytes_of(x)).map_err(cuda_err)?;
         if quantized {

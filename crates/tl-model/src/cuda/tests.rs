@@ -557,3 +557,53 @@ fn prefill_attention_splits_cover_the_keys() {
         );
     }
 }
+
+/// The staged tensor-core products: two blocks of every weight kind fit
+/// an SM's shared memory (228 KiB on Hopper, 1 KiB reserved a block), and
+/// every split product's partial sums fit their buffer.
+#[test]
+fn staged_products_fit_shared_memory_and_their_partial_buffer() {
+    use super::exec::{
+        mmqs_smem, mmqs_splits, GEMV_ROWS, MMQS_PART_FLOATS, MMQS_ROWS, MMQS_SPLITS, MMQS_TILES,
+    };
+    use super::weights::Kind;
+    for kind in [
+        Kind::Q8_0,
+        Kind::Q4_0,
+        Kind::Q5_0,
+        Kind::Q4K,
+        Kind::Q6K,
+        Kind::Q4_1,
+        Kind::Q5_1,
+        Kind::Q5K,
+    ] {
+        let b = mmqs_smem(kind, GEMV_ROWS);
+        assert!(2 * (b + 1024 + 16) <= 228 * 1024, "{kind:?}: {b} bytes");
+        assert!(mmqs_smem(kind, 8) < b);
+    }
+    // (rows, inputs) of the Qwen2.5 0.5B and 1.5B products and an LM head.
+    for &(n, k) in &[
+        (1152, 896),
+        (896, 896),
+        (9728, 896),
+        (896, 4864),
+        (2048, 1536),
+        (1536, 1536),
+        (17920, 1536),
+        (1536, 8960),
+        (151936, 1536),
+    ] {
+        for kind in [Kind::Q8_0, Kind::Q4K] {
+            let s = mmqs_splits(kind, n, k, 132, true);
+            assert!((1..=MMQS_SPLITS).contains(&s), "{n}x{k}: {s}");
+            if s > 1 {
+                assert!(n.div_ceil(MMQS_ROWS) <= MMQS_TILES);
+                assert!(s * GEMV_ROWS * n <= MMQS_PART_FLOATS, "{n}x{k}: {s}");
+            }
+            assert_eq!(mmqs_splits(kind, n, k, 132, false), 1);
+        }
+    }
+    // Narrow and long: split; wide: not.
+    assert!(mmqs_splits(Kind::Q4K, 1536, 8960, 132, true) >= 4);
+    assert_eq!(mmqs_splits(Kind::Q4K, 17920, 1536, 132, true), 1);
+}
