@@ -256,6 +256,15 @@ if [ "$mode" = batch ]; then
     TL_CUDA_MMQS=0 TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
     echo "-- 8-row GEMVs only (TL_CUDA_MMQ_MIN=65), batch 16,64"
     TL_CUDA_MMQ_MIN=65 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch 16,64 2>&1 | grep -E 'tg128|rror'
+    if [ -n "${PREFILL:-}" ]; then
+      for s in 0 1; do
+        echo "-- prefill, staged tensor-core products for prompts TL_CUDA_MMQS_PREFILL=$s"
+        P=${PROMPTS:-512,2048,8192}
+        for p in ${P//,/ }; do
+          TL_CUDA_MMQS_PREFILL=$s TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$p" -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
+        done
+      done
+    fi
     if [ -n "${PROFILE:-}" ]; then
       for s in 1 0; do
         echo "-- stage profile, batch 64, TL_CUDA_MMQS=$s"

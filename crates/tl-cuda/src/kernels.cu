@@ -971,7 +971,8 @@ __device__ __forceinline__ APart mmqs_load(const unsigned char* sm, int r, int k
     return a;
 }
 
-// grid (ceil(N / 64), splits); 128 threads; dynamic shared memory
+// grid (ceil(N / 64), splits), or (ceil(M / 64), ceil(N / 64)) for more
+// than 64 activation rows; 128 threads; dynamic shared memory
 // MMQS_STAGES · mmqs_stage_bytes(mt). part: splits · M · N floats, cnt: one
 // zeroed counter per row tile (both unused when splits == 1).
 template <int T>
@@ -980,11 +981,29 @@ __device__ void mmqs(W w, const signed char* xq, const float* xd, float* out, in
     extern __shared__ __align__(16) unsigned char mmqs_smem[];
     constexpr int CH = mmqs_ch<T>(), KB = CH / 32;
     const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, tig = lane & 3;
-    const long r0 = (long)blockIdx.x * MMQS_ROWS;
+    // More than 64 activation rows (prompts): grid (row groups of 64,
+    // weight tiles), the row groups of one weight tile side by side so that
+    // they find its chunks in L2; no split. Else grid (weight tiles, splits).
+    long r0;
+    int splits, split;
+    if (M > 64) {
+        const int z = blockIdx.x;
+        r0 = (long)blockIdx.y * MMQS_ROWS;
+        xq += (long)z * 64 * K;
+        xd += (long)z * 64 * (K / 32);
+        out += (long)z * 64 * ldo;
+        M = min(64, M - z * 64);
+        splits = 1;
+        split = 0;
+    } else {
+        r0 = (long)blockIdx.x * MMQS_ROWS;
+        splits = gridDim.y;
+        split = blockIdx.y;
+    }
     const int mt = min(64, (M + 7) & ~7), nt = mt / 8;
     const int stage = mmqs_stage_bytes<T>(mt);
-    const int nch = K / CH, splits = gridDim.y;
-    const int per = (nch + splits - 1) / splits, c0 = blockIdx.y * per, c1 = min(nch, c0 + per);
+    const int nch = K / CH;
+    const int per = (nch + splits - 1) / splits, c0 = split * per, c1 = min(nch, c0 + per);
     const int n = max(c1 - c0, 0);
     constexpr int wbytes = MMQS_ROWS * (mmqs_stride(mmqs_bytes<T>(0)) + mmqs_stride(mmqs_bytes<T>(1)) +
                                         mmqs_stride(mmqs_bytes<T>(2)) + mmqs_stride(mmqs_bytes<T>(3)));
@@ -1065,7 +1084,7 @@ __device__ void mmqs(W w, const signed char* xq, const float* xd, float* out, in
     }
     // Split K: this split's sums to part[split][m][r]; the tile's last
     // split adds them up in order.
-    float* mine = part + (long)blockIdx.y * M * N;
+    float* mine = part + (long)split * M * N;
 #pragma unroll
     for (int t = 0; t < 8; t++) {
         if (t < nt) {

@@ -199,6 +199,23 @@ pub(super) fn mmqs_on() -> bool {
     *ON.get_or_init(|| std::env::var("TL_CUDA_MMQS").map_or(true, |v| v != "0"))
 }
 
+/// Whether prompt products (more than `GEMV_ROWS` rows) of the weight
+/// kinds the staged kernels take run on them (their activations quantized
+/// to 8 bits) rather than on cuBLAS after an f16 dequantization of the
+/// weight: `TL_CUDA_MMQS_PREFILL=1` turns it on.
+pub(super) fn mmqs_prefill() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TL_CUDA_MMQS_PREFILL").is_ok_and(|v| v == "1"))
+}
+
+/// Whether weight `w` can take a staged product of rows of `k` values.
+fn mmqs_fits(w: &DevMat, k: usize) -> bool {
+    w.kind.has_mmq()
+        && mmqs_on()
+        && k.is_multiple_of(mmqs_ch(w.kind))
+        && w.ptrs.iter().all(|p| p % 16 == 0)
+}
+
 /// Weight rows per block of the staged products (`MMQS_ROWS`).
 pub(super) const MMQS_ROWS: usize = 64;
 /// Chunks in flight (`MMQS_STAGES`).
@@ -320,7 +337,21 @@ pub(super) fn matmul_on(
         part,
         cnt,
     } = sc;
-    if !small {
+    // Prompts on the staged kernels (every matrix of the set must take
+    // them): the rows quantized to 8 bits instead of converted to f16.
+    let staged_prompt =
+        !small && mmq_min <= GEMV_ROWS && mmqs_prefill() && mats.iter().all(|w| mmqs_fits(w, k));
+    if staged_prompt {
+        let n = m * k;
+        launch(
+            gpu,
+            "quant_q8",
+            grid1(n, 256),
+            256,
+            0,
+            &[Arg::Ptr(x), Arg::Ptr(xq), Arg::Ptr(xd), Arg::I64(n as i64)],
+        )?;
+    } else if !small {
         let n = m * k;
         launch(
             gpu,
@@ -349,19 +380,18 @@ pub(super) fn matmul_on(
         } else {
             1
         };
-        if small
-            && m >= mmq_min
-            && w.kind.has_mmq()
-            && mmqs_on()
-            && k.is_multiple_of(mmqs_ch(w.kind))
-            && w.ptrs.iter().all(|p| p % 16 == 0)
-        {
-            let splits = mmqs_splits(w.kind, w.n, k, sms, part != 0);
-            let mt = m.div_ceil(8) * 8;
+        if staged_prompt || (small && m >= mmq_min && mmqs_fits(w, k)) {
+            let tiles = w.n.div_ceil(MMQS_ROWS) as u32;
+            let (grid, mt) = if staged_prompt {
+                ((m.div_ceil(64) as u32, tiles, 1), 64)
+            } else {
+                let splits = mmqs_splits(w.kind, w.n, k, sms, part != 0);
+                ((tiles, splits as u32, 1), m.div_ceil(8) * 8)
+            };
             launch(
                 gpu,
                 &format!("mmqs_{}", w.kind.suffix()),
-                (w.n.div_ceil(MMQS_ROWS) as u32, splits as u32, 1),
+                grid,
                 128,
                 mmqs_smem(w.kind, mt) as u32,
                 &[
