@@ -23,6 +23,8 @@
 #                                     # tensor-core products, and off; PROFILE=1: stage
 #                                     # profiles at batch 64) beside llama-batched-bench,
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
+#   bash scripts/gpu_check.sh mmqs    # staged vs direct tensor-core products: tests, batched
+#                                     # decode, prefill, llama-batched-bench (bounded)
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
 #                                     # background, the tests with stage dumps and a
@@ -287,6 +289,61 @@ if [ "$mode" = batch ]; then
     load_sweep "$SERVE_MODEL" "$L" 120 120 100000
     echo "serve done t=${SECONDS}s"
   fi
+  exit 0
+fi
+
+if [ "$mode" = mmqs ]; then
+  # The staged tensor-core products on one fresh machine, every step
+  # bounded: the tests (default, and prompts on the staged kernels) while
+  # the files are synthesized and llama.cpp builds, then per model batched
+  # decode with the staged and the direct kernels, prefill with and without
+  # the staged prompt products, and llama-batched-bench, as time allows.
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
+  SM="${MODELS:-q15_q4_k q05_q8_0}"
+  MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  sleep 1
+  if [ -z "${SKIP_TESTS:-}" ]; then
+    TL_CUDA_TIMEOUT=10 timeout 200 "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
+    echo "tests: exit $? (t=${SECONDS}s)"
+    grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-160 | head -40
+    TL_CUDA_MMQS_PREFILL=1 TL_CUDA_TIMEOUT=10 timeout 100 "$TEST" --test-threads=1 --nocapture cuda_matches_cpu_on_every >"$OUT/test-prefill.log" 2>&1
+    echo "tests, staged prompt products: exit $? (t=${SECONDS}s)"
+    grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test-prefill.log" | grep -v stages | cut -c1-160 | head -30
+    TL_CUDA_TIMEOUT=10 timeout 150 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
+    echo "engine tests: exit $? (t=${SECONDS}s)"
+    grep -E 'requests equal|out of memory:|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-200
+    TL_CUDA_TIMEOUT=10 timeout 60 "$LTEST" --test-threads=1 --nocapture >"$OUT/lang-test.log" 2>&1
+    echo "language tests: exit $? (t=${SECONDS}s)"
+    grep -E 'test result|FAILED|panicked' "$OUT/lang-test.log"
+  fi
+  while [ -f "$W/prepare.running" ] && [ $SECONDS -lt ${WAIT_UNTIL:-330} ]; do sleep 2; done
+  echo "prepared (t=${SECONDS}s)"
+  LB=/tmp/llamacpp/build/bin
+  [ -x "$LB/llama-batched-bench" ] || LB=
+  B=${BATCHES:-1,8,16,32,64,128}
+  END=${END_AT:-560}
+  for m in $SM; do
+    f=$W/$m.gguf
+    [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
+    for s in 1 0; do
+      [ $SECONDS -lt $((END - 40)) ] || break
+      echo "== $m: tl bench --batch $B, TL_CUDA_MMQS=$s t=${SECONDS}s"
+      TL_CUDA_MMQS=$s TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
+    done
+    for s in 0 1; do
+      [ $SECONDS -lt $((END - 40)) ] || break
+      echo "== $m: prefill, TL_CUDA_MMQS_PREFILL=$s t=${SECONDS}s"
+      for p in 512 2048; do
+        TL_CUDA_MMQS_PREFILL=$s TL_CUDA_TIMEOUT=30 timeout 30 "$BIN" --device cuda bench -m "$f" -p $p -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
+      done
+    done
+    if [ -n "$LB" ] && [ $SECONDS -lt $((END - 90)) ]; then
+      echo "== $m: llama-batched-bench -npl $B t=${SECONDS}s"
+      LD_LIBRARY_PATH=$LB timeout 80 "$LB/llama-batched-bench" -m "$f" -ngl 99 -fa 1 -npp 128 -ntg 128 \
+        -npl "$B" -c 40000 2>&1 | grep -E '^\|' | tail -n +3
+    fi
+  done
+  echo "mmqs done t=${SECONDS}s"
   exit 0
 fi
 

@@ -964,8 +964,8 @@ fn kernel_names(src: &str) -> Vec<String> {
                 }
             }
         }
-        // ... and by MMQ, one kernel each.
-        if let Some(rest) = l.strip_prefix("MMQ(") {
+        // ... and by MMQ and MMQS, one kernel each.
+        if let Some(rest) = l.strip_prefix("MMQ(").or_else(|| l.strip_prefix("MMQS(")) {
             if let Some(base) = rest.split(',').next() {
                 out.push(base.trim().to_string());
             }
@@ -1013,6 +1013,8 @@ mod tests {
             "gemv_f16_3",
             "mmq_q8_0",
             "mmq_q5_k",
+            "mmqs_q8_0",
+            "mmqs_q6_k",
             "attention_128",
             "qkv_rope_store",
             "rms_norm",
