@@ -533,3 +533,63 @@ pub fn quantize_row_iq3_s(x: &[f32], y: &mut [BlockIQ3S], qw: Option<&[f32]>) {
         *b = quantize_block_s(xb, qw.map(|w| &w[QK_K * i..QK_K * i + QK_K]));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect()
+    }
+
+    fn rms(a: &[f32], b: &[f32]) -> f32 {
+        let s: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        (s / a.len() as f32).sqrt()
+    }
+
+    #[test]
+    fn round_trip_error_is_small() {
+        let x = row(512);
+        let norm = rms(&x, &[0.0; 512]);
+        let w: Vec<f32> = (0..512).map(|i| 1.0 + (i % 7) as f32).collect();
+        for qw in [None, Some(&w[..])] {
+            let mut y = vec![0f32; 512];
+            let mut b = [BlockIQ3XXS::zeroed(); 2];
+            quantize_row_iq3_xxs(&x, &mut b, qw);
+            for (bb, yb) in b.iter().zip(y.chunks_exact_mut(QK_K)) {
+                bb.dequantize(yb);
+            }
+            assert!(rms(&x, &y) < 0.25 * norm, "IQ3_XXS {}", rms(&x, &y));
+            let mut b = [BlockIQ3S::zeroed(); 2];
+            quantize_row_iq3_s(&x, &mut b, qw);
+            for (bb, yb) in b.iter().zip(y.chunks_exact_mut(QK_K)) {
+                bb.dequantize(yb);
+            }
+            assert!(rms(&x, &y) < 0.2 * norm, "IQ3_S {}", rms(&x, &y));
+        }
+    }
+
+    #[test]
+    fn zero_input_is_zero_block() {
+        assert_eq!(
+            quantize_block_xxs(&[0.0; QK_K], None),
+            BlockIQ3XXS::zeroed()
+        );
+        assert_eq!(quantize_block_s(&[0.0; QK_K], None), BlockIQ3S::zeroed());
+    }
+
+    #[test]
+    fn iq3_s_packs_grid_indices_after_an_all_zero_sub_block() {
+        // ggml writes the grid indices and signs of the sub-blocks that are
+        // not all zero one after the other.
+        let mut x = row(QK_K);
+        x[..32].fill(0.0);
+        let b = quantize_block_s(&x, None);
+        let full = quantize_block_s(&row(QK_K), None);
+        assert_eq!(b.qs[QK_K / 4 - 8..], [0u8; 8]);
+        assert_eq!(b.signs[QK_K / 8 - 4..], [0u8; 4]);
+        assert_eq!(b.qs[..8], full.qs[8..16]);
+    }
+}

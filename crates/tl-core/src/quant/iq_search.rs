@@ -180,32 +180,27 @@ pub(crate) fn iq3s() -> &'static GridSearch<4> {
 }
 
 /// Entries of the IQ2/IQ1 maps (8 levels of 2 bits, indices up to 2).
-#[allow(dead_code)]
 const KMAP_IQ2: usize = 43692;
 
 /// IQ2_XXS.
-#[allow(dead_code)] // the IQ2/IQ1 quantizers come next
 pub(crate) fn iq2xxs() -> &'static GridSearch<8> {
     static T: OnceLock<GridSearch<8>> = OnceLock::new();
     T.get_or_init(|| GridSearch::build(&KGRID_IQ2XXS, 2, KMAP_IQ2, 2))
 }
 
 /// IQ2_XS.
-#[allow(dead_code)] // the IQ2/IQ1 quantizers come next
 pub(crate) fn iq2xs() -> &'static GridSearch<8> {
     static T: OnceLock<GridSearch<8>> = OnceLock::new();
     T.get_or_init(|| GridSearch::build(&KGRID_IQ2XS, 2, KMAP_IQ2, 2))
 }
 
 /// IQ2_S.
-#[allow(dead_code)] // the IQ2/IQ1 quantizers come next
 pub(crate) fn iq2s() -> &'static GridSearch<8> {
     static T: OnceLock<GridSearch<8>> = OnceLock::new();
     T.get_or_init(|| GridSearch::build(&KGRID_IQ2S, 2, KMAP_IQ2, 1))
 }
 
 /// IQ1_S and IQ1_M.
-#[allow(dead_code)] // the IQ2/IQ1 quantizers come next
 pub(crate) fn iq1s() -> &'static GridSearch<8> {
     static T: OnceLock<GridSearch<8>> = OnceLock::new();
     T.get_or_init(|| GridSearch::build(&KGRID_IQ1S, 2, KMAP_IQ2, 3))

@@ -205,7 +205,11 @@ pub fn is_weighted_supported(ty: GgmlType) -> bool {
 
 /// The grid formats [`quantize_weighted`] quantizes to.
 fn has_grid_quantizer(ty: GgmlType) -> bool {
-    matches!(ty, GgmlType::IQ3_XXS | GgmlType::IQ3_S)
+    use GgmlType::*;
+    matches!(
+        ty,
+        IQ3_XXS | IQ3_S | IQ2_XXS | IQ2_XS | IQ2_S | IQ1_S | IQ1_M
+    )
 }
 
 /// ggml `ggml_quantize_requires_imatrix`: the types whose quantizers need an
@@ -280,6 +284,19 @@ pub fn quantize_weighted(
             match ty {
                 IQ3_XXS => grid_row(x, y, imatrix, iq3::quantize_row_iq3_xxs),
                 IQ3_S => grid_row(x, y, imatrix, iq3::quantize_row_iq3_s),
+                IQ2_S => grid_row(x, y, imatrix, iq2::quantize_row_iq2_s),
+                IQ1_M => grid_row(x, y, imatrix, iq1::quantize_row_iq1_m),
+                IQ2_XXS | IQ2_XS | IQ1_S => {
+                    // Checked above: these have an importance matrix.
+                    let Some(qw) = imatrix else {
+                        return Err(unsupported(ty, UNNAMED));
+                    };
+                    match ty {
+                        IQ2_XXS => weighted_row(x, y, qw, iq2::quantize_row_iq2_xxs),
+                        IQ2_XS => weighted_row(x, y, qw, iq2::quantize_row_iq2_xs),
+                        _ => weighted_row(x, y, qw, iq1::quantize_row_iq1_s),
+                    }
+                }
                 _ => return Err(unsupported(ty, UNNAMED)),
             }
         }
@@ -338,7 +355,12 @@ fn grid_row<B: bytemuck::Pod>(
 
 /// Runs a weighted row quantizer on one row's blocks, built aside and copied
 /// into the byte row (which need not be aligned for `B`).
-fn weighted_row<B: Block>(x: &[f32], y: &mut [u8], qw: &[f32], f: fn(&[f32], &mut [B], &[f32])) {
+fn weighted_row<B: bytemuck::Pod>(
+    x: &[f32],
+    y: &mut [u8],
+    qw: &[f32],
+    f: fn(&[f32], &mut [B], &[f32]),
+) {
     let size = std::mem::size_of::<B>();
     let mut blocks = vec![B::zeroed(); y.len() / size];
     f(x, &mut blocks, qw);
