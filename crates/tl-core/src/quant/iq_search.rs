@@ -63,36 +63,40 @@ impl<const N: usize> GridSearch<N> {
                 let l = ((i as u32) >> (bits * k as u32)) & mask;
                 *v = 2 * l as i32 + 1;
             }
-            dist.clear();
-            for (j, p) in grid.iter().enumerate() {
-                let d2: i32 = p
-                    .iter()
+            // ggml sorts every grid point by (distance, index) and keeps
+            // those up to the nwant-th distinct distance: find that
+            // distance first, then sort only the points within it.
+            let d2_of = |p: &[i8; N]| -> i32 {
+                p.iter()
                     .zip(&pos)
                     .map(|(&a, &b)| (i32::from(a) - b) * (i32::from(a) - b))
-                    .sum();
-                dist.push((d2, j as u16));
+                    .sum()
+            };
+            let mut nearest: Vec<i32> = Vec::with_capacity(nwant + 1);
+            for p in &grid {
+                let d = d2_of(p);
+                if nearest.contains(&d) {
+                    continue;
+                }
+                if nearest.len() < nwant || nearest.last().is_some_and(|&l| d < l) {
+                    let at = nearest.partition_point(|&x| x < d);
+                    nearest.insert(at, d);
+                    nearest.truncate(nwant);
+                }
             }
-            // ggml sorts by (distance, index) and keeps every point up to
-            // the nwant-th distinct distance.
+            let limit = nearest.last().copied().unwrap_or(i32::MAX);
+            dist.clear();
+            for (j, p) in grid.iter().enumerate() {
+                let d = d2_of(p);
+                if d <= limit {
+                    dist.push((d, j as u16));
+                }
+            }
             dist.sort_unstable();
             let start = neighbours.len();
             map[i] = -(start as i32 + 1);
-            neighbours.push(0u16);
-            let mut d2 = dist.first().map_or(0, |d| d.0);
-            let mut nhave = 1;
-            let mut n = 0u16;
-            for &(d, j) in &dist {
-                if d > d2 {
-                    if nhave == nwant {
-                        break;
-                    }
-                    d2 = d;
-                    nhave += 1;
-                }
-                neighbours.push(j);
-                n += 1;
-            }
-            neighbours[start] = n;
+            neighbours.push(dist.len() as u16);
+            neighbours.extend(dist.iter().map(|&(_, j)| j));
         }
         GridSearch {
             grid,
@@ -204,4 +208,73 @@ pub(crate) fn iq2s() -> &'static GridSearch<8> {
 pub(crate) fn iq1s() -> &'static GridSearch<8> {
     static T: OnceLock<GridSearch<8>> = OnceLock::new();
     T.get_or_init(|| GridSearch::build(&KGRID_IQ1S, 2, KMAP_IQ2, 3))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ggml's neighbour list of the off-grid point `u`: every grid point
+    /// sorted by (distance, index), cut after the nwant-th distance.
+    fn by_full_sort<const N: usize>(
+        s: &GridSearch<N>,
+        u: usize,
+        bits: u32,
+        nwant: usize,
+    ) -> Vec<u16> {
+        let mask = (1usize << bits) - 1;
+        let pos: Vec<i32> = (0..N)
+            .map(|k| 2 * ((u >> (bits as usize * k)) & mask) as i32 + 1)
+            .collect();
+        let mut dist: Vec<(i32, u16)> = s
+            .grid
+            .iter()
+            .enumerate()
+            .map(|(j, p)| {
+                let d = p
+                    .iter()
+                    .zip(&pos)
+                    .map(|(&a, &b)| (i32::from(a) - b) * (i32::from(a) - b))
+                    .sum();
+                (d, j as u16)
+            })
+            .collect();
+        dist.sort_unstable();
+        let mut out = Vec::new();
+        let (mut d2, mut nhave) = (dist[0].0, 1);
+        for &(d, j) in &dist {
+            if d > d2 {
+                if nhave == nwant {
+                    break;
+                }
+                d2 = d;
+                nhave += 1;
+            }
+            out.push(j);
+        }
+        out
+    }
+
+    #[test]
+    fn neighbour_lists_are_ggml_s() {
+        let s = iq3s();
+        let mut checked = 0;
+        for u in 0..4096 {
+            if s.on_grid(u).is_some() {
+                assert!(s.neighbours(u).is_empty());
+                continue;
+            }
+            assert_eq!(s.neighbours(u), &by_full_sort(s, u, 3, 3)[..], "IQ3_S {u}");
+            checked += 1;
+        }
+        assert!(checked > 3000);
+        let s = iq2xs();
+        for u in (0..KMAP_IQ2).step_by(97) {
+            let all_small = (0..8).all(|k| (u >> (2 * k)) & 3 < 3);
+            if !all_small || s.on_grid(u).is_some() {
+                continue;
+            }
+            assert_eq!(s.neighbours(u), &by_full_sort(s, u, 2, 2)[..], "IQ2_XS {u}");
+        }
+    }
 }
