@@ -14,12 +14,19 @@ FTYPES = {
     "F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q4_0": 2, "Q4_1": 3, "Q5_0": 8,
     "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
     "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
-    "IQ4_NL": 25, "IQ4_XS": 30,
+    "IQ4_NL": 25, "IQ4_XS": 30, "IQ3_S": 26, "IQ3_M": 27,
+}
+# The file types whose mixes need an importance matrix (IQ3_XXS, IQ2_*,
+# IQ1_* tensors), run only with one.
+FTYPES_IMATRIX = {
+    "Q2_K_S": 21, "IQ3_XXS": 23, "IQ3_XS": 22, "IQ2_XXS": 19, "IQ2_XS": 20,
+    "IQ2_S": 28, "IQ2_M": 29, "IQ1_S": 24, "IQ1_M": 31,
 }
 # ggml_type numbers for the type flags.
 GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20,
-              "IQ4_XS": 23, "BF16": 30}
+              "IQ4_XS": 23, "BF16": 30, "IQ2_XXS": 16, "IQ2_XS": 17, "IQ3_XXS": 18,
+              "IQ1_S": 19, "IQ3_S": 21, "IQ2_S": 22, "IQ1_M": 29}
 
 GGML_TYPE_COUNT = 43
 

@@ -21,6 +21,11 @@ difference.
 
 Run with the reference environment:
   ~/.cache/tensorlogic/venv/bin/python scripts/make_imatrix_quant_fixtures.py
+(or with TL_LIBGGML_BASE=path/to/libggml-base.so of the same llama-cpp-python
+build and any Python 3).
+
+The grid types IQ2_XXS, IQ2_XS and IQ1_S have no case without an importance
+matrix: ggml_quantize_chunk refuses them.
 """
 import ctypes
 import glob
@@ -37,7 +42,12 @@ OUT = os.path.join(ROOT, "crates", "tl-core", "tests", "fixtures", "imatrix_quan
 TYPES = {
     "F16": 1, "BF16": 30, "Q8_0": 8, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7,
     "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
+    # The grid types, after the others so that their cases keep their seeds.
+    "IQ3_XXS": 18, "IQ3_S": 21, "IQ2_XXS": 16, "IQ2_XS": 17, "IQ2_S": 22,
+    "IQ1_S": 19, "IQ1_M": 29,
 }
+# ggml_quantize_requires_imatrix: no case without an importance matrix.
+NEED_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
 DISTS = ["normal", "uniform", "outliers", "positive", "tiny", "mixed"]
 IMATRICES = ["none", "varied", "sparse"]
 ROWS = 4
@@ -121,7 +131,7 @@ def pack(vals):
 
 
 def load_ggml():
-    libs = glob.glob(os.path.expanduser(
+    libs = glob.glob(os.environ.get("TL_LIBGGML_BASE") or os.path.expanduser(
         "~/.cache/tensorlogic/venv/lib/python3*/site-packages/llama_cpp/lib/libggml-base.so"))
     if not libs:
         sys.exit("libggml-base.so of llama-cpp-python not found")
@@ -155,6 +165,8 @@ def main():
     for ti, (tname, ty) in enumerate(TYPES.items()):
         for di, dist in enumerate(DISTS):
             for ii, kind in enumerate(IMATRICES):
+                if kind == "none" and tname in NEED_IMATRIX:
+                    continue
                 for n in N_PER_ROW:
                     seed = seed_of(ti, di, ii, n)
                     rng = Rng(seed)
@@ -170,9 +182,14 @@ def main():
                         "input_sha256": inputs.hexdigest()[:16],
                         "sha256": hashlib.sha256(out).hexdigest()[:32],
                     })
-    import llama_cpp
+    try:
+        import llama_cpp
+        version = llama_cpp.__version__
+    except ImportError:
+        # TL_LIBGGML_BASE names the library of a llama-cpp-python build.
+        version = os.environ.get("TL_LLAMA_CPP_PYTHON_VERSION", "0.3.36")
     fixture = {
-        "reference": f"llama-cpp-python {llama_cpp.__version__} libggml-base ggml_quantize_chunk",
+        "reference": f"llama-cpp-python {version} libggml-base ggml_quantize_chunk",
         "cases": cases,
     }
     with open(OUT, "w") as f:

@@ -46,7 +46,7 @@ import tempfile
 import numpy as np
 from gguf import GGUFReader, GGUFWriter
 
-from llama_quantize_ref import FTYPES as FTYPES_NO_IMATRIX, sha256_file
+from llama_quantize_ref import FTYPES as FTYPES_NO_IMATRIX, FTYPES_IMATRIX, sha256_file
 from make_quantize_fixtures import SYNTH, tensors_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,11 +71,22 @@ CASES = [
     ("qwen2_f32", "gguf-partial", ["IQ4_NL", "IQ4_XS"], []),
     ("llama_f16", "dat-partial", ["IQ4_XS"], []),
     ("mixtral_f16", "gguf-partial", ["IQ4_XS"], []),
+    # The grid types: every IQ mix with a matrix that has every weight
+    # matrix (IQ3_XXS, IQ2_* and IQ1_* tensors need their entry); without
+    # the attn_k entries only where attn_k gets no such type. llama_f16's
+    # 384-wide rows fall back to IQ4_NL; mixtral has 8 experts.
+    ("qwen2_f32", "gguf-full",
+     ["IQ3_XXS", "IQ3_XS", "IQ3_S", "IQ3_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M",
+      "IQ1_S", "IQ1_M"], []),
+    ("qwen2_f32", "gguf-partial", ["IQ3_S", "IQ3_M"], []),
+    ("llama_f16", "dat-partial", ["IQ3_XXS", "IQ2_XS", "IQ1_M"], []),
+    ("mixtral_f16", "gguf-full", ["IQ3_XXS", "IQ2_S", "IQ1_S"], []),
+    ("gemma3_f32", "gguf-full", ["IQ3_XS", "IQ2_M"], []),
 ]
 
-# llama_ftype numbers: those of make_quantize_fixtures.py plus the mix that
-# needs an importance matrix.
-FTYPES = {**FTYPES_NO_IMATRIX, "Q2_K_S": 21}
+# llama_ftype numbers: those of make_quantize_fixtures.py plus the mixes
+# that need an importance matrix.
+FTYPES = {**FTYPES_NO_IMATRIX, **FTYPES_IMATRIX}
 
 MASK = (1 << 64) - 1
 

@@ -2,7 +2,7 @@
 """Write the golden fixtures for the GGML block formats in tl-core.
 
 The reference is `gguf.quants` (gguf-py 0.19.0), whose numpy code dequantizes
-every block type (IQ4_NL and IQ4_XS included) and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly like
+every block type (IQ4_NL, IQ4_XS and the grid types IQ3_XXS to IQ1_M included) and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly like
 ggml's `dequantize_row_*` / `quantize_row_*_ref`. The Rust test
 `crates/tl-core/tests/quant_fixtures.rs` replays these files without Python.
 
@@ -53,7 +53,17 @@ F16_FIELDS = {
     T.Q6_K: [208],
     T.IQ4_NL: [0],
     T.IQ4_XS: [0],
+    T.IQ3_XXS: [0],
+    T.IQ3_S: [0],
+    T.IQ2_XXS: [0],
+    T.IQ2_XS: [0],
+    T.IQ2_S: [0],
+    T.IQ1_S: [0],
+    T.IQ1_M: [],
 }
+# IQ1_M keeps its f16 super-block scale in the top nibbles of the four u16
+# of `scales` (at this byte offset).
+IQ1_M_SCALES = 48
 # Random blocks per type: more of the small 32-value blocks, fewer super-blocks.
 RANDOM_BLOCKS = {32: 16, 256: 4}
 # Scalar types have one value per "block"; use enough of them to hit edge cases.
@@ -122,6 +132,15 @@ def random_blocks(rng: np.random.Generator, ty: T) -> np.ndarray:
         scales[0] = np.uint16(0x0123).view(np.float16)
         scales[1] = np.float16(0.0)
         raw[:, off:off + 2] = scales.view(np.uint8).reshape(n_blocks, 2)
+    if ty == T.IQ1_M:
+        bits = random_f16_scales(rng, n_blocks).view(np.uint16)
+        bits[0] = 0x0123
+        bits[1] = 0
+        sc = raw[:, IQ1_M_SCALES:IQ1_M_SCALES + 8].copy().view("<u2")
+        for k in range(4):
+            nib = (bits.astype(np.uint16) >> (4 * k)) & 0xF
+            sc[:, k] = (sc[:, k] & 0x0FFF) | (nib << 12)
+        raw[:, IQ1_M_SCALES:IQ1_M_SCALES + 8] = sc.view(np.uint8)
     return raw.reshape(-1)
 
 
@@ -222,6 +241,11 @@ def main() -> int:
     rng_iq = np.random.default_rng(args.seed + 1)
     for ty in [T.IQ4_NL, T.IQ4_XS]:
         write(f"dequant_random_{ty.name}.json", dequant_fixture(ty, "random", random_blocks(rng_iq, ty)))
+
+    # The grid types, again from a generator of their own.
+    rng_grid = np.random.default_rng(args.seed + 2)
+    for ty in [T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M]:
+        write(f"dequant_random_{ty.name}.json", dequant_fixture(ty, "random", random_blocks(rng_grid, ty)))
 
     total = sum(os.path.getsize(p) for p in WRITTEN)
     print(f"wrote {len(WRITTEN)} fixtures, {total} bytes, to {OUT_DIR}")

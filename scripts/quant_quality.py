@@ -18,7 +18,9 @@ For each test model:
      CALIBRATION` (README.md: text other than the perplexity text), then per
      low-bit type `tl quantize --imatrix` and llama.cpp's quantizer with the
      same importance values (llama_model_quantize's imatrix array), their
-     files compared, and step 3 on tl's.
+     files compared, and step 3 on tl's (`--imatrix-types T,..` with
+     `--imatrix-only`: only those rows, the others kept; `--models`: only
+     those models).
 
 Run with the reference environment (llama-cpp-python as ../shared/MODELS.md
 builds it):
@@ -44,8 +46,9 @@ MODELS = ["qwen2.5-coder-0.5b-instruct-q4.gguf", "gemma-3-270m-q4_k_m.gguf"]
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M",
          "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
 # The types measured again with an importance matrix (the low-bit ones,
-# where it matters; Q2_K_S needs one).
-IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K", "Q2_K_S"]
+# where it matters; Q2_K_S, IQ3_XS, IQ3_XXS and the IQ2/IQ1 types need one).
+IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K", "Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS",
+                 "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
 CALIBRATION = os.path.join(ROOT, "README.md")
 IMATRIX_CTX = 512
 IMATRIX_CHUNKS = 4
@@ -82,7 +85,7 @@ def imatrix_weights(path):
     return out, chunks
 
 
-def imatrix_rows(args, tl, base, base_lp, model):
+def imatrix_rows(args, tl, base, base_lp, model, types=IMATRIX_TYPES):
     from make_imatrix_quantize_fixtures import reference_quantize_imatrix
 
     im = os.path.join(args.work, "imatrix.gguf")
@@ -90,7 +93,7 @@ def imatrix_rows(args, tl, base, base_lp, model):
          "--chunks", str(IMATRIX_CHUNKS)])
     weights, chunks = imatrix_weights(im)
     rows = {}
-    for ftype in IMATRIX_TYPES:
+    for ftype in types:
         mine = os.path.join(args.work, f"{ftype}-imatrix.gguf")
         ref = os.path.join(args.work, f"{ftype}-imatrix-ref.gguf")
         run([tl, "quantize", "--imatrix", im, base, mine, ftype])
@@ -146,16 +149,24 @@ def main():
                     help="also measure IMATRIX_TYPES with an importance matrix")
     ap.add_argument("--imatrix-only", action="store_true",
                     help="measure only the importance-matrix rows, into the earlier run's JSON")
+    ap.add_argument("--imatrix-types",
+                    help="with --imatrix-only: comma-separated file types to measure (again) "
+                         "with an importance matrix, keeping the JSON's other rows")
+    ap.add_argument("--models",
+                    help="comma-separated model files to measure (default: all of MODELS)")
     ap.add_argument("--types",
                     help="comma-separated file types to measure again (or add), into the "
                          "earlier run's JSON")
     args = ap.parse_args()
+    models = MODELS
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.types:
         with open(args.json) as f:
             d = json.load(f)
         os.makedirs(args.work, exist_ok=True)
         types = [t.strip() for t in args.types.split(",") if t.strip()]
-        for model in MODELS:
+        for model in models:
             base, base_lp = make_base(args, model)
             rows = d["results"][model]
             for ftype in types:
@@ -178,14 +189,28 @@ def main():
             d = json.load(f)
         if args.imatrix_only:
             os.makedirs(args.work, exist_ok=True)
-            d["imatrix"] = {}
-            for model in MODELS:
+            commit = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
+            types = IMATRIX_TYPES
+            if args.imatrix_types:
+                types = [t.strip() for t in args.imatrix_types.split(",") if t.strip()]
+            else:
+                d["imatrix"] = {}
+            for model in models:
                 base, base_lp = make_base(args, model)
-                d["imatrix"][model] = imatrix_rows(args, args.tl, base, base_lp, model)
+                rows = d.setdefault("imatrix", {}).get(model, {})
+                rows.update(imatrix_rows(args, args.tl, base, base_lp, model, types))
+                order = {t: i for i, t in enumerate(IMATRIX_TYPES)}
+                d["imatrix"][model] = dict(sorted(rows.items(),
+                                                  key=lambda kv: order.get(kv[0], 99)))
                 os.remove(base)
                 os.remove(base_lp)
-            d["imatrix_commit"] = run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]).strip()
-            d["imatrix_date"] = str(datetime.date.today())
+            if args.imatrix_types:
+                d["note"] = (f"importance-matrix rows {', '.join(types)} of "
+                             f"{', '.join(models)} measured {datetime.date.today()}, commit "
+                             f"{commit}; " + (d.get("note") or "")).strip("; ")
+            else:
+                d["imatrix_commit"] = commit
+                d["imatrix_date"] = str(datetime.date.today())
             with open(args.json, "w") as f:
                 json.dump(d, f, indent=1)
                 f.write("\n")

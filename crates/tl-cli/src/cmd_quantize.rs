@@ -17,8 +17,11 @@ pub struct QuantizeArgs {
     /// Output GGUF file (written to OUTPUT.partial, then renamed).
     pub output: PathBuf,
     /// File type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S,
-    /// Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K (Q3_K,
-    /// Q4_K and Q5_K mean the _M mixes), or llama.cpp's number for one.
+    /// Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL,
+    /// IQ4_XS, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS,
+    /// IQ1_M, IQ1_S (Q3_K, Q4_K and Q5_K mean the _M mixes; Q2_K_S, IQ3_XS,
+    /// IQ3_XXS and the IQ2/IQ1 types need --imatrix), or llama.cpp's number
+    /// for one.
     #[arg(value_name = "TYPE")]
     pub ftype: String,
     /// Worker threads (default: all cores).

@@ -195,9 +195,9 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
     );
     // Unknown file type lists the known ones.
     fails_with(&[q.as_os_str(), out.as_os_str(), "Q9_K".as_ref()], "Q4_K_M");
-    // IQ types without a quantizer yet are named as such.
+    // File types without a quantizer yet are named as such.
     fails_with(
-        &[q.as_os_str(), out.as_os_str(), "IQ3_S".as_ref()],
+        &[q.as_os_str(), out.as_os_str(), "TQ1_0".as_ref()],
         "not supported by tl quantize yet",
     );
     // A mix that needs an importance matrix.
@@ -215,8 +215,23 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
         .status()
         .unwrap()
         .success());
+    for ftype in [
+        "Q2_K_S", "IQ3_XXS", "IQ3_XS", "IQ2_XS", "IQ2_M", "IQ1_S", "IQ1_M",
+    ] {
+        fails_with(
+            &[synth.as_os_str(), out.as_os_str(), ftype.as_ref()],
+            "importance matrix",
+        );
+    }
+    // So does a grid type named by --tensor-type.
     fails_with(
-        &[synth.as_os_str(), out.as_os_str(), "Q2_K_S".as_ref()],
+        &[
+            synth.as_os_str(),
+            out.as_os_str(),
+            "Q4_K_M".as_ref(),
+            "--tensor-type".as_ref(),
+            "ffn_up=IQ2_XXS".as_ref(),
+        ],
         "importance matrix",
     );
     // Malformed --tensor-type arguments.
@@ -355,10 +370,20 @@ fn tensor_type_overrides_replace_the_mix_choice() {
     assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
 }
 
-/// A model quantized to IQ4_NL or IQ4_XS runs on the CPU (perplexity), and
-/// its perplexity stays close to the F32 original's.
 #[test]
-fn iq4_models_run_and_stay_close_to_the_original() {
+fn iq3_m_mix_gives_attn_v_and_the_first_ffn_down_q4_k() {
+    let line = dry_run_plan(&["IQ3_M"]);
+    assert!(line("blk.5.attn_v.weight").contains("-> Q4_K"));
+    assert!(line("blk.0.ffn_down.weight").contains("-> Q4_K"));
+    assert!(line("blk.2.ffn_down.weight").contains("-> IQ3_S"));
+    assert!(line("blk.2.attn_output.weight").contains("-> Q4_K"));
+    assert!(line("blk.2.ffn_up.weight").contains("-> IQ3_S"));
+}
+
+/// A model quantized to IQ4_NL, IQ4_XS, IQ3_S or IQ3_M runs on the CPU
+/// (perplexity), and its perplexity stays close to the F32 original's.
+#[test]
+fn iq_models_run_and_stay_close_to_the_original() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let synth = d.join("s.gguf");
@@ -404,7 +429,12 @@ fn iq4_models_run_and_stay_close_to_the_original() {
     };
     let base = ppl(&synth);
     assert!(base.is_finite() && base > 1.0, "{base}");
-    for ftype in ["IQ4_NL", "IQ4_XS"] {
+    for (ftype, tol, ty) in [
+        ("IQ4_NL", 0.02, "IQ4_NL"),
+        ("IQ4_XS", 0.02, "IQ4_XS"),
+        ("IQ3_S", 0.1, "IQ3_S"),
+        ("IQ3_M", 0.1, "IQ3_S"),
+    ] {
         let out = d.join(format!("{ftype}.gguf"));
         let run = tl()
             .arg("quantize")
@@ -419,14 +449,14 @@ fn iq4_models_run_and_stay_close_to_the_original() {
             String::from_utf8_lossy(&run.stderr)
         );
         let file = GgufFile::open(&out).unwrap();
-        let want = GgmlType::from_name(ftype).unwrap();
+        let want = GgmlType::from_name(ty).unwrap();
         assert!(
             file.tensors.iter().any(|t| t.ty == want),
-            "{ftype}: no tensor of that type"
+            "{ftype}: no tensor of type {ty}"
         );
         let p = ppl(&out);
         assert!(
-            p.is_finite() && (p.ln() - base.ln()).abs() < 0.02,
+            p.is_finite() && (p.ln() - base.ln()).abs() < tol,
             "{ftype}: perplexity {p} against {base} for F32"
         );
     }

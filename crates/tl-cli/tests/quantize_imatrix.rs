@@ -420,12 +420,21 @@ fn bad_importance_matrices_are_refused_by_name() {
     );
     std::fs::remove_file(d.join("out.gguf")).unwrap();
 
-    // IQ file types are refused as unsupported, by name.
-    fails_with(
-        d,
-        &[m, "out.gguf", "IQ2_XXS", "--imatrix", "good.gguf"],
-        &["IQ2_XXS", "not supported"],
-    );
+    // So do the IQ3_XXS, IQ2 and IQ1 tensors, as in llama.cpp ...
+    for ftype in ["IQ2_XXS", "IQ3_XXS", "IQ1_M"] {
+        fails_with(
+            d,
+            &[m, "out.gguf", ftype, "--imatrix", "partial.gguf"],
+            &["blk.0.ffn_up.weight", "partial.gguf", "no entry"],
+        );
+        fails_with(d, &[m, "out.gguf", ftype], &["--imatrix"]);
+    }
+    // ... and with every entry they work.
+    let (ok, err) = run_quantize(d, &[m, "out.gguf", "IQ2_XXS", "--imatrix", "good.gguf"]);
+    assert!(ok, "{err}");
+    let f = GgufFile::open(d.join("out.gguf")).unwrap();
+    assert!(f.tensors.iter().any(|t| t.ty == GgmlType::IQ2_XXS));
+    std::fs::remove_file(d.join("out.gguf")).unwrap();
     // --include-weights and --exclude-weights together, or without --imatrix.
     let (ok, _) = run_quantize(
         d,

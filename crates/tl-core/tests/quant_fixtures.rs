@@ -100,7 +100,8 @@ fn fixtures_cover_every_case() {
         set("dequantize", &|s| s == "random"),
         names(&[
             "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
-            "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"
+            "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S",
+            "IQ1_S", "IQ1_M"
         ])
     );
     let real = names(&["F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]);

@@ -31,10 +31,16 @@
 //! `ffn_down` Q4_1/Q5_1, and the output metadata gets llama-quantize's
 //! `quantize.imatrix.*` keys.
 //!
-//! IQ4_NL and IQ4_XS are the IQ file types here, with llama.cpp's rules for
-//! them (Q5_K for `attn_v` of GQA >= 4 models and, without an importance
-//! matrix, for the first eighth of `ffn_down`; IQ4_XS falls back to IQ4_NL
-//! for rows that are not whole 256-value super-blocks).
+//! The IQ file types have llama.cpp's rules: IQ4_NL and IQ4_XS (Q5_K for
+//! `attn_v` of GQA >= 4 models and, without an importance matrix, for the
+//! first eighth of `ffn_down`), IQ3_XXS, IQ3_XS, IQ3_S and IQ3_M, and the
+//! IQ2/IQ1 mixes (Q2_K or IQ3_S `attn_v`, first `ffn_down` and
+//! `token_embd`, Q5_K output); every IQ type falls back to IQ4_NL for rows
+//! that are not whole 256-value super-blocks. As in llama.cpp, IQ3_XXS,
+//! IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S and IQ1_M tensors (other than `output` and
+//! `token_embd`) need importance-matrix data: without it the plan fails
+//! before anything is written. A file type whose mix picks a type that has
+//! no quantizer here yet is refused by name.
 //!
 //! `--tensor-type PATTERN=TYPE` ([`QuantizeOptions::tensor_types`]) sets the
 //! type of every quantized tensor whose name the pattern (a regular
@@ -42,8 +48,7 @@
 //! `std::regex_search` does) matches, in place of the mix's choice; the
 //! first matching pattern wins, and the row-length fallback still applies.
 //!
-//! Not here yet: the other IQ types (IQ1_*, IQ2_*, IQ3_*), TQ1_0/TQ2_0,
-//! MXFP4, and split files.
+//! Not here yet: TQ1_0/TQ2_0, MXFP4, and split files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -60,7 +65,7 @@ use crate::imatrix::Imatrix;
 pub enum QuantizeError {
     #[error("unknown file type '{name}' (known: {known})")]
     UnknownFileType { name: String, known: String },
-    #[error("file type '{name}': IQ1_*, IQ2_*, IQ3_*, TQ1_0/TQ2_0 and MXFP4 are not supported by tl quantize yet (supported: {known})")]
+    #[error("file type '{name}' is not supported by tl quantize yet (supported: {known})")]
     UnsupportedFileType { name: String, known: String },
     #[error("tensor '{tensor}': the {ftype} mix quantizes it to {ty}, which needs an importance matrix; pass one with --imatrix FILE")]
     NeedsImatrix {
@@ -168,6 +173,43 @@ file_types! {
     Q6_K = 18, "Q6_K", Q6_K, "6.56 bpw";
     IQ4_NL = 25, "IQ4_NL", IQ4_NL, "4.5 bpw, non-linear levels, scale per 32";
     IQ4_XS = 30, "IQ4_XS", IQ4_XS, "4.25 bpw, non-linear levels, 6-bit scales per 32 in blocks of 256";
+    IQ3_M = 27, "IQ3_M", IQ3_S, "3.66 bpw: IQ3_S with Q4_K attn_v, attn_output and first ffn_down";
+    IQ3_S = 26, "IQ3_S", IQ3_S, "3.44 bpw, 4-value grid points with signs, 4-bit scales per 32";
+    IQ3_XS = 22, "IQ3_XS", IQ3_S, "3.3 bpw: IQ3_S with IQ3_XXS attn_q, attn_k and middle ffn_gate/ffn_up (needs an importance matrix)";
+    IQ3_XXS = 23, "IQ3_XXS", IQ3_XXS, "3.06 bpw, 4-value grid points (needs an importance matrix)";
+    IQ2_M = 29, "IQ2_M", IQ2_S, "2.7 bpw: IQ2_S with IQ3_S attn_v, attn_output, first ffn_down (needs an importance matrix)";
+    IQ2_S = 28, "IQ2_S", IQ2_XS, "2.5 bpw: IQ2_XS with IQ3_S attn_v, attn_output, first ffn_down (needs an importance matrix)";
+    IQ2_XS = 20, "IQ2_XS", IQ2_XS, "2.31 bpw, 8-value grid points (needs an importance matrix)";
+    IQ2_XXS = 19, "IQ2_XXS", IQ2_XXS, "2.06 bpw, 8-value grid points (needs an importance matrix)";
+    IQ1_M = 31, "IQ1_M", IQ1_M, "1.75 bpw (needs an importance matrix)";
+    IQ1_S = 24, "IQ1_S", IQ1_S, "1.56 bpw (needs an importance matrix)";
+}
+
+impl FileType {
+    /// The IQ2/IQ1 mixes of llama.cpp (one branch of its rules).
+    fn is_iq2_mix(self) -> bool {
+        matches!(
+            self,
+            FileType::IQ2_XXS
+                | FileType::IQ2_XS
+                | FileType::IQ1_S
+                | FileType::IQ2_S
+                | FileType::IQ2_M
+                | FileType::IQ1_M
+        )
+    }
+
+    /// Whether every type the mix can choose has a quantizer here.
+    fn is_writable(self) -> bool {
+        use GgmlType as G;
+        let types: &[GgmlType] = match self {
+            FileType::IQ3_XXS => &[G::IQ3_XXS, G::IQ3_S, G::IQ2_S],
+            FileType::IQ2_S | FileType::IQ2_M => &[G::IQ2_XS, G::IQ2_S, G::IQ3_S],
+            FileType::IQ1_S | FileType::IQ1_M => &[self.default_type(), G::IQ2_XXS],
+            _ => &[],
+        };
+        can_write(self.default_type()) && types.iter().all(|&t| can_write(t))
+    }
 }
 
 impl std::fmt::Display for FileType {
@@ -186,14 +228,12 @@ impl std::str::FromStr for FileType {
         let known = || {
             FileType::ALL
                 .iter()
+                .filter(|t| t.is_writable())
                 .map(|t| t.name())
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if (up.starts_with("IQ") && !matches!(up.as_str(), "IQ4_NL" | "IQ4_XS"))
-            || up.starts_with("TQ")
-            || up.starts_with("MXFP4")
-        {
+        if up.starts_with("TQ") || up.starts_with("MXFP4") {
             return Err(QuantizeError::UnsupportedFileType {
                 name: s.to_owned(),
                 known: known(),
@@ -205,14 +245,21 @@ impl std::str::FromStr for FileType {
             "Q5_K" => "Q5_K_M",
             other => other,
         };
-        FileType::ALL
+        let ft = FileType::ALL
             .iter()
             .copied()
             .find(|t| t.name() == alias || up.parse::<u32>().ok() == Some(t.id()))
             .ok_or_else(|| QuantizeError::UnknownFileType {
                 name: s.to_owned(),
                 known: known(),
-            })
+            })?;
+        if !ft.is_writable() {
+            return Err(QuantizeError::UnsupportedFileType {
+                name: s.to_owned(),
+                known: known(),
+            });
+        }
+        Ok(ft)
     }
 }
 
@@ -488,7 +535,7 @@ pub fn allows_quantization(name: &str, dims: &[u64], leave_output_tensor: bool) 
 /// Whether `tl quantize` can write tensors of type `ty`: the types tl-core
 /// quantizes to, less the activation-only Q8_1 and Q8_K.
 pub fn can_write(ty: GgmlType) -> bool {
-    tl_core::quant::is_supported(ty) && !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K)
+    tl_core::quant::is_weighted_supported(ty)
 }
 
 /// The layer of a tensor named `blk.N.…`, or -1 (llama.cpp sorts by it).
@@ -619,6 +666,8 @@ impl MixState<'_> {
                 let qk = ty.block_size() as u64;
                 if falcon || qk == 0 || nx % qk != 0 {
                     ty = G::Q8_0;
+                } else if ft.is_iq2_mix() || ft == F::IQ3_XXS {
+                    ty = G::Q5_K;
                 } else if ty != G::Q8_0 {
                     ty = G::Q6_K;
                 }
@@ -626,12 +675,57 @@ impl MixState<'_> {
         } else if cat == Category::TokenEmbd {
             if let Some(t) = self.opts.token_embedding_type {
                 ty = t;
+            } else {
+                match ft {
+                    F::IQ2_XXS | F::IQ2_XS | F::IQ1_S | F::IQ1_M => ty = G::Q2_K,
+                    F::IQ2_S | F::IQ2_M | F::IQ3_XXS => ty = G::IQ3_S,
+                    _ => {}
+                }
+            }
+        } else if ft.is_iq2_mix() {
+            let iq2_s = matches!(ft, F::IQ2_S | F::IQ2_M);
+            if is_attn_v(cat) {
+                ty = if gqa >= 4 || n_expert >= 4 {
+                    G::Q4_K
+                } else if iq2_s {
+                    G::IQ3_S
+                } else {
+                    G::Q2_K
+                };
+                self.i_attention_wv += 1;
+            } else if n_expert == 8 && cat == Category::AttnK {
+                ty = G::Q4_K;
+            } else if cat == Category::FfnDown {
+                // The running count against all layers, even in MoE models.
+                if self.i_ffn_down < self.info.n_layer / 8 {
+                    ty = if iq2_s { G::IQ3_S } else { G::Q2_K };
+                }
+                self.i_ffn_down += 1;
+            } else if cat == Category::AttnOutput {
+                if n_expert == 8 {
+                    ty = G::Q5_K;
+                } else if matches!(ft, F::IQ1_S | F::IQ1_M) {
+                    ty = G::IQ2_XXS;
+                } else if iq2_s {
+                    ty = G::IQ3_S;
+                }
             }
         } else if is_attn_v(cat) {
             let (i, n) = (self.i_attention_wv, self.n_attention_wv);
             match ft {
                 F::Q2_K => ty = if gqa >= 4 { G::Q4_K } else { G::Q3_K },
                 F::Q2_K_S if gqa >= 4 => ty = G::Q4_K,
+                F::IQ3_XXS => {
+                    ty = if gqa >= 4 {
+                        G::Q4_K
+                    } else if !self.has_imatrix {
+                        G::IQ3_S
+                    } else {
+                        G::IQ3_XXS
+                    }
+                }
+                F::IQ3_XS | F::IQ3_S if gqa >= 4 => ty = G::Q4_K,
+                F::IQ3_M => ty = G::Q4_K,
                 F::Q3_K_M => ty = if i < 2 { G::Q5_K } else { G::Q4_K },
                 F::Q3_K_L => ty = G::Q5_K,
                 F::IQ4_NL | F::IQ4_XS if gqa >= 4 => ty = G::Q5_K,
@@ -649,14 +743,24 @@ impl MixState<'_> {
         } else if cat == Category::AttnK {
             if n_expert == 8 {
                 ty = G::Q8_0;
+            } else if ft == F::IQ3_XS {
+                ty = G::IQ3_XXS;
+            } else if ft == F::IQ3_XXS {
+                ty = G::IQ2_S;
             }
         } else if cat == Category::AttnQ {
-            // Only the IQ mixes change attn_q.
+            if ft == F::IQ3_XS {
+                ty = G::IQ3_XXS;
+            } else if ft == F::IQ3_XXS {
+                ty = G::IQ2_S;
+            }
         } else if cat == Category::FfnDown {
             let (i, n) = self.layer_info(self.i_ffn_down, name)?;
             match ft {
                 F::Q2_K => ty = G::Q3_K,
                 F::Q2_K_S if i < n / 8 => ty = G::Q4_K,
+                F::IQ3_XXS if !self.has_imatrix => ty = if i < n / 8 { G::Q4_K } else { G::Q3_K },
+                F::IQ3_M if i < n / 8 || (n_expert == 8 && use_more_bits(i, n)) => ty = G::Q4_K,
                 F::Q3_K_M => {
                     ty = if i < n / 16 {
                         G::Q5_K
@@ -702,12 +806,18 @@ impl MixState<'_> {
                             | F::Q4_K_M
                             | F::IQ4_NL
                             | F::IQ4_XS
+                            | F::IQ3_XS
+                            | F::IQ3_XXS
+                            | F::IQ3_S
+                            | F::IQ3_M
                     ) {
                         ty = G::Q5_K;
                     }
                 } else {
                     match ft {
                         F::Q2_K => ty = G::Q3_K,
+                        F::IQ3_XXS => ty = G::IQ3_S,
+                        F::IQ3_M => ty = G::Q4_K,
                         F::Q3_K_M => ty = G::Q4_K,
                         F::Q3_K_L => ty = G::Q5_K,
                         _ => {}
@@ -718,10 +828,16 @@ impl MixState<'_> {
             }
         } else if cat == Category::FfnGate {
             // The layer check can fail on a badly named MoE tensor, as in llama.cpp.
-            self.layer_info(self.i_ffn_gate, name)?;
+            let (i, n) = self.layer_info(self.i_ffn_gate, name)?;
+            if ft == F::IQ3_XS && i >= n / 8 && i < 7 * n / 8 {
+                ty = G::IQ3_XXS;
+            }
             self.i_ffn_gate += 1;
         } else if cat == Category::FfnUp {
-            self.layer_info(self.i_ffn_up, name)?;
+            let (i, n) = self.layer_info(self.i_ffn_up, name)?;
+            if ft == F::IQ3_XS && i >= n / 8 && i < 7 * n / 8 {
+                ty = G::IQ3_XXS;
+            }
             self.i_ffn_up += 1;
         }
         Ok(ty)
@@ -741,7 +857,14 @@ fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
         G::Q4_K => G::Q5_0,
         G::Q5_K => G::Q5_1,
         G::Q6_K => G::Q8_0,
-        G::IQ4_XS => G::IQ4_NL,
+        G::IQ4_XS
+        | G::IQ3_S
+        | G::IQ3_XXS
+        | G::IQ2_S
+        | G::IQ2_XS
+        | G::IQ2_XXS
+        | G::IQ1_M
+        | G::IQ1_S => G::IQ4_NL,
         other => other,
     };
     if !ncols.is_multiple_of(to.block_size() as u64) {
@@ -850,10 +973,18 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
                     }
                 };
             }
-            // llama.cpp's tensor_requires_imatrix for the types here.
-            let requires_imatrix = to == GgmlType::Q2_K
-                && opts.ftype == FileType::Q2_K_S
-                && !matches!(cat, Category::TokenEmbd | Category::Output);
+            // llama.cpp's tensor_requires_imatrix.
+            let requires_imatrix = !matches!(cat, Category::TokenEmbd | Category::Output)
+                && match to {
+                    GgmlType::IQ3_XXS
+                    | GgmlType::IQ2_XXS
+                    | GgmlType::IQ2_XS
+                    | GgmlType::IQ2_S
+                    | GgmlType::IQ1_M
+                    | GgmlType::IQ1_S => true,
+                    GgmlType::Q2_K => opts.ftype == FileType::Q2_K_S,
+                    _ => false,
+                };
             if requires_imatrix && use_imatrix != ImatrixUse::Used {
                 return Err(match imatrix {
                     None => QuantizeError::NeedsImatrix {
@@ -1170,7 +1301,22 @@ mod tests {
         assert!(e.is_some_and(|e| e.contains("Q9_X") && e.contains("Q4_K_M")));
         assert_eq!("iq4_xs".parse::<FileType>().ok(), Some(FileType::IQ4_XS));
         assert_eq!("25".parse::<FileType>().ok(), Some(FileType::IQ4_NL));
-        for name in ["IQ3_S", "iq2_xxs", "IQ1_M", "TQ1_0", "MXFP4_MOE"] {
+        assert_eq!("iq3_s".parse::<FileType>().ok(), Some(FileType::IQ3_S));
+        assert_eq!("IQ3_M".parse::<FileType>().ok(), Some(FileType::IQ3_M));
+        assert_eq!("22".parse::<FileType>().ok(), Some(FileType::IQ3_XS));
+        for ft in [
+            FileType::IQ3_XXS,
+            FileType::IQ2_XXS,
+            FileType::IQ2_XS,
+            FileType::IQ2_S,
+            FileType::IQ2_M,
+            FileType::IQ1_S,
+            FileType::IQ1_M,
+        ] {
+            assert_eq!(ft.name().to_lowercase().parse::<FileType>().ok(), Some(ft));
+            assert_eq!(ft.id().to_string().parse::<FileType>().ok(), Some(ft));
+        }
+        for name in ["TQ1_0", "MXFP4_MOE"] {
             assert!(
                 matches!(
                     name.parse::<FileType>(),
@@ -1233,6 +1379,18 @@ mod tests {
         assert_eq!(fallback(G::IQ4_XS, 896), (G::IQ4_NL, true));
         assert_eq!(fallback(G::IQ4_XS, 80), (G::F16, true));
         assert_eq!(fallback(G::IQ4_NL, 896), (G::IQ4_NL, false));
+        for ty in [
+            G::IQ3_S,
+            G::IQ3_XXS,
+            G::IQ2_S,
+            G::IQ2_XS,
+            G::IQ2_XXS,
+            G::IQ1_S,
+            G::IQ1_M,
+        ] {
+            assert_eq!(fallback(ty, 896), (G::IQ4_NL, true), "{ty}");
+            assert_eq!(fallback(ty, 2048), (ty, false), "{ty}");
+        }
     }
 
     #[test]

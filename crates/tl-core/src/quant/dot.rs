@@ -2,7 +2,8 @@
 //!
 //! As in ggml-cpu, a matmul against a quantized weight first quantizes the
 //! f32 activations once to the weight type's [`vec_dot_type`] (Q8_0 for
-//! Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS, the weight's
+//! Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, IQ4_XS
+//! and the grid formats IQ3_XXS to IQ1_M, the weight's
 //! own type for F32/F16/BF16), then takes integer dot products block by
 //! block and scales each block's integer sum by the two block scales.
 //!
@@ -45,7 +46,8 @@ pub fn vec_dot_type(ty: GgmlType) -> GgmlType {
     match ty {
         Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Q8_0,
         Q4_1 | Q5_1 => Q8_1,
-        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => Q8_K,
+        Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS | IQ3_XXS | IQ3_S | IQ2_XXS | IQ2_XS | IQ2_S
+        | IQ1_S | IQ1_M => Q8_K,
         other => other,
     }
 }
@@ -69,6 +71,13 @@ pub fn supports_dot(ty: GgmlType) -> bool {
             | Q6_K
             | IQ4_NL
             | IQ4_XS
+            | IQ3_XXS
+            | IQ3_S
+            | IQ2_XXS
+            | IQ2_XS
+            | IQ2_S
+            | IQ1_S
+            | IQ1_M
     )
 }
 
@@ -203,7 +212,7 @@ pub(crate) struct Table {
     kernels: [Kernel; N_DOT_TYPES],
 }
 
-const N_DOT_TYPES: usize = 15;
+const N_DOT_TYPES: usize = 22;
 
 fn slot(ty: GgmlType) -> Option<usize> {
     use GgmlType::*;
@@ -223,6 +232,13 @@ fn slot(ty: GgmlType) -> Option<usize> {
         Q6_K => 12,
         IQ4_NL => 13,
         IQ4_XS => 14,
+        IQ3_XXS => 15,
+        IQ3_S => 16,
+        IQ2_XXS => 17,
+        IQ2_XS => 18,
+        IQ2_S => 19,
+        IQ1_S => 20,
+        IQ1_M => 21,
         _ => return None,
     })
 }
@@ -246,6 +262,13 @@ impl Table {
             scalar_kernel::<12>,
             scalar_kernel::<13>,
             scalar_kernel::<14>,
+            scalar_kernel::<15>,
+            scalar_kernel::<16>,
+            scalar_kernel::<17>,
+            scalar_kernel::<18>,
+            scalar_kernel::<19>,
+            scalar_kernel::<20>,
+            scalar_kernel::<21>,
         ];
         #[cfg(target_arch = "x86_64")]
         x86::install(level, &mut |ty, k| {
@@ -298,6 +321,7 @@ const SCALAR_TYPES: [GgmlType; N_DOT_TYPES] = {
     use GgmlType::*;
     [
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
+        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M,
     ]
 };
 
@@ -347,6 +371,13 @@ pub fn vec_dot_ref(ty_w: GgmlType, k: usize, w_row: &[u8], act_row: &[u8]) -> f3
         Q6_K => scalar::dot_q6_k(w, a),
         IQ4_NL => scalar::dot_iq4_nl(w, a),
         IQ4_XS => scalar::dot_iq4_xs(w, a),
+        IQ3_XXS => scalar::dot_iq3_xxs(w, a),
+        IQ3_S => scalar::dot_iq3_s(w, a),
+        IQ2_XXS => scalar::dot_iq2_xxs(w, a),
+        IQ2_XS => scalar::dot_iq2_xs(w, a),
+        IQ2_S => scalar::dot_iq2_s(w, a),
+        IQ1_S => scalar::dot_iq1_s(w, a),
+        IQ1_M => scalar::dot_iq1_m(w, a),
         _ => f32::NAN,
     }
 }

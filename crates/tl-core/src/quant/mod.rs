@@ -7,6 +7,9 @@
 //! - [`legacy`]: the 32-value blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1.
 //! - [`k_quants`]: the 256-value super-blocks Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K.
 //! - [`iq4`]: the non-linear 4-bit IQ4_NL (32 values) and IQ4_XS (256).
+//! - [`iq3`], [`iq2`], [`iq1`]: the grid formats IQ3_XXS, IQ3_S, IQ2_XXS,
+//!   IQ2_XS, IQ2_S, IQ1_S and IQ1_M (256 values), with their tables in
+//!   [`iq_grids`].
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
 //!   `make_qkx2_quants`, `make_q3_quants`, `make_qkx3_quants`,
 //!   `make_qp_quants`, `nearest_int`) that the K-quant quantizers share.
@@ -27,7 +30,12 @@
 
 pub mod dot;
 pub mod float;
+pub mod iq1;
+pub mod iq2;
+pub mod iq3;
 pub mod iq4;
+pub mod iq_grids;
+mod iq_search;
 pub mod k_quants;
 pub mod k_search;
 pub mod legacy;
@@ -65,8 +73,33 @@ pub trait Block: bytemuck::Pod {
     fn quantize(x: &[f32]) -> Self;
 }
 
-/// Types this crate can dequantize and quantize.
+/// A GGML block this crate dequantizes but has no [`Block::quantize`] for:
+/// the grid formats, whose ggml quantizers run on whole rows
+/// ([`quantize_weighted`]).
+pub trait Dequantize: bytemuck::Pod {
+    const TYPE: GgmlType;
+    /// Elements per block (ggml's `blck_size`).
+    const VALUES: usize;
+
+    fn dequantize(&self, out: &mut [f32]);
+}
+
+/// The grid formats: dequantized here, quantized by row only.
+fn is_grid(ty: GgmlType) -> bool {
+    use GgmlType::*;
+    matches!(
+        ty,
+        IQ3_XXS | IQ3_S | IQ2_XXS | IQ2_XS | IQ2_S | IQ1_S | IQ1_M
+    )
+}
+
+/// Types this crate can dequantize (and read in a model).
 pub fn is_supported(ty: GgmlType) -> bool {
+    is_quantize_supported(ty) || is_grid(ty)
+}
+
+/// Types [`quantize`] writes (with the scalar reference quantizer).
+pub fn is_quantize_supported(ty: GgmlType) -> bool {
     use GgmlType::*;
     matches!(
         ty,
@@ -120,6 +153,13 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
         Q8_K => dequantize_blocks::<k_quants::BlockQ8K>(src, dst),
         IQ4_NL => dequantize_blocks::<iq4::BlockIQ4NL>(src, dst),
         IQ4_XS => dequantize_blocks::<iq4::BlockIQ4XS>(src, dst),
+        IQ3_XXS => dequantize_grid::<iq3::BlockIQ3XXS>(src, dst),
+        IQ3_S => dequantize_grid::<iq3::BlockIQ3S>(src, dst),
+        IQ2_XXS => dequantize_grid::<iq2::BlockIQ2XXS>(src, dst),
+        IQ2_XS => dequantize_grid::<iq2::BlockIQ2XS>(src, dst),
+        IQ2_S => dequantize_grid::<iq2::BlockIQ2S>(src, dst),
+        IQ1_S => dequantize_grid::<iq1::BlockIQ1S>(src, dst),
+        IQ1_M => dequantize_grid::<iq1::BlockIQ1M>(src, dst),
         _ => return Err(unsupported(ty, name)),
     }
     Ok(())
@@ -129,7 +169,7 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
 /// the scalar reference algorithm of ggml (`quantize_row_*_ref`).
 pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     use GgmlType::*;
-    if !is_supported(ty) {
+    if !is_quantize_supported(ty) {
         return Err(unsupported(ty, UNNAMED));
     }
     check_sizes("quantize", ty, UNNAMED, src.len(), dst.len())?;
@@ -159,7 +199,23 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
 /// Whether [`quantize_weighted`] quantizes to `ty`: the types
 /// `ggml_quantize_chunk` makes that this crate has quantizers for.
 pub fn is_weighted_supported(ty: GgmlType) -> bool {
-    is_supported(ty) && !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K)
+    (is_quantize_supported(ty) && !matches!(ty, GgmlType::Q8_1 | GgmlType::Q8_K))
+        || has_grid_quantizer(ty)
+}
+
+/// The grid formats [`quantize_weighted`] quantizes to.
+fn has_grid_quantizer(ty: GgmlType) -> bool {
+    use GgmlType::*;
+    matches!(
+        ty,
+        IQ3_XXS | IQ3_S | IQ2_XXS | IQ2_XS | IQ2_S | IQ1_S | IQ1_M
+    )
+}
+
+/// ggml `ggml_quantize_requires_imatrix`: the types whose quantizers need an
+/// importance matrix (IQ2_XXS, IQ2_XS, IQ1_S).
+pub fn requires_imatrix(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::IQ2_XXS | GgmlType::IQ2_XS | GgmlType::IQ1_S)
 }
 
 /// ggml `ggml_quantize_chunk` (from the first row): quantizes the rows of
@@ -202,6 +258,50 @@ pub fn quantize_weighted(
             ),
         });
     }
+    if imatrix.is_none() && requires_imatrix(ty) {
+        return Err(CoreError::Invalid {
+            op: OP,
+            reason: format!("{ty} needs an importance matrix"),
+        });
+    }
+    if has_grid_quantizer(ty) {
+        if let Some(qw) = imatrix {
+            if qw.len() != n_per_row {
+                return Err(CoreError::SizeMismatch {
+                    op: OP,
+                    what: format!(
+                        "the importance matrix has {} weights for rows of {n_per_row} values",
+                        qw.len()
+                    ),
+                });
+            }
+        }
+        let row_bytes = dst.len() / (src.len() / n_per_row);
+        for (x, y) in src
+            .chunks_exact(n_per_row)
+            .zip(dst.chunks_exact_mut(row_bytes))
+        {
+            match ty {
+                IQ3_XXS => grid_row(x, y, imatrix, iq3::quantize_row_iq3_xxs),
+                IQ3_S => grid_row(x, y, imatrix, iq3::quantize_row_iq3_s),
+                IQ2_S => grid_row(x, y, imatrix, iq2::quantize_row_iq2_s),
+                IQ1_M => grid_row(x, y, imatrix, iq1::quantize_row_iq1_m),
+                IQ2_XXS | IQ2_XS | IQ1_S => {
+                    // Checked above: these have an importance matrix.
+                    let Some(qw) = imatrix else {
+                        return Err(unsupported(ty, UNNAMED));
+                    };
+                    match ty {
+                        IQ2_XXS => weighted_row(x, y, qw, iq2::quantize_row_iq2_xxs),
+                        IQ2_XS => weighted_row(x, y, qw, iq2::quantize_row_iq2_xs),
+                        _ => weighted_row(x, y, qw, iq1::quantize_row_iq1_s),
+                    }
+                }
+                _ => return Err(unsupported(ty, UNNAMED)),
+            }
+        }
+        return Ok(());
+    }
     let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0)) else {
         return quantize(ty, src, dst);
     };
@@ -237,9 +337,30 @@ pub fn quantize_weighted(
     Ok(())
 }
 
+/// Runs a grid row quantizer (importance weights optional) on one row's
+/// blocks, built aside and copied into the byte row.
+fn grid_row<B: bytemuck::Pod>(
+    x: &[f32],
+    y: &mut [u8],
+    qw: Option<&[f32]>,
+    f: fn(&[f32], &mut [B], Option<&[f32]>),
+) {
+    let size = std::mem::size_of::<B>();
+    let mut blocks = vec![B::zeroed(); y.len() / size];
+    f(x, &mut blocks, qw);
+    for (bytes, b) in y.chunks_exact_mut(size).zip(&blocks) {
+        bytes.copy_from_slice(bytemuck::bytes_of(b));
+    }
+}
+
 /// Runs a weighted row quantizer on one row's blocks, built aside and copied
 /// into the byte row (which need not be aligned for `B`).
-fn weighted_row<B: Block>(x: &[f32], y: &mut [u8], qw: &[f32], f: fn(&[f32], &mut [B], &[f32])) {
+fn weighted_row<B: bytemuck::Pod>(
+    x: &[f32],
+    y: &mut [u8],
+    qw: &[f32],
+    f: fn(&[f32], &mut [B], &[f32]),
+) {
     let size = std::mem::size_of::<B>();
     let mut blocks = vec![B::zeroed(); y.len() / size];
     f(x, &mut blocks, qw);
@@ -294,6 +415,16 @@ fn dequantize_blocks<B: Block>(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// Runs `B::dequantize` of a grid format over whole blocks; the caller has
+/// checked the sizes.
+fn dequantize_grid<B: Dequantize>(src: &[u8], dst: &mut [f32]) {
+    let size = std::mem::size_of::<B>();
+    for (bytes, out) in src.chunks_exact(size).zip(dst.chunks_exact_mut(B::VALUES)) {
+        let block: B = bytemuck::pod_read_unaligned(bytes);
+        block.dequantize(out);
+    }
+}
+
 /// Runs `B::quantize` over whole blocks; the caller has checked the sizes.
 fn quantize_blocks<B: Block>(src: &[f32], dst: &mut [u8]) {
     let size = std::mem::size_of::<B>();
@@ -327,6 +458,17 @@ mod tests {
         check::<k_quants::BlockQ8K>();
         check::<iq4::BlockIQ4NL>();
         check::<iq4::BlockIQ4XS>();
+        fn check_grid<B: Dequantize>() {
+            assert_eq!(std::mem::size_of::<B>(), B::TYPE.type_size(), "{}", B::TYPE);
+            assert_eq!(B::VALUES, B::TYPE.block_size(), "{}", B::TYPE);
+        }
+        check_grid::<iq3::BlockIQ3XXS>();
+        check_grid::<iq3::BlockIQ3S>();
+        check_grid::<iq2::BlockIQ2XXS>();
+        check_grid::<iq2::BlockIQ2XS>();
+        check_grid::<iq2::BlockIQ2S>();
+        check_grid::<iq1::BlockIQ1S>();
+        check_grid::<iq1::BlockIQ1M>();
     }
 
     #[test]
@@ -382,11 +524,13 @@ mod tests {
                     "{ty} {len}"
                 );
                 let mut q = vec![0u8; len];
-                assert!(
+                let want_size_error = is_quantize_supported(ty);
+                assert_eq!(
                     matches!(
                         quantize(ty, &out, &mut q),
                         Err(CoreError::SizeMismatch { .. })
                     ),
+                    want_size_error,
                     "{ty} {len}"
                 );
             }
@@ -399,10 +543,13 @@ mod tests {
                     Err(CoreError::PartialBlock { .. })
                 ));
                 let mut q = vec![0u8; size];
-                assert!(matches!(
-                    quantize(ty, &short, &mut q),
-                    Err(CoreError::PartialBlock { .. })
-                ));
+                assert_eq!(
+                    matches!(
+                        quantize(ty, &short, &mut q),
+                        Err(CoreError::PartialBlock { .. })
+                    ),
+                    is_quantize_supported(ty)
+                );
             }
             let bytes = vec![0u8; size];
             assert!(dequantize(ty, &bytes, &mut out).is_ok(), "{ty}");
@@ -421,7 +568,10 @@ mod tests {
             .filter(|&t| is_supported(t))
         {
             assert!(dequantize(ty, &[], &mut []).is_ok());
-            assert!(quantize(ty, &[], &mut []).is_ok());
+            assert_eq!(
+                quantize(ty, &[], &mut []).is_ok(),
+                is_quantize_supported(ty)
+            );
         }
     }
 

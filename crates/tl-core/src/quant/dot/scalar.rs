@@ -19,7 +19,13 @@
 use bytemuck::Pod;
 use half::f16;
 
+use crate::quant::iq1::{grid8 as iq1_grid8, BlockIQ1M, BlockIQ1S, IQ1S_DELTA};
+use crate::quant::iq2::{BlockIQ2S, BlockIQ2XS, BlockIQ2XXS};
+use crate::quant::iq3::{BlockIQ3S, BlockIQ3XXS};
 use crate::quant::iq4::{BlockIQ4NL, BlockIQ4XS, KVALUES_IQ4NL};
+use crate::quant::iq_grids::{
+    IQ2S_GRID, IQ2XS_GRID, IQ2XXS_GRID, IQ3S_GRID, IQ3XXS_GRID, KMASK_IQ2XS, KSIGNS_IQ2XS,
+};
 use crate::quant::k_quants::{BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, BlockQ8K, QK_K};
 use crate::quant::legacy::{BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, BlockQ8_1};
 
@@ -461,6 +467,245 @@ pub fn dot_iq4_xs(w: &[u8], a: &[u8]) -> f32 {
             let sumi = iq4_group(&x.qs[16 * ib..16 * ib + 16], &y.qs[32 * ib..32 * ib + 32]);
             sumf += dl * sumi as f32;
         }
+    }
+    sumf
+}
+
+/// The signed product sum of eight grid levels `g` (signs in the bits of
+/// `signs`) with eight activation quants.
+#[inline]
+fn signed8(g: [u8; 8], signs: u8, q8: &[i8]) -> i32 {
+    let mut sumi = 0i32;
+    for j in 0..8 {
+        let s = if signs & KMASK_IQ2XS[j] != 0 { -1 } else { 1 };
+        sumi += i32::from(g[j]) * i32::from(q8[j]) * s;
+    }
+    sumi
+}
+
+/// The integer sum of one IQ2_XXS super-block against its Q8_K block.
+pub(crate) fn iq2_xxs_bsum(x: &BlockIQ2XXS, q8: &[i8]) -> i32 {
+    let mut bsum = 0i32;
+    for ib32 in 0..QK_K / 32 {
+        let (a0, a1) = x.aux(ib32);
+        let ls = 2 * (a1 >> 28) as i32 + 1;
+        let idx = a0.to_le_bytes();
+        let mut sumi = 0i32;
+        for l in 0..4 {
+            let g = IQ2XXS_GRID[usize::from(idx[l])].to_le_bytes();
+            let signs = KSIGNS_IQ2XS[((a1 >> (7 * l)) & 127) as usize];
+            let at = 32 * ib32 + 8 * l;
+            sumi += signed8(g, signs, &q8[at..at + 8]);
+        }
+        bsum += sumi * ls;
+    }
+    bsum
+}
+
+/// ggml `ggml_vec_dot_iq2_xxs_q8_K_generic`.
+pub fn dot_iq2_xxs(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ2XXS>(w).zip(blocks::<BlockQ8K>(a)) {
+        let d = x.d.to_f32() * y.d;
+        sumf += d * iq2_xxs_bsum(&x, &y.qs) as f32;
+    }
+    0.125 * sumf
+}
+
+/// The integer sum of one IQ2_XS super-block against its Q8_K block.
+pub(crate) fn iq2_xs_bsum(x: &BlockIQ2XS, q8: &[i8]) -> i32 {
+    let mut bsum = 0i32;
+    for ib32 in 0..QK_K / 32 {
+        let ls = [
+            2 * i32::from(x.scales[ib32] & 0xF) + 1,
+            2 * i32::from(x.scales[ib32] >> 4) + 1,
+        ];
+        for h in 0..2 {
+            let mut sumi = 0i32;
+            for l in 2 * h..2 * h + 2 {
+                let q = x.qs[4 * ib32 + l];
+                let g = IQ2XS_GRID[usize::from(q & 511)].to_le_bytes();
+                let signs = KSIGNS_IQ2XS[usize::from(q >> 9)];
+                let at = 32 * ib32 + 8 * l;
+                sumi += signed8(g, signs, &q8[at..at + 8]);
+            }
+            bsum += sumi * ls[h];
+        }
+    }
+    bsum
+}
+
+/// ggml `ggml_vec_dot_iq2_xs_q8_K_generic`.
+pub fn dot_iq2_xs(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ2XS>(w).zip(blocks::<BlockQ8K>(a)) {
+        let d = x.d.to_f32() * y.d;
+        sumf += d * iq2_xs_bsum(&x, &y.qs) as f32;
+    }
+    0.125 * sumf
+}
+
+/// The integer sum of one IQ2_S super-block against its Q8_K block.
+pub(crate) fn iq2_s_bsum(x: &BlockIQ2S, q8: &[i8]) -> i32 {
+    let mut bsum = 0i32;
+    for ib32 in 0..QK_K / 32 {
+        let ls1 = 1 + 2 * i32::from(x.scales[ib32] & 0xF);
+        let ls2 = 1 + 2 * i32::from(x.scales[ib32] >> 4);
+        let mut sumi = [0i32; 2];
+        for l in 0..4 {
+            let g = IQ2S_GRID[x.index(ib32, l)].to_le_bytes();
+            let signs = x.qs[QK_K / 8 + 4 * ib32 + l];
+            let at = 32 * ib32 + 8 * l;
+            sumi[l / 2] += signed8(g, signs, &q8[at..at + 8]);
+        }
+        bsum += ls1 * sumi[0] + ls2 * sumi[1];
+    }
+    bsum
+}
+
+/// ggml `ggml_vec_dot_iq2_s_q8_K_generic`.
+pub fn dot_iq2_s(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ2S>(w).zip(blocks::<BlockQ8K>(a)) {
+        let d = x.d.to_f32() * y.d;
+        sumf += d * iq2_s_bsum(&x, &y.qs) as f32;
+    }
+    0.125 * sumf
+}
+
+/// Two IQ3 grid points (eight levels) as one group of eight.
+#[inline]
+fn grid_pair(g1: u32, g2: u32) -> [u8; 8] {
+    let a = g1.to_le_bytes();
+    let b = g2.to_le_bytes();
+    [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+}
+
+/// The integer sum of one IQ3_XXS super-block against its Q8_K block.
+pub(crate) fn iq3_xxs_bsum(x: &BlockIQ3XXS, q8: &[i8]) -> i32 {
+    let mut bsum = 0i32;
+    for ib32 in 0..QK_K / 32 {
+        let aux = x.aux(ib32);
+        let ls = 2 * (aux >> 28) as i32 + 1;
+        let q3 = &x.qs[8 * ib32..8 * ib32 + 8];
+        let mut sumi = 0i32;
+        for l in 0..4 {
+            let g = grid_pair(
+                IQ3XXS_GRID[usize::from(q3[2 * l])],
+                IQ3XXS_GRID[usize::from(q3[2 * l + 1])],
+            );
+            let signs = KSIGNS_IQ2XS[((aux >> (7 * l)) & 127) as usize];
+            let at = 32 * ib32 + 8 * l;
+            sumi += signed8(g, signs, &q8[at..at + 8]);
+        }
+        bsum += sumi * ls;
+    }
+    bsum
+}
+
+/// ggml `ggml_vec_dot_iq3_xxs_q8_K_generic`.
+pub fn dot_iq3_xxs(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ3XXS>(w).zip(blocks::<BlockQ8K>(a)) {
+        let d = x.d.to_f32() * y.d;
+        sumf += d * iq3_xxs_bsum(&x, &y.qs) as f32;
+    }
+    0.25 * sumf
+}
+
+/// The integer sum of one IQ3_S super-block against its Q8_K block.
+pub(crate) fn iq3_s_bsum(x: &BlockIQ3S, q8: &[i8]) -> i32 {
+    let mut bsum = 0i32;
+    for ib32 in 0..QK_K / 32 {
+        let ls = x.sub_scale(ib32) as i32;
+        let mut sumi = 0i32;
+        for l in 0..4 {
+            let (i1, i2) = x.indices(ib32, l);
+            let g = grid_pair(IQ3S_GRID[i1], IQ3S_GRID[i2]);
+            let at = 32 * ib32 + 8 * l;
+            sumi += signed8(g, x.signs[4 * ib32 + l], &q8[at..at + 8]);
+        }
+        bsum += sumi * ls;
+    }
+    bsum
+}
+
+/// ggml `ggml_vec_dot_iq3_s_q8_K_generic`.
+pub fn dot_iq3_s(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ3S>(w).zip(blocks::<BlockQ8K>(a)) {
+        let d = x.d.to_f32() * y.d;
+        sumf += d * iq3_s_bsum(&x, &y.qs) as f32;
+    }
+    sumf
+}
+
+/// The product sum of eight IQ1 grid levels with eight activation quants.
+#[inline]
+fn grid1_dot(g: [i8; 8], q8: &[i8]) -> i32 {
+    let mut s = 0i32;
+    for j in 0..8 {
+        s += i32::from(q8[j]) * i32::from(g[j]);
+    }
+    s
+}
+
+/// The two integer sums of one IQ1_S super-block against its Q8_K block:
+/// the scaled grid products, and the scaled signed activation sums of the
+/// shifts.
+pub(crate) fn iq1_s_sums(x: &BlockIQ1S, y: &BlockQ8K) -> (i32, i32) {
+    let (mut sumi, mut sumi1) = (0i32, 0i32);
+    for ib in 0..QK_K / 32 {
+        let ls = x.sub_scale(ib);
+        let delta = if x.qh[ib] & 0x8000 != 0 { -1 } else { 1 };
+        let mut lsum = 0i32;
+        for l in 0..4 {
+            let at = 32 * ib + 8 * l;
+            lsum += grid1_dot(iq1_grid8(x.index(ib, l)), &y.qs[at..at + 8]);
+        }
+        sumi += ls * lsum;
+        sumi1 += ls * delta * (i32::from(y.bsums[2 * ib]) + i32::from(y.bsums[2 * ib + 1]));
+    }
+    (sumi, sumi1)
+}
+
+/// ggml `ggml_vec_dot_iq1_s_q8_K_generic`.
+pub fn dot_iq1_s(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ1S>(w).zip(blocks::<BlockQ8K>(a)) {
+        let (sumi, sumi1) = iq1_s_sums(&x, &y);
+        sumf += x.d.to_f32() * y.d * (sumi as f32 + IQ1S_DELTA * sumi1 as f32);
+    }
+    sumf
+}
+
+/// The two integer sums of one IQ1_M super-block against its Q8_K block.
+pub(crate) fn iq1_m_sums(x: &BlockIQ1M, q8: &[i8]) -> (i32, i32) {
+    let (mut sumi1, mut sumi2) = (0i32, 0i32);
+    for ib in 0..QK_K / 32 {
+        let mut sum1 = [0i32; 2];
+        let mut sum2 = [0i32; 2];
+        for l in 0..4 {
+            let (idx, neg) = x.index(ib, l);
+            let at = 32 * ib + 8 * l;
+            let q = &q8[at..at + 8];
+            let lsum2: i32 = q.iter().map(|&v| i32::from(v)).sum();
+            sum1[l / 2] += grid1_dot(iq1_grid8(idx), q);
+            sum2[l / 2] += if neg { -lsum2 } else { lsum2 };
+        }
+        let (ls1, ls2) = x.sub_scales(ib);
+        sumi1 += sum1[0] * ls1 + sum1[1] * ls2;
+        sumi2 += sum2[0] * ls1 + sum2[1] * ls2;
+    }
+    (sumi1, sumi2)
+}
+
+/// ggml `ggml_vec_dot_iq1_m_q8_K_generic`.
+pub fn dot_iq1_m(w: &[u8], a: &[u8]) -> f32 {
+    let mut sumf = 0.0f32;
+    for (x, y) in blocks::<BlockIQ1M>(w).zip(blocks::<BlockQ8K>(a)) {
+        let (sumi1, sumi2) = iq1_m_sums(&x, &y.qs);
+        sumf += x.d().to_f32() * y.d * (sumi1 as f32 + IQ1S_DELTA * sumi2 as f32);
     }
     sumf
 }

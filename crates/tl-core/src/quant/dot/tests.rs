@@ -35,19 +35,31 @@ use tl_gguf::GgmlType;
 use super::*;
 use crate::quant::{dequantize, quantize};
 
-const ALL: [GgmlType; 15] = {
+const ALL: [GgmlType; 22] = {
     use GgmlType::*;
     [
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
+        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M,
     ]
 };
+
+/// The grid types.
+const GRID: [GgmlType; 7] = {
+    use GgmlType::*;
+    [IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M]
+};
+
+/// Byte offset of IQ1_M's four u16 scales, whose top nibbles hold the f16
+/// super-block scale.
+const IQ1M_SCALES: usize = 48;
 
 /// Offsets of the f16 scale fields in one block of `ty`, and the largest
 /// level of its min (0 if none) for the magnitude bound.
 fn f16_fields(ty: GgmlType) -> (&'static [usize], f32) {
     use GgmlType::*;
     match ty {
-        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS => (&[0], 0.0),
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS | IQ3_XXS | IQ3_S | IQ2_XXS | IQ2_XS | IQ2_S
+        | IQ1_S => (&[0], 0.0),
         Q4_1 | Q5_1 => (&[0, 2], 1.0),
         Q2_K => (&[80, 82], 15.0),
         Q3_K => (&[108], 0.0),
@@ -87,6 +99,20 @@ fn weight_row(ty: GgmlType, k: usize, rng: &mut ChaCha8Rng, unit: bool) -> Vec<u
                         rng.gen_range(-0.05f32..0.05)
                     };
                     block[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+                }
+                if ty == IQ1_M {
+                    let v = if unit {
+                        1.0
+                    } else {
+                        rng.gen_range(-0.05f32..0.05)
+                    };
+                    let bits = f16::from_f32(v).to_bits();
+                    for j in 0..4 {
+                        let at = IQ1M_SCALES + 2 * j;
+                        let sc = u16::from_le_bytes([block[at], block[at + 1]]);
+                        let sc = (sc & 0x0FFF) | (((bits >> (4 * j)) & 0xF) << 12);
+                        block[at..at + 2].copy_from_slice(&sc.to_le_bytes());
+                    }
                 }
             }
             out
@@ -296,7 +322,7 @@ proptest! {
 
     #[test]
     fn integer_sums_are_exact(
-        t in 0usize..15, blocks in 1usize..5, rows in 1usize..=MAX_TILE, seed: u64
+        t in 0usize..22, blocks in 1usize..5, rows in 1usize..=MAX_TILE, seed: u64
     ) {
         check_exact(ALL[t], blocks, rows, seed);
     }
@@ -454,6 +480,13 @@ fn vec_dot_types_are_ggml_s() {
         (Q6_K, Q8_K),
         (IQ4_NL, Q8_0),
         (IQ4_XS, Q8_K),
+        (IQ3_XXS, Q8_K),
+        (IQ3_S, Q8_K),
+        (IQ2_XXS, Q8_K),
+        (IQ2_XS, Q8_K),
+        (IQ2_S, Q8_K),
+        (IQ1_S, Q8_K),
+        (IQ1_M, Q8_K),
     ] {
         assert_eq!(vec_dot_type(w), a, "{w}");
         assert!(supports_dot(w));
@@ -487,14 +520,14 @@ fn reference_kernels_are_the_generic_kernels_bit_for_bit() {
     }
 }
 
-/// The IQ4 kernels of every level keep the generic float order: they give
-/// the reference's bits on random data, 1..=8 rows at a time, and the
-/// reference is the dequantize-then-dot to within the rounding bound.
+/// The IQ4 and grid kernels of every level keep the generic float order:
+/// they give the reference's bits on random data, 1..=8 rows at a time, and
+/// the reference is the dequantize-then-dot to within the rounding bound.
 #[test]
-fn iq4_kernels_give_the_reference_bits() {
+fn iq_kernels_give_the_reference_bits() {
     use GgmlType::*;
     let mut rng = ChaCha8Rng::seed_from_u64(19);
-    for ty in [IQ4_NL, IQ4_XS] {
+    for ty in [IQ4_NL, IQ4_XS].into_iter().chain(GRID) {
         for blocks in [1usize, 7, 9, 17] {
             let k = k_for(ty, blocks);
             let w = weight_row(ty, k, &mut rng, false);
