@@ -22,8 +22,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use tl_core::{Backend, CpuBackend, Tensor};
-
 use crate::ast::{BinOp, Equation};
 use crate::diag::Span;
 use crate::error::{LangError, Result};
@@ -204,14 +202,19 @@ fn data(t: &Tens) -> Cow<'_, [f32]> {
     }
 }
 
-/// `a[m, k] · b[k, n]` on tl-core's matmul kernel, with either operand
-/// stored transposed (`ta`: `a` is given as `[k, m]`; `tb`: `b` as `[n, k]`).
+/// `a[m, k] · b[k, n]` on the blocked kernel, with either operand stored
+/// transposed (`ta`: `a` is given as `[k, m]`; `tb`: `b` as `[n, k]`),
+/// read in place.
 fn mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Option<Vec<f32>> {
-    let at = Tensor::from_vec(a.to_vec(), &if ta { [k, m] } else { [m, k] }).ok()?;
-    let bt = Tensor::from_vec(b.to_vec(), &if tb { [n, k] } else { [k, n] }).ok()?;
-    let at = if ta { at.transpose(0, 1).ok()? } else { at };
-    let bt = if tb { bt.transpose(0, 1).ok()? } else { bt };
-    CpuBackend.matmul_f32(&at, &bt).ok()?.to_vec_f32().ok()
+    crate::gemm::matmul(a, b, m, k, n, ta, tb)
+}
+
+/// The number of elements of `inp` when, less leading 1s, it is the
+/// trailing axes of `out` (so a broadcast repeats it whole).
+pub fn trailing(out: &[usize], inp: &[usize]) -> Option<usize> {
+    let k = inp.iter().position(|&d| d != 1).unwrap_or(inp.len());
+    let core = &inp[k..];
+    (core.len() <= out.len() && out.ends_with(core)).then(|| numel(core))
 }
 
 /// For each output element of a broadcast of `inp` to `out`, the input
@@ -269,15 +272,7 @@ pub fn deriv(name: &str, x: f32, y: f32) -> Option<f32> {
             let s = 1.0 / (1.0 + (-x).exp());
             s * (1.0 + x * (1.0 - s))
         }
-        "gelu" => {
-            const C: f32 = 0.797_884_6;
-            const A: f32 = 0.044_715;
-            // tanh(u) = 1 - 2 / (exp(2u) + 1): libm's expf is several
-            // times faster than its tanhf, and as accurate here (f32
-            // rounding, ~1e-7 absolute).
-            let t = 1.0 - 2.0 / ((2.0 * C * (x + A * x * x * x)).exp() + 1.0);
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x)
-        }
+        "gelu" => crate::vmath::gelu_deriv(x),
         _ => return None,
     })
 }
@@ -335,6 +330,28 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                 give(&mut out, b, zip(fb));
             }
         }
+        Op::Binary(op, a, b)
+            if a.value.shape == y.shape
+                && trailing(&y.shape, &b.value.shape).is_some()
+                && matches!(op, BinOp::Add | BinOp::Sub) =>
+        {
+            // `b` over the trailing axes of `a` (a bias, a position
+            // table): `a` gets `g`, `b` its sum over the leading axes.
+            let n = b.value.len().max(1);
+            if a.id.is_some() {
+                give(&mut out, a, g.to_vec());
+            }
+            if b.id.is_some() {
+                let mut gb = vec![0.0f32; b.value.len()];
+                for row in g.chunks_exact(n) {
+                    gb.iter_mut().zip(row).for_each(|(x, v)| *x += v);
+                }
+                if *op == BinOp::Sub {
+                    gb.iter_mut().for_each(|x| *x = -*x);
+                }
+                give(&mut out, b, gb);
+            }
+        }
         Op::Binary(op, a, b) => {
             let (av, bv) = (data(&a.value), data(&b.value));
             let ma = broadcast_map(&y.shape, &a.value.shape);
@@ -360,10 +377,22 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::Neg(a) => give(&mut out, a, g.iter().map(|x| -x).collect()),
         Op::Unary(name, a) => {
             let (xv, yv) = (data(&a.value), data(y));
-            let mut d = Vec::with_capacity(g.len());
-            for ((&gi, &x), &yi) in g.iter().zip(xv.iter()).zip(yv.iter()) {
-                d.push(gi * deriv(name, x, yi).ok_or_else(|| no_grad(node.span, name))?);
+            if a.id.is_none() {
+                return Ok(out);
             }
+            if *name == "gelu" {
+                let mut d = vec![0.0f32; g.len().min(xv.len())];
+                crate::vmath::gelu_grad_into(g, &xv, &mut d);
+                give(&mut out, a, d);
+                return Ok(out);
+            }
+            deriv(name, 0.0, 0.0).ok_or_else(|| no_grad(node.span, name))?;
+            let d = g
+                .iter()
+                .zip(xv.iter())
+                .zip(yv.iter())
+                .map(|((&gi, &x), &yi)| gi * deriv(name, x, yi).unwrap_or(0.0))
+                .collect();
             give(&mut out, a, d);
         }
         Op::Softmax(a) => {
@@ -382,12 +411,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let yv = data(y);
             let n = y.shape.last().copied().unwrap_or(1).max(1);
             let mut d = vec![0.0f32; yv.len()];
-            for ((dr, yr), gr) in d.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
-                let s: f32 = gr.iter().sum();
-                for ((o, &p), &q) in dr.iter_mut().zip(yr).zip(gr) {
-                    *o = q - p.exp() * s;
-                }
-            }
+            crate::vmath::log_softmax_grad(&yv, g, n, &mut d);
             give(&mut out, a, d);
         }
         Op::Matmul(a, b) => {
@@ -487,17 +511,17 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                     .sum::<f64>()
                     / n;
                 let r = 1.0 / (var + f64::from(*eps)).sqrt();
-                let xhat: Vec<f64> = xr.iter().map(|&v| (f64::from(v) - mean) * r).collect();
-                let dxhat: Vec<f64> = gr
-                    .iter()
-                    .zip(wv.iter())
-                    .map(|(&a, &c)| f64::from(a) * f64::from(c))
-                    .collect();
-                let m1 = dxhat.iter().sum::<f64>() / n;
-                let m2 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
+                let xhat = |i: usize| (f64::from(xr[i]) - mean) * r;
+                let dxhat = |i: usize| f64::from(gr[i]) * f64::from(wv[i]);
+                let (mut m1, mut m2) = (0.0f64, 0.0f64);
                 for i in 0..xr.len() {
-                    gxr[i] = (r * (dxhat[i] - m1 - xhat[i] * m2)) as f32;
-                    gw[i] += (f64::from(gr[i]) * xhat[i]) as f32;
+                    m1 += dxhat(i);
+                    m2 += dxhat(i) * xhat(i);
+                }
+                let (m1, m2) = (m1 / n, m2 / n);
+                for i in 0..xr.len() {
+                    gxr[i] = (r * (dxhat(i) - m1 - xhat(i) * m2)) as f32;
+                    gw[i] += (f64::from(gr[i]) * xhat(i)) as f32;
                     gb[i] += gr[i];
                 }
             }

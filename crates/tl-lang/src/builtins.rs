@@ -897,6 +897,12 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                         };
                         return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
                     }
+                    if let (TData::F32(x), "gelu", None) = (&t.data, name, args.get(1)) {
+                        // Vectorized: one exponential per element, no libm.
+                        let mut y = vec![0.0f32; x.len()];
+                        crate::vmath::gelu_into(x, &mut y);
+                        return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+                    }
                     if let (TData::F32(x), "silu") = (&t.data, name) {
                         // The native forward's scalar silu, without a copy
                         // into and out of a core tensor.
@@ -922,7 +928,16 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             }
         }
         "softmax" => {
-            let x = t0()?.to_core(span, "softmax")?;
+            let t = t0()?;
+            if let TData::F32(x) = &t.data {
+                // Vectorized exponentials (no libm calls, none for the
+                // masked entries that underflow to 0).
+                let n = t.shape.last().copied().unwrap_or(1).max(1);
+                let mut y = x.clone();
+                crate::vmath::softmax_rows(&mut y, n);
+                return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+            }
+            let x = t.to_core(span, "softmax")?;
             core_out(
                 &cpu.softmax(&x).map_err(kernel("softmax"))?,
                 span,
@@ -933,12 +948,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             let t = t0()?;
             let n = t.shape.last().copied().unwrap_or(1).max(1);
             let mut x = t.to_f32(span)?;
-            for row in x.chunks_mut(n) {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let s: f32 = row.iter().map(|&v| (v - m).exp()).sum();
-                let l = m + s.ln();
-                row.iter_mut().for_each(|v| *v -= l);
-            }
+            crate::vmath::log_softmax_rows(&mut x, n, &mut Vec::with_capacity(n));
             Value::tensor(Tens::f32(t.shape.clone(), x))
         }
         "matmul" => {
@@ -1071,6 +1081,30 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                     }
                     let bf = f32_data(&b, *bs)?;
                     for row in y.chunks_exact_mut(n) {
+                        row.iter_mut().zip(bf.iter()).for_each(|(a, b)| *a += b);
+                    }
+                }
+                let mut dims = x.shape[..x.shape.len().saturating_sub(1)].to_vec();
+                dims.push(n);
+                return Ok(Value::tensor(Tens::f32(dims, y)));
+            }
+            if let (TData::F32(xf), TData::F32(wf)) = (&x.data, &w.data) {
+                // f32 weights (learnables): the blocked kernel, reading
+                // the weight as the transposed right factor in place.
+                let n = w.shape[0];
+                let mut y = crate::gemm::matmul(xf, wf, m, k, n, false, true).ok_or_else(|| {
+                    LangError::invalid(span, "linear: operands do not hold their shapes")
+                })?;
+                if let Some((bv, bs)) = args.get(2) {
+                    let b = tens(bv, *bs)?;
+                    if b.shape != [n] {
+                        return Err(LangError::shape(
+                            *bs,
+                            format!("linear: bias {:?} for {n} outputs", b.shape),
+                        ));
+                    }
+                    let bf = f32_data(&b, *bs)?;
+                    for row in y.chunks_exact_mut(n.max(1)) {
                         row.iter_mut().zip(bf.iter()).for_each(|(a, b)| *a += b);
                     }
                 }

@@ -2095,6 +2095,23 @@ fn tensor_binary(
             let out = x.iter().zip(y).map(|(&p, &q)| f(p, q)).collect();
             return Ok(Value::tensor(Tens::f32(shape, out)));
         }
+        if a.shape == shape {
+            if let Some(n) = crate::autodiff::trailing(&shape, &b.shape).filter(|&n| n > 0) {
+                // `b` repeated over the leading axes of `a` (a bias, a
+                // position table, a scalar).
+                let f: fn(f32, f32) -> f32 = match op {
+                    BinOp::Add => |p, q| p + q,
+                    BinOp::Sub => |p, q| p - q,
+                    BinOp::Mul => |p, q| p * q,
+                    _ => |p, q| p / q,
+                };
+                let mut out = Vec::with_capacity(x.len());
+                for row in x.chunks_exact(n) {
+                    out.extend(row.iter().zip(y).map(|(&p, &q)| f(p, q)));
+                }
+                return Ok(Value::tensor(Tens::f32(shape, out)));
+            }
+        }
     }
     let both_int = a.elem() == ElemType::I32 && b.elem() == ElemType::I32;
     let is_cmp = matches!(
