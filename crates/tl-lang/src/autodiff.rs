@@ -502,27 +502,29 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let mut gx = vec![0.0f32; xv.len()];
             let mut gw = vec![0.0f32; wv.len()];
             let mut gb = vec![0.0f32; wv.len()];
+            // In f32 as the forward kernel (its mean and variance summed
+            // in f64), one row at a time without temporaries.
             for ((xr, gr), gxr) in xv.chunks(d).zip(g.chunks(d)).zip(gx.chunks_mut(d)) {
                 let n = xr.len() as f64;
-                let mean = xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+                let mean = (xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n) as f32;
                 let var = xr
                     .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .map(|&v| f64::from((v - mean) * (v - mean)))
                     .sum::<f64>()
                     / n;
-                let r = 1.0 / (var + f64::from(*eps)).sqrt();
-                let xhat = |i: usize| (f64::from(xr[i]) - mean) * r;
-                let dxhat = |i: usize| f64::from(gr[i]) * f64::from(wv[i]);
-                let (mut m1, mut m2) = (0.0f64, 0.0f64);
-                for i in 0..xr.len() {
-                    m1 += dxhat(i);
-                    m2 += dxhat(i) * xhat(i);
+                let r = 1.0 / (var as f32 + *eps).sqrt();
+                let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                for ((&xi, &gi), &wi) in xr.iter().zip(gr).zip(wv.iter()) {
+                    let dxhat = gi * wi;
+                    m1 += dxhat;
+                    m2 += dxhat * ((xi - mean) * r);
                 }
-                let (m1, m2) = (m1 / n, m2 / n);
-                for i in 0..xr.len() {
-                    gxr[i] = (r * (dxhat(i) - m1 - xhat(i) * m2)) as f32;
-                    gw[i] += (f64::from(gr[i]) * xhat(i)) as f32;
-                    gb[i] += gr[i];
+                let (m1, m2) = (m1 / n as f32, m2 / n as f32);
+                for (i, ((&xi, &gi), &wi)) in xr.iter().zip(gr).zip(wv.iter()).enumerate() {
+                    let xhat = (xi - mean) * r;
+                    gxr[i] = r * (gi * wi - m1 - xhat * m2);
+                    gw[i] += gi * xhat;
+                    gb[i] += gi;
                 }
             }
             give(&mut out, x, gx);

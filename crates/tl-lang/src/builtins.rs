@@ -1158,7 +1158,35 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             return Ok(Value::tensor(Tens::f32(xt.shape.clone(), out)));
         }
         "layer_norm" => {
-            let x = t0()?.to_core(span, "layer_norm")?;
+            let xt = t0()?;
+            let (wt, bt) = (tens(&arg(1)?.0, arg(1)?.1)?, tens(&arg(2)?.0, arg(2)?.1)?);
+            let d = xt.shape.last().copied().unwrap_or(0);
+            if let (TData::F32(xf), TData::F32(wf), TData::F32(bf), true) = (
+                &xt.data,
+                &wt.data,
+                &bt.data,
+                wt.shape == [d] && bt.shape == [d] && d > 0,
+            ) {
+                // tl-core's row kernel (the same arithmetic), on the
+                // tensors' own storage instead of copies.
+                let eps = float(&arg(3)?.0, arg(3)?.1)? as f32;
+                let mut out = vec![0.0f32; xf.len()];
+                for (o_row, row) in out.chunks_exact_mut(d).zip(xf.chunks_exact(d)) {
+                    let sum: f64 = row.iter().map(|&v| f64::from(v)).sum();
+                    let mean = (sum / d as f64) as f32;
+                    let mut sum2 = 0.0f64;
+                    for (o, &v) in o_row.iter_mut().zip(row) {
+                        *o = v - mean;
+                        sum2 += f64::from(*o * *o);
+                    }
+                    let scale = 1.0 / ((sum2 / d as f64) as f32 + eps).sqrt();
+                    for ((o, &w), &b) in o_row.iter_mut().zip(wf).zip(bf) {
+                        *o = *o * scale * w + b;
+                    }
+                }
+                return Ok(Value::tensor(Tens::f32(xt.shape.clone(), out)));
+            }
+            let x = xt.to_core(span, "layer_norm")?;
             let w = tens(&arg(1)?.0, arg(1)?.1)?.to_core(arg(1)?.1, "layer_norm")?;
             let b = tens(&arg(2)?.0, arg(2)?.1)?.to_core(arg(2)?.1, "layer_norm")?;
             let eps = float(&arg(3)?.0, arg(3)?.1)? as f32;
