@@ -137,8 +137,10 @@ pub fn gemm(
         return Some(());
     }
     // Cᵀ = Bᵀ · Aᵀ: the operand read in 16-lane rows should have unit
-    // column stride (then it is read in place, not packed).
-    let (m, n, a, b, rsc, csc) = if b.cs != 1 && a.rs == 1 {
+    // column stride (then it is read in place, not packed); when neither
+    // has, the result's rows should (then its tiles are stored whole).
+    let swap = b.cs != 1 && (a.rs == 1 || (csc != 1 && rsc == 1));
+    let (m, n, a, b, rsc, csc) = if swap {
         let at = View {
             data: b.data,
             offs: b.offs,
