@@ -159,11 +159,19 @@ pub fn gemm(
     };
     let isa = isa();
     let npanels = n.div_ceil(NR);
+    // Panels read in place need no room: with unit column stride only a
+    // narrower last panel is packed (into slot 0).
+    let slot = |jp: usize| if b.cs == 1 { 0 } else { jp };
+    let packed = if b.cs == 1 {
+        usize::from(!n.is_multiple_of(NR))
+    } else {
+        npanels
+    };
     PACK.with(|cell| {
         let mut bp = cell.borrow_mut();
         let kc_max = k.min(KC);
-        if bp.len() < npanels * kc_max * NR {
-            bp.resize(npanels * kc_max * NR, 0.0);
+        if bp.len() < packed * kc_max * NR {
+            bp.resize(packed * kc_max * NR, 0.0);
         }
         let mut tile = [0.0f32; MR * NR];
         for ((&ao, &bo), &co) in a.offs.iter().zip(b.offs).zip(coffs) {
@@ -178,7 +186,7 @@ pub fn gemm(
                     if direct(nr) {
                         continue;
                     }
-                    let panel = &mut bp[jp * kc * NR..(jp + 1) * kc * NR];
+                    let panel = &mut bp[slot(jp) * kc * NR..(slot(jp) + 1) * kc * NR];
                     for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
                         let base = bo + (p0 + p) * b.rs + j0 * b.cs;
                         if b.cs == 1 {
@@ -205,7 +213,7 @@ pub fn gemm(
                         let (bsrc, boff, brs) = if direct(nr) {
                             (b.data, bo + p0 * b.rs + j0, b.rs)
                         } else {
-                            (&bp[..], jp * kc * NR, NR)
+                            (&bp[..], slot(jp) * kc * NR, NR)
                         };
                         micro(isa, kc, a.data, &arows, a.cs, bsrc, boff, brs, &mut tile)?;
                         let cbase = co + i0 * rsc + j0 * csc;
