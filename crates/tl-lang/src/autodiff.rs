@@ -289,10 +289,6 @@ fn no_grad(span: Span, what: &str) -> LangError {
     )
 }
 
-/// The gradient of one operand of an elementwise `+ - * /` from (output
-/// gradient, left value, right value).
-type ElemGrad = dyn Fn(f32, f32, f32) -> f32;
-
 fn give(out: &mut Vec<(usize, Vec<f32>)>, i: &In, d: Vec<f32>) {
     if let Some(id) = i.id {
         out.push((id, d));
@@ -310,24 +306,35 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::Binary(op, a, b) if a.value.shape == y.shape && b.value.shape == y.shape => {
             // Equal shapes: no broadcasting to undo; constants get nothing.
             let (av, bv) = (data(&a.value), data(&b.value));
-            let zip = |f: &ElemGrad| -> Vec<f32> {
+            // One loop per case (monomorphic, so each vectorizes).
+            fn zip(g: &[f32], p: &[f32], q: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
                 g.iter()
-                    .zip(av.iter().zip(bv.iter()))
+                    .zip(p.iter().zip(q.iter()))
                     .map(|(&gf, (&p, &q))| f(gf, p, q))
                     .collect()
-            };
-            let (fa, fb): (&ElemGrad, &ElemGrad) = match op {
-                BinOp::Add => (&|gf, _, _| gf, &|gf, _, _| gf),
-                BinOp::Sub => (&|gf, _, _| gf, &|gf, _, _| -gf),
-                BinOp::Mul => (&|gf, _, q| gf * q, &|gf, p, _| gf * p),
-                BinOp::Div => (&|gf, _, q| gf / q, &|gf, p, q| -gf * p / (q * q)),
+            }
+            let (want_a, want_b) = (a.id.is_some(), b.id.is_some());
+            let (ga, gb) = match op {
+                BinOp::Add => (want_a.then(|| g.to_vec()), want_b.then(|| g.to_vec())),
+                BinOp::Sub => (
+                    want_a.then(|| g.to_vec()),
+                    want_b.then(|| g.iter().map(|&x| -x).collect()),
+                ),
+                BinOp::Mul => (
+                    want_a.then(|| zip(g, &av, &bv, |gf, _, q| gf * q)),
+                    want_b.then(|| zip(g, &av, &bv, |gf, p, _| gf * p)),
+                ),
+                BinOp::Div => (
+                    want_a.then(|| zip(g, &av, &bv, |gf, _, q| gf / q)),
+                    want_b.then(|| zip(g, &av, &bv, |gf, p, q| -gf * p / (q * q))),
+                ),
                 _ => return Err(no_grad(node.span, op.symbol())),
             };
-            if a.id.is_some() {
-                give(&mut out, a, zip(fa));
+            if let Some(d) = ga {
+                give(&mut out, a, d);
             }
-            if b.id.is_some() {
-                give(&mut out, b, zip(fb));
+            if let Some(d) = gb {
+                give(&mut out, b, d);
             }
         }
         Op::Binary(op, a, b)

@@ -456,6 +456,24 @@ fn for_each(sizes: &[usize], strides: &[Vec<usize>], mut f: impl FnMut(&[usize])
     }
 }
 
+/// `a op b` elementwise with `b` repeated over `a` (whose length is a
+/// multiple of `b`'s); one loop per operation, so that each vectorizes.
+pub fn repeat_op(op: BinOp, a: &[f32], b: &[f32]) -> Vec<f32> {
+    fn each(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+        let mut out = Vec::with_capacity(a.len());
+        for row in a.chunks_exact(b.len().max(1)) {
+            out.extend(row.iter().zip(b).map(|(&x, &y)| f(x, y)));
+        }
+        out
+    }
+    match op {
+        BinOp::Add => each(a, b, |x, y| x + y),
+        BinOp::Sub => each(a, b, |x, y| x - y),
+        BinOp::Div => each(a, b, |x, y| x / y),
+        _ => each(a, b, |x, y| x * y),
+    }
+}
+
 fn row_major_strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];
     for k in (0..shape.len().saturating_sub(1)).rev() {
@@ -531,49 +549,24 @@ impl Eval<'_> {
     /// `a op b` elementwise; when both are over the same axes in the same
     /// order, or one is a single value, without the general index walk.
     fn binary(&self, op: BinOp, a: &Dense, b: &Dense) -> Result<Dense> {
-        let f = |x: f32, y: f32| match op {
-            BinOp::Add => x + y,
-            BinOp::Sub => x - y,
-            BinOp::Div => x / y,
-            _ => x * y,
-        };
-        if a.vars == b.vars && a.data.len() == b.data.len() {
-            let data: Vec<f32> = a
-                .data
-                .iter()
-                .zip(b.data.iter())
-                .map(|(&x, &y)| f(x, y))
-                .collect();
-            return Ok(Dense {
-                vars: a.vars.clone(),
-                data: data.into(),
-            });
-        }
-        if b.vars.is_empty() && b.data.len() == 1 {
-            let y = b.data[0];
-            let data: Vec<f32> = a.data.iter().map(|&x| f(x, y)).collect();
-            return Ok(Dense {
-                vars: a.vars.clone(),
-                data: data.into(),
-            });
-        }
-        // `b` over the trailing axes of `a` (a bias or a mask added to
-        // every leading entry).
-        if b.vars.len() < a.vars.len()
-            && a.vars.ends_with(&b.vars)
+        // `b` over the trailing axes of `a` in the same order (the same
+        // axes, a bias or mask added to every leading entry, a single
+        // value): `b` repeats over `a` whole.
+        if a.vars.ends_with(&b.vars)
             && !b.data.is_empty()
             && a.data.len().is_multiple_of(b.data.len())
         {
-            let mut data = Vec::with_capacity(a.data.len());
-            for row in a.data.chunks_exact(b.data.len()) {
-                data.extend(row.iter().zip(b.data.iter()).map(|(&x, &y)| f(x, y)));
-            }
             return Ok(Dense {
                 vars: a.vars.clone(),
-                data: data.into(),
+                data: repeat_op(op, &a.data, &b.data).into(),
             });
         }
-        self.combine(&[a, b], |v| f(v[0], v[1]))
+        self.combine(&[a, b], |v| match op {
+            BinOp::Add => v[0] + v[1],
+            BinOp::Sub => v[0] - v[1],
+            BinOp::Div => v[0] / v[1],
+            _ => v[0] * v[1],
+        })
     }
 
     fn eval(&self, n: &Node) -> Result<Dense> {
