@@ -261,7 +261,7 @@ fn micro(
     tile: &mut [f32; MR * NR],
 ) -> Option<()> {
     let last = |base: usize, stride: usize, width: usize| {
-        (kc - 1)
+        kc.checked_sub(1)?
             .checked_mul(stride)
             .and_then(|x| x.checked_add(base))
             .and_then(|x| x.checked_add(width - 1))
@@ -475,6 +475,7 @@ mod tests {
         let mut want = [0.0f32; MR * NR];
         micro(Isa::Scalar, 7, &ap, &rows, MR, &bp, 0, NR, &mut want).unwrap();
         assert!(micro(Isa::Scalar, 8, &ap, &rows, MR, &bp, 0, NR, &mut want).is_none());
+        assert!(micro(Isa::Scalar, 0, &ap, &rows, MR, &bp, 0, NR, &mut want).is_none());
         for &isa in &isas {
             let mut t = [0.0f32; MR * NR];
             micro(isa, 7, &ap, &rows, MR, &bp, 0, NR, &mut t).unwrap();
