@@ -22,8 +22,6 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use tl_core::{Backend, CpuBackend, Tensor};
-
 use crate::ast::{BinOp, Equation};
 use crate::diag::Span;
 use crate::error::{LangError, Result};
@@ -204,14 +202,19 @@ fn data(t: &Tens) -> Cow<'_, [f32]> {
     }
 }
 
-/// `a[m, k] · b[k, n]` on tl-core's matmul kernel, with either operand
-/// stored transposed (`ta`: `a` is given as `[k, m]`; `tb`: `b` as `[n, k]`).
+/// `a[m, k] · b[k, n]` on the blocked kernel, with either operand stored
+/// transposed (`ta`: `a` is given as `[k, m]`; `tb`: `b` as `[n, k]`),
+/// read in place.
 fn mm(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Option<Vec<f32>> {
-    let at = Tensor::from_vec(a.to_vec(), &if ta { [k, m] } else { [m, k] }).ok()?;
-    let bt = Tensor::from_vec(b.to_vec(), &if tb { [n, k] } else { [k, n] }).ok()?;
-    let at = if ta { at.transpose(0, 1).ok()? } else { at };
-    let bt = if tb { bt.transpose(0, 1).ok()? } else { bt };
-    CpuBackend.matmul_f32(&at, &bt).ok()?.to_vec_f32().ok()
+    crate::gemm::matmul(a, b, m, k, n, ta, tb)
+}
+
+/// The number of elements of `inp` when, less leading 1s, it is the
+/// trailing axes of `out` (so a broadcast repeats it whole).
+pub fn trailing(out: &[usize], inp: &[usize]) -> Option<usize> {
+    let k = inp.iter().position(|&d| d != 1).unwrap_or(inp.len());
+    let core = &inp[k..];
+    (core.len() <= out.len() && out.ends_with(core)).then(|| numel(core))
 }
 
 /// For each output element of a broadcast of `inp` to `out`, the input
@@ -269,15 +272,7 @@ pub fn deriv(name: &str, x: f32, y: f32) -> Option<f32> {
             let s = 1.0 / (1.0 + (-x).exp());
             s * (1.0 + x * (1.0 - s))
         }
-        "gelu" => {
-            const C: f32 = 0.797_884_6;
-            const A: f32 = 0.044_715;
-            // tanh(u) = 1 - 2 / (exp(2u) + 1): libm's expf is several
-            // times faster than its tanhf, and as accurate here (f32
-            // rounding, ~1e-7 absolute).
-            let t = 1.0 - 2.0 / ((2.0 * C * (x + A * x * x * x)).exp() + 1.0);
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * C * (1.0 + 3.0 * A * x * x)
-        }
+        "gelu" => crate::vmath::gelu_deriv(x),
         _ => return None,
     })
 }
@@ -293,10 +288,6 @@ fn no_grad(span: Span, what: &str) -> LangError {
         format!("`{what}` has no gradient, but the objective depends on its result here{hint}"),
     )
 }
-
-/// The gradient of one operand of an elementwise `+ - * /` from (output
-/// gradient, left value, right value).
-type ElemGrad = dyn Fn(f32, f32, f32) -> f32;
 
 fn give(out: &mut Vec<(usize, Vec<f32>)>, i: &In, d: Vec<f32>) {
     if let Some(id) = i.id {
@@ -315,24 +306,57 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::Binary(op, a, b) if a.value.shape == y.shape && b.value.shape == y.shape => {
             // Equal shapes: no broadcasting to undo; constants get nothing.
             let (av, bv) = (data(&a.value), data(&b.value));
-            let zip = |f: &ElemGrad| -> Vec<f32> {
+            // One loop per case (monomorphic, so each vectorizes).
+            fn zip(g: &[f32], p: &[f32], q: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
                 g.iter()
-                    .zip(av.iter().zip(bv.iter()))
+                    .zip(p.iter().zip(q.iter()))
                     .map(|(&gf, (&p, &q))| f(gf, p, q))
                     .collect()
-            };
-            let (fa, fb): (&ElemGrad, &ElemGrad) = match op {
-                BinOp::Add => (&|gf, _, _| gf, &|gf, _, _| gf),
-                BinOp::Sub => (&|gf, _, _| gf, &|gf, _, _| -gf),
-                BinOp::Mul => (&|gf, _, q| gf * q, &|gf, p, _| gf * p),
-                BinOp::Div => (&|gf, _, q| gf / q, &|gf, p, q| -gf * p / (q * q)),
+            }
+            let (want_a, want_b) = (a.id.is_some(), b.id.is_some());
+            let (ga, gb) = match op {
+                BinOp::Add => (want_a.then(|| g.to_vec()), want_b.then(|| g.to_vec())),
+                BinOp::Sub => (
+                    want_a.then(|| g.to_vec()),
+                    want_b.then(|| g.iter().map(|&x| -x).collect()),
+                ),
+                BinOp::Mul => (
+                    want_a.then(|| zip(g, &av, &bv, |gf, _, q| gf * q)),
+                    want_b.then(|| zip(g, &av, &bv, |gf, p, _| gf * p)),
+                ),
+                BinOp::Div => (
+                    want_a.then(|| zip(g, &av, &bv, |gf, _, q| gf / q)),
+                    want_b.then(|| zip(g, &av, &bv, |gf, p, q| -gf * p / (q * q))),
+                ),
                 _ => return Err(no_grad(node.span, op.symbol())),
             };
+            if let Some(d) = ga {
+                give(&mut out, a, d);
+            }
+            if let Some(d) = gb {
+                give(&mut out, b, d);
+            }
+        }
+        Op::Binary(op, a, b)
+            if a.value.shape == y.shape
+                && trailing(&y.shape, &b.value.shape).is_some()
+                && matches!(op, BinOp::Add | BinOp::Sub) =>
+        {
+            // `b` over the trailing axes of `a` (a bias, a position
+            // table): `a` gets `g`, `b` its sum over the leading axes.
+            let n = b.value.len().max(1);
             if a.id.is_some() {
-                give(&mut out, a, zip(fa));
+                give(&mut out, a, g.to_vec());
             }
             if b.id.is_some() {
-                give(&mut out, b, zip(fb));
+                let mut gb = vec![0.0f32; b.value.len()];
+                for row in g.chunks_exact(n) {
+                    gb.iter_mut().zip(row).for_each(|(x, v)| *x += v);
+                }
+                if *op == BinOp::Sub {
+                    gb.iter_mut().for_each(|x| *x = -*x);
+                }
+                give(&mut out, b, gb);
             }
         }
         Op::Binary(op, a, b) => {
@@ -360,10 +384,22 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::Neg(a) => give(&mut out, a, g.iter().map(|x| -x).collect()),
         Op::Unary(name, a) => {
             let (xv, yv) = (data(&a.value), data(y));
-            let mut d = Vec::with_capacity(g.len());
-            for ((&gi, &x), &yi) in g.iter().zip(xv.iter()).zip(yv.iter()) {
-                d.push(gi * deriv(name, x, yi).ok_or_else(|| no_grad(node.span, name))?);
+            if a.id.is_none() {
+                return Ok(out);
             }
+            if *name == "gelu" {
+                let mut d = vec![0.0f32; g.len().min(xv.len())];
+                crate::vmath::gelu_grad_into(g, &xv, &mut d);
+                give(&mut out, a, d);
+                return Ok(out);
+            }
+            deriv(name, 0.0, 0.0).ok_or_else(|| no_grad(node.span, name))?;
+            let d = g
+                .iter()
+                .zip(xv.iter())
+                .zip(yv.iter())
+                .map(|((&gi, &x), &yi)| gi * deriv(name, x, yi).unwrap_or(0.0))
+                .collect();
             give(&mut out, a, d);
         }
         Op::Softmax(a) => {
@@ -382,12 +418,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let yv = data(y);
             let n = y.shape.last().copied().unwrap_or(1).max(1);
             let mut d = vec![0.0f32; yv.len()];
-            for ((dr, yr), gr) in d.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
-                let s: f32 = gr.iter().sum();
-                for ((o, &p), &q) in dr.iter_mut().zip(yr).zip(gr) {
-                    *o = q - p.exp() * s;
-                }
-            }
+            crate::vmath::log_softmax_grad(&yv, g, n, &mut d);
             give(&mut out, a, d);
         }
         Op::Matmul(a, b) => {
@@ -478,27 +509,29 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let mut gx = vec![0.0f32; xv.len()];
             let mut gw = vec![0.0f32; wv.len()];
             let mut gb = vec![0.0f32; wv.len()];
+            // In f32 as the forward kernel (its mean and variance summed
+            // in f64), one row at a time without temporaries.
             for ((xr, gr), gxr) in xv.chunks(d).zip(g.chunks(d)).zip(gx.chunks_mut(d)) {
                 let n = xr.len() as f64;
-                let mean = xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+                let mean = (xr.iter().map(|&v| f64::from(v)).sum::<f64>() / n) as f32;
                 let var = xr
                     .iter()
-                    .map(|&v| (f64::from(v) - mean).powi(2))
+                    .map(|&v| f64::from((v - mean) * (v - mean)))
                     .sum::<f64>()
                     / n;
-                let r = 1.0 / (var + f64::from(*eps)).sqrt();
-                let xhat: Vec<f64> = xr.iter().map(|&v| (f64::from(v) - mean) * r).collect();
-                let dxhat: Vec<f64> = gr
-                    .iter()
-                    .zip(wv.iter())
-                    .map(|(&a, &c)| f64::from(a) * f64::from(c))
-                    .collect();
-                let m1 = dxhat.iter().sum::<f64>() / n;
-                let m2 = dxhat.iter().zip(&xhat).map(|(a, b)| a * b).sum::<f64>() / n;
-                for i in 0..xr.len() {
-                    gxr[i] = (r * (dxhat[i] - m1 - xhat[i] * m2)) as f32;
-                    gw[i] += (f64::from(gr[i]) * xhat[i]) as f32;
-                    gb[i] += gr[i];
+                let r = 1.0 / (var as f32 + *eps).sqrt();
+                let (mut m1, mut m2) = (0.0f32, 0.0f32);
+                for ((&xi, &gi), &wi) in xr.iter().zip(gr).zip(wv.iter()) {
+                    let dxhat = gi * wi;
+                    m1 += dxhat;
+                    m2 += dxhat * ((xi - mean) * r);
+                }
+                let (m1, m2) = (m1 / n as f32, m2 / n as f32);
+                for (i, ((&xi, &gi), &wi)) in xr.iter().zip(gr).zip(wv.iter()).enumerate() {
+                    let xhat = (xi - mean) * r;
+                    gxr[i] = r * (gi * wi - m1 - xhat * m2);
+                    gw[i] += gi * xhat;
+                    gb[i] += gi;
                 }
             }
             give(&mut out, x, gx);

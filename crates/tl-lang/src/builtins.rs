@@ -52,8 +52,8 @@ pub static BUILTINS: &[Builtin] = &[
     ready("abs", "abs(x: float | f32[..]) -> same", "Absolute value, elementwise."),
     ready("step", "step(x: float | f32[..]) -> same", "1 where x > 0, else 0 (the threshold rules compile to)."),
     ready("silu", "silu(x: float | f32[..]) -> same", "x * sigmoid(x) (tl-core kernel)."),
-    ready("gelu", "gelu(x: float | f32[..], mode: string?) -> same", "GELU, tanh approximation (tl-core kernel); mode \"ggml\" on a tensor: ggml's CPU GELU (input rounded to f16, f16 table), as the native Gemma forward computes it."),
-    ready("softmax", "softmax(x: f32[.., n]) -> f32[.., n]", "Softmax over the last axis (tl-core kernel)."),
+    ready("gelu", "gelu(x: float | f32[..], mode: string?) -> same", "GELU, tanh approximation (vectorized on f32 tensors); mode \"ggml\" on a tensor: ggml's CPU GELU (input rounded to f16, f16 table), as the native Gemma forward computes it."),
+    ready("softmax", "softmax(x: f32[.., n]) -> f32[.., n]", "Softmax over the last axis (vectorized on f32 tensors)."),
     ready("log_softmax", "log_softmax(x: f32[.., n]) -> f32[.., n]", "log(softmax(x)) over the last axis, computed stably (x - max - log Σ exp(x - max))."),
     ready("grad", "grad(loss: float | f32[], x: f32[..]) -> f32[..]", "The gradient of `loss` with respect to `x`, a learnable tensor or one computed from learnable tensors (reverse mode over the operations recorded since; zeros where `loss` does not depend on `x`)."),
     ready("save", "save(path: string) -> ()", "Writes every learnable tensor in scope to a safetensors file, each under its variable name."),
@@ -897,6 +897,12 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                         };
                         return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
                     }
+                    if let (TData::F32(x), "gelu", None) = (&t.data, name, args.get(1)) {
+                        // Vectorized: one exponential per element, no libm.
+                        let mut y = vec![0.0f32; x.len()];
+                        crate::vmath::gelu_into(x, &mut y);
+                        return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+                    }
                     if let (TData::F32(x), "silu") = (&t.data, name) {
                         // The native forward's scalar silu, without a copy
                         // into and out of a core tensor.
@@ -922,7 +928,16 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             }
         }
         "softmax" => {
-            let x = t0()?.to_core(span, "softmax")?;
+            let t = t0()?;
+            if let TData::F32(x) = &t.data {
+                // Vectorized exponentials (no libm calls, none for the
+                // masked entries that underflow to 0).
+                let n = t.shape.last().copied().unwrap_or(1).max(1);
+                let mut y = x.clone();
+                crate::vmath::softmax_rows(&mut y, n);
+                return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
+            }
+            let x = t.to_core(span, "softmax")?;
             core_out(
                 &cpu.softmax(&x).map_err(kernel("softmax"))?,
                 span,
@@ -933,12 +948,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             let t = t0()?;
             let n = t.shape.last().copied().unwrap_or(1).max(1);
             let mut x = t.to_f32(span)?;
-            for row in x.chunks_mut(n) {
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let s: f32 = row.iter().map(|&v| (v - m).exp()).sum();
-                let l = m + s.ln();
-                row.iter_mut().for_each(|v| *v -= l);
-            }
+            crate::vmath::log_softmax_rows(&mut x, n, &mut Vec::with_capacity(n));
             Value::tensor(Tens::f32(t.shape.clone(), x))
         }
         "matmul" => {
@@ -1078,6 +1088,30 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 dims.push(n);
                 return Ok(Value::tensor(Tens::f32(dims, y)));
             }
+            if let (TData::F32(xf), TData::F32(wf)) = (&x.data, &w.data) {
+                // f32 weights (learnables): the blocked kernel, reading
+                // the weight as the transposed right factor in place.
+                let n = w.shape[0];
+                let mut y = crate::gemm::matmul(xf, wf, m, k, n, false, true).ok_or_else(|| {
+                    LangError::invalid(span, "linear: operands do not hold their shapes")
+                })?;
+                if let Some((bv, bs)) = args.get(2) {
+                    let b = tens(bv, *bs)?;
+                    if b.shape != [n] {
+                        return Err(LangError::shape(
+                            *bs,
+                            format!("linear: bias {:?} for {n} outputs", b.shape),
+                        ));
+                    }
+                    let bf = f32_data(&b, *bs)?;
+                    for row in y.chunks_exact_mut(n.max(1)) {
+                        row.iter_mut().zip(bf.iter()).for_each(|(a, b)| *a += b);
+                    }
+                }
+                let mut dims = x.shape[..x.shape.len().saturating_sub(1)].to_vec();
+                dims.push(n);
+                return Ok(Value::tensor(Tens::f32(dims, y)));
+            }
             let tx = x
                 .to_core(span, "linear")?
                 .reshape(&[m, k])
@@ -1124,7 +1158,35 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
             return Ok(Value::tensor(Tens::f32(xt.shape.clone(), out)));
         }
         "layer_norm" => {
-            let x = t0()?.to_core(span, "layer_norm")?;
+            let xt = t0()?;
+            let (wt, bt) = (tens(&arg(1)?.0, arg(1)?.1)?, tens(&arg(2)?.0, arg(2)?.1)?);
+            let d = xt.shape.last().copied().unwrap_or(0);
+            if let (TData::F32(xf), TData::F32(wf), TData::F32(bf), true) = (
+                &xt.data,
+                &wt.data,
+                &bt.data,
+                wt.shape == [d] && bt.shape == [d] && d > 0,
+            ) {
+                // tl-core's row kernel (the same arithmetic), on the
+                // tensors' own storage instead of copies.
+                let eps = float(&arg(3)?.0, arg(3)?.1)? as f32;
+                let mut out = vec![0.0f32; xf.len()];
+                for (o_row, row) in out.chunks_exact_mut(d).zip(xf.chunks_exact(d)) {
+                    let sum: f64 = row.iter().map(|&v| f64::from(v)).sum();
+                    let mean = (sum / d as f64) as f32;
+                    let mut sum2 = 0.0f64;
+                    for (o, &v) in o_row.iter_mut().zip(row) {
+                        *o = v - mean;
+                        sum2 += f64::from(*o * *o);
+                    }
+                    let scale = 1.0 / ((sum2 / d as f64) as f32 + eps).sqrt();
+                    for ((o, &w), &b) in o_row.iter_mut().zip(wf).zip(bf) {
+                        *o = *o * scale * w + b;
+                    }
+                }
+                return Ok(Value::tensor(Tens::f32(xt.shape.clone(), out)));
+            }
+            let x = xt.to_core(span, "layer_norm")?;
             let w = tens(&arg(1)?.0, arg(1)?.1)?.to_core(arg(1)?.1, "layer_norm")?;
             let b = tens(&arg(2)?.0, arg(2)?.1)?.to_core(arg(2)?.1, "layer_norm")?;
             let eps = float(&arg(3)?.0, arg(3)?.1)? as f32;

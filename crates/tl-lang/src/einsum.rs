@@ -11,12 +11,15 @@
 //!
 //! A sum over a product is one fused loop nest over the output and summed
 //! indices (nothing of the size of the full product is materialized); a
-//! two-factor product with one summed index and no batch index is a plain
-//! matrix product and runs on tl-core's `matmul_f32` kernel.
+//! two-factor product whose summed indices are in both factors (a matrix
+//! product, batched over the indices both keep) runs on the blocked
+//! kernel of [`crate::gemm`], reading each operand where it lies when its
+//! axes allow and writing the result in the order the left side (or the
+//! gradient's target) asks for. Operands are the tensors' own storage,
+//! not copies.
 
 use std::fmt::Write as _;
-
-use tl_core::{Backend, CpuBackend, Tensor};
+use std::rc::Rc;
 
 use crate::ast::{BinOp, Equation, Expr, ExprKind, UnOp};
 use crate::diag::Span;
@@ -49,7 +52,7 @@ pub fn gelu(x: f32) -> f32 {
 enum Node {
     Leaf {
         name: String,
-        data: Vec<f32>,
+        data: Buf,
         shape: Vec<usize>,
         vars: Vec<usize>,
     },
@@ -153,7 +156,7 @@ impl Builder<'_> {
             ExprKind::Float(f) => Node::Scalar(*f as f32),
             ExprKind::Var(name) if self.explain => Node::Leaf {
                 name: name.clone(),
-                data: vec![],
+                data: Buf::new(vec![]),
                 shape: vec![],
                 vars: vec![],
             },
@@ -163,7 +166,7 @@ impl Builder<'_> {
                 Some(Value::Tensor(t)) if t.shape.is_empty() => Node::Leaf {
                     // A leaf without indices, so that a gradient can reach it.
                     name: name.clone(),
-                    data: t.to_f32(e.span)?,
+                    data: Buf::of(&t, e.span)?,
                     shape: vec![],
                     vars: vec![],
                 },
@@ -204,7 +207,7 @@ impl Builder<'_> {
                     }
                     return Ok(Node::Leaf {
                         name: name.clone(),
-                        data: vec![],
+                        data: Buf::new(vec![]),
                         shape: vec![],
                         vars,
                     });
@@ -261,7 +264,7 @@ impl Builder<'_> {
                 }
                 Node::Leaf {
                     name: name.clone(),
-                    data: t.to_f32(e.span)?,
+                    data: Buf::of(&t, e.span)?,
                     shape: t.shape.clone(),
                     vars,
                 }
@@ -339,10 +342,86 @@ impl Builder<'_> {
     }
 }
 
+/// f32 values: a tensor's own storage (shared, read in place) or a
+/// vector of their own.
+#[derive(Clone, Default)]
+struct Buf {
+    /// When set, the values are this tensor's (which holds f32).
+    shared: Option<Rc<Tens>>,
+    own: Vec<f32>,
+}
+
+impl Buf {
+    fn new(v: Vec<f32>) -> Buf {
+        Buf {
+            shared: None,
+            own: v,
+        }
+    }
+
+    /// The tensor's values: its storage when it holds f32, else a copy.
+    fn of(t: &Rc<Tens>, span: Span) -> Result<Buf> {
+        Ok(match t.data {
+            TData::F32(_) => Buf {
+                shared: Some(t.clone()),
+                own: Vec::new(),
+            },
+            _ => Buf::new(t.to_f32(span)?),
+        })
+    }
+
+    /// The values, writable (copied first when shared).
+    fn to_mut(&mut self) -> &mut Vec<f32> {
+        if self.shared.is_some() {
+            self.own = self.to_vec();
+            self.shared = None;
+        }
+        &mut self.own
+    }
+
+    fn into_vec(self) -> Vec<f32> {
+        match self.shared {
+            None => self.own,
+            Some(t) => match Rc::try_unwrap(t) {
+                Ok(Tens {
+                    data: TData::F32(v),
+                    ..
+                }) => v,
+                Ok(_) => Vec::new(),
+                Err(t) => match &t.data {
+                    TData::F32(v) => v.clone(),
+                    _ => Vec::new(),
+                },
+            },
+        }
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match self.shared.as_deref() {
+            Some(Tens {
+                data: TData::F32(v),
+                ..
+            }) => v,
+            Some(_) => &[],
+            None => &self.own,
+        }
+    }
+}
+
+impl From<Vec<f32>> for Buf {
+    fn from(v: Vec<f32>) -> Buf {
+        Buf::new(v)
+    }
+}
+
 /// A dense intermediate: data over `vars` (in that axis order).
+#[derive(Clone)]
 struct Dense {
     vars: Vec<usize>,
-    data: Vec<f32>,
+    data: Buf,
 }
 
 /// Calls `f(offsets)` for every point of the index space `sizes`, where
@@ -374,6 +453,24 @@ fn for_each(sizes: &[usize], strides: &[Vec<usize>], mut f: impl FnMut(&[usize])
             }
             idx[d] = 0;
         }
+    }
+}
+
+/// `a op b` elementwise with `b` repeated over `a` (whose length is a
+/// multiple of `b`'s); one loop per operation, so that each vectorizes.
+pub fn repeat_op(op: BinOp, a: &[f32], b: &[f32]) -> Vec<f32> {
+    fn each(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
+        let mut out = Vec::with_capacity(a.len());
+        for row in a.chunks_exact(b.len().max(1)) {
+            out.extend(row.iter().zip(b).map(|(&x, &y)| f(x, y)));
+        }
+        out
+    }
+    match op {
+        BinOp::Add => each(a, b, |x, y| x + y),
+        BinOp::Sub => each(a, b, |x, y| x - y),
+        BinOp::Div => each(a, b, |x, y| x / y),
+        _ => each(a, b, |x, y| x * y),
     }
 }
 
@@ -418,7 +515,7 @@ impl Eval<'_> {
             .collect()
     }
 
-    fn union(ds: &[Dense]) -> Vec<usize> {
+    fn union(ds: &[&Dense]) -> Vec<usize> {
         let mut vars = Vec::new();
         for d in ds {
             for &v in &d.vars {
@@ -430,7 +527,7 @@ impl Eval<'_> {
         vars
     }
 
-    fn combine(&self, ds: &[Dense], f: impl Fn(&[f32]) -> f32) -> Result<Dense> {
+    fn combine(&self, ds: &[&Dense], f: impl Fn(&[f32]) -> f32) -> Result<Dense> {
         let vars = Self::union(ds);
         self.check_size(&vars)?;
         let sizes: Vec<usize> = vars.iter().map(|&v| self.sizes[v]).collect();
@@ -443,14 +540,46 @@ impl Eval<'_> {
             }
             data.push(f(&buf));
         });
-        Ok(Dense { vars, data })
+        Ok(Dense {
+            vars,
+            data: data.into(),
+        })
+    }
+
+    /// `a op b` elementwise; when both are over the same axes in the same
+    /// order, or one is a single value, without the general index walk.
+    fn binary(&self, op: BinOp, a: &Dense, b: &Dense) -> Result<Dense> {
+        // `b` over the trailing axes of `a` in the same order (the same
+        // axes, a bias or mask added to every leading entry, a single
+        // value): `b` repeats over `a` whole.
+        if a.vars.ends_with(&b.vars)
+            && !b.data.is_empty()
+            && a.data.len().is_multiple_of(b.data.len())
+        {
+            return Ok(Dense {
+                vars: a.vars.clone(),
+                data: repeat_op(op, &a.data, &b.data).into(),
+            });
+        }
+        self.combine(&[a, b], |v| match op {
+            BinOp::Add => v[0] + v[1],
+            BinOp::Sub => v[0] - v[1],
+            BinOp::Div => v[0] / v[1],
+            _ => v[0] * v[1],
+        })
     }
 
     fn eval(&self, n: &Node) -> Result<Dense> {
+        self.eval_to(n, None)
+    }
+
+    /// The value of `n`; a sum of products is laid out over `target` when
+    /// that costs nothing extra (the caller still checks the axes it got).
+    fn eval_to(&self, n: &Node, target: Option<&[usize]>) -> Result<Dense> {
         match n {
             Node::Scalar(x) => Ok(Dense {
                 vars: vec![],
-                data: vec![*x],
+                data: vec![*x].into(),
             }),
             Node::Leaf {
                 data, shape, vars, ..
@@ -461,7 +590,8 @@ impl Eval<'_> {
                         uniq.push(v);
                     }
                 }
-                if uniq.len() == vars.len() && uniq.windows(2).all(|w| w[0] < w[1]) {
+                if uniq.len() == vars.len() {
+                    // No diagonal: the tensor as it is stored.
                     return Ok(Dense {
                         vars: uniq,
                         data: data.clone(),
@@ -485,49 +615,45 @@ impl Eval<'_> {
                 });
                 Ok(Dense {
                     vars: uniq,
-                    data: out,
+                    data: out.into(),
                 })
             }
             Node::Neg(a) => {
                 let mut d = self.eval(a)?;
-                d.data.iter_mut().for_each(|x| *x = -*x);
+                d.data.to_mut().iter_mut().for_each(|x| *x = -*x);
                 Ok(d)
             }
             Node::Func(_, f, a) => {
                 let mut d = self.eval(a)?;
-                d.data.iter_mut().for_each(|x| *x = f(*x));
+                d.data.to_mut().iter_mut().for_each(|x| *x = f(*x));
                 Ok(d)
             }
             Node::Bin(op, a, b) => {
-                let ds = [self.eval(a)?, self.eval(b)?];
-                let op = *op;
-                self.combine(&ds, |v| match op {
-                    BinOp::Add => v[0] + v[1],
-                    BinOp::Sub => v[0] - v[1],
-                    BinOp::Div => v[0] / v[1],
-                    _ => v[0] * v[1],
-                })
+                let (x, y) = (self.eval(a)?, self.eval(b)?);
+                self.binary(*op, &x, &y)
             }
             Node::Prod(fs) => {
                 let ds: Vec<Dense> = fs.iter().map(|f| self.eval(f)).collect::<Result<_>>()?;
-                self.combine(&ds, |v| v.iter().product())
+                let refs: Vec<&Dense> = ds.iter().collect();
+                self.combine(&refs, |v| v.iter().product())
             }
             Node::Sum(vs, c) => {
                 let factors: Vec<Dense> = match c.as_ref() {
                     Node::Prod(fs) => fs.iter().map(|f| self.eval(f)).collect::<Result<_>>()?,
                     other => vec![self.eval(other)?],
                 };
-                if let Some(d) = self.try_matmul(&factors, vs)? {
+                let refs: Vec<&Dense> = factors.iter().collect();
+                if let Some(d) = self.try_matmul(&refs, vs, target)? {
                     return Ok(d);
                 }
-                self.sum_product(&factors, vs)
+                self.sum_product(&refs, vs)
             }
         }
     }
 
     /// `Σ_summed Π factors` as one loop nest: output indices outer, summed
     /// indices inner.
-    fn sum_product(&self, factors: &[Dense], summed: &[usize]) -> Result<Dense> {
+    fn sum_product(&self, factors: &[&Dense], summed: &[usize]) -> Result<Dense> {
         let all = Self::union(factors);
         let out_vars: Vec<usize> = all
             .iter()
@@ -561,31 +687,71 @@ impl Eval<'_> {
         });
         Ok(Dense {
             vars: out_vars,
-            data,
+            data: data.into(),
         })
+    }
+
+    /// The stride, in `d`'s row-major layout, of its axis `v` (0 for an
+    /// axis `d` does not have).
+    fn stride_in(&self, vars: &[usize], v: usize) -> usize {
+        match vars.iter().position(|&x| x == v) {
+            Some(p) => vars[p + 1..].iter().map(|&w| self.sizes[w]).product(),
+            None => 0,
+        }
+    }
+
+    /// The axes `group` (in this order) of a layout over `vars` as one
+    /// strided axis: its stride, if the axes follow each other there as
+    /// in one row-major block (axes of size 1 are ignored).
+    fn merged(&self, vars: &[usize], group: &[usize]) -> Option<usize> {
+        let vs: Vec<usize> = group
+            .iter()
+            .copied()
+            .filter(|&v| self.sizes[v] != 1)
+            .collect();
+        for w in vs.windows(2) {
+            if !vars.contains(&w[0])
+                || self.stride_in(vars, w[0]) != self.stride_in(vars, w[1]) * self.sizes[w[1]]
+            {
+                return None;
+            }
+        }
+        match vs.last() {
+            Some(&v) if vars.contains(&v) => Some(self.stride_in(vars, v)),
+            Some(_) => None,
+            None => Some(0),
+        }
     }
 
     /// `Σ_K A[B, I, K] B[B, K, J]` for two factors: the indices both share
     /// and keep (`B`) are a batch, each factor's own kept indices (`I`,
     /// `J`) the rows and columns, the summed ones (`K`, in both factors)
-    /// the inner dimension. Both factors are laid out as `[B, I, K]` and
-    /// `[B, K, J]` and multiplied by tl-core's batched `matmul_f32`; the
-    /// result is over `B, I, J`. `None` when the product is not of this
-    /// form (one factor, a summed index in only one factor, nothing
-    /// summed).
-    fn try_batched(&self, fs: &[Dense], summed: &[usize]) -> Result<Option<Dense>> {
-        let [a, b] = fs else {
-            return Ok(None);
-        };
-        let ks: Vec<usize> = summed
+    /// the inner dimension, on the blocked kernel of [`crate::gemm`]. Each
+    /// factor is read where it lies when its row (column) and summed
+    /// indices each form one strided axis of its layout, and permuted into
+    /// `[B, I, K]` (`[B, K, J]`) otherwise; the batch may be strided any
+    /// way. The result is laid out over `target` when that is a layout of
+    /// `B, I, J` whose `I` and `J` are strided axes, else over `B, I, J`.
+    /// `None` when the product is not of this form (a summed index in only
+    /// one factor, nothing summed).
+    fn contract2(
+        &self,
+        a: &Dense,
+        b: &Dense,
+        summed: &[usize],
+        target: Option<&[usize]>,
+    ) -> Result<Option<Dense>> {
+        let ks: Vec<usize> = a
+            .vars
             .iter()
             .copied()
-            .filter(|v| a.vars.contains(v) || b.vars.contains(v))
+            .filter(|v| summed.contains(v))
             .collect();
         if ks.is_empty()
-            || ks
+            || b.vars
                 .iter()
-                .any(|v| !a.vars.contains(v) || !b.vars.contains(v))
+                .any(|v| summed.contains(v) && !a.vars.contains(v))
+            || ks.iter().any(|v| !b.vars.contains(v))
         {
             return Ok(None);
         }
@@ -617,105 +783,117 @@ impl Eval<'_> {
             .collect();
         self.check_size(&all)?;
         let size = |vs: &[usize]| vs.iter().map(|&v| self.sizes[v]).product::<usize>();
-        let (nb, ni, nk, nj) = (size(&bs), size(&is), size(&ks), size(&js));
-        let kernel = |source| LangError::Kernel {
-            span: self.span,
-            op: "matmul",
-            source,
+        let (ni, nk, nj) = (size(&is), size(&ks), size(&js));
+        let plain: Vec<usize> = bs.iter().chain(&is).chain(&js).copied().collect();
+        let out_vars = match target {
+            Some(t)
+                if t.len() == plain.len()
+                    && plain.iter().all(|v| t.contains(v))
+                    && self.merged(t, &is).is_some()
+                    && self.merged(t, &js).is_some() =>
+            {
+                t.to_vec()
+            }
+            _ => plain,
         };
-        let order_a: Vec<usize> = bs.iter().chain(&is).chain(&ks).copied().collect();
-        let order_b: Vec<usize> = bs.iter().chain(&ks).chain(&js).copied().collect();
-        let pa = self.permute(a, &order_a);
-        let pb = self.permute(b, &order_b);
-        let ta = Tensor::from_vec(pa.data, &[nb, ni, nk]).map_err(kernel)?;
-        let tb = Tensor::from_vec(pb.data, &[nb, nk, nj]).map_err(kernel)?;
-        let out = CpuBackend.matmul_f32(&ta, &tb).map_err(kernel)?;
+        let a_fits = self.merged(&a.vars, &is).is_some() && self.merged(&a.vars, &ks).is_some();
+        let pa;
+        let a = if a_fits {
+            a
+        } else {
+            let order: Vec<usize> = bs.iter().chain(&is).chain(&ks).copied().collect();
+            pa = self.permute(a.clone(), &order);
+            &pa
+        };
+        let b_fits = self.merged(&b.vars, &js).is_some() && self.merged(&b.vars, &ks).is_some();
+        let pb;
+        let b = if b_fits {
+            b
+        } else {
+            let order: Vec<usize> = bs.iter().chain(&ks).chain(&js).copied().collect();
+            pb = self.permute(b.clone(), &order);
+            &pb
+        };
+        let kernel = || LangError::invalid(self.span, "tensor equation: product kernel failed");
+        let st = |vars: &[usize], g: &[usize]| self.merged(vars, g).ok_or_else(kernel);
+        let (rsa, csa) = (st(&a.vars, &is)?, st(&a.vars, &ks)?);
+        let (rsb, csb) = (st(&b.vars, &ks)?, st(&b.vars, &js)?);
+        let (rsc, csc) = (st(&out_vars, &is)?, st(&out_vars, &js)?);
+        // One offset per batch entry in each of the three layouts.
+        let bsizes: Vec<usize> = bs.iter().map(|&v| self.sizes[v]).collect();
+        let bstrides: Vec<Vec<usize>> = [&a.vars, &b.vars, &out_vars]
+            .iter()
+            .map(|vars| bs.iter().map(|&v| self.stride_in(vars, v)).collect())
+            .collect();
+        let nb = numel(&bsizes);
+        let (mut ao, mut bo, mut co) = (
+            Vec::with_capacity(nb),
+            Vec::with_capacity(nb),
+            Vec::with_capacity(nb),
+        );
+        for_each(&bsizes, &bstrides, |o| {
+            ao.push(o[0]);
+            bo.push(o[1]);
+            co.push(o[2]);
+        });
+        let mut out = vec![0.0f32; nb * ni * nj];
+        crate::gemm::gemm(
+            ni,
+            nj,
+            nk,
+            crate::gemm::View {
+                data: &a.data,
+                offs: &ao,
+                rs: rsa,
+                cs: csa,
+            },
+            crate::gemm::View {
+                data: &b.data,
+                offs: &bo,
+                rs: rsb,
+                cs: csb,
+            },
+            crate::gemm::Out {
+                data: &mut out,
+                offs: &co,
+                rs: rsc,
+                cs: csc,
+            },
+            false,
+        )
+        .ok_or_else(kernel)?;
         Ok(Some(Dense {
-            vars: bs.iter().chain(&is).chain(&js).copied().collect(),
-            data: out.to_vec_f32().map_err(kernel)?,
+            vars: out_vars,
+            data: out.into(),
         }))
     }
 
-    /// `Σ_j A[i, j] B[j, k]` (either factor may lack its free index or have
-    /// its axes swapped) on the matmul kernel; other two-factor products
-    /// with summed indices shared by both factors on the batched kernel.
-    /// Scalar factors (`* scale`) multiply the result.
-    fn try_matmul(&self, fs: &[Dense], summed: &[usize]) -> Result<Option<Dense>> {
+    /// Two-factor products with summed indices shared by both factors on
+    /// the blocked kernel ([`Self::contract2`]); scalar factors (`* scale`)
+    /// multiply the result.
+    fn try_matmul(
+        &self,
+        fs: &[&Dense],
+        summed: &[usize],
+        target: Option<&[usize]>,
+    ) -> Result<Option<Dense>> {
         if fs.len() > 2 && fs.iter().any(|d| d.vars.is_empty()) {
             let scale: f32 = fs
                 .iter()
                 .filter(|d| d.vars.is_empty())
                 .map(|d| d.data.first().copied().unwrap_or(0.0))
                 .product();
-            let rest: Vec<Dense> = fs
-                .iter()
-                .filter(|d| !d.vars.is_empty())
-                .map(|d| Dense {
-                    vars: d.vars.clone(),
-                    data: d.data.clone(),
-                })
-                .collect();
-            let Some(mut d) = self.try_matmul(&rest, summed)? else {
+            let rest: Vec<&Dense> = fs.iter().copied().filter(|d| !d.vars.is_empty()).collect();
+            let Some(mut d) = self.try_matmul(&rest, summed, target)? else {
                 return Ok(None);
             };
-            d.data.iter_mut().for_each(|x| *x *= scale);
+            d.data.to_mut().iter_mut().for_each(|x| *x *= scale);
             return Ok(Some(d));
         }
-        match self.try_plain_matmul(fs, summed)? {
-            Some(d) => Ok(Some(d)),
-            None => self.try_batched(fs, summed),
+        match fs {
+            [a, b] => self.contract2(a, b, summed, target),
+            _ => Ok(None),
         }
-    }
-
-    fn try_plain_matmul(&self, fs: &[Dense], summed: &[usize]) -> Result<Option<Dense>> {
-        let ([a, b], [j]) = (fs, summed) else {
-            return Ok(None);
-        };
-        let j = *j;
-        let free = |d: &Dense| -> Option<Option<usize>> {
-            if !d.vars.contains(&j) || d.vars.len() > 2 {
-                return None;
-            }
-            Some(d.vars.iter().copied().find(|&v| v != j))
-        };
-        let (Some(i), Some(k)) = (free(a), free(b)) else {
-            return Ok(None);
-        };
-        if i.is_some() && i == k {
-            return Ok(None); // a batch index: not a plain matrix product
-        }
-        let loop_vars: Vec<usize> = i.into_iter().chain([j]).chain(k).collect();
-        self.check_size(&loop_vars)?;
-        let kernel = |source| LangError::Kernel {
-            span: self.span,
-            op: "matmul",
-            source,
-        };
-        let kk = self.sizes[j];
-        // As [rows, cols] with `first` the axis that must come first.
-        let as_matrix = |d: &Dense, other: Option<usize>, j_first: bool| -> Result<Tensor> {
-            let n = other.map_or(1, |v| self.sizes[v]);
-            let stored_j_first = d.vars.first() == Some(&j);
-            let dims = if stored_j_first { [kk, n] } else { [n, kk] };
-            let t = Tensor::from_vec(d.data.clone(), &dims).map_err(kernel)?;
-            if stored_j_first == j_first || other.is_none() {
-                if other.is_none() {
-                    let want = if j_first { [kk, 1] } else { [1, kk] };
-                    return t.reshape(&want).map_err(kernel);
-                }
-                Ok(t)
-            } else {
-                t.transpose(0, 1).map_err(kernel)
-            }
-        };
-        let ta = as_matrix(a, i, false)?;
-        let tb = as_matrix(b, k, true)?;
-        let out = CpuBackend.matmul_f32(&ta, &tb).map_err(kernel)?;
-        let data = out.to_vec_f32().map_err(kernel)?;
-        Ok(Some(Dense {
-            vars: i.into_iter().chain(k).collect(),
-            data,
-        }))
     }
 }
 
@@ -762,26 +940,16 @@ pub fn eval_equation(
         span: eq.rhs.span,
         max_iterations,
     };
-    let d = ev.eval(&root)?;
     let out_vars: Vec<usize> = eq
         .indices
         .iter()
         .filter_map(|(n, _)| names.iter().position(|x| x == n))
         .collect();
+    let d = ev.eval_to(&root, Some(&out_vars))?;
     let shape: Vec<usize> = out_vars.iter().map(|&v| sizes[v]).collect();
-    if d.vars == out_vars {
-        return Ok(Tens::f32(shape, d.data));
-    }
-    // Permute into the left side's index order.
-    let strides = ev.strides_over(&d, &out_vars);
-    let mut data = Vec::with_capacity(numel(&shape));
-    for_each(&shape, &[strides], |o| {
-        data.push(d.data.get(o[0]).copied().unwrap_or(0.0))
-    });
-    Ok(Tens {
-        shape,
-        data: TData::F32(data),
-    })
+    // Into the left side's index order (nothing to do when it is already).
+    let d = ev.permute(d, &out_vars);
+    Ok(Tens::f32(shape, d.data.into_vec()))
 }
 
 /// The gradient of every tensor the right side of `eq` reads, given the
@@ -807,7 +975,7 @@ pub fn equation_grads(
         .collect();
     let g = Dense {
         vars: out_vars,
-        data: grad_out.to_vec(),
+        data: grad_out.to_vec().into(),
     };
     let mut acc: Vec<(String, Vec<f32>)> = Vec::new();
     ev.back(&root, g, &mut acc, wanted)?;
@@ -857,55 +1025,52 @@ fn node_vars(n: &Node) -> Vec<usize> {
 impl Eval<'_> {
     /// `d` laid out over `target` (row-major in that order): axes of `d`
     /// missing from `target` must already be summed; axes of `target`
-    /// missing from `d` are broadcast.
-    fn permute(&self, d: &Dense, target: &[usize]) -> Dense {
+    /// missing from `d` are broadcast. `d` itself when it already is.
+    fn permute(&self, d: Dense, target: &[usize]) -> Dense {
         if d.vars == target {
-            return Dense {
-                vars: d.vars.clone(),
-                data: d.data.clone(),
-            };
+            return d;
         }
         let sizes: Vec<usize> = target.iter().map(|&v| self.sizes[v]).collect();
-        let strides = self.strides_over(d, target);
+        let strides = self.strides_over(&d, target);
         let mut data = Vec::with_capacity(numel(&sizes));
         for_each(&sizes, &[strides], |o| {
             data.push(d.data.get(o[0]).copied().unwrap_or(0.0))
         });
         Dense {
             vars: target.to_vec(),
-            data,
+            data: data.into(),
         }
     }
 
     /// `Σ Π factors` over the `summed` axes, laid out over `target`.
-    fn contract_to(&self, factors: &[Dense], summed: &[usize], target: &[usize]) -> Result<Dense> {
+    fn contract_to(&self, factors: &[&Dense], summed: &[usize], target: &[usize]) -> Result<Dense> {
         let all = Self::union(factors);
         let summed: Vec<usize> = summed.iter().copied().filter(|v| all.contains(v)).collect();
         let d = if summed.is_empty() && factors.len() == 1 {
-            Dense {
-                vars: factors[0].vars.clone(),
-                data: factors[0].data.clone(),
-            }
+            factors[0].clone()
         } else if summed.is_empty() {
             self.combine(factors, |v| v.iter().product())?
         } else {
-            match self.try_matmul(factors, &summed)? {
+            match self.try_matmul(factors, &summed, Some(target))? {
                 Some(d) => d,
                 None => self.sum_product(factors, &summed)?,
             }
         };
-        Ok(self.permute(&d, target))
+        Ok(self.permute(d, target))
     }
 
     /// `g` summed down to the axes `target`.
-    fn reduce_to(&self, g: &Dense, target: &[usize]) -> Result<Dense> {
+    fn reduce_to(&self, g: Dense, target: &[usize]) -> Result<Dense> {
+        if g.vars == target {
+            return Ok(g);
+        }
         let summed: Vec<usize> = g
             .vars
             .iter()
             .copied()
             .filter(|v| !target.contains(v))
             .collect();
-        self.contract_to(std::slice::from_ref(g), &summed, target)
+        self.contract_to(&[&g], &summed, target)
     }
 
     /// Propagates `g` (the gradient of `n`'s value, possibly missing axes
@@ -928,7 +1093,14 @@ impl Eval<'_> {
                 name, shape, vars, ..
             } => {
                 let uniq = node_vars(n);
-                let g = self.reduce_to(&g, &uniq)?;
+                let g = self.reduce_to(g, &uniq)?;
+                let total = numel(shape);
+                let slot = acc.iter().position(|(n2, _)| n2 == name);
+                if slot.is_none() && uniq == *vars && g.data.len() == total {
+                    // The first contribution, in the tensor's own layout.
+                    acc.push((name.clone(), g.data.into_vec()));
+                    return Ok(());
+                }
                 let own = row_major_strides(shape);
                 let strides: Vec<usize> = uniq
                     .iter()
@@ -941,8 +1113,7 @@ impl Eval<'_> {
                     })
                     .collect();
                 let sizes: Vec<usize> = uniq.iter().map(|&v| self.sizes[v]).collect();
-                let total = numel(shape);
-                let slot = match acc.iter().position(|(n2, _)| n2 == name) {
+                let slot = match slot {
                     Some(p) => p,
                     None => {
                         acc.push((name.clone(), vec![0.0; total]));
@@ -950,6 +1121,10 @@ impl Eval<'_> {
                     }
                 };
                 let dst = &mut acc[slot].1;
+                if uniq == *vars && dst.len() == g.data.len() {
+                    dst.iter_mut().zip(g.data.iter()).for_each(|(x, v)| *x += v);
+                    return Ok(());
+                }
                 let mut k = 0usize;
                 for_each(&sizes, &[strides], |o| {
                     if let (Some(x), Some(&gv)) = (dst.get_mut(o[0]), g.data.get(k)) {
@@ -961,15 +1136,15 @@ impl Eval<'_> {
             }
             Node::Neg(a) => {
                 let mut g = g;
-                g.data.iter_mut().for_each(|x| *x = -*x);
+                g.data.to_mut().iter_mut().for_each(|x| *x = -*x);
                 self.back(a, g, acc, wanted)
             }
             Node::Func(name, _, a) => {
                 let x = self.eval(a)?;
                 let y = self.eval(n)?;
-                let g = self.permute(&g, &x.vars);
+                let g = self.permute(g, &x.vars);
                 let mut d = Vec::with_capacity(x.data.len());
-                for ((&gv, &xv), &yv) in g.data.iter().zip(&x.data).zip(&y.data) {
+                for ((&gv, &xv), &yv) in g.data.iter().zip(x.data.iter()).zip(y.data.iter()) {
                     let dv = crate::autodiff::deriv(name, xv, yv).ok_or_else(|| {
                         LangError::invalid(
                             self.span,
@@ -989,7 +1164,7 @@ impl Eval<'_> {
                     a,
                     Dense {
                         vars: x.vars,
-                        data: d,
+                        data: d.into(),
                     },
                     acc,
                     wanted,
@@ -999,14 +1174,22 @@ impl Eval<'_> {
                 let (va, vb) = (node_vars(a), node_vars(b));
                 match op {
                     BinOp::Add | BinOp::Sub => {
-                        if a.reads(wanted) {
-                            let ga = self.reduce_to(&g, &va)?;
+                        let (ra, rb) = (a.reads(wanted), b.reads(wanted));
+                        let gb_src = (ra && rb).then(|| g.clone());
+                        if ra {
+                            let ga = self.reduce_to(g, &va)?;
                             self.back(a, ga, acc, wanted)?;
-                        }
-                        if b.reads(wanted) {
-                            let mut gb = self.reduce_to(&g, &vb)?;
+                            if let Some(g2) = gb_src {
+                                let mut gb = self.reduce_to(g2, &vb)?;
+                                if *op == BinOp::Sub {
+                                    gb.data.to_mut().iter_mut().for_each(|x| *x = -*x);
+                                }
+                                self.back(b, gb, acc, wanted)?;
+                            }
+                        } else if rb {
+                            let mut gb = self.reduce_to(g, &vb)?;
                             if *op == BinOp::Sub {
-                                gb.data.iter_mut().for_each(|x| *x = -*x);
+                                gb.data.to_mut().iter_mut().for_each(|x| *x = -*x);
                             }
                             self.back(b, gb, acc, wanted)?;
                         }
@@ -1015,20 +1198,10 @@ impl Eval<'_> {
                     _ => {
                         // Division (a product is a `Prod`).
                         let (xa, xb) = (self.eval(a)?, self.eval(b)?);
-                        let da = self.combine(&[g, xa, xb], |v| v[0] / v[2])?;
-                        let db = self.combine(
-                            &[
-                                Dense {
-                                    vars: da.vars.clone(),
-                                    data: da.data.clone(),
-                                },
-                                self.eval(a)?,
-                                self.eval(b)?,
-                            ],
-                            |v| -v[0] * v[1] / v[2],
-                        )?;
-                        let ga = self.reduce_to(&da, &va)?;
-                        let gb = self.reduce_to(&db, &vb)?;
+                        let da = self.combine(&[&g, &xa, &xb], |v| v[0] / v[2])?;
+                        let db = self.combine(&[&da, &xa, &xb], |v| -v[0] * v[1] / v[2])?;
+                        let ga = self.reduce_to(da, &va)?;
+                        let gb = self.reduce_to(db, &vb)?;
                         self.back(a, ga, acc, wanted)?;
                         self.back(b, gb, acc, wanted)
                     }
@@ -1042,18 +1215,13 @@ impl Eval<'_> {
                         continue;
                     }
                     let target = node_vars(f);
-                    let mut factors = vec![Dense {
-                        vars: g.vars.clone(),
-                        data: g.data.clone(),
-                    }];
-                    for (m, v) in vals.iter().enumerate() {
-                        if m != k {
-                            factors.push(Dense {
-                                vars: v.vars.clone(),
-                                data: v.data.clone(),
-                            });
-                        }
-                    }
+                    let mut factors = vec![&g];
+                    factors.extend(
+                        vals.iter()
+                            .enumerate()
+                            .filter(|(m, _)| *m != k)
+                            .map(|(_, v)| v),
+                    );
                     let all = Self::union(&factors);
                     let summed: Vec<usize> =
                         all.into_iter().filter(|v| !target.contains(v)).collect();
@@ -1180,13 +1348,13 @@ mod tests {
         let slow = ev
             .sum_product(
                 &[
-                    Dense {
+                    &Dense {
                         vars: vec![0, 1],
-                        data: a.clone(),
+                        data: a.clone().into(),
                     },
-                    Dense {
+                    &Dense {
                         vars: vec![1, 2],
-                        data: b.clone(),
+                        data: b.clone().into(),
                     },
                 ],
                 &[1],
@@ -1194,7 +1362,7 @@ mod tests {
             .unwrap();
         assert_eq!(fast.shape, vec![2, 4]);
         let TData::F32(f) = &fast.data else { panic!() };
-        assert_eq!(f, &slow.data);
+        assert_eq!(f.as_slice(), &*slow.data);
     }
 
     /// Two-factor products with batch indices, several summed indices or a
@@ -1254,11 +1422,12 @@ mod tests {
                 panic!("{src}")
             };
             let fs: Vec<Dense> = fs.iter().map(|f| ev.eval(f).unwrap()).collect();
-            let fast = ev.try_matmul(&fs, vs).unwrap().expect(src);
+            let fs: Vec<&Dense> = fs.iter().collect();
+            let fast = ev.try_matmul(&fs, vs, None).unwrap().expect(src);
             let slow = ev.sum_product(&fs, vs).unwrap();
-            let slow = ev.permute(&slow, &fast.vars);
+            let slow = ev.permute(slow, &fast.vars);
             assert_eq!(fast.data.len(), slow.data.len(), "{src}");
-            for (x, y) in fast.data.iter().zip(&slow.data) {
+            for (x, y) in fast.data.iter().zip(slow.data.iter()) {
                 assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{src}: {x} vs {y}");
             }
             // And the whole equation through eval_equation.

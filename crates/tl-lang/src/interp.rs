@@ -2083,17 +2083,17 @@ fn tensor_binary(
     if let (TData::F32(x), TData::F32(y), BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div) =
         (&a.data, &b.data, op)
     {
-        if a.shape == b.shape {
-            // Same-shape f32 arithmetic (residuals, gated products): one
-            // pass, no index mapping, no copies of the operands.
-            let f: fn(f32, f32) -> f32 = match op {
-                BinOp::Add => |p, q| p + q,
-                BinOp::Sub => |p, q| p - q,
-                BinOp::Mul => |p, q| p * q,
-                _ => |p, q| p / q,
-            };
-            let out = x.iter().zip(y).map(|(&p, &q)| f(p, q)).collect();
-            return Ok(Value::tensor(Tens::f32(shape, out)));
+        if a.shape == shape {
+            if let Some(n) = crate::autodiff::trailing(&shape, &b.shape).filter(|&n| n > 0) {
+                // Same-shape f32 arithmetic (residuals, gated products), or
+                // `b` repeated over the leading axes of `a` (a bias, a
+                // position table, a scalar): one pass, no index mapping,
+                // no copies of the operands.
+                if y.len() == n && x.len().is_multiple_of(n) {
+                    let out = crate::einsum::repeat_op(op, x, y);
+                    return Ok(Value::tensor(Tens::f32(shape, out)));
+                }
+            }
         }
     }
     let both_int = a.elem() == ElemType::I32 && b.elem() == ElemType::I32;

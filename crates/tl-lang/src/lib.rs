@@ -16,6 +16,7 @@ pub mod check;
 pub mod diag;
 pub mod einsum;
 pub mod error;
+pub mod gemm;
 pub mod interp;
 pub mod learn;
 pub mod lexer;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod parser;
 pub mod types;
 pub mod value;
+pub mod vmath;
 
 pub use diag::{SourceMap, Span};
 
