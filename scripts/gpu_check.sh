@@ -23,7 +23,7 @@
 #                                     # tensor-core products, and off; PROFILE=1: stage
 #                                     # profiles at batch 64) beside llama-batched-bench,
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
-#   bash scripts/gpu_check.sh mmqs    # staged vs direct tensor-core products: tests, batched
+#   bash scripts/gpu_check.sh mmqs    # staged (TL_CUDA_MMQS=1) vs direct tensor-core products: tests, batched
 #                                     # decode, prefill, llama-batched-bench (bounded)
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
@@ -254,8 +254,8 @@ if [ "$mode" = batch ]; then
     [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
     echo "== $m: tl bench --batch $B t=${SECONDS}s"
     TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
-    echo "-- direct tensor-core products (TL_CUDA_MMQS=0), batch $B"
-    TL_CUDA_MMQS=0 TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
+    echo "-- staged tensor-core products (TL_CUDA_MMQS=1), batch $B"
+    TL_CUDA_MMQS=1 TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
     echo "-- 8-row GEMVs only (TL_CUDA_MMQ_MIN=65), batch 16,64"
     TL_CUDA_MMQ_MIN=65 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch 16,64 2>&1 | grep -E 'tg128|rror'
     if [ -n "${PREFILL:-}" ]; then
@@ -263,7 +263,7 @@ if [ "$mode" = batch ]; then
         echo "-- prefill, staged tensor-core products for prompts TL_CUDA_MMQS_PREFILL=$s"
         P=${PROMPTS:-512,2048,8192}
         for p in ${P//,/ }; do
-          TL_CUDA_MMQS_PREFILL=$s TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$p" -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
+          TL_CUDA_MMQS=1 TL_CUDA_MMQS_PREFILL=$s TL_CUDA_TIMEOUT=30 timeout 60 "$BIN" --device cuda bench -m "$f" -p "$p" -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
         done
       done
     fi
@@ -303,16 +303,16 @@ if [ "$mode" = mmqs ]; then
   MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
   sleep 1
   if [ -z "${SKIP_TESTS:-}" ]; then
-    TL_CUDA_TIMEOUT=10 timeout 200 "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
+    TL_CUDA_MMQS=1 TL_CUDA_TIMEOUT=10 timeout 200 "$TEST" --test-threads=1 --nocapture >"$OUT/test.log" 2>&1
     echo "tests: exit $? (t=${SECONDS}s)"
     grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test.log" | grep -v stages | cut -c1-160 | head -40
-    TL_CUDA_MMQS_PREFILL=1 TL_CUDA_TIMEOUT=10 timeout 100 "$TEST" --test-threads=1 --nocapture cuda_matches_cpu_on_every >"$OUT/test-prefill.log" 2>&1
+    TL_CUDA_MMQS=1 TL_CUDA_MMQS_PREFILL=1 TL_CUDA_TIMEOUT=10 timeout 100 "$TEST" --test-threads=1 --nocapture cuda_matches_cpu_on_every >"$OUT/test-prefill.log" 2>&1
     echo "tests, staged prompt products: exit $? (t=${SECONDS}s)"
     grep -E 'diff|test result|FAILED|panicked|failed' "$OUT/test-prefill.log" | grep -v stages | cut -c1-160 | head -30
-    TL_CUDA_TIMEOUT=10 timeout 150 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
+    TL_CUDA_MMQS=1 TL_CUDA_TIMEOUT=10 timeout 150 "$ETEST" --test-threads=1 --nocapture >"$OUT/engine-test.log" 2>&1
     echo "engine tests: exit $? (t=${SECONDS}s)"
     grep -E 'requests equal|out of memory:|test result|FAILED|panicked|differs' "$OUT/engine-test.log" | cut -c1-200
-    TL_CUDA_TIMEOUT=10 timeout 60 "$LTEST" --test-threads=1 --nocapture >"$OUT/lang-test.log" 2>&1
+    TL_CUDA_MMQS=1 TL_CUDA_TIMEOUT=10 timeout 60 "$LTEST" --test-threads=1 --nocapture >"$OUT/lang-test.log" 2>&1
     echo "language tests: exit $? (t=${SECONDS}s)"
     grep -E 'test result|FAILED|panicked' "$OUT/lang-test.log"
   fi
@@ -334,7 +334,7 @@ if [ "$mode" = mmqs ]; then
       [ $SECONDS -lt $((END - 40)) ] || break
       echo "== $m: prefill, TL_CUDA_MMQS_PREFILL=$s t=${SECONDS}s"
       for p in 512 2048; do
-        TL_CUDA_MMQS_PREFILL=$s TL_CUDA_TIMEOUT=30 timeout 30 "$BIN" --device cuda bench -m "$f" -p $p -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
+        TL_CUDA_MMQS=1 TL_CUDA_MMQS_PREFILL=$s TL_CUDA_TIMEOUT=30 timeout 30 "$BIN" --device cuda bench -m "$f" -p $p -n 0 -r 2 2>&1 | grep -E "pp$p|rror"
       done
     done
     if [ -n "$LB" ] && [ $SECONDS -lt $((END - 90)) ]; then

@@ -73,6 +73,9 @@ pub(crate) struct CudaModel {
     /// Products of this many rows or more (up to `GEMV_ROWS`) run on the
     /// tensor-core kernels; `GEMV_ROWS + 1` in batch-invariant mode.
     pub(super) mmq_min: std::sync::atomic::AtomicUsize,
+    /// Whether steps take the staged tensor-core products (`exec::mmqs_on`
+    /// and the card took their shared memory).
+    mmqs: bool,
     /// Weights and scratch of single operations for programs (`ops.rs`).
     ops: std::sync::Mutex<ops::OpsState>,
 }
@@ -155,7 +158,6 @@ impl CudaModel {
             )));
         }
         let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
-        exec::mmqs_prepare(&gpu)?;
         let file = &m.file;
         // Fail before allocating when the weights can't fit.
         let need: usize = file.tensors.iter().map(|t| t.size as usize).sum();
@@ -223,6 +225,7 @@ impl CudaModel {
                 .sum::<usize>();
             weight_bytes += l.wo.bytes() + l.down.bytes();
         }
+        let mmqs = exec::mmqs_on() && exec::mmqs_prepare(&gpu).is_ok();
         Ok(CudaModel {
             gpu,
             embd,
@@ -233,6 +236,7 @@ impl CudaModel {
             weight_bytes,
             max_mat,
             mmq_min: std::sync::atomic::AtomicUsize::new(exec::mmq_min_rows()),
+            mmqs,
             ops: std::sync::Mutex::new(ops::OpsState::default()),
         })
     }
@@ -290,7 +294,7 @@ impl CudaModel {
         } else {
             0
         };
-        n * per_token + out + scratch + MMQS_BYTES
+        n * per_token + out + scratch + if self.mmqs { MMQS_BYTES } else { 0 }
     }
 
     pub fn alloc_kv(
@@ -836,7 +840,7 @@ impl CudaState {
             self.cap_out = n_out;
             self.graphs.clear();
         }
-        if self.mmqs_part.is_none() && exec::mmqs_on() {
+        if self.mmqs_part.is_none() && cm.mmqs {
             self.graphs.clear();
             self.mmqs_part = Some(
                 gpu.alloc(exec::MMQS_PART_FLOATS * 4, "split-K partial sums")
