@@ -2,7 +2,7 @@
 //!
 //! As in ggml-cpu, a matmul against a quantized weight first quantizes the
 //! f32 activations once to the weight type's [`vec_dot_type`] (Q8_0 for
-//! Q4_0/Q5_0/Q8_0/IQ4_NL, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS, the weight's
+//! Q4_0/Q5_0/Q8_0/IQ4_NL/MXFP4, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants and IQ4_XS, the weight's
 //! own type for F32/F16/BF16), then takes integer dot products block by
 //! block and scales each block's integer sum by the two block scales.
 //!
@@ -43,7 +43,7 @@ use crate::quant::{float, Block};
 pub fn vec_dot_type(ty: GgmlType) -> GgmlType {
     use GgmlType::*;
     match ty {
-        Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Q8_0,
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | MXFP4 => Q8_0,
         Q4_1 | Q5_1 => Q8_1,
         Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS => Q8_K,
         other => other,
@@ -69,6 +69,7 @@ pub fn supports_dot(ty: GgmlType) -> bool {
             | Q6_K
             | IQ4_NL
             | IQ4_XS
+            | MXFP4
     )
 }
 
@@ -203,7 +204,7 @@ pub(crate) struct Table {
     kernels: [Kernel; N_DOT_TYPES],
 }
 
-const N_DOT_TYPES: usize = 15;
+const N_DOT_TYPES: usize = 16;
 
 fn slot(ty: GgmlType) -> Option<usize> {
     use GgmlType::*;
@@ -223,6 +224,7 @@ fn slot(ty: GgmlType) -> Option<usize> {
         Q6_K => 12,
         IQ4_NL => 13,
         IQ4_XS => 14,
+        MXFP4 => 15,
         _ => return None,
     })
 }
@@ -246,6 +248,7 @@ impl Table {
             scalar_kernel::<12>,
             scalar_kernel::<13>,
             scalar_kernel::<14>,
+            scalar_kernel::<15>,
         ];
         #[cfg(target_arch = "x86_64")]
         x86::install(level, &mut |ty, k| {
@@ -298,6 +301,7 @@ const SCALAR_TYPES: [GgmlType; N_DOT_TYPES] = {
     use GgmlType::*;
     [
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
+        MXFP4,
     ]
 };
 
@@ -347,6 +351,7 @@ pub fn vec_dot_ref(ty_w: GgmlType, k: usize, w_row: &[u8], act_row: &[u8]) -> f3
         Q6_K => scalar::dot_q6_k(w, a),
         IQ4_NL => scalar::dot_iq4_nl(w, a),
         IQ4_XS => scalar::dot_iq4_xs(w, a),
+        MXFP4 => crate::quant::mxfp4::dot_mxfp4_q8_0(w, a),
         _ => f32::NAN,
     }
 }

@@ -7,6 +7,7 @@
 //! - [`legacy`]: the 32-value blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1.
 //! - [`k_quants`]: the 256-value super-blocks Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K.
 //! - [`iq4`]: the non-linear 4-bit IQ4_NL (32 values) and IQ4_XS (256).
+//! - [`mxfp4`]: MXFP4 (32 E2M1 values under one E8M0 exponent: gpt-oss).
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
 //!   `make_qkx2_quants`, `make_q3_quants`, `make_qkx3_quants`,
 //!   `make_qp_quants`, `nearest_int`) that the K-quant quantizers share.
@@ -32,6 +33,7 @@ pub mod k_quants;
 pub mod k_search;
 pub mod legacy;
 pub mod lowbit;
+pub mod mxfp4;
 pub mod weighted;
 
 use tl_gguf::GgmlType;
@@ -86,6 +88,7 @@ pub fn is_supported(ty: GgmlType) -> bool {
             | Q8_K
             | IQ4_NL
             | IQ4_XS
+            | MXFP4
     )
 }
 
@@ -120,6 +123,7 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
         Q8_K => dequantize_blocks::<k_quants::BlockQ8K>(src, dst),
         IQ4_NL => dequantize_blocks::<iq4::BlockIQ4NL>(src, dst),
         IQ4_XS => dequantize_blocks::<iq4::BlockIQ4XS>(src, dst),
+        MXFP4 => dequantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
         _ => return Err(unsupported(ty, name)),
     }
     Ok(())
@@ -151,6 +155,7 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         Q8_K => quantize_blocks::<k_quants::BlockQ8K>(src, dst),
         IQ4_NL => quantize_blocks::<iq4::BlockIQ4NL>(src, dst),
         IQ4_XS => quantize_blocks::<iq4::BlockIQ4XS>(src, dst),
+        MXFP4 => quantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
         _ => return Err(unsupported(ty, UNNAMED)),
     }
     Ok(())
@@ -169,7 +174,7 @@ pub fn is_weighted_supported(ty: GgmlType) -> bool {
 ///
 /// As in ggml, with an importance matrix Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to
 /// Q6_K, IQ4_NL and IQ4_XS run the weighted `quantize_row_*_impl` quantizers ([`weighted`]);
-/// F32, F16, BF16 and Q8_0 ignore it; without one every type runs its
+/// F32, F16, BF16, Q8_0 and MXFP4 ignore it; without one every type runs its
 /// reference quantizer, as [`quantize`] does. The same `imatrix` applies to
 /// every row (for a 3-D expert tensor, call this once per expert with that
 /// expert's slice).
@@ -202,7 +207,7 @@ pub fn quantize_weighted(
             ),
         });
     }
-    let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0)) else {
+    let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0 | MXFP4)) else {
         return quantize(ty, src, dst);
     };
     if qw.len() != n_per_row {
@@ -327,6 +332,7 @@ mod tests {
         check::<k_quants::BlockQ8K>();
         check::<iq4::BlockIQ4NL>();
         check::<iq4::BlockIQ4XS>();
+        check::<mxfp4::BlockMXFP4>();
     }
 
     #[test]

@@ -35,10 +35,11 @@ use tl_gguf::GgmlType;
 use super::*;
 use crate::quant::{dequantize, quantize};
 
-const ALL: [GgmlType; 15] = {
+const ALL: [GgmlType; 16] = {
     use GgmlType::*;
     [
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
+        MXFP4,
     ]
 };
 
@@ -87,6 +88,10 @@ fn weight_row(ty: GgmlType, k: usize, rng: &mut ChaCha8Rng, unit: bool) -> Vec<u
                         rng.gen_range(-0.05f32..0.05)
                     };
                     block[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
+                }
+                if ty == MXFP4 {
+                    // The E8M0 exponent: 2^0, or 2^-10..2^-2.
+                    block[0] = if unit { 128 } else { rng.gen_range(118..=126) };
                 }
             }
             out
@@ -454,6 +459,7 @@ fn vec_dot_types_are_ggml_s() {
         (Q6_K, Q8_K),
         (IQ4_NL, Q8_0),
         (IQ4_XS, Q8_K),
+        (MXFP4, Q8_0),
     ] {
         assert_eq!(vec_dot_type(w), a, "{w}");
         assert!(supports_dot(w));
@@ -487,14 +493,14 @@ fn reference_kernels_are_the_generic_kernels_bit_for_bit() {
     }
 }
 
-/// The IQ4 kernels of every level keep the generic float order: they give
+/// The IQ4 and MXFP4 kernels of every level keep the generic float order: they give
 /// the reference's bits on random data, 1..=8 rows at a time, and the
 /// reference is the dequantize-then-dot to within the rounding bound.
 #[test]
 fn iq4_kernels_give_the_reference_bits() {
     use GgmlType::*;
     let mut rng = ChaCha8Rng::seed_from_u64(19);
-    for ty in [IQ4_NL, IQ4_XS] {
+    for ty in [IQ4_NL, IQ4_XS, MXFP4] {
         for blocks in [1usize, 7, 9, 17] {
             let k = k_for(ty, blocks);
             let w = weight_row(ty, k, &mut rng, false);

@@ -51,6 +51,7 @@ mod avx2;
 mod avx512;
 pub(crate) mod gemm;
 mod iq4;
+mod mxfp4;
 pub(crate) mod repack;
 pub(crate) mod repack_k;
 
@@ -59,10 +60,12 @@ pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
     if level >= SimdLevel::Avx2 {
         avx2::install(set);
         iq4::install_avx2(set);
+        mxfp4::install_avx2(set);
     }
     if level >= SimdLevel::Avx512Vnni {
         avx512::install(set);
         iq4::install_avx512(set);
+        mxfp4::install_avx512(set);
     }
 }
 
@@ -86,8 +89,9 @@ pub(crate) unsafe fn quantize_q8_avx2(act_ty: GgmlType, x: &[f32], out: &mut [u8
 pub(crate) fn install_reference(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
     if level >= SimdLevel::Avx2 {
         avx2::install_reference(set);
-        // The IQ4 kernels keep the generic float order (see `iq4`).
+        // The IQ4 and MXFP4 kernels keep the generic float order (see `iq4`).
         iq4::install_avx2(set);
+        mxfp4::install_avx2(set);
     }
 }
 
