@@ -234,6 +234,7 @@ impl CacheVal {
                 None
             },
             softcap: c.attn_logit_softcap,
+            sinks: None,
         };
         let q = if gemma {
             Cow::Owned(q.iter().map(|v| v * c.attn_scale).collect())
