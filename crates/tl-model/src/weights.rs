@@ -292,12 +292,13 @@ impl Weights {
                 ),
             };
             let gpt_oss = c.arch == Arch::GptOss;
-            // Tensors gpt-oss must have and the others may.
+            // Tensors gpt-oss must have; the other architectures do not
+            // read them (as llama.cpp's graphs for them do not).
             let want = |s: &str, dims: &[usize]| -> Result<Option<Weight>> {
                 if gpt_oss {
                     req(s, dims).map(Some)
                 } else {
-                    l.opt(&n(s), dims)
+                    Ok(None)
                 }
             };
             let moe = if c.n_expert > 0 {
