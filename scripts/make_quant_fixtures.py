@@ -2,7 +2,7 @@
 """Write the golden fixtures for the GGML block formats in tl-core.
 
 The reference is `gguf.quants` (gguf-py 0.19.0), whose numpy code dequantizes
-every block type (IQ4_NL, IQ4_XS and the grid types IQ3_XXS to IQ1_M included) and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly like
+every block type (IQ4_NL, IQ4_XS, the grid types IQ3_XXS to IQ1_M and MXFP4 included) and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/MXFP4 exactly like
 ggml's `dequantize_row_*` / `quantize_row_*_ref`. The Rust test
 `crates/tl-core/tests/quant_fixtures.rs` replays these files without Python.
 
@@ -144,6 +144,16 @@ def random_blocks(rng: np.random.Generator, ty: T) -> np.ndarray:
     return raw.reshape(-1)
 
 
+def random_mxfp4_blocks(rng: np.random.Generator) -> np.ndarray:
+    """MXFP4 blocks: random codes under random E8M0 exponents, the first
+    blocks at the edges (the two subnormal scales, 2^-1, 2^0, and the top two,
+    where 12 * 2^126 overflows to inf)."""
+    n_blocks = RANDOM_BLOCKS[32]
+    raw = rng.integers(0, 256, size=(n_blocks, 17), dtype=np.uint8)
+    raw[:7, 0] = [0, 1, 127, 128, 254, 255, 2]
+    return raw.reshape(-1)
+
+
 def real_tensor_fixtures(model: str, path: str) -> list[tuple[str, dict]]:
     reader = gguf.GGUFReader(path)
     done = set()
@@ -246,6 +256,10 @@ def main() -> int:
     rng_grid = np.random.default_rng(args.seed + 2)
     for ty in [T.IQ3_XXS, T.IQ3_S, T.IQ2_XXS, T.IQ2_XS, T.IQ2_S, T.IQ1_S, T.IQ1_M]:
         write(f"dequant_random_{ty.name}.json", dequant_fixture(ty, "random", random_blocks(rng_grid, ty)))
+    # MXFP4, from a generator of its own for the same reason.
+    rng_mx = np.random.default_rng(args.seed + 2)
+    write("dequant_random_MXFP4.json", dequant_fixture(T.MXFP4, "random", random_mxfp4_blocks(rng_mx)))
+    write("quantize_MXFP4.json", quantize_fixture(rng_mx, T.MXFP4))
 
     total = sum(os.path.getsize(p) for p in WRITTEN)
     print(f"wrote {len(WRITTEN)} fixtures, {total} bytes, to {OUT_DIR}")

@@ -62,6 +62,11 @@ SYNTH = {
     "phi3_f16": ["--arch", "phi3", "--layers", "4", "--d-model", "256", "--heads", "4",
                  "--kv-heads", "4", "--head-dim", "64", "--ffn", "512",
                  "--weight-type", "F16", "--output-type", "F16", "--seed", "15"],
+    # gpt-oss writes its experts in MXFP4 whatever the weight type: every
+    # file type requantizes them (as llama-quantize with --allow-requantize).
+    "gpt_oss_f16": ["--arch", "gpt-oss", "--layers", "2", "--d-model", "256", "--heads", "8",
+                    "--kv-heads", "2", "--head-dim", "64", "--ffn", "128", "--experts", "4",
+                    "--weight-type", "F16", "--output-type", "F16", "--seed", "16"],
 }
 
 # Flag variants, run on qwen2_f32.
@@ -118,8 +123,11 @@ def main():
                            stdout=subprocess.DEVNULL)
             entry = {"name": name, "synth_args": synth_args, "input_sha256": sha256_file(inp),
                      "cases": []}
+            # Inputs with quantized tensors (gpt-oss's MXFP4 experts) need
+            # --allow-requantize.
+            base = ["--allow-requantize"] if name.startswith("gpt_oss") else []
             for ftype in FTYPES:
-                entry["cases"].append(case(inp, ftype, [], tmp))
+                entry["cases"].append(case(inp, ftype, base, tmp))
             if name == "qwen2_f32":
                 for ftype, flags in VARIANTS:
                     entry["cases"].append(case(inp, ftype, flags, tmp))

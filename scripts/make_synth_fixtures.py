@@ -62,6 +62,13 @@ CASES = [
     # 64 layers: llama.cpp's per-head Q/K LayerNorms exist only from there on.
     {"arch": "command-r", "weight_type": "Q4_0", "output_type": "Q8_0", "seed": 30, "layers": 64,
      "d_model": 128, "heads": 2, "kv_heads": 1, "ffn": 256},
+    # gpt-oss: experts always MXFP4; a 32-token window on even layers (the
+    # sequence is 160 tokens), sinks, YaRN. The second case has the real
+    # top-4 of 8 and more query heads than the width holds (as gpt-oss).
+    {"arch": "gpt-oss", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 31, "ffn": 256,
+     "experts": 4, "experts_used": 2, "qk_scale": 3.0},
+    {"arch": "gpt-oss", "weight_type": "F16", "output_type": "Q8_0", "seed": 32, "ffn": 128,
+     "layers": 4, "heads": 8, "kv_heads": 2, "experts": 8, "experts_used": 4, "qk_scale": 6.0},
 ]
 TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(159)]
 # Rows stored: every 16th position and the last four (far positions make

@@ -14,7 +14,8 @@ pub struct SynthArgs {
     #[arg(short, long)]
     pub out: PathBuf,
     /// Architecture: llama, mixtral (llama with experts), qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3,
-    /// phi3, granite, smollm3, olmo2, command-r, or the embedding models bert and nomic-bert
+    /// phi3, granite, smollm3, olmo2, command-r, gpt-oss (experts in MXFP4), or the embedding
+    /// models bert and nomic-bert
     /// (`--heads` × `--head-dim` must then be `--d-model`; `--extra-vocab` filler words
     /// follow a small WordPiece vocabulary).
     #[arg(long, default_value = "qwen2")]

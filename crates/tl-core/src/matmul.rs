@@ -189,7 +189,7 @@ pub fn matmul_with(
     // Prefill of the 32-value types under VNNI: the packed micro-kernel.
     #[cfg(target_arch = "x86_64")]
     let packed = if legacy
-        && ty != GgmlType::IQ4_NL
+        && !matches!(ty, GgmlType::IQ4_NL | GgmlType::MXFP4)
         && m > PACKED_FROM
         && table.level >= dot::SimdLevel::Avx512Vnni
         && packed_prefill_enabled()
@@ -482,6 +482,8 @@ mod tests {
             (IQ4_NL, 96),
             (IQ4_NL, 320),
             (IQ4_XS, 512),
+            (MXFP4, 96),
+            (MXFP4, 320),
             (F16, 37),
             (F32, 19),
             (BF16, 8),

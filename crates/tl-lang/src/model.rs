@@ -219,7 +219,8 @@ impl CacheVal {
     /// The queries and parameters layer `layer` attends with. Gemma: the
     /// native forward scales the queries before attention (and attends
     /// with scale 1); doing the same keeps the f16 rounding of the scaled
-    /// queries, so the numbers agree exactly.
+    /// queries, so the numbers agree exactly. Windowed layers (gemma,
+    /// gpt-oss) get the window; gpt-oss its sink logits.
     fn layer_query<'q>(&self, q: &'q [f32], layer: usize) -> (Cow<'q, [f32]>, AttnParams) {
         let c = &self.config;
         let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
@@ -228,12 +229,13 @@ impl CacheVal {
             n_kv_heads: c.n_kv_heads,
             head_dim: c.head_dim,
             scale: if gemma { 1.0 } else { c.attn_scale },
-            window: if gemma && c.is_swa_layer(layer) {
+            window: if c.is_swa_layer(layer) {
                 c.sliding_window
             } else {
                 None
             },
             softcap: c.attn_logit_softcap,
+            sinks: self.sinks(layer),
         };
         let q = if gemma {
             Cow::Owned(q.iter().map(|v| v * c.attn_scale).collect())
@@ -241,6 +243,19 @@ impl CacheVal {
             Cow::Borrowed(q)
         };
         (q, params)
+    }
+
+    /// gpt-oss's sink logits of `layer` (`blk.N.attn_sinks.weight`, which
+    /// the model's load checked); `None` for the other architectures.
+    fn sinks(&self, layer: usize) -> Option<std::sync::Arc<[f32]>> {
+        if self.config.arch != Arch::GptOss {
+            return None;
+        }
+        let file = &self.model.llm.model.file;
+        let t = file.tensor(&format!("blk.{layer}.attn_sinks.weight"))?;
+        let mut v = vec![0f32; self.config.n_heads];
+        tl_core::quant::dequantize(t.ty, file.tensor_data(t), &mut v).ok()?;
+        Some(v.into())
     }
 
     /// [`CacheVal::attention`] on the model's GPU: the positions' blocks

@@ -36,6 +36,10 @@ pub struct AttnParams {
     pub window: Option<usize>,
     /// Scores soft-capped to `tanh(s / cap) * cap` before the softmax.
     pub softcap: Option<f32>,
+    /// A learned logit per query head that takes part in the softmax
+    /// without a value (gpt-oss's `attn_sinks`): the probabilities sum to
+    /// less than 1. Indexed by the absolute head.
+    pub sinks: Option<std::sync::Arc<[f32]>>,
 }
 
 impl AttnParams {
@@ -54,7 +58,17 @@ impl AttnParams {
                 None
             },
             softcap: c.attn_logit_softcap,
+            sinks: None,
         }
+    }
+
+    /// The sink logit of query head `h` (minus infinity without sinks,
+    /// which changes nothing).
+    pub fn sink(&self, h: usize) -> f32 {
+        self.sinks
+            .as_deref()
+            .and_then(|s| s.get(h).copied())
+            .unwrap_or(f32::NEG_INFINITY)
     }
 
     /// The first position a token at `pos` attends to.
@@ -156,8 +170,13 @@ fn attend_unrotated(
 /// f32, the group sums accumulated in f64, then a scale by the f32
 /// reciprocal; the probabilities end rounded to f16 (the operand of the
 /// f16 product with V).
-pub fn softmax_reference(scores: &mut [f32], max: f32) {
+///
+/// With a sink logit (ggml's `soft_max` with sinks), the maximum takes it
+/// in and `expf(sink - max)` is added to the f64 sum; a sink of minus
+/// infinity adds nothing.
+pub fn softmax_reference(scores: &mut [f32], max: f32, sink: f32) {
     use tl_core::cpu::kernels::vexpf;
+    let max = max.max(sink);
     let mut sum = 0.0f64;
     for chunk in scores.chunks_mut(4) {
         let mut e = [0.0f32; 4];
@@ -167,6 +186,7 @@ pub fn softmax_reference(scores: &mut [f32], max: f32) {
         }
         sum += f64::from((e[0] + e[1]) + (e[2] + e[3]));
     }
+    sum += sink_term(sink, max);
     let inv = (1.0 / sum) as f32;
     for sc in scores.iter_mut() {
         *sc = f16::from_f32(*sc * inv).to_f32();
@@ -257,9 +277,9 @@ fn attend_plain(
         // because ggml multiplies them with the f16 V cache in f16 (the f32
         // operand of an f16 matmul is converted to f16).
         if f64_sums {
-            softmax_reference(&mut s.scores, max);
+            softmax_reference(&mut s.scores, max, p.sink(h));
         } else {
-            softmax_f16(&mut s.scores, max);
+            softmax_f16_sink(&mut s.scores, max, p.sink(h));
         }
         let o = &mut out[hl * hd..(hl + 1) * hd];
         o.fill(0.0);
@@ -329,18 +349,35 @@ impl Iterator for Runs<'_> {
 /// padded with zeros) summed in f32 by the halving tree of
 /// `_mm512_reduce_add_ps`, the chunk sums accumulated in f64, then a scale by
 /// the f32 reciprocal; the probabilities end rounded to f16.
+#[cfg(test)]
 pub(crate) fn softmax_f16(scores: &mut [f32], max: f32) {
+    softmax_f16_sink(scores, max, f32::NEG_INFINITY);
+}
+
+/// [`softmax_f16`] with a sink logit (see [`softmax_reference`]).
+pub(crate) fn softmax_f16_sink(scores: &mut [f32], max: f32, sink: f32) {
     #[cfg(target_arch = "x86_64")]
     if simd::available() {
         // SAFETY: `available` checked the CPU features the function uses.
-        unsafe { simd::softmax_f16(scores, max) };
+        unsafe { simd::softmax_f16(scores, max, sink) };
         return;
     }
-    softmax_f16_scalar(scores, max);
+    softmax_f16_scalar(scores, max, sink);
+}
+
+/// What a sink logit adds to the softmax's sum once the maximum (which
+/// took it in) is `max`: ggml's `(ggml_float) expf(sink - max)`.
+fn sink_term(sink: f32, max: f32) -> f64 {
+    if sink == f32::NEG_INFINITY {
+        0.0
+    } else {
+        f64::from((sink - max).exp())
+    }
 }
 
 /// The portable reference of [`softmax_f16`], the same bits.
-fn softmax_f16_scalar(scores: &mut [f32], max: f32) {
+fn softmax_f16_scalar(scores: &mut [f32], max: f32, sink: f32) {
+    let max = max.max(sink);
     let mut sum = 0.0f64;
     for chunk in scores.chunks_mut(16) {
         let mut lanes = [0.0f32; 16];
@@ -350,6 +387,7 @@ fn softmax_f16_scalar(scores: &mut [f32], max: f32) {
         }
         sum += f64::from(tree_sum16(&lanes));
     }
+    sum += sink_term(sink, max);
     let inv = (1.0 / sum) as f32;
     for sc in scores.iter_mut() {
         *sc = f16::from_f32(*sc * inv).to_f32();
@@ -404,7 +442,7 @@ pub fn v_expf(x: f32) -> f32 {
 mod simd {
     use std::arch::x86_64::*;
 
-    use super::{expc, AttnParams, AttnScratch, Runs};
+    use super::{expc, sink_term, AttnParams, AttnScratch, Runs};
     use crate::kv::{KvCache, SeqKv, BLOCK_SIZE};
 
     /// Query heads per tile.
@@ -464,6 +502,7 @@ mod simd {
             hd,
             n,
             scale: p.scale,
+            sinks: p.sinks.as_deref(),
             kbuf: s.kbuf.as_mut_ptr(),
             vbuf: s.vbuf.as_mut_ptr(),
         };
@@ -476,14 +515,14 @@ mod simd {
             let sp = s.scores.as_mut_ptr().add(hl * n);
             let op = out.as_mut_ptr().add(hl * hd);
             match (r, quant) {
-                (1, false) => t.run::<1, false>(g, qp, sp, op),
-                (2, false) => t.run::<2, false>(g, qp, sp, op),
-                (3, false) => t.run::<3, false>(g, qp, sp, op),
-                (_, false) => t.run::<4, false>(g, qp, sp, op),
-                (1, true) => t.run::<1, true>(g, qp, sp, op),
-                (2, true) => t.run::<2, true>(g, qp, sp, op),
-                (3, true) => t.run::<3, true>(g, qp, sp, op),
-                (_, true) => t.run::<4, true>(g, qp, sp, op),
+                (1, false) => t.run::<1, false>(g, h, qp, sp, op),
+                (2, false) => t.run::<2, false>(g, h, qp, sp, op),
+                (3, false) => t.run::<3, false>(g, h, qp, sp, op),
+                (_, false) => t.run::<4, false>(g, h, qp, sp, op),
+                (1, true) => t.run::<1, true>(g, h, qp, sp, op),
+                (2, true) => t.run::<2, true>(g, h, qp, sp, op),
+                (3, true) => t.run::<3, true>(g, h, qp, sp, op),
+                (_, true) => t.run::<4, true>(g, h, qp, sp, op),
             }
             h += r;
         }
@@ -499,6 +538,8 @@ mod simd {
         hd: usize,
         n: usize,
         scale: f32,
+        /// Sink logits by absolute head (see [`AttnParams::sinks`]).
+        sinks: Option<&'a [f32]>,
         /// Scratch for one block's K and V head rows (a quantized cache).
         kbuf: *mut f32,
         vbuf: *mut f32,
@@ -547,6 +588,7 @@ mod simd {
         unsafe fn run<const R: usize, const F32: bool>(
             &self,
             g: usize,
+            h0: usize,
             q: *const f32,
             sc: *mut f32,
             out: *mut f32,
@@ -607,7 +649,11 @@ mod simd {
             for r in 0..R {
                 let row = std::slice::from_raw_parts_mut(sc.add(r * n), n);
                 let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                softmax_f16(row, max);
+                let sink = self
+                    .sinks
+                    .and_then(|s| s.get(h0 + r).copied())
+                    .unwrap_or(f32::NEG_INFINITY);
+                softmax_f16(row, max, sink);
             }
             // P·V, four 16-lane chunks of the head dimension at a time.
             let mut c0 = 0;
@@ -666,7 +712,8 @@ mod simd {
     ///
     /// The CPU runs AVX-512F/VL and F16C.
     #[target_feature(enable = "avx512f,avx512vl,f16c,fma")]
-    pub(super) unsafe fn softmax_f16(scores: &mut [f32], max: f32) {
+    pub(super) unsafe fn softmax_f16(scores: &mut [f32], max: f32, sink: f32) {
+        let max = max.max(sink);
         let n = scores.len();
         let p = scores.as_mut_ptr();
         let mx = _mm512_set1_ps(max);
@@ -680,6 +727,7 @@ mod simd {
             sum += f64::from(_mm512_reduce_add_ps(e));
             i += 16;
         }
+        sum += sink_term(sink, max);
         let inv = _mm512_set1_ps((1.0 / sum) as f32);
         let mut i = 0;
         while i < n {
@@ -845,6 +893,7 @@ mod tests {
                 scale: 0.35,
                 window,
                 softcap: None,
+                sinks: None,
             };
             let mut out = vec![0.0; n_heads * hd];
             attend(&cache, 0, &seq, pos, &p, 0..n_heads, &q, &mut out, &mut s);
@@ -959,7 +1008,7 @@ mod tests {
                     max = max.max(sc);
                 }
             }
-            softmax_f16(&mut scores, max);
+            softmax_f16_sink(&mut scores, max, p.sink(h));
             for c in 0..nc {
                 let mut o = _mm512_setzero_ps();
                 for (block, slots, i0) in Runs::new(seq, lo, pos) {
@@ -1056,7 +1105,7 @@ mod tests {
             let mut a = row.clone();
             let mut b = row.clone();
             softmax_f16(&mut a, max);
-            softmax_f16_scalar(&mut b, max);
+            softmax_f16_scalar(&mut b, max, f32::NEG_INFINITY);
             assert_eq!(
                 a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -1067,6 +1116,29 @@ mod tests {
                 (total - 1.0).abs() < 1e-2,
                 "n {n}: probabilities sum to {total}"
             );
+            // A sink above every score (as ggml: the maximum takes it in)
+            // takes its share: the rest sum to 1 - p(sink), on every path.
+            let sink = max + 1.5;
+            let mut c = row.clone();
+            let mut d = row.clone();
+            let mut r = row.clone();
+            softmax_f16_sink(&mut c, max, sink);
+            softmax_f16_scalar(&mut d, max, sink);
+            softmax_reference(&mut r, max, sink);
+            assert_eq!(
+                c.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "n {n} with a sink"
+            );
+            let z: f64 = row.iter().map(|&v| f64::from(v - sink).exp()).sum::<f64>() + 1.0;
+            let want = 1.0 - 1.0 / z;
+            for (name, p) in [("fast", &c), ("reference", &r)] {
+                let total: f64 = p.iter().map(|&v| f64::from(v)).sum();
+                assert!(
+                    (total - want).abs() < 1e-2,
+                    "n {n} {name}: probabilities sum to {total}, want {want}"
+                );
+            }
         }
     }
 
@@ -1125,14 +1197,19 @@ mod tests {
             let (cache, seq, q) = random_context(n_heads, n_kv, hd, 181, 777);
             let mut s = AttnScratch::default();
             let group = n_heads / n_kv;
-            for (pos, window) in [
+            let sink_logits: std::sync::Arc<[f32]> =
+                (0..n_heads).map(|h| h as f32 * 0.7 - 1.0).collect();
+            for ((pos, window), sinks) in [
                 (0, None),
                 (2, None),
                 (17, None),
                 (180, None),
                 (180, Some(37)),
                 (99, Some(6)),
-            ] {
+            ]
+            .into_iter()
+            .flat_map(|c| [(c, None), (c, Some(sink_logits.clone()))])
+            {
                 let p = AttnParams {
                     n_heads,
                     n_kv_heads: n_kv,
@@ -1140,6 +1217,7 @@ mod tests {
                     scale: 1.0 / (hd as f32).sqrt(),
                     window,
                     softcap: None,
+                    sinks,
                 };
                 for heads in [0..n_heads, 0..group, (group - 1)..n_heads] {
                     let rows = heads.len();
@@ -1171,14 +1249,19 @@ mod tests {
         for (hd, n_heads, n_kv) in [(64usize, 14usize, 2usize), (256, 4, 1), (48, 2, 1)] {
             let (cache, seq, q) = random_context(n_heads, n_kv, hd, 600, 12345);
             let (mut s1, mut s2) = (AttnScratch::default(), AttnScratch::default());
-            for (pos, window) in [
+            let sink_logits: std::sync::Arc<[f32]> =
+                (0..n_heads).map(|h| 1.5 - h as f32 * 0.4).collect();
+            for ((pos, window), sinks) in [
                 (0, None),
                 (15, None),
                 (16, None),
                 (599, None),
                 (599, Some(512)),
                 (300, Some(7)),
-            ] {
+            ]
+            .into_iter()
+            .flat_map(|c| [(c, None), (c, Some(sink_logits.clone()))])
+            {
                 let p = AttnParams {
                     n_heads,
                     n_kv_heads: n_kv,
@@ -1186,6 +1269,7 @@ mod tests {
                     scale: 1.0 / (hd as f32).sqrt(),
                     window,
                     softcap: None,
+                    sinks,
                 };
                 let mut a = vec![f32::NAN; n_heads * hd];
                 let mut b = vec![f32::NAN; n_heads * hd];
@@ -1249,6 +1333,7 @@ mod tests {
                         scale: 1.0 / (hd as f32).sqrt(),
                         window,
                         softcap: None,
+                        sinks: None,
                     };
                     let mut a = vec![f32::NAN; n_heads * hd];
                     let mut b = vec![f32::NAN; n_heads * hd];

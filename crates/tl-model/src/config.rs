@@ -38,10 +38,15 @@ pub enum Arch {
     /// parallel off one norm, logits multiplied by `logit_scale`, per-head
     /// Q/K LayerNorms in models of 64 layers or more, tied output.
     CommandR,
+    /// gpt-oss (OpenAI): Q/K/V and output biases, a learned sink logit
+    /// per head, even layers windowed, YaRN RoPE; every FFN a mixture of
+    /// experts with biases, chosen by the top-k router logits (softmax over
+    /// those k), each a clamped SwiGLU (`swiglu_oai`).
+    GptOss,
 }
 
 pub const SUPPORTED_ARCHS: &str =
-    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r";
+    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -58,6 +63,7 @@ impl Arch {
             "gemma3" => Ok(Arch::Gemma3),
             "olmo2" => Ok(Arch::Olmo2),
             "command-r" => Ok(Arch::CommandR),
+            "gpt-oss" => Ok(Arch::GptOss),
             "bert" | "nomic-bert" => Err(ModelError::BadConfig(format!(
                 "{name} is an embedding (encoder) model, not a text generator: run it with \
                  `tl embed` or the server's /v1/embeddings"
@@ -83,6 +89,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3",
             Arch::Olmo2 => "olmo2",
             Arch::CommandR => "command-r",
+            Arch::GptOss => "gpt-oss",
         }
     }
 }
@@ -102,6 +109,46 @@ pub enum FfnAct {
     Silu,
     /// Tanh-approximated GELU (gemma).
     Gelu,
+    /// gpt-oss's clamped SwiGLU (ggml `swiglu_oai`): with the gate `x`
+    /// clamped above at [`SWIGLU_OAI_LIMIT`] and `y` the up projection
+    /// clamped to ±the limit, `x · sigmoid(α x) · (y + 1)`, α =
+    /// [`SWIGLU_OAI_ALPHA`].
+    SwigluOai,
+}
+
+/// α of [`FfnAct::SwigluOai`] (llama.cpp's constant).
+pub const SWIGLU_OAI_ALPHA: f32 = 1.702;
+/// The clamp of [`FfnAct::SwigluOai`].
+pub const SWIGLU_OAI_LIMIT: f32 = 7.0;
+
+/// How a mixture of experts weighs the experts it picks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoeGating {
+    /// Softmax over all router logits; the top k probabilities (qwen3moe,
+    /// qwen2moe, mixtral).
+    Softmax,
+    /// The top k router logits, then a softmax over just those k
+    /// (llama.cpp `SOFTMAX_WEIGHT`: gpt-oss).
+    SoftmaxSelected,
+}
+
+/// YaRN RoPE scaling (`rope.scaling.type = yarn`), with the values
+/// llama.cpp's context derives from the metadata (`llama-context.cpp`) for
+/// ggml's `rope_yarn`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    /// `1 / rope.scaling.factor`.
+    pub freq_scale: f32,
+    /// `rope.scaling.original_context_length` (the training context when
+    /// absent).
+    pub n_ctx_orig: usize,
+    /// 1: the interpolation ramps between extrapolation and
+    /// interpolation over the correction dimensions.
+    pub ext_factor: f32,
+    /// The magnitude factor before ggml's own `1 + 0.1 ln(1 / freq_scale)`.
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
 }
 
 /// The kind of every norm of a model (its weight is always applied; no
@@ -193,6 +240,9 @@ pub struct Config {
     pub moe_norm_weights: bool,
     /// The shared expert's FFN size (qwen2moe; 0 without one).
     pub ffn_shared: usize,
+    pub moe_gating: MoeGating,
+    /// YaRN RoPE scaling, when the model uses it (gpt-oss).
+    pub yarn: Option<Yarn>,
 }
 
 impl Config {
@@ -301,6 +351,7 @@ impl Config {
             | Arch::Phi3
             | Arch::Olmo2 => (RopeLayout::Neox, FfnAct::Silu),
             Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
+            Arch::GptOss => (RopeLayout::Neox, FfnAct::SwigluOai),
         };
         // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th
         // layer is global, the others use the sliding window with rope base
@@ -359,6 +410,28 @@ impl Config {
                 let base_swa = m.opt_f32(&k("rope.freq_base_swa"))?.unwrap_or(rope_base);
                 (Some(swa), 2, base_swa, (d_model as f32).sqrt(), scale)
             }
+            // gpt-oss (llama.cpp `models/openai-moe.cpp`): the window is
+            // required, even layers use it (pattern 2), the same rope base
+            // unless the file gives one for them.
+            Arch::GptOss => {
+                if m.opt_array(&k("attention.sliding_window_pattern"))?
+                    .is_some()
+                    || m.opt_u64(&k("attention.sliding_window_pattern"))?.is_some()
+                {
+                    return Err(ModelError::BadConfig(
+                        "gpt-oss with attention.sliding_window_pattern is not supported yet".into(),
+                    ));
+                }
+                let swa = usize_of(k("attention.sliding_window"))?;
+                let base_swa = m.opt_f32(&k("rope.freq_base_swa"))?.unwrap_or(rope_base);
+                (
+                    (swa > 0).then_some(swa),
+                    2,
+                    base_swa,
+                    1.0,
+                    1.0 / (head_dim as f32).sqrt(),
+                )
+            }
             Arch::Granite => {
                 let emb = m.opt_f32(&k("embedding_scale"))?.filter(|v| *v != 0.0);
                 let att = m.opt_f32(&k("attention.scale"))?.filter(|v| *v != 0.0);
@@ -416,7 +489,7 @@ impl Config {
             _ => None,
         };
         let (n_expert, n_expert_used, ffn) = match arch {
-            Arch::Qwen3Moe | Arch::Qwen2Moe => {
+            Arch::Qwen3Moe | Arch::Qwen2Moe | Arch::GptOss => {
                 let ne = usize_of(k("expert_count"))?;
                 let nu = usize_of(k("expert_used_count"))?;
                 if ne == 0 || nu == 0 || nu > ne {
@@ -439,6 +512,7 @@ impl Config {
             }
             _ => (0, 0, usize_of(k("feed_forward_length"))?),
         };
+        let n_ctx_train = usize_of(k("context_length"))?;
         Ok(Config {
             arch,
             name: m.opt_str("general.name")?.unwrap_or("").to_string(),
@@ -450,7 +524,7 @@ impl Config {
             head_dim_v,
             ffn,
             vocab,
-            context: usize_of(k("context_length"))?,
+            context: n_ctx_train,
             rms_eps,
             norm,
             norm_placement,
@@ -470,7 +544,7 @@ impl Config {
             logit_mul,
             n_expert,
             n_expert_used,
-            moe_norm_weights: arch != Arch::Qwen2Moe,
+            moe_norm_weights: !matches!(arch, Arch::Qwen2Moe | Arch::GptOss),
             ffn_shared: match arch {
                 Arch::Qwen2Moe => match m.opt_u64(&k("expert_shared_feed_forward_length"))? {
                     Some(v) => v as usize,
@@ -478,6 +552,82 @@ impl Config {
                 },
                 _ => 0,
             },
+            moe_gating: match arch {
+                Arch::GptOss => MoeGating::SoftmaxSelected,
+                _ => MoeGating::Softmax,
+            },
+            // Only gpt-oss reads the scaling keys so far: other
+            // architectures run as before, without them.
+            yarn: match arch {
+                Arch::GptOss => read_yarn(m, a, n_ctx_train)?,
+                _ => None,
+            },
         })
     }
+}
+
+/// The YaRN parameters of a file whose `rope.scaling.type` is `yarn`
+/// (`None` for no scaling). Other scaling types (linear) are refused
+/// rather than ignored.
+///
+/// Read for gpt-oss only so far (the other architectures ignore the
+/// scaling keys as before).
+///
+/// As llama.cpp's context: `ext_factor` 1; the magnitude factor
+/// `get_mscale(factor) / (1 + 0.1 ln factor)` (ggml's rope multiplies by
+/// the second again), times `rope.scaling.attn_factor`; `beta_fast` 32,
+/// `beta_slow` 1. Files with `rope.scaling.yarn_log_multiplier` (DeepSeek
+/// style) are refused.
+fn read_yarn(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option<Yarn>> {
+    let k = |s: &str| format!("{a}.{s}");
+    let Some(kind) = m.opt_str(&k("rope.scaling.type"))? else {
+        return Ok(None);
+    };
+    match kind {
+        "none" => return Ok(None),
+        "yarn" => {}
+        "linear" if m.opt_f32(&k("rope.scaling.factor"))?.unwrap_or(1.0) == 1.0 => return Ok(None),
+        other => {
+            return Err(ModelError::BadConfig(format!(
+                "rope scaling type {other:?} is not supported yet (yarn is)"
+            )))
+        }
+    }
+    if m.opt_f32(&k("rope.scaling.yarn_log_multiplier"))?
+        .is_some_and(|v| v != 0.0)
+    {
+        return Err(ModelError::BadConfig(
+            "YaRN with rope.scaling.yarn_log_multiplier is not supported yet".into(),
+        ));
+    }
+    let factor = m.opt_f32(&k("rope.scaling.factor"))?.unwrap_or(0.0);
+    let freq_scale = if factor == 0.0 { 1.0 } else { 1.0 / factor };
+    if !(freq_scale.is_finite() && freq_scale > 0.0) {
+        return Err(ModelError::BadConfig(format!(
+            "rope scaling factor {factor} (must be positive)"
+        )));
+    }
+    let n_ctx_orig = match m.opt_u64(&k("rope.scaling.original_context_length"))? {
+        Some(v) if v > 0 => v as usize,
+        _ => n_ctx_train,
+    };
+    let get_mscale = |scale: f32, mscale: f32| {
+        if scale <= 1.0 {
+            1.0
+        } else {
+            0.1 * mscale * scale.ln() + 1.0
+        }
+    };
+    let factor = 1.0 / freq_scale;
+    let mut attn_factor = get_mscale(factor, 1.0);
+    attn_factor *= 1.0 / (1.0 + 0.1 * factor.ln());
+    attn_factor *= m.opt_f32(&k("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+    Ok(Some(Yarn {
+        freq_scale,
+        n_ctx_orig,
+        ext_factor: 1.0,
+        attn_factor,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    }))
 }

@@ -6,7 +6,10 @@
 //! portable float order, bit for bit.
 
 use crate::attention::{attend, AttnParams};
-use crate::config::{Config, FfnAct, NormKind, NormPlacement, QkNorm, RopeLayout};
+use crate::config::{
+    Config, FfnAct, MoeGating, NormKind, NormPlacement, QkNorm, RopeLayout, SWIGLU_OAI_ALPHA,
+    SWIGLU_OAI_LIMIT,
+};
 use crate::error::{ModelError, Result};
 use crate::forward::{Exec, Plan, Probe};
 use crate::kv::KvCache;
@@ -111,6 +114,50 @@ fn qk_norm(c: &Config, x: &mut [f32], w: &[f32]) {
     }
 }
 
+/// ggml `swiglu_oai` (gpt-oss), in place on the gate: with `x` the gate
+/// clamped above at the limit and `y` the up value clamped to ±the limit,
+/// `x / (1 + e^(-α x)) · (y + 1)`.
+fn swiglu_oai(g: &mut [f32], u: &[f32]) {
+    for (g, &u) in g.iter_mut().zip(u) {
+        let x = g.min(SWIGLU_OAI_LIMIT);
+        let y = u.clamp(-SWIGLU_OAI_LIMIT, SWIGLU_OAI_LIMIT);
+        let out_glu = x / (1.0 + (SWIGLU_OAI_ALPHA * -x).exp());
+        *g = out_glu * (y + 1.0);
+    }
+}
+
+/// The gated activation of `act` in place on `g`.
+fn gated_act(act: FfnAct, g: &mut [f32], u: &[f32]) {
+    match act {
+        FfnAct::Silu => kernels::silu_mul(g, u),
+        FfnAct::Gelu => kernels::gelu_mul(g, u),
+        FfnAct::SwigluOai => swiglu_oai(g, u),
+    }
+}
+
+/// Adds `bias` to each row of `x`.
+fn add_rows(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len().max(1)) {
+        row.iter_mut().zip(bias).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// llama.cpp's `SOFTMAX_WEIGHT` gating: the `k` largest router logits
+/// (`order[..k]`, rank order), weighted by a softmax over just those, as
+/// ggml's `soft_max` computes it for a short row (f32 `expf`, the sum in
+/// f64, one multiply by the f32 reciprocal).
+fn softmax_selected(l: &[f32], order: &[usize], out: &mut [(usize, f32)]) {
+    let max = order.iter().fold(f32::NEG_INFINITY, |m, &e| m.max(l[e]));
+    let mut sum = 0f64;
+    for (o, &e) in out.iter_mut().zip(order) {
+        let v = (l[e] - max).exp();
+        sum += f64::from(v);
+        *o = (e, v);
+    }
+    let inv = (1.0 / sum) as f32;
+    out.iter_mut().for_each(|o| o.1 *= inv);
+}
+
 fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
@@ -128,8 +175,14 @@ impl CpuExec<'_> {
     /// 2^-14); each expert runs once over the rows that chose it (its
     /// weights read once per step), and each row's output is the
     /// weighted sum of its experts' outputs in rank order.
-    fn moe_ffn(&mut self, moe: &crate::weights::MoeWeights) -> Result<()> {
+    ///
+    /// gpt-oss: the router's bias is added to its logits, the experts are
+    /// the top `n_expert_used` logits weighted by a softmax over those
+    /// ([`MoeGating::SoftmaxSelected`]), the experts' biases are added
+    /// after each product and the activation is `swiglu_oai`.
+    fn moe_ffn(&mut self, moe: &crate::weights::MoeWeights, il: usize) -> Result<()> {
         let c = &self.m.config;
+        let lv = &self.m.vecs[il];
         let (n, d, f, ne, k) = (self.n(), c.d_model, c.ffn, c.n_expert, c.n_expert_used);
         let file = &self.m.file;
         let st = &mut *self.st;
@@ -143,11 +196,21 @@ impl CpuExec<'_> {
             &mut st.act,
         )?;
         collect(&mut st.imatrix, &[&moe.router], &st.xn, n)?;
+        if let Some(b) = &lv.router_b {
+            add_rows(&mut logits, b);
+        }
         // Per row: the chosen experts (rank order) and their weights.
         let mut chosen = vec![(0usize, 0f32); n * k];
         let mut order: Vec<usize> = Vec::with_capacity(ne);
         for t in 0..n {
             let l = &mut logits[t * ne..(t + 1) * ne];
+            if c.moe_gating == MoeGating::SoftmaxSelected {
+                order.clear();
+                order.extend(0..ne);
+                order.sort_by(|&a, &b| l[b].total_cmp(&l[a]).then(a.cmp(&b)));
+                softmax_selected(l, &order[..k], &mut chosen[t * k..(t + 1) * k]);
+                continue;
+            }
             let max = l.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let mut sum = 0f32;
             for v in l.iter_mut() {
@@ -182,6 +245,8 @@ impl CpuExec<'_> {
             })
             .collect();
         let xn = &st.xn;
+        let biases = lv.expert_b.as_ref();
+        let ffn_act = c.ffn_act;
         let expert =
             |e: usize, slots: &[usize], act: &mut tl_core::MatmulScratch| -> Result<Expert> {
                 let [wg, wu, wd] = &moe.experts[e];
@@ -195,8 +260,15 @@ impl CpuExec<'_> {
                     (vec![0f32; m * f], vec![0f32; m * f], vec![0f32; m * d]);
                 ops::linear(&x, m, wg, wg.bytes(file), &mut g, act)?;
                 ops::linear(&x, m, wu, wu.bytes(file), &mut u, act)?;
-                kernels::silu_mul(&mut g, &u);
+                if let Some([bg, bu, _]) = biases {
+                    add_rows(&mut g, &bg[e * f..(e + 1) * f]);
+                    add_rows(&mut u, &bu[e * f..(e + 1) * f]);
+                }
+                gated_act(ffn_act, &mut g, &u);
                 ops::linear(&g, m, wd, wd.bytes(file), &mut y, act)?;
+                if let Some([_, _, bd]) = biases {
+                    add_rows(&mut y, &bd[e * d..(e + 1) * d]);
+                }
                 Ok((y, g))
             };
         let ys: Vec<Result<Expert>> = if n <= 4 {
@@ -407,6 +479,18 @@ impl Exec for CpuExec<'_> {
             let meta = &self.plan.meta;
             let base = c.rope_base_for(il);
             let use_rope = c.rope_in_layer(il);
+            let yarn = c.yarn.map(|y| kernels::YarnRope {
+                freq_scale: y.freq_scale,
+                ext_factor: y.ext_factor,
+                attn_factor: y.attn_factor,
+                corr_dims: kernels::rope_yarn_corr_dims(
+                    rd,
+                    y.n_ctx_orig,
+                    base,
+                    y.beta_fast,
+                    y.beta_slow,
+                ),
+            });
             each_row(n, &|i| {
                 // SAFETY: rows `i` of q, k, v (sized `n * qd`, `n * kvd`)
                 // and of the rotation table (`n * rd`) are touched by
@@ -426,7 +510,11 @@ impl Exec for CpuExec<'_> {
                 }
                 if use_rope {
                     let ff = self.m.rope_freqs.as_deref();
-                    kernels::rope_cache(meta[i].1 as f32, base, 1.0, ff, cs);
+                    let pos = meta[i].1 as f32;
+                    match &yarn {
+                        Some(y) => kernels::rope_cache_yarn(pos, base, y, ff, cs),
+                        None => kernels::rope_cache(pos, base, 1.0, ff, cs),
+                    }
                 }
                 if let Some(qn) = &lv.q_norm {
                     qk_norm(c, q, qn);
@@ -469,7 +557,8 @@ impl Exec for CpuExec<'_> {
     fn attention(&mut self, il: usize) -> Result<()> {
         let c = &self.m.config;
         let (n, qd, hd) = (self.n(), c.q_dim(), c.head_dim);
-        let params = AttnParams::for_layer(c, il);
+        let mut params = AttnParams::for_layer(c, il);
+        params.sinks = self.m.vecs[il].sinks.clone();
         let cache_ref: &KvCache = self.cache;
         cache_ref.host()?;
         let meta = &self.plan.meta;
@@ -521,6 +610,9 @@ impl Exec for CpuExec<'_> {
         let st = &mut *self.st;
         let w = &self.m.weights.layers[il].wo;
         ops::linear(&st.att, n, w, w.bytes(&self.m.file), &mut st.o, &mut st.act)?;
+        if let Some(b) = &self.m.vecs[il].bo {
+            add_rows(&mut st.o[..n * self.m.config.d_model], b);
+        }
         collect(&mut st.imatrix, &[w], &st.att, n)
     }
 
@@ -564,7 +656,7 @@ impl Exec for CpuExec<'_> {
         let lw = &self.m.weights.layers[il];
         self.moe = lw.moe.is_some();
         if let Some(moe) = &lw.moe {
-            return self.moe_ffn(moe);
+            return self.moe_ffn(moe, il);
         }
         let st = &mut *self.st;
         self.m.exec_cpu_mm_many(
@@ -583,10 +675,11 @@ impl Exec for CpuExec<'_> {
         }
         let (n, f) = (self.n(), self.m.config.ffn);
         let st = &mut *self.st;
-        match self.m.config.ffn_act {
-            FfnAct::Silu => kernels::silu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
-            FfnAct::Gelu => kernels::gelu_mul(&mut st.gate[..n * f], &st.up[..n * f]),
-        }
+        gated_act(
+            self.m.config.ffn_act,
+            &mut st.gate[..n * f],
+            &st.up[..n * f],
+        );
         Ok(())
     }
 

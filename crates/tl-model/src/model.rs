@@ -49,6 +49,15 @@ pub(crate) struct LayerVecs {
     pub(crate) post_attn_norm: Option<Vec<f32>>,
     pub(crate) ffn_norm: Option<Vec<f32>>,
     pub(crate) post_ffn_norm: Option<Vec<f32>>,
+    /// The attention output's bias (gpt-oss).
+    pub(crate) bo: Option<Vec<f32>>,
+    /// Sink logits per query head (gpt-oss), shared with each step's
+    /// attention parameters.
+    pub(crate) sinks: Option<std::sync::Arc<[f32]>>,
+    /// The router's bias and the experts' gate, up and down biases
+    /// (`[n_expert][ffn]`, `[n_expert][ffn]`, `[n_expert][d_model]`).
+    pub(crate) router_b: Option<Vec<f32>>,
+    pub(crate) expert_b: Option<[Vec<f32>; 3]>,
 }
 
 pub struct Model {
@@ -212,6 +221,20 @@ impl Model {
                 post_attn_norm: opt_vec(&l.post_attn_norm, &file)?,
                 ffn_norm: opt_vec(&l.ffn_norm, &file)?,
                 post_ffn_norm: opt_vec(&l.post_ffn_norm, &file)?,
+                bo: opt_vec(&l.bo, &file)?,
+                sinks: opt_vec(&l.sinks, &file)?.map(std::sync::Arc::from),
+                router_b: match &l.moe {
+                    Some(m) => opt_vec(&m.router_bias, &file)?,
+                    None => None,
+                },
+                expert_b: match l.moe.as_ref().and_then(|m| m.biases.as_ref()) {
+                    Some([g, u, d]) => Some([
+                        ops::vector(g, &file)?,
+                        ops::vector(u, &file)?,
+                        ops::vector(d, &file)?,
+                    ]),
+                    None => None,
+                },
             });
         }
         let output_norm = ops::vector(&weights.output_norm, &file)?;

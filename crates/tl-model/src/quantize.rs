@@ -48,7 +48,11 @@
 //! `std::regex_search` does) matches, in place of the mix's choice; the
 //! first matching pattern wins, and the row-length fallback still applies.
 //!
-//! Not here yet: TQ1_0/TQ2_0, MXFP4, and split files.
+//! MXFP4_MOE (gpt-oss's file type) puts every expert tensor (3-D with more
+//! than one expert) in MXFP4 and everything else that is quantized,
+//! `output` and a tied `token_embd` included, in Q8_0, as llama-quantize.
+//!
+//! Not here yet: TQ1_0/TQ2_0 and split files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -183,6 +187,7 @@ file_types! {
     IQ2_XXS = 19, "IQ2_XXS", IQ2_XXS, "2.06 bpw, 8-value grid points (needs an importance matrix)";
     IQ1_M = 31, "IQ1_M", IQ1_M, "1.75 bpw (needs an importance matrix)";
     IQ1_S = 24, "IQ1_S", IQ1_S, "1.56 bpw (needs an importance matrix)";
+    MXFP4_MOE = 38, "MXFP4_MOE", MXFP4, "MXFP4 experts (4.25 bpw), Q8_0 elsewhere";
 }
 
 impl FileType {
@@ -233,7 +238,7 @@ impl std::str::FromStr for FileType {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if up.starts_with("TQ") || up.starts_with("MXFP4") {
+        if up.starts_with("TQ") || (up.starts_with("MXFP4") && up != "MXFP4_MOE") {
             return Err(QuantizeError::UnsupportedFileType {
                 name: s.to_owned(),
                 known: known(),
@@ -664,7 +669,7 @@ impl MixState<'_> {
             } else {
                 let nx = dims.first().copied().unwrap_or(0);
                 let qk = ty.block_size() as u64;
-                if falcon || qk == 0 || nx % qk != 0 {
+                if ft == F::MXFP4_MOE || falcon || qk == 0 || nx % qk != 0 {
                     ty = G::Q8_0;
                 } else if ft.is_iq2_mix() || ft == F::IQ3_XXS {
                     ty = G::Q5_K;
@@ -672,6 +677,13 @@ impl MixState<'_> {
                     ty = G::Q6_K;
                 }
             }
+        } else if ft == F::MXFP4_MOE {
+            // llama.cpp checks this before the token embedding's own type.
+            ty = if dims.get(2).is_some_and(|&e| e > 1) {
+                G::MXFP4
+            } else {
+                G::Q8_0
+            };
         } else if cat == Category::TokenEmbd {
             if let Some(t) = self.opts.token_embedding_type {
                 ty = t;
@@ -1316,7 +1328,12 @@ mod tests {
             assert_eq!(ft.name().to_lowercase().parse::<FileType>().ok(), Some(ft));
             assert_eq!(ft.id().to_string().parse::<FileType>().ok(), Some(ft));
         }
-        for name in ["TQ1_0", "MXFP4_MOE"] {
+        assert_eq!(
+            "mxfp4_moe".parse::<FileType>().ok(),
+            Some(FileType::MXFP4_MOE)
+        );
+        assert_eq!("38".parse::<FileType>().ok(), Some(FileType::MXFP4_MOE));
+        for name in ["TQ1_0", "MXFP4"] {
             assert!(
                 matches!(
                     name.parse::<FileType>(),
@@ -1325,6 +1342,45 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// MXFP4_MOE: experts MXFP4, every other quantized matrix Q8_0 (the
+    /// LM head too), vectors copied.
+    #[test]
+    fn mxfp4_moe_puts_experts_in_mxfp4() {
+        let spec = crate::synth::SynthSpec {
+            arch: crate::synth::SynthArch::GptOss,
+            weight_type: GgmlType::F16,
+            output_type: GgmlType::F16,
+            ffn: 64,
+            n_expert: 4,
+            ..Default::default()
+        };
+        let bytes = crate::synth::synthesize(&spec).unwrap().to_bytes().unwrap();
+        let file = GgufFile::from_bytes(bytes).unwrap();
+        let mut opts = QuantizeOptions::new(FileType::MXFP4_MOE);
+        opts.allow_requantize = true;
+        let plans = plan(&file, &opts).unwrap();
+        let mut seen = 0;
+        for p in &plans {
+            let want = if p.name.contains("_exps.weight") {
+                GgmlType::MXFP4
+            } else if p.dims.len() >= 2
+                && p.name.ends_with(".weight")
+                && !p.name.contains("gate_inp")
+            {
+                GgmlType::Q8_0
+            } else {
+                p.from
+            };
+            assert_eq!(p.to, want, "{}", p.name);
+            seen += usize::from(p.to == GgmlType::MXFP4);
+        }
+        // Gate, up and down of both layers.
+        assert_eq!(seen, 6);
+        assert!(plans
+            .iter()
+            .any(|p| p.name == "output.weight" && p.to == GgmlType::Q8_0));
     }
 
     #[test]

@@ -38,6 +38,11 @@ pub enum SynthArch {
     /// tied output; per-head Q/K norms (`[head_dim, heads]`) from 64
     /// layers on.
     CommandR,
+    /// gpt-oss: Q/K/V and output biases, sink logits, a 32-token window
+    /// on even layers, YaRN scaling (factor 32 over 4096 tokens), biased
+    /// router and experts; the experts in MXFP4 whatever the weight type
+    /// (as the released models), `post_attention_norm` as the FFN norm.
+    GptOss,
     /// BERT encoder: learned positions, token types, separate Q/K/V with
     /// biases, post-LayerNorms with biases, GELU FFN; a WordPiece vocab.
     Bert,
@@ -61,12 +66,13 @@ impl SynthArch {
             "qwen2moe" => Ok(Self::Qwen2Moe),
             "olmo2" => Ok(Self::Olmo2),
             "command-r" => Ok(Self::CommandR),
+            "gpt-oss" => Ok(Self::GptOss),
             "bert" => Ok(Self::Bert),
             "nomic-bert" => Ok(Self::NomicBert),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported:
-                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, bert, nomic-bert",
+                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss, bert, nomic-bert",
             }),
         }
     }
@@ -87,6 +93,7 @@ impl SynthArch {
             Self::Qwen2Moe => "qwen2moe",
             Self::Olmo2 => "olmo2",
             Self::CommandR => "command-r",
+            Self::GptOss => "gpt-oss",
             Self::Bert => "bert",
             Self::NomicBert => "nomic-bert",
         }
@@ -226,9 +233,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         w.set(format!("{arch}.attn_logit_softcapping"), Value::F32(5.0));
         w.set(format!("{arch}.final_logit_softcapping"), Value::F32(30.0));
     }
+    let gpt_oss = spec.arch == SynthArch::GptOss;
     let moe = matches!(
         spec.arch,
-        SynthArch::Qwen3Moe | SynthArch::Mixtral | SynthArch::Qwen2Moe
+        SynthArch::Qwen3Moe | SynthArch::Mixtral | SynthArch::Qwen2Moe | SynthArch::GptOss
     );
     if moe {
         w.set(format!("{arch}.expert_count"), u32v(spec.n_expert));
@@ -237,8 +245,24 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             u32v(spec.n_expert_used),
         );
     }
-    if matches!(spec.arch, SynthArch::Qwen3Moe | SynthArch::Qwen2Moe) {
+    if matches!(
+        spec.arch,
+        SynthArch::Qwen3Moe | SynthArch::Qwen2Moe | SynthArch::GptOss
+    ) {
         w.set(format!("{arch}.expert_feed_forward_length"), u32v(spec.ffn));
+    }
+    if gpt_oss {
+        // Short enough that the window matters within a test sequence.
+        w.set(format!("{arch}.attention.sliding_window"), u32v(32));
+        w.set(
+            format!("{arch}.rope.scaling.type"),
+            Value::String("yarn".into()),
+        );
+        w.set(format!("{arch}.rope.scaling.factor"), Value::F32(32.0));
+        w.set(
+            format!("{arch}.rope.scaling.original_context_length"),
+            u32v(4096),
+        );
     }
     if spec.arch == SynthArch::Qwen2Moe {
         w.set(
@@ -336,7 +360,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             matrix(&mut w, format!("{b}.attn_k.weight"), d, kv_dim, wt, s_qk)?;
             matrix(&mut w, format!("{b}.attn_v.weight"), d, kv_dim, wt, s_in)?;
         }
-        if matches!(spec.arch, SynthArch::Qwen2 | SynthArch::Qwen2Moe) {
+        if matches!(
+            spec.arch,
+            SynthArch::Qwen2 | SynthArch::Qwen2Moe | SynthArch::GptOss
+        ) {
             for (n, len) in [("q", q_dim), ("k", kv_dim), ("v", kv_dim)] {
                 matrix(
                     &mut w,
@@ -378,7 +405,14 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         }
         let s_o = 1.0 / (q_dim as f32).sqrt();
         matrix(&mut w, format!("{b}.attn_output.weight"), q_dim, d, wt, s_o)?;
-        if !olmo2 && !command_r {
+        if gpt_oss {
+            let f32t = GgmlType::F32;
+            matrix(&mut w, format!("{b}.attn_output.bias"), d, 1, f32t, 0.1)?;
+            // Sink logits of the order of the scores, so they take a share.
+            let n = spec.n_heads;
+            matrix(&mut w, format!("{b}.attn_sinks.weight"), n, 1, f32t, 2.0)?;
+            norm(&mut w, format!("{b}.post_attention_norm.weight"), d)?;
+        } else if !olmo2 && !command_r {
             norm(&mut w, format!("{b}.ffn_norm.weight"), d)?;
         }
         if moe {
@@ -391,6 +425,11 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
                 GgmlType::F32,
                 s_in,
             )?;
+            if gpt_oss {
+                let f32t = GgmlType::F32;
+                matrix(&mut w, format!("{b}.ffn_gate_inp.bias"), ne, 1, f32t, 0.1)?;
+            }
+            let et = if gpt_oss { GgmlType::MXFP4 } else { wt };
             for (name, cols, rows, scale) in [
                 ("ffn_gate_exps", d, ff, s_in),
                 ("ffn_up_exps", d, ff, s_in),
@@ -400,7 +439,12 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
                     .map(|_| rng.borrow_mut().gen_range(-scale..scale))
                     .collect();
                 let dims = vec![cols as u64, rows as u64, ne as u64];
-                add_tensor(&mut w, format!("{b}.{name}.weight"), dims, wt, &vals)?;
+                add_tensor(&mut w, format!("{b}.{name}.weight"), dims, et, &vals)?;
+                if gpt_oss {
+                    // One bias row per expert.
+                    let name = format!("{b}.{name}.bias");
+                    matrix(&mut w, name, rows, ne, GgmlType::F32, 0.1)?;
+                }
             }
             if spec.arch == SynthArch::Qwen2Moe {
                 let fs = 2 * ff;

@@ -83,6 +83,12 @@ pub struct MoeWeights {
     /// The shared expert (gate, up, down) and its gate's input weight
     /// (qwen2moe).
     pub shared: Option<([Weight; 3], Weight)>,
+    /// The router's bias (gpt-oss: `ffn_gate_inp.bias`, `[n_expert]`).
+    pub router_bias: Option<Weight>,
+    /// Every expert's gate, up and down biases (gpt-oss:
+    /// `ffn_{gate,up,down}_exps.bias`, `[ffn, n_expert]` and
+    /// `[d_model, n_expert]`).
+    pub biases: Option<[Weight; 3]>,
 }
 
 pub struct LayerWeights {
@@ -97,6 +103,10 @@ pub struct LayerWeights {
     pub q_norm: Option<Weight>,
     pub k_norm: Option<Weight>,
     pub wo: Weight,
+    /// The attention output's bias (gpt-oss).
+    pub bo: Option<Weight>,
+    /// A learned softmax logit per query head (gpt-oss `attn_sinks`).
+    pub sinks: Option<Weight>,
     pub post_attn_norm: Option<Weight>,
     /// `None` without pre-norms (olmo2) and where the FFN shares the
     /// attention's norm (command-r).
@@ -281,6 +291,16 @@ impl Weights {
                     req("attn_v.weight", &[d, kvd])?,
                 ),
             };
+            let gpt_oss = c.arch == Arch::GptOss;
+            // Tensors gpt-oss must have; the other architectures do not
+            // read them (as llama.cpp's graphs for them do not).
+            let want = |s: &str, dims: &[usize]| -> Result<Option<Weight>> {
+                if gpt_oss {
+                    req(s, dims).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
             let moe = if c.n_expert > 0 {
                 let ne = c.n_expert;
                 let g = l.get(&n("ffn_gate_exps.weight"), &[d, c.ffn, ne])?;
@@ -305,8 +325,23 @@ impl Weights {
                 } else {
                     None
                 };
+                let biases = match (
+                    want("ffn_gate_exps.bias", &[c.ffn, ne])?,
+                    want("ffn_up_exps.bias", &[c.ffn, ne])?,
+                    want("ffn_down_exps.bias", &[d, ne])?,
+                ) {
+                    (Some(g), Some(u), Some(dn)) => Some([g, u, dn]),
+                    (None, None, None) => None,
+                    _ => {
+                        return Err(ModelError::MissingTensor(format!(
+                            "blk.{i}.ffn_{{gate,up,down}}_exps.bias (all three or none)"
+                        )))
+                    }
+                };
                 Some(MoeWeights {
                     shared,
+                    router_bias: want("ffn_gate_inp.bias", &[ne])?,
+                    biases,
                     router: req("ffn_gate_inp.weight", &[d, ne])?,
                     experts: (0..ne)
                         .map(|e| {
@@ -360,8 +395,19 @@ impl Weights {
                     None => None,
                 },
                 wo: req("attn_output.weight", &[qd, d])?,
+                bo: want("attn_output.bias", &[d])?,
+                sinks: if gpt_oss {
+                    Some(req("attn_sinks.weight", &[nh])?)
+                } else {
+                    None
+                },
                 post_attn_norm: if_post("post_attention_norm.weight", &[d])?,
-                ffn_norm: pre("ffn_norm.weight", c.norm_placement == NormPlacement::Pre)?,
+                // gpt-oss names its pre-FFN norm `post_attention_norm`.
+                ffn_norm: if gpt_oss {
+                    Some(req("post_attention_norm.weight", &[d])?)
+                } else {
+                    pre("ffn_norm.weight", c.norm_placement == NormPlacement::Pre)?
+                },
                 gate,
                 up,
                 down: match &moe {
@@ -379,11 +425,12 @@ impl Weights {
                 )));
             }
         }
-        if c.arch == Arch::Qwen2 {
+        if matches!(c.arch, Arch::Qwen2 | Arch::GptOss) {
             for (i, lw) in layers.iter().enumerate() {
                 if lw.bq.is_none() || lw.bk.is_none() || lw.bv.is_none() {
                     return Err(ModelError::MissingTensor(format!(
-                        "blk.{i}.attn_q/k/v.bias (qwen2 has Q/K/V biases)"
+                        "blk.{i}.attn_q/k/v.bias ({} has Q/K/V biases)",
+                        c.arch.name()
                     )));
                 }
             }

@@ -28,6 +28,14 @@
 //! parallel residual, by 4.4 against 0.31; leaving out the per-head Q/K
 //! LayerNorms of its 64-layer case (llama.cpp has them only from 64
 //! layers on), by 0.72 against 0.12.
+//!
+//! gpt-oss (experts in MXFP4, a 32-token window on even layers over a
+//! 160-token sequence, sinks, YaRN) shows every one of its twists: in the
+//! Q8_0 case (bound 0.041) leaving out the sinks moves the logits by 0.43,
+//! the window by 1.06, YaRN by 0.40, `swiglu_oai` for plain SwiGLU by 0.89,
+//! the softmax over the selected experts for qwen3moe's gating by 0.29, the
+//! router and expert biases by 0.28; the F16 case (top-4 of 8, 8 query
+//! heads over a width of 256; bound 0.10) by 0.81 to 1.90.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -300,6 +300,75 @@ pub fn rope_cache(
     }
 }
 
+/// YaRN parameters of [`rope_cache_yarn`] (ggml `rope_ext`'s arguments).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct YarnRope {
+    pub freq_scale: f32,
+    pub ext_factor: f32,
+    /// ggml's `attn_factor`: the magnitude every cos/sin is multiplied by
+    /// (before YaRN's own `1 + 0.1 ln(1 / freq_scale)`).
+    pub attn_factor: f32,
+    /// ggml `ggml_rope_yarn_corr_dims`: the pair range over which the
+    /// angle ramps from extrapolated to interpolated.
+    pub corr_dims: [f32; 2],
+}
+
+/// ggml `ggml_rope_yarn_corr_dims` for `n_dims` rotated values, the
+/// original training context `n_ctx_orig` and the rope base.
+pub fn rope_yarn_corr_dims(
+    n_dims: usize,
+    n_ctx_orig: usize,
+    base: f32,
+    beta_fast: f32,
+    beta_slow: f32,
+) -> [f32; 2] {
+    let corr_dim = |n_rot: f32| {
+        n_dims as f32 * (n_ctx_orig as f32 / (n_rot * 2.0 * std::f32::consts::PI)).ln()
+            / (2.0 * base.ln())
+    };
+    let start = corr_dim(beta_fast).floor();
+    let end = corr_dim(beta_slow).ceil();
+    [start.max(0.0), end.min(n_dims as f32 - 1.0)]
+}
+
+/// [`rope_cache`] with YaRN scaling, ggml's `ggml_rope_cache_init` and
+/// `rope_yarn`: pair `i`'s angle `θ_e = pos · base^(-2i/n_rot) / ff_i` is
+/// interpolated (`θ_i = freq_scale · θ_e`) and, with `ext_factor` set,
+/// mixed back towards `θ_e` by the ramp over the correction dimensions;
+/// cos and sin are scaled by `attn_factor` (times `1 + 0.1 ln(1 /
+/// freq_scale)` with `ext_factor` set).
+pub fn rope_cache_yarn(
+    pos: f32,
+    base: f32,
+    yarn: &YarnRope,
+    freq_factors: Option<&[f32]>,
+    cache: &mut [f32],
+) {
+    let n_rot = cache.len();
+    let theta_scale = base.powf(-2.0 / n_rot as f32);
+    let [low, high] = yarn.corr_dims;
+    let mut mscale = yarn.attn_factor;
+    if yarn.ext_factor != 0.0 {
+        mscale *= 1.0 + 0.1 * (1.0 / yarn.freq_scale).ln();
+    }
+    let mut theta = pos;
+    for (i, cs) in cache.chunks_exact_mut(2).enumerate() {
+        let ff = freq_factors.and_then(|f| f.get(i).copied()).unwrap_or(1.0);
+        let theta_extrap = theta / ff;
+        let theta_interp = yarn.freq_scale * theta_extrap;
+        let mut angle = theta_interp;
+        if yarn.ext_factor != 0.0 {
+            // ggml `rope_yarn_ramp` (its `i0 / 2` is the pair index).
+            let y = (i as f32 - low) / (high - low).max(0.001);
+            let ramp_mix = (1.0 - y.clamp(0.0, 1.0)) * yarn.ext_factor;
+            angle = theta_interp * (1.0 - ramp_mix) + theta_extrap * ramp_mix;
+        }
+        cs[0] = angle.cos() * mscale;
+        cs[1] = angle.sin() * mscale;
+        theta *= theta_scale;
+    }
+}
+
 /// Rotates the first `cache.len()` values of one head by a [`rope_cache`].
 pub fn rope_rotate(row: &mut [f32], cache: &[f32], mode: RopeMode) {
     let n_rot = cache.len();
@@ -754,5 +823,56 @@ mod tests {
         let mut row = [1.0, 0.0];
         rope_rotate(&mut row, &cache, RopeMode::Normal);
         assert_eq!(row, [1f32.cos(), 1f32.sin()]);
+    }
+
+    #[test]
+    fn yarn_extrapolates_fast_pairs_and_interpolates_slow_ones() {
+        // gpt-oss's values: base 150000, factor 32, 4096 original tokens,
+        // 64 rotated values.
+        let corr = rope_yarn_corr_dims(64, 4096, 150_000.0, 32.0, 1.0);
+        assert_eq!(corr, [8.0, 18.0]);
+        let off = YarnRope {
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            attn_factor: 1.0,
+            corr_dims: corr,
+        };
+        let (mut a, mut b) = ([0f32; 64], [0f32; 64]);
+        rope_cache_yarn(37.0, 150_000.0, &off, None, &mut a);
+        rope_cache(37.0, 150_000.0, 1.0, None, &mut b);
+        // The same angles (cos and sin may be paired into one call
+        // differently: an ulp).
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6, "{x} vs {y}");
+        }
+        let yarn = YarnRope {
+            freq_scale: 1.0 / 32.0,
+            ext_factor: 1.0,
+            attn_factor: 1.0 / (1.0 + 0.1 * 32f32.ln()),
+            corr_dims: corr,
+        };
+        let pos = 1000.0;
+        rope_cache_yarn(pos, 150_000.0, &yarn, None, &mut a);
+        let mscale = yarn.attn_factor * (1.0 + 0.1 * 32f32.ln());
+        let theta = |i: usize| pos * 150_000f32.powf(-2.0 / 64.0).powi(i as i32);
+        for i in [0usize, 8] {
+            // Below the ramp: the angle unscaled.
+            let want = theta(i);
+            assert!((a[2 * i] - want.cos() * mscale).abs() < 1e-3, "pair {i}");
+        }
+        for i in [18usize, 31] {
+            // Past it: interpolated by the factor.
+            let want = theta(i) / 32.0;
+            assert!((a[2 * i] - want.cos() * mscale).abs() < 1e-4, "pair {i}");
+            assert!(
+                (a[2 * i + 1] - want.sin() * mscale).abs() < 1e-4,
+                "pair {i}"
+            );
+        }
+        // Between, a mix: neither.
+        let i = 13;
+        let (e, p) = (theta(i), theta(i) / 32.0);
+        assert!((a[2 * i] - e.cos() * mscale).abs() > 1e-3);
+        assert!((a[2 * i] - p.cos() * mscale).abs() > 1e-3);
     }
 }

@@ -10,6 +10,7 @@
 //! - [`iq3`], [`iq2`], [`iq1`]: the grid formats IQ3_XXS, IQ3_S, IQ2_XXS,
 //!   IQ2_XS, IQ2_S, IQ1_S and IQ1_M (256 values), with their tables in
 //!   [`iq_grids`].
+//! - [`mxfp4`]: MXFP4 (32 E2M1 values under one E8M0 exponent: gpt-oss).
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
 //!   `make_qkx2_quants`, `make_q3_quants`, `make_qkx3_quants`,
 //!   `make_qp_quants`, `nearest_int`) that the K-quant quantizers share.
@@ -40,6 +41,7 @@ pub mod k_quants;
 pub mod k_search;
 pub mod legacy;
 pub mod lowbit;
+pub mod mxfp4;
 pub mod weighted;
 
 use tl_gguf::GgmlType;
@@ -119,6 +121,7 @@ pub fn is_quantize_supported(ty: GgmlType) -> bool {
             | Q8_K
             | IQ4_NL
             | IQ4_XS
+            | MXFP4
     )
 }
 
@@ -160,6 +163,7 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
         IQ2_S => dequantize_grid::<iq2::BlockIQ2S>(src, dst),
         IQ1_S => dequantize_grid::<iq1::BlockIQ1S>(src, dst),
         IQ1_M => dequantize_grid::<iq1::BlockIQ1M>(src, dst),
+        MXFP4 => dequantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
         _ => return Err(unsupported(ty, name)),
     }
     Ok(())
@@ -191,6 +195,7 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         Q8_K => quantize_blocks::<k_quants::BlockQ8K>(src, dst),
         IQ4_NL => quantize_blocks::<iq4::BlockIQ4NL>(src, dst),
         IQ4_XS => quantize_blocks::<iq4::BlockIQ4XS>(src, dst),
+        MXFP4 => quantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
         _ => return Err(unsupported(ty, UNNAMED)),
     }
     Ok(())
@@ -225,7 +230,7 @@ pub fn requires_imatrix(ty: GgmlType) -> bool {
 ///
 /// As in ggml, with an importance matrix Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to
 /// Q6_K, IQ4_NL and IQ4_XS run the weighted `quantize_row_*_impl` quantizers ([`weighted`]);
-/// F32, F16, BF16 and Q8_0 ignore it; without one every type runs its
+/// F32, F16, BF16, Q8_0 and MXFP4 ignore it; without one every type runs its
 /// reference quantizer, as [`quantize`] does. The same `imatrix` applies to
 /// every row (for a 3-D expert tensor, call this once per expert with that
 /// expert's slice).
@@ -302,7 +307,7 @@ pub fn quantize_weighted(
         }
         return Ok(());
     }
-    let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0)) else {
+    let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0 | MXFP4)) else {
         return quantize(ty, src, dst);
     };
     if qw.len() != n_per_row {
@@ -469,6 +474,7 @@ mod tests {
         check_grid::<iq2::BlockIQ2S>();
         check_grid::<iq1::BlockIQ1S>();
         check_grid::<iq1::BlockIQ1M>();
+        check::<mxfp4::BlockMXFP4>();
     }
 
     #[test]

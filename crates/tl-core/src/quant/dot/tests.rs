@@ -35,11 +35,11 @@ use tl_gguf::GgmlType;
 use super::*;
 use crate::quant::{dequantize, quantize};
 
-const ALL: [GgmlType; 22] = {
+const ALL: [GgmlType; 23] = {
     use GgmlType::*;
     [
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
-        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M,
+        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, MXFP4,
     ]
 };
 
@@ -113,6 +113,10 @@ fn weight_row(ty: GgmlType, k: usize, rng: &mut ChaCha8Rng, unit: bool) -> Vec<u
                         let sc = (sc & 0x0FFF) | (((bits >> (4 * j)) & 0xF) << 12);
                         block[at..at + 2].copy_from_slice(&sc.to_le_bytes());
                     }
+                }
+                if ty == MXFP4 {
+                    // The E8M0 exponent: 2^0, or 2^-10..2^-2.
+                    block[0] = if unit { 128 } else { rng.gen_range(118..=126) };
                 }
             }
             out
@@ -487,6 +491,7 @@ fn vec_dot_types_are_ggml_s() {
         (IQ2_S, Q8_K),
         (IQ1_S, Q8_K),
         (IQ1_M, Q8_K),
+        (MXFP4, Q8_0),
     ] {
         assert_eq!(vec_dot_type(w), a, "{w}");
         assert!(supports_dot(w));
@@ -520,14 +525,14 @@ fn reference_kernels_are_the_generic_kernels_bit_for_bit() {
     }
 }
 
-/// The IQ4 and grid kernels of every level keep the generic float order:
+/// The IQ4, grid and MXFP4 kernels of every level keep the generic float order:
 /// they give the reference's bits on random data, 1..=8 rows at a time, and
 /// the reference is the dequantize-then-dot to within the rounding bound.
 #[test]
 fn iq_kernels_give_the_reference_bits() {
     use GgmlType::*;
     let mut rng = ChaCha8Rng::seed_from_u64(19);
-    for ty in [IQ4_NL, IQ4_XS].into_iter().chain(GRID) {
+    for ty in [IQ4_NL, IQ4_XS, MXFP4].into_iter().chain(GRID) {
         for blocks in [1usize, 7, 9, 17] {
             let k = k_for(ty, blocks);
             let w = weight_row(ty, k, &mut rng, false);

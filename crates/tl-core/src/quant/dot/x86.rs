@@ -52,6 +52,7 @@ mod avx512;
 pub(crate) mod gemm;
 mod iq4;
 mod iq_grid;
+mod mxfp4;
 pub(crate) mod repack;
 pub(crate) mod repack_k;
 
@@ -61,11 +62,13 @@ pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
         avx2::install(set);
         iq4::install_avx2(set);
         iq_grid::install_avx2(set);
+        mxfp4::install_avx2(set);
     }
     if level >= SimdLevel::Avx512Vnni {
         avx512::install(set);
         iq4::install_avx512(set);
         iq_grid::install_avx512(set);
+        mxfp4::install_avx512(set);
     }
 }
 
@@ -89,10 +92,11 @@ pub(crate) unsafe fn quantize_q8_avx2(act_ty: GgmlType, x: &[f32], out: &mut [u8
 pub(crate) fn install_reference(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
     if level >= SimdLevel::Avx2 {
         avx2::install_reference(set);
-        // The IQ4 and grid kernels keep the generic float order (see `iq4`,
-        // `iq_grid`).
+        // The IQ4, grid and MXFP4 kernels keep the generic float order (see
+        // `iq4`, `iq_grid`, `mxfp4`).
         iq4::install_avx2(set);
         iq_grid::install_avx2(set);
+        mxfp4::install_avx2(set);
     }
 }
 

@@ -62,7 +62,7 @@ fn levels() -> __m256i {
 /// `p..p + 16` is readable.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn unpack(p: *const u8, table: __m256i) -> __m256i {
+pub(super) unsafe fn unpack(p: *const u8, table: __m256i) -> __m256i {
     let q = _mm_loadu_si128(p as *const __m128i);
     let m4 = _mm_set1_epi8(0x0F);
     let lo = _mm_and_si128(q, m4);
@@ -74,7 +74,7 @@ unsafe fn unpack(p: *const u8, table: __m256i) -> __m256i {
 /// activation quants `a` (AVX2).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn dot_avx2(w: __m256i, a: __m256i) -> __m256i {
+pub(super) fn dot_avx2(w: __m256i, a: __m256i) -> __m256i {
     let p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w));
     _mm256_madd_epi16(p, _mm256_set1_epi16(1))
 }
@@ -82,7 +82,7 @@ fn dot_avx2(w: __m256i, a: __m256i) -> __m256i {
 /// The same with VNNI.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-fn dot_vnni(w: __m256i, a: __m256i) -> __m256i {
+pub(super) fn dot_vnni(w: __m256i, a: __m256i) -> __m256i {
     _mm256_dpbusd_epi32(
         _mm256_setzero_si256(),
         _mm256_sign_epi8(w, w),
@@ -93,7 +93,7 @@ fn dot_vnni(w: __m256i, a: __m256i) -> __m256i {
 /// Adds the first `n` lanes of `scale * sums` to `acc`, in lane order.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn add_lanes(acc: &mut f32, scale: __m256, sums: __m256i, n: usize) {
+pub(super) fn add_lanes(acc: &mut f32, scale: __m256, sums: __m256i, n: usize) {
     let prod = _mm256_mul_ps(scale, _mm256_cvtepi32_ps(sums));
     let mut lanes = [0f32; 8];
     // SAFETY: `lanes` holds eight f32.
