@@ -23,7 +23,7 @@
 #                                     # tensor-core products, and off; PROFILE=1: stage
 #                                     # profiles at batch 64) beside llama-batched-bench,
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
-#   bash scripts/gpu_check.sh mmqs    # staged (TL_CUDA_MMQS=1) vs direct tensor-core products: tests, batched
+#   bash scripts/gpu_check.sh mmqs    # staged (default) vs direct (TL_CUDA_MMQS=0) tensor-core products: tests, batched
 #                                     # decode, prefill, llama-batched-bench (bounded)
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
@@ -254,8 +254,8 @@ if [ "$mode" = batch ]; then
     [ -s "$f" ] || { echo "$m: not synthesized"; continue; }
     echo "== $m: tl bench --batch $B t=${SECONDS}s"
     TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
-    echo "-- staged tensor-core products (TL_CUDA_MMQS=1), batch $B"
-    TL_CUDA_MMQS=1 TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
+    echo "-- direct tensor-core products (TL_CUDA_MMQS=0), batch $B"
+    TL_CUDA_MMQS=0 TL_CUDA_TIMEOUT=10 timeout 90 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch "$B" 2>&1 | grep -E 'tg128|rror'
     echo "-- 8-row GEMVs only (TL_CUDA_MMQ_MIN=65), batch 16,64"
     TL_CUDA_MMQ_MIN=65 TL_CUDA_TIMEOUT=10 timeout 60 "$BIN" --device cuda bench -m "$f" -p 0 -n 128 -r 1 --batch 16,64 2>&1 | grep -E 'tg128|rror'
     if [ -n "${PREFILL:-}" ]; then
