@@ -192,8 +192,13 @@ pub(super) struct MatScratch {
 
 /// Whether products of 9..=64 rows take the staged tensor-core kernels
 /// (`mmqs_*` of kernels.cu: operands copied into shared memory with
-/// cp.async, chunks ahead) rather than the direct ones (`mmq_*`);
-/// `TL_CUDA_MMQS=0` picks the direct ones, to compare the two.
+/// cp.async, chunks ahead) rather than the direct ones (`mmq_*`); on by
+/// default, `TL_CUDA_MMQS=0` keeps the direct ones (measured on an H100,
+/// 1.5B shape Q4_K/Q6_K, batch 16 / 32 / 64: 4,877 / 7,923 / 10,239 tok/s
+/// against 3,922 / 5,281 / 6,340; 0.5B Q8_0 unchanged; docs/BENCHMARKS.md).
+/// A step uses them when its `MatScratch::part` is set, which the model's
+/// state does only when this is on and the card took their shared-memory
+/// size (`mmqs_prepare`).
 pub(super) fn mmqs_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TL_CUDA_MMQS").map_or(true, |v| v != "0"))
@@ -202,7 +207,9 @@ pub(super) fn mmqs_on() -> bool {
 /// Whether prompt products (more than `GEMV_ROWS` rows) of the weight
 /// kinds the staged kernels take run on them (their activations quantized
 /// to 8 bits) rather than on cuBLAS after an f16 dequantization of the
-/// weight: `TL_CUDA_MMQS_PREFILL=1` turns it on.
+/// weight: `TL_CUDA_MMQS_PREFILL=1` turns it on. Off by default: slower
+/// than cuBLAS there (H100, 1.5B shape: pp512 24,377 against 34,223 tok/s,
+/// pp2048 23,530 against 31,846).
 pub(super) fn mmqs_prefill() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("TL_CUDA_MMQS_PREFILL").is_ok_and(|v| v == "1"))
@@ -210,10 +217,7 @@ pub(super) fn mmqs_prefill() -> bool {
 
 /// Whether weight `w` can take a staged product of rows of `k` values.
 fn mmqs_fits(w: &DevMat, k: usize) -> bool {
-    w.kind.has_mmq()
-        && mmqs_on()
-        && k.is_multiple_of(mmqs_ch(w.kind))
-        && w.ptrs.iter().all(|p| p % 16 == 0)
+    w.kind.has_mmq() && k.is_multiple_of(mmqs_ch(w.kind)) && w.ptrs.iter().all(|p| p % 16 == 0)
 }
 
 /// Weight rows per block of the staged products (`MMQS_ROWS`).
@@ -264,7 +268,8 @@ pub(super) fn mmqs_smem(kind: Kind, mt: usize) -> usize {
     MMQS_STAGES * (w + mt * (ch + 16) + mt * mmqs_stride(ch / 8))
 }
 
-/// Raises the staged products' shared-memory limit (once per context).
+/// Raises the staged products' shared-memory limit (once per context);
+/// an error where the card allows less (they are not used then).
 pub(super) fn mmqs_prepare(gpu: &Gpu) -> Result<()> {
     for kind in [
         Kind::Q8_0,
@@ -339,8 +344,11 @@ pub(super) fn matmul_on(
     } = sc;
     // Prompts on the staged kernels (every matrix of the set must take
     // them): the rows quantized to 8 bits instead of converted to f16.
-    let staged_prompt =
-        !small && mmq_min <= GEMV_ROWS && mmqs_prefill() && mats.iter().all(|w| mmqs_fits(w, k));
+    let staged_prompt = !small
+        && part != 0
+        && mmq_min <= GEMV_ROWS
+        && mmqs_prefill()
+        && mats.iter().all(|w| mmqs_fits(w, k));
     if staged_prompt {
         let n = m * k;
         launch(
@@ -380,7 +388,7 @@ pub(super) fn matmul_on(
         } else {
             1
         };
-        if staged_prompt || (small && m >= mmq_min && mmqs_fits(w, k)) {
+        if staged_prompt || (small && part != 0 && m >= mmq_min && mmqs_fits(w, k)) {
             let tiles = w.n.div_ceil(MMQS_ROWS) as u32;
             let (grid, mt) = if staged_prompt {
                 ((m.div_ceil(64) as u32, tiles, 1), 64)
