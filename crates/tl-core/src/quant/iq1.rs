@@ -589,33 +589,20 @@ pub(crate) fn quantize_block_m(x: &[f32], qw: Option<&[f32]>) -> BlockIQ1M {
 /// ggml `quantize_iq1_s` for one row with the importance weights `qw` of its
 /// columns.
 pub fn quantize_row_iq1_s(x: &[f32], y: &mut [BlockIQ1S], qw: &[f32]) {
-    for (i, (xb, b)) in x.chunks_exact(QK_K).zip(y.iter_mut()).enumerate() {
-        *b = quantize_block_s(xb, &qw[QK_K * i..QK_K * i + QK_K]);
-    }
+    iq_search::each_weighted_block(x, y, qw, quantize_block_s);
 }
 
 /// ggml `quantize_iq1_m` for one row, with the importance weights `qw` of
 /// its columns if given.
 pub fn quantize_row_iq1_m(x: &[f32], y: &mut [BlockIQ1M], qw: Option<&[f32]>) {
-    for (i, (xb, b)) in x.chunks_exact(QK_K).zip(y.iter_mut()).enumerate() {
-        *b = quantize_block_m(xb, qw.map(|w| &w[QK_K * i..QK_K * i + QK_K]));
-    }
+    iq_search::each_block(x, y, qw, quantize_block_m);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
-            .collect()
-    }
-
-    fn rms(a: &[f32], b: &[f32]) -> f32 {
-        let s: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-        (s / a.len() as f32).sqrt()
-    }
+    use crate::quant::iq_search::test_rows::{rms, row};
 
     #[test]
     fn round_trip_error_is_small() {

@@ -612,25 +612,19 @@ pub(crate) fn quantize_block_s(x: &[f32], qw: Option<&[f32]>) -> BlockIQ2S {
 /// ggml `quantize_iq2_xxs` for one row with the importance weights `qw` of
 /// its columns.
 pub fn quantize_row_iq2_xxs(x: &[f32], y: &mut [BlockIQ2XXS], qw: &[f32]) {
-    for (i, (xb, b)) in x.chunks_exact(QK_K).zip(y.iter_mut()).enumerate() {
-        *b = quantize_block_xxs(xb, &qw[QK_K * i..QK_K * i + QK_K]);
-    }
+    iq_search::each_weighted_block(x, y, qw, quantize_block_xxs);
 }
 
 /// ggml `quantize_iq2_xs` for one row with the importance weights `qw` of
 /// its columns.
 pub fn quantize_row_iq2_xs(x: &[f32], y: &mut [BlockIQ2XS], qw: &[f32]) {
-    for (i, (xb, b)) in x.chunks_exact(QK_K).zip(y.iter_mut()).enumerate() {
-        *b = quantize_block_xs(xb, &qw[QK_K * i..QK_K * i + QK_K]);
-    }
+    iq_search::each_weighted_block(x, y, qw, quantize_block_xs);
 }
 
 /// ggml `quantize_iq2_s` for one row, with the importance weights `qw` of
 /// its columns if given.
 pub fn quantize_row_iq2_s(x: &[f32], y: &mut [BlockIQ2S], qw: Option<&[f32]>) {
-    for (i, (xb, b)) in x.chunks_exact(QK_K).zip(y.iter_mut()).enumerate() {
-        *b = quantize_block_s(xb, qw.map(|w| &w[QK_K * i..QK_K * i + QK_K]));
-    }
+    iq_search::each_block(x, y, qw, quantize_block_s);
 }
 
 #[cfg(test)]
@@ -638,16 +632,7 @@ mod tests {
     use super::*;
     use crate::quant::Dequantize;
 
-    fn row(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
-            .collect()
-    }
-
-    fn rms(a: &[f32], b: &[f32]) -> f32 {
-        let s: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-        (s / a.len() as f32).sqrt()
-    }
+    use crate::quant::iq_search::test_rows::{rms, row};
 
     fn check<B: Dequantize>(name: &str, x: &[f32], blocks: &[B], bound: f32) {
         let mut y = vec![0f32; x.len()];

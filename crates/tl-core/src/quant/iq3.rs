@@ -521,33 +521,20 @@ fn fmax(a: f32, b: f32) -> f32 {
 /// ggml `quantize_iq3_xxs` for one row, with the importance weights `qw` of
 /// its columns if given.
 pub fn quantize_row_iq3_xxs(x: &[f32], y: &mut [BlockIQ3XXS], qw: Option<&[f32]>) {
-    for (i, (xb, b)) in x.chunks_exact(QK_K).zip(y.iter_mut()).enumerate() {
-        *b = quantize_block_xxs(xb, qw.map(|w| &w[QK_K * i..QK_K * i + QK_K]));
-    }
+    iq_search::each_block(x, y, qw, quantize_block_xxs);
 }
 
 /// ggml `quantize_iq3_s` for one row, with the importance weights `qw` of
 /// its columns if given.
 pub fn quantize_row_iq3_s(x: &[f32], y: &mut [BlockIQ3S], qw: Option<&[f32]>) {
-    for (i, (xb, b)) in x.chunks_exact(QK_K).zip(y.iter_mut()).enumerate() {
-        *b = quantize_block_s(xb, qw.map(|w| &w[QK_K * i..QK_K * i + QK_K]));
-    }
+    iq_search::each_block(x, y, qw, quantize_block_s);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(n: usize) -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
-            .collect()
-    }
-
-    fn rms(a: &[f32], b: &[f32]) -> f32 {
-        let s: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
-        (s / a.len() as f32).sqrt()
-    }
+    use crate::quant::iq_search::test_rows::{rms, row};
 
     #[test]
     fn round_trip_error_is_small() {

@@ -278,3 +278,47 @@ mod tests {
         }
     }
 }
+
+/// Quantizes each 256-value block of the row `x` into `y` with `f`, handing
+/// it the block's importance weights when `qw` has them (ggml's
+/// `quantize_iq*` row loops).
+pub(super) fn each_block<B>(
+    x: &[f32],
+    y: &mut [B],
+    qw: Option<&[f32]>,
+    f: impl Fn(&[f32], Option<&[f32]>) -> B,
+) {
+    let qk = super::k_quants::QK_K;
+    for (i, (xb, b)) in x.chunks_exact(qk).zip(y.iter_mut()).enumerate() {
+        *b = f(xb, qw.map(|w| &w[qk * i..qk * (i + 1)]));
+    }
+}
+
+/// [`each_block`] for the types whose quantizer needs the weights.
+pub(super) fn each_weighted_block<B>(
+    x: &[f32],
+    y: &mut [B],
+    qw: &[f32],
+    f: impl Fn(&[f32], &[f32]) -> B,
+) {
+    let qk = super::k_quants::QK_K;
+    for (i, (xb, b)) in x.chunks_exact(qk).zip(y.iter_mut()).enumerate() {
+        *b = f(xb, &qw[qk * i..qk * (i + 1)]);
+    }
+}
+
+/// A fixed test row and the RMS distance the grid types' round-trip tests
+/// share.
+#[cfg(test)]
+pub(super) mod test_rows {
+    pub(in crate::quant) fn row(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect()
+    }
+
+    pub(in crate::quant) fn rms(a: &[f32], b: &[f32]) -> f32 {
+        let s: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+        (s / a.len() as f32).sqrt()
+    }
+}
