@@ -47,7 +47,14 @@ const Q8_K_BYTES: usize = 292;
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn levels() -> __m256i {
-    let t = KVALUES_IQ4NL.map(|v| v as u8);
+    table_of(KVALUES_IQ4NL)
+}
+
+/// A 16-level table in both 128-bit lanes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(super) fn table_of(levels: [i8; 16]) -> __m256i {
+    let t = levels.map(|v| v as u8);
     let v = u128::from_le_bytes(t);
     let lo = v as i64;
     let hi = (v >> 64) as i64;
@@ -103,16 +110,19 @@ pub(super) fn add_lanes(acc: &mut f32, scale: __m256, sums: __m256i, n: usize) {
     }
 }
 
-macro_rules! iq4_kernels {
-    ($feat:literal, $dot:ident, $nl:ident, $nl_body:ident, $xs:ident, $xs_body:ident) => {
-        /// IQ4_NL against Q8_0, `R` activation rows.
+/// A dot-product kernel of a 32-value block of 16 index bytes into a
+/// 16-level table (IQ4_NL, MXFP4) against Q8_0: `$bytes` a block, its
+/// scale read by `$scale` from the block's start, the indices at `$qs`.
+macro_rules! nl32_kernel {
+    ($what:literal, $feat:literal, $dot:ident, $body:ident, $bytes:expr, $qs:expr, $scale:expr, $table:expr) => {
+        /// $what against Q8_0, `R` activation rows.
         ///
         /// # Safety
         ///
         /// The CPU runs the instruction set; the arguments passed
         /// `check_kernel_args`, and `out.len() >= R`.
         #[target_feature(enable = $feat)]
-        unsafe fn $nl_body<const R: usize>(
+        unsafe fn $body<const R: usize>(
             k: usize,
             w: &[u8],
             acts: &Acts<'_>,
@@ -120,7 +130,7 @@ macro_rules! iq4_kernels {
             out: &mut [f32],
         ) {
             let nb = k / 32;
-            let table = levels();
+            let table = $table;
             let wp = w.as_ptr();
             let mut sumf = [0f32; R];
             let mut ib = 0;
@@ -129,9 +139,9 @@ macro_rules! iq4_kernels {
                 let mut wv = [_mm256_setzero_si256(); 8];
                 let mut dw = [0f32; 8];
                 for j in 0..n {
-                    let b = wp.add((ib + j) * NL_BYTES);
-                    dw[j] = f16_at(b);
-                    wv[j] = unpack(b.add(2), table);
+                    let b = wp.add((ib + j) * $bytes);
+                    dw[j] = $scale(b);
+                    wv[j] = unpack(b.add($qs), table);
                 }
                 for r in 0..R {
                     let ap = acts.bytes.as_ptr().add((row0 + r) * acts.row_bytes);
@@ -148,6 +158,22 @@ macro_rules! iq4_kernels {
             }
             out[..R].copy_from_slice(&sumf);
         }
+    };
+}
+pub(super) use nl32_kernel;
+
+macro_rules! iq4_kernels {
+    ($feat:literal, $dot:ident, $nl:ident, $nl_body:ident, $xs:ident, $xs_body:ident) => {
+        nl32_kernel!(
+            "IQ4_NL",
+            $feat,
+            $dot,
+            $nl_body,
+            NL_BYTES,
+            2,
+            f16_at,
+            levels()
+        );
 
         /// IQ4_XS against Q8_K, `R` activation rows.
         ///

@@ -15,7 +15,7 @@ use tl_gguf::GgmlType;
 
 use super::avx2::reduce8;
 use super::f16_at;
-use super::iq4::{add_lanes, dot_avx2, dot_vnni, unpack};
+use super::iq4::{add_lanes, dot_avx2, dot_vnni, nl32_kernel, table_of, unpack};
 use crate::quant::dot::{Acts, Kernel};
 use crate::quant::mxfp4::{e8m0_to_f32_half, KVALUES_MXFP4};
 
@@ -35,59 +35,23 @@ const Q8_0_BYTES: usize = 34;
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 fn levels() -> __m256i {
-    let t = KVALUES_MXFP4.map(|v| v as u8);
-    let v = u128::from_le_bytes(t);
-    let lo = v as i64;
-    let hi = (v >> 64) as i64;
-    _mm256_broadcastsi128_si256(_mm_set_epi64x(hi, lo))
+    table_of(KVALUES_MXFP4)
+}
+
+/// The E8M0 scale of the block at `b`, halved (the table holds doubled
+/// levels).
+///
+/// # Safety
+///
+/// `b` points at a block.
+#[inline]
+unsafe fn mx_scale(b: *const u8) -> f32 {
+    e8m0_to_f32_half(*b)
 }
 
 macro_rules! mxfp4_kernel {
     ($feat:literal, $dot:ident, $name:ident, $body:ident) => {
-        /// MXFP4 against Q8_0, `R` activation rows.
-        ///
-        /// # Safety
-        ///
-        /// The CPU runs the instruction set; the arguments passed
-        /// `check_kernel_args`, and `out.len() >= R`.
-        #[target_feature(enable = $feat)]
-        unsafe fn $body<const R: usize>(
-            k: usize,
-            w: &[u8],
-            acts: &Acts<'_>,
-            row0: usize,
-            out: &mut [f32],
-        ) {
-            let nb = k / 32;
-            let table = levels();
-            let wp = w.as_ptr();
-            let mut sumf = [0f32; R];
-            let mut ib = 0;
-            while ib < nb {
-                let n = (nb - ib).min(8);
-                let mut wv = [_mm256_setzero_si256(); 8];
-                let mut dw = [0f32; 8];
-                for j in 0..n {
-                    let b = wp.add((ib + j) * MX_BYTES);
-                    dw[j] = e8m0_to_f32_half(*b);
-                    wv[j] = unpack(b.add(1), table);
-                }
-                for r in 0..R {
-                    let ap = acts.bytes.as_ptr().add((row0 + r) * acts.row_bytes);
-                    let mut p = [_mm256_setzero_si256(); 8];
-                    let mut d = [0f32; 8];
-                    for j in 0..n {
-                        let a = ap.add((ib + j) * Q8_0_BYTES);
-                        d[j] = f16_at(a) * dw[j];
-                        p[j] = $dot(wv[j], _mm256_loadu_si256(a.add(2) as *const __m256i));
-                    }
-                    add_lanes(&mut sumf[r], _mm256_loadu_ps(d.as_ptr()), reduce8(&p), n);
-                }
-                ib += 8;
-            }
-            out[..R].copy_from_slice(&sumf);
-        }
-
+        nl32_kernel!("MXFP4", $feat, $dot, $body, MX_BYTES, 1, mx_scale, levels());
         k_entry!($name, $body);
     };
 }
