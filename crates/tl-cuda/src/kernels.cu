@@ -574,7 +574,34 @@ __device__ void gemv_h(W w, const float* x, float* out, int N, int K, int ldo, i
     gemv_store<M>(acc, out, r, valid, N, ldo, split);
 }
 
+// Mixture-of-experts products, one (token, expert) slot per blockIdx.y:
+// `w` holds every expert's rows stacked (expert e's row r is row e*N + r),
+// ids[slot] names the slot's expert, and the input row is the slot's own
+// (xs 1: the experts' activations) or its token's (xs 0: slot / kk, the
+// normed row every expert of a token reads). Out row = slot.
+template <int T>
+__device__ void gemv_id(W w, const int* ids, int kk, int xs, const signed char* xq, const float* xd, float* out,
+                        int N, int K, int ldo, int split) {
+    int slot = blockIdx.y;
+    long e = ids[slot];
+    long xr = xs ? slot : slot / kk;
+    int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+    long r = (long)blockIdx.x * ((blockDim.x / 32) / split) + warp / split;
+    bool valid = r < N;
+    float acc[1] = {0.0f};
+    if (valid) {
+        int units = units_per_row<T>(K);
+        const signed char* xqr = xq + xr * K;
+        const float* xdr = xd + xr * (K / 32);
+#pragma unroll 4
+        for (int u = (warp % split) * 32 + lane; u < units; u += 32 * split)
+            unit_dot<T, 1>(w, e * N + r, u, K, xqr, xdr, acc);
+    }
+    gemv_store<1>(acc, out + (long)slot * ldo, r, valid, N, ldo, split);
+}
+
 #define GEMV_Q(name, T)                                                                                  \
+    extern "C" __global__ void name##_id(W w, const int* ids, int kk, int xs, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_id<T>(w, ids, kk, xs, xq, xd, o, N, K, ld, sp); } \
     extern "C" __global__ void name##_1(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 1>(w, xq, xd, o, N, K, ld, sp); } \
     extern "C" __global__ void name##_2(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 2>(w, xq, xd, o, N, K, ld, sp); } \
     extern "C" __global__ void name##_3(W w, const signed char* xq, const float* xd, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_q<T, 3>(w, xq, xd, o, N, K, ld, sp); } \
@@ -596,6 +623,16 @@ GEMV_Q(gemv_q2_k, T_Q2_K)
 GEMV_Q(gemv_q3_k, T_Q3_K)
 
 extern "C" __global__ void gemv_f16_1(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<1>(w, x, o, N, K, ld, sp); }
+// gemv_id for f16 experts (f32 input rows x, K floats each).
+extern "C" __global__ void gemv_f16_id(W w, const int* ids, int kk, int xs, const float* x, float* o, int N, int K, int ld, int sp) {
+    TL_PDL();
+    int slot = blockIdx.y;
+    long e = ids[slot];
+    long xr = xs ? slot : slot / kk;
+    W we = w;
+    we.p0 = w.p0 + e * N * (long)K * 2;
+    gemv_h<1>(we, x + xr * K, o + (long)slot * ld, N, K, ld, sp);
+}
 extern "C" __global__ void gemv_f16_2(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<2>(w, x, o, N, K, ld, sp); }
 extern "C" __global__ void gemv_f16_3(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<3>(w, x, o, N, K, ld, sp); }
 extern "C" __global__ void gemv_f16_4(W w, const float* x, float* o, int N, int K, int ld, int sp) { TL_PDL(); gemv_h<4>(w, x, o, N, K, ld, sp); }
@@ -1174,49 +1211,81 @@ extern "C" __global__ void quant_q8(const float* x, signed char* xq, float* xd, 
 
 // out[row] = x[src] / sqrt(mean(x[src]^2) + eps) * w, with src = rows ? rows[row] : row;
 // with xq, also the 8-bit quantized row (d a multiple of 32).
+// The scale of a row's norm over its d values: RMS (ln 0) or LayerNorm
+// without bias (ln 1: the mean taken first; `*mean` set). Every thread of
+// the block calls it.
+__device__ float norm_scale(const float* xr, int d, float eps, int ln, float* mean, float* sh) {
+    float mu = 0.0f;
+    if (ln) {
+        float s = 0.0f;
+        for (int i = threadIdx.x; i < d; i += blockDim.x) s += xr[i];
+        mu = block_sum(s, sh) / d;
+        __syncthreads();
+    }
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float v = xr[i] - mu;
+        ss += v * v;
+    }
+    ss = block_sum(ss, sh);
+    *mean = mu;
+    return rsqrtf(ss / d + eps);
+}
+
+// out = norm(x) * w (RMS, or LayerNorm with ln), or a copy of x without w;
+// rows of x picked by `rows` when given; with xq, quantized to 8 bits too.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, const int* rows, int d, float eps,
-                                    signed char* xq, float* xd) { TL_PDL();
+                                    signed char* xq, float* xd, int ln) { TL_PDL();
     __shared__ float sh[32];
     long src = rows ? rows[blockIdx.x] : blockIdx.x;
     const float* xr = x + src * d;
-    float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
-    ss = block_sum(ss, sh);
-    float sc = rsqrtf(ss / d + eps);
+    float mu = 0.0f, sc = 1.0f;
+    if (w) sc = norm_scale(xr, d, eps, ln, &mu, sh);
     float* o = out + (long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = xr[i] * sc * w[i];
+        float v = w ? (xr[i] - mu) * sc * w[i] : xr[i];
         o[i] = v;
         if (xq) store_q8(v, (long)blockIdx.x * d + i, xq, xd);
     }
 }
 
-// x += (pw ? rms_norm(o) * pw : o); then, with nw, xn = rms_norm(x) * nw
-// (and, with xq, xn quantized to 8 bits).
+// In place over part of each row: x[row * ld + off ..][..d] = norm(..) * w
+// (the Q or K projection normed as one vector, OLMo 2).
+extern "C" __global__ void norm_part(float* x, int ld, int off, int d, const float* w, float eps, int ln) { TL_PDL();
+    __shared__ float sh[32];
+    float* xr = x + (long)blockIdx.x * ld + off;
+    float mu = 0.0f;
+    float sc = norm_scale(xr, d, eps, ln, &mu, sh);
+    __syncthreads();
+    for (int i = threadIdx.x; i < d; i += blockDim.x) xr[i] = (xr[i] - mu) * sc * w[i];
+}
+
+// x += (pw ? norm(o) * pw : o) * rs; then, with xn, xn = norm(x) * nw (a
+// copy of x when nw is null), quantized to 8 bits too with xq. With `par`
+// (attention and FFN in parallel) instead x = (o + x) + par.
 extern "C" __global__ void add_norm(float* x, const float* o, const float* pw, const float* nw, float* xn, int d, float eps,
-                                    signed char* xq, float* xd) { TL_PDL();
+                                    signed char* xq, float* xd, float rs, int ln, const float* par) { TL_PDL();
     __shared__ float sh[32];
     float* xr = x + (long)blockIdx.x * d;
     const float* orow = o + (long)blockIdx.x * d;
-    float psc = 1.0f;
+    float pmu = 0.0f, psc = 1.0f;
     if (pw) {
-        float ss = 0.0f;
-        for (int i = threadIdx.x; i < d; i += blockDim.x) ss += orow[i] * orow[i];
-        ss = block_sum(ss, sh);
-        psc = rsqrtf(ss / d + eps);
+        psc = norm_scale(orow, d, eps, ln, &pmu, sh);
+        __syncthreads();
     }
-    float ss = 0.0f;
+    const float* prow = par ? par + (long)blockIdx.x * d : 0;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = xr[i] + (pw ? orow[i] * psc * pw[i] : orow[i]);
-        xr[i] = v;
-        ss += v * v;
+        float y = pw ? (orow[i] - pmu) * psc * pw[i] : orow[i];
+        if (rs != 1.0f) y *= rs;
+        xr[i] = prow ? (y + xr[i]) + prow[i] : xr[i] + y;
     }
-    if (!nw) return;
-    ss = block_sum(ss, sh);
-    float sc = rsqrtf(ss / d + eps);
+    if (!xn) return;
+    __syncthreads();
+    float mu = 0.0f, sc = 1.0f;
+    if (nw) sc = norm_scale(xr, d, eps, ln, &mu, sh);
     float* xo = xn + (long)blockIdx.x * d;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = xr[i] * sc * nw[i];
+        float v = nw ? (xr[i] - mu) * sc * nw[i] : xr[i];
         xo[i] = v;
         if (xq) store_q8(v, (long)blockIdx.x * d + i, xq, xd);
     }
@@ -1241,9 +1310,32 @@ extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int
     if (xq) store_q8(a * u, i, xq, xd);
 }
 
-extern "C" __global__ void softcap(float* x, long n, float cap) { TL_PDL();
+// Logits times `mul` (1: unchanged), then soft-capped when cap > 0.
+extern "C" __global__ void softcap(float* x, long n, float mul, float cap) { TL_PDL();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] = tanhf(x[i] / cap) * cap;
+    if (i >= n) return;
+    float v = x[i];
+    if (mul != 1.0f) v *= mul;
+    if (cap > 0.0f) v = tanhf(v * (1.0f / cap)) * cap;
+    x[i] = v;
+}
+
+// o[t] = sum over the token's k slots (rank order) of wts[slot] * y[slot];
+// with a shared expert, + sy[t] * (silu(z[t]) / z[t]).
+extern "C" __global__ void moe_combine(const float* y, const float* wts, int k, int d, float* o, const float* sy,
+                                       const float* z) { TL_PDL();
+    long t = blockIdx.x;
+    float g = 0.0f;
+    if (sy) {
+        float zt = z[t];
+        g = (zt / (1.0f + expf(-zt))) / zt;
+    }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = y[(t * k) * d + i] * wts[t * k];
+        for (int j = 1; j < k; j++) acc += y[(t * k + j) * d + i] * wts[t * k + j];
+        if (sy) acc += sy[t * d + i] * g;
+        o[t * d + i] = acc;
+    }
 }
 
 // Greedy argmax of each logits row (first index on ties), in two passes so
@@ -1260,6 +1352,45 @@ __device__ __forceinline__ void warp_arg_best(float& best, int& bi) {
         float ov = __shfl_xor_sync(0xffffffff, best, o);
         int oi = __shfl_xor_sync(0xffffffff, bi, o);
         arg_best(best, bi, ov, oi);
+    }
+}
+
+// Mixture-of-experts routing, one warp per token: softmax over the ne
+// router logits, the k most probable experts (ties: the lower index) in
+// rank order, their probabilities (renormalised to sum 1 with norm_w, the
+// sum clamped below at 2^-14) — tl-model's CPU `moe_ffn`.
+extern "C" __global__ void moe_route(const float* logits, int ne, int k, int norm_w, int* ids, float* wts) { TL_PDL();
+    const float* l = logits + (long)blockIdx.x * ne;
+    int lane = threadIdx.x;
+    float mx = -TL_INF;
+    for (int e = lane; e < ne; e += 32) mx = fmaxf(mx, l[e]);
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int e = lane; e < ne; e += 32) sum += expf(l[e] - mx);
+    sum = warp_sum(sum);
+    int* id = ids + (long)blockIdx.x * k;
+    float* wt = wts + (long)blockIdx.x * k;
+    float wsum = 0.0f;
+    for (int j = 0; j < k; j++) {
+        float best = -TL_INF;
+        int bi = 0x7fffffff;
+        for (int e = lane; e < ne; e += 32) {
+            bool taken = false;
+            for (int i = 0; i < j; i++) taken |= id[i] == e;
+            float p = expf(l[e] - mx) / sum;
+            if (!taken) arg_best(best, bi, p, e);
+        }
+        warp_arg_best(best, bi);
+        if (lane == 0) {
+            id[j] = bi;
+            wt[j] = best;
+        }
+        wsum += best;
+        __syncwarp();
+    }
+    if (lane == 0 && norm_w) {
+        wsum = fmaxf(wsum, 6.103515625e-5f);
+        for (int j = 0; j < k; j++) wt[j] = wt[j] / wsum;
     }
 }
 
@@ -1571,6 +1702,7 @@ struct AttnArgs {
     float scale;
     int chunk;
     int v_rot;  // the output is rotated back by this Hadamard block (V was rotated); 0: none
+    float softcap;  // scores become tanh(s / cap) * cap when > 0 (Gemma 2)
 };
 
 // Writes one (token, head) pair's attention output from shared memory,
@@ -1722,6 +1854,7 @@ __device__ void attention(const float* q, const void* kc, const void* vc, const 
 #pragma unroll
         for (int o = LP / 2; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffff, s, o);
         if (!valid) continue;
+        if (a.softcap > 0.0f) s = tanhf(s * (1.0f / a.softcap)) * a.softcap;
         float mn = fmaxf(m, s);
         float corr = expf(m - mn), e = expf(s - mn);
         l = l * corr + e;
@@ -1864,6 +1997,10 @@ __device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, c
 #pragma unroll
             for (int j = 0; j < 2; j++) {
                 int kp = k0 + nb * 8 + t4 * 2 + j;
+                if (a.softcap > 0.0f) {
+                    sc[nb][j] = tanhf(sc[nb][j] * (1.0f / a.softcap)) * a.softcap;
+                    sc[nb][2 + j] = tanhf(sc[nb][2 + j] * (1.0f / a.softcap)) * a.softcap;
+                }
                 bool oka = kp <= pa && (a.window <= 0 || kp > pa - a.window);
                 bool okb = kp <= pb && (a.window <= 0 || kp > pb - a.window);
                 if (!oka) sc[nb][j] = -TL_INF;

@@ -962,6 +962,7 @@ fn kernel_names(src: &str) -> Vec<String> {
                 for m in 1..=8 {
                     out.push(format!("{}_{m}", base.trim()));
                 }
+                out.push(format!("{}_id", base.trim()));
             }
         }
         // ... and by MMQ and MMQS, one kernel each.
@@ -1023,6 +1024,11 @@ mod tests {
             "sample_phase",
             "fa_prefill_128",
             "quant_q8",
+            "gemv_q4_k_id",
+            "gemv_f16_id",
+            "moe_route",
+            "moe_combine",
+            "norm_part",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing");
         }

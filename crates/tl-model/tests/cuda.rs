@@ -347,6 +347,22 @@ fn cuda_matches_cpu_on_every_architecture_and_weight_type() {
         (SynthArch::Gemma3, GgmlType::Q8_0, GgmlType::Q8_0, 64),
         (SynthArch::Qwen3, GgmlType::Q8_0, GgmlType::Q8_0, 128),
         (SynthArch::Phi3, GgmlType::Q4_K, GgmlType::Q6_K, 64),
+        // Attention and final soft-capping, every other layer windowed.
+        (SynthArch::Gemma2, GgmlType::Q8_0, GgmlType::Q8_0, 128),
+        // Embedding, attention, residual and logit scales.
+        (SynthArch::Granite, GgmlType::Q4_K, GgmlType::Q6_K, 64),
+        // Post-norms only, Q/K normed over the whole projection.
+        (SynthArch::Olmo2, GgmlType::Q8_0, GgmlType::Q8_0, 64),
+        // LayerNorm, attention and FFN in parallel, a logit scale.
+        (SynthArch::CommandR, GgmlType::Q4_0, GgmlType::Q8_0, 128),
+        // Mixtures of experts: softmax top-k renormalised (qwen3moe,
+        // mixtral), not renormalised with a gated shared expert
+        // (qwen2moe); experts of every decode kernel family and f16.
+        (SynthArch::Qwen3Moe, GgmlType::Q8_0, GgmlType::Q8_0, 64),
+        (SynthArch::Qwen3Moe, GgmlType::Q4_K, GgmlType::Q6_K, 128),
+        (SynthArch::Mixtral, GgmlType::Q4_0, GgmlType::Q8_0, 64),
+        (SynthArch::Mixtral, GgmlType::F16, GgmlType::F16, 64),
+        (SynthArch::Qwen2Moe, GgmlType::Q5_K, GgmlType::Q8_0, 64),
     ];
     // Wider shapes, so the decode products split long rows over 2 and 4
     // warps (rows of ≥ 1536 and ≥ 3072 values) as on full-size models.
@@ -827,19 +843,22 @@ fn cuda_device_out_of_range_is_a_clear_error() {
 /// the reason before any GPU work (so this runs without a GPU too).
 #[test]
 fn cuda_refuses_what_it_cannot_run_yet() {
-    for (arch, what) in [
-        (SynthArch::Gemma2, "soft-capping"),
-        (SynthArch::Granite, "residual and logit scales"),
-        (SynthArch::Qwen3Moe, "mixture-of-experts"),
-        (SynthArch::Qwen2Moe, "mixture-of-experts"),
-        (SynthArch::Mixtral, "mixture-of-experts"),
+    for (arch, layers, what) in [
         (
-            SynthArch::Olmo2,
-            "not supported on CUDA yet: sub-layers without pre-norms",
+            SynthArch::GptOss,
+            3,
+            "not supported on CUDA yet: mixture-of-experts routing by a softmax over the \
+             selected experts",
         ),
-        (SynthArch::CommandR, "not supported on CUDA yet: LayerNorm"),
+        // Command-R of 64 layers or more: a Q/K norm weight per head.
+        (
+            SynthArch::CommandR,
+            64,
+            "not supported on CUDA yet: Q/K norms with a weight vector per head",
+        ),
     ] {
-        let s = spec(arch, GgmlType::Q8_0, GgmlType::Q8_0, 64);
+        let mut s = spec(arch, GgmlType::Q8_0, GgmlType::Q8_0, 64);
+        s.n_layers = layers;
         let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
         let err = Model::from_file_on(
             GgufFile::from_bytes(bytes).expect("parses"),

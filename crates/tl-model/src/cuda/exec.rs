@@ -42,6 +42,8 @@ pub(super) struct AttnArgs {
     pub(super) chunk: i32,
     /// The output is rotated back by this Hadamard block (V was rotated).
     pub(super) v_rot: i32,
+    /// Scores soft-capped to `tanh(s / cap) * cap` when > 0 (Gemma 2).
+    pub(super) softcap: f32,
 }
 
 pub(super) struct CudaExec<'a> {
@@ -64,6 +66,9 @@ pub(super) struct CudaExec<'a> {
     /// head dim 64/128, not turned off): how it splits each tile's keys,
     /// (splits, keys a split). `None`: the per-row kernel.
     pub(super) fa_split: Option<(usize, usize)>,
+    /// The current layer's FFN was a mixture of experts, done whole by
+    /// [`Exec::ffn_gate_up`].
+    pub(super) moe: bool,
 }
 
 /// How a prefill step's `fa_prefill` spreads each tile's keys over blocks,
@@ -517,6 +522,10 @@ impl CudaExec<'_> {
         launch(self.gpu, name, grid, block, smem, args)
     }
 
+    fn parallel(&self) -> bool {
+        self.m.config.norm_placement == crate::config::NormPlacement::Parallel
+    }
+
     fn meta_at(&self, off: usize) -> u64 {
         self.meta + (off * 4) as u64
     }
@@ -558,16 +567,29 @@ impl CudaExec<'_> {
         (d.div_ceil(32) * 32).clamp(32, 1024) as u32
     }
 
-    /// `x += post_norm?(o)` (`post` 0 for none), then with `norm` (not 0)
-    /// `xn = rms_norm(x) · norm`, quantized to 8 bits too when `quant`.
-    fn add_norm(&self, post: u64, norm: u64, quant: bool) -> Result<()> {
+    /// Whether the norms are LayerNorms (1) rather than RMS norms (0), as
+    /// the kernels take it.
+    fn ln(&self) -> i32 {
+        i32::from(self.m.config.norm == crate::config::NormKind::Layer)
+    }
+
+    /// `x += post_norm?(o) · residual_scale` (`post` 0 for none; with
+    /// attention and FFN in parallel `x = (o + x) + attn_o`), then with
+    /// `norm` `xn = norm(x) · w` (`Some(0)`: `xn = x`), quantized to 8
+    /// bits too when `quant`.
+    fn add_norm(&self, post: u64, norm: Option<u64>, quant: bool) -> Result<()> {
         let c = &self.m.config;
         let [q0, q1] = if quant {
             self.q8_args()
         } else {
             [Arg::Ptr(0), Arg::Ptr(0)]
         };
-        let xn = if norm == 0 { 0 } else { ptr(&self.cs.xn) };
+        let xn = if norm.is_none() { 0 } else { ptr(&self.cs.xn) };
+        let par = if c.norm_placement == crate::config::NormPlacement::Parallel {
+            ptr(&self.cs.attn_o)
+        } else {
+            0
+        };
         self.l(
             "add_norm",
             (self.n as u32, 1, 1),
@@ -577,19 +599,22 @@ impl CudaExec<'_> {
                 Arg::Ptr(ptr(&self.cs.x)),
                 Arg::Ptr(ptr(&self.cs.o)),
                 Arg::Ptr(post),
-                Arg::Ptr(norm),
+                Arg::Ptr(norm.unwrap_or(0)),
                 Arg::Ptr(xn),
                 Arg::I32(c.d_model as i32),
                 Arg::F32(c.rms_eps),
                 q0,
                 q1,
+                Arg::F32(if par == 0 { c.residual_scale } else { 1.0 }),
+                Arg::I32(self.ln()),
+                Arg::Ptr(par),
             ],
         )
     }
 
     /// `x += post_ffn_norm?(o)` of layer `il`.
     fn flush_residual(&self, il: usize) -> Result<()> {
-        self.add_norm(ptr(&self.cm.layers[il].post_ffn_norm), 0, false)
+        self.add_norm(ptr(&self.cm.layers[il].post_ffn_norm), None, false)
     }
 
     /// Everything after the stages: the greedy argmax.
@@ -633,6 +658,199 @@ impl CudaExec<'_> {
         Ok(())
     }
 
+    /// `out = norm(x) · w` per row of this step (`w` 0: a copy), quantized
+    /// to 8 bits too with `q0`, `q1`.
+    fn norm_rows(&self, x: u64, w: u64, out: u64, q0: Arg, q1: Arg) -> Result<()> {
+        let c = &self.m.config;
+        self.l(
+            "rms_norm",
+            (self.n as u32, 1, 1),
+            Self::norm_threads(c.d_model),
+            0,
+            &[
+                Arg::Ptr(x),
+                Arg::Ptr(w),
+                Arg::Ptr(out),
+                Arg::Ptr(0),
+                Arg::I32(c.d_model as i32),
+                Arg::F32(c.rms_eps),
+                q0,
+                q1,
+                Arg::I32(self.ln()),
+            ],
+        )
+    }
+
+    /// The gated activation of `rows` rows of `f` (gate and up side by
+    /// side in `gu`), into `out`, quantized to 8 bits too with `q0`, `q1`.
+    fn gated_rows(&self, gu: u64, out: u64, f: usize, rows: usize, q0: Arg, q1: Arg) -> Result<()> {
+        let total = rows * f;
+        let act = i32::from(self.m.config.ffn_act == FfnAct::Gelu);
+        self.l(
+            "gated",
+            grid1(total, 256),
+            256,
+            0,
+            &[
+                Arg::Ptr(gu),
+                Arg::Ptr(out),
+                Arg::I32(f as i32),
+                Arg::I64(total as i64),
+                Arg::I32(act),
+                q0,
+                q1,
+            ],
+        )
+    }
+
+    /// One product per (token, expert) slot of the step (`gemv_*_id`):
+    /// `out[slot] = x[row] · W[ids[slot]]ᵀ` with `row` the slot's token
+    /// (`per_slot` false) or the slot itself; `xq`/`xd` the 8-bit rows
+    /// (f32 rows `x` for f16 experts).
+    #[allow(clippy::too_many_arguments)]
+    fn expert_products(
+        &self,
+        w: &DevMat,
+        ids: u64,
+        per_slot: bool,
+        x: u64,
+        xq: u64,
+        xd: u64,
+        out: u64,
+        ldo: usize,
+    ) -> Result<()> {
+        let c = &self.m.config;
+        let k = w.k;
+        let n_rows = w.n / c.n_expert;
+        let split = match w.kind.units(k).div_ceil(32) {
+            0..=4 => 1usize,
+            5..=8 => 2,
+            _ => 4,
+        };
+        let slots = self.n * c.n_expert_used;
+        let grid = (n_rows.div_ceil(4 / split) as u32, slots as u32, 1);
+        let mut args = vec![
+            w.arg(),
+            Arg::Ptr(ids),
+            Arg::I32(c.n_expert_used as i32),
+            Arg::I32(i32::from(per_slot)),
+        ];
+        if w.kind == Kind::F16 {
+            args.push(Arg::Ptr(x));
+        } else {
+            args.push(Arg::Ptr(xq));
+            args.push(Arg::Ptr(xd));
+        }
+        args.extend([
+            Arg::Ptr(out),
+            Arg::I32(n_rows as i32),
+            Arg::I32(k as i32),
+            Arg::I32(ldo as i32),
+            Arg::I32(split as i32),
+        ]);
+        self.l(&format!("gemv_{}_id", w.kind.suffix()), grid, 128, 0, &args)
+    }
+
+    /// A mixture-of-experts FFN over the step's rows (`xn` → `o`), as the
+    /// CPU's `moe_ffn`: router logits, softmax, the top experts of each
+    /// token and their weights on the device (`moe_route`), each (token,
+    /// expert) slot's gate/up, activation and down product reading its
+    /// expert's rows in place, the weighted sum in rank order, and the
+    /// shared expert (qwen2moe) behind its sigmoid gate. Nothing crosses
+    /// to the host, so decode steps stay one graph.
+    fn moe_ffn(&mut self, il: usize) -> Result<()> {
+        self.mark("moe")?;
+        let c = &self.m.config;
+        let (n, d, f, k) = (self.n, c.d_model, c.ffn, c.n_expert_used);
+        let (Some(mw), Some(mb)) = (&self.cm.layers[il].moe, &self.cs.moe) else {
+            return Err(ModelError::Device(format!(
+                "layer {il}: mixture-of-experts buffers missing"
+            )));
+        };
+        let xn = ptr(&self.cs.xn);
+        self.matmul(&[&mw.router], xn, n, mb.logits.ptr, c.n_expert)?;
+        self.l(
+            "moe_route",
+            (n as u32, 1, 1),
+            32,
+            0,
+            &[
+                Arg::Ptr(mb.logits.ptr),
+                Arg::I32(c.n_expert as i32),
+                Arg::I32(k as i32),
+                Arg::I32(i32::from(c.moe_norm_weights)),
+                Arg::Ptr(mb.ids.ptr),
+                Arg::Ptr(mb.wts.ptr),
+            ],
+        )?;
+        let (xq, xd) = (ptr(&self.cs.xq), ptr(&self.cs.xd));
+        if n > GEMV_ROWS {
+            // Small steps left xn's 8-bit copy in xq; prompts make it.
+            self.l(
+                "quant_q8",
+                grid1(n * d, 256),
+                256,
+                0,
+                &[
+                    Arg::Ptr(xn),
+                    Arg::Ptr(xq),
+                    Arg::Ptr(xd),
+                    Arg::I64((n * d) as i64),
+                ],
+            )?;
+        }
+        let ids = mb.ids.ptr;
+        for (w, col) in [(&mw.gate, 0usize), (&mw.up, f)] {
+            let out = mb.gu.ptr + (col * 4) as u64;
+            self.expert_products(w, ids, false, xn, xq, xd, out, 2 * f)?;
+        }
+        // The shared expert's products read xn's 8-bit copy before the
+        // activations below replace it.
+        let shared = match (&mw.shared, &mb.sh_gu, &mb.sh_act, &mb.sh_y, &mb.sh_z) {
+            (Some(s), Some(gu), Some(act), Some(y), Some(z)) => Some((s, gu, act, y, z)),
+            _ => None,
+        };
+        if let Some((s, gu, _, _, z)) = shared {
+            let mats: Vec<&DevMat> = s.gate_up.mats.iter().collect();
+            self.matmul(&mats, xn, n, gu.ptr, s.gate_up.n())?;
+            self.matmul(&[&s.gate_inp], xn, n, z.ptr, 1)?;
+        }
+        let slots = n * k;
+        self.gated_rows(
+            mb.gu.ptr,
+            mb.act.ptr,
+            f,
+            slots,
+            Arg::Ptr(mb.xq.ptr),
+            Arg::Ptr(mb.xd.ptr),
+        )?;
+        self.expert_products(
+            &mw.down, ids, true, mb.act.ptr, mb.xq.ptr, mb.xd.ptr, mb.y.ptr, d,
+        )?;
+        let (mut sy, mut sz) = (0u64, 0u64);
+        if let Some((s, gu, act, y, z)) = shared {
+            let [q0, q1] = self.q8_args();
+            self.gated_rows(gu.ptr, act.ptr, c.ffn_shared, n, q0, q1)?;
+            self.matmul(&[&s.down], act.ptr, n, y.ptr, d)?;
+            (sy, sz) = (y.ptr, z.ptr);
+        }
+        self.l(
+            "moe_combine",
+            (n as u32, 1, 1),
+            Self::norm_threads(d),
+            0,
+            &[
+                Arg::Ptr(mb.y.ptr),
+                Arg::Ptr(mb.wts.ptr),
+                Arg::I32(k as i32),
+                Arg::I32(d as i32),
+                Arg::Ptr(ptr(&self.cs.o)),
+                Arg::Ptr(sy),
+                Arg::Ptr(sz),
+            ],
+        )
+    }
+
     fn read(&self, p: u64, len: usize) -> Result<Vec<f32>> {
         super::ops::read_f32(self.gpu, p, len)
     }
@@ -660,29 +878,14 @@ impl Exec for CudaExec<'_> {
 
     fn attn_norm(&mut self, il: usize) -> Result<()> {
         self.mark("norm (+residual, q8)")?;
-        let c = &self.m.config;
         let [q0, q1] = self.q8_args();
-        let norm = self.cm.layers[il].attn_norm.ptr;
+        // No pre-norm (OLMo 2): xn = x.
+        let norm = ptr(&self.cm.layers[il].attn_norm);
         if let Some(pl) = self.pending_ffn.take() {
             // The previous layer's FFN residual, fused with this norm.
-            return self.add_norm(ptr(&self.cm.layers[pl].post_ffn_norm), norm, true);
+            return self.add_norm(ptr(&self.cm.layers[pl].post_ffn_norm), Some(norm), true);
         }
-        self.l(
-            "rms_norm",
-            (self.n as u32, 1, 1),
-            Self::norm_threads(c.d_model),
-            0,
-            &[
-                Arg::Ptr(ptr(&self.cs.x)),
-                Arg::Ptr(norm),
-                Arg::Ptr(ptr(&self.cs.xn)),
-                Arg::Ptr(0),
-                Arg::I32(c.d_model as i32),
-                Arg::F32(c.rms_eps),
-                q0,
-                q1,
-            ],
-        )
+        self.norm_rows(ptr(&self.cs.x), norm, ptr(&self.cs.xn), q0, q1)
     }
 
     fn qkv(&mut self, il: usize) -> Result<()> {
@@ -717,6 +920,35 @@ impl Exec for CudaExec<'_> {
         };
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
+        // Q and K each normed as one vector (OLMo 2) before the per-head
+        // kernel, which then takes no norm weights.
+        let whole = c.qk_norm == crate::config::QkNorm::Whole;
+        if whole {
+            let (qd, kvd) = (c.q_dim(), c.kv_dim());
+            let ld = (qd + 2 * kvd) as i32;
+            for (o, dd, w) in [(0, qd, &l.q_norm), (qd, kvd, &l.k_norm)] {
+                self.l(
+                    "norm_part",
+                    (self.n as u32, 1, 1),
+                    Self::norm_threads(dd),
+                    0,
+                    &[
+                        Arg::Ptr(ptr(&self.cs.qkv)),
+                        Arg::I32(ld),
+                        Arg::I32(o as i32),
+                        Arg::I32(dd as i32),
+                        Arg::Ptr(ptr(w)),
+                        Arg::F32(c.rms_eps),
+                        Arg::I32(self.ln()),
+                    ],
+                )?;
+            }
+        }
+        let (qn, kn) = if whole {
+            (0, 0)
+        } else {
+            (ptr(&l.q_norm), ptr(&l.k_norm))
+        };
         self.l(
             "qkv_rope_store",
             (self.n as u32, (c.n_heads + c.n_kv_heads) as u32, 1),
@@ -727,8 +959,8 @@ impl Exec for CudaExec<'_> {
                 Arg::Ptr(ptr(&l.bq)),
                 Arg::Ptr(ptr(&l.bk)),
                 Arg::Ptr(ptr(&l.bv)),
-                Arg::Ptr(ptr(&l.q_norm)),
-                Arg::Ptr(ptr(&l.k_norm)),
+                Arg::Ptr(qn),
+                Arg::Ptr(kn),
                 Arg::Ptr(ptr(&self.cm.rope_freqs)),
                 Arg::Ptr(self.meta_at(self.lay.pos)),
                 Arg::Ptr(self.meta_at(self.lay.slots)),
@@ -766,6 +998,7 @@ impl Exec for CudaExec<'_> {
                 None => attn_chunks(self.n, self.stride).0 as i32,
             },
             v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
+            softcap: p.softcap.unwrap_or(0.0),
         };
         let zs = attn_chunks(self.n, self.stride).1;
         let threads = 256usize;
@@ -839,23 +1072,45 @@ impl Exec for CudaExec<'_> {
     fn attn_out(&mut self, il: usize) -> Result<()> {
         self.mark("matmul attn_out")?;
         let w = &self.cm.layers[il].wo;
-        self.matmul(&[w], ptr(&self.cs.att), self.n, ptr(&self.cs.o), w.n)
+        // In parallel the attention's output waits for the FFN's.
+        let out = if self.parallel() {
+            ptr(&self.cs.attn_o)
+        } else {
+            ptr(&self.cs.o)
+        };
+        self.matmul(&[w], ptr(&self.cs.att), self.n, out, w.n)
     }
 
     fn attn_residual(&mut self, il: usize) -> Result<()> {
         self.mark("residual + norm")?;
+        if self.parallel() {
+            // The FFN reads the attention's norm, whose 8-bit copy the
+            // attention output replaced: quantized again in place.
+            let [q0, q1] = self.q8_args();
+            let xn = ptr(&self.cs.xn);
+            return self.norm_rows(xn, 0, xn, q0, q1);
+        }
         let l = &self.cm.layers[il];
-        self.add_norm(ptr(&l.post_attn_norm), l.ffn_norm.ptr, true)
+        self.add_norm(ptr(&l.post_attn_norm), Some(ptr(&l.ffn_norm)), true)
     }
 
     fn ffn_gate_up(&mut self, il: usize) -> Result<()> {
+        self.moe = self.cm.layers[il].moe.is_some();
+        if self.moe {
+            return self.moe_ffn(il);
+        }
         self.mark("matmul gate_up")?;
-        let mats: Vec<&DevMat> = self.cm.layers[il].gate_up.mats.iter().collect();
-        let ld = self.cm.layers[il].gate_up.n();
-        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), ld)
+        let Some(gu) = &self.cm.layers[il].gate_up else {
+            return Err(ModelError::Device(format!("layer {il}: no FFN weights")));
+        };
+        let mats: Vec<&DevMat> = gu.mats.iter().collect();
+        self.matmul(&mats, ptr(&self.cs.xn), self.n, ptr(&self.cs.gu), gu.n())
     }
 
     fn ffn_act(&mut self) -> Result<()> {
+        if self.moe {
+            return Ok(());
+        }
         self.mark("gated act")?;
         let c = &self.m.config;
         let total = self.n * c.ffn;
@@ -880,7 +1135,12 @@ impl Exec for CudaExec<'_> {
 
     fn ffn_down(&mut self, il: usize) -> Result<()> {
         self.mark("matmul down")?;
-        let w = &self.cm.layers[il].down;
+        if self.moe {
+            return Ok(());
+        }
+        let Some(w) = &self.cm.layers[il].down else {
+            return Err(ModelError::Device(format!("layer {il}: no FFN weights")));
+        };
         self.matmul(&[w], ptr(&self.cs.act), self.n, ptr(&self.cs.o), w.n)
     }
 
@@ -919,11 +1179,12 @@ impl Exec for CudaExec<'_> {
                 Arg::F32(c.rms_eps),
                 Arg::Ptr(q0),
                 Arg::Ptr(q1),
+                Arg::I32(self.ln()),
             ],
         )?;
         let w = self.cm.output.as_ref().unwrap_or(&self.cm.embd);
         self.matmul(&[w], ptr(&self.cs.hidden), m, ptr(&self.cs.logits), c.vocab)?;
-        if let Some(cap) = c.final_logit_softcap {
+        if c.final_logit_softcap.is_some() || c.logit_mul != 1.0 {
             let total = m * c.vocab;
             self.l(
                 "softcap",
@@ -933,7 +1194,8 @@ impl Exec for CudaExec<'_> {
                 &[
                     Arg::Ptr(ptr(&self.cs.logits)),
                     Arg::I64(total as i64),
-                    Arg::F32(cap),
+                    Arg::F32(c.logit_mul),
+                    Arg::F32(c.final_logit_softcap.unwrap_or(0.0)),
                 ],
             )?;
         }

@@ -30,6 +30,7 @@ mod ops;
 mod tests;
 mod weights;
 
+use crate::weights::Weight;
 use exec::CudaExec;
 pub(crate) use ops::OpAttn;
 use weights::{repack, upload_f32, upload_opt, DevMat, DevMats};
@@ -43,8 +44,9 @@ fn cuda_err(e: tl_cuda::CudaError) -> ModelError {
 }
 
 struct DevLayer {
-    attn_norm: DevBuf,
-    ffn_norm: DevBuf,
+    /// The pre-norms (absent in OLMo 2, whose sub-layers read `x`).
+    attn_norm: Option<DevBuf>,
+    ffn_norm: Option<DevBuf>,
     bq: Option<DevBuf>,
     bk: Option<DevBuf>,
     bv: Option<DevBuf>,
@@ -54,8 +56,90 @@ struct DevLayer {
     post_ffn_norm: Option<DevBuf>,
     qkv: DevMats,
     wo: DevMat,
+    /// The dense FFN (absent in mixture-of-experts layers).
+    gate_up: Option<DevMats>,
+    down: Option<DevMat>,
+    moe: Option<DevMoe>,
+}
+
+/// A mixture-of-experts FFN on the device: the router, each projection's
+/// experts stacked into one matrix (expert e's rows after e's
+/// predecessors', as `gemv_*_id` reads them), and the shared expert.
+struct DevMoe {
+    router: DevMat,
+    gate: DevMat,
+    up: DevMat,
+    down: DevMat,
+    shared: Option<DevShared>,
+}
+
+/// qwen2moe's shared expert: gate/up, down, and its gate's input row.
+struct DevShared {
     gate_up: DevMats,
     down: DevMat,
+    gate_inp: DevMat,
+}
+
+impl DevLayer {
+    /// The matrices that go through `exec::matmul_on` (which may
+    /// dequantize one whole into scratch): all but the stacked experts.
+    fn products(&self) -> impl Iterator<Item = &DevMat> {
+        let moe = self.moe.iter().flat_map(|m| {
+            std::iter::once(&m.router).chain(
+                m.shared
+                    .iter()
+                    .flat_map(|s| s.gate_up.mats.iter().chain([&s.down, &s.gate_inp])),
+            )
+        });
+        self.qkv
+            .mats
+            .iter()
+            .chain(self.gate_up.iter().flat_map(|g| g.mats.iter()))
+            .chain([&self.wo])
+            .chain(self.down.iter())
+            .chain(moe)
+    }
+
+    fn bytes(&self) -> usize {
+        let experts = self
+            .moe
+            .as_ref()
+            .map_or(0, |m| m.gate.bytes() + m.up.bytes() + m.down.bytes());
+        self.products().map(DevMat::bytes).sum::<usize>() + experts
+    }
+}
+
+/// Uploads the weights of every expert of one projection as one matrix.
+fn upload_experts(gpu: &Gpu, ws: &[&Weight], file: &tl_gguf::GgufFile) -> Result<DevMat> {
+    let mut all: Option<weights::HostParts> = None;
+    for w in ws {
+        let hp = repack(w, w.bytes(file))?;
+        match &mut all {
+            None => all = Some(hp),
+            Some(a) => {
+                if a.kind != hp.kind || a.cols != hp.cols || a.rows != hp.rows {
+                    return Err(ModelError::Device(format!(
+                        "tensor '{}': experts of different types or shapes",
+                        w.name
+                    )));
+                }
+                for (p, q) in a.parts.iter_mut().zip(hp.parts) {
+                    p.extend_from_slice(&q);
+                }
+                a.rows += hp.rows;
+            }
+        }
+    }
+    let Some(hp) = all else {
+        return Err(ModelError::Device(
+            "a mixture-of-experts layer without experts".into(),
+        ));
+    };
+    let name = ws
+        .first()
+        .map_or("experts", |w| w.name.as_str())
+        .to_string();
+    DevMat::upload(gpu, hp, &name)
 }
 
 /// The model's weights on one GPU.
@@ -116,46 +200,19 @@ impl CudaModel {
                 c.arch.name()
             ))
         };
-        if c.norm != crate::config::NormKind::Rms {
-            return Err(unsupported("LayerNorm"));
+        if c.qk_norm == crate::config::QkNorm::HeadWeights {
+            return Err(unsupported("Q/K norms with a weight vector per head"));
         }
-        match c.norm_placement {
-            crate::config::NormPlacement::Pre => {}
-            crate::config::NormPlacement::Post => {
-                return Err(unsupported("sub-layers without pre-norms"))
-            }
-            crate::config::NormPlacement::Parallel => {
-                return Err(unsupported("attention and FFN in parallel"))
-            }
-        }
-        if !matches!(
-            c.qk_norm,
-            crate::config::QkNorm::None | crate::config::QkNorm::Head
-        ) {
+        if c.n_expert > 0 && c.moe_gating != crate::config::MoeGating::Softmax {
             return Err(unsupported(
-                "Q/K norms other than one shared per-head weight",
+                "mixture-of-experts routing by a softmax over the selected experts",
             ));
         }
-        if c.n_expert > 0 {
-            return Err(ModelError::Device(format!(
-                "{}: mixture-of-experts layers are not in the CUDA executor yet (run it with \
-                 --device cpu)",
-                c.arch.name()
-            )));
+        if c.ffn_act == crate::config::FfnAct::SwigluOai {
+            return Err(unsupported("the clamped SwiGLU activation (swiglu_oai)"));
         }
-        if c.attn_logit_softcap.is_some() {
-            return Err(ModelError::Device(format!(
-                "{}: attention soft-capping is not in the CUDA attention kernel yet (run it with \
-                 --device cpu)",
-                c.arch.name()
-            )));
-        }
-        if c.residual_scale != 1.0 || c.logit_mul != 1.0 {
-            return Err(ModelError::Device(format!(
-                "{}: the residual and logit scales of this architecture are not in the CUDA \
-                 executor yet (run it with --device cpu)",
-                c.arch.name()
-            )));
+        if c.yarn.is_some() {
+            return Err(unsupported("YaRN RoPE scaling"));
         }
         let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
         let file = &m.file;
@@ -174,12 +231,48 @@ impl CudaModel {
         let mut layers = Vec::with_capacity(w.layers.len());
         let mut max_mat = 0usize;
         for (lw, lv) in w.layers.iter().zip(&m.vecs) {
-            let (Some(attn_norm), Some(ffn_norm)) = (&lv.attn_norm, &lv.ffn_norm) else {
-                return Err(unsupported("a layer without pre-norms"));
+            if c.qk_norm == crate::config::QkNorm::Whole && (lv.bq.is_some() || lv.bk.is_some()) {
+                return Err(unsupported("Q/K biases before whole-projection Q/K norms"));
+            }
+            if lv.sinks.is_some() || lv.bo.is_some() {
+                return Err(unsupported("attention sinks and output biases"));
+            }
+            if lv.router_b.is_some() || lv.expert_b.is_some() {
+                return Err(unsupported("router and expert biases"));
+            }
+            let moe = match &lw.moe {
+                None => None,
+                Some(mw) => {
+                    let pick =
+                        |i: usize| -> Vec<&Weight> { mw.experts.iter().map(|e| &e[i]).collect() };
+                    Some(DevMoe {
+                        router: DevMat::upload(
+                            &gpu,
+                            repack(&mw.router, mw.router.bytes(file))?,
+                            &mw.router.name,
+                        )?,
+                        gate: upload_experts(&gpu, &pick(0), file)?,
+                        up: upload_experts(&gpu, &pick(1), file)?,
+                        down: upload_experts(&gpu, &pick(2), file)?,
+                        shared: match &mw.shared {
+                            None => None,
+                            Some(([g, u, dn], gi)) => Some(DevShared {
+                                gate_up: DevMats::upload(&gpu, &[g, u], file)?,
+                                down: DevMat::upload(&gpu, repack(dn, dn.bytes(file))?, &dn.name)?,
+                                gate_inp: DevMat::upload(
+                                    &gpu,
+                                    repack(gi, gi.bytes(file))?,
+                                    &gi.name,
+                                )?,
+                            }),
+                        },
+                    })
+                }
             };
+            let dense = moe.is_none();
             let l = DevLayer {
-                attn_norm: upload_f32(&gpu, attn_norm, "attn_norm")?,
-                ffn_norm: upload_f32(&gpu, ffn_norm, "ffn_norm")?,
+                attn_norm: upload_opt(&gpu, &lv.attn_norm, "attn_norm")?,
+                ffn_norm: upload_opt(&gpu, &lv.ffn_norm, "ffn_norm")?,
                 bq: upload_opt(&gpu, &lv.bq, "bq")?,
                 bk: upload_opt(&gpu, &lv.bk, "bk")?,
                 bv: upload_opt(&gpu, &lv.bv, "bv")?,
@@ -189,16 +282,23 @@ impl CudaModel {
                 post_ffn_norm: upload_opt(&gpu, &lv.post_ffn_norm, "post_ffn_norm")?,
                 qkv: DevMats::upload(&gpu, &[&lw.wq, &lw.wk, &lw.wv], file)?,
                 wo: DevMat::upload(&gpu, repack(&lw.wo, lw.wo.bytes(file))?, &lw.wo.name)?,
-                gate_up: DevMats::upload(&gpu, &[&lw.gate, &lw.up], file)?,
-                down: DevMat::upload(&gpu, repack(&lw.down, lw.down.bytes(file))?, &lw.down.name)?,
+                gate_up: if dense {
+                    Some(DevMats::upload(&gpu, &[&lw.gate, &lw.up], file)?)
+                } else {
+                    None
+                },
+                down: if dense {
+                    Some(DevMat::upload(
+                        &gpu,
+                        repack(&lw.down, lw.down.bytes(file))?,
+                        &lw.down.name,
+                    )?)
+                } else {
+                    None
+                },
+                moe,
             };
-            for mm in l
-                .qkv
-                .mats
-                .iter()
-                .chain(&l.gate_up.mats)
-                .chain([&l.wo, &l.down])
-            {
+            for mm in l.products() {
                 max_mat = max_mat.max(mm.n * mm.k);
             }
             layers.push(l);
@@ -216,14 +316,7 @@ impl CudaModel {
         let rope_freqs = upload_opt(&gpu, &m.rope_freqs, "rope_freqs")?;
         let mut weight_bytes = embd.bytes() + output.as_ref().map_or(0, DevMat::bytes);
         for l in &layers {
-            weight_bytes += l
-                .qkv
-                .mats
-                .iter()
-                .chain(&l.gate_up.mats)
-                .map(DevMat::bytes)
-                .sum::<usize>();
-            weight_bytes += l.wo.bytes() + l.down.bytes();
+            weight_bytes += l.bytes();
         }
         let mmqs = exec::mmqs_on() && exec::mmqs_prepare(&gpu).is_ok();
         Ok(CudaModel {
@@ -286,8 +379,14 @@ impl CudaModel {
     pub fn step_bytes(&self, c: &crate::config::Config, n: usize) -> usize {
         let n = n.next_power_of_two().max(8);
         let (d, qd, kvd, f) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn);
-        let maxk = d.max(qd).max(f);
-        let per_token = 4 * (3 * d + (qd + 2 * kvd) + 2 * qd + 3 * f) + maxk + maxk / 8 + 2 * maxk;
+        let maxk = d.max(qd).max(f).max(c.ffn_shared);
+        let moe = if c.n_expert > 0 {
+            MoeBufs::per_token(c)
+        } else {
+            0
+        };
+        let per_token =
+            4 * (4 * d + (qd + 2 * kvd) + 2 * qd + 3 * f) + maxk + maxk / 8 + 2 * maxk + moe;
         let out = n * (c.d_model + c.vocab + 2 * exec::argmax_parts(c.vocab) + 1) * 4;
         let scratch = if n > exec::GEMV_ROWS {
             2 * self.max_mat.max(c.vocab * c.d_model)
@@ -510,6 +609,7 @@ impl CudaModel {
             pending_ffn: None,
             n_tiles,
             fa_split,
+            moe: false,
         };
         if decode {
             // With the profiler, a fresh capture each step: its timing
@@ -731,6 +831,59 @@ struct GraphKey {
     mmq_min: usize,
 }
 
+/// A mixture-of-experts step's buffers, per token: router logits, the
+/// chosen experts and their weights, and per (token, expert) slot the
+/// gate/up rows, the activation (and its 8-bit copy) and the output;
+/// the shared expert's gate/up, activation, output and gate logit.
+pub(crate) struct MoeBufs {
+    logits: DevBuf,
+    ids: DevBuf,
+    wts: DevBuf,
+    gu: DevBuf,
+    act: DevBuf,
+    xq: DevBuf,
+    xd: DevBuf,
+    y: DevBuf,
+    sh_gu: Option<DevBuf>,
+    sh_act: Option<DevBuf>,
+    sh_y: Option<DevBuf>,
+    sh_z: Option<DevBuf>,
+}
+
+impl MoeBufs {
+    /// Bytes per token of a step.
+    fn per_token(c: &crate::config::Config) -> usize {
+        let (d, f, k, fs) = (c.d_model, c.ffn, c.n_expert_used, c.ffn_shared);
+        4 * (c.n_expert + 2 * k + 3 * k * f + k * d + 3 * fs + d + 1) + k * f + k * f / 8
+    }
+
+    fn alloc(gpu: &Gpu, c: &crate::config::Config, n: usize) -> Result<MoeBufs> {
+        let (d, f, k, fs) = (c.d_model, c.ffn, c.n_expert_used, c.ffn_shared);
+        let a = |bytes: usize, what: &str| gpu.alloc(bytes.max(4), what).map_err(cuda_err);
+        let sh = |bytes: usize, what: &str| -> Result<Option<DevBuf>> {
+            if fs == 0 {
+                Ok(None)
+            } else {
+                a(bytes, what).map(Some)
+            }
+        };
+        Ok(MoeBufs {
+            logits: a(n * c.n_expert * 4, "router logits")?,
+            ids: a(n * k * 4, "chosen experts")?,
+            wts: a(n * k * 4, "expert weights")?,
+            gu: a(n * k * 2 * f * 4, "expert gate/up")?,
+            act: a(n * k * f * 4, "expert activations")?,
+            xq: a(n * k * f, "expert 8-bit activations")?,
+            xd: a(n * k * f / 32 * 4, "expert activation scales")?,
+            y: a(n * k * d * 4, "expert outputs")?,
+            sh_gu: sh(n * 2 * fs * 4, "shared expert gate/up")?,
+            sh_act: sh(n * fs * 4, "shared expert activations")?,
+            sh_y: sh(n * d * 4, "shared expert output")?,
+            sh_z: sh(n * 4, "shared expert gate")?,
+        })
+    }
+}
+
 /// Device buffers of the forward, sized for the largest step seen.
 #[derive(Default)]
 pub(crate) struct CudaState {
@@ -742,6 +895,10 @@ pub(crate) struct CudaState {
     q: Option<DevBuf>,
     att: Option<DevBuf>,
     o: Option<DevBuf>,
+    /// The attention's output while the FFN runs beside it (Command-R).
+    attn_o: Option<DevBuf>,
+    /// Mixture-of-experts scratch (models with experts).
+    moe: Option<MoeBufs>,
     gu: Option<DevBuf>,
     act: Option<DevBuf>,
     hidden: Option<DevBuf>,
@@ -794,7 +951,7 @@ impl CudaState {
             self.graphs.clear();
             let n = n.next_power_of_two().max(8);
             let (d, qd, kvd, f) = (c.d_model, c.q_dim(), c.kv_dim(), c.ffn);
-            let maxk = d.max(qd).max(f);
+            let maxk = d.max(qd).max(f).max(c.ffn_shared);
             let a = |bytes: usize, what: &str| gpu.alloc(bytes, what).map(Some).map_err(cuda_err);
             self.x = a(n * d * 4, "activations x")?;
             self.xn = a(n * d * 4, "activations xn")?;
@@ -802,6 +959,13 @@ impl CudaState {
             self.q = a(n * qd * 4, "activations q")?;
             self.att = a(n * qd * 4, "activations att")?;
             self.o = a(n * d * 4, "activations o")?;
+            if c.norm_placement == crate::config::NormPlacement::Parallel {
+                self.attn_o = a(n * d * 4, "activations attn_o")?;
+            }
+            if c.n_expert > 0 {
+                self.moe = None;
+                self.moe = Some(MoeBufs::alloc(gpu, c, n)?);
+            }
             self.gu = a(n * 2 * f * 4, "activations gate/up")?;
             self.act = a(n * f * 4, "activations act")?;
             self.xq = a(n * maxk, "quantized activations")?;

@@ -290,6 +290,7 @@ impl CudaModel {
             scale: a.scale,
             chunk: 0,
             v_rot: v_rot as i32,
+            softcap: 0.0,
         };
         let threads = 256usize;
         let groups = threads / 32 * (32 / (hd / 8));
