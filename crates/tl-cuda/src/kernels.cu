@@ -1305,9 +1305,17 @@ extern "C" __global__ void gated(const float* gu, float* out, int f, long n, int
     if (i >= n) return;
     long t = i / f, c = i % f;
     float g = gu[t * 2 * f + c], u = gu[t * 2 * f + f + c];
-    float a = act == 0 ? g / (1.0f + expf(-g)) : gelu_tanh(g);
-    out[i] = a * u;
-    if (xq) store_q8(a * u, i, xq, xd);
+    float v;
+    if (act == 2) {
+        // ggml swiglu_oai (gpt-oss): alpha 1.702, limit 7.
+        float x = fminf(g, 7.0f), y = fminf(fmaxf(u, -7.0f), 7.0f);
+        v = x / (1.0f + expf(1.702f * -x)) * (y + 1.0f);
+    } else {
+        float a = act == 0 ? g / (1.0f + expf(-g)) : gelu_tanh(g);
+        v = a * u;
+    }
+    out[i] = v;
+    if (xq) store_q8(v, i, xq, xd);
 }
 
 // Logits times `mul` (1: unchanged), then soft-capped when cap > 0.
@@ -1355,19 +1363,24 @@ __device__ __forceinline__ void warp_arg_best(float& best, int& bi) {
     }
 }
 
-// Mixture-of-experts routing, one warp per token: softmax over the ne
-// router logits, the k most probable experts (ties: the lower index) in
-// rank order, their probabilities (renormalised to sum 1 with norm_w, the
-// sum clamped below at 2^-14) — tl-model's CPU `moe_ffn`.
-extern "C" __global__ void moe_route(const float* logits, int ne, int k, int norm_w, int* ids, float* wts) { TL_PDL();
+// Mixture-of-experts routing, one warp per token, over the ne router
+// logits (plus `bias` when given) — tl-model's CPU `moe_ffn`: with sel 0,
+// softmax over all, the k most probable experts (ties: the lower index)
+// in rank order and their probabilities (renormalised to sum 1 with
+// norm_w, the sum clamped below at 2^-14); with sel 1 (gpt-oss), the k
+// largest logits and a softmax over just those.
+extern "C" __global__ void moe_route(const float* logits, const float* bias, int ne, int k, int norm_w, int sel,
+                                     int* ids, float* wts) { TL_PDL();
     const float* l = logits + (long)blockIdx.x * ne;
     int lane = threadIdx.x;
     float mx = -TL_INF;
-    for (int e = lane; e < ne; e += 32) mx = fmaxf(mx, l[e]);
+    for (int e = lane; e < ne; e += 32) mx = fmaxf(mx, l[e] + (bias ? bias[e] : 0.0f));
     mx = warp_max(mx);
     float sum = 0.0f;
-    for (int e = lane; e < ne; e += 32) sum += expf(l[e] - mx);
-    sum = warp_sum(sum);
+    if (!sel) {
+        for (int e = lane; e < ne; e += 32) sum += expf(l[e] + (bias ? bias[e] : 0.0f) - mx);
+        sum = warp_sum(sum);
+    }
     int* id = ids + (long)blockIdx.x * k;
     float* wt = wts + (long)blockIdx.x * k;
     float wsum = 0.0f;
@@ -1377,21 +1390,38 @@ extern "C" __global__ void moe_route(const float* logits, int ne, int k, int nor
         for (int e = lane; e < ne; e += 32) {
             bool taken = false;
             for (int i = 0; i < j; i++) taken |= id[i] == e;
-            float p = expf(l[e] - mx) / sum;
+            float v = l[e] + (bias ? bias[e] : 0.0f);
+            float p = sel ? v : expf(v - mx) / sum;
             if (!taken) arg_best(best, bi, p, e);
         }
         warp_arg_best(best, bi);
         if (lane == 0) {
             id[j] = bi;
-            wt[j] = best;
+            wt[j] = sel ? expf(best - mx) : best;
         }
-        wsum += best;
+        wsum += sel ? expf(best - mx) : best;
         __syncwarp();
     }
-    if (lane == 0 && norm_w) {
+    if (lane == 0 && sel) {
+        float inv = 1.0f / wsum;
+        for (int j = 0; j < k; j++) wt[j] *= inv;
+    } else if (lane == 0 && norm_w) {
         wsum = fmaxf(wsum, 6.103515625e-5f);
         for (int j = 0; j < k; j++) wt[j] = wt[j] / wsum;
     }
+}
+
+// out[slot * ld + c] += b[ids[slot] * N + c]: each slot's expert's bias.
+extern "C" __global__ void expert_bias(float* out, int ld, const float* b, const int* ids, int N) { TL_PDL();
+    long slot = blockIdx.x;
+    const float* be = b + (long)ids[slot] * N;
+    for (int c = threadIdx.x; c < N; c += blockDim.x) out[slot * ld + c] += be[c];
+}
+
+// x[row * d + c] += b[c] over n values: a bias on every row.
+extern "C" __global__ void add_bias(float* x, const float* b, int d, long n) { TL_PDL();
+    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += b[i % d];
 }
 
 extern "C" __global__ void argmax_part(const float* x, int n, float* pv, int* pi) { TL_PDL();
@@ -1440,6 +1470,11 @@ struct RopeArgs {
     float base, eps, q_scale;
     int kv_type;
     int k_rot, v_rot;  // Hadamard block sizes of K/queries and V (0: none)
+    // YaRN (yarn 1): angles interpolated by freq_scale, mixed back towards
+    // the extrapolated ones over the pairs [corr_lo, corr_hi] by ext_factor,
+    // cos and sin times mscale (tl-core's `rope_cache_yarn`).
+    int yarn;
+    float freq_scale, ext_factor, mscale, corr_lo, corr_hi;
 };
 
 // Rotates each block of nb values of the hd values at x (shared memory) by
@@ -1616,7 +1651,20 @@ __device__ void rope_head(float* h, int pos, const RopeArgs& a, float* sh, const
         float theta = (float)pos;
         for (int k = 0; k < i; k++) theta *= theta_scale;
         if (ff) theta /= ff[i];  // rope_freqs (Llama 3.1+)
-        float c = cosf(theta), s = sinf(theta);
+        float c, s;
+        if (a.yarn) {
+            float ang = a.freq_scale * theta;
+            if (a.ext_factor != 0.0f) {
+                float y = ((float)i - a.corr_lo) / fmaxf(0.001f, a.corr_hi - a.corr_lo);
+                float mix = (1.0f - fminf(1.0f, fmaxf(0.0f, y))) * a.ext_factor;
+                ang = ang * (1.0f - mix) + theta * mix;
+            }
+            c = cosf(ang) * a.mscale;
+            s = sinf(ang) * a.mscale;
+        } else {
+            c = cosf(theta);
+            s = sinf(theta);
+        }
         if (a.neox) { i0 = i; i1 = i + npairs; } else { i0 = 2 * i; i1 = 2 * i + 1; }
         float a0 = h[i0], a1 = h[i1];
         x0 = a0 * c - a1 * s;
@@ -1703,6 +1751,7 @@ struct AttnArgs {
     int chunk;
     int v_rot;  // the output is rotated back by this Hadamard block (V was rotated); 0: none
     float softcap;  // scores become tanh(s / cap) * cap when > 0 (Gemma 2)
+    const float* sinks;  // a sink logit per query head (gpt-oss), or null
 };
 
 // Writes one (token, head) pair's attention output from shared memory,
@@ -1742,6 +1791,9 @@ __device__ void attn_combine(float m, float l, const float* acc, int g, int sub,
     __syncthreads();
     float L = 0.0f;
     for (int i = 0; i < G; i++) L += sm_l[i] * s_w[i];
+    // A sink logit takes part in the softmax's sum only (added once, by
+    // the block that normalises).
+    if (ns == 1 && a.sinks && M != -TL_INF) L += expf(a.sinks[pair % a.n_heads] - M);
     if (ns == 1) {
         for (int d = threadIdx.x; d < HD; d += blockDim.x) {
             float o = 0.0f;
@@ -1787,6 +1839,7 @@ __device__ void attn_merge(long pair, int ns, const AttnArgs& a, float* sm, floa
         lloc += ld_cg(p0 + i * (2 + HD) + 1) * w;
     }
     float LL = block_sum(lloc, s_red);
+    if (a.sinks && MM != -TL_INF) LL += expf(a.sinks[pair % a.n_heads] - MM);
     __syncthreads();
     int nsl = blockDim.x / HD, d = threadIdx.x % HD, sl = threadIdx.x / HD;
     float o = 0.0f;
@@ -2076,6 +2129,11 @@ __device__ void fa_prefill(const float* q, const __half* kc, const __half* vc, c
         }
         return;
     }
+    if (a.sinks) {
+        float sk = a.sinks[head];
+        if (ma != -TL_INF) la += expf(sk - ma);
+        if (mb != -TL_INF) lb += expf(sk - mb);
+    }
     float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
 #pragma unroll
     for (int nd = 0; nd < HD / 8; nd++) {
@@ -2099,7 +2157,7 @@ extern "C" __global__ void fa_prefill_128(const float* q, const __half* kc, cons
 // Combines `fa_prefill`'s per-split states of each (row, head):
 // out = sum_s e^(m_s - M) o_s / sum_s e^(m_s - M) l_s, M = max_s m_s.
 // grid = (rows, n_heads), blockDim = head dim (one output element each).
-extern "C" __global__ void fa_merge(const float* part, float* out, int n_heads, int hd, int ns) {
+extern "C" __global__ void fa_merge(const float* part, float* out, int n_heads, int hd, int ns, const float* sinks) {
     TL_PDL();
     long pair = (long)blockIdx.x * n_heads + blockIdx.y;
     const float* ps = part + pair * ns * (hd + 2);
@@ -2114,6 +2172,7 @@ extern "C" __global__ void fa_merge(const float* part, float* out, int n_heads, 
             l += w * st[1];
             acc += w * st[2 + d];
         }
+        if (sinks) l += expf(sinks[blockIdx.y] - m);
     }
     out[pair * hd + d] = l > 0.0f ? acc / l : 0.0f;
 }

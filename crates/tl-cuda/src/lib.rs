@@ -1029,6 +1029,8 @@ mod tests {
             "moe_route",
             "moe_combine",
             "norm_part",
+            "expert_bias",
+            "add_bias",
         ] {
             assert!(names.iter().any(|x| x == n), "{n} missing");
         }

@@ -363,6 +363,10 @@ fn cuda_matches_cpu_on_every_architecture_and_weight_type() {
         (SynthArch::Mixtral, GgmlType::Q4_0, GgmlType::Q8_0, 64),
         (SynthArch::Mixtral, GgmlType::F16, GgmlType::F16, 64),
         (SynthArch::Qwen2Moe, GgmlType::Q5_K, GgmlType::Q8_0, 64),
+        // gpt-oss: sinks, attention and expert biases, a biased router
+        // with a softmax over the selected experts, swiglu_oai, YaRN,
+        // windowed even layers, MXFP4 experts (f16 on the device).
+        (SynthArch::GptOss, GgmlType::Q8_0, GgmlType::Q8_0, 64),
     ];
     // Wider shapes, so the decode products split long rows over 2 and 4
     // warps (rows of ≥ 1536 and ≥ 3072 values) as on full-size models.
@@ -844,12 +848,6 @@ fn cuda_device_out_of_range_is_a_clear_error() {
 #[test]
 fn cuda_refuses_what_it_cannot_run_yet() {
     for (arch, layers, what) in [
-        (
-            SynthArch::GptOss,
-            3,
-            "not supported on CUDA yet: mixture-of-experts routing by a softmax over the \
-             selected experts",
-        ),
         // Command-R of 64 layers or more: a Q/K norm weight per head.
         (
             SynthArch::CommandR,

@@ -29,6 +29,45 @@ pub(super) struct RopeArgs {
     /// Hadamard rotation block sizes of K/queries and V (`kv::rotations`).
     pub(super) k_rot: i32,
     pub(super) v_rot: i32,
+    /// YaRN scaling (1 on): see `rope_head` in kernels.cu.
+    pub(super) yarn: i32,
+    pub(super) freq_scale: f32,
+    pub(super) ext_factor: f32,
+    pub(super) mscale: f32,
+    pub(super) corr_lo: f32,
+    pub(super) corr_hi: f32,
+}
+
+impl RopeArgs {
+    /// The YaRN fields for `n_rot` rotated values at `base` (off without
+    /// YaRN), as tl-core's `rope_cache_yarn` derives them.
+    pub(super) fn with_yarn(
+        mut self,
+        y: Option<crate::config::Yarn>,
+        n_rot: usize,
+        base: f32,
+    ) -> Self {
+        if let Some(y) = y {
+            let [lo, hi] = tl_core::cpu::kernels::rope_yarn_corr_dims(
+                n_rot,
+                y.n_ctx_orig,
+                base,
+                y.beta_fast,
+                y.beta_slow,
+            );
+            let mut mscale = y.attn_factor;
+            if y.ext_factor != 0.0 {
+                mscale *= 1.0 + 0.1 * (1.0 / y.freq_scale).ln();
+            }
+            self.yarn = 1;
+            self.freq_scale = y.freq_scale;
+            self.ext_factor = y.ext_factor;
+            self.mscale = mscale;
+            self.corr_lo = lo;
+            self.corr_hi = hi;
+        }
+        self
+    }
 }
 
 #[repr(C)]
@@ -44,6 +83,8 @@ pub(super) struct AttnArgs {
     pub(super) v_rot: i32,
     /// Scores soft-capped to `tanh(s / cap) * cap` when > 0 (Gemma 2).
     pub(super) softcap: f32,
+    /// A sink logit per query head (gpt-oss), or 0.
+    pub(super) sinks: u64,
 }
 
 pub(super) struct CudaExec<'a> {
@@ -160,6 +201,15 @@ pub(super) fn kv_type_code(ty: KvType) -> i32 {
 }
 
 /// The suffix of the `attention_*` kernel that reads a cache of type `ty`.
+/// The `gated` kernel's activation code.
+pub(super) fn act_code(a: FfnAct) -> i32 {
+    match a {
+        FfnAct::Silu => 0,
+        FfnAct::Gelu => 1,
+        FfnAct::SwigluOai => 2,
+    }
+}
+
 pub(super) fn attn_suffix(ty: KvType) -> &'static str {
     match ty {
         KvType::F16 => "",
@@ -685,7 +735,7 @@ impl CudaExec<'_> {
     /// side in `gu`), into `out`, quantized to 8 bits too with `q0`, `q1`.
     fn gated_rows(&self, gu: u64, out: u64, f: usize, rows: usize, q0: Arg, q1: Arg) -> Result<()> {
         let total = rows * f;
-        let act = i32::from(self.m.config.ffn_act == FfnAct::Gelu);
+        let act = act_code(self.m.config.ffn_act);
         self.l(
             "gated",
             grid1(total, 256),
@@ -776,9 +826,13 @@ impl CudaExec<'_> {
             0,
             &[
                 Arg::Ptr(mb.logits.ptr),
+                Arg::Ptr(ptr(&mw.router_b)),
                 Arg::I32(c.n_expert as i32),
                 Arg::I32(k as i32),
                 Arg::I32(i32::from(c.moe_norm_weights)),
+                Arg::I32(i32::from(
+                    c.moe_gating == crate::config::MoeGating::SoftmaxSelected,
+                )),
                 Arg::Ptr(mb.ids.ptr),
                 Arg::Ptr(mb.wts.ptr),
             ],
@@ -800,9 +854,12 @@ impl CudaExec<'_> {
             )?;
         }
         let ids = mb.ids.ptr;
-        for (w, col) in [(&mw.gate, 0usize), (&mw.up, f)] {
+        for (i, (w, col)) in [(&mw.gate, 0usize), (&mw.up, f)].into_iter().enumerate() {
             let out = mb.gu.ptr + (col * 4) as u64;
             self.expert_products(w, ids, false, xn, xq, xd, out, 2 * f)?;
+            if let Some(b) = &mw.biases {
+                self.expert_bias(out, 2 * f, b[i].ptr, ids, f)?;
+            }
         }
         // The shared expert's products read xn's 8-bit copy before the
         // activations below replace it.
@@ -827,6 +884,9 @@ impl CudaExec<'_> {
         self.expert_products(
             &mw.down, ids, true, mb.act.ptr, mb.xq.ptr, mb.xd.ptr, mb.y.ptr, d,
         )?;
+        if let Some(b) = &mw.biases {
+            self.expert_bias(mb.y.ptr, d, b[2].ptr, ids, d)?;
+        }
         let (mut sy, mut sz) = (0u64, 0u64);
         if let Some((s, gu, act, y, z)) = shared {
             let [q0, q1] = self.q8_args();
@@ -847,6 +907,42 @@ impl CudaExec<'_> {
                 Arg::Ptr(ptr(&self.cs.o)),
                 Arg::Ptr(sy),
                 Arg::Ptr(sz),
+            ],
+        )
+    }
+
+    /// `x[r] += b` for `rows` rows of `d`.
+    fn bias_rows(&self, x: u64, b: u64, d: usize, rows: usize) -> Result<()> {
+        let n = rows * d;
+        self.l(
+            "add_bias",
+            grid1(n, 256),
+            256,
+            0,
+            &[
+                Arg::Ptr(x),
+                Arg::Ptr(b),
+                Arg::I32(d as i32),
+                Arg::I64(n as i64),
+            ],
+        )
+    }
+
+    /// Each slot's expert bias (`b`: every expert's `n` values) added to
+    /// its output row (`out`, stride `ld`).
+    fn expert_bias(&self, out: u64, ld: usize, b: u64, ids: u64, n: usize) -> Result<()> {
+        let slots = self.n * self.m.config.n_expert_used;
+        self.l(
+            "expert_bias",
+            (slots as u32, 1, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(out),
+                Arg::I32(ld as i32),
+                Arg::Ptr(b),
+                Arg::Ptr(ids),
+                Arg::I32(n as i32),
             ],
         )
     }
@@ -917,7 +1013,14 @@ impl Exec for CudaExec<'_> {
             kv_type: kv_type_code(self.kv.ty),
             k_rot: crate::kv::rotations(self.kv.ty, hd).0 as i32,
             v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
-        };
+            yarn: 0,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            mscale: 1.0,
+            corr_lo: 0.0,
+            corr_hi: 0.0,
+        }
+        .with_yarn(c.yarn, c.rope_dims, c.rope_base_for(il));
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
         // Q and K each normed as one vector (OLMo 2) before the per-head
@@ -999,6 +1102,7 @@ impl Exec for CudaExec<'_> {
             },
             v_rot: crate::kv::rotations(self.kv.ty, hd).1 as i32,
             softcap: p.softcap.unwrap_or(0.0),
+            sinks: ptr(&self.cm.layers[il].sinks),
         };
         let zs = attn_chunks(self.n, self.stride).1;
         let threads = 256usize;
@@ -1038,6 +1142,7 @@ impl Exec for CudaExec<'_> {
                         Arg::I32(c.n_heads as i32),
                         Arg::I32(hd as i32),
                         Arg::I32(splits as i32),
+                        Arg::Ptr(ptr(&self.cm.layers[il].sinks)),
                     ],
                 )?;
             }
@@ -1078,7 +1183,11 @@ impl Exec for CudaExec<'_> {
         } else {
             ptr(&self.cs.o)
         };
-        self.matmul(&[w], ptr(&self.cs.att), self.n, out, w.n)
+        self.matmul(&[w], ptr(&self.cs.att), self.n, out, w.n)?;
+        if let Some(bo) = &self.cm.layers[il].bo {
+            self.bias_rows(out, bo.ptr, w.n, self.n)?;
+        }
+        Ok(())
     }
 
     fn attn_residual(&mut self, il: usize) -> Result<()> {
@@ -1114,7 +1223,7 @@ impl Exec for CudaExec<'_> {
         self.mark("gated act")?;
         let c = &self.m.config;
         let total = self.n * c.ffn;
-        let act = i32::from(c.ffn_act == FfnAct::Gelu);
+        let act = act_code(c.ffn_act);
         let [q0, q1] = self.q8_args();
         self.l(
             "gated",

@@ -54,6 +54,10 @@ struct DevLayer {
     k_norm: Option<DevBuf>,
     post_attn_norm: Option<DevBuf>,
     post_ffn_norm: Option<DevBuf>,
+    /// The attention output's bias and the sink logit of each query head
+    /// (gpt-oss).
+    bo: Option<DevBuf>,
+    sinks: Option<DevBuf>,
     qkv: DevMats,
     wo: DevMat,
     /// The dense FFN (absent in mixture-of-experts layers).
@@ -71,6 +75,10 @@ struct DevMoe {
     up: DevMat,
     down: DevMat,
     shared: Option<DevShared>,
+    /// The router's bias and every expert's gate, up and down biases
+    /// (gpt-oss).
+    router_b: Option<DevBuf>,
+    biases: Option<[DevBuf; 3]>,
 }
 
 /// qwen2moe's shared expert: gate/up, down, and its gate's input row.
@@ -203,17 +211,7 @@ impl CudaModel {
         if c.qk_norm == crate::config::QkNorm::HeadWeights {
             return Err(unsupported("Q/K norms with a weight vector per head"));
         }
-        if c.n_expert > 0 && c.moe_gating != crate::config::MoeGating::Softmax {
-            return Err(unsupported(
-                "mixture-of-experts routing by a softmax over the selected experts",
-            ));
-        }
-        if c.ffn_act == crate::config::FfnAct::SwigluOai {
-            return Err(unsupported("the clamped SwiGLU activation (swiglu_oai)"));
-        }
-        if c.yarn.is_some() {
-            return Err(unsupported("YaRN RoPE scaling"));
-        }
+
         let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
         let file = &m.file;
         // Fail before allocating when the weights can't fit.
@@ -233,12 +231,6 @@ impl CudaModel {
         for (lw, lv) in w.layers.iter().zip(&m.vecs) {
             if c.qk_norm == crate::config::QkNorm::Whole && (lv.bq.is_some() || lv.bk.is_some()) {
                 return Err(unsupported("Q/K biases before whole-projection Q/K norms"));
-            }
-            if lv.sinks.is_some() || lv.bo.is_some() {
-                return Err(unsupported("attention sinks and output biases"));
-            }
-            if lv.router_b.is_some() || lv.expert_b.is_some() {
-                return Err(unsupported("router and expert biases"));
             }
             let moe = match &lw.moe {
                 None => None,
@@ -266,6 +258,15 @@ impl CudaModel {
                                 )?,
                             }),
                         },
+                        router_b: upload_opt(&gpu, &lv.router_b, "router bias")?,
+                        biases: match &lv.expert_b {
+                            None => None,
+                            Some([g, u, dn]) => Some([
+                                upload_f32(&gpu, g, "expert gate biases")?,
+                                upload_f32(&gpu, u, "expert up biases")?,
+                                upload_f32(&gpu, dn, "expert down biases")?,
+                            ]),
+                        },
                     })
                 }
             };
@@ -280,6 +281,11 @@ impl CudaModel {
                 k_norm: upload_opt(&gpu, &lv.k_norm, "k_norm")?,
                 post_attn_norm: upload_opt(&gpu, &lv.post_attn_norm, "post_attn_norm")?,
                 post_ffn_norm: upload_opt(&gpu, &lv.post_ffn_norm, "post_ffn_norm")?,
+                bo: upload_opt(&gpu, &lv.bo, "attention output bias")?,
+                sinks: match &lv.sinks {
+                    Some(s) => Some(upload_f32(&gpu, s, "attention sinks")?),
+                    None => None,
+                },
                 qkv: DevMats::upload(&gpu, &[&lw.wq, &lw.wk, &lw.wv], file)?,
                 wo: DevMat::upload(&gpu, repack(&lw.wo, lw.wo.bytes(file))?, &lw.wo.name)?,
                 gate_up: if dense {

@@ -251,6 +251,12 @@ impl CudaModel {
             kv_type: kv_type_code(kv.ty),
             k_rot: k_rot as i32,
             v_rot: v_rot as i32,
+            yarn: 0,
+            freq_scale: 1.0,
+            ext_factor: 0.0,
+            mscale: 1.0,
+            corr_lo: 0.0,
+            corr_hi: 0.0,
         };
         let off = (a.layer * kv.layer_bytes) as u64;
         let soff = (a.layer * kv.layer_scale_bytes) as u64;
@@ -291,6 +297,7 @@ impl CudaModel {
             chunk: 0,
             v_rot: v_rot as i32,
             softcap: 0.0,
+            sinks: 0,
         };
         let threads = 256usize;
         let groups = threads / 32 * (32 / (hd / 8));
