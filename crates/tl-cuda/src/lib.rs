@@ -654,21 +654,21 @@ impl Gpu {
             return Ok(());
         }
         // Each argument's bytes, kept alive across the call.
-        let mut store: Vec<[u64; 8]> = Vec::with_capacity(args.len());
+        let mut store: Vec<[u64; 16]> = Vec::with_capacity(args.len());
         for a in args {
-            let mut slot = [0u64; 8];
+            let mut slot = [0u64; 16];
             {
-                // SAFETY: viewing a local [u64; 8] as 64 bytes.
-                let bytes: &mut [u8; 64] = unsafe { &mut *(slot.as_mut_ptr() as *mut [u8; 64]) };
+                // SAFETY: viewing a local [u64; 16] as 128 bytes.
+                let bytes: &mut [u8; 128] = unsafe { &mut *(slot.as_mut_ptr() as *mut [u8; 128]) };
                 match a {
                     Arg::Ptr(p) => bytes[..8].copy_from_slice(&p.to_ne_bytes()),
                     Arg::I32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
                     Arg::I64(v) => bytes[..8].copy_from_slice(&v.to_ne_bytes()),
                     Arg::F32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
                     Arg::Raw(r) => {
-                        if r.len() > 64 {
+                        if r.len() > 128 {
                             return Err(CudaError::Invalid(format!(
-                                "kernel {name}: a by-value argument of {} bytes (64 at most)",
+                                "kernel {name}: a by-value argument of {} bytes (128 at most)",
                                 r.len()
                             )));
                         }

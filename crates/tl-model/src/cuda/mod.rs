@@ -120,12 +120,13 @@ impl DevLayer {
 /// Uploads the weights of every expert of one projection as one matrix.
 fn upload_experts(gpu: &Gpu, ws: &[&Weight], file: &tl_gguf::GgufFile) -> Result<DevMat> {
     let mut all: Option<weights::HostParts> = None;
+    let rows = ws.first().map_or(0, |w| w.rows);
     for w in ws {
         let hp = repack(w, w.bytes(file))?;
         match &mut all {
             None => all = Some(hp),
             Some(a) => {
-                if a.kind != hp.kind || a.cols != hp.cols || a.rows != hp.rows {
+                if a.kind != hp.kind || a.cols != hp.cols || hp.rows != rows {
                     return Err(ModelError::Device(format!(
                         "tensor '{}': experts of different types or shapes",
                         w.name
