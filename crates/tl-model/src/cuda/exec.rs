@@ -270,6 +270,20 @@ pub(super) fn mmqs_prefill() -> bool {
     *ON.get_or_init(|| std::env::var("TL_CUDA_MMQS_PREFILL").is_ok_and(|v| v == "1"))
 }
 
+/// Steps of more than `GEMV_ROWS` rows and at most this many (large decode
+/// batches: 65–128 sequences) run their products on the staged kernels
+/// in groups of 64 rows, like `mmqs_prefill` does for every prompt:
+/// `TL_CUDA_MMQS_ROWS=N` moves the bound (64: off).
+pub(super) fn mmqs_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("TL_CUDA_MMQS_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2 * GEMV_ROWS)
+    })
+}
+
 /// Whether weight `w` can take a staged product of rows of `k` values.
 fn mmqs_fits(w: &DevMat, k: usize) -> bool {
     w.kind.has_mmq() && k.is_multiple_of(mmqs_ch(w.kind)) && w.ptrs.iter().all(|p| p % 16 == 0)
@@ -402,7 +416,7 @@ pub(super) fn matmul_on(
     let staged_prompt = !small
         && part != 0
         && mmq_min <= GEMV_ROWS
-        && mmqs_prefill()
+        && (mmqs_prefill() || m <= mmqs_rows())
         && mats.iter().all(|w| mmqs_fits(w, k));
     if staged_prompt {
         let n = m * k;
