@@ -254,6 +254,14 @@ impl Model {
             lost: std::sync::Mutex::new(None),
         };
         if let Device::Cuda(ordinal) = device {
+            // The CUDA rope kernel has no YaRN ramp and no magnitude factor.
+            if model.config.yarn.is_some() && model.config.n_expert == 0 {
+                return Err(ModelError::Device(format!(
+                    "{}: RoPE scaling (YaRN, or a rope.scaling.attn_factor) is not in the CUDA \
+                     executor yet (run it with --device cpu)",
+                    model.config.arch.name()
+                )));
+            }
             model.cuda = Some(crate::cuda::CudaModel::upload(&model, ordinal)?);
         }
         Ok(model)
