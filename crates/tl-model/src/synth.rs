@@ -405,7 +405,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
 
     let wt = spec.weight_type;
     let s_in = 1.0 / (d as f32).sqrt();
-    matrix(&mut w, "token_embd.weight".into(), d, vocab, wt, 1.0)?;
+    // Gemma (1)'s tied LM head has no soft-cap: a table of ±1/sqrt(d)
+    // keeps its logits of the order of the other architectures'.
+    let s_embd = if spec.arch == SynthArch::Gemma { s_in } else { 1.0 };
+    matrix(&mut w, "token_embd.weight".into(), d, vocab, wt, s_embd)?;
     for i in 0..spec.n_layers {
         let b = format!("blk.{i}");
         if !olmo2 {
