@@ -36,6 +36,20 @@
 //! the softmax over the selected experts for qwen3moe's gating by 0.29, the
 //! router and expert biases by 0.28; the F16 case (top-4 of 8, 8 query
 //! heads over a width of 256; bound 0.10) by 0.81 to 1.90.
+//!
+//! Gemma (1) (Q8_0 bound 0.158, Q4_K 0.186): leaving out the embedding
+//! scale sqrt(d) moves the logits by 7.2 and 8.0; SiLU for its GELU by
+//! 0.24 (Q8_0); the query scaled by 1/sqrt(d_model) instead of
+//! 1/sqrt(head_dim) by 0.50 (Q8_0).
+//!
+//! Phi-3 LongRoPE, with llama.cpp's context of 512 within the original
+//! context (4096: short factors) and beyond it (256: long factors), bounds
+//! 0.040 and 0.038: the other regime's factors move the logits by 2.49 and
+//! 2.52, no factors by 1.10 and 2.59, leaving out the magnitude factor
+//! (`rope.scaling.attn_factor` 1.19) by 0.62 and 0.65. YaRN outside
+//! gpt-oss (factor 4 on qwen2 and qwen3, 8 with an attention factor of 1.1
+//! on llama; bounds 0.045, 0.042, 0.045): leaving it out moves the logits
+//! by 1.49, 0.18 and 1.56.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
