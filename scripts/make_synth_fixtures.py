@@ -80,6 +80,10 @@ CASES = [
      "long_rope": 4096, "rope_attn_factor": 1.19},
     {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 36, "qk_scale": 6.0,
      "long_rope": 256, "rope_attn_factor": 1.19},
+    # gpt-oss with `attention.sliding_window_pattern` 3: layers 0, 1 and 3
+    # windowed, 2 global.
+    {"arch": "gpt-oss", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 41, "ffn": 256,
+     "layers": 4, "experts": 4, "experts_used": 2, "qk_scale": 2.0, "swa_pattern": 3},
     # YaRN outside gpt-oss.
     {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 37, "qk_scale": 6.0,
      "yarn": 4.0},

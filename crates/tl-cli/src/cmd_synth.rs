@@ -67,6 +67,9 @@ pub struct SynthArgs {
     /// `rope.scaling.attn_factor`: the RoPE magnitude factor (written when not 1).
     #[arg(long, default_value_t = 1.0)]
     pub rope_attn_factor: f32,
+    /// gpt-oss: `attention.sliding_window_pattern` (every N-th layer global; 0: not written).
+    #[arg(long, default_value_t = 0)]
+    pub swa_pattern: usize,
     /// Pooling of an embedding model (bert, nomic-bert): mean, cls, last or none.
     #[arg(long, default_value = "mean")]
     pub pooling: String,
@@ -97,6 +100,7 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         yarn_factor: a.yarn,
         long_rope_ctx: a.long_rope,
         rope_attn_factor: a.rope_attn_factor,
+        swa_pattern: a.swa_pattern,
     };
     let w = if spec.arch.is_encoder() {
         let pooling = match a.pooling.as_str() {

@@ -435,22 +435,32 @@ impl Config {
                 1.0 / (head_dim as f32).sqrt(),
             ),
             // gpt-oss (llama.cpp `models/openai-moe.cpp`): the window is
-            // required, even layers use it (pattern 2), the same rope base
-            // unless the file gives one for them.
+            // required; every `attention.sliding_window_pattern`-th layer
+            // (2 unless the file says) is global, the others windowed; the
+            // same rope base unless the file gives one for them.
             Arch::GptOss => {
-                if m.opt_array(&k("attention.sliding_window_pattern"))?
-                    .is_some()
-                    || m.opt_u64(&k("attention.sliding_window_pattern"))?.is_some()
-                {
-                    return Err(ModelError::BadConfig(
-                        "gpt-oss with attention.sliding_window_pattern is not supported yet".into(),
-                    ));
+                let key = k("attention.sliding_window_pattern");
+                if m.get(&key).is_some_and(|v| v.as_array().is_some()) {
+                    return Err(ModelError::BadConfig(format!(
+                        "gpt-oss with a per-layer {key} array is not supported yet (a period is)"
+                    )));
                 }
+                let period = match m.opt_u64(&key)? {
+                    None => 2,
+                    Some(p) if p >= 2 => p as usize,
+                    // llama.cpp: 0 windows every layer; 1 none, which its
+                    // gpt-oss graph refuses.
+                    Some(p) => {
+                        return Err(ModelError::BadConfig(format!(
+                            "gpt-oss with {key} = {p} is not supported (every n-th layer global, n >= 2)"
+                        )))
+                    }
+                };
                 let swa = usize_of(k("attention.sliding_window"))?;
                 let base_swa = m.opt_f32(&k("rope.freq_base_swa"))?.unwrap_or(rope_base);
                 (
                     (swa > 0).then_some(swa),
-                    2,
+                    period,
                     base_swa,
                     1.0,
                     1.0 / (head_dim as f32).sqrt(),

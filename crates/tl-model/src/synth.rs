@@ -147,6 +147,9 @@ pub struct SynthSpec {
     /// `rope.scaling.attn_factor` (the RoPE magnitude factor), written
     /// when not 1.
     pub rope_attn_factor: f32,
+    /// gpt-oss: `attention.sliding_window_pattern` (every n-th layer
+    /// global), written when not 0.
+    pub swa_pattern: usize,
 }
 
 impl Default for SynthSpec {
@@ -171,6 +174,7 @@ impl Default for SynthSpec {
             yarn_factor: 0.0,
             long_rope_ctx: 0,
             rope_attn_factor: 1.0,
+            swa_pattern: 0,
         }
     }
 }
@@ -281,6 +285,15 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         w.set(
             format!("{arch}.rope.scaling.original_context_length"),
             u32v(4096),
+        );
+    }
+    if spec.swa_pattern > 0 {
+        if !gpt_oss {
+            return Err(bad("--swa-pattern is gpt-oss's (--arch gpt-oss)".into()));
+        }
+        w.set(
+            format!("{arch}.attention.sliding_window_pattern"),
+            u32v(spec.swa_pattern),
         );
     }
     if spec.yarn_factor != 0.0 {

@@ -124,6 +124,7 @@ fn synthetic_models_imatrix_matches_llama_cpp() {
                 .get("rope_attn_factor")
                 .and_then(|v| v.as_f64())
                 .unwrap_or(1.0) as f32,
+            swa_pattern: c.get("swa_pattern").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
         };
         let label = format!("synth {}", c["arch"]);
         let bytes = synthesize(&spec).unwrap().to_bytes().unwrap();
