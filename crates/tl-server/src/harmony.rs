@@ -115,6 +115,39 @@ pub fn parse(text: &str, finished: bool) -> Parts {
     parts
 }
 
+/// What one streamed step of a harmony reply adds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Delta {
+    pub reasoning: Option<String>,
+    pub content: Option<String>,
+    /// At the end only: the reply's calls.
+    pub calls: Vec<ToolCall>,
+}
+
+/// The parts of a reply already streamed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sent {
+    reasoning: usize,
+    content: usize,
+}
+
+impl Sent {
+    /// The step after the reply grew to `text` (`finished`: it ended):
+    /// the reasoning and content not yet sent and, at the end, the calls.
+    pub fn step(&mut self, text: &str, finished: bool) -> Delta {
+        let p = parse(text, finished);
+        let new = |s: &str, from: usize| s.get(from..).filter(|t| !t.is_empty()).map(String::from);
+        let d = Delta {
+            reasoning: new(&p.reasoning, self.reasoning),
+            content: new(&p.content, self.content),
+            calls: if finished { p.calls } else { Vec::new() },
+        };
+        self.reasoning = self.reasoning.max(p.reasoning.len());
+        self.content = self.content.max(p.content.len());
+        d
+    }
+}
+
 /// The channel name and the recipient (`to=…`) of a header such as
 /// `assistant<|channel|>commentary to=functions.f <|constrain|>json` or
 /// ` to=functions.f<|channel|>commentary json`.
@@ -244,6 +277,63 @@ mod tests {
         }
         assert_eq!(prev.reasoning, done.reasoning);
         assert_eq!(prev.content, done.content);
+    }
+
+    #[test]
+    fn streamed_token_by_token_adds_up_to_the_reply() {
+        // The reply as gpt-oss's tokens arrive: markers whole, text in
+        // pieces (one cut inside `<` that turns out not to be a marker).
+        let pieces = [
+            "<|channel|>", "analysis", "<|message|>", "Weather", " in Paris", " <", "3 calls.",
+            "<|end|>", "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "It is",
+            " sunny", ".",
+        ];
+        let mut text = String::new();
+        let mut sent = Sent::default();
+        let (mut r, mut c) = (String::new(), String::new());
+        let mut steps = Vec::new();
+        for (i, piece) in pieces.iter().enumerate() {
+            text.push_str(piece);
+            let d = sent.step(&text, i + 1 == pieces.len());
+            r.push_str(d.reasoning.as_deref().unwrap_or(""));
+            c.push_str(d.content.as_deref().unwrap_or(""));
+            assert!(d.calls.is_empty());
+            steps.push(d);
+        }
+        assert_eq!(r, "Weather in Paris <3 calls.");
+        assert_eq!(c, "It is sunny.");
+        // Reasoning came as its tokens did; the lone `<` waited for the
+        // next piece; no marker or header text leaked.
+        assert_eq!(steps[3].reasoning.as_deref(), Some("Weather"));
+        assert_eq!(steps[5].reasoning.as_deref(), Some(" "));
+        assert_eq!(steps[6].reasoning.as_deref(), Some("<3 calls."));
+        assert!(steps[7..13].iter().all(|d| d.content.is_none() && d.reasoning.is_none()));
+        assert_eq!(steps[13].content.as_deref(), Some("It is"));
+
+        // A call: nothing of it streams until the end, then the call.
+        let mut sent = Sent::default();
+        let mut text = String::new();
+        let call_pieces = [
+            "<|channel|>", "analysis", "<|message|>", "Call it.", "<|end|>", "<|start|>",
+            "assistant", "<|channel|>", "commentary", " to", "=functions", ".get_weather", " ",
+            "<|constrain|>", "json", "<|message|>", "{\"location\"", ":\"Paris\"}",
+        ];
+        let mut calls = Vec::new();
+        let mut r = String::new();
+        for (i, piece) in call_pieces.iter().enumerate() {
+            text.push_str(piece);
+            let d = sent.step(&text, i + 1 == call_pieces.len());
+            assert!(d.content.is_none(), "{d:?}");
+            r.push_str(d.reasoning.as_deref().unwrap_or(""));
+            if i + 1 < call_pieces.len() {
+                assert!(d.calls.is_empty());
+            }
+            calls = d.calls;
+        }
+        assert_eq!(r, "Call it.");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].name, "get_weather");
+        assert_eq!(calls[0].arguments, "{\"location\":\"Paris\"}");
     }
 
     #[test]

@@ -515,10 +515,9 @@ struct ChoiceAcc {
     /// Bytes of `text` already streamed (text that may be a tool call is
     /// held back).
     sent: usize,
-    /// Harmony replies: bytes of the reasoning and of the content already
+    /// Harmony replies: how much of the reasoning and of the content was
     /// streamed.
-    sent_reasoning: usize,
-    sent_content: usize,
+    harmony: harmony::Sent,
     logprobs: Vec<TokenLogprob>,
     finish: Option<&'static str>,
     last_token: Option<Instant>,
@@ -625,33 +624,32 @@ impl Run {
         let Some(c) = self.choices.get(idx) else {
             return Vec::new();
         };
-        let parts = harmony::parse(&c.text, finish.is_some());
+        let mut sent = c.harmony;
+        let d = sent.step(&c.text, finish.is_some());
+        if let Some(c) = self.choices.get_mut(idx) {
+            c.harmony = sent;
+        }
         let mut out = Vec::new();
         let delta = |key: &str, t: &str| {
             json!({"index": idx, "delta": {key: t}, "logprobs": Value::Null,
                    "finish_reason": Value::Null})
         };
-        let (sr, sc) = (c.sent_reasoning, c.sent_content);
-        if let Some(t) = parts.reasoning.get(sr..).filter(|t| !t.is_empty()) {
+        if let Some(t) = &d.reasoning {
             out.push(delta("reasoning_content", t));
         }
-        if let Some(t) = parts.content.get(sc..).filter(|t| !t.is_empty()) {
+        if let Some(t) = &d.content {
             out.push(delta("content", t));
-        }
-        if let Some(c) = self.choices.get_mut(idx) {
-            c.sent_reasoning = parts.reasoning.len().max(sr);
-            c.sent_content = parts.content.len().max(sc);
         }
         let Some(finish) = finish else {
             return out;
         };
-        for (k, t) in parts.calls.iter().enumerate() {
+        for (k, t) in d.calls.iter().enumerate() {
             let mut call = t.json(&self.call_id(idx, k));
             call["index"] = k.into();
             out.push(json!({"index": idx, "delta": {"tool_calls": [call]},
                             "logprobs": Value::Null, "finish_reason": Value::Null}));
         }
-        let finish = if parts.calls.is_empty() {
+        let finish = if d.calls.is_empty() {
             finish
         } else {
             "tool_calls"
