@@ -324,7 +324,9 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             return Err(bad("LongRoPE factors are Phi-3's (--arch phi3)".into()));
         }
         if spec.rope_freqs {
-            return Err(bad("LongRoPE factors and rope_freqs exclude each other".into()));
+            return Err(bad(
+                "LongRoPE factors and rope_freqs exclude each other".into()
+            ));
         }
         w.set(
             format!("{arch}.rope.scaling.original_context_length"),
@@ -420,7 +422,11 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
     let s_in = 1.0 / (d as f32).sqrt();
     // Gemma (1)'s tied LM head has no soft-cap: a table of ±1/sqrt(d)
     // keeps its logits of the order of the other architectures'.
-    let s_embd = if spec.arch == SynthArch::Gemma { s_in } else { 1.0 };
+    let s_embd = if spec.arch == SynthArch::Gemma {
+        s_in
+    } else {
+        1.0
+    };
     matrix(&mut w, "token_embd.weight".into(), d, vocab, wt, s_embd)?;
     for i in 0..spec.n_layers {
         let b = format!("blk.{i}");
@@ -599,7 +605,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         // Phi-3 128k's shape: short factors near 1, long ones rising to
         // tens over the low-frequency pairs.
         let n = spec.head_dim / 2;
-        for (name, top) in [("rope_factors_short.weight", 1.5f32), ("rope_factors_long.weight", 40.0)] {
+        for (name, top) in [
+            ("rope_factors_short.weight", 1.5f32),
+            ("rope_factors_long.weight", 40.0),
+        ] {
             let vals: Vec<f32> = (0..n)
                 .map(|i| {
                     let t = i as f32 / (n.max(2) - 1) as f32;

@@ -176,11 +176,7 @@ fn read_header(header: &str) -> (&str, Option<&str>) {
 fn held_suffix(text: &str) -> usize {
     MARKERS
         .iter()
-        .filter_map(|m| {
-            (1..m.len())
-                .rev()
-                .find(|&k| text.ends_with(&m[..k]))
-        })
+        .filter_map(|m| (1..m.len()).rev().find(|&k| text.ends_with(&m[..k])))
         .max()
         .unwrap_or(0)
 }
@@ -284,9 +280,22 @@ mod tests {
         // The reply as gpt-oss's tokens arrive: markers whole, text in
         // pieces (one cut inside `<` that turns out not to be a marker).
         let pieces = [
-            "<|channel|>", "analysis", "<|message|>", "Weather", " in Paris", " <", "3 calls.",
-            "<|end|>", "<|start|>", "assistant", "<|channel|>", "final", "<|message|>", "It is",
-            " sunny", ".",
+            "<|channel|>",
+            "analysis",
+            "<|message|>",
+            "Weather",
+            " in Paris",
+            " <",
+            "3 calls.",
+            "<|end|>",
+            "<|start|>",
+            "assistant",
+            "<|channel|>",
+            "final",
+            "<|message|>",
+            "It is",
+            " sunny",
+            ".",
         ];
         let mut text = String::new();
         let mut sent = Sent::default();
@@ -307,16 +316,33 @@ mod tests {
         assert_eq!(steps[3].reasoning.as_deref(), Some("Weather"));
         assert_eq!(steps[5].reasoning.as_deref(), Some(" "));
         assert_eq!(steps[6].reasoning.as_deref(), Some("<3 calls."));
-        assert!(steps[7..13].iter().all(|d| d.content.is_none() && d.reasoning.is_none()));
+        assert!(steps[7..13]
+            .iter()
+            .all(|d| d.content.is_none() && d.reasoning.is_none()));
         assert_eq!(steps[13].content.as_deref(), Some("It is"));
 
         // A call: nothing of it streams until the end, then the call.
         let mut sent = Sent::default();
         let mut text = String::new();
         let call_pieces = [
-            "<|channel|>", "analysis", "<|message|>", "Call it.", "<|end|>", "<|start|>",
-            "assistant", "<|channel|>", "commentary", " to", "=functions", ".get_weather", " ",
-            "<|constrain|>", "json", "<|message|>", "{\"location\"", ":\"Paris\"}",
+            "<|channel|>",
+            "analysis",
+            "<|message|>",
+            "Call it.",
+            "<|end|>",
+            "<|start|>",
+            "assistant",
+            "<|channel|>",
+            "commentary",
+            " to",
+            "=functions",
+            ".get_weather",
+            " ",
+            "<|constrain|>",
+            "json",
+            "<|message|>",
+            "{\"location\"",
+            ":\"Paris\"}",
         ];
         let mut calls = Vec::new();
         let mut r = String::new();

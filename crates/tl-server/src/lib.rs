@@ -1164,7 +1164,11 @@ async fn forward(
             break StatusCode::OK;
         };
         let by_channel = run.harmony && run.endpoint == Endpoint::Chat;
-        if let (Some(fmt), Endpoint::Chat) = (run.tool_format.or(by_channel.then_some(tools::ToolFormat::Harmony)), run.endpoint) {
+        if let (Some(fmt), Endpoint::Chat) = (
+            run.tool_format
+                .or(by_channel.then_some(tools::ToolFormat::Harmony)),
+            run.endpoint,
+        ) {
             let (idx, finish) = match &ev {
                 Event::Delta { choice, .. } => (p * run.n + choice, None),
                 Event::Finished { choice, reason, .. } => {

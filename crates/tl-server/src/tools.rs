@@ -207,8 +207,8 @@ fn harmony_grammar(
         if matches!(choice, ToolChoice::Named(want) if *want != name) {
             continue;
         }
-        let head = serde_json::to_string(&format!("commentary to=functions.{name} "))
-            .unwrap_or_default();
+        let head =
+            serde_json::to_string(&format!("commentary to=functions.{name} ")).unwrap_or_default();
         let schema = serde_json::to_string(&compact(params)).unwrap_or_default();
         rules.push(format!(
             "call{}: <[{ch}]> {head} <[{cons}]> \"json\" <[{msg}]> %json {schema}",
