@@ -63,7 +63,9 @@ pub fn parse(text: &str, finished: bool) -> Parts {
         let t = text.trim_start();
         t.starts_with(CHANNEL) || t.starts_with(" to=") || t.starts_with("to=")
     };
-    if !text.contains(MESSAGE) && !(starts_as_header || (!finished && held_prefix(text) == 0)) {
+    let may_be_harmony =
+        text.contains(MESSAGE) || starts_as_header || (!finished && held_prefix(text) == 0);
+    if !may_be_harmony {
         // Plain text (or, unfinished, text that cannot be a header).
         if finished {
             parts.content = text.to_string();
