@@ -254,12 +254,26 @@ impl Model {
             lost: std::sync::Mutex::new(None),
         };
         if let Device::Cuda(ordinal) = device {
-            // The CUDA rope kernel has no YaRN ramp and no magnitude factor.
-            if model.config.yarn.is_some() && model.config.n_expert == 0 {
+            // The CUDA rope kernel has no YaRN ramp and no magnitude factor;
+            // Gemma (1) and Phi-3's LongRoPE factors are not yet checked
+            // against the CPU there.
+            let c = &model.config;
+            let why = if c.yarn.is_some() && c.n_expert == 0 {
+                Some("RoPE scaling (YaRN, or a rope.scaling.attn_factor)")
+            } else if c.arch == crate::config::Arch::Gemma {
+                Some("gemma (1)")
+            } else if ["rope_factors_long.weight", "rope_factors_short.weight"]
+                .iter()
+                .any(|t| model.file.tensor(t).is_some())
+            {
+                Some("LongRoPE frequency factors")
+            } else {
+                None
+            };
+            if let Some(what) = why {
                 return Err(ModelError::Device(format!(
-                    "{}: RoPE scaling (YaRN, or a rope.scaling.attn_factor) is not in the CUDA \
-                     executor yet (run it with --device cpu)",
-                    model.config.arch.name()
+                    "{}: {what} is not in the CUDA executor yet (run it with --device cpu)",
+                    c.arch.name()
                 )));
             }
             model.cuda = Some(crate::cuda::CudaModel::upload(&model, ordinal)?);

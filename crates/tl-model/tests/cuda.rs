@@ -347,7 +347,6 @@ fn cuda_matches_cpu_on_every_architecture_and_weight_type() {
         (SynthArch::Gemma3, GgmlType::Q8_0, GgmlType::Q8_0, 64),
         (SynthArch::Qwen3, GgmlType::Q8_0, GgmlType::Q8_0, 128),
         (SynthArch::Phi3, GgmlType::Q4_K, GgmlType::Q6_K, 64),
-        (SynthArch::Gemma, GgmlType::Q8_0, GgmlType::Q8_0, 64),
     ];
     // Wider shapes, so the decode products split long rows over 2 and 4
     // warps (rows of ≥ 1536 and ≥ 3072 values) as on full-size models.
@@ -824,22 +823,6 @@ fn cuda_device_out_of_range_is_a_clear_error() {
     assert!(err.to_string().contains("cuda:99"), "{err}");
 }
 
-/// Phi-3 LongRoPE factors without a magnitude factor (the chosen factors
-/// go through the same frequency-factor path as Llama 3.1's `rope_freqs`),
-/// in both regimes.
-#[test]
-fn cuda_matches_cpu_with_long_rope_factors() {
-    if !gpu_or_skip("cuda_matches_cpu_with_long_rope_factors") {
-        return;
-    }
-    for orig in [4096, 256] {
-        let mut s = spec(SynthArch::Phi3, GgmlType::Q8_0, GgmlType::Q8_0, 64);
-        s.long_rope_ctx = orig;
-        s.qk_scale = 6.0;
-        compare(&s).unwrap();
-    }
-}
-
 /// Architectures whose features the CUDA executor lacks are refused with
 /// the reason before any GPU work (so this runs without a GPU too).
 #[test]
@@ -866,11 +849,14 @@ fn cuda_refuses_what_it_cannot_run_yet() {
         .expect("refused");
         assert!(err.to_string().contains(what), "{arch:?}: {err}");
     }
-    // RoPE scaling: YaRN, or LongRoPE's magnitude factor.
-    for (arch, yarn, long_rope, attn) in [
-        (SynthArch::Qwen2, 4.0, 0, 1.0),
-        (SynthArch::Llama, 8.0, 0, 1.1),
-        (SynthArch::Phi3, 0.0, 4096, 1.19),
+    // RoPE scaling (YaRN, LongRoPE's magnitude factor), LongRoPE factors
+    // and Gemma (1).
+    for (arch, yarn, long_rope, attn, what) in [
+        (SynthArch::Qwen2, 4.0, 0, 1.0, "RoPE scaling"),
+        (SynthArch::Llama, 8.0, 0, 1.1, "RoPE scaling"),
+        (SynthArch::Phi3, 0.0, 4096, 1.19, "RoPE scaling"),
+        (SynthArch::Phi3, 0.0, 256, 1.0, "LongRoPE frequency factors"),
+        (SynthArch::Gemma, 0.0, 0, 1.0, "gemma (1)"),
     ] {
         let mut s = spec(arch, GgmlType::Q8_0, GgmlType::Q8_0, 64);
         (s.yarn_factor, s.long_rope_ctx, s.rope_attn_factor) = (yarn, long_rope, attn);
@@ -881,6 +867,6 @@ fn cuda_refuses_what_it_cannot_run_yet() {
         )
         .err()
         .expect("refused");
-        assert!(err.to_string().contains("RoPE scaling"), "{arch:?}: {err}");
+        assert!(err.to_string().contains(what), "{arch:?}: {err}");
     }
 }
