@@ -84,6 +84,14 @@ CASES = [
     # windowed, 2 global.
     {"arch": "gpt-oss", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 41, "ffn": 256,
      "layers": 4, "experts": 4, "experts_used": 2, "qk_scale": 2.0, "swa_pattern": 3},
+    # Linear RoPE scaling: on every llama layer; on gemma3's global layer
+    # only (the sixth: its windowed layers rotate unscaled).
+    {"arch": "llama", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 42, "qk_scale": 6.0,
+     "rope_linear": 4.0},
+    # Its logits reach 146 (the tied table without a soft-cap): the test's
+    # floor of 2% of that (2.9) is set to 0.5% (bound_frac).
+    {"arch": "gemma3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 43, "qk_scale": 6.0,
+     "layers": 6, "rope_linear": 8.0, "bound_frac": 0.005},
     # YaRN outside gpt-oss.
     {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 37, "qk_scale": 6.0,
      "yarn": 4.0},
@@ -136,6 +144,8 @@ def main():
             path = pathlib.Path(d) / f"{c['arch']}-{c['weight_type']}.gguf"
             args = [str(TL), "synth", "-o", str(path)]
             for k, v in c.items():
+                if k == "bound_frac":  # the test's tolerance, not a model option
+                    continue
                 if v is True:
                     args.append(f"--{k.replace('_', '-')}")
                 else:

@@ -60,6 +60,9 @@ pub struct SynthArgs {
     /// YaRN RoPE scaling by this factor (above 1; the original context is `--context`).
     #[arg(long, default_value_t = 0.0)]
     pub yarn: f32,
+    /// Linear RoPE scaling by this factor (`rope.scaling.type = linear`).
+    #[arg(long, default_value_t = 0.0)]
+    pub rope_linear: f32,
     /// Phi-3 LongRoPE: write short and long frequency factors with this original context
     /// (llama.cpp uses the long ones when its context exceeds it).
     #[arg(long, default_value_t = 0)]
@@ -101,6 +104,7 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         long_rope_ctx: a.long_rope,
         rope_attn_factor: a.rope_attn_factor,
         swa_pattern: a.swa_pattern,
+        linear_factor: a.rope_linear,
     };
     let w = if spec.arch.is_encoder() {
         let pooling = match a.pooling.as_str() {

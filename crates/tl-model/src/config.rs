@@ -265,6 +265,20 @@ impl Config {
             && il % self.swa_period < self.swa_period - 1
     }
 
+    /// The RoPE scaling of layer `il`: Gemma 3's windowed layers rotate
+    /// with the frequency scale 1 (llama.cpp's `rope_freq_scale_train_swa`
+    /// for gemma3); the others as the file says.
+    pub fn rope_scaling_for(&self, il: usize) -> Option<Yarn> {
+        let y = self.yarn?;
+        if self.arch == Arch::Gemma3 && self.is_swa_layer(il) {
+            return Some(Yarn {
+                freq_scale: 1.0,
+                ..y
+            });
+        }
+        Some(y)
+    }
+
     pub fn rope_base_for(&self, il: usize) -> f32 {
         if self.is_swa_layer(il) {
             self.rope_base_swa
@@ -615,8 +629,9 @@ impl Config {
 /// by it), and `n_ctx_orig` from `rope.scaling.original_context_length`
 /// (the training context when absent).
 ///
-/// Linear scaling with a factor other than 1 and other types are refused
-/// rather than ignored.
+/// Linear scaling (`rope.scaling.type = linear`, also llama.cpp's default
+/// when only a factor is given): the angles times `1 / factor`, no ramp.
+/// Other types are refused rather than ignored.
 fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option<Yarn>> {
     let k = |s: &str| format!("{a}.{s}");
     let n_ctx_orig = match m.opt_u64(&k("rope.scaling.original_context_length"))? {
@@ -629,7 +644,11 @@ fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option
             "rope.scaling.attn_factor {rope_attn_factor} (must be positive)"
         )));
     }
-    let factor = m.opt_f32(&k("rope.scaling.factor"))?.unwrap_or(0.0);
+    // (`rope.scale_linear`: the older name of the factor.)
+    let factor = match m.opt_f32(&k("rope.scaling.factor"))? {
+        Some(f) => f,
+        None => m.opt_f32(&k("rope.scale_linear"))?.unwrap_or(0.0),
+    };
     // Unscaled angles; only the magnitude factor, if any.
     let plain = (rope_attn_factor != 1.0).then_some(Yarn {
         freq_scale: 1.0,
@@ -640,23 +659,22 @@ fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option
         beta_slow: 1.0,
     });
     let kind = m.opt_str(&k("rope.scaling.type"))?;
-    match kind {
+    let linear = match kind {
         None | Some("linear") if factor == 0.0 || factor == 1.0 => return Ok(plain),
         Some("none") => return Ok(plain),
-        Some("yarn") => {}
+        Some("yarn") => false,
+        // llama.cpp's default type: the angles divided by the factor.
+        None | Some("linear") => true,
         Some(other) => {
             return Err(ModelError::BadConfig(format!(
-                "rope scaling type {other:?} (factor {factor}) is not supported yet (yarn is)"
+                "rope scaling type {other:?} (factor {factor}) is not supported yet (linear and \
+                 yarn are)"
             )))
         }
-        None => {
-            return Err(ModelError::BadConfig(format!(
-                "linear rope scaling (factor {factor}) is not supported yet (yarn is)"
-            )))
-        }
-    }
-    if m.opt_f32(&k("rope.scaling.yarn_log_multiplier"))?
-        .is_some_and(|v| v != 0.0)
+    };
+    if !linear
+        && m.opt_f32(&k("rope.scaling.yarn_log_multiplier"))?
+            .is_some_and(|v| v != 0.0)
     {
         return Err(ModelError::BadConfig(
             "YaRN with rope.scaling.yarn_log_multiplier is not supported yet".into(),
@@ -667,6 +685,16 @@ fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option
         return Err(ModelError::BadConfig(format!(
             "rope scaling factor {factor} (must be positive)"
         )));
+    }
+    if linear {
+        return Ok(Some(Yarn {
+            freq_scale,
+            n_ctx_orig,
+            ext_factor: 0.0,
+            attn_factor: rope_attn_factor,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        }));
     }
     let get_mscale = |scale: f32, mscale: f32| {
         if scale <= 1.0 {

@@ -150,6 +150,9 @@ pub struct SynthSpec {
     /// gpt-oss: `attention.sliding_window_pattern` (every n-th layer
     /// global), written when not 0.
     pub swa_pattern: usize,
+    /// Linear RoPE scaling by this factor (`rope.scaling.type = linear`);
+    /// 0: none.
+    pub linear_factor: f32,
 }
 
 impl Default for SynthSpec {
@@ -175,6 +178,7 @@ impl Default for SynthSpec {
             long_rope_ctx: 0,
             rope_attn_factor: 1.0,
             swa_pattern: 0,
+            linear_factor: 0.0,
         }
     }
 }
@@ -317,6 +321,25 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         w.set(
             format!("{arch}.rope.scaling.original_context_length"),
             u32v(spec.context),
+        );
+    }
+    if spec.linear_factor != 0.0 {
+        if gpt_oss || spec.yarn_factor != 0.0 {
+            return Err(bad("linear RoPE scaling excludes YaRN".into()));
+        }
+        if !(spec.linear_factor.is_finite() && spec.linear_factor > 0.0) {
+            return Err(bad(format!(
+                "linear RoPE factor {} (must be positive)",
+                spec.linear_factor
+            )));
+        }
+        w.set(
+            format!("{arch}.rope.scaling.type"),
+            Value::String("linear".into()),
+        );
+        w.set(
+            format!("{arch}.rope.scaling.factor"),
+            Value::F32(spec.linear_factor),
         );
     }
     if spec.long_rope_ctx > 0 {
