@@ -254,12 +254,13 @@ impl Model {
             lost: std::sync::Mutex::new(None),
         };
         if let Device::Cuda(ordinal) = device {
-            // The CUDA rope kernel has no YaRN ramp and no magnitude factor;
+            // The CUDA rope kernel has no frequency scale, YaRN ramp or
+            // magnitude factor;
             // Gemma (1) and Phi-3's LongRoPE factors are not yet checked
             // against the CPU there.
             let c = &model.config;
             let why = if c.yarn.is_some() && c.n_expert == 0 {
-                Some("RoPE scaling (YaRN, or a rope.scaling.attn_factor)")
+                Some("RoPE scaling (YaRN, linear, or a rope.scaling.attn_factor)")
             } else if c.arch == crate::config::Arch::Gemma {
                 Some("gemma (1)")
             } else if ["rope_factors_long.weight", "rope_factors_short.weight"]

@@ -855,6 +855,7 @@ fn cuda_refuses_what_it_cannot_run_yet() {
         (SynthArch::Qwen2, 4.0, 0, 1.0, "RoPE scaling"),
         (SynthArch::Llama, 8.0, 0, 1.1, "RoPE scaling"),
         (SynthArch::Phi3, 0.0, 4096, 1.19, "RoPE scaling"),
+        (SynthArch::Gemma3, 0.0, 0, 1.1, "RoPE scaling"),
         (SynthArch::Phi3, 0.0, 256, 1.0, "LongRoPE frequency factors"),
         (SynthArch::Gemma, 0.0, 0, 1.0, "gemma (1)"),
     ] {
