@@ -201,7 +201,19 @@ fn harmony_grammar(
             )
         })
     };
-    let (ch, cons, msg) = (id("<|channel|>")?, id("<|constrain|>")?, id("<|message|>")?);
+    let markers = [id("<|channel|>")?, id("<|constrain|>")?, id("<|message|>")?];
+    harmony_call_grammar(markers, tools, choice)
+}
+
+/// [`harmony_grammar`] with the ids of `<|channel|>`, `<|constrain|>`
+/// and `<|message|>` given: `<|channel|>commentary to=functions.NAME
+/// <|constrain|>json<|message|>` and the arguments, valid against the
+/// function's parameters.
+pub fn harmony_call_grammar(
+    [ch, cons, msg]: [u32; 3],
+    tools: &Value,
+    choice: &ToolChoice,
+) -> Result<GrammarSpec, ApiError> {
     let mut rules = Vec::new();
     for (name, params) in functions(tools)? {
         if matches!(choice, ToolChoice::Named(want) if *want != name) {
