@@ -69,6 +69,36 @@ CASES = [
      "experts": 4, "experts_used": 2, "qk_scale": 3.0},
     {"arch": "gpt-oss", "weight_type": "F16", "output_type": "Q8_0", "seed": 32, "ffn": 128,
      "layers": 4, "heads": 8, "kv_heads": 2, "experts": 8, "experts_used": 4, "qk_scale": 6.0},
+    # Gemma (1): pre-norms only, GeGLU, the query scaled by 1/sqrt(head_dim),
+    # tied output.
+    {"arch": "gemma", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 33, "qk_scale": 6.0},
+    {"arch": "gemma", "weight_type": "Q4_K", "output_type": "Q6_K", "seed": 34, "heads": 2,
+     "head_dim": 128},
+    # Phi-3 LongRoPE: llama.cpp's context (512) within the original one
+    # (short factors), then beyond it (long factors); a magnitude factor.
+    {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 35, "qk_scale": 6.0,
+     "long_rope": 4096, "rope_attn_factor": 1.19},
+    {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 36, "qk_scale": 6.0,
+     "long_rope": 256, "rope_attn_factor": 1.19},
+    # gpt-oss with `attention.sliding_window_pattern` 3: layers 0, 1 and 3
+    # windowed, 2 global.
+    {"arch": "gpt-oss", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 41, "ffn": 256,
+     "layers": 4, "experts": 4, "experts_used": 2, "qk_scale": 2.0, "swa_pattern": 3},
+    # Linear RoPE scaling: on every llama layer; on gemma3's global layer
+    # only (the sixth: its windowed layers rotate unscaled).
+    {"arch": "llama", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 42, "qk_scale": 6.0,
+     "rope_linear": 4.0},
+    # Its logits reach 146 (the tied table without a soft-cap): the test's
+    # floor of 2% of that (2.9) is set to 0.5% (bound_frac).
+    {"arch": "gemma3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 43, "qk_scale": 6.0,
+     "layers": 6, "rope_linear": 8.0, "bound_frac": 0.005},
+    # YaRN outside gpt-oss.
+    {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 37, "qk_scale": 6.0,
+     "yarn": 4.0},
+    {"arch": "llama", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 38, "qk_scale": 6.0,
+     "yarn": 8.0, "rope_attn_factor": 1.1},
+    {"arch": "qwen3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 39, "qk_scale": 6.0,
+     "yarn": 4.0},
 ]
 TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(159)]
 # Rows stored: every 16th position and the last four (far positions make
@@ -114,6 +144,8 @@ def main():
             path = pathlib.Path(d) / f"{c['arch']}-{c['weight_type']}.gguf"
             args = [str(TL), "synth", "-o", str(path)]
             for k, v in c.items():
+                if k == "bound_frac":  # the test's tolerance, not a model option
+                    continue
                 if v is True:
                     args.append(f"--{k.replace('_', '-')}")
                 else:

@@ -13,7 +13,7 @@ pub struct SynthArgs {
     /// Output file.
     #[arg(short, long)]
     pub out: PathBuf,
-    /// Architecture: llama, mixtral (llama with experts), qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3,
+    /// Architecture: llama, mixtral (llama with experts), qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3,
     /// phi3, granite, smollm3, olmo2, command-r, gpt-oss (experts in MXFP4), or the embedding
     /// models bert and nomic-bert
     /// (`--heads` × `--head-dim` must then be `--d-model`; `--extra-vocab` filler words
@@ -57,6 +57,22 @@ pub struct SynthArgs {
     /// Experts each token uses (qwen3moe).
     #[arg(long, default_value_t = 2)]
     pub experts_used: usize,
+    /// YaRN RoPE scaling by this factor (above 1; the original context is `--context`).
+    #[arg(long, default_value_t = 0.0)]
+    pub yarn: f32,
+    /// Linear RoPE scaling by this factor (`rope.scaling.type = linear`).
+    #[arg(long, default_value_t = 0.0)]
+    pub rope_linear: f32,
+    /// Phi-3 LongRoPE: write short and long frequency factors with this original context
+    /// (llama.cpp uses the long ones when its context exceeds it).
+    #[arg(long, default_value_t = 0)]
+    pub long_rope: usize,
+    /// `rope.scaling.attn_factor`: the RoPE magnitude factor (written when not 1).
+    #[arg(long, default_value_t = 1.0)]
+    pub rope_attn_factor: f32,
+    /// gpt-oss: `attention.sliding_window_pattern` (every N-th layer global; 0: not written).
+    #[arg(long, default_value_t = 0)]
+    pub swa_pattern: usize,
     /// Pooling of an embedding model (bert, nomic-bert): mean, cls, last or none.
     #[arg(long, default_value = "mean")]
     pub pooling: String,
@@ -84,6 +100,11 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         qk_scale: a.qk_scale,
         n_expert: a.experts,
         n_expert_used: a.experts_used,
+        yarn_factor: a.yarn,
+        long_rope_ctx: a.long_rope,
+        rope_attn_factor: a.rope_attn_factor,
+        swa_pattern: a.swa_pattern,
+        linear_factor: a.rope_linear,
     };
     let w = if spec.arch.is_encoder() {
         let pooling = match a.pooling.as_str() {

@@ -223,7 +223,7 @@ impl CacheVal {
     /// gpt-oss) get the window; gpt-oss its sink logits.
     fn layer_query<'q>(&self, q: &'q [f32], layer: usize) -> (Cow<'q, [f32]>, AttnParams) {
         let c = &self.config;
-        let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
+        let gemma = matches!(c.arch, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3);
         let params = AttnParams {
             n_heads: c.n_heads,
             n_kv_heads: c.n_kv_heads,

@@ -13,6 +13,10 @@ pub enum Arch {
     /// Qwen 3 (dense): Qwen 2 without Q/K/V biases, with per-head RMS norms
     /// of Q and K before RoPE.
     Qwen3,
+    /// Gemma (1): RMS pre-norms only, the embedding scaled by
+    /// sqrt(d_model), the query by 1/sqrt(head_dim), GeGLU, tied output;
+    /// no soft-capping, no window.
+    Gemma,
     /// Gemma 2: Gemma 3's norms without the Q/K norms, attention and final
     /// logit soft-capping, every other layer windowed.
     Gemma2,
@@ -46,7 +50,7 @@ pub enum Arch {
 }
 
 pub const SUPPORTED_ARCHS: &str =
-    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss";
+    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -54,6 +58,7 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "qwen3" => Ok(Arch::Qwen3),
+            "gemma" => Ok(Arch::Gemma),
             "gemma2" => Ok(Arch::Gemma2),
             "phi3" => Ok(Arch::Phi3),
             "granite" => Ok(Arch::Granite),
@@ -80,6 +85,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma => "gemma",
             Arch::Gemma2 => "gemma2",
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
@@ -132,9 +138,10 @@ pub enum MoeGating {
     SoftmaxSelected,
 }
 
-/// YaRN RoPE scaling (`rope.scaling.type = yarn`), with the values
-/// llama.cpp's context derives from the metadata (`llama-context.cpp`) for
-/// ggml's `rope_yarn`.
+/// RoPE scaling: YaRN (`rope.scaling.type = yarn`), or unscaled angles
+/// with a magnitude factor (`rope.scaling.attn_factor`, Phi-3 LongRoPE),
+/// with the values llama.cpp's context derives from the metadata
+/// (`llama-context.cpp`) for ggml's `rope_ext`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Yarn {
     /// `1 / rope.scaling.factor`.
@@ -143,7 +150,8 @@ pub struct Yarn {
     /// absent).
     pub n_ctx_orig: usize,
     /// 1: the interpolation ramps between extrapolation and
-    /// interpolation over the correction dimensions.
+    /// interpolation over the correction dimensions (YaRN); 0: angles
+    /// scaled by `freq_scale` alone.
     pub ext_factor: f32,
     /// The magnitude factor before ggml's own `1 + 0.1 ln(1 / freq_scale)`.
     pub attn_factor: f32,
@@ -203,6 +211,9 @@ pub struct Config {
     pub ffn: usize,
     pub vocab: usize,
     pub context: usize,
+    /// The context RoPE was trained at (`rope.scaling.original_context_length`,
+    /// else `context`): Phi-3 LongRoPE's long factors apply beyond it.
+    pub n_ctx_orig: usize,
     /// Epsilon of every norm (`layer_norm_rms_epsilon`, or
     /// `layer_norm_epsilon` where the norms are LayerNorms).
     pub rms_eps: f32,
@@ -241,7 +252,8 @@ pub struct Config {
     /// The shared expert's FFN size (qwen2moe; 0 without one).
     pub ffn_shared: usize,
     pub moe_gating: MoeGating,
-    /// YaRN RoPE scaling, when the model uses it (gpt-oss).
+    /// RoPE scaling (YaRN, or LongRoPE's magnitude factor), when the
+    /// model uses it.
     pub yarn: Option<Yarn>,
 }
 
@@ -251,6 +263,20 @@ impl Config {
         self.sliding_window.is_some()
             && self.swa_period > 0
             && il % self.swa_period < self.swa_period - 1
+    }
+
+    /// The RoPE scaling of layer `il`: Gemma 3's windowed layers rotate
+    /// with the frequency scale 1 (llama.cpp's `rope_freq_scale_train_swa`
+    /// for gemma3); the others as the file says.
+    pub fn rope_scaling_for(&self, il: usize) -> Option<Yarn> {
+        let y = self.yarn?;
+        if self.arch == Arch::Gemma3 && self.is_swa_layer(il) {
+            return Some(Yarn {
+                freq_scale: 1.0,
+                ..y
+            });
+        }
+        Some(y)
     }
 
     pub fn rope_base_for(&self, il: usize) -> f32 {
@@ -271,7 +297,10 @@ impl Config {
     }
 
     pub fn prescale_q(&self) -> bool {
-        matches!(self.arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3)
+        matches!(
+            self.arch,
+            Arch::Gemma | Arch::Gemma2 | Arch::Gemma3 | Arch::Phi3
+        )
     }
 
     pub fn q_dim(&self) -> usize {
@@ -350,7 +379,7 @@ impl Config {
             | Arch::Qwen3Moe
             | Arch::Phi3
             | Arch::Olmo2 => (RopeLayout::Neox, FfnAct::Silu),
-            Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
+            Arch::Gemma | Arch::Gemma2 | Arch::Gemma3 => (RopeLayout::Neox, FfnAct::Gelu),
             Arch::GptOss => (RopeLayout::Neox, FfnAct::SwigluOai),
         };
         // Gemma 3 (llama.cpp `llama-model.cpp`, LLM_ARCH_GEMMA3): every 6th
@@ -410,23 +439,42 @@ impl Config {
                 let base_swa = m.opt_f32(&k("rope.freq_base_swa"))?.unwrap_or(rope_base);
                 (Some(swa), 2, base_swa, (d_model as f32).sqrt(), scale)
             }
+            // Gemma (llama.cpp `models/gemma.cpp`): the embedding scaled by
+            // sqrt(d_model), the query by 1/sqrt(head_dim); no window.
+            Arch::Gemma => (
+                None,
+                0,
+                rope_base,
+                (d_model as f32).sqrt(),
+                1.0 / (head_dim as f32).sqrt(),
+            ),
             // gpt-oss (llama.cpp `models/openai-moe.cpp`): the window is
-            // required, even layers use it (pattern 2), the same rope base
-            // unless the file gives one for them.
+            // required; every `attention.sliding_window_pattern`-th layer
+            // (2 unless the file says) is global, the others windowed; the
+            // same rope base unless the file gives one for them.
             Arch::GptOss => {
-                if m.opt_array(&k("attention.sliding_window_pattern"))?
-                    .is_some()
-                    || m.opt_u64(&k("attention.sliding_window_pattern"))?.is_some()
-                {
-                    return Err(ModelError::BadConfig(
-                        "gpt-oss with attention.sliding_window_pattern is not supported yet".into(),
-                    ));
+                let key = k("attention.sliding_window_pattern");
+                if m.get(&key).is_some_and(|v| v.as_array().is_some()) {
+                    return Err(ModelError::BadConfig(format!(
+                        "gpt-oss with a per-layer {key} array is not supported yet (a period is)"
+                    )));
                 }
+                let period = match m.opt_u64(&key)? {
+                    None => 2,
+                    Some(p) if p >= 2 => p as usize,
+                    // llama.cpp: 0 windows every layer; 1 none, which its
+                    // gpt-oss graph refuses.
+                    Some(p) => {
+                        return Err(ModelError::BadConfig(format!(
+                            "gpt-oss with {key} = {p} is not supported (every n-th layer global, n >= 2)"
+                        )))
+                    }
+                };
                 let swa = usize_of(k("attention.sliding_window"))?;
                 let base_swa = m.opt_f32(&k("rope.freq_base_swa"))?.unwrap_or(rope_base);
                 (
                     (swa > 0).then_some(swa),
-                    2,
+                    period,
                     base_swa,
                     1.0,
                     1.0 / (head_dim as f32).sqrt(),
@@ -525,6 +573,10 @@ impl Config {
             ffn,
             vocab,
             context: n_ctx_train,
+            n_ctx_orig: match m.opt_u64(&k("rope.scaling.original_context_length"))? {
+                Some(v) if v > 0 => v as usize,
+                _ => n_ctx_train,
+            },
             rms_eps,
             norm,
             norm_placement,
@@ -556,61 +608,94 @@ impl Config {
                 Arch::GptOss => MoeGating::SoftmaxSelected,
                 _ => MoeGating::Softmax,
             },
-            // Only gpt-oss reads the scaling keys so far: other
-            // architectures run as before, without them.
-            yarn: match arch {
-                Arch::GptOss => read_yarn(m, a, n_ctx_train)?,
-                _ => None,
-            },
+            yarn: read_rope_scaling(m, a, n_ctx_train)?,
         })
     }
 }
 
-/// The YaRN parameters of a file whose `rope.scaling.type` is `yarn`
-/// (`None` for no scaling). Other scaling types (linear) are refused
-/// rather than ignored.
+/// The RoPE scaling of a file, as llama.cpp's context derives it from the
+/// metadata (`llama-context.cpp`) for ggml's `rope_ext`; `None` where
+/// RoPE runs unscaled.
 ///
-/// Read for gpt-oss only so far (the other architectures ignore the
-/// scaling keys as before).
+/// `rope.scaling.type = yarn`: `ext_factor` 1, `freq_scale` `1 /
+/// rope.scaling.factor`, the magnitude factor `get_mscale(factor) / (1 +
+/// 0.1 ln factor)` (ggml's rope multiplies by the second again); `beta_fast`
+/// 32, `beta_slow` 1 (llama.cpp reads the `rope.scaling.yarn_*` keys only
+/// for architectures tl does not run). Files with
+/// `rope.scaling.yarn_log_multiplier` (DeepSeek style) are refused.
 ///
-/// As llama.cpp's context: `ext_factor` 1; the magnitude factor
-/// `get_mscale(factor) / (1 + 0.1 ln factor)` (ggml's rope multiplies by
-/// the second again), times `rope.scaling.attn_factor`; `beta_fast` 32,
-/// `beta_slow` 1. Files with `rope.scaling.yarn_log_multiplier` (DeepSeek
-/// style) are refused.
-fn read_yarn(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option<Yarn>> {
+/// Every type: the magnitude factor times `rope.scaling.attn_factor`
+/// (Phi-3's LongRoPE files carry one: cos and sin, so Q and K, are scaled
+/// by it), and `n_ctx_orig` from `rope.scaling.original_context_length`
+/// (the training context when absent).
+///
+/// Linear scaling (`rope.scaling.type = linear`, also llama.cpp's default
+/// when only a factor is given): the angles times `1 / factor`, no ramp.
+/// Other types are refused rather than ignored.
+fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option<Yarn>> {
     let k = |s: &str| format!("{a}.{s}");
-    let Some(kind) = m.opt_str(&k("rope.scaling.type"))? else {
-        return Ok(None);
+    let n_ctx_orig = match m.opt_u64(&k("rope.scaling.original_context_length"))? {
+        Some(v) if v > 0 => v as usize,
+        _ => n_ctx_train,
     };
-    match kind {
-        "none" => return Ok(None),
-        "yarn" => {}
-        "linear" if m.opt_f32(&k("rope.scaling.factor"))?.unwrap_or(1.0) == 1.0 => return Ok(None),
-        other => {
+    let rope_attn_factor = m.opt_f32(&k("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+    if !(rope_attn_factor.is_finite() && rope_attn_factor > 0.0) {
+        return Err(ModelError::BadConfig(format!(
+            "rope.scaling.attn_factor {rope_attn_factor} (must be positive)"
+        )));
+    }
+    // (`rope.scale_linear`: the older name of the factor.)
+    let factor = match m.opt_f32(&k("rope.scaling.factor"))? {
+        Some(f) => f,
+        None => m.opt_f32(&k("rope.scale_linear"))?.unwrap_or(0.0),
+    };
+    // Unscaled angles; only the magnitude factor, if any.
+    let plain = (rope_attn_factor != 1.0).then_some(Yarn {
+        freq_scale: 1.0,
+        n_ctx_orig,
+        ext_factor: 0.0,
+        attn_factor: rope_attn_factor,
+        beta_fast: 32.0,
+        beta_slow: 1.0,
+    });
+    let kind = m.opt_str(&k("rope.scaling.type"))?;
+    let linear = match kind {
+        None | Some("linear") if factor == 0.0 || factor == 1.0 => return Ok(plain),
+        Some("none") => return Ok(plain),
+        Some("yarn") => false,
+        // llama.cpp's default type: the angles divided by the factor.
+        None | Some("linear") => true,
+        Some(other) => {
             return Err(ModelError::BadConfig(format!(
-                "rope scaling type {other:?} is not supported yet (yarn is)"
+                "rope scaling type {other:?} (factor {factor}) is not supported yet (linear and \
+                 yarn are)"
             )))
         }
-    }
-    if m.opt_f32(&k("rope.scaling.yarn_log_multiplier"))?
-        .is_some_and(|v| v != 0.0)
+    };
+    if !linear
+        && m.opt_f32(&k("rope.scaling.yarn_log_multiplier"))?
+            .is_some_and(|v| v != 0.0)
     {
         return Err(ModelError::BadConfig(
             "YaRN with rope.scaling.yarn_log_multiplier is not supported yet".into(),
         ));
     }
-    let factor = m.opt_f32(&k("rope.scaling.factor"))?.unwrap_or(0.0);
     let freq_scale = if factor == 0.0 { 1.0 } else { 1.0 / factor };
     if !(freq_scale.is_finite() && freq_scale > 0.0) {
         return Err(ModelError::BadConfig(format!(
             "rope scaling factor {factor} (must be positive)"
         )));
     }
-    let n_ctx_orig = match m.opt_u64(&k("rope.scaling.original_context_length"))? {
-        Some(v) if v > 0 => v as usize,
-        _ => n_ctx_train,
-    };
+    if linear {
+        return Ok(Some(Yarn {
+            freq_scale,
+            n_ctx_orig,
+            ext_factor: 0.0,
+            attn_factor: rope_attn_factor,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+        }));
+    }
     let get_mscale = |scale: f32, mscale: f32| {
         if scale <= 1.0 {
             1.0
@@ -621,7 +706,7 @@ fn read_yarn(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option<Yarn>> 
     let factor = 1.0 / freq_scale;
     let mut attn_factor = get_mscale(factor, 1.0);
     attn_factor *= 1.0 / (1.0 + 0.1 * factor.ln());
-    attn_factor *= m.opt_f32(&k("rope.scaling.attn_factor"))?.unwrap_or(1.0);
+    attn_factor *= rope_attn_factor;
     Ok(Some(Yarn {
         freq_scale,
         n_ctx_orig,

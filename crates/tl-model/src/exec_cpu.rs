@@ -479,7 +479,7 @@ impl Exec for CpuExec<'_> {
             let meta = &self.plan.meta;
             let base = c.rope_base_for(il);
             let use_rope = c.rope_in_layer(il);
-            let yarn = c.yarn.map(|y| kernels::YarnRope {
+            let yarn = c.rope_scaling_for(il).map(|y| kernels::YarnRope {
                 freq_scale: y.freq_scale,
                 ext_factor: y.ext_factor,
                 attn_factor: y.attn_factor,

@@ -15,6 +15,8 @@ pub enum SynthArch {
     Llama,
     Qwen2,
     Qwen3,
+    /// Gemma (1): pre-norms only, tied output.
+    Gemma,
     Gemma2,
     Gemma3,
     /// Phi-3: fused `attn_qkv` and `ffn_up` (gate rows, then up rows).
@@ -56,6 +58,7 @@ impl SynthArch {
             "llama" => Ok(Self::Llama),
             "qwen2" => Ok(Self::Qwen2),
             "qwen3" => Ok(Self::Qwen3),
+            "gemma" => Ok(Self::Gemma),
             "gemma2" => Ok(Self::Gemma2),
             "gemma3" => Ok(Self::Gemma3),
             "phi3" => Ok(Self::Phi3),
@@ -72,7 +75,7 @@ impl SynthArch {
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported:
-                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss, bert, nomic-bert",
+                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss, bert, nomic-bert",
             }),
         }
     }
@@ -82,6 +85,7 @@ impl SynthArch {
             Self::Llama => "llama",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma => "gemma",
             Self::Gemma2 => "gemma2",
             Self::Gemma3 => "gemma3",
             Self::Phi3 => "phi3",
@@ -133,6 +137,22 @@ pub struct SynthSpec {
     /// `ffn` is then one expert's).
     pub n_expert: usize,
     pub n_expert_used: usize,
+    /// YaRN RoPE scaling by this factor (`rope.scaling.type = yarn`,
+    /// the original context the model's `context`); 0: none.
+    pub yarn_factor: f32,
+    /// Phi-3 LongRoPE: short and long frequency factors
+    /// (`rope_factors_short/long.weight`) with this original context
+    /// (`rope.scaling.original_context_length`); 0: none.
+    pub long_rope_ctx: usize,
+    /// `rope.scaling.attn_factor` (the RoPE magnitude factor), written
+    /// when not 1.
+    pub rope_attn_factor: f32,
+    /// gpt-oss: `attention.sliding_window_pattern` (every n-th layer
+    /// global), written when not 0.
+    pub swa_pattern: usize,
+    /// Linear RoPE scaling by this factor (`rope.scaling.type = linear`);
+    /// 0: none.
+    pub linear_factor: f32,
 }
 
 impl Default for SynthSpec {
@@ -154,6 +174,11 @@ impl Default for SynthSpec {
             qk_scale: 1.0,
             n_expert: 8,
             n_expert_used: 2,
+            yarn_factor: 0.0,
+            long_rope_ctx: 0,
+            rope_attn_factor: 1.0,
+            swa_pattern: 0,
+            linear_factor: 0.0,
         }
     }
 }
@@ -217,8 +242,10 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         );
     }
     w.set(format!("{arch}.rope.freq_base"), Value::F32(1e6));
+    // Gemma 2 and 3: windowed layers, post-norms.
     let gemma = matches!(spec.arch, SynthArch::Gemma2 | SynthArch::Gemma3);
-    if gemma || spec.head_dim * spec.n_heads != d {
+    let gemma_any = gemma || spec.arch == SynthArch::Gemma;
+    if gemma_any || spec.head_dim * spec.n_heads != d {
         w.set(format!("{arch}.attention.key_length"), u32v(spec.head_dim));
         w.set(
             format!("{arch}.attention.value_length"),
@@ -262,6 +289,77 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         w.set(
             format!("{arch}.rope.scaling.original_context_length"),
             u32v(4096),
+        );
+    }
+    if spec.swa_pattern > 0 {
+        if !gpt_oss {
+            return Err(bad("--swa-pattern is gpt-oss's (--arch gpt-oss)".into()));
+        }
+        w.set(
+            format!("{arch}.attention.sliding_window_pattern"),
+            u32v(spec.swa_pattern),
+        );
+    }
+    if spec.yarn_factor != 0.0 {
+        if gpt_oss {
+            return Err(bad("gpt-oss always has its own YaRN scaling".into()));
+        }
+        if !(spec.yarn_factor.is_finite() && spec.yarn_factor > 1.0) {
+            return Err(bad(format!(
+                "YaRN factor {} (must be above 1)",
+                spec.yarn_factor
+            )));
+        }
+        w.set(
+            format!("{arch}.rope.scaling.type"),
+            Value::String("yarn".into()),
+        );
+        w.set(
+            format!("{arch}.rope.scaling.factor"),
+            Value::F32(spec.yarn_factor),
+        );
+        w.set(
+            format!("{arch}.rope.scaling.original_context_length"),
+            u32v(spec.context),
+        );
+    }
+    if spec.linear_factor != 0.0 {
+        if gpt_oss || spec.yarn_factor != 0.0 {
+            return Err(bad("linear RoPE scaling excludes YaRN".into()));
+        }
+        if !(spec.linear_factor.is_finite() && spec.linear_factor > 0.0) {
+            return Err(bad(format!(
+                "linear RoPE factor {} (must be positive)",
+                spec.linear_factor
+            )));
+        }
+        w.set(
+            format!("{arch}.rope.scaling.type"),
+            Value::String("linear".into()),
+        );
+        w.set(
+            format!("{arch}.rope.scaling.factor"),
+            Value::F32(spec.linear_factor),
+        );
+    }
+    if spec.long_rope_ctx > 0 {
+        if spec.arch != SynthArch::Phi3 {
+            return Err(bad("LongRoPE factors are Phi-3's (--arch phi3)".into()));
+        }
+        if spec.rope_freqs {
+            return Err(bad(
+                "LongRoPE factors and rope_freqs exclude each other".into()
+            ));
+        }
+        w.set(
+            format!("{arch}.rope.scaling.original_context_length"),
+            u32v(spec.long_rope_ctx),
+        );
+    }
+    if spec.rope_attn_factor != 1.0 {
+        w.set(
+            format!("{arch}.rope.scaling.attn_factor"),
+            Value::F32(spec.rope_attn_factor),
         );
     }
     if spec.arch == SynthArch::Qwen2Moe {
@@ -345,7 +443,14 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
 
     let wt = spec.weight_type;
     let s_in = 1.0 / (d as f32).sqrt();
-    matrix(&mut w, "token_embd.weight".into(), d, vocab, wt, 1.0)?;
+    // Gemma (1)'s tied LM head has no soft-cap: a table of ±1/sqrt(d)
+    // keeps its logits of the order of the other architectures'.
+    let s_embd = if spec.arch == SynthArch::Gemma {
+        s_in
+    } else {
+        1.0
+    };
+    matrix(&mut w, "token_embd.weight".into(), d, vocab, wt, s_embd)?;
     for i in 0..spec.n_layers {
         let b = format!("blk.{i}");
         if !olmo2 {
@@ -519,7 +624,24 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
             &vals,
         )?;
     }
-    if !gemma && !command_r {
+    if spec.long_rope_ctx > 0 {
+        // Phi-3 128k's shape: short factors near 1, long ones rising to
+        // tens over the low-frequency pairs.
+        let n = spec.head_dim / 2;
+        for (name, top) in [
+            ("rope_factors_short.weight", 1.5f32),
+            ("rope_factors_long.weight", 40.0),
+        ] {
+            let vals: Vec<f32> = (0..n)
+                .map(|i| {
+                    let t = i as f32 / (n.max(2) - 1) as f32;
+                    1.0 + (top - 1.0) * t * t
+                })
+                .collect();
+            add_tensor(&mut w, name.into(), vec![n as u64], GgmlType::F32, &vals)?;
+        }
+    }
+    if !gemma_any && !command_r {
         matrix(
             &mut w,
             "output.weight".into(),

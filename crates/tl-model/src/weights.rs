@@ -124,7 +124,8 @@ pub struct Weights {
     pub output_norm: Weight,
     /// `None` when tied to the embedding table.
     pub output: Option<Weight>,
-    /// RoPE frequency factors (`rope_freqs.weight`, Llama 3.1+ context
+    /// RoPE frequency factors (`rope_freqs.weight`, or Phi-3's
+    /// `rope_factors_long/short.weight` chosen by the context; Llama 3.1+ context
     /// extension): each pair's angle is divided by its factor.
     pub rope_freqs: Option<Weight>,
     pub layers: Vec<LayerWeights>,
@@ -418,13 +419,31 @@ impl Weights {
                 moe,
             });
         }
-        for long in ["rope_factors_long.weight", "rope_factors_short.weight"] {
-            if file.tensor(long).is_some() {
-                return Err(ModelError::BadConfig(format!(
-                    "the model has LongRoPE frequency factors ({long}), which tl does not apply yet"
-                )));
+        // Phi-3 LongRoPE (llama.cpp `build_rope_factors`): the long
+        // factors where the context exceeds the original one, else the
+        // short ones; `rope_freqs` wins where both are present. tl runs a
+        // model at its training context (`context_length`), so the choice
+        // is llama.cpp's at that context (its default `n_ctx`). Other
+        // architectures' graphs read no such factors.
+        let rope_freqs = l.opt("rope_freqs.weight", &[c.rope_dims / 2])?;
+        let long_rope = if rope_freqs.is_some() {
+            None
+        } else {
+            let name = if c.context > c.n_ctx_orig {
+                "rope_factors_long.weight"
+            } else {
+                "rope_factors_short.weight"
+            };
+            for f in ["rope_factors_long.weight", "rope_factors_short.weight"] {
+                if c.arch != Arch::Phi3 && file.tensor(f).is_some() {
+                    return Err(ModelError::BadConfig(format!(
+                        "{}: LongRoPE frequency factors ({f}) are read for phi3 only",
+                        c.arch.name()
+                    )));
+                }
             }
-        }
+            l.opt(name, &[c.rope_dims / 2])?
+        };
         if matches!(c.arch, Arch::Qwen2 | Arch::GptOss) {
             for (i, lw) in layers.iter().enumerate() {
                 if lw.bq.is_none() || lw.bk.is_none() || lw.bv.is_none() {
@@ -438,14 +457,14 @@ impl Weights {
         Ok(Weights {
             token_embd: l.get("token_embd.weight", &[d, c.vocab])?,
             output_norm: l.get("output_norm.weight", &[d])?,
-            // Command-R's LM head is always the embedding table (llama.cpp
-            // reads no `output.weight` for it).
-            output: if c.arch == Arch::CommandR {
+            // Command-R's and Gemma's LM head is always the embedding
+            // table (llama.cpp reads no `output.weight` for them).
+            output: if matches!(c.arch, Arch::CommandR | Arch::Gemma) {
                 None
             } else {
                 l.opt("output.weight", &[d, c.vocab])?
             },
-            rope_freqs: l.opt("rope_freqs.weight", &[c.rope_dims / 2])?,
+            rope_freqs: rope_freqs.or(long_rope),
             layers,
         })
     }

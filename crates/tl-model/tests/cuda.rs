@@ -347,6 +347,7 @@ fn cuda_matches_cpu_on_every_architecture_and_weight_type() {
         (SynthArch::Gemma3, GgmlType::Q8_0, GgmlType::Q8_0, 64),
         (SynthArch::Qwen3, GgmlType::Q8_0, GgmlType::Q8_0, 128),
         (SynthArch::Phi3, GgmlType::Q4_K, GgmlType::Q6_K, 64),
+        (SynthArch::Gemma, GgmlType::Q8_0, GgmlType::Q8_0, 64),
         // Attention and final soft-capping, every other layer windowed.
         (SynthArch::Gemma2, GgmlType::Q8_0, GgmlType::Q8_0, 128),
         // Embedding, attention, residual and logit scales.
@@ -866,4 +867,37 @@ fn cuda_refuses_what_it_cannot_run_yet() {
         .expect("refused");
         assert!(err.to_string().contains(what), "{arch:?}: {err}");
     }
+}
+
+/// RoPE scaling on the GPU against the CPU: YaRN (qwen2; llama with a
+/// magnitude factor), LongRoPE's short factors with a magnitude factor and
+/// its long factors (phi3), linear scaling of
+/// gemma3's global layers only, and a magnitude factor alone (gemma3).
+#[test]
+fn cuda_matches_cpu_with_rope_scaling() {
+    if !gpu_or_skip("cuda_matches_cpu_with_rope_scaling") {
+        return;
+    }
+    let mut failed = Vec::new();
+    for (arch, yarn, linear, long_rope, attn) in [
+        (SynthArch::Qwen2, 4.0, 0.0, 0, 1.0),
+        (SynthArch::Llama, 8.0, 0.0, 0, 1.1),
+        (SynthArch::Phi3, 0.0, 0.0, 4096, 1.19),
+        (SynthArch::Phi3, 0.0, 0.0, 256, 1.0),
+        (SynthArch::Gemma3, 0.0, 8.0, 0, 1.0),
+        (SynthArch::Gemma3, 0.0, 0.0, 0, 1.1),
+    ] {
+        let mut s = spec(arch, GgmlType::Q8_0, GgmlType::Q8_0, 64);
+        (
+            s.yarn_factor,
+            s.linear_factor,
+            s.long_rope_ctx,
+            s.rope_attn_factor,
+        ) = (yarn, linear, long_rope, attn);
+        s.qk_scale = 4.0;
+        if let Err(e) = compare(&s) {
+            failed.push(e);
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
 }

@@ -118,6 +118,14 @@ fn synthetic_models_imatrix_matches_llama_cpp() {
             qk_scale: 1.0,
             n_expert: c.get("experts").and_then(|v| v.as_u64()).unwrap_or(8) as usize,
             n_expert_used: c.get("experts_used").and_then(|v| v.as_u64()).unwrap_or(2) as usize,
+            yarn_factor: c.get("yarn").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
+            long_rope_ctx: c.get("long_rope").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
+            rope_attn_factor: c
+                .get("rope_attn_factor")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1.0) as f32,
+            swa_pattern: c.get("swa_pattern").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
+            linear_factor: c.get("rope_linear").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
         };
         let label = format!("synth {}", c["arch"]);
         let bytes = synthesize(&spec).unwrap().to_bytes().unwrap();

@@ -99,12 +99,27 @@ fn malformed_models_name_the_problem() {
         .expect("unknown arch");
     let msg = e.to_string();
     assert!(
-        msg.contains("mamba")
-            && msg.contains(
-                "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma2, gemma3, phi3, granite, smollm3"
-            ),
+        msg.contains("mamba") && msg.contains(tl_model::config::SUPPORTED_ARCHS),
         "{msg}"
     );
+
+    // RoPE scaling tl does not apply is refused, naming it.
+    for (kind, factor, want) in [
+        ("longrope", 4.0, "rope scaling type \"longrope\""),
+        ("yarn", -2.0, "rope scaling factor -2"),
+    ] {
+        let e = rewrite(|w| {
+            w.set("qwen2.rope.scaling.type", Value::String(kind.into()));
+            w.set("qwen2.rope.scaling.factor", Value::F32(factor));
+        })
+        .err()
+        .expect("refused scaling");
+        assert!(e.to_string().contains(want), "{e}");
+    }
+    let e = rewrite(|w| w.set("qwen2.rope.scaling.attn_factor", Value::F32(0.0)))
+        .err()
+        .expect("bad magnitude factor");
+    assert!(e.to_string().contains("rope.scaling.attn_factor"), "{e}");
 
     let e = rewrite(|w| {
         w.set("general.architecture", Value::String("qwen2".into()));

@@ -25,6 +25,7 @@ pub mod api;
 mod compat;
 mod embeddings;
 pub mod error;
+pub mod harmony;
 pub mod metrics;
 pub mod tools;
 
@@ -514,6 +515,9 @@ struct ChoiceAcc {
     /// Bytes of `text` already streamed (text that may be a tool call is
     /// held back).
     sent: usize,
+    /// Harmony replies: how much of the reasoning and of the content was
+    /// streamed.
+    harmony: harmony::Sent,
     logprobs: Vec<TokenLogprob>,
     finish: Option<&'static str>,
     last_token: Option<Instant>,
@@ -549,6 +553,9 @@ struct Run {
     tool_format: Option<tools::ToolFormat>,
     /// The request's function names (for calls written without a marker).
     tool_names: Vec<String>,
+    /// A chat reply in harmony (gpt-oss): split into reasoning, content
+    /// and tool calls by channel.
+    harmony: bool,
 }
 
 impl Run {
@@ -606,6 +613,47 @@ impl Run {
         if let Some(c) = self.choices.get_mut(idx) {
             c.sent = c.text.len();
         }
+        out.push(chunk_choice(self, idx, None, false, None, Some(finish)));
+        out
+    }
+
+    /// Streaming a harmony reply: the frames for choice `idx` after its
+    /// text grew — what its reasoning and content gained; at `finish`, the
+    /// tool calls too.
+    fn harmony_frame(&mut self, idx: usize, finish: Option<&str>) -> Vec<Value> {
+        let Some(c) = self.choices.get(idx) else {
+            return Vec::new();
+        };
+        let mut sent = c.harmony;
+        let d = sent.step(&c.text, finish.is_some());
+        if let Some(c) = self.choices.get_mut(idx) {
+            c.harmony = sent;
+        }
+        let mut out = Vec::new();
+        let delta = |key: &str, t: &str| {
+            json!({"index": idx, "delta": {key: t}, "logprobs": Value::Null,
+                   "finish_reason": Value::Null})
+        };
+        if let Some(t) = &d.reasoning {
+            out.push(delta("reasoning_content", t));
+        }
+        if let Some(t) = &d.content {
+            out.push(delta("content", t));
+        }
+        let Some(finish) = finish else {
+            return out;
+        };
+        for (k, t) in d.calls.iter().enumerate() {
+            let mut call = t.json(&self.call_id(idx, k));
+            call["index"] = k.into();
+            out.push(json!({"index": idx, "delta": {"tool_calls": [call]},
+                            "logprobs": Value::Null, "finish_reason": Value::Null}));
+        }
+        let finish = if d.calls.is_empty() {
+            finish
+        } else {
+            "tool_calls"
+        };
         out.push(chunk_choice(self, idx, None, false, None, Some(finish)));
         out
     }
@@ -733,6 +781,10 @@ async fn generate(
             .tools
             .as_ref()
             .map_or_else(Vec::new, |t| tools::names(&t.tools)),
+        harmony: endpoint == Endpoint::Chat
+            && st
+                .engine()
+                .is_some_and(|e| harmony::is_harmony(&e.llm().tokenizer)),
     };
     if let Some(echo) = &parsed.echo {
         for (i, c) in run.choices.iter_mut().enumerate() {
@@ -796,7 +848,7 @@ async fn prepare(
         } else {
             Some((
                 "tool_choice",
-                tools::grammar(fmt, &t.tools, &t.choice, t.parallel)?,
+                tools::grammar(fmt, tok, &t.tools, &t.choice, t.parallel)?,
             ))
         };
         if let Some(g) = g {
@@ -923,6 +975,38 @@ async fn collect_response(
         .iter()
         .enumerate()
         .map(|(i, c)| match run.endpoint {
+            Endpoint::Chat if run.harmony => {
+                let p = harmony::parse(&c.text, true);
+                let mut message = json!({"role": "assistant",
+                    "content": if p.content.is_empty() && !p.calls.is_empty() {
+                        Value::Null
+                    } else {
+                        p.content.clone().into()
+                    }});
+                if !p.reasoning.is_empty() {
+                    message["reasoning_content"] = p.reasoning.clone().into();
+                }
+                let finish = if p.calls.is_empty() {
+                    c.finish.unwrap_or("stop")
+                } else {
+                    message["tool_calls"] = p
+                        .calls
+                        .iter()
+                        .enumerate()
+                        .map(|(k, t)| t.json(&run.call_id(i, k)))
+                        .collect::<Vec<_>>()
+                        .into();
+                    "tool_calls"
+                };
+                json!({
+                    "index": i,
+                    "message": message,
+                    "logprobs": if run.logprobs {
+                        json!({"content": c.logprobs.iter().map(api::chat_logprob).collect::<Vec<_>>()})
+                    } else { Value::Null },
+                    "finish_reason": finish,
+                })
+            }
             Endpoint::Chat => {
                 let calls = run
                     .tool_format
@@ -1079,7 +1163,12 @@ async fn forward(
         let Some((p, ev)) = ev else {
             break StatusCode::OK;
         };
-        if let (Some(fmt), Endpoint::Chat) = (run.tool_format, run.endpoint) {
+        let by_channel = run.harmony && run.endpoint == Endpoint::Chat;
+        if let (Some(fmt), Endpoint::Chat) = (
+            run.tool_format
+                .or(by_channel.then_some(tools::ToolFormat::Harmony)),
+            run.endpoint,
+        ) {
             let (idx, finish) = match &ev {
                 Event::Delta { choice, .. } => (p * run.n + choice, None),
                 Event::Finished { choice, reason, .. } => {
@@ -1096,7 +1185,12 @@ async fn forward(
                 continue;
             }
             let mut gone = false;
-            for c in run.tool_frame(idx, fmt, finish) {
+            let frames = if by_channel {
+                run.harmony_frame(idx, finish)
+            } else {
+                run.tool_frame(idx, fmt, finish)
+            };
+            for c in frames {
                 let mut m = run.envelope(true, vec![c]);
                 usage_field(&mut m);
                 if tx.send(sse(&Value::Object(m))).await.is_err() {

@@ -10,7 +10,10 @@
 //!   per call;
 //! - Mistral (`[TOOL_CALLS]` token): `[TOOL_CALLS] [{"name": …, "arguments": {…}}, …]`;
 //! - JSON (Llama 3.x): the whole reply is `{"name": …, "parameters": {…}}`
-//!   (or a list of them).
+//!   (or a list of them);
+//! - harmony (gpt-oss): a message to `functions.NAME` on the commentary
+//!   channel, `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{…}`
+//!   (read with the reply's reasoning and content by [`crate::harmony`]).
 
 use serde_json::{json, Value};
 use tl_model::constrain::{compact, GrammarSpec, Trigger};
@@ -23,11 +26,14 @@ pub enum ToolFormat {
     Hermes,
     Mistral,
     Json,
+    Harmony,
 }
 
 impl ToolFormat {
     pub fn detect(tok: &Tokenizer) -> ToolFormat {
-        if tok.token_id("<tool_call>").is_some() {
+        if crate::harmony::is_harmony(tok) {
+            ToolFormat::Harmony
+        } else if tok.token_id("<tool_call>").is_some() {
             ToolFormat::Hermes
         } else if tok.token_id("[TOOL_CALLS]").is_some() {
             ToolFormat::Mistral
@@ -40,7 +46,7 @@ impl ToolFormat {
         match self {
             ToolFormat::Hermes => Some("<tool_call>"),
             ToolFormat::Mistral => Some("[TOOL_CALLS]"),
-            ToolFormat::Json => None,
+            ToolFormat::Json | ToolFormat::Harmony => None,
         }
     }
 }
@@ -150,10 +156,14 @@ pub fn parse_choice(choice: Option<&Value>, tools: Option<&Value>) -> Result<Too
 /// more) of the chosen tools in `fmt`.
 pub fn grammar(
     fmt: ToolFormat,
+    tok: &Tokenizer,
     tools: &Value,
     choice: &ToolChoice,
     parallel: bool,
 ) -> Result<GrammarSpec, ApiError> {
+    if fmt == ToolFormat::Harmony {
+        return harmony_grammar(tok, tools, choice);
+    }
     let call = call_schema(fmt, tools, choice)?;
     Ok(match fmt {
         ToolFormat::Hermes => {
@@ -165,7 +175,7 @@ pub fn grammar(
                 "start: call{rep}\ncall: \"<tool_call>\\n\" %json {s} \"\\n</tool_call>\"\n"
             ))
         }
-        ToolFormat::Mistral | ToolFormat::Json => {
+        ToolFormat::Mistral | ToolFormat::Json | ToolFormat::Harmony => {
             GrammarSpec::JsonSchema(if parallel && fmt == ToolFormat::Mistral {
                 json!({"type": "array", "items": call, "minItems": 1})
             } else {
@@ -173,6 +183,56 @@ pub fn grammar(
             })
         }
     })
+}
+
+/// Harmony's forced call: the reply opens with a message to one of the
+/// chosen functions on the commentary channel, its arguments valid against
+/// the function's parameters (one call: `<|call|>` ends the generation).
+fn harmony_grammar(
+    tok: &Tokenizer,
+    tools: &Value,
+    choice: &ToolChoice,
+) -> Result<GrammarSpec, ApiError> {
+    let id = |t: &str| {
+        tok.token_id(t).ok_or_else(|| {
+            ApiError::invalid(
+                "tool_choice",
+                format!("the model's vocabulary has no {t} token for a harmony tool call"),
+            )
+        })
+    };
+    let markers = [id("<|channel|>")?, id("<|constrain|>")?, id("<|message|>")?];
+    harmony_call_grammar(markers, tools, choice)
+}
+
+/// [`harmony_grammar`] with the ids of `<|channel|>`, `<|constrain|>`
+/// and `<|message|>` given: `<|channel|>commentary to=functions.NAME
+/// <|constrain|>json<|message|>` and the arguments, valid against the
+/// function's parameters.
+pub fn harmony_call_grammar(
+    [ch, cons, msg]: [u32; 3],
+    tools: &Value,
+    choice: &ToolChoice,
+) -> Result<GrammarSpec, ApiError> {
+    let mut rules = Vec::new();
+    for (name, params) in functions(tools)? {
+        if matches!(choice, ToolChoice::Named(want) if *want != name) {
+            continue;
+        }
+        let head =
+            serde_json::to_string(&format!("commentary to=functions.{name} ")).unwrap_or_default();
+        let schema = serde_json::to_string(&compact(params)).unwrap_or_default();
+        rules.push(format!(
+            "call{}: <[{ch}]> {head} <[{cons}]> \"json\" <[{msg}]> %json {schema}",
+            rules.len()
+        ));
+    }
+    let alts: Vec<String> = (0..rules.len()).map(|i| format!("call{i}")).collect();
+    Ok(GrammarSpec::Lark(format!(
+        "start: {}\n{}\n",
+        alts.join(" | "),
+        rules.join("\n")
+    )))
 }
 
 /// The grammar of `tool_choice: "auto"`: the reply is free until the
@@ -220,6 +280,9 @@ pub fn lazy_grammar(
                 ))),
             }
         }
+        // Every harmony message opens alike: the reply stays free and is
+        // read back afterwards.
+        ToolFormat::Harmony => return Ok(None),
         ToolFormat::Json => GrammarSpec::Lazy {
             trigger: Trigger::JsonReply,
             grammar: Box::new(GrammarSpec::Lark(format!(
@@ -332,6 +395,10 @@ pub fn parse_calls(
             let calls = calls_of(&v)?;
             (!calls.is_empty()).then(|| (String::new(), calls))
         }
+        ToolFormat::Harmony => {
+            let p = crate::harmony::parse(text, true);
+            (!p.calls.is_empty()).then_some((p.content, p.calls))
+        }
     }
 }
 
@@ -371,6 +438,10 @@ fn bare_call(text: &str) -> Option<Vec<ToolCall>> {
 /// `at_start`: `text` is the reply from its beginning, where a Hermes
 /// model's bare or fenced JSON call ([`bare_call`]) may open.
 pub fn hold_from(fmt: ToolFormat, text: &str, at_start: bool) -> Option<usize> {
+    if fmt == ToolFormat::Harmony {
+        // Streamed by channel (`crate::harmony`), never through here.
+        return None;
+    }
     if fmt == ToolFormat::Hermes && at_start {
         let t = text.trim_start();
         if t.is_empty() || t.starts_with('{') || t.starts_with("```") || "```".starts_with(t) {

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use serde_json::{json, Value};
 use tl_model::constrain::{Constraint, GrammarSpec};
 use tl_model::llm::Llm;
-use tl_server::tools::{lazy_grammar, parse_calls, ToolFormat};
+use tl_server::tools::{harmony_call_grammar, lazy_grammar, parse_calls, ToolChoice, ToolFormat};
 use tl_tokenizer::EncodeOptions;
 
 fn model_path(name: &str) -> PathBuf {
@@ -289,4 +289,59 @@ fn tokens_drawn_elsewhere_turn_a_lazy_constraint_on() {
     assert!(c.observe(tok.encode("x", opts).unwrap()[0]).is_err());
     // A reply that may open with `{` is decided on the host from the start.
     assert!(lazy(ToolFormat::Json, false).needs_logits());
+}
+
+/// Harmony's forced call (`tool_choice: "required"`), compiled on the
+/// Qwen vocabulary with its two rendered special tokens standing in for
+/// harmony's markers (`<tool_call>` for `<|channel|>` and `<|constrain|>`,
+/// `</tool_call>` for `<|message|>`; no harmony vocabulary is at hand):
+/// prose is refused from the first token; the call passes as written; a
+/// unit outside the schema's enum is overruled; read back (markers
+/// renamed) as harmony, each is one valid call.
+#[test]
+fn harmony_forced_call_grammar_compiles_and_forces_the_call() {
+    let llm = qwen();
+    let tok = &llm.tokenizer;
+    let (open, close) = (
+        tok.token_id("<tool_call>").unwrap(),
+        tok.token_id("</tool_call>").unwrap(),
+    );
+    let spec = harmony_call_grammar([open, open, close], &weather(), &ToolChoice::Required)
+        .expect("grammar");
+    let compile = || llm.constraint(&spec).expect("compiles");
+    let prose = drive(llm, &mut compile(), "Sure, it is sunny in Paris.", 1);
+    let head = "<tool_call>commentary to=functions.get_weather <tool_call>json</tool_call>";
+    // (After the first token the header is the only way on: the grammar
+    // forces it, with the opening of the arguments.)
+    assert_eq!(prose.overruled, [true]);
+    assert!(
+        prose.text.starts_with(&format!("{head}{{")),
+        "{:?}",
+        prose.text
+    );
+    for (args, overruled) in [
+        (r#"{"city": "Paris", "unit": "celsius"}"#, false),
+        (r#"{"city": "Paris", "unit": "kelvin"}"#, true),
+    ] {
+        let script = format!("{head}{args}");
+        let run = drive(llm, &mut compile(), &script, 60);
+        assert_eq!(
+            run.overruled.iter().any(|&o| o),
+            overruled,
+            "{:?}",
+            run.text
+        );
+        let text = run
+            .text
+            .replacen("<tool_call>", "<|channel|>", 1)
+            .replacen("<tool_call>", "<|constrain|>", 1)
+            .replacen("</tool_call>", "<|message|>", 1);
+        let p = tl_server::harmony::parse(&text, true);
+        assert!(p.content.is_empty() && p.reasoning.is_empty(), "{p:?}");
+        assert_eq!(p.calls.len(), 1, "{text:?}");
+        assert_eq!(p.calls[0].name, "get_weather");
+        let v: Value = serde_json::from_str(&p.calls[0].arguments).expect("arguments are JSON");
+        assert_eq!(v["city"], "Paris", "{v}");
+        assert!(v["unit"] == "celsius" || v["unit"] == "fahrenheit", "{v}");
+    }
 }

@@ -1034,7 +1034,7 @@ impl Exec for CudaExec<'_> {
             corr_lo: 0.0,
             corr_hi: 0.0,
         }
-        .with_yarn(c.yarn, c.rope_dims, c.rope_base_for(il));
+        .with_yarn(c.rope_scaling_for(il), c.rope_dims, c.rope_base_for(il));
         let off = (il * self.kv.layer_bytes) as u64;
         let soff = (il * self.kv.layer_scale_bytes) as u64;
         // Q and K each normed as one vector (OLMo 2) before the per-head
