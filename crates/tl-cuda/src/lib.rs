@@ -25,6 +25,10 @@ use cudarc::driver::{result as drv_res, CudaContext, CudaEvent, CudaModule, Cuda
 /// The kernel sources, compiled by NVRTC at first use.
 pub const KERNELS_CU: &str = include_str!("kernels.cu");
 
+/// The largest by-value kernel argument (`Arg::Raw`) a launch takes, in
+/// bytes.
+pub const MAX_RAW_ARG: usize = 128;
+
 #[derive(Debug, thiserror::Error)]
 pub enum CudaError {
     #[error("CUDA not available: {0}")]
@@ -654,21 +658,22 @@ impl Gpu {
             return Ok(());
         }
         // Each argument's bytes, kept alive across the call.
-        let mut store: Vec<[u64; 16]> = Vec::with_capacity(args.len());
+        let mut store: Vec<[u64; MAX_RAW_ARG / 8]> = Vec::with_capacity(args.len());
         for a in args {
-            let mut slot = [0u64; 16];
+            let mut slot = [0u64; MAX_RAW_ARG / 8];
             {
-                // SAFETY: viewing a local [u64; 16] as 128 bytes.
-                let bytes: &mut [u8; 128] = unsafe { &mut *(slot.as_mut_ptr() as *mut [u8; 128]) };
+                // SAFETY: viewing a local [u64; MAX_RAW_ARG / 8] as bytes.
+                let bytes: &mut [u8; MAX_RAW_ARG] =
+                    unsafe { &mut *(slot.as_mut_ptr() as *mut [u8; MAX_RAW_ARG]) };
                 match a {
                     Arg::Ptr(p) => bytes[..8].copy_from_slice(&p.to_ne_bytes()),
                     Arg::I32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
                     Arg::I64(v) => bytes[..8].copy_from_slice(&v.to_ne_bytes()),
                     Arg::F32(v) => bytes[..4].copy_from_slice(&v.to_ne_bytes()),
                     Arg::Raw(r) => {
-                        if r.len() > 128 {
+                        if r.len() > MAX_RAW_ARG {
                             return Err(CudaError::Invalid(format!(
-                                "kernel {name}: a by-value argument of {} bytes (128 at most)",
+                                "kernel {name}: a by-value argument of {} bytes ({MAX_RAW_ARG} at most)",
                                 r.len()
                             )));
                         }

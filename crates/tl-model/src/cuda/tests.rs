@@ -607,3 +607,20 @@ fn staged_products_fit_shared_memory_and_their_partial_buffer() {
     assert!(mmqs_splits(Kind::Q4K, 1536, 8960, 132, true) >= 4);
     assert_eq!(mmqs_splits(Kind::Q4K, 17920, 1536, 132, true), 1);
 }
+
+/// The argument structs passed by value fit the launcher's slot (a launch
+/// with a larger one fails on the card, not here).
+#[test]
+fn kernel_argument_structs_fit_a_launch() {
+    use super::exec::{AttnArgs, RopeArgs};
+    for (name, size) in [
+        ("RopeArgs", std::mem::size_of::<RopeArgs>()),
+        ("AttnArgs", std::mem::size_of::<AttnArgs>()),
+    ] {
+        assert!(
+            size <= tl_cuda::MAX_RAW_ARG,
+            "{name}: {size} bytes, {} at most",
+            tl_cuda::MAX_RAW_ARG
+        );
+    }
+}
