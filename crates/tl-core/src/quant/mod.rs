@@ -11,6 +11,8 @@
 //!   IQ2_XS, IQ2_S, IQ1_S and IQ1_M (256 values), with their tables in
 //!   [`iq_grids`].
 //! - [`mxfp4`]: MXFP4 (32 E2M1 values under one E8M0 exponent: gpt-oss).
+//! - [`ternary`]: the ternary TQ1_0 and TQ2_0 (256 values in {-1, 0, 1}
+//!   times one scale).
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
 //!   `make_qkx2_quants`, `make_q3_quants`, `make_qkx3_quants`,
 //!   `make_qp_quants`, `nearest_int`) that the K-quant quantizers share.
@@ -42,6 +44,7 @@ pub mod k_search;
 pub mod legacy;
 pub mod lowbit;
 pub mod mxfp4;
+pub mod ternary;
 pub mod weighted;
 
 use tl_gguf::GgmlType;
@@ -122,6 +125,8 @@ pub fn is_quantize_supported(ty: GgmlType) -> bool {
             | IQ4_NL
             | IQ4_XS
             | MXFP4
+            | TQ1_0
+            | TQ2_0
     )
 }
 
@@ -164,6 +169,8 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
         IQ1_S => dequantize_grid::<iq1::BlockIQ1S>(src, dst),
         IQ1_M => dequantize_grid::<iq1::BlockIQ1M>(src, dst),
         MXFP4 => dequantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
+        TQ1_0 => dequantize_blocks::<ternary::BlockTQ1_0>(src, dst),
+        TQ2_0 => dequantize_blocks::<ternary::BlockTQ2_0>(src, dst),
         _ => return Err(unsupported(ty, name)),
     }
     Ok(())
@@ -196,6 +203,8 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         IQ4_NL => quantize_blocks::<iq4::BlockIQ4NL>(src, dst),
         IQ4_XS => quantize_blocks::<iq4::BlockIQ4XS>(src, dst),
         MXFP4 => quantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
+        TQ1_0 => quantize_blocks::<ternary::BlockTQ1_0>(src, dst),
+        TQ2_0 => quantize_blocks::<ternary::BlockTQ2_0>(src, dst),
         _ => return Err(unsupported(ty, UNNAMED)),
     }
     Ok(())
@@ -230,7 +239,7 @@ pub fn requires_imatrix(ty: GgmlType) -> bool {
 ///
 /// As in ggml, with an importance matrix Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to
 /// Q6_K, IQ4_NL and IQ4_XS run the weighted `quantize_row_*_impl` quantizers ([`weighted`]);
-/// F32, F16, BF16, Q8_0 and MXFP4 ignore it; without one every type runs its
+/// F32, F16, BF16, Q8_0, MXFP4, TQ1_0 and TQ2_0 ignore it; without one every type runs its
 /// reference quantizer, as [`quantize`] does. The same `imatrix` applies to
 /// every row (for a 3-D expert tensor, call this once per expert with that
 /// expert's slice).
@@ -307,7 +316,9 @@ pub fn quantize_weighted(
         }
         return Ok(());
     }
-    let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0 | MXFP4)) else {
+    let Some(qw) =
+        imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0 | MXFP4 | TQ1_0 | TQ2_0))
+    else {
         return quantize(ty, src, dst);
     };
     if qw.len() != n_per_row {
@@ -475,6 +486,8 @@ mod tests {
         check_grid::<iq1::BlockIQ1S>();
         check_grid::<iq1::BlockIQ1M>();
         check::<mxfp4::BlockMXFP4>();
+        check::<ternary::BlockTQ1_0>();
+        check::<ternary::BlockTQ2_0>();
     }
 
     #[test]
