@@ -254,6 +254,34 @@ pub struct GgufFile {
     pub metadata: Metadata,
     pub tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
+    /// The parts of a split model, in order (empty for a single file).
+    pub parts: Vec<SplitPart>,
+}
+
+/// One part of a split model joined by [`GgufFile::open`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitPart {
+    pub path: std::path::PathBuf,
+    /// Absolute offset of the part's data section in its own file.
+    pub data_offset: u64,
+    /// Where its data starts in the joined data section (tensor offsets at
+    /// or past this, and below the next part's, are in this part).
+    pub base: u64,
+}
+
+impl GgufFile {
+    /// For a split model, the part (index from 0) holding `info` and the
+    /// tensor's absolute offset in that part's file; for a single file,
+    /// part 0 and its absolute offset.
+    pub fn tensor_location(&self, info: &TensorInfo) -> (usize, u64) {
+        match self.parts.iter().rposition(|p| p.base <= info.offset) {
+            Some(i) => {
+                let p = &self.parts[i];
+                (i, p.data_offset + (info.offset - p.base))
+            }
+            None => (0, self.data_offset + info.offset),
+        }
+    }
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -324,6 +352,7 @@ impl GgufFile {
             metadata: parsed.metadata,
             tensors: parsed.tensors,
             tensor_index,
+            parts: Vec::new(),
         })
     }
 
@@ -409,13 +438,23 @@ impl GgufFile {
         let data_offset = head.data_offset;
         let mut tensors = Vec::new();
         let mut tensor_index = HashMap::new();
+        let mut split_parts = Vec::new();
         for (i, p) in parts.iter().enumerate() {
             let base = (bytes.len() as u64 - data_offset).next_multiple_of(align);
             bytes.resize((data_offset + base) as usize, 0);
             bytes.extend_from_slice(&p.bytes()[p.data_offset as usize..]);
+            let part = if i == 0 {
+                path.to_path_buf()
+            } else {
+                split_path(path, i as u64, count).unwrap_or_default()
+            };
+            split_parts.push(SplitPart {
+                path: part.clone(),
+                data_offset: p.data_offset,
+                base,
+            });
             for t in &p.tensors {
                 if tensor_index.insert(t.name.clone(), tensors.len()).is_some() {
-                    let part = split_path(path, i as u64, count).unwrap_or_default();
                     return Err(err(
                         &part,
                         format!("tensor '{}' is also in an earlier part", t.name),
@@ -449,6 +488,7 @@ impl GgufFile {
             metadata: head.metadata.clone(),
             tensors,
             tensor_index,
+            parts: split_parts,
         })
     }
 

@@ -55,7 +55,22 @@ fn parts_join_into_the_whole_file() {
             assert_eq!((&got.dims, got.ty), (&t.dims, t.ty), "{}", t.name);
             assert_eq!(f.tensor_data(got), whole.tensor_data(t), "{}", t.name);
             assert_eq!(got.offset % 64, 0, "{}", t.name);
+            // Where the tensor is in its part's own file (one part is a
+            // single file).
+            let (part, at) = f.tensor_location(got);
+            let file = f.parts.get(part).map_or(first.clone(), |p| p.path.clone());
+            let bytes = std::fs::read(file).unwrap();
+            assert_eq!(
+                &bytes[at as usize..(at + got.size) as usize],
+                whole.tensor_data(t),
+                "{}",
+                t.name
+            );
         }
+        assert_eq!(
+            f.parts.len(),
+            if parts > 1 { usize::from(parts) } else { 0 }
+        );
         // The order of the tensors is kept.
         let names: Vec<_> = f.tensors.iter().map(|t| t.name.as_str()).collect();
         let want: Vec<_> = whole.tensors.iter().map(|t| t.name.as_str()).collect();
