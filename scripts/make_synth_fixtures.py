@@ -69,6 +69,9 @@ CASES = [
      "experts": 4, "experts_used": 2, "qk_scale": 3.0},
     {"arch": "gpt-oss", "weight_type": "F16", "output_type": "Q8_0", "seed": 32, "ffn": 128,
      "layers": 4, "heads": 8, "kv_heads": 2, "experts": 8, "experts_used": 4, "qk_scale": 6.0},
+    # The ternary types: every matrix (token_embd included) TQ1_0 or TQ2_0.
+    {"arch": "qwen2", "weight_type": "TQ1_0", "output_type": "Q8_0", "seed": 33},
+    {"arch": "qwen2", "weight_type": "TQ2_0", "output_type": "TQ2_0", "seed": 34},
 ]
 TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(159)]
 # Rows stored: every 16th position and the last four (far positions make
