@@ -10,8 +10,8 @@
 //!   multiplications by 3 are byte additions (wrapping as ggml's `uint8_t`
 //!   does) and the digit two saturating subtractions. The five trits of
 //!   bytes 0..32 give vectors 0..5; bytes 32..48 give `[t0, t1]`, `[t2, t3]`
-//!   and `t4` (Q8_K quants 160..240), and the four `qh` bytes the last 16
-//!   levels.
+//!   and `t4` (Q8_K quants 160..240), and the four `qh` bytes, broadcast
+//!   and multiplied by 1, 3, 9 and 27 dword by dword, the last 16 levels.
 //!
 //! The integer sum `sum(u * q8) - sum(q8)` is formed exactly
 //! (`vpmaddubsw` into i16 lanes, at most 8 * 2 * 3 * 127 in magnitude, then
@@ -30,7 +30,7 @@ use super::avx2::hsum_i32;
 use super::f16_at;
 use crate::quant::dot::{Acts, Kernel};
 use crate::quant::k_quants::QK_K;
-use crate::quant::ternary::{trit, TQ1_QS};
+use crate::quant::ternary::TQ1_QS;
 
 pub(super) fn install_avx2(set: &mut dyn FnMut(GgmlType, Kernel)) {
     set(GgmlType::TQ1_0, tq1_0_avx2);
@@ -110,16 +110,17 @@ unsafe fn unpack<const T: u8>(blk: *const u8) -> [__m256i; 8] {
     p = times3(times3(p));
     u[6] = digit(p);
     p = times3(times3(p));
-    // The four qh bytes: trit n of byte j against quant 240 + 4n + j.
-    let qh = std::ptr::read_unaligned(blk.add(TQ1_QS) as *const [u8; 4]);
-    let mut hi = [0u8; 16];
-    for n in 0..4 {
-        for j in 0..4 {
-            hi[4 * n + j] = trit(qh[j], n) as u8;
-        }
-    }
-    let hi = _mm_loadu_si128(hi.as_ptr() as *const __m128i);
-    u[7] = _mm256_setr_m128i(_mm256_castsi256_si128(digit(p)), hi);
+    // The four qh bytes: trit n of byte j against quant 240 + 4n + j, so
+    // the dword n of the high half is the four bytes times 3^n.
+    let h0 = _mm_set1_epi32(std::ptr::read_unaligned(blk.add(TQ1_QS) as *const i32));
+    let h1 = _mm_add_epi8(_mm_add_epi8(h0, h0), h0);
+    let h2 = _mm_add_epi8(_mm_add_epi8(h1, h1), h1);
+    let h3 = _mm_add_epi8(_mm_add_epi8(h2, h2), h2);
+    let h = _mm_blend_epi32::<0b1000>(
+        _mm_blend_epi32::<0b0100>(_mm_blend_epi32::<0b0010>(h0, h1), h2),
+        h3,
+    );
+    u[7] = digit(_mm256_inserti128_si256::<1>(p, h));
     u
 }
 
