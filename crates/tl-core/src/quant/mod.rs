@@ -103,12 +103,19 @@ pub fn is_supported(ty: GgmlType) -> bool {
     is_quantize_supported(ty) || is_grid(ty)
 }
 
-/// Types [`quantize`] writes (with the scalar reference quantizer).
+/// Types [`quantize`] writes (with ggml's reference quantizer; for the
+/// grid types IQ3_XXS, IQ3_S, IQ2_S and IQ1_M its row quantizer without
+/// importance weights).
 pub fn is_quantize_supported(ty: GgmlType) -> bool {
     use GgmlType::*;
     matches!(
         ty,
-        F32 | F16
+        IQ3_XXS
+            | IQ3_S
+            | IQ2_S
+            | IQ1_M
+            | F32
+            | F16
             | BF16
             | Q4_0
             | Q4_1
@@ -177,13 +184,27 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
 }
 
 /// Quantizes `src` into `dst` (exactly `ty.bytes_for(src.len())` bytes) with
-/// the scalar reference algorithm of ggml (`quantize_row_*_ref`).
+/// the scalar reference algorithm of ggml (`quantize_row_*_ref`). The grid
+/// types IQ3_XXS, IQ3_S, IQ2_S and IQ1_M are quantized as one row without
+/// importance weights (their `quantize_row_*_ref`; without weights each
+/// super-block is quantized on its own, so the row length does not
+/// matter); IQ2_XXS, IQ2_XS and IQ1_S need an importance matrix, which
+/// only [`quantize_weighted`] takes, and are an error here.
 pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     use GgmlType::*;
+    if requires_imatrix(ty) {
+        return Err(CoreError::Invalid {
+            op: "quantize",
+            reason: format!("{ty} needs an importance matrix: use quantize_weighted"),
+        });
+    }
     if !is_quantize_supported(ty) {
         return Err(unsupported(ty, UNNAMED));
     }
     check_sizes("quantize", ty, UNNAMED, src.len(), dst.len())?;
+    if has_grid_quantizer(ty) {
+        return quantize_weighted(ty, src, src.len(), None, dst);
+    }
     match ty {
         F32 => float::quantize_f32(src, dst),
         F16 => float::quantize_f16(src, dst),
@@ -591,6 +612,33 @@ mod tests {
                 quantize(ty, &[], &mut []).is_ok(),
                 is_quantize_supported(ty)
             );
+        }
+    }
+
+    #[test]
+    fn plain_quantize_of_the_grid_types_is_the_unweighted_row_quantizer() {
+        use GgmlType::*;
+        let x: Vec<f32> = (0..1024)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        for ty in [IQ3_XXS, IQ3_S, IQ2_S, IQ1_M] {
+            let n = ty.bytes_for(1024).unwrap() as usize;
+            let mut plain = vec![0u8; n];
+            quantize(ty, &x, &mut plain).unwrap();
+            // Rows of any length give the same bytes without weights.
+            for row in [256, 512, 1024] {
+                let mut rows = vec![0u8; n];
+                quantize_weighted(ty, &x, row, None, &mut rows).unwrap();
+                assert_eq!(plain, rows, "{ty} rows of {row}");
+            }
+            let mut back = vec![0f32; 1024];
+            dequantize(ty, &plain, &mut back).unwrap();
+            assert!(back.iter().any(|&v| v != 0.0), "{ty}");
+        }
+        for ty in [IQ2_XXS, IQ2_XS, IQ1_S] {
+            let mut q = vec![0u8; ty.bytes_for(256).unwrap() as usize];
+            let err = quantize(ty, &x[..256], &mut q).unwrap_err().to_string();
+            assert!(err.contains("needs an importance matrix"), "{err}");
         }
     }
 
