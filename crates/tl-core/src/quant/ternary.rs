@@ -93,7 +93,8 @@ fn pack_trits<const N: usize>(levels: [u8; N]) -> u8 {
     if N == 4 {
         q = q.wrapping_mul(3);
     }
-    ((u16::from(q) * 256 + (243 - 1)) / 243) as u8
+    // ggml: `(q * 256 + (243 - 1)) / 243`, a ceiling division.
+    (u16::from(q) * 256).div_ceil(243) as u8
 }
 
 impl Block for BlockTQ1_0 {
