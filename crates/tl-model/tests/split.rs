@@ -4,7 +4,9 @@
 //! `GgufWriter::into_split`) and loaded from its first part gives the same
 //! logits, bit for bit, at every position of a prompt, and the same greedy
 //! tokens. Nothing about the numbers may differ: the same tensor bytes go
-//! through the same code, so the tolerance is zero.
+//! through the same code, so the tolerance is zero. (That llama.cpp reads
+//! this layout, giving the whole file's logits exactly, is checked by
+//! scripts/check_split_llama.py.)
 
 mod common;
 
