@@ -59,7 +59,10 @@
 //! super-blocks) and `token_embd` (Q4_K), as llama.cpp; rows that are not
 //! whole 256-value super-blocks fall back to Q4_0.
 //!
-//! Not here yet: writing split files.
+//! A split input (llama.cpp's `gguf-split` parts, given by the first) is
+//! quantized as the model it was split from, into one file, as
+//! llama-quantize does (its output for the parts is the same file as for
+//! the whole). Not here yet: writing split files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -123,7 +126,7 @@ pub enum QuantizeError {
     },
     #[error("model metadata: {0}")]
     Metadata(String),
-    #[error("the output {0} is the input file")]
+    #[error("the output {0} is the input file (or a part of it)")]
     SameFile(PathBuf),
     #[error("{path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
@@ -946,15 +949,18 @@ fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
 /// requantization not allowed, a type that can't be produced), before
 /// anything is written.
 pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> {
-    if file
-        .metadata
-        .opt_u64("split.count")
-        .ok()
-        .flatten()
-        .is_some_and(|n| n > 1)
+    // A split model is quantized whole (its parts joined, as
+    // `GgufFile::open` joins them); one part read alone is refused.
+    if file.parts.is_empty()
+        && file
+            .metadata
+            .opt_u64("split.count")
+            .ok()
+            .flatten()
+            .is_some_and(|n| n > 1)
     {
         return Err(QuantizeError::Metadata(
-            "split GGUF files are not supported; merge the parts first".into(),
+            "one part of a split model: open the model from its first part".into(),
         ));
     }
     let info = ModelInfo::read(&file.metadata)?;
@@ -1274,6 +1280,15 @@ impl Quantization {
             m.check_finite()?;
         }
         let file = GgufFile::open(input)?;
+        if let Ok(out) = output.canonicalize() {
+            if file
+                .parts
+                .iter()
+                .any(|p| p.path.canonicalize().is_ok_and(|p| p == out))
+            {
+                return Err(QuantizeError::SameFile(output.to_owned()));
+            }
+        }
         let plans = plan(&file, opts)?;
         Ok(Quantization {
             file,
