@@ -4,7 +4,9 @@
 //! levels `u` in 0..=2 (value `u - 1`), vector `i` lining up with the Q8_K
 //! quants `32 i..32 i + 32`:
 //!
-//! - TQ2_0: the two-bit fields of each 32-byte half, shifted and masked;
+//! - TQ2_0: the two-bit fields of each 32-byte half, shifted and masked (a
+//!   field of 3, which ggml's quantizer never writes, is the level 3 and
+//!   the value 2, as in ggml's generic kernel);
 //! - TQ1_0: the `n`-th trit of a byte is the top base-3 digit of `q * 3^n`
 //!   (mod 256), `(q * 3) >> 8`, which is `(q >= 86) + (q >= 171)`: the
 //!   multiplications by 3 are byte additions (wrapping as ggml's `uint8_t`
