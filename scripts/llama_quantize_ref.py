@@ -15,6 +15,7 @@ FTYPES = {
     "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12, "Q3_K_L": 13,
     "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18,
     "IQ4_NL": 25, "IQ4_XS": 30, "IQ3_S": 26, "IQ3_M": 27, "MXFP4_MOE": 38,
+    "TQ1_0": 36, "TQ2_0": 37,
 }
 # The file types whose mixes need an importance matrix (IQ3_XXS, IQ2_*,
 # IQ1_* tensors), run only with one.
@@ -26,7 +27,7 @@ FTYPES_IMATRIX = {
 GGML_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
               "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ4_NL": 20,
               "IQ4_XS": 23, "BF16": 30, "IQ2_XXS": 16, "IQ2_XS": 17, "IQ3_XXS": 18,
-              "IQ1_S": 19, "IQ3_S": 21, "IQ2_S": 22, "IQ1_M": 29}
+              "IQ1_S": 19, "IQ3_S": 21, "IQ2_S": 22, "IQ1_M": 29, "TQ1_0": 34, "TQ2_0": 35}
 
 GGML_TYPE_COUNT = 43
 

@@ -45,6 +45,8 @@ TYPES = {
     # The grid types, after the others so that their cases keep their seeds.
     "IQ3_XXS": 18, "IQ3_S": 21, "IQ2_XXS": 16, "IQ2_XS": 17, "IQ2_S": 22,
     "IQ1_S": 19, "IQ1_M": 29,
+    # The ternary types (their quantizers ignore the importance matrix).
+    "TQ1_0": 34, "TQ2_0": 35,
 }
 # ggml_quantize_requires_imatrix: no case without an importance matrix.
 NEED_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}

@@ -2,7 +2,9 @@
 """Write the golden fixtures for the GGML block formats in tl-core.
 
 The reference is `gguf.quants` (gguf-py 0.19.0), whose numpy code dequantizes
-every block type (IQ4_NL, IQ4_XS, the grid types IQ3_XXS to IQ1_M and MXFP4 included) and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/MXFP4 exactly like
+every block type (IQ4_NL, IQ4_XS, the grid types IQ3_XXS to IQ1_M, MXFP4 and the
+ternary TQ1_0/TQ2_0 included) and quantizes F16/BF16/Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/MXFP4/
+TQ1_0/TQ2_0 exactly like
 ggml's `dequantize_row_*` / `quantize_row_*_ref`. The Rust test
 `crates/tl-core/tests/quant_fixtures.rs` replays these files without Python.
 
@@ -60,6 +62,8 @@ F16_FIELDS = {
     T.IQ2_S: [0],
     T.IQ1_S: [0],
     T.IQ1_M: [],
+    T.TQ1_0: [52],
+    T.TQ2_0: [64],
 }
 # IQ1_M keeps its f16 super-block scale in the top nibbles of the four u16
 # of `scales` (at this byte offset).
@@ -260,6 +264,13 @@ def main() -> int:
     rng_mx = np.random.default_rng(args.seed + 2)
     write("dequant_random_MXFP4.json", dequant_fixture(T.MXFP4, "random", random_mxfp4_blocks(rng_mx)))
     write("quantize_MXFP4.json", quantize_fixture(rng_mx, T.MXFP4))
+    # The ternary types, from a generator of their own. Random TQ2_0 bytes
+    # include the two-bit field 3 (the value 2), which ggml's quantizer never
+    # writes but its dequantizer reads.
+    rng_tq = np.random.default_rng(args.seed + 3)
+    for ty in [T.TQ1_0, T.TQ2_0]:
+        write(f"dequant_random_{ty.name}.json", dequant_fixture(ty, "random", random_blocks(rng_tq, ty)))
+        write(f"quantize_{ty.name}.json", quantize_fixture(rng_tq, ty))
 
     total = sum(os.path.getsize(p) for p in WRITTEN)
     print(f"wrote {len(WRITTEN)} fixtures, {total} bytes, to {OUT_DIR}")

@@ -18,7 +18,12 @@ Inputs:
 
 Every file type `tl quantize` offers is run on every synthetic model, plus the
 flags `--pure`, `--leave-output-tensor`, `--output-tensor-type` and
-`--token-embedding-type` on one of them.
+`--token-embedding-type` on one of them. That model is also split into three
+parts (tl-gguf's `split` example, gguf-split's layout) and quantized from its
+first part for the file types in SPLIT_FTYPES: llama.cpp must write the very
+file it writes for the whole input (the script stops otherwise), and the
+fixture lists those types under `split_input_ftypes` for the Rust test to
+run `tl quantize` on the parts.
 
 Run with the reference environment (llama-cpp-python built as
 ../shared/MODELS.md says, plus `gguf`):
@@ -83,6 +88,9 @@ VARIANTS = [
     ("IQ4_XS", ["--tensor-type", "attn_[qk]=IQ4_XS", "--tensor-type", "blk\\.[67]\\.=Q6_K"]),
 ]
 
+# File types run again on the qwen2_f32 input split into three parts.
+SPLIT_FTYPES = ["Q4_K_M", "TQ1_0", "IQ4_XS"]
+
 # Requantized real models: (model file, file types).
 MODELS = [
     ("qwen2.5-coder-0.5b-instruct-q4.gguf", ["Q4_K_M", "Q8_0", "Q3_K_M", "IQ4_XS"]),
@@ -113,6 +121,8 @@ def case(inp, ftype, flags, tmp):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tl", default=os.path.join(ROOT, "target", "release", "tl"))
+    ap.add_argument("--split", default=os.path.join(ROOT, "target", "release", "examples", "split"),
+                    help="tl-gguf's split example (cargo build --release -p tl-gguf --example split)")
     args = ap.parse_args()
     fixtures = {"reference": reference_version(),
                 "synth": [], "models": []}
@@ -131,6 +141,17 @@ def main():
             if name == "qwen2_f32":
                 for ftype, flags in VARIANTS:
                     entry["cases"].append(case(inp, ftype, flags, tmp))
+                prefix = os.path.join(tmp, name + "-split")
+                subprocess.run([args.split, inp, prefix, "3"], check=True,
+                               stdout=subprocess.DEVNULL)
+                first = prefix + "-00001-of-00003.gguf"
+                for ftype in SPLIT_FTYPES:
+                    whole = next(c for c in entry["cases"] if c["ftype"] == ftype and c["flags"] == base)
+                    if case(first, ftype, base, tmp)["file_sha256"] != whole["file_sha256"]:
+                        sys.exit(f"llama.cpp quantizes the split {name} to another file ({ftype})")
+                entry["split_input_ftypes"] = SPLIT_FTYPES
+                for i in range(3):
+                    os.remove(f"{prefix}-{i + 1:05d}-of-00003.gguf")
             fixtures["synth"].append(entry)
             print(f"{name}: {len(entry['cases'])} cases", file=sys.stderr)
         for model, ftypes in MODELS:

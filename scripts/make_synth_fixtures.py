@@ -99,6 +99,9 @@ CASES = [
      "yarn": 8.0, "rope_attn_factor": 1.1},
     {"arch": "qwen3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 39, "qk_scale": 6.0,
      "yarn": 4.0},
+    # The ternary types: every matrix (token_embd included) TQ1_0 or TQ2_0.
+    {"arch": "qwen2", "weight_type": "TQ1_0", "output_type": "Q8_0", "seed": 33},
+    {"arch": "qwen2", "weight_type": "TQ2_0", "output_type": "TQ2_0", "seed": 34},
 ]
 TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(159)]
 # Rows stored: every 16th position and the last four (far positions make

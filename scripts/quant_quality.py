@@ -44,7 +44,8 @@ MODELS = ["qwen2.5-coder-0.5b-instruct-q4.gguf", "gemma-3-270m-q4_k_m.gguf"]
 # The file types of the table (Q2_K_S is left out: it needs an importance
 # matrix; F32 would repeat F16).
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M",
-         "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K"]
+         "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
+         "TQ2_0", "TQ1_0"]
 # The types measured again with an importance matrix (the low-bit ones,
 # where it matters; Q2_K_S, IQ3_XS, IQ3_XXS and the IQ2/IQ1 types need one).
 IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K", "Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS",

@@ -145,6 +145,7 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             "tokenizer": {"model": s.tokenizer_model, "pre": s.tokenizer_pre, "vocab_size": s.vocab_size},
             "chat_template": s.chat_template,
             "tensor_count": f.tensors.len(),
+            "split_parts": f.parts.iter().map(|p| p.path.display().to_string()).collect::<Vec<_>>(),
             "tensor_types": s.per_type.iter().map(|(k, (n, b))| (k.clone(), json!({"count": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
             "parameters": s.n_params,
             "total_bytes": s.total_bytes,
@@ -155,7 +156,14 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
             out["tensors"] = f
                 .tensors
                 .iter()
-                .map(|t| json!({"name": t.name, "type": t.ty.name(), "dims": t.dims, "offset": f.data_offset + t.offset, "bytes": t.size}))
+                .map(|t| {
+                    let (part, offset) = f.tensor_location(t);
+                    let mut j = json!({"name": t.name, "type": t.ty.name(), "dims": t.dims, "offset": offset, "bytes": t.size});
+                    if !f.parts.is_empty() {
+                        j["part"] = json!(part + 1);
+                    }
+                    j
+                })
                 .collect();
         }
         if args.metadata {
@@ -171,6 +179,12 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     }
     println!("file:          {}", args.model.display());
     println!("gguf version:  {} (alignment {})", f.version, f.alignment);
+    if !f.parts.is_empty() {
+        println!("split:         {} parts", f.parts.len());
+        for p in &f.parts {
+            println!("  {}", p.path.display());
+        }
+    }
     println!("architecture:  {}", s.architecture);
     if blockers.is_empty() {
         if tl_model::encoder::is_encoder(&f) {
@@ -215,18 +229,30 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
         }
     }
     if args.tensors {
+        let split = !f.parts.is_empty();
         println!(
-            "{:<40} {:<8} {:<24} {:>12} {:>12}",
-            "name", "type", "dims", "offset", "bytes"
+            "{:<40} {:<8} {:<24} {:>12} {:>12}{}",
+            "name",
+            "type",
+            "dims",
+            "offset",
+            "bytes",
+            if split { "  part" } else { "" }
         );
         for t in &f.tensors {
+            let (part, offset) = f.tensor_location(t);
             println!(
-                "{:<40} {:<8} {:<24} {:>12} {:>12}",
+                "{:<40} {:<8} {:<24} {:>12} {:>12}{}",
                 t.name,
                 t.ty.name(),
                 format!("{:?}", t.dims),
-                f.data_offset + t.offset,
-                t.size
+                offset,
+                t.size,
+                if split {
+                    format!("  {:>4}", part + 1)
+                } else {
+                    String::new()
+                }
             );
         }
     }

@@ -19,7 +19,7 @@ pub struct QuantizeArgs {
     /// File type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S,
     /// Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL,
     /// IQ4_XS, IQ3_M, IQ3_S, IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS,
-    /// IQ1_M, IQ1_S (Q3_K, Q4_K and Q5_K mean the _M mixes; Q2_K_S, IQ3_XS,
+    /// IQ1_M, IQ1_S, TQ1_0, TQ2_0 (Q3_K, Q4_K and Q5_K mean the _M mixes; Q2_K_S, IQ3_XS,
     /// IQ3_XXS and the IQ2/IQ1 types need --imatrix), or llama.cpp's number
     /// for one.
     #[arg(value_name = "TYPE")]
@@ -68,6 +68,12 @@ pub struct QuantizeArgs {
     /// first matching pattern wins).
     #[arg(long, value_name = "PATTERN=TYPE")]
     pub tensor_type: Vec<String>,
+    /// Read PATTERN=TYPE entries, as --tensor-type takes them, from FILE
+    /// (separated by spaces or newlines; lines starting with # are
+    /// comments), as llama-quantize's --tensor-type-file (repeatable; they
+    /// come after the --tensor-type ones).
+    #[arg(long, value_name = "FILE")]
+    pub tensor_type_file: Vec<PathBuf>,
 }
 
 fn block_type(flag: &str, s: &str) -> anyhow::Result<GgmlType> {
@@ -107,6 +113,10 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| quantize::TensorTypeOverride::parse(s))
         .collect::<Result<_, _>>()?;
+    for path in &a.tensor_type_file {
+        opts.tensor_types
+            .extend(quantize::read_tensor_type_file(path)?);
+    }
 
     if let Some(path) = &a.imatrix {
         let mut m = Imatrix::load(path)?;

@@ -141,3 +141,58 @@ fn runnable_verdict_names_the_missing_piece() {
     let why = j["not_runnable_because"].to_string();
     assert!(why.contains("mamba"), "{why}");
 }
+
+/// A split model (the Qwen test model in two parts): `tl inspect` on the
+/// first part lists every tensor with the part it is in and its offset in
+/// that part's file, where its bytes are; on the second part it fails,
+/// naming the first.
+#[test]
+fn split_model() {
+    use tl_gguf::reader::split_path;
+    let path = model("qwen2.5-coder-0.5b-instruct-q4.gguf");
+    let whole = tl_gguf::GgufFile::open(&path).unwrap();
+    let dir = std::env::temp_dir().join(format!("tl-inspect-split-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let first = dir.join("qwen-00001-of-00002.gguf");
+    let parts = tl_gguf::GgufWriter::from_file(&whole)
+        .into_split(2)
+        .unwrap();
+    for (i, w) in parts.iter().enumerate() {
+        w.write_file(split_path(&first, i as u64, 2).unwrap())
+            .unwrap();
+    }
+    let j = inspect_json(&first, &["--tensors"]);
+    assert_eq!(j["architecture"], "qwen2");
+    assert_eq!(j["tensor_count"], 291);
+    assert_eq!(j["split_parts"].as_array().unwrap().len(), 2);
+    let files = [
+        std::fs::read(&first).unwrap(),
+        std::fs::read(split_path(&first, 1, 2).unwrap()).unwrap(),
+    ];
+    let mut per_part = [0usize; 2];
+    for t in j["tensors"].as_array().unwrap() {
+        let part = t["part"].as_u64().unwrap() as usize - 1;
+        per_part[part] += 1;
+        let at = t["offset"].as_u64().unwrap() as usize;
+        let n = t["bytes"].as_u64().unwrap() as usize;
+        let name = t["name"].as_str().unwrap();
+        let (_, want) = whole.tensor_bytes(name).unwrap();
+        assert!(files[part][at..at + n] == *want, "{name}");
+    }
+    assert_eq!(per_part, [145, 146]);
+
+    let second = split_path(&first, 1, 2).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tl"))
+        .arg("inspect")
+        .arg(&second)
+        .output()
+        .expect("runs tl");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("this is part 2 of 2; open the first part")
+            && err.contains("qwen-00001-of-00002.gguf"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -197,7 +197,7 @@ fn bad_input_is_refused_by_name_and_leaves_nothing() {
     fails_with(&[q.as_os_str(), out.as_os_str(), "Q9_K".as_ref()], "Q4_K_M");
     // File types without a quantizer yet are named as such.
     fails_with(
-        &[q.as_os_str(), out.as_os_str(), "TQ1_0".as_ref()],
+        &[q.as_os_str(), out.as_os_str(), "MXFP4".as_ref()],
         "not supported by tl quantize yet",
     );
     // A mix that needs an importance matrix.
@@ -344,6 +344,125 @@ fn dry_run_prints_the_plan_and_writes_nothing() {
     assert!(line("blk.0.ffn_down.weight").contains("-> Q6_K"));
     assert!(line("blk.2.ffn_down.weight").contains("-> Q4_K"));
     assert!(line("blk.0.attn_norm.weight").contains("F32 -> F32"));
+}
+
+/// A split input (the qwen2_f32 model in three parts, gguf-split's
+/// layout), given by its first part, is quantized into the file llama.cpp
+/// writes for it, which the fixture script checked is the file it writes
+/// for the whole input; a part given alone, or an output that is one of
+/// the parts, is refused.
+#[test]
+fn split_input_quantizes_as_the_whole() {
+    use tl_gguf::reader::split_path;
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let entry = &fx["synth"][0];
+    assert_eq!(entry["name"], "qwen2_f32");
+    let input = tmp.path().join("in.gguf");
+    let s = tl()
+        .arg("synth")
+        .args(strs(&entry["synth_args"]))
+        .arg("-o")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let first = tmp.path().join("in-00001-of-00003.gguf");
+    {
+        let whole = GgufFile::open(&input).unwrap();
+        let parts = GgufWriter::from_file(&whole).into_split(3).unwrap();
+        for (i, w) in parts.iter().enumerate() {
+            w.write_file(split_path(&first, i as u64, 3).unwrap())
+                .unwrap();
+        }
+    }
+    let ftypes = strs(&entry["split_input_ftypes"]);
+    assert!(ftypes.len() >= 3);
+    let mut diffs = Vec::new();
+    for ftype in &ftypes {
+        let case = entry["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["ftype"] == ftype.as_str() && strs(&c["flags"]).is_empty())
+            .unwrap();
+        diffs.extend(check_case(&first, case, "qwen2_f32 (split)", tmp.path()));
+    }
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+
+    let second = split_path(&first, 1, 3).unwrap();
+    fails_with(
+        &[first.as_os_str(), second.as_os_str(), "Q8_0".as_ref()],
+        "is the input file",
+    );
+    let out = tmp.path().join("refused.gguf");
+    fails_with(
+        &[second.as_os_str(), out.as_os_str(), "Q8_0".as_ref()],
+        "this is part 2 of 3; open the first part",
+    );
+    assert!(!out.exists());
+}
+
+/// `--tensor-type-file` is `--tensor-type` from a file: the fixture's
+/// cases with `--tensor-type` flags, run with the same patterns in a file
+/// (one per line, two on one line, a comment), give llama.cpp's file byte
+/// for byte; a bad entry is refused naming the file, line and entry.
+#[test]
+fn tensor_type_file_is_tensor_type_from_a_file() {
+    let fx = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let entry = &fx["synth"][0];
+    assert_eq!(entry["name"], "qwen2_f32");
+    let input = tmp.path().join("in.gguf");
+    let s = tl()
+        .arg("synth")
+        .args(strs(&entry["synth_args"]))
+        .arg("-o")
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let mut n = 0;
+    let mut diffs = Vec::new();
+    for case in entry["cases"].as_array().unwrap() {
+        let flags = strs(&case["flags"]);
+        if !flags.iter().any(|f| f == "--tensor-type") {
+            continue;
+        }
+        let pats: Vec<&String> = flags.iter().skip(1).step_by(2).collect();
+        assert!(pats.len() >= 2);
+        let mut text = String::from("# overrides\n");
+        text.push_str(&format!("{} {}\n", pats[0], pats[1]));
+        for p in &pats[2..] {
+            text.push_str(&format!("  {p}\n"));
+        }
+        let file = tmp.path().join(format!("types{n}.txt"));
+        std::fs::write(&file, text).unwrap();
+        let mut c = case.clone();
+        c["flags"] = serde_json::json!(["--tensor-type-file", file.to_str().unwrap()]);
+        diffs.extend(check_case(&input, &c, "qwen2_f32 (file)", tmp.path()));
+        n += 1;
+    }
+    assert_eq!(n, 2);
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+
+    let bad = tmp.path().join("bad.txt");
+    std::fs::write(&bad, "ffn_up=Q5_0\n\nattn_v=Q9_K\n").unwrap();
+    let out = tmp.path().join("refused.gguf");
+    fails_with(
+        &[
+            input.as_os_str(),
+            out.as_os_str(),
+            "Q4_K_M".as_ref(),
+            "--tensor-type-file".as_ref(),
+            bad.as_os_str(),
+        ],
+        &format!(
+            "tensor type file {}, line 3: 'attn_v=Q9_K': unknown tensor type 'Q9_K'",
+            bad.display()
+        ),
+    );
+    assert!(!out.exists());
 }
 
 #[test]

@@ -11,7 +11,9 @@
 //!     cargo run --release -p tl-core --example matmul_bench [-- ARGS]
 //!
 //! ARGS: `rayon` / `single` (threading; default the pool), `hot` (m = 1
-//! without rotation), `m=N` (only that m; m ≤ 16 reads cold weights). `TL_SIMD=avx2|scalar` picks a
+//! without rotation), `m=N` (only that m; m ≤ 16 reads cold weights),
+//! `types=A,B,…` (instead of the Qwen shapes, a 4864 × 896 matrix of each
+//! named type, e.g. `types=Q4_0,TQ1_0,TQ2_0`). `TL_SIMD=avx2|scalar` picks a
 //! lower kernel level, `TL_NUM_THREADS` the pool size.
 
 use std::time::{Duration, Instant};
@@ -63,13 +65,23 @@ fn main() {
         "{:>6} {:>7} {:>5} {:>3} {:>10} {:>10} {:>10} {:>9} {:>8}",
         "k", "n", "type", "m", "p10 us", "median us", "cpu us", "GFLOP/s", "GB/s"
     );
-    let shapes = [
+    let mut shapes = vec![
         (896, 896, GgmlType::Q5_0),
         (896, 4864, GgmlType::Q5_0),
         (4864, 896, GgmlType::Q6_K),
         (4864, 896, GgmlType::Q4_K),
         (896, 151_936, GgmlType::Q8_0),
     ];
+    if let Some(list) = args.iter().find_map(|a| a.strip_prefix("types=")) {
+        shapes.clear();
+        for name in list.split(',') {
+            let Some(ty) = GgmlType::from_name(&name.to_ascii_uppercase()) else {
+                eprintln!("unknown type {name}");
+                std::process::exit(2);
+            };
+            shapes.push((4864, 896, ty));
+        }
+    }
     let mut scratch = MatmulScratch::new();
     for (k, n, ty) in shapes {
         let wbytes = row_bytes(ty, k).unwrap_or(0) * n;

@@ -143,7 +143,7 @@ fn weighted_quantizers_match_ggml_quantize_chunk() {
             assert_eq!(plain, out, "{label}");
         }
     }
-    assert_eq!(types.len(), 19, "{types:?}");
+    assert_eq!(types.len(), 21, "{types:?}");
     assert!(
         failures.is_empty(),
         "{} of {} cases differ:\n{}",

@@ -101,7 +101,7 @@ fn fixtures_cover_every_case() {
         names(&[
             "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
             "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S",
-            "IQ1_S", "IQ1_M", "MXFP4"
+            "IQ1_S", "IQ1_M", "MXFP4", "TQ1_0", "TQ2_0"
         ])
     );
     let real = names(&["F32", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]);
@@ -109,7 +109,7 @@ fn fixtures_cover_every_case() {
     assert_eq!(set("dequantize", &|s| s.starts_with("gemma:")), real);
     assert_eq!(
         set("quantize", &|_| true),
-        names(&["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4"])
+        names(&["F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "MXFP4", "TQ1_0", "TQ2_0"])
     );
 }
 
@@ -167,7 +167,7 @@ fn quantize_matches_reference_byte_for_byte() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 10);
 }
 
 /// ggml `tests/test-quantize-fns.cpp` `generate_data`:

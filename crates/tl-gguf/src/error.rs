@@ -83,6 +83,8 @@ pub enum GgufError {
     NoTensor(String),
     #[error("writer: {0}")]
     Writer(String),
+    #[error("split model {path}: {reason}")]
+    Split { path: PathBuf, reason: String },
 }
 
 pub type Result<T, E = GgufError> = std::result::Result<T, E>;

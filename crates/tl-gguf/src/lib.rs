@@ -11,7 +11,7 @@ pub mod writer;
 
 pub use error::{GgufError, Result};
 pub use models::{cached_model, model_cache_dir};
-pub use reader::{GgufFile, Metadata, SharedBytes, TensorInfo};
+pub use reader::{GgufFile, Metadata, SharedBytes, SplitPart, TensorInfo};
 pub use types::GgmlType;
 pub use value::{Array, Value, ValueType};
 pub use writer::{GgufStreamWriter, GgufWriter, TensorLayout};

@@ -254,6 +254,34 @@ pub struct GgufFile {
     pub metadata: Metadata,
     pub tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
+    /// The parts of a split model, in order (empty for a single file).
+    pub parts: Vec<SplitPart>,
+}
+
+/// One part of a split model joined by [`GgufFile::open`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct SplitPart {
+    pub path: std::path::PathBuf,
+    /// Absolute offset of the part's data section in its own file.
+    pub data_offset: u64,
+    /// Where its data starts in the joined data section (tensor offsets at
+    /// or past this, and below the next part's, are in this part).
+    pub base: u64,
+}
+
+impl GgufFile {
+    /// For a split model, the part (index from 0) holding `info` and the
+    /// tensor's absolute offset in that part's file; for a single file,
+    /// part 0 and its absolute offset.
+    pub fn tensor_location(&self, info: &TensorInfo) -> (usize, u64) {
+        match self.parts.iter().rposition(|p| p.base <= info.offset) {
+            Some(i) => {
+                let p = &self.parts[i];
+                (i, p.data_offset + (info.offset - p.base))
+            }
+            None => (0, self.data_offset + info.offset),
+        }
+    }
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -270,7 +298,25 @@ impl std::fmt::Debug for GgufFile {
 
 impl GgufFile {
     /// Opens and memory-maps a file, then parses it.
+    ///
+    /// A split model (`split.count` > 1, as llama.cpp's `gguf-split`
+    /// writes it) is opened from its first part, `NAME-00001-of-0000N.gguf`:
+    /// the other parts are found next to it by name and joined into one
+    /// file (see [`GgufFile::open_split`]).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let first = Self::open_one(path)?;
+        match split_keys(&first.metadata).map_err(|reason| GgufError::Split {
+            path: path.to_path_buf(),
+            reason,
+        })? {
+            Some((_, count)) if count > 1 => Self::open_split(path, first),
+            _ => Ok(first),
+        }
+    }
+
+    /// Opens one file, ignoring any split keys.
+    pub fn open_one(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let io = |source| GgufError::Io {
             path: path.to_path_buf(),
@@ -306,6 +352,143 @@ impl GgufFile {
             metadata: parsed.metadata,
             tensors: parsed.tensors,
             tensor_index,
+            parts: Vec::new(),
+        })
+    }
+
+    /// Joins the parts of the split model whose first part `first` was
+    /// read from `path`, as llama.cpp's model loader does: the metadata is
+    /// the first part's (split keys included), the tensors are every
+    /// part's in part order, and each part must say it is that part
+    /// (`split.no`) of the same count. A missing or mismatched part, a
+    /// tensor in two parts or a tensor count other than
+    /// `split.tensors.count` is an error naming the part.
+    ///
+    /// The parts' data sections are read into memory one after the other
+    /// (each starting on an alignment boundary) behind the first part's
+    /// header; [`GgufFile::bytes`] is that buffer and every tensor's offset
+    /// is relative to [`GgufFile::data_offset`] as for a single file.
+    pub fn open_split(path: &Path, first: GgufFile) -> Result<Self> {
+        let err = |p: &Path, reason: String| GgufError::Split {
+            path: p.to_path_buf(),
+            reason,
+        };
+        let (no, count) = split_keys(&first.metadata)
+            .map_err(|r| err(path, r))?
+            .unwrap_or((0, 1));
+        if no != 0 {
+            return Err(err(
+                path,
+                format!(
+                    "this is part {} of {count}; open the first part, {}",
+                    no + 1,
+                    split_path(path, 0, count)
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "NAME-00001-of-N.gguf".into())
+                ),
+            ));
+        }
+        let mut parts = vec![first];
+        for i in 1..count {
+            let part = split_path(path, i, count).ok_or_else(|| {
+                err(
+                    path,
+                    format!(
+                        "the name does not end in -00001-of-{count:05}.gguf, so part {} can't be found",
+                        i + 1
+                    ),
+                )
+            })?;
+            if !part.exists() {
+                return Err(err(&part, format!("part {} of {count} is missing", i + 1)));
+            }
+            let f = Self::open_one(&part)?;
+            match split_keys(&f.metadata).map_err(|r| err(&part, r))? {
+                Some((n, c)) if n == i && c == count => {}
+                Some((n, c)) => {
+                    return Err(err(
+                        &part,
+                        format!(
+                            "expected part {} of {count}, the file says part {} of {c}",
+                            i + 1,
+                            n + 1
+                        ),
+                    ))
+                }
+                None => {
+                    return Err(err(
+                        &part,
+                        format!(
+                            "expected part {} of {count}, the file has no split.no/split.count",
+                            i + 1
+                        ),
+                    ))
+                }
+            }
+            parts.push(f);
+        }
+
+        let head = &parts[0];
+        let align = parts
+            .iter()
+            .map(|p| p.alignment)
+            .max()
+            .unwrap_or(DEFAULT_ALIGNMENT);
+        let mut bytes = head.bytes()[..head.data_offset as usize].to_vec();
+        let data_offset = head.data_offset;
+        let mut tensors = Vec::new();
+        let mut tensor_index = HashMap::new();
+        let mut split_parts = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let base = (bytes.len() as u64 - data_offset).next_multiple_of(align);
+            bytes.resize((data_offset + base) as usize, 0);
+            bytes.extend_from_slice(&p.bytes()[p.data_offset as usize..]);
+            let part = if i == 0 {
+                path.to_path_buf()
+            } else {
+                split_path(path, i as u64, count).unwrap_or_default()
+            };
+            split_parts.push(SplitPart {
+                path: part.clone(),
+                data_offset: p.data_offset,
+                base,
+            });
+            for t in &p.tensors {
+                if tensor_index.insert(t.name.clone(), tensors.len()).is_some() {
+                    return Err(err(
+                        &part,
+                        format!("tensor '{}' is also in an earlier part", t.name),
+                    ));
+                }
+                let mut t = t.clone();
+                t.offset += base;
+                tensors.push(t);
+            }
+        }
+        if let Some(want) = head
+            .metadata
+            .opt_u64("split.tensors.count")
+            .map_err(|e| err(path, e.to_string()))?
+        {
+            if want != tensors.len() as u64 {
+                return Err(err(
+                    path,
+                    format!(
+                        "split.tensors.count is {want}, the {count} parts hold {} tensors",
+                        tensors.len()
+                    ),
+                ));
+            }
+        }
+        Ok(GgufFile {
+            backing: Arc::new(Backing::Owned(bytes)),
+            version: head.version,
+            alignment: head.alignment,
+            data_offset,
+            metadata: head.metadata.clone(),
+            tensors,
+            tensor_index,
+            parts: split_parts,
         })
     }
 
@@ -367,6 +550,33 @@ impl GgufFile {
             backing: self.backing.clone(),
         }
     }
+}
+
+/// `(split.no, split.count)` if the file has them; an error string if one
+/// is there without the other or they don't make sense.
+fn split_keys(m: &Metadata) -> std::result::Result<Option<(u64, u64)>, String> {
+    let no = m.opt_u64("split.no").map_err(|e| e.to_string())?;
+    let count = m.opt_u64("split.count").map_err(|e| e.to_string())?;
+    match (no, count) {
+        (None, None) => Ok(None),
+        (Some(no), Some(count)) if no < count => Ok(Some((no, count))),
+        (Some(no), Some(count)) => Err(format!("split.no {no} is not below split.count {count}")),
+        _ => Err("split.no and split.count must come together".into()),
+    }
+}
+
+/// llama.cpp's `llama_split_path`: part `i` (from 0) of `count` next to
+/// the part `path`, whose name ends in `-NNNNN-of-CCCCC.gguf` (`None`
+/// otherwise).
+pub fn split_path(path: &Path, i: u64, count: u64) -> Option<std::path::PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let suffix = format!("-of-{count:05}.gguf");
+    let stem = name.strip_suffix(&suffix)?;
+    let (prefix, digits) = stem.rsplit_once('-')?;
+    if digits.len() != 5 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(path.with_file_name(format!("{prefix}-{:05}{suffix}", i + 1)))
 }
 
 /// A reference-counted handle on a file's bytes; clones share the mapping.

@@ -84,6 +84,43 @@ impl<'a> GgufWriter<'a> {
         Ok(())
     }
 
+    /// The file split into `parts` files as llama.cpp's `gguf-split` lays
+    /// them out: the tensors in their order, in `parts` runs of (nearly)
+    /// equal count; the first part holds all the metadata, every part
+    /// `split.no` (u16, from 0), `split.count` (u16) and
+    /// `split.tensors.count` (i32). Write part `i` to
+    /// [`crate::reader::split_path`]`(first, i, parts)` to have
+    /// [`GgufFile::open`] join them again.
+    pub fn into_split(self, parts: u16) -> Result<Vec<GgufWriter<'a>>> {
+        let n = self.tensors.len();
+        let count = usize::from(parts);
+        if count == 0 || count > n.max(1) {
+            return Err(GgufError::Writer(format!(
+                "can't split {n} tensors into {parts} parts"
+            )));
+        }
+        let total = i32::try_from(n)
+            .map_err(|_| GgufError::Writer(format!("{n} tensors are too many to split")))?;
+        let mut out = Vec::with_capacity(count);
+        let mut tensors = self.tensors.into_iter();
+        for i in 0..count {
+            let take = n * (i + 1) / count - n * i / count;
+            let mut w = GgufWriter::new();
+            if i == 0 {
+                w.metadata = self.metadata.clone();
+            }
+            for k in ["split.no", "split.count", "split.tensors.count"] {
+                w.metadata.remove(k);
+            }
+            w.set("split.no", Value::U16(i as u16));
+            w.set("split.count", Value::U16(parts));
+            w.set("split.tensors.count", Value::I32(total));
+            w.tensors.extend(tensors.by_ref().take(take));
+            out.push(w);
+        }
+        Ok(out)
+    }
+
     /// Serializes the whole file into `out`.
     pub fn write_to(&self, out: &mut impl Write) -> Result<()> {
         let layouts: Vec<TensorLayout> = self

@@ -47,12 +47,22 @@
 //! expression, searched anywhere in the name, as llama-quantize's
 //! `std::regex_search` does) matches, in place of the mix's choice; the
 //! first matching pattern wins, and the row-length fallback still applies.
+//! `--tensor-type-file FILE` ([`read_tensor_type_file`]) reads such
+//! `PATTERN=TYPE` words from a file.
 //!
 //! MXFP4_MOE (gpt-oss's file type) puts every expert tensor (3-D with more
 //! than one expert) in MXFP4 and everything else that is quantized,
 //! `output` and a tied `token_embd` included, in Q8_0, as llama-quantize.
 //!
-//! Not here yet: TQ1_0/TQ2_0 and split files.
+//! TQ1_0 and TQ2_0 (the ternary types) put every quantized matrix in the
+//! ternary type except `output` (Q6_K, Q8_0 for rows that are not whole
+//! super-blocks) and `token_embd` (Q4_K), as llama.cpp; rows that are not
+//! whole 256-value super-blocks fall back to Q4_0.
+//!
+//! A split input (llama.cpp's `gguf-split` parts, given by the first) is
+//! quantized as the model it was split from, into one file, as
+//! llama-quantize does (its output for the parts is the same file as for
+//! the whole). Not here yet: writing split files.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -107,9 +117,16 @@ pub enum QuantizeError {
     Tensor { tensor: String, reason: String },
     #[error("--tensor-type {pattern}: {reason}")]
     TensorTypePattern { pattern: String, reason: String },
+    #[error("tensor type file {path}, line {line}: '{word}': {reason}")]
+    TensorTypeFile {
+        path: PathBuf,
+        line: usize,
+        word: String,
+        reason: String,
+    },
     #[error("model metadata: {0}")]
     Metadata(String),
-    #[error("the output {0} is the input file")]
+    #[error("the output {0} is the input file (or a part of it)")]
     SameFile(PathBuf),
     #[error("{path}: {err}")]
     Io { path: PathBuf, err: std::io::Error },
@@ -187,6 +204,8 @@ file_types! {
     IQ2_XXS = 19, "IQ2_XXS", IQ2_XXS, "2.06 bpw, 8-value grid points (needs an importance matrix)";
     IQ1_M = 31, "IQ1_M", IQ1_M, "1.75 bpw (needs an importance matrix)";
     IQ1_S = 24, "IQ1_S", IQ1_S, "1.56 bpw (needs an importance matrix)";
+    TQ1_0 = 36, "TQ1_0", TQ1_0, "1.69 bpw ternary (for models trained ternary), Q4_K token_embd";
+    TQ2_0 = 37, "TQ2_0", TQ2_0, "2.06 bpw ternary (for models trained ternary), Q4_K token_embd";
     MXFP4_MOE = 38, "MXFP4_MOE", MXFP4, "MXFP4 experts (4.25 bpw), Q8_0 elsewhere";
 }
 
@@ -238,7 +257,7 @@ impl std::str::FromStr for FileType {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        if up.starts_with("TQ") || (up.starts_with("MXFP4") && up != "MXFP4_MOE") {
+        if up.starts_with("MXFP4") && up != "MXFP4_MOE" {
             return Err(QuantizeError::UnsupportedFileType {
                 name: s.to_owned(),
                 known: known(),
@@ -350,6 +369,45 @@ impl TensorTypeOverride {
     pub fn matches(&self, name: &str) -> bool {
         self.regex.is_match(name).unwrap_or(false)
     }
+}
+
+/// llama-quantize's `--tensor-type-file FILE`: the whitespace-separated
+/// words of the file, each a `PATTERN=TYPE` as `--tensor-type` takes it, in
+/// order. Lines whose first non-blank character is `#` are comments (an
+/// addition: llama-quantize has none). A bad word is an error naming the
+/// file, its line and the word.
+pub fn read_tensor_type_file(path: &Path) -> Result<Vec<TensorTypeOverride>> {
+    let text = std::fs::read_to_string(path).map_err(|err| QuantizeError::Io {
+        path: path.to_owned(),
+        err,
+    })?;
+    parse_tensor_type_file(path, &text)
+}
+
+/// [`read_tensor_type_file`] of the text `text` read from `path`.
+pub fn parse_tensor_type_file(path: &Path, text: &str) -> Result<Vec<TensorTypeOverride>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        for word in line.split_whitespace() {
+            let o = TensorTypeOverride::parse(word).map_err(|e| {
+                let reason = match e {
+                    QuantizeError::TensorTypePattern { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                QuantizeError::TensorTypeFile {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    word: word.to_owned(),
+                    reason,
+                }
+            })?;
+            out.push(o);
+        }
+    }
+    Ok(out)
 }
 
 /// The type of the first override whose pattern matches `name`.
@@ -691,6 +749,7 @@ impl MixState<'_> {
                 match ft {
                     F::IQ2_XXS | F::IQ2_XS | F::IQ1_S | F::IQ1_M => ty = G::Q2_K,
                     F::IQ2_S | F::IQ2_M | F::IQ3_XXS => ty = G::IQ3_S,
+                    F::TQ1_0 | F::TQ2_0 => ty = G::Q4_K,
                     _ => {}
                 }
             }
@@ -865,7 +924,7 @@ fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
         return (ty, false);
     }
     let mut to = match ty {
-        G::Q2_K | G::Q3_K => G::Q4_0,
+        G::Q2_K | G::Q3_K | G::TQ1_0 | G::TQ2_0 => G::Q4_0,
         G::Q4_K => G::Q5_0,
         G::Q5_K => G::Q5_1,
         G::Q6_K => G::Q8_0,
@@ -890,15 +949,18 @@ fn fallback(ty: GgmlType, ncols: u64) -> (GgmlType, bool) {
 /// requantization not allowed, a type that can't be produced), before
 /// anything is written.
 pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> {
-    if file
-        .metadata
-        .opt_u64("split.count")
-        .ok()
-        .flatten()
-        .is_some_and(|n| n > 1)
+    // A split model is quantized whole (its parts joined, as
+    // `GgufFile::open` joins them); one part read alone is refused.
+    if file.parts.is_empty()
+        && file
+            .metadata
+            .opt_u64("split.count")
+            .ok()
+            .flatten()
+            .is_some_and(|n| n > 1)
     {
         return Err(QuantizeError::Metadata(
-            "split GGUF files are not supported; merge the parts first".into(),
+            "one part of a split model: open the model from its first part".into(),
         ));
     }
     let info = ModelInfo::read(&file.metadata)?;
@@ -1218,6 +1280,15 @@ impl Quantization {
             m.check_finite()?;
         }
         let file = GgufFile::open(input)?;
+        if let Ok(out) = output.canonicalize() {
+            if file
+                .parts
+                .iter()
+                .any(|p| p.path.canonicalize().is_ok_and(|p| p == out))
+            {
+                return Err(QuantizeError::SameFile(output.to_owned()));
+            }
+        }
         let plans = plan(&file, opts)?;
         Ok(Quantization {
             file,
@@ -1333,15 +1404,12 @@ mod tests {
             Some(FileType::MXFP4_MOE)
         );
         assert_eq!("38".parse::<FileType>().ok(), Some(FileType::MXFP4_MOE));
-        for name in ["TQ1_0", "MXFP4"] {
-            assert!(
-                matches!(
-                    name.parse::<FileType>(),
-                    Err(QuantizeError::UnsupportedFileType { .. })
-                ),
-                "{name}"
-            );
-        }
+        assert_eq!("tq1_0".parse::<FileType>().ok(), Some(FileType::TQ1_0));
+        assert_eq!("37".parse::<FileType>().ok(), Some(FileType::TQ2_0));
+        assert!(matches!(
+            "MXFP4".parse::<FileType>(),
+            Err(QuantizeError::UnsupportedFileType { .. })
+        ));
     }
 
     /// MXFP4_MOE: experts MXFP4, every other quantized matrix Q8_0 (the
@@ -1381,6 +1449,46 @@ mod tests {
         assert!(plans
             .iter()
             .any(|p| p.name == "output.weight" && p.to == GgmlType::Q8_0));
+    }
+
+    #[test]
+    fn tensor_type_file() {
+        let path = Path::new("types.txt");
+        let text = "# attention\nblk\\.0\\.attn_v=Q8_0  ffn_up=q5_0\n\n  # ffn\nffn_down=IQ4_NL\n";
+        let got = parse_tensor_type_file(path, text).unwrap();
+        let pairs: Vec<(&str, GgmlType)> = got.iter().map(|o| (o.pattern.as_str(), o.ty)).collect();
+        assert_eq!(
+            pairs,
+            [
+                ("blk\\.0\\.attn_v", GgmlType::Q8_0),
+                ("ffn_up", GgmlType::Q5_0),
+                ("ffn_down", GgmlType::IQ4_NL)
+            ]
+        );
+        for (text, line, word, reason) in [
+            (
+                "ffn_up=Q5_0\nffn_down\n",
+                2,
+                "ffn_down",
+                "expected PATTERN=TYPE",
+            ),
+            (
+                "a=Q8_0\n\nb=Q9_K",
+                3,
+                "b=Q9_K",
+                "unknown tensor type 'Q9_K'",
+            ),
+            ("ffn=", 1, "ffn=", "missing quantization type"),
+            ("(ffn=Q8_0", 1, "(ffn=Q8_0", "bad regular expression"),
+        ] {
+            let err = parse_tensor_type_file(path, text).unwrap_err().to_string();
+            let want = format!("tensor type file types.txt, line {line}: '{word}': {reason}");
+            assert!(err.starts_with(&want), "{err} / {want}");
+        }
+        let err = read_tensor_type_file(Path::new("/nonexistent/types.txt"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/types.txt"), "{err}");
     }
 
     #[test]

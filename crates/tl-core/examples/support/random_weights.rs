@@ -20,6 +20,8 @@ pub fn random_weights(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
         GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
         GgmlType::Q4_K => &[0, 2],
         GgmlType::Q6_K => &[208],
+        GgmlType::TQ1_0 => &[52],
+        GgmlType::TQ2_0 => &[64],
         _ => &[],
     };
     let scale = half::f16::from_f32(0.01).to_le_bytes();

@@ -2,8 +2,8 @@
 //!
 //! As in ggml-cpu, a matmul against a quantized weight first quantizes the
 //! f32 activations once to the weight type's [`vec_dot_type`] (Q8_0 for
-//! Q4_0/Q5_0/Q8_0/IQ4_NL/MXFP4, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, IQ4_XS
-//! and the grid formats IQ3_XXS to IQ1_M, the weight's
+//! Q4_0/Q5_0/Q8_0/IQ4_NL/MXFP4, Q8_1 for Q4_1/Q5_1, Q8_K for the K-quants, IQ4_XS,
+//! the grid formats IQ3_XXS to IQ1_M and the ternary TQ1_0/TQ2_0, the weight's
 //! own type for F32/F16/BF16), then takes integer dot products block by
 //! block and scales each block's integer sum by the two block scales.
 //!
@@ -47,7 +47,7 @@ pub fn vec_dot_type(ty: GgmlType) -> GgmlType {
         Q4_0 | Q5_0 | Q8_0 | IQ4_NL | MXFP4 => Q8_0,
         Q4_1 | Q5_1 => Q8_1,
         Q2_K | Q3_K | Q4_K | Q5_K | Q6_K | IQ4_XS | IQ3_XXS | IQ3_S | IQ2_XXS | IQ2_XS | IQ2_S
-        | IQ1_S | IQ1_M => Q8_K,
+        | IQ1_S | IQ1_M | TQ1_0 | TQ2_0 => Q8_K,
         other => other,
     }
 }
@@ -79,6 +79,8 @@ pub fn supports_dot(ty: GgmlType) -> bool {
             | IQ1_S
             | IQ1_M
             | MXFP4
+            | TQ1_0
+            | TQ2_0
     )
 }
 
@@ -213,7 +215,7 @@ pub(crate) struct Table {
     kernels: [Kernel; N_DOT_TYPES],
 }
 
-const N_DOT_TYPES: usize = 23;
+const N_DOT_TYPES: usize = 25;
 
 fn slot(ty: GgmlType) -> Option<usize> {
     use GgmlType::*;
@@ -241,6 +243,8 @@ fn slot(ty: GgmlType) -> Option<usize> {
         IQ1_S => 20,
         IQ1_M => 21,
         MXFP4 => 22,
+        TQ1_0 => 23,
+        TQ2_0 => 24,
         _ => return None,
     })
 }
@@ -272,6 +276,8 @@ impl Table {
             scalar_kernel::<20>,
             scalar_kernel::<21>,
             scalar_kernel::<22>,
+            scalar_kernel::<23>,
+            scalar_kernel::<24>,
         ];
         #[cfg(target_arch = "x86_64")]
         x86::install(level, &mut |ty, k| {
@@ -324,7 +330,7 @@ const SCALAR_TYPES: [GgmlType; N_DOT_TYPES] = {
     use GgmlType::*;
     [
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
-        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, MXFP4,
+        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, MXFP4, TQ1_0, TQ2_0,
     ]
 };
 
@@ -382,6 +388,8 @@ pub fn vec_dot_ref(ty_w: GgmlType, k: usize, w_row: &[u8], act_row: &[u8]) -> f3
         IQ1_S => scalar::dot_iq1_s(w, a),
         IQ1_M => scalar::dot_iq1_m(w, a),
         MXFP4 => crate::quant::mxfp4::dot_mxfp4_q8_0(w, a),
+        TQ1_0 => crate::quant::ternary::dot_tq1_0_q8_k(w, a),
+        TQ2_0 => crate::quant::ternary::dot_tq2_0_q8_k(w, a),
         _ => f32::NAN,
     }
 }

@@ -11,6 +11,8 @@
 //!   IQ2_XS, IQ2_S, IQ1_S and IQ1_M (256 values), with their tables in
 //!   [`iq_grids`].
 //! - [`mxfp4`]: MXFP4 (32 E2M1 values under one E8M0 exponent: gpt-oss).
+//! - [`ternary`]: the ternary TQ1_0 and TQ2_0 (256 values in {-1, 0, 1}
+//!   times one scale).
 //! - [`k_search`]: the scale searches of ggml-quants.c (`make_qx_quants`,
 //!   `make_qkx2_quants`, `make_q3_quants`, `make_qkx3_quants`,
 //!   `make_qp_quants`, `nearest_int`) that the K-quant quantizers share.
@@ -42,6 +44,7 @@ pub mod k_search;
 pub mod legacy;
 pub mod lowbit;
 pub mod mxfp4;
+pub mod ternary;
 pub mod weighted;
 
 use tl_gguf::GgmlType;
@@ -100,12 +103,19 @@ pub fn is_supported(ty: GgmlType) -> bool {
     is_quantize_supported(ty) || is_grid(ty)
 }
 
-/// Types [`quantize`] writes (with the scalar reference quantizer).
+/// Types [`quantize`] writes (with ggml's reference quantizer; for the
+/// grid types IQ3_XXS, IQ3_S, IQ2_S and IQ1_M its row quantizer without
+/// importance weights).
 pub fn is_quantize_supported(ty: GgmlType) -> bool {
     use GgmlType::*;
     matches!(
         ty,
-        F32 | F16
+        IQ3_XXS
+            | IQ3_S
+            | IQ2_S
+            | IQ1_M
+            | F32
+            | F16
             | BF16
             | Q4_0
             | Q4_1
@@ -122,6 +132,8 @@ pub fn is_quantize_supported(ty: GgmlType) -> bool {
             | IQ4_NL
             | IQ4_XS
             | MXFP4
+            | TQ1_0
+            | TQ2_0
     )
 }
 
@@ -164,19 +176,35 @@ pub fn dequantize_named(ty: GgmlType, name: &str, src: &[u8], dst: &mut [f32]) -
         IQ1_S => dequantize_grid::<iq1::BlockIQ1S>(src, dst),
         IQ1_M => dequantize_grid::<iq1::BlockIQ1M>(src, dst),
         MXFP4 => dequantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
+        TQ1_0 => dequantize_blocks::<ternary::BlockTQ1_0>(src, dst),
+        TQ2_0 => dequantize_blocks::<ternary::BlockTQ2_0>(src, dst),
         _ => return Err(unsupported(ty, name)),
     }
     Ok(())
 }
 
 /// Quantizes `src` into `dst` (exactly `ty.bytes_for(src.len())` bytes) with
-/// the scalar reference algorithm of ggml (`quantize_row_*_ref`).
+/// the scalar reference algorithm of ggml (`quantize_row_*_ref`). The grid
+/// types IQ3_XXS, IQ3_S, IQ2_S and IQ1_M are quantized as one row without
+/// importance weights (their `quantize_row_*_ref`; without weights each
+/// super-block is quantized on its own, so the row length does not
+/// matter); IQ2_XXS, IQ2_XS and IQ1_S need an importance matrix, which
+/// only [`quantize_weighted`] takes, and are an error here.
 pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
     use GgmlType::*;
+    if requires_imatrix(ty) {
+        return Err(CoreError::Invalid {
+            op: "quantize",
+            reason: format!("{ty} needs an importance matrix: use quantize_weighted"),
+        });
+    }
     if !is_quantize_supported(ty) {
         return Err(unsupported(ty, UNNAMED));
     }
     check_sizes("quantize", ty, UNNAMED, src.len(), dst.len())?;
+    if has_grid_quantizer(ty) {
+        return quantize_weighted(ty, src, src.len(), None, dst);
+    }
     match ty {
         F32 => float::quantize_f32(src, dst),
         F16 => float::quantize_f16(src, dst),
@@ -196,6 +224,8 @@ pub fn quantize(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()> {
         IQ4_NL => quantize_blocks::<iq4::BlockIQ4NL>(src, dst),
         IQ4_XS => quantize_blocks::<iq4::BlockIQ4XS>(src, dst),
         MXFP4 => quantize_blocks::<mxfp4::BlockMXFP4>(src, dst),
+        TQ1_0 => quantize_blocks::<ternary::BlockTQ1_0>(src, dst),
+        TQ2_0 => quantize_blocks::<ternary::BlockTQ2_0>(src, dst),
         _ => return Err(unsupported(ty, UNNAMED)),
     }
     Ok(())
@@ -230,7 +260,7 @@ pub fn requires_imatrix(ty: GgmlType) -> bool {
 ///
 /// As in ggml, with an importance matrix Q4_0, Q4_1, Q5_0, Q5_1 and Q2_K to
 /// Q6_K, IQ4_NL and IQ4_XS run the weighted `quantize_row_*_impl` quantizers ([`weighted`]);
-/// F32, F16, BF16, Q8_0 and MXFP4 ignore it; without one every type runs its
+/// F32, F16, BF16, Q8_0, MXFP4, TQ1_0 and TQ2_0 ignore it; without one every type runs its
 /// reference quantizer, as [`quantize`] does. The same `imatrix` applies to
 /// every row (for a 3-D expert tensor, call this once per expert with that
 /// expert's slice).
@@ -307,7 +337,9 @@ pub fn quantize_weighted(
         }
         return Ok(());
     }
-    let Some(qw) = imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0 | MXFP4)) else {
+    let Some(qw) =
+        imatrix.filter(|_| !matches!(ty, F32 | F16 | BF16 | Q8_0 | MXFP4 | TQ1_0 | TQ2_0))
+    else {
         return quantize(ty, src, dst);
     };
     if qw.len() != n_per_row {
@@ -475,6 +507,8 @@ mod tests {
         check_grid::<iq1::BlockIQ1S>();
         check_grid::<iq1::BlockIQ1M>();
         check::<mxfp4::BlockMXFP4>();
+        check::<ternary::BlockTQ1_0>();
+        check::<ternary::BlockTQ2_0>();
     }
 
     #[test]
@@ -578,6 +612,33 @@ mod tests {
                 quantize(ty, &[], &mut []).is_ok(),
                 is_quantize_supported(ty)
             );
+        }
+    }
+
+    #[test]
+    fn plain_quantize_of_the_grid_types_is_the_unweighted_row_quantizer() {
+        use GgmlType::*;
+        let x: Vec<f32> = (0..1024)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect();
+        for ty in [IQ3_XXS, IQ3_S, IQ2_S, IQ1_M] {
+            let n = ty.bytes_for(1024).unwrap() as usize;
+            let mut plain = vec![0u8; n];
+            quantize(ty, &x, &mut plain).unwrap();
+            // Rows of any length give the same bytes without weights.
+            for row in [256, 512, 1024] {
+                let mut rows = vec![0u8; n];
+                quantize_weighted(ty, &x, row, None, &mut rows).unwrap();
+                assert_eq!(plain, rows, "{ty} rows of {row}");
+            }
+            let mut back = vec![0f32; 1024];
+            dequantize(ty, &plain, &mut back).unwrap();
+            assert!(back.iter().any(|&v| v != 0.0), "{ty}");
+        }
+        for ty in [IQ2_XXS, IQ2_XS, IQ1_S] {
+            let mut q = vec![0u8; ty.bytes_for(256).unwrap() as usize];
+            let err = quantize(ty, &x[..256], &mut q).unwrap_err().to_string();
+            assert!(err.contains("needs an importance matrix"), "{err}");
         }
     }
 

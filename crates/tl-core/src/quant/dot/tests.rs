@@ -35,11 +35,11 @@ use tl_gguf::GgmlType;
 use super::*;
 use crate::quant::{dequantize, quantize};
 
-const ALL: [GgmlType; 23] = {
+const ALL: [GgmlType; 25] = {
     use GgmlType::*;
     [
         F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS,
-        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, MXFP4,
+        IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S, IQ1_S, IQ1_M, MXFP4, TQ1_0, TQ2_0,
     ]
 };
 
@@ -60,6 +60,8 @@ fn f16_fields(ty: GgmlType) -> (&'static [usize], f32) {
     match ty {
         Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS | IQ3_XXS | IQ3_S | IQ2_XXS | IQ2_XS | IQ2_S
         | IQ1_S => (&[0], 0.0),
+        TQ1_0 => (&[52], 0.0),
+        TQ2_0 => (&[64], 0.0),
         Q4_1 | Q5_1 => (&[0, 2], 1.0),
         Q2_K => (&[80, 82], 15.0),
         Q3_K => (&[108], 0.0),
@@ -326,7 +328,7 @@ proptest! {
 
     #[test]
     fn integer_sums_are_exact(
-        t in 0usize..22, blocks in 1usize..5, rows in 1usize..=MAX_TILE, seed: u64
+        t in 0usize..ALL.len(), blocks in 1usize..5, rows in 1usize..=MAX_TILE, seed: u64
     ) {
         check_exact(ALL[t], blocks, rows, seed);
     }
@@ -492,6 +494,8 @@ fn vec_dot_types_are_ggml_s() {
         (IQ1_S, Q8_K),
         (IQ1_M, Q8_K),
         (MXFP4, Q8_0),
+        (TQ1_0, Q8_K),
+        (TQ2_0, Q8_K),
     ] {
         assert_eq!(vec_dot_type(w), a, "{w}");
         assert!(supports_dot(w));
@@ -525,14 +529,17 @@ fn reference_kernels_are_the_generic_kernels_bit_for_bit() {
     }
 }
 
-/// The IQ4, grid and MXFP4 kernels of every level keep the generic float order:
+/// The IQ4, grid, MXFP4 and ternary kernels of every level keep the generic float order:
 /// they give the reference's bits on random data, 1..=8 rows at a time, and
 /// the reference is the dequantize-then-dot to within the rounding bound.
 #[test]
 fn iq_kernels_give_the_reference_bits() {
     use GgmlType::*;
     let mut rng = ChaCha8Rng::seed_from_u64(19);
-    for ty in [IQ4_NL, IQ4_XS, MXFP4].into_iter().chain(GRID) {
+    for ty in [IQ4_NL, IQ4_XS, MXFP4, TQ1_0, TQ2_0]
+        .into_iter()
+        .chain(GRID)
+    {
         for blocks in [1usize, 7, 9, 17] {
             let k = k_for(ty, blocks);
             let w = weight_row(ty, k, &mut rng, false);

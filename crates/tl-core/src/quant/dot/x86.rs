@@ -55,6 +55,7 @@ mod iq_grid;
 mod mxfp4;
 pub(crate) mod repack;
 pub(crate) mod repack_k;
+mod ternary;
 
 /// Fills the table with the kernels of `level` (which the CPU runs).
 pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
@@ -63,12 +64,14 @@ pub(crate) fn install(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
         iq4::install_avx2(set);
         iq_grid::install_avx2(set);
         mxfp4::install_avx2(set);
+        ternary::install_avx2(set);
     }
     if level >= SimdLevel::Avx512Vnni {
         avx512::install(set);
         iq4::install_avx512(set);
         iq_grid::install_avx512(set);
         mxfp4::install_avx512(set);
+        ternary::install_avx512(set);
     }
 }
 
@@ -92,11 +95,12 @@ pub(crate) unsafe fn quantize_q8_avx2(act_ty: GgmlType, x: &[f32], out: &mut [u8
 pub(crate) fn install_reference(level: SimdLevel, set: &mut dyn FnMut(GgmlType, Kernel)) {
     if level >= SimdLevel::Avx2 {
         avx2::install_reference(set);
-        // The IQ4, grid and MXFP4 kernels keep the generic float order (see
-        // `iq4`, `iq_grid`, `mxfp4`).
+        // The IQ4, grid, MXFP4 and ternary kernels keep the generic float
+        // order (see `iq4`, `iq_grid`, `mxfp4`, `ternary`).
         iq4::install_avx2(set);
         iq_grid::install_avx2(set);
         mxfp4::install_avx2(set);
+        ternary::install_avx2(set);
     }
 }
 
