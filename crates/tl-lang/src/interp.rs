@@ -309,8 +309,17 @@ impl Interp {
     fn block(&mut self, env: &mut Env, b: &Block) -> Result<Flow> {
         env.scopes.push(HashMap::new());
         let mut r = Ok(Flow::Next);
-        for s in &b.stmts {
-            match self.exec(env, s) {
+        let mut i = 0;
+        while let Some(s) = b.stmts.get(i) {
+            let n = self.linear_group(&b.stmts[i..]);
+            let step = if n > 1 {
+                self.exec_linear_group(env, &b.stmts[i..i + n])
+                    .map(|()| Flow::Next)
+            } else {
+                self.exec(env, s)
+            };
+            i += n.max(1);
+            match step {
                 Ok(Flow::Next) => {}
                 other => {
                     r = other;
@@ -320,6 +329,101 @@ impl Interp {
         }
         env.scopes.pop();
         r
+    }
+
+    /// How many statements from the first of `stmts` are `let`s of
+    /// `linear` over the same input variable that can run as one product
+    /// (see [`linear_let`]): none of them reads a name an earlier one
+    /// binds, and none rebinds the input. 0 or 1: run them one by one.
+    /// Programs with learnable tensors run every statement on its own
+    /// (their operations are recorded one by one).
+    fn linear_group(&self, stmts: &[Stmt]) -> usize {
+        if self.tape.is_some() || self.fns.contains_key("linear") {
+            return 0;
+        }
+        let Some((first, x, _)) = stmts.first().and_then(linear_let) else {
+            return 0;
+        };
+        let mut bound = vec![first];
+        for s in stmts.iter().skip(1).take(MAX_FUSED_LINEAR - 1) {
+            let Some((name, x2, reads)) = linear_let(s) else {
+                break;
+            };
+            if x2 != x || bound.contains(&x) || reads.iter().any(|r| bound.contains(r)) {
+                break;
+            }
+            bound.push(name);
+        }
+        bound.len()
+    }
+
+    /// Runs the `let` statements [`Interp::linear_group`] grouped: their
+    /// arguments evaluated in order, the products together
+    /// ([`builtins::linear_many`], the same bits as one `linear` each),
+    /// then the names bound in order.
+    fn exec_linear_group(&mut self, env: &mut Env, stmts: &[Stmt]) -> Result<()> {
+        let mut calls = Vec::with_capacity(stmts.len());
+        for s in stmts {
+            self.step(s.span)?;
+            let StmtKind::Let {
+                name, ty, value, ..
+            } = &s.kind
+            else {
+                return Err(LangError::invalid(s.span, "a grouped `linear` is not a `let`"));
+            };
+            let ExprKind::Call { args, .. } = &value.kind else {
+                return Err(LangError::invalid(s.span, "a grouped `linear` is not a call"));
+            };
+            let mut vals = Vec::with_capacity(args.len());
+            for a in args {
+                vals.push((self.eval(env, a)?, a.span));
+            }
+            calls.push((name, ty, value.span, vals));
+        }
+        let fused = {
+            let ws: Option<Vec<(&Tens, Option<&Tens>)>> = calls
+                .iter()
+                .map(|(_, _, _, v)| match v.as_slice() {
+                    [_, (Value::Tensor(w), _)] => Some((&**w, None)),
+                    [_, (Value::Tensor(w), _), (Value::Tensor(b), _)] => Some((&**w, Some(&**b))),
+                    _ => None,
+                })
+                .collect();
+            match (ws, calls.first()) {
+                (Some(ws), Some((_, _, span, vals))) => match vals.first() {
+                    Some((Value::Tensor(x), _)) => {
+                        builtins::linear_many(x, &ws, *span, self.limits.max_elements)?
+                    }
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
+        let ys = match fused {
+            Some(ys) => ys,
+            None => {
+                let mut ys = Vec::with_capacity(calls.len());
+                for (_, _, span, vals) in &calls {
+                    let mut ctx = Ctx {
+                        out: &mut *self.out,
+                        args: &self.args,
+                        fixpoint_limit: &mut self.logic.limit,
+                        max_elements: self.limits.max_elements,
+                        device: self.device,
+                    };
+                    ys.push(builtins::call("linear", *span, vals, &mut ctx)?);
+                }
+                ys
+            }
+        };
+        for ((name, ty, span, _), y) in calls.iter().zip(ys) {
+            let y = match ty {
+                Some(t) => convert(y, t, *span)?,
+                None => y,
+            };
+            env.set_new(name, y);
+        }
+        Ok(())
     }
 
     fn exec(&mut self, env: &mut Env, s: &Stmt) -> Result<Flow> {
@@ -665,6 +769,9 @@ impl Interp {
                     }
                     return Ok(Value::Bool(self.eval_bool(env, b)?));
                 }
+                if let Some(v) = self.silu_mul(env, *op, a, b, e.span)? {
+                    return Ok(v);
+                }
                 let l = self.eval(env, a)?;
                 let r = self.eval(env, b)?;
                 match self.tape.as_mut() {
@@ -814,6 +921,69 @@ impl Interp {
         })
     }
 
+    /// `silu(g) * u` of f32 tensors of one shape, as the native forward's
+    /// gated FFN computes it: one pass (`tl_core`'s `silu_mul`, the bits
+    /// of `silu` then `*`) and one output instead of two. `None` when the
+    /// expression is anything else, or a program records operations for
+    /// gradients; `g` is evaluated before `u` either way.
+    fn silu_mul(
+        &mut self,
+        env: &mut Env,
+        op: BinOp,
+        a: &Expr,
+        b: &Expr,
+        span: Span,
+    ) -> Result<Option<Value>> {
+        let ExprKind::Call { name, args, .. } = &a.kind else {
+            return Ok(None);
+        };
+        if op != BinOp::Mul
+            || name != "silu"
+            || args.len() != 1
+            || self.tape.is_some()
+            || self.fns.contains_key("silu")
+        {
+            return Ok(None);
+        }
+        let Some(ga) = args.first() else {
+            return Ok(None);
+        };
+        let g = self.eval(env, ga)?;
+        let g = match g {
+            Value::Tensor(t) if matches!(t.data, TData::F32(_)) => t,
+            other => {
+                // Not an f32 tensor: `silu` as the builtin does it, then `*`.
+                let mut ctx = Ctx {
+                    out: &mut *self.out,
+                    args: &self.args,
+                    fixpoint_limit: &mut self.logic.limit,
+                    max_elements: self.limits.max_elements,
+                    device: self.device,
+                };
+                let l = builtins::call("silu", a.span, &[(other, ga.span)], &mut ctx)?;
+                let r = self.eval(env, b)?;
+                return binary(op, l, r, span, b.span, self.limits.max_elements).map(Some);
+            }
+        };
+        let r = self.eval(env, b)?;
+        if let (TData::F32(gv), Value::Tensor(ut)) = (&g.data, &r) {
+            if let (TData::F32(uv), true) = (&ut.data, ut.shape == g.shape) {
+                let mut y = gv.clone();
+                tl_core::cpu::kernels::silu_mul(&mut y, uv);
+                return Ok(Some(Value::tensor(Tens::f32(g.shape.clone(), y))));
+            }
+        }
+        let mut ctx = Ctx {
+            out: &mut *self.out,
+            args: &self.args,
+            fixpoint_limit: &mut self.logic.limit,
+            max_elements: self.limits.max_elements,
+            device: self.device,
+        };
+        let l = builtins::call("silu", a.span, &[(Value::Tensor(g), ga.span)], &mut ctx)?;
+        binary(op, l, r, span, b.span, self.limits.max_elements).map(Some)
+    }
+
     fn call_fn(&mut self, f: &FnDef, args: Vec<(Value, Span)>, span: Span) -> Result<Value> {
         if args.len() != f.params.len() {
             return Err(LangError::Arity {
@@ -857,6 +1027,57 @@ impl Interp {
             };
         }
         Ok(v)
+    }
+}
+
+/// Most `linear` statements run as one product (`tl_core`'s fused
+/// dispatch takes up to four weights).
+const MAX_FUSED_LINEAR: usize = 4;
+
+/// `let NAME[: T] = linear(X, w[, b])` with `X` a variable and `w`, `b`
+/// read without calls (variables, fields, indices, literals), so that
+/// evaluating them has no effect: (NAME, X, the variables `w` and `b`
+/// read).
+fn linear_let(s: &Stmt) -> Option<(&str, &str, Vec<&str>)> {
+    let StmtKind::Let { name, value, .. } = &s.kind else {
+        return None;
+    };
+    let ExprKind::Call { name: f, args, .. } = &value.kind else {
+        return None;
+    };
+    if f != "linear" || !(2..=3).contains(&args.len()) {
+        return None;
+    }
+    let ExprKind::Var(x) = &args.first()?.kind else {
+        return None;
+    };
+    let mut reads = Vec::new();
+    for a in &args[1..] {
+        if !pure_reads(a, &mut reads) {
+            return None;
+        }
+    }
+    Some((name, x, reads))
+}
+
+/// Whether `e` is variables, fields, indices and literals only; pushes the
+/// variables it reads.
+fn pure_reads<'a>(e: &'a Expr, out: &mut Vec<&'a str>) -> bool {
+    match &e.kind {
+        ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Bool(_) | ExprKind::Str(_) => true,
+        ExprKind::Var(n) => {
+            out.push(n);
+            true
+        }
+        ExprKind::Field(b, _) => pure_reads(b, out),
+        ExprKind::Index(b, idx) => {
+            pure_reads(b, out)
+                && idx.iter().all(|i| match i {
+                    IndexArg::At(e) => pure_reads(e, out),
+                    IndexArg::Range(..) => false,
+                })
+        }
+        _ => false,
     }
 }
 
