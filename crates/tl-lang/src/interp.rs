@@ -2374,3 +2374,54 @@ fn tensor_binary(
     }
     Ok(Value::tensor(Tens::f32(shape, out)))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The group length [`Interp::linear_group`] gives each statement of
+    /// `src` (top-level statements).
+    fn groups(src: &str) -> Vec<usize> {
+        let prog = crate::parse_str(src).unwrap();
+        let stmts: Vec<Stmt> = prog
+            .items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Stmt(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let it = Interp::new(Box::new(std::io::sink()));
+        (0..stmts.len())
+            .map(|i| it.linear_group(&stmts[i..]))
+            .collect()
+    }
+
+    #[test]
+    fn linear_lets_over_one_input_group() {
+        // Q, K, V of one input: one group of three, then the tails.
+        let src = "let q = linear(h, b.q.weight, b.q.bias);\n\
+                   let k = linear(h, b.k.weight, b.k.bias);\n\
+                   let v = linear(h, m.blk[l].v.weight);\n\
+                   let o = linear(a, w);\n";
+        assert_eq!(groups(src), vec![3, 2, 1, 1]);
+    }
+
+    #[test]
+    fn linear_lets_that_depend_on_each_other_do_not_group() {
+        // The second reads what the first binds.
+        assert_eq!(groups("let q = linear(h, w);\nlet k = linear(h, q);\n"), vec![1, 1]);
+        // The first rebinds the input the second reads.
+        assert_eq!(groups("let h = linear(h, w);\nlet k = linear(h, w2);\n"), vec![1, 1]);
+        // ...but rebinding it last is fine: it is read before.
+        assert_eq!(groups("let k = linear(h, w2);\nlet h = linear(h, w);\n"), vec![2, 1]);
+        // Another input, a call among the arguments, a computed input.
+        assert_eq!(groups("let q = linear(h, w);\nlet k = linear(x, w2);\n"), vec![1, 1]);
+        assert_eq!(groups("let q = linear(h, w);\nlet k = linear(h, f(w2));\n"), vec![1, 0]);
+        assert_eq!(groups("let q = linear(h + 1, w);\nlet k = linear(h, w2);\n"), vec![0, 1]);
+        // At most four in one product.
+        let five = "let a = linear(h, w);\n".repeat(5);
+        assert_eq!(groups(&five), vec![4, 4, 3, 2, 1]);
+    }
+}
