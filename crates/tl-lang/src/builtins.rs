@@ -979,7 +979,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                     }
                     if let (TData::F32(x), "gelu", None) = (&t.data, name, args.get(1)) {
                         // Vectorized: one exponential per element, no libm.
-                        let mut y = vec![0.0f32; x.len()];
+                        let mut y = crate::bufs::take(x.len());
                         crate::vmath::gelu_into(x, &mut y);
                         return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
                     }
@@ -1013,7 +1013,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 // Vectorized exponentials (no libm calls, none for the
                 // masked entries that underflow to 0).
                 let n = t.shape.last().copied().unwrap_or(1).max(1);
-                let mut y = x.clone();
+                let mut y = crate::bufs::copy(x);
                 crate::vmath::softmax_rows(&mut y, n);
                 return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
             }

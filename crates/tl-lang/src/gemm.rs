@@ -402,7 +402,7 @@ pub fn matmul(
     ta: bool,
     tb: bool,
 ) -> Option<Vec<f32>> {
-    let mut out = vec![0.0f32; m * n];
+    let mut out = crate::bufs::zeros(m * n);
     let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
     let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
     gemm(

@@ -1581,8 +1581,9 @@ impl Interp {
                 for ((name, _), t) in lb.data.iter().zip(&data) {
                     scope.insert(name.clone(), Value::tensor(take_rows(t, rows, lb.span)?));
                 }
-                // A fresh tape with the parameters as its leaves.
-                let mut tape = Tape::new();
+                // A fresh tape with the parameters as its leaves (room for
+                // as many nodes as the last step recorded).
+                let mut tape = Tape::with_capacity(self.tape.as_ref().map_or(0, Tape::len));
                 let mut ids = Vec::new();
                 for name in &names {
                     if let Some(Value::Tensor(t)) = env.get(name) {
@@ -1652,6 +1653,7 @@ impl Interp {
                     }
                 }
                 opt.step(&mut values, &grads, lr);
+                grads.into_iter().for_each(crate::bufs::give);
                 for ((name, v), shape) in names.iter().zip(values).zip(shapes) {
                     if let Some(slot) = env.get_mut(name) {
                         *slot = Value::tensor(Tens::f32(shape, v));
