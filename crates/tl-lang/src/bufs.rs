@@ -53,6 +53,9 @@ pub fn take(n: usize) -> Vec<f32> {
 
 /// A buffer of `n` zeros.
 pub fn zeros(n: usize) -> Vec<f32> {
+    if n < MIN_LEN {
+        return vec![0.0; n];
+    }
     let mut v = take(n);
     v.fill(0.0);
     v
@@ -60,6 +63,9 @@ pub fn zeros(n: usize) -> Vec<f32> {
 
 /// A copy of `src` in a reused buffer.
 pub fn copy(src: &[f32]) -> Vec<f32> {
+    if src.len() < MIN_LEN {
+        return src.to_vec();
+    }
     let mut v = take(src.len());
     v.copy_from_slice(src);
     v
@@ -67,19 +73,12 @@ pub fn copy(src: &[f32]) -> Vec<f32> {
 
 /// `f` of each element of `a`, into a reused buffer.
 pub fn map(a: &[f32], f: impl Fn(f32) -> f32) -> Vec<f32> {
+    if a.len() < MIN_LEN {
+        return a.iter().map(|&x| f(x)).collect();
+    }
     let mut v = take(a.len());
     for (o, &x) in v.iter_mut().zip(a) {
         *o = f(x);
-    }
-    v
-}
-
-/// `f` of each pair of elements of `a` and `b` (of equal length), into a
-/// reused buffer.
-pub fn zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
-    let mut v = take(a.len().min(b.len()));
-    for ((o, &x), &y) in v.iter_mut().zip(a).zip(b) {
-        *o = f(x, y);
     }
     v
 }
