@@ -72,11 +72,112 @@ pub enum Op {
     /// `rope(x[t, h, d], pos, base, mode)`: each head of token `i` turned
     /// by the angles of position `pos[i]`; `true` for NeoX pairing.
     Rope(In, Rc<Vec<f32>>, f32, bool),
+    /// `attention(q, k, v, cache, layer, 0)`: causal attention of the
+    /// call's own tokens (see [`AttnSpec`]).
+    Attention(In, In, In, AttnSpec),
     /// A tensor equation, with the values its right side read.
     /// (name, value, tape node) of each name the right side reads.
     Einsum(Rc<Equation>, Rc<Vec<(String, Value, Option<usize>)>>),
     /// An operation that has no gradient.
     NoGrad(String),
+}
+
+/// What the gradient of the cached `attention` needs: token `i`'s query
+/// head `h` attends over keys and values `0..=i` of KV head
+/// `h / (n_heads / n_kv_heads)`, with scores `scale · q̂ · k̂` where
+/// `q̂ = f16(q_mul · q)` and `k̂`, `v̂` are the f16 values the cache holds
+/// (the forward kernel's numbers). Rounding to f16 passes gradients
+/// through unchanged (straight-through), as a cast does in PyTorch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnSpec {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub q_mul: f32,
+    pub scale: f32,
+}
+
+/// The gradients of [`Op::Attention`] for the output gradient `g`:
+/// `(dq, dk, dv)`, or `None` when the shapes do not agree with `spec`.
+fn attention_grads(
+    spec: &AttnSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let AttnSpec {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: d,
+        q_mul,
+        scale,
+    } = *spec;
+    let r16 = |x: f32| half::f16::from_f32(x).to_f32();
+    let (qd, kvd) = (nh * d, nkv * d);
+    if nkv == 0 || d == 0 || !nh.is_multiple_of(nkv) || qd == 0 {
+        return None;
+    }
+    let t = q.len() / qd;
+    if q.len() != t * qd || k.len() != t * kvd || v.len() != t * kvd || g.len() != t * qd {
+        return None;
+    }
+    let group = nh / nkv;
+    let qe: Vec<f32> = q.iter().map(|&x| r16(x * q_mul)).collect();
+    let ke: Vec<f32> = k.iter().map(|&x| r16(x)).collect();
+    let ve: Vec<f32> = v.iter().map(|&x| r16(x)).collect();
+    let (mut dq, mut dk, mut dv) = (
+        crate::bufs::zeros(q.len()),
+        vec![0.0f64; k.len()],
+        vec![0.0f64; v.len()],
+    );
+    let (scale, q_mul) = (f64::from(scale), f64::from(q_mul));
+    let mut p = vec![0.0f64; t];
+    let mut dqh = vec![0.0f64; d];
+    for i in 0..t {
+        for h in 0..nh {
+            let kvh = h / group;
+            let qi = &qe[i * qd + h * d..][..d];
+            let gi = &g[i * qd + h * d..][..d];
+            let key = |j: usize| &ke[j * kvd + kvh * d..][..d];
+            let val = |j: usize| &ve[j * kvd + kvh * d..][..d];
+            let dot = |a: &[f32], b: &[f32]| -> f64 {
+                a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
+            };
+            // Probabilities over keys 0..=i.
+            let mut max = f64::NEG_INFINITY;
+            for (j, pj) in p.iter_mut().enumerate().take(i + 1) {
+                *pj = scale * dot(qi, key(j));
+                max = max.max(*pj);
+            }
+            let mut sum = 0.0;
+            for pj in &mut p[..=i] {
+                *pj = (*pj - max).exp();
+                sum += *pj;
+            }
+            // dP_j = g · v_j; dS_j = P_j (dP_j - Σ P dP).
+            let mut pdp = 0.0;
+            for (j, pj) in p[..=i].iter_mut().enumerate() {
+                *pj /= sum;
+                pdp += *pj * dot(gi, val(j));
+            }
+            dqh.fill(0.0);
+            for (j, &pj) in p[..=i].iter().enumerate() {
+                let ds = pj * (dot(gi, val(j)) - pdp) * scale;
+                let (kj, base) = (key(j), j * kvd + kvh * d);
+                for c in 0..d {
+                    dqh[c] += ds * f64::from(kj[c]);
+                    dk[base + c] += ds * f64::from(qi[c]);
+                    dv[base + c] += pj * f64::from(gi[c]);
+                }
+            }
+            for (o, &x) in dq[i * qd + h * d..][..d].iter_mut().zip(&dqh) {
+                *o = (x * q_mul) as f32;
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    Some((dq, f(dk), f(dv)))
 }
 
 #[derive(Debug)]
@@ -628,6 +729,15 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             }
             give(&mut out, x, dx);
         }
+        Op::Attention(q, k, v, spec) => {
+            let (qv, kv, vv) = (data(&q.value), data(&k.value), data(&v.value));
+            let (dq, dk, dv) = attention_grads(spec, &qv, &kv, &vv, g).ok_or_else(|| {
+                LangError::invalid(node.span, "attention: gradient shapes disagree")
+            })?;
+            give(&mut out, q, dq);
+            give(&mut out, k, dk);
+            give(&mut out, v, dv);
+        }
         Op::Einsum(eq, vals) => {
             let lookup = |n: &str| {
                 vals.iter()
@@ -726,6 +836,26 @@ impl Tape {
                 Op::Rope(inp(0), Rc::new(pos), num(2), neox)
             }
             "gelu" => Op::NoGrad("gelu(x, \"ggml\")".into()),
+            "attention" => {
+                let int = |k: usize| match args.get(k) {
+                    Some((Value::Int(i), _)) => usize::try_from(*i).ok(),
+                    _ => None,
+                };
+                let t = match args.first() {
+                    Some((Value::Tensor(q), _)) => q.shape.first().copied().unwrap_or(0),
+                    _ => 0,
+                };
+                let spec = match (args.get(3), int(4), int(5)) {
+                    (Some((Value::Cache(c), _)), Some(layer), Some(pos)) => {
+                        c.borrow().grad_spec(layer, pos, t)
+                    }
+                    _ => Err("attention".to_string()),
+                };
+                match spec {
+                    Ok(spec) => Op::Attention(inp(0), inp(1), inp(2), spec),
+                    Err(why) => Op::NoGrad(why),
+                }
+            }
             other => Op::NoGrad(other.to_string()),
         }
     }

@@ -91,6 +91,30 @@ fn grouped_linears_give_the_bits_of_one_by_one() {
 }
 
 #[test]
+fn attention_gradient_is_refused_past_position_zero() {
+    // A second call attends over keys the first one cached: the gradient
+    // would miss them, so asking for it is an error that says so.
+    let src = format!(
+        concat!(
+            "let m = load_model({:?});\n",
+            "let cache = kv_cache(m, 8);\n",
+            "learnable q: f32[2, 14, 64] = zeros;\n",
+            "let k = zeros(2, 2, 64) + 0.5;\n",
+            "let a = attention(q, k, k, cache, 0, 0);\n",
+            "let b = attention(q, k, k, cache, 0, 2);\n",
+            "let g = grad(sum(a), q);\n",
+            "print(\"ok\", dim(g, 0));\n",
+            "let h = grad(sum(b), q);\n",
+        ),
+        qwen()
+    );
+    let (out, err) = run_source("t.tl", &src).expect_err("the second gradient is refused");
+    assert!(out.contains("ok 2"), "{out}");
+    assert!(err.contains("attention at position 2"), "{err}");
+    assert!(err.contains("no gradient"), "{err}");
+}
+
+#[test]
 fn tokenize_round_trip_and_template() {
     let out = run(concat!(
         "let ids = tokenize(m, \"def add(a, b): return a + b\");\n",
