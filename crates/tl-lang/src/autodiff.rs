@@ -142,7 +142,10 @@ fn attention_grads(
             let key = |j: usize| &ke[j * kvd + kvh * d..][..d];
             let val = |j: usize| &ve[j * kvd + kvh * d..][..d];
             let dot = |a: &[f32], b: &[f32]| -> f64 {
-                a.iter().zip(b).map(|(&x, &y)| f64::from(x) * f64::from(y)).sum()
+                a.iter()
+                    .zip(b)
+                    .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                    .sum()
             };
             // Probabilities over keys 0..=i.
             let mut max = f64::NEG_INFINITY;
@@ -431,7 +434,10 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             }
             let (want_a, want_b) = (a.id.is_some(), b.id.is_some());
             let (ga, gb) = match op {
-                BinOp::Add => (want_a.then(|| crate::bufs::copy(g)), want_b.then(|| crate::bufs::copy(g))),
+                BinOp::Add => (
+                    want_a.then(|| crate::bufs::copy(g)),
+                    want_b.then(|| crate::bufs::copy(g)),
+                ),
                 BinOp::Sub => (
                     want_a.then(|| crate::bufs::copy(g)),
                     want_b.then(|| crate::bufs::map(g, |x| -x)),

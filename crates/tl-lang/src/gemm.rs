@@ -107,7 +107,16 @@ pub fn gemm(
     c: Out<'_, '_>,
     accumulate: bool,
 ) -> Option<()> {
-    gemm_on(tl_core::pool::ThreadPool::global(), m, n, k, a, b, c, accumulate)
+    gemm_on(
+        tl_core::pool::ThreadPool::global(),
+        m,
+        n,
+        k,
+        a,
+        b,
+        c,
+        accumulate,
+    )
 }
 
 /// [`gemm`] on the threads of `pool`.

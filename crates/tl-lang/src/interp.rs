@@ -369,10 +369,16 @@ impl Interp {
                 name, ty, value, ..
             } = &s.kind
             else {
-                return Err(LangError::invalid(s.span, "a grouped `linear` is not a `let`"));
+                return Err(LangError::invalid(
+                    s.span,
+                    "a grouped `linear` is not a `let`",
+                ));
             };
             let ExprKind::Call { args, .. } = &value.kind else {
-                return Err(LangError::invalid(s.span, "a grouped `linear` is not a call"));
+                return Err(LangError::invalid(
+                    s.span,
+                    "a grouped `linear` is not a call",
+                ));
             };
             let mut vals = Vec::with_capacity(args.len());
             for a in args {
@@ -2413,15 +2419,33 @@ mod tests {
     #[test]
     fn linear_lets_that_depend_on_each_other_do_not_group() {
         // The second reads what the first binds.
-        assert_eq!(groups("let q = linear(h, w);\nlet k = linear(h, q);\n"), vec![1, 1]);
+        assert_eq!(
+            groups("let q = linear(h, w);\nlet k = linear(h, q);\n"),
+            vec![1, 1]
+        );
         // The first rebinds the input the second reads.
-        assert_eq!(groups("let h = linear(h, w);\nlet k = linear(h, w2);\n"), vec![1, 1]);
+        assert_eq!(
+            groups("let h = linear(h, w);\nlet k = linear(h, w2);\n"),
+            vec![1, 1]
+        );
         // ...but rebinding it last is fine: it is read before.
-        assert_eq!(groups("let k = linear(h, w2);\nlet h = linear(h, w);\n"), vec![2, 1]);
+        assert_eq!(
+            groups("let k = linear(h, w2);\nlet h = linear(h, w);\n"),
+            vec![2, 1]
+        );
         // Another input, a call among the arguments, a computed input.
-        assert_eq!(groups("let q = linear(h, w);\nlet k = linear(x, w2);\n"), vec![1, 1]);
-        assert_eq!(groups("let q = linear(h, w);\nlet k = linear(h, f(w2));\n"), vec![1, 0]);
-        assert_eq!(groups("let q = linear(h + 1, w);\nlet k = linear(h, w2);\n"), vec![0, 1]);
+        assert_eq!(
+            groups("let q = linear(h, w);\nlet k = linear(x, w2);\n"),
+            vec![1, 1]
+        );
+        assert_eq!(
+            groups("let q = linear(h, w);\nlet k = linear(h, f(w2));\n"),
+            vec![1, 0]
+        );
+        assert_eq!(
+            groups("let q = linear(h + 1, w);\nlet k = linear(h, w2);\n"),
+            vec![0, 1]
+        );
         // At most four in one product.
         let five = "let a = linear(h, w);\n".repeat(5);
         assert_eq!(groups(&five), vec![4, 4, 3, 2, 1]);

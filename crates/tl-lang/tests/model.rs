@@ -86,7 +86,10 @@ fn grouped_linears_give_the_bits_of_one_by_one() {
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "1 896 128 4864 0.0 0.0 0.0 0.0 0.0 true", "{out}");
     assert_eq!(lines[1], "0.0", "{out}");
-    assert_eq!(lines[2], "17 896 128 4864 0.0 0.0 0.0 0.0 0.0 true", "{out}");
+    assert_eq!(
+        lines[2], "17 896 128 4864 0.0 0.0 0.0 0.0 0.0 true",
+        "{out}"
+    );
     assert_eq!(lines[3], "0.0", "{out}");
 }
 
