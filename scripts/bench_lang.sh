@@ -9,6 +9,13 @@
 #   scripts/bench_lang.sh [MODEL] [N_TOKENS] [THREADS] [RUNS]
 #   EXAMPLE=examples/gemma3_generate.tl PROMPT="…" scripts/bench_lang.sh MODEL
 #   TL_BASE=/path/to/older/tl scripts/bench_lang.sh   # also the program on another binary
+#
+#   CPU_TIME=1 scripts/bench_lang.sh [MODEL] [N_TOKENS] 1 [RUNS]
+# instead measures processor time (user + system, one thread): each side
+# generates N_TOKENS and N_TOKENS / 8 tokens, and the difference divided by
+# the extra tokens is its decode cost per token (loading and prefill cancel
+# out). On a machine shared with other work this scatters far less than
+# wall-clock speed, which counts the time other processes held the cores.
 set -euo pipefail
 MODEL=${1:-$HOME/.cache/tensorlogic/models/qwen2.5-coder-0.5b-instruct-q4.gguf}
 N=${2:-128}
@@ -27,6 +34,37 @@ run_native() {
   "$TL" generate -t "$T" -m "$MODEL" -p "$PROMPT" -n "$N" --temp 0 2>&1 >/dev/null \
     | sed -n 's/.*decode: [0-9]* tokens, \([0-9.]*\) tok\/s.*/\1/p'
 }
+if [ "${CPU_TIME:-}" = 1 ]; then
+  cpu() { /usr/bin/time -f '%U %S' "$@" 2>&1 >/dev/null | tail -1 | awk '{print $1 + $2}'; }
+  short=$((N / 8))
+  per_tok() { # BIN, then `lang` or `native`
+    local a b
+    if [ "$2" = lang ]; then
+      a=$(cpu "$1" run -t 1 "$EXAMPLE" "$MODEL" "$PROMPT" "$N")
+      b=$(cpu "$1" run -t 1 "$EXAMPLE" "$MODEL" "$PROMPT" "$short")
+    else
+      a=$(cpu "$1" generate -t 1 -m "$MODEL" -p "$PROMPT" -n "$N" --temp 0)
+      b=$(cpu "$1" generate -t 1 -m "$MODEL" -p "$PROMPT" -n "$short" --temp 0)
+    fi
+    awk -v a="$a" -v b="$b" -v n=$((N - short)) 'BEGIN {printf "%.3f", (a - b) / n * 1000}'
+  }
+  cl=(); cn=(); cb=()
+  for _ in $(seq "$RUNS"); do
+    cl+=("$(per_tok "$TL" lang)"); cn+=("$(per_tok "$TL" native)")
+    [ -n "$TL_BASE" ] && cb+=("$(per_tok "$TL_BASE" lang)")
+  done
+  median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+  range() { printf '%s\n' "$@" | sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%.2f–%.2f", lo, hi}'; }
+  echo "processor ms per decoded token, one thread ($((N - short)) tokens):"
+  echo "tl run ($(basename "$EXAMPLE")): ${cl[*]} -> median $(median "${cl[@]}") ($(range "${cl[@]}"))"
+  [ -n "$TL_BASE" ] && echo "tl run, $TL_BASE: ${cb[*]} -> median $(median "${cb[@]}") ($(range "${cb[@]}"))"
+  echo "tl generate: ${cn[*]} -> median $(median "${cn[@]}") ($(range "${cn[@]}"))"
+  awk -v a="$(median "${cl[@]}")" -v b="$(median "${cn[@]}")" \
+    'BEGIN {printf "speed ratio (native cost / program cost): %.2f\n", b / a}'
+  [ -n "$TL_BASE" ] && awk -v a="$(median "${cb[@]}")" -v b="$(median "${cn[@]}")" \
+    'BEGIN {printf "speed ratio, base binary: %.2f\n", b / a}'
+  exit 0
+fi
 sides=(lang native)
 [ -n "$TL_BASE" ] && sides+=(base)
 for r in $(seq "$RUNS"); do

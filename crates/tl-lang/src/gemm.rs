@@ -107,22 +107,16 @@ pub fn gemm(
     c: Out<'_, '_>,
     accumulate: bool,
 ) -> Option<()> {
-    gemm_on(
-        tl_core::pool::ThreadPool::global(),
-        m,
-        n,
-        k,
-        a,
-        b,
-        c,
-        accumulate,
-    )
+    let pool = tl_core::pool::ThreadPool::global();
+    gemm_on(pool, PAR_MIN, m, n, k, a, b, c, accumulate)
 }
 
-/// [`gemm`] on the threads of `pool`.
+/// [`gemm`] on the threads of `pool`, splitting products of `min_work`
+/// multiply-adds or more.
 #[allow(clippy::too_many_arguments)]
 fn gemm_on(
     pool: &tl_core::pool::ThreadPool,
+    min_work: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -171,14 +165,16 @@ fn gemm_on(
     // they all write the same place (then every part owns whole rows or
     // columns of it in every batch entry).
     let disjoint = !accumulate || coffs.windows(2).all(|w| w[0] == w[1]);
-    if threads > 1 && work >= PAR_MIN && disjoint {
+    if threads > 1 && work >= min_work && disjoint {
         // Split the output's rows (or columns, when it is wider than
         // tall) into one run of whole tiles per thread; each part is the
         // same product on a narrower view, computed element by element
         // as the whole would be (the same bits).
         let rows = m >= n;
         let (len, unit) = if rows { (m, MR) } else { (n, NR) };
-        let per = len.div_ceil(threads).div_ceil(unit).max(1) * unit;
+        // A few parts per thread: the calling thread takes over the parts
+        // of a worker that is late (the cores may be shared).
+        let per = len.div_ceil(threads * 4).div_ceil(unit).max(1) * unit;
         let parts = len.div_ceil(per);
         if parts > 1 {
             let out = RawOut {
@@ -222,9 +218,12 @@ fn gemm_on(
     tiles(m, n, k, a, b, &mut sink, coffs, rsc, csc, accumulate)
 }
 
-/// Products of at least this many multiply-adds run on the thread pool
-/// (smaller ones take less time than handing them out).
-pub const PAR_MIN: usize = 1 << 17;
+/// Products of at least this many multiply-adds (about half a millisecond
+/// on one core) run on the thread pool. Smaller ones did not gain on the
+/// 2-core machine of docs/BENCHMARKS.md: with its cores shared, handing
+/// out parts of 2^17–2^21 multiply-adds made the tiny transformer's
+/// training steps twice as slow at `-t 2`.
+pub const PAR_MIN: usize = 1 << 24;
 
 /// Where [`tiles`] stores results.
 trait Sink {
@@ -660,7 +659,6 @@ mod tests {
             (96, 70, 40, 8, false, false, true),
         ];
         for &(m, k, n, nb, ta, tb, acc) in &cases {
-            assert!(m * n * k * nb >= PAR_MIN, "{m} {k} {n}: too small to split");
             let a: Vec<f32> = (0..nb * m * k).map(|x| (x as f32 * 0.37).sin()).collect();
             let b: Vec<f32> = (0..nb * k * n).map(|x| (x as f32 * 0.21).cos()).collect();
             let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
@@ -692,7 +690,8 @@ mod tests {
                 rs: n,
                 cs: 1,
             };
-            gemm_on(&pool, m, n, k, av, bv, out, acc).unwrap();
+            // Every case split (a threshold of 1), in parts of whole tiles.
+            gemm_on(&pool, 1, m, n, k, av, bv, out, acc).unwrap();
             let same = one
                 .iter()
                 .zip(&split)
