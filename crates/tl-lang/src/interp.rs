@@ -363,28 +363,21 @@ impl Interp {
     /// then the names bound in order.
     fn exec_linear_group(&mut self, env: &mut Env, stmts: &[Stmt]) -> Result<()> {
         let mut calls = Vec::with_capacity(stmts.len());
+        let mut failed = None;
         for s in stmts {
-            self.step(s.span)?;
-            let StmtKind::Let {
-                name, ty, value, ..
-            } = &s.kind
-            else {
-                return Err(LangError::invalid(
-                    s.span,
-                    "a grouped `linear` is not a `let`",
-                ));
-            };
-            let ExprKind::Call { args, .. } = &value.kind else {
-                return Err(LangError::invalid(
-                    s.span,
-                    "a grouped `linear` is not a call",
-                ));
-            };
-            let mut vals = Vec::with_capacity(args.len());
-            for a in args {
-                vals.push((self.eval(env, a)?, a.span));
+            match self.linear_args(env, s) {
+                Ok(c) => calls.push(c),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            calls.push((name, ty, value.span, vals));
+        }
+        if let Some(e) = failed {
+            // As one by one: the statements before the failing one run
+            // (and report their own errors) first.
+            self.linears_one_by_one(env, &calls)?;
+            return Err(e);
         }
         let fused = {
             let ws: Option<Vec<(&Tens, Option<&Tens>)>> = calls
@@ -405,31 +398,52 @@ impl Interp {
                 _ => None,
             }
         };
-        let ys = match fused {
-            Some(ys) => ys,
-            None => {
-                let mut ys = Vec::with_capacity(calls.len());
-                for (_, _, span, vals) in &calls {
-                    let mut ctx = Ctx {
-                        out: &mut *self.out,
-                        args: &self.args,
-                        fixpoint_limit: &mut self.logic.limit,
-                        max_elements: self.limits.max_elements,
-                        device: self.device,
-                    };
-                    ys.push(builtins::call("linear", *span, vals, &mut ctx)?);
-                }
-                ys
-            }
-        };
-        for ((name, ty, span, _), y) in calls.iter().zip(ys) {
-            let y = match ty {
-                Some(t) => convert(y, t, *span)?,
-                None => y,
-            };
-            env.set_new(name, y);
+        match fused {
+            Some(ys) => bind_linears(env, &calls, ys),
+            None => self.linears_one_by_one(env, &calls),
         }
-        Ok(())
+    }
+
+    /// A grouped statement counted as a step, and its `linear`'s evaluated
+    /// arguments.
+    fn linear_args<'s>(&mut self, env: &mut Env, s: &'s Stmt) -> Result<LinearCall<'s>> {
+        self.step(s.span)?;
+        let StmtKind::Let {
+            name, ty, value, ..
+        } = &s.kind
+        else {
+            return Err(LangError::invalid(
+                s.span,
+                "a grouped `linear` is not a `let`",
+            ));
+        };
+        let ExprKind::Call { args, .. } = &value.kind else {
+            return Err(LangError::invalid(
+                s.span,
+                "a grouped `linear` is not a call",
+            ));
+        };
+        let mut vals = Vec::with_capacity(args.len());
+        for a in args {
+            vals.push((self.eval(env, a)?, a.span));
+        }
+        Ok((name, ty, value.span, vals))
+    }
+
+    /// Runs the calls' `linear`s one at a time, then binds the results.
+    fn linears_one_by_one(&mut self, env: &mut Env, calls: &[LinearCall<'_>]) -> Result<()> {
+        let mut ys = Vec::with_capacity(calls.len());
+        for (_, _, span, vals) in calls {
+            let mut ctx = Ctx {
+                out: &mut *self.out,
+                args: &self.args,
+                fixpoint_limit: &mut self.logic.limit,
+                max_elements: self.limits.max_elements,
+                device: self.device,
+            };
+            ys.push(builtins::call("linear", *span, vals, &mut ctx)?);
+        }
+        bind_linears(env, calls, ys)
     }
 
     fn exec(&mut self, env: &mut Env, s: &Stmt) -> Result<Flow> {
@@ -1034,6 +1048,22 @@ impl Interp {
         }
         Ok(v)
     }
+}
+
+/// One statement of a `linear` group: its name, declared type, call span
+/// and evaluated arguments.
+type LinearCall<'s> = (&'s String, &'s Option<TypeExpr>, Span, Vec<(Value, Span)>);
+
+/// Binds the grouped statements' names to their results, in order.
+fn bind_linears(env: &mut Env, calls: &[LinearCall<'_>], ys: Vec<Value>) -> Result<()> {
+    for ((name, ty, span, _), y) in calls.iter().zip(ys) {
+        let y = match ty {
+            Some(t) => convert(y, t, *span)?,
+            None => y,
+        };
+        env.set_new(name, y);
+    }
+    Ok(())
 }
 
 /// Most `linear` statements run as one product (`tl_core`'s fused
