@@ -16,7 +16,10 @@ read around its `learn` block (the script inserts the two lines into a
 temporary copy); PyTorch runs the same loop (shuffled minibatches, forward,
 backward, clipping where the example clips, optimizer and schedule step)
 with torch.set_num_threads(THREADS). Each side runs RUNS times, alternated;
-the fastest run of each (the machine may be shared: the minimum is the least disturbed) and their ratio are printed (ratio > 1: TensorLogic faster).
+the fastest run of each (the machine may be shared: the minimum is the least disturbed) and their ratio are printed (ratio > 1: TensorLogic faster),
+then every run. With --base OTHER_TL, that binary runs the same example
+right after each run of the first (before/after comparisons under the same
+load).
 
     ~/.cache/tensorlogic/torch-venv/bin/python scripts/bench_learn.py \
         [--threads 2] [--runs 3] [--only mlp|transformer]
@@ -48,12 +51,12 @@ def timed_copy(example: pathlib.Path, out: pathlib.Path):
     out.write_text("\n".join(lines) + "\n")
 
 
-def run_tl(example: str, threads: int) -> float:
+def run_tl(example: str, threads: int, tl: str = TL) -> float:
     with tempfile.TemporaryDirectory() as d:
         path = pathlib.Path(d) / pathlib.Path(example).name
         timed_copy(ROOT / example, path)
         out = subprocess.run(
-            [TL, "run", "-t", str(threads), str(path)],
+            [tl, "run", "-t", str(threads), str(path)],
             check=True,
             capture_output=True,
             text=True,
@@ -212,23 +215,37 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", choices=sorted(MODELS))
+    ap.add_argument(
+        "--base",
+        help="another tl binary, run alternated with the first (before/after)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, best of {a.runs} runs")
     for name, (example, fn) in MODELS.items():
         if a.only and name != a.only:
             continue
-        tl_s, pt_s, steps = [], [], 0
+        tl_s, base_s, pt_s, steps = [], [], [], 0
         for _ in range(a.runs):
             tl_s.append(run_tl(example, a.threads))
+            if a.base:
+                base_s.append(run_tl(example, a.threads, a.base))
             secs, steps = fn()
             pt_s.append(secs)
         tl_ms = min(tl_s) / steps * 1e3
         pt_ms = min(pt_s) / steps * 1e3
+        ms = lambda xs: ", ".join(f"{x / steps * 1e3:.3f}" for x in xs)
         print(
             f"{name}: {steps} steps; tl {tl_ms:.3f} ms/step, torch {pt_ms:.3f} ms/step, "
             f"ratio (torch time / tl time) {pt_ms / tl_ms:.2f}"
         )
+        print(f"  all runs, ms/step: tl {ms(tl_s)}; torch {ms(pt_s)}")
+        if a.base:
+            b_ms = min(base_s) / steps * 1e3
+            print(
+                f"  base {a.base}: {b_ms:.3f} ms/step (runs {ms(base_s)}), "
+                f"ratio (torch time / base time) {pt_ms / b_ms:.2f}, base / tl {b_ms / tl_ms:.2f}"
+            )
 
 
 if __name__ == "__main__":

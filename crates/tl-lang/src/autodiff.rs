@@ -72,11 +72,115 @@ pub enum Op {
     /// `rope(x[t, h, d], pos, base, mode)`: each head of token `i` turned
     /// by the angles of position `pos[i]`; `true` for NeoX pairing.
     Rope(In, Rc<Vec<f32>>, f32, bool),
+    /// `attention(q, k, v, cache, layer, 0)`: causal attention of the
+    /// call's own tokens (see [`AttnSpec`]).
+    Attention(In, In, In, AttnSpec),
     /// A tensor equation, with the values its right side read.
     /// (name, value, tape node) of each name the right side reads.
     Einsum(Rc<Equation>, Rc<Vec<(String, Value, Option<usize>)>>),
     /// An operation that has no gradient.
     NoGrad(String),
+}
+
+/// What the gradient of the cached `attention` needs: token `i`'s query
+/// head `h` attends over keys and values `0..=i` of KV head
+/// `h / (n_heads / n_kv_heads)`, with scores `scale · q̂ · k̂` where
+/// `q̂ = f16(q_mul · q)` and `k̂`, `v̂` are the f16 values the cache holds
+/// (the forward kernel's numbers). Rounding to f16 passes gradients
+/// through unchanged (straight-through), as a cast does in PyTorch.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnSpec {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub q_mul: f32,
+    pub scale: f32,
+}
+
+/// The gradients of [`Op::Attention`] for the output gradient `g`:
+/// `(dq, dk, dv)`, or `None` when the shapes do not agree with `spec`.
+fn attention_grads(
+    spec: &AttnSpec,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    g: &[f32],
+) -> Option<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+    let AttnSpec {
+        n_heads: nh,
+        n_kv_heads: nkv,
+        head_dim: d,
+        q_mul,
+        scale,
+    } = *spec;
+    let r16 = |x: f32| half::f16::from_f32(x).to_f32();
+    let (qd, kvd) = (nh * d, nkv * d);
+    if nkv == 0 || d == 0 || !nh.is_multiple_of(nkv) || qd == 0 {
+        return None;
+    }
+    let t = q.len() / qd;
+    if q.len() != t * qd || k.len() != t * kvd || v.len() != t * kvd || g.len() != t * qd {
+        return None;
+    }
+    let group = nh / nkv;
+    let qe: Vec<f32> = q.iter().map(|&x| r16(x * q_mul)).collect();
+    let ke: Vec<f32> = k.iter().map(|&x| r16(x)).collect();
+    let ve: Vec<f32> = v.iter().map(|&x| r16(x)).collect();
+    let (mut dq, mut dk, mut dv) = (
+        crate::bufs::zeros(q.len()),
+        vec![0.0f64; k.len()],
+        vec![0.0f64; v.len()],
+    );
+    let (scale, q_mul) = (f64::from(scale), f64::from(q_mul));
+    let mut p = vec![0.0f64; t];
+    let mut dqh = vec![0.0f64; d];
+    for i in 0..t {
+        for h in 0..nh {
+            let kvh = h / group;
+            let qi = &qe[i * qd + h * d..][..d];
+            let gi = &g[i * qd + h * d..][..d];
+            let key = |j: usize| &ke[j * kvd + kvh * d..][..d];
+            let val = |j: usize| &ve[j * kvd + kvh * d..][..d];
+            let dot = |a: &[f32], b: &[f32]| -> f64 {
+                a.iter()
+                    .zip(b)
+                    .map(|(&x, &y)| f64::from(x) * f64::from(y))
+                    .sum()
+            };
+            // Probabilities over keys 0..=i.
+            let mut max = f64::NEG_INFINITY;
+            for (j, pj) in p.iter_mut().enumerate().take(i + 1) {
+                *pj = scale * dot(qi, key(j));
+                max = max.max(*pj);
+            }
+            let mut sum = 0.0;
+            for pj in &mut p[..=i] {
+                *pj = (*pj - max).exp();
+                sum += *pj;
+            }
+            // dP_j = g · v_j; dS_j = P_j (dP_j - Σ P dP).
+            let mut pdp = 0.0;
+            for (j, pj) in p[..=i].iter_mut().enumerate() {
+                *pj /= sum;
+                pdp += *pj * dot(gi, val(j));
+            }
+            dqh.fill(0.0);
+            for (j, &pj) in p[..=i].iter().enumerate() {
+                let ds = pj * (dot(gi, val(j)) - pdp) * scale;
+                let (kj, base) = (key(j), j * kvd + kvh * d);
+                for c in 0..d {
+                    dqh[c] += ds * f64::from(kj[c]);
+                    dk[base + c] += ds * f64::from(qi[c]);
+                    dv[base + c] += pj * f64::from(gi[c]);
+                }
+            }
+            for (o, &x) in dq[i * qd + h * d..][..d].iter_mut().zip(&dqh) {
+                *o = (x * q_mul) as f32;
+            }
+        }
+    }
+    let f = |v: Vec<f64>| v.into_iter().map(|x| x as f32).collect();
+    Some((dq, f(dk), f(dv)))
 }
 
 #[derive(Debug)]
@@ -96,6 +200,14 @@ pub struct Tape {
 impl Tape {
     pub fn new() -> Tape {
         Tape::default()
+    }
+
+    /// An empty tape with room for `n` nodes.
+    pub fn with_capacity(n: usize) -> Tape {
+        Tape {
+            nodes: Vec::with_capacity(n),
+            index: HashMap::with_capacity(n),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -167,20 +279,26 @@ impl Tape {
             let Some(g) = grads[id].take() else {
                 continue;
             };
-            if wrt.contains(&id) {
-                grads[id] = Some(g.clone());
-            }
             let Some(node) = self.nodes.get(id) else {
                 continue;
             };
             for (k, dg) in vjp(node, &g, max_iter)? {
                 if k < stop {
+                    crate::bufs::give(dg);
                     continue;
                 }
                 match &mut grads[k] {
-                    Some(acc) => acc.iter_mut().zip(&dg).for_each(|(a, b)| *a += b),
+                    Some(acc) => {
+                        acc.iter_mut().zip(&dg).for_each(|(a, b)| *a += b);
+                        crate::bufs::give(dg);
+                    }
                     slot => *slot = Some(dg),
                 }
+            }
+            if wrt.contains(&id) {
+                grads[id] = Some(g);
+            } else {
+                crate::bufs::give(g);
             }
         }
         Ok(wrt
@@ -308,17 +426,21 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let (av, bv) = (data(&a.value), data(&b.value));
             // One loop per case (monomorphic, so each vectorizes).
             fn zip(g: &[f32], p: &[f32], q: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> Vec<f32> {
-                g.iter()
-                    .zip(p.iter().zip(q.iter()))
-                    .map(|(&gf, (&p, &q))| f(gf, p, q))
-                    .collect()
+                let mut d = crate::bufs::take(g.len().min(p.len()).min(q.len()));
+                for (o, (&gf, (&p, &q))) in d.iter_mut().zip(g.iter().zip(p.iter().zip(q.iter()))) {
+                    *o = f(gf, p, q);
+                }
+                d
             }
             let (want_a, want_b) = (a.id.is_some(), b.id.is_some());
             let (ga, gb) = match op {
-                BinOp::Add => (want_a.then(|| g.to_vec()), want_b.then(|| g.to_vec())),
+                BinOp::Add => (
+                    want_a.then(|| crate::bufs::copy(g)),
+                    want_b.then(|| crate::bufs::copy(g)),
+                ),
                 BinOp::Sub => (
-                    want_a.then(|| g.to_vec()),
-                    want_b.then(|| g.iter().map(|&x| -x).collect()),
+                    want_a.then(|| crate::bufs::copy(g)),
+                    want_b.then(|| crate::bufs::map(g, |x| -x)),
                 ),
                 BinOp::Mul => (
                     want_a.then(|| zip(g, &av, &bv, |gf, _, q| gf * q)),
@@ -346,10 +468,10 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             // table): `a` gets `g`, `b` its sum over the leading axes.
             let n = b.value.len().max(1);
             if a.id.is_some() {
-                give(&mut out, a, g.to_vec());
+                give(&mut out, a, crate::bufs::copy(g));
             }
             if b.id.is_some() {
-                let mut gb = vec![0.0f32; b.value.len()];
+                let mut gb = crate::bufs::zeros(b.value.len());
                 for row in g.chunks_exact(n) {
                     gb.iter_mut().zip(row).for_each(|(x, v)| *x += v);
                 }
@@ -363,8 +485,8 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let (av, bv) = (data(&a.value), data(&b.value));
             let ma = broadcast_map(&y.shape, &a.value.shape);
             let mb = broadcast_map(&y.shape, &b.value.shape);
-            let mut ga = vec![0.0f32; av.len()];
-            let mut gb = vec![0.0f32; bv.len()];
+            let mut ga = crate::bufs::zeros(av.len());
+            let mut gb = crate::bufs::zeros(bv.len());
             for (f, &gf) in g.iter().enumerate() {
                 let (ia, ib) = (ma[f], mb[f]);
                 let (p, q) = (av[ia], bv[ib]);
@@ -381,31 +503,29 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             give(&mut out, a, ga);
             give(&mut out, b, gb);
         }
-        Op::Neg(a) => give(&mut out, a, g.iter().map(|x| -x).collect()),
+        Op::Neg(a) => give(&mut out, a, crate::bufs::map(g, |x| -x)),
         Op::Unary(name, a) => {
             let (xv, yv) = (data(&a.value), data(y));
             if a.id.is_none() {
                 return Ok(out);
             }
             if *name == "gelu" {
-                let mut d = vec![0.0f32; g.len().min(xv.len())];
+                let mut d = crate::bufs::zeros(g.len().min(xv.len()));
                 crate::vmath::gelu_grad_into(g, &xv, &mut d);
                 give(&mut out, a, d);
                 return Ok(out);
             }
             deriv(name, 0.0, 0.0).ok_or_else(|| no_grad(node.span, name))?;
-            let d = g
-                .iter()
-                .zip(xv.iter())
-                .zip(yv.iter())
-                .map(|((&gi, &x), &yi)| gi * deriv(name, x, yi).unwrap_or(0.0))
-                .collect();
+            let mut d = crate::bufs::take(g.len().min(xv.len()).min(yv.len()));
+            for (o, ((&gi, &x), &yi)) in d.iter_mut().zip(g.iter().zip(xv.iter()).zip(yv.iter())) {
+                *o = gi * deriv(name, x, yi).unwrap_or(0.0);
+            }
             give(&mut out, a, d);
         }
         Op::Softmax(a) => {
             let yv = data(y);
             let n = y.shape.last().copied().unwrap_or(1).max(1);
-            let mut d = vec![0.0f32; yv.len()];
+            let mut d = crate::bufs::zeros(yv.len());
             for ((dr, yr), gr) in d.chunks_mut(n).zip(yv.chunks(n)).zip(g.chunks(n)) {
                 let dot: f32 = yr.iter().zip(gr).map(|(p, q)| p * q).sum();
                 for ((o, &p), &q) in dr.iter_mut().zip(yr).zip(gr) {
@@ -417,7 +537,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::LogSoftmax(a) => {
             let yv = data(y);
             let n = y.shape.last().copied().unwrap_or(1).max(1);
-            let mut d = vec![0.0f32; yv.len()];
+            let mut d = crate::bufs::zeros(yv.len());
             crate::vmath::log_softmax_grad(&yv, g, n, &mut d);
             give(&mut out, a, d);
         }
@@ -441,7 +561,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                     .map_or(m, |i| a.value.shape.get(i).copied().unwrap_or(m))
             };
             let mut ga = Vec::with_capacity(av.len());
-            let mut gb = vec![0.0f32; bv.len()];
+            let mut gb = crate::bufs::zeros(bv.len());
             for (bi, (ab, gbat)) in av
                 .chunks(rows.max(1) * k.max(1))
                 .zip(g.chunks(rows.max(1) * n.max(1)))
@@ -452,9 +572,10 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                 let bmat = bv.get(boff..boff + k * n).ok_or_else(kernel)?;
                 ga.extend(mm(gbat, bmat, r, n, k, false, true).ok_or_else(kernel)?);
                 let d = mm(ab, gbat, k, r, n, true, false).ok_or_else(kernel)?;
-                for (x, v) in gb[boff..boff + k * n].iter_mut().zip(d) {
+                for (x, v) in gb[boff..boff + k * n].iter_mut().zip(&d) {
                     *x += v;
                 }
+                crate::bufs::give(d);
             }
             ga.resize(av.len(), 0.0);
             give(&mut out, a, ga);
@@ -469,7 +590,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             let kernel = || LangError::invalid(node.span, "linear: gradient kernel failed");
             let gx = mm(g, &wv, m, n, k, false, false).ok_or_else(kernel)?;
             let gw = mm(g, &xv, n, m, k, true, false).ok_or_else(kernel)?;
-            let mut gbias = vec![0.0f32; n];
+            let mut gbias = crate::bufs::zeros(n);
             for row in g.chunks_exact(n.max(1)) {
                 gbias.iter_mut().zip(row).for_each(|(b, v)| *b += v);
             }
@@ -482,8 +603,8 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::RmsNorm(x, w, eps) => {
             let (xv, wv) = (data(&x.value), data(&w.value));
             let d = wv.len().max(1);
-            let mut gx = vec![0.0f32; xv.len()];
-            let mut gw = vec![0.0f32; wv.len()];
+            let mut gx = crate::bufs::zeros(xv.len());
+            let mut gw = crate::bufs::zeros(wv.len());
             for ((xr, gr), gxr) in xv.chunks(d).zip(g.chunks(d)).zip(gx.chunks_mut(d)) {
                 let ms: f64 =
                     xr.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / d as f64;
@@ -506,9 +627,9 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         Op::LayerNorm(x, w, b, eps) => {
             let (xv, wv) = (data(&x.value), data(&w.value));
             let d = wv.len().max(1);
-            let mut gx = vec![0.0f32; xv.len()];
-            let mut gw = vec![0.0f32; wv.len()];
-            let mut gb = vec![0.0f32; wv.len()];
+            let mut gx = crate::bufs::zeros(xv.len());
+            let mut gw = crate::bufs::zeros(wv.len());
+            let mut gb = crate::bufs::zeros(wv.len());
             // In f32 as the forward kernel (its mean and variance summed
             // in f64), one row at a time without temporaries.
             for ((xr, gr), gxr) in xv.chunks(d).zip(g.chunks(d)).zip(gx.chunks_mut(d)) {
@@ -556,7 +677,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             give(&mut out, a, d);
         }
         Op::Gather(a, offs) => {
-            let mut d = vec![0.0f32; a.value.len()];
+            let mut d = crate::bufs::zeros(a.value.len());
             for (&o, &gv) in offs.iter().zip(g) {
                 if let Some(x) = d.get_mut(o) {
                     *x += gv;
@@ -564,13 +685,13 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             }
             give(&mut out, a, d);
         }
-        Op::Reshape(a) => give(&mut out, a, g.to_vec()),
+        Op::Reshape(a) => give(&mut out, a, crate::bufs::copy(g)),
         Op::Transpose(a) => {
             let (r, c) = match a.value.shape[..] {
                 [r, c] => (r, c),
                 _ => (a.value.len(), 1),
             };
-            let mut d = vec![0.0f32; r * c];
+            let mut d = crate::bufs::zeros(r * c);
             for i in 0..r {
                 for j in 0..c {
                     d[i * c + j] = g[j * r + i];
@@ -580,7 +701,7 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
         }
         Op::Embedding(table, ids) => {
             let dim = table.value.shape.get(1).copied().unwrap_or(0);
-            let mut d = vec![0.0f32; table.value.len()];
+            let mut d = crate::bufs::zeros(table.value.len());
             for (row, &id) in ids.iter().enumerate() {
                 for j in 0..dim {
                     if let (Some(x), Some(&gv)) = (d.get_mut(id * dim + j), g.get(row * dim + j)) {
@@ -600,12 +721,12 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
             } else {
                 tl_core::RopeMode::Normal
             };
-            let mut dx = g.to_vec();
+            let mut dx = crate::bufs::copy(g);
             if d == 0 || d % 2 != 0 || t == 0 || !dx.len().is_multiple_of(t) {
                 return Err(no_grad(node.span, "rope on this shape"));
             }
             let per_token = dx.len() / t;
-            let mut cs = vec![0.0f32; d];
+            let mut cs = crate::bufs::zeros(d);
             for (row, &p) in dx.chunks_exact_mut(per_token).zip(pos.iter()) {
                 tl_core::cpu::kernels::rope_cache(-p, *base, 1.0, None, &mut cs);
                 for head in row.chunks_exact_mut(d) {
@@ -613,6 +734,15 @@ fn vjp(node: &TNode, g: &[f32], max_iter: u128) -> Result<Vec<(usize, Vec<f32>)>
                 }
             }
             give(&mut out, x, dx);
+        }
+        Op::Attention(q, k, v, spec) => {
+            let (qv, kv, vv) = (data(&q.value), data(&k.value), data(&v.value));
+            let (dq, dk, dv) = attention_grads(spec, &qv, &kv, &vv, g).ok_or_else(|| {
+                LangError::invalid(node.span, "attention: gradient shapes disagree")
+            })?;
+            give(&mut out, q, dq);
+            give(&mut out, k, dk);
+            give(&mut out, v, dv);
         }
         Op::Einsum(eq, vals) => {
             let lookup = |n: &str| {
@@ -712,6 +842,26 @@ impl Tape {
                 Op::Rope(inp(0), Rc::new(pos), num(2), neox)
             }
             "gelu" => Op::NoGrad("gelu(x, \"ggml\")".into()),
+            "attention" => {
+                let int = |k: usize| match args.get(k) {
+                    Some((Value::Int(i), _)) => usize::try_from(*i).ok(),
+                    _ => None,
+                };
+                let t = match args.first() {
+                    Some((Value::Tensor(q), _)) => q.shape.first().copied().unwrap_or(0),
+                    _ => 0,
+                };
+                let spec = match (args.get(3), int(4), int(5)) {
+                    (Some((Value::Cache(c), _)), Some(layer), Some(pos)) => {
+                        c.borrow().grad_spec(layer, pos, t)
+                    }
+                    _ => Err("attention".to_string()),
+                };
+                match spec {
+                    Ok(spec) => Op::Attention(inp(0), inp(1), inp(2), spec),
+                    Err(why) => Op::NoGrad(why),
+                }
+            }
             other => Op::NoGrad(other.to_string()),
         }
     }

@@ -738,6 +738,86 @@ fn packed_for(bytes: &[u8]) -> Option<std::sync::Arc<tl_core::PackedWeight>> {
     })
 }
 
+/// The repacked copy of a whole model weight `w` of shape `[n, k]` whose
+/// products run on the host, with its row count; `None` for any other
+/// tensor (learnables, weights without a copy, weights on a GPU).
+fn packed_weight(w: &Tens, k: usize) -> Option<(std::sync::Arc<tl_core::PackedWeight>, usize)> {
+    let tw = whole_weight(w)?;
+    let [n, wk] = w.shape[..] else {
+        return None;
+    };
+    if wk != k {
+        return None;
+    }
+    let guard = tw.read_storage("linear").ok()?;
+    let tl_core::Storage::Cpu(st) = &*guard;
+    let bytes = st.bytes();
+    if tw.dtype().size_in_bytes(n * k) != Some(bytes.len()) || device_model_for(bytes).is_some() {
+        return None;
+    }
+    let p = packed_for(bytes).filter(|p| p.k() == k && p.n() == n)?;
+    Some((p, n))
+}
+
+/// `linear(x, w_j, b_j)` for several weights over the same input, as one
+/// product: the activations quantized once and the rows of all weights in
+/// one pool dispatch (`tl_core::matmul_packed_many`, the bits of one
+/// `linear` each). `None` unless `x` is f32 and every weight is a repacked
+/// model weight on the host with a bias of its width, if any: the caller
+/// then calls `linear` one by one, which also reports what is wrong.
+pub fn linear_many(
+    x: &Tens,
+    ws: &[(&Tens, Option<&Tens>)],
+    span: Span,
+    max_elements: usize,
+) -> Result<Option<Vec<Value>>> {
+    let TData::F32(xf) = &x.data else {
+        return Ok(None);
+    };
+    let k = x.shape.last().copied().unwrap_or(0);
+    let m = numel(&x.shape[..x.shape.len().saturating_sub(1)]);
+    if x.shape.is_empty() || k == 0 || m == 0 || ws.len() < 2 {
+        return Ok(None);
+    }
+    let mut packed = Vec::with_capacity(ws.len());
+    for (w, b) in ws {
+        let Some((p, n)) = packed_weight(w, k) else {
+            return Ok(None);
+        };
+        if m.saturating_mul(n) > max_elements || b.is_some_and(|b| b.shape != [n]) {
+            return Ok(None);
+        }
+        packed.push(p);
+    }
+    let mut ys: Vec<Vec<f32>> = packed.iter().map(|p| vec![0.0f32; m * p.n()]).collect();
+    {
+        let refs: Vec<&tl_core::PackedWeight> = packed.iter().map(|p| &**p).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        MM_SCRATCH
+            .with(|sc| tl_core::matmul_packed_many(xf, m, &refs, &mut outs, &mut sc.borrow_mut()))
+            .map_err(|source| LangError::Kernel {
+                span,
+                op: "linear",
+                source,
+            })?;
+    }
+    let lead = &x.shape[..x.shape.len() - 1];
+    let mut vals = Vec::with_capacity(ys.len());
+    for ((_, b), (mut y, p)) in ws.iter().zip(ys.into_iter().zip(&packed)) {
+        let n = p.n();
+        if let Some(b) = b {
+            let bf = f32_data(b, span)?;
+            for row in y.chunks_exact_mut(n) {
+                row.iter_mut().zip(bf.iter()).for_each(|(a, b)| *a += b);
+            }
+        }
+        let mut dims = lead.to_vec();
+        dims.push(n);
+        vals.push(Value::tensor(Tens::f32(dims, y)));
+    }
+    Ok(Some(vals))
+}
+
 /// What a builtin may touch of the interpreter.
 pub struct Ctx<'a> {
     pub out: &'a mut dyn Write,
@@ -899,7 +979,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                     }
                     if let (TData::F32(x), "gelu", None) = (&t.data, name, args.get(1)) {
                         // Vectorized: one exponential per element, no libm.
-                        let mut y = vec![0.0f32; x.len()];
+                        let mut y = crate::bufs::take(x.len());
                         crate::vmath::gelu_into(x, &mut y);
                         return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
                     }
@@ -933,7 +1013,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
                 // Vectorized exponentials (no libm calls, none for the
                 // masked entries that underflow to 0).
                 let n = t.shape.last().copied().unwrap_or(1).max(1);
-                let mut y = x.clone();
+                let mut y = crate::bufs::copy(x);
                 crate::vmath::softmax_rows(&mut y, n);
                 return Ok(Value::tensor(Tens::f32(t.shape.clone(), y)));
             }
@@ -1277,7 +1357,7 @@ pub fn call(name: &str, span: Span, args: &[(Value, Span)], ctx: &mut Ctx<'_>) -
         "argmax" => {
             let t = t0()?;
             if t.shape.len() == 1 {
-                let v = t.to_f32(span)?;
+                let v = f32_data(&t, span)?;
                 if v.is_empty() {
                     return Err(LangError::invalid(span, "argmax of an empty tensor"));
                 }

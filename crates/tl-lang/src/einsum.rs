@@ -373,27 +373,33 @@ impl Buf {
     /// The values, writable (copied first when shared).
     fn to_mut(&mut self) -> &mut Vec<f32> {
         if self.shared.is_some() {
-            self.own = self.to_vec();
+            self.own = crate::bufs::copy(self);
             self.shared = None;
         }
         &mut self.own
     }
 
-    fn into_vec(self) -> Vec<f32> {
-        match self.shared {
-            None => self.own,
+    fn into_vec(mut self) -> Vec<f32> {
+        match self.shared.take() {
+            None => std::mem::take(&mut self.own),
             Some(t) => match Rc::try_unwrap(t) {
-                Ok(Tens {
-                    data: TData::F32(v),
-                    ..
-                }) => v,
-                Ok(_) => Vec::new(),
+                Ok(mut t) => match &mut t.data {
+                    TData::F32(v) => std::mem::take(v),
+                    _ => Vec::new(),
+                },
                 Err(t) => match &t.data {
-                    TData::F32(v) => v.clone(),
+                    TData::F32(v) => crate::bufs::copy(v),
                     _ => Vec::new(),
                 },
             },
         }
+    }
+}
+
+/// An intermediate's own values go back to [`crate::bufs`].
+impl Drop for Buf {
+    fn drop(&mut self) {
+        crate::bufs::give(std::mem::take(&mut self.own));
     }
 }
 
@@ -460,9 +466,12 @@ fn for_each(sizes: &[usize], strides: &[Vec<usize>], mut f: impl FnMut(&[usize])
 /// multiple of `b`'s); one loop per operation, so that each vectorizes.
 pub fn repeat_op(op: BinOp, a: &[f32], b: &[f32]) -> Vec<f32> {
     fn each(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> Vec<f32> {
-        let mut out = Vec::with_capacity(a.len());
-        for row in a.chunks_exact(b.len().max(1)) {
-            out.extend(row.iter().zip(b).map(|(&x, &y)| f(x, y)));
+        let n = b.len().max(1);
+        let mut out = crate::bufs::take(a.len() / n * n);
+        for (orow, row) in out.chunks_exact_mut(n).zip(a.chunks_exact(n)) {
+            for ((o, &x), &y) in orow.iter_mut().zip(row).zip(b) {
+                *o = f(x, y);
+            }
         }
         out
     }
@@ -673,7 +682,7 @@ impl Eval<'_> {
             .iter()
             .map(|d| self.strides_over(d, &loop_vars))
             .collect();
-        let mut data = vec![0f32; numel(&out_sizes)];
+        let mut data = crate::bufs::zeros(numel(&out_sizes));
         let mut k = 0usize;
         for_each(&sizes, &strides, |offs| {
             let mut p = 1f32;
@@ -836,7 +845,7 @@ impl Eval<'_> {
             bo.push(o[1]);
             co.push(o[2]);
         });
-        let mut out = vec![0.0f32; nb * ni * nj];
+        let mut out = crate::bufs::zeros(nb * ni * nj);
         crate::gemm::gemm(
             ni,
             nj,
@@ -975,7 +984,7 @@ pub fn equation_grads(
         .collect();
     let g = Dense {
         vars: out_vars,
-        data: grad_out.to_vec().into(),
+        data: crate::bufs::copy(grad_out).into(),
     };
     let mut acc: Vec<(String, Vec<f32>)> = Vec::new();
     ev.back(&root, g, &mut acc, wanted)?;
@@ -1032,9 +1041,13 @@ impl Eval<'_> {
         }
         let sizes: Vec<usize> = target.iter().map(|&v| self.sizes[v]).collect();
         let strides = self.strides_over(&d, target);
-        let mut data = Vec::with_capacity(numel(&sizes));
+        let mut data = crate::bufs::take(numel(&sizes));
+        let mut k = 0;
         for_each(&sizes, &[strides], |o| {
-            data.push(d.data.get(o[0]).copied().unwrap_or(0.0))
+            if let Some(x) = data.get_mut(k) {
+                *x = d.data.get(o[0]).copied().unwrap_or(0.0);
+            }
+            k += 1;
         });
         Dense {
             vars: target.to_vec(),
@@ -1116,7 +1129,7 @@ impl Eval<'_> {
                 let slot = match slot {
                     Some(p) => p,
                     None => {
-                        acc.push((name.clone(), vec![0.0; total]));
+                        acc.push((name.clone(), crate::bufs::zeros(total)));
                         acc.len() - 1
                     }
                 };

@@ -93,7 +93,30 @@ fn isa() -> Isa {
 /// `None` (and `C` untouched) when a view does not fit its data or the
 /// batch lengths differ. The output entries of different batch entries
 /// must not overlap unless `accumulate` is set.
+///
+/// Products of [`PAR_MIN`] multiply-adds or more are split over the
+/// process's thread pool (`tl run -t N`) by rows or columns of the output,
+/// never over the summed index: every entry is computed as on one thread,
+/// to the bit.
 pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View<'_>,
+    b: View<'_>,
+    c: Out<'_, '_>,
+    accumulate: bool,
+) -> Option<()> {
+    let pool = tl_core::pool::ThreadPool::global();
+    gemm_on(pool, PAR_MIN, m, n, k, a, b, c, accumulate)
+}
+
+/// [`gemm`] on the threads of `pool`, splitting products of `min_work`
+/// multiply-adds or more.
+#[allow(clippy::too_many_arguments)]
+fn gemm_on(
+    pool: &tl_core::pool::ThreadPool,
+    min_work: usize,
     m: usize,
     n: usize,
     k: usize,
@@ -136,6 +159,127 @@ pub fn gemm(
         }
         return Some(());
     }
+    let threads = pool.threads();
+    let work = m.saturating_mul(n).saturating_mul(k).saturating_mul(nb);
+    // Different batch entries may add into the same output only when
+    // they all write the same place (then every part owns whole rows or
+    // columns of it in every batch entry).
+    let disjoint = !accumulate || coffs.windows(2).all(|w| w[0] == w[1]);
+    if threads > 1 && work >= min_work && disjoint {
+        // Split the output's rows (or columns, when it is wider than
+        // tall) into one run of whole tiles per thread; each part is the
+        // same product on a narrower view, computed element by element
+        // as the whole would be (the same bits).
+        let rows = m >= n;
+        let (len, unit) = if rows { (m, MR) } else { (n, NR) };
+        // A few parts per thread: the calling thread takes over the parts
+        // of a worker that is late (the cores may be shared).
+        let per = len.div_ceil(threads * 4).div_ceil(unit).max(1) * unit;
+        let parts = len.div_ceil(per);
+        if parts > 1 {
+            let out = RawOut {
+                ptr: cdata.as_mut_ptr(),
+                len: cdata.len(),
+            };
+            let failed = std::sync::atomic::AtomicBool::new(false);
+            pool.run(parts, &|t| {
+                let s = t * per;
+                let e = (s + per).min(len);
+                let shift = |offs: &[usize], by: usize| -> Vec<usize> {
+                    offs.iter().map(|&o| o + s * by).collect()
+                };
+                let (ao, bo, co) = if rows {
+                    (shift(a.offs, a.rs), b.offs.to_vec(), shift(coffs, rsc))
+                } else {
+                    (a.offs.to_vec(), shift(b.offs, b.cs), shift(coffs, csc))
+                };
+                let (mp, np) = if rows { (e - s, n) } else { (m, e - s) };
+                let mut sink = out;
+                let done = tiles(
+                    mp,
+                    np,
+                    k,
+                    View { offs: &ao, ..a },
+                    View { offs: &bo, ..b },
+                    &mut sink,
+                    &co,
+                    rsc,
+                    csc,
+                    accumulate,
+                );
+                if done.is_none() {
+                    failed.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+            return (!failed.load(std::sync::atomic::Ordering::Relaxed)).then_some(());
+        }
+    }
+    let mut sink = cdata;
+    tiles(m, n, k, a, b, &mut sink, coffs, rsc, csc, accumulate)
+}
+
+/// Products of at least this many multiply-adds (about half a millisecond
+/// on one core) run on the thread pool. Smaller ones did not gain on the
+/// 2-core machine of docs/BENCHMARKS.md: with its cores shared, handing
+/// out parts of 2^17–2^21 multiply-adds made the tiny transformer's
+/// training steps twice as slow at `-t 2`.
+pub const PAR_MIN: usize = 1 << 24;
+
+/// Where [`tiles`] stores results.
+trait Sink {
+    /// Entries `start..start + len` of the output, `None` past its end.
+    fn span(&mut self, start: usize, len: usize) -> Option<&mut [f32]>;
+}
+
+impl Sink for &mut [f32] {
+    fn span(&mut self, start: usize, len: usize) -> Option<&mut [f32]> {
+        self.get_mut(start..start.checked_add(len)?)
+    }
+}
+
+/// The output of a product split over the pool: each part writes only its
+/// own rows (or columns) of it.
+#[derive(Clone, Copy)]
+struct RawOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the parts of one split product (`gemm`) write disjoint entries
+// of the output, which the caller lent mutably for the whole call, and
+// nothing reads it meanwhile.
+unsafe impl Send for RawOut {}
+unsafe impl Sync for RawOut {}
+
+impl Sink for RawOut {
+    fn span(&mut self, start: usize, len: usize) -> Option<&mut [f32]> {
+        let end = start.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        // SAFETY: in bounds (checked above) of a buffer borrowed mutably
+        // for the whole product; this part alone writes these entries
+        // (its rows or columns, see `RawOut`), and the slice lives only
+        // while they are stored.
+        Some(unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) })
+    }
+}
+
+/// The blocked product of [`gemm`] on validated views, storing through
+/// `sink` (`k > 0`).
+#[allow(clippy::too_many_arguments)]
+fn tiles<S: Sink>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: View<'_>,
+    b: View<'_>,
+    cdata: &mut S,
+    coffs: &[usize],
+    rsc: usize,
+    csc: usize,
+    accumulate: bool,
+) -> Option<()> {
     // Cᵀ = Bᵀ · Aᵀ: the operand read in 16-lane rows should have unit
     // column stride (then it is read in place, not packed); when neither
     // has, the result's rows should (then its tiles are stored whole).
@@ -220,7 +364,7 @@ pub fn gemm(
                         for (ii, trow) in tile.chunks_exact(NR).take(mr).enumerate() {
                             let rbase = cbase + ii * rsc;
                             if csc == 1 {
-                                let dst = &mut cdata[rbase..rbase + nr];
+                                let dst = cdata.span(rbase, nr)?;
                                 if add {
                                     dst.iter_mut().zip(trow).for_each(|(d, s)| *d += s);
                                 } else {
@@ -228,7 +372,7 @@ pub fn gemm(
                                 }
                             } else {
                                 for (jj, &s) in trow[..nr].iter().enumerate() {
-                                    let d = &mut cdata[rbase + jj * csc];
+                                    let d = &mut cdata.span(rbase + jj * csc, 1)?[0];
                                     *d = if add { *d + s } else { s };
                                 }
                             }
@@ -402,7 +546,7 @@ pub fn matmul(
     ta: bool,
     tb: bool,
 ) -> Option<Vec<f32>> {
-    let mut out = vec![0.0f32; m * n];
+    let mut out = crate::bufs::zeros(m * n);
     let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
     let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
     gemm(
@@ -494,6 +638,71 @@ mod tests {
                     for (x, y) in got.iter().zip(&want) {
                         assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m} {k} {n}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_products_give_the_bits_of_one_thread() {
+        // Row splits (tall outputs), column splits (wide ones), batches,
+        // transposed operands, accumulation into one shared output: the
+        // pool's result against the tiles on one thread, bit for bit.
+        let pool = tl_core::pool::ThreadPool::new(3).unwrap();
+        assert_eq!(pool.threads(), 3);
+        let cases = [
+            // (m, k, n, batch, ta, tb, accumulate into one output)
+            (517, 64, 33, 1, false, false, false),
+            (40, 300, 700, 1, false, true, false),
+            (64, 48, 64, 12, true, false, false),
+            (130, 37, 131, 3, true, true, false),
+            (96, 70, 40, 8, false, false, true),
+        ];
+        for &(m, k, n, nb, ta, tb, acc) in &cases {
+            let a: Vec<f32> = (0..nb * m * k).map(|x| (x as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..nb * k * n).map(|x| (x as f32 * 0.21).cos()).collect();
+            let (rsa, csa) = if ta { (1, m) } else { (k, 1) };
+            let (rsb, csb) = if tb { (1, k) } else { (n, 1) };
+            let ao: Vec<usize> = (0..nb).map(|i| i * m * k).collect();
+            let bo: Vec<usize> = (0..nb).map(|i| i * k * n).collect();
+            let co: Vec<usize> = (0..nb).map(|i| if acc { 0 } else { i * m * n }).collect();
+            let clen = if acc { m * n } else { nb * m * n };
+            let av = View {
+                data: &a,
+                offs: &ao,
+                rs: rsa,
+                cs: csa,
+            };
+            let bv = View {
+                data: &b,
+                offs: &bo,
+                rs: rsb,
+                cs: csb,
+            };
+            let start: Vec<f32> = (0..clen).map(|x| (x as f32 * 0.05).sin()).collect();
+            let mut one = start.clone();
+            let mut sink = one.as_mut_slice();
+            tiles(m, n, k, av, bv, &mut sink, &co, n, 1, acc).unwrap();
+            let mut split = start.clone();
+            let out = Out {
+                data: &mut split,
+                offs: &co,
+                rs: n,
+                cs: 1,
+            };
+            // Every case split (a threshold of 1), in parts of whole tiles.
+            gemm_on(&pool, 1, m, n, k, av, bv, out, acc).unwrap();
+            let same = one
+                .iter()
+                .zip(&split)
+                .all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{m} {k} {n} x{nb}: split product differs");
+            // And it is the product (not, say, the start values).
+            let want = naive(&a[..m * k], &b[..k * n], m, k, n, ta, tb);
+            let got0 = if acc { None } else { Some(&split[..m * n]) };
+            if let Some(g) = got0 {
+                for (x, y) in g.iter().zip(&want) {
+                    assert!((x - y).abs() <= 1e-4 * (1.0 + y.abs()), "{m} {k} {n}");
                 }
             }
         }

@@ -309,8 +309,17 @@ impl Interp {
     fn block(&mut self, env: &mut Env, b: &Block) -> Result<Flow> {
         env.scopes.push(HashMap::new());
         let mut r = Ok(Flow::Next);
-        for s in &b.stmts {
-            match self.exec(env, s) {
+        let mut i = 0;
+        while let Some(s) = b.stmts.get(i) {
+            let n = self.linear_group(&b.stmts[i..]);
+            let step = if n > 1 {
+                self.exec_linear_group(env, &b.stmts[i..i + n])
+                    .map(|()| Flow::Next)
+            } else {
+                self.exec(env, s)
+            };
+            i += n.max(1);
+            match step {
                 Ok(Flow::Next) => {}
                 other => {
                     r = other;
@@ -320,6 +329,121 @@ impl Interp {
         }
         env.scopes.pop();
         r
+    }
+
+    /// How many statements from the first of `stmts` are `let`s of
+    /// `linear` over the same input variable that can run as one product
+    /// (see [`linear_let`]): none of them reads a name an earlier one
+    /// binds, and none rebinds the input. 0 or 1: run them one by one.
+    /// Programs with learnable tensors run every statement on its own
+    /// (their operations are recorded one by one).
+    fn linear_group(&self, stmts: &[Stmt]) -> usize {
+        if self.tape.is_some() || self.fns.contains_key("linear") {
+            return 0;
+        }
+        let Some((first, x, _)) = stmts.first().and_then(linear_let) else {
+            return 0;
+        };
+        let mut bound = vec![first];
+        for s in stmts.iter().skip(1).take(MAX_FUSED_LINEAR - 1) {
+            let Some((name, x2, reads)) = linear_let(s) else {
+                break;
+            };
+            if x2 != x || bound.contains(&x) || reads.iter().any(|r| bound.contains(r)) {
+                break;
+            }
+            bound.push(name);
+        }
+        bound.len()
+    }
+
+    /// Runs the `let` statements [`Interp::linear_group`] grouped: their
+    /// arguments evaluated in order, the products together
+    /// ([`builtins::linear_many`], the same bits as one `linear` each),
+    /// then the names bound in order.
+    fn exec_linear_group(&mut self, env: &mut Env, stmts: &[Stmt]) -> Result<()> {
+        let mut calls = Vec::with_capacity(stmts.len());
+        let mut failed = None;
+        for s in stmts {
+            match self.linear_args(env, s) {
+                Ok(c) => calls.push(c),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            // As one by one: the statements before the failing one run
+            // (and report their own errors) first.
+            self.linears_one_by_one(env, &calls)?;
+            return Err(e);
+        }
+        let fused = {
+            let ws: Option<Vec<(&Tens, Option<&Tens>)>> = calls
+                .iter()
+                .map(|(_, _, _, v)| match v.as_slice() {
+                    [_, (Value::Tensor(w), _)] => Some((&**w, None)),
+                    [_, (Value::Tensor(w), _), (Value::Tensor(b), _)] => Some((&**w, Some(&**b))),
+                    _ => None,
+                })
+                .collect();
+            match (ws, calls.first()) {
+                (Some(ws), Some((_, _, span, vals))) => match vals.first() {
+                    Some((Value::Tensor(x), _)) => {
+                        builtins::linear_many(x, &ws, *span, self.limits.max_elements)?
+                    }
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
+        match fused {
+            Some(ys) => bind_linears(env, &calls, ys),
+            None => self.linears_one_by_one(env, &calls),
+        }
+    }
+
+    /// A grouped statement counted as a step, and its `linear`'s evaluated
+    /// arguments.
+    fn linear_args<'s>(&mut self, env: &mut Env, s: &'s Stmt) -> Result<LinearCall<'s>> {
+        self.step(s.span)?;
+        let StmtKind::Let {
+            name, ty, value, ..
+        } = &s.kind
+        else {
+            return Err(LangError::invalid(
+                s.span,
+                "a grouped `linear` is not a `let`",
+            ));
+        };
+        let ExprKind::Call { args, .. } = &value.kind else {
+            return Err(LangError::invalid(
+                s.span,
+                "a grouped `linear` is not a call",
+            ));
+        };
+        let mut vals = Vec::with_capacity(args.len());
+        for a in args {
+            vals.push((self.eval(env, a)?, a.span));
+        }
+        Ok((name, ty, value.span, vals))
+    }
+
+    /// Runs the calls' `linear`s one at a time, then binds the results.
+    fn linears_one_by_one(&mut self, env: &mut Env, calls: &[LinearCall<'_>]) -> Result<()> {
+        let mut ys = Vec::with_capacity(calls.len());
+        for (_, _, span, vals) in calls {
+            let mut ctx = Ctx {
+                out: &mut *self.out,
+                args: &self.args,
+                fixpoint_limit: &mut self.logic.limit,
+                max_elements: self.limits.max_elements,
+                device: self.device,
+            };
+            ys.push(builtins::call("linear", *span, vals, &mut ctx)?);
+        }
+        bind_linears(env, calls, ys)
     }
 
     fn exec(&mut self, env: &mut Env, s: &Stmt) -> Result<Flow> {
@@ -665,6 +789,9 @@ impl Interp {
                     }
                     return Ok(Value::Bool(self.eval_bool(env, b)?));
                 }
+                if let Some(v) = self.silu_mul(env, *op, a, b, e.span)? {
+                    return Ok(v);
+                }
                 let l = self.eval(env, a)?;
                 let r = self.eval(env, b)?;
                 match self.tape.as_mut() {
@@ -814,6 +941,69 @@ impl Interp {
         })
     }
 
+    /// `silu(g) * u` of f32 tensors of one shape, as the native forward's
+    /// gated FFN computes it: one pass (`tl_core`'s `silu_mul`, the bits
+    /// of `silu` then `*`) and one output instead of two. `None` when the
+    /// expression is anything else, or a program records operations for
+    /// gradients; `g` is evaluated before `u` either way.
+    fn silu_mul(
+        &mut self,
+        env: &mut Env,
+        op: BinOp,
+        a: &Expr,
+        b: &Expr,
+        span: Span,
+    ) -> Result<Option<Value>> {
+        let ExprKind::Call { name, args, .. } = &a.kind else {
+            return Ok(None);
+        };
+        if op != BinOp::Mul
+            || name != "silu"
+            || args.len() != 1
+            || self.tape.is_some()
+            || self.fns.contains_key("silu")
+        {
+            return Ok(None);
+        }
+        let Some(ga) = args.first() else {
+            return Ok(None);
+        };
+        let g = self.eval(env, ga)?;
+        let g = match g {
+            Value::Tensor(t) if matches!(t.data, TData::F32(_)) => t,
+            other => {
+                // Not an f32 tensor: `silu` as the builtin does it, then `*`.
+                let mut ctx = Ctx {
+                    out: &mut *self.out,
+                    args: &self.args,
+                    fixpoint_limit: &mut self.logic.limit,
+                    max_elements: self.limits.max_elements,
+                    device: self.device,
+                };
+                let l = builtins::call("silu", a.span, &[(other, ga.span)], &mut ctx)?;
+                let r = self.eval(env, b)?;
+                return binary(op, l, r, span, b.span, self.limits.max_elements).map(Some);
+            }
+        };
+        let r = self.eval(env, b)?;
+        if let (TData::F32(gv), Value::Tensor(ut)) = (&g.data, &r) {
+            if let (TData::F32(uv), true) = (&ut.data, ut.shape == g.shape) {
+                let mut y = gv.clone();
+                tl_core::cpu::kernels::silu_mul(&mut y, uv);
+                return Ok(Some(Value::tensor(Tens::f32(g.shape.clone(), y))));
+            }
+        }
+        let mut ctx = Ctx {
+            out: &mut *self.out,
+            args: &self.args,
+            fixpoint_limit: &mut self.logic.limit,
+            max_elements: self.limits.max_elements,
+            device: self.device,
+        };
+        let l = builtins::call("silu", a.span, &[(Value::Tensor(g), ga.span)], &mut ctx)?;
+        binary(op, l, r, span, b.span, self.limits.max_elements).map(Some)
+    }
+
     fn call_fn(&mut self, f: &FnDef, args: Vec<(Value, Span)>, span: Span) -> Result<Value> {
         if args.len() != f.params.len() {
             return Err(LangError::Arity {
@@ -857,6 +1047,73 @@ impl Interp {
             };
         }
         Ok(v)
+    }
+}
+
+/// One statement of a `linear` group: its name, declared type, call span
+/// and evaluated arguments.
+type LinearCall<'s> = (&'s String, &'s Option<TypeExpr>, Span, Vec<(Value, Span)>);
+
+/// Binds the grouped statements' names to their results, in order.
+fn bind_linears(env: &mut Env, calls: &[LinearCall<'_>], ys: Vec<Value>) -> Result<()> {
+    for ((name, ty, span, _), y) in calls.iter().zip(ys) {
+        let y = match ty {
+            Some(t) => convert(y, t, *span)?,
+            None => y,
+        };
+        env.set_new(name, y);
+    }
+    Ok(())
+}
+
+/// Most `linear` statements run as one product (`tl_core`'s fused
+/// dispatch takes up to four weights).
+const MAX_FUSED_LINEAR: usize = 4;
+
+/// `let NAME[: T] = linear(X, w[, b])` with `X` a variable and `w`, `b`
+/// read without calls (variables, fields, indices, literals), so that
+/// evaluating them has no effect: (NAME, X, the variables `w` and `b`
+/// read).
+fn linear_let(s: &Stmt) -> Option<(&str, &str, Vec<&str>)> {
+    let StmtKind::Let { name, value, .. } = &s.kind else {
+        return None;
+    };
+    let ExprKind::Call { name: f, args, .. } = &value.kind else {
+        return None;
+    };
+    if f != "linear" || !(2..=3).contains(&args.len()) {
+        return None;
+    }
+    let ExprKind::Var(x) = &args.first()?.kind else {
+        return None;
+    };
+    let mut reads = Vec::new();
+    for a in &args[1..] {
+        if !pure_reads(a, &mut reads) {
+            return None;
+        }
+    }
+    Some((name, x, reads))
+}
+
+/// Whether `e` is variables, fields, indices and literals only; pushes the
+/// variables it reads.
+fn pure_reads<'a>(e: &'a Expr, out: &mut Vec<&'a str>) -> bool {
+    match &e.kind {
+        ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Bool(_) | ExprKind::Str(_) => true,
+        ExprKind::Var(n) => {
+            out.push(n);
+            true
+        }
+        ExprKind::Field(b, _) => pure_reads(b, out),
+        ExprKind::Index(b, idx) => {
+            pure_reads(b, out)
+                && idx.iter().all(|i| match i {
+                    IndexArg::At(e) => pure_reads(e, out),
+                    IndexArg::Range(..) => false,
+                })
+        }
+        _ => false,
     }
 }
 
@@ -1360,8 +1617,9 @@ impl Interp {
                 for ((name, _), t) in lb.data.iter().zip(&data) {
                     scope.insert(name.clone(), Value::tensor(take_rows(t, rows, lb.span)?));
                 }
-                // A fresh tape with the parameters as its leaves.
-                let mut tape = Tape::new();
+                // A fresh tape with the parameters as its leaves (room for
+                // as many nodes as the last step recorded).
+                let mut tape = Tape::with_capacity(self.tape.as_ref().map_or(0, Tape::len));
                 let mut ids = Vec::new();
                 for name in &names {
                     if let Some(Value::Tensor(t)) = env.get(name) {
@@ -1431,6 +1689,7 @@ impl Interp {
                     }
                 }
                 opt.step(&mut values, &grads, lr);
+                grads.into_iter().for_each(crate::bufs::give);
                 for ((name, v), shape) in names.iter().zip(values).zip(shapes) {
                     if let Some(slot) = env.get_mut(name) {
                         *slot = Value::tensor(Tens::f32(shape, v));
@@ -2152,4 +2411,73 @@ fn tensor_binary(
         });
     }
     Ok(Value::tensor(Tens::f32(shape, out)))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// The group length [`Interp::linear_group`] gives each statement of
+    /// `src` (top-level statements).
+    fn groups(src: &str) -> Vec<usize> {
+        let prog = crate::parse_str(src).unwrap();
+        let stmts: Vec<Stmt> = prog
+            .items
+            .into_iter()
+            .filter_map(|i| match i {
+                Item::Stmt(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        let it = Interp::new(Box::new(std::io::sink()));
+        (0..stmts.len())
+            .map(|i| it.linear_group(&stmts[i..]))
+            .collect()
+    }
+
+    #[test]
+    fn linear_lets_over_one_input_group() {
+        // Q, K, V of one input: one group of three, then the tails.
+        let src = "let q = linear(h, b.q.weight, b.q.bias);\n\
+                   let k = linear(h, b.k.weight, b.k.bias);\n\
+                   let v = linear(h, m.blk[l].v.weight);\n\
+                   let o = linear(a, w);\n";
+        assert_eq!(groups(src), vec![3, 2, 1, 1]);
+    }
+
+    #[test]
+    fn linear_lets_that_depend_on_each_other_do_not_group() {
+        // The second reads what the first binds.
+        assert_eq!(
+            groups("let q = linear(h, w);\nlet k = linear(h, q);\n"),
+            vec![1, 1]
+        );
+        // The first rebinds the input the second reads.
+        assert_eq!(
+            groups("let h = linear(h, w);\nlet k = linear(h, w2);\n"),
+            vec![1, 1]
+        );
+        // ...but rebinding it last is fine: it is read before.
+        assert_eq!(
+            groups("let k = linear(h, w2);\nlet h = linear(h, w);\n"),
+            vec![2, 1]
+        );
+        // Another input, a call among the arguments, a computed input.
+        assert_eq!(
+            groups("let q = linear(h, w);\nlet k = linear(x, w2);\n"),
+            vec![1, 1]
+        );
+        assert_eq!(
+            groups("let q = linear(h, w);\nlet k = linear(h, f(w2));\n"),
+            vec![1, 0]
+        );
+        assert_eq!(
+            groups("let q = linear(h + 1, w);\nlet k = linear(h, w2);\n"),
+            vec![0, 1]
+        );
+        // At most four in one product.
+        let five = "let a = linear(h, w);\n".repeat(5);
+        assert_eq!(groups(&five), vec![4, 4, 3, 2, 1]);
+    }
 }

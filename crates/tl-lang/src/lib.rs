@@ -11,6 +11,7 @@
 
 pub mod ast;
 pub mod autodiff;
+pub mod bufs;
 pub mod builtins;
 pub mod check;
 pub mod diag;

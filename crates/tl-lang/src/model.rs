@@ -287,6 +287,44 @@ impl CacheVal {
         self.capacity
     }
 
+    /// How `attention` of `t` tokens at `pos` in `layer` is differentiated
+    /// (see [`crate::autodiff::AttnSpec`]), or why it is not: only a call
+    /// that attends over its own tokens alone (`pos` 0: nothing an earlier
+    /// call cached, whose gradient would be lost), in a host cache of f16
+    /// values, without a window that hides keys, score soft-capping or
+    /// sink logits.
+    pub fn grad_spec(
+        &self,
+        layer: usize,
+        pos: usize,
+        t: usize,
+    ) -> std::result::Result<crate::autodiff::AttnSpec, String> {
+        let c = &self.config;
+        if pos != 0 {
+            return Err(format!(
+                "attention at position {pos} (its gradient would miss the earlier positions' keys and values; attend over the whole sequence in one call at position 0)"
+            ));
+        }
+        if !self.kv.is_host() || self.kv.kv_type != tl_model::kv::KvType::F16 {
+            return Err("attention over a quantized or device KV cache".into());
+        }
+        let (_, params) = self.layer_query(&[], layer);
+        if params.softcap.is_some() || params.sinks.is_some() {
+            return Err("attention with soft-capped scores or sink logits".into());
+        }
+        if params.window.is_some_and(|w| w < t) {
+            return Err("attention with a sliding window shorter than the sequence".into());
+        }
+        let gemma = matches!(c.arch, Arch::Gemma2 | Arch::Gemma3);
+        Ok(crate::autodiff::AttnSpec {
+            n_heads: c.n_heads,
+            n_kv_heads: c.n_kv_heads,
+            head_dim: c.head_dim,
+            q_mul: if gemma { c.attn_scale } else { 1.0 },
+            scale: params.scale,
+        })
+    }
+
     /// Writes K/V rows of tokens at positions `pos..pos + t` of `layer`,
     /// then attends each token's queries over positions `0..=its own`.
     /// `q` is `[t, n_heads * head_dim]`, `k` and `v` `[t, n_kv_heads *

@@ -45,6 +45,16 @@ pub enum TData {
     Core(Tensor),
 }
 
+/// f32 storage goes back to [`crate::bufs`] for the next value of its
+/// length (a training step's values, next step).
+impl Drop for Tens {
+    fn drop(&mut self) {
+        if let TData::F32(v) = &mut self.data {
+            crate::bufs::give(std::mem::take(v));
+        }
+    }
+}
+
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
@@ -83,7 +93,7 @@ impl Tens {
     /// The elements as f32 (bools as 0/1, block formats dequantized).
     pub fn to_f32(&self, span: Span) -> Result<Vec<f32>> {
         Ok(match &self.data {
-            TData::F32(v) => v.clone(),
+            TData::F32(v) => crate::bufs::copy(v),
             TData::I32(v) => v.iter().map(|&x| x as f32).collect(),
             TData::Bool(v) => v.iter().map(|&x| f32::from(u8::from(x))).collect(),
             TData::Core(t) => t.to_vec_f32().map_err(|source| LangError::Kernel {

@@ -499,3 +499,22 @@ fn learning_errors() {
         assert_diag(&src, at_check, want);
     }
 }
+
+#[test]
+fn grouped_linears_report_errors_in_statement_order() {
+    // Two `let`s of `linear` over one input run as a group; the first has
+    // a bad weight, the second a bad index. As one by one, the first
+    // statement's error is the one reported.
+    assert_diag(
+        concat!(
+            "fn f(h: f32[?, ?], w1: f32[?, ?], w2: f32[?, ?, ?]) -> f32[?, ?] {\n",
+            "    let q = linear(h, w1);\n",
+            "    let k = linear(h, w2[5]);\n",
+            "    return q + k;\n",
+            "}\n",
+            "print(f(ones(2, 3), ones(4, 5), ones(2, 4, 3)));\n",
+        ),
+        false,
+        "t.tl:2:13: error: shape mismatch: linear: input [2, 3] against weight [4, 5] (expected [n, 3])",
+    );
+}

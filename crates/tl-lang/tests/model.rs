@@ -52,6 +52,72 @@ fn quantized_linear_matches_dequantized() {
 }
 
 #[test]
+fn grouped_linears_give_the_bits_of_one_by_one() {
+    // `let`s of `linear` over one input run as one product; separated by
+    // another statement they run one by one. Q/K/V (with biases) and
+    // gate/up, for one row (decode) and 17 (prefill, the panel kernel):
+    // the results must be equal to the bit.
+    let out = run(concat!(
+        "let b = m.blk[5];\n",
+        "for i in 0..2 {\n",
+        "    let n = 1 + 16 * i;\n",
+        "    let h = rms_norm(embedding(m.token_embd.weight, i32(arange(n) * 37 + 11)), b.attn_norm.weight, 0.000001);\n",
+        "    let q = linear(h, b.attn_q.weight, b.attn_q.bias);\n",
+        "    let k = linear(h, b.attn_k.weight, b.attn_k.bias);\n",
+        "    let v = linear(h, b.attn_v.weight, b.attn_v.bias);\n",
+        "    let g = linear(h, b.ffn_gate.weight);\n",
+        "    let s = 0;\n",
+        "    let q1 = linear(h, b.attn_q.weight, b.attn_q.bias);\n",
+        "    s = 1;\n",
+        "    let k1 = linear(h, b.attn_k.weight, b.attn_k.bias);\n",
+        "    s = 2;\n",
+        "    let v1 = linear(h, b.attn_v.weight, b.attn_v.bias);\n",
+        "    s = 3;\n",
+        "    let g1 = linear(h, b.ffn_gate.weight);\n",
+        "    let u = linear(h, b.ffn_up.weight);\n",
+        "    s = 4;\n",
+        "    let u1 = linear(h, b.ffn_up.weight);\n",
+        "    print(dim(q, 0), dim(q, 1), dim(k, 1), dim(g, 1), max(abs(q - q1)), max(abs(k - k1)), max(abs(v - v1)), max(abs(g - g1)), max(abs(u - u1)), max(abs(q)) > 0.0);\n",
+        "    let y = silu(g) * u;\n",
+        "    let sg = silu(g);\n",
+        "    print(max(abs(y - sg * u)));\n",
+        "}\n",
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "1 896 128 4864 0.0 0.0 0.0 0.0 0.0 true", "{out}");
+    assert_eq!(lines[1], "0.0", "{out}");
+    assert_eq!(
+        lines[2], "17 896 128 4864 0.0 0.0 0.0 0.0 0.0 true",
+        "{out}"
+    );
+    assert_eq!(lines[3], "0.0", "{out}");
+}
+
+#[test]
+fn attention_gradient_is_refused_past_position_zero() {
+    // A second call attends over keys the first one cached: the gradient
+    // would miss them, so asking for it is an error that says so.
+    let src = format!(
+        concat!(
+            "let m = load_model({:?});\n",
+            "let cache = kv_cache(m, 8);\n",
+            "learnable q: f32[2, 14, 64] = zeros;\n",
+            "let k = zeros(2, 2, 64) + 0.5;\n",
+            "let a = attention(q, k, k, cache, 0, 0);\n",
+            "let b = attention(q, k, k, cache, 0, 2);\n",
+            "let g = grad(sum(a), q);\n",
+            "print(\"ok\", dim(g, 0));\n",
+            "let h = grad(sum(b), q);\n",
+        ),
+        qwen()
+    );
+    let (out, err) = run_source("t.tl", &src).expect_err("the second gradient is refused");
+    assert!(out.contains("ok 2"), "{out}");
+    assert!(err.contains("attention at position 2"), "{err}");
+    assert!(err.contains("no gradient"), "{err}");
+}
+
+#[test]
 fn tokenize_round_trip_and_template() {
     let out = run(concat!(
         "let ids = tokenize(m, \"def add(a, b): return a + b\");\n",
