@@ -508,12 +508,19 @@ fn a_lost_device_fails_every_request_and_refuses_new_ones() {
     m.model.inject_fault(2, true);
     // Room for two sequences at a time: the others wait in the queue.
     let e = engine(m, 2, 64, 256);
-    let mut streams: Vec<RequestStream> = (0..5)
-        .map(|i| {
-            e.submit(e.validate(greedy(prompt(10, 80 + i), 40)).expect("valid"))
-                .expect("submit")
-        })
-        .collect();
+    let mut streams: Vec<RequestStream> = Vec::new();
+    for i in 0..5 {
+        match e.submit(e.validate(greedy(prompt(10, 80 + i), 40)).expect("valid")) {
+            Ok(s) => streams.push(s),
+            // On a loaded machine the engine may reach the failing step
+            // before every request is in: a later one is then refused at
+            // once, as any new request must be.
+            Err(EngineError::DeviceLost(why)) if i > 0 => {
+                assert!(why.contains("injected fault"), "{why}")
+            }
+            Err(other) => panic!("submit {i}: {other:?}"),
+        }
+    }
     for (i, s) in streams.iter_mut().enumerate() {
         match outcome(s) {
             Err(EngineError::DeviceLost(why)) => assert!(why.contains("injected fault"), "{why}"),

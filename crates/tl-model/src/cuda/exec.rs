@@ -385,6 +385,62 @@ fn launch(
     gpu.launch(name, grid, block, smem, args).map_err(cuda_err)
 }
 
+/// `out[m, ..] = x[m, K] · Wᵀ` on the 8-row matrix-vector kernels, any
+/// number of rows (8 a launch): f16 weights read the f32 rows `x`, the
+/// others the 8-bit rows `xq` and their scales `xd`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemv_rows(
+    gpu: &Gpu,
+    w: &DevMat,
+    x: u64,
+    xq: u64,
+    xd: u64,
+    m: usize,
+    o: u64,
+    ldo: usize,
+) -> Result<()> {
+    let k = w.k;
+    // Warps per row: long rows are split so that each warp's share is at
+    // most ~4 iterations of its unrolled loop. (units_per_row in
+    // kernels.cu; f16 rows are read 8 values a lane.)
+    let units = w.kind.units(k);
+    let split = match units.div_ceil(32) {
+        0..=4 => 1usize,
+        5..=8 => 2,
+        _ => 4,
+    };
+    let grid = grid1(w.n, 4 / split);
+    // Up to 8 rows a launch; the launches of one weight follow each
+    // other, so after the first its blocks come from L2.
+    for r0 in (0..m).step_by(8) {
+        let mc = (m - r0).min(8);
+        let o = o + (r0 * ldo * 4) as u64;
+        let mut args = vec![w.arg()];
+        if w.kind == Kind::F16 {
+            args.push(Arg::Ptr(x + (r0 * k * 4) as u64));
+        } else {
+            args.push(Arg::Ptr(xq + (r0 * k) as u64));
+            args.push(Arg::Ptr(xd + (r0 * k / 32 * 4) as u64));
+        }
+        args.extend([
+            Arg::Ptr(o),
+            Arg::I32(w.n as i32),
+            Arg::I32(k as i32),
+            Arg::I32(ldo as i32),
+            Arg::I32(split as i32),
+        ]);
+        launch(
+            gpu,
+            &format!("gemv_{}_{mc}", w.kind.suffix()),
+            grid,
+            128,
+            0,
+            &args,
+        )?;
+    }
+    Ok(())
+}
+
 /// `out[m, ..] (row stride ldo) = x[m, K] · Wᵀ` for each matrix of
 /// `mats`, their outputs side by side. Up to 8 rows, the quantized
 /// products read `x` as the kernel that wrote it also left it: 8-bit
@@ -505,47 +561,7 @@ pub(super) fn matmul_on(
                 ],
             )?;
         } else if small {
-            // Warps per row: long rows are split so that each warp's
-            // share is at most ~4 iterations of its unrolled loop.
-            // (units_per_row in kernels.cu; f16 rows are read 8 values
-            // a lane.)
-            let units = w.kind.units(k);
-            let split = match units.div_ceil(32) {
-                0..=4 => 1usize,
-                5..=8 => 2,
-                _ => 4,
-            };
-            let grid = grid1(w.n, 4 / split);
-            // Up to 8 rows a launch; the launches of one weight follow
-            // each other, so after the first its blocks come from L2.
-            for r0 in (0..m).step_by(8) {
-                let mc = (m - r0).min(8);
-                let o = o + (r0 * ldo * 4) as u64;
-                // f16 weights read the f32 rows; the others the 8-bit
-                // rows and their scales.
-                let mut args = vec![w.arg()];
-                if w.kind == Kind::F16 {
-                    args.push(Arg::Ptr(x + (r0 * k * 4) as u64));
-                } else {
-                    args.push(Arg::Ptr(xq + (r0 * k) as u64));
-                    args.push(Arg::Ptr(xd + (r0 * k / 32 * 4) as u64));
-                }
-                args.extend([
-                    Arg::Ptr(o),
-                    Arg::I32(w.n as i32),
-                    Arg::I32(k as i32),
-                    Arg::I32(ldo as i32),
-                    Arg::I32(split as i32),
-                ]);
-                launch(
-                    gpu,
-                    &format!("gemv_{}_{mc}", w.kind.suffix()),
-                    grid,
-                    128,
-                    0,
-                    &args,
-                )?;
-            }
+            gemv_rows(gpu, w, x, xq, xd, m, o, ldo)?;
         } else {
             let wp = if w.kind == Kind::F16 {
                 w.ptrs[0]
@@ -832,7 +848,35 @@ impl CudaExec<'_> {
             )));
         };
         let xn = ptr(&self.cs.xn);
-        self.matmul(&[&mw.router], xn, n, mb.logits.ptr, c.n_expert)?;
+        let (xq, xd) = (ptr(&self.cs.xq), ptr(&self.cs.xd));
+        if n > GEMV_ROWS {
+            // Small steps left xn's 8-bit copy in xq; prompts make it.
+            self.l(
+                "quant_q8",
+                grid1(n * d, 256),
+                256,
+                0,
+                &[
+                    Arg::Ptr(xn),
+                    Arg::Ptr(xq),
+                    Arg::Ptr(xd),
+                    Arg::I64((n * d) as i64),
+                ],
+            )?;
+        }
+        // The router on the matrix-vector kernels at every step size: an
+        // f16 or 8-bit product of f32 rows, never f16 rows (the choice of
+        // experts turns on small differences between router logits).
+        gemv_rows(
+            self.gpu,
+            &mw.router,
+            xn,
+            xq,
+            xd,
+            n,
+            mb.logits.ptr,
+            c.n_expert,
+        )?;
         self.l(
             "moe_route",
             (n as u32, 1, 1),
@@ -851,22 +895,6 @@ impl CudaExec<'_> {
                 Arg::Ptr(mb.wts.ptr),
             ],
         )?;
-        let (xq, xd) = (ptr(&self.cs.xq), ptr(&self.cs.xd));
-        if n > GEMV_ROWS {
-            // Small steps left xn's 8-bit copy in xq; prompts make it.
-            self.l(
-                "quant_q8",
-                grid1(n * d, 256),
-                256,
-                0,
-                &[
-                    Arg::Ptr(xn),
-                    Arg::Ptr(xq),
-                    Arg::Ptr(xd),
-                    Arg::I64((n * d) as i64),
-                ],
-            )?;
-        }
         let ids = mb.ids.ptr;
         for (i, (w, col)) in [(&mw.gate, 0usize), (&mw.up, f)].into_iter().enumerate() {
             let out = mb.gu.ptr + (col * 4) as u64;
