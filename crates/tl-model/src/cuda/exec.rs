@@ -273,14 +273,17 @@ pub(super) fn mmqs_prefill() -> bool {
 /// Steps of more than `GEMV_ROWS` rows and at most this many (large decode
 /// batches: 65–128 sequences) run their products on the staged kernels
 /// in groups of 64 rows, like `mmqs_prefill` does for every prompt:
-/// `TL_CUDA_MMQS_ROWS=N` moves the bound (64: off).
+/// `TL_CUDA_MMQS_ROWS=128` turns it on. Off by default until measured:
+/// correct on an H100 (every GPU test passed with it at 128, the 90-row
+/// prefill chunks of `tests/cuda.rs` taking it), its speed against
+/// dequantization + cuBLAS at 65–128 rows not yet timed.
 pub(super) fn mmqs_rows() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
         std::env::var("TL_CUDA_MMQS_ROWS")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(2 * GEMV_ROWS)
+            .unwrap_or(GEMV_ROWS)
     })
 }
 
