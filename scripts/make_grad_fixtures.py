@@ -289,6 +289,30 @@ let o = attention(q, k, v, cache, 3, 0);""",
     tol=2e-3,
 )
 
+# Drawn last, so the cases above keep their inputs.
+def rope_torch(x, pos, base, neox):
+    """RoPE of x[t, h, d] at positions `pos`: neox pairs (i, i + d/2),
+    normal pairs (2i, 2i + 1); angle pos * base^(-2i/d)."""
+    t, h, d = x.shape
+    i = torch.arange(d // 2, dtype=DT)
+    ang = torch.tensor(pos, dtype=DT)[:, None] * base ** (-2.0 * i / d)
+    c, s = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]
+    if neox:
+        a, b = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat([a * c - b * s, a * s + b * c], -1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * c - b * s, a * s + b * c], -1).reshape(t, h, d)
+
+case(
+    "rope_neox_and_normal",
+    """let o = rope(x, [0, 3, 9], 100.0) * 1.5 + rope(x * 2.0, [1, 2, 5], 10.0, "normal");""",
+    {"x": rand(3, 2, 8)},
+    {},
+    lambda x: rope_torch(x, [0, 3, 9], 100.0, True) * 1.5
+    + rope_torch(x * 2.0, [1, 2, 5], 10.0, False),
+)
+
+
 out = {
     "generator": "scripts/make_grad_fixtures.py",
     "torch": torch.__version__,

@@ -116,12 +116,26 @@ fn run(src: &str) -> String {
         .unwrap_or_else(|(out, e)| panic!("{out}{e}\n--- program:\n{src}"))
 }
 
-/// Checks `grad` against finite differences for every parameter element.
+/// Checks `grad` against finite differences for every parameter element,
+/// at eight independent pseudo-random draws of the inputs (a property over
+/// inputs, not one hand-picked point).
 fn check(params: &[Param], body: &str) {
+    for draw in 0..8u64 {
+        check_at(params, body, draw);
+    }
+}
+
+fn check_at(params: &[Param], body: &str, draw: u64) {
     let values: Vec<Vec<f64>> = params
         .iter()
         .enumerate()
-        .map(|(k, prm)| inputs(prm.shape.iter().product(), k as u64 + 1, prm.positive))
+        .map(|(k, prm)| {
+            inputs(
+                prm.shape.iter().product(),
+                k as u64 + 1 + 1000 * draw,
+                prm.positive,
+            )
+        })
         .collect();
     let out = run(&program(params, &values, body, true));
     let h = 1e-2;
