@@ -47,6 +47,28 @@ macro_rules! k_entry {
     };
 }
 
+/// [`k_entry!`] for kernels that also take a type tag `$t` (one body
+/// shared by several block types): an entry `$name` per (name, tag) pair.
+macro_rules! k_tag_entries {
+    ($body:ident, $($name:ident = $t:expr),*) => {
+        $(
+            /// Kernel entry; see [`Kernel`] for the contract.
+            unsafe fn $name(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
+                match out.len() {
+                    1 => $body::<{ $t }, 1>(k, w, acts, row0, out),
+                    2 => $body::<{ $t }, 2>(k, w, acts, row0, out),
+                    3 => $body::<{ $t }, 3>(k, w, acts, row0, out),
+                    4 => $body::<{ $t }, 4>(k, w, acts, row0, out),
+                    5 => $body::<{ $t }, 5>(k, w, acts, row0, out),
+                    6 => $body::<{ $t }, 6>(k, w, acts, row0, out),
+                    7 => $body::<{ $t }, 7>(k, w, acts, row0, out),
+                    _ => $body::<{ $t }, 8>(k, w, acts, row0, out),
+                }
+            }
+        )*
+    };
+}
+
 mod avx2;
 mod avx512;
 pub(crate) mod gemm;

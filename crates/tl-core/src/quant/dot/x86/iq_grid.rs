@@ -362,27 +362,7 @@ grid_kernel!(
     grid_vnni_rows
 );
 
-macro_rules! grid_entries {
-    ($body:ident, $($name:ident = $t:expr),*) => {
-        $(
-            /// Kernel entry; see [`Kernel`] for the contract.
-            unsafe fn $name(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
-                match out.len() {
-                    1 => $body::<{ $t }, 1>(k, w, acts, row0, out),
-                    2 => $body::<{ $t }, 2>(k, w, acts, row0, out),
-                    3 => $body::<{ $t }, 3>(k, w, acts, row0, out),
-                    4 => $body::<{ $t }, 4>(k, w, acts, row0, out),
-                    5 => $body::<{ $t }, 5>(k, w, acts, row0, out),
-                    6 => $body::<{ $t }, 6>(k, w, acts, row0, out),
-                    7 => $body::<{ $t }, 7>(k, w, acts, row0, out),
-                    _ => $body::<{ $t }, 8>(k, w, acts, row0, out),
-                }
-            }
-        )*
-    };
-}
-
-grid_entries!(
+k_tag_entries!(
     grid_avx2_rows,
     iq3_xxs_avx2 = tag::IQ3_XXS,
     iq3_s_avx2 = tag::IQ3_S,
@@ -392,7 +372,7 @@ grid_entries!(
     iq1_s_avx2 = tag::IQ1_S,
     iq1_m_avx2 = tag::IQ1_M
 );
-grid_entries!(
+k_tag_entries!(
     grid_vnni_rows,
     iq3_xxs_vnni = tag::IQ3_XXS,
     iq3_s_vnni = tag::IQ3_S,

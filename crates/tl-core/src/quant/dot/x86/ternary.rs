@@ -218,32 +218,12 @@ ternary_kernel!(
     ternary_vnni_rows
 );
 
-macro_rules! ternary_entries {
-    ($body:ident, $($name:ident = $t:expr),*) => {
-        $(
-            /// Kernel entry; see [`Kernel`] for the contract.
-            unsafe fn $name(k: usize, w: &[u8], acts: &Acts<'_>, row0: usize, out: &mut [f32]) {
-                match out.len() {
-                    1 => $body::<{ $t }, 1>(k, w, acts, row0, out),
-                    2 => $body::<{ $t }, 2>(k, w, acts, row0, out),
-                    3 => $body::<{ $t }, 3>(k, w, acts, row0, out),
-                    4 => $body::<{ $t }, 4>(k, w, acts, row0, out),
-                    5 => $body::<{ $t }, 5>(k, w, acts, row0, out),
-                    6 => $body::<{ $t }, 6>(k, w, acts, row0, out),
-                    7 => $body::<{ $t }, 7>(k, w, acts, row0, out),
-                    _ => $body::<{ $t }, 8>(k, w, acts, row0, out),
-                }
-            }
-        )*
-    };
-}
-
-ternary_entries!(
+k_tag_entries!(
     ternary_avx2_rows,
     tq1_0_avx2 = tag::TQ1_0,
     tq2_0_avx2 = tag::TQ2_0
 );
-ternary_entries!(
+k_tag_entries!(
     ternary_vnni_rows,
     tq1_0_vnni = tag::TQ1_0,
     tq2_0_vnni = tag::TQ2_0
