@@ -388,6 +388,31 @@ fn launch(
     gpu.launch(name, grid, block, smem, args).map_err(cuda_err)
 }
 
+/// Warps per row of the matrix-vector kernels for weight `w`: long rows
+/// are split so that each warp's share is at most ~4 iterations of its
+/// unrolled loop (`units_per_row` in kernels.cu; f16 rows are read 8
+/// values a lane).
+fn gemv_split(w: &DevMat) -> usize {
+    match w.kind.units(w.k).div_ceil(32) {
+        0..=4 => 1,
+        5..=8 => 2,
+        _ => 4,
+    }
+}
+
+/// The `n` values at `x` quantized to 8 bits (blocks of 32) into `xq`,
+/// their scales into `xd`.
+fn quant_q8(gpu: &Gpu, x: u64, xq: u64, xd: u64, n: usize) -> Result<()> {
+    launch(
+        gpu,
+        "quant_q8",
+        grid1(n, 256),
+        256,
+        0,
+        &[Arg::Ptr(x), Arg::Ptr(xq), Arg::Ptr(xd), Arg::I64(n as i64)],
+    )
+}
+
 /// `out[m, ..] = x[m, K] · Wᵀ` on the 8-row matrix-vector kernels, any
 /// number of rows (8 a launch): f16 weights read the f32 rows `x`, the
 /// others the 8-bit rows `xq` and their scales `xd`.
@@ -403,15 +428,7 @@ pub(super) fn gemv_rows(
     ldo: usize,
 ) -> Result<()> {
     let k = w.k;
-    // Warps per row: long rows are split so that each warp's share is at
-    // most ~4 iterations of its unrolled loop. (units_per_row in
-    // kernels.cu; f16 rows are read 8 values a lane.)
-    let units = w.kind.units(k);
-    let split = match units.div_ceil(32) {
-        0..=4 => 1usize,
-        5..=8 => 2,
-        _ => 4,
-    };
+    let split = gemv_split(w);
     let grid = grid1(w.n, 4 / split);
     // Up to 8 rows a launch; the launches of one weight follow each
     // other, so after the first its blocks come from L2.
@@ -478,15 +495,7 @@ pub(super) fn matmul_on(
         && (mmqs_prefill() || m <= mmqs_rows())
         && mats.iter().all(|w| mmqs_fits(w, k));
     if staged_prompt {
-        let n = m * k;
-        launch(
-            gpu,
-            "quant_q8",
-            grid1(n, 256),
-            256,
-            0,
-            &[Arg::Ptr(x), Arg::Ptr(xq), Arg::Ptr(xd), Arg::I64(n as i64)],
-        )?;
+        quant_q8(gpu, x, xq, xd, m * k)?;
     } else if !small {
         let n = m * k;
         launch(
@@ -805,11 +814,7 @@ impl CudaExec<'_> {
         let c = &self.m.config;
         let k = w.k;
         let n_rows = w.n / c.n_expert;
-        let split = match w.kind.units(k).div_ceil(32) {
-            0..=4 => 1usize,
-            5..=8 => 2,
-            _ => 4,
-        };
+        let split = gemv_split(w);
         let slots = self.n * c.n_expert_used;
         let grid = (n_rows.div_ceil(4 / split) as u32, slots as u32, 1);
         let mut args = vec![
@@ -854,18 +859,7 @@ impl CudaExec<'_> {
         let (xq, xd) = (ptr(&self.cs.xq), ptr(&self.cs.xd));
         if n > GEMV_ROWS {
             // Small steps left xn's 8-bit copy in xq; prompts make it.
-            self.l(
-                "quant_q8",
-                grid1(n * d, 256),
-                256,
-                0,
-                &[
-                    Arg::Ptr(xn),
-                    Arg::Ptr(xq),
-                    Arg::Ptr(xd),
-                    Arg::I64((n * d) as i64),
-                ],
-            )?;
+            quant_q8(self.gpu, xn, xq, xd, n * d)?;
         }
         // The router on the matrix-vector kernels at every step size: an
         // f16 or 8-bit product of f32 rows, never f16 rows (the choice of
