@@ -1250,10 +1250,13 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* out, 
 }
 
 // In place over part of each row: x[row * ld + off ..][..d] = norm(..) * w
-// (the Q or K projection normed as one vector, OLMo 2).
+// (the Q or K projection normed as one vector, OLMo 2). With a grid of
+// several y blocks, block y norms the y-th `d` values after `off` with the
+// y-th `d` weights (a Q/K norm weight per head, Command-R of 64+ layers).
 extern "C" __global__ void norm_part(float* x, int ld, int off, int d, const float* w, float eps, int ln) { TL_PDL();
     __shared__ float sh[32];
-    float* xr = x + (long)blockIdx.x * ld + off;
+    float* xr = x + (long)blockIdx.x * ld + off + (long)blockIdx.y * d;
+    w += (long)blockIdx.y * d;
     float mu = 0.0f;
     float sc = norm_scale(xr, d, eps, ln, &mu, sh);
     __syncthreads();

@@ -1064,14 +1064,22 @@ impl Exec for CudaExec<'_> {
         let soff = (il * self.kv.layer_scale_bytes) as u64;
         // Q and K each normed as one vector (OLMo 2) before the per-head
         // kernel, which then takes no norm weights.
-        let whole = c.qk_norm == crate::config::QkNorm::Whole;
+        // With a weight vector per head (Command-R of 64+ layers) the same
+        // kernel norms each head as one part, with that head's weights.
+        use crate::config::QkNorm;
+        let whole = matches!(c.qk_norm, QkNorm::Whole | QkNorm::HeadWeights);
         if whole {
             let (qd, kvd) = (c.q_dim(), c.kv_dim());
             let ld = (qd + 2 * kvd) as i32;
-            for (o, dd, w) in [(0, qd, &l.q_norm), (qd, kvd, &l.k_norm)] {
+            let (qh, kh) = if c.qk_norm == QkNorm::HeadWeights {
+                (c.n_heads, c.n_kv_heads)
+            } else {
+                (1, 1)
+            };
+            for (o, parts, dd, w) in [(0, qh, qd / qh, &l.q_norm), (qd, kh, kvd / kh, &l.k_norm)] {
                 self.l(
                     "norm_part",
-                    (self.n as u32, 1, 1),
+                    (self.n as u32, parts as u32, 1),
                     Self::norm_threads(dd),
                     0,
                     &[

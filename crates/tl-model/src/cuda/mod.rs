@@ -209,9 +209,6 @@ impl CudaModel {
                 c.arch.name()
             ))
         };
-        if c.qk_norm == crate::config::QkNorm::HeadWeights {
-            return Err(unsupported("Q/K norms with a weight vector per head"));
-        }
 
         let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
         let file = &m.file;
@@ -230,8 +227,14 @@ impl CudaModel {
         let mut layers = Vec::with_capacity(w.layers.len());
         let mut max_mat = 0usize;
         for (lw, lv) in w.layers.iter().zip(&m.vecs) {
-            if c.qk_norm == crate::config::QkNorm::Whole && (lv.bq.is_some() || lv.bk.is_some()) {
-                return Err(unsupported("Q/K biases before whole-projection Q/K norms"));
+            if matches!(
+                c.qk_norm,
+                crate::config::QkNorm::Whole | crate::config::QkNorm::HeadWeights
+            ) && (lv.bq.is_some() || lv.bk.is_some())
+            {
+                return Err(unsupported(
+                    "Q/K biases before whole-projection or per-head-weight Q/K norms",
+                ));
             }
             let moe = match &lw.moe {
                 None => None,
