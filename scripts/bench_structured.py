@@ -60,7 +60,7 @@ def spawn(a, mask_threads):
     url = f"http://127.0.0.1:{port}"
     log = open(os.path.join(ROOT, "target", f"bench-structured-{port}.log"), "wb")
     cmd = [a.tl, "serve", "-m", a.model, "--port", str(port), "-t", str(a.threads),
-           "--max-batch", "16", "--mask-threads", str(mask_threads)]
+           "--max-batch", "16", "--mask-threads", str(mask_threads)] + a.server_arg
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     for _ in range(1200):
         if proc.poll() is not None:
@@ -125,6 +125,8 @@ def main():
     ap.add_argument("--model", required=True)
     ap.add_argument("--tl", default=os.path.join(ROOT, "target", "release", "tl"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server-arg", action="append", default=[],
+                    help="extra `tl serve` argument (repeatable), e.g. --server-arg=--device=cuda")
     ap.add_argument("--clients", default="1,16")
     ap.add_argument("--mask-threads", default="1,0")
     ap.add_argument("--max-tokens", type=int, default=48)

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use tl_gguf::GgmlType;
+use tl_gguf::{GgmlType, Value};
 use tl_model::encoder::Pooling;
 use tl_model::synth::{synthesize, synthesize_encoder, SynthArch, SynthSpec};
 
@@ -76,6 +76,37 @@ pub struct SynthArgs {
     /// Pooling of an embedding model (bert, nomic-bert): mean, cls, last or none.
     #[arg(long, default_value = "mean")]
     pub pooling: String,
+    /// Take the tokenizer (every `tokenizer.*` key, the chat template included) from
+    /// this GGUF file, the vocabulary size with it (`--extra-vocab` is then ignored):
+    /// random weights that read and write real text, for benchmarks of grammars and
+    /// chat on full-size shapes without the real weights.
+    #[arg(long)]
+    pub tokenizer_from: Option<PathBuf>,
+}
+
+/// The `tokenizer.*` metadata of `path` and its vocabulary size.
+fn tokenizer_of(path: &std::path::Path) -> anyhow::Result<(Vec<(String, Value)>, usize)> {
+    let f = tl_gguf::GgufFile::open(path)
+        .with_context(|| format!("--tokenizer-from {}", path.display()))?;
+    let keys: Vec<(String, Value)> = f
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let n = match f.metadata.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(a)) => a.len(),
+        _ => anyhow::bail!(
+            "--tokenizer-from {}: no tokenizer.ggml.tokens array",
+            path.display()
+        ),
+    };
+    anyhow::ensure!(
+        n >= 259,
+        "--tokenizer-from {}: {n} tokens (at least 259 needed)",
+        path.display()
+    );
+    Ok((keys, n))
 }
 
 fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
@@ -83,6 +114,10 @@ fn parse_type(s: &str) -> anyhow::Result<GgmlType> {
 }
 
 pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
+    let tok = match &a.tokenizer_from {
+        Some(p) => Some(tokenizer_of(p)?),
+        None => None,
+    };
     let spec = SynthSpec {
         arch: SynthArch::parse(&a.arch)?,
         n_layers: a.layers,
@@ -91,7 +126,7 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         n_kv_heads: a.kv_heads,
         head_dim: a.head_dim,
         ffn: a.ffn,
-        extra_vocab: a.extra_vocab,
+        extra_vocab: tok.as_ref().map_or(a.extra_vocab, |(_, n)| n - 259),
         context: a.context,
         weight_type: parse_type(&a.weight_type)?,
         output_type: parse_type(&a.output_type)?,
@@ -118,6 +153,21 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
     } else {
         synthesize(&spec)?
     };
+    let mut w = w;
+    if let Some((keys, _)) = tok {
+        let ours: Vec<String> = w
+            .metadata
+            .iter()
+            .filter(|(k, _)| k.starts_with("tokenizer."))
+            .map(|(k, _)| k.to_string())
+            .collect();
+        for k in ours {
+            w.metadata.remove(&k);
+        }
+        for (k, v) in keys {
+            w.set(k, v);
+        }
+    }
     w.write_file(&a.out)
         .with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!("wrote {}", a.out.display());
