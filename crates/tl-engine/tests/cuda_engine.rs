@@ -31,18 +31,26 @@ use tl_model::llm::Llm;
 use tl_model::synth::{synthesize, SynthSpec};
 
 fn gpu_llm() -> Option<Arc<Llm>> {
-    if let Err(e) = tl_cuda::probe() {
-        eprintln!("SKIPPED cuda engine tests: {e}");
-        return None;
-    }
-    let p = std::env::temp_dir().join(format!("tl-cuda-engine-{}.gguf", std::process::id()));
-    let spec = SynthSpec {
+    gpu_synth(SynthSpec {
         n_layers: 3,
         extra_vocab: 2000,
         context: 4096,
         seed: 11,
         ..Default::default()
-    };
+    })
+}
+
+/// A synthetic model loaded on the GPU, or None (and why) without one.
+fn gpu_synth(spec: SynthSpec) -> Option<Arc<Llm>> {
+    if let Err(e) = tl_cuda::probe() {
+        eprintln!("SKIPPED cuda engine tests: {e}");
+        return None;
+    }
+    let p = std::env::temp_dir().join(format!(
+        "tl-cuda-engine-{}-{}.gguf",
+        std::process::id(),
+        spec.seed
+    ));
     synthesize(&spec)
         .expect("synth")
         .write_file(&p)
@@ -252,4 +260,95 @@ fn cuda_engine_out_of_memory_shrinks_steps() {
         "out of memory: {} events, {} preemptions, {n} requests equal alone",
         s.oom_events, s.preemptions
     );
+}
+
+/// Speculative decoding on the GPU (prompt lookup, a draft model on the
+/// GPU — the target's own weights loaded again, and another model —, and
+/// self-speculation): with the target batch-invariant, every request's
+/// greedy output equals the plain engine's, alone and eight at once; every
+/// target and draft block is given back.
+#[test]
+fn cuda_engine_speculation_keeps_greedy_output() {
+    use tl_model::spec::{SpecConfig, SpecMethod};
+    let Some(llm) = gpu_llm() else {
+        return;
+    };
+    llm.model.set_batch_invariant(true);
+    let n = 8;
+    // Repetitive prompts give prompt lookup something to find.
+    let req = |i: usize| {
+        let mut r = request(i, false);
+        if i % 2 == 0 {
+            r.prompt = PromptInput::Tokens((0..40).map(|j| 3 + (j % (5 + i as u32)) * 7).collect());
+        }
+        r
+    };
+    let solo = engine(llm.clone(), 1, 1024);
+    let alone: Vec<Vec<u32>> = (0..n).map(|i| run(&solo, req(i)).0).collect();
+    drop(solo);
+    let same = gpu_llm().expect("the GPU is there");
+    let other = gpu_synth(SynthSpec {
+        n_layers: 1,
+        extra_vocab: 2000,
+        context: 4096,
+        seed: 77,
+        ..Default::default()
+    })
+    .expect("the GPU is there");
+    let cases: [(&str, SpecMethod, Option<Arc<Llm>>); 4] = [
+        ("prompt lookup", SpecMethod::Ngram, None),
+        ("draft: the same weights", SpecMethod::Draft, Some(same)),
+        ("draft: another model", SpecMethod::Draft, Some(other)),
+        ("self-speculation", SpecMethod::SelfDraft, None),
+    ];
+    for (what, method, draft) in cases {
+        let per_block = |l: &Llm| l.model.kv_bytes_per_token() * 16;
+        let drafter = match method {
+            SpecMethod::SelfDraft => Some(llm.clone()),
+            _ => draft.clone(),
+        };
+        let kv_bytes = 1024 * (per_block(&llm) + drafter.as_deref().map_or(0, per_block));
+        let e = Arc::new(
+            Engine::start_with_draft(
+                llm.clone(),
+                draft,
+                EngineConfig {
+                    scheduler: SchedulerConfig {
+                        max_batch: 16,
+                        max_batch_tokens: 64,
+                        prefix_caching: true,
+                        spec: Some(SpecConfig::new(method, 4).expect("k")),
+                        spec_max_batch: 16,
+                        ..Default::default()
+                    },
+                    kv_bytes,
+                    gpu_memory_utilization: None,
+                    max_queue: 64,
+                },
+            )
+            .unwrap_or_else(|e| panic!("{what}: {e}")),
+        );
+        for (i, want) in alone.iter().enumerate().take(3) {
+            assert_eq!(&run(&e, req(i)).0, want, "{what}: request {i} alone");
+        }
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                let e = e.clone();
+                std::thread::spawn(move || run(&e, req(i)).0)
+            })
+            .collect();
+        let got: Vec<Vec<u32>> = hs.into_iter().map(|h| h.join().expect("thread")).collect();
+        for i in 0..n {
+            assert_eq!(got[i], alone[i], "{what}: request {i} among {n}");
+        }
+        let s = wait_idle(&e);
+        assert!(s.spec_drafted > 0, "{what}: nothing drafted: {s:?}");
+        assert_eq!(s.kv_blocks_used, 0, "{what}");
+        assert_eq!(s.draft_kv_blocks_used, 0, "{what}");
+        eprintln!(
+            "speculation on the GPU, {what}: {n} requests equal the plain engine's; \
+             {} of {} drafted tokens accepted",
+            s.spec_accepted, s.spec_drafted
+        );
+    }
 }
