@@ -263,10 +263,11 @@ fn cuda_engine_out_of_memory_shrinks_steps() {
 }
 
 /// Speculative decoding on the GPU (prompt lookup, a draft model on the
-/// GPU — the target's own weights loaded again, and another model —, and
-/// self-speculation): with the target batch-invariant, every request's
-/// greedy output equals the plain engine's, alone and eight at once; every
-/// target and draft block is given back.
+/// GPU — the target's own weights loaded again, and another model): with
+/// the target batch-invariant, every request's greedy output equals the
+/// plain engine's, alone and eight at once; every target and draft block is
+/// given back. Self-speculation (layer skipping) is refused on the GPU with
+/// the reason.
 #[test]
 fn cuda_engine_speculation_keeps_greedy_output() {
     use tl_model::spec::{SpecConfig, SpecMethod};
@@ -308,26 +309,36 @@ fn cuda_engine_speculation_keeps_greedy_output() {
             _ => draft.clone(),
         };
         let kv_bytes = 1024 * (per_block(&llm) + drafter.as_deref().map_or(0, per_block));
-        let e = Arc::new(
-            Engine::start_with_draft(
-                llm.clone(),
-                draft,
-                EngineConfig {
-                    scheduler: SchedulerConfig {
-                        max_batch: 16,
-                        max_batch_tokens: 64,
-                        prefix_caching: true,
-                        spec: Some(SpecConfig::new(method, 4).expect("k")),
-                        spec_max_batch: 16,
-                        ..Default::default()
-                    },
-                    kv_bytes,
-                    gpu_memory_utilization: None,
-                    max_queue: 64,
+        let started = Engine::start_with_draft(
+            llm.clone(),
+            draft,
+            EngineConfig {
+                scheduler: SchedulerConfig {
+                    max_batch: 16,
+                    max_batch_tokens: 64,
+                    prefix_caching: true,
+                    spec: Some(SpecConfig::new(method.clone(), 4).expect("k")),
+                    spec_max_batch: 16,
+                    ..Default::default()
                 },
-            )
-            .unwrap_or_else(|e| panic!("{what}: {e}")),
-        );
+                kv_bytes,
+                gpu_memory_utilization: None,
+                max_queue: 64,
+            },
+        )
+        .map_err(|e| e.to_string());
+        let e = match (started, &method) {
+            (Ok(_), SpecMethod::SelfDraft) => panic!("{what}: not refused"),
+            (Err(e), SpecMethod::SelfDraft) => {
+                assert!(
+                    e.contains("--spec self (layer skipping) runs on the CPU only"),
+                    "{e}"
+                );
+                continue;
+            }
+            (Ok(e), _) => Arc::new(e),
+            (Err(e), _) => panic!("{what}: {e}"),
+        };
         for (i, want) in alone.iter().enumerate().take(3) {
             assert_eq!(&run(&e, req(i)).0, want, "{what}: request {i} alone");
         }
