@@ -279,7 +279,7 @@ fn cuda_engine_speculation_keeps_greedy_output() {
     // Repetitive prompts give prompt lookup something to find.
     let req = |i: usize| {
         let mut r = request(i, false);
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             r.prompt = PromptInput::Tokens((0..40).map(|j| 3 + (j % (5 + i as u32)) * 7).collect());
         }
         r
