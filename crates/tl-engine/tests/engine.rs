@@ -888,6 +888,93 @@ fn draft_model_speculation_keeps_greedy_output_and_frees_blocks() {
     }
 }
 
+/// A lazy grammar speculates while its trigger has not fired, with the
+/// same greedy output as without speculation: with prompt lookup, and
+/// with the target as its own draft model. There every draft is the
+/// target's free choice and every round (4 drafts, then the target's
+/// token) is accepted whole without a grammar, so a trigger first written
+/// at a generated position not a multiple of 5 fires inside a round's
+/// drafts: the drafts after it, the free text the grammar refuses, must
+/// not come out, and the tokens after it follow the grammar.
+#[test]
+fn lazy_grammar_speculates_until_its_trigger_with_the_same_output() {
+    use tl_model::constrain::{GrammarSpec, Trigger};
+    let llm = llm();
+    let plain = engine_draws(llm.clone(), 4, 1, false);
+    let spec = [
+        (
+            "ngram",
+            spec_engine(llm.clone(), None, tl_model::spec::SpecMethod::Ngram, 8, 256),
+        ),
+        (
+            "itself as draft",
+            spec_engine(
+                llm.clone(),
+                Some(llm.clone()),
+                tl_model::spec::SpecMethod::Draft,
+                8,
+                256,
+            ),
+        ),
+    ];
+    let lazy = |p: &[u32], trigger: u32| {
+        let mut r = greedy(p.to_vec(), 24);
+        r.ignore_eos = false;
+        r.grammar = Some((
+            "grammar",
+            GrammarSpec::Lazy {
+                trigger: Trigger::Token(trigger),
+                grammar: Box::new(GrammarSpec::Lark(format!(
+                    "start: <[{trigger}]> \"=\" /[0-9]{{2,3}}/ \";\"\n"
+                ))),
+            },
+        ));
+        r
+    };
+    let mut inside_drafts = 0;
+    for p in spec_prompts().iter().take(4) {
+        let mut r = greedy(p.clone(), 24);
+        r.ignore_eos = false;
+        let free = run(&plain, r).remove(0).tokens;
+        // Tokens first written at generated positions 1..=12.
+        let firsts: Vec<(usize, u32)> = (1..free.len().min(13))
+            .filter(|&x| !free[..x].contains(&free[x]))
+            .map(|x| (x, free[x]))
+            .collect();
+        for &(x, trigger) in &firsts {
+            let want = run(&plain, lazy(p, trigger)).remove(0);
+            assert_eq!(want.tokens[..=x], free[..=x], "before the trigger");
+            let tail = llm
+                .tokenizer
+                .decode(&want.tokens[x + 1..], Default::default())
+                .unwrap();
+            assert!(
+                tail.starts_with('=') && tail.ends_with(';'),
+                "not the grammar's: {tail:?}"
+            );
+            for (name, e) in &spec {
+                let got = run(e, lazy(p, trigger)).remove(0);
+                assert_eq!(
+                    (got.tokens, got.text, got.finish),
+                    (want.tokens.clone(), want.text.clone(), want.finish),
+                    "{name}: trigger {trigger} at {x}"
+                );
+            }
+            if x % 5 != 0 {
+                inside_drafts += 1;
+            }
+        }
+    }
+    assert!(inside_drafts > 0, "no trigger fell inside a round's drafts");
+    for (name, e) in &spec {
+        let s = wait_idle(e);
+        assert!(s.spec_drafted > 0, "{name}: nothing drafted: {s:?}");
+        assert!(s.spec_accepted > 0, "{name}: nothing accepted: {s:?}");
+        assert_eq!(s.kv_blocks_used, 0, "{name}");
+        assert_eq!(s.draft_kv_blocks_used, 0, "{name}");
+    }
+}
+
 /// One request alone drafts and accepts exactly what the reference runner
 /// (`Runner::with_draft`, its own draft-cache bookkeeping) does with the
 /// same draft model: a draft cache out of step with the text would draft
