@@ -110,7 +110,10 @@ fn opening(trigger: &Trigger, text: &[u8]) -> Opening {
             if open.starts_with(t) {
                 Opening::Maybe
             } else if t.starts_with(&open)
-                && matches!(t[open.len()], b' ' | b'\t' | b'\r' | b'\n' | b'{' | b'[')
+                && matches!(
+                    t.get(open.len()),
+                    Some(b' ' | b'\t' | b'\r' | b'\n' | b'{' | b'[')
+                )
             {
                 Opening::Fired
             } else {

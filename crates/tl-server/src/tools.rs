@@ -1,7 +1,8 @@
 //! Tool calling: the model's tool-call format read back into OpenAI's
 //! `tool_calls`, `tool_choice` checked, the grammar that forces a call for
 //! `required` or a named function, and the lazy one for `auto` (free text
-//! until the format's trigger, a valid call from there).
+//! until the format's trigger, a valid call from there; for Hermes also a
+//! reply that opens a ```` ```json ```` fence).
 //!
 //! Formats (chosen by the vocabulary, as the chat templates that render
 //! `tools` write them):
@@ -437,7 +438,8 @@ pub fn parse_calls(
 /// same forms): the whole reply must be the call (or an array of calls),
 /// each exactly `{"name": …, "arguments": {…}}`, so that ordinary JSON
 /// answers stay content (and the caller keeps only calls of the request's
-/// functions).
+/// functions). Under `auto` a fenced call is constrained from the fence's
+/// opening on ([`lazy_grammar`]); a bare one is not.
 fn bare_call(text: &str) -> Option<Vec<ToolCall>> {
     let t = text.trim();
     let body = match t.strip_prefix("```") {
