@@ -971,6 +971,31 @@ fn lazy_grammar_speculates_until_its_trigger_with_the_same_output() {
         }
     }
     assert!(inside_drafts > 0, "no trigger fell inside a round's drafts");
+    // Sampled: where the trigger comes, what follows is the grammar's.
+    let p = &prompts[0];
+    let trigger = run(&plain, greedy(p.clone(), 4)).remove(0).tokens[2];
+    let mut fired = 0;
+    for (name, e) in &spec {
+        for seed in 0..6 {
+            let mut r = lazy(p, trigger);
+            r.temperature = Some(0.7);
+            r.seed = Some(seed);
+            let got = run(e, r).remove(0).tokens;
+            if let Some(at) = got.iter().position(|&t| t == trigger) {
+                fired += 1;
+                let tail = llm
+                    .tokenizer
+                    .decode(&got[at + 1..], Default::default())
+                    .unwrap();
+                let digits = tail.strip_prefix('=').and_then(|t| t.strip_suffix(';'));
+                assert!(
+                    digits.is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit())),
+                    "{name}, seed {seed}: {tail:?}"
+                );
+            }
+        }
+    }
+    assert!(fired > 0, "the trigger never came in the sampled runs");
     for (name, e) in &spec {
         let s = wait_idle(e);
         assert!(s.spec_drafted > 0, "{name}: nothing drafted: {s:?}");
