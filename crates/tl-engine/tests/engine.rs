@@ -748,7 +748,40 @@ fn lazy_grammar_is_free_until_its_trigger_on_host_and_device_draws() {
     // The free part drawn in the forward (the GPU's path) changes nothing.
     let device = engine_draws(llm, 4, 1, true);
     assert_eq!(run(&device, lazy(true)).remove(0), got);
-    assert_eq!(run(&device, greedy(p, 24)).remove(0), free);
+    assert_eq!(run(&device, greedy(p.clone(), 24)).remove(0), free);
+    // With a ```json fence trigger too (Hermes' `auto`): the reply's first
+    // token, which might open the fence, is drawn on the host; once it
+    // cannot, the rest waits for the token on the device as above.
+    let fence = {
+        let mut r = lazy(true);
+        if let Some((
+            _,
+            GrammarSpec::Lazy {
+                trigger: t @ Trigger::Token(_),
+                ..
+            },
+        )) = r.grammar.as_mut()
+        {
+            *t = Trigger::Fence {
+                lang: "json".into(),
+                token: Some(trigger),
+            };
+        }
+        assert!(matches!(
+            r.grammar,
+            Some((
+                _,
+                GrammarSpec::Lazy {
+                    trigger: Trigger::Fence { .. },
+                    ..
+                }
+            ))
+        ));
+        r
+    };
+    let host_fence = run(&host, fence.clone()).remove(0);
+    assert_eq!(host_fence.tokens, got.tokens);
+    assert_eq!(run(&device, fence).remove(0).tokens, got.tokens);
 }
 
 /// A synthetic model of `spec`, written once per test process under `tag`.
