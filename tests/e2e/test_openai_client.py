@@ -203,7 +203,7 @@ def test_tool_calls_required_named_streaming_and_results(client):
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     # tool_choice auto (the default with tools): Qwen2.5-Coder writes the
     # call as a fenced JSON object, which becomes a tool call, streamed or
-    # not; a call of a function the request does not have stays content.
+    # not; a reply that is not a call stays content.
     r = client.chat.completions.create(model=QWEN_ID, messages=ASK, tools=WEATHER,
                                        max_tokens=60, temperature=0)
     c = r.choices[0]
@@ -217,7 +217,7 @@ def test_tool_calls_required_named_streaming_and_results(client):
     assert names == ["get_weather"], names
     r = client.chat.completions.create(
         model=QWEN_ID, tools=WEATHER, max_tokens=60, temperature=0,
-        messages=[{"role": "user", "content": "Write a Python function that adds two numbers."}])
+        messages=[{"role": "user", "content": "Explain in one sentence what a Python list is."}])
     c = r.choices[0]
     assert not c.message.tool_calls and c.finish_reason in ("stop", "length"), c.message
     assert c.message.content
@@ -278,6 +278,57 @@ def test_metrics(server, client):
                  "tl_inter_token_latency_seconds_bucket", "tl_kv_blocks_used", "tl_kv_blocks_free",
                  "tl_prefix_cache_hit_rate"]:
         assert name in text, name
+
+
+FORECAST = [{"type": "function", "function": {
+    "name": "get_forecast", "description": "Weather forecast for a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}, "unit": {"enum": ["C", "F"]},
+        "days": {"type": "integer", "minimum": 1, "maximum": 3}},
+        "required": ["city", "unit", "days"], "additionalProperties": False}}}]
+ROME = [{"role": "user", "content": "What will the weather be in Rome for the next week?"}]
+
+
+def test_auto_fenced_call_is_constrained_with_and_without_speculation(client):
+    """Unconstrained, Qwen2.5-Coder answers ROME with a ```json fence whose
+    "days" is 7; under `auto` the fence turns the call grammar on, so the
+    call keeps to the schema (1 to 3 days). A server speculating by prompt
+    lookup gives the same greedy replies: lazy requests speculate until
+    their trigger."""
+    asks = [(ROME, FORECAST), (ASK, WEATHER),
+            ([{"role": "user", "content": "Explain in one sentence what a Python list is."}],
+             WEATHER)]
+
+    def replies(c):
+        out = []
+        for msgs, tools in asks:
+            r = c.chat.completions.create(model=QWEN_ID, messages=msgs, tools=tools,
+                                          max_tokens=60, temperature=0)
+            m = r.choices[0].message
+            calls = [(t.function.name, json.loads(t.function.arguments))
+                     for t in m.tool_calls or []]
+            out.append((r.choices[0].finish_reason, m.content, calls))
+        return out
+
+    plain = replies(client)
+    finish, _, calls = plain[0]
+    assert finish == "tool_calls" and len(calls) == 1, plain[0]
+    name, args = calls[0]
+    assert name == "get_forecast" and args["city"] == "Rome", args
+    assert args["unit"] in ("C", "F") and 1 <= args["days"] <= 3, args
+    assert plain[1][2][0][0] == "get_weather", plain[1]
+    assert not plain[2][2] and plain[2][1], plain[2]
+    s = Server("--max-batch", "4", "--spec", "ngram")
+    try:
+        spec = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=300)
+        assert replies(spec) == plain
+        with urllib.request.urlopen(s.url + "/metrics") as r:
+            metrics = r.read().decode()
+        drafted = [float(l.split()[-1]) for l in metrics.splitlines()
+                   if l.startswith("tl_spec_drafted_tokens_total")]
+        assert drafted and drafted[0] > 0, metrics
+    finally:
+        s.stop()
 
 
 def test_api_key_and_queue_limit():

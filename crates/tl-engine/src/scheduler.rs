@@ -47,7 +47,7 @@ use tl_model::kv::{KvCache, SeqKv, BLOCK_SIZE};
 use tl_model::llm::Llm;
 use tl_model::model::{ForwardState, Logits, Model, SeqBatch};
 use tl_model::sampler::{DeviceDraw, Sampler};
-use tl_model::spec::{verify, NgramDrafter, SpecConfig, SpecMethod, SELF_DRAFT_K};
+use tl_model::spec::{verify, verify_lazy, NgramDrafter, SpecConfig, SpecMethod, SELF_DRAFT_K};
 use tl_tokenizer::StreamDecoder;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
@@ -340,9 +340,11 @@ impl<'a> Scheduler<'a> {
         }
         let mut seqs = Vec::with_capacity(req.n);
         // Logprobs report the plain step's distribution: such requests
-        // decode one token at a time.
+        // decode one token at a time, as do constrained ones (a lazy
+        // grammar speculates until its trigger, see `run_plan`).
+        let constrained = req.constraint.as_ref().is_some_and(|c| !c.is_waiting());
         let spec_k = match (req.speculative, &self.cfg.spec) {
-            _ if req.logprobs.is_some() || req.constraint.is_some() => 0,
+            _ if req.logprobs.is_some() || constrained => 0,
             (Some(false), _) => 0,
             (Some(true), None) => 8,
             (_, Some(c)) => c.k,
@@ -548,7 +550,9 @@ impl<'a> Scheduler<'a> {
                     return Err(EngineError::Model("no KV block for a decoder".into()));
                 }
                 s.feed.clear();
-                let k = if speculate && s.spec_k > 0 {
+                // A lazy grammar speculates until its trigger fires.
+                let free = s.constraint.as_ref().is_none_or(|c| c.is_waiting());
+                let k = if speculate && s.spec_k > 0 && free {
                     tl_model::spec::tile_k(s.spec_k)
                         .min(s.max_tokens.saturating_sub(s.generated + 1))
                         .min(ctx.saturating_sub(s.kv.len + 1))
@@ -954,7 +958,34 @@ impl<'a> Scheduler<'a> {
                 row += n;
                 let feed = std::mem::take(&mut s.feed);
                 let drafts = &feed[1..];
-                let v = verify(&mut s.sampler, rows, vocab, drafts, &s.tokens);
+                // Under a lazy grammar each row is picked through it, and
+                // the round ends at its trigger (`verify_lazy`).
+                let (v, grammar_done) = match s.constraint.as_mut() {
+                    None => (
+                        verify(&mut s.sampler, rows, vocab, drafts, &s.tokens),
+                        false,
+                    ),
+                    Some(c) => {
+                        let r = verify_lazy(&mut s.sampler, rows, vocab, drafts, &s.tokens, c);
+                        let time = c.take_time();
+                        self.stats.masks += time.masks;
+                        self.stats.mask_us += time.compute_us + time.apply_us;
+                        self.stats.mask_wait_us += time.compute_us + time.apply_us;
+                        match r {
+                            Ok(v) => v,
+                            Err(e) => {
+                                warn!(request = s.req, error = %e, "grammar failed; ending the choice");
+                                (
+                                    tl_model::spec::Verified {
+                                        accepted: 0,
+                                        tokens: Vec::new(),
+                                    },
+                                    true,
+                                )
+                            }
+                        }
+                    }
+                };
                 s.kv.len += 1 + v.accepted;
                 self.stats.spec_drafted += drafts.len() as u64;
                 self.stats.spec_accepted += v.accepted as u64;
@@ -968,14 +999,27 @@ impl<'a> Scheduler<'a> {
                 // The draft cache holds the tokens so far and maybe drafts
                 // past them: keep what the accepted text shares with it.
                 s.dkv.len = s.dkv.len.min(s.tokens.len() + v.accepted);
+                let mut out = Outcome::Continue;
                 for t in v.tokens {
-                    let out = emit(self.llm, s, r, t, None);
+                    out = emit(self.llm, s, r, t, None);
                     if !matches!(out, Outcome::Continue) {
-                        done.push((i, out));
                         break;
                     }
                 }
+                if matches!(out, Outcome::Continue) {
+                    out = if grammar_done {
+                        finish(self.llm, s, r, FinishReason::Stop)
+                    } else {
+                        // A trigger that fired at the round's end may force
+                        // what follows.
+                        emit_forced(self.llm, s, r)
+                    };
+                }
+                if !matches!(out, Outcome::Continue) {
+                    done.push((i, out));
+                }
                 self.stats.generated_tokens += (s.generated - before) as u64;
+                self.stats.forced_tokens += std::mem::take(&mut s.forced);
                 // After the emits: the accepted tokens are in `tokens` now.
                 register_blocks(&mut self.pool, s)?;
                 continue;

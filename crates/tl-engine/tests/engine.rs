@@ -748,7 +748,40 @@ fn lazy_grammar_is_free_until_its_trigger_on_host_and_device_draws() {
     // The free part drawn in the forward (the GPU's path) changes nothing.
     let device = engine_draws(llm, 4, 1, true);
     assert_eq!(run(&device, lazy(true)).remove(0), got);
-    assert_eq!(run(&device, greedy(p, 24)).remove(0), free);
+    assert_eq!(run(&device, greedy(p.clone(), 24)).remove(0), free);
+    // With a ```json fence trigger too (Hermes' `auto`): the reply's first
+    // token, which might open the fence, is drawn on the host; once it
+    // cannot, the rest waits for the token on the device as above.
+    let fence = {
+        let mut r = lazy(true);
+        if let Some((
+            _,
+            GrammarSpec::Lazy {
+                trigger: t @ Trigger::Token(_),
+                ..
+            },
+        )) = r.grammar.as_mut()
+        {
+            *t = Trigger::Fence {
+                lang: "json".into(),
+                token: Some(trigger),
+            };
+        }
+        assert!(matches!(
+            r.grammar,
+            Some((
+                _,
+                GrammarSpec::Lazy {
+                    trigger: Trigger::Fence { .. },
+                    ..
+                }
+            ))
+        ));
+        r
+    };
+    let host_fence = run(&host, fence.clone()).remove(0);
+    assert_eq!(host_fence.tokens, got.tokens);
+    assert_eq!(run(&device, fence).remove(0).tokens, got.tokens);
 }
 
 /// A synthetic model of `spec`, written once per test process under `tag`.
@@ -885,6 +918,123 @@ fn draft_model_speculation_keeps_greedy_output_and_frees_blocks() {
             s.spec_drafted,
             "{name}: opted out"
         );
+    }
+}
+
+/// A lazy grammar speculates while its trigger has not fired, with the
+/// same greedy output as without speculation: with prompt lookup, and
+/// with the target as its own draft model. There every draft is the
+/// target's free choice and every round (4 drafts, then the target's
+/// token) is accepted whole without a grammar, so a trigger first written
+/// at a generated position not a multiple of 5 fires inside a round's
+/// drafts: the drafts after it, the free text the grammar refuses, must
+/// not come out, and the tokens after it follow the grammar.
+#[test]
+fn lazy_grammar_speculates_until_its_trigger_with_the_same_output() {
+    use tl_model::constrain::{GrammarSpec, Trigger};
+    let llm = llm();
+    let plain = engine_draws(llm.clone(), 4, 1, false);
+    let spec = [
+        (
+            "ngram",
+            spec_engine(llm.clone(), None, tl_model::spec::SpecMethod::Ngram, 8, 256),
+        ),
+        (
+            "itself as draft",
+            spec_engine(
+                llm.clone(),
+                Some(llm.clone()),
+                tl_model::spec::SpecMethod::Draft,
+                8,
+                256,
+            ),
+        ),
+    ];
+    let lazy = |p: &[u32], trigger: u32| {
+        let mut r = greedy(p.to_vec(), 40);
+        r.ignore_eos = false;
+        r.grammar = Some((
+            "grammar",
+            GrammarSpec::Lazy {
+                trigger: Trigger::Token(trigger),
+                grammar: Box::new(GrammarSpec::Lark(format!(
+                    "start: <[{trigger}]> \"=\" /[0-9]{{2,3}}/ \";\"\n"
+                ))),
+            },
+        ));
+        r
+    };
+    let mut inside_drafts = 0;
+    // Repetitive prompts, so prompt lookup finds drafts.
+    let prompts: Vec<Vec<u32>> = (0..3u32)
+        .map(|i| (0..30u32).map(|j| 3 + (j % (5 + i)) * 13).collect())
+        .collect();
+    for p in &prompts {
+        let mut r = greedy(p.clone(), 40);
+        r.ignore_eos = false;
+        let free = run(&plain, r).remove(0).tokens;
+        // Tokens first written at generated positions 1..=30 (the text
+        // falls into loops there, which prompt lookup drafts).
+        let firsts: Vec<(usize, u32)> = (1..free.len().min(31))
+            .filter(|&x| !free[..x].contains(&free[x]))
+            .map(|x| (x, free[x]))
+            .collect();
+        for &(x, trigger) in &firsts {
+            let want = run(&plain, lazy(p, trigger)).remove(0);
+            assert_eq!(want.tokens[..=x], free[..=x], "before the trigger");
+            let tail = llm
+                .tokenizer
+                .decode(&want.tokens[x + 1..], Default::default())
+                .unwrap();
+            assert!(
+                tail.starts_with('=') && tail.ends_with(';'),
+                "not the grammar's: {tail:?}"
+            );
+            for (name, e) in &spec {
+                let got = run(e, lazy(p, trigger)).remove(0);
+                assert_eq!(
+                    (got.tokens, got.text, got.finish),
+                    (want.tokens.clone(), want.text.clone(), want.finish),
+                    "{name}: trigger {trigger} at {x}"
+                );
+            }
+            if x % 5 != 0 {
+                inside_drafts += 1;
+            }
+        }
+    }
+    assert!(inside_drafts > 0, "no trigger fell inside a round's drafts");
+    // Sampled: where the trigger comes, what follows is the grammar's.
+    let p = &prompts[0];
+    let trigger = run(&plain, greedy(p.clone(), 4)).remove(0).tokens[2];
+    let mut fired = 0;
+    for (name, e) in &spec {
+        for seed in 0..6 {
+            let mut r = lazy(p, trigger);
+            r.temperature = Some(0.7);
+            r.seed = Some(seed);
+            let got = run(e, r).remove(0).tokens;
+            if let Some(at) = got.iter().position(|&t| t == trigger) {
+                fired += 1;
+                let tail = llm
+                    .tokenizer
+                    .decode(&got[at + 1..], Default::default())
+                    .unwrap();
+                let digits = tail.strip_prefix('=').and_then(|t| t.strip_suffix(';'));
+                assert!(
+                    digits.is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit())),
+                    "{name}, seed {seed}: {tail:?}"
+                );
+            }
+        }
+    }
+    assert!(fired > 0, "the trigger never came in the sampled runs");
+    for (name, e) in &spec {
+        let s = wait_idle(e);
+        assert!(s.spec_drafted > 0, "{name}: nothing drafted: {s:?}");
+        assert!(s.spec_accepted > 0, "{name}: nothing accepted: {s:?}");
+        assert_eq!(s.kv_blocks_used, 0, "{name}");
+        assert_eq!(s.draft_kv_blocks_used, 0, "{name}");
     }
 }
 

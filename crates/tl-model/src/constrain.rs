@@ -17,9 +17,17 @@
 //! forward runs): the mask depends only on the tokens already committed.
 //!
 //! A lazy constraint ([`GrammarSpec::Lazy`], for `tool_choice: "auto"`)
-//! leaves the text free until its trigger appears (a tool-call token, or a
-//! reply that opens with `{`), and from there holds the rest to the grammar,
-//! as llama.cpp's lazy grammars do.
+//! leaves the text free until its trigger appears (a tool-call token, a
+//! reply that opens with `{`, or one that opens a ```` ```json ```` fence),
+//! and from there holds the rest to the grammar, as llama.cpp's lazy
+//! grammars do. llguidance (1.9) has no trigger of its own — its Lark
+//! `[lazy]`/`stop=` rules are shortest-match lexemes inside a grammar that
+//! is on from the first token, which would mean a mask for every token of
+//! the free text — so the triggers are watched here: a token trigger by id,
+//! a text trigger on the bytes of the tokens drawn so far (the trie's
+//! spelling of each token, so the check is the same whatever the
+//! tokenization), after which the tokens drawn so far are replayed into
+//! the matcher.
 
 use std::sync::Arc;
 
@@ -61,6 +69,58 @@ pub enum Trigger {
     /// but that the grammar refuses (`{"answer`) is drawn again under the
     /// grammar.
     JsonReply,
+    /// A reply whose text, after leading blanks, opens a Markdown code
+    /// fence of language `lang`: "```" and `lang` followed by a blank, `{`
+    /// or `[` (so ```` ```json ```` fires and ```` ```jsonc ````,
+    /// ```` ```python ```` or a fence after some prose do not). The text
+    /// is checked on the bytes drawn so far, whatever tokens spell them;
+    /// the grammar starts at the reply's start (it must allow the leading
+    /// blanks and the fence's opening) and, as with [`Trigger::JsonReply`],
+    /// a token that completes the opening but that the grammar refuses is
+    /// drawn again under the grammar. `token`, when given, also fires
+    /// anywhere as [`Trigger::Token`] does (the grammar must allow a start
+    /// with that token too).
+    Fence { lang: String, token: Option<u32> },
+}
+
+/// How the reply's opening text stands against a text trigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Opening {
+    /// It may still become the trigger.
+    Maybe,
+    /// It is the trigger.
+    Fired,
+    /// It can no longer be.
+    Missed,
+}
+
+/// The reply's opening text `text` (its blanks included) against a
+/// trigger at the reply's start.
+fn opening(trigger: &Trigger, text: &[u8]) -> Opening {
+    let t = text.trim_ascii_start();
+    match trigger {
+        Trigger::Token(_) => Opening::Missed,
+        Trigger::JsonReply => match t.first() {
+            None => Opening::Maybe,
+            Some(b'{') => Opening::Fired,
+            Some(_) => Opening::Missed,
+        },
+        Trigger::Fence { lang, .. } => {
+            let open = [b"```".as_slice(), lang.as_bytes()].concat();
+            if open.starts_with(t) {
+                Opening::Maybe
+            } else if t.starts_with(&open)
+                && matches!(
+                    t.get(open.len()),
+                    Some(b' ' | b'\t' | b'\r' | b'\n' | b'{' | b'[')
+                )
+            {
+                Opening::Fired
+            } else {
+                Opening::Missed
+            }
+        }
+    }
 }
 
 impl GrammarSpec {
@@ -211,19 +271,26 @@ impl Grammars {
             return Err(format!("invalid {}: {e}", spec.kind()));
         }
         let state = match spec {
-            GrammarSpec::Lazy {
-                trigger: Trigger::Token(t),
-                ..
-            } => {
-                if *t as usize >= self.env.tok_trie().vocab_size() {
-                    return Err(format!("the trigger token {t} is not in the vocabulary"));
+            GrammarSpec::Lazy { trigger, .. } => {
+                let token = match trigger {
+                    Trigger::Token(t) => Some(*t),
+                    Trigger::Fence { token, .. } => *token,
+                    Trigger::JsonReply => None,
+                };
+                if let Some(t) = token {
+                    if t as usize >= self.env.tok_trie().vocab_size() {
+                        return Err(format!("the trigger token {t} is not in the vocabulary"));
+                    }
                 }
-                State::WaitToken(*t)
+                match trigger {
+                    Trigger::Token(t) => State::WaitToken(*t),
+                    _ => State::WaitOpening {
+                        trigger: trigger.clone(),
+                        lead: Vec::new(),
+                        text: Vec::new(),
+                    },
+                }
             }
-            GrammarSpec::Lazy {
-                trigger: Trigger::JsonReply,
-                ..
-            } => State::WaitJson(Vec::new()),
             _ => State::Active,
         };
         Ok(Constraint {
@@ -247,10 +314,15 @@ enum State {
     Active,
     /// Lazy: free until this token.
     WaitToken(u32),
-    /// Lazy: free until the reply's first non-blank text, which turns it
-    /// on if it begins with `{` (the blank tokens so far are kept: the
-    /// grammar gets them first).
-    WaitJson(Vec<u32>),
+    /// Lazy, at the reply's start: free while the text drawn so far
+    /// (`text`, spelled by the tokens `lead`) may still open `trigger`'s
+    /// text; once it does, the grammar gets `lead` first. A miss leaves
+    /// the trigger's token, if it has one, to wait for.
+    WaitOpening {
+        trigger: Trigger,
+        lead: Vec<u32>,
+        text: Vec<u8>,
+    },
     /// Lazy, and the trigger can no longer come: free to the end.
     Off,
 }
@@ -313,6 +385,14 @@ impl Constraint {
     /// complete): a lazy constraint waiting for its trigger has no mask.
     pub fn needs_mask(&self) -> bool {
         self.state == State::Active && !self.done && !self.m.is_stopped()
+    }
+
+    /// Whether the grammar is not on: a lazy constraint whose trigger has
+    /// not fired (or can no longer fire). Its picks are free text (at the
+    /// reply's start, through [`Constraint::pick`]), so its sequence may
+    /// speculate and verify the drafts with [`Constraint::pick`].
+    pub fn is_waiting(&self) -> bool {
+        self.state != State::Active
     }
 
     /// Whether the next pick needs the logits on the host: not while a
@@ -422,9 +502,10 @@ impl Constraint {
     /// One constrained pick: masks `row`, draws a token with `draw` and
     /// commits it. `Ok(None)`: the grammar is complete and allows nothing
     /// more (the caller ends the sequence). A lazy constraint draws freely
-    /// until its trigger, which turns it on; a token that fires a
-    /// [`Trigger::JsonReply`] but that the grammar refuses is drawn again
-    /// from the unmasked row under the grammar's mask.
+    /// until its trigger, which turns it on; a token that fires a text
+    /// trigger ([`Trigger::JsonReply`], [`Trigger::Fence`]) but that the
+    /// grammar refuses is drawn again from the unmasked row under the
+    /// grammar's mask.
     pub fn pick(
         &mut self,
         row: &mut [f32],
@@ -449,30 +530,56 @@ impl Constraint {
                 }
                 Ok(Some(t))
             }
-            State::WaitJson(_) => {
+            State::WaitOpening { .. } => {
                 let saved = row.to_vec();
                 let t = draw(row);
-                let bytes = self.env.tok_trie().token(t);
-                let text = bytes.trim_ascii_start();
-                if self.stop_ids.contains(&t) || (!text.is_empty() && text[0] != b'{') {
+                let State::WaitOpening {
+                    trigger,
+                    lead,
+                    text,
+                } = &mut self.state
+                else {
+                    return Ok(Some(t));
+                };
+                // What waits after a miss: the trigger's token, if any.
+                let missed = match trigger {
+                    Trigger::Fence {
+                        token: Some(id), ..
+                    } => State::WaitToken(*id),
+                    _ => State::Off,
+                };
+                if self.stop_ids.contains(&t) {
                     self.state = State::Off;
                     return Ok(Some(t));
                 }
-                let State::WaitJson(lead) = &mut self.state else {
-                    return Ok(Some(t));
-                };
-                if text.is_empty() {
-                    lead.push(t);
+                if missed == State::WaitToken(t) {
+                    // The trigger token at the reply's start: the grammar
+                    // starts with it, as anywhere else.
+                    self.state = State::Active;
+                    self.commit(t)?;
                     return Ok(Some(t));
                 }
-                // The reply opens with `{`: the grammar from its start.
+                text.extend_from_slice(self.env.tok_trie().token(t));
+                match opening(trigger, text) {
+                    Opening::Maybe => {
+                        lead.push(t);
+                        return Ok(Some(t));
+                    }
+                    Opening::Missed => {
+                        self.state = missed;
+                        return Ok(Some(t));
+                    }
+                    Opening::Fired => {}
+                }
+                // The trigger's text is out: the grammar from the reply's
+                // start.
                 let lead = std::mem::take(lead);
                 self.state = State::Active;
                 self.pending = None;
                 if self.m.validate_tokens(&lead).unwrap_or(0) < lead.len() {
-                    // Blanks the grammar does not allow before the call:
-                    // the text stays free.
-                    self.state = State::Off;
+                    // An opening the grammar does not allow (blanks it
+                    // has no room for): the text stays free.
+                    self.state = missed;
                     return Ok(Some(t));
                 }
                 self.m.consume_tokens(&lead).map_err(|e| e.to_string())?;
@@ -546,5 +653,46 @@ impl Constraint {
     /// (the state is left unchanged).
     pub fn validate(&mut self, tokens: &[u32]) -> usize {
         self.m.validate_tokens(tokens).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_triggers_at_the_reply_start() {
+        let fence = Trigger::Fence {
+            lang: "json".into(),
+            token: None,
+        };
+        let at = |t: &str| opening(&fence, t.as_bytes());
+        for t in ["", "\n", " `", "``", "```", "```j", "```json"] {
+            assert_eq!(at(t), Opening::Maybe, "{t:?}");
+        }
+        for t in [
+            "```json\n",
+            "\n```json ",
+            "```json{",
+            "```json\r\n{\"na",
+            "```json[",
+        ] {
+            assert_eq!(at(t), Opening::Fired, "{t:?}");
+        }
+        for t in [
+            "```python\n",
+            "```jsonc\n",
+            "``json",
+            "Here: ```json\n",
+            "{\"name\"",
+            "```\n{",
+        ] {
+            assert_eq!(at(t), Opening::Missed, "{t:?}");
+        }
+        let json = |t: &str| opening(&Trigger::JsonReply, t.as_bytes());
+        assert_eq!(json(" \n"), Opening::Maybe);
+        assert_eq!(json(" {\"a\""), Opening::Fired);
+        assert_eq!(json("Sure"), Opening::Missed);
+        assert_eq!(opening(&Trigger::Token(3), b""), Opening::Missed);
     }
 }

@@ -28,6 +28,7 @@
 //! point mass (`q(di) = 1`) and the rule above stays exact at any
 //! temperature.
 
+use crate::constrain::Constraint;
 use crate::sampler::Sampler;
 
 /// Which drafter a request uses.
@@ -286,6 +287,73 @@ pub fn verify(
         accepted: tokens.len(),
         tokens,
     }
+}
+
+/// [`verify`] for a sequence under a lazy grammar whose trigger has not
+/// fired yet ([`Constraint::is_waiting`]). Each row's token is drawn as
+/// the plain step draws it — [`Constraint::pick`] around the sampler's
+/// draw: free text, with the reply's opening watched for a text trigger —
+/// and a draft is accepted iff it is that token. For a point-mass draft
+/// that is the acceptance rule itself (`d` is accepted with probability
+/// `p(d)`, and a token drawn other than `d` follows `p` without `d`,
+/// renormalised), so the emitted tokens keep the plain step's
+/// distribution, and greedy picks give the same text.
+///
+/// The round ends with the token that turns the grammar on: what follows
+/// it is the grammar's (the tokens it forces, then masked picks), which
+/// the next steps produce as they do without speculation, so every draft
+/// after it is rejected whatever the target's rows say. A trigger that was
+/// a draft is still emitted, as the round's last token, but not counted
+/// in [`Verified::accepted`] (the drafts kept in the cache): like a
+/// replacement token it is fed again by the next step.
+///
+/// Also returns whether the grammar ended the choice (a trigger after
+/// which it allows nothing: `tokens` may then be empty); an error of the
+/// grammar is returned as it is.
+pub fn verify_lazy(
+    sampler: &mut Sampler,
+    rows: &mut [f32],
+    vocab: usize,
+    drafts: &[u32],
+    history: &[u32],
+    c: &mut Constraint,
+) -> Result<(Verified, bool), String> {
+    let mut hist = history.to_vec();
+    let mut tokens = Vec::with_capacity(drafts.len() + 1);
+    for (i, row) in rows.chunks_exact_mut(vocab).enumerate() {
+        let Some(t) = c.pick(row, |row| sampler.sample(row, &hist))? else {
+            let accepted = tokens.len();
+            return Ok((Verified { accepted, tokens }, true));
+        };
+        tokens.push(t);
+        if !c.is_waiting() {
+            // The trigger: the grammar's from here.
+            let accepted = tokens.len() - 1;
+            return Ok((Verified { accepted, tokens }, false));
+        }
+        match drafts.get(i) {
+            Some(&d) if d == t => hist.push(t),
+            // The replacement of a rejected draft, or the token after
+            // all of them.
+            _ => {
+                return Ok((
+                    Verified {
+                        accepted: i,
+                        tokens,
+                    },
+                    false,
+                ))
+            }
+        }
+    }
+    // `rows` held fewer than drafts + 1 rows: emit what was accepted.
+    Ok((
+        Verified {
+            accepted: tokens.len(),
+            tokens,
+        },
+        false,
+    ))
 }
 
 #[cfg(test)]

@@ -150,3 +150,120 @@ fn gemma_json_schema() {
         "{text:?}"
     );
 }
+
+/// Speculative verification under a lazy grammar (`verify_lazy`), with
+/// hand-made target rows on the Qwen vocabulary: before the trigger a
+/// draft is accepted iff it is the target's pick; the round ends with the
+/// trigger, whether it was a draft or the target's own token, and the
+/// drafts after it are not emitted even where the target's rows agree with
+/// them (they are free text, which the grammar refuses); the trigger
+/// counts as outside the cache. A text trigger (a ```json fence) works on
+/// the text of the drafts, however the tokens split it.
+#[test]
+fn lazy_verification_ends_the_round_at_the_trigger() {
+    use tl_model::constrain::Trigger;
+    use tl_model::sampler::Sampler;
+    use tl_model::spec::{verify_lazy, Verified};
+    use tl_tokenizer::EncodeOptions;
+    let llm = qwen();
+    let tok = &llm.tokenizer;
+    let vocab = llm.model.config.vocab;
+    let ids = |s: &str| {
+        tok.encode(
+            s,
+            EncodeOptions {
+                add_special: false,
+                parse_special: true,
+            },
+        )
+        .unwrap()
+    };
+    // Rows whose argmax is each of `picks`.
+    let rows = |picks: &[u32]| {
+        let mut r = vec![0.0f32; vocab * picks.len()];
+        for (i, &p) in picks.iter().enumerate() {
+            r[i * vocab + p as usize] = 10.0;
+        }
+        r
+    };
+    let tc = tok.token_id("<tool_call>").unwrap();
+    let token_lazy = GrammarSpec::Lazy {
+        trigger: Trigger::Token(tc),
+        grammar: Box::new(GrammarSpec::Lark(format!(
+            "start: <[{tc}]> \"=\" /[0-9]{{2,3}}/ \";\"\n"
+        ))),
+    };
+    let greedy = || Sampler::new(SamplingParams::default()).unwrap();
+    let text = ids("Let me check");
+    let (a, b, x) = (text[0], text[1], ids("Sure")[0]);
+    // The trigger as the third draft; the target agrees with every draft.
+    let mut c = llm.constraint(&token_lazy).unwrap();
+    let drafts = [a, b, tc, x, x];
+    let mut r = rows(&[a, b, tc, x, x, x]);
+    let (v, done) = verify_lazy(&mut greedy(), &mut r, vocab, &drafts, &[1], &mut c).unwrap();
+    assert_eq!(
+        v,
+        Verified {
+            accepted: 2,
+            tokens: vec![a, b, tc]
+        }
+    );
+    assert!(!done && !c.is_waiting() && c.needs_mask());
+    // What follows is the grammar's, not the drafts'.
+    let forced = c.take_forced();
+    assert_eq!(tok.decode(&forced, Default::default()).unwrap(), "=");
+    // The trigger as the target's token after a rejected draft.
+    let mut c = llm.constraint(&token_lazy).unwrap();
+    let mut r = rows(&[a, tc, x]);
+    let (v, _) = verify_lazy(&mut greedy(), &mut r, vocab, &[a, x], &[1], &mut c).unwrap();
+    assert_eq!(v.tokens, vec![a, tc]);
+    assert_eq!(v.accepted, 1);
+    assert!(!c.is_waiting());
+    // No trigger: as the plain rule, and the constraint still waits.
+    let mut c = llm.constraint(&token_lazy).unwrap();
+    let mut r = rows(&[a, b, x]);
+    let (v, _) = verify_lazy(&mut greedy(), &mut r, vocab, &[a, b], &[1], &mut c).unwrap();
+    assert_eq!(
+        v,
+        Verified {
+            accepted: 2,
+            tokens: vec![a, b, x]
+        }
+    );
+    assert!(c.is_waiting());
+
+    // A fence trigger, the opening split over several drafts however the
+    // tokens fall; the round ends with the token that completes it.
+    let fence_lazy = GrammarSpec::Lazy {
+        trigger: Trigger::Fence {
+            lang: "json".into(),
+            token: None,
+        },
+        grammar: Box::new(GrammarSpec::Lark(
+            "start: \"```json\" /[ \\t]*\\n/ %json {\"type\": \"object\"} \"\\n```\"\n".into(),
+        )),
+    };
+    let byte = |s: &str| -> Vec<u32> { s.chars().map(|ch| ids(&ch.to_string())[0]).collect() };
+    for split in [ids("```json\n{\"a\": 1}"), byte("```json\n{\"a\": 1}")] {
+        let n_open = (1..=split.len())
+            .find(|&n| {
+                tok.decode(&split[..n], Default::default())
+                    .unwrap()
+                    .starts_with("```json\n")
+            })
+            .unwrap();
+        let mut c = llm.constraint(&fence_lazy).unwrap();
+        let mut r = rows(&[split.as_slice(), &[x]].concat());
+        let (v, _) = verify_lazy(&mut greedy(), &mut r, vocab, &split, &[1], &mut c).unwrap();
+        assert_eq!(v.tokens, split[..n_open], "{split:?}");
+        assert_eq!(v.accepted, n_open - 1);
+        assert!(!c.is_waiting() && c.needs_mask());
+    }
+    // A ```python fence stays free: every draft accepted.
+    let mut c = llm.constraint(&fence_lazy).unwrap();
+    let py = ids("```python\nx = 1");
+    let mut r = rows(&[py.as_slice(), &[x]].concat());
+    let (v, _) = verify_lazy(&mut greedy(), &mut r, vocab, &py, &[1], &mut c).unwrap();
+    assert_eq!(v.accepted, py.len());
+    assert!(c.is_waiting() && !c.needs_mask());
+}

@@ -1,7 +1,8 @@
 //! Tool calling: the model's tool-call format read back into OpenAI's
 //! `tool_calls`, `tool_choice` checked, the grammar that forces a call for
 //! `required` or a named function, and the lazy one for `auto` (free text
-//! until the format's trigger, a valid call from there).
+//! until the format's trigger, a valid call from there; for Hermes also a
+//! reply that opens a ```` ```json ```` fence).
 //!
 //! Formats (chosen by the vocabulary, as the chat templates that render
 //! `tools` write them):
@@ -239,8 +240,14 @@ pub fn harmony_call_grammar(
 /// format's trigger — the `<tool_call>` token (Hermes), `[TOOL_CALLS]`
 /// (Mistral), a reply opening with `{` (Llama 3 JSON) — and from there one
 /// call (or, with `parallel`, one or more) of any of the tools, valid
-/// against its parameter schema. `None` when the trigger token is not in
-/// the vocabulary.
+/// against its parameter schema. A Hermes reply that opens a ```` ```json ````
+/// fence (Qwen2.5-Coder's way of calling, see [`bare_call`]) is a trigger
+/// too: from the reply's start it is the fence around one call (with
+/// `parallel`, a call or an array of calls) and the closing fence, and
+/// nothing after it. Only a fence that opens the reply: one after some
+/// prose is an example in an explanation far more often than a call, and
+/// is read back as content ([`parse_calls`]) anyway. `None` when the
+/// trigger token is not in the vocabulary.
 pub fn lazy_grammar(
     fmt: ToolFormat,
     tok: &Tokenizer,
@@ -254,13 +261,12 @@ pub fn lazy_grammar(
             let Some(id) = tok.token_id("<tool_call>") else {
                 return Ok(None);
             };
-            let rep = if parallel { " (\"\\n\" call)*" } else { "" };
             GrammarSpec::Lazy {
-                trigger: Trigger::Token(id),
-                grammar: Box::new(GrammarSpec::Lark(format!(
-                    "start: call{rep}\ncall: <[{id}]> \"\\n\" %json {} \"\\n</tool_call>\"\n",
-                    json(call)
-                ))),
+                trigger: Trigger::Fence {
+                    lang: "json".into(),
+                    token: Some(id),
+                },
+                grammar: Box::new(GrammarSpec::Lark(hermes_lazy_lark(id, call, parallel))),
             }
         }
         ToolFormat::Mistral => {
@@ -291,6 +297,30 @@ pub fn lazy_grammar(
             ))),
         },
     }))
+}
+
+/// The Lark grammar of Hermes' lazy call (trigger token `id`): either
+/// `<tool_call>` blocks (the trigger token starts it) or, from the reply's
+/// start, blanks, a ```` ```json ```` fence around the call (or, with
+/// `parallel`, a call or an array of calls) and the closing fence.
+fn hermes_lazy_lark(id: u32, call: Value, parallel: bool) -> String {
+    let json = |v: Value| serde_json::to_string(&compact(v)).unwrap_or_default();
+    let rep = if parallel { " (\"\\n\" call)*" } else { "" };
+    let body = if parallel {
+        json!({"anyOf": [call.clone(), {"type": "array", "items": call.clone(), "minItems": 1}]})
+    } else {
+        call.clone()
+    };
+    format!(
+        "start: tagged | fenced\n\
+         tagged: call{rep}\n\
+         call: <[{id}]> \"\\n\" %json {} \"\\n</tool_call>\"\n\
+         fenced: BLANK? \"```json\" FENCE_GAP? %json {} \"\\n```\"\n\
+         BLANK: /[ \\t\\r\\n]+/\n\
+         FENCE_GAP: /[ \\t]*\\r?\\n|[ \\t]+/\n",
+        json(call),
+        json(body)
+    )
 }
 
 /// The schema of one call of the chosen tools (any of them, or the named
@@ -408,7 +438,8 @@ pub fn parse_calls(
 /// same forms): the whole reply must be the call (or an array of calls),
 /// each exactly `{"name": …, "arguments": {…}}`, so that ordinary JSON
 /// answers stay content (and the caller keeps only calls of the request's
-/// functions).
+/// functions). Under `auto` a fenced call is constrained from the fence's
+/// opening on ([`lazy_grammar`]); a bare one is not.
 fn bare_call(text: &str) -> Option<Vec<ToolCall>> {
     let t = text.trim();
     let body = match t.strip_prefix("```") {
@@ -536,6 +567,42 @@ mod tests {
         assert_eq!(hold_from(ToolFormat::Hermes, "{\"na", true), Some(0));
         assert_eq!(hold_from(ToolFormat::Hermes, "{\"na", false), None);
         assert_eq!(hold_from(ToolFormat::Hermes, "`x", true), None);
+    }
+
+    #[test]
+    fn hermes_lazy_grammar_takes_the_tag_or_a_json_fence() {
+        let tools = json!([{"type": "function", "function": {"name": "f",
+            "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}]);
+        let call = call_schema(ToolFormat::Hermes, &tools, &ToolChoice::Auto).unwrap();
+        let one = serde_json::to_string(&compact(call.clone())).unwrap();
+        let g = hermes_lazy_lark(7, call.clone(), true);
+        let lines: Vec<&str> = g.lines().collect();
+        assert_eq!(lines[0], "start: tagged | fenced");
+        assert_eq!(lines[1], "tagged: call (\"\\n\" call)*");
+        assert_eq!(
+            lines[2],
+            format!("call: <[7]> \"\\n\" %json {one} \"\\n</tool_call>\"")
+        );
+        // The fence: from the reply's start, blanks, the opening, a call or
+        // an array of calls, the closing fence and nothing more.
+        let body = serde_json::to_string(&compact(json!({"anyOf": [call.clone(),
+            {"type": "array", "items": call.clone(), "minItems": 1}]})))
+        .unwrap();
+        assert_eq!(
+            lines[3],
+            format!("fenced: BLANK? \"```json\" FENCE_GAP? %json {body} \"\\n```\"")
+        );
+        assert_eq!(lines[4], "BLANK: /[ \\t\\r\\n]+/");
+        assert_eq!(lines[5], "FENCE_GAP: /[ \\t]*\\r?\\n|[ \\t]+/");
+        assert!(one.contains("\"name\":{\"const\":\"f\"}"), "{one}");
+        // One call only: no repetition, no array.
+        let g = hermes_lazy_lark(7, call, false);
+        let lines: Vec<&str> = g.lines().collect();
+        assert_eq!(lines[1], "tagged: call");
+        assert_eq!(
+            lines[3],
+            format!("fenced: BLANK? \"```json\" FENCE_GAP? %json {one} \"\\n```\"")
+        );
     }
 
     #[test]

@@ -34,6 +34,18 @@ fn weather() -> Value {
         "required": ["city", "unit"], "additionalProperties": false}}}])
 }
 
+/// [`weather`] and a second function whose name also starts with `get`.
+fn two() -> Value {
+    let mut t = weather();
+    t.as_array_mut()
+        .unwrap()
+        .push(json!({"type": "function", "function": {
+        "name": "get_news", "parameters": {"type": "object",
+        "properties": {"topic": {"type": "string"}}, "required": ["topic"],
+        "additionalProperties": false}}}));
+    t
+}
+
 /// What one scripted generation did.
 struct Run {
     text: String,
@@ -44,6 +56,12 @@ struct Run {
 }
 
 fn drive(llm: &Llm, c: &mut Constraint, script: &str, max: usize) -> Run {
+    drive_split(llm, c, script, max, false)
+}
+
+/// [`drive`], the script's tokens one character each when `chars` (the
+/// same text in other tokens).
+fn drive_split(llm: &Llm, c: &mut Constraint, script: &str, max: usize, chars: bool) -> Run {
     let tok = &llm.tokenizer;
     let vocab = llm.model.config.vocab;
     let eos = tok.eot().or(tok.eog_ids().first().copied()).unwrap();
@@ -63,14 +81,30 @@ fn drive(llm: &Llm, c: &mut Constraint, script: &str, max: usize) -> Run {
     for _ in 0..max {
         let want = match script.strip_prefix(run.text.as_str()) {
             Some("") => Some(eos),
+            Some(rest) if chars => {
+                let ch = rest.chars().next().unwrap().to_string();
+                tok.encode(&ch, opts).unwrap().first().copied()
+            }
             Some(rest) => tok.encode(rest, opts).unwrap().first().copied(),
             None => None,
         };
-        // Off the script: back onto it where only blanks differ.
-        let rest = script_norm
-            .strip_prefix(norm(&run.text).as_str())
-            .unwrap_or("")
-            .to_string();
+        // Off the script: back onto it where only blanks differ, or after
+        // the longest end of the text (4 characters at least) that the
+        // script has (past a refused name, at its `"arguments"`).
+        let text_norm = norm(&run.text);
+        let rest = match script_norm.strip_prefix(text_norm.as_str()) {
+            Some(r) => r.to_string(),
+            None => (4..=text_norm.len().min(40))
+                .rev()
+                .filter(|&k| text_norm.is_char_boundary(text_norm.len() - k))
+                .find_map(|k| {
+                    let end = &text_norm[text_norm.len() - k..];
+                    script_norm
+                        .find(end)
+                        .map(|p| script_norm[p + k..].to_string())
+                })
+                .unwrap_or_default(),
+        };
         let mut row = vec![0.0f32; vocab];
         if let Some(w) = want {
             row[w as usize] = 10.0;
@@ -90,7 +124,9 @@ fn drive(llm: &Llm, c: &mut Constraint, script: &str, max: usize) -> Run {
                     .clone()
                     .map(|t| (t, norm(&piece(t))))
                     .filter(|(_, p)| !p.is_empty() && rest.starts_with(p.as_str()))
-                    .max_by_key(|(t, p)| (p.len(), u32::MAX - t));
+                    // (Blanks the script has are forced by the grammar:
+                    // of equal tokens, the one without them.)
+                    .max_by_key(|(t, p)| (piece(*t).len() == p.len(), p.len(), u32::MAX - t));
                 if let Some((t, _)) = resync {
                     return t;
                 }
@@ -120,7 +156,11 @@ fn drive(llm: &Llm, c: &mut Constraint, script: &str, max: usize) -> Run {
 }
 
 fn lazy(fmt: ToolFormat, parallel: bool) -> Constraint {
-    let spec = lazy_grammar(fmt, &qwen().tokenizer, &weather(), parallel)
+    lazy_with(fmt, &weather(), parallel)
+}
+
+fn lazy_with(fmt: ToolFormat, tools: &Value, parallel: bool) -> Constraint {
+    let spec = lazy_grammar(fmt, &qwen().tokenizer, tools, parallel)
         .expect("grammar")
         .expect("a trigger in this vocabulary");
     assert!(matches!(spec, GrammarSpec::Lazy { .. }));
@@ -259,6 +299,8 @@ fn a_reply_opening_with_a_brace_is_a_constrained_json_call() {
 /// On a GPU a lazy constraint waiting for its trigger token lets the token
 /// be drawn on the device; the scheduler shows it to the constraint, and
 /// the trigger turns the grammar on (with the tokens it forces next).
+/// Hermes' reply start, which may open a ```json fence, is drawn on the
+/// host until it cannot.
 #[test]
 fn tokens_drawn_elsewhere_turn_a_lazy_constraint_on() {
     let llm = qwen();
@@ -268,7 +310,15 @@ fn tokens_drawn_elsewhere_turn_a_lazy_constraint_on() {
         parse_special: true,
     };
     let mut c = lazy(ToolFormat::Hermes, false);
-    for t in tok.encode("Sure, one moment.\n", opts).unwrap() {
+    let text = tok.encode("Sure, one moment.\n", opts).unwrap();
+    assert!(c.needs_logits() && !c.needs_mask());
+    let mut row = vec![0.0f32; llm.model.config.vocab];
+    row[text[0] as usize] = 1.0;
+    let first = c
+        .pick(&mut row, |r| tl_model::sampler::argmax(r))
+        .expect("pick");
+    assert_eq!(first, Some(text[0]));
+    for &t in &text[1..] {
         assert!(!c.needs_logits());
         c.observe(t).expect("free text");
         assert!(c.take_forced().is_empty());
@@ -344,4 +394,95 @@ fn harmony_forced_call_grammar_compiles_and_forces_the_call() {
         assert_eq!(v["city"], "Paris", "{v}");
         assert!(v["unit"] == "celsius" || v["unit"] == "fahrenheit", "{v}");
     }
+}
+
+/// Qwen2.5-Coder's own way of calling under `auto`: a reply that opens a
+/// ```json fence is constrained from the reply's start to the fence around
+/// a call of the request's functions, whatever tokens spell the opening
+/// (the script's own tokenization, one character a token, a blank before
+/// the fence or after its language); the made-up unit and function name
+/// are overruled, and the reply reads back as one valid call.
+#[test]
+fn a_reply_opening_a_json_fence_is_a_constrained_call() {
+    let llm = qwen();
+    let body = |name: &str, unit: &str| {
+        format!("{{\"name\": \"{name}\", \"arguments\": {{\"city\": \"Paris\", \"unit\": \"{unit}\"}}}}")
+    };
+    for (open, chars) in [
+        ("```json\n", false),
+        ("```json\n", true),
+        ("\n```json \n", false),
+        ("```json ", true),
+    ] {
+        // (With one function its name is forced; with two the model picks,
+        // and `_time` is refused after `get`.)
+        for (name, unit, tools) in [
+            ("get_weather", "kelvin", weather()),
+            ("get_time", "celsius", two()),
+        ] {
+            let script = format!("{open}{}\n```", body(name, unit));
+            let mut c = lazy_with(ToolFormat::Hermes, &tools, true);
+            let run = drive_split(llm, &mut c, &script, 200, chars);
+            let what = format!("{script:?} (chars: {chars}) gave {:?}", run.text);
+            assert!(run.overruled.iter().any(|o| *o), "{what}");
+            // Free until the opening is out, masked from there.
+            assert!(!run.masked[0], "{what}");
+            assert!(run.masked.iter().any(|m| *m), "{what}");
+            assert!(run.text.starts_with(open), "{what}");
+            assert!(run.text.ends_with("\n```"), "{what}");
+            let (content, args) = check_call(&run.text, ToolFormat::Hermes);
+            assert_eq!(content, "", "{what}");
+            assert_eq!(args["city"], "Paris", "{what}");
+        }
+    }
+    // Parallel calls: an array in the fence.
+    let mut c = lazy(ToolFormat::Hermes, true);
+    let script = format!(
+        "```json\n[{}, {}]\n```",
+        body("get_weather", "celsius"),
+        body("get_weather", "kelvin")
+    );
+    let run = drive(llm, &mut c, &script, 200);
+    let (_, args) = check_calls(&run.text, ToolFormat::Hermes, 2);
+    assert_eq!(args[1]["unit"], "fahrenheit", "{:?}", run.text);
+    // Without parallel calls, only one call object (the grammar forces
+    // its opening right after the fence's).
+    let mut c = lazy(ToolFormat::Hermes, false);
+    let run = drive(llm, &mut c, &script, 200);
+    assert!(
+        run.text.starts_with("```json\n{\"name\": \"get_weather\""),
+        "{:?}",
+        run.text
+    );
+    check_call(&run.text, ToolFormat::Hermes);
+}
+
+/// Fences that are not a call's stay free: another language, a fence
+/// after some prose (an example in an explanation), JSON without the
+/// fence; the `<tool_call>` token still turns the grammar on after a
+/// fence that missed.
+#[test]
+fn other_fences_and_prose_stay_free() {
+    let llm = qwen();
+    for script in [
+        "```python\ndef get_weather(city):\n    return {\"name\": \"x\"}\n```",
+        "```jsonc\n{\"name\": \"get_time\", \"arguments\": {}}\n```",
+        "Here is an example:\n```json\n{\"name\": \"get_time\", \"arguments\": {\"unit\": \"kelvin\"}}\n```\nDone.",
+        "Sure, the weather in Paris is mild.",
+    ] {
+        for chars in [false, true] {
+            let mut c = lazy(ToolFormat::Hermes, true);
+            let run = drive_split(llm, &mut c, script, 200, chars);
+            assert_eq!(run.text, script, "chars: {chars}");
+            assert!(run.masked.iter().all(|m| !m), "{script:?}: {:?}", run.masked);
+            assert!(!c.needs_mask() && c.is_waiting(), "{script:?}");
+        }
+    }
+    let mut c = lazy_with(ToolFormat::Hermes, &two(), false);
+    let script = "```python\nprint(1)\n```\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"city\": \"Oslo\", \"unit\": \"celsius\"}}\n</tool_call>";
+    let run = drive(llm, &mut c, script, 200);
+    assert!(run.overruled.iter().any(|o| *o), "{:?}", run.text);
+    let (content, args) = check_call(&run.text, ToolFormat::Hermes);
+    assert_eq!(content, "```python\nprint(1)\n```");
+    assert_eq!(args["city"], "Oslo");
 }
