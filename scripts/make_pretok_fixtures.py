@@ -36,7 +36,7 @@ NAMES = [
     "falcon", "starcoder", "smollm", "deepseek-llm", "deepseek-coder", "deepseek-v3",
     "spark2_5", "youtu", "jais-2", "poro-chat", "viking", "tekken", "chameleon",
     "gpt-4o", "granite-embed-multi-97m", "superbpe", "bailingmoe", "seed-coder",
-    "ufakzeka", "laguna", "exaone-moe", "minicpm5",
+    "ufakzeka", "laguna", "exaone-moe", "minicpm5", "qwen35", "tiny_aya", "afmoe",
 ]
 
 EXTRA = [

@@ -1,7 +1,7 @@
 //! BPE pre-tokenization: splitting a text fragment into words before merges.
 //!
 //! Ported from llama.cpp `src/unicode.cpp` (`unicode_regex_split` and the
-//! hand-written `unicode_regex_split_custom_{gpt2,llama3,qwen2}`). llama.cpp
+//! hand-written `unicode_regex_split_custom_{gpt2,llama3,qwen2,qwen35}`). llama.cpp
 //! does not run the tokenizer.json regexes as written: the common ones are
 //! hand-coded state machines with their own corner cases (e.g. `\s+(?!\S)`
 //! is decided by "is there another code point in this segment"), and the
@@ -22,6 +22,7 @@ pub(crate) fn split(pre: PreTokenizer, cpts: &[u32], out: &mut Vec<usize>) {
         PreTokenizer::Gpt2 => split_gpt2(cpts, &[cpts.len()], out),
         PreTokenizer::Llama3 => split_llama3(cpts, &[cpts.len()], 3, out),
         PreTokenizer::Qwen2 => split_llama3(cpts, &[cpts.len()], 1, out),
+        PreTokenizer::Qwen35 => split_letters_marks(cpts, &[cpts.len()], 1, true, out),
         PreTokenizer::Regex(set) => match crate::pretok_regex::compiled(set) {
             Ok(stages) => crate::pretok_regex::split(stages, cpts, out),
             // Compiled (and checked) when the vocabulary was loaded.
@@ -192,6 +193,21 @@ pub(crate) fn split_llama3(
     max_digits: usize,
     out: &mut Vec<usize>,
 ) {
+    split_letters_marks(cpts, offsets, max_digits, false, out)
+}
+
+/// [`split_llama3`], with `marks` Qwen 3.5's variant of the Qwen 2 machine
+/// (llama.cpp `unicode_regex_split_custom_qwen35`): letter runs take
+/// combining marks too, and marks are not punctuation:
+/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
+fn split_letters_marks(
+    cpts: &[u32],
+    offsets: &[usize],
+    max_digits: usize,
+    marks: bool,
+    out: &mut Vec<usize>,
+) {
+    let word = |f: Flags| f.is_letter() || (marks && f.is_accent_mark());
     let is_crlf = |c: u32| c == '\r' as u32 || c == '\n' as u32;
     let mut start = 0;
     for &len in offsets {
@@ -229,11 +245,10 @@ pub(crate) fn split_llama3(
                 }
             }
 
-            // [^\r\n\p{L}\p{N}]?\p{L}+
-            if !(is_crlf(cpt) || f.is_number()) && (f.is_letter() || seg.flags(pos + 1).is_letter())
-            {
+            // [^\r\n\p{L}\p{N}]?\p{L}+ (with marks: [\p{L}\p{M}]+)
+            if !(is_crlf(cpt) || f.is_number()) && (word(f) || word(seg.flags(pos + 1))) {
                 pos += 1;
-                while seg.flags(pos).is_letter() {
+                while word(seg.flags(pos)) {
                     pos += 1;
                 }
                 em.add(pos);
@@ -261,9 +276,9 @@ pub(crate) fn split_llama3(
             } else {
                 f
             };
-            if !(f2.is_whitespace() || f2.is_letter() || f2.is_number()) && f.any() {
+            if !(f2.is_whitespace() || word(f2) || f2.is_number()) && f.any() {
                 pos += usize::from(cpt == ' ' as u32);
-                while !(f2.is_whitespace() || f2.is_letter() || f2.is_number()) && f2.any() {
+                while !(f2.is_whitespace() || word(f2) || f2.is_number()) && f2.any() {
                     pos += 1;
                     f2 = seg.flags(pos);
                 }
