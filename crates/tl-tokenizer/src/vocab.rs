@@ -79,6 +79,8 @@ pub enum PreTokenizer {
     Qwen2,
     /// Qwen 3.5's: Qwen 2's with combining marks in letter runs.
     Qwen35,
+    /// Kimi K2's: Han runs apart from the other letters.
+    KimiK2,
     /// A set of expressions run through the general regex path.
     Regex(RegexSet),
 }
@@ -141,6 +143,7 @@ const PRE_NAMES: &[PreEntry] = {
         ("command-r", Regex(R::Starcoder), false, false, None, false),
         ("qwen2", Qwen2, false, false, None, false),
         ("qwen35", Qwen35, false, false, None, false),
+        ("kimi-k2", KimiK2, false, false, None, false),
         ("deepseek-r1-qwen", Qwen2, false, false, None, false),
         ("kormo", Qwen2, false, false, None, false),
         ("f2llmv2", Qwen2, false, false, None, false),
@@ -195,10 +198,6 @@ const PRE_NAMES: &[PreEntry] = {
 
 /// Names llama.cpp accepts that tl does not run yet, with what is missing.
 const PRE_UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "kimi-k2",
-        "its hand-written splitter (Kimi K2) is not ported",
-    ),
     ("gemma4", "SPM-style BPE on raw UTF-8 is not implemented"),
     (
         "granite-embed-multi-311m",
