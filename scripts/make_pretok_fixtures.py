@@ -36,7 +36,7 @@ NAMES = [
     "falcon", "starcoder", "smollm", "deepseek-llm", "deepseek-coder", "deepseek-v3",
     "spark2_5", "youtu", "jais-2", "poro-chat", "viking", "tekken", "chameleon",
     "gpt-4o", "granite-embed-multi-97m", "superbpe", "bailingmoe", "seed-coder",
-    "ufakzeka", "laguna", "exaone-moe", "minicpm5",
+    "ufakzeka", "laguna", "exaone-moe", "minicpm5", "qwen35", "kimi-k2", "tiny_aya", "afmoe",
 ]
 
 EXTRA = [
@@ -49,6 +49,7 @@ EXTRA = [
     ("turkish", "İstanbul'da Ankara'ya gittim; ÇĞÖŞÜ çğöşü"),
     ("marks", "a\u0301b\u0300\u0302 c \u0301x"),
     ("slashes", "path/to/file\r\n/usr/bin/ x// y///\n"),
+    ("han_mixed", "中文English混合テキストabc's 漢字ひらがな한글 \U00020000\U00020001x !中 é\u0301中 'LL"),
 ]
 
 

@@ -99,6 +99,33 @@ CASES = [
      "yarn": 8.0, "rope_attn_factor": 1.1},
     {"arch": "qwen3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 39, "qk_scale": 6.0,
      "yarn": 4.0},
+    # The rope.scaling.yarn_* keys. llama.cpp 0.3.36 reads them per
+    # architecture: mistral3 the betas and the log multiplier (HF's
+    # mscale_all_dim, stored as is), grok all, deepseek2 the multiplier;
+    # the others ignore them. Mistral 3 as released (factor 16, betas 32/1,
+    # multiplier 1, temperature 0.1 over the original context), then every
+    # read key off its default; then qwen2 carrying all five keys, which
+    # both llama.cpp and tl must ignore.
+    {"arch": "mistral3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 44, "qk_scale": 6.0,
+     "yarn": 16.0, "yarn_orig_ctx": 32, "attn_temp": 0.1,
+     "yarn_key": ["yarn_beta_fast=32", "yarn_beta_slow=1", "yarn_log_multiplier=1"]},
+    {"arch": "mistral3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 45, "qk_scale": 6.0,
+     "yarn": 8.0, "yarn_orig_ctx": 4096,
+     "yarn_key": ["yarn_beta_fast=8", "yarn_beta_slow=2", "yarn_log_multiplier=0.5"]},
+    {"arch": "qwen2", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 46, "qk_scale": 6.0,
+     "yarn": 4.0, "yarn_orig_ctx": 64,
+     "yarn_key": ["yarn_beta_fast=4", "yarn_beta_slow=2", "yarn_log_multiplier=1",
+                  "yarn_ext_factor=0.5", "yarn_attn_factor=2"]},
+    # LongRoPE's factor set follows llama.cpp's runtime context (n_ctx,
+    # rounded up to 256: its n_ctx_seq) against the original context
+    # (1024), not the training one (512): short at 512 and at 1000 (1024
+    # after rounding), long at 2048.
+    {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 47, "qk_scale": 6.0,
+     "long_rope": 1024, "n_ctx": 512},
+    {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 47, "qk_scale": 6.0,
+     "long_rope": 1024, "n_ctx": 1000},
+    {"arch": "phi3", "weight_type": "Q8_0", "output_type": "Q8_0", "seed": 47, "qk_scale": 6.0,
+     "long_rope": 1024, "n_ctx": 2048},
     # The ternary types: every matrix (token_embd included) TQ1_0 or TQ2_0.
     {"arch": "qwen2", "weight_type": "TQ1_0", "output_type": "Q8_0", "seed": 33},
     {"arch": "qwen2", "weight_type": "TQ2_0", "output_type": "TQ2_0", "seed": 34},
@@ -109,9 +136,13 @@ TOKENS = [1] + [3 + (i * 37 + 11) % 317 for i in range(159)]
 ROWS = [p for p in range(len(TOKENS)) if p % 16 == 15 or p >= len(TOKENS) - 4]
 
 
-def logits(path, n_batch):
-    llm = llama_cpp.Llama(str(path), n_ctx=512, n_batch=n_batch, n_ubatch=n_batch,
-                          logits_all=True, n_threads=2, verbose=False)
+def logits(path, n_batch, n_ctx=512):
+    # The YaRN betas and magnitude factor at -1: llama.cpp's own default
+    # ("from the model"; llama-cpp-python's Llama would pass 32, 1 and 1,
+    # overriding a file's `rope.scaling.yarn_*` values).
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                          logits_all=True, n_threads=2, verbose=False, yarn_beta_fast=-1.0,
+                          yarn_beta_slow=-1.0, yarn_attn_factor=-1.0)
     llm.eval(TOKENS)
     out = np.array(llm.scores[: len(TOKENS)], dtype=np.float32)
     del llm
@@ -147,21 +178,25 @@ def main():
             path = pathlib.Path(d) / f"{c['arch']}-{c['weight_type']}.gguf"
             args = [str(TL), "synth", "-o", str(path)]
             for k, v in c.items():
-                if k == "bound_frac":  # the test's tolerance, not a model option
+                if k in ("bound_frac", "n_ctx"):  # the test's tolerance, llama.cpp's context
                     continue
                 if v is True:
                     args.append(f"--{k.replace('_', '-')}")
+                elif isinstance(v, list):
+                    for x in v:
+                        args += [f"--{k.replace('_', '-')}", str(x)]
                 else:
                     args += [f"--{k.replace('_', '-')}", str(v)]
             subprocess.run(args, check=True, capture_output=True)
-            a = logits(path, 512)
-            b = logits(path, 1)
+            n_ctx = c.get("n_ctx", 512)
+            a = logits(path, 512, n_ctx)
+            b = logits(path, 1, n_ctx)
             a, b = a[ROWS], b[ROWS]
             self_max = float(np.abs(a - b).max())
             c["self_max_abs"] = self_max
             c["logits"] = [[round(float(x), 5) for x in row] for row in a]
             fx["cases"].append(c)
-            print(f"{c['arch']} {c['weight_type']}: |logit| max {np.abs(a).max():.3f}, "
+            print(f"{c['arch']} {c['weight_type']} n_ctx {n_ctx}: |logit| max {np.abs(a).max():.3f}, "
                   f"llama.cpp batch 512 vs 1 max diff {self_max:.5f}")
     OUT.write_text(json.dumps(fx, separators=(",", ":")) + "\n")
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes)")

@@ -17,7 +17,10 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
-    /// KV cache capacity in tokens (default: prompt + max tokens; chat: 4096).
+    /// KV cache capacity in tokens (default: prompt + max tokens; chat: 4096). When given,
+    /// also the runtime context that picks Phi-3 LongRoPE's factors as llama.cpp's `-c`
+    /// does (long ones where it, rounded up to 256, exceeds the original context; without
+    /// it, the training context decides, as llama.cpp's default `-c 0`).
     #[arg(short = 'c', long, default_value_t = 0)]
     pub ctx_size: usize,
     /// Scan all weights for NaN/Inf before running.
@@ -220,7 +223,9 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
 
 pub fn load(a: &ModelArgs) -> anyhow::Result<Llm> {
     init_threads(a.threads)?;
-    let mut llm = Llm::load_on(&a.model, crate::device())
+    // `--ctx-size` is also the runtime context llama.cpp's `-c` would be:
+    // it picks Phi-3 LongRoPE's factor set (0: the training context).
+    let mut llm = Llm::load_ctx(&a.model, crate::device(), a.ctx_size)
         .with_context(|| format!("loading {} on {}", a.model.display(), crate::device()))?;
     crate::configure(&mut llm.model)?;
     crate::log_device(&llm.model);

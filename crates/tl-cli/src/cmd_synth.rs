@@ -14,7 +14,7 @@ pub struct SynthArgs {
     #[arg(short, long)]
     pub out: PathBuf,
     /// Architecture: llama, mixtral (llama with experts), qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3,
-    /// phi3, granite, smollm3, olmo2, command-r, gpt-oss (experts in MXFP4), or the embedding
+    /// phi3, granite, smollm3, olmo2, command-r, gpt-oss (experts in MXFP4), mistral3, or the embedding
     /// models bert and nomic-bert
     /// (`--heads` × `--head-dim` must then be `--d-model`; `--extra-vocab` filler words
     /// follow a small WordPiece vocabulary).
@@ -73,6 +73,17 @@ pub struct SynthArgs {
     /// gpt-oss: `attention.sliding_window_pattern` (every N-th layer global; 0: not written).
     #[arg(long, default_value_t = 0)]
     pub swa_pattern: usize,
+    /// YaRN's original context (`rope.scaling.original_context_length`; default `--context`).
+    #[arg(long, default_value_t = 0)]
+    pub yarn_orig_ctx: usize,
+    /// A `rope.scaling.yarn_*` value, NAME=VALUE (e.g. `yarn_beta_fast=8`); repeatable.
+    /// Written whatever the architecture; llama.cpp reads them for mistral3 (betas, log
+    /// multiplier) and ignores them elsewhere, as tl does.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub yarn_key: Vec<String>,
+    /// mistral3: `attention.temperature_scale` (0: not written).
+    #[arg(long, default_value_t = 0.0)]
+    pub attn_temp: f32,
     /// Pooling of an embedding model (bert, nomic-bert): mean, cls, last or none.
     #[arg(long, default_value = "mean")]
     pub pooling: String,
@@ -140,6 +151,21 @@ pub fn run(a: &SynthArgs) -> anyhow::Result<()> {
         rope_attn_factor: a.rope_attn_factor,
         swa_pattern: a.swa_pattern,
         linear_factor: a.rope_linear,
+        yarn_orig_ctx: a.yarn_orig_ctx,
+        rope_scaling_keys: a
+            .yarn_key
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--yarn-key {kv}: expected NAME=VALUE"))?;
+                let v: f32 = v
+                    .parse()
+                    .with_context(|| format!("--yarn-key {kv}: {v} is not a number"))?;
+                Ok((k.to_string(), v))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        attn_temp_scale: a.attn_temp,
     };
     let w = if spec.arch.is_encoder() {
         let pooling = match a.pooling.as_str() {

@@ -47,10 +47,15 @@ pub enum Arch {
     /// experts with biases, chosen by the top-k router logits (softmax over
     /// those k), each a clamped SwiGLU (`swiglu_oai`).
     GptOss,
+    /// Mistral 3 (`mistral3`: Ministral 3): llama's dense layout, YaRN
+    /// with the file's `rope.scaling.yarn_beta_fast/slow` and
+    /// `yarn_log_multiplier`, and Llama 4-style attention temperature
+    /// scaling of the query by position (`attention.temperature_scale`).
+    Mistral3,
 }
 
 pub const SUPPORTED_ARCHS: &str =
-    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss";
+    "llama, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss, mistral3";
 
 impl Arch {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -69,6 +74,7 @@ impl Arch {
             "olmo2" => Ok(Arch::Olmo2),
             "command-r" => Ok(Arch::CommandR),
             "gpt-oss" => Ok(Arch::GptOss),
+            "mistral3" => Ok(Arch::Mistral3),
             "bert" | "nomic-bert" => Err(ModelError::BadConfig(format!(
                 "{name} is an embedding (encoder) model, not a text generator: run it with \
                  `tl embed` or the server's /v1/embeddings"
@@ -96,6 +102,7 @@ impl Arch {
             Arch::Olmo2 => "olmo2",
             Arch::CommandR => "command-r",
             Arch::GptOss => "gpt-oss",
+            Arch::Mistral3 => "mistral3",
         }
     }
 }
@@ -255,6 +262,33 @@ pub struct Config {
     /// RoPE scaling (YaRN, or LongRoPE's magnitude factor), when the
     /// model uses it.
     pub yarn: Option<Yarn>,
+    /// Attention temperature scaling of the query by position (Mistral 3).
+    pub attn_temp: Option<AttnTemp>,
+    /// The context the LongRoPE factor set is chosen by (llama.cpp's
+    /// `n_ctx_seq`): the long factors where it exceeds `n_ctx_orig`. The
+    /// training context unless the loader is given a runtime one
+    /// ([`crate::model::Model::from_file_ctx`]).
+    pub rope_ctx: usize,
+}
+
+/// Llama 4-style attention temperature (llama.cpp `llm_graph_input_attn_temp`):
+/// the query at position `p` is multiplied, after RoPE, by
+/// `1 + scale · ln(floor(p / floor) + 1)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnTemp {
+    /// `attention.temperature_scale`.
+    pub scale: f32,
+    /// The original context (`rope.scaling.original_context_length`, else
+    /// the training context).
+    pub floor: usize,
+}
+
+impl AttnTemp {
+    /// The query's factor at position `pos` (in llama.cpp's float order).
+    pub fn at(&self, pos: usize) -> f32 {
+        let q = (pos as f32 / self.floor as f32).floor();
+        ((q as f64 + 1.0).ln() * self.scale as f64 + 1.0) as f32
+    }
 }
 
 impl Config {
@@ -370,7 +404,7 @@ impl Config {
             NormKind::Layer => m.get_f32(&k("attention.layer_norm_epsilon"))?,
         };
         let (rope_layout, ffn_act) = match arch {
-            Arch::Llama | Arch::Granite | Arch::Smollm3 | Arch::CommandR => {
+            Arch::Llama | Arch::Granite | Arch::Smollm3 | Arch::CommandR | Arch::Mistral3 => {
                 (RopeLayout::Normal, FfnAct::Silu)
             }
             Arch::Qwen2
@@ -561,6 +595,37 @@ impl Config {
             _ => (0, 0, usize_of(k("feed_forward_length"))?),
         };
         let n_ctx_train = usize_of(k("context_length"))?;
+        let yarn = read_rope_scaling(m, arch, n_ctx_train)?;
+        let n_ctx_orig = match m.opt_u64(&k("rope.scaling.original_context_length"))? {
+            Some(v) if v > 0 => v as usize,
+            _ => n_ctx_train,
+        };
+        // Mistral 3 (llama.cpp `models/mistral3.cpp`): the query scaled by
+        // position, over the floor of the original context.
+        let attn_temp = match arch {
+            Arch::Mistral3 => {
+                let key = k("attention.temperature_scale");
+                match m.opt_f32(&key)? {
+                    None => None,
+                    Some(0.0) => None,
+                    Some(v) if v.is_finite() && n_ctx_orig > 0 => Some(AttnTemp {
+                        scale: v,
+                        floor: n_ctx_orig,
+                    }),
+                    Some(v) => {
+                        return Err(ModelError::BadConfig(format!(
+                            "{key} = {v} (must be finite, over a positive original context)"
+                        )))
+                    }
+                }
+            }
+            _ => None,
+        };
+        if arch == Arch::Mistral3 && m.opt_u64(&k("expert_count"))?.unwrap_or(0) > 0 {
+            return Err(ModelError::BadConfig(
+                "mistral3 with experts (mistral3.expert_count) is not supported yet".into(),
+            ));
+        }
         Ok(Config {
             arch,
             name: m.opt_str("general.name")?.unwrap_or("").to_string(),
@@ -573,10 +638,7 @@ impl Config {
             ffn,
             vocab,
             context: n_ctx_train,
-            n_ctx_orig: match m.opt_u64(&k("rope.scaling.original_context_length"))? {
-                Some(v) if v > 0 => v as usize,
-                _ => n_ctx_train,
-            },
+            n_ctx_orig,
             rms_eps,
             norm,
             norm_placement,
@@ -608,8 +670,93 @@ impl Config {
                 Arch::GptOss => MoeGating::SoftmaxSelected,
                 _ => MoeGating::Softmax,
             },
-            yarn: read_rope_scaling(m, a, n_ctx_train)?,
+            yarn,
+            attn_temp,
+            rope_ctx: n_ctx_train.div_ceil(256).saturating_mul(256),
         })
+    }
+}
+
+/// The `rope.scaling.yarn_*` keys llama.cpp reads for an architecture
+/// (`models/*.cpp`, `load_arch_hparams`): only Grok reads all of them,
+/// DeepSeek 2 the log multiplier, Mistral 3 the betas and the log
+/// multiplier. Every other architecture leaves them at their defaults
+/// whatever the file says (the converter writes the betas and factors of
+/// any YaRN model), and so does tl.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct YarnKeys {
+    /// `yarn_ext_factor`: the ramp's mix; negative means "from the
+    /// scaling type" (1 for YaRN, else 0).
+    pub ext_factor: Option<f32>,
+    /// `yarn_attn_factor`: the magnitude factor where `ext_factor` is 0
+    /// (with a ramp llama.cpp derives its own and this is unused).
+    pub attn_factor: Option<f32>,
+    pub beta_fast: Option<f32>,
+    pub beta_slow: Option<f32>,
+    /// `yarn_log_multiplier`: HF's `mscale_all_dim` (Mistral 3 stores it
+    /// as is; DeepSeek 2's converter stores 0.1 times it).
+    pub log_multiplier: Option<f32>,
+}
+
+impl YarnKeys {
+    /// The keys (after `{arch}.rope.scaling.`) llama.cpp reads for `arch`.
+    pub fn read_by(arch: Arch) -> &'static [&'static str] {
+        match arch {
+            Arch::Mistral3 => &["yarn_beta_fast", "yarn_beta_slow", "yarn_log_multiplier"],
+            _ => &[],
+        }
+    }
+
+    /// Reads the keys llama.cpp reads for `arch`.
+    pub fn read(m: &Metadata, arch: Arch) -> Result<Self> {
+        Self::read_keys(m, arch.name(), Self::read_by(arch))
+    }
+
+    /// Reads `names` (of the five `yarn_*` keys) under `{arch}.rope.scaling.`,
+    /// each checked: a value that would make the rotation meaningless is
+    /// an error naming the key. A negative `yarn_ext_factor` means "not
+    /// set", as in llama.cpp.
+    pub fn read_keys(m: &Metadata, arch: &str, names: &[&str]) -> Result<Self> {
+        let mut y = YarnKeys::default();
+        for &name in names {
+            let key = format!("{arch}.rope.scaling.{name}");
+            let Some(v) = m.opt_f32(&key)? else {
+                continue;
+            };
+            let (slot, ok, what) = match name {
+                "yarn_ext_factor" => (
+                    &mut y.ext_factor,
+                    v <= 1.0,
+                    "the ramp's mix: 0 to 1, or negative for the scaling type's",
+                ),
+                "yarn_attn_factor" => (&mut y.attn_factor, v > 0.0, "must be positive"),
+                "yarn_beta_fast" => (&mut y.beta_fast, v > 0.0, "must be positive"),
+                "yarn_beta_slow" => (&mut y.beta_slow, v > 0.0, "must be positive"),
+                "yarn_log_multiplier" => (
+                    &mut y.log_multiplier,
+                    v >= 0.0,
+                    "must be 0 (off) or positive",
+                ),
+                other => {
+                    return Err(ModelError::BadConfig(format!(
+                        "{arch}.rope.scaling.{other} is not a YaRN key"
+                    )))
+                }
+            };
+            if !(v.is_finite() && ok) {
+                return Err(ModelError::BadConfig(format!("{key} = {v} ({what})")));
+            }
+            *slot = Some(v);
+        }
+        y.ext_factor = y.ext_factor.filter(|v| *v >= 0.0);
+        let (fast, slow) = (y.beta_fast.unwrap_or(32.0), y.beta_slow.unwrap_or(1.0));
+        if fast < slow {
+            return Err(ModelError::BadConfig(format!(
+                "{arch}.rope.scaling.yarn_beta_fast = {fast} is below \
+                 {arch}.rope.scaling.yarn_beta_slow = {slow} (the fast boundary is the higher)"
+            )));
+        }
+        Ok(y)
     }
 }
 
@@ -617,23 +764,28 @@ impl Config {
 /// metadata (`llama-context.cpp`) for ggml's `rope_ext`; `None` where
 /// RoPE runs unscaled.
 ///
-/// `rope.scaling.type = yarn`: `ext_factor` 1, `freq_scale` `1 /
-/// rope.scaling.factor`, the magnitude factor `get_mscale(factor) / (1 +
-/// 0.1 ln factor)` (ggml's rope multiplies by the second again); `beta_fast`
-/// 32, `beta_slow` 1 (llama.cpp reads the `rope.scaling.yarn_*` keys only
-/// for architectures tl does not run). Files with
-/// `rope.scaling.yarn_log_multiplier` (DeepSeek style) are refused.
-///
-/// Every type: the magnitude factor times `rope.scaling.attn_factor`
-/// (Phi-3's LongRoPE files carry one: cos and sin, so Q and K, are scaled
-/// by it), and `n_ctx_orig` from `rope.scaling.original_context_length`
-/// (the training context when absent).
+/// `freq_scale` is `1 / rope.scaling.factor` (1 for type `none`);
+/// `ext_factor` the file's `yarn_ext_factor` where the architecture reads
+/// it ([`YarnKeys`]), else 1 for `rope.scaling.type = yarn` and 0 for the
+/// others. With a ramp (`ext_factor` non-zero) the magnitude factor is
+/// `get_mscale(factor, 1)`, or with a log multiplier `L` (Mistral 3)
+/// `get_mscale(factor, 1) / get_mscale(factor, L)`, where
+/// `get_mscale(s, m) = 1 + 0.1 m ln s` (1 for s <= 1); then divided by
+/// `1 + 0.1 ln factor`, which ggml's rope multiplies back. Without a ramp
+/// it is `yarn_attn_factor` (1 unless read). Either way it is then
+/// multiplied by `rope.scaling.attn_factor` (Phi-3's LongRoPE files carry
+/// one: cos and sin, so Q and K, are scaled by it). `beta_fast` and
+/// `beta_slow` are 32 and 1 unless read; `n_ctx_orig` comes from
+/// `rope.scaling.original_context_length` (the training context when
+/// absent).
 ///
 /// Linear scaling (`rope.scaling.type = linear`, also llama.cpp's default
 /// when only a factor is given): the angles times `1 / factor`, no ramp.
 /// Other types are refused rather than ignored.
-fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option<Yarn>> {
+fn read_rope_scaling(m: &Metadata, arch: Arch, n_ctx_train: usize) -> Result<Option<Yarn>> {
+    let a = arch.name();
     let k = |s: &str| format!("{a}.{s}");
+    let keys = YarnKeys::read(m, arch)?;
     let n_ctx_orig = match m.opt_u64(&k("rope.scaling.original_context_length"))? {
         Some(v) if v > 0 => v as usize,
         _ => n_ctx_train,
@@ -641,7 +793,8 @@ fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option
     let rope_attn_factor = m.opt_f32(&k("rope.scaling.attn_factor"))?.unwrap_or(1.0);
     if !(rope_attn_factor.is_finite() && rope_attn_factor > 0.0) {
         return Err(ModelError::BadConfig(format!(
-            "rope.scaling.attn_factor {rope_attn_factor} (must be positive)"
+            "{} = {rope_attn_factor} (must be positive)",
+            k("rope.scaling.attn_factor")
         )));
     }
     // (`rope.scale_linear`: the older name of the factor.)
@@ -649,70 +802,56 @@ fn read_rope_scaling(m: &Metadata, a: &str, n_ctx_train: usize) -> Result<Option
         Some(f) => f,
         None => m.opt_f32(&k("rope.scale_linear"))?.unwrap_or(0.0),
     };
-    // Unscaled angles; only the magnitude factor, if any.
-    let plain = (rope_attn_factor != 1.0).then_some(Yarn {
-        freq_scale: 1.0,
-        n_ctx_orig,
-        ext_factor: 0.0,
-        attn_factor: rope_attn_factor,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-    });
     let kind = m.opt_str(&k("rope.scaling.type"))?;
-    let linear = match kind {
-        None | Some("linear") if factor == 0.0 || factor == 1.0 => return Ok(plain),
-        Some("none") => return Ok(plain),
-        Some("yarn") => false,
-        // llama.cpp's default type: the angles divided by the factor.
-        None | Some("linear") => true,
+    let yarn_type = match kind {
+        Some("yarn") => true,
+        None | Some("linear") | Some("none") => false,
         Some(other) => {
             return Err(ModelError::BadConfig(format!(
-                "rope scaling type {other:?} (factor {factor}) is not supported yet (linear and \
-                 yarn are)"
+                "{} {other:?} (factor {factor}) is not supported yet (linear and yarn are)",
+                k("rope.scaling.type")
             )))
         }
     };
-    if !linear
-        && m.opt_f32(&k("rope.scaling.yarn_log_multiplier"))?
-            .is_some_and(|v| v != 0.0)
-    {
-        return Err(ModelError::BadConfig(
-            "YaRN with rope.scaling.yarn_log_multiplier is not supported yet".into(),
-        ));
-    }
-    let freq_scale = if factor == 0.0 { 1.0 } else { 1.0 / factor };
+    let freq_scale = if factor == 0.0 || kind == Some("none") {
+        1.0
+    } else {
+        1.0 / factor
+    };
     if !(freq_scale.is_finite() && freq_scale > 0.0) {
         return Err(ModelError::BadConfig(format!(
-            "rope scaling factor {factor} (must be positive)"
+            "{} {factor} (must be positive)",
+            k("rope.scaling.factor")
         )));
     }
-    if linear {
-        return Ok(Some(Yarn {
-            freq_scale,
-            n_ctx_orig,
-            ext_factor: 0.0,
-            attn_factor: rope_attn_factor,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-        }));
-    }
-    let get_mscale = |scale: f32, mscale: f32| {
-        if scale <= 1.0 {
-            1.0
-        } else {
-            0.1 * mscale * scale.ln() + 1.0
-        }
-    };
-    let factor = 1.0 / freq_scale;
-    let mut attn_factor = get_mscale(factor, 1.0);
-    attn_factor *= 1.0 / (1.0 + 0.1 * factor.ln());
-    attn_factor *= rope_attn_factor;
-    Ok(Some(Yarn {
+    let ext_factor = keys.ext_factor.unwrap_or(if yarn_type { 1.0 } else { 0.0 });
+    let attn_factor = if ext_factor != 0.0 {
+        let get_mscale = |scale: f32, mscale: f32| {
+            if scale <= 1.0 {
+                1.0
+            } else {
+                0.1 * mscale * scale.ln() + 1.0
+            }
+        };
+        let factor = 1.0 / freq_scale;
+        let mut f = match keys.log_multiplier {
+            Some(l) if l != 0.0 => get_mscale(factor, 1.0) / get_mscale(factor, l),
+            _ => get_mscale(factor, 1.0),
+        };
+        f *= 1.0 / (1.0 + 0.1 * factor.ln());
+        f
+    } else {
+        keys.attn_factor.unwrap_or(1.0)
+    } * rope_attn_factor;
+    let yarn = Yarn {
         freq_scale,
         n_ctx_orig,
-        ext_factor: 1.0,
+        ext_factor,
         attn_factor,
-        beta_fast: 32.0,
-        beta_slow: 1.0,
-    }))
+        beta_fast: keys.beta_fast.unwrap_or(32.0),
+        beta_slow: keys.beta_slow.unwrap_or(1.0),
+    };
+    // Unscaled, unramped and unit magnitude: plain RoPE.
+    let plain = freq_scale == 1.0 && ext_factor == 0.0 && attn_factor == 1.0;
+    Ok((!plain).then_some(yarn))
 }

@@ -522,9 +522,15 @@ impl Exec for CpuExec<'_> {
                 if let Some(kn) = &lv.k_norm {
                     qk_norm(c, k, kn);
                 }
+                // Mistral 3's temperature: the query times a factor of
+                // its position, after RoPE.
+                let temp = c.attn_temp.map(|t| t.at(meta[i].1));
                 for head in q.chunks_exact_mut(hd) {
                     if use_rope {
                         kernels::rope_rotate(head, cs, rope_mode);
+                    }
+                    if let Some(t) = temp {
+                        head.iter_mut().for_each(|v| *v *= t);
                     }
                     if c.prescale_q() {
                         head.iter_mut().for_each(|v| *v *= c.attn_scale);

@@ -186,7 +186,18 @@ impl Llm {
 
     /// [`Llm::load`] with the model's weights and forward on `device`.
     pub fn load_on(path: impl AsRef<std::path::Path>, device: tl_core::Device) -> Result<Self> {
-        let model = Model::load_on(path, device)?;
+        Self::load_ctx(path, device, 0)
+    }
+
+    /// [`Llm::load_on`] for a runtime context of `ctx` tokens (0: the
+    /// training context), which picks Phi-3 LongRoPE's factor set
+    /// ([`Model::from_file_ctx`]).
+    pub fn load_ctx(
+        path: impl AsRef<std::path::Path>,
+        device: tl_core::Device,
+        ctx: usize,
+    ) -> Result<Self> {
+        let model = Model::load_ctx(path, device, ctx)?;
         let tokenizer = Tokenizer::from_gguf(&model.file)?;
         let template = ChatTemplate::from_metadata(&model.file.metadata, &tokenizer)?;
         if tokenizer.n_vocab() != model.config.vocab {

@@ -180,8 +180,14 @@ impl Model {
     /// Loads a model onto `device`: on a GPU the weights are uploaded in
     /// the device's block layouts and every forward runs there.
     pub fn load_on(path: impl AsRef<std::path::Path>, device: Device) -> Result<Self> {
+        Self::load_ctx(path, device, 0)
+    }
+
+    /// [`Model::load_on`] for a runtime context of `ctx` tokens (see
+    /// [`Model::from_file_ctx`]; 0: the training context).
+    pub fn load_ctx(path: impl AsRef<std::path::Path>, device: Device, ctx: usize) -> Result<Self> {
         let file = GgufFile::open(path)?;
-        Self::from_file_on(file, device)
+        Self::from_file_ctx(file, device, ctx)
     }
 
     /// Whether `file` can be loaded, without reading its weights: the
@@ -201,10 +207,29 @@ impl Model {
     }
 
     pub fn from_file_on(file: GgufFile, device: Device) -> Result<Self> {
+        Self::from_file_ctx(file, device, 0)
+    }
+
+    /// [`Model::from_file_on`] for a runtime context of `ctx` tokens (0:
+    /// the training context), which picks Phi-3 LongRoPE's factor set as
+    /// llama.cpp's `n_ctx` does: the context rounded up to a multiple of
+    /// 256 (llama.cpp's `n_ctx_seq` for one sequence), the long factors
+    /// where that exceeds `rope.scaling.original_context_length`.
+    pub fn from_file_ctx(file: GgufFile, device: Device, ctx: usize) -> Result<Self> {
         let vocab_hint = file
             .tensor("token_embd.weight")
             .and_then(|t| t.dims.get(1).map(|&v| v as usize));
-        let config = Config::from_metadata(&file.metadata, vocab_hint)?;
+        let mut config = Config::from_metadata(&file.metadata, vocab_hint)?;
+        let ctx = if ctx == 0 { config.context } else { ctx };
+        config.rope_ctx = ctx.div_ceil(256).saturating_mul(256);
+        if config.attn_temp.is_some() && device != Device::Cpu {
+            return Err(ModelError::BadConfig(format!(
+                "{}: attention temperature scaling ({}.attention.temperature_scale) runs on the \
+                 CPU only so far",
+                config.arch.name(),
+                config.arch.name()
+            )));
+        }
         let mut weights = Weights::load(&file, &config)?;
         if device == Device::Cpu {
             weights.repack(&file)?;

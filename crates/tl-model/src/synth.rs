@@ -45,6 +45,8 @@ pub enum SynthArch {
     /// router and experts; the experts in MXFP4 whatever the weight type
     /// (as the released models), `post_attention_norm` as the FFN norm.
     GptOss,
+    /// Mistral 3 (Ministral 3): llama's tensors under `mistral3`.
+    Mistral3,
     /// BERT encoder: learned positions, token types, separate Q/K/V with
     /// biases, post-LayerNorms with biases, GELU FFN; a WordPiece vocab.
     Bert,
@@ -70,12 +72,13 @@ impl SynthArch {
             "olmo2" => Ok(Self::Olmo2),
             "command-r" => Ok(Self::CommandR),
             "gpt-oss" => Ok(Self::GptOss),
+            "mistral3" => Ok(Self::Mistral3),
             "bert" => Ok(Self::Bert),
             "nomic-bert" => Ok(Self::NomicBert),
             other => Err(ModelError::UnknownArchitecture {
                 name: other.to_string(),
                 supported:
-                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss, bert, nomic-bert",
+                    "llama, mixtral, qwen2, qwen2moe, qwen3, qwen3moe, gemma, gemma2, gemma3, phi3, granite, smollm3, olmo2, command-r, gpt-oss, mistral3, bert, nomic-bert",
             }),
         }
     }
@@ -98,6 +101,7 @@ impl SynthArch {
             Self::Olmo2 => "olmo2",
             Self::CommandR => "command-r",
             Self::GptOss => "gpt-oss",
+            Self::Mistral3 => "mistral3",
             Self::Bert => "bert",
             Self::NomicBert => "nomic-bert",
         }
@@ -153,6 +157,14 @@ pub struct SynthSpec {
     /// Linear RoPE scaling by this factor (`rope.scaling.type = linear`);
     /// 0: none.
     pub linear_factor: f32,
+    /// YaRN's original context (`rope.scaling.original_context_length`);
+    /// 0: the model's `context`.
+    pub yarn_orig_ctx: usize,
+    /// Extra `rope.scaling.<name>` values (the `yarn_*` keys), written as
+    /// given whether or not the architecture reads them.
+    pub rope_scaling_keys: Vec<(String, f32)>,
+    /// Mistral 3's `attention.temperature_scale`; 0: not written.
+    pub attn_temp_scale: f32,
 }
 
 impl Default for SynthSpec {
@@ -179,6 +191,9 @@ impl Default for SynthSpec {
             rope_attn_factor: 1.0,
             swa_pattern: 0,
             linear_factor: 0.0,
+            yarn_orig_ctx: 0,
+            rope_scaling_keys: Vec::new(),
+            attn_temp_scale: 0.0,
         }
     }
 }
@@ -320,7 +335,32 @@ pub fn synthesize(spec: &SynthSpec) -> Result<GgufWriter<'static>> {
         );
         w.set(
             format!("{arch}.rope.scaling.original_context_length"),
-            u32v(spec.context),
+            u32v(if spec.yarn_orig_ctx > 0 {
+                spec.yarn_orig_ctx
+            } else {
+                spec.context
+            }),
+        );
+    } else if spec.yarn_orig_ctx > 0 {
+        return Err(bad("a YaRN original context needs a YaRN factor".into()));
+    }
+    for (name, v) in &spec.rope_scaling_keys {
+        if !name.starts_with("yarn_") {
+            return Err(bad(format!(
+                "rope.scaling.{name}: only the yarn_* keys are written this way"
+            )));
+        }
+        w.set(format!("{arch}.rope.scaling.{name}"), Value::F32(*v));
+    }
+    if spec.attn_temp_scale != 0.0 {
+        if spec.arch != SynthArch::Mistral3 {
+            return Err(bad(
+                "attention temperature scaling is Mistral 3's (--arch mistral3)".into(),
+            ));
+        }
+        w.set(
+            format!("{arch}.attention.temperature_scale"),
+            Value::F32(spec.attn_temp_scale),
         );
     }
     if spec.linear_factor != 0.0 {

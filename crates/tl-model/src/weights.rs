@@ -419,17 +419,16 @@ impl Weights {
                 moe,
             });
         }
-        // Phi-3 LongRoPE (llama.cpp `build_rope_factors`): the long
-        // factors where the context exceeds the original one, else the
-        // short ones; `rope_freqs` wins where both are present. tl runs a
-        // model at its training context (`context_length`), so the choice
-        // is llama.cpp's at that context (its default `n_ctx`). Other
-        // architectures' graphs read no such factors.
+        // Phi-3 LongRoPE (llama.cpp `get_rope_factors`): the long
+        // factors where the runtime context (`rope_ctx`, llama.cpp's
+        // `n_ctx_seq`) exceeds the original one, else the short ones;
+        // `rope_freqs` wins where both are present. Other architectures'
+        // graphs read no such factors.
         let rope_freqs = l.opt("rope_freqs.weight", &[c.rope_dims / 2])?;
         let long_rope = if rope_freqs.is_some() {
             None
         } else {
-            let name = if c.context > c.n_ctx_orig {
+            let name = if c.rope_ctx > c.n_ctx_orig {
                 "rope_factors_long.weight"
             } else {
                 "rope_factors_short.weight"
@@ -444,6 +443,24 @@ impl Weights {
             }
             l.opt(name, &[c.rope_dims / 2])?
         };
+        // Mistral 3's optional biases (llama.cpp reads them; converted
+        // Ministral 3 files have none): refused rather than ignored.
+        if c.arch == Arch::Mistral3 {
+            for b in [
+                "attn_output.bias",
+                "ffn_gate.bias",
+                "ffn_up.bias",
+                "ffn_down.bias",
+            ] {
+                if let Some(i) =
+                    (0..c.n_layers).find(|i| file.tensor(&format!("blk.{i}.{b}")).is_some())
+                {
+                    return Err(ModelError::BadConfig(format!(
+                        "mistral3 with biases (blk.{i}.{b}) is not supported yet"
+                    )));
+                }
+            }
+        }
         if matches!(c.arch, Arch::Qwen2 | Arch::GptOss) {
             for (i, lw) in layers.iter().enumerate() {
                 if lw.bq.is_none() || lw.bk.is_none() || lw.bv.is_none() {

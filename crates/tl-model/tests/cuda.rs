@@ -853,6 +853,28 @@ fn cuda_device_out_of_range_is_a_clear_error() {
     assert!(err.to_string().contains("cuda:99"), "{err}");
 }
 
+/// Architectures whose features the CUDA executor lacks are refused with
+/// the reason before any GPU work (so this runs without a GPU too).
+#[test]
+fn cuda_refuses_what_it_cannot_run_yet() {
+    // mistral3's attention temperature scaling.
+    let mut s = spec(SynthArch::Mistral3, GgmlType::Q8_0, GgmlType::Q8_0, 64);
+    (s.yarn_factor, s.yarn_orig_ctx, s.attn_temp_scale) = (8.0, 32, 0.1);
+    let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+    let err = Model::from_file_on(
+        GgufFile::from_bytes(bytes).expect("parses"),
+        Device::Cuda(0),
+    )
+    .err()
+    .expect("refused");
+    assert!(
+        err.to_string()
+            .contains("mistral3.attention.temperature_scale"),
+        "{err}"
+    );
+
+}
+
 /// RoPE scaling on the GPU against the CPU: YaRN (qwen2; llama with a
 /// magnitude factor), LongRoPE's short factors with a magnitude factor and
 /// its long factors (phi3), linear scaling of
@@ -882,6 +904,20 @@ fn cuda_matches_cpu_with_rope_scaling() {
         if let Err(e) = compare(&s) {
             failed.push(e);
         }
+    }
+    // mistral3's YaRN keys (betas 8/2 over an original context of 4096,
+    // log multiplier 0.5): the same RoPE arguments, other values.
+    let mut s = spec(SynthArch::Mistral3, GgmlType::Q8_0, GgmlType::Q8_0, 64);
+    s.yarn_factor = 8.0;
+    s.yarn_orig_ctx = 4096;
+    s.rope_scaling_keys = vec![
+        ("yarn_beta_fast".into(), 8.0),
+        ("yarn_beta_slow".into(), 2.0),
+        ("yarn_log_multiplier".into(), 0.5),
+    ];
+    s.qk_scale = 2.5;
+    if let Err(e) = compare(&s) {
+        failed.push(e);
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }

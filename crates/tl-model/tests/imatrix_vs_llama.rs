@@ -126,6 +126,7 @@ fn synthetic_models_imatrix_matches_llama_cpp() {
                 .unwrap_or(1.0) as f32,
             swa_pattern: c.get("swa_pattern").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
             linear_factor: c.get("rope_linear").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
+            ..Default::default()
         };
         let label = format!("synth {}", c["arch"]);
         let bytes = synthesize(&spec).unwrap().to_bytes().unwrap();

@@ -59,6 +59,25 @@
 //! what float order moves them (tl is within 0.21): leaving the scaling
 //! out moves them by 2.05, scaling the windowed layers too by 5.2.
 //!
+//! The `rope.scaling.yarn_*` keys (llama.cpp 0.3.36 reads them per
+//! architecture; the fixture's llama.cpp is given -1 for its betas and
+//! magnitude factor, llama.cpp's own "from the model", where
+//! llama-cpp-python's defaults would override the file): mistral3 as
+//! Ministral 3 ships (factor 16, betas 32/1, log multiplier 1, temperature
+//! 0.1 over an original context of 32; bound 0.043) and with betas 8/2 and
+//! multiplier 0.5 over 4096 (bound 0.053), both within 0.00001. Leaving
+//! out `yarn_beta_fast` moves llama.cpp's logits by 0.88 (tl with the key
+//! unread fails by exactly that), `yarn_beta_slow` by 0.17, the multiplier
+//! by 0.11 and 0.35, the temperature by 0.11. qwen2 carrying all five keys
+//! at odd values (bound 0.042): llama.cpp's logits equal those without
+//! them (within 0.00001), and tl, ignoring them too, is within 0.017.
+//!
+//! Phi-3 LongRoPE by the runtime context: one model (original context
+//! 1024, training 512) at llama.cpp's `n_ctx` 512 and 1000 (short: 1000
+//! rounds up to 1024, not beyond) and 2048 (long), loaded here with the
+//! same context (`Model::from_file_ctx`): within 0.023, 0.023 and 0.00001
+//! (bounds 0.079, 0.079, 0.044), where the two sets' logits differ by 3.1.
+//!
 //! gpt-oss with `attention.sliding_window_pattern` 3 (4 layers, the third
 //! global; bound 0.061): ignoring the pattern (the default period 2) moves
 //! llama.cpp's own logits by 1.06. (The same file at seed 40 and `qk_scale`
@@ -116,10 +135,32 @@ fn synthetic_models_of_every_architecture_match_llama_cpp() {
                 .unwrap_or(1.0) as f32,
             swa_pattern: c.get("swa_pattern").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
             linear_factor: c.get("rope_linear").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
+            yarn_orig_ctx: c.get("yarn_orig_ctx").and_then(|v| v.as_u64()).unwrap_or(0) as usize,
+            rope_scaling_keys: c
+                .get("yarn_key")
+                .and_then(|v| v.as_array())
+                .map(|a| {
+                    a.iter()
+                        .map(|kv| {
+                            let (k, v) = kv.as_str().unwrap().split_once('=').unwrap();
+                            (k.to_string(), v.parse().unwrap())
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            attn_temp_scale: c.get("attn_temp").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32,
         };
-        let label = format!("{} {}", c["arch"], c["weight_type"]);
+        // llama.cpp's runtime context (`n_ctx`), which picks LongRoPE's
+        // factor set.
+        let n_ctx = c.get("n_ctx").and_then(|v| v.as_u64()).unwrap_or(512) as usize;
+        let label = format!("{} {} n_ctx {n_ctx}", c["arch"], c["weight_type"]);
         let bytes = synthesize(&spec).unwrap().to_bytes().unwrap();
-        let m = Model::from_file(GgufFile::from_bytes(bytes).unwrap()).unwrap();
+        let m = Model::from_file_ctx(
+            GgufFile::from_bytes(bytes).unwrap(),
+            tl_core::Device::Cpu,
+            n_ctx,
+        )
+        .unwrap();
         let mut cache = m.new_cache(512).unwrap();
         let mut blocks = BlockManager::new(cache.n_blocks);
         let mut kv = SeqKv::new();

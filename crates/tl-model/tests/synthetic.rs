@@ -105,8 +105,8 @@ fn malformed_models_name_the_problem() {
 
     // RoPE scaling tl does not apply is refused, naming it.
     for (kind, factor, want) in [
-        ("longrope", 4.0, "rope scaling type \"longrope\""),
-        ("yarn", -2.0, "rope scaling factor -2"),
+        ("longrope", 4.0, "qwen2.rope.scaling.type \"longrope\""),
+        ("yarn", -2.0, "qwen2.rope.scaling.factor -2"),
     ] {
         let e = rewrite(|w| {
             w.set("qwen2.rope.scaling.type", Value::String(kind.into()));
@@ -139,6 +139,127 @@ fn malformed_models_name_the_problem() {
         .err()
         .expect("bad heads");
     assert!(e.to_string().contains("KV heads"), "{e}");
+}
+
+fn rewrite_spec(spec: &SynthSpec, f: impl FnOnce(&mut GgufWriter)) -> Result<Model, ModelError> {
+    let bytes = synthesize(spec).expect("synth").to_bytes().expect("bytes");
+    let file = GgufFile::from_bytes(bytes).expect("parses");
+    let mut w = GgufWriter::from_file(&file);
+    f(&mut w);
+    Model::from_file(GgufFile::from_bytes(w.to_bytes().expect("bytes")).expect("parses"))
+}
+
+/// The `rope.scaling.yarn_*` keys where llama.cpp reads them (mistral3):
+/// nonsense values are refused naming the key; where it ignores them
+/// (qwen2), so does tl, whatever they hold.
+#[test]
+fn yarn_keys_are_checked_where_read_and_ignored_elsewhere() {
+    let spec = |arch| SynthSpec {
+        arch,
+        yarn_factor: 8.0,
+        ..Default::default()
+    };
+    let mistral = spec(SynthArch::Mistral3);
+    for (key, v, want) in [
+        ("rope.scaling.yarn_beta_fast", -1.0, "must be positive"),
+        ("rope.scaling.yarn_beta_slow", f32::NAN, "must be positive"),
+        (
+            "rope.scaling.yarn_log_multiplier",
+            -0.5,
+            "0 (off) or positive",
+        ),
+        ("rope.scaling.yarn_beta_slow", 64.0, "is below"),
+        (
+            "attention.temperature_scale",
+            f32::INFINITY,
+            "must be finite",
+        ),
+    ] {
+        let e = rewrite_spec(&mistral, |w| {
+            w.set(format!("mistral3.{key}"), Value::F32(v))
+        })
+        .err()
+        .unwrap_or_else(|| panic!("mistral3.{key} = {v} accepted"));
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&format!("mistral3.{key}")) && msg.contains(want),
+            "{msg}"
+        );
+    }
+    let m = rewrite_spec(&mistral, |w| {
+        w.set("mistral3.rope.scaling.yarn_beta_fast", Value::F32(16.0));
+        w.set("mistral3.rope.scaling.yarn_beta_slow", Value::F32(2.0));
+        w.set("mistral3.rope.scaling.yarn_log_multiplier", Value::F32(1.0));
+    })
+    .expect("valid keys");
+    let y = m.config.yarn.expect("yarn");
+    assert_eq!((y.beta_fast, y.beta_slow, y.ext_factor), (16.0, 2.0, 1.0));
+    // Log multiplier 1: get_mscale(8, 1) / get_mscale(8, 1) = 1, then
+    // divided by 1 + 0.1 ln 8.
+    assert!((y.attn_factor - 1.0 / (1.0 + 0.1 * 8f32.ln())).abs() < 1e-6);
+
+    let qwen = spec(SynthArch::Qwen2);
+    let plain = rewrite_spec(&qwen, |_| {}).expect("qwen2").config.yarn;
+    let m = rewrite_spec(&qwen, |w| {
+        for key in [
+            "yarn_ext_factor",
+            "yarn_attn_factor",
+            "yarn_beta_fast",
+            "yarn_beta_slow",
+            "yarn_log_multiplier",
+        ] {
+            w.set(format!("qwen2.rope.scaling.{key}"), Value::F32(-7.0));
+        }
+    })
+    .expect("keys llama.cpp ignores for qwen2");
+    assert_eq!(m.config.yarn, plain);
+
+    // Every key's check, for the architectures that read them all (Grok
+    // in llama.cpp).
+    let mut md = tl_gguf::Metadata::new();
+    let all = [
+        "yarn_ext_factor",
+        "yarn_attn_factor",
+        "yarn_beta_fast",
+        "yarn_beta_slow",
+        "yarn_log_multiplier",
+    ];
+    md.insert("x.rope.scaling.yarn_ext_factor", Value::F32(-1.0));
+    md.insert("x.rope.scaling.yarn_attn_factor", Value::F32(0.5));
+    let k = tl_model::config::YarnKeys::read_keys(&md, "x", &all).expect("valid");
+    assert_eq!((k.ext_factor, k.attn_factor), (None, Some(0.5)));
+    for (key, v) in [("yarn_ext_factor", 1.5), ("yarn_attn_factor", 0.0)] {
+        let mut bad = md.clone();
+        bad.insert(format!("x.rope.scaling.{key}"), Value::F32(v));
+        let e = tl_model::config::YarnKeys::read_keys(&bad, "x", &all).expect_err("bad value");
+        assert!(
+            e.to_string().contains(&format!("x.rope.scaling.{key}")),
+            "{e}"
+        );
+    }
+}
+
+/// The runtime context LongRoPE's factor set is chosen by: llama.cpp's
+/// `n_ctx` rounded up to 256 (its `n_ctx_seq`), the training context when
+/// none is given (which factors each gives is checked against llama.cpp in
+/// synth_vs_llama).
+#[test]
+fn the_rope_context_is_llama_cpps_rounded_n_ctx() {
+    let spec = SynthSpec {
+        arch: SynthArch::Phi3,
+        long_rope_ctx: 1024,
+        context: 500,
+        ..Default::default()
+    };
+    let bytes = synthesize(&spec).expect("synth").to_bytes().expect("bytes");
+    let rope_ctx = |ctx| {
+        let f = GgufFile::from_bytes(bytes.clone()).expect("parses");
+        let m = Model::from_file_ctx(f, tl_core::Device::Cpu, ctx).expect("load");
+        m.config.rope_ctx
+    };
+    assert_eq!(rope_ctx(0), 512);
+    assert_eq!(rope_ctx(1000), 1024);
+    assert_eq!(rope_ctx(1025), 1280);
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! BPE pre-tokenization: splitting a text fragment into words before merges.
 //!
 //! Ported from llama.cpp `src/unicode.cpp` (`unicode_regex_split` and the
-//! hand-written `unicode_regex_split_custom_{gpt2,llama3,qwen2}`). llama.cpp
+//! hand-written `unicode_regex_split_custom_{gpt2,llama3,qwen2,qwen35}`). llama.cpp
 //! does not run the tokenizer.json regexes as written: the common ones are
 //! hand-coded state machines with their own corner cases (e.g. `\s+(?!\S)`
 //! is decided by "is there another code point in this segment"), and the
@@ -22,6 +22,8 @@ pub(crate) fn split(pre: PreTokenizer, cpts: &[u32], out: &mut Vec<usize>) {
         PreTokenizer::Gpt2 => split_gpt2(cpts, &[cpts.len()], out),
         PreTokenizer::Llama3 => split_llama3(cpts, &[cpts.len()], 3, out),
         PreTokenizer::Qwen2 => split_llama3(cpts, &[cpts.len()], 1, out),
+        PreTokenizer::Qwen35 => split_letters_marks(cpts, &[cpts.len()], 1, true, out),
+        PreTokenizer::KimiK2 => split_kimi_k2(cpts, &[cpts.len()], out),
         PreTokenizer::Regex(set) => match crate::pretok_regex::compiled(set) {
             Ok(stages) => crate::pretok_regex::split(stages, cpts, out),
             // Compiled (and checked) when the vocabulary was loaded.
@@ -192,6 +194,21 @@ pub(crate) fn split_llama3(
     max_digits: usize,
     out: &mut Vec<usize>,
 ) {
+    split_letters_marks(cpts, offsets, max_digits, false, out)
+}
+
+/// [`split_llama3`], with `marks` Qwen 3.5's variant of the Qwen 2 machine
+/// (llama.cpp `unicode_regex_split_custom_qwen35`): letter runs take
+/// combining marks too, and marks are not punctuation:
+/// `(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`.
+fn split_letters_marks(
+    cpts: &[u32],
+    offsets: &[usize],
+    max_digits: usize,
+    marks: bool,
+    out: &mut Vec<usize>,
+) {
+    let word = |f: Flags| f.is_letter() || (marks && f.is_accent_mark());
     let is_crlf = |c: u32| c == '\r' as u32 || c == '\n' as u32;
     let mut start = 0;
     for &len in offsets {
@@ -229,11 +246,10 @@ pub(crate) fn split_llama3(
                 }
             }
 
-            // [^\r\n\p{L}\p{N}]?\p{L}+
-            if !(is_crlf(cpt) || f.is_number()) && (f.is_letter() || seg.flags(pos + 1).is_letter())
-            {
+            // [^\r\n\p{L}\p{N}]?\p{L}+ (with marks: [\p{L}\p{M}]+)
+            if !(is_crlf(cpt) || f.is_number()) && (word(f) || word(seg.flags(pos + 1))) {
                 pos += 1;
-                while seg.flags(pos).is_letter() {
+                while word(seg.flags(pos)) {
                     pos += 1;
                 }
                 em.add(pos);
@@ -261,9 +277,9 @@ pub(crate) fn split_llama3(
             } else {
                 f
             };
-            if !(f2.is_whitespace() || f2.is_letter() || f2.is_number()) && f.any() {
+            if !(f2.is_whitespace() || word(f2) || f2.is_number()) && f.any() {
                 pos += usize::from(cpt == ' ' as u32);
-                while !(f2.is_whitespace() || f2.is_letter() || f2.is_number()) && f2.any() {
+                while !(f2.is_whitespace() || word(f2) || f2.is_number()) && f2.any() {
                     pos += 1;
                     f2 = seg.flags(pos);
                 }
@@ -297,6 +313,162 @@ pub(crate) fn split_llama3(
                 continue;
             }
             // \s+
+            if n_ws > 0 {
+                pos += n_ws;
+                em.add(pos);
+                continue;
+            }
+            pos += 1;
+            em.add(pos);
+        }
+    }
+}
+
+/// llama.cpp `unicode_cpt_is_han`: the CJK ideograph blocks.
+fn is_han(cp: u32) -> bool {
+    matches!(cp,
+        0x4E00..=0x9FFF
+        | 0x3400..=0x4DBF
+        | 0x20000..=0x2A6DF
+        | 0x2A700..=0x2B73F
+        | 0x2B740..=0x2B81F
+        | 0x2B820..=0x2CEAF
+        | 0x2CEB0..=0x2EBEF
+        | 0xF900..=0xFAFF
+        | 0x2F800..=0x2FA1F)
+}
+
+/// Kimi K2 (llama.cpp `unicode_regex_split_custom_kimi_k2`), for
+/// `[\p{Han}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|…|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+`:
+/// Han runs on their own, other letters (any case) with an optional
+/// leading non-letter and a contraction after them. Its guards differ
+/// from Qwen 2's where llama.cpp's do (the punctuation rule tests the code
+/// point after a space), so it is its own machine.
+fn split_kimi_k2(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
+    let is_crlf = |c: u32| c == '\r' as u32 || c == '\n' as u32;
+    let mut start = 0;
+    for &len in offsets {
+        let seg = Segment {
+            cpts,
+            ini: start,
+            end: start + len,
+        };
+        start += len;
+        let mut em = Emitter {
+            prev_end: seg.ini,
+            out: &mut *out,
+        };
+        // A letter that is not Han.
+        let word = |p: usize| seg.flags(p).is_letter() && !is_han(seg.cpt(p));
+        let mut pos = seg.ini;
+        while pos < seg.end {
+            let cpt = seg.cpt(pos);
+            let f = seg.flags(pos);
+
+            // [\p{Han}]+
+            if is_han(cpt) {
+                while is_han(seg.cpt(pos)) {
+                    pos += 1;
+                }
+                em.add(pos);
+                continue;
+            }
+
+            // The letter words, with their optional leading character.
+            let leader = !(is_crlf(cpt) || f.is_letter() || f.is_number());
+            if word(pos) || (leader && word(pos + 1)) {
+                let mut has_leader = false;
+                if leader {
+                    has_leader = true;
+                    pos += 1;
+                }
+                let mut has_letters = false;
+                while word(pos) {
+                    has_letters = true;
+                    pos += 1;
+                }
+                if has_letters || (!has_leader && word(pos)) {
+                    if !has_letters {
+                        pos += 1;
+                    }
+                    while word(pos) {
+                        pos += 1;
+                    }
+                    if seg.cpt(pos) == '\'' as u32 && pos + 1 < seg.end {
+                        let next = to_lower_ascii(seg.cpt(pos + 1));
+                        if next == 's' as u32
+                            || next == 't' as u32
+                            || next == 'm' as u32
+                            || next == 'd' as u32
+                        {
+                            pos += 2;
+                        } else if pos + 2 < seg.end
+                            && two_letter_suffix(next, to_lower_ascii(seg.cpt(pos + 2)))
+                        {
+                            pos += 3;
+                        }
+                    }
+                    em.add(pos);
+                    continue;
+                } else if has_leader {
+                    pos -= 1;
+                }
+            }
+
+            // \p{N}{1,3}
+            if f.is_number() {
+                let mut ini = pos;
+                while seg.flags(pos).is_number() {
+                    pos += 1;
+                    if pos - ini >= 3 {
+                        em.add(pos);
+                        ini = pos;
+                    }
+                }
+                em.add(pos);
+                continue;
+            }
+
+            // <space>?[^\s\p{L}\p{N}]+[\r\n]*  (the guard tests the code point
+            // after the space, unlike Qwen 2's)
+            let mut f2 = if cpt == ' ' as u32 {
+                seg.flags(pos + 1)
+            } else {
+                f
+            };
+            if !(f2.is_whitespace() || f2.is_letter() || f2.is_number()) && f2.any() {
+                pos += usize::from(cpt == ' ' as u32);
+                while !(f2.is_whitespace() || f2.is_letter() || f2.is_number()) && f2.any() {
+                    pos += 1;
+                    f2 = seg.flags(pos);
+                }
+                let mut c2 = seg.cpt(pos);
+                while is_crlf(c2) {
+                    pos += 1;
+                    c2 = seg.cpt(pos);
+                }
+                em.add(pos);
+                continue;
+            }
+
+            let mut n_ws = 0;
+            let mut last_crlf_end = 0;
+            while seg.flags(pos + n_ws).is_whitespace() {
+                if is_crlf(seg.cpt(pos + n_ws)) {
+                    last_crlf_end = pos + n_ws + 1;
+                }
+                n_ws += 1;
+            }
+            if last_crlf_end > 0 {
+                pos = last_crlf_end;
+                em.add(pos);
+                continue;
+            }
+            if n_ws > 1 && seg.cpt(pos + n_ws) != OUT_OF_RANGE {
+                pos += n_ws - 1;
+                em.add(pos);
+                continue;
+            }
             if n_ws > 0 {
                 pos += n_ws;
                 em.add(pos);

@@ -31,6 +31,9 @@ pub(crate) enum Stage {
     Gpt2,
     Qwen2,
     Newlines,
+    /// llama.cpp `unicode_regex_split_custom_afmoe` (`\p{AFMoE_digits}`,
+    /// and tiny_aya's `\d{1,3}(?=(?:\d{3})*\b)`).
+    AfmoeDigits,
     Re(&'static str),
 }
 
@@ -62,10 +65,12 @@ pub enum RegexSet {
     Laguna,
     ExaoneMoe,
     Minicpm5,
+    TinyAya,
+    Afmoe,
 }
 
 /// Every set, in declaration order.
-const ALL: [RegexSet; 21] = [
+const ALL: [RegexSet; 23] = [
     RegexSet::Falcon,
     RegexSet::Starcoder,
     RegexSet::DeepseekLlm,
@@ -87,6 +92,8 @@ const ALL: [RegexSet; 21] = [
     RegexSet::Laguna,
     RegexSet::ExaoneMoe,
     RegexSet::Minicpm5,
+    RegexSet::TinyAya,
+    RegexSet::Afmoe,
 ];
 
 impl RegexSet {
@@ -163,6 +170,15 @@ impl RegexSet {
             ExaoneMoe => vec![Stage::Re(
                 "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?(?:\\p{L}\\p{M}*(?: \\p{L}\\p{M}*)*)+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]?|\\s*[\\r\\n]|\\s+(?!\\S)|\\s+",
             )],
+            TinyAya => vec![
+                Stage::AfmoeDigits,
+                Stage::Re("[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"),
+            ],
+            Afmoe => vec![
+                Stage::AfmoeDigits,
+                Stage::Re("[\u{4E00}-\u{9FFF}\u{3400}-\u{4DBF}\u{8C48}-\u{FAFF}\u{3040}-\u{309F}\u{30A0}-\u{30FF}\u{FF65}-\u{FF9F}\u{2F00}-\u{2FDF}\u{E40}-\u{E7F}\u{E80}-\u{EFF}\u{1780}-\u{17FF}\u{1000}-\u{109F}\u{AA60}-\u{AA7F}\u{A9E0}-\u{A9FF}\u{AC00}-\u{D7AF}\u{1100}-\u{11FF}]+"),
+                Stage::Re(deepseek3_main),
+            ],
             Minicpm5 => vec![
                 Stage::Re("\\p{N}{1,3}"),
                 Stage::Re(
@@ -267,6 +283,7 @@ pub(crate) enum Compiled {
     Gpt2,
     Qwen2,
     Newlines,
+    AfmoeDigits,
     Re { re: Regex, collapsed: bool },
 }
 
@@ -285,6 +302,7 @@ pub(crate) fn compiled(set: RegexSet) -> Result<&'static [Compiled], String> {
                         Stage::Gpt2 => Compiled::Gpt2,
                         Stage::Qwen2 => Compiled::Qwen2,
                         Stage::Newlines => Compiled::Newlines,
+                        Stage::AfmoeDigits => Compiled::AfmoeDigits,
                         Stage::Re(e) => {
                             let collapsed = uses_categories(e);
                             let t = translate(e, collapsed);
@@ -403,6 +421,51 @@ fn split_newlines(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
     }
 }
 
+/// llama.cpp `unicode_regex_split_custom_afmoe`: each run of digits
+/// (`\p{N}`) in groups of three from the right (the leading one or two
+/// first). As there, the text before a run is not a piece of its own: it
+/// joins the run's first group (the next stage splits it again), and the
+/// text after the last run is one piece.
+fn split_afmoe_digits(cpts: &[u32], offsets: &[usize], out: &mut Vec<usize>) {
+    let mut start = 0;
+    for &len in offsets {
+        let (ini, end) = (start, start + len);
+        start = end;
+        let is_num = |p: usize| p < end && flags(cpts[p]).is_number();
+        let mut prev = ini;
+        let mut add = |to: usize, out: &mut Vec<usize>| {
+            if to > prev {
+                out.push(to - prev);
+            }
+            prev = to;
+        };
+        let mut pos = ini;
+        while pos < end {
+            if !is_num(pos) {
+                pos += 1;
+                continue;
+            }
+            let digits = pos;
+            while is_num(pos) {
+                pos += 1;
+            }
+            let count = pos - digits;
+            let mut cur = digits;
+            let rem = count % 3;
+            if rem > 0 {
+                cur += rem;
+                add(cur, out);
+            }
+            while cur < digits + count {
+                cur += 3;
+                add(cur, out);
+            }
+        }
+        // The rest (nothing when the segment ends in digits).
+        add(end, out);
+    }
+}
+
 /// Runs the stages of a set over `cpts`; word lengths (non-zero) in `out`.
 pub(crate) fn split(stages: &[Compiled], cpts: &[u32], out: &mut Vec<usize>) {
     let mut offs = vec![cpts.len()];
@@ -414,6 +477,7 @@ pub(crate) fn split(stages: &[Compiled], cpts: &[u32], out: &mut Vec<usize>) {
             Compiled::Gpt2 => pretok::split_gpt2(cpts, &offs, &mut next),
             Compiled::Qwen2 => pretok::split_llama3(cpts, &offs, 1, &mut next),
             Compiled::Newlines => split_newlines(cpts, &offs, &mut next),
+            Compiled::AfmoeDigits => split_afmoe_digits(cpts, &offs, &mut next),
             Compiled::Re { re, collapsed } => {
                 let t = texts[usize::from(*collapsed)]
                     .get_or_insert_with(|| Text::new(cpts, *collapsed));
@@ -478,6 +542,20 @@ mod tests {
         assert_eq!(
             words(RegexSet::Starcoder, "ab 123"),
             ["ab", " ", "1", "2", "3"]
+        );
+    }
+
+    #[test]
+    fn afmoe_digits_group_from_the_right_and_keep_llama_cpps_joins() {
+        let cpts = |t: &str| t.chars().map(u32::from).collect::<Vec<u32>>();
+        let mut out = Vec::new();
+        split_afmoe_digits(&cpts("ab1234567 x12"), &[13], &mut out);
+        // "ab1" (the text before joins the first group), "234", "567",
+        // " x12".
+        assert_eq!(out, [3, 3, 3, 4]);
+        assert_eq!(
+            words(RegexSet::TinyAya, "Total: 1234567 items"),
+            ["Total", ":", " ", "1", "234", "567", " items"]
         );
     }
 

@@ -34,6 +34,10 @@ impl Flags {
         self.0 & WHITESPACE_FLAG != 0
     }
     #[inline]
+    pub(crate) fn is_accent_mark(self) -> bool {
+        self.0 & ACCENT_MARK != 0
+    }
+    #[inline]
     pub(crate) fn any(self) -> bool {
         self.0 != 0
     }

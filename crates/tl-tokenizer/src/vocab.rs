@@ -77,6 +77,10 @@ pub enum PreTokenizer {
     Llama3,
     /// Qwen 2's regex (digits one by one).
     Qwen2,
+    /// Qwen 3.5's: Qwen 2's with combining marks in letter runs.
+    Qwen35,
+    /// Kimi K2's: Han runs apart from the other letters.
+    KimiK2,
     /// A set of expressions run through the general regex path.
     Regex(RegexSet),
 }
@@ -138,6 +142,8 @@ const PRE_NAMES: &[PreEntry] = {
         ("refact", Regex(R::Starcoder), true, false, None, false),
         ("command-r", Regex(R::Starcoder), false, false, None, false),
         ("qwen2", Qwen2, false, false, None, false),
+        ("qwen35", Qwen35, false, false, None, false),
+        ("kimi-k2", KimiK2, false, false, None, false),
         ("deepseek-r1-qwen", Qwen2, false, false, None, false),
         ("kormo", Qwen2, false, false, None, false),
         ("f2llmv2", Qwen2, false, false, None, false),
@@ -184,22 +190,14 @@ const PRE_NAMES: &[PreEntry] = {
         ("minimax-m2", Regex(R::Gpt4o), false, false, None, false),
         ("solar-open", Qwen2, false, false, None, false),
         ("mellum2", Regex(R::Starcoder), true, false, None, false),
+        ("tiny_aya", Regex(R::TinyAya), false, false, None, false),
+        ("cohere2moe", Regex(R::TinyAya), false, false, None, false),
+        ("afmoe", Regex(R::Afmoe), false, false, None, false),
     ]
 };
 
 /// Names llama.cpp accepts that tl does not run yet, with what is missing.
 const PRE_UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "qwen35",
-        "its hand-written splitter (Qwen 3.5) is not ported",
-    ),
-    (
-        "kimi-k2",
-        "its hand-written splitter (Kimi K2) is not ported",
-    ),
-    ("afmoe", "its digit-grouping splitter (AFMoE) is not ported"),
-    ("tiny_aya", "its digit-grouping splitter is not ported"),
-    ("cohere2moe", "its digit-grouping splitter is not ported"),
     ("gemma4", "SPM-style BPE on raw UTF-8 is not implemented"),
     (
         "granite-embed-multi-311m",

@@ -79,9 +79,9 @@ fn unknown_and_unsupported_names_are_clear_errors() {
         e.contains("no-such-pre") && e.contains("smollm") && e.contains("qwen2"),
         "{e}"
     );
-    md.insert("tokenizer.ggml.pre", Value::String("kimi-k2".into()));
+    md.insert("tokenizer.ggml.pre", Value::String("gemma4".into()));
     let e = Tokenizer::from_metadata(&md).err().unwrap().to_string();
-    assert!(e.contains("kimi-k2") && e.contains("not supported"), "{e}");
+    assert!(e.contains("gemma4") && e.contains("not supported"), "{e}");
 }
 
 #[test]
