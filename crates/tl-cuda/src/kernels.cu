@@ -1366,6 +1366,20 @@ __device__ __forceinline__ void warp_arg_best(float& best, int& bi) {
     }
 }
 
+// Router logits from f32 weights in f32 (as the CPU's f32 product): block
+// (e, row) writes out[row * ne + e] = x[row, ..k] · w[e, ..k]. Expert
+// choice turns on small differences between these logits, so the router
+// is not rounded to f16.
+extern "C" __global__ void router_f32(const float* x, const float* w, float* out, int k, int ne) { TL_PDL();
+    __shared__ float sh[32];
+    const float* xr = x + (long)blockIdx.y * k;
+    const float* wr = w + (long)blockIdx.x * k;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) s += xr[i] * wr[i];
+    s = block_sum(s, sh);
+    if (threadIdx.x == 0) out[(long)blockIdx.y * ne + blockIdx.x] = s;
+}
+
 // Mixture-of-experts routing, one warp per token, over the ne router
 // logits (plus `bias` when given) — tl-model's CPU `moe_ffn`: with sel 0,
 // softmax over all, the k most probable experts (ties: the lower index)
@@ -1478,6 +1492,11 @@ struct RopeArgs {
     // cos and sin times mscale (tl-core's `rope_cache_yarn`).
     int yarn;
     float freq_scale, ext_factor, mscale, corr_lo, corr_hi;
+    // Attention temperature (Mistral 3; temp_scale 0: off): the query at
+    // position p times 1 + temp_scale * ln(floor(p / temp_floor) + 1), in
+    // the CPU's float order (tl-model's `AttnTemp::at`).
+    float temp_scale;
+    int temp_floor;
 };
 
 // Rotates each block of nb values of the hd values at x (shared memory) by
@@ -1701,8 +1720,13 @@ extern "C" __global__ void qkv_rope_store(const float* qkv, const float* bq, con
     if (a.k_rot) hadamard_sh(h, hd, a.k_rot);
     if (is_q) {
         float* o = q_out + (long)t * qd + head * hd;
-        o[2 * i] = h[2 * i] * a.q_scale;
-        o[2 * i + 1] = h[2 * i + 1] * a.q_scale;
+        float tf = 1.0f;
+        if (a.temp_scale != 0.0f) {
+            float fl = floorf(__fdiv_rn((float)pos[t], (float)a.temp_floor));
+            tf = (float)(log((double)fl + 1.0) * (double)a.temp_scale + 1.0);
+        }
+        o[2 * i] = h[2 * i] * tf * a.q_scale;
+        o[2 * i + 1] = h[2 * i + 1] * tf * a.q_scale;
     } else {
         long slot = slots[t];
         // A padding row of a captured decode step writes nothing.

@@ -222,14 +222,6 @@ impl Model {
         let mut config = Config::from_metadata(&file.metadata, vocab_hint)?;
         let ctx = if ctx == 0 { config.context } else { ctx };
         config.rope_ctx = ctx.div_ceil(256).saturating_mul(256);
-        if config.attn_temp.is_some() && device != Device::Cpu {
-            return Err(ModelError::BadConfig(format!(
-                "{}: attention temperature scaling ({}.attention.temperature_scale) runs on the \
-                 CPU only so far",
-                config.arch.name(),
-                config.arch.name()
-            )));
-        }
         let mut weights = Weights::load(&file, &config)?;
         if device == Device::Cpu {
             weights.repack(&file)?;

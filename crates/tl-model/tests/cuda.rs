@@ -853,32 +853,11 @@ fn cuda_device_out_of_range_is_a_clear_error() {
     assert!(err.to_string().contains("cuda:99"), "{err}");
 }
 
-/// Architectures whose features the CUDA executor lacks are refused with
-/// the reason before any GPU work (so this runs without a GPU too).
-#[test]
-fn cuda_refuses_what_it_cannot_run_yet() {
-    // mistral3's attention temperature scaling.
-    let mut s = spec(SynthArch::Mistral3, GgmlType::Q8_0, GgmlType::Q8_0, 64);
-    (s.yarn_factor, s.yarn_orig_ctx, s.attn_temp_scale) = (8.0, 32, 0.1);
-    let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
-    let err = Model::from_file_on(
-        GgufFile::from_bytes(bytes).expect("parses"),
-        Device::Cuda(0),
-    )
-    .err()
-    .expect("refused");
-    assert!(
-        err.to_string()
-            .contains("mistral3.attention.temperature_scale"),
-        "{err}"
-    );
-
-}
-
 /// RoPE scaling on the GPU against the CPU: YaRN (qwen2; llama with a
 /// magnitude factor), LongRoPE's short factors with a magnitude factor and
 /// its long factors (phi3), linear scaling of
-/// gemma3's global layers only, and a magnitude factor alone (gemma3).
+/// gemma3's global layers only, a magnitude factor alone (gemma3), and
+/// mistral3's YaRN keys and attention temperature.
 #[test]
 fn cuda_matches_cpu_with_rope_scaling() {
     if !gpu_or_skip("cuda_matches_cpu_with_rope_scaling") {
@@ -915,6 +894,15 @@ fn cuda_matches_cpu_with_rope_scaling() {
         ("yarn_beta_slow".into(), 2.0),
         ("yarn_log_multiplier".into(), 0.5),
     ];
+    s.qk_scale = 2.5;
+    if let Err(e) = compare(&s) {
+        failed.push(e);
+    }
+    // mistral3's attention temperature: the query grows with its position
+    // past each multiple of the original context (32 here, so the prompts'
+    // positions reach factors up to 1 + 0.1 ln 6).
+    let mut s = spec(SynthArch::Mistral3, GgmlType::Q8_0, GgmlType::Q8_0, 64);
+    (s.yarn_factor, s.yarn_orig_ctx, s.attn_temp_scale) = (8.0, 32, 0.1);
     s.qk_scale = 2.5;
     if let Err(e) = compare(&s) {
         failed.push(e);

@@ -36,6 +36,9 @@ pub(super) struct RopeArgs {
     pub(super) mscale: f32,
     pub(super) corr_lo: f32,
     pub(super) corr_hi: f32,
+    /// Attention temperature (`Config::attn_temp`; scale 0: off).
+    pub(super) temp_scale: f32,
+    pub(super) temp_floor: i32,
 }
 
 impl RopeArgs {
@@ -864,16 +867,31 @@ impl CudaExec<'_> {
         // The router on the matrix-vector kernels at every step size: an
         // f16 or 8-bit product of f32 rows, never f16 rows (the choice of
         // experts turns on small differences between router logits).
-        gemv_rows(
-            self.gpu,
-            &mw.router,
-            xn,
-            xq,
-            xd,
-            n,
-            mb.logits.ptr,
-            c.n_expert,
-        )?;
+        match &mw.router_f32 {
+            Some(w) => self.l(
+                "router_f32",
+                (c.n_expert as u32, n as u32, 1),
+                128,
+                0,
+                &[
+                    Arg::Ptr(xn),
+                    Arg::Ptr(w.ptr),
+                    Arg::Ptr(mb.logits.ptr),
+                    Arg::I32(d as i32),
+                    Arg::I32(c.n_expert as i32),
+                ],
+            )?,
+            None => gemv_rows(
+                self.gpu,
+                &mw.router,
+                xn,
+                xq,
+                xd,
+                n,
+                mb.logits.ptr,
+                c.n_expert,
+            )?,
+        }
         self.l(
             "moe_route",
             (n as u32, 1, 1),
@@ -1058,6 +1076,8 @@ impl Exec for CudaExec<'_> {
             mscale: 1.0,
             corr_lo: 0.0,
             corr_hi: 0.0,
+            temp_scale: c.attn_temp.map_or(0.0, |t| t.scale),
+            temp_floor: c.attn_temp.map_or(1, |t| t.floor.max(1) as i32),
         }
         .with_yarn(c.rope_scaling_for(il), c.rope_dims, c.rope_base_for(il));
         let off = (il * self.kv.layer_bytes) as u64;

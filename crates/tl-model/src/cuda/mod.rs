@@ -71,6 +71,9 @@ struct DevLayer {
 /// predecessors', as `gemv_*_id` reads them), and the shared expert.
 struct DevMoe {
     router: DevMat,
+    /// An f32 router's weights as they are (`router_f32`), used instead
+    /// of `router`'s f16 copy.
+    router_f32: Option<DevBuf>,
     gate: DevMat,
     up: DevMat,
     down: DevMat,
@@ -247,6 +250,13 @@ impl CudaModel {
                             repack(&mw.router, mw.router.bytes(file))?,
                             &mw.router.name,
                         )?,
+                        router_f32: if mw.router.ty == tl_gguf::GgmlType::F32 {
+                            // Little-endian f32 rows, as the file holds them.
+                            let b = mw.router.bytes(file);
+                            Some(gpu.upload(b, "f32 router").map_err(cuda_err)?)
+                        } else {
+                            None
+                        },
                         gate: upload_experts(&gpu, &pick(0), file)?,
                         up: upload_experts(&gpu, &pick(1), file)?,
                         down: upload_experts(&gpu, &pick(2), file)?,

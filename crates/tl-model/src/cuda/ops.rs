@@ -257,6 +257,8 @@ impl CudaModel {
             mscale: 1.0,
             corr_lo: 0.0,
             corr_hi: 0.0,
+            temp_scale: 0.0,
+            temp_floor: 1,
         };
         let off = (a.layer * kv.layer_bytes) as u64;
         let soff = (a.layer * kv.layer_scale_bytes) as u64;
