@@ -113,6 +113,8 @@ pub(super) struct CudaExec<'a> {
     /// The current layer's FFN was a mixture of experts, done whole by
     /// [`Exec::ffn_gate_up`].
     pub(super) moe: bool,
+    /// Every sequence of the step feeds one token (a decode step).
+    pub(super) decode_shaped: bool,
 }
 
 /// How a prefill step's `fa_prefill` spreads each tile's keys over blocks,
@@ -273,13 +275,16 @@ pub(super) fn mmqs_prefill() -> bool {
     *ON.get_or_init(|| std::env::var("TL_CUDA_MMQS_PREFILL").is_ok_and(|v| v == "1"))
 }
 
-/// Steps of more than `GEMV_ROWS` rows and at most this many (large decode
-/// batches: 65–128 sequences) run their products on the staged kernels
-/// in groups of 64 rows, like `mmqs_prefill` does for every prompt:
-/// `TL_CUDA_MMQS_ROWS=128` turns it on. Off by default until measured:
-/// correct on an H100 (every GPU test passed with it at 128, the 90-row
-/// prefill chunks of `tests/cuda.rs` taking it), its speed against
-/// dequantization + cuBLAS at 65–128 rows not yet timed.
+/// Steps of more than `GEMV_ROWS` rows and at most this many run their
+/// products on the staged kernels in groups of 64 rows, like
+/// `mmqs_prefill` does for every prompt. Decode steps (one token a
+/// sequence) of up to `MMQS_DECODE_ROWS` always do: on an H100 a 128-row
+/// decode step of the 1.5B shape gave 9,998 tok/s this way against 8,535
+/// on dequantization + cuBLAS (docs/BENCHMARKS.md, 2026-12-08). Other
+/// steps (prompt chunks) of up to `TL_CUDA_MMQS_ROWS` rows (default
+/// `GEMV_ROWS`: none) take them too.
+pub(super) const MMQS_DECODE_ROWS: usize = 128;
+
 pub(super) fn mmqs_rows() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *N.get_or_init(|| {
@@ -472,6 +477,7 @@ pub(super) fn gemv_rows(
 pub(super) fn matmul_on(
     gpu: &Gpu,
     mmq_min: usize,
+    staged_max: usize,
     sc: MatScratch,
     mats: &[&DevMat],
     x: u64,
@@ -495,7 +501,7 @@ pub(super) fn matmul_on(
     let staged_prompt = !small
         && part != 0
         && mmq_min <= GEMV_ROWS
-        && (mmqs_prefill() || m <= mmqs_rows())
+        && (mmqs_prefill() || m <= staged_max)
         && mats.iter().all(|w| mmqs_fits(w, k));
     if staged_prompt {
         quant_q8(gpu, x, xq, xd, m * k)?;
@@ -637,7 +643,12 @@ impl CudaExec<'_> {
             cnt: ptr(&self.cs.mmqs_cnt),
         };
         let mmq_min = self.cm.mmq_min.load(std::sync::atomic::Ordering::Relaxed);
-        matmul_on(self.gpu, mmq_min, sc, mats, x, m, out, ldo)
+        let staged_max = if self.decode_shaped {
+            mmqs_rows().max(MMQS_DECODE_ROWS)
+        } else {
+            mmqs_rows()
+        };
+        matmul_on(self.gpu, mmq_min, staged_max, sc, mats, x, m, out, ldo)
     }
 
     /// The 8-bit activation buffers as kernel arguments when this step's

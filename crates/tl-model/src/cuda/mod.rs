@@ -630,6 +630,7 @@ impl CudaModel {
             n_tiles,
             fa_split,
             moe: false,
+            decode_shaped: n_real == batch.len(),
         };
         if decode {
             // With the profiler, a fresh capture each step: its timing
