@@ -169,7 +169,17 @@ impl CudaModel {
             .mats
             .get(&key)
             .ok_or_else(|| ModelError::Device(format!("linear '{name}': weight not uploaded")))?;
-        matmul_on(gpu, mmq_min, super::exec::mmqs_rows(), sc, &[w], xb, m, out, n)?;
+        matmul_on(
+            gpu,
+            mmq_min,
+            super::exec::mmqs_rows(),
+            sc,
+            &[w],
+            xb,
+            m,
+            out,
+            n,
+        )?;
         read_f32(gpu, out, m * n)
     }
 
