@@ -91,7 +91,7 @@ pub struct SpecArgs {
 
 /// The default of `--draft-p-min` (docs/BENCHMARKS.md, "Cheaper draft
 /// rounds").
-pub const DRAFT_P_MIN: f32 = 0.0;
+pub const DRAFT_P_MIN: f32 = 0.5;
 
 impl SpecArgs {
     /// The speculation settings, `None` without `--spec`.
