@@ -280,12 +280,17 @@ fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
         c.name.clone()
     };
     let threads = tl_core::pool::ThreadPool::global().threads();
-    let test = format!("{} k≤{}", method, a.spec.spec_k);
+    let test = if method == SpecMethod::Ngram || a.spec.draft_p_min <= 0.0 {
+        format!("{} k≤{}", method, a.spec.spec_k)
+    } else {
+        format!("{} k≤{} p≥{}", method, a.spec.spec_k, a.spec.draft_p_min)
+    };
     if a.json {
         let out = json!({
             "model": name, "threads": threads, "prompt_file": pf.display().to_string(),
             "prompt_tokens": want.prompt_tokens, "generated_tokens": want.tokens.len(),
-            "method": method.to_string(), "spec_k": a.spec.spec_k, "reps": reps,
+            "method": method.to_string(), "spec_k": a.spec.spec_k,
+            "draft_p_min": a.spec.draft_p_min, "reps": reps,
             "plain_tokens_per_s": bm, "plain_stddev": bsd,
             "spec_tokens_per_s": fm, "spec_stddev": fsd, "speedup": fm / bm.max(1e-9),
             "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,

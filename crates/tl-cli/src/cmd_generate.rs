@@ -86,7 +86,15 @@ pub struct SpecArgs {
     /// The draft model for `--spec draft` (same vocabulary as the model).
     #[arg(long, value_name = "FILE")]
     pub draft_model: Option<PathBuf>,
+    /// A draft model stops a round's drafts at the first token whose
+    /// probability (its softmax) is below P; 0 drafts all `--spec-k`.
+    #[arg(long, value_name = "P", default_value_t = DRAFT_P_MIN)]
+    pub draft_p_min: f32,
 }
+
+/// The default of `--draft-p-min` (docs/BENCHMARKS.md, "Cheaper draft
+/// rounds").
+pub const DRAFT_P_MIN: f32 = 0.5;
 
 impl SpecArgs {
     /// The speculation settings, `None` without `--spec`.
@@ -95,7 +103,9 @@ impl SpecArgs {
             .as_ref()
             .map(|m| {
                 tl_model::spec::SpecConfig::new(m.clone(), self.spec_k)
-                    .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))
+                    .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?
+                    .with_p_min(self.draft_p_min)
+                    .map_err(|e| anyhow::anyhow!("--draft-p-min: {e}"))
             })
             .transpose()
     }

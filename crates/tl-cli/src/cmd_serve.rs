@@ -61,6 +61,10 @@ pub struct ServeArgs {
     /// gets its own KV cache, sharing --kv-memory with the model's).
     #[arg(long, value_name = "FILE")]
     pub draft_model: Option<std::path::PathBuf>,
+    /// A draft model stops a round's drafts at the first token whose
+    /// probability (its softmax) is below P; 0 drafts all `--spec-k`.
+    #[arg(long, value_name = "P", default_value_t = crate::cmd_generate::DRAFT_P_MIN)]
+    pub draft_p_min: f32,
     /// Speculate only while at most this many sequences decode. 2 is
     /// where prompt lookup still paid on a chat workload (45% accepted) on
     /// the 2-core CPU; on code editing (78% accepted) it paid up to 12
@@ -183,7 +187,9 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     let spec = match &a.spec {
         Some(m) => Some(
             tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)
-                .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?,
+                .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?
+                .with_p_min(a.draft_p_min)
+                .map_err(|e| anyhow::anyhow!("--draft-p-min: {e}"))?,
         ),
         None => None,
     };

@@ -72,6 +72,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     max_queue: usize,
     kv_blocks: usize,
+    draft_kv_bytes: usize,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -204,10 +205,24 @@ impl Engine {
             }
             (_, None) => None,
         };
+        // The self-speculation draft keeps K and V of the layers it runs
+        // only.
+        let self_skip = match &method {
+            Some(tl_model::spec::SpecMethod::SelfDraft) => {
+                Some(tl_model::spec::self_draft_layers(llm.model.config.n_layers))
+            }
+            _ => None,
+        };
         let per_block = llm.model.kv_bytes_per_token() * BLOCK_SIZE;
-        let draft_per_block = drafter
-            .as_ref()
-            .map_or(0, |d| d.model.kv_bytes_per_token() * BLOCK_SIZE);
+        let draft_per_block = match (&drafter, &self_skip) {
+            (Some(d), Some(skip)) => {
+                d.model
+                    .kv_bytes_per_token_layers(skip.iter().filter(|&&s| !s).count())
+                    * BLOCK_SIZE
+            }
+            (Some(d), None) => d.model.kv_bytes_per_token() * BLOCK_SIZE,
+            (None, _) => 0,
+        };
         let kv_bytes = kv_budget(&llm, &cfg)?;
         let kv_blocks = kv_bytes / (per_block + draft_per_block).max(1);
         if kv_blocks == 0 {
@@ -220,20 +235,31 @@ impl Engine {
             .model
             .new_cache_blocks(kv_blocks)
             .map_err(|e| EngineError::Setup(e.to_string()))?;
-        let draft_cache = match &drafter {
-            Some(d) => Some(
+        let draft_cache = match (&drafter, &self_skip) {
+            (Some(d), Some(skip)) => {
+                let held: Vec<bool> = skip.iter().map(|&s| !s).collect();
+                Some(
+                    d.model
+                        .new_cache_blocks_for_layers(kv_blocks, &held)
+                        .map_err(|e| {
+                            EngineError::Setup(format!("the self-speculation draft's cache: {e}"))
+                        })?,
+                )
+            }
+            (Some(d), None) => Some(
                 d.model
                     .new_cache_blocks(kv_blocks)
                     .map_err(|e| EngineError::Setup(format!("the draft model's cache: {e}")))?,
             ),
-            None => None,
+            (None, _) => None,
         };
-        if let Some(d) = &drafter {
+        let draft_kv_bytes = draft_cache.as_ref().map_or(0, |c| c.host_bytes());
+        if let Some(c) = &draft_cache {
             info!(
                 method = %method.as_ref().map_or(String::new(), |m| m.to_string()),
                 kv_blocks,
                 bytes = kv_blocks * draft_per_block,
-                layers = d.model.config.n_layers,
+                layers = c.held_layers(),
                 "draft KV cache allocated"
             );
         }
@@ -287,6 +313,7 @@ impl Engine {
             shared,
             max_queue: cfg.max_queue,
             kv_blocks,
+            draft_kv_bytes,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -301,6 +328,12 @@ impl Engine {
 
     pub fn kv_blocks(&self) -> usize {
         self.kv_blocks
+    }
+
+    /// Bytes of the draft's KV cache in host memory (0 without a draft,
+    /// or with its cache on a GPU).
+    pub fn draft_kv_bytes(&self) -> usize {
+        self.draft_kv_bytes
     }
 
     pub fn validate(&self, r: GenerationRequest) -> Result<ValidRequest> {

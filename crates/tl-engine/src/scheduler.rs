@@ -170,8 +170,10 @@ impl<'a> DraftModel<'a> {
         }
     }
 
-    /// The self-speculation draft of `target` over `cache` (a cache of the
-    /// target's shape). CPU only.
+    /// The self-speculation draft of `target` over `cache`: a cache of the
+    /// target's shape, or of the layers the draft runs only
+    /// (`Model::new_cache_blocks_for_layers` with the complement of
+    /// [`tl_model::spec::self_draft_layers`]). CPU only.
     pub fn self_draft(target: &'a Model, cache: KvCache) -> Result<Self> {
         if target.device().is_gpu() {
             return Err(EngineError::Setup(
@@ -686,8 +688,9 @@ impl<'a> Scheduler<'a> {
         };
         let t0 = std::time::Instant::now();
         let chunk = self.cfg.max_batch_tokens;
+        let p_min = self.cfg.spec.as_ref().map_or(0.0, |c| c.p_min);
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            model_drafts(d, &mut self.running, ks, &mut want, &mut out, chunk)
+            model_drafts(d, &mut self.running, ks, &mut want, &mut out, chunk, p_min)
         }));
         self.stats.draft_us += t0.elapsed().as_micros() as u64;
         match r {
@@ -1128,7 +1131,8 @@ fn free_draft(draft: &mut Option<DraftModel<'_>>, dkv: &mut SeqKv) -> Result<()>
 /// the rest in the first ragged forward, which gives the first draft), then
 /// one forward per drafted position for all sequences together. A
 /// sequence whose draft blocks run out drafts nothing (its `want` is set to
-/// 0). Returns the number of forwards.
+/// 0); one stops at the first pick whose probability is below `p_min`
+/// (that pick is not drafted). Returns the number of forwards.
 fn model_drafts(
     d: &mut DraftModel<'_>,
     running: &mut [Seq<'_>],
@@ -1136,6 +1140,7 @@ fn model_drafts(
     want: &mut [usize],
     out: &mut [Vec<u32>],
     chunk: usize,
+    p_min: f32,
 ) -> Result<u64> {
     let dctx = d.model.config.context;
     let chunk = chunk.max(1);
@@ -1201,7 +1206,7 @@ fn model_drafts(
         }
         let ids = d
             .model
-            .forward_greedy(&mut d.cache, &batch, &mut d.state)
+            .forward_draft(&mut d.cache, &batch, &mut d.state, p_min)
             .map_err(|e| EngineError::Model(format!("draft model: {e}")))?;
         forwards += 1;
         drop(batch);
@@ -1216,8 +1221,14 @@ fn model_drafts(
             if let Some(s) = running.get_mut(ks[j].0) {
                 s.dkv.len += feeds[j].len();
             }
-            out[j].push(t);
-            feeds[j] = vec![t];
+            match t {
+                Some(t) => {
+                    out[j].push(t);
+                    feeds[j] = vec![t];
+                }
+                // Unsure: this sequence's round drafts no further.
+                None => feeds[j].clear(),
+            }
         }
     }
     Ok(forwards)

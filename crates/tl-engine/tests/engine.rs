@@ -1079,6 +1079,35 @@ fn draft_model_rounds_match_the_reference_runner() {
     }
 }
 
+/// The self-speculation draft's cache has room for the layers it runs
+/// only: kept layers × one layer's bytes per block × blocks, and the
+/// greedy output is the plain engine's.
+#[test]
+fn self_speculation_caches_only_the_layers_it_runs() {
+    let target = synth_llm(
+        "self8",
+        SynthSpec {
+            n_layers: 8,
+            ..SynthSpec::default()
+        },
+    );
+    let skip = tl_model::spec::self_draft_layers(8);
+    let kept = skip.iter().filter(|&&s| !s).count();
+    assert!(kept < 8, "no layer left out: {skip:?}");
+    let layer_block = target.model.kv_bytes_per_token_layers(1) * 16;
+    assert_eq!(layer_block * 8, target.model.kv_bytes_per_token() * 16);
+    let prompts = spec_prompts();
+    let want = plain_outputs(&target, &prompts, 16);
+    let e = spec_engine(target, None, tl_model::spec::SpecMethod::SelfDraft, 8, 64);
+    assert_eq!(e.draft_kv_bytes(), e.kv_blocks() * kept * layer_block);
+    for (p, w) in prompts.iter().zip(&want) {
+        assert_eq!(&run(&e, greedy(p.clone(), 16))[0].tokens, w);
+    }
+    let s = wait_idle(&e);
+    assert!(s.draft_forwards > 0, "the draft never ran: {s:?}");
+    assert_eq!(s.draft_kv_blocks_used, 0);
+}
+
 /// Self-speculation in the server (prompt lookup, then the target with a
 /// layer left out): greedy output unchanged, blocks given back.
 #[test]

@@ -123,17 +123,23 @@ impl<'m> Runner<'m> {
 
     /// Attaches the self-speculation draft (`SpecMethod::SelfDraft`): the
     /// target itself with the layers of [`crate::spec::self_draft_layers`]
-    /// left out, with its own cache of `ctx_tokens` tokens. CPU only.
+    /// left out, with its own cache of `ctx_tokens` tokens for the layers
+    /// it runs. CPU only.
     pub fn with_self_draft(mut self, ctx_tokens: usize) -> Result<Self> {
         if self.model.device() != tl_core::Device::Cpu {
             return Err(ModelError::BadConfig(
                 "self-speculation (layer skipping) runs on the CPU only".into(),
             ));
         }
-        let cache = self.model.new_cache(ctx_tokens)?;
+        let skip = crate::spec::self_draft_layers(self.model.config.n_layers);
+        let held: Vec<bool> = skip.iter().map(|&s| !s).collect();
+        let cache = self.model.new_cache_blocks_for_layers(
+            ctx_tokens.div_ceil(crate::kv::BLOCK_SIZE).max(1),
+            &held,
+        )?;
         let blocks = BlockManager::new(cache.n_blocks);
         let state = ForwardState {
-            skip_layers: crate::spec::self_draft_layers(self.model.config.n_layers),
+            skip_layers: skip,
             ..Default::default()
         };
         self.draft = Some(Box::new(DraftRunner {
@@ -400,7 +406,9 @@ impl<'m> Runner<'m> {
                     d
                 })
                 .collect(),
-            crate::spec::SpecMethod::Draft => self.draft_model_tokens(active, live, &ks)?,
+            crate::spec::SpecMethod::Draft => {
+                self.draft_model_tokens(active, live, &ks, sc.p_min)?
+            }
             crate::spec::SpecMethod::SelfDraft => {
                 // Prompt lookup where it finds a match (free), the
                 // layer-skipping draft elsewhere, at most `SELF_K` tokens.
@@ -413,7 +421,7 @@ impl<'m> Runner<'m> {
                     out.push(d);
                 }
                 if rest.iter().any(|&k| k > 0) {
-                    let skip = self.draft_model_tokens(active, live, &rest)?;
+                    let skip = self.draft_model_tokens(active, live, &rest, sc.p_min)?;
                     for (o, d) in out.iter_mut().zip(skip) {
                         if o.is_empty() {
                             *o = d;
@@ -464,8 +472,7 @@ impl<'m> Runner<'m> {
             // The draft cache holds the old history (through `next`) and
             // d1..d(k-1): keep what the accepted text shares with it.
             if self.draft.is_some() {
-                let keep = l.history.len() + v.accepted.min(d.len().saturating_sub(1));
-                l.dkv.len = l.dkv.len.min(keep);
+                l.dkv.len = l.dkv.len.min(l.history.len() + v.accepted);
             }
             if !d.is_empty() {
                 self.spec_stats.rounds += 1;
@@ -485,12 +492,15 @@ impl<'m> Runner<'m> {
 
     /// Greedy drafts of up to `ks[j]` tokens from the draft model for each
     /// active sequence: its cache catches up with the sequence's history in
-    /// one ragged forward, then one token per forward for all sequences.
+    /// one ragged forward, then one token per forward for all sequences. A
+    /// sequence stops at the first pick whose probability is below `p_min`
+    /// (that pick is not drafted).
     fn draft_model_tokens(
         &mut self,
         active: &[usize],
         live: &mut [Live],
         ks: &[usize],
+        p_min: f32,
     ) -> Result<Vec<Vec<u32>>> {
         let d = self.draft.as_mut().ok_or_else(|| {
             ModelError::BadConfig(
@@ -525,12 +535,20 @@ impl<'m> Runner<'m> {
                     logits: Logits::Last,
                 })
                 .collect();
-            let ids = d.model.forward_greedy(&mut d.cache, &batch, &mut d.state)?;
+            let ids = d
+                .model
+                .forward_draft(&mut d.cache, &batch, &mut d.state, p_min)?;
             drop(batch);
             for (&j, &t) in idx.iter().zip(&ids) {
                 live[active[j]].dkv.len += feeds[j].len();
-                out[j].push(t);
-                feeds[j] = vec![t];
+                match t {
+                    Some(t) => {
+                        out[j].push(t);
+                        feeds[j] = vec![t];
+                    }
+                    // Unsure: this sequence's round drafts no further.
+                    None => feeds[j].clear(),
+                }
             }
         }
         Ok(out)

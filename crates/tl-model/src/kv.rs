@@ -447,8 +447,14 @@ pub struct KvCache {
     vd: Vec<f16>,
     /// The rotated K and V rows of a write (quantized types).
     rot: Vec<f32>,
+    /// Where each of the model's layers is stored (`NOT_HELD` for a layer
+    /// the cache has no room for); empty: every layer, in order.
+    layer_map: Vec<usize>,
     pub(crate) device: Option<crate::cuda::DeviceKv>,
 }
+
+/// A layer a [`KvCache`] made by [`KvCache::new_for_layers`] leaves out.
+const NOT_HELD: usize = usize::MAX;
 
 impl KvCache {
     /// Bytes one token occupies across all layers (K and V), scales included.
@@ -497,6 +503,7 @@ impl KvCache {
             kd: Vec::new(),
             vd: Vec::new(),
             rot: Vec::new(),
+            layer_map: Vec::new(),
             device: None,
         };
         let bytes = rows.saturating_mul(2 * ty.row_total(head_dim));
@@ -525,6 +532,60 @@ impl KvCache {
         Ok(c)
     }
 
+    /// A host cache of type `ty` with room for the layers `il` where
+    /// `held[il]` only (`held.len()` is the model's layer count): the
+    /// self-speculation draft, which runs a subset of the layers, keeps K
+    /// and V of those alone. A forward that runs a layer left out fails
+    /// (see [`KvCache::holds_layer`]).
+    pub fn new_for_layers(
+        ty: KvType,
+        held: &[bool],
+        n_kv_heads: usize,
+        head_dim: usize,
+        n_blocks: usize,
+    ) -> Result<Self> {
+        let n_held = held.iter().filter(|&&h| h).count();
+        let mut c = Self::new_typed(ty, n_held, n_kv_heads, head_dim, n_blocks)?;
+        let mut next = 0;
+        c.layer_map = held
+            .iter()
+            .map(|&h| {
+                if h {
+                    next += 1;
+                    next - 1
+                } else {
+                    NOT_HELD
+                }
+            })
+            .collect();
+        c.n_layers = held.len();
+        Ok(c)
+    }
+
+    /// Whether the cache has room for layer `il`'s K and V.
+    pub fn holds_layer(&self, il: usize) -> bool {
+        if self.layer_map.is_empty() {
+            il < self.n_layers
+        } else {
+            self.layer_map.get(il).is_some_and(|&m| m != NOT_HELD)
+        }
+    }
+
+    /// Layers the cache has room for.
+    pub fn held_layers(&self) -> usize {
+        (0..self.n_layers)
+            .filter(|&il| self.holds_layer(il))
+            .count()
+    }
+
+    /// Bytes of the host pools (K and V, scales included); 0 for a cache
+    /// in device memory.
+    pub fn host_bytes(&self) -> usize {
+        (self.k.len() + self.v.len() + self.kd.len() + self.vd.len()) * 2
+            + self.kq.len()
+            + self.vq.len()
+    }
+
     /// A cache whose pools live in device memory.
     pub(crate) fn new_on_device(
         ty: KvType,
@@ -547,6 +608,7 @@ impl KvCache {
             kd: Vec::new(),
             vd: Vec::new(),
             rot: Vec::new(),
+            layer_map: Vec::new(),
             device: Some(device),
         })
     }
@@ -584,7 +646,15 @@ impl KvCache {
 
     /// Index of the first head row of `head` in `block` of `layer`.
     fn head_row(&self, layer: usize, block: u32, head: usize) -> usize {
-        ((layer * self.n_blocks + block as usize) * self.n_kv_heads + head) * BLOCK_SIZE
+        // A layer left out maps past the pools: the forward checks
+        // `holds_layer` first, so only a bug reaches the bounds check.
+        let layer = if self.layer_map.is_empty() {
+            layer
+        } else {
+            self.layer_map.get(layer).copied().unwrap_or(NOT_HELD)
+        };
+        ((layer.wrapping_mul(self.n_blocks) + block as usize) * self.n_kv_heads + head)
+            .wrapping_mul(BLOCK_SIZE)
     }
 
     /// Writes one token's K and V rows (`n_kv_heads * head_dim` values each,

@@ -368,6 +368,33 @@ impl Model {
         self.new_cache_blocks(n_tokens.div_ceil(BLOCK_SIZE).max(1))
     }
 
+    /// A host KV cache of `n_blocks` blocks with room for the layers
+    /// `il` where `held[il]` only (the self-speculation draft's layers).
+    /// CPU only.
+    pub fn new_cache_blocks_for_layers(&self, n_blocks: usize, held: &[bool]) -> Result<KvCache> {
+        let c = &self.config;
+        if self.cuda.is_some() {
+            return Err(ModelError::BadConfig(
+                "a KV cache of some layers only is for the CPU".into(),
+            ));
+        }
+        if held.len() != c.n_layers {
+            return Err(ModelError::BadConfig(format!(
+                "a KV cache of {} layers' flags for a model of {} layers",
+                held.len(),
+                c.n_layers
+            )));
+        }
+        KvCache::new_for_layers(self.kv_type, held, c.n_kv_heads, c.head_dim, n_blocks)
+    }
+
+    /// Bytes one token occupies in a cache of `n_layers` of this model's
+    /// layers.
+    pub fn kv_bytes_per_token_layers(&self, n_layers: usize) -> usize {
+        let c = &self.config;
+        KvCache::bytes_per_token(self.kv_type, n_layers, c.n_kv_heads, c.head_dim)
+    }
+
     /// A KV cache of `n_blocks` blocks on the model's device.
     pub fn new_cache_blocks(&self, n_blocks: usize) -> Result<KvCache> {
         let c = &self.config;
@@ -546,14 +573,38 @@ impl Model {
         let v = self.config.vocab;
         Ok(st.logits[..st.last_logits]
             .chunks_exact(v)
+            .map(crate::sampler::argmax)
+            .collect())
+    }
+
+    /// The draft model's step of speculative decoding: like
+    /// [`Model::forward_greedy`], with `None` for a row whose top
+    /// probability (softmax of the row) is below `p_min` — the drafter
+    /// stops there (llama.cpp's `--draft-p-min`). `p_min <= 0` never
+    /// stops and takes the greedy path (on a GPU only the ids cross to the
+    /// host); otherwise the rows are read on the host.
+    pub fn forward_draft(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqBatch],
+        st: &mut ForwardState,
+        p_min: f32,
+    ) -> Result<Vec<Option<u32>>> {
+        if p_min <= 0.0 {
+            return Ok(self
+                .forward_greedy(cache, batch, st)?
+                .into_iter()
+                .map(Some)
+                .collect());
+        }
+        let v = self.config.vocab;
+        let rows = self.forward(cache, batch, st)?;
+        Ok(rows
+            .chunks_exact(v)
             .map(|row| {
-                let mut best = 0;
-                for (i, &x) in row.iter().enumerate() {
-                    if x > row[best] {
-                        best = i;
-                    }
-                }
-                best as u32
+                let t = crate::sampler::argmax(row);
+                let max = row.get(t as usize).copied().unwrap_or(f32::NAN);
+                crate::spec::top_prob_at_least(row, max, p_min).then_some(t)
             })
             .collect())
     }
@@ -672,6 +723,13 @@ impl Model {
                 r
             }
             None => {
+                if let Some(il) = (0..c.n_layers).find(|&il| {
+                    !st.skip_layers.get(il).copied().unwrap_or(false) && !cache.holds_layer(il)
+                }) {
+                    return Err(ModelError::BadConfig(format!(
+                        "the KV cache has no room for layer {il}, which this forward runs"
+                    )));
+                }
                 let skip = std::mem::take(&mut st.skip_layers);
                 let mut ex = crate::exec_cpu::CpuExec {
                     m: self,

@@ -74,6 +74,10 @@ pub struct SpecConfig {
     pub method: SpecMethod,
     /// Most tokens drafted per round (the round's k adapts below it).
     pub k: usize,
+    /// A draft model stops drafting a sequence's round at the first
+    /// position where its top probability is below this (llama.cpp's
+    /// `--draft-p-min`); 0 drafts the whole budget.
+    pub p_min: f32,
     /// Longest and shortest n-gram looked up.
     pub ngram_max: usize,
     pub ngram_min: usize,
@@ -93,10 +97,46 @@ impl SpecConfig {
         Ok(SpecConfig {
             method,
             k,
+            p_min: 0.0,
             ngram_max: 4,
             ngram_min: 2,
         })
     }
+
+    /// These settings with the draft model's stopping probability `p`
+    /// (0 ≤ p < 1).
+    pub fn with_p_min(mut self, p: f32) -> Result<Self, String> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(format!(
+                "draft p-min = {p} is out of range (0 ≤ p < 1; 0 turns it off)"
+            ));
+        }
+        self.p_min = p;
+        Ok(self)
+    }
+}
+
+/// Whether the softmax of `row`, whose largest value is `max`, gives that
+/// value a probability of at least `p_min`: `Σ exp(x − max) ≤ 1 / p_min`,
+/// summed in chunks with an early exit once the sum is past the bound (an
+/// unsure row is usually found in the first chunks). A row with NaN or
+/// infinite values is not sure.
+pub fn top_prob_at_least(row: &[f32], max: f32, p_min: f32) -> bool {
+    if p_min <= 0.0 {
+        return true;
+    }
+    if !max.is_finite() {
+        return false;
+    }
+    let bound = 1.0 / p_min;
+    let mut sum = 0f32;
+    for chunk in row.chunks(2048) {
+        sum += chunk.iter().map(|&x| (x - max).exp()).sum::<f32>();
+        if sum > bound || sum.is_nan() {
+            return false;
+        }
+    }
+    true
 }
 
 /// The layers the self-speculation draft leaves out (`skip[il]`) for a
@@ -395,6 +435,26 @@ mod tests {
         assert_eq!(adapt_k(8, 3, 0, 8), 4);
         assert_eq!(adapt_k(1, 1, 0, 8), 1);
         assert_eq!(adapt_k(6, 6, 2, 8), 6);
+    }
+
+    #[test]
+    fn top_probability_against_p_min() {
+        // Two equal logits: each has probability 1/2.
+        let row = [0.0f32, 3.0, 3.0, -50.0];
+        assert!(top_prob_at_least(&row, 3.0, 0.45));
+        assert!(!top_prob_at_least(&row, 3.0, 0.55));
+        assert!(top_prob_at_least(&row, 3.0, 0.0));
+        // One clear winner over a long row.
+        let mut long = vec![-20.0f32; 10_000];
+        long[7] = 5.0;
+        assert!(top_prob_at_least(&long, 5.0, 0.99));
+        assert!(!top_prob_at_least(&[f32::NAN, 1.0], f32::NAN, 0.5));
+        assert!(SpecConfig::new(SpecMethod::Draft, 8)
+            .and_then(|c| c.with_p_min(1.0))
+            .is_err());
+        assert!(SpecConfig::new(SpecMethod::Draft, 8)
+            .and_then(|c| c.with_p_min(f32::NAN))
+            .is_err());
     }
 
     #[test]

@@ -224,6 +224,76 @@ fn greedy_is_identical_with_a_draft_model() {
     }
 }
 
+/// `p_min` (llama.cpp's `--draft-p-min`) cuts draft rounds short where
+/// the draft model is unsure: fewer tokens drafted, the same greedy
+/// output, with the target drafting for itself (every draft accepted) and
+/// with a different model.
+#[test]
+fn draft_p_min_changes_the_drafts_not_the_output() {
+    let mk = |seed: u64, layers: usize| {
+        let s = SynthSpec {
+            arch: SynthArch::Qwen2,
+            weight_type: GgmlType::Q8_0,
+            output_type: GgmlType::Q8_0,
+            n_layers: layers,
+            seed,
+            ..Default::default()
+        };
+        let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+        Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads")
+    };
+    let target = mk(2, 3);
+    let prompts: Vec<Vec<u32>> = vec![
+        vec![1, 40, 41, 42],
+        (0..23).map(|i| 3 + (i * 7 % 50) as u32).collect(),
+    ];
+    let plain = TokenOptions {
+        max_tokens: 40,
+        ..Default::default()
+    };
+    let want = Runner::new(&target, 512)
+        .expect("cache")
+        .generate_batch(&prompts, &plain, |_, _| true)
+        .expect("plain");
+    for (name, draft) in [("self", mk(2, 3)), ("other", mk(7, 1))] {
+        let mut drafted = Vec::new();
+        for p_min in [0.0f32, 0.004, 0.008, 0.015, 0.03, 0.9] {
+            let cfg = SpecConfig::new(SpecMethod::Draft, 16)
+                .and_then(|c| c.with_p_min(p_min))
+                .expect("config");
+            let spec = TokenOptions {
+                spec: Some(cfg),
+                ..plain.clone()
+            };
+            let mut r = Runner::new(&target, 512)
+                .expect("cache")
+                .with_draft(&draft, 512)
+                .expect("draft");
+            let got = r
+                .generate_batch(&prompts, &spec, |_, _| true)
+                .expect("spec");
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(a.0, b.0, "{name} draft, p_min {p_min}: output changed");
+            }
+            assert_eq!(r.blocks.n_free(), r.blocks.n_total());
+            drafted.push(r.spec_stats.drafted);
+        }
+        eprintln!("{name} draft: drafted {drafted:?} for p_min 0, 0.004, 0.008, 0.015, 0.03, 0.9");
+        assert!(drafted[0] > 0, "{name}: nothing drafted without p_min");
+        assert!(
+            drafted[1..].iter().any(|&d| d != drafted[0]),
+            "{name}: p_min never changed the drafts: {drafted:?}"
+        );
+        if name == "self" {
+            // Every draft accepted: shorter rounds draft fewer in total.
+            assert!(
+                drafted.iter().all(|&d| d <= drafted[0]),
+                "{name}: {drafted:?}"
+            );
+        }
+    }
+}
+
 /// Self-speculation (prompt lookup, else the target with a subset of its
 /// layers drafting): greedy output token-identical to plain decoding on
 /// every architecture, batched, and on the real Qwen model.
