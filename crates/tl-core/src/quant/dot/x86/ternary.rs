@@ -14,9 +14,11 @@
 //!   as `q ^ 0x80` (that is `q + 128`, and `3 (q + 128) = 3 q + 128` mod
 //!   256, so the multiplications by 3 carry the offset along). The five
 //!   trits of bytes 0..32 give vectors 0..5; bytes 32..48 give `[t0, t1]`,
-//!   `[t2, t3]` and `t4` (Q8_K quants 160..240), and the four `qh` bytes,
-//!   broadcast and multiplied by 1, 3, 9 and 27 dword by dword, the last 16
-//!   levels.
+//!   `[t2, t3]` and `t4` (Q8_K quants 160..240; a multiplication by 9 is
+//!   a shift by 3, masked, and an addition), and the four `qh` bytes,
+//!   broadcast and multiplied by 1, 3, 9 and 27 dword by dword (two 16-bit
+//!   multiplications, one for the low bytes and one for the high), the last
+//!   16 levels.
 //!
 //! The integer sum `sum(u * q8) - sum(q8)` is formed exactly
 //! (`vpmaddubsw` into i16 lanes, at most 8 * 2 * 3 * 127 in magnitude, less
@@ -78,6 +80,15 @@ fn offset(v: __m256i) -> __m256i {
 #[inline]
 fn times3(q: __m256i) -> __m256i {
     _mm256_add_epi8(_mm256_add_epi8(q, q), q)
+}
+
+/// `q * 9` in every byte, wrapping: `(q << 3) + q`, the bits shifted
+/// across a byte boundary by the 16-bit shift masked off.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn times9(q: __m256i) -> __m256i {
+    let q8 = _mm256_and_si256(_mm256_slli_epi16(q, 3), _mm256_set1_epi8(-8));
+    _mm256_add_epi8(q8, q)
 }
 
 /// The top base-3 digit `(q * 3) >> 8` of every byte `q`, given as
@@ -144,22 +155,23 @@ unsafe fn tq1_digit_operands(blk: *const u8) -> [__m256i; 8] {
     let x3 = _mm_add_epi8(_mm_add_epi8(x, x), x);
     let mut p = _mm256_setr_m128i(x, x3);
     u[5] = p;
-    p = times3(times3(p));
+    p = times9(p);
     u[6] = p;
-    p = times3(times3(p));
+    p = times9(p);
     // The four qh bytes: trit n of byte j against quant 240 + 4n + j, so
     // the dword n of the high half is the four bytes times 3^n.
     let h0 = _mm_xor_si128(
         _mm_set1_epi32(std::ptr::read_unaligned(blk.add(TQ1_QS) as *const i32)),
         _mm_set1_epi8(i8::MIN),
     );
-    let h1 = _mm_add_epi8(_mm_add_epi8(h0, h0), h0);
-    let h2 = _mm_add_epi8(_mm_add_epi8(h1, h1), h1);
-    let h3 = _mm_add_epi8(_mm_add_epi8(h2, h2), h2);
-    let h = _mm_blend_epi32::<0b1000>(
-        _mm_blend_epi32::<0b0100>(_mm_blend_epi32::<0b0010>(h0, h1), h2),
-        h3,
-    );
+    // Bytewise products by 3^n through 16-bit ones: the low byte of a
+    // 16-bit product is the low byte's, and the high byte's product comes
+    // whole from the high byte alone (the low byte masked off).
+    let pow3 = _mm_setr_epi16(1, 1, 3, 3, 9, 9, 27, 27);
+    let hi_mask = _mm_set1_epi16(0xff00u16 as i16);
+    let lo = _mm_andnot_si128(hi_mask, _mm_mullo_epi16(h0, pow3));
+    let hi = _mm_mullo_epi16(_mm_and_si128(h0, hi_mask), pow3);
+    let h = _mm_or_si128(lo, hi);
     u[7] = _mm256_inserti128_si256::<1>(p, h);
     u
 }
