@@ -301,8 +301,9 @@ def render(args, results, commit, date, cpu, note=None, d=None):
         "--kl-divergence-base` against the base's saved log-probabilities), in nats; top-1 is how often both models' most likely token "
         "agree. \"= llama.cpp\" says whether llama.cpp's quantizer (`llama_model_quantize`, "
         "llama-cpp-python 0.3.36) writes the very same file from the same base and type — when "
-        "it does, llama-quantize's output has these same figures. Speed: `tl bench -p 256 -n 64` "
-        "(CPU, prompt and generation tok/s, batch 1).",
+        "it does, llama-quantize's output has these same figures. Speed: `tl bench -p 256 -n 64 "
+        "-r 2` (CPU, prompt and generation tok/s, batch 1, tl's default threads: both cores), "
+        "measured on a shared 2-core machine, so the speed columns are rough.",
         "",
         "Reading it. The test models are themselves quantized files (Qwen: Q5_0, Q8_0, Q6_K and "
         "Q4_K tensors; Gemma: Q5_0, Q4_K, Q8_0, Q6_K), so the F16 base holds weights that already "
@@ -321,7 +322,9 @@ def render(args, results, commit, date, cpu, note=None, d=None):
             f"--chunks {IMATRIX_CHUNKS}` (calibration text other than the perplexity text), then "
             "`tl quantize --imatrix`; \"= llama.cpp\" compares every tensor's type and bytes with "
             "llama.cpp's quantizer given the same importance values (`llama_model_quantize` with "
-            "its imatrix array). \"KL without\" is the same type's mean KL from the main table.",
+            "its imatrix array). \"KL without\" is the same type's mean KL from the main table; "
+            "speed as in the main tables (— where a row was measured before these columns "
+            "were added).",
             "",
         ]
     if note:
