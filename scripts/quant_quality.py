@@ -45,7 +45,7 @@ MODELS = ["qwen2.5-coder-0.5b-instruct-q4.gguf", "gemma-3-270m-q4_k_m.gguf"]
 # matrix; F32 would repeat F16).
 TYPES = ["F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M",
          "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K",
-         "TQ2_0", "TQ1_0"]
+         "TQ2_0", "TQ1_0", "MXFP4_MOE", "MXFP4_MOE --pure"]
 # The types measured again with an importance matrix (the low-bit ones,
 # where it matters; Q2_K_S, IQ3_XS, IQ3_XXS and the IQ2/IQ1 types need one).
 IMATRIX_TYPES = ["Q4_K_M", "Q3_K_M", "Q2_K", "Q2_K_S", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS",
@@ -86,7 +86,7 @@ def imatrix_weights(path):
     return out, chunks
 
 
-def imatrix_rows(args, tl, base, base_lp, model, types=IMATRIX_TYPES):
+def imatrix_rows(args, tl, base, base_lp, model, types=IMATRIX_TYPES, bench=True):
     from make_imatrix_quantize_fixtures import reference_quantize_imatrix
 
     im = os.path.join(args.work, "imatrix.gguf")
@@ -102,7 +102,7 @@ def imatrix_rows(args, tl, base, base_lp, model, types=IMATRIX_TYPES):
                                    chunks)
         same = tensor_data(mine) == tensor_data(ref)
         os.remove(ref)
-        r = measure(tl, mine, base_lp, TEXT, args.chunk, bench=False)
+        r = measure(tl, mine, base_lp, TEXT, args.chunk, bench=bench)
         r["identical_to_llama_cpp"] = same
         rows[ftype] = r
         os.remove(mine)
@@ -252,10 +252,13 @@ def main():
 def measure_type(args, base, base_lp, model, ftype):
     """One row of the main table: tl's and llama.cpp's files of `ftype` from
     the base compared, and tl's measured."""
-    mine = os.path.join(args.work, f"{ftype}.gguf")
-    ref = os.path.join(args.work, f"{ftype}-ref.gguf")
-    run([args.tl, "quantize", base, mine, ftype])
-    reference_quantize(base, ref, ftype)
+    # A row name may carry llama-quantize flags after the type
+    # ("MXFP4_MOE --pure"); both quantizers get them.
+    name, *flags = ftype.split()
+    mine = os.path.join(args.work, f"{name}.gguf")
+    ref = os.path.join(args.work, f"{name}-ref.gguf")
+    run([args.tl, "quantize", base, mine, name, *flags])
+    reference_quantize(base, ref, name, flags)
     same = sha256_file(mine) == sha256_file(ref)
     os.remove(ref)
     r = measure(args.tl, mine, base_lp, TEXT, args.chunk)
@@ -276,6 +279,10 @@ def make_base(args, model):
     return base, base_lp
 
 
+def speed(x):
+    return f"{x:.1f}" if x is not None else "—"
+
+
 def render(args, results, commit, date, cpu, note=None, d=None):
     lines = [
         "# Quantization: quality and speed per type",
@@ -294,8 +301,9 @@ def render(args, results, commit, date, cpu, note=None, d=None):
         "--kl-divergence-base` against the base's saved log-probabilities), in nats; top-1 is how often both models' most likely token "
         "agree. \"= llama.cpp\" says whether llama.cpp's quantizer (`llama_model_quantize`, "
         "llama-cpp-python 0.3.36) writes the very same file from the same base and type — when "
-        "it does, llama-quantize's output has these same figures. Speed: `tl bench -p 256 -n 64` "
-        "(CPU, prompt and generation tok/s, batch 1).",
+        "it does, llama-quantize's output has these same figures. Speed: `tl bench -p 256 -n 64 "
+        "-r 2` (CPU, prompt and generation tok/s, batch 1, tl's default threads: both cores), "
+        "measured on a shared 2-core machine, so the speed columns are rough.",
         "",
         "Reading it. The test models are themselves quantized files (Qwen: Q5_0, Q8_0, Q6_K and "
         "Q4_K tensors; Gemma: Q5_0, Q4_K, Q8_0, Q6_K), so the F16 base holds weights that already "
@@ -314,7 +322,9 @@ def render(args, results, commit, date, cpu, note=None, d=None):
             f"--chunks {IMATRIX_CHUNKS}` (calibration text other than the perplexity text), then "
             "`tl quantize --imatrix`; \"= llama.cpp\" compares every tensor's type and bytes with "
             "llama.cpp's quantizer given the same importance values (`llama_model_quantize` with "
-            "its imatrix array). \"KL without\" is the same type's mean KL from the main table.",
+            "its imatrix array). \"KL without\" is the same type's mean KL from the main table; "
+            "speed as in the main tables (— where a row was measured before these columns "
+            "were added).",
             "",
         ]
     if note:
@@ -332,15 +342,16 @@ def render(args, results, commit, date, cpu, note=None, d=None):
         lines.append("")
         if im and model in im:
             lines += [f"With an importance matrix ({model}):", "",
-                      "| type | MiB | PPL | ln(PPL/base) | mean KL | KL without | p99 KL | top-1 | = llama.cpp |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+                      "| type | MiB | PPL | ln(PPL/base) | mean KL | KL without | p99 KL | top-1 | = llama.cpp | pp tok/s | tg tok/s |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|:-:|---:|---:|"]
             for ftype, r in im[model].items():
                 without = rows.get(ftype, {}).get("kl_mean")
                 wo = f"{without:.5f}" if without is not None else "—"
                 lines.append(
                     f"| {ftype} | {r['size_mib']:.1f} | {r['ppl']:.4f} | {r['ln_ratio']:+.4f} | "
                     f"{r['kl_mean']:.5f} | {wo} | {r['kl_p99']:.4f} | {r['top1']:.2f}% | "
-                    f"{'yes' if r['identical_to_llama_cpp'] else 'NO'} |")
+                    f"{'yes' if r['identical_to_llama_cpp'] else 'NO'} | {speed(r.get('pp'))} | "
+                    f"{speed(r.get('tg'))} |")
             lines.append("")
     with open(args.out, "w") as f:
         f.write("\n".join(lines))

@@ -8,13 +8,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::Arc;
 use tl_gguf::GgmlType;
 use tl_model::imatrix::Imatrix;
-use tl_model::quantize::{self, FileType, ImatrixUse, QuantizeOptions};
+use tl_model::quantize::{self, FileType, ImatrixUse, QuantizeOptions, SplitOutput};
 
 #[derive(clap::Args)]
 pub struct QuantizeArgs {
     /// Input GGUF model (F32/F16/BF16, or quantized with --allow-requantize).
     pub input: PathBuf,
-    /// Output GGUF file (written to OUTPUT.partial, then renamed).
+    /// Output GGUF file (written to OUTPUT.partial, then renamed); with
+    /// --keep-split or --split-max-*, the prefix of the parts
+    /// (OUTPUT-00001-of-0000N.gguf, ...; a trailing .gguf is dropped).
     pub output: PathBuf,
     /// File type: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q2_K_S,
     /// Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K, IQ4_NL,
@@ -74,6 +76,20 @@ pub struct QuantizeArgs {
     /// come after the --tensor-type ones).
     #[arg(long, value_name = "FILE")]
     pub tensor_type_file: Vec<PathBuf>,
+    /// Write as many parts as the split input has, each holding the
+    /// tensors of the input part of the same number (llama-quantize's
+    /// --keep-split); an input of one file gives OUTPUT-00001-of-00001.gguf.
+    #[arg(long, conflicts_with_all = ["split_max_tensors", "split_max_size"])]
+    pub keep_split: bool,
+    /// Split the output into parts of at most N tensors
+    /// (llama-gguf-split's --split-max-tensors).
+    #[arg(long, value_name = "N", conflicts_with = "split_max_size")]
+    pub split_max_tensors: Option<u64>,
+    /// Split the output into parts of at most SIZE bytes of tensor data,
+    /// SIZE a whole number followed by M (10^6) or G (10^9), as 500M or 4G
+    /// (llama-gguf-split's --split-max-size).
+    #[arg(long, value_name = "SIZE")]
+    pub split_max_size: Option<String>,
 }
 
 fn block_type(flag: &str, s: &str) -> anyhow::Result<GgmlType> {
@@ -107,6 +123,16 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|s| block_type("--token-embedding-type", s))
         .transpose()?;
+
+    opts.split = if a.keep_split {
+        SplitOutput::KeepInput
+    } else if let Some(n) = a.split_max_tensors {
+        SplitOutput::MaxTensors(n)
+    } else if let Some(s) = &a.split_max_size {
+        SplitOutput::MaxBytes(quantize::parse_split_size(s)?)
+    } else {
+        SplitOutput::Single
+    };
 
     opts.tensor_types = a
         .tensor_type
@@ -149,6 +175,12 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
 
     let q = quantize::Quantization::prepare(&a.input, &a.output, &opts)
         .with_context(|| format!("quantizing {}", a.input.display()))?;
+    if a.keep_split && q.parts().len() == 1 {
+        eprintln!(
+            "note: --keep-split with an input of one file: writing one file, {} (as llama-quantize)",
+            q.parts()[0].path.display()
+        );
+    }
     for p in q.plans() {
         match p.imatrix {
             ImatrixUse::NoEntry => {
@@ -188,6 +220,11 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
             mib(inb),
             mib(outb)
         );
+        if opts.split != SplitOutput::Single {
+            for part in q.parts() {
+                println!("{}: {} tensors", part.path.display(), part.tensors.len());
+            }
+        }
         return Ok(());
     }
 
@@ -219,7 +256,15 @@ pub fn run(a: &QuantizeArgs) -> anyhow::Result<()> {
         mib(summary.out_bytes),
         summary.out_bytes as f64 * 8.0 / summary.elements.max(1) as f64,
         t0.elapsed().as_secs_f64(),
-        a.output.display()
+        match q.parts() {
+            [one] => one.path.display().to_string(),
+            parts => format!(
+                "{} parts, {} .. {}",
+                parts.len(),
+                parts.first().map(|p| p.path.display().to_string()).unwrap_or_default(),
+                parts.last().map(|p| p.path.display().to_string()).unwrap_or_default()
+            ),
+        }
     );
     Ok(())
 }

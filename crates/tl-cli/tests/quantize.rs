@@ -580,3 +580,226 @@ fn iq_models_run_and_stay_close_to_the_original() {
         );
     }
 }
+
+fn split_fixtures() -> serde_json::Value {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quantize_split.json");
+    serde_json::from_str(&std::fs::read_to_string(p).expect("fixture")).expect("json")
+}
+
+/// The split fixture's input: the synthetic qwen2 model and its parts
+/// (gguf-split's layout), whose hashes the fixture recorded.
+fn split_input(fx: &serde_json::Value, dir: &Path) -> (PathBuf, PathBuf, u64) {
+    use tl_gguf::reader::split_path;
+    let whole = dir.join("in.gguf");
+    let s = tl()
+        .arg("synth")
+        .args(strs(&fx["synth_args"]))
+        .arg("-o")
+        .arg(&whole)
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    assert_eq!(
+        sha256(&std::fs::read(&whole).unwrap()),
+        fx["input_sha256"].as_str().unwrap(),
+        "tl synth wrote another input than the fixture's"
+    );
+    let n = fx["parts"].as_u64().unwrap();
+    let first = dir.join(format!("in-00001-of-{n:05}.gguf"));
+    let file = GgufFile::open(&whole).unwrap();
+    let parts = GgufWriter::from_file(&file).into_split(n as u16).unwrap();
+    for (i, w) in parts.iter().enumerate() {
+        let p = split_path(&first, i as u64, n).unwrap();
+        w.write_file(&p).unwrap();
+        assert_eq!(
+            sha256(&std::fs::read(&p).unwrap()),
+            fx["input_parts_sha256"][i].as_str().unwrap()
+        );
+    }
+    (whole, first, n)
+}
+
+fn quantize_ok(args: &[&std::ffi::OsStr]) -> String {
+    let out = tl()
+        .arg("quantize")
+        .args(args)
+        .args(["-t", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{args:?}: {err}");
+    err
+}
+
+/// Every tensor of a (joined) file: name -> (type, bytes).
+fn tensor_map(path: &Path) -> std::collections::BTreeMap<String, (GgmlType, Vec<u8>)> {
+    let f = GgufFile::open(path).unwrap();
+    f.tensors
+        .iter()
+        .map(|t| (t.name.clone(), (t.ty, f.tensor_data(t).to_vec())))
+        .collect()
+}
+
+/// `--keep-split` on a model in three parts writes three parts that are
+/// byte for byte llama.cpp's (`llama_model_quantize` with keep_split, as
+/// llama-quantize --keep-split), with the split keys, and whose tensors,
+/// joined, are the unsplit quantization's; an unsplit input gives one
+/// file, PREFIX-00001-of-00001.gguf, as llama-quantize writes it.
+#[test]
+fn keep_split_writes_llama_cpps_parts() {
+    let fx = split_fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (whole, first, n) = split_input(&fx, d);
+    let mut diffs = Vec::new();
+    for (ftype, want) in fx["keep_split"].as_object().unwrap() {
+        let unsplit = d.join("unsplit.gguf");
+        quantize_ok(&[first.as_os_str(), unsplit.as_os_str(), ftype.as_ref()]);
+        // The prefix may be given with .gguf, as llama-quantize takes it.
+        let prefix = d.join("out.gguf");
+        quantize_ok(&[
+            first.as_os_str(),
+            prefix.as_os_str(),
+            ftype.as_ref(),
+            "--keep-split".as_ref(),
+        ]);
+        for i in 0..n {
+            let p = d.join(format!("out-{:05}-of-{n:05}.gguf", i + 1));
+            let got = sha256(&std::fs::read(&p).unwrap());
+            if got != want[i as usize].as_str().unwrap() {
+                diffs.push(format!("{ftype}: part {} differs from llama.cpp's", i + 1));
+            }
+            let md = GgufFile::open_one(&p).unwrap().metadata;
+            assert_eq!(md.opt_u64("split.no").unwrap(), Some(i));
+            assert_eq!(md.opt_u64("split.count").unwrap(), Some(n));
+            assert_eq!(md.opt_u64("split.tensors.count").unwrap(), Some(99));
+        }
+        let joined = d.join(format!("out-00001-of-{n:05}.gguf"));
+        if tensor_map(&joined) != tensor_map(&unsplit) {
+            diffs.push(format!(
+                "{ftype}: the joined parts hold other tensors than the unsplit output"
+            ));
+        }
+    }
+    assert!(diffs.is_empty(), "{}", diffs.join("\n"));
+
+    // An unsplit input: one file, no split keys (llama-quantize's output).
+    let one = d.join("one");
+    let err = quantize_ok(&[
+        whole.as_os_str(),
+        one.as_os_str(),
+        "Q4_K_M".as_ref(),
+        "--keep-split".as_ref(),
+    ]);
+    assert!(err.contains("input of one file"), "{err}");
+    let p = d.join("one-00001-of-00001.gguf");
+    assert_eq!(
+        sha256(&std::fs::read(&p).unwrap()),
+        fx["keep_split_unsplit_input"]["sha256"].as_str().unwrap()
+    );
+    assert!(!d.join("one").exists());
+}
+
+/// `--split-max-tensors N` and `--split-max-size SIZE` cut the output as
+/// llama-gguf-split cuts a file: the tensors in the unsplit output's order,
+/// N to a part, or as many as fit in SIZE (10^6 bytes for M) of data padded
+/// to 32 bytes; every part has the split keys, the first the metadata.
+/// (scripts/make_quantize_split_fixtures.py loads such parts in llama.cpp:
+/// the logits are the unsplit file's.)
+#[test]
+fn split_max_tensors_and_size_cut_the_output() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let fx = split_fixtures();
+    let (whole, _, _) = split_input(&fx, d);
+    let unsplit = d.join("unsplit.gguf");
+    quantize_ok(&[whole.as_os_str(), unsplit.as_os_str(), "Q8_0".as_ref()]);
+    let want = GgufFile::open(&unsplit).unwrap();
+    let order: Vec<String> = want.tensors.iter().map(|t| t.name.clone()).collect();
+    let want_map = tensor_map(&unsplit);
+    for (flag, value, parts) in [
+        ("--split-max-tensors", "40", 3u64),
+        ("--split-max-tensors", "99", 1),
+        ("--split-max-size", "1M", 6),
+    ] {
+        let prefix = d.join(format!("s{parts}"));
+        quantize_ok(&[
+            whole.as_os_str(),
+            prefix.as_os_str(),
+            "Q8_0".as_ref(),
+            flag.as_ref(),
+            value.as_ref(),
+        ]);
+        let mut names = Vec::new();
+        for i in 0..parts {
+            let p = d.join(format!("s{parts}-{:05}-of-{parts:05}.gguf", i + 1));
+            let f = GgufFile::open_one(&p).unwrap();
+            let md = &f.metadata;
+            assert_eq!(md.opt_u64("split.no").unwrap(), Some(i), "{flag} {value}");
+            assert_eq!(md.opt_u64("split.count").unwrap(), Some(parts));
+            assert_eq!(md.opt_u64("split.tensors.count").unwrap(), Some(99));
+            assert_eq!(md.get("general.architecture").is_some(), i == 0);
+            if flag == "--split-max-tensors" {
+                assert!(f.tensors.len() <= 40 || parts == 1);
+            } else {
+                let data: u64 = f
+                    .tensors
+                    .iter()
+                    .map(|t| (f.tensor_data(t).len() as u64).div_ceil(32) * 32)
+                    .sum();
+                assert!(data <= 1_000_000, "part {i}: {data} bytes of data");
+            }
+            names.extend(f.tensors.iter().map(|t| t.name.clone()));
+        }
+        assert_eq!(names, order, "{flag} {value}: tensor order");
+        let first = d.join(format!("s{parts}-00001-of-{parts:05}.gguf"));
+        assert_eq!(tensor_map(&first), want_map, "{flag} {value}");
+    }
+}
+
+/// Bad split options are refused by name, writing nothing.
+#[test]
+fn bad_split_options_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let input = d.join("in.gguf");
+    let s = tl()
+        .args(["synth", "--arch", "llama", "--layers", "2", "-o"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(s.status.success(), "{}", String::from_utf8_lossy(&s.stderr));
+    let out = d.join("out");
+    let q = |flags: &[&str], needle: &str| {
+        let mut args: Vec<&std::ffi::OsStr> =
+            vec![input.as_os_str(), out.as_os_str(), "Q8_0".as_ref()];
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
+        fails_with(&args, needle);
+    };
+    q(&["--split-max-size", "12X"], "--split-max-size '12X'");
+    q(
+        &["--split-max-size", "12X"],
+        "M for megabytes or G for gigabytes",
+    );
+    q(&["--split-max-size", "1.5G"], "not a whole number");
+    q(&["--split-max-size", "0M"], "must be positive");
+    q(&["--split-max-size", ""], "--split-max-size ''");
+    q(
+        &["--split-max-tensors", "0"],
+        "--split-max-tensors must be at least 1",
+    );
+    q(
+        &["--keep-split", "--split-max-tensors", "3"],
+        "cannot be used with",
+    );
+    q(
+        &["--split-max-tensors", "3", "--split-max-size", "1M"],
+        "cannot be used with",
+    );
+    let left: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "in.gguf")
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

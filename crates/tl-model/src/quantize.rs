@@ -62,7 +62,18 @@
 //! A split input (llama.cpp's `gguf-split` parts, given by the first) is
 //! quantized as the model it was split from, into one file, as
 //! llama-quantize does (its output for the parts is the same file as for
-//! the whole). Not here yet: writing split files.
+//! the whole).
+//!
+//! Split output ([`SplitOutput`]): `--keep-split` writes as many parts as
+//! the input has, each holding the tensors of the input part of the same
+//! number, as llama-quantize's `--keep-split` (tensors in input order, so
+//! the mix's layer counters run in that order too);
+//! `--split-max-tensors N` and `--split-max-size SIZE` cut the output as
+//! llama-gguf-split cuts a file (N tensors a part; or as many as fit in
+//! SIZE bytes of padded tensor data). Parts are named
+//! `PREFIX-0000k-of-0000N.gguf` (PREFIX: the output path, a trailing
+//! `.gguf` dropped), the first holding all the metadata, each the keys
+//! `split.no`, `split.count` and `split.tensors.count`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -126,6 +137,8 @@ pub enum QuantizeError {
     },
     #[error("model metadata: {0}")]
     Metadata(String),
+    #[error("split output: {0}")]
+    Split(String),
     #[error("the output {0} is the input file (or a part of it)")]
     SameFile(PathBuf),
     #[error("{path}: {err}")]
@@ -310,6 +323,151 @@ pub struct QuantizeOptions {
     /// tensor whose name the first matching pattern matches gets its type
     /// instead of the mix's (see [`TensorTypeOverride`]).
     pub tensor_types: Vec<TensorTypeOverride>,
+    /// How the output is cut into files.
+    pub split: SplitOutput,
+}
+
+/// How the output is cut into files (see the module documentation).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SplitOutput {
+    /// One file, at the output path.
+    #[default]
+    Single,
+    /// llama-quantize's `--keep-split`: the input's parts, each part's
+    /// tensors in a part of its own. An input that is one file gives one
+    /// file named `PREFIX-00001-of-00001.gguf`, without split keys, as
+    /// llama-quantize.
+    KeepInput,
+    /// llama-gguf-split's `--split-max-tensors N`: N tensors a part.
+    MaxTensors(u64),
+    /// llama-gguf-split's `--split-max-size`: a part takes tensors while
+    /// their data, each padded to 32 bytes, stays within this many bytes
+    /// (a tensor larger than that gets a part of its own).
+    MaxBytes(u64),
+}
+
+/// llama-gguf-split's `--split-max-size` value: a whole number followed by
+/// `M` (10^6 bytes) or `G` (10^9 bytes), as `128M` or `4G`.
+pub fn parse_split_size(s: &str) -> Result<u64> {
+    let bad = |why: &str| {
+        QuantizeError::Split(format!(
+            "--split-max-size '{s}': {why} (a whole number followed by M for megabytes or G for gigabytes, as 500M or 4G)"
+        ))
+    };
+    let t = s.trim();
+    let (digits, unit) = match t.char_indices().last() {
+        Some((i, 'M')) => (&t[..i], 1_000_000u64),
+        Some((i, 'G')) => (&t[..i], 1_000_000_000u64),
+        Some(_) => return Err(bad("the unit must be M or G")),
+        None => return Err(bad("empty")),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad("not a whole number before the unit"));
+    }
+    let n: u64 = digits.parse().map_err(|_| bad("number too large"))?;
+    if n == 0 {
+        return Err(bad("the size must be positive"));
+    }
+    n.checked_mul(unit).ok_or_else(|| bad("number too large"))
+}
+
+/// Part `i` (from 0) of `count` of a split output at `prefix`
+/// (llama.cpp's `llama_split_path`: `PREFIX-0000k-of-0000N.gguf`, a
+/// trailing `.gguf` of `prefix` dropped first, as llama-quantize drops it).
+pub fn split_output_path(prefix: &Path, i: usize, count: usize) -> PathBuf {
+    let mut s = match prefix.to_str() {
+        Some(p) => std::ffi::OsString::from(p.strip_suffix(".gguf").unwrap_or(p)),
+        None => prefix.as_os_str().to_owned(),
+    };
+    s.push(format!("-{:05}-of-{count:05}.gguf", i + 1));
+    PathBuf::from(s)
+}
+
+/// One output file: its path and the plans (a run of [`Quantization::plans`])
+/// it holds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutputPart {
+    pub path: PathBuf,
+    pub tensors: std::ops::Range<usize>,
+}
+
+/// Cuts `plans` (in output order) into the output files `split` asks for.
+/// Also says whether the parts carry split keys.
+fn output_parts(
+    file: &GgufFile,
+    plans: &[TensorPlan],
+    output: &Path,
+    split: SplitOutput,
+) -> Result<(Vec<OutputPart>, bool)> {
+    const ALIGN: u64 = 32; // GGUF_DEFAULT_ALIGNMENT, as gguf-split counts
+    let n = plans.len();
+    let part_of: Vec<usize> = match split {
+        SplitOutput::Single => {
+            return Ok((
+                vec![OutputPart {
+                    path: output.to_owned(),
+                    tensors: 0..n,
+                }],
+                false,
+            ))
+        }
+        SplitOutput::KeepInput => plans
+            .iter()
+            .map(|p| file.tensor_location(&file.tensors[p.input]).0)
+            .collect(),
+        SplitOutput::MaxTensors(0) => {
+            return Err(QuantizeError::Split(
+                "--split-max-tensors must be at least 1".into(),
+            ))
+        }
+        SplitOutput::MaxTensors(per) => (0..n).map(|i| (i as u64 / per) as usize).collect(),
+        SplitOutput::MaxBytes(0) => {
+            return Err(QuantizeError::Split(
+                "--split-max-size must be positive".into(),
+            ))
+        }
+        SplitOutput::MaxBytes(max) => {
+            let (mut part, mut used, mut in_part) = (0usize, 0u64, 0usize);
+            let mut v = Vec::with_capacity(n);
+            for p in plans {
+                let size = p.out_bytes().div_ceil(ALIGN) * ALIGN;
+                if in_part > 0 && used + size > max {
+                    part += 1;
+                    used = 0;
+                    in_part = 0;
+                }
+                used += size;
+                in_part += 1;
+                v.push(part);
+            }
+            v
+        }
+    };
+    let count = match split {
+        SplitOutput::KeepInput => file.parts.len().max(1),
+        _ => part_of.last().map_or(1, |&p| p + 1),
+    };
+    if count > usize::from(u16::MAX) {
+        return Err(QuantizeError::Split(format!(
+            "{count} parts: split.count holds at most {}",
+            u16::MAX
+        )));
+    }
+    if part_of.windows(2).any(|w| w[1] < w[0]) || part_of.iter().any(|&p| p >= count) {
+        return Err(QuantizeError::Split(
+            "the tensors don't come in part order".into(),
+        ));
+    }
+    let parts = (0..count)
+        .map(|i| OutputPart {
+            path: split_output_path(output, i, count),
+            tensors: part_of.partition_point(|&p| p < i)..part_of.partition_point(|&p| p <= i),
+        })
+        .collect();
+    // llama-quantize writes split keys only for more than one part;
+    // llama-gguf-split always.
+    let keys = split != SplitOutput::KeepInput || count > 1;
+    Ok((parts, keys))
 }
 
 /// One `--tensor-type PATTERN=TYPE`: a regular expression searched in
@@ -427,6 +585,7 @@ impl QuantizeOptions {
             threads: 0,
             imatrix: None,
             tensor_types: Vec::new(),
+            split: SplitOutput::Single,
         }
     }
 
@@ -965,10 +1124,16 @@ pub fn plan(file: &GgufFile, opts: &QuantizeOptions) -> Result<Vec<TensorPlan>> 
     }
     let info = ModelInfo::read(&file.metadata)?;
     let mut order: Vec<usize> = (0..file.tensors.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (na, nb) = (&file.tensors[a].name, &file.tensors[b].name);
-        (layer_of(na), na.as_str()).cmp(&(layer_of(nb), nb.as_str()))
-    });
+    if opts.split == SplitOutput::KeepInput {
+        // llama-quantize's --keep-split: the input's order (part, then
+        // offset in it).
+        order.sort_by_key(|&i| file.tensor_location(&file.tensors[i]));
+    } else {
+        order.sort_by(|&a, &b| {
+            let (na, nb) = (&file.tensors[a].name, &file.tensors[b].name);
+            (layer_of(na), na.as_str()).cmp(&(layer_of(nb), nb.as_str()))
+        });
+    }
     let cats: Vec<Category> = file.tensors.iter().map(|t| category(&t.name)).collect();
     let mut st = MixState {
         info: &info,
@@ -1263,39 +1428,53 @@ fn write_model<W: Write>(
 pub struct Quantization {
     file: GgufFile,
     plans: Vec<TensorPlan>,
-    output: PathBuf,
+    parts: Vec<OutputPart>,
+    /// Whether the parts carry `split.*` keys.
+    split_keys: bool,
     opts: QuantizeOptions,
 }
 
 impl Quantization {
-    /// Opens `input` and plans its quantization into `output`; refuses an
-    /// output that is the input file.
+    /// Opens `input` and plans its quantization into `output` (a prefix
+    /// for a split output, see [`SplitOutput`]); refuses an output file
+    /// that is the input file or one of its parts.
     pub fn prepare(input: &Path, output: &Path, opts: &QuantizeOptions) -> Result<Self> {
-        if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
-            if a == b {
-                return Err(QuantizeError::SameFile(output.to_owned()));
+        if opts.split == SplitOutput::Single {
+            if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+                if a == b {
+                    return Err(QuantizeError::SameFile(output.to_owned()));
+                }
             }
         }
         if let Some(m) = opts.active_imatrix() {
             m.check_finite()?;
         }
         let file = GgufFile::open(input)?;
-        if let Ok(out) = output.canonicalize() {
-            if file
-                .parts
-                .iter()
-                .any(|p| p.path.canonicalize().is_ok_and(|p| p == out))
-            {
-                return Err(QuantizeError::SameFile(output.to_owned()));
+        let plans = plan(&file, opts)?;
+        let (parts, split_keys) = output_parts(&file, &plans, output, opts.split)?;
+        let inputs: Vec<PathBuf> = std::iter::once(input.to_owned())
+            .chain(file.parts.iter().map(|p| p.path.clone()))
+            .filter_map(|p| p.canonicalize().ok())
+            .collect();
+        for part in &parts {
+            if let Ok(out) = part.path.canonicalize() {
+                if inputs.contains(&out) {
+                    return Err(QuantizeError::SameFile(part.path.clone()));
+                }
             }
         }
-        let plans = plan(&file, opts)?;
         Ok(Quantization {
             file,
             plans,
-            output: output.to_owned(),
+            parts,
+            split_keys,
             opts: opts.clone(),
         })
+    }
+
+    /// The output files, in order, with the plans each holds.
+    pub fn parts(&self) -> &[OutputPart] {
+        &self.parts
     }
 
     /// Every output tensor, in output order.
@@ -1308,15 +1487,7 @@ impl Quantization {
     /// `progress` gets each tensor's plan and the output bytes done for it
     /// as they are written.
     pub fn write(&self, progress: &mut dyn FnMut(&TensorPlan, u64)) -> Result<Summary> {
-        let (output, plans) = (self.output.as_path(), self.plans.as_slice());
-        let metadata = output_metadata(
-            &self.file.metadata,
-            self.opts.ftype,
-            self.opts.active_imatrix(),
-        );
-        let mut tmp = output.as_os_str().to_owned();
-        tmp.push(".partial");
-        let tmp = PathBuf::from(tmp);
+        let plans = self.plans.as_slice();
         let io = |path: &Path| {
             let path = path.to_owned();
             move |err| QuantizeError::Io { path, err }
@@ -1325,27 +1496,69 @@ impl Quantization {
             .num_threads(self.opts.threads)
             .build()
             .map_err(|e| QuantizeError::Metadata(format!("thread pool: {e}")))?;
+        let count = self.parts.len();
+        let total = i32::try_from(plans.len()).map_err(|_| {
+            QuantizeError::Split(format!(
+                "{} tensors: split.tensors.count holds at most {}",
+                plans.len(),
+                i32::MAX
+            ))
+        })?;
+        // Every part goes to PATH.partial; they are renamed into place
+        // only once all are written.
+        let tmps: Vec<PathBuf> = self
+            .parts
+            .iter()
+            .map(|p| {
+                let mut t = p.path.as_os_str().to_owned();
+                t.push(".partial");
+                PathBuf::from(t)
+            })
+            .collect();
         let result = (|| {
-            let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-            write_model(
-                &self.file,
-                plans,
-                self.opts.active_imatrix(),
-                &metadata,
-                &mut w,
-                &pool,
-                progress,
-            )?;
-            let f = w.into_inner().map_err(|e| QuantizeError::Io {
-                path: tmp.clone(),
-                err: e.into_error(),
-            })?;
-            f.sync_all().map_err(io(&tmp))?;
-            std::fs::rename(&tmp, output).map_err(io(output))
+            for (i, (part, tmp)) in self.parts.iter().zip(&tmps).enumerate() {
+                // The first part holds the metadata (as llama-quantize and
+                // llama-gguf-split write it); the split keys come last.
+                let mut metadata = if i == 0 {
+                    output_metadata(
+                        &self.file.metadata,
+                        self.opts.ftype,
+                        self.opts.active_imatrix(),
+                    )
+                } else {
+                    Metadata::new()
+                };
+                if self.split_keys {
+                    metadata.insert("split.no", Value::U16(i as u16));
+                    metadata.insert("split.count", Value::U16(count as u16));
+                    metadata.insert("split.tensors.count", Value::I32(total));
+                }
+                let f = std::fs::File::create(tmp).map_err(io(tmp))?;
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                write_model(
+                    &self.file,
+                    &plans[part.tensors.clone()],
+                    self.opts.active_imatrix(),
+                    &metadata,
+                    &mut w,
+                    &pool,
+                    progress,
+                )?;
+                let f = w.into_inner().map_err(|e| QuantizeError::Io {
+                    path: tmp.clone(),
+                    err: e.into_error(),
+                })?;
+                f.sync_all().map_err(io(tmp))?;
+            }
+            for (part, tmp) in self.parts.iter().zip(&tmps) {
+                std::fs::rename(tmp, &part.path).map_err(io(&part.path))?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
-            let _ = std::fs::remove_file(&tmp);
+            for tmp in &tmps {
+                let _ = std::fs::remove_file(tmp);
+            }
             return Err(e);
         }
         Ok(Summary {

@@ -10,15 +10,21 @@
 //! - TQ1_0: the `n`-th trit of a byte is the top base-3 digit of `q * 3^n`
 //!   (mod 256), `(q * 3) >> 8`, which is `(q >= 86) + (q >= 171)`: the
 //!   multiplications by 3 are byte additions (wrapping as ggml's `uint8_t`
-//!   does) and the digit two saturating subtractions. The five trits of
-//!   bytes 0..32 give vectors 0..5; bytes 32..48 give `[t0, t1]`, `[t2, t3]`
-//!   and `t4` (Q8_K quants 160..240), and the four `qh` bytes, broadcast
-//!   and multiplied by 1, 3, 9 and 27 dword by dword, the last 16 levels.
+//!   does) and the digit two signed byte comparisons, the bytes being kept
+//!   as `q ^ 0x80` (that is `q + 128`, and `3 (q + 128) = 3 q + 128` mod
+//!   256, so the multiplications by 3 carry the offset along). The five
+//!   trits of bytes 0..32 give vectors 0..5; bytes 32..48 give `[t0, t1]`,
+//!   `[t2, t3]` and `t4` (Q8_K quants 160..240; a multiplication by 9 is
+//!   a shift by 3, masked, and an addition), and the four `qh` bytes,
+//!   broadcast and multiplied by 1, 3, 9 and 27 dword by dword (two 16-bit
+//!   multiplications, one for the low bytes and one for the high), the last
+//!   16 levels.
 //!
 //! The integer sum `sum(u * q8) - sum(q8)` is formed exactly
-//! (`vpmaddubsw` into i16 lanes, at most 8 * 2 * 3 * 127 in magnitude, then
-//! `vpmaddwd`; or `vpdpbusd`), the second sum from the quants themselves
-//! rather than the Q8_K `bsums`, and each
+//! (`vpmaddubsw` into i16 lanes, at most 8 * 2 * 3 * 127 in magnitude, less
+//! the Q8_K `bsums` (each at most 16 * 127), then `vpmaddwd`; or
+//! `vpdpbusd` into four accumulators, so that its latency chains overlap,
+//! less the `bsums` summed by `vpmaddwd`), and each
 //! super-block's float term is formed and added in block order as in
 //! ggml's generic kernels, so these kernels give the reference's bits.
 
@@ -59,6 +65,15 @@ mod tag {
 }
 
 const Q8_K_BYTES: usize = 292;
+/// Offset of the 16 i16 `bsums` in a Q8_K block.
+const Q8_K_BSUMS: usize = 4 + QK_K;
+
+/// The bytes `q` of `v` as `q ^ 0x80`, the form [`digit`] takes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn offset(v: __m256i) -> __m256i {
+    _mm256_xor_si256(v, _mm256_set1_epi8(i8::MIN))
+}
 
 /// `q * 3` in every byte, wrapping.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -67,14 +82,25 @@ fn times3(q: __m256i) -> __m256i {
     _mm256_add_epi8(_mm256_add_epi8(q, q), q)
 }
 
-/// The top base-3 digit `(q * 3) >> 8` of every byte: `(q >= 86) + (q >= 171)`.
+/// `q * 9` in every byte, wrapping: `(q << 3) + q`, the bits shifted
+/// across a byte boundary by the 16-bit shift masked off.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-fn digit(q: __m256i) -> __m256i {
-    let one = _mm256_set1_epi8(1);
-    let a = _mm256_min_epu8(_mm256_subs_epu8(q, _mm256_set1_epi8(85)), one);
-    let b = _mm256_min_epu8(_mm256_subs_epu8(q, _mm256_set1_epi8(170u8 as i8)), one);
-    _mm256_add_epi8(a, b)
+fn times9(q: __m256i) -> __m256i {
+    let q8 = _mm256_and_si256(_mm256_slli_epi16(q, 3), _mm256_set1_epi8(-8));
+    _mm256_add_epi8(q8, q)
+}
+
+/// The top base-3 digit `(q * 3) >> 8` of every byte `q`, given as
+/// `x = q ^ 0x80`: `(q >= 86) + (q >= 171)`, that is `(x > 85 - 128) +
+/// (x > 170 - 128)` (-43 and 42) in signed bytes, the comparisons' all-ones (-1)
+/// subtracted from 0.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn digit(x: __m256i) -> __m256i {
+    let a = _mm256_cmpgt_epi8(x, _mm256_set1_epi8(-43));
+    let b = _mm256_cmpgt_epi8(x, _mm256_set1_epi8(42));
+    _mm256_sub_epi8(_mm256_sub_epi8(_mm256_setzero_si256(), a), b)
 }
 
 /// The eight level vectors of the super-block at `blk`.
@@ -97,57 +123,80 @@ unsafe fn unpack<const T: u8>(blk: *const u8) -> [__m256i; 8] {
         }
         return u;
     }
+    let x = tq1_digit_operands(blk);
+    for n in 0..8 {
+        u[n] = digit(x[n]);
+    }
+    u
+}
+
+/// For a TQ1_0 super-block at `blk`, the eight vectors (as `q ^ 0x80`)
+/// whose [`digit`]s are its level vectors.
+///
+/// # Safety
+///
+/// `blk` points at 54 readable bytes.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tq1_digit_operands(blk: *const u8) -> [__m256i; 8] {
+    let mut u = [_mm256_setzero_si256(); 8];
     // Bytes 0..32: five trits each, Q8_K quants 0..160.
-    let mut q = _mm256_loadu_si256(blk as *const __m256i);
+    let mut q = offset(_mm256_loadu_si256(blk as *const __m256i));
     for n in 0..5 {
-        u[n] = digit(q);
+        u[n] = q;
         q = times3(q);
     }
     // Bytes 32..48: [q, 3q] against quants 160..192, [9q, 27q] against
     // 192..224, and 81q in the low half of the last vector.
-    let x = _mm_loadu_si128(blk.add(32) as *const __m128i);
+    let x = _mm_xor_si128(
+        _mm_loadu_si128(blk.add(32) as *const __m128i),
+        _mm_set1_epi8(i8::MIN),
+    );
     let x3 = _mm_add_epi8(_mm_add_epi8(x, x), x);
     let mut p = _mm256_setr_m128i(x, x3);
-    u[5] = digit(p);
-    p = times3(times3(p));
-    u[6] = digit(p);
-    p = times3(times3(p));
+    u[5] = p;
+    p = times9(p);
+    u[6] = p;
+    p = times9(p);
     // The four qh bytes: trit n of byte j against quant 240 + 4n + j, so
     // the dword n of the high half is the four bytes times 3^n.
-    let h0 = _mm_set1_epi32(std::ptr::read_unaligned(blk.add(TQ1_QS) as *const i32));
-    let h1 = _mm_add_epi8(_mm_add_epi8(h0, h0), h0);
-    let h2 = _mm_add_epi8(_mm_add_epi8(h1, h1), h1);
-    let h3 = _mm_add_epi8(_mm_add_epi8(h2, h2), h2);
-    let h = _mm_blend_epi32::<0b1000>(
-        _mm_blend_epi32::<0b0100>(_mm_blend_epi32::<0b0010>(h0, h1), h2),
-        h3,
+    let h0 = _mm_xor_si128(
+        _mm_set1_epi32(std::ptr::read_unaligned(blk.add(TQ1_QS) as *const i32)),
+        _mm_set1_epi8(i8::MIN),
     );
-    u[7] = digit(_mm256_inserti128_si256::<1>(p, h));
+    // Bytewise products by 3^n through 16-bit ones: the low byte of a
+    // 16-bit product is the low byte's, and the high byte's product comes
+    // whole from the high byte alone (the low byte masked off).
+    let pow3 = _mm_setr_epi16(1, 1, 3, 3, 9, 9, 27, 27);
+    let hi_mask = _mm_set1_epi16(0xff00u16 as i16);
+    let lo = _mm_andnot_si128(hi_mask, _mm_mullo_epi16(h0, pow3));
+    let hi = _mm_mullo_epi16(_mm_and_si128(h0, hi_mask), pow3);
+    let h = _mm_or_si128(lo, hi);
+    u[7] = _mm256_inserti128_si256::<1>(p, h);
     u
 }
 
 /// The exact sum of the products of the values `u - 1` of the eight level
-/// vectors `u` with the 256 activation quants at `a` (AVX2).
+/// vectors `u` with the 256 activation quants of the Q8_K block at `y`
+/// (AVX2): `sum(u * q8)` less the block's `bsums`.
 ///
 /// # Safety
 ///
-/// `a` points at 256 readable bytes.
+/// `y` points at a readable Q8_K block (292 bytes).
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_avx2(u: &[__m256i; 8], a: *const u8) -> i32 {
-    let ones = _mm256_set1_epi8(1);
+unsafe fn dot_avx2(u: &[__m256i; 8], y: *const u8) -> i32 {
     let mut acc = _mm256_setzero_si256();
-    let mut sum = _mm256_setzero_si256();
     for i in 0..8 {
-        let q = _mm256_loadu_si256(a.add(32 * i) as *const __m256i);
+        let q = _mm256_loadu_si256(y.add(4 + 32 * i) as *const __m256i);
         // A pair sum is at most 2 * 3 * 127 = 762 in magnitude, eight of
         // them 6096: no i16 saturation.
         acc = _mm256_add_epi16(acc, _mm256_maddubs_epi16(u[i], q));
-        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(ones, q));
     }
-    let acc = _mm256_madd_epi16(acc, _mm256_set1_epi16(1));
-    let sum = _mm256_madd_epi16(sum, _mm256_set1_epi16(1));
-    hsum_i32(_mm256_sub_epi32(acc, sum))
+    // Less the bsums (each at most 16 * 127 = 2032): at most 8128.
+    let bsums = _mm256_loadu_si256(y.add(Q8_K_BSUMS) as *const __m256i);
+    let acc = _mm256_sub_epi16(acc, bsums);
+    hsum_i32(_mm256_madd_epi16(acc, _mm256_set1_epi16(1)))
 }
 
 /// The same with VNNI.
@@ -157,15 +206,19 @@ unsafe fn dot_avx2(u: &[__m256i; 8], a: *const u8) -> i32 {
 /// As for [`dot_avx2`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
 #[inline]
-unsafe fn dot_vnni(u: &[__m256i; 8], a: *const u8) -> i32 {
-    let ones = _mm256_set1_epi8(1);
-    let mut acc = _mm256_setzero_si256();
-    let mut sum = _mm256_setzero_si256();
+unsafe fn dot_vnni(u: &[__m256i; 8], y: *const u8) -> i32 {
+    // Four accumulators: the products' latency chains run side by side.
+    let mut acc4 = [_mm256_setzero_si256(); 4];
     for i in 0..8 {
-        let q = _mm256_loadu_si256(a.add(32 * i) as *const __m256i);
-        acc = _mm256_dpbusd_epi32(acc, u[i], q);
-        sum = _mm256_dpbusd_epi32(sum, ones, q);
+        let q = _mm256_loadu_si256(y.add(4 + 32 * i) as *const __m256i);
+        acc4[i % 4] = _mm256_dpbusd_epi32(acc4[i % 4], u[i], q);
     }
+    let acc = _mm256_add_epi32(
+        _mm256_add_epi32(acc4[0], acc4[1]),
+        _mm256_add_epi32(acc4[2], acc4[3]),
+    );
+    let bsums = _mm256_loadu_si256(y.add(Q8_K_BSUMS) as *const __m256i);
+    let sum = _mm256_madd_epi16(bsums, _mm256_set1_epi16(1));
     hsum_i32(_mm256_sub_epi32(acc, sum))
 }
 
@@ -198,7 +251,7 @@ macro_rules! ternary_kernel {
                         .as_ptr()
                         .add((row0 + r) * acts.row_bytes + ibl * Q8_K_BYTES);
                     let dy = std::ptr::read_unaligned(y as *const f32);
-                    let sumi = $dot(&u, y.add(4));
+                    let sumi = $dot(&u, y);
                     if T == tag::TQ1_0 {
                         sumf[r] += sumi as f32 * (dw * dy);
                     } else {
