@@ -92,9 +92,11 @@ pub struct SpecArgs {
     pub draft_p_min: f32,
 }
 
-/// The default of `--draft-p-min` (docs/BENCHMARKS.md, "Cheaper draft
-/// rounds").
-pub const DRAFT_P_MIN: f32 = 0.5;
+/// The default of `--draft-p-min`: off, as llama.cpp's. On a quiet
+/// machine 0.5 with `--spec-k 15` was no faster than k 6 without it
+/// (docs/BENCHMARKS.md, "Cheaper draft rounds" and the quiet rerun after
+/// it), and a positive P reads the draft's rows on the host.
+pub const DRAFT_P_MIN: f32 = 0.0;
 
 impl SpecArgs {
     /// The speculation settings, `None` without `--spec`.
