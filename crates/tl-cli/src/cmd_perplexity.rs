@@ -40,7 +40,17 @@ pub struct PerplexityArgs {
 pub fn run(a: &PerplexityArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&a.file)
         .with_context(|| format!("reading {}", a.file.display()))?;
-    let llm = load(&a.model)?;
+    // llama-perplexity's `-c` is both the chunk and the runtime context
+    // (which picks Phi-3 LongRoPE's factor set): without `--ctx-size`, the
+    // chunk is the runtime context here too.
+    let ctx = if a.model.ctx_size == 0 {
+        a.chunk
+    } else {
+        a.model.ctx_size
+    };
+    let mut margs = a.model.clone();
+    margs.ctx_size = ctx;
+    let llm = load(&margs)?;
     let add_bos = llm.tokenizer.add_bos();
     let toks = llm.tokenizer.encode(
         &text,
@@ -68,7 +78,7 @@ pub fn run(a: &PerplexityArgs) -> anyhow::Result<()> {
             .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
             .with_context(|| format!("reading {}", p.display()))?;
         if &magic == b"GGUF" {
-            let mut b = tl_model::llm::Llm::load_on(p, crate::device())
+            let mut b = tl_model::llm::Llm::load_ctx(p, crate::device(), ctx)
                 .with_context(|| format!("loading the base model {}", p.display()))?;
             crate::configure(&mut b.model)?;
             base_model = Some(b);

@@ -129,6 +129,52 @@ fn perplexity_runs_with_progress() {
     assert!(s.starts_with("perplexity: "), "{s}");
 }
 
+/// `tl perplexity --chunk N` takes N as the runtime context when
+/// `--ctx-size` is not given, as llama-perplexity's `-c` is both: a Phi-3
+/// LongRoPE file (original context 256, training context 512) scored in
+/// chunks of 256 uses the short factors, the same as `--ctx-size 256` and
+/// not as the training context (`--ctx-size 512`, the long ones).
+#[test]
+fn perplexity_chunk_is_the_runtime_context() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let m = dir.path().join("phi3.gguf");
+    let out = tl()
+        .args(["synth", "--arch", "phi3", "--long-rope", "256", "-o"])
+        .arg(&m)
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = dir.path().join("t.txt");
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(30),
+    )
+    .expect("write");
+    let ppl = |extra: &[&str]| {
+        let out = tl()
+            .args(["perplexity", "-t", "1", "--chunk", "256", "-f"])
+            .arg(&text)
+            .arg("-m")
+            .arg(&m)
+            .args(extra)
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let by_chunk = ppl(&[]);
+    assert_eq!(by_chunk, ppl(&["--ctx-size", "256"]));
+    assert_ne!(by_chunk, ppl(&["--ctx-size", "512"]));
+}
+
 #[test]
 fn bad_inputs_are_clear_errors() {
     let (d, m) = synth_model("bad");
