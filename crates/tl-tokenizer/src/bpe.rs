@@ -1,4 +1,5 @@
-//! Byte-level BPE merging by rank (llama.cpp `src/llama-vocab.cpp`,
+//! Byte-level BPE merging by rank (and its raw-UTF-8 form for SPM-style
+//! vocabularies) (llama.cpp `src/llama-vocab.cpp`,
 //! `llm_tokenizer_bpe_session::tokenize`).
 //!
 //! llama.cpp compares symbol texts as strings on every step; here the texts
@@ -138,11 +139,15 @@ impl BpeModel {
         scratch: &mut BpeScratch,
         out: &mut Vec<TokenId>,
     ) {
-        let table = byte_to_cp_table();
         let enc = &mut scratch.encoded;
         enc.clear();
-        for &b in word.as_bytes() {
-            enc.push(table[b as usize]);
+        if vocab.byte_encode {
+            let table = byte_to_cp_table();
+            for &b in word.as_bytes() {
+                enc.push(table[b as usize]);
+            }
+        } else {
+            enc.push_str(word);
         }
 
         if vocab.ignore_merges {
@@ -204,6 +209,14 @@ impl BpeModel {
             let text = &enc[s.start as usize..(s.start + s.len) as usize];
             match tok.or_else(|| vocab.text_to_id.get(text).copied()) {
                 Some(id) => out.push(id),
+                None if !vocab.byte_encode => {
+                    // Raw UTF-8 (SPM-style BPE): each byte as its `<0xXX>` token.
+                    for &b in text.as_bytes() {
+                        if let Some(&id) = vocab.text_to_id.get(&format!("<0x{b:02X}>")) {
+                            out.push(id);
+                        }
+                    }
+                }
                 None => {
                     // llama.cpp then looks up each byte of the encoded text on its own;
                     // only ASCII bytes can name a token.

@@ -67,10 +67,14 @@ pub enum RegexSet {
     Minicpm5,
     TinyAya,
     Afmoe,
+    /// Gemma 4 / Sarvam: SPM-style BPE over the whole line (`[^\n]+|[\n]+`).
+    Gemma4,
+    /// jina-v2-zh's `\S+` (the whitespace between runs is its own word).
+    Whitespace,
 }
 
 /// Every set, in declaration order.
-const ALL: [RegexSet; 23] = [
+const ALL: [RegexSet; 25] = [
     RegexSet::Falcon,
     RegexSet::Starcoder,
     RegexSet::DeepseekLlm,
@@ -94,6 +98,8 @@ const ALL: [RegexSet; 23] = [
     RegexSet::Minicpm5,
     RegexSet::TinyAya,
     RegexSet::Afmoe,
+    RegexSet::Gemma4,
+    RegexSet::Whitespace,
 ];
 
 impl RegexSet {
@@ -167,6 +173,8 @@ impl RegexSet {
                 "[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
             )],
             Laguna => vec![Stage::Newlines, QWEN2],
+            Gemma4 => vec![Stage::Newlines],
+            Whitespace => vec![Stage::Re("\\S+")],
             ExaoneMoe => vec![Stage::Re(
                 "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?(?:\\p{L}\\p{M}*(?: \\p{L}\\p{M}*)*)+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]?|\\s*[\\r\\n]|\\s+(?!\\S)|\\s+",
             )],

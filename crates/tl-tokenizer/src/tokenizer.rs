@@ -201,39 +201,65 @@ impl Tokenizer {
                     out.push(bos()?);
                 }
                 let mut scratch = BpeScratch::default();
+                // The texts BPE splits and merges, by fragment start, where they
+                // are not the fragment itself: SPM-style BPE writes spaces as
+                // U+2581 first (llama.cpp `llama_escape_whitespace`), and the
+                // `whitespace` model drops whitespace and merges what lies
+                // between (`llm_tokenizer_whitespace_session`).
+                let rewritten: Option<FxHashMap<usize, Vec<String>>> =
+                    (v.escape_whitespaces || v.whitespace_session).then(|| {
+                        frags
+                            .iter()
+                            .filter_map(|f| match *f {
+                                Fragment::Text { start, end } => {
+                                    let t = &text[start..end];
+                                    Some((start, bpe_pieces(v, t)))
+                                }
+                                Fragment::Token(_) => None,
+                            })
+                            .collect()
+                    });
                 let mut seen: FxHashMap<&str, (usize, usize)> = FxHashMap::default();
                 let mut cpts = Vec::new();
                 let mut offs = Vec::new();
                 let mut lens = Vec::new();
                 for f in frags {
-                    match f {
-                        Fragment::Token(id) => out.push(id),
-                        Fragment::Text { start, end } => {
-                            let frag = &text[start..end];
-                            cpts.clear();
-                            offs.clear();
-                            for (i, c) in frag.char_indices() {
-                                cpts.push(u32::from(c));
-                                offs.push(i);
+                    let (start, end) = match f {
+                        Fragment::Token(id) => {
+                            out.push(id);
+                            continue;
+                        }
+                        Fragment::Text { start, end } => (start, end),
+                    };
+                    let own = [&text[start..end]];
+                    let pieces: Vec<&str> = match rewritten.as_ref().and_then(|r| r.get(&start)) {
+                        Some(p) => p.iter().map(String::as_str).collect(),
+                        None => own.to_vec(),
+                    };
+                    for frag in pieces {
+                        cpts.clear();
+                        offs.clear();
+                        for (i, c) in frag.char_indices() {
+                            cpts.push(u32::from(c));
+                            offs.push(i);
+                        }
+                        offs.push(frag.len());
+                        pretok::split(v.pre, &cpts, &mut lens);
+                        // Word lengths are in code points.
+                        let mut at = 0;
+                        for &n in &lens {
+                            let word = &frag[offs[at]..offs[at + n]];
+                            at += n;
+                            // A word always merges the same way, so repeats copy
+                            // the tokens of its first occurrence.
+                            if let Some(&(s, len)) = seen.get(word) {
+                                out.extend_from_within(s..s + len);
+                                continue;
                             }
-                            offs.push(frag.len());
-                            pretok::split(v.pre, &cpts, &mut lens);
-                            // Word lengths are in code points.
-                            let mut at = 0;
-                            for &n in &lens {
-                                let word = &frag[offs[at]..offs[at + n]];
-                                at += n;
-                                // A word always merges the same way, so repeats copy
-                                // the tokens of its first occurrence.
-                                if let Some(&(s, len)) = seen.get(word) {
-                                    out.extend_from_within(s..s + len);
-                                    continue;
-                                }
-                                let s = out.len();
-                                bpe.encode_word(v, word, &mut scratch, &mut out);
-                                if word.len() <= MAX_CACHED_WORD {
-                                    seen.insert(word, (s, out.len() - s));
-                                }
+                            let s = out.len();
+                            bpe.encode_word(v, word, &mut scratch, &mut out);
+                            if word.len() <= MAX_CACHED_WORD {
+                                seen.insert(word, (s, out.len() - s));
                             }
                         }
                     }
@@ -422,6 +448,37 @@ impl Tokenizer {
     }
 }
 
+/// The texts a BPE text fragment is merged as, where they differ from the
+/// fragment: spaces escaped as U+2581, or the whitespace-free runs (each
+/// lowercased when the normalizer says so) of the `whitespace` model.
+fn bpe_pieces(v: &Vocab, t: &str) -> Vec<String> {
+    let t = if v.escape_whitespaces {
+        std::borrow::Cow::Owned(t.replace(' ', "\u{2581}"))
+    } else {
+        std::borrow::Cow::Borrowed(t)
+    };
+    if !v.whitespace_session {
+        return vec![t.into_owned()];
+    }
+    let mut pieces = Vec::new();
+    let mut cur = String::new();
+    for c in t.chars() {
+        if crate::unicode::flags(u32::from(c)).is_whitespace() {
+            if !cur.is_empty() {
+                pieces.push(std::mem::take(&mut cur));
+            }
+        } else if v.lowercase {
+            cur.push(char::from_u32(crate::wpm::to_lower(u32::from(c))).unwrap_or(c));
+        } else {
+            cur.push(c);
+        }
+    }
+    if !cur.is_empty() {
+        pieces.push(cur);
+    }
+    pieces
+}
+
 /// llama.cpp `token_to_piece` for one token with `special` set, appended to `out`.
 fn render_piece(v: &Vocab, id: usize, out: &mut Vec<u8>) {
     let attr = v.attrs[id];
@@ -433,6 +490,9 @@ fn render_piece(v: &Vocab, id: usize, out: &mut Vec<u8>) {
     } else if attr.has(TokenAttr::NORMAL) {
         match v.kind {
             VocabKind::Spm | VocabKind::Wpm | VocabKind::Ugm => {
+                out.extend_from_slice(text.replace('▁', " ").as_bytes())
+            }
+            VocabKind::Bpe if v.escape_whitespaces => {
                 out.extend_from_slice(text.replace('▁', " ").as_bytes())
             }
             VocabKind::Bpe => {

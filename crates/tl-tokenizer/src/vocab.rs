@@ -96,7 +96,31 @@ pub(crate) struct PreInfo {
     pub add_bos: Option<bool>,
     /// The model's default BOS id is cleared (ChatGLM/GLM-4).
     pub no_bos: bool,
+    /// Words are merged as GPT-2 byte-encoded text (false: raw UTF-8, with
+    /// `<0xXX>` byte tokens as the fallback).
+    pub byte_encode: bool,
+    /// Spaces become U+2581 before splitting, and back when decoding.
+    pub escape_whitespaces: bool,
+    /// BOS is added even where `tokenizer.ggml.add_bos_token` is false.
+    pub force_bos: bool,
 }
+
+/// The names whose BPE runs on raw UTF-8 rather than GPT-2's byte encoding
+/// (llama.cpp's `byte_encode = false`): (name, set, escape_whitespaces,
+/// clean_spaces, BOS always added — llama.cpp's Gemma 4 override of
+/// `add_bos_token`).
+const PRE_RAW: &[(&str, RegexSet, bool, bool, bool)] = &[
+    ("gemma4", RegexSet::Gemma4, true, true, true),
+    (
+        "granite-embed-multi-311m",
+        RegexSet::Gemma4,
+        true,
+        true,
+        true,
+    ),
+    ("sarvam-moe", RegexSet::Gemma4, true, false, false),
+    ("whitespace", RegexSet::Whitespace, false, true, false),
+];
 
 /// (name, type, clean_spaces, ignore_merges, add_bos, no default BOS).
 type PreEntry = (&'static str, PreTokenizer, bool, bool, Option<bool>, bool);
@@ -139,6 +163,10 @@ const PRE_NAMES: &[PreEntry] = {
         ("modern-bert", Gpt2, true, false, None, false),
         ("jais-2", Regex(R::Jais2), true, false, None, false),
         ("roberta-bpe", Gpt2, true, false, None, false),
+        // llama.cpp sets `add_sep` for these, which only its reranking
+        // prompt reads; tokenizing is GPT-2's.
+        ("jina-v1-en", Gpt2, true, false, None, false),
+        ("jina-v2-code", Gpt2, true, false, None, false),
         ("refact", Regex(R::Starcoder), true, false, None, false),
         ("command-r", Regex(R::Starcoder), false, false, None, false),
         ("qwen2", Qwen2, false, false, None, false),
@@ -197,31 +225,16 @@ const PRE_NAMES: &[PreEntry] = {
 };
 
 /// Names llama.cpp accepts that tl does not run yet, with what is missing.
-const PRE_UNSUPPORTED: &[(&str, &str)] = &[
-    ("gemma4", "SPM-style BPE on raw UTF-8 is not implemented"),
-    (
-        "granite-embed-multi-311m",
-        "SPM-style BPE on raw UTF-8 is not implemented",
-    ),
-    (
-        "sarvam-moe",
-        "SPM-style BPE on raw UTF-8 is not implemented",
-    ),
-    ("whitespace", "BPE on raw UTF-8 is not implemented"),
-    (
-        "jina-v1-en",
-        "the separator token appended by its encoder is not implemented",
-    ),
-    (
-        "jina-v2-code",
-        "the separator token appended by its encoder is not implemented",
-    ),
-];
+const PRE_UNSUPPORTED: &[(&str, &str)] = &[];
 
 impl PreTokenizer {
     /// Every name tl runs (for error messages and docs).
     pub fn known_names() -> Vec<&'static str> {
-        PRE_NAMES.iter().map(|e| e.0).collect()
+        PRE_NAMES
+            .iter()
+            .map(|e| e.0)
+            .chain(PRE_RAW.iter().map(|e| e.0))
+            .collect()
     }
 
     /// Names llama.cpp knows that tl does not run yet, with the reason.
@@ -245,6 +258,24 @@ impl PreTokenizer {
                 ignore_merges,
                 add_bos,
                 no_bos,
+                byte_encode: true,
+                escape_whitespaces: false,
+                force_bos: false,
+            });
+        }
+        if let Some(&(_, set, escape_whitespaces, clean_spaces, force_bos)) =
+            PRE_RAW.iter().find(|e| e.0 == name)
+        {
+            crate::pretok_regex::compiled(set).map_err(|e| bad(KEY_PRE, e))?;
+            return Ok(PreInfo {
+                pre: PreTokenizer::Regex(set),
+                clean_spaces,
+                ignore_merges: false,
+                add_bos: None,
+                no_bos: false,
+                byte_encode: false,
+                escape_whitespaces,
+                force_bos,
             });
         }
         if let Some((_, why)) = PRE_UNSUPPORTED.iter().find(|e| e.0 == name) {
@@ -296,6 +327,15 @@ pub struct Vocab {
     pub(crate) add_space_prefix: bool,
     pub(crate) clean_spaces: bool,
     pub(crate) ignore_merges: bool,
+    /// BPE: words are GPT-2 byte-encoded before merging (false for the
+    /// SPM-style BPE of Gemma 4, Sarvam and jina-v2-zh).
+    pub(crate) byte_encode: bool,
+    /// BPE: spaces are U+2581 in the token texts (`escape_whitespaces`).
+    pub(crate) escape_whitespaces: bool,
+    /// BPE: the `whitespace` tokenizer model (jina-v2-zh): whitespace is
+    /// dropped and the runs between are merged, lowercased when
+    /// `tokenizer.ggml.normalizer.lowercase` says so.
+    pub(crate) whitespace_session: bool,
     /// WPM: lowercase the input (`tokenizer.ggml.normalizer.lowercase`,
     /// default true as in llama.cpp).
     pub(crate) lowercase: bool,
@@ -361,6 +401,9 @@ impl Vocab {
             add_space_prefix: false,
             clean_spaces: false,
             ignore_merges: false,
+            byte_encode: true,
+            escape_whitespaces: false,
+            whitespace_session: false,
             lowercase: false,
             strip_accents: false,
             max_token_len: 0,
@@ -370,6 +413,7 @@ impl Vocab {
         };
 
         // Defaults per model type, then the pre-tokenizer switches.
+        let mut force_bos = false;
         let (bos, eos, unk): (i64, i64, i64) = match model {
             "llama" => {
                 v.kind = VocabKind::Spm;
@@ -377,8 +421,16 @@ impl Vocab {
                 v.add_bos = true;
                 (1, 2, 0)
             }
-            "gpt2" => {
+            // `gemma4` is BPE with SPM-style texts; llama.cpp forces its
+            // pre-tokenizer name and takes the special ids from the file only.
+            "gpt2" | "gemma4" | "whitespace" => {
                 v.kind = VocabKind::Bpe;
+                v.whitespace_session = model == "whitespace";
+                let pre_name = if model == "gemma4" {
+                    "gemma4"
+                } else {
+                    pre_name
+                };
                 if pre_name.is_empty() {
                     eprintln!(
                         "tl: warning: the GGUF has no tokenizer.ggml.pre; using the 'default' \
@@ -389,6 +441,9 @@ impl Vocab {
                 v.pre = info.pre;
                 v.clean_spaces = info.clean_spaces;
                 v.ignore_merges = info.ignore_merges;
+                v.byte_encode = info.byte_encode;
+                v.escape_whitespaces = info.escape_whitespaces;
+                force_bos = info.force_bos;
                 if let Some(b) = info.add_bos {
                     v.add_bos = b;
                 }
@@ -399,6 +454,8 @@ impl Vocab {
                     .ok_or_else(|| bad(KEY_MERGES, "expected an array of strings"))?;
                 v.merges = merges
                     .iter()
+                    // C strings in llama.cpp: a merge ends at a NUL.
+                    .map(|m| m.split('\0').next().unwrap_or_default())
                     .map(|m| {
                         // llama.cpp splits at the first space after the first byte.
                         let space = m.as_bytes().iter().skip(1).position(|&b| b == b' ');
@@ -409,7 +466,11 @@ impl Vocab {
                         }
                     })
                     .collect();
-                (if info.no_bos { -1 } else { 11 }, 11, -1)
+                if model == "gemma4" {
+                    (-1, -1, -1)
+                } else {
+                    (if info.no_bos { -1 } else { 11 }, 11, -1)
+                }
             }
             // llama.cpp: [CLS] 101 as BOS, no EOS, [UNK] 100, [SEP] 102,
             // [PAD] 0, [MASK] 103; BOS added, SEP appended.
@@ -480,19 +541,23 @@ impl Vocab {
             }
         }
 
+        // llama.cpp's default is true; the `whitespace` pre-tokenizer turns it
+        // off unless the file says otherwise.
         v.lowercase = md
             .opt_bool("tokenizer.ggml.normalizer.lowercase")?
-            .unwrap_or(true);
+            .unwrap_or(v.pre != PreTokenizer::Regex(RegexSet::Whitespace));
         v.strip_accents = md
             .opt_bool("tokenizer.ggml.normalizer.strip_accents")?
             .unwrap_or(v.lowercase);
 
         v.text_to_id.reserve(n);
         for (i, t) in texts_raw.iter().enumerate() {
+            // llama.cpp reads the text as a C string: it ends at a NUL.
+            let t = t.split('\0').next().unwrap_or_default();
             let text = if t.is_empty() {
                 format!("[EMPTY_{i}]")
             } else {
-                t.clone()
+                t.to_string()
             };
             // Later duplicates win, as with llama.cpp's `token_to_id[word] = i`.
             v.max_token_len = v.max_token_len.max(text.len());
@@ -552,6 +617,9 @@ impl Vocab {
         }
         if let Some(b) = md.opt_bool("tokenizer.ggml.add_eos_token")? {
             v.add_eos = b;
+        }
+        if force_bos {
+            v.add_bos = true;
         }
 
         v.fix_up_special_tokens();

@@ -21,7 +21,7 @@ use crate::vocab::Vocab;
 use crate::TokenId;
 
 /// llama.cpp `unicode_tolower`.
-fn to_lower(cp: u32) -> u32 {
+pub(crate) fn to_lower(cp: u32) -> u32 {
     match LOWER.binary_search_by_key(&cp, |p| p.0) {
         Ok(i) => LOWER[i].1,
         Err(_) => cp,
