@@ -2227,7 +2227,8 @@ extern "C" __global__ void fa_merge(const float* part, float* out, int n_heads, 
 struct SampleRow {
     double u;
     float temp, top_p, min_p, rep, pres, freq;
-    int top_k, n_pen, pen_off, pad;
+    int top_k, n_pen, pen_off;
+    int mask;  // grammar mask: first word's index from `pens` (4-byte words), -1 none
 };
 
 __device__ __forceinline__ unsigned f2key(float f) {
@@ -2314,7 +2315,7 @@ __device__ __forceinline__ T warp_sum_t(T v) {
 // block g owns the span [(g·SB_WARPS + w)·span, …), read 32 consecutive
 // logits at a time, so ranks among equal keys and the draw's inverse CDF
 // are in token order as in the CPU sampler.
-//   0      penalties, NaN → -inf, each block's maximum; block 0 clears the histograms
+//   0      penalties, NaN → -inf, the grammar mask, each block's maximum; block 0 clears the histograms
 //   1–4    top-k: count histograms of the 4 key bytes
 //   5      top-k boundary: each warp's count of tokens of the boundary key
 //   6      top-p: each block's fixed-point mass over the top-k survivors
@@ -2521,9 +2522,12 @@ extern "C" __global__ void sample_phase(int phase, float* logits, int V, const S
         // The largest logit and its first index (NaN counts as -inf).
         float best = -TL_INF;
         int bi = 0x7fffffff;
+        // A grammar's mask refuses the tokens whose bit is clear.
+        const unsigned* mw = P.mask >= 0 ? (const unsigned*)pens + P.mask : nullptr;
         for (int i = wb + lane; i < we; i += 32) {
             float l = x[i];
             if (l != l) { l = -TL_INF; x[i] = l; }
+            if (mw && !((mw[i >> 5] >> (i & 31)) & 1u)) { l = -TL_INF; x[i] = l; }
             arg_best(best, bi, l, i);
         }
         warp_arg_best(best, bi);

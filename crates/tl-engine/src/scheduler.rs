@@ -719,7 +719,7 @@ impl<'a> Scheduler<'a> {
     /// (no speculative round, no grammar mask, no logprobs): one per sequence
     /// that ends its input this step, in plan order. `None` on the CPU or
     /// when some pick needs the logits on the host.
-    fn device_draws(&mut self, plan: &[(usize, usize)]) -> Option<Vec<DeviceDraw>> {
+    fn device_draws(&mut self, plan: &[(usize, usize)]) -> Option<(Vec<DeviceDraw>, Vec<usize>)> {
         if !self.llm.model.device().is_gpu() && !self.cfg.device_draws_on_cpu {
             return None;
         }
@@ -730,21 +730,23 @@ impl<'a> Scheduler<'a> {
                 return None;
             }
             let logprobs = self.reqs.get(&s.req).is_some_and(|r| r.logprobs.is_some());
-            // A lazy constraint waiting for its trigger token needs no
-            // mask: its token can be drawn on the device.
-            let masked = s.constraint.as_ref().is_some_and(|c| c.needs_logits());
-            if picks(s, n) && (masked || logprobs) {
+            // A grammar's mask goes to the device with the draw; only a lazy
+            // trigger spelled by text at the reply's start needs the row here.
+            let host = s.constraint.as_ref().is_some_and(|c| !c.device_pickable());
+            if picks(s, n) && (host || logprobs) {
                 return None;
             }
         }
         let mut draws = Vec::new();
+        let mut slots = Vec::new();
         for &(i, n) in plan {
             let s = &mut self.running[i];
             if picks(s, n) {
                 draws.push(s.sampler.device_draw(&s.tokens));
+                slots.push(i);
             }
         }
-        Some(draws)
+        Some((draws, slots))
     }
 
     /// The device ran out of memory in a step of `n_tokens` tokens over
@@ -836,26 +838,18 @@ impl<'a> Scheduler<'a> {
     /// Takes back the constraints [`Scheduler::send_masks`] sent, masks
     /// computed; the time waited for them is on the step's path.
     fn recv_masks(&mut self, sent: &[usize]) -> Result<()> {
-        if sent.is_empty() {
-            return Ok(());
-        }
-        let t0 = std::time::Instant::now();
-        let mut back = 0;
-        if let Some(workers) = &self.masks {
-            while back < sent.len() {
-                let Some(d) = workers.recv() else {
-                    break;
-                };
-                if let Some(s) = self.running.get_mut(d.slot) {
-                    s.constraint = Some(d.c);
-                }
-                self.stats.masks += d.time.masks;
-                self.stats.mask_us += d.time.compute_us + d.time.apply_us;
-                back += 1;
+        let (back, complete) = recv_masks_from(&self.masks, sent, &mut self.stats);
+        for (slot, c) in back {
+            if let Some(s) = self.running.get_mut(slot) {
+                s.constraint = Some(c);
             }
         }
-        self.stats.mask_wait_us += t0.elapsed().as_micros() as u64;
-        if back < sent.len() {
+        self.check_mask_threads(complete)
+    }
+
+    /// After the mask threads answered: `complete` false means one was lost.
+    fn check_mask_threads(&mut self, complete: bool) -> Result<()> {
+        if !complete {
             // Cannot happen short of a thread dying outside the grammar
             // code: the constraints it held are lost, so their sequences
             // cannot go on; later masks are computed when sampling.
@@ -874,6 +868,22 @@ impl<'a> Scheduler<'a> {
         let masking = self.send_masks(plan);
         let span = tracing::debug_span!("step", seqs = plan.len(), tokens = n_tokens);
         let _g = span.enter();
+        // Picks drawn on the device under grammar masks: the constraints of
+        // those rows are held here during the step (or are with the mask
+        // threads), and the model asks for the masks once the forward is
+        // launched (`DeviceMasks::masks`).
+        let vocab = self.llm.model.config.vocab;
+        let mut dm = DeviceMasks::default();
+        if let Some((_, slots)) = &draws {
+            for &i in slots {
+                if masking.contains(&i) {
+                    dm.any = true;
+                } else if let Some(c) = self.running[i].constraint.take() {
+                    dm.any = true;
+                    dm.held.push((i, c));
+                }
+            }
+        }
         let batch: Vec<SeqBatch> = plan
             .iter()
             .map(|&(i, n)| {
@@ -905,13 +915,33 @@ impl<'a> Scheduler<'a> {
         // A panic inside the model must not take the other requests' server
         // down with it: the batch fails, the engine goes on.
         let t0 = std::time::Instant::now();
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &draws {
-            Some(d) => model.forward_sampled(cache, &batch, state, d).map(Some),
-            None => model.forward(cache, &batch, state).map(|_| None),
-        }));
+        let masked = dm.any;
+        let (workers, stats) = (&self.masks, &mut self.stats);
+        let slots = draws.as_ref().map_or(&[][..], |d| &d.1[..]);
+        let res = {
+            let mut hook = || dm.masks(workers, &masking, slots, vocab, stats);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &draws {
+                Some((d, _)) if masked => model
+                    .forward_sampled_masked(cache, &batch, state, d, Some(&mut hook))
+                    .map(Some),
+                Some((d, _)) => model.forward_sampled(cache, &batch, state, d).map(Some),
+                None => model.forward(cache, &batch, state).map(|_| None),
+            }))
+        };
         self.stats.forward_us += t0.elapsed().as_micros() as u64;
         drop(batch);
-        self.recv_masks(&masking)?;
+        let fates = std::mem::take(&mut dm.fates);
+        let held_back = dm.received;
+        for (slot, c) in dm.held.drain(..) {
+            if let Some(s) = self.running.get_mut(slot) {
+                s.constraint = Some(c);
+            }
+        }
+        if held_back {
+            self.check_mask_threads(dm.complete)?;
+        } else {
+            self.recv_masks(&masking)?;
+        }
         let (ids, err) = match res {
             Ok(Ok(ids)) => (ids, None),
             Ok(Err(tl_model::ModelError::OutOfMemory(msg))) if n_tokens > 1 => {
@@ -1046,12 +1076,27 @@ impl<'a> Scheduler<'a> {
                     continue;
                 };
                 let before = s.generated;
-                // A lazy constraint sees the token: its trigger turns it on
-                // (and may force the tokens that follow).
-                if let Some(c) = s.constraint.as_mut() {
-                    if let Err(e) = c.observe(t) {
-                        warn!(request = s.req, error = %e, "grammar failed on a device draw");
+                // The grammar takes the token (drawn under its mask, or seen
+                // by a lazy trigger, which may turn it on and force the
+                // tokens that follow); one that had nothing more to allow
+                // ends the choice, the pick dropped, as on the host.
+                let failed = match fates.get(row - 1) {
+                    Some(Fate::End) => Some(None),
+                    Some(Fate::Failed(e)) => Some(Some(e.clone())),
+                    _ => match s.constraint.as_mut().map(|c| c.take_device_pick(t)) {
+                        Some(Err(e)) => Some(Some(e)),
+                        _ => None,
+                    },
+                };
+                if let Some(why) = failed {
+                    if let Some(e) = why {
+                        warn!(request = s.req, error = %e, "grammar failed; ending the choice");
                     }
+                    let out = finish(self.llm, s, r, FinishReason::Stop);
+                    if !matches!(out, Outcome::Continue) {
+                        done.push((i, out));
+                    }
+                    continue;
                 }
                 let mut out = emit(self.llm, s, r, t, None);
                 if matches!(out, Outcome::Continue) {
@@ -1111,6 +1156,110 @@ impl<'a> Scheduler<'a> {
         }
         Ok(n_tokens)
     }
+}
+
+/// What a pick drawn on the device means for its grammar.
+#[derive(Clone, Debug, Default, PartialEq)]
+enum Fate {
+    /// The token stands (free, or drawn under the mask).
+    #[default]
+    Free,
+    /// The grammar was complete: the pick is dropped, the choice ends.
+    End,
+    /// The grammar failed: the pick is dropped, the choice ends.
+    Failed(String),
+}
+
+/// The grammar masks of one step's picks drawn on the device
+/// ([`Scheduler::run_plan`]): the picking rows' constraints, held while the
+/// step runs, and what became of each pick.
+#[derive(Default)]
+struct DeviceMasks {
+    /// Whether any pick is under a constraint.
+    any: bool,
+    /// The picking rows' constraints (slot, constraint) during the step.
+    held: Vec<(usize, Box<tl_model::constrain::Constraint>)>,
+    /// Whether the mask threads' constraints were taken back into `held`,
+    /// and whether all came back.
+    received: bool,
+    complete: bool,
+    /// Per draw row.
+    fates: Vec<Fate>,
+}
+
+impl DeviceMasks {
+    /// The masks, one per draw row (`slots[row]` is its sequence), once the
+    /// forward is under way: the mask threads' work taken back, the rest
+    /// computed here.
+    fn masks(
+        &mut self,
+        workers: &Option<crate::masks::MaskWorkers>,
+        sent: &[usize],
+        slots: &[usize],
+        vocab: usize,
+        stats: &mut Stats,
+    ) -> Vec<Option<Vec<u32>>> {
+        use tl_model::constrain::DeviceMask;
+        if !self.received {
+            let (back, complete) = recv_masks_from(workers, sent, stats);
+            self.held.extend(back);
+            self.received = true;
+            self.complete = complete;
+        }
+        self.fates = vec![Fate::Free; slots.len()];
+        let mut out = Vec::with_capacity(slots.len());
+        for (row, &slot) in slots.iter().enumerate() {
+            let Some((_, c)) = self.held.iter_mut().find(|h| h.0 == slot) else {
+                out.push(None);
+                continue;
+            };
+            let m = c.device_mask(vocab);
+            let time = c.take_time();
+            stats.masks += time.masks;
+            stats.mask_us += time.compute_us + time.apply_us;
+            stats.mask_wait_us += time.compute_us + time.apply_us;
+            out.push(match m {
+                Ok(DeviceMask::Words(w)) => Some(w),
+                Ok(DeviceMask::Free) => None,
+                Ok(DeviceMask::End) => {
+                    self.fates[row] = Fate::End;
+                    None
+                }
+                Err(e) => {
+                    self.fates[row] = Fate::Failed(e);
+                    None
+                }
+            });
+        }
+        out
+    }
+}
+
+/// The constraints the mask threads hold for `sent`, masks computed, and
+/// whether all came back; the time waited is on the step's path.
+fn recv_masks_from(
+    workers: &Option<crate::masks::MaskWorkers>,
+    sent: &[usize],
+    stats: &mut Stats,
+) -> (Vec<(usize, Box<tl_model::constrain::Constraint>)>, bool) {
+    let mut back = Vec::with_capacity(sent.len());
+    if sent.is_empty() {
+        return (back, true);
+    }
+    let t0 = std::time::Instant::now();
+    if let Some(w) = workers {
+        while back.len() < sent.len() {
+            let Some(d) = w.recv() else {
+                break;
+            };
+            stats.masks += d.time.masks;
+            stats.mask_us += d.time.compute_us + d.time.apply_us;
+            back.push((d.slot, d.c));
+        }
+    }
+    stats.mask_wait_us += t0.elapsed().as_micros() as u64;
+    let complete = back.len() == sent.len();
+    (back, complete)
 }
 
 /// Gives a sequence's draft-model blocks back.

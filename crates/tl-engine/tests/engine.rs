@@ -578,7 +578,8 @@ fn engine_draws(
 }
 
 /// Masks computed on the mask threads while the forward runs give the
-/// same outputs as masks computed after it, for several concurrent
+/// same outputs as masks computed after it, and as masks handed to the
+/// forward's own sampler (the GPU's path), for several concurrent
 /// constrained requests of different grammars (greedy and sampled), and
 /// each output follows its grammar.
 #[test]
@@ -632,6 +633,19 @@ fn concurrent_constrained_requests_match_with_and_without_mask_threads() {
     assert_eq!(got, want, "mask threads changed the outputs");
     let two = engine_masks(llm.clone(), 8, 2);
     assert_eq!(together(&two), want, "two mask threads changed the outputs");
+    // The picks drawn in the forward under the masks (the GPU's path: the
+    // masks go to the sampler with the draws), with and without the
+    // threads: the same outputs.
+    for threads in [1, 0] {
+        let device = engine_draws(llm.clone(), 8, threads, true);
+        assert_eq!(
+            together(&device),
+            want,
+            "masked device draws ({threads} mask threads) changed the outputs"
+        );
+        let st = wait_idle(&device);
+        assert!(st.masks > 0, "no mask was computed: {st:?}");
+    }
     // One at a time (batch of one) as well.
     let alone = engine_masks(llm, 1, 1);
     for (i, s) in specs.iter().enumerate() {
@@ -1224,5 +1238,61 @@ fn draft_model_setup_errors_are_clear() {
     match start(None) {
         Err(EngineError::Setup(m)) => assert!(m.contains("draft model"), "{m}"),
         other => panic!("{:?}", other.err()),
+    }
+}
+
+/// The twin of the GPU test `cuda_engine_grammar_masks_on_the_device_match_the_host`
+/// on the CPU's device-draw path: concurrent greedy requests under four
+/// grammars, masks handed to the forward's sampler, give the outputs of the
+/// same requests with logprobs asked for (rows read and masked by the
+/// scheduler), and each follows its grammar.
+#[test]
+fn grammar_masks_in_the_forward_match_host_rows_with_logprobs() {
+    use tl_model::constrain::GrammarSpec;
+    let llm = llm();
+    let specs = [
+        GrammarSpec::Regex("[0-9]{3}-[a-z]{2,5}".into()),
+        GrammarSpec::Gbnf("root ::= (\"yes\" | \"no\") (\", \" (\"yes\" | \"no\")){0,3}\n".into()),
+        GrammarSpec::JsonObject,
+        GrammarSpec::Regex("(ab|cd)+e".into()),
+    ];
+    let req = |i: usize, logprobs: bool| {
+        let mut r = greedy(prompt(6 + i * 5, i as u32), 32);
+        r.grammar = Some(("grammar", specs[i % specs.len()].clone()));
+        r.logprobs = logprobs.then_some(1);
+        r
+    };
+    let e = engine_draws(llm.clone(), 16, 1, true);
+    let streams: Vec<RequestStream> = (0..8)
+        .map(|i| {
+            e.submit(e.validate(req(i, false)).expect("valid"))
+                .expect("submit")
+        })
+        .collect();
+    let device: Vec<Choice> = streams
+        .into_iter()
+        .map(|s| collect(s, 1).remove(0))
+        .collect();
+    let st = wait_idle(&e);
+    assert!(st.masks > 0, "no mask was computed: {st:?}");
+    for (i, got) in device.iter().enumerate() {
+        let host = run(&e, req(i, true)).remove(0);
+        assert_eq!(got.tokens, host.tokens, "request {i}");
+        let text = &got.text;
+        match i % specs.len() {
+            0 => assert!(
+                text.len() >= 6 && text.as_bytes()[..3].iter().all(u8::is_ascii_digit),
+                "{text:?}"
+            ),
+            1 => assert!(
+                text.split(", ").all(|p| p == "yes"
+                    || p == "no"
+                    || "yes".starts_with(p)
+                    || "no".starts_with(p)),
+                "{text:?}"
+            ),
+            3 => assert!(text.chars().all(|c| "abcde".contains(c)), "{text:?}"),
+            _ => {}
+        }
     }
 }

@@ -338,6 +338,20 @@ pub struct MaskTime {
     pub apply_us: u64,
 }
 
+/// What a pick drawn away from the host must respect
+/// ([`Constraint::device_mask`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceMask {
+    /// Nothing: the grammar is not on (a lazy one waiting for its trigger).
+    Free,
+    /// The allowed tokens, one bit each: token `t` is bit `t % 32` of word
+    /// `t / 32`; words past the end refuse.
+    Words(Vec<u32>),
+    /// The grammar is complete and allows nothing more: the caller drops
+    /// the pick and ends the sequence.
+    End,
+}
+
 /// One sequence's grammar state.
 pub struct Constraint {
     m: Matcher,
@@ -469,21 +483,7 @@ impl Constraint {
             .iter()
             .filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l)))
             .collect();
-        // 32 logits a mask word: whole words allowed or refused at once.
-        let words = mask.as_slice();
-        for (w, chunk) in logits.chunks_mut(32).enumerate() {
-            match words.get(w).copied().unwrap_or(0) {
-                u32::MAX => {}
-                0 => chunk.fill(f32::NEG_INFINITY),
-                d => {
-                    for (bit, l) in chunk.iter_mut().enumerate() {
-                        if d & (1 << bit) == 0 {
-                            *l = f32::NEG_INFINITY;
-                        }
-                    }
-                }
-            }
-        }
+        crate::sampler::apply_mask(logits, mask.as_slice());
         for (t, l) in keep {
             logits[t] = if may_end { l } else { f32::NEG_INFINITY };
         }
@@ -497,6 +497,75 @@ impl Constraint {
             v.push((compute_us + apply_us).min(u32::MAX as u64) as u32);
         }
         Ok(any)
+    }
+
+    /// Whether the next pick can be drawn on the device under
+    /// [`Constraint::device_mask`]: anything but a lazy trigger spelled by
+    /// text at the reply's start, which needs the row on the host.
+    pub fn device_pickable(&self) -> bool {
+        !matches!(self.state, State::WaitOpening { .. })
+    }
+
+    /// The next pick's mask for a sampler that runs elsewhere (the GPU's),
+    /// as bits: [`Constraint::apply`]'s rule — the grammar's tokens, stop
+    /// tokens allowed exactly when ending is — without touching logits.
+    /// The drawn token then goes to [`Constraint::take_device_pick`].
+    pub fn device_mask(&mut self, vocab: usize) -> Result<DeviceMask, String> {
+        if self.state != State::Active {
+            return Ok(DeviceMask::Free);
+        }
+        if self.done || self.m.is_stopped() {
+            self.done = true;
+            return Ok(DeviceMask::End);
+        }
+        self.prepare();
+        let Some((mask, compute_us)) = self.pending.take() else {
+            return Err("no mask was computed".into());
+        };
+        let mask = mask?;
+        let t0 = std::time::Instant::now();
+        let may_end = mask.is_allowed(self.eos);
+        let n = vocab.div_ceil(32);
+        let mut words = vec![0u32; n];
+        let src = mask.as_slice();
+        let k = n.min(src.len());
+        words[..k].copy_from_slice(&src[..k]);
+        if !vocab.is_multiple_of(32) {
+            if let Some(last) = words.last_mut() {
+                *last &= (1u32 << (vocab % 32)) - 1;
+            }
+        }
+        for &t in self.stop_ids.iter() {
+            let (w, bit) = (t as usize / 32, t % 32);
+            if let Some(word) = words.get_mut(w).filter(|_| (t as usize) < vocab) {
+                if may_end {
+                    *word |= 1 << bit;
+                } else {
+                    *word &= !(1 << bit);
+                }
+            }
+        }
+        let any = may_end || mask.num_set() > 0;
+        let apply_us = t0.elapsed().as_micros() as u64;
+        self.time.apply_us += apply_us;
+        if let Ok(mut v) = self.mask_us.lock() {
+            v.push((compute_us + apply_us).min(u32::MAX as u64) as u32);
+        }
+        if !any {
+            self.done = true;
+            return Ok(DeviceMask::End);
+        }
+        Ok(DeviceMask::Words(words))
+    }
+
+    /// Takes a token drawn under [`Constraint::device_mask`]: committed
+    /// where the grammar is on, shown to the trigger where it waits.
+    pub fn take_device_pick(&mut self, t: u32) -> Result<(), String> {
+        if self.state == State::Active {
+            self.commit(t)
+        } else {
+            self.observe(t)
+        }
     }
 
     /// One constrained pick: masks `row`, draws a token with `draw` and

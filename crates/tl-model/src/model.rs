@@ -60,6 +60,10 @@ pub(crate) struct LayerVecs {
     pub(crate) expert_b: Option<[Vec<f32>; 3]>,
 }
 
+/// Grammar masks handed to [`Model::forward_sampled_masked`]: called once
+/// per step, after the forward is launched, for one optional mask per draw.
+pub type MaskHook<'a> = &'a mut dyn FnMut() -> Vec<Option<Vec<u32>>>;
+
 pub struct Model {
     pub config: Config,
     pub file: GgufFile,
@@ -93,6 +97,18 @@ pub fn sample_rows_on(
     vocab: usize,
     draws: &[DeviceDraw],
 ) -> Result<Vec<u32>> {
+    sample_rows_masked_on(device, logits, vocab, draws, &[])
+}
+
+/// [`sample_rows_on`] with a grammar mask per row where `masks[i]` has one
+/// (bits as [`crate::sampler::apply_mask`] reads them).
+pub fn sample_rows_masked_on(
+    device: Device,
+    logits: &[f32],
+    vocab: usize,
+    draws: &[DeviceDraw],
+    masks: &[Option<Vec<u32>>],
+) -> Result<Vec<u32>> {
     if vocab == 0 || logits.len() != vocab * draws.len() {
         return Err(ModelError::BadConfig(format!(
             "{} logits for {} rows of {vocab}",
@@ -101,11 +117,18 @@ pub fn sample_rows_on(
         )));
     }
     match device {
-        Device::Cuda(n) => crate::cuda::sample_rows(n, logits, vocab, draws),
+        Device::Cuda(n) => crate::cuda::sample_rows(n, logits, vocab, draws, masks),
         Device::Cpu => Ok(logits
             .chunks_exact(vocab)
             .zip(draws)
-            .map(|(row, d)| crate::sampler::pick(&mut row.to_vec(), d))
+            .enumerate()
+            .map(|(i, (row, d))| {
+                let mut row = row.to_vec();
+                if let Some(Some(m)) = masks.get(i) {
+                    crate::sampler::apply_mask(&mut row, m);
+                }
+                crate::sampler::pick(&mut row, d)
+            })
             .collect()),
     }
 }
@@ -513,7 +536,7 @@ impl Model {
         st: &'s mut ForwardState,
     ) -> Result<&'s [f32]> {
         let mut plan = std::mem::take(&mut st.plan);
-        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Logits);
+        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Logits, None);
         st.plan = plan;
         r?;
         Ok(&st.logits[..st.last_logits])
@@ -532,11 +555,36 @@ impl Model {
         st: &mut ForwardState,
         draws: &[DeviceDraw],
     ) -> Result<Vec<u32>> {
-        if draws.iter().all(DeviceDraw::is_plain_argmax) {
+        self.forward_sampled_masked(cache, batch, st, draws, None)
+    }
+
+    /// [`Model::forward_sampled`] under grammar masks: `masks`, called once
+    /// the forward is under way (on a GPU, while the device computes it),
+    /// returns one optional mask per draw (bits, as
+    /// [`crate::sampler::apply_mask`] reads them), applied to the row
+    /// before its pick, on the device where the pick is taken. The caller
+    /// computes its masks in the meantime, so they cost the step nothing
+    /// where the host would wait anyway.
+    pub fn forward_sampled_masked(
+        &self,
+        cache: &mut KvCache,
+        batch: &[SeqBatch],
+        st: &mut ForwardState,
+        draws: &[DeviceDraw],
+        mut masks: Option<MaskHook<'_>>,
+    ) -> Result<Vec<u32>> {
+        if masks.is_none() && draws.iter().all(DeviceDraw::is_plain_argmax) {
             return self.forward_greedy(cache, batch, st);
         }
         let mut plan = std::mem::take(&mut st.plan);
-        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Sample(draws));
+        let r = self.forward_planned(
+            cache,
+            batch,
+            st,
+            &mut plan,
+            Out::Sample(draws),
+            masks.as_deref_mut(),
+        );
         st.plan = plan;
         r?;
         if self.cuda.is_some() {
@@ -544,11 +592,21 @@ impl Model {
                 return Ok(cs.greedy_ids());
             }
         }
+        let rows_masks = match masks {
+            Some(h) => h(),
+            None => Vec::new(),
+        };
         let v = self.config.vocab;
         Ok(st.logits[..st.last_logits]
             .chunks_exact_mut(v)
             .zip(draws)
-            .map(|(row, d)| crate::sampler::pick(row, d))
+            .enumerate()
+            .map(|(i, (row, d))| {
+                if let Some(Some(words)) = rows_masks.get(i) {
+                    crate::sampler::apply_mask(row, words);
+                }
+                crate::sampler::pick(row, d)
+            })
             .collect())
     }
 
@@ -562,7 +620,7 @@ impl Model {
         st: &mut ForwardState,
     ) -> Result<Vec<u32>> {
         let mut plan = std::mem::take(&mut st.plan);
-        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Greedy);
+        let r = self.forward_planned(cache, batch, st, &mut plan, Out::Greedy, None);
         st.plan = plan;
         r?;
         if let Some(cs) = &st.cuda {
@@ -687,6 +745,7 @@ impl Model {
         st: &mut ForwardState,
         plan: &mut Plan,
         out: Out<'_>,
+        masks: Option<&mut (dyn FnMut() -> Vec<Option<Vec<u32>>> + '_)>,
     ) -> Result<()> {
         let c = &self.config;
         plan.build(c, batch)?;
@@ -716,7 +775,7 @@ impl Model {
                 "self-speculation (layer skipping) runs on the CPU only".into(),
             )),
             Some(cm) => {
-                let r = cm.forward(self, cache, batch, plan, st, out);
+                let r = cm.forward(self, cache, batch, plan, st, out, masks);
                 if let Err(ModelError::DeviceLost(why)) = &r {
                     self.note_lost(why);
                 }

@@ -116,6 +116,26 @@ impl DeviceDraw {
     }
 }
 
+/// Sets every logit of `row` whose bit in `words` is clear to −∞ (token
+/// `t` is bit `t % 32` of word `t / 32`; tokens past the words are
+/// refused): a grammar's mask. 32 logits a word, whole words allowed or
+/// refused at once.
+pub fn apply_mask(row: &mut [f32], words: &[u32]) {
+    for (w, chunk) in row.chunks_mut(32).enumerate() {
+        match words.get(w).copied().unwrap_or(0) {
+            u32::MAX => {}
+            0 => chunk.fill(f32::NEG_INFINITY),
+            d => {
+                for (bit, l) in chunk.iter_mut().enumerate() {
+                    if d & (1 << bit) == 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// A stateful sampler (its RNG advances with each draw).
 pub struct Sampler {
     params: SamplingParams,

@@ -819,6 +819,98 @@ fn cuda_sampling_keeps_ties_in_token_order() {
     }
 }
 
+/// Grammar masks applied by the sampling kernel: rows of Qwen2.5's
+/// vocabulary, each with a mask (dense, sparse, a single token, the last
+/// word partly set) or none, greedy and sampled draws with penalties on
+/// masked tokens; every pick equals the host's (mask, then the CPU
+/// sampler) and lies inside its mask.
+#[test]
+fn cuda_sampling_applies_grammar_masks() {
+    if !gpu_or_skip("cuda_sampling_applies_grammar_masks") {
+        return;
+    }
+    let vocab = 151_936usize;
+    let words = vocab.div_ceil(32);
+    let rows = 24;
+    let mut logits = Vec::with_capacity(rows * vocab);
+    let mut draws = Vec::new();
+    let mut masks = Vec::new();
+    for r in 0..rows {
+        for i in 0..vocab {
+            let x = ((i as u64 * 2_654_435_761 + r as u64 * 97) % 10_007) as f32;
+            logits.push(x / 1000.0 - 5.0);
+        }
+        let mask = match r % 6 {
+            0 => None,
+            1 => Some(
+                (0..words)
+                    .map(|w| if w % 3 == 0 { u32::MAX } else { 0 })
+                    .collect(),
+            ),
+            2 => Some(
+                (0..words)
+                    .map(|w| 0x0101_0101u32.rotate_left(w as u32))
+                    .collect(),
+            ),
+            3 => {
+                let mut m = vec![0u32; words];
+                let t = 1000 + 37 * r;
+                m[t / 32] |= 1 << (t % 32);
+                Some(m)
+            }
+            4 => {
+                let mut m = vec![0u32; words];
+                m[words - 1] = u32::MAX;
+                m[5] = 0x8000_0001;
+                Some(m)
+            }
+            _ => Some(
+                (0..words)
+                    .map(|w| (w as u32).wrapping_mul(0x9E37_79B9))
+                    .collect(),
+            ),
+        };
+        masks.push(mask);
+        draws.push(DeviceDraw {
+            temperature: [0.0f32, 0.7, 1.5][r % 3],
+            top_k: [0i32, 40, 0, 500][r % 4],
+            top_p: [1.0f32, 0.9][r % 2],
+            min_p: 0.0,
+            repeat_penalty: 1.1,
+            presence_penalty: 0.2,
+            frequency_penalty: 0.0,
+            u: ((r as f64 + 0.5) * 0.754_877_666).fract(),
+            penalties: vec![(7, 2), (1000 + 37 * r as u32, 1), (151_935, 3)],
+        });
+    }
+    let got =
+        tl_model::model::sample_rows_masked_on(Device::Cuda(0), &logits, vocab, &draws, &masks)
+            .expect("device sampling");
+    let want = tl_model::model::sample_rows_masked_on(Device::Cpu, &logits, vocab, &draws, &masks)
+        .expect("host");
+    for r in 0..rows {
+        if let Some(m) = &masks[r] {
+            let t = want[r] as usize;
+            assert!(
+                m[t / 32] >> (t % 32) & 1 == 1,
+                "row {r}: host pick {t} outside its mask"
+            );
+        }
+    }
+    let bad: Vec<_> = (0..rows).filter(|&r| got[r] != want[r]).collect();
+    for &r in &bad {
+        eprintln!(
+            "row {r}: device {} host {} ({:?})",
+            got[r], want[r], draws[r]
+        );
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {rows} masked picks differ",
+        bad.len()
+    );
+}
+
 #[test]
 fn cuda_model_too_large_fails_before_allocating() {
     if !gpu_or_skip("cuda_model_too_large_fails_before_allocating") {

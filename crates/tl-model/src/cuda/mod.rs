@@ -465,6 +465,8 @@ impl CudaModel {
         })
     }
 
+    // The step's inputs and outputs, each its own borrow.
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         m: &Model,
@@ -473,6 +475,7 @@ impl CudaModel {
         plan: &Plan,
         st: &mut ForwardState,
         out: Out<'_>,
+        masks: Option<&mut (dyn FnMut() -> Vec<Option<Vec<u32>>> + '_)>,
     ) -> Result<()> {
         let greedy = matches!(out, Out::Greedy);
         let gpu = &*self.gpu;
@@ -665,7 +668,10 @@ impl CudaModel {
             .ok_or_else(|| ModelError::Device("lost state".into()))?;
         let n_out = n_out_real;
         if let Out::Sample(draws) = out {
-            cs.sample(gpu, draws, c.vocab)?;
+            // The forward is queued on the device: the host's masks are
+            // computed while it runs, then applied by the sampling kernel.
+            let row_masks = masks.map(|h| h()).unwrap_or_default();
+            cs.sample(gpu, draws, &row_masks, c.vocab)?;
         }
         if !matches!(out, Out::Logits) {
             let mut ids = vec![0u8; n_out * 4];
@@ -716,7 +722,9 @@ struct SampleRow {
     top_k: i32,
     n_pen: i32,
     pen_off: i32,
-    pad: i32,
+    /// The row's grammar mask: index of its first word from the penalties'
+    /// start, in 4-byte words; −1: none.
+    mask: i32,
 }
 
 /// Bytes of the kernels' `SampScratch` (one per sampled row; the kernel
@@ -765,6 +773,7 @@ pub(crate) fn sample_rows(
     logits: &[f32],
     vocab: usize,
     draws: &[DeviceDraw],
+    masks: &[Option<Vec<u32>>],
 ) -> Result<Vec<u32>> {
     let gpu = Gpu::new(ordinal).map_err(cuda_err)?;
     gpu.bind().map_err(cuda_err)?;
@@ -777,7 +786,7 @@ pub(crate) fn sample_rows(
     // SAFETY: f32 slice viewed as bytes.
     let lb = unsafe { std::slice::from_raw_parts(logits.as_ptr() as *const u8, logits.len() * 4) };
     gpu.htod(cs.logits_ptr(), lb).map_err(cuda_err)?;
-    cs.sample(&gpu, draws, vocab)?;
+    cs.sample(&gpu, draws, masks, vocab)?;
     let mut ids = vec![0u8; rows * 4];
     gpu.dtoh(&mut ids, cs.ids_ptr()).map_err(cuda_err)?;
     Ok(ids
@@ -1046,13 +1055,43 @@ impl CudaState {
     }
 
     /// Samples one token per logits row on the device (`sample_rows`),
-    /// leaving the ids where the greedy argmax leaves them.
-    fn sample(&mut self, gpu: &Gpu, draws: &[DeviceDraw], vocab: usize) -> Result<()> {
+    /// leaving the ids where the greedy argmax leaves them. `masks[i]`, where
+    /// present, is row i's grammar mask (bits; a clear bit refuses the
+    /// token), applied by the kernel's first phase.
+    fn sample(
+        &mut self,
+        gpu: &Gpu,
+        draws: &[DeviceDraw],
+        masks: &[Option<Vec<u32>>],
+        vocab: usize,
+    ) -> Result<()> {
         let rows = draws.len();
         let h = &mut self.host_samp;
         h.clear();
         let mut off = 0usize;
-        for d in draws {
+        // The masks follow the penalties in the same buffer; a row's `mask`
+        // is the index (in 4-byte words from the penalties' start) of its
+        // first word, −1 for none.
+        let n_pen: usize = draws.iter().map(|d| d.penalties.len()).sum();
+        let mut mask_at = 2 * n_pen;
+        let words = vocab.div_ceil(32);
+        for (i, d) in draws.iter().enumerate() {
+            let mask = match masks.get(i) {
+                Some(Some(m)) => {
+                    if m.len() < words {
+                        return Err(ModelError::BadConfig(format!(
+                            "a grammar mask of {} words for a vocabulary of {vocab}",
+                            m.len()
+                        )));
+                    }
+                    let at = i32::try_from(mask_at).map_err(|_| {
+                        ModelError::BadConfig("grammar masks past 2^31 words".into())
+                    })?;
+                    mask_at += words;
+                    at
+                }
+                _ => -1,
+            };
             let r = SampleRow {
                 u: d.u,
                 temp: d.temperature,
@@ -1064,7 +1103,7 @@ impl CudaState {
                 top_k: d.top_k,
                 n_pen: d.penalties.len() as i32,
                 pen_off: off as i32,
-                pad: 0,
+                mask,
             };
             h.extend_from_slice(tl_cuda::raw_bytes(&r));
             off += d.penalties.len();
@@ -1074,6 +1113,11 @@ impl CudaState {
             for &(t, c) in &d.penalties {
                 h.extend_from_slice(&(t as i32).to_le_bytes());
                 h.extend_from_slice(&(c as i32).to_le_bytes());
+            }
+        }
+        for m in masks.iter().take(rows).flatten() {
+            for w in &m[..words] {
+                h.extend_from_slice(&w.to_le_bytes());
             }
         }
         if h.len() > self.samp.as_ref().map_or(0, |b| b.bytes) {
