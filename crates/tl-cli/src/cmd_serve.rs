@@ -73,10 +73,11 @@ pub struct ServeArgs {
     pub spec_max_batch: usize,
     /// Threads that compute grammar masks (structured output, tool calls)
     /// while a step's forward runs; 0 computes them after the forward.
-    /// Default: 1 on a GPU (the host waits during the forward), and on the
-    /// CPU when a core is left beside the forward's threads (-t); else 0
-    /// (on the 2-core CPU with both cores in the forward the overlap did
-    /// not change the step time: docs/BENCHMARKS.md).
+    /// Default: on a GPU one per core beside the engine's thread, up to 8
+    /// (the host waits during the forward); on the CPU the cores -t leaves
+    /// free of the forward's threads, up to 8, else 0 (on the 2-core CPU
+    /// with both cores in the forward the overlap did not change the step
+    /// time: docs/BENCHMARKS.md).
     #[arg(long, value_name = "N")]
     pub mask_threads: Option<usize>,
     /// Bit-identical output for a request whatever shares its steps: on a
@@ -195,7 +196,18 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     };
     let mask_threads = a.mask_threads.unwrap_or_else(|| {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        usize::from(on_gpu || a.model.threads.is_some_and(|t| t < cores))
+        if on_gpu {
+            // The host waits during the forward: a thread per core beside
+            // the engine's, up to 8 (16 masks of ≈0.3 ms in two rounds
+            // fit a 16-sequence step's ≈2 ms forward of the 0.5B shape).
+            cores.saturating_sub(1).clamp(1, 8)
+        } else {
+            // The cores -t leaves free of the forward's threads.
+            a.model
+                .threads
+                .map_or(0, |t| cores.saturating_sub(t))
+                .min(8)
+        }
     });
     let engine = EngineConfig {
         scheduler: SchedulerConfig {
