@@ -218,6 +218,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
             spec_max_batch: a.spec_max_batch,
             mask_threads,
             device_draws_on_cpu: false,
+            emit_thread: on_gpu,
         },
         kv_bytes,
         gpu_memory_utilization,

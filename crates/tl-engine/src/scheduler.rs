@@ -81,6 +81,10 @@ pub struct SchedulerConfig {
     /// the CPU too, through the forward's host fallback: for tests of that
     /// path on machines without a GPU.
     pub device_draws_on_cpu: bool,
+    /// Streams' events are sent by a thread of their own after each step
+    /// (waking the receivers off the engine's path): for a GPU, where the
+    /// host's part of a step is time the device waits.
+    pub emit_thread: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -93,6 +97,7 @@ impl Default for SchedulerConfig {
             spec_max_batch: 2,
             mask_threads: 1,
             device_draws_on_cpu: false,
+            emit_thread: false,
         }
     }
 }
@@ -261,6 +266,62 @@ pub struct Scheduler<'a> {
     masks: Option<crate::masks::MaskWorkers>,
     /// The draft model of `SpecMethod::Draft` / `SelfDraft`.
     draft: Option<DraftModel<'a>>,
+    /// Events of this step for the requests' streams, sent together when
+    /// the step ends ([`Scheduler::flush`]).
+    outbox: Outbox,
+    /// The thread that sends them, where `SchedulerConfig::emit_thread`
+    /// says so.
+    emitter: Option<Emitter>,
+}
+
+/// Events waiting to be sent, each with its stream.
+type Outbox = Vec<(UnboundedSender<Event>, Event)>;
+
+/// Queues `ev` for the stream `tx`; false when its client is gone.
+fn post(ob: &mut Outbox, tx: &UnboundedSender<Event>, ev: Event) -> bool {
+    if tx.is_closed() {
+        return false;
+    }
+    ob.push((tx.clone(), ev));
+    true
+}
+
+/// A thread that sends each step's events to the requests' streams, so
+/// that waking the receivers (a system call each where one sleeps) is off
+/// the engine's path: on a GPU the next step is prepared and launched
+/// meanwhile. Steps' events go out in order.
+struct Emitter {
+    tx: Option<std::sync::mpsc::Sender<Outbox>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Emitter {
+    fn start() -> std::io::Result<Emitter> {
+        let (tx, rx) = std::sync::mpsc::channel::<Outbox>();
+        let handle = std::thread::Builder::new()
+            .name("tl-emit".into())
+            .spawn(move || {
+                while let Ok(batch) = rx.recv() {
+                    for (tx, ev) in batch {
+                        let _ = tx.send(ev);
+                    }
+                }
+            })?;
+        Ok(Emitter {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for Emitter {
+    /// Every event handed over is delivered before the thread ends.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl<'a> Scheduler<'a> {
@@ -292,6 +353,36 @@ impl<'a> Scheduler<'a> {
             lost: None,
             masks: None,
             draft: None,
+            outbox: Vec::new(),
+            emitter: None,
+        }
+    }
+
+    /// Sends the events queued so far: handed to the emitter thread in one
+    /// piece where there is one (started on first use), else sent here.
+    pub fn flush(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.outbox);
+        if self.cfg.emit_thread && self.emitter.is_none() {
+            match Emitter::start() {
+                Ok(e) => self.emitter = Some(e),
+                Err(e) => {
+                    warn!(error = %e, "no emitter thread; events are sent from the engine's");
+                    self.cfg.emit_thread = false;
+                }
+            }
+        }
+        let batch = match self.emitter.as_ref().and_then(|e| e.tx.as_ref()) {
+            Some(tx) => match tx.send(batch) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => batch,
+        };
+        for (tx, ev) in batch {
+            let _ = tx.send(ev);
         }
     }
 
@@ -336,8 +427,13 @@ impl<'a> Scheduler<'a> {
     /// Queues a request; its events go to `tx`.
     pub fn add(&mut self, id: RequestId, req: ValidRequest, tx: UnboundedSender<Event>) {
         if let Some(why) = &self.lost {
-            let _ = tx.send(Event::Error(EngineError::DeviceLost(why.clone())));
+            post(
+                &mut self.outbox,
+                &tx,
+                Event::Error(EngineError::DeviceLost(why.clone())),
+            );
             self.dequeued(1);
+            self.flush();
             return;
         }
         let mut seqs = Vec::with_capacity(req.n);
@@ -358,11 +454,16 @@ impl<'a> Scheduler<'a> {
             let sampler = match Sampler::new(params) {
                 Ok(s) => s,
                 Err(e) => {
-                    let _ = tx.send(Event::Error(EngineError::InvalidParam {
-                        param: "temperature",
-                        message: e.to_string(),
-                    }));
+                    post(
+                        &mut self.outbox,
+                        &tx,
+                        Event::Error(EngineError::InvalidParam {
+                            param: "temperature",
+                            message: e.to_string(),
+                        }),
+                    );
                     self.dequeued(1);
+                    self.flush();
                     return;
                 }
             };
@@ -438,15 +539,16 @@ impl<'a> Scheduler<'a> {
         let ids: Vec<RequestId> = self.reqs.keys().copied().collect();
         for id in ids {
             if let Some(r) = self.reqs.get(&id) {
-                let _ = r.tx.send(Event::Error(err.clone()));
+                post(&mut self.outbox, &r.tx, Event::Error(err.clone()));
             }
             self.cancel(id);
         }
+        self.flush();
     }
 
     fn fail(&mut self, id: RequestId, err: EngineError) {
         if let Some(r) = self.reqs.get(&id) {
-            let _ = r.tx.send(Event::Error(err));
+            post(&mut self.outbox, &r.tx, Event::Error(err));
         }
         self.cancel(id);
     }
@@ -502,8 +604,7 @@ impl<'a> Scheduler<'a> {
     pub fn step(&mut self) -> usize {
         let t0 = std::time::Instant::now();
         let r = self.try_step();
-        self.stats.step_us += t0.elapsed().as_micros() as u64;
-        match r {
+        let n = match r {
             Ok(n) => n,
             Err(e) => {
                 // A broken invariant of the block pool: fail what is running
@@ -515,7 +616,10 @@ impl<'a> Scheduler<'a> {
                 }
                 0
             }
-        }
+        };
+        self.flush();
+        self.stats.step_us += t0.elapsed().as_micros() as u64;
+        n
     }
 
     fn try_step(&mut self) -> Result<usize> {
@@ -1034,18 +1138,18 @@ impl<'a> Scheduler<'a> {
                 s.dkv.len = s.dkv.len.min(s.tokens.len() + v.accepted);
                 let mut out = Outcome::Continue;
                 for t in v.tokens {
-                    out = emit(self.llm, s, r, t, None);
+                    out = emit(self.llm, s, r, &mut self.outbox, t, None);
                     if !matches!(out, Outcome::Continue) {
                         break;
                     }
                 }
                 if matches!(out, Outcome::Continue) {
                     out = if grammar_done {
-                        finish(self.llm, s, r, FinishReason::Stop)
+                        finish(self.llm, s, r, &mut self.outbox, FinishReason::Stop)
                     } else {
                         // A trigger that fired at the round's end may force
                         // what follows.
-                        emit_forced(self.llm, s, r)
+                        emit_forced(self.llm, s, r, &mut self.outbox)
                     };
                 }
                 if !matches!(out, Outcome::Continue) {
@@ -1092,15 +1196,15 @@ impl<'a> Scheduler<'a> {
                     if let Some(e) = why {
                         warn!(request = s.req, error = %e, "grammar failed; ending the choice");
                     }
-                    let out = finish(self.llm, s, r, FinishReason::Stop);
+                    let out = finish(self.llm, s, r, &mut self.outbox, FinishReason::Stop);
                     if !matches!(out, Outcome::Continue) {
                         done.push((i, out));
                     }
                     continue;
                 }
-                let mut out = emit(self.llm, s, r, t, None);
+                let mut out = emit(self.llm, s, r, &mut self.outbox, t, None);
                 if matches!(out, Outcome::Continue) {
-                    out = emit_forced(self.llm, s, r);
+                    out = emit_forced(self.llm, s, r, &mut self.outbox);
                 }
                 self.stats.generated_tokens += (s.generated - before) as u64;
                 self.stats.forced_tokens += std::mem::take(&mut s.forced);
@@ -1118,7 +1222,15 @@ impl<'a> Scheduler<'a> {
                 continue;
             };
             let before = s.generated;
-            let out = advance(self.llm, s, r, lrow, &mut self.raw, &mut self.stats);
+            let out = advance(
+                self.llm,
+                s,
+                r,
+                &mut self.outbox,
+                lrow,
+                &mut self.raw,
+                &mut self.stats,
+            );
             self.stats.generated_tokens += (s.generated - before) as u64;
             self.stats.forced_tokens += std::mem::take(&mut s.forced);
             if !matches!(out, Outcome::Continue) {
@@ -1135,12 +1247,16 @@ impl<'a> Scheduler<'a> {
             match out {
                 Outcome::Finished(reason) => {
                     if let Some(r) = self.reqs.get_mut(&s.req) {
-                        let _ = r.tx.send(Event::Finished {
-                            choice: s.choice,
-                            reason,
-                            completion_tokens: s.generated,
-                            cached_tokens: s.cached_tokens,
-                        });
+                        post(
+                            &mut self.outbox,
+                            &r.tx,
+                            Event::Finished {
+                                choice: s.choice,
+                                reason,
+                                completion_tokens: s.generated,
+                                cached_tokens: s.cached_tokens,
+                            },
+                        );
                         r.live = r.live.saturating_sub(1);
                         if r.live == 0 {
                             self.reqs.remove(&s.req);
@@ -1385,10 +1501,12 @@ fn model_drafts(
 
 /// Samples the next token of `s` from its logits row, streams it, and says
 /// whether the sequence goes on.
+#[allow(clippy::too_many_arguments)]
 fn advance<'a>(
     llm: &'a Llm,
     s: &mut Seq<'a>,
     r: &ReqState,
+    ob: &mut Outbox,
     row: &mut [f32],
     raw: &mut Vec<f32>,
     stats: &mut Stats,
@@ -1409,19 +1527,19 @@ fn advance<'a>(
             match picked {
                 Ok(Some(t)) => t,
                 // The grammar is complete: nothing more may follow.
-                Ok(None) => return finish(llm, s, r, FinishReason::Stop),
+                Ok(None) => return finish(llm, s, r, ob, FinishReason::Stop),
                 Err(e) => {
                     warn!(request = s.req, error = %e, "grammar failed; ending the choice");
-                    return finish(llm, s, r, FinishReason::Stop);
+                    return finish(llm, s, r, ob, FinishReason::Stop);
                 }
             }
         }
         None => s.sampler.sample(row, &s.tokens),
     };
     let logprob = r.logprobs.map(|k| token_logprob(llm, raw, t, k));
-    let out = emit(llm, s, r, t, logprob);
+    let out = emit(llm, s, r, ob, t, logprob);
     if matches!(out, Outcome::Continue) {
-        return emit_forced(llm, s, r);
+        return emit_forced(llm, s, r, ob);
     }
     out
 }
@@ -1429,7 +1547,7 @@ fn advance<'a>(
 /// Tokens the grammar forces next are appended at once (fast-forward) and
 /// computed together in the next step, like a prompt chunk; not where
 /// logprobs were asked for (a forced token has none).
-fn emit_forced<'a>(llm: &'a Llm, s: &mut Seq<'a>, r: &ReqState) -> Outcome {
+fn emit_forced<'a>(llm: &'a Llm, s: &mut Seq<'a>, r: &ReqState, ob: &mut Outbox) -> Outcome {
     if r.logprobs.is_some() {
         return Outcome::Continue;
     }
@@ -1440,7 +1558,7 @@ fn emit_forced<'a>(llm: &'a Llm, s: &mut Seq<'a>, r: &ReqState) -> Outcome {
         .unwrap_or_default();
     for f in forced {
         s.forced += 1;
-        let out = emit(llm, s, r, f, None);
+        let out = emit(llm, s, r, ob, f, None);
         if !matches!(out, Outcome::Continue) {
             return out;
         }
@@ -1472,52 +1590,62 @@ fn emit<'a>(
     llm: &'a Llm,
     s: &mut Seq<'a>,
     r: &ReqState,
+    ob: &mut Outbox,
     t: u32,
     logprob: Option<TokenLogprob>,
 ) -> Outcome {
     if r.stop_ids.contains(&t) {
-        return finish(llm, s, r, FinishReason::Stop);
+        return finish(llm, s, r, ob, FinishReason::Stop);
     }
     s.tokens.push(t);
     s.generated += 1;
     let piece = s.decoder.push(t).unwrap_or_default();
     let (text, hit) = s.stop.push(&piece);
-    if r.tx
-        .send(Event::Delta {
+    if !post(
+        ob,
+        &r.tx,
+        Event::Delta {
             choice: s.choice,
             text,
             token: Some(t),
             logprob,
-        })
-        .is_err()
-    {
+        },
+    ) {
         return Outcome::Closed;
     }
     if hit {
         return Outcome::Finished(FinishReason::Stop);
     }
     if s.generated >= s.max_tokens || s.tokens.len() >= llm.model.config.context {
-        return finish(llm, s, r, FinishReason::Length);
+        return finish(llm, s, r, ob, FinishReason::Length);
     }
     Outcome::Continue
 }
 
 /// Flushes held-back text before a finish that was not a stop string.
-fn finish<'a>(llm: &'a Llm, s: &mut Seq<'a>, r: &ReqState, reason: FinishReason) -> Outcome {
+fn finish<'a>(
+    llm: &'a Llm,
+    s: &mut Seq<'a>,
+    r: &ReqState,
+    ob: &mut Outbox,
+    reason: FinishReason,
+) -> Outcome {
     let dec = std::mem::replace(&mut s.decoder, llm.tokenizer.stream_decoder(false));
     let (mut text, hit) = s.stop.push(&dec.finish());
     if !hit {
         text.push_str(&s.stop.finish());
     }
     if !text.is_empty()
-        && r.tx
-            .send(Event::Delta {
+        && !post(
+            ob,
+            &r.tx,
+            Event::Delta {
                 choice: s.choice,
                 text,
                 token: None,
                 logprob: None,
-            })
-            .is_err()
+            },
+        )
     {
         return Outcome::Closed;
     }

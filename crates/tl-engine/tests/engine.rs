@@ -1296,3 +1296,81 @@ fn grammar_masks_in_the_forward_match_host_rows_with_logprobs() {
         }
     }
 }
+
+fn engine_emit(llm: Arc<Llm>, max_batch: usize, emit_thread: bool) -> Arc<Engine> {
+    let per_block = llm.model.kv_bytes_per_token() * 16;
+    Arc::new(
+        Engine::start(
+            llm,
+            EngineConfig {
+                scheduler: SchedulerConfig {
+                    max_batch,
+                    max_batch_tokens: 128,
+                    prefix_caching: true,
+                    emit_thread,
+                    ..Default::default()
+                },
+                kv_bytes: 96 * per_block,
+                gpu_memory_utilization: None,
+                max_queue: 64,
+            },
+        )
+        .expect("engine"),
+    )
+}
+
+/// Events sent from the emitter thread (the GPU's setting): the same
+/// choices (tokens, text, finish reason, cached tokens) as events sent
+/// from the engine's thread, for concurrent requests with several choices,
+/// stop strings, sampling and length limits; each stream ends with its
+/// `Finished` events after its deltas (`collect` reads until the end); a
+/// client that leaves mid-stream gets its blocks freed.
+#[test]
+fn emitter_thread_keeps_every_stream_and_frees_blocks() {
+    let llm = llm();
+    let free = run(
+        &engine_emit(llm.clone(), 8, false),
+        greedy(prompt(10, 2), 30),
+    )[0]
+    .text
+    .clone();
+    let stop: String = free.chars().skip(6).take(2).collect();
+    let requests = |i: usize| {
+        let mut r = greedy(prompt(10 + 3 * i, i as u32), 12 + 2 * i);
+        match i % 3 {
+            0 => r.stop = vec![stop.clone()],
+            1 => {
+                r.temperature = Some(0.8);
+                r.seed = Some(5 + i as u64);
+                r.n = Some(2);
+            }
+            _ => r.ignore_eos = true,
+        }
+        r
+    };
+    let together = |e: &Arc<Engine>| -> Vec<Vec<Choice>> {
+        let streams: Vec<(RequestStream, usize)> = (0..9)
+            .map(|i| {
+                let v = e.validate(requests(i)).expect("valid");
+                let n = v.n();
+                (e.submit(v).expect("submit"), n)
+            })
+            .collect();
+        streams.into_iter().map(|(s, n)| collect(s, n)).collect()
+    };
+    let direct = engine_emit(llm.clone(), 8, false);
+    let want = together(&direct);
+    let emitted = engine_emit(llm.clone(), 8, true);
+    assert_eq!(together(&emitted), want, "the emitter changed the streams");
+    assert_eq!(wait_idle(&emitted).kv_blocks_used, 0);
+    // A client that leaves mid-stream.
+    let v = emitted.validate(greedy(prompt(40, 1), 400)).expect("valid");
+    let mut s = emitted.submit(v).expect("submit");
+    for _ in 0..3 {
+        assert!(matches!(s.blocking_next(), Some(Event::Delta { .. })));
+    }
+    drop(s);
+    let st = wait_idle(&emitted);
+    assert_eq!(st.kv_blocks_used, 0);
+    assert!(st.generated_tokens < 400 + 200);
+}
