@@ -65,6 +65,11 @@ pub struct ServeArgs {
     /// probability (its softmax) is below P; 0 drafts all `--spec-k`.
     #[arg(long, value_name = "P", default_value_t = crate::cmd_generate::DRAFT_P_MIN)]
     pub draft_p_min: f32,
+    /// The draft model's output projection is requantized to this block
+    /// type at load where the file's is wider (CPU; exact either way);
+    /// `keep` leaves it as the file has it.
+    #[arg(long, value_name = "TYPE", default_value = crate::cmd_generate::DRAFT_OUTPUT_TYPE)]
+    pub draft_output_type: String,
     /// Speculate only while at most this many sequences decode. 2 is
     /// where prompt lookup still paid on a chat workload (45% accepted) on
     /// the 2-core CPU; on code editing (78% accepted) it paid up to 12
@@ -228,6 +233,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     let invariant = a.batch_invariant;
     let fault = injected_fault()?;
     let draft_path = a.draft_model.clone();
+    let draft_output_type = a.draft_output_type.clone();
     tl_server::run_with_draft(cfg, engine, move || {
         let llm = crate::cmd_generate::load(&margs).map_err(|e| format!("{e:#}"))?;
         llm.model.set_batch_invariant(invariant);
@@ -239,6 +245,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
                 let load = || -> anyhow::Result<tl_model::llm::Llm> {
                     let mut d = tl_model::llm::Llm::load_on(&p, crate::device())?;
                     crate::configure(&mut d.model)?;
+                    crate::cmd_generate::cheapen_draft(&mut d.model, &draft_output_type)?;
                     d.model.set_batch_invariant(invariant);
                     Ok(d)
                 };

@@ -184,9 +184,54 @@ fn greedy_is_identical_with_a_draft_model() {
         Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads")
     };
     let target = mk(2, 3);
-    // The target drafting for itself (every draft accepted) and a different,
-    // smaller model of the same vocabulary (few accepted): same output.
-    for (draft, all_accepted) in [(mk(2, 3), true), (mk(7, 1), false)] {
+    // The target's own weights with the output projection requantized to
+    // Q4_0 for drafting (`--draft-output-type`, the CLI's default).
+    let mut cheap = mk(2, 3);
+    assert_eq!(cheap.output_type(), GgmlType::Q8_0);
+    assert!(
+        cheap.requantize_output(GgmlType::Q4_0).expect("requantize"),
+        "a Q8_0 head is requantized to Q4_0"
+    );
+    assert!(
+        !cheap.requantize_output(GgmlType::Q8_0).expect("no-op"),
+        "never to a wider type"
+    );
+    // Its logits are the target's within Q4_0's rounding, and not equal
+    // (the requantized copy is the one the product reads).
+    let logits = |m: &Model| -> Vec<f32> {
+        use tl_model::kv::{BlockManager, SeqKv};
+        use tl_model::model::{Logits, SeqBatch};
+        let tokens: Vec<u32> = (0..9).map(|i| 3 + i * 11).collect();
+        let mut cache = m.new_cache(64).expect("cache");
+        let mut blocks = BlockManager::new(cache.n_blocks);
+        let mut kv = SeqKv::new();
+        kv.reserve(&mut blocks, tokens.len()).expect("blocks");
+        let mut st = tl_model::model::ForwardState::default();
+        let batch = [SeqBatch {
+            tokens: &tokens,
+            pos: 0,
+            kv: &kv,
+            logits: Logits::All,
+        }];
+        m.forward(&mut cache, &batch, &mut st)
+            .expect("forward")
+            .to_vec()
+    };
+    let (a, b) = (logits(&target), logits(&cheap));
+    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff > 0.0, "the requantized head is not the one in use");
+    assert!(
+        diff < 0.1 * scale,
+        "max diff {diff} against max |logit| {scale}"
+    );
+    // The target drafting for itself (every draft accepted), itself with
+    // the cheaper head (most accepted) and a different, smaller model of
+    // the same vocabulary (few accepted): same output.
+    for (draft, all_accepted) in [(mk(2, 3), true), (cheap, false), (mk(7, 1), false)] {
         let prompts: Vec<Vec<u32>> = vec![
             vec![1, 40, 41, 42],
             (0..23).map(|i| 3 + (i * 7 % 50) as u32).collect(),
