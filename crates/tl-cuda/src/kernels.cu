@@ -1435,6 +1435,18 @@ extern "C" __global__ void expert_bias(float* out, int ld, const float* b, const
     for (int c = threadIdx.x; c < N; c += blockDim.x) out[slot * ld + c] += be[c];
 }
 
+// Rows of d floats moved through an index (a mixture of experts' rows
+// grouped by expert): gather (scatter 0) dst[r] = src[idx[r] / div],
+// scatter (1) dst[idx[r]] = src[r]; one grid row per r.
+extern "C" __global__ void copy_rows(const float* src, float* dst, const int* idx, int d, int div,
+                                     int scatter) { TL_PDL();
+    long r = blockIdx.y;
+    long j = idx[r];
+    const float* s = src + (scatter ? r : j / div) * (long)d;
+    float* o = dst + (scatter ? j : r) * (long)d;
+    for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < d; c += gridDim.x * blockDim.x) o[c] = s[c];
+}
+
 // x[row * d + c] += b[c] over n values: a bias on every row.
 extern "C" __global__ void add_bias(float* x, const float* b, int d, long n) { TL_PDL();
     long i = (long)blockIdx.x * blockDim.x + threadIdx.x;

@@ -734,6 +734,16 @@ impl Model {
         }
     }
 
+    /// On a GPU, prompt steps of a mixture of experts group the (token,
+    /// expert) pairs per expert and run each expert's rows as one product
+    /// (instead of one product per pair, each reading its expert's
+    /// weights); also `TL_CUDA_MOE_GROUPED=1`. Nothing on the CPU.
+    pub fn set_moe_grouped(&self, on: bool) {
+        if let Some(c) = &self.cuda {
+            c.set_moe_grouped(on);
+        }
+    }
+
     /// From now on a step of more than `tokens` tokens fails with
     /// [`ModelError::OutOfMemory`] before it runs, as a device allocation
     /// failure would (`None`: no limit). How callers recover from a device

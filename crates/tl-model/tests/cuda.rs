@@ -224,13 +224,30 @@ fn stage_report(cpu: &std::path::Path, gpu: &std::path::Path, layers: usize) {
 /// past one, across several), then 24 decode steps of the three together.
 /// Returns a description of the first failed check.
 fn compare(s: &SynthSpec) -> Result<(), String> {
+    compare_with(s, false)
+}
+
+/// [`compare`] with the grouped mixture-of-experts prompt path on or off.
+fn compare_with(s: &SynthSpec, moe_grouped: bool) -> Result<(), String> {
     let label = format!(
-        "{:?} {} / {} hd {} d {} ffn {} layers {}",
-        s.arch, s.weight_type, s.output_type, s.head_dim, s.d_model, s.ffn, s.n_layers
+        "{:?} {} / {} hd {} d {} ffn {} layers {}{}",
+        s.arch,
+        s.weight_type,
+        s.output_type,
+        s.head_dim,
+        s.d_model,
+        s.ffn,
+        s.n_layers,
+        if moe_grouped {
+            " (experts grouped)"
+        } else {
+            ""
+        }
     );
     let vocab = s.vocab();
     let mut cpu = Side::new(s, Device::Cpu, 3);
     let mut gpu = Side::new(s, Device::Cuda(0), 3);
+    gpu.m.set_moe_grouped(moe_grouped);
     let prompts: Vec<Vec<u32>> = [5usize, 17, 40]
         .iter()
         .enumerate()
@@ -423,6 +440,60 @@ fn cuda_matches_cpu_on_every_architecture_and_weight_type() {
         Ok(Ok(())) => {}
         Ok(Err(e)) => failed.push(e),
         Err(_) => failed.push("CommandR of 64 layers: panicked".to_string()),
+    }
+    assert!(
+        failed.is_empty(),
+        "{} case(s) failed:\n{}",
+        failed.len(),
+        failed.join("\n")
+    );
+}
+
+/// Prompt steps of a mixture of experts with the (token, expert) pairs
+/// grouped per expert (`Model::set_moe_grouped`): every MoE case of
+/// `cuda_matches_cpu_on_every_architecture_and_weight_type` again (its
+/// 90-row chunk takes the grouped path: experts' rows of up to 64 on the
+/// 8-bit products), and a 400-token prompt (experts' rows past 64 on the
+/// prompt products), logits held to the CPU's with `compare`'s bound.
+#[test]
+fn cuda_moe_grouped_prefill_matches_cpu() {
+    if !gpu_or_skip("cuda_moe_grouped_prefill_matches_cpu") {
+        return;
+    }
+    let mut failed = Vec::new();
+    for (arch, ty, out, hd) in [
+        (SynthArch::Qwen3Moe, GgmlType::Q8_0, GgmlType::Q8_0, 64),
+        (SynthArch::Qwen3Moe, GgmlType::Q4_K, GgmlType::Q6_K, 128),
+        (SynthArch::Mixtral, GgmlType::Q4_0, GgmlType::Q8_0, 64),
+        (SynthArch::Mixtral, GgmlType::F16, GgmlType::F16, 64),
+        (SynthArch::Qwen2Moe, GgmlType::Q5_K, GgmlType::Q8_0, 64),
+        (SynthArch::GptOss, GgmlType::Q8_0, GgmlType::Q8_0, 64),
+    ] {
+        let s = spec(arch, ty, out, hd);
+        match std::panic::catch_unwind(|| compare_with(&s, true)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed.push(e),
+            Err(_) => failed.push(format!("{arch:?} {ty}: panicked (grouped)")),
+        }
+        let vocab = s.vocab();
+        let mut cpu = Side::new(&s, Device::Cpu, 1);
+        let mut gpu = Side::new(&s, Device::Cuda(0), 1);
+        gpu.m.set_moe_grouped(true);
+        let toks = vec![(0..400)
+            .map(|j| (3 + (j * 37 + 11) % (vocab - 3)) as u32)
+            .collect::<Vec<u32>>()];
+        let a = cpu.step(&toks, Logits::All);
+        let b = gpu.step(&toks, Logits::All);
+        let worst = a
+            .chunks_exact(vocab)
+            .zip(b.chunks_exact(vocab))
+            .fold(0f32, |w, (ra, rb)| w.max(rel_diff(ra, rb)));
+        eprintln!("{arch:?} {ty} grouped, 400-token prompt: max rel diff {worst:.4}");
+        if worst.is_nan() || worst >= 0.05 {
+            failed.push(format!(
+                "{arch:?} {ty}: 400-token grouped prompt differs by {worst}"
+            ));
+        }
     }
     assert!(
         failed.is_empty(),

@@ -145,6 +145,14 @@ pub(super) fn fa_split(blocks: usize, max_keys: usize, sms: usize) -> (usize, us
 /// for cuBLAS.
 pub(super) const GEMV_ROWS: usize = 64;
 
+/// A prompt step's (token, expert) pairs in expert order
+/// ([`CudaExec::moe_groups`]): (expert, first place, count) of each expert
+/// with pairs, and the device array of each place's expert.
+pub(super) struct MoeGroups {
+    segs: Vec<(usize, usize, usize)>,
+    expert: u64,
+}
+
 /// Positions per block of the split-KV decode attention (`chunk` of
 /// kernels.cu): a 4k context is 16 blocks per (token, head) pair.
 pub(super) const ATTN_CHUNK: usize = 256;
@@ -922,11 +930,17 @@ impl CudaExec<'_> {
             ],
         )?;
         let ids = mb.ids.ptr;
-        for (i, (w, col)) in [(&mw.gate, 0usize), (&mw.up, f)].into_iter().enumerate() {
-            let out = mb.gu.ptr + (col * 4) as u64;
-            self.expert_products(w, ids, false, xn, xq, xd, out, 2 * f)?;
-            if let Some(b) = &mw.biases {
-                self.expert_bias(out, 2 * f, b[i].ptr, ids, f)?;
+        let groups = self.moe_groups(il)?;
+        match &groups {
+            Some(g) => self.grouped_gate_up(il, g)?,
+            None => {
+                for (i, (w, col)) in [(&mw.gate, 0usize), (&mw.up, f)].into_iter().enumerate() {
+                    let out = mb.gu.ptr + (col * 4) as u64;
+                    self.expert_products(w, ids, false, xn, xq, xd, out, 2 * f)?;
+                    if let Some(b) = &mw.biases {
+                        self.expert_bias(out, 2 * f, b[i].ptr, ids, f)?;
+                    }
+                }
             }
         }
         // The shared expert's products read xn's 8-bit copy before the
@@ -941,6 +955,7 @@ impl CudaExec<'_> {
             self.matmul(&[&s.gate_inp], xn, n, z.ptr, 1)?;
         }
         let slots = n * k;
+        // Row by row: the same in expert order (grouped) as in slot order.
         self.gated_rows(
             mb.gu.ptr,
             mb.act.ptr,
@@ -949,11 +964,16 @@ impl CudaExec<'_> {
             Arg::Ptr(mb.xq.ptr),
             Arg::Ptr(mb.xd.ptr),
         )?;
-        self.expert_products(
-            &mw.down, ids, true, mb.act.ptr, mb.xq.ptr, mb.xd.ptr, mb.y.ptr, d,
-        )?;
-        if let Some(b) = &mw.biases {
-            self.expert_bias(mb.y.ptr, d, b[2].ptr, ids, d)?;
+        match &groups {
+            Some(g) => self.grouped_down(il, g)?,
+            None => {
+                self.expert_products(
+                    &mw.down, ids, true, mb.act.ptr, mb.xq.ptr, mb.xd.ptr, mb.y.ptr, d,
+                )?;
+                if let Some(b) = &mw.biases {
+                    self.expert_bias(mb.y.ptr, d, b[2].ptr, ids, d)?;
+                }
+            }
         }
         let (mut sy, mut sz) = (0u64, 0u64);
         if let Some((s, gu, act, y, z)) = shared {
@@ -977,6 +997,191 @@ impl CudaExec<'_> {
                 Arg::Ptr(sz),
             ],
         )
+    }
+
+    /// A prompt step's (token, expert) pairs grouped per expert, where
+    /// `moe_grouped` is on and the step is not captured (more than
+    /// `GEMV_ROWS` rows): the routing result read back (one sync a MoE
+    /// layer), a counting sort by expert on the host, each slot's place
+    /// and each place's expert uploaded, and the step's rows gathered into
+    /// expert order (`sorted`). `None`: the per-pair path.
+    fn moe_groups(&self, il: usize) -> Result<Option<MoeGroups>> {
+        let c = &self.m.config;
+        let (n, d, k, ne) = (self.n, c.d_model, c.n_expert_used, c.n_expert);
+        // (A launch's grid has at most 65,535 rows: one a pair.)
+        if !self
+            .cm
+            .moe_grouped
+            .load(std::sync::atomic::Ordering::Relaxed)
+            || n <= GEMV_ROWS
+            || ne == 0
+            || n * k > 65_535
+        {
+            return Ok(None);
+        }
+        let (Some(mw), Some(mb)) = (&self.cm.layers[il].moe, &self.cs.moe) else {
+            return Ok(None);
+        };
+        // Each expert's rows must be a matrix of their own that the dense
+        // products' f16 scratch can hold.
+        let scratch = self.cm.max_mat.max(c.vocab * c.d_model);
+        for w in [&mw.gate, &mw.up, &mw.down] {
+            let rows = w.n / ne;
+            if w.n % ne != 0
+                || rows * w.k > scratch
+                || (0..ne).any(|e| w.rows_view(e * rows, rows).is_none())
+            {
+                return Ok(None);
+            }
+        }
+        let slots = n * k;
+        let mut raw = vec![0u8; slots * 4];
+        self.gpu.dtoh(&mut raw, mb.ids.ptr).map_err(cuda_err)?;
+        let mut count = vec![0usize; ne];
+        let mut ids = Vec::with_capacity(slots);
+        for b in raw.chunks_exact(4) {
+            let e = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            let e = usize::try_from(e)
+                .ok()
+                .filter(|&e| e < ne)
+                .ok_or_else(|| ModelError::Device(format!("layer {il}: routed to expert {e}")))?;
+            count[e] += 1;
+            ids.push(e);
+        }
+        let mut start = vec![0usize; ne];
+        let mut segs = Vec::new();
+        let mut at = 0;
+        for e in 0..ne {
+            start[e] = at;
+            if count[e] > 0 {
+                segs.push((e, at, count[e]));
+            }
+            at += count[e];
+        }
+        let mut perm = vec![0i32; slots];
+        let mut expert = vec![0i32; slots];
+        for (slot, &e) in ids.iter().enumerate() {
+            let j = start[e];
+            start[e] += 1;
+            perm[j] = slot as i32;
+            expert[j] = e as i32;
+        }
+        let bytes: Vec<u8> = perm
+            .iter()
+            .chain(&expert)
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        self.gpu.htod(mb.perm.ptr, &bytes).map_err(cuda_err)?;
+        // The copy reads `bytes`, which ends here.
+        self.gpu.sync().map_err(cuda_err)?;
+        self.copy_rows(
+            ptr(&self.cs.xn),
+            mb.sorted.ptr,
+            mb.perm.ptr,
+            d,
+            k,
+            false,
+            slots,
+        )?;
+        Ok(Some(MoeGroups {
+            segs,
+            expert: mb.perm.ptr + (slots * 4) as u64,
+        }))
+    }
+
+    /// Rows through an index (`copy_rows`): gather `dst[r] = src[idx[r] /
+    /// div]` or scatter `dst[idx[r]] = src[r]`, `rows` rows of `d`.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_rows(
+        &self,
+        src: u64,
+        dst: u64,
+        idx: u64,
+        d: usize,
+        div: usize,
+        scatter: bool,
+        rows: usize,
+    ) -> Result<()> {
+        self.l(
+            "copy_rows",
+            (d.div_ceil(256).min(8) as u32, rows as u32, 1),
+            256,
+            0,
+            &[
+                Arg::Ptr(src),
+                Arg::Ptr(dst),
+                Arg::Ptr(idx),
+                Arg::I32(d as i32),
+                Arg::I32(div as i32),
+                Arg::I32(i32::from(scatter)),
+            ],
+        )
+    }
+
+    /// One expert's rows of `w` (a stacked set) as a matrix.
+    fn expert_view(&self, w: &DevMat, e: usize) -> Result<DevMat> {
+        let rows = w.n / self.m.config.n_expert.max(1);
+        w.rows_view(e * rows, rows)
+            .ok_or_else(|| ModelError::Device(format!("expert {e}: no view of its rows")))
+    }
+
+    /// `m` rows at `x` (f32, width `k`) through `mats` into `out` (stride
+    /// `ldo`); rows the products take as 8-bit (up to `GEMV_ROWS`) are
+    /// quantized into the step's buffer first, as the norms do for decode.
+    fn rows_product(
+        &self,
+        mats: &[&DevMat],
+        x: u64,
+        m: usize,
+        k: usize,
+        out: u64,
+        ldo: usize,
+    ) -> Result<()> {
+        if m <= GEMV_ROWS {
+            quant_q8(self.gpu, x, ptr(&self.cs.xq), ptr(&self.cs.xd), m * k)?;
+        }
+        self.matmul(mats, x, m, out, ldo)
+    }
+
+    /// Gate/up of each expert over its rows (in expert order) into `gu`,
+    /// with gpt-oss's biases.
+    fn grouped_gate_up(&self, il: usize, g: &MoeGroups) -> Result<()> {
+        let c = &self.m.config;
+        let (d, f) = (c.d_model, c.ffn);
+        let (Some(mw), Some(mb)) = (&self.cm.layers[il].moe, &self.cs.moe) else {
+            return Ok(());
+        };
+        for &(e, off, cnt) in &g.segs {
+            let (gate, up) = (self.expert_view(&mw.gate, e)?, self.expert_view(&mw.up, e)?);
+            let x = mb.sorted.ptr + (off * d * 4) as u64;
+            let out = mb.gu.ptr + (off * 2 * f * 4) as u64;
+            self.rows_product(&[&gate, &up], x, cnt, d, out, 2 * f)?;
+        }
+        if let Some(b) = &mw.biases {
+            self.expert_bias(mb.gu.ptr, 2 * f, b[0].ptr, g.expert, f)?;
+            self.expert_bias(mb.gu.ptr + (f * 4) as u64, 2 * f, b[1].ptr, g.expert, f)?;
+        }
+        Ok(())
+    }
+
+    /// Down of each expert over its activations (in expert order), then
+    /// every row back to its slot in `y`.
+    fn grouped_down(&self, il: usize, g: &MoeGroups) -> Result<()> {
+        let c = &self.m.config;
+        let (d, f, slots) = (c.d_model, c.ffn, self.n * c.n_expert_used);
+        let (Some(mw), Some(mb)) = (&self.cm.layers[il].moe, &self.cs.moe) else {
+            return Ok(());
+        };
+        for &(e, off, cnt) in &g.segs {
+            let down = self.expert_view(&mw.down, e)?;
+            let x = mb.act.ptr + (off * f * 4) as u64;
+            let out = mb.sorted.ptr + (off * d * 4) as u64;
+            self.rows_product(&[&down], x, cnt, f, out, d)?;
+        }
+        if let Some(b) = &mw.biases {
+            self.expert_bias(mb.sorted.ptr, d, b[2].ptr, g.expert, d)?;
+        }
+        self.copy_rows(mb.sorted.ptr, mb.y.ptr, mb.perm.ptr, d, 1, true, slots)
     }
 
     /// `x[r] += b` for `rows` rows of `d`.

@@ -169,6 +169,10 @@ pub(crate) struct CudaModel {
     /// Products of this many rows or more (up to `GEMV_ROWS`) run on the
     /// tensor-core kernels; `GEMV_ROWS + 1` in batch-invariant mode.
     pub(super) mmq_min: std::sync::atomic::AtomicUsize,
+    /// Prompt steps of a mixture of experts group their (token, expert)
+    /// pairs per expert and run each expert's rows as one product
+    /// (`TL_CUDA_MOE_GROUPED=1`; [`CudaModel::set_moe_grouped`]).
+    pub(super) moe_grouped: std::sync::atomic::AtomicBool,
     /// Whether steps take the staged tensor-core products (`exec::mmqs_on`
     /// and the card took their shared memory).
     mmqs: bool,
@@ -349,6 +353,9 @@ impl CudaModel {
             weight_bytes,
             max_mat,
             mmq_min: std::sync::atomic::AtomicUsize::new(exec::mmq_min_rows()),
+            moe_grouped: std::sync::atomic::AtomicBool::new(
+                std::env::var("TL_CUDA_MOE_GROUPED").is_ok_and(|v| v == "1"),
+            ),
             mmqs,
             ops: std::sync::Mutex::new(ops::OpsState::default()),
         })
@@ -365,6 +372,13 @@ impl CudaModel {
             exec::mmq_min_rows()
         };
         self.mmq_min.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Turns the grouped mixture-of-experts prompt path on or off (see
+    /// `moe_grouped`).
+    pub fn set_moe_grouped(&self, on: bool) {
+        self.moe_grouped
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn ordinal(&self) -> usize {
@@ -874,6 +888,11 @@ pub(crate) struct MoeBufs {
     xq: DevBuf,
     xd: DevBuf,
     y: DevBuf,
+    /// Grouped prompt steps (`moe_grouped`): each slot's place in expert
+    /// order and the expert of each place (2 × slots i32), and the rows in
+    /// that order (slots × d f32).
+    perm: DevBuf,
+    sorted: DevBuf,
     sh_gu: Option<DevBuf>,
     sh_act: Option<DevBuf>,
     sh_y: Option<DevBuf>,
@@ -884,7 +903,10 @@ impl MoeBufs {
     /// Bytes per token of a step.
     fn per_token(c: &crate::config::Config) -> usize {
         let (d, f, k, fs) = (c.d_model, c.ffn, c.n_expert_used, c.ffn_shared);
-        4 * (c.n_expert + 2 * k + 3 * k * f + k * d + 3 * fs + d + 1) + k * f + k * f / 8
+        4 * (c.n_expert + 2 * k + 3 * k * f + k * d + 3 * fs + d + 1)
+            + k * f
+            + k * f / 8
+            + 4 * (2 * k + k * d)
     }
 
     fn alloc(gpu: &Gpu, c: &crate::config::Config, n: usize) -> Result<MoeBufs> {
@@ -906,6 +928,8 @@ impl MoeBufs {
             xq: a(n * k * f, "expert 8-bit activations")?,
             xd: a(n * k * f / 32 * 4, "expert activation scales")?,
             y: a(n * k * d * 4, "expert outputs")?,
+            perm: a(n * k * 2 * 4, "expert order")?,
+            sorted: a(n * k * d * 4, "rows in expert order")?,
             sh_gu: sh(n * 2 * fs * 4, "shared expert gate/up")?,
             sh_act: sh(n * fs * 4, "shared expert activations")?,
             sh_y: sh(n * d * 4, "shared expert output")?,

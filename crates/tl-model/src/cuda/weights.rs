@@ -196,18 +196,22 @@ pub(super) struct DevMat {
     pub(super) k: usize,
     pub(super) bufs: Vec<DevBuf>,
     pub(super) ptrs: [u64; 4],
+    /// Bytes of each component array (rows in order, equal bytes a row).
+    pub(super) part_bytes: [usize; 4],
 }
 
 impl DevMat {
     pub(super) fn upload(gpu: &Gpu, hp: HostParts, name: &str) -> Result<DevMat> {
         let mut bufs = Vec::new();
         let mut ptrs = [0u64; 4];
+        let mut part_bytes = [0usize; 4];
         for (i, p) in hp.parts.iter().enumerate() {
             if p.is_empty() {
                 continue;
             }
             let b = gpu.upload(p, name).map_err(cuda_err)?;
             ptrs[i] = b.ptr;
+            part_bytes[i] = p.len();
             bufs.push(b);
         }
         Ok(DevMat {
@@ -216,6 +220,42 @@ impl DevMat {
             k: hp.cols,
             bufs,
             ptrs,
+            part_bytes,
+        })
+    }
+
+    /// Rows `first .. first + rows` as a matrix of their own, borrowing
+    /// this one's memory (e.g. one expert of a stacked set): `None` where a
+    /// component array's rows are not of equal bytes or a row range would
+    /// start off 16-byte alignment (the kernels' vector loads).
+    pub(super) fn rows_view(&self, first: usize, rows: usize) -> Option<DevMat> {
+        if self.n == 0 || first + rows > self.n {
+            return None;
+        }
+        let mut ptrs = [0u64; 4];
+        let mut part_bytes = [0usize; 4];
+        for i in 0..4 {
+            if self.part_bytes[i] == 0 {
+                continue;
+            }
+            if !self.part_bytes[i].is_multiple_of(self.n) {
+                return None;
+            }
+            let row = self.part_bytes[i] / self.n;
+            let p = self.ptrs[i] + (first * row) as u64;
+            if !p.is_multiple_of(16) {
+                return None;
+            }
+            ptrs[i] = p;
+            part_bytes[i] = rows * row;
+        }
+        Some(DevMat {
+            kind: self.kind,
+            n: rows,
+            k: self.k,
+            bufs: Vec::new(),
+            ptrs,
+            part_bytes,
         })
     }
 
