@@ -102,11 +102,16 @@ pub struct SpecArgs {
 /// nearly the same acceptance (docs/BENCHMARKS.md, "A cheaper draft head").
 pub const DRAFT_OUTPUT_TYPE: &str = "q4_0";
 
-/// Applies `--draft-output-type` to a loaded draft model (see
-/// [`tl_model::model::Model::requantize_output`]).
-pub fn cheapen_draft(d: &mut tl_model::model::Model, ty: &str) -> anyhow::Result<()> {
+/// The default of `--draft-p-min`: off, as llama.cpp's. On a quiet
+/// machine 0.5 with `--spec-k 15` was no faster than k 6 without it
+/// (docs/BENCHMARKS.md, "Cheaper draft rounds" and the quiet rerun after
+/// it), and a positive P reads the draft's rows on the host.
+pub const DRAFT_P_MIN: f32 = 0.0;
+
+/// `--draft-output-type`'s value: `None` for `keep`.
+pub fn draft_output_type(ty: &str) -> anyhow::Result<Option<tl_gguf::GgmlType>> {
     if ty.eq_ignore_ascii_case("keep") {
-        return Ok(());
+        return Ok(None);
     }
     let t = tl_gguf::GgmlType::from_name(&ty.to_ascii_uppercase())
         .or_else(|| tl_gguf::GgmlType::from_name(ty))
@@ -114,6 +119,18 @@ pub fn cheapen_draft(d: &mut tl_model::model::Model, ty: &str) -> anyhow::Result
     if !tl_model::quantize::can_write(t) || tl_core::quant::requires_imatrix(t) {
         anyhow::bail!("--draft-output-type: can't quantize to {t} (without an importance matrix)");
     }
+    Ok(Some(t))
+}
+
+/// Applies `--draft-output-type` to a loaded draft model (see
+/// [`tl_model::model::Model::requantize_output`]).
+pub fn cheapen_draft(
+    d: &mut tl_model::model::Model,
+    ty: Option<tl_gguf::GgmlType>,
+) -> anyhow::Result<()> {
+    let Some(t) = ty else {
+        return Ok(());
+    };
     let from = d.output_type();
     if d.requantize_output(t)
         .context("--draft-output-type: requantizing the draft's output projection")?
@@ -122,12 +139,6 @@ pub fn cheapen_draft(d: &mut tl_model::model::Model, ty: &str) -> anyhow::Result
     }
     Ok(())
 }
-
-/// The default of `--draft-p-min`: off, as llama.cpp's. On a quiet
-/// machine 0.5 with `--spec-k 15` was no faster than k 6 without it
-/// (docs/BENCHMARKS.md, "Cheaper draft rounds" and the quiet rerun after
-/// it), and a positive P reads the draft's rows on the host.
-pub const DRAFT_P_MIN: f32 = 0.0;
 
 impl SpecArgs {
     /// The speculation settings, `None` without `--spec`.
@@ -149,10 +160,11 @@ impl SpecArgs {
         use tl_model::spec::SpecMethod;
         match (&self.spec, &self.draft_model) {
             (Some(SpecMethod::Draft), Some(p)) => {
+                let ty = draft_output_type(&self.draft_output_type)?;
                 let mut d = Llm::load_on(p, crate::device())
                     .with_context(|| format!("loading the draft model {}", p.display()))?;
                 crate::configure(&mut d.model)?;
-                cheapen_draft(&mut d.model, &self.draft_output_type)?;
+                cheapen_draft(&mut d.model, ty)?;
                 Ok(Some(d))
             }
             (Some(SpecMethod::Draft), None) => {

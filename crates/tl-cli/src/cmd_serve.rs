@@ -180,6 +180,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         })?;
         return Ok(());
     }
+    let draft_output_type = crate::cmd_generate::draft_output_type(&a.draft_output_type)?;
     match (&a.spec, &a.draft_model) {
         (Some(tl_model::spec::SpecMethod::Draft), None) => {
             anyhow::bail!("--spec draft needs --draft-model FILE")
@@ -233,7 +234,6 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     let invariant = a.batch_invariant;
     let fault = injected_fault()?;
     let draft_path = a.draft_model.clone();
-    let draft_output_type = a.draft_output_type.clone();
     tl_server::run_with_draft(cfg, engine, move || {
         let llm = crate::cmd_generate::load(&margs).map_err(|e| format!("{e:#}"))?;
         llm.model.set_batch_invariant(invariant);
@@ -245,7 +245,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
                 let load = || -> anyhow::Result<tl_model::llm::Llm> {
                     let mut d = tl_model::llm::Llm::load_on(&p, crate::device())?;
                     crate::configure(&mut d.model)?;
-                    crate::cmd_generate::cheapen_draft(&mut d.model, &draft_output_type)?;
+                    crate::cmd_generate::cheapen_draft(&mut d.model, draft_output_type)?;
                     d.model.set_batch_invariant(invariant);
                     Ok(d)
                 };

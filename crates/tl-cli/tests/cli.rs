@@ -428,7 +428,10 @@ fn serve_speculates_with_a_draft_model() {
         }
     }
     let mut server = Kill(
+        // The file's own output projection (`keep`), so that the model
+        // drafting for itself agrees with itself on every token.
         tl().args(["serve", "--spec", "draft", "--spec-k", "4", "-t", "1"])
+            .args(["--draft-output-type", "keep"])
             .args(["--kv-memory", "16M", "--port", &port.to_string()])
             .arg("--draft-model")
             .arg(&m)
@@ -487,6 +490,17 @@ fn serve_speculates_with_a_draft_model() {
         (
             &["--spec", "draft", "--draft-model", "missing.gguf"][..],
             "not found",
+        ),
+        (
+            &[
+                "--spec",
+                "draft",
+                "--draft-model",
+                "x.gguf",
+                "--draft-output-type",
+                "q9_9",
+            ][..],
+            "unknown block type",
         ),
     ] {
         let out = tl()
