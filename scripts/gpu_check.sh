@@ -25,6 +25,12 @@
 #                                     # and device sampling, 0.5B and 1.5B, after the tests
 #   bash scripts/gpu_check.sh mmqs    # staged (default) vs direct (TL_CUDA_MMQS=0) tensor-core products: tests, batched
 #                                     # decode, prefill, llama-batched-bench (bounded)
+#   bash scripts/gpu_check.sh pending # what the 2026-12-08 stop left for a card: the
+#                                     # tests (grammar masks in the sampling kernel,
+#                                     # grouped MoE prompts), MoE prefill grouped vs
+#                                     # per pair beside llama-bench, tl serve at 64
+#                                     # streams (emitter thread), structured output at
+#                                     # 1 and 16 clients (needs .gpu/qwen-tokenizer.gguf)
 #   bash scripts/gpu_check.sh session # everything a fresh GPU machine can do in one
 #                                     # call of under 10 minutes: prepare in the
 #                                     # background, the tests with stage dumps and a
@@ -347,6 +353,42 @@ if [ "$mode" = mmqs ]; then
   exit 0
 fi
 
+if [ "$mode" = pending ]; then
+  OUT=${OUT:-$W/out}; mkdir -p "$OUT" target
+  SM="${MODELS:-moe_q4_k q15_q4_k q05_tok}"
+  MODELS="$SM" setsid bash "$0" prepare >"$OUT/prepare.log" 2>&1 &
+  sleep 1
+  gpu_tests 240 150
+  while [ -f "$W/prepare.running" ] && [ $SECONDS -lt 400 ]; do sleep 2; done
+  echo "prepared (t=${SECONDS}s)"; tail -2 "$OUT/prepare.log"
+  LB=/tmp/llamacpp/build/bin
+  f=$W/moe_q4_k.gguf
+  if [ -s "$f" ]; then
+    for g in 0 1; do
+      echo "== MoE: tl bench -p 512 -n 128, TL_CUDA_MOE_GROUPED=$g t=${SECONDS}s"
+      TL_CUDA_MOE_GROUPED=$g TL_CUDA_TIMEOUT=20 timeout 90 "$BIN" --device cuda bench -m "$f" -p 512 -n 128 -r 2 2>&1 | grep -E '^\||rror' | grep -v -- '---'
+    done
+    if [ -x "$LB/llama-bench" ]; then
+      echo "== MoE: llama-bench t=${SECONDS}s"
+      LD_LIBRARY_PATH=$LB timeout 90 "$LB/llama-bench" -m "$f" -p 512 -n 128 -ngl 99 -fa 1 -r 2 2>&1 | grep -E '^\|' | tail -2
+    fi
+  fi
+  f=$W/q15_q4_k.gguf
+  if [ -s "$f" ]; then
+    echo "== q15_q4_k: tl serve --device cuda (emitter thread), 1 and 64 streams t=${SECONDS}s"
+    TL_DEVICE=cuda TL_CUDA_TIMEOUT=10 timeout 120 python3 scripts/loadtest.py --model "$f" --tl "$BIN" \
+      --sweep 1,64 --requests 2 --max-tokens 128 --max-batch 64 --workload mixed --duration 30 2>&1 | tail -4 | cut -c1-400
+  fi
+  f=$W/q05_tok.gguf
+  if [ -s "$f" ]; then
+    echo "== q05_tok: structured output on the GPU, 1 and 16 clients t=${SECONDS}s"
+    timeout 200 python3 scripts/bench_structured.py --tl "$BIN" --model "$f" --clients 1,16 \
+      --mask-threads 8,1 --max-tokens 64 --server-arg=--device=cuda 2>&1 | tail -14 | cut -c1-300
+  fi
+  echo "pending done t=${SECONDS}s"
+  exit 0
+fi
+
 if [ "$mode" = session ]; then
   # One cold machine, one call: every step bounded so the logs come back.
   # The tests run while the models are synthesized and llama.cpp builds;
@@ -437,6 +479,14 @@ if [ "$mode" = bench ] || [ "$mode" = prepare ]; then
       q05_q8_0) synth q05_q8_0 $QWEN05 --weight-type Q8_0 --output-type Q8_0 & ;;
       q05_q4_0) synth q05_q4_0 $QWEN05 --weight-type Q4_0 --output-type Q8_0 & ;;
       q15_q4_k) synth q15_q4_k $QWEN15 --weight-type Q4_K --output-type Q6_K & ;;
+      # Scaled-down Qwen3-MoE (docs/BENCHMARKS.md's MoE rows).
+      moe_q4_k) synth moe_q4_k --arch qwen3moe --layers 8 --d-model 2048 --heads 32 --kv-heads 4 \
+        --head-dim 128 --ffn 768 --experts 64 --experts-used 8 --extra-vocab 151677 --context 8192 \
+        --weight-type Q4_K --output-type Q6_K & ;;
+      # The 0.5B shape with the real Qwen2.5 tokenizer (grammar masks over
+      # the real vocabulary).
+      q05_tok) [ -f .gpu/qwen-tokenizer.gguf ] && synth q05_tok $QWEN05 --weight-type Q8_0 \
+        --output-type Q8_0 --tokenizer-from .gpu/qwen-tokenizer.gguf & ;;
     esac
   done
   if [ -z "${SKIP_LLAMA:-}" ] && [ -f .gpu/build-llamacpp-cuda.sh ]; then

