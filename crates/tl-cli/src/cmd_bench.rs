@@ -216,6 +216,7 @@ fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
     use tl_model::spec::{SpecMethod, SpecStats};
     let cfg = a.spec.config()?.context("--spec METHOD")?;
     let method = cfg.method.clone();
+    let k = cfg.k;
     // The flags are checked before the prompt file is read.
     match (&method, &a.spec.draft_model) {
         (SpecMethod::Draft, None) => anyhow::bail!("--spec draft needs --draft-model FILE"),
@@ -281,15 +282,15 @@ fn run_spec(a: &BenchArgs) -> anyhow::Result<()> {
     };
     let threads = tl_core::pool::ThreadPool::global().threads();
     let test = if method == SpecMethod::Ngram || a.spec.draft_p_min <= 0.0 {
-        format!("{} k≤{}", method, a.spec.spec_k)
+        format!("{} k≤{}", method, k)
     } else {
-        format!("{} k≤{} p≥{}", method, a.spec.spec_k, a.spec.draft_p_min)
+        format!("{} k≤{} p≥{}", method, k, a.spec.draft_p_min)
     };
     if a.json {
         let out = json!({
             "model": name, "threads": threads, "prompt_file": pf.display().to_string(),
             "prompt_tokens": want.prompt_tokens, "generated_tokens": want.tokens.len(),
-            "method": method.to_string(), "spec_k": a.spec.spec_k,
+            "method": method.to_string(), "spec_k": k,
             "draft_p_min": a.spec.draft_p_min, "reps": reps,
             "plain_tokens_per_s": bm, "plain_stddev": bsd,
             "spec_tokens_per_s": fm, "spec_stddev": fsd, "speedup": fm / bm.max(1e-9),

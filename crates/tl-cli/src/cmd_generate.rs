@@ -80,9 +80,10 @@ pub struct SpecArgs {
     /// text).
     #[arg(long, value_name = "METHOD")]
     pub spec: Option<tl_model::spec::SpecMethod>,
-    /// Most tokens drafted per speculative round (1..=32).
-    #[arg(long, default_value_t = 8)]
-    pub spec_k: usize,
+    /// Most tokens drafted per speculative round (1..=32); default 6 with
+    /// a draft model, 8 otherwise.
+    #[arg(long)]
+    pub spec_k: Option<usize>,
     /// The draft model for `--spec draft` (same vocabulary as the model).
     #[arg(long, value_name = "FILE")]
     pub draft_model: Option<PathBuf>,
@@ -107,6 +108,16 @@ pub const DRAFT_OUTPUT_TYPE: &str = "q4_0";
 /// (docs/BENCHMARKS.md, "Cheaper draft rounds" and the quiet rerun after
 /// it), and a positive P reads the draft's rows on the host.
 pub const DRAFT_P_MIN: f32 = 0.0;
+
+/// `--spec-k`, or its default for `method`: 6 for a draft model (the best
+/// k of 4, 6 and 8 for the 0.5B drafting for the 1.5B on the CPU,
+/// docs/BENCHMARKS.md "A cheaper draft head"), 8 otherwise.
+pub fn spec_k(method: &tl_model::spec::SpecMethod, k: Option<usize>) -> usize {
+    k.unwrap_or(match method {
+        tl_model::spec::SpecMethod::Draft => 6,
+        _ => 8,
+    })
+}
 
 /// `--draft-output-type`'s value: `None` for `keep`.
 pub fn draft_output_type(ty: &str) -> anyhow::Result<Option<tl_gguf::GgmlType>> {
@@ -146,7 +157,7 @@ impl SpecArgs {
         self.spec
             .as_ref()
             .map(|m| {
-                tl_model::spec::SpecConfig::new(m.clone(), self.spec_k)
+                tl_model::spec::SpecConfig::new(m.clone(), spec_k(m, self.spec_k))
                     .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?
                     .with_p_min(self.draft_p_min)
                     .map_err(|e| anyhow::anyhow!("--draft-p-min: {e}"))

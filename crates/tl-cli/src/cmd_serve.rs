@@ -54,9 +54,10 @@ pub struct ServeArgs {
     /// this flag, with prompt lookup) with `"speculative": false|true`.
     #[arg(long, value_name = "METHOD")]
     pub spec: Option<tl_model::spec::SpecMethod>,
-    /// Most tokens drafted per round.
-    #[arg(long, default_value_t = 8)]
-    pub spec_k: usize,
+    /// Most tokens drafted per round; default 6 with a draft model, 8
+    /// otherwise.
+    #[arg(long)]
+    pub spec_k: Option<usize>,
     /// The draft model for `--spec draft` (same vocabulary as the model; it
     /// gets its own KV cache, sharing --kv-memory with the model's).
     #[arg(long, value_name = "FILE")]
@@ -193,7 +194,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     }
     let spec = match &a.spec {
         Some(m) => Some(
-            tl_model::spec::SpecConfig::new(m.clone(), a.spec_k)
+            tl_model::spec::SpecConfig::new(m.clone(), crate::cmd_generate::spec_k(m, a.spec_k))
                 .map_err(|e| anyhow::anyhow!("--spec-k: {e}"))?
                 .with_p_min(a.draft_p_min)
                 .map_err(|e| anyhow::anyhow!("--draft-p-min: {e}"))?,
