@@ -555,20 +555,29 @@ fn engine_draws(
     mask_threads: usize,
     device_draws_on_cpu: bool,
 ) -> Arc<Engine> {
+    engine_cfg(
+        llm,
+        SchedulerConfig {
+            max_batch,
+            max_batch_tokens: 256,
+            prefix_caching: true,
+            mask_threads,
+            device_draws_on_cpu,
+            ..Default::default()
+        },
+        256,
+    )
+}
+
+/// An engine of `scheduler` over a cache of `kv_blocks` blocks.
+fn engine_cfg(llm: Arc<Llm>, scheduler: SchedulerConfig, kv_blocks: usize) -> Arc<Engine> {
     let per_block = llm.model.kv_bytes_per_token() * 16;
     Arc::new(
         Engine::start(
             llm,
             EngineConfig {
-                scheduler: SchedulerConfig {
-                    max_batch,
-                    max_batch_tokens: 256,
-                    prefix_caching: true,
-                    mask_threads,
-                    device_draws_on_cpu,
-                    ..Default::default()
-                },
-                kv_bytes: 256 * per_block,
+                scheduler,
+                kv_bytes: kv_blocks * per_block,
                 gpu_memory_utilization: None,
                 max_queue: 64,
             },
@@ -1298,24 +1307,16 @@ fn grammar_masks_in_the_forward_match_host_rows_with_logprobs() {
 }
 
 fn engine_emit(llm: Arc<Llm>, max_batch: usize, emit_thread: bool) -> Arc<Engine> {
-    let per_block = llm.model.kv_bytes_per_token() * 16;
-    Arc::new(
-        Engine::start(
-            llm,
-            EngineConfig {
-                scheduler: SchedulerConfig {
-                    max_batch,
-                    max_batch_tokens: 128,
-                    prefix_caching: true,
-                    emit_thread,
-                    ..Default::default()
-                },
-                kv_bytes: 96 * per_block,
-                gpu_memory_utilization: None,
-                max_queue: 64,
-            },
-        )
-        .expect("engine"),
+    engine_cfg(
+        llm,
+        SchedulerConfig {
+            max_batch,
+            max_batch_tokens: 128,
+            prefix_caching: true,
+            emit_thread,
+            ..Default::default()
+        },
+        96,
     )
 }
 

@@ -463,40 +463,17 @@ impl Constraint {
     /// the caller then ends the sequence. A lazy constraint waiting for
     /// its trigger leaves the logits alone.
     pub fn apply(&mut self, logits: &mut [f32]) -> Result<bool, String> {
-        if self.state != State::Active {
-            return Ok(true);
+        // The same bits a device sampler gets, applied here.
+        match self.device_mask(logits.len())? {
+            DeviceMask::Free => Ok(true),
+            DeviceMask::End => Ok(false),
+            DeviceMask::Words(words) => {
+                let t0 = std::time::Instant::now();
+                crate::sampler::apply_mask(logits, &words);
+                self.time.apply_us += t0.elapsed().as_micros() as u64;
+                Ok(true)
+            }
         }
-        if self.done || self.m.is_stopped() {
-            self.done = true;
-            return Ok(false);
-        }
-        self.prepare();
-        let Some((mask, compute_us)) = self.pending.take() else {
-            return Err("no mask was computed".into());
-        };
-        let mask = mask?;
-        let t0 = std::time::Instant::now();
-        let may_end = mask.is_allowed(self.eos);
-        // The stop tokens follow `may_end` (llguidance knows one EOS).
-        let keep: Vec<(usize, f32)> = self
-            .stop_ids
-            .iter()
-            .filter_map(|&t| logits.get(t as usize).map(|&l| (t as usize, l)))
-            .collect();
-        crate::sampler::apply_mask(logits, mask.as_slice());
-        for (t, l) in keep {
-            logits[t] = if may_end { l } else { f32::NEG_INFINITY };
-        }
-        let any = may_end || mask.num_set() > 0;
-        if !any {
-            self.done = true;
-        }
-        let apply_us = t0.elapsed().as_micros() as u64;
-        self.time.apply_us += apply_us;
-        if let Ok(mut v) = self.mask_us.lock() {
-            v.push((compute_us + apply_us).min(u32::MAX as u64) as u32);
-        }
-        Ok(any)
     }
 
     /// Whether the next pick can be drawn on the device under
@@ -506,9 +483,9 @@ impl Constraint {
         !matches!(self.state, State::WaitOpening { .. })
     }
 
-    /// The next pick's mask for a sampler that runs elsewhere (the GPU's),
-    /// as bits: [`Constraint::apply`]'s rule — the grammar's tokens, stop
-    /// tokens allowed exactly when ending is — without touching logits.
+    /// The next pick's mask as bits (for a sampler that runs elsewhere, the
+    /// GPU's, or for [`Constraint::apply`]): the grammar's tokens, stop
+    /// tokens allowed exactly when ending is.
     /// The drawn token then goes to [`Constraint::take_device_pick`].
     pub fn device_mask(&mut self, vocab: usize) -> Result<DeviceMask, String> {
         if self.state != State::Active {

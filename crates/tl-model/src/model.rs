@@ -123,11 +123,8 @@ pub fn sample_rows_masked_on(
             .zip(draws)
             .enumerate()
             .map(|(i, (row, d))| {
-                let mut row = row.to_vec();
-                if let Some(Some(m)) = masks.get(i) {
-                    crate::sampler::apply_mask(&mut row, m);
-                }
-                crate::sampler::pick(&mut row, d)
+                let mask = masks.get(i).and_then(Option::as_deref);
+                crate::sampler::pick_masked(&mut row.to_vec(), d, mask)
             })
             .collect()),
     }
@@ -657,10 +654,7 @@ impl Model {
             .zip(draws)
             .enumerate()
             .map(|(i, (row, d))| {
-                if let Some(Some(words)) = rows_masks.get(i) {
-                    crate::sampler::apply_mask(row, words);
-                }
-                crate::sampler::pick(row, d)
+                crate::sampler::pick_masked(row, d, rows_masks.get(i).and_then(Option::as_deref))
             })
             .collect())
     }

@@ -136,6 +136,14 @@ pub fn apply_mask(row: &mut [f32], words: &[u32]) {
     }
 }
 
+/// [`pick`] after `mask` (a grammar's bits, see [`apply_mask`]), if any.
+pub fn pick_masked(row: &mut [f32], d: &DeviceDraw, mask: Option<&[u32]>) -> u32 {
+    if let Some(words) = mask {
+        apply_mask(row, words);
+    }
+    pick(row, d)
+}
+
 /// A stateful sampler (its RNG advances with each draw).
 pub struct Sampler {
     params: SamplingParams,

@@ -169,20 +169,23 @@ fn sampling_stays_exact_on_a_real_next_token_distribution() {
     assert!(x < crit, "chi2 {x:.2} >= {crit:.2}");
 }
 
+/// A small random Qwen2 model of Q8_0 weights (`seed`, `layers`).
+fn qwen_q8(seed: u64, layers: usize) -> Model {
+    let s = SynthSpec {
+        arch: SynthArch::Qwen2,
+        weight_type: GgmlType::Q8_0,
+        output_type: GgmlType::Q8_0,
+        n_layers: layers,
+        seed,
+        ..Default::default()
+    };
+    let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
+    Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads")
+}
+
 #[test]
 fn greedy_is_identical_with_a_draft_model() {
-    let mk = |seed: u64, layers: usize| {
-        let s = SynthSpec {
-            arch: SynthArch::Qwen2,
-            weight_type: GgmlType::Q8_0,
-            output_type: GgmlType::Q8_0,
-            n_layers: layers,
-            seed,
-            ..Default::default()
-        };
-        let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
-        Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads")
-    };
+    let mk = qwen_q8;
     let target = mk(2, 3);
     // The target's own weights with the output projection requantized to
     // Q4_0 for drafting (`--draft-output-type`, the CLI's default).
@@ -275,18 +278,7 @@ fn greedy_is_identical_with_a_draft_model() {
 /// with a different model.
 #[test]
 fn draft_p_min_changes_the_drafts_not_the_output() {
-    let mk = |seed: u64, layers: usize| {
-        let s = SynthSpec {
-            arch: SynthArch::Qwen2,
-            weight_type: GgmlType::Q8_0,
-            output_type: GgmlType::Q8_0,
-            n_layers: layers,
-            seed,
-            ..Default::default()
-        };
-        let bytes = synthesize(&s).expect("synth").to_bytes().expect("bytes");
-        Model::from_file(GgufFile::from_bytes(bytes).expect("parses")).expect("loads")
-    };
+    let mk = qwen_q8;
     let target = mk(2, 3);
     let prompts: Vec<Vec<u32>> = vec![
         vec![1, 40, 41, 42],

@@ -14,6 +14,44 @@ use std::collections::{HashMap, HashSet};
 use tl_gguf::{Array, GgufFile, Metadata, Value};
 use tl_tokenizer::{DecodeOptions, EncodeOptions, TokenId, Tokenizer};
 
+/// The fixture's ids of one text.
+fn fixture_ids(v: &serde_json::Value) -> Vec<TokenId> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as TokenId)
+        .collect()
+}
+
+/// Encodes `text` (special tokens added, not parsed); a difference from
+/// llama.cpp's `want` goes to `failures`.
+fn check_encode(
+    tok: &Tokenizer,
+    name: &str,
+    i: usize,
+    text: &str,
+    want: &[TokenId],
+    failures: &mut Vec<String>,
+) {
+    let got = tok
+        .encode(
+            text,
+            EncodeOptions {
+                add_special: true,
+                parse_special: false,
+            },
+        )
+        .unwrap();
+    if got != want {
+        failures.push(format!(
+            "{name} text {i} {:?}: tl {:?} llama.cpp {:?}",
+            text.chars().take(40).collect::<String>(),
+            &got[..got.len().min(12)],
+            &want[..want.len().min(12)]
+        ));
+    }
+}
+
 #[test]
 fn every_pre_tokenizer_set_matches_llama_cpp() {
     let fx = common::fixture("pretok.json");
@@ -35,30 +73,8 @@ fn every_pre_tokenizer_set_matches_llama_cpp() {
             .zip(entry["ids"].as_array().unwrap())
             .enumerate()
         {
-            let want: Vec<TokenId> = want
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as TokenId)
-                .collect();
-            let got = tok
-                .encode(
-                    text,
-                    EncodeOptions {
-                        add_special: true,
-                        parse_special: false,
-                    },
-                )
-                .unwrap();
+            check_encode(&tok, name, i, text, &fixture_ids(want), &mut failures);
             checked += 1;
-            if got != want {
-                failures.push(format!(
-                    "{name} text {i} {:?}: tl {:?} llama.cpp {:?}",
-                    text.chars().take(40).collect::<String>(),
-                    &got[..got.len().min(12)],
-                    &want[..want.len().min(12)]
-                ));
-            }
         }
     }
     assert!(checked > 1000, "only {checked} encodings checked");
@@ -201,21 +217,8 @@ fn raw_utf8_bpe_names_match_llama_cpp() {
         let all_ids = case["ids"].as_array().unwrap();
         let all_text = case["decoded_hex"].as_array().unwrap();
         for (i, text) in texts.iter().enumerate() {
-            let want: Vec<TokenId> = all_ids[i]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_u64().unwrap() as TokenId)
-                .collect();
-            let got = tok
-                .encode(
-                    text,
-                    EncodeOptions {
-                        add_special: true,
-                        parse_special: false,
-                    },
-                )
-                .unwrap();
+            let want = fixture_ids(&all_ids[i]);
+            check_encode(&tok, pre, i, text, &want, &mut failures);
             let back = tok
                 .decode_bytes(
                     &want,
@@ -226,14 +229,6 @@ fn raw_utf8_bpe_names_match_llama_cpp() {
                 )
                 .unwrap();
             checked += 1;
-            if got != want {
-                failures.push(format!(
-                    "{pre} text {i} {:?}: tl {:?} llama.cpp {:?}",
-                    text.chars().take(40).collect::<String>(),
-                    &got[..got.len().min(12)],
-                    &want[..want.len().min(12)]
-                ));
-            }
             let back: String = back.iter().map(|b| format!("{b:02x}")).collect();
             if back != all_text[i].as_str().unwrap() {
                 failures.push(format!("{pre} text {i}: decoded {back}"));
